@@ -1,0 +1,42 @@
+# Entry points. `make repro` on a fresh clone installs everything and runs the pipeline.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED ?= ../shared
+WEIGHTS := mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
+KERAS_DIR := $(if $(KERAS_HOME),$(KERAS_HOME),$(HOME)/.keras)/models
+PORT ?= 5000
+
+.PHONY: install weights repro test params ui benchmark clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python  ## the project and its dependencies, in .venv
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+
+weights:  ## make the MobileNetV2 ImageNet weights available offline (Keras' cache)
+	@mkdir -p "$(KERAS_DIR)"
+	@if [ -f "$(KERAS_DIR)/$(WEIGHTS)" ]; then echo "weights: $(KERAS_DIR)/$(WEIGHTS) is there"; \
+	elif [ -f "$(SHARED)/models/$(WEIGHTS)" ]; then \
+	  cp "$(SHARED)/models/$(WEIGHTS)" "$(KERAS_DIR)/$(WEIGHTS)" && echo "weights: copied to $(KERAS_DIR)"; \
+	else echo "weights: $(WEIGHTS) not found in $(SHARED)/models/ nor $(KERAS_DIR); with internet, Keras downloads it on first use; offline, copy it to $(KERAS_DIR)/ (or set model.weights=null)"; fi
+
+repro: install weights  ## the whole pipeline on the default data
+	$(BIN)/dvc repro
+
+test: install weights  ## the test suite
+	$(BIN)/python -m pytest
+
+params:  ## recompose params.yaml from conf/ (what DVC does on `dvc exp run -S`)
+	$(BIN)/python -m pipeline.params
+
+ui:  ## browse runs: http://127.0.0.1:$(PORT)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
+
+benchmark:
+	$(BIN)/python benchmarks/featurize_bench.py
+
+clean:  ## generated outputs (keeps the venv)
+	rm -rf data models reports/*_figures outputs multirun mlflow.db mlartifacts mlruns

@@ -1,0 +1,249 @@
+"""The typed configuration schema.
+
+`conf/` (plain YAML, composed by Hydra) is the source of truth and `params.yaml` its composed
+snapshot. Both are validated here, at the start of every step, by merging them onto these
+dataclasses: an unknown key, a wrong type or an out-of-range value stops the step before any work,
+with the offending key named. The YAML stays free of Python references on purpose, so DVC's own
+Hydra composition (`dvc exp run -S ...`) can compose `conf/` without importing this package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+#: Alphas and input sizes Keras offers ImageNet weights for (keras.applications.MobileNetV2).
+MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+MOBILENET_SIZES = (96, 128, 160, 192, 224)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or out of range."""
+
+
+@dataclass
+class SplitRatios:
+    """Used when a folder has class sub-folders but no train/val/test split."""
+
+    train: float = 0.2
+    val: float = 0.4
+    test: float = 0.4
+
+
+@dataclass
+class SyntheticConfig:
+    """The deterministic toy-truck generator (the default, embedded dataset)."""
+
+    train_per_class: int = 10
+    val_per_class: int = 25
+    test_per_class: int = 25
+    #: Side of the generated image files, in pixels (prepare resizes them to `data.image_size`).
+    size: int = 224
+    #: 0 = clean studio shots; 1 = strong jitter, lighting, blur and noise.
+    difficulty: float = 0.5
+    seed: int = 7
+    format: str = "png"
+
+
+@dataclass
+class DataConfig:
+    #: `synthetic` (generated toy trucks) or `folder` (your photos).
+    source: str = "synthetic"
+    #: `folder`: the dataset root. `synthetic`: where the generated image files are written.
+    path: str = "data/raw/synthetic"
+    #: What DVC's prepare stage watches (dvc.yaml `${data.dependency}`): the folder of photos, or
+    #: for the synthetic source the generator's code.
+    dependency: str = "pipeline/sources/synthetic.py"
+    #: Every image is decoded, converted to RGB and resized to this square size once, in prepare.
+    image_size: int = 224
+    #: How to resize: `pad` keeps the aspect ratio (letterbox), `stretch` ignores it, `crop` centre-crops.
+    resize: str = "stretch"
+    #: Split ratios for a folder of class sub-folders with no split folders.
+    split: SplitRatios = field(default_factory=SplitRatios)
+    seed: int = 42
+    #: Images larger than this many pixels are refused (decompression-bomb guard).
+    max_pixels: int = 60_000_000
+    #: A class with fewer usable training images than this stops prepare.
+    min_images_per_class: int = 1
+    #: Same image in two splits: `fail` (default) or `warn`.
+    leakage: str = "fail"
+    #: Fraction of rejected files above which prepare fails instead of going on.
+    max_rejected_fraction: float = 0.2
+    synthetic: Optional[SyntheticConfig] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mobilenet_v2"
+    alpha: float = 1.0
+    #: `imagenet`, a path to a Keras weights file, or null for random initialisation.
+    weights: Optional[str] = "imagenet"
+    dropout: float = 0.0
+    #: Seed of the backbone's random initialisation when `weights` is null.
+    init_seed: int = 0
+    #: The backbone stays frozen (transfer learning, as in the study).
+    freeze_backbone: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    optimizer: str = "adam"
+    seed: int = 42
+    #: Train the head on cached backbone features when the backbone is frozen (much faster).
+    use_feature_cache: bool = True
+    shuffle: bool = True
+
+
+@dataclass
+class FeaturizeConfig:
+    #: `tflite` (XNNPACK, ~2.5x faster on CPU; converted once per backbone and cached), `keras`,
+    #: or `auto` (tflite when already converted or the dataset is large enough to pay for it).
+    backend: str = "auto"
+    batch_size: int = 32
+    #: CPU threads for the TFLite interpreter; 0 = all cores.
+    num_threads: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    #: Number of test images in the prediction gallery.
+    gallery_size: int = 12
+    gallery_columns: int = 3
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "toy-trucks"
+    #: Where new experiments keep their artifacts (local folder or URI).
+    artifact_location: str = "mlartifacts"
+    run_name: Optional[str] = None
+    log_model: bool = True
+    #: Seconds to wait for a remote tracking server before failing.
+    timeout_s: float = 10.0
+
+
+@dataclass
+class PathsConfig:
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    features: str = "data/features"
+    models: str = "models"
+    reports: str = "reports"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+_CHOICES = {
+    "data.source": ("synthetic", "folder"),
+    "data.resize": ("stretch", "pad", "crop"),
+    "data.leakage": ("fail", "warn"),
+    "model.name": ("mobilenet_v2",),
+    "train.optimizer": ("adam", "sgd", "rmsprop", "adamw"),
+    "featurize.backend": ("auto", "tflite", "keras"),
+}
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> Config:
+    """Merge `cfg` onto the schema and check ranges; return a typed, read-only `Config`.
+
+    Raises `ConfigError` naming the key on any unknown key, wrong type or bad value.
+    """
+    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    try:
+        missing = sorted(OmegaConf.missing_keys(raw))
+    except OmegaConfBaseException as exc:  # an interpolation to a missing value
+        raise ConfigError(f"Invalid configuration: {_first_line(exc)}") from None
+    if missing:
+        raise ConfigError(
+            f"Missing configuration value(s): {', '.join(missing)} (marked ???). Set it, e.g. "
+            f"`python -m pipeline.prepare {missing[0]}=...`."
+        )
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"Invalid configuration at key '{key}': {_first_line(exc)}") from None
+    _check_values(merged)
+    OmegaConf.set_readonly(merged, True)
+    return merged  # type: ignore[return-value]  # a DictConfig typed as Config
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]
+
+
+def _check_values(c: Any) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            value = OmegaConf.select(c, key)
+            raise ConfigError(f"Invalid configuration: {key}={value!r}: {msg}")
+
+    for key, choices in _CHOICES.items():
+        need(OmegaConf.select(c, key) in choices, key, f"must be one of {', '.join(choices)}")
+    d, m, t = c.data, c.model, c.train
+    need(d.image_size >= 32, "data.image_size", "must be at least 32 pixels")
+    for name in ("train", "val", "test"):
+        need(d.split[name] >= 0, f"data.split.{name}", "must be >= 0")
+    need(d.split.train > 0 and d.split.test > 0, "data.split", "train and test ratios must be > 0")
+    need(d.max_pixels > 0, "data.max_pixels", "must be > 0")
+    need(d.min_images_per_class >= 1, "data.min_images_per_class", "must be >= 1")
+    need(0 <= d.max_rejected_fraction <= 1, "data.max_rejected_fraction", "must be in [0, 1]")
+    if d.source == "synthetic":
+        need(d.synthetic is not None, "data.synthetic", "is required when data.source=synthetic")
+        s = d.synthetic
+        for name in ("train_per_class", "val_per_class", "test_per_class"):
+            need(s[name] >= 1, f"data.synthetic.{name}", "must be >= 1")
+        need(0 <= s.difficulty <= 1, "data.synthetic.difficulty", "must be in [0, 1]")
+        need(s.size >= 32, "data.synthetic.size", "must be at least 32 pixels")
+        need(s.format in ("png", "jpg"), "data.synthetic.format", "must be png or jpg")
+    need(m.alpha in MOBILENET_ALPHAS, "model.alpha", f"MobileNetV2 offers alpha {MOBILENET_ALPHAS}")
+    need(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
+    if m.weights == "imagenet":
+        need(
+            d.image_size in MOBILENET_SIZES,
+            "data.image_size",
+            f"Keras has ImageNet weights for MobileNetV2 only at sizes {MOBILENET_SIZES} "
+            "(set data.image_size to one of them, or model.weights=null)",
+        )
+    need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+    need(c.featurize.batch_size >= 1, "featurize.batch_size", "must be >= 1")
+    need(c.featurize.num_threads >= 0, "featurize.num_threads", "must be >= 0")
+    need(c.evaluate.gallery_size >= 0, "evaluate.gallery_size", "must be >= 0")
+    need(c.evaluate.gallery_columns >= 1, "evaluate.gallery_columns", "must be >= 1")
+    need(c.tracking.timeout_s > 0, "tracking.timeout_s", "must be > 0")
+
+
+def to_flat_dict(cfg: Any) -> dict[str, Any]:
+    """Every resolved value under a dotted key, e.g. {'train.epochs': 8} (for MLflow params)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(container, "")
+    return flat

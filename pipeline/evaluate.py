@@ -1,0 +1,134 @@
+"""Stage `evaluate`: predict the test split with the saved model; write metrics, the
+classification report, the confusion matrix and the prediction gallery; add them to the
+pipeline run's MLflow run (the one `train` started).
+
+    python -m pipeline.evaluate
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline.config import Config
+from pipeline.data import iter_batches
+from pipeline.featurize import open_prepared
+from pipeline.files import atomic_dir, atomic_file, read_json, write_json
+from pipeline.step import StageInputError, run_step
+from pipeline.train import MODEL_FILE, RUN_FILE, write_csv
+
+log = logging.getLogger(__name__)
+
+
+def predict(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, C) of a (memory-mapped) image array, batch by batch."""
+    out = [np.asarray(model.predict_on_batch(batch)) for batch in iter_batches(images, batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.output.shape[-1]), dtype=np.float32)
+
+
+def test_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro F1 and per-class precision/recall/F1 (the `dvc metrics show` file)."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "precision": {c: float(p) for c, p in zip(classes, precision)},
+        "recall": {c: float(r) for c, r in zip(classes, recall)},
+        "f1": {c: float(v) for c, v in zip(classes, f1)},
+        "support": {c: int(s) for c, s in zip(classes, support)},
+    }
+
+
+def evaluate(cfg: Config) -> dict[str, Any]:
+    import mlflow
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    from pipeline import plots, tracking
+    from pipeline.model import load_model
+
+    dataset = open_prepared(cfg)
+    models = Path(cfg.paths.models)
+    if not (models / MODEL_FILE).is_file():
+        raise StageInputError(f"No trained model at {models / MODEL_FILE}: run the train stage "
+                              "first (`dvc repro train` or `python -m pipeline.train`).")
+    classes = list(read_json(models / "classes.json"))
+    if classes != dataset.classes:
+        raise StageInputError(f"The model in {models} was trained on classes {classes}, but the "
+                              f"prepared data has {dataset.classes}: rerun train (`dvc repro`).")
+    model = load_model(models / MODEL_FILE)
+    images = dataset.images("test")
+    y_true = dataset.labels("test")
+    probs = predict(model, images)
+    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+
+    labels = list(range(len(classes)))
+    metrics = {"test": test_metrics(y_true, y_pred, classes)}
+    report_text = classification_report(y_true, y_pred, labels=labels, target_names=classes,
+                                        zero_division=0, digits=4)
+    report_dict = classification_report(y_true, y_pred, labels=labels, target_names=classes,
+                                        zero_division=0, output_dict=True)
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+
+    reports = Path(cfg.paths.reports)
+    write_json(reports / "metrics.json", metrics)
+    write_json(reports / "classification_report.json", report_dict)
+    with atomic_file(reports / "classification_report.txt") as fh:
+        fh.write(report_text)
+    rows = dataset.manifest("test")
+    write_csv(reports / "predictions.csv", {
+        "path": [r.path for r in rows],
+        "actual": [classes[i] for i in y_true],
+        "predicted": [classes[i] for i in y_pred],
+        "confidence": [round(float(p.max()), 6) for p in probs],
+    })
+    with atomic_dir(reports / "eval_figures") as tmp:
+        figures = [
+            plots.save_confusion_matrix(matrix, classes, tmp / "confusion_matrix.png"),
+            plots.save_confusion_matrix(matrix, classes, tmp / "confusion_matrix_normalized.png",
+                                        normalize=True, title="Confusion matrix (row-normalised)"),
+            plots.save_gallery(images, probs, y_true, classes, tmp / "gallery.png",
+                               columns=cfg.evaluate.gallery_columns,
+                               max_images=cfg.evaluate.gallery_size),
+        ]
+    log.info("Test accuracy %.4f, macro F1 %.4f on %d images\n%s", metrics["test"]["accuracy"],
+             metrics["test"]["macro_f1"], len(y_true), report_text)
+
+    run_file = models / RUN_FILE
+    run_id = read_json(run_file)["run_id"] if run_file.is_file() else None
+    with tracking.active_run(cfg.tracking, run_id=run_id, run_name=cfg.tracking.run_name):
+        t = metrics["test"]
+        flat = {"test_accuracy": t["accuracy"], "test_macro_f1": t["macro_f1"],
+                "test_weighted_f1": t["weighted_f1"]}
+        for kind in ("precision", "recall", "f1"):
+            flat |= {f"test_{kind}_{_metric_name(c)}": v for c, v in t[kind].items()}
+        mlflow.log_metrics(flat)
+        tracking.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
+        tracking.log_files([reports / "metrics.json", reports / "classification_report.json",
+                            reports / "classification_report.txt", reports / "predictions.csv"],
+                           "reports")
+    return metrics
+
+
+def _metric_name(name: str) -> str:
+    """MLflow metric keys allow letters, digits, _ - . / and spaces."""
+    return "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in name)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_step(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

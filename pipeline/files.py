@@ -1,0 +1,88 @@
+"""Writing outputs so that a killed or failing step never leaves half of one behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `target`; on success it replaces `target` whole.
+
+    On an exception the temporary folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file beside `target`; it replaces `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    with atomic_file(path) as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, ensure_ascii=False)
+        fh.write("\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def md5_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5()  # noqa: S324 (content hash, as DVC uses it)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_md5(path: str | os.PathLike[str]) -> str:
+    """The hash DVC 3 records in dvc.lock for a file or a folder (`<md5>.dir` for folders).
+
+    A folder's hash is the md5 of its sorted JSON listing of (relpath, md5) entries; computing it
+    here lets a step tag its MLflow run with exactly the hash `dvc.lock` holds for its input.
+    """
+    path = Path(path)
+    if path.is_file():
+        return md5_file(path)
+    entries = sorted(
+        (p.relative_to(path).as_posix(), md5_file(p))
+        for p in path.rglob("*")
+        if p.is_file()
+    )
+    listing = [{"md5": md5, "relpath": rel} for rel, md5 in entries]
+    raw = json.dumps(listing, sort_keys=True).encode()
+    return hashlib.md5(raw).hexdigest() + ".dir"  # noqa: S324

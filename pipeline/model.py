@@ -1,0 +1,178 @@
+"""The network: a frozen MobileNetV2 backbone and a small classification head.
+
+Following Keras' transfer-learning guide: the model takes raw RGB pixels (0..255), scales them to
+[-1, 1] as MobileNetV2 expects, calls the frozen base with `training=False` (BatchNorm stays in
+inference mode), pools globally, applies optional dropout and one Dense layer of `num_classes`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+#: The file Keras downloads for `weights="imagenet"`, per alpha and size (no top).
+WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5"
+#: Where this project keeps a copy of the 1.0/224 file for offline use (see shared/models/README.md).
+SHARED_WEIGHTS_HINT = "../shared/models/"
+
+BACKBONE_NAME = "backbone"
+FEATURES_NAME = "pooled_features"
+HEAD_NAME = "classifier"
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """ImageNet weights were asked for, but no weights file is available offline."""
+
+
+def keras_home() -> Path:
+    """Keras' cache folder: $KERAS_HOME, else ~/.keras (what keras.utils.get_file uses)."""
+    home = os.environ.get("KERAS_HOME")
+    if home:
+        return Path(home).expanduser()
+    base = Path("~").expanduser()
+    if not os.access(base, os.W_OK):
+        base = Path("/tmp")
+    return base / ".keras"
+
+
+def imagenet_weights_path(alpha: float, size: int) -> Path:
+    return keras_home() / "models" / WEIGHTS_FILE.format(alpha=float(alpha), size=size)
+
+
+def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
+    """What to pass to `keras.applications.MobileNetV2(weights=...)`, checked to work offline.
+
+    `imagenet` is only passed to Keras when its cache already holds the file, so Keras never tries
+    to download (which would hang or fail with a stack trace on a machine without network).
+    """
+    if weights is None or str(weights).lower() in ("null", "none", ""):
+        return None
+    if weights == "imagenet":
+        path = imagenet_weights_path(alpha, size)
+        if path.is_file():
+            return "imagenet"
+        raise WeightsNotFoundError(
+            f"model.weights=imagenet: the MobileNetV2 ImageNet weights file (alpha {float(alpha)}, "
+            f"{size} px, no top) is not in Keras' cache: {path} is missing, and nothing is downloaded "
+            "at run time. Fix it with one of:\n"
+            f"  - copy or link the file there: mkdir -p {path.parent} && "
+            f"ln -s \"$PWD/{SHARED_WEIGHTS_HINT}{path.name}\" {path}   (or `make weights`);\n"
+            "  - point Keras elsewhere: export KERAS_HOME=/folder/with/models/subfolder;\n"
+            "  - pass a file: model.weights=/path/to/mobilenet_v2_..._no_top.h5;\n"
+            "  - train from scratch: model.weights=null."
+        )
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"model.weights={weights!r}: no such file. Pass an existing Keras weights file "
+            "(.h5 / .weights.h5 of MobileNetV2 without top), `imagenet`, or null."
+        )
+    return str(path)
+
+
+def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> Any:
+    """MobileNetV2 without top, frozen; `weights` as in the config (`imagenet` | path | None).
+
+    With no weights the random initialisation is seeded by `init_seed`, so every stage that
+    builds the backbone gets the same one.
+    """
+    import keras
+
+    resolved = resolve_weights(weights, alpha, image_size)
+    if resolved is None:
+        keras.utils.set_random_seed(init_seed)
+    base = keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3),
+        alpha=alpha,
+        include_top=False,
+        weights=resolved if resolved == "imagenet" or resolved is None else None,
+        name=BACKBONE_NAME,
+    )
+    if resolved not in (None, "imagenet"):
+        try:
+            base.load_weights(resolved)
+        except Exception as exc:  # a file that is not MobileNetV2 weights of this alpha/size
+            raise WeightsNotFoundError(
+                f"model.weights={weights!r}: could not load it into MobileNetV2 "
+                f"(alpha {alpha}, {image_size} px, no top): {exc}"
+            ) from exc
+    base.trainable = False
+    return base
+
+
+def build_feature_extractor(
+    alpha: float, weights: str | None, image_size: int, init_seed: int = 0
+) -> Any:
+    """Images (0..255) -> pooled backbone features: the part of the model that never changes."""
+    import keras
+    from keras import layers
+
+    base = build_backbone(alpha, weights, image_size, init_seed)
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_minus1_1")(inputs)
+    x = base(x, training=False)
+    outputs = layers.GlobalAveragePooling2D(name=FEATURES_NAME)(x)
+    return keras.Model(inputs, outputs, name="mobilenet_v2_features")
+
+
+def build_head(feature_dim: int, num_classes: int, dropout: float) -> Any:
+    """Features -> class probabilities: (dropout) + Dense(num_classes, softmax)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(feature_dim,), name="features")
+    x = layers.Dropout(dropout, name="dropout")(inputs) if dropout > 0 else inputs
+    outputs = layers.Dense(num_classes, activation="softmax", name=HEAD_NAME)(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def build_classifier(
+    alpha: float, weights: str | None, image_size: int, num_classes: int, dropout: float,
+    init_seed: int = 0,
+) -> Any:
+    """The complete model: images (0..255) -> class probabilities, backbone frozen."""
+    extractor = build_feature_extractor(alpha, weights, image_size, init_seed)
+    head = build_head(int(extractor.output.shape[-1]), num_classes, dropout)
+    return compose(extractor, head)
+
+
+def compose(extractor: Any, head: Any) -> Any:
+    """One Keras model (images -> probabilities) from a feature extractor and a head.
+
+    The head's layers are re-applied to the extractor's output, so weights are shared, not copied,
+    and the saved model is a single flat graph with the study's parameter counts.
+    """
+    import keras
+
+    x = extractor.output
+    for layer in head.layers[1:]:
+        x = layer(x)
+    return keras.Model(extractor.input, x, name="mobilenet_v2_classifier")
+
+
+def make_optimizer(name: str, learning_rate: float) -> Any:
+    import keras
+
+    optimizers = {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "sgd": keras.optimizers.SGD,
+        "rmsprop": keras.optimizers.RMSprop,
+    }
+    return optimizers[name](learning_rate=learning_rate)
+
+
+def count_params(model: Any) -> dict[str, int]:
+    import numpy as np
+
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    frozen = int(sum(np.prod(w.shape) for w in model.non_trainable_weights))
+    return {"trainable": trainable, "non_trainable": frozen, "total": trainable + frozen}
+
+
+def load_model(path: str | os.PathLike[str]) -> Any:
+    """Load a `.keras` model with Keras' safe mode on (no arbitrary code)."""
+    import keras
+
+    return keras.models.load_model(path, safe_mode=True)

@@ -1,0 +1,406 @@
+"""The pipeline's figures: learning curves, confusion matrix, prediction gallery.
+
+Every figure is drawn on a standalone `matplotlib.figure.Figure` bound to the Agg canvas; pyplot is
+never imported, so no global figure registry fills up and nothing needs a display. Each `save_*`
+function writes a PNG (written atomically, parent folders created) and returns its path. The
+`*_figure` helpers build the same figures without saving, for tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from pipeline.files import atomic_file
+
+PathLike = str | os.PathLike[str]
+
+DPI = 110
+CORRECT_COLOR = "#1a7f37"  # green: right prediction
+WRONG_COLOR = "#cf222e"  # red: wrong prediction
+TRAIN_COLOR = "#1f77b4"
+VAL_COLOR = "#ff7f0e"
+NEUTRAL_BAR_COLOR = "#b8c0cc"
+
+# above this many classes the confusion matrix cells carry no text (it would be unreadable)
+CELL_TEXT_MAX_CLASSES = 20
+# above this many classes a gallery bar chart shows only the top scores (and the true class)
+GALLERY_ALL_CLASSES_MAX = 12
+GALLERY_TOP_K = 10
+
+_METRICS = {
+    "loss": ("Loss", "min"),
+    "accuracy": ("Accuracy", "max"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# common
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    """Write `fig` as a PNG at `path` (atomically, parents created) and release it."""
+    path = Path(path)
+    try:
+        with atomic_file(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.15,
+                        facecolor="white")
+    finally:
+        fig.clear()
+    return path
+
+
+def _text_width_in(chars: int, fontsize: float) -> float:
+    """Rough width, in inches, of `chars` characters of DejaVu Sans at `fontsize` points."""
+    return chars * fontsize * 0.62 / 72.0
+
+
+def _float_series(values: Sequence[float] | None) -> np.ndarray:
+    if values is None:
+        return np.zeros(0, dtype=float)
+    return np.asarray(list(values), dtype=float).reshape(-1)
+
+
+def _message(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, color="#555555",
+            transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+# --------------------------------------------------------------------------------------------
+# learning curves
+
+
+def _epoch_axis(epochs: Mapping[str, Sequence[float]], n: int) -> np.ndarray:
+    given = epochs.get("epoch")
+    if given is not None:
+        given = _float_series(given)
+        if len(given) >= n:
+            return given[:n]
+    return np.arange(1, n + 1, dtype=float)
+
+
+def _batch_positions(steps: np.ndarray, n_epochs: int, first_epoch: float) -> np.ndarray:
+    """Map global batch steps onto the epoch axis: the last batch of epoch k lands on epoch k.
+
+    Steps may count from 0 or 1; steps per epoch is inferred from the last step and the number of
+    epochs, so batches logged every k steps still land in the right place.
+    """
+    pos = steps - steps.min() + 1 if len(steps) and steps.min() <= 0 else steps.copy()
+    last = float(np.nanmax(pos)) if len(pos) else 1.0
+    steps_per_epoch = max(last / max(n_epochs, 1), 1e-12)
+    return (first_epoch - 1.0) + pos / steps_per_epoch
+
+
+def learning_curve_figure(epochs: Mapping[str, Sequence[float]], metric: str,
+                          batches: Mapping[str, Sequence[float]] | None = None) -> Figure:
+    """One metric ('loss' or 'accuracy'): train vs validation per epoch, batches faintly under."""
+    label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
+    train = _float_series(epochs.get(metric))
+    val = _float_series(epochs.get(f"val_{metric}"))
+    n = max(len(train), len(val))
+    x = _epoch_axis(epochs, n)
+
+    batch_y = _float_series((batches or {}).get(metric))
+    if len(batch_y):
+        raw_steps = (batches or {}).get("step")
+        steps = _float_series(raw_steps)[: len(batch_y)] if raw_steps is not None else np.zeros(0)
+        # no steps, or steps that restart each epoch (a per-epoch batch index): number them in order
+        if len(steps) != len(batch_y) or not np.all(np.diff(steps) > 0):
+            steps = np.arange(len(batch_y), dtype=float)
+        batch_y = batch_y[: len(steps)]
+
+    fig = _new_figure(7.0, 4.3)
+    ax = fig.add_subplot()
+    ax.set_title(f"{label} per epoch", fontsize=12)
+
+    if n == 0 and not len(batch_y):
+        _message(ax, f"no {metric} recorded")
+        return fig
+
+    markers = n <= 30
+    marker_size = 7 if n == 1 else 4
+
+    if len(batch_y):
+        if n:
+            bx = _batch_positions(steps, n, float(x[0]))
+        else:
+            bx = steps
+        ax.plot(bx, batch_y, color=TRAIN_COLOR, alpha=0.3, linewidth=0.8, zorder=1,
+                label="train (per batch)")
+
+    if len(train):
+        ax.plot(x[: len(train)], train, color=TRAIN_COLOR, linewidth=2, zorder=3,
+                marker="o" if markers else None, markersize=marker_size, label="train")
+    if len(val):
+        ax.plot(x[: len(val)], val, color=VAL_COLOR, linewidth=2, linestyle="--", zorder=3,
+                marker="s" if markers else None, markersize=marker_size, label="validation")
+
+    # mark the best epoch of the validation curve (of the training curve when there is none)
+    ref, ref_name = (val, "validation") if len(val) else (train, "train")
+    if len(ref) > 1 and np.isfinite(ref).any():
+        i = int(np.nanargmin(ref) if best_mode == "min" else np.nanargmax(ref))
+        ax.plot([x[i]], [ref[i]], linestyle="none", marker="*", markersize=15, zorder=4,
+                color="#d4a017", markeredgecolor="black", markeredgewidth=0.6,
+                label=f"best {ref_name}: {ref[i]:.4g} (epoch {x[i]:g})")
+
+    ax.set_xlabel("epoch" if n else "step")
+    ax.set_ylabel(label.lower())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if n == 1 and not len(batch_y):
+        ax.set_xlim(x[0] - 1, x[0] + 1)
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    return fig
+
+
+def save_learning_curves(epochs: dict[str, list[float]], out_dir: PathLike,
+                         batches: dict[str, list[float]] | None = None) -> list[Path]:
+    """Write out_dir/loss.png and out_dir/accuracy.png; return their paths in that order.
+
+    epochs: per-epoch series, keys among 'loss', 'accuracy', 'val_loss', 'val_accuracy' (any may be
+    missing; 'epoch' optional, else 1..n). batches: optional {'step', 'loss', 'accuracy'} per-batch
+    series, drawn faintly on the epoch axis (step / steps_per_epoch). A metric with no data at all
+    still gets its file, saying so.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [_save(learning_curve_figure(epochs, metric, batches), out_dir / f"{metric}.png")
+            for metric in ("loss", "accuracy")]
+
+
+# --------------------------------------------------------------------------------------------
+# confusion matrix
+
+
+def _format_count(value: float) -> str:
+    return f"{int(round(value))}" if float(value).is_integer() else f"{value:.3g}"
+
+
+def confusion_figure(matrix, classes: Sequence[str], normalize: bool = False,
+                     title: str = "Confusion matrix") -> Figure:
+    """Heatmap: true label on y, predicted on x; counts (and row %) in cells up to 20 classes."""
+    counts = np.asarray(matrix, dtype=float)
+    n = len(classes)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"confusion matrix must be square, got shape {counts.shape}")
+    if n == 0:
+        raise ValueError("a confusion matrix needs at least one class")
+    if counts.shape[0] != n:
+        raise ValueError(f"confusion matrix is {counts.shape[0]}x{counts.shape[0]} "
+                         f"but {n} class names were given")
+    classes = [str(c) for c in classes]
+    row_sums = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
+    shown = fractions if normalize else counts
+
+    show_text = n <= CELL_TEXT_MAX_CLASSES
+    tick_fs = 10 if n <= 10 else 8 if n <= 20 else 7 if n <= 35 else 6
+    cell_fs = 10 if n <= 6 else 9 if n <= 10 else 7 if n <= 15 else 6
+    cell_in = (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
+    label_in = _text_width_in(max(len(c) for c in classes), tick_fs)
+    grid_in = max(3.0, n * cell_in)
+    width = grid_in + label_in + 1.6  # y tick labels, axis label, colour bar
+    height = grid_in + label_in * 0.75 + 1.3  # rotated x tick labels, title
+    fig = _new_figure(width, height)
+    ax = fig.add_subplot()
+
+    vmax = 1.0 if normalize else max(float(counts.max()), 1.0)
+    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest",
+                      aspect="equal")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, shrink=0.9)
+    if normalize:
+        bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+        bar.set_label("share of the true class")
+    else:
+        bar.set_label("images")
+
+    ax.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor",
+                  fontsize=tick_fs)
+    ax.set_yticks(range(n), labels=classes, fontsize=tick_fs)
+    ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.0 if n <= 20 else 0.5)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("predicted label", fontsize=11)
+    ax.set_ylabel("true label", fontsize=11)
+
+    total = counts.sum()
+    subtitle = (f"accuracy {np.trace(counts) / total:.1%} on {_format_count(total)} images"
+                if total > 0 else "no images")
+    if normalize:
+        subtitle += " · rows normalised"
+    ax.set_title(f"{title}\n{subtitle}", fontsize=12)
+
+    if show_text:
+        pct_fmt = "{:.1f}%" if n <= 10 else "{:.0f}%"
+        for i in range(n):
+            for j in range(n):
+                value = counts[i, j]
+                text = _format_count(value)
+                if normalize:
+                    text += "\n" + pct_fmt.format(100 * fractions[i, j])
+                dark = image.norm(shown[i, j]) > 0.55
+                ax.text(j, i, text, ha="center", va="center", fontsize=cell_fs,
+                        color="white" if dark else "#222222", alpha=1.0 if value else 0.45)
+    for spine in ax.spines.values():
+        spine.set_color("#888888")
+    return fig
+
+
+def save_confusion_matrix(matrix, classes: list[str], path: PathLike, normalize: bool = False,
+                          title: str = "Confusion matrix") -> Path:
+    """Write the confusion-matrix heatmap to `path` and return it (see `confusion_figure`)."""
+    return _save(confusion_figure(matrix, classes, normalize=normalize, title=title), path)
+
+
+# --------------------------------------------------------------------------------------------
+# prediction gallery
+
+
+def gallery_title(predicted: str, true: str) -> str:
+    """'pred: <class> / true: <class>', broken after the slash when it is too long for a panel."""
+    text = f"pred: {predicted} / true: {true}"
+    return text if len(text) <= 32 else f"pred: {predicted} /\ntrue: {true}"
+
+
+def _as_rgb(image) -> tuple[np.ndarray, str | None]:
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.dtype != np.uint8:
+        img = img.astype(float)
+        if img.size and np.nanmax(img) > 1.0:
+            img = np.clip(img, 0, 255).astype(np.uint8)
+        else:
+            img = np.clip(img, 0.0, 1.0)
+    return img, ("gray" if img.ndim == 2 else None)
+
+
+def gallery_figure(images, probabilities, true_labels, classes: Sequence[str], columns: int = 3,
+                   max_images: int | None = None) -> Figure:
+    """Image + class-score bar chart per test image, `columns` pairs per row.
+
+    The image title is green when the prediction is right and red when wrong (the image gets a
+    frame of the same colour); in the bar chart the predicted bar is filled in that colour and the
+    true class is outlined in black, its name in bold and its value tagged 'true'.
+    """
+    classes = [str(c) for c in classes]
+    n_total = 0 if images is None else len(images)
+    n = n_total if max_images is None else max(0, min(n_total, int(max_images)))
+    if n == 0:
+        fig = _new_figure(4.0, 1.5)
+        _message(fig.add_subplot(), "no test images")
+        return fig
+
+    probs = np.asarray(probabilities[:n], dtype=float)
+    labels = np.asarray(true_labels[:n]).astype(int).reshape(-1)
+    n_classes = len(classes)
+    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != n_classes:
+        raise ValueError(f"probabilities must be ({n}, {n_classes}), got {probs.shape}")
+    if len(labels) != n:
+        raise ValueError(f"need {n} true labels, got {len(labels)}")
+    if n_classes and ((labels < 0) | (labels >= n_classes)).any():
+        raise ValueError("true label index out of range of the classes")
+    predicted = probs.argmax(axis=1)
+    correct = predicted == labels
+
+    columns = max(1, min(int(columns), n))
+    rows = math.ceil(n / columns)
+    shown_classes = min(n_classes, GALLERY_ALL_CLASSES_MAX if n_classes <= GALLERY_ALL_CLASSES_MAX
+                        else GALLERY_TOP_K)
+    label_fs = 8 if shown_classes <= 8 else 7
+    label_in = _text_width_in(max(len(c) for c in classes), label_fs)
+    image_in = 2.4
+    bars_in = 1.9
+    titles = [gallery_title(classes[int(predicted[k])], classes[int(labels[k])]) for k in range(n)]
+    longest_line = max(len(line) for t in titles for line in t.split("\n"))
+    # bold title lines must fit over the image panel
+    title_fs = float(np.clip(image_in * 72.0 / (longest_line * 0.68), 6.5, 10.0))
+    pair_in = image_in + label_in + bars_in + 0.6
+    row_in = max(image_in + 1.1, 0.24 * shown_classes + 1.0)
+    fig = _new_figure(columns * pair_in, rows * row_in + 0.5)
+    # one subfigure per image+scores pair: each lays out on its own, nothing spills into the next
+    cells = np.asarray(fig.subfigures(rows, columns, wspace=0.02, hspace=0.02), dtype=object)
+    cells = cells.reshape(rows, columns)
+    fig.suptitle(f"Test predictions: {int(correct.sum())} of {n} right"
+                 + (f" (first {n} of {n_total} images)" if n < n_total else ""),
+                 fontsize=13, fontweight="bold")
+
+    for k in range(n):
+        r, c = divmod(k, columns)
+        color = CORRECT_COLOR if correct[k] else WRONG_COLOR
+        true_k, pred_k = int(labels[k]), int(predicted[k])
+        ax_img, ax_bar = cells[r, c].subplots(1, 2, width_ratios=[image_in, bars_in])
+
+        img, cmap = _as_rgb(images[k])
+        ax_img.imshow(img, cmap=cmap, interpolation="antialiased")
+        ax_img.set_xticks([])
+        ax_img.set_yticks([])
+        for spine in ax_img.spines.values():
+            spine.set_color(color)
+            spine.set_linewidth(3)
+        ax_img.set_title(titles[k], color=color, fontsize=title_fs, fontweight="bold")
+
+        if n_classes <= GALLERY_ALL_CLASSES_MAX:
+            order = np.arange(n_classes)
+        else:  # many classes: the top scores, always including the true class
+            order = np.argsort(-probs[k], kind="stable")[:GALLERY_TOP_K]
+            if true_k not in order:
+                order[-1] = true_k
+        scores = np.clip(probs[k, order], 0.0, 1.0)
+        bar_colors = [color if i == pred_k else NEUTRAL_BAR_COLOR for i in order]
+        edges = ["black" if i == true_k else "none" for i in order]
+        ypos = np.arange(len(order))
+        ax_bar.barh(ypos, scores, color=bar_colors, edgecolor=edges, linewidth=1.4, height=0.7)
+        ax_bar.set_yticks(ypos, labels=[classes[i] for i in order], fontsize=label_fs)
+        for tick, i in zip(ax_bar.get_yticklabels(), order):
+            if i == true_k:
+                tick.set_fontweight("bold")
+        for y, i, p in zip(ypos, order, scores):
+            tag = f"{p:.2f}" + ("  true" if i == true_k else "")
+            inside = p > 0.62
+            ax_bar.text(p - 0.02 if inside else p + 0.02, y, tag, va="center",
+                        ha="right" if inside else "left", fontsize=7,
+                        color="white" if inside and i == pred_k else "#222222",
+                        fontweight="bold" if i == true_k else "normal")
+        ax_bar.set_xlim(0, 1)
+        ax_bar.set_ylim(len(order) - 0.5, -0.5)  # first class on top
+        ax_bar.set_xticks([0, 0.5, 1], labels=["0", "0.5", "1"], fontsize=7)
+        ax_bar.tick_params(axis="y", length=0)
+        ax_bar.grid(axis="x", alpha=0.3)
+        ax_bar.set_axisbelow(True)
+        for side in ("top", "right"):
+            ax_bar.spines[side].set_visible(False)
+        ax_bar.set_xlabel("score", fontsize=7, labelpad=1)
+    return fig
+
+
+def save_gallery(images, probabilities, true_labels, classes: list[str], path: PathLike,
+                 columns: int = 3, max_images: int | None = None) -> Path:
+    """Write the prediction gallery to `path` and return it (see `gallery_figure`).
+
+    images: (N, H, W, 3) uint8, a numpy memmap is fine (only the shown images are read);
+    probabilities: (N, C) scores in 0..1; true_labels: (N,) class indices. N == 0 writes a small
+    figure saying 'no test images'.
+    """
+    return _save(gallery_figure(images, probabilities, true_labels, classes, columns=columns,
+                                max_images=max_images), path)

@@ -1,0 +1,1 @@
+"""Data sources for the prepare stage: `synthetic` (generated toy trucks) and `folder` (your photos)."""

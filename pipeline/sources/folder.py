@@ -1,0 +1,390 @@
+"""Finding the image files of a folder dataset and assigning each a class and a split.
+
+Two layouts are understood:
+
+* **splits**: split folders at the top, one sub-folder per class in each::
+
+      root/training/<class>/...   (or train/)
+      root/validation/<class>/... (or val/, valid/; optional)
+      root/test/<class>/...       (or testing/)
+
+* **single**: class sub-folders only; every class is split train/val/test by the configured
+  ratios, stratified per class, with a fixed seed::
+
+      root/<class>/...
+
+Images in nested folders below a class folder belong to that class. Hidden and system files
+(`.DS_Store`, `__MACOSX/`, `Thumbs.db`, ...) are ignored; symlinks are followed, loops detected.
+Whatever is seen but not used is returned in `Discovery.skipped` with the reason, so the caller
+can report it: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from pipeline.data import SPLITS
+from pipeline.images import CANDIDATE_EXTENSIONS, IMAGE_EXTENSIONS
+
+#: Top-level folder names (case-insensitive) that mark the split layout.
+SPLIT_ALIASES: dict[str, str] = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+#: The folder names to suggest in messages, per split.
+_SPLIT_NAMES = {"train": "training/ (or train/)", "val": "validation/ (or val/, valid/)",
+                "test": "test/ (or testing/)"}
+
+#: File and folder names (case-insensitive) that operating systems and tools leave behind.
+SYSTEM_NAMES = frozenset(
+    name.lower()
+    for name in (
+        "__MACOSX", ".ipynb_checkpoints", "Thumbs.db", "ehthumbs.db", "desktop.ini", ".DS_Store",
+        "@eaDir", "$RECYCLE.BIN", "System Volume Information", "__pycache__", ".Spotlight-V100",
+        ".Trashes", ".fseventsd", "Icon\r",
+    )
+)
+HIDDEN_REASON = "hidden/system file"
+NOT_IMAGE_REASON = "not an image file extension"
+
+
+class DataError(ValueError):
+    """The dataset folder cannot be used as it is; the message names the path and what to do."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    label: str
+    split: str
+
+
+@dataclass
+class Discovery:
+    #: Sorted class names; the label index of a class is its position here.
+    classes: list[str]
+    #: Image files to decode, grouped by split (train, val, test), then class, then path.
+    candidates: list[Candidate]
+    #: (file relative to root, reason) for everything seen but not used.
+    skipped: list[tuple[str, str]]
+    #: `splits` (split folders) or `single` (class folders, split by ratios).
+    layout: str
+    #: The data root, as an absolute path (symlinks not resolved).
+    root: Path = Path(".")
+    #: split -> class -> folders (relative to root, posix) that exist for that class in that split.
+    class_folders: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+
+def display_path(path: Path, root: Path) -> str:
+    """`path` relative to `root`, posix separators, always printable/encodable as UTF-8."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        rel = path
+    text = rel.as_posix()
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if _has_surrogates(text) else text
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _label(name: str) -> str:
+    """Class name of a folder: NFC-normalised (macOS writes NFD), printable."""
+    if _has_surrogates(name):
+        name = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return unicodedata.normalize("NFC", name).strip() or name
+
+
+def is_ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
+
+
+def _ratios(split_ratios: Any) -> tuple[float, float, float]:
+    if isinstance(split_ratios, Mapping):
+        values = [split_ratios.get(s, 0.0) for s in SPLITS]
+    elif isinstance(split_ratios, (tuple, list)):
+        values = list(split_ratios)
+    else:  # a dataclass / DictConfig with train, val, test
+        values = [getattr(split_ratios, s, 0.0) for s in SPLITS]
+    if len(values) != 3:
+        raise ValueError(f"split ratios need train, val and test values, got {split_ratios!r}")
+    ratios = [float(v or 0.0) for v in values]
+    if any(r < 0 for r in ratios) or ratios[0] <= 0 or ratios[2] <= 0:
+        raise ValueError(
+            f"split ratios must be >= 0 with train and test > 0, got train={ratios[0]} "
+            f"val={ratios[1]} test={ratios[2]} (data.split)"
+        )
+    total = sum(ratios)
+    return ratios[0] / total, ratios[1] / total, ratios[2] / total
+
+
+def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """How many of `n` images go to train, val and test.
+
+    Largest-remainder rounding of `n * ratios`; with n >= 2 train and test get at least one each;
+    a val ratio of 0 gives no val images; a single image goes to train.
+    """
+    if n <= 0:
+        return 0, 0, 0
+    if n == 1:
+        return 1, 0, 0
+    quotas = [n * r for r in ratios]
+    counts = [int(q) for q in quotas]
+    order = sorted(range(3), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    train, val, test = counts
+    if test < 1:
+        test += 1
+        if val > 0 and val >= train:
+            val -= 1
+        else:
+            train -= 1
+    if train < 1:
+        train += 1
+        if val > 0:
+            val -= 1
+        else:
+            test -= 1
+    return train, val, test
+
+
+def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Discovery:
+    """Find the image files under `root`; raise `DataError` when the folder cannot be used."""
+    root = Path(os.path.abspath(os.fspath(root)))
+    if not os.path.lexists(root):
+        raise DataError(
+            f"Data path '{root}' does not exist. Set data.path to the folder that holds your "
+            "class sub-folders (or training/ validation/ test/ split folders of class sub-folders)."
+        )
+    if not root.exists():
+        raise DataError(f"Data path '{root}' is a broken symbolic link; point data.path at the "
+                        "dataset folder itself.")
+    if not root.is_dir():
+        hint = (
+            " It looks like an archive: extract it and set data.path to the extracted folder."
+            if root.suffix.lower() in (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")
+            else ""
+        )
+        raise DataError(
+            f"Data path '{root}' is a file, not a folder. Set data.path to the folder that holds "
+            f"your class sub-folders.{hint}"
+        )
+
+    walker = _Walker(root)
+    top_dirs, top_files = walker.list_dir(root)
+    split_dirs: dict[str, list[Path]] = {}
+    other_dirs: list[Path] = []
+    for d in top_dirs:
+        alias = SPLIT_ALIASES.get(d.name.lower())
+        (split_dirs.setdefault(alias, []) if alias else other_dirs).append(d)
+
+    if split_dirs and other_dirs:
+        raise DataError(
+            f"Data path '{root}' mixes split folders ({_names(d for ds in split_dirs.values() for d in ds)}) "
+            f"with other folders ({_names(other_dirs)}). Use either split folders training/ "
+            "[validation/] test/ with one sub-folder per class in each, or only class sub-folders "
+            "(then the images are split by data.split). Move the other folders into the split "
+            "folders or out of the data path; if one of them is a class that happens to be called "
+            "like a split (e.g. 'train'), rename it."
+        )
+    for split, ds in split_dirs.items():
+        if len(ds) > 1:
+            raise DataError(
+                f"Data path '{root}' has more than one folder for the {split} split: "
+                f"{_names(ds)}. Merge them into one."
+            )
+
+    candidates: list[Candidate] = []
+    class_folders: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
+    classes: set[str] = set()
+
+    if split_dirs:
+        layout = "splits"
+        for f in top_files:
+            walker.skip_loose(f, "file outside the split folders (not inside a class folder)")
+        missing = [s for s in ("train", "test") if s not in split_dirs]
+        if missing:
+            raise DataError(
+                f"Data path '{root}' has split folders ({_names(d for ds in split_dirs.values() for d in ds)}) "
+                f"but no {' and no '.join(_SPLIT_NAMES[s] for s in missing)} folder. Add "
+                f"{'them' if len(missing) > 1 else 'it'} (a validation folder is optional), or use "
+                "only class sub-folders and let data.split divide them."
+            )
+        for split in SPLITS:
+            if split not in split_dirs:
+                continue
+            split_dir = split_dirs[split][0]
+            class_dirs, loose = walker.list_dir(split_dir)
+            for f in loose:
+                walker.skip_loose(
+                    f, f"file directly in split folder '{split_dir.name}/', not inside a class folder "
+                    f"(move it into {split_dir.name}/<class>/)"
+                )
+            if not class_dirs and split != "val":
+                images = sum(1 for f in loose if f.suffix.lower() in CANDIDATE_EXTENSIONS)
+                raise DataError(
+                    f"Split folder '{split_dir}' has no class sub-folders"
+                    + (f" ({images} image files lie directly in it)" if images else "")
+                    + f". Put the images in one sub-folder per class: {split_dir.name}/<class>/<image>."
+                )
+            for class_dir in class_dirs:
+                label = _label(class_dir.name)
+                classes.add(label)
+                class_folders[split].setdefault(label, []).append(display_path(class_dir, root))
+                for path in walker.walk_class(class_dir):
+                    candidates.append(Candidate(path=path, label=label, split=split))
+    else:
+        layout = "single"
+        for f in top_files:
+            reason = (
+                "image outside any class folder (move it into a class sub-folder)"
+                if f.suffix.lower() in CANDIDATE_EXTENSIONS
+                else "file outside the class folders"
+            )
+            walker.skip_loose(f, reason)
+        if not other_dirs:
+            images = sum(1 for f in top_files if f.suffix.lower() in CANDIDATE_EXTENSIONS)
+            raise DataError(
+                f"Data path '{root}' has no class sub-folders"
+                + (f" ({images} image files lie directly in it)" if images else "")
+                + ". Put the images in one sub-folder per class (root/<class>/<image>), or use "
+                "split folders training/ [validation/] test/ with class sub-folders in each."
+            )
+        ratios = _ratios(split_ratios)
+        per_class: dict[str, list[Path]] = {}
+        for class_dir in other_dirs:
+            label = _label(class_dir.name)
+            classes.add(label)
+            for split in SPLITS:
+                class_folders[split].setdefault(label, []).append(display_path(class_dir, root))
+            per_class.setdefault(label, []).extend(walker.walk_class(class_dir))
+        for label in sorted(per_class):
+            paths = sorted(per_class[label], key=lambda p: display_path(p, root))
+            order = _permutation(len(paths), seed, label)
+            n_train, n_val, _ = split_counts(len(paths), ratios)
+            for rank, i in enumerate(order):
+                split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+                candidates.append(Candidate(path=paths[i], label=label, split=split))
+
+    if not candidates:
+        examples = ", ".join(f"'{f}' ({r})" for f, r in walker.skipped[:5])
+        raise DataError(
+            f"No image files found under '{root}'"
+            + (f" ({len(walker.skipped)} other files skipped, e.g. {examples})" if walker.skipped else "")
+            + f". Supported extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}."
+        )
+
+    candidates.sort(key=lambda c: (SPLITS.index(c.split), c.label, display_path(c.path, root)))
+    return Discovery(
+        classes=sorted(classes),
+        candidates=candidates,
+        skipped=walker.skipped,
+        layout=layout,
+        root=root,
+        class_folders=class_folders,
+    )
+
+
+def _permutation(n: int, seed: int, label: str) -> np.ndarray:
+    """A fixed permutation per (seed, class): adding a class does not reshuffle the others."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(label.encode("utf-8"))])
+    return rng.permutation(n)
+
+
+def _names(paths: Iterable[Path]) -> str:
+    return ", ".join(f"'{p.name}/'" for p in sorted(paths, key=lambda p: p.name))
+
+
+class _Walker:
+    """Directory listing that follows symlinks, detects loops and records what it skips."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.skipped: list[tuple[str, str]] = []
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.skipped.append((display_path(path, self.root), reason))
+
+    def skip_loose(self, path: Path, reason: str) -> None:
+        """A file found outside any class folder (hidden/system files already recorded)."""
+        self.skip(path, reason)
+
+    def list_dir(self, folder: Path) -> tuple[list[Path], list[Path]]:
+        """(sub-folders, files) of `folder`, sorted; hidden/system/broken entries are skipped."""
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            if folder == self.root:
+                raise DataError(f"Cannot read data path '{folder}': {exc.strerror or exc}. "
+                                "Check its permissions.") from None
+            self.skip(folder, f"unreadable folder ({exc.strerror or exc})")
+            return [], []
+        dirs: list[Path] = []
+        files: list[Path] = []
+        for entry in entries:
+            path = Path(entry.path)
+            if is_ignored(entry.name):
+                self.skip(path, HIDDEN_REASON)
+                continue
+            try:
+                st = os.stat(entry.path)  # follows symlinks
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    self.skip(path, "symbolic link loop (the link points back to itself)")
+                elif entry.is_symlink():
+                    self.skip(path, "broken symbolic link (its target does not exist)")
+                else:
+                    self.skip(path, f"unreadable ({exc.strerror or exc})")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                dirs.append(path)
+            elif stat.S_ISREG(st.st_mode):
+                files.append(path)
+            else:
+                self.skip(path, "not a regular file (device, socket or pipe)")
+        return dirs, files
+
+    def walk_class(self, class_dir: Path) -> list[Path]:
+        """Every image-extension file below `class_dir`, recursively; others are skipped."""
+        found: list[Path] = []
+        visited: set[str] = set()
+        stack: list[tuple[Path, str]] = [(class_dir, os.path.realpath(class_dir.parent))]
+        while stack:
+            folder, parent_real = stack.pop()
+            real = os.path.realpath(folder)
+            if real == parent_real or parent_real.startswith(real.rstrip(os.sep) + os.sep):
+                self.skip(folder, "symbolic link loop (the link points to a folder that contains it)")
+                continue
+            if real in visited:
+                self.skip(folder, "second link to a folder already read for this class (not read again)")
+                continue
+            visited.add(real)
+            dirs, files = self.list_dir(folder)
+            for f in files:
+                if f.suffix.lower() in CANDIDATE_EXTENSIONS:
+                    found.append(f)
+                else:
+                    suffix = f.suffix.lower() or "no extension"
+                    self.skip(f, f"{NOT_IMAGE_REASON} ({suffix})")
+            stack.extend((d, real) for d in reversed(dirs))
+        return found

@@ -1,0 +1,232 @@
+"""MLflow: one place for the store, the experiment, the run and what goes into it.
+
+One pipeline run is one MLflow run: `train` starts it and records its id as a DVC output;
+`evaluate` reopens that run to add test metrics and artifacts. A step that fails or is stopped
+ends its run as FAILED or KILLED, never leaves it RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import OmegaConf
+
+from pipeline.config import to_flat_dict
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 6000
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used."""
+
+
+def artifact_uri(location: str) -> str:
+    """A local folder (relative to the working directory) as a file URI; URIs pass through."""
+    if "://" in location:
+        return location
+    return Path(location).expanduser().resolve().as_uri()
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail in seconds, before any training, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:  # noqa: S310 (config URI)
+            if response.status >= 400:
+                raise TrackingError(f"tracking.uri={uri}: {health} answered HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(
+            f"tracking.uri={uri}: the MLflow tracking server does not answer ({exc}). Start it "
+            "(see README, 'Running at scale') or use the local store: tracking.uri=sqlite:///mlflow.db"
+        ) from None
+
+
+def setup(tracking: Any) -> str:
+    """Point MLflow at the configured store and return the experiment id (created if missing)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    check_reachable(tracking.uri, tracking.timeout_s)
+    mlflow.set_tracking_uri(tracking.uri)
+    client = mlflow.MlflowClient()
+    try:
+        experiment = client.get_experiment_by_name(tracking.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(
+                tracking.experiment, artifact_location=artifact_uri(tracking.artifact_location)
+            )
+        except MlflowException:  # created meanwhile by a parallel job
+            experiment = client.get_experiment_by_name(tracking.experiment)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+    except MlflowException as exc:
+        raise TrackingError(f"tracking.uri={tracking.uri}: {exc.message}") from None
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def active_run(tracking: Any, run_id: str | None = None, run_name: str | None = None,
+               tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """Start (or, with `run_id`, reopen) a run; end it FINISHED, FAILED or KILLED.
+
+    SIGTERM (how DVC and schedulers stop a job) is turned into KeyboardInterrupt while the run is
+    active, so the run is closed as KILLED instead of being left RUNNING.
+    """
+    import mlflow
+    from mlflow.entities import RunStatus
+
+    experiment_id = setup(tracking)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    run = mlflow.start_run(
+        run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=run_name, tags=tags
+    )
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def log_config(cfg: Any) -> None:
+    """Every resolved config value as a param, and the config itself as `config.yaml`."""
+    import mlflow
+
+    params = {k: _param_value(v) for k, v in to_flat_dict(cfg).items()}
+    items = list(params.items())
+    for start in range(0, len(items), 100):  # MLflow's per-request limit
+        mlflow.log_params(dict(items[start : start + 100]))
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+
+def _param_value(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+
+
+def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]) -> None:
+    """Per-epoch metrics (`loss`, `val_accuracy`, ..., step = epoch) and per-batch metrics
+    (`batch_loss`, `batch_accuracy`, step = global batch number), sent in bulk."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key=name, value=float(v), timestamp=now, step=i)
+        for name, values in history.items() if name != "epoch"
+        for i, v in enumerate(values, start=1)
+    ]
+    steps = batches.get("step", [])
+    metrics += [
+        Metric(key=f"batch_{name}", value=float(v), timestamp=now, step=int(step))
+        for name, values in batches.items() if name != "step"
+        for step, v in zip(steps, values)
+    ]
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
+
+
+def git_commit(cwd: str | os.PathLike[str] = ".") -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def git_dirty(cwd: str | os.PathLike[str] = ".") -> bool | None:
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def log_dataset(manifest_csv: Path, digest: str, name: str, source: str) -> None:
+    """The prepared dataset as an MLflow input (context `training`), with its DVC hash as digest."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.read_csv(manifest_csv)
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets="label", digest=digest)
+    mlflow.log_input(dataset, context="training")
+
+
+def _keras_flavor_creating_its_folder() -> None:
+    """MLflow 3.17's Keras flavor writes the input example before it creates the model folder
+    (FileNotFoundError on `input_example.json`); make its `save_model` create the folder first."""
+    import mlflow.keras
+
+    original = mlflow.keras.save_model
+    if getattr(original, "_creates_folder", False):
+        return
+
+    def save_model(model: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        os.makedirs(path, exist_ok=True)
+        return original(model, path, *args, **kwargs)
+
+    save_model._creates_folder = True  # type: ignore[attr-defined]
+    mlflow.keras.save_model = save_model
+
+
+def log_model(model: Any, example: Any, name: str = "model") -> str:
+    """The Keras model with a signature and an input example; returns its model URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    _keras_flavor_creating_its_folder()
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    info = mlflow.keras.log_model(model, name=name, signature=signature, input_example=example)
+    return info.model_uri
+
+
+def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
+    import mlflow
+
+    for path in paths:
+        if Path(path).is_file():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_json_artifact(obj: Any, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(obj, artifact_file)

@@ -1,0 +1,103 @@
+"""The config: conf/ is the source of truth, params.yaml its snapshot, the schema guards both."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, to_flat_dict, validate
+from tests.conftest import ROOT, compose
+
+
+def test_params_yaml_is_the_composition_of_conf():
+    composed = compose()
+    OmegaConf.resolve(composed)
+    on_disk = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert OmegaConf.to_container(composed) == on_disk, "run `make params` to refresh params.yaml"
+
+
+def test_params_yaml_is_byte_identical_to_what_dvc_writes(tmp_path):
+    from pipeline.params import write_params
+
+    out = write_params(output=tmp_path / "params.yaml")
+    assert out.read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_defaults_match_the_study():
+    cfg = validate(compose())
+    assert cfg.train.epochs == 8 and cfg.train.batch_size == 32 and cfg.train.optimizer == "adam"
+    assert cfg.model.alpha == 1.0 and cfg.model.weights == "imagenet"
+    assert cfg.data.image_size == 224 and cfg.data.source == "synthetic"
+    s = cfg.data.synthetic
+    assert (s.train_per_class, s.val_per_class, s.test_per_class) == (10, 25, 25)
+    assert cfg.tracking.uri == "sqlite:///mlflow.db"
+
+
+def test_params_yaml_validates_against_the_schema():
+    cfg = validate(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert cfg.data.path == "data/raw/synthetic"
+
+
+def test_folder_source_composes_with_its_path():
+    cfg = validate(compose(["data=folder", "data.path=/photos"]))
+    assert cfg.data.source == "folder" and cfg.data.path == "/photos"
+    assert cfg.data.dependency == "/photos"  # what DVC's prepare stage watches
+    assert cfg.data.synthetic is None
+
+
+def test_folder_source_without_path_names_the_key():
+    with pytest.raises(ConfigError, match=r"data\.path"):
+        validate(compose(["data=folder"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("+train.epochz=3", "train.epochz"),
+        ("train.epochs=many", "train.epochs"),
+        ("train.epochs=-1", "train.epochs"),
+        ("train.learning_rate=0", "train.learning_rate"),
+        ("model.alpha=0.6", "model.alpha"),
+        ("data.image_size=100", "data.image_size"),  # no ImageNet weights at 100 px
+        ("train.optimizer=adamax", "train.optimizer"),
+        ("data.leakage=ignore", "data.leakage"),
+        ("model.dropout=1.5", "model.dropout"),
+    ],
+)
+def test_bad_values_fail_with_the_key_named(override, key):
+    with pytest.raises(ConfigError) as info:
+        validate(compose([override]))
+    assert key in str(info.value)
+
+
+def test_any_size_is_fine_without_imagenet_weights():
+    cfg = validate(compose(["data.image_size=100", "model.weights=null"]))
+    assert cfg.data.image_size == 100
+
+
+def test_validated_config_is_read_only():
+    cfg = validate(compose())
+    with pytest.raises(Exception):
+        cfg.train.epochs = 3
+
+
+def test_flat_dict_has_every_leaf():
+    flat = to_flat_dict(validate(compose()))
+    assert flat["train.epochs"] == 8
+    assert flat["data.synthetic.train_per_class"] == 10
+    assert "model" not in flat
+
+
+def test_cli_reports_a_bad_key_without_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "+data.colour=red",
+         f"hydra.run.dir={tmp_path}/hydra"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "data.colour" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,317 @@
+"""The pipeline's figures: each writes a readable PNG, and says what it should (titles, colours)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  only to check that no figure is left open
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline import plots  # noqa: E402
+
+CLASSES = [
+    "Container_Big_Tractor_B",
+    "Container_Big_Tractor_Y",
+    "Container_Small_B",
+    "Container_Small_Gy",
+    "Loader_Tractor_R",
+    "Loader_Tractor_Y",
+]
+
+
+@pytest.fixture(autouse=True)
+def no_figures_left_open():
+    assert plt.get_fignums() == []
+    yield
+    assert plt.get_fignums() == []  # the module draws on standalone figures, never pyplot's
+
+
+def read_png(path: Path, min_side: int = 150) -> np.ndarray:
+    assert path.is_file()
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert min(im.size) >= min_side, im.size
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 5, "the figure is blank"
+    return pixels
+
+
+def no_temp_files_left(folder: Path) -> None:
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
+
+
+def is_green(color) -> bool:
+    r, g, b = to_rgb(color)
+    return g > r + 0.2 and g > b + 0.2
+
+
+def is_red(color) -> bool:
+    r, g, b = to_rgb(color)
+    return r > g + 0.3 and r > b + 0.3
+
+
+def gallery_pairs(fig) -> list[tuple]:
+    """(image axes, bar axes) per shown image, in order."""
+    return [tuple(sub.axes) for sub in fig.subfigs if sub.axes]
+
+
+# --------------------------------------------------------------------------- learning curves
+
+
+def test_learning_curves_write_both_pngs_in_new_folders(tmp_path):
+    epochs = {
+        "loss": [1.5, 1.1, 0.8, 0.6],
+        "val_loss": [1.4, 1.2, 0.9, 0.95],
+        "accuracy": [0.4, 0.6, 0.75, 0.85],
+        "val_accuracy": [0.45, 0.55, 0.7, 0.68],
+    }
+    steps = np.arange(40)
+    batches = {"step": steps.tolist(), "loss": (1.6 - steps / 30).tolist(),
+               "accuracy": (0.3 + steps / 70).tolist()}
+    out = tmp_path / "reports" / "plots" / "train"
+
+    paths = plots.save_learning_curves(epochs, out, batches)
+
+    assert paths == [out / "loss.png", out / "accuracy.png"]
+    for path in paths:
+        read_png(path)
+    no_temp_files_left(out)
+
+
+def test_learning_curve_marks_best_validation_epoch():
+    fig = plots.learning_curve_figure(
+        {"loss": [1.0, 0.8, 0.5], "val_loss": [1.2, 0.7, 0.9]}, "loss")
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "train" in labels and "validation" in labels
+    assert any(label.startswith("best validation: 0.7 (epoch 2)") for label in labels)
+
+    fig = plots.learning_curve_figure(
+        {"accuracy": [0.5, 0.9, 0.7], "val_accuracy": [0.4, 0.6, 0.8]}, "accuracy")
+    assert any("(epoch 3)" in label for label in fig.axes[0].get_legend_handles_labels()[1])
+
+
+def test_batches_are_placed_on_the_epoch_axis():
+    epochs = {"loss": [1.0, 0.5]}
+    batches = {"step": list(range(20)), "loss": list(np.linspace(1.2, 0.4, 20))}
+    ax = plots.learning_curve_figure(epochs, "loss", batches).axes[0]
+    line = next(l for l in ax.get_lines() if l.get_label() == "train (per batch)")
+    x = line.get_xdata()
+    # 10 steps per epoch: the last batch of epoch 1 lands on epoch 1, the last of all on epoch 2
+    assert x[9] == pytest.approx(1.0)
+    assert x[-1] == pytest.approx(2.0)
+    assert x[0] > 0
+
+    # a batch index that restarts every epoch is numbered in order instead
+    batches = {"step": list(range(10)) * 2, "loss": list(np.linspace(1.2, 0.4, 20))}
+    ax = plots.learning_curve_figure(epochs, "loss", batches).axes[0]
+    x = next(l for l in ax.get_lines() if l.get_label() == "train (per batch)").get_xdata()
+    assert np.all(np.diff(x) > 0) and x[-1] == pytest.approx(2.0)
+
+
+def test_single_epoch_draws_markers(tmp_path):
+    epochs = {"loss": [0.9], "val_loss": [1.1], "accuracy": [0.6], "val_accuracy": [0.5]}
+    for metric in ("loss", "accuracy"):
+        ax = plots.learning_curve_figure(epochs, metric).axes[0]
+        curves = [l for l in ax.get_lines() if l.get_label() in ("train", "validation")]
+        assert len(curves) == 2
+        assert all(l.get_marker() not in (None, "None", "", " ") for l in curves)
+        assert all(len(l.get_xdata()) == 1 and l.get_xdata()[0] == 1 for l in curves)
+    for path in plots.save_learning_curves(epochs, tmp_path / "one"):
+        read_png(path)
+
+
+def test_missing_validation_and_missing_metric(tmp_path):
+    epochs = {"epoch": [0, 1, 2], "loss": [1.0, 0.7, 0.6]}
+    ax = plots.learning_curve_figure(epochs, "loss").axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "train" in labels and "validation" not in labels
+    train = next(l for l in ax.get_lines() if l.get_label() == "train")
+    assert list(train.get_xdata()) == [0, 1, 2]  # the given epoch numbers are kept
+
+    loss, accuracy = plots.save_learning_curves(epochs, tmp_path / "curves")
+    read_png(loss)
+    read_png(accuracy)  # no accuracy at all: still a file, saying so
+    assert "no accuracy recorded" in texts(plots.learning_curve_figure(epochs, "accuracy"))
+
+
+def test_empty_history_still_writes(tmp_path):
+    for path in plots.save_learning_curves({}, tmp_path / "empty", batches=None):
+        read_png(path, min_side=100)
+
+
+# --------------------------------------------------------------------------- confusion matrix
+
+
+def test_confusion_matrix_six_classes(tmp_path):
+    matrix = np.array([[9, 1, 0, 0, 0, 0],
+                       [2, 7, 0, 0, 1, 0],
+                       [0, 0, 10, 0, 0, 0],
+                       [0, 0, 3, 6, 0, 1],
+                       [0, 0, 0, 0, 8, 2],
+                       [0, 0, 0, 0, 0, 10]])
+    path = plots.save_confusion_matrix(matrix, CLASSES, tmp_path / "eval" / "cm.png")
+    assert path == tmp_path / "eval" / "cm.png"
+    read_png(path, min_side=400)
+
+    fig = plots.confusion_figure(matrix, CLASSES, normalize=True, title="Test set")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+    assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES
+    assert all(t.get_rotation() == 45 for t in ax.get_xticklabels())
+    assert ax.get_xlabel() == "predicted label" and ax.get_ylabel() == "true label"
+    assert ax.get_title().startswith("Test set")
+    assert "accuracy 83.3% on 60 images" in ax.get_title()
+    assert len(fig.axes) == 2  # the colour bar
+    cells = [t.get_text() for t in ax.texts]
+    assert len(cells) == 36
+    assert "6\n60.0%" in cells  # row 4: 6 of 10
+    assert "9\n90.0%" in cells
+
+    # tick labels lie inside the saved image: nothing of a long class name is cut off
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    whole = fig.bbox
+    for label in ax.get_xticklabels() + ax.get_yticklabels():
+        box = label.get_window_extent(renderer)
+        assert box.x0 >= whole.x0 - 1 and box.y0 >= whole.y0 - 1
+        assert box.x1 <= whole.x1 + 1 and box.y1 <= whole.y1 + 1
+
+
+def test_confusion_matrix_two_classes_counts(tmp_path):
+    fig = plots.confusion_figure([[5, 1], [2, 7]], ["cat", "dog"])
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["1", "2", "5", "7"]
+    read_png(plots.save_confusion_matrix([[5, 1], [2, 7]], ["cat", "dog"], tmp_path / "cm2.png"))
+
+
+def test_confusion_matrix_thirty_classes_has_no_cell_text(tmp_path):
+    rng = np.random.default_rng(0)
+    classes = [f"Vehicle_Class_{i:02d}" for i in range(30)]
+    matrix = rng.integers(0, 3, (30, 30)) + np.diag(rng.integers(5, 20, 30))
+    fig = plots.confusion_figure(matrix, classes, normalize=True)
+    assert len(fig.axes[0].texts) == 0
+    assert len(fig.axes[0].get_xticklabels()) == 30
+    read_png(plots.save_confusion_matrix(matrix, classes, tmp_path / "cm30.png", normalize=True),
+             min_side=600)
+
+
+def test_confusion_matrix_rejects_mismatched_classes(tmp_path):
+    with pytest.raises(ValueError):
+        plots.save_confusion_matrix(np.eye(3), ["a", "b"], tmp_path / "x.png")
+    with pytest.raises(ValueError):
+        plots.save_confusion_matrix(np.ones((2, 3)), ["a", "b"], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_confusion_matrix_empty_row_is_not_nan():
+    fig = plots.confusion_figure([[0, 0], [1, 3]], ["a", "b"], normalize=True)
+    assert "nan" not in " ".join(t.get_text() for t in fig.axes[0].texts)
+
+
+# --------------------------------------------------------------------------- gallery
+
+
+def gallery_inputs(n: int = 4, size: int = 32):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    labels = np.arange(n) % len(CLASSES)
+    probabilities = np.full((n, len(CLASSES)), 0.02)
+    # items 0 and 2 right, 1 and 3 wrong (predicted: the next class)
+    for i in range(n):
+        guess = labels[i] if i % 2 == 0 else (labels[i] + 1) % len(CLASSES)
+        probabilities[i, guess] = 0.9
+    return images, probabilities, labels
+
+
+def test_gallery_titles_are_green_when_right_and_red_when_wrong():
+    images, probabilities, labels = gallery_inputs()
+    fig = plots.gallery_figure(images, probabilities, labels, CLASSES, columns=2)
+    pairs = gallery_pairs(fig)
+    assert len(pairs) == 4
+    for i, (ax_img, ax_bar) in enumerate(pairs):
+        title = ax_img.title
+        right = i % 2 == 0
+        pred = CLASSES[labels[i]] if right else CLASSES[(labels[i] + 1) % len(CLASSES)]
+        assert " ".join(title.get_text().split()) == f"pred: {pred} / true: {CLASSES[labels[i]]}"
+        assert is_green(title.get_color()) if right else is_red(title.get_color())
+        assert len(ax_img.images) == 1
+        # the bar chart: every class named, the predicted bar in the verdict colour
+        assert [t.get_text() for t in ax_bar.get_yticklabels()] == CLASSES
+        bars = ax_bar.patches
+        assert len(bars) == len(CLASSES)
+        pred_index = CLASSES.index(pred)
+        assert to_rgb(bars[pred_index].get_facecolor()) == to_rgb(title.get_color())
+        assert bars[pred_index].get_width() == pytest.approx(0.9)
+        # the true class is marked: black outline, bold name
+        true_index = int(labels[i])
+        assert to_rgb(bars[true_index].get_edgecolor()) == (0, 0, 0)
+        assert ax_bar.get_yticklabels()[true_index].get_fontweight() == "bold"
+    assert "2 of 4 right" in fig._suptitle.get_text()
+
+
+def test_gallery_png_with_memmap_and_max_images(tmp_path):
+    images, probabilities, labels = gallery_inputs(n=7, size=64)
+    np.save(tmp_path / "test.npy", images)
+    memmap = np.load(tmp_path / "test.npy", mmap_mode="r")
+
+    path = plots.save_gallery(memmap, probabilities, labels, CLASSES,
+                              tmp_path / "reports" / "gallery.png", columns=3, max_images=5)
+    pixels = read_png(path, min_side=400)
+    assert pixels.shape[1] > pixels.shape[0]  # 3 pairs side by side
+    no_temp_files_left(path.parent)
+
+    fig = plots.gallery_figure(memmap, probabilities, labels, CLASSES, columns=3, max_images=5)
+    assert len(gallery_pairs(fig)) == 5
+    assert "first 5 of 7" in fig._suptitle.get_text()
+
+
+def test_gallery_many_classes_shows_top_scores_and_the_true_class():
+    rng = np.random.default_rng(2)
+    classes = [f"class_{i}" for i in range(30)]
+    probabilities = rng.dirichlet(np.ones(30), 2)
+    labels = np.argsort(probabilities, axis=1)[:, 0]  # the least likely class is the true one
+    images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    pairs = gallery_pairs(plots.gallery_figure(images, probabilities, labels, classes))
+    assert len(pairs) == 2
+    for i, (_, ax_bar) in enumerate(pairs):
+        names = [t.get_text() for t in ax_bar.get_yticklabels()]
+        assert len(names) == plots.GALLERY_TOP_K
+        assert classes[labels[i]] in names
+        assert names[0] == classes[int(probabilities[i].argmax())]
+
+
+def test_empty_gallery_says_so(tmp_path):
+    empty = np.zeros((0, 224, 224, 3), dtype=np.uint8)
+    fig = plots.gallery_figure(empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES)
+    assert "no test images" in texts(fig)
+    path = plots.save_gallery(empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES,
+                              tmp_path / "new" / "gallery.png")
+    read_png(path, min_side=100)
+
+
+def test_gallery_rejects_mismatched_scores(tmp_path):
+    images, probabilities, labels = gallery_inputs()
+    with pytest.raises(ValueError):
+        plots.save_gallery(images, probabilities[:, :5], labels, CLASSES, tmp_path / "g.png")
+    with pytest.raises(ValueError):
+        plots.save_gallery(images, probabilities, labels[:3], CLASSES, tmp_path / "g.png")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_module_does_not_use_pyplot():
+    source = Path(plots.__file__).read_text(encoding="utf-8")
+    assert "import matplotlib.pyplot" not in source
+    assert "from matplotlib import pyplot" not in source
