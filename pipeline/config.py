@@ -42,8 +42,9 @@ class SyntheticConfig:
     test_per_class: int = 25
     #: Side of the generated image files, in pixels (prepare resizes them to `data.image_size`).
     size: int = 224
-    #: 0 = clean studio shots; 1 = strong jitter, lighting, blur and noise.
-    difficulty: float = 0.5
+    #: 0 = studio shots with slight variation (like the study's photos of one toy per class);
+    #: 1 = strong jitter in pose, lighting, blur and noise.
+    difficulty: float = 0.0
     seed: int = 7
     format: str = "png"
 

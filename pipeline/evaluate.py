@@ -31,7 +31,23 @@ def predict(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, model.output.shape[-1]), dtype=np.float32)
 
 
-def test_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+    """Which test images the gallery shows: the mistakes first, then a round-robin over classes,
+    so every class appears (in dataset order within a class)."""
+    wrong = [int(i) for i in np.flatnonzero(y_true != y_pred)]
+    by_class = [list(np.flatnonzero(y_true == c)) for c in np.unique(y_true)]
+    chosen = wrong[: max(n // 2, 1)] if n else []
+    rounds = max((len(b) for b in by_class), default=0)
+    for r in range(rounds):
+        for members in by_class:
+            if len(chosen) >= n:
+                return np.array(sorted(chosen), dtype=np.int64)
+            if r < len(members) and int(members[r]) not in chosen:
+                chosen.append(int(members[r]))
+    return np.array(sorted(chosen[:n]), dtype=np.int64)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Accuracy, macro F1 and per-class precision/recall/F1 (the `dvc metrics show` file)."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
@@ -73,7 +89,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
 
     labels = list(range(len(classes)))
-    metrics = {"test": test_metrics(y_true, y_pred, classes)}
+    metrics = {"test": classification_metrics(y_true, y_pred, classes)}
     report_text = classification_report(y_true, y_pred, labels=labels, target_names=classes,
                                         zero_division=0, digits=4)
     report_dict = classification_report(y_true, y_pred, labels=labels, target_names=classes,
@@ -92,14 +108,14 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         "predicted": [classes[i] for i in y_pred],
         "confidence": [round(float(p.max()), 6) for p in probs],
     })
+    shown = gallery_indices(y_true, y_pred, cfg.evaluate.gallery_size)
     with atomic_dir(reports / "eval_figures") as tmp:
         figures = [
             plots.save_confusion_matrix(matrix, classes, tmp / "confusion_matrix.png"),
             plots.save_confusion_matrix(matrix, classes, tmp / "confusion_matrix_normalized.png",
                                         normalize=True, title="Confusion matrix (row-normalised)"),
-            plots.save_gallery(images, probs, y_true, classes, tmp / "gallery.png",
-                               columns=cfg.evaluate.gallery_columns,
-                               max_images=cfg.evaluate.gallery_size),
+            plots.save_gallery(images[shown], probs[shown], y_true[shown], classes,
+                               tmp / "gallery.png", columns=cfg.evaluate.gallery_columns),
         ]
     log.info("Test accuracy %.4f, macro F1 %.4f on %d images\n%s", metrics["test"]["accuracy"],
              metrics["test"]["macro_f1"], len(y_true), report_text)

@@ -14,6 +14,7 @@ import os
 import sys
 from collections import Counter, defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -85,22 +86,24 @@ def ingest(
         s: _TrimmingSplitWriter(out, s, sum(found[s].values()), size) for s in SPLITS
     }
     try:
-        results = _decode_all(disc.candidates, size, resize, max_pixels, workers)
-        bar = tqdm(
-            results, total=len(disc.candidates), unit="img", desc="prepare: decoding images",
+        with closing(_decode_all(disc.candidates, size, resize, max_pixels, workers)) as results, tqdm(
+            total=len(disc.candidates), unit="img", desc="prepare: decoding images",
             file=sys.stderr, disable=not progress, dynamic_ncols=True, mininterval=0.5,
-        )
-        for cand, array, sha, reason in bar:
-            rel = display_path(cand.path, root_path)
-            if array is None:
-                rejected.append({"file": rel, "reason": str(reason)})
-                rejected_where[cand.split][cand.label] += 1
-                continue
-            index = writers[cand.split].append(array)
-            counts[cand.split][cand.label] += 1
-            rows.append(ManifestRow(cand.split, index, cand.label, label_index[cand.label], rel, sha))
-            by_hash[sha].append((rel, cand.split, cand.label))
-        bar.close()
+        ) as bar:
+            for cand, array, sha, reason in results:
+                bar.update(1)
+                rel = display_path(cand.path, root_path)
+                if array is None:
+                    rejected.append({"file": rel, "reason": str(reason)})
+                    rejected_where[cand.split][cand.label] += 1
+                    bar.set_postfix(rejected=len(rejected), refresh=False)
+                    continue
+                index = writers[cand.split].append(array)
+                counts[cand.split][cand.label] += 1
+                rows.append(
+                    ManifestRow(cand.split, index, cand.label, label_index[cand.label], rel, sha)
+                )
+                by_hash[sha].append((rel, cand.split, cand.label))
     finally:
         for writer in writers.values():
             writer.close()
@@ -240,7 +243,7 @@ def ingest(
             + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
         )
         error = DataError(message)
-        error.report = report  # type: ignore[attr-defined]
+        error.report = report
         raise error
 
     write_manifest(out / "manifest.csv", rows)

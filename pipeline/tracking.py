@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.config import to_flat_dict
@@ -213,9 +214,27 @@ def log_model(model: Any, example: Any, name: str = "model") -> str:
     from mlflow.models import infer_signature
 
     _keras_flavor_creating_its_folder()
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    info = mlflow.keras.log_model(model, name=name, signature=signature, input_example=example)
+    outputs = np.zeros((len(example), int(model.output.shape[-1])), dtype=np.float32)
+    signature = infer_signature(example, outputs)
+    info = mlflow.keras.log_model(
+        model, name=name, signature=signature, input_example=example,
+        # stated, not inferred: inference re-imports the model in a subprocess (~15 s)
+        pip_requirements=model_requirements(),
+    )
     return info.model_uri
+
+
+def model_requirements() -> list[str]:
+    """The packages a logged model needs to be loaded back, pinned to what trained it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy"):
+        try:
+            pins.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return pins
 
 
 def log_files(paths: list[Path], artifact_path: str | None = None) -> None:

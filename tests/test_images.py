@@ -67,6 +67,11 @@ def bomb_png(path: Path, side: int = 20000) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    return bomb_png(tmp_path_factory.mktemp("bomb") / "bomb.png")
+
+
 # --- extensions, hashing ------------------------------------------------------------------------
 
 
@@ -107,6 +112,25 @@ def test_unsupported_heic_format_says_what_to_do(tmp_path):
     reason = reason_of(tmp_path / "IMG_0001.HEIC")
     assert reason.startswith("not an image (unidentified format)")
     assert "HEIC" in reason and "pillow-heif" in reason and "JPEG" in reason
+
+
+def test_heic_content_behind_a_jpg_extension_is_recognised(tmp_path):
+    (tmp_path / "IMG_0002.jpg").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    assert "pillow-heif" in reason_of(tmp_path / "IMG_0002.jpg")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n", "PostScript/EPS"),
+    (b"%PDF-1.7\n", "PDF document"),
+    (b"8BPS\x00\x01" + bytes(40), "Photoshop PSD"),
+    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG"),
+    (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  ", "video"),
+])
+def test_other_formats_behind_an_image_extension_are_named_not_decoded(tmp_path, content, says):
+    # EPS in particular must never reach Pillow's EPS plugin, which runs Ghostscript
+    (tmp_path / "x.jpg").write_bytes(content)
+    reason = reason_of(tmp_path / "x.jpg")
+    assert reason.startswith("not an image (unidentified format)") and says in reason
 
 
 @pytest.mark.parametrize("fmt, ext", [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif")])
@@ -161,8 +185,8 @@ def test_image_over_max_pixels_is_refused_from_the_header(tmp_path, monkeypatch)
     assert loads
 
 
-def test_decompression_bomb_is_refused_without_decoding(tmp_path, monkeypatch):
-    path = bomb_png(tmp_path / "bomb.png")
+def test_decompression_bomb_is_refused_without_decoding(bomb, monkeypatch):
+    path = bomb
     assert path.stat().st_size < 200_000  # tiny file, 400 megapixels
     loads = []
     real_load = ImageFile.ImageFile.load
@@ -172,13 +196,13 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path, monkeypatch):
     assert loads == []
 
 
-def test_decompression_bomb_refused_by_max_pixels_keeps_memory_low(tmp_path):
+def test_decompression_bomb_refused_by_max_pixels_keeps_memory_low(bomb):
     """With Pillow's own guard off, data.max_pixels alone stops the bomb; peak memory stays low.
 
     Run in a fresh process so that ru_maxrss (the peak) measures only this load; decoding would
     need ~400 MB (mode '1' is stored as one byte per pixel).
     """
-    path = bomb_png(tmp_path / "bomb.png")
+    path = bomb
     code = f"""
 import json, resource, sys
 from PIL import Image

@@ -498,3 +498,19 @@ def test_same_result_with_one_or_many_workers(tmp_path):
         results.append([np.load(out / f"{s}.npy") for s in SPLITS] + [(out / "manifest.csv").read_text()])
     for a, b in zip(*results):
         assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+
+
+def test_accepts_the_validated_read_only_config(tmp_path):
+    from pipeline.config import validate
+
+    config = validate({
+        "data": {"source": "folder", "path": "x", "image_size": SIZE, "resize": "pad",
+                 "split": {"train": 0.5, "val": 0.0, "test": 0.5}, "leakage": "warn"},
+        "model": {"weights": None},
+    })
+    root = tree(tmp_path / "ds", {"a": 4, "b": 4})
+    out = tmp_path / "out"
+    out.mkdir()
+    report = ingest(root, config.data, out, progress=False)
+    assert report["totals"] == {"train": 4, "val": 0, "test": 4} and report["resize"] == "pad"
+    check_invariants(report, out)

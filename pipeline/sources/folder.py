@@ -63,7 +63,13 @@ NOT_IMAGE_REASON = "not an image file extension"
 
 
 class DataError(ValueError):
-    """The dataset folder cannot be used as it is; the message names the path and what to do."""
+    """The dataset folder cannot be used as it is; the message names the path and what to do.
+
+    Raised by `pipeline.ingest.ingest` after decoding, `report` holds the report built so far
+    (counts, rejected, skipped, leakage), for the caller to save or show; otherwise None.
+    """
+
+    report: dict | None = None
 
 
 @dataclass(frozen=True)

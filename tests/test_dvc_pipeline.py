@@ -1,0 +1,190 @@
+"""The whole pipeline as users run it: `dvc repro` in a real git + DVC repository, then MLflow.
+
+One temporary repository (module-scoped) holds a copy of the project with params.yaml composed
+from `experiment=smoke` (tiny images, alpha 0.35, no weights), so each `dvc repro` takes seconds
+of work plus TensorFlow's start-up per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+PROJECT_FILES = ["conf", "pipeline", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
+                 "pyproject.toml"]
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def git(repo: Path, *args: str) -> str:
+    return run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+               repo).stdout
+
+
+def dvc(repo: Path, *args: str, timeout: int = 900) -> str:
+    proc = run([sys.executable, "-m", "dvc", *args], repo, timeout=timeout)
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        dst = repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    (repo / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "pipeline.params", "experiment=smoke"], repo)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "project")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def first_repro(repo: Path) -> str:
+    return dvc(repo, "repro")
+
+
+def test_repro_runs_every_stage_and_writes_outputs(repo: Path, first_repro: str):
+    assert stages_run(first_repro) == ["prepare", "featurize", "train", "evaluate"]
+    for path in ["data/prepared/train.npy", "data/prepared/manifest.csv", "data/features/train.npy",
+                 "models/model.keras", "models/classes.json", "models/mlflow_run.json",
+                 "reports/metrics.json", "reports/train_history.csv", "reports/predictions.csv",
+                 "reports/eval_figures/confusion_matrix.png", "reports/eval_figures/gallery.png",
+                 "reports/train_figures/loss.png", "reports/classification_report.txt"]:
+        assert (repo / path).is_file(), path
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare", "featurize", "train", "evaluate"}
+    history = (repo / "reports/train_history.csv").read_text().splitlines()
+    header = history[0].split(",")
+    assert header[0] == "epoch" and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(header)
+    assert len(history) == 1 + 2  # 2 epochs
+
+
+def test_metrics_show_and_plots(repo: Path, first_repro: str):
+    metrics = json.loads((repo / "reports/metrics.json").read_text())["test"]
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
+    assert set(metrics["recall"]) == set(json.loads((repo / "models/classes.json").read_text()))
+    shown = json.loads(dvc(repo, "metrics", "show", "--json"))
+    text = json.dumps(shown)
+    assert "test" in text and "macro_f1" in text and "Container_Small_B" in text
+    out = dvc(repo, "plots", "show", "--json")
+    assert "Confusion matrix" in out and "Loss" in out and "confusion" in out
+
+
+def test_second_repro_is_a_no_op(repo: Path, first_repro: str):
+    out = dvc(repo, "repro")
+    assert stages_run(out) == []
+    assert "up to date" in dvc(repo, "status")
+
+
+def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
+    experiment = client.get_experiment_by_name("toy-trucks")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "train and evaluate write to one run"
+    run_ = runs[0]
+    assert run_.info.run_id == json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    assert run_.info.status == "FINISHED"
+    params = run_.data.params
+    assert params["train.epochs"] == "2" and params["model.alpha"] == "0.35"
+    assert params["model.weights"] == "null" and params["data.synthetic.train_per_class"] == "4"
+    metrics = run_.data.metrics
+    for key in ("test_accuracy", "test_macro_f1", "loss", "accuracy", "val_loss", "val_accuracy",
+                "batch_loss", "batch_accuracy", "test_recall_Container_Small_B"):
+        assert key in metrics, key
+    assert metrics["trainable_params"] == 6 * 1281  # 1280 features at alpha 0.35 too
+    assert len(client.get_metric_history(run_.info.run_id, "val_accuracy")) == 2  # per epoch
+    steps = client.get_metric_history(run_.info.run_id, "batch_loss")
+    assert [m.step for m in steps] == list(range(1, 7))  # 24 images / batch 8 * 2 epochs
+    # tags: git commit and the DVC hash of the prepared data
+    head = git(repo, "rev-parse", "HEAD").strip()
+    assert run_.data.tags["git_commit"] == head
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    prepared = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    assert run_.data.tags["dvc_prepared_md5"] == prepared["md5"]
+    inputs = run_.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == prepared["md5"]
+    # artifacts
+    def listing(path: str = "") -> set[str]:
+        found = set()
+        for item in client.list_artifacts(run_.info.run_id, path):
+            found |= listing(item.path) if item.is_dir else {item.path}
+        return found
+
+    artifacts = listing()
+    for name in ("config.yaml", "figures/loss.png", "figures/accuracy.png",
+                 "figures/confusion_matrix.png", "figures/gallery.png",
+                 "reports/classification_report.txt", "reports/classification_report.json",
+                 "reports/metrics.json", "data/report.json", "model_summary.txt"):
+        assert name in artifacts, name
+    config = yaml.safe_load(client.download_artifacts(run_.info.run_id, "config.yaml", str(repo / "dl")) and
+                            (repo / "dl" / "config.yaml").read_text())
+    assert config["train"]["epochs"] == 2
+
+
+def test_logged_model_loads_back_with_its_signature(repo: Path, first_repro: str):
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert model.metadata.signature is not None
+    assert model.metadata.saved_input_example_info is not None
+    images = np.load(repo / "data/prepared/test.npy")[:3].astype("float32")
+    probs = np.asarray(model.predict(images))
+    assert probs.shape == (3, 6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_editing_train_params_reruns_train_and_evaluate_only(repo: Path, first_repro: str):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 0.01
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(repo, "repro")
+    assert stages_run(out) == ["train", "evaluate"]  # features reused
+
+
+def test_dvc_exp_run_recomposes_params_from_conf(repo: Path, first_repro: str):
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "after repro", "--allow-empty")
+    out = dvc(repo, "exp", "run", "-S", "experiment=smoke", "-S", "train.epochs=3")
+    assert stages_run(out) == ["train", "evaluate"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["train"]["epochs"] == 3 and params["data"]["image_size"] == 32
+    assert params["train"]["learning_rate"] == 0.001  # recomposed from conf/, not edited in place
+    history = (repo / "reports/train_history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3
+    shown = dvc(repo, "exp", "show", "--json")
+    assert '"epochs": 3' in shown or "epochs" in shown
