@@ -37,8 +37,9 @@ def feature_key(cfg: Config, prepared_md5: str) -> dict:
 
 def featurize(cfg: Config) -> dict:
     from pipeline.features import choose_backend, featurize_array, make_featurizer
-    from pipeline.model import build_feature_extractor
+    from pipeline.model import build_feature_extractor, resolve_weights
 
+    resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     dataset = open_prepared(cfg)
     extractor = build_feature_extractor(
         cfg.model.alpha, cfg.model.weights, dataset.image_size, cfg.model.init_seed

@@ -161,8 +161,9 @@ def fit(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> dict[str, A
                       loss="categorical_crossentropy", metrics=["accuracy"])
         batches = ImageBatches(dataset.images("train"), y["train"], t.batch_size, t.shuffle, t.seed)
         val = ImageBatches(dataset.images("val"), y["val"], t.batch_size, False, t.seed) if has_val else None
+        # shuffle=False: the batches shuffle themselves (seeded); Keras would also reorder them
         history = model.fit(batches, epochs=t.epochs, validation_data=val, verbose=0,
-                            callbacks=[recorder])
+                            shuffle=False, callbacks=[recorder])
     seconds = time.perf_counter() - start
     epochs = {k: [float(v) for v in values] for k, values in history.history.items()}
     epochs["epoch"] = list(range(1, len(epochs.get("loss", [])) + 1))
@@ -188,8 +189,10 @@ def train(cfg: Config) -> float | None:
     import mlflow
 
     from pipeline import plots, tracking
-    from pipeline.model import count_params
+    from pipeline.model import count_params, resolve_weights
 
+    resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
+    tracking.check_reachable(cfg.tracking.uri, cfg.tracking.timeout_s)
     dataset = open_prepared(cfg)
     prepared_md5 = dvc_md5(cfg.paths.prepared)
     reports = Path(cfg.paths.reports)

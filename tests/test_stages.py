@@ -1,0 +1,186 @@
+"""Each stage in-process on tiny data (32 px, alpha 0.35, no weights), with a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline.data import PreparedDataset
+from pipeline.evaluate import evaluate, gallery_indices
+from pipeline.featurize import featurize
+from pipeline.files import read_json
+from pipeline.prepare import prepare
+from pipeline.train import train
+from tests.conftest import ROOT, tiny_config, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory: pytest.TempPathFactory):
+    """prepare -> featurize -> train -> evaluate once, on tiny data."""
+    tmp = tmp_path_factory.mktemp("stages")
+    cfg = tiny_config(tmp)
+    report = prepare(cfg)
+    meta = featurize(cfg)
+    val_accuracy = train(cfg)
+    metrics = evaluate(cfg)
+    return {"tmp": tmp, "cfg": cfg, "report": report, "meta": meta, "val_accuracy": val_accuracy,
+            "metrics": metrics}
+
+
+def client_for(cfg) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+
+
+def test_prepare_writes_arrays_manifest_and_report(done):
+    data = PreparedDataset(done["cfg"].paths.prepared)
+    assert data.images("train").shape == (24, 32, 32, 3) and data.images("train").dtype == np.uint8
+    assert data.size("val") == 12 and data.size("test") == 12
+    assert data.num_classes == 6
+    rows = data.manifest()
+    assert len(rows) == 48 and all(len(r.sha256) == 64 for r in rows)
+    assert done["report"]["totals"] == {"train": 24, "val": 12, "test": 12}
+
+
+def test_featurize_writes_features_keyed_by_backbone(done):
+    cfg = done["cfg"]
+    feats = np.load(Path(cfg.paths.features) / "train.npy")
+    assert feats.shape == (24, 1280) and feats.dtype == np.float32
+    assert np.isfinite(feats).all()
+    key = done["meta"]["key"]
+    assert key["alpha"] == 0.35 and key["weights"] is None and key["prepared_md5"].endswith(".dir")
+
+
+def test_train_writes_model_classes_and_run_id(done):
+    models = Path(done["cfg"].paths.models)
+    run = read_json(models / "mlflow_run.json")
+    assert read_json(models / "classes.json") == PreparedDataset(done["cfg"].paths.prepared).classes
+    assert (models / "model.keras").is_file()
+    status = client_for(done["cfg"]).get_run(run["run_id"]).info.status
+    assert status == "FINISHED"
+    summary = (models / "summary.txt").read_text()
+    assert "7,686" in summary  # 6 x (1280 + 1) trainable, as in the study
+
+
+def test_evaluate_metrics_and_reports(done):
+    reports = Path(done["cfg"].paths.reports)
+    metrics = read_json(reports / "metrics.json")["test"]
+    assert metrics == done["metrics"]["test"]
+    assert set(metrics) >= {"accuracy", "macro_f1", "precision", "recall"}
+    assert sum(metrics["support"].values()) == 12
+    report = (reports / "classification_report.txt").read_text()
+    assert "Container_Big_Tractor_B" in report and "macro avg" in report
+    lines = (reports / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "path,actual,predicted,confidence" and len(lines) == 13
+
+
+def test_one_run_for_train_and_evaluate(done):
+    client = client_for(done["cfg"])
+    run_id = read_json(Path(done["cfg"].paths.models) / "mlflow_run.json")["run_id"]
+    experiment = client.get_experiment_by_name(done["cfg"].tracking.experiment)
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(done["metrics"]["test"]["accuracy"])
+    assert "val_accuracy" in metrics and "batch_loss" in metrics
+
+
+def test_gallery_shows_mistakes_first_and_every_class():
+    y_true = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    y_pred = np.array([0, 0, 0, 1, 2, 1, 2, 2, 2])
+    chosen = gallery_indices(y_true, y_pred, 4)
+    assert 4 in chosen  # the mistake
+    assert set(y_true[chosen]) == {0, 1, 2}
+    assert len(gallery_indices(y_true, y_pred, 100)) == 9
+
+
+def test_training_is_deterministic(done, tmp_path):
+    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
+                                   "paths.features": done["cfg"].paths.features})
+    again = train(cfg)
+    assert again == pytest.approx(done["val_accuracy"], abs=0)
+    a = json.loads((Path(done["cfg"].paths.reports) / "train_metrics.json").read_text())
+    b = json.loads((Path(cfg.paths.reports) / "train_metrics.json").read_text())
+    assert a["train"] == b["train"] and a["val"] == b["val"]
+
+
+def test_failing_run_ends_failed_not_running(done, tmp_path, monkeypatch):
+    import pipeline.train as train_module
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_module, "fit", broken_fit)
+    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
+                                   "paths.features": done["cfg"].paths.features})
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg)
+    client = client_for(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    statuses = [r.info.status for r in client.search_runs([experiment.experiment_id])]
+    assert statuses == ["FAILED"]
+    assert not Path(cfg.paths.models).exists()  # no half-written outputs
+
+
+def test_interrupted_run_ends_killed(done, tmp_path, monkeypatch):
+    import pipeline.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "fit", interrupted)
+    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
+                                   "paths.features": done["cfg"].paths.features})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    client = client_for(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert [r.info.status for r in client.search_runs([experiment.experiment_id])] == ["KILLED"]
+
+
+def test_stale_features_are_not_used(done, tmp_path, caplog):
+    """Features of another backbone are ignored (computed in memory) rather than misused."""
+    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
+                                   "paths.features": done["cfg"].paths.features,
+                                   "model.init_seed": 1})
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    assert "computing them in memory" in caplog.text
+
+
+def test_multirun_gives_each_job_its_own_run_outside_dvc_paths(done, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    overrides = tiny_overrides(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
+                                            "paths.features": done["cfg"].paths.features})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "-m", *overrides,
+         "train.learning_rate=0.001,0.01", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("toy-trucks")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.params["train.learning_rate"] for r in runs) == ["0.001", "0.01"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert (sweep_dir / "0" / "models" / "model.keras").is_file()
+    assert (sweep_dir / "1" / "reports" / "train_history.csv").is_file()
+    assert not (tmp_path / "models").exists()  # the DVC-tracked paths were not touched
+
+
+def test_missing_imagenet_weights_say_what_to_do(tmp_path):
+    env = dict(os.environ, KERAS_HOME=str(tmp_path / "empty-keras-home"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.featurize", *tiny_overrides(tmp_path),
+         "model.weights=imagenet", "model.alpha=1.0", "data.image_size=224",
+         f"hydra.run.dir={tmp_path}/hydra"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 2
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in proc.stderr
+    assert "model.weights=null" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,84 @@
+"""Real transfer learning with the ImageNet weights file (MobileNetV2 1.0, 224 px, offline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import validate
+from pipeline.data import PreparedDataset
+from pipeline.evaluate import evaluate
+from pipeline.featurize import featurize
+from pipeline.files import dvc_md5
+from pipeline.model import build_classifier, count_params
+from pipeline.prepare import prepare
+from pipeline.train import fit, train
+from tests.conftest import compose, imagenet_weights_available
+
+pytestmark = pytest.mark.skipif(
+    not imagenet_weights_available(),
+    reason="ImageNet weights not in Keras' cache: run `make weights` (CI does)",
+)
+
+
+def config(tmp, **extra):
+    values = {
+        "data.path": tmp / "raw",
+        "featurize.backend": "keras",
+        "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
+        "tracking.artifact_location": tmp / "mlartifacts",
+        "tracking.log_model": "false",
+        "paths.prepared": tmp / "prepared",
+        "paths.features": tmp / "features",
+        "paths.models": tmp / "models",
+        "paths.reports": tmp / "reports",
+    }
+    values.update(extra)
+    return validate(compose([f"{k}={v}" for k, v in values.items()]))
+
+
+def test_the_study_model_has_the_study_parameter_counts():
+    model = build_classifier(1.0, "imagenet", 224, num_classes=6, dropout=0.0)
+    assert count_params(model) == {"trainable": 7686, "non_trainable": 2257984, "total": 2265670}
+    backbone = model.get_layer("backbone")
+    assert backbone.trainable is False
+
+
+@pytest.mark.slow
+def test_imagenet_features_learn_the_default_dataset_and_beat_random_weights(tmp_path):
+    """The default data and the study's settings: ImageNet weights must clearly beat random ones."""
+    accuracies = {}
+    shared = {}
+    for weights in ("imagenet", "null"):
+        tmp = tmp_path / weights
+        cfg = config(tmp, **{"model.weights": weights, **shared})
+        if not shared:
+            prepare(cfg)
+            shared = {"data.path": tmp / "raw", "paths.prepared": tmp / "prepared"}
+        featurize(cfg)
+        train(cfg)
+        accuracies[weights] = evaluate(cfg)["test"]["accuracy"]
+    print("test accuracy:", accuracies)
+    assert accuracies["imagenet"] >= 0.9
+    assert accuracies["imagenet"] >= accuracies["null"] + 0.2
+
+
+@pytest.mark.slow
+def test_training_on_cached_features_matches_end_to_end(tmp_path):
+    """Same head, same batches (no shuffle, no dropout): the cached-feature path must give the
+    model that end-to-end training through the frozen backbone gives."""
+    small = {"data.synthetic.train_per_class": 3, "data.synthetic.val_per_class": 2,
+             "data.synthetic.test_per_class": 2, "train.shuffle": "false", "train.batch_size": 8}
+    cached_cfg = config(tmp_path, **small)
+    prepare(cached_cfg)
+    featurize(cached_cfg)
+    dataset = PreparedDataset(cached_cfg.paths.prepared)
+    md5 = dvc_md5(cached_cfg.paths.prepared)
+    cached = fit(cached_cfg, dataset, md5)
+    e2e = fit(config(tmp_path, **small, **{"train.use_feature_cache": "false"}), dataset, md5)
+    assert (cached["mode"], e2e["mode"]) == ("cached_features", "end_to_end")
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        np.testing.assert_allclose(cached["epochs"][key], e2e["epochs"][key], atol=2e-3, err_msg=key)
+    images = np.asarray(dataset.images("test"), dtype=np.float32)
+    np.testing.assert_allclose(cached["model"].predict(images, verbose=0),
+                               e2e["model"].predict(images, verbose=0), atol=2e-3)
