@@ -184,3 +184,20 @@ def test_missing_imagenet_weights_say_what_to_do(tmp_path):
     assert proc.returncode == 2
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in proc.stderr
     assert "model.weights=null" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreachable_tracking_server_fails_before_training(done, tmp_path):
+    import socket
+
+    from pipeline.tracking import TrackingError
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
+                                   "paths.features": done["cfg"].paths.features,
+                                   "tracking.uri": f"http://127.0.0.1:{port}",
+                                   "tracking.timeout_s": 2})
+    with pytest.raises(TrackingError, match=f"127.0.0.1:{port}.*does not answer"):
+        train(cfg)
+    assert not Path(cfg.paths.models).exists() and not Path(cfg.paths.reports).exists()

@@ -413,8 +413,11 @@ def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -
     bright = 1.0 + rng.uniform(-1, 1) * 0.22 * d
     contrast = 1.0 + rng.uniform(-1, 1) * 0.30 * d
     mean = float(a.mean())
-    a = ((a - mean) * contrast + mean) * (bright * wb)
-    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+    gain = (contrast * bright * wb).astype(np.float32)
+    offset = (mean * (1.0 - contrast) * bright * wb).astype(np.float32)
+    a *= gain  # ((a - mean) * contrast + mean) * bright * wb, in place
+    a += offset
+    img = Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "RGB")
     # focus blur and sensor noise
     blur = rng.uniform(0.0, 1.0) * 1.6 * d * size / 224
     if blur > 0.15:
@@ -422,9 +425,11 @@ def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -
     sigma = rng.uniform(0.3, 1.0) * 9.0 * d
     if sigma > 0.5:
         # Gaussian noise through a table of normal quantiles: much cheaper than drawing normals
-        noise = _NOISE_LUT[rng.integers(0, 256, (size, size, 3), dtype=np.uint8)]
-        a = np.asarray(img, dtype=np.float32) + noise * np.float32(sigma)
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "RGB")
+        a = _NOISE_LUT[rng.integers(0, 256, (size, size, 3), dtype=np.uint8)]
+        a *= np.float32(sigma)
+        a += np.asarray(img)
+        np.rint(a, out=a)
+        img = Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "RGB")
     return img
 
 
@@ -513,7 +518,8 @@ def generate(out_dir: str | os.PathLike[str], cfg: Any, *, workers: int | None =
     # Each image has its own generator, so the files do not depend on the order or thread that
     # makes them. Pillow's encoders and filters and numpy's large-array loops release the GIL,
     # so threads scale across cores (and stay safe to use in a process that imported TensorFlow).
-    n_workers = int(workers) if workers else min(4, os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n_workers = int(workers) if workers else min(4, cores or 1)
     if n_workers <= 1 or len(jobs) < 8:
         for k, job in enumerate(jobs, 1):
             make(job)
