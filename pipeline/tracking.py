@@ -243,9 +243,3 @@ def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
     for path in paths:
         if Path(path).is_file():
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-
-def log_json_artifact(obj: Any, artifact_file: str) -> None:
-    import mlflow
-
-    mlflow.log_dict(obj, artifact_file)

@@ -1,0 +1,66 @@
+"""The featurizer: TFLite (XNNPACK) matches Keras, converts once per backbone, streams batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.features import (
+    AUTO_TFLITE_MIN_IMAGES,
+    choose_backend,
+    extractor_fingerprint,
+    featurize_array,
+    make_featurizer,
+    tflite_cache_path,
+)
+from pipeline.model import build_feature_extractor
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return build_feature_extractor(alpha=0.35, weights=None, image_size=32, init_seed=0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, size=(37, 32, 32, 3), dtype=np.uint8)
+
+
+def test_tflite_features_match_keras_and_the_conversion_is_cached(extractor, images, tmp_path):
+    keras_out = featurize_array(make_featurizer(extractor, "keras"), images, 8, 1280)
+    cache = tmp_path / "cache"
+    assert not tflite_cache_path(extractor, cache).exists()
+    tflite_out = featurize_array(make_featurizer(extractor, "tflite", 2, cache), images, 8, 1280)
+    assert tflite_cache_path(extractor, cache).is_file()
+    assert tflite_out.shape == keras_out.shape == (37, 1280)
+    assert np.abs(tflite_out - keras_out).max() <= 1e-3
+    # once converted, `auto` picks TFLite even for a small dataset
+    assert choose_backend("auto", extractor, 10, cache) == "tflite"
+
+
+def test_auto_uses_keras_for_small_uncached_and_tflite_for_large(extractor, tmp_path):
+    assert choose_backend("auto", extractor, 10, tmp_path) == "keras"
+    assert choose_backend("auto", extractor, AUTO_TFLITE_MIN_IMAGES, tmp_path) == "tflite"
+    assert choose_backend("keras", extractor, 10**6, tmp_path) == "keras"
+
+
+def test_fingerprint_follows_the_weights():
+    a = build_feature_extractor(0.35, None, 32, init_seed=0)
+    b = build_feature_extractor(0.35, None, 32, init_seed=0)
+    c = build_feature_extractor(0.35, None, 32, init_seed=1)
+    assert extractor_fingerprint(a) == extractor_fingerprint(b) != extractor_fingerprint(c)
+
+
+def test_featurize_streams_into_a_memory_map(extractor, images, tmp_path):
+    out = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32,
+                                    shape=(len(images), 1280))
+    seen = []
+
+    def featurizer(batch):
+        seen.append(len(batch))
+        return extractor.predict_on_batch(batch)
+
+    featurize_array(featurizer, images, 16, 1280, out=out)
+    assert seen == [16, 16, 5]  # one batch at a time, never the whole array
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"),
+                               extractor.predict(images.astype(np.float32), verbose=0), atol=1e-5)
