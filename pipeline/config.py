@@ -126,6 +126,8 @@ class TrackingConfig:
     artifact_location: str = "mlartifacts"
     run_name: Optional[str] = None
     log_model: bool = True
+    #: The MLflow Model Registry name each pipeline run's model is registered under (null: none).
+    registered_model: Optional[str] = "toy-truck-classifier"
     #: Seconds to wait for a remote tracking server before failing.
     timeout_s: float = 10.0
 

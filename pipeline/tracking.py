@@ -208,8 +208,10 @@ def _keras_flavor_creating_its_folder() -> None:
     mlflow.keras.save_model = save_model
 
 
-def log_model(model: Any, example: Any, name: str = "model") -> str:
-    """The Keras model with a signature and an input example; returns its model URI."""
+def log_model(model: Any, example: Any, name: str = "model",
+              registered_model: str | None = None) -> str:
+    """The Keras model with a signature and an input example, registered as a new version of
+    `registered_model` when given; returns its model URI."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -220,6 +222,7 @@ def log_model(model: Any, example: Any, name: str = "model") -> str:
         model, name=name, signature=signature, input_example=example,
         # stated, not inferred: inference re-imports the model in a subprocess (~15 s)
         pip_requirements=model_requirements(),
+        registered_model_name=registered_model,
     )
     return info.model_uri
 

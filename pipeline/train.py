@@ -256,7 +256,7 @@ def train(cfg: Config) -> float | None:
         if cfg.tracking.log_model:
             example = np.asarray(dataset.images("val" if dataset.size("val") else "train")[:1],
                                  dtype=np.float32)
-            tracking.log_model(model, example)
+            tracking.log_model(model, example, registered_model=cfg.tracking.registered_model)
     return final.get("val_accuracy", final.get("accuracy"))
 
 
