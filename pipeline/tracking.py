@@ -95,6 +95,11 @@ def active_run(tracking: Any, run_id: str | None = None, run_name: str | None = 
     from mlflow.entities import RunStatus
 
     experiment_id = setup(tracking)
+    if run_id is None:
+        parent_id, job_name = sweep_job()
+        if parent_id:
+            tags = {**(tags or {}), "mlflow.parentRunId": parent_id}
+            run_name = run_name or job_name
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -116,6 +121,21 @@ def active_run(tracking: Any, run_id: str | None = None, run_name: str | None = 
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def sweep_job() -> tuple[str | None, str | None]:
+    """In a Hydra multirun: the sweep's parent run id (see `pipeline.sweep`) and a run name made
+    of the job's overrides; (None, None) otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from pipeline.sweep import read_parent_run_id
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    name = f"job {hydra_cfg.job.num}: " + " ".join(hydra_cfg.overrides.task)
+    return read_parent_run_id(hydra_cfg.sweep.dir), name[:250]
 
 
 def log_config(cfg: Any) -> None:
