@@ -6,6 +6,8 @@ SHARED ?= ../shared
 WEIGHTS := mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
 KERAS_DIR := $(if $(KERAS_HOME),$(KERAS_HOME),$(HOME)/.keras)/models
 PORT ?= 5000
+# DVC's stage commands call `python`: make it the project's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install weights repro test params ui benchmark clean
 
