@@ -99,6 +99,12 @@ class TrainConfig:
     #: Train the head on cached backbone features when the backbone is frozen (much faster).
     use_feature_cache: bool = True
     shuffle: bool = True
+    #: Continue an interrupted run from its last checkpoint (same config and data), reaching the
+    #: same final weights and metrics as an uninterrupted run; false starts afresh.
+    resume: bool = False
+    #: Where the training state is saved after every epoch (one folder per run, removed when
+    #: training finishes); keep it outside the DVC-tracked paths.
+    checkpoint_dir: str = "outputs/checkpoints"
 
 
 @dataclass

@@ -46,6 +46,7 @@ def tiny_overrides(tmp: Path, **extra: object) -> list[str]:
         "paths.features": tmp / "data/features",
         "paths.models": tmp / "models",
         "paths.reports": tmp / "reports",
+        "train.checkpoint_dir": tmp / "checkpoints",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -1,0 +1,313 @@
+"""The pull-request report (`python -m pipeline.ci_report`) and the CI workflow that posts it.
+
+The end-to-end tests build one temporary git + DVC repository (module-scoped) from the project
+files with params.yaml composed from `experiment=smoke`, and make two commits, each after a real
+`dvc repro`: the first with the smoke params, the second with `train.epochs=3
+train.learning_rate=0.01` (train and evaluate rerun). The report compares them the way CI compares
+a pull request with its base branch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import ci_report
+from pipeline.ci_report import (CIReportError, confusion_changes, confusion_from_predictions,
+                                confusion_table, main, render_metrics, verdict)
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_FILES = ["conf", "pipeline", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
+                 "pyproject.toml"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def git(repo: Path, *args: str) -> str:
+    return run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+               repo).stdout
+
+
+def dvc(repo: Path, *args: str) -> str:
+    proc = run([sys.executable, "-m", "dvc", *args], repo, timeout=900)
+    return proc.stdout + proc.stderr
+
+
+def compose_params(repo: Path, *overrides: str) -> None:
+    run([sys.executable, "-m", "pipeline.params", *overrides], repo)
+
+
+# --------------------------------------------------------------------------------------------
+# pure parts
+
+
+PREDICTIONS = """path,actual,predicted,confidence
+a.png,cat,cat,0.9
+b.png,cat,dog,0.6
+c.png,dog,dog,0.8
+d.png,dog,dog,0.7
+e.png,bird,cat,0.5
+"""
+
+
+def test_confusion_from_predictions_counts_true_by_predicted():
+    matrix, classes = confusion_from_predictions(PREDICTIONS)
+    assert classes == ["bird", "cat", "dog"]  # sorted union of actual and predicted
+    assert matrix == [[0, 1, 0],   # bird: predicted cat once
+                      [0, 1, 1],   # cat: right once, dog once
+                      [0, 0, 2]]   # dog: right twice
+    # a given order is kept; labels it lacks are appended; unseen classes get empty rows/columns
+    matrix, classes = confusion_from_predictions(PREDICTIONS, ["dog", "cat", "fox"])
+    assert classes == ["dog", "cat", "fox", "bird"]
+    assert matrix[0] == [2, 0, 0, 0] and matrix[2] == [0, 0, 0, 0] and matrix[3] == [0, 1, 0, 0]
+    assert confusion_from_predictions("path,actual,predicted,confidence\n") == ([], [])
+    with pytest.raises(CIReportError, match="predicted"):
+        confusion_from_predictions("path,actual\nx,cat\n")
+
+
+def test_confusion_table_and_changes():
+    base = confusion_from_predictions(PREDICTIONS)
+    head = confusion_from_predictions(PREDICTIONS.replace("b.png,cat,dog", "b.png,cat,cat"))
+    table = confusion_table(*base)
+    assert table.splitlines()[0] == "| true \\ predicted | bird | cat | dog |"
+    assert "| cat | 0 | **1** | 1 |" in table and "| dog | 0 | 0 | **2** |" in table
+    assert confusion_changes(base, head) == [
+        {"actual": "cat", "predicted": "cat", "base": 1, "head": 2},
+        {"actual": "cat", "predicted": "dog", "base": 1, "head": 0}]
+    assert confusion_changes(base, base) == []
+
+
+def _row(name: str, old, new, file: str = "reports/metrics.json") -> dict:
+    change = new - old if isinstance(old, float) and isinstance(new, float) else None
+    return {"file": file, "name": name, "base": old, "head": new, "change": change,
+            "changed": old != new}
+
+
+def test_verdict_up_down_unchanged_missing():
+    assert "up" in verdict(_row("test.accuracy", 0.5, 0.75)) and "0.5 → 0.75" in verdict(
+        _row("test.accuracy", 0.5, 0.75))
+    assert "Test accuracy down" in verdict(_row("test.accuracy", 0.75, 0.5))
+    assert "Test accuracy unchanged" in verdict(_row("test.accuracy", 0.5, 0.5))
+    assert "base has none" in verdict(_row("test.accuracy", None, 0.5))
+    assert "not found" in verdict(None)
+
+
+def test_render_metrics_shows_changed_and_headline_folds_the_rest():
+    rows = [_row("test.accuracy", 0.5, 0.5), _row("test.macro_f1", 0.4, 0.6),
+            _row("test.support.cat", 2.0, 2.0), _row("loss", 1.0, 0.5, "reports/train.json")]
+    text = render_metrics(rows)
+    shown, folded = text.split("<details>", 1)
+    assert "| `test.accuracy` | 0.5 | 0.5 | 0 |" in shown
+    assert "| `test.macro_f1` | 0.4 | 0.6 | +0.2 (+50 %) |" in shown
+    assert "test.support.cat" in folded.split("</details>")[0]
+    assert "**`reports/train.json`**" in text and "| `loss` | 1 | 0.5 | -0.5 (-50 %) |" in text
+
+
+# --------------------------------------------------------------------------------------------
+# errors (a tiny git repository, no pipeline run)
+
+
+@pytest.fixture
+def small_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "small"
+    (repo / ".dvc").mkdir(parents=True)
+    (repo / ".dvc" / "config").write_text("")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "empty project", "--allow-empty")
+    return repo
+
+
+def test_unknown_revision_exits_2_with_the_revision_named(small_repo: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture):
+    out = tmp_path / "report.md"
+    assert main(["--repo", str(small_repo), "--base", "no-such-branch", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown git revision 'no-such-branch'" in err and "fetch-depth" in err
+    assert not out.exists()
+    assert main(["--repo", str(small_repo), "--base", "HEAD", "--head", "deadbeef",
+                 "--output", str(out)]) == 2
+    assert "'deadbeef'" in capsys.readouterr().err
+    with pytest.raises(CIReportError, match="not a git repository"):
+        ci_report.resolve_revision(tmp_path, "HEAD")
+
+
+def test_dvc_failure_exits_2_with_dvc_stderr(small_repo: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture):
+    (small_repo / ".dvc" / "config").write_text("[core]\n    no_such_option = 1\n")
+    assert main(["--repo", str(small_repo), "--base", "HEAD",
+                 "--output", str(tmp_path / "report.md")]) == 2
+    err = capsys.readouterr().err
+    assert "dvc metrics diff failed" in err and "no_such_option" in err  # dvc's own message
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: two commits of a real pipeline
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """(repo, first commit, second commit): smoke run, then train.epochs=3 and lr 0.01."""
+    repo = tmp_path_factory.mktemp("ci-report-project")
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    (repo / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    compose_params(repo, "experiment=smoke")
+    git(repo, "init", "-q", "-b", "main")
+    dvc(repo, "repro")
+    git(repo, "add", "-A")  # dvc.lock and the git-tracked reports; DVC-cached outputs are ignored
+    git(repo, "commit", "-qm", "smoke run")
+    first = git(repo, "rev-parse", "HEAD").strip()
+    compose_params(repo, "experiment=smoke", "train.epochs=3", "train.learning_rate=0.01")
+    dvc(repo, "repro")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "more epochs, higher learning rate")
+    second = git(repo, "rev-parse", "HEAD").strip()
+    return repo, first, second
+
+
+def _links(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def _assert_png(path: Path) -> None:
+    from PIL import Image
+
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 100
+
+
+@pytest.mark.slow
+def test_report_between_two_commits(history: tuple[Path, str, str], tmp_path: Path):
+    repo, first, second = history
+    tracked = git(repo, "ls-files").split()
+    assert "reports/predictions.csv" in tracked and "reports/metrics.json" in tracked
+    assert "reports/eval_figures/confusion_matrix.png" not in tracked  # DVC-cached
+
+    output = tmp_path / "out" / "report.md"
+    images = tmp_path / "out" / "img"
+    assert main(["--repo", str(repo), "--base", first, "--head", second, "--output", str(output),
+                 "--images-dir", str(images)]) == 0
+    report = output.read_text()
+
+    # header: both short SHAs, the verdict on test accuracy
+    assert f"`{first[:7]}`" in report and f"`{second[:7]}`" in report
+    lines = report.splitlines()
+    assert lines[0].startswith("## Pipeline report:")
+    verdict_line = next(line for line in lines if "Test accuracy" in line)
+    assert re.search(r"Test accuracy (up|down|unchanged)", verdict_line), verdict_line
+
+    # params: exactly what changed between the commits
+    params = report.split("### Params", 1)[1].split("###", 1)[0]
+    assert "| `train.epochs` | 2 | 3 |" in params
+    assert "| `train.learning_rate` | 0.001 | 0.01 |" in params
+    assert "model.alpha" not in params  # unchanged params are not listed
+
+    # metrics: test.accuracy always in the table, and the training metrics that moved
+    metrics = report.split("### Metrics", 1)[1].split("### Params", 1)[0]
+    assert re.search(r"^\| `test\.accuracy` \| [0-9.]+ \| [0-9.]+ \| ", metrics, re.M)
+    assert "**`reports/train_metrics.json`**" in metrics
+    changed = metrics.split("**`reports/train_metrics.json`**", 1)[1].split("<details>", 1)[0]
+    assert re.search(r"^\| `(train|val)\.loss` \|", changed, re.M), changed
+
+    # confusion matrices: two PNGs, linked relative to the report, plus the text tables
+    assert _links(report) == ["img/confusion_base.png", "img/confusion_head.png"]
+    for link in _links(report):
+        _assert_png(output.parent / link)
+    assert report.count("| true \\ predicted |") == 2
+    assert report.count("12 test images") == 2  # smoke: 6 classes x 2 test images
+    assert "Container_Small_B" in report
+    assert "#### What moved" in report
+
+
+@pytest.mark.slow
+def test_report_against_the_workspace_as_cli(history: tuple[Path, str, str], tmp_path: Path):
+    """As CI runs it: a subprocess, head = workspace (the default), images next to the report."""
+    repo, first, second = history
+    output = tmp_path / "report.md"
+    proc = run([sys.executable, "-m", "pipeline.ci_report", "--base", first,
+                "--output", str(output)], repo)
+    assert "Test accuracy" in proc.stdout
+    report = output.read_text()
+    assert f"`{first[:7]}` → workspace" in report
+    assert "| `train.epochs` | 2 | 3 |" in report
+    assert _links(report) == ["confusion_base.png", "confusion_head.png"]
+    for link in _links(report):
+        _assert_png(tmp_path / link)
+
+
+# --------------------------------------------------------------------------------------------
+# the CI workflow and the console script
+
+
+def test_workflow_runs_pipeline_report_and_tests():
+    workflow = yaml.safe_load((ROOT / ".github/workflows/pipeline.yml").read_text())
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
+    assert "pull_request" in triggers and triggers["push"]["branches"] == ["main"]
+    jobs = workflow["jobs"]
+    assert {"test", "pipeline"} <= set(jobs)
+
+    def steps(job: str) -> list[dict]:
+        return jobs[job]["steps"]
+
+    def uses(job: str, action: str) -> dict:
+        return next(s for s in steps(job) if s.get("uses", "").startswith(action))
+
+    def script(job: str) -> str:
+        return "\n".join(s.get("run", "") for s in steps(job))
+
+    for job in ("test", "pipeline"):
+        assert uses(job, "actions/checkout@")["with"]["fetch-depth"] == 0
+        setup = uses(job, "actions/setup-python@")["with"]
+        assert str(setup["python-version"]) == "3.11" and setup["cache"] == "pip"
+        assert "make install" in script(job)
+    assert "make test" in script("test")
+
+    pipeline = script("pipeline")
+    assert workflow["env"]["WEIGHTS"] == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    assert workflow["env"]["WEIGHTS_URL"].endswith("/" + workflow["env"]["WEIGHTS"])
+    assert "~/.keras/models/$WEIGHTS" in pipeline and "~/.keras/models/$WEIGHTS" in script("test")
+    # in order: install, weights, pipeline, report
+    order = [pipeline.index(s) for s in ("make install", "~/.keras/models", "dvc repro",
+                                         "pipeline.ci_report", "GITHUB_STEP_SUMMARY")]
+    assert order == sorted(order)
+    assert "python -m pipeline.ci_report" in pipeline and "--output report.md" in pipeline
+    assert "origin/${{ github.base_ref }}" in pipeline
+    assert "$GITHUB_STEP_SUMMARY" in pipeline
+    comment = uses("pipeline", "marocchino/sticky-pull-request-comment@")
+    assert comment["with"]["path"] == "report.md" and "pull_request" in comment["if"]
+    artifact = uses("pipeline", "actions/upload-artifact@v4")["with"]
+    assert "report-images" in artifact["path"] and "report.md" in artifact["path"]
+    assert jobs["pipeline"]["permissions"]["pull-requests"] == "write"
+
+
+def test_console_script_is_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["truck-ci-report"] == "pipeline.ci_report:main"
