@@ -9,10 +9,7 @@ a pull request with its base branch.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,36 +19,10 @@ import yaml
 from pipeline import ci_report
 from pipeline.ci_report import (CIReportError, confusion_changes, confusion_from_predictions,
                                 confusion_table, main, render_metrics, verdict)
+from tests.conftest import ROOT
+from tests.project_repo import compose_params, copy_project, dvc, git, run
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ["conf", "pipeline", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
-                 "pyproject.toml"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-6000:]}")
-    return proc
-
-
-def git(repo: Path, *args: str) -> str:
-    return run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
-               repo).stdout
-
-
-def dvc(repo: Path, *args: str) -> str:
-    proc = run([sys.executable, "-m", "dvc", *args], repo, timeout=900)
-    return proc.stdout + proc.stderr
-
-
-def compose_params(repo: Path, *overrides: str) -> None:
-    run([sys.executable, "-m", "pipeline.params", *overrides], repo)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,16 +136,7 @@ def test_dvc_failure_exits_2_with_dvc_stderr(small_repo: Path, tmp_path: Path,
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """(repo, first commit, second commit): smoke run, then train.epochs=3 and lr 0.01."""
-    repo = tmp_path_factory.mktemp("ci-report-project")
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, repo / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    (repo / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
-    compose_params(repo, "experiment=smoke")
+    repo = copy_project(tmp_path_factory.mktemp("ci-report-project"), "experiment=smoke")
     git(repo, "init", "-q", "-b", "main")
     dvc(repo, "repro")
     git(repo, "add", "-A")  # dvc.lock and the git-tracked reports; DVC-cached outputs are ignored
