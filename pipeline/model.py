@@ -116,24 +116,30 @@ def build_feature_extractor(
     return keras.Model(inputs, outputs, name="mobilenet_v2_features")
 
 
-def build_head(feature_dim: int, num_classes: int, dropout: float) -> Any:
-    """Features -> class probabilities: (dropout) + Dense(num_classes, softmax)."""
+def build_head(feature_dim: int, num_classes: int, dropout: float, init: str = "zeros") -> Any:
+    """Features -> class probabilities: (dropout) + Dense(num_classes, softmax).
+
+    `init` is the Dense kernel's initializer (`model.head_init`); zeros makes a linear head start
+    from uniform class scores, as a logistic regression does.
+    """
     import keras
     from keras import layers
 
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = layers.Dropout(dropout, name="dropout")(inputs) if dropout > 0 else inputs
-    outputs = layers.Dense(num_classes, activation="softmax", name=HEAD_NAME)(x)
+    outputs = layers.Dense(
+        num_classes, activation="softmax", kernel_initializer=init, name=HEAD_NAME
+    )(x)
     return keras.Model(inputs, outputs, name="head")
 
 
 def build_classifier(
     alpha: float, weights: str | None, image_size: int, num_classes: int, dropout: float,
-    init_seed: int = 0,
+    init_seed: int = 0, head_init: str = "zeros",
 ) -> Any:
     """The complete model: images (0..255) -> class probabilities, backbone frozen."""
     extractor = build_feature_extractor(alpha, weights, image_size, init_seed)
-    head = build_head(int(extractor.output.shape[-1]), num_classes, dropout)
+    head = build_head(int(extractor.output.shape[-1]), num_classes, dropout, head_init)
     return compose(extractor, head)
 
 

@@ -217,7 +217,7 @@ def fit(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> dict[str, A
     )
     set_seeds(t.seed)
     dim = int(extractor.output.shape[-1])
-    head = build_head(dim, c, cfg.model.dropout)
+    head = build_head(dim, c, cfg.model.dropout, cfg.model.head_init)
     y = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
     n_train = len(y["train"])
     has_val = len(y["val"]) > 0
