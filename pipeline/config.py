@@ -95,6 +95,58 @@ class ModelConfig:
 
 
 @dataclass
+class FineTuneConfig:
+    """Phase 2: after the head has trained (phase 1), unfreeze the top of the backbone and train
+    the whole model end to end on images at a much lower learning rate."""
+
+    enabled: bool = False
+    #: How many of the backbone's last layers (of its 154, counted from the top) become trainable;
+    #: BatchNormalization layers among them stay frozen and in inference mode.
+    unfreeze_top_n: int = 30
+    #: Epochs of phase 2, numbered after phase 1's (one continuous history).
+    epochs: int = 4
+    learning_rate: float = 1e-5
+
+
+@dataclass
+class AugmentConfig:
+    """Random image augmentation (Keras preprocessing layers, active only in training). When on,
+    training runs end to end on images: the cached features cannot be used."""
+
+    enabled: bool = False
+    #: `horizontal`, `vertical`, `horizontal_and_vertical` or `none`.
+    flip: str = "horizontal"
+    #: Fractions as Keras takes them: rotation of 2 pi, zoom / translation of the image size,
+    #: contrast / brightness of the range; 0 leaves that augmentation out.
+    rotation: float = 0.05
+    zoom: float = 0.1
+    translation: float = 0.1
+    contrast: float = 0.1
+    brightness: float = 0.1
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when val_loss (loss without a validation split) has not improved by `min_delta` for
+    `patience` epochs, and restore the best epoch's weights."""
+
+    enabled: bool = False
+    patience: int = 3
+    min_delta: float = 0.0
+
+
+@dataclass
+class PlateauConfig:
+    """`train.lr_schedule=reduce_on_plateau`: multiply the learning rate by `factor` when val_loss
+    has not improved by `min_delta` for `patience` epochs (not below `min_lr`)."""
+
+    factor: float = 0.2
+    patience: int = 2
+    min_delta: float = 0.0001
+    min_lr: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 8
     batch_size: int = 32
@@ -110,6 +162,19 @@ class TrainConfig:
     #: Where the training state is saved after every epoch (one folder per run, removed when
     #: training finishes); keep it outside the DVC-tracked paths.
     checkpoint_dir: str = "outputs/checkpoints"
+    #: `none` or `auto` (sklearn's `balanced` weights from the training split's class counts).
+    class_weight: str = "none"
+    #: CategoricalCrossentropy(label_smoothing=...); 0 = plain cross-entropy.
+    label_smoothing: float = 0.0
+    #: `none`, `cosine` (CosineDecay to 0 over each phase's steps) or `reduce_on_plateau`.
+    lr_schedule: str = "none"
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
+    #: tf.distribute strategy the model is built and trained in: `default` (one device) or
+    #: `mirrored` (MirroredStrategy: every visible GPU, else the CPU).
+    strategy: str = "default"
 
 
 @dataclass
@@ -129,18 +194,57 @@ class EvaluateConfig:
     gallery_columns: int = 3
 
 
+#: TensorFlow Lite export formats (`export.formats`).
+EXPORT_FORMATS = ("float32", "float16", "int8")
+
+
+@dataclass
+class ExportTargets:
+    """Top-1 agreement with the Keras model on the test split each export should reach (recorded
+    as met or not in reports/export_metrics.json; the stage does not fail below it)."""
+
+    float32: float = 0.99
+    float16: float = 0.99
+    int8: float = 0.97
+
+
+@dataclass
+class ExportConfig:
+    """The `export` stage: the trained model as TensorFlow Lite, checked against Keras."""
+
+    #: Any of `float32`, `float16` (float16 weights) and `int8` (full-integer quantization).
+    formats: list[str] = field(default_factory=lambda: ["float32", "int8"])
+    #: Input and output type of the int8 model: `uint8` (camera bytes in, as they are) or `int8`.
+    int8_io: str = "uint8"
+    #: Training images that calibrate the int8 quantization (all of them when there are fewer).
+    representative_samples: int = 100
+    targets: ExportTargets = field(default_factory=ExportTargets)
+    #: Single-image latency: median of this many `invoke()` calls, after `latency_warmup` calls.
+    latency_runs: int = 50
+    latency_warmup: int = 5
+    #: CPU threads of the TFLite interpreter (XNNPACK); 0 = all cores.
+    num_threads: int = 0
+
+
 @dataclass
 class TrackingConfig:
+    #: `sqlite:///mlflow.db` (a local store) or `http(s)://host:port` (an MLflow tracking server).
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "toy-trucks"
-    #: Where new experiments keep their artifacts (local folder or URI).
-    artifact_location: str = "mlartifacts"
+    #: Where a new experiment keeps its artifacts: a local folder or a URI for a local store; with
+    #: a tracking server null (the server's choice: `mlflow-artifacts:/`, uploaded through it to
+    #: its --artifacts-destination) or a URI such as `s3://...` (a local folder is ignored there).
+    artifact_location: Optional[str] = "mlartifacts"
     run_name: Optional[str] = None
     log_model: bool = True
     #: The MLflow Model Registry name each pipeline run's model is registered under (null: none).
     registered_model: Optional[str] = "toy-truck-classifier"
-    #: Seconds to wait for a remote tracking server before failing.
+    #: Seconds to wait for a remote tracking server before failing, per request.
     timeout_s: float = 10.0
+    #: Tracking server: retries of a failed request (MLflow's default, 7, takes minutes to give up
+    #: on a dead server), and the backoff factor between them (sleeps 0, 2f, 4f, ... s).
+    http_retries: int = 3
+    http_backoff_factor: int = 1
 
 
 @dataclass
@@ -150,6 +254,7 @@ class PathsConfig:
     features: str = "data/features"
     models: str = "models"
     reports: str = "reports"
+    exports: str = "exports"
 
 
 @dataclass
@@ -159,6 +264,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -170,6 +276,10 @@ _CHOICES = {
     "model.name": ("mobilenet_v2",),
     "model.head_init": ("zeros", "glorot_uniform", "he_normal"),
     "train.optimizer": ("adam", "sgd", "rmsprop", "adamw"),
+    "train.class_weight": ("none", "auto"),
+    "train.lr_schedule": ("none", "cosine", "reduce_on_plateau"),
+    "train.strategy": ("default", "mirrored"),
+    "train.augment.flip": ("none", "horizontal", "vertical", "horizontal_and_vertical"),
     "featurize.backend": ("auto", "tflite", "keras"),
 }
 
@@ -241,11 +351,55 @@ def _check_values(c: Any) -> None:
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+    _check_train_options(t, need)
     need(c.featurize.batch_size >= 1, "featurize.batch_size", "must be >= 1")
     need(c.featurize.num_threads >= 0, "featurize.num_threads", "must be >= 0")
     need(c.evaluate.gallery_size >= 0, "evaluate.gallery_size", "must be >= 0")
     need(c.evaluate.gallery_columns >= 1, "evaluate.gallery_columns", "must be >= 1")
+    _check_export(c.export, need)
     need(c.tracking.timeout_s > 0, "tracking.timeout_s", "must be > 0")
+    # MLflow refuses more than 10 retries and a backoff factor above 120
+    need(0 <= c.tracking.http_retries <= 10, "tracking.http_retries", "must be in [0, 10]")
+    need(0 <= c.tracking.http_backoff_factor <= 120, "tracking.http_backoff_factor",
+         "must be in [0, 120]")
+    need(bool(c.tracking.uri), "tracking.uri", "must not be empty")
+
+
+def _check_train_options(t: Any, need: Any) -> None:
+    """train.label_smoothing, .plateau, .early_stopping, .augment, .fine_tune."""
+    need(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    p, e, a, f = t.plateau, t.early_stopping, t.augment, t.fine_tune
+    need(0 < p.factor < 1, "train.plateau.factor", "must be in (0, 1)")
+    need(p.patience >= 0, "train.plateau.patience", "must be >= 0")
+    need(p.min_delta >= 0, "train.plateau.min_delta", "must be >= 0")
+    need(p.min_lr >= 0, "train.plateau.min_lr", "must be >= 0")
+    need(e.patience >= 0, "train.early_stopping.patience", "must be >= 0")
+    need(e.min_delta >= 0, "train.early_stopping.min_delta", "must be >= 0")
+    for name in ("rotation", "zoom", "translation", "contrast", "brightness"):
+        need(0 <= a[name] <= 1, f"train.augment.{name}", "must be in [0, 1]")
+    need(not a.enabled or a.flip != "none"
+         or any(a[n] > 0 for n in ("rotation", "zoom", "translation", "contrast", "brightness")),
+         "train.augment.enabled", "is true but flip is none and every factor is 0")
+    need(f.unfreeze_top_n >= 1, "train.fine_tune.unfreeze_top_n", "must be >= 1")
+    need(f.epochs >= 1, "train.fine_tune.epochs", "must be >= 1")
+    need(f.learning_rate > 0, "train.fine_tune.learning_rate", "must be > 0")
+
+
+def _check_export(x: Any, need: Any) -> None:
+    """export.formats, .int8_io, .representative_samples, .targets, latency settings."""
+    formats = list(x.formats)
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    need(not unknown, "export.formats",
+         f"unknown format {', '.join(map(str, unknown))}; choose from {', '.join(EXPORT_FORMATS)}")
+    need(bool(formats), "export.formats", "must name at least one format")
+    need(len(set(formats)) == len(formats), "export.formats", "lists a format twice")
+    need(x.int8_io in ("uint8", "int8"), "export.int8_io", "must be uint8 or int8")
+    need(x.representative_samples >= 1, "export.representative_samples", "must be >= 1")
+    for name in EXPORT_FORMATS:
+        need(0 <= x.targets[name] <= 1, f"export.targets.{name}", "must be in [0, 1]")
+    need(x.latency_runs >= 1, "export.latency_runs", "must be >= 1")
+    need(x.latency_warmup >= 0, "export.latency_warmup", "must be >= 0")
+    need(x.num_threads >= 0, "export.num_threads", "must be >= 0")
 
 
 def to_flat_dict(cfg: Any) -> dict[str, Any]:

@@ -157,7 +157,85 @@ def compose(extractor: Any, head: Any) -> Any:
     return keras.Model(extractor.input, x, name="mobilenet_v2_classifier")
 
 
-def make_optimizer(name: str, learning_rate: float) -> Any:
+def build_augmentation(augment: Any, seed: int) -> list[Any]:
+    """Keras preprocessing layers for `train.augment` (flip, rotation, zoom, translation,
+    contrast, brightness; a factor of 0 leaves that one out), seeded from `seed`.
+
+    They take raw 0..255 images (contrast and brightness with value_range (0, 255)), so they go
+    before the rescaling, and are active only in training: at inference they pass images through.
+    """
+    from keras import layers
+
+    made: list[Any] = []
+
+    def add(cls: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(cls(*args, seed=seed + len(made), name=f"augment_{len(made)}_{cls.__name__}",
+                        **kwargs))
+
+    if augment.flip != "none":
+        add(layers.RandomFlip, augment.flip)
+    if augment.rotation > 0:
+        add(layers.RandomRotation, augment.rotation, fill_mode="reflect")
+    if augment.zoom > 0:
+        add(layers.RandomZoom, augment.zoom, fill_mode="reflect")
+    if augment.translation > 0:
+        add(layers.RandomTranslation, augment.translation, augment.translation, fill_mode="reflect")
+    if augment.contrast > 0:
+        add(layers.RandomContrast, augment.contrast, value_range=(0, 255))
+    if augment.brightness > 0:
+        add(layers.RandomBrightness, augment.brightness, value_range=(0, 255))
+    return made
+
+
+def compose_augmented(extractor: Any, head: Any, augmentation: list[Any]) -> Any:
+    """The training network with augmentation: images -> augmentation layers -> extractor ->
+    head. It shares every weight with `compose(extractor, head)`, which is what is saved (the
+    augmentation layers have no weights and do nothing at inference)."""
+    import keras
+
+    inputs = keras.Input(shape=tuple(extractor.input.shape[1:]), name="image")
+    x = inputs
+    for layer in augmentation:
+        x = layer(x)
+    x = extractor(x)
+    for layer in head.layers[1:]:
+        x = layer(x)
+    return keras.Model(inputs, x, name="mobilenet_v2_classifier_augmented")
+
+
+def find_backbone(model: Any) -> Any:
+    """The MobileNetV2 backbone inside a classifier or feature extractor (nested at any depth)."""
+    for layer in model.layers:
+        if layer.name == BACKBONE_NAME:
+            return layer
+        if hasattr(layer, "layers"):
+            try:
+                return find_backbone(layer)
+            except ValueError:
+                pass
+    raise ValueError(f"no layer named {BACKBONE_NAME!r} in {model.name}")
+
+
+def unfreeze_top(backbone: Any, n: int) -> list[str]:
+    """Make the backbone's last `n` layers trainable (all of them when `n` exceeds its depth),
+    except BatchNormalization layers, which stay frozen: with `trainable=False` (and the backbone
+    called with `training=False`) they keep using and never update their moving statistics, as
+    Keras' fine-tuning guide advises. Returns the names of the layers whose weights now train."""
+    import keras
+
+    backbone.trainable = True  # sets every sub-layer; then freeze all but the top n, BN kept frozen
+    layers_ = backbone.layers
+    top = set(id(layer) for layer in layers_[max(len(layers_) - n, 0):])
+    unfrozen = []
+    for layer in layers_:
+        train_it = id(layer) in top and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = train_it
+        if train_it and layer.weights:
+            unfrozen.append(layer.name)
+    return unfrozen
+
+
+def make_optimizer(name: str, learning_rate: Any) -> Any:
     import keras
 
     optimizers = {
