@@ -41,12 +41,14 @@ def job_output_dir() -> Path | None:
 
 
 def redirect_outputs(cfg: DictConfig, out_dir: Path) -> DictConfig:
-    """A sweep job writes its models and reports into its own Hydra job folder, never into the
-    DVC-tracked paths that `dvc repro` owns (inputs such as prepared data stay shared)."""
+    """A sweep job writes its models, reports and exports into its own Hydra job folder, never
+    into the DVC-tracked paths that `dvc repro` owns (inputs such as prepared data stay shared)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(cfg):
         cfg.paths.models = str(out_dir / "models")
         cfg.paths.reports = str(out_dir / "reports")
+        if "exports" in cfg.paths:
+            cfg.paths.exports = str(out_dir / "exports")
     return cfg
 
 

@@ -36,15 +36,18 @@ def first_repro(repo: Path) -> str:
 
 
 def test_repro_runs_every_stage_and_writes_outputs(repo: Path, first_repro: str):
-    assert stages_run(first_repro) == ["prepare", "featurize", "train", "evaluate"]
+    ran = stages_run(first_repro)
+    assert ran[:3] == ["prepare", "featurize", "train"] and sorted(ran[3:]) == ["evaluate", "export"]
     for path in ["data/prepared/train.npy", "data/prepared/manifest.csv", "data/features/train.npy",
                  "models/model.keras", "models/classes.json", "models/mlflow_run.json",
                  "reports/metrics.json", "reports/train_history.csv", "reports/predictions.csv",
                  "reports/eval_figures/confusion_matrix.png", "reports/eval_figures/gallery.png",
-                 "reports/train_figures/loss.png", "reports/classification_report.txt"]:
+                 "reports/train_figures/loss.png", "reports/classification_report.txt",
+                 "exports/model_float32.tflite", "exports/model_int8.tflite",
+                 "reports/export_metrics.json"]:
         assert (repo / path).is_file(), path
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "featurize", "train", "evaluate"}
+    assert set(lock["stages"]) == {"prepare", "featurize", "train", "evaluate", "export"}
     history = (repo / "reports/train_history.csv").read_text().splitlines()
     header = history[0].split(",")
     assert header[0] == "epoch" and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(header)
@@ -83,7 +86,8 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
     assert params["model.weights"] == "null" and params["data.synthetic.train_per_class"] == "4"
     metrics = run_.data.metrics
     for key in ("test_accuracy", "test_macro_f1", "loss", "accuracy", "val_loss", "val_accuracy",
-                "batch_loss", "batch_accuracy", "test_recall_Container_Small_B"):
+                "batch_loss", "batch_accuracy", "test_recall_Container_Small_B",
+                "export_float32_agreement", "export_int8_size_bytes"):
         assert key in metrics, key
     assert metrics["trainable_params"] == 6 * 1281  # 1280 features at alpha 0.35 too
     assert len(client.get_metric_history(run_.info.run_id, "val_accuracy")) == 2  # per epoch
@@ -108,7 +112,8 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
     for name in ("config.yaml", "figures/loss.png", "figures/accuracy.png",
                  "figures/confusion_matrix.png", "figures/gallery.png",
                  "reports/classification_report.txt", "reports/classification_report.json",
-                 "reports/metrics.json", "data/report.json", "model_summary.txt"):
+                 "reports/metrics.json", "data/report.json", "model_summary.txt",
+                 "exports/model_int8.tflite", "reports/export_metrics.json"):
         assert name in artifacts, name
     config = yaml.safe_load(client.download_artifacts(run_.info.run_id, "config.yaml", str(repo / "dl")) and
                             (repo / "dl" / "config.yaml").read_text())
@@ -135,14 +140,16 @@ def test_editing_train_params_reruns_train_and_evaluate_only(repo: Path, first_r
     params["train"]["learning_rate"] = 0.01
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc(repo, "repro")
-    assert stages_run(out) == ["train", "evaluate"]  # features reused
+    ran = stages_run(out)
+    assert ran[0] == "train" and sorted(ran[1:]) == ["evaluate", "export"]  # features reused
 
 
 def test_dvc_exp_run_recomposes_params_from_conf(repo: Path, first_repro: str):
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "after repro", "--allow-empty")
     out = dvc(repo, "exp", "run", "-S", "experiment=smoke", "-S", "train.epochs=3")
-    assert stages_run(out) == ["train", "evaluate"]
+    ran = stages_run(out)
+    assert ran[0] == "train" and sorted(ran[1:]) == ["evaluate", "export"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["train"]["epochs"] == 3 and params["data"]["image_size"] == 32
     assert params["train"]["learning_rate"] == 0.001  # recomposed from conf/, not edited in place

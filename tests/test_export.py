@@ -1,0 +1,158 @@
+"""The export stage on tiny data (32 px, alpha 0.35, no weights): TFLite files in three formats,
+their parity with the Keras model, the metrics file and the MLflow run."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.export import export, representative_indices
+from pipeline.featurize import featurize
+from pipeline.files import read_json
+from pipeline.prepare import prepare
+from pipeline.train import train
+from tests.conftest import compose, tiny_config
+
+FORMATS = ["float32", "int8", "float16"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    """prepare -> featurize -> train -> export once, all three formats."""
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = tiny_config(tmp, **{
+        "paths.exports": tmp / "exports",
+        "export.formats": "[" + ",".join(FORMATS) + "]",
+        "export.representative_samples": 16,
+        "export.latency_runs": 10,
+        "export.latency_warmup": 2,
+    })
+    prepare(cfg)
+    featurize(cfg)
+    train(cfg)
+    metrics = export(cfg)
+    return {"tmp": tmp, "cfg": cfg, "metrics": metrics}
+
+
+def interpreter(path: Path):
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        it = tf.lite.Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    return it
+
+
+def test_files_exist_and_run_in_the_interpreter(exported):
+    exports = Path(exported["cfg"].paths.exports)
+    assert sorted(p.name for p in exports.iterdir()) == sorted(f"model_{f}.tflite" for f in FORMATS)
+    image = np.load(Path(exported["cfg"].paths.prepared) / "test.npy")[:1]
+    for fmt in FORMATS:
+        it = interpreter(exports / f"model_{fmt}.tflite")
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        assert tuple(inp["shape"]) == (1, 32, 32, 3) and tuple(out["shape"]) == (1, 6)
+        it.set_tensor(inp["index"], image.astype(inp["dtype"]))  # uint8 pixels as they are
+        it.invoke()
+        probs = it.get_tensor(out["index"]).astype(np.float32)
+        if out["dtype"] != np.float32:
+            scale, zero_point = out["quantization"]
+            probs = (probs - zero_point) * scale
+        assert probs.sum() == pytest.approx(1.0, abs=0.05), fmt
+
+
+def test_parity_figures_are_present_and_sane(exported):
+    m = exported["metrics"]
+    n = m["test_images"]
+    assert n == 12
+    for fmt in FORMATS:
+        r = m[fmt]
+        assert 0.0 <= r["agreement"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0, fmt
+        assert r["disagreements"] == round((1 - r["agreement"]) * n)
+        assert r["target_met"] == (r["agreement"] >= r["target_agreement"])
+        assert r["latency_ms"] > 0 and r["size_bytes"] > 10_000
+        assert r["size_mib"] == pytest.approx(r["size_bytes"] / 2**20, abs=1e-4)
+    assert m["float32"]["agreement"] >= 0.99 and m["float32"]["target_met"]
+    assert m["float32"]["max_abs_prob_diff"] < 1e-3
+    assert m["float16"]["size_bytes"] < 0.7 * m["float32"]["size_bytes"]
+    assert m["int8"]["size_bytes"] < 0.5 * m["float32"]["size_bytes"]
+    assert m["keras"]["latency_ms"] > 0 and 0.0 <= m["keras"]["accuracy"] <= 1.0
+    assert m["latency"]["threads"] >= 1 and m["latency"]["runs"] == 10
+    assert m["int8"]["representative_samples"] == 16
+
+
+def test_int8_model_is_full_integer_with_uint8_io(exported):
+    r = exported["metrics"]["int8"]
+    assert r["input"]["dtype"] == "uint8" and r["output"]["dtype"] == "uint8"
+    assert r["output"]["scale"] == pytest.approx(1 / 256) and r["output"]["zero_point"] == 0
+    it = interpreter(Path(exported["cfg"].paths.exports) / "model_int8.tflite")
+    dtypes = [np.dtype(d["dtype"]).name for d in it.get_tensor_details()]
+    assert dtypes.count("int8") > 50  # weights and activations
+    assert "float32" not in dtypes and r["tensor_dtypes"]["int8"] == dtypes.count("int8")
+    assert exported["metrics"]["float32"]["tensor_dtypes"].get("int8", 0) == 0
+
+
+def test_metrics_file_is_what_the_stage_returned(exported):
+    path = Path(exported["cfg"].paths.reports) / "export_metrics.json"
+    on_disk = read_json(path)
+    assert on_disk == exported["metrics"]
+    assert set(on_disk) == {"keras", *FORMATS, "test_images", "latency"}
+    assert on_disk["int8"]["file"] == "model_int8.tflite"
+
+
+def test_mlflow_run_has_export_artifacts_and_metrics(exported):
+    cfg = exported["cfg"]
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    run_id = read_json(Path(cfg.paths.models) / "mlflow_run.json")["run_id"]
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for fmt in FORMATS:
+        assert run.data.metrics[f"export_{fmt}_agreement"] == pytest.approx(
+            exported["metrics"][fmt]["agreement"])
+        assert run.data.metrics[f"export_{fmt}_size_bytes"] == exported["metrics"][fmt]["size_bytes"]
+    assert "export_keras_latency_ms" in run.data.metrics and "val_accuracy" in run.data.metrics
+    logged = {a.path: a.file_size for a in client.list_artifacts(run_id, "exports")}
+    assert logged == {f"exports/model_{f}.tflite": exported["metrics"][f]["size_bytes"]
+                      for f in FORMATS}
+    assert "reports/export_metrics.json" in {a.path for a in client.list_artifacts(run_id, "reports")}
+
+
+def test_representative_samples_cover_the_split():
+    assert list(representative_indices(10, 4)) == [0, 3, 6, 9]
+    assert list(representative_indices(3, 100)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("export.formats=[float32,int4]", "export.formats"),
+        ("export.formats=[]", "export.formats"),
+        ("export.int8_io=float32", "export.int8_io"),
+        ("export.representative_samples=0", "export.representative_samples"),
+        ("export.targets.int8=1.5", "export.targets.int8"),
+        ("+export.formatz=[int8]", "export.formatz"),
+    ],
+)
+def test_bad_export_config_names_the_key(override, key):
+    from pipeline.config import validate
+
+    with pytest.raises(ConfigError) as info:
+        validate(compose([override]))
+    assert key in str(info.value)
+    if "int4" in override:
+        assert "int4" in str(info.value) and "float16" in str(info.value)
+
+
+def test_default_formats_are_float32_and_int8():
+    from pipeline.config import validate
+
+    cfg = validate(compose())
+    assert list(cfg.export.formats) == ["float32", "int8"] and cfg.export.int8_io == "uint8"
+    assert cfg.paths.exports == "exports"
