@@ -1,0 +1,265 @@
+"""`pipeline.predict` on a model trained by the real stages (tiny synthetic data, 32 px), loaded
+from every source: the models/ folder, the .keras file, `runs:/` and `models:/...@champion` from
+the MLflow SQLite store, and TFLite (float32 and full-int8) files converted here.
+
+The backbone uses the ImageNet weights file (`make weights`; `model.weights=<path>` so 32 px is
+allowed): with random weights MobileNetV2's pooled features are ~1e-12 for every image, the model
+predicts the same probabilities for all of them, and "every source agrees with Keras" would hold
+even for a source that mixed the images up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import predict
+from pipeline.featurize import featurize
+from pipeline.files import read_json
+from pipeline.images import load_rgb
+from pipeline.model import imagenet_weights_path, load_model
+from pipeline.prepare import prepare
+from pipeline.registry import promote
+from pipeline.train import train
+from tests.conftest import ROOT, WEIGHTS_FILE, tiny_config
+
+MODEL = "toy-truck-classifier"
+SIZE = 32
+BAD = {"notes.txt": "not an image file", "broken.png": "corrupt or truncated",
+       "fake.jpg": "not an image"}
+
+
+def weights_file() -> Path:
+    for path in (imagenet_weights_path(1.0, 224), ROOT.parent / "shared" / "models" / WEIGHTS_FILE):
+        if path.is_file():
+            return path
+    pytest.fail(f"the MobileNetV2 ImageNet weights file {WEIGHTS_FILE} is needed (`make weights`)")
+
+
+def to_tflite(saved_model: Path, path: Path, calibration: np.ndarray | None = None) -> Path:
+    """Convert the exported Keras model: float32, or (with calibration images) full-integer int8
+    with int8 input and output tensors."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if calibration is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(converter.convert())
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    """prepare -> featurize -> train once (registered in MLflow, promoted to @champion); a folder
+    of the test images (one sub-folder per class) with three bad files; the Keras model's own
+    predictions on them; the model converted to TFLite twice."""
+    tmp = tmp_path_factory.mktemp("predict")
+    cfg = tiny_config(tmp, **{"model.alpha": 1.0, "model.weights": weights_file(),
+                              "train.learning_rate": 0.05, "train.epochs": 8})
+    prepare(cfg)
+    featurize(cfg)
+    train(cfg)
+    models = Path(cfg.paths.models)
+    run_id = read_json(models / "mlflow_run.json")["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    promote(client, MODEL, metric="final_val_accuracy", echo=None)
+
+    photos = tmp / "photos"
+    for file in sorted((tmp / "raw" / "test").rglob("*.png")):
+        (photos / file.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, photos / file.parent.name / file.name)
+    images = sorted(photos.rglob("*.png"))
+    assert len(images) == 12
+    (photos / "notes.txt").write_text("shopping list\n")
+    (photos / "broken.png").write_bytes(images[0].read_bytes()[:120])  # truncated PNG
+    (photos / images[1].parent.name / "fake.jpg").write_text("text, not a JPEG\n")
+
+    classes = read_json(models / "classes.json")
+    keras_model = load_model(models / "model.keras")
+    pixels = np.stack([load_rgb(p, SIZE) for p in images]).astype(np.float32)
+    probs = np.asarray(keras_model(pixels, training=False), dtype=np.float64)
+    assert len(set(probs.argmax(axis=1))) >= 2, "degenerate model: one class for every image"
+    reference = {str(p): row for p, row in zip(images, probs)}
+
+    # exported once, converted twice (what TFLiteConverter.from_keras_model does, less one export)
+    keras_model.export(str(tmp / "saved_model"), verbose=False)
+    tflite = to_tflite(tmp / "saved_model", tmp / "tflite" / "model.tflite")
+    shutil.copy(models / "classes.json", tflite.parent / "classes.json")
+    int8 = to_tflite(tmp / "saved_model", tmp / "tflite_int8" / "model.tflite", calibration=pixels)
+    return {"tmp": tmp, "cfg": cfg, "uri": cfg.tracking.uri, "run_id": run_id, "models": models,
+            "photos": photos, "classes": classes, "reference": reference, "tflite": tflite,
+            "int8": int8}
+
+
+def run_predict(world, tmp_path, capsys, model: str, *extra: str, output: str = "out.json"):
+    out = tmp_path / output
+    rc = predict.main([str(world["photos"]), "--model", model, "--output", str(out),
+                       "--tracking-uri", world["uri"], *extra])
+    captured = capsys.readouterr()
+    return rc, out, captured.out, captured.err
+
+
+def check_agreement(world, out: Path, quantized: bool = False) -> None:
+    """The output holds the 12 good images (found recursively), with the Keras model's scores."""
+    rows = {r["path"]: r for r in json.loads(out.read_text())}
+    reference, classes = world["reference"], world["classes"]
+    assert set(rows) == set(reference)
+    got = np.array([[rows[p]["scores"][c] for c in classes] for p in reference])
+    expected = np.array(list(reference.values()))
+    assert all(list(rows[p]["scores"]) == classes for p in reference)
+    if quantized:
+        # int8 activations and a 1/256-step output are lossy (measured: mean error 0.03, 10 of 12
+        # top-1 equal), but the scores must be dequantized probabilities: a wrong zero point would
+        # add 0.5 to each, a wrongly quantized input would give chance-level agreement
+        assert np.all((got >= 0) & (got <= 1)) and np.allclose(got.sum(axis=1), 1, atol=0.05)
+        assert np.abs(got - expected).mean() < 0.08
+        assert (got.argmax(axis=1) == expected.argmax(axis=1)).sum() >= 8
+    else:
+        assert np.allclose(got, expected, atol=1e-4)
+        assert [rows[p]["predicted"] for p in reference] == [classes[i] for i in
+                                                              expected.argmax(axis=1)]
+
+
+def check_reports(stdout: str, stderr: str) -> None:
+    """One stdout line per predicted image; each bad file named once, with why; a summary."""
+    assert len(stdout.strip().splitlines()) == 12
+    for name, why in BAD.items():
+        [line] = [line for line in stderr.splitlines() if line.startswith("warning:") and name in line]
+        assert why in line, line
+    assert "Predicted 12 image(s)" in stderr and "3 file(s) skipped" in stderr
+
+
+SOURCES = {
+    "models_folder": lambda w: [str(w["models"])],
+    "keras_file": lambda w: [str(w["models"] / "model.keras")],
+    "runs_uri": lambda w: [f"runs:/{w['run_id']}/model"],
+    "champion": lambda w: [f"models:/{MODEL}@champion"],
+    "tflite_int8": lambda w: [str(w["int8"]), "--classes", str(w["models"] / "classes.json")],
+    # the float .tflite file (classes.json beside it): see the subprocess test
+}
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_every_source_agrees_with_the_keras_model(world, tmp_path, capsys, source):
+    model, *extra = SOURCES[source](world)
+    rc, out, stdout, stderr = run_predict(world, tmp_path, capsys, model, *extra)
+    assert rc == 0, stderr
+    check_agreement(world, out, quantized=source == "tflite_int8")
+    check_reports(stdout, stderr)
+    if source == "champion":
+        assert "mlflow keras" in stderr and "resize stretch" in stderr  # read from the run
+
+
+def test_int8_model_really_has_quantized_io(world):
+    import tensorflow as tf
+
+    with warnings.catch_warnings():  # tf.lite.Interpreter's own deprecation notice
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_path=str(world["int8"]))
+    [inp], [out] = interpreter.get_input_details(), interpreter.get_output_details()
+    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+    assert inp["quantization"][0] > 0 and out["quantization"][1] != 0
+
+
+def test_csv_and_json_shapes_and_top_k_order(world, tmp_path, capsys):
+    classes = world["classes"]
+    rc, out, stdout, _ = run_predict(world, tmp_path, capsys, str(world["models"]),
+                                     "--top-k", "2", "--batch-size", "5", output="p.csv")
+    assert rc == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["path", "predicted", "probability", *classes]
+    assert len(table) == 12 and set(table["path"]) == set(world["reference"])
+    scores = table[classes].to_numpy()
+    assert np.allclose(scores.sum(axis=1), 1, atol=1e-4)
+    assert list(table["predicted"]) == [classes[i] for i in scores.argmax(axis=1)]
+    assert np.allclose(table["probability"], scores.max(axis=1), atol=1e-6)
+    for line in stdout.strip().splitlines():  # "path: class p, class p", most probable first
+        path, rest = line.split(": ", 1)
+        shown = re.findall(r"(\S+) (\d\.\d{4})", rest)
+        assert len(shown) == 2 and shown[0][1] >= shown[1][1]
+        assert shown[0][0] == table.set_index("path").loc[path, "predicted"]
+
+    rc, out, _, _ = run_predict(world, tmp_path, capsys, str(world["models"]), "--top-k", "10",
+                                output="p.json")
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 12
+    for row in rows:
+        assert set(row) == {"path", "predicted", "probability", "top_k", "scores"}
+        assert len(row["top_k"]) == len(classes)  # k capped at the number of classes
+        probs = [t["probability"] for t in row["top_k"]]
+        assert probs == sorted(probs, reverse=True)
+        assert row["top_k"][0] == {"class": row["predicted"], "probability": row["probability"]}
+        assert row["scores"][row["predicted"]] == row["probability"] == max(row["scores"].values())
+        assert {t["class"] for t in row["top_k"]} == set(classes)
+
+
+def test_user_errors_exit_2_with_the_path(world, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.md").write_text("no images here\n")
+    out = tmp_path / "out.json"
+    assert predict.main([str(empty), "--model", str(world["models"]), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no image was predicted" in err and str(empty) in err and not out.exists()
+
+    missing = tmp_path / "nowhere" / "model.keras"
+    assert predict.main([str(world["photos"]), "--model", str(missing), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "no such file" in err and "Traceback" not in err
+
+    not_a_model = tmp_path / "model.keras"
+    not_a_model.write_text("not a zip\n")
+    assert predict.main([str(world["photos"]), "--model", str(not_a_model),
+                         "--output", str(out)]) == 2
+    assert str(not_a_model) in capsys.readouterr().err
+
+    assert predict.main([str(world["photos"]), "--model", "models:/no-such-model@champion",
+                         "--output", str(out), "--tracking-uri", world["uri"]]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+    # the extension is checked before any work: the (missing) model is never looked at
+    assert predict.main([str(world["photos"]), "--model", str(missing),
+                         "--output", str(tmp_path / "out.xlsx")]) == 2
+    err = capsys.readouterr().err
+    assert "out.xlsx" in err and ".xlsx" in err and str(missing) not in err
+    assert not out.exists() and not (tmp_path / "out.xlsx").exists()
+
+
+def test_module_runs_as_a_command_with_a_float_tflite_model(world, tmp_path):
+    out = tmp_path / "tflite.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", str(world["photos"]), "--model",
+         str(world["tflite"]), "--output", str(out), "--top-k", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    check_agreement(world, out)
+    check_reports(done.stdout, done.stderr)
+    first = sorted(world["reference"])[0]
+    expected = world["classes"][int(world["reference"][first].argmax())]
+    [line] = [line for line in done.stdout.splitlines() if line.startswith(f"{first}: ")]
+    assert re.fullmatch(rf"{re.escape(first)}: {expected} \d\.\d{{4}}", line)
+
+
+def test_console_script_is_declared():
+    text = (ROOT / "pyproject.toml").read_text()
+    [target] = re.findall(r'^truck-predict = "([^"]+)"$', text, flags=re.M)
+    module, func = target.split(":")
+    assert getattr(importlib.import_module(module), func) is predict.main
