@@ -4,7 +4,13 @@ A Hydra callback (wired in `conf/config.yaml`) opens one parent run before the s
 (which also creates the SQLite store and the experiment once, so parallel jobs never race to
 create them), records its id in the sweep folder, and each job's run is tagged as its child
 (`pipeline.tracking.active_run`). When the sweep ends the callback finds the best child by a
-metric, prints it and tags it on the parent.
+metric, prints it and tags it on the parent. A sweep that stops early (a job failed, the tracking
+server went away) ends its parent run FAILED at exit instead of leaving it RUNNING.
+
+Jobs may run in parallel (`hydra/launcher=joblib hydra.launcher.n_jobs=4`) and report to a shared
+tracking server (`tracking=server tracking.uri=http://host:5000`): the parent run's id travels to
+the jobs through the sweep folder, so they need the same file system as the sweep, not the same
+process.
 
     python -m pipeline.train -m train.learning_rate=1e-4,1e-3,1e-2 model.dropout=0,0.2
     python -m pipeline.train hparams_search=optuna
@@ -12,6 +18,7 @@ metric, prints it and tags it on the parent.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 from pathlib import Path
@@ -34,6 +41,13 @@ def read_parent_run_id(sweep_dir: str | Path) -> str | None:
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
 
 
+def tracking_config(config: DictConfig) -> Any:
+    """The sweep's `tracking` node with the schema's defaults for the keys it leaves out."""
+    from pipeline.config import TrackingConfig
+
+    return OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking)
+
+
 def best_child(client: Any, experiment_id: str, parent_id: str, metric: str,
                maximize: bool = True) -> Any | None:
     """The finished child run with the best value of `metric`, or None."""
@@ -53,13 +67,29 @@ class MlflowSweepCallback(Callback):
     def __init__(self, metric: str = "final_val_accuracy", maximize: bool = True) -> None:
         self.metric = metric
         self.maximize = maximize
+        self._open_parent: tuple[str, str] | None = None  # (run id, tracking URI)
+
+    def _close_if_open(self) -> None:
+        """At exit: a parent run the sweep did not close (it stopped on an error) ends FAILED."""
+        open_parent, self._open_parent = self._open_parent, None
+        if open_parent is None:
+            return
+        import mlflow
+
+        parent_id, uri = open_parent
+        try:
+            mlflow.MlflowClient(tracking_uri=uri).set_terminated(parent_id, "FAILED")
+            log.info("Sweep parent MLflow run %s ended FAILED (the sweep stopped early)", parent_id)
+        except Exception as exc:  # noqa: BLE001  (the store may be what stopped the sweep)
+            log.warning("Could not end the sweep parent MLflow run %s: %s", parent_id,
+                        str(getattr(exc, "message", exc)).splitlines()[0][:300])
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
 
         from pipeline.tracking import setup
 
-        tracking = config.tracking
+        tracking = tracking_config(config)
         experiment_id = setup(tracking)
         client = mlflow.MlflowClient()
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -73,7 +103,10 @@ class MlflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         parent_file(sweep_dir).write_text(json.dumps({"run_id": run.info.run_id,
                                                       "experiment_id": experiment_id}))
-        log.info("Sweep parent MLflow run %s (experiment %s)", run.info.run_id, tracking.experiment)
+        self._open_parent = (run.info.run_id, tracking.uri)
+        atexit.register(self._close_if_open)
+        log.info("Sweep parent MLflow run %s (experiment %s, %s)", run.info.run_id,
+                 tracking.experiment, tracking.uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
@@ -84,7 +117,7 @@ class MlflowSweepCallback(Callback):
         parent_id = read_parent_run_id(sweep_dir)
         if parent_id is None:
             return
-        experiment_id = setup(config.tracking)
+        experiment_id = setup(tracking_config(config))
         client = mlflow.MlflowClient()
         best = best_child(client, experiment_id, parent_id, self.metric, self.maximize)
         children = client.search_runs(
@@ -102,3 +135,5 @@ class MlflowSweepCallback(Callback):
             print(message)
         failed = [r for r in children if r.info.status != "FINISHED"]
         client.set_terminated(parent_id, "FAILED" if failed or best is None else "FINISHED")
+        if self._open_parent and self._open_parent[0] == parent_id:
+            self._open_parent = None

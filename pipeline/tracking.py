@@ -3,11 +3,18 @@
 One pipeline run is one MLflow run: `train` starts it and records its id as a DVC output;
 `evaluate` reopens that run to add test metrics and artifacts. A step that fails or is stopped
 ends its run as FAILED or KILLED, never leaves it RUNNING.
+
+The store is a local SQLite file (`tracking=local`) or a shared MLflow tracking server
+(`tracking=server tracking.uri=http://host:5000`). With a server, MLflow's HTTP client would retry
+a dead server for minutes; `setup` bounds that with `tracking.http_retries`,
+`tracking.http_backoff_factor` and `tracking.timeout_s` (through MLflow's environment variables),
+and a server that fails during a run stops the step with a `TrackingError` naming its URI.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -31,11 +38,79 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used."""
 
 
+def is_remote(uri: str) -> bool:
+    """An MLflow tracking server (REST over HTTP), as opposed to a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def artifact_uri(location: str) -> str:
     """A local folder (relative to the working directory) as a file URI; URIs pass through."""
-    if "://" in location:
+    if "://" in location or location.startswith("mlflow-artifacts:"):
         return location
     return Path(location).expanduser().resolve().as_uri()
+
+
+def experiment_artifact_location(tracking: Any) -> str | None:
+    """The artifact location a new experiment is created with; None leaves it to the store.
+
+    With a tracking server, a local folder would be a path on each client's disk, not on the
+    server: it is ignored, so the server's default applies (`mlflow-artifacts:/`, i.e. uploads and
+    downloads go through the server to its `--artifacts-destination`). URIs (`s3://...`,
+    `mlflow-artifacts:/...`) are kept.
+    """
+    location = tracking.artifact_location
+    if not location:
+        return None
+    if is_remote(tracking.uri):
+        if "://" in location or location.startswith("mlflow-artifacts:"):
+            return location
+        log.info("tracking.artifact_location=%s is a local folder: ignored with the tracking "
+                 "server %s, which stores the artifacts itself", location, tracking.uri)
+        return None
+    return artifact_uri(location)
+
+
+#: MLflow's HTTP client settings (read at every request), set from the tracking config.
+HTTP_ENV = {
+    "http_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "http_backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
+
+
+def apply_http_settings(tracking: Any) -> dict[str, str]:
+    """Bound MLflow's retries against a tracking server: with its defaults (7 retries, backoff
+    factor 2, 120 s timeout) a dead server takes minutes to be reported. The config wins over
+    these variables when they are already set."""
+    settings = {
+        HTTP_ENV["http_retries"]: str(int(tracking.http_retries)),
+        HTTP_ENV["http_backoff_factor"]: str(int(tracking.http_backoff_factor)),
+        HTTP_ENV["timeout_s"]: str(max(1, math.ceil(float(tracking.timeout_s)))),
+    }
+    os.environ.update(settings)
+    return settings
+
+
+def tracking_failure(exc: BaseException) -> bool:
+    """An error of the connection to a tracking server (not of what was sent to it)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
+    return isinstance(exc, MlflowException) and str(exc.message).startswith("API request to ")
+
+
+def failure_error(tracking: Any, exc: BaseException, what: str) -> TrackingError:
+    detail = str(getattr(exc, "message", exc)).strip().splitlines()[0]
+    if len(detail) > 400:
+        detail = detail[:400] + "..."
+    return TrackingError(
+        f"tracking.uri={tracking.uri}: the MLflow tracking server failed {what} "
+        f"(gave up after tracking.http_retries={tracking.http_retries} retries, "
+        f"tracking.timeout_s={tracking.timeout_s} s per request): {detail}. Check that the "
+        "server is up (its /health answers), then rerun; finished runs are kept."
+    )
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
@@ -59,23 +134,37 @@ def setup(tracking: Any) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    remote = is_remote(tracking.uri)
+    if remote:
+        apply_http_settings(tracking)
     check_reachable(tracking.uri, tracking.timeout_s)
     mlflow.set_tracking_uri(tracking.uri)
     client = mlflow.MlflowClient()
     try:
         experiment = client.get_experiment_by_name(tracking.experiment)
         if experiment is not None:
+            if remote and artifact_uri(experiment.artifact_location).startswith("file:"):
+                log.warning(
+                    "Experiment %r on %s keeps its artifacts at %s, a folder on each client's "
+                    "disk, not on the server: choose a new tracking.experiment to have them "
+                    "uploaded through the server", tracking.experiment, tracking.uri,
+                    experiment.artifact_location)
             return experiment.experiment_id
         try:
             return client.create_experiment(
-                tracking.experiment, artifact_location=artifact_uri(tracking.artifact_location)
+                tracking.experiment, artifact_location=experiment_artifact_location(tracking)
             )
-        except MlflowException:  # created meanwhile by a parallel job
+        except MlflowException as exc:  # created meanwhile by a parallel job
+            if remote and tracking_failure(exc):
+                raise
             experiment = client.get_experiment_by_name(tracking.experiment)
             if experiment is None:
                 raise
             return experiment.experiment_id
     except MlflowException as exc:
+        if remote and tracking_failure(exc):
+            what = f"opening experiment {tracking.experiment!r}"
+            raise failure_error(tracking, exc, what) from None
         raise TrackingError(f"tracking.uri={tracking.uri}: {exc.message}") from None
 
 
@@ -89,12 +178,15 @@ def active_run(tracking: Any, run_id: str | None = None, run_name: str | None = 
     """Start (or, with `run_id`, reopen) a run; end it FINISHED, FAILED or KILLED.
 
     SIGTERM (how DVC and schedulers stop a job) is turned into KeyboardInterrupt while the run is
-    active, so the run is closed as KILLED instead of being left RUNNING.
+    active, so the run is closed as KILLED instead of being left RUNNING. With a tracking server,
+    a failure of the server (down, not answering) becomes a `TrackingError` naming it; the run is
+    then marked FAILED if the server still answers (else it stays RUNNING on the server).
     """
     import mlflow
     from mlflow.entities import RunStatus
 
     experiment_id = setup(tracking)
+    remote = is_remote(tracking.uri)
     if run_id is None:
         parent_id, job_name = sweep_job()
         if parent_id:
@@ -105,22 +197,46 @@ def active_run(tracking: Any, run_id: str | None = None, run_name: str | None = 
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     except ValueError:  # not the main thread
         previous = None
-    run = mlflow.start_run(
-        run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=run_name, tags=tags
-    )
     try:
-        yield run
-    except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
-    else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+        try:
+            run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                                   run_name=run_name, tags=tags)
+        except Exception as exc:
+            if remote and tracking_failure(exc):
+                raise failure_error(tracking, exc, "starting the run") from None
+            raise
+        try:
+            yield run
+        except KeyboardInterrupt:
+            _end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
+        except BaseException as exc:
+            _end_run(RunStatus.to_string(RunStatus.FAILED))
+            if remote and tracking_failure(exc):
+                raise failure_error(tracking, exc, f"during run {run.info.run_id}") from None
+            raise
+        else:
+            try:
+                mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+            except Exception as exc:
+                if remote and tracking_failure(exc):
+                    raise failure_error(tracking, exc, f"ending run {run.info.run_id}") from None
+                raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _end_run(status: str) -> None:
+    """End the active run with `status`; if the store cannot be reached, say so and go on (the
+    error that ended the run is the one to report)."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status)  # leaves no active run behind, even when it raises
+    except Exception as exc:  # noqa: BLE001
+        log.warning("Could not mark the MLflow run %s: %s", status,
+                    str(getattr(exc, "message", exc)).splitlines()[0][:300])
 
 
 def sweep_job() -> tuple[str | None, str | None]:
