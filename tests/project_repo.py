@@ -53,3 +53,18 @@ def copy_project(repo: Path, *overrides: str) -> Path:
     (repo / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
     compose_params(repo, *overrides)
     return repo
+
+
+def git_project(repo: Path, *overrides: str) -> Path:
+    """`copy_project` in `repo`, made a git repository with everything committed (one commit on
+    `main`): what a user's clone looks like before `dvc repro`."""
+    copy_project(repo, *overrides)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "project")
+    return repo
+
+
+def stages_run(output: str) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` actually ran, in order, read from its output."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
