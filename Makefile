@@ -28,8 +28,11 @@ weights:  ## make the MobileNetV2 ImageNet weights available offline (Keras' cac
 repro: install weights  ## the whole pipeline on the default data
 	$(BIN)/dvc repro
 
+# The heavy tests mostly wait on subprocesses (TensorFlow imports, dvc, mlflow server), so one
+# worker per core, each taking whole test files (module fixtures are built once).
+PYTEST_WORKERS ?= auto
 test: install weights  ## the test suite
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 params:  ## recompose params.yaml from conf/ (what DVC does on `dvc exp run -S`)
 	$(BIN)/python -m pipeline.params
