@@ -223,7 +223,9 @@ def ingest(
     report: dict[str, Any] = {
         "image_size": size,
         "resize": resize,
-        "root": str(root_path),
+        # relative to the project when inside it, so the prepared data (and its DVC hash) do not
+        # depend on where the project is cloned
+        "root": display_path(Path(root_path).absolute(), Path.cwd().absolute()),
         "layout": disc.layout,
         "classes": list(classes),
         "counts": counts,

@@ -95,7 +95,7 @@ def test_split_layout_writes_the_prepared_format(tmp_path):
     assert report["layout"] == "splits" and report["classes"] == ["cats", "dogs"]
     assert report["counts"] == {"train": {"cats": 3, "dogs": 3}, "val": {"cats": 2, "dogs": 2},
                                 "test": {"cats": 2, "dogs": 2}}
-    assert report["image_size"] == SIZE and report["root"] == str(root)
+    assert report["image_size"] == SIZE and report["root"] == str(root)  # outside the cwd
     assert report["rejected"] == [] and report["skipped"] == [] and report["leakage"] == []
     assert report["warnings"] == []
     check_invariants(report, out)
@@ -514,3 +514,11 @@ def test_accepts_the_validated_read_only_config(tmp_path):
     report = ingest(root, config.data, out, progress=False)
     assert report["totals"] == {"train": 4, "val": 0, "test": 4} and report["resize"] == "pad"
     check_invariants(report, out)
+
+
+def test_a_folder_inside_the_project_is_recorded_relative_so_clones_hash_the_same(tmp_path,
+                                                                                 monkeypatch):
+    tree(tmp_path / "project" / "data" / "ds", SPLIT_SPEC)
+    monkeypatch.chdir(tmp_path / "project")
+    assert run(Path("data/ds"), tmp_path)["root"] == "data/ds"
+    assert run(tmp_path / "project" / "data" / "ds", tmp_path)["root"] == "data/ds"
