@@ -68,3 +68,61 @@ def git_project(repo: Path, *overrides: str) -> Path:
 def stages_run(output: str) -> list[str]:
     """The stages a `dvc repro` / `dvc exp run` actually ran, in order, read from its output."""
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def reproduced_smoke_project(base: Path) -> tuple[Path, str]:
+    """`git_project(experiment=smoke)` in `base` after its first `dvc repro`, and that repro's
+    output: what every test of a reproduced project starts from (see `copy_reproduced`)."""
+    repo = git_project(base, "experiment=smoke")
+    return repo, dvc(repo, "repro")
+
+
+def smoke_experiment_history(template: Path, repo: Path) -> dict[str, str]:
+    """`template` (the reproduced smoke project) copied to `repo` and committed; then `dvc exp
+    run` with more epochs and a higher learning rate, committed: {"first", "second", "output"}."""
+    copy_reproduced(template, repo)
+    git(repo, "add", "-A")  # dvc.lock and the git-tracked reports; DVC-cached outputs are ignored
+    git(repo, "commit", "-qm", "smoke run")
+    first = git(repo, "rev-parse", "HEAD").strip()
+    output = dvc(repo, "exp", "run", "-S", "experiment=smoke", "-S", "train.epochs=3",
+                 "-S", "train.learning_rate=0.01")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "more epochs, higher learning rate")
+    second = git(repo, "rev-parse", "HEAD").strip()
+    return {"first": first, "second": second, "output": output}
+
+
+def copy_reproduced(template: Path, dest: Path) -> Path:
+    """A copy of the reproduced project `template` at `dest`: git history, DVC cache and outputs
+    (file times kept), the MLflow store with its absolute paths moved to `dest`. DVC's own
+    temporary state is left behind, so DVC re-hashes the copied outputs against dvc.lock."""
+    shutil.copytree(template, dest, symlinks=True,
+                    ignore=lambda folder, names: names if Path(folder) == template / ".dvc" / "tmp"
+                    else [])
+    relocate_mlflow_store(dest, template)
+    return dest
+
+
+def relocate_mlflow_store(repo: Path, old: Path) -> None:
+    """Rewrite the absolute paths MLflow recorded while the project lived at `old` (artifact
+    locations of experiments, runs and logged models, model-version sources, dataset sources) to
+    `repo`: in every text column of mlflow.db and in the logged models' MLmodel files."""
+    import sqlite3
+    from contextlib import closing
+
+    before, after = f"{old}/", f"{repo}/"
+    db = repo / "mlflow.db"
+    if db.is_file():
+        with closing(sqlite3.connect(db)) as con:
+            tables = [name for (name,) in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                    if "CHAR" in kind.upper() or "TEXT" in kind.upper():
+                        con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                                    f'WHERE instr("{column}", ?) > 0', (before, after, before))
+            con.commit()
+    for mlmodel in (repo / "mlartifacts").rglob("MLmodel"):
+        text = mlmodel.read_text()
+        if before in text:
+            mlmodel.write_text(text.replace(before, after))

@@ -1,10 +1,10 @@
 """The pull-request report (`python -m pipeline.ci_report`) and the CI workflow that posts it.
 
-The end-to-end tests build one temporary git + DVC repository (module-scoped) from the project
-files with params.yaml composed from `experiment=smoke`, and make two commits, each after a real
-`dvc repro`: the first with the smoke params, the second with `train.epochs=3
-train.learning_rate=0.01` (train and evaluate rerun). The report compares them the way CI compares
-a pull request with its base branch.
+The end-to-end tests use a copy of two commits of the project with `experiment=smoke` (the
+session's `smoke_history`), each after a real run of the pipeline: the first with the smoke
+params, the second after `dvc exp run -S train.epochs=3 -S train.learning_rate=0.01` (train,
+evaluate and export rerun). The report compares them the way CI compares a pull request with its
+base branch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline import ci_report
 from pipeline.ci_report import (CIReportError, confusion_changes, confusion_from_predictions,
                                 confusion_table, main, render_metrics, verdict)
 from tests.conftest import ROOT
-from tests.project_repo import compose_params, copy_project, dvc, git, run
+from tests.project_repo import copy_reproduced, git, run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -134,20 +134,11 @@ def test_dvc_failure_exits_2_with_dvc_stderr(small_repo: Path, tmp_path: Path,
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+def history(smoke_history: tuple[Path, dict],
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """(repo, first commit, second commit): smoke run, then train.epochs=3 and lr 0.01."""
-    repo = copy_project(tmp_path_factory.mktemp("ci-report-project"), "experiment=smoke")
-    git(repo, "init", "-q", "-b", "main")
-    dvc(repo, "repro")
-    git(repo, "add", "-A")  # dvc.lock and the git-tracked reports; DVC-cached outputs are ignored
-    git(repo, "commit", "-qm", "smoke run")
-    first = git(repo, "rev-parse", "HEAD").strip()
-    compose_params(repo, "experiment=smoke", "train.epochs=3", "train.learning_rate=0.01")
-    dvc(repo, "repro")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "more epochs, higher learning rate")
-    second = git(repo, "rev-parse", "HEAD").strip()
-    return repo, first, second
+    repo = copy_reproduced(smoke_history[0], tmp_path_factory.mktemp("ci-report-project") / "repo")
+    return repo, smoke_history[1]["first"], smoke_history[1]["second"]
 
 
 def _links(markdown: str) -> list[str]:

@@ -1,8 +1,9 @@
 """The whole pipeline as users run it: `dvc repro` in a real git + DVC repository, then MLflow.
 
-One temporary repository (module-scoped) holds a copy of the project with params.yaml composed
-from `experiment=smoke` (tiny images, alpha 0.35, no weights), so each `dvc repro` takes seconds
-of work plus TensorFlow's start-up per stage.
+The repository is a copy of the project with params.yaml composed from `experiment=smoke` (tiny
+images, alpha 0.35, no weights) after its first `dvc repro` (the session's `smoke_project`, shared
+with the remote and CI-report tests), moved to a folder of its own: DVC must find it up to date
+there, and MLflow's store must hold the run.
 """
 
 from __future__ import annotations
@@ -13,26 +14,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.project_repo import copy_project, dvc, git
+from tests.project_repo import copy_reproduced, dvc, git, stages_run
 
 pytestmark = pytest.mark.slow
 
-def stages_run(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+@pytest.fixture(scope="module")
+def repo(smoke_project: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_reproduced(smoke_project[0], tmp_path_factory.mktemp("project") / "repo")
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = copy_project(tmp_path_factory.mktemp("project"), "experiment=smoke")
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "project")
-    return repo
-
-
-@pytest.fixture(scope="module")
-def first_repro(repo: Path) -> str:
-    return dvc(repo, "repro")
+def first_repro(smoke_project: tuple[Path, str], repo: Path) -> str:
+    """The output of the project's first `dvc repro` (run in the session's template)."""
+    return smoke_project[1]
 
 
 def test_repro_runs_every_stage_and_writes_outputs(repo: Path, first_repro: str):
@@ -135,25 +130,41 @@ def test_logged_model_loads_back_with_its_signature(repo: Path, first_repro: str
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
 
-def test_editing_train_params_reruns_train_and_evaluate_only(repo: Path, first_repro: str):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+def test_editing_train_params_invalidates_train_not_the_features(repo: Path, first_repro: str):
+    """A train parameter edited in params.yaml: DVC sees `train` changed (its downstream stages
+    rerun after it: see the `dvc exp run` test below), `prepare` and `featurize` unchanged."""
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
     params["train"]["learning_rate"] = 0.01
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = dvc(repo, "repro")
-    ran = stages_run(out)
-    assert ran[0] == "train" and sorted(ran[1:]) == ["evaluate", "export"]  # features reused
+    try:
+        status = json.loads(dvc(repo, "status", "--json"))
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert set(status) == {"train"}, status
+    assert {"changed deps": {"params.yaml": {"train.learning_rate": "modified"}}} in \
+        status["train"], status
+    assert json.loads(dvc(repo, "status", "--json")) == {}
 
 
-def test_dvc_exp_run_recomposes_params_from_conf(repo: Path, first_repro: str):
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "after repro", "--allow-empty")
-    out = dvc(repo, "exp", "run", "-S", "experiment=smoke", "-S", "train.epochs=3")
-    ran = stages_run(out)
+def test_dvc_exp_run_recomposes_params_from_conf(smoke_history: tuple[Path, dict],
+                                                 smoke_project: tuple[Path, str],
+                                                 tmp_path: Path):
+    """`dvc exp run -S experiment=smoke -S train.epochs=3 -S train.learning_rate=0.01` (the
+    session's `smoke_history`): DVC's Hydra integration recomposes params.yaml from conf/ with
+    the overrides; train and its downstream stages rerun, the features are reused."""
+    repo = copy_reproduced(smoke_history[0], tmp_path / "repo")
+    ran = stages_run(smoke_history[1]["output"])
     assert ran[0] == "train" and sorted(ran[1:]) == ["evaluate", "export"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert params["train"]["epochs"] == 3 and params["data"]["image_size"] == 32
-    assert params["train"]["learning_rate"] == 0.001  # recomposed from conf/, not edited in place
+    before = yaml.safe_load((smoke_project[0] / "params.yaml").read_text())
+    assert params["train"]["epochs"] == 3 and params["train"]["learning_rate"] == 0.01
+    assert params["data"]["image_size"] == 32  # experiment=smoke
+    for key in ("epochs", "learning_rate"):
+        del params["train"][key], before["train"][key]
+    assert params == before  # everything else as composed before
     history = (repo / "reports/train_history.csv").read_text().splitlines()
     assert len(history) == 1 + 3
-    shown = dvc(repo, "exp", "show", "--json")
-    assert '"epochs": 3' in shown or "epochs" in shown
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    assert '"epochs": 3' in json.dumps(shown), shown
+    assert "up to date" in dvc(repo, "status")

@@ -2,8 +2,8 @@
 
 Real components on loopback: moto's S3 server (`python -m moto.server`, the same HTTP API as AWS S3
 or MinIO) in its own process, DVC's S3 remote (dvc-s3: s3fs/aiobotocore) talking to it over HTTP,
-and the pipeline run by `dvc repro` in a temporary git + DVC copy of the project with
-`experiment=smoke` (tiny images, alpha 0.35, no weights). The remote is configured the way the
+and a temporary git + DVC copy of the project with `experiment=smoke` (tiny images, alpha 0.35, no
+weights) after its first `dvc repro` (the session's `smoke_project`). The remote is configured the way the
 README tells users to: `dvc remote add -d storage s3://...`, `dvc remote modify storage endpointurl`,
 credentials from the standard AWS environment variables.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.project_repo import dvc, git, git_project, stages_run
+from tests.project_repo import copy_reproduced, dvc, git, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -151,12 +151,14 @@ def assert_up_to_date(repo: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def pushed(s3, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """`dvc repro`, the remote configured and committed, `dvc push`."""
+def pushed(s3, smoke_project, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The reproduced project, the remote configured and committed, `dvc push`."""
     endpoint, _ = s3
-    repo = git_project(tmp_path_factory.mktemp("project"), "experiment=smoke")
+    template, repro_output = smoke_project
+    repo = copy_reproduced(template, tmp_path_factory.mktemp("project") / "repo")
     stages, outs = pipeline(repo)
-    assert sorted(stages_run(dvc(repo, "repro"))) == sorted(stages)
+    assert sorted(stages_run(repro_output)) == sorted(stages)
+    assert stages_run(dvc(repo, "repro")) == []  # the copy is up to date
     dvc(repo, "remote", "add", "-d", "storage", f"s3://{BUCKET}/{PREFIX}")
     dvc(repo, "remote", "modify", "storage", "endpointurl", endpoint)
     git(repo, "add", "-A")
