@@ -13,7 +13,13 @@ from pipeline.features import (
     make_featurizer,
     tflite_cache_path,
 )
+from pipeline.data import PreparedDataset
+from pipeline.featurize import featurize
+from pipeline.files import dvc_md5
 from pipeline.model import build_feature_extractor
+from pipeline.prepare import prepare
+from pipeline.train import fit
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +70,25 @@ def test_featurize_streams_into_a_memory_map(extractor, images, tmp_path):
     assert seen == [16, 16, 5]  # one batch at a time, never the whole array
     np.testing.assert_allclose(np.load(tmp_path / "f.npy"),
                                extractor.predict(images.astype(np.float32), verbose=0), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_training_on_cached_features_matches_end_to_end(tmp_path):
+    """Same head, same batches (no shuffle, no dropout): the cached-feature path must give the
+    model that end-to-end training through the frozen backbone gives. Plumbing, so a tiny random
+    backbone; the ImageNet backbone's learning is tested in test_transfer_learning."""
+    small = {"data.image_size": 64, "train.shuffle": "false", "train.epochs": 3}
+    cached_cfg = tiny_config(tmp_path, **small)
+    prepare(cached_cfg)
+    featurize(cached_cfg)
+    dataset = PreparedDataset(cached_cfg.paths.prepared)
+    md5 = dvc_md5(cached_cfg.paths.prepared)
+    cached = fit(cached_cfg, dataset, md5)
+    e2e = fit(tiny_config(tmp_path, **small, **{"train.use_feature_cache": "false"}), dataset, md5)
+    assert (cached["mode"], e2e["mode"]) == ("cached_features", "end_to_end")
+    assert cached["epochs"]["loss"][-1] < cached["epochs"]["loss"][0]  # it did learn something
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        np.testing.assert_allclose(cached["epochs"][key], e2e["epochs"][key], atol=2e-3, err_msg=key)
+    images = np.asarray(dataset.images("test"), dtype=np.float32)
+    np.testing.assert_allclose(cached["model"].predict(images, verbose=0),
+                               e2e["model"].predict(images, verbose=0), atol=2e-3)

@@ -270,7 +270,9 @@ def test_parallel_sweep_of_8_jobs_against_the_server(live, data, tmp_path):
 
 def test_server_killed_mid_sweep_then_restarted(live, data, tmp_path):
     rates = ["0.001", "0.01", "0.03"]
-    cmd = sweep_cmd(tmp_path, live, data, "fault", "train.learning_rate=" + ",".join(rates))
+    # one retry, short backoff: the test waits for the failure (defaults: 3 retries, ~30 s)
+    cmd = sweep_cmd(tmp_path, live, data, "fault", "tracking.http_retries=1",
+                    "tracking.http_backoff_factor=1", "train.learning_rate=" + ",".join(rates))
     client = mlflow.MlflowClient(tracking_uri=live.uri)
     out, err = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)

@@ -158,7 +158,7 @@ def test_multirun_gives_each_job_its_own_run_outside_dvc_paths(done, tmp_path):
     overrides = tiny_overrides(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
                                             "paths.features": done["cfg"].paths.features})
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "-m", *overrides,
+        [sys.executable, "-m", "pipeline.train", "-m", *overrides, "tracking.log_model=false",
          "train.learning_rate=0.001,0.01", f"hydra.sweep.dir={sweep_dir}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
