@@ -19,8 +19,8 @@ from pipeline.config import Config
 from pipeline.data import iter_batches
 from pipeline.featurize import open_prepared
 from pipeline.files import atomic_dir, atomic_file, read_json, write_json
-from pipeline.step import StageInputError, run_step
-from pipeline.train import MODEL_FILE, RUN_FILE, write_csv
+from pipeline.step import run_step
+from pipeline.train import MODEL_FILE, RUN_FILE, trained_model_folder, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     from pipeline.model import load_model
 
     dataset = open_prepared(cfg)
-    models = Path(cfg.paths.models)
-    if not (models / MODEL_FILE).is_file():
-        raise StageInputError(f"No trained model at {models / MODEL_FILE}: run the train stage "
-                              "first (`dvc repro train` or `python -m pipeline.train`).")
-    classes = list(read_json(models / "classes.json"))
-    if classes != dataset.classes:
-        raise StageInputError(f"The model in {models} was trained on classes {classes}, but the "
-                              f"prepared data has {dataset.classes}: rerun train (`dvc repro`).")
+    models, classes = trained_model_folder(cfg, dataset)
     model = load_model(models / MODEL_FILE)
     images = dataset.images("test")
     y_true = dataset.labels("test")

@@ -43,7 +43,7 @@ from pipeline.data import iter_batches
 from pipeline.featurize import open_prepared
 from pipeline.files import atomic_dir, read_json, write_json
 from pipeline.step import StageInputError, run_step
-from pipeline.train import MODEL_FILE, RUN_FILE
+from pipeline.train import MODEL_FILE, RUN_FILE, trained_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -226,14 +226,7 @@ def export(cfg: Config) -> dict[str, Any]:
 
     e = cfg.export
     dataset = open_prepared(cfg)
-    models = Path(cfg.paths.models)
-    if not (models / MODEL_FILE).is_file():
-        raise StageInputError(f"No trained model at {models / MODEL_FILE}: run the train stage "
-                              "first (`dvc repro train` or `python -m pipeline.train`).")
-    classes = list(read_json(models / "classes.json"))
-    if classes != dataset.classes:
-        raise StageInputError(f"The model in {models} was trained on classes {classes}, but the "
-                              f"prepared data has {dataset.classes}: rerun train (`dvc repro`).")
+    models, _ = trained_model_folder(cfg, dataset)
     if dataset.size("test") == 0:
         raise StageInputError(f"The test split of {dataset.folder} is empty: no parity check is "
                               "possible.")

@@ -438,6 +438,22 @@ def _fit(cfg: Config, dataset: PreparedDataset, prepared_md5: str, strategy: Any
             "strategy": t.strategy, "replicas": int(strategy.num_replicas_in_sync)}
 
 
+def trained_model_folder(cfg: Config, dataset: PreparedDataset) -> tuple[Path, list[str]]:
+    """(`paths.models`, its classes) once it holds a model trained on `dataset`'s classes; else a
+    StageInputError saying to run train. For the stages after train (evaluate, export)."""
+    from pipeline.step import StageInputError
+
+    models = Path(cfg.paths.models)
+    if not (models / MODEL_FILE).is_file():
+        raise StageInputError(f"No trained model at {models / MODEL_FILE}: run the train stage "
+                              "first (`dvc repro train` or `python -m pipeline.train`).")
+    classes = list(read_json(models / "classes.json"))
+    if classes != dataset.classes:
+        raise StageInputError(f"The model in {models} was trained on classes {classes}, but the "
+                              f"prepared data has {dataset.classes}: rerun train (`dvc repro`).")
+    return models, classes
+
+
 def write_csv(path: Path, columns: dict[str, list[Any]]) -> None:
     names = list(columns)
     with atomic_file(path) as fh:
