@@ -39,8 +39,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -54,16 +55,76 @@ import numpy as np  # noqa: E402
 # The default synthetic dataset is 6 classes x (10 train + 25 val + 25 test) = 360 images, 224 px.
 #: A sweep over the head's hyper-parameters (learning rate, epochs, dropout, batch size, optimizer).
 SWEEP = [
-    {"train.learning_rate": 1e-3, "train.epochs": 8, "model.dropout": 0.0, "train.batch_size": 32, "train.optimizer": "adam"},
-    {"train.learning_rate": 3e-4, "train.epochs": 8, "model.dropout": 0.0, "train.batch_size": 32, "train.optimizer": "adam"},
-    {"train.learning_rate": 3e-3, "train.epochs": 8, "model.dropout": 0.2, "train.batch_size": 32, "train.optimizer": "adam"},
-    {"train.learning_rate": 1e-3, "train.epochs": 16, "model.dropout": 0.2, "train.batch_size": 16, "train.optimizer": "adam"},
-    {"train.learning_rate": 1e-3, "train.epochs": 8, "model.dropout": 0.0, "train.batch_size": 8, "train.optimizer": "rmsprop"},
-    {"train.learning_rate": 1e-2, "train.epochs": 4, "model.dropout": 0.0, "train.batch_size": 32, "train.optimizer": "sgd"},
-    {"train.learning_rate": 3e-3, "train.epochs": 12, "model.dropout": 0.3, "train.batch_size": 16, "train.optimizer": "adamw"},
-    {"train.learning_rate": 1e-3, "train.epochs": 8, "model.dropout": 0.5, "train.batch_size": 32, "train.optimizer": "rmsprop"},
-    {"train.learning_rate": 3e-4, "train.epochs": 16, "model.dropout": 0.1, "train.batch_size": 8, "train.optimizer": "adamw"},
-    {"train.learning_rate": 1e-2, "train.epochs": 8, "model.dropout": 0.0, "train.batch_size": 16, "train.optimizer": "sgd"},
+    {
+        "train.learning_rate": 1e-3,
+        "train.epochs": 8,
+        "model.dropout": 0.0,
+        "train.batch_size": 32,
+        "train.optimizer": "adam",
+    },
+    {
+        "train.learning_rate": 3e-4,
+        "train.epochs": 8,
+        "model.dropout": 0.0,
+        "train.batch_size": 32,
+        "train.optimizer": "adam",
+    },
+    {
+        "train.learning_rate": 3e-3,
+        "train.epochs": 8,
+        "model.dropout": 0.2,
+        "train.batch_size": 32,
+        "train.optimizer": "adam",
+    },
+    {
+        "train.learning_rate": 1e-3,
+        "train.epochs": 16,
+        "model.dropout": 0.2,
+        "train.batch_size": 16,
+        "train.optimizer": "adam",
+    },
+    {
+        "train.learning_rate": 1e-3,
+        "train.epochs": 8,
+        "model.dropout": 0.0,
+        "train.batch_size": 8,
+        "train.optimizer": "rmsprop",
+    },
+    {
+        "train.learning_rate": 1e-2,
+        "train.epochs": 4,
+        "model.dropout": 0.0,
+        "train.batch_size": 32,
+        "train.optimizer": "sgd",
+    },
+    {
+        "train.learning_rate": 3e-3,
+        "train.epochs": 12,
+        "model.dropout": 0.3,
+        "train.batch_size": 16,
+        "train.optimizer": "adamw",
+    },
+    {
+        "train.learning_rate": 1e-3,
+        "train.epochs": 8,
+        "model.dropout": 0.5,
+        "train.batch_size": 32,
+        "train.optimizer": "rmsprop",
+    },
+    {
+        "train.learning_rate": 3e-4,
+        "train.epochs": 16,
+        "model.dropout": 0.1,
+        "train.batch_size": 8,
+        "train.optimizer": "adamw",
+    },
+    {
+        "train.learning_rate": 1e-2,
+        "train.epochs": 8,
+        "model.dropout": 0.0,
+        "train.batch_size": 16,
+        "train.optimizer": "sgd",
+    },
 ]
 
 TARGET_MAX_DIFF = 1e-3
@@ -130,7 +191,7 @@ class Timer:
     other processes (or the hypervisor, as steal) kept busy meanwhile, on average; the machine is
     shared, so this says how much a figure was disturbed."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         gc.collect()
         self._busy, self._own = cpu_snapshot()
         self.start = time.perf_counter()
@@ -149,7 +210,7 @@ def compose_cfg(overrides: list[str]) -> Any:
     pointed into the benchmark's work folder too, so nothing is written into the repository."""
     from hydra import compose, initialize_config_dir
 
-    from pipeline.config import validate
+    from pipeline.lib.config.schema import validate
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         raw = compose(config_name="config", overrides=list(overrides))
@@ -236,7 +297,7 @@ class RssSampler:
             self.peak = dict.fromkeys(self.KEYS, 0)
         self.sample()
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -252,8 +313,13 @@ def write_tiled_npy(path: Path, src: np.ndarray, n: int, chunk: int = 128) -> No
     shape = (n, *src.shape[1:])
     with open(path, "wb") as fh:
         np.lib.format.write_array_header_1_0(
-            fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                 "fortran_order": False, "shape": shape})
+            fh,
+            {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                "fortran_order": False,
+                "shape": shape,
+            },
+        )
         for start in range(0, n, chunk):
             idx = np.arange(start, min(start + chunk, n)) % len(src)
             fh.write(np.ascontiguousarray(src[idx], dtype=np.uint8).tobytes())
@@ -264,8 +330,8 @@ def write_tiled_npy(path: Path, src: np.ndarray, n: int, chunk: int = 128) -> No
 def scale_worker(args: argparse.Namespace) -> int:
     """One size: build the input, load the (already converted) TFLite backbone, then featurize
     memmap -> memmap. Prints one JSON line; memory figures are this process' own (KiB)."""
-    from pipeline.features import featurize_array, make_featurizer
-    from pipeline.model import build_feature_extractor
+    from pipeline.lib.model.build import build_feature_extractor
+    from pipeline.lib.model.features import featurize_array, make_featurizer
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -286,8 +352,9 @@ def scale_worker(args: argparse.Namespace) -> int:
         rss.reset()  # the featurize phase's own peaks
         images = np.load(work / "images.npy", mmap_mode="r")
         assert images.shape[0] == args.n and images.dtype == np.uint8
-        out = np.lib.format.open_memmap(work / "features.npy", mode="w+", dtype=np.float32,
-                                        shape=(args.n, dim))
+        out = np.lib.format.open_memmap(
+            work / "features.npy", mode="w+", dtype=np.float32, shape=(args.n, dim)
+        )
         per_image: list[float] = []
 
         def timed(batch: np.ndarray) -> np.ndarray:  # the pipeline's featurizer, each call timed
@@ -319,18 +386,32 @@ def scale_worker(args: argparse.Namespace) -> int:
 
 
 def run_scale_size(n: int, src: Path, work: Path, cache: Path, image_size: int) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_scale-worker", "--n", str(n),
-           "--src", str(src), "--work", str(work), "--cache", str(cache),
-           "--image-size", str(image_size)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_scale-worker",
+        "--n",
+        str(n),
+        "--src",
+        str(src),
+        "--work",
+        str(work),
+        "--cache",
+        str(cache),
+        "--image-size",
+        str(image_size),
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     wall = time.perf_counter() - start
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(WORKER_MARK)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"scaling worker for {n} images failed (rc {proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len(WORKER_MARK):])
+        raise RuntimeError(
+            f"scaling worker for {n} images failed (rc {proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    result = json.loads(lines[-1][len(WORKER_MARK) :])
     result["process_wall_s"] = wall
     shutil.rmtree(work, ignore_errors=True)
     return result
@@ -341,8 +422,13 @@ def run_scale_size(n: int, src: Path, work: Path, cache: Path, image_size: int) 
 
 
 def section_throughput(ctx: dict[str, Any], res: dict[str, Any]) -> None:
-    from pipeline.features import featurize_array, make_featurizer, tflite_cache_path, tflite_model
-    from pipeline.model import build_feature_extractor
+    from pipeline.lib.model.build import build_feature_extractor
+    from pipeline.lib.model.features import (
+        featurize_array,
+        make_featurizer,
+        tflite_cache_path,
+        tflite_model,
+    )
 
     say("\n[1] Featurize throughput: Keras predict vs the pipeline's TFLite featurizer")
     with Timer() as t:
@@ -355,9 +441,11 @@ def section_throughput(ctx: dict[str, Any], res: dict[str, Any]) -> None:
     assert tflite_cache_path(extractor, cache).is_file()
     with Timer() as load:
         featurizer = make_featurizer(extractor, "tflite", 0, cache)
-    say(f"    extractor build {fmt_s(t.seconds)}; TFLite conversion (one-time, fresh cache) "
+    say(
+        f"    extractor build {fmt_s(t.seconds)}; TFLite conversion (one-time, fresh cache) "
         f"{fmt_s(conv.seconds)} ({len(flatbuffer) / 2**20:.1f} MiB); "
-        f"later loads from the cache {fmt_s(load.seconds)}")
+        f"later loads from the cache {fmt_s(load.seconds)}"
+    )
 
     images = np.load(ctx["all_images"], mmap_mode="r")[: ctx["throughput_images"]]
     n = len(images)
@@ -381,40 +469,58 @@ def section_throughput(ctx: dict[str, Any], res: dict[str, Any]) -> None:
     keras_ips = n / min(keras_times)
     tflite_ips = n / min(tflite_times)
     diff = float(np.abs(np.asarray(keras_out) - tflite_out).max())
-    say(f"    {n} images, batch 32, best of {ctx['repeats']}: Keras predict {keras_ips:.1f} img/s "
+    say(
+        f"    {n} images, batch 32, best of {ctx['repeats']}: Keras predict {keras_ips:.1f} img/s "
         f"({', '.join(fmt_s(s) for s in keras_times)}), TFLite featurize_array {tflite_ips:.1f} "
-        f"img/s ({', '.join(fmt_s(s) for s in tflite_times)})")
-    say(f"    other processes kept {min(others):.2f}-{max(others):.2f} of {os.cpu_count()} cores "
-        "busy during these passes")
-    say(f"    speed-up {tflite_ips / keras_ips:.2f}x; max |TFLite - Keras| = {diff:.2e} "
-        f"(features in [{float(keras_out.min()):.2f}, {float(keras_out.max()):.2f}])")
+        f"img/s ({', '.join(fmt_s(s) for s in tflite_times)})"
+    )
+    say(
+        f"    other processes kept {min(others):.2f}-{max(others):.2f} of {os.cpu_count()} cores "
+        "busy during these passes"
+    )
+    say(
+        f"    speed-up {tflite_ips / keras_ips:.2f}x; max |TFLite - Keras| = {diff:.2e} "
+        f"(features in [{float(keras_out.min()):.2f}, {float(keras_out.max()):.2f}])"
+    )
     breakeven = conv.seconds / max(1.0 / keras_ips - 1.0 / tflite_ips, 1e-9)
     say(f"    the conversion pays for itself after ~{breakeven:.0f} images")
     res["throughput"] = {
-        "images": n, "repeats": ctx["repeats"], "keras_seconds": keras_times,
-        "tflite_seconds": tflite_times, "others_cores": others, "keras_img_per_s": keras_ips,
-        "tflite_img_per_s": tflite_ips, "speedup": tflite_ips / keras_ips,
-        "max_abs_diff": diff, "conversion_seconds": conv.seconds,
-        "cached_load_seconds": load.seconds, "extractor_build_seconds": t.seconds,
-        "flatbuffer_bytes": len(flatbuffer), "breakeven_images": breakeven,
+        "images": n,
+        "repeats": ctx["repeats"],
+        "keras_seconds": keras_times,
+        "tflite_seconds": tflite_times,
+        "others_cores": others,
+        "keras_img_per_s": keras_ips,
+        "tflite_img_per_s": tflite_ips,
+        "speedup": tflite_ips / keras_ips,
+        "max_abs_diff": diff,
+        "conversion_seconds": conv.seconds,
+        "cached_load_seconds": load.seconds,
+        "extractor_build_seconds": t.seconds,
+        "flatbuffer_bytes": len(flatbuffer),
+        "breakeven_images": breakeven,
     }
     del extractor, featurizer, x, keras_out, tflite_out
     clear_keras()
 
 
 def timed_fit(cfg: Any) -> dict[str, Any]:
-    from pipeline.data import PreparedDataset
-    from pipeline.files import dvc_md5
-    from pipeline.train import fit
+    from pipeline.lib.data.prepared import PreparedDataset
+    from pipeline.lib.files import dvc_md5
+    from pipeline.lib.training.fit import fit
 
     dataset = PreparedDataset(cfg.paths.prepared)
     md5 = dvc_md5(cfg.paths.prepared)
     with quiet(), Timer() as t:
         out = fit(cfg, dataset, md5)
-    summary = {"wall_s": t.seconds, "others_cores": t.others,
-               "fit_seconds": out["seconds"], "mode": out["mode"],
-               "final_val_accuracy": out["epochs"].get("val_accuracy", [None])[-1],
-               "epochs": len(out["epochs"].get("loss", []))}
+    summary = {
+        "wall_s": t.seconds,
+        "others_cores": t.others,
+        "fit_seconds": out["seconds"],
+        "mode": out["mode"],
+        "final_val_accuracy": out["epochs"].get("val_accuracy", [None])[-1],
+        "epochs": len(out["epochs"].get("loss", [])),
+    }
     del out
     clear_keras()
     return summary
@@ -426,15 +532,22 @@ def timed_featurize(cfg: Any) -> dict[str, Any]:
     with quiet(), Timer() as t:
         meta = featurize(cfg)
     clear_keras()
-    return {"wall_s": t.seconds, "others_cores": t.others, "backend": meta["backend"],
-            "img_per_s": meta["images_per_second"], "setup_s": meta["setup_seconds"]}
+    return {
+        "wall_s": t.seconds,
+        "others_cores": t.others,
+        "backend": meta["backend"],
+        "img_per_s": meta["images_per_second"],
+        "setup_s": meta["setup_seconds"],
+    }
 
 
-def cached_job_breakdown(work: Path, params: dict[str, Any], full: dict[str, Any]) -> dict[str, float]:
+def cached_job_breakdown(
+    work: Path, params: dict[str, Any], full: dict[str, Any]
+) -> dict[str, float]:
     """Where one cached-features job's time goes, measured with the pipeline's own functions:
     building the extractor alone (fit does it before its own timer), and fit's own `seconds` at 1
     epoch vs at the job's epochs (`full`), giving a fixed cost and a cost per epoch."""
-    from pipeline.model import build_feature_extractor
+    from pipeline.lib.model.build import build_feature_extractor
 
     with quiet(), Timer() as t:
         build_feature_extractor(1.0, "imagenet", 224)
@@ -455,38 +568,58 @@ def cached_job_breakdown(work: Path, params: dict[str, Any], full: dict[str, Any
 
 def section_training(ctx: dict[str, Any], res: dict[str, Any]) -> None:
     epochs = ctx["train_epochs"]
-    say(f"\n[2] Training {epochs} epochs (Adam 1e-3, batch 32, {ctx['n_train']} training + "
-        f"{ctx['n_val']} validation images, 224 px) with the pipeline's fit")
+    say(
+        f"\n[2] Training {epochs} epochs (Adam 1e-3, batch 32, {ctx['n_train']} training + "
+        f"{ctx['n_val']} validation images, 224 px) with the pipeline's fit"
+    )
     work = ctx["work"]
     feat = timed_featurize(compose_cfg(base_overrides(work)))
     res["featurize_once"] = feat
-    say(f"    featurize stage (all {ctx['n_all']} images, {feat['backend']}, cached conversion): "
+    say(
+        f"    featurize stage (all {ctx['n_all']} images, {feat['backend']}, cached conversion): "
         f"{fmt_s(feat['wall_s'])} ({feat['img_per_s']} img/s inside; others busy "
-        f"{feat['others_cores']:.2f} cores)")
+        f"{feat['others_cores']:.2f} cores)"
+    )
     cached = timed_fit(compose_cfg(base_overrides(work, **{"train.epochs": epochs})))
-    say(f"    on cached features: fit() {fmt_s(cached['wall_s'])} (its own training time "
+    say(
+        f"    on cached features: fit() {fmt_s(cached['wall_s'])} (its own training time "
         f"{fmt_s(cached['fit_seconds'])}), val acc {cached['final_val_accuracy']:.3f}; others busy "
-        f"{cached['others_cores']:.2f} cores")
-    e2e = timed_fit(compose_cfg(base_overrides(
-        work, **{"train.epochs": epochs, "train.use_feature_cache": "false"})))
-    say(f"    end-to-end through the frozen backbone: fit() {fmt_s(e2e['wall_s'])} (its own "
+        f"{cached['others_cores']:.2f} cores"
+    )
+    e2e = timed_fit(
+        compose_cfg(
+            base_overrides(work, **{"train.epochs": epochs, "train.use_feature_cache": "false"})
+        )
+    )
+    say(
+        f"    end-to-end through the frozen backbone: fit() {fmt_s(e2e['wall_s'])} (its own "
         f"training time {fmt_s(e2e['fit_seconds'])}), val acc {e2e['final_val_accuracy']:.3f}; "
-        f"others busy {e2e['others_cores']:.2f} cores")
+        f"others busy {e2e['others_cores']:.2f} cores"
+    )
     assert cached["mode"] == "cached_features" and e2e["mode"] == "end_to_end"
     ratio = e2e["wall_s"] / cached["wall_s"]
     ratio_fit = e2e["fit_seconds"] / cached["fit_seconds"]
-    say(f"    speed-up {ratio:.1f}x on the whole fit() call ({ratio_fit:.1f}x on fit's own "
-        "training time, which excludes building the extractor)")
-    res["training"] = {"epochs": epochs, "cached": cached, "end_to_end": e2e,
-                       "speedup_wall": ratio, "speedup_fit_seconds": ratio_fit}
+    say(
+        f"    speed-up {ratio:.1f}x on the whole fit() call ({ratio_fit:.1f}x on fit's own "
+        "training time, which excludes building the extractor)"
+    )
+    res["training"] = {
+        "epochs": epochs,
+        "cached": cached,
+        "end_to_end": e2e,
+        "speedup_wall": ratio,
+        "speedup_fit_seconds": ratio_fit,
+    }
 
 
 def section_sweep(ctx: dict[str, Any], res: dict[str, Any]) -> None:
     configs = SWEEP[: ctx["sweep_configs"]]
     k = min(ctx["naive_measured"], len(configs))
     work = ctx["work"]
-    say(f"\n[3] Sweep of {len(configs)} head configurations: naive (featurize + fit per job) vs "
-        "cached (features once, fit per job)")
+    say(
+        f"\n[3] Sweep of {len(configs)} head configurations: naive (featurize + fit per job) vs "
+        "cached (features once, fit per job)"
+    )
     once = res["featurize_once"]["wall_s"]
 
     cached_jobs = []
@@ -495,76 +628,120 @@ def section_sweep(ctx: dict[str, Any], res: dict[str, Any]) -> None:
         job = timed_fit(cfg)
         job["params"] = params
         cached_jobs.append(job)
-        say(f"    cached job {i + 1:2d}: fit {fmt_s(job['wall_s'])} (training "
-            f"{fmt_s(job['fit_seconds'])})  {short(params)}")
+        say(
+            f"    cached job {i + 1:2d}: fit {fmt_s(job['wall_s'])} (training "
+            f"{fmt_s(job['fit_seconds'])})  {short(params)}"
+        )
 
     naive_jobs = []
     for i, params in enumerate(configs[:k]):
-        cfg = compose_cfg(base_overrides(work, **params, **{"paths.features": work / "naive_features"}))
+        cfg = compose_cfg(
+            base_overrides(work, **params, **{"paths.features": work / "naive_features"})
+        )
         feat = timed_featurize(cfg)
         job = timed_fit(cfg)
-        naive_jobs.append({"featurize_s": feat["wall_s"], "fit_s": job["wall_s"],
-                           "others_cores": (feat["others_cores"] * feat["wall_s"] + job["others_cores"]
-                                            * job["wall_s"]) / (feat["wall_s"] + job["wall_s"]),
-                           "wall_s": feat["wall_s"] + job["wall_s"], "params": params})
-        say(f"    naive job {i + 1:2d}: featurize {fmt_s(feat['wall_s'])} + fit "
-            f"{fmt_s(job['wall_s'])} = {fmt_s(feat['wall_s'] + job['wall_s'])}")
+        naive_jobs.append(
+            {
+                "featurize_s": feat["wall_s"],
+                "fit_s": job["wall_s"],
+                "others_cores": (
+                    feat["others_cores"] * feat["wall_s"] + job["others_cores"] * job["wall_s"]
+                )
+                / (feat["wall_s"] + job["wall_s"]),
+                "wall_s": feat["wall_s"] + job["wall_s"],
+                "params": params,
+            }
+        )
+        say(
+            f"    naive job {i + 1:2d}: featurize {fmt_s(feat['wall_s'])} + fit "
+            f"{fmt_s(job['wall_s'])} = {fmt_s(feat['wall_s'] + job['wall_s'])}"
+        )
 
     bd = cached_job_breakdown(work, configs[0], cached_jobs[0])
-    say(f"    breakdown of cached job 1 ({bd['epochs']} epochs), measured with the pipeline's "
-        "functions:")
-    say(f"        before fit's timer (fit builds the full MobileNetV2 extractor)  "
+    say(
+        f"    breakdown of cached job 1 ({bd['epochs']} epochs), measured with the pipeline's "
+        "functions:"
+    )
+    say(
+        f"        before fit's timer (fit builds the full MobileNetV2 extractor)  "
         f"{bd['before_training_s']:6.2f} s   (build_feature_extractor alone: "
-        f"{bd['extractor_build_s']:.2f} s)")
-    say(f"        fit's own `seconds`: fixed part (compile, tracing, setup)      "
-        f"{bd['training_fixed_s']:6.2f} s   (from fit at 1 epoch: {bd['fit_seconds_1_epoch']:.2f} s)")
-    say(f"        fit's own `seconds`: per epoch (60 + 150 feature vectors)       "
-        f"{bd['training_per_epoch_s']:6.3f} s x {bd['epochs']}")
+        f"{bd['extractor_build_s']:.2f} s)"
+    )
+    say(
+        f"        fit's own `seconds`: fixed part (compile, tracing, setup)      "
+        f"{bd['training_fixed_s']:6.2f} s   (from fit at 1 epoch: {bd['fit_seconds_1_epoch']:.2f} s)"
+    )
+    say(
+        f"        fit's own `seconds`: per epoch (60 + 150 feature vectors)       "
+        f"{bd['training_per_epoch_s']:6.3f} s x {bd['epochs']}"
+    )
 
     mean_feat = statistics.mean(j["featurize_s"] for j in naive_jobs)
     naive_total = sum(j["wall_s"] for j in naive_jobs) + sum(
-        mean_feat + cached_jobs[i]["wall_s"] for i in range(k, len(configs)))
+        mean_feat + cached_jobs[i]["wall_s"] for i in range(k, len(configs))
+    )
     extrapolated = k < len(configs)
     cached_jobs_total = sum(j["wall_s"] for j in cached_jobs)
     cached_total = once + cached_jobs_total
     head_only = sum(j["fit_seconds"] for j in cached_jobs)
     if extrapolated:
-        say(f"    naive: MEASURED {k} of {len(configs)} jobs; the other {len(configs) - k} are "
+        say(
+            f"    naive: MEASURED {k} of {len(configs)} jobs; the other {len(configs) - k} are "
             f"EXTRAPOLATED as (mean measured featurize {fmt_s(mean_feat)}) + (that config's "
-            "measured cached fit time)")
-    say(f"    naive sweep {'~' if extrapolated else ''}{fmt_s(naive_total)}"
+            "measured cached fit time)"
+        )
+    say(
+        f"    naive sweep {'~' if extrapolated else ''}{fmt_s(naive_total)}"
         f"{' (extrapolated)' if extrapolated else ''}; cached sweep {fmt_s(cached_total)} "
         f"= featurize once {fmt_s(once)} + {len(configs)} fits {fmt_s(cached_jobs_total)} "
-        f"(of which head training {fmt_s(head_only)}); ratio {naive_total / cached_total:.1f}x")
-    say(f"    other processes kept on average "
+        f"(of which head training {fmt_s(head_only)}); ratio {naive_total / cached_total:.1f}x"
+    )
+    say(
+        f"    other processes kept on average "
         f"{statistics.mean(j['others_cores'] for j in cached_jobs):.2f} cores busy during the "
         f"cached jobs, {statistics.mean(j['others_cores'] for j in naive_jobs):.2f} during the "
-        "measured naive jobs")
-    say(f"    cached sweep / one featurization pass = {cached_total / once:.2f} "
+        "measured naive jobs"
+    )
+    say(
+        f"    cached sweep / one featurization pass = {cached_total / once:.2f} "
         f"(target < {TARGET_SWEEP_VS_FEATURIZE:g}); fit()s alone = {cached_jobs_total / once:.2f}x "
-        "one pass")
+        "one pass"
+    )
     res["sweep"] = {
-        "configs": len(configs), "naive_measured": k, "naive_extrapolated": extrapolated,
-        "naive_jobs": naive_jobs, "cached_jobs": cached_jobs, "naive_total_s": naive_total,
-        "featurize_once_s": once, "cached_fits_total_s": cached_jobs_total,
-        "cached_head_training_total_s": head_only, "cached_total_s": cached_total,
-        "speedup": naive_total / cached_total, "cached_total_over_featurize": cached_total / once,
+        "configs": len(configs),
+        "naive_measured": k,
+        "naive_extrapolated": extrapolated,
+        "naive_jobs": naive_jobs,
+        "cached_jobs": cached_jobs,
+        "naive_total_s": naive_total,
+        "featurize_once_s": once,
+        "cached_fits_total_s": cached_jobs_total,
+        "cached_head_training_total_s": head_only,
+        "cached_total_s": cached_total,
+        "speedup": naive_total / cached_total,
+        "cached_total_over_featurize": cached_total / once,
         "cached_job_breakdown": bd,
     }
 
 
 def short(params: dict[str, Any]) -> str:
-    return (f"lr={params['train.learning_rate']:g} epochs={params['train.epochs']} "
-            f"dropout={params['model.dropout']:g} batch={params['train.batch_size']} "
-            f"{params['train.optimizer']}")
+    return (
+        f"lr={params['train.learning_rate']:g} epochs={params['train.epochs']} "
+        f"dropout={params['model.dropout']:g} batch={params['train.batch_size']} "
+        f"{params['train.optimizer']}"
+    )
 
 
 def section_scaling(ctx: dict[str, Any], res: dict[str, Any]) -> None:
     base = ctx["n_all"]
-    say(f"\n[4] Scaling: featurize (TFLite, streamed memmap -> memmap) at "
-        f"{'/'.join(f'{m:g}' for m in ctx['sizes'])} x {base} images, one subprocess per size")
-    say("    peak RSS = the subprocess' VmHWM (its ru_maxrss would show the parent's peak, "
-        "inherited at exec); anon/file = peaks of RssAnon/RssFile while featurizing")
+    say(
+        f"\n[4] Scaling: featurize (TFLite, streamed memmap -> memmap) at "
+        f"{'/'.join(f'{m:g}' for m in ctx['sizes'])} x {base} images, one subprocess per size"
+    )
+    say(
+        "    peak RSS = the subprocess' VmHWM (its ru_maxrss would show the parent's peak, "
+        "inherited at exec); anon/file = peaks of RssAnon/RssFile while featurizing"
+    )
     rows = []
     for mult in ctx["sizes"]:
         n = int(round(mult * base))
@@ -572,28 +749,36 @@ def section_scaling(ctx: dict[str, Any], res: dict[str, Any]) -> None:
         r["multiple"] = mult
         r["s_per_image"] = r["featurize_s"] / n
         rows.append(r)
-        say(f"    {n:6d} images: featurize {fmt_s(r['featurize_s'])} = "
+        say(
+            f"    {n:6d} images: featurize {fmt_s(r['featurize_s'])} = "
             f"{1000 * r['s_per_image']:.2f} ms/img ({n / r['featurize_s']:.0f} img/s); peak RSS "
             f"{mib(r['peak_rss_kib']):.0f} MiB (before featurizing "
             f"{mib(r['rss_before_featurize_kib']):.0f}; while featurizing: anon "
             f"{mib(r['featurize_peak_anon_kib']):.0f} + file-backed "
             f"{mib(r['featurize_peak_file_kib']):.0f} MiB); CPU {1000 * r['featurize_cpu_s'] / n:.2f} "
             f"ms/img, median batch {1000 * r['median_batch_s_per_image']:.2f} ms/img; other "
-            f"processes kept {r['others_cores']:.2f} of {os.cpu_count()} cores busy")
+            f"processes kept {r['others_cores']:.2f} of {os.cpu_count()} cores busy"
+        )
     spi = [r["s_per_image"] for r in rows]
     med = [r["median_batch_s_per_image"] for r in rows]
     fit_line = None
     if len(rows) >= 2:
-        slope, intercept = np.polyfit([r["images"] for r in rows], [r["featurize_s"] for r in rows], 1)
+        slope, intercept = np.polyfit(
+            [r["images"] for r in rows], [r["featurize_s"] for r in rows], 1
+        )
         fit_line = {"seconds_per_image": float(slope), "intercept_s": float(intercept)}
-        say(f"    least-squares line: featurize time = {intercept:.2f} s + {1000 * slope:.2f} ms x images")
+        say(
+            f"    least-squares line: featurize time = {intercept:.2f} s + {1000 * slope:.2f} ms x images"
+        )
     rss = [r["peak_rss_kib"] for r in rows]
     anon = [r["featurize_peak_anon_kib"] for r in rows]
     res["scaling"] = {
-        "base_images": base, "rows": rows,
+        "base_images": base,
+        "rows": rows,
         "s_per_image_spread": max(spi) / min(spi) - 1,
         "cpu_s_per_image": [r["featurize_cpu_s"] / r["images"] for r in rows],
-        "median_batch_spread": max(med) / min(med) - 1, "line": fit_line,
+        "median_batch_spread": max(med) / min(med) - 1,
+        "line": fit_line,
         "rss_spread": max(rss) / min(rss) - 1,
         "anon_rss_spread": max(anon) / min(anon) - 1,
     }
@@ -603,53 +788,101 @@ def targets(res: dict[str, Any], ctx: dict[str, Any]) -> list[tuple[str, str, st
     rows: list[tuple[str, str, str, bool | None]] = []
     tp = res.get("throughput")
     if tp:
-        rows.append(("1. featurize speed-up TFLite / Keras predict",
-                     f"{tp['speedup']:.2f}x ({tp['tflite_img_per_s']:.0f} vs "
-                     f"{tp['keras_img_per_s']:.0f} img/s)",
-                     f">= {TARGET_FEATURIZE_SPEEDUP:g}x", tp["speedup"] >= TARGET_FEATURIZE_SPEEDUP))
-        rows.append(("1. max |TFLite - Keras| features", f"{tp['max_abs_diff']:.2e}",
-                     f"<= {TARGET_MAX_DIFF:g}", tp["max_abs_diff"] <= TARGET_MAX_DIFF))
-        rows.append(("1. TFLite conversion, one-time", fmt_s(tp["conversion_seconds"]),
-                     "(info)", None))
+        rows.append(
+            (
+                "1. featurize speed-up TFLite / Keras predict",
+                f"{tp['speedup']:.2f}x ({tp['tflite_img_per_s']:.0f} vs "
+                f"{tp['keras_img_per_s']:.0f} img/s)",
+                f">= {TARGET_FEATURIZE_SPEEDUP:g}x",
+                tp["speedup"] >= TARGET_FEATURIZE_SPEEDUP,
+            )
+        )
+        rows.append(
+            (
+                "1. max |TFLite - Keras| features",
+                f"{tp['max_abs_diff']:.2e}",
+                f"<= {TARGET_MAX_DIFF:g}",
+                tp["max_abs_diff"] <= TARGET_MAX_DIFF,
+            )
+        )
+        rows.append(
+            ("1. TFLite conversion, one-time", fmt_s(tp["conversion_seconds"]), "(info)", None)
+        )
     tr = res.get("training")
     if tr:
-        rows.append((f"2. train {tr['epochs']} epochs: end-to-end / cached",
-                     f"{tr['speedup_wall']:.1f}x ({tr['end_to_end']['wall_s']:.1f} s vs "
-                     f"{tr['cached']['wall_s']:.1f} s)",
-                     f">= {TARGET_TRAIN_SPEEDUP:g}x", tr["speedup_wall"] >= TARGET_TRAIN_SPEEDUP))
+        rows.append(
+            (
+                f"2. train {tr['epochs']} epochs: end-to-end / cached",
+                f"{tr['speedup_wall']:.1f}x ({tr['end_to_end']['wall_s']:.1f} s vs "
+                f"{tr['cached']['wall_s']:.1f} s)",
+                f">= {TARGET_TRAIN_SPEEDUP:g}x",
+                tr["speedup_wall"] >= TARGET_TRAIN_SPEEDUP,
+            )
+        )
     sw = res.get("sweep")
     if sw:
-        ex = f", naive {sw['naive_measured']} measured + rest extrapolated" if sw["naive_extrapolated"] else ""
-        rows.append((f"3. sweep of {sw['configs']}: naive / cached",
-                     f"{sw['speedup']:.1f}x ({sw['naive_total_s']:.1f} s vs "
-                     f"{sw['cached_total_s']:.1f} s{ex})", "(info)", None))
-        rows.append(("3. cached sweep / one featurize pass",
-                     f"{sw['cached_total_over_featurize']:.2f} ({sw['cached_total_s']:.1f} s / "
-                     f"{sw['featurize_once_s']:.1f} s)",
-                     f"< {TARGET_SWEEP_VS_FEATURIZE:g}",
-                     sw["cached_total_over_featurize"] < TARGET_SWEEP_VS_FEATURIZE))
+        ex = (
+            f", naive {sw['naive_measured']} measured + rest extrapolated"
+            if sw["naive_extrapolated"]
+            else ""
+        )
+        rows.append(
+            (
+                f"3. sweep of {sw['configs']}: naive / cached",
+                f"{sw['speedup']:.1f}x ({sw['naive_total_s']:.1f} s vs "
+                f"{sw['cached_total_s']:.1f} s{ex})",
+                "(info)",
+                None,
+            )
+        )
+        rows.append(
+            (
+                "3. cached sweep / one featurize pass",
+                f"{sw['cached_total_over_featurize']:.2f} ({sw['cached_total_s']:.1f} s / "
+                f"{sw['featurize_once_s']:.1f} s)",
+                f"< {TARGET_SWEEP_VS_FEATURIZE:g}",
+                sw["cached_total_over_featurize"] < TARGET_SWEEP_VS_FEATURIZE,
+            )
+        )
     sc = res.get("scaling")
     if sc:
         sizes = "/".join(str(r["images"]) for r in sc["rows"])
         spi = "/".join(f"{1000 * r['s_per_image']:.2f}" for r in sc["rows"])
-        rows.append((f"4. featurize linear in N ({sizes})",
-                     f"{spi} ms/img, spread {100 * sc['s_per_image_spread']:.0f}%",
-                     f"<= {100 * TARGET_LINEAR_SPREAD:.0f}%",
-                     sc["s_per_image_spread"] <= TARGET_LINEAR_SPREAD))
+        rows.append(
+            (
+                f"4. featurize linear in N ({sizes})",
+                f"{spi} ms/img, spread {100 * sc['s_per_image_spread']:.0f}%",
+                f"<= {100 * TARGET_LINEAR_SPREAD:.0f}%",
+                sc["s_per_image_spread"] <= TARGET_LINEAR_SPREAD,
+            )
+        )
         med = "/".join(f"{1000 * r['median_batch_s_per_image']:.2f}" for r in sc["rows"])
-        rows.append(("4. same, median batch time/img (less noisy)",
-                     f"{med} ms/img, spread {100 * sc['median_batch_spread']:.0f}%",
-                     f"<= {100 * TARGET_LINEAR_SPREAD:.0f}%",
-                     sc["median_batch_spread"] <= TARGET_LINEAR_SPREAD))
+        rows.append(
+            (
+                "4. same, median batch time/img (less noisy)",
+                f"{med} ms/img, spread {100 * sc['median_batch_spread']:.0f}%",
+                f"<= {100 * TARGET_LINEAR_SPREAD:.0f}%",
+                sc["median_batch_spread"] <= TARGET_LINEAR_SPREAD,
+            )
+        )
         rss = "/".join(f"{mib(r['peak_rss_kib']):.0f}" for r in sc["rows"])
-        rows.append(("4. peak RSS (VmHWM) flat",
-                     f"{rss} MiB, spread {100 * sc['rss_spread']:.0f}%",
-                     f"<= {100 * TARGET_RSS_SPREAD:.0f}%", sc["rss_spread"] <= TARGET_RSS_SPREAD))
+        rows.append(
+            (
+                "4. peak RSS (VmHWM) flat",
+                f"{rss} MiB, spread {100 * sc['rss_spread']:.0f}%",
+                f"<= {100 * TARGET_RSS_SPREAD:.0f}%",
+                sc["rss_spread"] <= TARGET_RSS_SPREAD,
+            )
+        )
         anon = "/".join(f"{mib(r['featurize_peak_anon_kib']):.0f}" for r in sc["rows"])
-        rows.append(("4. peak anonymous RSS (heap) flat",
-                     f"{anon} MiB, spread {100 * sc['anon_rss_spread']:.0f}%",
-                     f"<= {100 * TARGET_RSS_SPREAD:.0f}%",
-                     sc["anon_rss_spread"] <= TARGET_RSS_SPREAD))
+        rows.append(
+            (
+                "4. peak anonymous RSS (heap) flat",
+                f"{anon} MiB, spread {100 * sc['anon_rss_spread']:.0f}%",
+                f"<= {100 * TARGET_RSS_SPREAD:.0f}%",
+                sc["anon_rss_spread"] <= TARGET_RSS_SPREAD,
+            )
+        )
     return rows
 
 
@@ -659,10 +892,10 @@ def print_table(rows: list[tuple[str, str, str, bool | None]]) -> None:
     widths = [max(len(r[i]) for r in [head, *cells]) for i in range(4)]
     line = "+-" + "-+-".join("-" * w for w in widths) + "-+"
     say(line)
-    say("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    say("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)) + " |")
     say(line)
     for r in cells:
-        say("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |")
+        say("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + " |")
     say(line)
 
 
@@ -671,11 +904,15 @@ def explain(res: dict[str, Any]) -> None:
     tp, tr, sw, sc = (res.get(k) for k in ("throughput", "training", "sweep", "scaling"))
     notes = []
     if tp and tp["speedup"] < TARGET_FEATURIZE_SPEEDUP:
-        notes.append(f"featurize speed-up {tp['speedup']:.2f}x < {TARGET_FEATURIZE_SPEEDUP:g}x: "
-                     f"Keras {tp['keras_seconds']} s vs TFLite {tp['tflite_seconds']} s per pass.")
+        notes.append(
+            f"featurize speed-up {tp['speedup']:.2f}x < {TARGET_FEATURIZE_SPEEDUP:g}x: "
+            f"Keras {tp['keras_seconds']} s vs TFLite {tp['tflite_seconds']} s per pass."
+        )
     if tr and tr["speedup_wall"] < TARGET_TRAIN_SPEEDUP:
-        notes.append(f"training speed-up {tr['speedup_wall']:.1f}x (whole fit) / "
-                     f"{tr['speedup_fit_seconds']:.1f}x (fit's own training time).")
+        notes.append(
+            f"training speed-up {tr['speedup_wall']:.1f}x (whole fit) / "
+            f"{tr['speedup_fit_seconds']:.1f}x (fit's own training time)."
+        )
     if sw and sw["cached_total_over_featurize"] >= TARGET_SWEEP_VS_FEATURIZE:
         n, once = sw["configs"], sw["featurize_once_s"]
         bd = sw["cached_job_breakdown"]
@@ -696,13 +933,16 @@ def explain(res: dict[str, Any]) -> None:
             f"These fixed per-job costs, x{n}, exceed {budget:.1f} s: even without the extractor "
             f"builds, the head trainings alone (sum of fit's `seconds`) take "
             f"{sw['cached_head_training_total_s']:.1f} s. (Not counting the featurize pass at all, "
-            f"the {n} fit() calls would still be {sw['cached_fits_total_s'] / once:.1f}x one pass.)")
+            f"the {n} fit() calls would still be {sw['cached_fits_total_s'] / once:.1f}x one pass.)"
+        )
     if sc and sc["s_per_image_spread"] > TARGET_LINEAR_SPREAD:
         per = "; ".join(
             f"{r['images']}: {1000 * r['s_per_image']:.2f} ms/img wall, "
             f"{1000 * r['median_batch_s_per_image']:.2f} median batch, "
             f"{1000 * r['featurize_cpu_s'] / r['images']:.2f} CPU, others busy "
-            f"{r['others_cores']:.2f} cores" for r in sc["rows"])
+            f"{r['others_cores']:.2f} cores"
+            for r in sc["rows"]
+        )
         line = sc.get("line") or {}
         notes.append(
             f"featurize wall time per image varies by {100 * sc['s_per_image_spread']:.0f}% across "
@@ -710,13 +950,18 @@ def explain(res: dict[str, Any]) -> None:
             f"{1000 * line.get('seconds_per_image', float('nan')):.2f} ms x images. Where the median "
             "batch time is flat but wall time is not, the difference is time between or inside a "
             "few batches (contention from other processes on the shared cores, or fixed costs "
-            "such as the resize for a last partial batch) rather than a per-image cost that grows.")
+            "such as the resize for a last partial batch) rather than a per-image cost that grows."
+        )
     if sc and sc["rss_spread"] > TARGET_RSS_SPREAD:
         rows = sc["rows"]
         extra = max(rows[-1]["images"] - rows[0]["images"], 1)
         grow = (rows[-1]["peak_rss_kib"] - rows[0]["peak_rss_kib"]) / extra
-        file_grow = (rows[-1]["featurize_peak_file_kib"] - rows[0]["featurize_peak_file_kib"]) / extra
-        anon_grow = (rows[-1]["featurize_peak_anon_kib"] - rows[0]["featurize_peak_anon_kib"]) / extra
+        file_grow = (
+            rows[-1]["featurize_peak_file_kib"] - rows[0]["featurize_peak_file_kib"]
+        ) / extra
+        anon_grow = (
+            rows[-1]["featurize_peak_anon_kib"] - rows[0]["featurize_peak_anon_kib"]
+        ) / extra
         notes.append(
             f"peak RSS grows {grow:.0f} KiB per extra image, of which file-backed RSS "
             f"{file_grow:.0f} KiB and anonymous {anon_grow:.1f} KiB (one 224x224x3 uint8 image is "
@@ -724,7 +969,8 @@ def explain(res: dict[str, Any]) -> None:
             "mapped and resident in the process (RssFile: clean page cache, reclaimable under "
             "memory pressure) until the memmap is closed, so RSS ends up holding the whole input "
             "file; the heap (anonymous memory) stays flat "
-            f"(spread {100 * sc['anon_rss_spread']:.0f}%).")
+            f"(spread {100 * sc['anon_rss_spread']:.0f}%)."
+        )
     if notes:
         say("\nWhy targets failed:")
         for n in notes:
@@ -732,15 +978,21 @@ def explain(res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke check: fewer images, 2 epochs, 4-config sweep, sizes 1,2,4")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke check: fewer images, 2 epochs, 4-config sweep, sizes 1,2,4",
+    )
     p.add_argument("--sizes", help="scaling multiples of the default dataset, e.g. 1,4,16")
     p.add_argument("--out", help="also write the figures to this JSON file")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: 1,2,3,4")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
-    p.add_argument("--_scale-worker", dest="scale_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--_scale-worker", dest="scale_worker", action="store_true", help=argparse.SUPPRESS
+    )
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -752,14 +1004,19 @@ def main(argv: list[str] | None = None) -> int:
         return scale_worker(args)
 
     t_start = time.perf_counter()
-    sizes = [float(s) for s in args.sizes.split(",")] if args.sizes else (
-        [1, 2, 4] if args.quick else [1, 4, 16])
+    sizes = (
+        [float(s) for s in args.sizes.split(",")]
+        if args.sizes
+        else ([1, 2, 4] if args.quick else [1, 4, 16])
+    )
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     work = Path(tempfile.mkdtemp(prefix="featurize-bench-"))
     cache = work / "cache"
     os.environ["TRUCK_CACHE_DIR"] = str(cache)  # the pipeline's own calls use this fresh cache
     ctx: dict[str, Any] = {
-        "work": work, "cache": cache, "sizes": sizes,
+        "work": work,
+        "cache": cache,
+        "sizes": sizes,
         "repeats": 1 if args.quick else 2,
         "throughput_images": 96 if args.quick else 360,
         "train_epochs": 2 if args.quick else 8,
@@ -772,19 +1029,25 @@ def main(argv: list[str] | None = None) -> int:
             import keras  # noqa: F401
             import tensorflow as tf
 
-        from pipeline.data import SPLITS, PreparedDataset
+        from pipeline.lib.data.prepared import SPLITS, PreparedDataset
         from pipeline.prepare import prepare
 
-        say(f"featurize benchmark{' (--quick)' if args.quick else ''}: TF {tf.__version__}, "
-            f"{os.cpu_count()} CPUs, {platform.machine()}; work dir {work}")
+        say(
+            f"featurize benchmark{' (--quick)' if args.quick else ''}: TF {tf.__version__}, "
+            f"{os.cpu_count()} CPUs, {platform.machine()}; work dir {work}"
+        )
         with quiet(), Timer() as t:
             prepare(compose_cfg(base_overrides(work)))
         ds = PreparedDataset(work / "prepared")
         counts = {s: ds.size(s) for s in SPLITS}
         ctx.update(n_all=sum(counts.values()), n_train=counts["train"], n_val=counts["val"])
         # all prepared images in one prepared-like array (the source for sections 1 and 4)
-        all_images = np.lib.format.open_memmap(work / "all.npy", mode="w+", dtype=np.uint8,
-                                               shape=(ctx["n_all"], *ds.images("train").shape[1:]))
+        all_images = np.lib.format.open_memmap(
+            work / "all.npy",
+            mode="w+",
+            dtype=np.uint8,
+            shape=(ctx["n_all"], *ds.images("train").shape[1:]),
+        )
         done = 0
         for s in SPLITS:
             arr = ds.images(s)
@@ -793,15 +1056,18 @@ def main(argv: list[str] | None = None) -> int:
         all_images.flush()
         del all_images
         ctx["all_images"] = work / "all.npy"
-        say(f"default synthetic dataset prepared in {fmt_s(t.seconds)}: {counts} "
-            f"({ds.image_size} px, {ds.num_classes} classes)")
+        say(
+            f"default synthetic dataset prepared in {fmt_s(t.seconds)}: {counts} "
+            f"({ds.image_size} px, {ds.num_classes} classes)"
+        )
         res["dataset"] = {"counts": counts, "image_size": ds.image_size, "prepare_s": t.seconds}
 
         if "1" not in skip:
             section_throughput(ctx, res)
         else:  # later sections need the converted backbone in the cache
-            from pipeline.features import tflite_model
-            from pipeline.model import build_feature_extractor
+            from pipeline.lib.model.build import build_feature_extractor
+            from pipeline.lib.model.features import tflite_model
+
             with quiet(stdout=True):
                 tflite_model(build_feature_extractor(1.0, "imagenet", 224), cache)
             clear_keras()
@@ -821,7 +1087,9 @@ def main(argv: list[str] | None = None) -> int:
     res["total_wall_s"] = total
     rows = targets(res, ctx)
     res["targets"] = [{"target": a, "measured": b, "goal": c, "pass": ok} for a, b, c, ok in rows]
-    say(f"\nResults (total wall time {total:.0f} s{', --quick: NOT the full benchmark' if args.quick else ''}):")
+    say(
+        f"\nResults (total wall time {total:.0f} s{', --quick: NOT the full benchmark' if args.quick else ''}):"
+    )
     print_table(rows)
     explain(res)
     if args.out:

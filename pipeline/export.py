@@ -31,19 +31,20 @@ import platform
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.config import Config
-from pipeline.data import iter_batches
-from pipeline.featurize import open_prepared
-from pipeline.files import atomic_dir, read_json, write_json
-from pipeline.step import StageInputError, run_step
-from pipeline.train import MODEL_FILE, RUN_FILE, trained_model_folder
+from pipeline.lib.config.schema import Config
+from pipeline.lib.config.step import StageInputError, run_step
+from pipeline.lib.data.prepared import iter_batches, open_prepared
+from pipeline.lib.files import atomic_dir, read_json, write_json
+from pipeline.lib.model.saving import MODEL_FILE, trained_model_folder
+from pipeline.lib.tracking.runs import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,11 @@ def representative_indices(n_train: int, n_samples: int) -> np.ndarray:
     """Which training images calibrate int8: `n_samples` spread evenly over the split (which is
     ordered by class, so every class is represented), all of them when there are fewer."""
     n = min(n_train, n_samples)
-    return np.unique(np.linspace(0, n_train - 1, num=n).round().astype(np.int64)) if n else \
-        np.zeros(0, dtype=np.int64)
+    return (
+        np.unique(np.linspace(0, n_train - 1, num=n).round().astype(np.int64))
+        if n
+        else np.zeros(0, dtype=np.int64)
+    )
 
 
 def frozen_graph(model: Any) -> Any:
@@ -78,8 +82,9 @@ def frozen_graph(model: Any) -> Any:
     return convert_variables_to_constants_v2(function.get_concrete_function(spec))
 
 
-def convert(graph: Any, fmt: str, representative: np.ndarray | None = None,
-            int8_io: str = "uint8") -> bytes:
+def convert(
+    graph: Any, fmt: str, representative: np.ndarray | None = None, int8_io: str = "uint8"
+) -> bytes:
     """The frozen graph (`frozen_graph`) as a TFLite flatbuffer in `fmt` (`float32`, `float16`
     or `int8`)."""
     import tensorflow as tf
@@ -90,8 +95,10 @@ def convert(graph: Any, fmt: str, representative: np.ndarray | None = None,
         converter.target_spec.supported_types = [tf.float16]
     elif fmt == "int8":
         if representative is None or not len(representative):
-            raise StageInputError("export.formats has int8, but there are no training images "
-                                  "to calibrate it with (the prepared train split is empty).")
+            raise StageInputError(
+                "export.formats has int8, but there are no training images "
+                "to calibrate it with (the prepared train split is empty)."
+            )
 
         def dataset() -> Iterator[list[np.ndarray]]:
             for image in representative:
@@ -124,8 +131,10 @@ def _quant(detail: dict) -> tuple[float, int]:
 
 def io_description(detail: dict) -> dict[str, Any]:
     scale, zero_point = _quant(detail)
-    out: dict[str, Any] = {"dtype": np.dtype(detail["dtype"]).name,
-                           "shape": [int(s) for s in detail["shape"]]}
+    out: dict[str, Any] = {
+        "dtype": np.dtype(detail["dtype"]).name,
+        "shape": [int(s) for s in detail["shape"]],
+    }
     if scale:
         out |= {"scale": scale, "zero_point": zero_point}
     return out
@@ -159,8 +168,9 @@ class TFLiteModel:
 
     def set_input(self, images: np.ndarray) -> None:
         if len(images) != self._batch:
-            self.interpreter.resize_tensor_input(self.input["index"], [len(images), *images.shape[1:]],
-                                                 strict=False)
+            self.interpreter.resize_tensor_input(
+                self.input["index"], [len(images), *images.shape[1:]], strict=False
+            )
             self.interpreter.allocate_tensors()
             self._batch = len(images)
         self.interpreter.set_tensor(self.input["index"], self.quantize(images))
@@ -188,8 +198,9 @@ def median_latency_ms(call: Callable[[], Any], runs: int, warmup: int) -> float:
     return round(statistics.median(times) * 1000.0, 4)
 
 
-def tflite_latency_ms(flatbuffer: bytes, image: np.ndarray, num_threads: int, runs: int,
-                      warmup: int) -> float:
+def tflite_latency_ms(
+    flatbuffer: bytes, image: np.ndarray, num_threads: int, runs: int, warmup: int
+) -> float:
     """Single-image latency of `interpreter.invoke()` (input already set, batch 1)."""
     runner = TFLiteModel(flatbuffer, num_threads)
     runner.set_input(np.asarray(image, dtype=np.float32)[None])
@@ -221,22 +232,25 @@ def parity(probs: np.ndarray, reference: np.ndarray, y_true: np.ndarray) -> dict
 def export(cfg: Config) -> dict[str, Any]:
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.model import load_model
+    from pipeline.lib.model.build import load_model
+    from pipeline.lib.tracking import runs as tracking
 
     e = cfg.export
-    dataset = open_prepared(cfg)
+    dataset = open_prepared(cfg.paths.prepared)
     models, _ = trained_model_folder(cfg, dataset)
     if dataset.size("test") == 0:
-        raise StageInputError(f"The test split of {dataset.folder} is empty: no parity check is "
-                              "possible.")
+        raise StageInputError(
+            f"The test split of {dataset.folder} is empty: no parity check is possible."
+        )
     model = load_model(models / MODEL_FILE)
     threads = e.num_threads or os.cpu_count() or 1
     images = dataset.images("test")
     y_true = dataset.labels("test")
     reference = predict(model.predict_on_batch, images)
     one = np.asarray(images[:1], dtype=np.float32)
-    keras_ms = median_latency_ms(lambda: model.predict_on_batch(one), e.latency_runs, e.latency_warmup)
+    keras_ms = median_latency_ms(
+        lambda: model.predict_on_batch(one), e.latency_runs, e.latency_warmup
+    )
     train_images = dataset.images("train")
     chosen = representative_indices(len(train_images), e.representative_samples)
     representative = np.asarray(train_images[chosen]) if "int8" in e.formats else None
@@ -260,8 +274,9 @@ def export(cfg: Config) -> dict[str, Any]:
             **check,
             "target_agreement": target,
             "target_met": bool(check["agreement"] >= target),
-            "latency_ms": tflite_latency_ms(flatbuffer, one[0], threads, e.latency_runs,
-                                            e.latency_warmup),
+            "latency_ms": tflite_latency_ms(
+                flatbuffer, one[0], threads, e.latency_runs, e.latency_warmup
+            ),
             "input": io_description(runner.input),
             "output": io_description(runner.output),
             "tensor_dtypes": tensor_dtypes(flatbuffer),
@@ -270,13 +285,26 @@ def export(cfg: Config) -> dict[str, Any]:
         if fmt == "int8":
             results[fmt]["representative_samples"] = int(len(chosen))
         r = results[fmt]
-        log.info("%s: %.2f MiB, agreement %.4f (%d of %d differ, target %.2f %s), accuracy %.4f, "
-                 "%.2f ms/image", fmt, r["size_mib"], r["agreement"], r["disagreements"],
-                 len(y_true), target, "met" if r["target_met"] else "NOT met", r["accuracy"],
-                 r["latency_ms"])
+        log.info(
+            "%s: %.2f MiB, agreement %.4f (%d of %d differ, target %.2f %s), accuracy %.4f, "
+            "%.2f ms/image",
+            fmt,
+            r["size_mib"],
+            r["agreement"],
+            r["disagreements"],
+            len(y_true),
+            target,
+            "met" if r["target_met"] else "NOT met",
+            r["accuracy"],
+            r["latency_ms"],
+        )
         if not r["target_met"]:
-            log.warning("export %s: top-1 agreement with Keras %.4f is below the target %.2f",
-                        fmt, r["agreement"], target)
+            log.warning(
+                "export %s: top-1 agreement with Keras %.4f is below the target %.2f",
+                fmt,
+                r["agreement"],
+                target,
+            )
 
     keras_size = (models / MODEL_FILE).stat().st_size
     metrics = {
@@ -312,8 +340,10 @@ def export(cfg: Config) -> dict[str, Any]:
     with tracking.active_run(cfg.tracking, run_id=run_id, run_name=cfg.tracking.run_name):
         flat = {"export_keras_latency_ms": keras_ms}
         for fmt, r in results.items():
-            flat |= {f"export_{fmt}_{k}": float(r[k]) for k in
-                     ("agreement", "accuracy", "size_bytes", "latency_ms", "max_abs_prob_diff")}
+            flat |= {
+                f"export_{fmt}_{k}": float(r[k])
+                for k in ("agreement", "accuracy", "size_bytes", "latency_ms", "max_abs_prob_diff")
+            }
             flat[f"export_{fmt}_target_met"] = float(r["target_met"])
         mlflow.log_metrics(flat)
         tracking.log_files([exports / export_file(fmt) for fmt in flatbuffers], "exports")

@@ -10,44 +10,36 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.config import Config
-from pipeline.data import SPLITS, PreparedDataset
-from pipeline.files import atomic_dir, dvc_md5, read_json, write_json
-from pipeline.step import StageInputError, run_step
+from pipeline.lib.config.schema import Config
+from pipeline.lib.config.step import run_step
+from pipeline.lib.data.prepared import SPLITS, open_prepared
+from pipeline.lib.files import atomic_dir, dvc_md5, write_json
 
 log = logging.getLogger(__name__)
 
 
-def feature_key(cfg: Config, prepared_md5: str) -> dict:
-    """What determines the features: the prepared images and the backbone's configuration."""
-    return {
-        "prepared_md5": prepared_md5,
-        "model": cfg.model.name,
-        "alpha": float(cfg.model.alpha),
-        "weights": cfg.model.weights,
-        "init_seed": cfg.model.init_seed if cfg.model.weights is None else None,
-    }
-
-
 def featurize(cfg: Config) -> dict:
-    from pipeline.features import choose_backend, featurize_array, make_featurizer
-    from pipeline.model import build_feature_extractor, resolve_weights
+    from pipeline.lib.model.build import build_feature_extractor, resolve_weights
+    from pipeline.lib.model.features import (
+        choose_backend,
+        feature_key,
+        featurize_array,
+        make_featurizer,
+    )
 
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
-    dataset = open_prepared(cfg)
+    dataset = open_prepared(cfg.paths.prepared)
     extractor = build_feature_extractor(
         cfg.model.alpha, cfg.model.weights, dataset.image_size, cfg.model.init_seed
     )
     dim = int(extractor.output.shape[-1])
     start = time.perf_counter()
-    backend = choose_backend(cfg.featurize.backend, extractor,
-                             sum(dataset.size(s) for s in SPLITS))
+    backend = choose_backend(cfg.featurize.backend, extractor, sum(dataset.size(s) for s in SPLITS))
     featurizer = make_featurizer(extractor, backend, cfg.featurize.num_threads)
     setup_s = time.perf_counter() - start
     timings = {}
@@ -73,33 +65,14 @@ def featurize(cfg: Config) -> dict:
             "splits": timings,
         }
         write_json(tmp / "meta.json", meta)
-    log.info("Featurized %d images (%s, %.0f img/s) into %s",
-             total, backend, meta["images_per_second"] or 0, cfg.paths.features)
+    log.info(
+        "Featurized %d images (%s, %.0f img/s) into %s",
+        total,
+        backend,
+        meta["images_per_second"] or 0,
+        cfg.paths.features,
+    )
     return meta
-
-
-def open_prepared(cfg: Config) -> PreparedDataset:
-    try:
-        return PreparedDataset(cfg.paths.prepared)
-    except FileNotFoundError as exc:
-        raise StageInputError(str(exc)) from None
-
-
-def load_cached_features(cfg: Config, prepared_md5: str) -> dict[str, np.ndarray] | None:
-    """The cached features, if they were computed from these images with this backbone."""
-    folder = Path(cfg.paths.features)
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        return None
-    meta = read_json(meta_path)
-    if meta.get("key") != feature_key(cfg, prepared_md5):
-        log.warning(
-            "Cached features in %s were computed for %s, not for this run (%s); computing them "
-            "in memory. Run the featurize stage to cache them.",
-            folder, meta.get("key"), feature_key(cfg, prepared_md5),
-        )
-        return None
-    return {split: np.load(folder / f"{split}.npy") for split in SPLITS}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -15,8 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_params(overrides: list[str] | None = None, root: Path = ROOT,
-                 output: Path | None = None) -> Path:
+def write_params(
+    overrides: list[str] | None = None, root: Path = ROOT, output: Path | None = None
+) -> Path:
     from dvc.utils.hydra import compose_and_dump
 
     output = output or root / "params.yaml"

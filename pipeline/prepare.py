@@ -13,16 +13,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import Config
-from pipeline.files import atomic_dir
-from pipeline.step import run_step
+from pipeline.lib.config.schema import Config
+from pipeline.lib.config.step import run_step
+from pipeline.lib.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
 
 def prepare(cfg: Config) -> dict:
-    from pipeline.ingest import ingest
-    from pipeline.sources import synthetic
+    from pipeline.lib.data.ingest import ingest
+    from pipeline.lib.data.sources import synthetic
 
     root = Path(cfg.data.path)
     if cfg.data.source == "synthetic":
@@ -32,9 +32,12 @@ def prepare(cfg: Config) -> dict:
         report = ingest(root, cfg.data, tmp)
     log.info(
         "Prepared %d images of %d classes into %s (%s); rejected %d, skipped %d",
-        report["accepted"], len(report["classes"]), cfg.paths.prepared,
+        report["accepted"],
+        len(report["classes"]),
+        cfg.paths.prepared,
         ", ".join(f"{k} {v}" for k, v in report["totals"].items()),
-        len(report["rejected"]), len(report["skipped"]),
+        len(report["rejected"]),
+        len(report["skipped"]),
     )
     for warning in report.get("warnings", []):
         log.warning("%s", warning)

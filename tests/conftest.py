@@ -81,7 +81,7 @@ def tiny_overrides(tmp: Path, **extra: object) -> list[str]:
 
 
 def tiny_config(tmp: Path, **extra: object):
-    from pipeline.config import validate
+    from pipeline.lib.config.schema import validate
 
     return validate(compose(tiny_overrides(tmp, **extra)))
 
@@ -116,13 +116,15 @@ def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     one `dvc repro`; copy it with `tests.project_repo.copy_reproduced`."""
     from tests.project_repo import reproduced_smoke_project
 
-    return built_once(tmp_path_factory, "smoke-project",
-                      lambda folder: reproduced_smoke_project(folder)[1])
+    return built_once(
+        tmp_path_factory, "smoke-project", lambda folder: reproduced_smoke_project(folder)[1]
+    )
 
 
 @pytest.fixture(scope="session")
-def smoke_history(smoke_project: tuple[Path, str],
-                  tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def smoke_history(
+    smoke_project: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:
     """(repository, {"first", "second", "output"}): the reproduced smoke project committed
     (`first`), then `dvc exp run -S experiment=smoke -S train.epochs=3 -S
     train.learning_rate=0.01` (its output) and the workspace committed (`second`): two commits of
@@ -131,9 +133,11 @@ def smoke_history(smoke_project: tuple[Path, str],
 
     from tests.project_repo import smoke_experiment_history
 
-    folder, text = built_once(tmp_path_factory, "smoke-history",
-                              lambda folder: json.dumps(smoke_experiment_history(
-                                  smoke_project[0], folder / "repo")))
+    folder, text = built_once(
+        tmp_path_factory,
+        "smoke-history",
+        lambda folder: json.dumps(smoke_experiment_history(smoke_project[0], folder / "repo")),
+    )
     return folder / "repo", json.loads(text)
 
 
@@ -143,7 +147,7 @@ def tiny(tmp_path: Path):
 
 
 def imagenet_weights_available() -> bool:
-    from pipeline.model import imagenet_weights_path
+    from pipeline.lib.model.build import imagenet_weights_path
 
     return imagenet_weights_path(1.0, 224).is_file()
 

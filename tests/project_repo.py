@@ -10,8 +10,15 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-PROJECT_FILES = ["conf", "pipeline", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
-                 "pyproject.toml"]
+PROJECT_FILES = [
+    "conf",
+    "pipeline",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+]
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -21,14 +28,17 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def git(repo: Path, *args: str) -> str:
-    return run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
-               repo).stdout
+    return run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], repo
+    ).stdout
 
 
 def dvc(repo: Path, *args: str, timeout: int = 900) -> str:
@@ -84,8 +94,17 @@ def smoke_experiment_history(template: Path, repo: Path) -> dict[str, str]:
     git(repo, "add", "-A")  # dvc.lock and the git-tracked reports; DVC-cached outputs are ignored
     git(repo, "commit", "-qm", "smoke run")
     first = git(repo, "rev-parse", "HEAD").strip()
-    output = dvc(repo, "exp", "run", "-S", "experiment=smoke", "-S", "train.epochs=3",
-                 "-S", "train.learning_rate=0.01")
+    output = dvc(
+        repo,
+        "exp",
+        "run",
+        "-S",
+        "experiment=smoke",
+        "-S",
+        "train.epochs=3",
+        "-S",
+        "train.learning_rate=0.01",
+    )
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "more epochs, higher learning rate")
     second = git(repo, "rev-parse", "HEAD").strip()
@@ -96,9 +115,12 @@ def copy_reproduced(template: Path, dest: Path) -> Path:
     """A copy of the reproduced project `template` at `dest`: git history, DVC cache and outputs
     (file times kept), the MLflow store with its absolute paths moved to `dest`. DVC's own
     temporary state is left behind, so DVC re-hashes the copied outputs against dvc.lock."""
-    shutil.copytree(template, dest, symlinks=True,
-                    ignore=lambda folder, names: names if Path(folder) == template / ".dvc" / "tmp"
-                    else [])
+    shutil.copytree(
+        template,
+        dest,
+        symlinks=True,
+        ignore=lambda folder, names: names if Path(folder) == template / ".dvc" / "tmp" else [],
+    )
     relocate_mlflow_store(dest, template)
     return dest
 
@@ -114,13 +136,18 @@ def relocate_mlflow_store(repo: Path, old: Path) -> None:
     db = repo / "mlflow.db"
     if db.is_file():
         with closing(sqlite3.connect(db)) as con:
-            tables = [name for (name,) in con.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")]
+            tables = [
+                name
+                for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ]
             for table in tables:
                 for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
                     if "CHAR" in kind.upper() or "TEXT" in kind.upper():
-                        con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
-                                    f'WHERE instr("{column}", ?) > 0', (before, after, before))
+                        con.execute(
+                            f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '  # noqa: S608
+                            f'WHERE instr("{column}", ?) > 0',  # names from the schema
+                            (before, after, before),
+                        )
             con.commit()
     for mlmodel in (repo / "mlartifacts").rglob("MLmodel"):
         text = mlmodel.read_text()

@@ -17,8 +17,15 @@ import pytest
 import yaml
 
 from pipeline import ci_report
-from pipeline.ci_report import (CIReportError, confusion_changes, confusion_from_predictions,
-                                confusion_table, main, render_metrics, verdict)
+from pipeline.lib.reporting.ci_report import (
+    CIReportError,
+    confusion_changes,
+    confusion_from_predictions,
+    confusion_table,
+    main,
+    render_metrics,
+    verdict,
+)
 from tests.conftest import ROOT
 from tests.project_repo import copy_reproduced, git, run
 
@@ -41,9 +48,11 @@ e.png,bird,cat,0.5
 def test_confusion_from_predictions_counts_true_by_predicted():
     matrix, classes = confusion_from_predictions(PREDICTIONS)
     assert classes == ["bird", "cat", "dog"]  # sorted union of actual and predicted
-    assert matrix == [[0, 1, 0],   # bird: predicted cat once
-                      [0, 1, 1],   # cat: right once, dog once
-                      [0, 0, 2]]   # dog: right twice
+    assert matrix == [
+        [0, 1, 0],  # bird: predicted cat once
+        [0, 1, 1],  # cat: right once, dog once
+        [0, 0, 2],
+    ]  # dog: right twice
     # a given order is kept; labels it lacks are appended; unseen classes get empty rows/columns
     matrix, classes = confusion_from_predictions(PREDICTIONS, ["dog", "cat", "fox"])
     assert classes == ["dog", "cat", "fox", "bird"]
@@ -61,19 +70,27 @@ def test_confusion_table_and_changes():
     assert "| cat | 0 | **1** | 1 |" in table and "| dog | 0 | 0 | **2** |" in table
     assert confusion_changes(base, head) == [
         {"actual": "cat", "predicted": "cat", "base": 1, "head": 2},
-        {"actual": "cat", "predicted": "dog", "base": 1, "head": 0}]
+        {"actual": "cat", "predicted": "dog", "base": 1, "head": 0},
+    ]
     assert confusion_changes(base, base) == []
 
 
 def _row(name: str, old, new, file: str = "reports/metrics.json") -> dict:
     change = new - old if isinstance(old, float) and isinstance(new, float) else None
-    return {"file": file, "name": name, "base": old, "head": new, "change": change,
-            "changed": old != new}
+    return {
+        "file": file,
+        "name": name,
+        "base": old,
+        "head": new,
+        "change": change,
+        "changed": old != new,
+    }
 
 
 def test_verdict_up_down_unchanged_missing():
     assert "up" in verdict(_row("test.accuracy", 0.5, 0.75)) and "0.5 → 0.75" in verdict(
-        _row("test.accuracy", 0.5, 0.75))
+        _row("test.accuracy", 0.5, 0.75)
+    )
     assert "Test accuracy down" in verdict(_row("test.accuracy", 0.75, 0.5))
     assert "Test accuracy unchanged" in verdict(_row("test.accuracy", 0.5, 0.5))
     assert "base has none" in verdict(_row("test.accuracy", None, 0.5))
@@ -81,8 +98,12 @@ def test_verdict_up_down_unchanged_missing():
 
 
 def test_render_metrics_shows_changed_and_headline_folds_the_rest():
-    rows = [_row("test.accuracy", 0.5, 0.5), _row("test.macro_f1", 0.4, 0.6),
-            _row("test.support.cat", 2.0, 2.0), _row("loss", 1.0, 0.5, "reports/train.json")]
+    rows = [
+        _row("test.accuracy", 0.5, 0.5),
+        _row("test.macro_f1", 0.4, 0.6),
+        _row("test.support.cat", 2.0, 2.0),
+        _row("loss", 1.0, 0.5, "reports/train.json"),
+    ]
     text = render_metrics(rows)
     shown, folded = text.split("<details>", 1)
     assert "| `test.accuracy` | 0.5 | 0.5 | 0 |" in shown
@@ -106,25 +127,42 @@ def small_repo(tmp_path: Path) -> Path:
     return repo
 
 
-def test_unknown_revision_exits_2_with_the_revision_named(small_repo: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture):
+def test_unknown_revision_exits_2_with_the_revision_named(
+    small_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     out = tmp_path / "report.md"
     assert main(["--repo", str(small_repo), "--base", "no-such-branch", "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "unknown git revision 'no-such-branch'" in err and "fetch-depth" in err
     assert not out.exists()
-    assert main(["--repo", str(small_repo), "--base", "HEAD", "--head", "deadbeef",
-                 "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                "--repo",
+                str(small_repo),
+                "--base",
+                "HEAD",
+                "--head",
+                "deadbeef",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "'deadbeef'" in capsys.readouterr().err
     with pytest.raises(CIReportError, match="not a git repository"):
         ci_report.resolve_revision(tmp_path, "HEAD")
 
 
-def test_dvc_failure_exits_2_with_dvc_stderr(small_repo: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture):
+def test_dvc_failure_exits_2_with_dvc_stderr(
+    small_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     (small_repo / ".dvc" / "config").write_text("[core]\n    no_such_option = 1\n")
-    assert main(["--repo", str(small_repo), "--base", "HEAD",
-                 "--output", str(tmp_path / "report.md")]) == 2
+    assert (
+        main(["--repo", str(small_repo), "--base", "HEAD", "--output", str(tmp_path / "report.md")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "dvc metrics diff failed" in err and "no_such_option" in err  # dvc's own message
 
@@ -134,8 +172,9 @@ def test_dvc_failure_exits_2_with_dvc_stderr(small_repo: Path, tmp_path: Path,
 
 
 @pytest.fixture(scope="module")
-def history(smoke_history: tuple[Path, dict],
-            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+def history(
+    smoke_history: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str, str]:
     """(repo, first commit, second commit): smoke run, then train.epochs=3 and lr 0.01."""
     repo = copy_reproduced(smoke_history[0], tmp_path_factory.mktemp("ci-report-project") / "repo")
     return repo, smoke_history[1]["first"], smoke_history[1]["second"]
@@ -165,8 +204,23 @@ def test_report_between_two_commits(history: tuple[Path, str, str], tmp_path: Pa
 
     output = tmp_path / "out" / "report.md"
     images = tmp_path / "out" / "img"
-    assert main(["--repo", str(repo), "--base", first, "--head", second, "--output", str(output),
-                 "--images-dir", str(images)]) == 0
+    assert (
+        main(
+            [
+                "--repo",
+                str(repo),
+                "--base",
+                first,
+                "--head",
+                second,
+                "--output",
+                str(output),
+                "--images-dir",
+                str(images),
+            ]
+        )
+        == 0
+    )
     report = output.read_text()
 
     # header: both short SHAs, the verdict on test accuracy
@@ -204,8 +258,9 @@ def test_report_against_the_workspace_as_cli(history: tuple[Path, str, str], tmp
     """As CI runs it: a subprocess, head = workspace (the default), images next to the report."""
     repo, first, second = history
     output = tmp_path / "report.md"
-    proc = run([sys.executable, "-m", "pipeline.ci_report", "--base", first,
-                "--output", str(output)], repo)
+    proc = run(
+        [sys.executable, "-m", "pipeline.ci_report", "--base", first, "--output", str(output)], repo
+    )
     assert "Test accuracy" in proc.stdout
     report = output.read_text()
     assert f"`{first[:7]}` → workspace" in report
@@ -243,12 +298,23 @@ def test_workflow_runs_pipeline_report_and_tests():
     assert "make test" in script("test")
 
     pipeline = script("pipeline")
-    assert workflow["env"]["WEIGHTS"] == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    assert (
+        workflow["env"]["WEIGHTS"]
+        == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    )
     assert workflow["env"]["WEIGHTS_URL"].endswith("/" + workflow["env"]["WEIGHTS"])
     assert "~/.keras/models/$WEIGHTS" in pipeline and "~/.keras/models/$WEIGHTS" in script("test")
     # in order: install, weights, pipeline, report
-    order = [pipeline.index(s) for s in ("make install", "~/.keras/models", "dvc repro",
-                                         "pipeline.ci_report", "GITHUB_STEP_SUMMARY")]
+    order = [
+        pipeline.index(s)
+        for s in (
+            "make install",
+            "~/.keras/models",
+            "dvc repro",
+            "pipeline.lib.reporting.ci_report",
+            "GITHUB_STEP_SUMMARY",
+        )
+    ]
     assert order == sorted(order)
     assert "python -m pipeline.ci_report" in pipeline and "--output report.md" in pipeline
     assert "origin/${{ github.base_ref }}" in pipeline

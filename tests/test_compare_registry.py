@@ -1,4 +1,4 @@
-"""`pipeline.compare` (runs table) and `pipeline.registry` (promote to @champion) on a real MLflow
+"""`pipeline.lib.tracking.compare` (runs table) and `pipeline.lib.tracking.registry` (promote to @champion) on a real MLflow
 SQLite store filled by the real stages on tiny data (32 px, alpha 0.35, no weights)."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 
 from pipeline import compare, registry
-from pipeline.compare import DEFAULT_PARAMS, METRICS, render, runs_table
-from pipeline.data import PreparedDataset
 from pipeline.evaluate import evaluate
 from pipeline.featurize import featurize
-from pipeline.files import read_json
+from pipeline.lib.data.prepared import PreparedDataset
+from pipeline.lib.files import read_json
+from pipeline.lib.tracking.compare import DEFAULT_PARAMS, METRICS, render, runs_table
+from pipeline.lib.tracking.registry import promote
 from pipeline.prepare import prepare
-from pipeline.registry import promote
 from pipeline.train import train
 from tests.conftest import tiny_config
 
@@ -41,22 +41,30 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     featurize(tiny_config(tmp))
     run_ids = []
     for i, (lr, epochs) in enumerate(SETTINGS):
-        cfg = tiny_config(tmp, **{"train.learning_rate": lr, "train.epochs": epochs,
-                                  "tracking.run_name": f"run-{i}"})
+        cfg = tiny_config(
+            tmp,
+            **{"train.learning_rate": lr, "train.epochs": epochs, "tracking.run_name": f"run-{i}"},
+        )
         train(cfg)
         evaluate(cfg)
         run_ids.append(read_json(Path(cfg.paths.models) / "mlflow_run.json")["run_id"])
     uri = cfg.tracking.uri
     client = mlflow.MlflowClient(tracking_uri=uri)
-    for run_id, value in zip(run_ids, TEST_ACCURACY):
+    for run_id, value in zip(run_ids, TEST_ACCURACY, strict=False):
         client.log_metric(run_id, "test_accuracy", value, step=1)
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     parent = client.create_run(experiment_id, run_name="sweep parent", tags={"sweep": "parent"})
     client.set_terminated(parent.info.run_id)
     for run_id in run_ids[1:]:
         client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)
-    return {"tmp": tmp, "cfg": cfg, "uri": uri, "client": client, "run_ids": run_ids,
-            "parent": parent.info.run_id}
+    return {
+        "tmp": tmp,
+        "cfg": cfg,
+        "uri": uri,
+        "client": client,
+        "run_ids": run_ids,
+        "parent": parent.info.run_id,
+    }
 
 
 def parse_markdown(text: str) -> pd.DataFrame:
@@ -68,6 +76,7 @@ def parse_markdown(text: str) -> pd.DataFrame:
 
 # -- compare ----------------------------------------------------------------------------------
 
+
 def test_table_has_one_row_per_run_sorted_by_metric(store):
     df = runs_table(store["client"], EXPERIMENT)
     run_ids, parent = store["run_ids"], store["parent"]
@@ -78,7 +87,7 @@ def test_table_has_one_row_per_run_sorted_by_metric(store):
     assert df.iloc[3][list(METRICS)].isna().all() and df.iloc[3]["run"] == "sweep parent"
     assert list(df.columns) == ["run", "run_id", "status", *DEFAULT_PARAMS, *METRICS, "duration_s"]
     by_id = df.set_index("run_id")
-    for run_id, (lr, epochs) in zip(run_ids, SETTINGS):
+    for run_id, (lr, epochs) in zip(run_ids, SETTINGS, strict=False):
         row = by_id.loc[run_id]
         assert row["train.learning_rate"] == str(lr) and row["train.epochs"] == str(epochs)
         assert row["model.alpha"] == "0.35" and row["model.weights"] == "null"
@@ -94,8 +103,9 @@ def test_sort_by_another_metric_ascending_and_limit(store):
     assert list(df["run_id"][:3]) == sorted(seconds, key=seconds.get)
     assert pd.isna(df["train_seconds"].iloc[3])  # missing last, ascending too
     # ... and by the store, so a limit keeps the runs that have the metric
-    assert set(runs_table(client, EXPERIMENT, sort="train_seconds", ascending=True,
-                          limit=3)["run_id"]) == set(store["run_ids"])
+    assert set(
+        runs_table(client, EXPERIMENT, sort="train_seconds", ascending=True, limit=3)["run_id"]
+    ) == set(store["run_ids"])
     top = runs_table(client, EXPERIMENT, limit=2)
     assert list(top["run_id"]) == [store["run_ids"][1], store["run_ids"][2]]
     chosen = runs_table(client, EXPERIMENT, params=["train.learning_rate", "no.such.param"])
@@ -127,8 +137,23 @@ def test_markdown_and_csv_parse_back(store):
 
 def test_compare_cli(store, tmp_path, capsys):
     out = tmp_path / "runs.csv"
-    assert compare.main(["--tracking-uri", store["uri"], "--format", "csv", "--output", str(out),
-                         "--parent", store["parent"], "--sort", "final_val_accuracy"]) == 0
+    assert (
+        compare.main(
+            [
+                "--tracking-uri",
+                store["uri"],
+                "--format",
+                "csv",
+                "--output",
+                str(out),
+                "--parent",
+                store["parent"],
+                "--sort",
+                "final_val_accuracy",
+            ]
+        )
+        == 0
+    )
     assert set(pd.read_csv(out)["run_id"]) == set(store["run_ids"][1:])
     assert compare.main(["--tracking-uri", store["uri"], "--limit", "1"]) == 0
     printed = capsys.readouterr().out
@@ -148,6 +173,7 @@ def test_compare_cli_errors_name_the_thing(store, tmp_path, capsys):
 
 
 # -- registry ---------------------------------------------------------------------------------
+
 
 def version_of(client, run_id: str):
     [version] = [v for v in client.search_model_versions(f"name = '{MODEL}'") if v.run_id == run_id]
@@ -182,8 +208,9 @@ def test_promote_ties_go_to_the_newest_version(store):
     client.log_metric(run_ids[1], "tie_metric", 0.5)
     promoted = promote(client, MODEL, metric="tie_metric", alias="tied", echo=None)
     assert promoted.run_id == run_ids[2]
-    assert int(promoted.version) == max(int(v.version) for v in
-                                        client.search_model_versions(f"name = '{MODEL}'"))
+    assert int(promoted.version) == max(
+        int(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")
+    )
 
 
 def test_champion_loads_with_pyfunc_and_predicts(store):

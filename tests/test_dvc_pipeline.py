@@ -32,14 +32,28 @@ def first_repro(smoke_project: tuple[Path, str], repo: Path) -> str:
 
 def test_repro_runs_every_stage_and_writes_outputs(repo: Path, first_repro: str):
     ran = stages_run(first_repro)
-    assert ran[:3] == ["prepare", "featurize", "train"] and sorted(ran[3:]) == ["evaluate", "export"]
-    for path in ["data/prepared/train.npy", "data/prepared/manifest.csv", "data/features/train.npy",
-                 "models/model.keras", "models/classes.json", "models/mlflow_run.json",
-                 "reports/metrics.json", "reports/train_history.csv", "reports/predictions.csv",
-                 "reports/eval_figures/confusion_matrix.png", "reports/eval_figures/gallery.png",
-                 "reports/train_figures/loss.png", "reports/classification_report.txt",
-                 "exports/model_float32.tflite", "exports/model_int8.tflite",
-                 "reports/export_metrics.json"]:
+    assert ran[:3] == ["prepare", "featurize", "train"] and sorted(ran[3:]) == [
+        "evaluate",
+        "export",
+    ]
+    for path in [
+        "data/prepared/train.npy",
+        "data/prepared/manifest.csv",
+        "data/features/train.npy",
+        "models/model.keras",
+        "models/classes.json",
+        "models/mlflow_run.json",
+        "reports/metrics.json",
+        "reports/train_history.csv",
+        "reports/predictions.csv",
+        "reports/eval_figures/confusion_matrix.png",
+        "reports/eval_figures/gallery.png",
+        "reports/train_figures/loss.png",
+        "reports/classification_report.txt",
+        "exports/model_float32.tflite",
+        "exports/model_int8.tflite",
+        "reports/export_metrics.json",
+    ]:
         assert (repo / path).is_file(), path
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare", "featurize", "train", "evaluate", "export"}
@@ -80,9 +94,19 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
     assert params["train.epochs"] == "2" and params["model.alpha"] == "0.35"
     assert params["model.weights"] == "null" and params["data.synthetic.train_per_class"] == "4"
     metrics = run_.data.metrics
-    for key in ("test_accuracy", "test_macro_f1", "loss", "accuracy", "val_loss", "val_accuracy",
-                "batch_loss", "batch_accuracy", "test_recall_Container_Small_B",
-                "export_float32_agreement", "export_int8_size_bytes"):
+    for key in (
+        "test_accuracy",
+        "test_macro_f1",
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "batch_loss",
+        "batch_accuracy",
+        "test_recall_Container_Small_B",
+        "export_float32_agreement",
+        "export_int8_size_bytes",
+    ):
         assert key in metrics, key
     assert metrics["trainable_params"] == 6 * 1281  # 1280 features at alpha 0.35 too
     assert len(client.get_metric_history(run_.info.run_id, "val_accuracy")) == 2  # per epoch
@@ -96,6 +120,7 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
     assert run_.data.tags["dvc_prepared_md5"] == prepared["md5"]
     inputs = run_.inputs.dataset_inputs
     assert inputs and inputs[0].dataset.digest == prepared["md5"]
+
     # artifacts
     def listing(path: str = "") -> set[str]:
         found = set()
@@ -104,14 +129,25 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
         return found
 
     artifacts = listing()
-    for name in ("config.yaml", "figures/loss.png", "figures/accuracy.png",
-                 "figures/confusion_matrix.png", "figures/gallery.png",
-                 "reports/classification_report.txt", "reports/classification_report.json",
-                 "reports/metrics.json", "data/report.json", "model_summary.txt",
-                 "exports/model_int8.tflite", "reports/export_metrics.json"):
+    for name in (
+        "config.yaml",
+        "figures/loss.png",
+        "figures/accuracy.png",
+        "figures/confusion_matrix.png",
+        "figures/gallery.png",
+        "reports/classification_report.txt",
+        "reports/classification_report.json",
+        "reports/metrics.json",
+        "data/report.json",
+        "model_summary.txt",
+        "exports/model_int8.tflite",
+        "reports/export_metrics.json",
+    ):
         assert name in artifacts, name
-    config = yaml.safe_load(client.download_artifacts(run_.info.run_id, "config.yaml", str(repo / "dl")) and
-                            (repo / "dl" / "config.yaml").read_text())
+    config = yaml.safe_load(
+        client.download_artifacts(run_.info.run_id, "config.yaml", str(repo / "dl"))
+        and (repo / "dl" / "config.yaml").read_text()
+    )
     assert config["train"]["epochs"] == 2
 
 
@@ -142,14 +178,15 @@ def test_editing_train_params_invalidates_train_not_the_features(repo: Path, fir
     finally:
         (repo / "params.yaml").write_text(original)
     assert set(status) == {"train"}, status
-    assert {"changed deps": {"params.yaml": {"train.learning_rate": "modified"}}} in \
-        status["train"], status
+    assert {"changed deps": {"params.yaml": {"train.learning_rate": "modified"}}} in status[
+        "train"
+    ], status
     assert json.loads(dvc(repo, "status", "--json")) == {}
 
 
-def test_dvc_exp_run_recomposes_params_from_conf(smoke_history: tuple[Path, dict],
-                                                 smoke_project: tuple[Path, str],
-                                                 tmp_path: Path):
+def test_dvc_exp_run_recomposes_params_from_conf(
+    smoke_history: tuple[Path, dict], smoke_project: tuple[Path, str], tmp_path: Path
+):
     """`dvc exp run -S experiment=smoke -S train.epochs=3 -S train.learning_rate=0.01` (the
     session's `smoke_history`): DVC's Hydra integration recomposes params.yaml from conf/ with
     the overrides; train and its downstream stages rerun, the features are reused."""

@@ -10,10 +10,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError
 from pipeline.export import export, representative_indices
 from pipeline.featurize import featurize
-from pipeline.files import read_json
+from pipeline.lib.config.schema import ConfigError
+from pipeline.lib.files import read_json
 from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import compose, tiny_config
@@ -25,13 +25,16 @@ FORMATS = ["float32", "int8", "float16"]
 def exported(tmp_path_factory: pytest.TempPathFactory):
     """prepare -> featurize -> train -> export once, all three formats."""
     tmp = tmp_path_factory.mktemp("export")
-    cfg = tiny_config(tmp, **{
-        "paths.exports": tmp / "exports",
-        "export.formats": "[" + ",".join(FORMATS) + "]",
-        "export.representative_samples": 16,
-        "export.latency_runs": 10,
-        "export.latency_warmup": 2,
-    })
+    cfg = tiny_config(
+        tmp,
+        **{
+            "paths.exports": tmp / "exports",
+            "export.formats": "[" + ",".join(FORMATS) + "]",
+            "export.representative_samples": 16,
+            "export.latency_runs": 10,
+            "export.latency_warmup": 2,
+        },
+    )
     prepare(cfg)
     featurize(cfg)
     train(cfg)
@@ -115,13 +118,19 @@ def test_mlflow_run_has_export_artifacts_and_metrics(exported):
     assert run.info.status == "FINISHED"
     for fmt in FORMATS:
         assert run.data.metrics[f"export_{fmt}_agreement"] == pytest.approx(
-            exported["metrics"][fmt]["agreement"])
-        assert run.data.metrics[f"export_{fmt}_size_bytes"] == exported["metrics"][fmt]["size_bytes"]
+            exported["metrics"][fmt]["agreement"]
+        )
+        assert (
+            run.data.metrics[f"export_{fmt}_size_bytes"] == exported["metrics"][fmt]["size_bytes"]
+        )
     assert "export_keras_latency_ms" in run.data.metrics and "val_accuracy" in run.data.metrics
     logged = {a.path: a.file_size for a in client.list_artifacts(run_id, "exports")}
-    assert logged == {f"exports/model_{f}.tflite": exported["metrics"][f]["size_bytes"]
-                      for f in FORMATS}
-    assert "reports/export_metrics.json" in {a.path for a in client.list_artifacts(run_id, "reports")}
+    assert logged == {
+        f"exports/model_{f}.tflite": exported["metrics"][f]["size_bytes"] for f in FORMATS
+    }
+    assert "reports/export_metrics.json" in {
+        a.path for a in client.list_artifacts(run_id, "reports")
+    }
 
 
 def test_representative_samples_cover_the_split():
@@ -141,7 +150,7 @@ def test_representative_samples_cover_the_split():
     ],
 )
 def test_bad_export_config_names_the_key(override, key):
-    from pipeline.config import validate
+    from pipeline.lib.config.schema import validate
 
     with pytest.raises(ConfigError) as info:
         validate(compose([override]))
@@ -151,7 +160,7 @@ def test_bad_export_config_names_the_key(override, key):
 
 
 def test_default_formats_are_float32_and_int8():
-    from pipeline.config import validate
+    from pipeline.lib.config.schema import validate
 
     cfg = validate(compose())
     assert list(cfg.export.formats) == ["float32", "int8"] and cfg.export.int8_io == "uint8"

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.features import (
+from pipeline.featurize import featurize
+from pipeline.lib.data.prepared import PreparedDataset
+from pipeline.lib.files import dvc_md5
+from pipeline.lib.model.build import build_feature_extractor
+from pipeline.lib.model.features import (
     AUTO_TFLITE_MIN_IMAGES,
     choose_backend,
     extractor_fingerprint,
@@ -13,12 +17,8 @@ from pipeline.features import (
     make_featurizer,
     tflite_cache_path,
 )
-from pipeline.data import PreparedDataset
-from pipeline.featurize import featurize
-from pipeline.files import dvc_md5
-from pipeline.model import build_feature_extractor
+from pipeline.lib.training.fit import fit
 from pipeline.prepare import prepare
-from pipeline.train import fit
 from tests.conftest import tiny_config
 
 
@@ -58,8 +58,9 @@ def test_fingerprint_follows_the_weights():
 
 
 def test_featurize_streams_into_a_memory_map(extractor, images, tmp_path):
-    out = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32,
-                                    shape=(len(images), 1280))
+    out = np.lib.format.open_memmap(
+        tmp_path / "f.npy", mode="w+", dtype=np.float32, shape=(len(images), 1280)
+    )
     seen = []
 
     def featurizer(batch):
@@ -68,8 +69,11 @@ def test_featurize_streams_into_a_memory_map(extractor, images, tmp_path):
 
     featurize_array(featurizer, images, 16, 1280, out=out)
     assert seen == [16, 16, 5]  # one batch at a time, never the whole array
-    np.testing.assert_allclose(np.load(tmp_path / "f.npy"),
-                               extractor.predict(images.astype(np.float32), verbose=0), atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "f.npy"),
+        extractor.predict(images.astype(np.float32), verbose=0),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow
@@ -88,7 +92,12 @@ def test_training_on_cached_features_matches_end_to_end(tmp_path):
     assert (cached["mode"], e2e["mode"]) == ("cached_features", "end_to_end")
     assert cached["epochs"]["loss"][-1] < cached["epochs"]["loss"][0]  # it did learn something
     for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
-        np.testing.assert_allclose(cached["epochs"][key], e2e["epochs"][key], atol=2e-3, err_msg=key)
+        np.testing.assert_allclose(
+            cached["epochs"][key], e2e["epochs"][key], atol=2e-3, err_msg=key
+        )
     images = np.asarray(dataset.images("test"), dtype=np.float32)
-    np.testing.assert_allclose(cached["model"].predict(images, verbose=0),
-                               e2e["model"].predict(images, verbose=0), atol=2e-3)
+    np.testing.assert_allclose(
+        cached["model"].predict(images, verbose=0),
+        e2e["model"].predict(images, verbose=0),
+        atol=2e-3,
+    )

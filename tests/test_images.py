@@ -1,4 +1,4 @@
-"""`pipeline.images`: decoding one file, every failure mode and colour mode, built in tmp_path."""
+"""`pipeline.lib.data.images`: decoding one file, every failure mode and colour mode, built in tmp_path."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageFile, features
 
 from pipeline import images
-from pipeline.images import IMAGE_EXTENSIONS, RejectedImage, load_rgb, sha256_file
+from pipeline.lib.data.images import IMAGE_EXTENSIONS, RejectedImage, load_rgb, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -53,8 +53,7 @@ def bomb_png(path: Path, side: int = 20000) -> Path:
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
-            len(data).to_bytes(4, "big") + kind + data
-            + zlib.crc32(kind + data).to_bytes(4, "big")
+            len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
         )
 
     ihdr = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # bit depth 1, greyscale
@@ -108,24 +107,31 @@ def test_text_file_named_jpg_is_rejected(tmp_path):
 
 def test_unsupported_heic_format_says_what_to_do(tmp_path):
     # an ISO-BMFF 'ftypheic' header, as iPhones write, that Pillow (without pillow-heif) cannot read
-    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    (tmp_path / "IMG_0001.HEIC").write_bytes(
+        b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    )
     reason = reason_of(tmp_path / "IMG_0001.HEIC")
     assert reason.startswith("not an image (unidentified format)")
     assert "HEIC" in reason and "pillow-heif" in reason and "JPEG" in reason
 
 
 def test_heic_content_behind_a_jpg_extension_is_recognised(tmp_path):
-    (tmp_path / "IMG_0002.jpg").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    (tmp_path / "IMG_0002.jpg").write_bytes(
+        b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    )
     assert "pillow-heif" in reason_of(tmp_path / "IMG_0002.jpg")
 
 
-@pytest.mark.parametrize("content, says", [
-    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n", "PostScript/EPS"),
-    (b"%PDF-1.7\n", "PDF document"),
-    (b"8BPS\x00\x01" + bytes(40), "Photoshop PSD"),
-    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG"),
-    (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  ", "video"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n", "PostScript/EPS"),
+        (b"%PDF-1.7\n", "PDF document"),
+        (b"8BPS\x00\x01" + bytes(40), "Photoshop PSD"),
+        (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG"),
+        (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  ", "video"),
+    ],
+)
 def test_other_formats_behind_an_image_extension_are_named_not_decoded(tmp_path, content, says):
     # EPS in particular must never reach Pillow's EPS plugin, which runs Ghostscript
     (tmp_path / "x.jpg").write_bytes(content)
@@ -148,7 +154,9 @@ def test_png_with_corrupt_data_is_rejected(tmp_path):
     noise(48, 48).save(buf, "PNG")
     data = bytearray(buf.getvalue())
     third = len(data) // 3
-    data[third : 2 * third] = np.random.default_rng(1).integers(0, 256, third, dtype=np.uint8).tobytes()
+    data[third : 2 * third] = (
+        np.random.default_rng(1).integers(0, 256, third, dtype=np.uint8).tobytes()
+    )
     (tmp_path / "bad.png").write_bytes(bytes(data))
     assert reason_of(tmp_path / "bad.png").startswith("corrupt or truncated image")
 
@@ -161,7 +169,9 @@ def test_jpeg_cut_inside_its_header_is_rejected(tmp_path):
 
 
 def test_png_content_with_jpg_extension_is_decoded_by_content(tmp_path):
-    path = save(Image.new("RGB", (20, 20), (10, 200, 30)), tmp_path / "really_png.jpg", format="PNG")
+    path = save(
+        Image.new("RGB", (20, 20), (10, 200, 30)), tmp_path / "really_png.jpg", format="PNG"
+    )
     assert close(load_rgb(path, SIZE)[5, 5], (10, 200, 30), 0)
 
 
@@ -177,7 +187,9 @@ def test_image_over_max_pixels_is_refused_from_the_header(tmp_path, monkeypatch)
     path = save(Image.new("L", (1000, 1000)), tmp_path / "big.png")
     loads = []
     real_load = ImageFile.ImageFile.load
-    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self)
+    )
     reason = reason_of(path, max_pixels=500_000)
     assert reason.startswith("image too large: 1000x1000 = 1000000 pixels > data.max_pixels=500000")
     assert loads == []  # refused before any pixel was decoded
@@ -190,7 +202,9 @@ def test_decompression_bomb_is_refused_without_decoding(bomb, monkeypatch):
     assert path.stat().st_size < 200_000  # tiny file, 400 megapixels
     loads = []
     real_load = ImageFile.ImageFile.load
-    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self)
+    )
     # Beyond Pillow's own limit (2 x MAX_IMAGE_PIXELS): its DecompressionBombError becomes a rejection.
     assert reason_of(path).startswith("image too large")
     assert loads == []
@@ -207,7 +221,7 @@ def test_decompression_bomb_refused_by_max_pixels_keeps_memory_low(bomb):
 import json, resource, sys
 from PIL import Image
 Image.MAX_IMAGE_PIXELS = None
-from pipeline.images import load_rgb, RejectedImage
+from pipeline.lib.data.images import load_rgb, RejectedImage
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     load_rgb({str(path)!r}, 32, max_pixels=60_000_000)
@@ -218,7 +232,11 @@ after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"reason": reason, "delta_kb": after - before}}))
 """
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert out.returncode == 0, out.stderr
@@ -348,11 +366,14 @@ def left_red_right_blue(w: int = 40, h: int = 20) -> Image.Image:
     return im
 
 
-@pytest.mark.parametrize("orientation, top, bottom", [
-    (1, None, None),          # upright: red left, blue right
-    (6, (255, 0, 0), (0, 0, 255)),  # rotate 90 clockwise to display: the left side goes on top
-    (8, (0, 0, 255), (255, 0, 0)),  # rotate 90 counter-clockwise: the right side goes on top
-])
+@pytest.mark.parametrize(
+    "orientation, top, bottom",
+    [
+        (1, None, None),  # upright: red left, blue right
+        (6, (255, 0, 0), (0, 0, 255)),  # rotate 90 clockwise to display: the left side goes on top
+        (8, (0, 0, 255), (255, 0, 0)),  # rotate 90 counter-clockwise: the right side goes on top
+    ],
+)
 def test_exif_orientation_is_applied(tmp_path, orientation, top, bottom):
     exif = Image.Exif()
     exif[0x0112] = orientation

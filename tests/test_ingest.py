@@ -1,4 +1,4 @@
-"""`pipeline.sources.folder.discover` and `pipeline.ingest.ingest`, on folders built in tmp_path."""
+"""`pipeline.lib.data.sources.folder.discover` and `pipeline.lib.data.ingest.ingest`, on folders built in tmp_path."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from pipeline import ingest as ingest_mod
-from pipeline.config import DataConfig, SplitRatios
-from pipeline.data import SPLITS, PreparedDataset
-from pipeline.images import load_rgb
-from pipeline.ingest import ingest
-from pipeline.sources.folder import DataError, discover, split_counts
+from pipeline.lib.config.schema import DataConfig, SplitRatios
+from pipeline.lib.data.images import load_rgb
+from pipeline.lib.data.ingest import ingest
+from pipeline.lib.data.prepared import SPLITS, PreparedDataset
+from pipeline.lib.data.sources.folder import DataError, discover, split_counts
 
 SIZE = 32
 _counter = iter(range(10**9))
@@ -62,7 +62,9 @@ def fails(root: Path, tmp_path: Path, **kw) -> str:
 
 
 def check_invariants(report: dict, out: Path) -> None:
-    assert report["files_found"] == report["accepted"] + len(report["rejected"]) + len(report["skipped"])
+    assert report["files_found"] == report["accepted"] + len(report["rejected"]) + len(
+        report["skipped"]
+    )
     assert report["accepted"] == sum(report["totals"].values())
     for s in SPLITS:
         assert report["totals"][s] == sum(report["counts"][s].values())
@@ -79,8 +81,14 @@ def check_invariants(report: dict, out: Path) -> None:
     assert json.loads((out / "report.json").read_text(encoding="utf-8")) == report
 
 
-SPLIT_SPEC = {"training/cats": 3, "training/dogs": 3, "validation/cats": 2, "validation/dogs": 2,
-              "test/cats": 2, "test/dogs": 2}
+SPLIT_SPEC = {
+    "training/cats": 3,
+    "training/dogs": 3,
+    "validation/cats": 2,
+    "validation/dogs": 2,
+    "test/cats": 2,
+    "test/dogs": 2,
+}
 
 
 # --- layouts ------------------------------------------------------------------------------------
@@ -91,10 +99,19 @@ def test_split_layout_writes_the_prepared_format(tmp_path):
     report = run(root, tmp_path)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
-        "classes.json", "manifest.csv", "report.json", "test.npy", "train.npy", "val.npy"]
+        "classes.json",
+        "manifest.csv",
+        "report.json",
+        "test.npy",
+        "train.npy",
+        "val.npy",
+    ]
     assert report["layout"] == "splits" and report["classes"] == ["cats", "dogs"]
-    assert report["counts"] == {"train": {"cats": 3, "dogs": 3}, "val": {"cats": 2, "dogs": 2},
-                                "test": {"cats": 2, "dogs": 2}}
+    assert report["counts"] == {
+        "train": {"cats": 3, "dogs": 3},
+        "val": {"cats": 2, "dogs": 2},
+        "test": {"cats": 2, "dogs": 2},
+    }
     assert report["image_size"] == SIZE and report["root"] == str(root)  # outside the cwd
     assert report["rejected"] == [] and report["skipped"] == [] and report["leakage"] == []
     assert report["warnings"] == []
@@ -104,16 +121,22 @@ def test_split_layout_writes_the_prepared_format(tmp_path):
         images = ds.images(s)
         assert images.dtype == np.uint8 and images.shape[1:] == (SIZE, SIZE, 3)
         for r in ds.manifest(s):
-            assert r.path.startswith({"train": "training/", "val": "validation/", "test": "test/"}[s])
+            assert r.path.startswith(
+                {"train": "training/", "val": "validation/", "test": "test/"}[s]
+            )
             assert np.array_equal(images[r.index], load_rgb(root / r.path, SIZE))
 
 
-@pytest.mark.parametrize("names", [("train", "val", "test"), ("Train", "VALID", "Testing"),
-                                   ("TRAINING", "Validation", "TEST")])
+@pytest.mark.parametrize(
+    "names",
+    [("train", "val", "test"), ("Train", "VALID", "Testing"), ("TRAINING", "Validation", "TEST")],
+)
 def test_split_folder_aliases_case_insensitive(tmp_path, names):
     tr, va, te = names
-    root = tree(tmp_path / "ds", {f"{tr}/a": 2, f"{tr}/b": 2, f"{va}/a": 1, f"{va}/b": 1,
-                                  f"{te}/a": 1, f"{te}/b": 1})
+    root = tree(
+        tmp_path / "ds",
+        {f"{tr}/a": 2, f"{tr}/b": 2, f"{va}/a": 1, f"{va}/b": 1, f"{te}/a": 1, f"{te}/b": 1},
+    )
     report = run(root, tmp_path)
     assert report["layout"] == "splits" and report["totals"] == {"train": 4, "val": 2, "test": 2}
 
@@ -127,7 +150,9 @@ def test_missing_validation_split_is_allowed_with_a_warning(tmp_path):
     check_invariants(report, tmp_path / "out")
 
 
-@pytest.mark.parametrize("present, missing", [(("train", "val"), "test/"), (("val", "test"), "training/")])
+@pytest.mark.parametrize(
+    "present, missing", [(("train", "val"), "test/"), (("val", "test"), "training/")]
+)
 def test_missing_required_split_is_named(tmp_path, present, missing):
     root = tree(tmp_path / "ds", {f"{s}/{c}": 1 for s in present for c in "ab"})
     message = str(pytest.raises(DataError, discover, root, SplitRatios(), 0).value)
@@ -136,7 +161,9 @@ def test_missing_required_split_is_named(tmp_path, present, missing):
 
 def test_duplicate_split_folder_aliases_are_refused(tmp_path):
     root = tree(tmp_path / "ds", {"train/a": 1, "training/a": 1, "test/a": 1})
-    assert "more than one folder for the train split" in str(pytest.raises(DataError, discover, root, SplitRatios(), 0).value)
+    assert "more than one folder for the train split" in str(
+        pytest.raises(DataError, discover, root, SplitRatios(), 0).value
+    )
 
 
 def test_mixed_split_and_class_folders_are_refused(tmp_path):
@@ -159,11 +186,17 @@ def test_single_folder_is_split_stratified_and_deterministic(tmp_path):
     other = discover(root, ratios, seed=43)
     assert first.layout == "single" and first.classes == ["ants", "bees", "wasps"]
     assert first.candidates == again.candidates  # same seed, same split
-    assert {(c.path, c.split) for c in first.candidates} != {(c.path, c.split) for c in other.candidates}
+    assert {(c.path, c.split) for c in first.candidates} != {
+        (c.path, c.split) for c in other.candidates
+    }
     n = Counter((c.label, c.split) for c in first.candidates)
     assert (n["ants", "train"], n["ants", "val"], n["ants", "test"]) == (10, 20, 20)
     assert (n["bees", "train"], n["bees", "val"], n["bees", "test"]) == (6, 12, 12)
-    assert sum(n["wasps", s] for s in SPLITS) == 7 and n["wasps", "train"] >= 1 and n["wasps", "test"] >= 1
+    assert (
+        sum(n["wasps", s] for s in SPLITS) == 7
+        and n["wasps", "train"] >= 1
+        and n["wasps", "test"] >= 1
+    )
     assert len({c.path for c in first.candidates}) == 87  # each file in exactly one split
     # a file's split does not depend on the other classes
     (root / "zebras").mkdir()
@@ -215,9 +248,18 @@ def test_hidden_and_system_files_are_skipped_and_listed(tmp_path):
     img(root / "a" / ".hidden" / "y.png")
     report = run(root, tmp_path)
     skipped = {s["file"]: s["reason"] for s in report["skipped"]}
-    assert skipped == {p: "hidden/system file" for p in (
-        "a/._img0.png", "a/.DS_Store", "b/Thumbs.db", "b/desktop.ini", "__MACOSX",
-        "a/.ipynb_checkpoints", "a/.hidden")}
+    assert skipped == {
+        p: "hidden/system file"
+        for p in (
+            "a/._img0.png",
+            "a/.DS_Store",
+            "b/Thumbs.db",
+            "b/desktop.ini",
+            "__MACOSX",
+            "a/.ipynb_checkpoints",
+            "a/.hidden",
+        )
+    }
     assert report["classes"] == ["a", "b"] and report["accepted"] == 4
     check_invariants(report, tmp_path / "out")
 
@@ -230,7 +272,10 @@ def test_non_image_files_are_skipped_with_reason(tmp_path):
     report = run(root, tmp_path)
     skipped = {s["file"]: s["reason"] for s in report["skipped"]}
     assert skipped["a/notes.txt"].startswith("not an image file extension")
-    assert "outside" in skipped["README.md"] and "move it into a class sub-folder" in skipped["loose.png"]
+    assert (
+        "outside" in skipped["README.md"]
+        and "move it into a class sub-folder" in skipped["loose.png"]
+    )
     check_invariants(report, tmp_path / "out")
 
 
@@ -250,7 +295,9 @@ def test_nested_folders_unicode_spaces_and_upper_case_extensions(tmp_path):
 
 def test_class_names_in_nfd_and_nfc_are_one_class(tmp_path):
     nfd, nfc = "cafe\u0301", "caf\u00e9"  # macOS writes NFD
-    root = tree(tmp_path / "ds", {f"train/{nfd}": 2, f"test/{nfc}": 1, "train/tea": 2, "test/tea": 1})
+    root = tree(
+        tmp_path / "ds", {f"train/{nfd}": 2, f"test/{nfc}": 1, "train/tea": 2, "test/tea": 1}
+    )
     report = run(root, tmp_path)
     assert report["classes"] == [nfc, "tea"] and report["counts"]["test"][nfc] == 1
 
@@ -292,7 +339,9 @@ def test_symlinks_followed_loops_and_broken_links_skipped(tmp_path):
 
 def test_missing_path(tmp_path):
     message = fails(tmp_path / "nope", tmp_path)
-    assert "does not exist" in message and str(tmp_path / "nope") in message and "data.path" in message
+    assert (
+        "does not exist" in message and str(tmp_path / "nope") in message and "data.path" in message
+    )
 
 
 def test_path_is_a_file(tmp_path):
@@ -318,7 +367,9 @@ def test_folder_without_class_folders(tmp_path):
 
 def test_single_class_is_refused(tmp_path):
     root = tree(tmp_path / "ds", {"only": 4})
-    assert "a single class cannot be classified; add at least one more class folder" in fails(root, tmp_path)
+    assert "a single class cannot be classified; add at least one more class folder" in fails(
+        root, tmp_path
+    )
 
 
 def test_single_class_that_wraps_the_real_dataset_gets_a_hint(tmp_path):
@@ -338,8 +389,18 @@ def test_empty_class_folder_is_a_class_and_is_reported(tmp_path):
 
 
 def test_class_missing_from_a_split_is_named(tmp_path):
-    root = tree(tmp_path / "ds", {"train/a": 2, "train/b": 2, "train/c": 2, "val/a": 1, "val/b": 1,
-                                  "test/a": 1, "test/b": 1})
+    root = tree(
+        tmp_path / "ds",
+        {
+            "train/a": 2,
+            "train/b": 2,
+            "train/c": 2,
+            "val/a": 1,
+            "val/b": 1,
+            "test/a": 1,
+            "test/b": 1,
+        },
+    )
     message = fails(root, tmp_path)
     assert "class 'c' has no usable test images (there is no 'c' folder in test/)" in message
     assert "Create 'test/c/'" in message
@@ -347,8 +408,10 @@ def test_class_missing_from_a_split_is_named(tmp_path):
     (root / "test" / "c").mkdir()
     img(root / "test" / "c" / "x.png")
     report = run(root, tmp_path)  # only val lacks c now: a warning
-    assert any("class 'c' has no validation images (there is no 'c' folder in val/)" in w
-               for w in report["warnings"])
+    assert any(
+        "class 'c' has no validation images (there is no 'c' folder in val/)" in w
+        for w in report["warnings"]
+    )
 
 
 def test_class_names_differing_in_case_get_a_hint(tmp_path):
@@ -360,7 +423,10 @@ def test_class_names_differing_in_case_get_a_hint(tmp_path):
 def test_min_images_per_class(tmp_path):
     root = tree(tmp_path / "ds", {"train/a": 5, "train/b": 2, "test/a": 1, "test/b": 1})
     message = fails(root, tmp_path, min_images_per_class=3)
-    assert "class 'b' has 2 usable training image(s), fewer than data.min_images_per_class=3" in message
+    assert (
+        "class 'b' has 2 usable training image(s), fewer than data.min_images_per_class=3"
+        in message
+    )
     assert "Add images to 'train/b/'" in message and "class 'a'" not in message
     assert run(root, tmp_path, min_images_per_class=2)["totals"]["train"] == 7
 
@@ -389,7 +455,10 @@ def test_too_many_rejected_files_fail_with_a_list(tmp_path):
     for i in range(25):
         (root / "train" / "a" / f"bad{i:02d}.jpg").write_text("nope")
     message = fails(root, tmp_path)
-    assert "25 of 31 image files (81%) could not be used, more than data.max_rejected_fraction=0.2" in message
+    assert (
+        "25 of 31 image files (81%) could not be used, more than data.max_rejected_fraction=0.2"
+        in message
+    )
     assert "train/a/bad00.jpg: not an image" in message and "train/a/bad19.jpg" in message
     assert "train/a/bad20.jpg" not in message and "... and 5 more" in message
     assert run(root, tmp_path, max_rejected_fraction=0.9)["accepted"] == 6
@@ -417,10 +486,12 @@ def leaky(tmp_path: Path) -> Path:
 def test_leakage_fails_by_default_naming_every_pair(tmp_path):
     message = fails(leaky(tmp_path), tmp_path)
     assert "2 image(s) appear in more than one split (4 pairs of identical files)" in message
-    for pair in ("training/cats/img0.png (train) == test/cats/copy.png (test)",
-                 "training/dogs/img1.png (train) == validation/dogs/copy.png (val)",
-                 "training/dogs/img1.png (train) == test/dogs/copy.png (test)",
-                 "validation/dogs/copy.png (val) == test/dogs/copy.png (test)"):
+    for pair in (
+        "training/cats/img0.png (train) == test/cats/copy.png (test)",
+        "training/dogs/img1.png (train) == validation/dogs/copy.png (val)",
+        "training/dogs/img1.png (train) == test/dogs/copy.png (test)",
+        "validation/dogs/copy.png (val) == test/dogs/copy.png (test)",
+    ):
         assert pair in message
     assert "data.leakage=warn" in message
 
@@ -430,7 +501,11 @@ def test_leakage_warn_mode_goes_on_and_reports(tmp_path):
     groups = {tuple(g["files"]): g["splits"] for g in report["leakage"]}
     assert groups == {
         ("training/cats/img0.png", "test/cats/copy.png"): ["train", "test"],
-        ("training/dogs/img1.png", "validation/dogs/copy.png", "test/dogs/copy.png"): ["train", "val", "test"],
+        ("training/dogs/img1.png", "validation/dogs/copy.png", "test/dogs/copy.png"): [
+            "train",
+            "val",
+            "test",
+        ],
     }
     assert all(len(g["sha256"]) == 64 for g in report["leakage"])
     assert sum("leakage" in w for w in report["warnings"]) == 4
@@ -444,7 +519,10 @@ def test_duplicates_within_a_split_are_kept_with_a_warning(tmp_path):
     report = run(root, tmp_path)
     assert report["counts"]["train"] == {"cats": 4, "dogs": 4} and report["leakage"] == []
     text = " ".join(report["warnings"])
-    assert "duplicate images within the train split (kept): training/cats/again.png, training/cats/img0.png" in text
+    assert (
+        "duplicate images within the train split (kept): training/cats/again.png, training/cats/img0.png"
+        in text
+    )
     assert "labelled with different classes ['cats', 'dogs']" in text
 
 
@@ -495,19 +573,29 @@ def test_same_result_with_one_or_many_workers(tmp_path):
         out = tmp_path / f"out{workers}"
         out.mkdir()
         ingest(root, cfg(), out, workers=workers, progress=False)
-        results.append([np.load(out / f"{s}.npy") for s in SPLITS] + [(out / "manifest.csv").read_text()])
-    for a, b in zip(*results):
+        results.append(
+            [np.load(out / f"{s}.npy") for s in SPLITS] + [(out / "manifest.csv").read_text()]
+        )
+    for a, b in zip(*results, strict=False):
         assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
 
 
 def test_accepts_the_validated_read_only_config(tmp_path):
-    from pipeline.config import validate
+    from pipeline.lib.config.schema import validate
 
-    config = validate({
-        "data": {"source": "folder", "path": "x", "image_size": SIZE, "resize": "pad",
-                 "split": {"train": 0.5, "val": 0.0, "test": 0.5}, "leakage": "warn"},
-        "model": {"weights": None},
-    })
+    config = validate(
+        {
+            "data": {
+                "source": "folder",
+                "path": "x",
+                "image_size": SIZE,
+                "resize": "pad",
+                "split": {"train": 0.5, "val": 0.0, "test": 0.5},
+                "leakage": "warn",
+            },
+            "model": {"weights": None},
+        }
+    )
     root = tree(tmp_path / "ds", {"a": 4, "b": 4})
     out = tmp_path / "out"
     out.mkdir()
@@ -516,8 +604,9 @@ def test_accepts_the_validated_read_only_config(tmp_path):
     check_invariants(report, out)
 
 
-def test_a_folder_inside_the_project_is_recorded_relative_so_clones_hash_the_same(tmp_path,
-                                                                                 monkeypatch):
+def test_a_folder_inside_the_project_is_recorded_relative_so_clones_hash_the_same(
+    tmp_path, monkeypatch
+):
     tree(tmp_path / "project" / "data" / "ds", SPLIT_SPEC)
     monkeypatch.chdir(tmp_path / "project")
     assert run(Path("data/ds"), tmp_path)["root"] == "data/ds"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.model import build_head
+from pipeline.lib.model.build import build_head
 from tests.conftest import tiny_config
 
 
@@ -27,7 +27,7 @@ def test_default_config_uses_the_zero_initialised_head(tmp_path):
 
 
 def test_unknown_head_init_is_rejected_naming_the_key(tmp_path):
-    from pipeline.config import ConfigError
+    from pipeline.lib.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="model.head_init"):
         tiny_config(tmp_path, **{"model.head_init": "ones"})

@@ -80,8 +80,11 @@ def test_learning_curves_write_both_pngs_in_new_folders(tmp_path):
         "val_accuracy": [0.45, 0.55, 0.7, 0.68],
     }
     steps = np.arange(40)
-    batches = {"step": steps.tolist(), "loss": (1.6 - steps / 30).tolist(),
-               "accuracy": (0.3 + steps / 70).tolist()}
+    batches = {
+        "step": steps.tolist(),
+        "loss": (1.6 - steps / 30).tolist(),
+        "accuracy": (0.3 + steps / 70).tolist(),
+    }
     out = tmp_path / "reports" / "plots" / "train"
 
     paths = plots.save_learning_curves(epochs, out, batches)
@@ -94,13 +97,15 @@ def test_learning_curves_write_both_pngs_in_new_folders(tmp_path):
 
 def test_learning_curve_marks_best_validation_epoch():
     fig = plots.learning_curve_figure(
-        {"loss": [1.0, 0.8, 0.5], "val_loss": [1.2, 0.7, 0.9]}, "loss")
+        {"loss": [1.0, 0.8, 0.5], "val_loss": [1.2, 0.7, 0.9]}, "loss"
+    )
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "train" in labels and "validation" in labels
     assert any(label.startswith("best validation: 0.7 (epoch 2)") for label in labels)
 
     fig = plots.learning_curve_figure(
-        {"accuracy": [0.5, 0.9, 0.7], "val_accuracy": [0.4, 0.6, 0.8]}, "accuracy")
+        {"accuracy": [0.5, 0.9, 0.7], "val_accuracy": [0.4, 0.6, 0.8]}, "accuracy"
+    )
     assert any("(epoch 3)" in label for label in fig.axes[0].get_legend_handles_labels()[1])
 
 
@@ -108,7 +113,7 @@ def test_batches_are_placed_on_the_epoch_axis():
     epochs = {"loss": [1.0, 0.5]}
     batches = {"step": list(range(20)), "loss": list(np.linspace(1.2, 0.4, 20))}
     ax = plots.learning_curve_figure(epochs, "loss", batches).axes[0]
-    line = next(l for l in ax.get_lines() if l.get_label() == "train (per batch)")
+    line = next(ln for ln in ax.get_lines() if ln.get_label() == "train (per batch)")
     x = line.get_xdata()
     # 10 steps per epoch: the last batch of epoch 1 lands on epoch 1, the last of all on epoch 2
     assert x[9] == pytest.approx(1.0)
@@ -118,7 +123,7 @@ def test_batches_are_placed_on_the_epoch_axis():
     # a batch index that restarts every epoch is numbered in order instead
     batches = {"step": list(range(10)) * 2, "loss": list(np.linspace(1.2, 0.4, 20))}
     ax = plots.learning_curve_figure(epochs, "loss", batches).axes[0]
-    x = next(l for l in ax.get_lines() if l.get_label() == "train (per batch)").get_xdata()
+    x = next(ln for ln in ax.get_lines() if ln.get_label() == "train (per batch)").get_xdata()
     assert np.all(np.diff(x) > 0) and x[-1] == pytest.approx(2.0)
 
 
@@ -126,10 +131,10 @@ def test_single_epoch_draws_markers(tmp_path):
     epochs = {"loss": [0.9], "val_loss": [1.1], "accuracy": [0.6], "val_accuracy": [0.5]}
     for metric in ("loss", "accuracy"):
         ax = plots.learning_curve_figure(epochs, metric).axes[0]
-        curves = [l for l in ax.get_lines() if l.get_label() in ("train", "validation")]
+        curves = [ln for ln in ax.get_lines() if ln.get_label() in ("train", "validation")]
         assert len(curves) == 2
-        assert all(l.get_marker() not in (None, "None", "", " ") for l in curves)
-        assert all(len(l.get_xdata()) == 1 and l.get_xdata()[0] == 1 for l in curves)
+        assert all(ln.get_marker() not in (None, "None", "", " ") for ln in curves)
+        assert all(len(ln.get_xdata()) == 1 and ln.get_xdata()[0] == 1 for ln in curves)
     for path in plots.save_learning_curves(epochs, tmp_path / "one"):
         read_png(path)
 
@@ -139,7 +144,7 @@ def test_missing_validation_and_missing_metric(tmp_path):
     ax = plots.learning_curve_figure(epochs, "loss").axes[0]
     labels = ax.get_legend_handles_labels()[1]
     assert "train" in labels and "validation" not in labels
-    train = next(l for l in ax.get_lines() if l.get_label() == "train")
+    train = next(ln for ln in ax.get_lines() if ln.get_label() == "train")
     assert list(train.get_xdata()) == [0, 1, 2]  # the given epoch numbers are kept
 
     loss, accuracy = plots.save_learning_curves(epochs, tmp_path / "curves")
@@ -157,12 +162,16 @@ def test_empty_history_still_writes(tmp_path):
 
 
 def test_confusion_matrix_six_classes(tmp_path):
-    matrix = np.array([[9, 1, 0, 0, 0, 0],
-                       [2, 7, 0, 0, 1, 0],
-                       [0, 0, 10, 0, 0, 0],
-                       [0, 0, 3, 6, 0, 1],
-                       [0, 0, 0, 0, 8, 2],
-                       [0, 0, 0, 0, 0, 10]])
+    matrix = np.array(
+        [
+            [9, 1, 0, 0, 0, 0],
+            [2, 7, 0, 0, 1, 0],
+            [0, 0, 10, 0, 0, 0],
+            [0, 0, 3, 6, 0, 1],
+            [0, 0, 0, 0, 8, 2],
+            [0, 0, 0, 0, 0, 10],
+        ]
+    )
     path = plots.save_confusion_matrix(matrix, CLASSES, tmp_path / "eval" / "cm.png")
     assert path == tmp_path / "eval" / "cm.png"
     read_png(path, min_side=400)
@@ -204,8 +213,10 @@ def test_confusion_matrix_thirty_classes_has_no_cell_text(tmp_path):
     fig = plots.confusion_figure(matrix, classes, normalize=True)
     assert len(fig.axes[0].texts) == 0
     assert len(fig.axes[0].get_xticklabels()) == 30
-    read_png(plots.save_confusion_matrix(matrix, classes, tmp_path / "cm30.png", normalize=True),
-             min_side=600)
+    read_png(
+        plots.save_confusion_matrix(matrix, classes, tmp_path / "cm30.png", normalize=True),
+        min_side=600,
+    )
 
 
 def test_confusion_matrix_rejects_mismatched_classes(tmp_path):
@@ -267,8 +278,15 @@ def test_gallery_png_with_memmap_and_max_images(tmp_path):
     np.save(tmp_path / "test.npy", images)
     memmap = np.load(tmp_path / "test.npy", mmap_mode="r")
 
-    path = plots.save_gallery(memmap, probabilities, labels, CLASSES,
-                              tmp_path / "reports" / "gallery.png", columns=3, max_images=5)
+    path = plots.save_gallery(
+        memmap,
+        probabilities,
+        labels,
+        CLASSES,
+        tmp_path / "reports" / "gallery.png",
+        columns=3,
+        max_images=5,
+    )
     pixels = read_png(path, min_side=400)
     assert pixels.shape[1] > pixels.shape[0]  # 3 pairs side by side
     no_temp_files_left(path.parent)
@@ -297,8 +315,9 @@ def test_empty_gallery_says_so(tmp_path):
     empty = np.zeros((0, 224, 224, 3), dtype=np.uint8)
     fig = plots.gallery_figure(empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES)
     assert "no test images" in texts(fig)
-    path = plots.save_gallery(empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES,
-                              tmp_path / "new" / "gallery.png")
+    path = plots.save_gallery(
+        empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES, tmp_path / "new" / "gallery.png"
+    )
     read_png(path, min_side=100)
 
 

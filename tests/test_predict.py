@@ -1,4 +1,4 @@
-"""`pipeline.predict` on a model trained by the real stages (tiny synthetic data, 32 px), loaded
+"""`pipeline.lib.inference.predict` on a model trained by the real stages (tiny synthetic data, 32 px), loaded
 from every source: the models/ folder, the .keras file, `runs:/` and `models:/...@champion` from
 the MLflow SQLite store, and TFLite (float32 and full-int8) files converted here.
 
@@ -26,18 +26,21 @@ import pytest
 
 from pipeline import predict
 from pipeline.featurize import featurize
-from pipeline.files import read_json
-from pipeline.images import load_rgb
-from pipeline.model import imagenet_weights_path, load_model
+from pipeline.lib.data.images import load_rgb
+from pipeline.lib.files import read_json
+from pipeline.lib.model.build import imagenet_weights_path, load_model
+from pipeline.lib.tracking.registry import promote
 from pipeline.prepare import prepare
-from pipeline.registry import promote
 from pipeline.train import train
 from tests.conftest import ROOT, WEIGHTS_FILE, tiny_config
 
 MODEL = "toy-truck-classifier"
 SIZE = 32
-BAD = {"notes.txt": "not an image file", "broken.png": "corrupt or truncated",
-       "fake.jpg": "not an image"}
+BAD = {
+    "notes.txt": "not an image file",
+    "broken.png": "corrupt or truncated",
+    "fake.jpg": "not an image",
+}
 
 
 def weights_file() -> Path:
@@ -55,7 +58,9 @@ def to_tflite(saved_model: Path, path: Path, calibration: np.ndarray | None = No
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     if calibration is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in calibration)
+        converter.representative_dataset = lambda: (
+            [x[None].astype(np.float32)] for x in calibration
+        )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
@@ -70,8 +75,15 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     of the test images (one sub-folder per class) with three bad files; the Keras model's own
     predictions on them; the model converted to TFLite twice."""
     tmp = tmp_path_factory.mktemp("predict")
-    cfg = tiny_config(tmp, **{"model.alpha": 1.0, "model.weights": weights_file(),
-                              "train.learning_rate": 0.05, "train.epochs": 8})
+    cfg = tiny_config(
+        tmp,
+        **{
+            "model.alpha": 1.0,
+            "model.weights": weights_file(),
+            "train.learning_rate": 0.05,
+            "train.epochs": 8,
+        },
+    )
     prepare(cfg)
     featurize(cfg)
     train(cfg)
@@ -95,22 +107,41 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     pixels = np.stack([load_rgb(p, SIZE) for p in images]).astype(np.float32)
     probs = np.asarray(keras_model(pixels, training=False), dtype=np.float64)
     assert len(set(probs.argmax(axis=1))) >= 2, "degenerate model: one class for every image"
-    reference = {str(p): row for p, row in zip(images, probs)}
+    reference = {str(p): row for p, row in zip(images, probs, strict=False)}
 
     # exported once, converted twice (what TFLiteConverter.from_keras_model does, less one export)
     keras_model.export(str(tmp / "saved_model"), verbose=False)
     tflite = to_tflite(tmp / "saved_model", tmp / "tflite" / "model.tflite")
     shutil.copy(models / "classes.json", tflite.parent / "classes.json")
     int8 = to_tflite(tmp / "saved_model", tmp / "tflite_int8" / "model.tflite", calibration=pixels)
-    return {"tmp": tmp, "cfg": cfg, "uri": cfg.tracking.uri, "run_id": run_id, "models": models,
-            "photos": photos, "classes": classes, "reference": reference, "tflite": tflite,
-            "int8": int8}
+    return {
+        "tmp": tmp,
+        "cfg": cfg,
+        "uri": cfg.tracking.uri,
+        "run_id": run_id,
+        "models": models,
+        "photos": photos,
+        "classes": classes,
+        "reference": reference,
+        "tflite": tflite,
+        "int8": int8,
+    }
 
 
 def run_predict(world, tmp_path, capsys, model: str, *extra: str, output: str = "out.json"):
     out = tmp_path / output
-    rc = predict.main([str(world["photos"]), "--model", model, "--output", str(out),
-                       "--tracking-uri", world["uri"], *extra])
+    rc = predict.main(
+        [
+            str(world["photos"]),
+            "--model",
+            model,
+            "--output",
+            str(out),
+            "--tracking-uri",
+            world["uri"],
+            *extra,
+        ]
+    )
     captured = capsys.readouterr()
     return rc, out, captured.out, captured.err
 
@@ -132,15 +163,18 @@ def check_agreement(world, out: Path, quantized: bool = False) -> None:
         assert (got.argmax(axis=1) == expected.argmax(axis=1)).sum() >= 8
     else:
         assert np.allclose(got, expected, atol=1e-4)
-        assert [rows[p]["predicted"] for p in reference] == [classes[i] for i in
-                                                              expected.argmax(axis=1)]
+        assert [rows[p]["predicted"] for p in reference] == [
+            classes[i] for i in expected.argmax(axis=1)
+        ]
 
 
 def check_reports(stdout: str, stderr: str) -> None:
     """One stdout line per predicted image; each bad file named once, with why; a summary."""
     assert len(stdout.strip().splitlines()) == 12
     for name, why in BAD.items():
-        [line] = [line for line in stderr.splitlines() if line.startswith("warning:") and name in line]
+        [line] = [
+            line for line in stderr.splitlines() if line.startswith("warning:") and name in line
+        ]
         assert why in line, line
     assert "Predicted 12 image(s)" in stderr and "3 file(s) skipped" in stderr
 
@@ -179,8 +213,17 @@ def test_int8_model_really_has_quantized_io(world):
 
 def test_csv_and_json_shapes_and_top_k_order(world, tmp_path, capsys):
     classes = world["classes"]
-    rc, out, stdout, _ = run_predict(world, tmp_path, capsys, str(world["models"]),
-                                     "--top-k", "2", "--batch-size", "5", output="p.csv")
+    rc, out, stdout, _ = run_predict(
+        world,
+        tmp_path,
+        capsys,
+        str(world["models"]),
+        "--top-k",
+        "2",
+        "--batch-size",
+        "5",
+        output="p.csv",
+    )
     assert rc == 0
     table = pd.read_csv(out)
     assert list(table.columns) == ["path", "predicted", "probability", *classes]
@@ -195,8 +238,9 @@ def test_csv_and_json_shapes_and_top_k_order(world, tmp_path, capsys):
         assert len(shown) == 2 and shown[0][1] >= shown[1][1]
         assert shown[0][0] == table.set_index("path").loc[path, "predicted"]
 
-    rc, out, _, _ = run_predict(world, tmp_path, capsys, str(world["models"]), "--top-k", "10",
-                                output="p.json")
+    rc, out, _, _ = run_predict(
+        world, tmp_path, capsys, str(world["models"]), "--top-k", "10", output="p.json"
+    )
     assert rc == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 12
@@ -226,17 +270,34 @@ def test_user_errors_exit_2_with_the_path(world, tmp_path, capsys):
 
     not_a_model = tmp_path / "model.keras"
     not_a_model.write_text("not a zip\n")
-    assert predict.main([str(world["photos"]), "--model", str(not_a_model),
-                         "--output", str(out)]) == 2
+    assert (
+        predict.main([str(world["photos"]), "--model", str(not_a_model), "--output", str(out)]) == 2
+    )
     assert str(not_a_model) in capsys.readouterr().err
 
-    assert predict.main([str(world["photos"]), "--model", "models:/no-such-model@champion",
-                         "--output", str(out), "--tracking-uri", world["uri"]]) == 2
+    assert (
+        predict.main(
+            [
+                str(world["photos"]),
+                "--model",
+                "models:/no-such-model@champion",
+                "--output",
+                str(out),
+                "--tracking-uri",
+                world["uri"],
+            ]
+        )
+        == 2
+    )
     assert "no-such-model" in capsys.readouterr().err
 
     # the extension is checked before any work: the (missing) model is never looked at
-    assert predict.main([str(world["photos"]), "--model", str(missing),
-                         "--output", str(tmp_path / "out.xlsx")]) == 2
+    assert (
+        predict.main(
+            [str(world["photos"]), "--model", str(missing), "--output", str(tmp_path / "out.xlsx")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "out.xlsx" in err and ".xlsx" in err and str(missing) not in err
     assert not out.exists() and not (tmp_path / "out.xlsx").exists()
@@ -245,9 +306,22 @@ def test_user_errors_exit_2_with_the_path(world, tmp_path, capsys):
 def test_module_runs_as_a_command_with_a_float_tflite_model(world, tmp_path):
     out = tmp_path / "tflite.json"
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", str(world["photos"]), "--model",
-         str(world["tflite"]), "--output", str(out), "--top-k", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.predict",
+            str(world["photos"]),
+            "--model",
+            str(world["tflite"]),
+            "--output",
+            str(out),
+            "--top-k",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     check_agreement(world, out)

@@ -12,7 +12,12 @@ import pytest
 pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="needs the `ray` extra")
 
 from tests.conftest import ROOT  # noqa: E402
-from tests.test_sweeps import check_best, data, family, sweep  # noqa: E402,F401  (`data`: fixture)
+from tests.test_sweeps import (  # noqa: E402
+    check_best,
+    data,  # noqa: F401  (a fixture, used by name)
+    family,
+    sweep,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +40,27 @@ def test_ray_cluster_launcher_config_composes(monkeypatch):
     assert node["ray"]["init"] == {"address": "auto", "object_store_memory": None}
     assert node["ray"]["remote"] == {"num_cpus": 1}
     monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
-    assert hydra_launcher(["hydra/launcher=ray_cluster"])["ray"]["init"]["address"] == \
-        "ray://head.example:10001"
-    node = hydra_launcher(["hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=ray://h:1"])
+    assert (
+        hydra_launcher(["hydra/launcher=ray_cluster"])["ray"]["init"]["address"]
+        == "ray://head.example:10001"
+    )
+    node = hydra_launcher(
+        ["hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=ray://h:1"]
+    )
     assert node["ray"]["init"]["address"] == "ray://h:1"
 
 
-def test_two_job_sweep_on_ray(tmp_path, data, monkeypatch):
+def test_two_job_sweep_on_ray(tmp_path, data, monkeypatch):  # noqa: F811  (fixture)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # local instance: no token written to ~/.ray
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    proc = sweep(tmp_path, data, "hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=null",
-                 "+hydra.launcher.ray.init.num_cpus=2", "train.learning_rate=0.001,0.01")
+    proc = sweep(
+        tmp_path,
+        data,
+        "hydra/launcher=ray_cluster",
+        "hydra.launcher.ray.init.address=null",
+        "+hydra.launcher.ray.init.num_cpus=2",
+        "train.learning_rate=0.001,0.01",
+    )
     assert "Ray Launcher is launching 2 jobs" in proc.stdout + proc.stderr
     parent, children = family(tmp_path)
     assert sorted(c.data.params["train.learning_rate"] for c in children) == ["0.001", "0.01"]

@@ -58,8 +58,14 @@ def aws_env(tmp_path_factory: pytest.TempPathFactory):
     and nothing of the user's ~/.aws."""
     tmp = tmp_path_factory.mktemp("aws")
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
-                     "AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE"):
+        for name in (
+            "AWS_PROFILE",
+            "AWS_SESSION_TOKEN",
+            "AWS_SECURITY_TOKEN",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_CA_BUNDLE",
+        ):
             mp.delenv(name, raising=False)
         mp.setenv("AWS_ACCESS_KEY_ID", "testing")
         mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -78,14 +84,19 @@ def s3(aws_env, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = (tmp_path_factory.mktemp("moto") / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
-            assert server.poll() is None, f"moto server exited ({server.returncode}), see {log.name}"
+            assert server.poll() is None, (
+                f"moto server exited ({server.returncode}), see {log.name}"
+            )
             try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()  # noqa: S310  (http://127.0.0.1)
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
                 assert time.monotonic() < deadline, "moto server did not answer within 60 s"
@@ -109,15 +120,21 @@ def file_hashes(repo: Path, outs: list[str]) -> dict[str, str]:
         root = repo / out
         for path in [root] if root.is_file() else sorted(root.rglob("*")):
             if path.is_file():
-                hashes[path.relative_to(repo).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+                hashes[path.relative_to(repo).as_posix()] = hashlib.sha256(
+                    path.read_bytes()
+                ).hexdigest()
     return hashes
 
 
 def lock_hashes(repo: Path, outs: list[str]) -> dict[str, str]:
     """What dvc.lock records for each cached output (the md5 DVC addresses it by)."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in lock["stages"].values()
-            for out in stage.get("outs", []) if out["path"] in outs}
+    return {
+        out["path"]: out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+        if out["path"] in outs
+    }
 
 
 def cache_files(repo: Path) -> set[str]:
@@ -140,7 +157,9 @@ def referenced_objects(repo: Path, outs: list[str]) -> set[str]:
 
 def remote_objects(client) -> set[str]:
     keys = set()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{PREFIX}/"):
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=f"{PREFIX}/"
+    ):
         keys |= {obj["Key"] for obj in page.get("Contents", [])}
     return keys
 
@@ -165,8 +184,14 @@ def pushed(s3, smoke_project, tmp_path_factory: pytest.TempPathFactory) -> dict:
     git(repo, "commit", "-qm", "pipeline outputs and the S3 remote")
     assert not git(repo, "status", "--porcelain").strip(), "everything not cached by DVC is in git"
     push = dvc(repo, "push")
-    return {"repo": repo, "stages": stages, "outs": outs, "push": push,
-            "files": file_hashes(repo, outs), "lock": lock_hashes(repo, outs)}
+    return {
+        "repo": repo,
+        "stages": stages,
+        "outs": outs,
+        "push": push,
+        "files": file_hashes(repo, outs),
+        "lock": lock_hashes(repo, outs),
+    }
 
 
 def remove(path: Path) -> None:
@@ -181,8 +206,12 @@ def test_push_uploads_every_cached_output(pushed, s3):
     repo, outs = pushed["repo"], pushed["outs"]
     assert {"data/prepared", "data/features", "models"} <= set(outs)
     assert set(pushed["lock"]) == set(outs)
-    assert {"data/prepared/train.npy", "data/features/train.npy", "models/model.keras",
-            "reports/eval_figures/confusion_matrix.png"} <= set(pushed["files"])
+    assert {
+        "data/prepared/train.npy",
+        "data/features/train.npy",
+        "models/model.keras",
+        "reports/eval_figures/confusion_matrix.png",
+    } <= set(pushed["files"])
     # the bucket holds every object dvc.lock needs, under DVC's content-addressed layout
     keys = remote_objects(client)
     needed = referenced_objects(repo, outs)

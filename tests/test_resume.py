@@ -11,12 +11,13 @@ import mlflow
 import numpy as np
 import pytest
 
-import pipeline.train as train_module
-from pipeline.data import PreparedDataset
+import pipeline.lib.training.fit as train_module
 from pipeline.featurize import featurize
-from pipeline.files import dvc_md5, read_json
+from pipeline.lib.data.prepared import PreparedDataset
+from pipeline.lib.files import dvc_md5, read_json
+from pipeline.lib.training.fit import ArrayBatches, checkpoint_folder
 from pipeline.prepare import prepare
-from pipeline.train import ArrayBatches, checkpoint_folder, train
+from pipeline.train import train
 from tests.conftest import tiny_config
 
 EPOCHS = 4
@@ -24,7 +25,7 @@ STEPS_PER_EPOCH = 3  # 24 tiny training images, batch 8
 
 
 class Interrupted(KeyboardInterrupt):
-    """What Ctrl-C (or SIGTERM, via pipeline.tracking) raises in the middle of training."""
+    """What Ctrl-C (or SIGTERM, via pipeline.lib.tracking.runs) raises in the middle of training."""
 
 
 def stop_after(epochs: int):
@@ -62,14 +63,19 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def config(tmp: Path, data: dict[str, str], **extra: object):
-    values = {**data, "train.epochs": EPOCHS, "train.checkpoint_dir": tmp / "checkpoints",
-              "tracking.log_model": False, **extra}
+    values = {
+        **data,
+        "train.epochs": EPOCHS,
+        "train.checkpoint_dir": tmp / "checkpoints",
+        "tracking.log_model": False,
+        **extra,
+    }
     return tiny_config(tmp, **values)
 
 
 def outcome(cfg) -> dict:
     """What a finished run left: metrics, per-epoch history, per-batch steps, head weights."""
-    from pipeline.model import HEAD_NAME, load_model
+    from pipeline.lib.model.build import HEAD_NAME, load_model
 
     reports, models = Path(cfg.paths.reports), Path(cfg.paths.models)
     with open(reports / "train_history.csv", newline="") as fh:
@@ -79,8 +85,9 @@ def outcome(cfg) -> dict:
     model = load_model(models / "model.keras")
     return {
         "metrics": json.loads((reports / "train_metrics.json").read_text()),
-        "history": {int(r["epoch"]): {k: float(v) for k, v in r.items() if k != "epoch"}
-                    for r in history},
+        "history": {
+            int(r["epoch"]): {k: float(v) for k, v in r.items() if k != "epoch"} for r in history
+        },
         "steps": steps,
         "weights": [np.asarray(w) for w in model.get_layer(HEAD_NAME).get_weights()],
     }
@@ -95,14 +102,24 @@ def runs(cfg) -> list:
 def assert_same_result(got: dict, want: dict) -> None:
     for split in ("train", "val"):
         for metric in ("loss", "accuracy"):
-            np.testing.assert_allclose(got["metrics"][split][metric], want["metrics"][split][metric],
-                                       rtol=0, atol=1e-5, err_msg=f"{split} {metric}")
+            np.testing.assert_allclose(
+                got["metrics"][split][metric],
+                want["metrics"][split][metric],
+                rtol=0,
+                atol=1e-5,
+                err_msg=f"{split} {metric}",
+            )
     for g, w in zip(got["weights"], want["weights"], strict=True):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
     for epoch, row in got["history"].items():  # the epochs a resumed run ran match the same epochs
         for key, value in row.items():
-            np.testing.assert_allclose(value, want["history"][epoch][key], rtol=0, atol=1e-5,
-                                       err_msg=f"epoch {epoch} {key}")
+            np.testing.assert_allclose(
+                value,
+                want["history"][epoch][key],
+                rtol=0,
+                atol=1e-5,
+                err_msg=f"epoch {epoch} {key}",
+            )
 
 
 def interrupt(cfg, after: int, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -149,7 +166,8 @@ def test_interrupted_run_resumes_to_the_same_result(data, reference, tmp_path, m
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     assert [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")] == [3, 4]
     assert resumed.data.metrics["final_val_loss"] == pytest.approx(
-        reference["metrics"]["val"]["loss"], abs=1e-5)
+        reference["metrics"]["val"]["loss"], abs=1e-5
+    )
 
 
 def test_without_resume_an_earlier_checkpoint_is_ignored(data, reference, tmp_path, monkeypatch):
@@ -202,8 +220,13 @@ def test_checkpoint_folder_is_keyed_by_what_determines_the_run(tmp_path):
     folder = checkpoint_folder(base, md5)
     assert folder.parent == Path(base.train.checkpoint_dir)
     assert checkpoint_folder(tiny_config(tmp_path, **{"train.resume": True}), md5) == folder
-    for change in ({"train.learning_rate": 0.01}, {"train.seed": 1}, {"model.dropout": 0.2},
-                   {"featurize.backend": "tflite"}, {"paths.models": tmp_path / "other"}):
+    for change in (
+        {"train.learning_rate": 0.01},
+        {"train.seed": 1},
+        {"model.dropout": 0.2},
+        {"featurize.backend": "tflite"},
+        {"paths.models": tmp_path / "other"},
+    ):
         assert checkpoint_folder(tiny_config(tmp_path, **change), md5) != folder, change
     assert checkpoint_folder(base, "1" * 32 + ".dir") != folder
 

@@ -55,11 +55,25 @@ class Server:
         self.starts += 1
         log = open(self.root / f"server-{self.starts}.log", "wb")  # noqa: SIM115 (kept by Popen)
         self.proc = subprocess.Popen(
-            [MLFLOW, "server",
-             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                MLFLOW,
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--serve-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             # a tracking server only: no background job executor (saves two processes)
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
@@ -70,13 +84,15 @@ class Server:
         while time.monotonic() - start < timeout_s:
             assert self.proc is not None and self.proc.poll() is None, self.log_tail()
             try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:  # noqa: S310
                     if response.status == 200:
                         return time.monotonic() - start
             except OSError:
                 pass
             time.sleep(0.25)
-        raise AssertionError(f"{self.uri}/health did not answer in {timeout_s} s\n{self.log_tail()}")
+        raise AssertionError(
+            f"{self.uri}/health did not answer in {timeout_s} s\n{self.log_tail()}"
+        )
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -115,14 +131,25 @@ def live(server: Server, data: dict) -> Server:
 
 def server_overrides(tmp: Path, server: Server, data: dict, experiment: str, **extra) -> list[str]:
     # tiny_overrides sets a local tracking.artifact_location: ignored with a server (asserted below)
-    return ["tracking=server", *tiny_overrides(
-        tmp, **data, **{"tracking.uri": server.uri, "tracking.experiment": experiment}, **extra)]
+    return [
+        "tracking=server",
+        *tiny_overrides(
+            tmp, **data, **{"tracking.uri": server.uri, "tracking.experiment": experiment}, **extra
+        ),
+    ]
 
 
 def sweep_cmd(tmp: Path, server: Server, data: dict, experiment: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.train", "-m",
-            *server_overrides(tmp, server, data, experiment), "tracking.log_model=false",
-            f"hydra.sweep.dir={tmp}/sweep", *args]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "-m",
+        *server_overrides(tmp, server, data, experiment),
+        "tracking.log_model=false",
+        f"hydra.sweep.dir={tmp}/sweep",
+        *args,
+    ]
 
 
 def family(client: mlflow.MlflowClient, experiment: str):
@@ -135,8 +162,10 @@ def family(client: mlflow.MlflowClient, experiment: str):
 
 def full_history(client: mlflow.MlflowClient, run) -> dict[str, list[int]]:
     """Steps logged per metric, read back through the server."""
-    return {key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-            for key in run.data.metrics}
+    return {
+        key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        for key in run.data.metrics
+    }
 
 
 def check_complete_child(client: mlflow.MlflowClient, run) -> int:
@@ -147,34 +176,48 @@ def check_complete_child(client: mlflow.MlflowClient, run) -> int:
         assert history[key] == list(range(1, EPOCHS + 1)), (key, history[key])
     for key in ("batch_loss", "batch_accuracy"):  # per batch
         assert history[key] == list(range(1, 3 * EPOCHS + 1)), (key, history[key])
-    for key in ("final_loss", "final_accuracy", "final_val_loss", "final_val_accuracy",
-                "train_seconds", "trainable_params"):
+    for key in (
+        "final_loss",
+        "final_accuracy",
+        "final_val_loss",
+        "final_val_accuracy",
+        "train_seconds",
+        "trainable_params",
+    ):
         assert len(history[key]) == 1, key
     assert run.data.metrics["trainable_params"] == 7686
     return sum(len(steps) for steps in history.values())
 
 
 def test_server_config_needs_a_uri_and_bounds_retries():
-    from pipeline.config import ConfigError, validate
-    from pipeline.tracking import apply_http_settings
+    from pipeline.lib.config.schema import ConfigError, validate
+    from pipeline.lib.tracking.runs import apply_http_settings
     from tests.conftest import compose
 
     with pytest.raises(ConfigError, match="tracking.uri"):
         validate(compose(["tracking=server"]))
     with pytest.raises(ConfigError, match="tracking.http_retries"):
-        validate(compose(["tracking=server", "tracking.uri=http://h:1", "tracking.http_retries=11"]))
-    cfg = validate(compose(["tracking=server", "tracking.uri=http://h:1", "tracking.timeout_s=2.5"]))
+        validate(
+            compose(["tracking=server", "tracking.uri=http://h:1", "tracking.http_retries=11"])
+        )
+    cfg = validate(
+        compose(["tracking=server", "tracking.uri=http://h:1", "tracking.timeout_s=2.5"])
+    )
     assert cfg.tracking.artifact_location is None
     env = apply_http_settings(cfg.tracking)
-    assert env == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+    assert env == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
+    }
     assert all(os.environ[k] == v for k, v in env.items())
 
 
 def test_pipeline_run_is_read_back_through_the_server(live, data, tmp_path):
-    from pipeline.config import validate
     from pipeline.evaluate import evaluate
-    from pipeline.train import open_prepared, train
+    from pipeline.lib.config.schema import validate
+    from pipeline.lib.data.prepared import open_prepared
+    from pipeline.train import train
     from tests.conftest import compose
 
     cfg = validate(compose(server_overrides(tmp_path, live, data, "pipeline")))
@@ -203,7 +246,8 @@ def test_pipeline_run_is_read_back_through_the_server(live, data, tmp_path):
     assert {"config.yaml", "figures", "reports"} <= listed
     got = Path(client.download_artifacts(run_id, "reports/train_metrics.json", str(tmp_path)))
     assert json.loads(got.read_text()) == json.loads(
-        (tmp_path / "reports" / "train_metrics.json").read_text())
+        (tmp_path / "reports" / "train_metrics.json").read_text()
+    )
     stored = list((live.root / "artifacts").rglob("train_metrics.json"))
     assert any(run_id in str(p) for p in stored)
     assert not (tmp_path / "mlartifacts").exists(), "nothing written beside the client"
@@ -211,7 +255,7 @@ def test_pipeline_run_is_read_back_through_the_server(live, data, tmp_path):
     # the model, loaded through the server, predicts probabilities for the test images
     mlflow.set_tracking_uri(live.uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    images = np.asarray(open_prepared(cfg).images("test"), dtype=np.float32)
+    images = np.asarray(open_prepared(cfg.paths.prepared).images("test"), dtype=np.float32)
     probs = np.asarray(model.predict(images))
     assert probs.shape == (len(images), 6)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
@@ -224,12 +268,19 @@ def test_a_sweep_stopped_early_ends_its_parent_failed(live, tmp_path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from pipeline.sweep import MlflowSweepCallback, read_parent_run_id
+    from pipeline.lib.tracking.sweep import MlflowSweepCallback, read_parent_run_id
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        config = hydra_compose("config", overrides=[
-            "tracking=server", f"tracking.uri={live.uri}", "tracking.experiment=stopped",
-            f"hydra.sweep.dir={tmp_path}/sweep"], return_hydra_config=True)
+        config = hydra_compose(
+            "config",
+            overrides=[
+                "tracking=server",
+                f"tracking.uri={live.uri}",
+                "tracking.experiment=stopped",
+                f"hydra.sweep.dir={tmp_path}/sweep",
+            ],
+            return_hydra_config=True,
+        )
     callback = MlflowSweepCallback()
     callback.on_multirun_start(config)
     parent_id = read_parent_run_id(tmp_path / "sweep")
@@ -243,9 +294,19 @@ def test_parallel_sweep_of_8_jobs_against_the_server(live, data, tmp_path):
     rates = ["0.001", "0.002", "0.003", "0.005", "0.01", "0.02", "0.03", "0.05"]
     start = time.monotonic()
     proc = subprocess.run(
-        sweep_cmd(tmp_path, live, data, "load", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                  "train.learning_rate=" + ",".join(rates)),
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        sweep_cmd(
+            tmp_path,
+            live,
+            data,
+            "load",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "train.learning_rate=" + ",".join(rates),
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -264,15 +325,24 @@ def test_parallel_sweep_of_8_jobs_against_the_server(live, data, tmp_path):
     spans = [(c.info.start_time, c.info.end_time) for c in children]
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     assert overlap == 2, spans
-    print(f"\nLOAD: jobs=8 n_jobs=2 runs_found={len(children)} (+1 parent) max_open_at_once="
-          f"{overlap} metric_keys_found={keys} metric_values_found={values} wall_s={wall:.1f}")
+    print(
+        f"\nLOAD: jobs=8 n_jobs=2 runs_found={len(children)} (+1 parent) max_open_at_once="
+        f"{overlap} metric_keys_found={keys} metric_values_found={values} wall_s={wall:.1f}"
+    )
 
 
 def test_server_killed_mid_sweep_then_restarted(live, data, tmp_path):
     rates = ["0.001", "0.01", "0.03"]
     # one retry, short backoff: the test waits for the failure (defaults: 3 retries, ~30 s)
-    cmd = sweep_cmd(tmp_path, live, data, "fault", "tracking.http_retries=1",
-                    "tracking.http_backoff_factor=1", "train.learning_rate=" + ",".join(rates))
+    cmd = sweep_cmd(
+        tmp_path,
+        live,
+        data,
+        "fault",
+        "tracking.http_retries=1",
+        "tracking.http_backoff_factor=1",
+        "train.learning_rate=" + ",".join(rates),
+    )
     client = mlflow.MlflowClient(tracking_uri=live.uri)
     out, err = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
@@ -286,10 +356,12 @@ def test_server_killed_mid_sweep_then_restarted(live, data, tmp_path):
             exp = client.get_experiment_by_name("fault")
             if exp is None:
                 continue
-            runs = [r for r in client.search_runs([exp.experiment_id])
-                    if "mlflow.parentRunId" in r.data.tags]
-            finished = {r.info.run_id: r.data.metrics for r in runs
-                        if r.info.status == "FINISHED"}
+            runs = [
+                r
+                for r in client.search_runs([exp.experiment_id])
+                if "mlflow.parentRunId" in r.data.tags
+            ]
+            finished = {r.info.run_id: r.data.metrics for r in runs if r.info.status == "FINISHED"}
             running = [r.info.run_id for r in runs if r.info.status == "RUNNING"]
         assert proc.poll() is None, "the sweep ended before the server was stopped"
         live.stop()  # the server goes away abruptly, between or during jobs
@@ -300,7 +372,7 @@ def test_server_killed_mid_sweep_then_restarted(live, data, tmp_path):
         if proc.poll() is None:
             proc.kill()
     out.seek(0), err.seek(0)
-    stdout, stderr = out.read(), err.read()
+    _stdout, stderr = out.read(), err.read()
     assert rc == 2, stderr[-4000:]
     # the error names the server
     assert f"ERROR: tracking.uri={live.uri}: the MLflow tracking server" in stderr, stderr[-4000:]
@@ -318,9 +390,11 @@ def test_server_killed_mid_sweep_then_restarted(live, data, tmp_path):
     assert statuses.count("FINISHED") < len(rates), "the stopped sweep did not complete"
     # the run killed in the middle could not be told it failed: RUNNING, unless it was ending
     assert now[running[0]].info.status in ("RUNNING", "FINISHED")
-    print(f"\nFAULT: {len(finished)} jobs finished before the kill, sweep exit {rc} after "
-          f"{fail_s:.1f} s, child statuses after restart {statuses}, parent "
-          f"{parents[0].info.status}; server restart {restart_s:.1f} s")
+    print(
+        f"\nFAULT: {len(finished)} jobs finished before the kill, sweep exit {rc} after "
+        f"{fail_s:.1f} s, child statuses after restart {statuses}, parent "
+        f"{parents[0].info.status}; server restart {restart_s:.1f} s"
+    )
     failure = [line for line in stderr.splitlines() if "ERROR" in line][-1:]
     print(f"FAULT message: {failure}")
 

@@ -12,10 +12,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.data import PreparedDataset
 from pipeline.evaluate import evaluate, gallery_indices
 from pipeline.featurize import featurize
-from pipeline.files import read_json
+from pipeline.lib.data.prepared import PreparedDataset
+from pipeline.lib.files import read_json
 from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import ROOT, tiny_config, tiny_overrides
@@ -30,8 +30,14 @@ def done(tmp_path_factory: pytest.TempPathFactory):
     meta = featurize(cfg)
     val_accuracy = train(cfg)
     metrics = evaluate(cfg)
-    return {"tmp": tmp, "cfg": cfg, "report": report, "meta": meta, "val_accuracy": val_accuracy,
-            "metrics": metrics}
+    return {
+        "tmp": tmp,
+        "cfg": cfg,
+        "report": report,
+        "meta": meta,
+        "val_accuracy": val_accuracy,
+        "metrics": metrics,
+    }
 
 
 def client_for(cfg) -> mlflow.MlflowClient:
@@ -100,8 +106,13 @@ def test_gallery_shows_mistakes_first_and_every_class():
 
 
 def test_training_is_deterministic(done, tmp_path):
-    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
-                                   "paths.features": done["cfg"].paths.features})
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "paths.prepared": done["cfg"].paths.prepared,
+            "paths.features": done["cfg"].paths.features,
+        },
+    )
     again = train(cfg)
     assert again == pytest.approx(done["val_accuracy"], abs=0)
     a = json.loads((Path(done["cfg"].paths.reports) / "train_metrics.json").read_text())
@@ -116,8 +127,13 @@ def test_failing_run_ends_failed_not_running(done, tmp_path, monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(train_module, "fit", broken_fit)
-    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
-                                   "paths.features": done["cfg"].paths.features})
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "paths.prepared": done["cfg"].paths.prepared,
+            "paths.features": done["cfg"].paths.features,
+        },
+    )
     with pytest.raises(RuntimeError, match="boom"):
         train(cfg)
     client = client_for(cfg)
@@ -134,8 +150,13 @@ def test_interrupted_run_ends_killed(done, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "fit", interrupted)
-    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
-                                   "paths.features": done["cfg"].paths.features})
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "paths.prepared": done["cfg"].paths.prepared,
+            "paths.features": done["cfg"].paths.features,
+        },
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     client = client_for(cfg)
@@ -145,9 +166,14 @@ def test_interrupted_run_ends_killed(done, tmp_path, monkeypatch):
 
 def test_stale_features_are_not_used(done, tmp_path, caplog):
     """Features of another backbone are ignored (computed in memory) rather than misused."""
-    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
-                                   "paths.features": done["cfg"].paths.features,
-                                   "model.init_seed": 1})
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "paths.prepared": done["cfg"].paths.prepared,
+            "paths.features": done["cfg"].paths.features,
+            "model.init_seed": 1,
+        },
+    )
     with caplog.at_level("WARNING"):
         train(cfg)
     assert "computing them in memory" in caplog.text
@@ -155,18 +181,37 @@ def test_stale_features_are_not_used(done, tmp_path, caplog):
 
 def test_multirun_gives_each_job_its_own_run_outside_dvc_paths(done, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    overrides = tiny_overrides(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
-                                            "paths.features": done["cfg"].paths.features})
+    overrides = tiny_overrides(
+        tmp_path,
+        **{
+            "paths.prepared": done["cfg"].paths.prepared,
+            "paths.features": done["cfg"].paths.features,
+        },
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "-m", *overrides, "tracking.log_model=false",
-         "train.learning_rate=0.001,0.01", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            "-m",
+            *overrides,
+            "tracking.log_model=false",
+            "train.learning_rate=0.001,0.01",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("toy-trucks")
-    runs = [r for r in client.search_runs([experiment.experiment_id])
-            if r.data.tags.get("sweep") != "parent"]
+    runs = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.tags.get("sweep") != "parent"
+    ]
     assert sorted(r.data.params["train.learning_rate"] for r in runs) == ["0.001", "0.01"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert (sweep_dir / "0" / "models" / "model.keras").is_file()
@@ -177,10 +222,21 @@ def test_multirun_gives_each_job_its_own_run_outside_dvc_paths(done, tmp_path):
 def test_missing_imagenet_weights_say_what_to_do(tmp_path):
     env = dict(os.environ, KERAS_HOME=str(tmp_path / "empty-keras-home"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.featurize", *tiny_overrides(tmp_path),
-         "model.weights=imagenet", "model.alpha=1.0", "data.image_size=224",
-         f"hydra.run.dir={tmp_path}/hydra"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.featurize",
+            *tiny_overrides(tmp_path),
+            "model.weights=imagenet",
+            "model.alpha=1.0",
+            "data.image_size=224",
+            f"hydra.run.dir={tmp_path}/hydra",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 2
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in proc.stderr
@@ -190,15 +246,20 @@ def test_missing_imagenet_weights_say_what_to_do(tmp_path):
 def test_unreachable_tracking_server_fails_before_training(done, tmp_path):
     import socket
 
-    from pipeline.tracking import TrackingError
+    from pipeline.lib.tracking.runs import TrackingError
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = tiny_config(tmp_path, **{"paths.prepared": done["cfg"].paths.prepared,
-                                   "paths.features": done["cfg"].paths.features,
-                                   "tracking.uri": f"http://127.0.0.1:{port}",
-                                   "tracking.timeout_s": 2})
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "paths.prepared": done["cfg"].paths.prepared,
+            "paths.features": done["cfg"].paths.features,
+            "tracking.uri": f"http://127.0.0.1:{port}",
+            "tracking.timeout_s": 2,
+        },
+    )
     with pytest.raises(TrackingError, match=f"127.0.0.1:{port}.*does not answer"):
         train(cfg)
     assert not Path(cfg.paths.models).exists() and not Path(cfg.paths.reports).exists()

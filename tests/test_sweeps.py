@@ -27,9 +27,20 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 def sweep(tmp: Path, data: dict, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "-m", *tiny_overrides(tmp, **data),
-         "tracking.log_model=false", f"hydra.sweep.dir={tmp}/sweep", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            "-m",
+            *tiny_overrides(tmp, **data),
+            "tracking.log_model=false",
+            f"hydra.sweep.dir={tmp}/sweep",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -60,11 +71,19 @@ def check_best(parent, children) -> None:
 def test_parallel_grid_sweep_is_a_parent_with_a_child_per_job(tmp_path, data):
     """A 2 x 2 grid, two jobs at a time (joblib launcher) on one SQLite store: a parent run, a
     child per job with all its metrics (nothing lost to concurrent writes), the best job tagged."""
-    proc = sweep(tmp_path, data, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                 "train.learning_rate=0.001,0.01", "model.dropout=0,0.2")
+    proc = sweep(
+        tmp_path,
+        data,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "train.learning_rate=0.001,0.01",
+        "model.dropout=0,0.2",
+    )
     parent, children = family(tmp_path)
     assert len(children) == 4
-    combos = {(c.data.params["train.learning_rate"], c.data.params["model.dropout"]) for c in children}
+    combos = {
+        (c.data.params["train.learning_rate"], c.data.params["model.dropout"]) for c in children
+    }
     assert combos == {("0.001", "0.0"), ("0.001", "0.2"), ("0.01", "0.0"), ("0.01", "0.2")}
     for child in children:  # nothing lost: every job logged all its metrics
         assert {"final_val_accuracy", "val_accuracy", "batch_loss"} <= set(child.data.metrics)
@@ -76,8 +95,13 @@ def test_parallel_grid_sweep_is_a_parent_with_a_child_per_job(tmp_path, data):
 
 
 def test_optuna_search_maximises_validation_accuracy(tmp_path, data):
-    sweep(tmp_path, data, "hparams_search=optuna", "hydra.sweeper.n_trials=3",
-          "hydra.sweeper.sampler.n_startup_trials=2")
+    sweep(
+        tmp_path,
+        data,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+    )
     parent, children = family(tmp_path)
     assert len(children) == 3
     assert len({c.data.params["train.learning_rate"] for c in children}) == 3  # sampled

@@ -15,8 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pipeline.sources import synthetic
-from pipeline.sources.synthetic import CLASSES, SPLIT_DIRS, generate, render
+from pipeline.lib.data.sources import synthetic
+from pipeline.lib.data.sources.synthetic import CLASSES, SPLIT_DIRS, generate, render
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,15 +31,25 @@ EXPECTED_CLASSES = (
 
 
 def cfg(**over):
-    base = dict(train_per_class=2, val_per_class=1, test_per_class=3, size=64,
-                difficulty=0.5, seed=7, format="png")
+    base = dict(
+        train_per_class=2,
+        val_per_class=1,
+        test_per_class=3,
+        size=64,
+        difficulty=0.5,
+        seed=7,
+        format="png",
+    )
     base.update(over)
     return SimpleNamespace(**base)
 
 
 def files_of(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def rng(*key: int) -> np.random.Generator:
@@ -67,15 +77,24 @@ def test_layout_and_counts(tmp_path, fmt):
 
 
 def test_generate_accepts_omegaconf_and_the_schema(tmp_path):
-    from pipeline.config import SyntheticConfig
+    from pipeline.lib.config.schema import SyntheticConfig
 
-    node = OmegaConf.merge(OmegaConf.structured(SyntheticConfig),
-                           {"train_per_class": 1, "val_per_class": 1, "test_per_class": 1,
-                            "size": 48})
+    node = OmegaConf.merge(
+        OmegaConf.structured(SyntheticConfig),
+        {"train_per_class": 1, "val_per_class": 1, "test_per_class": 1, "size": 48},
+    )
     generate(tmp_path / "a", node)
-    plain = OmegaConf.create(dict(train_per_class=1, val_per_class=1, test_per_class=1,
-                                  size=48, difficulty=node.difficulty, seed=node.seed,
-                                  format=node.format))
+    plain = OmegaConf.create(
+        dict(
+            train_per_class=1,
+            val_per_class=1,
+            test_per_class=1,
+            size=48,
+            difficulty=node.difficulty,
+            seed=node.seed,
+            format=node.format,
+        )
+    )
     generate(tmp_path / "b", plain)
     assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
     assert len(files_of(tmp_path / "a")) == 18
@@ -175,7 +194,7 @@ def test_difficulty_changes_images():
             clean.append(np.asarray(render(label, rng(k, i), 96, 0.0), dtype=np.float64))
             hard.append(np.asarray(render(label, rng(k, i), 96, 1.0), dtype=np.float64))
     # the same generator state gives a different picture once the knob is turned
-    assert all(np.abs(c - h).mean() > 2.0 for c, h in zip(clean, hard))
+    assert all(np.abs(c - h).mean() > 2.0 for c, h in zip(clean, hard, strict=False))
     # clean shots: no sensor noise; hard ones: visibly noisy on average
     assert np.mean([_roughness(h) for h in hard]) > 1.5 * np.mean([_roughness(c) for c in clean])
 
@@ -198,14 +217,16 @@ def test_classes_are_told_apart_by_colour_histograms(difficulty):
     n_train, n_test = 6, 6
     train, test = [], []
     for k, label in enumerate(CLASSES):
-        train.append([_hue_hist(render(label, rng(0, k, i), 64, difficulty))
-                      for i in range(n_train)])
-        test.append([_hue_hist(render(label, rng(1, k, i), 64, difficulty))
-                     for i in range(n_test)])
+        train.append(
+            [_hue_hist(render(label, rng(0, k, i), 64, difficulty)) for i in range(n_train)]
+        )
+        test.append([_hue_hist(render(label, rng(1, k, i), 64, difficulty)) for i in range(n_test)])
     centroids = np.stack([np.mean(t, axis=0) for t in train])
     # the class means are not all the same
-    assert min(np.abs(centroids[i] - centroids[j]).sum()
-               for i in range(6) for j in range(i + 1, 6)) > 0.01
+    assert (
+        min(np.abs(centroids[i] - centroids[j]).sum() for i in range(6) for j in range(i + 1, 6))
+        > 0.01
+    )
     correct = 0
     for k, feats in enumerate(test):
         for f in feats:
@@ -215,15 +236,42 @@ def test_classes_are_told_apart_by_colour_histograms(difficulty):
 
 
 def test_cli_writes_the_files(tmp_path, capsys):
-    rc = synthetic.main([str(tmp_path / "cli"), "--per-class-train", "1", "--per-class-val", "1",
-                         "--per-class-test", "2", "--size", "40", "--difficulty", "0.3",
-                         "--seed", "3", "--format", "jpg"])
+    rc = synthetic.main(
+        [
+            str(tmp_path / "cli"),
+            "--per-class-train",
+            "1",
+            "--per-class-val",
+            "1",
+            "--per-class-test",
+            "2",
+            "--size",
+            "40",
+            "--difficulty",
+            "0.3",
+            "--seed",
+            "3",
+            "--format",
+            "jpg",
+        ]
+    )
     assert rc == 0
     got = files_of(tmp_path / "cli")
     assert len(got) == 6 * 4 and all(k.endswith(".jpg") for k in got)
-    same = files_of(generate(tmp_path / "api", cfg(train_per_class=1, val_per_class=1,
-                                                   test_per_class=2, size=40, difficulty=0.3,
-                                                   seed=3, format="jpg")))
+    same = files_of(
+        generate(
+            tmp_path / "api",
+            cfg(
+                train_per_class=1,
+                val_per_class=1,
+                test_per_class=2,
+                size=40,
+                difficulty=0.3,
+                seed=3,
+                format="jpg",
+            ),
+        )
+    )
     assert got == same
     with pytest.raises(SystemExit):
         synthetic.main([str(tmp_path / "bad"), "--difficulty", "2"])
@@ -231,10 +279,24 @@ def test_cli_writes_the_files(tmp_path, capsys):
 
 def test_cli_runs_as_a_module(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.sources.synthetic", str(tmp_path / "m"),
-         "--per-class-train", "1", "--per-class-val", "1", "--per-class-test", "1",
-         "--size", "32"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.lib.data.sources.synthetic",
+            str(tmp_path / "m"),
+            "--per-class-train",
+            "1",
+            "--per-class-val",
+            "1",
+            "--per-class-test",
+            "1",
+            "--size",
+            "32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "m").rglob("*.png"))) == 18

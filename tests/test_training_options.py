@@ -22,15 +22,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.train as train_module
-from pipeline.config import ConfigError, validate
-from pipeline.data import PreparedDataset
+import pipeline.lib.training.fit as train_module
 from pipeline.featurize import featurize
-from pipeline.files import dvc_md5
-from pipeline.model import (BACKBONE_NAME, HEAD_NAME, build_augmentation, build_backbone,
-                            load_model)
+from pipeline.lib.config.schema import ConfigError, validate
+from pipeline.lib.data.prepared import PreparedDataset
+from pipeline.lib.files import dvc_md5
+from pipeline.lib.model.build import (
+    BACKBONE_NAME,
+    HEAD_NAME,
+    build_augmentation,
+    build_backbone,
+    load_model,
+)
+from pipeline.lib.training.fit import class_weights, fit
 from pipeline.prepare import prepare
-from pipeline.train import class_weights, fit, train
+from pipeline.train import train
 from tests.conftest import compose, tiny_overrides
 
 TRAIN_COUNTS = (8, 4, 4)  # imbalanced: class 0 has twice the images of the others
@@ -54,8 +60,14 @@ def write_folder_dataset(root: Path) -> None:
 
 
 def config(tmp: Path, data: dict[str, object], **extra: object):
-    values = {"train.batch_size": BATCH, "train.learning_rate": LR, "train.epochs": 4,
-              "tracking.log_model": False, **data, **extra}
+    values = {
+        "train.batch_size": BATCH,
+        "train.learning_rate": LR,
+        "train.epochs": 4,
+        "tracking.log_model": False,
+        **data,
+        **extra,
+    }
     overrides = [o for o in tiny_overrides(tmp, **values) if not o.startswith("data.synthetic.")]
     return validate(compose(["data=folder", *overrides]))
 
@@ -64,8 +76,11 @@ def config(tmp: Path, data: dict[str, object], **extra: object):
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     tmp = tmp_path_factory.mktemp("options-data")
     write_folder_dataset(tmp / "photos")
-    shared = {"data.path": tmp / "photos", "paths.prepared": tmp / "prepared",
-              "paths.features": tmp / "features"}
+    shared = {
+        "data.path": tmp / "photos",
+        "paths.prepared": tmp / "prepared",
+        "paths.features": tmp / "features",
+    }
     cfg = config(tmp, shared)
     prepare(cfg)
     featurize(cfg)
@@ -166,7 +181,11 @@ def test_options_are_off_by_default(composed):
     t = validate(composed).train
     assert (t.fine_tune.enabled, t.augment.enabled, t.early_stopping.enabled) == (False,) * 3
     assert (t.class_weight, t.label_smoothing, t.lr_schedule, t.strategy) == (
-        "none", 0.0, "none", "default")
+        "none",
+        0.0,
+        "none",
+        "default",
+    )
     assert t.fine_tune.learning_rate < t.learning_rate / 10
 
 
@@ -179,10 +198,17 @@ def fine_tuned(data, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A whole train step: 2 epochs of the head on cached features, then 2 epochs with the top
     12 backbone layers unfrozen, end to end on images."""
     tmp = tmp_path_factory.mktemp("fine-tune")
-    cfg = config(tmp, data, **{"train.epochs": 2, "train.fine_tune.enabled": True,
-                               "train.fine_tune.unfreeze_top_n": 12,
-                               "train.fine_tune.epochs": 2,
-                               "train.fine_tune.learning_rate": 1e-4})
+    cfg = config(
+        tmp,
+        data,
+        **{
+            "train.epochs": 2,
+            "train.fine_tune.enabled": True,
+            "train.fine_tune.unfreeze_top_n": 12,
+            "train.fine_tune.epochs": 2,
+            "train.fine_tune.learning_rate": 1e-4,
+        },
+    )
     train(cfg)
     return {"cfg": cfg, "model": load_model(Path(cfg.paths.models) / "model.keras")}
 
@@ -192,8 +218,11 @@ def expected_phase2_params() -> tuple[int, list[str]]:
     import keras
 
     backbone = build_backbone(0.35, None, 32)
-    top = [layer for layer in backbone.layers[-12:]
-           if not isinstance(layer, keras.layers.BatchNormalization) and layer.weights]
+    top = [
+        layer
+        for layer in backbone.layers[-12:]
+        if not isinstance(layer, keras.layers.BatchNormalization) and layer.weights
+    ]
     count = sum(int(np.prod(w.shape)) for layer in top for w in layer.weights)
     return HEAD_PARAMS + count, [layer.name for layer in top]
 
@@ -206,8 +235,12 @@ def test_fine_tuning_unfreezes_the_top_layers_but_batchnorm(fine_tuned):
     assert metrics["trainable_params_phase2"] == want > HEAD_PARAMS
     assert names == ["block_16_expand", "block_16_depthwise", "block_16_project", "Conv_1"]
     run = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri).search_runs(
-        [mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
-         .get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
+        [
+            mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+            .get_experiment_by_name(cfg.tracking.experiment)
+            .experiment_id
+        ]
+    )[0]
     assert run.data.metrics["trainable_params_phase1"] == HEAD_PARAMS
     assert run.data.metrics["trainable_params_phase2"] == want
     assert run.data.params["train.fine_tune.enabled"] == "True"
@@ -226,12 +259,14 @@ def test_fine_tuning_keeps_batchnorm_in_inference_mode(fine_tuned):
 
     fresh = build_backbone(0.35, None, 32)
     trained = fine_tuned["model"].get_layer(BACKBONE_NAME)
-    norms = [layer for layer in trained.layers
-             if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = [
+        layer for layer in trained.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert len(norms) == 52 and not any(layer.trainable for layer in norms)
     for layer in norms:
-        for got, want in zip(layer.get_weights(), fresh.get_layer(layer.name).get_weights(),
-                             strict=True):  # gamma, beta, moving mean, moving variance
+        for got, want in zip(
+            layer.get_weights(), fresh.get_layer(layer.name).get_weights(), strict=True
+        ):  # gamma, beta, moving mean, moving variance
             np.testing.assert_array_equal(got, want, err_msg=layer.name)
 
 
@@ -246,13 +281,15 @@ def test_fine_tuning_continues_one_history(fine_tuned):
     with open(reports / "train_batches.csv", newline="") as fh:
         batches = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in batches] == list(range(1, 4 * STEPS_PER_EPOCH + 1))
-    assert [int(r["epoch"]) for r in batches] == [e for e in (1, 2, 3, 4)
-                                                  for _ in range(STEPS_PER_EPOCH)]
+    assert [int(r["epoch"]) for r in batches] == [
+        e for e in (1, 2, 3, 4) for _ in range(STEPS_PER_EPOCH)
+    ]
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     run_id = json.loads((Path(cfg.paths.models) / "mlflow_run.json").read_text())["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run_id, "batch_loss")] == list(
-        range(1, 4 * STEPS_PER_EPOCH + 1))
+        range(1, 4 * STEPS_PER_EPOCH + 1)
+    )
     assert (reports / "train_figures" / "loss.png").is_file()
     assert not any(Path(cfg.train.checkpoint_dir).iterdir())  # both phases' state removed
 
@@ -264,12 +301,24 @@ def test_fine_tuning_continues_one_history(fine_tuned):
 def test_augmentation_layers_change_images_only_in_training():
     class Augment:
         enabled, flip, rotation, zoom, translation, contrast, brightness = (
-            True, "horizontal", 0.1, 0.1, 0.1, 0.2, 0.2)
+            True,
+            "horizontal",
+            0.1,
+            0.1,
+            0.1,
+            0.2,
+            0.2,
+        )
 
     layers = build_augmentation(Augment, seed=3)
     assert [type(layer).__name__ for layer in layers] == [
-        "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast",
-        "RandomBrightness"]
+        "RandomFlip",
+        "RandomRotation",
+        "RandomZoom",
+        "RandomTranslation",
+        "RandomContrast",
+        "RandomBrightness",
+    ]
     images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3)).astype(np.float32)
     for layer in layers:
         np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images)
@@ -321,8 +370,9 @@ def test_class_weight_auto_is_sklearn_balanced(data, dataset, baseline, tmp_path
     assert abs(np.mean(first) - 1) > 0.1
 
 
-def test_label_smoothing_keeps_the_loss_above_the_smoothed_targets_entropy(data, baseline,
-                                                                           tmp_path):
+def test_label_smoothing_keeps_the_loss_above_the_smoothed_targets_entropy(
+    data, baseline, tmp_path
+):
     smoothing = 0.3
     high = 1 - smoothing + smoothing / CLASSES  # smoothed target of the true class
     low = smoothing / CLASSES
@@ -341,12 +391,20 @@ def test_early_stopping_and_reduce_on_plateau(data, dataset, tmp_path):
     """min_delta far above any possible improvement: only epoch 1 counts as one. The learning
     rate halves after each epoch from the second on (plateau patience 1); training stops after
     epoch 3 of 6 (early-stopping patience 2) and the weights of epoch 1 come back."""
-    result = run_fit(tmp_path, data, **{"train.epochs": 6, "train.early_stopping.enabled": True,
-                                        "train.early_stopping.patience": 2,
-                                        "train.early_stopping.min_delta": 100.0,
-                                        "train.lr_schedule": "reduce_on_plateau",
-                                        "train.plateau.factor": 0.5, "train.plateau.patience": 1,
-                                        "train.plateau.min_delta": 100.0})
+    result = run_fit(
+        tmp_path,
+        data,
+        **{
+            "train.epochs": 6,
+            "train.early_stopping.enabled": True,
+            "train.early_stopping.patience": 2,
+            "train.early_stopping.min_delta": 100.0,
+            "train.lr_schedule": "reduce_on_plateau",
+            "train.plateau.factor": 0.5,
+            "train.plateau.patience": 1,
+            "train.plateau.min_delta": 100.0,
+        },
+    )
     assert result["epochs"]["epoch"] == [1, 2, 3] and result["stopped_early_at"] == [3]
     assert result["epochs"]["learning_rate"] == pytest.approx([LR, LR, LR / 2], rel=1e-6)
     val_loss = result["epochs"]["val_loss"]
@@ -361,8 +419,10 @@ def test_cosine_schedule_decays_the_learning_rate(data, tmp_path):
     result = run_fit(tmp_path, data, **{"train.epochs": epochs, "train.lr_schedule": "cosine"})
     rates = result["epochs"]["learning_rate"]
     total = epochs * STEPS_PER_EPOCH
-    want = [LR * 0.5 * (1 + math.cos(math.pi * (e * STEPS_PER_EPOCH - 1) / total))
-            for e in range(1, epochs + 1)]  # at each epoch's last step
+    want = [
+        LR * 0.5 * (1 + math.cos(math.pi * (e * STEPS_PER_EPOCH - 1) / total))
+        for e in range(1, epochs + 1)
+    ]  # at each epoch's last step
     assert rates == pytest.approx(want, rel=1e-5)
     assert rates[0] > rates[1] > rates[2] > 0
 
@@ -379,8 +439,9 @@ def test_mirrored_strategy_trains_to_the_default_strategy_result(data, baseline,
     assert isinstance(result["model"].distribute_strategy, tf.distribute.MirroredStrategy)
     assert result["epochs"]["loss"][-1] < result["epochs"]["loss"][0] - 0.1  # it learns
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        np.testing.assert_allclose(result["epochs"][key], baseline["epochs"][key], atol=1e-4,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            result["epochs"][key], baseline["epochs"][key], atol=1e-4, err_msg=key
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,7 +455,7 @@ def test_dvc_train_stage_lists_every_train_key_but_resume_and_checkpoint_dir():
 
     import yaml
 
-    from pipeline.config import TrainConfig
+    from pipeline.lib.config.schema import TrainConfig
     from tests.conftest import ROOT
 
     params = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["params"]

@@ -9,17 +9,22 @@ by the extractor's architecture and weights, and each backbone is converted once
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from pipeline.data import iter_batches
+from pipeline.lib.data.prepared import SPLITS, iter_batches
+from pipeline.lib.files import read_json
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +58,9 @@ def tflite_cache_path(extractor: Any, cache_dir: Path | None = None) -> Path:
     return cache_dir / "tflite" / f"{extractor_fingerprint(extractor)}.tflite"
 
 
-def choose_backend(backend: str, extractor: Any, num_images: int, cache_dir: Path | None = None) -> str:
+def choose_backend(
+    backend: str, extractor: Any, num_images: int, cache_dir: Path | None = None
+) -> str:
     """`auto`: TFLite when its conversion is already cached or pays for itself, else Keras."""
     if backend != "auto":
         return backend
@@ -129,7 +136,7 @@ def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         try:
             for item in iterator:
                 q.put(item)
-        except BaseException as exc:  # re-raised in the consumer
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer)
             errors.append(exc)
         finally:
             q.put(done)
@@ -168,3 +175,33 @@ def featurize_array(
         bar.set_postfix(img_per_s=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
     bar.close()
     return out
+
+
+def feature_key(cfg: Any, prepared_md5: str) -> dict:
+    """What determines the features: the prepared images and the backbone's configuration."""
+    return {
+        "prepared_md5": prepared_md5,
+        "model": cfg.model.name,
+        "alpha": float(cfg.model.alpha),
+        "weights": cfg.model.weights,
+        "init_seed": cfg.model.init_seed if cfg.model.weights is None else None,
+    }
+
+
+def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] | None:
+    """The cached features, if they were computed from these images with this backbone."""
+    folder = Path(cfg.paths.features)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = read_json(meta_path)
+    if meta.get("key") != feature_key(cfg, prepared_md5):
+        log.warning(
+            "Cached features in %s were computed for %s, not for this run (%s); computing them "
+            "in memory. Run the featurize stage to cache them.",
+            folder,
+            meta.get("key"),
+            feature_key(cfg, prepared_md5),
+        )
+        return None
+    return {split: np.load(folder / f"{split}.npy") for split in SPLITS}

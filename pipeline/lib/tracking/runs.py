@@ -20,21 +20,26 @@ import signal
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
 
-from pipeline.config import to_flat_dict
+from pipeline.lib.config.schema import to_flat_dict
+from pipeline.lib.errors import UserError
 
 log = logging.getLogger(__name__)
+
+#: The file in the trained-model folder naming the MLflow run that trained it.
+RUN_FILE = "mlflow_run.json"
 
 MAX_PARAM_LENGTH = 6000
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The MLflow tracking store cannot be used."""
 
 
@@ -64,8 +69,12 @@ def experiment_artifact_location(tracking: Any) -> str | None:
     if is_remote(tracking.uri):
         if "://" in location or location.startswith("mlflow-artifacts:"):
             return location
-        log.info("tracking.artifact_location=%s is a local folder: ignored with the tracking "
-                 "server %s, which stores the artifacts itself", location, tracking.uri)
+        log.info(
+            "tracking.artifact_location=%s is a local folder: ignored with the tracking "
+            "server %s, which stores the artifacts itself",
+            location,
+            tracking.uri,
+        )
         return None
     return artifact_uri(location)
 
@@ -147,8 +156,11 @@ def setup(tracking: Any) -> str:
                 log.warning(
                     "Experiment %r on %s keeps its artifacts at %s, a folder on each client's "
                     "disk, not on the server: choose a new tracking.experiment to have them "
-                    "uploaded through the server", tracking.experiment, tracking.uri,
-                    experiment.artifact_location)
+                    "uploaded through the server",
+                    tracking.experiment,
+                    tracking.uri,
+                    experiment.artifact_location,
+                )
             return experiment.experiment_id
         try:
             return client.create_experiment(
@@ -173,8 +185,12 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 
 
 @contextmanager
-def active_run(tracking: Any, run_id: str | None = None, run_name: str | None = None,
-               tags: dict[str, str] | None = None) -> Iterator[Any]:
+def active_run(
+    tracking: Any,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Iterator[Any]:
     """Start (or, with `run_id`, reopen) a run; end it FINISHED, FAILED or KILLED.
 
     SIGTERM (how DVC and schedulers stop a job) is turned into KeyboardInterrupt while the run is
@@ -199,8 +215,12 @@ def active_run(tracking: Any, run_id: str | None = None, run_name: str | None = 
         previous = None
     try:
         try:
-            run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                                   run_name=run_name, tags=tags)
+            run = mlflow.start_run(
+                run_id=run_id,
+                experiment_id=None if run_id else experiment_id,
+                run_name=run_name,
+                tags=tags,
+            )
         except Exception as exc:
             if remote and tracking_failure(exc):
                 raise failure_error(tracking, exc, "starting the run") from None
@@ -235,17 +255,20 @@ def _end_run(status: str) -> None:
     try:
         mlflow.end_run(status)  # leaves no active run behind, even when it raises
     except Exception as exc:  # noqa: BLE001
-        log.warning("Could not mark the MLflow run %s: %s", status,
-                    str(getattr(exc, "message", exc)).splitlines()[0][:300])
+        log.warning(
+            "Could not mark the MLflow run %s: %s",
+            status,
+            str(getattr(exc, "message", exc)).splitlines()[0][:300],
+        )
 
 
 def sweep_job() -> tuple[str | None, str | None]:
-    """In a Hydra multirun: the sweep's parent run id (see `pipeline.sweep`) and a run name made
+    """In a Hydra multirun: the sweep's parent run id (see `pipeline.lib.tracking.sweep`) and a run name made
     of the job's overrides; (None, None) otherwise."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from pipeline.sweep import read_parent_run_id
+    from pipeline.lib.tracking.sweep import read_parent_run_id
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None, None
@@ -281,14 +304,16 @@ def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]
     now = int(time.time() * 1000)
     metrics = [
         Metric(key=name, value=float(v), timestamp=now, step=i)
-        for name, values in history.items() if name != "epoch"
+        for name, values in history.items()
+        if name != "epoch"
         for i, v in enumerate(values, start=1)
     ]
     steps = batches.get("step", [])
     metrics += [
         Metric(key=f"batch_{name}", value=float(v), timestamp=now, step=int(step))
-        for name, values in batches.items() if name != "step"
-        for step, v in zip(steps, values)
+        for name, values in batches.items()
+        if name != "step"
+        for step, v in zip(steps, values, strict=False)
     ]
     client = mlflow.MlflowClient()
     run_id = mlflow.active_run().info.run_id
@@ -310,7 +335,10 @@ def git_dirty(cwd: str | os.PathLike[str] = ".") -> bool | None:
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, timeout=10,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -323,7 +351,9 @@ def log_dataset(manifest_csv: Path, digest: str, name: str, source: str) -> None
     import pandas as pd
 
     frame = pd.read_csv(manifest_csv)
-    dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets="label", digest=digest)
+    dataset = mlflow.data.from_pandas(
+        frame, source=source, name=name, targets="label", digest=digest
+    )
     mlflow.log_input(dataset, context="training")
 
 
@@ -344,8 +374,9 @@ def _keras_flavor_creating_its_folder() -> None:
     mlflow.keras.save_model = save_model
 
 
-def log_model(model: Any, example: Any, name: str = "model",
-              registered_model: str | None = None) -> str:
+def log_model(
+    model: Any, example: Any, name: str = "model", registered_model: str | None = None
+) -> str:
     """The Keras model with a signature and an input example, registered as a new version of
     `registered_model` when given; returns its model URI."""
     import mlflow
@@ -355,7 +386,10 @@ def log_model(model: Any, example: Any, name: str = "model",
     outputs = np.zeros((len(example), int(model.output.shape[-1])), dtype=np.float32)
     signature = infer_signature(example, outputs)
     info = mlflow.keras.log_model(
-        model, name=name, signature=signature, input_example=example,
+        model,
+        name=name,
+        signature=signature,
+        input_example=example,
         # stated, not inferred: inference re-imports the model in a subprocess (~15 s)
         pip_requirements=model_requirements(),
         registered_model_name=registered_model,

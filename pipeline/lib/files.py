@@ -7,9 +7,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextmanager
@@ -79,9 +80,7 @@ def dvc_md5(path: str | os.PathLike[str]) -> str:
     if path.is_file():
         return md5_file(path)
     entries = sorted(
-        (p.relative_to(path).as_posix(), md5_file(p))
-        for p in path.rglob("*")
-        if p.is_file()
+        (p.relative_to(path).as_posix(), md5_file(p)) for p in path.rglob("*") if p.is_file()
     )
     listing = [{"md5": md5, "relpath": rel} for rel, md5 in entries]
     raw = json.dumps(listing, sort_keys=True).encode()

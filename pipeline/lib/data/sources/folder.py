@@ -26,14 +26,16 @@ import os
 import stat
 import unicodedata
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-from pipeline.data import SPLITS
-from pipeline.images import CANDIDATE_EXTENSIONS, IMAGE_EXTENSIONS
+from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, IMAGE_EXTENSIONS
+from pipeline.lib.data.prepared import SPLITS
+from pipeline.lib.errors import UserError
 
 #: Top-level folder names (case-insensitive) that mark the split layout.
 SPLIT_ALIASES: dict[str, str] = {
@@ -46,26 +48,40 @@ SPLIT_ALIASES: dict[str, str] = {
     "testing": "test",
 }
 #: The folder names to suggest in messages, per split.
-_SPLIT_NAMES = {"train": "training/ (or train/)", "val": "validation/ (or val/, valid/)",
-                "test": "test/ (or testing/)"}
+_SPLIT_NAMES = {
+    "train": "training/ (or train/)",
+    "val": "validation/ (or val/, valid/)",
+    "test": "test/ (or testing/)",
+}
 
 #: File and folder names (case-insensitive) that operating systems and tools leave behind.
 SYSTEM_NAMES = frozenset(
     name.lower()
     for name in (
-        "__MACOSX", ".ipynb_checkpoints", "Thumbs.db", "ehthumbs.db", "desktop.ini", ".DS_Store",
-        "@eaDir", "$RECYCLE.BIN", "System Volume Information", "__pycache__", ".Spotlight-V100",
-        ".Trashes", ".fseventsd", "Icon\r",
+        "__MACOSX",
+        ".ipynb_checkpoints",
+        "Thumbs.db",
+        "ehthumbs.db",
+        "desktop.ini",
+        ".DS_Store",
+        "@eaDir",
+        "$RECYCLE.BIN",
+        "System Volume Information",
+        "__pycache__",
+        ".Spotlight-V100",
+        ".Trashes",
+        ".fseventsd",
+        "Icon\r",
     )
 )
 HIDDEN_REASON = "hidden/system file"
 NOT_IMAGE_REASON = "not an image file extension"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The dataset folder cannot be used as it is; the message names the path and what to do.
 
-    Raised by `pipeline.ingest.ingest` after decoding, `report` holds the report built so far
+    Raised by `pipeline.lib.data.ingest.ingest` after decoding, `report` holds the report built so far
     (counts, rejected, skipped, leakage), for the caller to save or show; otherwise None.
     """
 
@@ -183,8 +199,10 @@ def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Disc
             "class sub-folders (or training/ validation/ test/ split folders of class sub-folders)."
         )
     if not root.exists():
-        raise DataError(f"Data path '{root}' is a broken symbolic link; point data.path at the "
-                        "dataset folder itself.")
+        raise DataError(
+            f"Data path '{root}' is a broken symbolic link; point data.path at the "
+            "dataset folder itself."
+        )
     if not root.is_dir():
         hint = (
             " It looks like an archive: extract it and set data.path to the extracted folder."
@@ -243,8 +261,9 @@ def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Disc
             class_dirs, loose = walker.list_dir(split_dir)
             for f in loose:
                 walker.skip_loose(
-                    f, f"file directly in split folder '{split_dir.name}/', not inside a class folder "
-                    f"(move it into {split_dir.name}/<class>/)"
+                    f,
+                    f"file directly in split folder '{split_dir.name}/', not inside a class folder "
+                    f"(move it into {split_dir.name}/<class>/)",
                 )
             if not class_dirs and split != "val":
                 images = sum(1 for f in loose if f.suffix.lower() in CANDIDATE_EXTENSIONS)
@@ -296,7 +315,11 @@ def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Disc
         examples = ", ".join(f"'{f}' ({r})" for f, r in walker.skipped[:5])
         raise DataError(
             f"No image files found under '{root}'"
-            + (f" ({len(walker.skipped)} other files skipped, e.g. {examples})" if walker.skipped else "")
+            + (
+                f" ({len(walker.skipped)} other files skipped, e.g. {examples})"
+                if walker.skipped
+                else ""
+            )
             + f". Supported extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}."
         )
 
@@ -341,8 +364,10 @@ class _Walker:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
             if folder == self.root:
-                raise DataError(f"Cannot read data path '{folder}': {exc.strerror or exc}. "
-                                "Check its permissions.") from None
+                raise DataError(
+                    f"Cannot read data path '{folder}': {exc.strerror or exc}. "
+                    "Check its permissions."
+                ) from None
             self.skip(folder, f"unreadable folder ({exc.strerror or exc})")
             return [], []
         dirs: list[Path] = []
@@ -379,10 +404,14 @@ class _Walker:
             folder, parent_real = stack.pop()
             real = os.path.realpath(folder)
             if real == parent_real or parent_real.startswith(real.rstrip(os.sep) + os.sep):
-                self.skip(folder, "symbolic link loop (the link points to a folder that contains it)")
+                self.skip(
+                    folder, "symbolic link loop (the link points to a folder that contains it)"
+                )
                 continue
             if real in visited:
-                self.skip(folder, "second link to a folder already read for this class (not read again)")
+                self.skip(
+                    folder, "second link to a folder already read for this class (not read again)"
+                )
                 continue
             visited.add(real)
             dirs, files = self.list_dir(folder)

@@ -38,12 +38,21 @@ REDUCING_GAP = 3.0
 
 def _image_extensions() -> frozenset[str]:
     exts = {
-        ".jpg", ".jpeg", ".jpe", ".jfif",  # JPEG (also camera MPO files named .jpg)
-        ".png", ".apng",
-        ".bmp", ".dib",
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",  # JPEG (also camera MPO files named .jpg)
+        ".png",
+        ".apng",
+        ".bmp",
+        ".dib",
         ".gif",
-        ".tif", ".tiff",
-        ".pbm", ".pgm", ".ppm", ".pnm",
+        ".tif",
+        ".tiff",
+        ".pbm",
+        ".pgm",
+        ".ppm",
+        ".pnm",
         ".tga",
     }
     if features.check("webp"):
@@ -76,14 +85,40 @@ UNSUPPORTED_IMAGE_EXTENSIONS: dict[str, str] = {
     ".svg": "vector image (SVG), which is not decoded: export it to PNG first",
     ".svgz": "vector image (SVG), which is not decoded: export it to PNG first",
     ".jxl": "JPEG XL image, which this Pillow cannot decode: convert it to JPEG or PNG first",
-    **{ext: _RAW_HINT for ext in (
-        ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".orf",
-        ".rw2", ".raf", ".pef", ".srw", ".x3f", ".3fr", ".erf", ".kdc", ".mrw", ".raw",
-    )},
+    **{
+        ext: _RAW_HINT
+        for ext in (
+            ".cr2",
+            ".cr3",
+            ".crw",
+            ".nef",
+            ".nrw",
+            ".arw",
+            ".srf",
+            ".sr2",
+            ".dng",
+            ".orf",
+            ".rw2",
+            ".raf",
+            ".pef",
+            ".srw",
+            ".x3f",
+            ".3fr",
+            ".erf",
+            ".kdc",
+            ".mrw",
+            ".raw",
+        )
+    },
 }
 for _ext, _what in (
-    (".webp", "WebP"), (".avif", "AVIF"), (".avifs", "AVIF"),
-    (".jp2", "JPEG 2000"), (".j2k", "JPEG 2000"), (".jpx", "JPEG 2000"), (".jpf", "JPEG 2000"),
+    (".webp", "WebP"),
+    (".avif", "AVIF"),
+    (".avifs", "AVIF"),
+    (".jp2", "JPEG 2000"),
+    (".j2k", "JPEG 2000"),
+    (".jpx", "JPEG 2000"),
+    (".jpf", "JPEG 2000"),
     (".j2c", "JPEG 2000"),
 ):
     if _ext not in IMAGE_EXTENSIONS:
@@ -98,17 +133,52 @@ CANDIDATE_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | frozenset(UNSUPPORTED_
 #: The Pillow decoders used (in this order). Restricting `Image.open` to plain raster formats keeps
 #: files with a misleading extension away from decoders that run external programs (EPS:
 #: Ghostscript) or read only part of the file (PSD layers, ICO sizes).
-_DECODERS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "AVIF", "JPEG2000")
+_DECODERS = (
+    "JPEG",
+    "MPO",
+    "PNG",
+    "GIF",
+    "BMP",
+    "DIB",
+    "TIFF",
+    "WEBP",
+    "PPM",
+    "TGA",
+    "AVIF",
+    "JPEG2000",
+)
 Image.init()
 DECODE_FORMATS: tuple[str, ...] = tuple(f for f in _DECODERS if f in Image.OPEN)
 
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+_HEIF_BRANDS = {
+    b"heic",
+    b"heix",
+    b"hevc",
+    b"hevx",
+    b"heim",
+    b"heis",
+    b"hevm",
+    b"hevs",
+    b"mif1",
+    b"msf1",
+}
 _VIDEO_BRANDS = {b"qt  ", b"isom", b"iso2", b"mp41", b"mp42", b"avc1", b"M4V ", b"3gp4", b"3gp5"}
 
 #: Exceptions Pillow's decoders raise on damaged data (besides OSError).
 _DECODE_ERRORS = (
-    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError, KeyError,
-    TypeError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    ZeroDivisionError,
+    OverflowError,
+    RuntimeError,
 )
 
 
@@ -161,7 +231,8 @@ def load_rgb(
     except UnidentifiedImageError:
         hint = _sniff(path) or UNSUPPORTED_IMAGE_EXTENSIONS.get(path.suffix.lower())
         raise RejectedImage(
-            f"not an image (unidentified format): {hint}" if hint
+            f"not an image (unidentified format): {hint}"
+            if hint
             else "not an image (unidentified format): the content is none of "
             f"{', '.join(DECODE_FORMATS)}, whatever the extension says; re-export it as JPEG or "
             "PNG, or remove it"
@@ -244,13 +315,13 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
     """Rotate/flip as the EXIF (or TIFF) orientation tag says, so the photo is upright."""
     try:
         orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # an unreadable EXIF block does not make the pixels unusable
+    except Exception:  # noqa: BLE001  (an unreadable EXIF block leaves the pixels usable)
         return image
     if orientation not in (2, 3, 4, 5, 6, 7, 8):
         return image
     try:
         return ImageOps.exif_transpose(image)
-    except Exception:
+    except Exception:  # noqa: BLE001  (a malformed EXIF block: keep the image as stored)
         return image
 
 

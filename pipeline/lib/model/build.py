@@ -8,8 +8,11 @@ inference mode), pools globally, applies optional dropout and one Dense layer of
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from pipeline.lib.errors import UserError
 
 #: The file Keras downloads for `weights="imagenet"`, per alpha and size (no top).
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5"
@@ -21,7 +24,7 @@ FEATURES_NAME = "pooled_features"
 HEAD_NAME = "classifier"
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """ImageNet weights were asked for, but no weights file is available offline."""
 
 
@@ -32,7 +35,7 @@ def keras_home() -> Path:
         return Path(home).expanduser()
     base = Path("~").expanduser()
     if not os.access(base, os.W_OK):
-        base = Path("/tmp")
+        base = Path(tempfile.gettempdir())
     return base / ".keras"
 
 
@@ -57,7 +60,7 @@ def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
             f"{size} px, no top) is not in Keras' cache: {path} is missing, and nothing is downloaded "
             "at run time. Fix it with one of:\n"
             f"  - copy or link the file there: mkdir -p {path.parent} && "
-            f"ln -s \"$PWD/{SHARED_WEIGHTS_HINT}{path.name}\" {path}   (or `make weights`);\n"
+            f'ln -s "$PWD/{SHARED_WEIGHTS_HINT}{path.name}" {path}   (or `make weights`);\n'
             "  - point Keras elsewhere: export KERAS_HOME=/folder/with/models/subfolder;\n"
             "  - pass a file: model.weights=/path/to/mobilenet_v2_..._no_top.h5;\n"
             "  - train from scratch: model.weights=null."
@@ -134,8 +137,13 @@ def build_head(feature_dim: int, num_classes: int, dropout: float, init: str = "
 
 
 def build_classifier(
-    alpha: float, weights: str | None, image_size: int, num_classes: int, dropout: float,
-    init_seed: int = 0, head_init: str = "zeros",
+    alpha: float,
+    weights: str | None,
+    image_size: int,
+    num_classes: int,
+    dropout: float,
+    init_seed: int = 0,
+    head_init: str = "zeros",
 ) -> Any:
     """The complete model: images (0..255) -> class probabilities, backbone frozen."""
     extractor = build_feature_extractor(alpha, weights, image_size, init_seed)
@@ -169,8 +177,9 @@ def build_augmentation(augment: Any, seed: int) -> list[Any]:
     made: list[Any] = []
 
     def add(cls: Any, *args: Any, **kwargs: Any) -> None:
-        made.append(cls(*args, seed=seed + len(made), name=f"augment_{len(made)}_{cls.__name__}",
-                        **kwargs))
+        made.append(
+            cls(*args, seed=seed + len(made), name=f"augment_{len(made)}_{cls.__name__}", **kwargs)
+        )
 
     if augment.flip != "none":
         add(layers.RandomFlip, augment.flip)
@@ -225,7 +234,7 @@ def unfreeze_top(backbone: Any, n: int) -> list[str]:
 
     backbone.trainable = True  # sets every sub-layer; then freeze all but the top n, BN kept frozen
     layers_ = backbone.layers
-    top = set(id(layer) for layer in layers_[max(len(layers_) - n, 0):])
+    top = set(id(layer) for layer in layers_[max(len(layers_) - n, 0) :])
     unfrozen = []
     for layer in layers_:
         train_it = id(layer) in top and not isinstance(layer, keras.layers.BatchNormalization)

@@ -3,7 +3,7 @@
 A Hydra callback (wired in `conf/config.yaml`) opens one parent run before the sweep's jobs start
 (which also creates the SQLite store and the experiment once, so parallel jobs never race to
 create them), records its id in the sweep folder, and each job's run is tagged as its child
-(`pipeline.tracking.active_run`). When the sweep ends the callback finds the best child by a
+(`pipeline.lib.tracking.runs.active_run`). When the sweep ends the callback finds the best child by a
 metric, prints it and tags it on the parent. A sweep that stops early (a job failed, the tracking
 server went away) ends its parent run FAILED at exit instead of leaving it RUNNING.
 
@@ -43,13 +43,14 @@ def read_parent_run_id(sweep_dir: str | Path) -> str | None:
 
 def tracking_config(config: DictConfig) -> Any:
     """The sweep's `tracking` node with the schema's defaults for the keys it leaves out."""
-    from pipeline.config import TrackingConfig
+    from pipeline.lib.config.schema import TrackingConfig
 
     return OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking)
 
 
-def best_child(client: Any, experiment_id: str, parent_id: str, metric: str,
-               maximize: bool = True) -> Any | None:
+def best_child(
+    client: Any, experiment_id: str, parent_id: str, metric: str, maximize: bool = True
+) -> Any | None:
     """The finished child run with the best value of `metric`, or None."""
     order = "DESC" if maximize else "ASC"
     runs = client.search_runs(
@@ -81,13 +82,16 @@ class MlflowSweepCallback(Callback):
             mlflow.MlflowClient(tracking_uri=uri).set_terminated(parent_id, "FAILED")
             log.info("Sweep parent MLflow run %s ended FAILED (the sweep stopped early)", parent_id)
         except Exception as exc:  # noqa: BLE001  (the store may be what stopped the sweep)
-            log.warning("Could not end the sweep parent MLflow run %s: %s", parent_id,
-                        str(getattr(exc, "message", exc)).splitlines()[0][:300])
+            log.warning(
+                "Could not end the sweep parent MLflow run %s: %s",
+                parent_id,
+                str(getattr(exc, "message", exc)).splitlines()[0][:300],
+            )
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
 
-        from pipeline.tracking import setup
+        from pipeline.lib.tracking.runs import setup
 
         tracking = tracking_config(config)
         experiment_id = setup(tracking)
@@ -97,21 +101,30 @@ class MlflowSweepCallback(Callback):
         run = client.create_run(
             experiment_id,
             run_name=f"sweep {sweep_dir.name}",
-            tags={"sweep": "parent", "sweep_dir": str(sweep_dir.resolve()),
-                  "sweep_overrides": " ".join(overrides)[:5000], "sweep_metric": self.metric},
+            tags={
+                "sweep": "parent",
+                "sweep_dir": str(sweep_dir.resolve()),
+                "sweep_overrides": " ".join(overrides)[:5000],
+                "sweep_metric": self.metric,
+            },
         )
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        parent_file(sweep_dir).write_text(json.dumps({"run_id": run.info.run_id,
-                                                      "experiment_id": experiment_id}))
+        parent_file(sweep_dir).write_text(
+            json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id})
+        )
         self._open_parent = (run.info.run_id, tracking.uri)
         atexit.register(self._close_if_open)
-        log.info("Sweep parent MLflow run %s (experiment %s, %s)", run.info.run_id,
-                 tracking.experiment, tracking.uri)
+        log.info(
+            "Sweep parent MLflow run %s (experiment %s, %s)",
+            run.info.run_id,
+            tracking.experiment,
+            tracking.uri,
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
 
-        from pipeline.tracking import setup
+        from pipeline.lib.tracking.runs import setup
 
         sweep_dir = Path(config.hydra.sweep.dir)
         parent_id = read_parent_run_id(sweep_dir)
@@ -129,8 +142,10 @@ class MlflowSweepCallback(Callback):
             client.set_tag(parent_id, "best_run_id", best.info.run_id)
             client.set_tag(parent_id, "best_run_name", best.info.run_name)
             client.log_metric(parent_id, f"best_{self.metric}", value)
-            message = (f"Best job of {len(children)}: run {best.info.run_name} "
-                       f"({best.info.run_id}) {self.metric}={value:.4f}")
+            message = (
+                f"Best job of {len(children)}: run {best.info.run_name} "
+                f"({best.info.run_id}) {self.metric}={value:.4f}"
+            )
             log.info(message)
             print(message)
         failed = [r for r in children if r.info.status != "FINISHED"]

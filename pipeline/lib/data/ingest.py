@@ -1,7 +1,7 @@
-"""Ingesting a folder of images into the prepared-dataset format (see `pipeline.data`).
+"""Ingesting a folder of images into the prepared-dataset format (see `pipeline.lib.data.prepared`).
 
-`ingest(root, data_cfg, out_dir)` discovers the files (`pipeline.sources.folder.discover`), decodes
-each one once (`pipeline.images.load_rgb`) in a thread pool, streams the arrays in order into
+`ingest(root, data_cfg, out_dir)` discovers the files (`pipeline.lib.data.sources.folder.discover`), decodes
+each one once (`pipeline.lib.data.images.load_rgb`) in a thread pool, streams the arrays in order into
 `train.npy` / `val.npy` / `test.npy`, and writes `manifest.csv`, `classes.json` and `report.json`.
 Problems that make the dataset unusable raise one `DataError` that lists all of them and says what
 to do; everything else (rejected files, skipped files, duplicates, ...) is listed in the report and
@@ -13,18 +13,25 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter, defaultdict, deque
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data import SPLITS, ManifestRow, SplitWriter, write_classes, write_manifest
-from pipeline.files import write_json
-from pipeline.images import RejectedImage, load_rgb, sha256_file
-from pipeline.sources.folder import Candidate, DataError, Discovery, discover, display_path
+from pipeline.lib.data.images import RejectedImage, load_rgb, sha256_file
+from pipeline.lib.data.prepared import (
+    SPLITS,
+    ManifestRow,
+    SplitWriter,
+    write_classes,
+    write_manifest,
+)
+from pipeline.lib.data.sources.folder import Candidate, DataError, Discovery, discover, display_path
+from pipeline.lib.files import write_json
 
 __all__ = ["DataError", "ingest", "MAX_LISTED"]
 
@@ -80,16 +87,24 @@ def ingest(
     rejected: list[dict[str, str]] = []
     rejected_where: dict[str, Counter] = {s: Counter() for s in SPLITS}
     rows: list[ManifestRow] = []
-    by_hash: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # sha -> (file, split, label)
+    by_hash: dict[str, list[tuple[str, str, str]]] = defaultdict(
+        list
+    )  # sha -> (file, split, label)
 
-    writers = {
-        s: _TrimmingSplitWriter(out, s, sum(found[s].values()), size) for s in SPLITS
-    }
+    writers = {s: _TrimmingSplitWriter(out, s, sum(found[s].values()), size) for s in SPLITS}
     try:
-        with closing(_decode_all(disc.candidates, size, resize, max_pixels, workers)) as results, tqdm(
-            total=len(disc.candidates), unit="img", desc="prepare: decoding images",
-            file=sys.stderr, disable=not progress, dynamic_ncols=True, mininterval=0.5,
-        ) as bar:
+        with (
+            closing(_decode_all(disc.candidates, size, resize, max_pixels, workers)) as results,
+            tqdm(
+                total=len(disc.candidates),
+                unit="img",
+                desc="prepare: decoding images",
+                file=sys.stderr,
+                disable=not progress,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            ) as bar,
+        ):
             for cand, array, sha, reason in results:
                 bar.update(1)
                 rel = display_path(cand.path, root_path)
@@ -137,8 +152,10 @@ def ingest(
             f"duplicate images within the {dup['split']} split (kept): {', '.join(dup['files'])}"
         )
     if len(duplicates) > MAX_LISTED:
-        warnings.append(f"... and {len(duplicates) - MAX_LISTED} more groups of duplicate images "
-                        "within one split (see 'duplicates' in report.json)")
+        warnings.append(
+            f"... and {len(duplicates) - MAX_LISTED} more groups of duplicate images "
+            "within one split (see 'duplicates' in report.json)"
+        )
     if leakage:
         pairs = [
             f"{a} ({sa}) == {b} ({sb})"
@@ -147,10 +164,12 @@ def ingest(
         ]
         advice = (
             "The same photo is in more than one split, so test accuracy would be inflated. "
-            + ("Remove the copies from all but one split"
-               if disc.layout == "splits" else
-               "The folder holds copies of the same photo, which the random split put into "
-               "different splits: remove the copies")
+            + (
+                "Remove the copies from all but one split"
+                if disc.layout == "splits"
+                else "The folder holds copies of the same photo, which the random split put into "
+                "different splits: remove the copies"
+            )
             + ", or set data.leakage=warn to go on anyway."
         )
         if leakage_mode == "fail":
@@ -167,8 +186,11 @@ def ingest(
     fraction = len(rejected) / n_candidates if n_candidates else 0.0
     if rejected and fraction > max_rejected:
         listed = "\n".join(f"      {r['file']}: {r['reason']}" for r in rejected[:MAX_LISTED])
-        more = (f"\n      ... and {len(rejected) - MAX_LISTED} more (all in report.json)"
-                if len(rejected) > MAX_LISTED else "")
+        more = (
+            f"\n      ... and {len(rejected) - MAX_LISTED} more (all in report.json)"
+            if len(rejected) > MAX_LISTED
+            else ""
+        )
         problems.append(
             f"{len(rejected)} of {n_candidates} image files ({fraction:.0%}) could not be used, "
             f"more than data.max_rejected_fraction={max_rejected:g}:\n{listed}{more}\n    "
@@ -201,9 +223,11 @@ def ingest(
     if totals["val"] == 0:
         warnings.append(
             "no validation images: "
-            + ("there is no validation/ (or val/) folder"
-               if disc.layout == "splits" and not disc.class_folders["val"]
-               else "the validation split is empty (data.split.val is 0 or the classes are small)")
+            + (
+                "there is no validation/ (or val/) folder"
+                if disc.layout == "splits" and not disc.class_folders["val"]
+                else "the validation split is empty (data.split.val is 0 or the classes are small)"
+            )
             + "; training runs without validation metrics"
         )
     else:
@@ -260,7 +284,7 @@ def ingest(
 class _TrimmingSplitWriter(SplitWriter):
     """`SplitWriter` whose `close()` trims correctly when fewer rows than `capacity` were written.
 
-    `pipeline.data.SplitWriter.close` copies `full[start:start + 256]` into a `count`-row array,
+    `pipeline.lib.data.prepared.SplitWriter.close` copies `full[start:start + 256]` into a `count`-row array,
     which fails with a shape error whenever `capacity - count` rows are unused inside the last
     block (i.e. whenever a file was rejected). Same on-disk result; remove once data.py is fixed.
     """
@@ -348,8 +372,11 @@ def _where(
     folders = _folders(disc, split, label)
     if disc.layout == "splits" and not folders:
         split_folder = _split_folder_name(disc, split)
-        return (f"there is no '{label}' folder in {split_folder}/" if split_folder
-                else f"there is no {_SPLIT_WORD[split]} folder")
+        return (
+            f"there is no '{label}' folder in {split_folder}/"
+            if split_folder
+            else f"there is no {_SPLIT_WORD[split]} folder"
+        )
     n_found, n_rejected = found[split][label], rejected[split][label]
     if disc.layout == "single":
         total = sum(found[s][label] for s in SPLITS)
@@ -367,7 +394,9 @@ def _where(
     where = ", ".join(f"'{f}/'" for f in folders)
     if n_found == 0:
         return f"{where} has no image files"
-    return f"{n_found} image file(s) in {where}" + (f", {n_rejected} rejected" if n_rejected else "")
+    return f"{n_found} image file(s) in {where}" + (
+        f", {n_rejected} rejected" if n_rejected else ""
+    )
 
 
 def _split_folder_name(disc: Discovery, split: str) -> str | None:
@@ -380,13 +409,17 @@ def _split_folder_name(disc: Discovery, split: str) -> str | None:
 def _add_advice(disc: Discovery, split: str, label: str) -> str:
     folders = _folders(disc, split, label)
     if disc.layout == "single":
-        return (f"Add more images to '{folders[0]}/' (or fix its rejected files), or remove the "
-                "class folder.")
+        return (
+            f"Add more images to '{folders[0]}/' (or fix its rejected files), or remove the "
+            "class folder."
+        )
     if folders:
         return f"Add images to {', '.join(repr(f + '/') for f in folders)} (or fix its rejected files)."
     split_folder = _split_folder_name(disc, split) or {"train": "training", "test": "test"}[split]
-    return (f"Create '{split_folder}/{label}/' with images of this class, or remove the class "
-            "from the other splits.")
+    return (
+        f"Create '{split_folder}/{label}/' with images of this class, or remove the class "
+        "from the other splits."
+    )
 
 
 def _case_hints(classes: list[str]) -> dict[str, str]:
@@ -398,8 +431,10 @@ def _case_hints(classes: list[str]) -> dict[str, str]:
     for names in groups.values():
         if len(names) > 1:
             for n in names:
-                hints[n] = (f" Note: class folders {names} differ only in case/spacing; if they are "
-                            "the same class, give the folders the same name in every split.")
+                hints[n] = (
+                    f" Note: class folders {names} differ only in case/spacing; if they are "
+                    "the same class, give the folders the same name in every split."
+                )
     return hints
 
 
@@ -415,7 +450,9 @@ def _single_class_message(disc: Discovery) -> str:
     if disc.layout == "single":
         folder = disc.root / _folders(disc, "train", label)[0]
         try:
-            subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            subdirs = sorted(
+                p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
         except OSError:
             subdirs = []
         if subdirs:

@@ -10,17 +10,19 @@ Hydra composition (`dvc exp run -S ...`) can compose `conf/` without importing t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.lib.errors import UserError
 
 #: Alphas and input sizes Keras offers ImageNet weights for (keras.applications.MobileNetV2).
 MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MOBILENET_SIZES = (96, 128, 160, 192, 224)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown, mistyped or out of range."""
 
 
@@ -57,7 +59,7 @@ class DataConfig:
     path: str = "data/raw/synthetic"
     #: What DVC's prepare stage watches (dvc.yaml `${data.dependency}`): the folder of photos, or
     #: for the synthetic source the generator's code.
-    dependency: str = "pipeline/sources/synthetic.py"
+    dependency: str = "pipeline/lib/data/sources/synthetic.py"
     #: Every image is decoded, converted to RGB and resized to this square size once, in prepare.
     image_size: int = 224
     #: How to resize: `pad` keeps the aspect ratio (letterbox), `stretch` ignores it, `crop` centre-crops.
@@ -73,7 +75,7 @@ class DataConfig:
     leakage: str = "fail"
     #: Fraction of rejected files above which prepare fails instead of going on.
     max_rejected_fraction: float = 0.2
-    synthetic: Optional[SyntheticConfig] = None
+    synthetic: SyntheticConfig | None = None
 
 
 @dataclass
@@ -81,7 +83,7 @@ class ModelConfig:
     name: str = "mobilenet_v2"
     alpha: float = 1.0
     #: `imagenet`, a path to a Keras weights file, or null for random initialisation.
-    weights: Optional[str] = "imagenet"
+    weights: str | None = "imagenet"
     dropout: float = 0.0
     #: Initial weights of the new Dense layer. `zeros` (the default) starts the linear head from
     #: uniform class scores, so the few Adam steps of a small study (60 images x 8 epochs = 16
@@ -234,11 +236,11 @@ class TrackingConfig:
     #: Where a new experiment keeps its artifacts: a local folder or a URI for a local store; with
     #: a tracking server null (the server's choice: `mlflow-artifacts:/`, uploaded through it to
     #: its --artifacts-destination) or a URI such as `s3://...` (a local folder is ignored there).
-    artifact_location: Optional[str] = "mlartifacts"
-    run_name: Optional[str] = None
+    artifact_location: str | None = "mlartifacts"
+    run_name: str | None = None
     log_model: bool = True
     #: The MLflow Model Registry name each pipeline run's model is registered under (null: none).
-    registered_model: Optional[str] = "toy-truck-classifier"
+    registered_model: str | None = "toy-truck-classifier"
     #: Seconds to wait for a remote tracking server before failing, per request.
     timeout_s: float = 10.0
     #: Tracking server: retries of a failed request (MLflow's default, 7, takes minutes to give up
@@ -360,8 +362,11 @@ def _check_values(c: Any) -> None:
     need(c.tracking.timeout_s > 0, "tracking.timeout_s", "must be > 0")
     # MLflow refuses more than 10 retries and a backoff factor above 120
     need(0 <= c.tracking.http_retries <= 10, "tracking.http_retries", "must be in [0, 10]")
-    need(0 <= c.tracking.http_backoff_factor <= 120, "tracking.http_backoff_factor",
-         "must be in [0, 120]")
+    need(
+        0 <= c.tracking.http_backoff_factor <= 120,
+        "tracking.http_backoff_factor",
+        "must be in [0, 120]",
+    )
     need(bool(c.tracking.uri), "tracking.uri", "must not be empty")
 
 
@@ -377,9 +382,13 @@ def _check_train_options(t: Any, need: Any) -> None:
     need(e.min_delta >= 0, "train.early_stopping.min_delta", "must be >= 0")
     for name in ("rotation", "zoom", "translation", "contrast", "brightness"):
         need(0 <= a[name] <= 1, f"train.augment.{name}", "must be in [0, 1]")
-    need(not a.enabled or a.flip != "none"
-         or any(a[n] > 0 for n in ("rotation", "zoom", "translation", "contrast", "brightness")),
-         "train.augment.enabled", "is true but flip is none and every factor is 0")
+    need(
+        not a.enabled
+        or a.flip != "none"
+        or any(a[n] > 0 for n in ("rotation", "zoom", "translation", "contrast", "brightness")),
+        "train.augment.enabled",
+        "is true but flip is none and every factor is 0",
+    )
     need(f.unfreeze_top_n >= 1, "train.fine_tune.unfreeze_top_n", "must be >= 1")
     need(f.epochs >= 1, "train.fine_tune.epochs", "must be >= 1")
     need(f.learning_rate > 0, "train.fine_tune.learning_rate", "must be > 0")
@@ -389,8 +398,11 @@ def _check_export(x: Any, need: Any) -> None:
     """export.formats, .int8_io, .representative_samples, .targets, latency settings."""
     formats = list(x.formats)
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    need(not unknown, "export.formats",
-         f"unknown format {', '.join(map(str, unknown))}; choose from {', '.join(EXPORT_FORMATS)}")
+    need(
+        not unknown,
+        "export.formats",
+        f"unknown format {', '.join(map(str, unknown))}; choose from {', '.join(EXPORT_FORMATS)}",
+    )
     need(bool(formats), "export.formats", "must name at least one format")
     need(len(set(formats)) == len(formats), "export.formats", "lists a format twice")
     need(x.int8_io in ("uint8", "int8"), "export.int8_io", "must be uint8 or int8")

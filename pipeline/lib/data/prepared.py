@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.files import read_json, write_json
+from pipeline.lib.errors import StageInputError
+from pipeline.lib.files import read_json, write_json
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("split", "index", "label", "label_index", "path", "sha256")
@@ -139,3 +140,15 @@ def iter_batches(array: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 def write_classes(folder: Path, classes: Sequence[str]) -> None:
     write_json(folder / "classes.json", list(classes))
+
+
+def open_prepared(folder: str | os.PathLike[str]) -> PreparedDataset:
+    """The prepared dataset in `folder`.
+
+    Raises:
+        StageInputError: `folder` holds no prepared dataset (run the prepare stage).
+    """
+    try:
+        return PreparedDataset(folder)
+    except FileNotFoundError as exc:
+        raise StageInputError(str(exc)) from None

@@ -14,7 +14,7 @@ order or process they are made in.
 
 CLI, for the image files alone:
 
-    python -m pipeline.sources.synthetic OUT_DIR [--per-class-train N --per-class-val N
+    python -m pipeline.lib.data.sources.synthetic OUT_DIR [--per-class-train N --per-class-val N
         --per-class-test N --size S --difficulty D --seed K --format png|jpg]
 """
 
@@ -26,10 +26,11 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -64,8 +65,7 @@ _BASE = {
 RGB = tuple[int, int, int]
 
 #: The 256 quantiles of the standard normal at (i + 0.5) / 256: a uniform byte maps to a normal.
-_NOISE_LUT = np.array([NormalDist().inv_cdf((i + 0.5) / 256) for i in range(256)],
-                      dtype=np.float32)
+_NOISE_LUT = np.array([NormalDist().inv_cdf((i + 0.5) / 256) for i in range(256)], dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,8 +81,15 @@ class _Pen:
     (cx, cy). Drawing transformed shapes avoids rotating a bitmap (slow, and blurrier).
     """
 
-    def __init__(self, draw: ImageDraw.ImageDraw, scale: float, cx: float, cy: float,
-                 angle: float, flip: bool) -> None:
+    def __init__(
+        self,
+        draw: ImageDraw.ImageDraw,
+        scale: float,
+        cx: float,
+        cy: float,
+        angle: float,
+        flip: bool,
+    ) -> None:
         self.d = draw
         self.s = scale
         self.cx, self.cy = cx, cy
@@ -108,7 +115,7 @@ class _Pen:
     def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
         self.d.line([self._p(x, y) for x, y in pts], fill=fill, width=max(1, round(width * self.s)))
 
-    def sub(self, x0: float, y0: float, k: float, mirror_len: float | None = None) -> "_SubPen":
+    def sub(self, x0: float, y0: float, k: float, mirror_len: float | None = None) -> _SubPen:
         """A pen for a part drawn in its own units, placed at (x0, y0) and scaled by k."""
         return _SubPen(self, x0, y0, k, mirror_len)
 
@@ -242,8 +249,17 @@ def _small_bins(p: _Pen, bins: Sequence[RGB], col: dict[str, RGB], bed: RGB) -> 
         p.rect(px + 0.016, 0.085, px + 0.023, 0.335, _shade(rail, 0.75))
 
 
-def _wheel_loader(p: _Pen, x0: float, bottom: float, k: float, facing_rear: bool,
-                  body: RGB, cabc: RGB, arm: RGB, col: dict[str, RGB]) -> None:
+def _wheel_loader(
+    p: _Pen,
+    x0: float,
+    bottom: float,
+    k: float,
+    facing_rear: bool,
+    body: RGB,
+    cabc: RGB,
+    arm: RGB,
+    col: dict[str, RGB],
+) -> None:
     """A wheel loader in its own units: height 1 (top 0, ground 1), length 1.92, bucket at +x."""
     q = p.sub(x0, bottom - k, k, 1.92 if facing_rear else None)
     tyre = {"tyre": col["tyre"], "hub": _shade(body, 0.95)}
@@ -268,8 +284,9 @@ def _wheel_loader(p: _Pen, x0: float, bottom: float, k: float, facing_rear: bool
         _draw_wheel(q, wx, 0.77, 0.23, tyre)
 
 
-def _loader_load(p: _Pen, bed: RGB, body: RGB, cabc: RGB, arm: RGB, col: dict[str, RGB],
-                 facing_rear: bool) -> None:
+def _loader_load(
+    p: _Pen, bed: RGB, body: RGB, cabc: RGB, arm: RGB, col: dict[str, RGB], facing_rear: bool
+) -> None:
     # low flat bed with a ramp at the rear
     p.poly([(0.0, 0.372), (0.03, 0.325), (0.745, 0.325), (0.745, 0.372)], bed)
     p.rect(0.03, 0.325, 0.745, 0.335, _shade(bed, 1.1))
@@ -338,8 +355,9 @@ def _background(rng: np.random.Generator, n: int, difficulty: float) -> np.ndarr
     return base[None, None, :] + (amp * g)[:, :, None]
 
 
-def _truck_frame(pen: _Pen, ss: int, x0: int, x1: int, y0: int, y1: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _truck_frame(
+    pen: _Pen, ss: int, x0: int, x1: int, y0: int, y1: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Truck-frame coordinates (u along, w down; truck units, about the truck's centre) of the
     output pixels [y0:y1, x0:x1], for a pen that draws at `ss` times the output size."""
     dx = ((np.arange(x0, x1, dtype=np.float32) + 0.5) * ss - pen.cx)[None, :]
@@ -402,11 +420,16 @@ def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -
         # top-lit shading, so the flat drawing reads as a moulded object
         ramp = np.clip(np.float32(1.07 - 0.11) - np.float32(0.22 / _TRUCK_H) * w, 0.8, 1.1)
         region = bg[y0:y1, x0:x1]
-        bg[y0:y1, x0:x1] = (region * ((1.0 - shadow)[..., None] * (1.0 - alpha))
-                            + small[..., :3] * ramp[..., None])
+        bg[y0:y1, x0:x1] = (
+            region * ((1.0 - shadow)[..., None] * (1.0 - alpha)) + small[..., :3] * ramp[..., None]
+        )
     else:  # the whole truck is out of the frame: cannot happen with the pose limits above
-        _draw_truck(label, rng, _Pen(ImageDraw.Draw(Image.new("RGBA", (1, 1))), scale, 0, 0,
-                                     angle, flip), col_jit)
+        _draw_truck(
+            label,
+            rng,
+            _Pen(ImageDraw.Draw(Image.new("RGBA", (1, 1))), scale, 0, 0, angle, flip),
+            col_jit,
+        )
 
     # camera: white balance, brightness, contrast
     wb = 1.0 + rng.normal(0.0, 0.01 + 0.035 * d, 3).astype(np.float32)
@@ -456,8 +479,13 @@ def _save(img: Image.Image, path: Path, fmt: str) -> None:
         img.save(path, format="JPEG", quality=95, subsampling=0, optimize=False)
 
 
-def generate(out_dir: str | os.PathLike[str], cfg: Any, *, workers: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> Path:
+def generate(
+    out_dir: str | os.PathLike[str],
+    cfg: Any,
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Write cfg.train_per_class / cfg.val_per_class / cfg.test_per_class images per class as
     out_dir/training/<class>/<class>_<nnn>.<cfg.format>, out_dir/validation/..., out_dir/test/...
 
@@ -535,7 +563,7 @@ def generate(out_dir: str | os.PathLike[str], cfg: Any, *, workers: int | None =
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m pipeline.sources.synthetic",
+        prog="python -m pipeline.lib.data.sources.synthetic",
         description="Write deterministic toy-truck images (six classes) as "
         "OUT_DIR/{training,validation,test}/<class>/<class>_<nnn>.<format>.",
     )
@@ -547,8 +575,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--difficulty", type=float, default=0.5, metavar="D", help="0 (clean) .. 1")
     ap.add_argument("--seed", type=int, default=7, metavar="K")
     ap.add_argument("--format", choices=FORMATS, default="png")
-    ap.add_argument("--workers", type=int, default=None, metavar="W",
-                    help="threads (default: the cores, at most 4)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="W",
+        help="threads (default: the cores, at most 4)",
+    )
     args = ap.parse_args(argv)
     cfg = argparse.Namespace(
         train_per_class=args.per_class_train,

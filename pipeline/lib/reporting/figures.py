@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from pipeline.files import atomic_file
+from pipeline.lib.files import atomic_file
 
 PathLike = str | os.PathLike[str]
 
@@ -56,8 +56,9 @@ def _save(fig: Figure, path: PathLike) -> Path:
     path = Path(path)
     try:
         with atomic_file(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.15,
-                        facecolor="white")
+            fig.savefig(
+                fh, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white"
+            )
     finally:
         fig.clear()
     return path
@@ -75,8 +76,16 @@ def _float_series(values: Sequence[float] | None) -> np.ndarray:
 
 
 def _message(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, color="#555555",
-            transform=ax.transAxes)
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        ha="center",
+        va="center",
+        fontsize=12,
+        color="#555555",
+        transform=ax.transAxes,
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
@@ -108,8 +117,11 @@ def _batch_positions(steps: np.ndarray, n_epochs: int, first_epoch: float) -> np
     return (first_epoch - 1.0) + pos / steps_per_epoch
 
 
-def learning_curve_figure(epochs: Mapping[str, Sequence[float]], metric: str,
-                          batches: Mapping[str, Sequence[float]] | None = None) -> Figure:
+def learning_curve_figure(
+    epochs: Mapping[str, Sequence[float]],
+    metric: str,
+    batches: Mapping[str, Sequence[float]] | None = None,
+) -> Figure:
     """One metric ('loss' or 'accuracy'): train vs validation per epoch, batches faintly under."""
     label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
     train = _float_series(epochs.get(metric))
@@ -138,27 +150,57 @@ def learning_curve_figure(epochs: Mapping[str, Sequence[float]], metric: str,
     marker_size = 7 if n == 1 else 4
 
     if len(batch_y):
-        if n:
-            bx = _batch_positions(steps, n, float(x[0]))
-        else:
-            bx = steps
-        ax.plot(bx, batch_y, color=TRAIN_COLOR, alpha=0.3, linewidth=0.8, zorder=1,
-                label="train (per batch)")
+        bx = _batch_positions(steps, n, float(x[0])) if n else steps
+        ax.plot(
+            bx,
+            batch_y,
+            color=TRAIN_COLOR,
+            alpha=0.3,
+            linewidth=0.8,
+            zorder=1,
+            label="train (per batch)",
+        )
 
     if len(train):
-        ax.plot(x[: len(train)], train, color=TRAIN_COLOR, linewidth=2, zorder=3,
-                marker="o" if markers else None, markersize=marker_size, label="train")
+        ax.plot(
+            x[: len(train)],
+            train,
+            color=TRAIN_COLOR,
+            linewidth=2,
+            zorder=3,
+            marker="o" if markers else None,
+            markersize=marker_size,
+            label="train",
+        )
     if len(val):
-        ax.plot(x[: len(val)], val, color=VAL_COLOR, linewidth=2, linestyle="--", zorder=3,
-                marker="s" if markers else None, markersize=marker_size, label="validation")
+        ax.plot(
+            x[: len(val)],
+            val,
+            color=VAL_COLOR,
+            linewidth=2,
+            linestyle="--",
+            zorder=3,
+            marker="s" if markers else None,
+            markersize=marker_size,
+            label="validation",
+        )
 
     # mark the best epoch of the validation curve (of the training curve when there is none)
     ref, ref_name = (val, "validation") if len(val) else (train, "train")
     if len(ref) > 1 and np.isfinite(ref).any():
         i = int(np.nanargmin(ref) if best_mode == "min" else np.nanargmax(ref))
-        ax.plot([x[i]], [ref[i]], linestyle="none", marker="*", markersize=15, zorder=4,
-                color="#d4a017", markeredgecolor="black", markeredgewidth=0.6,
-                label=f"best {ref_name}: {ref[i]:.4g} (epoch {x[i]:g})")
+        ax.plot(
+            [x[i]],
+            [ref[i]],
+            linestyle="none",
+            marker="*",
+            markersize=15,
+            zorder=4,
+            color="#d4a017",
+            markeredgecolor="black",
+            markeredgewidth=0.6,
+            label=f"best {ref_name}: {ref[i]:.4g} (epoch {x[i]:g})",
+        )
 
     ax.set_xlabel("epoch" if n else "step")
     ax.set_ylabel(label.lower())
@@ -172,8 +214,9 @@ def learning_curve_figure(epochs: Mapping[str, Sequence[float]], metric: str,
     return fig
 
 
-def save_learning_curves(epochs: dict[str, list[float]], out_dir: PathLike,
-                         batches: dict[str, list[float]] | None = None) -> list[Path]:
+def save_learning_curves(
+    epochs: dict[str, list[float]], out_dir: PathLike, batches: dict[str, list[float]] | None = None
+) -> list[Path]:
     """Write out_dir/loss.png and out_dir/accuracy.png; return their paths in that order.
 
     epochs: per-epoch series, keys among 'loss', 'accuracy', 'val_loss', 'val_accuracy' (any may be
@@ -183,8 +226,10 @@ def save_learning_curves(epochs: dict[str, list[float]], out_dir: PathLike,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [_save(learning_curve_figure(epochs, metric, batches), out_dir / f"{metric}.png")
-            for metric in ("loss", "accuracy")]
+    return [
+        _save(learning_curve_figure(epochs, metric, batches), out_dir / f"{metric}.png")
+        for metric in ("loss", "accuracy")
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,8 +240,9 @@ def _format_count(value: float) -> str:
     return f"{int(round(value))}" if float(value).is_integer() else f"{value:.3g}"
 
 
-def confusion_figure(matrix, classes: Sequence[str], normalize: bool = False,
-                     title: str = "Confusion matrix") -> Figure:
+def confusion_figure(
+    matrix, classes: Sequence[str], normalize: bool = False, title: str = "Confusion matrix"
+) -> Figure:
     """Heatmap: true label on y, predicted on x; counts (and row %) in cells up to 20 classes."""
     counts = np.asarray(matrix, dtype=float)
     n = len(classes)
@@ -205,8 +251,10 @@ def confusion_figure(matrix, classes: Sequence[str], normalize: bool = False,
     if n == 0:
         raise ValueError("a confusion matrix needs at least one class")
     if counts.shape[0] != n:
-        raise ValueError(f"confusion matrix is {counts.shape[0]}x{counts.shape[0]} "
-                         f"but {n} class names were given")
+        raise ValueError(
+            f"confusion matrix is {counts.shape[0]}x{counts.shape[0]} "
+            f"but {n} class names were given"
+        )
     classes = [str(c) for c in classes]
     row_sums = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
@@ -215,7 +263,9 @@ def confusion_figure(matrix, classes: Sequence[str], normalize: bool = False,
     show_text = n <= CELL_TEXT_MAX_CLASSES
     tick_fs = 10 if n <= 10 else 8 if n <= 20 else 7 if n <= 35 else 6
     cell_fs = 10 if n <= 6 else 9 if n <= 10 else 7 if n <= 15 else 6
-    cell_in = (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
+    cell_in = (
+        (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
+    )
     label_in = _text_width_in(max(len(c) for c in classes), tick_fs)
     grid_in = max(3.0, n * cell_in)
     width = grid_in + label_in + 1.6  # y tick labels, axis label, colour bar
@@ -224,8 +274,9 @@ def confusion_figure(matrix, classes: Sequence[str], normalize: bool = False,
     ax = fig.add_subplot()
 
     vmax = 1.0 if normalize else max(float(counts.max()), 1.0)
-    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest",
-                      aspect="equal")
+    image = ax.imshow(
+        shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal"
+    )
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, shrink=0.9)
     if normalize:
         bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
@@ -233,8 +284,9 @@ def confusion_figure(matrix, classes: Sequence[str], normalize: bool = False,
     else:
         bar.set_label("images")
 
-    ax.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor",
-                  fontsize=tick_fs)
+    ax.set_xticks(
+        range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=tick_fs
+    )
     ax.set_yticks(range(n), labels=classes, fontsize=tick_fs)
     ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
@@ -244,8 +296,11 @@ def confusion_figure(matrix, classes: Sequence[str], normalize: bool = False,
     ax.set_ylabel("true label", fontsize=11)
 
     total = counts.sum()
-    subtitle = (f"accuracy {np.trace(counts) / total:.1%} on {_format_count(total)} images"
-                if total > 0 else "no images")
+    subtitle = (
+        f"accuracy {np.trace(counts) / total:.1%} on {_format_count(total)} images"
+        if total > 0
+        else "no images"
+    )
     if normalize:
         subtitle += " · rows normalised"
     ax.set_title(f"{title}\n{subtitle}", fontsize=12)
@@ -259,15 +314,28 @@ def confusion_figure(matrix, classes: Sequence[str], normalize: bool = False,
                 if normalize:
                     text += "\n" + pct_fmt.format(100 * fractions[i, j])
                 dark = image.norm(shown[i, j]) > 0.55
-                ax.text(j, i, text, ha="center", va="center", fontsize=cell_fs,
-                        color="white" if dark else "#222222", alpha=1.0 if value else 0.45)
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=cell_fs,
+                    color="white" if dark else "#222222",
+                    alpha=1.0 if value else 0.45,
+                )
     for spine in ax.spines.values():
         spine.set_color("#888888")
     return fig
 
 
-def save_confusion_matrix(matrix, classes: list[str], path: PathLike, normalize: bool = False,
-                          title: str = "Confusion matrix") -> Path:
+def save_confusion_matrix(
+    matrix,
+    classes: list[str],
+    path: PathLike,
+    normalize: bool = False,
+    title: str = "Confusion matrix",
+) -> Path:
     """Write the confusion-matrix heatmap to `path` and return it (see `confusion_figure`)."""
     return _save(confusion_figure(matrix, classes, normalize=normalize, title=title), path)
 
@@ -295,8 +363,14 @@ def _as_rgb(image) -> tuple[np.ndarray, str | None]:
     return img, ("gray" if img.ndim == 2 else None)
 
 
-def gallery_figure(images, probabilities, true_labels, classes: Sequence[str], columns: int = 3,
-                   max_images: int | None = None) -> Figure:
+def gallery_figure(
+    images,
+    probabilities,
+    true_labels,
+    classes: Sequence[str],
+    columns: int = 3,
+    max_images: int | None = None,
+) -> Figure:
     """Image + class-score bar chart per test image, `columns` pairs per row.
 
     The image title is green when the prediction is right and red when wrong (the image gets a
@@ -325,8 +399,10 @@ def gallery_figure(images, probabilities, true_labels, classes: Sequence[str], c
 
     columns = max(1, min(int(columns), n))
     rows = math.ceil(n / columns)
-    shown_classes = min(n_classes, GALLERY_ALL_CLASSES_MAX if n_classes <= GALLERY_ALL_CLASSES_MAX
-                        else GALLERY_TOP_K)
+    shown_classes = min(
+        n_classes,
+        GALLERY_ALL_CLASSES_MAX if n_classes <= GALLERY_ALL_CLASSES_MAX else GALLERY_TOP_K,
+    )
     label_fs = 8 if shown_classes <= 8 else 7
     label_in = _text_width_in(max(len(c) for c in classes), label_fs)
     image_in = 2.4
@@ -341,9 +417,12 @@ def gallery_figure(images, probabilities, true_labels, classes: Sequence[str], c
     # one subfigure per image+scores pair: each lays out on its own, nothing spills into the next
     cells = np.asarray(fig.subfigures(rows, columns, wspace=0.02, hspace=0.02), dtype=object)
     cells = cells.reshape(rows, columns)
-    fig.suptitle(f"Test predictions: {int(correct.sum())} of {n} right"
-                 + (f" (first {n} of {n_total} images)" if n < n_total else ""),
-                 fontsize=13, fontweight="bold")
+    fig.suptitle(
+        f"Test predictions: {int(correct.sum())} of {n} right"
+        + (f" (first {n} of {n_total} images)" if n < n_total else ""),
+        fontsize=13,
+        fontweight="bold",
+    )
 
     for k in range(n):
         r, c = divmod(k, columns)
@@ -372,16 +451,22 @@ def gallery_figure(images, probabilities, true_labels, classes: Sequence[str], c
         ypos = np.arange(len(order))
         ax_bar.barh(ypos, scores, color=bar_colors, edgecolor=edges, linewidth=1.4, height=0.7)
         ax_bar.set_yticks(ypos, labels=[classes[i] for i in order], fontsize=label_fs)
-        for tick, i in zip(ax_bar.get_yticklabels(), order):
+        for tick, i in zip(ax_bar.get_yticklabels(), order, strict=False):
             if i == true_k:
                 tick.set_fontweight("bold")
-        for y, i, p in zip(ypos, order, scores):
+        for y, i, p in zip(ypos, order, scores, strict=False):
             tag = f"{p:.2f}" + ("  true" if i == true_k else "")
             inside = p > 0.62
-            ax_bar.text(p - 0.02 if inside else p + 0.02, y, tag, va="center",
-                        ha="right" if inside else "left", fontsize=7,
-                        color="white" if inside and i == pred_k else "#222222",
-                        fontweight="bold" if i == true_k else "normal")
+            ax_bar.text(
+                p - 0.02 if inside else p + 0.02,
+                y,
+                tag,
+                va="center",
+                ha="right" if inside else "left",
+                fontsize=7,
+                color="white" if inside and i == pred_k else "#222222",
+                fontweight="bold" if i == true_k else "normal",
+            )
         ax_bar.set_xlim(0, 1)
         ax_bar.set_ylim(len(order) - 0.5, -0.5)  # first class on top
         ax_bar.set_xticks([0, 0.5, 1], labels=["0", "0.5", "1"], fontsize=7)
@@ -394,13 +479,24 @@ def gallery_figure(images, probabilities, true_labels, classes: Sequence[str], c
     return fig
 
 
-def save_gallery(images, probabilities, true_labels, classes: list[str], path: PathLike,
-                 columns: int = 3, max_images: int | None = None) -> Path:
+def save_gallery(
+    images,
+    probabilities,
+    true_labels,
+    classes: list[str],
+    path: PathLike,
+    columns: int = 3,
+    max_images: int | None = None,
+) -> Path:
     """Write the prediction gallery to `path` and return it (see `gallery_figure`).
 
     images: (N, H, W, 3) uint8, a numpy memmap is fine (only the shown images are read);
     probabilities: (N, C) scores in 0..1; true_labels: (N,) class indices. N == 0 writes a small
     figure saying 'no test images'.
     """
-    return _save(gallery_figure(images, probabilities, true_labels, classes, columns=columns,
-                                max_images=max_images), path)
+    return _save(
+        gallery_figure(
+            images, probabilities, true_labels, classes, columns=columns, max_images=max_images
+        ),
+        path,
+    )

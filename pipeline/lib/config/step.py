@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.config import Config, ConfigError, validate
+from pipeline.lib.config.schema import Config, validate
+from pipeline.lib.errors import StageInputError, UserError
+
+__all__ = ["StageInputError", "run_step"]
 
 log = logging.getLogger("pipeline")
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by input or configuration: shown as one clear message, no stack trace."""
-    from pipeline.model import WeightsNotFoundError
-    from pipeline.sources.folder import DataError
-    from pipeline.tracking import TrackingError
-
-    return (ConfigError, DataError, WeightsNotFoundError, TrackingError, StageInputError)
-
-
-class StageInputError(FileNotFoundError):
-    """A stage's input (an earlier stage's output) is missing or stale."""
 
 
 def in_multirun() -> bool:
@@ -58,7 +49,7 @@ def run_step(step: Callable[[Config], Any], cfg: DictConfig) -> Any:
         if in_multirun() and "paths" in cfg:
             cfg = redirect_outputs(cfg, job_output_dir())  # type: ignore[arg-type]
         return step(validate(cfg))
-    except user_errors() as exc:
+    except UserError as exc:
         log.error("%s", exc)
         print(f"\nERROR: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

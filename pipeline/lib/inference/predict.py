@@ -1,0 +1,573 @@
+"""Predict the class of new images with a trained model: a local one, one from MLflow, or TFLite.
+
+    python -m pipeline.lib.inference.predict photos/ --model models --output predictions.csv
+    python -m pipeline.lib.inference.predict a.jpg b.png --model models/model.keras --output out.json --top-k 3
+    python -m pipeline.lib.inference.predict photos/ --model models:/toy-truck-classifier@champion --output p.csv
+    python -m pipeline.lib.inference.predict photos/ --model runs:/<run_id>/model --output p.csv
+    python -m pipeline.lib.inference.predict photos/ --model model.tflite --classes classes.json --output p.csv
+
+A tool users point at files, so plain argparse (no Hydra). Every image is decoded as `prepare`
+decodes training images (`pipeline.lib.data.images.load_rgb`: EXIF orientation, RGB, transparency on white,
+resized to the model's input size with `--resize`, by default the mode recorded with an MLflow
+model, else `stretch`). Folders are searched recursively; files that cannot be used are reported
+(one warning line each, and a count) and skipped. One line per image goes to stdout; the full
+scores to a CSV or JSON file, by the `--output` extension, written atomically.
+
+Exit status: 0 when at least one image was predicted; 2 (one message, no stack trace) when the
+model cannot be loaded, the output has an unknown extension, or no image could be predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+MODEL_FILE = "model.keras"  # what the train stage writes (pipeline.train.MODEL_FILE)
+CLASSES_FILE = "classes.json"
+#: Artifact of the training run that records the prepared data's classes and resize mode.
+RUN_DATA_REPORT = "data/report.json"
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+class PredictError(Exception):
+    """A user error: shown as one message, exit status 2."""
+
+
+@dataclass
+class Predictor:
+    """A loaded model: what it is, its classes and input size, and images (N, S, S, 3) uint8 ->
+    probabilities (N, C)."""
+
+    source: str
+    kind: str
+    classes: list[str]
+    image_size: int
+    predict: Callable[[np.ndarray], np.ndarray]
+    resize: str | None = None  # the resize mode recorded with the model, if any
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def is_mlflow_uri(model: str) -> bool:
+    return model.startswith(MLFLOW_SCHEMES)
+
+
+def read_classes(path: Path, what: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            classes = json.load(fh)
+    except OSError as exc:
+        raise PredictError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise PredictError(f"{what}: {path} is not valid JSON ({exc})") from None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise PredictError(f"{what}: {path} must hold a JSON list of class names")
+    return list(classes)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip() or type(exc).__name__
+    first = text.splitlines()[0]
+    return first if len(first) <= 400 else first[:397] + "..."
+
+
+def _fixed_size(shape: Sequence[Any] | None, source: str) -> int:
+    """The square input side of a (batch, S, S, 3) shape."""
+    dims = list(shape or [])
+    if len(dims) != 4 or dims[3] != 3 or not dims[1] or dims[1] != dims[2] or int(dims[1]) < 1:
+        raise PredictError(
+            f"model {source}: expects inputs of shape {tuple(dims)}, not square "
+            "RGB images (batch, size, size, 3)"
+        )
+    return int(dims[1])
+
+
+def _keras_predict(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    # a direct (eager) call: `predict_on_batch` traces a graph per batch shape, which costs more
+    # than it saves on the few batches a prediction run has
+    def predict(images: np.ndarray) -> np.ndarray:
+        return np.asarray(model(images.astype(np.float32), training=False), dtype=np.float64)
+
+    return predict
+
+
+def load_local_keras(path: Path, source: str) -> tuple[Any, Path]:
+    """A `.keras` file, or a folder holding `model.keras` (the train stage's `models/`)."""
+    from pipeline.lib.model.build import load_model
+
+    file = path / MODEL_FILE if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        raise PredictError(
+            f"model {source}: the folder has no {MODEL_FILE} (point --model at the "
+            "train stage's models/ folder, a .keras or .tflite file, or an MLflow "
+            "URI such as models:/toy-truck-classifier@champion)"
+        )
+    try:
+        return load_model(file), file
+    except Exception as exc:  # noqa: BLE001 (any load failure is reported with its reason)
+        raise PredictError(
+            f"model {source}: cannot load {file} as a Keras model ({_reason(exc)})"
+        ) from None
+
+
+def tflite_predict(
+    path: Path, source: str, threads: int | None = None
+) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """Run a `.tflite` model: float32 inputs/outputs, or quantized int8/uint8 ones converted
+    with the tensors' scale and zero point. Returns (predict, input size)."""
+    import tensorflow as tf
+
+    try:
+        with warnings.catch_warnings():  # tf.lite.Interpreter's own deprecation notice
+            warnings.simplefilter("ignore")
+            interpreter = tf.lite.Interpreter(
+                model_path=str(path), num_threads=threads or os.cpu_count() or 1
+            )
+        interpreter.allocate_tensors()
+    except Exception as exc:  # noqa: BLE001
+        raise PredictError(
+            f"model {source}: cannot load it as a TensorFlow Lite model ({_reason(exc)})"
+        ) from None
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    shape = [int(d) for d in inp["shape"]]
+    size = _fixed_size(shape, source)
+    state = {"batch": shape[0]}
+
+    def quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+        dtype = np.dtype(detail["dtype"])
+        if dtype.kind == "f":
+            return x.astype(dtype)
+        scale, zero = detail["quantization"]
+        if not scale:
+            raise PredictError(f"model {source}: integer input without quantization parameters")
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(x / scale + zero), info.min, info.max).astype(dtype)
+
+    def dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+        if np.dtype(detail["dtype"]).kind == "f":
+            return y.astype(np.float64)
+        scale, zero = detail["quantization"]
+        return (y.astype(np.float64) - zero) * (scale or 1.0)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        if state["batch"] != n:
+            try:
+                interpreter.resize_tensor_input(inp["index"], [n, size, size, 3], strict=False)
+                interpreter.allocate_tensors()
+                state["batch"] = n
+            except (RuntimeError, ValueError):  # a model converted with a fixed batch size
+                interpreter.resize_tensor_input(inp["index"], shape, strict=False)
+                interpreter.allocate_tensors()
+                state["batch"] = shape[0]
+                if shape[0] != 1 or n == 1:
+                    raise
+                return np.concatenate([predict(images[i : i + 1]) for i in range(n)])
+        interpreter.set_tensor(inp["index"], quantize(images.astype(np.float32), inp))
+        interpreter.invoke()
+        result = interpreter.get_tensor(out["index"])
+        return dequantize(np.array(result).reshape(n, -1), out)
+
+    return predict, size
+
+
+def _tracking_uri(tracking_uri: str | None) -> str:
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def load_mlflow(
+    uri: str, tracking_uri: str
+) -> tuple[Callable[[np.ndarray], np.ndarray], int, Any, str]:
+    """Load an MLflow model URI (the Keras flavour if it has one, else pyfunc) from the current
+    tracking store. Returns (predict, input size, model info, flavour)."""
+    import mlflow
+
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except Exception as exc:  # noqa: BLE001
+        raise PredictError(f"model {uri}: not found in {tracking_uri} ({_reason(exc)})") from None
+    try:
+        if "keras" in info.flavors:
+            import mlflow.keras
+
+            model = mlflow.keras.load_model(uri)
+            return _keras_predict(model), _fixed_size(model.input_shape, uri), info, "keras"
+        model = mlflow.pyfunc.load_model(uri)
+    except PredictError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise PredictError(
+            f"model {uri}: cannot load it from {tracking_uri} ({_reason(exc)})"
+        ) from None
+    specs = info.signature.inputs.inputs if info.signature and info.signature.inputs else []
+    shape = getattr(specs[0], "shape", None) if len(specs) == 1 else None
+    if shape is None:
+        raise PredictError(
+            f"model {uri}: its signature does not give the input shape (batch, size, size, 3)"
+        )
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict(images.astype(np.float32)), dtype=np.float64)
+
+    return predict, _fixed_size(shape, uri), info, "pyfunc"
+
+
+def run_data_report(run_id: str | None) -> dict[str, Any] | None:
+    """The training run's data report (classes, resize mode), or None when it has none."""
+    if not run_id:
+        return None
+    import mlflow
+
+    try:
+        report = mlflow.artifacts.load_dict(f"runs:/{run_id}/{RUN_DATA_REPORT}")
+    except Exception:  # noqa: BLE001 (no such artifact: the caller says what is missing)
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def load_predictor(
+    model: str,
+    tracking_uri: str | None = None,
+    classes_file: str | None = None,
+    threads: int | None = None,
+) -> Predictor:
+    """Load `model` (a models/ folder, a .keras or .tflite file, or an MLflow model URI) with its
+    class names; PredictError names the model and the reason when it cannot be used."""
+    classes = read_classes(Path(classes_file), "--classes") if classes_file else None
+    resize = None
+    if is_mlflow_uri(model):
+        import mlflow
+
+        from pipeline.lib.tracking.compare import StoreError, check_store
+
+        uri = _tracking_uri(tracking_uri)
+        try:
+            check_store(uri)  # a missing store is reported, never created
+        except StoreError as exc:
+            raise PredictError(f"model {model}: {exc}") from None
+        previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        mlflow.set_tracking_uri(uri)
+        try:
+            predict, size, info, kind = load_mlflow(model, uri)
+            report = run_data_report(info.run_id)
+        finally:
+            if previous is not None:
+                mlflow.set_tracking_uri(previous)
+        if report is not None:
+            resize = report.get("resize")
+            if classes is None and isinstance(report.get("classes"), list):
+                classes = [str(c) for c in report["classes"]]
+        if classes is None:
+            raise PredictError(
+                f"model {model}: its run ({info.run_id}) has no {RUN_DATA_REPORT} "
+                "with the class names; pass them with --classes classes.json"
+            )
+        kind = f"mlflow {kind}"
+    else:
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise PredictError(f"model {model}: no such file or folder")
+        if path.suffix.lower() == ".tflite" and path.is_file():
+            predict, size = tflite_predict(path, model, threads)
+            kind, beside = "tflite", path.parent / CLASSES_FILE
+        elif path.is_dir() or path.suffix.lower() == ".keras":
+            net, file = load_local_keras(path, model)
+            predict, size = _keras_predict(net), _fixed_size(net.input_shape, model)
+            kind, beside = "keras", file.parent / CLASSES_FILE
+        else:
+            raise PredictError(
+                f"model {model}: unknown model type (expected a models/ folder, a "
+                ".keras or .tflite file, or models:/... or runs:/... URI)"
+            )
+        if classes is None:
+            if not beside.is_file():
+                raise PredictError(
+                    f"model {model}: no {CLASSES_FILE} next to it ({beside}); pass "
+                    "the class names with --classes classes.json"
+                )
+            classes = read_classes(beside, f"model {model}")
+    probe = predict(np.zeros((1, size, size, 3), dtype=np.uint8))
+    if probe.ndim != 2 or probe.shape[1] != len(classes):
+        raise PredictError(
+            f"model {model}: it has {probe.shape[-1]} outputs but {len(classes)} "
+            f"class names ({', '.join(classes)})"
+        )
+    return Predictor(
+        source=model, kind=kind, classes=classes, image_size=size, predict=predict, resize=resize
+    )
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def collect(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]], bool]:
+    """(image files to predict, [(path, why skipped)], whether any input was a folder).
+
+    Folders are searched recursively, in sorted order, for the extensions `prepare` takes
+    (hidden and system files are left out silently; other files are reported as skipped);
+    files named directly are always tried, whatever their extension."""
+    from pipeline.lib.data.images import CANDIDATE_EXTENSIONS
+    from pipeline.lib.data.sources.folder import is_ignored
+
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    any_folder = False
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            any_folder = True
+            found: list[Path] = []
+            for root, dirs, names in os.walk(
+                path,
+                onerror=lambda e: skipped.append(
+                    (e.filename, f"unreadable folder ({e.strerror or e})")
+                ),
+            ):
+                dirs[:] = sorted(d for d in dirs if not is_ignored(d))
+                for entry in sorted(names):
+                    file = Path(root) / entry
+                    if is_ignored(entry):
+                        continue
+                    if file.suffix.lower() in CANDIDATE_EXTENSIONS:
+                        found.append(file)
+                    else:
+                        skipped.append(
+                            (
+                                str(file),
+                                f"not an image file ({file.suffix.lower() or 'no extension'})",
+                            )
+                        )
+            if not found:
+                skipped.append((str(path), "folder with no image files"))
+            files.extend(sorted(found))
+        elif path.exists():
+            files.append(path)
+        else:
+            skipped.append((name, "no such file or folder"))
+    return files, skipped, any_folder
+
+
+def decoded_batches(
+    files: list[Path], size: int, resize: str, batch_size: int, on_bad: Callable[[Path, str], None]
+) -> Iterator[tuple[list[Path], np.ndarray, int]]:
+    """(files, images, files consumed) batches; undecodable files go to `on_bad`."""
+    from pipeline.lib.data.images import RejectedImage, load_rgb
+
+    batch: list[Path] = []
+    arrays: list[np.ndarray] = []
+    consumed = 0
+    for file in files:
+        consumed += 1
+        try:
+            arrays.append(load_rgb(file, size, resize=resize))
+            batch.append(file)
+        except RejectedImage as exc:
+            on_bad(file, exc.reason)
+        except OSError as exc:
+            on_bad(file, f"cannot read file ({exc.strerror or exc})")
+        if len(batch) == batch_size:
+            yield batch, np.stack(arrays), consumed
+            batch, arrays, consumed = [], [], 0
+    if batch or consumed:
+        yield (
+            batch,
+            (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)),
+            consumed,
+        )
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+def output_format(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise PredictError(
+            f"--output {path}: unknown extension {suffix or '(none)'!r}; use "
+            f"{' or '.join(OUTPUT_FORMATS)}"
+        )
+    return OUTPUT_FORMATS[suffix]
+
+
+def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
+    """The k most probable classes, most probable first (ties: class order)."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(classes[i], float(probs[i])) for i in order]
+
+
+def records(
+    paths: list[str], probs: np.ndarray, classes: list[str], k: int
+) -> list[dict[str, Any]]:
+    out = []
+    for path, p in zip(paths, probs, strict=False):
+        best = top_k(p, classes, k)
+        out.append(
+            {
+                "path": path,
+                "predicted": best[0][0],
+                "probability": best[0][1],
+                "top_k": [{"class": c, "probability": v} for c, v in best],
+                "scores": {c: float(v) for c, v in zip(classes, p, strict=False)},
+            }
+        )
+    return out
+
+
+def write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
+    from pipeline.lib.files import atomic_file, write_json
+
+    if fmt == "json":
+        write_json(path, rows)
+        return
+    with atomic_file(path) as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "predicted", "probability", *classes])
+        for row in rows:
+            writer.writerow(
+                [
+                    row["path"],
+                    row["predicted"],
+                    round(row["probability"], 6),
+                    *(round(row["scores"][c], 6) for c in classes),
+                ]
+            )
+
+
+def format_line(row: dict[str, Any]) -> str:
+    return f"{row['path']}: " + ", ".join(
+        f"{t['class']} {t['probability']:.4f}" for t in row["top_k"]
+    )
+
+
+# -- command -----------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    from pipeline.lib.data.images import RESIZE_POLICIES
+
+    def positive(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+        return value
+
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.lib.inference.predict",
+        description="Predict the classes of images (files or folders, searched recursively) with "
+        "a trained model; print the top classes per image and write CSV or JSON.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the train stage's models/ folder, a .keras or .tflite file, or an MLflow "
+        "URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model",
+    )
+    p.add_argument(
+        "--output", required=True, help="where to write every image's scores: a .csv or .json file"
+    )
+    p.add_argument("--top-k", type=positive, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--batch-size", type=positive, default=32, help="images per batch (default 32)")
+    p.add_argument(
+        "--resize",
+        choices=RESIZE_POLICIES,
+        default=None,
+        help="how images are made square, as data.resize in prepare (default: the mode "
+        "recorded with an MLflow model's run, else stretch)",
+    )
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="JSON list of class names in output order (default: classes.json next to "
+        "the model, or the MLflow run's data report)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store for models:/ and runs:/ URIs (default $MLFLOW_TRACKING_URI, "
+        f"else {DEFAULT_URI})",
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    fmt = output_format(args.output)  # before any work
+    predictor = load_predictor(args.model, args.tracking_uri, args.classes)
+    resize = args.resize or predictor.resize or "stretch"
+    files, skipped, any_folder = collect(args.inputs)
+
+    def warn(path: str, why: str) -> None:
+        tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
+
+    for path, why in skipped:
+        warn(path, why)
+    bad: list[tuple[str, str]] = []
+
+    def on_bad(file: Path, why: str) -> None:
+        bad.append((str(file), why))
+        warn(str(file), why)
+
+    done_paths: list[str] = []
+    chunks: list[np.ndarray] = []
+    k = min(args.top_k, len(predictor.classes))
+    with tqdm(
+        total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not any_folder
+    ) as bar:
+        for batch, images, consumed in decoded_batches(
+            files, predictor.image_size, resize, args.batch_size, on_bad
+        ):
+            if batch:
+                probs = predictor.predict(images)
+                for row in records([str(f) for f in batch], probs, predictor.classes, k):
+                    tqdm.write(format_line(row), file=sys.stdout)
+                done_paths.extend(str(f) for f in batch)
+                chunks.append(probs)
+            bar.update(consumed)
+    if not done_paths:
+        what = ", ".join(args.inputs)
+        raise PredictError(
+            f"no image was predicted from {what}: "
+            + (f"{len(bad)} file(s) could not be decoded" if bad else "no image files found")
+        )
+    rows = records(done_paths, np.concatenate(chunks), predictor.classes, k)
+    write_output(args.output, fmt, rows, predictor.classes)
+    problems = len(bad) + sum(1 for _, why in skipped if why != "folder with no image files")
+    print(
+        f"Predicted {len(rows)} image(s) with {args.model} ({predictor.kind}, "
+        f"{predictor.image_size} px, resize {resize}); {problems} file(s) skipped; "
+        f"wrote {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except PredictError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Compare runs: one table of an experiment's runs (or a sweep's children) with their key params
+and metrics, sorted by a metric.
+
+    python -m pipeline.lib.tracking.compare                                   # toy-trucks, by test_accuracy
+    python -m pipeline.lib.tracking.compare --parent <sweep run id> --sort final_val_accuracy
+    python -m pipeline.lib.tracking.compare --params train.learning_rate,model.dropout --limit 5
+    python -m pipeline.lib.tracking.compare --format csv --output reports/runs.csv
+
+A reporting tool, so plain argparse (no Hydra, no config composition). Nothing is written to the
+store: a missing SQLite file is reported, never created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "toy-trucks"
+DEFAULT_PARAMS = (
+    "model.alpha",
+    "model.weights",
+    "model.dropout",
+    "train.learning_rate",
+    "train.epochs",
+    "train.batch_size",
+    "train.optimizer",
+)
+#: The metric columns, always shown (empty where a run lacks them).
+METRICS = ("final_val_accuracy", "test_accuracy", "test_macro_f1")
+DEFAULT_SORT = "test_accuracy"
+FORMATS = ("markdown", "csv")
+SHORT_ID = 8
+PARENT_TAG = "mlflow.parentRunId"
+_PAGE = 1000
+_RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
+
+
+class StoreError(RuntimeError):
+    """The tracking store, experiment, run or model asked for does not exist or cannot be read."""
+
+
+def check_store(tracking_uri: str) -> None:
+    """Fail (without creating anything) when a local store does not exist; an HTTP server that
+    does not answer fails in seconds."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    if tracking_uri.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(tracking_uri).database
+        if database and database != ":memory:" and not Path(database).is_file():
+            raise StoreError(
+                f"No MLflow store at {tracking_uri}: {Path(database).resolve()} does not exist. "
+                "Run the pipeline first (`dvc repro`) or point --tracking-uri at an existing store."
+            )
+    elif tracking_uri.startswith(("http://", "https://")):
+        from pipeline.lib.tracking.runs import TrackingError, check_reachable
+
+        try:
+            check_reachable(tracking_uri, timeout_s=10.0)
+        except TrackingError as exc:
+            raise StoreError(str(exc)) from None
+    elif "://" not in tracking_uri or tracking_uri.startswith("file:"):
+        path = (
+            Path(url2pathname(urlparse(tracking_uri).path))
+            if tracking_uri.startswith("file:")
+            else Path(tracking_uri)
+        )
+        if not path.is_dir():
+            raise StoreError(f"No MLflow store at {tracking_uri}: {path.resolve()} does not exist.")
+
+
+def open_client(tracking_uri: str) -> Any:
+    """An MlflowClient on an existing store (tracking and registry alike)."""
+    import mlflow
+
+    check_store(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(client: Any, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise StoreError(
+            f"No experiment named {experiment!r} in {client.tracking_uri} "
+            f"(experiments there: {', '.join(names) or 'none'})."
+        )
+    return found.experiment_id
+
+
+def resolve_run_id(client: Any, experiment_ids: list[str], run_id: str) -> str:
+    """A full run id from a full id or a unique prefix of one (as the table shows them)."""
+    from mlflow.exceptions import MlflowException
+
+    if not _RUN_ID.fullmatch(run_id):
+        raise StoreError(f"Not a run id: {run_id!r}")
+    try:
+        return client.get_run(run_id).info.run_id
+    except MlflowException:
+        pass
+    matches = [
+        r.info.run_id
+        for r in _search_all(client, experiment_ids, "", None, None)
+        if r.info.run_id.startswith(run_id)
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise StoreError(f"No run {run_id!r} in {client.tracking_uri}.")
+    raise StoreError(f"Run id prefix {run_id!r} is ambiguous: {', '.join(matches)}.")
+
+
+def _search_all(
+    client: Any,
+    experiment_ids: list[str],
+    filter_string: str,
+    order_by: list[str] | None,
+    limit: int | None,
+) -> list[Any]:
+    runs: list[Any] = []
+    token = None
+    while limit is None or len(runs) < limit:
+        page = client.search_runs(
+            experiment_ids,
+            filter_string=filter_string,
+            order_by=order_by,
+            max_results=_PAGE if limit is None else min(_PAGE, limit - len(runs)),
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def runs_table(
+    client: Any,
+    experiment: str,
+    parent: str | None = None,
+    params: Sequence[str] = DEFAULT_PARAMS,
+    sort: str | None = DEFAULT_SORT,
+    ascending: bool = False,
+    limit: int | None = None,
+) -> Any:
+    """One row per (active) run of `experiment` (with `parent`: only the runs tagged as its
+    children), sorted by metric `sort` (runs without it last; ties: newest first), at most `limit`.
+
+    Columns: run (name), run_id (full), status, the `params`, the metrics of METRICS (and `sort`
+    when it is another metric), duration_s (end - start; empty while running). Missing values
+    are NaN/None.
+    """
+    import pandas as pd
+
+    exp_ids = [experiment_id(client, experiment)]
+    filter_string = ""
+    if parent:
+        parent = resolve_run_id(client, exp_ids, parent)
+        filter_string = f"tags.`{PARENT_TAG}` = '{parent}'"
+    order_by = ["attributes.start_time DESC"]
+    if sort:
+        _check_key(sort, "metric")
+        order_by.insert(0, f"metrics.`{sort}` {'ASC' if ascending else 'DESC'}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    runs = _search_all(client, exp_ids, filter_string, order_by, limit)
+
+    metrics = list(METRICS) + ([sort] if sort and sort not in METRICS else [])
+    rows = []
+    for run in runs:
+        info, data = run.info, run.data
+        end, start = info.end_time, info.start_time
+        rows.append(
+            {
+                "run": info.run_name,
+                "run_id": info.run_id,
+                "status": info.status,
+                **{p: data.params.get(p) for p in params},
+                **{m: data.metrics.get(m, math.nan) for m in metrics},
+                "duration_s": (end - start) / 1000 if end and start else math.nan,
+            }
+        )
+    columns = ["run", "run_id", "status", *params, *metrics, "duration_s"]
+    df = pd.DataFrame(rows, columns=columns)
+    for m in [*metrics, "duration_s"]:
+        df[m] = df[m].astype(float)
+    if sort and len(df):
+        # the store already ordered them; a stable sort keeps that and puts missing values last
+        # whatever the store does with them
+        df = df.sort_values(sort, ascending=ascending, na_position="last", kind="stable")
+        df = df.reset_index(drop=True)
+    return df
+
+
+def _check_key(key: str, what: str) -> None:
+    if not key or "`" in key:
+        raise ValueError(f"Not a {what} name: {key!r}")
+
+
+def render(df: Any, fmt: str = "markdown") -> str:
+    """The table as GitHub markdown (short run ids, metrics to 4 decimals, empty where missing)
+    or CSV (full run ids and precision, empty where missing)."""
+    if fmt == "csv":
+        return df.to_csv(index=False, na_rep="", lineterminator="\n")
+    if fmt != "markdown":
+        raise ValueError(f"Unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    shown = df.copy()
+    for column in shown.columns:
+        if column == "run_id":
+            shown[column] = [_cell(v)[:SHORT_ID] for v in shown[column]]
+        elif column == "duration_s":
+            shown[column] = [_cell(v, ".1f") for v in shown[column]]
+        elif shown[column].dtype.kind == "f":
+            shown[column] = [_cell(v, ".4f") for v in shown[column]]
+        else:
+            shown[column] = [_cell(v) for v in shown[column]]
+    # strings as they are: tabulate would otherwise reformat numeric-looking params
+    return shown.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def _cell(value: Any, number_format: str | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if number_format and isinstance(value, (int, float)):
+        return format(value, number_format)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def write_output(text: str, output: str | None) -> None:
+    if output:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.lib.tracking.compare",
+        description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "
+        "validation/test accuracy, macro F1 and duration, sorted by a metric.",
+    )
+    p.add_argument(
+        "--tracking-uri", default=DEFAULT_URI, help=f"MLflow store (default {DEFAULT_URI})"
+    )
+    p.add_argument(
+        "--experiment",
+        default=DEFAULT_EXPERIMENT,
+        help=f"experiment name (default {DEFAULT_EXPERIMENT})",
+    )
+    p.add_argument(
+        "--parent",
+        metavar="RUN_ID",
+        help="only the child runs of this (sweep) parent run; a unique id prefix works",
+    )
+    p.add_argument(
+        "--params",
+        type=_comma_list,
+        default=list(DEFAULT_PARAMS),
+        help="comma-separated param names (default: {})".format(",".join(DEFAULT_PARAMS)),
+    )
+    p.add_argument(
+        "--sort",
+        default=DEFAULT_SORT,
+        metavar="METRIC",
+        help=f"metric to sort by, best first (default {DEFAULT_SORT})",
+    )
+    p.add_argument("--ascending", action="store_true", help="smallest first (e.g. for a loss)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N runs")
+    p.add_argument("--format", choices=FORMATS, default="markdown")
+    p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
+    return p
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = open_client(args.tracking_uri)
+        df = runs_table(
+            client,
+            args.experiment,
+            parent=args.parent,
+            params=args.params,
+            sort=args.sort,
+            ascending=args.ascending,
+            limit=args.limit,
+        )
+    except (StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:
+        print(f"error: {args.tracking_uri}: {exc.message}", file=sys.stderr)
+        return 2
+    if df.empty:
+        scope = f"child runs of {args.parent}" if args.parent else "runs"
+        print(f"No {scope} in experiment {args.experiment!r}.", file=sys.stderr)
+    elif args.sort and df[args.sort].isna().all():
+        print(f"note: no run has the metric {args.sort!r}; not sorted by it.", file=sys.stderr)
+    write_output(render(df, args.format), args.output)
+    if args.output:
+        print(f"Wrote {len(df)} runs to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
