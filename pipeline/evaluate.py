@@ -81,7 +81,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     from pipeline.lib.reporting import figures as plots
     from pipeline.lib.tracking import runs as tracking
 
-    dataset = open_prepared(cfg.paths.prepared)
+    dataset = open_prepared(cfg.paths.prepared, cfg.data)
     models, classes = trained_model_folder(cfg, dataset)
     model = load_model(models / MODEL_FILE)
     images = dataset.images("test")

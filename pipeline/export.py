@@ -236,7 +236,7 @@ def export(cfg: Config) -> dict[str, Any]:
     from pipeline.lib.tracking import runs as tracking
 
     e = cfg.export
-    dataset = open_prepared(cfg.paths.prepared)
+    dataset = open_prepared(cfg.paths.prepared, cfg.data)
     models, _ = trained_model_folder(cfg, dataset)
     if dataset.size("test") == 0:
         raise StageInputError(

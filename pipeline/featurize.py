@@ -33,7 +33,7 @@ def featurize(cfg: Config) -> dict:
     )
 
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
-    dataset = open_prepared(cfg.paths.prepared)
+    dataset = open_prepared(cfg.paths.prepared, cfg.data)
     extractor = build_feature_extractor(
         cfg.model.alpha, cfg.model.weights, dataset.image_size, cfg.model.init_seed
     )

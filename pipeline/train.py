@@ -27,7 +27,7 @@ from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import run_step
 from pipeline.lib.data.prepared import open_prepared
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
-from pipeline.lib.model.saving import CLASSES_FILE, MODEL_FILE, summary_text
+from pipeline.lib.model.saving import CLASSES_FILE, MODEL_FILE, PREPROCESSING_FILE, summary_text
 from pipeline.lib.reporting.tables import write_csv
 from pipeline.lib.tracking.runs import RUN_FILE
 from pipeline.lib.training.fit import fit
@@ -44,7 +44,7 @@ def train(cfg: Config) -> float | None:
 
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     tracking.check_reachable(cfg.tracking.uri, cfg.tracking.timeout_s)
-    dataset = open_prepared(cfg.paths.prepared)
+    dataset = open_prepared(cfg.paths.prepared, cfg.data)
     prepared_md5 = dvc_md5(cfg.paths.prepared)
     reports = Path(cfg.paths.reports)
     tags = {
@@ -152,6 +152,10 @@ def train(cfg: Config) -> float | None:
         with atomic_dir(cfg.paths.models) as tmp:
             model.save(tmp / MODEL_FILE)
             write_json(tmp / CLASSES_FILE, dataset.classes)
+            write_json(
+                tmp / PREPROCESSING_FILE,
+                {"image_size": dataset.image_size, "resize": cfg.data.resize},
+            )
             write_json(
                 tmp / RUN_FILE,
                 {

@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,13 +143,24 @@ def write_classes(folder: Path, classes: Sequence[str]) -> None:
     write_json(folder / "classes.json", list(classes))
 
 
-def open_prepared(folder: str | os.PathLike[str]) -> PreparedDataset:
-    """The prepared dataset in `folder`.
+def open_prepared(folder: str | os.PathLike[str], data: Any = None) -> PreparedDataset:
+    """The prepared dataset in `folder`, checked against the `data` config it is used with.
+
+    Args:
+        folder: the prepare stage's output (`paths.prepared`).
+        data: the `data` config section of the step that reads it (None: no check).
 
     Raises:
-        StageInputError: `folder` holds no prepared dataset (run the prepare stage).
+        StageInputError: `folder` holds no prepared dataset (run the prepare stage), or it was
+            prepared with other settings than `data` (both values named).
     """
     try:
-        return PreparedDataset(folder)
+        dataset = PreparedDataset(folder)
     except FileNotFoundError as exc:
         raise StageInputError(str(exc)) from None
+    if data is not None and int(data.image_size) != dataset.image_size:
+        raise StageInputError(
+            f"{dataset.folder} was prepared at data.image_size={dataset.image_size}, but this "
+            f"step runs with data.image_size={data.image_size}: rerun prepare (`dvc repro`)."
+        )
+    return dataset

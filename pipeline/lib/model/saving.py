@@ -10,6 +10,9 @@ from pipeline.lib.files import read_json
 
 MODEL_FILE = "model.keras"
 CLASSES_FILE = "classes.json"
+#: How images are turned into the model's input: {"image_size": int (px), "resize": str}.
+#: Written by train; predict reads it so that inference resizes exactly as training did.
+PREPROCESSING_FILE = "preprocessing.json"
 
 
 def trained_model_folder(cfg: Any, dataset: Any) -> tuple[Path, list[str]]:
