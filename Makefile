@@ -9,7 +9,11 @@ PORT ?= 5000
 # DVC's stage commands call `python`: make it the project's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install weights repro test params ui benchmark clean
+.PHONY: help install weights repro test test-fast lint format params ui benchmark clean
+.DEFAULT_GOAL := help
+
+help:  ## this list
+	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,16 +36,27 @@ repro: install weights  ## the whole pipeline on the default data
 # core plus one, which keeps the cores busy while a worker waits on a subprocess, a server or the
 # shared smoke project (measured on 2 cores: 14 m 29 s with 2 workers, 12 m 55 s with 3).
 PYTEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print((os.cpu_count() or 1) + 1)")
-test: install weights  ## the test suite
+test: install weights  ## the whole test suite (whole pipelines included)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15
+
+test-fast: install weights  ## the tests that run no whole pipeline (`-m "not slow"`)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" --durations=10
+
+lint: install  ## ruff: lint and format check (what CI runs first)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install  ## ruff: fix what can be fixed, format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 params:  ## recompose params.yaml from conf/ (what DVC does on `dvc exp run -S`)
 	$(BIN)/python -m pipeline.params
 
-ui:  ## browse runs: http://127.0.0.1:$(PORT)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
+ui:  ## browse runs: http://127.0.0.1:$(PORT) (one worker: enough for one person)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT) --workers 1
 
-benchmark:
+benchmark:  ## speed and memory benchmarks (prints figures and ratios)
 	$(BIN)/python benchmarks/featurize_bench.py
 
 clean:  ## generated outputs (keeps the venv)

@@ -1,10 +1,13 @@
-"""Write `params.yaml`, the composed snapshot of `conf/` that the DVC stages run on.
+"""Compose `params.yaml` from `conf/`, or check that it is up to date (the `config` stage).
 
-    python -m pipeline.params                      # the defaults
+    python -m pipeline.params                      # the defaults (`make params`)
     python -m pipeline.params train.epochs=4       # with Hydra overrides
+    python -m pipeline.params --check              # valid, and composed from the current conf/
+    python -m pipeline.params --use-folder PATH    # your photos, for every later run (in conf/)
+    python -m pipeline.params --use-synthetic      # back to the generated toy trucks
 
-It uses DVC's own Hydra composition (what `dvc exp run -S ...` runs), so the file is exactly what
-DVC would write.
+The file is what DVC's own Hydra composition (`dvc exp run -S ...`) writes, validated against the
+schema first; a bad key or value is one line naming it, exit status 2, and nothing is written.
 """
 
 from __future__ import annotations
@@ -12,23 +15,29 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pipeline.lib.config.compose import check_params, write_params
+from pipeline.lib.errors import UserError
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_params(
-    overrides: list[str] | None = None, root: Path = ROOT, output: Path | None = None
-) -> Path:
-    from dvc.utils.hydra import compose_and_dump
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if args == ["--check"]:
+            check_params(Path.cwd())
+            print("params.yaml: valid, composed from conf/")
+        elif args[:1] in (["--use-folder"], ["--use-synthetic"]):
+            from pipeline.lib.data.choice import choose
 
-    output = output or root / "params.yaml"
-    compose_and_dump(output, str(root / "conf"), None, "config", str(root), list(overrides or []))
-    return output
-
-
-def main(argv: list[str] | None = None) -> None:
-    path = write_params(sys.argv[1:] if argv is None else argv)
-    print(f"wrote {path}")
+            print(choose(Path.cwd(), args))
+        else:
+            print(f"wrote {write_params(Path.cwd(), args)}")
+    except UserError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,14 @@
-"""What every stage's thin Hydra entry point shares: validation, multirun outputs, user errors."""
+"""What every stage's thin Hydra entry point shares: where conf/ is, a pre-flight check of the
+config file, validation, multirun outputs, and user errors as one line with exit status 2.
+
+A stage module reads::
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+    def hydra_main(cfg: DictConfig) -> Any:
+        return run_step(train, cfg)
+
+    main = entry_point(hydra_main, __doc__, sections=("train", "model"))
+"""
 
 from __future__ import annotations
 
@@ -10,12 +20,95 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.lib.config.schema import Config, validate
+from pipeline.lib.config.schema import Config, ConfigError, validate
 from pipeline.lib.errors import StageInputError, UserError
 
-__all__ = ["StageInputError", "run_step"]
+__all__ = ["CONF_DIR", "StageInputError", "entry_point", "preflight", "run_step"]
 
 log = logging.getLogger("pipeline")
+
+#: The project's Hydra config folder, as an absolute path: Hydra resolves a relative
+#: `config_path` against the calling module, which differs between `python -m` and an installed
+#: console script.
+CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+#: The folder of the stage modules (`pipeline/`), which declare `hydra.main`.
+STAGES_DIR = Path(__file__).resolve().parents[2]
+
+
+def entry_point(
+    hydra_main: Callable[[], Any], doc: str | None, sections: tuple[str, ...]
+) -> Callable[[], Any]:
+    """The `main()` of a stage (`python -m pipeline.<stage>`, the `truck-<stage>` script):
+    `--help` prints what the step does and its main keys with their values in conf/; otherwise
+    `preflight`, then Hydra."""
+
+    def main() -> Any:
+        if {"-h", "--help"} & set(sys.argv[1:]):
+            print(help_text(doc or "", sections))
+            return None
+        preflight()
+        return hydra_main()
+
+    return main
+
+
+def help_text(doc: str, sections: tuple[str, ...]) -> str:
+    """The step's docstring, then the config sections it reads as conf/ composes them."""
+    from omegaconf import OmegaConf
+
+    from pipeline.lib.config.compose import compose
+
+    cfg = compose(Path(CONF_DIR))
+    keys = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, list(sections)))
+    return (
+        f"{doc.strip()}\n\nMain keys (conf/; override any as key=value, e.g. "
+        f"`{sections[0]}.<key>=...`):\n\n{keys}\n"
+        "Hydra: `-m` sweeps (one MLflow run per job), `--cfg job` prints the whole composed "
+        "config, `--help-hydra` Hydra's own options. The DVC stages run the step on params.yaml "
+        "(`--config-path .. --config-name params`)."
+    )
+
+
+def preflight(argv: list[str] | None = None) -> None:
+    """Before Hydra starts: the primary config file named on the command line (`--config-path`,
+    `--config-name`, as the DVC stages give `params.yaml`) parses as YAML, and
+    `hydra.job.chdir=true` is refused. Exits with status 2 and one line naming the file and line
+    (Hydra itself would print a stack trace)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _check_config_file(args)
+        if any(
+            a.replace(" ", "") in ("hydra.job.chdir=true", "hydra.job.chdir=True") for a in args
+        ):
+            raise ConfigError(
+                "hydra.job.chdir=true is not supported: the steps read and write paths relative "
+                "to the project (paths.*). Leave it false; Hydra's run folder still gets the logs."
+            )
+    except UserError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _check_config_file(args: list[str]) -> None:
+    from pipeline.lib.config.compose import load_params
+
+    name = _option(args, "--config-name") or _option(args, "-cn")
+    if not name:
+        return
+    # Hydra takes a relative --config-path from the folder of the module declaring hydra.main
+    folder = STAGES_DIR / (_option(args, "--config-path") or _option(args, "-cp") or CONF_DIR)
+    path = folder / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if path.is_file():
+        load_params(path)
 
 
 def in_multirun() -> bool:
@@ -43,9 +136,21 @@ def redirect_outputs(cfg: DictConfig, out_dir: Path) -> DictConfig:
     return cfg
 
 
+def _refuse_chdir() -> None:
+    """`hydra.job.chdir=true` set in a config file (the command line is checked by `preflight`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().job.chdir:
+        raise ConfigError(
+            "hydra.job.chdir=true is not supported: the steps read and write paths relative to "
+            "the project (paths.*). Set it back to false."
+        )
+
+
 def run_step(step: Callable[[Config], Any], cfg: DictConfig) -> Any:
     """Validate `cfg`, run `step`; turn user errors into a clear message and exit status 2."""
     try:
+        _refuse_chdir()
         if in_multirun() and "paths" in cfg:
             cfg = redirect_outputs(cfg, job_output_dir())  # type: ignore[arg-type]
         return step(validate(cfg))

@@ -1,0 +1,127 @@
+"""`pipeline.lib.config.compose` and `python -m pipeline.params`: params.yaml is conf/ composed,
+validated before it is written, and checked against conf/ by the `config` stage."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.lib.config.compose import HEADER, check_params, compose, load_params, write_params
+from pipeline.lib.config.schema import ConfigError
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """conf/ copied to a temporary project folder, params.yaml composed from it."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    write_params(tmp_path)
+    return tmp_path
+
+
+def params_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.params", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_params_yaml_is_what_dvc_composes(project: Path, tmp_path: Path):
+    """The same values DVC's Hydra integration writes on `dvc exp run` (dvc.utils.hydra)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    dvc_file = tmp_path / "dvc_params.yaml"
+    compose_and_dump(
+        dvc_file, str(project / "conf"), None, "config", str(project), ["train.epochs=3"]
+    )
+    ours = write_params(project, ["train.epochs=3"], output=tmp_path / "ours.yaml")
+    text = ours.read_text()
+    assert text.startswith(HEADER + '["train.epochs=3"]\n')
+    assert text.split("\n", 1)[1] == dvc_file.read_text()  # byte for byte after the header
+
+
+def test_the_committed_params_yaml_is_composed_from_conf():
+    """The repository's params.yaml is up to date with its conf/ (what `dvc repro` runs on)."""
+    check_params(ROOT)
+
+
+def test_recorded_overrides_round_trip(project: Path):
+    write_params(project, ["experiment=smoke", "train.epochs=3"])
+    values, overrides = load_params(project / "params.yaml")
+    assert overrides == ["experiment=smoke", "train.epochs=3"]
+    assert values["train"]["epochs"] == 3
+    check_params(project)  # up to date with conf/ + its overrides
+
+
+def test_a_typo_in_conf_names_the_key_and_the_file(project: Path):
+    path = project / "conf/train/default.yaml"
+    path.write_text(path.read_text().replace("\nepochs:", "\nepochz:"))
+    with pytest.raises(ConfigError, match=r"conf/train/default\.yaml:\d+: .*'train\.epochz'"):
+        write_params(project)
+    proc = params_cli(project)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "train.epochz" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_composition_rejects_wrong_types_and_ranges(project: Path):
+    with pytest.raises(ConfigError, match="train.epochs"):
+        write_params(project, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="model.dropout"):
+        write_params(project, ["model.dropout=high"])
+    with pytest.raises(ConfigError, match="train.epochz"):
+        write_params(project, ["train.epochz=3"])
+
+
+def test_nothing_is_written_when_composition_fails(project: Path):
+    before = (project / "params.yaml").read_bytes()
+    assert params_cli(project, "train.epochs=-1").returncode == 2
+    assert (project / "params.yaml").read_bytes() == before
+
+
+def test_yaml_syntax_errors_are_one_line_with_file_and_line(project: Path):
+    (project / "conf/evaluate/default.yaml").write_text("gallery_size: 12\n  bad: [\n")
+    proc = params_cli(project)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "conf/evaluate/default.yaml" in proc.stderr and "line 2" in proc.stderr
+    (project / "params.yaml").write_text((project / "params.yaml").read_text() + "  bad: [\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml:\d+: invalid YAML"):
+        load_params(project / "params.yaml")
+
+
+def test_an_uncomposed_conf_edit_stops_the_config_stage(project: Path, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    path = project / "conf/train/default.yaml"
+    path.write_text(path.read_text().replace("\nepochs: ", "\nepochs: 1"))
+    proc = params_cli(project, "--check")
+    assert proc.returncode == 2
+    assert "params.yaml is out of date with conf/: train.epochs" in proc.stderr
+    assert "python -m pipeline.params" in proc.stderr
+    # inside `dvc exp run` DVC has just composed params.yaml itself (with its -S overrides)
+    monkeypatch.setenv("DVC_EXP_NAME", "some-exp")
+    check_params(project)
+
+
+def test_check_validates_params_yaml_edited_by_hand(project: Path):
+    data = yaml.safe_load((project / "params.yaml").read_text())
+    data["train"]["epochz"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(data))
+    proc = params_cli(project, "--check")
+    assert proc.returncode == 2 and "train.epochz" in proc.stderr
+
+
+def test_compose_needs_no_hydra_app_and_leaves_none(project: Path):
+    from hydra.core.global_hydra import GlobalHydra
+
+    cfg = compose(project / "conf", ["train.epochs=5"])
+    assert cfg.train.epochs == 5 and "hydra" not in cfg
+    assert not GlobalHydra.instance().is_initialized()
