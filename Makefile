@@ -19,15 +19,21 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-install: $(BIN)/python  ## the project and its dependencies, in .venv
+install: $(VENV)/.installed  ## the project and its dependencies, in .venv; the offline plots page
+
+# Reinstalled only when pyproject.toml changes (pip's editable build is slow and chatty).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@echo "install: the project and its dependencies into $(VENV) (a few minutes the first time)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pipeline.plots_template > /dev/null
+	@touch $@
 
 weights:  ## make the MobileNetV2 ImageNet weights available offline (Keras' cache)
 	@mkdir -p "$(KERAS_DIR)"
 	@if [ -f "$(KERAS_DIR)/$(WEIGHTS)" ]; then echo "weights: $(KERAS_DIR)/$(WEIGHTS) is there"; \
 	elif [ -f "$(SHARED)/models/$(WEIGHTS)" ]; then \
 	  cp "$(SHARED)/models/$(WEIGHTS)" "$(KERAS_DIR)/$(WEIGHTS)" && echo "weights: copied to $(KERAS_DIR)"; \
-	else echo "weights: $(WEIGHTS) not found in $(SHARED)/models/ nor $(KERAS_DIR); with internet, Keras downloads it on first use; offline, copy it to $(KERAS_DIR)/ (or set model.weights=null)"; fi
+	else echo "weights: $(WEIGHTS) not found in $(SHARED)/models/ nor $(KERAS_DIR): the steps download nothing, so copy the file to $(KERAS_DIR)/ (or run with model.weights=null)"; exit 2; fi
 
 repro: install weights  ## the whole pipeline on the default data
 	$(BIN)/dvc repro

@@ -15,23 +15,22 @@ Formats (`export.formats`):
   runtimes that want signed tensors end to end.
 - `float16`: float16 weights (half the file), computed in float32 on a CPU.
 
-Parity (written to `reports/export_metrics.json`, logged to the pipeline's MLflow run): top-1
-agreement with the Keras model on the test split (targets `export.targets`: whether each is met is
-recorded, the stage does not fail), the accuracy of each, the file size, and single-image latency
-on this CPU (median of `export.latency_runs` calls of `interpreter.invoke()` after
-`export.latency_warmup`, XNNPACK with `export.num_threads` threads; Keras `predict_on_batch` on one
-image for comparison).
+Parity (logged to the pipeline's MLflow run): top-1 agreement with the Keras model on the test
+split (targets `export.targets`: whether each is met is recorded, the stage does not fail), the
+accuracy of each, the file size, and single-image latency on this CPU (median of
+`export.latency_runs` calls of `interpreter.invoke()` after `export.latency_warmup`, XNNPACK with
+`export.num_threads` threads; Keras `predict_on_batch` on one image for comparison).
+`reports/export_metrics.json` (a DVC metrics file) holds the headline numbers per model
+(agreement, accuracy, size_mib); `reports/export_details.json` everything (tensor
+types, quantization, targets). Latencies depend on the machine, not on the inputs: they go to
+the MLflow run and `outputs/export_latency.json`, never into a DVC output. The logic is
+`pipeline.lib.model.export`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import platform
-import statistics
-import time
-import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,304 +39,108 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.lib.config.schema import Config
-from pipeline.lib.config.step import StageInputError, run_step
-from pipeline.lib.data.prepared import iter_batches, open_prepared
-from pipeline.lib.files import atomic_dir, read_json, write_json
+from pipeline.lib.config.step import CONF_DIR, StageInputError, entry_point, run_step
+from pipeline.lib.data.prepared import SPLITS, PreparedDataset, open_prepared
+from pipeline.lib.files import atomic_dir, write_json
 from pipeline.lib.model.saving import MODEL_FILE, trained_model_folder
-from pipeline.lib.tracking.runs import RUN_FILE
 
 log = logging.getLogger(__name__)
 
+#: The DVC metrics file (headline numbers) and the full record (a plain output), in paths.reports.
 METRICS_FILE = "export_metrics.json"
-#: Images per interpreter call when predicting the test split.
-BATCH_SIZE = 32
+DETAILS_FILE = "export_details.json"
+#: Latencies and the machine's thread count, beside `paths.run_file` (not a DVC output).
+LATENCY_FILE = "export_latency.json"
+TRAIN, _, TEST = SPLITS
 
 
-def export_file(fmt: str) -> str:
-    return f"model_{fmt}.tflite"
+def _calibration_images(dataset: PreparedDataset, cfg: Config) -> np.ndarray | None:
+    """The int8 calibration images (`export.representative_samples` of the train split), or
+    None when int8 is not exported."""
+    from pipeline.lib.model.export import representative_indices
+
+    if "int8" not in cfg.export.formats:
+        return None
+    train_images = dataset.images(TRAIN)
+    chosen = representative_indices(len(train_images), cfg.export.representative_samples)
+    return np.asarray(train_images[chosen])
 
 
-def representative_indices(n_train: int, n_samples: int) -> np.ndarray:
-    """Which training images calibrate int8: `n_samples` spread evenly over the split (which is
-    ordered by class, so every class is represented), all of them when there are fewer."""
-    n = min(n_train, n_samples)
-    return (
-        np.unique(np.linspace(0, n_train - 1, num=n).round().astype(np.int64))
-        if n
-        else np.zeros(0, dtype=np.int64)
-    )
-
-
-def frozen_graph(model: Any) -> Any:
-    """The model's inference graph (batch dimension free) with its weights as constants.
-
-    Traced and frozen once for all formats: `TFLiteConverter.from_keras_model` redoes both for
-    every conversion, which costs about ten times more than the conversion itself.
-    """
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    spec = tf.TensorSpec([None, *model.input.shape[1:]], tf.float32, name="image")
-    function = tf.function(lambda image: model(image, training=False))
-    return convert_variables_to_constants_v2(function.get_concrete_function(spec))
-
-
-def convert(
-    graph: Any, fmt: str, representative: np.ndarray | None = None, int8_io: str = "uint8"
-) -> bytes:
-    """The frozen graph (`frozen_graph`) as a TFLite flatbuffer in `fmt` (`float32`, `float16`
-    or `int8`)."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([graph])
-    if fmt == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif fmt == "int8":
-        if representative is None or not len(representative):
-            raise StageInputError(
-                "export.formats has int8, but there are no training images "
-                "to calibrate it with (the prepared train split is empty)."
-            )
-
-        def dataset() -> Iterator[list[np.ndarray]]:
-            for image in representative:
-                yield [np.asarray(image, dtype=np.float32)[None]]
-
-        io_type = {"uint8": tf.uint8, "int8": tf.int8}[int8_io]
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = dataset
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = io_type
-        converter.inference_output_type = io_type
-    elif fmt != "float32":
-        raise ValueError(f"export.formats: unknown format {fmt!r}")
-    return converter.convert()
-
-
-def interpreter(flatbuffer: bytes, num_threads: int) -> Any:
-    """tf.lite.Interpreter (XNNPACK is its default CPU delegate) with `num_threads` threads."""
-    import tensorflow as tf
-
-    with warnings.catch_warnings():  # tf.lite.Interpreter's own deprecation notice
-        warnings.simplefilter("ignore")
-        return tf.lite.Interpreter(model_content=flatbuffer, num_threads=num_threads)
-
-
-def _quant(detail: dict) -> tuple[float, int]:
-    scale, zero_point = detail["quantization"]
-    return float(scale), int(zero_point)
-
-
-def io_description(detail: dict) -> dict[str, Any]:
-    scale, zero_point = _quant(detail)
-    out: dict[str, Any] = {
-        "dtype": np.dtype(detail["dtype"]).name,
-        "shape": [int(s) for s in detail["shape"]],
-    }
-    if scale:
-        out |= {"scale": scale, "zero_point": zero_point}
-    return out
-
-
-class TFLiteModel:
-    """A TFLite classifier as a function: float32 images (B, H, W, 3) in 0..255 -> probabilities
-    (B, C) in float32, quantizing the input and dequantizing the output of an integer model."""
-
-    def __init__(self, flatbuffer: bytes, num_threads: int) -> None:
-        self.interpreter = interpreter(flatbuffer, num_threads)
-        self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-        self._batch = int(self.input["shape"][0])
-
-    def quantize(self, images: np.ndarray) -> np.ndarray:
-        dtype = np.dtype(self.input["dtype"])
-        if dtype == np.float32:
-            return np.ascontiguousarray(images, dtype=np.float32)
-        scale, zero_point = _quant(self.input)
-        info = np.iinfo(dtype)
-        q = np.round(np.asarray(images, dtype=np.float32) / scale + zero_point)
-        return np.clip(q, info.min, info.max).astype(dtype)
-
-    def dequantize(self, values: np.ndarray) -> np.ndarray:
-        if np.dtype(self.output["dtype"]) == np.float32:
-            return values.astype(np.float32)
-        scale, zero_point = _quant(self.output)
-        return (values.astype(np.float32) - zero_point) * scale
-
-    def set_input(self, images: np.ndarray) -> None:
-        if len(images) != self._batch:
-            self.interpreter.resize_tensor_input(
-                self.input["index"], [len(images), *images.shape[1:]], strict=False
-            )
-            self.interpreter.allocate_tensors()
-            self._batch = len(images)
-        self.interpreter.set_tensor(self.input["index"], self.quantize(images))
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        self.set_input(images)
-        self.interpreter.invoke()
-        return self.dequantize(self.interpreter.get_tensor(self.output["index"]))
-
-
-def predict(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
-    out = [np.asarray(fn(batch)) for batch in iter_batches(images, BATCH_SIZE)]
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def median_latency_ms(call: Callable[[], Any], runs: int, warmup: int) -> float:
-    """Median wall time of `call()` in milliseconds, over `runs` calls after `warmup` calls."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1000.0, 4)
-
-
-def tflite_latency_ms(
-    flatbuffer: bytes, image: np.ndarray, num_threads: int, runs: int, warmup: int
-) -> float:
-    """Single-image latency of `interpreter.invoke()` (input already set, batch 1)."""
-    runner = TFLiteModel(flatbuffer, num_threads)
-    runner.set_input(np.asarray(image, dtype=np.float32)[None])
-    return median_latency_ms(runner.interpreter.invoke, runs, warmup)
-
-
-def tensor_dtypes(flatbuffer: bytes) -> dict[str, int]:
-    """How many tensors of each dtype the model holds (an int8 model: int8 and int32 biases)."""
-    counts: dict[str, int] = {}
-    for detail in interpreter(flatbuffer, 1).get_tensor_details():
-        name = np.dtype(detail["dtype"]).name
-        counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def parity(probs: np.ndarray, reference: np.ndarray, y_true: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement with the reference (Keras) predictions, accuracy, probability error."""
-    pred, ref = probs.argmax(axis=1), reference.argmax(axis=1)
-    diff = np.abs(probs - reference)
-    return {
-        "agreement": float(np.mean(pred == ref)),
-        "disagreements": int(np.sum(pred != ref)),
-        "accuracy": float(np.mean(pred == y_true)),
-        "max_abs_prob_diff": float(diff.max()),
-        "mean_abs_prob_diff": float(diff.mean()),
-    }
-
-
-def export(cfg: Config) -> dict[str, Any]:
-    import mlflow
-
-    from pipeline.lib.model.build import load_model
-    from pipeline.lib.tracking import runs as tracking
-
-    e = cfg.export
-    dataset = open_prepared(cfg.paths.prepared, cfg.data)
-    models, _ = trained_model_folder(cfg, dataset)
-    if dataset.size("test") == 0:
+def _test_images(dataset: PreparedDataset) -> np.ndarray:
+    """The test split's uint8 images (N, S, S, 3), N >= 1; else a StageInputError."""
+    if dataset.size(TEST) == 0:
         raise StageInputError(
-            f"The test split of {dataset.folder} is empty: no parity check is possible."
+            f"The {TEST} split of {dataset.folder} is empty: no parity check is possible."
         )
-    model = load_model(models / MODEL_FILE)
-    threads = e.num_threads or os.cpu_count() or 1
-    images = dataset.images("test")
-    y_true = dataset.labels("test")
-    reference = predict(model.predict_on_batch, images)
-    one = np.asarray(images[:1], dtype=np.float32)
-    keras_ms = median_latency_ms(
-        lambda: model.predict_on_batch(one), e.latency_runs, e.latency_warmup
-    )
-    train_images = dataset.images("train")
-    chosen = representative_indices(len(train_images), e.representative_samples)
-    representative = np.asarray(train_images[chosen]) if "int8" in e.formats else None
+    return dataset.images(TEST)
 
-    results: dict[str, Any] = {}
-    flatbuffers: dict[str, bytes] = {}
-    graph = frozen_graph(model)
-    for fmt in e.formats:
-        start = time.perf_counter()
-        flatbuffer = convert(graph, fmt, representative, e.int8_io)
-        seconds = time.perf_counter() - start
-        flatbuffers[fmt] = flatbuffer
-        runner = TFLiteModel(flatbuffer, threads)
-        probs = predict(runner, images)
-        target = float(e.targets[fmt])
-        check = parity(probs, reference, y_true)
-        results[fmt] = {
-            "file": export_file(fmt),
-            "size_bytes": len(flatbuffer),
-            "size_mib": round(len(flatbuffer) / 2**20, 4),
-            **check,
-            "target_agreement": target,
-            "target_met": bool(check["agreement"] >= target),
-            "latency_ms": tflite_latency_ms(
-                flatbuffer, one[0], threads, e.latency_runs, e.latency_warmup
-            ),
-            "input": io_description(runner.input),
-            "output": io_description(runner.output),
-            "tensor_dtypes": tensor_dtypes(flatbuffer),
-            "convert_seconds": round(seconds, 3),
-        }
-        if fmt == "int8":
-            results[fmt]["representative_samples"] = int(len(chosen))
-        r = results[fmt]
-        log.info(
-            "%s: %.2f MiB, agreement %.4f (%d of %d differ, target %.2f %s), accuracy %.4f, "
-            "%.2f ms/image",
-            fmt,
-            r["size_mib"],
-            r["agreement"],
-            r["disagreements"],
-            len(y_true),
-            target,
-            "met" if r["target_met"] else "NOT met",
-            r["accuracy"],
-            r["latency_ms"],
-        )
-        if not r["target_met"]:
-            log.warning(
-                "export %s: top-1 agreement with Keras %.4f is below the target %.2f",
-                fmt,
-                r["agreement"],
-                target,
-            )
 
-    keras_size = (models / MODEL_FILE).stat().st_size
-    metrics = {
-        "keras": {
-            "file": MODEL_FILE,
-            "size_bytes": keras_size,
-            "size_mib": round(keras_size / 2**20, 4),
-            "accuracy": float(np.mean(reference.argmax(axis=1) == y_true)),
-            "latency_ms": keras_ms,
-        },
-        **results,
-        "test_images": int(len(y_true)),
-        "latency": {
-            "runs": int(e.latency_runs),
-            "warmup": int(e.latency_warmup),
-            "threads": int(threads),
-            "tflite": "tf.lite.Interpreter, XNNPACK delegate, batch 1, invoke() only",
-            "keras": "predict_on_batch, batch 1",
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-        },
-    }
+def _write_outputs(
+    cfg: Config, flatbuffers: dict[str, bytes], details: dict[str, Any]
+) -> tuple[Path, Path]:
+    """Write `paths.exports` (replaced atomically: one .tflite file per format) and the two
+    report files; return (exports, reports) folders."""
+    from pipeline.lib.model.export import export_file, headline_metrics, split_timings
 
     exports = Path(cfg.paths.exports)
     with atomic_dir(exports) as tmp:
         for fmt, flatbuffer in flatbuffers.items():
             (tmp / export_file(fmt)).write_bytes(flatbuffer)
     reports = Path(cfg.paths.reports)
-    write_json(reports / METRICS_FILE, metrics)
+    stable, timings = split_timings(details)
+    write_json(reports / DETAILS_FILE, stable)
+    write_json(reports / METRICS_FILE, headline_metrics(stable))
+    write_json(Path(cfg.paths.run_file).parent / LATENCY_FILE, timings)  # untracked: timings
+    return exports, reports
 
-    run_file = models / RUN_FILE
-    run_id = read_json(run_file)["run_id"] if run_file.is_file() else None
-    with tracking.active_run(cfg.tracking, run_id=run_id, run_name=cfg.tracking.run_name):
+
+def export(cfg: Config) -> dict[str, Any]:
+    """Export `paths.models` as TFLite (`export.formats`) into `paths.exports`, check each
+    against Keras on the test split, write the reports; return the details
+    ({"keras": {...}, "<format>": {...}, "test_images": N, "latency": {...}}).
+
+    Raises:
+        StageInputError: no prepared data, no trained model, an empty test or (int8) train split.
+    """
+    import mlflow
+
+    from pipeline.lib.model import export as tflite_export
+    from pipeline.lib.model.batch_predict import predict_batches
+    from pipeline.lib.model.build import load_model
+    from pipeline.lib.tracking import runs as tracking
+
+    e = cfg.export
+    dataset = open_prepared(cfg.paths.prepared, cfg.data)
+    models, _ = trained_model_folder(cfg, dataset)
+    images = _test_images(dataset)
+    model = load_model(models / MODEL_FILE)
+    data = tflite_export.ParityData(
+        images, dataset.labels(TEST), predict_batches(model.predict_on_batch, images)
+    )
+    latency = tflite_export.LatencySettings(
+        e.latency_runs, e.latency_warmup, e.num_threads or os.cpu_count() or 1
+    )
+    keras = tflite_export.keras_record(model, (models / MODEL_FILE).stat().st_size, data, latency)
+    flatbuffers, results = tflite_export.export_formats(
+        model,
+        list(e.formats),
+        dict(e.targets),
+        data,
+        latency,
+        _calibration_images(dataset, cfg),
+        e.int8_io,
+    )
+    metrics = {
+        "keras": {"file": MODEL_FILE, **keras},
+        **results,
+        "test_images": int(len(data.y_true)),
+        "latency": latency.describe(),
+    }
+    keras_ms = keras["latency_ms"]
+    export_file = tflite_export.export_file
+    exports, reports = _write_outputs(cfg, flatbuffers, metrics)
+
+    with tracking.stage_run(cfg, "export"):  # README: "How runs are recorded"
         flat = {"export_keras_latency_ms": keras_ms}
         for fmt, r in results.items():
             flat |= {
@@ -347,14 +150,16 @@ def export(cfg: Config) -> dict[str, Any]:
             flat[f"export_{fmt}_target_met"] = float(r["target_met"])
         mlflow.log_metrics(flat)
         tracking.log_files([exports / export_file(fmt) for fmt in flatbuffers], "exports")
-        tracking.log_files([reports / METRICS_FILE], "reports")
+        tracking.log_files([reports / METRICS_FILE, reports / DETAILS_FILE], "reports")
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
     run_step(export, cfg)
 
+
+main = entry_point(hydra_main, __doc__, sections=("export",))
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,10 @@
 """Stage `featurize`: pooled MobileNetV2 features of every prepared image, computed once.
 
-DVC reruns this stage only when the prepared data or the backbone (`model.alpha`,
-`model.weights`) change, so training runs and sweeps over head hyper-parameters reuse it.
+DVC reruns this stage only when the prepared data, the backbone (`model.alpha`, `model.weights`,
+...) or `featurize.backend` change, so training runs and sweeps over head hyper-parameters reuse
+it. Its output `data/features` ({split}.npy, float32 (N, D), and meta.json, what they were computed
+from) is a pure function of those inputs: byte-identical on every run, whatever the TFLite
+conversion cache holds. Timings go to the log only.
 
     python -m pipeline.featurize featurize.backend=keras
 """
@@ -10,27 +13,32 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.lib.config.schema import Config
-from pipeline.lib.config.step import run_step
-from pipeline.lib.data.prepared import SPLITS, open_prepared
+from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
+from pipeline.lib.data.prepared import SPLITS, PreparedDataset, open_prepared
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
 
 log = logging.getLogger(__name__)
 
 
 def featurize(cfg: Config) -> dict:
+    """Write `paths.features`: `{split}.npy` (float32 (N, D), D = 1280 x alpha-dependent width
+    of MobileNetV2) for train, val and test, and `meta.json` ({"key": `feature_key`,
+    "feature_dim": D, "backend": ...}); return that meta dict.
+
+    Raises:
+        WeightsNotFoundError: `model.weights` is not available offline.
+        StageInputError: the prepared data is missing or was prepared for another image size.
+    """
     from pipeline.lib.model.build import build_feature_extractor, resolve_weights
-    from pipeline.lib.model.features import (
-        choose_backend,
-        feature_key,
-        featurize_array,
-        make_featurizer,
-    )
+    from pipeline.lib.model.features import META_FILE, feature_key, make_featurizer
 
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
@@ -39,46 +47,60 @@ def featurize(cfg: Config) -> dict:
     )
     dim = int(extractor.output.shape[-1])
     start = time.perf_counter()
-    backend = choose_backend(cfg.featurize.backend, extractor, sum(dataset.size(s) for s in SPLITS))
-    featurizer = make_featurizer(extractor, backend, cfg.featurize.num_threads)
-    setup_s = time.perf_counter() - start
-    timings = {}
+    featurizer = make_featurizer(extractor, cfg.featurize.backend, cfg.featurize.num_threads)
+    log.info("Featurizer ready (%s) in %.1f s", cfg.featurize.backend, time.perf_counter() - start)
+    meta = {
+        "key": feature_key(cfg, dvc_md5(cfg.paths.prepared)),
+        "feature_dim": dim,
+        "backend": cfg.featurize.backend,
+    }
     with atomic_dir(cfg.paths.features) as tmp:
-        for split in SPLITS:
-            images = dataset.images(split)
-            out = np.lib.format.open_memmap(
-                tmp / f"{split}.npy", mode="w+", dtype=np.float32, shape=(len(images), dim)
-            )
-            t0 = time.perf_counter()
-            featurize_array(featurizer, images, cfg.featurize.batch_size, dim, out, progress=split)
-            out.flush()
-            timings[split] = {"images": len(images), "seconds": round(time.perf_counter() - t0, 3)}
-            del out
-        total = sum(t["images"] for t in timings.values())
-        seconds = sum(t["seconds"] for t in timings.values())
-        meta = {
-            "key": feature_key(cfg, dvc_md5(cfg.paths.prepared)),
-            "feature_dim": dim,
-            "backend": backend,
-            "setup_seconds": round(setup_s, 3),
-            "images_per_second": round(total / seconds, 1) if seconds else None,
-            "splits": timings,
+        timings = {
+            split: _featurize_split(cfg, featurizer, dataset, split, dim, tmp) for split in SPLITS
         }
-        write_json(tmp / "meta.json", meta)
-    log.info(
-        "Featurized %d images (%s, %.0f img/s) into %s",
-        total,
-        backend,
-        meta["images_per_second"] or 0,
-        cfg.paths.features,
-    )
+        write_json(tmp / META_FILE, meta)
+    _log_timings(timings, cfg.featurize.backend, cfg.paths.features)
     return meta
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def _featurize_split(
+    cfg: Config, featurizer: Any, dataset: PreparedDataset, split: str, dim: int, folder: Path
+) -> tuple[int, float]:
+    """Write `folder/<split>.npy`; return (images, seconds)."""
+    from pipeline.lib.model.features import featurize_array
+
+    images = dataset.images(split)
+    out = np.lib.format.open_memmap(
+        folder / f"{split}.npy", mode="w+", dtype=np.float32, shape=(len(images), dim)
+    )
+    start = time.perf_counter()
+    featurize_array(featurizer, images, cfg.featurize.batch_size, dim, out, progress=split)
+    out.flush()
+    del out
+    return len(images), time.perf_counter() - start
+
+
+def _log_timings(timings: dict[str, tuple[int, float]], backend: str, folder: str) -> None:
+    """Timings are logged, never written into the DVC output (same inputs -> same bytes)."""
+    images = sum(n for n, _ in timings.values())
+    seconds = sum(s for _, s in timings.values())
+    per_split = ", ".join(f"{split} {n} in {s:.1f} s" for split, (n, s) in timings.items())
+    log.info(
+        "Featurized %d images (%s, %.0f img/s: %s) into %s",
+        images,
+        backend,
+        images / seconds if seconds else 0.0,
+        per_split,
+        folder,
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
     run_step(featurize, cfg)
 
+
+main = entry_point(hydra_main, __doc__, sections=("featurize", "model"))
 
 if __name__ == "__main__":
     main()

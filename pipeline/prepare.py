@@ -1,8 +1,10 @@
 """Stage `prepare`: read the data source, decode/convert/resize every image once, write the
 prepared dataset (arrays, manifest, classes, data report).
 
-    python -m pipeline.prepare                                  # the synthetic default
-    python -m pipeline.prepare data=folder data.path=/photos    # your photo folder
+    python -m pipeline.prepare                                  # the configured data (conf/)
+    python -m pipeline.prepare data=folder data.path=/photos    # your photo folder, this once
+
+Point the project at your photos for good with `python -m pipeline.params --use-folder /photos`.
 """
 
 from __future__ import annotations
@@ -14,26 +16,43 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.lib.config.schema import Config
-from pipeline.lib.config.step import run_step
-from pipeline.lib.files import atomic_dir
+from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
+from pipeline.lib.files import atomic_dir, no_space_error
 
 log = logging.getLogger(__name__)
 
 
 def prepare(cfg: Config) -> dict:
+    """Run the prepare stage on `cfg`; return the data report (also `paths.prepared`/report.json).
+
+    Raises `UserError`s: DataError (unusable data), SyntheticDirError (the synthetic folder holds
+    files the generator did not write), or a full disk while writing `paths.prepared`.
+    """
     from pipeline.lib.data.ingest import ingest
+    from pipeline.lib.data.prepared import data_root
     from pipeline.lib.data.sources import synthetic
 
-    root = Path(cfg.data.path)
+    root = Path(data_root(cfg.data))
+    _check_apart(root, Path(cfg.paths.prepared))
     if cfg.data.source == "synthetic":
-        log.info("Generating synthetic toy-truck images into %s", root)
+        log.info("Data source: synthetic toy trucks (generated into %s)", root)
         synthetic.generate(root, cfg.data.synthetic)
-    with atomic_dir(cfg.paths.prepared) as tmp:
-        report = ingest(root, cfg.data, tmp)
+    else:
+        log.info("Data source: your photo folder %s (read only)", root)
+    try:
+        with atomic_dir(cfg.paths.prepared) as tmp:
+            report = ingest(root, cfg.data, tmp)
+    except OSError as exc:
+        error = no_space_error(exc, cfg.paths.prepared, "paths.prepared")
+        if error is None:
+            raise
+        raise error from None
     log.info(
-        "Prepared %d images of %d classes into %s (%s); rejected %d, skipped %d",
+        "Prepared %d images of %d classes from %s '%s' into %s (%s); rejected %d, skipped %d",
         report["accepted"],
         len(report["classes"]),
+        report["source"],
+        report["root"],
         cfg.paths.prepared,
         ", ".join(f"{k} {v}" for k, v in report["totals"].items()),
         len(report["rejected"]),
@@ -44,10 +63,25 @@ def prepare(cfg: Config) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def _check_apart(root: Path, prepared: Path) -> None:
+    """The prepared output must not lie inside the data folder (or contain it): prepare never
+    writes into a photo folder, and replacing `paths.prepared` must not touch the photos."""
+    from pipeline.lib.data.sources.folder import DataError
+
+    a, b = root.absolute(), prepared.absolute()
+    if a == b or a in b.parents or b in a.parents:
+        raise DataError(
+            f"paths.prepared '{prepared}' and the data folder '{root}' overlap: prepare would "
+            "write into (or replace) the images it reads. Set paths.prepared outside it."
+        )
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
     run_step(prepare, cfg)
 
+
+main = entry_point(hydra_main, __doc__, sections=("data", "paths"))
 
 if __name__ == "__main__":
     main()

@@ -17,166 +17,236 @@ cosine / reduce-on-plateau learning rates, and a MirroredStrategy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.lib.config.schema import Config
-from pipeline.lib.config.step import run_step
-from pipeline.lib.data.prepared import open_prepared
+from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
+from pipeline.lib.data.prepared import PreparedDataset, data_root, data_tags, open_prepared
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
-from pipeline.lib.model.saving import CLASSES_FILE, MODEL_FILE, PREPROCESSING_FILE, summary_text
+from pipeline.lib.model.saving import (
+    CLASSES_FILE,
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    save_model,
+    summary_text,
+    write_run_record,
+)
 from pipeline.lib.reporting.tables import write_csv
-from pipeline.lib.tracking.runs import RUN_FILE
-from pipeline.lib.training.fit import fit
+from pipeline.lib.training.fit import checkpoint_folder, fit
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Config) -> float | None:
-    import mlflow
+def train(cfg: Config, callbacks: Sequence[Any] = ()) -> float | None:
+    """Train the model on `paths.prepared` (and the cached features in `paths.features`), write
+    the DVC outputs and log everything to one MLflow run; return the final validation accuracy
+    (the training accuracy when there is no validation split), the value sweeps optimise.
 
-    from pipeline.lib.model.build import count_params, resolve_weights
-    from pipeline.lib.reporting import figures as plots
+    The steps: check the inputs, open the MLflow run, log the inputs, `fit`, log the training,
+    write the reports (`paths.reports`: train_metrics.json, train_history.csv,
+    train_batches.csv, train_figures/), write the model folder (`paths.models`: model.keras,
+    classes.json, preprocessing.json, summary.txt) and record the run in `paths.run_file`. Every
+    file written into the DVC outputs is a function of the inputs alone (no timings, no dates,
+    no run ids): the same inputs give the same bytes.
+
+    `callbacks`: Keras callbacks added to every training phase (e.g. one that stops it).
+
+    Raises:
+        WeightsNotFoundError: `model.weights` is not available offline.
+        StageInputError: the prepared data is missing or was prepared for another image size.
+    """
+    from pipeline.lib.model.build import resolve_weights
     from pipeline.lib.tracking import runs as tracking
 
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     tracking.check_reachable(cfg.tracking.uri, cfg.tracking.timeout_s)
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     prepared_md5 = dvc_md5(cfg.paths.prepared)
-    reports = Path(cfg.paths.reports)
     tags = {
-        "git_commit": tracking.git_commit() or "unknown",
-        "git_dirty": str(tracking.git_dirty()),
         "dvc_prepared_md5": prepared_md5,
         "data_source": cfg.data.source,
-        "stage": "train",
+        **data_tags(dataset.report),
     }
-    with tracking.active_run(cfg.tracking, run_name=cfg.tracking.run_name, tags=tags) as run:
-        run_id = run.info.run_id
-        tracking.log_config(cfg)
-        tracking.log_dataset(
-            Path(cfg.paths.prepared) / "manifest.csv",
-            prepared_md5,
-            name=f"{cfg.data.source}:{Path(cfg.data.path).name}",
-            source=str(Path(cfg.data.path).resolve()),
-        )
-        mlflow.log_dict(dataset.report, "data/report.json")
-        result = fit(cfg, dataset, prepared_md5)
-        model, epochs, batches = result["model"], result["epochs"], result["batches"]
-        params = count_params(model)
-        final = {k: v[-1] for k, v in epochs.items() if k != "epoch" and v}
-        log.info(
-            "Trained (%s) in %.1f s: %s; trainable %d, frozen %d parameters",
-            result["mode"],
-            result["seconds"],
-            {k: round(v, 4) for k, v in final.items()},
-            params["trainable"],
-            params["non_trainable"],
-        )
-
-        resumed_from = result.get("resumed_from_epoch", 0)
-        if resumed_from:
-            mlflow.set_tag("resumed_from_epoch", str(resumed_from))
-            # the epochs run here, at their epoch numbers in the whole run
-            tracking.log_history({}, batches)
-            for i, epoch in enumerate(epochs["epoch"]):
-                mlflow.log_metrics({k: v[i] for k, v in epochs.items() if k != "epoch"}, step=epoch)
-        else:
-            tracking.log_history(epochs, batches)
-        mlflow.log_metrics({f"final_{k}": v for k, v in final.items()})
-        mlflow.log_metrics(
-            {
-                "train_seconds": result["seconds"],
-                "trainable_params": params["trainable"],
-                "non_trainable_params": params["non_trainable"],
-            }
-        )
-        mlflow.set_tag("training_mode", result["mode"])
-        phases = result.get("phases", {})
-        phase_params = {
-            f"trainable_params_{name}": info["trainable_params"] for name, info in phases.items()
-        }
-        mlflow.log_metrics(phase_params)
-        if "phase2" in phases:
-            mlflow.set_tag("fine_tune_first_epoch", str(phases["phase2"]["first_epoch"]))
-            mlflow.log_dict(phases, "fine_tune_phases.json")
-        if result.get("stopped_early_at"):
-            mlflow.set_tag(
-                "early_stopped_at_epoch", ",".join(str(e) for e in result["stopped_early_at"])
-            )
-        if result.get("class_weight"):
-            mlflow.log_dict(
-                {dataset.classes[i]: w for i, w in result["class_weight"].items()},
-                "class_weight.json",
-            )
-
-        metrics = {
-            "train": {"loss": final.get("loss"), "accuracy": final.get("accuracy")},
-            "val": {"loss": final.get("val_loss"), "accuracy": final.get("val_accuracy")},
-            "params": {**params, **phase_params},
-            "mode": result["mode"],
-            "seconds": round(result["seconds"], 3),
-        }
-        write_json(reports / "train_metrics.json", metrics)
-        write_csv(
-            reports / "train_history.csv",
-            {"epoch": epochs["epoch"], **{k: v for k, v in epochs.items() if k != "epoch"}},
-        )
-        write_csv(reports / "train_batches.csv", batches)
-        with atomic_dir(reports / "train_figures") as tmp:
-            figures = plots.save_learning_curves(
-                epochs,
-                tmp,
-                # steps counted from this run's first batch: the plot puts them on its epochs
-                batches={
-                    "step": list(range(1, len(batches["step"]) + 1)),
-                    "loss": batches["loss"],
-                    "accuracy": batches["accuracy"],
-                },
-            )
-        tracking.log_files([reports / "train_figures" / p.name for p in figures], "figures")
-        tracking.log_files(
-            [
-                reports / "train_history.csv",
-                reports / "train_batches.csv",
-                reports / "train_metrics.json",
-            ],
-            "reports",
-        )
-        summary = summary_text(model)
-        mlflow.log_text(summary, "model_summary.txt")
-
-        with atomic_dir(cfg.paths.models) as tmp:
-            model.save(tmp / MODEL_FILE)
-            write_json(tmp / CLASSES_FILE, dataset.classes)
-            write_json(
-                tmp / PREPROCESSING_FILE,
-                {"image_size": dataset.image_size, "resize": cfg.data.resize},
-            )
-            write_json(
-                tmp / RUN_FILE,
-                {
-                    "run_id": run_id,
-                    "experiment_id": run.info.experiment_id,
-                    "tracking_uri": cfg.tracking.uri,
-                },
-            )
-            (tmp / "summary.txt").write_text(summary, encoding="utf-8")
+    checkpoint = checkpoint_folder(cfg, prepared_md5)  # train.resume continues its run
+    with tracking.stage_run(cfg, "train", checkpoint=checkpoint, tags=tags) as run:
+        _log_inputs(cfg, dataset, prepared_md5)
+        result = fit(cfg, dataset, prepared_md5, callbacks=callbacks)
+        metrics = _train_metrics(result)
+        _log_training(result, metrics, dataset.classes)
+        _write_reports(cfg, result, metrics)
+        _write_model_folder(cfg, dataset, result["model"])
+        write_run_record(cfg, run)
         if cfg.tracking.log_model:
             example = np.asarray(
                 dataset.images("val" if dataset.size("val") else "train")[:1], dtype=np.float32
             )
-            tracking.log_model(model, example, registered_model=cfg.tracking.registered_model)
-    return final.get("val_accuracy", final.get("accuracy"))
+            tracking.log_model(
+                result["model"], example
+            )  # registered by evaluate, with test metrics
+    final = metrics["val" if metrics["val"]["accuracy"] is not None else "train"]
+    return final["accuracy"]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def _final(result: dict[str, Any]) -> dict[str, float]:
+    """The last epoch's value of every metric of the history."""
+    return {k: v[-1] for k, v in result["epochs"].items() if k != "epoch" and v}
+
+
+def _train_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics file's content: final loss/accuracy of train and val, parameter counts
+    (trainable, non_trainable, total; trainable per phase), the training mode. No timings."""
+    from pipeline.lib.model.build import count_params
+
+    final = _final(result)
+    phases = result.get("phases", {})
+    return {
+        "train": {"loss": final.get("loss"), "accuracy": final.get("accuracy")},
+        "val": {"loss": final.get("val_loss"), "accuracy": final.get("val_accuracy")},
+        "params": {
+            **count_params(result["model"]),
+            **{f"trainable_params_{name}": p["trainable_params"] for name, p in phases.items()},
+        },
+        "mode": result["mode"],
+    }
+
+
+def _log_inputs(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> None:
+    """The config, the prepared dataset (an MLflow input, its DVC hash as digest) and its report."""
+    import mlflow
+
+    from pipeline.lib.tracking import runs as tracking
+
+    tracking.log_config(cfg)
+    tracking.log_dataset(
+        Path(cfg.paths.prepared) / "manifest.csv",
+        prepared_md5,
+        name=f"{cfg.data.source}:{Path(data_root(cfg.data)).name}",
+        source=str(Path(data_root(cfg.data)).resolve()),
+    )
+    mlflow.log_dict(dataset.report, "data/report.json")
+
+
+def _log_training(result: dict[str, Any], metrics: dict[str, Any], classes: list[str]) -> None:
+    """Log how training went: to the console, and to the MLflow run (per-epoch and per-batch
+    metrics, final values, the training time, parameter counts, phases, early stopping, class
+    weights)."""
+    import mlflow
+
+    from pipeline.lib.tracking import runs as tracking
+
+    epochs, batches, final = result["epochs"], result["batches"], _final(result)
+    params = metrics["params"]
+    log.info(
+        "Trained (%s) in %.1f s: %s; trainable %d, frozen %d parameters",
+        result["mode"],
+        result["seconds"],
+        {k: round(v, 4) for k, v in final.items()},
+        params["trainable"],
+        params["non_trainable"],
+    )
+    resumed_from = result.get("resumed_from_epoch", 0)
+    if resumed_from:
+        mlflow.set_tag("resumed_from_epoch", str(resumed_from))
+        # the epochs run here, at their epoch numbers in the whole run
+        tracking.log_history({}, batches)
+        for i, epoch in enumerate(epochs["epoch"]):
+            mlflow.log_metrics({k: v[i] for k, v in epochs.items() if k != "epoch"}, step=epoch)
+    else:
+        tracking.log_history(epochs, batches)
+    mlflow.log_metrics({f"final_{k}": v for k, v in final.items()})
+    mlflow.log_metrics(
+        {
+            "train_seconds": result["seconds"],
+            "trainable_params": params["trainable"],
+            "non_trainable_params": params["non_trainable"],
+        }
+    )
+    mlflow.log_metrics({k: v for k, v in params.items() if k.startswith("trainable_params_")})
+    mlflow.set_tag("training_mode", result["mode"])
+    _log_options(result, classes)
+
+
+def _log_options(result: dict[str, Any], classes: list[str]) -> None:
+    """Tags and files of the training options that ran: fine-tuning, early stopping, weights."""
+    import mlflow
+
+    phases = result.get("phases", {})
+    if "phase2" in phases:
+        mlflow.set_tag("fine_tune_first_epoch", str(phases["phase2"]["first_epoch"]))
+        mlflow.log_dict(phases, "fine_tune_phases.json")
+    if result.get("stopped_early_at"):
+        mlflow.set_tag(
+            "early_stopped_at_epoch", ",".join(str(e) for e in result["stopped_early_at"])
+        )
+    if result.get("class_weight"):
+        mlflow.log_dict(
+            {classes[i]: w for i, w in result["class_weight"].items()}, "class_weight.json"
+        )
+
+
+def _write_reports(cfg: Config, result: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """train_metrics.json, train_history.csv, train_batches.csv and train_figures/ in
+    `paths.reports`, each also logged to the MLflow run."""
+    from pipeline.lib.reporting import figures as plots
+    from pipeline.lib.tracking import runs as tracking
+
+    reports, epochs, batches = Path(cfg.paths.reports), result["epochs"], result["batches"]
+    write_json(reports / "train_metrics.json", metrics)
+    write_csv(
+        reports / "train_history.csv",
+        {"epoch": epochs["epoch"], **{k: v for k, v in epochs.items() if k != "epoch"}},
+    )
+    write_csv(reports / "train_batches.csv", batches)
+    with atomic_dir(reports / "train_figures") as tmp:
+        figures = plots.save_learning_curves(
+            epochs,
+            tmp,
+            # steps counted from this run's first batch: the plot puts them on its epochs
+            batches={
+                "step": list(range(1, len(batches["step"]) + 1)),
+                "loss": batches["loss"],
+                "accuracy": batches["accuracy"],
+            },
+        )
+    tracking.log_files([reports / "train_figures" / p.name for p in figures], "figures")
+    tracking.log_files(
+        [
+            reports / name
+            for name in ("train_history.csv", "train_batches.csv", "train_metrics.json")
+        ],
+        "reports",
+    )
+
+
+def _write_model_folder(cfg: Config, dataset: PreparedDataset, model: Any) -> None:
+    """`paths.models`, replaced whole: model.keras (normalised: no save date), classes.json,
+    preprocessing.json and summary.txt (also logged to the MLflow run)."""
+    import mlflow
+
+    summary = summary_text(model)
+    mlflow.log_text(summary, "model_summary.txt")
+    with atomic_dir(cfg.paths.models) as tmp:
+        save_model(model, tmp / MODEL_FILE)
+        write_json(tmp / CLASSES_FILE, dataset.classes)
+        write_json(
+            tmp / PREPROCESSING_FILE,
+            {"image_size": dataset.image_size, "resize": cfg.data.resize},
+        )
+        (tmp / "summary.txt").write_text(summary, encoding="utf-8")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig) -> float | None:
     return run_step(train, cfg)
 
+
+main = entry_point(hydra_main, __doc__, sections=("train", "model", "tracking"))
 
 if __name__ == "__main__":
     main()

@@ -53,7 +53,7 @@ def seeded_store(tmp: Path) -> str:
 def tiny_overrides(tmp: Path, **extra: object) -> list[str]:
     """Small images, alpha 0.35, no weights, everything under `tmp`: plumbing in seconds."""
     values: dict[str, object] = {
-        "data.path": tmp / "raw",
+        "data.synthetic.dir": tmp / "raw",
         "data.image_size": 32,
         "data.synthetic.size": 48,
         "data.synthetic.train_per_class": 4,
@@ -72,6 +72,7 @@ def tiny_overrides(tmp: Path, **extra: object) -> list[str]:
         "paths.features": tmp / "data/features",
         "paths.models": tmp / "models",
         "paths.reports": tmp / "reports",
+        "paths.run_file": tmp / "outputs/mlflow_run.json",
         "train.checkpoint_dir": tmp / "checkpoints",
     }
     values.update(extra)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import ci_report
 from pipeline.lib.reporting.ci_report import (
     CIReportError,
     confusion_changes,
@@ -24,6 +23,7 @@ from pipeline.lib.reporting.ci_report import (
     confusion_table,
     main,
     render_metrics,
+    resolve_revision,
     verdict,
 )
 from tests.conftest import ROOT
@@ -152,7 +152,7 @@ def test_unknown_revision_exits_2_with_the_revision_named(
     )
     assert "'deadbeef'" in capsys.readouterr().err
     with pytest.raises(CIReportError, match="not a git repository"):
-        ci_report.resolve_revision(tmp_path, "HEAD")
+        resolve_revision(tmp_path, "HEAD")
 
 
 def test_dvc_failure_exits_2_with_dvc_stderr(
@@ -311,7 +311,7 @@ def test_workflow_runs_pipeline_report_and_tests():
             "make install",
             "~/.keras/models",
             "dvc repro",
-            "pipeline.lib.reporting.ci_report",
+            "python -m pipeline.ci_report",
             "GITHUB_STEP_SUMMARY",
         )
     ]

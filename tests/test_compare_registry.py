@@ -4,7 +4,6 @@ SQLite store filled by the real stages on tiny data (32 px, alpha 0.35, no weigh
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -47,7 +46,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
         )
         train(cfg)
         evaluate(cfg)
-        run_ids.append(read_json(Path(cfg.paths.models) / "mlflow_run.json")["run_id"])
+        run_ids.append(read_json(cfg.paths.run_file)["run_id"])
     uri = cfg.tracking.uri
     client = mlflow.MlflowClient(tracking_uri=uri)
     for run_id, value in zip(run_ids, TEST_ACCURACY, strict=False):

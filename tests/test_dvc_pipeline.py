@@ -43,7 +43,7 @@ def test_repro_runs_every_stage_and_writes_outputs(repo: Path, first_repro: str)
         "data/features/train.npy",
         "models/model.keras",
         "models/classes.json",
-        "models/mlflow_run.json",
+        "outputs/mlflow_run.json",
         "reports/metrics.json",
         "reports/train_history.csv",
         "reports/predictions.csv",
@@ -75,6 +75,50 @@ def test_metrics_show_and_plots(repo: Path, first_repro: str):
     assert "Confusion matrix" in out and "Loss" in out and "confusion" in out
 
 
+def test_plots_show_draws_each_plot_once(repo: Path, first_repro: str):
+    """Exactly the named plots and the figures: no default plot of a CSV's last column."""
+    shown = json.loads(dvc(repo, "plots", "show", "--json"))
+    assert sorted(shown["data"]) == sorted(
+        [
+            "Loss",
+            "Accuracy",
+            "Per-batch loss",
+            "Confusion matrix",
+            "reports/eval_figures/confusion_matrix.png",
+            "reports/eval_figures/gallery.png",
+            "reports/train_figures/loss.png",
+            "reports/train_figures/accuracy.png",
+        ]
+    )
+
+
+def test_the_plots_page_renders_offline(repo: Path, first_repro: str, tmp_path: Path):
+    """`dvc plots show` with the project's template (pipeline.plots_template): the page loads
+    nothing from the internet, and a real browser draws the four interactive plots."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from pipeline.lib.reporting.plots_page import write_template
+    from tests.browser import chromium
+
+    template = write_template(tmp_path / "template.html")
+    dvc(repo, "plots", "show", "--html-template", str(template), "-o", str(tmp_path / "page"))
+    page = tmp_path / "page" / "index.html"
+    html = page.read_text()
+    assert "cdn.jsdelivr" not in html and 'src="http' not in html
+    driver = chromium()
+    try:
+        driver.get(page.as_uri())
+        WebDriverWait(driver, 30).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "div svg, div canvas")) >= 4
+        )
+        drawn = driver.find_elements(By.CSS_SELECTOR, ".vega-embed")
+        assert len(drawn) == 4
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+
+
 def test_second_repro_is_a_no_op(repo: Path, first_repro: str):
     out = dvc(repo, "repro")
     assert stages_run(out) == []
@@ -89,7 +133,7 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1, "train and evaluate write to one run"
     run_ = runs[0]
-    assert run_.info.run_id == json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    assert run_.info.run_id == json.loads((repo / "outputs/mlflow_run.json").read_text())["run_id"]
     assert run_.info.status == "FINISHED"
     params = run_.data.params
     assert params["train.epochs"] == "2" and params["model.alpha"] == "0.35"
@@ -157,7 +201,7 @@ def test_logged_model_loads_back_with_its_signature(repo: Path, first_repro: str
     import numpy as np
 
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
-    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((repo / "outputs/mlflow_run.json").read_text())["run_id"]
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     assert model.metadata.signature is not None
     assert model.metadata.saved_input_example_info is not None

@@ -10,10 +10,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.export import export, representative_indices
+from pipeline.export import export
 from pipeline.featurize import featurize
 from pipeline.lib.config.schema import ConfigError
 from pipeline.lib.files import read_json
+from pipeline.lib.model.export import HEADLINE_KEYS, representative_indices, split_timings
 from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import compose, tiny_config
@@ -100,18 +101,37 @@ def test_int8_model_is_full_integer_with_uint8_io(exported):
     assert exported["metrics"]["float32"]["tensor_dtypes"].get("int8", 0) == 0
 
 
-def test_metrics_file_is_what_the_stage_returned(exported):
-    path = Path(exported["cfg"].paths.reports) / "export_metrics.json"
+def test_details_file_is_what_the_stage_returned_less_the_timings(exported):
+    """The DVC outputs hold no timings (same inputs, same bytes): latencies go to an untracked
+    file beside the run file, and to MLflow."""
+    path = Path(exported["cfg"].paths.reports) / "export_details.json"
     on_disk = read_json(path)
-    assert on_disk == exported["metrics"]
-    assert set(on_disk) == {"keras", *FORMATS, "test_images", "latency"}
+    stable, timings = split_timings(exported["metrics"])
+    assert on_disk == stable
+    assert set(on_disk) == {"keras", *FORMATS, "test_images"}
     assert on_disk["int8"]["file"] == "model_int8.tflite"
+    assert "convert_seconds" not in on_disk["int8"] and "latency_ms" not in on_disk["int8"]
+    latency = read_json(Path(exported["cfg"].paths.run_file).parent / "export_latency.json")
+    assert latency == timings and latency["int8"]["latency_ms"] > 0
+
+
+def test_metrics_file_holds_only_the_headline_numbers(exported):
+    """`dvc metrics show` gets a few numbers per model, no strings, no tensor internals."""
+    on_disk = read_json(Path(exported["cfg"].paths.reports) / "export_metrics.json")
+    details = exported["metrics"]
+    assert set(on_disk) == {"keras", *FORMATS}
+    assert set(on_disk["keras"]) == {"accuracy", "size_mib"}
+    for fmt in FORMATS:
+        assert set(on_disk[fmt]) == set(HEADLINE_KEYS)
+        assert on_disk[fmt] == {k: details[fmt][k] for k in HEADLINE_KEYS}
+    leaves = [v for record in on_disk.values() for v in record.values()]
+    assert all(isinstance(v, float | int) for v in leaves) and len(leaves) == 2 + 3 * len(FORMATS)
 
 
 def test_mlflow_run_has_export_artifacts_and_metrics(exported):
     cfg = exported["cfg"]
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
-    run_id = read_json(Path(cfg.paths.models) / "mlflow_run.json")["run_id"]
+    run_id = read_json(Path(cfg.paths.run_file))["run_id"]
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
     run = client.get_run(run_id)

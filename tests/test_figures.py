@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import plots  # noqa: E402
+from pipeline.lib.reporting import figures  # noqa: E402
 
 CLASSES = [
     "Container_Big_Tractor_B",
@@ -87,7 +87,7 @@ def test_learning_curves_write_both_pngs_in_new_folders(tmp_path):
     }
     out = tmp_path / "reports" / "plots" / "train"
 
-    paths = plots.save_learning_curves(epochs, out, batches)
+    paths = figures.save_learning_curves(epochs, out, batches)
 
     assert paths == [out / "loss.png", out / "accuracy.png"]
     for path in paths:
@@ -96,14 +96,14 @@ def test_learning_curves_write_both_pngs_in_new_folders(tmp_path):
 
 
 def test_learning_curve_marks_best_validation_epoch():
-    fig = plots.learning_curve_figure(
+    fig = figures.learning_curve_figure(
         {"loss": [1.0, 0.8, 0.5], "val_loss": [1.2, 0.7, 0.9]}, "loss"
     )
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "train" in labels and "validation" in labels
     assert any(label.startswith("best validation: 0.7 (epoch 2)") for label in labels)
 
-    fig = plots.learning_curve_figure(
+    fig = figures.learning_curve_figure(
         {"accuracy": [0.5, 0.9, 0.7], "val_accuracy": [0.4, 0.6, 0.8]}, "accuracy"
     )
     assert any("(epoch 3)" in label for label in fig.axes[0].get_legend_handles_labels()[1])
@@ -112,7 +112,7 @@ def test_learning_curve_marks_best_validation_epoch():
 def test_batches_are_placed_on_the_epoch_axis():
     epochs = {"loss": [1.0, 0.5]}
     batches = {"step": list(range(20)), "loss": list(np.linspace(1.2, 0.4, 20))}
-    ax = plots.learning_curve_figure(epochs, "loss", batches).axes[0]
+    ax = figures.learning_curve_figure(epochs, "loss", batches).axes[0]
     line = next(ln for ln in ax.get_lines() if ln.get_label() == "train (per batch)")
     x = line.get_xdata()
     # 10 steps per epoch: the last batch of epoch 1 lands on epoch 1, the last of all on epoch 2
@@ -122,7 +122,7 @@ def test_batches_are_placed_on_the_epoch_axis():
 
     # a batch index that restarts every epoch is numbered in order instead
     batches = {"step": list(range(10)) * 2, "loss": list(np.linspace(1.2, 0.4, 20))}
-    ax = plots.learning_curve_figure(epochs, "loss", batches).axes[0]
+    ax = figures.learning_curve_figure(epochs, "loss", batches).axes[0]
     x = next(ln for ln in ax.get_lines() if ln.get_label() == "train (per batch)").get_xdata()
     assert np.all(np.diff(x) > 0) and x[-1] == pytest.approx(2.0)
 
@@ -130,31 +130,31 @@ def test_batches_are_placed_on_the_epoch_axis():
 def test_single_epoch_draws_markers(tmp_path):
     epochs = {"loss": [0.9], "val_loss": [1.1], "accuracy": [0.6], "val_accuracy": [0.5]}
     for metric in ("loss", "accuracy"):
-        ax = plots.learning_curve_figure(epochs, metric).axes[0]
+        ax = figures.learning_curve_figure(epochs, metric).axes[0]
         curves = [ln for ln in ax.get_lines() if ln.get_label() in ("train", "validation")]
         assert len(curves) == 2
         assert all(ln.get_marker() not in (None, "None", "", " ") for ln in curves)
         assert all(len(ln.get_xdata()) == 1 and ln.get_xdata()[0] == 1 for ln in curves)
-    for path in plots.save_learning_curves(epochs, tmp_path / "one"):
+    for path in figures.save_learning_curves(epochs, tmp_path / "one"):
         read_png(path)
 
 
 def test_missing_validation_and_missing_metric(tmp_path):
     epochs = {"epoch": [0, 1, 2], "loss": [1.0, 0.7, 0.6]}
-    ax = plots.learning_curve_figure(epochs, "loss").axes[0]
+    ax = figures.learning_curve_figure(epochs, "loss").axes[0]
     labels = ax.get_legend_handles_labels()[1]
     assert "train" in labels and "validation" not in labels
     train = next(ln for ln in ax.get_lines() if ln.get_label() == "train")
     assert list(train.get_xdata()) == [0, 1, 2]  # the given epoch numbers are kept
 
-    loss, accuracy = plots.save_learning_curves(epochs, tmp_path / "curves")
+    loss, accuracy = figures.save_learning_curves(epochs, tmp_path / "curves")
     read_png(loss)
     read_png(accuracy)  # no accuracy at all: still a file, saying so
-    assert "no accuracy recorded" in texts(plots.learning_curve_figure(epochs, "accuracy"))
+    assert "no accuracy recorded" in texts(figures.learning_curve_figure(epochs, "accuracy"))
 
 
 def test_empty_history_still_writes(tmp_path):
-    for path in plots.save_learning_curves({}, tmp_path / "empty", batches=None):
+    for path in figures.save_learning_curves({}, tmp_path / "empty", batches=None):
         read_png(path, min_side=100)
 
 
@@ -172,11 +172,11 @@ def test_confusion_matrix_six_classes(tmp_path):
             [0, 0, 0, 0, 0, 10],
         ]
     )
-    path = plots.save_confusion_matrix(matrix, CLASSES, tmp_path / "eval" / "cm.png")
+    path = figures.save_confusion_matrix(matrix, CLASSES, tmp_path / "eval" / "cm.png")
     assert path == tmp_path / "eval" / "cm.png"
     read_png(path, min_side=400)
 
-    fig = plots.confusion_figure(matrix, CLASSES, normalize=True, title="Test set")
+    fig = figures.confusion_figure(matrix, CLASSES, normalize=True, title="Test set")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
     assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES
@@ -201,34 +201,34 @@ def test_confusion_matrix_six_classes(tmp_path):
 
 
 def test_confusion_matrix_two_classes_counts(tmp_path):
-    fig = plots.confusion_figure([[5, 1], [2, 7]], ["cat", "dog"])
+    fig = figures.confusion_figure([[5, 1], [2, 7]], ["cat", "dog"])
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["1", "2", "5", "7"]
-    read_png(plots.save_confusion_matrix([[5, 1], [2, 7]], ["cat", "dog"], tmp_path / "cm2.png"))
+    read_png(figures.save_confusion_matrix([[5, 1], [2, 7]], ["cat", "dog"], tmp_path / "cm2.png"))
 
 
 def test_confusion_matrix_thirty_classes_has_no_cell_text(tmp_path):
     rng = np.random.default_rng(0)
     classes = [f"Vehicle_Class_{i:02d}" for i in range(30)]
     matrix = rng.integers(0, 3, (30, 30)) + np.diag(rng.integers(5, 20, 30))
-    fig = plots.confusion_figure(matrix, classes, normalize=True)
+    fig = figures.confusion_figure(matrix, classes, normalize=True)
     assert len(fig.axes[0].texts) == 0
     assert len(fig.axes[0].get_xticklabels()) == 30
     read_png(
-        plots.save_confusion_matrix(matrix, classes, tmp_path / "cm30.png", normalize=True),
+        figures.save_confusion_matrix(matrix, classes, tmp_path / "cm30.png", normalize=True),
         min_side=600,
     )
 
 
 def test_confusion_matrix_rejects_mismatched_classes(tmp_path):
     with pytest.raises(ValueError):
-        plots.save_confusion_matrix(np.eye(3), ["a", "b"], tmp_path / "x.png")
+        figures.save_confusion_matrix(np.eye(3), ["a", "b"], tmp_path / "x.png")
     with pytest.raises(ValueError):
-        plots.save_confusion_matrix(np.ones((2, 3)), ["a", "b"], tmp_path / "x.png")
+        figures.save_confusion_matrix(np.ones((2, 3)), ["a", "b"], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_confusion_matrix_empty_row_is_not_nan():
-    fig = plots.confusion_figure([[0, 0], [1, 3]], ["a", "b"], normalize=True)
+    fig = figures.confusion_figure([[0, 0], [1, 3]], ["a", "b"], normalize=True)
     assert "nan" not in " ".join(t.get_text() for t in fig.axes[0].texts)
 
 
@@ -249,7 +249,7 @@ def gallery_inputs(n: int = 4, size: int = 32):
 
 def test_gallery_titles_are_green_when_right_and_red_when_wrong():
     images, probabilities, labels = gallery_inputs()
-    fig = plots.gallery_figure(images, probabilities, labels, CLASSES, columns=2)
+    fig = figures.gallery_figure(images, probabilities, labels, CLASSES, columns=2)
     pairs = gallery_pairs(fig)
     assert len(pairs) == 4
     for i, (ax_img, ax_bar) in enumerate(pairs):
@@ -278,7 +278,7 @@ def test_gallery_png_with_memmap_and_max_images(tmp_path):
     np.save(tmp_path / "test.npy", images)
     memmap = np.load(tmp_path / "test.npy", mmap_mode="r")
 
-    path = plots.save_gallery(
+    path = figures.save_gallery(
         memmap,
         probabilities,
         labels,
@@ -291,7 +291,7 @@ def test_gallery_png_with_memmap_and_max_images(tmp_path):
     assert pixels.shape[1] > pixels.shape[0]  # 3 pairs side by side
     no_temp_files_left(path.parent)
 
-    fig = plots.gallery_figure(memmap, probabilities, labels, CLASSES, columns=3, max_images=5)
+    fig = figures.gallery_figure(memmap, probabilities, labels, CLASSES, columns=3, max_images=5)
     assert len(gallery_pairs(fig)) == 5
     assert "first 5 of 7" in fig._suptitle.get_text()
 
@@ -302,20 +302,20 @@ def test_gallery_many_classes_shows_top_scores_and_the_true_class():
     probabilities = rng.dirichlet(np.ones(30), 2)
     labels = np.argsort(probabilities, axis=1)[:, 0]  # the least likely class is the true one
     images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
-    pairs = gallery_pairs(plots.gallery_figure(images, probabilities, labels, classes))
+    pairs = gallery_pairs(figures.gallery_figure(images, probabilities, labels, classes))
     assert len(pairs) == 2
     for i, (_, ax_bar) in enumerate(pairs):
         names = [t.get_text() for t in ax_bar.get_yticklabels()]
-        assert len(names) == plots.GALLERY_TOP_K
+        assert len(names) == figures.GALLERY_TOP_K
         assert classes[labels[i]] in names
         assert names[0] == classes[int(probabilities[i].argmax())]
 
 
 def test_empty_gallery_says_so(tmp_path):
     empty = np.zeros((0, 224, 224, 3), dtype=np.uint8)
-    fig = plots.gallery_figure(empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES)
+    fig = figures.gallery_figure(empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES)
     assert "no test images" in texts(fig)
-    path = plots.save_gallery(
+    path = figures.save_gallery(
         empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES, tmp_path / "new" / "gallery.png"
     )
     read_png(path, min_side=100)
@@ -324,13 +324,13 @@ def test_empty_gallery_says_so(tmp_path):
 def test_gallery_rejects_mismatched_scores(tmp_path):
     images, probabilities, labels = gallery_inputs()
     with pytest.raises(ValueError):
-        plots.save_gallery(images, probabilities[:, :5], labels, CLASSES, tmp_path / "g.png")
+        figures.save_gallery(images, probabilities[:, :5], labels, CLASSES, tmp_path / "g.png")
     with pytest.raises(ValueError):
-        plots.save_gallery(images, probabilities, labels[:3], CLASSES, tmp_path / "g.png")
+        figures.save_gallery(images, probabilities, labels[:3], CLASSES, tmp_path / "g.png")
     assert not (tmp_path / "g.png").exists()
 
 
 def test_module_does_not_use_pyplot():
-    source = Path(plots.__file__).read_text(encoding="utf-8")
+    source = Path(figures.__file__).read_text(encoding="utf-8")
     assert "import matplotlib.pyplot" not in source
     assert "from matplotlib import pyplot" not in source

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
-from pipeline import images
+from pipeline.lib.data import images
 from pipeline.lib.data.images import IMAGE_EXTENSIONS, RejectedImage, load_rgb, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ingest as ingest_mod
 from pipeline.lib.config.schema import DataConfig, SplitRatios
+from pipeline.lib.data import ingest as ingest_mod
 from pipeline.lib.data.images import load_rgb
 from pipeline.lib.data.ingest import ingest
 from pipeline.lib.data.prepared import SPLITS, PreparedDataset
@@ -114,7 +114,9 @@ def test_split_layout_writes_the_prepared_format(tmp_path):
     }
     assert report["image_size"] == SIZE and report["root"] == str(root)  # outside the cwd
     assert report["rejected"] == [] and report["skipped"] == [] and report["leakage"] == []
-    assert report["warnings"] == []
+    # 3 training images per class: the one warning is the small-class one, also in the report
+    assert report["small_classes"] == {"cats": 3, "dogs": 3}
+    assert len(report["warnings"]) == 1 and "fewer than 5 training images" in report["warnings"][0]
     check_invariants(report, out)
     ds = PreparedDataset(out)
     for s in SPLITS:  # each row holds exactly the image its manifest row names
@@ -414,10 +416,10 @@ def test_class_missing_from_a_split_is_named(tmp_path):
     )
 
 
-def test_class_names_differing_in_case_get_a_hint(tmp_path):
+def test_class_names_differing_in_case_are_refused(tmp_path):
     root = tree(tmp_path / "ds", {"train/Cat": 2, "train/dog": 2, "test/cat": 1, "test/dog": 1})
     message = fails(root, tmp_path)
-    assert "class 'Cat' has no usable test images" in message and "differ only in case" in message
+    assert "classes 'Cat', 'cat' differ only in case" in message and "\n" not in message
 
 
 def test_min_images_per_class(tmp_path):
@@ -541,7 +543,7 @@ def test_decoding_is_streamed_with_bounded_in_flight_work(tmp_path, monkeypatch)
             peak[0] = max(peak[0], started[0] - consumed[0])
         return real(*args)
 
-    real_append = ingest_mod._TrimmingSplitWriter.append
+    real_append = ingest_mod.SplitWriter.append
 
     def append(self, image):
         with lock:
@@ -549,7 +551,7 @@ def test_decoding_is_streamed_with_bounded_in_flight_work(tmp_path, monkeypatch)
         return real_append(self, image)
 
     monkeypatch.setattr(ingest_mod, "_decode_one", counting)
-    monkeypatch.setattr(ingest_mod._TrimmingSplitWriter, "append", append)
+    monkeypatch.setattr(ingest_mod.SplitWriter, "append", append)
     out = tmp_path / "out"
     out.mkdir()
     report = ingest(root, cfg(), out, workers=2, progress=False)

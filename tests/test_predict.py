@@ -25,10 +25,12 @@ import pandas as pd
 import pytest
 
 from pipeline import predict
+from pipeline.evaluate import evaluate
 from pipeline.featurize import featurize
 from pipeline.lib.data.images import load_rgb
 from pipeline.lib.files import read_json
 from pipeline.lib.model.build import imagenet_weights_path, load_model
+from pipeline.lib.model.saving import trained_run_id
 from pipeline.lib.tracking.registry import promote
 from pipeline.prepare import prepare
 from pipeline.train import train
@@ -71,7 +73,8 @@ def to_tflite(saved_model: Path, path: Path, calibration: np.ndarray | None = No
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    """prepare -> featurize -> train once (registered in MLflow, promoted to @champion); a folder
+    """prepare -> featurize -> train -> evaluate once (registered in MLflow, promoted to
+    @champion); a folder
     of the test images (one sub-folder per class) with three bad files; the Keras model's own
     predictions on them; the model converted to TFLite twice."""
     tmp = tmp_path_factory.mktemp("predict")
@@ -87,8 +90,9 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     prepare(cfg)
     featurize(cfg)
     train(cfg)
+    evaluate(cfg)  # registers the model (a run with test metrics)
     models = Path(cfg.paths.models)
-    run_id = read_json(models / "mlflow_run.json")["run_id"]
+    run_id = trained_run_id(cfg)
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     promote(client, MODEL, metric="final_val_accuracy", echo=None)
 
@@ -337,3 +341,73 @@ def test_console_script_is_declared():
     [target] = re.findall(r'^truck-predict = "([^"]+)"$', text, flags=re.M)
     module, func = target.split(":")
     assert getattr(importlib.import_module(module), func) is predict.main
+
+
+def wide_images(root: Path, per_class: int = 6) -> None:
+    """Case predict-resize-mismatch: 3:1 images, the class's colour in the centre square and the
+    next class's colour in the side thirds, so a centre crop and a stretch see different things."""
+    from PIL import Image, ImageDraw
+
+    palette = [(220, 30, 30), (30, 160, 40), (30, 60, 220)]
+    for i, name in enumerate(["red", "green", "blue"]):
+        for k in range(per_class):
+            h = 96
+            im = Image.new("RGB", (3 * h, h), palette[(i + 1) % 3])
+            draw = ImageDraw.Draw(im)
+            draw.rectangle([h, 0, 2 * h - 1, h - 1], fill=(235, 235, 235))
+            m = 6 + 2 * k
+            draw.ellipse([h + m, m, 2 * h - m, h - m], fill=palette[i])
+            im.putpixel((k, 0), (k * 20, i * 50, 3))  # every file distinct
+            (root / name).mkdir(parents=True, exist_ok=True)
+            im.save(root / name / f"w_{k:02d}.png")
+
+
+def test_a_crop_trained_model_predicts_as_evaluate_did(tmp_path, capsys):
+    """predict resizes as training did, read from models/preprocessing.json: the same test
+    images get the same predictions and confidences as in the evaluate stage's predictions.csv
+    (and a stretch, the old default, gives others: the check can fail)."""
+    from pipeline.evaluate import evaluate
+    from pipeline.lib.config.schema import validate
+    from tests.conftest import compose, tiny_overrides
+
+    photos = tmp_path / "wide"
+    wide_images(photos)
+    overrides = tiny_overrides(
+        tmp_path,
+        **{
+            "data.path": photos,
+            "data.resize": "crop",
+            "data.split.val": 0.0,
+            "model.alpha": 1.0,
+            "model.weights": weights_file(),
+            "train.epochs": 8,
+            "train.learning_rate": 0.05,
+        },
+    )
+    cfg = validate(compose(["data=folder", *(o for o in overrides if "data.synthetic." not in o)]))
+    prepare(cfg)
+    featurize(cfg)
+    train(cfg)
+    evaluate(cfg)
+    models = Path(cfg.paths.models)
+    assert read_json(models / "preprocessing.json") == {"image_size": SIZE, "resize": "crop"}
+    expected = pd.read_csv(Path(cfg.paths.reports) / "predictions.csv")
+    test_files = tmp_path / "test_files"
+    for rel in expected["path"]:
+        (test_files / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photos / rel, test_files / rel)
+
+    def predicted(*extra: str) -> pd.DataFrame:
+        out = tmp_path / "out.csv"
+        rc = predict.main([str(test_files), "--model", str(models), "--output", str(out), *extra])
+        assert rc == 0, capsys.readouterr().err
+        got = pd.read_csv(out)
+        got["path"] = [Path(p).relative_to(test_files).as_posix() for p in got["path"]]
+        return got.set_index("path").loc[list(expected["path"])]
+
+    got = predicted()
+    assert "resize crop" in capsys.readouterr().err
+    assert list(got["predicted"]) == list(expected["predicted"])
+    assert np.allclose(got["probability"], expected["confidence"], atol=1e-5)
+    stretched = predicted("--resize", "stretch")
+    assert not np.allclose(stretched["probability"], expected["confidence"], atol=1e-3)

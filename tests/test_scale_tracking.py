@@ -120,7 +120,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     cfg = tiny_config(tmp_path_factory.mktemp("scale-data"))
     prepare(cfg)
     featurize(cfg)
-    return {"paths.prepared": cfg.paths.prepared, "paths.features": cfg.paths.features}
+    return {
+        "data.synthetic.dir": cfg.data.synthetic.dir,
+        "paths.prepared": cfg.paths.prepared,
+        "paths.features": cfg.paths.features,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +227,7 @@ def test_pipeline_run_is_read_back_through_the_server(live, data, tmp_path):
     cfg = validate(compose(server_overrides(tmp_path, live, data, "pipeline")))
     train(cfg)
     evaluate(cfg)
-    run_id = json.loads((tmp_path / "models" / "mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads(Path(cfg.paths.run_file).read_text())["run_id"]
 
     client = mlflow.MlflowClient(tracking_uri=live.uri)
     exp = client.get_experiment_by_name("pipeline")

@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.evaluate import evaluate, gallery_indices
+from pipeline.evaluate import evaluate
 from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json
@@ -65,7 +65,8 @@ def test_featurize_writes_features_keyed_by_backbone(done):
 
 def test_train_writes_model_classes_and_run_id(done):
     models = Path(done["cfg"].paths.models)
-    run = read_json(models / "mlflow_run.json")
+    run = read_json(done["cfg"].paths.run_file)
+    assert not (models / "mlflow_run.json").exists()  # the run id is not part of the DVC output
     assert read_json(models / "classes.json") == PreparedDataset(done["cfg"].paths.prepared).classes
     assert (models / "model.keras").is_file()
     status = client_for(done["cfg"]).get_run(run["run_id"]).info.status
@@ -84,11 +85,15 @@ def test_evaluate_metrics_and_reports(done):
     assert "Container_Big_Tractor_B" in report and "macro avg" in report
     lines = (reports / "predictions.csv").read_text().splitlines()
     assert lines[0] == "path,actual,predicted,confidence" and len(lines) == 13
+    html = (reports / "eval_report.html").read_text(encoding="utf-8")
+    for line in lines[1:]:  # every test image has its cell in the report
+        assert f'data-path="{line.split(",")[0]}"' in html
+    assert "<script" not in html and html.count('class="cell ') == 36  # 6 x 6 classes
 
 
 def test_one_run_for_train_and_evaluate(done):
     client = client_for(done["cfg"])
-    run_id = read_json(Path(done["cfg"].paths.models) / "mlflow_run.json")["run_id"]
+    run_id = read_json(Path(done["cfg"].paths.run_file))["run_id"]
     experiment = client.get_experiment_by_name(done["cfg"].tracking.experiment)
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
     metrics = client.get_run(run_id).data.metrics
@@ -96,19 +101,11 @@ def test_one_run_for_train_and_evaluate(done):
     assert "val_accuracy" in metrics and "batch_loss" in metrics
 
 
-def test_gallery_shows_mistakes_first_and_every_class():
-    y_true = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
-    y_pred = np.array([0, 0, 0, 1, 2, 1, 2, 2, 2])
-    chosen = gallery_indices(y_true, y_pred, 4)
-    assert 4 in chosen  # the mistake
-    assert set(y_true[chosen]) == {0, 1, 2}
-    assert len(gallery_indices(y_true, y_pred, 100)) == 9
-
-
 def test_training_is_deterministic(done, tmp_path):
     cfg = tiny_config(
         tmp_path,
         **{
+            "data.synthetic.dir": done["cfg"].data.synthetic.dir,
             "paths.prepared": done["cfg"].paths.prepared,
             "paths.features": done["cfg"].paths.features,
         },
@@ -130,6 +127,7 @@ def test_failing_run_ends_failed_not_running(done, tmp_path, monkeypatch):
     cfg = tiny_config(
         tmp_path,
         **{
+            "data.synthetic.dir": done["cfg"].data.synthetic.dir,
             "paths.prepared": done["cfg"].paths.prepared,
             "paths.features": done["cfg"].paths.features,
         },
@@ -153,6 +151,7 @@ def test_interrupted_run_ends_killed(done, tmp_path, monkeypatch):
     cfg = tiny_config(
         tmp_path,
         **{
+            "data.synthetic.dir": done["cfg"].data.synthetic.dir,
             "paths.prepared": done["cfg"].paths.prepared,
             "paths.features": done["cfg"].paths.features,
         },
@@ -169,6 +168,7 @@ def test_stale_features_are_not_used(done, tmp_path, caplog):
     cfg = tiny_config(
         tmp_path,
         **{
+            "data.synthetic.dir": done["cfg"].data.synthetic.dir,
             "paths.prepared": done["cfg"].paths.prepared,
             "paths.features": done["cfg"].paths.features,
             "model.init_seed": 1,
@@ -184,6 +184,7 @@ def test_multirun_gives_each_job_its_own_run_outside_dvc_paths(done, tmp_path):
     overrides = tiny_overrides(
         tmp_path,
         **{
+            "data.synthetic.dir": done["cfg"].data.synthetic.dir,
             "paths.prepared": done["cfg"].paths.prepared,
             "paths.features": done["cfg"].paths.features,
         },
@@ -254,6 +255,7 @@ def test_unreachable_tracking_server_fails_before_training(done, tmp_path):
     cfg = tiny_config(
         tmp_path,
         **{
+            "data.synthetic.dir": done["cfg"].data.synthetic.dir,
             "paths.prepared": done["cfg"].paths.prepared,
             "paths.features": done["cfg"].paths.features,
             "tracking.uri": f"http://127.0.0.1:{port}",

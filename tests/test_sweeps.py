@@ -22,7 +22,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     cfg = tiny_config(tmp)
     prepare(cfg)
     featurize(cfg)
-    return {"paths.prepared": cfg.paths.prepared, "paths.features": cfg.paths.features}
+    return {
+        "data.synthetic.dir": tmp / "raw",
+        "paths.prepared": cfg.paths.prepared,
+        "paths.features": cfg.paths.features,
+    }
 
 
 def sweep(tmp: Path, data: dict, *args: str) -> subprocess.CompletedProcess:
@@ -107,3 +111,41 @@ def test_optuna_search_maximises_validation_accuracy(tmp_path, data):
     assert len({c.data.params["train.learning_rate"] for c in children}) == 3  # sampled
     check_best(parent, children)
     assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
+
+
+def test_two_sweeps_started_together_get_their_own_folders_and_parents(tmp_path, data):
+    """Two sweeps started in the same second (the default hydra.sweep.dir, which has
+    microseconds): separate folders, separate parents, each child under its own parent."""
+    outputs = tmp_path / "sweeps"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.train",
+                "-m",
+                *tiny_overrides(tmp_path, **data),
+                "tracking.log_model=false",
+                f"hydra.sweep.dir={outputs}/" + "${now:%H-%M-%S-%f}",
+                f"train.learning_rate={rate}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rate in ("1e-3,1e-2", "1e-4,1e-1")
+    ]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    folders = sorted(outputs.iterdir())
+    assert len(folders) == 2 and all((f / "mlflow_parent.json").is_file() for f in folders)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("toy-trucks").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        rates = {c.data.params["train.learning_rate"] for c in children}
+        assert rates in ({"0.001", "0.01"}, {"0.0001", "0.1"})

@@ -12,11 +12,20 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
 from pipeline.lib.data.sources import synthetic
-from pipeline.lib.data.sources.synthetic import CLASSES, SPLIT_DIRS, generate, render
+from pipeline.lib.data.sources.synthetic import (
+    CLASSES,
+    MARKER,
+    SPLIT_DIRS,
+    SyntheticDirError,
+    generate,
+    owned_files,
+    render,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +57,7 @@ def files_of(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != MARKER
     }
 
 
@@ -65,7 +74,7 @@ def test_constants():
 def test_layout_and_counts(tmp_path, fmt):
     out = generate(tmp_path / "raw", cfg(format=fmt))
     assert out == tmp_path / "raw" and isinstance(out, Path)
-    assert sorted(p.name for p in out.iterdir()) == sorted(SPLIT_DIRS.values())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*SPLIT_DIRS.values(), MARKER])
     counts = {"training": 2, "validation": 1, "test": 3}
     for folder, n in counts.items():
         assert sorted(p.name for p in (out / folder).iterdir()) == sorted(CLASSES)
@@ -74,6 +83,7 @@ def test_layout_and_counts(tmp_path, fmt):
             assert names == [f"{label}_{i:03d}.{fmt}" for i in range(n)]
             assert all(re.fullmatch(rf"{label}_\d{{3}}\.{fmt}", nm) for nm in names)
     assert len(files_of(out)) == 6 * (2 + 1 + 3)
+    assert owned_files(out) == set(files_of(out))  # the marker lists exactly what was written
 
 
 def test_generate_accepts_omegaconf_and_the_schema(tmp_path):
@@ -128,27 +138,92 @@ def test_no_two_images_identical_even_at_difficulty_zero(tmp_path):
     assert len(digests) == len(files)
 
 
-def test_stale_files_are_removed_and_nothing_else(tmp_path):
+def test_files_of_an_earlier_generation_are_replaced(tmp_path):
     out = tmp_path / "raw"
     generate(out, cfg(train_per_class=3, val_per_class=2, test_per_class=4))
-    # leftovers a previous generation or a person may have put there
-    (out / "training" / "Old_Class").mkdir()
-    (out / "training" / "Old_Class" / "x.png").write_bytes(b"old")
-    (out / "validation" / "stray.txt").write_text("old")
-    (out / "test" / CLASSES[0] / f"{CLASSES[0]}_999.png").write_bytes(b"old")
-    # things outside the three split folders are not the generator's
-    (out / "README.txt").write_text("keep")
-    (out / "other").mkdir()
-    (out / "other" / "keep.png").write_bytes(b"keep")
-
     generate(out, cfg(train_per_class=1, val_per_class=1, test_per_class=1))
     fresh = generate(tmp_path / "fresh", cfg(train_per_class=1, val_per_class=1, test_per_class=1))
+    assert files_of(out) == files_of(fresh)
 
-    got = files_of(out)
-    assert got.pop("README.txt") == b"keep"
-    assert got.pop("other/keep.png") == b"keep"
-    assert got == files_of(fresh)
-    assert not (out / "training" / "Old_Class").exists()
+
+def photos(root: Path) -> dict[str, bytes]:
+    """A user's photo folder in the README's layout: distinct files in split/class folders."""
+    for k, rel in enumerate(["training/a/my_photo_1.png", "training/b/x.jpg", "test/a/y.png"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(f"photo {k}".encode())
+    (root / "notes.txt").write_text("mine")
+    return files_of(root)
+
+
+@pytest.mark.parametrize("first_generate", [False, True])
+def test_a_folder_with_other_files_is_refused_and_left_byte_for_byte(tmp_path, first_generate):
+    """Case synthetic-wipes-photo-folder: the generator never deletes or overwrites a file it
+    did not write, also in a folder where it generated before (the marker lists its files)."""
+    out = tmp_path / "raw"
+    if first_generate:
+        generate(out, cfg(train_per_class=1, val_per_class=1, test_per_class=1))
+    before = photos(out)
+    marker = (out / MARKER).read_bytes() if first_generate else None
+    with pytest.raises(SyntheticDirError) as info:
+        generate(out, cfg())
+    assert files_of(out) == before
+    assert ((out / MARKER).read_bytes() if first_generate else None) == marker
+    message = str(info.value)
+    assert "\n" not in message and str(out) in message and "did not write" in message
+    assert "my_photo_1.png" in message
+
+
+def test_a_killed_generation_can_be_redone(tmp_path):
+    """The marker lists the new files before they are written: leftovers stay the generator's."""
+    out = tmp_path / "raw"
+    generate(out, cfg(train_per_class=2))
+    owned = owned_files(out)
+    victim = sorted(owned)[0]
+    (out / victim).unlink()  # as if killed half-way through a generation
+    generate(out, cfg(train_per_class=1))
+    assert files_of(out) == files_of(generate(tmp_path / "fresh", cfg(train_per_class=1)))
+
+
+def test_cli_defaults_are_the_schema_defaults():
+    from pipeline.lib.config.schema import SyntheticConfig
+
+    d = SyntheticConfig()
+    args = synthetic_parser_defaults()
+    assert args == {
+        "per_class_train": d.train_per_class,
+        "per_class_val": d.val_per_class,
+        "per_class_test": d.test_per_class,
+        "size": d.size,
+        "difficulty": d.difficulty,
+        "seed": d.seed,
+        "format": d.format,
+    }
+    conf = yaml.safe_load((REPO / "conf/data/synthetic.yaml").read_text())["synthetic"]
+    assert conf == {k: getattr(d, k) for k in conf} and set(conf) == set(vars(d))
+
+
+def synthetic_parser_defaults() -> dict:
+    seen = {}
+
+    def fake_generate(out_dir, cfg, workers=None):
+        seen.update(
+            per_class_train=cfg.train_per_class,
+            per_class_val=cfg.val_per_class,
+            per_class_test=cfg.test_per_class,
+            size=cfg.size,
+            difficulty=cfg.difficulty,
+            seed=cfg.seed,
+            format=cfg.format,
+        )
+        return Path(out_dir)
+
+    real = synthetic.generate
+    synthetic.generate = fake_generate
+    try:
+        synthetic.main(["unused"])
+    finally:
+        synthetic.generate = real
+    return seen
 
 
 def test_images_are_rgb_of_the_asked_size(tmp_path):

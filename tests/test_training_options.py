@@ -285,7 +285,7 @@ def test_fine_tuning_continues_one_history(fine_tuned):
         e for e in (1, 2, 3, 4) for _ in range(STEPS_PER_EPOCH)
     ]
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
-    run_id = json.loads((Path(cfg.paths.models) / "mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads(Path(cfg.paths.run_file).read_text())["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run_id, "batch_loss")] == list(
         range(1, 4 * STEPS_PER_EPOCH + 1)

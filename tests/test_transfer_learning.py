@@ -7,7 +7,8 @@ import pytest
 from pipeline.evaluate import evaluate
 from pipeline.featurize import featurize
 from pipeline.lib.config.schema import validate
-from pipeline.lib.model.build import build_classifier, count_params
+from pipeline.lib.model import build
+from pipeline.lib.model.build import build_feature_extractor, build_head, count_params
 from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import compose, imagenet_weights_available, seeded_store
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 def config(tmp, **extra):
     values = {
-        "data.path": tmp / "raw",
+        "data.synthetic.dir": tmp / "raw",
         "featurize.backend": "keras",
         "tracking.uri": seeded_store(tmp),
         "tracking.artifact_location": tmp / "mlartifacts",
@@ -29,13 +30,15 @@ def config(tmp, **extra):
         "paths.features": tmp / "features",
         "paths.models": tmp / "models",
         "paths.reports": tmp / "reports",
+        "paths.run_file": tmp / "mlflow_run.json",
     }
     values.update(extra)
     return validate(compose([f"{k}={v}" for k, v in values.items()]))
 
 
 def test_the_study_model_has_the_study_parameter_counts():
-    model = build_classifier(1.0, "imagenet", 224, num_classes=6, dropout=0.0)
+    extractor = build_feature_extractor(1.0, "imagenet", 224)  # what train builds
+    model = build.compose(extractor, build_head(int(extractor.output.shape[-1]), 6, dropout=0.0))
     assert count_params(model) == {"trainable": 7686, "non_trainable": 2257984, "total": 2265670}
     backbone = model.get_layer("backbone")
     assert backbone.trainable is False
@@ -51,7 +54,7 @@ def test_imagenet_features_learn_the_default_dataset_and_beat_random_weights(tmp
         cfg = config(tmp, **{"model.weights": weights, **shared})
         if not shared:
             prepare(cfg)
-            shared = {"data.path": tmp / "raw", "paths.prepared": tmp / "prepared"}
+            shared = {"data.synthetic.dir": tmp / "raw", "paths.prepared": tmp / "prepared"}
         featurize(cfg)
         train(cfg)
         accuracies[weights] = evaluate(cfg)["test"]["accuracy"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -12,16 +13,82 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.lib.errors import UserError
+
+#: errno values that mean "the disk (or this process's share of it) is full".
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class NoSpaceError(UserError, OSError):
+    """Writing an output ran out of disk space (or hit a quota or file-size limit)."""
+
+
+def no_space_error(exc: OSError, target: str | os.PathLike[str], key: str) -> NoSpaceError | None:
+    """A one-line `NoSpaceError` naming `target` (the config `key` that sets it) when `exc` is a
+    full disk, quota or file-size limit; None for any other OSError."""
+    if exc.errno not in NO_SPACE_ERRNOS:
+        return None
+    return NoSpaceError(
+        f"No space left to write {target} ({exc.strerror or exc}"
+        + (f": {exc.filename}" if exc.filename else "")
+        + f"): free some space on that disk or set {key} to a folder on another one. The "
+        "partly written output was removed."
+    )
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries that killed steps left beside `target`; return what was removed.
+
+    `atomic_dir` and `atomic_file` name their temporaries `.<name>.tmp-<pid>-<random>` (and
+    `.<name>.old-<pid>`); one is stale when its process `<pid>` no longer runs. Temporaries of
+    live processes (a step running in parallel) and of this process are left alone.
+    """
+    target = Path(target)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        for kind in ("tmp", "old"):
+            prefix = f".{target.name}.{kind}-"
+            if not entry.name.startswith(prefix):
+                continue
+            pid_text = entry.name[len(prefix) :].split("-", 1)[0]
+            if not pid_text.isdigit() or int(pid_text) == os.getpid():
+                continue
+            if _owner_alive(int(pid_text)):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
 
 @contextmanager
 def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `target`; on success it replaces `target` whole.
 
-    On an exception the temporary folder is removed and `target` is left as it was.
+    On an exception the temporary folder is removed and `target` is left as it was. Temporaries
+    that killed runs left beside `target` are removed first (`remove_stale_temps`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
     except BaseException:
@@ -40,7 +107,8 @@ def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator[Any
     """Open a temporary file beside `target`; it replaces `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
     os.close(fd)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:

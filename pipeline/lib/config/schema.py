@@ -28,17 +28,22 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class SplitRatios:
-    """Used when a folder has class sub-folders but no train/val/test split."""
+    """Used when a folder has class sub-folders but no train/val/test split: the fractions of
+    each class's images that go to each split (normalised to sum 1; stratified, `data.seed`)."""
 
-    train: float = 0.2
-    val: float = 0.4
-    test: float = 0.4
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
 
 
 @dataclass
 class SyntheticConfig:
-    """The deterministic toy-truck generator (the default, embedded dataset)."""
+    """The deterministic toy-truck generator (the default, embedded dataset). These defaults are
+    the only ones: conf/data/synthetic.yaml repeats them and the generator's CLI reads them here."""
 
+    #: The folder the generator owns: it writes its image files there (and a marker file listing
+    #: them), deletes only files it wrote, and refuses a folder holding anything else.
+    dir: str = "data/raw/synthetic"
     train_per_class: int = 10
     val_per_class: int = 25
     test_per_class: int = 25
@@ -55,8 +60,9 @@ class SyntheticConfig:
 class DataConfig:
     #: `synthetic` (generated toy trucks) or `folder` (your photos).
     source: str = "synthetic"
-    #: `folder`: the dataset root. `synthetic`: where the generated image files are written.
-    path: str = "data/raw/synthetic"
+    #: `folder`: where your photos are (read only, never written to). Must be null (unset) for the
+    #: `synthetic` source, which writes into its own `data.synthetic.dir`.
+    path: str | None = None
     #: What DVC's prepare stage watches (dvc.yaml `${data.dependency}`): the folder of photos, or
     #: for the synthetic source the generator's code.
     dependency: str = "pipeline/lib/data/sources/synthetic.py"
@@ -181,9 +187,9 @@ class TrainConfig:
 
 @dataclass
 class FeaturizeConfig:
-    #: `tflite` (XNNPACK, ~2.5x faster on CPU; converted once per backbone and cached), `keras`,
-    #: or `auto` (tflite when already converted or the dataset is large enough to pay for it).
-    backend: str = "auto"
+    #: `tflite` (XNNPACK, 2-3x faster on CPU; the conversion is cached, keyed by content, and
+    #: never changes the features) or `keras`. The two agree to ~1e-5, not to the bit.
+    backend: str = "tflite"
     batch_size: int = 32
     #: CPU threads for the TFLite interpreter; 0 = all cores.
     num_threads: int = 0
@@ -194,6 +200,8 @@ class EvaluateConfig:
     #: Number of test images in the prediction gallery.
     gallery_size: int = 12
     gallery_columns: int = 3
+    #: The evaluation report (reports/eval_report.html): most thumbnails one panel shows.
+    report_images_per_cell: int = 48
 
 
 #: TensorFlow Lite export formats (`export.formats`).
@@ -222,17 +230,24 @@ class ExportConfig:
     representative_samples: int = 100
     targets: ExportTargets = field(default_factory=ExportTargets)
     #: Single-image latency: median of this many `invoke()` calls, after `latency_warmup` calls.
-    latency_runs: int = 50
-    latency_warmup: int = 5
+    latency_runs: int = 20
+    latency_warmup: int = 3
     #: CPU threads of the TFLite interpreter (XNNPACK); 0 = all cores.
     num_threads: int = 0
 
 
+#: The MLflow store, experiment and registered model every tool defaults to (one place).
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "toy-trucks"
+DEFAULT_REGISTERED_MODEL = "toy-truck-classifier"
+
+
 @dataclass
 class TrackingConfig:
-    #: `sqlite:///mlflow.db` (a local store) or `http(s)://host:port` (an MLflow tracking server).
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "toy-trucks"
+    #: `sqlite:///mlflow.db` (a local store; a relative file is relative to the project, also
+    #: for queued DVC experiments) or `http(s)://host:port` (an MLflow tracking server).
+    uri: str = DEFAULT_TRACKING_URI
+    experiment: str = DEFAULT_EXPERIMENT
     #: Where a new experiment keeps its artifacts: a local folder or a URI for a local store; with
     #: a tracking server null (the server's choice: `mlflow-artifacts:/`, uploaded through it to
     #: its --artifacts-destination) or a URI such as `s3://...` (a local folder is ignored there).
@@ -240,7 +255,7 @@ class TrackingConfig:
     run_name: str | None = None
     log_model: bool = True
     #: The MLflow Model Registry name each pipeline run's model is registered under (null: none).
-    registered_model: str | None = "toy-truck-classifier"
+    registered_model: str | None = DEFAULT_REGISTERED_MODEL
     #: Seconds to wait for a remote tracking server before failing, per request.
     timeout_s: float = 10.0
     #: Tracking server: retries of a failed request (MLflow's default, 7, takes minutes to give up
@@ -257,6 +272,10 @@ class PathsConfig:
     models: str = "models"
     reports: str = "reports"
     exports: str = "exports"
+    #: The MLflow run that trained `models` ({"run_id", "experiment_id", "tracking_uri",
+    #: "model_md5"}), where evaluate and export log theirs. Not inside `models`: a run id differs on
+    #: every run, and the DVC output `models` must be the same bytes for the same inputs.
+    run_file: str = "outputs/mlflow_run.json"
 
 
 @dataclass
@@ -282,7 +301,7 @@ _CHOICES = {
     "train.lr_schedule": ("none", "cosine", "reduce_on_plateau"),
     "train.strategy": ("default", "mirrored"),
     "train.augment.flip": ("none", "horizontal", "vertical", "horizontal_and_vertical"),
-    "featurize.backend": ("auto", "tflite", "keras"),
+    "featurize.backend": ("tflite", "keras"),
 }
 
 
@@ -333,8 +352,10 @@ def _check_values(c: Any) -> None:
     need(d.max_pixels > 0, "data.max_pixels", "must be > 0")
     need(d.min_images_per_class >= 1, "data.min_images_per_class", "must be >= 1")
     need(0 <= d.max_rejected_fraction <= 1, "data.max_rejected_fraction", "must be in [0, 1]")
+    _check_data_source(d)
     if d.source == "synthetic":
         need(d.synthetic is not None, "data.synthetic", "is required when data.source=synthetic")
+        need(bool(d.synthetic.dir), "data.synthetic.dir", "must not be empty")
         s = d.synthetic
         for name in ("train_per_class", "val_per_class", "test_per_class"):
             need(s[name] >= 1, f"data.synthetic.{name}", "must be >= 1")
@@ -358,6 +379,11 @@ def _check_values(c: Any) -> None:
     need(c.featurize.num_threads >= 0, "featurize.num_threads", "must be >= 0")
     need(c.evaluate.gallery_size >= 0, "evaluate.gallery_size", "must be >= 0")
     need(c.evaluate.gallery_columns >= 1, "evaluate.gallery_columns", "must be >= 1")
+    need(
+        c.evaluate.report_images_per_cell >= 1,
+        "evaluate.report_images_per_cell",
+        "must be >= 1",
+    )
     _check_export(c.export, need)
     need(c.tracking.timeout_s > 0, "tracking.timeout_s", "must be > 0")
     # MLflow refuses more than 10 retries and a backoff factor above 120
@@ -368,6 +394,22 @@ def _check_values(c: Any) -> None:
         "must be in [0, 120]",
     )
     need(bool(c.tracking.uri), "tracking.uri", "must not be empty")
+
+
+def _check_data_source(d: Any) -> None:
+    """data.path belongs to the folder source only: a photo folder is never a synthetic target."""
+    if d.source == "folder" and not d.path:
+        raise ConfigError(
+            "Missing configuration value: data.path (data.source=folder): set it to your photo "
+            "folder, e.g. `python -m pipeline.params --use-folder /path/to/photos`."
+        )
+    if d.source == "synthetic" and d.path:
+        raise ConfigError(
+            f"Invalid configuration: data.path={d.path!r} is set, but data.source=synthetic "
+            "(generated toy trucks; data.path is only where your photos are). To train on that "
+            f"folder run `python -m pipeline.params --use-folder {d.path}` (or add data=folder); "
+            "for the synthetic data leave data.path unset."
+        )
 
 
 def _check_train_options(t: Any, need: Any) -> None:

@@ -133,6 +133,8 @@ def redirect_outputs(cfg: DictConfig, out_dir: Path) -> DictConfig:
         cfg.paths.reports = str(out_dir / "reports")
         if "exports" in cfg.paths:
             cfg.paths.exports = str(out_dir / "exports")
+        if "run_file" in cfg.paths:
+            cfg.paths.run_file = str(out_dir / "mlflow_run.json")
     return cfg
 
 

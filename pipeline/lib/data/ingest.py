@@ -10,33 +10,49 @@ summarised in its `warnings`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.lib.config.schema import DataConfig
 from pipeline.lib.data.images import RejectedImage, load_rgb, sha256_file
 from pipeline.lib.data.prepared import (
     SPLITS,
     ManifestRow,
     SplitWriter,
+    shown_path,
     write_classes,
     write_manifest,
 )
-from pipeline.lib.data.sources.folder import Candidate, DataError, Discovery, discover, display_path
+from pipeline.lib.data.sources.folder import (
+    Candidate,
+    DataError,
+    Discovery,
+    _ratios,
+    discover,
+    display_path,
+)
 from pipeline.lib.files import write_json
 
-__all__ = ["DataError", "ingest", "MAX_LISTED"]
+log = logging.getLogger(__name__)
+
+__all__ = ["DataError", "ingest", "MAX_LISTED", "SMALL_CLASS"]
 
 #: How many items an error message lists before "... and N more".
 MAX_LISTED = 20
+#: A class with fewer training images than this gets a warning (and the MLflow tag
+#: `data_small_classes`): a handful of photos per class is the least a model learns from.
+SMALL_CLASS = 5
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
 
 
@@ -45,6 +61,56 @@ def _cfg(cfg: Any, name: str, default: Any) -> Any:
         return cfg.get(name, default)
     value = getattr(cfg, name, default)
     return default if value is None else value
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The `data` config keys ingest uses (defaults: the schema's `DataConfig`)."""
+
+    source: str
+    size: int
+    resize: str
+    max_pixels: int
+    min_train: int
+    leakage: str
+    max_rejected: float
+    ratios: Any
+    seed: int
+
+    @classmethod
+    def of(cls, data_cfg: Any) -> _Settings:
+        d = DataConfig()
+        leakage = str(_cfg(data_cfg, "leakage", d.leakage))
+        if leakage not in ("fail", "warn"):
+            raise ValueError(f"data.leakage must be 'fail' or 'warn', not {leakage!r}")
+        return cls(
+            source=str(_cfg(data_cfg, "source", "folder")),
+            size=int(_cfg(data_cfg, "image_size", d.image_size)),
+            resize=str(_cfg(data_cfg, "resize", d.resize)),
+            max_pixels=int(_cfg(data_cfg, "max_pixels", d.max_pixels)),
+            min_train=int(_cfg(data_cfg, "min_images_per_class", d.min_images_per_class)),
+            leakage=leakage,
+            max_rejected=float(_cfg(data_cfg, "max_rejected_fraction", d.max_rejected_fraction)),
+            ratios=_cfg(data_cfg, "split", d.split),
+            seed=int(_cfg(data_cfg, "seed", d.seed)),
+        )
+
+
+@dataclass
+class _Tally:
+    """What decoding found: per split and class, files found / accepted / rejected."""
+
+    found: dict[str, Counter]
+    counts: dict[str, dict[str, int]]
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    rejected_where: dict[str, Counter] = field(
+        default_factory=lambda: {s: Counter() for s in SPLITS}
+    )
+    rows: list[ManifestRow] = field(default_factory=list)
+    #: sha256 -> [(file, split, label)]
+    by_hash: dict[str, list[tuple[str, str, str]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
 
 
 def ingest(
@@ -57,82 +123,129 @@ def ingest(
 ) -> dict:
     """Decode every image under `root` into `out_dir`; return the report (also in report.json).
 
-    `data_cfg` is a `DataConfig` (dataclass or DictConfig, or a mapping with the same keys).
-    Raises `DataError` (the report is attached as `.report`) when the dataset cannot be used.
-    """
-    size = int(_cfg(data_cfg, "image_size", 224))
-    resize = str(_cfg(data_cfg, "resize", "stretch"))
-    max_pixels = int(_cfg(data_cfg, "max_pixels", 60_000_000))
-    min_train = int(_cfg(data_cfg, "min_images_per_class", 1))
-    leakage_mode = str(_cfg(data_cfg, "leakage", "fail"))
-    max_rejected = float(_cfg(data_cfg, "max_rejected_fraction", 0.2))
-    ratios = _cfg(data_cfg, "split", {"train": 0.2, "val": 0.4, "test": 0.4})
-    seed = int(_cfg(data_cfg, "seed", 42))
-    if leakage_mode not in ("fail", "warn"):
-        raise ValueError(f"data.leakage must be 'fail' or 'warn', not {leakage_mode!r}")
+    Args:
+        root: the image folder (read only).
+        data_cfg: a `DataConfig` (dataclass or DictConfig, or a mapping with the same keys;
+            missing keys take the schema's defaults).
+        out_dir: an existing or new folder; receives `<split>.npy` (uint8 (N, S, S, 3), S =
+            `data_cfg.image_size` px), `manifest.csv`, `classes.json` and `report.json`.
+        workers: decoding threads (default: the cores, at most 8); progress: show a bar.
 
-    disc = discover(root, ratios, seed)
-    root_path = disc.root
+    Raises:
+        DataError: the dataset cannot be used (the report is attached as `.report`).
+        OSError: writing `out_dir` failed (e.g. ENOSPC, a full disk).
+    """
+    settings = _Settings.of(data_cfg)
+    disc = discover(root, settings.ratios, settings.seed)
+    log.info(
+        "Found %d image files in %d classes under %s (%s)",
+        len(disc.candidates),
+        len(disc.classes),
+        disc.root,
+        "split folders" if disc.layout == "splits" else "class folders, split by data.split",
+    )
+    if len(disc.classes) < 2:
+        raise DataError(_single_class_message(disc))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    classes = disc.classes
-    if len(classes) < 2:
-        raise DataError(_single_class_message(disc))
-    label_index = {c: i for i, c in enumerate(classes)}
+    tally = _decode_into(out, disc, settings, workers, progress)
+    warnings: list[str] = []
+    problems: list[str] = []
+    leakage, duplicates = _check_duplicates(disc, tally, settings, warnings, problems)
+    _check_rejected(disc, tally, settings, warnings, problems)
+    small = _check_coverage(disc, tally, settings, warnings, problems)
+    totals = {s: sum(tally.counts[s].values()) for s in SPLITS}
+    report: dict[str, Any] = {
+        "source": settings.source,
+        "image_size": settings.size,
+        "resize": settings.resize,
+        # relative to the project when inside it, so the prepared data (and its DVC hash) do not
+        # depend on where the project is cloned
+        "root": shown_path(disc.root),
+        "layout": disc.layout,
+        "classes": list(disc.classes),
+        "counts": tally.counts,
+        "totals": totals,
+        "files_found": len(disc.candidates) + len(disc.skipped),
+        "accepted": sum(totals.values()),
+        "small_classes": small,
+        "rejected": tally.rejected,
+        "skipped": [{"file": f, "reason": r} for f, r in disc.skipped],
+        "leakage": leakage,
+        "duplicates": duplicates,
+        "warnings": warnings,
+    }
+    if problems:
+        error = DataError(
+            f"Cannot prepare the dataset at '{disc.root}' ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}):\n"
+            + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
+        )
+        error.report = report
+        raise error
+    write_manifest(out / "manifest.csv", tally.rows)
+    write_classes(out, disc.classes)
+    write_json(out / "report.json", report)
+    return report
 
+
+def _decode_into(
+    out: Path, disc: Discovery, settings: _Settings, workers: int | None, progress: bool
+) -> _Tally:
+    """Decode every candidate in order and stream the accepted ones into `<split>.npy`."""
     found: dict[str, Counter] = {s: Counter() for s in SPLITS}
     for c in disc.candidates:
         found[c.split][c.label] += 1
-    counts: dict[str, dict[str, int]] = {s: {c: 0 for c in classes} for s in SPLITS}
-    rejected: list[dict[str, str]] = []
-    rejected_where: dict[str, Counter] = {s: Counter() for s in SPLITS}
-    rows: list[ManifestRow] = []
-    by_hash: dict[str, list[tuple[str, str, str]]] = defaultdict(
-        list
-    )  # sha -> (file, split, label)
-
-    writers = {s: _TrimmingSplitWriter(out, s, sum(found[s].values()), size) for s in SPLITS}
+    tally = _Tally(found=found, counts={s: {c: 0 for c in disc.classes} for s in SPLITS})
+    label_index = {c: i for i, c in enumerate(disc.classes)}
+    writers: dict[str, SplitWriter] = {}
     try:
-        with (
-            closing(_decode_all(disc.candidates, size, resize, max_pixels, workers)) as results,
-            tqdm(
-                total=len(disc.candidates),
-                unit="img",
-                desc="prepare: decoding images",
-                file=sys.stderr,
-                disable=not progress,
-                dynamic_ncols=True,
-                mininterval=0.5,
-            ) as bar,
-        ):
+        for s in SPLITS:
+            writers[s] = SplitWriter(out, s, sum(found[s].values()), settings.size)
+        results = _decode_all(
+            disc.candidates, settings.size, settings.resize, settings.max_pixels, workers
+        )
+        with closing(results), _progress_bar(len(disc.candidates), progress) as bar:
             for cand, array, sha, reason in results:
                 bar.update(1)
-                rel = display_path(cand.path, root_path)
+                rel = display_path(cand.path, disc.root)
                 if array is None:
-                    rejected.append({"file": rel, "reason": str(reason)})
-                    rejected_where[cand.split][cand.label] += 1
-                    bar.set_postfix(rejected=len(rejected), refresh=False)
+                    tally.rejected.append({"file": rel, "reason": str(reason)})
+                    tally.rejected_where[cand.split][cand.label] += 1
+                    bar.set_postfix(rejected=len(tally.rejected), refresh=False)
                     continue
                 index = writers[cand.split].append(array)
-                counts[cand.split][cand.label] += 1
-                rows.append(
+                tally.counts[cand.split][cand.label] += 1
+                tally.rows.append(
                     ManifestRow(cand.split, index, cand.label, label_index[cand.label], rel, sha)
                 )
-                by_hash[sha].append((rel, cand.split, cand.label))
+                tally.by_hash[sha].append((rel, cand.split, cand.label))
     finally:
         for writer in writers.values():
             writer.close()
+    tally.rejected.sort(key=lambda r: r["file"])
+    return tally
 
-    rejected.sort(key=lambda r: r["file"])
-    totals = {s: sum(counts[s].values()) for s in SPLITS}
-    accepted = sum(totals.values())
-    warnings: list[str] = []
-    problems: list[str] = []
 
-    # --- duplicates and leakage -----------------------------------------------------------------
+def _progress_bar(total: int, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total,
+        unit="img",
+        desc="prepare: decoding images",
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+
+
+def _check_duplicates(
+    disc: Discovery, tally: _Tally, settings: _Settings, warnings: list[str], problems: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(leakage groups, duplicate groups): identical files across splits / within one split."""
     leakage: list[dict[str, Any]] = []
     duplicates: list[dict[str, Any]] = []
-    for sha, entries in by_hash.items():
+    for sha, entries in tally.by_hash.items():
         if len(entries) < 2:
             continue
         files = [e[0] for e in entries]
@@ -157,34 +270,51 @@ def ingest(
             "within one split (see 'duplicates' in report.json)"
         )
     if leakage:
-        pairs = [
-            f"{a} ({sa}) == {b} ({sb})"
-            for group in leakage
-            for (a, sa, _), (b, sb, _) in _cross_pairs(by_hash[group["sha256"]])
-        ]
-        advice = (
-            "The same photo is in more than one split, so test accuracy would be inflated. "
-            + (
-                "Remove the copies from all but one split"
-                if disc.layout == "splits"
-                else "The folder holds copies of the same photo, which the random split put into "
-                "different splits: remove the copies"
-            )
-            + ", or set data.leakage=warn to go on anyway."
-        )
-        if leakage_mode == "fail":
-            problems.append(
-                f"{len(leakage)} image(s) appear in more than one split ({len(pairs)} pairs of "
-                "identical files):\n" + "\n".join(f"      {p}" for p in pairs) + f"\n    {advice}"
-            )
-        else:
-            for p in pairs:
-                warnings.append(f"leakage (data.leakage=warn): identical files in two splits: {p}")
+        _leakage_message(disc, tally, settings, leakage, warnings, problems)
+    return leakage, duplicates
 
-    # --- rejected files -------------------------------------------------------------------------
+
+def _leakage_message(
+    disc: Discovery,
+    tally: _Tally,
+    settings: _Settings,
+    leakage: list[dict[str, Any]],
+    warnings: list[str],
+    problems: list[str],
+) -> None:
+    pairs = [
+        f"{a} ({sa}) == {b} ({sb})"
+        for group in leakage
+        for (a, sa, _), (b, sb, _) in _cross_pairs(tally.by_hash[group["sha256"]])
+    ]
+    advice = (
+        "The same photo is in more than one split, so test accuracy would be inflated. "
+        + (
+            "Remove the copies from all but one split"
+            if disc.layout == "splits"
+            else "The folder holds copies of the same photo, which the random split put into "
+            "different splits: remove the copies"
+        )
+        + ", or set data.leakage=warn to go on anyway."
+    )
+    if settings.leakage == "fail":
+        problems.append(
+            f"{len(leakage)} image(s) appear in more than one split ({len(pairs)} pairs of "
+            "identical files):\n" + "\n".join(f"      {p}" for p in pairs) + f"\n    {advice}"
+        )
+    else:
+        for p in pairs:
+            warnings.append(f"leakage (data.leakage=warn): identical files in two splits: {p}")
+
+
+def _check_rejected(
+    disc: Discovery, tally: _Tally, settings: _Settings, warnings: list[str], problems: list[str]
+) -> None:
+    """A problem when more than data.max_rejected_fraction of the files could not be used."""
+    rejected = tally.rejected
     n_candidates = len(disc.candidates)
     fraction = len(rejected) / n_candidates if n_candidates else 0.0
-    if rejected and fraction > max_rejected:
+    if rejected and fraction > settings.max_rejected:
         listed = "\n".join(f"      {r['file']}: {r['reason']}" for r in rejected[:MAX_LISTED])
         more = (
             f"\n      ... and {len(rejected) - MAX_LISTED} more (all in report.json)"
@@ -193,34 +323,69 @@ def ingest(
         )
         problems.append(
             f"{len(rejected)} of {n_candidates} image files ({fraction:.0%}) could not be used, "
-            f"more than data.max_rejected_fraction={max_rejected:g}:\n{listed}{more}\n    "
-            "Fix or remove these files, or raise data.max_rejected_fraction to go on without them."
+            f"more than data.max_rejected_fraction={settings.max_rejected:g}:\n{listed}{more}\n"
+            "    Fix or remove these files, or raise data.max_rejected_fraction to go on without "
+            "them."
         )
     for split in SPLITS:
-        for label, n in sorted(rejected_where[split].items()):
+        for label, n in sorted(tally.rejected_where[split].items()):
             warnings.append(
-                f"{split}/{label}: {n} of {found[split][label]} files rejected and left out "
+                f"{split}/{label}: {n} of {tally.found[split][label]} files rejected and left out "
                 "(see 'rejected' in report.json)"
             )
 
-    # --- per-class coverage ---------------------------------------------------------------------
-    hints = _case_hints(classes)
-    for label in classes:
+
+def _check_coverage(
+    disc: Discovery, tally: _Tally, settings: _Settings, warnings: list[str], problems: list[str]
+) -> dict[str, int]:
+    """Per-class coverage of the splits; returns {class: training images} for the classes with
+    fewer than `SMALL_CLASS` (but at least data.min_images_per_class) training images."""
+    counts = tally.counts
+    where = _Where(disc, tally)
+    hints = _case_hints(disc.classes)
+    small: dict[str, int] = {}
+    for label in disc.classes:
         n_train = counts["train"][label]
-        if n_train < min_train:
+        if n_train < settings.min_train:
             problems.append(
                 f"class '{label}' has {n_train} usable training image(s), fewer than "
-                f"data.min_images_per_class={min_train} "
-                f"({_where(disc, 'train', label, found, rejected_where, counts)}). "
+                f"data.min_images_per_class={settings.min_train} ({where('train', label)}). "
                 f"{_add_advice(disc, 'train', label)}{hints.get(label, '')}"
             )
+        elif n_train < SMALL_CLASS:
+            small[label] = n_train
         if counts["test"][label] == 0:
             problems.append(
-                f"class '{label}' has no usable test images "
-                f"({_where(disc, 'test', label, found, rejected_where, counts)}). "
+                f"class '{label}' has no usable test images ({where('test', label)}). "
                 f"{_add_advice(disc, 'test', label)}{hints.get(label, '')}"
             )
-    if totals["val"] == 0:
+    if small:
+        listed = ", ".join(f"'{c}' {n}" for c, n in small.items())
+        warnings.append(
+            f"{len(small)} class(es) have fewer than {SMALL_CLASS} training images ({listed}): "
+            "a model learns little from so few and its scores are unreliable; add photos"
+            + (
+                f", or give training a larger share (data.split.train, now {_train_share(settings)})"
+                if disc.layout == "single"
+                else ""
+            )
+        )
+    _check_validation(disc, tally, where, warnings)
+    if disc.skipped:
+        warnings.append(
+            f"{len(disc.skipped)} files/folders skipped (hidden/system files, non-image files, "
+            "broken links; see 'skipped' in report.json)"
+        )
+    return small
+
+
+def _train_share(settings: _Settings) -> str:
+    train, _, _ = _ratios(settings.ratios)
+    return f"{train:.0%}"
+
+
+def _check_validation(disc: Discovery, tally: _Tally, where: _Where, warnings: list[str]) -> None:
+    if sum(tally.counts["val"].values()) == 0:
         warnings.append(
             "no validation images: "
             + (
@@ -230,81 +395,13 @@ def ingest(
             )
             + "; training runs without validation metrics"
         )
-    else:
-        for label in classes:
-            if counts["val"][label] == 0:
-                warnings.append(
-                    f"class '{label}' has no validation images "
-                    f"({_where(disc, 'val', label, found, rejected_where, counts)}); validation metrics "
-                    "do not cover it"
-                )
-    if disc.skipped:
-        warnings.append(
-            f"{len(disc.skipped)} files/folders skipped (hidden/system files, non-image files, "
-            "broken links; see 'skipped' in report.json)"
-        )
-
-    report: dict[str, Any] = {
-        "image_size": size,
-        "resize": resize,
-        # relative to the project when inside it, so the prepared data (and its DVC hash) do not
-        # depend on where the project is cloned
-        "root": display_path(Path(root_path).absolute(), Path.cwd().absolute()),
-        "layout": disc.layout,
-        "classes": list(classes),
-        "counts": counts,
-        "totals": totals,
-        "files_found": n_candidates + len(disc.skipped),
-        "accepted": accepted,
-        "rejected": rejected,
-        "skipped": [{"file": f, "reason": r} for f, r in disc.skipped],
-        "leakage": leakage,
-        "duplicates": duplicates,
-        "warnings": warnings,
-    }
-    if problems:
-        message = (
-            f"Cannot prepare the dataset at '{root_path}' ({len(problems)} problem"
-            f"{'s' if len(problems) > 1 else ''}):\n"
-            + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
-        )
-        error = DataError(message)
-        error.report = report
-        raise error
-
-    write_manifest(out / "manifest.csv", rows)
-    write_classes(out, classes)
-    write_json(out / "report.json", report)
-    return report
-
-
-# --- writing ------------------------------------------------------------------------------------
-
-
-class _TrimmingSplitWriter(SplitWriter):
-    """`SplitWriter` whose `close()` trims correctly when fewer rows than `capacity` were written.
-
-    `pipeline.lib.data.prepared.SplitWriter.close` copies `full[start:start + 256]` into a `count`-row array,
-    which fails with a shape error whenever `capacity - count` rows are unused inside the last
-    block (i.e. whenever a file was rejected). Same on-disk result; remove once data.py is fixed.
-    """
-
-    def close(self) -> None:
-        self._array.flush()
-        del self._array
-        if self.count == self.capacity:
-            return
-        full = np.load(self.path, mmap_mode="r")
-        trimmed_path = self.path.with_suffix(".trim.npy")
-        out = np.lib.format.open_memmap(
-            trimmed_path, mode="w+", dtype=np.uint8, shape=(self.count, *full.shape[1:])
-        )
-        for start in range(0, self.count, 256):
-            stop = min(start + 256, self.count)
-            out[start:stop] = full[start:stop]
-        out.flush()
-        del out, full
-        os.replace(trimmed_path, self.path)
+        return
+    for label in disc.classes:
+        if tally.counts["val"][label] == 0:
+            warnings.append(
+                f"class '{label}' has no validation images ({where('val', label)}); validation "
+                "metrics do not cover it"
+            )
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -361,42 +458,46 @@ def _folders(disc: Discovery, split: str, label: str) -> list[str]:
     return disc.class_folders.get(split, {}).get(label, [])
 
 
-def _where(
-    disc: Discovery,
-    split: str,
-    label: str,
-    found: dict[str, Counter],
-    rejected: dict[str, Counter],
-    counts: dict[str, dict[str, int]],
-) -> str:
-    folders = _folders(disc, split, label)
-    if disc.layout == "splits" and not folders:
-        split_folder = _split_folder_name(disc, split)
-        return (
-            f"there is no '{label}' folder in {split_folder}/"
-            if split_folder
-            else f"there is no {_SPLIT_WORD[split]} folder"
+class _Where:
+    """Says where a class's images of a split are (or why there are none), for messages."""
+
+    def __init__(self, disc: Discovery, tally: _Tally) -> None:
+        self.disc, self.tally = disc, tally
+
+    def __call__(self, split: str, label: str) -> str:
+        disc, found, rejected = self.disc, self.tally.found, self.tally.rejected_where
+        folders = _folders(disc, split, label)
+        if disc.layout == "splits" and not folders:
+            split_folder = _split_folder_name(disc, split)
+            return (
+                f"there is no '{label}' folder in {split_folder}/"
+                if split_folder
+                else f"there is no {_SPLIT_WORD[split]} folder"
+            )
+        if disc.layout == "single":
+            return self._single(folders[0], label)
+        n_found, n_rejected = found[split][label], rejected[split][label]
+        where = ", ".join(f"'{f}/'" for f in folders)
+        if n_found == 0:
+            return f"{where} has no image files"
+        return f"{n_found} image file(s) in {where}" + (
+            f", {n_rejected} rejected" if n_rejected else ""
         )
-    n_found, n_rejected = found[split][label], rejected[split][label]
-    if disc.layout == "single":
+
+    def _single(self, folder: str, label: str) -> str:
+        found, rejected = self.tally.found, self.tally.rejected_where
         total = sum(found[s][label] for s in SPLITS)
         if total == 0:
-            return f"the class folder '{folders[0]}/' has no image files"
-        text = f"the class folder '{folders[0]}/' has {total} image file(s)"
+            return f"the class folder '{folder}/' has no image files"
+        text = f"the class folder '{folder}/' has {total} image file(s)"
         if total < 2:
             text += ", and at least 2 are needed to give both the training and the test split one"
         all_rejected = sum(rejected[s][label] for s in SPLITS)
         if all_rejected:
             # splits are assigned to files before decoding, so a rejected file leaves a gap
-            usable = ", ".join(f"{s} {counts[s][label]}" for s in SPLITS)
+            usable = ", ".join(f"{s} {self.tally.counts[s][label]}" for s in SPLITS)
             text += f", {all_rejected} rejected; usable images per split: {usable}"
         return text
-    where = ", ".join(f"'{f}/'" for f in folders)
-    if n_found == 0:
-        return f"{where} has no image files"
-    return f"{n_found} image file(s) in {where}" + (
-        f", {n_rejected} rejected" if n_rejected else ""
-    )
 
 
 def _split_folder_name(disc: Discovery, split: str) -> str | None:

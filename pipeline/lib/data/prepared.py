@@ -8,12 +8,14 @@ Layout of the prepared folder (one DVC output):
     train.npy val.npy test.npy
                         uint8 arrays (N, size, size, 3): decoded, RGB, resized once
 
-Arrays are written and read as memory maps, so no stage holds a whole split in memory.
+Arrays are written with plain file writes and read as memory maps, so no stage holds a whole
+split in memory.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,44 +41,85 @@ class ManifestRow:
     sha256: str
 
 
+#: Bytes reserved for the .npy header: magic, version, length, and the header dict padded with
+#: spaces, so the header can be rewritten in place with the final row count.
+_NPY_HEADER_BYTES = 128
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy (format 1.0) header for a C-ordered uint8 array of `shape`, `_NPY_HEADER_BYTES` long."""
+    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}"
+    body = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
 class SplitWriter:
     """Streams images of one split into `<split>.npy` without holding them in memory.
 
-    `capacity` is an upper bound (the number of candidate files); `close()` trims the array to the
-    rows actually written.
+    The file is written with plain file writes (never through a memory map, whose failed page
+    writes on a full disk kill the process with SIGBUS): room for `capacity` rows is reserved up
+    front with `posix_fallocate` where the file system supports it, so a full disk raises
+    `OSError(ENOSPC)` (or EFBIG over a file-size limit) at once. `close()` trims the file to the
+    rows written and writes the final header; `np.load` then gives uint8 (count, size, size, 3).
+
+    Args:
+        folder: where `<split>.npy` is written.
+        split: `train`, `val` or `test`.
+        capacity: upper bound of the rows (the number of candidate files).
+        image_size: side of each image in pixels.
+
+    Raises:
+        OSError: the file cannot be created or the disk has no room for `capacity` rows.
     """
 
     def __init__(self, folder: Path, split: str, capacity: int, image_size: int) -> None:
-        self.path = folder / f"{split}.npy"
+        self.path = Path(folder) / f"{split}.npy"
         self.image_size = image_size
-        self.capacity = max(capacity, 1)
+        self.capacity = max(int(capacity), 0)
         self.count = 0
-        self._array = np.lib.format.open_memmap(
-            self.path, mode="w+", dtype=np.uint8, shape=(self.capacity, image_size, image_size, 3)
-        )
+        self._row_bytes = image_size * image_size * 3
+        self._fh = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+        try:
+            self._fh.write(_npy_header((self.capacity, image_size, image_size, 3)))
+            self._fh.flush()
+            size = _NPY_HEADER_BYTES + self.capacity * self._row_bytes
+            if size > _NPY_HEADER_BYTES and hasattr(os, "posix_fallocate"):
+                try:
+                    os.posix_fallocate(self._fh.fileno(), 0, size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+        except OSError as exc:
+            self._fh.close()
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+        except BaseException:
+            self._fh.close()
+            raise
 
     def append(self, image: np.ndarray) -> int:
+        """Write one uint8 (size, size, 3) image; return its row index. IndexError past capacity."""
         if self.count >= self.capacity:
             raise IndexError(f"{self.path}: more images than the capacity {self.capacity}")
-        self._array[self.count] = image
+        array = np.ascontiguousarray(image, dtype=np.uint8)
+        if array.shape != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"{self.path}: image of shape {array.shape}, expected "
+                f"{(self.image_size, self.image_size, 3)}"
+            )
+        self._fh.write(array.tobytes())
         self.count += 1
         return self.count - 1
 
     def close(self) -> None:
-        self._array.flush()
-        del self._array
-        if self.count == self.capacity:
+        """Trim the file to the rows written and write the final header (idempotent)."""
+        if self._fh.closed:
             return
-        full = np.load(self.path, mmap_mode="r")
-        trimmed_path = self.path.with_suffix(".trim.npy")
-        out = np.lib.format.open_memmap(
-            trimmed_path, mode="w+", dtype=np.uint8, shape=(self.count, *full.shape[1:])
-        )
-        for start in range(0, self.count, 256):
-            out[start : start + 256] = full[start : start + 256]
-        out.flush()
-        del out, full
-        os.replace(trimmed_path, self.path)
+        try:
+            self._fh.truncate(_NPY_HEADER_BYTES + self.count * self._row_bytes)
+            self._fh.seek(0)
+            self._fh.write(_npy_header((self.count, self.image_size, self.image_size, 3)))
+        finally:
+            self._fh.close()
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
@@ -143,12 +186,68 @@ def write_classes(folder: Path, classes: Sequence[str]) -> None:
     write_json(folder / "classes.json", list(classes))
 
 
+def data_root(data: Any) -> str:
+    """The folder the images of the `data` config come from: `data.synthetic.dir` for the
+    synthetic source (the generator's own folder), `data.path` (your photos) otherwise."""
+    if data.source == "synthetic":
+        return str(data.synthetic.dir)
+    return str(data.path)
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """`path` as recorded in report.json: relative (posix) when inside the working directory, so
+    the prepared data (and its DVC hash) do not depend on where the project is cloned; else
+    absolute. Symlinks are not resolved."""
+    absolute = Path(os.path.abspath(os.fspath(path)))
+    try:
+        text = absolute.relative_to(Path.cwd().absolute()).as_posix()
+    except ValueError:
+        text = absolute.as_posix()
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def data_tags(report: dict) -> dict[str, str]:
+    """MLflow run tags that say what a run trained on, from the prepared data's report.json:
+    `data_path` (the folder the images came from), `data_images` (accepted images, all splits)
+    and `data_small_classes` (`class=n, ...` for classes with few training images; `none`)."""
+    small = report.get("small_classes") or {}
+    return {
+        "data_path": str(report.get("root", "?")),
+        "data_images": str(report.get("accepted", "?")),
+        "data_small_classes": (", ".join(f"{c}={n}" for c, n in small.items()) or "none")[:4000],
+    }
+
+
+def _mismatches(dataset: PreparedDataset, data: Any) -> list[str]:
+    """'<recorded> vs <configured>' for every setting the prepared data differs in from `data`."""
+    report = dataset.report
+    found = []
+    if int(data.image_size) != dataset.image_size:
+        found.append(
+            f"data.image_size={dataset.image_size}, but this step runs with "
+            f"data.image_size={data.image_size}"
+        )
+    if report.get("resize", data.resize) != data.resize:
+        found.append(
+            f"data.resize={report['resize']}, but this step runs with data.resize={data.resize}"
+        )
+    recorded = (report.get("source", data.source), report.get("root"))
+    wanted = (str(data.source), shown_path(data_root(data)))
+    if recorded[1] is not None and recorded != wanted:
+        found.append(
+            f"data.source={recorded[0]} from '{recorded[1]}', but this step runs with "
+            f"data.source={wanted[0]} from '{wanted[1]}'"
+        )
+    return found
+
+
 def open_prepared(folder: str | os.PathLike[str], data: Any = None) -> PreparedDataset:
     """The prepared dataset in `folder`, checked against the `data` config it is used with.
 
     Args:
         folder: the prepare stage's output (`paths.prepared`).
-        data: the `data` config section of the step that reads it (None: no check).
+        data: the `data` config section of the step that reads it (None: no check). Checked:
+            `image_size`, `resize`, and the data source and folder (as recorded in report.json).
 
     Raises:
         StageInputError: `folder` holds no prepared dataset (run the prepare stage), or it was
@@ -158,9 +257,10 @@ def open_prepared(folder: str | os.PathLike[str], data: Any = None) -> PreparedD
         dataset = PreparedDataset(folder)
     except FileNotFoundError as exc:
         raise StageInputError(str(exc)) from None
-    if data is not None and int(data.image_size) != dataset.image_size:
+    problems = _mismatches(dataset, data) if data is not None else []
+    if problems:
         raise StageInputError(
-            f"{dataset.folder} was prepared at data.image_size={dataset.image_size}, but this "
-            f"step runs with data.image_size={data.image_size}: rerun prepare (`dvc repro`)."
+            f"{dataset.folder} was prepared with {'; and with '.join(problems)}: rerun prepare "
+            "(`dvc repro`, or `python -m pipeline.prepare` with the same settings)."
         )
     return dataset

@@ -8,8 +8,10 @@
 
 A tool users point at files, so plain argparse (no Hydra). Every image is decoded as `prepare`
 decodes training images (`pipeline.lib.data.images.load_rgb`: EXIF orientation, RGB, transparency on white,
-resized to the model's input size with `--resize`, by default the mode recorded with an MLflow
-model, else `stretch`). Folders are searched recursively; files that cannot be used are reported
+resized to the model's input size with `--resize`, by default the mode the model was trained with:
+`preprocessing.json` beside the models/ folder, .keras or .tflite file, or the data report of an
+MLflow model's run; `stretch` with a warning when the model carries none). Folders are searched
+recursively; files that cannot be used are reported
 (one warning line each, and a count) and skipped. One line per image goes to stdout; the full
 scores to a CSV or JSON file, by the `--output` extension, written atomically.
 
@@ -24,7 +26,6 @@ import csv
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lib.config.schema import DEFAULT_TRACKING_URI as DEFAULT_URI
+
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 MODEL_FILE = "model.keras"  # what the train stage writes (pipeline.train.MODEL_FILE)
 CLASSES_FILE = "classes.json"
+#: How the model's input images were made (pipeline.lib.model.saving.PREPROCESSING_FILE).
+PREPROCESSING_FILE = "preprocessing.json"
 #: Artifact of the training run that records the prepared data's classes and resize mode.
 RUN_DATA_REPORT = "data/report.json"
-DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 class PredictError(Exception):
@@ -126,63 +130,18 @@ def load_local_keras(path: Path, source: str) -> tuple[Any, Path]:
 def tflite_predict(
     path: Path, source: str, threads: int | None = None
 ) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
-    """Run a `.tflite` model: float32 inputs/outputs, or quantized int8/uint8 ones converted
-    with the tensors' scale and zero point. Returns (predict, input size)."""
-    import tensorflow as tf
+    """Run a `.tflite` model (`pipeline.lib.model.tflite.TFLiteRunner`: float32 inputs/outputs,
+    or quantized int8/uint8 ones converted with the tensors' scale and zero point). Returns
+    (predict: images (N, S, S, 3) -> float32 probabilities (N, C), input size S)."""
+    from pipeline.lib.model.tflite import TFLiteRunner
 
     try:
-        with warnings.catch_warnings():  # tf.lite.Interpreter's own deprecation notice
-            warnings.simplefilter("ignore")
-            interpreter = tf.lite.Interpreter(
-                model_path=str(path), num_threads=threads or os.cpu_count() or 1
-            )
-        interpreter.allocate_tensors()
-    except Exception as exc:  # noqa: BLE001
+        runner = TFLiteRunner(path, threads)
+    except ValueError as exc:
         raise PredictError(
             f"model {source}: cannot load it as a TensorFlow Lite model ({_reason(exc)})"
         ) from None
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    shape = [int(d) for d in inp["shape"]]
-    size = _fixed_size(shape, source)
-    state = {"batch": shape[0]}
-
-    def quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-        dtype = np.dtype(detail["dtype"])
-        if dtype.kind == "f":
-            return x.astype(dtype)
-        scale, zero = detail["quantization"]
-        if not scale:
-            raise PredictError(f"model {source}: integer input without quantization parameters")
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(x / scale + zero), info.min, info.max).astype(dtype)
-
-    def dequantize(y: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-        if np.dtype(detail["dtype"]).kind == "f":
-            return y.astype(np.float64)
-        scale, zero = detail["quantization"]
-        return (y.astype(np.float64) - zero) * (scale or 1.0)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        n = len(images)
-        if state["batch"] != n:
-            try:
-                interpreter.resize_tensor_input(inp["index"], [n, size, size, 3], strict=False)
-                interpreter.allocate_tensors()
-                state["batch"] = n
-            except (RuntimeError, ValueError):  # a model converted with a fixed batch size
-                interpreter.resize_tensor_input(inp["index"], shape, strict=False)
-                interpreter.allocate_tensors()
-                state["batch"] = shape[0]
-                if shape[0] != 1 or n == 1:
-                    raise
-                return np.concatenate([predict(images[i : i + 1]) for i in range(n)])
-        interpreter.set_tensor(inp["index"], quantize(images.astype(np.float32), inp))
-        interpreter.invoke()
-        result = interpreter.get_tensor(out["index"])
-        return dequantize(np.array(result).reshape(n, -1), out)
-
-    return predict, size
+    return runner, _fixed_size(runner.input_shape, source)
 
 
 def _tracking_uri(tracking_uri: str | None) -> str:
@@ -239,6 +198,106 @@ def run_data_report(run_id: str | None) -> dict[str, Any] | None:
     return report if isinstance(report, dict) else None
 
 
+def read_preprocessing(path: Path, what: str) -> dict[str, Any] | None:
+    """The preprocessing record `path` (models/preprocessing.json: {"image_size": int px,
+    "resize": "stretch"|"pad"|"crop"}), or None when there is no such file.
+
+    Raises PredictError when the file exists but is not such a record."""
+    from pipeline.lib.data.images import RESIZE_POLICIES
+
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise PredictError(f"{what}: cannot read {path} ({_reason(exc)})") from None
+    if not (
+        isinstance(record, dict)
+        and record.get("resize") in RESIZE_POLICIES
+        and isinstance(record.get("image_size"), int)
+    ):
+        raise PredictError(
+            f'{what}: {path} must hold {{"image_size": <px>, "resize": one of '
+            f"{', '.join(RESIZE_POLICIES)}}}"
+        )
+    return record
+
+
+def _from_mlflow(
+    model: str, tracking_uri: str | None, classes: list[str] | None
+) -> tuple[Callable[[np.ndarray], np.ndarray], int, str, list[str], str | None]:
+    """(predict, input size, kind, classes, resize) of an MLflow model URI; the classes and the
+    resize mode come from its training run's data report."""
+    import mlflow
+
+    from pipeline.lib.tracking.compare import StoreError, check_store
+
+    uri = _tracking_uri(tracking_uri)
+    try:
+        check_store(uri)  # a missing store is reported, never created
+    except StoreError as exc:
+        raise PredictError(f"model {model}: {exc}") from None
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        predict, size, info, kind = load_mlflow(model, uri)
+        report = run_data_report(info.run_id) or {}
+    finally:
+        if previous is not None:
+            mlflow.set_tracking_uri(previous)
+    if classes is None and isinstance(report.get("classes"), list):
+        classes = [str(c) for c in report["classes"]]
+    if classes is None:
+        raise PredictError(
+            f"model {model}: its run ({info.run_id}) has no {RUN_DATA_REPORT} "
+            "with the class names; pass them with --classes classes.json"
+        )
+    return predict, size, f"mlflow {kind}", classes, report.get("resize")
+
+
+def _from_file(
+    model: str, classes_file: str | None, classes: list[str] | None, threads: int | None
+) -> tuple[Callable[[np.ndarray], np.ndarray], int, str, list[str], str | None]:
+    """(predict, input size, kind, classes, resize) of a models/ folder, .keras or .tflite file;
+    classes.json and preprocessing.json are read from beside the model file (for a .tflite file
+    also from beside `--classes`)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise PredictError(f"model {model}: no such file or folder")
+    if path.suffix.lower() == ".tflite" and path.is_file():
+        predict, size = tflite_predict(path, model, threads)
+        kind, folder = "tflite", path.parent
+    elif path.is_dir() or path.suffix.lower() == ".keras":
+        net, file = load_local_keras(path, model)
+        predict, size = _keras_predict(net), _fixed_size(net.input_shape, model)
+        kind, folder = "keras", file.parent
+    else:
+        raise PredictError(
+            f"model {model}: unknown model type (expected a models/ folder, a "
+            ".keras or .tflite file, or models:/... or runs:/... URI)"
+        )
+    if classes is None:
+        beside = folder / CLASSES_FILE
+        if not beside.is_file():
+            raise PredictError(
+                f"model {model}: no {CLASSES_FILE} next to it ({beside}); pass "
+                "the class names with --classes classes.json"
+            )
+        classes = read_classes(beside, f"model {model}")
+    places = [folder] + ([Path(classes_file).parent] if classes_file else [])
+    for place in places:
+        record = read_preprocessing(place / PREPROCESSING_FILE, f"model {model}")
+        if record is not None:
+            if record["image_size"] != size:
+                raise PredictError(
+                    f"model {model}: {place / PREPROCESSING_FILE} says {record['image_size']} "
+                    f"px, but the model takes {size} px images: they are not from one training"
+                )
+            return predict, size, kind, classes, record["resize"]
+    return predict, size, kind, classes, None
+
+
 def load_predictor(
     model: str,
     tracking_uri: str | None = None,
@@ -246,60 +305,13 @@ def load_predictor(
     threads: int | None = None,
 ) -> Predictor:
     """Load `model` (a models/ folder, a .keras or .tflite file, or an MLflow model URI) with its
-    class names; PredictError names the model and the reason when it cannot be used."""
+    class names and the resize mode it was trained with (`Predictor.resize`; None when the model
+    carries none); PredictError names the model and the reason when it cannot be used."""
     classes = read_classes(Path(classes_file), "--classes") if classes_file else None
-    resize = None
     if is_mlflow_uri(model):
-        import mlflow
-
-        from pipeline.lib.tracking.compare import StoreError, check_store
-
-        uri = _tracking_uri(tracking_uri)
-        try:
-            check_store(uri)  # a missing store is reported, never created
-        except StoreError as exc:
-            raise PredictError(f"model {model}: {exc}") from None
-        previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-        mlflow.set_tracking_uri(uri)
-        try:
-            predict, size, info, kind = load_mlflow(model, uri)
-            report = run_data_report(info.run_id)
-        finally:
-            if previous is not None:
-                mlflow.set_tracking_uri(previous)
-        if report is not None:
-            resize = report.get("resize")
-            if classes is None and isinstance(report.get("classes"), list):
-                classes = [str(c) for c in report["classes"]]
-        if classes is None:
-            raise PredictError(
-                f"model {model}: its run ({info.run_id}) has no {RUN_DATA_REPORT} "
-                "with the class names; pass them with --classes classes.json"
-            )
-        kind = f"mlflow {kind}"
+        predict, size, kind, classes, resize = _from_mlflow(model, tracking_uri, classes)
     else:
-        path = Path(model).expanduser()
-        if not path.exists():
-            raise PredictError(f"model {model}: no such file or folder")
-        if path.suffix.lower() == ".tflite" and path.is_file():
-            predict, size = tflite_predict(path, model, threads)
-            kind, beside = "tflite", path.parent / CLASSES_FILE
-        elif path.is_dir() or path.suffix.lower() == ".keras":
-            net, file = load_local_keras(path, model)
-            predict, size = _keras_predict(net), _fixed_size(net.input_shape, model)
-            kind, beside = "keras", file.parent / CLASSES_FILE
-        else:
-            raise PredictError(
-                f"model {model}: unknown model type (expected a models/ folder, a "
-                ".keras or .tflite file, or models:/... or runs:/... URI)"
-            )
-        if classes is None:
-            if not beside.is_file():
-                raise PredictError(
-                    f"model {model}: no {CLASSES_FILE} next to it ({beside}); pass "
-                    "the class names with --classes classes.json"
-                )
-            classes = read_classes(beside, f"model {model}")
+        predict, size, kind, classes, resize = _from_file(model, classes_file, classes, threads)
     probe = predict(np.zeros((1, size, size, 3), dtype=np.uint8))
     if probe.ndim != 2 or probe.shape[1] != len(classes):
         raise PredictError(
@@ -486,8 +498,9 @@ def parser() -> argparse.ArgumentParser:
         "--resize",
         choices=RESIZE_POLICIES,
         default=None,
-        help="how images are made square, as data.resize in prepare (default: the mode "
-        "recorded with an MLflow model's run, else stretch)",
+        help="how images are made square, as data.resize in prepare (default: the mode the "
+        "model was trained with: preprocessing.json beside a models/ folder, .keras or .tflite "
+        "file (or beside --classes), or an MLflow model's run; else stretch, with a warning)",
     )
     p.add_argument(
         "--classes",
@@ -510,6 +523,13 @@ def run(args: argparse.Namespace) -> int:
     fmt = output_format(args.output)  # before any work
     predictor = load_predictor(args.model, args.tracking_uri, args.classes)
     resize = args.resize or predictor.resize or "stretch"
+    if args.resize is None and predictor.resize is None:
+        print(
+            f"warning: {args.model} carries no {PREPROCESSING_FILE} (nor an MLflow data report): "
+            "images are resized with stretch; pass --resize as the model was trained "
+            "(data.resize)",
+            file=sys.stderr,
+        )
     files, skipped, any_folder = collect(args.inputs)
 
     def warn(path: str, why: str) -> None:

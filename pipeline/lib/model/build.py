@@ -40,6 +40,7 @@ def keras_home() -> Path:
 
 
 def imagenet_weights_path(alpha: float, size: int) -> Path:
+    """Where Keras keeps the MobileNetV2 ImageNet weights file (no top) of `alpha` and `size` px."""
     return keras_home() / "models" / WEIGHTS_FILE.format(alpha=float(alpha), size=size)
 
 
@@ -86,6 +87,9 @@ def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed
     if resolved is None:
         keras.utils.set_random_seed(init_seed)
     base = keras.applications.MobileNetV2(
+        # a named input: Keras would number an unnamed one per process (input_layer_1, ...),
+        # and the saved model's bytes would depend on what was built before
+        input_tensor=keras.Input(shape=(image_size, image_size, 3), name=f"{BACKBONE_NAME}_input"),
         input_shape=(image_size, image_size, 3),
         alpha=alpha,
         include_top=False,
@@ -134,21 +138,6 @@ def build_head(feature_dim: int, num_classes: int, dropout: float, init: str = "
         num_classes, activation="softmax", kernel_initializer=init, name=HEAD_NAME
     )(x)
     return keras.Model(inputs, outputs, name="head")
-
-
-def build_classifier(
-    alpha: float,
-    weights: str | None,
-    image_size: int,
-    num_classes: int,
-    dropout: float,
-    init_seed: int = 0,
-    head_init: str = "zeros",
-) -> Any:
-    """The complete model: images (0..255) -> class probabilities, backbone frozen."""
-    extractor = build_feature_extractor(alpha, weights, image_size, init_seed)
-    head = build_head(int(extractor.output.shape[-1]), num_classes, dropout, head_init)
-    return compose(extractor, head)
 
 
 def compose(extractor: Any, head: Any) -> Any:
@@ -245,6 +234,8 @@ def unfreeze_top(backbone: Any, n: int) -> list[str]:
 
 
 def make_optimizer(name: str, learning_rate: Any) -> Any:
+    """A Keras optimizer by `train.optimizer` name (adam, adamw, sgd, rmsprop); `learning_rate`
+    a float or a Keras schedule. Raises KeyError for another name (the schema refuses it first)."""
     import keras
 
     optimizers = {
@@ -257,6 +248,7 @@ def make_optimizer(name: str, learning_rate: Any) -> Any:
 
 
 def count_params(model: Any) -> dict[str, int]:
+    """{"trainable", "non_trainable", "total"}: the model's parameter counts (scalars)."""
     import numpy as np
 
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))

@@ -1,9 +1,18 @@
 """Backbone features, computed once: the expensive, unchanging part of frozen transfer learning.
 
-The feature extractor (scaling + frozen MobileNetV2 + global pooling) is run through TensorFlow
-Lite with XNNPACK, which is several times faster than Keras `predict` on a CPU. Converting the
-Keras graph to TFLite takes tens of seconds, so the converted flatbuffer is cached on disk, keyed
-by the extractor's architecture and weights, and each backbone is converted once per machine.
+`featurize.backend` chooses how the feature extractor (scaling + frozen MobileNetV2 + global
+pooling) runs: `tflite` (the default: TensorFlow Lite with XNNPACK, 2-3x faster than Keras on a
+CPU) or `keras` (`predict_on_batch`). The choice is explicit, a DVC parameter, and the features
+never depend on what a cache holds:
+
+- converting the Keras graph to TFLite takes tens of seconds, so the flatbuffer is cached on disk
+  (`tflite_cache_path`), keyed by a hash of what determines it: the TensorFlow version, the
+  extractor's architecture (its Keras config) and every weight;
+- the conversion is deterministic (same extractor -> same flatbuffer bytes), and a cached file is
+  used only when its content hash (kept beside it) matches, else it is converted afresh; so a warm
+  cache only saves time: the features are byte-identical to those of a fresh conversion;
+- the features do not depend on `featurize.batch_size` or `featurize.num_threads` either (checked
+  by tests/test_featurize.py), which is why these two are not DVC parameters.
 """
 
 from __future__ import annotations
@@ -23,11 +32,20 @@ import numpy as np
 
 from pipeline.lib.data.prepared import SPLITS, iter_batches
 from pipeline.lib.files import read_json
+from pipeline.lib.model.tflite import TFLiteRunner
 
 log = logging.getLogger(__name__)
 
+#: The featurize backends (`featurize.backend`).
+BACKENDS = ("tflite", "keras")
+#: What the converter is asked for; part of the cache key (a change must miss the old files).
+CONVERSION = "tflite:float32:default-ops"
+#: The file holding the features' identity (`feature_key`) in `paths.features`.
+META_FILE = "meta.json"
+
 
 def default_cache_dir() -> Path:
+    """$TRUCK_CACHE_DIR, else $XDG_CACHE_HOME/truck-pipeline, else ~/.cache/truck-pipeline."""
     base = os.environ.get("TRUCK_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "truck-pipeline"
     )
@@ -35,95 +53,100 @@ def default_cache_dir() -> Path:
 
 
 def extractor_fingerprint(extractor: Any) -> str:
-    """A hash of what determines the features: input shape, layer config and every weight."""
+    """32 hex digits: a hash of what determines the converted flatbuffer and so the features:
+    the TensorFlow version, the conversion settings, the extractor's Keras config (architecture,
+    layer settings, input shape) and every weight (path, shape, bytes)."""
     import tensorflow as tf
 
     h = hashlib.sha256()
-    h.update(f"tf={tf.__version__};input={tuple(extractor.input.shape)}".encode())
-    h.update(str([(layer.name, layer.__class__.__name__) for layer in extractor.layers]).encode())
+    h.update(f"tf={tf.__version__};{CONVERSION};".encode())
+    h.update(extractor.to_json(sort_keys=True).encode())
     for weight in extractor.weights:
         array = np.ascontiguousarray(weight.numpy())
-        h.update(f"{weight.path}:{array.shape}".encode())
+        h.update(f"{weight.path}:{array.shape}:{array.dtype}".encode())
         h.update(array.tobytes())
     return h.hexdigest()[:32]
 
 
-#: Below this many images, converting an uncached backbone to TFLite (about 20 s on 2 cores)
-#: costs more than it saves over Keras `predict` (about 2.5x slower per image).
-AUTO_TFLITE_MIN_IMAGES = 1500
-
-
 def tflite_cache_path(extractor: Any, cache_dir: Path | None = None) -> Path:
+    """`<cache_dir>/tflite/<fingerprint>.tflite` (cache_dir: `default_cache_dir()`); its
+    sha256 is kept in the same path with the suffix `.sha256`."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     return cache_dir / "tflite" / f"{extractor_fingerprint(extractor)}.tflite"
 
 
-def choose_backend(
-    backend: str, extractor: Any, num_images: int, cache_dir: Path | None = None
-) -> str:
-    """`auto`: TFLite when its conversion is already cached or pays for itself, else Keras."""
-    if backend != "auto":
-        return backend
-    if num_images >= AUTO_TFLITE_MIN_IMAGES or tflite_cache_path(extractor, cache_dir).is_file():
-        return "tflite"
-    return "keras"
-
-
-def tflite_model(extractor: Any, cache_dir: Path | None = None) -> bytes:
-    """The extractor as a TFLite flatbuffer, converted once and cached by fingerprint."""
-    import tensorflow as tf
-
-    path = tflite_cache_path(extractor, cache_dir)
-    if path.is_file():
-        return path.read_bytes()
-    converter = tf.lite.TFLiteConverter.from_keras_model(extractor)
-    flatbuffer = converter.convert()
+def _cached_flatbuffer(path: Path) -> bytes | None:
+    """The cached flatbuffer at `path` if it is there and its content hash matches, else None."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_bytes(flatbuffer)
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only cache only costs time
-        warnings.warn(f"could not cache the converted backbone at {path}: {exc}", stacklevel=2)
+        flatbuffer = path.read_bytes()
+        expected = path.with_suffix(".sha256").read_text().strip()
+    except OSError:
+        return None
+    if hashlib.sha256(flatbuffer).hexdigest() != expected:
+        log.warning("Ignoring the cached TFLite backbone %s: its content hash does not match", path)
+        return None
     return flatbuffer
 
 
-class TFLiteRunner:
-    """Runs a TFLite flatbuffer with XNNPACK on batches of images."""
+def _store_flatbuffer(path: Path, flatbuffer: bytes) -> None:
+    """Write `flatbuffer` and its sha256 atomically; a read-only cache only costs time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for target, data in (
+            (path, flatbuffer),
+            (path.with_suffix(".sha256"), hashlib.sha256(flatbuffer).hexdigest().encode()),
+        ):
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+    except OSError as exc:
+        warnings.warn(f"could not cache the converted backbone at {path}: {exc}", stacklevel=3)
 
-    def __init__(self, flatbuffer: bytes, num_threads: int = 0) -> None:
-        import tensorflow as tf
 
-        threads = num_threads or os.cpu_count() or 1
-        with warnings.catch_warnings():  # tf.lite.Interpreter's own deprecation notice
-            warnings.simplefilter("ignore")
-            self._interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=threads)
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
-        self._batch = 0
+def convert_to_tflite(extractor: Any) -> bytes:
+    """The Keras model converted to a float32 TFLite flatbuffer (no optimizations). Deterministic:
+    the same model (config and weights) gives the same bytes, in any process."""
+    import contextlib
+    import io
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) != self._batch:
-            self._interpreter.resize_tensor_input(self._input, batch.shape, strict=False)
-            self._interpreter.allocate_tensors()
-            self._batch = len(batch)
-        self._interpreter.set_tensor(self._input, np.ascontiguousarray(batch, dtype=np.float32))
-        self._interpreter.invoke()
-        return self._interpreter.get_tensor(self._output).copy()
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(extractor)
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras' export prints every captured tensor
+        return converter.convert()
+
+
+def tflite_model(extractor: Any, cache_dir: Path | None = None) -> bytes:
+    """The extractor as a TFLite flatbuffer: from the cache when it holds this fingerprint with a
+    matching content hash, else converted (tens of seconds for MobileNetV2) and cached."""
+    path = tflite_cache_path(extractor, cache_dir)
+    flatbuffer = _cached_flatbuffer(path)
+    if flatbuffer is None:
+        start = time.perf_counter()
+        flatbuffer = convert_to_tflite(extractor)
+        log.info("Converted the backbone to TFLite in %.1f s", time.perf_counter() - start)
+        _store_flatbuffer(path, flatbuffer)
+    return flatbuffer
 
 
 def make_featurizer(
     extractor: Any, backend: str = "tflite", num_threads: int = 0, cache_dir: Path | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """A function: float32 image batch (B, H, W, 3) in 0..255 -> features (B, D).
+    """A function: float32 image batch (B, H, W, 3), values 0..255 -> float32 features (B, D).
 
-    `backend` is `tflite` or `keras` (resolve `auto` first with `choose_backend`).
+    Args:
+        extractor: the Keras feature extractor (`build.build_feature_extractor`).
+        backend: `tflite` (XNNPACK, `num_threads` CPU threads, 0 = all cores) or `keras`.
+        cache_dir: the TFLite conversion cache (`default_cache_dir()` when None).
+
+    Raises:
+        ValueError: an unknown backend.
     """
     if backend == "tflite":
         return TFLiteRunner(tflite_model(extractor, cache_dir), num_threads)
     if backend == "keras":
-        return lambda batch: extractor.predict_on_batch(batch)
-    raise ValueError(f"featurize.backend={backend!r}: must be auto, tflite or keras")
+        return lambda batch: np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
+    raise ValueError(f"featurize.backend={backend!r}: must be one of {', '.join(BACKENDS)}")
 
 
 def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -156,9 +179,12 @@ def featurize_array(
     out: np.ndarray | None = None,
     progress: str | None = None,
 ) -> np.ndarray:
-    """Features (N, feature_dim) of a (memory-mapped) uint8 image array, one batch at a time.
+    """float32 features (N, feature_dim) of an image array (N, H, W, 3), any numeric dtype
+    (uint8 memory-mapped prepared images), computed `batch_size` images at a time, the next batch
+    read in a background thread.
 
-    `out` may be a memory-mapped array to write into, so memory stays flat however many images.
+    `out` may be a (memory-mapped) float32 array (N, feature_dim) to write into, so memory stays
+    flat however many images; it is returned. `progress` labels a tqdm bar (none when None).
     """
     from tqdm import tqdm
 
@@ -178,20 +204,25 @@ def featurize_array(
 
 
 def feature_key(cfg: Any, prepared_md5: str) -> dict:
-    """What determines the features: the prepared images and the backbone's configuration."""
+    """What determines the features (kept in `meta.json` beside them): the prepared images (their
+    DVC md5), the backbone's configuration and the backend (TFLite and Keras agree to ~1e-5, not
+    to the bit)."""
     return {
         "prepared_md5": prepared_md5,
         "model": cfg.model.name,
         "alpha": float(cfg.model.alpha),
         "weights": cfg.model.weights,
         "init_seed": cfg.model.init_seed if cfg.model.weights is None else None,
+        "backend": cfg.featurize.backend,
     }
 
 
 def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] | None:
-    """The cached features, if they were computed from these images with this backbone."""
+    """{"train" | "val" | "test": float32 (N, D)} from `paths.features`, if `meta.json` there
+    says they were computed from these images with this backbone and backend; else None (with a
+    warning when features of other inputs are there)."""
     folder = Path(cfg.paths.features)
-    meta_path = folder / "meta.json"
+    meta_path = folder / META_FILE
     if not meta_path.is_file():
         return None
     meta = read_json(meta_path)

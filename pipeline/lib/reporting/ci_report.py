@@ -1,6 +1,6 @@
 """What a pull request changes, as a Markdown report: metrics, params, confusion matrices.
 
-    python -m pipeline.lib.reporting.ci_report --base origin/main [--head REV|workspace] --output report.md \
+    python -m pipeline.ci_report --base origin/main [--head REV|workspace] --output report.md \
         [--images-dir DIR] [--repo .] [--metric test.accuracy]
 
 Compares two git revisions of a DVC project (the head defaults to the workspace, i.e. what
@@ -350,6 +350,7 @@ def _metrics_table(rows: Sequence[dict]) -> str:
 
 
 def render_params(rows: Sequence[dict]) -> str:
+    """The changed params (`params_diff` rows) as a Markdown table: param, base, head."""
     if not rows:
         return "_No params changed._"
     several = len({r["file"] for r in rows}) > 1
@@ -372,11 +373,14 @@ class Side:
 
     @property
     def title(self) -> str:
+        """How the side is named in the report: `workspace` or the short revision."""
         return "workspace" if self.short == WORKSPACE else f"`{self.short}`"
 
 
 @dataclass
 class Report:
+    """What the pull-request report shows: both sides, and the metric and param changes."""
+
     base: Side
     head: Side
     metrics: list[dict] = field(default_factory=list)
@@ -387,6 +391,7 @@ class Report:
 
 
 def render_confusion(side: Side, label: str) -> str:
+    """One side's test confusion matrix as a Markdown section (or the note why there is none)."""
     lines = [f"#### {label}: {side.title}", ""]
     if side.confusion is None:
         lines.append(f"_{side.note or 'No predictions.'}_")
@@ -546,8 +551,9 @@ def build_report(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of `python -m pipeline.ci_report`."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.lib.reporting.ci_report",
+        prog="python -m pipeline.ci_report",
         description="Markdown report of what changed between two revisions of the pipeline: "
         "dvc metrics/params diff and the test confusion matrices.",
     )
@@ -584,6 +590,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Write the report; exit status 0, or 2 with one message when git or DVC fails."""
     args = parse_args(argv)
     try:
         report = build_report(

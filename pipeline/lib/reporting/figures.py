@@ -34,6 +34,9 @@ CELL_TEXT_MAX_CLASSES = 20
 # above this many classes a gallery bar chart shows only the top scores (and the true class)
 GALLERY_ALL_CLASSES_MAX = 12
 GALLERY_TOP_K = 10
+# a gallery panel's image and score chart widths, in inches
+_GALLERY_IMAGE_IN = 2.4
+_GALLERY_BARS_IN = 1.9
 
 _METRICS = {
     "loss": ("Loss", "min"),
@@ -117,19 +120,12 @@ def _batch_positions(steps: np.ndarray, n_epochs: int, first_epoch: float) -> np
     return (first_epoch - 1.0) + pos / steps_per_epoch
 
 
-def learning_curve_figure(
-    epochs: Mapping[str, Sequence[float]],
-    metric: str,
-    batches: Mapping[str, Sequence[float]] | None = None,
-) -> Figure:
-    """One metric ('loss' or 'accuracy'): train vs validation per epoch, batches faintly under."""
-    label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
-    train = _float_series(epochs.get(metric))
-    val = _float_series(epochs.get(f"val_{metric}"))
-    n = max(len(train), len(val))
-    x = _epoch_axis(epochs, n)
-
+def _batch_series(
+    batches: Mapping[str, Sequence[float]] | None, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of a per-batch series; steps numbered 0.. when missing or restarting."""
     batch_y = _float_series((batches or {}).get(metric))
+    steps = np.zeros(0)
     if len(batch_y):
         raw_steps = (batches or {}).get("step")
         steps = _float_series(raw_steps)[: len(batch_y)] if raw_steps is not None else np.zeros(0)
@@ -137,30 +133,12 @@ def learning_curve_figure(
         if len(steps) != len(batch_y) or not np.all(np.diff(steps) > 0):
             steps = np.arange(len(batch_y), dtype=float)
         batch_y = batch_y[: len(steps)]
+    return steps, batch_y
 
-    fig = _new_figure(7.0, 4.3)
-    ax = fig.add_subplot()
-    ax.set_title(f"{label} per epoch", fontsize=12)
 
-    if n == 0 and not len(batch_y):
-        _message(ax, f"no {metric} recorded")
-        return fig
-
+def _plot_epoch_curves(ax, x: np.ndarray, train: np.ndarray, val: np.ndarray, n: int) -> None:
     markers = n <= 30
     marker_size = 7 if n == 1 else 4
-
-    if len(batch_y):
-        bx = _batch_positions(steps, n, float(x[0])) if n else steps
-        ax.plot(
-            bx,
-            batch_y,
-            color=TRAIN_COLOR,
-            alpha=0.3,
-            linewidth=0.8,
-            zorder=1,
-            label="train (per batch)",
-        )
-
     if len(train):
         ax.plot(
             x[: len(train)],
@@ -185,7 +163,9 @@ def learning_curve_figure(
             label="validation",
         )
 
-    # mark the best epoch of the validation curve (of the training curve when there is none)
+
+def _mark_best_epoch(ax, x: np.ndarray, train: np.ndarray, val: np.ndarray, best_mode: str) -> None:
+    """Star the best epoch of the validation curve (of the training curve when there is none)."""
     ref, ref_name = (val, "validation") if len(val) else (train, "train")
     if len(ref) > 1 and np.isfinite(ref).any():
         i = int(np.nanargmin(ref) if best_mode == "min" else np.nanargmax(ref))
@@ -202,6 +182,39 @@ def learning_curve_figure(
             label=f"best {ref_name}: {ref[i]:.4g} (epoch {x[i]:g})",
         )
 
+
+def learning_curve_figure(
+    epochs: Mapping[str, Sequence[float]],
+    metric: str,
+    batches: Mapping[str, Sequence[float]] | None = None,
+) -> Figure:
+    """One metric ('loss' or 'accuracy'): train vs validation per epoch, batches faintly under."""
+    label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
+    train = _float_series(epochs.get(metric))
+    val = _float_series(epochs.get(f"val_{metric}"))
+    n = max(len(train), len(val))
+    x = _epoch_axis(epochs, n)
+    steps, batch_y = _batch_series(batches, metric)
+
+    fig = _new_figure(7.0, 4.3)
+    ax = fig.add_subplot()
+    ax.set_title(f"{label} per epoch", fontsize=12)
+    if n == 0 and not len(batch_y):
+        _message(ax, f"no {metric} recorded")
+        return fig
+    if len(batch_y):
+        bx = _batch_positions(steps, n, float(x[0])) if n else steps
+        ax.plot(
+            bx,
+            batch_y,
+            color=TRAIN_COLOR,
+            alpha=0.3,
+            linewidth=0.8,
+            zorder=1,
+            label="train (per batch)",
+        )
+    _plot_epoch_curves(ax, x, train, val, n)
+    _mark_best_epoch(ax, x, train, val, best_mode)
     ax.set_xlabel("epoch" if n else "step")
     ax.set_ylabel(label.lower())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -240,12 +253,7 @@ def _format_count(value: float) -> str:
     return f"{int(round(value))}" if float(value).is_integer() else f"{value:.3g}"
 
 
-def confusion_figure(
-    matrix, classes: Sequence[str], normalize: bool = False, title: str = "Confusion matrix"
-) -> Figure:
-    """Heatmap: true label on y, predicted on x; counts (and row %) in cells up to 20 classes."""
-    counts = np.asarray(matrix, dtype=float)
-    n = len(classes)
+def _check_confusion(counts: np.ndarray, n: int) -> None:
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
         raise ValueError(f"confusion matrix must be square, got shape {counts.shape}")
     if n == 0:
@@ -255,14 +263,12 @@ def confusion_figure(
             f"confusion matrix is {counts.shape[0]}x{counts.shape[0]} "
             f"but {n} class names were given"
         )
-    classes = [str(c) for c in classes]
-    row_sums = counts.sum(axis=1, keepdims=True)
-    fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
-    shown = fractions if normalize else counts
 
-    show_text = n <= CELL_TEXT_MAX_CLASSES
+
+def _confusion_canvas(classes: list[str], normalize: bool) -> tuple[Figure, float]:
+    """A figure sized for n classes (cells, rotated labels, colour bar) and its tick font size."""
+    n = len(classes)
     tick_fs = 10 if n <= 10 else 8 if n <= 20 else 7 if n <= 35 else 6
-    cell_fs = 10 if n <= 6 else 9 if n <= 10 else 7 if n <= 15 else 6
     cell_in = (
         (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
     )
@@ -270,20 +276,11 @@ def confusion_figure(
     grid_in = max(3.0, n * cell_in)
     width = grid_in + label_in + 1.6  # y tick labels, axis label, colour bar
     height = grid_in + label_in * 0.75 + 1.3  # rotated x tick labels, title
-    fig = _new_figure(width, height)
-    ax = fig.add_subplot()
+    return _new_figure(width, height), tick_fs
 
-    vmax = 1.0 if normalize else max(float(counts.max()), 1.0)
-    image = ax.imshow(
-        shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal"
-    )
-    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, shrink=0.9)
-    if normalize:
-        bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-        bar.set_label("share of the true class")
-    else:
-        bar.set_label("images")
 
+def _confusion_axes(ax, classes: list[str], tick_fs: float) -> None:
+    n = len(classes)
     ax.set_xticks(
         range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=tick_fs
     )
@@ -295,35 +292,77 @@ def confusion_figure(
     ax.set_xlabel("predicted label", fontsize=11)
     ax.set_ylabel("true label", fontsize=11)
 
+
+def _confusion_subtitle(counts: np.ndarray, normalize: bool) -> str:
     total = counts.sum()
     subtitle = (
         f"accuracy {np.trace(counts) / total:.1%} on {_format_count(total)} images"
         if total > 0
         else "no images"
     )
-    if normalize:
-        subtitle += " · rows normalised"
-    ax.set_title(f"{title}\n{subtitle}", fontsize=12)
+    return subtitle + (" · rows normalised" if normalize else "")
 
-    if show_text:
-        pct_fmt = "{:.1f}%" if n <= 10 else "{:.0f}%"
-        for i in range(n):
-            for j in range(n):
-                value = counts[i, j]
-                text = _format_count(value)
-                if normalize:
-                    text += "\n" + pct_fmt.format(100 * fractions[i, j])
-                dark = image.norm(shown[i, j]) > 0.55
-                ax.text(
-                    j,
-                    i,
-                    text,
-                    ha="center",
-                    va="center",
-                    fontsize=cell_fs,
-                    color="white" if dark else "#222222",
-                    alpha=1.0 if value else 0.45,
-                )
+
+def _confusion_cell_texts(
+    ax, image, counts: np.ndarray, fractions: np.ndarray, normalize: bool
+) -> None:
+    """Each cell's count (and row share when normalised), white on dark cells."""
+    n = len(counts)
+    shown = fractions if normalize else counts
+    cell_fs = 10 if n <= 6 else 9 if n <= 10 else 7 if n <= 15 else 6
+    pct_fmt = "{:.1f}%" if n <= 10 else "{:.0f}%"
+    for i in range(n):
+        for j in range(n):
+            value = counts[i, j]
+            text = _format_count(value)
+            if normalize:
+                text += "\n" + pct_fmt.format(100 * fractions[i, j])
+            dark = image.norm(shown[i, j]) > 0.55
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=cell_fs,
+                color="white" if dark else "#222222",
+                alpha=1.0 if value else 0.45,
+            )
+
+
+def confusion_figure(
+    matrix, classes: Sequence[str], normalize: bool = False, title: str = "Confusion matrix"
+) -> Figure:
+    """Heatmap of a (C, C) count matrix (rows true, columns predicted) for C class names: true
+    label on y, predicted on x; counts (and row %) in cells up to 20 classes.
+
+    Raises:
+        ValueError: the matrix is not square, has no class, or does not match `classes`.
+    """
+    counts = np.asarray(matrix, dtype=float)
+    n = len(classes)
+    _check_confusion(counts, n)
+    classes = [str(c) for c in classes]
+    row_sums = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
+    shown = fractions if normalize else counts
+
+    fig, tick_fs = _confusion_canvas(classes, normalize)
+    ax = fig.add_subplot()
+    vmax = 1.0 if normalize else max(float(counts.max()), 1.0)
+    image = ax.imshow(
+        shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal"
+    )
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, shrink=0.9)
+    if normalize:
+        bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+        bar.set_label("share of the true class")
+    else:
+        bar.set_label("images")
+    _confusion_axes(ax, classes, tick_fs)
+    ax.set_title(f"{title}\n{_confusion_subtitle(counts, normalize)}", fontsize=12)
+    if n <= CELL_TEXT_MAX_CLASSES:
+        _confusion_cell_texts(ax, image, counts, fractions, normalize)
     for spine in ax.spines.values():
         spine.set_color("#888888")
     return fig
@@ -363,6 +402,104 @@ def _as_rgb(image) -> tuple[np.ndarray, str | None]:
     return img, ("gray" if img.ndim == 2 else None)
 
 
+def _gallery_arrays(
+    probabilities, true_labels, n: int, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first n rows of probabilities (n, C) as float and labels (n,) as int, checked."""
+    probs = np.asarray(probabilities[:n], dtype=float)
+    labels = np.asarray(true_labels[:n]).astype(int).reshape(-1)
+    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != n_classes:
+        raise ValueError(f"probabilities must be ({n}, {n_classes}), got {probs.shape}")
+    if len(labels) != n:
+        raise ValueError(f"need {n} true labels, got {len(labels)}")
+    if n_classes and ((labels < 0) | (labels >= n_classes)).any():
+        raise ValueError("true label index out of range of the classes")
+    return probs, labels
+
+
+def _gallery_canvas(
+    classes: list[str], titles: list[str], columns: int
+) -> tuple[Figure, np.ndarray, float, float]:
+    """(figure, (rows, columns) subfigures, label font size, title font size) for the panels."""
+    n, n_classes = len(titles), len(classes)
+    rows = math.ceil(n / columns)
+    shown_classes = min(
+        n_classes,
+        GALLERY_ALL_CLASSES_MAX if n_classes <= GALLERY_ALL_CLASSES_MAX else GALLERY_TOP_K,
+    )
+    label_fs = 8 if shown_classes <= 8 else 7
+    label_in = _text_width_in(max(len(c) for c in classes), label_fs)
+    longest_line = max(len(line) for t in titles for line in t.split("\n"))
+    # bold title lines must fit over the image panel
+    title_fs = float(np.clip(_GALLERY_IMAGE_IN * 72.0 / (longest_line * 0.68), 6.5, 10.0))
+    pair_in = _GALLERY_IMAGE_IN + label_in + _GALLERY_BARS_IN + 0.6
+    row_in = max(_GALLERY_IMAGE_IN + 1.1, 0.24 * shown_classes + 1.0)
+    fig = _new_figure(columns * pair_in, rows * row_in + 0.5)
+    # one subfigure per image+scores pair: each lays out on its own, nothing spills into the next
+    cells = np.asarray(fig.subfigures(rows, columns, wspace=0.02, hspace=0.02), dtype=object)
+    return fig, cells.reshape(rows, columns), label_fs, title_fs
+
+
+def _draw_gallery_image(ax, image, title: str, color: str, title_fs: float) -> None:
+    img, cmap = _as_rgb(image)
+    ax.imshow(img, cmap=cmap, interpolation="antialiased")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color(color)
+        spine.set_linewidth(3)
+    ax.set_title(title, color=color, fontsize=title_fs, fontweight="bold")
+
+
+def _score_order(scores: np.ndarray, true_k: int) -> np.ndarray:
+    """Which classes a bar chart shows: all, or with many classes the top scores (true included)."""
+    if len(scores) <= GALLERY_ALL_CLASSES_MAX:
+        return np.arange(len(scores))
+    order = np.argsort(-scores, kind="stable")[:GALLERY_TOP_K]
+    if true_k not in order:
+        order[-1] = true_k
+    return order
+
+
+def _draw_gallery_scores(
+    ax, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
+) -> None:
+    """Horizontal score bars: the predicted one filled in `color`, the true one outlined."""
+    pred_k = int(probs_k.argmax())
+    order = _score_order(probs_k, true_k)
+    scores = np.clip(probs_k[order], 0.0, 1.0)
+    bar_colors = [color if i == pred_k else NEUTRAL_BAR_COLOR for i in order]
+    edges = ["black" if i == true_k else "none" for i in order]
+    ypos = np.arange(len(order))
+    ax.barh(ypos, scores, color=bar_colors, edgecolor=edges, linewidth=1.4, height=0.7)
+    ax.set_yticks(ypos, labels=[classes[i] for i in order], fontsize=label_fs)
+    for tick, i in zip(ax.get_yticklabels(), order, strict=False):
+        if i == true_k:
+            tick.set_fontweight("bold")
+    for y, i, p in zip(ypos, order, scores, strict=False):
+        tag = f"{p:.2f}" + ("  true" if i == true_k else "")
+        inside = p > 0.62
+        ax.text(
+            p - 0.02 if inside else p + 0.02,
+            y,
+            tag,
+            va="center",
+            ha="right" if inside else "left",
+            fontsize=7,
+            color="white" if inside and i == pred_k else "#222222",
+            fontweight="bold" if i == true_k else "normal",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(order) - 0.5, -0.5)  # first class on top
+    ax.set_xticks([0, 0.5, 1], labels=["0", "0.5", "1"], fontsize=7)
+    ax.tick_params(axis="y", length=0)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.set_xlabel("score", fontsize=7, labelpad=1)
+
+
 def gallery_figure(
     images,
     probabilities,
@@ -373,9 +510,13 @@ def gallery_figure(
 ) -> Figure:
     """Image + class-score bar chart per test image, `columns` pairs per row.
 
-    The image title is green when the prediction is right and red when wrong (the image gets a
-    frame of the same colour); in the bar chart the predicted bar is filled in that colour and the
-    true class is outlined in black, its name in bold and its value tagged 'true'.
+    images (N, H, W, 3) uint8 (or float, or grey); probabilities (N, C) in 0..1; true_labels (N,)
+    class indices. The image title is green when the prediction is right and red when wrong (the
+    image gets a frame of the same colour); in the bar chart the predicted bar is filled in that
+    colour and the true class is outlined in black, its name in bold and its value tagged 'true'.
+
+    Raises:
+        ValueError: probabilities or labels that do not match the images and classes.
     """
     classes = [str(c) for c in classes]
     n_total = 0 if images is None else len(images)
@@ -384,98 +525,26 @@ def gallery_figure(
         fig = _new_figure(4.0, 1.5)
         _message(fig.add_subplot(), "no test images")
         return fig
-
-    probs = np.asarray(probabilities[:n], dtype=float)
-    labels = np.asarray(true_labels[:n]).astype(int).reshape(-1)
-    n_classes = len(classes)
-    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != n_classes:
-        raise ValueError(f"probabilities must be ({n}, {n_classes}), got {probs.shape}")
-    if len(labels) != n:
-        raise ValueError(f"need {n} true labels, got {len(labels)}")
-    if n_classes and ((labels < 0) | (labels >= n_classes)).any():
-        raise ValueError("true label index out of range of the classes")
+    probs, labels = _gallery_arrays(probabilities, true_labels, n, len(classes))
     predicted = probs.argmax(axis=1)
     correct = predicted == labels
-
     columns = max(1, min(int(columns), n))
-    rows = math.ceil(n / columns)
-    shown_classes = min(
-        n_classes,
-        GALLERY_ALL_CLASSES_MAX if n_classes <= GALLERY_ALL_CLASSES_MAX else GALLERY_TOP_K,
-    )
-    label_fs = 8 if shown_classes <= 8 else 7
-    label_in = _text_width_in(max(len(c) for c in classes), label_fs)
-    image_in = 2.4
-    bars_in = 1.9
     titles = [gallery_title(classes[int(predicted[k])], classes[int(labels[k])]) for k in range(n)]
-    longest_line = max(len(line) for t in titles for line in t.split("\n"))
-    # bold title lines must fit over the image panel
-    title_fs = float(np.clip(image_in * 72.0 / (longest_line * 0.68), 6.5, 10.0))
-    pair_in = image_in + label_in + bars_in + 0.6
-    row_in = max(image_in + 1.1, 0.24 * shown_classes + 1.0)
-    fig = _new_figure(columns * pair_in, rows * row_in + 0.5)
-    # one subfigure per image+scores pair: each lays out on its own, nothing spills into the next
-    cells = np.asarray(fig.subfigures(rows, columns, wspace=0.02, hspace=0.02), dtype=object)
-    cells = cells.reshape(rows, columns)
+    fig, cells, label_fs, title_fs = _gallery_canvas(classes, titles, columns)
     fig.suptitle(
         f"Test predictions: {int(correct.sum())} of {n} right"
         + (f" (first {n} of {n_total} images)" if n < n_total else ""),
         fontsize=13,
         fontweight="bold",
     )
-
     for k in range(n):
         r, c = divmod(k, columns)
         color = CORRECT_COLOR if correct[k] else WRONG_COLOR
-        true_k, pred_k = int(labels[k]), int(predicted[k])
-        ax_img, ax_bar = cells[r, c].subplots(1, 2, width_ratios=[image_in, bars_in])
-
-        img, cmap = _as_rgb(images[k])
-        ax_img.imshow(img, cmap=cmap, interpolation="antialiased")
-        ax_img.set_xticks([])
-        ax_img.set_yticks([])
-        for spine in ax_img.spines.values():
-            spine.set_color(color)
-            spine.set_linewidth(3)
-        ax_img.set_title(titles[k], color=color, fontsize=title_fs, fontweight="bold")
-
-        if n_classes <= GALLERY_ALL_CLASSES_MAX:
-            order = np.arange(n_classes)
-        else:  # many classes: the top scores, always including the true class
-            order = np.argsort(-probs[k], kind="stable")[:GALLERY_TOP_K]
-            if true_k not in order:
-                order[-1] = true_k
-        scores = np.clip(probs[k, order], 0.0, 1.0)
-        bar_colors = [color if i == pred_k else NEUTRAL_BAR_COLOR for i in order]
-        edges = ["black" if i == true_k else "none" for i in order]
-        ypos = np.arange(len(order))
-        ax_bar.barh(ypos, scores, color=bar_colors, edgecolor=edges, linewidth=1.4, height=0.7)
-        ax_bar.set_yticks(ypos, labels=[classes[i] for i in order], fontsize=label_fs)
-        for tick, i in zip(ax_bar.get_yticklabels(), order, strict=False):
-            if i == true_k:
-                tick.set_fontweight("bold")
-        for y, i, p in zip(ypos, order, scores, strict=False):
-            tag = f"{p:.2f}" + ("  true" if i == true_k else "")
-            inside = p > 0.62
-            ax_bar.text(
-                p - 0.02 if inside else p + 0.02,
-                y,
-                tag,
-                va="center",
-                ha="right" if inside else "left",
-                fontsize=7,
-                color="white" if inside and i == pred_k else "#222222",
-                fontweight="bold" if i == true_k else "normal",
-            )
-        ax_bar.set_xlim(0, 1)
-        ax_bar.set_ylim(len(order) - 0.5, -0.5)  # first class on top
-        ax_bar.set_xticks([0, 0.5, 1], labels=["0", "0.5", "1"], fontsize=7)
-        ax_bar.tick_params(axis="y", length=0)
-        ax_bar.grid(axis="x", alpha=0.3)
-        ax_bar.set_axisbelow(True)
-        for side in ("top", "right"):
-            ax_bar.spines[side].set_visible(False)
-        ax_bar.set_xlabel("score", fontsize=7, labelpad=1)
+        ax_img, ax_bar = cells[r, c].subplots(
+            1, 2, width_ratios=[_GALLERY_IMAGE_IN, _GALLERY_BARS_IN]
+        )
+        _draw_gallery_image(ax_img, images[k], titles[k], color, title_fs)
+        _draw_gallery_scores(ax_bar, probs[k], int(labels[k]), color, classes, label_fs)
     return fig
 
 

@@ -10,6 +10,7 @@ from pipeline.lib.files import atomic_file
 
 
 def write_csv(path: Path, columns: dict[str, list[Any]]) -> None:
+    """Write `columns` ({name: values}, equal lengths) as a CSV with a header row, atomically."""
     names = list(columns)
     with atomic_file(path) as fh:
         writer = csv.writer(fh)

@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "toy-trucks"
+from pipeline.lib.config.schema import DEFAULT_EXPERIMENT
+from pipeline.lib.config.schema import DEFAULT_TRACKING_URI as DEFAULT_URI
+from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri
+
 DEFAULT_PARAMS = (
     "model.alpha",
     "model.weights",
@@ -61,8 +63,6 @@ def check_store(tracking_uri: str) -> None:
                 "Run the pipeline first (`dvc repro`) or point --tracking-uri at an existing store."
             )
     elif tracking_uri.startswith(("http://", "https://")):
-        from pipeline.lib.tracking.runs import TrackingError, check_reachable
-
         try:
             check_reachable(tracking_uri, timeout_s=10.0)
         except TrackingError as exc:
@@ -78,11 +78,15 @@ def check_store(tracking_uri: str) -> None:
 
 
 def open_client(tracking_uri: str) -> Any:
-    """An MlflowClient on an existing store (tracking and registry alike)."""
-    import mlflow
+    """An MlflowClient on an existing store (tracking and registry alike). Raises `StoreError`
+    when it does not exist or cannot be read (read-only files are fine: nothing is written)."""
+    from pipeline.lib.tracking import store
 
-    check_store(tracking_uri)
-    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    check_store(resolve_uri(tracking_uri))
+    try:
+        return store.open_client(tracking_uri)
+    except TrackingError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def experiment_id(client: Any, experiment: str) -> str:

@@ -16,9 +16,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline.lib.config.schema import DEFAULT_REGISTERED_MODEL as DEFAULT_MODEL
 from pipeline.lib.tracking.compare import DEFAULT_URI, FORMATS, StoreError, open_client, render
 
-DEFAULT_MODEL = "toy-truck-classifier"
+#: Run tag naming the prepared data a run trained on (its DVC hash): versions compete only with
+#: versions trained on the same data, in the same experiment.
+DATA_TAG = "dvc_prepared_md5"
 DEFAULT_METRIC = "test_accuracy"
 DEFAULT_ALIAS = "champion"
 _PAGE = 1000
@@ -86,11 +89,14 @@ def promote(
     alias: str = DEFAULT_ALIAS,
     ascending: bool = False,
     echo: Callable[[str], None] | None = print,
+    same_data: bool = True,
 ) -> Any:
     """Point `alias` at the version whose source run has the best `metric` (highest; with
     `ascending` lowest; ties: the newest version) and return that ModelVersion. Only READY
-    versions whose run still exists and has the metric compete. `echo` (None: silent) gets what
-    was done, with the previous holder of the alias."""
+    versions whose run still exists and has the metric compete and, with `same_data`, only those
+    whose run is in the experiment of the newest such version and trained on the same data (tag
+    `dvc_prepared_md5`): like with like. `echo` (None: silent) gets what was done, with the
+    previous holder of the alias."""
     _check_name(client, model_name)
     versions = [v for v in model_versions(client, model_name) if v.status == "READY"]
     runs = version_runs(client, versions)
@@ -102,6 +108,7 @@ def promote(
             f"No version of {model_name!r} ({len(versions)} ready) comes from a run "
             f"with the metric {metric!r}: nothing to promote."
         )
+    scored, left_out = like_with_like(scored, runs) if same_data else (scored, 0)
     value, best = max(scored, key=lambda sv: (-sv[0] if ascending else sv[0], int(sv[1].version)))
     previous = _alias_version(client, model_name, alias)
     client.set_registered_model_alias(model_name, alias, best.version)
@@ -113,6 +120,11 @@ def promote(
             f"{metric}={value:.6g}, best of {len(scored)}"
             f"{', lowest' if ascending else ''}) is now @{alias}."
         )
+        if left_out:
+            echo(
+                f"{left_out} version(s) with {metric} left out: another experiment or other "
+                f"data ({DATA_TAG}) than the newest version (--any-data to compare them all)."
+            )
         if previous is None:
             echo(f"There was no @{alias} before.")
         elif previous.version == best.version:
@@ -125,6 +137,21 @@ def promote(
                 f"{metric}={shown})."
             )
     return promoted
+
+
+def like_with_like(
+    scored: list[tuple[float, Any]], runs: dict[str, Any]
+) -> tuple[list[tuple[float, Any]], int]:
+    """The (metric, version) pairs whose run shares the experiment and the data tag of the newest
+    version's run, and how many others were left out."""
+    newest = max(scored, key=lambda sv: int(sv[1].version))[1]
+
+    def key(version: Any) -> tuple[str, str | None]:
+        run = runs[version.run_id]
+        return run.info.experiment_id, run.data.tags.get(DATA_TAG)
+
+    same = [sv for sv in scored if key(sv[1]) == key(newest)]
+    return same, len(scored) - len(same)
 
 
 def versions_table(client: Any, model_name: str, metric: str = DEFAULT_METRIC) -> Any:
@@ -196,6 +223,12 @@ def parser() -> argparse.ArgumentParser:
     promote_cmd.add_argument(
         "--ascending", action="store_true", help="lowest metric is best (e.g. a loss)"
     )
+    promote_cmd.add_argument(
+        "--any-data",
+        action="store_true",
+        help="compare versions across experiments and data (default: only those trained on "
+        "the data of the newest version, in its experiment)",
+    )
     list_cmd = commands.add_parser(
         "list", parents=[common], help="versions with their metric and aliases"
     )
@@ -211,7 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         client = open_client(args.tracking_uri)
         if args.command == "promote":
             promote(
-                client, args.model, metric=args.metric, alias=args.alias, ascending=args.ascending
+                client,
+                args.model,
+                metric=args.metric,
+                alias=args.alias,
+                ascending=args.ascending,
+                same_data=not args.any_data,
             )
         else:
             df = versions_table(client, args.model, metric=args.metric)

@@ -27,24 +27,42 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.lib.config.schema import TrackingConfig
+from pipeline.lib.tracking.lineage import process_tags
+from pipeline.lib.tracking.orphans import end_dead_runs
+from pipeline.lib.tracking.store import TrackingError, open_store
+
 PARENT_FILE = "mlflow_parent.json"
 
 log = logging.getLogger(__name__)
 
 
 def parent_file(sweep_dir: str | Path) -> Path:
+    """Where a sweep folder records its parent run (`mlflow_parent.json`)."""
     return Path(sweep_dir) / PARENT_FILE
 
 
 def read_parent_run_id(sweep_dir: str | Path) -> str | None:
+    """The parent run id recorded in `sweep_dir`, None when there is none."""
     path = parent_file(sweep_dir)
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
 
 
+def sweep_job() -> tuple[str | None, str | None]:
+    """In a Hydra multirun: the sweep's parent run id and a run name made of the job's
+    overrides (`job N: key=value ...`); (None, None) otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    name = f"job {hydra_cfg.job.num}: " + " ".join(hydra_cfg.overrides.task)
+    return read_parent_run_id(hydra_cfg.sweep.dir), name[:250]
+
+
 def tracking_config(config: DictConfig) -> Any:
     """The sweep's `tracking` node with the schema's defaults for the keys it leaves out."""
-    from pipeline.lib.config.schema import TrackingConfig
-
     return OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking)
 
 
@@ -75,11 +93,11 @@ class MlflowSweepCallback(Callback):
         open_parent, self._open_parent = self._open_parent, None
         if open_parent is None:
             return
-        import mlflow
+        from pipeline.lib.tracking.store import open_client
 
         parent_id, uri = open_parent
         try:
-            mlflow.MlflowClient(tracking_uri=uri).set_terminated(parent_id, "FAILED")
+            open_client(uri).set_terminated(parent_id, "FAILED")
             log.info("Sweep parent MLflow run %s ended FAILED (the sweep stopped early)", parent_id)
         except Exception as exc:  # noqa: BLE001  (the store may be what stopped the sweep)
             log.warning(
@@ -89,14 +107,17 @@ class MlflowSweepCallback(Callback):
             )
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        import mlflow
-
-        from pipeline.lib.tracking.runs import setup
-
+        """Open the store (creating it once for all jobs), start the parent run and record it
+        in the sweep folder; a folder that already has a parent (another sweep) is an error."""
         tracking = tracking_config(config)
-        experiment_id = setup(tracking)
-        client = mlflow.MlflowClient()
+        client, experiment_id = open_store(tracking)
+        end_dead_runs(client, [experiment_id])
         sweep_dir = Path(config.hydra.sweep.dir)
+        if parent_file(sweep_dir).exists():
+            raise TrackingError(
+                f"hydra.sweep.dir={sweep_dir} already belongs to another sweep (it holds "
+                f"{PARENT_FILE}): give each sweep its own folder (the default has microseconds)"
+            )
         overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
         run = client.create_run(
             experiment_id,
@@ -106,14 +127,20 @@ class MlflowSweepCallback(Callback):
                 "sweep_dir": str(sweep_dir.resolve()),
                 "sweep_overrides": " ".join(overrides)[:5000],
                 "sweep_metric": self.metric,
+                **process_tags(),
             },
-        )
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        parent_file(sweep_dir).write_text(
-            json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id})
         )
         self._open_parent = (run.info.run_id, tracking.uri)
         atexit.register(self._close_if_open)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with parent_file(sweep_dir).open("x") as fh:  # exclusive: one sweep per folder
+                json.dump({"run_id": run.info.run_id, "experiment_id": experiment_id}, fh)
+        except FileExistsError:
+            raise TrackingError(
+                f"hydra.sweep.dir={sweep_dir} was taken by another sweep started at the same "
+                "time: give each sweep its own folder"
+            ) from None
         log.info(
             "Sweep parent MLflow run %s (experiment %s, %s)",
             run.info.run_id,
@@ -122,16 +149,12 @@ class MlflowSweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        import mlflow
-
-        from pipeline.lib.tracking.runs import setup
-
+        """Tag the best child on the parent run and end it (FAILED when a child failed)."""
         sweep_dir = Path(config.hydra.sweep.dir)
         parent_id = read_parent_run_id(sweep_dir)
-        if parent_id is None:
-            return
-        experiment_id = setup(tracking_config(config))
-        client = mlflow.MlflowClient()
+        if parent_id is None or self._open_parent is None or self._open_parent[0] != parent_id:
+            return  # not this sweep's parent
+        client, experiment_id = open_store(tracking_config(config))
         best = best_child(client, experiment_id, parent_id, self.metric, self.maximize)
         children = client.search_runs(
             [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"

@@ -8,6 +8,10 @@ The training state is saved after every epoch (Keras' `BackupAndRestore`) in a f
 `train.checkpoint_dir` keyed by the run's settings; with `train.resume=true` an interrupted run
 continues from its last saved epoch and ends with the same weights and metrics as an uninterrupted
 run: the batch order and dropout masks are pure functions of (seed, epoch), not of what ran before.
+
+The steps of `fit`: build the networks (`build_networks`), choose what phase 1 trains on (cached
+features or images, `phase1_inputs`), prepare the checkpoint folder, run phase 1 and, with
+`train.fine_tune.enabled`, phase 2 (`PhaseRunner`), then collect the result.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +37,10 @@ from pipeline.lib.model.features import load_cached_features
 
 log = logging.getLogger(__name__)
 
-#: Keras callbacks appended to every `fit`, after the checkpointing one. Empty in production;
-#: tests put a callback here that interrupts training at a chosen epoch.
-EXTRA_CALLBACKS: list[Any] = []
-
 
 def set_seeds(seed: int) -> None:
+    """Seed Python, NumPy and Keras/TensorFlow, and turn on TensorFlow's op determinism (same
+    seed, same data -> the same weights, bit for bit, on the same machine)."""
     import keras
     import tensorflow as tf
 
@@ -45,175 +48,6 @@ def set_seeds(seed: int) -> None:
     # older TF builds lack it; seeds still apply
     with contextlib.suppress(Exception):
         tf.config.experimental.enable_op_determinism()
-
-
-def batch_recorder(total_images: int, epochs: int, batch_size: int, progress: bool = True) -> Any:
-    """A Keras callback: per-batch loss/accuracy (as Keras reports them) and a progress bar in
-    images per second. Steps are global batch numbers (epoch e, batch b: (e-1) * batches per
-    epoch + b + 1), so a run resumed from a checkpoint numbers its batches as an uninterrupted
-    run would."""
-    import keras
-    from tqdm import tqdm
-
-    steps_per_epoch = max(math.ceil(total_images / batch_size), 1)
-
-    class BatchRecorder(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.batches: dict[str, list[float]] = {
-                "step": [],
-                "epoch": [],
-                "loss": [],
-                "accuracy": [],
-            }
-            self.bar: Any = None
-            self.epoch = 0
-            self.start = 0.0
-            self.seen = 0
-
-        def on_train_begin(self, logs: Any = None) -> None:
-            self.bar = None
-            self.start = time.perf_counter()
-
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            if self.bar is None:  # the first epoch that runs (later than 0 after a restore)
-                self.bar = tqdm(
-                    total=total_images * (epochs - epoch),
-                    unit="img",
-                    desc="train",
-                    disable=not progress,
-                )
-            self.epoch = epoch + 1
-            self.in_epoch = 0
-
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            logs = logs or {}
-            step = (self.epoch - 1) * steps_per_epoch + batch + 1
-            self.batches["step"].append(step)
-            self.batches["epoch"].append(self.epoch)
-            self.batches["loss"].append(float(logs.get("loss", math.nan)))
-            self.batches["accuracy"].append(float(logs.get("accuracy", math.nan)))
-            size = min(batch_size, total_images - self.in_epoch)
-            self.in_epoch += size
-            self.seen += size
-            self.bar.update(size)
-            rate = self.seen / max(time.perf_counter() - self.start, 1e-9)
-            self.bar.set_postfix(
-                epoch=self.epoch, loss=f"{logs.get('loss', math.nan):.3f}", img_per_s=f"{rate:.0f}"
-            )
-
-        def on_train_end(self, logs: Any = None) -> None:
-            if self.bar is not None:
-                self.bar.close()
-
-    return BatchRecorder()
-
-
-class ArrayBatches:
-    """Batches of an array (cached features in memory, or memory-mapped prepared images) and
-    one-hot labels, for `fit(..., shuffle=False)`.
-
-    The order of epoch e is a pure function of (seed, e), whatever ran before: an `epoch_state`
-    callback sets `epoch` at the start of each epoch, and the permutation is computed from it
-    when first needed, so a run resumed at epoch e sees the batches an uninterrupted run sees.
-    """
-
-    def __new__(
-        cls, x: np.ndarray, targets: np.ndarray, batch_size: int, shuffle: bool, seed: int
-    ) -> Any:
-        import keras
-
-        class _Batches(keras.utils.PyDataset):
-            def __init__(self) -> None:
-                super().__init__()
-                self.epoch = 0
-                self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
-
-            def __len__(self) -> int:
-                return math.ceil(len(x) / batch_size)
-
-            def order(self) -> np.ndarray:
-                epoch, cached = self.epoch, self._order  # one read each: prefetch runs in a thread
-                if cached is None or cached[0] != epoch:
-                    perm = (
-                        np.random.default_rng((seed, epoch)).permutation(len(x))
-                        if shuffle
-                        else np.arange(len(x))
-                    )
-                    cached = self._order = (epoch, perm)
-                return cached[1]
-
-            def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-                idx = np.sort(
-                    self.order()[i * batch_size : (i + 1) * batch_size]
-                )  # memmap: in order
-                return np.asarray(x[idx], dtype=np.float32), targets[idx]
-
-        return _Batches()
-
-
-#: Augmentation layers draw a few random tensors per step (RandomZoom: 2); their generator's
-#: counter is set to epoch x steps x this at each epoch start, so epochs never reuse draws.
-AUGMENT_DRAWS_PER_STEP = 16
-
-
-def epoch_state(datasets: list[Any], model: Any, steps_per_epoch: int) -> Any:
-    """A Keras callback that, at the start of each epoch, sets everything random that depends on
-    the epoch: the batch order of `datasets`, the dropout masks and the augmentations of `model`'s
-    layers.
-
-    Dropout draws its masks from a `SeedGenerator` whose state Keras' checkpoints do not hold;
-    setting its counter to epoch x steps per epoch (what it reaches anyway when each step draws
-    once) makes the masks of a resumed run those of an uninterrupted one. Augmentation layers
-    (`train.augment`) are handled alike, with room for several draws per step. `first_epoch` is
-    the first epoch that ran (0-based; later than 0 when resumed from a checkpoint).
-    """
-    import keras
-
-    generators = []
-    for layer in model.layers:
-        for attr, stride in (("seed_generator", 1), ("generator", AUGMENT_DRAWS_PER_STEP)):
-            generator = getattr(layer, attr, None)
-            if isinstance(generator, keras.random.SeedGenerator):
-                generators.append((generator, int(np.asarray(generator.state.numpy())[0]), stride))
-
-    class EpochState(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.first_epoch: int | None = None
-
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            if self.first_epoch is None:
-                self.first_epoch = epoch
-            for dataset in datasets:
-                dataset.epoch = epoch
-            for generator, base, stride in generators:
-                generator.state.assign(
-                    np.array([base, epoch * steps_per_epoch * stride], dtype=generator.state.dtype)
-                )
-
-    return EpochState()
-
-
-def learning_rate_logger(schedule: Any = None) -> Any:
-    """A Keras callback that adds `learning_rate` to each epoch's logs: the rate of the epoch's
-    last step (`schedule` evaluated there, else the optimizer's current rate). Placed before
-    ReduceLROnPlateau, it records the rate the epoch trained with, before any reduction."""
-    import keras
-
-    class LearningRateLogger(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            if logs is None:
-                return
-            optimizer = self.model.optimizer
-            if schedule is not None:
-                step = max(int(np.asarray(optimizer.iterations.numpy())) - 1, 0)
-                rate = schedule(step)
-            else:
-                rate = optimizer.learning_rate
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(rate))
-
-    return LearningRateLogger()
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
@@ -271,9 +105,339 @@ PHASE1_DONE = "phase1.json"
 FINE_TUNE_DIR = "fine_tune"
 
 
-def fit(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> dict[str, Any]:
-    """Train the model; return the full model (images -> probabilities), the per-epoch history,
-    per-batch records and how it was trained.
+@dataclass
+class Networks:
+    """The Keras models of one training run, sharing their weights.
+
+    `extractor`: images (B, H, W, 3) float32 0..255 -> features (B, D); `head`: features ->
+    class probabilities (B, C); `full`: images -> probabilities (what is saved);
+    `image_net`: `full` with the augmentation layers in front (`full` itself without them).
+    """
+
+    extractor: Any
+    head: Any
+    full: Any
+    image_net: Any
+    augmented: bool
+
+
+def build_networks(cfg: Config, num_classes: int, image_size: int) -> Networks:
+    """The extractor (seeded by `model.init_seed` when it has no weights), then, seeded by
+    `train.seed`, the head and the augmentation layers."""
+    from pipeline.lib.model.build import (
+        build_augmentation,
+        build_feature_extractor,
+        build_head,
+        compose,
+        compose_augmented,
+    )
+
+    t = cfg.train
+    extractor = build_feature_extractor(
+        cfg.model.alpha, cfg.model.weights, image_size, cfg.model.init_seed
+    )
+    set_seeds(t.seed)
+    dim = int(extractor.output.shape[-1])
+    head = build_head(dim, num_classes, cfg.model.dropout, cfg.model.head_init)
+    augmentation = build_augmentation(t.augment, t.seed) if t.augment.enabled else []
+    full = compose(extractor, head)
+    image_net = compose_augmented(extractor, head, augmentation) if augmentation else full
+    return Networks(extractor, head, full, image_net, bool(augmentation))
+
+
+def phase1_inputs(
+    cfg: Config, dataset: PreparedDataset, prepared_md5: str, nets: Networks
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """(network, {"train", "val": inputs}) of phase 1: the head on cached features when the
+    backbone is frozen and nothing is augmented (augmented images differ every epoch, so their
+    features cannot be cached), else the image network on the prepared images. Features missing
+    from `paths.features` (or computed from other inputs) are computed here, in memory."""
+    t = cfg.train
+    if not (t.use_feature_cache and cfg.model.freeze_backbone and not nets.augmented):
+        if nets.augmented and t.use_feature_cache and cfg.model.freeze_backbone:
+            log.info("train.augment.enabled: training end to end on images, not on cached features")
+        return nets.image_net, {s: dataset.images(s) for s in ("train", "val")}
+    features = load_cached_features(cfg, prepared_md5)
+    if features is None:
+        from pipeline.lib.model.features import featurize_array, make_featurizer
+
+        featurizer = make_featurizer(
+            nets.extractor, cfg.featurize.backend, cfg.featurize.num_threads
+        )
+        dim = int(nets.extractor.output.shape[-1])
+        features = {
+            s: featurize_array(
+                featurizer,
+                dataset.images(s),
+                cfg.featurize.batch_size,
+                dim,
+                progress=f"features {s}",
+            )
+            for s in ("train", "val")
+        }
+    return nets.head, features
+
+
+def prepare_checkpoint(cfg: Config, prepared_md5: str) -> Path:
+    """The run's checkpoint folder (`checkpoint_folder`): kept with `train.resume=true`, removed
+    (an earlier run's state) otherwise."""
+    checkpoint = checkpoint_folder(cfg, prepared_md5)
+    if cfg.train.resume:
+        found = checkpoint.exists()
+        log.info(
+            "train.resume=true: %s %s",
+            "resuming from" if found else "no checkpoint to resume from, starting afresh:",
+            checkpoint,
+        )
+    elif checkpoint.exists():
+        log.info("train.resume=false: removing the earlier checkpoint %s", checkpoint)
+        shutil.rmtree(checkpoint)
+    return checkpoint
+
+
+@dataclass
+class PhaseRunner:
+    """Runs the training phases of one run and gathers what they ran: one continuous per-epoch
+    `history` ({"epoch": [1-based], metric: [...]}), per-batch `batches`, `phases` (per phase:
+    mode, trainable_params, learning_rate, first_epoch, last_epoch) and the epochs at which early
+    stopping ended a phase (`stopped`)."""
+
+    cfg: Config
+    targets: dict[str, np.ndarray]  # {"train", "val": one-hot (N, C)}
+    class_weight: dict[int, float] | None
+    extra_callbacks: Sequence[Any] = ()
+    history: dict[str, list[float]] = field(default_factory=lambda: {"epoch": []})
+    batches: dict[str, list[float]] = field(
+        default_factory=lambda: {"step": [], "epoch": [], "loss": [], "accuracy": []}
+    )
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stopped: list[int] = field(default_factory=list)
+
+    @property
+    def has_val(self) -> bool:
+        """Whether there is a validation split."""
+        return len(self.targets["val"]) > 0
+
+    @property
+    def monitor(self) -> str:
+        """What early stopping and ReduceLROnPlateau watch: val_loss, else loss."""
+        return "val_loss" if self.has_val else "loss"
+
+    def run(
+        self,
+        name: str,
+        net: Any,
+        x: dict[str, Any],
+        rate: float,
+        epochs: tuple[int, int],
+        backup: Path,
+    ) -> int:
+        """Compile `net` and train it on `x` from epoch `epochs[0]` to `epochs[1]` (0-based,
+        exclusive) at learning rate `rate`, saving the state in `backup` after every epoch;
+        append what ran; return the number of epochs done by its end."""
+        from pipeline.lib.model.build import count_params
+        from pipeline.lib.training.batches import ArrayBatches
+
+        t, (first, last) = self.cfg.train, epochs
+        y = self.targets
+        train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
+        val = (
+            ArrayBatches(x["val"], y["val"], t.batch_size, False, t.seed) if self.has_val else None
+        )
+        schedule = self._compile(net, rate, (last - first) * len(train_batches))
+        callbacks, state, recorder, stopper = self._callbacks(
+            net, train_batches, schedule, last, backup
+        )
+        self.phases[name] = {
+            # the head takes features (B, D), the image networks images (B, H, W, 3)
+            "mode": "cached_features" if len(net.input.shape) == 2 else "end_to_end",
+            "trainable_params": count_params(net)["trainable"],
+            "learning_rate": float(rate),
+            "first_epoch": first + 1,
+        }
+        net._initial_epoch = None  # a restored epoch of an earlier fit must not carry over
+        # shuffle=False: the batches order themselves per (seed, epoch); Keras would reorder them
+        result = net.fit(
+            train_batches,
+            initial_epoch=first,
+            epochs=last,
+            validation_data=val,
+            class_weight=self.class_weight,
+            verbose=0,
+            shuffle=False,
+            callbacks=callbacks,
+        )
+        done = self._record(name, result.history, state, recorder, last)
+        if stopper is not None and stopper.stopped_epoch > 0:
+            self.stopped.append(done)
+            log.info("Early stopping in %s after epoch %d (best weights restored)", name, done)
+        self.phases[name]["last_epoch"] = done
+        return done
+
+    def _compile(self, net: Any, rate: float, steps: int) -> Any:
+        """Compile `net` (optimizer, loss with label smoothing, accuracy); return the cosine
+        schedule over `steps` when `train.lr_schedule=cosine`, else None."""
+        import keras
+
+        from pipeline.lib.model.build import make_optimizer
+
+        t = self.cfg.train
+        schedule = (
+            keras.optimizers.schedules.CosineDecay(rate, steps)
+            if t.lr_schedule == "cosine"
+            else None
+        )
+        loss: Any = (
+            "categorical_crossentropy"
+            if t.label_smoothing == 0
+            else keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
+        )
+        net.compile(
+            optimizer=make_optimizer(t.optimizer, schedule or rate), loss=loss, metrics=["accuracy"]
+        )
+        return schedule
+
+    def _callbacks(
+        self, net: Any, train_batches: Any, schedule: Any, last: int, backup: Path
+    ) -> tuple[list[Any], Any, Any, Any]:
+        """(callbacks in order, the EpochState, the BatchRecorder, the EarlyStopping or None).
+
+        The learning-rate logger comes before ReduceLROnPlateau and BackupAndRestore, so the
+        state saved holds a reduced rate; BackupAndRestore restores weights, optimizer state and
+        epoch at the start (if saved), saves every epoch and deletes its folder at the end. The
+        caller's callbacks come last."""
+        import keras
+
+        from pipeline.lib.training.callbacks import BatchRecorder, EpochState, LearningRateLogger
+
+        t = self.cfg.train
+        callbacks: list[Any] = [LearningRateLogger(schedule)]
+        if t.lr_schedule == "reduce_on_plateau":
+            p = t.plateau
+            callbacks.append(
+                keras.callbacks.ReduceLROnPlateau(
+                    monitor=self.monitor,
+                    factor=p.factor,
+                    patience=p.patience,
+                    min_delta=p.min_delta,
+                    min_lr=p.min_lr,
+                    verbose=0,
+                )
+            )
+        stopper = None
+        if t.early_stopping.enabled:
+            stopper = keras.callbacks.EarlyStopping(
+                monitor=self.monitor,
+                patience=t.early_stopping.patience,
+                min_delta=t.early_stopping.min_delta,
+                restore_best_weights=True,
+                verbose=0,
+            )
+            callbacks.append(stopper)
+        state = EpochState([train_batches], net, len(train_batches))
+        recorder = BatchRecorder(len(self.targets["train"]), last, t.batch_size)
+        # double_checkpoint: the previous epoch's state is kept beside the latest, and restored
+        # when a process killed while writing left the latest damaged
+        backup_cb = keras.callbacks.BackupAndRestore(
+            str(backup), save_freq="epoch", delete_checkpoint=True, double_checkpoint=True
+        )
+        callbacks += [backup_cb, state, recorder, *self.extra_callbacks]
+        return callbacks, state, recorder, stopper
+
+    def _record(
+        self, name: str, ran: dict[str, list[Any]], state: Any, recorder: Any, last: int
+    ) -> int:
+        """Append the epochs and batches that ran; return the epochs done by the phase's end."""
+        count = len(ran.get("loss", []))
+        if state.first_epoch is None:
+            log.warning(
+                "The checkpoint already held all epochs of %s: nothing was trained "
+                "(run with train.resume=false to train again)",
+                name,
+            )
+            return last
+        first = state.first_epoch
+        self.history["epoch"] += list(range(first + 1, first + count + 1))
+        for key, values in ran.items():
+            self.history.setdefault(key, []).extend(float(v) for v in values)
+        for key, values in recorder.batches.items():
+            self.batches[key].extend(values)
+        return first + count
+
+
+def run_phase1(
+    runner: PhaseRunner, net: Any, x: dict[str, Any], nets: Networks, checkpoint: Path
+) -> int:
+    """Phase 1 (`train.epochs` at `train.learning_rate`); when fine-tuning, its end is saved
+    in the checkpoint folder, and a resumed run whose phase 1 had finished skips it. Returns
+    the epochs phase 1 ran."""
+    t = runner.cfg.train
+    done_file = checkpoint / PHASE1_DONE
+    if t.fine_tune.enabled and t.resume and done_file.is_file():
+        done = int(read_json(done_file)["epochs"])
+        nets.full.load_weights(checkpoint / PHASE1_WEIGHTS)
+        runner.phases["phase1"] = read_json(done_file)["phase"]
+        log.info("Phase 1 had finished (%d epochs): resuming with fine-tuning", done)
+        return done
+    done = runner.run("phase1", net, x, t.learning_rate, (0, t.epochs), checkpoint)
+    if t.fine_tune.enabled:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        nets.full.save_weights(checkpoint / PHASE1_WEIGHTS)
+        write_json(done_file, {"epochs": done, "phase": runner.phases["phase1"]})
+    return done
+
+
+def run_phase2(
+    runner: PhaseRunner, nets: Networks, images: dict[str, Any], done: int, checkpoint: Path
+) -> None:
+    """Phase 2 (fine-tuning): the backbone's top `fine_tune.unfreeze_top_n` layers unfrozen
+    (BatchNorm kept frozen), end to end on images at `fine_tune.learning_rate`, its epochs
+    numbered after phase 1's; the checkpoint folder is removed at its end."""
+    from pipeline.lib.model.build import find_backbone, unfreeze_top
+
+    ft = runner.cfg.train.fine_tune
+    unfrozen = unfreeze_top(find_backbone(nets.extractor), ft.unfreeze_top_n)
+    log.info(
+        "Fine-tuning: %d backbone layers unfrozen (BatchNorm kept frozen), lr %g, epochs %d..%d",
+        len(unfrozen),
+        ft.learning_rate,
+        done + 1,
+        done + ft.epochs,
+    )
+    runner.run(
+        "phase2",
+        nets.image_net,
+        images,
+        ft.learning_rate,
+        (done, done + ft.epochs),
+        checkpoint / FINE_TUNE_DIR,
+    )
+    runner.phases["phase2"]["unfrozen_layers"] = unfrozen
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def fit(
+    cfg: Config,
+    dataset: PreparedDataset,
+    prepared_md5: str,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Train the model as `cfg.train` says; return what was trained and how.
+
+    Args:
+        cfg: the validated config (`model`, `train`, `featurize`, `paths.features`).
+        dataset: the prepared data (train and val splits are used).
+        prepared_md5: its DVC hash (keys the cached features and the checkpoint folder).
+        callbacks: Keras callbacks added, after the pipeline's own, to every phase's `fit`
+            (e.g. one that stops training).
+
+    Returns:
+        {"model": the full Keras model (images float32 (B, H, W, 3) 0..255 -> probabilities
+        (B, C)), "epochs": per-epoch history {"epoch": [1-based], "loss": [...], ...},
+        "batches": {"step", "epoch", "loss", "accuracy"}, "mode": "cached_features" |
+        "end_to_end", "seconds": wall-clock training time (s), "resumed_from_epoch": epochs
+        restored from a checkpoint, "phases", "class_weight", "stopped_early_at", "strategy",
+        "replicas"}.
 
     Phase 1 trains the head: on cached features when the backbone is frozen (and no augmentation),
     else end to end on images. With `train.fine_tune.enabled`, phase 2 unfreezes the backbone's top
@@ -290,231 +454,46 @@ def fit(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> dict[str, A
     """
     strategy = distribution_strategy(cfg.train.strategy)
     with strategy.scope():
-        return _fit(cfg, dataset, prepared_md5, strategy)
-
-
-def _fit(cfg: Config, dataset: PreparedDataset, prepared_md5: str, strategy: Any) -> dict[str, Any]:
-    import keras
-
-    from pipeline.lib.model.build import (
-        build_augmentation,
-        build_feature_extractor,
-        build_head,
-        compose,
-        compose_augmented,
-        count_params,
-        find_backbone,
-        make_optimizer,
-        unfreeze_top,
-    )
-    from pipeline.lib.model.features import choose_backend, featurize_array, make_featurizer
-
-    t, c, ft = cfg.train, dataset.num_classes, cfg.train.fine_tune
-    extractor = build_feature_extractor(
-        cfg.model.alpha, cfg.model.weights, dataset.image_size, cfg.model.init_seed
-    )
-    set_seeds(t.seed)
-    dim = int(extractor.output.shape[-1])
-    head = build_head(dim, c, cfg.model.dropout, cfg.model.head_init)
-    augmentation = build_augmentation(t.augment, t.seed) if t.augment.enabled else []
-    y = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
-    n_train = len(y["train"])
-    has_val = len(y["val"]) > 0
-    # augmented images differ every epoch, so their features cannot be cached
-    cached = t.use_feature_cache and cfg.model.freeze_backbone and not augmentation
-    if augmentation and t.use_feature_cache and cfg.model.freeze_backbone:
-        log.info("train.augment.enabled: training end to end on images, not on cached features")
-    start = time.perf_counter()
-    images = {s: dataset.images(s) for s in ("train", "val")}
-    full = compose(extractor, head)  # what is saved: images -> probabilities, no augmentation
-    image_net = compose_augmented(extractor, head, augmentation) if augmentation else full
-    if cached:
-        features = load_cached_features(cfg, prepared_md5)
-        if features is None:
-            backend = choose_backend(
-                cfg.featurize.backend, extractor, dataset.size("train") + dataset.size("val")
-            )
-            featurizer = make_featurizer(extractor, backend, cfg.featurize.num_threads)
-            features = {
-                s: featurize_array(
-                    featurizer,
-                    dataset.images(s),
-                    cfg.featurize.batch_size,
-                    dim,
-                    progress=f"features {s}",
-                )
-                for s in ("train", "val")
-            }
-        net, x = head, features
-    else:
-        net, x = image_net, images
-    loss: Any = (
-        "categorical_crossentropy"
-        if t.label_smoothing == 0
-        else keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
-    )
-    weights = class_weights(dataset.labels("train"), c, t.class_weight)
-    steps_per_epoch = max(math.ceil(n_train / t.batch_size), 1)
-    monitor = "val_loss" if has_val else "loss"
-    if not has_val and (t.early_stopping.enabled or t.lr_schedule == "reduce_on_plateau"):
-        log.warning("No validation split: early stopping / reduce_on_plateau watch the train loss")
-
-    checkpoint = checkpoint_folder(cfg, prepared_md5)
-    if t.resume:
-        log.info(
-            "train.resume=true: %s %s",
-            "resuming from"
-            if checkpoint.exists()
-            else "no checkpoint to resume from, starting afresh:",
-            checkpoint,
-        )
-    elif checkpoint.exists():
-        log.info("train.resume=false: removing the earlier checkpoint %s", checkpoint)
-        shutil.rmtree(checkpoint)
-
-    history: dict[str, list[float]] = {"epoch": []}
-    batches: dict[str, list[float]] = {"step": [], "epoch": [], "loss": [], "accuracy": []}
-    phases: dict[str, dict[str, Any]] = {}
-    stopped: list[int] = []
-
-    def run_phase(
-        name: str, net: Any, x: dict[str, Any], rate: float, first: int, last: int, backup: Path
-    ) -> int:
-        """Compile `net` and train it from epoch `first` to `last` (0-based, exclusive); append
-        what ran to the history; return the number of epochs done by its end."""
-        schedule = (
-            keras.optimizers.schedules.CosineDecay(rate, (last - first) * steps_per_epoch)
-            if t.lr_schedule == "cosine"
-            else None
-        )
-        net.compile(
-            optimizer=make_optimizer(t.optimizer, schedule or rate), loss=loss, metrics=["accuracy"]
-        )
-        net._initial_epoch = None  # a restored epoch of an earlier fit must not carry over
-        train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
-        val = ArrayBatches(x["val"], y["val"], t.batch_size, False, t.seed) if has_val else None
-        state = epoch_state([train_batches], net, len(train_batches))
-        recorder = batch_recorder(n_train, last, t.batch_size)
-        # before BackupAndRestore, so that the state it saves holds a reduced learning rate
-        callbacks: list[Any] = [learning_rate_logger(schedule)]
-        if t.lr_schedule == "reduce_on_plateau":
-            p = t.plateau
-            callbacks.append(
-                keras.callbacks.ReduceLROnPlateau(
-                    monitor=monitor,
-                    factor=p.factor,
-                    patience=p.patience,
-                    min_delta=p.min_delta,
-                    min_lr=p.min_lr,
-                    verbose=0,
-                )
-            )
-        stopper = None
-        if t.early_stopping.enabled:
-            stopper = keras.callbacks.EarlyStopping(
-                monitor=monitor,
-                patience=t.early_stopping.patience,
-                min_delta=t.early_stopping.min_delta,
-                restore_best_weights=True,
-                verbose=0,
-            )
-            callbacks.append(stopper)
-        callbacks += [
-            # restores weights, optimizer state and epoch at the start (if saved), saves every
-            # epoch, deletes its folder when training ends
-            keras.callbacks.BackupAndRestore(
-                str(backup), save_freq="epoch", delete_checkpoint=True
-            ),
-            state,
-            recorder,
-            *EXTRA_CALLBACKS,
-        ]
-        phases[name] = {
-            "mode": "cached_features" if net is head else "end_to_end",
-            "trainable_params": count_params(net)["trainable"],
-            "learning_rate": float(rate),
-            "first_epoch": first + 1,
-        }
-        # shuffle=False: the batches order themselves per (seed, epoch); Keras would reorder them
-        result = net.fit(
-            train_batches,
-            initial_epoch=first,
-            epochs=last,
-            validation_data=val,
-            class_weight=weights,
-            verbose=0,
-            shuffle=False,
-            callbacks=callbacks,
-        )
-        ran = {k: [float(v) for v in values] for k, values in result.history.items()}
-        count = len(ran.get("loss", []))
-        if state.first_epoch is None:
-            log.warning(
-                "The checkpoint already held all epochs of %s: nothing was trained "
-                "(run with train.resume=false to train again)",
-                name,
-            )
-            done = last
-        else:
-            history["epoch"] += list(range(state.first_epoch + 1, state.first_epoch + count + 1))
-            for key, values in ran.items():
-                history.setdefault(key, []).extend(values)
-            for key, values in recorder.batches.items():
-                batches[key].extend(values)
-            done = state.first_epoch + count
-        if stopper is not None and stopper.stopped_epoch > 0:
-            stopped.append(done)
-            log.info("Early stopping in %s after epoch %d (best weights restored)", name, done)
-        phases[name]["last_epoch"] = done
-        return done
-
-    phase1_done = checkpoint / PHASE1_DONE
-    if ft.enabled and t.resume and phase1_done.is_file():
-        done = int(read_json(phase1_done)["epochs"])
-        full.load_weights(checkpoint / PHASE1_WEIGHTS)
-        phases["phase1"] = read_json(phase1_done)["phase"]
-        log.info("Phase 1 had finished (%d epochs): resuming with fine-tuning", done)
-    else:
-        done = run_phase("phase1", net, x, t.learning_rate, 0, t.epochs, checkpoint)
-    if ft.enabled:
-        if not (checkpoint / PHASE1_DONE).is_file():
-            checkpoint.mkdir(parents=True, exist_ok=True)
-            full.save_weights(checkpoint / PHASE1_WEIGHTS)
-            write_json(phase1_done, {"epochs": done, "phase": phases["phase1"]})
-        unfrozen = unfreeze_top(find_backbone(extractor), ft.unfreeze_top_n)
-        log.info(
-            "Fine-tuning: %d backbone layers unfrozen (BatchNorm kept frozen), lr %g, "
-            "epochs %d..%d",
-            len(unfrozen),
-            ft.learning_rate,
-            done + 1,
-            done + ft.epochs,
-        )
-        run_phase(
-            "phase2",
-            image_net,
-            images,
-            ft.learning_rate,
-            done,
-            done + ft.epochs,
-            checkpoint / FINE_TUNE_DIR,
-        )
-        phases["phase2"]["unfrozen_layers"] = unfrozen
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    first = (
-        history["epoch"][0] - 1 if history["epoch"] else t.epochs + (ft.epochs if ft.enabled else 0)
-    )
+        start = time.perf_counter()
+        runner, nets = _train(cfg, dataset, prepared_md5, callbacks)
+        seconds = time.perf_counter() - start
+    t = cfg.train
+    history = runner.history
+    total = t.epochs + (t.fine_tune.epochs if t.fine_tune.enabled else 0)
     return {
-        "model": full,
+        "model": nets.full,
         "epochs": history,
-        "batches": batches,
-        "mode": phases["phase1"]["mode"],
+        "batches": runner.batches,
+        "mode": runner.phases["phase1"]["mode"],
         "seconds": seconds,
-        "resumed_from_epoch": first,
-        "phases": phases,
-        "class_weight": weights,
-        "stopped_early_at": stopped,
+        "resumed_from_epoch": history["epoch"][0] - 1 if history["epoch"] else total,
+        "phases": runner.phases,
+        "class_weight": runner.class_weight,
+        "stopped_early_at": runner.stopped,
         "strategy": t.strategy,
         "replicas": int(strategy.num_replicas_in_sync),
     }
+
+
+def _train(
+    cfg: Config, dataset: PreparedDataset, prepared_md5: str, callbacks: Sequence[Any]
+) -> tuple[PhaseRunner, Networks]:
+    """The steps of `fit`, inside the distribution strategy's scope."""
+    import keras
+
+    c = dataset.num_classes
+    nets = build_networks(cfg, c, dataset.image_size)
+    net, x = phase1_inputs(cfg, dataset, prepared_md5, nets)
+    targets = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
+    weights = class_weights(dataset.labels("train"), c, cfg.train.class_weight)
+    runner = PhaseRunner(cfg, targets, weights, tuple(callbacks))
+    if not runner.has_val and (
+        cfg.train.early_stopping.enabled or cfg.train.lr_schedule == "reduce_on_plateau"
+    ):
+        log.warning("No validation split: early stopping / reduce_on_plateau watch the train loss")
+    checkpoint = prepare_checkpoint(cfg, prepared_md5)
+    done = run_phase1(runner, net, x, nets, checkpoint)
+    if cfg.train.fine_tune.enabled:
+        images = {s: dataset.images(s) for s in ("train", "val")}
+        run_phase2(runner, nets, images, done, checkpoint)
+    return runner, nets

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import unicodedata
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lib.data.class_names import case_collisions, class_name, name_collisions
 from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, IMAGE_EXTENSIONS
 from pipeline.lib.data.prepared import SPLITS
 from pipeline.lib.errors import UserError
@@ -129,13 +129,6 @@ def _has_surrogates(text: str) -> bool:
     return False
 
 
-def _label(name: str) -> str:
-    """Class name of a folder: NFC-normalised (macOS writes NFD), printable."""
-    if _has_surrogates(name):
-        name = os.fsencode(name).decode("utf-8", "backslashreplace")
-    return unicodedata.normalize("NFC", name).strip() or name
-
-
 def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
@@ -191,7 +184,62 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
 
 
 def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Discovery:
-    """Find the image files under `root`; raise `DataError` when the folder cannot be used."""
+    """Find the image files under `root` (read only) and give each a class and a split.
+
+    Args:
+        root: the dataset folder (`data.path`).
+        split_ratios: train/val/test fractions (`data.split`: a mapping, dataclass or 3-tuple),
+            used only for the single layout (class sub-folders without split folders).
+        seed: seed of the per-class split (`data.seed`).
+
+    Returns:
+        A `Discovery`: sorted classes, candidates in split/class/path order, skipped files.
+
+    Raises:
+        DataError: the folder is missing, not a folder, unreadable, mixes split and other
+            folders, has class folders whose names collide (see `class_names`), or holds no
+            image files. The message names the path and what to do.
+        ValueError: bad split ratios.
+    """
+    root = _checked_root(root)
+    walker = _Walker(root)
+    top_dirs, top_files = walker.list_dir(root)
+    split_dirs, other_dirs = _top_level(root, top_dirs)
+    if split_dirs:
+        found = _discover_splits(root, walker, split_dirs, top_files)
+    else:
+        found = _discover_single(root, walker, other_dirs, top_files, _ratios(split_ratios), seed)
+    candidates, class_folders, classes = found
+    clashes = case_collisions(classes)
+    if clashes:
+        raise DataError(
+            f"Data path '{root}': {'; '.join(clashes)}. Class names must differ in more than "
+            "case (on macOS and Windows they would be one folder): rename or merge those folders."
+        )
+    if not candidates:
+        examples = ", ".join(f"'{f}' ({r})" for f, r in walker.skipped[:5])
+        raise DataError(
+            f"No image files found under '{root}'"
+            + (
+                f" ({len(walker.skipped)} other files skipped, e.g. {examples})"
+                if walker.skipped
+                else ""
+            )
+            + f". Supported extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}."
+        )
+    candidates.sort(key=lambda c: (SPLITS.index(c.split), c.label, display_path(c.path, root)))
+    return Discovery(
+        classes=sorted(classes),
+        candidates=candidates,
+        skipped=walker.skipped,
+        layout="splits" if split_dirs else "single",
+        root=root,
+        class_folders=class_folders,
+    )
+
+
+def _checked_root(root: str | os.PathLike[str]) -> Path:
+    """`root` as an absolute path (symlinks kept) once it is an existing folder; else DataError."""
     root = Path(os.path.abspath(os.fspath(root)))
     if not os.path.lexists(root):
         raise DataError(
@@ -213,15 +261,16 @@ def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Disc
             f"Data path '{root}' is a file, not a folder. Set data.path to the folder that holds "
             f"your class sub-folders.{hint}"
         )
+    return root
 
-    walker = _Walker(root)
-    top_dirs, top_files = walker.list_dir(root)
+
+def _top_level(root: Path, top_dirs: list[Path]) -> tuple[dict[str, Path], list[Path]]:
+    """({split: its folder}, other folders) of the top level; DataError for a mixed layout."""
     split_dirs: dict[str, list[Path]] = {}
     other_dirs: list[Path] = []
     for d in top_dirs:
         alias = SPLIT_ALIASES.get(d.name.lower())
         (split_dirs.setdefault(alias, []) if alias else other_dirs).append(d)
-
     if split_dirs and other_dirs:
         raise DataError(
             f"Data path '{root}' mixes split folders ({_names(d for ds in split_dirs.values() for d in ds)}) "
@@ -237,101 +286,103 @@ def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Disc
                 f"Data path '{root}' has more than one folder for the {split} split: "
                 f"{_names(ds)}. Merge them into one."
             )
+    return {split: ds[0] for split, ds in split_dirs.items()}, other_dirs
 
+
+def _labels(parent: Path, class_dirs: list[Path]) -> list[str]:
+    """The class names of `class_dirs` (all in `parent`); DataError when two become one."""
+    clashes = name_collisions(d.name for d in class_dirs)
+    if clashes:
+        raise DataError(
+            f"Folder '{parent}': {'; '.join(clashes)} (class names are trimmed of surrounding "
+            "spaces and Unicode-normalised): rename one of them, or merge them if they are one "
+            "class."
+        )
+    return [class_name(d.name) for d in class_dirs]
+
+
+_Found = tuple[list[Candidate], dict[str, dict[str, list[str]]], set[str]]
+
+
+def _discover_splits(
+    root: Path, walker: _Walker, split_dirs: dict[str, Path], top_files: list[Path]
+) -> _Found:
+    """The split layout: root/<split>/<class>/... (train and test required, val optional)."""
+    for f in top_files:
+        walker.skip_loose(f, "file outside the split folders (not inside a class folder)")
+    missing = [s for s in ("train", "test") if s not in split_dirs]
+    if missing:
+        raise DataError(
+            f"Data path '{root}' has split folders ({_names(split_dirs.values())}) "
+            f"but no {' and no '.join(_SPLIT_NAMES[s] for s in missing)} folder. Add "
+            f"{'them' if len(missing) > 1 else 'it'} (a validation folder is optional), or use "
+            "only class sub-folders and let data.split divide them."
+        )
     candidates: list[Candidate] = []
     class_folders: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
     classes: set[str] = set()
-
-    if split_dirs:
-        layout = "splits"
-        for f in top_files:
-            walker.skip_loose(f, "file outside the split folders (not inside a class folder)")
-        missing = [s for s in ("train", "test") if s not in split_dirs]
-        if missing:
-            raise DataError(
-                f"Data path '{root}' has split folders ({_names(d for ds in split_dirs.values() for d in ds)}) "
-                f"but no {' and no '.join(_SPLIT_NAMES[s] for s in missing)} folder. Add "
-                f"{'them' if len(missing) > 1 else 'it'} (a validation folder is optional), or use "
-                "only class sub-folders and let data.split divide them."
+    for split in (s for s in SPLITS if s in split_dirs):
+        split_dir = split_dirs[split]
+        class_dirs, loose = walker.list_dir(split_dir)
+        for f in loose:
+            walker.skip_loose(
+                f,
+                f"file directly in split folder '{split_dir.name}/', not inside a class folder "
+                f"(move it into {split_dir.name}/<class>/)",
             )
-        for split in SPLITS:
-            if split not in split_dirs:
-                continue
-            split_dir = split_dirs[split][0]
-            class_dirs, loose = walker.list_dir(split_dir)
-            for f in loose:
-                walker.skip_loose(
-                    f,
-                    f"file directly in split folder '{split_dir.name}/', not inside a class folder "
-                    f"(move it into {split_dir.name}/<class>/)",
-                )
-            if not class_dirs and split != "val":
-                images = sum(1 for f in loose if f.suffix.lower() in CANDIDATE_EXTENSIONS)
-                raise DataError(
-                    f"Split folder '{split_dir}' has no class sub-folders"
-                    + (f" ({images} image files lie directly in it)" if images else "")
-                    + f". Put the images in one sub-folder per class: {split_dir.name}/<class>/<image>."
-                )
-            for class_dir in class_dirs:
-                label = _label(class_dir.name)
-                classes.add(label)
-                class_folders[split].setdefault(label, []).append(display_path(class_dir, root))
-                for path in walker.walk_class(class_dir):
-                    candidates.append(Candidate(path=path, label=label, split=split))
-    else:
-        layout = "single"
-        for f in top_files:
-            reason = (
-                "image outside any class folder (move it into a class sub-folder)"
-                if f.suffix.lower() in CANDIDATE_EXTENSIONS
-                else "file outside the class folders"
-            )
-            walker.skip_loose(f, reason)
-        if not other_dirs:
-            images = sum(1 for f in top_files if f.suffix.lower() in CANDIDATE_EXTENSIONS)
+        if not class_dirs and split != "val":
+            images = sum(1 for f in loose if f.suffix.lower() in CANDIDATE_EXTENSIONS)
             raise DataError(
-                f"Data path '{root}' has no class sub-folders"
+                f"Split folder '{split_dir}' has no class sub-folders"
                 + (f" ({images} image files lie directly in it)" if images else "")
-                + ". Put the images in one sub-folder per class (root/<class>/<image>), or use "
-                "split folders training/ [validation/] test/ with class sub-folders in each."
+                + f". Put the images in one sub-folder per class: {split_dir.name}/<class>/<image>."
             )
-        ratios = _ratios(split_ratios)
-        per_class: dict[str, list[Path]] = {}
-        for class_dir in other_dirs:
-            label = _label(class_dir.name)
+        for class_dir, label in zip(class_dirs, _labels(split_dir, class_dirs), strict=True):
             classes.add(label)
-            for split in SPLITS:
-                class_folders[split].setdefault(label, []).append(display_path(class_dir, root))
-            per_class.setdefault(label, []).extend(walker.walk_class(class_dir))
-        for label in sorted(per_class):
-            paths = sorted(per_class[label], key=lambda p: display_path(p, root))
-            order = _permutation(len(paths), seed, label)
-            n_train, n_val, _ = split_counts(len(paths), ratios)
-            for rank, i in enumerate(order):
-                split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-                candidates.append(Candidate(path=paths[i], label=label, split=split))
+            class_folders[split].setdefault(label, []).append(display_path(class_dir, root))
+            candidates.extend(Candidate(p, label, split) for p in walker.walk_class(class_dir))
+    return candidates, class_folders, classes
 
-    if not candidates:
-        examples = ", ".join(f"'{f}' ({r})" for f, r in walker.skipped[:5])
-        raise DataError(
-            f"No image files found under '{root}'"
-            + (
-                f" ({len(walker.skipped)} other files skipped, e.g. {examples})"
-                if walker.skipped
-                else ""
-            )
-            + f". Supported extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}."
+
+def _discover_single(
+    root: Path,
+    walker: _Walker,
+    class_dirs: list[Path],
+    top_files: list[Path],
+    ratios: tuple[float, float, float],
+    seed: int,
+) -> _Found:
+    """The single layout: root/<class>/..., each class split by `ratios` with a fixed seed."""
+    for f in top_files:
+        reason = (
+            "image outside any class folder (move it into a class sub-folder)"
+            if f.suffix.lower() in CANDIDATE_EXTENSIONS
+            else "file outside the class folders"
         )
-
-    candidates.sort(key=lambda c: (SPLITS.index(c.split), c.label, display_path(c.path, root)))
-    return Discovery(
-        classes=sorted(classes),
-        candidates=candidates,
-        skipped=walker.skipped,
-        layout=layout,
-        root=root,
-        class_folders=class_folders,
-    )
+        walker.skip_loose(f, reason)
+    if not class_dirs:
+        images = sum(1 for f in top_files if f.suffix.lower() in CANDIDATE_EXTENSIONS)
+        raise DataError(
+            f"Data path '{root}' has no class sub-folders"
+            + (f" ({images} image files lie directly in it)" if images else "")
+            + ". Put the images in one sub-folder per class (root/<class>/<image>), or use "
+            "split folders training/ [validation/] test/ with class sub-folders in each."
+        )
+    class_folders: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
+    per_class: dict[str, list[Path]] = {}
+    for class_dir, label in zip(class_dirs, _labels(root, class_dirs), strict=True):
+        for split in SPLITS:
+            class_folders[split].setdefault(label, []).append(display_path(class_dir, root))
+        per_class.setdefault(label, []).extend(walker.walk_class(class_dir))
+    candidates: list[Candidate] = []
+    for label in sorted(per_class):
+        paths = sorted(per_class[label], key=lambda p: display_path(p, root))
+        order = _permutation(len(paths), seed, label)
+        n_train, n_val, _ = split_counts(len(paths), ratios)
+        for rank, i in enumerate(order):
+            split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+            candidates.append(Candidate(path=paths[i], label=label, split=split))
+    return candidates, class_folders, set(per_class)
 
 
 def _permutation(n: int, seed: int, label: str) -> np.ndarray:

@@ -21,12 +21,12 @@ CLI, for the image files alone:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
-import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import NormalDist
@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from pipeline.lib.config.schema import SyntheticConfig
+from pipeline.lib.errors import UserError
 
 CLASSES: tuple[str, ...] = (
     "Container_Big_Tractor_B",
@@ -48,6 +51,9 @@ CLASSES: tuple[str, ...] = (
 SPLIT_DIRS = {"train": "training", "val": "validation", "test": "test"}
 
 FORMATS = ("png", "jpg")
+
+#: The file in the generator's folder that lists the files it wrote (relative, posix).
+MARKER = ".synthetic.json"
 
 # Base colours of the toy's plastic, as a camera sees them (not pure primaries).
 _BASE = {
@@ -479,24 +485,12 @@ def _save(img: Image.Image, path: Path, fmt: str) -> None:
         img.save(path, format="JPEG", quality=95, subsampling=0, optimize=False)
 
 
-def generate(
-    out_dir: str | os.PathLike[str],
-    cfg: Any,
-    *,
-    workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Write cfg.train_per_class / cfg.val_per_class / cfg.test_per_class images per class as
-    out_dir/training/<class>/<class>_<nnn>.<cfg.format>, out_dir/validation/..., out_dir/test/...
+class SyntheticDirError(UserError, ValueError):
+    """`data.synthetic.dir` holds files the generator did not write: it is not the generator's."""
 
-    Deterministic: the same cfg gives byte-identical files. Stale files of an earlier generation
-    in out_dir's training/validation/test folders are removed first (only those three folders).
-    Returns out_dir as a Path.
 
-    `workers`: threads to render with (default: the cores, at most 4); `progress(done, total)` is
-    called after each image.
-    """
-    out = Path(out_dir)
+def _settings(cfg: Any) -> tuple[dict[str, int], int, float, int, str]:
+    """(images per split, size, difficulty, seed, format) of `cfg`, checked; ValueError if bad."""
     counts = {
         "train": int(_get(cfg, "train_per_class")),
         "val": int(_get(cfg, "val_per_class")),
@@ -506,8 +500,7 @@ def generate(
     difficulty = float(_get(cfg, "difficulty"))
     seed = int(_get(cfg, "seed"))
     fmt = str(_get(cfg, "format")).lower()
-    if fmt == "jpeg":
-        fmt = "jpg"
+    fmt = "jpg" if fmt == "jpeg" else fmt
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     for split, n in counts.items():
@@ -519,26 +512,126 @@ def generate(
         raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    return counts, size, difficulty, seed, fmt
 
-    out.mkdir(parents=True, exist_ok=True)
-    for folder in SPLIT_DIRS.values():
-        target = out / folder
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
 
+def _plan(
+    out: Path, counts: dict[str, int], seed: int, fmt: str
+) -> list[tuple[str, np.random.Generator, Path]]:
+    """(class, its generator, file) for every image, in split, class, index order."""
     jobs: list[tuple[str, np.random.Generator, Path]] = []
     for s_idx, (split, folder) in enumerate(SPLIT_DIRS.items()):
         n = counts[split]
         width = max(3, len(str(n - 1)))
         for c_idx, label in enumerate(CLASSES):
-            cdir = out / folder / label
-            cdir.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                path = cdir / f"{label}_{i:0{width}d}.{fmt}"
+                path = out / folder / label / f"{label}_{i:0{width}d}.{fmt}"
                 jobs.append((label, _rng_for(seed, s_idx, c_idx, i), path))
+    return jobs
 
+
+def owned_files(out: Path) -> set[str]:
+    """The files (posix paths relative to `out`) the marker in `out` says the generator wrote;
+    empty when `out` has no (readable) marker."""
+    try:
+        listed = json.loads((out / MARKER).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {f for f in listed if isinstance(f, str) and ".." not in Path(f).parts}
+
+
+def _write_marker(out: Path, files: Iterable[str]) -> None:
+    marker = {"generator": __name__, "files": sorted(set(files))}
+    tmp = out / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MARKER)
+
+
+def claim(out: Path) -> set[str]:
+    """Check that `out` is the generator's own folder; return the files it wrote there before.
+
+    `out` is the generator's when it does not exist, is empty, or holds only files listed in its
+    marker file (`.synthetic.json`). Raises `SyntheticDirError` (naming the folder and a few of
+    the foreign files) otherwise; nothing is changed then.
+    """
+    if not out.exists() and not out.is_symlink():
+        return set()
+    if not out.is_dir():
+        raise SyntheticDirError(
+            f"data.synthetic.dir '{out}' is a file, not a folder: the synthetic generator "
+            "writes into a folder of its own; set data.synthetic.dir to a new folder."
+        )
+    owned = owned_files(out)
+    foreign = sorted(
+        rel
+        for rel in (p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
+        if rel not in owned and rel not in (MARKER, f"{MARKER}.tmp")
+    )
+    if foreign:
+        raise SyntheticDirError(
+            f"data.synthetic.dir '{out}' holds {len(foreign)} file(s) the synthetic generator "
+            f"did not write (e.g. {', '.join(repr(f) for f in foreign[:3])}); it never deletes "
+            "or overwrites them. Set data.synthetic.dir to a new or empty folder (for your own "
+            "photos use data=folder: `python -m pipeline.params --use-folder PATH`); images an "
+            "earlier version generated there carry no marker: delete that folder yourself."
+        )
+    return owned
+
+
+def _remove_owned(out: Path, owned: set[str]) -> None:
+    """Delete the files of an earlier generation, then the folders they leave empty."""
+    for rel in sorted(owned):
+        (out / rel).unlink(missing_ok=True)
+    for folder in sorted({(out / rel).parent for rel in owned}, key=lambda p: -len(p.parts)):
+        while folder != out and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+
+
+def generate(
+    out_dir: str | os.PathLike[str],
+    cfg: Any,
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write cfg.train_per_class / cfg.val_per_class / cfg.test_per_class images per class as
+    out_dir/training/<class>/<class>_<nnn>.<cfg.format>, out_dir/validation/..., out_dir/test/...
+    and the marker out_dir/.synthetic.json listing them.
+
+    `cfg`: a `SyntheticConfig` (or any object/mapping with its keys). `out_dir` must be the
+    generator's own folder (see `claim`): the files of an earlier generation (listed in its
+    marker) are removed first, nothing else is ever deleted or overwritten.
+    Deterministic: the same cfg gives byte-identical files. Returns out_dir as a Path.
+
+    Raises ValueError for a bad cfg value, `SyntheticDirError` when out_dir holds other files.
+    `workers`: threads to render with (default: the cores, at most 4); `progress(done, total)` is
+    called after each image.
+    """
+    out = Path(out_dir)
+    counts, size, difficulty, seed, fmt = _settings(cfg)
+    owned = claim(out)
+    jobs = _plan(out, counts, seed, fmt)
+    new = [path.relative_to(out).as_posix() for _, _, path in jobs]
+    out.mkdir(parents=True, exist_ok=True)
+    # a killed run leaves only files the marker lists: the next run may remove them
+    _write_marker(out, owned | set(new))
+    _remove_owned(out, owned)
+    for folder in sorted({path.parent for _, _, path in jobs}):
+        folder.mkdir(parents=True, exist_ok=True)
+    _render_all(jobs, size, difficulty, fmt, workers, progress)
+    _write_marker(out, new)
+    return out
+
+
+def _render_all(
+    jobs: list[tuple[str, np.random.Generator, Path]],
+    size: int,
+    difficulty: float,
+    fmt: str,
+    workers: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> None:
     def make(job: tuple[str, np.random.Generator, Path]) -> None:
         label, rng, path = job
         _save(render(label, rng, size, difficulty), path, fmt)
@@ -558,7 +651,6 @@ def generate(
             for k, _ in enumerate(pool.map(make, jobs), 1):
                 if progress is not None:
                     progress(k, len(jobs))
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -568,13 +660,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "OUT_DIR/{training,validation,test}/<class>/<class>_<nnn>.<format>.",
     )
     ap.add_argument("out_dir", metavar="OUT_DIR")
-    ap.add_argument("--per-class-train", type=int, default=10, metavar="N")
-    ap.add_argument("--per-class-val", type=int, default=25, metavar="N")
-    ap.add_argument("--per-class-test", type=int, default=25, metavar="N")
-    ap.add_argument("--size", type=int, default=224, metavar="S", help="image side in pixels")
-    ap.add_argument("--difficulty", type=float, default=0.5, metavar="D", help="0 (clean) .. 1")
-    ap.add_argument("--seed", type=int, default=7, metavar="K")
-    ap.add_argument("--format", choices=FORMATS, default="png")
+    d = SyntheticConfig()  # the one place the defaults live
+    ap.add_argument("--per-class-train", type=int, default=d.train_per_class, metavar="N")
+    ap.add_argument("--per-class-val", type=int, default=d.val_per_class, metavar="N")
+    ap.add_argument("--per-class-test", type=int, default=d.test_per_class, metavar="N")
+    ap.add_argument("--size", type=int, default=d.size, metavar="S", help="image side in pixels")
+    ap.add_argument(
+        "--difficulty", type=float, default=d.difficulty, metavar="D", help="0 (clean) .. 1"
+    )
+    ap.add_argument("--seed", type=int, default=d.seed, metavar="K")
+    ap.add_argument("--format", choices=FORMATS, default=d.format)
     ap.add_argument(
         "--workers",
         type=int,

@@ -1,0 +1,105 @@
+"""Class names: the one set of rules for turning folder names into class names, and class names
+into keys (MLflow metric keys, file names, DVC plot names).
+
+Rules (applied by the folder source to every class folder):
+
+* A class name is its folder name, NFC-normalised (macOS writes NFD) with surrounding whitespace
+  trimmed; bytes that are not UTF-8 are shown as backslash escapes.
+* Two folders at the same level whose names become the same class name (`car` and `car `, or the
+  NFC and NFD spellings of `café`) are refused: the user meant two classes or made a typo, and
+  either way merging them silently is wrong.
+* Two class names that differ only in case (`Car` and `car`) are refused too: on case-insensitive
+  file systems (macOS, Windows) they are one folder, so they are almost always one class.
+
+`class_key(name)` gives every class name a key that is safe in MLflow metric names, file names and
+DVC plot names, at most `MAX_KEY_LENGTH` characters, and distinct for distinct names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Iterable
+
+#: The longest key `class_key` returns (MLflow metric keys may have 250 characters; the metric
+#: names built from a key, e.g. `test_precision_<key>`, stay well under that).
+MAX_KEY_LENGTH = 64
+_HASH_LENGTH = 10
+#: Names kept as they are: ASCII letters, digits, `_ - .`, not starting with `.` or `-`.
+_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+#: A safe name that looks like a hashed key is hashed too, so it cannot equal another name's key.
+_LOOKS_HASHED = re.compile(rf".*-[0-9a-f]{{{_HASH_LENGTH}}}")
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def class_name(folder_name: str) -> str:
+    """The class name of a folder called `folder_name` (str, as `os.scandir` gives it).
+
+    NFC-normalised, surrounding whitespace trimmed; non-UTF-8 bytes (surrogate escapes) become
+    backslash escapes so the name is always printable and encodable. A name that is only
+    whitespace is kept as it is (it cannot be trimmed to nothing).
+    """
+    if _has_surrogates(folder_name):
+        folder_name = os.fsencode(folder_name).decode("utf-8", "backslashreplace")
+    return unicodedata.normalize("NFC", folder_name).strip() or folder_name
+
+
+def name_collisions(folder_names: Iterable[str]) -> list[str]:
+    """Problems (one sentence each) among folder names that sit at the same level.
+
+    Returns an empty list when every folder gives a distinct class name. Otherwise one entry per
+    group of folders that become the same class name, e.g.
+    `class folders 'car', 'car ' all become the class 'car'`.
+    """
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in folder_names:
+        groups[class_name(name)].append(name)
+    return [
+        f"class folders {', '.join(repr(n) for n in sorted(names))} all become the class {label!r}"
+        for label, names in sorted(groups.items())
+        if len(names) > 1
+    ]
+
+
+def case_collisions(classes: Iterable[str]) -> list[str]:
+    """Problems (one sentence each) for class names that differ only in case (`Car`, `car`)."""
+    groups: dict[str, set[str]] = defaultdict(set)
+    for label in classes:
+        groups[label.casefold()].add(label)
+    return [
+        f"classes {', '.join(repr(n) for n in sorted(names))} differ only in case"
+        for _, names in sorted(groups.items())
+        if len(names) > 1
+    ]
+
+
+def class_key(name: str) -> str:
+    """A key for class `name` that is safe in MLflow metric keys, file names and DVC plot names.
+
+    Returns `name` itself when it is short (at most `MAX_KEY_LENGTH` characters) and made only
+    of ASCII letters, digits and `_ - .`; otherwise a readable prefix (other characters replaced
+    by `_`, truncated) followed by `-` and the first 10 hex digits of the SHA-256 of the name.
+    Distinct names give distinct keys (`red car` -> `red_car-3f...`, `red,car` ->
+    `red_car-9a...`, `red_car` -> `red_car`); every key has at most `MAX_KEY_LENGTH` characters.
+    """
+    if len(name) <= MAX_KEY_LENGTH and _SAFE.fullmatch(name) and not _LOOKS_HASHED.fullmatch(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_LENGTH]
+    prefix = re.sub(r"[^A-Za-z0-9_.\-]", "_", name).lstrip(".-")
+    prefix = prefix[: MAX_KEY_LENGTH - _HASH_LENGTH - 1] or "class"
+    return f"{prefix}-{digest}"
+
+
+def short_name(name: str, width: int = 32) -> str:
+    """`name` for a figure title or tick label: at most `width` characters, `...` marking a cut."""
+    return name if len(name) <= width else name[: width - 3] + "..."

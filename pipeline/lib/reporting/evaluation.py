@@ -1,0 +1,124 @@
+"""What the evaluate stage writes into `paths.reports` from a model's test-split predictions:
+the metrics file, scikit-learn's classification report, the per-image predictions CSV and the
+figures (confusion matrices, prediction gallery)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.lib.data.prepared import SPLITS
+from pipeline.lib.files import atomic_dir, atomic_file, write_json
+from pipeline.lib.reporting import figures
+from pipeline.lib.reporting.metrics import (
+    Predictions,
+    classification_metrics,
+    classification_reports,
+    confusion,
+    gallery_indices,
+)
+from pipeline.lib.reporting.tables import write_csv
+
+#: Files evaluate writes in `paths.reports` (DVC outputs of the stage, see dvc.yaml).
+METRICS_FILE = "metrics.json"
+REPORT_JSON = "classification_report.json"
+REPORT_TEXT = "classification_report.txt"
+PREDICTIONS_FILE = "predictions.csv"
+FIGURES_DIR = "eval_figures"
+#: The self-contained HTML report (confusion matrix whose cells open their images).
+REPORT_HTML = "eval_report.html"
+#: The split evaluate measures ("test"), and the key of its section in the metrics file.
+SPLIT = SPLITS[-1]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A split's predictions with what the reports need besides them.
+
+    Attributes:
+        predictions: probabilities, true labels and class names.
+        images: uint8 (N, S, S, 3) the split's prepared images (may be memory-mapped).
+        paths: the N source paths of the images (the prepared manifest's `path` column).
+    """
+
+    predictions: Predictions
+    images: np.ndarray
+    paths: list[str]
+
+
+def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
+    """{"test": classification_metrics(...)}: what `metrics.json` holds."""
+    p = ev.predictions
+    return {SPLIT: classification_metrics(p.y_true, p.y_pred, p.classes)}
+
+
+def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
+    """Write the metrics file, the classification report (JSON and text) and the predictions
+    CSV (path, actual, predicted, confidence rounded to 6 digits) into `reports`; return the
+    text report."""
+    p = ev.predictions
+    text, as_dict = classification_reports(p)
+    write_json(reports / METRICS_FILE, metrics)
+    write_json(reports / REPORT_JSON, as_dict)
+    with atomic_file(reports / REPORT_TEXT) as fh:
+        fh.write(text)
+    write_csv(
+        reports / PREDICTIONS_FILE,
+        {
+            "path": list(ev.paths),
+            "actual": [p.classes[i] for i in p.y_true],
+            "predicted": [p.classes[i] for i in p.y_pred],
+            "confidence": [round(float(row.max()), 6) for row in p.probs],
+        },
+    )
+    return text
+
+
+def write_figures(
+    ev: Evaluation, folder: Path, gallery_size: int, gallery_columns: int
+) -> list[Path]:
+    """Write `folder` (replaced atomically): the confusion matrix (counts and row-normalised)
+    and the gallery of `gallery_size` test images; return the PNG paths inside `folder`."""
+    p = ev.predictions
+    matrix = confusion(p)
+    shown = gallery_indices(p.y_true, p.y_pred, gallery_size)
+    with atomic_dir(folder) as tmp:
+        written = [
+            figures.save_confusion_matrix(matrix, p.classes, tmp / "confusion_matrix.png"),
+            figures.save_confusion_matrix(
+                matrix,
+                p.classes,
+                tmp / "confusion_matrix_normalized.png",
+                normalize=True,
+                title="Confusion matrix (row-normalised)",
+            ),
+            figures.save_gallery(
+                ev.images[shown],
+                p.probs[shown],
+                p.y_true[shown],
+                p.classes,
+                tmp / "gallery.png",
+                columns=gallery_columns,
+            ),
+        ]
+    return [folder / path.name for path in written]
+
+
+def table_files(reports: Path) -> list[Path]:
+    """The table files `write_tables` writes, in the order they are logged to MLflow."""
+    return [reports / name for name in (METRICS_FILE, REPORT_JSON, REPORT_TEXT, PREDICTIONS_FILE)]
+
+
+def write_html_report(
+    ev: Evaluation, reports: Path, metrics: dict[str, Any], images_per_cell: int
+) -> Path:
+    """Write `reports/eval_report.html` (`pipeline.lib.reporting.html_report`); return its path."""
+    from pipeline.lib.reporting import html_report
+
+    html = html_report.render_report(
+        ev.predictions, ev.images, ev.paths, metrics[SPLIT], images_per_cell, split=SPLIT
+    )
+    return html_report.write_report(reports / REPORT_HTML, html)

@@ -1,0 +1,233 @@
+"""The evaluation report: one self-contained HTML file (no network, no JavaScript) with the
+confusion matrix, whose cells open the images in them, the worst mistakes, and per-class metrics.
+
+Opening a cell needs no script: each cell is a `<label>` of a hidden radio button, and a CSS rule
+per cell shows that cell's image panel while its radio is checked. So the page works offline, in
+MLflow's artifact viewer (a sandboxed frame) and with scripts disabled. Thumbnails are JPEG data
+URIs. Within a panel the worst come first: a mistake by how sure the model was of the wrong class
+(descending), a right prediction by its score (ascending). The same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.lib.files import atomic_file
+from pipeline.lib.reporting.metrics import Predictions, confusion
+
+#: Longest side of a thumbnail, in pixels.
+THUMB_PX = 96
+JPEG_QUALITY = 85
+MISTAKES_VIEW = "mistakes"
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1f2328;background:#fff}
+main{max-width:1200px;margin:0 auto;padding:16px 24px}
+h1{font-size:22px;margin:8px 0}h2{font-size:17px;margin:20px 0 8px}
+.view{display:none}
+.summary{color:#57606a}
+table{border-collapse:collapse}
+th,td{padding:3px 6px;text-align:right}
+th{font-weight:600}
+.confusion td{padding:1px}
+.confusion th.col{writing-mode:vertical-rl;transform:rotate(180deg);text-align:left}
+.cell{display:block;min-width:44px;padding:8px 4px;text-align:center;cursor:pointer;
+border:2px solid transparent;border-radius:3px}
+.cell:hover{border-color:#0969da}
+.cell.diag{font-weight:700}
+.cell.empty{color:#8c959f}
+.button{display:inline-block;margin:8px 0;padding:4px 10px;border:1px solid #d0d7de;
+border-radius:6px;cursor:pointer;background:#f6f8fa}
+.panel{display:none}
+.thumbs{list-style:none;padding:0;margin:0;display:flex;flex-wrap:wrap;gap:10px}
+.item{width:150px;border:3px solid #1a7f37;border-radius:4px;padding:4px;font-size:12px}
+.item.wrong{border-color:#cf222e}
+.item img{display:block;margin:0 auto 4px}
+.path{color:#57606a;word-break:break-all}
+.metrics td:first-child,.metrics th:first-child{text-align:left}
+"""
+
+
+def _thumbnail(image: np.ndarray) -> str:
+    """A uint8 (H, W, 3) image as a JPEG data URI, longest side `THUMB_PX`."""
+    from PIL import Image
+
+    img = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    scale = THUMB_PX / max(img.size)
+    if scale < 1:
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    img.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def worst_first(p: Predictions, members: np.ndarray) -> np.ndarray:
+    """`members` (indices into the split) ordered worst first: mistakes by the predicted
+    class's score descending, then right predictions by their score ascending; ties by index."""
+    members = np.asarray(members, dtype=np.int64)
+    score = p.probs[members, p.y_pred[members]] if len(members) else np.zeros(0)
+    wrong = p.y_pred[members] != p.y_true[members]
+    key = np.where(wrong, -score, score)  # wrong ones: most confident first
+    order = np.lexsort((members, key, ~wrong))
+    return members[order]
+
+
+def _item(p: Predictions, i: int, image: np.ndarray, path: str) -> str:
+    t, q = int(p.y_true[i]), int(p.y_pred[i])
+    name = escape(path)
+    return (
+        f'<li class="item{"" if t == q else " wrong"}" data-index="{i}" data-path="{name}" '
+        f'data-true="{escape(p.classes[t])}" data-pred="{escape(p.classes[q])}">'
+        f'<img src="{_thumbnail(image)}" alt="{name}">'
+        f"<div>true: <b>{escape(p.classes[t])}</b></div>"
+        f"<div>predicted: <b>{escape(p.classes[q])}</b> {p.probs[i, q]:.3f}</div>"
+        + (f"<div>score of true: {p.probs[i, t]:.3f}</div>" if t != q else "")
+        + f'<div class="path">{name}</div></li>'
+    )
+
+
+def _panel(
+    view: str,
+    title: str,
+    p: Predictions,
+    chosen: np.ndarray,
+    images: Any,
+    paths: list[str],
+    cap: int,
+) -> str:
+    shown = chosen[:cap]
+    items = "".join(_item(p, int(i), images[int(i)], paths[int(i)]) for i in shown)
+    more = (
+        f"<p>… and {len(chosen) - len(shown)} more (evaluate.report_images_per_cell).</p>"
+        if len(chosen) > len(shown)
+        else ""
+    )
+    empty = "<p>No images.</p>" if not len(chosen) else ""
+    return (
+        f'<div class="panel" id="p-{view}"><h2>{escape(title)}</h2>'
+        f'<ol class="thumbs">{items}</ol>{empty}{more}</div>'
+    )
+
+
+def _cells(n: int) -> Iterator[tuple[int, int, str]]:
+    for i in range(n):
+        for j in range(n):
+            yield i, j, f"{i}-{j}"
+
+
+def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
+    top = max(int(matrix.max()), 1) if matrix.size else 1
+    head = "".join(f'<th class="col" scope="col">{escape(c)}</th>' for c in p.classes)
+    rows = []
+    for i, name in enumerate(p.classes):
+        cells = []
+        for j in range(len(p.classes)):
+            count = int(matrix[i, j])
+            alpha = 0.08 + 0.72 * count / top if count else 0.0
+            color = "9,105,218" if i == j else "207,34,46"
+            kind = ("diag" if i == j else "off") + ("" if count else " empty")
+            cells.append(
+                f'<td><label for="v-{i}-{j}" class="cell {kind}" '
+                f'style="background:rgba({color},{alpha:.3f})" '
+                f'data-true="{escape(name)}" data-pred="{escape(p.classes[j])}" '
+                f'title="true {escape(name)}, predicted {escape(p.classes[j])}">{count}</label></td>'
+            )
+        rows.append(f'<tr><th scope="row">{escape(name)}</th>{"".join(cells)}</tr>')
+    return (
+        '<table class="confusion"><thead><tr><th>true \\ predicted</th>'
+        f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _metrics_table(metrics: dict[str, Any], classes: list[str]) -> str:
+    rows = "".join(
+        f"<tr><td>{escape(c)}</td><td>{metrics['precision'][c]:.4f}</td>"
+        f"<td>{metrics['recall'][c]:.4f}</td><td>{metrics['f1'][c]:.4f}</td>"
+        f"<td>{metrics['support'][c]}</td></tr>"
+        for c in classes
+    )
+    return (
+        '<table class="metrics"><thead><tr><th>class</th><th>precision</th><th>recall</th>'
+        f"<th>F1</th><th>support</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def _view_css(views: list[str]) -> str:
+    """One rule per view: its panel shows, and its cell is outlined, while its radio is checked."""
+    return "".join(
+        f"#v-{v}:checked~main #p-{v}{{display:block}}"
+        f"#v-{v}:checked~main label[for=v-{v}]{{border-color:#1f2328}}"
+        for v in views
+    )
+
+
+def _panels(p: Predictions, images: Any, paths: list[str], cap: int) -> list[str]:
+    """The worst-mistakes panel, then one panel per confusion-matrix cell (row by row)."""
+    wrong = np.flatnonzero(p.y_pred != p.y_true)
+    title = f"Worst mistakes ({len(wrong)})"
+    panels = [_panel(MISTAKES_VIEW, title, p, worst_first(p, wrong), images, paths, cap)]
+    for i, j, view in _cells(len(p.classes)):
+        members = np.flatnonzero((p.y_true == i) & (p.y_pred == j))
+        title = f"True {p.classes[i]}, predicted {p.classes[j]}: {len(members)} image(s)"
+        panels.append(_panel(view, title, p, worst_first(p, members), images, paths, cap))
+    return panels
+
+
+def render_report(
+    p: Predictions,
+    images: Any,
+    paths: list[str],
+    metrics: dict[str, Any],
+    images_per_cell: int = 48,
+    split: str = "test",
+) -> str:
+    """The report as an HTML document.
+
+    Args:
+        p: the split's predictions (probabilities (N, C), true labels (N,), C classes).
+        images: uint8 (N, H, W, 3), may be memory-mapped (only the shown images are read).
+        paths: the N source paths, shown under each thumbnail.
+        metrics: `classification_metrics` of the predictions (accuracy, macro_f1, per class).
+        images_per_cell: the most thumbnails a panel shows (worst first).
+    """
+    n = len(p.classes)
+    wrong = np.flatnonzero(p.y_pred != p.y_true)
+    panels = _panels(p, images, paths, images_per_cell)
+    views = [MISTAKES_VIEW] + [v for _, _, v in _cells(n)]
+    radios = "".join(
+        f'<input type="radio" name="view" class="view" id="v-{v}"'
+        f"{' checked' if v == MISTAKES_VIEW else ''}>"
+        for v in views
+    )
+    summary = (
+        f"Accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on "
+        f"{len(p.y_true)} {escape(split)} images; {len(wrong)} mistake(s)."
+    )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>Evaluation report ({escape(split)} split)</title>"
+        f"<style>{CSS}{_view_css(views)}</style></head><body>{radios}<main>"
+        f'<h1>Evaluation report: {escape(split)} split</h1><p class="summary">{summary}</p>'
+        "<h2>Confusion matrix</h2><p>Rows: true class; columns: predicted class. "
+        "Click a cell to see its images, the worst first.</p>"
+        f"{_matrix_table(p, confusion(p))}"
+        f'<label for="v-{MISTAKES_VIEW}" class="button">Show the worst mistakes</label>'
+        f'<section class="images">{"".join(panels)}</section>'
+        f"<h2>Per-class metrics</h2>{_metrics_table(metrics, p.classes)}"
+        "</main></body></html>\n"
+    )
+
+
+def write_report(path: Path, html: str) -> Path:
+    """Write the report atomically (parent folders created); return `path`."""
+    with atomic_file(path) as fh:
+        fh.write(html)
+    return path

@@ -1,0 +1,85 @@
+"""The data choice lasts (pipeline.lib.data.choice, `python -m pipeline.params --use-folder`).
+
+Case exp-run-overrides-revert-to-synthetic: DVC's Hydra integration composes conf/ again on every
+`dvc exp run` with only that command's `-S` overrides, so the choice must live in conf/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.lib.config.schema import validate
+from pipeline.lib.data.choice import DataChoiceError, choose, current_option
+from pipeline.lib.data.sources.folder import DataError
+from tests.conftest import ROOT
+
+
+def project(tmp: Path) -> Path:
+    root = tmp / "project"
+    shutil.copytree(ROOT / "conf", root / "conf")
+    return root
+
+
+def photos(tmp: Path) -> Path:
+    for rel in ("a/1.png", "a/2.png", "b/1.png", "b/2.png"):
+        (tmp / "photos" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "photos" / rel).write_bytes(b"not decoded here")
+    return tmp / "photos"
+
+
+def dvc_compose(root: Path, *overrides: str) -> dict:
+    """What `dvc exp run -S ...` writes to params.yaml (DVC's own function, DVC's arguments)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = root / "dvc_params.yaml"
+    compose_and_dump(out, str(root / "conf"), None, "config", str(root), list(overrides))
+    return yaml.safe_load(out.read_text())
+
+
+def test_use_folder_lasts_for_later_experiments(tmp_path, monkeypatch):
+    root = project(tmp_path)
+    folder = photos(tmp_path)
+    monkeypatch.chdir(root)
+    message = choose(root, ["--use-folder", str(folder)])
+    assert str(folder) in message and "4 image files in 2 classes" in message
+    assert current_option(root) == "photos"
+    for overrides in ([], ["train.epochs=4"], ["experiment=smoke"]):
+        data = dvc_compose(root, *overrides)["data"]
+        assert (data["source"], data["path"]) == ("folder", str(folder))
+        assert data["dependency"] == str(folder)  # what DVC's prepare stage watches
+        assert data["split"] == {"train": 0.7, "val": 0.15, "test": 0.15}
+    written = yaml.safe_load((root / "params.yaml").read_text())
+    assert validate(written).data.path == str(folder)
+    # switching back is said explicitly, and lasts as well
+    choose(root, ["--use-synthetic"])
+    data = dvc_compose(root, "train.epochs=4")["data"]
+    assert data["source"] == "synthetic" and data["path"] is None
+    # the folder stays selectable by name
+    assert dvc_compose(root, "data=photos")["data"]["path"] == str(folder)
+
+
+def test_use_folder_refuses_a_missing_folder_and_changes_nothing(tmp_path, monkeypatch):
+    root = project(tmp_path)
+    monkeypatch.chdir(root)
+    before = (root / "conf" / "config.yaml").read_text()
+    with pytest.raises(DataError, match="does not exist"):
+        choose(root, ["--use-folder", str(tmp_path / "nope")])
+    assert (root / "conf" / "config.yaml").read_text() == before
+    assert not (root / "conf" / "data" / "photos.yaml").exists()
+    with pytest.raises(DataChoiceError, match="usage"):
+        choose(root, ["--use-folder"])
+
+
+def test_data_path_alone_never_reaches_the_synthetic_source(tmp_path):
+    """Case synthetic-wipes-photo-folder: `-S data.path=X` without data=folder is refused."""
+    from pipeline.lib.config.schema import ConfigError
+
+    root = project(tmp_path)
+    values = dvc_compose(root, f"data.path={tmp_path}")
+    with pytest.raises(ConfigError, match="data.source=synthetic") as info:
+        validate(values)
+    assert "--use-folder" in str(info.value) and "\n" not in str(info.value)

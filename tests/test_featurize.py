@@ -1,0 +1,65 @@
+"""Stage `featurize`: its output `data/features` is a pure function of its declared inputs (the
+prepared data, the backbone's settings, `featurize.backend`): the same bytes whether the TFLite
+conversion cache is empty or warm, whatever `featurize.batch_size` and `featurize.num_threads`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.featurize import featurize
+from pipeline.lib.data.prepared import SPLITS
+from pipeline.prepare import prepare
+from tests.conftest import tiny_config
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("featurize-data")
+    cfg = tiny_config(tmp)
+    prepare(cfg)
+    return {"data.synthetic.dir": tmp / "raw", "paths.prepared": cfg.paths.prepared}
+
+
+def test_features_are_the_same_bytes_with_an_empty_or_a_warm_conversion_cache(
+    prepared, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TRUCK_CACHE_DIR", str(tmp_path / "empty-cache"))
+    cold = tiny_config(tmp_path / "cold", **prepared, **{"featurize.backend": "tflite"})
+    featurize(cold)
+    assert list((tmp_path / "empty-cache" / "tflite").glob("*.tflite"))  # it was converted
+    warm = tiny_config(
+        tmp_path / "warm",
+        **prepared,
+        **{"featurize.backend": "tflite", "featurize.batch_size": 5, "featurize.num_threads": 1},
+    )
+    featurize(warm)  # the cached conversion, other batches and threads
+    got, want = file_bytes(warm.paths.features), file_bytes(cold.paths.features)
+    assert sorted(want) == sorted([f"{s}.npy" for s in SPLITS] + ["meta.json"])
+    assert got == want
+    assert np.load(Path(cold.paths.features) / "train.npy").any()  # not trivially equal
+
+
+def test_meta_json_holds_what_the_features_are_and_no_timings(prepared, tmp_path):
+    cfg = tiny_config(tmp_path, **prepared)
+    meta = featurize(cfg)
+    text = (Path(cfg.paths.features) / "meta.json").read_text()
+    assert set(meta) == {"key", "feature_dim", "backend"}
+    assert meta["key"]["backend"] == cfg.featurize.backend == "keras"
+    assert "second" not in text and "per_s" not in text
+    featurize(cfg)  # rerun, as `dvc repro -f featurize` does: the same bytes, so train won't rerun
+    assert (Path(cfg.paths.features) / "meta.json").read_text() == text
+
+
+def test_keras_backend_features_are_reproducible(prepared, tmp_path):
+    first = tiny_config(tmp_path / "a", **prepared)
+    second = tiny_config(tmp_path / "b", **prepared, **{"featurize.batch_size": 3})
+    featurize(first)
+    featurize(second)
+    assert file_bytes(first.paths.features) == file_bytes(second.paths.features)

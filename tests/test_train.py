@@ -1,0 +1,70 @@
+"""Stage `train`: its DVC outputs (`models`, `reports/train_figures`, the train metrics, history
+and batches) are the same bytes when it runs again on the same inputs; the MLflow run id, which
+differs on every run, is kept outside them (`paths.run_file`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.featurize import featurize
+from pipeline.lib.model.saving import MODEL_FILE, trained_run_id
+from pipeline.prepare import prepare
+from pipeline.train import train
+from tests.conftest import tiny_config
+
+REPORTS = ("train_metrics.json", "train_history.csv", "train_batches.csv")
+
+
+def outputs(cfg) -> dict[str, bytes]:
+    """Every file of the train stage's DVC outputs, by path relative to its folder."""
+    models, reports = Path(cfg.paths.models), Path(cfg.paths.reports)
+    found = {f"models/{p.relative_to(models)}": p for p in models.rglob("*") if p.is_file()}
+    figures = reports / "train_figures"
+    found |= {f"figures/{p.relative_to(figures)}": p for p in figures.rglob("*") if p.is_file()}
+    found |= {f"reports/{name}": reports / name for name in REPORTS}
+    return {name: path.read_bytes() for name, path in sorted(found.items())}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("train-inputs")
+    cfg = tiny_config(tmp)
+    prepare(cfg)
+    featurize(cfg)
+    return {
+        "data.synthetic.dir": tmp / "raw",
+        "paths.prepared": cfg.paths.prepared,
+        "paths.features": cfg.paths.features,
+        "tracking.uri": cfg.tracking.uri,
+        "tracking.log_model": False,
+        "model.dropout": 0.2,  # a seeded random draw on every step
+    }
+
+
+def test_training_twice_gives_the_same_bytes_and_the_run_id_stays_out_of_models(inputs, tmp_path):
+    first = tiny_config(tmp_path / "first", **inputs)
+    second = tiny_config(tmp_path / "second", **inputs)
+    train(first)
+    train(second)
+    got, want = outputs(second), outputs(first)
+    assert {"models/model.keras", "figures/loss.png", "reports/train_history.csv"} <= set(want)
+    assert not any("mlflow" in name for name in want)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], f"{name} differs between two runs on the same inputs"
+    assert "seconds" not in json.loads(want["reports/train_metrics.json"])
+    # two runs, each recorded outside `models`, each naming the model it trained
+    runs = [json.loads(Path(c.paths.run_file).read_text()) for c in (first, second)]
+    assert runs[0]["run_id"] != runs[1]["run_id"]
+    assert trained_run_id(second) == runs[1]["run_id"]
+
+
+def test_a_run_file_of_another_model_is_not_used(inputs, tmp_path):
+    cfg = tiny_config(tmp_path, **inputs)
+    train(cfg)
+    assert trained_run_id(cfg) is not None
+    (Path(cfg.paths.models) / MODEL_FILE).write_bytes(b"another model")
+    assert trained_run_id(cfg) is None
