@@ -60,10 +60,11 @@ params:  ## recompose params.yaml from conf/ (what DVC does on `dvc exp run -S`)
 	$(BIN)/python -m pipeline.params
 
 ui:  ## browse runs: http://127.0.0.1:$(PORT) (one worker: enough for one person)
+	@echo "MLflow UI: http://127.0.0.1:$(PORT)/#/experiments?workflowType=machine_learning (the runs, not GenAI traces)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT) --workers 1
 
-benchmark:  ## speed and memory benchmarks (prints figures and ratios)
-	$(BIN)/python benchmarks/featurize_bench.py
+benchmark: install weights  ## the pipeline's cost vs the plain script it replaces (ratios; ~10 min; exit 1 = a target missed)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:  ## generated outputs (keeps the venv)
 	rm -rf data models reports/*_figures outputs multirun mlflow.db mlartifacts mlruns

@@ -1,6 +1,7 @@
 """Experiment-tracked MobileNetV2 transfer learning: DVC stages, Hydra config, MLflow tracking."""
 
-import os as _os
+from pipeline.lib import console as _console
 
-# TensorFlow's C++ start-up chatter hides the messages users need; keep warnings and errors.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before any library is imported: TensorFlow, absl and MLflow chatter silenced at the source
+# (`PIPELINE_VERBOSE=1` shows it all again; see pipeline.lib.console).
+_console.setup()

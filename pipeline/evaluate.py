@@ -18,13 +18,14 @@ from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.class_names import class_key
 from pipeline.lib.data.prepared import open_prepared
-from pipeline.lib.model.saving import MODEL_FILE, trained_model_folder
+from pipeline.lib.model.saving import trained_model_folder
 from pipeline.lib.reporting.evaluation import (
     FIGURES_DIR,
     REPORT_HTML,
     SPLIT,
     Evaluation,
     evaluation_metrics,
+    per_class_metrics,
     write_figures,
     write_html_report,
     write_tables,
@@ -32,9 +33,6 @@ from pipeline.lib.reporting.evaluation import (
 from pipeline.lib.reporting.metrics import Predictions
 
 log = logging.getLogger(__name__)
-
-#: Images per Keras `predict_on_batch` call.
-BATCH_SIZE = 64
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
@@ -46,15 +44,15 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     """
     import mlflow
 
-    from pipeline.lib.model.batch_predict import predict_batches
-    from pipeline.lib.model.build import load_model
+    from pipeline.lib.model.scoring import test_probabilities
     from pipeline.lib.tracking import runs as tracking
 
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     models, classes = trained_model_folder(cfg, dataset)
-    model = load_model(models / MODEL_FILE)
     images = dataset.images(SPLIT)
-    probs = predict_batches(model.predict_on_batch, images, BATCH_SIZE, len(classes))
+    probs = test_probabilities(cfg, dataset, models, SPLIT)  # cached features when they match
+    if cfg.evaluate.tta:
+        probs = _flip_tta(models, probs, images)
     ev = Evaluation(
         Predictions(probs, dataset.labels(SPLIT), classes),
         images,
@@ -77,13 +75,11 @@ def evaluate(cfg: Config) -> dict[str, Any]:
 
     with tracking.stage_run(cfg, "evaluate"):  # README: "How runs are recorded"
         t = metrics["test"]
-        flat = {
-            "test_accuracy": t["accuracy"],
-            "test_macro_f1": t["macro_f1"],
-            "test_weighted_f1": t["weighted_f1"],
-        }
+        flat = {f"test_{k}": float(v) for k, v in t.items()}  # accuracy, its interval, F1s, ece
+        per_class = per_class_metrics(ev)
         for kind in ("precision", "recall", "f1"):
-            flat |= {f"test_{kind}_{_metric_name(c)}": v for c, v in t[kind].items()}
+            flat |= {f"test_{kind}_{_metric_name(c)}": v for c, v in per_class[kind].items()}
+        mlflow.set_tag("evaluate_tta", str(bool(cfg.evaluate.tta)).lower())
         mlflow.log_metrics(flat)
         tracking.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
         tracking.log_files(
@@ -97,6 +93,18 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             "reports",
         )
     return metrics
+
+
+def _flip_tta(models: Path, probs: Any, images: Any) -> Any:
+    """`evaluate.tta`: `probs` averaged with the saved model's probabilities of the horizontally
+    flipped test images."""
+    from pipeline.lib.model.build import load_model
+    from pipeline.lib.model.saving import MODEL_FILE
+    from pipeline.lib.model.tta import flip_averaged
+
+    model = load_model(models / MODEL_FILE)
+    log.info("evaluate.tta: averaging each test image with its horizontal flip")
+    return flip_averaged(probs, model.predict_on_batch, images, probs.shape[1])
 
 
 def _metric_name(name: str) -> str:

@@ -105,8 +105,8 @@ def export(cfg: Config) -> dict[str, Any]:
     import mlflow
 
     from pipeline.lib.model import export as tflite_export
-    from pipeline.lib.model.batch_predict import predict_batches
     from pipeline.lib.model.build import load_model
+    from pipeline.lib.model.scoring import test_probabilities
     from pipeline.lib.tracking import runs as tracking
 
     e = cfg.export
@@ -114,9 +114,9 @@ def export(cfg: Config) -> dict[str, Any]:
     models, _ = trained_model_folder(cfg, dataset)
     images = _test_images(dataset)
     model = load_model(models / MODEL_FILE)
-    data = tflite_export.ParityData(
-        images, dataset.labels(TEST), predict_batches(model.predict_on_batch, images)
-    )
+    # the Keras reference: the head on the cached test features when they match (checked)
+    reference = test_probabilities(cfg, dataset, models, TEST, model=model)
+    data = tflite_export.ParityData(images, dataset.labels(TEST), reference)
     latency = tflite_export.LatencySettings(
         e.latency_runs, e.latency_warmup, e.num_threads or os.cpu_count() or 1
     )

@@ -74,7 +74,9 @@ def _featurize_split(
         folder / f"{split}.npy", mode="w+", dtype=np.float32, shape=(len(images), dim)
     )
     start = time.perf_counter()
-    featurize_array(featurizer, images, cfg.featurize.batch_size, dim, out, progress=split)
+    featurize_array(
+        featurizer, images, cfg.featurize.batch_size, dim, out, progress=f"featurize {split}"
+    )
     out.flush()
     del out
     return len(images), time.perf_counter() - start

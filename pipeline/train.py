@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.lib.config.schema import Config
@@ -76,21 +75,30 @@ def train(cfg: Config, callbacks: Sequence[Any] = ()) -> float | None:
     checkpoint = checkpoint_folder(cfg, prepared_md5)  # train.resume continues its run
     with tracking.stage_run(cfg, "train", checkpoint=checkpoint, tags=tags) as run:
         _log_inputs(cfg, dataset, prepared_md5)
-        result = fit(cfg, dataset, prepared_md5, callbacks=callbacks)
+        saves = _saves_model(cfg)
+        result = fit(cfg, dataset, prepared_md5, callbacks=callbacks, full_model=saves)
         metrics = _train_metrics(result)
         _log_training(result, metrics, dataset.classes)
         _write_reports(cfg, result, metrics)
-        _write_model_folder(cfg, dataset, result["model"])
-        write_run_record(cfg, run)
-        if cfg.tracking.log_model:
-            example = np.asarray(
-                dataset.images("val" if dataset.size("val") else "train")[:1], dtype=np.float32
-            )
-            tracking.log_model(
-                result["model"], example
-            )  # registered by evaluate, with test metrics
+        if saves:
+            _write_model_folder(cfg, dataset, result["model"])
+            write_run_record(cfg, run)
+            if cfg.tracking.log_model:  # registered by evaluate, with test metrics
+                tracking.log_model(cfg.paths.models)
+        else:
+            log.info("train.save_model=%s: no model saved or logged", cfg.train.save_model)
     final = metrics["val" if metrics["val"]["accuracy"] is not None else "train"]
     return final["accuracy"]
+
+
+def _saves_model(cfg: Config) -> bool:
+    """`train.save_model`: `always`, `never`, or `auto` = not in a Hydra sweep job (`-m`), where
+    only the head is trained, on the cached features, and no model is saved or logged."""
+    from pipeline.lib.config.step import in_multirun
+
+    return cfg.train.save_model == "always" or (
+        cfg.train.save_model == "auto" and not in_multirun()
+    )
 
 
 def _final(result: dict[str, Any]) -> dict[str, float]:
@@ -113,6 +121,8 @@ def _train_metrics(result: dict[str, Any]) -> dict[str, Any]:
             **{f"trainable_params_{name}": p["trainable_params"] for name, p in phases.items()},
         },
         "mode": result["mode"],
+        # best epoch, L2 factor, temperature (None: not calibrated), refit (pipeline.lib.training.head)
+        "head": {k: v for k, v in result.get("head", {}).items() if k != "refit_history"},
     }
 
 
@@ -170,6 +180,8 @@ def _log_training(result: dict[str, Any], metrics: dict[str, Any], classes: list
     mlflow.log_metrics({k: v for k, v in params.items() if k.startswith("trainable_params_")})
     mlflow.set_tag("training_mode", result["mode"])
     _log_options(result, classes)
+    head = {k: v for k, v in metrics["head"].items() if isinstance(v, int | float)}
+    mlflow.log_metrics({f"head_{k}": float(v) for k, v in head.items()})  # head_temperature, ...
 
 
 def _log_options(result: dict[str, Any], classes: list[str]) -> None:

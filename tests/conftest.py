@@ -155,3 +155,17 @@ def imagenet_weights_available() -> bool:
 
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="module")
+def repo(smoke_project: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the reproduced smoke project for one test module (`smoke_project`)."""
+    from tests.project_repo import copy_reproduced
+
+    return copy_reproduced(smoke_project[0], tmp_path_factory.mktemp("project") / "repo")
+
+
+@pytest.fixture(scope="module")
+def first_repro(smoke_project: tuple[Path, str], repo: Path) -> str:
+    """The output of the project's first `dvc repro` (run in the session's template)."""
+    return smoke_project[1]

@@ -28,9 +28,19 @@ def test_params_yaml_is_what_make_params_writes(tmp_path):
     assert out.read_text() == (ROOT / "params.yaml").read_text()
 
 
-def test_defaults_match_the_study():
-    cfg = validate(compose())
+def test_experiment_study_is_the_study():
+    """The study's exact settings are one override away; the default trains to convergence."""
+    cfg = validate(compose(["experiment=study"]))
     assert cfg.train.epochs == 8 and cfg.train.batch_size == 32 and cfg.train.optimizer == "adam"
+    assert cfg.train.learning_rate == 0.001 and not cfg.train.early_stopping.enabled
+    assert cfg.train.l2 in (0, "0", 0.0) and not cfg.train.calibrate
+    default = validate(compose())
+    assert default.train.early_stopping.enabled and default.train.epochs > 8
+
+
+def test_defaults_are_the_study_data_and_model():
+    cfg = validate(compose())
+    assert cfg.train.batch_size == 32 and cfg.train.optimizer == "adam"
     assert cfg.model.alpha == 1.0 and cfg.model.weights == "imagenet"
     assert cfg.data.image_size == 224 and cfg.data.source == "synthetic"
     s = cfg.data.synthetic
@@ -88,7 +98,7 @@ def test_validated_config_is_read_only():
 
 def test_flat_dict_has_every_leaf():
     flat = to_flat_dict(validate(compose()))
-    assert flat["train.epochs"] == 8
+    assert flat["train.epochs"] == 200 and flat["train.early_stopping.patience"] == 20
     assert flat["data.synthetic.train_per_class"] == 10
     assert "model" not in flat
 

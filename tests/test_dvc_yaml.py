@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 
 PACKAGE = "pipeline"
 #: User tools: entry points no stage runs (`pipeline.params` is the `config` stage's).
-TOOLS = ("predict", "compare", "registry", "ci_report", "plots_template")
+TOOLS = ("predict", "compare", "registry", "ci_report", "plots_template", "crossval")
 
 
 def module_file(module: str) -> Path | None:

@@ -63,3 +63,22 @@ def test_keras_backend_features_are_reproducible(prepared, tmp_path):
     featurize(first)
     featurize(second)
     assert file_bytes(first.paths.features) == file_bytes(second.paths.features)
+
+
+def test_sharded_interpreters_give_the_bytes_of_one_batched_interpreter(tmp_path, monkeypatch):
+    """The TFLite layout (`ShardedTFLite`: batch 1 per single-threaded interpreter, contiguous
+    shards in threads) gives each image's features bit for bit as one multi-threaded interpreter
+    running the whole batch, whatever the number of workers (uneven shards included)."""
+    from pipeline.lib.model.build import build_feature_extractor
+    from pipeline.lib.model.features import ShardedTFLite, tflite_model
+    from pipeline.lib.model.tflite import TFLiteRunner
+
+    monkeypatch.setenv("TRUCK_CACHE_DIR", str(tmp_path))
+    flatbuffer = tflite_model(build_feature_extractor(0.35, None, 32, 0))
+    images = np.random.default_rng(0).uniform(0, 255, (7, 32, 32, 3)).astype(np.float32)
+    batched = TFLiteRunner(flatbuffer, num_threads=2)(images)
+    assert batched.any()
+    for workers in (1, 3, 8):
+        sharded = ShardedTFLite(flatbuffer, workers)
+        assert sharded(images).tobytes() == batched.tobytes(), workers
+        assert sharded(images[:1]).tobytes() == batched[:1].tobytes()

@@ -54,3 +54,31 @@ def test_other_names_are_left_alone(tmp_path):
         (tmp_path / name).mkdir()
     assert remove_stale_temps(target) == []
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
+def _umask_child(mask: int, target: str) -> None:
+    """In a subprocess (the umask is per process): write a file and a folder atomically."""
+    code = (
+        "import os, sys; from pathlib import Path\n"
+        "from pipeline.lib.files import atomic_dir, write_json\n"
+        f"os.umask({mask})\n"
+        "root = Path(sys.argv[1])\n"
+        "write_json(root / 'metrics.json', {'a': 1})\n"
+        "with atomic_dir(root / 'models') as tmp:\n"
+        "    (tmp / 'classes.json').write_text('[]')\n"
+        "    (tmp / 'sub').mkdir()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, target], check=True, cwd=ROOT, timeout=120)
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    """Temporary files and folders (0600/0700 from tempfile) are renamed into place with the
+    permissions `open`/`mkdir` give: 0644/0755 under umask 022, 0640/0750 under 027."""
+    for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o027, 0o640, 0o750)):
+        root = tmp_path / oct(mask)
+        root.mkdir()
+        _umask_child(mask, str(root))
+        mode = {p.name: p.stat().st_mode & 0o777 for p in root.rglob("*")}
+        assert mode["metrics.json"] == file_mode, oct(mode["metrics.json"])
+        assert mode["models"] == dir_mode, oct(mode["models"])
+        assert mode["classes.json"] == file_mode and mode["sub"] == dir_mode

@@ -51,3 +51,50 @@ def test_empty_predictions_have_empty_labels():
     p = Predictions(np.zeros((0, 3), dtype=np.float32), np.zeros(0, dtype=np.int64), CLASSES)
     assert p.y_pred.shape == (0,) and p.y_pred.dtype == np.int64
     assert confusion(p).tolist() == [[0, 0, 0]] * 3
+
+
+def test_wilson_interval_against_known_values():
+    from pipeline.lib.reporting.metrics import accuracy_interval
+
+    # Wilson score interval, z = 1.96 (e.g. Newcombe 1998, table I: 81/263 -> 0.2553, 0.3662)
+    assert accuracy_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert accuracy_interval(6, 6) == pytest.approx((0.6097, 1.0), abs=1e-4)
+    assert accuracy_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert accuracy_interval(0, 0) == (0.0, 1.0)
+
+
+def test_ece_of_calibrated_and_overconfident_predictions():
+    from pipeline.lib.reporting.metrics import expected_calibration_error
+
+    # two images at 0.8 confidence, one right one wrong: |0.5 - 0.8| = 0.3
+    probs = np.array([[0.8, 0.2], [0.8, 0.2]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.3)
+    # bins of their own: 0.6 right (gap 0.4), 0.95 right (gap 0.05): mean 0.225
+    probs = np.array([[0.6, 0.4], [0.05, 0.95]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.225)
+    assert expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == 0.0
+
+
+def test_mcnemar_against_a_hand_computed_table():
+    from pipeline.lib.reporting.metrics import mcnemar_exact
+
+    # 10 images: both right 5, only A right 4, only B right 0, both wrong 1.
+    a = np.array([1] * 5 + [1] * 4 + [0] + [0], dtype=bool)[:10]
+    b = np.array([1] * 5 + [0] * 4 + [0], dtype=bool)
+    r = mcnemar_exact(a, b)
+    assert (r["only_a"], r["only_b"], r["n"]) == (4, 0, 10)
+    assert r["p_value"] == pytest.approx(2 * 0.5**4)  # two-sided exact: 0.125
+    # 12 discordant pairs split 10 / 2: p = 2 * sum_{k<=2} C(12,k) / 2^12 = 0.03857
+    a = np.array([True] * 10 + [False] * 2)
+    r = mcnemar_exact(a, ~a)
+    assert r["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar_exact(a, a)["p_value"] == 1.0
+
+
+def test_paired_correct_pairs_by_path():
+    from pipeline.lib.reporting.metrics import paired_correct
+
+    a = "path,actual,predicted,confidence\nx.png,c1,c1,0.9\ny.png,c2,c1,0.6\n"
+    b = "path,actual,predicted,confidence\ny.png,c2,c2,0.7\nx.png,c1,c1,0.8\nz.png,c1,c1,1\n"
+    ra, rb = paired_correct(a, b)
+    assert ra.tolist() == [True, False] and rb.tolist() == [True, True]

@@ -93,8 +93,9 @@ def test_parallel_grid_sweep_is_a_parent_with_a_child_per_job(tmp_path, data):
         assert {"final_val_accuracy", "val_accuracy", "batch_loss"} <= set(child.data.metrics)
     check_best(parent, children)
     assert "Best job of 4" in proc.stdout
-    for job in range(4):  # sweep outputs stay in the sweep folder
-        assert (tmp_path / "sweep" / str(job) / "models" / "model.keras").is_file()
+    for job in range(4):  # sweep outputs stay in the sweep folder; jobs train the head only
+        assert (tmp_path / "sweep" / str(job) / "reports" / "train_metrics.json").is_file()
+        assert not (tmp_path / "sweep" / str(job) / "models").exists()
     assert not (tmp_path / "models").exists()
 
 
@@ -149,3 +150,22 @@ def test_two_sweeps_started_together_get_their_own_folders_and_parents(tmp_path,
         assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
         rates = {c.data.params["train.learning_rate"] for c in children}
         assert rates in ({"0.001", "0.01"}, {"0.0001", "0.1"})
+
+
+def test_a_sweep_job_saves_and_logs_the_whole_model_only_when_asked(tmp_path, data):
+    """train.save_model=auto: a sweep job trains the head on the cached features (no MobileNetV2
+    built), logs its curves and metrics, saves no model; =always: the whole model is saved."""
+    proc = sweep(tmp_path, data, "train.save_model=auto,always")
+    _, children = family(tmp_path)
+    assert len(children) == 2
+    assert all("final_val_accuracy" in c.data.metrics for c in children)
+    jobs = {c.data.params["train.save_model"]: c for c in children}
+    assert jobs["auto"].data.metrics["non_trainable_params"] == 0  # the head alone
+    assert jobs["always"].data.metrics["non_trainable_params"] > 0  # MobileNetV2 built
+    assert "train.save_model=auto: no model saved or logged" in proc.stdout + proc.stderr
+    saved = {
+        job: (tmp_path / "sweep" / str(job) / "models" / "model.keras").is_file() for job in (0, 1)
+    }
+    assert saved == {0: False, 1: True}
+    finals = {k: c.data.metrics["final_val_accuracy"] for k, c in jobs.items()}
+    assert finals["auto"] == finals["always"]  # the same head, with or without the backbone

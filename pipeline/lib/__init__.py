@@ -1,0 +1,1 @@
+"""Shared code of the stages and tools, one place per concern."""

@@ -78,9 +78,32 @@ def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, so no thread sees it changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike[str]) -> None:
+    """Give a temporary file or folder made by `tempfile` (0600 / 0700) the permissions a plain
+    `open()` / `mkdir()` would have given it: 0666 / 0777 less the umask (0644 / 0755 under
+    umask 022), so outputs renamed into place are readable as any other file."""
+    full = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, full & ~current_umask())
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `target`; on success it replaces `target` whole.
+    """Yield a fresh temporary folder beside `target`; on success it replaces `target` whole
+    (with the permissions of a folder made by `mkdir`: 0755 under umask 022).
 
     On an exception the temporary folder is removed and `target` is left as it was. Temporaries
     that killed runs left beside `target` are removed first (`remove_stale_temps`).
@@ -90,6 +113,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
+        honour_umask(tmp)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,13 +128,15 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside `target`; it replaces `target` only if the block succeeds."""
+    """Open a temporary file beside `target`; it replaces `target` only if the block succeeds
+    (with the permissions of a file made by `open`: 0644 under umask 022)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
     os.close(fd)
     try:
+        honour_umask(tmp)
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
         os.replace(tmp, target)

@@ -1,0 +1,1 @@
+"""Configuration: the typed schema, params.yaml composition, the Hydra step runner."""

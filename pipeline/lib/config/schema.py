@@ -9,7 +9,9 @@ Hydra composition (`dvc exp run -S ...`) can compose `conf/` without importing t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -138,8 +140,8 @@ class EarlyStoppingConfig:
     """Stop when val_loss (loss without a validation split) has not improved by `min_delta` for
     `patience` epochs, and restore the best epoch's weights."""
 
-    enabled: bool = False
-    patience: int = 3
+    enabled: bool = True
+    patience: int = 20
     min_delta: float = 0.0
 
 
@@ -156,7 +158,8 @@ class PlateauConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    #: The most epochs phase 1 runs; with early stopping (the default) it usually stops sooner.
+    epochs: int = 200
     batch_size: int = 32
     learning_rate: float = 0.001
     optimizer: str = "adam"
@@ -183,6 +186,24 @@ class TrainConfig:
     #: tf.distribute strategy the model is built and trained in: `default` (one device) or
     #: `mirrored` (MirroredStrategy: every visible GPU, else the CPU).
     strategy: str = "default"
+    #: Whether the whole model (MobileNetV2 + head) is built, saved to `paths.models` and logged
+    #: as the MLflow model: `auto` = yes, except in a Hydra sweep job (`-m`), which trains only
+    #: the head on the cached features and logs params, curves, metrics and figures; `always`;
+    #: `never`.
+    save_model: str = "auto"
+    #: L2 penalty on the Dense kernel, added per example to the mean loss: `auto` =
+    #: 1 / (2 n_train), the penalty of scikit-learn's LogisticRegression at its default C=1;
+    #: a number >= 0 sets it (0 = none).
+    l2: Any = "auto"
+    #: Temperature scaling: fit T on the validation split (minimum NLL) and divide the Dense
+    #: layer's kernel and bias by it, so the saved model's probabilities are calibrated. Skipped
+    #: (with a warning) when there is no validation split.
+    calibrate: bool = True
+    #: After training (and choosing the epoch count by early stopping on val_loss), train the
+    #: head again from scratch on train + val for that many epochs; the saved model is that one.
+    refit_on_train_val: bool = False
+    #: `python -m pipeline.crossval`: stratified k-fold over train + val on the cached features.
+    crossval_folds: int = 5
 
 
 @dataclass
@@ -202,6 +223,8 @@ class EvaluateConfig:
     gallery_columns: int = 3
     #: The evaluation report (reports/eval_report.html): most thumbnails one panel shows.
     report_images_per_cell: int = 48
+    #: Test-time augmentation: average the probabilities of each image and its horizontal flip.
+    tta: bool = False
 
 
 #: TensorFlow Lite export formats (`export.formats`).
@@ -236,10 +259,36 @@ class ExportConfig:
     num_threads: int = 0
 
 
-#: The MLflow store, experiment and registered model every tool defaults to (one place).
+#: The MLflow store, experiment and registered model every tool defaults to (one place): those
+#: of the default data (the synthetic toy trucks).
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "toy-trucks"
 DEFAULT_REGISTERED_MODEL = "toy-truck-classifier"
+#: `tracking.experiment` / `tracking.registered_model` value that means "named after the data"
+#: (see `tracking_names`).
+AUTO = "auto"
+
+
+def tracking_names(data: Any) -> tuple[str, str]:
+    """(experiment, registered model) named after the data of the `data` config: the defaults for
+    the synthetic toy trucks, else the photo folder's name (`data.path`, resolved when it is "."
+    or ".."), lower-cased, other characters than letters, digits, `.`, `_`, `-` made `-`:
+    `../shared/data/flowers12` -> ("flowers12", "flowers12-classifier")."""
+    if data.source == "synthetic":
+        return DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
+    path = Path(str(data.path))
+    name = path.name if path.name not in ("", ".", "..") else path.resolve().name
+    slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "photos"
+    return slug, f"{slug}-classifier"
+
+
+def resolve_tracking_names(cfg: Any) -> None:
+    """Replace `auto` in `cfg.tracking.experiment` / `.registered_model` by `tracking_names`."""
+    experiment, registered = tracking_names(cfg.data)
+    if cfg.tracking.experiment == AUTO:
+        cfg.tracking.experiment = experiment
+    if cfg.tracking.registered_model == AUTO:
+        cfg.tracking.registered_model = registered
 
 
 @dataclass
@@ -247,15 +296,18 @@ class TrackingConfig:
     #: `sqlite:///mlflow.db` (a local store; a relative file is relative to the project, also
     #: for queued DVC experiments) or `http(s)://host:port` (an MLflow tracking server).
     uri: str = DEFAULT_TRACKING_URI
-    experiment: str = DEFAULT_EXPERIMENT
+    #: The MLflow experiment; `auto`: named after the data (`tracking_names`: `toy-trucks` for
+    #: the synthetic data, the folder's name for photos, e.g. `flowers12`).
+    experiment: str = AUTO
     #: Where a new experiment keeps its artifacts: a local folder or a URI for a local store; with
     #: a tracking server null (the server's choice: `mlflow-artifacts:/`, uploaded through it to
     #: its --artifacts-destination) or a URI such as `s3://...` (a local folder is ignored there).
     artifact_location: str | None = "mlartifacts"
     run_name: str | None = None
     log_model: bool = True
-    #: The MLflow Model Registry name each pipeline run's model is registered under (null: none).
-    registered_model: str | None = DEFAULT_REGISTERED_MODEL
+    #: The MLflow Model Registry name each pipeline run's model is registered under (null: none;
+    #: `auto`: named after the data, `toy-truck-classifier`, `flowers12-classifier`, ...).
+    registered_model: str | None = AUTO
     #: Seconds to wait for a remote tracking server before failing, per request.
     timeout_s: float = 10.0
     #: Tracking server: retries of a failed request (MLflow's default, 7, takes minutes to give up
@@ -300,6 +352,7 @@ _CHOICES = {
     "train.class_weight": ("none", "auto"),
     "train.lr_schedule": ("none", "cosine", "reduce_on_plateau"),
     "train.strategy": ("default", "mirrored"),
+    "train.save_model": ("auto", "always", "never"),
     "train.augment.flip": ("none", "horizontal", "vertical", "horizontal_and_vertical"),
     "featurize.backend": ("tflite", "keras"),
 }
@@ -328,6 +381,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"Invalid configuration at key '{key}': {_first_line(exc)}") from None
     _check_values(merged)
+    resolve_tracking_names(merged)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]  # a DictConfig typed as Config
 
@@ -434,6 +488,18 @@ def _check_train_options(t: Any, need: Any) -> None:
     need(f.unfreeze_top_n >= 1, "train.fine_tune.unfreeze_top_n", "must be >= 1")
     need(f.epochs >= 1, "train.fine_tune.epochs", "must be >= 1")
     need(f.learning_rate > 0, "train.fine_tune.learning_rate", "must be > 0")
+    need(
+        t.l2 == "auto"
+        or (isinstance(t.l2, int | float) and not isinstance(t.l2, bool) and t.l2 >= 0),
+        "train.l2",
+        f"must be `auto` or a number >= 0, got {t.l2!r}",
+    )
+    need(t.crossval_folds >= 2, "train.crossval_folds", "must be >= 2")
+    need(
+        not (t.refit_on_train_val and (t.fine_tune.enabled or t.augment.enabled)),
+        "train.refit_on_train_val",
+        "works on cached features only: turn off train.fine_tune / train.augment",
+    )
 
 
 def _check_export(x: Any, need: Any) -> None:

@@ -153,6 +153,7 @@ def run_step(step: Callable[[Config], Any], cfg: DictConfig) -> Any:
     """Validate `cfg`, run `step`; turn user errors into a clear message and exit status 2."""
     try:
         _refuse_chdir()
+        check_git_identity()
         if in_multirun() and "paths" in cfg:
             cfg = redirect_outputs(cfg, job_output_dir())  # type: ignore[arg-type]
         return step(validate(cfg))
@@ -160,3 +161,39 @@ def run_step(step: Callable[[Config], Any], cfg: DictConfig) -> Any:
         log.error("%s", exc)
         print(f"\nERROR: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class GitIdentityError(UserError):
+    """`dvc exp run` will not be able to commit the experiment: git has no user name or email."""
+
+
+def check_git_identity() -> None:
+    """Inside `dvc exp run` (queued or not), fail before any work when git has no identity: DVC
+    commits each experiment with `user.name`/`user.email` from git's config (or the
+    GIT_AUTHOR_*/GIT_COMMITTER_* variables) and, without them, fails only after the whole
+    pipeline has run ("Git user name and email must be configured"). Raises GitIdentityError."""
+    import os
+    import subprocess
+
+    from pipeline.lib.config.compose import in_dvc_experiment
+
+    if not in_dvc_experiment():
+        return
+    missing = []
+    for key, env in (("user.name", "NAME"), ("user.email", "EMAIL")):
+        if all(os.environ.get(f"GIT_{who}_{env}") for who in ("AUTHOR", "COMMITTER")):
+            continue
+        try:
+            found = subprocess.run(
+                ["git", "config", "--get", key], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return  # no git to ask: DVC will say it
+        if not found.stdout.strip():
+            missing.append(key)
+    if missing:
+        raise GitIdentityError(
+            f"dvc exp run commits each experiment to git, and git has no {' and no '.join(missing)}: "
+            'set them once (`git config --global user.name "Your Name"` and `git config --global '
+            "user.email you@example.com`), then rerun `dvc exp run`"
+        )

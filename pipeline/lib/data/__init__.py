@@ -1,0 +1,1 @@
+"""Images in: decoding, sources (synthetic, folder), ingest, the prepared dataset."""

@@ -172,6 +172,9 @@ def load_mlflow(
         raise PredictError(
             f"model {uri}: cannot load it from {tracking_uri} ({_reason(exc)})"
         ) from None
+    classifier = _image_classifier(model)
+    if classifier is not None:  # the pipeline's own pyfunc model: its Keras model, as is
+        return _keras_predict(classifier.model), classifier.image_size, info, "keras"
     specs = info.signature.inputs.inputs if info.signature and info.signature.inputs else []
     shape = getattr(specs[0], "shape", None) if len(specs) == 1 else None
     if shape is None:
@@ -183,6 +186,15 @@ def load_mlflow(
         return np.asarray(model.predict(images.astype(np.float32)), dtype=np.float64)
 
     return predict, _fixed_size(shape, uri), info, "pyfunc"
+
+
+def _image_classifier(model: Any) -> Any | None:
+    """The `ImageClassifier` inside a pyfunc model logged by train
+    (`pipeline.lib.tracking.pyfunc_model`), else None."""
+    try:
+        return getattr(model.unwrap_python_model(), "classifier", None)
+    except Exception:  # noqa: BLE001 (not a PythonModel)
+        return None
 
 
 def run_data_report(run_id: str | None) -> dict[str, Any] | None:
@@ -509,6 +521,12 @@ def parser() -> argparse.ArgumentParser:
         "the model, or the MLflow run's data report)",
     )
     p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average each image's scores with its horizontal flip's "
+        "(two model calls per image)",
+    )
+    p.add_argument(
         "--tracking-uri",
         default=None,
         help="MLflow store for models:/ and runs:/ URIs (default $MLFLOW_TRACKING_URI, "
@@ -554,6 +572,10 @@ def run(args: argparse.Namespace) -> int:
         ):
             if batch:
                 probs = predictor.predict(images)
+                if args.tta:  # the flip of each image, averaged (pipeline.lib.model.tta)
+                    from pipeline.lib.model.tta import hflip
+
+                    probs = (probs + predictor.predict(hflip(images))) / 2
                 for row in records([str(f) for f in batch], probs, predictor.classes, k):
                     tqdm.write(format_line(row), file=sys.stdout)
                 done_paths.extend(str(f) for f in batch)

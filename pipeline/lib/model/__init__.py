@@ -1,0 +1,1 @@
+"""The Keras model: build, features, saving, TFLite export and runner, batch prediction."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lib.console import stderr_without
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.model.batch_predict import predict_batches
 from pipeline.lib.model.tflite import TFLiteRunner
@@ -95,7 +96,8 @@ def convert(
         converter.inference_output_type = io_type
     elif fmt != "float32":
         raise ValueError(f"export.formats: unknown format {fmt!r}")
-    return converter.convert()
+    with stderr_without("fully_quantize: "):  # the MLIR quantizer's bare settings dump
+        return converter.convert()
 
 
 def io_description(dtype: np.dtype, shape: tuple[int, ...], quant: tuple[float, int]) -> dict:

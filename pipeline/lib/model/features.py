@@ -129,6 +129,58 @@ def tflite_model(extractor: Any, cache_dir: Path | None = None) -> bytes:
     return flatbuffer
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class ShardedTFLite:
+    """The TFLite featurizer: `workers` single-threaded XNNPACK interpreters, each running one
+    image at a time over a contiguous shard of every batch, in threads (`invoke` releases the
+    GIL). Measured on 2 cores, MobileNetV2 224: batch 1 per single-threaded interpreter ran
+    1.5-2x the images per second of one 2-thread interpreter on batches of 32 (its activations
+    stay in cache), and the features are bit-identical in every layout (an image's output does
+    not depend on its batch or the interpreter's threads: tests/test_featurize.py).
+
+    Args:
+        flatbuffer: the converted extractor (`tflite_model`).
+        workers: interpreters (and threads); None or 0 = `usable_cores()`.
+
+    Calling it maps float32 (B, H, W, 3), 0..255 -> float32 (B, D).
+    """
+
+    def __init__(self, flatbuffer: bytes, workers: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workers = int(workers or usable_cores())
+        self.runners = [TFLiteRunner(flatbuffer, num_threads=1) for _ in range(self.workers)]
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+
+    def _run_shard(self, runner: TFLiteRunner, images: np.ndarray, out: np.ndarray) -> None:
+        for i in range(len(images)):
+            out[i] = runner(images[i : i + 1])[0]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        dim = int(np.prod(self.runners[0].output["shape"][1:]))
+        out = np.empty((n, dim), dtype=np.float32)
+        bounds = np.linspace(0, n, min(self.workers, max(n, 1)) + 1).astype(int)
+        shards = [
+            (r, images[a:b], out[a:b])
+            for r, a, b in zip(self.runners, bounds, bounds[1:], strict=False)
+        ]
+        if self._pool is None or len(shards) == 1:
+            for shard in shards:
+                self._run_shard(*shard)
+        else:
+            for future in [self._pool.submit(self._run_shard, *shard) for shard in shards]:
+                future.result()
+        return out
+
+
 def make_featurizer(
     extractor: Any, backend: str = "tflite", num_threads: int = 0, cache_dir: Path | None = None
 ) -> Callable[[np.ndarray], np.ndarray]:
@@ -136,14 +188,15 @@ def make_featurizer(
 
     Args:
         extractor: the Keras feature extractor (`build.build_feature_extractor`).
-        backend: `tflite` (XNNPACK, `num_threads` CPU threads, 0 = all cores) or `keras`.
+        backend: `tflite` (`ShardedTFLite`: `num_threads` single-threaded XNNPACK interpreters,
+            0 = one per usable core) or `keras`.
         cache_dir: the TFLite conversion cache (`default_cache_dir()` when None).
 
     Raises:
         ValueError: an unknown backend.
     """
     if backend == "tflite":
-        return TFLiteRunner(tflite_model(extractor, cache_dir), num_threads)
+        return ShardedTFLite(tflite_model(extractor, cache_dir), num_threads)
     if backend == "keras":
         return lambda batch: np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
     raise ValueError(f"featurize.backend={backend!r}: must be one of {', '.join(BACKENDS)}")

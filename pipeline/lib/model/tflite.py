@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lib.console import stderr_without
+
 
 class TFLiteRunner:
     """A `.tflite` model (one input, one output tensor) as a function on image batches.
@@ -55,10 +57,12 @@ class TFLiteRunner:
         )
         threads = num_threads or os.cpu_count() or 1
         try:
-            with warnings.catch_warnings():  # tf.lite.Interpreter's own deprecation notice
+            # tf.lite.Interpreter's own deprecation notice; TFLite's C++ "INFO: Created
+            # TensorFlow Lite XNNPACK delegate for CPU." (whatever TF_CPP_MIN_LOG_LEVEL says)
+            with warnings.catch_warnings(), stderr_without("TensorFlow Lite XNNPACK delegate"):
                 warnings.simplefilter("ignore")
                 self.interpreter = tf.lite.Interpreter(**source, num_threads=threads)
-            self.interpreter.allocate_tensors()
+                self.interpreter.allocate_tensors()
         except (RuntimeError, ValueError, OSError) as exc:
             raise ValueError(f"not a loadable TensorFlow Lite model: {exc}") from exc
         self.num_threads = threads

@@ -1,0 +1,1 @@
+"""Metrics, tables, figures and reports of evaluate and train."""

@@ -388,6 +388,8 @@ class Report:
     metric: str = DEFAULT_METRIC
     predictions: str = DEFAULT_PREDICTIONS
     warnings: list[str] = field(default_factory=list)
+    #: McNemar's exact test on the paired test predictions (`metrics.mcnemar_exact`), or None.
+    mcnemar: dict | None = None
 
 
 def render_confusion(side: Side, label: str) -> str:
@@ -450,6 +452,10 @@ def render_report(report: Report) -> str:
         render_confusion(head, "Head"),
         "",
     ]
+    if report.mcnemar is not None:
+        from pipeline.lib.reporting.metrics import significance_text
+
+        out += ["#### Is the difference real?", "", significance_text(report.mcnemar), ""]
     if base.confusion and head.confusion:
         changes = confusion_changes(base.confusion, head.confusion)
         out += ["#### What moved", ""]
@@ -547,7 +553,21 @@ def build_report(
         metric=metric,
         predictions=predictions,
         warnings=warnings,
+        mcnemar=_mcnemar(texts),
     )
+
+
+def _mcnemar(texts: Sequence[str | None]) -> dict | None:
+    """McNemar's exact test of the two sides' predictions.csv texts, paired by image path
+    (None when a side has none or they do not parse)."""
+    from pipeline.lib.reporting.metrics import mcnemar_exact, paired_correct
+
+    if not all(texts):
+        return None
+    try:
+        return mcnemar_exact(*paired_correct(texts[0], texts[1]))
+    except ValueError:
+        return None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -4,6 +4,7 @@ figures (confusion matrices, prediction gallery)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from pipeline.lib.reporting.metrics import (
     classification_reports,
     confusion,
     gallery_indices,
+    headline_metrics,
+    reliability_bins,
 )
 from pipeline.lib.reporting.tables import write_csv
 
@@ -32,6 +35,10 @@ FIGURES_DIR = "eval_figures"
 REPORT_HTML = "eval_report.html"
 #: The split evaluate measures ("test"), and the key of its section in the metrics file.
 SPLIT = SPLITS[-1]
+#: A test split whose 95 % accuracy interval is wider than this gets a warning.
+WIDE_INTERVAL = 0.2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,9 +57,29 @@ class Evaluation:
 
 
 def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
-    """{"test": classification_metrics(...)}: what `metrics.json` holds."""
+    """{"test": headline_metrics(...)}: what `metrics.json` holds (accuracy and its 95 % Wilson
+    interval, macro / weighted F1, ECE, images); per-class scores are in the classification
+    report. Warns when the interval is too wide for the accuracy to mean much."""
+    m = headline_metrics(ev.predictions)
+    width = m["accuracy_ci_high"] - m["accuracy_ci_low"]
+    if width > WIDE_INTERVAL:
+        log.warning(
+            "The test split has %d images: test accuracy %.3f has a 95%% interval of "
+            "[%.3f, %.3f], too wide to tell models apart. Use more test images or "
+            "`python -m pipeline.crossval` (k-fold over train + val).",
+            m["images"],
+            m["accuracy"],
+            m["accuracy_ci_low"],
+            m["accuracy_ci_high"],
+        )
+    return {SPLIT: m}
+
+
+def per_class_metrics(ev: Evaluation) -> dict[str, Any]:
+    """`classification_metrics` of the split: accuracy, F1s and per-class precision / recall /
+    F1 / support by class name (for MLflow and the HTML report)."""
     p = ev.predictions
-    return {SPLIT: classification_metrics(p.y_true, p.y_pred, p.classes)}
+    return classification_metrics(p.y_true, p.y_pred, p.classes)
 
 
 def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
@@ -80,8 +107,8 @@ def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
 def write_figures(
     ev: Evaluation, folder: Path, gallery_size: int, gallery_columns: int
 ) -> list[Path]:
-    """Write `folder` (replaced atomically): the confusion matrix (counts and row-normalised)
-    and the gallery of `gallery_size` test images; return the PNG paths inside `folder`."""
+    """Write `folder` (replaced atomically): the confusion matrix (counts and row-normalised),
+    the reliability diagram (accuracy against confidence, ECE's bins) and the gallery of `gallery_size` test images; return the PNG paths inside `folder`."""
     p = ev.predictions
     matrix = confusion(p)
     shown = gallery_indices(p.y_true, p.y_pred, gallery_size)
@@ -94,6 +121,9 @@ def write_figures(
                 tmp / "confusion_matrix_normalized.png",
                 normalize=True,
                 title="Confusion matrix (row-normalised)",
+            ),
+            figures.save_reliability_diagram(
+                reliability_bins(p.probs, p.y_true), tmp / "reliability_diagram.png"
             ),
             figures.save_gallery(
                 ev.images[shown],
@@ -119,6 +149,11 @@ def write_html_report(
     from pipeline.lib.reporting import html_report
 
     html = html_report.render_report(
-        ev.predictions, ev.images, ev.paths, metrics[SPLIT], images_per_cell, split=SPLIT
+        ev.predictions,
+        ev.images,
+        ev.paths,
+        {**per_class_metrics(ev), **metrics[SPLIT]},
+        images_per_cell,
+        split=SPLIT,
     )
     return html_report.write_report(reports / REPORT_HTML, html)

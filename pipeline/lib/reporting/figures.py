@@ -569,3 +569,41 @@ def save_gallery(
         ),
         path,
     )
+
+
+def save_reliability_diagram(bins: Mapping[str, np.ndarray], path: PathLike) -> Path:
+    """Save a reliability diagram (Guo et al. 2017) to `path` (PNG): per equal-width confidence
+    bin (`bins` from `pipeline.lib.reporting.metrics.reliability_bins`: "edges", "count",
+    "accuracy", "confidence"), the accuracy as a bar against the diagonal of perfect
+    calibration, the gap to the mean confidence shaded, the image counts written above; the
+    title gives the ECE. Empty bins are left blank. Returns `path`."""
+    edges = np.asarray(bins["edges"], dtype=float)
+    count = np.asarray(bins["count"])
+    acc = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
+    conf = np.nan_to_num(np.asarray(bins["confidence"], dtype=float))
+    width, left = np.diff(edges), edges[:-1]
+    n = max(int(count.sum()), 1)
+    ece = float(np.sum(count / n * np.abs(acc - conf)))
+    fig = _new_figure(5.5, 5.0)
+    ax = fig.add_subplot(1, 1, 1)
+    used = count > 0
+    ax.bar(left[used], acc[used], width[used], align="edge", color="#4c72b0", label="accuracy")
+    ax.bar(
+        left[used],
+        conf[used] - acc[used],
+        width[used],
+        bottom=acc[used],
+        align="edge",
+        color="#dd8452",
+        alpha=0.45,
+        label="gap to mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    for x, w, c, a in zip(left[used], width[used], count[used], acc[used], strict=True):
+        ax.text(x + w / 2, min(a, 1.0) + 0.01, str(int(c)), ha="center", fontsize=7)
+    ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (top-1 probability)", ylabel="accuracy")
+    ax.set_title(
+        f"Reliability diagram: ECE {ece:.4f} ({len(width)} bins, {int(count.sum())} images)"
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

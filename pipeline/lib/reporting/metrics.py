@@ -35,11 +35,104 @@ class Predictions:
         return list(range(len(self.classes)))
 
 
+#: Bins of the expected calibration error (equal width over [0, 1], as in Guo et al. 2017).
+ECE_BINS = 15
+#: Confidence level of the accuracy interval (Wilson score interval).
+CONFIDENCE = 0.95
+
+
+def expected_calibration_error(
+    probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """ECE (Guo et al. 2017): the top-1 confidences of `probs` (N, C) are put into `bins`
+    equal-width bins over (0, 1]; ECE = sum over bins of |accuracy - mean confidence| weighted by
+    the bin's share of the N images. 0 = calibrated; 0.0 for N = 0."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if not len(probs):
+        return 0.0
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(y_true)
+    # bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of 0 goes to bin 0
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            gap = abs(correct[members].mean() - confidence[members].mean())
+            ece += members.mean() * gap
+    return float(ece)
+
+
+def reliability_bins(
+    probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
+) -> dict[str, np.ndarray]:
+    """Per equal-width confidence bin: "count" (int), "confidence" and "accuracy" (float64 means,
+    NaN for an empty bin) and "edges" (bins + 1): a reliability diagram's data."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
+    correct = probs.argmax(axis=1) == np.asarray(y_true) if len(probs) else np.zeros(0, bool)
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(index, weights=confidence, minlength=bins) / count
+        acc = np.bincount(index, weights=correct.astype(float), minlength=bins) / count
+    return {
+        "count": count,
+        "confidence": conf,
+        "accuracy": acc,
+        "edges": np.linspace(0, 1, bins + 1),
+    }
+
+
+def accuracy_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval (no continuity correction) of an accuracy of `correct` out of
+    `n` (scipy.stats.binomtest(...).proportion_ci(method="wilson")); (0.0, 1.0) for n = 0."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return 0.0, 1.0
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any]:
+    """McNemar's exact test of two classifiers on the same images: `correct_a`, `correct_b`
+    bool (N,) paired per image. Returns {"n": N, "only_a": a right and b wrong, "only_b": the
+    reverse, "p_value": two-sided exact binomial p of only_a out of only_a + only_b at 1/2
+    (1.0 when there are no discordant pairs)}."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired predictions differ in length: {a.shape} vs {b.shape}")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"n": int(len(a)), "only_a": only_a, "only_b": only_b, "p_value": p}
+
+
+def headline_metrics(p: Predictions) -> dict[str, Any]:
+    """What `metrics.json` holds for a split (what `dvc metrics show` prints, 120 columns):
+    accuracy with its 95 % Wilson interval, macro / weighted F1, ECE, the number of images.
+    Per-class scores are in classification_report.json (and MLflow)."""
+    m = classification_metrics(p.y_true, p.y_pred, p.classes)
+    n = len(p.y_true)
+    low, high = accuracy_interval(int(round(m["accuracy"] * n)), n)
+    return {
+        "accuracy": m["accuracy"],
+        "accuracy_ci_low": low,
+        "accuracy_ci_high": high,
+        "macro_f1": m["macro_f1"],
+        "weighted_f1": m["weighted_f1"],
+        "ece": expected_calibration_error(p.probs, p.y_true),
+        "images": n,
+    }
+
+
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]
 ) -> dict[str, Any]:
     """Accuracy, macro F1, weighted F1 (floats in 0..1) and per-class precision/recall/F1/support
-    (dicts by class name): the `dvc metrics show` file. Classes absent from both count as 0."""
+    (dicts by class name). Classes absent from both count as 0."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
     labels = list(range(len(classes)))
@@ -93,3 +186,38 @@ def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarra
             if r < len(members) and int(members[r]) not in chosen:
                 chosen.append(int(members[r]))
     return np.array(sorted(chosen[:n]), dtype=np.int64)
+
+
+def paired_correct(csv_a: str, csv_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two predictions.csv texts (columns `path`, `actual`, `predicted`) paired by image path:
+    bool (M,) arrays "A was right", "B was right" over the M paths both hold (sorted by path).
+    Raises ValueError when a text lacks a column."""
+    import csv
+    import io
+
+    def read(text: str) -> dict[str, bool]:
+        reader = csv.DictReader(io.StringIO(text))
+        missing = {"path", "actual", "predicted"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"predictions CSV lacks column(s) {sorted(missing)}")
+        return {r["path"]: r["actual"] == r["predicted"] for r in reader}
+
+    a, b = read(csv_a), read(csv_b)
+    common = sorted(set(a) & set(b))
+    return (
+        np.array([a[p] for p in common], dtype=bool),
+        np.array([b[p] for p in common], dtype=bool),
+    )
+
+
+def significance_text(result: dict[str, Any], a: str = "base", b: str = "head") -> str:
+    """One sentence on `mcnemar_exact`'s `result`: discordant counts, p and whether the two
+    accuracies differ significantly at the 5 % level."""
+    if not result["n"]:
+        return "No test images in common: the two runs cannot be compared image by image."
+    verdict = "differ significantly" if result["p_value"] < 0.05 else "do not differ significantly"
+    return (
+        f"McNemar's exact test on {result['n']} paired test images: {result['only_a']} right only "
+        f"in {a}, {result['only_b']} right only in {b}, p = {result['p_value']:.3g}: the "
+        f"accuracies {verdict} (5 % level)."
+    )

@@ -1,0 +1,1 @@
+"""MLflow: store, runs, lineage, sweeps, registry, the served pyfunc model."""

@@ -5,6 +5,7 @@ and metrics, sorted by a metric.
     python -m pipeline.lib.tracking.compare --parent <sweep run id> --sort final_val_accuracy
     python -m pipeline.lib.tracking.compare --params train.learning_rate,model.dropout --limit 5
     python -m pipeline.lib.tracking.compare --format csv --output reports/runs.csv
+    python -m pipeline.lib.tracking.compare --mcnemar RUN_A RUN_B      # do two runs really differ?
 
 A reporting tool, so plain argparse (no Hydra, no config composition). Nothing is written to the
 store: a missing SQLite file is reported, never created.
@@ -282,7 +283,49 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N runs")
     p.add_argument("--format", choices=FORMATS, default="markdown")
     p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
+    p.add_argument(
+        "--mcnemar",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="instead of the table: McNemar's exact test on two runs' test predictions "
+        f"(their `{PREDICTIONS_ARTIFACT}` artifacts, paired by image path)",
+    )
     return p
+
+
+#: The evaluate stage's per-image predictions in a run's artifacts.
+PREDICTIONS_ARTIFACT = "reports/predictions.csv"
+
+
+def mcnemar_runs(client: Any, experiment: str, run_a: str, run_b: str) -> str:
+    """McNemar's exact test on runs `run_a` and `run_b` (ids or unique prefixes in
+    `experiment`): one sentence (`metrics.significance_text`). Raises ValueError when a run has
+    no test predictions."""
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+
+    from pipeline.lib.reporting.metrics import mcnemar_exact, paired_correct, significance_text
+
+    ids = [experiment_id(client, experiment)]
+    texts, names = [], []
+    for given in (run_a, run_b):
+        run_id = resolve_run_id(client, ids, given)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = download_artifacts(
+                    run_id=run_id,
+                    artifact_path=PREDICTIONS_ARTIFACT,
+                    dst_path=tmp,
+                    tracking_uri=client.tracking_uri,
+                )
+            except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing file)
+                raise ValueError(
+                    f"run {run_id} has no {PREDICTIONS_ARTIFACT} (was it evaluated?)"
+                ) from None
+            texts.append(Path(local).read_text(encoding="utf-8"))
+        names.append(run_id[:8])
+    return significance_text(mcnemar_exact(*paired_correct(*texts)), names[0], names[1])
 
 
 def _comma_list(text: str) -> list[str]:
@@ -302,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         client = open_client(args.tracking_uri)
+        if args.mcnemar:
+            print(mcnemar_runs(client, args.experiment, *args.mcnemar))
+            return 0
         df = runs_table(
             client,
             args.experiment,

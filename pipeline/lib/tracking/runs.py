@@ -27,13 +27,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.lib.config.schema import to_flat_dict
@@ -487,44 +487,86 @@ def log_dataset(manifest_csv: Path, digest: str, name: str, source: str) -> None
     mlflow.log_input(dataset, context="training")
 
 
-def _keras_flavor_creating_its_folder() -> None:
-    """MLflow 3.17's Keras flavor writes the input example before it creates the model folder
-    (FileNotFoundError on `input_example.json`); make its `save_model` create the folder first."""
-    import mlflow.keras
-
-    original = mlflow.keras.save_model
-    if getattr(original, "_creates_folder", False):
-        return
-
-    def save_model(model: Any, path: str, *args: Any, **kwargs: Any) -> Any:
-        os.makedirs(path, exist_ok=True)
-        return original(model, path, *args, **kwargs)
-
-    save_model._creates_folder = True  # type: ignore[attr-defined]
-    mlflow.keras.save_model = save_model
+#: What the logged model takes (its signature states only the outputs: MLflow enforces an input
+#: tensor's dtype exactly, which is what made uint8 and float64 images fail).
+MODEL_INPUT = (
+    "images: an array (N, H, W, 3) or (H, W, 3) of any numeric dtype, RGB 0..255 (resized as in "
+    "training when H, W differ from image_size), or encoded image files (JPEG, PNG, ...) as bytes "
+    "or base64 text: a one-column DataFrame, a list, or {'inputs': [...]} over HTTP"
+)
 
 
-def log_model(
-    model: Any, example: Any, name: str = "model", registered_model: str | None = None
-) -> str:
-    """The Keras model with a signature and an input example, registered as a new version of
-    `registered_model` when given; returns its model URI."""
+def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
+    """The trained model as an MLflow pyfunc model that takes raw images (see
+    `pipeline.lib.tracking.pyfunc_model`): the files of the train stage's `models` folder
+    (model.keras, classes.json, preprocessing.json) as its artifacts, the `pipeline` package as
+    its code, a signature of its outputs (label, probability, scores) and pinned requirements.
+    No input example, so MLflow runs no validation prediction in a subprocess (most of the cost
+    of logging before); tests load it back through `mlflow.pyfunc`. Returns its model URI."""
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
-    _keras_flavor_creating_its_folder()
-    outputs = np.zeros((len(example), int(model.output.shape[-1])), dtype=np.float32)
-    signature = infer_signature(example, outputs)
-    info = mlflow.keras.log_model(
-        model,
+    from pipeline.lib.model.saving import PREPROCESSING_FILE
+
+    folder = Path(models)
+    preprocessing = read_json(folder / PREPROCESSING_FILE)
+    outputs = Schema(
+        [
+            ColSpec(DataType.string, "label"),
+            ColSpec(DataType.double, "probability"),
+            ColSpec(Map(DataType.double), "scores"),
+        ]
+    )
+    with warnings.catch_warnings(), _log_filtered("mlflow.pyfunc", "serialized using CloudPickle"):
+        # deliberate: no input example (see above); the class is pickled by reference to the
+        # module its code_paths carry, which is what MLflow's CloudPickle warning is about
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = _log_pyfunc(mlflow, name, folder, preprocessing, outputs)
+    return info.model_uri
+
+
+@contextmanager
+def _log_filtered(logger: str, text: str) -> Iterator[None]:
+    """Records of `logger` whose message contains `text` are dropped inside the block."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    target = logging.getLogger(logger)
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
+
+
+def _log_pyfunc(mlflow: Any, name: str, folder: Path, preprocessing: dict, outputs: Any) -> Any:
+    """`mlflow.pyfunc.log_model` of `KerasImageClassifier` over `folder`; its ModelInfo."""
+    from mlflow.models import ModelSignature
+
+    import pipeline
+    from pipeline.lib.model.saving import CLASSES_FILE, PREPROCESSING_FILE
+    from pipeline.lib.tracking.pyfunc_model import KerasImageClassifier
+
+    return mlflow.pyfunc.log_model(
         name=name,
-        signature=signature,
-        input_example=example,
+        python_model=KerasImageClassifier(),
+        artifacts={
+            "model": str(folder / MODEL_FILE),
+            "classes": str(folder / CLASSES_FILE),
+            "preprocessing": str(folder / PREPROCESSING_FILE),
+        },
+        code_paths=[str(Path(pipeline.__file__).parent)],
+        signature=ModelSignature(inputs=None, outputs=outputs),
         # stated, not inferred: inference re-imports the model in a subprocess (~15 s)
         pip_requirements=model_requirements(),
-        registered_model_name=registered_model,
+        metadata={
+            "input": MODEL_INPUT,
+            "classes": read_json(folder / CLASSES_FILE),
+            "image_size": preprocessing["image_size"],
+            "resize": preprocessing["resize"],
+        },
     )
-    return info.model_uri
 
 
 def model_requirements() -> list[str]:
@@ -532,7 +574,7 @@ def model_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for dist in ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy"):
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy", "pandas", "pillow"):
         try:
             pins.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:

@@ -255,16 +255,27 @@ def open_client(uri: str) -> Any:
     return client
 
 
+#: The experiment tag MLflow's 3.x UI reads to choose an experiment's landing page (its JS bundle,
+#: `mlflow.experimentKind`); `custom_model_development` ("Machine learning") opens on the runs
+#: table, not on the GenAI traces overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(client: Any, tracking: Any) -> str:
     """The id of `tracking.experiment` in the store, created when missing (a parallel creation is
-    tolerated). Raises `TrackingError` when the experiment is deleted (in MLflow's trash)."""
+    tolerated) and tagged `EXPERIMENT_KIND` (set too on an existing experiment that has no kind; a
+    kind the user chose is kept). Raises `TrackingError` when the experiment is deleted (in
+    MLflow's trash)."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is None:
         try:
             return client.create_experiment(
-                tracking.experiment, artifact_location=experiment_artifact_location(tracking)
+                tracking.experiment,
+                artifact_location=experiment_artifact_location(tracking),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         except MlflowException as exc:  # created meanwhile by a parallel job
             if is_remote(tracking.uri) and tracking_failure(exc):
@@ -287,6 +298,8 @@ def experiment_id(client: Any, tracking: Any) -> str:
             tracking.uri,
             experiment.artifact_location,
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag, or by another tool
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

@@ -27,7 +27,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.lib.config.schema import TrackingConfig
+from pipeline.lib.config.schema import (
+    AUTO,
+    DEFAULT_EXPERIMENT,
+    DEFAULT_REGISTERED_MODEL,
+    TrackingConfig,
+    tracking_names,
+)
 from pipeline.lib.tracking.lineage import process_tags
 from pipeline.lib.tracking.orphans import end_dead_runs
 from pipeline.lib.tracking.store import TrackingError, open_store
@@ -62,8 +68,15 @@ def sweep_job() -> tuple[str | None, str | None]:
 
 
 def tracking_config(config: DictConfig) -> Any:
-    """The sweep's `tracking` node with the schema's defaults for the keys it leaves out."""
-    return OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking)
+    """The sweep's `tracking` node with the schema's defaults for the keys it leaves out, its
+    `auto` names resolved from the sweep's `data` (`schema.tracking_names`)."""
+    tracking = OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking)
+    experiment, registered = tracking_names(config.data) if "data" in config else (None, None)
+    if tracking.experiment == AUTO:
+        tracking.experiment = experiment or DEFAULT_EXPERIMENT
+    if tracking.registered_model == AUTO:
+        tracking.registered_model = registered or DEFAULT_REGISTERED_MODEL
+    return tracking
 
 
 def best_child(

@@ -1,0 +1,1 @@
+"""Two-phase fit, its callbacks and batches."""

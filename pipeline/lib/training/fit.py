@@ -145,6 +145,31 @@ def build_networks(cfg: Config, num_classes: int, image_size: int) -> Networks:
     return Networks(extractor, head, full, image_net, bool(augmentation))
 
 
+def head_only_networks(
+    cfg: Config, dataset: PreparedDataset, prepared_md5: str
+) -> tuple[Networks, dict[str, np.ndarray]] | None:
+    """(networks holding only the head, {"train", "val": cached features}) when the head alone
+    can be trained (frozen backbone, feature cache on, no augmentation, no fine-tuning) and
+    `paths.features` holds features of these inputs; else None. MobileNetV2 is not built: what a
+    sweep job over head settings needs (`train.save_model=auto` in a Hydra multirun). The head is
+    seeded by `train.seed` as in `build_networks`, so it trains to the same weights."""
+    from pipeline.lib.model.build import build_head
+
+    t = cfg.train
+    if not (t.use_feature_cache and cfg.model.freeze_backbone) or (
+        t.augment.enabled or t.fine_tune.enabled
+    ):
+        return None
+    features = load_cached_features(cfg, prepared_md5)
+    if features is None:
+        return None
+    set_seeds(t.seed)
+    dim = int(features["train"].shape[1])
+    head = build_head(dim, dataset.num_classes, cfg.model.dropout, cfg.model.head_init)
+    nets = Networks(extractor=None, head=head, full=head, image_net=head, augmented=False)
+    return nets, {s: features[s] for s in ("train", "val")}
+
+
 def phase1_inputs(
     cfg: Config, dataset: PreparedDataset, prepared_md5: str, nets: Networks
 ) -> tuple[Any, dict[str, np.ndarray]]:
@@ -212,6 +237,11 @@ class PhaseRunner:
     )
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped: list[int] = field(default_factory=list)
+    #: `pipeline.lib.training.head.finish`'s result: best epoch, L2, temperature, refit.
+    head_info: dict[str, Any] = field(default_factory=dict)
+    #: Save the state after every epoch (BackupAndRestore); off for a head-only sweep job
+    #: without `train.resume`, where per-epoch saves cost ~70 % of the fit.
+    backup: bool = True
 
     @property
     def has_val(self) -> bool:
@@ -341,7 +371,8 @@ class PhaseRunner:
         backup_cb = keras.callbacks.BackupAndRestore(
             str(backup), save_freq="epoch", delete_checkpoint=True, double_checkpoint=True
         )
-        callbacks += [backup_cb, state, recorder, *self.extra_callbacks]
+        callbacks += [backup_cb] if self.backup else []
+        callbacks += [state, recorder, *self.extra_callbacks]
         return callbacks, state, recorder, stopper
 
     def _record(
@@ -421,6 +452,7 @@ def fit(
     dataset: PreparedDataset,
     prepared_md5: str,
     callbacks: Sequence[Any] = (),
+    full_model: bool = True,
 ) -> dict[str, Any]:
     """Train the model as `cfg.train` says; return what was trained and how.
 
@@ -430,6 +462,8 @@ def fit(
         prepared_md5: its DVC hash (keys the cached features and the checkpoint folder).
         callbacks: Keras callbacks added, after the pipeline's own, to every phase's `fit`
             (e.g. one that stops training).
+        full_model: False lets a head-only run skip MobileNetV2 (`head_only_networks`): then,
+            when the cached features fit, "model" is the head (features (B, D) -> (B, C)).
 
     Returns:
         {"model": the full Keras model (images float32 (B, H, W, 3) 0..255 -> probabilities
@@ -455,13 +489,14 @@ def fit(
     strategy = distribution_strategy(cfg.train.strategy)
     with strategy.scope():
         start = time.perf_counter()
-        runner, nets = _train(cfg, dataset, prepared_md5, callbacks)
+        runner, nets = _train(cfg, dataset, prepared_md5, callbacks, full_model)
         seconds = time.perf_counter() - start
     t = cfg.train
     history = runner.history
     total = t.epochs + (t.fine_tune.epochs if t.fine_tune.enabled else 0)
     return {
         "model": nets.full,
+        "full_model": nets.extractor is not None,
         "epochs": history,
         "batches": runner.batches,
         "mode": runner.phases["phase1"]["mode"],
@@ -472,28 +507,47 @@ def fit(
         "stopped_early_at": runner.stopped,
         "strategy": t.strategy,
         "replicas": int(strategy.num_replicas_in_sync),
+        "head": runner.head_info,
     }
 
 
 def _train(
-    cfg: Config, dataset: PreparedDataset, prepared_md5: str, callbacks: Sequence[Any]
+    cfg: Config,
+    dataset: PreparedDataset,
+    prepared_md5: str,
+    callbacks: Sequence[Any],
+    full_model: bool = True,
 ) -> tuple[PhaseRunner, Networks]:
     """The steps of `fit`, inside the distribution strategy's scope."""
     import keras
 
     c = dataset.num_classes
-    nets = build_networks(cfg, c, dataset.image_size)
-    net, x = phase1_inputs(cfg, dataset, prepared_md5, nets)
+    head_only = None if full_model else head_only_networks(cfg, dataset, prepared_md5)
+    if head_only is not None:
+        nets, x = head_only
+        net = nets.head
+    else:
+        nets = build_networks(cfg, c, dataset.image_size)
+        net, x = phase1_inputs(cfg, dataset, prepared_md5, nets)
     targets = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
     weights = class_weights(dataset.labels("train"), c, cfg.train.class_weight)
     runner = PhaseRunner(cfg, targets, weights, tuple(callbacks))
+    runner.backup = head_only is None or cfg.train.resume
     if not runner.has_val and (
         cfg.train.early_stopping.enabled or cfg.train.lr_schedule == "reduce_on_plateau"
     ):
-        log.warning("No validation split: early stopping / reduce_on_plateau watch the train loss")
+        log.info(
+            "No validation split: early stopping / reduce_on_plateau watch the train loss "
+            "(training stops once the regularised loss stops improving)"
+        )
+    from pipeline.lib.training import head
+
+    head.set_kernel_l2(nets.head, head.l2_strength(cfg.train.l2, len(targets["train"])))
+    initial = nets.head.get_weights()
     checkpoint = prepare_checkpoint(cfg, prepared_md5)
     done = run_phase1(runner, net, x, nets, checkpoint)
     if cfg.train.fine_tune.enabled:
         images = {s: dataset.images(s) for s in ("train", "val")}
         run_phase2(runner, nets, images, done, checkpoint)
+    runner.head_info = head.finish(runner, nets, net, initial, x)
     return runner, nets

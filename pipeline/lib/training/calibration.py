@@ -1,0 +1,109 @@
+"""Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks").
+
+One scalar T > 0 is fitted on the validation split by minimising the negative log-likelihood of
+softmax(z / T), z the head's logits; it changes no prediction (argmax is unchanged), only the
+confidence. It is folded into the saved model by dividing the head's Dense kernel and bias by T:
+softmax((x W + b) / T) = softmax(x (W / T) + b / T), exactly, so `predict`, the MLflow model and
+every TensorFlow Lite export give calibrated probabilities with no extra layer.
+
+Logits are recovered from probabilities as log p: softmax is shift-invariant, so
+softmax(log p / T) = softmax(z / T) for any per-row constant, which lets T be fitted from what any
+model (head on features, or the whole image model) outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: log T is searched in [-LOG_T_BOUND, LOG_T_BOUND] (T in about [0.007, 148]).
+LOG_T_BOUND = 5.0
+
+
+def log_probabilities(probs: np.ndarray) -> np.ndarray:
+    """float64 (N, C) log of `probs` (N, C), clipped at 1e-12 (a logit up to a per-row constant)."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None))
+
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood (nats) of int labels `y` (N,) under softmax(logits / T)."""
+    from scipy.special import log_softmax
+
+    z = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+    return float(-z[np.arange(len(y)), np.asarray(y, dtype=np.int64)].mean())
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The T > 0 minimising `nll(logits, y, T)` (scipy's bounded Brent search over log T).
+
+    Args:
+        logits: float (N, C) logits (or log-probabilities) of the validation split, N >= 1.
+        y: int (N,) true labels.
+
+    Returns 1.0 when there is nothing to fit (N = 0). T < 1 sharpens (an under-confident
+    model), T > 1 softens (an over-confident one).
+    """
+    from scipy.optimize import minimize_scalar
+
+    if not len(y):
+        return 1.0
+    result = minimize_scalar(
+        lambda log_t: nll(logits, y, float(np.exp(log_t))),
+        bounds=(-LOG_T_BOUND, LOG_T_BOUND),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    return float(np.exp(result.x))
+
+
+def head_dense(model: Any) -> Any:
+    """The last Keras Dense layer of `model` (searched in nested models, last first): the layer
+    whose kernel and bias produce the logits. Raises ValueError when there is none."""
+    import keras
+
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.layers.Dense):
+            return layer
+        if isinstance(layer, keras.Model):
+            try:
+                return head_dense(layer)
+            except ValueError:
+                continue
+    raise ValueError(f"model {model.name!r} has no Dense layer to scale")
+
+
+def apply_temperature(model: Any, temperature: float) -> None:
+    """Divide the kernel and bias of `model`'s last Dense layer by `temperature` in place: its
+    softmax then outputs softmax(z / T) exactly."""
+    dense = head_dense(model)
+    dense.kernel.assign(dense.kernel.numpy() / temperature)
+    if dense.use_bias:
+        dense.bias.assign(dense.bias.numpy() / temperature)
+
+
+def calibrate(model: Any, val_probs: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
+    """Fit T on the validation probabilities `val_probs` (N, C) of `model` and labels `y_val`
+    (N,), fold it into `model` (`apply_temperature`); return {"temperature", "val_nll_before",
+    "val_nll_after"} (nats per image)."""
+    logits = log_probabilities(val_probs)
+    if (logits.argmax(axis=1) == np.asarray(y_val)).all():
+        # no validation mistake: the NLL falls as T -> 0, so T has no finite optimum; a T < 1
+        # would make every future mistake near-certain. Keep the model's own probabilities.
+        log.info("Temperature scaling: no validation mistake, T is not identifiable: T = 1")
+        temperature = 1.0
+    else:
+        temperature = fit_temperature(logits, y_val)
+    before, after = nll(logits, y_val), nll(logits, y_val, temperature)
+    apply_temperature(model, temperature)
+    log.info(
+        "Temperature scaling: T = %.4g on %d validation images (NLL %.4f -> %.4f)",
+        temperature,
+        len(y_val),
+        before,
+        after,
+    )
+    return {"temperature": temperature, "val_nll_before": before, "val_nll_after": after}

@@ -1,0 +1,154 @@
+"""Cross-validation of the head on the cached features, for datasets too small for one test split
+to say much (`python -m pipeline.crossval`).
+
+Train and val are pooled and split into `train.crossval_folds` stratified folds
+(scikit-learn's StratifiedKFold, shuffled with `train.seed`). Fold i is the test fold; fold
+i + 1 (mod k) is its validation fold (early stopping, temperature scaling), the others train:
+each fold runs the pipeline's own head training (`PhaseRunner`, L2, `head.finish`) exactly as
+`train` does, and every image is tested once. Logged as one MLflow parent run with one child run
+per fold; the parent gets the mean and standard deviation over folds and the pooled accuracy
+with its 95 % Wilson interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from pipeline.lib.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class CrossvalError(UserError):
+    """Cross-validation cannot run on this data (no cached features, too few images)."""
+
+
+def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """k folds of `labels` (N,): per fold {"train", "val", "test": int64 index arrays}, test =
+    fold i, val = fold i+1 (mod k), train = the rest. Raises CrossvalError when a fold
+    cannot be made (fewer images than folds)."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    if len(labels) < k:
+        raise CrossvalError(
+            f"{len(labels)} images cannot make {k} folds: lower train.crossval_folds"
+        )
+    with warnings.catch_warnings():  # "least populated class has only n members": said below
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        tests = [test for _, test in splitter.split(np.zeros(len(labels)), labels)]
+    folds = []
+    for i in range(k):
+        val = tests[(i + 1) % k]
+        rest = np.setdiff1d(np.arange(len(labels)), np.concatenate([tests[i], val]))
+        folds.append({"train": rest, "val": val, "test": tests[i]})
+    return folds
+
+
+def train_fold(cfg: Any, x: np.ndarray, y: np.ndarray, fold: dict, num_classes: int) -> np.ndarray:
+    """Train a head on `fold`'s train indices of features `x` (N, D) / labels `y` (N,) as the
+    train stage does (L2, early stopping on the fold's val, temperature scaling); return its
+    float32 (n_test, C) probabilities of the fold's test images."""
+    import keras
+
+    from pipeline.lib.model.build import build_head
+    from pipeline.lib.training import head as head_lib
+    from pipeline.lib.training.fit import PhaseRunner, class_weights, set_seeds
+
+    t = cfg.train
+    set_seeds(t.seed)
+    net = build_head(x.shape[1], num_classes, cfg.model.dropout, cfg.model.head_init)
+    targets = {s: keras.utils.to_categorical(y[fold[s]], num_classes) for s in ("train", "val")}
+    head_lib.set_kernel_l2(net, head_lib.l2_strength(t.l2, len(fold["train"])))
+    initial = net.get_weights()
+    runner = PhaseRunner(cfg, targets, class_weights(y[fold["train"]], num_classes, t.class_weight))
+    inputs = {s: x[fold[s]] for s in ("train", "val")}
+    with tempfile.TemporaryDirectory() as backup:
+        runner.run("phase1", net, inputs, t.learning_rate, (0, t.epochs), backup)
+        runner.head_info = head_lib.finish(runner, SimpleNamespace(head=net), net, initial, inputs)
+    return np.asarray(net.predict(x[fold["test"]], batch_size=256, verbose=0), dtype=np.float32)
+
+
+def summarize(folds: list[dict[str, Any]], correct: int, n: int) -> dict[str, Any]:
+    """The parent run's numbers: mean and std over folds of accuracy / macro F1 / ECE, and the
+    pooled accuracy (`correct` of `n`) with its 95 % Wilson interval."""
+    from pipeline.lib.reporting.metrics import accuracy_interval
+
+    out: dict[str, Any] = {"folds": len(folds), "images": n}
+    for key in ("accuracy", "macro_f1", "ece"):
+        values = np.array([f[key] for f in folds], dtype=float)
+        out[f"{key}_mean"] = float(values.mean())
+        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    low, high = accuracy_interval(correct, n)
+    out |= {
+        "accuracy_pooled": correct / max(n, 1),
+        "accuracy_ci_low": low,
+        "accuracy_ci_high": high,
+    }
+    return out
+
+
+def crossval(cfg: Any) -> dict[str, Any]:
+    """Run the k-fold cross-validation (see the module docstring) and log it to MLflow; return
+    `summarize`'s dict plus "per_fold" (each fold's headline metrics).
+
+    Raises:
+        CrossvalError: `paths.features` holds no features of the prepared data.
+        StageInputError: the prepared data is missing or was prepared with other settings.
+    """
+    import mlflow
+
+    from pipeline.lib.data.prepared import open_prepared
+    from pipeline.lib.files import dvc_md5
+    from pipeline.lib.model.features import load_cached_features
+    from pipeline.lib.reporting.metrics import Predictions, headline_metrics
+    from pipeline.lib.tracking import runs as tracking
+
+    dataset = open_prepared(cfg.paths.prepared, cfg.data)
+    features = load_cached_features(cfg, dvc_md5(cfg.paths.prepared))
+    if features is None:
+        raise CrossvalError(
+            f"{cfg.paths.features} holds no features of {cfg.paths.prepared}: run "
+            "`dvc repro featurize` (or `python -m pipeline.featurize`) first."
+        )
+    x = np.concatenate([features["train"], features["val"]]).astype(np.float32)
+    y = np.concatenate([dataset.labels("train"), dataset.labels("val")]).astype(np.int64)
+    k, c = cfg.train.crossval_folds, dataset.num_classes
+    folds = fold_indices(y, k, cfg.train.seed)
+    tracking.setup(cfg.tracking)
+    per_fold, correct = [], 0
+    with mlflow.start_run(run_name=f"crossval {k} folds") as parent:
+        mlflow.set_tag("crossval", "parent")
+        tracking.log_config(cfg)
+        for i, fold in enumerate(folds):
+            probs = train_fold(cfg, x, y, fold, c)
+            m = headline_metrics(Predictions(probs, y[fold["test"]], dataset.classes))
+            correct += int(round(m["accuracy"] * m["images"]))
+            per_fold.append(m)
+            with mlflow.start_run(run_name=f"fold {i + 1}/{k}", nested=True):
+                mlflow.set_tags({"crossval": "fold", "fold": str(i + 1)})
+                mlflow.log_metrics({f"test_{key}": float(v) for key, v in m.items()})
+            log.info("Fold %d/%d: accuracy %.4f on %d images", i + 1, k, m["accuracy"], m["images"])
+        summary = summarize(per_fold, correct, len(y))
+        mlflow.log_metrics({f"cv_{key}": float(v) for key, v in summary.items()})
+        summary["run_id"] = parent.info.run_id
+    log.info(
+        "Cross-validation (%d folds, %d images): accuracy %.4f ± %.4f (pooled %.4f, 95%% "
+        "interval [%.4f, %.4f]), ECE %.4f",
+        k,
+        len(y),
+        summary["accuracy_mean"],
+        summary["accuracy_std"],
+        summary["accuracy_pooled"],
+        summary["accuracy_ci_low"],
+        summary["accuracy_ci_high"],
+        summary["ece_mean"],
+    )
+    return {**summary, "per_fold": per_fold}

@@ -1,0 +1,146 @@
+"""What makes the default head converge and tell the truth: its L2 penalty, the epoch early
+stopping chose, an optional refit on train + val, temperature scaling and the warnings of a head
+that did not fit its own training images.
+
+The L2 penalty: scikit-learn's LogisticRegression minimises sum_i CE_i + ||W||^2 / (2 C); Keras
+adds a regulariser's value to the batch *mean* loss, so the same objective per example is
+mean CE + l2 ||W||^2 with l2 = 1 / (2 C n_train). `train.l2: auto` uses C = 1, scikit-learn's
+default (no tuning on any one dataset): the penalty shrinks as the training set grows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: A head whose final training accuracy is below this gets a warning (it has not fit its data).
+UNDERFIT_TRAIN_ACCURACY = 0.9
+
+
+def l2_strength(setting: Any, n_train: int) -> float:
+    """`train.l2` as the Keras L2 factor: `auto` -> 1 / (2 n_train) (LogisticRegression's C=1,
+    per example), a number -> itself, 0 -> no penalty."""
+    if setting == "auto":
+        return 1.0 / (2.0 * max(int(n_train), 1))
+    return float(setting)
+
+
+def set_kernel_l2(head: Any, factor: float) -> None:
+    """Put an L2 penalty of `factor` (0 = none) on the kernel of `head`'s last Dense layer. The
+    regulariser is set on the built variable (Keras sums `variable.regularizer` of trainable
+    weights into the loss) and on the layer (so it is part of the saved config)."""
+    import keras
+
+    from pipeline.lib.training.calibration import head_dense
+
+    dense = head_dense(head)
+    reg = keras.regularizers.L2(factor) if factor > 0 else None
+    dense.kernel_regularizer = reg
+    dense.kernel.regularizer = reg
+
+
+def best_epoch(history: dict[str, list[float]], monitor: str) -> int:
+    """The 1-based epoch with the lowest `monitor` in `history` (what early stopping restored);
+    the last epoch when `monitor` is missing."""
+    values = history.get(monitor) or []
+    if not values:
+        return len(history.get("loss", [])) or 1
+    return int(np.argmin(values)) + 1
+
+
+def warn_if_underfit(history: dict[str, list[float]], n_train: int, steps: int) -> bool:
+    """Warn (and return True) when the final training accuracy is below
+    `UNDERFIT_TRAIN_ACCURACY`: the head has not fit its own training images (too few optimiser
+    steps, too strong a penalty, or classes the features cannot separate)."""
+    accuracy = (history.get("accuracy") or [None])[-1]
+    if accuracy is None or accuracy >= UNDERFIT_TRAIN_ACCURACY:
+        return False
+    log.warning(
+        "The head ends at training accuracy %.3f on %d images after %d optimiser steps: it has "
+        "not fit its own training data. Train longer (train.epochs, early stopping's patience), "
+        "lower train.l2, or look for mislabelled / look-alike classes.",
+        accuracy,
+        n_train,
+        steps,
+    )
+    return True
+
+
+def refit_on_train_val(runner: Any, nets: Any, net: Any, initial: list[Any], x: dict) -> Any:
+    """Train the head again from its initial weights `initial` (`nets.head.get_weights()` before
+    training) on train + val (`x`: {"train", "val": inputs of `net`}, labels from `runner`) for
+    the epochs early stopping chose in `runner`'s phase 1, with early stopping off; return the
+    PhaseRunner that ran it (its history is the refit's)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.lib.training.fit import PhaseRunner, class_weights
+
+    cfg = runner.cfg
+    epochs = best_epoch(runner.history, runner.monitor)
+    y = np.concatenate([runner.targets["train"], runner.targets["val"]])
+    refit_cfg = OmegaConf.merge(cfg, {"train": {"early_stopping": {"enabled": False}}})
+    labels = y.argmax(axis=1)
+    weights = class_weights(labels, y.shape[1], cfg.train.class_weight)
+    refit = PhaseRunner(refit_cfg, {"train": y, "val": y[:0]}, weights, runner.extra_callbacks)
+    merged = np.concatenate([np.asarray(x["train"]), np.asarray(x["val"])])
+    nets.head.set_weights(initial)
+    set_kernel_l2(nets.head, l2_strength(cfg.train.l2, len(y)))
+    log.info("Refit on train + val: %d images, %d epochs (early stopping's choice)", len(y), epochs)
+    backup = runner_backup(cfg)
+    refit.run(
+        "refit",
+        net,
+        {"train": merged, "val": merged[:0]},
+        cfg.train.learning_rate,
+        (0, epochs),
+        backup,
+    )
+    return refit
+
+
+def runner_backup(cfg: Any) -> Any:
+    """A fresh folder for the refit's per-epoch state (BackupAndRestore deletes it at the end)."""
+    import tempfile
+    from pathlib import Path
+
+    Path(cfg.train.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="refit-", dir=cfg.train.checkpoint_dir))
+
+
+def finish(runner: Any, nets: Any, net: Any, initial: list[Any], x: dict) -> dict[str, Any]:
+    """After phase 1 (and 2): refit on train + val (`train.refit_on_train_val`), temperature
+    scaling on the validation split (`train.calibrate`), the underfitting warning. Returns
+    {"best_epoch", "temperature" (None when not calibrated), "val_nll_before"/"_after",
+    "refit_epochs", "refit_images", "l2"}; the scaled weights are in `nets`."""
+    from pipeline.lib.training.calibration import calibrate
+
+    t = runner.cfg.train
+    y_val = runner.targets["val"].argmax(axis=1) if runner.has_val else np.zeros(0, np.int64)
+    n_train = len(runner.targets["train"])
+    info: dict[str, Any] = {
+        "best_epoch": best_epoch(runner.history, runner.monitor),
+        "l2": l2_strength(t.l2, n_train),
+        "temperature": None,
+    }
+    steps = len(runner.batches["step"])
+    warn_if_underfit(runner.history, n_train, steps)
+    val_probs = None
+    if t.calibrate and runner.has_val:
+        val_probs = np.asarray(net.predict(x["val"], batch_size=256, verbose=0))
+    elif t.calibrate:
+        log.warning("train.calibrate: no validation split, so no temperature scaling (T = 1)")
+    if t.refit_on_train_val:
+        if runner.has_val:
+            refit = refit_on_train_val(runner, nets, net, initial, x)
+            info["refit_epochs"] = len(refit.history["epoch"])
+            info["refit_images"] = len(refit.targets["train"])
+            info["refit_history"] = refit.history
+        else:
+            log.warning("train.refit_on_train_val: no validation split, nothing to add")
+    if val_probs is not None:
+        info.update(calibrate(nets.head, val_probs, y_val))
+    return info

@@ -1,0 +1,79 @@
+"""`pipeline.lib.console`: TensorFlow's start-up notices and the libraries' chatter are silenced
+where they are made, real output is kept, and `PIPELINE_VERBOSE=1` shows everything again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+#: A child that imports the package, then TensorFlow, prints a line of its own, and logs a
+#: pandas dataset to MLflow's data API as train does.
+CHILD = """
+import os, sys
+import pipeline
+import tensorflow as tf
+print("own line", file=sys.stderr)
+import mlflow, pandas as pd  # the prepared data logged as train logs it: two UserWarnings
+mlflow.data.from_pandas(pd.DataFrame({"label": [1, 2]}), source=os.getcwd(), targets="label")
+print("TF_CPP_MIN_LOG_LEVEL=" + os.environ.get("TF_CPP_MIN_LOG_LEVEL", ""), file=sys.stderr)
+"""
+
+
+def _child(**env: str) -> str:
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "PIPELINE_VERBOSE")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_tensorflow_start_up_notices_are_silenced_and_come_back_with_the_switch():
+    quiet = _child()
+    assert "oneDNN custom operations" not in quiet and "absl::InitializeLog" not in quiet
+    assert "own line" in quiet and "TF_CPP_MIN_LOG_LEVEL=3" in quiet
+    assert "interpreted in multiple ways" not in quiet  # MLflow's dataset-source warning
+    assert "integer column" not in quiet
+    assert quiet.strip().splitlines() == ["own line", "TF_CPP_MIN_LOG_LEVEL=3"]
+    loud = _child(PIPELINE_VERBOSE="1")
+    assert "oneDNN custom operations" in loud and "interpreted in multiple ways" in loud
+    assert "TF_CPP_MIN_LOG_LEVEL=\n" in loud or loud.rstrip().endswith("TF_CPP_MIN_LOG_LEVEL=")
+
+
+def test_a_level_the_user_chose_is_kept():
+    assert "TF_CPP_MIN_LOG_LEVEL=1" in _child(TF_CPP_MIN_LOG_LEVEL="1")
+
+
+def test_what_tensorflow_prints_on_import_besides_the_notices_is_passed_on(tmp_path):
+    """The capture of file descriptor 2 around `import tensorflow` drops only the notices: a
+    fake `tensorflow` package that writes other lines to fd 2 has them shown."""
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on.\\n')\n"
+        "os.write(2, b'a real problem\\n')\n"
+    )
+    code = "import pipeline, sys; import tensorflow; print('after', file=sys.stderr)"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    env.pop("PIPELINE_VERBOSE", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["a real problem", "after"]
