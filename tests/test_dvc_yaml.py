@@ -182,3 +182,21 @@ if __name__ == "__main__":  # print the code deps of each stage, to paste into d
     for stage_name, files in expected_code_deps().items():
         print(f"{stage_name}:")
         print("\n".join(f"      - {f}" for f in files))
+
+
+#: train keys that change no stage output: where checkpoints go, whether to resume them, and
+#: the cross-validation tool's fold count.
+TRAIN_KEYS_WITHOUT_EFFECT = {"resume", "checkpoint_dir", "crossval_folds"}
+
+
+def test_train_lists_every_train_key_that_changes_its_result():
+    """A new `train.*` key in the schema must be a param of the train stage (or be named above
+    as one without effect): DVC must see every change that matters."""
+    from dataclasses import fields
+
+    from pipeline.lib.config.schema import TrainConfig
+
+    listed = {str(p).removeprefix("train.") for p in stages()["train"]["params"]}
+    keys = {f.name for f in fields(TrainConfig)} - TRAIN_KEYS_WITHOUT_EFFECT
+    assert keys <= listed, f"train params miss {sorted(keys - listed)}"
+    assert not listed & TRAIN_KEYS_WITHOUT_EFFECT

@@ -209,6 +209,7 @@ def test_multirun_gives_each_job_its_own_run_outside_dvc_paths(done, tmp_path):
             *overrides,
             "tracking.log_model=false",
             "train.learning_rate=0.001,0.01",
+            "train.save_model=always",  # sweep jobs save no model unless asked
             f"hydra.sweep.dir={sweep_dir}",
         ],
         cwd=ROOT,

@@ -212,7 +212,8 @@ class FeaturizeConfig:
     #: never changes the features) or `keras`. The two agree to ~1e-5, not to the bit.
     backend: str = "tflite"
     batch_size: int = 32
-    #: CPU threads for the TFLite interpreter; 0 = all cores.
+    #: TFLite: single-threaded interpreters run side by side, each on a shard of every batch
+    #: (`features.ShardedTFLite`); 0 = one per usable core. Never changes the features.
     num_threads: int = 0
 
 
