@@ -75,8 +75,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
 
     with tracking.stage_run(cfg, "evaluate"):  # README: "How runs are recorded"
         t = metrics["test"]
-        flat = {f"test_{k}": float(v) for k, v in t.items()}  # accuracy, its interval, F1s, ece
+        flat = {f"test_{k}": float(v) for k, v in t.items()}  # accuracy, ci_low/high, F1, ece
         per_class = per_class_metrics(ev)
+        flat["test_weighted_f1"] = float(per_class["weighted_f1"])
         for kind in ("precision", "recall", "f1"):
             flat |= {f"test_{kind}_{_metric_name(c)}": v for c, v in per_class[kind].items()}
         mlflow.set_tag("evaluate_tta", str(bool(cfg.evaluate.tta)).lower())

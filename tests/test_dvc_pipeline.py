@@ -55,7 +55,9 @@ def test_repro_runs_every_stage_and_writes_outputs(repo: Path, first_repro: str)
 def test_metrics_show_and_plots(repo: Path, first_repro: str):
     metrics = json.loads((repo / "reports/metrics.json").read_text())["test"]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
-    assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"]
+    assert metrics["ci_low"] <= metrics["accuracy"] <= metrics["ci_high"]
+    width = max(len(line) for line in dvc(repo, "metrics", "show").splitlines())
+    assert width <= 120, f"`dvc metrics show` is {width} columns wide"
     per_class = json.loads((repo / "reports/classification_report.json").read_text())
     assert set(json.loads((repo / "models/classes.json").read_text())) <= set(per_class)
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))

@@ -79,17 +79,10 @@ def test_evaluate_metrics_and_reports(done):
     reports = Path(done["cfg"].paths.reports)
     metrics = read_json(reports / "metrics.json")["test"]
     assert metrics == done["metrics"]["test"]
-    assert set(metrics) == {
-        "accuracy",
-        "accuracy_ci_low",
-        "accuracy_ci_high",
-        "macro_f1",
-        "weighted_f1",
-        "ece",
-        "images",
-    }  # per-class scores live in classification_report.json (dvc metrics show stays narrow)
-    assert metrics["images"] == 12
-    assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"]
+    assert set(metrics) == {"accuracy", "ci_low", "ci_high", "macro_f1", "ece"}
+    # per-class scores, weighted F1 and the count live in classification_report.json, so that
+    # `dvc metrics show` stays within 120 columns
+    assert metrics["ci_low"] <= metrics["accuracy"] <= metrics["ci_high"]
     per_class = read_json(reports / "classification_report.json")
     assert per_class["macro avg"]["support"] == 12 and "Container_Big_Tractor_B" in per_class
     report = (reports / "classification_report.txt").read_text()

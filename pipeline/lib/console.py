@@ -69,6 +69,7 @@ def setup() -> None:
     _done = True
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial ... tables"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # registry downloads
     if not _stderr_is_terminal():
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     logging.getLogger("absl").setLevel(logging.ERROR)

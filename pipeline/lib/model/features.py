@@ -252,7 +252,9 @@ def featurize_array(
         out[done : done + len(feats)] = feats
         done += len(feats)
         bar.update(len(feats))
-        bar.set_postfix(img_per_s=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
+        bar.set_postfix(
+            img_per_s=f"{done / max(time.perf_counter() - start, 1e-9):.0f}", refresh=False
+        )
     bar.close()
     return out
 

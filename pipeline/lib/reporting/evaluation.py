@@ -58,19 +58,19 @@ class Evaluation:
 
 def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
     """{"test": headline_metrics(...)}: what `metrics.json` holds (accuracy and its 95 % Wilson
-    interval, macro / weighted F1, ECE, images); per-class scores are in the classification
+    interval, macro F1, ECE); weighted F1 and per-class scores are in the classification
     report. Warns when the interval is too wide for the accuracy to mean much."""
     m = headline_metrics(ev.predictions)
-    width = m["accuracy_ci_high"] - m["accuracy_ci_low"]
+    width = m["ci_high"] - m["ci_low"]
     if width > WIDE_INTERVAL:
         log.warning(
             "The test split has %d images: test accuracy %.3f has a 95%% interval of "
             "[%.3f, %.3f], too wide to tell models apart. Use more test images or "
             "`python -m pipeline.crossval` (k-fold over train + val).",
-            m["images"],
+            len(ev.predictions.y_true),
             m["accuracy"],
-            m["accuracy_ci_low"],
-            m["accuracy_ci_high"],
+            m["ci_low"],
+            m["ci_high"],
         )
     return {SPLIT: m}
 

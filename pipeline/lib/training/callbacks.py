@@ -65,7 +65,10 @@ class BatchRecorder(keras.callbacks.Callback):
         self.bar.update(size)
         rate = self.seen / max(time.perf_counter() - self.start, 1e-9)
         self.bar.set_postfix(
-            epoch=self.epoch, loss=f"{logs.get('loss', math.nan):.3f}", img_per_s=f"{rate:.0f}"
+            epoch=self.epoch,
+            loss=f"{logs.get('loss', math.nan):.3f}",
+            img_per_s=f"{rate:.0f}",
+            refresh=False,  # drawn at tqdm's own pace (TQDM_MININTERVAL off a terminal)
         )
 
     def on_train_end(self, logs: Any = None) -> None:
