@@ -68,7 +68,8 @@ def _check_apart(root: Path, prepared: Path) -> None:
     writes into a photo folder, and replacing `paths.prepared` must not touch the photos."""
     from pipeline.lib.data.sources.folder import DataError
 
-    a, b = root.absolute(), prepared.absolute()
+    # resolve(): symbolic links and `..` must not hide that the two are the same folder
+    a, b = root.resolve(), prepared.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise DataError(
             f"paths.prepared '{prepared}' and the data folder '{root}' overlap: prepare would "

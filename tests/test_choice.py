@@ -83,3 +83,30 @@ def test_data_path_alone_never_reaches_the_synthetic_source(tmp_path):
     with pytest.raises(ConfigError, match="data.source=synthetic") as info:
         validate(values)
     assert "--use-folder" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_choosing_again_keeps_the_settings_the_user_added(tmp_path, monkeypatch):
+    """photos.yaml invites `leakage: warn` etc. below the path: a new --use-folder keeps them."""
+    root = project(tmp_path)
+    folder = photos(tmp_path)
+    monkeypatch.chdir(root)
+    choose(root, ["--use-folder", str(folder)])
+    conf = root / "conf" / "data" / "photos.yaml"
+    conf.write_text(conf.read_text() + "leakage: warn\nimage_size: 160\n")
+    other = tmp_path / "more"
+    shutil.copytree(folder, other / "photos")
+    choose(root, ["--use-folder", str(other / "photos")])
+    data = dvc_compose(root)["data"]
+    assert data["path"] == str(other / "photos")
+    assert (data["leakage"], data["image_size"]) == ("warn", 160)
+
+
+def test_the_project_or_a_folder_above_it_is_refused(tmp_path, monkeypatch):
+    root = project(tmp_path)
+    monkeypatch.chdir(root)
+    before = (root / "conf" / "config.yaml").read_text()
+    for folder in (root, root.parent, Path("/")):
+        with pytest.raises(DataChoiceError, match="holds this project"):
+            choose(root, ["--use-folder", str(folder)])
+    assert (root / "conf" / "config.yaml").read_text() == before
+    assert not (root / "conf" / "data" / "photos.yaml").exists()

@@ -219,9 +219,11 @@ def test_champion_loads_with_pyfunc_and_predicts(store):
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     assert model.metadata.run_id == store["run_ids"][1]
     images = np.asarray(PreparedDataset(store["cfg"].paths.prepared).images("test"), np.float32)
-    probs = np.asarray(model.predict(images))
-    assert probs.shape == (len(images), 6) == (12, 6)
-    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    out = model.predict(images)  # the serving model: label, probability, scores per image
+    assert len(out) == len(images) == 12 and list(out.columns) == ["label", "probability", "scores"]
+    probs = np.array([list(s.values()) for s in out["scores"]])
+    assert probs.shape == (12, 6) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    assert list(out["label"]) == [list(s)[int(np.argmax(list(s.values())))] for s in out["scores"]]
 
 
 def test_registry_cli(store, capsys):

@@ -57,7 +57,9 @@ def test_a_conf_edit_is_seen_by_dvc(repo: Path, first_repro: str, tmp_path: Path
     path = work / "conf/train/default.yaml"
     path.write_text(path.read_text().replace("\nseed: 42", "\nseed: 43"))
     status = json.loads(dvc(work, "status", "--json"))
-    assert set(status) == {"config", "train"}, status
+    # evaluate and export read train.fine_tune.enabled (whether the cached features still
+    # describe the model), so conf/train feeds their params too; prepare and featurize: no
+    assert set(status) == {"config", "train", "evaluate", "export"}, status
     proc = attempt([sys.executable, "-m", "dvc", "repro"], work)
     assert proc.returncode != 0
     assert "params.yaml is out of date with conf/: train.seed" in proc.stdout + proc.stderr

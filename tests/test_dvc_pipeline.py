@@ -152,10 +152,11 @@ def test_logged_model_loads_back_with_its_signature(repo: Path, first_repro: str
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     run_id = json.loads((repo / "outputs/mlflow_run.json").read_text())["run_id"]
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    assert model.metadata.signature is not None
-    assert model.metadata.saved_input_example_info is not None
-    images = np.load(repo / "data/prepared/test.npy")[:3].astype("float32")
-    probs = np.asarray(model.predict(images))
+    assert model.metadata.signature is not None  # outputs; inputs: raw images of any kind
+    images = np.load(repo / "data/prepared/test.npy")[:3]  # uint8, as decoders give them
+    out = model.predict(images)
+    assert len(out) == 3 and list(out.columns) == ["label", "probability", "scores"]
+    probs = np.array([list(s.values()) for s in out["scores"]])
     assert probs.shape == (3, 6)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 

@@ -411,3 +411,13 @@ def test_a_crop_trained_model_predicts_as_evaluate_did(tmp_path, capsys):
     assert np.allclose(got["probability"], expected["confidence"], atol=1e-5)
     stretched = predicted("--resize", "stretch")
     assert not np.allclose(stretched["probability"], expected["confidence"], atol=1e-3)
+
+
+def test_without_output_the_predictions_go_to_stdout_only(world, tmp_path, capsys):
+    """`--output` is optional: one line per image on stdout, no file written."""
+    images = sorted(world["photos"].rglob("*.png"))[:3]
+    rc = predict.main([*map(str, images), "--model", str(world["models"])])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert len(captured.out.strip().splitlines()) == 3
+    assert "wrote" not in captured.err and not list(tmp_path.iterdir())

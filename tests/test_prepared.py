@@ -196,3 +196,20 @@ def test_a_folder_of_class_folders_trains_on_most_of_it_and_small_classes_warn(t
     assert any("fewer than 5 training images" in w for w in report["warnings"])
     assert report["source"] == "folder" and report["root"] == str(photos)
     assert snapshot(photos) == before
+
+
+@pytest.mark.parametrize("how", ["symlink", "dotdot"])
+def test_a_photo_folder_hidden_behind_a_link_or_dotdot_is_still_refused(tmp_path, how):
+    """The same folder named another way (a symbolic link to it, or `sub/..`): still refused,
+    the photos untouched byte for byte."""
+    photos = tmp_path / "photos"
+    before = write_photos(photos, {"a": 3, "b": 3})
+    if how == "symlink":
+        (tmp_path / "link").symlink_to(photos, target_is_directory=True)
+        data, prepared = tmp_path / "link", photos
+    else:
+        data, prepared = photos / "a" / "..", photos / "prep"
+    cfg = folder_config(tmp_path, data, **{"paths.prepared": prepared})
+    with pytest.raises(UserError, match="overlap"):
+        prepare(cfg)
+    assert snapshot(photos) == before

@@ -128,3 +128,16 @@ def test_compare_on_a_truncated_store_exits_2(tmp_path, capsys):
     assert main(["--tracking-uri", f"sqlite:///{bad}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a valid MLflow database" in err
+
+
+def test_a_folder_where_the_store_file_should_be_is_one_line_at_once(tmp_path):
+    """`mlflow.db` is a directory: one line naming it, without MLflow's minutes of retries."""
+    import time
+
+    from pipeline.lib.tracking.store import open_client
+
+    (tmp_path / "mlflow.db").mkdir()
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="is a folder, not an SQLite file"):
+        open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert time.monotonic() - start < 10

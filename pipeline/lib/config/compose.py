@@ -183,7 +183,11 @@ def check_params(root: Path) -> DictConfig:
     """
     root = Path(root)
     values, overrides = load_params(root / "params.yaml")
-    cfg = validate(OmegaConf.create(values))
+    try:
+        cfg = validate(OmegaConf.create(values))
+    except ConfigError as exc:  # name the conf/ line that set the key, if one did
+        where = locate_key(root / "conf", str(exc))
+        raise ConfigError(f"params.yaml{f' (from {where})' if where else ''}: {exc}") from None
     if in_dvc_experiment():
         return cfg
     composed = OmegaConf.to_container(compose(root / "conf", overrides or []))

@@ -44,7 +44,11 @@ def entry_point(
 
     def main() -> Any:
         if {"-h", "--help"} & set(sys.argv[1:]):
-            print(help_text(doc or "", sections))
+            try:
+                print(help_text(doc or "", sections))
+            except UserError as exc:
+                print(f"ERROR: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
             return None
         preflight()
         return hydra_main()
@@ -77,6 +81,7 @@ def preflight(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         _check_config_file(args)
+        _check_overrides(args)
         if any(
             a.replace(" ", "") in ("hydra.job.chdir=true", "hydra.job.chdir=True") for a in args
         ):
@@ -96,6 +101,19 @@ def _option(args: list[str], name: str) -> str | None:
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _check_overrides(args: list[str]) -> None:
+    """A run on conf/ (no `--config-name`, not a `-m` sweep): compose it with the command line's
+    overrides first, so that a key that does not exist or a YAML error in conf/ is one line
+    (Hydra would print its own multi-line text and exit 1)."""
+    from pipeline.lib.config.compose import compose, validate_composed
+
+    if _option(args, "--config-name") or _option(args, "-cn") or {"-m", "--multirun"} & set(args):
+        return
+    overrides = [a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra", "~hydra"))]
+    conf = Path(CONF_DIR)
+    validate_composed(conf, OmegaConf.to_container(compose(conf, overrides)))
 
 
 def _check_config_file(args: list[str]) -> None:
@@ -158,8 +176,8 @@ def run_step(step: Callable[[Config], Any], cfg: DictConfig) -> Any:
             cfg = redirect_outputs(cfg, job_output_dir())  # type: ignore[arg-type]
         return step(validate(cfg))
     except UserError as exc:
-        log.error("%s", exc)
-        print(f"\nERROR: {exc}", file=sys.stderr)
+        log.debug("%s", exc)  # the job's log file; the console gets the one line below
+        print(f"ERROR: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

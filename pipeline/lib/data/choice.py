@@ -86,16 +86,39 @@ def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, i
     from pipeline.lib.data.sources.folder import discover
 
     folder = Path(os.path.abspath(os.path.expanduser(os.fspath(photos))))
+    project = Path(root).resolve()
+    if folder.resolve() == project or folder.resolve() in project.parents:
+        raise DataChoiceError(
+            f"{folder} holds this project ({project}): point --use-folder at the folder of your "
+            "photos (one sub-folder per class), not at the project or a folder above it."
+        )
     found = discover(folder, SplitRatios(), 42)
     if len(found.classes) < 2:
         raise DataChoiceError(
             f"{folder} holds {len(found.classes)} class folder(s): a classifier needs at least "
             "two (one sub-folder of photos per class)."
         )
-    path_line = yaml.safe_dump({"path": str(folder).replace("${", "\\${")}, allow_unicode=True)
-    _write(root / "conf" / "data" / f"{PHOTOS_OPTION}.yaml", _PHOTOS_HEADER + path_line)
+    target = root / "conf" / "data" / f"{PHOTOS_OPTION}.yaml"
+    settings = _own_settings(target)  # what the user added below the path is kept
+    settings["path"] = str(folder).replace("${", "\\${")
+    body = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
+    _write(target, _PHOTOS_HEADER + body)
     _set_default(root, PHOTOS_OPTION)
     return folder, len(found.candidates), len(found.classes)
+
+
+def _own_settings(path: Path) -> dict:
+    """The keys an existing photos.yaml sets besides its defaults list (`path` first)."""
+    if not path.is_file():
+        return {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise DataChoiceError(f"{path}: invalid YAML ({exc}); fix or delete it") from None
+    values = (
+        {k: v for k, v in values.items() if k != "defaults"} if isinstance(values, dict) else {}
+    )
+    return {"path": values.pop("path", None), **values}
 
 
 def use_synthetic(root: Path) -> None:

@@ -35,6 +35,7 @@ from pipeline.lib.data.prepared import (
     write_manifest,
 )
 from pipeline.lib.data.sources.folder import (
+    HIDDEN_REASON,
     Candidate,
     DataError,
     Discovery,
@@ -295,7 +296,8 @@ def _leakage_message(
             else "The folder holds copies of the same photo, which the random split put into "
             "different splits: remove the copies"
         )
-        + ", or set data.leakage=warn to go on anyway."
+        + ", or set data.leakage=warn to go on anyway (for good: `leakage: warn` in the data"
+        " config you use, e.g. conf/data/photos.yaml after --use-folder)."
     )
     if settings.leakage == "fail":
         problems.append(
@@ -371,10 +373,13 @@ def _check_coverage(
             )
         )
     _check_validation(disc, tally, where, warnings)
-    if disc.skipped:
+    # hidden and system files (.DS_Store, the generator's own .synthetic.json) are listed in
+    # report.json but are not worth a warning
+    unexpected = [s for s in disc.skipped if s[1] != HIDDEN_REASON]
+    if unexpected:
         warnings.append(
-            f"{len(disc.skipped)} files/folders skipped (hidden/system files, non-image files, "
-            "broken links; see 'skipped' in report.json)"
+            f"{len(unexpected)} files/folders skipped (non-image files, broken links, ...; "
+            "see 'skipped' in report.json)"
         )
     return small
 

@@ -1,10 +1,10 @@
 """Predict the class of new images with a trained model: a local one, one from MLflow, or TFLite.
 
-    python -m pipeline.lib.inference.predict photos/ --model models --output predictions.csv
-    python -m pipeline.lib.inference.predict a.jpg b.png --model models/model.keras --output out.json --top-k 3
-    python -m pipeline.lib.inference.predict photos/ --model models:/toy-truck-classifier@champion --output p.csv
-    python -m pipeline.lib.inference.predict photos/ --model runs:/<run_id>/model --output p.csv
-    python -m pipeline.lib.inference.predict photos/ --model model.tflite --classes classes.json --output p.csv
+    python -m pipeline.predict photos/ --model models --output predictions.csv
+    python -m pipeline.predict a.jpg b.png --model models/model.keras --output out.json --top-k 3
+    python -m pipeline.predict photos/ --model models:/toy-truck-classifier@champion --output p.csv
+    python -m pipeline.predict photos/ --model runs:/<run_id>/model --output p.csv
+    python -m pipeline.predict photos/ --model model.tflite --classes classes.json --output p.csv
 
 A tool users point at files, so plain argparse (no Hydra). Every image is decoded as `prepare`
 decodes training images (`pipeline.lib.data.images.load_rgb`: EXIF orientation, RGB, transparency on white,
@@ -490,7 +490,7 @@ def parser() -> argparse.ArgumentParser:
         return value
 
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.lib.inference.predict",
+        prog="python -m pipeline.predict",
         description="Predict the classes of images (files or folders, searched recursively) with "
         "a trained model; print the top classes per image and write CSV or JSON.",
     )
@@ -502,7 +502,9 @@ def parser() -> argparse.ArgumentParser:
         "URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model",
     )
     p.add_argument(
-        "--output", required=True, help="where to write every image's scores: a .csv or .json file"
+        "--output",
+        help="also write every image's scores to a .csv or .json file (stdout gets one line per "
+        "image either way)",
     )
     p.add_argument("--top-k", type=positive, default=3, help="classes shown per image (default 3)")
     p.add_argument("--batch-size", type=positive, default=32, help="images per batch (default 32)")
@@ -538,7 +540,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    fmt = output_format(args.output)  # before any work
+    fmt = output_format(args.output) if args.output else None  # before any work
     predictor = load_predictor(args.model, args.tracking_uri, args.classes)
     resize = args.resize or predictor.resize or "stretch"
     if args.resize is None and predictor.resize is None:
@@ -588,12 +590,13 @@ def run(args: argparse.Namespace) -> int:
             + (f"{len(bad)} file(s) could not be decoded" if bad else "no image files found")
         )
     rows = records(done_paths, np.concatenate(chunks), predictor.classes, k)
-    write_output(args.output, fmt, rows, predictor.classes)
+    if args.output:
+        write_output(args.output, fmt, rows, predictor.classes)
     problems = len(bad) + sum(1 for _, why in skipped if why != "folder with no image files")
     print(
         f"Predicted {len(rows)} image(s) with {args.model} ({predictor.kind}, "
-        f"{predictor.image_size} px, resize {resize}); {problems} file(s) skipped; "
-        f"wrote {args.output}",
+        f"{predictor.image_size} px, resize {resize}); {problems} file(s) skipped"
+        + (f"; wrote {args.output}" if args.output else ""),
         file=sys.stderr,
     )
     return 0

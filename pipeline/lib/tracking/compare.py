@@ -1,11 +1,11 @@
 """Compare runs: one table of an experiment's runs (or a sweep's children) with their key params
 and metrics, sorted by a metric.
 
-    python -m pipeline.lib.tracking.compare                                   # toy-trucks, by test_accuracy
-    python -m pipeline.lib.tracking.compare --parent <sweep run id> --sort final_val_accuracy
-    python -m pipeline.lib.tracking.compare --params train.learning_rate,model.dropout --limit 5
-    python -m pipeline.lib.tracking.compare --format csv --output reports/runs.csv
-    python -m pipeline.lib.tracking.compare --mcnemar RUN_A RUN_B      # do two runs really differ?
+    python -m pipeline.compare                                   # toy-trucks, by test_accuracy
+    python -m pipeline.compare --parent <sweep run id> --sort final_val_accuracy
+    python -m pipeline.compare --params train.learning_rate,model.dropout --limit 5
+    python -m pipeline.compare --format csv --output reports/runs.csv
+    python -m pipeline.compare --mcnemar RUN_A RUN_B      # do two runs really differ?
 
 A reporting tool, so plain argparse (no Hydra, no config composition). Nothing is written to the
 store: a missing SQLite file is reported, never created.
@@ -250,7 +250,7 @@ def write_output(text: str, output: str | None) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.lib.tracking.compare",
+        prog="python -m pipeline.compare",
         description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "
         "validation/test accuracy, macro F1 and duration, sorted by a metric.",
     )

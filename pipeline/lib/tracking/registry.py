@@ -1,9 +1,9 @@
 """Model Registry: promote the best registered version (by a metric of the run that logged it) to
 an alias, and list the versions.
 
-    python -m pipeline.lib.tracking.registry promote                       # best test_accuracy -> @champion
-    python -m pipeline.lib.tracking.registry promote --metric final_val_accuracy --alias challenger
-    python -m pipeline.lib.tracking.registry list
+    python -m pipeline.registry promote                       # best test_accuracy -> @champion
+    python -m pipeline.registry promote --metric final_val_accuracy --alias challenger
+    python -m pipeline.registry list
 
 Then `mlflow.pyfunc.load_model("models:/toy-truck-classifier@champion")` serves the champion.
 """
@@ -206,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
     )
 
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.lib.tracking.registry",
+        prog="python -m pipeline.registry",
         description="Promote the best registered model version; list them.",
     )
     commands = p.add_subparsers(dest="command", required=True, metavar="{promote,list}")

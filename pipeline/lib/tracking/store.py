@@ -233,8 +233,14 @@ def open_client(uri: str) -> Any:
     from filelock import Timeout
 
     resolved = resolve_uri(uri)
+    file = store_file(uri)
+    if file is not None and file.is_dir():  # MLflow would retry for minutes, then say little
+        raise TrackingError(
+            f"tracking.uri={uri}: {file} is a folder, not an SQLite file: move it away, or point "
+            "tracking.uri at another file (sqlite:///path/to/mlflow.db)"
+        )
     try:
-        with _store_lock(store_file(uri)):
+        with _store_lock(file):
             client = mlflow.MlflowClient(tracking_uri=resolved, registry_uri=resolved)
             client.search_experiments(max_results=1)  # creates/migrates the tracking tables
             if not is_remote(resolved):

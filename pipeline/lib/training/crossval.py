@@ -130,6 +130,7 @@ def crossval(cfg: Any) -> dict[str, Any]:
         for i, fold in enumerate(folds):
             probs = train_fold(cfg, x, y, fold, c)
             m = headline_metrics(Predictions(probs, y[fold["test"]], dataset.classes))
+            m["images"] = len(fold["test"])
             correct += int(round(m["accuracy"] * m["images"]))
             per_fold.append(m)
             with mlflow.start_run(run_name=f"fold {i + 1}/{k}", nested=True):
