@@ -79,6 +79,11 @@ class _Settings:
 
     @classmethod
     def of(cls, data_cfg: Any) -> _Settings:
+        """The settings read from `data_cfg` (a DataConfig, DictConfig or mapping; missing keys take
+        the schema's defaults, `source` defaults to `folder`).
+
+        Raises ValueError: `leakage` is neither `fail` nor `warn`.
+        """
         d = DataConfig()
         leakage = str(_cfg(data_cfg, "leakage", d.leakage))
         if leakage not in ("fail", "warn"):

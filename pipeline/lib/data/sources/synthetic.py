@@ -108,17 +108,21 @@ class _Pen:
         return (self.cx + self.cos * u + self.sin * w, self.cy - self.sin * u + self.cos * w)
 
     def rect(self, x0: float, y0: float, x1: float, y1: float, fill: RGB) -> None:
+        """Fill the rectangle (x0, y0)-(x1, y1), in truck units and posed, with `fill`."""
         self.poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
 
     def poly(self, pts: Sequence[tuple[float, float]], fill: RGB) -> None:
+        """Fill the polygon with vertices `pts` (truck units), posed, with `fill`."""
         self.d.polygon([self._p(x, y) for x, y in pts], fill=fill)
 
     def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
+        """Fill a circle of radius `r` (truck units) centred on (cx, cy) with `fill`."""
         x, y = self._p(cx, cy)
         rr = r * self.s
         self.d.ellipse((x - rr, y - rr, x + rr, y + rr), fill=fill)
 
     def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
+        """Draw a polyline through `pts` (truck units), `width` truck units wide (at least 1 px)."""
         self.d.line([self._p(x, y) for x, y in pts], fill=fill, width=max(1, round(width * self.s)))
 
     def sub(self, x0: float, y0: float, k: float, mirror_len: float | None = None) -> _SubPen:
@@ -136,17 +140,21 @@ class _SubPen:
         return (self.x0 + x * self.k, self.y0 + y * self.k)
 
     def rect(self, x0: float, y0: float, x1: float, y1: float, fill: RGB) -> None:
+        """Fill the rectangle (x0, y0)-(x1, y1) given in the part's units (mirrored if asked)."""
         (a, b), (c, d) = self._t(x0, y0), self._t(x1, y1)
         self.pen.rect(min(a, c), min(b, d), max(a, c), max(b, d), fill)
 
     def poly(self, pts: Sequence[tuple[float, float]], fill: RGB) -> None:
+        """Fill the polygon with vertices `pts` given in the part's units."""
         self.pen.poly([self._t(x, y) for x, y in pts], fill)
 
     def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
+        """Fill a circle of radius `r` centred on (cx, cy), in the part's units."""
         x, y = self._t(cx, cy)
         self.pen.circle(x, y, r * self.k, fill)
 
     def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
+        """Draw a polyline through `pts`, `width` wide, in the part's units."""
         self.pen.line([self._t(x, y) for x, y in pts], fill, width * self.k)
 
 
@@ -686,6 +694,7 @@ def _render_all(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     def make(job: tuple[str, np.random.Generator, Path]) -> None:
+        """Render one (label, generator, path) job and save it in the chosen format."""
         label, rng, path = job
         _save(render(label, rng, size, difficulty), path, fmt)
 
@@ -707,6 +716,10 @@ def _render_all(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: write the synthetic image files into OUT_DIR; return the exit status (0).
+
+    Bad arguments (ValueError from `generate`) exit through argparse with status 2.
+    """
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.lib.data.sources.synthetic",
         description="Write deterministic toy-truck images (six classes) as "
