@@ -115,6 +115,7 @@ def _metric_name(name: str) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    """Hydra entry point: run `evaluate` on conf/ composed with the command-line overrides."""
     run_step(evaluate, cfg)
 
 

@@ -156,6 +156,7 @@ def export(cfg: Config) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    """Hydra entry point: run `export` on conf/ composed with the command-line overrides."""
     run_step(export, cfg)
 
 

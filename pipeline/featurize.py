@@ -99,6 +99,7 @@ def _log_timings(timings: dict[str, tuple[int, float]], backend: str, folder: st
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    """Hydra entry point: run `featurize` on conf/ composed with the command-line overrides."""
     run_step(featurize, cfg)
 
 

@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: write params.yaml (from conf/ and overrides), check it (`--check`) or switch
+    the data source (`--use-folder`/`--use-synthetic`); return 0, or 2 after a UserError.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         if args == ["--check"]:

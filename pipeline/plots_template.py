@@ -20,6 +20,9 @@ DEFAULT = Path(".venv") / "dvc_plots_template.html"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: write the DVC plots HTML template and, unless --no-config, point
+    `.dvc/config.local`'s plots.html_template at it; return 0.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default=str(DEFAULT), help=f"default: {DEFAULT}")
     parser.add_argument("--no-config", action="store_true", help="leave .dvc/config.local alone")

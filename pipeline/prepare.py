@@ -79,6 +79,7 @@ def _check_apart(root: Path, prepared: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    """Hydra entry point: run `prepare` on conf/ composed with the command-line overrides."""
     run_step(prepare, cfg)
 
 

@@ -255,6 +255,7 @@ def _write_model_folder(cfg: Config, dataset: PreparedDataset, model: Any) -> No
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra entry point: run `train` on conf/ + overrides; return the value sweeps optimise."""
     return run_step(train, cfg)
 
 

@@ -93,6 +93,9 @@ class _TensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     _loader: Any = None
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        """Claim the first `import tensorflow` (wrapping the real loader); None for any other module
+        or once claimed.
+        """
         if name != "tensorflow" or self._loader is not None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
@@ -103,9 +106,11 @@ class _TensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return spec
 
     def create_module(self, spec: Any) -> Any:
+        """Create the module with TensorFlow's own loader."""
         return self._loader.create_module(spec)
 
     def exec_module(self, module: Any) -> None:
+        """Run TensorFlow's import with `TF_NOTICES` filtered from fd 2; leave `sys.meta_path`."""
         if self in sys.meta_path:
             sys.meta_path.remove(self)
         with stderr_without(*TF_NOTICES):

@@ -146,17 +146,26 @@ def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator[Any
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write `obj` as UTF-8 JSON (indent 2, keys in insertion order, trailing newline) to `path`,
+    atomically: readers see the old file or the whole new one.
+    """
     with atomic_file(path) as fh:
         json.dump(obj, fh, indent=2, sort_keys=False, ensure_ascii=False)
         fh.write("\n")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in the UTF-8 file `path`.
+
+    Raises OSError when it cannot be read and ValueError (json.JSONDecodeError) when it is not
+    JSON.
+    """
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
 def md5_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex MD5 of the file's bytes (the content hash DVC uses), read in `chunk`-byte blocks."""
     digest = hashlib.md5()  # noqa: S324 (content hash, as DVC uses it)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):

@@ -60,6 +60,10 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """The `data` group: where the images come from, how prepare decodes, resizes and splits them,
+    and the checks that make it fail (leakage, rejected fraction, classes too small).
+    """
+
     #: `synthetic` (generated toy trucks) or `folder` (your photos).
     source: str = "synthetic"
     #: `folder`: where your photos are (read only, never written to). Must be null (unset) for the
@@ -88,6 +92,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The `model` group: the backbone (MobileNetV2 width `alpha`, its initial `weights`, frozen or
+    not) and the new classification head (dropout, initialisation).
+    """
+
     name: str = "mobilenet_v2"
     alpha: float = 1.0
     #: `imagenet`, a path to a Keras weights file, or null for random initialisation.
@@ -158,6 +166,11 @@ class PlateauConfig:
 
 @dataclass
 class TrainConfig:
+    """The `train` group: optimizer, epochs, batch size and seed, feature caching, checkpoints and
+    resume, class weights, label smoothing, learning-rate schedule, early stopping, augmentation
+    and fine-tuning.
+    """
+
     #: The most epochs phase 1 runs; with early stopping (the default) it usually stops sooner.
     epochs: int = 200
     batch_size: int = 32
@@ -208,6 +221,10 @@ class TrainConfig:
 
 @dataclass
 class FeaturizeConfig:
+    """The `featurize` group: how the frozen backbone's features are computed for the cache
+    (backend, batch size in images, TFLite interpreter count).
+    """
+
     #: `tflite` (XNNPACK, 2-3x faster on CPU; the conversion is cached, keyed by content, and
     #: never changes the features) or `keras`. The two agree to ~1e-5, not to the bit.
     backend: str = "tflite"
@@ -219,6 +236,10 @@ class FeaturizeConfig:
 
 @dataclass
 class EvaluateConfig:
+    """The `evaluate` group: the test-set prediction gallery and report (image counts, columns)
+    and test-time augmentation.
+    """
+
     #: Number of test images in the prediction gallery.
     gallery_size: int = 12
     gallery_columns: int = 3
@@ -294,6 +315,10 @@ def resolve_tracking_names(cfg: Any) -> None:
 
 @dataclass
 class TrackingConfig:
+    """The `tracking` group: the MLflow store, experiment, artifact location, run name, model
+    logging and registration, and the timeouts (s) and retries for a remote tracking server.
+    """
+
     #: `sqlite:///mlflow.db` (a local store; a relative file is relative to the project, also
     #: for queued DVC experiments) or `http(s)://host:port` (an MLflow tracking server).
     uri: str = DEFAULT_TRACKING_URI
@@ -319,6 +344,10 @@ class TrackingConfig:
 
 @dataclass
 class PathsConfig:
+    """The `paths` group: the project-relative folders (and the run file) each stage reads and
+    writes.
+    """
+
     raw: str = "data/raw"
     prepared: str = "data/prepared"
     features: str = "data/features"
@@ -333,6 +362,8 @@ class PathsConfig:
 
 @dataclass
 class Config:
+    """The whole validated configuration (Hydra's structured schema): one field per config group."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -393,6 +424,7 @@ def _first_line(exc: Exception) -> str:
 
 def _check_values(c: Any) -> None:
     def need(ok: bool, key: str, msg: str) -> None:
+        """Raise ConfigError naming `key`, its value in the config and `msg` unless `ok`."""
         if not ok:
             value = OmegaConf.select(c, key)
             raise ConfigError(f"Invalid configuration: {key}={value!r}: {msg}")
@@ -529,6 +561,7 @@ def to_flat_dict(cfg: Any) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
+        """Record the leaves of `node` in `flat` under their dotted keys (`prefix` + key path)."""
         if isinstance(node, dict):
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")

@@ -43,6 +43,9 @@ def entry_point(
     `preflight`, then Hydra."""
 
     def main() -> Any:
+        """Print the step's help for -h/--help (returns None); else run `preflight` and then Hydra,
+        returning what the Hydra main returns.
+        """
         if {"-h", "--help"} & set(sys.argv[1:]):
             try:
                 print(help_text(doc or "", sections))
@@ -130,6 +133,9 @@ def _check_config_file(args: list[str]) -> None:
 
 
 def in_multirun() -> bool:
+    """True when running as one job of a Hydra multirun (`-m` sweep), False otherwise or outside
+    Hydra.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -137,6 +143,7 @@ def in_multirun() -> bool:
 
 
 def job_output_dir() -> Path | None:
+    """The current Hydra job's output folder, or None when Hydra is not initialised."""
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None

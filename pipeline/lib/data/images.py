@@ -216,11 +216,22 @@ def load_rgb(
         raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")
     if size < 1:
         raise ValueError(f"size must be >= 1, not {size}")
-    path = Path(path)
+    image = _open(Path(path))
+    with image:
+        _check_dimensions(image, max_pixels)
+        return _decode_checked(image, size, resize)
+
+
+def _open(path: Path) -> Image.Image:
+    """`path` opened (header read, pixels not yet decoded) by one of `DECODE_FORMATS`.
+
+    Raises RejectedImage: empty, unreadable, not an image (with a hint from `_sniff` or the
+    extension), over Pillow's decompression-bomb limit, or a corrupt header.
+    """
     try:
         if path.stat().st_size == 0:
             raise RejectedImage("empty file")
-        image = Image.open(path, formats=DECODE_FORMATS)
+        return Image.open(path, formats=DECODE_FORMATS)
     except RejectedImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -244,29 +255,35 @@ def load_rgb(
     except _DECODE_ERRORS as exc:  # a damaged header can raise almost anything
         raise RejectedImage(f"corrupt image header ({type(exc).__name__}: {exc})") from None
 
-    with image:
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise RejectedImage(f"invalid image size {width}x{height}")
-        if width * height > max_pixels:
-            raise RejectedImage(
-                f"image too large: {width}x{height} = {width * height} pixels > "
-                f"data.max_pixels={max_pixels} (downscale it, or raise data.max_pixels)"
-            )
-        try:
-            return _decode(image, size, resize)
-        except RejectedImage:
-            raise
-        except MemoryError:
-            raise RejectedImage(
-                f"out of memory decoding a {width}x{height} image (lower data.max_pixels)"
-            ) from None
-        except Image.DecompressionBombError as exc:  # e.g. a later frame/tile larger than frame 0
-            raise RejectedImage(f"image too large: {exc}") from None
-        except _DECODE_ERRORS as exc:
-            raise RejectedImage(
-                f"corrupt or truncated image ({type(exc).__name__}: {exc})"
-            ) from None
+
+def _check_dimensions(image: Image.Image, max_pixels: int) -> None:
+    """Raise RejectedImage when the header's size is empty or over `max_pixels` pixels."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise RejectedImage(f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise RejectedImage(
+            f"image too large: {width}x{height} = {width * height} pixels > "
+            f"data.max_pixels={max_pixels} (downscale it, or raise data.max_pixels)"
+        )
+
+
+def _decode_checked(image: Image.Image, size: int, resize: str) -> np.ndarray:
+    """`_decode`, with every decoding failure (memory, bombs in later frames, damaged data)
+    raised as RejectedImage."""
+    width, height = image.size
+    try:
+        return _decode(image, size, resize)
+    except RejectedImage:
+        raise
+    except MemoryError:
+        raise RejectedImage(
+            f"out of memory decoding a {width}x{height} image (lower data.max_pixels)"
+        ) from None
+    except Image.DecompressionBombError as exc:  # e.g. a later frame/tile larger than frame 0
+        raise RejectedImage(f"image too large: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise RejectedImage(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
 
 
 def _sniff(path: Path) -> str | None:

@@ -80,6 +80,11 @@ class _Settings:
 
     @classmethod
     def of(cls, data_cfg: Any) -> _Settings:
+        """The settings read from `data_cfg` (a DataConfig, DictConfig or mapping; missing keys take
+        the schema's defaults, `source` defaults to `folder`).
+
+        Raises ValueError: `leakage` is neither `fail` nor `warn`.
+        """
         d = DataConfig()
         leakage = str(_cfg(data_cfg, "leakage", d.leakage))
         if leakage not in ("fail", "warn"):
@@ -138,13 +143,7 @@ def ingest(
     """
     settings = _Settings.of(data_cfg)
     disc = discover(root, settings.ratios, settings.seed)
-    log.info(
-        "Found %d image files in %d classes under %s (%s)",
-        len(disc.candidates),
-        len(disc.classes),
-        disc.root,
-        "split folders" if disc.layout == "splits" else "class folders, split by data.split",
-    )
+    _log_discovery(disc)
     if len(disc.classes) < 2:
         raise DataError(_single_class_message(disc))
     out = Path(out_dir)
@@ -155,8 +154,39 @@ def ingest(
     leakage, duplicates = _check_duplicates(disc, tally, settings, warnings, problems)
     _check_rejected(disc, tally, settings, warnings, problems)
     small = _check_coverage(disc, tally, settings, warnings, problems)
+    report = _report(disc, tally, settings, small, leakage, duplicates, warnings)
+    if problems:
+        raise _problems_error(disc, problems, report)
+    write_manifest(out / "manifest.csv", tally.rows)
+    write_classes(out, disc.classes)
+    write_json(out / "report.json", report)
+    return report
+
+
+def _log_discovery(disc: Discovery) -> None:
+    """Log what discovery found: the number of files and classes, the folder and its layout."""
+    log.info(
+        "Found %d image files in %d classes under %s (%s)",
+        len(disc.candidates),
+        len(disc.classes),
+        disc.root,
+        "split folders" if disc.layout == "splits" else "class folders, split by data.split",
+    )
+
+
+def _report(
+    disc: Discovery,
+    tally: _Tally,
+    settings: _Settings,
+    small: dict[str, int],
+    leakage: list[dict[str, Any]],
+    duplicates: list[dict[str, Any]],
+    warnings: list[str],
+) -> dict[str, Any]:
+    """The ingest report (the content of report.json) from the discovery, the decode tally and
+    the checks' findings."""
     totals = {s: sum(tally.counts[s].values()) for s in SPLITS}
-    report: dict[str, Any] = {
+    return {
         "source": settings.source,
         "image_size": settings.size,
         "resize": settings.resize,
@@ -176,18 +206,17 @@ def ingest(
         "duplicates": duplicates,
         "warnings": warnings,
     }
-    if problems:
-        error = DataError(
-            f"Cannot prepare the dataset at '{disc.root}' ({len(problems)} problem"
-            f"{'s' if len(problems) > 1 else ''}):\n"
-            + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
-        )
-        error.report = report
-        raise error
-    write_manifest(out / "manifest.csv", tally.rows)
-    write_classes(out, disc.classes)
-    write_json(out / "report.json", report)
-    return report
+
+
+def _problems_error(disc: Discovery, problems: list[str], report: dict[str, Any]) -> DataError:
+    """One DataError listing every problem, numbered, with the report attached as `.report`."""
+    error = DataError(
+        f"Cannot prepare the dataset at '{disc.root}' ({len(problems)} problem"
+        f"{'s' if len(problems) > 1 else ''}):\n"
+        + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
+    )
+    error.report = report
+    return error
 
 
 def _decode_into(

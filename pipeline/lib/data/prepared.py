@@ -33,6 +33,10 @@ MANIFEST_FIELDS = ("split", "index", "label", "label_index", "path", "sha256")
 
 @dataclass(frozen=True)
 class ManifestRow:
+    """One accepted image in manifest.csv: its split and row `index` in `<split>.npy`, its class
+    name and index, its path (as shown in the report) and the sha256 of the file's bytes.
+    """
+
     split: str
     index: int
     label: str
@@ -123,6 +127,7 @@ class SplitWriter:
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
+    """Write `rows` to `path` as CSV with the `MANIFEST_FIELDS` header, in the order given."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(MANIFEST_FIELDS)
@@ -146,6 +151,7 @@ class PreparedDataset:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes, C."""
         return len(self.classes)
 
     def images(self, split: str) -> np.ndarray:
@@ -153,6 +159,11 @@ class PreparedDataset:
         return np.load(self.folder / f"{split}.npy", mmap_mode="r")
 
     def manifest(self, split: str | None = None) -> list[ManifestRow]:
+        """The rows of manifest.csv (those of `split`, or all when None), sorted by split
+        (train, val, test) and then row index.
+
+        Raises OSError when manifest.csv cannot be read.
+        """
         with open(self.folder / "manifest.csv", newline="", encoding="utf-8") as fh:
             rows = [
                 ManifestRow(
@@ -173,6 +184,7 @@ class PreparedDataset:
         return np.array([r.label_index for r in self.manifest(split)], dtype=np.int64)
 
     def size(self, split: str) -> int:
+        """The number of images N in `split` (from `<split>.npy`'s header; no pixels are read)."""
         return int(self.images(split).shape[0])
 
 
@@ -183,6 +195,7 @@ def iter_batches(array: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def write_classes(folder: Path, classes: Sequence[str]) -> None:
+    """Write the class names, in label-index order, to `folder`/classes.json (atomically)."""
     write_json(folder / "classes.json", list(classes))
 
 

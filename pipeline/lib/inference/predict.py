@@ -66,10 +66,16 @@ class Predictor:
 
 
 def is_mlflow_uri(model: str) -> bool:
+    """True when `model` is an MLflow URI (`models:/...` or `runs:/...`) rather than a path."""
     return model.startswith(MLFLOW_SCHEMES)
 
 
 def read_classes(path: Path, what: str) -> list[str]:
+    """The class names in the JSON file `path` (a non-empty list of strings), label-index order.
+
+    Raises PredictError (prefixed with `what`) when it cannot be read, is not JSON, or is not
+    such a list.
+    """
     try:
         with open(path, encoding="utf-8") as fh:
             classes = json.load(fh)
@@ -103,6 +109,7 @@ def _keras_predict(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     # a direct (eager) call: `predict_on_batch` traces a graph per batch shape, which costs more
     # than it saves on the few batches a prediction run has
     def predict(images: np.ndarray) -> np.ndarray:
+        """float64 (N, C) probabilities of uint8/float (N, S, S, 3) images, in inference mode."""
         return np.asarray(model(images.astype(np.float32), training=False), dtype=np.float64)
 
     return predict
@@ -183,6 +190,7 @@ def load_mlflow(
         )
 
     def predict(images: np.ndarray) -> np.ndarray:
+        """float64 (N, C) probabilities of (N, S, S, 3) images, through the MLflow model."""
         return np.asarray(model.predict(images.astype(np.float32)), dtype=np.float64)
 
     return predict, _fixed_size(shape, uri), info, "pyfunc"
@@ -418,6 +426,10 @@ def decoded_batches(
 
 
 def output_format(path: str) -> str:
+    """The output format (`csv` or `json`) for the --output path, from its extension.
+
+    Raises PredictError for any other extension.
+    """
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_FORMATS:
         raise PredictError(
@@ -436,6 +448,10 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, floa
 def records(
     paths: list[str], probs: np.ndarray, classes: list[str], k: int
 ) -> list[dict[str, Any]]:
+    """One record per image: `path`, `predicted` class, its `probability`, the best `k` as
+    `top_k` [{class, probability}], and `scores` {class: probability} over all C classes.
+    `probs` is (N, C), aligned with `paths`.
+    """
     out = []
     for path, p in zip(paths, probs, strict=False):
         best = top_k(p, classes, k)
@@ -452,6 +468,9 @@ def records(
 
 
 def write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
+    """Write `rows` to `path` atomically: JSON (the records as they are) when `fmt` is `json`,
+    else CSV with path, predicted, probability and one column per class (6 decimals).
+    """
     from pipeline.lib.files import atomic_file, write_json
 
     if fmt == "json":
@@ -472,6 +491,7 @@ def write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[
 
 
 def format_line(row: dict[str, Any]) -> str:
+    """`path: class p, class p, ...`: an image's top classes with 4-decimal probabilities."""
     return f"{row['path']}: " + ", ".join(
         f"{t['class']} {t['probability']:.4f}" for t in row["top_k"]
     )
@@ -481,9 +501,11 @@ def format_line(row: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command-line parser of `python -m pipeline.lib.inference.predict`."""
     from pipeline.lib.data.images import RESIZE_POLICIES
 
     def positive(text: str) -> int:
+        """argparse type: `text` as an int >= 1 (ArgumentTypeError otherwise)."""
         value = int(text)
         if value < 1:
             raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
@@ -538,51 +560,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """Predict every image in `args.inputs` with `args.model`; return the exit status (0).
 
+    Prints one line per image (its top `args.top_k` classes) to stdout as it goes, writes every
+    prediction to `args.output` when given (CSV or JSON, by its extension) and a summary to
+    stderr. Undecodable files and unusable paths are skipped with a warning.
+
+    Raises PredictError: a bad output path or model, or no image could be predicted at all.
+    """
     fmt = output_format(args.output) if args.output else None  # before any work
     predictor = load_predictor(args.model, args.tracking_uri, args.classes)
-    resize = args.resize or predictor.resize or "stretch"
-    if args.resize is None and predictor.resize is None:
-        print(
-            f"warning: {args.model} carries no {PREPROCESSING_FILE} (nor an MLflow data report): "
-            "images are resized with stretch; pass --resize as the model was trained "
-            "(data.resize)",
-            file=sys.stderr,
-        )
+    resize = _resize_mode(args, predictor)
     files, skipped, any_folder = collect(args.inputs)
-
-    def warn(path: str, why: str) -> None:
-        tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
-
     for path, why in skipped:
-        warn(path, why)
+        _warn_skipped(path, why)
     bad: list[tuple[str, str]] = []
-
-    def on_bad(file: Path, why: str) -> None:
-        bad.append((str(file), why))
-        warn(str(file), why)
-
-    done_paths: list[str] = []
-    chunks: list[np.ndarray] = []
     k = min(args.top_k, len(predictor.classes))
-    with tqdm(
-        total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not any_folder
-    ) as bar:
-        for batch, images, consumed in decoded_batches(
-            files, predictor.image_size, resize, args.batch_size, on_bad
-        ):
-            if batch:
-                probs = predictor.predict(images)
-                if args.tta:  # the flip of each image, averaged (pipeline.lib.model.tta)
-                    from pipeline.lib.model.tta import hflip
-
-                    probs = (probs + predictor.predict(hflip(images))) / 2
-                for row in records([str(f) for f in batch], probs, predictor.classes, k):
-                    tqdm.write(format_line(row), file=sys.stdout)
-                done_paths.extend(str(f) for f in batch)
-                chunks.append(probs)
-            bar.update(consumed)
+    done_paths, chunks = _predict_files(args, predictor, files, resize, k, any_folder, bad)
     if not done_paths:
         what = ", ".join(args.inputs)
         raise PredictError(
@@ -602,7 +596,74 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resize_mode(args: argparse.Namespace, predictor: Predictor) -> str:
+    """The resize policy: --resize, else the model's recorded one, else "stretch" (warned)."""
+    resize = args.resize or predictor.resize or "stretch"
+    if args.resize is None and predictor.resize is None:
+        print(
+            f"warning: {args.model} carries no {PREPROCESSING_FILE} (nor an MLflow data report): "
+            "images are resized with stretch; pass --resize as the model was trained "
+            "(data.resize)",
+            file=sys.stderr,
+        )
+    return resize
+
+
+def _warn_skipped(path: str, why: str) -> None:
+    """A warning on stderr that `path` was skipped, printed above the progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
+
+
+def _predict_files(
+    args: argparse.Namespace,
+    predictor: Predictor,
+    files: list[Path],
+    resize: str,
+    k: int,
+    any_folder: bool,
+    bad: list[tuple[str, str]],
+) -> tuple[list[str], list[np.ndarray]]:
+    """Decode and predict `files` in batches, printing each image's top-`k` line as it goes.
+
+    Returns the predicted paths and their probabilities, float (n_i, C) per batch (the flip
+    averaged in with `args.tta`). Undecodable files are warned about and appended to `bad`.
+    The progress bar shows only when an input was a folder.
+    """
+    from tqdm import tqdm
+
+    def on_bad(file: Path, why: str) -> None:
+        """Remember `file` as undecodable for `why`, and warn about it."""
+        bad.append((str(file), why))
+        _warn_skipped(str(file), why)
+
+    done_paths: list[str] = []
+    chunks: list[np.ndarray] = []
+    with tqdm(
+        total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not any_folder
+    ) as bar:
+        for batch, images, consumed in decoded_batches(
+            files, predictor.image_size, resize, args.batch_size, on_bad
+        ):
+            if batch:
+                probs = predictor.predict(images)
+                if args.tta:  # the flip of each image, averaged (pipeline.lib.model.tta)
+                    from pipeline.lib.model.tta import hflip
+
+                    probs = (probs + predictor.predict(hflip(images))) / 2
+                for row in records([str(f) for f in batch], probs, predictor.classes, k):
+                    tqdm.write(format_line(row), file=sys.stdout)
+                done_paths.extend(str(f) for f in batch)
+                chunks.append(probs)
+            bar.update(consumed)
+    return done_paths, chunks
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: predict, and return the exit status (0; 2 after a PredictError, printed as
+    one line; 130 when interrupted).
+    """
     args = parser().parse_args(argv)
     try:
         return run(args)

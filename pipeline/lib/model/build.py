@@ -166,6 +166,7 @@ def build_augmentation(augment: Any, seed: int) -> list[Any]:
     made: list[Any] = []
 
     def add(cls: Any, *args: Any, **kwargs: Any) -> None:
+        """Append a `cls` layer, seeded `seed` + its position and named after both, to `made`."""
         made.append(
             cls(*args, seed=seed + len(made), name=f"augment_{len(made)}_{cls.__name__}", **kwargs)
         )

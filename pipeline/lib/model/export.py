@@ -85,6 +85,7 @@ def convert(
             )
 
         def dataset() -> Iterator[list[np.ndarray]]:
+            """The int8 converter's calibration data: each image as a float32 (1, S, S, 3) batch."""
             for image in representative:
                 yield [np.asarray(image, dtype=np.float32)[None]]
 

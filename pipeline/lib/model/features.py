@@ -210,6 +210,9 @@ def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     errors: list[BaseException] = []
 
     def worker() -> None:
+        """Put every item of `iterator` on the queue, then the end marker; an exception is kept
+        for the consumer to re-raise.
+        """
         try:
             for item in iterator:
                 q.put(item)

@@ -135,6 +135,7 @@ def _renumber_shared_objects(config: Any) -> Any:
     numbers: dict[int, int] = {}
 
     def walk(node: Any) -> Any:
+        """`node` with its `shared_object_id`s renumbered (dicts and lists copied, recursively)."""
         if isinstance(node, dict):
             out = {k: walk(v) for k, v in node.items()}
             if "shared_object_id" in node:

@@ -233,6 +233,7 @@ def confusion_changes(
     """Cells whose count differs: dicts with actual, predicted, base, head (0 where absent)."""
 
     def cells(m: tuple[list[list[int]], list[str]]) -> dict[tuple[str, str], int]:
+        """A confusion matrix as {(actual, predicted): count}."""
         matrix, classes = m
         return {(a, p): matrix[i][j] for i, a in enumerate(classes) for j, p in enumerate(classes)}
 

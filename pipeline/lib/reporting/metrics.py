@@ -195,6 +195,10 @@ def paired_correct(csv_a: str, csv_b: str) -> tuple[np.ndarray, np.ndarray]:
     import io
 
     def read(text: str) -> dict[str, bool]:
+        """{path: actual == predicted} from one predictions.csv text.
+
+        Raises ValueError when a required column is missing.
+        """
         reader = csv.DictReader(io.StringIO(text))
         missing = {"path", "actual", "predicted"} - set(reader.fieldnames or [])
         if missing:

@@ -91,6 +91,10 @@ def open_client(tracking_uri: str) -> Any:
 
 
 def experiment_id(client: Any, experiment: str) -> str:
+    """The id of the experiment named `experiment` in the client's store.
+
+    Raises StoreError, listing the experiments there, when there is none by that name.
+    """
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -240,6 +244,7 @@ def _cell(value: Any, number_format: str | None = None) -> str:
 
 
 def write_output(text: str, output: str | None) -> None:
+    """Write `text` to the file `output` (creating its folder), or to stdout when None/empty."""
     if output:
         path = Path(output)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +254,7 @@ def write_output(text: str, output: str | None) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command-line parser of `python -m pipeline.lib.tracking.compare`."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline.compare",
         description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "
@@ -340,6 +346,9 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: print the runs table (or a McNemar comparison); return the exit status (0,
+    or 2 after a store or MLflow error, printed as one line).
+    """
     args = parser().parse_args(argv)
     from mlflow.exceptions import MlflowException
 

@@ -184,8 +184,12 @@ class KerasImageClassifier(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context):  # noqa: ANN001, ANN201
+        """Load the Keras model, class names and preprocessing record from the logged artifacts."""
         a = context.artifacts
         self.classifier = ImageClassifier.from_files(a["model"], a["classes"], a["preprocessing"])
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        """Classify `model_input` (see `ImageClassifier.predict`): a DataFrame of label, probability
+        and scores per image.
+        """
         return self.classifier.predict(model_input)

@@ -147,6 +147,7 @@ def like_with_like(
     newest = max(scored, key=lambda sv: int(sv[1].version))[1]
 
     def key(version: Any) -> tuple[str, str | None]:
+        """(experiment id, data tag) of the run that produced `version`."""
         run = runs[version.run_id]
         return run.info.experiment_id, run.data.tags.get(DATA_TAG)
 
@@ -190,6 +191,7 @@ def versions_table(client: Any, model_name: str, metric: str = DEFAULT_METRIC) -
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command-line parser of `python -m pipeline.lib.tracking.registry` (`promote`, `list`)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--tracking-uri",
@@ -237,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: promote the best version or list the versions; return the exit status (0, or
+    2 after a store or MLflow error, printed as one line).
+    """
     args = parser().parse_args(argv)
     from mlflow.exceptions import MlflowException
 

@@ -530,6 +530,7 @@ def _log_filtered(logger: str, text: str) -> Iterator[None]:
     """Records of `logger` whose message contains `text` are dropped inside the block."""
 
     def keep(record: logging.LogRecord) -> bool:
+        """Logging filter: False (drop) for records whose message contains `text`."""
         return text not in record.getMessage()
 
     target = logging.getLogger(logger)

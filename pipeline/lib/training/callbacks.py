@@ -41,10 +41,14 @@ class BatchRecorder(keras.callbacks.Callback):
         self.start = 0.0
 
     def on_train_begin(self, logs: Any = None) -> None:
+        """Reset the progress bar and start the images-per-second clock."""
         self.bar = None
         self.start = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        """Open the progress bar on the first epoch that runs (sized for the epochs left) and reset
+        the per-epoch image count.
+        """
         if self.bar is None:  # the first epoch that runs (later than 0 after a restore)
             from tqdm import tqdm
 
@@ -54,6 +58,7 @@ class BatchRecorder(keras.callbacks.Callback):
         self.in_epoch = 0
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        """Record the batch's global step, epoch, loss and accuracy; advance the progress bar."""
         logs = logs or {}
         self.batches["step"].append((self.epoch - 1) * self.steps_per_epoch + batch + 1)
         self.batches["epoch"].append(self.epoch)
@@ -72,6 +77,7 @@ class BatchRecorder(keras.callbacks.Callback):
         )
 
     def on_train_end(self, logs: Any = None) -> None:
+        """Close the progress bar."""
         if self.bar is not None:
             self.bar.close()
 
@@ -102,6 +108,7 @@ class EpochState(keras.callbacks.Callback):
                     self.generators.append((generator, base, stride))
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        """Set the datasets' epoch and rewind every seed generator to where this epoch starts."""
         if self.first_epoch is None:
             self.first_epoch = epoch
         for dataset in self.datasets:
@@ -121,6 +128,7 @@ class LearningRateLogger(keras.callbacks.Callback):
         self.schedule = schedule
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        """Add the epoch's learning rate (its last step's) to `logs` as `learning_rate`."""
         if logs is None:
             return
         optimizer = self.model.optimizer

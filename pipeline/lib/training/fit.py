@@ -491,6 +491,13 @@ def fit(
         start = time.perf_counter()
         runner, nets = _train(cfg, dataset, prepared_md5, callbacks, full_model)
         seconds = time.perf_counter() - start
+    return _fit_result(cfg, runner, nets, seconds, int(strategy.num_replicas_in_sync))
+
+
+def _fit_result(
+    cfg: Config, runner: PhaseRunner, nets: Networks, seconds: float, replicas: int
+) -> dict[str, Any]:
+    """The dict `fit` returns, from the finished phase runner and the networks it trained."""
     t = cfg.train
     history = runner.history
     total = t.epochs + (t.fine_tune.epochs if t.fine_tune.enabled else 0)
@@ -506,7 +513,7 @@ def fit(
         "class_weight": runner.class_weight,
         "stopped_early_at": runner.stopped,
         "strategy": t.strategy,
-        "replicas": int(strategy.num_replicas_in_sync),
+        "replicas": replicas,
         "head": runner.head_info,
     }
 

@@ -90,6 +90,8 @@ class DataError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Candidate:
+    """An image file to decode: its path, class name and split (train, val or test)."""
+
     path: Path
     label: str
     split: str
@@ -97,6 +99,10 @@ class Candidate:
 
 @dataclass
 class Discovery:
+    """What `discover` found under a data folder: the classes, the files to decode in order, what
+    was skipped and why, and the layout.
+    """
+
     #: Sorted class names; the label index of a class is its position here.
     classes: list[str]
     #: Image files to decode, grouped by split (train, val, test), then class, then path.
@@ -130,6 +136,9 @@ def _has_surrogates(text: str) -> bool:
 
 
 def is_ignored(name: str) -> bool:
+    """True for a hidden name (leading dot) or an operating-system file such as Thumbs.db
+    (`SYSTEM_NAMES`, compared lower-case).
+    """
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
@@ -403,6 +412,7 @@ class _Walker:
         self.skipped: list[tuple[str, str]] = []
 
     def skip(self, path: Path, reason: str) -> None:
+        """Record `path` (shown relative to the root) as skipped for `reason`."""
         self.skipped.append((display_path(path, self.root), reason))
 
     def skip_loose(self, path: Path, reason: str) -> None:

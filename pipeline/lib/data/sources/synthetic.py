@@ -108,17 +108,21 @@ class _Pen:
         return (self.cx + self.cos * u + self.sin * w, self.cy - self.sin * u + self.cos * w)
 
     def rect(self, x0: float, y0: float, x1: float, y1: float, fill: RGB) -> None:
+        """Fill the rectangle (x0, y0)-(x1, y1), in truck units and posed, with `fill`."""
         self.poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
 
     def poly(self, pts: Sequence[tuple[float, float]], fill: RGB) -> None:
+        """Fill the polygon with vertices `pts` (truck units), posed, with `fill`."""
         self.d.polygon([self._p(x, y) for x, y in pts], fill=fill)
 
     def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
+        """Fill a circle of radius `r` (truck units) centred on (cx, cy) with `fill`."""
         x, y = self._p(cx, cy)
         rr = r * self.s
         self.d.ellipse((x - rr, y - rr, x + rr, y + rr), fill=fill)
 
     def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
+        """Draw a polyline through `pts` (truck units), `width` truck units wide (at least 1 px)."""
         self.d.line([self._p(x, y) for x, y in pts], fill=fill, width=max(1, round(width * self.s)))
 
     def sub(self, x0: float, y0: float, k: float, mirror_len: float | None = None) -> _SubPen:
@@ -136,17 +140,21 @@ class _SubPen:
         return (self.x0 + x * self.k, self.y0 + y * self.k)
 
     def rect(self, x0: float, y0: float, x1: float, y1: float, fill: RGB) -> None:
+        """Fill the rectangle (x0, y0)-(x1, y1) given in the part's units (mirrored if asked)."""
         (a, b), (c, d) = self._t(x0, y0), self._t(x1, y1)
         self.pen.rect(min(a, c), min(b, d), max(a, c), max(b, d), fill)
 
     def poly(self, pts: Sequence[tuple[float, float]], fill: RGB) -> None:
+        """Fill the polygon with vertices `pts` given in the part's units."""
         self.pen.poly([self._t(x, y) for x, y in pts], fill)
 
     def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
+        """Fill a circle of radius `r` centred on (cx, cy), in the part's units."""
         x, y = self._t(cx, cy)
         self.pen.circle(x, y, r * self.k, fill)
 
     def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
+        """Draw a polyline through `pts`, `width` wide, in the part's units."""
         self.pen.line([self._t(x, y) for x, y in pts], fill, width * self.k)
 
 
@@ -373,8 +381,12 @@ def _truck_frame(
     return u, w
 
 
-def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -> Image.Image:
-    """One RGB image of class `label`, size x size."""
+def _check_render_args(label: str, size: int, difficulty: float) -> tuple[int, float]:
+    """`size` as an int and `difficulty` as a float, after checking all three arguments.
+
+    Raises ValueError: `label` is not one of `CLASSES`, `size` < 8 px, or `difficulty` is
+    outside [0, 1].
+    """
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {', '.join(CLASSES)}")
     size = int(size)
@@ -383,15 +395,20 @@ def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -
     d = float(difficulty)
     if not 0.0 <= d <= 1.0:
         raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
+    return size, d
 
-    ss = 2  # the truck is drawn at twice the size and shrunk: smooth edges
-    c = size * ss
 
-    # pose: the truck's length as a fraction of the frame, tilt, facing, centre
+def _draw_pose(
+    rng: np.random.Generator, c: int, d: float
+) -> tuple[float, float, float, float, bool]:
+    """(scale, cx, cy, angle, flip) of the truck on a c x c drawing canvas, for a `_Pen`.
+
+    The truck's length as a fraction of the frame, its tilt (radians), its facing and its centre
+    (canvas pixels) are drawn from `rng`, spread wider as the difficulty `d` grows.
+    """
     frac = float(np.clip(rng.normal(0.72, 0.015 + 0.07 * d), 0.5, 0.86))
     angle = math.radians(float(rng.uniform(-1, 1) * (0.8 + 9.0 * d)))
     flip = bool(rng.random() < min(0.5, d))
-    col_jit = 0.025 + 0.035 * d
     scale = frac * c
     ca, sa = abs(math.cos(angle)), abs(math.sin(angle))
     half_w = scale / 2 * (ca * 1.0 + sa * _TRUCK_H)
@@ -400,44 +417,65 @@ def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -
     slack_y = max(0.0, c / 2 - half_h)
     cx = c / 2 + rng.uniform(-1, 1) * min(slack_x, (0.02 + 0.10 * d) * c)
     cy = c / 2 + 0.03 * c + rng.uniform(-1, 1) * min(slack_y, (0.03 + 0.15 * d) * c)
+    return scale, cx, cy, angle, flip
 
-    bg = _background(rng, size, d)
 
-    # The truck (and its shadow) only covers a band of the frame: draw and shade just that box.
-    probe = _Pen(None, scale, cx, cy, angle, flip)  # type: ignore[arg-type]
+def _truck_box(probe: _Pen, ss: int, size: int) -> tuple[int, int, int, int]:
+    """(x0, x1, y0, y1): the output pixels the truck and its shadow can cover, clipped to the
+    size x size frame, for a pen `probe` that draws at `ss` times the output size."""
     corners = [probe._p(x, y) for x in (-0.1, 1.1) for y in (-0.02, _GROUND + 0.05)]
     x0 = max(0, int(min(p[0] for p in corners) // ss) - 1)
     x1 = min(size, int(math.ceil(max(p[0] for p in corners) / ss)) + 1)
     y0 = max(0, int(min(p[1] for p in corners) // ss) - 1)
     y1 = min(size, int(math.ceil(max(p[1] for p in corners) / ss)) + 1)
-    a = bg
-    if x1 > x0 and y1 > y0:
-        layer = Image.new("RGBA", ((x1 - x0) * ss, (y1 - y0) * ss), (0, 0, 0, 0))
-        pen = _Pen(ImageDraw.Draw(layer), scale, cx - x0 * ss, cy - y0 * ss, angle, flip)
-        _draw_truck(label, rng, pen, col_jit)
-        # premultiplied alpha, then a box shrink: no dark fringes at the edges
-        small = np.asarray(layer.convert("RGBa").reduce(ss), dtype=np.float32)
-        alpha = small[..., 3:4] * np.float32(1 / 255)
-        u, w = _truck_frame(pen, ss, 0, x1 - x0, 0, y1 - y0)
-        # a soft contact shadow under the wheels
-        gw = w - np.float32(_GROUND - _TRUCK_H / 2 + 0.004)
-        r = np.sqrt((u * np.float32(1 / 0.52)) ** 2 + (gw * np.float32(1 / 0.032)) ** 2)
-        shadow = np.float32(0.42) * np.clip((1.15 - r) * np.float32(1 / 0.65), 0.0, 1.0) ** 1.5
-        # top-lit shading, so the flat drawing reads as a moulded object
-        ramp = np.clip(np.float32(1.07 - 0.11) - np.float32(0.22 / _TRUCK_H) * w, 0.8, 1.1)
-        region = bg[y0:y1, x0:x1]
-        bg[y0:y1, x0:x1] = (
-            region * ((1.0 - shadow)[..., None] * (1.0 - alpha)) + small[..., :3] * ramp[..., None]
-        )
-    else:  # the whole truck is out of the frame: cannot happen with the pose limits above
+    return x0, x1, y0, y1
+
+
+def _composite_truck(
+    bg: np.ndarray,
+    label: str,
+    rng: np.random.Generator,
+    pose: tuple[float, float, float, float, bool],
+    ss: int,
+    col_jit: float,
+) -> None:
+    """Draw the truck of class `label` in `pose` and lay it, shaded and with a contact shadow,
+    onto the float32 (n, n, 3) backdrop `bg`, in place. Only the truck's box is drawn."""
+    scale, cx, cy, angle, flip = pose
+    probe = _Pen(None, scale, cx, cy, angle, flip)  # type: ignore[arg-type]
+    x0, x1, y0, y1 = _truck_box(probe, ss, bg.shape[0])
+    if not (x1 > x0 and y1 > y0):
+        # the whole truck is out of the frame: cannot happen with the pose limits of
+        # `_draw_pose`; still drawn (off-canvas) so that `rng` is consumed the same way
         _draw_truck(
             label,
             rng,
             _Pen(ImageDraw.Draw(Image.new("RGBA", (1, 1))), scale, 0, 0, angle, flip),
             col_jit,
         )
+        return
+    layer = Image.new("RGBA", ((x1 - x0) * ss, (y1 - y0) * ss), (0, 0, 0, 0))
+    pen = _Pen(ImageDraw.Draw(layer), scale, cx - x0 * ss, cy - y0 * ss, angle, flip)
+    _draw_truck(label, rng, pen, col_jit)
+    # premultiplied alpha, then a box shrink: no dark fringes at the edges
+    small = np.asarray(layer.convert("RGBa").reduce(ss), dtype=np.float32)
+    alpha = small[..., 3:4] * np.float32(1 / 255)
+    u, w = _truck_frame(pen, ss, 0, x1 - x0, 0, y1 - y0)
+    # a soft contact shadow under the wheels
+    gw = w - np.float32(_GROUND - _TRUCK_H / 2 + 0.004)
+    r = np.sqrt((u * np.float32(1 / 0.52)) ** 2 + (gw * np.float32(1 / 0.032)) ** 2)
+    shadow = np.float32(0.42) * np.clip((1.15 - r) * np.float32(1 / 0.65), 0.0, 1.0) ** 1.5
+    # top-lit shading, so the flat drawing reads as a moulded object
+    ramp = np.clip(np.float32(1.07 - 0.11) - np.float32(0.22 / _TRUCK_H) * w, 0.8, 1.1)
+    region = bg[y0:y1, x0:x1]
+    bg[y0:y1, x0:x1] = (
+        region * ((1.0 - shadow)[..., None] * (1.0 - alpha)) + small[..., :3] * ramp[..., None]
+    )
 
-    # camera: white balance, brightness, contrast
+
+def _expose(a: np.ndarray, rng: np.random.Generator, d: float) -> Image.Image:
+    """The camera's white balance, brightness and contrast applied to the float32 (n, n, 3)
+    scene `a` (modified in place), rounded down into a uint8 RGB image."""
     wb = 1.0 + rng.normal(0.0, 0.01 + 0.035 * d, 3).astype(np.float32)
     bright = 1.0 + rng.uniform(-1, 1) * 0.22 * d
     contrast = 1.0 + rng.uniform(-1, 1) * 0.30 * d
@@ -446,8 +484,12 @@ def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -
     offset = (mean * (1.0 - contrast) * bright * wb).astype(np.float32)
     a *= gain  # ((a - mean) * contrast + mean) * bright * wb, in place
     a += offset
-    img = Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "RGB")
-    # focus blur and sensor noise
+    return Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "RGB")
+
+
+def _blur_and_noise(img: Image.Image, rng: np.random.Generator, size: int, d: float) -> Image.Image:
+    """Focus blur (a Gaussian radius that scales with `size`) and Gaussian sensor noise, each
+    skipped when too faint to matter."""
     blur = rng.uniform(0.0, 1.0) * 1.6 * d * size / 224
     if blur > 0.15:
         img = img.filter(ImageFilter.GaussianBlur(blur))
@@ -460,6 +502,25 @@ def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -
         np.rint(a, out=a)
         img = Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "RGB")
     return img
+
+
+def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -> Image.Image:
+    """One photo of class `label`: an RGB `PIL.Image` of size x size pixels (mode "RGB", 8 bits).
+
+    Every random choice comes from `rng`, in a fixed order, so the same generator state always
+    gives the same pixels. `difficulty` in [0, 1] widens the pose, colour, lighting, blur and
+    noise jitter (see the module docstring).
+
+    Raises ValueError: unknown `label`, `size` below 8 px, or `difficulty` outside [0, 1].
+    """
+    size, d = _check_render_args(label, size, difficulty)
+    ss = 2  # the truck is drawn at twice the size and shrunk: smooth edges
+    pose = _draw_pose(rng, size * ss, d)
+    col_jit = 0.025 + 0.035 * d
+    bg = _background(rng, size, d)
+    _composite_truck(bg, label, rng, pose, ss, col_jit)
+    img = _expose(bg, rng, d)
+    return _blur_and_noise(img, rng, size, d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,6 +694,7 @@ def _render_all(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     def make(job: tuple[str, np.random.Generator, Path]) -> None:
+        """Render one (label, generator, path) job and save it in the chosen format."""
         label, rng, path = job
         _save(render(label, rng, size, difficulty), path, fmt)
 
@@ -654,6 +716,10 @@ def _render_all(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: write the synthetic image files into OUT_DIR; return the exit status (0).
+
+    Bad arguments (ValueError from `generate`) exit through argparse with status 2.
+    """
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.lib.data.sources.synthetic",
         description="Write deterministic toy-truck images (six classes) as "
