@@ -260,7 +260,8 @@ def test_pipeline_run_is_read_back_through_the_server(live, data, tmp_path):
     mlflow.set_tracking_uri(live.uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     images = np.asarray(open_prepared(cfg.paths.prepared).images("test"), dtype=np.float32)
-    probs = np.asarray(model.predict(images))
+    out = model.predict(images)  # the serving model: label, probability, scores
+    probs = np.array([list(s.values()) for s in out["scores"]])
     assert probs.shape == (len(images), 6)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     versions = client.search_model_versions("name='toy-truck-classifier'")

@@ -93,6 +93,29 @@ def best_child(
     return runs[0] if runs else None
 
 
+def _take_over(client: Any, sweep_dir: Path) -> None:
+    """Free `sweep_dir` for a new sweep: a folder whose recorded parent run has ended (a sweep
+    run again into the folder it used before) is taken over; one whose parent is still RUNNING
+    belongs to a live sweep (dead ones were ended KILLED just before).
+
+    Raises:
+        TrackingError: another sweep is running in `sweep_dir`.
+    """
+    previous = read_parent_run_id(sweep_dir)
+    if previous is None:
+        return
+    try:
+        status = client.get_run(previous).info.status
+    except Exception:  # noqa: BLE001  (a run deleted or in another store: nothing to protect)
+        status = "UNKNOWN"
+    if status == "RUNNING":
+        raise TrackingError(
+            f"hydra.sweep.dir={sweep_dir} belongs to a sweep that is still running (parent "
+            f"run {previous}): give each sweep its own folder (the default has microseconds)"
+        )
+    parent_file(sweep_dir).unlink()
+
+
 class MlflowSweepCallback(Callback):
     """Parent run per sweep; best child reported at the end."""
 
@@ -126,11 +149,7 @@ class MlflowSweepCallback(Callback):
         client, experiment_id = open_store(tracking)
         end_dead_runs(client, [experiment_id])
         sweep_dir = Path(config.hydra.sweep.dir)
-        if parent_file(sweep_dir).exists():
-            raise TrackingError(
-                f"hydra.sweep.dir={sweep_dir} already belongs to another sweep (it holds "
-                f"{PARENT_FILE}): give each sweep its own folder (the default has microseconds)"
-            )
+        _take_over(client, sweep_dir)
         overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
         run = client.create_run(
             experiment_id,

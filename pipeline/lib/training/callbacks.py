@@ -138,3 +138,31 @@ class LearningRateLogger(keras.callbacks.Callback):
         else:
             rate = optimizer.learning_rate
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(rate))
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' `BackupAndRestore` whose checkpoint is replaced atomically after every epoch.
+
+    Keras writes `latest.weights.h5` and `training_metadata.json` in place: a process killed
+    (SIGKILL, out of memory) while writing leaves a damaged HDF5 file that the next
+    `train.resume=true` cannot open. Here both are written under temporary names in the backup
+    folder and renamed over the previous ones (weights first, then the epoch count), so the
+    checkpoint on disk is always a complete one.
+
+    Args:
+        backup_dir: the run's checkpoint folder (`train.checkpoint_dir/<key>`).
+        **kwargs: as `keras.callbacks.BackupAndRestore` (`save_freq`, `delete_checkpoint`).
+    """
+
+    def _save_model(self) -> None:
+        import os
+
+        weights, metadata = self._weights_path, self._training_metadata_path
+        self._weights_path = os.path.join(self.backup_dir, "writing.weights.h5")
+        self._training_metadata_path = metadata + ".writing"
+        try:
+            super()._save_model()
+        finally:
+            self._weights_path, self._training_metadata_path = weights, metadata
+        os.replace(os.path.join(self.backup_dir, "writing.weights.h5"), weights)
+        os.replace(metadata + ".writing", metadata)

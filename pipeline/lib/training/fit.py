@@ -338,7 +338,12 @@ class PhaseRunner:
         caller's callbacks come last."""
         import keras
 
-        from pipeline.lib.training.callbacks import BatchRecorder, EpochState, LearningRateLogger
+        from pipeline.lib.training.callbacks import (
+            AtomicBackupAndRestore,
+            BatchRecorder,
+            EpochState,
+            LearningRateLogger,
+        )
 
         t = self.cfg.train
         callbacks: list[Any] = [LearningRateLogger(schedule)]
@@ -366,11 +371,8 @@ class PhaseRunner:
             callbacks.append(stopper)
         state = EpochState([train_batches], net, len(train_batches))
         recorder = BatchRecorder(len(self.targets["train"]), last, t.batch_size)
-        # double_checkpoint: the previous epoch's state is kept beside the latest, and restored
-        # when a process killed while writing left the latest damaged
-        backup_cb = keras.callbacks.BackupAndRestore(
-            str(backup), save_freq="epoch", delete_checkpoint=True, double_checkpoint=True
-        )
+        # replaced atomically: a process killed while saving leaves the previous epoch's state
+        backup_cb = AtomicBackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True)
         callbacks += [backup_cb] if self.backup else []
         callbacks += [state, recorder, *self.extra_callbacks]
         return callbacks, state, recorder, stopper
