@@ -21,6 +21,9 @@ from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import tiny_config
 
+# trains three pipeline runs first (about a minute)
+pytestmark = pytest.mark.slow
+
 MODEL = "toy-truck-classifier"
 EXPERIMENT = "toy-trucks"
 # (learning rate, epochs) of the three pipeline runs

@@ -31,6 +31,7 @@ def images():
     return np.random.default_rng(0).integers(0, 256, size=(37, 32, 32, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow  # converts MobileNetV2 to TFLite (30-90 s)
 def test_tflite_features_match_keras_and_the_conversion_is_cached(extractor, images, tmp_path):
     keras_out = featurize_array(make_featurizer(extractor, "keras"), images, 8, 1280)
     cache = tmp_path / "cache"
@@ -44,6 +45,7 @@ def test_tflite_features_match_keras_and_the_conversion_is_cached(extractor, ima
     assert cached.tobytes() == fresh.tobytes()
 
 
+@pytest.mark.slow  # converts MobileNetV2 to TFLite (30-90 s)
 def test_a_corrupt_cached_conversion_is_converted_again(extractor, images, tmp_path):
     cache = tmp_path / "cache"
     fresh = featurize_array(make_featurizer(extractor, "tflite", 0, cache), images, 8, 1280)

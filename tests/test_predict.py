@@ -36,6 +36,9 @@ from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import ROOT, WEIGHTS_FILE, tiny_config
 
+# trains an ImageNet model and converts it twice first (about a minute)
+pytestmark = pytest.mark.slow
+
 MODEL = "toy-truck-classifier"
 SIZE = 32
 BAD = {

@@ -20,6 +20,9 @@ from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import tiny_config
 
+# trains several times end to end (about 3 minutes): not in `make test-fast`
+pytestmark = pytest.mark.slow
+
 EPOCHS = 4
 STEPS_PER_EPOCH = 3  # 24 tiny training images, batch 8
 

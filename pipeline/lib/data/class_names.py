@@ -34,7 +34,9 @@ _SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _LOOKS_HASHED = re.compile(rf".*-[0-9a-f]{{{_HASH_LENGTH}}}")
 
 
-def _has_surrogates(text: str) -> bool:
+def has_surrogates(text: str) -> bool:
+    """True when `text` holds lone surrogates: the bytes of a file name that is not valid UTF-8,
+    as `os.fsdecode` keeps them (such a name cannot be a class name or a metric key)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -49,7 +51,7 @@ def class_name(folder_name: str) -> str:
     backslash escapes so the name is always printable and encodable. A name that is only
     whitespace is kept as it is (it cannot be trimmed to nothing).
     """
-    if _has_surrogates(folder_name):
+    if has_surrogates(folder_name):
         folder_name = os.fsencode(folder_name).decode("utf-8", "backslashreplace")
     return unicodedata.normalize("NFC", folder_name).strip() or folder_name
 

@@ -32,7 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.lib.data.class_names import case_collisions, class_name, name_collisions
+from pipeline.lib.data.class_names import (
+    case_collisions,
+    class_name,
+    has_surrogates,
+    name_collisions,
+)
 from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, IMAGE_EXTENSIONS
 from pipeline.lib.data.prepared import SPLITS
 from pipeline.lib.errors import UserError
@@ -124,15 +129,7 @@ def display_path(path: Path, root: Path) -> str:
     except ValueError:
         rel = path
     text = rel.as_posix()
-    return os.fsencode(text).decode("utf-8", "backslashreplace") if _has_surrogates(text) else text
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if has_surrogates(text) else text
 
 
 def is_ignored(name: str) -> bool:
