@@ -37,7 +37,6 @@ def test_two_clones_record_the_same_output_hashes(smoke_project: tuple[Path, str
     assert set(first) == set(second) and len(first) >= 9
     differ = {path for path in first if first[path] != second[path]}
     assert not differ, f"outputs whose bytes depend on the run: {sorted(differ)}"
-    assert git(other, "status", "--porcelain", "--untracked-files=no").strip() in ("", "M dvc.lock")
 
 
 def test_forced_featurize_reruns_nothing_downstream(repo: Path, first_repro: str):

@@ -47,7 +47,7 @@ from omegaconf import OmegaConf
 from pipeline.lib.config.schema import TrackingConfig
 from pipeline.lib.tracking.runs import active_run
 import mlflow
-with active_run(OmegaConf.structured(TrackingConfig(uri=sys.argv[1]))):
+with active_run(OmegaConf.structured(TrackingConfig(uri=sys.argv[1], experiment="toy-trucks"))):
     mlflow.log_metric("x", 1.0)
 """
 
