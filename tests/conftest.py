@@ -87,6 +87,22 @@ def tiny_config(tmp: Path, **extra: object):
     return validate(compose(tiny_overrides(tmp, **extra)))
 
 
+def prepared_overrides(tmp: Path) -> dict[str, object]:
+    """Tiny data prepared and featurized once under `tmp`; the overrides that point a
+    `tiny_config` at it (so tests that train reuse it instead of preparing their own)."""
+    from pipeline.featurize import featurize
+    from pipeline.prepare import prepare
+
+    cfg = tiny_config(tmp)
+    prepare(cfg)
+    featurize(cfg)
+    return {
+        "data.synthetic.dir": tmp / "raw",
+        "paths.prepared": cfg.paths.prepared,
+        "paths.features": cfg.paths.features,
+    }
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Converted TFLite backbones go to a per-session cache, not the user's."""

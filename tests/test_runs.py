@@ -16,24 +16,14 @@ import mlflow
 import pytest
 
 from pipeline.evaluate import evaluate
-from pipeline.featurize import featurize
 from pipeline.lib.tracking.runs import TrackingError, stage_run
-from pipeline.prepare import prepare
 from pipeline.train import train
-from tests.conftest import ROOT, seeded_store, tiny_config, tiny_overrides
+from tests.conftest import ROOT, prepared_overrides, seeded_store, tiny_config, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    tmp = tmp_path_factory.mktemp("runs-data")
-    cfg = tiny_config(tmp)
-    prepare(cfg)
-    featurize(cfg)
-    return {
-        "data.synthetic.dir": tmp / "raw",
-        "paths.prepared": cfg.paths.prepared,
-        "paths.features": cfg.paths.features,
-    }
+    return prepared_overrides(tmp_path_factory.mktemp("runs-data"))
 
 
 def runs_of(uri: str) -> list:

@@ -9,24 +9,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline.featurize import featurize
-from pipeline.prepare import prepare
-from tests.conftest import ROOT, tiny_config, tiny_overrides
+from tests.conftest import ROOT, prepared_overrides, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    tmp = tmp_path_factory.mktemp("sweep-data")
-    cfg = tiny_config(tmp)
-    prepare(cfg)
-    featurize(cfg)
-    return {
-        "data.synthetic.dir": tmp / "raw",
-        "paths.prepared": cfg.paths.prepared,
-        "paths.features": cfg.paths.features,
-    }
+    return prepared_overrides(tmp_path_factory.mktemp("sweep-data"))
 
 
 def sweep(tmp: Path, data: dict, *args: str) -> subprocess.CompletedProcess:

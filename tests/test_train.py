@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.featurize import featurize
 from pipeline.lib.model.saving import MODEL_FILE, trained_run_id
-from pipeline.prepare import prepare
 from pipeline.train import train
-from tests.conftest import tiny_config
+from tests.conftest import prepared_overrides, seeded_store, tiny_config
 
 REPORTS = ("train_metrics.json", "train_history.csv", "train_batches.csv")
 
@@ -31,14 +29,9 @@ def outputs(cfg) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     tmp = tmp_path_factory.mktemp("train-inputs")
-    cfg = tiny_config(tmp)
-    prepare(cfg)
-    featurize(cfg)
     return {
-        "data.synthetic.dir": tmp / "raw",
-        "paths.prepared": cfg.paths.prepared,
-        "paths.features": cfg.paths.features,
-        "tracking.uri": cfg.tracking.uri,
+        **prepared_overrides(tmp),
+        "tracking.uri": seeded_store(tmp),  # the store tiny_config(tmp) uses
         "tracking.log_model": False,
         "model.dropout": 0.2,  # a seeded random draw on every step
     }

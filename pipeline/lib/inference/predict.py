@@ -501,7 +501,7 @@ def format_line(row: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command-line parser of `python -m pipeline.lib.inference.predict`."""
+    """The command-line parser of `python -m pipeline.predict`."""
     from pipeline.lib.data.images import RESIZE_POLICIES
 
     def positive(text: str) -> int:

@@ -254,7 +254,7 @@ def write_output(text: str, output: str | None) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command-line parser of `python -m pipeline.lib.tracking.compare`."""
+    """The command-line parser of `python -m pipeline.compare`."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline.compare",
         description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "

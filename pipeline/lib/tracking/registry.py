@@ -191,7 +191,7 @@ def versions_table(client: Any, model_name: str, metric: str = DEFAULT_METRIC) -
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command-line parser of `python -m pipeline.lib.tracking.registry` (`promote`, `list`)."""
+    """The command-line parser of `python -m pipeline.registry` (`promote`, `list`)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--tracking-uri",
