@@ -1,8 +1,12 @@
 """Stage `export`: the trained model (images 0..255 -> class probabilities) as TensorFlow Lite, for
 a phone app; each export checked against the Keras model on the test split.
 
-    python -m pipeline.export                              # export.formats=[float32,int8]
+    python -m pipeline.export 'export.formats=[float32,int8]'
     python -m pipeline.export 'export.formats=[float32,int8,float16]'
+
+Opt-in: `export.formats` is empty by default, and then the stage only writes empty reports (an
+empty `paths.exports`, `{}` metrics), in about a second, without TensorFlow or MLflow; `dvc exp
+run -S 'export.formats=[float32,int8]'` (or conf/export/default.yaml) turns it on.
 
 Formats (`export.formats`):
 
@@ -112,6 +116,12 @@ def export(cfg: Config) -> dict[str, Any]:
     e = cfg.export
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     models, _ = trained_model_folder(cfg, dataset)
+    if not e.formats:
+        log.info(
+            "export.formats is empty: nothing exported (opt in: export.formats=[float32,int8])"
+        )
+        _write_outputs(cfg, {}, {"formats": []})
+        return {"formats": []}
     images = _test_images(dataset)
     model = load_model(models / MODEL_FILE)
     # the Keras reference: the head on the cached test features when they match (checked)

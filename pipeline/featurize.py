@@ -4,7 +4,8 @@ DVC reruns this stage only when the prepared data, the backbone (`model.alpha`, 
 ...) or `featurize.backend` change, so training runs and sweeps over head hyper-parameters reuse
 it. Its output `data/features` ({split}.npy, float32 (N, D), and meta.json, what they were computed
 from) is a pure function of those inputs: byte-identical on every run, whatever the TFLite
-conversion cache holds. Timings go to the log only.
+conversion cache holds. Timings go to the log only. With the backbone's conversion cached
+(`features.backbone_key`), the stage runs on LiteRT alone, without importing TensorFlow.
 
     python -m pipeline.featurize featurize.backend=keras
 """
@@ -37,17 +38,22 @@ def featurize(cfg: Config) -> dict:
         WeightsNotFoundError: `model.weights` is not available offline.
         StageInputError: the prepared data is missing or was prepared for another image size.
     """
-    from pipeline.lib.model.build import build_feature_extractor, resolve_weights
-    from pipeline.lib.model.features import META_FILE, feature_key, make_featurizer
+    from pipeline.lib.model.build import resolve_weights
+    from pipeline.lib.model.features import META_FILE, backbone_featurizer, feature_key
 
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
-    extractor = build_feature_extractor(
-        cfg.model.alpha, cfg.model.weights, dataset.image_size, cfg.model.init_seed
-    )
-    dim = int(extractor.output.shape[-1])
     start = time.perf_counter()
-    featurizer = make_featurizer(extractor, cfg.featurize.backend, cfg.featurize.num_threads)
+    # TensorFlow is imported only to build the Keras extractor: backend keras, or a conversion
+    # cache that does not hold this backbone yet
+    featurizer, dim = backbone_featurizer(
+        cfg.model.alpha,
+        cfg.model.weights,
+        dataset.image_size,
+        cfg.model.init_seed,
+        cfg.featurize.backend,
+        cfg.featurize.num_threads,
+    )
     log.info("Featurizer ready (%s) in %.1f s", cfg.featurize.backend, time.perf_counter() - start)
     meta = {
         "key": feature_key(cfg, dvc_md5(cfg.paths.prepared)),

@@ -34,6 +34,7 @@ from pipeline.lib.model.saving import (
     PREPROCESSING_FILE,
     save_model,
     summary_text,
+    write_head,
     write_run_record,
 )
 from pipeline.lib.reporting.tables import write_csv
@@ -50,7 +51,7 @@ def train(cfg: Config, callbacks: Sequence[Any] = ()) -> float | None:
     The steps: check the inputs, open the MLflow run, log the inputs, `fit`, log the training,
     write the reports (`paths.reports`: train_metrics.json, train_history.csv,
     train_batches.csv, train_figures/), write the model folder (`paths.models`: model.keras,
-    classes.json, preprocessing.json, summary.txt) and record the run in `paths.run_file`. Every
+    head.npy, head.json, classes.json, preprocessing.json, summary.txt) and record the run in `paths.run_file`. Every
     file written into the DVC outputs is a function of the inputs alone (no timings, no dates,
     no run ids): the same inputs give the same bytes.
 
@@ -109,15 +110,13 @@ def _final(result: dict[str, Any]) -> dict[str, float]:
 def _train_metrics(result: dict[str, Any]) -> dict[str, Any]:
     """The DVC metrics file's content: final loss/accuracy of train and val, parameter counts
     (trainable, non_trainable, total; trainable per phase), the training mode. No timings."""
-    from pipeline.lib.model.build import count_params
-
     final = _final(result)
     phases = result.get("phases", {})
     return {
         "train": {"loss": final.get("loss"), "accuracy": final.get("accuracy")},
         "val": {"loss": final.get("val_loss"), "accuracy": final.get("val_accuracy")},
         "params": {
-            **count_params(result["model"]),
+            **result["params"],
             **{f"trainable_params_{name}": p["trainable_params"] for name, p in phases.items()},
         },
         "mode": result["mode"],
@@ -179,6 +178,7 @@ def _log_training(result: dict[str, Any], metrics: dict[str, Any], classes: list
     )
     mlflow.log_metrics({k: v for k, v in params.items() if k.startswith("trainable_params_")})
     mlflow.set_tag("training_mode", result["mode"])
+    mlflow.set_tag("train_backend", result["backend"])  # numpy | keras (train.backend)
     _log_options(result, classes)
     head = {k: v for k, v in metrics["head"].items() if isinstance(v, int | float)}
     mlflow.log_metrics({f"head_{k}": float(v) for k, v in head.items()})  # head_temperature, ...
@@ -237,14 +237,22 @@ def _write_reports(cfg: Config, result: dict[str, Any], metrics: dict[str, Any])
 
 
 def _write_model_folder(cfg: Config, dataset: PreparedDataset, model: Any) -> None:
-    """`paths.models`, replaced whole: model.keras (normalised: no save date), classes.json,
+    """`paths.models`, replaced whole: model.keras (normalised: no save date), head.npy / head.json
+    (its Dense head, and the cached features on which the whole model was checked to agree with
+    it on sample test images), classes.json,
     preprocessing.json and summary.txt (also logged to the MLflow run)."""
     import mlflow
 
+    from pipeline.lib.model.scoring import check_whole_model
+    from pipeline.lib.training.calibration import head_dense
+
+    kernel, bias = head_dense(model).get_weights()
+    checked = check_whole_model(cfg, dataset, model, kernel, bias)  # evaluate scores with the head
     summary = summary_text(model)
     mlflow.log_text(summary, "model_summary.txt")
     with atomic_dir(cfg.paths.models) as tmp:
         save_model(model, tmp / MODEL_FILE)
+        write_head(tmp, kernel, bias, None if checked is None else dvc_md5(cfg.paths.features))
         write_json(tmp / CLASSES_FILE, dataset.classes)
         write_json(
             tmp / PREPROCESSING_FILE,

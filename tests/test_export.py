@@ -3,6 +3,9 @@ their parity with the Keras model, the metrics file and the MLflow run."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from pipeline.lib.files import read_json
 from pipeline.lib.model.export import HEADLINE_KEYS, representative_indices, split_timings
 from pipeline.prepare import prepare
 from pipeline.train import train
-from tests.conftest import compose, tiny_config
+from tests.conftest import ROOT, compose, tiny_config, tiny_overrides
 
 FORMATS = ["float32", "int8", "float16"]
 
@@ -162,7 +165,7 @@ def test_representative_samples_cover_the_split():
     ("override", "key"),
     [
         ("export.formats=[float32,int4]", "export.formats"),
-        ("export.formats=[]", "export.formats"),
+        ("export.formats=[int8,int8]", "export.formats"),
         ("export.int8_io=float32", "export.int8_io"),
         ("export.representative_samples=0", "export.representative_samples"),
         ("export.targets.int8=1.5", "export.targets.int8"),
@@ -179,9 +182,27 @@ def test_bad_export_config_names_the_key(override, key):
         assert "int4" in str(info.value) and "float16" in str(info.value)
 
 
-def test_default_formats_are_float32_and_int8():
+def test_export_is_opt_in_and_then_costs_no_tensorflow(exported, tmp_path):
     from pipeline.lib.config.schema import validate
 
     cfg = validate(compose())
-    assert list(cfg.export.formats) == ["float32", "int8"] and cfg.export.int8_io == "uint8"
+    assert list(cfg.export.formats) == [] and cfg.export.int8_io == "uint8"
     assert cfg.paths.exports == "exports"
+    # the stage with the default formats, on the trained model: empty reports, no TensorFlow
+    overrides = tiny_overrides(
+        exported["tmp"],
+        **{"paths.exports": tmp_path / "exports", "paths.reports": tmp_path / "reports"},
+    )
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline.export", *overrides],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+    assert "tensorflow" not in imported and "keras" not in imported
+    assert "nothing exported" in proc.stdout + proc.stderr
+    assert (tmp_path / "exports").is_dir() and not any((tmp_path / "exports").iterdir())
+    assert json.loads((tmp_path / "reports" / "export_metrics.json").read_text()) == {}
+    assert json.loads((tmp_path / "reports" / "export_details.json").read_text()) == {"formats": []}

@@ -1,7 +1,11 @@
 """The featurizer: TFLite (XNNPACK) matches Keras, converts once per backbone (a cached
-conversion never changes the features), streams batches."""
+conversion never changes the features, and is found without TensorFlow by `backbone_key`),
+streams batches."""
 
 from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +13,15 @@ import pytest
 from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import dvc_md5
-from pipeline.lib.model.build import build_feature_extractor
+from pipeline.lib.model import build
+from pipeline.lib.model.build import (
+    WeightsNotFoundError,
+    build_feature_extractor,
+    imagenet_weights_path,
+)
 from pipeline.lib.model.features import (
+    backbone_featurizer,
+    backbone_key,
     extractor_fingerprint,
     featurize_array,
     make_featurizer,
@@ -35,9 +46,10 @@ def images():
 def test_tflite_features_match_keras_and_the_conversion_is_cached(extractor, images, tmp_path):
     keras_out = featurize_array(make_featurizer(extractor, "keras"), images, 8, 1280)
     cache = tmp_path / "cache"
-    assert not tflite_cache_path(extractor, cache).exists()
+    path = tflite_cache_path(extractor_fingerprint(extractor), cache)
+    assert not path.exists()
     fresh = featurize_array(make_featurizer(extractor, "tflite", 2, cache), images, 8, 1280)
-    assert tflite_cache_path(extractor, cache).is_file()
+    assert path.is_file()
     assert fresh.shape == keras_out.shape == (37, 1280)
     assert np.abs(fresh - keras_out).max() <= 1e-3
     # a warm cache only saves time: the same bytes, whatever the threads and batch size
@@ -46,13 +58,18 @@ def test_tflite_features_match_keras_and_the_conversion_is_cached(extractor, ima
 
 
 @pytest.mark.slow  # converts MobileNetV2 to TFLite (30-90 s)
-def test_a_corrupt_cached_conversion_is_converted_again(extractor, images, tmp_path):
+def test_a_corrupt_cached_conversion_is_converted_again(images, tmp_path):
     cache = tmp_path / "cache"
-    fresh = featurize_array(make_featurizer(extractor, "tflite", 0, cache), images, 8, 1280)
-    path = tflite_cache_path(extractor, cache)
+
+    def features() -> np.ndarray:
+        featurizer, dim = backbone_featurizer(0.35, None, 32, 0, "tflite", 0, cache)
+        return featurize_array(featurizer, images, 8, dim)
+
+    fresh = features()
+    path = tflite_cache_path(backbone_key(0.35, None, 32, 0), cache)
     flatbuffer = path.read_bytes()
     path.write_bytes(flatbuffer[: len(flatbuffer) // 2])  # e.g. a disk that filled up
-    again = featurize_array(make_featurizer(extractor, "tflite", 0, cache), images, 8, 1280)
+    again = features()
     assert again.tobytes() == fresh.tobytes()
     assert path.read_bytes() == flatbuffer  # converted afresh, to the same bytes
 
@@ -60,6 +77,8 @@ def test_a_corrupt_cached_conversion_is_converted_again(extractor, images, tmp_p
 def test_an_unknown_backend_is_refused(extractor):
     with pytest.raises(ValueError, match="featurize.backend='auto'"):
         make_featurizer(extractor, "auto")
+    with pytest.raises(ValueError, match="featurize.backend='auto'"):
+        backbone_featurizer(0.35, None, 32, backend="auto")
 
 
 def test_fingerprint_follows_the_weights():
@@ -67,6 +86,56 @@ def test_fingerprint_follows_the_weights():
     b = build_feature_extractor(0.35, None, 32, init_seed=0)
     c = build_feature_extractor(0.35, None, 32, init_seed=1)
     assert extractor_fingerprint(a) == extractor_fingerprint(b) != extractor_fingerprint(c)
+
+
+def test_the_backbone_key_follows_what_builds_the_extractor(tmp_path, monkeypatch):
+    """Computed from files and settings (no Keras model): the same inputs give the same key;
+    other weights bytes, alpha, size, seed (without weights), Keras version or settings, or a
+    change to build.py give another, so a stale conversion is never found."""
+    home = tmp_path / "keras"
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    for alpha, size in ((1.0, 224), (0.5, 224), (1.0, 160)):  # the same bytes in three files
+        imagenet_weights_path(alpha, size).parent.mkdir(parents=True, exist_ok=True)
+        imagenet_weights_path(alpha, size).write_bytes(b"weights v1")
+    mine = tmp_path / "mine.h5"
+    mine.write_bytes(b"weights v1")
+    base = backbone_key(1.0, "imagenet", 224, init_seed=0)
+    assert backbone_key(1.0, "imagenet", 224, init_seed=7) == base  # no seed with weights
+    keys = {
+        base,
+        backbone_key(0.5, "imagenet", 224),
+        backbone_key(1.0, "imagenet", 160),
+        backbone_key(1.0, str(mine), 224),
+        backbone_key(1.0, None, 224, init_seed=0),
+        backbone_key(1.0, None, 224, init_seed=1),
+    }
+    assert len(keys) == 6 and all(len(k) == 32 for k in keys)
+    imagenet_weights_path(1.0, 224).write_bytes(b"weights v2")
+    assert backbone_key(1.0, "imagenet", 224) not in keys
+    mine.write_bytes(b"weights v2")
+    assert backbone_key(1.0, str(mine), 224) not in keys
+    imagenet_weights_path(1.0, 224).write_bytes(b"weights v1")
+    assert backbone_key(1.0, "imagenet", 224) == base  # a key names bytes, not a file's history
+    (home / "keras.json").write_text('{"floatx": "float32", "image_data_format": "channels_last"}')
+    assert backbone_key(1.0, "imagenet", 224) == base  # what Keras writes on first import
+    (home / "keras.json").write_text('{"floatx": "float16"}')
+    assert backbone_key(1.0, "imagenet", 224) not in keys
+    (home / "keras.json").unlink()
+    edited = tmp_path / "build.py"
+    edited.write_text(Path(build.__file__).read_text() + "\n# a change\n")
+    with monkeypatch.context() as m:
+        m.setattr(build, "__file__", str(edited))
+        assert backbone_key(1.0, "imagenet", 224) not in keys
+    real_version = importlib.metadata.version
+    with monkeypatch.context() as m:
+        m.setattr(
+            importlib.metadata, "version", lambda n: "9.9" if n == "keras" else real_version(n)
+        )
+        assert backbone_key(1.0, "imagenet", 224) not in keys
+    assert backbone_key(1.0, "imagenet", 224) == base
+    with pytest.raises(WeightsNotFoundError):
+        backbone_key(0.75, "imagenet", 224)  # no such file in Keras' cache
 
 
 def test_featurize_streams_into_a_memory_map(extractor, images, tmp_path):

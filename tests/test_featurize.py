@@ -1,9 +1,14 @@
 """Stage `featurize`: its output `data/features` is a pure function of its declared inputs (the
 prepared data, the backbone's settings, `featurize.backend`): the same bytes whether the TFLite
-conversion cache is empty or warm, whatever `featurize.batch_size` and `featurize.num_threads`."""
+conversion cache is empty or warm, whatever `featurize.batch_size` and `featurize.num_threads`;
+on a warm cache without importing TensorFlow."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,7 @@ import pytest
 from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import SPLITS
 from pipeline.prepare import prepare
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config, tiny_overrides
 
 
 def file_bytes(folder: Path) -> dict[str, bytes]:
@@ -30,10 +35,12 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def test_features_are_the_same_bytes_with_an_empty_or_a_warm_conversion_cache(
     prepared, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("TRUCK_CACHE_DIR", str(tmp_path / "empty-cache"))
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("TRUCK_CACHE_DIR", str(cache))
     cold = tiny_config(tmp_path / "cold", **prepared, **{"featurize.backend": "tflite"})
     featurize(cold)
-    assert list((tmp_path / "empty-cache" / "tflite").glob("*.tflite"))  # it was converted
+    converted = list((cache / "tflite").glob("*.tflite"))
+    assert len(converted) == 1  # it was converted, once
     warm = tiny_config(
         tmp_path / "warm",
         **prepared,
@@ -44,6 +51,29 @@ def test_features_are_the_same_bytes_with_an_empty_or_a_warm_conversion_cache(
     assert sorted(want) == sorted([f"{s}.npy" for s in SPLITS] + ["meta.json"])
     assert got == want
     assert np.load(Path(cold.paths.features) / "train.npy").any()  # not trivially equal
+    assert list((cache / "tflite").glob("*.tflite")) == converted  # found, not converted again
+
+    # the stage as DVC runs it, on the warm cache: the same bytes, TensorFlow never imported
+    imports = _featurize_process(tmp_path / "process", prepared, cache)
+    assert file_bytes(tmp_path / "process" / "data/features") == want
+    assert "ai_edge_litert" in imports  # the interpreter (and the -X importtime parsing works)
+    assert not {m for m in imports if m.split(".")[0] in ("tensorflow", "keras")}
+
+
+def _featurize_process(tmp: Path, prepared: dict[str, object], cache: Path) -> set[str]:
+    """Run `python -X importtime -m pipeline.featurize` (tiny config, backend tflite) with the
+    conversion cache `cache`; return the modules it imported."""
+    # no MLflow store: featurize does not track (tiny_overrides would make one)
+    extra = {"featurize.backend": "tflite", "tracking.uri": f"sqlite:///{tmp}/mlflow.db"}
+    overrides = tiny_overrides(tmp, **prepared, **extra)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline.featurize", *overrides,
+         f"hydra.run.dir={tmp / 'hydra'}"],
+        cwd=ROOT, env={**os.environ, "TRUCK_CACHE_DIR": str(cache)}, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return set(re.findall(r"^import time:.*\|\s+(\S+)\s*$", proc.stderr, re.M))
 
 
 def test_meta_json_holds_what_the_features_are_and_no_timings(prepared, tmp_path):

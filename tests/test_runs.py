@@ -128,9 +128,8 @@ def test_a_run_of_a_dead_process_is_ended_killed_by_the_next_step(data, tmp_path
 
 @pytest.mark.slow
 def test_sigkilled_train_is_ended_and_resume_continues_its_run(data, tmp_path):
-    overrides = tiny_overrides(
-        tmp_path, **data, **{"train.epochs": 400, "tracking.log_model": False}
-    )
+    keras = {"train.epochs": 400, "tracking.log_model": False, "train.backend": "keras"}
+    overrides = tiny_overrides(tmp_path, **data, **keras)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.train", *overrides, f"hydra.run.dir={tmp_path}/hydra"],
         cwd=ROOT,
@@ -146,10 +145,8 @@ def test_sigkilled_train_is_ended_and_resume_continues_its_run(data, tmp_path):
     uri = overrides[[o.split("=")[0] for o in overrides].index("tracking.uri")].split("=", 1)[1]
     [killed] = runs_of(uri)
     assert killed.info.status == "RUNNING"
-    cfg = tiny_config(tmp_path, **data, **{"train.epochs": 400, "tracking.log_model": False})
-    resumed = tiny_config(
-        tmp_path, **data, **{"train.epochs": 400, "tracking.log_model": False, "train.resume": True}
-    )
+    cfg = tiny_config(tmp_path, **data, **keras)
+    resumed = tiny_config(tmp_path, **data, **keras, **{"train.resume": True})
     assert cfg.tracking.uri == resumed.tracking.uri == uri
     train(resumed)
     [run] = runs_of(uri)

@@ -66,7 +66,8 @@ def test_features_that_disagree_with_the_saved_model_are_an_error_naming_both(tr
     dataset = open_prepared(bad.paths.prepared, bad.data)
     with pytest.raises(ScoringMismatchError) as error:
         test_probabilities(bad, dataset, Path(bad.paths.models))
-    assert "model.keras" in str(error.value) and str(features / "test.npy") in str(error.value)
+    assert "model.keras" in str(error.value) and str(features) in str(error.value)
+    assert "head.json" in str(error.value)
 
     # a fine-tuned backbone is not the featurized one: the whole model runs on the images
     tuned = tiny_config(

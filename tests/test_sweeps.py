@@ -19,10 +19,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return prepared_overrides(tmp_path_factory.mktemp("sweep-data"))
 
 
-def sweep(tmp: Path, data: dict, *args: str) -> subprocess.CompletedProcess:
+def sweep(
+    tmp: Path, data: dict, *args: str, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [
             sys.executable,
+            *flags,
             "-m",
             "pipeline.train",
             "-m",
@@ -159,3 +162,18 @@ def test_a_sweep_job_saves_and_logs_the_whole_model_only_when_asked(tmp_path, da
     assert saved == {0: False, 1: True}
     finals = {k: c.data.metrics["final_val_accuracy"] for k, c in jobs.items()}
     assert finals["auto"] == finals["always"]  # the same head, with or without the backbone
+
+
+def test_a_head_only_sweep_never_imports_tensorflow(tmp_path, data):
+    """The default sweep job trains the head in NumPy on the cached features: no TensorFlow or
+    Keras in the process, yet every job logs its curves and metrics."""
+    proc = sweep(tmp_path, data, "train.learning_rate=0.001,0.01", flags=("-X", "importtime"))
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+    assert "tensorflow" not in imported and "keras" not in imported
+    _, children = family(tmp_path)
+    assert len(children) == 2
+    assert {c.data.tags["train_backend"] for c in children} == {"numpy"}
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    for child in children:
+        assert len(client.get_metric_history(child.info.run_id, "val_loss")) >= 1
+        assert len(client.get_metric_history(child.info.run_id, "batch_loss")) >= 1

@@ -164,13 +164,24 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(fh)
 
 
+#: md5_file's results in this process, keyed by (path, inode, size, mtime in ns): what DVC's own
+#: state database keys on, so a file rewritten in place is hashed again (sweep jobs share one).
+_MD5_MEMO: dict[tuple[str, int, int, int], str] = {}
+
+
 def md5_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex MD5 of the file's bytes (the content hash DVC uses), read in `chunk`-byte blocks."""
+    """Hex MD5 of the file's bytes (the content hash DVC uses), read in `chunk`-byte blocks;
+    remembered in this process while the file's inode, size and mtime stay the same."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _MD5_MEMO:
+        return _MD5_MEMO[key]
     digest = hashlib.md5()  # noqa: S324 (content hash, as DVC uses it)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    _MD5_MEMO[key] = digest.hexdigest()
+    return _MD5_MEMO[key]
 
 
 def dvc_md5(path: str | os.PathLike[str]) -> str:

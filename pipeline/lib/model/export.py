@@ -166,7 +166,7 @@ class LatencySettings:
             "runs": int(self.runs),
             "warmup": int(self.warmup),
             "threads": int(self.threads),
-            "tflite": "tf.lite.Interpreter, XNNPACK delegate, batch 1, invoke() only",
+            "tflite": "LiteRT Interpreter (ai_edge_litert), XNNPACK delegate, batch 1, invoke() only",
             "keras": "predict_on_batch, batch 1",
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),

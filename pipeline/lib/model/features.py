@@ -7,8 +7,11 @@ interpreter per core over shards of each batch, `ShardedTFLite`: ~4.5x Keras on 
 never depend on what a cache holds:
 
 - converting the Keras graph to TFLite takes tens of seconds, so the flatbuffer is cached on disk
-  (`tflite_cache_path`), keyed by a hash of what determines it: the TensorFlow version, the
-  extractor's architecture (its Keras config) and every weight;
+  (`tflite_cache_path`), keyed by a hash of what determines it, computed without TensorFlow
+  (`backbone_key`: the weights file's or the init seed, alpha, image size, the TensorFlow and
+  Keras versions, the conversion settings, the source of `build.py`); on a warm cache featurize
+  neither imports TensorFlow nor builds the Keras model (~2 s instead of ~6 s a run). A Keras
+  model built elsewhere is keyed by its content instead (`extractor_fingerprint`);
 - the conversion is deterministic (same extractor -> same flatbuffer bytes), and a cached file is
   used only when its content hash (kept beside it) matches, else it is converted afresh; so a warm
   cache only saves time: the features are byte-identical to those of a fresh conversion;
@@ -19,6 +22,8 @@ never depend on what a cache holds:
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
 import logging
 import os
 import queue
@@ -41,6 +46,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("tflite", "keras")
 #: What the converter is asked for; part of the cache key (a change must miss the old files).
 CONVERSION = "tflite:float32:default-ops"
+#: The distributions whose versions are part of `backbone_key` (the converter and the model code).
+KEYED_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "keras")
 #: The file holding the features' identity (`feature_key`) in `paths.features`.
 META_FILE = "meta.json"
 
@@ -69,11 +76,82 @@ def extractor_fingerprint(extractor: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def tflite_cache_path(extractor: Any, cache_dir: Path | None = None) -> Path:
-    """`<cache_dir>/tflite/<fingerprint>.tflite` (cache_dir: `default_cache_dir()`); its
-    sha256 is kept in the same path with the suffix `.sha256`."""
+def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> str:
+    """32 hex digits naming the converted feature extractor `build_feature_extractor(alpha,
+    weights, image_size, init_seed)` in the conversion cache, computed without importing
+    TensorFlow or Keras, from what determines it: the weights (the sha256 of the ImageNet file in
+    Keras' cache or of the user's file; the init seed when there are none), alpha, the image size,
+    the installed TensorFlow and Keras versions and Keras' dtype and layout settings,
+    `CONVERSION`, and the source text of `pipeline/lib/model/build.py` (a change to how the
+    extractor is built misses the old entries).
+
+    Raises:
+        WeightsNotFoundError: `weights` is `imagenet` without the file in Keras' cache, or a
+            path that is not a file (`build.resolve_weights`).
+    """
+    from pipeline.lib.model import build
+
+    resolved = build.resolve_weights(weights, alpha, image_size)
+    if resolved is None:
+        source = f"init_seed={int(init_seed)}"
+    elif resolved == "imagenet":
+        source = f"imagenet:{_file_sha256(build.imagenet_weights_path(alpha, image_size))}"
+    else:
+        source = f"file:{_file_sha256(Path(resolved))}"
+    parts = {
+        "weights": source,
+        "alpha": float(alpha),
+        "image_size": int(image_size),
+        "versions": _distribution_versions(),
+        "keras_settings": _keras_settings(build.keras_home()),
+        "conversion": CONVERSION,
+        "build_py": _file_sha256(Path(build.__file__)),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _distribution_versions() -> dict[str, str | None]:
+    """{name: installed version or None} of `KEYED_DISTRIBUTIONS` (package metadata: no import)."""
+    versions: dict[str, str | None] = {}
+    for name in KEYED_DISTRIBUTIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _keras_settings(home: Path) -> dict[str, str]:
+    """The Keras settings that change the built model (`floatx`, `image_data_format`, `backend`)
+    as Keras will read them: $KERAS_BACKEND, else `<home>/keras.json`, else Keras' defaults (which
+    it writes there on first import, so an absent and a default file give the same key)."""
+    settings = {"floatx": "float32", "image_data_format": "channels_last", "backend": "tensorflow"}
+    try:
+        saved = json.loads((home / "keras.json").read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if isinstance(saved, dict):
+        settings.update({k: str(saved[k]) for k in settings if k in saved})
+    if os.environ.get("KERAS_BACKEND"):
+        settings["backend"] = os.environ["KERAS_BACKEND"]
+    return settings
+
+
+def tflite_cache_path(key: str, cache_dir: Path | None = None) -> Path:
+    """`<cache_dir>/tflite/<key>.tflite` (key: `backbone_key` or `extractor_fingerprint`;
+    cache_dir: `default_cache_dir()`); its sha256 is kept in the same path with the suffix
+    `.sha256`."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    return cache_dir / "tflite" / f"{extractor_fingerprint(extractor)}.tflite"
+    return cache_dir / "tflite" / f"{key}.tflite"
 
 
 def _cached_flatbuffer(path: Path) -> bytes | None:
@@ -117,17 +195,25 @@ def convert_to_tflite(extractor: Any) -> bytes:
         return converter.convert()
 
 
-def tflite_model(extractor: Any, cache_dir: Path | None = None) -> bytes:
-    """The extractor as a TFLite flatbuffer: from the cache when it holds this fingerprint with a
-    matching content hash, else converted (tens of seconds for MobileNetV2) and cached."""
-    path = tflite_cache_path(extractor, cache_dir)
+def cached_tflite(key: str, extractor: Callable[[], Any], cache_dir: Path | None = None) -> bytes:
+    """The flatbuffer cached under `key` when there and its content hash matches (no TensorFlow
+    imported); else `extractor()` (the Keras model, built only now) converted (tens of seconds
+    for MobileNetV2) and cached under `key`."""
+    path = tflite_cache_path(key, cache_dir)
     flatbuffer = _cached_flatbuffer(path)
     if flatbuffer is None:
+        model = extractor()
         start = time.perf_counter()
-        flatbuffer = convert_to_tflite(extractor)
+        flatbuffer = convert_to_tflite(model)
         log.info("Converted the backbone to TFLite in %.1f s", time.perf_counter() - start)
         _store_flatbuffer(path, flatbuffer)
     return flatbuffer
+
+
+def tflite_model(extractor: Any, cache_dir: Path | None = None) -> bytes:
+    """A built Keras extractor as a TFLite flatbuffer, cached under its content hash
+    (`extractor_fingerprint`, which needs TensorFlow); see `cached_tflite`."""
+    return cached_tflite(extractor_fingerprint(extractor), lambda: extractor, cache_dir)
 
 
 def usable_cores() -> int:
@@ -150,7 +236,7 @@ class ShardedTFLite:
         flatbuffer: the converted extractor (`tflite_model`).
         workers: interpreters (and threads); None or 0 = `usable_cores()`.
 
-    Calling it maps float32 (B, H, W, 3), 0..255 -> float32 (B, D).
+    Calling it maps float32 (B, H, W, 3), 0..255 -> float32 (B, D); `feature_dim` is D.
     """
 
     def __init__(self, flatbuffer: bytes, workers: int | None = None):
@@ -158,6 +244,7 @@ class ShardedTFLite:
 
         self.workers = int(workers or usable_cores())
         self.runners = [TFLiteRunner(flatbuffer, num_threads=1) for _ in range(self.workers)]
+        self.feature_dim = int(np.prod(self.runners[0].output["shape"][1:]))
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
     def _run_shard(self, runner: TFLiteRunner, images: np.ndarray, out: np.ndarray) -> None:
@@ -166,8 +253,7 @@ class ShardedTFLite:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         n = len(images)
-        dim = int(np.prod(self.runners[0].output["shape"][1:]))
-        out = np.empty((n, dim), dtype=np.float32)
+        out = np.empty((n, self.feature_dim), dtype=np.float32)
         bounds = np.linspace(0, n, min(self.workers, max(n, 1)) + 1).astype(int)
         shards = [
             (r, images[a:b], out[a:b])
@@ -201,6 +287,42 @@ def make_featurizer(
     if backend == "keras":
         return lambda batch: np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
     raise ValueError(f"featurize.backend={backend!r}: must be one of {', '.join(BACKENDS)}")
+
+
+def backbone_featurizer(
+    alpha: float,
+    weights: str | None,
+    image_size: int,
+    init_seed: int = 0,
+    backend: str = "tflite",
+    num_threads: int = 0,
+    cache_dir: Path | None = None,
+) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """(featurizer, D) for `build_feature_extractor(alpha, weights, image_size, init_seed)`, as
+    `make_featurizer` gives, but building the Keras model only when needed: `tflite` looks the
+    conversion cache up by `backbone_key` first, so a hit imports neither TensorFlow nor Keras;
+    a miss (and `keras`) builds it. D: the features' width (1280 for alpha <= 1).
+
+    Raises:
+        ValueError: an unknown backend.
+        WeightsNotFoundError: the weights are not available offline or do not load.
+    """
+    from pipeline.lib.model.build import build_feature_extractor
+
+    def build() -> Any:
+        """The Keras extractor (imports TensorFlow)."""
+        return build_feature_extractor(alpha, weights, image_size, init_seed)
+
+    if backend == "tflite":
+        key = backbone_key(alpha, weights, image_size, init_seed)
+        sharded = ShardedTFLite(cached_tflite(key, build, cache_dir), num_threads)
+        return sharded, sharded.feature_dim
+    if backend not in BACKENDS:
+        raise ValueError(f"featurize.backend={backend!r}: must be one of {', '.join(BACKENDS)}")
+    extractor = build()
+    return make_featurizer(extractor, backend, num_threads, cache_dir), int(
+        extractor.output.shape[-1]
+    )
 
 
 def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:

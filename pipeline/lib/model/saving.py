@@ -19,6 +19,14 @@ CLASSES_FILE = "classes.json"
 #: How images are turned into the model's input: {"image_size": int (px), "resize": str}.
 #: Written by train; predict reads it so that inference resizes exactly as training did.
 PREPROCESSING_FILE = "preprocessing.json"
+#: The trained Dense head alone, as one float32 (D + 1, C) `.npy` array: the kernel's D rows, then
+#: the bias row (temperature folded in, as in model.keras). Evaluate and export score the cached
+#: backbone features with it, with no TensorFlow; train checks model.keras agrees with it.
+HEAD_FILE = "head.npy"
+#: What train checked head.npy against: {"features_md5": the DVC hash of `paths.features` on
+#: which the whole model agreed with the head (null: no cached features matched, so later stages
+#: run the whole model)}. Evaluate and export use the head only on those very features.
+HEAD_RECORD_FILE = "head.json"
 
 
 def trained_model_folder(cfg: Any, dataset: Any) -> tuple[Path, list[str]]:
@@ -37,6 +45,53 @@ def trained_model_folder(cfg: Any, dataset: Any) -> tuple[Path, list[str]]:
             f"prepared data has {dataset.classes}: rerun train (`dvc repro`)."
         )
     return models, classes
+
+
+def write_head(
+    folder: str | os.PathLike[str], kernel: Any, bias: Any, features_md5: str | None
+) -> Path:
+    """Write the head `kernel` (D, C) and `bias` (C,) into `folder` as `HEAD_FILE`'s float32
+    (D + 1, C) array (`np.save`: the bytes depend only on the values) and `HEAD_RECORD_FILE`
+    ({"features_md5": `features_md5`}); return the head file's path."""
+    import numpy as np
+
+    array = np.vstack([np.asarray(kernel, np.float32), np.asarray(bias, np.float32)[None, :]])
+    path = Path(folder) / HEAD_FILE
+    with open(path, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+    write_json(Path(folder) / HEAD_RECORD_FILE, {"features_md5": features_md5})
+    return path
+
+
+def head_features_md5(models: str | os.PathLike[str]) -> str | None:
+    """The DVC hash of the cached features train checked `models`' head against (see
+    `HEAD_RECORD_FILE`); None when it checked none or the record is missing."""
+    path = Path(models) / HEAD_RECORD_FILE
+    return read_json(path).get("features_md5") if path.is_file() else None
+
+
+def read_head(models: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """(kernel float32 (D, C), bias float32 (C,)) from `models`/`HEAD_FILE`.
+
+    Raises:
+        StageInputError: the file is missing or not a (D + 1, C) float array (naming it).
+    """
+    import numpy as np
+
+    path = Path(models) / HEAD_FILE
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise StageInputError(
+            f"{path}: cannot read the trained head ({exc.__class__.__name__}): rerun the train "
+            "stage (`dvc repro train`)."
+        ) from None
+    if array.ndim != 2 or array.shape[0] < 2 or array.dtype.kind != "f":
+        raise StageInputError(
+            f"{path}: expected a float (D + 1, C) array, found {array.dtype} {array.shape}: rerun "
+            "the train stage (`dvc repro train`)."
+        )
+    return array[:-1].astype(np.float32), array[-1].astype(np.float32)
 
 
 #: Written into a saved archive's metadata.json instead of the time of saving (Keras' `date_saved`,

@@ -1,12 +1,12 @@
-"""Test-split probabilities of the trained model, computing each thing once.
+"""Test-split probabilities of the trained model, computing each thing once, without TensorFlow.
 
 With a frozen backbone the saved model is MobileNetV2 + the trained head, and the featurize stage
 has already run MobileNetV2 over the test images (`paths.features`/test.npy). So, when those cached
 features were computed from these images with this backbone (`load_cached_features`), the test
-split is scored by the saved model's head (its Dense layer `classifier`) on them, and the saved
-whole model is still verified: it must give the same probabilities (`ATOL`) on a small sample of
-the images. Otherwise (no matching features, a fine-tuned or unfrozen backbone) the whole model
-runs on the images.
+split is scored by the saved head (`paths.models`/head.npy, the Dense layer's weights) on them in
+NumPy. The saved whole model is still verified: train checks, before saving, that model.keras
+gives the same probabilities (`ATOL`) on a sample of the images (`check_whole_model`). Otherwise
+(no matching features, a fine-tuned or unfrozen backbone) the whole Keras model runs on the images.
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import dvc_md5
 from pipeline.lib.model.batch_predict import predict_batches
-from pipeline.lib.model.build import HEAD_NAME, load_model
 from pipeline.lib.model.features import load_cached_features
-from pipeline.lib.model.saving import MODEL_FILE
+from pipeline.lib.model.saving import (
+    HEAD_FILE,
+    HEAD_RECORD_FILE,
+    MODEL_FILE,
+    head_features_md5,
+    read_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,45 +45,89 @@ class ScoringMismatchError(StageInputError):
     """The saved model and the cached features disagree on the sample images."""
 
 
+def head_probabilities(kernel: np.ndarray, bias: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """float32 (N, C) softmax(features @ kernel + bias): the Dense head (kernel (D, C), bias
+    (C,)) on features (N, D), computed in float64."""
+    z = np.asarray(features, np.float64) @ np.asarray(kernel, np.float64) + bias
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def test_probabilities(
     cfg: Any, dataset: PreparedDataset, models: Path, split: str = "test", model: Any = None
 ) -> np.ndarray:
     """float32 (N, K) class probabilities of `split`'s images by the model in `models`.
 
-    The head on the cached features when they match (see the module's docstring), checked
-    against the whole model on `SAMPLE` images; else the whole model on every image.
-    `model`: the Keras model of `models` if already loaded (else it is loaded here).
+    The saved head (`HEAD_FILE`) on the cached features when they match (see the module's
+    docstring) and are those train checked the whole model on (`HEAD_RECORD_FILE`); else the
+    whole Keras model (`model`, or `models`/model.keras loaded here) on
+    every image.
 
     Raises:
-        ScoringMismatchError: the whole model's probabilities on the sample differ from the
-            head's on the cached features by more than `ATOL` (naming both files).
+        StageInputError: head.npy is missing or unreadable.
+        ScoringMismatchError: the cached features are not those train checked the model on, or
+            the head does not take them (another backbone).
     """
-    model = load_model(models / MODEL_FILE) if model is None else model
     images = dataset.images(split)
-    classes = int(model.output.shape[-1])
     features = _matching_features(cfg, split)
-    if features is None or len(features) != len(images) or not len(images):
+    checked = head_features_md5(models)
+    if features is None or checked is None or len(features) != len(images) or not len(images):
+        from pipeline.lib.model.build import load_model
+
+        model = load_model(models / MODEL_FILE) if model is None else model
+        classes = int(model.output.shape[-1])
         return predict_batches(model.predict_on_batch, images, BATCH_SIZE, classes)
-    probs = np.asarray(model.get_layer(HEAD_NAME)(features), dtype=np.float32)
+    if dvc_md5(cfg.paths.features) != checked:
+        raise ScoringMismatchError(
+            f"{cfg.paths.features} is not what train checked {models / MODEL_FILE} against "
+            f"({models / HEAD_RECORD_FILE}: features {checked}): rerun `dvc repro` (featurize, "
+            "then train)."
+        )
+    kernel, bias = read_head(models)
+    if kernel.shape[0] != features.shape[1]:
+        raise ScoringMismatchError(
+            f"{models / HEAD_FILE} takes {kernel.shape[0]} features, but {cfg.paths.features}/"
+            f"{split}.npy has {features.shape[1]}: rerun `dvc repro` (featurize, then train)."
+        )
+    log.info(
+        "Scored %d %s images: the saved head (%s) on the cached features",
+        len(images),
+        split,
+        models / HEAD_FILE,
+    )
+    return head_probabilities(kernel, bias, features)
+
+
+def check_whole_model(
+    cfg: Any, dataset: PreparedDataset, model: Any, kernel: np.ndarray, bias: np.ndarray
+) -> float | None:
+    """Train's check before saving: the whole Keras `model` (images -> probabilities) on `SAMPLE`
+    test images (the training images when there is no test split) against the head (`kernel`,
+    `bias`) on their cached features. Returns the max |difference|, None when no cached
+    features match (then later stages run the whole model and nothing needs checking).
+
+    Raises:
+        ScoringMismatchError: the difference exceeds `ATOL` (naming the features folder).
+    """
+    split = "test" if len(dataset.labels("test")) else "train"
+    features = _matching_features(cfg, split)
+    images = dataset.images(split)
+    if features is None or len(features) != len(images) or not len(images):
+        return None
     sample = np.unique(np.linspace(0, len(images) - 1, min(SAMPLE, len(images))).astype(int))
     # an eager call: 8 images do not repay tracing `predict_on_batch`'s function
     whole = np.asarray(model(np.asarray(images[sample], dtype=np.float32), training=False))
-    diff = float(np.abs(whole - probs[sample]).max())
+    diff = float(np.abs(whole - head_probabilities(kernel, bias, features[sample])).max())
     if diff > ATOL:
         raise ScoringMismatchError(
-            f"{models / MODEL_FILE} and the cached features {Path(cfg.paths.features)}/"
-            f"{split}.npy disagree (max |difference| of probabilities {diff:.2g} > {ATOL:g} on "
-            f"{len(sample)} images): rerun `dvc repro` (featurize, then train)."
+            f"The trained model and the cached features {Path(cfg.paths.features)}/{split}.npy "
+            f"disagree (max |difference| of probabilities {diff:.2g} > {ATOL:g} on {len(sample)} "
+            "images): rerun `dvc repro` (featurize, then train)."
         )
-    log.info(
-        "Scored %d %s images from the cached features; the whole model agrees on %d (max |diff| "
-        "%.1e)",
-        len(images),
-        split,
-        len(sample),
-        diff,
-    )
-    return probs
+    log.info("The whole model agrees with the head on %d %s images (max |diff| %.1e)",
+             len(sample), split, diff)  # fmt: skip
+    return diff
 
 
 def _matching_features(cfg: Any, split: str) -> np.ndarray | None:

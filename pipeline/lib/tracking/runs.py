@@ -463,10 +463,10 @@ def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]
         for i, v in enumerate(values, start=1)
     ]
     steps = batches.get("step", [])
-    metrics += [
+    metrics += [  # the batch's epoch is in train_batches.csv: its step already places it
         Metric(key=f"batch_{name}", value=float(v), timestamp=now, step=int(step))
         for name, values in batches.items()
-        if name != "step"
+        if name not in ("step", "epoch")
         for step, v in zip(steps, values, strict=False)
     ]
     client = mlflow.MlflowClient()

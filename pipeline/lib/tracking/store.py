@@ -223,16 +223,27 @@ def _store_lock(file: Path | None) -> Any:
     return FileLock(str(lock_file), timeout=LOCK_TIMEOUT_S)
 
 
+#: The clients a Hydra multirun's jobs share (one process, one store): opened once per sweep.
+_SWEEP_CLIENTS: dict[str, Any] = {}
+
+
 def open_client(uri: str) -> Any:
     """An MlflowClient (tracking and registry) on `uri` (resolved, see `resolve_uri`), with the
-    store created/migrated under a lock and MLflow's fluent API pointed at it.
+    store created/migrated under a lock and MLflow's fluent API pointed at it. The jobs of one
+    Hydra multirun (one process) share the client the first job opened.
 
     Raises `TrackingError` when the store cannot be opened (read-only, not a database, ...).
     """
     import mlflow
     from filelock import Timeout
 
+    from pipeline.lib.config.step import in_multirun
+
     resolved = resolve_uri(uri)
+    if in_multirun() and resolved in _SWEEP_CLIENTS:  # checked and migrated by the first job
+        mlflow.set_tracking_uri(resolved)
+        mlflow.set_registry_uri(resolved)
+        return _SWEEP_CLIENTS[resolved]
     file = store_file(uri)
     if file is not None and file.is_dir():  # MLflow would retry for minutes, then say little
         raise TrackingError(
@@ -258,6 +269,8 @@ def open_client(uri: str) -> Any:
         raise
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
+    if in_multirun():
+        _SWEEP_CLIENTS[resolved] = client
     return client
 
 

@@ -43,12 +43,9 @@ class ArrayBatches(keras.utils.PyDataset):
         """The permutation of the current epoch (the identity without shuffling)."""
         epoch, cached = self.epoch, self._order  # one read each: prefetch runs in a thread
         if cached is None or cached[0] != epoch:
-            n = len(self.x)
-            perm = (
-                np.random.default_rng((self.seed, epoch)).permutation(n)
-                if self.shuffle
-                else np.arange(n)
-            )
+            from pipeline.lib.training.numpy_head import epoch_order
+
+            perm = epoch_order(len(self.x), self.shuffle, self.seed, epoch)
             cached = self._order = (epoch, perm)
         return cached[1]
 

@@ -85,10 +85,10 @@ def apply_temperature(model: Any, temperature: float) -> None:
         dense.bias.assign(dense.bias.numpy() / temperature)
 
 
-def calibrate(model: Any, val_probs: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
-    """Fit T on the validation probabilities `val_probs` (N, C) of `model` and labels `y_val`
-    (N,), fold it into `model` (`apply_temperature`); return {"temperature", "val_nll_before",
-    "val_nll_after"} (nats per image)."""
+def calibrate(val_probs: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
+    """Fit T on the validation probabilities `val_probs` (N, C) of a model and labels `y_val`
+    (N,); return {"temperature", "val_nll_before", "val_nll_after"} (nats per image). The caller
+    folds T into its model (`apply_temperature`, or `Head.scaled` for a NumPy head)."""
     logits = log_probabilities(val_probs)
     if (logits.argmax(axis=1) == np.asarray(y_val)).all():
         # no validation mistake: the NLL falls as T -> 0, so T has no finite optimum; a T < 1
@@ -98,7 +98,6 @@ def calibrate(model: Any, val_probs: np.ndarray, y_val: np.ndarray) -> dict[str,
     else:
         temperature = fit_temperature(logits, y_val)
     before, after = nll(logits, y_val), nll(logits, y_val, temperature)
-    apply_temperature(model, temperature)
     log.info(
         "Temperature scaling: T = %.4g on %d validation images (NLL %.4f -> %.4f)",
         temperature,

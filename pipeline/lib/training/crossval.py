@@ -4,7 +4,7 @@ to say much (`python -m pipeline.crossval`).
 Train and val are pooled and split into `train.crossval_folds` stratified folds
 (scikit-learn's StratifiedKFold, shuffled with `train.seed`). Fold i is the test fold; fold
 i + 1 (mod k) is its validation fold (early stopping, temperature scaling), the others train:
-each fold runs the pipeline's own head training (`PhaseRunner`, L2, `head.finish`) exactly as
+each fold runs the pipeline's own head training (NumPy or Keras, L2, `head.finish`) exactly as
 `train` does, and every image is tested once. Logged as one MLflow parent run with one child run
 per fold; the parent gets the mean and standard deviation over folds and the pooled accuracy
 with its 95 % Wilson interval.
@@ -54,8 +54,25 @@ def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.nda
 
 def train_fold(cfg: Any, x: np.ndarray, y: np.ndarray, fold: dict, num_classes: int) -> np.ndarray:
     """Train a head on `fold`'s train indices of features `x` (N, D) / labels `y` (N,) as the
-    train stage does (L2, early stopping on the fold's val, temperature scaling); return its
-    float32 (n_test, C) probabilities of the fold's test images."""
+    train stage does (`train.backend`: NumPy or Keras; L2, early stopping on the fold's val,
+    temperature scaling); return its float32 (n_test, C) probabilities of the fold's test
+    images."""
+    from pipeline.lib.training.fit import uses_numpy
+
+    inputs = {s: x[fold[s]] for s in ("train", "val")}
+    if uses_numpy(cfg):
+        from pipeline.lib.training.numpy_head import train_head
+
+        labels = {s: y[fold[s]] for s in ("train", "val")}
+        head, _ = train_head(cfg, inputs, labels, num_classes)
+        return head.probabilities(x[fold["test"]])
+    return _train_fold_keras(cfg, x, y, fold, num_classes)
+
+
+def _train_fold_keras(
+    cfg: Any, x: np.ndarray, y: np.ndarray, fold: dict, num_classes: int
+) -> np.ndarray:
+    """`train_fold` with Keras (`train.backend=keras`, or settings NumPy does not train)."""
     import keras
 
     from pipeline.lib.model.build import build_head
@@ -72,7 +89,9 @@ def train_fold(cfg: Any, x: np.ndarray, y: np.ndarray, fold: dict, num_classes: 
     inputs = {s: x[fold[s]] for s in ("train", "val")}
     with tempfile.TemporaryDirectory() as backup:
         runner.run("phase1", net, inputs, t.learning_rate, (0, t.epochs), backup)
-        runner.head_info = head_lib.finish(runner, SimpleNamespace(head=net), net, initial, inputs)
+        runner.head_info = head_lib.finish_keras(
+            runner, SimpleNamespace(head=net), net, initial, inputs
+        )
     return np.asarray(net.predict(x[fold["test"]], batch_size=256, verbose=0), dtype=np.float32)
 
 

@@ -184,12 +184,17 @@ def phase1_inputs(
         return nets.image_net, {s: dataset.images(s) for s in ("train", "val")}
     features = load_cached_features(cfg, prepared_md5)
     if features is None:
-        from pipeline.lib.model.features import featurize_array, make_featurizer
+        from pipeline.lib.model.features import backbone_featurizer, featurize_array
 
-        featurizer = make_featurizer(
-            nets.extractor, cfg.featurize.backend, cfg.featurize.num_threads
+        m = cfg.model
+        featurizer, dim = backbone_featurizer(
+            m.alpha,
+            m.weights,
+            dataset.image_size,
+            m.init_seed,
+            cfg.featurize.backend,
+            cfg.featurize.num_threads,
         )
-        dim = int(nets.extractor.output.shape[-1])
         features = {
             s: featurize_array(
                 featurizer,
@@ -469,7 +474,8 @@ def fit(
 
     Returns:
         {"model": the full Keras model (images float32 (B, H, W, 3) 0..255 -> probabilities
-        (B, C)), "epochs": per-epoch history {"epoch": [1-based], "loss": [...], ...},
+        (B, C)); None for a NumPy-trained head alone), "full_model": whether it is the whole
+        model, "params": its parameter counts, "backend": "numpy" | "keras", "epochs": per-epoch history {"epoch": [1-based], "loss": [...], ...},
         "batches": {"step", "epoch", "loss", "accuracy"}, "mode": "cached_features" |
         "end_to_end", "seconds": wall-clock training time (s), "resumed_from_epoch": epochs
         restored from a checkpoint, "phases", "class_weight", "stopped_early_at", "strategy",
@@ -488,6 +494,13 @@ def fit(
     `lr_schedule=reduce_on_plateau` restarts them and may stop or reduce later than an
     uninterrupted run; `cosine` resumes exactly (a function of the restored optimizer step).
     """
+    if uses_numpy(cfg, callbacks):
+        start = time.perf_counter()
+        runner, nets, head = _train_numpy(cfg, dataset, prepared_md5, full_model)
+        seconds = time.perf_counter() - start
+        params = head.kernel.size + head.bias.size
+        counts = {"trainable": params, "non_trainable": 0, "total": params}
+        return _fit_result(cfg, runner, nets, seconds, 1, counts)
     strategy = distribution_strategy(cfg.train.strategy)
     with strategy.scope():
         start = time.perf_counter()
@@ -496,16 +509,88 @@ def fit(
     return _fit_result(cfg, runner, nets, seconds, int(strategy.num_replicas_in_sync))
 
 
+def numpy_refusal(cfg: Config) -> str | None:
+    """Why the NumPy trainer cannot train this run's head (None when it can): it trains only a
+    Dense head on cached features, on one device."""
+    t = cfg.train
+    reasons = {
+        "model.freeze_backbone=false": not cfg.model.freeze_backbone,
+        "train.use_feature_cache=false": not t.use_feature_cache,
+        "train.augment.enabled=true": t.augment.enabled,
+        "train.fine_tune.enabled=true": t.fine_tune.enabled,
+        "train.strategy=mirrored": t.strategy != "default",
+    }
+    found = [name for name, applies in reasons.items() if applies]
+    return ", ".join(found) if found else None
+
+
+def uses_numpy(cfg: Config, callbacks: Sequence[Any] = ()) -> bool:
+    """`train.backend`: whether NumPy trains the head (`pipeline.lib.training.numpy_head`).
+    `auto`: when `numpy_refusal` finds nothing and no Keras callbacks are given; `numpy`: always
+    (raises ConfigError naming what prevents it); `keras`: never."""
+    from pipeline.lib.config.schema import ConfigError
+
+    backend, refusal = cfg.train.backend, numpy_refusal(cfg)
+    if backend == "numpy" and (refusal or callbacks):
+        why = refusal or "Keras callbacks were given"
+        raise ConfigError(
+            f"train.backend=numpy trains a Dense head on cached features only, not with {why}: "
+            "use train.backend=auto or keras"
+        )
+    return backend == "numpy" or (backend == "auto" and refusal is None and not callbacks)
+
+
+def _train_numpy(
+    cfg: Config, dataset: PreparedDataset, prepared_md5: str, full_model: bool
+) -> tuple[Any, Networks | None, Any]:
+    """(runner, networks or None, the trained NumPy head) of a NumPy-trained run: the head is
+    trained on the cached features (computed here, in memory, when `paths.features` has none);
+    with `full_model` the Keras networks are built and their head gets its weights."""
+    from pipeline.lib.training import head as head_lib
+    from pipeline.lib.training.calibration import head_dense
+    from pipeline.lib.training.numpy_head import train_head
+
+    features = load_cached_features(cfg, prepared_md5)
+    nets = None
+    if features is None or full_model:
+        nets = build_networks(cfg, dataset.num_classes, dataset.image_size)
+        if features is None:
+            _, features = phase1_inputs(cfg, dataset, prepared_md5, nets)
+    if cfg.train.resume:
+        log.info("train.resume: the NumPy head trains in about a second, so it trains afresh")
+    x = {s: np.asarray(features[s], dtype=np.float32) for s in ("train", "val")}
+    labels = {s: dataset.labels(s) for s in ("train", "val")}
+    head, runner = train_head(cfg, x, labels, dataset.num_classes)
+    if nets is not None:
+        refit = runner.head_info.get("refit_images")  # the refit's penalty follows its images
+        l2 = head_lib.l2_strength(cfg.train.l2, refit) if refit else runner.l2
+        head_lib.set_kernel_l2(nets.head, l2)
+        head_dense(nets.head).set_weights(head.weights())
+    return runner, nets, head
+
+
 def _fit_result(
-    cfg: Config, runner: PhaseRunner, nets: Networks, seconds: float, replicas: int
+    cfg: Config,
+    runner: Any,
+    nets: Networks | None,
+    seconds: float,
+    replicas: int,
+    params: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The dict `fit` returns, from the finished phase runner and the networks it trained."""
+    """The dict `fit` returns, from the finished phase runner and the networks it trained.
+    `params`: given for a NumPy-trained head (its counts, used when `nets` is None), None for
+    Keras."""
+    from pipeline.lib.model.build import count_params
+
     t = cfg.train
     history = runner.history
     total = t.epochs + (t.fine_tune.epochs if t.fine_tune.enabled else 0)
+    full = nets is not None and nets.extractor is not None
     return {
-        "model": nets.full,
-        "full_model": nets.extractor is not None,
+        "model": nets.full if nets is not None else None,
+        "full_model": full,
+        "params": count_params(nets.full) if nets is not None else params,
+        "backend": "keras" if params is None else "numpy",
         "epochs": history,
         "batches": runner.batches,
         "mode": runner.phases["phase1"]["mode"],
@@ -558,5 +643,5 @@ def _train(
     if cfg.train.fine_tune.enabled:
         images = {s: dataset.images(s) for s in ("train", "val")}
         run_phase2(runner, nets, images, done, checkpoint)
-    runner.head_info = head.finish(runner, nets, net, initial, x)
+    runner.head_info = head.finish_keras(runner, nets, net, initial, x)
     return runner, nets

@@ -11,6 +11,7 @@ default (no tuning on any one dataset): the penalty shrinks as the training set 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -111,11 +112,26 @@ def runner_backup(cfg: Any) -> Any:
     return Path(tempfile.mkdtemp(prefix="refit-", dir=cfg.train.checkpoint_dir))
 
 
-def finish(runner: Any, nets: Any, net: Any, initial: list[Any], x: dict) -> dict[str, Any]:
-    """After phase 1 (and 2): refit on train + val (`train.refit_on_train_val`), temperature
-    scaling on the validation split (`train.calibrate`), the underfitting warning. Returns
-    {"best_epoch", "temperature" (None when not calibrated), "val_nll_before"/"_after",
-    "refit_epochs", "refit_images", "l2"}; the scaled weights are in `nets`."""
+def finish(
+    runner: Any,
+    predict_val: Callable[[], np.ndarray],
+    refit: Callable[[], Any],
+    scale: Callable[[float], None],
+) -> dict[str, Any]:
+    """After phase 1 (and 2), whatever trained the head (Keras or NumPy): refit on train + val
+    (`train.refit_on_train_val`), temperature scaling on the validation split
+    (`train.calibrate`), the underfitting warning.
+
+    Args:
+        runner: the phase runner that trained (`history`, `batches`, `targets`, `cfg`,
+            `has_val`, `monitor`).
+        predict_val: the trained head's float (N_val, C) validation probabilities.
+        refit: trains the head again on train + val; returns the refit's runner.
+        scale: folds a temperature T into the head (kernel and bias / T).
+
+    Returns {"best_epoch", "temperature" (None when not calibrated), "val_nll_before"/"_after",
+    "refit_epochs", "refit_images", "refit_history", "l2"}.
+    """
     from pipeline.lib.training.calibration import calibrate
 
     t = runner.cfg.train
@@ -130,17 +146,33 @@ def finish(runner: Any, nets: Any, net: Any, initial: list[Any], x: dict) -> dic
     warn_if_underfit(runner.history, n_train, steps)
     val_probs = None
     if t.calibrate and runner.has_val:
-        val_probs = np.asarray(net.predict(x["val"], batch_size=256, verbose=0))
+        val_probs = np.asarray(predict_val())
     elif t.calibrate:
         log.warning("train.calibrate: no validation split, so no temperature scaling (T = 1)")
     if t.refit_on_train_val:
         if runner.has_val:
-            refit = refit_on_train_val(runner, nets, net, initial, x)
-            info["refit_epochs"] = len(refit.history["epoch"])
-            info["refit_images"] = len(refit.targets["train"])
-            info["refit_history"] = refit.history
+            refitted = refit()
+            info["refit_epochs"] = len(refitted.history["epoch"])
+            info["refit_images"] = len(refitted.targets["train"])
+            info["refit_history"] = refitted.history
         else:
             log.warning("train.refit_on_train_val: no validation split, nothing to add")
     if val_probs is not None:
-        info.update(calibrate(nets.head, val_probs, y_val))
+        calibration = calibrate(val_probs, y_val)
+        scale(calibration["temperature"])
+        info.update(calibration)
     return info
+
+
+def finish_keras(runner: Any, nets: Any, net: Any, initial: list[Any], x: dict) -> dict[str, Any]:
+    """`finish` for a head trained by Keras: `net` (features or images -> probabilities) predicts
+    the validation inputs `x["val"]`, the refit starts from `initial` (`nets.head.get_weights()`
+    before training), the temperature is folded into `nets.head`."""
+    from pipeline.lib.training.calibration import apply_temperature
+
+    return finish(
+        runner,
+        lambda: net.predict(x["val"], batch_size=256, verbose=0),
+        lambda: refit_on_train_val(runner, nets, net, initial, x),
+        lambda temperature: apply_temperature(nets.head, temperature),
+    )
