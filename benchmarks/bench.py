@@ -12,6 +12,7 @@ Rows (repeats interleaved, min and median printed, with the load average around 
               (`python -m pipeline.featurize`, both processes, on the default data).
   repro       `dvc repro` from clean in a fresh copy of the project vs benchmarks/study_script.py
               (the plain Keras script) on the same generated images; test accuracy of both.
+  cold        (information) one `dvc repro` from clean with an empty TFLite conversion cache.
   heap        featurize at 1x/4x/16x the default data: peak traced heap (tracemalloc) and VmHWM.
 Everything runs in a temporary folder; the TFLite conversion cache is the user's (its content
 never changes the features). Exit status 1 when a target is missed.
@@ -44,15 +45,15 @@ QUICK_SWEEP = ["train.learning_rate=0.001,0.01"]
 ROWS: list[dict] = []
 
 
-def env() -> dict[str, str]:
+def env(**extra: str) -> dict[str, str]:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path}  # DVC's stage commands call `python`
+    return {**os.environ, "PATH": path, **extra}  # DVC's stage commands call `python`
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
-    """Seconds `cmd` ran (it must succeed)."""
+def timed(cmd: list[str], cwd: Path, **extra_env: str) -> float:
+    """Seconds `cmd` ran (it must succeed); `extra_env`: variables set for it."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -140,7 +141,7 @@ def bench_sweep(project: Path, repeats: int, sweep: list[str]) -> None:
                            f"hydra.sweep.dir=outputs/bench/sweep{i}"], project))  # fmt: skip
     n = int(np.prod([len(s.split("=")[1].split(",")) for s in sweep]))
     ratio = statistics.median(jobs) / statistics.median(featurize)
-    row("featurize pass (process)", featurize, "s")
+    row("featurize pass (process)", featurize, "s", note="warm conversion cache: no TensorFlow")
     row(f"sweep, {n} jobs (process)", jobs, "s", ratio, "<= 1.0x featurize", ratio <= 1.0,
         f"{statistics.median(jobs) / n:.1f} s/job")  # fmt: skip
 
@@ -163,6 +164,16 @@ def bench_repro(tmp: Path, raw: Path, repeats: int) -> None:
     row("study-style Keras script", study, "s", note=f"test accuracy {accuracy['study']}")
     row("dvc repro from clean", repro, "s", ratio, "<= 0.7x study, acc >=", ratio <= 0.7 and better,
         f"test accuracy {accuracy['repro']}")  # fmt: skip
+
+
+def bench_repro_cold(tmp: Path) -> None:
+    """Information: `dvc repro` from clean with an empty TFLite conversion cache (a machine's
+    first run: the backbone is converted once, about 10 s)."""
+    project = copy_project(tmp / "repro-cold")
+    seconds = timed([sys.executable, "-m", "dvc", "repro", "-q"], project,
+                    TRUCK_CACHE_DIR=str(tmp / "cold-cache"))  # fmt: skip
+    row("dvc repro, cold conversion cache", [seconds], "s", note="first run on a machine")
+    shutil.rmtree(project, ignore_errors=True)
 
 
 def heap_child(prepared: Path, factor: int, tmp: Path) -> None:
@@ -228,7 +239,7 @@ def main() -> int:
         heap_child(Path(args.heap_child[1]), int(args.heap_child[0]), Path(args.heap_child[2]))
         return 0
     repeats = args.repeats or (1 if args.quick else 3)
-    skip = set(args.skip.split(","))
+    skip = set(args.skip.split(",")) | ({"cold"} if args.quick else set())
     print(f"bench: {os.cpu_count()} cores, load {load()}, repeats {repeats}", flush=True)
     with tempfile.TemporaryDirectory(prefix="truck-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -239,6 +250,7 @@ def main() -> int:
             "featurize": lambda: bench_featurize(base, max(repeats, 2)),
             "sweep": lambda: bench_sweep(base, repeats, QUICK_SWEEP if args.quick else SWEEP),
             "repro": lambda: bench_repro(tmp, base / "data/raw/synthetic", min(repeats, 2)),
+            "cold": lambda: bench_repro_cold(tmp),
             "heap": lambda: bench_heap(base, tmp, [1, 2] if args.quick else [1, 4, 16]),
         }
         for name, section in sections.items():

@@ -106,22 +106,19 @@ def export(cfg: Config) -> dict[str, Any]:
     Raises:
         StageInputError: no prepared data, no trained model, an empty test or (int8) train split.
     """
-    import mlflow
-
-    from pipeline.lib.model import export as tflite_export
-    from pipeline.lib.model.build import load_model
-    from pipeline.lib.model.scoring import test_probabilities
-    from pipeline.lib.tracking import runs as tracking
-
     e = cfg.export
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     models, _ = trained_model_folder(cfg, dataset)
-    if not e.formats:
+    if not e.formats:  # opt-in: no TensorFlow, no MLflow
         log.info(
             "export.formats is empty: nothing exported (opt in: export.formats=[float32,int8])"
         )
         _write_outputs(cfg, {}, {"formats": []})
         return {"formats": []}
+    from pipeline.lib.model import export as tflite_export
+    from pipeline.lib.model.build import load_model
+    from pipeline.lib.model.scoring import test_probabilities
+
     images = _test_images(dataset)
     model = load_model(models / MODEL_FILE)
     # the Keras reference: the head on the cached test features when they match (checked)
@@ -146,11 +143,25 @@ def export(cfg: Config) -> dict[str, Any]:
         "test_images": int(len(data.y_true)),
         "latency": latency.describe(),
     }
-    keras_ms = keras["latency_ms"]
-    export_file = tflite_export.export_file
     exports, reports = _write_outputs(cfg, flatbuffers, metrics)
+    _log_export(
+        cfg,
+        results,
+        keras["latency_ms"],
+        [exports / f for f in map(tflite_export.export_file, flatbuffers)],
+    )
+    return metrics
 
-    with tracking.stage_run(cfg, "export"):  # README: "How runs are recorded"
+
+def _log_export(cfg: Config, results: dict[str, Any], keras_ms: float, files: list[Path]) -> None:
+    """Add the export's metrics (per format), the .tflite `files` and the reports to the
+    pipeline's MLflow run (README: "How runs are recorded")."""
+    import mlflow
+
+    from pipeline.lib.tracking import runs as tracking
+
+    reports = Path(cfg.paths.reports)
+    with tracking.stage_run(cfg, "export"):
         flat = {"export_keras_latency_ms": keras_ms}
         for fmt, r in results.items():
             flat |= {
@@ -159,9 +170,8 @@ def export(cfg: Config) -> dict[str, Any]:
             }
             flat[f"export_{fmt}_target_met"] = float(r["target_met"])
         mlflow.log_metrics(flat)
-        tracking.log_files([exports / export_file(fmt) for fmt in flatbuffers], "exports")
+        tracking.log_files(files, "exports")
         tracking.log_files([reports / METRICS_FILE, reports / DETAILS_FILE], "reports")
-    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
