@@ -247,7 +247,7 @@ def main() -> int:
         timed([sys.executable, "-m", "pipeline.prepare", *STAGE, "hydra.run.dir=outputs/p"], base)
         timed([sys.executable, "-m", "pipeline.featurize", *STAGE, "hydra.run.dir=outputs/f"], base)
         sections = {
-            "featurize": lambda: bench_featurize(base, max(repeats, 2)),
+            "featurize": lambda: bench_featurize(base, max(repeats, 5)),  # Keras varies most
             "sweep": lambda: bench_sweep(base, repeats, QUICK_SWEEP if args.quick else SWEEP),
             "repro": lambda: bench_repro(tmp, base / "data/raw/synthetic", min(repeats, 2)),
             "cold": lambda: bench_repro_cold(tmp),

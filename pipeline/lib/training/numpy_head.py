@@ -239,7 +239,9 @@ class HeadRun:
 
 @dataclass
 class Split:
-    """Features float (N, D), one-hot targets float (N, C) and per-example weights float (N,)."""
+    """Features (N, D) (float32 kept as is: batches are widened to float64 as they are used, so
+    a large split costs no float64 copy), one-hot targets float64 (N, C) and per-example weights
+    float64 (N,)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -253,7 +255,8 @@ class Split:
             w = np.ones(len(y))
         else:
             w = np.array([class_weight[int(c)] for c in y.argmax(axis=1)], dtype=np.float64)
-        return cls(np.asarray(x, dtype=np.float64), y, w)
+        x = np.asarray(x)
+        return cls(x if x.dtype.kind == "f" else x.astype(np.float64), y, w)
 
 
 def _loss_terms(head: Head, split: Split, smoothing: float, l2: float) -> tuple[np.ndarray, ...]:
@@ -292,7 +295,7 @@ def _train_step(
 def _batch(train: Split, idx: np.ndarray, dropout: float, rng: Any) -> Split:
     """The examples `idx` of `train`, their features dropped out at rate `dropout` (inverted
     dropout, as Keras' Dropout layer in training) when it is > 0."""
-    x = train.x[idx]
+    x = np.asarray(train.x[idx], dtype=np.float64)
     if dropout > 0:
         x = x * (rng.random(x.shape) >= dropout) / (1.0 - dropout)
     return Split(x, train.y[idx], train.w[idx])
