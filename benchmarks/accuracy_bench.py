@@ -100,6 +100,7 @@ def prepared(work: Path, dataset: str) -> Any:
 def run_pipeline(work: Path, dataset: str, extra: list[str]) -> dict[str, Any]:
     """The train and evaluate steps: test metrics.json's section and the seconds they took."""
     from pipeline.evaluate import evaluate
+    from pipeline.lib.data.prepared import PreparedDataset
     from pipeline.train import train
 
     cfg = compose_cfg(work, dataset, extra)
@@ -107,7 +108,12 @@ def run_pipeline(work: Path, dataset: str, extra: list[str]) -> dict[str, Any]:
     with quiet():
         train(cfg)
         metrics = evaluate(cfg)["test"]
-    return {**metrics, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    return {
+        **metrics,
+        "images": PreparedDataset(cfg.paths.prepared).size("test"),
+        "seconds": seconds,
+    }
 
 
 def run_probe(cfg: Any) -> dict[str, Any]:
@@ -134,11 +140,11 @@ def run_probe(cfg: Any) -> dict[str, Any]:
     probs = np.zeros((len(y["test"]), ds.num_classes), np.float32)
     probs[:, model.classes_] = model.predict_proba(x["test"])
     metrics = headline_metrics(Predictions(probs, y["test"], ds.classes))
-    return {**metrics, "seconds": time.perf_counter() - start, "C": c}
+    return {**metrics, "images": len(y["test"]), "seconds": time.perf_counter() - start, "C": c}
 
 
 def row(dataset: str, name: str, m: dict[str, Any]) -> str:
-    ci = f"[{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}]"
+    ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
     note = f"C={m['C']:g}" if "C" in m else ""
     return (
         f"{dataset:<10} {name:<9} {m['accuracy']:>8.4f} {ci:>16} {m['macro_f1']:>8.4f} "
