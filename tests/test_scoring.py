@@ -75,3 +75,34 @@ def test_features_that_disagree_with_the_saved_model_are_an_error_naming_both(tr
     )
     probs = test_probabilities(tuned, dataset, Path(tuned.paths.models))
     np.testing.assert_allclose(probs, whole_model_probabilities(cfg), atol=1e-5)
+
+
+def test_evaluate_scores_the_saved_head_without_tensorflow(tmp_path):
+    """The evaluate stage on a model trained on cached features: the saved head (head.npy) on
+    them, in a process that never imports TensorFlow or Keras, and the metrics of the whole
+    model."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, tiny_overrides
+
+    cfg = tiny_config(tmp_path, **{"tracking.log_model": "false"})
+    prepare(cfg)
+    featurize(cfg)
+    train(cfg)
+    head = json.loads((Path(cfg.paths.models) / "head.json").read_text())
+    assert head["features_md5"].endswith(".dir")
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline.evaluate",
+         *tiny_overrides(tmp_path, **{"tracking.log_model": "false"})],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+    assert "tensorflow" not in imported and "keras" not in imported
+    assert "the saved head" in proc.stdout + proc.stderr
+    accuracy = json.loads((Path(cfg.paths.reports) / "metrics.json").read_text())["test"]
+    dataset = open_prepared(cfg.paths.prepared, cfg.data)
+    whole = whole_model_probabilities(cfg).argmax(axis=1)
+    assert accuracy["accuracy"] == pytest.approx((whole == dataset.labels("test")).mean())
