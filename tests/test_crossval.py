@@ -24,6 +24,17 @@ def test_folds_cover_every_image_once():
         assert sum(map(len, parts)) == 18
     with pytest.raises(CrossvalError, match="cannot make 30 folds"):
         fold_indices(y, 30, seed=0)
+    # two folds: one tests, the other validates, none is left to train on
+    with pytest.raises(CrossvalError, match="nothing to train on"):
+        fold_indices(y, 2, seed=0)
+
+
+def test_two_folds_are_refused_by_the_schema():
+    from pipeline.lib.config.schema import ConfigError, validate
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match="train.crossval_folds"):
+        validate(compose(["train.crossval_folds=2"]))
 
 
 def test_kfold_logs_k_children(tmp_path):

@@ -171,3 +171,18 @@ def test_backend_numpy_is_refused_where_it_cannot_train():
     assert not uses_numpy(fine_tune)  # auto falls back to Keras
     with pytest.raises(ConfigError, match=r"train.backend=numpy .*train.fine_tune.enabled=true"):
         uses_numpy(compose(["train.backend=numpy", "train.fine_tune.enabled=true"]))
+
+
+def test_a_diverging_head_stops_with_the_epoch_named():
+    cfg = compose(["train.epochs=20", "train.batch_size=8", "train.optimizer=sgd",
+                   "train.learning_rate=1e30", "train.early_stopping.enabled=false"])  # fmt: skip
+    x, y, x_val, y_val = _data()
+    with pytest.raises(nh.TrainingDivergedError, match="lower train.learning_rate"):
+        nh.train_head(cfg, {"train": x * 1e20, "val": x_val}, {"train": y, "val": y_val}, CLASSES)
+
+
+def test_features_that_are_not_finite_are_refused():
+    x, y, x_val, y_val = _data()
+    x[3, 2] = np.nan
+    with pytest.raises(nh.TrainingDivergedError, match="train features hold NaN or inf"):
+        nh.train_head(compose([]), {"train": x, "val": x_val}, {"train": y, "val": y_val}, CLASSES)

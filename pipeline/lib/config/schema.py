@@ -535,7 +535,8 @@ def _check_train_options(t: Any, need: Any) -> None:
         "train.l2",
         f"must be `auto` or a number >= 0, got {t.l2!r}",
     )
-    need(t.crossval_folds >= 2, "train.crossval_folds", "must be >= 2")
+    # fold i tests, fold i + 1 validates, the others train: 2 folds would leave none to train
+    need(t.crossval_folds >= 3, "train.crossval_folds", "must be >= 3")
     need(
         not (t.refit_on_train_val and (t.fine_tune.enabled or t.augment.enabled)),
         "train.refit_on_train_val",

@@ -119,7 +119,7 @@ def check_whole_model(
     # an eager call: 8 images do not repay tracing `predict_on_batch`'s function
     whole = np.asarray(model(np.asarray(images[sample], dtype=np.float32), training=False))
     diff = float(np.abs(whole - head_probabilities(kernel, bias, features[sample])).max())
-    if diff > ATOL:
+    if not diff <= ATOL:  # NaN included
         raise ScoringMismatchError(
             f"The trained model and the cached features {Path(cfg.paths.features)}/{split}.npy "
             f"disagree (max |difference| of probabilities {diff:.2g} > {ATOL:g} on {len(sample)} "

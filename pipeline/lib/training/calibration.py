@@ -98,6 +98,15 @@ def calibrate(val_probs: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
     else:
         temperature = fit_temperature(logits, y_val)
     before, after = nll(logits, y_val), nll(logits, y_val, temperature)
+    if abs(np.log(temperature)) >= LOG_T_BOUND - 1e-3:
+        log.warning(
+            "Temperature scaling: T = %.4g is at the edge of the range searched (log T in "
+            "[-%g, %g]): the validation probabilities carry almost no information (too few "
+            "images, or a head that did not train); the probabilities are not calibrated",
+            temperature,
+            LOG_T_BOUND,
+            LOG_T_BOUND,
+        )
     log.info(
         "Temperature scaling: T = %.4g on %d validation images (NLL %.4f -> %.4f)",
         temperature,

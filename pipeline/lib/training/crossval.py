@@ -48,6 +48,11 @@ def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.nda
     for i in range(k):
         val = tests[(i + 1) % k]
         rest = np.setdiff1d(np.arange(len(labels)), np.concatenate([tests[i], val]))
+        if not len(rest):
+            raise CrossvalError(
+                f"{len(labels)} images in {k} folds leave fold {i + 1} nothing to train on: "
+                "raise train.crossval_folds or add images"
+            )
         folds.append({"train": rest, "val": val, "test": tests[i]})
     return folds
 

@@ -39,11 +39,17 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lib.errors import UserError
+
 #: Keras 3's defaults for the optimizers `train.optimizer` names.
 ADAM_BETAS = (0.9, 0.999)
 EPSILON = 1e-7
 ADAMW_WEIGHT_DECAY = 0.004
 RMSPROP_RHO = 0.9
+
+
+class TrainingDivergedError(UserError):
+    """The head's loss or weights stopped being finite numbers (or its features are not)."""
 
 
 def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
@@ -333,7 +339,14 @@ def fit_head(head: Head, train: Split, val: Split | None, settings: Settings) ->
 
     Returns the `HeadRun`. With early stopping, `head` ends with the weights of the epoch whose
     monitored value (val_loss, else loss) was lowest.
+
+    Raises:
+        TrainingDivergedError: an epoch's training loss is not finite (NaN or inf: the learning
+            rate is too high for these features), or there is nothing to train on. Keras would
+            go on training a NaN model; here the run stops with the epoch named.
     """
+    if not len(train.w):
+        raise TrainingDivergedError("no training images: nothing to train the head on")
     from threadpoolctl import threadpool_limits
 
     s, run = settings, HeadRun()
@@ -353,6 +366,12 @@ def fit_head(head: Head, train: Split, val: Split | None, settings: Settings) ->
             if has_val:
                 logs["val_loss"], logs["val_accuracy"] = evaluate(head, val, s)
             logs["learning_rate"] = cosine(optimizer.iterations - 1) if cosine else lr
+            if not math.isfinite(logs["loss"]):
+                raise TrainingDivergedError(
+                    f"the head's training loss is {logs['loss']} at epoch {epoch + 1} "
+                    f"(train.learning_rate={s.learning_rate:g}, train.optimizer={s.optimizer}): "
+                    "it diverged; lower train.learning_rate"
+                )
             run.add(epoch + 1, logs)
             for key, values in batches.items():
                 run.batches[key].extend(values)
@@ -485,11 +504,21 @@ def train_head(
         num_classes: C.
 
     Returns (the trained head, temperature folded in; the runner, its `head_info` set).
+
+    Raises:
+        TrainingDivergedError: features that are not finite, a loss that stops being finite, or
+            weights that overflow float32 (the type they are saved in).
     """
     from pipeline.lib.training.fit import class_weights
     from pipeline.lib.training.head import finish, l2_strength
 
     t = cfg.train
+    for split, values in x.items():
+        if len(values) and not np.isfinite(values).all():
+            raise TrainingDivergedError(
+                f"the cached {split} features hold NaN or inf values: recompute them "
+                "(`dvc repro -f featurize`)"
+            )
     targets = {s: one_hot(labels[s], num_classes) for s in ("train", "val")}
     runner = NumpyPhaseRunner(
         cfg,
@@ -511,4 +540,11 @@ def train_head(
         lambda: refit_on_train_val(runner, head, initial, x),
         scale,
     )
+    with np.errstate(over="ignore"):
+        finite = all(np.isfinite(w).all() for w in final[0].weights())
+    if not finite:
+        raise TrainingDivergedError(
+            "the trained head's weights overflow float32 (the type they are saved in): it "
+            f"diverged; lower train.learning_rate (now {t.learning_rate:g})"
+        )
     return final[0], runner
