@@ -67,4 +67,4 @@ benchmark: install weights  ## the pipeline's cost vs the plain script it replac
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:  ## generated outputs (keeps the venv)
-	rm -rf data models reports/*_figures outputs multirun mlflow.db mlartifacts mlruns
+	rm -rf data models reports/*_figures outputs multirun mlflow.db mlartifacts mlruns dvc_plots

@@ -56,6 +56,12 @@ DETAILS_FILE = "export_details.json"
 #: Latencies and the machine's thread count, beside `paths.run_file` (not a DVC output).
 LATENCY_FILE = "export_latency.json"
 TRAIN, _, TEST = SPLITS
+#: What `paths.exports` holds when `export.formats` is empty (the default).
+NOTHING_EXPORTED = "NOTHING_EXPORTED.txt"
+NOTHING_EXPORTED_TEXT = (
+    "export.formats is empty (the default): no TensorFlow Lite model was exported.\n"
+    "Opt in: dvc exp run -S 'export.formats=[float32,int8]'  (README: Export to TensorFlow Lite)\n"
+)
 
 
 def _calibration_images(dataset: PreparedDataset, cfg: Config) -> np.ndarray | None:
@@ -82,14 +88,16 @@ def _test_images(dataset: PreparedDataset) -> np.ndarray:
 def _write_outputs(
     cfg: Config, flatbuffers: dict[str, bytes], details: dict[str, Any]
 ) -> tuple[Path, Path]:
-    """Write `paths.exports` (replaced atomically: one .tflite file per format) and the two
-    report files; return (exports, reports) folders."""
+    """Write `paths.exports` (replaced atomically: one .tflite file per format; with none,
+    `NOTHING_EXPORTED` says why) and the two report files; return (exports, reports) folders."""
     from pipeline.lib.model.export import export_file, headline_metrics, split_timings
 
     exports = Path(cfg.paths.exports)
     with atomic_dir(exports) as tmp:
         for fmt, flatbuffer in flatbuffers.items():
             (tmp / export_file(fmt)).write_bytes(flatbuffer)
+        if not flatbuffers:  # a word for who opens the folder (and no "empty output" from DVC)
+            (tmp / NOTHING_EXPORTED).write_text(NOTHING_EXPORTED_TEXT, encoding="utf-8")
     reports = Path(cfg.paths.reports)
     stable, timings = split_timings(details)
     write_json(reports / DETAILS_FILE, stable)

@@ -63,8 +63,10 @@ def train(cfg: Config, callbacks: Sequence[Any] = ()) -> float | None:
     """
     from pipeline.lib.model.build import resolve_weights
     from pipeline.lib.tracking import runs as tracking
+    from pipeline.lib.training.fit import uses_numpy
 
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
+    uses_numpy(cfg, callbacks)  # train.backend=numpy with settings it cannot train: before any run
     tracking.check_reachable(cfg.tracking.uri, cfg.tracking.timeout_s)
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     prepared_md5 = dvc_md5(cfg.paths.prepared)
@@ -120,6 +122,7 @@ def _train_metrics(result: dict[str, Any]) -> dict[str, Any]:
             **{f"trainable_params_{name}": p["trainable_params"] for name, p in phases.items()},
         },
         "mode": result["mode"],
+        "backend": result["backend"],  # what trained the head: numpy | keras (train.backend)
         # best epoch, L2 factor, temperature (None: not calibrated), refit (pipeline.lib.training.head)
         "head": {k: v for k, v in result.get("head", {}).items() if k != "refit_history"},
     }
@@ -152,8 +155,9 @@ def _log_training(result: dict[str, Any], metrics: dict[str, Any], classes: list
     epochs, batches, final = result["epochs"], result["batches"], _final(result)
     params = metrics["params"]
     log.info(
-        "Trained (%s) in %.1f s: %s; trainable %d, frozen %d parameters",
+        "Trained (%s, %s) in %.1f s: %s; trainable %d, frozen %d parameters",
         result["mode"],
+        result["backend"],
         result["seconds"],
         {k: round(v, 4) for k, v in final.items()},
         params["trainable"],

@@ -203,6 +203,6 @@ def test_export_is_opt_in_and_then_costs_no_tensorflow(exported, tmp_path):
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
     assert "tensorflow" not in imported and "keras" not in imported
     assert "nothing exported" in proc.stdout + proc.stderr
-    assert (tmp_path / "exports").is_dir() and not any((tmp_path / "exports").iterdir())
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["NOTHING_EXPORTED.txt"]
     assert json.loads((tmp_path / "reports" / "export_metrics.json").read_text()) == {}
     assert json.loads((tmp_path / "reports" / "export_details.json").read_text()) == {"formats": []}

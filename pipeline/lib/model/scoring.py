@@ -75,6 +75,15 @@ def test_probabilities(
     if features is None or checked is None or len(features) != len(images) or not len(images):
         from pipeline.lib.model.build import load_model
 
+        log.info(
+            "Scoring the %s images with the whole model (%s): %s",
+            split,
+            models / MODEL_FILE,
+            "no cached features of this backbone and these images"
+            if features is None
+            else f"{models / HEAD_RECORD_FILE} names no features the model was checked on",
+        )
+
         model = load_model(models / MODEL_FILE) if model is None else model
         classes = int(model.output.shape[-1])
         return predict_batches(model.predict_on_batch, images, BATCH_SIZE, classes)

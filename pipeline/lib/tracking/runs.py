@@ -197,6 +197,9 @@ class Recovery:
 
     reason: str
     model_run_id: str | None
+    #: A DVC experiment that did not rerun train (e.g. only `export.*` changed): its model is the
+    #: baseline's, as expected, so this is said as information, not as a warning.
+    reused: bool = False
 
 
 @contextmanager
@@ -226,7 +229,8 @@ def stage_run(
         else:
             tags |= extra | _recovered_tags(cfg, recovery)
             reason = recovery.reason if recovery else "no run found"
-            log.warning("MLflow: %s; logging into a new run %r (tagged recovered)", reason, name)
+            say = log.info if recovery is not None and recovery.reused else log.warning
+            say("MLflow: %s; logging into a new run %r (tagged recovered)", reason, name)
     with active_run(
         cfg.tracking,
         run_id=run_id,
@@ -354,7 +358,8 @@ def _later_stage_run(
     trained_by = found[-1].info.run_id if found else (recorded if run is not None else None)
     models, store = cfg.paths.models, f"tracking.uri={cfg.tracking.uri}"
     if exp_name and trained_by:
-        reason = f"{models} was trained by run {trained_by}, not in DVC experiment {exp_name!r}"
+        reason = f"DVC experiment {exp_name!r} did not rerun train: {models} is run {trained_by}'s"
+        return None, Recovery(reason, trained_by, reused=True)
     elif recorded:
         reason = f"run {recorded} that trained {models} is not in {store}"
     else:

@@ -495,9 +495,7 @@ def fit(
     uninterrupted run; `cosine` resumes exactly (a function of the restored optimizer step).
     """
     if uses_numpy(cfg, callbacks):
-        start = time.perf_counter()
-        runner, nets, head = _train_numpy(cfg, dataset, prepared_md5, full_model)
-        seconds = time.perf_counter() - start
+        runner, nets, head, seconds = _train_numpy(cfg, dataset, prepared_md5, full_model)
         params = head.kernel.size + head.bias.size
         counts = {"trainable": params, "non_trainable": 0, "total": params}
         return _fit_result(cfg, runner, nets, seconds, 1, counts)
@@ -542,8 +540,9 @@ def uses_numpy(cfg: Config, callbacks: Sequence[Any] = ()) -> bool:
 
 def _train_numpy(
     cfg: Config, dataset: PreparedDataset, prepared_md5: str, full_model: bool
-) -> tuple[Any, Networks | None, Any]:
-    """(runner, networks or None, the trained NumPy head) of a NumPy-trained run: the head is
+) -> tuple[Any, Networks | None, Any, float]:
+    """(runner, networks or None, the trained NumPy head, seconds its training took (not the
+    networks' building)) of a NumPy-trained run: the head is
     trained on the cached features (computed here, in memory, when `paths.features` has none);
     with `full_model` the Keras networks are built and their head gets its weights."""
     from pipeline.lib.training import head as head_lib
@@ -560,13 +559,15 @@ def _train_numpy(
         log.info("train.resume: the NumPy head trains in about a second, so it trains afresh")
     x = {s: np.asarray(features[s], dtype=np.float32) for s in ("train", "val")}
     labels = {s: dataset.labels(s) for s in ("train", "val")}
+    start = time.perf_counter()
     head, runner = train_head(cfg, x, labels, dataset.num_classes)
+    seconds = time.perf_counter() - start  # the head's training alone, as the Keras path times it
     if nets is not None:
         refit = runner.head_info.get("refit_images")  # the refit's penalty follows its images
         l2 = head_lib.l2_strength(cfg.train.l2, refit) if refit else runner.l2
         head_lib.set_kernel_l2(nets.head, l2)
         head_dense(nets.head).set_weights(head.weights())
-    return runner, nets, head
+    return runner, nets, head, seconds
 
 
 def _fit_result(
