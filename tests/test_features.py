@@ -182,3 +182,33 @@ def test_training_on_cached_features_matches_end_to_end(tmp_path):
         e2e["model"].predict(images, verbose=0),
         atol=2e-3,
     )
+
+
+def test_the_cache_key_follows_the_conversion_code(monkeypatch):
+    """A change to how the backbone is converted must miss the old cache entries (a stale hit
+    would give other features with no error)."""
+    from pipeline.lib.model import features
+
+    before = features.backbone_key(0.35, None, 32, 0)
+
+    def convert_to_tflite(extractor):  # another conversion (e.g. optimizations on)
+        return b"other"
+
+    monkeypatch.setattr(features, "convert_to_tflite", convert_to_tflite)
+    assert features.backbone_key(0.35, None, 32, 0) != before
+
+
+def test_the_feature_key_follows_a_weights_file_changed_in_place(tmp_path):
+    """DVC sees only the `model.weights` string: a file rewritten in place must still make the
+    cached features another backbone's (train then recomputes them, evaluate runs the model)."""
+    from pipeline.lib.model.features import feature_key
+    from tests.conftest import compose
+
+    weights = tmp_path / "user.weights.h5"
+    weights.write_bytes(b"first weights")
+    cfg = compose([f"model.weights={weights}"])
+    before = feature_key(cfg, "prepared.dir")
+    weights.write_bytes(b"other weights")
+    after = feature_key(cfg, "prepared.dir")
+    assert before["weights"] == after["weights"] and before["weights_md5"] != after["weights_md5"]
+    assert feature_key(compose(["model.weights=null"]), "prepared.dir")["weights_md5"] is None

@@ -106,3 +106,26 @@ def test_evaluate_scores_the_saved_head_without_tensorflow(tmp_path):
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     whole = whole_model_probabilities(cfg).argmax(axis=1)
     assert accuracy["accuracy"] == pytest.approx((whole == dataset.labels("test")).mean())
+
+
+def test_a_head_or_model_not_saved_together_is_refused(trained, tmp_path):
+    """head.npy and model.keras are a pair (their md5s in head.json): a head edited by hand, or
+    either file swapped, is refused in one line instead of scoring metrics that are not the
+    model's."""
+    import shutil
+
+    from pipeline.lib.errors import StageInputError
+
+    _, cfg = trained
+    models = tmp_path / "models"
+    shutil.copytree(cfg.paths.models, models)
+    dataset = open_prepared(cfg.paths.prepared, cfg.data)
+    head = np.load(models / "head.npy")
+    np.save(models / "head.npy", head[:, ::-1].copy())  # two classes' columns swapped
+    with pytest.raises(ScoringMismatchError, match=r"head\.npy is not the file train saved"):
+        test_probabilities(cfg, dataset, models)
+    np.save(models / "head.npy", head)  # the same values again: the same bytes, accepted
+    assert test_probabilities(cfg, dataset, models).shape[0] == dataset.size("test")
+    (models / "head.json").write_text("[1, 2]")
+    with pytest.raises(StageInputError, match=r"head\.json is not the JSON object"):
+        test_probabilities(cfg, dataset, models)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
@@ -82,8 +83,8 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
     TensorFlow or Keras, from what determines it: the weights (the sha256 of the ImageNet file in
     Keras' cache or of the user's file; the init seed when there are none), alpha, the image size,
     the installed TensorFlow and Keras versions and Keras' dtype and layout settings,
-    `CONVERSION`, and the source text of `pipeline/lib/model/build.py` (a change to how the
-    extractor is built misses the old entries).
+    `CONVERSION`, the source text of `pipeline/lib/model/build.py` and of `convert_to_tflite`
+    (a change to how the extractor is built or converted misses the old entries).
 
     Raises:
         WeightsNotFoundError: `weights` is `imagenet` without the file in Keras' cache, or a
@@ -106,6 +107,7 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
         "keras_settings": _keras_settings(build.keras_home()),
         "conversion": CONVERSION,
         "build_py": _file_sha256(Path(build.__file__)),
+        "converter": hashlib.sha256(inspect.getsource(convert_to_tflite).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -386,16 +388,35 @@ def featurize_array(
 
 def feature_key(cfg: Any, prepared_md5: str) -> dict:
     """What determines the features (kept in `meta.json` beside them): the prepared images (their
-    DVC md5), the backbone's configuration and the backend (TFLite and Keras agree to ~1e-5, not
-    to the bit)."""
+    DVC md5), the backbone's configuration, the md5 of its weights file (a file changed in place
+    is another backbone: DVC only sees the `model.weights` string) and the backend (TFLite and
+    Keras agree to ~1e-5, not to the bit)."""
     return {
         "prepared_md5": prepared_md5,
         "model": cfg.model.name,
         "alpha": float(cfg.model.alpha),
         "weights": cfg.model.weights,
+        "weights_md5": _weights_md5(cfg),
         "init_seed": cfg.model.init_seed if cfg.model.weights is None else None,
         "backend": cfg.featurize.backend,
     }
+
+
+def _weights_md5(cfg: Any) -> str | None:
+    """The md5 of the backbone's weights file (None: no weights, or the file is not there, so
+    no cached features match and the model runs on the images)."""
+    from pipeline.lib.files import md5_file
+    from pipeline.lib.model import build
+
+    m, size = cfg.model, int(cfg.data.image_size)
+    try:
+        resolved = build.resolve_weights(m.weights, m.alpha, size)
+    except build.WeightsNotFoundError:
+        return None
+    if resolved is None:
+        return None
+    path = build.imagenet_weights_path(m.alpha, size) if resolved == "imagenet" else resolved
+    return md5_file(path)
 
 
 def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] | None:

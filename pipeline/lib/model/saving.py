@@ -25,7 +25,8 @@ PREPROCESSING_FILE = "preprocessing.json"
 HEAD_FILE = "head.npy"
 #: What train checked head.npy against: {"features_md5": the DVC hash of `paths.features` on
 #: which the whole model agreed with the head (null: no cached features matched, so later stages
-#: run the whole model)}. Evaluate and export use the head only on those very features.
+#: run the whole model), "head_md5" / "model_md5": the md5s of head.npy and model.keras as
+#: saved}. Evaluate and export use the head only on those very features, with that very pair.
 HEAD_RECORD_FILE = "head.json"
 
 
@@ -59,15 +60,34 @@ def write_head(
     path = Path(folder) / HEAD_FILE
     with open(path, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
-    write_json(Path(folder) / HEAD_RECORD_FILE, {"features_md5": features_md5})
+    record = {
+        "features_md5": features_md5,
+        "head_md5": md5_file(path),
+        "model_md5": md5_file(Path(folder) / MODEL_FILE),
+    }
+    write_json(Path(folder) / HEAD_RECORD_FILE, record)
     return path
 
 
-def head_features_md5(models: str | os.PathLike[str]) -> str | None:
-    """The DVC hash of the cached features train checked `models`' head against (see
-    `HEAD_RECORD_FILE`); None when it checked none or the record is missing."""
+def head_record(models: str | os.PathLike[str]) -> dict[str, Any]:
+    """`models`/`HEAD_RECORD_FILE` ({} when there is none: a models/ folder of an older version).
+
+    Raises:
+        StageInputError: the file is not a JSON object (naming it).
+    """
     path = Path(models) / HEAD_RECORD_FILE
-    return read_json(path).get("features_md5") if path.is_file() else None
+    if not path.is_file():
+        return {}
+    try:
+        record = read_json(path)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise StageInputError(
+            f"{path} is not the JSON object train writes: rerun the train stage "
+            "(`dvc repro -f train`)."
+        )
+    return record
 
 
 def read_head(models: str | os.PathLike[str]) -> tuple[Any, Any]:

@@ -19,14 +19,14 @@ import numpy as np
 
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.errors import StageInputError
-from pipeline.lib.files import dvc_md5
+from pipeline.lib.files import dvc_md5, md5_file
 from pipeline.lib.model.batch_predict import predict_batches
 from pipeline.lib.model.features import load_cached_features
 from pipeline.lib.model.saving import (
     HEAD_FILE,
     HEAD_RECORD_FILE,
     MODEL_FILE,
-    head_features_md5,
+    head_record,
     read_head,
 )
 
@@ -71,7 +71,8 @@ def test_probabilities(
     """
     images = dataset.images(split)
     features = _matching_features(cfg, split)
-    checked = head_features_md5(models)
+    record = head_record(models)
+    checked = record.get("features_md5")
     if features is None or checked is None or len(features) != len(images) or not len(images):
         from pipeline.lib.model.build import load_model
 
@@ -79,7 +80,7 @@ def test_probabilities(
             "Scoring the %s images with the whole model (%s): %s",
             split,
             models / MODEL_FILE,
-            "no cached features of this backbone and these images"
+            _no_features_reason(cfg)
             if features is None
             else f"{models / HEAD_RECORD_FILE} names no features the model was checked on",
         )
@@ -93,6 +94,7 @@ def test_probabilities(
             f"({models / HEAD_RECORD_FILE}: features {checked}): rerun `dvc repro` (featurize, "
             "then train)."
         )
+    _check_pair(models, record)
     kernel, bias = read_head(models)
     if kernel.shape[0] != features.shape[1]:
         raise ScoringMismatchError(
@@ -106,6 +108,27 @@ def test_probabilities(
         models / HEAD_FILE,
     )
     return head_probabilities(kernel, bias, features)
+
+
+def _no_features_reason(cfg: Any) -> str:
+    """Why no cached features stand for the model's backbone (for the log)."""
+    if not cfg.model.freeze_backbone:
+        return "the backbone was trained (model.freeze_backbone=false)"
+    if cfg.train.fine_tune.enabled:
+        return "the backbone was fine-tuned (train.fine_tune.enabled=true)"
+    return "no cached features of this backbone and these images"
+
+
+def _check_pair(models: Path, record: dict[str, Any]) -> None:
+    """Raise ScoringMismatchError unless head.npy and model.keras are the files train saved and
+    checked together (their md5s in `HEAD_RECORD_FILE`)."""
+    for name, key in ((HEAD_FILE, "head_md5"), (MODEL_FILE, "model_md5")):
+        if not (models / name).is_file() or md5_file(models / name) != record.get(key):
+            raise ScoringMismatchError(
+                f"{models / name} is not the file train saved and checked with its other half "
+                f"({models / HEAD_RECORD_FILE}: {key} {record.get(key)}): rerun the train stage "
+                "(`dvc repro -f train`)."
+            )
 
 
 def check_whole_model(
@@ -132,7 +155,8 @@ def check_whole_model(
         raise ScoringMismatchError(
             f"The trained model and the cached features {Path(cfg.paths.features)}/{split}.npy "
             f"disagree (max |difference| of probabilities {diff:.2g} > {ATOL:g} on {len(sample)} "
-            "images): rerun `dvc repro` (featurize, then train)."
+            "images): the features are stale (e.g. the weights file changed in place, which DVC "
+            "does not see): `dvc repro -f featurize`."
         )
     log.info("The whole model agrees with the head on %d %s images (max |diff| %.1e)",
              len(sample), split, diff)  # fmt: skip

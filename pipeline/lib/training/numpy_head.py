@@ -366,12 +366,7 @@ def fit_head(head: Head, train: Split, val: Split | None, settings: Settings) ->
             if has_val:
                 logs["val_loss"], logs["val_accuracy"] = evaluate(head, val, s)
             logs["learning_rate"] = cosine(optimizer.iterations - 1) if cosine else lr
-            if not math.isfinite(logs["loss"]):
-                raise TrainingDivergedError(
-                    f"the head's training loss is {logs['loss']} at epoch {epoch + 1} "
-                    f"(train.learning_rate={s.learning_rate:g}, train.optimizer={s.optimizer}): "
-                    "it diverged; lower train.learning_rate"
-                )
+            _check_loss(logs["loss"], epoch, s)
             run.add(epoch + 1, logs)
             for key, values in batches.items():
                 run.batches[key].extend(values)
@@ -388,6 +383,16 @@ def fit_head(head: Head, train: Split, val: Split | None, settings: Settings) ->
     if stopper is not None:  # Keras restores the best weights at the end, stopped or not
         head.kernel[...], head.bias[...] = best.kernel, best.bias
     return run
+
+
+def _check_loss(loss: float, epoch: int, s: Settings) -> None:
+    """Raise TrainingDivergedError when epoch `epoch`'s (0-based) training loss is not finite."""
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(
+            f"the head's training loss is {loss} at epoch {epoch + 1} "
+            f"(train.learning_rate={s.learning_rate:g}, train.optimizer={s.optimizer}): "
+            "it diverged; lower train.learning_rate"
+        )
 
 
 def _plateau(monitor: Monitor, current: float, lr: float, plateau: tuple) -> float:
@@ -513,12 +518,7 @@ def train_head(
     from pipeline.lib.training.head import finish, l2_strength
 
     t = cfg.train
-    for split, values in x.items():
-        if len(values) and not np.isfinite(values).all():
-            raise TrainingDivergedError(
-                f"the cached {split} features hold NaN or inf values: recompute them "
-                "(`dvc repro -f featurize`)"
-            )
+    _check_features(x)
     targets = {s: one_hot(labels[s], num_classes) for s in ("train", "val")}
     runner = NumpyPhaseRunner(
         cfg,
@@ -540,11 +540,26 @@ def train_head(
         lambda: refit_on_train_val(runner, head, initial, x),
         scale,
     )
+    _check_weights(final[0], float(t.learning_rate))
+    return final[0], runner
+
+
+def _check_features(x: dict[str, np.ndarray]) -> None:
+    """Raise TrainingDivergedError when a split's features hold NaN or inf."""
+    for split, values in x.items():
+        if len(values) and not np.isfinite(values).all():
+            raise TrainingDivergedError(
+                f"the cached {split} features hold NaN or inf values: recompute them "
+                "(`dvc repro -f featurize`)"
+            )
+
+
+def _check_weights(head: Head, learning_rate: float) -> None:
+    """Raise TrainingDivergedError when `head`'s weights are not finite in float32 (saved so)."""
     with np.errstate(over="ignore"):
-        finite = all(np.isfinite(w).all() for w in final[0].weights())
+        finite = all(np.isfinite(w).all() for w in head.weights())
     if not finite:
         raise TrainingDivergedError(
             "the trained head's weights overflow float32 (the type they are saved in): it "
-            f"diverged; lower train.learning_rate (now {t.learning_rate:g})"
+            f"diverged; lower train.learning_rate (now {learning_rate:g})"
         )
-    return final[0], runner
