@@ -8,7 +8,7 @@ never depend on what a cache holds:
 
 - converting the Keras graph to TFLite takes tens of seconds, so the flatbuffer is cached on disk
   (`tflite_cache_path`), keyed by a hash of what determines it, computed without TensorFlow
-  (`backbone_key`: the weights file's or the init seed, alpha, image size, the TensorFlow and
+  (`backbone_key`: the weights file's md5 or the init seed, alpha, image size, the TensorFlow and
   Keras versions, the conversion settings, the source of `build.py`); on a warm cache featurize
   neither imports TensorFlow nor builds the Keras model (~2 s instead of ~6 s a run). A Keras
   model built elsewhere is keyed by its content instead (`extractor_fingerprint`);
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.lib.data.prepared import SPLITS, iter_batches
-from pipeline.lib.files import read_json
+from pipeline.lib.files import md5_file, read_json
 from pipeline.lib.model.tflite import TFLiteRunner
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,9 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
     """
     from pipeline.lib.model import build
 
-    resolved = build.resolve_weights(weights, alpha, image_size)
-    if resolved is None:
-        source = f"init_seed={int(init_seed)}"
-    elif resolved == "imagenet":
-        source = f"imagenet:{_file_sha256(build.imagenet_weights_path(alpha, image_size))}"
-    else:
-        source = f"file:{_file_sha256(Path(resolved))}"
+    path = weights_file(weights, alpha, image_size)
+    origin = "imagenet" if weights == "imagenet" else "file"
+    source = f"init_seed={int(init_seed)}" if path is None else f"{origin}:{md5_file(path)}"
     parts = {
         "weights": source,
         "alpha": float(alpha),
@@ -106,19 +102,27 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
         "versions": _distribution_versions(),
         "keras_settings": _keras_settings(build.keras_home()),
         "conversion": CONVERSION,
-        "build_py": _file_sha256(Path(build.__file__)),
+        "build_py": md5_file(build.__file__),
         "converter": hashlib.sha256(inspect.getsource(convert_to_tflite).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: Path) -> str:
-    """The sha256 (hex) of a file's bytes, read 1 MiB at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def weights_file(weights: str | None, alpha: float, image_size: int) -> Path | None:
+    """The backbone's weights file (the ImageNet file in Keras' cache, or the user's), None for
+    random weights.
+
+    Raises:
+        WeightsNotFoundError: the file is not there (`build.resolve_weights`).
+    """
+    from pipeline.lib.model import build
+
+    resolved = build.resolve_weights(weights, alpha, image_size)
+    if resolved is None:
+        return None
+    return (
+        build.imagenet_weights_path(alpha, image_size) if resolved == "imagenet" else Path(resolved)
+    )
 
 
 def _distribution_versions() -> dict[str, str | None]:
@@ -405,18 +409,13 @@ def feature_key(cfg: Any, prepared_md5: str) -> dict:
 def _weights_md5(cfg: Any) -> str | None:
     """The md5 of the backbone's weights file (None: no weights, or the file is not there, so
     no cached features match and the model runs on the images)."""
-    from pipeline.lib.files import md5_file
-    from pipeline.lib.model import build
+    from pipeline.lib.model.build import WeightsNotFoundError
 
-    m, size = cfg.model, int(cfg.data.image_size)
     try:
-        resolved = build.resolve_weights(m.weights, m.alpha, size)
-    except build.WeightsNotFoundError:
+        path = weights_file(cfg.model.weights, cfg.model.alpha, int(cfg.data.image_size))
+    except WeightsNotFoundError:
         return None
-    if resolved is None:
-        return None
-    path = build.imagenet_weights_path(m.alpha, size) if resolved == "imagenet" else resolved
-    return md5_file(path)
+    return None if path is None else md5_file(path)
 
 
 def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] | None:

@@ -23,7 +23,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from pipeline.lib.config.schema import Config
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json, write_json
 from pipeline.lib.model.features import load_cached_features
+from pipeline.lib.training.head import TrainingRecord
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,7 @@ def head_only_networks(
     from pipeline.lib.model.build import build_head
 
     t = cfg.train
-    if not (t.use_feature_cache and cfg.model.freeze_backbone) or (
-        t.augment.enabled or t.fine_tune.enabled
-    ):
+    if _head_only_refusal(cfg):
         return None
     features = load_cached_features(cfg, prepared_md5)
     if features is None:
@@ -226,37 +225,14 @@ def prepare_checkpoint(cfg: Config, prepared_md5: str) -> Path:
 
 
 @dataclass
-class PhaseRunner:
-    """Runs the training phases of one run and gathers what they ran: one continuous per-epoch
-    `history` ({"epoch": [1-based], metric: [...]}), per-batch `batches`, `phases` (per phase:
-    mode, trainable_params, learning_rate, first_epoch, last_epoch) and the epochs at which early
-    stopping ended a phase (`stopped`)."""
+class PhaseRunner(TrainingRecord):
+    """Runs the training phases of one run with Keras and gathers what they ran (the
+    `TrainingRecord`); `extra_callbacks` are added to every phase's `fit`."""
 
-    cfg: Config
-    targets: dict[str, np.ndarray]  # {"train", "val": one-hot (N, C)}
-    class_weight: dict[int, float] | None
     extra_callbacks: Sequence[Any] = ()
-    history: dict[str, list[float]] = field(default_factory=lambda: {"epoch": []})
-    batches: dict[str, list[float]] = field(
-        default_factory=lambda: {"step": [], "epoch": [], "loss": [], "accuracy": []}
-    )
-    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
-    stopped: list[int] = field(default_factory=list)
-    #: `pipeline.lib.training.head.finish`'s result: best epoch, L2, temperature, refit.
-    head_info: dict[str, Any] = field(default_factory=dict)
     #: Save the state after every epoch (BackupAndRestore); off for a head-only sweep job
     #: without `train.resume`, where per-epoch saves cost ~70 % of the fit.
     backup: bool = True
-
-    @property
-    def has_val(self) -> bool:
-        """Whether there is a validation split."""
-        return len(self.targets["val"]) > 0
-
-    @property
-    def monitor(self) -> str:
-        """What early stopping and ReduceLROnPlateau watch: val_loss, else loss."""
-        return "val_loss" if self.has_val else "loss"
 
     def run(
         self,
@@ -507,18 +483,24 @@ def fit(
     return _fit_result(cfg, runner, nets, seconds, int(strategy.num_replicas_in_sync))
 
 
-def numpy_refusal(cfg: Config) -> str | None:
-    """Why the NumPy trainer cannot train this run's head (None when it can): it trains only a
-    Dense head on cached features, on one device."""
+def _head_only_refusal(cfg: Config) -> list[str]:
+    """The settings that make training more than a head on cached features (empty: the head
+    alone trains): an unfrozen backbone, no feature cache, augmentation, fine-tuning."""
     t = cfg.train
     reasons = {
         "model.freeze_backbone=false": not cfg.model.freeze_backbone,
         "train.use_feature_cache=false": not t.use_feature_cache,
         "train.augment.enabled=true": t.augment.enabled,
         "train.fine_tune.enabled=true": t.fine_tune.enabled,
-        "train.strategy=mirrored": t.strategy != "default",
     }
-    found = [name for name, applies in reasons.items() if applies]
+    return [name for name, applies in reasons.items() if applies]
+
+
+def numpy_refusal(cfg: Config) -> str | None:
+    """Why the NumPy trainer cannot train this run's head (None when it can): it trains only a
+    Dense head on cached features (`_head_only_refusal`), on one device."""
+    found = _head_only_refusal(cfg)
+    found += ["train.strategy=mirrored"] if cfg.train.strategy != "default" else []
     return ", ".join(found) if found else None
 
 
@@ -626,7 +608,7 @@ def _train(
         net, x = phase1_inputs(cfg, dataset, prepared_md5, nets)
     targets = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
     weights = class_weights(dataset.labels("train"), c, cfg.train.class_weight)
-    runner = PhaseRunner(cfg, targets, weights, tuple(callbacks))
+    runner = PhaseRunner(cfg, targets, weights, extra_callbacks=tuple(callbacks))
     runner.backup = head_only is None or cfg.train.resume
     if not runner.has_val and (
         cfg.train.early_stopping.enabled or cfg.train.lr_schedule == "reduce_on_plateau"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,37 @@ log = logging.getLogger(__name__)
 
 #: A head whose final training accuracy is below this gets a warning (it has not fit its data).
 UNDERFIT_TRAIN_ACCURACY = 0.9
+
+
+@dataclass
+class TrainingRecord:
+    """What a head's training phases ran, whatever ran them (Keras: `fit.PhaseRunner`, NumPy:
+    `numpy_head.NumpyPhaseRunner`), and what `finish` reads: the config, the one-hot `targets`
+    {"train", "val": (N, C)}, the class weights, one continuous per-epoch `history`
+    ({"epoch": [1-based], metric: [...]}), per-batch `batches`, `phases` (per phase: mode,
+    trainable_params, learning_rate, first_epoch, last_epoch), the epochs at which early stopping
+    ended a phase (`stopped`) and `finish`'s result (`head_info`)."""
+
+    cfg: Any
+    targets: dict[str, np.ndarray]
+    class_weight: dict[int, float] | None
+    history: dict[str, list[float]] = field(default_factory=lambda: {"epoch": []})
+    batches: dict[str, list[float]] = field(
+        default_factory=lambda: {"step": [], "epoch": [], "loss": [], "accuracy": []}
+    )
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stopped: list[int] = field(default_factory=list)
+    head_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_val(self) -> bool:
+        """Whether there is a validation split."""
+        return len(self.targets["val"]) > 0
+
+    @property
+    def monitor(self) -> str:
+        """What early stopping and ReduceLROnPlateau watch: val_loss, else loss."""
+        return "val_loss" if self.has_val else "loss"
 
 
 def l2_strength(setting: Any, n_train: int) -> float:
@@ -86,7 +118,9 @@ def refit_on_train_val(runner: Any, nets: Any, net: Any, initial: list[Any], x: 
     refit_cfg = OmegaConf.merge(cfg, {"train": {"early_stopping": {"enabled": False}}})
     labels = y.argmax(axis=1)
     weights = class_weights(labels, y.shape[1], cfg.train.class_weight)
-    refit = PhaseRunner(refit_cfg, {"train": y, "val": y[:0]}, weights, runner.extra_callbacks)
+    refit = PhaseRunner(
+        refit_cfg, {"train": y, "val": y[:0]}, weights, extra_callbacks=runner.extra_callbacks
+    )
     merged = np.concatenate([np.asarray(x["train"]), np.asarray(x["val"])])
     nets.head.set_weights(initial)
     set_kernel_l2(nets.head, l2_strength(cfg.train.l2, len(y)))

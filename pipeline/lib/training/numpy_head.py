@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.lib.errors import UserError
+from pipeline.lib.training.head import TrainingRecord
 
 #: Keras 3's defaults for the optimizers `train.optimizer` names.
 ADAM_BETAS = (0.9, 0.999)
@@ -412,33 +413,12 @@ def _plateau(monitor: Monitor, current: float, lr: float, plateau: tuple) -> flo
 
 
 @dataclass
-class NumpyPhaseRunner:
-    """Runs the head's training phases of one run in NumPy and gathers what they ran, with the
-    attributes of `pipeline.lib.training.fit.PhaseRunner` that `pipeline.lib.training.head`
-    reads: `history` (one per-epoch history), `batches`, `phases`, `stopped` (epochs early
-    stopping ended a phase at), `head_info`. `l2` is the kernel's L2 factor."""
+class NumpyPhaseRunner(TrainingRecord):
+    """Runs the head's training phases of one run in NumPy and gathers what they ran (the
+    `TrainingRecord`, as `pipeline.lib.training.fit.PhaseRunner` does with Keras); `l2` is the
+    kernel's L2 factor."""
 
-    cfg: Any
-    targets: dict[str, np.ndarray]  # {"train", "val": one-hot (N, C)}
-    class_weight: dict[int, float] | None
-    l2: float
-    history: dict[str, list[float]] = field(default_factory=lambda: {"epoch": []})
-    batches: dict[str, list[float]] = field(
-        default_factory=lambda: {"step": [], "epoch": [], "loss": [], "accuracy": []}
-    )
-    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
-    stopped: list[int] = field(default_factory=list)
-    head_info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def has_val(self) -> bool:
-        """Whether there is a validation split."""
-        return len(self.targets["val"]) > 0
-
-    @property
-    def monitor(self) -> str:
-        """What early stopping and ReduceLROnPlateau watch: val_loss, else loss."""
-        return "val_loss" if self.has_val else "loss"
+    l2: float = 0.0
 
     def run(self, name: str, head: Head, x: dict[str, np.ndarray], epochs: int) -> int:
         """Train `head` (in place) on features `x` {"train", "val"} for up to `epochs` epochs at
@@ -484,7 +464,7 @@ def refit_on_train_val(
     refit_cfg = OmegaConf.merge(cfg, {"train": {"early_stopping": {"enabled": False}}})
     weights = class_weights(y.argmax(axis=1), y.shape[1], cfg.train.class_weight)
     refit = NumpyPhaseRunner(
-        refit_cfg, {"train": y, "val": y[:0]}, weights, l2_strength(cfg.train.l2, len(y))
+        refit_cfg, {"train": y, "val": y[:0]}, weights, l2=l2_strength(cfg.train.l2, len(y))
     )
     merged = np.concatenate([np.asarray(x["train"]), np.asarray(x["val"])])
     head.kernel[...], head.bias[...] = initial.kernel, initial.bias
@@ -524,7 +504,7 @@ def train_head(
         cfg,
         targets,
         class_weights(labels["train"], num_classes, t.class_weight),
-        l2_strength(t.l2, len(labels["train"])),
+        l2=l2_strength(t.l2, len(labels["train"])),
     )
     head = Head.initial(int(x["train"].shape[1]), num_classes, cfg.model.head_init, int(t.seed))
     initial = head.copy()
