@@ -1,141 +1,216 @@
-"""Stage `train`: fit the classification head on top of the frozen MobileNetV2, log it to MLflow.
+"""Stage `train`: fit the classification head on the cached MobileNetV2 features, log it to MLflow.
 
-With a frozen backbone the head is trained on the cached backbone features (the `featurize`
-stage), which gives the same model as end-to-end training at a fraction of the cost; the saved
-model is still one complete Keras model (images -> class probabilities).
+    python -m pipeline.train train.C=10                    # a fixed penalty instead of CV
+    python -m pipeline.train -m train.C=0.1,1,10           # one MLflow run per job
+    python -m pipeline.train experiment=study              # the study's Keras fit, 8 epochs
 
-    python -m pipeline.train train.epochs=3 model.alpha=0.35 model.weights=null
-    python -m pipeline.train -m train.learning_rate=1e-3,1e-2      # one MLflow run per job
-    python -m pipeline.train train.resume=true      # continue an interrupted run from its checkpoint
-
-Options (`train.*`, README "Training options"): fine-tuning as a second phase (top backbone
-layers unfrozen, BatchNorm frozen, one continuous history), augmentation (end to end on images;
-the saved model has no augmentation layers), class weights, label smoothing, early stopping,
-cosine / reduce-on-plateau learning rates, and a MirroredStrategy.
+`train.solver=lbfgs` (the default where no images must flow) fits the exact optimum of the
+L2-regularised softmax regression (pipeline.lib.training.head) in a second, without TensorFlow;
+`keras` runs Keras `fit` (the study, augmentation, fine-tuning; pipeline.lib.training.keras_fit).
+Either way the model folder holds one LiteRT backbone and one Dense head
+(pipeline.lib.model.classifier), calibrated on the validation split.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
+import mlflow
+import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.lib.config.schema import Config
-from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
+from pipeline.lib.config.schema import Config, solver
+from pipeline.lib.config.step import CONF_DIR, entry_point, in_multirun, run_step
 from pipeline.lib.data.prepared import PreparedDataset, data_root, data_tags, open_prepared
+from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
-from pipeline.lib.model.saving import (
-    CLASSES_FILE,
-    MODEL_FILE,
-    PREPROCESSING_FILE,
-    save_model,
-    summary_text,
-    write_head,
-    write_run_record,
-)
+from pipeline.lib.model.classifier import BACKBONE_FILE, Head, ModelCard, save_model_folder
+from pipeline.lib.model.features import load_cached_features
+from pipeline.lib.model.saving import write_run_record
+from pipeline.lib.reporting.figures import save_learning_curves
 from pipeline.lib.reporting.tables import write_csv
-from pipeline.lib.training.fit import checkpoint_folder, fit
+from pipeline.lib.tracking import runs
+from pipeline.lib.training.calibration import calibrate
+from pipeline.lib.training.head import train_head
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Config, callbacks: Sequence[Any] = ()) -> float | None:
-    """Train the model on `paths.prepared` (and the cached features in `paths.features`), write
-    the DVC outputs and log everything to one MLflow run; return the final validation accuracy
-    (the training accuracy when there is no validation split), the value sweeps optimise.
+@dataclass
+class TrainResult:
+    """What a train run produced, whatever fitted it.
 
-    The steps: check the inputs, open the MLflow run, log the inputs, `fit`, log the training,
-    write the reports (`paths.reports`: train_metrics.json, train_history.csv,
-    train_batches.csv, train_figures/), write the model folder (`paths.models`: model.keras,
-    head.npy, head.json, classes.json, preprocessing.json, summary.txt) and record the run in `paths.run_file`. Every
-    file written into the DVC outputs is a function of the inputs alone (no timings, no dates,
-    no run ids): the same inputs give the same bytes.
+    head: the saved head (temperature folded in); backbone: the LiteRT flatbuffer it goes with;
+    history: per step (L-BFGS iteration or Keras epoch) {"step", "loss", "accuracy",
+    "val_loss", "val_accuracy"}; batches: Keras' per-batch {"step", "epoch", "loss",
+    "accuracy"} (None for lbfgs); metrics: `train_metrics.json` (the saved head's numbers);
+    seconds: the fit's wall-clock time.
+    """
 
-    `callbacks`: Keras callbacks added to every training phase (e.g. one that stops it).
+    head: Head
+    backbone: bytes
+    history: dict[str, list[float]]
+    batches: dict[str, list[float]] | None
+    metrics: dict
+    seconds: float
+
+
+def train(cfg: Config, callbacks: Sequence[object] = ()) -> float | None:
+    """Fit the head on `paths.features`, write `paths.models` and the train reports, log it all
+    to one MLflow run; return the saved head's validation accuracy (the training accuracy without
+    a validation split), the value sweeps optimise.
+
+    `callbacks`: Keras callbacks added to every Keras training phase (solver=keras).
 
     Raises:
-        WeightsNotFoundError: `model.weights` is not available offline.
-        StageInputError: the prepared data is missing or was prepared for another image size.
+        StageInputError: the prepared data or its features are missing or stale.
     """
-    from pipeline.lib.model.build import resolve_weights
-    from pipeline.lib.tracking import runs as tracking
-    from pipeline.lib.training.fit import uses_numpy
-
-    resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
-    uses_numpy(cfg, callbacks)  # train.backend=numpy with settings it cannot train: before any run
-    tracking.check_reachable(cfg.tracking.uri, cfg.tracking.timeout_s)
+    runs.check_reachable(cfg.tracking.uri, cfg.tracking.timeout_s)
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     prepared_md5 = dvc_md5(cfg.paths.prepared)
-    tags = {
-        "dvc_prepared_md5": prepared_md5,
-        "data_source": cfg.data.source,
-        **data_tags(dataset.report),
-    }
-    checkpoint = checkpoint_folder(cfg, prepared_md5)  # train.resume continues its run
-    with tracking.stage_run(cfg, "train", checkpoint=checkpoint, tags=tags) as run:
+    features = load_cached_features(cfg, prepared_md5)
+    if features is None:
+        raise StageInputError(
+            f"{cfg.paths.features} holds no features of {cfg.paths.prepared} for this backbone: "
+            "run the featurize stage first (`dvc repro featurize`)."
+        )
+    tags = {"dvc_prepared_md5": prepared_md5, "data_source": cfg.data.source}
+    keras = solver(cfg) == "keras"
+    checkpoint = None
+    if keras:  # TensorFlow is imported only when Keras trains (~5 s)
+        from pipeline.lib.training import keras_fit
+
+        checkpoint = keras_fit.checkpoint_folder(cfg, prepared_md5)
+    with runs.stage_run(cfg, "train", checkpoint=checkpoint, tags=tags | data_tags(dataset.report)):
         _log_inputs(cfg, dataset, prepared_md5)
-        saves = _saves_model(cfg)
-        result = fit(cfg, dataset, prepared_md5, callbacks=callbacks, full_model=saves)
-        metrics = _train_metrics(result)
-        _log_training(result, metrics, dataset.classes)
-        _write_reports(cfg, result, metrics)
-        if saves:
-            _write_model_folder(cfg, dataset, result["model"])
-            write_run_record(cfg, run)
+        if keras:
+            result = _fit_keras(cfg, dataset, features, prepared_md5, callbacks)
+        else:
+            result = _fit_lbfgs(cfg, dataset, features)
+        _log_training(result)
+        _write_reports(cfg, result)
+        if cfg.train.save_model == "always" or (
+            cfg.train.save_model == "auto" and not in_multirun()
+        ):
+            _write_model_folder(cfg, dataset, result)
+            write_run_record(cfg, mlflow.active_run())
             if cfg.tracking.log_model:  # registered by evaluate, with test metrics
-                tracking.log_model(cfg.paths.models)
+                runs.log_model(cfg.paths.models)
         else:
             log.info("train.save_model=%s: no model saved or logged", cfg.train.save_model)
-    final = metrics["val" if metrics["val"]["accuracy"] is not None else "train"]
-    return final["accuracy"]
+    split = "val" if result.metrics["val"]["accuracy"] is not None else "train"
+    return result.metrics[split]["accuracy"]
 
 
-def _saves_model(cfg: Config) -> bool:
-    """`train.save_model`: `always`, `never`, or `auto` = not in a Hydra sweep job (`-m`), where
-    only the head is trained, on the cached features, and no model is saved or logged."""
-    from pipeline.lib.config.step import in_multirun
+def _scores(head: Head, x: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
+    """{"loss": mean cross-entropy (nats), "accuracy"} of `head` on features `x`, labels `y`."""
+    if not len(y):
+        return {"loss": None, "accuracy": None}
+    p = head.probabilities(x)
+    loss = -np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()
+    return {"loss": float(loss), "accuracy": float((p.argmax(1) == y).mean())}
 
-    return cfg.train.save_model == "always" or (
-        cfg.train.save_model == "auto" and not in_multirun()
+
+def _fit_lbfgs(cfg: Config, dataset: PreparedDataset, features: dict) -> TrainResult:
+    """The default head (`train_head`) on the cached features."""
+    x = {s: features[s] for s in ("train", "val")}
+    y = {s: dataset.labels(s) for s in ("train", "val")}
+    start = time.perf_counter()
+    trained = train_head(cfg.train, x, y, dataset.num_classes)
+    seconds = time.perf_counter() - start
+    head_info = {
+        "solver": "lbfgs",
+        "C": trained.fit.C,
+        "C_choice": trained.choice,
+        "iterations": trained.fit.iterations,
+        "converged": trained.fit.converged,
+        "temperature": trained.temperature,
+        "val_nll_before": trained.val_nll_before,
+        "val_nll_after": trained.val_nll_after,
+        "refit_images": trained.refit_images,
+    }
+    metrics = _metrics(
+        trained.head, x, y, head_info, trainable=trained.head.kernel.size + len(trained.head.bias)
     )
+    backbone = (Path(cfg.paths.features) / BACKBONE_FILE).read_bytes()
+    return TrainResult(trained.head, backbone, trained.fit.history, None, metrics, seconds)
 
 
-def _final(result: dict[str, Any]) -> dict[str, float]:
-    """The last epoch's value of every metric of the history."""
-    return {k: v[-1] for k, v in result["epochs"].items() if k != "epoch" and v}
+def _fit_keras(
+    cfg: Config,
+    dataset: PreparedDataset,
+    features: dict,
+    prepared_md5: str,
+    callbacks: Sequence[object],
+) -> TrainResult:
+    """Keras `fit` (keras_fit), then temperature scaling of its head on the validation split and,
+    for a changed backbone, its conversion to LiteRT."""
+    from pipeline.lib.model.features import convert_to_tflite
+    from pipeline.lib.training import keras_fit
+
+    fitted = keras_fit.fit_keras(cfg, dataset, features, prepared_md5, callbacks)
+    x = fitted.features or {s: features[s] for s in ("train", "val")}
+    y = {s: dataset.labels(s) for s in ("train", "val")}
+    head, temperature, nll = fitted.head, 1.0, {}
+    if cfg.train.calibrate and len(y["val"]):
+        nll = calibrate(head.probabilities(x["val"]), y["val"])
+        temperature = nll.pop("temperature")
+        head = head.scaled(temperature)
+    runner = fitted.runner
+    if fitted.extractor is not None:
+        backbone = convert_to_tflite(fitted.extractor)
+    else:
+        backbone = (Path(cfg.paths.features) / BACKBONE_FILE).read_bytes()
+    info = {
+        "solver": "keras",
+        "temperature": temperature,
+        **nll,
+        "epochs": len(runner.history["epoch"]),
+        "stopped_early_at": runner.stopped,
+        "phases": runner.phases,
+        "resumed_from_epoch": fitted.resumed_from_epoch,
+        "replicas": fitted.replicas,
+    }
+    metrics = _metrics(head, x, y, info, **fitted.params)
+    history = {
+        "step": runner.history["epoch"],
+        **{k: v for k, v in runner.history.items() if k != "epoch"},
+    }
+    return TrainResult(head, backbone, history, runner.batches, metrics, fitted.seconds)
 
 
-def _train_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    """The DVC metrics file's content: final loss/accuracy of train and val, parameter counts
-    (trainable, non_trainable, total; trainable per phase), the training mode. No timings."""
-    final = _final(result)
-    phases = result.get("phases", {})
+def _metrics(
+    head: Head,
+    x: dict,
+    y: dict,
+    info: dict,
+    trainable: int,
+    non_trainable: int = 0,
+    total: int | None = None,
+) -> dict:
+    """`train_metrics.json`: the saved head's loss and accuracy on train and val, parameter
+    counts, and how it was fitted (`info`). No timings."""
     return {
-        "train": {"loss": final.get("loss"), "accuracy": final.get("accuracy")},
-        "val": {"loss": final.get("val_loss"), "accuracy": final.get("val_accuracy")},
+        "train": _scores(head, x["train"], y["train"]),
+        "val": _scores(head, x["val"], y["val"]),
         "params": {
-            **result["params"],
-            **{f"trainable_params_{name}": p["trainable_params"] for name, p in phases.items()},
+            "trainable": int(trainable),
+            "non_trainable": int(non_trainable),
+            "total": int(total if total is not None else trainable + non_trainable),
         },
-        "mode": result["mode"],
-        "backend": result["backend"],  # what trained the head: numpy | keras (train.backend)
-        # best epoch, L2 factor, temperature (None: not calibrated), refit (pipeline.lib.training.head)
-        "head": {k: v for k, v in result.get("head", {}).items() if k != "refit_history"},
+        "head": info,
     }
 
 
 def _log_inputs(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> None:
     """The config, the prepared dataset (an MLflow input, its DVC hash as digest) and its report."""
-    import mlflow
-
-    from pipeline.lib.tracking import runs as tracking
-
-    tracking.log_config(cfg)
-    tracking.log_dataset(
+    runs.log_config(cfg)
+    runs.log_dataset(
         Path(cfg.paths.prepared) / "manifest.csv",
         prepared_md5,
         name=f"{cfg.data.source}:{Path(data_root(cfg.data)).name}",
@@ -144,125 +219,83 @@ def _log_inputs(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> Non
     mlflow.log_dict(dataset.report, "data/report.json")
 
 
-def _log_training(result: dict[str, Any], metrics: dict[str, Any], classes: list[str]) -> None:
-    """Log how training went: to the console, and to the MLflow run (per-epoch and per-batch
-    metrics, final values, the training time, parameter counts, phases, early stopping, class
-    weights)."""
-    import mlflow
-
-    from pipeline.lib.tracking import runs as tracking
-
-    epochs, batches, final = result["epochs"], result["batches"], _final(result)
-    params = metrics["params"]
+def _log_training(result: TrainResult) -> None:
+    """To the console and the MLflow run: the curves, the saved head's numbers, how it was fitted."""
+    m, info = result.metrics, result.metrics["head"]
     log.info(
-        "Trained (%s, %s) in %.1f s: %s; trainable %d, frozen %d parameters",
-        result["mode"],
-        result["backend"],
-        result["seconds"],
-        {k: round(v, 4) for k, v in final.items()},
-        params["trainable"],
-        params["non_trainable"],
+        "Trained (%s) in %.1f s: train accuracy %s, val accuracy %s, val loss %s; %d trainable, "
+        "%d frozen parameters",
+        info["solver"],
+        result.seconds,
+        m["train"]["accuracy"],
+        m["val"]["accuracy"],
+        m["val"]["loss"] if m["val"]["loss"] is None else round(m["val"]["loss"], 4),
+        m["params"]["trainable"],
+        m["params"]["non_trainable"],
     )
-    resumed_from = result.get("resumed_from_epoch", 0)
-    if resumed_from:
-        mlflow.set_tag("resumed_from_epoch", str(resumed_from))
-        # the epochs run here, at their epoch numbers in the whole run
-        tracking.log_history({}, batches)
-        for i, epoch in enumerate(epochs["epoch"]):
-            mlflow.log_metrics({k: v[i] for k, v in epochs.items() if k != "epoch"}, step=epoch)
-    else:
-        tracking.log_history(epochs, batches)
-    mlflow.log_metrics({f"final_{k}": v for k, v in final.items()})
+    runs.log_history({k: v for k, v in result.history.items() if k != "step"}, result.batches or {})
+    final = {f"{split}_{k}": v for split in ("train", "val") for k, v in m[split].items()}
+    mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if v is not None})
     mlflow.log_metrics(
         {
-            "train_seconds": result["seconds"],
-            "trainable_params": params["trainable"],
-            "non_trainable_params": params["non_trainable"],
+            "train_seconds": result.seconds,
+            "trainable_params": m["params"]["trainable"],
+            "non_trainable_params": m["params"]["non_trainable"],
         }
     )
-    mlflow.log_metrics({k: v for k, v in params.items() if k.startswith("trainable_params_")})
-    mlflow.set_tag("training_mode", result["mode"])
-    mlflow.set_tag("train_backend", result["backend"])  # numpy | keras (train.backend)
-    _log_options(result, classes)
-    head = {k: v for k, v in metrics["head"].items() if isinstance(v, int | float)}
-    mlflow.log_metrics({f"head_{k}": float(v) for k, v in head.items()})  # head_temperature, ...
+    mlflow.set_tag("train_solver", info["solver"])
+    numbers = {
+        k: float(v)
+        for k, v in info.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    mlflow.log_metrics({f"head_{k}": v for k, v in numbers.items()})
+    mlflow.log_dict(info, "train_head.json")
 
 
-def _log_options(result: dict[str, Any], classes: list[str]) -> None:
-    """Tags and files of the training options that ran: fine-tuning, early stopping, weights."""
-    import mlflow
-
-    phases = result.get("phases", {})
-    if "phase2" in phases:
-        mlflow.set_tag("fine_tune_first_epoch", str(phases["phase2"]["first_epoch"]))
-        mlflow.log_dict(phases, "fine_tune_phases.json")
-    if result.get("stopped_early_at"):
-        mlflow.set_tag(
-            "early_stopped_at_epoch", ",".join(str(e) for e in result["stopped_early_at"])
-        )
-    if result.get("class_weight"):
-        mlflow.log_dict(
-            {classes[i]: w for i, w in result["class_weight"].items()}, "class_weight.json"
-        )
-
-
-def _write_reports(cfg: Config, result: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """train_metrics.json, train_history.csv, train_batches.csv and train_figures/ in
-    `paths.reports`, each also logged to the MLflow run."""
-    from pipeline.lib.reporting import figures as plots
-    from pipeline.lib.tracking import runs as tracking
-
-    reports, epochs, batches = Path(cfg.paths.reports), result["epochs"], result["batches"]
-    write_json(reports / "train_metrics.json", metrics)
-    write_csv(
-        reports / "train_history.csv",
-        {"epoch": epochs["epoch"], **{k: v for k, v in epochs.items() if k != "epoch"}},
-    )
-    write_csv(reports / "train_batches.csv", batches)
+def _write_reports(cfg: Config, result: TrainResult) -> None:
+    """train_metrics.json, train_history.csv and train_figures/ in `paths.reports`, each also
+    logged to the MLflow run (with Keras' per-batch train_batches.csv)."""
+    reports = Path(cfg.paths.reports)
+    write_json(reports / "train_metrics.json", result.metrics)
+    write_csv(reports / "train_history.csv", result.history)
+    names = ["train_history.csv", "train_metrics.json"]
+    if result.batches is not None:
+        write_csv(reports / "train_batches.csv", result.batches)
+        names.append("train_batches.csv")
+    else:
+        (reports / "train_batches.csv").unlink(missing_ok=True)
+    curves = {("epoch" if k == "step" else k): v for k, v in result.history.items()}
+    batches = None
+    if result.batches is not None:
+        batches = {
+            "step": list(range(1, len(result.batches["step"]) + 1)),
+            "loss": result.batches["loss"],
+            "accuracy": result.batches["accuracy"],
+        }
     with atomic_dir(reports / "train_figures") as tmp:
-        figures = plots.save_learning_curves(
-            epochs,
-            tmp,
-            # steps counted from this run's first batch: the plot puts them on its epochs
-            batches={
-                "step": list(range(1, len(batches["step"]) + 1)),
-                "loss": batches["loss"],
-                "accuracy": batches["accuracy"],
-            },
-        )
-    tracking.log_files([reports / "train_figures" / p.name for p in figures], "figures")
-    tracking.log_files(
-        [
-            reports / name
-            for name in ("train_history.csv", "train_batches.csv", "train_metrics.json")
-        ],
-        "reports",
+        figures = save_learning_curves(curves, tmp, batches=batches)
+    runs.log_files([reports / "train_figures" / p.name for p in figures], "figures")
+    runs.log_files([reports / name for name in names], "reports")
+
+
+def _write_model_folder(cfg: Config, dataset: PreparedDataset, result: TrainResult) -> None:
+    """`paths.models`, replaced whole: backbone.tflite, head.npy, model.json."""
+    m = cfg.model
+    card = ModelCard(
+        classes=list(dataset.classes),
+        image_size=int(dataset.image_size),
+        resize=cfg.data.resize,
+        temperature=float(result.metrics["head"]["temperature"]),
+        backbone={
+            "name": m.name,
+            "alpha": float(m.alpha),
+            "weights": m.weights,
+            "fine_tuned": bool(cfg.train.fine_tune.enabled or not m.freeze_backbone),
+        },
     )
-
-
-def _write_model_folder(cfg: Config, dataset: PreparedDataset, model: Any) -> None:
-    """`paths.models`, replaced whole: model.keras (normalised: no save date), head.npy / head.json
-    (its Dense head, and the cached features on which the whole model was checked to agree with
-    it on sample test images), classes.json,
-    preprocessing.json and summary.txt (also logged to the MLflow run)."""
-    import mlflow
-
-    from pipeline.lib.model.scoring import check_whole_model
-    from pipeline.lib.training.calibration import head_dense
-
-    kernel, bias = head_dense(model).get_weights()
-    checked = check_whole_model(cfg, dataset, model, kernel, bias)  # evaluate scores with the head
-    summary = summary_text(model)
-    mlflow.log_text(summary, "model_summary.txt")
     with atomic_dir(cfg.paths.models) as tmp:
-        save_model(model, tmp / MODEL_FILE)
-        write_head(tmp, kernel, bias, None if checked is None else dvc_md5(cfg.paths.features))
-        write_json(tmp / CLASSES_FILE, dataset.classes)
-        write_json(
-            tmp / PREPROCESSING_FILE,
-            {"image_size": dataset.image_size, "resize": cfg.data.resize},
-        )
-        (tmp / "summary.txt").write_text(summary, encoding="utf-8")
+        save_model_folder(tmp, result.head, card, result.backbone)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

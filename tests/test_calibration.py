@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
+from pipeline.lib.model.classifier import Head
 from pipeline.lib.reporting.metrics import expected_calibration_error
 from pipeline.lib.training.calibration import (
-    apply_temperature,
     calibrate,
     fit_temperature,
     log_probabilities,
@@ -44,16 +44,14 @@ def test_fitted_temperature_is_the_nll_minimum():
         assert nll(logits, y, t) <= nll(logits, y, other)
 
 
-def test_apply_temperature_in_the_dense_layer_is_exact():
-    import keras
-
-    x = np.random.default_rng(2).normal(size=(16, 5)).astype("float32")
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
-    dense = model.layers[-1]
-    dense.set_weights([np.random.default_rng(3).normal(size=(5, 3)), np.array([0.5, -1.0, 0.2])])
-    z = x @ dense.kernel.numpy() + dense.bias.numpy()
-    apply_temperature(model, 2.5)
-    np.testing.assert_allclose(model.predict(x, verbose=0), softmax(z / 2.5, axis=1), atol=1e-6)
+def test_temperature_folded_into_the_head_is_exact():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(16, 5)).astype("float32")
+    head = Head(rng.normal(size=(5, 3)).astype("float32"), np.array([0.5, -1.0, 0.2], "float32"))
+    z = head.logits(x)
+    np.testing.assert_allclose(
+        head.scaled(2.5).probabilities(x), softmax(z / 2.5, axis=1), atol=1e-6
+    )
 
 
 def test_calibrate_keeps_t_1_when_validation_has_no_mistake():

@@ -166,63 +166,89 @@ class PlateauConfig:
 
 @dataclass
 class TrainConfig:
-    """The `train` group: optimizer, epochs, batch size and seed, feature caching, checkpoints and
-    resume, class weights, label smoothing, learning-rate schedule, early stopping, augmentation
-    and fine-tuning.
+    """The `train` group: how the head is fitted (`solver`), its penalty, calibration and class
+    weights; Keras' optimizer, epochs, schedules, early stopping, augmentation and fine-tuning
+    when images must flow (`solver=keras`).
     """
 
-    #: The most epochs phase 1 runs; with early stopping (the default) it usually stops sooner.
+    #: `lbfgs`: the exact optimum of the L2-regularised softmax regression on the cached features
+    #: (pipeline.lib.training.head); `keras`: Keras `fit` (the study's Adam, augmentation,
+    #: fine-tuning, an unfrozen backbone); `auto`: keras where images must flow, else lbfgs.
+    solver: str = "auto"
+    #: Inverse L2 strength on the Dense kernel (scikit-learn's C): `auto` = cross-validated on the
+    #: training split (lbfgs; Keras uses C = 1), a number > 0, or null = no penalty (keras only).
+    C: Any = "auto"
+    #: lbfgs: the most solver iterations.
+    max_iter: int = 1000
+    seed: int = 42
+    #: `none` or `auto` (sklearn's `balanced` weights from the training split's class counts).
+    class_weight: str = "none"
+    #: Targets (1 - eps) onehot + eps / K, as Keras' CategoricalCrossentropy(label_smoothing).
+    label_smoothing: float = 0.0
+    #: Temperature scaling: fit T on the validation split (minimum NLL) and fold it into the head,
+    #: so the saved model's probabilities are calibrated. Skipped (with a warning) without one.
+    calibrate: bool = True
+    #: lbfgs: after calibrating on val, fit the head again on train + val at the same C.
+    refit_on_train_val: bool = False
+    #: `python -m pipeline.crossval`: stratified k-fold over train + val on the cached features.
+    crossval_folds: int = 5
+    #: Whether the model folder is written to `paths.models` and logged as the MLflow model:
+    #: `auto` = yes, except in a Hydra sweep job (`-m`); `always`; `never`.
+    save_model: str = "auto"
+    # Keras `fit` only (solver=keras); with lbfgs a value other than these defaults is refused.
     epochs: int = 200
     batch_size: int = 32
     learning_rate: float = 0.001
     optimizer: str = "adam"
-    seed: int = 42
-    #: Train the head on cached backbone features when the backbone is frozen (much faster).
-    use_feature_cache: bool = True
     shuffle: bool = True
-    #: Continue an interrupted run from its last checkpoint (same config and data), reaching the
-    #: same final weights and metrics as an uninterrupted run; false starts afresh.
-    resume: bool = False
-    #: Where the training state is saved after every epoch (one folder per run, removed when
-    #: training finishes); keep it outside the DVC-tracked paths.
-    checkpoint_dir: str = "outputs/checkpoints"
-    #: `none` or `auto` (sklearn's `balanced` weights from the training split's class counts).
-    class_weight: str = "none"
-    #: CategoricalCrossentropy(label_smoothing=...); 0 = plain cross-entropy.
-    label_smoothing: float = 0.0
     #: `none`, `cosine` (CosineDecay to 0 over each phase's steps) or `reduce_on_plateau`.
     lr_schedule: str = "none"
     plateau: PlateauConfig = field(default_factory=PlateauConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
-    #: What trains the head on cached features: `auto` = NumPy when it can (frozen backbone,
-    #: cached features, no augmentation or fine-tuning, default strategy), else Keras; `numpy`
-    #: (refused where it cannot); `keras` (`model.fit`, per-epoch checkpoints, `train.resume`).
-    #: Both run the same loss, optimizer, schedules and early stopping (pipeline.lib.training.
-    #: numpy_head); NumPy takes ~0.1 s where Keras takes ~13 s for 200 epochs.
-    backend: str = "auto"
-    #: tf.distribute strategy the model is built and trained in: `default` (one device) or
-    #: `mirrored` (MirroredStrategy: every visible GPU, else the CPU).
+    #: Continue an interrupted Keras run from its last per-epoch checkpoint (same config and
+    #: data), reaching the same final weights and metrics; false starts afresh.
+    resume: bool = False
+    #: Where Keras saves the training state after every epoch (one folder per run, removed when
+    #: training finishes); keep it outside the DVC-tracked paths.
+    checkpoint_dir: str = "outputs/checkpoints"
+    #: tf.distribute strategy: `default` (one device) or `mirrored` (every visible GPU, else CPU).
     strategy: str = "default"
-    #: Whether the whole model (MobileNetV2 + head) is built, saved to `paths.models` and logged
-    #: as the MLflow model: `auto` = yes, except in a Hydra sweep job (`-m`), which trains only
-    #: the head on the cached features and logs params, curves, metrics and figures; `always`;
-    #: `never`.
-    save_model: str = "auto"
-    #: L2 penalty on the Dense kernel, added per example to the mean loss: `auto` =
-    #: 1 / (2 n_train), the penalty of scikit-learn's LogisticRegression at its default C=1;
-    #: a number >= 0 sets it (0 = none).
-    l2: Any = "auto"
-    #: Temperature scaling: fit T on the validation split (minimum NLL) and divide the Dense
-    #: layer's kernel and bias by it, so the saved model's probabilities are calibrated. Skipped
-    #: (with a warning) when there is no validation split.
-    calibrate: bool = True
-    #: After training (and choosing the epoch count by early stopping on val_loss), train the
-    #: head again from scratch on train + val for that many epochs; the saved model is that one.
-    refit_on_train_val: bool = False
-    #: `python -m pipeline.crossval`: stratified k-fold over train + val on the cached features.
-    crossval_folds: int = 5
+
+
+#: The settings only Keras `fit` reads: with `train.solver=lbfgs` they must keep their defaults.
+KERAS_ONLY = (
+    "train.epochs",
+    "train.batch_size",
+    "train.learning_rate",
+    "train.optimizer",
+    "train.shuffle",
+    "train.lr_schedule",
+    "train.plateau",
+    "train.early_stopping",
+    "train.resume",
+    "train.strategy",
+    "model.dropout",
+    "model.head_init",
+)
+
+
+def images_must_flow(c: Any) -> list[str]:
+    """The settings that need Keras `fit` on images (empty: the head fits on cached features)."""
+    reasons = {
+        "model.freeze_backbone=false": not c.model.freeze_backbone,
+        "train.augment.enabled=true": c.train.augment.enabled,
+        "train.fine_tune.enabled=true": c.train.fine_tune.enabled,
+    }
+    return [name for name, applies in reasons.items() if applies]
+
+
+def solver(c: Any) -> str:
+    """`train.solver` resolved: `lbfgs` or `keras` (`auto`: keras where images must flow)."""
+    if c.train.solver == "auto":
+        return "keras" if images_must_flow(c) else "lbfgs"
+    return c.train.solver
 
 
 @dataclass
@@ -391,7 +417,7 @@ _CHOICES = {
     "train.class_weight": ("none", "auto"),
     "train.lr_schedule": ("none", "cosine", "reduce_on_plateau"),
     "train.strategy": ("default", "mirrored"),
-    "train.backend": ("auto", "numpy", "keras"),
+    "train.solver": ("auto", "lbfgs", "keras"),
     "train.save_model": ("auto", "always", "never"),
     "train.augment.flip": ("none", "horizontal", "vertical", "horizontal_and_vertical"),
     "featurize.backend": ("tflite", "keras"),
@@ -466,6 +492,7 @@ def _check_values(c: Any) -> None:
             f"Keras has ImageNet weights for MobileNetV2 only at sizes {MOBILENET_SIZES} "
             "(set data.image_size to one of them, or model.weights=null)",
         )
+    _check_solver(c)
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
@@ -529,19 +556,45 @@ def _check_train_options(t: Any, need: Any) -> None:
     need(f.unfreeze_top_n >= 1, "train.fine_tune.unfreeze_top_n", "must be >= 1")
     need(f.epochs >= 1, "train.fine_tune.epochs", "must be >= 1")
     need(f.learning_rate > 0, "train.fine_tune.learning_rate", "must be > 0")
-    need(
-        t.l2 == "auto"
-        or (isinstance(t.l2, int | float) and not isinstance(t.l2, bool) and t.l2 >= 0),
-        "train.l2",
-        f"must be `auto` or a number >= 0, got {t.l2!r}",
+    c_ok = t.C in ("auto", None) or (
+        isinstance(t.C, int | float) and not isinstance(t.C, bool) and t.C > 0
     )
+    need(c_ok, "train.C", f"must be `auto`, a number > 0 or null, got {t.C!r}")
+    need(t.max_iter >= 1, "train.max_iter", "must be >= 1")
     # fold i tests, fold i + 1 validates, the others train: 2 folds would leave none to train
     need(t.crossval_folds >= 3, "train.crossval_folds", "must be >= 3")
-    need(
-        not (t.refit_on_train_val and (t.fine_tune.enabled or t.augment.enabled)),
-        "train.refit_on_train_val",
-        "works on cached features only: turn off train.fine_tune / train.augment",
-    )
+
+
+def _check_solver(c: Any) -> None:
+    """A setting the chosen solver does not read is refused, not ignored."""
+    must_flow = images_must_flow(c)
+    if solver(c) == "keras":
+        if c.train.refit_on_train_val:
+            raise ConfigError(
+                "Invalid configuration: train.refit_on_train_val=true works with "
+                "train.solver=lbfgs only (set it to false)"
+            )
+        return
+    if must_flow:
+        raise ConfigError(
+            f"Invalid configuration: train.solver=lbfgs fits the head on cached features, but "
+            f"{', '.join(must_flow)} needs images: use train.solver=keras (or auto)"
+        )
+    if c.train.C is None:
+        raise ConfigError(
+            "Invalid configuration: train.C=null (no penalty) has no optimum with "
+            "train.solver=lbfgs on separable classes: give a number > 0 or auto"
+        )
+    defaults = OmegaConf.structured(Config)
+    changed = [
+        key for key in KERAS_ONLY if OmegaConf.select(c, key) != OmegaConf.select(defaults, key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"Invalid configuration: {', '.join(changed)} only matter(s) to Keras fit, and "
+            "train.solver=lbfgs fits the head to its exact optimum: drop the override(s), or "
+            "set train.solver=keras"
+        )
 
 
 def _check_export(x: Any, need: Any) -> None:

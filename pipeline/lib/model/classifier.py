@@ -16,6 +16,7 @@ Every file's bytes depend only on the values (no dates, no run ids).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from scipy.special import softmax
 
 from pipeline.lib.errors import StageInputError
-from pipeline.lib.files import read_json, write_json
+from pipeline.lib.files import md5_file, read_json, write_json
 
 BACKBONE_FILE = "backbone.tflite"
 HEAD_FILE = "head.npy"
@@ -142,3 +143,14 @@ def load_model_folder(folder: str | os.PathLike[str]) -> tuple[Head, ModelCard, 
             "first (`dvc repro train` or `python -m pipeline.train`)."
         )
     return Head.load(folder / HEAD_FILE), ModelCard.load(folder / CARD_FILE), backbone
+
+
+def model_md5(folder: str | os.PathLike[str]) -> str | None:
+    """The identity of the model in `folder`: md5 of its three files' md5s (None: no model)."""
+    folder = Path(folder)
+    names = (BACKBONE_FILE, HEAD_FILE, CARD_FILE)
+    if not all((folder / name).is_file() for name in names):
+        return None
+    return hashlib.md5(  # noqa: S324 - an identity, not security
+        "".join(md5_file(folder / name) for name in names).encode()
+    ).hexdigest()

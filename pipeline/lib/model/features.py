@@ -402,7 +402,7 @@ def feature_key(cfg: Any, prepared_md5: str) -> dict:
         "weights": cfg.model.weights,
         "weights_md5": _weights_md5(cfg),
         "init_seed": cfg.model.init_seed if cfg.model.weights is None else None,
-        "backend": cfg.featurize.backend,
+        "backend": "tflite",
     }
 
 

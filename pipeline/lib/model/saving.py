@@ -174,7 +174,9 @@ def normalise_keras_archive(archive: bytes) -> bytes:
 def write_run_record(cfg: Any, run: Any) -> Path:
     """Record, in `paths.run_file` (outside the DVC output `models`), the MLflow `run` that
     trained the model now in `paths.models`: {"run_id", "experiment_id", "tracking_uri",
-    "model_md5" (md5 of its model.keras)}. Returns the file's path."""
+    "model_md5" (`classifier.model_md5`)}. Returns the file's path."""
+    from pipeline.lib.model.classifier import model_md5
+
     path = Path(cfg.paths.run_file)
     write_json(
         path,
@@ -182,7 +184,7 @@ def write_run_record(cfg: Any, run: Any) -> Path:
             "run_id": run.info.run_id,
             "experiment_id": run.info.experiment_id,
             "tracking_uri": cfg.tracking.uri,
-            "model_md5": md5_file(Path(cfg.paths.models) / MODEL_FILE),
+            "model_md5": model_md5(cfg.paths.models),
         },
     )
     return path

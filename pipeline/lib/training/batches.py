@@ -1,7 +1,4 @@
-"""Training batches whose order is a pure function of (seed, epoch).
-
-Imports Keras at import time: import it inside the functions that train.
-"""
+"""Training batches whose order is a pure function of (seed, epoch)."""
 
 from __future__ import annotations
 
@@ -9,6 +6,14 @@ import math
 
 import keras
 import numpy as np
+
+
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """int64 (n,) order of epoch `epoch` (0-based): a permutation seeded by (seed, epoch), or
+    the identity without shuffling."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng((seed, epoch)).permutation(n)
 
 
 class ArrayBatches(keras.utils.PyDataset):
@@ -43,8 +48,6 @@ class ArrayBatches(keras.utils.PyDataset):
         """The permutation of the current epoch (the identity without shuffling)."""
         epoch, cached = self.epoch, self._order  # one read each: prefetch runs in a thread
         if cached is None or cached[0] != epoch:
-            from pipeline.lib.training.numpy_head import epoch_order
-
             perm = epoch_order(len(self.x), self.shuffle, self.seed, epoch)
             cached = self._order = (epoch, perm)
         return cached[1]

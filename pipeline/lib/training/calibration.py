@@ -14,9 +14,10 @@ model (head on features, or the whole image model) outputs.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ def log_probabilities(probs: np.ndarray) -> np.ndarray:
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood (nats) of int labels `y` (N,) under softmax(logits / T)."""
-    from scipy.special import log_softmax
-
     z = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
     return float(-z[np.arange(len(y)), np.asarray(y, dtype=np.int64)].mean())
 
@@ -47,8 +46,6 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     Returns 1.0 when there is nothing to fit (N = 0). T < 1 sharpens (an under-confident
     model), T > 1 softens (an over-confident one).
     """
-    from scipy.optimize import minimize_scalar
-
     if not len(y):
         return 1.0
     result = minimize_scalar(
@@ -60,35 +57,10 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def head_dense(model: Any) -> Any:
-    """The last Keras Dense layer of `model` (searched in nested models, last first): the layer
-    whose kernel and bias produce the logits. Raises ValueError when there is none."""
-    import keras
-
-    for layer in reversed(model.layers):
-        if isinstance(layer, keras.layers.Dense):
-            return layer
-        if isinstance(layer, keras.Model):
-            try:
-                return head_dense(layer)
-            except ValueError:
-                continue
-    raise ValueError(f"model {model.name!r} has no Dense layer to scale")
-
-
-def apply_temperature(model: Any, temperature: float) -> None:
-    """Divide the kernel and bias of `model`'s last Dense layer by `temperature` in place: its
-    softmax then outputs softmax(z / T) exactly."""
-    dense = head_dense(model)
-    dense.kernel.assign(dense.kernel.numpy() / temperature)
-    if dense.use_bias:
-        dense.bias.assign(dense.bias.numpy() / temperature)
-
-
 def calibrate(val_probs: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
     """Fit T on the validation probabilities `val_probs` (N, C) of a model and labels `y_val`
     (N,); return {"temperature", "val_nll_before", "val_nll_after"} (nats per image). The caller
-    folds T into its model (`apply_temperature`, or `Head.scaled` for a NumPy head)."""
+    folds T into its head (`Head.scaled`)."""
     logits = log_probabilities(val_probs)
     if (logits.argmax(axis=1) == np.asarray(y_val)).all():
         # no validation mistake: the NLL falls as T -> 0, so T has no finite optimum; a T < 1

@@ -3,9 +3,8 @@ to say much (`python -m pipeline.crossval`).
 
 Train and val are pooled and split into `train.crossval_folds` stratified folds
 (scikit-learn's StratifiedKFold, shuffled with `train.seed`). Fold i is the test fold; fold
-i + 1 (mod k) is its validation fold (early stopping, temperature scaling), the others train:
-each fold runs the pipeline's own head training (NumPy or Keras, L2, `head.finish`) exactly as
-`train` does, and every image is tested once. Logged as one MLflow parent run with one child run
+i + 1 (mod k) is its validation fold (temperature scaling), the others train:
+each fold fits the head exactly as `train` does (`train_head`: C, the optimum, temperature), and every image is tested once. Logged as one MLflow parent run with one child run
 per fold; the parent gets the mean and standard deviation over folds and the pooled accuracy
 with its 95 % Wilson interval.
 """
@@ -13,13 +12,21 @@ with its 95 % Wilson interval.
 from __future__ import annotations
 
 import logging
-import tempfile
-from types import SimpleNamespace
+import warnings
 from typing import Any
 
+import mlflow
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
+from pipeline.lib.config.schema import Config, ConfigError, solver
+from pipeline.lib.data.prepared import open_prepared
 from pipeline.lib.errors import UserError
+from pipeline.lib.files import dvc_md5
+from pipeline.lib.model.features import load_cached_features
+from pipeline.lib.reporting.metrics import Predictions, accuracy_interval, headline_metrics
+from pipeline.lib.tracking import runs
+from pipeline.lib.training.head import train_head
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +39,6 @@ def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.nda
     """k folds of `labels` (N,): per fold {"train", "val", "test": int64 index arrays}, test =
     fold i, val = fold i+1 (mod k), train = the rest. Raises CrossvalError when a fold
     cannot be made (fewer images than folds)."""
-    import warnings
-
-    from sklearn.model_selection import StratifiedKFold
-
     if len(labels) < k:
         raise CrossvalError(
             f"{len(labels)} images cannot make {k} folds: lower train.crossval_folds"
@@ -57,54 +60,20 @@ def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.nda
     return folds
 
 
-def train_fold(cfg: Any, x: np.ndarray, y: np.ndarray, fold: dict, num_classes: int) -> np.ndarray:
-    """Train a head on `fold`'s train indices of features `x` (N, D) / labels `y` (N,) as the
-    train stage does (`train.backend`: NumPy or Keras; L2, early stopping on the fold's val,
-    temperature scaling); return its float32 (n_test, C) probabilities of the fold's test
-    images."""
-    from pipeline.lib.training.fit import uses_numpy
-
-    inputs = {s: x[fold[s]] for s in ("train", "val")}
-    if uses_numpy(cfg):
-        from pipeline.lib.training.numpy_head import train_head
-
-        labels = {s: y[fold[s]] for s in ("train", "val")}
-        head, _ = train_head(cfg, inputs, labels, num_classes)
-        return head.probabilities(x[fold["test"]])
-    return _train_fold_keras(cfg, x, y, fold, num_classes)
-
-
-def _train_fold_keras(
-    cfg: Any, x: np.ndarray, y: np.ndarray, fold: dict, num_classes: int
+def train_fold(
+    cfg: Config, x: np.ndarray, y: np.ndarray, fold: dict, num_classes: int
 ) -> np.ndarray:
-    """`train_fold` with Keras (`train.backend=keras`, or settings NumPy does not train)."""
-    import keras
-
-    from pipeline.lib.model.build import build_head
-    from pipeline.lib.training import head as head_lib
-    from pipeline.lib.training.fit import PhaseRunner, class_weights, set_seeds
-
-    t = cfg.train
-    set_seeds(t.seed)
-    net = build_head(x.shape[1], num_classes, cfg.model.dropout, cfg.model.head_init)
-    targets = {s: keras.utils.to_categorical(y[fold[s]], num_classes) for s in ("train", "val")}
-    head_lib.set_kernel_l2(net, head_lib.l2_strength(t.l2, len(fold["train"])))
-    initial = net.get_weights()
-    runner = PhaseRunner(cfg, targets, class_weights(y[fold["train"]], num_classes, t.class_weight))
-    inputs = {s: x[fold[s]] for s in ("train", "val")}
-    with tempfile.TemporaryDirectory() as backup:
-        runner.run("phase1", net, inputs, t.learning_rate, (0, t.epochs), backup)
-        runner.head_info = head_lib.finish_keras(
-            runner, SimpleNamespace(head=net), net, initial, inputs
-        )
-    return np.asarray(net.predict(x[fold["test"]], batch_size=256, verbose=0), dtype=np.float32)
+    """Fit a head on `fold`'s train indices of features `x` (N, D) / labels `y` (N,) as the train
+    stage does (`train_head`: C, the optimum, temperature scaling on the fold's val); return its
+    float64 (n_test, C) probabilities of the fold's test images."""
+    split = {s: x[fold[s]] for s in ("train", "val")}
+    labels = {s: y[fold[s]] for s in ("train", "val")}
+    return train_head(cfg.train, split, labels, num_classes).head.probabilities(x[fold["test"]])
 
 
 def summarize(folds: list[dict[str, Any]], correct: int, n: int) -> dict[str, Any]:
     """The parent run's numbers: mean and std over folds of accuracy / macro F1 / ECE, and the
     pooled accuracy (`correct` of `n`) with its 95 % Wilson interval."""
-    from pipeline.lib.reporting.metrics import accuracy_interval
-
     out: dict[str, Any] = {"folds": len(folds), "images": n}
     for key in ("accuracy", "macro_f1", "ece"):
         values = np.array([f[key] for f in folds], dtype=float)
@@ -127,14 +96,11 @@ def crossval(cfg: Any) -> dict[str, Any]:
         CrossvalError: `paths.features` holds no features of the prepared data.
         StageInputError: the prepared data is missing or was prepared with other settings.
     """
-    import mlflow
-
-    from pipeline.lib.data.prepared import open_prepared
-    from pipeline.lib.files import dvc_md5
-    from pipeline.lib.model.features import load_cached_features
-    from pipeline.lib.reporting.metrics import Predictions, headline_metrics
-    from pipeline.lib.tracking import runs as tracking
-
+    if solver(cfg) != "lbfgs":
+        raise ConfigError(
+            "pipeline.crossval fits the default head (train.solver=lbfgs) on the cached "
+            "features: drop the Keras settings (train.solver=keras, augment, fine_tune)"
+        )
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     features = load_cached_features(cfg, dvc_md5(cfg.paths.prepared))
     if features is None:
@@ -146,11 +112,11 @@ def crossval(cfg: Any) -> dict[str, Any]:
     y = np.concatenate([dataset.labels("train"), dataset.labels("val")]).astype(np.int64)
     k, c = cfg.train.crossval_folds, dataset.num_classes
     folds = fold_indices(y, k, cfg.train.seed)
-    tracking.setup(cfg.tracking)
+    runs.setup(cfg.tracking)
     per_fold, correct = [], 0
     with mlflow.start_run(run_name=f"crossval {k} folds") as parent:
         mlflow.set_tag("crossval", "parent")
-        tracking.log_config(cfg)
+        runs.log_config(cfg)
         for i, fold in enumerate(folds):
             probs = train_fold(cfg, x, y, fold, c)
             m = headline_metrics(Predictions(probs, y[fold["test"]], dataset.classes))

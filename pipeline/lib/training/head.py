@@ -1,212 +1,324 @@
-"""What makes the default head converge and tell the truth: its L2 penalty, the epoch early
-stopping chose, an optional refit on train + val, temperature scaling and the warnings of a head
-that did not fit its own training images.
+"""The default head: multinomial logistic regression on the cached backbone features, solved to
+its optimum (`train.solver=lbfgs`).
 
-The L2 penalty: scikit-learn's LogisticRegression minimises sum_i CE_i + ||W||^2 / (2 C); Keras
-adds a regulariser's value to the batch *mean* loss, so the same objective per example is
-mean CE + l2 ||W||^2 with l2 = 1 / (2 C n_train). `train.l2: auto` uses C = 1, scikit-learn's
-default (no tuning on any one dataset): the penalty shrinks as the training set grows.
+The objective is scikit-learn's `LogisticRegression` (multinomial, L2 on the kernel, none on the
+bias), with Keras' label smoothing and class weights:
+
+    minimise  ( sum_i s_i CE(softmax(x_i W + b), t_i) + ||W||^2 / (2 C) ) / sum_i s_i
+
+t_i = (1 - eps) onehot(y_i) + eps / K (`train.label_smoothing`), s_i the class weight of y_i
+(`train.class_weight`), C the inverse regularisation strength (`train.C`). Dividing by sum s_i
+only rescales it (same optimum). It is convex, so its optimum does not depend on a start, a batch
+order or a learning rate: scipy's L-BFGS-B solves it with scikit-learn's `lbfgs` settings
+(gtol = `tol`, ftol = 64 eps, maxls 50).
+
+`train.C=auto` chooses C by stratified k-fold cross-validation on the training split (held-out
+log loss over `C_GRID`, each fold's fits warm-started along the path from strong to weak
+regularisation), cached per feature set so a sweep pays it once (`choose_c`). With fewer than
+`MIN_PER_CLASS_FOR_CV` training images in a class there is nothing to cross-validate and C = 1,
+scikit-learn's default.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Callable
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import numpy as np
+from scipy.optimize import minimize
+from scipy.special import log_softmax
+from sklearn.model_selection import StratifiedKFold
+from sklearn.utils.class_weight import compute_class_weight
+
+from pipeline.lib.config.schema import TrainConfig
+from pipeline.lib.errors import UserError
+from pipeline.lib.files import write_json
+from pipeline.lib.model.classifier import Head
+from pipeline.lib.training.calibration import calibrate
 
 log = logging.getLogger(__name__)
 
-#: A head whose final training accuracy is below this gets a warning (it has not fit its data).
+#: The values of C cross-validated by `train.C=auto` (scikit-learn's LogisticRegressionCV grid
+#: spans 1e-4..1e4; pooled ImageNet features need neither end).
+C_GRID = tuple(float(c) for c in 10.0 ** np.arange(-3, 4))
+#: Cross-validation needs at least this many training images in every class (one per fold).
+MIN_PER_CLASS_FOR_CV = 3
+#: The most folds `choose_c` uses.
+CV_FOLDS = 5
+#: A head whose training accuracy at the optimum is below this gets a warning.
 UNDERFIT_TRAIN_ACCURACY = 0.9
+#: Bumped when the objective or the search changes: part of `choose_c`'s cache key.
+SEARCH_VERSION = 1
+
+
+class FeatureError(UserError):
+    """The features cannot be fitted (non-finite values)."""
 
 
 @dataclass
-class TrainingRecord:
-    """What a head's training phases ran, whatever ran them (Keras: `fit.PhaseRunner`, NumPy:
-    `numpy_head.NumpyPhaseRunner`), and what `finish` reads: the config, the one-hot `targets`
-    {"train", "val": (N, C)}, the class weights, one continuous per-epoch `history`
-    ({"epoch": [1-based], metric: [...]}), per-batch `batches`, `phases` (per phase: mode,
-    trainable_params, learning_rate, first_epoch, last_epoch), the epochs at which early stopping
-    ended a phase (`stopped`) and `finish`'s result (`head_info`)."""
+class HeadFit:
+    """A fitted head and how the solver got there.
 
-    cfg: Any
-    targets: dict[str, np.ndarray]
-    class_weight: dict[int, float] | None
-    history: dict[str, list[float]] = field(default_factory=lambda: {"epoch": []})
-    batches: dict[str, list[float]] = field(
-        default_factory=lambda: {"step": [], "epoch": [], "loss": [], "accuracy": []}
+    history: per solver iteration (1-based `step`), the mean cross-entropy (nats, true labels,
+    no penalty) and accuracy on train and, when given, val: {"step", "loss", "accuracy",
+    "val_loss", "val_accuracy"}.
+    """
+
+    head: Head
+    C: float
+    iterations: int
+    converged: bool
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray | None:
+    """`train.class_weight`: None for `none`; for `auto` float64 (num_classes,) of scikit-learn's
+    `balanced` weights n / (k count) of the classes in `labels`, 1.0 for a class absent there."""
+    if mode == "none":
+        return None
+    present = np.unique(labels)
+    weights = np.ones(num_classes)
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return weights
+
+
+def _targets(y: np.ndarray, num_classes: int, smoothing: float) -> np.ndarray:
+    """float64 (N, K) smoothed one-hot targets of int labels `y`."""
+    t = np.full((len(y), num_classes), smoothing / num_classes)
+    t[np.arange(len(y)), y] += 1.0 - smoothing
+    return t
+
+
+def _unpack(theta: np.ndarray, dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel (D, K), bias (K,)) views of the solver's flat parameter vector."""
+    return theta[: dim * num_classes].reshape(dim, num_classes), theta[dim * num_classes :]
+
+
+def _objective(
+    theta: np.ndarray, x: np.ndarray, t: np.ndarray, s: np.ndarray, c: float
+) -> tuple[float, np.ndarray]:
+    """(value, gradient) of the module docstring's objective at `theta`."""
+    kernel, bias = _unpack(theta, x.shape[1], t.shape[1])
+    z = x @ kernel + bias
+    log_p = log_softmax(z, axis=1)
+    total = s.sum()
+    value = float(-(s[:, None] * t * log_p).sum() + 0.5 * (kernel * kernel).sum() / c) / total
+    g = (np.exp(log_p) - t) * (s[:, None] / total)
+    grad = np.concatenate([(x.T @ g + kernel / (c * total)).ravel(), g.sum(axis=0)])
+    return value, grad
+
+
+def _scores(head_params: np.ndarray, x: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float]:
+    """(mean cross-entropy in nats, accuracy) of flat parameters on features `x`, labels `y`."""
+    kernel, bias = _unpack(head_params, x.shape[1], k)
+    log_p = log_softmax(x @ kernel + bias, axis=1)
+    return float(-log_p[np.arange(len(y)), y].mean()), float((log_p.argmax(1) == y).mean())
+
+
+def fit_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    c: float,
+    *,
+    class_weight: str = "none",
+    label_smoothing: float = 0.0,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    init: np.ndarray | None = None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    track: bool = True,
+) -> HeadFit:
+    """The optimum of the objective (module docstring) on features `x` float (N, D) and int labels
+    `y` (N,) in [0, num_classes).
+
+    Args:
+        c: inverse L2 strength C > 0.
+        init: flat float64 start (a neighbouring C's solution, `HeadFit.head` raveled); zeros else.
+        val: (features, labels) scored at every iteration into `history` (None: train only).
+        track: record `history` (off for the cross-validation fits: it costs a pass a step).
+
+    Raises:
+        FeatureError: `x` holds NaN or infinite values.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise FeatureError(
+            "The cached features hold NaN or infinite values: rerun the featurize stage "
+            "(`dvc repro -f featurize`); if they come back, a photo or the weights file is broken."
+        )
+    y = np.asarray(y, dtype=np.int64)
+    weights = class_weights(y, num_classes, class_weight)
+    s = np.ones(len(y)) if weights is None else weights[y]
+    t = _targets(y, num_classes, label_smoothing)
+    theta0 = np.zeros(x.shape[1] * num_classes + num_classes) if init is None else init
+    history: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+    if val is not None:
+        history |= {"val_loss": [], "val_accuracy": []}
+        xv, yv = np.asarray(val[0], np.float64), np.asarray(val[1], np.int64)
+
+    def record(theta: np.ndarray) -> None:
+        history["step"].append(len(history["step"]) + 1)
+        loss, acc = _scores(theta, x, y, num_classes)
+        history["loss"].append(loss)
+        history["accuracy"].append(acc)
+        if val is not None:
+            loss, acc = _scores(theta, xv, yv, num_classes)
+            history["val_loss"].append(loss)
+            history["val_accuracy"].append(acc)
+
+    result = minimize(
+        _objective,
+        theta0,
+        args=(x, t, s, c),
+        jac=True,
+        method="L-BFGS-B",
+        callback=record if track else None,
+        options={"maxiter": max_iter, "gtol": tol, "ftol": 64 * np.finfo(float).eps, "maxls": 50},
     )
-    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
-    stopped: list[int] = field(default_factory=list)
-    head_info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def has_val(self) -> bool:
-        """Whether there is a validation split."""
-        return len(self.targets["val"]) > 0
-
-    @property
-    def monitor(self) -> str:
-        """What early stopping and ReduceLROnPlateau watch: val_loss, else loss."""
-        return "val_loss" if self.has_val else "loss"
+    kernel, bias = _unpack(result.x, x.shape[1], num_classes)
+    head = Head(kernel.astype(np.float32), bias.astype(np.float32))
+    return HeadFit(head, c, int(result.nit), bool(result.success), history)
 
 
-def l2_strength(setting: Any, n_train: int) -> float:
-    """`train.l2` as the Keras L2 factor: `auto` -> 1 / (2 n_train) (LogisticRegression's C=1,
-    per example), a number -> itself, 0 -> no penalty."""
-    if setting == "auto":
-        return 1.0 / (2.0 * max(int(n_train), 1))
-    return float(setting)
+def _flat(head: Head) -> np.ndarray:
+    """A head as the solver's flat float64 vector (kernel then bias)."""
+    return np.concatenate([head.kernel.astype(np.float64).ravel(), head.bias.astype(np.float64)])
 
 
-def set_kernel_l2(head: Any, factor: float) -> None:
-    """Put an L2 penalty of `factor` (0 = none) on the kernel of `head`'s last Dense layer. The
-    regulariser is set on the built variable (Keras sums `variable.regularizer` of trainable
-    weights into the loss) and on the layer (so it is part of the saved config)."""
-    import keras
-
-    from pipeline.lib.training.calibration import head_dense
-
-    dense = head_dense(head)
-    reg = keras.regularizers.L2(factor) if factor > 0 else None
-    dense.kernel_regularizer = reg
-    dense.kernel.regularizer = reg
-
-
-def best_epoch(history: dict[str, list[float]], monitor: str) -> int:
-    """The 1-based epoch with the lowest `monitor` in `history` (what early stopping restored);
-    the last epoch when `monitor` is missing."""
-    values = history.get(monitor) or []
-    if not values:
-        return len(history.get("loss", [])) or 1
-    return int(np.argmin(values)) + 1
+def _cv_losses(
+    x: np.ndarray, y: np.ndarray, num_classes: int, folds: int, seed: int, **fit_args: object
+) -> list[float]:
+    """Mean held-out cross-entropy of each C of `C_GRID` over stratified `folds`."""
+    losses = np.zeros(len(C_GRID))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_idx, held_idx in splitter.split(x, y):
+        start = None
+        for i, c in enumerate(C_GRID):
+            fitted = fit_head(
+                x[fit_idx], y[fit_idx], num_classes, c, init=start, track=False, **fit_args
+            )
+            start = _flat(fitted.head)
+            losses[i] += _scores(start, x[held_idx], y[held_idx], num_classes)[0] / folds
+    return losses.tolist()
 
 
-def warn_if_underfit(history: dict[str, list[float]], n_train: int, steps: int) -> bool:
-    """Warn (and return True) when the final training accuracy is below
-    `UNDERFIT_TRAIN_ACCURACY`: the head has not fit its own training images (too few optimiser
-    steps, too strong a penalty, or classes the features cannot separate)."""
-    accuracy = (history.get("accuracy") or [None])[-1]
-    if accuracy is None or accuracy >= UNDERFIT_TRAIN_ACCURACY:
+def cache_dir() -> Path:
+    """Where `choose_c` keeps its choices: $TRUCK_CACHE_DIR/head, else
+    $XDG_CACHE_HOME/truck-pipeline/head, else ~/.cache/truck-pipeline/head."""
+    base = os.environ.get("TRUCK_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "truck-pipeline"
+    )
+    return Path(base) / "head"
+
+
+def choose_c(
+    x: np.ndarray, y: np.ndarray, num_classes: int, seed: int, **fit_args: object
+) -> tuple[float, dict[str, object]]:
+    """(C, how it was chosen) for `train.C=auto` (module docstring).
+
+    The choice is a pure function of the features, labels, seed and fit settings; it is cached
+    on disk (`cache_dir()`) under their hash, so a sweep over other settings pays it once.
+    """
+    counts = np.bincount(np.asarray(y, np.int64), minlength=num_classes)
+    smallest = int(counts[counts > 0].min()) if counts.any() else 0
+    if smallest < MIN_PER_CLASS_FOR_CV:
+        return 1.0, {
+            "rule": f"C = 1: a class has {smallest} training images (< 3 to cross-validate)"
+        }
+    folds = min(CV_FOLDS, smallest)
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    settings = [SEARCH_VERSION, C_GRID, folds, seed, num_classes, sorted(fit_args.items())]
+    digest.update(json.dumps(settings, default=str).encode())
+    path = cache_dir() / f"{digest.hexdigest()[:32]}.json"
+    try:
+        found = json.loads(path.read_text())
+        return float(found["C"]), found
+    except (OSError, ValueError, KeyError):
+        pass
+    losses = _cv_losses(np.asarray(x, np.float64), y, num_classes, folds, seed, **fit_args)
+    best = int(np.argmin(losses))  # the first (strongest penalty) among equals
+    choice = {"C": C_GRID[best], "folds": folds, "grid": list(C_GRID), "cv_log_loss": losses}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, choice)
+    except OSError as exc:  # a read-only cache only costs time
+        log.debug("C choice not cached (%s)", exc)
+    return C_GRID[best], choice
+
+
+def warn_if_underfit(accuracy: float, n_train: int) -> bool:
+    """Warn (and return True) when the training accuracy at the optimum is below
+    `UNDERFIT_TRAIN_ACCURACY`: the features do not separate the classes at this penalty."""
+    if accuracy >= UNDERFIT_TRAIN_ACCURACY:
         return False
     log.warning(
-        "The head ends at training accuracy %.3f on %d images after %d optimiser steps: it has "
-        "not fit its own training data. Train longer (train.epochs, early stopping's patience), "
-        "lower train.l2, or look for mislabelled / look-alike classes.",
+        "The head fits only %.3f of its %d training images at its optimum: raise train.C "
+        "(a weaker penalty), or look for mislabelled / look-alike classes.",
         accuracy,
         n_train,
-        steps,
     )
     return True
 
 
-def refit_on_train_val(runner: Any, nets: Any, net: Any, initial: list[Any], x: dict) -> Any:
-    """Train the head again from its initial weights `initial` (`nets.head.get_weights()` before
-    training) on train + val (`x`: {"train", "val": inputs of `net`}, labels from `runner`) for
-    the epochs early stopping chose in `runner`'s phase 1, with early stopping off; return the
-    PhaseRunner that ran it (its history is the refit's)."""
-    from omegaconf import OmegaConf
+@dataclass
+class TrainedHead:
+    """The head `train_head` saves and how it came to be: `fit` on the training split (its
+    per-iteration `history` scored on val), `choice` (how C was chosen), the `temperature` folded
+    into `head` (1.0: not calibrated) with the validation NLL before/after, and `refit_images`
+    (train + val, when `train.refit_on_train_val` fitted it again)."""
 
-    from pipeline.lib.training.fit import PhaseRunner, class_weights
-
-    cfg = runner.cfg
-    epochs = best_epoch(runner.history, runner.monitor)
-    y = np.concatenate([runner.targets["train"], runner.targets["val"]])
-    refit_cfg = OmegaConf.merge(cfg, {"train": {"early_stopping": {"enabled": False}}})
-    labels = y.argmax(axis=1)
-    weights = class_weights(labels, y.shape[1], cfg.train.class_weight)
-    refit = PhaseRunner(
-        refit_cfg, {"train": y, "val": y[:0]}, weights, extra_callbacks=runner.extra_callbacks
-    )
-    merged = np.concatenate([np.asarray(x["train"]), np.asarray(x["val"])])
-    nets.head.set_weights(initial)
-    set_kernel_l2(nets.head, l2_strength(cfg.train.l2, len(y)))
-    log.info("Refit on train + val: %d images, %d epochs (early stopping's choice)", len(y), epochs)
-    backup = runner_backup(cfg)
-    refit.run(
-        "refit",
-        net,
-        {"train": merged, "val": merged[:0]},
-        cfg.train.learning_rate,
-        (0, epochs),
-        backup,
-    )
-    return refit
+    head: Head
+    fit: HeadFit
+    choice: dict[str, object]
+    temperature: float = 1.0
+    val_nll_before: float | None = None
+    val_nll_after: float | None = None
+    refit_images: int | None = None
 
 
-def runner_backup(cfg: Any) -> Any:
-    """A fresh folder for the refit's per-epoch state (BackupAndRestore deletes it at the end)."""
-    import tempfile
-    from pathlib import Path
-
-    Path(cfg.train.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="refit-", dir=cfg.train.checkpoint_dir))
-
-
-def finish(
-    runner: Any,
-    predict_val: Callable[[], np.ndarray],
-    refit: Callable[[], Any],
-    scale: Callable[[float], None],
-) -> dict[str, Any]:
-    """After phase 1 (and 2), whatever trained the head (Keras or NumPy): refit on train + val
-    (`train.refit_on_train_val`), temperature scaling on the validation split
-    (`train.calibrate`), the underfitting warning.
-
-    Args:
-        runner: the phase runner that trained (`history`, `batches`, `targets`, `cfg`,
-            `has_val`, `monitor`).
-        predict_val: the trained head's float (N_val, C) validation probabilities.
-        refit: trains the head again on train + val; returns the refit's runner.
-        scale: folds a temperature T into the head (kernel and bias / T).
-
-    Returns {"best_epoch", "temperature" (None when not calibrated), "val_nll_before"/"_after",
-    "refit_epochs", "refit_images", "refit_history", "l2"}.
+def train_head(
+    t: TrainConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes: int
+) -> TrainedHead:
+    """Fit the default head as `train.*` says: C (`train.C`, `choose_c` for auto), the optimum on
+    `x["train"]` (float (N, D)) / `y["train"]` (int (N,)), temperature scaling on the `val`
+    split (`train.calibrate`), then optionally the same C on train + val.
     """
-    from pipeline.lib.training.calibration import calibrate
-
-    t = runner.cfg.train
-    y_val = runner.targets["val"].argmax(axis=1) if runner.has_val else np.zeros(0, np.int64)
-    n_train = len(runner.targets["train"])
-    info: dict[str, Any] = {
-        "best_epoch": best_epoch(runner.history, runner.monitor),
-        "l2": l2_strength(t.l2, n_train),
-        "temperature": None,
-    }
-    steps = len(runner.batches["step"])
-    warn_if_underfit(runner.history, n_train, steps)
-    val_probs = None
-    if t.calibrate and runner.has_val:
-        val_probs = np.asarray(predict_val())
+    fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
+    if t.C == "auto":
+        c, choice = choose_c(x["train"], y["train"], num_classes, t.seed, **fit_args)
+        log.info("C = %g (%s)", c, choice.get("rule") or f"{choice['folds']}-fold CV log loss")
+    else:
+        c, choice = float(t.C), {"rule": "train.C"}
+    has_val = len(y["val"]) > 0
+    val = (x["val"], y["val"]) if has_val else None
+    fit = fit_head(x["train"], y["train"], num_classes, c, max_iter=t.max_iter, val=val, **fit_args)
+    if not fit.converged:
+        log.warning("L-BFGS stopped after %d iterations (train.max_iter)", fit.iterations)
+    warn_if_underfit(
+        fit.history["accuracy"][-1] if fit.history["accuracy"] else 1.0, len(y["train"])
+    )
+    result = TrainedHead(fit.head, fit, choice)
+    if t.calibrate and has_val:
+        calibration = calibrate(fit.head.probabilities(x["val"]), y["val"])
+        result.temperature = calibration["temperature"]
+        result.val_nll_before = calibration["val_nll_before"]
+        result.val_nll_after = calibration["val_nll_after"]
     elif t.calibrate:
         log.warning("train.calibrate: no validation split, so no temperature scaling (T = 1)")
-    if t.refit_on_train_val:
-        if runner.has_val:
-            refitted = refit()
-            info["refit_epochs"] = len(refitted.history["epoch"])
-            info["refit_images"] = len(refitted.targets["train"])
-            info["refit_history"] = refitted.history
-        else:
-            log.warning("train.refit_on_train_val: no validation split, nothing to add")
-    if val_probs is not None:
-        calibration = calibrate(val_probs, y_val)
-        scale(calibration["temperature"])
-        info.update(calibration)
-    return info
-
-
-def finish_keras(runner: Any, nets: Any, net: Any, initial: list[Any], x: dict) -> dict[str, Any]:
-    """`finish` for a head trained by Keras: `net` (features or images -> probabilities) predicts
-    the validation inputs `x["val"]`, the refit starts from `initial` (`nets.head.get_weights()`
-    before training), the temperature is folded into `nets.head`."""
-    from pipeline.lib.training.calibration import apply_temperature
-
-    return finish(
-        runner,
-        lambda: net.predict(x["val"], batch_size=256, verbose=0),
-        lambda: refit_on_train_val(runner, nets, net, initial, x),
-        lambda temperature: apply_temperature(nets.head, temperature),
-    )
+    head = fit.head
+    if t.refit_on_train_val and has_val:
+        xy = np.concatenate([x["train"], x["val"]]), np.concatenate([y["train"], y["val"]])
+        refit = fit_head(*xy, num_classes, c, max_iter=t.max_iter, track=False, **fit_args)
+        head, result.refit_images = refit.head, len(xy[1])
+        log.info("Refit on train + val: %d images at C = %g", len(xy[1]), c)
+    elif t.refit_on_train_val:
+        log.warning("train.refit_on_train_val: no validation split, nothing to add")
+    result.head = head.scaled(result.temperature)
+    return result

@@ -1,0 +1,491 @@
+"""Keras `fit` for what needs it (`train.solver=keras`): the study's Adam epochs, augmentation,
+fine-tuning, an unfrozen backbone. Seeds, batches, callbacks, checkpoints and the two phases.
+
+The training state is saved after every epoch (Keras' `BackupAndRestore`) in a folder of
+`train.checkpoint_dir` keyed by the run's settings; with `train.resume=true` an interrupted run
+continues from its last saved epoch and ends with the same weights and metrics as an uninterrupted
+run: the batch order and dropout masks are pure functions of (seed, epoch), not of what ran before.
+
+Imports TensorFlow: `pipeline.train` imports this module only when Keras trains (~5 s saved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from omegaconf import OmegaConf
+
+from pipeline.lib.config.schema import Config
+from pipeline.lib.data.prepared import PreparedDataset
+from pipeline.lib.files import read_json, write_json
+from pipeline.lib.model.build import (
+    build_augmentation,
+    build_feature_extractor,
+    build_head,
+    compose,
+    compose_augmented,
+    count_params,
+    find_backbone,
+    make_optimizer,
+    unfreeze_top,
+)
+from pipeline.lib.model.classifier import Head
+from pipeline.lib.training.batches import ArrayBatches
+from pipeline.lib.training.callbacks import (
+    AtomicBackupAndRestore,
+    BatchRecorder,
+    EpochState,
+    LearningRateLogger,
+)
+from pipeline.lib.training.head import class_weights
+
+log = logging.getLogger(__name__)
+
+
+def set_seeds(seed: int) -> None:
+    """Seed Python, NumPy and Keras/TensorFlow, and turn on TensorFlow's op determinism (same
+    seed, same data -> the same weights, bit for bit, on the same machine)."""
+    keras.utils.set_random_seed(seed)
+    # older TF builds lack it; seeds still apply
+    with contextlib.suppress(Exception):
+        tf.config.experimental.enable_op_determinism()
+
+
+def distribution_strategy(name: str) -> Any:
+    """`train.strategy`: the default (one device) or a MirroredStrategy over every visible GPU
+    (the CPU when there is none)."""
+    if name == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+        log.info("train.strategy=mirrored: %d replica(s)", strategy.num_replicas_in_sync)
+        return strategy
+    return tf.distribute.get_strategy()
+
+
+def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
+    """Where `fit` saves the training state after every epoch: a folder of
+    `train.checkpoint_dir` keyed by what determines the run (the model, train and featurize
+    settings but `train.resume` / `train.checkpoint_dir`, the prepared data) and by where it writes
+    its model, so a resumed run only ever picks up its own checkpoint and two runs never share one.
+    """
+    train_settings = OmegaConf.to_container(cfg.train, resolve=True)
+    assert isinstance(train_settings, dict)
+    for name in ("resume", "checkpoint_dir"):
+        train_settings.pop(name, None)
+    key = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "train": train_settings,
+        "featurize": OmegaConf.to_container(cfg.featurize, resolve=True),
+        "prepared_md5": prepared_md5,
+        "models": str(Path(cfg.paths.models).resolve()),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.train.checkpoint_dir) / f"train-{digest}"
+
+
+#: In the checkpoint folder, once phase 1 of a fine-tuning run has finished: its weights and how
+#: many epochs it ran; phase 2 saves its state in the sub-folder FINE_TUNE_DIR.
+PHASE1_WEIGHTS = "phase1.weights.h5"
+PHASE1_DONE = "phase1.json"
+FINE_TUNE_DIR = "fine_tune"
+
+
+@dataclass
+class Networks:
+    """The Keras models of one training run, sharing their weights.
+
+    `extractor`: images (B, H, W, 3) float32 0..255 -> features (B, D); `head`: features ->
+    class probabilities (B, C); `full`: images -> probabilities (what is saved);
+    `image_net`: `full` with the augmentation layers in front (`full` itself without them).
+    """
+
+    extractor: Any
+    head: Any
+    full: Any
+    image_net: Any
+    augmented: bool
+
+
+def build_networks(cfg: Config, num_classes: int, image_size: int) -> Networks:
+    """The extractor (seeded by `model.init_seed` when it has no weights), then, seeded by
+    `train.seed`, the head and the augmentation layers."""
+    t = cfg.train
+    extractor = build_feature_extractor(
+        cfg.model.alpha, cfg.model.weights, image_size, cfg.model.init_seed
+    )
+    set_seeds(t.seed)
+    dim = int(extractor.output.shape[-1])
+    head = build_head(dim, num_classes, cfg.model.dropout, cfg.model.head_init)
+    augmentation = build_augmentation(t.augment, t.seed) if t.augment.enabled else []
+    full = compose(extractor, head)
+    image_net = compose_augmented(extractor, head, augmentation) if augmentation else full
+    return Networks(extractor, head, full, image_net, bool(augmentation))
+
+
+def phase1_inputs(
+    cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray], nets: Networks
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """(network, {"train", "val": inputs}) of phase 1: the head on the cached features when the
+    backbone is frozen and nothing is augmented (augmented images differ every epoch, so their
+    features cannot be cached), else the image network on the prepared images."""
+    if cfg.model.freeze_backbone and not nets.augmented:
+        return nets.head, {s: features[s] for s in ("train", "val")}
+    return nets.image_net, {s: dataset.images(s) for s in ("train", "val")}
+
+
+def prepare_checkpoint(cfg: Config, prepared_md5: str) -> Path:
+    """The run's checkpoint folder (`checkpoint_folder`): kept with `train.resume=true`, removed
+    (an earlier run's state) otherwise."""
+    checkpoint = checkpoint_folder(cfg, prepared_md5)
+    if cfg.train.resume:
+        found = checkpoint.exists()
+        log.info(
+            "train.resume=true: %s %s",
+            "resuming from" if found else "no checkpoint to resume from, starting afresh:",
+            checkpoint,
+        )
+    elif checkpoint.exists():
+        log.info("train.resume=false: removing the earlier checkpoint %s", checkpoint)
+        shutil.rmtree(checkpoint)
+    return checkpoint
+
+
+@dataclass
+class PhaseRunner:
+    """Runs the training phases of one run with Keras and gathers what they ran: the one-hot
+    `targets` {"train", "val": (N, C)}, one continuous per-epoch `history` ({"epoch": [1-based],
+    metric: [...]}), per-batch `batches`, `phases` (per phase: mode, trainable_params,
+    learning_rate, first_epoch, last_epoch) and the epochs at which early stopping ended a phase
+    (`stopped`); `extra_callbacks` are added to every phase's `fit`."""
+
+    cfg: Config
+    targets: dict[str, np.ndarray]
+    class_weight: dict[int, float] | None
+    history: dict[str, list[float]] = field(default_factory=lambda: {"epoch": []})
+    batches: dict[str, list[float]] = field(
+        default_factory=lambda: {"step": [], "epoch": [], "loss": [], "accuracy": []}
+    )
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stopped: list[int] = field(default_factory=list)
+    extra_callbacks: Sequence[Any] = ()
+    #: Save the state after every epoch (BackupAndRestore); off for a head-only sweep job
+    #: without `train.resume`, where per-epoch saves cost ~70 % of the fit.
+    backup: bool = True
+
+    @property
+    def has_val(self) -> bool:
+        """Whether there is a validation split."""
+        return len(self.targets["val"]) > 0
+
+    @property
+    def monitor(self) -> str:
+        """What early stopping and ReduceLROnPlateau watch: val_loss, else loss."""
+        return "val_loss" if self.has_val else "loss"
+
+    def run(
+        self,
+        name: str,
+        net: Any,
+        x: dict[str, Any],
+        rate: float,
+        epochs: tuple[int, int],
+        backup: Path,
+    ) -> int:
+        """Compile `net` and train it on `x` from epoch `epochs[0]` to `epochs[1]` (0-based,
+        exclusive) at learning rate `rate`, saving the state in `backup` after every epoch;
+        append what ran; return the number of epochs done by its end."""
+        t, (first, last) = self.cfg.train, epochs
+        y = self.targets
+        train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
+        val = (
+            ArrayBatches(x["val"], y["val"], t.batch_size, False, t.seed) if self.has_val else None
+        )
+        schedule = self._compile(net, rate, (last - first) * len(train_batches))
+        callbacks, state, recorder, stopper = self._callbacks(
+            net, train_batches, schedule, last, backup
+        )
+        self.phases[name] = {
+            # the head takes features (B, D), the image networks images (B, H, W, 3)
+            "mode": "cached_features" if len(net.input.shape) == 2 else "end_to_end",
+            "trainable_params": count_params(net)["trainable"],
+            "learning_rate": float(rate),
+            "first_epoch": first + 1,
+        }
+        net._initial_epoch = None  # a restored epoch of an earlier fit must not carry over
+        # shuffle=False: the batches order themselves per (seed, epoch); Keras would reorder them
+        result = net.fit(
+            train_batches,
+            initial_epoch=first,
+            epochs=last,
+            validation_data=val,
+            class_weight=self.class_weight,
+            verbose=0,
+            shuffle=False,
+            callbacks=callbacks,
+        )
+        done = self._record(name, result.history, state, recorder, last)
+        if stopper is not None and stopper.stopped_epoch > 0:
+            self.stopped.append(done)
+            log.info("Early stopping in %s after epoch %d (best weights restored)", name, done)
+        self.phases[name]["last_epoch"] = done
+        return done
+
+    def _compile(self, net: Any, rate: float, steps: int) -> Any:
+        """Compile `net` (optimizer, loss with label smoothing, accuracy); return the cosine
+        schedule over `steps` when `train.lr_schedule=cosine`, else None."""
+        t = self.cfg.train
+        schedule = (
+            keras.optimizers.schedules.CosineDecay(rate, steps)
+            if t.lr_schedule == "cosine"
+            else None
+        )
+        loss: Any = (
+            "categorical_crossentropy"
+            if t.label_smoothing == 0
+            else keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
+        )
+        net.compile(
+            optimizer=make_optimizer(t.optimizer, schedule or rate), loss=loss, metrics=["accuracy"]
+        )
+        return schedule
+
+    def _callbacks(
+        self, net: Any, train_batches: Any, schedule: Any, last: int, backup: Path
+    ) -> tuple[list[Any], Any, Any, Any]:
+        """(callbacks in order, the EpochState, the BatchRecorder, the EarlyStopping or None).
+
+        The learning-rate logger comes before ReduceLROnPlateau and BackupAndRestore, so the
+        state saved holds a reduced rate; BackupAndRestore restores weights, optimizer state and
+        epoch at the start (if saved), saves every epoch and deletes its folder at the end. The
+        caller's callbacks come last."""
+        t = self.cfg.train
+        callbacks: list[Any] = [LearningRateLogger(schedule)]
+        if t.lr_schedule == "reduce_on_plateau":
+            p = t.plateau
+            callbacks.append(
+                keras.callbacks.ReduceLROnPlateau(
+                    monitor=self.monitor,
+                    factor=p.factor,
+                    patience=p.patience,
+                    min_delta=p.min_delta,
+                    min_lr=p.min_lr,
+                    verbose=0,
+                )
+            )
+        stopper = None
+        if t.early_stopping.enabled:
+            stopper = keras.callbacks.EarlyStopping(
+                monitor=self.monitor,
+                patience=t.early_stopping.patience,
+                min_delta=t.early_stopping.min_delta,
+                restore_best_weights=True,
+                verbose=0,
+            )
+            callbacks.append(stopper)
+        state = EpochState([train_batches], net, len(train_batches))
+        recorder = BatchRecorder(len(self.targets["train"]), last, t.batch_size)
+        # replaced atomically: a process killed while saving leaves the previous epoch's state
+        backup_cb = AtomicBackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True)
+        callbacks += [backup_cb] if self.backup else []
+        callbacks += [state, recorder, *self.extra_callbacks]
+        return callbacks, state, recorder, stopper
+
+    def _record(
+        self, name: str, ran: dict[str, list[Any]], state: Any, recorder: Any, last: int
+    ) -> int:
+        """Append the epochs and batches that ran; return the epochs done by the phase's end."""
+        count = len(ran.get("loss", []))
+        if state.first_epoch is None:
+            log.warning(
+                "The checkpoint already held all epochs of %s: nothing was trained "
+                "(run with train.resume=false to train again)",
+                name,
+            )
+            return last
+        first = state.first_epoch
+        self.history["epoch"] += list(range(first + 1, first + count + 1))
+        for key, values in ran.items():
+            self.history.setdefault(key, []).extend(float(v) for v in values)
+        for key, values in recorder.batches.items():
+            self.batches[key].extend(values)
+        return first + count
+
+
+def run_phase1(
+    runner: PhaseRunner, net: Any, x: dict[str, Any], nets: Networks, checkpoint: Path
+) -> int:
+    """Phase 1 (`train.epochs` at `train.learning_rate`); when fine-tuning, its end is saved
+    in the checkpoint folder, and a resumed run whose phase 1 had finished skips it. Returns
+    the epochs phase 1 ran."""
+    t = runner.cfg.train
+    done_file = checkpoint / PHASE1_DONE
+    if t.fine_tune.enabled and t.resume and done_file.is_file():
+        done = int(read_json(done_file)["epochs"])
+        nets.full.load_weights(checkpoint / PHASE1_WEIGHTS)
+        runner.phases["phase1"] = read_json(done_file)["phase"]
+        log.info("Phase 1 had finished (%d epochs): resuming with fine-tuning", done)
+        return done
+    done = runner.run("phase1", net, x, t.learning_rate, (0, t.epochs), checkpoint)
+    if t.fine_tune.enabled:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        nets.full.save_weights(checkpoint / PHASE1_WEIGHTS)
+        write_json(done_file, {"epochs": done, "phase": runner.phases["phase1"]})
+    return done
+
+
+def run_phase2(
+    runner: PhaseRunner, nets: Networks, images: dict[str, Any], done: int, checkpoint: Path
+) -> None:
+    """Phase 2 (fine-tuning): the backbone's top `fine_tune.unfreeze_top_n` layers unfrozen
+    (BatchNorm kept frozen), end to end on images at `fine_tune.learning_rate`, its epochs
+    numbered after phase 1's; the checkpoint folder is removed at its end."""
+    ft = runner.cfg.train.fine_tune
+    unfrozen = unfreeze_top(find_backbone(nets.extractor), ft.unfreeze_top_n)
+    log.info(
+        "Fine-tuning: %d backbone layers unfrozen (BatchNorm kept frozen), lr %g, epochs %d..%d",
+        len(unfrozen),
+        ft.learning_rate,
+        done + 1,
+        done + ft.epochs,
+    )
+    runner.run(
+        "phase2",
+        nets.image_net,
+        images,
+        ft.learning_rate,
+        (done, done + ft.epochs),
+        checkpoint / FINE_TUNE_DIR,
+    )
+    runner.phases["phase2"]["unfrozen_layers"] = unfrozen
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def head_dense(model: keras.Model) -> keras.layers.Dense:
+    """The last Dense layer of `model` (searched in nested models, last first): the layer whose
+    kernel and bias give the logits. Raises ValueError when there is none."""
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.layers.Dense):
+            return layer
+        if isinstance(layer, keras.Model):
+            try:
+                return head_dense(layer)
+            except ValueError:
+                continue
+    raise ValueError(f"model {model.name!r} has no Dense layer")
+
+
+def set_kernel_l2(head: keras.Model, factor: float) -> None:
+    """Put an L2 penalty of `factor` (0 = none) on the kernel of `head`'s last Dense layer (on the
+    built variable, which Keras sums into the loss, and on the layer, for its config)."""
+    dense = head_dense(head)
+    reg = keras.regularizers.L2(factor) if factor > 0 else None
+    dense.kernel_regularizer = reg
+    dense.kernel.regularizer = reg
+
+
+def l2_factor(c: float | str | None, n_train: int) -> float:
+    """`train.C` as Keras' L2 factor on the batch-mean loss: 1 / (2 C n_train), the same objective
+    per example as scikit-learn's C (`auto` -> C = 1; null -> 0, no penalty)."""
+    if c is None:
+        return 0.0
+    return 1.0 / (2.0 * (1.0 if c == "auto" else float(c)) * max(int(n_train), 1))
+
+
+@dataclass
+class KerasFit:
+    """What Keras `fit` trained: the `head` (Dense weights, not yet calibrated); the Keras
+    `extractor` when its weights changed (fine-tuning, an unfrozen backbone: it must be converted
+    to LiteRT), else None; `features` {"train", "val": float32 (N, D)} of that extractor (None:
+    the cached ones hold); the per-epoch `history`, per-batch `batches`, `phases`, `stopped`, parameter
+    counts, `seconds` of training, the epochs restored from a checkpoint, the replicas."""
+
+    head: Head
+    extractor: keras.Model | None
+    features: dict[str, np.ndarray] | None
+    runner: PhaseRunner
+    params: dict[str, int]
+    seconds: float
+    resumed_from_epoch: int
+    replicas: int
+
+
+def fit_keras(
+    cfg: Config,
+    dataset: PreparedDataset,
+    features: dict[str, np.ndarray],
+    prepared_md5: str,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> KerasFit:
+    """Train the head (and, with `train.fine_tune`, the backbone's top) with Keras `fit`.
+
+    Phase 1 trains the head on the cached `features` when the backbone is frozen and nothing is
+    augmented (MobileNetV2 is then not even built), else end to end on images. With
+    `train.fine_tune.enabled`, phase 2 unfreezes the backbone's top layers (BatchNorm stays
+    frozen) and trains on images at `fine_tune.learning_rate`, its epochs numbered after
+    phase 1's. The state is saved after every epoch; `train.resume` continues an interrupted run
+    (early stopping's and ReduceLROnPlateau's counters restart: they are not in the checkpoint).
+
+    Args:
+        features: {"train", "val": float32 (N, D)} cached backbone features.
+        callbacks: Keras callbacks added after the pipeline's own to every phase's `fit`.
+    """
+    t, c = cfg.train, dataset.num_classes
+    strategy = distribution_strategy(t.strategy)
+    head_only = cfg.model.freeze_backbone and not t.augment.enabled and not t.fine_tune.enabled
+    with strategy.scope():
+        start = time.perf_counter()
+        if head_only:
+            set_seeds(t.seed)
+            head = build_head(features["train"].shape[1], c, cfg.model.dropout, cfg.model.head_init)
+            nets = Networks(None, head, head, head, False)
+        else:
+            nets = build_networks(cfg, c, dataset.image_size)
+        net, x = phase1_inputs(cfg, dataset, features, nets)
+        targets = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
+        weights = class_weights(dataset.labels("train"), c, t.class_weight)
+        runner = PhaseRunner(
+            cfg,
+            targets,
+            None if weights is None else dict(enumerate(weights.tolist())),
+            extra_callbacks=tuple(callbacks),
+        )
+        runner.backup = not head_only or t.resume
+        set_kernel_l2(nets.head, l2_factor(t.C, len(targets["train"])))
+        checkpoint = prepare_checkpoint(cfg, prepared_md5)
+        done = run_phase1(runner, net, x, nets, checkpoint)
+        if t.fine_tune.enabled:
+            images = {s: dataset.images(s) for s in ("train", "val")}
+            run_phase2(runner, nets, images, done, checkpoint)
+        seconds = time.perf_counter() - start
+    kernel, bias = head_dense(nets.head).get_weights()
+    changed = t.fine_tune.enabled or not cfg.model.freeze_backbone
+    extractor = nets.extractor if changed else None
+    new_features = None
+    if extractor is not None:
+        new_features = {
+            s: np.asarray(extractor.predict(dataset.images(s), verbose=0), np.float32)
+            for s in ("train", "val")
+        }
+    history = runner.history
+    total = t.epochs + (t.fine_tune.epochs if t.fine_tune.enabled else 0)
+    return KerasFit(
+        head=Head(np.asarray(kernel, np.float32), np.asarray(bias, np.float32)),
+        extractor=extractor,
+        features=new_features,
+        runner=runner,
+        params=count_params(nets.full),
+        seconds=seconds,
+        resumed_from_epoch=history["epoch"][0] - 1 if history["epoch"] else total,
+        replicas=int(strategy.num_replicas_in_sync),
+    )
