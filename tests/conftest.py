@@ -63,7 +63,6 @@ def tiny_overrides(tmp: Path, **extra: object) -> list[str]:
         "model.weights": "null",
         "train.epochs": 2,
         "train.batch_size": 8,
-        "featurize.backend": "keras",
         "evaluate.gallery_size": 4,
         "tracking.uri": None,  # seeded_store(tmp) unless given
         "tracking.artifact_location": tmp / "mlartifacts",

@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import io
 import inspect
+import io
 import json
 import logging
 import os
