@@ -195,7 +195,11 @@ class Classifier:
     BATCH = 32
 
     def __init__(
-        self, head: Head, card: ModelCard, backbone: str | os.PathLike[str] | bytes, workers: int = 0
+        self,
+        head: Head,
+        card: ModelCard,
+        backbone: str | os.PathLike[str] | bytes,
+        workers: int = 0,
     ):
         self.head, self.card, self.backbone_source, self.workers = head, card, backbone, workers
 

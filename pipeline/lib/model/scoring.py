@@ -69,4 +69,3 @@ def split_probabilities(
         flipped = classifier.features(images, flip=True)
         probs = (probs + classifier.head.probabilities(flipped)) / 2
     return probs
-
