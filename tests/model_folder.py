@@ -13,8 +13,11 @@ from pipeline.lib.model.classifier import Head, ModelCard, save_model_folder
 from pipeline.lib.model.features import BACKBONE_FILE
 
 #: The ImageNet weights file the real-backbone tests use (`make weights`).
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "models" / (
-    "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+WEIGHTS = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "models"
+    / ("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5")
 )
 
 
