@@ -6,10 +6,9 @@ exported file.
     python -m pipeline.predict photos/ --model runs:/<run_id>/model --output p.json --top-k 3
     python -m pipeline.predict photos/ --model exports/model_int8.tflite --output p.csv
 
-A tool users point at files, so plain argparse (no Hydra). A models/ folder or an MLflow model
-(its artifacts downloaded: the same three files) runs as the `Classifier` of
-`pipeline.lib.model.classifier`, the LiteRT backbone and head that evaluate and the served model
-run: no TensorFlow. An exported `.tflite` or `.keras` file (`pipeline.export`) runs as it is, its
+Plain argparse (no Hydra). A models/ folder or an MLflow model (its artifacts downloaded: the
+same three files) runs as the `Classifier` (LiteRT backbone + head) that evaluate and the served
+model run: no TensorFlow. An exported `.tflite` or `.keras` file (`pipeline.export`) runs as it is, its
 classes and resize mode read from the model.json beside it (or `--classes`). Every image is decoded
 as `prepare` decodes training images (`pipeline.lib.data.images.load_rgb`), in parallel threads
 while the backbone runs, resized with `--resize`, by default the model's own mode (`stretch`
