@@ -1,6 +1,7 @@
-"""Stage `evaluate`: predict the test split with the saved model; write metrics, the
-classification report, the confusion matrix and the prediction gallery; add them to the
-pipeline run's MLflow run (the one `train` started).
+"""Stage `evaluate`: predict the test split with the model folder (`Classifier`: the head on the
+cached test features when the model's backbone is the featurized one, else its LiteRT backbone on
+the images); write metrics, the classification report, the confusion matrix and the prediction
+gallery; add them to the pipeline run's MLflow run (the one `train` started). No TensorFlow.
 
     python -m pipeline.evaluate
 """
@@ -12,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import mlflow
 from omegaconf import DictConfig
 
 from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.class_names import class_key
 from pipeline.lib.data.prepared import open_prepared
-from pipeline.lib.model.saving import trained_model_folder
+from pipeline.lib.model.classifier import trained_classifier
+from pipeline.lib.model.scoring import split_probabilities
 from pipeline.lib.reporting.evaluation import (
     FIGURES_DIR,
     REPORT_HTML,
@@ -31,6 +34,7 @@ from pipeline.lib.reporting.evaluation import (
     write_tables,
 )
 from pipeline.lib.reporting.metrics import Predictions
+from pipeline.lib.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +46,14 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     Raises:
         StageInputError: no prepared data, or no trained model for its classes.
     """
-    import mlflow
-
-    from pipeline.lib.model.scoring import test_probabilities
-    from pipeline.lib.tracking import runs as tracking
-
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
-    models, classes = trained_model_folder(cfg, dataset)
-    images = dataset.images(SPLIT)
-    probs = test_probabilities(cfg, dataset, models, SPLIT)  # cached features when they match
-    if cfg.evaluate.tta:
-        probs = _flip_tta(models, probs, images)
+    classifier = trained_classifier(cfg.paths.models, dataset.classes)
+    probs = split_probabilities(
+        classifier, dataset, SPLIT, cfg.paths.features, tta=cfg.evaluate.tta
+    )
     ev = Evaluation(
-        Predictions(probs, dataset.labels(SPLIT), classes),
-        images,
+        Predictions(probs, dataset.labels(SPLIT), classifier.classes),
+        dataset.images(SPLIT),
         [row.path for row in dataset.manifest(SPLIT)],
     )
     reports = Path(cfg.paths.reports)
@@ -73,7 +71,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         report_text,
     )
 
-    with tracking.stage_run(cfg, "evaluate"):  # README: "How runs are recorded"
+    with runs.stage_run(cfg, "evaluate"):  # README: "How runs are recorded"
         t = metrics["test"]
         flat = {f"test_{k}": float(v) for k, v in t.items()}  # accuracy, ci_low/high, F1, ece
         per_class = per_class_metrics(ev)
@@ -82,8 +80,8 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             flat |= {f"test_{kind}_{_metric_name(c)}": v for c, v in per_class[kind].items()}
         mlflow.set_tag("evaluate_tta", str(bool(cfg.evaluate.tta)).lower())
         mlflow.log_metrics(flat)
-        tracking.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
-        tracking.log_files(
+        runs.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
+        runs.log_files(
             [
                 reports / "metrics.json",
                 reports / "classification_report.json",
@@ -94,18 +92,6 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             "reports",
         )
     return metrics
-
-
-def _flip_tta(models: Path, probs: Any, images: Any) -> Any:
-    """`evaluate.tta`: `probs` averaged with the saved model's probabilities of the horizontally
-    flipped test images."""
-    from pipeline.lib.model.build import load_model
-    from pipeline.lib.model.saving import MODEL_FILE
-    from pipeline.lib.model.tta import flip_averaged
-
-    model = load_model(models / MODEL_FILE)
-    log.info("evaluate.tta: averaging each test image with its horizontal flip")
-    return flip_averaged(probs, model.predict_on_batch, images, probs.shape[1])
 
 
 def _metric_name(name: str) -> str:

@@ -1,13 +1,15 @@
-"""Stage `featurize`: pooled MobileNetV2 features of every prepared image, computed once.
+"""Stage `featurize`: pooled MobileNetV2 features of every prepared image, computed once with
+the LiteRT backbone.
 
-DVC reruns this stage only when the prepared data, the backbone (`model.alpha`, `model.weights`,
-...) or `featurize.backend` change, so training runs and sweeps over head hyper-parameters reuse
-it. Its output `data/features` ({split}.npy, float32 (N, D), and meta.json, what they were computed
-from) is a pure function of those inputs: byte-identical on every run, whatever the TFLite
+DVC reruns this stage only when the prepared data or the backbone (`model.alpha`,
+`model.weights`, ...) change, so training runs and sweeps over head hyper-parameters reuse it.
+Its output `data/features` ({split}.npy, float32 (N, D); `backbone.tflite`, the exact flatbuffer
+that computed them, which train copies into the model folder; `meta.json`, what they were
+computed from) is a pure function of those inputs: byte-identical on every run, whatever the
 conversion cache holds. Timings go to the log only. With the backbone's conversion cached
-(`features.backbone_key`), the stage runs on LiteRT alone, without importing TensorFlow.
+(`features.backbone_key`), the stage runs without importing TensorFlow.
 
-    python -m pipeline.featurize featurize.backend=keras
+    python -m pipeline.featurize featurize.num_threads=2
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 import numpy as np
@@ -25,57 +26,55 @@ from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.prepared import SPLITS, PreparedDataset, open_prepared
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
+from pipeline.lib.model.build import resolve_weights
+from pipeline.lib.model.features import (
+    BACKBONE_FILE,
+    META_FILE,
+    ShardedTFLite,
+    backbone_flatbuffer,
+    feature_key,
+    featurize_array,
+)
 
 log = logging.getLogger(__name__)
 
 
 def featurize(cfg: Config) -> dict:
-    """Write `paths.features`: `{split}.npy` (float32 (N, D), D = 1280 x alpha-dependent width
-    of MobileNetV2) for train, val and test, and `meta.json` ({"key": `feature_key`,
-    "feature_dim": D, "backend": ...}); return that meta dict.
+    """Write `paths.features`: `{split}.npy` (float32 (N, D), D = 1280 for alpha <= 1) for
+    train, val and test, `backbone.tflite` and `meta.json` ({"key": `feature_key`,
+    "feature_dim": D}); return that meta dict.
 
     Raises:
         WeightsNotFoundError: `model.weights` is not available offline.
         StageInputError: the prepared data is missing or was prepared for another image size.
     """
-    from pipeline.lib.model.build import resolve_weights
-    from pipeline.lib.model.features import META_FILE, backbone_featurizer, feature_key
-
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     start = time.perf_counter()
-    # TensorFlow is imported only to build the Keras extractor: backend keras, or a conversion
-    # cache that does not hold this backbone yet
-    featurizer, dim = backbone_featurizer(
-        cfg.model.alpha,
-        cfg.model.weights,
-        dataset.image_size,
-        cfg.model.init_seed,
-        cfg.featurize.backend,
-        cfg.featurize.num_threads,
-    )
-    log.info("Featurizer ready (%s) in %.1f s", cfg.featurize.backend, time.perf_counter() - start)
+    m = cfg.model
+    flatbuffer = backbone_flatbuffer(m.alpha, m.weights, dataset.image_size, m.init_seed)
+    featurizer = ShardedTFLite(flatbuffer, cfg.featurize.num_threads)
+    log.info("Backbone ready in %.1f s", time.perf_counter() - start)
     meta = {
         "key": feature_key(cfg, dvc_md5(cfg.paths.prepared)),
-        "feature_dim": dim,
-        "backend": cfg.featurize.backend,
+        "feature_dim": featurizer.feature_dim,
     }
     with atomic_dir(cfg.paths.features) as tmp:
         timings = {
-            split: _featurize_split(cfg, featurizer, dataset, split, dim, tmp) for split in SPLITS
+            split: _featurize_split(cfg, featurizer, dataset, split, tmp) for split in SPLITS
         }
+        (tmp / BACKBONE_FILE).write_bytes(flatbuffer)
         write_json(tmp / META_FILE, meta)
-    _log_timings(timings, cfg.featurize.backend, cfg.paths.features)
+    _log_timings(timings, cfg.paths.features)
     return meta
 
 
 def _featurize_split(
-    cfg: Config, featurizer: Any, dataset: PreparedDataset, split: str, dim: int, folder: Path
+    cfg: Config, featurizer: ShardedTFLite, dataset: PreparedDataset, split: str, folder: Path
 ) -> tuple[int, float]:
     """Write `folder/<split>.npy`; return (images, seconds)."""
-    from pipeline.lib.model.features import featurize_array
-
     images = dataset.images(split)
+    dim = featurizer.feature_dim
     out = np.lib.format.open_memmap(
         folder / f"{split}.npy", mode="w+", dtype=np.float32, shape=(len(images), dim)
     )
@@ -88,19 +87,13 @@ def _featurize_split(
     return len(images), time.perf_counter() - start
 
 
-def _log_timings(timings: dict[str, tuple[int, float]], backend: str, folder: str) -> None:
+def _log_timings(timings: dict[str, tuple[int, float]], folder: str) -> None:
     """Timings are logged, never written into the DVC output (same inputs -> same bytes)."""
     images = sum(n for n, _ in timings.values())
     seconds = sum(s for _, s in timings.values())
     per_split = ", ".join(f"{split} {n} in {s:.1f} s" for split, (n, s) in timings.items())
-    log.info(
-        "Featurized %d images (%s, %.0f img/s: %s) into %s",
-        images,
-        backend,
-        images / seconds if seconds else 0.0,
-        per_split,
-        folder,
-    )
+    rate = images / seconds if seconds else 0.0
+    log.info("Featurized %d images (%.0f img/s: %s) into %s", images, rate, per_split, folder)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -14,6 +14,7 @@ Either way the model folder holds one LiteRT backbone and one Dense head
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -260,11 +261,10 @@ def _write_reports(cfg: Config, result: TrainResult) -> None:
     write_json(reports / "train_metrics.json", result.metrics)
     write_csv(reports / "train_history.csv", result.history)
     names = ["train_history.csv", "train_metrics.json"]
-    if result.batches is not None:
-        write_csv(reports / "train_batches.csv", result.batches)
-        names.append("train_batches.csv")
-    else:
-        (reports / "train_batches.csv").unlink(missing_ok=True)
+    if result.batches is not None:  # Keras' per-batch rows: on the MLflow run only
+        with tempfile.TemporaryDirectory() as tmp:
+            write_csv(Path(tmp) / "train_batches.csv", result.batches)
+            runs.log_files([Path(tmp) / "train_batches.csv"], "reports")
     curves = {("epoch" if k == "step" else k): v for k, v in result.history.items()}
     batches = None
     if result.batches is not None:

@@ -1,5 +1,5 @@
 """Stage `featurize`: its output `data/features` is a pure function of its declared inputs (the
-prepared data, the backbone's settings, `featurize.backend`): the same bytes whether the TFLite
+prepared data, the backbone's settings): the same bytes whether the TFLite
 conversion cache is empty or warm, whatever `featurize.batch_size` and `featurize.num_threads`;
 on a warm cache without importing TensorFlow."""
 
@@ -37,18 +37,19 @@ def test_features_are_the_same_bytes_with_an_empty_or_a_warm_conversion_cache(
 ):
     cache = tmp_path / "empty-cache"
     monkeypatch.setenv("TRUCK_CACHE_DIR", str(cache))
-    cold = tiny_config(tmp_path / "cold", **prepared, **{"featurize.backend": "tflite"})
+    cold = tiny_config(tmp_path / "cold", **prepared)
     featurize(cold)
     converted = list((cache / "tflite").glob("*.tflite"))
     assert len(converted) == 1  # it was converted, once
     warm = tiny_config(
         tmp_path / "warm",
         **prepared,
-        **{"featurize.backend": "tflite", "featurize.batch_size": 5, "featurize.num_threads": 1},
+        **{"featurize.batch_size": 5, "featurize.num_threads": 1},
     )
     featurize(warm)  # the cached conversion, other batches and threads
     got, want = file_bytes(warm.paths.features), file_bytes(cold.paths.features)
-    assert sorted(want) == sorted([f"{s}.npy" for s in SPLITS] + ["meta.json"])
+    assert sorted(want) == sorted([f"{s}.npy" for s in SPLITS] + ["meta.json", "backbone.tflite"])
+    assert want["backbone.tflite"] == converted[0].read_bytes()  # the exact flatbuffer used
     assert got == want
     assert np.load(Path(cold.paths.features) / "train.npy").any()  # not trivially equal
     assert list((cache / "tflite").glob("*.tflite")) == converted  # found, not converted again
@@ -61,10 +62,10 @@ def test_features_are_the_same_bytes_with_an_empty_or_a_warm_conversion_cache(
 
 
 def _featurize_process(tmp: Path, prepared: dict[str, object], cache: Path) -> set[str]:
-    """Run `python -X importtime -m pipeline.featurize` (tiny config, backend tflite) with the
+    """Run `python -X importtime -m pipeline.featurize` (tiny config) with the
     conversion cache `cache`; return the modules it imported."""
     # no MLflow store: featurize does not track (tiny_overrides would make one)
-    extra = {"featurize.backend": "tflite", "tracking.uri": f"sqlite:///{tmp}/mlflow.db"}
+    extra = {"tracking.uri": f"sqlite:///{tmp}/mlflow.db"}
     overrides = tiny_overrides(tmp, **prepared, **extra)
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "pipeline.featurize", *overrides,
@@ -80,31 +81,22 @@ def test_meta_json_holds_what_the_features_are_and_no_timings(prepared, tmp_path
     cfg = tiny_config(tmp_path, **prepared)
     meta = featurize(cfg)
     text = (Path(cfg.paths.features) / "meta.json").read_text()
-    assert set(meta) == {"key", "feature_dim", "backend"}
-    assert meta["key"]["backend"] == cfg.featurize.backend == "keras"
+    assert set(meta) == {"key", "feature_dim"} and meta["feature_dim"] == 1280
+    assert meta["key"]["prepared_md5"].endswith(".dir") and "backend" not in meta["key"]
     assert "second" not in text and "per_s" not in text
     featurize(cfg)  # rerun, as `dvc repro -f featurize` does: the same bytes, so train won't rerun
     assert (Path(cfg.paths.features) / "meta.json").read_text() == text
-
-
-def test_keras_backend_features_are_reproducible(prepared, tmp_path):
-    first = tiny_config(tmp_path / "a", **prepared)
-    second = tiny_config(tmp_path / "b", **prepared, **{"featurize.batch_size": 3})
-    featurize(first)
-    featurize(second)
-    assert file_bytes(first.paths.features) == file_bytes(second.paths.features)
 
 
 def test_sharded_interpreters_give_the_bytes_of_one_batched_interpreter(tmp_path, monkeypatch):
     """The TFLite layout (`ShardedTFLite`: batch 1 per single-threaded interpreter, contiguous
     shards in threads) gives each image's features bit for bit as one multi-threaded interpreter
     running the whole batch, whatever the number of workers (uneven shards included)."""
-    from pipeline.lib.model.build import build_feature_extractor
-    from pipeline.lib.model.features import ShardedTFLite, tflite_model
+    from pipeline.lib.model.features import ShardedTFLite, backbone_flatbuffer
     from pipeline.lib.model.tflite import TFLiteRunner
 
     monkeypatch.setenv("TRUCK_CACHE_DIR", str(tmp_path))
-    flatbuffer = tflite_model(build_feature_extractor(0.35, None, 32, 0))
+    flatbuffer = backbone_flatbuffer(0.35, None, 32, 0)
     images = np.random.default_rng(0).uniform(0, 255, (7, 32, 32, 3)).astype(np.float32)
     batched = TFLiteRunner(flatbuffer, num_threads=2)(images)
     assert batched.any()

@@ -1,131 +1,117 @@
-"""`scoring.test_probabilities`: the test split scored by the saved model's head on the cached
-features, the saved whole model checked on a sample; the whole model on images otherwise."""
+"""`scoring.split_probabilities` and the evaluate stage on a model folder: the head on the cached
+features when the model's backbone.tflite is the featurized one, its LiteRT backbone on the images
+otherwise (a fine-tuned backbone); both give the same probabilities, and no TensorFlow is imported
+by evaluate, predict or the served model."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import open_prepared
-from pipeline.lib.model.build import load_model
-from pipeline.lib.model.saving import MODEL_FILE
-from pipeline.lib.model.scoring import ScoringMismatchError, test_probabilities
+from pipeline.lib.errors import StageInputError
+from pipeline.lib.model.classifier import BACKBONE_FILE, Classifier, trained_classifier
+from pipeline.lib.model.scoring import split_probabilities
 from pipeline.prepare import prepare
-from pipeline.train import train
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config, tiny_overrides
+from tests.model_folder import WEIGHTS, fit_model_folder
 
 #: The real backbone (a random one pools to ~0 features: every head then gives ~1/K).
-REAL = {
-    "tracking.log_model": "false",
-    "data.image_size": 224,
-    "model.alpha": 1.0,
-    "model.weights": "imagenet",
-    "train.epochs": 5,
-}
+REAL = {"tracking.log_model": "false", "model.alpha": 1.0, "model.weights": WEIGHTS}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory):
+def world(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("scoring")
     cfg = tiny_config(tmp, **REAL)
     prepare(cfg)
     featurize(cfg)
-    train(cfg)
+    fit_model_folder(cfg, temperature=1.5)
     return tmp, cfg
 
 
-def whole_model_probabilities(cfg) -> np.ndarray:
-    model = load_model(Path(cfg.paths.models) / MODEL_FILE)
-    images = open_prepared(cfg.paths.prepared, cfg.data).images("test")
-    return np.asarray(model.predict_on_batch(np.asarray(images, dtype=np.float32)))
-
-
-def test_head_on_cached_features_gives_the_whole_models_probabilities(trained):
-    _, cfg = trained
+def test_cached_features_and_the_backbone_give_the_same_probabilities(world, tmp_path):
+    _, cfg = world
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
-    probs = test_probabilities(cfg, dataset, Path(cfg.paths.models))
-    assert probs.dtype == np.float32
-    assert probs.shape == (dataset.size("test"), dataset.num_classes)
-    whole = whole_model_probabilities(cfg)
-    assert whole.max() > 2 / dataset.num_classes  # a head that tells the classes apart
-    np.testing.assert_allclose(probs, whole, atol=1e-5)
+    classifier = Classifier.load(cfg.paths.models)
+    cached = split_probabilities(classifier, dataset, "test", cfg.paths.features)
+    on_images = classifier.predict_proba(dataset.images("test"))
+    assert cached.dtype == np.float64 and cached.shape == (12, 6)
+    assert np.allclose(cached, on_images, atol=1e-6)
+    assert len(set(cached.argmax(axis=1))) >= 2  # not one class for every image
+    # features of another backbone are not used: the model's own backbone runs instead
+    other = tmp_path / "features"
+    other.mkdir()
+    (other / BACKBONE_FILE).write_bytes(b"another backbone")
+    assert np.allclose(split_probabilities(classifier, dataset, "test", other), on_images)
+    # TTA: the mean with the flipped images' probabilities
+    tta = split_probabilities(classifier, dataset, "test", cfg.paths.features, tta=True)
+    flipped = classifier.predict_proba(np.asarray(dataset.images("test"))[:, :, ::-1])
+    assert np.allclose(tta, (on_images + flipped) / 2, atol=1e-6)
+    assert not np.allclose(tta, on_images, atol=1e-4)
 
 
-def test_features_that_disagree_with_the_saved_model_are_an_error_naming_both(trained, tmp_path):
-    tmp, cfg = trained
-    features = tmp_path / "features"
-    features.mkdir()
-    for name in ("train.npy", "val.npy", "meta.json"):
-        (features / name).write_bytes((Path(cfg.paths.features) / name).read_bytes())
-    test = np.load(Path(cfg.paths.features) / "test.npy")
-    np.save(features / "test.npy", test[::-1].copy())  # other images' features
-    bad = tiny_config(tmp, **REAL, **{"paths.features": features})
-    dataset = open_prepared(bad.paths.prepared, bad.data)
-    with pytest.raises(ScoringMismatchError) as error:
-        test_probabilities(bad, dataset, Path(bad.paths.models))
-    assert "model.keras" in str(error.value) and str(features) in str(error.value)
-    assert "head.json" in str(error.value)
-
-    # a fine-tuned backbone is not the featurized one: the whole model runs on the images
-    tuned = tiny_config(
-        tmp, **REAL, **{"paths.features": features, "train.fine_tune.enabled": "true"}
-    )
-    probs = test_probabilities(tuned, dataset, Path(tuned.paths.models))
-    np.testing.assert_allclose(probs, whole_model_probabilities(cfg), atol=1e-5)
+def test_a_model_of_other_classes_or_files_is_refused(world, tmp_path):
+    _, cfg = world
+    with pytest.raises(StageInputError, match="trained on classes"):
+        trained_classifier(cfg.paths.models, ["a", "b"])
+    with pytest.raises(StageInputError, match="No trained model"):
+        trained_classifier(tmp_path, ["a"])
 
 
-def test_evaluate_scores_the_saved_head_without_tensorflow(tmp_path):
-    """The evaluate stage on a model trained on cached features: the saved head (head.npy) on
-    them, in a process that never imports TensorFlow or Keras, and the metrics of the whole
-    model."""
-    import json
-    import subprocess
-    import sys
+def test_nan_inf_and_out_of_range_pixels_are_refused():
+    from pipeline.lib.model.classifier import check_pixels
 
-    from tests.conftest import ROOT, tiny_overrides
+    for bad, word in ((np.nan, "NaN"), (np.inf, "infinite"), (300.0, "out of range")):
+        images = np.zeros((1, 4, 4, 3))
+        images[0, 1, 2, 0] = bad
+        with pytest.raises(ValueError, match=word):
+            check_pixels(images)
+    assert check_pixels(np.full((1, 4, 4, 3), 255, np.uint8)).dtype == np.float32
 
-    cfg = tiny_config(tmp_path, **{"tracking.log_model": "false"})
-    prepare(cfg)
-    featurize(cfg)
-    train(cfg)
-    head = json.loads((Path(cfg.paths.models) / "head.json").read_text())
-    assert head["features_md5"].endswith(".dir")
+
+def _imported(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pipeline.evaluate",
-         *tiny_overrides(tmp_path, **{"tracking.log_model": "false"})],
-        capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=ROOT
+    )
+    return proc, {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+
+
+def test_evaluate_predict_and_the_served_model_import_no_tensorflow(world):
+    """evaluate (the head on the cached features), pipeline.predict on a folder and the MLflow
+    model's loader and predict, each under -X importtime: neither TensorFlow nor Keras."""
+    tmp, cfg = world
+    proc, imported = _imported(["-m", "pipeline.evaluate", *tiny_overrides(tmp, **REAL)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the head on the cached features" in proc.stdout + proc.stderr
+    assert not imported & {"tensorflow", "keras"}
+    expected = pd.read_csv(Path(cfg.paths.reports) / "predictions.csv")
+    out = tmp / "p.json"
+    proc, imported = _imported(
+        ["-m", "pipeline.predict", str(tmp / "raw" / "test"), "--model", cfg.paths.models,
+         "--output", str(out)]
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
-    assert "tensorflow" not in imported and "keras" not in imported
-    assert "the saved head" in proc.stdout + proc.stderr
-    accuracy = json.loads((Path(cfg.paths.reports) / "metrics.json").read_text())["test"]
-    dataset = open_prepared(cfg.paths.prepared, cfg.data)
-    whole = whole_model_probabilities(cfg).argmax(axis=1)
-    assert accuracy["accuracy"] == pytest.approx((whole == dataset.labels("test")).mean())
-
-
-def test_a_head_or_model_not_saved_together_is_refused(trained, tmp_path):
-    """head.npy and model.keras are a pair (their md5s in head.json): a head edited by hand, or
-    either file swapped, is refused in one line instead of scoring metrics that are not the
-    model's."""
-    import shutil
-
-    from pipeline.lib.errors import StageInputError
-
-    _, cfg = trained
-    models = tmp_path / "models"
-    shutil.copytree(cfg.paths.models, models)
-    dataset = open_prepared(cfg.paths.prepared, cfg.data)
-    head = np.load(models / "head.npy")
-    np.save(models / "head.npy", head[:, ::-1].copy())  # two classes' columns swapped
-    with pytest.raises(ScoringMismatchError, match=r"head\.npy is not the file train saved"):
-        test_probabilities(cfg, dataset, models)
-    np.save(models / "head.npy", head)  # the same values again: the same bytes, accepted
-    assert test_probabilities(cfg, dataset, models).shape[0] == dataset.size("test")
-    (models / "head.json").write_text("[1, 2]")
-    with pytest.raises(StageInputError, match=r"head\.json is not the JSON object"):
-        test_probabilities(cfg, dataset, models)
+    assert not imported & {"tensorflow", "keras"}
+    rows = {
+        Path(r["path"]).relative_to(tmp / "raw").as_posix(): r for r in json.loads(out.read_text())
+    }
+    got = np.array([rows[p]["probability"] for p in expected["path"]])
+    assert np.allclose(got, expected["confidence"], atol=1e-6)
+    served = (
+        "import sys, numpy as np; from types import SimpleNamespace as N;"
+        "from pipeline.lib.tracking.pyfunc_model import ClassifierModel, ARTIFACTS;"
+        f"m = ClassifierModel(); m.load_context(N(artifacts={{k: '{cfg.paths.models}/' + f "
+        "for k, f in ARTIFACTS.items()}));"
+        "print(m.predict(None, np.zeros((2, 40, 40, 3), np.uint8)).shape)"
+    )
+    proc, imported = _imported(["-c", served])
+    assert proc.returncode == 0 and "(2, 3)" in proc.stdout, proc.stderr[-2000:]
+    assert not imported & {"tensorflow", "keras"}

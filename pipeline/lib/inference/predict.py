@@ -1,19 +1,20 @@
-"""Predict the class of new images with a trained model: a local one, one from MLflow, or TFLite.
+"""Predict the class of new images with a trained model: a models/ folder, one from MLflow, or an
+exported file.
 
     python -m pipeline.predict photos/ --model models --output predictions.csv
-    python -m pipeline.predict a.jpg b.png --model models/model.keras --output out.json --top-k 3
     python -m pipeline.predict photos/ --model models:/toy-truck-classifier@champion --output p.csv
-    python -m pipeline.predict photos/ --model runs:/<run_id>/model --output p.csv
-    python -m pipeline.predict photos/ --model model.tflite --classes classes.json --output p.csv
+    python -m pipeline.predict photos/ --model runs:/<run_id>/model --output p.json --top-k 3
+    python -m pipeline.predict photos/ --model exports/model_int8.tflite --output p.csv
 
-A tool users point at files, so plain argparse (no Hydra). Every image is decoded as `prepare`
-decodes training images (`pipeline.lib.data.images.load_rgb`: EXIF orientation, RGB, transparency on white,
-resized to the model's input size with `--resize`, by default the mode the model was trained with:
-`preprocessing.json` beside the models/ folder, .keras or .tflite file, or the data report of an
-MLflow model's run; `stretch` with a warning when the model carries none). Folders are searched
-recursively; files that cannot be used are reported
-(one warning line each, and a count) and skipped. One line per image goes to stdout; the full
-scores to a CSV or JSON file, by the `--output` extension, written atomically.
+Plain argparse (no Hydra). A models/ folder or an MLflow model (its artifacts downloaded: the
+same three files) runs as the `Classifier` (LiteRT backbone + head) that evaluate and the served
+model run: no TensorFlow. An exported `.tflite` or `.keras` file (`pipeline.export`) runs as it is, its
+classes and resize mode read from the model.json beside it (or `--classes`). Every image is decoded
+as `prepare` decodes training images (`pipeline.lib.data.images.load_rgb`), in parallel threads
+while the backbone runs, resized with `--resize`, by default the model's own mode (`stretch`
+with a warning when it carries none). Folders are searched recursively; files that cannot be
+used are reported (one warning line each, and a count) and skipped. One line per image goes to
+stdout; the full scores to a CSV or JSON file, by the `--output` extension, written atomically.
 
 Exit status: 0 when at least one image was predicted; 2 (one message, no stack trace) when the
 model cannot be loaded, the output has an unknown extension, or no image could be predicted.
@@ -26,23 +27,29 @@ import csv
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from pipeline.lib.config.schema import DEFAULT_TRACKING_URI as DEFAULT_URI
+from pipeline.lib.config.schema import DEFAULT_TRACKING_URI
+from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, RESIZE_POLICIES, RejectedImage, load_rgb
+from pipeline.lib.data.sources.folder import is_ignored
+from pipeline.lib.errors import StageInputError
+from pipeline.lib.files import atomic_file, write_json
+from pipeline.lib.model import build
+from pipeline.lib.model.classifier import CARD_FILE, Classifier, ModelCard, hflip
+from pipeline.lib.model.features import usable_cores
+from pipeline.lib.model.tflite import TFLiteRunner
+from pipeline.lib.tracking.compare import StoreError, check_store
 
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
 MLFLOW_SCHEMES = ("models:/", "runs:/")
-MODEL_FILE = "model.keras"  # what the train stage writes (pipeline.train.MODEL_FILE)
-CLASSES_FILE = "classes.json"
-#: How the model's input images were made (pipeline.lib.model.saving.PREPROCESSING_FILE).
-PREPROCESSING_FILE = "preprocessing.json"
-#: Artifact of the training run that records the prepared data's classes and resize mode.
-RUN_DATA_REPORT = "data/report.json"
 
 
 class PredictError(Exception):
@@ -51,41 +58,18 @@ class PredictError(Exception):
 
 @dataclass
 class Predictor:
-    """A loaded model: what it is, its classes and input size, and images (N, S, S, 3) uint8 ->
-    probabilities (N, C)."""
+    """A loaded model: where it came from, what it is, its classes and input size, the resize
+    mode recorded with it (None: none), and images (N, S, S, 3) -> float64 probabilities (N, C)."""
 
     source: str
     kind: str
     classes: list[str]
     image_size: int
     predict: Callable[[np.ndarray], np.ndarray]
-    resize: str | None = None  # the resize mode recorded with the model, if any
+    resize: str | None = None
 
 
 # -- loading -----------------------------------------------------------------------------------
-
-
-def is_mlflow_uri(model: str) -> bool:
-    """True when `model` is an MLflow URI (`models:/...` or `runs:/...`) rather than a path."""
-    return model.startswith(MLFLOW_SCHEMES)
-
-
-def read_classes(path: Path, what: str) -> list[str]:
-    """The class names in the JSON file `path` (a non-empty list of strings), label-index order.
-
-    Raises PredictError (prefixed with `what`) when it cannot be read, is not JSON, or is not
-    such a list.
-    """
-    try:
-        with open(path, encoding="utf-8") as fh:
-            classes = json.load(fh)
-    except OSError as exc:
-        raise PredictError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise PredictError(f"{what}: {path} is not valid JSON ({exc})") from None
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise PredictError(f"{what}: {path} must hold a JSON list of class names")
-    return list(classes)
 
 
 def _reason(exc: BaseException) -> str:
@@ -94,253 +78,122 @@ def _reason(exc: BaseException) -> str:
     return first if len(first) <= 400 else first[:397] + "..."
 
 
-def _fixed_size(shape: Sequence[Any] | None, source: str) -> int:
-    """The square input side of a (batch, S, S, 3) shape."""
-    dims = list(shape or [])
-    if len(dims) != 4 or dims[3] != 3 or not dims[1] or dims[1] != dims[2] or int(dims[1]) < 1:
-        raise PredictError(
-            f"model {source}: expects inputs of shape {tuple(dims)}, not square "
-            "RGB images (batch, size, size, 3)"
-        )
-    return int(dims[1])
+def read_classes(path: Path, what: str) -> list[str]:
+    """The class names in the JSON file `path` (a non-empty list of strings).
 
-
-def _keras_predict(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    # a direct (eager) call: `predict_on_batch` traces a graph per batch shape, which costs more
-    # than it saves on the few batches a prediction run has
-    def predict(images: np.ndarray) -> np.ndarray:
-        """float64 (N, C) probabilities of uint8/float (N, S, S, 3) images, in inference mode."""
-        return np.asarray(model(images.astype(np.float32), training=False), dtype=np.float64)
-
-    return predict
-
-
-def load_local_keras(path: Path, source: str) -> tuple[Any, Path]:
-    """A `.keras` file, or a folder holding `model.keras` (the train stage's `models/`)."""
-    from pipeline.lib.model.build import load_model
-
-    file = path / MODEL_FILE if path.is_dir() else path
-    if path.is_dir() and not file.is_file():
-        raise PredictError(
-            f"model {source}: the folder has no {MODEL_FILE} (point --model at the "
-            "train stage's models/ folder, a .keras or .tflite file, or an MLflow "
-            "URI such as models:/toy-truck-classifier@champion)"
-        )
+    Raises PredictError (prefixed with `what`) when it cannot be read or is not such a list."""
     try:
-        return load_model(file), file
-    except Exception as exc:  # noqa: BLE001 (any load failure is reported with its reason)
-        raise PredictError(
-            f"model {source}: cannot load {file} as a Keras model ({_reason(exc)})"
-        ) from None
-
-
-def tflite_predict(
-    path: Path, source: str, threads: int | None = None
-) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
-    """Run a `.tflite` model (`pipeline.lib.model.tflite.TFLiteRunner`: float32 inputs/outputs,
-    or quantized int8/uint8 ones converted with the tensors' scale and zero point). Returns
-    (predict: images (N, S, S, 3) -> float32 probabilities (N, C), input size S)."""
-    from pipeline.lib.model.tflite import TFLiteRunner
-
-    try:
-        runner = TFLiteRunner(path, threads)
+        classes = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PredictError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
     except ValueError as exc:
-        raise PredictError(
-            f"model {source}: cannot load it as a TensorFlow Lite model ({_reason(exc)})"
-        ) from None
-    return runner, _fixed_size(runner.input_shape, source)
+        raise PredictError(f"{what}: {path} is not valid JSON ({exc})") from None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise PredictError(f"{what}: {path} must hold a JSON list of class names")
+    return classes
 
 
-def _tracking_uri(tracking_uri: str | None) -> str:
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-
-
-def load_mlflow(
-    uri: str, tracking_uri: str
-) -> tuple[Callable[[np.ndarray], np.ndarray], int, Any, str]:
-    """Load an MLflow model URI (the Keras flavour if it has one, else pyfunc) from the current
-    tracking store. Returns (predict, input size, model info, flavour)."""
-    import mlflow
-
+def _classifier(folder: Path, source: str, kind: str, threads: int) -> Predictor:
+    """The model folder `folder` (or an MLflow model's downloaded artifacts) as a Predictor."""
     try:
-        info = mlflow.models.get_model_info(uri)
-    except Exception as exc:  # noqa: BLE001
-        raise PredictError(f"model {uri}: not found in {tracking_uri} ({_reason(exc)})") from None
+        c = Classifier.load(folder, threads)
+        c.backbone  # noqa: B018  (load the interpreters now: a bad file is a PredictError here)
+    except StageInputError as exc:
+        raise PredictError(f"model {source}: {_reason(exc)}") from None
+    return Predictor(source, kind, c.classes, c.image_size, c.predict_proba, c.card.resize)
+
+
+def _from_mlflow(uri: str, tracking_uri: str | None, threads: int) -> Predictor:
+    """An MLflow model URI logged by train (`runs.log_model`): its artifacts downloaded."""
+    import mlflow  # ~1 s: only for MLflow URIs
+
+    store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     try:
-        if "keras" in info.flavors:
-            import mlflow.keras
-
-            model = mlflow.keras.load_model(uri)
-            return _keras_predict(model), _fixed_size(model.input_shape, uri), info, "keras"
-        model = mlflow.pyfunc.load_model(uri)
-    except PredictError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise PredictError(
-            f"model {uri}: cannot load it from {tracking_uri} ({_reason(exc)})"
-        ) from None
-    classifier = _image_classifier(model)
-    if classifier is not None:  # the pipeline's own pyfunc model: its Keras model, as is
-        return _keras_predict(classifier.model), classifier.image_size, info, "keras"
-    specs = info.signature.inputs.inputs if info.signature and info.signature.inputs else []
-    shape = getattr(specs[0], "shape", None) if len(specs) == 1 else None
-    if shape is None:
-        raise PredictError(
-            f"model {uri}: its signature does not give the input shape (batch, size, size, 3)"
-        )
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        """float64 (N, C) probabilities of (N, S, S, 3) images, through the MLflow model."""
-        return np.asarray(model.predict(images.astype(np.float32)), dtype=np.float64)
-
-    return predict, _fixed_size(shape, uri), info, "pyfunc"
-
-
-def _image_classifier(model: Any) -> Any | None:
-    """The `ImageClassifier` inside a pyfunc model logged by train
-    (`pipeline.lib.tracking.pyfunc_model`), else None."""
-    try:
-        return getattr(model.unwrap_python_model(), "classifier", None)
-    except Exception:  # noqa: BLE001 (not a PythonModel)
-        return None
-
-
-def run_data_report(run_id: str | None) -> dict[str, Any] | None:
-    """The training run's data report (classes, resize mode), or None when it has none."""
-    if not run_id:
-        return None
-    import mlflow
-
-    try:
-        report = mlflow.artifacts.load_dict(f"runs:/{run_id}/{RUN_DATA_REPORT}")
-    except Exception:  # noqa: BLE001 (no such artifact: the caller says what is missing)
-        return None
-    return report if isinstance(report, dict) else None
-
-
-def read_preprocessing(path: Path, what: str) -> dict[str, Any] | None:
-    """The preprocessing record `path` (models/preprocessing.json: {"image_size": int px,
-    "resize": "stretch"|"pad"|"crop"}), or None when there is no such file.
-
-    Raises PredictError when the file exists but is not such a record."""
-    from pipeline.lib.data.images import RESIZE_POLICIES
-
-    if not path.is_file():
-        return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            record = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise PredictError(f"{what}: cannot read {path} ({_reason(exc)})") from None
-    if not (
-        isinstance(record, dict)
-        and record.get("resize") in RESIZE_POLICIES
-        and isinstance(record.get("image_size"), int)
-    ):
-        raise PredictError(
-            f'{what}: {path} must hold {{"image_size": <px>, "resize": one of '
-            f"{', '.join(RESIZE_POLICIES)}}}"
-        )
-    return record
-
-
-def _from_mlflow(
-    model: str, tracking_uri: str | None, classes: list[str] | None
-) -> tuple[Callable[[np.ndarray], np.ndarray], int, str, list[str], str | None]:
-    """(predict, input size, kind, classes, resize) of an MLflow model URI; the classes and the
-    resize mode come from its training run's data report."""
-    import mlflow
-
-    from pipeline.lib.tracking.compare import StoreError, check_store
-
-    uri = _tracking_uri(tracking_uri)
-    try:
-        check_store(uri)  # a missing store is reported, never created
+        check_store(store)  # a missing store is reported, never created
     except StoreError as exc:
-        raise PredictError(f"model {model}: {exc}") from None
+        raise PredictError(f"model {uri}: {exc}") from None
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(store)  # models:/ URIs resolve in the registry of this store
     try:
-        predict, size, info, kind = load_mlflow(model, uri)
-        report = run_data_report(info.run_id) or {}
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp()))
+    except Exception as exc:  # noqa: BLE001 (any lookup failure is reported with its reason)
+        raise PredictError(f"model {uri}: not found in {store} ({_reason(exc)})") from None
     finally:
         if previous is not None:
             mlflow.set_tracking_uri(previous)
-    if classes is None and isinstance(report.get("classes"), list):
-        classes = [str(c) for c in report["classes"]]
-    if classes is None:
-        raise PredictError(
-            f"model {model}: its run ({info.run_id}) has no {RUN_DATA_REPORT} "
-            "with the class names; pass them with --classes classes.json"
-        )
-    return predict, size, f"mlflow {kind}", classes, report.get("resize")
+    cards = sorted(local.rglob(CARD_FILE))
+    if not cards:
+        raise PredictError(f"model {uri}: not a model logged by the train stage (no {CARD_FILE})")
+    return _classifier(cards[0].parent, uri, "mlflow", threads)
 
 
-def _from_file(
-    model: str, classes_file: str | None, classes: list[str] | None, threads: int | None
-) -> tuple[Callable[[np.ndarray], np.ndarray], int, str, list[str], str | None]:
-    """(predict, input size, kind, classes, resize) of a models/ folder, .keras or .tflite file;
-    classes.json and preprocessing.json are read from beside the model file (for a .tflite file
-    also from beside `--classes`)."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise PredictError(f"model {model}: no such file or folder")
-    if path.suffix.lower() == ".tflite" and path.is_file():
-        predict, size = tflite_predict(path, model, threads)
-        kind, folder = "tflite", path.parent
-    elif path.is_dir() or path.suffix.lower() == ".keras":
-        net, file = load_local_keras(path, model)
-        predict, size = _keras_predict(net), _fixed_size(net.input_shape, model)
-        kind, folder = "keras", file.parent
-    else:
+def _exported(path: Path, source: str, threads: int) -> tuple[Callable, int, str]:
+    """(predict, input size, kind) of an exported `.tflite` or `.keras` whole model."""
+    try:
+        if path.suffix.lower() == ".tflite":
+            runner = TFLiteRunner(path, threads)
+            return runner, runner.input_shape[1], "tflite"
+        model = build.load_model(path)  # imports TensorFlow: only for .keras files
+    except Exception as exc:  # noqa: BLE001 (any load failure is reported with its reason)
+        raise PredictError(f"model {source}: cannot load {path} ({_reason(exc)})") from None
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        """float64 (N, C) probabilities of (N, S, S, 3) images, in inference mode."""
+        return np.asarray(model(images.astype(np.float32), training=False), dtype=np.float64)
+
+    return predict, int(model.input_shape[1]), "keras"
+
+
+def _from_file(path: Path, source: str, classes_file: str | None, threads: int) -> Predictor:
+    """An exported model file; classes and resize from the model.json beside it (or beside
+    `--classes`), the classes overridden by `--classes`."""
+    predict, size, kind = _exported(path, source, threads)
+    places = [path.parent] + ([Path(classes_file).parent] if classes_file else [])
+    card = next((ModelCard.load(p / CARD_FILE) for p in places if (p / CARD_FILE).is_file()), None)
+    if card is not None and card.image_size != size:
         raise PredictError(
-            f"model {model}: unknown model type (expected a models/ folder, a "
-            ".keras or .tflite file, or models:/... or runs:/... URI)"
+            f"model {source}: {CARD_FILE} beside it says {card.image_size} px, but the model "
+            f"takes {size} px images: they are not from one training"
         )
-    if classes is None:
-        beside = folder / CLASSES_FILE
-        if not beside.is_file():
-            raise PredictError(
-                f"model {model}: no {CLASSES_FILE} next to it ({beside}); pass "
-                "the class names with --classes classes.json"
-            )
-        classes = read_classes(beside, f"model {model}")
-    places = [folder] + ([Path(classes_file).parent] if classes_file else [])
-    for place in places:
-        record = read_preprocessing(place / PREPROCESSING_FILE, f"model {model}")
-        if record is not None:
-            if record["image_size"] != size:
-                raise PredictError(
-                    f"model {model}: {place / PREPROCESSING_FILE} says {record['image_size']} "
-                    f"px, but the model takes {size} px images: they are not from one training"
-                )
-            return predict, size, kind, classes, record["resize"]
-    return predict, size, kind, classes, None
+    if card is None and classes_file is None:
+        raise PredictError(
+            f"model {source}: no {CARD_FILE} next to it; pass the class names with "
+            "--classes classes.json"
+        )
+    classes = card.classes if card else []
+    return Predictor(source, kind, classes, size, predict, card.resize if card else None)
 
 
 def load_predictor(
-    model: str,
-    tracking_uri: str | None = None,
-    classes_file: str | None = None,
-    threads: int | None = None,
+    model: str, tracking_uri: str | None = None, classes_file: str | None = None, threads: int = 0
 ) -> Predictor:
-    """Load `model` (a models/ folder, a .keras or .tflite file, or an MLflow model URI) with its
-    class names and the resize mode it was trained with (`Predictor.resize`; None when the model
-    carries none); PredictError names the model and the reason when it cannot be used."""
-    classes = read_classes(Path(classes_file), "--classes") if classes_file else None
-    if is_mlflow_uri(model):
-        predict, size, kind, classes, resize = _from_mlflow(model, tracking_uri, classes)
+    """Load `model` (a models/ folder, an MLflow model URI, or an exported .tflite/.keras file)
+    with its classes (`classes_file` overrides them) and resize mode; PredictError names the
+    model and the reason when it cannot be used."""
+    path = Path(model).expanduser()
+    if model.startswith(MLFLOW_SCHEMES):
+        predictor = _from_mlflow(model, tracking_uri, threads)
+    elif not path.exists():
+        raise PredictError(f"model {model}: no such file or folder")
+    elif path.is_dir():
+        predictor = _classifier(path, model, "model folder", threads)
+    elif path.suffix.lower() in (".tflite", ".keras"):
+        predictor = _from_file(path, model, classes_file, threads)
     else:
-        predict, size, kind, classes, resize = _from_file(model, classes_file, classes, threads)
-    probe = predict(np.zeros((1, size, size, 3), dtype=np.uint8))
-    if probe.ndim != 2 or probe.shape[1] != len(classes):
         raise PredictError(
-            f"model {model}: it has {probe.shape[-1]} outputs but {len(classes)} "
-            f"class names ({', '.join(classes)})"
+            f"model {model}: unknown model type (expected a models/ folder, a .tflite or .keras "
+            "export, or a models:/... or runs:/... URI)"
         )
-    return Predictor(
-        source=model, kind=kind, classes=classes, image_size=size, predict=predict, resize=resize
-    )
+    if classes_file:
+        predictor.classes = read_classes(Path(classes_file), "--classes")
+    size = predictor.image_size
+    width = predictor.predict(np.zeros((1, size, size, 3), dtype=np.uint8)).shape[-1]
+    if width != len(predictor.classes):
+        raise PredictError(
+            f"model {model}: it has {width} outputs but {len(predictor.classes)} class names "
+            f"({', '.join(predictor.classes)})"
+        )
+    return predictor
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -352,84 +205,66 @@ def collect(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]], bo
     Folders are searched recursively, in sorted order, for the extensions `prepare` takes
     (hidden and system files are left out silently; other files are reported as skipped);
     files named directly are always tried, whatever their extension."""
-    from pipeline.lib.data.images import CANDIDATE_EXTENSIONS
-    from pipeline.lib.data.sources.folder import is_ignored
-
     files: list[Path] = []
     skipped: list[tuple[str, str]] = []
     any_folder = False
     for name in paths:
         path = Path(name)
-        if path.is_dir():
-            any_folder = True
-            found: list[Path] = []
-            for root, dirs, names in os.walk(
-                path,
-                onerror=lambda e: skipped.append(
-                    (e.filename, f"unreadable folder ({e.strerror or e})")
-                ),
-            ):
-                dirs[:] = sorted(d for d in dirs if not is_ignored(d))
-                for entry in sorted(names):
-                    file = Path(root) / entry
-                    if is_ignored(entry):
-                        continue
-                    if file.suffix.lower() in CANDIDATE_EXTENSIONS:
-                        found.append(file)
-                    else:
-                        skipped.append(
-                            (
-                                str(file),
-                                f"not an image file ({file.suffix.lower() or 'no extension'})",
-                            )
-                        )
-            if not found:
-                skipped.append((str(path), "folder with no image files"))
-            files.extend(sorted(found))
-        elif path.exists():
-            files.append(path)
-        else:
-            skipped.append((name, "no such file or folder"))
+        if not path.is_dir():
+            if path.exists():
+                files.append(path)
+            else:
+                skipped.append((name, "no such file or folder"))
+            continue
+        any_folder = True
+        found: list[Path] = []
+        for root, dirs, names in os.walk(
+            path,
+            onerror=lambda e: skipped.append((e.filename, f"unreadable folder ({e.strerror})")),
+        ):
+            dirs[:] = sorted(d for d in dirs if not is_ignored(d))
+            for file in (Path(root) / n for n in sorted(names) if not is_ignored(n)):
+                if file.suffix.lower() in CANDIDATE_EXTENSIONS:
+                    found.append(file)
+                else:
+                    why = f"not an image file ({file.suffix.lower() or 'no extension'})"
+                    skipped.append((str(file), why))
+        if not found:
+            skipped.append((str(path), "folder with no image files"))
+        files.extend(sorted(found))
     return files, skipped, any_folder
 
 
-def decoded_batches(
-    files: list[Path], size: int, resize: str, batch_size: int, on_bad: Callable[[Path, str], None]
-) -> Iterator[tuple[list[Path], np.ndarray, int]]:
-    """(files, images, files consumed) batches; undecodable files go to `on_bad`."""
-    from pipeline.lib.data.images import RejectedImage, load_rgb
+def _decode(file: Path, size: int, resize: str) -> np.ndarray | str:
+    """The image (S, S, 3) uint8, or why it cannot be used."""
+    try:
+        return load_rgb(file, size, resize=resize)
+    except RejectedImage as exc:
+        return exc.reason
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})"
 
-    batch: list[Path] = []
-    arrays: list[np.ndarray] = []
-    consumed = 0
-    for file in files:
-        consumed += 1
-        try:
-            arrays.append(load_rgb(file, size, resize=resize))
-            batch.append(file)
-        except RejectedImage as exc:
-            on_bad(file, exc.reason)
-        except OSError as exc:
-            on_bad(file, f"cannot read file ({exc.strerror or exc})")
-        if len(batch) == batch_size:
-            yield batch, np.stack(arrays), consumed
-            batch, arrays, consumed = [], [], 0
-    if batch or consumed:
-        yield (
-            batch,
-            (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)),
-            consumed,
-        )
+
+def decoded_batches(
+    files: list[Path], size: int, resize: str, batch_size: int
+) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
+    """Batches of (file, image or why not), decoded by a thread per core, the next batch
+    decoding while the caller predicts this one."""
+    with ThreadPoolExecutor(usable_cores()) as pool:
+        chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+        pending = [pool.submit(_decode, f, size, resize) for f in chunks[0]] if chunks else []
+        for k, chunk in enumerate(chunks):
+            current = pending
+            if k + 1 < len(chunks):
+                pending = [pool.submit(_decode, f, size, resize) for f in chunks[k + 1]]
+            yield [(f, future.result()) for f, future in zip(chunk, current, strict=True)]
 
 
 # -- outputs -----------------------------------------------------------------------------------
 
 
 def output_format(path: str) -> str:
-    """The output format (`csv` or `json`) for the --output path, from its extension.
-
-    Raises PredictError for any other extension.
-    """
+    """`csv` or `json`, from the --output path's extension; PredictError for any other."""
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_FORMATS:
         raise PredictError(
@@ -439,78 +274,59 @@ def output_format(path: str) -> str:
     return OUTPUT_FORMATS[suffix]
 
 
-def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
-    """The k most probable classes, most probable first (ties: class order)."""
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [(classes[i], float(probs[i])) for i in order]
-
-
 def records(
     paths: list[str], probs: np.ndarray, classes: list[str], k: int
 ) -> list[dict[str, Any]]:
     """One record per image: `path`, `predicted` class, its `probability`, the best `k` as
-    `top_k` [{class, probability}], and `scores` {class: probability} over all C classes.
-    `probs` is (N, C), aligned with `paths`.
-    """
+    `top_k` [{class, probability}] (ties: class order), and `scores` {class: probability}."""
     out = []
-    for path, p in zip(paths, probs, strict=False):
-        best = top_k(p, classes, k)
+    for path, p in zip(paths, probs, strict=True):
+        best = [(classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
         out.append(
             {
                 "path": path,
                 "predicted": best[0][0],
                 "probability": best[0][1],
                 "top_k": [{"class": c, "probability": v} for c, v in best],
-                "scores": {c: float(v) for c, v in zip(classes, p, strict=False)},
+                "scores": {c: float(v) for c, v in zip(classes, p, strict=True)},
             }
         )
     return out
 
 
 def write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
-    """Write `rows` to `path` atomically: JSON (the records as they are) when `fmt` is `json`,
-    else CSV with path, predicted, probability and one column per class (6 decimals).
-    """
-    from pipeline.lib.files import atomic_file, write_json
-
+    """Write `rows` to `path` atomically: JSON (the records as they are), or CSV with path,
+    predicted, probability and one column per class (6 decimals)."""
     if fmt == "json":
         write_json(path, rows)
         return
     with atomic_file(path) as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "predicted", "probability", *classes])
-        for row in rows:
-            writer.writerow(
-                [
-                    row["path"],
-                    row["predicted"],
-                    round(row["probability"], 6),
-                    *(round(row["scores"][c], 6) for c in classes),
-                ]
-            )
+        for r in rows:
+            scores = (round(r["scores"][c], 6) for c in classes)
+            writer.writerow([r["path"], r["predicted"], round(r["probability"], 6), *scores])
 
 
 def format_line(row: dict[str, Any]) -> str:
     """`path: class p, class p, ...`: an image's top classes with 4-decimal probabilities."""
-    return f"{row['path']}: " + ", ".join(
-        f"{t['class']} {t['probability']:.4f}" for t in row["top_k"]
-    )
+    shown = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in row["top_k"])
+    return f"{row['path']}: {shown}"
 
 
 # -- command -----------------------------------------------------------------------------------
 
 
+def _positive(text: str) -> int:
+    """argparse type: `text` as an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line parser of `python -m pipeline.predict`."""
-    from pipeline.lib.data.images import RESIZE_POLICIES
-
-    def positive(text: str) -> int:
-        """argparse type: `text` as an int >= 1 (ArgumentTypeError otherwise)."""
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-        return value
-
     p = argparse.ArgumentParser(
         prog="python -m pipeline.predict",
         description="Predict the classes of images (files or folders, searched recursively) with "
@@ -520,41 +336,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="the train stage's models/ folder, a .keras or .tflite file, or an MLflow "
-        "URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model",
+        help="the train stage's models/ folder, an MLflow URI (models:/NAME@ALIAS, "
+        "models:/NAME/VERSION, runs:/RUN_ID/model) or an exported .tflite/.keras file",
     )
-    p.add_argument(
-        "--output",
-        help="also write every image's scores to a .csv or .json file (stdout gets one line per "
-        "image either way)",
-    )
-    p.add_argument("--top-k", type=positive, default=3, help="classes shown per image (default 3)")
-    p.add_argument("--batch-size", type=positive, default=32, help="images per batch (default 32)")
+    p.add_argument("--output", help="also write every image's scores to a .csv or .json file")
+    p.add_argument("--top-k", type=_positive, default=3, help="classes shown per image (3)")
+    p.add_argument("--batch-size", type=_positive, default=32, help="images per batch (32)")
     p.add_argument(
         "--resize",
         choices=RESIZE_POLICIES,
         default=None,
-        help="how images are made square, as data.resize in prepare (default: the mode the "
-        "model was trained with: preprocessing.json beside a models/ folder, .keras or .tflite "
-        "file (or beside --classes), or an MLflow model's run; else stretch, with a warning)",
+        help="how images are made square, as data.resize in prepare (default: the model's own "
+        "mode, from its model.json; else stretch, with a warning)",
     )
     p.add_argument(
         "--classes",
         default=None,
-        help="JSON list of class names in output order (default: classes.json next to "
-        "the model, or the MLflow run's data report)",
+        help="JSON list of class names in output order (default: the model's model.json)",
     )
     p.add_argument(
         "--tta",
         action="store_true",
-        help="test-time augmentation: average each image's scores with its horizontal flip's "
-        "(two model calls per image)",
+        help="average each image's scores with its horizontal flip's (two passes per image)",
     )
     p.add_argument(
         "--tracking-uri",
         default=None,
         help="MLflow store for models:/ and runs:/ URIs (default $MLFLOW_TRACKING_URI, "
-        f"else {DEFAULT_URI})",
+        f"else {DEFAULT_TRACKING_URI})",
     )
     return p
 
@@ -562,31 +371,30 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Predict every image in `args.inputs` with `args.model`; return the exit status (0).
 
-    Prints one line per image (its top `args.top_k` classes) to stdout as it goes, writes every
-    prediction to `args.output` when given (CSV or JSON, by its extension) and a summary to
-    stderr. Undecodable files and unusable paths are skipped with a warning.
-
-    Raises PredictError: a bad output path or model, or no image could be predicted at all.
-    """
+    Prints one line per image to stdout as it goes, writes every prediction to `args.output`
+    when given and a summary to stderr. Undecodable files and unusable paths are skipped with a
+    warning. Raises PredictError: a bad output path or model, or no image predicted at all."""
     fmt = output_format(args.output) if args.output else None  # before any work
     predictor = load_predictor(args.model, args.tracking_uri, args.classes)
-    resize = _resize_mode(args, predictor)
+    resize = args.resize or predictor.resize or "stretch"
+    if args.resize is None and predictor.resize is None:
+        print(
+            f"warning: {args.model} carries no {CARD_FILE}: images are resized with stretch; "
+            "pass --resize as the model was trained (data.resize)",
+            file=sys.stderr,
+        )
     files, skipped, any_folder = collect(args.inputs)
     for path, why in skipped:
-        _warn_skipped(path, why)
-    bad: list[tuple[str, str]] = []
+        tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
     k = min(args.top_k, len(predictor.classes))
-    done_paths, chunks = _predict_files(args, predictor, files, resize, k, any_folder, bad)
-    if not done_paths:
+    rows, bad = _predict_files(args, predictor, files, resize, k, any_folder)
+    if not rows:
         what = ", ".join(args.inputs)
-        raise PredictError(
-            f"no image was predicted from {what}: "
-            + (f"{len(bad)} file(s) could not be decoded" if bad else "no image files found")
-        )
-    rows = records(done_paths, np.concatenate(chunks), predictor.classes, k)
+        found = f"{bad} file(s) could not be decoded" if bad else "no image files found"
+        raise PredictError(f"no image was predicted from {what}: {found}")
     if args.output:
         write_output(args.output, fmt, rows, predictor.classes)
-    problems = len(bad) + sum(1 for _, why in skipped if why != "folder with no image files")
+    problems = bad + sum(1 for _, why in skipped if why != "folder with no image files")
     print(
         f"Predicted {len(rows)} image(s) with {args.model} ({predictor.kind}, "
         f"{predictor.image_size} px, resize {resize}); {problems} file(s) skipped"
@@ -596,26 +404,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resize_mode(args: argparse.Namespace, predictor: Predictor) -> str:
-    """The resize policy: --resize, else the model's recorded one, else "stretch" (warned)."""
-    resize = args.resize or predictor.resize or "stretch"
-    if args.resize is None and predictor.resize is None:
-        print(
-            f"warning: {args.model} carries no {PREPROCESSING_FILE} (nor an MLflow data report): "
-            "images are resized with stretch; pass --resize as the model was trained "
-            "(data.resize)",
-            file=sys.stderr,
-        )
-    return resize
-
-
-def _warn_skipped(path: str, why: str) -> None:
-    """A warning on stderr that `path` was skipped, printed above the progress bar."""
-    from tqdm import tqdm
-
-    tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
-
-
 def _predict_files(
     args: argparse.Namespace,
     predictor: Predictor,
@@ -623,47 +411,34 @@ def _predict_files(
     resize: str,
     k: int,
     any_folder: bool,
-    bad: list[tuple[str, str]],
-) -> tuple[list[str], list[np.ndarray]]:
-    """Decode and predict `files` in batches, printing each image's top-`k` line as it goes.
-
-    Returns the predicted paths and their probabilities, float (n_i, C) per batch (the flip
-    averaged in with `args.tta`). Undecodable files are warned about and appended to `bad`.
-    The progress bar shows only when an input was a folder.
-    """
-    from tqdm import tqdm
-
-    def on_bad(file: Path, why: str) -> None:
-        """Remember `file` as undecodable for `why`, and warn about it."""
-        bad.append((str(file), why))
-        _warn_skipped(str(file), why)
-
-    done_paths: list[str] = []
-    chunks: list[np.ndarray] = []
-    with tqdm(
-        total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not any_folder
-    ) as bar:
-        for batch, images, consumed in decoded_batches(
-            files, predictor.image_size, resize, args.batch_size, on_bad
-        ):
-            if batch:
+) -> tuple[list[dict[str, Any]], int]:
+    """(records of the predicted images, number of undecodable files), printing each image's
+    top-`k` line as it goes (a progress bar when an input was a folder)."""
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    size = predictor.image_size
+    with tqdm(total=len(files), unit="img", desc="predict", disable=not any_folder) as bar:
+        for batch in decoded_batches(files, size, resize, args.batch_size):
+            good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
+            for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
+                tqdm.write(f"warning: skipped {f}: {why}", file=sys.stderr)
+                bad += 1
+            if good:
+                images = np.stack([image for _, image in good])
                 probs = predictor.predict(images)
-                if args.tta:  # the flip of each image, averaged (pipeline.lib.model.tta)
-                    from pipeline.lib.model.tta import hflip
-
+                if args.tta:
                     probs = (probs + predictor.predict(hflip(images))) / 2
-                for row in records([str(f) for f in batch], probs, predictor.classes, k):
+                new = records([str(f) for f, _ in good], probs, predictor.classes, k)
+                for row in new:
                     tqdm.write(format_line(row), file=sys.stdout)
-                done_paths.extend(str(f) for f in batch)
-                chunks.append(probs)
-            bar.update(consumed)
-    return done_paths, chunks
+                rows.extend(new)
+            bar.update(len(batch))
+    return rows, bad
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: predict, and return the exit status (0; 2 after a PredictError, printed as
-    one line; 130 when interrupted).
-    """
+    one line; 130 when interrupted)."""
     args = parser().parse_args(argv)
     try:
         return run(args)
@@ -673,7 +448,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

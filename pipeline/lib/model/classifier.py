@@ -19,13 +19,17 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.special import softmax
 
+from pipeline.lib.data.prepared import iter_batches
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import md5_file, read_json, write_json
+from pipeline.lib.model.features import ShardedTFLite
 
 BACKBONE_FILE = "backbone.tflite"
 HEAD_FILE = "head.npy"
@@ -146,11 +150,132 @@ def load_model_folder(folder: str | os.PathLike[str]) -> tuple[Head, ModelCard, 
 
 
 def model_md5(folder: str | os.PathLike[str]) -> str | None:
-    """The identity of the model in `folder`: md5 of its three files' md5s (None: no model)."""
-    folder = Path(folder)
-    names = (BACKBONE_FILE, HEAD_FILE, CARD_FILE)
-    if not all((folder / name).is_file() for name in names):
+    """32 hex digits naming the model in `folder` (the md5 of its three files' md5s), None when
+    it holds no model. What the MLflow run that trained it is found by."""
+    files = [Path(folder) / name for name in (BACKBONE_FILE, HEAD_FILE, CARD_FILE)]
+    if not all(f.is_file() for f in files):
         return None
-    return hashlib.md5(  # noqa: S324 - an identity, not security
-        "".join(md5_file(folder / name) for name in names).encode()
-    ).hexdigest()
+    digests = " ".join(md5_file(f) for f in files).encode()
+    return hashlib.md5(digests, usedforsecurity=False).hexdigest()
+
+
+def check_pixels(images: Any) -> np.ndarray:
+    """`images` (N, S, S, 3) as float32 when every value is a finite RGB value in 0..255.
+
+    Raises:
+        ValueError: NaN, infinite or out-of-range values (saying how many and which range).
+    """
+    array = np.asarray(images)
+    if array.dtype.kind in "bu" or not array.size:  # bool / uint8 are in range by type
+        return array.astype(np.float32)
+    bad = ~np.isfinite(array) | (array < 0) | (array > 255)
+    if bad.any():
+        values = array[bad]
+        kinds = "NaN" if np.isnan(values).any() else "infinite" if np.isinf(values).any() else ""
+        raise ValueError(
+            f"{int(bad.sum())} pixel value(s) are {kinds or 'out of range'} (e.g. "
+            f"{values.flat[0]!r}): expected RGB values in 0..255"
+        )
+    return array.astype(np.float32)
+
+
+class Classifier:
+    """A model folder as a function on images: the LiteRT backbone (`ShardedTFLite`, built on
+    first use) then the head. The one runtime of evaluate, `pipeline.predict` and the served
+    MLflow model, so served probabilities come from the code that computed the training
+    features.
+
+    Args:
+        head, card: the folder's `Head` and `ModelCard`.
+        backbone: the backbone.tflite file (or its bytes).
+        workers: interpreters (and threads); 0 = one per usable core.
+    """
+
+    #: Images per backbone call (bounds the memory of a large request).
+    BATCH = 32
+
+    def __init__(
+        self,
+        head: Head,
+        card: ModelCard,
+        backbone: str | os.PathLike[str] | bytes,
+        workers: int = 0,
+    ):
+        self.head, self.card, self.backbone_source, self.workers = head, card, backbone, workers
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], workers: int = 0) -> Classifier:
+        """The model in `folder` (see `load_model_folder` for the errors)."""
+        head, card, backbone = load_model_folder(folder)
+        if head.kernel.shape[1] != len(card.classes):
+            raise StageInputError(
+                f"{Path(folder) / HEAD_FILE} has {head.kernel.shape[1]} classes but "
+                f"{Path(folder) / CARD_FILE} names {len(card.classes)}: rerun the train stage."
+            )
+        return cls(head, card, backbone, workers)
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in the probabilities' column order."""
+        return list(self.card.classes)
+
+    @property
+    def image_size(self) -> int:
+        """The square input side S (px)."""
+        return int(self.card.image_size)
+
+    @cached_property
+    def backbone(self) -> ShardedTFLite:
+        """The LiteRT backbone, loaded on first use (evaluate on cached features never needs it).
+
+        Raises:
+            StageInputError: it does not load, or does not give the head's feature width.
+        """
+        try:
+            backbone = ShardedTFLite(self.backbone_source, self.workers)
+        except ValueError as exc:
+            raise StageInputError(f"{BACKBONE_FILE}: {exc}: rerun the train stage.") from None
+        if backbone.feature_dim != self.head.kernel.shape[0]:
+            raise StageInputError(
+                f"{BACKBONE_FILE} gives {backbone.feature_dim} features, the head takes "
+                f"{self.head.kernel.shape[0]}: they are not from one training; rerun train."
+            )
+        return backbone
+
+    def features(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
+        """float32 (N, D) backbone features of images (N, S, S, 3), RGB 0..255 (any real dtype;
+        memory-mapped arrays are read one batch at a time); of their mirror images with `flip`."""
+        parts = [
+            self.backbone(hflip(batch) if flip else batch)
+            for batch in iter_batches(images, self.BATCH)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.head.kernel.shape[0]))
+
+    def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        """float64 (N, C) class probabilities of images (N, S, S, 3), RGB 0..255; with `tta`,
+        averaged with those of the horizontally flipped images."""
+        probs = self.head.probabilities(self.features(images))
+        if tta:
+            probs = (probs + self.head.probabilities(self.features(images, flip=True))) / 2
+        return probs
+
+
+def hflip(images: np.ndarray) -> np.ndarray:
+    """`images` (N, H, W, C) mirrored left-right (a copy, same dtype): test-time augmentation
+    (`evaluate.tta`, `pipeline.predict --tta`)."""
+    return np.ascontiguousarray(np.asarray(images)[:, :, ::-1, :])
+
+
+def trained_classifier(models: str | os.PathLike[str], classes: list[str]) -> Classifier:
+    """The model in `models` once it was trained on `classes` (for evaluate and export).
+
+    Raises:
+        StageInputError: no model there, or one trained on other classes (say to rerun train).
+    """
+    classifier = Classifier.load(models)
+    if classifier.classes != list(classes):
+        raise StageInputError(
+            f"The model in {models} was trained on classes {classifier.classes}, but the "
+            f"prepared data has {list(classes)}: rerun train (`dvc repro`)."
+        )
+    return classifier

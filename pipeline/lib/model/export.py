@@ -1,8 +1,10 @@
-"""TensorFlow Lite export of a trained classifier, and its checks against the Keras model.
+"""Export of a model folder: a Keras whole model (`keras_model`: MobileNetV2 + the head's
+weights), and TensorFlow Lite files converted from it; each checked against the model folder's
+`Classifier` on the test split.
 
 The export stage (`pipeline.export`) calls `export_formats`; the pieces are public for tests:
-`frozen_graph` -> `convert` (float32, float16, int8) -> `check_export` (parity with Keras on
-the test split, file size, single-image latency, tensor types).
+`keras_model` -> `frozen_graph` -> `convert` (float32, float16, int8) -> `check_export` (parity
+with the Classifier on the test split, file size, single-image latency, tensor types).
 """
 
 from __future__ import annotations
@@ -11,24 +13,44 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.lib.console import stderr_without
+from pipeline.lib.data.prepared import iter_batches
 from pipeline.lib.errors import StageInputError
-from pipeline.lib.model.batch_predict import predict_batches
+from pipeline.lib.model import build
+from pipeline.lib.model.classifier import Classifier
+from pipeline.lib.model.saving import save_model
 from pipeline.lib.model.tflite import TFLiteRunner
 
 log = logging.getLogger(__name__)
 
 
 def export_file(fmt: str) -> str:
-    """The file name of the `fmt` export in `paths.exports`, e.g. `model_int8.tflite`."""
-    return f"model_{fmt}.tflite"
+    """The file name of the `fmt` export in `paths.exports`: `model.keras`, `model_int8.tflite`."""
+    return "model.keras" if fmt == "keras" else f"model_{fmt}.tflite"
+
+
+def keras_model(classifier: Classifier, alpha: float, weights: str | None, init_seed: int) -> Any:
+    """The model folder as one Keras model (images 0..255 -> probabilities): the MobileNetV2
+    feature extractor (`build.build_feature_extractor`) + a Dense softmax layer holding the
+    head's kernel and bias (temperature folded in). Imports TensorFlow."""
+    extractor = build.build_feature_extractor(alpha, weights, classifier.image_size, init_seed)
+    head = build.build_head(classifier.head.kernel.shape[0], len(classifier.classes), 0.0)
+    head.get_layer(build.HEAD_NAME).set_weights([classifier.head.kernel, classifier.head.bias])
+    return build.compose(extractor, head)
+
+
+def _predict(predict: Callable[[np.ndarray], Any], images: np.ndarray) -> np.ndarray:
+    """float32 (N, C): `predict` over `images` in batches of 32."""
+    return np.concatenate([np.asarray(predict(b), np.float32) for b in iter_batches(images, 32)])
 
 
 def representative_indices(n_train: int, n_samples: int) -> np.ndarray:
@@ -124,7 +146,7 @@ def median_latency_ms(call: Callable[[], Any], runs: int, warmup: int) -> float:
 
 def parity(probs: np.ndarray, reference: np.ndarray, y_true: np.ndarray) -> dict[str, float]:
     """Top-1 agreement (0..1) and disagreements (count) of `probs` (N, C) with the reference
-    (Keras) probabilities (N, C), accuracy against `y_true` (N,), and the max/mean absolute
+    (the model folder's `Classifier`) probabilities (N, C), accuracy against `y_true` (N,), and the max/mean absolute
     probability difference."""
     pred, ref = probs.argmax(axis=1), reference.argmax(axis=1)
     diff = np.abs(probs - reference)
@@ -144,7 +166,7 @@ class ParityData:
     Attributes:
         images: uint8 (N, H, W, 3) the test split (may be memory-mapped), N >= 1.
         y_true: int (N,) true labels.
-        reference: float32 (N, C) the Keras model's probabilities on `images`.
+        reference: (N, C) the model folder's (`Classifier`) probabilities on `images`.
     """
 
     images: np.ndarray
@@ -168,6 +190,7 @@ class LatencySettings:
             "threads": int(self.threads),
             "tflite": "LiteRT Interpreter (ai_edge_litert), XNNPACK delegate, batch 1, invoke() only",
             "keras": "predict_on_batch, batch 1",
+            "model": "Classifier (LiteRT backbone + head), batch 1",
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
         }
@@ -176,10 +199,11 @@ class LatencySettings:
 def check_export(
     flatbuffer: bytes, data: ParityData, latency: LatencySettings, target: float
 ) -> dict[str, Any]:
-    """One export's record: file size (bytes, MiB), `parity` with Keras, whether top-1 agreement
-    meets `target`, single-image `invoke()` latency (ms), input/output tensors, tensor dtypes."""
+    """One TFLite export's record: file size (bytes, MiB), `parity` with the model, whether top-1
+    agreement meets `target`, single-image `invoke()` latency (ms), input/output tensors, tensor
+    dtypes."""
     runner = TFLiteRunner(flatbuffer, latency.threads)
-    check = parity(predict_batches(runner, data.images), data.reference, data.y_true)
+    check = parity(_predict(runner, data.images), data.reference, data.y_true)
     runner.set_input(np.asarray(data.images[:1], dtype=np.float32))
     return {
         "size_bytes": len(flatbuffer),
@@ -198,16 +222,37 @@ def check_export(
     }
 
 
-def keras_record(model: Any, size_bytes: int, data: ParityData, latency: LatencySettings) -> dict:
-    """The Keras model's line of the comparison: size, test accuracy, single-image
-    `predict_on_batch` latency (ms)."""
+def check_keras(
+    model: Any, archive: bytes, data: ParityData, latency: LatencySettings, target: float
+) -> dict[str, Any]:
+    """The Keras export's record: file size, `parity` with the model, whether top-1 agreement
+    meets `target`, single-image `predict_on_batch` latency (ms)."""
+    check = parity(_predict(model.predict_on_batch, data.images), data.reference, data.y_true)
+    one = np.asarray(data.images[:1], dtype=np.float32)
+    return {
+        "size_bytes": len(archive),
+        "size_mib": round(len(archive) / 2**20, 4),
+        **check,
+        "target_agreement": float(target),
+        "target_met": bool(check["agreement"] >= target),
+        "latency_ms": median_latency_ms(
+            lambda: model.predict_on_batch(one), latency.runs, latency.warmup
+        ),
+    }
+
+
+def model_record(
+    classifier: Classifier, size_bytes: int, data: ParityData, latency: LatencySettings
+) -> dict:
+    """The model folder's line of the comparison: size, test accuracy, single-image latency
+    (ms) of the `Classifier`."""
     one = np.asarray(data.images[:1], dtype=np.float32)
     return {
         "size_bytes": int(size_bytes),
         "size_mib": round(size_bytes / 2**20, 4),
         "accuracy": float(np.mean(data.reference.argmax(axis=1) == data.y_true)),
         "latency_ms": median_latency_ms(
-            lambda: model.predict_on_batch(one), latency.runs, latency.warmup
+            lambda: classifier.predict_proba(one), latency.runs, latency.warmup
         ),
     }
 
@@ -254,33 +299,45 @@ def export_formats(
     representative: np.ndarray | None = None,
     int8_io: str = "uint8",
 ) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
-    """Convert the Keras `model` to each of `formats` and check each (`check_export`).
+    """Save the Keras `model` (`keras`) and convert it to the TFLite `formats`, checking each
+    (`check_keras`, `check_export`).
 
     Args:
         targets: the top-1 agreement each format should reach, by format.
         representative: (M, H, W, 3) calibration images, needed when `formats` has int8.
 
     Returns:
-        ({format: flatbuffer bytes}, {format: record}); a record also names its `file` and,
+        ({format: file bytes}, {format: record}); a record also names its `file` and,
         for int8, how many `representative_samples` calibrated it.
 
     Raises:
         StageInputError / ValueError: as `convert`.
     """
-    graph = frozen_graph(model)
+    graph = frozen_graph(model) if set(formats) - {"keras"} else None
     flatbuffers: dict[str, bytes] = {}
     records: dict[str, dict[str, Any]] = {}
     for fmt in formats:
         start = time.perf_counter()
-        flatbuffers[fmt] = convert(graph, fmt, representative, int8_io)
-        seconds = time.perf_counter() - start
-        record = {"file": export_file(fmt)}
-        record |= check_export(flatbuffers[fmt], data, latency, float(targets[fmt]))
+        record: dict[str, Any] = {"file": export_file(fmt)}
+        if fmt == "keras":
+            flatbuffers[fmt] = keras_archive(model)
+            seconds = time.perf_counter() - start
+            record |= check_keras(model, flatbuffers[fmt], data, latency, float(targets[fmt]))
+        else:
+            flatbuffers[fmt] = convert(graph, fmt, representative, int8_io)
+            seconds = time.perf_counter() - start
+            record |= check_export(flatbuffers[fmt], data, latency, float(targets[fmt]))
         if fmt == "int8" and representative is not None:
             record["representative_samples"] = int(len(representative))
         records[fmt] = record
         _log_record(fmt, record, len(data.y_true), seconds)
     return flatbuffers, records
+
+
+def keras_archive(model: Any) -> bytes:
+    """The bytes of `model` saved as a `.keras` archive by `saving.save_model` (deterministic)."""
+    with tempfile.TemporaryDirectory(prefix="export-keras-") as tmp:
+        return save_model(model, Path(tmp) / "model.keras").read_bytes()
 
 
 def _log_record(fmt: str, r: dict[str, Any], n: int, convert_seconds: float) -> None:
@@ -300,7 +357,7 @@ def _log_record(fmt: str, r: dict[str, Any], n: int, convert_seconds: float) -> 
     )
     if not r["target_met"]:
         log.warning(
-            "export %s: top-1 agreement with Keras %.4f is below the target %.2f",
+            "export %s: top-1 agreement with the model %.4f is below the target %.2f",
             fmt,
             r["agreement"],
             r["target_agreement"],

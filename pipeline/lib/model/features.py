@@ -1,29 +1,27 @@
-"""Backbone features, computed once: the expensive, unchanging part of frozen transfer learning.
+"""Backbone features, computed once with LiteRT: the expensive, unchanging part of frozen transfer
+learning, and the runtime every later stage and the served model run the backbone with.
 
-`featurize.backend` chooses how the feature extractor (scaling + frozen MobileNetV2 + global
-pooling) runs: `tflite` (the default: TensorFlow Lite with XNNPACK, one single-threaded
-interpreter per core over shards of each batch, `ShardedTFLite`: ~4.5x Keras on 2 cores) or
-`keras` (`predict_on_batch`). The choice is explicit, a DVC parameter, and the features
-never depend on what a cache holds:
+The backbone (scaling + frozen MobileNetV2 + global pooling) runs as a LiteRT flatbuffer in
+`ShardedTFLite` (one single-threaded XNNPACK interpreter per core over shards of each batch):
 
-- converting the Keras graph to TFLite takes tens of seconds, so the flatbuffer is cached on disk
+- converting the Keras graph takes tens of seconds, so the flatbuffer is cached on disk
   (`tflite_cache_path`), keyed by a hash of what determines it, computed without TensorFlow
   (`backbone_key`: the weights file's md5 or the init seed, alpha, image size, the TensorFlow and
-  Keras versions, the conversion settings, the source of `build.py`); on a warm cache featurize
-  neither imports TensorFlow nor builds the Keras model (~2 s instead of ~6 s a run). A Keras
-  model built elsewhere is keyed by its content instead (`extractor_fingerprint`);
+  Keras versions, the conversion settings, the source of `build.py` and of `convert_to_tflite`);
+  on a warm cache featurize imports neither TensorFlow nor Keras;
 - the conversion is deterministic (same extractor -> same flatbuffer bytes), and a cached file is
-  used only when its content hash (kept beside it) matches, else it is converted afresh; so a warm
-  cache only saves time: the features are byte-identical to those of a fresh conversion;
+  used only when its content hash (kept beside it) matches; so a warm cache only saves time;
 - the features do not depend on `featurize.batch_size` or `featurize.num_threads` either (checked
   by tests/test_featurize.py), which is why these two are not DVC parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import inspect
+import io
 import json
 import logging
 import os
@@ -32,25 +30,28 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.lib.data.prepared import SPLITS, iter_batches
 from pipeline.lib.files import md5_file, read_json
+from pipeline.lib.model import build
 from pipeline.lib.model.tflite import TFLiteRunner
 
 log = logging.getLogger(__name__)
 
-#: The featurize backends (`featurize.backend`).
-BACKENDS = ("tflite", "keras")
 #: What the converter is asked for; part of the cache key (a change must miss the old files).
 CONVERSION = "tflite:float32:default-ops"
 #: The distributions whose versions are part of `backbone_key` (the converter and the model code).
 KEYED_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "keras")
 #: The file holding the features' identity (`feature_key`) in `paths.features`.
 META_FILE = "meta.json"
+#: The exact flatbuffer the features were computed with, in `paths.features`.
+BACKBONE_FILE = "backbone.tflite"
 
 
 def default_cache_dir() -> Path:
@@ -59,22 +60,6 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "truck-pipeline"
     )
     return Path(base)
-
-
-def extractor_fingerprint(extractor: Any) -> str:
-    """32 hex digits: a hash of what determines the converted flatbuffer and so the features:
-    the TensorFlow version, the conversion settings, the extractor's Keras config (architecture,
-    layer settings, input shape) and every weight (path, shape, bytes)."""
-    import tensorflow as tf
-
-    h = hashlib.sha256()
-    h.update(f"tf={tf.__version__};{CONVERSION};".encode())
-    h.update(extractor.to_json(sort_keys=True).encode())
-    for weight in extractor.weights:
-        array = np.ascontiguousarray(weight.numpy())
-        h.update(f"{weight.path}:{array.shape}:{array.dtype}".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()[:32]
 
 
 def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> str:
@@ -90,8 +75,6 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
         WeightsNotFoundError: `weights` is `imagenet` without the file in Keras' cache, or a
             path that is not a file (`build.resolve_weights`).
     """
-    from pipeline.lib.model import build
-
     path = weights_file(weights, alpha, image_size)
     origin = "imagenet" if weights == "imagenet" else "file"
     source = f"init_seed={int(init_seed)}" if path is None else f"{origin}:{md5_file(path)}"
@@ -115,8 +98,6 @@ def weights_file(weights: str | None, alpha: float, image_size: int) -> Path | N
     Raises:
         WeightsNotFoundError: the file is not there (`build.resolve_weights`).
     """
-    from pipeline.lib.model import build
-
     resolved = build.resolve_weights(weights, alpha, image_size)
     if resolved is None:
         return None
@@ -153,8 +134,7 @@ def _keras_settings(home: Path) -> dict[str, str]:
 
 
 def tflite_cache_path(key: str, cache_dir: Path | None = None) -> Path:
-    """`<cache_dir>/tflite/<key>.tflite` (key: `backbone_key` or `extractor_fingerprint`;
-    cache_dir: `default_cache_dir()`); its sha256 is kept in the same path with the suffix
+    """`<cache_dir>/tflite/<key>.tflite` (key: `backbone_key`; cache_dir: `default_cache_dir()`); its sha256 is kept in the same path with the suffix
     `.sha256`."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     return cache_dir / "tflite" / f"{key}.tflite"
@@ -191,35 +171,36 @@ def _store_flatbuffer(path: Path, flatbuffer: bytes) -> None:
 def convert_to_tflite(extractor: Any) -> bytes:
     """The Keras model converted to a float32 TFLite flatbuffer (no optimizations). Deterministic:
     the same model (config and weights) gives the same bytes, in any process."""
-    import contextlib
-    import io
-
-    import tensorflow as tf
+    import tensorflow as tf  # only to convert: a warm cache never gets here
 
     converter = tf.lite.TFLiteConverter.from_keras_model(extractor)
     with contextlib.redirect_stdout(io.StringIO()):  # Keras' export prints every captured tensor
         return converter.convert()
 
 
-def cached_tflite(key: str, extractor: Callable[[], Any], cache_dir: Path | None = None) -> bytes:
-    """The flatbuffer cached under `key` when there and its content hash matches (no TensorFlow
-    imported); else `extractor()` (the Keras model, built only now) converted (tens of seconds
-    for MobileNetV2) and cached under `key`."""
-    path = tflite_cache_path(key, cache_dir)
+def backbone_flatbuffer(
+    alpha: float,
+    weights: str | None,
+    image_size: int,
+    init_seed: int = 0,
+    cache_dir: Path | None = None,
+) -> bytes:
+    """The LiteRT flatbuffer of `build_feature_extractor(alpha, weights, image_size, init_seed)`:
+    from the conversion cache (`backbone_key`, no TensorFlow imported) when there and its content
+    hash matches; else the Keras extractor is built and converted now (tens of seconds) and cached.
+
+    Raises:
+        WeightsNotFoundError: the weights are not available offline or do not load.
+    """
+    path = tflite_cache_path(backbone_key(alpha, weights, image_size, init_seed), cache_dir)
     flatbuffer = _cached_flatbuffer(path)
     if flatbuffer is None:
-        model = extractor()
+        extractor = build.build_feature_extractor(alpha, weights, image_size, init_seed)
         start = time.perf_counter()
-        flatbuffer = convert_to_tflite(model)
+        flatbuffer = convert_to_tflite(extractor)
         log.info("Converted the backbone to TFLite in %.1f s", time.perf_counter() - start)
         _store_flatbuffer(path, flatbuffer)
     return flatbuffer
-
-
-def tflite_model(extractor: Any, cache_dir: Path | None = None) -> bytes:
-    """A built Keras extractor as a TFLite flatbuffer, cached under its content hash
-    (`extractor_fingerprint`, which needs TensorFlow); see `cached_tflite`."""
-    return cached_tflite(extractor_fingerprint(extractor), lambda: extractor, cache_dir)
 
 
 def usable_cores() -> int:
@@ -239,15 +220,13 @@ class ShardedTFLite:
     not depend on its batch or the interpreter's threads: tests/test_featurize.py).
 
     Args:
-        flatbuffer: the converted extractor (`tflite_model`).
+        flatbuffer: the converted extractor (`backbone_flatbuffer`), or its file's path.
         workers: interpreters (and threads); None or 0 = `usable_cores()`.
 
     Calling it maps float32 (B, H, W, 3), 0..255 -> float32 (B, D); `feature_dim` is D.
     """
 
-    def __init__(self, flatbuffer: bytes, workers: int | None = None):
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, flatbuffer: bytes | str | os.PathLike[str], workers: int | None = None):
         self.workers = int(workers or usable_cores())
         self.runners = [TFLiteRunner(flatbuffer, num_threads=1) for _ in range(self.workers)]
         self.feature_dim = int(np.prod(self.runners[0].output["shape"][1:]))
@@ -274,61 +253,20 @@ class ShardedTFLite:
         return out
 
 
-def make_featurizer(
-    extractor: Any, backend: str = "tflite", num_threads: int = 0, cache_dir: Path | None = None
-) -> Callable[[np.ndarray], np.ndarray]:
-    """A function: float32 image batch (B, H, W, 3), values 0..255 -> float32 features (B, D).
-
-    Args:
-        extractor: the Keras feature extractor (`build.build_feature_extractor`).
-        backend: `tflite` (`ShardedTFLite`: `num_threads` single-threaded XNNPACK interpreters,
-            0 = one per usable core) or `keras`.
-        cache_dir: the TFLite conversion cache (`default_cache_dir()` when None).
-
-    Raises:
-        ValueError: an unknown backend.
-    """
-    if backend == "tflite":
-        return ShardedTFLite(tflite_model(extractor, cache_dir), num_threads)
-    if backend == "keras":
-        return lambda batch: np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
-    raise ValueError(f"featurize.backend={backend!r}: must be one of {', '.join(BACKENDS)}")
-
-
 def backbone_featurizer(
     alpha: float,
     weights: str | None,
     image_size: int,
     init_seed: int = 0,
-    backend: str = "tflite",
     num_threads: int = 0,
     cache_dir: Path | None = None,
-) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
-    """(featurizer, D) for `build_feature_extractor(alpha, weights, image_size, init_seed)`, as
-    `make_featurizer` gives, but building the Keras model only when needed: `tflite` looks the
-    conversion cache up by `backbone_key` first, so a hit imports neither TensorFlow nor Keras;
-    a miss (and `keras`) builds it. D: the features' width (1280 for alpha <= 1).
-
-    Raises:
-        ValueError: an unknown backend.
-        WeightsNotFoundError: the weights are not available offline or do not load.
-    """
-    from pipeline.lib.model.build import build_feature_extractor
-
-    def build() -> Any:
-        """The Keras extractor (imports TensorFlow)."""
-        return build_feature_extractor(alpha, weights, image_size, init_seed)
-
-    if backend == "tflite":
-        key = backbone_key(alpha, weights, image_size, init_seed)
-        sharded = ShardedTFLite(cached_tflite(key, build, cache_dir), num_threads)
-        return sharded, sharded.feature_dim
-    if backend not in BACKENDS:
-        raise ValueError(f"featurize.backend={backend!r}: must be one of {', '.join(BACKENDS)}")
-    extractor = build()
-    return make_featurizer(extractor, backend, num_threads, cache_dir), int(
-        extractor.output.shape[-1]
+) -> tuple[ShardedTFLite, int]:
+    """(featurizer, D): `ShardedTFLite` (`num_threads` interpreters, 0 = one per core) over
+    `backbone_flatbuffer(...)`, and the features' width D (1280 for alpha <= 1)."""
+    sharded = ShardedTFLite(
+        backbone_flatbuffer(alpha, weights, image_size, init_seed, cache_dir), num_threads
     )
+    return sharded, sharded.feature_dim
 
 
 def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -371,8 +309,6 @@ def featurize_array(
     `out` may be a (memory-mapped) float32 array (N, feature_dim) to write into, so memory stays
     flat however many images; it is returned. `progress` labels a tqdm bar (none when None).
     """
-    from tqdm import tqdm
-
     if out is None:
         out = np.empty((len(images), feature_dim), dtype=np.float32)
     done = 0
@@ -393,8 +329,7 @@ def featurize_array(
 def feature_key(cfg: Any, prepared_md5: str) -> dict:
     """What determines the features (kept in `meta.json` beside them): the prepared images (their
     DVC md5), the backbone's configuration, the md5 of its weights file (a file changed in place
-    is another backbone: DVC only sees the `model.weights` string) and the backend (TFLite and
-    Keras agree to ~1e-5, not to the bit)."""
+    is another backbone: DVC only sees the `model.weights` string)."""
     return {
         "prepared_md5": prepared_md5,
         "model": cfg.model.name,
@@ -402,25 +337,22 @@ def feature_key(cfg: Any, prepared_md5: str) -> dict:
         "weights": cfg.model.weights,
         "weights_md5": _weights_md5(cfg),
         "init_seed": cfg.model.init_seed if cfg.model.weights is None else None,
-        "backend": "tflite",
     }
 
 
 def _weights_md5(cfg: Any) -> str | None:
     """The md5 of the backbone's weights file (None: no weights, or the file is not there, so
     no cached features match and the model runs on the images)."""
-    from pipeline.lib.model.build import WeightsNotFoundError
-
     try:
         path = weights_file(cfg.model.weights, cfg.model.alpha, int(cfg.data.image_size))
-    except WeightsNotFoundError:
+    except build.WeightsNotFoundError:
         return None
     return None if path is None else md5_file(path)
 
 
 def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] | None:
     """{"train" | "val" | "test": float32 (N, D)} from `paths.features`, if `meta.json` there
-    says they were computed from these images with this backbone and backend; else None (with a
+    says they were computed from these images with this backbone; else None (with a
     warning when features of other inputs are there)."""
     folder = Path(cfg.paths.features)
     meta_path = folder / META_FILE

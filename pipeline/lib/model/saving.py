@@ -1,5 +1,5 @@
-"""The trained-model folder (`paths.models`): what train writes, what evaluate and export read,
-and `save_model`, which writes a `.keras` archive whose bytes depend only on the model.
+"""`save_model`, which writes a `.keras` archive whose bytes depend only on the model (the
+`keras` export), and the record of the MLflow run that trained the model folder.
 """
 
 from __future__ import annotations
@@ -7,112 +7,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.lib.errors import StageInputError
-from pipeline.lib.files import md5_file, read_json, write_json
+from pipeline.lib.files import read_json, write_json
+from pipeline.lib.model.classifier import HEAD_FILE, model_md5
 
-MODEL_FILE = "model.keras"
-CLASSES_FILE = "classes.json"
-#: How images are turned into the model's input: {"image_size": int (px), "resize": str}.
-#: Written by train; predict reads it so that inference resizes exactly as training did.
-PREPROCESSING_FILE = "preprocessing.json"
-#: The trained Dense head alone, as one float32 (D + 1, C) `.npy` array: the kernel's D rows, then
-#: the bias row (temperature folded in, as in model.keras). Evaluate and export score the cached
-#: backbone features with it, with no TensorFlow; train checks model.keras agrees with it.
-HEAD_FILE = "head.npy"
-#: What train checked head.npy against: {"features_md5": the DVC hash of `paths.features` on
-#: which the whole model agreed with the head (null: no cached features matched, so later stages
-#: run the whole model), "head_md5" / "model_md5": the md5s of head.npy and model.keras as
-#: saved}. Evaluate and export use the head only on those very features, with that very pair.
-HEAD_RECORD_FILE = "head.json"
-
-
-def trained_model_folder(cfg: Any, dataset: Any) -> tuple[Path, list[str]]:
-    """(`paths.models`, its classes) once it holds a model trained on `dataset`'s classes; else a
-    StageInputError saying to run train. For the stages after train (evaluate, export)."""
-    models = Path(cfg.paths.models)
-    if not (models / MODEL_FILE).is_file():
-        raise StageInputError(
-            f"No trained model at {models / MODEL_FILE}: run the train stage "
-            "first (`dvc repro train` or `python -m pipeline.train`)."
-        )
-    classes = list(read_json(models / CLASSES_FILE))
-    if classes != dataset.classes:
-        raise StageInputError(
-            f"The model in {models} was trained on classes {classes}, but the "
-            f"prepared data has {dataset.classes}: rerun train (`dvc repro`)."
-        )
-    return models, classes
-
-
-def write_head(
-    folder: str | os.PathLike[str], kernel: Any, bias: Any, features_md5: str | None
-) -> Path:
-    """Write the head `kernel` (D, C) and `bias` (C,) into `folder` as `HEAD_FILE`'s float32
-    (D + 1, C) array (`np.save`: the bytes depend only on the values) and `HEAD_RECORD_FILE`
-    ({"features_md5": `features_md5`}); return the head file's path."""
-    import numpy as np
-
-    array = np.vstack([np.asarray(kernel, np.float32), np.asarray(bias, np.float32)[None, :]])
-    path = Path(folder) / HEAD_FILE
-    with open(path, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-    record = {
-        "features_md5": features_md5,
-        "head_md5": md5_file(path),
-        "model_md5": md5_file(Path(folder) / MODEL_FILE),
-    }
-    write_json(Path(folder) / HEAD_RECORD_FILE, record)
-    return path
-
-
-def head_record(models: str | os.PathLike[str]) -> dict[str, Any]:
-    """`models`/`HEAD_RECORD_FILE` ({} when there is none: a models/ folder of an older version).
-
-    Raises:
-        StageInputError: the file is not a JSON object (naming it).
-    """
-    path = Path(models) / HEAD_RECORD_FILE
-    if not path.is_file():
-        return {}
-    try:
-        record = read_json(path)
-    except ValueError:
-        record = None
-    if not isinstance(record, dict):
-        raise StageInputError(
-            f"{path} is not the JSON object train writes: rerun the train stage "
-            "(`dvc repro -f train`)."
-        )
-    return record
-
-
-def read_head(models: str | os.PathLike[str]) -> tuple[Any, Any]:
-    """(kernel float32 (D, C), bias float32 (C,)) from `models`/`HEAD_FILE`.
-
-    Raises:
-        StageInputError: the file is missing or not a (D + 1, C) float array (naming it).
-    """
-    import numpy as np
-
-    path = Path(models) / HEAD_FILE
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise StageInputError(
-            f"{path}: cannot read the trained head ({exc.__class__.__name__}): rerun the train "
-            "stage (`dvc repro train`)."
-        ) from None
-    if array.ndim != 2 or array.shape[0] < 2 or array.dtype.kind != "f":
-        raise StageInputError(
-            f"{path}: expected a float (D + 1, C) array, found {array.dtype} {array.shape}: rerun "
-            "the train stage (`dvc repro train`)."
-        )
-    return array[:-1].astype(np.float32), array[-1].astype(np.float32)
-
+#: The model folder's file whose md5 `pipeline.lib.tracking.runs` tags the training run with
+#: (kept for it; `classifier.model_md5` names the whole folder).
+MODEL_FILE = HEAD_FILE
 
 #: Written into a saved archive's metadata.json instead of the time of saving (Keras' `date_saved`,
 #: kept as a field because `keras.saving.KerasFileEditor` reads it), and the time of every zip entry.
@@ -133,8 +38,6 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> Path:
     Raises:
         ValueError: `path` does not end with `.keras`.
     """
-    import tempfile
-
     path = Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"{path}: a Keras archive must end with .keras")
@@ -174,9 +77,7 @@ def normalise_keras_archive(archive: bytes) -> bytes:
 def write_run_record(cfg: Any, run: Any) -> Path:
     """Record, in `paths.run_file` (outside the DVC output `models`), the MLflow `run` that
     trained the model now in `paths.models`: {"run_id", "experiment_id", "tracking_uri",
-    "model_md5" (`classifier.model_md5`)}. Returns the file's path."""
-    from pipeline.lib.model.classifier import model_md5
-
+    "model_md5" (`classifier.model_md5` of the folder)}. Returns the file's path."""
     path = Path(cfg.paths.run_file)
     write_json(
         path,
@@ -196,11 +97,11 @@ def trained_run_id(cfg: Any) -> str | None:
     cache after another training), so that evaluate and export then start a run of their own
     instead of logging into the wrong one."""
     path = Path(cfg.paths.run_file)
-    model = Path(cfg.paths.models) / MODEL_FILE
-    if not path.is_file() or not model.is_file():
+    md5 = model_md5(cfg.paths.models)
+    if not path.is_file() or md5 is None:
         return None
     record = read_json(path)
-    if record.get("model_md5") != md5_file(model):
+    if record.get("model_md5") != md5:
         return None
     return record.get("run_id")
 
@@ -225,10 +126,3 @@ def _renumber_shared_objects(config: Any) -> Any:
         return node
 
     return walk(config)
-
-
-def summary_text(model: Any) -> str:
-    """Keras' `model.summary()` as text (one line per layer, parameter counts), newline-ended."""
-    lines: list[str] = []
-    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), expand_nested=False)
-    return "\n".join(lines) + "\n"

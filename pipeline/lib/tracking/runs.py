@@ -502,19 +502,21 @@ MODEL_INPUT = (
 
 
 def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
-    """The trained model as an MLflow pyfunc model that takes raw images (see
-    `pipeline.lib.tracking.pyfunc_model`): the files of the train stage's `models` folder
-    (model.keras, classes.json, preprocessing.json) as its artifacts, the `pipeline` package as
-    its code, a signature of its outputs (label, probability, scores) and pinned requirements.
-    No input example, so MLflow runs no validation prediction in a subprocess (most of the cost
-    of logging before); tests load it back through `mlflow.pyfunc`. Returns its model URI."""
+    """The model folder as an MLflow pyfunc model that takes raw images (see
+    `pipeline.lib.tracking.pyfunc_model`): its three files (backbone.tflite, head.npy,
+    model.json) as the artifacts, the `pipeline` package as its code, a signature of its outputs
+    (label, probability, scores) and pinned requirements. No input example, so MLflow runs no
+    validation prediction in a subprocess. Returns its model URI."""
     import mlflow
+    from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
-    from pipeline.lib.model.saving import PREPROCESSING_FILE
+    import pipeline
+    from pipeline.lib.model.classifier import ModelCard
+    from pipeline.lib.tracking.pyfunc_model import ARTIFACTS, ClassifierModel
 
     folder = Path(models)
-    preprocessing = read_json(folder / PREPROCESSING_FILE)
+    card = ModelCard.load(folder / ARTIFACTS["card"])
     outputs = Schema(
         [
             ColSpec(DataType.string, "label"),
@@ -526,7 +528,20 @@ def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
         # deliberate: no input example (see above); the class is pickled by reference to the
         # module its code_paths carry, which is what MLflow's CloudPickle warning is about
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
-        info = _log_pyfunc(mlflow, name, folder, preprocessing, outputs)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=ClassifierModel(),
+            artifacts={key: str(folder / file) for key, file in ARTIFACTS.items()},
+            code_paths=[str(Path(pipeline.__file__).parent)],
+            signature=ModelSignature(inputs=None, outputs=outputs),
+            pip_requirements=model_requirements(),  # stated: inferring re-imports the model
+            metadata={
+                "input": MODEL_INPUT,
+                "classes": card.classes,
+                "image_size": card.image_size,
+                "resize": card.resize,
+            },
+        )
     return info.model_uri
 
 
@@ -546,41 +561,12 @@ def _log_filtered(logger: str, text: str) -> Iterator[None]:
         target.removeFilter(keep)
 
 
-def _log_pyfunc(mlflow: Any, name: str, folder: Path, preprocessing: dict, outputs: Any) -> Any:
-    """`mlflow.pyfunc.log_model` of `KerasImageClassifier` over `folder`; its ModelInfo."""
-    from mlflow.models import ModelSignature
-
-    import pipeline
-    from pipeline.lib.model.saving import CLASSES_FILE, PREPROCESSING_FILE
-    from pipeline.lib.tracking.pyfunc_model import KerasImageClassifier
-
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=KerasImageClassifier(),
-        artifacts={
-            "model": str(folder / MODEL_FILE),
-            "classes": str(folder / CLASSES_FILE),
-            "preprocessing": str(folder / PREPROCESSING_FILE),
-        },
-        code_paths=[str(Path(pipeline.__file__).parent)],
-        signature=ModelSignature(inputs=None, outputs=outputs),
-        # stated, not inferred: inference re-imports the model in a subprocess (~15 s)
-        pip_requirements=model_requirements(),
-        metadata={
-            "input": MODEL_INPUT,
-            "classes": read_json(folder / CLASSES_FILE),
-            "image_size": preprocessing["image_size"],
-            "resize": preprocessing["resize"],
-        },
-    )
-
-
 def model_requirements() -> list[str]:
     """The packages a logged model needs to be loaded back, pinned to what trained it."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for dist in ("tensorflow-cpu", "tensorflow", "keras", "mlflow", "numpy", "pandas", "pillow"):
+    for dist in ("ai-edge-litert", "mlflow", "numpy", "scipy", "pandas", "pillow"):
         try:
             pins.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:
