@@ -40,11 +40,11 @@ def test_params_yaml_is_what_dvc_composes(project: Path, tmp_path: Path):
 
     dvc_file = tmp_path / "dvc_params.yaml"
     compose_and_dump(
-        dvc_file, str(project / "conf"), None, "config", str(project), ["train.epochs=3"]
+        dvc_file, str(project / "conf"), None, "config", str(project), ["train.C=3"]
     )
-    ours = write_params(project, ["train.epochs=3"], output=tmp_path / "ours.yaml")
+    ours = write_params(project, ["train.C=3"], output=tmp_path / "ours.yaml")
     text = ours.read_text()
-    assert text.startswith(HEADER + '["train.epochs=3"]\n')
+    assert text.startswith(HEADER + '["train.C=3"]\n')
     assert text.split("\n", 1)[1] == dvc_file.read_text()  # byte for byte after the header
 
 
@@ -54,10 +54,10 @@ def test_the_committed_params_yaml_is_composed_from_conf():
 
 
 def test_recorded_overrides_round_trip(project: Path):
-    write_params(project, ["experiment=smoke", "train.epochs=3"])
+    write_params(project, ["experiment=smoke", "train.C=3"])
     values, overrides = load_params(project / "params.yaml")
-    assert overrides == ["experiment=smoke", "train.epochs=3"]
-    assert values["train"]["epochs"] == 3
+    assert overrides == ["experiment=smoke", "train.C=3"]
+    assert values["train"]["C"] == 3
     check_params(project)  # up to date with conf/ + its overrides
 
 
@@ -73,8 +73,8 @@ def test_a_typo_in_conf_names_the_key_and_the_file(project: Path):
 
 
 def test_composition_rejects_wrong_types_and_ranges(project: Path):
-    with pytest.raises(ConfigError, match="train.epochs"):
-        write_params(project, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="train.C"):
+        write_params(project, ["train.C=0"])
     with pytest.raises(ConfigError, match="model.dropout"):
         write_params(project, ["model.dropout=high"])
     with pytest.raises(ConfigError, match="train.epochz"):
@@ -83,7 +83,7 @@ def test_composition_rejects_wrong_types_and_ranges(project: Path):
 
 def test_nothing_is_written_when_composition_fails(project: Path):
     before = (project / "params.yaml").read_bytes()
-    assert params_cli(project, "train.epochs=-1").returncode == 2
+    assert params_cli(project, "train.C=-1").returncode == 2
     assert (project / "params.yaml").read_bytes() == before
 
 
@@ -101,10 +101,10 @@ def test_an_uncomposed_conf_edit_stops_the_config_stage(project: Path, monkeypat
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
     path = project / "conf/train/default.yaml"
-    path.write_text(path.read_text().replace("\nepochs: ", "\nepochs: 1"))
+    path.write_text(path.read_text().replace("\nmax_iter: ", "\nmax_iter: 1"))
     proc = params_cli(project, "--check")
     assert proc.returncode == 2
-    assert "params.yaml is out of date with conf/: train.epochs" in proc.stderr
+    assert "params.yaml is out of date with conf/: train.max_iter" in proc.stderr
     assert "python -m pipeline.params" in proc.stderr
     # inside `dvc exp run` DVC has just composed params.yaml itself (with its -S overrides)
     monkeypatch.setenv("DVC_EXP_NAME", "some-exp")
@@ -122,6 +122,6 @@ def test_check_validates_params_yaml_edited_by_hand(project: Path):
 def test_compose_needs_no_hydra_app_and_leaves_none(project: Path):
     from hydra.core.global_hydra import GlobalHydra
 
-    cfg = compose(project / "conf", ["train.epochs=5"])
-    assert cfg.train.epochs == 5 and "hydra" not in cfg
+    cfg = compose(project / "conf", ["train.C=5"])
+    assert cfg.train.C == 5 and "hydra" not in cfg
     assert not GlobalHydra.instance().is_initialized()

@@ -29,13 +29,13 @@ def test_params_yaml_is_what_make_params_writes(tmp_path):
 
 
 def test_experiment_study_is_the_study():
-    """The study's exact settings are one override away; the default trains to convergence."""
+    """The study's exact settings are one override away; the default fits the head's optimum."""
     cfg = validate(compose(["experiment=study"]))
-    assert cfg.train.epochs == 8 and cfg.train.batch_size == 32 and cfg.train.optimizer == "adam"
-    assert cfg.train.learning_rate == 0.001 and not cfg.train.early_stopping.enabled
-    assert cfg.train.l2 in (0, "0", 0.0) and not cfg.train.calibrate
+    assert cfg.train.solver == "keras" and cfg.train.epochs == 8 and cfg.train.batch_size == 32
+    assert cfg.train.optimizer == "adam" and cfg.train.learning_rate == 0.001
+    assert not cfg.train.early_stopping.enabled and cfg.train.C is None and not cfg.train.calibrate
     default = validate(compose())
-    assert default.train.early_stopping.enabled and default.train.epochs > 8
+    assert default.train.solver == "auto" and default.train.C == "auto"
 
 
 def test_defaults_are_the_study_data_and_model():
@@ -98,7 +98,7 @@ def test_validated_config_is_read_only():
 
 def test_flat_dict_has_every_leaf():
     flat = to_flat_dict(validate(compose()))
-    assert flat["train.epochs"] == 200 and flat["train.early_stopping.patience"] == 20
+    assert flat["train.C"] == "auto" and flat["train.early_stopping.patience"] == 20
     assert flat["data.synthetic.train_per_class"] == 10
     assert "model" not in flat
 

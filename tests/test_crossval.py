@@ -38,7 +38,7 @@ def test_two_folds_are_refused_by_the_schema():
 
 
 def test_kfold_logs_k_children(tmp_path):
-    cfg = tiny_config(tmp_path, **{"train.crossval_folds": 3, "train.epochs": 2})
+    cfg = tiny_config(tmp_path, **{"train.crossval_folds": 3, "train.C": 1.0})
     prepare(cfg)
     featurize(cfg)
     result = crossval(cfg)
