@@ -60,7 +60,7 @@ def test_label_smoothing_is_optimal_for_its_own_objective():
 def test_history_has_one_row_per_iteration_on_train_and_val():
     x, y = blobs()
     fit = head.fit_head(x[:200], y[:200], 4, 1.0, val=(x[200:], y[200:]))
-    assert len(fit.history["step"]) == fit.iterations > 1
+    assert fit.history["step"] == list(range(fit.iterations + 1)) and fit.iterations > 1
     assert set(fit.history) == {"step", "loss", "accuracy", "val_loss", "val_accuracy"}
     assert fit.history["loss"][-1] < fit.history["loss"][0]
 

@@ -59,11 +59,11 @@ def test_two_job_sweep_on_ray(tmp_path, data, monkeypatch):  # noqa: F811  (fixt
         "hydra/launcher=ray_cluster",
         "hydra.launcher.ray.init.address=null",
         "+hydra.launcher.ray.init.num_cpus=2",
-        "train.learning_rate=0.001,0.01",
+        "train.C=0.001,0.01",
     )
     assert "Ray Launcher is launching 2 jobs" in proc.stdout + proc.stderr
     parent, children = family(tmp_path)
-    assert sorted(c.data.params["train.learning_rate"] for c in children) == ["0.001", "0.01"]
+    assert sorted(c.data.params["train.C"] for c in children) == ["0.001", "0.01"]
     check_best(parent, children)
     for job in range(2):
         assert (tmp_path / "sweep" / str(job) / "models" / "model.keras").is_file()

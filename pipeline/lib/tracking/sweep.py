@@ -12,7 +12,7 @@ tracking server (`tracking=server tracking.uri=http://host:5000`): the parent ru
 the jobs through the sweep folder, so they need the same file system as the sweep, not the same
 process.
 
-    python -m pipeline.train -m train.learning_rate=1e-4,1e-3,1e-2 model.dropout=0,0.2
+    python -m pipeline.train -m train.C=0.1,1,10 train.label_smoothing=0,0.1
     python -m pipeline.train hparams_search=optuna
 """
 

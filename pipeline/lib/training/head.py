@@ -63,7 +63,7 @@ class FeatureError(UserError):
 class HeadFit:
     """A fitted head and how the solver got there.
 
-    history: per solver iteration (1-based `step`), the mean cross-entropy (nats, true labels,
+    history: at the start (`step` 0) and after each solver iteration, the mean cross-entropy (nats, true labels,
     no penalty) and accuracy on train and, when given, val: {"step", "loss", "accuracy",
     "val_loss", "val_accuracy"}.
     """
@@ -162,7 +162,7 @@ def fit_head(
         xv, yv = np.asarray(val[0], np.float64), np.asarray(val[1], np.int64)
 
     def record(theta: np.ndarray) -> None:
-        history["step"].append(len(history["step"]) + 1)
+        history["step"].append(len(history["step"]))
         loss, acc = _scores(theta, x, y, num_classes)
         history["loss"].append(loss)
         history["accuracy"].append(acc)
@@ -171,6 +171,8 @@ def fit_head(
             history["val_loss"].append(loss)
             history["val_accuracy"].append(acc)
 
+    if track:
+        record(theta0)  # step 0: the start
     result = minimize(
         _objective,
         theta0,
