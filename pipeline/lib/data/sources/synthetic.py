@@ -3,19 +3,14 @@
 Each image is a side view of a plastic toy truck on a light, plain background: a cab at the front,
 a chassis with black wheels and yellow hubs, and a load that tells the class. Everything is drawn
 with Pillow at twice the asked size (for smooth edges), then shrunk, lit, blurred and noised.
-
-Variation per image (position, scale, rotation, facing, background tint, lighting, blur, noise,
-colour jitter) grows with `difficulty` in [0, 1]: 0 gives clean studio shots that still differ a
-little from one another (so no two files are identical), 1 gives strong jitter.
-
-Every image has its own `numpy.random.Generator`, seeded from `(seed, split, class, index)` through
-`numpy.random.SeedSequence`, so a configuration always writes byte-identical files, whatever the
-order or process they are made in.
-
-CLI, for the image files alone:
+Variation (pose, facing, background tint, lighting, blur, noise, colour jitter) grows with
+`difficulty` in [0, 1]: 0 gives clean studio shots that still differ a little (no two files are
+identical), 1 strong jitter. Every image has its own `numpy.random.Generator`, seeded from
+`(seed, split, class, index)` through `numpy.random.SeedSequence`, so a configuration always
+writes byte-identical files, whatever the order or thread they are made in.
 
     python -m pipeline.lib.data.sources.synthetic OUT_DIR [--per-class-train N --per-class-val N
-        --per-class-test N --size S --difficulty D --seed K --format png|jpg]
+        --per-class-test N --size S --difficulty D --seed K --format png|jpg --workers W]
 """
 
 from __future__ import annotations
@@ -26,11 +21,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -38,20 +32,23 @@ from PIL import Image, ImageDraw, ImageFilter
 from pipeline.lib.config.schema import SyntheticConfig
 from pipeline.lib.errors import UserError
 
-CLASSES: tuple[str, ...] = (
-    "Container_Big_Tractor_B",
-    "Container_Big_Tractor_Y",
-    "Container_Small_B",
-    "Container_Small_Gy",
-    "Loader_Tractor_R",
-    "Loader_Tractor_Y",
-)
-
+RGB = tuple[int, int, int]
+_FOUR = (0.14, 0.28, 0.655, 0.87)  # tractor: trailer tandem + drive axle + steering axle
+_THREE = (0.17, 0.32, 0.87)
+#: class -> (cab colour, chassis colour, wheel x positions); half the Container_Small_B trucks
+#: have the two colours swapped.
+_LOOKS: dict[str, tuple[str, str, tuple[float, ...]]] = {
+    "Container_Big_Tractor_B": ("blue", "yellow", _FOUR),
+    "Container_Big_Tractor_Y": ("yellow", "blue", _FOUR),
+    "Container_Small_B": ("red", "yellow", _THREE),
+    "Container_Small_Gy": ("red", "blue", _THREE),
+    "Loader_Tractor_R": ("red", "yellow", _FOUR),
+    "Loader_Tractor_Y": ("yellow", "red", _FOUR),
+}
+CLASSES: tuple[str, ...] = tuple(_LOOKS)
 #: Config split name -> the study's folder name.
 SPLIT_DIRS = {"train": "training", "val": "validation", "test": "test"}
-
 FORMATS = ("png", "jpg")
-
 #: The file in the generator's folder that lists the files it wrote (relative, posix).
 MARKER = ".synthetic.json"
 
@@ -67,16 +64,12 @@ _BASE = {
     "dark": (52, 52, 56),
     "light": (226, 226, 214),
 }
-
-RGB = tuple[int, int, int]
-
 #: The 256 quantiles of the standard normal at (i + 0.5) / 256: a uniform byte maps to a normal.
 _NOISE_LUT = np.array([NormalDist().inv_cdf((i + 0.5) / 256) for i in range(256)], dtype=np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Drawing helpers
-# --------------------------------------------------------------------------------------------
+# The truck, in truck units: x 0..1 from the rear to the front, y 0 (top) .. 0.52 (ground).
+_GROUND = 0.52
+_WHEEL_R = 0.068
+_TRUCK_H = _GROUND + 0.01
 
 
 class _Pen:
@@ -96,11 +89,8 @@ class _Pen:
         angle: float,
         flip: bool,
     ) -> None:
-        self.d = draw
-        self.s = scale
-        self.cx, self.cy = cx, cy
+        self.d, self.s, self.cx, self.cy, self.flip = draw, scale, cx, cy, flip
         self.cos, self.sin = math.cos(angle), math.sin(angle)
-        self.flip = flip
 
     def _p(self, x: float, y: float) -> tuple[float, float]:
         u = ((0.5 - x) if self.flip else (x - 0.5)) * self.s
@@ -108,29 +98,25 @@ class _Pen:
         return (self.cx + self.cos * u + self.sin * w, self.cy - self.sin * u + self.cos * w)
 
     def rect(self, x0: float, y0: float, x1: float, y1: float, fill: RGB) -> None:
-        """Fill the rectangle (x0, y0)-(x1, y1), in truck units and posed, with `fill`."""
         self.poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
 
     def poly(self, pts: Sequence[tuple[float, float]], fill: RGB) -> None:
-        """Fill the polygon with vertices `pts` (truck units), posed, with `fill`."""
         self.d.polygon([self._p(x, y) for x, y in pts], fill=fill)
 
     def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
-        """Fill a circle of radius `r` (truck units) centred on (cx, cy) with `fill`."""
         x, y = self._p(cx, cy)
         rr = r * self.s
         self.d.ellipse((x - rr, y - rr, x + rr, y + rr), fill=fill)
 
     def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
-        """Draw a polyline through `pts` (truck units), `width` truck units wide (at least 1 px)."""
+        """A polyline `width` truck units wide (at least 1 px)."""
         self.d.line([self._p(x, y) for x, y in pts], fill=fill, width=max(1, round(width * self.s)))
-
-    def sub(self, x0: float, y0: float, k: float, mirror_len: float | None = None) -> _SubPen:
-        """A pen for a part drawn in its own units, placed at (x0, y0) and scaled by k."""
-        return _SubPen(self, x0, y0, k, mirror_len)
 
 
 class _SubPen:
+    """A pen for a part drawn in its own units, placed at (x0, y0) of `pen`, scaled by k and
+    mirrored about x = mirror_len / 2 when `mirror_len` is given."""
+
     def __init__(self, pen: _Pen, x0: float, y0: float, k: float, mirror_len: float | None) -> None:
         self.pen, self.x0, self.y0, self.k, self.m = pen, x0, y0, k, mirror_len
 
@@ -140,22 +126,15 @@ class _SubPen:
         return (self.x0 + x * self.k, self.y0 + y * self.k)
 
     def rect(self, x0: float, y0: float, x1: float, y1: float, fill: RGB) -> None:
-        """Fill the rectangle (x0, y0)-(x1, y1) given in the part's units (mirrored if asked)."""
         (a, b), (c, d) = self._t(x0, y0), self._t(x1, y1)
         self.pen.rect(min(a, c), min(b, d), max(a, c), max(b, d), fill)
 
     def poly(self, pts: Sequence[tuple[float, float]], fill: RGB) -> None:
-        """Fill the polygon with vertices `pts` given in the part's units."""
         self.pen.poly([self._t(x, y) for x, y in pts], fill)
 
     def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
-        """Fill a circle of radius `r` centred on (cx, cy), in the part's units."""
         x, y = self._t(cx, cy)
         self.pen.circle(x, y, r * self.k, fill)
-
-    def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
-        """Draw a polyline through `pts`, `width` wide, in the part's units."""
-        self.pen.line([self._t(x, y) for x, y in pts], fill, width * self.k)
 
 
 def _jitter(base: RGB, rng: np.random.Generator, amount: float) -> RGB:
@@ -170,16 +149,7 @@ def _shade(c: RGB, f: float) -> RGB:
     return tuple(int(min(255, max(0, v * f))) for v in c)  # type: ignore[return-value]
 
 
-# --------------------------------------------------------------------------------------------
-# The truck, in truck units: x 0..1 from the rear to the front, y 0 (top) .. 0.52 (ground)
-# --------------------------------------------------------------------------------------------
-
-_GROUND = 0.52
-_WHEEL_R = 0.068
-_TRUCK_H = _GROUND + 0.01
-
-
-def _draw_wheel(p: Any, cx: float, cy: float, r: float, col: dict[str, RGB]) -> None:
+def _draw_wheel(p: _Pen | _SubPen, cx: float, cy: float, r: float, col: dict[str, RGB]) -> None:
     p.circle(cx, cy, r, col["tyre"])
     p.circle(cx, cy, r * 0.82, _shade(col["tyre"], 1.35))
     p.circle(cx, cy, r * 0.50, col["hub"])
@@ -204,19 +174,6 @@ def _draw_cab(p: _Pen, cab: RGB, col: dict[str, RGB]) -> None:
     p.rect(0.962, 0.262, 0.978, 0.285, col["light"])
     # step
     p.rect(0.79, 0.43, 0.83, 0.45, col["dark"])
-
-
-def _draw_chassis(p: _Pen, chassis: RGB, col: dict[str, RGB], x0: float = 0.03) -> None:
-    p.rect(x0, 0.37, 0.95, 0.435, chassis)
-    p.rect(x0, 0.42, 0.95, 0.435, _shade(chassis, 0.75))
-    # mudguard over the front wheel
-    p.poly([(0.79, 0.40), (0.81, 0.36), (0.93, 0.36), (0.95, 0.40)], _shade(chassis, 0.9))
-
-
-def _draw_wheels(p: _Pen, xs: Sequence[float], col: dict[str, RGB]) -> None:
-    cy = _GROUND - _WHEEL_R
-    for x in xs:
-        _draw_wheel(p, x, cy, _WHEEL_R, col)
 
 
 def _big_container(p: _Pen, col: dict[str, RGB]) -> None:
@@ -263,19 +220,15 @@ def _small_bins(p: _Pen, bins: Sequence[RGB], col: dict[str, RGB], bed: RGB) -> 
         p.rect(px + 0.016, 0.085, px + 0.023, 0.335, _shade(rail, 0.75))
 
 
-def _wheel_loader(
-    p: _Pen,
-    x0: float,
-    bottom: float,
-    k: float,
-    facing_rear: bool,
-    body: RGB,
-    cabc: RGB,
-    arm: RGB,
-    col: dict[str, RGB],
-) -> None:
-    """A wheel loader in its own units: height 1 (top 0, ground 1), length 1.92, bucket at +x."""
-    q = p.sub(x0, bottom - k, k, 1.92 if facing_rear else None)
+def _loader_load(p: _Pen, bed: RGB, col: dict[str, RGB], accent: RGB, facing_rear: bool) -> None:
+    """A low flat bed with a ramp at the rear, carrying a yellow wheel loader whose cab and arm
+    have the `accent` colour. The loader is drawn in its own units: height 1 (top 0, ground 1),
+    length 1.92, bucket at +x (mirrored when `facing_rear`)."""
+    p.poly([(0.0, 0.372), (0.03, 0.325), (0.745, 0.325), (0.745, 0.372)], bed)
+    p.rect(0.03, 0.325, 0.745, 0.335, _shade(bed, 1.1))
+    p.line([(0.04, 0.352), (0.735, 0.352)], _shade(bed, 0.75), 0.004)
+    body = col["yellow"]
+    q = _SubPen(p, 0.08, 0.325 - 0.30, 0.30, 1.92 if facing_rear else None)
     tyre = {"tyre": col["tyre"], "hub": _shade(body, 0.95)}
     # rear counterweight, engine hood, frame
     q.rect(0.02, 0.36, 0.14, 0.74, _shade(body, 0.85))
@@ -285,127 +238,55 @@ def _wheel_loader(
     # exhaust stack
     q.rect(0.20, 0.14, 0.25, 0.30, col["dark"])
     # cab: roof, pillars, glass
-    q.rect(0.60, 0.0, 1.10, 0.07, cabc)
-    q.rect(0.63, 0.05, 1.06, 0.56, cabc)
+    q.rect(0.60, 0.0, 1.10, 0.07, accent)
+    q.rect(0.63, 0.05, 1.06, 0.56, accent)
     q.rect(0.69, 0.10, 1.00, 0.40, col["glass"])
     q.poly([(0.78, 0.10), (0.84, 0.10), (0.74, 0.40), (0.69, 0.40)], _shade(col["glass"], 1.6))
     # lift arm and bucket
-    q.poly([(0.98, 0.40), (1.64, 0.56), (1.64, 0.70), (0.98, 0.54)], arm)
-    q.poly([(1.56, 0.34), (1.72, 0.32), (1.93, 0.97), (1.60, 0.99), (1.52, 0.82)], arm)
-    q.poly([(1.60, 0.40), (1.70, 0.38), (1.86, 0.94), (1.62, 0.95)], _shade(arm, 0.78))
-    # wheels
+    q.poly([(0.98, 0.40), (1.64, 0.56), (1.64, 0.70), (0.98, 0.54)], accent)
+    q.poly([(1.56, 0.34), (1.72, 0.32), (1.93, 0.97), (1.60, 0.99), (1.52, 0.82)], accent)
+    q.poly([(1.60, 0.40), (1.70, 0.38), (1.86, 0.94), (1.62, 0.95)], _shade(accent, 0.78))
     for wx in (0.42, 1.24):
         _draw_wheel(q, wx, 0.77, 0.23, tyre)
-
-
-def _loader_load(
-    p: _Pen, bed: RGB, body: RGB, cabc: RGB, arm: RGB, col: dict[str, RGB], facing_rear: bool
-) -> None:
-    # low flat bed with a ramp at the rear
-    p.poly([(0.0, 0.372), (0.03, 0.325), (0.745, 0.325), (0.745, 0.372)], bed)
-    p.rect(0.03, 0.325, 0.745, 0.335, _shade(bed, 1.1))
-    p.line([(0.04, 0.352), (0.735, 0.352)], _shade(bed, 0.75), 0.004)
-    _wheel_loader(p, 0.08, 0.325, 0.30, facing_rear, body, cabc, arm, col)
 
 
 def _draw_truck(label: str, rng: np.random.Generator, p: _Pen, col_jit: float) -> None:
     """The truck of class `label`, drawn with the posed pen `p`."""
     col = {k: _jitter(v, rng, col_jit) for k, v in _BASE.items()}
     col["hub"] = _jitter(_BASE["yellow"], rng, col_jit)
-
-    red, yel, blue, green = col["red"], col["yellow"], col["blue"], col["green"]
-    four = (0.14, 0.28, 0.655, 0.87)  # tractor: trailer tandem + drive axle + steering axle
-    three = (0.17, 0.32, 0.87)
-    if label == "Container_Big_Tractor_B":
-        cab, chassis, wheels = blue, yel, four
-    elif label == "Container_Big_Tractor_Y":
-        cab, chassis, wheels = yel, blue, four
-    elif label == "Container_Small_B":
-        cab = red if rng.random() < 0.5 else yel
-        chassis, wheels = (yel if cab is red else red), three
-    elif label == "Container_Small_Gy":
-        cab, chassis, wheels = red, blue, three
-    elif label == "Loader_Tractor_R":
-        cab, chassis, wheels = red, yel, four
-    elif label == "Loader_Tractor_Y":
-        cab, chassis, wheels = yel, red, four
-    else:  # pragma: no cover - checked by render()
-        raise ValueError(label)
-
-    _draw_chassis(p, chassis, col)
+    cab_colour, chassis_colour, wheels = _LOOKS[label]
+    if label == "Container_Small_B" and rng.random() >= 0.5:
+        cab_colour, chassis_colour = chassis_colour, cab_colour
+    cab, chassis = col[cab_colour], col[chassis_colour]
+    # chassis, and the mudguard over the front wheel
+    p.rect(0.03, 0.37, 0.95, 0.435, chassis)
+    p.rect(0.03, 0.42, 0.95, 0.435, _shade(chassis, 0.75))
+    p.poly([(0.79, 0.40), (0.81, 0.36), (0.93, 0.36), (0.95, 0.40)], _shade(chassis, 0.9))
     if label.startswith("Container_Big"):
         _big_container(p, col)
-    elif label == "Container_Small_B":
+    elif label.startswith("Container_Small"):
         n = 4 if rng.random() < 0.5 else 5
-        bins = [_jitter(blue, rng, col_jit * 0.5) for _ in range(n)]
+        if label == "Container_Small_B":
+            bins = [_jitter(col["blue"], rng, col_jit * 0.5) for _ in range(n)]
+        else:
+            first = int(rng.integers(2))
+            pair = (col["green"], col["yellow"])
+            bins = [_jitter(pair[(i + first) % 2], rng, col_jit * 0.5) for i in range(n)]
         _small_bins(p, bins, col, chassis)
-    elif label == "Container_Small_Gy":
-        n = 4 if rng.random() < 0.5 else 5
-        first = int(rng.integers(2))
-        bins = [_jitter((green, yel)[(i + first) % 2], rng, col_jit * 0.5) for i in range(n)]
-        _small_bins(p, bins, col, chassis)
-    elif label == "Loader_Tractor_R":
-        _loader_load(p, chassis, yel, yel, yel, col, bool(rng.random() < 0.5))
     else:
-        _loader_load(p, chassis, yel, blue, blue, col, bool(rng.random() < 0.5))
+        accent = col["yellow"] if label == "Loader_Tractor_R" else col["blue"]
+        _loader_load(p, chassis, col, accent, bool(rng.random() < 0.5))
     _draw_cab(p, cab, col)
-    _draw_wheels(p, wheels, col)
-
-
-# --------------------------------------------------------------------------------------------
-# The photo
-# --------------------------------------------------------------------------------------------
-
-
-def _background(rng: np.random.Generator, n: int, difficulty: float) -> np.ndarray:
-    """A light, plain backdrop (n x n x 3 float32): a tint and a slight linear gradient."""
-    level = rng.uniform(214, 242)
-    tint = rng.normal(0.0, 2.5 + 5.0 * difficulty, 3)
-    amp = rng.uniform(0.0, 6.0 + 22.0 * difficulty)
-    theta = rng.uniform(0, 2 * math.pi)
-    t = np.linspace(-0.5, 0.5, n, dtype=np.float32)
-    g = math.cos(theta) * t[None, :] + math.sin(theta) * t[:, None]
-    base = (level + tint).astype(np.float32)
-    return base[None, None, :] + (amp * g)[:, :, None]
-
-
-def _truck_frame(
-    pen: _Pen, ss: int, x0: int, x1: int, y0: int, y1: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Truck-frame coordinates (u along, w down; truck units, about the truck's centre) of the
-    output pixels [y0:y1, x0:x1], for a pen that draws at `ss` times the output size."""
-    dx = ((np.arange(x0, x1, dtype=np.float32) + 0.5) * ss - pen.cx)[None, :]
-    dy = ((np.arange(y0, y1, dtype=np.float32) + 0.5) * ss - pen.cy)[:, None]
-    u = (pen.cos * dx - pen.sin * dy) / pen.s
-    w = (pen.sin * dx + pen.cos * dy) / pen.s
-    return u, w
-
-
-def _check_render_args(label: str, size: int, difficulty: float) -> tuple[int, float]:
-    """`size` as an int and `difficulty` as a float, after checking all three arguments.
-
-    Raises ValueError: `label` is not one of `CLASSES`, `size` < 8 px, or `difficulty` is
-    outside [0, 1].
-    """
-    if label not in CLASSES:
-        raise ValueError(f"unknown class {label!r}; expected one of {', '.join(CLASSES)}")
-    size = int(size)
-    if size < 8:
-        raise ValueError(f"size must be at least 8 pixels, got {size}")
-    d = float(difficulty)
-    if not 0.0 <= d <= 1.0:
-        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
-    return size, d
+    for x in wheels:
+        _draw_wheel(p, x, _GROUND - _WHEEL_R, _WHEEL_R, col)
 
 
 def _draw_pose(
     rng: np.random.Generator, c: int, d: float
 ) -> tuple[float, float, float, float, bool]:
-    """(scale, cx, cy, angle, flip) of the truck on a c x c drawing canvas, for a `_Pen`.
-
-    The truck's length as a fraction of the frame, its tilt (radians), its facing and its centre
-    (canvas pixels) are drawn from `rng`, spread wider as the difficulty `d` grows.
-    """
+    """(scale, cx, cy, angle, flip) of the truck on a c x c drawing canvas, for a `_Pen`: its
+    length as a fraction of the frame, tilt (radians), facing and centre (canvas pixels), spread
+    wider as the difficulty `d` grows; the truck always stays in the frame."""
     frac = float(np.clip(rng.normal(0.72, 0.015 + 0.07 * d), 0.5, 0.86))
     angle = math.radians(float(rng.uniform(-1, 1) * (0.8 + 9.0 * d)))
     flip = bool(rng.random() < min(0.5, d))
@@ -420,15 +301,16 @@ def _draw_pose(
     return scale, cx, cy, angle, flip
 
 
-def _truck_box(probe: _Pen, ss: int, size: int) -> tuple[int, int, int, int]:
-    """(x0, x1, y0, y1): the output pixels the truck and its shadow can cover, clipped to the
-    size x size frame, for a pen `probe` that draws at `ss` times the output size."""
-    corners = [probe._p(x, y) for x in (-0.1, 1.1) for y in (-0.02, _GROUND + 0.05)]
-    x0 = max(0, int(min(p[0] for p in corners) // ss) - 1)
-    x1 = min(size, int(math.ceil(max(p[0] for p in corners) / ss)) + 1)
-    y0 = max(0, int(min(p[1] for p in corners) // ss) - 1)
-    y1 = min(size, int(math.ceil(max(p[1] for p in corners) / ss)) + 1)
-    return x0, x1, y0, y1
+def _background(rng: np.random.Generator, n: int, difficulty: float) -> np.ndarray:
+    """A light, plain backdrop (n x n x 3 float32): a tint and a slight linear gradient."""
+    level = rng.uniform(214, 242)
+    tint = rng.normal(0.0, 2.5 + 5.0 * difficulty, 3)
+    amp = rng.uniform(0.0, 6.0 + 22.0 * difficulty)
+    theta = rng.uniform(0, 2 * math.pi)
+    t = np.linspace(-0.5, 0.5, n, dtype=np.float32)
+    g = math.cos(theta) * t[None, :] + math.sin(theta) * t[:, None]
+    base = (level + tint).astype(np.float32)
+    return base[None, None, :] + (amp * g)[:, :, None]
 
 
 def _composite_truck(
@@ -439,28 +321,26 @@ def _composite_truck(
     ss: int,
     col_jit: float,
 ) -> None:
-    """Draw the truck of class `label` in `pose` and lay it, shaded and with a contact shadow,
-    onto the float32 (n, n, 3) backdrop `bg`, in place. Only the truck's box is drawn."""
+    """Draw the truck of class `label` in `pose` (at `ss` times the size of `bg`) and lay it,
+    shaded and with a contact shadow, onto the float32 (n, n, 3) backdrop `bg`, in place. Only
+    the box of output pixels the truck and its shadow can cover is drawn."""
     scale, cx, cy, angle, flip = pose
     probe = _Pen(None, scale, cx, cy, angle, flip)  # type: ignore[arg-type]
-    x0, x1, y0, y1 = _truck_box(probe, ss, bg.shape[0])
-    if not (x1 > x0 and y1 > y0):
-        # the whole truck is out of the frame: cannot happen with the pose limits of
-        # `_draw_pose`; still drawn (off-canvas) so that `rng` is consumed the same way
-        _draw_truck(
-            label,
-            rng,
-            _Pen(ImageDraw.Draw(Image.new("RGBA", (1, 1))), scale, 0, 0, angle, flip),
-            col_jit,
-        )
-        return
+    corners = [probe._p(x, y) for x in (-0.1, 1.1) for y in (-0.02, _GROUND + 0.05)]
+    xs, ys, n = [p[0] for p in corners], [p[1] for p in corners], bg.shape[0]
+    x0, x1 = max(0, int(min(xs) // ss) - 1), min(n, int(math.ceil(max(xs) / ss)) + 1)
+    y0, y1 = max(0, int(min(ys) // ss) - 1), min(n, int(math.ceil(max(ys) / ss)) + 1)
     layer = Image.new("RGBA", ((x1 - x0) * ss, (y1 - y0) * ss), (0, 0, 0, 0))
     pen = _Pen(ImageDraw.Draw(layer), scale, cx - x0 * ss, cy - y0 * ss, angle, flip)
     _draw_truck(label, rng, pen, col_jit)
     # premultiplied alpha, then a box shrink: no dark fringes at the edges
     small = np.asarray(layer.convert("RGBa").reduce(ss), dtype=np.float32)
     alpha = small[..., 3:4] * np.float32(1 / 255)
-    u, w = _truck_frame(pen, ss, 0, x1 - x0, 0, y1 - y0)
+    # truck-frame coordinates (u along, w down; truck units about its centre) of the box's pixels
+    dx = ((np.arange(x1 - x0, dtype=np.float32) + 0.5) * ss - pen.cx)[None, :]
+    dy = ((np.arange(y1 - y0, dtype=np.float32) + 0.5) * ss - pen.cy)[:, None]
+    u = (pen.cos * dx - pen.sin * dy) / pen.s
+    w = (pen.sin * dx + pen.cos * dy) / pen.s
     # a soft contact shadow under the wheels
     gw = w - np.float32(_GROUND - _TRUCK_H / 2 + 0.004)
     r = np.sqrt((u * np.float32(1 / 0.52)) ** 2 + (gw * np.float32(1 / 0.032)) ** 2)
@@ -473,23 +353,17 @@ def _composite_truck(
     )
 
 
-def _expose(a: np.ndarray, rng: np.random.Generator, d: float) -> Image.Image:
-    """The camera's white balance, brightness and contrast applied to the float32 (n, n, 3)
-    scene `a` (modified in place), rounded down into a uint8 RGB image."""
+def _camera(a: np.ndarray, rng: np.random.Generator, size: int, d: float) -> Image.Image:
+    """The float32 (n, n, 3) scene `a` (modified in place) as a uint8 RGB photo: white balance,
+    brightness and contrast, then focus blur (a Gaussian radius that scales with `size`) and
+    Gaussian sensor noise, each skipped when too faint to matter."""
     wb = 1.0 + rng.normal(0.0, 0.01 + 0.035 * d, 3).astype(np.float32)
     bright = 1.0 + rng.uniform(-1, 1) * 0.22 * d
     contrast = 1.0 + rng.uniform(-1, 1) * 0.30 * d
     mean = float(a.mean())
-    gain = (contrast * bright * wb).astype(np.float32)
-    offset = (mean * (1.0 - contrast) * bright * wb).astype(np.float32)
-    a *= gain  # ((a - mean) * contrast + mean) * bright * wb, in place
-    a += offset
-    return Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "RGB")
-
-
-def _blur_and_noise(img: Image.Image, rng: np.random.Generator, size: int, d: float) -> Image.Image:
-    """Focus blur (a Gaussian radius that scales with `size`) and Gaussian sensor noise, each
-    skipped when too faint to matter."""
+    a *= (contrast * bright * wb).astype(np.float32)  # ((a - mean) * contrast + mean) * bright * wb
+    a += (mean * (1.0 - contrast) * bright * wb).astype(np.float32)
+    img = Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "RGB")
     blur = rng.uniform(0.0, 1.0) * 1.6 * d * size / 224
     if blur > 0.15:
         img = img.filter(ImageFilter.GaussianBlur(blur))
@@ -504,91 +378,35 @@ def _blur_and_noise(img: Image.Image, rng: np.random.Generator, size: int, d: fl
     return img
 
 
+def _check_size_difficulty(size: int, difficulty: float) -> None:
+    if size < 8:
+        raise ValueError(f"size must be at least 8 pixels, got {size}")
+    if not 0.0 <= difficulty <= 1.0:
+        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
+
+
 def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -> Image.Image:
     """One photo of class `label`: an RGB `PIL.Image` of size x size pixels (mode "RGB", 8 bits).
 
     Every random choice comes from `rng`, in a fixed order, so the same generator state always
     gives the same pixels. `difficulty` in [0, 1] widens the pose, colour, lighting, blur and
-    noise jitter (see the module docstring).
-
-    Raises ValueError: unknown `label`, `size` below 8 px, or `difficulty` outside [0, 1].
+    noise jitter. Raises ValueError: unknown `label`, `size` below 8 px, or `difficulty` outside
+    [0, 1].
     """
-    size, d = _check_render_args(label, size, difficulty)
+    if label not in CLASSES:
+        raise ValueError(f"unknown class {label!r}; expected one of {', '.join(CLASSES)}")
+    _check_size_difficulty(int(size), difficulty)
+    size, d = int(size), float(difficulty)
     ss = 2  # the truck is drawn at twice the size and shrunk: smooth edges
     pose = _draw_pose(rng, size * ss, d)
     col_jit = 0.025 + 0.035 * d
     bg = _background(rng, size, d)
     _composite_truck(bg, label, rng, pose, ss, col_jit)
-    img = _expose(bg, rng, d)
-    return _blur_and_noise(img, rng, size, d)
-
-
-# --------------------------------------------------------------------------------------------
-# Writing a dataset
-# --------------------------------------------------------------------------------------------
-
-
-def _get(cfg: Any, name: str) -> Any:
-    if isinstance(cfg, dict):
-        return cfg[name]
-    return getattr(cfg, name)
-
-
-def _rng_for(seed: int, split_index: int, class_index: int, index: int) -> np.random.Generator:
-    ss = np.random.SeedSequence(entropy=int(seed), spawn_key=(split_index, class_index, index))
-    return np.random.Generator(np.random.PCG64(ss))
-
-
-def _save(img: Image.Image, path: Path, fmt: str) -> None:
-    if fmt == "png":
-        img.save(path, format="PNG", compress_level=1)
-    else:
-        img.save(path, format="JPEG", quality=95, subsampling=0, optimize=False)
+    return _camera(bg, rng, size, d)
 
 
 class SyntheticDirError(UserError, ValueError):
     """`data.synthetic.dir` holds files the generator did not write: it is not the generator's."""
-
-
-def _settings(cfg: Any) -> tuple[dict[str, int], int, float, int, str]:
-    """(images per split, size, difficulty, seed, format) of `cfg`, checked; ValueError if bad."""
-    counts = {
-        "train": int(_get(cfg, "train_per_class")),
-        "val": int(_get(cfg, "val_per_class")),
-        "test": int(_get(cfg, "test_per_class")),
-    }
-    size = int(_get(cfg, "size"))
-    difficulty = float(_get(cfg, "difficulty"))
-    seed = int(_get(cfg, "seed"))
-    fmt = str(_get(cfg, "format")).lower()
-    fmt = "jpg" if fmt == "jpeg" else fmt
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    for split, n in counts.items():
-        if n < 0:
-            raise ValueError(f"{split}_per_class must be >= 0, got {n}")
-    if size < 8:
-        raise ValueError(f"size must be at least 8 pixels, got {size}")
-    if not 0.0 <= difficulty <= 1.0:
-        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return counts, size, difficulty, seed, fmt
-
-
-def _plan(
-    out: Path, counts: dict[str, int], seed: int, fmt: str
-) -> list[tuple[str, np.random.Generator, Path]]:
-    """(class, its generator, file) for every image, in split, class, index order."""
-    jobs: list[tuple[str, np.random.Generator, Path]] = []
-    for s_idx, (split, folder) in enumerate(SPLIT_DIRS.items()):
-        n = counts[split]
-        width = max(3, len(str(n - 1)))
-        for c_idx, label in enumerate(CLASSES):
-            for i in range(n):
-                path = out / folder / label / f"{label}_{i:0{width}d}.{fmt}"
-                jobs.append((label, _rng_for(seed, s_idx, c_idx, i), path))
-    return jobs
 
 
 def owned_files(out: Path) -> set[str]:
@@ -601,8 +419,8 @@ def owned_files(out: Path) -> set[str]:
     return {f for f in listed if isinstance(f, str) and ".." not in Path(f).parts}
 
 
-def _write_marker(out: Path, files: Iterable[str]) -> None:
-    marker = {"generator": __name__, "files": sorted(set(files))}
+def _write_marker(out: Path, files: set[str]) -> None:
+    marker = {"generator": __name__, "files": sorted(files)}
     tmp = out / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / MARKER)
@@ -639,87 +457,92 @@ def claim(out: Path) -> set[str]:
     return owned
 
 
-def _remove_owned(out: Path, owned: set[str]) -> None:
-    """Delete the files of an earlier generation, then the folders they leave empty."""
-    for rel in sorted(owned):
-        (out / rel).unlink(missing_ok=True)
-    for folder in sorted({(out / rel).parent for rel in owned}, key=lambda p: -len(p.parts)):
-        while folder != out and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-            folder = folder.parent
+def _settings(cfg: SyntheticConfig) -> tuple[dict[str, int], int, float, int, str]:
+    """(images per split, size, difficulty, seed, format) of `cfg`, checked; ValueError if bad."""
+    counts = {s: int(getattr(cfg, f"{s}_per_class")) for s in SPLIT_DIRS}
+    size, difficulty, seed = int(cfg.size), float(cfg.difficulty), int(cfg.seed)
+    fmt = str(cfg.format).lower()
+    fmt = "jpg" if fmt == "jpeg" else fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    for split, n in counts.items():
+        if n < 0:
+            raise ValueError(f"{split}_per_class must be >= 0, got {n}")
+    _check_size_difficulty(size, difficulty)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return counts, size, difficulty, seed, fmt
 
 
 def generate(
     out_dir: str | os.PathLike[str],
-    cfg: Any,
+    cfg: SyntheticConfig,
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write cfg.train_per_class / cfg.val_per_class / cfg.test_per_class images per class as
     out_dir/training/<class>/<class>_<nnn>.<cfg.format>, out_dir/validation/..., out_dir/test/...
-    and the marker out_dir/.synthetic.json listing them.
+    and the marker out_dir/.synthetic.json listing them; return out_dir as a Path.
 
-    `cfg`: a `SyntheticConfig` (or any object/mapping with its keys). `out_dir` must be the
+    `cfg`: a `SyntheticConfig` (or any object with its attributes). `out_dir` must be the
     generator's own folder (see `claim`): the files of an earlier generation (listed in its
-    marker) are removed first, nothing else is ever deleted or overwritten.
-    Deterministic: the same cfg gives byte-identical files. Returns out_dir as a Path.
+    marker) are removed first, nothing else is ever deleted or overwritten. Deterministic: the
+    same cfg gives byte-identical files. `workers`: threads to render with (default: the cores,
+    at most 4); `progress(done, total)` is called after each image.
 
     Raises ValueError for a bad cfg value, `SyntheticDirError` when out_dir holds other files.
-    `workers`: threads to render with (default: the cores, at most 4); `progress(done, total)` is
-    called after each image.
     """
     out = Path(out_dir)
     counts, size, difficulty, seed, fmt = _settings(cfg)
     owned = claim(out)
-    jobs = _plan(out, counts, seed, fmt)
-    new = [path.relative_to(out).as_posix() for _, _, path in jobs]
+    jobs: list[tuple[str, np.random.Generator, Path]] = []  # in split, class, index order
+    for s_idx, (split, folder) in enumerate(SPLIT_DIRS.items()):
+        width = max(3, len(str(counts[split] - 1)))
+        for c_idx, label in enumerate(CLASSES):
+            for i in range(counts[split]):
+                key = np.random.SeedSequence(entropy=seed, spawn_key=(s_idx, c_idx, i))
+                path = out / folder / label / f"{label}_{i:0{width}d}.{fmt}"
+                jobs.append((label, np.random.Generator(np.random.PCG64(key)), path))
+    new = {path.relative_to(out).as_posix() for _, _, path in jobs}
     out.mkdir(parents=True, exist_ok=True)
     # a killed run leaves only files the marker lists: the next run may remove them
-    _write_marker(out, owned | set(new))
-    _remove_owned(out, owned)
+    _write_marker(out, owned | new)
+    # the files of an earlier generation, then the folders they leave empty
+    for rel in sorted(owned):
+        (out / rel).unlink(missing_ok=True)
+    for folder in sorted({(out / rel).parent for rel in owned}, key=lambda p: -len(p.parts)):
+        while folder != out and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
     for folder in sorted({path.parent for _, _, path in jobs}):
         folder.mkdir(parents=True, exist_ok=True)
-    _render_all(jobs, size, difficulty, fmt, workers, progress)
-    _write_marker(out, new)
-    return out
 
-
-def _render_all(
-    jobs: list[tuple[str, np.random.Generator, Path]],
-    size: int,
-    difficulty: float,
-    fmt: str,
-    workers: int | None,
-    progress: Callable[[int, int], None] | None,
-) -> None:
     def make(job: tuple[str, np.random.Generator, Path]) -> None:
-        """Render one (label, generator, path) job and save it in the chosen format."""
         label, rng, path = job
-        _save(render(label, rng, size, difficulty), path, fmt)
+        img = render(label, rng, size, difficulty)
+        if fmt == "png":
+            img.save(path, format="PNG", compress_level=1)
+        else:
+            img.save(path, format="JPEG", quality=95, subsampling=0, optimize=False)
 
     # Each image has its own generator, so the files do not depend on the order or thread that
     # makes them. Pillow's encoders and filters and numpy's large-array loops release the GIL,
     # so threads scale across cores (and stay safe to use in a process that imported TensorFlow).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     n_workers = int(workers) if workers else min(4, cores or 1)
-    if n_workers <= 1 or len(jobs) < 8:
-        for k, job in enumerate(jobs, 1):
-            make(job)
+    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
+        mapped = map(make, jobs) if n_workers <= 1 or len(jobs) < 8 else pool.map(make, jobs)
+        for k, _ in enumerate(mapped, 1):
             if progress is not None:
                 progress(k, len(jobs))
-    else:
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            for k, _ in enumerate(pool.map(make, jobs), 1):
-                if progress is not None:
-                    progress(k, len(jobs))
+    _write_marker(out, new)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write the synthetic image files into OUT_DIR; return the exit status (0).
-
-    Bad arguments (ValueError from `generate`) exit through argparse with status 2.
-    """
+    Bad arguments (ValueError from `generate`) exit through argparse with status 2."""
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.lib.data.sources.synthetic",
         description="Write deterministic toy-truck images (six classes) as "
@@ -727,24 +550,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("out_dir", metavar="OUT_DIR")
     d = SyntheticConfig()  # the one place the defaults live
-    ap.add_argument("--per-class-train", type=int, default=d.train_per_class, metavar="N")
-    ap.add_argument("--per-class-val", type=int, default=d.val_per_class, metavar="N")
-    ap.add_argument("--per-class-test", type=int, default=d.test_per_class, metavar="N")
+    for split in SPLIT_DIRS:
+        default = getattr(d, f"{split}_per_class")
+        ap.add_argument(f"--per-class-{split}", type=int, default=default, metavar="N")
     ap.add_argument("--size", type=int, default=d.size, metavar="S", help="image side in pixels")
-    ap.add_argument(
-        "--difficulty", type=float, default=d.difficulty, metavar="D", help="0 (clean) .. 1"
-    )
+    ap.add_argument("--difficulty", type=float, default=d.difficulty, metavar="D", help="0 .. 1")
     ap.add_argument("--seed", type=int, default=d.seed, metavar="K")
     ap.add_argument("--format", choices=FORMATS, default=d.format)
-    ap.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="W",
-        help="threads (default: the cores, at most 4)",
-    )
+    ap.add_argument("--workers", type=int, metavar="W", help="threads (default: cores, at most 4)")
     args = ap.parse_args(argv)
-    cfg = argparse.Namespace(
+    cfg = SyntheticConfig(
+        dir=args.out_dir,
         train_per_class=args.per_class_train,
         val_per_class=args.per_class_val,
         test_per_class=args.per_class_test,
