@@ -25,13 +25,13 @@ import errno
 import os
 import stat
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from pipeline.lib.config.schema import SplitRatios
 from pipeline.lib.data.class_names import (
     case_collisions,
     class_name,
@@ -85,10 +85,7 @@ NOT_IMAGE_REASON = "not an image file extension"
 
 class DataError(UserError, ValueError):
     """The dataset folder cannot be used as it is; the message names the path and what to do.
-
-    Raised by `pipeline.lib.data.ingest.ingest` after decoding, `report` holds the report built so far
-    (counts, rejected, skipped, leakage), for the caller to save or show; otherwise None.
-    """
+    Raised by `ingest` after decoding, `report` holds the report built so far; otherwise None."""
 
     report: dict | None = None
 
@@ -104,9 +101,7 @@ class Candidate:
 
 @dataclass
 class Discovery:
-    """What `discover` found under a data folder: the classes, the files to decode in order, what
-    was skipped and why, and the layout.
-    """
+    """What `discover` found under a data folder."""
 
     #: Sorted class names; the label index of a class is its position here.
     classes: list[str]
@@ -133,21 +128,23 @@ def display_path(path: Path, root: Path) -> str:
 
 
 def is_ignored(name: str) -> bool:
-    """True for a hidden name (leading dot) or an operating-system file such as Thumbs.db
-    (`SYSTEM_NAMES`, compared lower-case).
-    """
+    """True for a hidden name (leading dot) or an operating-system file (`SYSTEM_NAMES`)."""
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def _ratios(split_ratios: Any) -> tuple[float, float, float]:
-    if isinstance(split_ratios, Mapping):
-        values = [split_ratios.get(s, 0.0) for s in SPLITS]
-    elif isinstance(split_ratios, (tuple, list)):
-        values = list(split_ratios)
+def split_ratios(
+    ratios: SplitRatios | Mapping[str, float] | Sequence[float],
+) -> tuple[float, float, float]:
+    """(train, val, test) fractions summing to 1, from a `data.split`-like object, a mapping or a
+    3-sequence. ValueError unless all are >= 0 with train and test > 0."""
+    if isinstance(ratios, Mapping):
+        values = [ratios.get(s, 0.0) for s in SPLITS]
+    elif isinstance(ratios, (tuple, list)):
+        values = list(ratios)
     else:  # a dataclass / DictConfig with train, val, test
-        values = [getattr(split_ratios, s, 0.0) for s in SPLITS]
+        values = [getattr(ratios, s, 0.0) for s in SPLITS]
     if len(values) != 3:
-        raise ValueError(f"split ratios need train, val and test values, got {split_ratios!r}")
+        raise ValueError(f"split ratios need train, val and test values, got {ratios!r}")
     ratios = [float(v or 0.0) for v in values]
     if any(r < 0 for r in ratios) or ratios[0] <= 0 or ratios[2] <= 0:
         raise ValueError(
@@ -159,11 +156,9 @@ def _ratios(split_ratios: Any) -> tuple[float, float, float]:
 
 
 def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
-    """How many of `n` images go to train, val and test.
-
-    Largest-remainder rounding of `n * ratios`; with n >= 2 train and test get at least one each;
-    a val ratio of 0 gives no val images; a single image goes to train.
-    """
+    """How many of `n` images go to train, val and test: largest-remainder rounding of
+    `n * ratios`; with n >= 2 train and test get at least one each; a val ratio of 0 gives no val
+    images; a single image goes to train."""
     if n <= 0:
         return 0, 0, 0
     if n == 1:
@@ -189,23 +184,18 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
     return train, val, test
 
 
-def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Discovery:
-    """Find the image files under `root` (read only) and give each a class and a split.
+def discover(
+    root: str | os.PathLike[str],
+    ratios: SplitRatios | Mapping[str, float] | Sequence[float],
+    seed: int,
+) -> Discovery:
+    """Find the image files under `root` (`data.path`, read only) and give each a class and a
+    split; `ratios` (`data.split`, see `split_ratios`) and `seed` (`data.seed`) split each class
+    of the single layout.
 
-    Args:
-        root: the dataset folder (`data.path`).
-        split_ratios: train/val/test fractions (`data.split`: a mapping, dataclass or 3-tuple),
-            used only for the single layout (class sub-folders without split folders).
-        seed: seed of the per-class split (`data.seed`).
-
-    Returns:
-        A `Discovery`: sorted classes, candidates in split/class/path order, skipped files.
-
-    Raises:
-        DataError: the folder is missing, not a folder, unreadable, mixes split and other
-            folders, has class folders whose names collide (see `class_names`), or holds no
-            image files. The message names the path and what to do.
-        ValueError: bad split ratios.
+    Raises DataError (naming the path and what to do): the folder is missing, not a folder,
+    unreadable, mixes split and other folders, has class folders whose names collide (see
+    `class_names`), or holds no image files. ValueError: bad split ratios.
     """
     root = _checked_root(root)
     walker = _Walker(root)
@@ -214,7 +204,7 @@ def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Disc
     if split_dirs:
         found = _discover_splits(root, walker, split_dirs, top_files)
     else:
-        found = _discover_single(root, walker, other_dirs, top_files, _ratios(split_ratios), seed)
+        found = _discover_single(root, walker, other_dirs, top_files, split_ratios(ratios), seed)
     candidates, class_folders, classes = found
     clashes = case_collisions(classes)
     if clashes:
@@ -315,7 +305,7 @@ def _discover_splits(
 ) -> _Found:
     """The split layout: root/<split>/<class>/... (train and test required, val optional)."""
     for f in top_files:
-        walker.skip_loose(f, "file outside the split folders (not inside a class folder)")
+        walker.skip(f, "file outside the split folders (not inside a class folder)")
     missing = [s for s in ("train", "test") if s not in split_dirs]
     if missing:
         raise DataError(
@@ -331,7 +321,7 @@ def _discover_splits(
         split_dir = split_dirs[split]
         class_dirs, loose = walker.list_dir(split_dir)
         for f in loose:
-            walker.skip_loose(
+            walker.skip(
                 f,
                 f"file directly in split folder '{split_dir.name}/', not inside a class folder "
                 f"(move it into {split_dir.name}/<class>/)",
@@ -365,7 +355,7 @@ def _discover_single(
             if f.suffix.lower() in CANDIDATE_EXTENSIONS
             else "file outside the class folders"
         )
-        walker.skip_loose(f, reason)
+        walker.skip(f, reason)
     if not class_dirs:
         images = sum(1 for f in top_files if f.suffix.lower() in CANDIDATE_EXTENSIONS)
         raise DataError(
@@ -411,10 +401,6 @@ class _Walker:
     def skip(self, path: Path, reason: str) -> None:
         """Record `path` (shown relative to the root) as skipped for `reason`."""
         self.skipped.append((display_path(path, self.root), reason))
-
-    def skip_loose(self, path: Path, reason: str) -> None:
-        """A file found outside any class folder (hidden/system files already recorded)."""
-        self.skip(path, reason)
 
     def list_dir(self, folder: Path) -> tuple[list[Path], list[Path]]:
         """(sub-folders, files) of `folder`, sorted; hidden/system/broken entries are skipped."""
