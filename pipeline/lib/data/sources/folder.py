@@ -1,22 +1,12 @@
 """Finding the image files of a folder dataset and assigning each a class and a split.
 
-Two layouts are understood:
-
-* **splits**: split folders at the top, one sub-folder per class in each::
-
-      root/training/<class>/...   (or train/)
-      root/validation/<class>/... (or val/, valid/; optional)
-      root/test/<class>/...       (or testing/)
-
-* **single**: class sub-folders only; every class is split train/val/test by the configured
-  ratios, stratified per class, with a fixed seed::
-
-      root/<class>/...
-
-Images in nested folders below a class folder belong to that class. Hidden and system files
-(`.DS_Store`, `__MACOSX/`, `Thumbs.db`, ...) are ignored; symlinks are followed, loops detected.
-Whatever is seen but not used is returned in `Discovery.skipped` with the reason, so the caller
-can report it: nothing is dropped silently.
+Two layouts: **splits**, `root/training/<class>/...` (or train/), `root/validation/<class>/...`
+(or val/, valid/; optional), `root/test/<class>/...` (or testing/); and **single**,
+`root/<class>/...`, every class split train/val/test by the configured ratios, stratified per
+class, with a fixed seed. Images in nested folders below a class folder belong to that class.
+Hidden and system files (`.DS_Store`, `__MACOSX/`, `Thumbs.db`, ...) are ignored; symlinks are
+followed, loops detected. Whatever is seen but not used is returned in `Discovery.skipped` with
+the reason, so the caller can report it: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -44,13 +34,9 @@ from pipeline.lib.errors import UserError
 
 #: Top-level folder names (case-insensitive) that mark the split layout.
 SPLIT_ALIASES: dict[str, str] = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("val", "valid", "validation"), "val"),
+    **dict.fromkeys(("test", "testing"), "test"),
 }
 #: The folder names to suggest in messages, per split.
 _SPLIT_NAMES = {
@@ -59,26 +45,10 @@ _SPLIT_NAMES = {
     "test": "test/ (or testing/)",
 }
 
-#: File and folder names (case-insensitive) that operating systems and tools leave behind.
-SYSTEM_NAMES = frozenset(
-    name.lower()
-    for name in (
-        "__MACOSX",
-        ".ipynb_checkpoints",
-        "Thumbs.db",
-        "ehthumbs.db",
-        "desktop.ini",
-        ".DS_Store",
-        "@eaDir",
-        "$RECYCLE.BIN",
-        "System Volume Information",
-        "__pycache__",
-        ".Spotlight-V100",
-        ".Trashes",
-        ".fseventsd",
-        "Icon\r",
-    )
-)
+#: File and folder names (lower-case) that operating systems and tools leave behind (names with
+#: a leading dot, such as .DS_Store, .Trashes or .ipynb_checkpoints, are hidden anyway).
+_SYSTEM = "__macosx thumbs.db ehthumbs.db desktop.ini @eadir $recycle.bin __pycache__ icon\r"
+SYSTEM_NAMES = frozenset([*_SYSTEM.split(" "), "system volume information"])
 HIDDEN_REASON = "hidden/system file"
 NOT_IMAGE_REASON = "not an image file extension"
 
@@ -214,24 +184,15 @@ def discover(
         )
     if not candidates:
         examples = ", ".join(f"'{f}' ({r})" for f, r in walker.skipped[:5])
+        n = len(walker.skipped)
         raise DataError(
             f"No image files found under '{root}'"
-            + (
-                f" ({len(walker.skipped)} other files skipped, e.g. {examples})"
-                if walker.skipped
-                else ""
-            )
+            + (f" ({n} other files skipped, e.g. {examples})" if examples else "")
             + f". Supported extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}."
         )
     candidates.sort(key=lambda c: (SPLITS.index(c.split), c.label, display_path(c.path, root)))
-    return Discovery(
-        classes=sorted(classes),
-        candidates=candidates,
-        skipped=walker.skipped,
-        layout="splits" if split_dirs else "single",
-        root=root,
-        class_folders=class_folders,
-    )
+    layout = "splits" if split_dirs else "single"
+    return Discovery(sorted(classes), candidates, walker.skipped, layout, root, class_folders)
 
 
 def _checked_root(root: str | os.PathLike[str]) -> Path:
@@ -373,18 +334,14 @@ def _discover_single(
     candidates: list[Candidate] = []
     for label in sorted(per_class):
         paths = sorted(per_class[label], key=lambda p: display_path(p, root))
-        order = _permutation(len(paths), seed, label)
+        # a fixed permutation per (seed, class): adding a class does not reshuffle the others
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(label.encode("utf-8"))])
+        order = rng.permutation(len(paths))
         n_train, n_val, _ = split_counts(len(paths), ratios)
         for rank, i in enumerate(order):
             split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
             candidates.append(Candidate(path=paths[i], label=label, split=split))
     return candidates, class_folders, set(per_class)
-
-
-def _permutation(n: int, seed: int, label: str) -> np.ndarray:
-    """A fixed permutation per (seed, class): adding a class does not reshuffle the others."""
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(label.encode("utf-8"))])
-    return rng.permutation(n)
 
 
 def _names(paths: Iterable[Path]) -> str:
