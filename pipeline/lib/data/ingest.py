@@ -1,11 +1,8 @@
-"""Ingesting a folder of images into the prepared-dataset format (see `pipeline.lib.data.prepared`).
-
-`ingest(root, data, out_dir)` discovers the files (`sources.folder.discover`), decodes each one
-once (`images.load_rgb`) in a thread pool, streams the arrays in order into `train.npy` /
-`val.npy` / `test.npy`, and writes `manifest.csv`, `classes.json` and `report.json`. Problems that
-make the dataset unusable raise one `DataError` that lists all of them and says what to do;
-everything else (rejected files, skipped files, duplicates, ...) is listed in the report and
-summarised in its `warnings`.
+"""Ingesting a folder of images into the prepared-dataset format (`pipeline.lib.data.prepared`):
+discover the files, decode each once in a thread pool, stream the arrays in order into
+`<split>.npy`. Problems that make the dataset unusable raise one `DataError` that lists all of
+them and says what to do; everything else (rejected and skipped files, duplicates, ...) is listed
+in the report and summarised in its `warnings`.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +36,6 @@ from pipeline.lib.files import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "ingest", "MAX_LISTED", "SMALL_CLASS"]
-
 #: How many items an error message lists before "... and N more".
 MAX_LISTED = 20
 #: A class with fewer training images than this gets a warning (and the MLflow tag
@@ -50,21 +44,6 @@ SMALL_CLASS = 5
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
 #: One decoded file: its candidate, and (uint8 array, sha256, None) or (None, None, reason).
 _Decoded = tuple[Candidate, np.ndarray | None, str | None, str | None]
-
-
-@dataclass
-class _Tally:
-    """What decoding found, per split and class: files found, accepted and rejected."""
-
-    found: dict[str, Counter]
-    counts: dict[str, dict[str, int]]
-    rejected: list[dict[str, str]] = field(default_factory=list)
-    rejected_where: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
-    rows: list[ManifestRow] = field(default_factory=list)
-    #: sha256 -> [(file, split, label)]
-    by_hash: dict[str, list[tuple[str, str, str]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
 
 
 def ingest(
@@ -78,12 +57,9 @@ def ingest(
     """Decode every image under `root` (read only) into `out_dir` (created if need be): uint8
     (N, S, S, 3) `<split>.npy` with S = `data.image_size`, `manifest.csv`, `classes.json`,
     `report.json`; return the report. `workers`: decoding threads (default: the cores, at most
-    8); `progress`: show a bar.
-
-    Raises:
-        DataError: the dataset cannot be used (the report is attached as `.report`).
-        ValueError: `data.leakage` is neither `fail` nor `warn`; bad split ratios.
-        OSError: writing `out_dir` failed (e.g. ENOSPC, a full disk).
+    8); `progress`: show a bar. Raises DataError: the dataset cannot be used (the report is
+    attached as `.report`); ValueError: `data.leakage` is neither `fail` nor `warn`, bad split
+    ratios; OSError: writing `out_dir` failed (e.g. ENOSPC, a full disk).
     """
     if data.leakage not in ("fail", "warn"):
         raise ValueError(f"data.leakage must be 'fail' or 'warn', not {data.leakage!r}")
@@ -99,11 +75,11 @@ def ingest(
         raise DataError(_single_class_message(disc))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tally = _decode_into(out, disc, data, workers, progress)
-    review = _Review(disc, tally, data)
-    leakage, duplicates = review.duplicates()
-    review.rejected()
-    small = review.coverage()
+    tally = _Tally(disc, data)
+    tally.decode(out, workers, progress)
+    leakage, duplicates = tally.duplicates()
+    tally.check_rejected()
+    small = tally.coverage()
     totals = {s: sum(tally.counts[s].values()) for s in SPLITS}
     report = {
         "source": data.source,
@@ -123,13 +99,13 @@ def ingest(
         "skipped": [{"file": f, "reason": r} for f, r in disc.skipped],
         "leakage": leakage,
         "duplicates": duplicates,
-        "warnings": review.warnings,
+        "warnings": tally.warnings,
     }
-    if review.problems:
-        n = len(review.problems)
+    if tally.problems:
+        n = len(tally.problems)
         error = DataError(
             f"Cannot prepare the dataset at '{disc.root}' ({n} problem{'s' if n > 1 else ''}):\n"
-            + "\n".join(f"  {i}. {p}" for i, p in enumerate(review.problems, 1))
+            + "\n".join(f"  {i}. {p}" for i, p in enumerate(tally.problems, 1))
         )
         error.report = report
         raise error
@@ -137,51 +113,6 @@ def ingest(
     write_json(out / "classes.json", list(disc.classes))
     write_json(out / "report.json", report)
     return report
-
-
-def _decode_into(
-    out: Path, disc: Discovery, data: DataConfig, workers: int | None, progress: bool
-) -> _Tally:
-    """Decode every candidate in order and stream the accepted ones into `<split>.npy`."""
-    found: dict[str, Counter] = {s: Counter() for s in SPLITS}
-    for c in disc.candidates:
-        found[c.split][c.label] += 1
-    tally = _Tally(found=found, counts={s: dict.fromkeys(disc.classes, 0) for s in SPLITS})
-    label_index = {c: i for i, c in enumerate(disc.classes)}
-    writers: dict[str, SplitWriter] = {}
-    try:
-        for s in SPLITS:
-            writers[s] = SplitWriter(out, s, sum(found[s].values()), int(data.image_size))
-        results = _decode_all(disc.candidates, data, workers)
-        bar = tqdm(
-            total=len(disc.candidates),
-            unit="img",
-            desc="prepare: decoding images",
-            file=sys.stderr,
-            disable=not progress,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
-        with closing(results), bar:
-            for cand, array, sha, reason in results:
-                bar.update(1)
-                rel = display_path(cand.path, disc.root)
-                if array is None or sha is None:
-                    tally.rejected.append({"file": rel, "reason": str(reason)})
-                    tally.rejected_where[cand.split][cand.label] += 1
-                    bar.set_postfix(rejected=len(tally.rejected), refresh=False)
-                    continue
-                index = writers[cand.split].append(array)
-                tally.counts[cand.split][cand.label] += 1
-                tally.rows.append(
-                    ManifestRow(cand.split, index, cand.label, label_index[cand.label], rel, sha)
-                )
-                tally.by_hash[sha].append((rel, cand.split, cand.label))
-    finally:
-        for writer in writers.values():
-            writer.close()
-    tally.rejected.sort(key=lambda r: r["file"])
-    return tally
 
 
 def _decode_one(cand: Candidate, size: int, resize: str, max_pixels: int) -> _Decoded:
@@ -219,20 +150,67 @@ def _decode_all(
                 future.cancel()
 
 
-class _Review:
-    """The checks of a decoded dataset: they add to `warnings` (kept in the report) and
-    `problems` (which make ingest fail), and say where a class's images are for messages."""
+class _Tally:
+    """Decodes the discovered files and checks the result: per split and class, the files found,
+    accepted (`counts`) and rejected; `by_hash`: sha256 -> [(file, split, label)]. The checks add
+    to `warnings` (kept in the report) and `problems` (which make ingest fail)."""
 
-    def __init__(self, disc: Discovery, tally: _Tally, data: DataConfig) -> None:
-        self.disc, self.tally, self.data = disc, tally, data
+    def __init__(self, disc: Discovery, data: DataConfig) -> None:
+        self.disc, self.data = disc, data
+        self.found: dict[str, Counter] = {s: Counter() for s in SPLITS}
+        for c in disc.candidates:
+            self.found[c.split][c.label] += 1
+        self.counts = {s: dict.fromkeys(disc.classes, 0) for s in SPLITS}
+        self.rejected: list[dict[str, str]] = []
+        self.rejected_where: dict[str, Counter] = defaultdict(Counter)
+        self.rows: list[ManifestRow] = []
+        self.by_hash: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
         self.warnings: list[str] = []
         self.problems: list[str] = []
+
+    def decode(self, out: Path, workers: int | None, progress: bool) -> None:
+        """Decode every candidate in order and stream the accepted ones into `<split>.npy`."""
+        disc = self.disc
+        label_index = {c: i for i, c in enumerate(disc.classes)}
+        writers: dict[str, SplitWriter] = {}
+        try:
+            for s in SPLITS:
+                size = int(self.data.image_size)
+                writers[s] = SplitWriter(out, s, sum(self.found[s].values()), size)
+            results = _decode_all(disc.candidates, self.data, workers)
+            bar = tqdm(
+                total=len(disc.candidates),
+                unit="img",
+                desc="prepare: decoding images",
+                file=sys.stderr,
+                disable=not progress,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
+            with closing(results), bar:
+                for cand, array, sha, reason in results:
+                    bar.update(1)
+                    rel = display_path(cand.path, disc.root)
+                    if array is None or sha is None:
+                        self.rejected.append({"file": rel, "reason": str(reason)})
+                        self.rejected_where[cand.split][cand.label] += 1
+                        bar.set_postfix(rejected=len(self.rejected), refresh=False)
+                        continue
+                    index = writers[cand.split].append(array)
+                    self.counts[cand.split][cand.label] += 1
+                    number = label_index[cand.label]
+                    self.rows.append(ManifestRow(cand.split, index, cand.label, number, rel, sha))
+                    self.by_hash[sha].append((rel, cand.split, cand.label))
+        finally:
+            for writer in writers.values():
+                writer.close()
+        self.rejected.sort(key=lambda r: r["file"])
 
     def duplicates(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(leakage groups, duplicate groups): identical files across splits / within one."""
         leakage: list[dict[str, Any]] = []
         duplicates: list[dict[str, Any]] = []
-        for sha, entries in self.tally.by_hash.items():
+        for sha, entries in self.by_hash.items():
             if len(entries) < 2:
                 continue
             files = [e[0] for e in entries]
@@ -264,7 +242,7 @@ class _Review:
     def _leakage(self, leakage: list[dict[str, Any]]) -> None:
         pairs: list[str] = []
         for group in leakage:
-            entries = self.tally.by_hash[group["sha256"]]
+            entries = self.by_hash[group["sha256"]]
             for i, (a, sa, _) in enumerate(entries):
                 pairs += [f"{a} ({sa}) == {b} ({sb})" for b, sb, _ in entries[i + 1 :] if sb != sa]
         if self.data.leakage != "fail":
@@ -288,9 +266,9 @@ class _Review:
             "warn` in the data config you use, e.g. conf/data/photos.yaml after --use-folder)."
         )
 
-    def rejected(self) -> None:
+    def check_rejected(self) -> None:
         """A problem when more than data.max_rejected_fraction of the files could not be used."""
-        rejected, n_candidates = self.tally.rejected, len(self.disc.candidates)
+        rejected, n_candidates = self.rejected, len(self.disc.candidates)
         fraction = len(rejected) / n_candidates if n_candidates else 0.0
         limit = float(self.data.max_rejected_fraction)
         if rejected and fraction > limit:
@@ -304,16 +282,16 @@ class _Review:
                 "without them."
             )
         for split in SPLITS:
-            for label, n in sorted(self.tally.rejected_where[split].items()):
+            for label, n in sorted(self.rejected_where[split].items()):
                 self.warnings.append(
-                    f"{split}/{label}: {n} of {self.tally.found[split][label]} files rejected and "
+                    f"{split}/{label}: {n} of {self.found[split][label]} files rejected and "
                     "left out (see 'rejected' in report.json)"
                 )
 
     def coverage(self) -> dict[str, int]:
         """Per-class coverage of the splits; returns {class: training images} for the classes
         with fewer than `SMALL_CLASS` (but at least data.min_images_per_class) training images."""
-        disc, counts, min_train = self.disc, self.tally.counts, int(self.data.min_images_per_class)
+        disc, counts, min_train = self.disc, self.counts, int(self.data.min_images_per_class)
         hints = _case_hints(disc.classes)
         small: dict[str, int] = {}
         for label in disc.classes:
@@ -373,9 +351,9 @@ class _Review:
 
     def where(self, split: str, label: str) -> str:
         """Where a class's images of a split are (or why there are none), for messages."""
-        disc, tally = self.disc, self.tally
+        disc = self.disc
         folders = disc.class_folders.get(split, {}).get(label, [])
-        found, rejected = tally.found[split][label], tally.rejected_where[split][label]
+        found, rejected = self.found[split][label], self.rejected_where[split][label]
         if disc.layout == "splits" and not folders:
             split_folder = _split_folder_name(disc, split)
             if split_folder:
@@ -388,16 +366,16 @@ class _Review:
             return f"{found} image file(s) in {where}" + (
                 f", {rejected} rejected" if rejected else ""
             )
-        total = sum(tally.found[s][label] for s in SPLITS)
+        total = sum(self.found[s][label] for s in SPLITS)
         if total == 0:
             return f"the class folder '{folders[0]}/' has no image files"
         text = f"the class folder '{folders[0]}/' has {total} image file(s)"
         if total < 2:
             text += ", and at least 2 are needed to give both the training and the test split one"
-        all_rejected = sum(tally.rejected_where[s][label] for s in SPLITS)
+        all_rejected = sum(self.rejected_where[s][label] for s in SPLITS)
         if all_rejected:
             # splits are assigned to files before decoding, so a rejected file leaves a gap
-            usable = ", ".join(f"{s} {tally.counts[s][label]}" for s in SPLITS)
+            usable = ", ".join(f"{s} {self.counts[s][label]}" for s in SPLITS)
             text += f", {all_rejected} rejected; usable images per split: {usable}"
         return text
 
