@@ -81,8 +81,3 @@ def class_key(name: str) -> str:
     prefix = re.sub(r"[^A-Za-z0-9_.\-]", "_", name).lstrip(".-")
     prefix = prefix[: MAX_KEY_LENGTH - _HASH_LENGTH - 1] or "class"
     return f"{prefix}-{digest}"
-
-
-def short_name(name: str, width: int = 32) -> str:
-    """`name` for a figure title or tick label: at most `width` characters, `...` marking a cut."""
-    return name if len(name) <= width else name[: width - 3] + "..."

@@ -1,14 +1,11 @@
 """Decoding one image file into a square RGB uint8 array, or saying exactly why not.
 
-Every file is decoded once, here, by Pillow: the pixel count is checked from the header before any
-pixel is decoded (decompression-bomb guard), large JPEGs are decoded at a reduced scale, the EXIF
-orientation is applied, the first frame of an animation is used, every colour mode is converted to
-RGB (transparency composited on white, 16-bit and float data scaled, not clipped), and the result
-is resized to `size` x `size` by one of three policies. A file that cannot be used raises
-`RejectedImage` with a short, human `reason`; nothing is dropped silently.
-
-Thread-safe: nothing here touches Pillow's global settings (`ImageFile.LOAD_TRUNCATED_IMAGES`,
-`Image.MAX_IMAGE_PIXELS`) or the `warnings` filters, so it can run in a thread pool.
+Pillow decodes every file once: the pixel count is checked from the header first (decompression
+bombs), large JPEGs are decoded at a reduced scale, EXIF orientation applied, the first frame of
+an animation used, every colour mode converted to RGB (transparency on white, 16-bit and float
+data scaled, not clipped), then resized by one of three policies. An unusable file raises
+`RejectedImage` with a short, human `reason`. Thread-safe: Pillow's global settings
+(`LOAD_TRUNCATED_IMAGES`, `MAX_IMAGE_PIXELS`) and the `warnings` filters are left alone.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,12 +55,9 @@ def _write_marker(out: Path, files: set[str]) -> None:
 
 
 def claim(out: Path) -> set[str]:
-    """Check that `out` is the generator's own folder; return the files it wrote there before.
-
-    `out` is the generator's when it does not exist, is empty, or holds only files listed in its
-    marker file (`.synthetic.json`). Raises `SyntheticDirError` (naming the folder and a few of
-    the foreign files) otherwise; nothing is changed then.
-    """
+    """The files the generator wrote into `out` before, once `out` is checked to be its own: it
+    does not exist, is empty, or holds only files listed in its marker (`.synthetic.json`).
+    Raises `SyntheticDirError` (naming a few foreign files) otherwise, changing nothing."""
     if not out.exists() and not out.is_symlink():
         return set()
     if not out.is_dir():
@@ -103,11 +100,7 @@ def _settings(cfg: SyntheticConfig) -> tuple[dict[str, int], int, float, int, st
 
 
 def generate(
-    out_dir: str | os.PathLike[str],
-    cfg: SyntheticConfig,
-    *,
-    workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    out_dir: str | os.PathLike[str], cfg: SyntheticConfig, *, workers: int | None = None
 ) -> Path:
     """Write cfg.train_per_class / cfg.val_per_class / cfg.test_per_class images per class as
     out_dir/training/<class>/<class>_<nnn>.<cfg.format>, out_dir/validation/..., out_dir/test/...
@@ -117,7 +110,7 @@ def generate(
     generator's own folder (see `claim`): the files of an earlier generation (listed in its
     marker) are removed first, nothing else is ever deleted or overwritten. Deterministic: the
     same cfg gives byte-identical files. `workers`: threads to render with (default: the cores,
-    at most 4); `progress(done, total)` is called after each image.
+    at most 4).
 
     Raises ValueError for a bad cfg value, `SyntheticDirError` when out_dir holds other files.
     """
@@ -159,11 +152,12 @@ def generate(
     # so threads scale across cores (and stay safe to use in a process that imported TensorFlow).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     n_workers = int(workers) if workers else min(4, cores or 1)
-    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
-        mapped = map(make, jobs) if n_workers <= 1 or len(jobs) < 8 else pool.map(make, jobs)
-        for k, _ in enumerate(mapped, 1):
-            if progress is not None:
-                progress(k, len(jobs))
+    if n_workers <= 1 or len(jobs) < 8:
+        for job in jobs:
+            make(job)
+    else:
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            list(pool.map(make, jobs))  # raises the first error
     _write_marker(out, new)
     return out
 
