@@ -44,6 +44,8 @@ SMALL_CLASS = 5
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
 #: One decoded file: its candidate, and (uint8 array, sha256, None) or (None, None, reason).
 _Decoded = tuple[Candidate, np.ndarray | None, str | None, str | None]
+#: A group of identical files in report.json: sha256, files, and their split(s).
+_Group = dict[str, str | list[str]]
 
 
 def ingest(
@@ -206,10 +208,10 @@ class _Tally:
                 writer.close()
         self.rejected.sort(key=lambda r: r["file"])
 
-    def duplicates(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def duplicates(self) -> tuple[list[_Group], list[_Group]]:
         """(leakage groups, duplicate groups): identical files across splits / within one."""
-        leakage: list[dict[str, Any]] = []
-        duplicates: list[dict[str, Any]] = []
+        leakage: list[_Group] = []
+        duplicates: list[_Group] = []
         for sha, entries in self.by_hash.items():
             if len(entries) < 2:
                 continue
@@ -239,7 +241,7 @@ class _Tally:
             self._leakage(leakage)
         return leakage, duplicates
 
-    def _leakage(self, leakage: list[dict[str, Any]]) -> None:
+    def _leakage(self, leakage: list[_Group]) -> None:
         pairs: list[str] = []
         for group in leakage:
             entries = self.by_hash[group["sha256"]]

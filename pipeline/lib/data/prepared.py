@@ -149,15 +149,9 @@ class PreparedDataset:
         """The rows of manifest.csv (those of `split`, or all when None), sorted by split
         (train, val, test) and then row index. Raises OSError when it cannot be read."""
         with open(self.folder / "manifest.csv", newline="", encoding="utf-8") as fh:
+            ints = {"index", "label_index"}
             rows = [
-                ManifestRow(
-                    r["split"],
-                    int(r["index"]),
-                    r["label"],
-                    int(r["label_index"]),
-                    r["path"],
-                    r["sha256"],
-                )
+                ManifestRow(**{k: int(v) if k in ints else v for k, v in r.items()})
                 for r in csv.DictReader(fh)
             ]
         rows = [r for r in rows if split is None or r.split == split]
