@@ -17,6 +17,10 @@ from omegaconf import DictConfig
 
 from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
+from pipeline.lib.data.ingest import ingest
+from pipeline.lib.data.prepared import data_root
+from pipeline.lib.data.sources import synthetic
+from pipeline.lib.data.sources.folder import DataError
 from pipeline.lib.files import atomic_dir, no_space_error
 
 log = logging.getLogger(__name__)
@@ -25,15 +29,20 @@ log = logging.getLogger(__name__)
 def prepare(cfg: Config) -> dict:
     """Run the prepare stage on `cfg`; return the data report (also `paths.prepared`/report.json).
 
-    Raises `UserError`s: DataError (unusable data), SyntheticDirError (the synthetic folder holds
-    files the generator did not write), or a full disk while writing `paths.prepared`.
+    Raises `UserError`s: DataError (unusable data, or the data folder and `paths.prepared`
+    overlap), SyntheticDirError (the synthetic folder holds files the generator did not write),
+    or a full disk while writing `paths.prepared`.
     """
-    from pipeline.lib.data.ingest import ingest
-    from pipeline.lib.data.prepared import data_root
-    from pipeline.lib.data.sources import synthetic
-
-    root = Path(data_root(cfg.data))
-    _check_apart(root, Path(cfg.paths.prepared))
+    root, prepared = Path(data_root(cfg.data)), Path(cfg.paths.prepared)
+    # the output must not lie inside the data folder (or contain it): prepare never writes into
+    # a photo folder, and replacing paths.prepared must not touch the photos; resolve(): symbolic
+    # links and `..` must not hide that the two are the same folder
+    a, b = root.resolve(), prepared.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise DataError(
+            f"paths.prepared '{prepared}' and the data folder '{root}' overlap: prepare would "
+            "write into (or replace) the images it reads. Set paths.prepared outside it."
+        )
     if cfg.data.source == "synthetic":
         log.info("Data source: synthetic toy trucks (generated into %s)", root)
         synthetic.generate(root, cfg.data.synthetic)
@@ -61,20 +70,6 @@ def prepare(cfg: Config) -> dict:
     for warning in report.get("warnings", []):
         log.warning("%s", warning)
     return report
-
-
-def _check_apart(root: Path, prepared: Path) -> None:
-    """The prepared output must not lie inside the data folder (or contain it): prepare never
-    writes into a photo folder, and replacing `paths.prepared` must not touch the photos."""
-    from pipeline.lib.data.sources.folder import DataError
-
-    # resolve(): symbolic links and `..` must not hide that the two are the same folder
-    a, b = root.resolve(), prepared.resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise DataError(
-            f"paths.prepared '{prepared}' and the data folder '{root}' overlap: prepare would "
-            "write into (or replace) the images it reads. Set paths.prepared outside it."
-        )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

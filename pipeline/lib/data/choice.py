@@ -1,15 +1,11 @@
 """The project's data choice, kept in `conf/` so that it lasts.
 
 DVC's Hydra integration composes `params.yaml` from `conf/` again on every `dvc exp run`, taking
-only that command's `-S` overrides: an earlier experiment's `-S data=folder -S data.path=...` is
-not remembered. So the choice of data lives in `conf/` itself:
-
-* `use_folder(root, photos)` writes `conf/data/photos.yaml` (the folder source with your path, on
-  top of `conf/data/folder.yaml`) and makes it the `data` default in `conf/config.yaml`;
-* `use_synthetic(root)` makes `synthetic` the default again (photos.yaml is kept, so
-  `-S data=photos` still selects it).
-
-The caller then recomposes `params.yaml` (`pipeline.params.write_params`).
+only that command's `-S` overrides: an earlier `-S data=folder -S data.path=...` is not
+remembered. So `--use-folder PATH` writes `conf/data/photos.yaml` (the folder source with your
+path, on top of `conf/data/folder.yaml`) and makes it the `data` default in `conf/config.yaml`;
+`--use-synthetic` makes `synthetic` the default again (photos.yaml is kept, so `-S data=photos`
+still selects it); both then recompose `params.yaml`.
 """
 
 from __future__ import annotations
@@ -20,6 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.lib.config.compose import write_params
+from pipeline.lib.config.schema import SplitRatios
+from pipeline.lib.data.sources.folder import discover
 from pipeline.lib.errors import UserError
 
 #: The config group option that holds your photo folder (conf/data/photos.yaml).
@@ -82,9 +81,6 @@ def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, i
     settings of conf/data/folder.yaml. Raises `DataChoiceError`, or the folder source's
     `DataError` naming what is wrong with the folder; `conf/` is unchanged then.
     """
-    from pipeline.lib.config.schema import SplitRatios
-    from pipeline.lib.data.sources.folder import discover
-
     folder = Path(os.path.abspath(os.path.expanduser(os.fspath(photos))))
     project = Path(root).resolve()
     if folder.resolve() == project or folder.resolve() in project.parents:
@@ -121,11 +117,6 @@ def _own_settings(path: Path) -> dict:
     return {"path": values.pop("path", None), **values}
 
 
-def use_synthetic(root: Path) -> None:
-    """Make the generated toy trucks (`conf/data/synthetic.yaml`) the project's data again."""
-    _set_default(root, "synthetic")
-
-
 USAGE = "python -m pipeline.params --use-folder PATH | --use-synthetic"
 
 
@@ -136,8 +127,6 @@ def choose(root: Path, args: list[str]) -> str:
     Raises `DataChoiceError` for other arguments, plus the errors of `use_folder` and of
     `pipeline.lib.config.compose.write_params`.
     """
-    from pipeline.lib.config.compose import write_params
-
     if args[:1] == ["--use-folder"] and len(args) == 2:
         folder, images, classes = use_folder(root, args[1])
         params = write_params(root, [])
@@ -148,7 +137,7 @@ def choose(root: Path, args: list[str]) -> str:
             "uses it now; `python -m pipeline.params --use-synthetic` switches back."
         )
     if args == ["--use-synthetic"]:
-        use_synthetic(root)
+        _set_default(root, "synthetic")
         params = write_params(root, [])
         return (
             "Data: the generated toy trucks (conf/config.yaml `- data: synthetic`); wrote "

@@ -1,18 +1,9 @@
-"""Class names: the one set of rules for turning folder names into class names, and class names
-into keys (MLflow metric keys, file names, DVC plot names).
+"""Class names: the one set of rules for turning folder names into class names (`class_name`),
+and class names into keys for MLflow metric names, file names and DVC plot names (`class_key`).
 
-Rules (applied by the folder source to every class folder):
-
-* A class name is its folder name, NFC-normalised (macOS writes NFD) with surrounding whitespace
-  trimmed; bytes that are not UTF-8 are shown as backslash escapes.
-* Two folders at the same level whose names become the same class name (`car` and `car `, or the
-  NFC and NFD spellings of `café`) are refused: the user meant two classes or made a typo, and
-  either way merging them silently is wrong.
-* Two class names that differ only in case (`Car` and `car`) are refused too: on case-insensitive
-  file systems (macOS, Windows) they are one folder, so they are almost always one class.
-
-`class_key(name)` gives every class name a key that is safe in MLflow metric names, file names and
-DVC plot names, at most `MAX_KEY_LENGTH` characters, and distinct for distinct names.
+The folder source refuses two folders at one level that become the same class name (`car` and
+`car `, or the NFC and NFD spellings of `café`: two classes or a typo, never to be merged
+silently), and two class names that differ only in case (one folder on macOS and Windows).
 """
 
 from __future__ import annotations
@@ -39,30 +30,23 @@ def has_surrogates(text: str) -> bool:
     as `os.fsdecode` keeps them (such a name cannot be a class name or a metric key)."""
     try:
         text.encode("utf-8")
+        return False
     except UnicodeEncodeError:
         return True
-    return False
 
 
 def class_name(folder_name: str) -> str:
-    """The class name of a folder called `folder_name` (str, as `os.scandir` gives it).
-
-    NFC-normalised, surrounding whitespace trimmed; non-UTF-8 bytes (surrogate escapes) become
-    backslash escapes so the name is always printable and encodable. A name that is only
-    whitespace is kept as it is (it cannot be trimmed to nothing).
-    """
+    """The class name of a folder called `folder_name` (as `os.scandir` gives it): NFC-normalised
+    (macOS writes NFD), surrounding whitespace trimmed (unless that leaves nothing), non-UTF-8
+    bytes (surrogate escapes) as backslash escapes, so it is always printable and encodable."""
     if has_surrogates(folder_name):
         folder_name = os.fsencode(folder_name).decode("utf-8", "backslashreplace")
     return unicodedata.normalize("NFC", folder_name).strip() or folder_name
 
 
 def name_collisions(folder_names: Iterable[str]) -> list[str]:
-    """Problems (one sentence each) among folder names that sit at the same level.
-
-    Returns an empty list when every folder gives a distinct class name. Otherwise one entry per
-    group of folders that become the same class name, e.g.
-    `class folders 'car', 'car ' all become the class 'car'`.
-    """
+    """One sentence per group of folder names (at one level) that become the same class name,
+    e.g. `class folders 'car', 'car ' all become the class 'car'`; empty when all differ."""
     groups: dict[str, list[str]] = defaultdict(list)
     for name in folder_names:
         groups[class_name(name)].append(name)
@@ -86,22 +70,14 @@ def case_collisions(classes: Iterable[str]) -> list[str]:
 
 
 def class_key(name: str) -> str:
-    """A key for class `name` that is safe in MLflow metric keys, file names and DVC plot names.
-
-    Returns `name` itself when it is short (at most `MAX_KEY_LENGTH` characters) and made only
-    of ASCII letters, digits and `_ - .`; otherwise a readable prefix (other characters replaced
-    by `_`, truncated) followed by `-` and the first 10 hex digits of the SHA-256 of the name.
-    Distinct names give distinct keys (`red car` -> `red_car-3f...`, `red,car` ->
-    `red_car-9a...`, `red_car` -> `red_car`); every key has at most `MAX_KEY_LENGTH` characters.
-    """
+    """A key for class `name`, safe in MLflow metric keys, file names and DVC plot names, at most
+    `MAX_KEY_LENGTH` characters, distinct for distinct names: `name` itself when short and made
+    only of ASCII letters, digits and `_ - .`; else a readable prefix (other characters as `_`,
+    truncated), `-` and the first 10 hex digits of the name's SHA-256 (`red car` ->
+    `red_car-3f...`, `red,car` -> `red_car-9a...`, `red_car` -> `red_car`)."""
     if len(name) <= MAX_KEY_LENGTH and _SAFE.fullmatch(name) and not _LOOKS_HASHED.fullmatch(name):
         return name
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_LENGTH]
     prefix = re.sub(r"[^A-Za-z0-9_.\-]", "_", name).lstrip(".-")
     prefix = prefix[: MAX_KEY_LENGTH - _HASH_LENGTH - 1] or "class"
     return f"{prefix}-{digest}"
-
-
-def short_name(name: str, width: int = 32) -> str:
-    """`name` for a figure title or tick label: at most `width` characters, `...` marking a cut."""
-    return name if len(name) <= width else name[: width - 3] + "..."

@@ -1,18 +1,16 @@
 """Decoding one image file into a square RGB uint8 array, or saying exactly why not.
 
-Every file is decoded once, here, by Pillow: the pixel count is checked from the header before any
-pixel is decoded (decompression-bomb guard), large JPEGs are decoded at a reduced scale, the EXIF
-orientation is applied, the first frame of an animation is used, every colour mode is converted to
-RGB (transparency composited on white, 16-bit and float data scaled, not clipped), and the result
-is resized to `size` x `size` by one of three policies. A file that cannot be used raises
-`RejectedImage` with a short, human `reason`; nothing is dropped silently.
-
-Thread-safe: nothing here touches Pillow's global settings (`ImageFile.LOAD_TRUNCATED_IMAGES`,
-`Image.MAX_IMAGE_PIXELS`) or the `warnings` filters, so it can run in a thread pool.
+Pillow decodes every file once: the pixel count is checked from the header first (decompression
+bombs), large JPEGs are decoded at a reduced scale, EXIF orientation applied, the first frame of
+an animation used, every colour mode converted to RGB (transparency on white, 16-bit and float
+data scaled, not clipped), then resized by one of three policies. An unusable file raises
+`RejectedImage` with a short, human `reason`. Thread-safe: Pillow's global settings
+(`LOAD_TRUNCATED_IMAGES`, `MAX_IMAGE_PIXELS`) and the `warnings` filters are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -23,58 +21,40 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 RESIZE_POLICIES = ("stretch", "pad", "crop")
-
 #: The colour of the letterbox bars of `resize="pad"` (neutral mid-grey: ~0 after [-1, 1] scaling).
 PAD_COLOR = (128, 128, 128)
 #: Transparent pixels are composited onto this colour.
 BACKGROUND = (255, 255, 255)
-
 #: JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) only while both sides stay >= this many
 #: times the target size, so the final LANCZOS resize still has enough detail.
 DRAFT_FACTOR = 2
 #: `Image.resize(reducing_gap=...)`: box-reduce first, then LANCZOS over the last factor of this.
 REDUCING_GAP = 3.0
 
-
-def _image_extensions() -> frozenset[str]:
-    exts = {
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",  # JPEG (also camera MPO files named .jpg)
-        ".png",
-        ".apng",
-        ".bmp",
-        ".dib",
-        ".gif",
-        ".tif",
-        ".tiff",
-        ".pbm",
-        ".pgm",
-        ".ppm",
-        ".pnm",
-        ".tga",
-    }
-    if features.check("webp"):
-        exts.add(".webp")
-    if features.check("avif"):
-        exts.update({".avif", ".avifs"})
-    if features.check("jpg_2000"):
-        exts.update({".jp2", ".j2k", ".jpx", ".jpf", ".j2c"})
-    return frozenset(exts)
-
-
+# JPEG (also camera MPO files named .jpg), PNG, BMP, GIF, TIFF, PNM, TGA; then the formats only
+# some Pillow builds decode
+_ALWAYS = ".jpg .jpeg .jpe .jfif .png .apng .bmp .dib .gif .tif .tiff .pbm .pgm .ppm .pnm .tga"
+_OPTIONAL = {
+    "webp": ("WebP", ".webp"),
+    "avif": ("AVIF", ".avif .avifs"),
+    "jpg_2000": ("JPEG 2000", ".jp2 .j2k .jpx .jpf .j2c"),
+}
+_SUPPORTED = [exts for feature, (_, exts) in _OPTIONAL.items() if features.check(feature)]
 #: Lower-case file extensions that are decoded (the WebP/AVIF/JPEG 2000 ones only when this Pillow
 #: build supports them).
-IMAGE_EXTENSIONS: frozenset[str] = _image_extensions()
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(" ".join([_ALWAYS, *_SUPPORTED]).split())
 
 _HEIF_HINT = (
     "HEIC/HEIF photo (the iPhone default), which Pillow cannot decode without the 'pillow-heif' "
     "plugin: convert it to JPEG (e.g. `heif-convert`, macOS Preview/`sips -s format jpeg`, or set "
     "the phone's camera to 'Most Compatible'), or install pillow-heif"
 )
+_SVG_HINT = "vector image (SVG), which is not decoded: export it to PNG first"
+_RAW = (
+    ".cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .dng .orf .rw2 .raf .pef .srw .x3f .3fr .erf .kdc"
+    " .mrw .raw"
+)
 _RAW_HINT = "camera RAW file, which is not decoded: export it to JPEG or PNG first"
-
 #: Image formats that are recognised by extension but that this Pillow cannot decode. Files with
 #: these extensions are still candidates (so they are reported as rejected, with this hint, and
 #: counted in the rejected fraction) rather than skipped as "not an image".
@@ -82,104 +62,33 @@ UNSUPPORTED_IMAGE_EXTENSIONS: dict[str, str] = {
     ".heic": _HEIF_HINT,
     ".heif": _HEIF_HINT,
     ".hif": _HEIF_HINT,
-    ".svg": "vector image (SVG), which is not decoded: export it to PNG first",
-    ".svgz": "vector image (SVG), which is not decoded: export it to PNG first",
+    ".svg": _SVG_HINT,
+    ".svgz": _SVG_HINT,
     ".jxl": "JPEG XL image, which this Pillow cannot decode: convert it to JPEG or PNG first",
+    **dict.fromkeys(_RAW.split(), _RAW_HINT),
     **{
-        ext: _RAW_HINT
-        for ext in (
-            ".cr2",
-            ".cr3",
-            ".crw",
-            ".nef",
-            ".nrw",
-            ".arw",
-            ".srf",
-            ".sr2",
-            ".dng",
-            ".orf",
-            ".rw2",
-            ".raf",
-            ".pef",
-            ".srw",
-            ".x3f",
-            ".3fr",
-            ".erf",
-            ".kdc",
-            ".mrw",
-            ".raw",
-        )
+        ext: f"{what} image, which this Pillow build cannot decode: convert it to JPEG or PNG, "
+        f"or install a Pillow built with {what} support"
+        for what, exts in _OPTIONAL.values()
+        for ext in exts.split()
+        if ext not in IMAGE_EXTENSIONS
     },
 }
-for _ext, _what in (
-    (".webp", "WebP"),
-    (".avif", "AVIF"),
-    (".avifs", "AVIF"),
-    (".jp2", "JPEG 2000"),
-    (".j2k", "JPEG 2000"),
-    (".jpx", "JPEG 2000"),
-    (".jpf", "JPEG 2000"),
-    (".j2c", "JPEG 2000"),
-):
-    if _ext not in IMAGE_EXTENSIONS:
-        UNSUPPORTED_IMAGE_EXTENSIONS[_ext] = (
-            f"{_what} image, which this Pillow build cannot decode: convert it to JPEG or PNG, "
-            f"or install a Pillow built with {_what} support"
-        )
-
 #: Everything discovery treats as an image file (decodable or not).
 CANDIDATE_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | frozenset(UNSUPPORTED_IMAGE_EXTENSIONS)
 
-#: The Pillow decoders used (in this order). Restricting `Image.open` to plain raster formats keeps
-#: files with a misleading extension away from decoders that run external programs (EPS:
-#: Ghostscript) or read only part of the file (PSD layers, ICO sizes).
-_DECODERS = (
-    "JPEG",
-    "MPO",
-    "PNG",
-    "GIF",
-    "BMP",
-    "DIB",
-    "TIFF",
-    "WEBP",
-    "PPM",
-    "TGA",
-    "AVIF",
-    "JPEG2000",
-)
+# The Pillow decoders used (in this order). Restricting `Image.open` to plain raster formats keeps
+# files with a misleading extension away from decoders that run external programs (EPS:
+# Ghostscript) or read only part of the file (PSD layers, ICO sizes).
 Image.init()
-DECODE_FORMATS: tuple[str, ...] = tuple(f for f in _DECODERS if f in Image.OPEN)
-
-_HEIF_BRANDS = {
-    b"heic",
-    b"heix",
-    b"hevc",
-    b"hevx",
-    b"heim",
-    b"heis",
-    b"hevm",
-    b"hevs",
-    b"mif1",
-    b"msf1",
-}
+_DECODERS = "JPEG MPO PNG GIF BMP DIB TIFF WEBP PPM TGA AVIF JPEG2000"
+DECODE_FORMATS: tuple[str, ...] = tuple(f for f in _DECODERS.split() if f in Image.OPEN)
+_HEIF_BRANDS = set(b"heic heix hevc hevx heim heis hevm hevs mif1 msf1".split())
 _VIDEO_BRANDS = {b"qt  ", b"isom", b"iso2", b"mp41", b"mp42", b"avc1", b"M4V ", b"3gp4", b"3gp5"}
-
 #: Exceptions Pillow's decoders raise on damaged data (besides OSError).
-_DECODE_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    struct.error,
-    zlib.error,
-    IndexError,
-    KeyError,
-    TypeError,
-    AttributeError,
-    ZeroDivisionError,
-    OverflowError,
-    RuntimeError,
-)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+_DECODE_ERRORS += (IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError)
+_DECODE_ERRORS += (OverflowError, RuntimeError)
 
 
 class RejectedImage(Exception):
@@ -200,34 +109,48 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
 
 
 def load_rgb(
-    path: str | os.PathLike[str],
-    size: int,
-    resize: str = "stretch",
-    max_pixels: int = 60_000_000,
+    path: str | os.PathLike[str], size: int, resize: str = "stretch", max_pixels: int = 60_000_000
 ) -> np.ndarray:
     """Decode `path` into a uint8 array of shape (size, size, 3), RGB.
 
     `resize`: `stretch` (ignore the aspect ratio), `pad` (keep it, letterbox on `PAD_COLOR`) or
     `crop` (centre square). Raises `RejectedImage` for anything that is not a usable image:
     empty, unreadable, not an image, an undecodable format, corrupt/truncated data, or more than
-    `max_pixels` pixels (checked from the header, before decoding).
+    `max_pixels` pixels (checked from the header, before decoding); ValueError for a bad `resize`
+    or `size`.
     """
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")
     if size < 1:
         raise ValueError(f"size must be >= 1, not {size}")
-    image = _open(Path(path))
-    with image:
-        _check_dimensions(image, max_pixels)
-        return _decode_checked(image, size, resize)
+    with _open(Path(path)) as image:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise RejectedImage(f"invalid image size {width}x{height}")
+        if width * height > max_pixels:
+            raise RejectedImage(
+                f"image too large: {width}x{height} = {width * height} pixels > "
+                f"data.max_pixels={max_pixels} (downscale it, or raise data.max_pixels)"
+            )
+        try:
+            return _decode(image, size, resize)
+        except RejectedImage:
+            raise
+        except MemoryError:
+            raise RejectedImage(
+                f"out of memory decoding a {width}x{height} image (lower data.max_pixels)"
+            ) from None
+        except Image.DecompressionBombError as exc:  # e.g. a later frame larger than frame 0
+            raise RejectedImage(f"image too large: {exc}") from None
+        except _DECODE_ERRORS as exc:
+            raise RejectedImage(
+                f"corrupt or truncated image ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def _open(path: Path) -> Image.Image:
-    """`path` opened (header read, pixels not yet decoded) by one of `DECODE_FORMATS`.
-
-    Raises RejectedImage: empty, unreadable, not an image (with a hint from `_sniff` or the
-    extension), over Pillow's decompression-bomb limit, or a corrupt header.
-    """
+    """`path` opened (header read, pixels not yet decoded) by one of `DECODE_FORMATS`; raises
+    RejectedImage: empty, unreadable, not an image, over Pillow's bomb limit, corrupt header."""
     try:
         if path.stat().st_size == 0:
             raise RejectedImage("empty file")
@@ -256,36 +179,6 @@ def _open(path: Path) -> Image.Image:
         raise RejectedImage(f"corrupt image header ({type(exc).__name__}: {exc})") from None
 
 
-def _check_dimensions(image: Image.Image, max_pixels: int) -> None:
-    """Raise RejectedImage when the header's size is empty or over `max_pixels` pixels."""
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise RejectedImage(f"invalid image size {width}x{height}")
-    if width * height > max_pixels:
-        raise RejectedImage(
-            f"image too large: {width}x{height} = {width * height} pixels > "
-            f"data.max_pixels={max_pixels} (downscale it, or raise data.max_pixels)"
-        )
-
-
-def _decode_checked(image: Image.Image, size: int, resize: str) -> np.ndarray:
-    """`_decode`, with every decoding failure (memory, bombs in later frames, damaged data)
-    raised as RejectedImage."""
-    width, height = image.size
-    try:
-        return _decode(image, size, resize)
-    except RejectedImage:
-        raise
-    except MemoryError:
-        raise RejectedImage(
-            f"out of memory decoding a {width}x{height} image (lower data.max_pixels)"
-        ) from None
-    except Image.DecompressionBombError as exc:  # e.g. a later frame/tile larger than frame 0
-        raise RejectedImage(f"image too large: {exc}") from None
-    except _DECODE_ERRORS as exc:
-        raise RejectedImage(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
-
-
 def _sniff(path: Path) -> str | None:
     """What an undecodable file really is, from its first bytes (extensions lie)."""
     try:
@@ -293,23 +186,20 @@ def _sniff(path: Path) -> str | None:
             head = fh.read(256)
     except OSError:
         return None
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in _HEIF_BRANDS:
-            return _HEIF_HINT
-        if brand in (b"avif", b"avis"):
-            return UNSUPPORTED_IMAGE_EXTENSIONS.get(".avif", "AVIF image that could not be decoded")
-        if brand in _VIDEO_BRANDS:
-            return "a video (MP4/MOV, e.g. a Live Photo clip), not a still image: remove it"
+    brand = head[8:12] if head[4:8] == b"ftyp" else None
+    if brand in _HEIF_BRANDS:
+        return _HEIF_HINT
+    if brand in (b"avif", b"avis"):
+        return UNSUPPORTED_IMAGE_EXTENSIONS.get(".avif", "AVIF image that could not be decoded")
+    if brand in _VIDEO_BRANDS:
+        return "a video (MP4/MOV, e.g. a Live Photo clip), not a still image: remove it"
     if head.startswith(b"%PDF"):
         return "a PDF document, not an image: export the page as PNG or remove it"
     if head.startswith(b"8BPS"):
         return "a Photoshop PSD file: export it as JPEG or PNG"
     if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
         return "a PostScript/EPS file, which is not decoded: export it as PNG"
-    if b"<svg" in head:
-        return UNSUPPORTED_IMAGE_EXTENSIONS[".svg"]
-    return None
+    return _SVG_HINT if b"<svg" in head else None
 
 
 def _decode(image: Image.Image, size: int, resize: str) -> np.ndarray:
@@ -319,27 +209,19 @@ def _decode(image: Image.Image, size: int, resize: str) -> np.ndarray:
         # 12-megapixel phone photo resized to 224 decodes 64x fewer pixels.
         image.draft(None, (size * DRAFT_FACTOR, size * DRAFT_FACTOR))
     image.load()  # raises on truncated/corrupt data (LOAD_TRUNCATED_IMAGES stays off)
-    image = _apply_orientation(image)
-    rgb = _to_rgb(image)
-    out = _resize(rgb, size, resize)
-    array = np.asarray(out, dtype=np.uint8)
+    array = np.asarray(_resize(_to_rgb(_apply_orientation(image)), size, resize), dtype=np.uint8)
     if array.shape != (size, size, 3):  # defensive: never write a wrongly shaped row
         raise RejectedImage(f"decoded to an unexpected shape {array.shape}")
     return np.ascontiguousarray(array)
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
-    """Rotate/flip as the EXIF (or TIFF) orientation tag says, so the photo is upright."""
-    try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001  (an unreadable EXIF block leaves the pixels usable)
-        return image
-    if orientation not in (2, 3, 4, 5, 6, 7, 8):
-        return image
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001  (a malformed EXIF block: keep the image as stored)
-        return image
+    """Rotate/flip as the EXIF (or TIFF) orientation tag says, so the photo is upright; a
+    malformed or unreadable EXIF block leaves the image as stored."""
+    with contextlib.suppress(Exception):
+        if image.getexif().get(0x0112, 1) in (2, 3, 4, 5, 6, 7, 8):
+            return ImageOps.exif_transpose(image)
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -348,10 +230,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in ("I", "F") or mode.startswith("I;16"):
         return Image.fromarray(_scale_to_uint8(np.asarray(image), mode)).convert("RGB")
-    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
         "transparency" in image.info and mode in ("P", "L", "RGB", "1")
-    )
-    if has_alpha:
+    ):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -365,38 +246,32 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     """16-bit, 32-bit integer and float single-channel data to 8 bits, scaled rather than clipped."""
     data = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
-    if mode.startswith("I;16"):
-        data = data / 257.0  # 65535 -> 255, 32768 -> 127.5
-    elif mode == "I":
-        if lo >= 0 and hi <= 255:
-            pass  # 8-bit data stored as 32-bit integers
-        elif lo >= 0 and hi <= 65535:
-            data = data / 257.0  # 16-bit data (e.g. 16-bit PGM/PPM)
-        else:
-            data = (data - lo) * (255.0 / (hi - lo))
-    else:  # F
-        if lo >= 0 and hi <= 1.0:
-            data = data * 255.0
-        elif not (lo >= 0 and hi <= 255):
-            data = (data - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(data)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        data = data / 257.0  # 16-bit: 65535 -> 255, 32768 -> 127.5
+    elif mode == "I" and not (lo >= 0 and hi <= 255):  # (8-bit data in 32-bit integers: as is)
+        data = (data - lo) * (255.0 / (hi - lo))
+    elif mode == "F" and lo >= 0 and hi <= 1.0:
+        data = data * 255.0
+    elif mode == "F" and not (lo >= 0 and hi <= 255):
+        data = (data - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(data)
     return np.clip(np.rint(data), 0, 255).astype(np.uint8)
 
 
 def _resize(image: Image.Image, size: int, policy: str) -> Image.Image:
+    """`image` resized to size x size by `policy` (see `load_rgb`), LANCZOS."""
     width, height = image.size
-    target = (size, size)
-    if policy == "stretch":
-        return _resample(image, target)
+    box = None
     if policy == "crop":
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
-        return _resample(image, target, box=(left, top, left + side, top + side))
-    # pad: fit the long side, centre on a neutral background
-    scale = size / max(width, height)
-    inner = (max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale))))
-    canvas = Image.new("RGB", target, PAD_COLOR)
-    canvas.paste(_resample(image, inner), ((size - inner[0]) // 2, (size - inner[1]) // 2))
-    return canvas
+        box = (left, top, left + side, top + side)
+    elif policy == "pad":  # fit the long side, centre on a neutral background
+        scale = size / max(width, height)
+        inner = (max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale))))
+        canvas = Image.new("RGB", (size, size), PAD_COLOR)
+        canvas.paste(_resample(image, inner), ((size - inner[0]) // 2, (size - inner[1]) // 2))
+        return canvas
+    return _resample(image, (size, size), box)
 
 
 def _resample(

@@ -1,12 +1,9 @@
-"""The prepared dataset: what `prepare` writes and every later stage reads.
+"""The prepared dataset: what `prepare` writes and every later stage reads (one DVC output).
 
-Layout of the prepared folder (one DVC output):
-
-    classes.json        the class names, in label-index order
-    manifest.csv        one row per accepted image: split, index, label, label_index, path, sha256
-    report.json         counts per split and class, rejected files with reasons, leakage pairs
-    train.npy val.npy test.npy
-                        uint8 arrays (N, size, size, 3): decoded, RGB, resized once
+    classes.json    the class names, in label-index order
+    manifest.csv    one row per accepted image: split, index, label, label_index, path, sha256
+    report.json     counts per split and class, rejected files with reasons, leakage pairs
+    train.npy val.npy test.npy    uint8 (N, size, size, 3): decoded, RGB, resized once
 
 Arrays are written with plain file writes and read as memory maps, so no stage holds a whole
 split in memory.
@@ -18,14 +15,14 @@ import csv
 import errno
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from pipeline.lib.config.schema import DataConfig
 from pipeline.lib.errors import StageInputError
-from pipeline.lib.files import read_json, write_json
+from pipeline.lib.files import read_json
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("split", "index", "label", "label_index", "path", "sha256")
@@ -58,22 +55,13 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 
 
 class SplitWriter:
-    """Streams images of one split into `<split>.npy` without holding them in memory.
+    """Streams uint8 (image_size, image_size, 3) images of one split into `folder/<split>.npy`.
 
-    The file is written with plain file writes (never through a memory map, whose failed page
-    writes on a full disk kill the process with SIGBUS): room for `capacity` rows is reserved up
-    front with `posix_fallocate` where the file system supports it, so a full disk raises
-    `OSError(ENOSPC)` (or EFBIG over a file-size limit) at once. `close()` trims the file to the
-    rows written and writes the final header; `np.load` then gives uint8 (count, size, size, 3).
-
-    Args:
-        folder: where `<split>.npy` is written.
-        split: `train`, `val` or `test`.
-        capacity: upper bound of the rows (the number of candidate files).
-        image_size: side of each image in pixels.
-
-    Raises:
-        OSError: the file cannot be created or the disk has no room for `capacity` rows.
+    Plain file writes (never a memory map, whose failed page writes on a full disk kill the
+    process with SIGBUS); room for `capacity` rows (an upper bound) is reserved up front with
+    `posix_fallocate` where the file system supports it, so a full disk raises OSError (ENOSPC,
+    or EFBIG over a file-size limit) at once. `close()` trims the file to the rows written and
+    writes the final header; `np.load` then gives uint8 (count, size, size, 3).
     """
 
     def __init__(self, folder: Path, split: str, capacity: int, image_size: int) -> None:
@@ -131,8 +119,7 @@ def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(MANIFEST_FIELDS)
-        for r in rows:
-            writer.writerow([r.split, r.index, r.label, r.label_index, r.path, r.sha256])
+        writer.writerows(astuple(r) for r in rows)
 
 
 class PreparedDataset:
@@ -160,20 +147,11 @@ class PreparedDataset:
 
     def manifest(self, split: str | None = None) -> list[ManifestRow]:
         """The rows of manifest.csv (those of `split`, or all when None), sorted by split
-        (train, val, test) and then row index.
-
-        Raises OSError when manifest.csv cannot be read.
-        """
+        (train, val, test) and then row index. Raises OSError when it cannot be read."""
         with open(self.folder / "manifest.csv", newline="", encoding="utf-8") as fh:
+            ints = {"index", "label_index"}
             rows = [
-                ManifestRow(
-                    split=r["split"],
-                    index=int(r["index"]),
-                    label=r["label"],
-                    label_index=int(r["label_index"]),
-                    path=r["path"],
-                    sha256=r["sha256"],
-                )
+                ManifestRow(**{k: int(v) if k in ints else v for k, v in r.items()})
                 for r in csv.DictReader(fh)
             ]
         rows = [r for r in rows if split is None or r.split == split]
@@ -194,12 +172,7 @@ def iter_batches(array: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield np.asarray(array[start : start + batch_size], dtype=np.float32)
 
 
-def write_classes(folder: Path, classes: Sequence[str]) -> None:
-    """Write the class names, in label-index order, to `folder`/classes.json (atomically)."""
-    write_json(folder / "classes.json", list(classes))
-
-
-def data_root(data: Any) -> str:
+def data_root(data: DataConfig) -> str:
     """The folder the images of the `data` config come from: `data.synthetic.dir` for the
     synthetic source (the generator's own folder), `data.path` (your photos) otherwise."""
     if data.source == "synthetic":
@@ -231,19 +204,15 @@ def data_tags(report: dict) -> dict[str, str]:
     }
 
 
-def _mismatches(dataset: PreparedDataset, data: Any) -> list[str]:
+def _mismatches(dataset: PreparedDataset, data: DataConfig) -> list[str]:
     """'<recorded> vs <configured>' for every setting the prepared data differs in from `data`."""
-    report = dataset.report
-    found = []
-    if int(data.image_size) != dataset.image_size:
-        found.append(
-            f"data.image_size={dataset.image_size}, but this step runs with "
-            f"data.image_size={data.image_size}"
-        )
-    if report.get("resize", data.resize) != data.resize:
-        found.append(
-            f"data.resize={report['resize']}, but this step runs with data.resize={data.resize}"
-        )
+    report, found = dataset.report, []
+    for key, recorded, wanted in (
+        ("image_size", dataset.image_size, int(data.image_size)),
+        ("resize", report.get("resize", data.resize), data.resize),
+    ):
+        if recorded != wanted:
+            found.append(f"data.{key}={recorded}, but this step runs with data.{key}={wanted}")
     recorded = (report.get("source", data.source), report.get("root"))
     wanted = (str(data.source), shown_path(data_root(data)))
     if recorded[1] is not None and recorded != wanted:
@@ -254,17 +223,15 @@ def _mismatches(dataset: PreparedDataset, data: Any) -> list[str]:
     return found
 
 
-def open_prepared(folder: str | os.PathLike[str], data: Any = None) -> PreparedDataset:
-    """The prepared dataset in `folder`, checked against the `data` config it is used with.
+def open_prepared(
+    folder: str | os.PathLike[str], data: DataConfig | None = None
+) -> PreparedDataset:
+    """The prepared dataset in `folder` (`paths.prepared`), checked against the `data` config of
+    the step that reads it (None: no check): `image_size`, `resize`, and the data source and
+    folder as recorded in report.json.
 
-    Args:
-        folder: the prepare stage's output (`paths.prepared`).
-        data: the `data` config section of the step that reads it (None: no check). Checked:
-            `image_size`, `resize`, and the data source and folder (as recorded in report.json).
-
-    Raises:
-        StageInputError: `folder` holds no prepared dataset (run the prepare stage), or it was
-            prepared with other settings than `data` (both values named).
+    Raises StageInputError: `folder` holds no prepared dataset (run the prepare stage), or it was
+    prepared with other settings than `data` (both values named).
     """
     try:
         dataset = PreparedDataset(folder)

@@ -1,22 +1,12 @@
 """Finding the image files of a folder dataset and assigning each a class and a split.
 
-Two layouts are understood:
-
-* **splits**: split folders at the top, one sub-folder per class in each::
-
-      root/training/<class>/...   (or train/)
-      root/validation/<class>/... (or val/, valid/; optional)
-      root/test/<class>/...       (or testing/)
-
-* **single**: class sub-folders only; every class is split train/val/test by the configured
-  ratios, stratified per class, with a fixed seed::
-
-      root/<class>/...
-
-Images in nested folders below a class folder belong to that class. Hidden and system files
-(`.DS_Store`, `__MACOSX/`, `Thumbs.db`, ...) are ignored; symlinks are followed, loops detected.
-Whatever is seen but not used is returned in `Discovery.skipped` with the reason, so the caller
-can report it: nothing is dropped silently.
+Two layouts: **splits**, `root/training/<class>/...` (or train/), `root/validation/<class>/...`
+(or val/, valid/; optional), `root/test/<class>/...` (or testing/); and **single**,
+`root/<class>/...`, every class split train/val/test by the configured ratios, stratified per
+class, with a fixed seed. Images in nested folders below a class folder belong to that class.
+Hidden and system files (`.DS_Store`, `__MACOSX/`, `Thumbs.db`, ...) are ignored; symlinks are
+followed, loops detected. Whatever is seen but not used is returned in `Discovery.skipped` with
+the reason, so the caller can report it: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -25,13 +15,13 @@ import errno
 import os
 import stat
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from pipeline.lib.config.schema import SplitRatios
 from pipeline.lib.data.class_names import (
     case_collisions,
     class_name,
@@ -44,13 +34,9 @@ from pipeline.lib.errors import UserError
 
 #: Top-level folder names (case-insensitive) that mark the split layout.
 SPLIT_ALIASES: dict[str, str] = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("val", "valid", "validation"), "val"),
+    **dict.fromkeys(("test", "testing"), "test"),
 }
 #: The folder names to suggest in messages, per split.
 _SPLIT_NAMES = {
@@ -59,36 +45,17 @@ _SPLIT_NAMES = {
     "test": "test/ (or testing/)",
 }
 
-#: File and folder names (case-insensitive) that operating systems and tools leave behind.
-SYSTEM_NAMES = frozenset(
-    name.lower()
-    for name in (
-        "__MACOSX",
-        ".ipynb_checkpoints",
-        "Thumbs.db",
-        "ehthumbs.db",
-        "desktop.ini",
-        ".DS_Store",
-        "@eaDir",
-        "$RECYCLE.BIN",
-        "System Volume Information",
-        "__pycache__",
-        ".Spotlight-V100",
-        ".Trashes",
-        ".fseventsd",
-        "Icon\r",
-    )
-)
+#: File and folder names (lower-case) that operating systems and tools leave behind (names with
+#: a leading dot, such as .DS_Store, .Trashes or .ipynb_checkpoints, are hidden anyway).
+_SYSTEM = "__macosx thumbs.db ehthumbs.db desktop.ini @eadir $recycle.bin __pycache__ icon\r"
+SYSTEM_NAMES = frozenset([*_SYSTEM.split(" "), "system volume information"])
 HIDDEN_REASON = "hidden/system file"
 NOT_IMAGE_REASON = "not an image file extension"
 
 
 class DataError(UserError, ValueError):
     """The dataset folder cannot be used as it is; the message names the path and what to do.
-
-    Raised by `pipeline.lib.data.ingest.ingest` after decoding, `report` holds the report built so far
-    (counts, rejected, skipped, leakage), for the caller to save or show; otherwise None.
-    """
+    Raised by `ingest` after decoding, `report` holds the report built so far; otherwise None."""
 
     report: dict | None = None
 
@@ -104,9 +71,7 @@ class Candidate:
 
 @dataclass
 class Discovery:
-    """What `discover` found under a data folder: the classes, the files to decode in order, what
-    was skipped and why, and the layout.
-    """
+    """What `discover` found under a data folder."""
 
     #: Sorted class names; the label index of a class is its position here.
     classes: list[str]
@@ -133,21 +98,23 @@ def display_path(path: Path, root: Path) -> str:
 
 
 def is_ignored(name: str) -> bool:
-    """True for a hidden name (leading dot) or an operating-system file such as Thumbs.db
-    (`SYSTEM_NAMES`, compared lower-case).
-    """
+    """True for a hidden name (leading dot) or an operating-system file (`SYSTEM_NAMES`)."""
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def _ratios(split_ratios: Any) -> tuple[float, float, float]:
-    if isinstance(split_ratios, Mapping):
-        values = [split_ratios.get(s, 0.0) for s in SPLITS]
-    elif isinstance(split_ratios, (tuple, list)):
-        values = list(split_ratios)
+def split_ratios(
+    ratios: SplitRatios | Mapping[str, float] | Sequence[float],
+) -> tuple[float, float, float]:
+    """(train, val, test) fractions summing to 1, from a `data.split`-like object, a mapping or a
+    3-sequence. ValueError unless all are >= 0 with train and test > 0."""
+    if isinstance(ratios, Mapping):
+        values = [ratios.get(s, 0.0) for s in SPLITS]
+    elif isinstance(ratios, (tuple, list)):
+        values = list(ratios)
     else:  # a dataclass / DictConfig with train, val, test
-        values = [getattr(split_ratios, s, 0.0) for s in SPLITS]
+        values = [getattr(ratios, s, 0.0) for s in SPLITS]
     if len(values) != 3:
-        raise ValueError(f"split ratios need train, val and test values, got {split_ratios!r}")
+        raise ValueError(f"split ratios need train, val and test values, got {ratios!r}")
     ratios = [float(v or 0.0) for v in values]
     if any(r < 0 for r in ratios) or ratios[0] <= 0 or ratios[2] <= 0:
         raise ValueError(
@@ -159,11 +126,9 @@ def _ratios(split_ratios: Any) -> tuple[float, float, float]:
 
 
 def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
-    """How many of `n` images go to train, val and test.
-
-    Largest-remainder rounding of `n * ratios`; with n >= 2 train and test get at least one each;
-    a val ratio of 0 gives no val images; a single image goes to train.
-    """
+    """How many of `n` images go to train, val and test: largest-remainder rounding of
+    `n * ratios`; with n >= 2 train and test get at least one each; a val ratio of 0 gives no val
+    images; a single image goes to train."""
     if n <= 0:
         return 0, 0, 0
     if n == 1:
@@ -189,23 +154,18 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
     return train, val, test
 
 
-def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Discovery:
-    """Find the image files under `root` (read only) and give each a class and a split.
+def discover(
+    root: str | os.PathLike[str],
+    ratios: SplitRatios | Mapping[str, float] | Sequence[float],
+    seed: int,
+) -> Discovery:
+    """Find the image files under `root` (`data.path`, read only) and give each a class and a
+    split; `ratios` (`data.split`, see `split_ratios`) and `seed` (`data.seed`) split each class
+    of the single layout.
 
-    Args:
-        root: the dataset folder (`data.path`).
-        split_ratios: train/val/test fractions (`data.split`: a mapping, dataclass or 3-tuple),
-            used only for the single layout (class sub-folders without split folders).
-        seed: seed of the per-class split (`data.seed`).
-
-    Returns:
-        A `Discovery`: sorted classes, candidates in split/class/path order, skipped files.
-
-    Raises:
-        DataError: the folder is missing, not a folder, unreadable, mixes split and other
-            folders, has class folders whose names collide (see `class_names`), or holds no
-            image files. The message names the path and what to do.
-        ValueError: bad split ratios.
+    Raises DataError (naming the path and what to do): the folder is missing, not a folder,
+    unreadable, mixes split and other folders, has class folders whose names collide (see
+    `class_names`), or holds no image files. ValueError: bad split ratios.
     """
     root = _checked_root(root)
     walker = _Walker(root)
@@ -214,7 +174,7 @@ def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Disc
     if split_dirs:
         found = _discover_splits(root, walker, split_dirs, top_files)
     else:
-        found = _discover_single(root, walker, other_dirs, top_files, _ratios(split_ratios), seed)
+        found = _discover_single(root, walker, other_dirs, top_files, split_ratios(ratios), seed)
     candidates, class_folders, classes = found
     clashes = case_collisions(classes)
     if clashes:
@@ -224,24 +184,15 @@ def discover(root: str | os.PathLike[str], split_ratios: Any, seed: int) -> Disc
         )
     if not candidates:
         examples = ", ".join(f"'{f}' ({r})" for f, r in walker.skipped[:5])
+        n = len(walker.skipped)
         raise DataError(
             f"No image files found under '{root}'"
-            + (
-                f" ({len(walker.skipped)} other files skipped, e.g. {examples})"
-                if walker.skipped
-                else ""
-            )
+            + (f" ({n} other files skipped, e.g. {examples})" if examples else "")
             + f". Supported extensions: {' '.join(sorted(IMAGE_EXTENSIONS))}."
         )
     candidates.sort(key=lambda c: (SPLITS.index(c.split), c.label, display_path(c.path, root)))
-    return Discovery(
-        classes=sorted(classes),
-        candidates=candidates,
-        skipped=walker.skipped,
-        layout="splits" if split_dirs else "single",
-        root=root,
-        class_folders=class_folders,
-    )
+    layout = "splits" if split_dirs else "single"
+    return Discovery(sorted(classes), candidates, walker.skipped, layout, root, class_folders)
 
 
 def _checked_root(root: str | os.PathLike[str]) -> Path:
@@ -315,7 +266,7 @@ def _discover_splits(
 ) -> _Found:
     """The split layout: root/<split>/<class>/... (train and test required, val optional)."""
     for f in top_files:
-        walker.skip_loose(f, "file outside the split folders (not inside a class folder)")
+        walker.skip(f, "file outside the split folders (not inside a class folder)")
     missing = [s for s in ("train", "test") if s not in split_dirs]
     if missing:
         raise DataError(
@@ -331,7 +282,7 @@ def _discover_splits(
         split_dir = split_dirs[split]
         class_dirs, loose = walker.list_dir(split_dir)
         for f in loose:
-            walker.skip_loose(
+            walker.skip(
                 f,
                 f"file directly in split folder '{split_dir.name}/', not inside a class folder "
                 f"(move it into {split_dir.name}/<class>/)",
@@ -365,7 +316,7 @@ def _discover_single(
             if f.suffix.lower() in CANDIDATE_EXTENSIONS
             else "file outside the class folders"
         )
-        walker.skip_loose(f, reason)
+        walker.skip(f, reason)
     if not class_dirs:
         images = sum(1 for f in top_files if f.suffix.lower() in CANDIDATE_EXTENSIONS)
         raise DataError(
@@ -383,18 +334,14 @@ def _discover_single(
     candidates: list[Candidate] = []
     for label in sorted(per_class):
         paths = sorted(per_class[label], key=lambda p: display_path(p, root))
-        order = _permutation(len(paths), seed, label)
+        # a fixed permutation per (seed, class): adding a class does not reshuffle the others
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(label.encode("utf-8"))])
+        order = rng.permutation(len(paths))
         n_train, n_val, _ = split_counts(len(paths), ratios)
         for rank, i in enumerate(order):
             split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
             candidates.append(Candidate(path=paths[i], label=label, split=split))
     return candidates, class_folders, set(per_class)
-
-
-def _permutation(n: int, seed: int, label: str) -> np.ndarray:
-    """A fixed permutation per (seed, class): adding a class does not reshuffle the others."""
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(label.encode("utf-8"))])
-    return rng.permutation(n)
 
 
 def _names(paths: Iterable[Path]) -> str:
@@ -411,10 +358,6 @@ class _Walker:
     def skip(self, path: Path, reason: str) -> None:
         """Record `path` (shown relative to the root) as skipped for `reason`."""
         self.skipped.append((display_path(path, self.root), reason))
-
-    def skip_loose(self, path: Path, reason: str) -> None:
-        """A file found outside any class folder (hidden/system files already recorded)."""
-        self.skip(path, reason)
 
     def list_dir(self, folder: Path) -> tuple[list[Path], list[Path]]:
         """(sub-folders, files) of `folder`, sorted; hidden/system/broken entries are skipped."""

@@ -1,594 +1,40 @@
-"""Deterministic toy-truck photos in the six classes of the study.
+"""The embedded default dataset: deterministic toy-truck photos in the six classes of the study
+(`toy_truck.render`), written as image files into the generator's own folder.
 
-Each image is a side view of a plastic toy truck on a light, plain background: a cab at the front,
-a chassis with black wheels and yellow hubs, and a load that tells the class. Everything is drawn
-with Pillow at twice the asked size (for smooth edges), then shrunk, lit, blurred and noised.
-
-Variation per image (position, scale, rotation, facing, background tint, lighting, blur, noise,
-colour jitter) grows with `difficulty` in [0, 1]: 0 gives clean studio shots that still differ a
-little from one another (so no two files are identical), 1 gives strong jitter.
-
-Every image has its own `numpy.random.Generator`, seeded from `(seed, split, class, index)` through
-`numpy.random.SeedSequence`, so a configuration always writes byte-identical files, whatever the
-order or process they are made in.
-
-CLI, for the image files alone:
+Every image has its own `numpy.random.Generator`, seeded from `(seed, split, class, index)`
+through `numpy.random.SeedSequence`, so a configuration always writes byte-identical files,
+whatever the order or thread they are made in.
 
     python -m pipeline.lib.data.sources.synthetic OUT_DIR [--per-class-train N --per-class-val N
-        --per-class-test N --size S --difficulty D --seed K --format png|jpg]
+        --per-class-test N --size S --difficulty D --seed K --format png|jpg --workers W]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from statistics import NormalDist
-from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.lib.config.schema import SyntheticConfig
+from pipeline.lib.data.sources.toy_truck import CLASSES, check_size_and_difficulty, render
 from pipeline.lib.errors import UserError
-
-CLASSES: tuple[str, ...] = (
-    "Container_Big_Tractor_B",
-    "Container_Big_Tractor_Y",
-    "Container_Small_B",
-    "Container_Small_Gy",
-    "Loader_Tractor_R",
-    "Loader_Tractor_Y",
-)
 
 #: Config split name -> the study's folder name.
 SPLIT_DIRS = {"train": "training", "val": "validation", "test": "test"}
-
 FORMATS = ("png", "jpg")
-
 #: The file in the generator's folder that lists the files it wrote (relative, posix).
 MARKER = ".synthetic.json"
-
-# Base colours of the toy's plastic, as a camera sees them (not pure primaries).
-_BASE = {
-    "red": (192, 42, 38),
-    "yellow": (234, 186, 42),
-    "blue": (34, 84, 166),
-    "green": (50, 136, 66),
-    "tyre": (34, 33, 35),
-    "glass": (62, 80, 96),
-    "grey": (112, 114, 118),
-    "dark": (52, 52, 56),
-    "light": (226, 226, 214),
-}
-
-RGB = tuple[int, int, int]
-
-#: The 256 quantiles of the standard normal at (i + 0.5) / 256: a uniform byte maps to a normal.
-_NOISE_LUT = np.array([NormalDist().inv_cdf((i + 0.5) / 256) for i in range(256)], dtype=np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Drawing helpers
-# --------------------------------------------------------------------------------------------
-
-
-class _Pen:
-    """Draws in truck units (x: 0..1 rear to front, y: 0 at the top, down) straight onto pixels.
-
-    The pose is an affine map: x mirrored when the truck faces left, then scaled by `scale`
-    pixels per unit and rotated by `angle` radians about the truck's centre, which lands on
-    (cx, cy). Drawing transformed shapes avoids rotating a bitmap (slow, and blurrier).
-    """
-
-    def __init__(
-        self,
-        draw: ImageDraw.ImageDraw,
-        scale: float,
-        cx: float,
-        cy: float,
-        angle: float,
-        flip: bool,
-    ) -> None:
-        self.d = draw
-        self.s = scale
-        self.cx, self.cy = cx, cy
-        self.cos, self.sin = math.cos(angle), math.sin(angle)
-        self.flip = flip
-
-    def _p(self, x: float, y: float) -> tuple[float, float]:
-        u = ((0.5 - x) if self.flip else (x - 0.5)) * self.s
-        w = (y - _TRUCK_H / 2) * self.s
-        return (self.cx + self.cos * u + self.sin * w, self.cy - self.sin * u + self.cos * w)
-
-    def rect(self, x0: float, y0: float, x1: float, y1: float, fill: RGB) -> None:
-        """Fill the rectangle (x0, y0)-(x1, y1), in truck units and posed, with `fill`."""
-        self.poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
-
-    def poly(self, pts: Sequence[tuple[float, float]], fill: RGB) -> None:
-        """Fill the polygon with vertices `pts` (truck units), posed, with `fill`."""
-        self.d.polygon([self._p(x, y) for x, y in pts], fill=fill)
-
-    def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
-        """Fill a circle of radius `r` (truck units) centred on (cx, cy) with `fill`."""
-        x, y = self._p(cx, cy)
-        rr = r * self.s
-        self.d.ellipse((x - rr, y - rr, x + rr, y + rr), fill=fill)
-
-    def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
-        """Draw a polyline through `pts` (truck units), `width` truck units wide (at least 1 px)."""
-        self.d.line([self._p(x, y) for x, y in pts], fill=fill, width=max(1, round(width * self.s)))
-
-    def sub(self, x0: float, y0: float, k: float, mirror_len: float | None = None) -> _SubPen:
-        """A pen for a part drawn in its own units, placed at (x0, y0) and scaled by k."""
-        return _SubPen(self, x0, y0, k, mirror_len)
-
-
-class _SubPen:
-    def __init__(self, pen: _Pen, x0: float, y0: float, k: float, mirror_len: float | None) -> None:
-        self.pen, self.x0, self.y0, self.k, self.m = pen, x0, y0, k, mirror_len
-
-    def _t(self, x: float, y: float) -> tuple[float, float]:
-        if self.m is not None:
-            x = self.m - x
-        return (self.x0 + x * self.k, self.y0 + y * self.k)
-
-    def rect(self, x0: float, y0: float, x1: float, y1: float, fill: RGB) -> None:
-        """Fill the rectangle (x0, y0)-(x1, y1) given in the part's units (mirrored if asked)."""
-        (a, b), (c, d) = self._t(x0, y0), self._t(x1, y1)
-        self.pen.rect(min(a, c), min(b, d), max(a, c), max(b, d), fill)
-
-    def poly(self, pts: Sequence[tuple[float, float]], fill: RGB) -> None:
-        """Fill the polygon with vertices `pts` given in the part's units."""
-        self.pen.poly([self._t(x, y) for x, y in pts], fill)
-
-    def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
-        """Fill a circle of radius `r` centred on (cx, cy), in the part's units."""
-        x, y = self._t(cx, cy)
-        self.pen.circle(x, y, r * self.k, fill)
-
-    def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
-        """Draw a polyline through `pts`, `width` wide, in the part's units."""
-        self.pen.line([self._t(x, y) for x, y in pts], fill, width * self.k)
-
-
-def _jitter(base: RGB, rng: np.random.Generator, amount: float) -> RGB:
-    """A plastic colour under slightly different light: per-channel gain and a common shade."""
-    gains = 1.0 + rng.normal(0.0, amount, 3)
-    shade = 1.0 + rng.normal(0.0, amount)
-    c = np.clip(np.asarray(base, dtype=np.float64) * gains * shade, 0, 255)
-    return (int(c[0]), int(c[1]), int(c[2]))
-
-
-def _shade(c: RGB, f: float) -> RGB:
-    return tuple(int(min(255, max(0, v * f))) for v in c)  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------------------------
-# The truck, in truck units: x 0..1 from the rear to the front, y 0 (top) .. 0.52 (ground)
-# --------------------------------------------------------------------------------------------
-
-_GROUND = 0.52
-_WHEEL_R = 0.068
-_TRUCK_H = _GROUND + 0.01
-
-
-def _draw_wheel(p: Any, cx: float, cy: float, r: float, col: dict[str, RGB]) -> None:
-    p.circle(cx, cy, r, col["tyre"])
-    p.circle(cx, cy, r * 0.82, _shade(col["tyre"], 1.35))
-    p.circle(cx, cy, r * 0.50, col["hub"])
-    p.circle(cx, cy, r * 0.16, _shade(col["hub"], 0.7))
-
-
-def _draw_cab(p: _Pen, cab: RGB, col: dict[str, RGB]) -> None:
-    # body with a sloped windscreen, front to the right
-    p.poly([(0.76, 0.43), (0.76, 0.12), (0.895, 0.12), (0.965, 0.245), (0.975, 0.43)], cab)
-    # roof visor and a darker lower edge
-    p.rect(0.755, 0.105, 0.90, 0.125, _shade(cab, 0.82))
-    p.rect(0.76, 0.395, 0.975, 0.43, _shade(cab, 0.78))
-    # side window, with a light reflection stripe
-    p.poly([(0.785, 0.15), (0.885, 0.15), (0.935, 0.245), (0.785, 0.245)], col["glass"])
-    p.poly([(0.83, 0.15), (0.855, 0.15), (0.81, 0.245), (0.785, 0.245)], _shade(col["glass"], 1.6))
-    # door line and handle
-    p.line([(0.845, 0.255), (0.845, 0.39)], _shade(cab, 0.7), 0.004)
-    p.rect(0.80, 0.27, 0.825, 0.28, _shade(cab, 0.6))
-    # grille, bumper, headlight
-    p.rect(0.95, 0.29, 0.982, 0.40, col["dark"])
-    p.rect(0.945, 0.40, 0.99, 0.445, col["grey"])
-    p.rect(0.962, 0.262, 0.978, 0.285, col["light"])
-    # step
-    p.rect(0.79, 0.43, 0.83, 0.45, col["dark"])
-
-
-def _draw_chassis(p: _Pen, chassis: RGB, col: dict[str, RGB], x0: float = 0.03) -> None:
-    p.rect(x0, 0.37, 0.95, 0.435, chassis)
-    p.rect(x0, 0.42, 0.95, 0.435, _shade(chassis, 0.75))
-    # mudguard over the front wheel
-    p.poly([(0.79, 0.40), (0.81, 0.36), (0.93, 0.36), (0.95, 0.40)], _shade(chassis, 0.9))
-
-
-def _draw_wheels(p: _Pen, xs: Sequence[float], col: dict[str, RGB]) -> None:
-    cy = _GROUND - _WHEEL_R
-    for x in xs:
-        _draw_wheel(p, x, cy, _WHEEL_R, col)
-
-
-def _big_container(p: _Pen, col: dict[str, RGB]) -> None:
-    red, yel = col["red"], col["yellow"]
-    x0, x1, y0, y1 = 0.03, 0.735, 0.045, 0.37
-    p.rect(x0, y0, x1, y1, red)
-    # corrugation ribs
-    x = x0 + 0.13
-    while x < x1 - 0.02:
-        p.rect(x, y0 + 0.02, x + 0.008, y1 - 0.02, _shade(red, 0.8))
-        x += 0.04
-    # top and bottom rails, corner posts
-    p.rect(x0, y0, x1, y0 + 0.018, _shade(red, 0.72))
-    p.rect(x0, y1 - 0.018, x1, y1, _shade(red, 0.72))
-    p.rect(x1 - 0.014, y0, x1, y1, _shade(red, 0.72))
-    # the yellow doors at the rear, two leaves with locking bars
-    p.rect(x0, y0 + 0.018, x0 + 0.115, y1 - 0.018, yel)
-    p.line([(x0 + 0.058, y0 + 0.02), (x0 + 0.058, y1 - 0.02)], _shade(yel, 0.62), 0.005)
-    for bx in (x0 + 0.025, x0 + 0.09):
-        p.line([(bx, y0 + 0.03), (bx, y1 - 0.03)], col["grey"], 0.006)
-        p.rect(bx - 0.008, 0.22, bx + 0.008, 0.235, col["dark"])
-
-
-def _small_bins(p: _Pen, bins: Sequence[RGB], col: dict[str, RGB], bed: RGB) -> None:
-    rail = col["red"]
-    # flat deck
-    p.rect(0.03, 0.335, 0.745, 0.372, bed)
-    p.rect(0.03, 0.335, 0.745, 0.345, _shade(bed, 1.1))
-    # bins: slightly tapered boxes with a lid
-    n = len(bins)
-    x0, x1, gap = 0.06, 0.715, 0.018
-    w = (x1 - x0 - gap * (n - 1)) / n
-    for i, c in enumerate(bins):
-        bx = x0 + i * (w + gap)
-        p.poly([(bx, 0.175), (bx + w, 0.175), (bx + w - 0.01, 0.335), (bx + 0.01, 0.335)], c)
-        p.rect(bx - 0.006, 0.16, bx + w + 0.006, 0.185, _shade(c, 0.75))
-        p.rect(bx + w * 0.3, 0.205, bx + w * 0.7, 0.215, _shade(c, 0.6))
-        p.line([(bx + 0.015, 0.235), (bx + w - 0.015, 0.235)], _shade(c, 0.8), 0.004)
-    # the red rail above them on three posts
-    p.rect(0.03, 0.085, 0.745, 0.115, rail)
-    p.rect(0.03, 0.105, 0.745, 0.115, _shade(rail, 0.75))
-    for px in (0.03, 0.382, 0.722):
-        p.rect(px, 0.085, px + 0.023, 0.335, rail)
-        p.rect(px + 0.016, 0.085, px + 0.023, 0.335, _shade(rail, 0.75))
-
-
-def _wheel_loader(
-    p: _Pen,
-    x0: float,
-    bottom: float,
-    k: float,
-    facing_rear: bool,
-    body: RGB,
-    cabc: RGB,
-    arm: RGB,
-    col: dict[str, RGB],
-) -> None:
-    """A wheel loader in its own units: height 1 (top 0, ground 1), length 1.92, bucket at +x."""
-    q = p.sub(x0, bottom - k, k, 1.92 if facing_rear else None)
-    tyre = {"tyre": col["tyre"], "hub": _shade(body, 0.95)}
-    # rear counterweight, engine hood, frame
-    q.rect(0.02, 0.36, 0.14, 0.74, _shade(body, 0.85))
-    q.rect(0.06, 0.28, 0.66, 0.60, body)
-    q.rect(0.06, 0.28, 0.66, 0.32, _shade(body, 1.12))
-    q.rect(0.10, 0.56, 1.48, 0.78, _shade(body, 0.92))
-    # exhaust stack
-    q.rect(0.20, 0.14, 0.25, 0.30, col["dark"])
-    # cab: roof, pillars, glass
-    q.rect(0.60, 0.0, 1.10, 0.07, cabc)
-    q.rect(0.63, 0.05, 1.06, 0.56, cabc)
-    q.rect(0.69, 0.10, 1.00, 0.40, col["glass"])
-    q.poly([(0.78, 0.10), (0.84, 0.10), (0.74, 0.40), (0.69, 0.40)], _shade(col["glass"], 1.6))
-    # lift arm and bucket
-    q.poly([(0.98, 0.40), (1.64, 0.56), (1.64, 0.70), (0.98, 0.54)], arm)
-    q.poly([(1.56, 0.34), (1.72, 0.32), (1.93, 0.97), (1.60, 0.99), (1.52, 0.82)], arm)
-    q.poly([(1.60, 0.40), (1.70, 0.38), (1.86, 0.94), (1.62, 0.95)], _shade(arm, 0.78))
-    # wheels
-    for wx in (0.42, 1.24):
-        _draw_wheel(q, wx, 0.77, 0.23, tyre)
-
-
-def _loader_load(
-    p: _Pen, bed: RGB, body: RGB, cabc: RGB, arm: RGB, col: dict[str, RGB], facing_rear: bool
-) -> None:
-    # low flat bed with a ramp at the rear
-    p.poly([(0.0, 0.372), (0.03, 0.325), (0.745, 0.325), (0.745, 0.372)], bed)
-    p.rect(0.03, 0.325, 0.745, 0.335, _shade(bed, 1.1))
-    p.line([(0.04, 0.352), (0.735, 0.352)], _shade(bed, 0.75), 0.004)
-    _wheel_loader(p, 0.08, 0.325, 0.30, facing_rear, body, cabc, arm, col)
-
-
-def _draw_truck(label: str, rng: np.random.Generator, p: _Pen, col_jit: float) -> None:
-    """The truck of class `label`, drawn with the posed pen `p`."""
-    col = {k: _jitter(v, rng, col_jit) for k, v in _BASE.items()}
-    col["hub"] = _jitter(_BASE["yellow"], rng, col_jit)
-
-    red, yel, blue, green = col["red"], col["yellow"], col["blue"], col["green"]
-    four = (0.14, 0.28, 0.655, 0.87)  # tractor: trailer tandem + drive axle + steering axle
-    three = (0.17, 0.32, 0.87)
-    if label == "Container_Big_Tractor_B":
-        cab, chassis, wheels = blue, yel, four
-    elif label == "Container_Big_Tractor_Y":
-        cab, chassis, wheels = yel, blue, four
-    elif label == "Container_Small_B":
-        cab = red if rng.random() < 0.5 else yel
-        chassis, wheels = (yel if cab is red else red), three
-    elif label == "Container_Small_Gy":
-        cab, chassis, wheels = red, blue, three
-    elif label == "Loader_Tractor_R":
-        cab, chassis, wheels = red, yel, four
-    elif label == "Loader_Tractor_Y":
-        cab, chassis, wheels = yel, red, four
-    else:  # pragma: no cover - checked by render()
-        raise ValueError(label)
-
-    _draw_chassis(p, chassis, col)
-    if label.startswith("Container_Big"):
-        _big_container(p, col)
-    elif label == "Container_Small_B":
-        n = 4 if rng.random() < 0.5 else 5
-        bins = [_jitter(blue, rng, col_jit * 0.5) for _ in range(n)]
-        _small_bins(p, bins, col, chassis)
-    elif label == "Container_Small_Gy":
-        n = 4 if rng.random() < 0.5 else 5
-        first = int(rng.integers(2))
-        bins = [_jitter((green, yel)[(i + first) % 2], rng, col_jit * 0.5) for i in range(n)]
-        _small_bins(p, bins, col, chassis)
-    elif label == "Loader_Tractor_R":
-        _loader_load(p, chassis, yel, yel, yel, col, bool(rng.random() < 0.5))
-    else:
-        _loader_load(p, chassis, yel, blue, blue, col, bool(rng.random() < 0.5))
-    _draw_cab(p, cab, col)
-    _draw_wheels(p, wheels, col)
-
-
-# --------------------------------------------------------------------------------------------
-# The photo
-# --------------------------------------------------------------------------------------------
-
-
-def _background(rng: np.random.Generator, n: int, difficulty: float) -> np.ndarray:
-    """A light, plain backdrop (n x n x 3 float32): a tint and a slight linear gradient."""
-    level = rng.uniform(214, 242)
-    tint = rng.normal(0.0, 2.5 + 5.0 * difficulty, 3)
-    amp = rng.uniform(0.0, 6.0 + 22.0 * difficulty)
-    theta = rng.uniform(0, 2 * math.pi)
-    t = np.linspace(-0.5, 0.5, n, dtype=np.float32)
-    g = math.cos(theta) * t[None, :] + math.sin(theta) * t[:, None]
-    base = (level + tint).astype(np.float32)
-    return base[None, None, :] + (amp * g)[:, :, None]
-
-
-def _truck_frame(
-    pen: _Pen, ss: int, x0: int, x1: int, y0: int, y1: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Truck-frame coordinates (u along, w down; truck units, about the truck's centre) of the
-    output pixels [y0:y1, x0:x1], for a pen that draws at `ss` times the output size."""
-    dx = ((np.arange(x0, x1, dtype=np.float32) + 0.5) * ss - pen.cx)[None, :]
-    dy = ((np.arange(y0, y1, dtype=np.float32) + 0.5) * ss - pen.cy)[:, None]
-    u = (pen.cos * dx - pen.sin * dy) / pen.s
-    w = (pen.sin * dx + pen.cos * dy) / pen.s
-    return u, w
-
-
-def _check_render_args(label: str, size: int, difficulty: float) -> tuple[int, float]:
-    """`size` as an int and `difficulty` as a float, after checking all three arguments.
-
-    Raises ValueError: `label` is not one of `CLASSES`, `size` < 8 px, or `difficulty` is
-    outside [0, 1].
-    """
-    if label not in CLASSES:
-        raise ValueError(f"unknown class {label!r}; expected one of {', '.join(CLASSES)}")
-    size = int(size)
-    if size < 8:
-        raise ValueError(f"size must be at least 8 pixels, got {size}")
-    d = float(difficulty)
-    if not 0.0 <= d <= 1.0:
-        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
-    return size, d
-
-
-def _draw_pose(
-    rng: np.random.Generator, c: int, d: float
-) -> tuple[float, float, float, float, bool]:
-    """(scale, cx, cy, angle, flip) of the truck on a c x c drawing canvas, for a `_Pen`.
-
-    The truck's length as a fraction of the frame, its tilt (radians), its facing and its centre
-    (canvas pixels) are drawn from `rng`, spread wider as the difficulty `d` grows.
-    """
-    frac = float(np.clip(rng.normal(0.72, 0.015 + 0.07 * d), 0.5, 0.86))
-    angle = math.radians(float(rng.uniform(-1, 1) * (0.8 + 9.0 * d)))
-    flip = bool(rng.random() < min(0.5, d))
-    scale = frac * c
-    ca, sa = abs(math.cos(angle)), abs(math.sin(angle))
-    half_w = scale / 2 * (ca * 1.0 + sa * _TRUCK_H)
-    half_h = scale / 2 * (sa * 1.0 + ca * _TRUCK_H)
-    slack_x = max(0.0, c / 2 - half_w) + 0.02 * c
-    slack_y = max(0.0, c / 2 - half_h)
-    cx = c / 2 + rng.uniform(-1, 1) * min(slack_x, (0.02 + 0.10 * d) * c)
-    cy = c / 2 + 0.03 * c + rng.uniform(-1, 1) * min(slack_y, (0.03 + 0.15 * d) * c)
-    return scale, cx, cy, angle, flip
-
-
-def _truck_box(probe: _Pen, ss: int, size: int) -> tuple[int, int, int, int]:
-    """(x0, x1, y0, y1): the output pixels the truck and its shadow can cover, clipped to the
-    size x size frame, for a pen `probe` that draws at `ss` times the output size."""
-    corners = [probe._p(x, y) for x in (-0.1, 1.1) for y in (-0.02, _GROUND + 0.05)]
-    x0 = max(0, int(min(p[0] for p in corners) // ss) - 1)
-    x1 = min(size, int(math.ceil(max(p[0] for p in corners) / ss)) + 1)
-    y0 = max(0, int(min(p[1] for p in corners) // ss) - 1)
-    y1 = min(size, int(math.ceil(max(p[1] for p in corners) / ss)) + 1)
-    return x0, x1, y0, y1
-
-
-def _composite_truck(
-    bg: np.ndarray,
-    label: str,
-    rng: np.random.Generator,
-    pose: tuple[float, float, float, float, bool],
-    ss: int,
-    col_jit: float,
-) -> None:
-    """Draw the truck of class `label` in `pose` and lay it, shaded and with a contact shadow,
-    onto the float32 (n, n, 3) backdrop `bg`, in place. Only the truck's box is drawn."""
-    scale, cx, cy, angle, flip = pose
-    probe = _Pen(None, scale, cx, cy, angle, flip)  # type: ignore[arg-type]
-    x0, x1, y0, y1 = _truck_box(probe, ss, bg.shape[0])
-    if not (x1 > x0 and y1 > y0):
-        # the whole truck is out of the frame: cannot happen with the pose limits of
-        # `_draw_pose`; still drawn (off-canvas) so that `rng` is consumed the same way
-        _draw_truck(
-            label,
-            rng,
-            _Pen(ImageDraw.Draw(Image.new("RGBA", (1, 1))), scale, 0, 0, angle, flip),
-            col_jit,
-        )
-        return
-    layer = Image.new("RGBA", ((x1 - x0) * ss, (y1 - y0) * ss), (0, 0, 0, 0))
-    pen = _Pen(ImageDraw.Draw(layer), scale, cx - x0 * ss, cy - y0 * ss, angle, flip)
-    _draw_truck(label, rng, pen, col_jit)
-    # premultiplied alpha, then a box shrink: no dark fringes at the edges
-    small = np.asarray(layer.convert("RGBa").reduce(ss), dtype=np.float32)
-    alpha = small[..., 3:4] * np.float32(1 / 255)
-    u, w = _truck_frame(pen, ss, 0, x1 - x0, 0, y1 - y0)
-    # a soft contact shadow under the wheels
-    gw = w - np.float32(_GROUND - _TRUCK_H / 2 + 0.004)
-    r = np.sqrt((u * np.float32(1 / 0.52)) ** 2 + (gw * np.float32(1 / 0.032)) ** 2)
-    shadow = np.float32(0.42) * np.clip((1.15 - r) * np.float32(1 / 0.65), 0.0, 1.0) ** 1.5
-    # top-lit shading, so the flat drawing reads as a moulded object
-    ramp = np.clip(np.float32(1.07 - 0.11) - np.float32(0.22 / _TRUCK_H) * w, 0.8, 1.1)
-    region = bg[y0:y1, x0:x1]
-    bg[y0:y1, x0:x1] = (
-        region * ((1.0 - shadow)[..., None] * (1.0 - alpha)) + small[..., :3] * ramp[..., None]
-    )
-
-
-def _expose(a: np.ndarray, rng: np.random.Generator, d: float) -> Image.Image:
-    """The camera's white balance, brightness and contrast applied to the float32 (n, n, 3)
-    scene `a` (modified in place), rounded down into a uint8 RGB image."""
-    wb = 1.0 + rng.normal(0.0, 0.01 + 0.035 * d, 3).astype(np.float32)
-    bright = 1.0 + rng.uniform(-1, 1) * 0.22 * d
-    contrast = 1.0 + rng.uniform(-1, 1) * 0.30 * d
-    mean = float(a.mean())
-    gain = (contrast * bright * wb).astype(np.float32)
-    offset = (mean * (1.0 - contrast) * bright * wb).astype(np.float32)
-    a *= gain  # ((a - mean) * contrast + mean) * bright * wb, in place
-    a += offset
-    return Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "RGB")
-
-
-def _blur_and_noise(img: Image.Image, rng: np.random.Generator, size: int, d: float) -> Image.Image:
-    """Focus blur (a Gaussian radius that scales with `size`) and Gaussian sensor noise, each
-    skipped when too faint to matter."""
-    blur = rng.uniform(0.0, 1.0) * 1.6 * d * size / 224
-    if blur > 0.15:
-        img = img.filter(ImageFilter.GaussianBlur(blur))
-    sigma = rng.uniform(0.3, 1.0) * 9.0 * d
-    if sigma > 0.5:
-        # Gaussian noise through a table of normal quantiles: much cheaper than drawing normals
-        a = _NOISE_LUT[rng.integers(0, 256, (size, size, 3), dtype=np.uint8)]
-        a *= np.float32(sigma)
-        a += np.asarray(img)
-        np.rint(a, out=a)
-        img = Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8), "RGB")
-    return img
-
-
-def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -> Image.Image:
-    """One photo of class `label`: an RGB `PIL.Image` of size x size pixels (mode "RGB", 8 bits).
-
-    Every random choice comes from `rng`, in a fixed order, so the same generator state always
-    gives the same pixels. `difficulty` in [0, 1] widens the pose, colour, lighting, blur and
-    noise jitter (see the module docstring).
-
-    Raises ValueError: unknown `label`, `size` below 8 px, or `difficulty` outside [0, 1].
-    """
-    size, d = _check_render_args(label, size, difficulty)
-    ss = 2  # the truck is drawn at twice the size and shrunk: smooth edges
-    pose = _draw_pose(rng, size * ss, d)
-    col_jit = 0.025 + 0.035 * d
-    bg = _background(rng, size, d)
-    _composite_truck(bg, label, rng, pose, ss, col_jit)
-    img = _expose(bg, rng, d)
-    return _blur_and_noise(img, rng, size, d)
-
-
-# --------------------------------------------------------------------------------------------
-# Writing a dataset
-# --------------------------------------------------------------------------------------------
-
-
-def _get(cfg: Any, name: str) -> Any:
-    if isinstance(cfg, dict):
-        return cfg[name]
-    return getattr(cfg, name)
-
-
-def _rng_for(seed: int, split_index: int, class_index: int, index: int) -> np.random.Generator:
-    ss = np.random.SeedSequence(entropy=int(seed), spawn_key=(split_index, class_index, index))
-    return np.random.Generator(np.random.PCG64(ss))
-
-
-def _save(img: Image.Image, path: Path, fmt: str) -> None:
-    if fmt == "png":
-        img.save(path, format="PNG", compress_level=1)
-    else:
-        img.save(path, format="JPEG", quality=95, subsampling=0, optimize=False)
 
 
 class SyntheticDirError(UserError, ValueError):
     """`data.synthetic.dir` holds files the generator did not write: it is not the generator's."""
-
-
-def _settings(cfg: Any) -> tuple[dict[str, int], int, float, int, str]:
-    """(images per split, size, difficulty, seed, format) of `cfg`, checked; ValueError if bad."""
-    counts = {
-        "train": int(_get(cfg, "train_per_class")),
-        "val": int(_get(cfg, "val_per_class")),
-        "test": int(_get(cfg, "test_per_class")),
-    }
-    size = int(_get(cfg, "size"))
-    difficulty = float(_get(cfg, "difficulty"))
-    seed = int(_get(cfg, "seed"))
-    fmt = str(_get(cfg, "format")).lower()
-    fmt = "jpg" if fmt == "jpeg" else fmt
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    for split, n in counts.items():
-        if n < 0:
-            raise ValueError(f"{split}_per_class must be >= 0, got {n}")
-    if size < 8:
-        raise ValueError(f"size must be at least 8 pixels, got {size}")
-    if not 0.0 <= difficulty <= 1.0:
-        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return counts, size, difficulty, seed, fmt
-
-
-def _plan(
-    out: Path, counts: dict[str, int], seed: int, fmt: str
-) -> list[tuple[str, np.random.Generator, Path]]:
-    """(class, its generator, file) for every image, in split, class, index order."""
-    jobs: list[tuple[str, np.random.Generator, Path]] = []
-    for s_idx, (split, folder) in enumerate(SPLIT_DIRS.items()):
-        n = counts[split]
-        width = max(3, len(str(n - 1)))
-        for c_idx, label in enumerate(CLASSES):
-            for i in range(n):
-                path = out / folder / label / f"{label}_{i:0{width}d}.{fmt}"
-                jobs.append((label, _rng_for(seed, s_idx, c_idx, i), path))
-    return jobs
 
 
 def owned_files(out: Path) -> set[str]:
@@ -601,20 +47,17 @@ def owned_files(out: Path) -> set[str]:
     return {f for f in listed if isinstance(f, str) and ".." not in Path(f).parts}
 
 
-def _write_marker(out: Path, files: Iterable[str]) -> None:
-    marker = {"generator": __name__, "files": sorted(set(files))}
+def _write_marker(out: Path, files: set[str]) -> None:
+    marker = {"generator": __name__, "files": sorted(files)}
     tmp = out / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / MARKER)
 
 
 def claim(out: Path) -> set[str]:
-    """Check that `out` is the generator's own folder; return the files it wrote there before.
-
-    `out` is the generator's when it does not exist, is empty, or holds only files listed in its
-    marker file (`.synthetic.json`). Raises `SyntheticDirError` (naming the folder and a few of
-    the foreign files) otherwise; nothing is changed then.
-    """
+    """The files the generator wrote into `out` before, once `out` is checked to be its own: it
+    does not exist, is empty, or holds only files listed in its marker (`.synthetic.json`).
+    Raises `SyntheticDirError` (naming a few foreign files) otherwise, changing nothing."""
     if not out.exists() and not out.is_symlink():
         return set()
     if not out.is_dir():
@@ -639,64 +82,70 @@ def claim(out: Path) -> set[str]:
     return owned
 
 
-def _remove_owned(out: Path, owned: set[str]) -> None:
-    """Delete the files of an earlier generation, then the folders they leave empty."""
+def _settings(cfg: SyntheticConfig) -> tuple[dict[str, int], int, float, int, str]:
+    """(images per split, size, difficulty, seed, format) of `cfg`, checked; ValueError if bad."""
+    counts = {s: int(getattr(cfg, f"{s}_per_class")) for s in SPLIT_DIRS}
+    size, difficulty, seed = int(cfg.size), float(cfg.difficulty), int(cfg.seed)
+    fmt = str(cfg.format).lower()
+    fmt = "jpg" if fmt == "jpeg" else fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    for split, n in counts.items():
+        if n < 0:
+            raise ValueError(f"{split}_per_class must be >= 0, got {n}")
+    check_size_and_difficulty(size, difficulty)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return counts, size, difficulty, seed, fmt
+
+
+def generate(
+    out_dir: str | os.PathLike[str], cfg: SyntheticConfig, *, workers: int | None = None
+) -> Path:
+    """Write cfg.train_per_class / cfg.val_per_class / cfg.test_per_class images per class as
+    out_dir/training/<class>/<class>_<nnn>.<cfg.format>, out_dir/validation/..., out_dir/test/...
+    and the marker out_dir/.synthetic.json listing them; return out_dir as a Path.
+
+    `cfg`: a `SyntheticConfig` (or any object with its attributes). `out_dir` must be the
+    generator's own folder (see `claim`): the files of an earlier generation (listed in its
+    marker) are removed first, nothing else is ever deleted or overwritten. Deterministic: the
+    same cfg gives byte-identical files. `workers`: threads to render with (default: the cores,
+    at most 4).
+
+    Raises ValueError for a bad cfg value, `SyntheticDirError` when out_dir holds other files.
+    """
+    out = Path(out_dir)
+    counts, size, difficulty, seed, fmt = _settings(cfg)
+    owned = claim(out)
+    jobs: list[tuple[str, np.random.Generator, Path]] = []  # in split, class, index order
+    for s_idx, (split, folder) in enumerate(SPLIT_DIRS.items()):
+        width = max(3, len(str(counts[split] - 1)))
+        for c_idx, label in enumerate(CLASSES):
+            for i in range(counts[split]):
+                key = np.random.SeedSequence(entropy=seed, spawn_key=(s_idx, c_idx, i))
+                path = out / folder / label / f"{label}_{i:0{width}d}.{fmt}"
+                jobs.append((label, np.random.Generator(np.random.PCG64(key)), path))
+    new = {path.relative_to(out).as_posix() for _, _, path in jobs}
+    out.mkdir(parents=True, exist_ok=True)
+    # a killed run leaves only files the marker lists: the next run may remove them
+    _write_marker(out, owned | new)
+    # the files of an earlier generation, then the folders they leave empty
     for rel in sorted(owned):
         (out / rel).unlink(missing_ok=True)
     for folder in sorted({(out / rel).parent for rel in owned}, key=lambda p: -len(p.parts)):
         while folder != out and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
             folder = folder.parent
-
-
-def generate(
-    out_dir: str | os.PathLike[str],
-    cfg: Any,
-    *,
-    workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Write cfg.train_per_class / cfg.val_per_class / cfg.test_per_class images per class as
-    out_dir/training/<class>/<class>_<nnn>.<cfg.format>, out_dir/validation/..., out_dir/test/...
-    and the marker out_dir/.synthetic.json listing them.
-
-    `cfg`: a `SyntheticConfig` (or any object/mapping with its keys). `out_dir` must be the
-    generator's own folder (see `claim`): the files of an earlier generation (listed in its
-    marker) are removed first, nothing else is ever deleted or overwritten.
-    Deterministic: the same cfg gives byte-identical files. Returns out_dir as a Path.
-
-    Raises ValueError for a bad cfg value, `SyntheticDirError` when out_dir holds other files.
-    `workers`: threads to render with (default: the cores, at most 4); `progress(done, total)` is
-    called after each image.
-    """
-    out = Path(out_dir)
-    counts, size, difficulty, seed, fmt = _settings(cfg)
-    owned = claim(out)
-    jobs = _plan(out, counts, seed, fmt)
-    new = [path.relative_to(out).as_posix() for _, _, path in jobs]
-    out.mkdir(parents=True, exist_ok=True)
-    # a killed run leaves only files the marker lists: the next run may remove them
-    _write_marker(out, owned | set(new))
-    _remove_owned(out, owned)
     for folder in sorted({path.parent for _, _, path in jobs}):
         folder.mkdir(parents=True, exist_ok=True)
-    _render_all(jobs, size, difficulty, fmt, workers, progress)
-    _write_marker(out, new)
-    return out
 
-
-def _render_all(
-    jobs: list[tuple[str, np.random.Generator, Path]],
-    size: int,
-    difficulty: float,
-    fmt: str,
-    workers: int | None,
-    progress: Callable[[int, int], None] | None,
-) -> None:
     def make(job: tuple[str, np.random.Generator, Path]) -> None:
-        """Render one (label, generator, path) job and save it in the chosen format."""
         label, rng, path = job
-        _save(render(label, rng, size, difficulty), path, fmt)
+        img = render(label, rng, size, difficulty)
+        if fmt == "png":
+            img.save(path, format="PNG", compress_level=1)
+        else:
+            img.save(path, format="JPEG", quality=95, subsampling=0, optimize=False)
 
     # Each image has its own generator, so the files do not depend on the order or thread that
     # makes them. Pillow's encoders and filters and numpy's large-array loops release the GIL,
@@ -704,22 +153,18 @@ def _render_all(
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     n_workers = int(workers) if workers else min(4, cores or 1)
     if n_workers <= 1 or len(jobs) < 8:
-        for k, job in enumerate(jobs, 1):
+        for job in jobs:
             make(job)
-            if progress is not None:
-                progress(k, len(jobs))
     else:
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            for k, _ in enumerate(pool.map(make, jobs), 1):
-                if progress is not None:
-                    progress(k, len(jobs))
+            list(pool.map(make, jobs))  # raises the first error
+    _write_marker(out, new)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write the synthetic image files into OUT_DIR; return the exit status (0).
-
-    Bad arguments (ValueError from `generate`) exit through argparse with status 2.
-    """
+    Bad arguments (ValueError from `generate`) exit through argparse with status 2."""
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.lib.data.sources.synthetic",
         description="Write deterministic toy-truck images (six classes) as "
@@ -727,38 +172,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("out_dir", metavar="OUT_DIR")
     d = SyntheticConfig()  # the one place the defaults live
-    ap.add_argument("--per-class-train", type=int, default=d.train_per_class, metavar="N")
-    ap.add_argument("--per-class-val", type=int, default=d.val_per_class, metavar="N")
-    ap.add_argument("--per-class-test", type=int, default=d.test_per_class, metavar="N")
+    for split in SPLIT_DIRS:
+        field = f"{split}_per_class"
+        default = getattr(d, field)
+        ap.add_argument(f"--per-class-{split}", dest=field, type=int, default=default, metavar="N")
     ap.add_argument("--size", type=int, default=d.size, metavar="S", help="image side in pixels")
-    ap.add_argument(
-        "--difficulty", type=float, default=d.difficulty, metavar="D", help="0 (clean) .. 1"
-    )
+    ap.add_argument("--difficulty", type=float, default=d.difficulty, metavar="D", help="0 .. 1")
     ap.add_argument("--seed", type=int, default=d.seed, metavar="K")
     ap.add_argument("--format", choices=FORMATS, default=d.format)
-    ap.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="W",
-        help="threads (default: the cores, at most 4)",
-    )
-    args = ap.parse_args(argv)
-    cfg = argparse.Namespace(
-        train_per_class=args.per_class_train,
-        val_per_class=args.per_class_val,
-        test_per_class=args.per_class_test,
-        size=args.size,
-        difficulty=args.difficulty,
-        seed=args.seed,
-        format=args.format,
-    )
+    ap.add_argument("--workers", type=int, metavar="W", help="threads (default: cores, at most 4)")
+    args = vars(ap.parse_args(argv))
+    out_dir, workers = args.pop("out_dir"), args.pop("workers")
+    cfg = SyntheticConfig(dir=out_dir, **args)
     t0 = time.perf_counter()
     try:
-        out = generate(args.out_dir, cfg, workers=args.workers)
+        out = generate(out_dir, cfg, workers=workers)
     except ValueError as exc:
         ap.error(str(exc))
-    n = (args.per_class_train + args.per_class_val + args.per_class_test) * len(CLASSES)
+    n = (cfg.train_per_class + cfg.val_per_class + cfg.test_per_class) * len(CLASSES)
     print(f"wrote {n} images to {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 
