@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -20,7 +21,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from pipeline.lib.files import atomic_file
-from pipeline.lib.reporting.metrics import ReliabilityBins
 
 PathLike = str | os.PathLike[str]
 
@@ -441,7 +441,16 @@ def save_gallery(
 # reliability diagram
 
 
-def save_reliability_diagram(bins: ReliabilityBins, path: PathLike) -> Path:
+class ReliabilityData(Protocol):
+    """`metrics.ReliabilityBins` (not imported: the train stage draws without that module)."""
+
+    count: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    edges: np.ndarray
+
+
+def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
     """Save a reliability diagram (Guo et al. 2017) to `path` (PNG): per confidence bin, the
     accuracy as a bar against the diagonal of perfect calibration, the gap to the mean confidence
     shaded, the image counts written above; the title gives the ECE. Empty bins are left blank.
