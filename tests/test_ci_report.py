@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from pipeline.lib.reporting.ci_report import (
+    Change,
     CIReportError,
     confusion_changes,
     confusion_from_predictions,
@@ -75,16 +76,16 @@ def test_confusion_table_and_changes():
     assert confusion_changes(base, base) == []
 
 
-def _row(name: str, old, new, file: str = "reports/metrics.json") -> dict:
-    change = new - old if isinstance(old, float) and isinstance(new, float) else None
-    return {
-        "file": file,
-        "name": name,
-        "base": old,
-        "head": new,
-        "change": change,
-        "changed": old != new,
-    }
+def _row(name: str, old, new, file: str = "reports/metrics.json") -> Change:
+    return Change(file, name, old, new)
+
+
+def test_change_of_numbers_and_of_other_values():
+    assert _row("a", 0.5, 0.75).change == 0.25 and _row("a", 0.5, 0.75).changed
+    assert _row("a", 1, 1 + 1e-13).changed is False  # within TOLERANCE
+    assert _row("a", None, 0.5).change is None and _row("a", None, 0.5).changed
+    assert _row("a", True, 1).change is None  # a bool is not a number
+    assert _row("a", "x", "x").changed is False and _row("a", [1], [2]).changed
 
 
 def test_verdict_up_down_unchanged_missing():

@@ -82,13 +82,13 @@ def test_mcnemar_against_a_hand_computed_table():
     a = np.array([1] * 5 + [1] * 4 + [0] + [0], dtype=bool)[:10]
     b = np.array([1] * 5 + [0] * 4 + [0], dtype=bool)
     r = mcnemar_exact(a, b)
-    assert (r["only_a"], r["only_b"], r["n"]) == (4, 0, 10)
-    assert r["p_value"] == pytest.approx(2 * 0.5**4)  # two-sided exact: 0.125
+    assert (r.only_a, r.only_b, r.n) == (4, 0, 10)
+    assert r.p_value == pytest.approx(2 * 0.5**4)  # two-sided exact: 0.125
     # 12 discordant pairs split 10 / 2: p = 2 * sum_{k<=2} C(12,k) / 2^12 = 0.03857
     a = np.array([True] * 10 + [False] * 2)
     r = mcnemar_exact(a, ~a)
-    assert r["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 4096)
-    assert mcnemar_exact(a, a)["p_value"] == 1.0
+    assert r.p_value == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar_exact(a, a).p_value == 1.0
 
 
 def test_paired_correct_pairs_by_path():

@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.lib.data.prepared import SPLITS
 from pipeline.lib.files import atomic_dir, atomic_file, write_json
 from pipeline.lib.reporting import figures
+from pipeline.lib.reporting.html_report import render_report, write_report
 from pipeline.lib.reporting.metrics import (
     Predictions,
     classification_metrics,
@@ -108,7 +109,8 @@ def write_figures(
     ev: Evaluation, folder: Path, gallery_size: int, gallery_columns: int
 ) -> list[Path]:
     """Write `folder` (replaced atomically): the confusion matrix (counts and row-normalised),
-    the reliability diagram (accuracy against confidence, ECE's bins) and the gallery of `gallery_size` test images; return the PNG paths inside `folder`."""
+    the reliability diagram (accuracy against confidence, ECE's bins) and the gallery of
+    `gallery_size` test images; return the PNG paths inside `folder`."""
     p = ev.predictions
     matrix = confusion(p)
     shown = gallery_indices(p.y_true, p.y_pred, gallery_size)
@@ -137,18 +139,11 @@ def write_figures(
     return [folder / path.name for path in written]
 
 
-def table_files(reports: Path) -> list[Path]:
-    """The table files `write_tables` writes, in the order they are logged to MLflow."""
-    return [reports / name for name in (METRICS_FILE, REPORT_JSON, REPORT_TEXT, PREDICTIONS_FILE)]
-
-
 def write_html_report(
     ev: Evaluation, reports: Path, metrics: dict[str, Any], images_per_cell: int
 ) -> Path:
     """Write `reports/eval_report.html` (`pipeline.lib.reporting.html_report`); return its path."""
-    from pipeline.lib.reporting import html_report
-
-    html = html_report.render_report(
+    html = render_report(
         ev.predictions,
         ev.images,
         ev.paths,
@@ -156,4 +151,4 @@ def write_html_report(
         images_per_cell,
         split=SPLIT,
     )
-    return html_report.write_report(reports / REPORT_HTML, html)
+    return write_report(reports / REPORT_HTML, html)

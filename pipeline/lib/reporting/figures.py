@@ -1,4 +1,4 @@
-"""The pipeline's figures: learning curves, confusion matrix, prediction gallery.
+"""The pipeline's figures: learning curves, confusion matrix, prediction gallery, reliability.
 
 Every figure is drawn on a standalone `matplotlib.figure.Figure` bound to the Agg canvas; pyplot is
 never imported, so no global figure registry fills up and nothing needs a display. Each `save_*`
@@ -12,8 +12,10 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
@@ -38,14 +40,9 @@ GALLERY_TOP_K = 10
 _GALLERY_IMAGE_IN = 2.4
 _GALLERY_BARS_IN = 1.9
 
-_METRICS = {
-    "loss": ("Loss", "min"),
-    "accuracy": ("Accuracy", "max"),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# common
+#: label and which end is best, per learning-curve metric
+_METRICS = {"loss": ("Loss", "min"), "accuracy": ("Accuracy", "max")}
+_CENTERED = {"ha": "center", "va": "center"}
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -78,46 +75,21 @@ def _float_series(values: Sequence[float] | None) -> np.ndarray:
     return np.asarray(list(values), dtype=float).reshape(-1)
 
 
-def _message(ax, text: str) -> None:
-    ax.text(
-        0.5,
-        0.5,
-        text,
-        ha="center",
-        va="center",
-        fontsize=12,
-        color="#555555",
-        transform=ax.transAxes,
-    )
+def _hide_spines(ax: Axes, sides: Sequence[str] = ("top", "right")) -> None:
+    for side in sides:
+        ax.spines[side].set_visible(False)
+
+
+def _message(ax: Axes, text: str) -> None:
+    """`text` alone in the middle of an empty `ax`."""
+    ax.text(0.5, 0.5, text, fontsize=12, color="#555555", transform=ax.transAxes, **_CENTERED)
     ax.set_xticks([])
     ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+    _hide_spines(ax, list(ax.spines.keys()))
 
 
 # --------------------------------------------------------------------------------------------
 # learning curves
-
-
-def _epoch_axis(epochs: Mapping[str, Sequence[float]], n: int) -> np.ndarray:
-    given = epochs.get("epoch")
-    if given is not None:
-        given = _float_series(given)
-        if len(given) >= n:
-            return given[:n]
-    return np.arange(1, n + 1, dtype=float)
-
-
-def _batch_positions(steps: np.ndarray, n_epochs: int, first_epoch: float) -> np.ndarray:
-    """Map global batch steps onto the epoch axis: the last batch of epoch k lands on epoch k.
-
-    Steps may count from 0 or 1; steps per epoch is inferred from the last step and the number of
-    epochs, so batches logged every k steps still land in the right place.
-    """
-    pos = steps - steps.min() + 1 if len(steps) and steps.min() <= 0 else steps.copy()
-    last = float(np.nanmax(pos)) if len(pos) else 1.0
-    steps_per_epoch = max(last / max(n_epochs, 1), 1e-12)
-    return (first_epoch - 1.0) + pos / steps_per_epoch
 
 
 def _batch_series(
@@ -136,51 +108,16 @@ def _batch_series(
     return steps, batch_y
 
 
-def _plot_epoch_curves(ax, x: np.ndarray, train: np.ndarray, val: np.ndarray, n: int) -> None:
-    markers = n <= 30
-    marker_size = 7 if n == 1 else 4
-    if len(train):
-        ax.plot(
-            x[: len(train)],
-            train,
-            color=TRAIN_COLOR,
-            linewidth=2,
-            zorder=3,
-            marker="o" if markers else None,
-            markersize=marker_size,
-            label="train",
-        )
-    if len(val):
-        ax.plot(
-            x[: len(val)],
-            val,
-            color=VAL_COLOR,
-            linewidth=2,
-            linestyle="--",
-            zorder=3,
-            marker="s" if markers else None,
-            markersize=marker_size,
-            label="validation",
-        )
+def _batch_positions(steps: np.ndarray, n_epochs: int, first_epoch: float) -> np.ndarray:
+    """Map global batch steps onto the epoch axis: the last batch of epoch k lands on epoch k.
 
-
-def _mark_best_epoch(ax, x: np.ndarray, train: np.ndarray, val: np.ndarray, best_mode: str) -> None:
-    """Star the best epoch of the validation curve (of the training curve when there is none)."""
-    ref, ref_name = (val, "validation") if len(val) else (train, "train")
-    if len(ref) > 1 and np.isfinite(ref).any():
-        i = int(np.nanargmin(ref) if best_mode == "min" else np.nanargmax(ref))
-        ax.plot(
-            [x[i]],
-            [ref[i]],
-            linestyle="none",
-            marker="*",
-            markersize=15,
-            zorder=4,
-            color="#d4a017",
-            markeredgecolor="black",
-            markeredgewidth=0.6,
-            label=f"best {ref_name}: {ref[i]:.4g} (epoch {x[i]:g})",
-        )
+    Steps may count from 0 or 1; steps per epoch is inferred from the last step and the number of
+    epochs, so batches logged every k steps still land in the right place.
+    """
+    pos = steps - steps.min() + 1 if len(steps) and steps.min() <= 0 else steps.copy()
+    last = float(np.nanmax(pos)) if len(pos) else 1.0
+    steps_per_epoch = max(last / max(n_epochs, 1), 1e-12)
+    return (first_epoch - 1.0) + pos / steps_per_epoch
 
 
 def learning_curve_figure(
@@ -188,12 +125,14 @@ def learning_curve_figure(
     metric: str,
     batches: Mapping[str, Sequence[float]] | None = None,
 ) -> Figure:
-    """One metric ('loss' or 'accuracy'): train vs validation per epoch, batches faintly under."""
+    """One metric ('loss' or 'accuracy'): train vs validation per epoch, batches faintly under;
+    the best epoch of the validation curve (of the training curve when there is none) starred."""
     label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
     train = _float_series(epochs.get(metric))
     val = _float_series(epochs.get(f"val_{metric}"))
     n = max(len(train), len(val))
-    x = _epoch_axis(epochs, n)
+    given = _float_series(epochs["epoch"]) if epochs.get("epoch") is not None else np.zeros(0)
+    x = given[:n] if len(given) >= n else np.arange(1, n + 1, dtype=float)
     steps, batch_y = _batch_series(batches, metric)
 
     fig = _new_figure(7.0, 4.3)
@@ -204,23 +143,28 @@ def learning_curve_figure(
         return fig
     if len(batch_y):
         bx = _batch_positions(steps, n, float(x[0])) if n else steps
-        ax.plot(
-            bx,
-            batch_y,
-            color=TRAIN_COLOR,
-            alpha=0.3,
-            linewidth=0.8,
-            zorder=1,
-            label="train (per batch)",
-        )
-    _plot_epoch_curves(ax, x, train, val, n)
-    _mark_best_epoch(ax, x, train, val, best_mode)
+        faint = {"color": TRAIN_COLOR, "alpha": 0.3, "linewidth": 0.8, "zorder": 1}
+        ax.plot(bx, batch_y, label="train (per batch)", **faint)
+    markers = n <= 30
+    style = {"linewidth": 2, "zorder": 3, "markersize": 7 if n == 1 else 4}
+    for y, color, line, marker, name in (
+        (train, TRAIN_COLOR, "-", "o" if markers else None, "train"),
+        (val, VAL_COLOR, "--", "s" if markers else None, "validation"),
+    ):
+        if len(y):
+            ax.plot(x[: len(y)], y, color=color, linestyle=line, marker=marker, label=name, **style)
+    ref, ref_name = (val, "validation") if len(val) else (train, "train")
+    if len(ref) > 1 and np.isfinite(ref).any():
+        i = int(np.nanargmin(ref) if best_mode == "min" else np.nanargmax(ref))
+        best = f"best {ref_name}: {ref[i]:.4g} (epoch {x[i]:g})"
+        star = {"marker": "*", "markersize": 15, "zorder": 4, "color": "#d4a017"}
+        edge = {"markeredgecolor": "black", "markeredgewidth": 0.6}
+        ax.plot([x[i]], [ref[i]], linestyle="none", label=best, **star, **edge)
     ax.set_xlabel("epoch" if n else "step")
     ax.set_ylabel(label.lower())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    _hide_spines(ax)
     if n == 1 and not len(batch_y):
         ax.set_xlim(x[0] - 1, x[0] + 1)
     ax.legend(loc="best", fontsize=9, framealpha=0.9)
@@ -253,34 +197,51 @@ def _format_count(value: float) -> str:
     return f"{int(round(value))}" if float(value).is_integer() else f"{value:.3g}"
 
 
-def _check_confusion(counts: np.ndarray, n: int) -> None:
+def confusion_figure(
+    matrix: Sequence[Sequence[float]] | np.ndarray,
+    classes: Sequence[str],
+    normalize: bool = False,
+    title: str = "Confusion matrix",
+) -> Figure:
+    """Heatmap of a (C, C) count matrix (rows true, columns predicted) for C class names: true
+    label on y, predicted on x; counts (and row %) in cells up to 20 classes.
+
+    Raises:
+        ValueError: the matrix is not square, has no class, or does not match `classes`.
+    """
+    counts = np.asarray(matrix, dtype=float)
+    n = len(classes)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
         raise ValueError(f"confusion matrix must be square, got shape {counts.shape}")
     if n == 0:
         raise ValueError("a confusion matrix needs at least one class")
     if counts.shape[0] != n:
         raise ValueError(
-            f"confusion matrix is {counts.shape[0]}x{counts.shape[0]} "
-            f"but {n} class names were given"
+            f"confusion matrix is {counts.shape[0]}x{counts.shape[0]} but {n} class names were given"
         )
+    classes = [str(c) for c in classes]
+    row_sums = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
+    shown = fractions if normalize else counts
 
-
-def _confusion_canvas(classes: list[str], normalize: bool) -> tuple[Figure, float]:
-    """A figure sized for n classes (cells, rotated labels, colour bar) and its tick font size."""
-    n = len(classes)
+    # a figure sized for n classes: cells, rotated labels, colour bar
     tick_fs = 10 if n <= 10 else 8 if n <= 20 else 7 if n <= 35 else 6
     cell_in = (
         (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
     )
     label_in = _text_width_in(max(len(c) for c in classes), tick_fs)
     grid_in = max(3.0, n * cell_in)
-    width = grid_in + label_in + 1.6  # y tick labels, axis label, colour bar
-    height = grid_in + label_in * 0.75 + 1.3  # rotated x tick labels, title
-    return _new_figure(width, height), tick_fs
-
-
-def _confusion_axes(ax, classes: list[str], tick_fs: float) -> None:
-    n = len(classes)
+    # width: y tick labels, axis label, colour bar; height: rotated x tick labels, title
+    fig = _new_figure(grid_in + label_in + 1.6, grid_in + label_in * 0.75 + 1.3)
+    ax = fig.add_subplot()
+    vmax = 1.0 if normalize else max(float(counts.max()), 1.0)
+    image = ax.imshow(
+        shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal"
+    )
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, shrink=0.9)
+    if normalize:
+        bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    bar.set_label("share of the true class" if normalize else "images")
     ax.set_xticks(
         range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=tick_fs
     )
@@ -291,85 +252,30 @@ def _confusion_axes(ax, classes: list[str], tick_fs: float) -> None:
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("predicted label", fontsize=11)
     ax.set_ylabel("true label", fontsize=11)
-
-
-def _confusion_subtitle(counts: np.ndarray, normalize: bool) -> str:
     total = counts.sum()
     subtitle = (
         f"accuracy {np.trace(counts) / total:.1%} on {_format_count(total)} images"
         if total > 0
         else "no images"
-    )
-    return subtitle + (" · rows normalised" if normalize else "")
-
-
-def _confusion_cell_texts(
-    ax, image, counts: np.ndarray, fractions: np.ndarray, normalize: bool
-) -> None:
-    """Each cell's count (and row share when normalised), white on dark cells."""
-    n = len(counts)
-    shown = fractions if normalize else counts
-    cell_fs = 10 if n <= 6 else 9 if n <= 10 else 7 if n <= 15 else 6
-    pct_fmt = "{:.1f}%" if n <= 10 else "{:.0f}%"
-    for i in range(n):
-        for j in range(n):
-            value = counts[i, j]
-            text = _format_count(value)
+    ) + (" · rows normalised" if normalize else "")
+    ax.set_title(f"{title}\n{subtitle}", fontsize=12)
+    if n <= CELL_TEXT_MAX_CLASSES:  # each cell's count (and row share), white on dark cells
+        cell_fs = 10 if n <= 6 else 9 if n <= 10 else 7 if n <= 15 else 6
+        pct_fmt = "{:.1f}%" if n <= 10 else "{:.0f}%"
+        for i, j in np.ndindex(n, n):
+            text = _format_count(counts[i, j])
             if normalize:
                 text += "\n" + pct_fmt.format(100 * fractions[i, j])
-            dark = image.norm(shown[i, j]) > 0.55
-            ax.text(
-                j,
-                i,
-                text,
-                ha="center",
-                va="center",
-                fontsize=cell_fs,
-                color="white" if dark else "#222222",
-                alpha=1.0 if value else 0.45,
-            )
-
-
-def confusion_figure(
-    matrix, classes: Sequence[str], normalize: bool = False, title: str = "Confusion matrix"
-) -> Figure:
-    """Heatmap of a (C, C) count matrix (rows true, columns predicted) for C class names: true
-    label on y, predicted on x; counts (and row %) in cells up to 20 classes.
-
-    Raises:
-        ValueError: the matrix is not square, has no class, or does not match `classes`.
-    """
-    counts = np.asarray(matrix, dtype=float)
-    n = len(classes)
-    _check_confusion(counts, n)
-    classes = [str(c) for c in classes]
-    row_sums = counts.sum(axis=1, keepdims=True)
-    fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
-    shown = fractions if normalize else counts
-
-    fig, tick_fs = _confusion_canvas(classes, normalize)
-    ax = fig.add_subplot()
-    vmax = 1.0 if normalize else max(float(counts.max()), 1.0)
-    image = ax.imshow(
-        shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal"
-    )
-    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, shrink=0.9)
-    if normalize:
-        bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-        bar.set_label("share of the true class")
-    else:
-        bar.set_label("images")
-    _confusion_axes(ax, classes, tick_fs)
-    ax.set_title(f"{title}\n{_confusion_subtitle(counts, normalize)}", fontsize=12)
-    if n <= CELL_TEXT_MAX_CLASSES:
-        _confusion_cell_texts(ax, image, counts, fractions, normalize)
+            color = "white" if image.norm(shown[i, j]) > 0.55 else "#222222"
+            alpha = 1.0 if counts[i, j] else 0.45
+            ax.text(j, i, text, fontsize=cell_fs, color=color, alpha=alpha, **_CENTERED)
     for spine in ax.spines.values():
         spine.set_color("#888888")
     return fig
 
 
 def save_confusion_matrix(
-    matrix,
+    matrix: Sequence[Sequence[float]] | np.ndarray,
     classes: list[str],
     path: PathLike,
     normalize: bool = False,
@@ -389,7 +295,8 @@ def gallery_title(predicted: str, true: str) -> str:
     return text if len(text) <= 32 else f"pred: {predicted} /\ntrue: {true}"
 
 
-def _as_rgb(image) -> tuple[np.ndarray, str | None]:
+def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
+    """The image (uint8, float in 0..1 or 0..255, RGB or grey) framed in `color`."""
     img = np.asarray(image)
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
@@ -399,74 +306,26 @@ def _as_rgb(image) -> tuple[np.ndarray, str | None]:
             img = np.clip(img, 0, 255).astype(np.uint8)
         else:
             img = np.clip(img, 0.0, 1.0)
-    return img, ("gray" if img.ndim == 2 else None)
-
-
-def _gallery_arrays(
-    probabilities, true_labels, n: int, n_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The first n rows of probabilities (n, C) as float and labels (n,) as int, checked."""
-    probs = np.asarray(probabilities[:n], dtype=float)
-    labels = np.asarray(true_labels[:n]).astype(int).reshape(-1)
-    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != n_classes:
-        raise ValueError(f"probabilities must be ({n}, {n_classes}), got {probs.shape}")
-    if len(labels) != n:
-        raise ValueError(f"need {n} true labels, got {len(labels)}")
-    if n_classes and ((labels < 0) | (labels >= n_classes)).any():
-        raise ValueError("true label index out of range of the classes")
-    return probs, labels
-
-
-def _gallery_canvas(
-    classes: list[str], titles: list[str], columns: int
-) -> tuple[Figure, np.ndarray, float, float]:
-    """(figure, (rows, columns) subfigures, label font size, title font size) for the panels."""
-    n, n_classes = len(titles), len(classes)
-    rows = math.ceil(n / columns)
-    shown_classes = min(
-        n_classes,
-        GALLERY_ALL_CLASSES_MAX if n_classes <= GALLERY_ALL_CLASSES_MAX else GALLERY_TOP_K,
-    )
-    label_fs = 8 if shown_classes <= 8 else 7
-    label_in = _text_width_in(max(len(c) for c in classes), label_fs)
-    longest_line = max(len(line) for t in titles for line in t.split("\n"))
-    # bold title lines must fit over the image panel
-    title_fs = float(np.clip(_GALLERY_IMAGE_IN * 72.0 / (longest_line * 0.68), 6.5, 10.0))
-    pair_in = _GALLERY_IMAGE_IN + label_in + _GALLERY_BARS_IN + 0.6
-    row_in = max(_GALLERY_IMAGE_IN + 1.1, 0.24 * shown_classes + 1.0)
-    fig = _new_figure(columns * pair_in, rows * row_in + 0.5)
-    # one subfigure per image+scores pair: each lays out on its own, nothing spills into the next
-    cells = np.asarray(fig.subfigures(rows, columns, wspace=0.02, hspace=0.02), dtype=object)
-    return fig, cells.reshape(rows, columns), label_fs, title_fs
-
-
-def _draw_gallery_image(ax, image, title: str, color: str, title_fs: float) -> None:
-    img, cmap = _as_rgb(image)
-    ax.imshow(img, cmap=cmap, interpolation="antialiased")
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_color(color)
         spine.set_linewidth(3)
-    ax.set_title(title, color=color, fontsize=title_fs, fontweight="bold")
-
-
-def _score_order(scores: np.ndarray, true_k: int) -> np.ndarray:
-    """Which classes a bar chart shows: all, or with many classes the top scores (true included)."""
-    if len(scores) <= GALLERY_ALL_CLASSES_MAX:
-        return np.arange(len(scores))
-    order = np.argsort(-scores, kind="stable")[:GALLERY_TOP_K]
-    if true_k not in order:
-        order[-1] = true_k
-    return order
+    ax.set_title(title, color=color, fontsize=fs, fontweight="bold")
 
 
 def _draw_gallery_scores(
-    ax, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
+    ax: Axes, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
 ) -> None:
-    """Horizontal score bars: the predicted one filled in `color`, the true one outlined."""
+    """Horizontal score bars: the predicted one filled in `color`, the true one outlined; with
+    many classes only the top scores (the true class included)."""
     pred_k = int(probs_k.argmax())
-    order = _score_order(probs_k, true_k)
+    order = np.arange(len(probs_k))
+    if len(probs_k) > GALLERY_ALL_CLASSES_MAX:
+        order = np.argsort(-probs_k, kind="stable")[:GALLERY_TOP_K]
+        if true_k not in order:
+            order[-1] = true_k
     scores = np.clip(probs_k[order], 0.0, 1.0)
     bar_colors = [color if i == pred_k else NEUTRAL_BAR_COLOR for i in order]
     edges = ["black" if i == true_k else "none" for i in order]
@@ -477,17 +336,12 @@ def _draw_gallery_scores(
         if i == true_k:
             tick.set_fontweight("bold")
     for y, i, p in zip(ypos, order, scores, strict=False):
-        tag = f"{p:.2f}" + ("  true" if i == true_k else "")
         inside = p > 0.62
+        tag, weight = (f"{p:.2f}  true", "bold") if i == true_k else (f"{p:.2f}", "normal")
+        color = "white" if inside and i == pred_k else "#222222"
+        where = (p - 0.02, "right") if inside else (p + 0.02, "left")
         ax.text(
-            p - 0.02 if inside else p + 0.02,
-            y,
-            tag,
-            va="center",
-            ha="right" if inside else "left",
-            fontsize=7,
-            color="white" if inside and i == pred_k else "#222222",
-            fontweight="bold" if i == true_k else "normal",
+            where[0], y, tag, va="center", ha=where[1], fontsize=7, color=color, fontweight=weight
         )
     ax.set_xlim(0, 1)
     ax.set_ylim(len(order) - 0.5, -0.5)  # first class on top
@@ -495,15 +349,14 @@ def _draw_gallery_scores(
     ax.tick_params(axis="y", length=0)
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    _hide_spines(ax)
     ax.set_xlabel("score", fontsize=7, labelpad=1)
 
 
 def gallery_figure(
-    images,
-    probabilities,
-    true_labels,
+    images: np.ndarray | None,
+    probabilities: np.ndarray,
+    true_labels: np.ndarray,
     classes: Sequence[str],
     columns: int = 3,
     max_images: int | None = None,
@@ -525,22 +378,42 @@ def gallery_figure(
         fig = _new_figure(4.0, 1.5)
         _message(fig.add_subplot(), "no test images")
         return fig
-    probs, labels = _gallery_arrays(probabilities, true_labels, n, len(classes))
+    n_classes = len(classes)
+    probs = np.asarray(probabilities[:n], dtype=float)
+    labels = np.asarray(true_labels[:n]).astype(int).reshape(-1)
+    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != n_classes:
+        raise ValueError(f"probabilities must be ({n}, {n_classes}), got {probs.shape}")
+    if len(labels) != n:
+        raise ValueError(f"need {n} true labels, got {len(labels)}")
+    if n_classes and ((labels < 0) | (labels >= n_classes)).any():
+        raise ValueError("true label index out of range of the classes")
     predicted = probs.argmax(axis=1)
     correct = predicted == labels
     columns = max(1, min(int(columns), n))
     titles = [gallery_title(classes[int(predicted[k])], classes[int(labels[k])]) for k in range(n)]
-    fig, cells, label_fs, title_fs = _gallery_canvas(classes, titles, columns)
+
+    rows = math.ceil(n / columns)
+    shown_classes = n_classes if n_classes <= GALLERY_ALL_CLASSES_MAX else GALLERY_TOP_K
+    label_fs = 8 if shown_classes <= 8 else 7
+    label_in = _text_width_in(max(len(c) for c in classes), label_fs)
+    longest_line = max(len(line) for t in titles for line in t.split("\n"))
+    # bold title lines must fit over the image panel
+    title_fs = float(np.clip(_GALLERY_IMAGE_IN * 72.0 / (longest_line * 0.68), 6.5, 10.0))
+    pair_in = _GALLERY_IMAGE_IN + label_in + _GALLERY_BARS_IN + 0.6
+    row_in = max(_GALLERY_IMAGE_IN + 1.1, 0.24 * shown_classes + 1.0)
+    fig = _new_figure(columns * pair_in, rows * row_in + 0.5)
+    # one subfigure per image+scores pair: each lays out on its own, nothing spills into the next
+    cells = np.asarray(fig.subfigures(rows, columns, wspace=0.02, hspace=0.02), dtype=object)
+    cells = cells.reshape(rows, columns)
+    first = f" (first {n} of {n_total} images)" if n < n_total else ""
     fig.suptitle(
-        f"Test predictions: {int(correct.sum())} of {n} right"
-        + (f" (first {n} of {n_total} images)" if n < n_total else ""),
+        f"Test predictions: {int(correct.sum())} of {n} right{first}",
         fontsize=13,
         fontweight="bold",
     )
     for k in range(n):
-        r, c = divmod(k, columns)
         color = CORRECT_COLOR if correct[k] else WRONG_COLOR
-        ax_img, ax_bar = cells[r, c].subplots(
+        ax_img, ax_bar = cells[divmod(k, columns)].subplots(
             1, 2, width_ratios=[_GALLERY_IMAGE_IN, _GALLERY_BARS_IN]
         )
         _draw_gallery_image(ax_img, images[k], titles[k], color, title_fs)
@@ -549,58 +422,56 @@ def gallery_figure(
 
 
 def save_gallery(
-    images,
-    probabilities,
-    true_labels,
+    images: np.ndarray | None,
+    probabilities: np.ndarray,
+    true_labels: np.ndarray,
     classes: list[str],
     path: PathLike,
     columns: int = 3,
     max_images: int | None = None,
 ) -> Path:
-    """Write the prediction gallery to `path` and return it (see `gallery_figure`).
-
-    images: (N, H, W, 3) uint8, a numpy memmap is fine (only the shown images are read);
-    probabilities: (N, C) scores in 0..1; true_labels: (N,) class indices. N == 0 writes a small
-    figure saying 'no test images'.
-    """
-    return _save(
-        gallery_figure(
-            images, probabilities, true_labels, classes, columns=columns, max_images=max_images
-        ),
-        path,
-    )
+    """Write the prediction gallery to `path` and return it (see `gallery_figure`). `images` may
+    be a numpy memmap (only the shown images are read); N == 0 writes a small figure saying
+    'no test images'."""
+    fig = gallery_figure(images, probabilities, true_labels, classes, columns, max_images)
+    return _save(fig, path)
 
 
-def save_reliability_diagram(bins: Mapping[str, np.ndarray], path: PathLike) -> Path:
-    """Save a reliability diagram (Guo et al. 2017) to `path` (PNG): per equal-width confidence
-    bin (`bins` from `pipeline.lib.reporting.metrics.reliability_bins`: "edges", "count",
-    "accuracy", "confidence"), the accuracy as a bar against the diagonal of perfect
-    calibration, the gap to the mean confidence shaded, the image counts written above; the
-    title gives the ECE. Empty bins are left blank. Returns `path`."""
-    edges = np.asarray(bins["edges"], dtype=float)
-    count = np.asarray(bins["count"])
-    acc = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
-    conf = np.nan_to_num(np.asarray(bins["confidence"], dtype=float))
+# --------------------------------------------------------------------------------------------
+# reliability diagram
+
+
+class ReliabilityData(Protocol):
+    """`metrics.ReliabilityBins` (not imported: the train stage draws without that module)."""
+
+    count: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    edges: np.ndarray
+
+
+def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
+    """Save a reliability diagram (Guo et al. 2017) to `path` (PNG): per confidence bin, the
+    accuracy as a bar against the diagonal of perfect calibration, the gap to the mean confidence
+    shaded, the image counts written above; the title gives the ECE. Empty bins are left blank.
+    Returns `path`."""
+    edges = np.asarray(bins.edges, dtype=float)
+    count = np.asarray(bins.count)
+    acc = np.nan_to_num(np.asarray(bins.accuracy, dtype=float))
+    conf = np.nan_to_num(np.asarray(bins.confidence, dtype=float))
     width, left = np.diff(edges), edges[:-1]
     n = max(int(count.sum()), 1)
     ece = float(np.sum(count / n * np.abs(acc - conf)))
     fig = _new_figure(5.5, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     used = count > 0
-    ax.bar(left[used], acc[used], width[used], align="edge", color="#4c72b0", label="accuracy")
-    ax.bar(
-        left[used],
-        conf[used] - acc[used],
-        width[used],
-        bottom=acc[used],
-        align="edge",
-        color="#dd8452",
-        alpha=0.45,
-        label="gap to mean confidence",
-    )
+    x, w, a = left[used], width[used], acc[used]
+    ax.bar(x, a, w, align="edge", color="#4c72b0", label="accuracy")
+    gap = {"bottom": a, "align": "edge", "color": "#dd8452", "alpha": 0.45}
+    ax.bar(x, conf[used] - a, w, label="gap to mean confidence", **gap)
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    for x, w, c, a in zip(left[used], width[used], count[used], acc[used], strict=True):
-        ax.text(x + w / 2, min(a, 1.0) + 0.01, str(int(c)), ha="center", fontsize=7)
+    for xi, wi, c, ai in zip(x, w, count[used], a, strict=True):
+        ax.text(xi + wi / 2, min(ai, 1.0) + 0.01, str(int(c)), ha="center", fontsize=7)
     ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (top-1 probability)", ylabel="accuracy")
     ax.set_title(
         f"Reliability diagram: ECE {ece:.4f} ({len(width)} bins, {int(count.sum())} images)"

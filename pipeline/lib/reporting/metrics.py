@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+#: Bins of the expected calibration error (equal width over [0, 1], as in Guo et al. 2017).
+ECE_BINS = 15
+#: Confidence level of the accuracy interval (Wilson score interval).
+CONFIDENCE = 0.95
+
 
 @dataclass(frozen=True)
 class Predictions:
-    """A model's predictions on one split.
-
-    Attributes:
-        probs: float32 (N, C) class probabilities.
-        y_true: int (N,) true label indices into `classes`.
-        classes: the C class names, in label-index order.
-    """
+    """A model's predictions on one split: `probs` float32 (N, C) class probabilities, `y_true`
+    int (N,) true label indices into `classes`, the C class names in label-index order."""
 
     probs: np.ndarray
     y_true: np.ndarray
@@ -35,53 +37,65 @@ class Predictions:
         return list(range(len(self.classes)))
 
 
-#: Bins of the expected calibration error (equal width over [0, 1], as in Guo et al. 2017).
-ECE_BINS = 15
-#: Confidence level of the accuracy interval (Wilson score interval).
-CONFIDENCE = 0.95
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """A reliability diagram's data, per equal-width confidence bin: `count` int (bins,),
+    `confidence` and `accuracy` float64 (bins,) means (NaN for an empty bin), `edges` (bins + 1,)."""
+
+    count: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    edges: np.ndarray
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """McNemar's exact test on `n` paired images: `only_a` right in A only, `only_b` right in B
+    only, `p_value` two-sided exact binomial p of only_a of only_a + only_b at 1/2."""
+
+    n: int
+    only_a: int
+    only_b: int
+    p_value: float
+
+
+def _top1(
+    probs: np.ndarray, y_true: np.ndarray, bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top-1 confidence, whether it is right, its bin) per image; bin b holds confidences in
+    (b/bins, (b+1)/bins], a confidence of 0 goes to bin 0."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
+    correct = probs.argmax(axis=1) == np.asarray(y_true) if len(probs) else np.zeros(0, bool)
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    return confidence, correct, index
 
 
 def expected_calibration_error(
     probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
 ) -> float:
-    """ECE (Guo et al. 2017): the top-1 confidences of `probs` (N, C) are put into `bins`
-    equal-width bins over (0, 1]; ECE = sum over bins of |accuracy - mean confidence| weighted by
-    the bin's share of the N images. 0 = calibrated; 0.0 for N = 0."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if not len(probs):
-        return 0.0
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == np.asarray(y_true)
-    # bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of 0 goes to bin 0
-    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    """ECE (Guo et al. 2017) of `probs` (N, C): sum over `bins` equal-width confidence bins of
+    |accuracy - mean confidence| weighted by the bin's share of the N images. 0 = calibrated;
+    0.0 for N = 0."""
+    confidence, correct, index = _top1(probs, y_true, bins)
     ece = 0.0
     for b in range(bins):
         members = index == b
         if members.any():
-            gap = abs(correct[members].mean() - confidence[members].mean())
-            ece += members.mean() * gap
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
     return float(ece)
 
 
 def reliability_bins(
     probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
-) -> dict[str, np.ndarray]:
-    """Per equal-width confidence bin: "count" (int), "confidence" and "accuracy" (float64 means,
-    NaN for an empty bin) and "edges" (bins + 1): a reliability diagram's data."""
-    probs = np.asarray(probs, dtype=np.float64)
-    confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
-    correct = probs.argmax(axis=1) == np.asarray(y_true) if len(probs) else np.zeros(0, bool)
-    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+) -> ReliabilityBins:
+    """The bins of `expected_calibration_error`, for a reliability diagram."""
+    confidence, correct, index = _top1(probs, y_true, bins)
     count = np.bincount(index, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         conf = np.bincount(index, weights=confidence, minlength=bins) / count
         acc = np.bincount(index, weights=correct.astype(float), minlength=bins) / count
-    return {
-        "count": count,
-        "confidence": conf,
-        "accuracy": acc,
-        "edges": np.linspace(0, 1, bins + 1),
-    }
+    return ReliabilityBins(count, conf, acc, np.linspace(0, 1, bins + 1))
 
 
 def accuracy_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -95,11 +109,10 @@ def accuracy_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> t
     return float(ci.low), float(ci.high)
 
 
-def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any]:
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
     """McNemar's exact test of two classifiers on the same images: `correct_a`, `correct_b`
-    bool (N,) paired per image. Returns {"n": N, "only_a": a right and b wrong, "only_b": the
-    reverse, "p_value": two-sided exact binomial p of only_a out of only_a + only_b at 1/2
-    (1.0 when there are no discordant pairs)}."""
+    bool (N,) paired per image; p = 1.0 without discordant pairs. Raises ValueError when the
+    lengths differ."""
     from scipy.stats import binomtest
 
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
@@ -107,10 +120,10 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any
         raise ValueError(f"paired predictions differ in length: {a.shape} vs {b.shape}")
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
-    return {"n": int(len(a)), "only_a": only_a, "only_b": only_b, "p_value": p}
+    return McNemar(int(len(a)), only_a, only_b, p)
 
 
-def headline_metrics(p: Predictions) -> dict[str, Any]:
+def headline_metrics(p: Predictions) -> dict[str, float]:
     """What `metrics.json` holds for a split, kept to what `dvc metrics show` fits in 120
     columns: accuracy, its 95 % Wilson interval (`ci_low`, `ci_high`), macro F1 and ECE.
     Weighted F1, per-class scores and the image count are in classification_report.json (and
@@ -138,18 +151,15 @@ def classification_metrics(
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
+    kwargs = {"labels": labels, "zero_division": 0}
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(
-            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
-        ),
-        "weighted_f1": float(
-            f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
-        ),
-        "precision": {c: float(p) for c, p in zip(classes, precision, strict=True)},
-        "recall": {c: float(r) for c, r in zip(classes, recall, strict=True)},
-        "f1": {c: float(v) for c, v in zip(classes, f1, strict=True)},
-        "support": {c: int(s) for c, s in zip(classes, support, strict=True)},
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", **kwargs)),
+        "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", **kwargs)),
+        "precision": dict(zip(classes, map(float, precision), strict=True)),
+        "recall": dict(zip(classes, map(float, recall), strict=True)),
+        "f1": dict(zip(classes, map(float, f1), strict=True)),
+        "support": dict(zip(classes, map(int, support), strict=True)),
     }
 
 
@@ -191,36 +201,28 @@ def paired_correct(csv_a: str, csv_b: str) -> tuple[np.ndarray, np.ndarray]:
     """Two predictions.csv texts (columns `path`, `actual`, `predicted`) paired by image path:
     bool (M,) arrays "A was right", "B was right" over the M paths both hold (sorted by path).
     Raises ValueError when a text lacks a column."""
-    import csv
-    import io
-
-    def read(text: str) -> dict[str, bool]:
-        """{path: actual == predicted} from one predictions.csv text.
-
-        Raises ValueError when a required column is missing.
-        """
+    right = []
+    for text in (csv_a, csv_b):
         reader = csv.DictReader(io.StringIO(text))
         missing = {"path", "actual", "predicted"} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"predictions CSV lacks column(s) {sorted(missing)}")
-        return {r["path"]: r["actual"] == r["predicted"] for r in reader}
-
-    a, b = read(csv_a), read(csv_b)
+        right.append({r["path"]: r["actual"] == r["predicted"] for r in reader})
+    a, b = right
     common = sorted(set(a) & set(b))
-    return (
-        np.array([a[p] for p in common], dtype=bool),
-        np.array([b[p] for p in common], dtype=bool),
+    return np.array([a[p] for p in common], dtype=bool), np.array(
+        [b[p] for p in common], dtype=bool
     )
 
 
-def significance_text(result: dict[str, Any], a: str = "base", b: str = "head") -> str:
+def significance_text(result: McNemar, a: str = "base", b: str = "head") -> str:
     """One sentence on `mcnemar_exact`'s `result`: discordant counts, p and whether the two
     accuracies differ significantly at the 5 % level."""
-    if not result["n"]:
+    if not result.n:
         return "No test images in common: the two runs cannot be compared image by image."
-    verdict = "differ significantly" if result["p_value"] < 0.05 else "do not differ significantly"
+    verdict = "differ significantly" if result.p_value < 0.05 else "do not differ significantly"
     return (
-        f"McNemar's exact test on {result['n']} paired test images: {result['only_a']} right only "
-        f"in {a}, {result['only_b']} right only in {b}, p = {result['p_value']:.3g}: the "
+        f"McNemar's exact test on {result.n} paired test images: {result.only_a} right only "
+        f"in {a}, {result.only_b} right only in {b}, p = {result.p_value:.3g}: the "
         f"accuracies {verdict} (5 % level)."
     )
