@@ -263,23 +263,14 @@ def parser() -> argparse.ArgumentParser:
     uri, experiment = DEFAULT_TRACKING_URI, DEFAULT_EXPERIMENT
     p.add_argument("--tracking-uri", default=uri, help=f"MLflow store (default {uri})")
     p.add_argument("--experiment", default=experiment, help=f"experiment (default {experiment})")
-    p.add_argument(
-        "--parent",
-        metavar="RUN_ID",
-        help="only the child runs of this (sweep) parent run; a unique id prefix works",
-    )
+    p.add_argument("--parent", metavar="RUN_ID", help="only this sweep run's children (id prefix)")
     p.add_argument(
         "--params",
         type=lambda text: [item.strip() for item in text.split(",") if item.strip()],
         default=list(DEFAULT_PARAMS),
         help="comma-separated param names (default: {})".format(",".join(DEFAULT_PARAMS)),
     )
-    p.add_argument(
-        "--sort",
-        default=DEFAULT_SORT,
-        metavar="METRIC",
-        help=f"metric to sort by, best first (default {DEFAULT_SORT})",
-    )
+    p.add_argument("--sort", default=DEFAULT_SORT, metavar="METRIC", help="best first by this")
     p.add_argument("--ascending", action="store_true", help="smallest first (e.g. for a loss)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N runs")
     p.add_argument("--format", choices=FORMATS, default="markdown")

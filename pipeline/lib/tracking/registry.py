@@ -195,12 +195,8 @@ def parser() -> argparse.ArgumentParser:
         description="Set an alias (default champion) on the version whose source run has the "
         "best metric (highest; ties: newest version).",
     )
-    promote_cmd.add_argument(
-        "--alias", default=DEFAULT_ALIAS, help=f"alias to set (default {DEFAULT_ALIAS})"
-    )
-    promote_cmd.add_argument(
-        "--ascending", action="store_true", help="lowest metric is best (e.g. a loss)"
-    )
+    promote_cmd.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to set (champion)")
+    promote_cmd.add_argument("--ascending", action="store_true", help="lowest metric is best")
     promote_cmd.add_argument(
         "--any-data",
         action="store_true",

@@ -7,13 +7,10 @@ workspace (under `.dvc/tmp/exps/...`); DVC gives their commands `DVC_ROOT`, the 
 *original* repository, so queued and temporary experiments log into the user's `mlflow.db`.
 Outside DVC the current directory is the project.
 
-A SQLite store is created and migrated by MLflow on first use; two processes doing that at once
-corrupt each other's migration, so `open_client` holds a file lock (`<db>-lock`, beside the file)
-while it opens the store. Every store failure becomes a `TrackingError`: one line naming
-`tracking.uri` (or the file) and what to do.
-
-MLflow is imported inside the functions: this module is loaded by the Hydra sweep callback of
-every stage (prepare and featurize too), and `import mlflow` costs about 2 s.
+`open_client` holds a file lock (`<db>-lock`) while MLflow creates or migrates a SQLite store
+(two processes doing that at once corrupt it). Every store failure becomes a `TrackingError`: one
+line naming `tracking.uri` (or the file) and what to do. MLflow is imported lazily: the Hydra
+sweep callback of every stage (prepare too) loads this module, and `import mlflow` takes ~2 s.
 """
 
 from __future__ import annotations
