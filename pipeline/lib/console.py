@@ -2,35 +2,29 @@
 where it is made, so a step shows its progress bars, its own lines and real problems only.
 
 `setup()` runs when the `pipeline` package is imported (before TensorFlow is), once per process:
-
-- TensorFlow's C++ log: `TF_CPP_MIN_LOG_LEVEL=3` (the `E0000 ... use_unbounded_threadpool`
-  line of tf.data, `cpu_feature_guard`, the converter's `fully_quantize: ...` dump); a value the
-  user set is kept. TF 2.21 prints its start-up notices (`WARNING: All log messages before
-  absl::InitializeLog() ...`, `oneDNN custom operations are on ...`) before it reads that
-  variable, once per shared library, whatever the level: they are written to file descriptor 2
-  while `import tensorflow` runs, so that import is run with descriptor 2 captured and every
-  other line it printed is passed on (`_TensorFlowImport`). oneDNN itself stays on.
-- MLflow's own INFO lines ("Creating initial MLflow database tables...", "Created version '1'
-  of model ...": the step says what matters in its own words): `MLFLOW_LOGGING_LEVEL=WARNING`.
-- absl's Python logging (the converter's "Using new converter ...") at ERROR.
-- Python warnings known to be noise for this project's use (`NOISE_WARNINGS`).
-- tqdm when stderr is not a terminal (a log file, CI): a bar is redrawn every 30 s at most
-  (`TQDM_MININTERVAL`, unless set), not ten times a second.
-
+`TF_CPP_MIN_LOG_LEVEL=3` (a value the user set is kept); TensorFlow's start-up notices, which TF
+2.21 writes to file descriptor 2 while `import tensorflow` runs whatever that level, dropped
+(`TF_NOTICES`, by a finder that runs that one import inside `stderr_without`); MLflow at
+WARNING; absl's Python logging at ERROR; Python warnings known to be noise (`NOISE_WARNINGS`);
+tqdm redrawn every 30 s at most when stderr is not a terminal (`TQDM_MININTERVAL`, unless set).
 `PIPELINE_VERBOSE=1` (README, "A quiet console") turns all of this off: everything is shown.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.abc
-import importlib.machinery
+import importlib.util
+import io
 import logging
 import os
 import sys
-import tempfile
 import warnings
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+
+from wurlitzer import pipes
 
 #: Set to 1 (or true/yes) to see every library's output again.
 VERBOSE_ENV = "PIPELINE_VERBOSE"
@@ -52,8 +46,6 @@ NOISE_WARNINGS = (
     (r"Statistics for quantized inputs were expected", r"tensorflow\."),
 )
 
-_done = False
-
 
 def verbose() -> bool:
     """Whether `PIPELINE_VERBOSE` asks for every library's output."""
@@ -62,93 +54,59 @@ def verbose() -> bool:
 
 def setup() -> None:
     """Quiet the libraries (see the module docstring); nothing when `verbose()`. Idempotent."""
-    global _done
-    if _done or verbose():
-        _done = True
+    if verbose():
         return
-    _done = True
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial ... tables"
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # registry downloads
-    if not _stderr_is_terminal():
+    if not (sys.stderr is not None and sys.stderr.isatty()):
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     logging.getLogger("absl").setLevel(logging.ERROR)
     for message, module in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, module=module)
-    if "tensorflow" not in sys.modules:
-        sys.meta_path.insert(0, _TensorFlowImport())
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
 
 
-def _stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr is not None and sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
+class _Finder(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` once, as the other finders do, with its loader's `exec_module` run
+    inside `stderr_without(*TF_NOTICES)`; leaves `sys.meta_path` at that first import."""
 
-
-class _TensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs the first `import tensorflow` with file descriptor 2 captured, then writes back what
-    it printed less `TF_NOTICES`; removes itself from `sys.meta_path` after that import."""
-
-    _loader: Any = None
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        """Claim the first `import tensorflow` (wrapping the real loader); None for any other module
-        or once claimed.
-        """
-        if name != "tensorflow" or self._loader is not None:
+    def find_spec(
+        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if name != "tensorflow":
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        self._loader = spec.loader
-        spec.loader = self
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module: ModuleType) -> None:
+                with stderr_without(*TF_NOTICES):
+                    run(module)
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
-    def create_module(self, spec: Any) -> Any:
-        """Create the module with TensorFlow's own loader."""
-        return self._loader.create_module(spec)
 
-    def exec_module(self, module: Any) -> None:
-        """Run TensorFlow's import with `TF_NOTICES` filtered from fd 2; leave `sys.meta_path`."""
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        with stderr_without(*TF_NOTICES):
-            self._loader.exec_module(module)
-
-
-class stderr_without:  # noqa: N801 (a context manager used like a function)
-    """`with stderr_without("text", ...):` file descriptor 2 (where C++ libraries write) goes to
-    a temporary file inside the block; on exit the lines that contain none of the texts are
-    written to the real stderr. With `PIPELINE_VERBOSE=1` nothing is dropped."""
-
-    def __init__(self, *drop: str) -> None:
-        self.drop = () if verbose() else drop
-
-    def __enter__(self) -> None:
-        self.saved = None
-        if not self.drop:
-            return
-        try:
-            sys.stderr.flush()
-            self.saved = os.dup(2)
-        except (OSError, AttributeError, ValueError):
-            self.saved = None
-            return
-        self.file = tempfile.TemporaryFile()
-        os.dup2(self.file.fileno(), 2)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.saved is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.flush()
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-        self.file.seek(0)
-        text = self.file.read().decode("utf-8", "replace")
-        self.file.close()
-        kept = [line for line in text.splitlines(True) if not any(d in line for d in self.drop)]
-        if kept:
-            sys.stderr.write("".join(kept))
-            sys.stderr.flush()
+@contextmanager
+def stderr_without(*drop: str) -> Iterator[None]:
+    """File descriptor 2 (where C++ libraries write) is captured inside the block; on exit the
+    lines that contain none of the texts `drop` are written to stderr. With `PIPELINE_VERBOSE=1`
+    nothing is captured."""
+    if verbose() or not drop or sys.stderr is None:
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with pipes(stdout=None, stderr=captured):
+            yield
+    finally:
+        kept = [
+            line
+            for line in captured.getvalue().splitlines(True)
+            if not any(d in line for d in drop)
+        ]
+        sys.stderr.write("".join(kept))
+        sys.stderr.flush()

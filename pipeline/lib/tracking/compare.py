@@ -17,12 +17,23 @@ import argparse
 import math
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
-from pipeline.lib.config.schema import DEFAULT_EXPERIMENT
-from pipeline.lib.config.schema import DEFAULT_TRACKING_URI as DEFAULT_URI
+import mlflow
+import pandas as pd
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from sqlalchemy.engine import make_url
+
+from pipeline.lib.config.schema import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from pipeline.lib.reporting.metrics import mcnemar_exact, paired_correct, significance_text
+from pipeline.lib.tracking import store
+from pipeline.lib.tracking.lineage import TAG_PARENT
 from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri
 
 DEFAULT_PARAMS = (
@@ -39,7 +50,8 @@ METRICS = ("final_val_accuracy", "test_accuracy", "test_macro_f1")
 DEFAULT_SORT = "test_accuracy"
 FORMATS = ("markdown", "csv")
 SHORT_ID = 8
-PARENT_TAG = "mlflow.parentRunId"
+#: The evaluate stage's per-image predictions in a run's artifacts.
+PREDICTIONS_ARTIFACT = "reports/predictions.csv"
 _PAGE = 1000
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 
@@ -51,38 +63,28 @@ class StoreError(RuntimeError):
 def check_store(tracking_uri: str) -> None:
     """Fail (without creating anything) when a local store does not exist; an HTTP server that
     does not answer fails in seconds."""
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
     if tracking_uri.startswith("sqlite:"):
-        from sqlalchemy.engine import make_url
-
         database = make_url(tracking_uri).database
         if database and database != ":memory:" and not Path(database).is_file():
             raise StoreError(
                 f"No MLflow store at {tracking_uri}: {Path(database).resolve()} does not exist. "
                 "Run the pipeline first (`dvc repro`) or point --tracking-uri at an existing store."
             )
-    elif tracking_uri.startswith(("http://", "https://")):
+    elif store.is_remote(tracking_uri):
         try:
             check_reachable(tracking_uri, timeout_s=10.0)
         except TrackingError as exc:
             raise StoreError(str(exc)) from None
     elif "://" not in tracking_uri or tracking_uri.startswith("file:"):
-        path = (
-            Path(url2pathname(urlparse(tracking_uri).path))
-            if tracking_uri.startswith("file:")
-            else Path(tracking_uri)
-        )
+        is_file_uri = tracking_uri.startswith("file:")
+        path = Path(url2pathname(urlparse(tracking_uri).path) if is_file_uri else tracking_uri)
         if not path.is_dir():
             raise StoreError(f"No MLflow store at {tracking_uri}: {path.resolve()} does not exist.")
 
 
-def open_client(tracking_uri: str) -> Any:
+def open_client(tracking_uri: str) -> mlflow.MlflowClient:
     """An MlflowClient on an existing store (tracking and registry alike). Raises `StoreError`
     when it does not exist or cannot be read (read-only files are fine: nothing is written)."""
-    from pipeline.lib.tracking import store
-
     check_store(resolve_uri(tracking_uri))
     try:
         return store.open_client(tracking_uri)
@@ -90,11 +92,9 @@ def open_client(tracking_uri: str) -> Any:
         raise StoreError(str(exc)) from None
 
 
-def experiment_id(client: Any, experiment: str) -> str:
-    """The id of the experiment named `experiment` in the client's store.
-
-    Raises StoreError, listing the experiments there, when there is none by that name.
-    """
+def experiment_id(client: mlflow.MlflowClient, experiment: str) -> str:
+    """The id of the experiment named `experiment`; a `StoreError` listing the experiments there
+    when there is none by that name."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -105,21 +105,16 @@ def experiment_id(client: Any, experiment: str) -> str:
     return found.experiment_id
 
 
-def resolve_run_id(client: Any, experiment_ids: list[str], run_id: str) -> str:
+def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_id: str) -> str:
     """A full run id from a full id or a unique prefix of one (as the table shows them)."""
-    from mlflow.exceptions import MlflowException
-
     if not _RUN_ID.fullmatch(run_id):
         raise StoreError(f"Not a run id: {run_id!r}")
     try:
         return client.get_run(run_id).info.run_id
     except MlflowException:
         pass
-    matches = [
-        r.info.run_id
-        for r in _search_all(client, experiment_ids, "", None, None)
-        if r.info.run_id.startswith(run_id)
-    ]
+    runs = _search_all(client, experiment_ids, "", None, None)
+    matches = [r.info.run_id for r in runs if r.info.run_id.startswith(run_id)]
     if len(matches) == 1:
         return matches[0]
     if not matches:
@@ -128,13 +123,13 @@ def resolve_run_id(client: Any, experiment_ids: list[str], run_id: str) -> str:
 
 
 def _search_all(
-    client: Any,
+    client: mlflow.MlflowClient,
     experiment_ids: list[str],
     filter_string: str,
     order_by: list[str] | None,
     limit: int | None,
-) -> list[Any]:
-    runs: list[Any] = []
+) -> list[Run]:
+    runs: list[Run] = []
     token = None
     while limit is None or len(runs) < limit:
         page = client.search_runs(
@@ -152,14 +147,14 @@ def _search_all(
 
 
 def runs_table(
-    client: Any,
+    client: mlflow.MlflowClient,
     experiment: str,
     parent: str | None = None,
     params: Sequence[str] = DEFAULT_PARAMS,
     sort: str | None = DEFAULT_SORT,
     ascending: bool = False,
     limit: int | None = None,
-) -> Any:
+) -> pd.DataFrame:
     """One row per (active) run of `experiment` (with `parent`: only the runs tagged as its
     children), sorted by metric `sort` (runs without it last; ties: newest first), at most `limit`.
 
@@ -167,152 +162,69 @@ def runs_table(
     when it is another metric), duration_s (end - start; empty while running). Missing values
     are NaN/None.
     """
-    import pandas as pd
-
     exp_ids = [experiment_id(client, experiment)]
     filter_string = ""
     if parent:
-        parent = resolve_run_id(client, exp_ids, parent)
-        filter_string = f"tags.`{PARENT_TAG}` = '{parent}'"
+        filter_string = f"tags.`{TAG_PARENT}` = '{resolve_run_id(client, exp_ids, parent)}'"
     order_by = ["attributes.start_time DESC"]
     if sort:
-        _check_key(sort, "metric")
+        if "`" in sort:
+            raise ValueError(f"Not a metric name: {sort!r}")
         order_by.insert(0, f"metrics.`{sort}` {'ASC' if ascending else 'DESC'}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
-    runs = _search_all(client, exp_ids, filter_string, order_by, limit)
-
     metrics = list(METRICS) + ([sort] if sort and sort not in METRICS else [])
-    rows = []
-    for run in runs:
-        info, data = run.info, run.data
-        end, start = info.end_time, info.start_time
-        rows.append(
-            {
-                "run": info.run_name,
-                "run_id": info.run_id,
-                "status": info.status,
-                **{p: data.params.get(p) for p in params},
-                **{m: data.metrics.get(m, math.nan) for m in metrics},
-                "duration_s": (end - start) / 1000 if end and start else math.nan,
-            }
-        )
-    columns = ["run", "run_id", "status", *params, *metrics, "duration_s"]
-    df = pd.DataFrame(rows, columns=columns)
-    for m in [*metrics, "duration_s"]:
-        df[m] = df[m].astype(float)
+    rows = [
+        {
+            "run": run.info.run_name,
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            **{p: run.data.params.get(p) for p in params},
+            **{m: run.data.metrics.get(m, math.nan) for m in metrics},
+            "duration_s": (run.info.end_time - run.info.start_time) / 1000
+            if run.info.end_time and run.info.start_time
+            else math.nan,
+        }
+        for run in _search_all(client, exp_ids, filter_string, order_by, limit)
+    ]
+    df = pd.DataFrame(rows, columns=["run", "run_id", "status", *params, *metrics, "duration_s"])
+    df = df.astype({m: float for m in [*metrics, "duration_s"]})
     if sort and len(df):
         # the store already ordered them; a stable sort keeps that and puts missing values last
         # whatever the store does with them
         df = df.sort_values(sort, ascending=ascending, na_position="last", kind="stable")
-        df = df.reset_index(drop=True)
-    return df
+    return df.reset_index(drop=True)
 
 
-def _check_key(key: str, what: str) -> None:
-    if not key or "`" in key:
-        raise ValueError(f"Not a {what} name: {key!r}")
-
-
-def render(df: Any, fmt: str = "markdown") -> str:
+def render(df: pd.DataFrame, fmt: str = "markdown") -> str:
     """The table as GitHub markdown (short run ids, metrics to 4 decimals, empty where missing)
     or CSV (full run ids and precision, empty where missing)."""
     if fmt == "csv":
         return df.to_csv(index=False, na_rep="", lineterminator="\n")
     if fmt != "markdown":
         raise ValueError(f"Unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+
+    def cell(value: object, number_format: str | None) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if number_format and isinstance(value, int | float):
+            return format(value, number_format)
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
     shown = df.copy()
     for column in shown.columns:
-        if column == "run_id":
-            shown[column] = [_cell(v)[:SHORT_ID] for v in shown[column]]
-        elif column == "duration_s":
-            shown[column] = [_cell(v, ".1f") for v in shown[column]]
-        elif shown[column].dtype.kind == "f":
-            shown[column] = [_cell(v, ".4f") for v in shown[column]]
-        else:
-            shown[column] = [_cell(v) for v in shown[column]]
+        number_format = ".1f" if column == "duration_s" else ".4f"
+        number_format = number_format if shown[column].dtype.kind == "f" else None
+        shown[column] = [cell(v, number_format) for v in shown[column]]
+    shown["run_id"] = [v[:SHORT_ID] for v in shown["run_id"]]
     # strings as they are: tabulate would otherwise reformat numeric-looking params
     return shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def _cell(value: Any, number_format: str | None = None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if number_format and isinstance(value, (int, float)):
-        return format(value, number_format)
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def write_output(text: str, output: str | None) -> None:
-    """Write `text` to the file `output` (creating its folder), or to stdout when None/empty."""
-    if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
-
-
-def parser() -> argparse.ArgumentParser:
-    """The command-line parser of `python -m pipeline.compare`."""
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.compare",
-        description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "
-        "validation/test accuracy, macro F1 and duration, sorted by a metric.",
-    )
-    p.add_argument(
-        "--tracking-uri", default=DEFAULT_URI, help=f"MLflow store (default {DEFAULT_URI})"
-    )
-    p.add_argument(
-        "--experiment",
-        default=DEFAULT_EXPERIMENT,
-        help=f"experiment name (default {DEFAULT_EXPERIMENT})",
-    )
-    p.add_argument(
-        "--parent",
-        metavar="RUN_ID",
-        help="only the child runs of this (sweep) parent run; a unique id prefix works",
-    )
-    p.add_argument(
-        "--params",
-        type=_comma_list,
-        default=list(DEFAULT_PARAMS),
-        help="comma-separated param names (default: {})".format(",".join(DEFAULT_PARAMS)),
-    )
-    p.add_argument(
-        "--sort",
-        default=DEFAULT_SORT,
-        metavar="METRIC",
-        help=f"metric to sort by, best first (default {DEFAULT_SORT})",
-    )
-    p.add_argument("--ascending", action="store_true", help="smallest first (e.g. for a loss)")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N runs")
-    p.add_argument("--format", choices=FORMATS, default="markdown")
-    p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    p.add_argument(
-        "--mcnemar",
-        nargs=2,
-        metavar=("RUN_A", "RUN_B"),
-        help="instead of the table: McNemar's exact test on two runs' test predictions "
-        f"(their `{PREDICTIONS_ARTIFACT}` artifacts, paired by image path)",
-    )
-    return p
-
-
-#: The evaluate stage's per-image predictions in a run's artifacts.
-PREDICTIONS_ARTIFACT = "reports/predictions.csv"
-
-
-def mcnemar_runs(client: Any, experiment: str, run_a: str, run_b: str) -> str:
+def mcnemar_runs(client: mlflow.MlflowClient, experiment: str, run_a: str, run_b: str) -> str:
     """McNemar's exact test on runs `run_a` and `run_b` (ids or unique prefixes in
     `experiment`): one sentence (`metrics.significance_text`). Raises ValueError when a run has
     no test predictions."""
-    import tempfile
-
-    from mlflow.artifacts import download_artifacts
-
-    from pipeline.lib.reporting.metrics import mcnemar_exact, paired_correct, significance_text
-
     ids = [experiment_id(client, experiment)]
     texts, names = [], []
     for given in (run_a, run_b):
@@ -334,10 +246,6 @@ def mcnemar_runs(client: Any, experiment: str, run_a: str, run_b: str) -> str:
     return significance_text(mcnemar_exact(*paired_correct(*texts)), names[0], names[1])
 
 
-def _comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -345,13 +253,42 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser of `python -m pipeline.compare`."""
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.compare",
+        description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "
+        "validation/test accuracy, macro F1 and duration, sorted by a metric.",
+    )
+    uri, experiment = DEFAULT_TRACKING_URI, DEFAULT_EXPERIMENT
+    p.add_argument("--tracking-uri", default=uri, help=f"MLflow store (default {uri})")
+    p.add_argument("--experiment", default=experiment, help=f"experiment (default {experiment})")
+    p.add_argument("--parent", metavar="RUN_ID", help="only this sweep run's children (id prefix)")
+    p.add_argument(
+        "--params",
+        type=lambda text: [item.strip() for item in text.split(",") if item.strip()],
+        default=list(DEFAULT_PARAMS),
+        help="comma-separated param names (default: {})".format(",".join(DEFAULT_PARAMS)),
+    )
+    p.add_argument("--sort", default=DEFAULT_SORT, metavar="METRIC", help="best first by this")
+    p.add_argument("--ascending", action="store_true", help="smallest first (e.g. for a loss)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N runs")
+    p.add_argument("--format", choices=FORMATS, default="markdown")
+    p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
+    p.add_argument(
+        "--mcnemar",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="instead of the table: McNemar's exact test on two runs' test predictions "
+        f"(their `{PREDICTIONS_ARTIFACT}` artifacts, paired by image path)",
+    )
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: print the runs table (or a McNemar comparison); return the exit status (0,
-    or 2 after a store or MLflow error, printed as one line).
-    """
+    or 2 after a store or MLflow error, printed as one line)."""
     args = parser().parse_args(argv)
-    from mlflow.exceptions import MlflowException
-
     try:
         client = open_client(args.tracking_uri)
         if args.mcnemar:
@@ -377,9 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"No {scope} in experiment {args.experiment!r}.", file=sys.stderr)
     elif args.sort and df[args.sort].isna().all():
         print(f"note: no run has the metric {args.sort!r}; not sorted by it.", file=sys.stderr)
-    write_output(render(df, args.format), args.output)
-    if args.output:
-        print(f"Wrote {len(df)} runs to {args.output}", file=sys.stderr)
+    text = render(df, args.format)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text, encoding="utf-8")
+    print(f"Wrote {len(df)} runs to {args.output}", file=sys.stderr)
     return 0
 
 

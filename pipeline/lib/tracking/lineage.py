@@ -1,4 +1,4 @@
-"""What links an MLflow run to git, DVC and the process that made it: names and tags.
+"""Which MLflow run a stage belongs to, and what links it to git, DVC and its process.
 
 - A run made by `dvc exp run` (queued, temporary or in place) is named after the DVC experiment
   (`DVC_EXP_NAME`, set by DVC for every experiment) and tagged `dvc.exp_name` and
@@ -9,19 +9,38 @@
 - `git_dirty` is true only when tracked files differ from the commit, not counting the files the
   pipeline itself rewrites: `dvc.lock`, `params.yaml` (DVC's Hydra composition) and the git-tracked
   outputs of the stages in `dvc.yaml` (metrics and plots with `cache: false`).
-- `pipeline.pid`, `pipeline.pid_start`, `pipeline.host`: the process running the run, so a run
-  whose process died can be found and ended (`pipeline.lib.tracking.orphans`).
+- `pipeline.pid`, `pipeline.pid_start`, `pipeline.host`: the process running the run. Whenever a
+  step opens the store, the experiment's RUNNING runs started on this host whose process is gone
+  (SIGKILL, OOM killer; or whose pid now belongs to a later process) are ended KILLED and tagged
+  `pipeline.ended_by` (`end_dead_runs`). Runs of other hosts cannot be checked and are left alone.
+- Train's run is tagged `pipeline.checkpoint` and, once saved, `pipeline.model_md5`; a resumed
+  train continues its checkpoint's run (`interrupted_run`); evaluate and export find the run by
+  `paths.run_file` or the md5, or start a recovered one (`later_stage_run`, `Recovery`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+import yaml
+
+from pipeline.lib.config.schema import Config, to_flat_dict
+from pipeline.lib.files import md5_file
+from pipeline.lib.model.saving import MODEL_FILE, trained_run_id
+from pipeline.lib.tracking.store import TrackingError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
 
 #: Set by DVC for every command of a `dvc exp run` (dvc.env).
 DVC_EXP_NAME = "DVC_EXP_NAME"
@@ -32,70 +51,60 @@ DVC_STAGE = "DVC_STAGE"
 PIPELINE_WRITTEN = ("dvc.lock", "params.yaml")
 
 TAG_EXP_NAME = "dvc.exp_name"
-TAG_BASELINE = "dvc.exp_baseline_rev"
+TAG_PARENT = "mlflow.parentRunId"
 TAG_PID = "pipeline.pid"
 TAG_PID_START = "pipeline.pid_start"
 TAG_HOST = "pipeline.host"
+TAG_ENDED_BY = "pipeline.ended_by"
+TAG_MODEL_MD5 = "pipeline.model_md5"
+TAG_CHECKPOINT = "pipeline.checkpoint"
 
 
-def _git(*args: str, cwd: str | os.PathLike[str] = ".") -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
-        )
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout if out.returncode == 0 else None
 
 
-def git_commit(cwd: str | os.PathLike[str] = ".") -> str | None:
+def git_commit() -> str | None:
     """The commit the code was checked out at: for a DVC experiment its baseline commit, else
     `HEAD`; None outside git."""
-    baseline = os.environ.get(DVC_EXP_BASELINE_REV)
-    if baseline:
-        return baseline
-    out = _git("rev-parse", "HEAD", cwd=cwd)
-    return out.strip() or None if out is not None else None
+    return os.environ.get(DVC_EXP_BASELINE_REV) or (_git("rev-parse", "HEAD") or "").strip() or None
 
 
 def dvc_outputs(dvc_yaml: Path) -> list[str]:
     """The output, metric and plot paths of every stage in `dvc_yaml` ([] when unreadable)."""
-    import yaml
-
     try:
-        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}) or {}
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError, AttributeError):
         return []
-    paths = []
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in (stage or {}).get(kind, []) or []:
-                paths.extend(entry.keys() if isinstance(entry, dict) else [entry])
-    return [str(p).rstrip("/") for p in paths]
+    return [
+        str(path).rstrip("/")
+        for stage in stages.values()
+        for kind in ("outs", "metrics", "plots")
+        for entry in (stage or {}).get(kind) or []
+        for path in (entry.keys() if isinstance(entry, dict) else [entry])
+    ]
 
 
-def git_dirty(cwd: str | os.PathLike[str] = ".") -> bool | None:
+def git_dirty() -> bool | None:
     """Whether tracked files differ from the commit, the files the pipeline writes itself left
     out (`PIPELINE_WRITTEN`, DVC outputs); None outside git."""
-    out = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd)
+    out = _git("status", "--porcelain", "--untracked-files=no")
     if out is None:
         return None
-    ignored = [*PIPELINE_WRITTEN, *dvc_outputs(Path(cwd) / "dvc.yaml")]
-    for line in out.splitlines():
-        path = line[3:].split(" -> ")[-1].strip('"')
-        if not any(path == p or path.startswith(p + "/") for p in ignored):
-            return True
-    return False
+    ignored = [*PIPELINE_WRITTEN, *dvc_outputs(Path("dvc.yaml"))]
+    paths = [line[3:].split(" -> ")[-1].strip('"') for line in out.splitlines()]
+    return any(not any(p == i or p.startswith(i + "/") for i in ignored) for p in paths)
 
 
-def config_hash(cfg: Any) -> str:
+def config_hash(cfg: Config) -> str:
     """The first 8 hex digits of the SHA-256 of the resolved config (`tracking.run_name` left
     out, so naming a run does not change its hash)."""
-    from pipeline.lib.config.schema import to_flat_dict
-
     flat = {k: v for k, v in to_flat_dict(cfg).items() if k != "tracking.run_name"}
-    text = json.dumps(flat, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def dvc_experiment() -> str | None:
@@ -103,40 +112,35 @@ def dvc_experiment() -> str | None:
     return os.environ.get(DVC_EXP_NAME) or None
 
 
-def run_name(cfg: Any) -> str:
+def run_name(cfg: Config) -> str:
     """The name of a pipeline run's MLflow run: `tracking.run_name` when set, else the DVC
     experiment's name, else `repro-<commit>-<hash>` under DVC / `run-<commit>-<hash>`."""
     if cfg.tracking.run_name:
         return str(cfg.tracking.run_name)
-    experiment = dvc_experiment()
-    if experiment:
+    if experiment := dvc_experiment():
         return experiment
     prefix = "repro" if os.environ.get(DVC_STAGE) else "run"
-    commit = (git_commit() or "nogit")[:7]
-    return f"{prefix}-{commit}-{config_hash(cfg)}"
+    return f"{prefix}-{(git_commit() or 'nogit')[:7]}-{config_hash(cfg)}"
 
 
 def process_start(pid: int) -> str | None:
     """When process `pid` started (clock ticks since boot, from /proc; None where unknown):
     tells a live process from a new one that reuses a dead one's pid."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    fields = stat.rpartition(")")[2].split()
     return fields[19] if len(fields) > 19 else None
 
 
 def process_tags() -> dict[str, str]:
     """This process, as tags: `pipeline.pid`, `pipeline.pid_start`, `pipeline.host`."""
-    tags = {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
     start = process_start(os.getpid())
-    if start:
-        tags[TAG_PID_START] = start
-    return tags
+    tags = {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
+    return tags | ({TAG_PID_START: start} if start else {})
 
 
-def run_tags(cfg: Any, stage: str) -> dict[str, str]:
+def run_tags(cfg: Config, stage: str) -> dict[str, str]:
     """Tags of a new pipeline run: git commit and dirtiness, the DVC experiment and its
     baseline, the config hash, the stage that started it and this process."""
     tags = {
@@ -146,8 +150,141 @@ def run_tags(cfg: Any, stage: str) -> dict[str, str]:
         "stage": stage,
         **process_tags(),
     }
-    experiment = dvc_experiment()
-    if experiment:
-        tags[TAG_EXP_NAME] = experiment
-        tags[TAG_BASELINE] = os.environ.get(DVC_EXP_BASELINE_REV, "")
+    if experiment := dvc_experiment():
+        baseline = os.environ.get(DVC_EXP_BASELINE_REV, "")
+        tags |= {TAG_EXP_NAME: experiment, "dvc.exp_baseline_rev": baseline}
     return tags
+
+
+def process_alive(pid: int, started: str | None) -> bool:
+    """Whether process `pid` still runs and is the one that started at `started` (see
+    `process_start`; None: not checked)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    now = process_start(pid) if started is not None else None
+    return now is None or now == started
+
+
+def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """End KILLED every RUNNING run of `experiment_ids` started on this host whose process is
+    gone, tagged `pipeline.ended_by`; their ids."""
+    host = socket.gethostname()
+    quoted = host.replace("'", "")
+    running = client.search_runs(
+        experiment_ids,
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{quoted}'",
+        max_results=1000,
+    )
+    ended = []
+    for run in running:
+        pid = run.data.tags.get(TAG_PID, "")
+        if not pid.isdigit() or process_alive(int(pid), run.data.tags.get(TAG_PID_START)):
+            continue
+        client.set_tag(run.info.run_id, TAG_ENDED_BY, f"its process {pid} on {host} is gone")
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning(
+            "MLflow run %s (%s) was left RUNNING by process %s, which is gone: ended KILLED",
+            run.info.run_id,
+            run.info.run_name,
+            pid,
+        )
+        ended.append(run.info.run_id)
+    return ended
+
+
+def model_md5(cfg: Config) -> str | None:
+    """The md5 of the trained model file (`paths.models`/model.keras), None when there is none."""
+    model = Path(cfg.paths.models) / MODEL_FILE
+    return md5_file(model) if model.is_file() else None
+
+
+def interrupted_run(
+    client: MlflowClient, experiment_id: str, cfg: Config, checkpoint: Path
+) -> str | None:
+    """With `train.resume` and a checkpoint folder: the newest KILLED or FAILED run that trained
+    into it (tag `pipeline.checkpoint`), for train to continue; else None."""
+    if not (cfg.train.resume and checkpoint.exists()):
+        return None
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_CHECKPOINT}` = '{checkpoint.name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    run_id = next((r.info.run_id for r in runs if r.info.status in ("KILLED", "FAILED")), None)
+    if run_id:
+        log.info("train.resume=true: continuing MLflow run %s", run_id)
+    return run_id
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Why a later stage starts the pipeline run's MLflow run itself; the run that trained the
+    model, when the store has it (`pipeline.model_run_id`)."""
+
+    reason: str
+    model_run_id: str | None
+    #: A DVC experiment that did not rerun train (e.g. only `export.*` changed): its model is the
+    #: baseline's, as expected, so this is said as information, not as a warning.
+    reused: bool = False
+
+    def tags(self, cfg: Config) -> dict[str, str]:
+        """The tags of the recovered run: `recovered`, why, the model's md5 and its run."""
+        tags = {"recovered": "true", "pipeline.recovered_reason": self.reason[:5000]}
+        if md5 := model_md5(cfg):
+            tags[TAG_MODEL_MD5] = md5
+        if self.model_run_id:
+            tags["pipeline.model_run_id"] = self.model_run_id
+        return tags
+
+
+def later_stage_run(
+    client: MlflowClient, experiment_id: str, cfg: Config
+) -> tuple[str, None] | tuple[None, Recovery]:
+    """(run id to reopen, None) or (None, why a recovered run is started) for evaluate and export.
+
+    The run is the one `paths.run_file` names for this model (in the configured experiment,
+    active), else the newest run tagged with the model's md5; inside a DVC experiment only a run
+    of that experiment. A recorded run in MLflow's trash is a `TrackingError`.
+    """
+    from mlflow.exceptions import MlflowException  # lazily: see `pipeline.lib.tracking.store`
+
+    recorded, exp_name = trained_run_id(cfg), dvc_experiment()
+    try:
+        run = client.get_run(recorded) if recorded else None
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        run = None
+    if run is not None and run.info.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"tracking.uri={cfg.tracking.uri}: run {recorded} that trained {cfg.paths.models} "
+            f"is deleted: restore it (`mlflow runs restore --run-id {recorded}`) or remove it "
+            "for good (`mlflow gc`) to have a new run recorded, then rerun"
+        )
+    found = [run] if run is not None and run.info.experiment_id == experiment_id else []
+    if md5 := model_md5(cfg):
+        found += client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG_MODEL_MD5}` = '{md5}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=100,
+        )
+    for candidate in found:
+        same_experiment = exp_name is None or candidate.data.tags.get(TAG_EXP_NAME) == exp_name
+        if candidate.info.lifecycle_stage == "active" and same_experiment:
+            return candidate.info.run_id, None
+    trained_by = found[-1].info.run_id if found else (recorded if run is not None else None)
+    models, store = cfg.paths.models, f"tracking.uri={cfg.tracking.uri}"
+    if exp_name and trained_by:
+        reason = f"DVC experiment {exp_name!r} did not rerun train: {models} is run {trained_by}'s"
+        return None, Recovery(reason, trained_by, reused=True)
+    if recorded:
+        return None, Recovery(f"run {recorded} that trained {models} is not in {store}", trained_by)
+    return None, Recovery(f"no run in {store} is known to have trained {models}", trained_by)

@@ -1,5 +1,5 @@
 """Model Registry: promote the best registered version (by a metric of the run that logged it) to
-an alias, and list the versions.
+an alias, and list the versions (the evaluate stage registers them, `runs.register_model`).
 
     python -m pipeline.registry promote                       # best test_accuracy -> @champion
     python -m pipeline.registry promote --metric final_val_accuracy --alias challenger
@@ -14,22 +14,45 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
-from pipeline.lib.config.schema import DEFAULT_REGISTERED_MODEL as DEFAULT_MODEL
-from pipeline.lib.tracking.compare import DEFAULT_URI, FORMATS, StoreError, open_client, render
+import mlflow
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from pipeline.lib.config.schema import DEFAULT_REGISTERED_MODEL, DEFAULT_TRACKING_URI
+from pipeline.lib.tracking.compare import FORMATS, StoreError, open_client, render
 
 #: Run tag naming the prepared data a run trained on (its DVC hash): versions compete only with
 #: versions trained on the same data, in the same experiment.
 DATA_TAG = "dvc_prepared_md5"
 DEFAULT_METRIC = "test_accuracy"
 DEFAULT_ALIAS = "champion"
-_PAGE = 1000
 
 
-def _check_name(client: Any, model_name: str) -> None:
-    from mlflow.exceptions import MlflowException
+@dataclass(frozen=True)
+class Candidate:
+    """A registered version, the run that logged it (None when gone) and that run's metric."""
 
+    version: ModelVersion
+    run: Run | None
+    value: float | None
+
+    @property
+    def number(self) -> int:
+        return int(self.version.version)
+
+    def origin(self) -> tuple[str, str | None]:
+        """(experiment id, data tag) of the run that logged the version."""
+        run = self.run
+        return (run.info.experiment_id, run.data.tags.get(DATA_TAG)) if run else ("", None)
+
+
+def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> list[Candidate]:
+    """Every version of a registered model (newest first), with its run and the run's `metric`.
+    A `StoreError` naming the registered models there when there is no such model."""
     try:
         client.get_registered_model(model_name)
     except MlflowException:
@@ -38,175 +61,128 @@ def _check_name(client: Any, model_name: str) -> None:
             f"No registered model named {model_name!r} in {client.tracking_uri} "
             f"(registered models there: {', '.join(names) or 'none'})."
         ) from None
-
-
-def model_versions(client: Any, model_name: str) -> list[Any]:
-    """Every version of a registered model, newest first."""
-    name = model_name.replace("'", "\\'")
-    versions: list[Any] = []
+    quoted = model_name.replace("'", "\\'")
+    versions: list[ModelVersion] = []
     token = None
-    while True:
-        page = client.search_model_versions(f"name = '{name}'", max_results=_PAGE, page_token=token)
+    while token != "":
+        page = client.search_model_versions(
+            f"name = '{quoted}'", max_results=1000, page_token=token
+        )
         versions.extend(page)
-        token = page.token
-        if not token:
-            break
-    return sorted(versions, key=lambda v: int(v.version), reverse=True)
-
-
-def version_runs(client: Any, versions: list[Any]) -> dict[str, Any]:
-    """Each version's source run (by run id); runs that no longer exist are left out."""
-    from mlflow.exceptions import MlflowException
-
-    runs: dict[str, Any] = {}
+        token = page.token or ""
+    runs: dict[str, Run | None] = {}
+    for run_id in {v.run_id for v in versions if v.run_id}:
+        try:
+            runs[run_id] = client.get_run(run_id)
+        except MlflowException:  # a run that no longer exists
+            runs[run_id] = None
+    found = []
     for version in versions:
-        if version.run_id and version.run_id not in runs:
-            try:
-                runs[version.run_id] = client.get_run(version.run_id)
-            except MlflowException:
-                continue
-    return runs
-
-
-def _metric(run: Any, metric: str) -> float | None:
-    value = run.data.metrics.get(metric) if run is not None else None
-    return None if value is None or math.isnan(value) else float(value)
-
-
-def _alias_version(client: Any, model_name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
+        run = runs.get(version.run_id)
+        value = run.data.metrics.get(metric) if run is not None else None
+        ok = value is not None and not math.isnan(value)
+        found.append(Candidate(version, run, float(value) if ok else None))
+    return sorted(found, key=lambda c: c.number, reverse=True)
 
 
 def promote(
-    client: Any,
+    client: mlflow.MlflowClient,
     model_name: str,
     metric: str = DEFAULT_METRIC,
     alias: str = DEFAULT_ALIAS,
     ascending: bool = False,
     echo: Callable[[str], None] | None = print,
     same_data: bool = True,
-) -> Any:
+) -> ModelVersion:
     """Point `alias` at the version whose source run has the best `metric` (highest; with
     `ascending` lowest; ties: the newest version) and return that ModelVersion. Only READY
     versions whose run still exists and has the metric compete and, with `same_data`, only those
     whose run is in the experiment of the newest such version and trained on the same data (tag
     `dvc_prepared_md5`): like with like. `echo` (None: silent) gets what was done, with the
     previous holder of the alias."""
-    _check_name(client, model_name)
-    versions = [v for v in model_versions(client, model_name) if v.status == "READY"]
-    runs = version_runs(client, versions)
-    scored = [
-        (value, v) for v in versions if (value := _metric(runs.get(v.run_id), metric)) is not None
-    ]
+    every = candidates(client, model_name, metric)
+    ready = [c for c in every if c.version.status == "READY"]
+    scored = [c for c in ready if c.value is not None]
     if not scored:
         raise StoreError(
-            f"No version of {model_name!r} ({len(versions)} ready) comes from a run "
+            f"No version of {model_name!r} ({len(ready)} ready) comes from a run "
             f"with the metric {metric!r}: nothing to promote."
         )
-    scored, left_out = like_with_like(scored, runs) if same_data else (scored, 0)
-    value, best = max(scored, key=lambda sv: (-sv[0] if ascending else sv[0], int(sv[1].version)))
-    previous = _alias_version(client, model_name, alias)
-    client.set_registered_model_alias(model_name, alias, best.version)
-    promoted = client.get_model_version(model_name, best.version)
-    if echo is not None:
-        run_name = runs[best.run_id].info.run_name
+    competing = len(scored)
+    if same_data:  # scored is newest first
+        scored = [c for c in scored if c.origin() == scored[0].origin()]
+    left_out = competing - len(scored)
+    sign = -1 if ascending else 1
+    best = max(scored, key=lambda c: (sign * (c.value or 0.0), c.number))
+    try:
+        previous = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        previous = None
+    client.set_registered_model_alias(model_name, alias, best.version.version)
+    promoted = client.get_model_version(model_name, best.version.version)
+    if echo is None:
+        return promoted
+    run_id, run_name = best.version.run_id, best.run.info.run_name if best.run else None
+    echo(
+        f"{model_name} version {best.number} (run {run_id} {run_name!r}, {metric}={best.value:.6g}"
+        f", best of {len(scored)}{', lowest' if ascending else ''}) is now @{alias}."
+    )
+    if left_out:
         echo(
-            f"{model_name} version {best.version} (run {best.run_id} {run_name!r}, "
-            f"{metric}={value:.6g}, best of {len(scored)}"
-            f"{', lowest' if ascending else ''}) is now @{alias}."
+            f"{left_out} version(s) with {metric} left out: another experiment or other "
+            f"data ({DATA_TAG}) than the newest version (--any-data to compare them all)."
         )
-        if left_out:
-            echo(
-                f"{left_out} version(s) with {metric} left out: another experiment or other "
-                f"data ({DATA_TAG}) than the newest version (--any-data to compare them all)."
-            )
-        if previous is None:
-            echo(f"There was no @{alias} before.")
-        elif previous.version == best.version:
-            echo(f"It already was @{alias}: unchanged.")
-        else:
-            before = _metric(runs.get(previous.run_id), metric)
-            shown = "not recorded" if before is None else f"{before:.6g}"
-            echo(
-                f"Previous @{alias}: version {previous.version} (run {previous.run_id}, "
-                f"{metric}={shown})."
-            )
+    if previous is None:
+        echo(f"There was no @{alias} before.")
+    elif int(previous.version) == best.number:
+        echo(f"It already was @{alias}: unchanged.")
+    else:
+        before = next((c.value for c in every if c.number == int(previous.version)), None)
+        shown = "not recorded" if before is None else f"{before:.6g}"
+        echo(
+            f"Previous @{alias}: version {previous.version} (run {previous.run_id}, "
+            f"{metric}={shown})."
+        )
     return promoted
 
 
-def like_with_like(
-    scored: list[tuple[float, Any]], runs: dict[str, Any]
-) -> tuple[list[tuple[float, Any]], int]:
-    """The (metric, version) pairs whose run shares the experiment and the data tag of the newest
-    version's run, and how many others were left out."""
-    newest = max(scored, key=lambda sv: int(sv[1].version))[1]
-
-    def key(version: Any) -> tuple[str, str | None]:
-        """(experiment id, data tag) of the run that produced `version`."""
-        run = runs[version.run_id]
-        return run.info.experiment_id, run.data.tags.get(DATA_TAG)
-
-    same = [sv for sv in scored if key(sv[1]) == key(newest)]
-    return same, len(scored) - len(same)
-
-
-def versions_table(client: Any, model_name: str, metric: str = DEFAULT_METRIC) -> Any:
+def versions_table(
+    client: mlflow.MlflowClient, model_name: str, metric: str = DEFAULT_METRIC
+) -> pd.DataFrame:
     """The versions of a registered model (newest first) with their aliases, their source run and
     its `metric` (NaN where missing)."""
-    import pandas as pd
-
-    _check_name(client, model_name)
-    versions = model_versions(client, model_name)
-    runs = version_runs(client, versions)
+    found = candidates(client, model_name, metric)
     # search results carry no aliases (MLflow 3.17); the registered model has them all
     aliases: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(model_name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
-    rows = []
-    for v in versions:
-        run = runs.get(v.run_id)
-        value = _metric(run, metric)
-        rows.append(
-            {
-                "version": int(v.version),
-                "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
-                "status": v.status,
-                "run": run.info.run_name if run else None,
-                "run_id": v.run_id,
-                metric: math.nan if value is None else value,
-                "created": pd.Timestamp(v.creation_timestamp, unit="ms").strftime(
-                    "%Y-%m-%d %H:%M:%S"
-                ),
-            }
-        )
+    rows = [
+        {
+            "version": c.number,
+            "aliases": ",".join(sorted(aliases.get(str(c.number), []))),
+            "status": c.version.status,
+            "run": c.run.info.run_name if c.run else None,
+            "run_id": c.version.run_id,
+            metric: math.nan if c.value is None else c.value,
+            "created": pd.Timestamp(c.version.creation_timestamp, unit="ms").strftime(
+                "%Y-%m-%d %H:%M:%S"
+            ),
+        }
+        for c in found
+    ]
     columns = ["version", "aliases", "status", "run", "run_id", metric, "created"]
-    df = pd.DataFrame(rows, columns=columns)
-    df[metric] = df[metric].astype(float)
-    return df
+    return pd.DataFrame(rows, columns=columns).astype({metric: float})
 
 
 def parser() -> argparse.ArgumentParser:
     """The command-line parser of `python -m pipeline.registry` (`promote`, `list`)."""
     common = argparse.ArgumentParser(add_help=False)
+    uri, model, metric = DEFAULT_TRACKING_URI, DEFAULT_REGISTERED_MODEL, DEFAULT_METRIC
+    common.add_argument("--tracking-uri", default=uri, help=f"MLflow store (default {uri})")
+    common.add_argument("--model", default=model, help=f"registered model (default {model})")
     common.add_argument(
-        "--tracking-uri",
-        default=DEFAULT_URI,
-        help=f"MLflow store, also the registry (default {DEFAULT_URI})",
+        "--metric", default=metric, help=f"run metric to rank by (default {metric})"
     )
-    common.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL})"
-    )
-    common.add_argument(
-        "--metric",
-        default=DEFAULT_METRIC,
-        help=f"run metric to rank versions by (default {DEFAULT_METRIC})",
-    )
-
     p = argparse.ArgumentParser(
         prog="python -m pipeline.registry",
         description="Promote the best registered model version; list them.",
@@ -219,12 +195,8 @@ def parser() -> argparse.ArgumentParser:
         description="Set an alias (default champion) on the version whose source run has the "
         "best metric (highest; ties: newest version).",
     )
-    promote_cmd.add_argument(
-        "--alias", default=DEFAULT_ALIAS, help=f"alias to set (default {DEFAULT_ALIAS})"
-    )
-    promote_cmd.add_argument(
-        "--ascending", action="store_true", help="lowest metric is best (e.g. a loss)"
-    )
+    promote_cmd.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to set (champion)")
+    promote_cmd.add_argument("--ascending", action="store_true", help="lowest metric is best")
     promote_cmd.add_argument(
         "--any-data",
         action="store_true",
@@ -240,11 +212,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: promote the best version or list the versions; return the exit status (0, or
-    2 after a store or MLflow error, printed as one line).
-    """
+    2 after a store or MLflow error, printed as one line)."""
     args = parser().parse_args(argv)
-    from mlflow.exceptions import MlflowException
-
     try:
         client = open_client(args.tracking_uri)
         if args.command == "promote":
@@ -257,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 same_data=not args.any_data,
             )
         else:
-            df = versions_table(client, args.model, metric=args.metric)
-            sys.stdout.write(render(df, args.format))
+            sys.stdout.write(render(versions_table(client, args.model, args.metric), args.format))
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

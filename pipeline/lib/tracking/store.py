@@ -4,14 +4,13 @@ One store per project, wherever DVC runs a stage: a relative `sqlite:///mlflow.d
 artifact folder such as `mlartifacts`) is resolved against the project's main working tree, not
 the current directory. `dvc exp run --queue` / `--temp` run the stages in a temporary copy of the
 workspace (under `.dvc/tmp/exps/...`); DVC gives their commands `DVC_ROOT`, the root of the
-*original* repository (`dvc.repo.experiments.queue.base`, `dvc.stage.run.prepare_kwargs`), so
-queued and temporary experiments log into the user's `mlflow.db`. Outside DVC the current
-directory is the project.
+*original* repository, so queued and temporary experiments log into the user's `mlflow.db`.
+Outside DVC the current directory is the project.
 
-A SQLite store is created and migrated by MLflow on first use; two processes doing that at once
-corrupt each other's migration. `open_store` holds a file lock (`<db>-lock`, beside the file)
-while it opens the store, so concurrent first use is safe. Every store failure becomes a
-`TrackingError`: one line naming `tracking.uri` (or the file) and what to do.
+`open_client` holds a file lock (`<db>-lock`) while MLflow creates or migrates a SQLite store
+(two processes doing that at once corrupt it). Every store failure becomes a `TrackingError`: one
+line naming `tracking.uri` (or the file) and what to do. MLflow is imported lazily: the Hydra
+sweep callback of every stage (prepare too) loads this module, and `import mlflow` takes ~2 s.
 """
 
 from __future__ import annotations
@@ -22,10 +21,18 @@ import os
 import sqlite3
 import urllib.error
 import urllib.request
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from filelock import FileLock, Timeout
+
+from pipeline.lib.config.schema import TrackingConfig
+from pipeline.lib.config.step import in_multirun
 from pipeline.lib.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +41,11 @@ log = logging.getLogger(__name__)
 DVC_ROOT = "DVC_ROOT"
 #: Seconds to wait for another process that is creating or migrating the same SQLite store.
 LOCK_TIMEOUT_S = 300.0
-
-#: MLflow's HTTP client settings (read at every request), set from the tracking config.
-HTTP_ENV = {
-    "http_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-    "http_backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-    "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
-}
+SQLITE = "sqlite:///"
+#: The experiment tag MLflow's 3.x UI reads to choose an experiment's landing page;
+#: `custom_model_development` ("Machine learning") opens on the runs table, not on GenAI traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class TrackingError(UserError, RuntimeError):
@@ -53,99 +58,67 @@ def is_remote(uri: str) -> bool:
 
 
 def project_root() -> Path:
-    """The project's main working tree: `$DVC_ROOT` under DVC (the original workspace even for a
-    queued or temporary experiment), else the current directory. An absolute path."""
+    """The project's main working tree: `$DVC_ROOT` under DVC, else the current directory."""
     root = os.environ.get(DVC_ROOT)
-    if root and Path(root).is_dir():
-        return Path(root).resolve()
-    return Path.cwd().resolve()
+    return Path(root).resolve() if root and Path(root).is_dir() else Path.cwd().resolve()
 
 
 def resolve_uri(uri: str) -> str:
     """`uri` with a relative SQLite file made absolute against `project_root()`; other URIs
     (absolute files, servers, `:memory:`) unchanged."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
+    path, sep, query = uri.removeprefix(SQLITE).partition("?")
+    if not uri.startswith(SQLITE) or not path or path.startswith(("/", "file:")):
         return uri
-    rest = uri[len(prefix) :]
-    path, sep, query = rest.partition("?")
-    if not path or path.startswith(("/", "file:")) or path == ":memory:":
-        return uri
-    return f"{prefix}{project_root() / path}{sep}{query}"
+    return uri if path == ":memory:" else f"{SQLITE}{project_root() / path}{sep}{query}"
 
 
 def store_file(uri: str) -> Path | None:
     """The database file of a SQLite URI (resolved), None for any other store."""
     resolved = resolve_uri(uri)
-    if not resolved.startswith("sqlite:///"):
-        return None
-    path = resolved[len("sqlite:///") :].partition("?")[0].removeprefix("file:")
-    return None if not path or path == ":memory:" else Path(path)
+    path = resolved.removeprefix(SQLITE).partition("?")[0].removeprefix("file:")
+    ok = resolved.startswith(SQLITE) and path and path != ":memory:"
+    return Path(path) if ok else None
+
+
+def _is_uri(location: str) -> bool:
+    return "://" in location or location.startswith("mlflow-artifacts:")
 
 
 def artifact_uri(location: str) -> str:
     """A local folder (relative to the project, see `project_root`) as a file URI; URIs pass."""
-    if "://" in location or location.startswith("mlflow-artifacts:"):
+    if _is_uri(location):
         return location
     path = Path(location).expanduser()
     return (path if path.is_absolute() else project_root() / path).resolve().as_uri()
 
 
-def experiment_artifact_location(tracking: Any) -> str | None:
-    """The artifact location a new experiment is created with; None leaves it to the store.
-
-    With a tracking server, a local folder would be a path on each client's disk, not on the
-    server: it is ignored, so the server's default applies (`mlflow-artifacts:/`). URIs
-    (`s3://...`, `mlflow-artifacts:/...`) are kept.
-    """
+def experiment_artifact_location(tracking: TrackingConfig) -> str | None:
+    """The artifact location a new experiment is created with; None leaves it to the store. With
+    a tracking server a local folder (a path on each client's disk) is ignored: the server's
+    default applies. URIs (`s3://...`, `mlflow-artifacts:/...`) are kept."""
     location = tracking.artifact_location
-    if not location:
-        return None
-    if is_remote(tracking.uri):
-        if "://" in location or location.startswith("mlflow-artifacts:"):
-            return location
-        log.info(
-            "tracking.artifact_location=%s is a local folder: ignored with the tracking "
-            "server %s, which stores the artifacts itself",
-            location,
-            tracking.uri,
-        )
-        return None
-    return artifact_uri(location)
+    if not location or _is_uri(location) or not is_remote(tracking.uri):
+        return artifact_uri(location) if location else None
+    log.info(
+        "tracking.artifact_location=%s is a local folder: ignored with the tracking server %s, "
+        "which stores the artifacts itself",
+        location,
+        tracking.uri,
+    )
+    return None
 
 
-def apply_http_settings(tracking: Any) -> dict[str, str]:
+def apply_http_settings(tracking: TrackingConfig) -> dict[str, str]:
     """Bound MLflow's retries against a tracking server: with its defaults (7 retries, backoff
     factor 2, 120 s timeout) a dead server takes minutes to be reported. The config wins over
     these variables when they are already set."""
     settings = {
-        HTTP_ENV["http_retries"]: str(int(tracking.http_retries)),
-        HTTP_ENV["http_backoff_factor"]: str(int(tracking.http_backoff_factor)),
-        HTTP_ENV["timeout_s"]: str(max(1, math.ceil(float(tracking.timeout_s)))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(tracking.http_retries)),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(int(tracking.http_backoff_factor)),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(float(tracking.timeout_s)))),
     }
     os.environ.update(settings)
     return settings
-
-
-def tracking_failure(exc: BaseException) -> bool:
-    """An error of the connection to a tracking server (not of what was sent to it)."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, requests.exceptions.RequestException):
-        return True
-    return isinstance(exc, MlflowException) and str(exc.message).startswith("API request to ")
-
-
-def failure_error(tracking: Any, exc: BaseException, what: str) -> TrackingError:
-    """A tracking server that failed `what` (e.g. "starting the run"), as one line."""
-    detail = _first_line(exc)
-    return TrackingError(
-        f"tracking.uri={tracking.uri}: the MLflow tracking server failed {what} "
-        f"(gave up after tracking.http_retries={tracking.http_retries} retries, "
-        f"tracking.timeout_s={tracking.timeout_s} s per request): {detail}. Check that the "
-        "server is up (its /health answers), then rerun; finished runs are kept."
-    )
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
@@ -164,18 +137,45 @@ def check_reachable(uri: str, timeout_s: float) -> None:
         ) from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, at most 300 characters."""
     text = str(getattr(exc, "message", exc)).strip()
     text = text.splitlines()[0] if text else type(exc).__name__
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-def is_store_error(exc: BaseException) -> bool:
-    """An error raised by the store itself (SQL, SQLite, MLflow, the file system under it)."""
+def tracking_failure(exc: BaseException) -> bool:
+    """An error of the connection to a tracking server (not of what was sent to it)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
+    return isinstance(exc, MlflowException) and str(exc.message).startswith("API request to ")
+
+
+def is_store_error(exc: BaseException, os_errors: bool = True) -> bool:
+    """An error raised by the store itself (SQL, SQLite, MLflow; with `os_errors` the file system
+    under it too: not while a step's own code runs, whose file errors are its own)."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    return isinstance(exc, MlflowException | SQLAlchemyError | sqlite3.Error | OSError)
+    kinds = (MlflowException, SQLAlchemyError, sqlite3.Error) + ((OSError,) if os_errors else ())
+    return isinstance(exc, kinds)
+
+
+def as_tracking_error(
+    tracking: TrackingConfig, exc: BaseException, what: str, os_errors: bool = False
+) -> TrackingError | None:
+    """`exc` as one line when it is a failure of the store while `what`; None when it is not."""
+    if is_remote(tracking.uri) and tracking_failure(exc):
+        return TrackingError(
+            f"tracking.uri={tracking.uri}: the MLflow tracking server failed {what} "
+            f"(gave up after tracking.http_retries={tracking.http_retries} retries, "
+            f"tracking.timeout_s={tracking.timeout_s} s per request): {first_line(exc)}. Check "
+            "that the server is up (its /health answers), then rerun; finished runs are kept."
+        )
+    return store_error(tracking.uri, exc, what) if is_store_error(exc, os_errors) else None
 
 
 def store_error(uri: str, exc: BaseException, what: str = "") -> TrackingError:
@@ -183,39 +183,32 @@ def store_error(uri: str, exc: BaseException, what: str = "") -> TrackingError:
     text = str(getattr(exc, "message", exc)).lower()
     file = store_file(uri)
     where = f"tracking.uri={uri}" + (f" ({file})" if file and resolve_uri(uri) != uri else "")
-    doing = f" {what}" if what else ""
-    target = file or "the store"
+    doing, target = f" {what}" if what else "", file or "the store"
     if "readonly" in text or "read-only" in text or isinstance(exc, PermissionError):
-        fix = f"the store is read-only{doing}: make {target} and its folder writable, or point "
-        return TrackingError(f"{where}: {fix}tracking.uri at another file")
-    if "malformed" in text or "not a database" in text or "no such table" in text:
-        return TrackingError(
-            f"{where}: not a valid MLflow database ({_first_line(exc)}): restore {target} from a "
-            "backup, or move it away (a new store is created), or point tracking.uri at another file"
+        fix = f"the store is read-only{doing}: make {target} and its folder writable, or point"
+        message = f"{fix} tracking.uri at another file"
+    elif "malformed" in text or "not a database" in text or "no such table" in text:
+        message = (
+            f"not a valid MLflow database ({first_line(exc)}): restore {target} from a backup, "
+            "or move it away (a new store is created), or point tracking.uri at another file"
         )
-    if "disk is full" in text or "no space left" in text:
-        return TrackingError(
-            f"{where}: the disk holding {target} is full{doing}: free some space, then rerun"
-        )
-    if "database is locked" in text:
-        return TrackingError(
-            f"{where}: the store stayed locked by another process{doing}: rerun when it is done"
-        )
-    return TrackingError(f"{where}: the MLflow store failed{doing}: {_first_line(exc)}")
+    elif "disk is full" in text or "no space left" in text:
+        message = f"the disk holding {target} is full{doing}: free some space, then rerun"
+    elif "database is locked" in text:
+        message = f"the store stayed locked by another process{doing}: rerun when it is done"
+    else:
+        message = f"the MLflow store failed{doing}: {first_line(exc)}"
+    return TrackingError(f"{where}: {message}")
 
 
-def _store_lock(file: Path | None) -> Any:
-    """A lock held while a SQLite store is opened (created, migrated); a no-op lock where there
-    is no file or its folder cannot hold one (a read-only store: nothing can migrate it)."""
-    from contextlib import nullcontext
-
-    from filelock import FileLock
-
+def _store_lock(file: Path | None) -> AbstractContextManager[object]:
+    """A lock held while a SQLite store is opened (created, migrated); a no-op where there is no
+    file or its folder cannot hold one (a read-only store: nothing can migrate it)."""
     if file is None:
         return nullcontext()
+    lock_file = file.with_name(file.name + "-lock")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        lock_file = file.with_name(file.name + "-lock")
         if not os.access(file.parent, os.W_OK) and not lock_file.exists():
             return nullcontext()
     except OSError:
@@ -224,27 +217,22 @@ def _store_lock(file: Path | None) -> Any:
 
 
 #: The clients a Hydra multirun's jobs share (one process, one store): opened once per sweep.
-_SWEEP_CLIENTS: dict[str, Any] = {}
+_SWEEP_CLIENTS: dict[str, MlflowClient] = {}
 
 
-def open_client(uri: str) -> Any:
+def open_client(uri: str) -> MlflowClient:
     """An MlflowClient (tracking and registry) on `uri` (resolved, see `resolve_uri`), with the
     store created/migrated under a lock and MLflow's fluent API pointed at it. The jobs of one
-    Hydra multirun (one process) share the client the first job opened.
-
-    Raises `TrackingError` when the store cannot be opened (read-only, not a database, ...).
-    """
+    Hydra multirun (one process) share the client the first job opened. Raises `TrackingError`
+    when the store cannot be opened (read-only, not a database, a folder, ...)."""
     import mlflow
-    from filelock import Timeout
 
-    from pipeline.lib.config.step import in_multirun
-
-    resolved = resolve_uri(uri)
-    if in_multirun() and resolved in _SWEEP_CLIENTS:  # checked and migrated by the first job
+    resolved, file = resolve_uri(uri), store_file(uri)
+    client = _SWEEP_CLIENTS.get(resolved) if in_multirun() else None
+    if client is not None:  # checked and migrated by the sweep's first job
         mlflow.set_tracking_uri(resolved)
         mlflow.set_registry_uri(resolved)
-        return _SWEEP_CLIENTS[resolved]
-    file = store_file(uri)
+        return client
     if file is not None and file.is_dir():  # MLflow would retry for minutes, then say little
         raise TrackingError(
             f"tracking.uri={uri}: {file} is a folder, not an SQLite file: move it away, or point "
@@ -258,15 +246,13 @@ def open_client(uri: str) -> Any:
                 client.search_registered_models(max_results=1)  # the registry's, same file
     except Timeout:
         raise TrackingError(
-            f"tracking.uri={uri}: another process has held {store_file(uri)}-lock for "
-            f"{LOCK_TIMEOUT_S:.0f} s while opening the store; if none is running, delete the lock file"
+            f"tracking.uri={uri}: another process has held {file}-lock for {LOCK_TIMEOUT_S:.0f} s "
+            "while opening the store; if none is running, delete the lock file"
         ) from None
     except Exception as exc:
-        if is_remote(resolved) and tracking_failure(exc):
+        if (is_remote(resolved) and tracking_failure(exc)) or not is_store_error(exc):
             raise
-        if is_store_error(exc):
-            raise store_error(uri, exc, "opening the store") from None
-        raise
+        raise store_error(uri, exc, "opening the store") from None
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
     if in_multirun():
@@ -274,78 +260,60 @@ def open_client(uri: str) -> Any:
     return client
 
 
-#: The experiment tag MLflow's 3.x UI reads to choose an experiment's landing page (its JS bundle,
-#: `mlflow.experimentKind`); `custom_model_development` ("Machine learning") opens on the runs
-#: table, not on the GenAI traces overview.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-
-
-def experiment_id(client: Any, tracking: Any) -> str:
+def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
     """The id of `tracking.experiment` in the store, created when missing (a parallel creation is
     tolerated) and tagged `EXPERIMENT_KIND` (set too on an existing experiment that has no kind; a
-    kind the user chose is kept). Raises `TrackingError` when the experiment is deleted (in
-    MLflow's trash)."""
+    kind the user chose is kept). Raises `TrackingError` when the experiment is deleted."""
     from mlflow.exceptions import MlflowException
 
-    experiment = client.get_experiment_by_name(tracking.experiment)
+    name = tracking.experiment
+    experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
             return client.create_experiment(
-                tracking.experiment,
+                name,
                 artifact_location=experiment_artifact_location(tracking),
                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
-        except MlflowException as exc:  # created meanwhile by a parallel job
+        except MlflowException as exc:  # created meanwhile by a parallel job?
             if is_remote(tracking.uri) and tracking_failure(exc):
                 raise
-            experiment = client.get_experiment_by_name(tracking.experiment)
+            experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
+    found = experiment.experiment_id
     if experiment.lifecycle_stage == "deleted":
         raise TrackingError(
-            f"tracking.uri={tracking.uri}: experiment tracking.experiment={tracking.experiment!r} "
-            f"(id {experiment.experiment_id}) is deleted: restore it (`mlflow experiments restore "
-            f"--experiment-id {experiment.experiment_id}`), remove it for good (`mlflow gc`), or "
-            "choose another tracking.experiment"
+            f"tracking.uri={tracking.uri}: experiment tracking.experiment={name!r} (id {found}) "
+            f"is deleted: restore it (`mlflow experiments restore --experiment-id {found}`), "
+            "remove it for good (`mlflow gc`), or choose another tracking.experiment"
         )
     if is_remote(tracking.uri) and artifact_uri(experiment.artifact_location).startswith("file:"):
         log.warning(
             "Experiment %r on %s keeps its artifacts at %s, a folder on each client's disk, not "
             "on the server: choose a new tracking.experiment to have them uploaded through it",
-            tracking.experiment,
+            name,
             tracking.uri,
             experiment.artifact_location,
         )
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag, or by another tool
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return experiment.experiment_id
+        client.set_experiment_tag(found, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found
 
 
-def open_store(tracking: Any) -> tuple[Any, str]:
+def open_store(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
     """(MlflowClient, experiment id) for the `tracking` config: the server checked, the store
     opened (see `open_client`), the experiment found or created. Raises `TrackingError`."""
-    from mlflow.exceptions import MlflowException
-
-    remote = is_remote(tracking.uri)
-    if remote:
+    if is_remote(tracking.uri):
         apply_http_settings(tracking)
     check_reachable(tracking.uri, tracking.timeout_s)
     try:
         client = open_client(tracking.uri)
         return client, experiment_id(client, tracking)
-    except MlflowException as exc:
-        if remote and tracking_failure(exc):
-            what = f"opening experiment {tracking.experiment!r}"
-            raise failure_error(tracking, exc, what) from None
-        raise store_error(
-            tracking.uri, exc, f"opening experiment {tracking.experiment!r}"
-        ) from None
     except TrackingError:
         raise
     except Exception as exc:
-        if remote and tracking_failure(exc):
-            raise failure_error(tracking, exc, "opening the store") from None
-        if is_store_error(exc):
-            raise store_error(tracking.uri, exc, "opening the store") from None
-        raise
+        error = as_tracking_error(tracking, exc, "opening the store", os_errors=True)
+        if error is None:
+            raise
+        raise error from None
