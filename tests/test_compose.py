@@ -39,9 +39,7 @@ def test_params_yaml_is_what_dvc_composes(project: Path, tmp_path: Path):
     from dvc.utils.hydra import compose_and_dump
 
     dvc_file = tmp_path / "dvc_params.yaml"
-    compose_and_dump(
-        dvc_file, str(project / "conf"), None, "config", str(project), ["train.C=3"]
-    )
+    compose_and_dump(dvc_file, str(project / "conf"), None, "config", str(project), ["train.C=3"])
     ours = write_params(project, ["train.C=3"], output=tmp_path / "ours.yaml")
     text = ours.read_text()
     assert text.startswith(HEADER + '["train.C=3"]\n')

@@ -78,9 +78,7 @@ def test_parallel_grid_sweep_is_a_parent_with_a_child_per_job(tmp_path, data):
     )
     parent, children = family(tmp_path)
     assert len(children) == 4
-    combos = {
-        (c.data.params["train.C"], c.data.params["train.label_smoothing"]) for c in children
-    }
+    combos = {(c.data.params["train.C"], c.data.params["train.label_smoothing"]) for c in children}
     assert combos == {("0.1", "0.0"), ("0.1", "0.1"), ("10", "0.0"), ("10", "0.1")}
     for child in children:  # nothing lost: every job logged all its metrics
         assert {"final_val_accuracy", "val_accuracy", "head_iterations"} <= set(child.data.metrics)

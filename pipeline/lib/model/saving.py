@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.lib.files import read_json, write_json
-from pipeline.lib.model.classifier import HEAD_FILE, model_md5
+from pipeline.lib.model.classifier import model_md5
 
 #: The model folder's file whose md5 `pipeline.lib.tracking.runs` tags the training run with
 #: (kept for it; `classifier.model_md5` names the whole folder).
-MODEL_FILE = HEAD_FILE
 
 #: Written into a saved archive's metadata.json instead of the time of saving (Keras' `date_saved`,
 #: kept as a field because `keras.saving.KerasFileEditor` reads it), and the time of every zip entry.

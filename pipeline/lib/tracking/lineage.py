@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from pipeline.lib.config.schema import Config, to_flat_dict
-from pipeline.lib.files import md5_file
-from pipeline.lib.model.saving import MODEL_FILE, trained_run_id
+from pipeline.lib.model.classifier import model_md5
+from pipeline.lib.model.saving import trained_run_id
 from pipeline.lib.tracking.store import TrackingError
 
 if TYPE_CHECKING:
@@ -198,12 +198,6 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
     return ended
 
 
-def model_md5(cfg: Config) -> str | None:
-    """The md5 of the trained model file (`paths.models`/model.keras), None when there is none."""
-    model = Path(cfg.paths.models) / MODEL_FILE
-    return md5_file(model) if model.is_file() else None
-
-
 def interrupted_run(
     client: MlflowClient, experiment_id: str, cfg: Config, checkpoint: Path
 ) -> str | None:
@@ -237,7 +231,7 @@ class Recovery:
     def tags(self, cfg: Config) -> dict[str, str]:
         """The tags of the recovered run: `recovered`, why, the model's md5 and its run."""
         tags = {"recovered": "true", "pipeline.recovered_reason": self.reason[:5000]}
-        if md5 := model_md5(cfg):
+        if md5 := model_md5(cfg.paths.models):
             tags[TAG_MODEL_MD5] = md5
         if self.model_run_id:
             tags["pipeline.model_run_id"] = self.model_run_id
@@ -269,7 +263,7 @@ def later_stage_run(
             "for good (`mlflow gc`) to have a new run recorded, then rerun"
         )
     found = [run] if run is not None and run.info.experiment_id == experiment_id else []
-    if md5 := model_md5(cfg):
+    if md5 := model_md5(cfg.paths.models):
         found += client.search_runs(
             [experiment_id],
             filter_string=f"tags.`{TAG_MODEL_MD5}` = '{md5}'",

@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Run
@@ -43,7 +42,6 @@ from omegaconf import OmegaConf
 
 from pipeline.lib.config.schema import Config, TrackingConfig, to_flat_dict
 from pipeline.lib.files import read_json
-from pipeline.lib.model.saving import MODEL_FILE
 from pipeline.lib.tracking import lineage
 from pipeline.lib.tracking.store import (
     TrackingError,
@@ -189,7 +187,7 @@ def stage_run(
         if recovery is not None:
             log_recovered(cfg)
         yield run
-        if stage == "train" and (md5 := lineage.model_md5(cfg)):
+        if stage == "train" and (md5 := lineage.model_md5(cfg.paths.models)):
             mlflow.set_tag(lineage.TAG_MODEL_MD5, md5)  # how later stages find it without run_file
         elif stage == "evaluate":
             register_model(client, cfg.tracking.registered_model, run.info.run_id, experiment_id)
