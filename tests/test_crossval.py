@@ -3,11 +3,16 @@ run with k child runs."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import mlflow
 import numpy as np
 import pytest
 
 from pipeline.featurize import featurize
+from pipeline.lib.tracking.lineage import TAG_HOST, TAG_PID
 from pipeline.lib.training.crossval import CrossvalError, crossval, fold_indices
 from pipeline.prepare import prepare
 from tests.conftest import tiny_config
@@ -24,6 +29,10 @@ def test_folds_cover_every_image_once():
         assert sum(map(len, parts)) == 18
     with pytest.raises(CrossvalError, match="cannot make 30 folds"):
         fold_indices(y, 30, seed=0)
+    # leave-one-out: as many folds as images (no class can be stratified into 18)
+    loo = fold_indices(y, 18, seed=0)
+    assert sorted(int(f["test"][0]) for f in loo) == list(range(18))
+    assert all(len(f["test"]) == 1 and len(f["train"]) == 16 for f in loo)
     # two folds: one tests, the other validates, none is left to train on
     with pytest.raises(CrossvalError, match="nothing to train on"):
         fold_indices(y, 2, seed=0)
@@ -42,7 +51,8 @@ def test_kfold_logs_k_children(tmp_path):
     prepare(cfg)
     featurize(cfg)
     result = crossval(cfg)
-    assert result["folds"] == 3 and result["images"] == 36 and len(result["per_fold"]) == 3
+    # every photo (train + val + test, 6 classes x 8) is tested once
+    assert result["folds"] == 3 and result["images"] == 48 and len(result["per_fold"]) == 3
     assert result["accuracy_ci_low"] <= result["accuracy_pooled"] <= result["accuracy_ci_high"]
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     parent = client.get_run(result["run_id"])
@@ -52,3 +62,21 @@ def test_kfold_logs_k_children(tmp_path):
     assert len(children) == 3
     assert all("test_accuracy" in c.data.metrics for c in children)
     assert "cv_accuracy_mean" in parent.data.metrics
+    # the project's experiment (not MLflow's Default), tagged with the process like every step
+    assert client.get_experiment(parent.info.experiment_id).name == "toy-trucks"
+    for run in [parent, *children]:
+        assert run.data.tags[TAG_PID] and run.data.tags[TAG_HOST] == socket.gethostname()
+
+
+def test_a_killed_crossvals_runs_are_ended_by_the_next(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.crossval_folds": 3, "train.C": 1.0})
+    prepare(cfg)
+    featurize(cfg)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that is gone
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    experiment_id = client.create_experiment("toy-trucks")
+    tags = {"crossval": "parent", TAG_PID: str(dead.pid), TAG_HOST: socket.gethostname()}
+    orphan = client.create_run(experiment_id, tags=tags, run_name="crossval 3 folds")
+    crossval(cfg)
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"

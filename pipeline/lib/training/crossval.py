@@ -1,12 +1,13 @@
 """Cross-validation of the head on the cached features, for datasets too small for one test split
 to say much (`python -m pipeline.crossval`).
 
-Train and val are pooled and split into `train.crossval_folds` stratified folds
-(scikit-learn's StratifiedKFold, shuffled with `train.seed`). Fold i is the test fold; fold
-i + 1 (mod k) is its validation fold (temperature scaling), the others train:
-each fold fits the head exactly as `train` does (`train_head`: C, the optimum, temperature), and every image is tested once. Logged as one MLflow parent run with one child run
-per fold; the parent gets the mean and standard deviation over folds and the pooled accuracy
-with its 95 % Wilson interval.
+Every prepared photo (train, val and test pooled) goes into `train.crossval_folds` folds,
+stratified where the classes allow, shuffled with `train.seed` (k = the number of photos is
+leave-one-out). Fold i is tested, fold i + 1 (mod k) calibrates (temperature), the rest train,
+exactly as `train` fits its head (`train_head`); every photo is tested once. Logged into the
+project's experiment as one parent run (mean and standard deviation over folds, the pooled
+accuracy with its 95 % Wilson interval) with one child run per fold, tagged with this process
+so that a killed crossval is ended like any other step's run.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
 
 from pipeline.lib.config.schema import Config, ConfigError, solver
-from pipeline.lib.data.prepared import open_prepared
+from pipeline.lib.data.prepared import SPLITS, open_prepared
 from pipeline.lib.errors import UserError
 from pipeline.lib.files import dvc_md5
 from pipeline.lib.model.features import load_cached_features
 from pipeline.lib.reporting.metrics import Predictions, accuracy_interval, headline_metrics
-from pipeline.lib.tracking import runs
+from pipeline.lib.tracking import lineage, runs
+from pipeline.lib.tracking.store import open_store
 from pipeline.lib.training.head import train_head
 
 log = logging.getLogger(__name__)
@@ -37,15 +39,21 @@ class CrossvalError(UserError):
 
 def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.ndarray]]:
     """k folds of `labels` (N,): per fold {"train", "val", "test": int64 index arrays}, test =
-    fold i, val = fold i+1 (mod k), train = the rest. Raises CrossvalError when a fold
-    cannot be made (fewer images than folds)."""
+    fold i, val = fold i+1 (mod k), train = the rest. Stratified (scikit-learn's StratifiedKFold)
+    when every class can be; else plain KFold (k up to N: leave-one-out).
+
+    Raises:
+        CrossvalError: fewer images than folds, or a fold left nothing to train on.
+    """
     if len(labels) < k:
         raise CrossvalError(
-            f"{len(labels)} images cannot make {k} folds: lower train.crossval_folds"
+            f"{len(labels)} images cannot make {k} folds: set train.crossval_folds <= {len(labels)}"
         )
-    with warnings.catch_warnings():  # "least populated class has only n members": said below
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    if np.bincount(labels).max() < k:  # no class has k images: stratifying is impossible
+        splitter = KFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "least populated class has only n members": expected
         warnings.simplefilter("ignore", UserWarning)
-        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         tests = [test for _, test in splitter.split(np.zeros(len(labels)), labels)]
     folds = []
     for i in range(k):
@@ -108,14 +116,17 @@ def crossval(cfg: Any) -> dict[str, Any]:
             f"{cfg.paths.features} holds no features of {cfg.paths.prepared}: run "
             "`dvc repro featurize` (or `python -m pipeline.featurize`) first."
         )
-    x = np.concatenate([features["train"], features["val"]]).astype(np.float32)
-    y = np.concatenate([dataset.labels("train"), dataset.labels("val")]).astype(np.int64)
+    x = np.concatenate([features[s] for s in SPLITS]).astype(np.float32)
+    y = np.concatenate([dataset.labels(s) for s in SPLITS]).astype(np.int64)
     k, c = cfg.train.crossval_folds, dataset.num_classes
     folds = fold_indices(y, k, cfg.train.seed)
-    runs.setup(cfg.tracking)
+    client, experiment_id = open_store(cfg.tracking)
+    lineage.end_dead_runs(client, [experiment_id])  # a killed crossval's runs, ended KILLED
+    tags = lineage.process_tags()
     per_fold, correct = [], 0
-    with mlflow.start_run(run_name=f"crossval {k} folds") as parent:
-        mlflow.set_tag("crossval", "parent")
+    parent_tags = tags | {"crossval": "parent"}
+    name = f"crossval {k} folds"
+    with runs.active_run(cfg.tracking, None, name, parent_tags, experiment_id) as parent:
         runs.log_config(cfg)
         for i, fold in enumerate(folds):
             probs = train_fold(cfg, x, y, fold, c)
@@ -123,8 +134,9 @@ def crossval(cfg: Any) -> dict[str, Any]:
             m["images"] = len(fold["test"])
             correct += int(round(m["accuracy"] * m["images"]))
             per_fold.append(m)
-            with mlflow.start_run(run_name=f"fold {i + 1}/{k}", nested=True):
-                mlflow.set_tags({"crossval": "fold", "fold": str(i + 1)})
+            fold_tags = tags | {"crossval": "fold", "fold": str(i + 1)}
+            fold_name = f"fold {i + 1}/{k}"
+            with mlflow.start_run(None, experiment_id, fold_name, nested=True, tags=fold_tags):
                 mlflow.log_metrics({f"test_{key}": float(v) for key, v in m.items()})
             log.info("Fold %d/%d: accuracy %.4f on %d images", i + 1, k, m["accuracy"], m["images"])
         summary = summarize(per_fold, correct, len(y))
