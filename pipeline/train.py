@@ -28,10 +28,10 @@ from omegaconf import DictConfig
 from pipeline.lib.config.schema import Config, solver
 from pipeline.lib.config.step import CONF_DIR, entry_point, in_multirun, run_step
 from pipeline.lib.data.prepared import PreparedDataset, data_root, data_tags, open_prepared
-from pipeline.lib.errors import StageInputError
+from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
 from pipeline.lib.model.classifier import BACKBONE_FILE, Head, ModelCard, save_model_folder
-from pipeline.lib.model.features import load_cached_features
+from pipeline.lib.model.features import convert_to_tflite, load_cached_features
 from pipeline.lib.model.saving import write_run_record
 from pipeline.lib.reporting.figures import save_learning_curves
 from pipeline.lib.reporting.tables import write_csv
@@ -87,25 +87,51 @@ def train(cfg: Config, callbacks: Sequence[object] = ()) -> float | None:
         from pipeline.lib.training import keras_fit
 
         checkpoint = keras_fit.checkpoint_folder(cfg, prepared_md5)
-    with runs.stage_run(cfg, "train", checkpoint=checkpoint, tags=tags | data_tags(dataset.report)):
-        _log_inputs(cfg, dataset, prepared_md5)
-        if keras:
-            result = _fit_keras(cfg, dataset, features, prepared_md5, callbacks)
-        else:
-            result = _fit_lbfgs(cfg, dataset, features)
-        _log_training(result)
-        _write_reports(cfg, result)
-        if cfg.train.save_model == "always" or (
-            cfg.train.save_model == "auto" and not in_multirun()
-        ):
-            _write_model_folder(cfg, dataset, result)
-            write_run_record(cfg, mlflow.active_run())
-            if cfg.tracking.log_model:  # registered by evaluate, with test metrics
-                runs.log_model(cfg.paths.models)
-        else:
-            log.info("train.save_model=%s: no model saved or logged", cfg.train.save_model)
+        _check_writable(cfg.train.checkpoint_dir, "train.checkpoint_dir")
+    try:
+        with runs.stage_run(cfg, "train", checkpoint, tags | data_tags(dataset.report)):
+            _log_inputs(cfg, dataset, prepared_md5)
+            if keras:
+                result = _fit_keras(cfg, dataset, features, prepared_md5, callbacks)
+            else:
+                result = _fit_lbfgs(cfg, dataset, features)
+            _save(cfg, dataset, result)
+    except TrainingDivergedError as exc:
+        if not in_multirun():
+            raise
+        # one diverged trial must not end a search (hydra#2237): the worst score, run FAILED
+        log.error("%s: this job scores -inf, the sweep goes on", exc)
+        return float("-inf")
     split = "val" if result.metrics["val"]["accuracy"] is not None else "train"
     return result.metrics[split]["accuracy"]
+
+
+class TrainingDivergedError(UserError):
+    """Keras' loss or the head's weights stopped being finite numbers."""
+
+
+def _check_writable(folder: str, key: str) -> None:
+    """Refuse, before any training, a folder that cannot be created or written (naming `key`)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise UserError(
+            f"{key}={folder} cannot be written ({exc.strerror or exc}): choose a writable folder"
+        ) from None
+
+
+def _save(cfg: Config, dataset: PreparedDataset, result: TrainResult) -> None:
+    """Log the training, write the reports and (unless a sweep job) the model folder."""
+    _log_training(result)
+    _write_reports(cfg, result)
+    if cfg.train.save_model == "always" or (cfg.train.save_model == "auto" and not in_multirun()):
+        _write_model_folder(cfg, dataset, result)
+        write_run_record(cfg, mlflow.active_run())
+        if cfg.tracking.log_model:  # registered by evaluate, with test metrics
+            runs.log_model(cfg.paths.models)
+    else:
+        log.info("train.save_model=%s: no model saved or logged", cfg.train.save_model)
 
 
 def _scores(head: Head, x: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
@@ -151,10 +177,15 @@ def _fit_keras(
 ) -> TrainResult:
     """Keras `fit` (keras_fit), then temperature scaling of its head on the validation split and,
     for a changed backbone, its conversion to LiteRT."""
-    from pipeline.lib.model.features import convert_to_tflite
     from pipeline.lib.training import keras_fit
 
     fitted = keras_fit.fit_keras(cfg, dataset, features, prepared_md5, callbacks)
+    losses = np.asarray(fitted.runner.history.get("loss", []), dtype=float)
+    if not (np.isfinite(fitted.head.kernel).all() and np.isfinite(losses).all()):
+        raise TrainingDivergedError(
+            f"Keras training diverged (loss {losses[-1] if len(losses) else 'nan'}): lower "
+            f"train.learning_rate (now {cfg.train.learning_rate})"
+        )
     x = fitted.features or {s: features[s] for s in ("train", "val")}
     y = {s: dataset.labels(s) for s in ("train", "val")}
     head, temperature, nll = fitted.head, 1.0, {}
