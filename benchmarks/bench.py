@@ -8,6 +8,10 @@ Rows (repeats interleaved, min and median printed, with the load average around 
   featurize   img/s of the TFLite featurizer vs Keras `predict` on the same 360 images and vs the
               CPU's limit (0.6 GFLOP/image at the single-core sgemm GFLOP/s numpy measures, times
               the usable cores); max |difference|; the same bytes run to run.
+  predict     img/s of `python -m pipeline.predict <folder>` (the trained models/ folder) vs
+              `python -m pipeline.prepare data=folder` + `python -m pipeline.featurize` on the same
+              folder of the 360 default PNGs (the same work: decode, resize, backbone; processes,
+              start-up included); target >= 0.8x (issue 22).
   sweep       a 10-job `python -m pipeline.train -m ...` over head settings vs one featurize pass
               (`python -m pipeline.featurize`, both processes, on the default data).
   repro       `dvc repro` from clean in a fresh copy of the project vs benchmarks/study_script.py
@@ -40,8 +44,8 @@ import numpy as np  # noqa: E402
 PROJECT_FILES = ["conf", "pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]
 GFLOP_PER_IMAGE = 0.6  # MobileNetV2 1.0 / 224 (about 0.3 G multiply-adds)
 STAGE = ["--config-path", "..", "--config-name", "params"]
-SWEEP = ["train.learning_rate=0.0003,0.001,0.003,0.01,0.03", "train.batch_size=16,32"]
-QUICK_SWEEP = ["train.learning_rate=0.001,0.01"]
+SWEEP = ["train.C=0.01,0.1,1.0,10.0,100.0", "train.label_smoothing=0.0,0.1"]
+QUICK_SWEEP = ["train.C=0.1,10.0"]
 ROWS: list[dict] = []
 
 
@@ -104,12 +108,12 @@ def _seconds(call) -> float:
 
 def bench_featurize(project: Path, repeats: int) -> None:
     from pipeline.lib.model.build import build_feature_extractor
-    from pipeline.lib.model.features import featurize_array, make_featurizer, usable_cores
+    from pipeline.lib.model.features import backbone_featurizer, featurize_array, usable_cores
 
     folder = project / "data" / "prepared"
     images = np.concatenate([np.load(folder / f"{s}.npy") for s in ("train", "val", "test")])
     extractor = build_feature_extractor(1.0, "imagenet", 224, 0)
-    featurizer = make_featurizer(extractor, "tflite", 0)
+    featurizer, _ = backbone_featurizer(1.0, "imagenet", 224, 0, 0)
     floats = images.astype(np.float32)
     extractor.predict(floats[:32], batch_size=32, verbose=0)  # trace once, outside the timing
     keras_rates, tflite_rates, outputs = [], [], []
@@ -130,6 +134,38 @@ def bench_featurize(project: Path, repeats: int) -> None:
     row("featurize CPU limit", [limit], "img/s", note=f"{usable_cores()} cores x sgemm")
     row("featurize max |diff| vs Keras", [diff], "", None, "<= 1e-3", diff <= 1e-3)
     row("featurize run-to-run bytes", [float(same)], "same", None, "identical", same)
+
+
+def bench_predict(project: Path, tmp: Path, repeats: int) -> None:
+    """`pipeline.predict` on a folder vs `prepare` (data=folder) + `featurize` on that folder:
+    decode, resize and the backbone in both (predict adds the head; prepare hashes and writes
+    arrays, featurize writes features). Processes, start-up included, the model trained once."""
+    photos = tmp / "photos"  # the default data's PNGs, one sub-folder per class
+    for file in sorted((project / "data" / "raw" / "synthetic").rglob("*.png")):
+        (photos / file.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, photos / file.parent.name / f"{file.parent.parent.name}_{file.name}")
+    n = len(list(photos.rglob("*.png")))
+    if not (project / "models" / "model.json").is_file():
+        timed([sys.executable, "-m", "pipeline.train", *STAGE, "hydra.run.dir=outputs/t"], project)
+    folder = ["data=folder", f"data.path={photos}", f"paths.prepared={tmp / 'prepared'}",
+              f"paths.features={tmp / 'features'}"]  # fmt: skip
+    staged, predicted = [], []
+    for i in range(repeats):
+        seconds = timed([sys.executable, "-m", "pipeline.prepare", *folder,
+                         f"hydra.run.dir={tmp}/hydra/p{i}"], project)  # fmt: skip
+        seconds += timed([sys.executable, "-m", "pipeline.featurize", *folder,
+                          f"hydra.run.dir={tmp}/hydra/f{i}"], project)  # fmt: skip
+        staged.append(n / seconds)
+        predicted.append(n / timed([sys.executable, "-m", "pipeline.predict", str(photos),
+                                    "--model", "models", "--output", str(tmp / "p.csv")],
+                                   project))  # fmt: skip
+        rows = len((tmp / "p.csv").read_text().splitlines()) - 1
+        if rows != n:
+            sys.exit(f"pipeline.predict wrote {rows} rows for {n} images")
+    ratio = statistics.median(predicted) / statistics.median(staged)
+    row("prepare + featurize (processes)", staged, "img/s", note=f"{n} PNGs, data=folder")
+    row("predict on a folder (process)", predicted, "img/s", ratio, ">= 0.8x prep+featurize",
+        ratio >= 0.8, "python -m pipeline.predict <folder>")  # fmt: skip
 
 
 def bench_sweep(project: Path, repeats: int, sweep: list[str]) -> None:
@@ -181,17 +217,14 @@ def heap_child(prepared: Path, factor: int, tmp: Path) -> None:
     memmap) into a float32 .npy memmap; print {"peak_heap", "vm_hwm"} in bytes."""
     import tracemalloc
 
-    from pipeline.lib.model.build import build_feature_extractor
-    from pipeline.lib.model.features import featurize_array, make_featurizer
+    from pipeline.lib.model.features import backbone_featurizer, featurize_array
 
     base = np.concatenate([np.load(prepared / f"{s}.npy") for s in ("train", "val", "test")])
     images = np.lib.format.open_memmap(tmp / "in.npy", "w+", np.uint8, (factor * len(base), *base.shape[1:]))  # fmt: skip
     for i in range(factor):
         images[i * len(base) : (i + 1) * len(base)] = base
     del base
-    extractor = build_feature_extractor(1.0, "imagenet", 224, 0)
-    dim = int(extractor.output.shape[-1])
-    featurizer = make_featurizer(extractor, "tflite", 0)
+    featurizer, dim = backbone_featurizer(1.0, "imagenet", 224, 0, 0)
     out = np.lib.format.open_memmap(tmp / "out.npy", "w+", np.float32, (len(images), dim))
     tracemalloc.start()
     featurize_array(featurizer, images, 32, dim, out)
@@ -248,6 +281,7 @@ def main() -> int:
         timed([sys.executable, "-m", "pipeline.featurize", *STAGE, "hydra.run.dir=outputs/f"], base)
         sections = {
             "featurize": lambda: bench_featurize(base, max(repeats, 5)),  # Keras varies most
+            "predict": lambda: bench_predict(base, tmp, repeats),
             "sweep": lambda: bench_sweep(base, repeats, QUICK_SWEEP if args.quick else SWEEP),
             "repro": lambda: bench_repro(tmp, base / "data/raw/synthetic", min(repeats, 2)),
             "cold": lambda: bench_repro_cold(tmp),

@@ -1,16 +1,22 @@
-"""The featurizer: TFLite (XNNPACK) matches Keras, converts once per backbone (a cached
-conversion never changes the features, and is found without TensorFlow by `backbone_key`),
-streams batches."""
+"""The featurizer (`pipeline.lib.model.features`): the LiteRT backbone matches the Keras
+extractor it was converted from, converts once per backbone (a cached conversion never changes
+the features, and is found without TensorFlow by `backbone_key`), gives the same features
+whatever the batch size and threads, streams batches."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.featurize import featurize
+from pipeline.lib.config.schema import ConfigError, validate
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import dvc_md5
 from pipeline.lib.model import build
@@ -20,16 +26,16 @@ from pipeline.lib.model.build import (
     imagenet_weights_path,
 )
 from pipeline.lib.model.features import (
+    ShardedTFLite,
     backbone_featurizer,
+    backbone_flatbuffer,
     backbone_key,
-    extractor_fingerprint,
     featurize_array,
-    make_featurizer,
+    load_cached_features,
     tflite_cache_path,
 )
-from pipeline.lib.training.fit import fit
 from pipeline.prepare import prepare
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, WEIGHTS_FILE, compose, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +48,59 @@ def images():
     return np.random.default_rng(0).integers(0, 256, size=(37, 32, 32, 3), dtype=np.uint8)
 
 
+def imagenet_weights() -> str:
+    """The MobileNetV2 ImageNet weights file (`make weights`): with random weights the pooled
+    features are ~1e-11, and any two featurizers would agree to 1e-3."""
+    for path in (imagenet_weights_path(1.0, 224), ROOT.parent / "shared" / "models" / WEIGHTS_FILE):
+        if path.is_file():
+            return str(path)
+    pytest.fail(f"the MobileNetV2 ImageNet weights file {WEIGHTS_FILE} is needed (`make weights`)")
+
+
+WARM_CACHE_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from pipeline.lib.model.features import backbone_featurizer, featurize_array
+    images = np.load(sys.argv[1])
+    featurizer, dim = backbone_featurizer(1.0, sys.argv[4], 32, 0, 3, sys.argv[2])
+    np.save(sys.argv[3], featurize_array(featurizer, images, 7, dim))
+    print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+    """
+)
+
+
 @pytest.mark.slow  # converts MobileNetV2 to TFLite (30-90 s)
-def test_tflite_features_match_keras_and_the_conversion_is_cached(extractor, images, tmp_path):
-    keras_out = featurize_array(make_featurizer(extractor, "keras"), images, 8, 1280)
+def test_tflite_features_match_keras_and_the_conversion_is_cached(images, tmp_path):
+    weights = imagenet_weights()
+    extractor = build_feature_extractor(1.0, weights, 32, 0)
+    keras_out = featurize_array(extractor.predict_on_batch, images, 8, 1280)
     cache = tmp_path / "cache"
-    path = tflite_cache_path(extractor_fingerprint(extractor), cache)
+    path = tflite_cache_path(backbone_key(1.0, weights, 32, 0), cache)
     assert not path.exists()
-    fresh = featurize_array(make_featurizer(extractor, "tflite", 2, cache), images, 8, 1280)
-    assert path.is_file()
+    featurizer, dim = backbone_featurizer(1.0, weights, 32, 0, 2, cache)
+    fresh = featurize_array(featurizer, images, 8, dim)
+    assert path.is_file() and dim == 1280
     assert fresh.shape == keras_out.shape == (37, 1280)
+    assert np.abs(keras_out).max() > 0.1 and np.std(keras_out, axis=0).max() > 0.01  # real
     assert np.abs(fresh - keras_out).max() <= 1e-3
     # a warm cache only saves time: the same bytes, whatever the threads and batch size
-    cached = featurize_array(make_featurizer(extractor, "tflite", 1, cache), images, 5, 1280)
-    assert cached.tobytes() == fresh.tobytes()
+    for threads, batch in ((1, 5), (3, 37), (8, 1)):
+        cached = featurize_array(ShardedTFLite(path, threads), images, batch, dim)
+        assert cached.tobytes() == fresh.tobytes(), (threads, batch)
+
+    # and the warm cache is found without TensorFlow or Keras (a fresh process)
+    np.save(tmp_path / "images.npy", images)
+    proc = subprocess.run(
+        [sys.executable, "-c", WARM_CACHE_PROBE, str(tmp_path / "images.npy"), str(cache),
+         str(tmp_path / "features.npy"), weights],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    top_level = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert "ai_edge_litert" in top_level and "pipeline" in top_level
+    assert not top_level & {"tensorflow", "keras", "tf_keras"}, sorted(top_level)
+    assert np.load(tmp_path / "features.npy").tobytes() == fresh.tobytes()
 
 
 @pytest.mark.slow  # converts MobileNetV2 to TFLite (30-90 s)
@@ -62,7 +108,7 @@ def test_a_corrupt_cached_conversion_is_converted_again(images, tmp_path):
     cache = tmp_path / "cache"
 
     def features() -> np.ndarray:
-        featurizer, dim = backbone_featurizer(0.35, None, 32, 0, "tflite", 0, cache)
+        featurizer, dim = backbone_featurizer(0.35, None, 32, 0, 0, cache)
         return featurize_array(featurizer, images, 8, dim)
 
     fresh = features()
@@ -72,20 +118,15 @@ def test_a_corrupt_cached_conversion_is_converted_again(images, tmp_path):
     again = features()
     assert again.tobytes() == fresh.tobytes()
     assert path.read_bytes() == flatbuffer  # converted afresh, to the same bytes
+    assert backbone_flatbuffer(0.35, None, 32, 0, cache) == flatbuffer  # and found again
 
 
-def test_an_unknown_backend_is_refused(extractor):
-    with pytest.raises(ValueError, match="featurize.backend='auto'"):
-        make_featurizer(extractor, "auto")
-    with pytest.raises(ValueError, match="featurize.backend='auto'"):
-        backbone_featurizer(0.35, None, 32, backend="auto")
-
-
-def test_fingerprint_follows_the_weights():
-    a = build_feature_extractor(0.35, None, 32, init_seed=0)
-    b = build_feature_extractor(0.35, None, 32, init_seed=0)
-    c = build_feature_extractor(0.35, None, 32, init_seed=1)
-    assert extractor_fingerprint(a) == extractor_fingerprint(b) != extractor_fingerprint(c)
+@pytest.mark.parametrize("override", ["+featurize.backend=keras", "+featurize.backend=auto"])
+def test_the_removed_backend_setting_is_refused_with_its_key(override):
+    """LiteRT is the only featurizer: a leftover `featurize.backend` is an error naming it,
+    never silently ignored."""
+    with pytest.raises(ConfigError, match=r"featurize\.backend"):
+        validate(compose([override]))
 
 
 def test_the_backbone_key_follows_what_builds_the_extractor(tmp_path, monkeypatch):
@@ -158,29 +199,52 @@ def test_featurize_streams_into_a_memory_map(extractor, images, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_on_cached_features_matches_end_to_end(tmp_path):
-    """Same head, same batches (no shuffle, no dropout): the cached-feature path must give the
-    model that end-to-end training through the frozen backbone gives. Plumbing, so a tiny random
-    backbone; the ImageNet backbone's learning is tested in test_transfer_learning."""
-    small = {"data.image_size": 64, "train.shuffle": "false", "train.epochs": 3}
-    cached_cfg = tiny_config(tmp_path, **small)
-    prepare(cached_cfg)
-    featurize(cached_cfg)
-    dataset = PreparedDataset(cached_cfg.paths.prepared)
-    md5 = dvc_md5(cached_cfg.paths.prepared)
-    cached = fit(cached_cfg, dataset, md5)
-    e2e = fit(tiny_config(tmp_path, **small, **{"train.use_feature_cache": "false"}), dataset, md5)
-    assert (cached["mode"], e2e["mode"]) == ("cached_features", "end_to_end")
-    assert cached["epochs"]["loss"][-1] < cached["epochs"]["loss"][0]  # it did learn something
+def test_training_on_cached_features_matches_end_to_end(tmp_path, monkeypatch):
+    """Same head, same batches (no shuffle, no dropout): Keras `fit` of the head on the cached
+    LiteRT features gives the model that end-to-end training through the frozen Keras backbone
+    gives (what augmentation trains through). Plumbing, on small images."""
+    from pipeline.lib.training import keras_fit
+
+    small = {
+        "data.image_size": 64,
+        "model.alpha": 1.0,
+        "model.weights": imagenet_weights(),  # random weights: features ~1e-11, nothing learns
+        "train.solver": "keras",
+        "train.shuffle": "false",
+        "train.epochs": 3,
+        "train.C": 1.0,
+    }
+    cfg = tiny_config(tmp_path, **small)
+    prepare(cfg)
+    featurize(cfg)
+    dataset = PreparedDataset(cfg.paths.prepared)
+    md5 = dvc_md5(cfg.paths.prepared)
+    features = load_cached_features(cfg, md5)
+    assert features is not None
+    cached = keras_fit.fit_keras(cfg, dataset, features, md5)
+
+    # the image network (augmentation on, so the backbone is built) with no augmentation layer,
+    # and phase 1 on the images: end to end through the frozen Keras backbone
+    monkeypatch.setattr(keras_fit, "build_augmentation", lambda augment, seed: [])
+    no_op = {"train.augment.enabled": "true"}
+    e2e_cfg = tiny_config(tmp_path, **small, **no_op)
+    images = {s: dataset.images(s) for s in ("train", "val")}
+    seen = []
+
+    def on_images(cfg, dataset, features, nets):
+        seen.append(nets.extractor is not None)
+        return nets.full, images
+
+    monkeypatch.setattr(keras_fit, "phase1_inputs", on_images)
+    e2e = keras_fit.fit_keras(e2e_cfg, dataset, features, md5)
+    assert seen == [True] and e2e.extractor is None  # through the frozen backbone, unchanged
+    history, e2e_history = cached.runner.history, e2e.runner.history
+    assert history["loss"][-1] < history["loss"][0]  # it did learn something
     for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
-        np.testing.assert_allclose(
-            cached["epochs"][key], e2e["epochs"][key], atol=2e-3, err_msg=key
-        )
-    images = np.asarray(dataset.images("test"), dtype=np.float32)
+        np.testing.assert_allclose(history[key], e2e_history[key], atol=2e-3, err_msg=key)
+    test = load_cached_features(cfg, md5)["test"]
     np.testing.assert_allclose(
-        cached["model"].predict(images, verbose=0),
-        e2e["model"].predict(images, verbose=0),
-        atol=2e-3,
+        cached.head.probabilities(test), e2e.head.probabilities(test), atol=2e-3
     )
 
 
@@ -202,7 +266,6 @@ def test_the_feature_key_follows_a_weights_file_changed_in_place(tmp_path):
     """DVC sees only the `model.weights` string: a file rewritten in place must still make the
     cached features another backbone's (train then recomputes them, evaluate runs the model)."""
     from pipeline.lib.model.features import feature_key
-    from tests.conftest import compose
 
     weights = tmp_path / "user.weights.h5"
     weights.write_bytes(b"first weights")

@@ -1,11 +1,12 @@
-"""`pipeline.lib.inference.predict` on a model trained by the real stages (tiny synthetic data, 32 px), loaded
-from every source: the models/ folder, the .keras file, `runs:/` and `models:/...@champion` from
-the MLflow SQLite store, and TFLite (float32 and full-int8) files converted here.
+"""`pipeline.lib.inference.predict` on a model trained by the real stages (tiny synthetic data,
+32 px), loaded from every source: the models/ folder, `runs:/` and `models:/...@champion` from the
+MLflow SQLite store (all three the LiteRT `Classifier`, which gives evaluate's probabilities), and
+the export stage's files (`model.keras`, float32 and full-int8 `.tflite`).
 
 The backbone uses the ImageNet weights file (`make weights`; `model.weights=<path>` so 32 px is
 allowed): with random weights MobileNetV2's pooled features are ~1e-12 for every image, the model
-predicts the same probabilities for all of them, and "every source agrees with Keras" would hold
-even for a source that mixed the images up.
+predicts the same probabilities for all of them, and "every source agrees with the model" would
+hold even for a source that mixed the images up.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -26,17 +26,20 @@ import pytest
 
 from pipeline import predict
 from pipeline.evaluate import evaluate
+from pipeline.export import export
 from pipeline.featurize import featurize
 from pipeline.lib.data.images import load_rgb
-from pipeline.lib.files import read_json
-from pipeline.lib.model.build import imagenet_weights_path, load_model
+from pipeline.lib.files import write_json
+from pipeline.lib.model.build import imagenet_weights_path
+from pipeline.lib.model.classifier import CARD_FILE, Classifier, ModelCard
 from pipeline.lib.model.saving import trained_run_id
+from pipeline.lib.model.tflite import TFLiteRunner
 from pipeline.lib.tracking.registry import promote
 from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import ROOT, WEIGHTS_FILE, tiny_config
 
-# trains an ImageNet model and converts it twice first (about a minute)
+# trains an ImageNet model and exports it in three formats first (about a minute)
 pytestmark = pytest.mark.slow
 
 MODEL = "toy-truck-classifier"
@@ -55,72 +58,56 @@ def weights_file() -> Path:
     pytest.fail(f"the MobileNetV2 ImageNet weights file {WEIGHTS_FILE} is needed (`make weights`)")
 
 
-def to_tflite(saved_model: Path, path: Path, calibration: np.ndarray | None = None) -> Path:
-    """Convert the exported Keras model: float32, or (with calibration images) full-integer int8
-    with int8 input and output tensors."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    if calibration is not None:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: (
-            [x[None].astype(np.float32)] for x in calibration
-        )
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(converter.convert())
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    """prepare -> featurize -> train -> evaluate once (registered in MLflow, promoted to
-    @champion); a folder
-    of the test images (one sub-folder per class) with three bad files; the Keras model's own
-    predictions on them; the model converted to TFLite twice."""
+    """prepare -> featurize -> train -> evaluate -> export (keras, float32, int8 with int8 I/O)
+    once (registered in MLflow, promoted to @champion); a folder of the test images (one
+    sub-folder per class) with three bad files; the model folder's own probabilities on them and
+    evaluate's predictions.csv rows for them."""
     tmp = tmp_path_factory.mktemp("predict")
     cfg = tiny_config(
         tmp,
         **{
             "model.alpha": 1.0,
             "model.weights": weights_file(),
-            "train.learning_rate": 0.05,
-            "train.epochs": 8,
+            "paths.exports": tmp / "exports",
+            "export.formats": "[keras,float32,int8]",
+            "export.int8_io": "int8",
+            "export.latency_runs": 2,
+            "export.latency_warmup": 1,
         },
     )
     prepare(cfg)
     featurize(cfg)
     train(cfg)
     evaluate(cfg)  # registers the model (a run with test metrics)
-    models = Path(cfg.paths.models)
+    export(cfg)
+    models, exports = Path(cfg.paths.models), Path(cfg.paths.exports)
     run_id = trained_run_id(cfg)
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     promote(client, MODEL, metric="final_val_accuracy", echo=None)
 
     photos = tmp / "photos"
+    evaluated = pd.read_csv(Path(cfg.paths.reports) / "predictions.csv")
+    evaluated["path"] = [str(photos / Path(p).relative_to("test")) for p in evaluated["path"]]
     for file in sorted((tmp / "raw" / "test").rglob("*.png")):
         (photos / file.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(file, photos / file.parent.name / file.name)
     images = sorted(photos.rglob("*.png"))
-    assert len(images) == 12
+    assert len(images) == 12 and set(evaluated["path"]) == set(map(str, images))
     (photos / "notes.txt").write_text("shopping list\n")
     (photos / "broken.png").write_bytes(images[0].read_bytes()[:120])  # truncated PNG
     (photos / images[1].parent.name / "fake.jpg").write_text("text, not a JPEG\n")
 
-    classes = read_json(models / "classes.json")
-    keras_model = load_model(models / "model.keras")
-    pixels = np.stack([load_rgb(p, SIZE) for p in images]).astype(np.float32)
-    probs = np.asarray(keras_model(pixels, training=False), dtype=np.float64)
+    classifier = Classifier.load(models)
+    classes = classifier.classes
+    pixels = np.stack([load_rgb(p, SIZE) for p in images])
+    probs = classifier.predict_proba(pixels)
     assert len(set(probs.argmax(axis=1))) >= 2, "degenerate model: one class for every image"
-    reference = {str(p): row for p, row in zip(images, probs, strict=False)}
-
-    # exported once, converted twice (what TFLiteConverter.from_keras_model does, less one export)
-    keras_model.export(str(tmp / "saved_model"), verbose=False)
-    tflite = to_tflite(tmp / "saved_model", tmp / "tflite" / "model.tflite")
-    shutil.copy(models / "classes.json", tflite.parent / "classes.json")
-    int8 = to_tflite(tmp / "saved_model", tmp / "tflite_int8" / "model.tflite", calibration=pixels)
+    reference = {str(p): row for p, row in zip(images, probs, strict=True)}
+    classes_file = tmp / "classes.json"
+    write_json(classes_file, classes)
+    assert (exports / CARD_FILE).read_bytes() == (models / CARD_FILE).read_bytes()
     return {
         "tmp": tmp,
         "cfg": cfg,
@@ -129,9 +116,12 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         "models": models,
         "photos": photos,
         "classes": classes,
+        "classes_file": classes_file,
         "reference": reference,
-        "tflite": tflite,
-        "int8": int8,
+        "evaluated": evaluated.set_index("path"),
+        "keras": exports / "model.keras",
+        "tflite": exports / "model_float32.tflite",
+        "int8": exports / "model_int8.tflite",
     }
 
 
@@ -153,8 +143,9 @@ def run_predict(world, tmp_path, capsys, model: str, *extra: str, output: str = 
     return rc, out, captured.out, captured.err
 
 
-def check_agreement(world, out: Path, quantized: bool = False) -> None:
-    """The output holds the 12 good images (found recursively), with the Keras model's scores."""
+def check_agreement(world, out: Path, quantized: bool = False, atol: float = 1e-6) -> None:
+    """The output holds the 12 good images (found recursively), with the model folder's scores
+    (to `atol`: 1e-6 for the same runtime, 1e-4 for an export)."""
     rows = {r["path"]: r for r in json.loads(out.read_text())}
     reference, classes = world["reference"], world["classes"]
     assert set(rows) == set(reference)
@@ -169,7 +160,7 @@ def check_agreement(world, out: Path, quantized: bool = False) -> None:
         assert np.abs(got - expected).mean() < 0.08
         assert (got.argmax(axis=1) == expected.argmax(axis=1)).sum() >= 8
     else:
-        assert np.allclose(got, expected, atol=1e-4)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
         assert [rows[p]["predicted"] for p in reference] == [
             classes[i] for i in expected.argmax(axis=1)
         ]
@@ -188,34 +179,48 @@ def check_reports(stdout: str, stderr: str) -> None:
 
 SOURCES = {
     "models_folder": lambda w: [str(w["models"])],
-    "keras_file": lambda w: [str(w["models"] / "model.keras")],
     "runs_uri": lambda w: [f"runs:/{w['run_id']}/model"],
     "champion": lambda w: [f"models:/{MODEL}@champion"],
-    "tflite_int8": lambda w: [str(w["int8"]), "--classes", str(w["models"] / "classes.json")],
-    # the float .tflite file (classes.json beside it): see the subprocess test
+    "keras_file": lambda w: [str(w["keras"])],  # the export, model.json beside it
+    "tflite_int8": lambda w: [str(w["int8"]), "--classes", str(w["classes_file"])],
+    # the float .tflite file (model.json beside it): see the subprocess test
 }
+#: The sources that run the model folder's own runtime (`Classifier`): evaluate's numbers.
+SAME_RUNTIME = ("models_folder", "runs_uri", "champion")
 
 
 @pytest.mark.parametrize("source", list(SOURCES))
-def test_every_source_agrees_with_the_keras_model(world, tmp_path, capsys, source):
+def test_every_source_agrees_with_the_model(world, tmp_path, capsys, source):
     model, *extra = SOURCES[source](world)
     rc, out, stdout, stderr = run_predict(world, tmp_path, capsys, model, *extra)
     assert rc == 0, stderr
-    check_agreement(world, out, quantized=source == "tflite_int8")
+    atol = 1e-6 if source in SAME_RUNTIME else 1e-4
+    check_agreement(world, out, quantized=source == "tflite_int8", atol=atol)
     check_reports(stdout, stderr)
-    if source == "champion":
-        assert "mlflow keras" in stderr and "resize stretch" in stderr  # read from the run
+    kind = {"champion": "mlflow", "runs_uri": "mlflow", "keras_file": "keras"}.get(source)
+    if kind:
+        assert f"({kind}, {SIZE} px, resize stretch)" in stderr  # resize read from model.json
+
+
+def test_predict_returns_the_probabilities_evaluate_wrote(world, tmp_path, capsys):
+    """`pipeline.predict` on the model folder, for the test images as files: the labels and
+    confidences of the evaluate stage's reports/predictions.csv, to 1e-6."""
+    rc, out, _, stderr = run_predict(world, tmp_path, capsys, str(world["models"]))
+    assert rc == 0, stderr
+    rows = {r["path"]: r for r in json.loads(out.read_text())}
+    evaluated = world["evaluated"]
+    assert set(rows) == set(evaluated.index)
+    paths = list(evaluated.index)
+    assert [rows[p]["predicted"] for p in paths] == list(evaluated["predicted"])
+    np.testing.assert_allclose(
+        [rows[p]["probability"] for p in paths], evaluated["confidence"], rtol=0, atol=1e-6
+    )
 
 
 def test_int8_model_really_has_quantized_io(world):
-    import tensorflow as tf
-
-    with warnings.catch_warnings():  # tf.lite.Interpreter's own deprecation notice
-        warnings.simplefilter("ignore")
-        interpreter = tf.lite.Interpreter(model_path=str(world["int8"]))
-    [inp], [out] = interpreter.get_input_details(), interpreter.get_output_details()
-    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
-    assert inp["quantization"][0] > 0 and out["quantization"][1] != 0
+    runner = TFLiteRunner(world["int8"])
+    assert runner.input_dtype == np.int8 and runner.output_dtype == np.int8
+    assert runner.input_quantization[0] > 0 and runner.output_quantization[1] != 0
 
 
 def test_csv_and_json_shapes_and_top_k_order(world, tmp_path, capsys):
@@ -366,7 +371,7 @@ def wide_images(root: Path, per_class: int = 6) -> None:
 
 
 def test_a_crop_trained_model_predicts_as_evaluate_did(tmp_path, capsys):
-    """predict resizes as training did, read from models/preprocessing.json: the same test
+    """predict resizes as training did, read from models/model.json: the same test
     images get the same predictions and confidences as in the evaluate stage's predictions.csv
     (and a stretch, the old default, gives others: the check can fail)."""
     from pipeline.evaluate import evaluate
@@ -383,8 +388,6 @@ def test_a_crop_trained_model_predicts_as_evaluate_did(tmp_path, capsys):
             "data.split.val": 0.0,
             "model.alpha": 1.0,
             "model.weights": weights_file(),
-            "train.epochs": 8,
-            "train.learning_rate": 0.05,
         },
     )
     cfg = validate(compose(["data=folder", *(o for o in overrides if "data.synthetic." not in o)]))
@@ -393,7 +396,8 @@ def test_a_crop_trained_model_predicts_as_evaluate_did(tmp_path, capsys):
     train(cfg)
     evaluate(cfg)
     models = Path(cfg.paths.models)
-    assert read_json(models / "preprocessing.json") == {"image_size": SIZE, "resize": "crop"}
+    card = ModelCard.load(models / CARD_FILE)
+    assert (card.image_size, card.resize) == (SIZE, "crop")
     expected = pd.read_csv(Path(cfg.paths.reports) / "predictions.csv")
     test_files = tmp_path / "test_files"
     for rel in expected["path"]:
@@ -401,17 +405,17 @@ def test_a_crop_trained_model_predicts_as_evaluate_did(tmp_path, capsys):
         shutil.copy(photos / rel, test_files / rel)
 
     def predicted(*extra: str) -> pd.DataFrame:
-        out = tmp_path / "out.csv"
+        out = tmp_path / "out.json"
         rc = predict.main([str(test_files), "--model", str(models), "--output", str(out), *extra])
         assert rc == 0, capsys.readouterr().err
-        got = pd.read_csv(out)
+        got = pd.DataFrame(json.loads(out.read_text()))
         got["path"] = [Path(p).relative_to(test_files).as_posix() for p in got["path"]]
         return got.set_index("path").loc[list(expected["path"])]
 
     got = predicted()
     assert "resize crop" in capsys.readouterr().err
     assert list(got["predicted"]) == list(expected["predicted"])
-    assert np.allclose(got["probability"], expected["confidence"], atol=1e-5)
+    np.testing.assert_allclose(got["probability"], expected["confidence"], rtol=0, atol=1e-6)
     stretched = predicted("--resize", "stretch")
     assert not np.allclose(stretched["probability"], expected["confidence"], atol=1e-3)
 

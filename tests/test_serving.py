@@ -1,6 +1,7 @@
 """The logged MLflow model (`pipeline.lib.tracking.pyfunc_model`) takes raw images as users have
 them, through `mlflow.pyfunc.load_model(...).predict` and through `mlflow models serve`, and
-answers as `pipeline.predict` does.
+answers with the probabilities the evaluate stage computed for the same images (the one LiteRT
+runtime, `Classifier`), without importing TensorFlow or Keras.
 
 One tiny pipeline (32 px, the ImageNet backbone so that images get different classes) is trained
 and evaluated by the real stages into a real SQLite store, and its registered model promoted to
@@ -10,11 +11,13 @@ and evaluated by the real stages into a real SQLite store, and its registered mo
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -29,8 +32,8 @@ from pipeline import predict
 from pipeline.evaluate import evaluate
 from pipeline.featurize import featurize
 from pipeline.lib.data.images import load_rgb
-from pipeline.lib.files import read_json
-from pipeline.lib.model.build import imagenet_weights_path, load_model
+from pipeline.lib.model.build import imagenet_weights_path
+from pipeline.lib.model.classifier import Classifier
 from pipeline.lib.tracking.registry import promote
 from pipeline.prepare import prepare
 from pipeline.train import train
@@ -38,6 +41,7 @@ from tests.conftest import ROOT, WEIGHTS_FILE, tiny_config
 
 MODEL = "toy-truck-classifier"
 SIZE = 32
+CHAMPION = f"models:/{MODEL}@champion"
 
 
 def _weights() -> Path:
@@ -49,16 +53,14 @@ def _weights() -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny pipeline run (registered, @champion), its test PNGs and the Keras model's
-    probabilities for them (decoded as prepare decodes)."""
+    """The tiny pipeline run (registered, @champion), its test PNGs, the model folder's
+    probabilities for them (decoded as prepare decodes) and evaluate's predictions.csv rows."""
     tmp = tmp_path_factory.mktemp("serving")
     cfg = tiny_config(
         tmp,
         **{
             "model.alpha": 1.0,
             "model.weights": _weights(),
-            "train.learning_rate": 0.05,
-            "train.epochs": 8,
             "tracking.registered_model": MODEL,
         },
     )
@@ -68,32 +70,39 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     evaluate(cfg)
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     promote(client, MODEL, metric="final_val_accuracy", echo=None)
-    files = sorted((tmp / "raw" / "test").rglob("*.png"))
-    models = Path(cfg.paths.models)
-    keras_model = load_model(models / "model.keras")
+    raw = tmp / "raw"
+    files = sorted((raw / "test").rglob("*.png"))
+    classifier = Classifier.load(cfg.paths.models)
     pixels = np.stack([load_rgb(f, SIZE) for f in files])
-    probs = np.asarray(keras_model(pixels.astype(np.float32), training=False), np.float64)
+    probs = classifier.predict_proba(pixels)
     assert len(set(probs.argmax(axis=1))) >= 2, "degenerate model: one class for every image"
+    evaluated = pd.read_csv(Path(cfg.paths.reports) / "predictions.csv").set_index("path")
+    evaluated = evaluated.loc[[f.relative_to(raw).as_posix() for f in files]]
+    assert len(evaluated) == len(files) == 12
+    # the reference is evaluate's: same labels, same confidences (rounded to 6 digits there)
+    assert list(evaluated["predicted"]) == [classifier.classes[i] for i in probs.argmax(axis=1)]
+    np.testing.assert_allclose(evaluated["confidence"], probs.max(axis=1), rtol=0, atol=1e-6)
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    pyfunc = mlflow.pyfunc.load_model(CHAMPION)
     return {
         "cfg": cfg,
         "tmp": tmp,
         "files": files,
         "pixels": pixels,
         "probs": probs,
-        "classes": read_json(models / "classes.json"),
+        "evaluated": evaluated,
+        "classes": classifier.classes,
         "pyfunc": pyfunc,
     }
 
 
-def _check(served: dict, frame: pd.DataFrame, rows: slice = slice(None), atol: float = 1e-5):
+def _check(served: dict, frame: pd.DataFrame, rows: slice = slice(None), atol: float = 1e-6):
     probs, classes = served["probs"][rows], served["classes"]
     assert list(frame.columns) == ["label", "probability", "scores"]
     assert list(frame["label"]) == [classes[i] for i in probs.argmax(axis=1)]
     got = np.array([[s[c] for c in classes] for s in frame["scores"]])
-    np.testing.assert_allclose(got, probs, atol=atol)
-    np.testing.assert_allclose(frame["probability"], probs.max(axis=1), atol=atol)
+    np.testing.assert_allclose(got, probs, rtol=0, atol=atol)
+    np.testing.assert_allclose(frame["probability"], probs.max(axis=1), rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64, np.int64, np.int32])
@@ -132,6 +141,56 @@ def test_pyfunc_rejects_bad_input_with_what_it_expects(served):
         served["pyfunc"].predict(pd.DataFrame({"a": ["x"], "b": ["y"]}))
 
 
+@pytest.mark.parametrize("size", [SIZE, 48])  # at the model's input size and at one it resizes
+def test_pyfunc_refuses_nan_and_out_of_range_pixels_at_every_size(served, size):
+    """Case pyfunc-nan-pixels-answered: NaN, infinite or out-of-0..255 values are an input error
+    (never a label from argmax of NaN, never pixels used or clipped silently)."""
+    from mlflow.exceptions import MlflowException
+
+    for value, kind in ((np.nan, "NaN"), (np.inf, "infinite"), (1e30, "out of range"),
+                        (-1.0, "out of range"), (255.5, "out of range")):  # fmt: skip
+        image = np.full((1, size, size, 3), 100.0)
+        image[0, 3, 4, 1] = value
+        with pytest.raises(MlflowException, match=rf"{kind}.*expected RGB values in 0\.\.255"):
+            served["pyfunc"].predict(image)
+    edge = np.zeros((1, size, size, 3))
+    edge[0, 0, 0] = 255.0  # the bounds themselves are valid pixels
+    assert served["pyfunc"].predict(edge)["scores"].map(lambda s: sum(s.values())).iloc[0] == (
+        pytest.approx(1.0)
+    )
+
+
+IMPORT_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import mlflow.pyfunc
+    import numpy as np
+    model = mlflow.pyfunc.load_model(sys.argv[1])
+    frame = model.predict(np.full((2, 32, 32, 3), 120, np.uint8))
+    assert len(frame) == 2, frame
+    print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+    """
+)
+
+
+def test_the_served_model_imports_neither_tensorflow_nor_keras(served, tmp_path):
+    """`mlflow.pyfunc.load_model` + `predict` in a fresh process (what `mlflow models serve`
+    runs): the top-level modules it imported hold the LiteRT interpreter, and no `tensorflow`
+    or `keras` (MLflow's own `mlflow.data.tensorflow_dataset` is not TensorFlow)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, CHAMPION],
+        cwd=tmp_path,  # not the project: the model's own code (code_paths) is what runs
+        env={**os.environ, "MLFLOW_TRACKING_URI": served["cfg"].tracking.uri},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    top_level = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert {"mlflow", "ai_edge_litert", "pipeline"} <= top_level  # the probe saw the model run
+    assert not top_level & {"tensorflow", "keras", "tf_keras"}, sorted(top_level)
+
+
 def test_logged_model_is_a_pyfunc_with_code_artifacts_and_output_signature(served):
     info = mlflow.models.get_model_info(f"models:/{MODEL}@champion")
     assert set(info.flavors) == {"python_function"}
@@ -150,11 +209,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {proc.returncode}")
+            tail = log.read_text(errors="replace")[-3000:]
+            pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{tail}")
         try:
             if requests.get(url, timeout=2).status_code == 200:
                 return
@@ -164,73 +224,116 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     pytest.fail(f"mlflow models serve did not answer {url} within {timeout_s} s")
 
 
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_a_png_as_truck_predict_does(served, tmp_path, capsys):
-    """`mlflow models serve --env-manager local` of models:/NAME@champion on loopback; a real PNG
-    posted base64-encoded, as the README's curl line does."""
-    cfg, file = served["cfg"], served["files"][-1]
-    out = tmp_path / "p.json"
-    assert (
-        predict.main(
-            [
-                str(file),
-                "--model",
-                f"models:/{MODEL}@champion",
-                "--output",
-                str(out),
-                "--tracking-uri",
-                cfg.tracking.uri,
-            ]
-        )
-        == 0
-    )
-    expected = read_json(out)[0]
+def _strict_json(text: str):
+    """`text` parsed as RFC 8259 JSON: NaN / Infinity (which Python's json accepts) refused."""
+
+    def refuse(constant: str):
+        raise ValueError(f"not valid JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def server(served, tmp_path_factory: pytest.TempPathFactory):
+    """`mlflow models serve --env-manager local` of models:/NAME@champion on 127.0.0.1 (a free
+    port), ready; its process group is killed at the end."""
+    folder = tmp_path_factory.mktemp("serve")
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": served["cfg"].tracking.uri,
+        # MLflow starts `uvicorn` by name: this interpreter's scripts first (an unactivated venv)
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    log = (folder / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{MODEL}@champion",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=tmp_path,  # not the project: the model's own code (code_paths) is what serves
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION,
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=folder,  # not the project: the logged code serves
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )
+    )  # fmt: skip
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/ping", proc, timeout_s=120)
-        body = {
-            "dataframe_split": {
-                "columns": ["image"],
-                "data": [[base64.b64encode(file.read_bytes()).decode()]],
-            }
-        }
-        response = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
-        assert response.status_code == 200, response.text[:500]
-        [answer] = response.json()["predictions"]
+        _wait_ready(f"http://127.0.0.1:{port}/ping", proc, timeout_s=180, log=folder / "serve.log")
+        yield f"http://127.0.0.1:{port}/invocations"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    assert answer["label"] == expected["predicted"]
-    assert answer["scores"].keys() == expected["scores"].keys()
-    for name, value in expected["scores"].items():
-        assert answer["scores"][name] == pytest.approx(value, abs=1e-5)
-    assert answer["probability"] == pytest.approx(expected["probability"], abs=1e-5)
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:  # already gone
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+        assert proc.poll() is not None  # not left running
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_what_evaluate_and_predict_computed(served, server, tmp_path):
+    """Every test PNG posted base64-encoded (as the README's curl line does): the labels and
+    probabilities evaluate wrote in reports/predictions.csv (1e-6), the scores of
+    `pipeline.predict` on the same model; the body is strict JSON."""
+    body = {
+        "dataframe_split": {
+            "columns": ["image"],
+            "data": [[base64.b64encode(f.read_bytes()).decode()] for f in served["files"]],
+        }
+    }
+    response = requests.post(server, json=body, timeout=120)
+    assert response.status_code == 200, response.text[:500]
+    answers = _strict_json(response.text)["predictions"]
+    evaluated = served["evaluated"]
+    assert [a["label"] for a in answers] == list(evaluated["predicted"])
+    np.testing.assert_allclose(
+        [a["probability"] for a in answers], evaluated["confidence"], rtol=0, atol=1e-6
+    )
+    got = np.array([[a["scores"][c] for c in served["classes"]] for a in answers])
+    np.testing.assert_allclose(got, served["probs"], rtol=0, atol=1e-6)
+
+    out = tmp_path / "p.json"
+    files = [str(f) for f in served["files"]]
+    uri = served["cfg"].tracking.uri
+    assert predict.main([*files, "--model", CHAMPION, "--output", str(out),
+                         "--tracking-uri", uri]) == 0  # fmt: skip
+    rows = {r["path"]: r for r in json.loads(out.read_text())}
+    for file, answer in zip(files, answers, strict=True):
+        assert answer["label"] == rows[file]["predicted"]
+        for name, value in rows[file]["scores"].items():
+            assert answer["scores"][name] == pytest.approx(value, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_refuses_nan_and_out_of_range_pixels_with_a_4xx(server):
+    """Case pyfunc-nan-pixels-answered, over HTTP: the exact NaN request of the case, infinite
+    and out-of-range pixels at the model's size and at another one: a 4xx whose message says
+    what is expected, never HTTP 200; the server stays up."""
+    nan_body = (
+        '{"inputs": ['
+        + json.dumps(np.full((SIZE, SIZE, 3), 100).tolist()).replace("100", "NaN", 5)
+        + "]}"
+    )
+    bodies = {
+        "nan": nan_body,
+        "infinity": nan_body.replace("NaN", "Infinity"),
+        "huge": json.dumps({"inputs": np.full((1, SIZE, SIZE, 3), 1e30).tolist()}),
+        "negative": json.dumps({"inputs": np.full((1, SIZE, SIZE, 3), -5.0).tolist()}),
+        "huge_other_size": json.dumps({"inputs": np.full((1, 7, 9, 3), 300.0).tolist()}),
+    }
+    headers = {"Content-Type": "application/json"}
+    for name, data in bodies.items():
+        response = requests.post(server, data=data, headers=headers, timeout=120)
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+        message = _strict_json(response.text)["message"]
+        assert "expected RGB values in 0..255" in message, (name, message)
+    ok = json.dumps({"inputs": np.full((1, SIZE, SIZE, 3), 100.0).tolist()})
+    response = requests.post(server, data=ok, headers=headers, timeout=120)
+    assert response.status_code == 200, response.text[:300]
+    [answer] = _strict_json(response.text)["predictions"]
+    assert answer["label"] in answer["scores"] and sum(answer["scores"].values()) == (
+        pytest.approx(1.0)
+    )

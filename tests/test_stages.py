@@ -16,6 +16,7 @@ from pipeline.evaluate import evaluate
 from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json
+from pipeline.lib.model.classifier import Classifier, model_md5
 from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import ROOT, tiny_config, tiny_overrides
@@ -63,16 +64,27 @@ def test_featurize_writes_features_keyed_by_backbone(done):
     assert key["alpha"] == 0.35 and key["weights"] is None and key["prepared_md5"].endswith(".dir")
 
 
-def test_train_writes_model_classes_and_run_id(done):
-    models = Path(done["cfg"].paths.models)
-    run = read_json(done["cfg"].paths.run_file)
-    assert not (models / "mlflow_run.json").exists()  # the run id is not part of the DVC output
-    assert read_json(models / "classes.json") == PreparedDataset(done["cfg"].paths.prepared).classes
-    assert (models / "model.keras").is_file()
-    status = client_for(done["cfg"]).get_run(run["run_id"]).info.status
+def test_train_writes_the_model_folder_and_run_id(done):
+    """models/ is the model folder evaluate, predict, export and the served model load:
+    backbone.tflite (the featurized flatbuffer, the backbone being frozen), head.npy and
+    model.json (classes, input size, resize), and nothing else (no run id: a DVC output)."""
+    cfg = done["cfg"]
+    models = Path(cfg.paths.models)
+    run = read_json(cfg.paths.run_file)
+    assert sorted(p.name for p in models.iterdir()) == ["backbone.tflite", "head.npy", "model.json"]
+    assert run["run_id"] not in (models / "model.json").read_text()
+    assert (models / "backbone.tflite").read_bytes() == (
+        Path(cfg.paths.features) / "backbone.tflite"
+    ).read_bytes()
+    classifier = Classifier.load(models)
+    assert classifier.classes == PreparedDataset(cfg.paths.prepared).classes
+    assert classifier.image_size == 32 and classifier.card.resize == cfg.data.resize
+    assert classifier.head.kernel.shape == (1280, 6)
+    assert model_md5(models) is not None
+    status = client_for(cfg).get_run(run["run_id"]).info.status
     assert status == "FINISHED"
-    summary = (models / "summary.txt").read_text()
-    assert "7,686" in summary  # 6 x (1280 + 1) trainable, as in the study
+    params = read_json(Path(cfg.paths.reports) / "train_metrics.json")["params"]
+    assert params["trainable"] == 7686  # 6 x (1280 + 1), as in the study
 
 
 def test_evaluate_metrics_and_reports(done):
@@ -102,7 +114,7 @@ def test_one_run_for_train_and_evaluate(done):
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
     metrics = client.get_run(run_id).data.metrics
     assert metrics["test_accuracy"] == pytest.approx(done["metrics"]["test"]["accuracy"])
-    assert "val_accuracy" in metrics and "batch_loss" in metrics
+    assert "final_val_accuracy" in metrics and "final_train_loss" in metrics
 
 
 def test_training_is_deterministic(done, tmp_path):
@@ -127,7 +139,7 @@ def test_failing_run_ends_failed_not_running(done, tmp_path, monkeypatch):
     def broken_fit(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(train_module, "fit", broken_fit)
+    monkeypatch.setattr(train_module, "_fit_lbfgs", broken_fit)
     cfg = tiny_config(
         tmp_path,
         **{
@@ -151,7 +163,7 @@ def test_interrupted_run_ends_killed(done, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "fit", interrupted)
+    monkeypatch.setattr(train_module, "_fit_lbfgs", interrupted)
     cfg = tiny_config(
         tmp_path,
         **{
@@ -167,8 +179,11 @@ def test_interrupted_run_ends_killed(done, tmp_path, monkeypatch):
     assert [r.info.status for r in client.search_runs([experiment.experiment_id])] == ["KILLED"]
 
 
-def test_stale_features_are_not_used(done, tmp_path, caplog):
-    """Features of another backbone are ignored (computed in memory) rather than misused."""
+def test_stale_features_are_not_used(done, tmp_path):
+    """Features of another backbone are refused (one error naming them and what to run)
+    rather than misused; nothing is written."""
+    from pipeline.lib.errors import StageInputError
+
     cfg = tiny_config(
         tmp_path,
         **{
@@ -178,9 +193,9 @@ def test_stale_features_are_not_used(done, tmp_path, caplog):
             "model.init_seed": 1,
         },
     )
-    with caplog.at_level("WARNING"):
+    with pytest.raises(StageInputError, match="holds no features.*run the featurize stage"):
         train(cfg)
-    assert "computing them in memory" in caplog.text
+    assert not Path(cfg.paths.models).exists()
 
 
 def test_multirun_gives_each_job_its_own_run_outside_dvc_paths(done, tmp_path):
@@ -201,7 +216,7 @@ def test_multirun_gives_each_job_its_own_run_outside_dvc_paths(done, tmp_path):
             "-m",
             *overrides,
             "tracking.log_model=false",
-            "train.learning_rate=0.001,0.01",
+            "train.C=0.1,10.0",
             "train.save_model=always",  # sweep jobs save no model unless asked
             f"hydra.sweep.dir={sweep_dir}",
         ],
@@ -218,9 +233,9 @@ def test_multirun_gives_each_job_its_own_run_outside_dvc_paths(done, tmp_path):
         for r in client.search_runs([experiment.experiment_id])
         if r.data.tags.get("sweep") != "parent"
     ]
-    assert sorted(r.data.params["train.learning_rate"] for r in runs) == ["0.001", "0.01"]
+    assert sorted(r.data.params["train.C"] for r in runs) == ["0.1", "10.0"]
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert (sweep_dir / "0" / "models" / "model.keras").is_file()
+    assert model_md5(sweep_dir / "0" / "models") is not None  # a whole model folder
     assert (sweep_dir / "1" / "reports" / "train_history.csv").is_file()
     assert not (tmp_path / "models").exists()  # the DVC-tracked paths were not touched
 
