@@ -1,9 +1,5 @@
-"""The toy-truck photo that `synthetic` writes: `render(label, rng, size, difficulty)`.
-
-A side view of a plastic toy truck (cab, chassis, black wheels with yellow hubs, a load that
-tells the class) on a light plain background, drawn with Pillow at twice the size, then shrunk,
-lit, blurred and noised. Variation (pose, facing, tint, lighting, blur, noise, colour jitter)
-grows with `difficulty` in [0, 1]: 0 gives clean studio shots (no two identical), 1 strong jitter.
+"""The toy-truck photo that `synthetic` writes: a side view of a plastic toy truck (its load
+tells the class) on a light plain backdrop, drawn at twice the size, shrunk, lit, blurred, noised.
 """
 
 from __future__ import annotations
@@ -53,23 +49,12 @@ _Pose = tuple[float, float, float, float, bool, float]
 
 
 class _Pen:
-    """Draws in truck units (x: 0..1 rear to front, y: 0 at the top, down) straight onto pixels.
+    """Draws in truck units (x: 0..1 rear to front, y down) onto pixels through the pose: x
+    mirrored when `flip`, scaled by `scale` px per unit, rotated by `angle` about (cx, cy)."""
 
-    The pose is an affine map: x mirrored when the truck faces left, then scaled by `scale`
-    pixels per unit and rotated by `angle` radians about the truck's centre, which lands on
-    (cx, cy). Drawing transformed shapes avoids rotating a bitmap (slow, and blurrier).
-    """
-
-    def __init__(
-        self,
-        draw: ImageDraw.ImageDraw,
-        scale: float,
-        cx: float,
-        cy: float,
-        angle: float,
-        flip: bool,
-    ) -> None:
-        self.d, self.s, self.cx, self.cy, self.flip = draw, scale, cx, cy, flip
+    def __init__(self, draw: ImageDraw.ImageDraw, pose: _Pose) -> None:
+        scale, self.cx, self.cy, angle, self.flip, _ = pose
+        self.d, self.s = draw, scale
         self.cos, self.sin = math.cos(angle), math.sin(angle)
 
     def _p(self, x: float, y: float) -> tuple[float, float]:
@@ -89,13 +74,11 @@ class _Pen:
         self.d.ellipse((x - rr, y - rr, x + rr, y + rr), fill=fill)
 
     def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
-        """A polyline `width` truck units wide (at least 1 px)."""
         self.d.line([self._p(x, y) for x, y in pts], fill=fill, width=max(1, round(width * self.s)))
 
 
 class _SubPen:
-    """A pen for a part drawn in its own units, placed at (x0, y0) of `pen`, scaled by k and
-    mirrored about x = mirror_len / 2 when `mirror_len` is given."""
+    """A part drawn in its own units: at (x0, y0) of `pen`, scaled by k, mirrored by mirror_len."""
 
     def __init__(self, pen: _Pen, x0: float, y0: float, k: float, mirror_len: float | None) -> None:
         self.pen, self.x0, self.y0, self.k, self.m = pen, x0, y0, k, mirror_len
@@ -118,7 +101,6 @@ class _SubPen:
 
 
 def _jitter(base: RGB, rng: np.random.Generator, amount: float) -> RGB:
-    """A plastic colour under slightly different light: per-channel gain and a common shade."""
     gains = 1.0 + rng.normal(0.0, amount, 3)
     shade = 1.0 + rng.normal(0.0, amount)
     c = np.clip(np.asarray(base, dtype=np.float64) * gains * shade, 0, 255)
@@ -201,9 +183,7 @@ def _small_bins(p: _Pen, bins: Sequence[RGB], col: dict[str, RGB], bed: RGB) -> 
 
 
 def _loader_load(p: _Pen, bed: RGB, col: dict[str, RGB], accent: RGB, facing_rear: bool) -> None:
-    """A low flat bed with a ramp at the rear, carrying a yellow wheel loader whose cab and arm
-    have the `accent` colour. The loader is drawn in its own units: height 1 (top 0, ground 1),
-    length 1.92, bucket at +x (mirrored when `facing_rear`)."""
+    """A flat bed carrying a wheel loader, drawn in its own units (height 1, length 1.92)."""
     p.poly([(0.0, 0.372), (0.03, 0.325), (0.745, 0.325), (0.745, 0.372)], bed)
     p.rect(0.03, 0.325, 0.745, 0.335, _shade(bed, 1.1))
     p.line([(0.04, 0.352), (0.735, 0.352)], _shade(bed, 0.75), 0.004)
@@ -231,7 +211,6 @@ def _loader_load(p: _Pen, bed: RGB, col: dict[str, RGB], accent: RGB, facing_rea
 
 
 def _draw_truck(label: str, rng: np.random.Generator, p: _Pen, col_jit: float) -> None:
-    """The truck of class `label`, drawn with the posed pen `p`."""
     col = {k: _jitter(v, rng, col_jit) for k, v in _BASE.items()}
     col["hub"] = _jitter(_BASE["yellow"], rng, col_jit)
     cab_colour, chassis_colour, wheels = _LOOKS[label]
@@ -262,9 +241,7 @@ def _draw_truck(label: str, rng: np.random.Generator, p: _Pen, col_jit: float) -
 
 
 def _draw_pose(rng: np.random.Generator, c: int, d: float) -> _Pose:
-    """(scale, cx, cy, angle, flip) of the truck on a c x c drawing canvas, for a `_Pen`, and its
-    colour jitter: its length as a fraction of the frame, tilt (radians), facing and centre
-    (canvas pixels), spread wider as the difficulty `d` grows; it always stays in the frame."""
+    """The truck's pose on a c x c canvas, spread wider as `d` grows, always in the frame."""
     frac = float(np.clip(rng.normal(0.72, 0.015 + 0.07 * d), 0.5, 0.86))
     angle = math.radians(float(rng.uniform(-1, 1) * (0.8 + 9.0 * d)))
     flip = bool(rng.random() < min(0.5, d))
@@ -280,7 +257,7 @@ def _draw_pose(rng: np.random.Generator, c: int, d: float) -> _Pose:
 
 
 def _background(rng: np.random.Generator, n: int, difficulty: float) -> np.ndarray:
-    """A light, plain backdrop (n x n x 3 float32): a tint and a slight linear gradient."""
+    """A light backdrop (n x n x 3 float32): a tint and a slight linear gradient."""
     level = rng.uniform(214, 242)
     tint = rng.normal(0.0, 2.5 + 5.0 * difficulty, 3)
     amp = rng.uniform(0.0, 6.0 + 22.0 * difficulty)
@@ -292,18 +269,17 @@ def _background(rng: np.random.Generator, n: int, difficulty: float) -> np.ndarr
 
 
 def _composite_truck(bg: np.ndarray, label: str, rng: np.random.Generator, pose: _Pose) -> None:
-    """Draw the truck of class `label` in `pose` (at `_SS` times the size of `bg`) and lay it,
-    shaded and with a contact shadow, onto the float32 (n, n, 3) backdrop `bg`, in place. Only
-    the box of output pixels the truck and its shadow can cover is drawn."""
+    """Draw the truck (at `_SS` times the size) and lay it, shaded and with a contact shadow,
+    onto the float32 (n, n, 3) `bg` in place, only within the box it can cover."""
     scale, cx, cy, angle, flip, col_jit = pose
     ss = _SS
-    probe = _Pen(None, scale, cx, cy, angle, flip)  # type: ignore[arg-type]
+    probe = _Pen(None, pose)  # type: ignore[arg-type]
     corners = [probe._p(x, y) for x in (-0.1, 1.1) for y in (-0.02, _GROUND + 0.05)]
     xs, ys, n = [p[0] for p in corners], [p[1] for p in corners], bg.shape[0]
     x0, x1 = max(0, int(min(xs) // ss) - 1), min(n, int(math.ceil(max(xs) / ss)) + 1)
     y0, y1 = max(0, int(min(ys) // ss) - 1), min(n, int(math.ceil(max(ys) / ss)) + 1)
     layer = Image.new("RGBA", ((x1 - x0) * ss, (y1 - y0) * ss), (0, 0, 0, 0))
-    pen = _Pen(ImageDraw.Draw(layer), scale, cx - x0 * ss, cy - y0 * ss, angle, flip)
+    pen = _Pen(ImageDraw.Draw(layer), (scale, cx - x0 * ss, cy - y0 * ss, angle, flip, col_jit))
     _draw_truck(label, rng, pen, col_jit)
     # premultiplied alpha, then a box shrink: no dark fringes at the edges
     small = np.asarray(layer.convert("RGBa").reduce(ss), dtype=np.float32)
@@ -326,9 +302,8 @@ def _composite_truck(bg: np.ndarray, label: str, rng: np.random.Generator, pose:
 
 
 def _camera(a: np.ndarray, rng: np.random.Generator, size: int, d: float) -> Image.Image:
-    """The float32 (n, n, 3) scene `a` (modified in place) as a uint8 RGB photo: white balance,
-    brightness and contrast, then focus blur (a Gaussian radius that scales with `size`) and
-    Gaussian sensor noise, each skipped when too faint to matter."""
+    """The float32 scene `a` (changed in place) as a uint8 RGB photo: white balance, brightness,
+    contrast, focus blur and sensor noise (the last two skipped when too faint to matter)."""
     wb = 1.0 + rng.normal(0.0, 0.01 + 0.035 * d, 3).astype(np.float32)
     bright = 1.0 + rng.uniform(-1, 1) * 0.22 * d
     contrast = 1.0 + rng.uniform(-1, 1) * 0.30 * d
@@ -358,13 +333,8 @@ def check_size_and_difficulty(size: int, difficulty: float) -> None:
 
 
 def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -> Image.Image:
-    """One photo of class `label`: an RGB `PIL.Image` of size x size pixels (mode "RGB", 8 bits).
-
-    Every random choice comes from `rng`, in a fixed order, so the same generator state always
-    gives the same pixels. `difficulty` in [0, 1] widens the pose, colour, lighting, blur and
-    noise jitter. Raises ValueError: unknown `label`, `size` below 8 px, or `difficulty` outside
-    [0, 1].
-    """
+    """One photo of class `label`: a size x size RGB `PIL.Image`, the same for the same `rng`
+    state. `difficulty` in [0, 1] widens the jitter (0: studio shots). ValueError: bad argument."""
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {', '.join(CLASSES)}")
     check_size_and_difficulty(int(size), difficulty)
