@@ -126,10 +126,6 @@ def _decode_all(
     """Results in candidate order, a bounded number of decodes in flight (flat memory)."""
     args = (int(data.image_size), str(data.resize), int(data.max_pixels))
     workers = workers or min(8, os.cpu_count() or 1)
-    if workers <= 1:
-        for cand in candidates:
-            yield _decode_one(cand, *args)
-        return
     window: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         try:

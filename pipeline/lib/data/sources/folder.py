@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,27 +94,15 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def split_ratios(
-    ratios: SplitRatios | Mapping[str, float] | Sequence[float],
-) -> tuple[float, float, float]:
-    """(train, val, test) fractions summing to 1 from `data.split`, a mapping or a 3-sequence.
-    ValueError unless all are >= 0 with train and test > 0."""
-    if isinstance(ratios, Mapping):
-        values = [ratios.get(s, 0.0) for s in SPLITS]
-    elif isinstance(ratios, (tuple, list)):
-        values = list(ratios)
-    else:  # a dataclass / DictConfig with train, val, test
-        values = [getattr(ratios, s, 0.0) for s in SPLITS]
-    if len(values) != 3:
-        raise ValueError(f"split ratios need train, val and test values, got {ratios!r}")
-    ratios = [float(v or 0.0) for v in values]
-    if any(r < 0 for r in ratios) or ratios[0] <= 0 or ratios[2] <= 0:
-        raise ValueError(
-            f"split ratios must be >= 0 with train and test > 0, got train={ratios[0]} "
-            f"val={ratios[1]} test={ratios[2]} (data.split)"
-        )
-    total = sum(ratios)
-    return ratios[0] / total, ratios[1] / total, ratios[2] / total
+def split_ratios(ratios: SplitRatios | Sequence[float]) -> tuple[float, float, float]:
+    """(train, val, test) fractions summing to 1 from `data.split` or a 3-sequence. ValueError
+    unless all are >= 0 with train and test > 0."""
+    values = [ratios.train, ratios.val, ratios.test] if hasattr(ratios, "train") else list(ratios)
+    train, val, test = (float(v or 0.0) for v in values)
+    if min(train, val, test) < 0 or train <= 0 or test <= 0:
+        raise ValueError(f"data.split must be >= 0 with train and test > 0, got {values}")
+    total = train + val + test
+    return train / total, val / total, test / total
 
 
 def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -146,9 +134,7 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
 
 
 def discover(
-    root: str | os.PathLike[str],
-    ratios: SplitRatios | Mapping[str, float] | Sequence[float],
-    seed: int,
+    root: str | os.PathLike[str], ratios: SplitRatios | Sequence[float], seed: int
 ) -> Discovery:
     """Find the image files under `root` (read only), each with a class and a split (`ratios` and
     `seed` split the single layout). DataError: the folder cannot be used; ValueError: bad ratios.

@@ -156,9 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--format", choices=FORMATS, default=d.format)
     ap.add_argument("--workers", type=int, metavar="W", help="threads (default: cores, at most 4)")
     args = vars(ap.parse_args(argv))
-    out_dir, workers = args.pop("out_dir"), args.pop("workers")
+    out_dir, workers, t0 = args.pop("out_dir"), args.pop("workers"), time.perf_counter()
     cfg = SyntheticConfig(dir=out_dir, **args)
-    t0 = time.perf_counter()
     try:
         out = generate(out_dir, cfg, workers=workers)
     except ValueError as exc:

@@ -119,40 +119,31 @@ def _draw_wheel(p: _Pen | _SubPen, cx: float, cy: float, r: float, col: dict[str
 
 
 def _draw_cab(p: _Pen, cab: RGB, col: dict[str, RGB]) -> None:
-    # body with a sloped windscreen, front to the right
     p.poly([(0.76, 0.43), (0.76, 0.12), (0.895, 0.12), (0.965, 0.245), (0.975, 0.43)], cab)
-    # roof visor and a darker lower edge
-    p.rect(0.755, 0.105, 0.90, 0.125, _shade(cab, 0.82))
+    p.rect(0.755, 0.105, 0.90, 0.125, _shade(cab, 0.82))  # roof visor and a darker lower edge
     p.rect(0.76, 0.395, 0.975, 0.43, _shade(cab, 0.78))
-    # side window, with a light reflection stripe
     p.poly([(0.785, 0.15), (0.885, 0.15), (0.935, 0.245), (0.785, 0.245)], col["glass"])
     p.poly([(0.83, 0.15), (0.855, 0.15), (0.81, 0.245), (0.785, 0.245)], _shade(col["glass"], 1.6))
-    # door line and handle
-    p.line([(0.845, 0.255), (0.845, 0.39)], _shade(cab, 0.7), 0.004)
+    p.line([(0.845, 0.255), (0.845, 0.39)], _shade(cab, 0.7), 0.004)  # door line and handle
     p.rect(0.80, 0.27, 0.825, 0.28, _shade(cab, 0.6))
-    # grille, bumper, headlight
-    p.rect(0.95, 0.29, 0.982, 0.40, col["dark"])
+    p.rect(0.95, 0.29, 0.982, 0.40, col["dark"])  # grille, bumper, headlight
     p.rect(0.945, 0.40, 0.99, 0.445, col["grey"])
     p.rect(0.962, 0.262, 0.978, 0.285, col["light"])
-    # step
-    p.rect(0.79, 0.43, 0.83, 0.45, col["dark"])
+    p.rect(0.79, 0.43, 0.83, 0.45, col["dark"])  # step
 
 
 def _big_container(p: _Pen, col: dict[str, RGB]) -> None:
     red, yel = col["red"], col["yellow"]
     x0, x1, y0, y1 = 0.03, 0.735, 0.045, 0.37
     p.rect(x0, y0, x1, y1, red)
-    # corrugation ribs
-    x = x0 + 0.13
+    x = x0 + 0.13  # corrugation ribs
     while x < x1 - 0.02:
         p.rect(x, y0 + 0.02, x + 0.008, y1 - 0.02, _shade(red, 0.8))
         x += 0.04
-    # top and bottom rails, corner posts
-    p.rect(x0, y0, x1, y0 + 0.018, _shade(red, 0.72))
+    p.rect(x0, y0, x1, y0 + 0.018, _shade(red, 0.72))  # top and bottom rails, corner posts
     p.rect(x0, y1 - 0.018, x1, y1, _shade(red, 0.72))
     p.rect(x1 - 0.014, y0, x1, y1, _shade(red, 0.72))
-    # the yellow doors at the rear, two leaves with locking bars
-    p.rect(x0, y0 + 0.018, x0 + 0.115, y1 - 0.018, yel)
+    p.rect(x0, y0 + 0.018, x0 + 0.115, y1 - 0.018, yel)  # rear doors: two leaves, locking bars
     p.line([(x0 + 0.058, y0 + 0.02), (x0 + 0.058, y1 - 0.02)], _shade(yel, 0.62), 0.005)
     for bx in (x0 + 0.025, x0 + 0.09):
         p.line([(bx, y0 + 0.03), (bx, y1 - 0.03)], col["grey"], 0.006)
@@ -161,11 +152,9 @@ def _big_container(p: _Pen, col: dict[str, RGB]) -> None:
 
 def _small_bins(p: _Pen, bins: Sequence[RGB], col: dict[str, RGB], bed: RGB) -> None:
     rail = col["red"]
-    # flat deck
-    p.rect(0.03, 0.335, 0.745, 0.372, bed)
+    p.rect(0.03, 0.335, 0.745, 0.372, bed)  # flat deck
     p.rect(0.03, 0.335, 0.745, 0.345, _shade(bed, 1.1))
-    # bins: slightly tapered boxes with a lid
-    n = len(bins)
+    n = len(bins)  # bins: slightly tapered boxes with a lid
     x0, x1, gap = 0.06, 0.715, 0.018
     w = (x1 - x0 - gap * (n - 1)) / n
     for i, c in enumerate(bins):
@@ -174,8 +163,7 @@ def _small_bins(p: _Pen, bins: Sequence[RGB], col: dict[str, RGB], bed: RGB) -> 
         p.rect(bx - 0.006, 0.16, bx + w + 0.006, 0.185, _shade(c, 0.75))
         p.rect(bx + w * 0.3, 0.205, bx + w * 0.7, 0.215, _shade(c, 0.6))
         p.line([(bx + 0.015, 0.235), (bx + w - 0.015, 0.235)], _shade(c, 0.8), 0.004)
-    # the red rail above them on three posts
-    p.rect(0.03, 0.085, 0.745, 0.115, rail)
+    p.rect(0.03, 0.085, 0.745, 0.115, rail)  # the red rail above them on three posts
     p.rect(0.03, 0.105, 0.745, 0.115, _shade(rail, 0.75))
     for px in (0.03, 0.382, 0.722):
         p.rect(px, 0.085, px + 0.023, 0.335, rail)
@@ -190,20 +178,16 @@ def _loader_load(p: _Pen, bed: RGB, col: dict[str, RGB], accent: RGB, facing_rea
     body = col["yellow"]
     q = _SubPen(p, 0.08, 0.325 - 0.30, 0.30, 1.92 if facing_rear else None)
     tyre = {"tyre": col["tyre"], "hub": _shade(body, 0.95)}
-    # rear counterweight, engine hood, frame
-    q.rect(0.02, 0.36, 0.14, 0.74, _shade(body, 0.85))
+    q.rect(0.02, 0.36, 0.14, 0.74, _shade(body, 0.85))  # rear counterweight, engine hood, frame
     q.rect(0.06, 0.28, 0.66, 0.60, body)
     q.rect(0.06, 0.28, 0.66, 0.32, _shade(body, 1.12))
     q.rect(0.10, 0.56, 1.48, 0.78, _shade(body, 0.92))
-    # exhaust stack
-    q.rect(0.20, 0.14, 0.25, 0.30, col["dark"])
-    # cab: roof, pillars, glass
-    q.rect(0.60, 0.0, 1.10, 0.07, accent)
+    q.rect(0.20, 0.14, 0.25, 0.30, col["dark"])  # exhaust stack
+    q.rect(0.60, 0.0, 1.10, 0.07, accent)  # cab: roof, pillars, glass
     q.rect(0.63, 0.05, 1.06, 0.56, accent)
     q.rect(0.69, 0.10, 1.00, 0.40, col["glass"])
     q.poly([(0.78, 0.10), (0.84, 0.10), (0.74, 0.40), (0.69, 0.40)], _shade(col["glass"], 1.6))
-    # lift arm and bucket
-    q.poly([(0.98, 0.40), (1.64, 0.56), (1.64, 0.70), (0.98, 0.54)], accent)
+    q.poly([(0.98, 0.40), (1.64, 0.56), (1.64, 0.70), (0.98, 0.54)], accent)  # lift arm and bucket
     q.poly([(1.56, 0.34), (1.72, 0.32), (1.93, 0.97), (1.60, 0.99), (1.52, 0.82)], accent)
     q.poly([(1.60, 0.40), (1.70, 0.38), (1.86, 0.94), (1.62, 0.95)], _shade(accent, 0.78))
     for wx in (0.42, 1.24):
@@ -217,8 +201,7 @@ def _draw_truck(label: str, rng: np.random.Generator, p: _Pen, col_jit: float) -
     if label == "Container_Small_B" and rng.random() >= 0.5:
         cab_colour, chassis_colour = chassis_colour, cab_colour
     cab, chassis = col[cab_colour], col[chassis_colour]
-    # chassis, and the mudguard over the front wheel
-    p.rect(0.03, 0.37, 0.95, 0.435, chassis)
+    p.rect(0.03, 0.37, 0.95, 0.435, chassis)  # chassis, and the mudguard over the front wheel
     p.rect(0.03, 0.42, 0.95, 0.435, _shade(chassis, 0.75))
     p.poly([(0.79, 0.40), (0.81, 0.36), (0.93, 0.36), (0.95, 0.40)], _shade(chassis, 0.9))
     if label.startswith("Container_Big"):
