@@ -1,4 +1,4 @@
-"""Stage `prepare`: read the data source, decode/convert/resize every image once, write the
+"""Stage `prepare`: decode, convert and resize every image of the data source once, into the
 prepared dataset (arrays, manifest, classes, data report).
 
     python -m pipeline.prepare                                  # the configured data (conf/)
@@ -27,21 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def prepare(cfg: Config) -> dict:
-    """Run the prepare stage on `cfg`; return the data report (also `paths.prepared`/report.json).
-
-    Raises `UserError`s: DataError (unusable data, or the data folder and `paths.prepared`
-    overlap), SyntheticDirError (the synthetic folder holds files the generator did not write),
-    or a full disk while writing `paths.prepared`.
-    """
+    """Run the prepare stage on `cfg`; return the data report (also in report.json). Raises
+    UserErrors: DataError (unusable data, or data folder and `paths.prepared` overlap),
+    SyntheticDirError, a full disk."""
     root, prepared = Path(data_root(cfg.data)), Path(cfg.paths.prepared)
-    # the output must not lie inside the data folder (or contain it): prepare never writes into
-    # a photo folder, and replacing paths.prepared must not touch the photos; resolve(): symbolic
-    # links and `..` must not hide that the two are the same folder
-    a, b = root.resolve(), prepared.resolve()
+    a, b = root.resolve(), prepared.resolve()  # links and `..` must not hide an overlap
     if a == b or a in b.parents or b in a.parents:
         raise DataError(
-            f"paths.prepared '{prepared}' and the data folder '{root}' overlap: prepare would "
-            "write into (or replace) the images it reads. Set paths.prepared outside it."
+            f"paths.prepared '{prepared}' and the data folder '{root}' overlap: set "
+            "paths.prepared outside it."
         )
     if cfg.data.source == "synthetic":
         log.info("Data source: synthetic toy trucks (generated into %s)", root)
@@ -74,7 +68,6 @@ def prepare(cfg: Config) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    """Hydra entry point: run `prepare` on conf/ composed with the command-line overrides."""
     run_step(prepare, cfg)
 
 

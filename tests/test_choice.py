@@ -47,7 +47,7 @@ def test_use_folder_lasts_for_later_experiments(tmp_path, monkeypatch):
     message = choose(root, ["--use-folder", str(folder)])
     assert str(folder) in message and "4 image files in 2 classes" in message
     assert current_option(root) == "photos"
-    for overrides in ([], ["train.epochs=4"], ["experiment=smoke"]):
+    for overrides in ([], ["train.C=0.1"], ["experiment=smoke"]):
         data = dvc_compose(root, *overrides)["data"]
         assert (data["source"], data["path"]) == ("folder", str(folder))
         assert data["dependency"] == str(folder)  # what DVC's prepare stage watches
@@ -56,7 +56,7 @@ def test_use_folder_lasts_for_later_experiments(tmp_path, monkeypatch):
     assert validate(written).data.path == str(folder)
     # switching back is said explicitly, and lasts as well
     choose(root, ["--use-synthetic"])
-    data = dvc_compose(root, "train.epochs=4")["data"]
+    data = dvc_compose(root, "train.C=10")["data"]
     assert data["source"] == "synthetic" and data["path"] is None
     # the folder stays selectable by name
     assert dvc_compose(root, "data=photos")["data"]["path"] == str(folder)

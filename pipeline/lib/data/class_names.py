@@ -1,9 +1,5 @@
-"""Class names: the one set of rules for turning folder names into class names (`class_name`),
-and class names into keys for MLflow metric names, file names and DVC plot names (`class_key`).
-
-The folder source refuses two folders at one level that become the same class name (`car` and
-`car `, or the NFC and NFD spellings of `café`: two classes or a typo, never to be merged
-silently), and two class names that differ only in case (one folder on macOS and Windows).
+"""Class names: folder name -> class name (`class_name`), class name -> a key safe in MLflow
+metric, file and DVC plot names (`class_key`), and the collisions the folder source refuses.
 """
 
 from __future__ import annotations
@@ -15,8 +11,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
 
-#: The longest key `class_key` returns (MLflow metric keys may have 250 characters; the metric
-#: names built from a key, e.g. `test_precision_<key>`, stay well under that).
+#: The longest key `class_key` returns (MLflow metric keys may have 250 characters).
 MAX_KEY_LENGTH = 64
 _HASH_LENGTH = 10
 #: Names kept as they are: ASCII letters, digits, `_ - .`, not starting with `.` or `-`.
@@ -26,8 +21,7 @@ _LOOKS_HASHED = re.compile(rf".*-[0-9a-f]{{{_HASH_LENGTH}}}")
 
 
 def has_surrogates(text: str) -> bool:
-    """True when `text` holds lone surrogates: the bytes of a file name that is not valid UTF-8,
-    as `os.fsdecode` keeps them (such a name cannot be a class name or a metric key)."""
+    """True when `text` holds lone surrogates (`os.fsdecode` of a file name that is not UTF-8)."""
     try:
         text.encode("utf-8")
         return False
@@ -36,17 +30,15 @@ def has_surrogates(text: str) -> bool:
 
 
 def class_name(folder_name: str) -> str:
-    """The class name of a folder called `folder_name` (as `os.scandir` gives it): NFC-normalised
-    (macOS writes NFD), surrounding whitespace trimmed (unless that leaves nothing), non-UTF-8
-    bytes (surrogate escapes) as backslash escapes, so it is always printable and encodable."""
+    """The class name of a folder: NFC-normalised (macOS writes NFD), trimmed (unless that leaves
+    nothing), non-UTF-8 bytes as backslash escapes."""
     if has_surrogates(folder_name):
         folder_name = os.fsencode(folder_name).decode("utf-8", "backslashreplace")
     return unicodedata.normalize("NFC", folder_name).strip() or folder_name
 
 
 def name_collisions(folder_names: Iterable[str]) -> list[str]:
-    """One sentence per group of folder names (at one level) that become the same class name,
-    e.g. `class folders 'car', 'car ' all become the class 'car'`; empty when all differ."""
+    """One sentence per group of folder names that become the same class name."""
     groups: dict[str, list[str]] = defaultdict(list)
     for name in folder_names:
         groups[class_name(name)].append(name)
@@ -58,7 +50,7 @@ def name_collisions(folder_names: Iterable[str]) -> list[str]:
 
 
 def case_collisions(classes: Iterable[str]) -> list[str]:
-    """Problems (one sentence each) for class names that differ only in case (`Car`, `car`)."""
+    """One sentence per group of class names that differ only in case (`Car`, `car`)."""
     groups: dict[str, set[str]] = defaultdict(set)
     for label in classes:
         groups[label.casefold()].add(label)
@@ -70,11 +62,9 @@ def case_collisions(classes: Iterable[str]) -> list[str]:
 
 
 def class_key(name: str) -> str:
-    """A key for class `name`, safe in MLflow metric keys, file names and DVC plot names, at most
-    `MAX_KEY_LENGTH` characters, distinct for distinct names: `name` itself when short and made
-    only of ASCII letters, digits and `_ - .`; else a readable prefix (other characters as `_`,
-    truncated), `-` and the first 10 hex digits of the name's SHA-256 (`red car` ->
-    `red_car-3f...`, `red,car` -> `red_car-9a...`, `red_car` -> `red_car`)."""
+    """A distinct key for class `name`, at most `MAX_KEY_LENGTH` characters: `name` when short and
+    only ASCII letters, digits and `_ - .`; else a readable prefix, `-` and 10 hex digits of its
+    SHA-256 (`red car` -> `red_car-3f...`)."""
     if len(name) <= MAX_KEY_LENGTH and _SAFE.fullmatch(name) and not _LOOKS_HASHED.fullmatch(name):
         return name
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_LENGTH]

@@ -1,11 +1,5 @@
-"""Decoding one image file into a square RGB uint8 array, or saying exactly why not.
-
-Pillow decodes every file once: the pixel count is checked from the header first (decompression
-bombs), large JPEGs are decoded at a reduced scale, EXIF orientation applied, the first frame of
-an animation used, every colour mode converted to RGB (transparency on white, 16-bit and float
-data scaled, not clipped), then resized by one of three policies. An unusable file raises
-`RejectedImage` with a short, human `reason`. Thread-safe: Pillow's global settings
-(`LOAD_TRUNCATED_IMAGES`, `MAX_IMAGE_PIXELS`) and the `warnings` filters are left alone.
+"""Decoding one image file into a square RGB uint8 array (`load_rgb`), or saying why not
+(`RejectedImage`). Thread-safe: Pillow's global settings are left alone.
 """
 
 from __future__ import annotations
@@ -21,15 +15,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 RESIZE_POLICIES = ("stretch", "pad", "crop")
-#: The colour of the letterbox bars of `resize="pad"` (neutral mid-grey: ~0 after [-1, 1] scaling).
+#: The letterbox colour of `resize="pad"` (mid-grey: ~0 after [-1, 1] scaling).
 PAD_COLOR = (128, 128, 128)
 #: Transparent pixels are composited onto this colour.
 BACKGROUND = (255, 255, 255)
-#: JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) only while both sides stay >= this many
-#: times the target size, so the final LANCZOS resize still has enough detail.
+#: JPEGs are decoded at 1/2, 1/4 or 1/8 scale while both sides stay >= this times the target.
 DRAFT_FACTOR = 2
-#: `Image.resize(reducing_gap=...)`: box-reduce first, then LANCZOS over the last factor of this.
-REDUCING_GAP = 3.0
+REDUCING_GAP = 3.0  # Image.resize: box-reduce first, LANCZOS over the last factor of 3
 
 # JPEG (also camera MPO files named .jpg), PNG, BMP, GIF, TIFF, PNM, TGA; then the formats only
 # some Pillow builds decode
@@ -40,8 +32,7 @@ _OPTIONAL = {
     "jpg_2000": ("JPEG 2000", ".jp2 .j2k .jpx .jpf .j2c"),
 }
 _SUPPORTED = [exts for feature, (_, exts) in _OPTIONAL.items() if features.check(feature)]
-#: Lower-case file extensions that are decoded (the WebP/AVIF/JPEG 2000 ones only when this Pillow
-#: build supports them).
+#: Lower-case extensions that are decoded (WebP/AVIF/JPEG 2000 when this Pillow supports them).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(" ".join([_ALWAYS, *_SUPPORTED]).split())
 
 _HEIF_HINT = (
@@ -55,9 +46,7 @@ _RAW = (
     " .mrw .raw"
 )
 _RAW_HINT = "camera RAW file, which is not decoded: export it to JPEG or PNG first"
-#: Image formats that are recognised by extension but that this Pillow cannot decode. Files with
-#: these extensions are still candidates (so they are reported as rejected, with this hint, and
-#: counted in the rejected fraction) rather than skipped as "not an image".
+#: Image extensions this Pillow cannot decode -> a hint; such files are rejected, not skipped.
 UNSUPPORTED_IMAGE_EXTENSIONS: dict[str, str] = {
     ".heic": _HEIF_HINT,
     ".heif": _HEIF_HINT,
@@ -77,9 +66,7 @@ UNSUPPORTED_IMAGE_EXTENSIONS: dict[str, str] = {
 #: Everything discovery treats as an image file (decodable or not).
 CANDIDATE_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | frozenset(UNSUPPORTED_IMAGE_EXTENSIONS)
 
-# The Pillow decoders used (in this order). Restricting `Image.open` to plain raster formats keeps
-# files with a misleading extension away from decoders that run external programs (EPS:
-# Ghostscript) or read only part of the file (PSD layers, ICO sizes).
+# Only plain raster decoders: a misnamed file never reaches EPS (Ghostscript), PSD or ICO.
 Image.init()
 _DECODERS = "JPEG MPO PNG GIF BMP DIB TIFF WEBP PPM TGA AVIF JPEG2000"
 DECODE_FORMATS: tuple[str, ...] = tuple(f for f in _DECODERS.split() if f in Image.OPEN)
@@ -111,14 +98,10 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
 def load_rgb(
     path: str | os.PathLike[str], size: int, resize: str = "stretch", max_pixels: int = 60_000_000
 ) -> np.ndarray:
-    """Decode `path` into a uint8 array of shape (size, size, 3), RGB.
-
-    `resize`: `stretch` (ignore the aspect ratio), `pad` (keep it, letterbox on `PAD_COLOR`) or
-    `crop` (centre square). Raises `RejectedImage` for anything that is not a usable image:
-    empty, unreadable, not an image, an undecodable format, corrupt/truncated data, or more than
-    `max_pixels` pixels (checked from the header, before decoding); ValueError for a bad `resize`
-    or `size`.
-    """
+    """Decode `path` (EXIF-rotated, first frame, any mode to RGB, transparency on white) into
+    uint8 (size, size, 3). `resize`: `stretch`, `pad` (letterbox on `PAD_COLOR`) or `crop`
+    (centre square). RejectedImage: not a usable image, or over `max_pixels` (checked from the
+    header); ValueError: bad `resize` or `size`."""
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")
     if size < 1:
@@ -149,8 +132,7 @@ def load_rgb(
 
 
 def _open(path: Path) -> Image.Image:
-    """`path` opened (header read, pixels not yet decoded) by one of `DECODE_FORMATS`; raises
-    RejectedImage: empty, unreadable, not an image, over Pillow's bomb limit, corrupt header."""
+    """`path` opened (header read) by one of `DECODE_FORMATS`, else RejectedImage."""
     try:
         if path.stat().st_size == 0:
             raise RejectedImage("empty file")
@@ -203,10 +185,7 @@ def _sniff(path: Path) -> str | None:
 
 
 def _decode(image: Image.Image, size: int, resize: str) -> np.ndarray:
-    # The first frame of an animated GIF/WebP/APNG/MPO is the current frame right after open().
-    if image.format in ("JPEG", "MPO"):
-        # Decode at 1/2, 1/4 or 1/8 scale while both sides stay >= DRAFT_FACTOR x target: a
-        # 12-megapixel phone photo resized to 224 decodes 64x fewer pixels.
+    if image.format in ("JPEG", "MPO"):  # (an animation's first frame is current after open)
         image.draft(None, (size * DRAFT_FACTOR, size * DRAFT_FACTOR))
     image.load()  # raises on truncated/corrupt data (LOAD_TRUNCATED_IMAGES stays off)
     array = np.asarray(_resize(_to_rgb(_apply_orientation(image)), size, resize), dtype=np.uint8)
@@ -216,8 +195,7 @@ def _decode(image: Image.Image, size: int, resize: str) -> np.ndarray:
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
-    """Rotate/flip as the EXIF (or TIFF) orientation tag says, so the photo is upright; a
-    malformed or unreadable EXIF block leaves the image as stored."""
+    """Upright as the EXIF orientation says; a malformed EXIF block leaves it as stored."""
     with contextlib.suppress(Exception):
         if image.getexif().get(0x0112, 1) in (2, 3, 4, 5, 6, 7, 8):
             return ImageOps.exif_transpose(image)
@@ -243,7 +221,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    """16-bit, 32-bit integer and float single-channel data to 8 bits, scaled rather than clipped."""
+    """16-bit, 32-bit integer and float single-channel data to 8 bits, scaled, not clipped."""
     data = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
     if mode.startswith("I;16") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
@@ -258,7 +236,6 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
 
 
 def _resize(image: Image.Image, size: int, policy: str) -> Image.Image:
-    """`image` resized to size x size by `policy` (see `load_rgb`), LANCZOS."""
     width, height = image.size
     box = None
     if policy == "crop":

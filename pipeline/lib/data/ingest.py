@@ -1,12 +1,11 @@
-"""Ingesting a folder of images into the prepared-dataset format (`pipeline.lib.data.prepared`):
-discover the files, decode each once in a thread pool, stream the arrays in order into
-`<split>.npy`. Problems that make the dataset unusable raise one `DataError` that lists all of
-them and says what to do; everything else (rejected and skipped files, duplicates, ...) is listed
-in the report and summarised in its `warnings`.
+"""Ingesting a folder of images into the prepared dataset (`pipeline.lib.data.prepared`).
+Problems that make it unusable raise one `DataError` listing them all; the rest (rejected and
+skipped files, duplicates, ...) goes into the report and its `warnings`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -38,8 +37,7 @@ log = logging.getLogger(__name__)
 
 #: How many items an error message lists before "... and N more".
 MAX_LISTED = 20
-#: A class with fewer training images than this gets a warning (and the MLflow tag
-#: `data_small_classes`): a handful of photos per class is the least a model learns from.
+#: A class with fewer training images than this gets a warning (and the tag data_small_classes).
 SMALL_CLASS = 5
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
 #: One decoded file: its candidate, and (uint8 array, sha256, None) or (None, None, reason).
@@ -56,13 +54,9 @@ def ingest(
     workers: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Decode every image under `root` (read only) into `out_dir` (created if need be): uint8
-    (N, S, S, 3) `<split>.npy` with S = `data.image_size`, `manifest.csv`, `classes.json`,
-    `report.json`; return the report. `workers`: decoding threads (default: the cores, at most
-    8); `progress`: show a bar. Raises DataError: the dataset cannot be used (the report is
-    attached as `.report`); ValueError: `data.leakage` is neither `fail` nor `warn`, bad split
-    ratios; OSError: writing `out_dir` failed (e.g. ENOSPC, a full disk).
-    """
+    """Decode every image under `root` (read only) into the prepared dataset in `out_dir`; return
+    the report. `workers`: decoding threads (default: cores, at most 8). Raises DataError (with
+    the report as `.report`), ValueError (bad leakage or split settings), OSError (writing)."""
     if data.leakage not in ("fail", "warn"):
         raise ValueError(f"data.leakage must be 'fail' or 'warn', not {data.leakage!r}")
     disc = discover(root, data.split, data.seed)
@@ -87,8 +81,6 @@ def ingest(
         "source": data.source,
         "image_size": data.image_size,
         "resize": data.resize,
-        # relative to the project when inside it, so the prepared data (and its DVC hash) do not
-        # depend on where the project is cloned
         "root": shown_path(disc.root),
         "layout": disc.layout,
         "classes": list(disc.classes),
@@ -105,9 +97,9 @@ def ingest(
     }
     if tally.problems:
         n = len(tally.problems)
+        listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(tally.problems, 1))
         error = DataError(
-            f"Cannot prepare the dataset at '{disc.root}' ({n} problem{'s' if n > 1 else ''}):\n"
-            + "\n".join(f"  {i}. {p}" for i, p in enumerate(tally.problems, 1))
+            f"Cannot prepare the dataset at '{disc.root}' ({n} problem(s)):\n{listed}"
         )
         error.report = report
         raise error
@@ -131,13 +123,9 @@ def _decode_one(cand: Candidate, size: int, resize: str, max_pixels: int) -> _De
 def _decode_all(
     candidates: list[Candidate], data: DataConfig, workers: int | None
 ) -> Iterator[_Decoded]:
-    """Results in candidate order, with a bounded number of decodes in flight (flat memory)."""
+    """Results in candidate order, a bounded number of decodes in flight (flat memory)."""
     args = (int(data.image_size), str(data.resize), int(data.max_pixels))
     workers = workers or min(8, os.cpu_count() or 1)
-    if workers <= 1:
-        for cand in candidates:
-            yield _decode_one(cand, *args)
-        return
     window: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         try:
@@ -153,9 +141,8 @@ def _decode_all(
 
 
 class _Tally:
-    """Decodes the discovered files and checks the result: per split and class, the files found,
-    accepted (`counts`) and rejected; `by_hash`: sha256 -> [(file, split, label)]. The checks add
-    to `warnings` (kept in the report) and `problems` (which make ingest fail)."""
+    """Decodes the discovered files and checks them, per split and class: files `found`, accepted
+    (`counts`), rejected; the checks add `warnings` and `problems` (which make ingest fail)."""
 
     def __init__(self, disc: Discovery, data: DataConfig) -> None:
         self.disc, self.data = disc, data
@@ -171,13 +158,12 @@ class _Tally:
         self.problems: list[str] = []
 
     def decode(self, out: Path, workers: int | None, progress: bool) -> None:
-        """Decode every candidate in order and stream the accepted ones into `<split>.npy`."""
         disc = self.disc
         label_index = {c: i for i, c in enumerate(disc.classes)}
         writers: dict[str, SplitWriter] = {}
         try:
+            size = int(self.data.image_size)
             for s in SPLITS:
-                size = int(self.data.image_size)
                 writers[s] = SplitWriter(out, s, sum(self.found[s].values()), size)
             results = _decode_all(disc.candidates, self.data, workers)
             bar = tqdm(
@@ -253,23 +239,15 @@ class _Tally:
                     f"leakage (data.leakage=warn): identical files in two splits: {p}"
                 )
             return
-        advice = (
-            "Remove the copies from all but one split"
-            if self.disc.layout == "splits"
-            else "The folder holds copies of the same photo, which the random split put into "
-            "different splits: remove the copies"
-        )
         self.problems.append(
             f"{len(leakage)} image(s) appear in more than one split ({len(pairs)} pairs of "
             "identical files):\n"
             + "\n".join(f"      {p}" for p in pairs)
-            + "\n    The same photo is in more than one split, so test accuracy would be "
-            f"inflated. {advice}, or set data.leakage=warn to go on anyway (for good: `leakage: "
-            "warn` in the data config you use, e.g. conf/data/photos.yaml after --use-folder)."
+            + "\n    This inflates test accuracy: remove the copies from all but one split, or set "
+            "data.leakage=warn (e.g. in conf/data/photos.yaml) to go on anyway."
         )
 
     def check_rejected(self) -> None:
-        """A problem when more than data.max_rejected_fraction of the files could not be used."""
         rejected, n_candidates = self.rejected, len(self.disc.candidates)
         fraction = len(rejected) / n_candidates if n_candidates else 0.0
         limit = float(self.data.max_rejected_fraction)
@@ -280,8 +258,7 @@ class _Tally:
             self.problems.append(
                 f"{len(rejected)} of {n_candidates} image files ({fraction:.0%}) could not be "
                 f"used, more than data.max_rejected_fraction={limit:g}:\n{listed}\n"
-                "    Fix or remove these files, or raise data.max_rejected_fraction to go on "
-                "without them."
+                "    Fix or remove these files, or raise data.max_rejected_fraction."
             )
         for split in SPLITS:
             for label, n in sorted(self.rejected_where[split].items()):
@@ -291,8 +268,7 @@ class _Tally:
                 )
 
     def coverage(self) -> dict[str, int]:
-        """Per-class coverage of the splits; returns {class: training images} for the classes
-        with fewer than `SMALL_CLASS` (but at least data.min_images_per_class) training images."""
+        """Checks each class's images per split; returns {class: n} for the small classes."""
         disc, counts, min_train = self.disc, self.counts, int(self.data.min_images_per_class)
         hints = _case_hints(disc.classes)
         small: dict[str, int] = {}
@@ -341,8 +317,6 @@ class _Tally:
                         f"class '{label}' has no validation images ({self.where('val', label)}); "
                         "validation metrics do not cover it"
                     )
-        # hidden and system files (.DS_Store, the generator's own .synthetic.json) are listed in
-        # report.json but are not worth a warning
         unexpected = [s for s in disc.skipped if s[1] != HIDDEN_REASON]
         if unexpected:
             self.warnings.append(
@@ -356,12 +330,12 @@ class _Tally:
         disc = self.disc
         folders = disc.class_folders.get(split, {}).get(label, [])
         found, rejected = self.found[split][label], self.rejected_where[split][label]
-        if disc.layout == "splits" and not folders:
-            split_folder = _split_folder_name(disc, split)
-            if split_folder:
-                return f"there is no '{label}' folder in {split_folder}/"
-            return f"there is no {_SPLIT_WORD[split]} folder"
         if disc.layout == "splits":
+            if not folders:
+                split_folder = _split_folder_name(disc, split)
+                if split_folder:
+                    return f"there is no '{label}' folder in {split_folder}/"
+                return f"there is no {_SPLIT_WORD[split]} folder"
             where = ", ".join(f"'{f}/'" for f in folders)
             if found == 0:
                 return f"{where} has no image files"
@@ -369,34 +343,22 @@ class _Tally:
                 f", {rejected} rejected" if rejected else ""
             )
         total = sum(self.found[s][label] for s in SPLITS)
-        if total == 0:
-            return f"the class folder '{folders[0]}/' has no image files"
         text = f"the class folder '{folders[0]}/' has {total} image file(s)"
         if total < 2:
-            text += ", and at least 2 are needed to give both the training and the test split one"
+            text += " (at least 2 are needed: one for training, one for test)"
         all_rejected = sum(self.rejected_where[s][label] for s in SPLITS)
         if all_rejected:
-            # splits are assigned to files before decoding, so a rejected file leaves a gap
             usable = ", ".join(f"{s} {self.counts[s][label]}" for s in SPLITS)
             text += f", {all_rejected} rejected; usable images per split: {usable}"
         return text
 
     def _add_advice(self, split: str, label: str) -> str:
-        disc = self.disc
-        folders = disc.class_folders.get(split, {}).get(label, [])
-        if disc.layout == "single":
-            return (
-                f"Add more images to '{folders[0]}/' (or fix its rejected files), or remove the "
-                "class folder."
-            )
+        folders = self.disc.class_folders.get(split, {}).get(label, [])
         if folders:
             listed = ", ".join(repr(f + "/") for f in folders)
-            return f"Add images to {listed} (or fix its rejected files)."
-        split_folder = _split_folder_name(disc, split) or _SPLIT_WORD[split]
-        return (
-            f"Create '{split_folder}/{label}/' with images of this class, or remove the class "
-            "from the other splits."
-        )
+            return f"Add images to {listed} (or fix its rejected files), or remove the class."
+        split_folder = _split_folder_name(self.disc, split) or _SPLIT_WORD[split]
+        return f"Create '{split_folder}/{label}/' with images, or remove the class elsewhere."
 
 
 def _split_folder_name(disc: Discovery, split: str) -> str | None:
@@ -411,13 +373,8 @@ def _case_hints(classes: list[str]) -> dict[str, str]:
     groups: dict[str, list[str]] = defaultdict(list)
     for c in classes:
         groups[" ".join(c.casefold().replace("_", " ").replace("-", " ").split())].append(c)
-    return {
-        n: f" Note: class folders {names} differ only in case/spacing; if they are the same "
-        "class, give the folders the same name in every split."
-        for names in groups.values()
-        if len(names) > 1
-        for n in names
-    }
+    note = " Note: class folders {} differ only in spacing; if they are one class, name them alike."
+    return {n: note.format(names) for names in groups.values() if len(names) > 1 for n in names}
 
 
 def _single_class_message(disc: Discovery) -> str:
@@ -431,16 +388,7 @@ def _single_class_message(disc: Discovery) -> str:
     )
     if disc.layout == "single":
         folder = disc.root / disc.class_folders["train"][label][0]
-        try:
-            subdirs = sorted(
-                p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-            )
-        except OSError:
-            subdirs = []
-        if subdirs:
-            message += (
-                f" '{folder.name}/' itself holds folders ({', '.join(subdirs[:5])}"
-                f"{', ...' if len(subdirs) > 5 else ''}): if those are the classes or the split "
-                f"folders, set data.path to '{folder}'."
-            )
+        with contextlib.suppress(OSError):
+            if any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+                message += f" If '{folder.name}/' holds the classes, set data.path to '{folder}'."
     return message

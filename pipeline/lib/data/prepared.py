@@ -1,12 +1,6 @@
-"""The prepared dataset: what `prepare` writes and every later stage reads (one DVC output).
-
-    classes.json    the class names, in label-index order
-    manifest.csv    one row per accepted image: split, index, label, label_index, path, sha256
-    report.json     counts per split and class, rejected files with reasons, leakage pairs
-    train.npy val.npy test.npy    uint8 (N, size, size, 3): decoded, RGB, resized once
-
-Arrays are written with plain file writes and read as memory maps, so no stage holds a whole
-split in memory.
+"""The prepared dataset that `prepare` writes (one DVC output): classes.json (names in label
+order), manifest.csv (one `ManifestRow` per image), report.json (counts, rejected files,
+leakage) and <split>.npy, uint8 (N, size, size, 3), read as memory maps.
 """
 
 from __future__ import annotations
@@ -30,9 +24,8 @@ MANIFEST_FIELDS = ("split", "index", "label", "label_index", "path", "sha256")
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One accepted image in manifest.csv: its split and row `index` in `<split>.npy`, its class
-    name and index, its path (as shown in the report) and the sha256 of the file's bytes.
-    """
+    """One image in manifest.csv: split, row `index` in <split>.npy, class name and index, path
+    (as in the report), sha256 of the file."""
 
     split: str
     index: int
@@ -42,27 +35,20 @@ class ManifestRow:
     sha256: str
 
 
-#: Bytes reserved for the .npy header: magic, version, length, and the header dict padded with
-#: spaces, so the header can be rewritten in place with the final row count.
+#: The .npy header's length, padded so that it can be rewritten in place with the final count.
 _NPY_HEADER_BYTES = 128
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:
-    """A .npy (format 1.0) header for a C-ordered uint8 array of `shape`, `_NPY_HEADER_BYTES` long."""
     text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}"
     body = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
 
 
 class SplitWriter:
-    """Streams uint8 (image_size, image_size, 3) images of one split into `folder/<split>.npy`.
-
-    Plain file writes (never a memory map, whose failed page writes on a full disk kill the
-    process with SIGBUS); room for `capacity` rows (an upper bound) is reserved up front with
-    `posix_fallocate` where the file system supports it, so a full disk raises OSError (ENOSPC,
-    or EFBIG over a file-size limit) at once. `close()` trims the file to the rows written and
-    writes the final header; `np.load` then gives uint8 (count, size, size, 3).
-    """
+    """Streams uint8 (size, size, 3) images of one split into `folder/<split>.npy` with plain
+    writes (a memory map dies of SIGBUS on a full disk); `capacity` rows are reserved up front,
+    so a full disk raises OSError at once. `close()` trims the file to the rows written."""
 
     def __init__(self, folder: Path, split: str, capacity: int, image_size: int) -> None:
         self.path = Path(folder) / f"{split}.npy"
@@ -89,7 +75,7 @@ class SplitWriter:
             raise
 
     def append(self, image: np.ndarray) -> int:
-        """Write one uint8 (size, size, 3) image; return its row index. IndexError past capacity."""
+        """Write one image; return its row index. IndexError past capacity."""
         if self.count >= self.capacity:
             raise IndexError(f"{self.path}: more images than the capacity {self.capacity}")
         array = np.ascontiguousarray(image, dtype=np.uint8)
@@ -103,7 +89,6 @@ class SplitWriter:
         return self.count - 1
 
     def close(self) -> None:
-        """Trim the file to the rows written and write the final header (idempotent)."""
         if self._fh.closed:
             return
         try:
@@ -115,7 +100,6 @@ class SplitWriter:
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
-    """Write `rows` to `path` as CSV with the `MANIFEST_FIELDS` header, in the order given."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(MANIFEST_FIELDS)
@@ -138,7 +122,6 @@ class PreparedDataset:
 
     @property
     def num_classes(self) -> int:
-        """The number of classes, C."""
         return len(self.classes)
 
     def images(self, split: str) -> np.ndarray:
@@ -146,8 +129,7 @@ class PreparedDataset:
         return np.load(self.folder / f"{split}.npy", mmap_mode="r")
 
     def manifest(self, split: str | None = None) -> list[ManifestRow]:
-        """The rows of manifest.csv (those of `split`, or all when None), sorted by split
-        (train, val, test) and then row index. Raises OSError when it cannot be read."""
+        """The rows of manifest.csv (of `split`, or all), sorted by split and row index."""
         with open(self.folder / "manifest.csv", newline="", encoding="utf-8") as fh:
             ints = {"index", "label_index"}
             rows = [
@@ -162,28 +144,24 @@ class PreparedDataset:
         return np.array([r.label_index for r in self.manifest(split)], dtype=np.int64)
 
     def size(self, split: str) -> int:
-        """The number of images N in `split` (from `<split>.npy`'s header; no pixels are read)."""
+        """The number of images in `split` (no pixels are read)."""
         return int(self.images(split).shape[0])
 
 
 def iter_batches(array: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Consecutive float32 batches of a (memory-mapped) array, one batch in memory at a time."""
+    """Consecutive float32 batches of a (memory-mapped) array."""
     for start in range(0, len(array), batch_size):
         yield np.asarray(array[start : start + batch_size], dtype=np.float32)
 
 
 def data_root(data: DataConfig) -> str:
-    """The folder the images of the `data` config come from: `data.synthetic.dir` for the
-    synthetic source (the generator's own folder), `data.path` (your photos) otherwise."""
-    if data.source == "synthetic":
-        return str(data.synthetic.dir)
-    return str(data.path)
+    """The folder the images come from: `data.synthetic.dir` or `data.path`."""
+    return str(data.synthetic.dir if data.source == "synthetic" else data.path)
 
 
 def shown_path(path: str | os.PathLike[str]) -> str:
-    """`path` as recorded in report.json: relative (posix) when inside the working directory, so
-    the prepared data (and its DVC hash) do not depend on where the project is cloned; else
-    absolute. Symlinks are not resolved."""
+    """`path` as report.json records it: relative when inside the working directory (the DVC
+    hash does not depend on where the project is cloned), else absolute."""
     absolute = Path(os.path.abspath(os.fspath(path)))
     try:
         text = absolute.relative_to(Path.cwd().absolute()).as_posix()
@@ -193,9 +171,7 @@ def shown_path(path: str | os.PathLike[str]) -> str:
 
 
 def data_tags(report: dict) -> dict[str, str]:
-    """MLflow run tags that say what a run trained on, from the prepared data's report.json:
-    `data_path` (the folder the images came from), `data_images` (accepted images, all splits)
-    and `data_small_classes` (`class=n, ...` for classes with few training images; `none`)."""
+    """MLflow run tags from report.json: data_path, data_images, data_small_classes."""
     small = report.get("small_classes") or {}
     return {
         "data_path": str(report.get("root", "?")),
@@ -205,7 +181,6 @@ def data_tags(report: dict) -> dict[str, str]:
 
 
 def _mismatches(dataset: PreparedDataset, data: DataConfig) -> list[str]:
-    """'<recorded> vs <configured>' for every setting the prepared data differs in from `data`."""
     report, found = dataset.report, []
     for key, recorded, wanted in (
         ("image_size", dataset.image_size, int(data.image_size)),
@@ -226,13 +201,8 @@ def _mismatches(dataset: PreparedDataset, data: DataConfig) -> list[str]:
 def open_prepared(
     folder: str | os.PathLike[str], data: DataConfig | None = None
 ) -> PreparedDataset:
-    """The prepared dataset in `folder` (`paths.prepared`), checked against the `data` config of
-    the step that reads it (None: no check): `image_size`, `resize`, and the data source and
-    folder as recorded in report.json.
-
-    Raises StageInputError: `folder` holds no prepared dataset (run the prepare stage), or it was
-    prepared with other settings than `data` (both values named).
-    """
+    """The prepared dataset in `folder`, checked against `data` (image size, resize, source and
+    folder; None: no check). StageInputError: none there, or prepared with other settings."""
     try:
         dataset = PreparedDataset(folder)
     except FileNotFoundError as exc:

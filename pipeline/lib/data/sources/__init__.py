@@ -1,1 +1,1 @@
-"""Data sources for the prepare stage: `synthetic` (generated toy trucks) and `folder` (your photos)."""
+"""Data sources of the prepare stage: `synthetic` (toy trucks) and `folder` (your photos)."""

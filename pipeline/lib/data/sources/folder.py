@@ -1,12 +1,9 @@
-"""Finding the image files of a folder dataset and assigning each a class and a split.
+"""Finding the image files of a folder dataset and giving each a class and a split.
 
-Two layouts: **splits**, `root/training/<class>/...` (or train/), `root/validation/<class>/...`
-(or val/, valid/; optional), `root/test/<class>/...` (or testing/); and **single**,
-`root/<class>/...`, every class split train/val/test by the configured ratios, stratified per
-class, with a fixed seed. Images in nested folders below a class folder belong to that class.
-Hidden and system files (`.DS_Store`, `__MACOSX/`, `Thumbs.db`, ...) are ignored; symlinks are
-followed, loops detected. Whatever is seen but not used is returned in `Discovery.skipped` with
-the reason, so the caller can report it: nothing is dropped silently.
+Layouts: **splits**, root/{training,validation (optional),test}/<class>/... (aliases in
+`SPLIT_ALIASES`), or **single**, root/<class>/..., each class split by `data.split` with a fixed
+seed. Nested folders belong to their class; hidden/system files are ignored; symlinks followed.
+What is seen but not used is returned in `Discovery.skipped`, with the reason.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import errno
 import os
 import stat
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +42,7 @@ _SPLIT_NAMES = {
     "test": "test/ (or testing/)",
 }
 
-#: File and folder names (lower-case) that operating systems and tools leave behind (names with
-#: a leading dot, such as .DS_Store, .Trashes or .ipynb_checkpoints, are hidden anyway).
+#: Names (lower-case) that operating systems leave behind (dot names are hidden anyway).
 _SYSTEM = "__macosx thumbs.db ehthumbs.db desktop.ini @eadir $recycle.bin __pycache__ icon\r"
 SYSTEM_NAMES = frozenset([*_SYSTEM.split(" "), "system volume information"])
 HIDDEN_REASON = "hidden/system file"
@@ -55,7 +51,7 @@ NOT_IMAGE_REASON = "not an image file extension"
 
 class DataError(UserError, ValueError):
     """The dataset folder cannot be used as it is; the message names the path and what to do.
-    Raised by `ingest` after decoding, `report` holds the report built so far; otherwise None."""
+    `report`: the report built so far, when `ingest` raised it after decoding."""
 
     report: dict | None = None
 
@@ -71,19 +67,15 @@ class Candidate:
 
 @dataclass
 class Discovery:
-    """What `discover` found under a data folder."""
+    """What `discover` found: sorted `classes` (label index = position), `candidates` (by split,
+    class, path), `skipped` (file, reason), `layout` (`splits` or `single`), the absolute `root`,
+    `class_folders` (split -> class -> its folders, relative to root)."""
 
-    #: Sorted class names; the label index of a class is its position here.
     classes: list[str]
-    #: Image files to decode, grouped by split (train, val, test), then class, then path.
     candidates: list[Candidate]
-    #: (file relative to root, reason) for everything seen but not used.
     skipped: list[tuple[str, str]]
-    #: `splits` (split folders) or `single` (class folders, split by ratios).
     layout: str
-    #: The data root, as an absolute path (symlinks not resolved).
     root: Path = Path(".")
-    #: split -> class -> folders (relative to root, posix) that exist for that class in that split.
     class_folders: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
@@ -102,33 +94,20 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def split_ratios(
-    ratios: SplitRatios | Mapping[str, float] | Sequence[float],
-) -> tuple[float, float, float]:
-    """(train, val, test) fractions summing to 1, from a `data.split`-like object, a mapping or a
-    3-sequence. ValueError unless all are >= 0 with train and test > 0."""
-    if isinstance(ratios, Mapping):
-        values = [ratios.get(s, 0.0) for s in SPLITS]
-    elif isinstance(ratios, (tuple, list)):
-        values = list(ratios)
-    else:  # a dataclass / DictConfig with train, val, test
-        values = [getattr(ratios, s, 0.0) for s in SPLITS]
-    if len(values) != 3:
-        raise ValueError(f"split ratios need train, val and test values, got {ratios!r}")
-    ratios = [float(v or 0.0) for v in values]
-    if any(r < 0 for r in ratios) or ratios[0] <= 0 or ratios[2] <= 0:
-        raise ValueError(
-            f"split ratios must be >= 0 with train and test > 0, got train={ratios[0]} "
-            f"val={ratios[1]} test={ratios[2]} (data.split)"
-        )
-    total = sum(ratios)
-    return ratios[0] / total, ratios[1] / total, ratios[2] / total
+def split_ratios(ratios: SplitRatios | Sequence[float]) -> tuple[float, float, float]:
+    """(train, val, test) fractions summing to 1 from `data.split` or a 3-sequence. ValueError
+    unless all are >= 0 with train and test > 0."""
+    values = [ratios.train, ratios.val, ratios.test] if hasattr(ratios, "train") else list(ratios)
+    train, val, test = (float(v or 0.0) for v in values)
+    if min(train, val, test) < 0 or train <= 0 or test <= 0:
+        raise ValueError(f"data.split must be >= 0 with train and test > 0, got {values}")
+    total = train + val + test
+    return train / total, val / total, test / total
 
 
 def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
-    """How many of `n` images go to train, val and test: largest-remainder rounding of
-    `n * ratios`; with n >= 2 train and test get at least one each; a val ratio of 0 gives no val
-    images; a single image goes to train."""
+    """(train, val, test) counts of `n` images: largest-remainder rounding of `n * ratios`; from
+    n = 2 on, train and test get one at least; a single image goes to train."""
     if n <= 0:
         return 0, 0, 0
     if n == 1:
@@ -155,17 +134,10 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
 
 
 def discover(
-    root: str | os.PathLike[str],
-    ratios: SplitRatios | Mapping[str, float] | Sequence[float],
-    seed: int,
+    root: str | os.PathLike[str], ratios: SplitRatios | Sequence[float], seed: int
 ) -> Discovery:
-    """Find the image files under `root` (`data.path`, read only) and give each a class and a
-    split; `ratios` (`data.split`, see `split_ratios`) and `seed` (`data.seed`) split each class
-    of the single layout.
-
-    Raises DataError (naming the path and what to do): the folder is missing, not a folder,
-    unreadable, mixes split and other folders, has class folders whose names collide (see
-    `class_names`), or holds no image files. ValueError: bad split ratios.
+    """Find the image files under `root` (read only), each with a class and a split (`ratios` and
+    `seed` split the single layout). DataError: the folder cannot be used; ValueError: bad ratios.
     """
     root = _checked_root(root)
     walker = _Walker(root)
@@ -179,8 +151,8 @@ def discover(
     clashes = case_collisions(classes)
     if clashes:
         raise DataError(
-            f"Data path '{root}': {'; '.join(clashes)}. Class names must differ in more than "
-            "case (on macOS and Windows they would be one folder): rename or merge those folders."
+            f"Data path '{root}': {'; '.join(clashes)} (one folder on macOS and Windows): rename "
+            "or merge those folders."
         )
     if not candidates:
         examples = ", ".join(f"'{f}' ({r})" for f, r in walker.skipped[:5])
@@ -196,46 +168,46 @@ def discover(
 
 
 def _checked_root(root: str | os.PathLike[str]) -> Path:
-    """`root` as an absolute path (symlinks kept) once it is an existing folder; else DataError."""
     root = Path(os.path.abspath(os.fspath(root)))
     if not os.path.lexists(root):
         raise DataError(
-            f"Data path '{root}' does not exist. Set data.path to the folder that holds your "
-            "class sub-folders (or training/ validation/ test/ split folders of class sub-folders)."
+            f"Data path '{root}' does not exist. Set data.path to the folder of your class "
+            "sub-folders (or of training/ validation/ test/ folders of class sub-folders)."
         )
     if not root.exists():
-        raise DataError(
-            f"Data path '{root}' is a broken symbolic link; point data.path at the "
-            "dataset folder itself."
-        )
+        raise DataError(f"Data path '{root}' is a broken symbolic link; fix data.path.")
     if not root.is_dir():
-        hint = (
-            " It looks like an archive: extract it and set data.path to the extracted folder."
-            if root.suffix.lower() in (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")
-            else ""
+        archive = root.suffix.lower() in (
+            ".zip",
+            ".tar",
+            ".gz",
+            ".tgz",
+            ".7z",
+            ".rar",
+            ".bz2",
+            ".xz",
         )
         raise DataError(
-            f"Data path '{root}' is a file, not a folder. Set data.path to the folder that holds "
-            f"your class sub-folders.{hint}"
+            f"Data path '{root}' is a file, not a folder: "
+            + ("extract it and set data.path to " if archive else "set data.path to ")
+            + "the folder of your class sub-folders."
         )
     return root
 
 
 def _top_level(root: Path, top_dirs: list[Path]) -> tuple[dict[str, Path], list[Path]]:
-    """({split: its folder}, other folders) of the top level; DataError for a mixed layout."""
     split_dirs: dict[str, list[Path]] = {}
     other_dirs: list[Path] = []
     for d in top_dirs:
         alias = SPLIT_ALIASES.get(d.name.lower())
         (split_dirs.setdefault(alias, []) if alias else other_dirs).append(d)
     if split_dirs and other_dirs:
+        splits = _names(d for ds in split_dirs.values() for d in ds)
         raise DataError(
-            f"Data path '{root}' mixes split folders ({_names(d for ds in split_dirs.values() for d in ds)}) "
-            f"with other folders ({_names(other_dirs)}). Use either split folders training/ "
-            "[validation/] test/ with one sub-folder per class in each, or only class sub-folders "
-            "(then the images are split by data.split). Move the other folders into the split "
-            "folders or out of the data path; if one of them is a class that happens to be called "
-            "like a split (e.g. 'train'), rename it."
+            f"Data path '{root}' mixes split folders ({splits}) with other folders "
+            f"({_names(other_dirs)}): use either split folders of class folders, or only class "
+            "folders. Move the others into the split folders or out (rename a class called "
+            "like a split)."
         )
     for split, ds in split_dirs.items():
         if len(ds) > 1:
@@ -247,13 +219,11 @@ def _top_level(root: Path, top_dirs: list[Path]) -> tuple[dict[str, Path], list[
 
 
 def _labels(parent: Path, class_dirs: list[Path]) -> list[str]:
-    """The class names of `class_dirs` (all in `parent`); DataError when two become one."""
     clashes = name_collisions(d.name for d in class_dirs)
     if clashes:
         raise DataError(
-            f"Folder '{parent}': {'; '.join(clashes)} (class names are trimmed of surrounding "
-            "spaces and Unicode-normalised): rename one of them, or merge them if they are one "
-            "class."
+            f"Folder '{parent}': {'; '.join(clashes)} (names are trimmed and Unicode-normalised): "
+            "rename one of them, or merge them."
         )
     return [class_name(d.name) for d in class_dirs]
 
@@ -264,16 +234,14 @@ _Found = tuple[list[Candidate], dict[str, dict[str, list[str]]], set[str]]
 def _discover_splits(
     root: Path, walker: _Walker, split_dirs: dict[str, Path], top_files: list[Path]
 ) -> _Found:
-    """The split layout: root/<split>/<class>/... (train and test required, val optional)."""
     for f in top_files:
         walker.skip(f, "file outside the split folders (not inside a class folder)")
     missing = [s for s in ("train", "test") if s not in split_dirs]
     if missing:
         raise DataError(
-            f"Data path '{root}' has split folders ({_names(split_dirs.values())}) "
-            f"but no {' and no '.join(_SPLIT_NAMES[s] for s in missing)} folder. Add "
-            f"{'them' if len(missing) > 1 else 'it'} (a validation folder is optional), or use "
-            "only class sub-folders and let data.split divide them."
+            f"Data path '{root}' has split folders ({_names(split_dirs.values())}) but no "
+            f"{' and no '.join(_SPLIT_NAMES[s] for s in missing)} folder: add it (validation is "
+            "optional), or use only class sub-folders (split by data.split)."
         )
     candidates: list[Candidate] = []
     class_folders: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
@@ -309,7 +277,6 @@ def _discover_single(
     ratios: tuple[float, float, float],
     seed: int,
 ) -> _Found:
-    """The single layout: root/<class>/..., each class split by `ratios` with a fixed seed."""
     for f in top_files:
         reason = (
             "image outside any class folder (move it into a class sub-folder)"
@@ -322,8 +289,7 @@ def _discover_single(
         raise DataError(
             f"Data path '{root}' has no class sub-folders"
             + (f" ({images} image files lie directly in it)" if images else "")
-            + ". Put the images in one sub-folder per class (root/<class>/<image>), or use "
-            "split folders training/ [validation/] test/ with class sub-folders in each."
+            + ". Put the images in one sub-folder per class (root/<class>/<image>)."
         )
     class_folders: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
     per_class: dict[str, list[Path]] = {}
@@ -356,7 +322,6 @@ class _Walker:
         self.skipped: list[tuple[str, str]] = []
 
     def skip(self, path: Path, reason: str) -> None:
-        """Record `path` (shown relative to the root) as skipped for `reason`."""
         self.skipped.append((display_path(path, self.root), reason))
 
     def list_dir(self, folder: Path) -> tuple[list[Path], list[Path]]:
@@ -365,10 +330,8 @@ class _Walker:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
             if folder == self.root:
-                raise DataError(
-                    f"Cannot read data path '{folder}': {exc.strerror or exc}. "
-                    "Check its permissions."
-                ) from None
+                message = f"Cannot read data path '{folder}': {exc.strerror or exc}."
+                raise DataError(message + " Check its permissions.") from None
             self.skip(folder, f"unreadable folder ({exc.strerror or exc})")
             return [], []
         dirs: list[Path] = []

@@ -1,12 +1,8 @@
-"""The embedded default dataset: deterministic toy-truck photos in the six classes of the study
-(`toy_truck.render`), written as image files into the generator's own folder.
+"""The embedded default dataset: toy-truck photos (`toy_truck.render`) of the study's six
+classes, written as image files into the generator's own folder; each image is seeded from
+(seed, split, class, index), so a configuration always writes byte-identical files.
 
-Every image has its own `numpy.random.Generator`, seeded from `(seed, split, class, index)`
-through `numpy.random.SeedSequence`, so a configuration always writes byte-identical files,
-whatever the order or thread they are made in.
-
-    python -m pipeline.lib.data.sources.synthetic OUT_DIR [--per-class-train N --per-class-val N
-        --per-class-test N --size S --difficulty D --seed K --format png|jpg --workers W]
+    python -m pipeline.lib.data.sources.synthetic OUT_DIR [--per-class-train N ...] (see --help)
 """
 
 from __future__ import annotations
@@ -26,10 +22,9 @@ from pipeline.lib.config.schema import SyntheticConfig
 from pipeline.lib.data.sources.toy_truck import CLASSES, check_size_and_difficulty, render
 from pipeline.lib.errors import UserError
 
-#: Config split name -> the study's folder name.
 SPLIT_DIRS = {"train": "training", "val": "validation", "test": "test"}
 FORMATS = ("png", "jpg")
-#: The file in the generator's folder that lists the files it wrote (relative, posix).
+#: Lists the files the generator wrote into its folder (relative, posix).
 MARKER = ".synthetic.json"
 
 
@@ -38,8 +33,7 @@ class SyntheticDirError(UserError, ValueError):
 
 
 def owned_files(out: Path) -> set[str]:
-    """The files (posix paths relative to `out`) the marker in `out` says the generator wrote;
-    empty when `out` has no (readable) marker."""
+    """The files (posix, relative to `out`) its marker lists; empty without a readable marker."""
     try:
         listed = json.loads((out / MARKER).read_text(encoding="utf-8")).get("files", [])
     except (OSError, ValueError, AttributeError):
@@ -55,16 +49,12 @@ def _write_marker(out: Path, files: set[str]) -> None:
 
 
 def claim(out: Path) -> set[str]:
-    """The files the generator wrote into `out` before, once `out` is checked to be its own: it
-    does not exist, is empty, or holds only files listed in its marker (`.synthetic.json`).
-    Raises `SyntheticDirError` (naming a few foreign files) otherwise, changing nothing."""
+    """The files the generator wrote into `out` before; SyntheticDirError (changing nothing) when
+    `out` holds files its marker does not list."""
     if not out.exists() and not out.is_symlink():
         return set()
     if not out.is_dir():
-        raise SyntheticDirError(
-            f"data.synthetic.dir '{out}' is a file, not a folder: the synthetic generator "
-            "writes into a folder of its own; set data.synthetic.dir to a new folder."
-        )
+        raise SyntheticDirError(f"data.synthetic.dir '{out}' is a file: set it to a new folder.")
     owned = owned_files(out)
     foreign = sorted(
         rel
@@ -73,45 +63,33 @@ def claim(out: Path) -> set[str]:
     )
     if foreign:
         raise SyntheticDirError(
-            f"data.synthetic.dir '{out}' holds {len(foreign)} file(s) the synthetic generator "
-            f"did not write (e.g. {', '.join(repr(f) for f in foreign[:3])}); it never deletes "
-            "or overwrites them. Set data.synthetic.dir to a new or empty folder (for your own "
-            "photos use data=folder: `python -m pipeline.params --use-folder PATH`); images an "
-            "earlier version generated there carry no marker: delete that folder yourself."
+            f"data.synthetic.dir '{out}' holds {len(foreign)} file(s) the generator did not write "
+            f"(e.g. {', '.join(repr(f) for f in foreign[:3])}): set it to a new or empty folder "
+            "(your own photos: `python -m pipeline.params --use-folder PATH`)."
         )
     return owned
 
 
 def _settings(cfg: SyntheticConfig) -> tuple[dict[str, int], int, float, int, str]:
-    """(images per split, size, difficulty, seed, format) of `cfg`, checked; ValueError if bad."""
+    """(images per split, size, difficulty, seed, format) of `cfg`; ValueError if bad."""
     counts = {s: int(getattr(cfg, f"{s}_per_class")) for s in SPLIT_DIRS}
     size, difficulty, seed = int(cfg.size), float(cfg.difficulty), int(cfg.seed)
     fmt = str(cfg.format).lower()
     fmt = "jpg" if fmt == "jpeg" else fmt
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    for split, n in counts.items():
-        if n < 0:
-            raise ValueError(f"{split}_per_class must be >= 0, got {n}")
+    if min(counts.values()) < 0 or seed < 0:
+        raise ValueError(f"images per class and seed must be >= 0, got {counts}, seed {seed}")
     check_size_and_difficulty(size, difficulty)
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
     return counts, size, difficulty, seed, fmt
 
 
 def generate(
     out_dir: str | os.PathLike[str], cfg: SyntheticConfig, *, workers: int | None = None
 ) -> Path:
-    """Write cfg.train_per_class / cfg.val_per_class / cfg.test_per_class images per class as
-    out_dir/training/<class>/<class>_<nnn>.<cfg.format>, out_dir/validation/..., out_dir/test/...
-    and the marker out_dir/.synthetic.json listing them; return out_dir as a Path.
-
-    `cfg`: a `SyntheticConfig` (or any object with its attributes). `out_dir` must be the
-    generator's own folder (see `claim`): the files of an earlier generation (listed in its
-    marker) are removed first, nothing else is ever deleted or overwritten. Deterministic: the
-    same cfg gives byte-identical files. `workers`: threads to render with (default: the cores,
-    at most 4).
-
+    """Write cfg.<split>_per_class images per class as out_dir/{training,validation,test}/<class>/
+    <class>_<nnn>.<cfg.format> and the marker listing them; return out_dir. Removes the files of
+    an earlier generation first, nothing else. `workers`: threads (default: cores, at most 4).
     Raises ValueError for a bad cfg value, `SyntheticDirError` when out_dir holds other files.
     """
     out = Path(out_dir)
@@ -147,9 +125,7 @@ def generate(
         else:
             img.save(path, format="JPEG", quality=95, subsampling=0, optimize=False)
 
-    # Each image has its own generator, so the files do not depend on the order or thread that
-    # makes them. Pillow's encoders and filters and numpy's large-array loops release the GIL,
-    # so threads scale across cores (and stay safe to use in a process that imported TensorFlow).
+    # Pillow and numpy release the GIL: threads scale (and are safe next to TensorFlow)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     n_workers = int(workers) if workers else min(4, cores or 1)
     if n_workers <= 1 or len(jobs) < 8:
@@ -163,8 +139,7 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: write the synthetic image files into OUT_DIR; return the exit status (0).
-    Bad arguments (ValueError from `generate`) exit through argparse with status 2."""
+    """Command line: write the images into OUT_DIR; 0, or exit status 2 for bad arguments."""
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.lib.data.sources.synthetic",
         description="Write deterministic toy-truck images (six classes) as "
@@ -174,17 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = SyntheticConfig()  # the one place the defaults live
     for split in SPLIT_DIRS:
         field = f"{split}_per_class"
-        default = getattr(d, field)
-        ap.add_argument(f"--per-class-{split}", dest=field, type=int, default=default, metavar="N")
+        ap.add_argument(f"--per-class-{split}", dest=field, type=int, default=getattr(d, field))
     ap.add_argument("--size", type=int, default=d.size, metavar="S", help="image side in pixels")
     ap.add_argument("--difficulty", type=float, default=d.difficulty, metavar="D", help="0 .. 1")
     ap.add_argument("--seed", type=int, default=d.seed, metavar="K")
     ap.add_argument("--format", choices=FORMATS, default=d.format)
     ap.add_argument("--workers", type=int, metavar="W", help="threads (default: cores, at most 4)")
     args = vars(ap.parse_args(argv))
-    out_dir, workers = args.pop("out_dir"), args.pop("workers")
+    out_dir, workers, t0 = args.pop("out_dir"), args.pop("workers"), time.perf_counter()
     cfg = SyntheticConfig(dir=out_dir, **args)
-    t0 = time.perf_counter()
     try:
         out = generate(out_dir, cfg, workers=workers)
     except ValueError as exc:

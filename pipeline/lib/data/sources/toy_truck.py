@@ -1,9 +1,5 @@
-"""The toy-truck photo that `synthetic` writes: `render(label, rng, size, difficulty)`.
-
-A side view of a plastic toy truck (cab, chassis, black wheels with yellow hubs, a load that
-tells the class) on a light plain background, drawn with Pillow at twice the size, then shrunk,
-lit, blurred and noised. Variation (pose, facing, tint, lighting, blur, noise, colour jitter)
-grows with `difficulty` in [0, 1]: 0 gives clean studio shots (no two identical), 1 strong jitter.
+"""The toy-truck photo that `synthetic` writes: a side view of a plastic toy truck (its load
+tells the class) on a light plain backdrop, drawn at twice the size, shrunk, lit, blurred, noised.
 """
 
 from __future__ import annotations
@@ -53,23 +49,12 @@ _Pose = tuple[float, float, float, float, bool, float]
 
 
 class _Pen:
-    """Draws in truck units (x: 0..1 rear to front, y: 0 at the top, down) straight onto pixels.
+    """Draws in truck units (x: 0..1 rear to front, y down) onto pixels through the pose: x
+    mirrored when `flip`, scaled by `scale` px per unit, rotated by `angle` about (cx, cy)."""
 
-    The pose is an affine map: x mirrored when the truck faces left, then scaled by `scale`
-    pixels per unit and rotated by `angle` radians about the truck's centre, which lands on
-    (cx, cy). Drawing transformed shapes avoids rotating a bitmap (slow, and blurrier).
-    """
-
-    def __init__(
-        self,
-        draw: ImageDraw.ImageDraw,
-        scale: float,
-        cx: float,
-        cy: float,
-        angle: float,
-        flip: bool,
-    ) -> None:
-        self.d, self.s, self.cx, self.cy, self.flip = draw, scale, cx, cy, flip
+    def __init__(self, draw: ImageDraw.ImageDraw, pose: _Pose) -> None:
+        scale, self.cx, self.cy, angle, self.flip, _ = pose
+        self.d, self.s = draw, scale
         self.cos, self.sin = math.cos(angle), math.sin(angle)
 
     def _p(self, x: float, y: float) -> tuple[float, float]:
@@ -89,13 +74,11 @@ class _Pen:
         self.d.ellipse((x - rr, y - rr, x + rr, y + rr), fill=fill)
 
     def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
-        """A polyline `width` truck units wide (at least 1 px)."""
         self.d.line([self._p(x, y) for x, y in pts], fill=fill, width=max(1, round(width * self.s)))
 
 
 class _SubPen:
-    """A pen for a part drawn in its own units, placed at (x0, y0) of `pen`, scaled by k and
-    mirrored about x = mirror_len / 2 when `mirror_len` is given."""
+    """A part drawn in its own units: at (x0, y0) of `pen`, scaled by k, mirrored by mirror_len."""
 
     def __init__(self, pen: _Pen, x0: float, y0: float, k: float, mirror_len: float | None) -> None:
         self.pen, self.x0, self.y0, self.k, self.m = pen, x0, y0, k, mirror_len
@@ -118,7 +101,6 @@ class _SubPen:
 
 
 def _jitter(base: RGB, rng: np.random.Generator, amount: float) -> RGB:
-    """A plastic colour under slightly different light: per-channel gain and a common shade."""
     gains = 1.0 + rng.normal(0.0, amount, 3)
     shade = 1.0 + rng.normal(0.0, amount)
     c = np.clip(np.asarray(base, dtype=np.float64) * gains * shade, 0, 255)
@@ -137,40 +119,31 @@ def _draw_wheel(p: _Pen | _SubPen, cx: float, cy: float, r: float, col: dict[str
 
 
 def _draw_cab(p: _Pen, cab: RGB, col: dict[str, RGB]) -> None:
-    # body with a sloped windscreen, front to the right
     p.poly([(0.76, 0.43), (0.76, 0.12), (0.895, 0.12), (0.965, 0.245), (0.975, 0.43)], cab)
-    # roof visor and a darker lower edge
-    p.rect(0.755, 0.105, 0.90, 0.125, _shade(cab, 0.82))
+    p.rect(0.755, 0.105, 0.90, 0.125, _shade(cab, 0.82))  # roof visor and a darker lower edge
     p.rect(0.76, 0.395, 0.975, 0.43, _shade(cab, 0.78))
-    # side window, with a light reflection stripe
     p.poly([(0.785, 0.15), (0.885, 0.15), (0.935, 0.245), (0.785, 0.245)], col["glass"])
     p.poly([(0.83, 0.15), (0.855, 0.15), (0.81, 0.245), (0.785, 0.245)], _shade(col["glass"], 1.6))
-    # door line and handle
-    p.line([(0.845, 0.255), (0.845, 0.39)], _shade(cab, 0.7), 0.004)
+    p.line([(0.845, 0.255), (0.845, 0.39)], _shade(cab, 0.7), 0.004)  # door line and handle
     p.rect(0.80, 0.27, 0.825, 0.28, _shade(cab, 0.6))
-    # grille, bumper, headlight
-    p.rect(0.95, 0.29, 0.982, 0.40, col["dark"])
+    p.rect(0.95, 0.29, 0.982, 0.40, col["dark"])  # grille, bumper, headlight
     p.rect(0.945, 0.40, 0.99, 0.445, col["grey"])
     p.rect(0.962, 0.262, 0.978, 0.285, col["light"])
-    # step
-    p.rect(0.79, 0.43, 0.83, 0.45, col["dark"])
+    p.rect(0.79, 0.43, 0.83, 0.45, col["dark"])  # step
 
 
 def _big_container(p: _Pen, col: dict[str, RGB]) -> None:
     red, yel = col["red"], col["yellow"]
     x0, x1, y0, y1 = 0.03, 0.735, 0.045, 0.37
     p.rect(x0, y0, x1, y1, red)
-    # corrugation ribs
-    x = x0 + 0.13
+    x = x0 + 0.13  # corrugation ribs
     while x < x1 - 0.02:
         p.rect(x, y0 + 0.02, x + 0.008, y1 - 0.02, _shade(red, 0.8))
         x += 0.04
-    # top and bottom rails, corner posts
-    p.rect(x0, y0, x1, y0 + 0.018, _shade(red, 0.72))
+    p.rect(x0, y0, x1, y0 + 0.018, _shade(red, 0.72))  # top and bottom rails, corner posts
     p.rect(x0, y1 - 0.018, x1, y1, _shade(red, 0.72))
     p.rect(x1 - 0.014, y0, x1, y1, _shade(red, 0.72))
-    # the yellow doors at the rear, two leaves with locking bars
-    p.rect(x0, y0 + 0.018, x0 + 0.115, y1 - 0.018, yel)
+    p.rect(x0, y0 + 0.018, x0 + 0.115, y1 - 0.018, yel)  # rear doors: two leaves, locking bars
     p.line([(x0 + 0.058, y0 + 0.02), (x0 + 0.058, y1 - 0.02)], _shade(yel, 0.62), 0.005)
     for bx in (x0 + 0.025, x0 + 0.09):
         p.line([(bx, y0 + 0.03), (bx, y1 - 0.03)], col["grey"], 0.006)
@@ -179,11 +152,9 @@ def _big_container(p: _Pen, col: dict[str, RGB]) -> None:
 
 def _small_bins(p: _Pen, bins: Sequence[RGB], col: dict[str, RGB], bed: RGB) -> None:
     rail = col["red"]
-    # flat deck
-    p.rect(0.03, 0.335, 0.745, 0.372, bed)
+    p.rect(0.03, 0.335, 0.745, 0.372, bed)  # flat deck
     p.rect(0.03, 0.335, 0.745, 0.345, _shade(bed, 1.1))
-    # bins: slightly tapered boxes with a lid
-    n = len(bins)
+    n = len(bins)  # bins: slightly tapered boxes with a lid
     x0, x1, gap = 0.06, 0.715, 0.018
     w = (x1 - x0 - gap * (n - 1)) / n
     for i, c in enumerate(bins):
@@ -192,8 +163,7 @@ def _small_bins(p: _Pen, bins: Sequence[RGB], col: dict[str, RGB], bed: RGB) -> 
         p.rect(bx - 0.006, 0.16, bx + w + 0.006, 0.185, _shade(c, 0.75))
         p.rect(bx + w * 0.3, 0.205, bx + w * 0.7, 0.215, _shade(c, 0.6))
         p.line([(bx + 0.015, 0.235), (bx + w - 0.015, 0.235)], _shade(c, 0.8), 0.004)
-    # the red rail above them on three posts
-    p.rect(0.03, 0.085, 0.745, 0.115, rail)
+    p.rect(0.03, 0.085, 0.745, 0.115, rail)  # the red rail above them on three posts
     p.rect(0.03, 0.105, 0.745, 0.115, _shade(rail, 0.75))
     for px in (0.03, 0.382, 0.722):
         p.rect(px, 0.085, px + 0.023, 0.335, rail)
@@ -201,29 +171,23 @@ def _small_bins(p: _Pen, bins: Sequence[RGB], col: dict[str, RGB], bed: RGB) -> 
 
 
 def _loader_load(p: _Pen, bed: RGB, col: dict[str, RGB], accent: RGB, facing_rear: bool) -> None:
-    """A low flat bed with a ramp at the rear, carrying a yellow wheel loader whose cab and arm
-    have the `accent` colour. The loader is drawn in its own units: height 1 (top 0, ground 1),
-    length 1.92, bucket at +x (mirrored when `facing_rear`)."""
+    """A flat bed carrying a wheel loader, drawn in its own units (height 1, length 1.92)."""
     p.poly([(0.0, 0.372), (0.03, 0.325), (0.745, 0.325), (0.745, 0.372)], bed)
     p.rect(0.03, 0.325, 0.745, 0.335, _shade(bed, 1.1))
     p.line([(0.04, 0.352), (0.735, 0.352)], _shade(bed, 0.75), 0.004)
     body = col["yellow"]
     q = _SubPen(p, 0.08, 0.325 - 0.30, 0.30, 1.92 if facing_rear else None)
     tyre = {"tyre": col["tyre"], "hub": _shade(body, 0.95)}
-    # rear counterweight, engine hood, frame
-    q.rect(0.02, 0.36, 0.14, 0.74, _shade(body, 0.85))
+    q.rect(0.02, 0.36, 0.14, 0.74, _shade(body, 0.85))  # rear counterweight, engine hood, frame
     q.rect(0.06, 0.28, 0.66, 0.60, body)
     q.rect(0.06, 0.28, 0.66, 0.32, _shade(body, 1.12))
     q.rect(0.10, 0.56, 1.48, 0.78, _shade(body, 0.92))
-    # exhaust stack
-    q.rect(0.20, 0.14, 0.25, 0.30, col["dark"])
-    # cab: roof, pillars, glass
-    q.rect(0.60, 0.0, 1.10, 0.07, accent)
+    q.rect(0.20, 0.14, 0.25, 0.30, col["dark"])  # exhaust stack
+    q.rect(0.60, 0.0, 1.10, 0.07, accent)  # cab: roof, pillars, glass
     q.rect(0.63, 0.05, 1.06, 0.56, accent)
     q.rect(0.69, 0.10, 1.00, 0.40, col["glass"])
     q.poly([(0.78, 0.10), (0.84, 0.10), (0.74, 0.40), (0.69, 0.40)], _shade(col["glass"], 1.6))
-    # lift arm and bucket
-    q.poly([(0.98, 0.40), (1.64, 0.56), (1.64, 0.70), (0.98, 0.54)], accent)
+    q.poly([(0.98, 0.40), (1.64, 0.56), (1.64, 0.70), (0.98, 0.54)], accent)  # lift arm and bucket
     q.poly([(1.56, 0.34), (1.72, 0.32), (1.93, 0.97), (1.60, 0.99), (1.52, 0.82)], accent)
     q.poly([(1.60, 0.40), (1.70, 0.38), (1.86, 0.94), (1.62, 0.95)], _shade(accent, 0.78))
     for wx in (0.42, 1.24):
@@ -231,15 +195,13 @@ def _loader_load(p: _Pen, bed: RGB, col: dict[str, RGB], accent: RGB, facing_rea
 
 
 def _draw_truck(label: str, rng: np.random.Generator, p: _Pen, col_jit: float) -> None:
-    """The truck of class `label`, drawn with the posed pen `p`."""
     col = {k: _jitter(v, rng, col_jit) for k, v in _BASE.items()}
     col["hub"] = _jitter(_BASE["yellow"], rng, col_jit)
     cab_colour, chassis_colour, wheels = _LOOKS[label]
     if label == "Container_Small_B" and rng.random() >= 0.5:
         cab_colour, chassis_colour = chassis_colour, cab_colour
     cab, chassis = col[cab_colour], col[chassis_colour]
-    # chassis, and the mudguard over the front wheel
-    p.rect(0.03, 0.37, 0.95, 0.435, chassis)
+    p.rect(0.03, 0.37, 0.95, 0.435, chassis)  # chassis, and the mudguard over the front wheel
     p.rect(0.03, 0.42, 0.95, 0.435, _shade(chassis, 0.75))
     p.poly([(0.79, 0.40), (0.81, 0.36), (0.93, 0.36), (0.95, 0.40)], _shade(chassis, 0.9))
     if label.startswith("Container_Big"):
@@ -262,9 +224,7 @@ def _draw_truck(label: str, rng: np.random.Generator, p: _Pen, col_jit: float) -
 
 
 def _draw_pose(rng: np.random.Generator, c: int, d: float) -> _Pose:
-    """(scale, cx, cy, angle, flip) of the truck on a c x c drawing canvas, for a `_Pen`, and its
-    colour jitter: its length as a fraction of the frame, tilt (radians), facing and centre
-    (canvas pixels), spread wider as the difficulty `d` grows; it always stays in the frame."""
+    """The truck's pose on a c x c canvas, spread wider as `d` grows, always in the frame."""
     frac = float(np.clip(rng.normal(0.72, 0.015 + 0.07 * d), 0.5, 0.86))
     angle = math.radians(float(rng.uniform(-1, 1) * (0.8 + 9.0 * d)))
     flip = bool(rng.random() < min(0.5, d))
@@ -280,7 +240,7 @@ def _draw_pose(rng: np.random.Generator, c: int, d: float) -> _Pose:
 
 
 def _background(rng: np.random.Generator, n: int, difficulty: float) -> np.ndarray:
-    """A light, plain backdrop (n x n x 3 float32): a tint and a slight linear gradient."""
+    """A light backdrop (n x n x 3 float32): a tint and a slight linear gradient."""
     level = rng.uniform(214, 242)
     tint = rng.normal(0.0, 2.5 + 5.0 * difficulty, 3)
     amp = rng.uniform(0.0, 6.0 + 22.0 * difficulty)
@@ -292,18 +252,17 @@ def _background(rng: np.random.Generator, n: int, difficulty: float) -> np.ndarr
 
 
 def _composite_truck(bg: np.ndarray, label: str, rng: np.random.Generator, pose: _Pose) -> None:
-    """Draw the truck of class `label` in `pose` (at `_SS` times the size of `bg`) and lay it,
-    shaded and with a contact shadow, onto the float32 (n, n, 3) backdrop `bg`, in place. Only
-    the box of output pixels the truck and its shadow can cover is drawn."""
+    """Draw the truck (at `_SS` times the size) and lay it, shaded and with a contact shadow,
+    onto the float32 (n, n, 3) `bg` in place, only within the box it can cover."""
     scale, cx, cy, angle, flip, col_jit = pose
     ss = _SS
-    probe = _Pen(None, scale, cx, cy, angle, flip)  # type: ignore[arg-type]
+    probe = _Pen(None, pose)  # type: ignore[arg-type]
     corners = [probe._p(x, y) for x in (-0.1, 1.1) for y in (-0.02, _GROUND + 0.05)]
     xs, ys, n = [p[0] for p in corners], [p[1] for p in corners], bg.shape[0]
     x0, x1 = max(0, int(min(xs) // ss) - 1), min(n, int(math.ceil(max(xs) / ss)) + 1)
     y0, y1 = max(0, int(min(ys) // ss) - 1), min(n, int(math.ceil(max(ys) / ss)) + 1)
     layer = Image.new("RGBA", ((x1 - x0) * ss, (y1 - y0) * ss), (0, 0, 0, 0))
-    pen = _Pen(ImageDraw.Draw(layer), scale, cx - x0 * ss, cy - y0 * ss, angle, flip)
+    pen = _Pen(ImageDraw.Draw(layer), (scale, cx - x0 * ss, cy - y0 * ss, angle, flip, col_jit))
     _draw_truck(label, rng, pen, col_jit)
     # premultiplied alpha, then a box shrink: no dark fringes at the edges
     small = np.asarray(layer.convert("RGBa").reduce(ss), dtype=np.float32)
@@ -326,9 +285,8 @@ def _composite_truck(bg: np.ndarray, label: str, rng: np.random.Generator, pose:
 
 
 def _camera(a: np.ndarray, rng: np.random.Generator, size: int, d: float) -> Image.Image:
-    """The float32 (n, n, 3) scene `a` (modified in place) as a uint8 RGB photo: white balance,
-    brightness and contrast, then focus blur (a Gaussian radius that scales with `size`) and
-    Gaussian sensor noise, each skipped when too faint to matter."""
+    """The float32 scene `a` (changed in place) as a uint8 RGB photo: white balance, brightness,
+    contrast, focus blur and sensor noise (the last two skipped when too faint to matter)."""
     wb = 1.0 + rng.normal(0.0, 0.01 + 0.035 * d, 3).astype(np.float32)
     bright = 1.0 + rng.uniform(-1, 1) * 0.22 * d
     contrast = 1.0 + rng.uniform(-1, 1) * 0.30 * d
@@ -358,13 +316,8 @@ def check_size_and_difficulty(size: int, difficulty: float) -> None:
 
 
 def render(label: str, rng: np.random.Generator, size: int, difficulty: float) -> Image.Image:
-    """One photo of class `label`: an RGB `PIL.Image` of size x size pixels (mode "RGB", 8 bits).
-
-    Every random choice comes from `rng`, in a fixed order, so the same generator state always
-    gives the same pixels. `difficulty` in [0, 1] widens the pose, colour, lighting, blur and
-    noise jitter. Raises ValueError: unknown `label`, `size` below 8 px, or `difficulty` outside
-    [0, 1].
-    """
+    """One photo of class `label`: a size x size RGB `PIL.Image`, the same for the same `rng`
+    state. `difficulty` in [0, 1] widens the jitter (0: studio shots). ValueError: bad argument."""
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {', '.join(CLASSES)}")
     check_size_and_difficulty(int(size), difficulty)
