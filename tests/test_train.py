@@ -5,14 +5,17 @@ differs on every run, is kept outside them (`paths.run_file`)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from pipeline.lib.errors import UserError
 from pipeline.lib.model.classifier import HEAD_FILE
 from pipeline.lib.model.saving import trained_run_id
-from pipeline.train import train
-from tests.conftest import prepared_overrides, seeded_store, tiny_config
+from pipeline.train import TrainingDivergedError, train
+from tests.conftest import ROOT, prepared_overrides, seeded_store, tiny_config, tiny_overrides
 
 REPORTS = ("train_metrics.json", "train_history.csv")
 
@@ -63,3 +66,34 @@ def test_a_run_file_of_another_model_is_not_used(inputs, tmp_path):
     assert trained_run_id(cfg) is not None
     (Path(cfg.paths.models) / HEAD_FILE).write_bytes(b"another model")
     assert trained_run_id(cfg) is None
+
+
+def test_an_unwritable_checkpoint_dir_is_refused_before_training(inputs, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cfg = tiny_config(
+        tmp_path, **inputs, **{"train.solver": "keras", "train.checkpoint_dir": blocker / "ckpt"}
+    )
+    with pytest.raises(UserError, match="train.checkpoint_dir=.*cannot be written"):
+        train(cfg)
+    assert not Path(cfg.paths.reports, "train_metrics.json").exists()  # nothing trained
+
+
+def test_a_diverged_keras_fit_is_one_error_and_a_sweep_goes_on(inputs, tmp_path):
+    diverging = {"train.solver": "keras", "train.optimizer": "sgd", "train.epochs": 3}
+    cfg = tiny_config(tmp_path, **inputs, **diverging, **{"train.learning_rate": 1e38})
+    with pytest.raises(TrainingDivergedError, match="lower train.learning_rate"):
+        train(cfg)
+    overrides = tiny_overrides(tmp_path / "sweep", **inputs, **diverging)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "-m", *overrides, "tracking.log_model=false"]
+        + [f"hydra.sweep.dir={tmp_path}/sweep/jobs", "train.learning_rate=1e38,0.001"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "this job scores -inf, the sweep goes on" in out
+    assert "Best job of 2: run job 1" in out
