@@ -3,7 +3,7 @@ and metrics, sorted by a metric.
 
     python -m pipeline.compare                                   # toy-trucks, by test_accuracy
     python -m pipeline.compare --parent <sweep run id> --sort final_val_accuracy
-    python -m pipeline.compare --params train.learning_rate,model.dropout --limit 5
+    python -m pipeline.compare --params train.C,train.label_smoothing --limit 5
     python -m pipeline.compare --format csv --output reports/runs.csv
     python -m pipeline.compare --mcnemar RUN_A RUN_B      # do two runs really differ?
 
@@ -39,11 +39,10 @@ from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_
 DEFAULT_PARAMS = (
     "model.alpha",
     "model.weights",
-    "model.dropout",
-    "train.learning_rate",
-    "train.epochs",
-    "train.batch_size",
-    "train.optimizer",
+    "train.solver",
+    "train.C",
+    "train.label_smoothing",
+    "train.class_weight",
 )
 #: The metric columns, always shown (empty where a run lacks them).
 METRICS = ("final_val_accuracy", "test_accuracy", "test_macro_f1")
