@@ -127,17 +127,14 @@ def promote(
             f"{left_out} version(s) with {metric} left out: another experiment or other "
             f"data ({DATA_TAG}) than the newest version (--any-data to compare them all)."
         )
-    if previous is None:
-        echo(f"There was no @{alias} before.")
-    elif int(previous.version) == best.number:
-        echo(f"It already was @{alias}: unchanged.")
-    else:
-        before = next((c.value for c in every if c.number == int(previous.version)), None)
-        shown = "not recorded" if before is None else f"{before:.6g}"
-        echo(
-            f"Previous @{alias}: version {previous.version} (run {previous.run_id}, "
-            f"{metric}={shown})."
-        )
+    if previous is None or int(previous.version) == best.number:
+        echo(f"There was no @{alias} before." if previous is None else f"It already was @{alias}.")
+        return promoted
+    before = next((c.value for c in every if c.number == int(previous.version)), None)
+    shown = "not recorded" if before is None else f"{before:.6g}"
+    echo(
+        f"Previous @{alias}: version {previous.version} (run {previous.run_id}, {metric}={shown})."
+    )
     return promoted
 
 
@@ -147,21 +144,12 @@ def versions_table(
     """A registered model's versions (newest first): aliases, source run, its `metric` (or NaN)."""
     found = candidates(client, model_name, metric)
     # search results carry no aliases (MLflow 3.17); the registered model has them all
-    aliases: dict[str, list[str]] = {}
-    for alias, version in client.get_registered_model(model_name).aliases.items():
-        aliases.setdefault(str(version), []).append(alias)
+    aliases = client.get_registered_model(model_name).aliases.items()
     rows = [
-        {
-            "version": c.number,
-            "aliases": ",".join(sorted(aliases.get(str(c.number), []))),
-            "status": c.version.status,
-            "run": c.run.info.run_name if c.run else None,
-            "run_id": c.version.run_id,
-            metric: math.nan if c.value is None else c.value,
-            "created": pd.Timestamp(c.version.creation_timestamp, unit="ms").strftime(
-                "%Y-%m-%d %H:%M:%S"
-            ),
-        }
+        [c.number, ",".join(sorted(a for a, v in aliases if int(v) == c.number)), c.version.status]
+        + [c.run.info.run_name if c.run else None, c.version.run_id]
+        + [math.nan if c.value is None else c.value]
+        + [pd.Timestamp(c.version.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M:%S")]
         for c in found
     ]
     columns = ["version", "aliases", "status", "run", "run_id", metric, "created"]

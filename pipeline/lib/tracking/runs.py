@@ -16,7 +16,7 @@ import signal
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
@@ -85,10 +85,9 @@ def _run_ends_on_error(tracking: TrackingConfig, what: str) -> Iterator[None]:
         raise
     except BaseException as exc:
         _end_run("FAILED")
-        error = as_tracking_error(tracking, exc, what)
-        if error is None:
-            raise
-        raise error from None
+        if error := as_tracking_error(tracking, exc, what):
+            raise error from None
+        raise
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -165,13 +164,7 @@ def stage_run(
             say("MLflow: %s; logging into a new run %r (tagged recovered)", recovery.reason, name)
     if stage == "train" or recovery is not None:
         run_tags |= tags or {}
-    with active_run(
-        cfg.tracking,
-        run_id=run_id,
-        run_name=None if run_id else name,
-        tags=run_tags,
-        experiment_id=experiment_id,
-    ) as run:
+    with active_run(cfg.tracking, run_id, None if run_id else name, run_tags, experiment_id) as run:
         if recovery is not None:
             log_recovered(cfg)
         yield run
@@ -190,12 +183,10 @@ def log_recovered(cfg: Config) -> None:
         saved = read_json(train_metrics)
     except (OSError, ValueError):
         return
-    values = {
-        f"final_{prefix}{name}": (saved.get(split) or {}).get(name)
-        for split, prefix in (("train", ""), ("val", "val_"))
-        for name in ("loss", "accuracy")
-    }
-    mlflow.log_metrics({k: float(v) for k, v in values.items() if isinstance(v, int | float)})
+    for split, prefix in (("train", ""), ("val", "val_")):
+        values = (saved.get(split) or {}).items()
+        finals = {f"final_{prefix}{k}": v for k, v in values if k in ("loss", "accuracy")}
+        mlflow.log_metrics({k: float(v) for k, v in finals.items() if isinstance(v, int | float)})
     mlflow.log_artifact(str(train_metrics), artifact_path="reports")
 
 
@@ -243,16 +234,14 @@ def log_config(cfg: Config) -> None:
 def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]) -> None:
     """Curves (`loss`, `val_accuracy`, ...; steps from 1) and Keras' per-batch metrics
     (`batch_loss`, ...; step = global batch number), sent in bulk."""
-    now = int(time.time() * 1000)
+    now, steps = int(time.time() * 1000), batches.get("step", [])
     metrics = [
-        Metric(key=name, value=float(v), timestamp=now, step=i)
+        Metric(name, float(v), now, i)
         for name, values in history.items()
         if name != "epoch"
         for i, v in enumerate(values, start=1)
-    ]
-    steps = batches.get("step", [])
-    metrics += [
-        Metric(key=f"batch_{name}", value=float(v), timestamp=now, step=int(step))
+    ] + [
+        Metric(f"batch_{name}", float(v), now, int(step))
         for name, values in batches.items()
         if name not in ("step", "epoch")
         for step, v in zip(steps, values, strict=False)
@@ -323,8 +312,6 @@ def model_requirements() -> list[str]:
     """The packages a logged model needs to be loaded back, pinned to what trained it."""
     pins = []
     for dist in ("ai-edge-litert", "mlflow", "numpy", "scipy", "pandas", "pillow"):
-        try:
+        with suppress(PackageNotFoundError):
             pins.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            continue
     return pins

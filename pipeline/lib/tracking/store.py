@@ -209,10 +209,9 @@ def open_client(uri: str) -> MlflowClient:
     `TrackingError` when the store cannot be opened (read-only, not a database, a folder)."""
     import mlflow
 
-    resolved, file = resolve_uri(uri), store_file(uri)
+    resolved = resolve_uri(uri)
     client = _SWEEP_CLIENTS.get(resolved) if in_multirun() else None
-    if client is None:
-        client = _opened_client(uri, resolved, file)
+    client = client or _opened_client(uri, resolved, store_file(uri))
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
     if in_multirun():
@@ -273,13 +272,9 @@ def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
             f"is deleted: restore it (`mlflow experiments restore --experiment-id {found}`), "
             "remove it for good (`mlflow gc`), or choose another tracking.experiment"
         )
-    if is_remote(tracking.uri) and artifact_uri(experiment.artifact_location).startswith("file:"):
-        where = experiment.artifact_location
-        log.warning(
-            "Experiment %r keeps its artifacts at %s, on each client's disk, not on the server: "
-            "choose a new tracking.experiment to upload them through it",
-            *(name, where),
-        )
+    where = experiment.artifact_location
+    if is_remote(tracking.uri) and artifact_uri(where).startswith("file:"):
+        log.warning("Experiment %r keeps its artifacts on each client's disk (%s)", name, where)
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         client.set_experiment_tag(found, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return found
@@ -288,7 +283,7 @@ def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
 def open_store(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
     """(MlflowClient, experiment id): server checked, store opened, experiment found or created.
     Raises `TrackingError`."""
-    if is_remote(tracking.uri):
+    if is_remote(tracking.uri):  # before the check: it bounds that too
         apply_http_settings(tracking)
     check_reachable(tracking.uri, tracking.timeout_s)
     try:
@@ -297,7 +292,6 @@ def open_store(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
     except TrackingError:
         raise
     except Exception as exc:
-        error = as_tracking_error(tracking, exc, "opening the store", os_errors=True)
-        if error is None:
-            raise
-        raise error from None
+        if error := as_tracking_error(tracking, exc, "opening the store", os_errors=True):
+            raise error from None
+        raise
