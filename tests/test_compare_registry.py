@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 MODEL = "toy-truck-classifier"
 EXPERIMENT = "toy-trucks"
-# (learning rate, epochs) of the three pipeline runs
-SETTINGS = [(0.001, 1), (0.01, 2), (0.05, 1)]
+# (train.C, train.label_smoothing) of the three pipeline runs
+SETTINGS = [(0.001, 0.0), (0.01, 0.1), (0.05, 0.0)]
 # On 12 random-weight test images the real test accuracies often tie, so the sort and promote
 # checks use values logged onto the real runs (step 1: the latest value, which is what MLflow
 # reports and orders by): the best is the *middle* run, so neither "first" nor "newest" passes.
@@ -42,10 +42,10 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     prepare(tiny_config(tmp))
     featurize(tiny_config(tmp))
     run_ids = []
-    for i, (lr, epochs) in enumerate(SETTINGS):
+    for i, (c, smoothing) in enumerate(SETTINGS):
         cfg = tiny_config(
             tmp,
-            **{"train.learning_rate": lr, "train.epochs": epochs, "tracking.run_name": f"run-{i}"},
+            **{"train.C": c, "train.label_smoothing": smoothing, "tracking.run_name": f"run-{i}"},
         )
         train(cfg)
         evaluate(cfg)
@@ -89,9 +89,10 @@ def test_table_has_one_row_per_run_sorted_by_metric(store):
     assert df.iloc[3][list(METRICS)].isna().all() and df.iloc[3]["run"] == "sweep parent"
     assert list(df.columns) == ["run", "run_id", "status", *DEFAULT_PARAMS, *METRICS, "duration_s"]
     by_id = df.set_index("run_id")
-    for run_id, (lr, epochs) in zip(run_ids, SETTINGS, strict=False):
+    for run_id, (c, smoothing) in zip(run_ids, SETTINGS, strict=False):
         row = by_id.loc[run_id]
-        assert row["train.learning_rate"] == str(lr) and row["train.epochs"] == str(epochs)
+        assert row["train.C"] == str(c) and row["train.label_smoothing"] == str(smoothing)
+        assert row["train.solver"] == "auto"
         assert row["model.alpha"] == "0.35" and row["model.weights"] == "null"
         assert row["status"] == "FINISHED" and row["duration_s"] > 0
         assert 0 <= row["final_val_accuracy"] <= 1 and 0 <= row["test_macro_f1"] <= 1
@@ -110,7 +111,7 @@ def test_sort_by_another_metric_ascending_and_limit(store):
     ) == set(store["run_ids"])
     top = runs_table(client, EXPERIMENT, limit=2)
     assert list(top["run_id"]) == [store["run_ids"][1], store["run_ids"][2]]
-    chosen = runs_table(client, EXPERIMENT, params=["train.learning_rate", "no.such.param"])
+    chosen = runs_table(client, EXPERIMENT, params=["train.C", "no.such.param"])
     assert "model.alpha" not in chosen and chosen["no.such.param"].isna().all()
 
 
@@ -128,9 +129,9 @@ def test_markdown_and_csv_parse_back(store):
     assert list(md.columns) == list(df.columns) and len(md) == len(df)
     assert list(md["run_id"]) == [r[:8] for r in df["run_id"]]
     assert [float(v) for v in md["test_accuracy"][:3]] == pytest.approx([0.9, 0.7, 0.5])
-    assert md.iloc[3]["test_accuracy"] == "" and md.iloc[3]["train.learning_rate"] == ""
-    assert list(md["train.learning_rate"][:3]) == ["0.01", "0.05", "0.001"]  # not reformatted
-    csv = pd.read_csv(io.StringIO(render(df, "csv")), dtype={"train.learning_rate": str})
+    assert md.iloc[3]["test_accuracy"] == "" and md.iloc[3]["train.C"] == ""
+    assert list(md["train.C"][:3]) == ["0.01", "0.05", "0.001"]  # not reformatted
+    csv = pd.read_csv(io.StringIO(render(df, "csv")), dtype={"train.C": str})
     assert list(csv["run_id"]) == list(df["run_id"])  # full ids
     assert csv["test_accuracy"].tolist()[:3] == pytest.approx([0.9, 0.7, 0.5])
     assert pd.isna(csv["test_accuracy"].iloc[3])

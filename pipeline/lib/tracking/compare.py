@@ -1,14 +1,11 @@
-"""Compare runs: one table of an experiment's runs (or a sweep's children) with their key params
-and metrics, sorted by a metric.
+"""Compare runs: an experiment's runs (or a sweep's children) with key params and metrics, sorted
+by a metric. A reporting tool (plain argparse): nothing is written, a missing store is reported.
 
     python -m pipeline.compare                                   # toy-trucks, by test_accuracy
     python -m pipeline.compare --parent <sweep run id> --sort final_val_accuracy
-    python -m pipeline.compare --params train.learning_rate,model.dropout --limit 5
+    python -m pipeline.compare --params train.C,train.label_smoothing --limit 5
     python -m pipeline.compare --format csv --output reports/runs.csv
     python -m pipeline.compare --mcnemar RUN_A RUN_B      # do two runs really differ?
-
-A reporting tool, so plain argparse (no Hydra, no config composition). Nothing is written to the
-store: a missing SQLite file is reported, never created.
 """
 
 from __future__ import annotations
@@ -39,11 +36,10 @@ from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_
 DEFAULT_PARAMS = (
     "model.alpha",
     "model.weights",
-    "model.dropout",
-    "train.learning_rate",
-    "train.epochs",
-    "train.batch_size",
-    "train.optimizer",
+    "train.solver",
+    "train.C",
+    "train.label_smoothing",
+    "train.class_weight",
 )
 #: The metric columns, always shown (empty where a run lacks them).
 METRICS = ("final_val_accuracy", "test_accuracy", "test_macro_f1")
@@ -61,8 +57,7 @@ class StoreError(RuntimeError):
 
 
 def check_store(tracking_uri: str) -> None:
-    """Fail (without creating anything) when a local store does not exist; an HTTP server that
-    does not answer fails in seconds."""
+    """Fail (creating nothing) when a local store does not exist; a dead server fails in seconds."""
     if tracking_uri.startswith("sqlite:"):
         database = make_url(tracking_uri).database
         if database and database != ":memory:" and not Path(database).is_file():
@@ -83,8 +78,7 @@ def check_store(tracking_uri: str) -> None:
 
 
 def open_client(tracking_uri: str) -> mlflow.MlflowClient:
-    """An MlflowClient on an existing store (tracking and registry alike). Raises `StoreError`
-    when it does not exist or cannot be read (read-only files are fine: nothing is written)."""
+    """An MlflowClient on an existing store (read-only files are fine). Raises `StoreError`."""
     check_store(resolve_uri(tracking_uri))
     try:
         return store.open_client(tracking_uri)
@@ -93,14 +87,13 @@ def open_client(tracking_uri: str) -> mlflow.MlflowClient:
 
 
 def experiment_id(client: mlflow.MlflowClient, experiment: str) -> str:
-    """The id of the experiment named `experiment`; a `StoreError` listing the experiments there
-    when there is none by that name."""
+    """The id of experiment `experiment`; a `StoreError` listing the experiments there if none."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        names = sorted(e.name for e in client.search_experiments())
+        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
         raise StoreError(
-            f"No experiment named {experiment!r} in {client.tracking_uri} "
-            f"(experiments there: {', '.join(names) or 'none'})."
+            f"No experiment named {experiment!r} in {client.tracking_uri} (experiments there: "
+            f"{names})."
         )
     return found.experiment_id
 
@@ -115,11 +108,10 @@ def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_i
         pass
     runs = _search_all(client, experiment_ids, "", None, None)
     matches = [r.info.run_id for r in runs if r.info.run_id.startswith(run_id)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise StoreError(f"No run {run_id!r} in {client.tracking_uri}.")
-    raise StoreError(f"Run id prefix {run_id!r} is ambiguous: {', '.join(matches)}.")
+    if len(matches) != 1:
+        what = "ambiguous: " + ", ".join(matches) if matches else f"not in {client.tracking_uri}"
+        raise StoreError(f"Run id {run_id!r} is {what}.")
+    return matches[0]
 
 
 def _search_all(
@@ -132,16 +124,12 @@ def _search_all(
     runs: list[Run] = []
     token = None
     while limit is None or len(runs) < limit:
+        size = _PAGE if limit is None else min(_PAGE, limit - len(runs))
         page = client.search_runs(
-            experiment_ids,
-            filter_string=filter_string,
-            order_by=order_by,
-            max_results=_PAGE if limit is None else min(_PAGE, limit - len(runs)),
-            page_token=token,
+            experiment_ids, filter_string, max_results=size, order_by=order_by, page_token=token
         )
         runs.extend(page)
-        token = page.token
-        if not token:
+        if not (token := page.token):
             break
     return runs
 
@@ -155,17 +143,11 @@ def runs_table(
     ascending: bool = False,
     limit: int | None = None,
 ) -> pd.DataFrame:
-    """One row per (active) run of `experiment` (with `parent`: only the runs tagged as its
-    children), sorted by metric `sort` (runs without it last; ties: newest first), at most `limit`.
-
-    Columns: run (name), run_id (full), status, the `params`, the metrics of METRICS (and `sort`
-    when it is another metric), duration_s (end - start; empty while running). Missing values
-    are NaN/None.
-    """
+    """One row per active run of `experiment` (with `parent`: its child runs), best `sort` first
+    (missing last; ties: newest first), at most `limit`. Columns: run, run_id, status, the
+    `params`, METRICS (and `sort`), duration_s; missing values NaN/None."""
     exp_ids = [experiment_id(client, experiment)]
-    filter_string = ""
-    if parent:
-        filter_string = f"tags.`{TAG_PARENT}` = '{resolve_run_id(client, exp_ids, parent)}'"
+    where = f"tags.`{TAG_PARENT}` = '{resolve_run_id(client, exp_ids, parent)}'" if parent else ""
     order_by = ["attributes.start_time DESC"]
     if sort:
         if "`" in sort:
@@ -174,26 +156,29 @@ def runs_table(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
     metrics = list(METRICS) + ([sort] if sort and sort not in METRICS else [])
-    rows = [
-        {
-            "run": run.info.run_name,
-            "run_id": run.info.run_id,
-            "status": run.info.status,
-            **{p: run.data.params.get(p) for p in params},
-            **{m: run.data.metrics.get(m, math.nan) for m in metrics},
-            "duration_s": (run.info.end_time - run.info.start_time) / 1000
-            if run.info.end_time and run.info.start_time
-            else math.nan,
-        }
-        for run in _search_all(client, exp_ids, filter_string, order_by, limit)
-    ]
+    rows = []
+    for run in _search_all(client, exp_ids, where, order_by, limit):
+        info, data = run.info, run.data
+        ended = info.end_time and info.start_time
+        rows.append(
+            [info.run_name, info.run_id, info.status]
+            + [data.params.get(p) for p in params]
+            + [data.metrics.get(m, math.nan) for m in metrics]
+            + [(info.end_time - info.start_time) / 1000 if ended else math.nan]
+        )
     df = pd.DataFrame(rows, columns=["run", "run_id", "status", *params, *metrics, "duration_s"])
     df = df.astype({m: float for m in [*metrics, "duration_s"]})
-    if sort and len(df):
-        # the store already ordered them; a stable sort keeps that and puts missing values last
-        # whatever the store does with them
+    if sort and len(df):  # stable: the store's order kept, missing values last whatever it did
         df = df.sort_values(sort, ascending=ascending, na_position="last", kind="stable")
     return df.reset_index(drop=True)
+
+
+def _cell(value: object, number_format: str | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if number_format and isinstance(value, int | float):
+        return format(value, number_format)
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def render(df: pd.DataFrame, fmt: str = "markdown") -> str:
@@ -203,28 +188,19 @@ def render(df: pd.DataFrame, fmt: str = "markdown") -> str:
         return df.to_csv(index=False, na_rep="", lineterminator="\n")
     if fmt != "markdown":
         raise ValueError(f"Unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-
-    def cell(value: object, number_format: str | None) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        if number_format and isinstance(value, int | float):
-            return format(value, number_format)
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
     shown = df.copy()
     for column in shown.columns:
         number_format = ".1f" if column == "duration_s" else ".4f"
         number_format = number_format if shown[column].dtype.kind == "f" else None
-        shown[column] = [cell(v, number_format) for v in shown[column]]
+        shown[column] = [_cell(v, number_format) for v in shown[column]]
     shown["run_id"] = [v[:SHORT_ID] for v in shown["run_id"]]
     # strings as they are: tabulate would otherwise reformat numeric-looking params
     return shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def mcnemar_runs(client: mlflow.MlflowClient, experiment: str, run_a: str, run_b: str) -> str:
-    """McNemar's exact test on runs `run_a` and `run_b` (ids or unique prefixes in
-    `experiment`): one sentence (`metrics.significance_text`). Raises ValueError when a run has
-    no test predictions."""
+    """McNemar's exact test on two runs' test predictions (ids or unique prefixes), as one
+    sentence. Raises ValueError when a run has no `PREDICTIONS_ARTIFACT`."""
     ids = [experiment_id(client, experiment)]
     texts, names = [], []
     for given in (run_a, run_b):
@@ -239,16 +215,15 @@ def mcnemar_runs(client: mlflow.MlflowClient, experiment: str, run_a: str, run_b
                 )
             except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing file)
                 raise ValueError(
-                    f"run {run_id} has no {PREDICTIONS_ARTIFACT} (was it evaluated?)"
+                    f"run {run_id} has no {PREDICTIONS_ARTIFACT} (evaluated?)"
                 ) from None
             texts.append(Path(local).read_text(encoding="utf-8"))
-        names.append(run_id[:8])
-    return significance_text(mcnemar_exact(*paired_correct(*texts)), names[0], names[1])
+        names.append(run_id[:SHORT_ID])
+    return significance_text(mcnemar_exact(*paired_correct(*texts)), *names)
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
+    if (value := int(text)) < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
@@ -260,16 +235,11 @@ def parser() -> argparse.ArgumentParser:
         description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "
         "validation/test accuracy, macro F1 and duration, sorted by a metric.",
     )
-    uri, experiment = DEFAULT_TRACKING_URI, DEFAULT_EXPERIMENT
+    uri, experiment, params = DEFAULT_TRACKING_URI, DEFAULT_EXPERIMENT, ",".join(DEFAULT_PARAMS)
     p.add_argument("--tracking-uri", default=uri, help=f"MLflow store (default {uri})")
     p.add_argument("--experiment", default=experiment, help=f"experiment (default {experiment})")
     p.add_argument("--parent", metavar="RUN_ID", help="only this sweep run's children (id prefix)")
-    p.add_argument(
-        "--params",
-        type=lambda text: [item.strip() for item in text.split(",") if item.strip()],
-        default=list(DEFAULT_PARAMS),
-        help="comma-separated param names (default: {})".format(",".join(DEFAULT_PARAMS)),
-    )
+    p.add_argument("--params", default=params, help=f"comma-separated params (default: {params})")
     p.add_argument("--sort", default=DEFAULT_SORT, metavar="METRIC", help="best first by this")
     p.add_argument("--ascending", action="store_true", help="smallest first (e.g. for a loss)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N runs")
@@ -279,29 +249,22 @@ def parser() -> argparse.ArgumentParser:
         "--mcnemar",
         nargs=2,
         metavar=("RUN_A", "RUN_B"),
-        help="instead of the table: McNemar's exact test on two runs' test predictions "
-        f"(their `{PREDICTIONS_ARTIFACT}` artifacts, paired by image path)",
+        help=f"instead: McNemar's exact test on two runs' {PREDICTIONS_ARTIFACT} (paired by image)",
     )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: print the runs table (or a McNemar comparison); return the exit status (0,
-    or 2 after a store or MLflow error, printed as one line)."""
+    """Print the runs table (or a McNemar test); exit status 0, or 2 after a one-line error."""
     args = parser().parse_args(argv)
+    params = [item.strip() for item in args.params.split(",") if item.strip()]
     try:
         client = open_client(args.tracking_uri)
         if args.mcnemar:
             print(mcnemar_runs(client, args.experiment, *args.mcnemar))
             return 0
         df = runs_table(
-            client,
-            args.experiment,
-            parent=args.parent,
-            params=args.params,
-            sort=args.sort,
-            ascending=args.ascending,
-            limit=args.limit,
+            client, args.experiment, args.parent, params, args.sort, args.ascending, args.limit
         )
     except (StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,21 +1,10 @@
 """Which MLflow run a stage belongs to, and what links it to git, DVC and its process.
 
-- A run made by `dvc exp run` (queued, temporary or in place) is named after the DVC experiment
-  (`DVC_EXP_NAME`, set by DVC for every experiment) and tagged `dvc.exp_name` and
-  `dvc.exp_baseline_rev` (the commit the experiment is based on).
-- A `dvc repro` run is named `repro-<short commit>-<config hash>`; a step run by hand
-  `run-<short commit>-<config hash>` (the hash: the first 8 hex digits of the SHA-256 of the
-  resolved config, so equal configs give equal names).
-- `git_dirty` is true only when tracked files differ from the commit, not counting the files the
-  pipeline itself rewrites: `dvc.lock`, `params.yaml` (DVC's Hydra composition) and the git-tracked
-  outputs of the stages in `dvc.yaml` (metrics and plots with `cache: false`).
-- `pipeline.pid`, `pipeline.pid_start`, `pipeline.host`: the process running the run. Whenever a
-  step opens the store, the experiment's RUNNING runs started on this host whose process is gone
-  (SIGKILL, OOM killer; or whose pid now belongs to a later process) are ended KILLED and tagged
-  `pipeline.ended_by` (`end_dead_runs`). Runs of other hosts cannot be checked and are left alone.
-- Train's run is tagged `pipeline.checkpoint` and, once saved, `pipeline.model_md5`; a resumed
-  train continues its checkpoint's run (`interrupted_run`); evaluate and export find the run by
-  `paths.run_file` or the md5, or start a recovered one (`later_stage_run`, `Recovery`).
+Names: the DVC experiment's (`dvc exp run`, tagged `dvc.exp_name`, `dvc.exp_baseline_rev`), else
+`repro-<commit>-<config hash>` under `dvc repro`, else `run-<commit>-<config hash>`. `git_dirty`
+ignores the files the pipeline rewrites (`dvc.lock`, `params.yaml`, git-tracked stage outputs).
+Runs are tagged with their process (`pipeline.pid`, `pipeline.pid_start`, `pipeline.host`): a
+RUNNING run of this host whose process is gone is ended KILLED (`end_dead_runs`).
 """
 
 from __future__ import annotations
@@ -42,11 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Set by DVC for every command of a `dvc exp run` (dvc.env).
-DVC_EXP_NAME = "DVC_EXP_NAME"
-DVC_EXP_BASELINE_REV = "DVC_EXP_BASELINE_REV"
-#: Set by DVC for every stage command (`dvc repro`, `dvc exp run`).
-DVC_STAGE = "DVC_STAGE"
+# set by DVC: for every command of a `dvc exp run`; for every stage command
+DVC_EXP_NAME, DVC_EXP_BASELINE_REV, DVC_STAGE = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"
 #: Files DVC or the pipeline rewrite in a clean checkout; never make the tree "dirty".
 PIPELINE_WRITTEN = ("dvc.lock", "params.yaml")
 
@@ -69,8 +55,7 @@ def _git(*args: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit the code was checked out at: for a DVC experiment its baseline commit, else
-    `HEAD`; None outside git."""
+    """A DVC experiment's baseline commit, else `HEAD`; None outside git."""
     return os.environ.get(DVC_EXP_BASELINE_REV) or (_git("rev-parse", "HEAD") or "").strip() or None
 
 
@@ -90,8 +75,8 @@ def dvc_outputs(dvc_yaml: Path) -> list[str]:
 
 
 def git_dirty() -> bool | None:
-    """Whether tracked files differ from the commit, the files the pipeline writes itself left
-    out (`PIPELINE_WRITTEN`, DVC outputs); None outside git."""
+    """Whether tracked files other than the pipeline's own outputs differ from the commit; None
+    outside git."""
     out = _git("status", "--porcelain", "--untracked-files=no")
     if out is None:
         return None
@@ -101,31 +86,22 @@ def git_dirty() -> bool | None:
 
 
 def config_hash(cfg: Config) -> str:
-    """The first 8 hex digits of the SHA-256 of the resolved config (`tracking.run_name` left
-    out, so naming a run does not change its hash)."""
+    """8 hex digits of the SHA-256 of the resolved config, `tracking.run_name` left out."""
     flat = {k: v for k, v in to_flat_dict(cfg).items() if k != "tracking.run_name"}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def dvc_experiment() -> str | None:
-    """The name of the DVC experiment being run (`dvc exp run`), None outside one."""
-    return os.environ.get(DVC_EXP_NAME) or None
-
-
 def run_name(cfg: Config) -> str:
-    """The name of a pipeline run's MLflow run: `tracking.run_name` when set, else the DVC
-    experiment's name, else `repro-<commit>-<hash>` under DVC / `run-<commit>-<hash>`."""
-    if cfg.tracking.run_name:
-        return str(cfg.tracking.run_name)
-    if experiment := dvc_experiment():
-        return experiment
+    """`tracking.run_name`, else the DVC experiment's name, else `repro-`/`run-<commit>-<hash>`."""
+    if name := cfg.tracking.run_name or os.environ.get(DVC_EXP_NAME):
+        return str(name)
     prefix = "repro" if os.environ.get(DVC_STAGE) else "run"
     return f"{prefix}-{(git_commit() or 'nogit')[:7]}-{config_hash(cfg)}"
 
 
 def process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, from /proc; None where unknown):
-    tells a live process from a new one that reuses a dead one's pid."""
+    """When process `pid` started (ticks since boot, /proc; None where unknown): tells it from a
+    later process that reuses its pid."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
@@ -141,8 +117,7 @@ def process_tags() -> dict[str, str]:
 
 
 def run_tags(cfg: Config, stage: str) -> dict[str, str]:
-    """Tags of a new pipeline run: git commit and dirtiness, the DVC experiment and its
-    baseline, the config hash, the stage that started it and this process."""
+    """Tags of a new run: git commit and dirtiness, DVC experiment, config hash, stage, process."""
     tags = {
         "git_commit": git_commit() or "unknown",
         "git_dirty": str(git_dirty()),
@@ -150,15 +125,14 @@ def run_tags(cfg: Config, stage: str) -> dict[str, str]:
         "stage": stage,
         **process_tags(),
     }
-    if experiment := dvc_experiment():
+    if experiment := os.environ.get(DVC_EXP_NAME):
         baseline = os.environ.get(DVC_EXP_BASELINE_REV, "")
         tags |= {TAG_EXP_NAME: experiment, "dvc.exp_baseline_rev": baseline}
     return tags
 
 
 def process_alive(pid: int, started: str | None) -> bool:
-    """Whether process `pid` still runs and is the one that started at `started` (see
-    `process_start`; None: not checked)."""
+    """Whether process `pid` runs and is the one that started at `started` (None: unchecked)."""
     if pid <= 0:
         return False
     try:
@@ -172,8 +146,8 @@ def process_alive(pid: int, started: str | None) -> bool:
 
 
 def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
-    """End KILLED every RUNNING run of `experiment_ids` started on this host whose process is
-    gone, tagged `pipeline.ended_by`; their ids."""
+    """End KILLED (tagged `pipeline.ended_by`) the RUNNING runs of this host whose process is
+    gone; their ids."""
     host = socket.gethostname()
     quoted = host.replace("'", "")
     running = client.search_runs(
@@ -189,10 +163,7 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
         client.set_tag(run.info.run_id, TAG_ENDED_BY, f"its process {pid} on {host} is gone")
         client.set_terminated(run.info.run_id, "KILLED")
         log.warning(
-            "MLflow run %s (%s) was left RUNNING by process %s, which is gone: ended KILLED",
-            run.info.run_id,
-            run.info.run_name,
-            pid,
+            "MLflow run %s was left RUNNING by process %s: ended KILLED", run.info.run_id, pid
         )
         ended.append(run.info.run_id)
     return ended
@@ -201,8 +172,7 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
 def interrupted_run(
     client: MlflowClient, experiment_id: str, cfg: Config, checkpoint: Path
 ) -> str | None:
-    """With `train.resume` and a checkpoint folder: the newest KILLED or FAILED run that trained
-    into it (tag `pipeline.checkpoint`), for train to continue; else None."""
+    """With `train.resume`: the newest KILLED or FAILED run tagged with this checkpoint folder."""
     if not (cfg.train.resume and checkpoint.exists()):
         return None
     runs = client.search_runs(
@@ -219,17 +189,15 @@ def interrupted_run(
 
 @dataclass(frozen=True)
 class Recovery:
-    """Why a later stage starts the pipeline run's MLflow run itself; the run that trained the
-    model, when the store has it (`pipeline.model_run_id`)."""
+    """Why a later stage starts the run itself; the run that trained the model, if known."""
 
     reason: str
     model_run_id: str | None
-    #: A DVC experiment that did not rerun train (e.g. only `export.*` changed): its model is the
-    #: baseline's, as expected, so this is said as information, not as a warning.
+    #: A DVC experiment that did not rerun train: its model is the baseline's, as expected.
     reused: bool = False
 
     def tags(self, cfg: Config) -> dict[str, str]:
-        """The tags of the recovered run: `recovered`, why, the model's md5 and its run."""
+        """`recovered`, why, the model's md5 and its run."""
         tags = {"recovered": "true", "pipeline.recovered_reason": self.reason[:5000]}
         if md5 := model_md5(cfg.paths.models):
             tags[TAG_MODEL_MD5] = md5
@@ -241,15 +209,12 @@ class Recovery:
 def later_stage_run(
     client: MlflowClient, experiment_id: str, cfg: Config
 ) -> tuple[str, None] | tuple[None, Recovery]:
-    """(run id to reopen, None) or (None, why a recovered run is started) for evaluate and export.
-
-    The run is the one `paths.run_file` names for this model (in the configured experiment,
-    active), else the newest run tagged with the model's md5; inside a DVC experiment only a run
-    of that experiment. A recorded run in MLflow's trash is a `TrackingError`.
-    """
+    """(run id to reopen, None) or (None, why a recovered run is started) for evaluate/export:
+    the run `paths.run_file` names, else the newest run tagged with the model's md5 (inside a DVC
+    experiment: of that experiment). A recorded run in MLflow's trash is a `TrackingError`."""
     from mlflow.exceptions import MlflowException  # lazily: see `pipeline.lib.tracking.store`
 
-    recorded, exp_name = trained_run_id(cfg), dvc_experiment()
+    recorded, exp_name = trained_run_id(cfg), os.environ.get(DVC_EXP_NAME) or None
     try:
         run = client.get_run(recorded) if recorded else None
     except MlflowException as exc:

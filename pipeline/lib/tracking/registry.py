@@ -1,5 +1,5 @@
-"""Model Registry: promote the best registered version (by a metric of the run that logged it) to
-an alias, and list the versions (the evaluate stage registers them, `runs.register_model`).
+"""Model Registry: promote the version whose run has the best metric to an alias; list versions
+(evaluate registers them, `runs.register_model`).
 
     python -m pipeline.registry promote                       # best test_accuracy -> @champion
     python -m pipeline.registry promote --metric final_val_accuracy --alias challenger
@@ -25,8 +25,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.lib.config.schema import DEFAULT_REGISTERED_MODEL, DEFAULT_TRACKING_URI
 from pipeline.lib.tracking.compare import FORMATS, StoreError, open_client, render
 
-#: Run tag naming the prepared data a run trained on (its DVC hash): versions compete only with
-#: versions trained on the same data, in the same experiment.
+#: Run tag of the prepared data's DVC hash: versions compete only with the same data's.
 DATA_TAG = "dvc_prepared_md5"
 DEFAULT_METRIC = "test_accuracy"
 DEFAULT_ALIAS = "champion"
@@ -56,33 +55,31 @@ def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> lis
     try:
         client.get_registered_model(model_name)
     except MlflowException:
-        names = sorted(m.name for m in client.search_registered_models())
+        names = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
         raise StoreError(
-            f"No registered model named {model_name!r} in {client.tracking_uri} "
-            f"(registered models there: {', '.join(names) or 'none'})."
+            f"No registered model named {model_name!r} in {client.tracking_uri} (registered "
+            f"models there: {names})."
         ) from None
     quoted = model_name.replace("'", "\\'")
-    versions: list[ModelVersion] = []
-    token = None
+    query, versions, token = f"name = '{quoted}'", [], None
     while token != "":
-        page = client.search_model_versions(
-            f"name = '{quoted}'", max_results=1000, page_token=token
-        )
+        page = client.search_model_versions(query, max_results=1000, page_token=token)
         versions.extend(page)
         token = page.token or ""
-    runs: dict[str, Run | None] = {}
-    for run_id in {v.run_id for v in versions if v.run_id}:
-        try:
-            runs[run_id] = client.get_run(run_id)
-        except MlflowException:  # a run that no longer exists
-            runs[run_id] = None
+    runs = {run_id: _run_or_none(client, run_id) for run_id in {v.run_id for v in versions}}
     found = []
     for version in versions:
-        run = runs.get(version.run_id)
-        value = run.data.metrics.get(metric) if run is not None else None
-        ok = value is not None and not math.isnan(value)
-        found.append(Candidate(version, run, float(value) if ok else None))
+        run = runs[version.run_id]
+        value = run.data.metrics.get(metric, math.nan) if run is not None else math.nan
+        found.append(Candidate(version, run, None if math.isnan(value) else float(value)))
     return sorted(found, key=lambda c: c.number, reverse=True)
+
+
+def _run_or_none(client: mlflow.MlflowClient, run_id: str | None) -> Run | None:
+    try:
+        return client.get_run(run_id) if run_id else None
+    except MlflowException:  # a run that no longer exists
+        return None
 
 
 def promote(
@@ -94,12 +91,10 @@ def promote(
     echo: Callable[[str], None] | None = print,
     same_data: bool = True,
 ) -> ModelVersion:
-    """Point `alias` at the version whose source run has the best `metric` (highest; with
-    `ascending` lowest; ties: the newest version) and return that ModelVersion. Only READY
-    versions whose run still exists and has the metric compete and, with `same_data`, only those
-    whose run is in the experiment of the newest such version and trained on the same data (tag
-    `dvc_prepared_md5`): like with like. `echo` (None: silent) gets what was done, with the
-    previous holder of the alias."""
+    """Point `alias` at the READY version whose run has the best `metric` (highest, or lowest
+    with `ascending`; ties: the newest) and return it. With `same_data` only versions from the
+    newest one's experiment and data (`DATA_TAG`) compete. `echo` (None: silent) gets what was
+    done and the alias' previous holder."""
     every = candidates(client, model_name, metric)
     ready = [c for c in every if c.version.status == "READY"]
     scored = [c for c in ready if c.value is not None]
@@ -109,7 +104,7 @@ def promote(
             f"with the metric {metric!r}: nothing to promote."
         )
     competing = len(scored)
-    if same_data:  # scored is newest first
+    if same_data:  # newest first
         scored = [c for c in scored if c.origin() == scored[0].origin()]
     left_out = competing - len(scored)
     sign = -1 if ascending else 1
@@ -132,42 +127,29 @@ def promote(
             f"{left_out} version(s) with {metric} left out: another experiment or other "
             f"data ({DATA_TAG}) than the newest version (--any-data to compare them all)."
         )
-    if previous is None:
-        echo(f"There was no @{alias} before.")
-    elif int(previous.version) == best.number:
-        echo(f"It already was @{alias}: unchanged.")
-    else:
-        before = next((c.value for c in every if c.number == int(previous.version)), None)
-        shown = "not recorded" if before is None else f"{before:.6g}"
-        echo(
-            f"Previous @{alias}: version {previous.version} (run {previous.run_id}, "
-            f"{metric}={shown})."
-        )
+    if previous is None or int(previous.version) == best.number:
+        echo(f"There was no @{alias} before." if previous is None else f"It already was @{alias}.")
+        return promoted
+    before = next((c.value for c in every if c.number == int(previous.version)), None)
+    shown = "not recorded" if before is None else f"{before:.6g}"
+    echo(
+        f"Previous @{alias}: version {previous.version} (run {previous.run_id}, {metric}={shown})."
+    )
     return promoted
 
 
 def versions_table(
     client: mlflow.MlflowClient, model_name: str, metric: str = DEFAULT_METRIC
 ) -> pd.DataFrame:
-    """The versions of a registered model (newest first) with their aliases, their source run and
-    its `metric` (NaN where missing)."""
+    """A registered model's versions (newest first): aliases, source run, its `metric` (or NaN)."""
     found = candidates(client, model_name, metric)
     # search results carry no aliases (MLflow 3.17); the registered model has them all
-    aliases: dict[str, list[str]] = {}
-    for alias, version in client.get_registered_model(model_name).aliases.items():
-        aliases.setdefault(str(version), []).append(alias)
+    aliases = client.get_registered_model(model_name).aliases.items()
     rows = [
-        {
-            "version": c.number,
-            "aliases": ",".join(sorted(aliases.get(str(c.number), []))),
-            "status": c.version.status,
-            "run": c.run.info.run_name if c.run else None,
-            "run_id": c.version.run_id,
-            metric: math.nan if c.value is None else c.value,
-            "created": pd.Timestamp(c.version.creation_timestamp, unit="ms").strftime(
-                "%Y-%m-%d %H:%M:%S"
-            ),
-        }
+        [c.number, ",".join(sorted(a for a, v in aliases if int(v) == c.number)), c.version.status]
+        + [c.run.info.run_name if c.run else None, c.version.run_id]
+        + [math.nan if c.value is None else c.value]
+        + [pd.Timestamp(c.version.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M:%S")]
         for c in found
     ]
     columns = ["version", "aliases", "status", "run", "run_id", metric, "created"]
@@ -180,9 +162,7 @@ def parser() -> argparse.ArgumentParser:
     uri, model, metric = DEFAULT_TRACKING_URI, DEFAULT_REGISTERED_MODEL, DEFAULT_METRIC
     common.add_argument("--tracking-uri", default=uri, help=f"MLflow store (default {uri})")
     common.add_argument("--model", default=model, help=f"registered model (default {model})")
-    common.add_argument(
-        "--metric", default=metric, help=f"run metric to rank by (default {metric})"
-    )
+    common.add_argument("--metric", default=metric, help=f"run metric (default {metric})")
     p = argparse.ArgumentParser(
         prog="python -m pipeline.registry",
         description="Promote the best registered model version; list them.",
@@ -192,27 +172,19 @@ def parser() -> argparse.ArgumentParser:
         "promote",
         parents=[common],
         help="set an alias on the version whose run has the best metric",
-        description="Set an alias (default champion) on the version whose source run has the "
-        "best metric (highest; ties: newest version).",
     )
     promote_cmd.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to set (champion)")
     promote_cmd.add_argument("--ascending", action="store_true", help="lowest metric is best")
     promote_cmd.add_argument(
-        "--any-data",
-        action="store_true",
-        help="compare versions across experiments and data (default: only those trained on "
-        "the data of the newest version, in its experiment)",
+        "--any-data", action="store_true", help="compare versions of other experiments and data"
     )
-    list_cmd = commands.add_parser(
-        "list", parents=[common], help="versions with their metric and aliases"
-    )
+    list_cmd = commands.add_parser("list", parents=[common], help="versions, metric and aliases")
     list_cmd.add_argument("--format", choices=FORMATS, default="markdown")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: promote the best version or list the versions; return the exit status (0, or
-    2 after a store or MLflow error, printed as one line)."""
+    """Promote the best version or list them; exit status 0, or 2 after a one-line error."""
     args = parser().parse_args(argv)
     try:
         client = open_client(args.tracking_uri)

@@ -1,26 +1,11 @@
-"""MLflow: one pipeline run is one MLflow run; what goes into it.
+"""MLflow: one pipeline run is one MLflow run (README, "How runs are recorded").
 
-`stage_run(cfg, stage, ...)` is the run of a DVC stage (see README, "How runs are recorded"):
-
-- `train` starts the pipeline run's MLflow run (named and tagged by `lineage`); its id is
-  recorded in `paths.run_file` (with the model's md5, `pipeline.lib.model.saving`) and the run is
-  tagged `pipeline.model_md5`. With `train.resume=true` it reopens the run its checkpoint belongs
-  to (tag `pipeline.checkpoint`), not a new one.
-- `evaluate` and `export` reopen that run: the one `paths.run_file` names for this very model,
-  else the newest run tagged with the model's md5 (DVC restored `models/` from its run cache),
-  in `tracking.experiment` and, inside `dvc exp run`, made by the same DVC experiment. When there
-  is none (a clone after `dvc pull`, a moved or new `mlflow.db`, a run removed for good, a model
-  DVC kept from another experiment) the first of them creates a run tagged `recovered` (with the
-  model's md5 and `pipeline.model_run_id`, the run that trained it if known), logs the config
-  and what train wrote to disk, and the next stage finds it by the md5. A run in MLflow's trash
-  is an error (restore it or remove it for good), never silently replaced.
-- `evaluate` registers the run's model (`tracking.registered_model`) once it has test metrics;
-  train and sweep jobs never register.
-- Every step first ends KILLED the runs whose process died. Which run a stage belongs to is
-  decided by `lineage`.
-
-A step that fails or is stopped ends its run FAILED or KILLED, never leaves it RUNNING. Store
-failures are `TrackingError`s (one line naming `tracking.uri`, exit status 2), see `store`.
+`stage_run` opens the run of a DVC stage: train starts it (named and tagged by `lineage`; tagged
+`pipeline.model_md5` once the model is saved; `train.resume` reopens its checkpoint's run);
+evaluate and export reopen it or, when the store lacks it, start one tagged `recovered`
+(`lineage.later_stage_run`); evaluate registers the model once the run has test metrics. A step
+that fails or is stopped ends its run FAILED or KILLED, never RUNNING; store failures are
+one-line `TrackingError`s (see `store`).
 """
 
 from __future__ import annotations
@@ -31,18 +16,24 @@ import signal
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Metric, Run
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, DataType, Map, Schema
 from omegaconf import OmegaConf
 
 from pipeline.lib.config.schema import Config, TrackingConfig, to_flat_dict
 from pipeline.lib.files import read_json
+from pipeline.lib.model.classifier import ModelCard
 from pipeline.lib.tracking import lineage
+from pipeline.lib.tracking.pyfunc_model import ARTIFACTS, ClassifierModel
 from pipeline.lib.tracking.store import (
     TrackingError,
     apply_http_settings,
@@ -54,12 +45,18 @@ from pipeline.lib.tracking.store import (
 from pipeline.lib.tracking.sweep import sweep_job
 
 __all__ = ["TrackingError", "active_run", "apply_http_settings", "check_reachable", "stage_run"]
-
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
 #: The metric whose presence makes a run a registry candidate.
 TEST_METRIC = "test_accuracy"
+#: What the logged model takes (its signature states only the outputs: MLflow enforces an input
+#: tensor's dtype exactly, which is what made uint8 and float64 images fail).
+MODEL_INPUT = (
+    "images: an array (N, H, W, 3) or (H, W, 3) of any numeric dtype, RGB 0..255 (resized as in "
+    "training when H, W differ from image_size), or encoded image files (JPEG, PNG, ...) as bytes "
+    "or base64 text: a one-column DataFrame, a list, or {'inputs': [...]} over HTTP"
+)
 
 
 def setup(tracking: TrackingConfig) -> str:
@@ -68,8 +65,7 @@ def setup(tracking: TrackingConfig) -> str:
 
 
 def _end_run(status: str) -> None:
-    """End the active run (if any) with `status`; if the store cannot take it, say so and go on
-    (the error that ended the run is the one to report)."""
+    """End the active run (if any) with `status`; a store that cannot take it is only logged."""
     if mlflow.active_run() is None:
         return
     try:
@@ -80,8 +76,8 @@ def _end_run(status: str) -> None:
 
 @contextmanager
 def _run_ends_on_error(tracking: TrackingConfig, what: str) -> Iterator[None]:
-    """An error inside ends the active run KILLED (an interrupt) or FAILED; a failure of the
-    store while `what` is raised as a one-line `TrackingError`."""
+    """An error inside ends the active run KILLED (an interrupt) or FAILED; a store failure
+    while `what` becomes a one-line `TrackingError`."""
     try:
         yield
     except KeyboardInterrupt:
@@ -89,10 +85,9 @@ def _run_ends_on_error(tracking: TrackingConfig, what: str) -> Iterator[None]:
         raise
     except BaseException as exc:
         _end_run("FAILED")
-        error = as_tracking_error(tracking, exc, what)
-        if error is None:
-            raise
-        raise error from None
+        if error := as_tracking_error(tracking, exc, what):
+            raise error from None
+        raise
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -107,13 +102,9 @@ def active_run(
     tags: dict[str, str] | None = None,
     experiment_id: str | None = None,
 ) -> Iterator[Run]:
-    """Start (or, with `run_id`, reopen) a run; end it FINISHED, FAILED or KILLED.
-
-    SIGTERM (how DVC and schedulers stop a job) is turned into KeyboardInterrupt while the run is
-    active, so the run is closed as KILLED instead of being left RUNNING. A failure of the store
-    (server down, file read-only or damaged) becomes a `TrackingError` naming `tracking.uri`;
-    the run is then marked FAILED if the store still takes it.
-    """
+    """Start (or, with `run_id`, reopen) a run; end it FINISHED, FAILED or KILLED. SIGTERM (how
+    DVC and schedulers stop a job) raises KeyboardInterrupt while it is active (so: KILLED). A
+    store failure becomes a `TrackingError` naming `tracking.uri`."""
     if experiment_id is None:
         experiment_id = setup(tracking)
     previous = signal.getsignal(signal.SIGTERM)
@@ -145,13 +136,9 @@ def stage_run(
     checkpoint: str | Path | None = None,
     tags: dict[str, str] | None = None,
 ) -> Iterator[Run]:
-    """The MLflow run of the DVC stage `stage` ("train", "evaluate", "export") of `cfg`'s
-    pipeline run, active while the body runs (see the module docstring).
-
+    """The MLflow run of DVC stage `stage` ("train", "evaluate", "export"), active in the body.
     `checkpoint`: train's checkpoint folder (`train.resume` reopens the run that wrote it);
-    `tags`: more tags for a run this stage starts (or resumes). Raises `TrackingError` on any
-    store failure, before or during the run.
-    """
+    `tags`: more tags for a run this stage starts. Raises `TrackingError` on store failures."""
     client, experiment_id = open_store(cfg.tracking)
     with _run_ends_on_error(cfg.tracking, "ending runs whose process died"):
         lineage.end_dead_runs(client, [experiment_id])
@@ -177,13 +164,7 @@ def stage_run(
             say("MLflow: %s; logging into a new run %r (tagged recovered)", recovery.reason, name)
     if stage == "train" or recovery is not None:
         run_tags |= tags or {}
-    with active_run(
-        cfg.tracking,
-        run_id=run_id,
-        run_name=None if run_id else name,
-        tags=run_tags,
-        experiment_id=experiment_id,
-    ) as run:
+    with active_run(cfg.tracking, run_id, None if run_id else name, run_tags, experiment_id) as run:
         if recovery is not None:
             log_recovered(cfg)
         yield run
@@ -202,21 +183,18 @@ def log_recovered(cfg: Config) -> None:
         saved = read_json(train_metrics)
     except (OSError, ValueError):
         return
-    values = {
-        f"final_{prefix}{name}": (saved.get(split) or {}).get(name)
-        for split, prefix in (("train", ""), ("val", "val_"))
-        for name in ("loss", "accuracy")
-    }
-    mlflow.log_metrics({k: float(v) for k, v in values.items() if isinstance(v, int | float)})
+    for split, prefix in (("train", ""), ("val", "val_")):
+        values = (saved.get(split) or {}).items()
+        finals = {f"final_{prefix}{k}": v for k, v in values if k in ("loss", "accuracy")}
+        mlflow.log_metrics({k: float(v) for k, v in finals.items() if isinstance(v, int | float)})
     mlflow.log_artifact(str(train_metrics), artifact_path="reports")
 
 
 def register_model(
     client: mlflow.MlflowClient, registered_model: str, run_id: str, experiment_id: str
 ) -> ModelVersion | None:
-    """Register the model logged by run `run_id` as a new version of `registered_model` once the
-    run has test metrics (`TEST_METRIC`); once per run. Returns the ModelVersion, or None
-    (nothing to register: no name, no test metrics, no logged model, already registered)."""
+    """Register run `run_id`'s logged model as a new version of `registered_model` once the run
+    has `TEST_METRIC`, once per run; None when there is nothing (more) to register."""
     name = registered_model
     if not name or TEST_METRIC not in client.get_run(run_id).data.metrics:
         return None
@@ -235,9 +213,8 @@ def register_model(
 
 
 def log_config(cfg: Config) -> None:
-    """Every resolved config value as a param, and the config itself as `config.yaml`. Into a
-    reopened (resumed) run only the params it does not have yet: the values that differ (such
-    as `train.resume`) are named in the tag `pipeline.params_changed_on_resume`."""
+    """Every resolved config value as a param, and `config.yaml`. A resumed run keeps its params;
+    the ones that differ are named in the tag `pipeline.params_changed_on_resume`."""
     params = {}
     for key, value in to_flat_dict(cfg).items():
         text = "null" if value is None else str(value)
@@ -255,18 +232,16 @@ def log_config(cfg: Config) -> None:
 
 
 def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]) -> None:
-    """Per-epoch metrics (`loss`, `val_accuracy`, ..., step = epoch) and per-batch metrics
-    (`batch_loss`, `batch_accuracy`, step = global batch number), sent in bulk."""
-    now = int(time.time() * 1000)
+    """Curves (`loss`, `val_accuracy`, ...; steps from 1) and Keras' per-batch metrics
+    (`batch_loss`, ...; step = global batch number), sent in bulk."""
+    now, steps = int(time.time() * 1000), batches.get("step", [])
     metrics = [
-        Metric(key=name, value=float(v), timestamp=now, step=i)
+        Metric(name, float(v), now, i)
         for name, values in history.items()
         if name != "epoch"
         for i, v in enumerate(values, start=1)
-    ]
-    steps = batches.get("step", [])
-    metrics += [  # the batch's epoch is in train_batches.csv: its step already places it
-        Metric(key=f"batch_{name}", value=float(v), timestamp=now, step=int(step))
+    ] + [
+        Metric(f"batch_{name}", float(v), now, int(step))
         for name, values in batches.items()
         if name not in ("step", "epoch")
         for step, v in zip(steps, values, strict=False)
@@ -278,9 +253,7 @@ def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]
 
 
 def log_dataset(manifest_csv: Path, digest: str, name: str, source: str) -> None:
-    """The prepared dataset as an MLflow input (context `training`), with its DVC hash as digest."""
-    import pandas as pd
-
+    """The prepared dataset as an MLflow input (context `training`), its DVC hash as digest."""
     frame = pd.read_csv(manifest_csv)
     dataset = mlflow.data.from_pandas(
         frame, source=source, name=name, targets="label", digest=digest
@@ -295,29 +268,11 @@ def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-#: What the logged model takes (its signature states only the outputs: MLflow enforces an input
-#: tensor's dtype exactly, which is what made uint8 and float64 images fail).
-MODEL_INPUT = (
-    "images: an array (N, H, W, 3) or (H, W, 3) of any numeric dtype, RGB 0..255 (resized as in "
-    "training when H, W differ from image_size), or encoded image files (JPEG, PNG, ...) as bytes "
-    "or base64 text: a one-column DataFrame, a list, or {'inputs': [...]} over HTTP"
-)
-
-
 def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
-    """The model folder as an MLflow pyfunc model that takes raw images (see
-    `pipeline.lib.tracking.pyfunc_model`): its three files (backbone.tflite, head.npy,
-    model.json) as the artifacts, the `pipeline` package as its code, a signature of its outputs
-    (label, probability, scores) and pinned requirements. No input example, so MLflow runs no
-    validation prediction in a subprocess. Returns its model URI."""
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, DataType, Map, Schema
-
-    import pipeline
-    from pipeline.lib.model.classifier import ModelCard
-    from pipeline.lib.tracking.pyfunc_model import ARTIFACTS, ClassifierModel
-
+    """The model folder as an MLflow pyfunc model that takes raw images (`pyfunc_model`): its
+    three files as artifacts, the `pipeline` package as code, a signature of the outputs (label,
+    probability, scores), pinned requirements; no input example (MLflow would run a validation
+    prediction in a subprocess). Returns its model URI."""
     folder = Path(models)
     card = ModelCard.load(folder / ARTIFACTS["card"])
     outputs = Schema(
@@ -327,51 +282,36 @@ def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
             ColSpec(Map(DataType.double), "scores"),
         ]
     )
-    with warnings.catch_warnings(), _log_filtered("mlflow.pyfunc", "serialized using CloudPickle"):
-        # deliberate: no input example (see above); the class is pickled by reference to the
-        # module its code_paths carry, which is what MLflow's CloudPickle warning is about
-        warnings.filterwarnings("ignore", message=".*An input example was not provided")
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=ClassifierModel(),
-            artifacts={key: str(folder / file) for key, file in ARTIFACTS.items()},
-            code_paths=[str(Path(pipeline.__file__).parent)],
-            signature=ModelSignature(inputs=None, outputs=outputs),
-            pip_requirements=model_requirements(),  # stated: inferring re-imports the model
-            metadata={
-                "input": MODEL_INPUT,
-                "classes": card.classes,
-                "image_size": card.image_size,
-                "resize": card.resize,
-            },
-        )
-    return info.model_uri
 
+    # the class is pickled by reference to the module code_paths carry: MLflow's CloudPickle
+    # notice does not apply, nor its warning about the deliberately missing input example
+    def notice(record: logging.LogRecord) -> bool:
+        return "serialized using CloudPickle" not in record.getMessage()
 
-@contextmanager
-def _log_filtered(logger: str, text: str) -> Iterator[None]:
-    """Records of `logger` whose message contains `text` are dropped inside the block."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        """Logging filter: False (drop) for records whose message contains `text`."""
-        return text not in record.getMessage()
-
-    target = logging.getLogger(logger)
-    target.addFilter(keep)
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    pyfunc_log.addFilter(notice)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=ClassifierModel(),
+                artifacts={key: str(folder / file) for key, file in ARTIFACTS.items()},
+                code_paths=[str(Path(__file__).resolve().parents[2])],  # the pipeline package
+                signature=ModelSignature(inputs=None, outputs=outputs),
+                pip_requirements=model_requirements(),  # stated: inferring re-imports the model
+                metadata={"input": MODEL_INPUT, "classes": card.classes}
+                | {"image_size": card.image_size, "resize": card.resize},
+            )
     finally:
-        target.removeFilter(keep)
+        pyfunc_log.removeFilter(notice)
+    return info.model_uri
 
 
 def model_requirements() -> list[str]:
     """The packages a logged model needs to be loaded back, pinned to what trained it."""
-    from importlib.metadata import PackageNotFoundError, version
-
     pins = []
     for dist in ("ai-edge-litert", "mlflow", "numpy", "scipy", "pandas", "pillow"):
-        try:
+        with suppress(PackageNotFoundError):
             pins.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            continue
     return pins

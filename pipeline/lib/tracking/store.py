@@ -1,16 +1,11 @@
 """The MLflow store: where it is, opening it safely, and what its failures mean to a user.
 
-One store per project, wherever DVC runs a stage: a relative `sqlite:///mlflow.db` (and a relative
-artifact folder such as `mlartifacts`) is resolved against the project's main working tree, not
-the current directory. `dvc exp run --queue` / `--temp` run the stages in a temporary copy of the
-workspace (under `.dvc/tmp/exps/...`); DVC gives their commands `DVC_ROOT`, the root of the
-*original* repository, so queued and temporary experiments log into the user's `mlflow.db`.
-Outside DVC the current directory is the project.
-
-`open_client` holds a file lock (`<db>-lock`) while MLflow creates or migrates a SQLite store
-(two processes doing that at once corrupt it). Every store failure becomes a `TrackingError`: one
-line naming `tracking.uri` (or the file) and what to do. MLflow is imported lazily: the Hydra
-sweep callback of every stage (prepare too) loads this module, and `import mlflow` takes ~2 s.
+One store per project: a relative `sqlite:///mlflow.db` (or artifact folder) is resolved against
+`$DVC_ROOT`, the original repository DVC runs in (queued and `--temp` experiments run in copies
+under `.dvc/tmp/exps`), else the current directory. A SQLite store is created or migrated under a
+file lock (`<db>-lock`). Every store failure becomes a one-line `TrackingError` naming
+`tracking.uri` and what to do. MLflow is imported lazily: every stage's Hydra sweep callback
+loads this module, and `import mlflow` takes ~2 s.
 """
 
 from __future__ import annotations
@@ -36,24 +31,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Set by DVC for every stage command: the root of the repository the user runs DVC in (for
-#: queued and temporary experiments, the original workspace, not the temporary copy).
-DVC_ROOT = "DVC_ROOT"
+DVC_ROOT = "DVC_ROOT"  # set by DVC for every stage command
 #: Seconds to wait for another process that is creating or migrating the same SQLite store.
 LOCK_TIMEOUT_S = 300.0
 SQLITE = "sqlite:///"
-#: The experiment tag MLflow's 3.x UI reads to choose an experiment's landing page;
-#: `custom_model_development` ("Machine learning") opens on the runs table, not on GenAI traces.
+#: The experiment tag MLflow 3's UI opens an experiment by: the runs table, not GenAI traces.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
 class TrackingError(UserError, RuntimeError):
-    """The MLflow tracking store cannot be used (one line: the store, the cause, what to do)."""
+    """The MLflow store cannot be used (one line: the store, the cause, what to do)."""
 
 
 def is_remote(uri: str) -> bool:
-    """An MLflow tracking server (REST over HTTP), as opposed to a local store."""
+    """An MLflow tracking server (HTTP), not a local store."""
     return uri.startswith(("http://", "https://"))
 
 
@@ -64,8 +56,7 @@ def project_root() -> Path:
 
 
 def resolve_uri(uri: str) -> str:
-    """`uri` with a relative SQLite file made absolute against `project_root()`; other URIs
-    (absolute files, servers, `:memory:`) unchanged."""
+    """`uri` with a relative SQLite file made absolute against `project_root()`; others as given."""
     path, sep, query = uri.removeprefix(SQLITE).partition("?")
     if not uri.startswith(SQLITE) or not path or path.startswith(("/", "file:")):
         return uri
@@ -93,25 +84,18 @@ def artifact_uri(location: str) -> str:
 
 
 def experiment_artifact_location(tracking: TrackingConfig) -> str | None:
-    """The artifact location a new experiment is created with; None leaves it to the store. With
-    a tracking server a local folder (a path on each client's disk) is ignored: the server's
-    default applies. URIs (`s3://...`, `mlflow-artifacts:/...`) are kept."""
+    """The artifact location of a new experiment; None leaves it to the store (and to a tracking
+    server when it is a local folder, a path on each client's disk). URIs are kept."""
     location = tracking.artifact_location
     if not location or _is_uri(location) or not is_remote(tracking.uri):
         return artifact_uri(location) if location else None
-    log.info(
-        "tracking.artifact_location=%s is a local folder: ignored with the tracking server %s, "
-        "which stores the artifacts itself",
-        location,
-        tracking.uri,
-    )
+    log.info("tracking.artifact_location=%s ignored: the server stores artifacts", location)
     return None
 
 
 def apply_http_settings(tracking: TrackingConfig) -> dict[str, str]:
-    """Bound MLflow's retries against a tracking server: with its defaults (7 retries, backoff
-    factor 2, 120 s timeout) a dead server takes minutes to be reported. The config wins over
-    these variables when they are already set."""
+    """Bound MLflow's HTTP retries (its defaults take minutes to report a dead server); the
+    config wins over the variables already set. Returns what was set."""
     settings = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(tracking.http_retries)),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(int(tracking.http_backoff_factor)),
@@ -145,7 +129,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def tracking_failure(exc: BaseException) -> bool:
-    """An error of the connection to a tracking server (not of what was sent to it)."""
+    """An error of the connection to a tracking server, not of what was sent to it."""
     import requests
     from mlflow.exceptions import MlflowException
 
@@ -155,8 +139,7 @@ def tracking_failure(exc: BaseException) -> bool:
 
 
 def is_store_error(exc: BaseException, os_errors: bool = True) -> bool:
-    """An error raised by the store itself (SQL, SQLite, MLflow; with `os_errors` the file system
-    under it too: not while a step's own code runs, whose file errors are its own)."""
+    """An error of the store itself (SQL, SQLite, MLflow; with `os_errors` its file system too)."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -179,7 +162,7 @@ def as_tracking_error(
 
 
 def store_error(uri: str, exc: BaseException, what: str = "") -> TrackingError:
-    """A store failure as one line: which store (`tracking.uri` and its file), the cause, the fix."""
+    """A store failure as one line: `tracking.uri` (and its file), the cause, the fix."""
     text = str(getattr(exc, "message", exc)).lower()
     file = store_file(uri)
     where = f"tracking.uri={uri}" + (f" ({file})" if file and resolve_uri(uri) != uri else "")
@@ -202,8 +185,8 @@ def store_error(uri: str, exc: BaseException, what: str = "") -> TrackingError:
 
 
 def _store_lock(file: Path | None) -> AbstractContextManager[object]:
-    """A lock held while a SQLite store is opened (created, migrated); a no-op where there is no
-    file or its folder cannot hold one (a read-only store: nothing can migrate it)."""
+    """A lock held while a SQLite store is created or migrated; a no-op without a file or where
+    its folder cannot hold one (a read-only store: nothing can migrate it)."""
     if file is None:
         return nullcontext()
     lock_file = file.with_name(file.name + "-lock")
@@ -221,18 +204,24 @@ _SWEEP_CLIENTS: dict[str, MlflowClient] = {}
 
 
 def open_client(uri: str) -> MlflowClient:
-    """An MlflowClient (tracking and registry) on `uri` (resolved, see `resolve_uri`), with the
-    store created/migrated under a lock and MLflow's fluent API pointed at it. The jobs of one
-    Hydra multirun (one process) share the client the first job opened. Raises `TrackingError`
-    when the store cannot be opened (read-only, not a database, a folder, ...)."""
+    """An MlflowClient (tracking and registry) on `uri` resolved, the store created/migrated
+    under a lock, MLflow's fluent API pointed at it; shared by a Hydra multirun's jobs. Raises
+    `TrackingError` when the store cannot be opened (read-only, not a database, a folder)."""
     import mlflow
 
-    resolved, file = resolve_uri(uri), store_file(uri)
+    resolved = resolve_uri(uri)
     client = _SWEEP_CLIENTS.get(resolved) if in_multirun() else None
-    if client is not None:  # checked and migrated by the sweep's first job
-        mlflow.set_tracking_uri(resolved)
-        mlflow.set_registry_uri(resolved)
-        return client
+    client = client or _opened_client(uri, resolved, store_file(uri))
+    mlflow.set_tracking_uri(resolved)
+    mlflow.set_registry_uri(resolved)
+    if in_multirun():
+        _SWEEP_CLIENTS[resolved] = client
+    return client
+
+
+def _opened_client(uri: str, resolved: str, file: Path | None) -> MlflowClient:
+    import mlflow
+
     if file is not None and file.is_dir():  # MLflow would retry for minutes, then say little
         raise TrackingError(
             f"tracking.uri={uri}: {file} is a folder, not an SQLite file: move it away, or point "
@@ -253,17 +242,12 @@ def open_client(uri: str) -> MlflowClient:
         if (is_remote(resolved) and tracking_failure(exc)) or not is_store_error(exc):
             raise
         raise store_error(uri, exc, "opening the store") from None
-    mlflow.set_tracking_uri(resolved)
-    mlflow.set_registry_uri(resolved)
-    if in_multirun():
-        _SWEEP_CLIENTS[resolved] = client
     return client
 
 
 def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
-    """The id of `tracking.experiment` in the store, created when missing (a parallel creation is
-    tolerated) and tagged `EXPERIMENT_KIND` (set too on an existing experiment that has no kind; a
-    kind the user chose is kept). Raises `TrackingError` when the experiment is deleted."""
+    """The id of `tracking.experiment`, created when missing (even by a parallel job) and tagged
+    `EXPERIMENT_KIND` unless it has a kind. Raises `TrackingError` when it is deleted."""
     from mlflow.exceptions import MlflowException
 
     name = tracking.experiment
@@ -288,23 +272,18 @@ def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
             f"is deleted: restore it (`mlflow experiments restore --experiment-id {found}`), "
             "remove it for good (`mlflow gc`), or choose another tracking.experiment"
         )
-    if is_remote(tracking.uri) and artifact_uri(experiment.artifact_location).startswith("file:"):
-        log.warning(
-            "Experiment %r on %s keeps its artifacts at %s, a folder on each client's disk, not "
-            "on the server: choose a new tracking.experiment to have them uploaded through it",
-            name,
-            tracking.uri,
-            experiment.artifact_location,
-        )
-    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag, or by another tool
+    where = experiment.artifact_location
+    if is_remote(tracking.uri) and artifact_uri(where).startswith("file:"):
+        log.warning("Experiment %r keeps its artifacts on each client's disk (%s)", name, where)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
         client.set_experiment_tag(found, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return found
 
 
 def open_store(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
-    """(MlflowClient, experiment id) for the `tracking` config: the server checked, the store
-    opened (see `open_client`), the experiment found or created. Raises `TrackingError`."""
-    if is_remote(tracking.uri):
+    """(MlflowClient, experiment id): server checked, store opened, experiment found or created.
+    Raises `TrackingError`."""
+    if is_remote(tracking.uri):  # before the check: it bounds that too
         apply_http_settings(tracking)
     check_reachable(tracking.uri, tracking.timeout_s)
     try:
@@ -313,7 +292,6 @@ def open_store(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
     except TrackingError:
         raise
     except Exception as exc:
-        error = as_tracking_error(tracking, exc, "opening the store", os_errors=True)
-        if error is None:
-            raise
-        raise error from None
+        if error := as_tracking_error(tracking, exc, "opening the store", os_errors=True):
+            raise error from None
+        raise

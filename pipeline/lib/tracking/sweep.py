@@ -1,18 +1,10 @@
-"""Hydra multirun sweeps as MLflow parent/child runs.
+"""Hydra multirun sweeps as MLflow parent/child runs (the callback is wired in conf/config.yaml).
 
-A Hydra callback (wired in `conf/config.yaml`) opens one parent run before the sweep's jobs start
-(which also creates the SQLite store and the experiment once, so parallel jobs never race to
-create them) and records its id in the sweep folder; each job's run is tagged as its child
-(`pipeline.lib.tracking.runs.stage_run`). When the sweep ends the callback finds the best child by
-a metric, prints it and tags it on the parent. A sweep that stops early (a job failed, the
-tracking server went away) ends its parent run FAILED at exit instead of leaving it RUNNING.
-
-Jobs may run in parallel (`hydra/launcher=joblib hydra.launcher.n_jobs=4`) and report to a shared
-tracking server (`tracking=server tracking.uri=http://host:5000`): the parent run's id travels to
-the jobs through the sweep folder, so they need the same file system, not the same process.
-
-    python -m pipeline.train -m train.C=0.1,1,10 train.label_smoothing=0,0.1
-    python -m pipeline.train hparams_search=optuna
+Before the jobs start, the parent run is opened (the store and experiment created once, so
+parallel jobs never race) and its id written to the sweep folder, where each job (any process on
+the same file system, e.g. `hydra/launcher=joblib` against a tracking server) finds it. At the
+end the best child by a metric is printed and tagged on the parent; a sweep that stops early
+ends its parent FAILED at exit, never RUNNING.
 """
 
 from __future__ import annotations
@@ -50,8 +42,7 @@ def read_parent_run_id(sweep_dir: str | Path) -> str | None:
 
 
 def sweep_job() -> tuple[str | None, str | None]:
-    """In a Hydra multirun: the sweep's parent run id and a run name made of the job's
-    overrides (`job N: key=value ...`); (None, None) otherwise."""
+    """In a Hydra multirun: (the parent run id, `job N: key=value ...`); else (None, None)."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None, None
     hydra_cfg = HydraConfig.get()
@@ -60,8 +51,7 @@ def sweep_job() -> tuple[str | None, str | None]:
 
 
 def tracking_config(config: DictConfig) -> TrackingConfig:
-    """The sweep's `tracking` node with the schema's defaults for the keys it leaves out, its
-    `auto` names resolved from the sweep's `data` (`schema.tracking_names`)."""
+    """The sweep's `tracking` node over the schema's defaults, `auto` names resolved from `data`."""
     tracking = OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking)
     experiment, registered = tracking_names(config.data) if "data" in config else (None, None)
     if tracking.experiment == AUTO:
@@ -75,8 +65,7 @@ class MlflowSweepCallback(Callback):
     """Parent run per sweep; best child reported at the end."""
 
     def __init__(self, metric: str = "final_val_accuracy", maximize: bool = True) -> None:
-        self.metric = metric
-        self.maximize = maximize
+        self.metric, self.maximize = metric, maximize
         self._open_parent: tuple[str, str] | None = None  # (run id, tracking URI)
 
     def _close_if_open(self) -> None:
@@ -88,14 +77,11 @@ class MlflowSweepCallback(Callback):
             open_client(uri).set_terminated(parent_id, "FAILED")
             log.info("Sweep parent MLflow run %s ended FAILED (the sweep stopped early)", parent_id)
         except Exception as exc:  # noqa: BLE001  (the store may be what stopped the sweep)
-            log.warning(
-                "Could not end the sweep parent MLflow run %s: %s", parent_id, first_line(exc)
-            )
+            log.warning("Could not end sweep parent run %s: %s", parent_id, first_line(exc))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Open the store (creating it once for all jobs), start the parent run and record it in
-        the sweep folder. A folder whose recorded parent has ended (a sweep run again into it) is
-        taken over; one whose parent is still RUNNING belongs to a live sweep: an error."""
+        """Open the store (once for all jobs), start the parent run, record it in the sweep
+        folder: taken over when its recorded parent has ended, an error while it is RUNNING."""
         tracking = tracking_config(config)
         client, experiment_id = open_store(tracking)
         end_dead_runs(client, [experiment_id])
@@ -117,7 +103,8 @@ class MlflowSweepCallback(Callback):
         run = client.create_run(
             experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags | process_tags()
         )
-        self._open_parent = (run.info.run_id, tracking.uri)
+        uri = tracking.uri
+        self._open_parent = (run.info.run_id, uri)
         atexit.register(self._close_if_open)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -128,16 +115,11 @@ class MlflowSweepCallback(Callback):
                 f"hydra.sweep.dir={sweep_dir} was taken by another sweep started at the same "
                 "time: give each sweep its own folder"
             ) from None
-        log.info(
-            "Sweep parent MLflow run %s (experiment %s, %s)",
-            run.info.run_id,
-            tracking.experiment,
-            tracking.uri,
-        )
+        log.info("Sweep parent MLflow run %s (%s, %s)", run.info.run_id, tracking.experiment, uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Tag the best finished child (by `metric`) on the parent run and end it (FAILED when a
-        child did not finish or none has the metric)."""
+        """Tag the best finished child (by `metric`) on the parent and end it (FAILED when a child
+        did not finish or none has the metric)."""
         parent_id = read_parent_run_id(config.hydra.sweep.dir)
         if parent_id is None or self._open_parent is None or self._open_parent[0] != parent_id:
             return  # not this sweep's parent
@@ -153,15 +135,11 @@ class MlflowSweepCallback(Callback):
         best = max(scored, key=lambda r: sign * r.data.metrics[self.metric], default=None)
         if best is not None:
             value = best.data.metrics[self.metric]
-            client.set_tag(parent_id, "best_run_id", best.info.run_id)
-            client.set_tag(parent_id, "best_run_name", best.info.run_name)
+            run_id, name = best.info.run_id, best.info.run_name
+            client.set_tag(parent_id, "best_run_id", run_id)
+            client.set_tag(parent_id, "best_run_name", name)
             client.log_metric(parent_id, f"best_{self.metric}", value)
-            message = (
-                f"Best job of {len(children)}: run {best.info.run_name} "
-                f"({best.info.run_id}) {self.metric}={value:.4f}"
-            )
-            log.info(message)
-            print(message)
+            print(f"Best job of {len(children)}: run {name} ({run_id}) {self.metric}={value:.4f}")
         failed = any(r.info.status != "FINISHED" for r in children)
         client.set_terminated(parent_id, "FAILED" if failed or best is None else "FINISHED")
         self._open_parent = None
