@@ -265,7 +265,7 @@ def _log_training(result: TrainResult) -> None:
         m["params"]["trainable"],
         m["params"]["non_trainable"],
     )
-    runs.log_history({k: v for k, v in result.history.items() if k != "step"}, result.batches or {})
+    runs.log_history(result.history, result.batches or {})
     final = {f"{split}_{k}": v for split in ("train", "val") for k, v in m[split].items()}
     mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if v is not None})
     mlflow.log_metrics(

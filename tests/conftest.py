@@ -140,8 +140,8 @@ def smoke_history(
     smoke_project: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict]:
     """(repository, {"first", "second", "output"}): the reproduced smoke project committed
-    (`first`), then `dvc exp run -S experiment=smoke -S train.epochs=3 -S
-    train.learning_rate=0.01` (its output) and the workspace committed (`second`): two commits of
+    (`first`), then `dvc exp run -S experiment=smoke -S train.C=0.01 -S
+    train.label_smoothing=0.1` (its output) and the workspace committed (`second`): two commits of
     a real pipeline, as a pull request and its base. Copy it with `copy_reproduced`."""
     import json
 

@@ -95,7 +95,7 @@ def reproduced_smoke_project(base: Path) -> tuple[Path, str]:
 
 def smoke_experiment_history(template: Path, repo: Path) -> dict[str, str]:
     """`template` (the reproduced smoke project) copied to `repo` and committed; then `dvc exp
-    run` with more epochs and a higher learning rate, committed: {"first", "second", "output"}."""
+    run` with another penalty and label smoothing, committed: {"first", "second", "output"}."""
     copy_reproduced(template, repo)
     git(repo, "add", "-A")  # dvc.lock and the git-tracked reports; DVC-cached outputs are ignored
     git(repo, "commit", "-qm", "smoke run")
@@ -107,12 +107,12 @@ def smoke_experiment_history(template: Path, repo: Path) -> dict[str, str]:
         "-S",
         "experiment=smoke",
         "-S",
-        "train.epochs=3",
+        "train.C=0.01",
         "-S",
-        "train.learning_rate=0.01",
+        "train.label_smoothing=0.1",
     )
     git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "more epochs, higher learning rate")
+    git(repo, "commit", "-qm", "stronger penalty, label smoothing")
     second = git(repo, "rev-parse", "HEAD").strip()
     return {"first": first, "second": second, "output": output}
 

@@ -29,8 +29,8 @@ def test_repro_runs_every_stage_and_writes_outputs(repo: Path, first_repro: str)
         "data/prepared/train.npy",
         "data/prepared/manifest.csv",
         "data/features/train.npy",
-        "models/model.keras",
-        "models/classes.json",
+        "models/backbone.tflite",
+        "models/model.json",
         "outputs/mlflow_run.json",
         "reports/metrics.json",
         "reports/train_history.csv",
@@ -48,8 +48,9 @@ def test_repro_runs_every_stage_and_writes_outputs(repo: Path, first_repro: str)
     assert set(lock["stages"]) == {"config", "prepare", "featurize", "train", "evaluate", "export"}
     history = (repo / "reports/train_history.csv").read_text().splitlines()
     header = history[0].split(",")
-    assert header[0] == "epoch" and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(header)
-    assert len(history) == 1 + 2  # 2 epochs
+    assert header[0] == "step" and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(header)
+    iterations = json.loads((repo / "reports/train_metrics.json").read_text())["head"]["iterations"]
+    assert len(history) == 1 + 1 + iterations  # the start, then one row per L-BFGS iteration
 
 
 def test_metrics_show_and_plots(repo: Path, first_repro: str):
@@ -59,7 +60,7 @@ def test_metrics_show_and_plots(repo: Path, first_repro: str):
     width = max(len(line) for line in dvc(repo, "metrics", "show").splitlines())
     assert width <= 120, f"`dvc metrics show` is {width} columns wide"
     per_class = json.loads((repo / "reports/classification_report.json").read_text())
-    assert set(json.loads((repo / "models/classes.json").read_text())) <= set(per_class)
+    assert set(json.loads((repo / "models/model.json").read_text())["classes"]) <= set(per_class)
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))
     text = json.dumps(shown)
     assert "test" in text and "macro_f1" in text and "ece" in text
@@ -85,7 +86,7 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
     assert run_.info.run_id == json.loads((repo / "outputs/mlflow_run.json").read_text())["run_id"]
     assert run_.info.status == "FINISHED"
     params = run_.data.params
-    assert params["train.epochs"] == "2" and params["model.alpha"] == "0.35"
+    assert params["train.C"] == "auto" and params["model.alpha"] == "0.35"
     assert params["model.weights"] == "null" and params["data.synthetic.train_per_class"] == "4"
     metrics = run_.data.metrics
     for key in (
@@ -95,17 +96,17 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
         "accuracy",
         "val_loss",
         "val_accuracy",
-        "batch_loss",
-        "batch_accuracy",
+        "head_C",
+        "head_iterations",
         "test_recall_Container_Small_B",
         "export_float32_agreement",
         "export_int8_size_bytes",
     ):
         assert key in metrics, key
     assert metrics["trainable_params"] == 6 * 1281  # 1280 features at alpha 0.35 too
-    assert len(client.get_metric_history(run_.info.run_id, "val_accuracy")) == 2  # per epoch
-    steps = client.get_metric_history(run_.info.run_id, "batch_loss")
-    assert [m.step for m in steps] == list(range(1, 7))  # 24 images / batch 8 * 2 epochs
+    # per solver step, at the steps of reports/train_history.csv (0 = the start)
+    steps = client.get_metric_history(run_.info.run_id, "val_accuracy")
+    assert [m.step for m in steps] == list(range(int(metrics["head_iterations"]) + 1))
     # tags: git commit and the DVC hash of the prepared data
     head = git(repo, "rev-parse", "HEAD").strip()
     assert run_.data.tags["git_commit"] == head
@@ -133,7 +134,7 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
         "reports/classification_report.json",
         "reports/metrics.json",
         "data/report.json",
-        "model_summary.txt",
+        "train_head.json",
         "exports/model_int8.tflite",
         "reports/export_metrics.json",
     ):
@@ -142,7 +143,7 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
         client.download_artifacts(run_.info.run_id, "config.yaml", str(repo / "dl"))
         and (repo / "dl" / "config.yaml").read_text()
     )
-    assert config["train"]["epochs"] == 2
+    assert config["train"]["C"] == "auto" and config["train"]["solver"] == "auto"
 
 
 def test_logged_model_loads_back_with_its_signature(repo: Path, first_repro: str):
@@ -166,23 +167,21 @@ def test_editing_train_params_invalidates_train_not_the_features(repo: Path, fir
     rerun after it: see the `dvc exp run` test below), `prepare` and `featurize` unchanged."""
     original = (repo / "params.yaml").read_text()
     params = yaml.safe_load(original)
-    params["train"]["learning_rate"] = 0.01
+    params["train"]["C"] = 0.01
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         status = json.loads(dvc(repo, "status", "--json"))
     finally:
         (repo / "params.yaml").write_text(original)
     assert set(status) == {"config", "train"}, status
-    assert {"changed deps": {"params.yaml": {"train.learning_rate": "modified"}}} in status[
-        "train"
-    ], status
+    assert {"changed deps": {"params.yaml": {"train.C": "modified"}}} in status["train"], status
     assert json.loads(dvc(repo, "status", "--json")) == {}
 
 
 def test_dvc_exp_run_recomposes_params_from_conf(
     smoke_history: tuple[Path, dict], smoke_project: tuple[Path, str], tmp_path: Path
 ):
-    """`dvc exp run -S experiment=smoke -S train.epochs=3 -S train.learning_rate=0.01` (the
+    """`dvc exp run -S experiment=smoke -S train.C=0.01 -S train.label_smoothing=0.1` (the
     session's `smoke_history`): DVC's Hydra integration recomposes params.yaml from conf/ with
     the overrides; train and its downstream stages rerun, the features are reused."""
     repo = copy_reproduced(smoke_history[0], tmp_path / "repo")
@@ -190,13 +189,13 @@ def test_dvc_exp_run_recomposes_params_from_conf(
     assert ran[:2] == ["config", "train"] and sorted(ran[2:]) == ["evaluate", "export"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     before = yaml.safe_load((smoke_project[0] / "params.yaml").read_text())
-    assert params["train"]["epochs"] == 3 and params["train"]["learning_rate"] == 0.01
+    assert params["train"]["C"] == 0.01 and params["train"]["label_smoothing"] == 0.1
     assert params["data"]["image_size"] == 32  # experiment=smoke
-    for key in ("epochs", "learning_rate"):
+    for key in ("C", "label_smoothing"):
         del params["train"][key], before["train"][key]
     assert params == before  # everything else as composed before
-    history = (repo / "reports/train_history.csv").read_text().splitlines()
-    assert len(history) == 1 + 3
+    head = json.loads((repo / "reports/train_metrics.json").read_text())["head"]
+    assert head["C"] == 0.01 and head["C_choice"] == {"rule": "train.C"}
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
-    assert '"epochs": 3' in json.dumps(shown), shown
+    assert '"C": 0.01' in json.dumps(shown), shown
     assert "up to date" in dvc(repo, "status")

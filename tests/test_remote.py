@@ -209,7 +209,7 @@ def test_push_uploads_every_cached_output(pushed, s3):
     assert {
         "data/prepared/train.npy",
         "data/features/train.npy",
-        "models/model.keras",
+        "models/head.npy",
         "reports/eval_figures/confusion_matrix.png",
     } <= set(pushed["files"])
     # the bucket holds every object dvc.lock needs, under DVC's content-addressed layout

@@ -241,9 +241,7 @@ def test_pipeline_run_is_read_back_through_the_server(live, data, tmp_path):
     metrics = run.data.metrics
     assert {"final_val_accuracy", "test_accuracy", "test_macro_f1"} <= set(metrics)
     steps = int(metrics["head_iterations"]) + 1
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [
-        *range(1, steps + 1)
-    ]
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [*range(1, steps + 1)]
     report = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["test_accuracy"] == pytest.approx(report["test"]["accuracy"])
 

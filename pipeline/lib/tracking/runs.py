@@ -232,14 +232,15 @@ def log_config(cfg: Config) -> None:
 
 
 def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]) -> None:
-    """Curves (`loss`, `val_accuracy`, ...; steps from 1) and Keras' per-batch metrics
-    (`batch_loss`, ...; step = global batch number), sent in bulk."""
+    """Curves (`loss`, `val_accuracy`, ...; at the history's `step`, else 1, 2, ...) and Keras'
+    per-batch metrics (`batch_loss`, ...; step = global batch number), sent in bulk."""
     now, steps = int(time.time() * 1000), batches.get("step", [])
+    at = history.get("step") or range(1, 1 + max(map(len, history.values()), default=0))
     metrics = [
-        Metric(name, float(v), now, i)
+        Metric(name, float(v), now, int(i))
         for name, values in history.items()
-        if name != "epoch"
-        for i, v in enumerate(values, start=1)
+        if name not in ("step", "epoch")
+        for i, v in zip(at, values, strict=False)
     ] + [
         Metric(f"batch_{name}", float(v), now, int(step))
         for name, values in batches.items()
