@@ -9,7 +9,7 @@ PORT ?= 5000
 # DVC's stage commands call `python`: make it the project's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install weights repro test test-fast lint format params ui benchmark clean
+.PHONY: help install lock weights repro test test-fast lint format params ui benchmark clean
 .DEFAULT_GOAL := help
 
 help:  ## this list
@@ -21,10 +21,11 @@ $(BIN)/python:
 
 install: $(VENV)/.installed  ## the project and its dependencies, in .venv; the offline plots page
 
-# Reinstalled only when pyproject.toml changes (pip's editable build is slow and chatty).
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	@echo "install: the project and its dependencies into $(VENV) (a few minutes the first time)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+# Reinstalled when pyproject.toml or the lock file changes; the lock pins every version.
+$(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
+	@echo "install: the pinned dependencies (requirements.lock) into $(VENV): a few minutes the first time"
+	$(BIN)/python -m pip install --progress-bar off --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pipeline.plots_template > /dev/null
 	@touch $@
 
@@ -55,6 +56,9 @@ lint: install  ## ruff: lint and format check (what CI runs first)
 format: install  ## ruff: fix what can be fixed, format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+lock: install  ## pin the installed versions in requirements.lock (after changing pyproject.toml)
+	$(BIN)/python -m pip freeze --exclude-editable | sed '1i # The exact versions `make install` and CI install (pip freeze of a working .venv: `make lock` refreshes it).' > requirements.lock
 
 params:  ## recompose params.yaml from conf/ (what DVC does on `dvc exp run -S`)
 	$(BIN)/python -m pipeline.params
