@@ -220,7 +220,7 @@ class Config:
 
 def tracking_names(data: Any) -> tuple[str, str]:
     """(experiment, registered model) named after `data`: the defaults for synthetic data, else
-    the photo folder's name slugified: `../data/flowers12` -> ("flowers12", "flowers12-classifier")."""
+    the photo folder's name as a slug (`../flowers12` -> `flowers12`, `flowers12-classifier`)."""
     if data.source == "synthetic":
         return DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
     path = Path(str(data.path))
