@@ -9,7 +9,7 @@ no Python references, so DVC's Hydra composition (`dvc exp run -S ...`) never im
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,26 @@ class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown, mistyped or out of range."""
 
 
+def _in(default: Any, bounds: str) -> Any:
+    """A field whose value must be in `bounds`: `>= n`, `> n` or an interval like `in [0, 1)`."""
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def _one_of(*choices: Any) -> Any:
+    """A field whose value must be one of `choices`; the first is the default."""
+    return field(default=choices[0], metadata={"choices": choices})
+
+
+UNIT = "in [0, 1]"
+
+
 @dataclass
 class SplitRatios:
     """Per-class split fractions of a folder without split folders (normalised to sum 1)."""
 
-    train: float = 0.7
-    val: float = 0.15
-    test: float = 0.15
+    train: float = _in(0.7, ">= 0")
+    val: float = _in(0.15, ">= 0")
+    test: float = _in(0.15, ">= 0")
 
 
 @dataclass
@@ -37,38 +50,38 @@ class SyntheticConfig:
     """The toy-truck generator; its only defaults (conf/data/synthetic.yaml repeats them)."""
 
     dir: str = "data/raw/synthetic"
-    train_per_class: int = 10
-    val_per_class: int = 25
-    test_per_class: int = 25
-    size: int = 224
-    difficulty: float = 0.0
+    train_per_class: int = _in(10, ">= 1")
+    val_per_class: int = _in(25, ">= 1")
+    test_per_class: int = _in(25, ">= 1")
+    size: int = _in(224, ">= 32")
+    difficulty: float = _in(0.0, UNIT)
     seed: int = 7
-    format: str = "png"
+    format: str = _one_of("png", "jpg")
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    source: str = _one_of("synthetic", "folder")
     path: str | None = None
     dependency: str = "pipeline/lib/data/sources/synthetic.py"
-    image_size: int = 224
-    resize: str = "stretch"
+    image_size: int = _in(224, ">= 32")
+    resize: str = _one_of("stretch", "pad", "crop")
     split: SplitRatios = field(default_factory=SplitRatios)
     seed: int = 42
-    max_pixels: int = 60_000_000
-    min_images_per_class: int = 1
-    leakage: str = "fail"
-    max_rejected_fraction: float = 0.2
+    max_pixels: int = _in(60_000_000, "> 0")
+    min_images_per_class: int = _in(1, ">= 1")
+    leakage: str = _one_of("fail", "warn")
+    max_rejected_fraction: float = _in(0.2, UNIT)
     synthetic: SyntheticConfig | None = None
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mobilenet_v2"
-    alpha: float = 1.0
+    name: str = _one_of("mobilenet_v2")
+    alpha: float = _one_of(1.0, 0.35, 0.5, 0.75, 1.3, 1.4)  # Keras' ImageNet weights
     weights: str | None = "imagenet"
-    dropout: float = 0.0
-    head_init: str = "zeros"
+    dropout: float = _in(0.0, "in [0, 1)")
+    head_init: str = _one_of("zeros", "glorot_uniform", "he_normal")
     init_seed: int = 0
     freeze_backbone: bool = True
 
@@ -76,77 +89,80 @@ class ModelConfig:
 @dataclass
 class FineTuneConfig:
     enabled: bool = False
-    unfreeze_top_n: int = 30
-    epochs: int = 4
-    learning_rate: float = 1e-5
+    unfreeze_top_n: int = _in(30, ">= 1")
+    epochs: int = _in(4, ">= 1")
+    learning_rate: float = _in(1e-5, "> 0")
+
+
+AUGMENTS = ("rotation", "zoom", "translation", "contrast", "brightness")
 
 
 @dataclass
 class AugmentConfig:
     enabled: bool = False
-    flip: str = "horizontal"
-    rotation: float = 0.05
-    zoom: float = 0.1
-    translation: float = 0.1
-    contrast: float = 0.1
-    brightness: float = 0.1
+    flip: str = _one_of("horizontal", "none", "vertical", "horizontal_and_vertical")
+    rotation: float = _in(0.05, UNIT)
+    zoom: float = _in(0.1, UNIT)
+    translation: float = _in(0.1, UNIT)
+    contrast: float = _in(0.1, UNIT)
+    brightness: float = _in(0.1, UNIT)
 
 
 @dataclass
 class EarlyStoppingConfig:
     enabled: bool = True
-    patience: int = 20
-    min_delta: float = 0.0
+    patience: int = _in(20, ">= 0")
+    min_delta: float = _in(0.0, ">= 0")
 
 
 @dataclass
 class PlateauConfig:
-    factor: float = 0.2
-    patience: int = 2
-    min_delta: float = 0.0001
-    min_lr: float = 0.0
+    factor: float = _in(0.2, "in (0, 1)")
+    patience: int = _in(2, ">= 0")
+    min_delta: float = _in(0.0001, ">= 0")
+    min_lr: float = _in(0.0, ">= 0")
 
 
 @dataclass
 class TrainConfig:
     """conf/train/: the head's solver and penalty, then the settings only Keras `fit` reads."""
 
-    solver: str = "auto"
+    solver: str = _one_of("auto", "lbfgs", "keras")
     C: Any = "auto"  # "auto", a number > 0, or None (keras only)
-    max_iter: int = 1000
+    max_iter: int = _in(1000, ">= 1")
     seed: int = 42
-    class_weight: str = "none"
-    label_smoothing: float = 0.0
+    class_weight: str = _one_of("none", "auto")
+    label_smoothing: float = _in(0.0, "in [0, 1)")
     calibrate: bool = True
     refit_on_train_val: bool = False
-    crossval_folds: int = 5
-    save_model: str = "auto"
-    epochs: int = 200
-    batch_size: int = 32
-    learning_rate: float = 0.001
-    optimizer: str = "adam"
+    crossval_folds: int = _in(5, ">= 3")  # fold i tests, i + 1 validates, at least one trains
+    save_model: str = _one_of("auto", "always", "never")
+    epochs: int = _in(200, ">= 1")
+    batch_size: int = _in(32, ">= 1")
+    learning_rate: float = _in(0.001, "> 0")
+    optimizer: str = _one_of("adam", "sgd", "rmsprop", "adamw")
     shuffle: bool = True
-    lr_schedule: str = "none"
+    lr_schedule: str = _one_of("none", "cosine", "reduce_on_plateau")
     plateau: PlateauConfig = field(default_factory=PlateauConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
     resume: bool = False
     checkpoint_dir: str = "outputs/checkpoints"
-    strategy: str = "default"
+    strategy: str = _one_of("default", "mirrored")
 
 
 @dataclass
 class FeaturizeConfig:
-    batch_size: int = 32
-    num_threads: int = 0
+    batch_size: int = _in(32, ">= 1")
+    num_threads: int = _in(0, ">= 0")
 
 
 @dataclass
 class EvaluateConfig:
-    gallery_size: int = 12
-    gallery_columns: int = 3
-    report_images_per_cell: int = 48
+    gallery_size: int = _in(12, ">= 0")
+    gallery_columns: int = _in(3, ">= 1")
+    report_images_per_cell: int = _in(48, ">= 1")
     tta: bool = False
 
 
@@ -155,21 +171,21 @@ EXPORT_FORMATS = ("keras", "float32", "float16", "int8")
 
 @dataclass
 class ExportTargets:
-    keras: float = 0.99
-    float32: float = 0.99
-    float16: float = 0.99
-    int8: float = 0.97
+    keras: float = _in(0.99, UNIT)
+    float32: float = _in(0.99, UNIT)
+    float16: float = _in(0.99, UNIT)
+    int8: float = _in(0.97, UNIT)
 
 
 @dataclass
 class ExportConfig:
     formats: list[str] = field(default_factory=list)
-    int8_io: str = "uint8"
-    representative_samples: int = 100
+    int8_io: str = _one_of("uint8", "int8")
+    representative_samples: int = _in(100, ">= 1")
     targets: ExportTargets = field(default_factory=ExportTargets)
-    latency_runs: int = 20
-    latency_warmup: int = 3
-    num_threads: int = 0
+    latency_runs: int = _in(20, ">= 1")
+    latency_warmup: int = _in(3, ">= 0")
+    num_threads: int = _in(0, ">= 0")
 
 
 #: The MLflow store, experiment and registered model of the default (synthetic) data.
@@ -188,9 +204,9 @@ class TrackingConfig:
     run_name: str | None = None
     log_model: bool = True
     registered_model: str | None = AUTO
-    timeout_s: float = 10.0
-    http_retries: int = 3
-    http_backoff_factor: int = 1
+    timeout_s: float = _in(10.0, "> 0")
+    http_retries: int = _in(3, "in [0, 10]")  # MLflow's limits
+    http_backoff_factor: int = _in(1, "in [0, 120]")
 
 
 @dataclass
@@ -255,47 +271,7 @@ def solver(c: Any) -> str:
     return c.train.solver
 
 
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "data.source": ("synthetic", "folder"),
-    "data.resize": ("stretch", "pad", "crop"),
-    "data.leakage": ("fail", "warn"),
-    "data.synthetic.format": ("png", "jpg"),
-    "model.name": ("mobilenet_v2",),
-    "model.alpha": (0.35, 0.5, 0.75, 1.0, 1.3, 1.4),  # Keras' MobileNetV2 ImageNet weights
-    "model.head_init": ("zeros", "glorot_uniform", "he_normal"),
-    "train.solver": ("auto", "lbfgs", "keras"),
-    "train.class_weight": ("none", "auto"),
-    "train.save_model": ("auto", "always", "never"),
-    "train.optimizer": ("adam", "sgd", "rmsprop", "adamw"),
-    "train.lr_schedule": ("none", "cosine", "reduce_on_plateau"),
-    "train.strategy": ("default", "mirrored"),
-    "train.augment.flip": ("none", "horizontal", "vertical", "horizontal_and_vertical"),
-    "export.int8_io": ("uint8", "int8"),
-}
 IMAGENET_SIZES = (96, 128, 160, 192, 224)
-_AUGMENTS = ("rotation", "zoom", "translation", "contrast", "brightness")
-#: Range -> the keys that must be in it (`>= n`, `> n` or an interval: also the error message).
-_RANGES = {
-    ">= 0": "data.split.train data.split.val data.split.test train.plateau.patience "
-    "train.plateau.min_delta train.plateau.min_lr train.early_stopping.patience "
-    "train.early_stopping.min_delta featurize.num_threads evaluate.gallery_size "
-    "export.latency_warmup export.num_threads",
-    ">= 1": "data.min_images_per_class data.synthetic.train_per_class "
-    "data.synthetic.val_per_class data.synthetic.test_per_class train.max_iter train.epochs "
-    "train.batch_size train.fine_tune.unfreeze_top_n train.fine_tune.epochs "
-    "featurize.batch_size evaluate.gallery_columns evaluate.report_images_per_cell "
-    "export.representative_samples export.latency_runs",
-    ">= 3": "train.crossval_folds",  # fold i tests, i + 1 validates: 2 would leave none to train
-    ">= 32": "data.image_size data.synthetic.size",
-    "> 0": "data.max_pixels train.learning_rate train.fine_tune.learning_rate tracking.timeout_s",
-    "in [0, 1]": "data.max_rejected_fraction data.synthetic.difficulty "
-    + " ".join(f"train.augment.{k}" for k in _AUGMENTS)
-    + " ".join(f" export.targets.{f}" for f in EXPORT_FORMATS),
-    "in [0, 1)": "model.dropout train.label_smoothing",
-    "in (0, 1)": "train.plateau.factor",
-    "in [0, 10]": "tracking.http_retries",  # MLflow's limits
-    "in [0, 120]": "tracking.http_backoff_factor",
-}
 
 
 def _in_range(value: float, spec: str) -> bool:
@@ -342,20 +318,25 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0]
 
 
-def _invalid(c: Any, key: str, msg: str) -> ConfigError:
-    return ConfigError(f"Invalid configuration: {key}={OmegaConf.select(c, key)!r}: {msg}")
+def _invalid(key: str, value: Any, msg: str) -> ConfigError:
+    return ConfigError(f"Invalid configuration: {key}={value!r}: {msg}")
+
+
+def _check_fields(node: DictConfig, prefix: str) -> None:
+    """The `_in` bounds and `_one_of` choices of every field below `node`."""
+    for f in fields(OmegaConf.get_type(node)):  # type: ignore[arg-type]
+        value, key = node[f.name], f"{prefix}{f.name}"
+        if isinstance(value, DictConfig):
+            _check_fields(value, f"{key}.")
+        elif "bounds" in f.metadata and not _in_range(value, f.metadata["bounds"]):
+            raise _invalid(key, value, f"must be {f.metadata['bounds']}")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            choices = ", ".join(map(str, f.metadata["choices"]))
+            raise _invalid(key, value, f"must be one of {choices}")
 
 
 def _check_values(c: Any) -> None:
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(c, key)  # None: data.synthetic of the folder source
-        if value not in choices and not (value is None and key.startswith("data.synthetic")):
-            raise _invalid(c, key, f"must be one of {', '.join(map(str, choices))}")
-    for spec, keys in _RANGES.items():
-        for key in keys.split():
-            value = OmegaConf.select(c, key)
-            if value is not None and not _in_range(value, spec):
-                raise _invalid(c, key, f"must be {spec}")
+    _check_fields(c, "")
     d, t, a, formats = c.data, c.train, c.train.augment, list(c.export.formats)
     hint = "`python -m pipeline.params --use-folder /path/to/photos`"
     rules = [
@@ -378,7 +359,7 @@ def _check_values(c: Any) -> None:
             "(set data.image_size to one of them, or model.weights=null)",
         ),
         (
-            not a.enabled or a.flip != "none" or any(a[k] > 0 for k in _AUGMENTS),
+            not a.enabled or a.flip != "none" or any(a[k] > 0 for k in AUGMENTS),
             "train.augment.enabled",
             "is true but flip is none and every factor is 0",
         ),
@@ -395,7 +376,7 @@ def _check_values(c: Any) -> None:
     ]
     for ok, key, msg in rules:
         if not ok:
-            raise _invalid(c, key, msg)
+            raise _invalid(key, OmegaConf.select(c, key), msg)
 
 
 def _solver_rules(c: Any) -> list[tuple[bool, str, str]]:
