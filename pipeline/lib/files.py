@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -50,23 +51,22 @@ def remove_stale_temps(target: PathLike) -> list[Path]:
     """Remove the temporaries (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>`) that killed steps left
     beside `target`; those of live processes and of this one stay. Returns what was removed."""
     target = Path(target)
-    removed: list[Path] = []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)(?:-.*)?")
     try:
-        entries = list(os.scandir(target.parent))
+        names = sorted(os.listdir(target.parent))
     except OSError:
-        return removed
-    for entry in entries:
-        for prefix in (f".{target.name}.tmp-", f".{target.name}.old-"):
-            if not entry.name.startswith(prefix):
-                continue
-            pid = entry.name[len(prefix) :].split("-", 1)[0]
-            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                Path(entry.path).unlink(missing_ok=True)
-            removed.append(Path(entry.path))
+        return []
+    removed = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match or int(match[1]) == os.getpid() or _alive(int(match[1])):
+            continue
+        path = target.parent / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
     return removed
 
 

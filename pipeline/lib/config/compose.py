@@ -21,18 +21,15 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.lib.config.schema import ConfigError, validate
+from pipeline.lib.config.schema import Config, ConfigError, validate
 
 #: The first line of a `params.yaml` written by `write_params`, followed by the overrides (JSON).
 HEADER = "# composed from conf/ by `python -m pipeline.params`; overrides: "
-MAX_LISTED = 5
 
 
 def compose(conf_dir: Path, overrides: list[str] | None = None) -> DictConfig:
-    """`conf_dir/config.yaml` composed by Hydra with `overrides` and resolved, as DVC does.
-
-    Raises ConfigError (one line) on a YAML error, an unknown group option or key.
-    """
+    """`conf_dir/config.yaml` composed with `overrides` and resolved, as DVC does; ConfigError
+    (one line) on a YAML error, an unknown group option or key."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(Path(conf_dir).resolve()), version_base="1.3"):
@@ -71,10 +68,8 @@ def write_params(
 
 
 def load_params(path: Path) -> tuple[dict[str, Any], list[str] | None]:
-    """(the values in `path`, the overrides its header records, None without one).
-
-    Raises ConfigError when `path` is missing or not YAML (file and line named).
-    """
+    """(values, the overrides its header records or None); ConfigError when `path` is missing or
+    not YAML (file and line named)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -96,12 +91,12 @@ def in_dvc_experiment() -> bool:
     return any(os.environ.get(name) for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"))
 
 
-def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain nested dicts."""
+def differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in `a`, value in `b`) where two plain nested dicts differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(set(a) | set(b), key=str)
         return [d for k in keys for d in differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix[:-1]]
+    return [] if a == b else [(prefix[:-1], a, b)]
 
 
 def validate_composed(conf_dir: Path, composed: DictConfig | dict[str, Any]) -> None:
@@ -109,9 +104,8 @@ def validate_composed(conf_dir: Path, composed: DictConfig | dict[str, Any]) -> 
     try:
         validate(composed)
     except ConfigError as exc:
-        raise ConfigError(
-            f"{locate_key(conf_dir, str(exc)) or f'{display(conf_dir)}/'}: {exc}"
-        ) from None
+        where = locate_key(conf_dir, str(exc)) or f"{display(conf_dir)}/"
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def locate_key(conf_dir: Path, message: str) -> str | None:
@@ -131,7 +125,7 @@ def locate_key(conf_dir: Path, message: str) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def check_params(root: Path) -> DictConfig:
+def check_params(root: Path) -> Config:
     """The `config` stage: `root/params.yaml` is valid and (outside `dvc exp run`) composed from
     the current `conf/`. Returns the validated config; raises ConfigError naming the bad key or
     the keys that differ and the command that recomposes it."""
@@ -143,20 +137,15 @@ def check_params(root: Path) -> DictConfig:
         where = locate_key(root / "conf", str(exc))
         raise ConfigError(f"params.yaml{f' (from {where})' if where else ''}: {exc}") from None
     if in_dvc_experiment():
-        return cfg  # type: ignore[return-value]
+        return cfg
     composed: Any = OmegaConf.to_container(compose(root / "conf", overrides or []))
     validate_composed(root / "conf", composed)
     if diff := differences(composed, values):
-        select = OmegaConf.select
-        shown = ", ".join(
-            f"{k} (conf/: {select(OmegaConf.create(composed), k)!r}, "
-            f"params.yaml: {select(OmegaConf.create(values), k)!r})"
-            for k in diff[:MAX_LISTED]
-        )
-        more = f" and {len(diff) - MAX_LISTED} more" if len(diff) > MAX_LISTED else ""
+        shown = ", ".join(f"{k} (conf/: {a!r}, params.yaml: {b!r})" for k, a, b in diff[:5])
+        more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
         again = " ".join(["python -m pipeline.params", *(overrides or [])])
         raise ConfigError(
             f"params.yaml is out of date with conf/: {shown}{more}. Recompose it with "
             f"`{again}` (or `make params`), or run `dvc exp run`, which recomposes it."
         )
-    return cfg  # type: ignore[return-value]
+    return cfg

@@ -338,40 +338,27 @@ def _check_fields(node: DictConfig, prefix: str) -> None:
 def _check_values(c: Any) -> None:
     _check_fields(c, "")
     d, t, a, formats = c.data, c.train, c.train.augment, list(c.export.formats)
-    hint = "`python -m pipeline.params --use-folder /path/to/photos`"
+    synthetic, use = d.source == "synthetic", "`python -m pipeline.params --use-folder PATH`"
+    c_ok = t.C in ("auto", None) or type(t.C) in (int, float) and t.C > 0
     rules = [
-        (d.source != "folder" or d.path, "data.path", f"data.source=folder needs it: {hint}"),
-        (
-            d.source != "synthetic" or not d.path,
-            "data.path",
-            f"is where your photos are, but data.source=synthetic: unset it, or {hint}",
-        ),
-        (
-            d.source != "synthetic" or (d.synthetic is not None and d.synthetic.dir),
-            "data.synthetic.dir",
-            "must be set for data.source=synthetic",
-        ),
+        (synthetic or d.path, "data.path", f"data.source=folder needs your photos' folder: {use}"),
+        (not (synthetic and d.path), "data.path", f"is for data.source=folder: unset it, or {use}"),
+        (not synthetic or d.synthetic and d.synthetic.dir, "data.synthetic.dir", "must be set"),
         (d.split.train > 0 and d.split.test > 0, "data.split", "train and test must be > 0"),
         (
             d.image_size in IMAGENET_SIZES or c.model.weights != "imagenet",
             "data.image_size",
-            f"Keras has ImageNet weights for MobileNetV2 only at sizes {IMAGENET_SIZES} "
-            "(set data.image_size to one of them, or model.weights=null)",
+            f"ImageNet weights exist at sizes {IMAGENET_SIZES}: pick one, or model.weights=null",
         ),
         (
             not a.enabled or a.flip != "none" or any(a[k] > 0 for k in AUGMENTS),
             "train.augment.enabled",
             "is true but flip is none and every factor is 0",
         ),
-        (
-            t.C in ("auto", None)
-            or (isinstance(t.C, int | float) and not isinstance(t.C, bool) and t.C > 0),
-            "train.C",
-            "must be `auto`, a number > 0 or null",
-        ),
+        (c_ok, "train.C", "must be `auto`, a number > 0 or null"),
         (set(formats) <= set(EXPORT_FORMATS), "export.formats", f"choose {EXPORT_FORMATS}"),
         (len(set(formats)) == len(formats), "export.formats", "lists a format twice"),
-        (bool(c.tracking.uri), "tracking.uri", "must not be empty"),
+        (c.tracking.uri, "tracking.uri", "must not be empty"),
         *_solver_rules(c),
     ]
     for ok, key, msg in rules:
@@ -379,11 +366,12 @@ def _check_values(c: Any) -> None:
             raise _invalid(key, OmegaConf.select(c, key), msg)
 
 
-def _solver_rules(c: Any) -> list[tuple[bool, str, str]]:
+def _solver_rules(c: Any) -> list[tuple[Any, str, str]]:
     """A setting the chosen solver does not read is refused, not ignored."""
     if solver(c) == "keras":
-        refit = not c.train.refit_on_train_val
-        return [(refit, "train.refit_on_train_val", "works with train.solver=lbfgs only")]
+        return [
+            (not c.train.refit_on_train_val, "train.refit_on_train_val", "needs train.solver=lbfgs")
+        ]
     defaults = OmegaConf.structured(Config)
     changed = [k for k in KERAS_ONLY if OmegaConf.select(c, k) != OmegaConf.select(defaults, k)]
     if changed:
@@ -392,14 +380,9 @@ def _solver_rules(c: Any) -> list[tuple[bool, str, str]]:
             "train.solver=lbfgs fits the head to its exact optimum: drop the override(s), or "
             "set train.solver=keras"
         )
-    must_flow = ", ".join(images_must_flow(c))
+    flow = ", ".join(images_must_flow(c))
     return [
-        (
-            not must_flow,
-            "train.solver",
-            f"lbfgs fits the head on cached features, but {must_flow} needs images: "
-            "use train.solver=keras (or auto)",
-        ),
+        (not flow, "train.solver", f"fits cached features, but {flow} needs images: use keras"),
         (c.train.C is not None, "train.C", "has no optimum with lbfgs: give a number > 0 or auto"),
     ]
 
