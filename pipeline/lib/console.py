@@ -1,11 +1,5 @@
-"""A quiet console: TensorFlow, absl, MLflow and the TFLite converter are silenced where they
-print, so a step shows its progress bars, its own lines and real problems only.
-
-`setup()` runs once when `pipeline` is imported, before TensorFlow: `TF_CPP_MIN_LOG_LEVEL=3` and
-MLflow at WARNING (unless set), absl at ERROR, `NOISE_WARNINGS` ignored, tqdm redrawn every 30 s
-at most off a terminal, and the `TF_NOTICES` that `import tensorflow` writes to fd 2 dropped.
-`PIPELINE_VERBOSE=1` turns all of this off.
-"""
+"""A quiet console: a step shows its progress bars, its own lines and real problems only.
+`PIPELINE_VERBOSE=1` shows every library's output again."""
 
 from __future__ import annotations
 
@@ -33,11 +27,9 @@ TF_NOTICES = (
 )
 #: (message regex, module regex) of warnings that say nothing to a user of this pipeline.
 NOISE_WARNINGS = (
-    # mlflow.data.from_pandas(source=<folder>): two equal candidates
     (r"The specified dataset source can be interpreted in multiple ways", r"mlflow\."),
-    (r"Hint: Inferred schema contains integer column", r"mlflow\."),  # the manifest's labels
-    # TFLite int8 conversion: the converter quantizes the float input itself
-    (r"Statistics for quantized inputs were expected", r"tensorflow\."),
+    (r"Hint: Inferred schema contains integer column", r"mlflow\."),
+    (r"Statistics for quantized inputs were expected", r"tensorflow\."),  # int8 conversion
 )
 
 
@@ -47,7 +39,9 @@ def verbose() -> bool:
 
 
 def setup() -> None:
-    """Quiet the libraries (see the module docstring); nothing when `verbose()`. Idempotent."""
+    """Run when `pipeline` is imported, before TensorFlow (idempotent): `TF_CPP_MIN_LOG_LEVEL=3`
+    and MLflow at WARNING unless set, absl at ERROR, `NOISE_WARNINGS` ignored, tqdm redrawn every
+    30 s at most off a terminal, and `TF_NOTICES` dropped from what `import tensorflow` prints."""
     if verbose():
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -63,8 +57,7 @@ def setup() -> None:
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` once, its loader's `exec_module` run inside `stderr_without(*TF_NOTICES)`,
-    and leaves `sys.meta_path`."""
+    """Finds `tensorflow` once, to import it inside `stderr_without(*TF_NOTICES)`."""
 
     def find_spec(
         self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None

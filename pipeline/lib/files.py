@@ -1,5 +1,4 @@
-"""Outputs written atomically, so a killed or failing step never leaves half of one behind; and
-the content hashes DVC records."""
+"""Outputs written atomically (a killed or failing step never leaves half of one), DVC's hashes."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """What every stage's Hydra entry point shares: a pre-flight check of the config file and
-overrides, validation, per-job outputs in a sweep, and user errors as one line with exit 2::
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-    def hydra_main(cfg: DictConfig) -> Any:
-        return run_step(train, cfg)
-
-    main = entry_point(hydra_main, __doc__, sections=("train", "model"))
+overrides, validation, per-job outputs in a sweep, user errors as one line with exit status 2.
+A stage declares `hydra_main(cfg)` (`@hydra.main(config_path=CONF_DIR, ...)`) returning
+`run_step(step, cfg)`, and `main = entry_point(hydra_main, __doc__, sections=("train", ...))`.
 """
 
 from __future__ import annotations
@@ -48,31 +44,26 @@ def _fail(exc: UserError) -> SystemExit:
 def entry_point(
     hydra_main: Callable[[], Any], doc: str | None, sections: tuple[str, ...]
 ) -> Callable[[], Any]:
-    """A stage's `main()`: `--help` prints `doc` and the `sections` of conf/ it reads; otherwise
+    """A stage's `main()`: `--help` prints `doc` and the conf/ `sections` it reads; otherwise
     `preflight`, then Hydra."""
 
     def main() -> Any:
-        if {"-h", "--help"} & set(sys.argv[1:]):
-            try:
-                print(help_text(doc or "", sections))
-            except UserError as exc:
-                raise _fail(exc) from None
-            return None
-        preflight()
-        return hydra_main()
+        if not {"-h", "--help"} & set(sys.argv[1:]):
+            preflight()
+            return hydra_main()
+        try:
+            keys = OmegaConf.to_yaml(OmegaConf.masked_copy(compose(Path(CONF_DIR)), list(sections)))
+        except UserError as exc:
+            raise _fail(exc) from None
+        print(
+            f"{(doc or '').strip()}\n\nMain keys (conf/; override any as key=value, e.g. "
+            f"`{sections[0]}.<key>=...`):\n\n{keys}\nHydra: `-m` sweeps (one MLflow run per job), "
+            "`--cfg job` prints the whole composed config, `--help-hydra` Hydra's own options. "
+            "The DVC stages run the step on params.yaml (`--config-path .. --config-name params`)."
+        )
+        return None
 
     return main
-
-
-def help_text(doc: str, sections: tuple[str, ...]) -> str:
-    keys = OmegaConf.to_yaml(OmegaConf.masked_copy(compose(Path(CONF_DIR)), list(sections)))
-    return (
-        f"{doc.strip()}\n\nMain keys (conf/; override any as key=value, e.g. "
-        f"`{sections[0]}.<key>=...`):\n\n{keys}\n"
-        "Hydra: `-m` sweeps (one MLflow run per job), `--cfg job` prints the whole composed "
-        "config, `--help-hydra` Hydra's own options. The DVC stages run the step on params.yaml "
-        "(`--config-path .. --config-name params`)."
-    )
 
 
 def preflight(argv: list[str] | None = None) -> None:
