@@ -290,15 +290,11 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
     """
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     try:
-        missing = sorted(OmegaConf.missing_keys(raw))
-    except OmegaConfBaseException as exc:  # an interpolation to a missing value
-        raise ConfigError(f"Invalid configuration: {_first_line(exc)}") from None
-    if missing:
-        raise ConfigError(
-            f"Missing configuration value(s): {', '.join(missing)} (marked ???). Set it, e.g. "
-            f"`python -m pipeline.prepare {missing[0]}=...`."
-        )
-    try:
+        if missing := sorted(OmegaConf.missing_keys(raw)):
+            raise ConfigError(
+                f"Missing configuration value(s): {', '.join(missing)} (marked ???). Set it, "
+                f"e.g. `python -m pipeline.prepare {missing[0]}=...`."
+            )
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:

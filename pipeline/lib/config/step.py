@@ -16,7 +16,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.lib.config.compose import compose, in_dvc_experiment, load_params, validate_composed
 from pipeline.lib.config.schema import Config, ConfigError, validate
@@ -103,25 +103,17 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def redirect_outputs(cfg: DictConfig, out_dir: Path) -> DictConfig:
-    """A sweep job's models, reports, exports and run file go to its Hydra job folder, never into
-    the DVC-tracked paths (inputs such as the prepared data stay shared)."""
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[assignment]
-    with open_dict(cfg):
-        for key in ("models", "reports", "exports"):
-            cfg.paths[key] = str(out_dir / key)
-        cfg.paths.run_file = str(out_dir / "mlflow_run.json")
-    return cfg
-
-
 def run_step(step: Callable[[Config], Any], cfg: DictConfig) -> Any:
     """Validate `cfg` and run `step` on it; a UserError becomes one line and exit status 2."""
     try:
         if HydraConfig.initialized() and HydraConfig.get().job.chdir:  # set in a config file
             raise ConfigError(CHDIR_REFUSED)
         check_git_identity()
-        if in_multirun() and "paths" in cfg:
-            cfg = redirect_outputs(cfg, Path(HydraConfig.get().runtime.output_dir))
+        if in_multirun() and "paths" in cfg:  # outputs to the job's folder, not DVC's paths
+            out = Path(HydraConfig.get().runtime.output_dir)
+            paths = {k: str(out / k) for k in ("models", "reports", "exports")}
+            paths["run_file"] = str(out / "mlflow_run.json")
+            cfg = OmegaConf.merge(cfg, {"paths": paths})  # type: ignore[assignment]
         return step(validate(cfg))
     except UserError as exc:
         log.debug("%s", exc)  # the job's log file; the console gets the one line
