@@ -1,12 +1,10 @@
 """Compose `params.yaml` from `conf/`, or check that it is up to date (the `config` stage).
 
-    python -m pipeline.params                      # the defaults (`make params`)
-    python -m pipeline.params train.C=3            # with Hydra overrides
-    python -m pipeline.params --check              # valid, and composed from the current conf/
-    python -m pipeline.params --use-folder PATH    # your photos, for every later run (in conf/)
-    python -m pipeline.params --use-synthetic      # back to the generated toy trucks
-
-A bad key or value is one line naming it, exit status 2, and nothing is written.
+python -m pipeline.params                      # the defaults (`make params`)
+python -m pipeline.params train.C=3            # with Hydra overrides
+python -m pipeline.params --check              # valid, and composed from the current conf/
+python -m pipeline.params --use-folder PATH    # your photos, for every later run (in conf/)
+python -m pipeline.params --use-synthetic      # back to the generated toy trucks
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Write the offline `dvc plots show` template (Vega bundled inline) and point DVC at it.
 
-    python -m pipeline.plots_template            # .venv/dvc_plots_template.html, .dvc/config.local
-    python -m pipeline.plots_template PATH --no-config
-
-`make install` runs it; the setting goes to `.dvc/config.local` (this clone only).
+python -m pipeline.plots_template            # .venv/dvc_plots_template.html, .dvc/config.local
+python -m pipeline.plots_template PATH --no-config
 """
 
 from __future__ import annotations

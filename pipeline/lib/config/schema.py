@@ -1,10 +1,5 @@
-"""The typed configuration schema, checked at the start of every step.
-
-`conf/` (plain YAML composed by Hydra, documented there) is the source of truth and `params.yaml`
-its composed snapshot. `validate` merges either onto these dataclasses: an unknown key, a wrong
-type or an out-of-range value raises `ConfigError` naming the key, before any work. The YAML holds
-no Python references, so DVC's Hydra composition (`dvc exp run -S ...`) never imports this package.
-"""
+"""The typed configuration schema that every step validates `conf/` (documented there, free of
+Python references so DVC composes it alone) or its snapshot `params.yaml` against first."""
 
 from __future__ import annotations
 
@@ -40,9 +35,9 @@ UNIT = "in [0, 1]"
 class SplitRatios:
     """Per-class split fractions of a folder without split folders (normalised to sum 1)."""
 
-    train: float = _in(0.7, ">= 0")
+    train: float = _in(0.7, "> 0")
     val: float = _in(0.15, ">= 0")
-    test: float = _in(0.15, ">= 0")
+    test: float = _in(0.15, "> 0")
 
 
 @dataclass
@@ -299,7 +294,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"Invalid configuration at key '{key}': {_first_line(exc)}") from None
+        first_line = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"Invalid configuration at key '{key}': {first_line}") from None
     _check_values(merged)
     experiment, registered = tracking_names(merged.data)
     if merged.tracking.experiment == AUTO:
@@ -308,10 +304,6 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         merged.tracking.registered_model = registered
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]  # a DictConfig typed as Config
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0]
 
 
 def _invalid(key: str, value: Any, msg: str) -> ConfigError:
@@ -336,11 +328,13 @@ def _check_values(c: Any) -> None:
     d, t, a, formats = c.data, c.train, c.train.augment, list(c.export.formats)
     synthetic, use = d.source == "synthetic", "`python -m pipeline.params --use-folder PATH`"
     c_ok = t.C in ("auto", None) or type(t.C) in (int, float) and t.C > 0
+    keras, flow = solver(c) == "keras", ", ".join(images_must_flow(c))
+    defaults = OmegaConf.structured(Config)
+    changed = [k for k in KERAS_ONLY if OmegaConf.select(c, k) != OmegaConf.select(defaults, k)]
     rules = [
         (synthetic or d.path, "data.path", f"data.source=folder needs your photos' folder: {use}"),
         (not (synthetic and d.path), "data.path", f"is for data.source=folder: unset it, or {use}"),
         (not synthetic or d.synthetic and d.synthetic.dir, "data.synthetic.dir", "must be set"),
-        (d.split.train > 0 and d.split.test > 0, "data.split", "train and test must be > 0"),
         (
             d.image_size in IMAGENET_SIZES or c.model.weights != "imagenet",
             "data.image_size",
@@ -355,32 +349,20 @@ def _check_values(c: Any) -> None:
         (set(formats) <= set(EXPORT_FORMATS), "export.formats", f"choose {EXPORT_FORMATS}"),
         (len(set(formats)) == len(formats), "export.formats", "lists a format twice"),
         (c.tracking.uri, "tracking.uri", "must not be empty"),
-        *_solver_rules(c),
+        # a setting the chosen solver does not read is refused, not ignored
+        (not (keras and t.refit_on_train_val), "train.refit_on_train_val", "needs solver=lbfgs"),
+        (keras or not flow, "train.solver", f"fits cached features; {flow} needs images (keras)"),
+        (keras or t.C is not None, "train.C", "has no lbfgs optimum: give a number > 0 or auto"),
+        (
+            keras or not changed,
+            "train.solver",
+            f"fits the head with lbfgs, to its exact optimum: {', '.join(changed)} only matter(s) "
+            "to Keras fit: drop the override(s), or set train.solver=keras",
+        ),
     ]
     for ok, key, msg in rules:
         if not ok:
             raise _invalid(key, OmegaConf.select(c, key), msg)
-
-
-def _solver_rules(c: Any) -> list[tuple[Any, str, str]]:
-    """A setting the chosen solver does not read is refused, not ignored."""
-    if solver(c) == "keras":
-        return [
-            (not c.train.refit_on_train_val, "train.refit_on_train_val", "needs train.solver=lbfgs")
-        ]
-    defaults = OmegaConf.structured(Config)
-    changed = [k for k in KERAS_ONLY if OmegaConf.select(c, k) != OmegaConf.select(defaults, k)]
-    if changed:
-        raise ConfigError(
-            f"Invalid configuration: {', '.join(changed)} only matter(s) to Keras fit, and "
-            "train.solver=lbfgs fits the head to its exact optimum: drop the override(s), or "
-            "set train.solver=keras"
-        )
-    flow = ", ".join(images_must_flow(c))
-    return [
-        (not flow, "train.solver", f"fits cached features, but {flow} needs images: use keras"),
-        (c.train.C is not None, "train.C", "has no optimum with lbfgs: give a number > 0 or auto"),
-    ]
 
 
 def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
