@@ -34,7 +34,6 @@ NOISE_WARNINGS = (
 
 
 def verbose() -> bool:
-    """Whether `PIPELINE_VERBOSE` asks for every library's output."""
     return os.environ.get("PIPELINE_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
 
 

@@ -28,11 +28,10 @@ def no_space_error(exc: OSError, target: PathLike, key: str) -> NoSpaceError | N
     full disk, quota or file-size limit; None for any other OSError."""
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return None
+    where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc.strerror or exc
     return NoSpaceError(
-        f"No space left to write {target} ({exc.strerror or exc}"
-        + (f": {exc.filename}" if exc.filename else "")
-        + f"): free some space on that disk or set {key} to a folder on another one. The "
-        "partly written output was removed."
+        f"No space left to write {target} ({where}): free some space on that disk or set {key} "
+        "to a folder on another one. The partly written output was removed."
     )
 
 
@@ -71,10 +70,9 @@ def remove_stale_temps(target: PathLike) -> list[Path]:
 
 def _honour_umask(path: PathLike) -> None:
     """0600/0700 from `tempfile` -> what `open`/`mkdir` give: 0666/0777 less the umask."""
-    try:  # /proc, so that no other thread sees the umask changed
-        with open("/proc/self/status", encoding="ascii") as fh:
-            mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
-    except (OSError, ValueError, StopIteration):
+    try:  # from /proc, so that no other thread sees the umask changed
+        mask = int(re.findall(r"Umask:\s*(\d+)", Path("/proc/self/status").read_text())[0], 8)
+    except (OSError, IndexError):
         mask = os.umask(0o022)
         os.umask(mask)
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)

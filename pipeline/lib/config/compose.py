@@ -1,9 +1,5 @@
-"""`params.yaml`: the composed, validated snapshot of `conf/` that the DVC stages run on.
-
-`python -m pipeline.params [OVERRIDES]` writes it (overrides recorded on its first line), as
-`dvc exp run -S ...` does with DVC's own Hydra composition. `check_params` is the `config` stage:
-outside a DVC experiment, `params.yaml` must equal `conf/` composed with its recorded overrides.
-"""
+"""`params.yaml`, the validated composition of `conf/` the DVC stages run on, as
+`python -m pipeline.params [OVERRIDES]` and `dvc exp run -S ...` write it."""
 
 from __future__ import annotations
 
@@ -22,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.lib.config.schema import Config, ConfigError, validate
+from pipeline.lib.files import atomic_file
 
 #: The first line of a `params.yaml` written by `write_params`, followed by the overrides (JSON).
 HEADER = "# composed from conf/ by `python -m pipeline.params`; overrides: "
@@ -61,9 +58,8 @@ def write_params(
     cfg = compose(Path(root) / "conf", overrides)
     validate_composed(Path(root) / "conf", cfg)
     output = Path(output or Path(root) / "params.yaml")
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    tmp.write_text(HEADER + json.dumps(overrides) + "\n" + OmegaConf.to_yaml(cfg), "utf-8")
-    tmp.replace(output)
+    with atomic_file(output) as fh:
+        fh.write(HEADER + json.dumps(overrides) + "\n" + OmegaConf.to_yaml(cfg))
     return output
 
 
@@ -126,9 +122,8 @@ def locate_key(conf_dir: Path, message: str) -> str | None:
 
 
 def check_params(root: Path) -> Config:
-    """The `config` stage: `root/params.yaml` is valid and (outside `dvc exp run`) composed from
-    the current `conf/`. Returns the validated config; raises ConfigError naming the bad key or
-    the keys that differ and the command that recomposes it."""
+    """The `config` stage: `root/params.yaml`, validated, and (outside `dvc exp run`) equal to
+    `conf/` composed with its overrides, else ConfigError naming the keys and the fix."""
     root = Path(root)
     values, overrides = load_params(root / "params.yaml")
     try:

@@ -120,8 +120,6 @@ class PlateauConfig:
 
 @dataclass
 class TrainConfig:
-    """conf/train/: the head's solver and penalty, then the settings only Keras `fit` reads."""
-
     solver: str = _one_of("auto", "lbfgs", "keras")
     C: Any = "auto"  # "auto", a number > 0, or None (keras only)
     max_iter: int = _in(1000, ">= 1")
@@ -297,11 +295,10 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         first_line = str(exc).strip().splitlines()[0]
         raise ConfigError(f"Invalid configuration at key '{key}': {first_line}") from None
     _check_values(merged)
-    experiment, registered = tracking_names(merged.data)
-    if merged.tracking.experiment == AUTO:
-        merged.tracking.experiment = experiment
-    if merged.tracking.registered_model == AUTO:
-        merged.tracking.registered_model = registered
+    names = tracking_names(merged.data)
+    for key, name in zip(("experiment", "registered_model"), names, strict=True):
+        if merged.tracking[key] == AUTO:
+            merged.tracking[key] = name
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]  # a DictConfig typed as Config
 
@@ -327,6 +324,9 @@ def _check_values(c: Any) -> None:
     _check_fields(c, "")
     d, t, a, formats = c.data, c.train, c.train.augment, list(c.export.formats)
     synthetic, use = d.source == "synthetic", "`python -m pipeline.params --use-folder PATH`"
+    sized = d.image_size in IMAGENET_SIZES or c.model.weights != "imagenet"
+    no_weights = "or set model.weights=null"
+    augments = a.flip != "none" or any(a[k] > 0 for k in AUGMENTS)
     c_ok = t.C in ("auto", None) or type(t.C) in (int, float) and t.C > 0
     keras, flow = solver(c) == "keras", ", ".join(images_must_flow(c))
     defaults = OmegaConf.structured(Config)
@@ -335,16 +335,8 @@ def _check_values(c: Any) -> None:
         (synthetic or d.path, "data.path", f"data.source=folder needs your photos' folder: {use}"),
         (not (synthetic and d.path), "data.path", f"is for data.source=folder: unset it, or {use}"),
         (not synthetic or d.synthetic and d.synthetic.dir, "data.synthetic.dir", "must be set"),
-        (
-            d.image_size in IMAGENET_SIZES or c.model.weights != "imagenet",
-            "data.image_size",
-            f"ImageNet weights exist at sizes {IMAGENET_SIZES}: pick one, or model.weights=null",
-        ),
-        (
-            not a.enabled or a.flip != "none" or any(a[k] > 0 for k in AUGMENTS),
-            "train.augment.enabled",
-            "is true but flip is none and every factor is 0",
-        ),
+        (sized, "data.image_size", f"ImageNet weights exist at {IMAGENET_SIZES} ({no_weights})"),
+        (not a.enabled or augments, "train.augment.enabled", "does nothing: flip none, factors 0"),
         (c_ok, "train.C", "must be `auto`, a number > 0 or null"),
         (set(formats) <= set(EXPORT_FORMATS), "export.formats", f"choose {EXPORT_FORMATS}"),
         (len(set(formats)) == len(formats), "export.formats", "lists a format twice"),
@@ -370,8 +362,6 @@ def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
     node = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     flat: dict[str, Any] = {}
     for key, value in node.items():  # type: ignore[union-attr]
-        if isinstance(value, dict):
-            flat.update(to_flat_dict(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
+        leaf = {f"{prefix}{key}": value}
+        flat.update(to_flat_dict(value, f"{prefix}{key}.") if isinstance(value, dict) else leaf)
     return flat

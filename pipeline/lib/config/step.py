@@ -1,8 +1,5 @@
-"""What every stage's Hydra entry point shares: a pre-flight check of the config file and
-overrides, validation, per-job outputs in a sweep, user errors as one line with exit status 2.
-A stage declares `hydra_main(cfg)` (`@hydra.main(config_path=CONF_DIR, ...)`) returning
-`run_step(step, cfg)`, and `main = entry_point(hydra_main, __doc__, sections=("train", ...))`.
-"""
+"""A stage's Hydra entry point: `main = entry_point(hydra_main, __doc__, sections)`, where
+`hydra_main` (`@hydra.main(config_path=CONF_DIR, ...)`) returns `run_step(step, cfg)`."""
 
 from __future__ import annotations
 
@@ -30,10 +27,7 @@ log = logging.getLogger("pipeline")
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 #: `pipeline/`, the folder of the stage modules, which a relative `--config-path` starts from.
 STAGES_DIR = Path(__file__).resolve().parents[2]
-CHDIR_REFUSED = (
-    "hydra.job.chdir=true is not supported: the steps read and write paths relative to the "
-    "project (paths.*). Leave it false; Hydra's run folder still gets the logs."
-)
+CHDIR_REFUSED = "hydra.job.chdir=true is not supported (paths.* are project-relative): unset it"
 
 
 def _fail(exc: UserError) -> SystemExit:
@@ -67,9 +61,8 @@ def entry_point(
 
 
 def preflight(argv: list[str] | None = None) -> None:
-    """Before Hydra (which would print a stack trace): a `--config-name` file must parse as YAML;
-    a run on conf/ is composed and validated with its overrides; `hydra.job.chdir=true` is
-    refused. Exits with status 2 and one line naming the file and line or key."""
+    """Exit 2 with one line (Hydra would print a stack trace) when the `--config-name` file is not
+    YAML, conf/ with the overrides does not validate, or `hydra.job.chdir=true`."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         name = _option(args, "--config-name") or _option(args, "-cn")
@@ -134,9 +127,7 @@ def check_git_identity() -> None:
         if all(os.environ.get(f"GIT_{who}_{env}") for who in ("AUTHOR", "COMMITTER")):
             continue
         try:
-            found = subprocess.run(
-                ["git", "config", "--get", key], capture_output=True, text=True, timeout=10
-            )
+            found = subprocess.run(["git", "config", "--get", key], capture_output=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return  # no git to ask: DVC will say it
         if not found.stdout.strip():
