@@ -1,7 +1,5 @@
 """Experiment-tracked MobileNetV2 transfer learning: DVC stages, Hydra config, MLflow tracking."""
 
-from pipeline.lib import console as _console
+from pipeline.lib import console
 
-# Before any library is imported: TensorFlow, absl and MLflow chatter silenced at the source
-# (`PIPELINE_VERBOSE=1` shows it all again; see pipeline.lib.console).
-_console.setup()
+console.setup()  # before any library is imported: see pipeline.lib.console

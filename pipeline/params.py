@@ -1,13 +1,10 @@
 """Compose `params.yaml` from `conf/`, or check that it is up to date (the `config` stage).
 
-    python -m pipeline.params                      # the defaults (`make params`)
-    python -m pipeline.params train.epochs=4       # with Hydra overrides
-    python -m pipeline.params --check              # valid, and composed from the current conf/
-    python -m pipeline.params --use-folder PATH    # your photos, for every later run (in conf/)
-    python -m pipeline.params --use-synthetic      # back to the generated toy trucks
-
-The file is what DVC's own Hydra composition (`dvc exp run -S ...`) writes, validated against the
-schema first; a bad key or value is one line naming it, exit status 2, and nothing is written.
+python -m pipeline.params                      # the defaults (`make params`)
+python -m pipeline.params train.C=3            # with Hydra overrides
+python -m pipeline.params --check              # valid, and composed from the current conf/
+python -m pipeline.params --use-folder PATH    # your photos, for every later run (in conf/)
+python -m pipeline.params --use-synthetic      # back to the generated toy trucks
 """
 
 from __future__ import annotations
@@ -16,23 +13,18 @@ import sys
 from pathlib import Path
 
 from pipeline.lib.config.compose import check_params, write_params
+from pipeline.lib.data.choice import choose
 from pipeline.lib.errors import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: write params.yaml (from conf/ and overrides), check it (`--check`) or switch
-    the data source (`--use-folder`/`--use-synthetic`); return 0, or 2 after a UserError.
-    """
+    """Run the command line `argv` (default: sys.argv); return the exit status (2: UserError)."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         if args == ["--check"]:
             check_params(Path.cwd())
             print("params.yaml: valid, composed from conf/")
         elif args[:1] in (["--use-folder"], ["--use-synthetic"]):
-            from pipeline.lib.data.choice import choose
-
             print(choose(Path.cwd(), args))
         else:
             print(f"wrote {write_params(Path.cwd(), args)}")

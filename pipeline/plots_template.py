@@ -1,10 +1,7 @@
 """Write the offline `dvc plots show` template (Vega bundled inline) and point DVC at it.
 
-    python -m pipeline.plots_template            # .venv/dvc_plots_template.html, .dvc/config.local
-    python -m pipeline.plots_template PATH --no-config
-
-`make install` runs it: afterwards `dvc plots show` writes a page that needs no internet. The
-setting goes to `.dvc/config.local` (this clone only, not committed).
+python -m pipeline.plots_template            # .venv/dvc_plots_template.html, .dvc/config.local
+python -m pipeline.plots_template PATH --no-config
 """
 
 from __future__ import annotations
@@ -20,9 +17,7 @@ DEFAULT = Path(".venv") / "dvc_plots_template.html"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: write the DVC plots HTML template and, unless --no-config, point
-    `.dvc/config.local`'s plots.html_template at it; return 0.
-    """
+    """Write the template; unless --no-config, set `plots.html_template` in .dvc/config.local."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default=str(DEFAULT), help=f"default: {DEFAULT}")
     parser.add_argument("--no-config", action="store_true", help="leave .dvc/config.local alone")

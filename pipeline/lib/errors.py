@@ -1,14 +1,8 @@
-"""The errors a user can fix: every step shows them as one line and exits with status 2.
-
-Each concern raises its own subclass (`ConfigError`, `DataError`, `WeightsNotFoundError`,
-`TrackingError`, `StageInputError`); `pipeline.lib.config.step.run_step` catches `UserError`.
-"""
-
-from __future__ import annotations
+"""The errors a user can fix: `run_step` shows each as one line and exits with status 2."""
 
 
 class UserError(Exception):
-    """Bad input or configuration: shown as a one-line message naming the file or key, exit 2."""
+    """Bad input or configuration; the message names the file or key and what to do."""
 
 
 class StageInputError(UserError, FileNotFoundError):
