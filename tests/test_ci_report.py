@@ -19,6 +19,7 @@ import yaml
 from pipeline.lib.reporting.ci_report import (
     Change,
     CIReportError,
+    Moved,
     confusion_changes,
     confusion_from_predictions,
     confusion_table,
@@ -70,8 +71,8 @@ def test_confusion_table_and_changes():
     assert table.splitlines()[0] == "| true \\ predicted | bird | cat | dog |"
     assert "| cat | 0 | **1** | 1 |" in table and "| dog | 0 | 0 | **2** |" in table
     assert confusion_changes(base, head) == [
-        {"actual": "cat", "predicted": "cat", "base": 1, "head": 2},
-        {"actual": "cat", "predicted": "dog", "base": 1, "head": 0},
+        Moved(actual="cat", predicted="cat", base=1, head=2),
+        Moved(actual="cat", predicted="dog", base=1, head=0),
     ]
     assert confusion_changes(base, base) == []
 
