@@ -57,8 +57,7 @@ def _save(fig: Figure, path: PathLike) -> Path:
     return path
 
 
-def _text_width_in(chars: int, fontsize: float) -> float:
-    """Rough width, in inches, of `chars` characters of DejaVu Sans at `fontsize` points."""
+def _text_width_in(chars: int, fontsize: float) -> float:  # roughly, in DejaVu Sans
     return chars * fontsize * 0.62 / 72.0
 
 

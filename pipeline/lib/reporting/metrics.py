@@ -31,11 +31,6 @@ class Predictions:
             return np.zeros(0, dtype=np.int64)
         return self.probs.argmax(axis=1).astype(np.int64)
 
-    @property
-    def labels(self) -> list[int]:
-        """0..C-1: every class, also those absent from the split."""
-        return list(range(len(self.classes)))
-
 
 @dataclass(frozen=True)
 class ReliabilityBins:
@@ -158,7 +153,7 @@ def classification_reports(p: Predictions) -> tuple[str, dict[str, Any]]:
     """scikit-learn's classification report as text (4 digits) and as a dict."""
     from sklearn.metrics import classification_report
 
-    kwargs = {"labels": p.labels, "target_names": p.classes, "zero_division": 0}
+    kwargs = {"labels": range(len(p.classes)), "target_names": p.classes, "zero_division": 0}
     text = classification_report(p.y_true, p.y_pred, digits=4, **kwargs)
     return text, classification_report(p.y_true, p.y_pred, output_dict=True, **kwargs)
 
@@ -167,9 +162,10 @@ def confusion(p: Predictions) -> np.ndarray:
     """int64 (C, C) confusion matrix: rows true class, columns predicted class."""
     from sklearn.metrics import confusion_matrix
 
+    n = len(p.classes)
     if not len(p.y_true):
-        return np.zeros((len(p.classes), len(p.classes)), dtype=np.int64)
-    return confusion_matrix(p.y_true, p.y_pred, labels=p.labels).astype(np.int64)
+        return np.zeros((n, n), dtype=np.int64)
+    return confusion_matrix(p.y_true, p.y_pred, labels=range(n)).astype(np.int64)
 
 
 def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
