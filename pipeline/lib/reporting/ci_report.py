@@ -61,14 +61,12 @@ class Change:
     head: object
 
     @property
-    def change(self) -> float | None:
-        """head - base, None unless both are numbers."""
+    def change(self) -> float | None:  # head - base, None unless both are numbers
         a, b = _number(self.base), _number(self.head)
         return b - a if a is not None and b is not None else None
 
     @property
-    def changed(self) -> bool:
-        """Whether the values differ (numbers: by more than TOLERANCE)."""
+    def changed(self) -> bool:  # numbers: by more than TOLERANCE
         change = self.change
         return abs(change) > TOLERANCE if change is not None else self.base != self.head
 
@@ -119,9 +117,8 @@ def resolve_revision(repo: Path, rev: str) -> str:
 def dvc_diff(
     repo: Path | str, kind: str, base: str, head: str = WORKSPACE, warnings: list[str] | None = None
 ) -> list[Change]:
-    """`dvc metrics diff --all` (every metric of both revisions) or `dvc params diff` (the params
-    that differ), kind 'metrics' or 'params'. dvc's warnings (files it could not read at a
-    revision) are appended to `warnings` when given."""
+    """`dvc metrics diff --all` (every metric) or `dvc params diff` (the changed params); dvc's
+    warnings (files it could not read) are appended to `warnings`."""
     revs = [base] if head == WORKSPACE else [base, head]
     extra = ["--all"] if kind == "metrics" else []
     out, warned = _dvc(Path(repo), kind, "diff", *revs, "--json", *extra)
@@ -130,9 +127,7 @@ def dvc_diff(
     try:
         diff = json.loads(out or "{}")
     except json.JSONDecodeError as exc:
-        raise CIReportError(
-            f"dvc {kind} diff printed something that is not JSON: {out[:500]!r}"
-        ) from exc
+        raise CIReportError(f"dvc {kind} diff printed no JSON: {out[:500]!r}") from exc
     return [
         Change(path, name, (entry or {}).get("old"), (entry or {}).get("new"))
         for path, entries in (diff or {}).items()
@@ -141,8 +136,7 @@ def dvc_diff(
 
 
 def read_at_revision(repo: Path | str, path: str, rev: str) -> str | None:
-    """The text of git-tracked `path` (relative to `repo`) at `rev` or in the workspace; None
-    when it does not exist there."""
+    """Git-tracked `path`'s text at `rev` (or in the workspace); None where it does not exist."""
     repo = Path(repo)
     if rev == WORKSPACE:
         file = repo / path
