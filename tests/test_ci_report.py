@@ -1,10 +1,9 @@
 """The pull-request report (`python -m pipeline.ci_report`) and the CI workflow that posts it.
 
-The end-to-end tests use a copy of two commits of the project with `experiment=smoke` (the
-session's `smoke_history`), each after a real run of the pipeline: the first with the smoke
-params, the second after `dvc exp run -S train.epochs=3 -S train.learning_rate=0.01` (train,
-evaluate and export rerun). The report compares them the way CI compares a pull request with its
-base branch.
+The end-to-end tests use two commits of the reproduced `experiment=smoke` project (the session's
+`smoke_project`), each after a real run of the pipeline: the first with the smoke params
+(`train.C=auto`), the second after `dvc exp run -S train.C=0.1` (train, evaluate and export
+rerun). The report compares them the way CI compares a pull request with its base branch.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import yaml
 from pipeline.lib.reporting.ci_report import (
     Change,
     CIReportError,
+    Moved,
     confusion_changes,
     confusion_from_predictions,
     confusion_table,
@@ -28,7 +28,7 @@ from pipeline.lib.reporting.ci_report import (
     verdict,
 )
 from tests.conftest import ROOT
-from tests.project_repo import copy_reproduced, git, run
+from tests.project_repo import copy_reproduced, dvc, git, run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -70,8 +70,8 @@ def test_confusion_table_and_changes():
     assert table.splitlines()[0] == "| true \\ predicted | bird | cat | dog |"
     assert "| cat | 0 | **1** | 1 |" in table and "| dog | 0 | 0 | **2** |" in table
     assert confusion_changes(base, head) == [
-        {"actual": "cat", "predicted": "cat", "base": 1, "head": 2},
-        {"actual": "cat", "predicted": "dog", "base": 1, "head": 0},
+        Moved(actual="cat", predicted="cat", base=1, head=2),
+        Moved(actual="cat", predicted="dog", base=1, head=0),
     ]
     assert confusion_changes(base, base) == []
 
@@ -174,11 +174,17 @@ def test_dvc_failure_exits_2_with_dvc_stderr(
 
 @pytest.fixture(scope="module")
 def history(
-    smoke_history: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory
+    smoke_project: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, str, str]:
-    """(repo, first commit, second commit): smoke run, then train.epochs=3 and lr 0.01."""
-    repo = copy_reproduced(smoke_history[0], tmp_path_factory.mktemp("ci-report-project") / "repo")
-    return repo, smoke_history[1]["first"], smoke_history[1]["second"]
+    """(repo, first commit, second commit): the smoke run, then `dvc exp run -S train.C=0.1`."""
+    repo = copy_reproduced(smoke_project[0], tmp_path_factory.mktemp("ci-report-project") / "repo")
+    git(repo, "add", "-A")  # dvc.lock and the git-tracked reports; DVC-cached outputs are ignored
+    git(repo, "commit", "-qm", "smoke run")
+    first = git(repo, "rev-parse", "HEAD").strip()
+    dvc(repo, "exp", "run", "-S", "experiment=smoke", "-S", "train.C=0.1")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "stronger L2 penalty")
+    return repo, first, git(repo, "rev-parse", "HEAD").strip()
 
 
 def _links(markdown: str) -> list[str]:
@@ -233,8 +239,7 @@ def test_report_between_two_commits(history: tuple[Path, str, str], tmp_path: Pa
 
     # params: exactly what changed between the commits
     params = report.split("### Params", 1)[1].split("###", 1)[0]
-    assert "| `train.epochs` | 2 | 3 |" in params
-    assert "| `train.learning_rate` | 0.001 | 0.01 |" in params
+    assert "| `train.C` | auto | 0.1 |" in params
     assert "model.alpha" not in params  # unchanged params are not listed
 
     # metrics: the test metrics (reports/metrics.json, the one DVC metrics file) with the
@@ -264,7 +269,7 @@ def test_report_against_the_workspace_as_cli(history: tuple[Path, str, str], tmp
     assert "Test accuracy" in proc.stdout
     report = output.read_text()
     assert f"`{first[:7]}` → workspace" in report
-    assert "| `train.epochs` | 2 | 3 |" in report
+    assert "| `train.C` | auto | 0.1 |" in report
     assert _links(report) == ["confusion_base.png", "confusion_head.png"]
     for link in _links(report):
         _assert_png(tmp_path / link)

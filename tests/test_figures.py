@@ -153,6 +153,16 @@ def test_missing_validation_and_missing_metric(tmp_path):
     assert "no accuracy recorded" in texts(figures.learning_curve_figure(epochs, "accuracy"))
 
 
+def test_x_axis_is_named_by_the_history_key():
+    """L-BFGS histories are per iteration, keyed 'step'; Keras' per epoch, keyed 'epoch'."""
+    ax = figures.learning_curve_figure({"step": [0, 1, 2], "loss": [1.0, 0.6, 0.5]}, "loss").axes[0]
+    assert ax.get_xlabel() == "step" and ax.get_title() == "Loss per step"
+    assert "best train: 0.5 (step 2)" in ax.get_legend_handles_labels()[1]
+    assert list(ax.get_lines()[0].get_xdata()) == [0, 1, 2]
+    ax = figures.learning_curve_figure({"epoch": [1, 2], "loss": [1.0, 0.5]}, "loss").axes[0]
+    assert ax.get_xlabel() == "epoch" and ax.get_title() == "Loss per epoch"
+
+
 def test_empty_history_still_writes(tmp_path):
     for path in figures.save_learning_curves({}, tmp_path / "empty", batches=None):
         read_png(path, min_side=100)

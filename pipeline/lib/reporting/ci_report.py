@@ -1,21 +1,18 @@
-"""What a pull request changes, as a Markdown report: metrics, params, confusion matrices.
+"""What a pull request changes, as Markdown: `dvc metrics diff --all` and `dvc params diff` (the
+headline metric first, with a one-line verdict; unchanged metrics folded away), McNemar's test,
+and each revision's test confusion matrix from the git-tracked `reports/predictions.csv`, as PNGs
+(relative links) and as Markdown tables (PR comments may not render images).
 
-    python -m pipeline.ci_report --base origin/main [--head REV|workspace] --output report.md \
-        [--images-dir DIR] [--repo .] [--metric test.accuracy]
+    python -m pipeline.ci_report --base origin/main [--head REV|workspace] --output report.md
 
-Compares two git revisions of a DVC project (the head defaults to the workspace, i.e. what
-`dvc repro` just produced in CI): `dvc metrics diff --all` and `dvc params diff` as tables (unchanged metrics folded away, the
-headline metric first, with a one-line verdict), and the test confusion matrix of each revision
-recomputed from the git-tracked `reports/predictions.csv`, as PNGs (relative links) and as
-Markdown tables (PR comments may not render images).
-
-DVC runs as `sys.executable -m dvc` in the repository; an unknown revision or a failing dvc
-command stops with exit status 2 and the message (dvc's stderr included).
+DVC runs as `sys.executable -m dvc`; an unknown revision or a failing git/dvc command exits
+with status 2 and the message (dvc's stderr included).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -26,14 +23,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.lib.reporting.figures import save_confusion_matrix
 from pipeline.lib.reporting.metrics import McNemar, mcnemar_exact, paired_correct, significance_text
 
 WORKSPACE = "workspace"
 DEFAULT_METRIC = "test.accuracy"
-DEFAULT_METRICS_FILE = "reports/metrics.json"
 DEFAULT_PREDICTIONS = "reports/predictions.csv"
+METRICS_FILE = "reports/metrics.json"
 #: above this many classes the confusion matrix is not written out as a Markdown table
 TEXT_MATRIX_MAX_CLASSES = 12
 #: two metric values closer than this are "unchanged"
@@ -55,8 +53,7 @@ def _number(value: object) -> float | None:
 
 @dataclass(frozen=True)
 class Change:
-    """One metric or param of `dvc metrics/params diff`: its value at each revision (None where
-    the revision lacks it; JSON values: numbers, strings, lists, dicts)."""
+    """One row of `dvc metrics/params diff`: its JSON value at each revision (None: absent)."""
 
     file: str
     name: str  # e.g. 'test.accuracy'
@@ -64,20 +61,21 @@ class Change:
     head: object
 
     @property
-    def change(self) -> float | None:
-        """head - base, None unless both are numbers."""
+    def change(self) -> float | None:  # head - base, None unless both are numbers
         a, b = _number(self.base), _number(self.head)
         return b - a if a is not None and b is not None else None
 
     @property
-    def changed(self) -> bool:
-        """Whether the values differ (numbers: by more than TOLERANCE)."""
+    def changed(self) -> bool:  # numbers: by more than TOLERANCE
         change = self.change
         return abs(change) > TOLERANCE if change is not None else self.base != self.head
 
 
-# --------------------------------------------------------------------------------------------
-# git and dvc
+class Moved(NamedTuple):  # a confusion-matrix cell whose count differs
+    actual: str
+    predicted: str
+    base: int
+    head: int
 
 
 def _dvc(repo: Path, *args: str) -> tuple[str, list[str]]:
@@ -116,19 +114,20 @@ def resolve_revision(repo: Path, rev: str) -> str:
     )
 
 
-def _diff(
-    repo: Path | str, kind: str, base: str, head: str, warnings: list[str] | None, *extra: str
+def dvc_diff(
+    repo: Path | str, kind: str, base: str, head: str = WORKSPACE, warnings: list[str] | None = None
 ) -> list[Change]:
+    """`dvc metrics diff --all` (every metric) or `dvc params diff` (the changed params); dvc's
+    warnings (files it could not read) are appended to `warnings`."""
     revs = [base] if head == WORKSPACE else [base, head]
+    extra = ["--all"] if kind == "metrics" else []
     out, warned = _dvc(Path(repo), kind, "diff", *revs, "--json", *extra)
     if warnings is not None:
         warnings.extend(w for w in warned if w not in warnings)
     try:
         diff = json.loads(out or "{}")
     except json.JSONDecodeError as exc:
-        raise CIReportError(
-            f"dvc {kind} diff printed something that is not JSON: {out[:500]!r}"
-        ) from exc
+        raise CIReportError(f"dvc {kind} diff printed no JSON: {out[:500]!r}") from exc
     return [
         Change(path, name, (entry or {}).get("old"), (entry or {}).get("new"))
         for path, entries in (diff or {}).items()
@@ -136,24 +135,8 @@ def _diff(
     ]
 
 
-def metrics_diff(
-    repo: Path | str, base: str, head: str = WORKSPACE, warnings: list[str] | None = None
-) -> list[Change]:
-    """Every metric of both revisions (`dvc metrics diff --all`). dvc's warnings (files it could
-    not read at a revision) are appended to `warnings` when given."""
-    return _diff(repo, "metrics", base, head, warnings, "--all")
-
-
-def params_diff(
-    repo: Path | str, base: str, head: str = WORKSPACE, warnings: list[str] | None = None
-) -> list[Change]:
-    """The params that differ (`dvc params diff`)."""
-    return _diff(repo, "params", base, head, warnings)
-
-
 def read_at_revision(repo: Path | str, path: str, rev: str) -> str | None:
-    """The text of `path` (relative to `repo`) at git revision `rev`, or the workspace file;
-    None when it does not exist there. Git-tracked files only (DVC-cached outputs are not)."""
+    """Git-tracked `path`'s text at `rev` (or in the workspace); None where it does not exist."""
     repo = Path(repo)
     if rev == WORKSPACE:
         file = repo / path
@@ -162,14 +145,10 @@ def read_at_revision(repo: Path | str, path: str, rev: str) -> str | None:
     return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
 
 
-# --------------------------------------------------------------------------------------------
-# confusion matrix
-
-
 def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = None) -> Confusion:
-    """The confusion matrix of a predictions.csv text (columns include `actual` and `predicted`)
-    in the order `classes` (default: sorted union of actual and predicted labels; labels not in
-    it are appended, sorted). Raises CIReportError when a column is missing."""
+    """The confusion matrix of a predictions.csv text (columns `actual`, `predicted`) in the
+    order `classes` (default: sorted labels; labels not in it are appended, sorted). Raises
+    CIReportError when a column is missing."""
     reader = csv.DictReader(io.StringIO(csv_text))
     missing = {"actual", "predicted"} - set(reader.fieldnames or [])
     if missing:
@@ -188,18 +167,18 @@ def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = No
 
 def confusion_table(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
     """Markdown table: one row per true class, one column per predicted class."""
-    lines = [
-        "| true \\ predicted | " + " | ".join(_md(c) for c in classes) + " |",
-        "| --- |" + " ---: |" * len(classes),
+    rows = [
+        " | ".join(
+            [_md(name), *(f"**{v}**" if i == j and v else str(v) for j, v in enumerate(row))]
+        )
+        for i, (name, row) in enumerate(zip(classes, matrix, strict=False))
     ]
-    for i, (name, row) in enumerate(zip(classes, matrix, strict=False)):
-        cells = [f"**{v}**" if i == j and v else str(v) for j, v in enumerate(row)]
-        lines.append(f"| {_md(name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    header = " | ".join(["true \\ predicted", *map(_md, classes)])
+    return _table(header, " | ".join(["---"] + ["---:"] * len(classes)), rows)
 
 
-def confusion_changes(base: Confusion, head: Confusion) -> list[dict[str, str | int]]:
-    """Cells whose count differs: dicts with actual, predicted, base, head (0 where absent)."""
+def confusion_changes(base: Confusion, head: Confusion) -> list[Moved]:
+    """The cells whose count differs (0 where a side lacks the class), row by row."""
     b, h = (
         {(a, p): m[i][j] for i, a in enumerate(names) for j, p in enumerate(names)}
         for m, names in (base, head)
@@ -207,14 +186,10 @@ def confusion_changes(base: Confusion, head: Confusion) -> list[dict[str, str | 
     order = list(dict.fromkeys([*base[1], *head[1]]))
     keys = sorted(set(b) | set(h), key=lambda k: (order.index(k[0]), order.index(k[1])))
     return [
-        {"actual": a, "predicted": p, "base": b.get((a, p), 0), "head": h.get((a, p), 0)}
+        Moved(a, p, b.get((a, p), 0), h.get((a, p), 0))
         for a, p in keys
         if b.get((a, p), 0) != h.get((a, p), 0)
     ]
-
-
-# --------------------------------------------------------------------------------------------
-# rendering
 
 
 def _md(value: object) -> str:
@@ -245,12 +220,10 @@ def _change_cell(row: Change) -> str:
     return text
 
 
-def find_metric(
-    rows: Sequence[Change], metric: str, file: str | None = DEFAULT_METRICS_FILE
-) -> Change | None:
-    """The row of `metric`, preferring `file` (any file when it has none)."""
-    named = [r for r in rows if r.name == metric]
-    return next((r for r in named if r.file == file), named[0] if named else None)
+def find_metric(rows: Sequence[Change], metric: str) -> Change | None:
+    """The row of `metric`, from reports/metrics.json when that file has it."""
+    named = sorted((r for r in rows if r.name == metric), key=lambda r: r.file != METRICS_FILE)
+    return named[0] if named else None
 
 
 def verdict(row: Change | None, metric: str = DEFAULT_METRIC) -> str:
@@ -273,12 +246,13 @@ def verdict(row: Change | None, metric: str = DEFAULT_METRIC) -> str:
     return f"{icon} **{label} {word}**: {_md(old)} → {_md(new)} ({_change_cell(row)})."
 
 
+def _table(header: str, aligns: str, rows: list[str]) -> str:
+    return "\n".join(f"| {line} |" for line in [header, aligns, *rows])
+
+
 def _metrics_table(rows: Sequence[Change]) -> str:
-    lines = ["| metric | base | head | change |", "| --- | ---: | ---: | ---: |"]
-    lines += [
-        f"| `{_md(r.name)}` | {_md(r.base)} | {_md(r.head)} | {_change_cell(r)} |" for r in rows
-    ]
-    return "\n".join(lines)
+    cells = [f"`{_md(r.name)}` | {_md(r.base)} | {_md(r.head)} | {_change_cell(r)}" for r in rows]
+    return _table("metric | base | head | change", "--- | ---: | ---: | ---:", cells)
 
 
 def render_metrics(rows: Sequence[Change], metric: str = DEFAULT_METRIC) -> str:
@@ -291,7 +265,7 @@ def render_metrics(rows: Sequence[Change], metric: str = DEFAULT_METRIC) -> str:
             (r for r in rows if r.file == path), key=lambda r: (r.name != metric, r.name)
         )
         shown = [r for r in in_file if r.changed or r.name == metric]
-        hidden = [r for r in in_file if not (r.changed or r.name == metric)]
+        hidden = [r for r in in_file if r not in shown]
         parts += [f"**`{path}`**\n", _metrics_table(shown) if shown else "_No metric changed._"]
         if hidden:
             parts.append(
@@ -304,20 +278,20 @@ def render_metrics(rows: Sequence[Change], metric: str = DEFAULT_METRIC) -> str:
 
 
 def render_params(rows: Sequence[Change]) -> str:
-    """The changed params (`params_diff` rows) as a Markdown table: param, base, head."""
+    """The changed params as a Markdown table: param, base, head."""
     if not rows:
         return "_No params changed._"
     several = len({r.file for r in rows}) > 1
-    lines = ["| param | base | head |", "| --- | ---: | ---: |"]
-    for r in sorted(rows, key=lambda r: (r.file, r.name)):
-        name = f"{r.file}: {r.name}" if several else r.name
-        lines.append(f"| `{_md(name)}` | {_md(r.base)} | {_md(r.head)} |")
-    return "\n".join(lines)
+    cells = [
+        f"`{_md(f'{r.file}: {r.name}' if several else r.name)}` | {_md(r.base)} | {_md(r.head)}"
+        for r in sorted(rows, key=lambda r: (r.file, r.name))
+    ]
+    return _table("param | base | head", "--- | ---: | ---:", cells)
 
 
 @dataclass
 class Side:
-    """One revision in the report: its label, predictions-derived matrix and image link."""
+    """One revision in the report: as given, its short SHA, and its test confusion matrix."""
 
     rev: str
     short: str
@@ -327,20 +301,16 @@ class Side:
 
     @property
     def title(self) -> str:
-        """How the side is named in the report: `workspace` or the short revision."""
         return "workspace" if self.short == WORKSPACE else f"`{self.short}`"
 
     @property
-    def named(self) -> str:
-        """' (`origin/main`)' when the revision was given by name, not by SHA."""
+    def named(self) -> str:  # ' (`origin/main`)' when given by name, not by SHA
         given, short = self.rev.lower(), self.short.lower()
         return "" if given.startswith(short) or short.startswith(given) else f" (`{self.rev}`)"
 
 
 @dataclass
 class Report:
-    """What the pull-request report shows: both sides, and the metric and param changes."""
-
     base: Side
     head: Side
     metrics: list[Change] = field(default_factory=list)
@@ -348,28 +318,24 @@ class Report:
     metric: str = DEFAULT_METRIC
     predictions: str = DEFAULT_PREDICTIONS
     warnings: list[str] = field(default_factory=list)
-    #: McNemar's exact test on the paired test predictions, or None.
-    mcnemar: McNemar | None = None
+    mcnemar: McNemar | None = None  # on the paired test predictions
 
 
 def render_confusion(side: Side, label: str) -> str:
     """One side's test confusion matrix as a Markdown section (or the note why there is none)."""
-    lines = [f"#### {label}: {side.title}", ""]
+    heading = f"#### {label}: {side.title}\n\n"
     if side.confusion is None:
-        lines.append(f"_{side.note or 'No predictions.'}_")
-        return "\n".join(lines)
+        return f"{heading}_{side.note or 'No predictions.'}_"
     matrix, classes = side.confusion
-    total = sum(map(sum, matrix))
-    right = sum(matrix[i][i] for i in range(len(matrix)))
-    lines += [f"{total} test images, {right / total:.1%} right." if total else "No test images."]
-    lines.append("")
+    total, right = sum(map(sum, matrix)), sum(matrix[i][i] for i in range(len(matrix)))
+    parts = [f"{total} test images, {right / total:.1%} right." if total else "No test images."]
     if side.image:
-        lines += [f"![confusion matrix, {label.lower()}]({side.image})", ""]
+        parts.append(f"![confusion matrix, {label.lower()}]({side.image})")
     if len(classes) <= TEXT_MATRIX_MAX_CLASSES:
-        lines.append(confusion_table(matrix, classes))
+        parts.append(confusion_table(matrix, classes))
     else:
-        lines.append(f"_{len(classes)} classes: too many for a text table, see the image._")
-    return "\n".join(lines)
+        parts.append(f"_{len(classes)} classes: too many for a text table, see the image._")
+    return heading + "\n\n".join(parts)
 
 
 def render_report(report: Report) -> str:
@@ -396,26 +362,13 @@ def render_report(report: Report) -> str:
     if report.mcnemar is not None:
         sections += ["#### Is the difference real?", significance_text(report.mcnemar)]
     if base.confusion and head.confusion:
-        changes = confusion_changes(base.confusion, head.confusion)
-        table = ["| true | predicted | base | head |", "| --- | --- | ---: | ---: |"] + [
-            f"| {_md(c['actual'])} | {_md(c['predicted'])} | {c['base']} | {c['head']} |"
-            for c in changes
+        moved = [
+            f"{_md(c.actual)} | {_md(c.predicted)} | {c.base} | {c.head}"
+            for c in confusion_changes(base.confusion, head.confusion)
         ]
-        sections += ["#### What moved", "\n".join(table) if changes else "_Same confusion matrix._"]
+        table = _table("true | predicted | base | head", "--- | --- | ---: | ---:", moved)
+        sections += ["#### What moved", table if moved else "_Same confusion matrix._"]
     return "\n\n".join(sections) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# wiring
-
-
-def _mcnemar(base: str | None, head: str | None) -> McNemar | None:
-    """McNemar's exact test of two predictions.csv texts paired by image path (None when a side
-    has none or they do not parse)."""
-    try:
-        return mcnemar_exact(*paired_correct(base, head)) if base and head else None
-    except ValueError:
-        return None
 
 
 def build_report(
@@ -434,8 +387,8 @@ def build_report(
     revs = {"Base": base, "Head": head}
     shorts = {label: resolve_revision(repo, rev) for label, rev in revs.items()}
     warnings: list[str] = []
-    metrics = metrics_diff(repo, base, head, warnings)
-    params = params_diff(repo, base, head, warnings)
+    metrics = dvc_diff(repo, "metrics", base, head, warnings)
+    params = dvc_diff(repo, "params", base, head, warnings)
     texts = {label: read_at_revision(repo, predictions, rev) for label, rev in revs.items()}
     # one class order for both sides (so the two matrices line up)
     classes = sorted({c for t in texts.values() if t for c in confusion_from_predictions(t)[1]})
@@ -455,12 +408,15 @@ def build_report(
                 save_confusion_matrix(matrix, names, image, title=title)
                 side.image = Path(os.path.relpath(image, output.parent)).as_posix()
         sides.append(side)
-    mcnemar = _mcnemar(texts["Base"], texts["Head"])
+    mcnemar = None
+    with contextlib.suppress(ValueError):  # predictions paired by image path
+        if texts["Base"] and texts["Head"]:
+            mcnemar = mcnemar_exact(*paired_correct(texts["Base"], texts["Head"]))
     return Report(*sides, metrics, params, metric, predictions, warnings, mcnemar)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line of `python -m pipeline.ci_report`."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the report; exit status 0, or 2 with one message when git or DVC fails."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.ci_report",
         description="Markdown report of what changed between two revisions of the pipeline: "
@@ -474,32 +430,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--repo", type=Path, default=Path("."), help="the DVC project (default: .)")
     add("--metric", default=DEFAULT_METRIC, help="headline metric for the verdict (%(default)s)")
     add("--predictions", default=DEFAULT_PREDICTIONS, help="git-tracked CSV (%(default)s)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Write the report; exit status 0, or 2 with one message when git or DVC fails."""
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     try:
-        report = build_report(
-            args.repo,
-            args.base,
-            args.head,
-            args.output,
-            args.images_dir,
-            args.metric,
-            args.predictions,
-        )
-        text = render_report(report)
+        report = build_report(**vars(args))
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text, encoding="utf-8")
+        args.output.write_text(render_report(report), encoding="utf-8")
     except CIReportError as exc:
         print(f"ci_report: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")
     print(verdict(find_metric(report.metrics, report.metric), report.metric))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,5 @@
-"""What the evaluate stage writes into `paths.reports` from a model's test-split predictions:
-the metrics file, scikit-learn's classification report, the per-image predictions CSV and the
-figures (confusion matrices, prediction gallery)."""
+"""What the evaluate stage writes into `paths.reports` from the test split's predictions: the
+metrics file, scikit-learn's classification report, predictions CSV, figures, HTML report."""
 
 from __future__ import annotations
 
@@ -32,7 +31,6 @@ REPORT_JSON = "classification_report.json"
 REPORT_TEXT = "classification_report.txt"
 PREDICTIONS_FILE = "predictions.csv"
 FIGURES_DIR = "eval_figures"
-#: The self-contained HTML report (confusion matrix whose cells open their images).
 REPORT_HTML = "eval_report.html"
 #: The split evaluate measures ("test"), and the key of its section in the metrics file.
 SPLIT = SPLITS[-1]
@@ -44,13 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A split's predictions with what the reports need besides them.
-
-    Attributes:
-        predictions: probabilities, true labels and class names.
-        images: uint8 (N, S, S, 3) the split's prepared images (may be memory-mapped).
-        paths: the N source paths of the images (the prepared manifest's `path` column).
-    """
+    """A split's predictions, its uint8 (N, S, S, 3) prepared images (may be memory-mapped) and
+    their N source paths (the prepared manifest's `path` column)."""
 
     predictions: Predictions
     images: np.ndarray
@@ -58,12 +51,10 @@ class Evaluation:
 
 
 def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
-    """{"test": headline_metrics(...)}: what `metrics.json` holds (accuracy and its 95 % Wilson
-    interval, macro F1, ECE); weighted F1 and per-class scores are in the classification
-    report. Warns when the interval is too wide for the accuracy to mean much."""
+    """What `metrics.json` holds: {"test": `headline_metrics`}. Warns when the accuracy's
+    interval is too wide to mean much."""
     m = headline_metrics(ev.predictions)
-    width = m["ci_high"] - m["ci_low"]
-    if width > WIDE_INTERVAL:
+    if m["ci_high"] - m["ci_low"] > WIDE_INTERVAL:
         log.warning(
             "The test split has %d images: test accuracy %.3f has a 95%% interval of "
             "[%.3f, %.3f], too wide to tell models apart. Use more test images or "
@@ -77,78 +68,53 @@ def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
 
 
 def per_class_metrics(ev: Evaluation) -> dict[str, Any]:
-    """`classification_metrics` of the split: accuracy, F1s and per-class precision / recall /
-    F1 / support by class name (for MLflow and the HTML report)."""
+    """`classification_metrics` of the split (for MLflow and the HTML report)."""
     p = ev.predictions
     return classification_metrics(p.y_true, p.y_pred, p.classes)
 
 
 def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
-    """Write the metrics file, the classification report (JSON and text) and the predictions
-    CSV (path, actual, predicted, confidence rounded to 6 digits) into `reports`; return the
-    text report."""
+    """Write the metrics file, the classification report (JSON, text) and the predictions CSV
+    (path, actual, predicted, confidence to 6 digits) into `reports`; return the text report."""
     p = ev.predictions
     text, as_dict = classification_reports(p)
     write_json(reports / METRICS_FILE, metrics)
     write_json(reports / REPORT_JSON, as_dict)
     with atomic_file(reports / REPORT_TEXT) as fh:
         fh.write(text)
-    write_csv(
-        reports / PREDICTIONS_FILE,
-        {
-            "path": list(ev.paths),
-            "actual": [p.classes[i] for i in p.y_true],
-            "predicted": [p.classes[i] for i in p.y_pred],
-            "confidence": [round(float(row.max()), 6) for row in p.probs],
-        },
-    )
+    rows = {
+        "path": list(ev.paths),
+        "actual": [p.classes[i] for i in p.y_true],
+        "predicted": [p.classes[i] for i in p.y_pred],
+        "confidence": [round(float(row.max()), 6) for row in p.probs],
+    }
+    write_csv(reports / PREDICTIONS_FILE, rows)
     return text
 
 
-def write_figures(
-    ev: Evaluation, folder: Path, gallery_size: int, gallery_columns: int
-) -> list[Path]:
-    """Write `folder` (replaced atomically): the confusion matrix (counts and row-normalised),
-    the reliability diagram (accuracy against confidence, ECE's bins) and the gallery of
-    `gallery_size` test images; return the PNG paths inside `folder`."""
+def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int) -> list[Path]:
+    """Replace `folder` with the confusion matrix (counts and row-normalised), the reliability
+    diagram and the gallery of `gallery_size` test images; return the PNG paths."""
     p = ev.predictions
     matrix = confusion(p)
     shown = gallery_indices(p.y_true, p.y_pred, gallery_size)
     with atomic_dir(folder) as tmp:
-        written = [
-            figures.save_confusion_matrix(matrix, p.classes, tmp / "confusion_matrix.png"),
-            figures.save_confusion_matrix(
-                matrix,
-                p.classes,
-                tmp / "confusion_matrix_normalized.png",
-                normalize=True,
-                title="Confusion matrix (row-normalised)",
-            ),
-            figures.save_reliability_diagram(
-                reliability_bins(p.probs, p.y_true), tmp / "reliability_diagram.png"
-            ),
-            figures.save_gallery(
-                ev.images[shown],
-                p.probs[shown],
-                p.y_true[shown],
-                p.classes,
-                tmp / "gallery.png",
-                columns=gallery_columns,
-            ),
-        ]
-    return [folder / path.name for path in written]
+        figures.save_confusion_matrix(matrix, p.classes, tmp / "confusion_matrix.png")
+        title = "Confusion matrix (row-normalised)"
+        normalized = tmp / "confusion_matrix_normalized.png"
+        figures.save_confusion_matrix(matrix, p.classes, normalized, normalize=True, title=title)
+        bins = reliability_bins(p.probs, p.y_true)
+        figures.save_reliability_diagram(bins, tmp / "reliability_diagram.png")
+        gallery = (ev.images[shown], p.probs[shown], p.y_true[shown], p.classes)
+        figures.save_gallery(*gallery, tmp / "gallery.png", columns=columns)
+    names = ["confusion_matrix", "confusion_matrix_normalized", "reliability_diagram", "gallery"]
+    return [folder / f"{name}.png" for name in names]
 
 
 def write_html_report(
     ev: Evaluation, reports: Path, metrics: dict[str, Any], images_per_cell: int
 ) -> Path:
-    """Write `reports/eval_report.html` (`pipeline.lib.reporting.html_report`); return its path."""
-    html = render_report(
-        ev.predictions,
-        ev.images,
-        ev.paths,
-        {**per_class_metrics(ev), **metrics[SPLIT]},
-        images_per_cell,
-        split=SPLIT,
-    )
+    """Write `reports/eval_report.html` (`html_report`); return its path."""
+    every = {**per_class_metrics(ev), **metrics[SPLIT]}
+    html = render_report(ev.predictions, ev.images, ev.paths, every, images_per_cell, SPLIT)
     return write_report(reports / REPORT_HTML, html)

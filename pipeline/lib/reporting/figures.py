@@ -1,10 +1,7 @@
-"""The pipeline's figures: learning curves, confusion matrix, prediction gallery, reliability.
-
-Every figure is drawn on a standalone `matplotlib.figure.Figure` bound to the Agg canvas; pyplot is
-never imported, so no global figure registry fills up and nothing needs a display. Each `save_*`
-function writes a PNG (written atomically, parent folders created) and returns its path. The
-`*_figure` helpers build the same figures without saving, for tests and notebooks.
-"""
+"""The pipeline's figures as PNGs: learning curves, confusion matrix, prediction gallery,
+reliability diagram. Drawn on standalone Agg `Figure`s (never pyplot: no global registry, no
+display); each `save_*` writes its PNG atomically (folders created) and returns the path, each
+`*_figure` returns the figure unsaved."""
 
 from __future__ import annotations
 
@@ -23,23 +20,21 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from pipeline.lib.files import atomic_file
 
 PathLike = str | os.PathLike[str]
+Series = Mapping[str, Sequence[float]]
 
 DPI = 110
 CORRECT_COLOR = "#1a7f37"  # green: right prediction
 WRONG_COLOR = "#cf222e"  # red: wrong prediction
 TRAIN_COLOR = "#1f77b4"
 VAL_COLOR = "#ff7f0e"
-NEUTRAL_BAR_COLOR = "#b8c0cc"
-
-# above this many classes the confusion matrix cells carry no text (it would be unreadable)
+#: above this many classes the confusion matrix cells carry no text (it would be unreadable)
 CELL_TEXT_MAX_CLASSES = 20
-# above this many classes a gallery bar chart shows only the top scores (and the true class)
+#: above this many classes a gallery bar chart shows only the top scores (and the true class)
 GALLERY_ALL_CLASSES_MAX = 12
 GALLERY_TOP_K = 10
-# a gallery panel's image and score chart widths, in inches
+#: a gallery panel's image and score chart widths, in inches
 _GALLERY_IMAGE_IN = 2.4
 _GALLERY_BARS_IN = 1.9
-
 #: label and which end is best, per learning-curve metric
 _METRICS = {"loss": ("Loss", "min"), "accuracy": ("Accuracy", "max")}
 _CENTERED = {"ha": "center", "va": "center"}
@@ -52,27 +47,22 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: PathLike) -> Path:
-    """Write `fig` as a PNG at `path` (atomically, parents created) and release it."""
     path = Path(path)
     try:
         with atomic_file(path, "wb") as fh:
-            fig.savefig(
-                fh, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white"
-            )
+            style = {"bbox_inches": "tight", "pad_inches": 0.15, "facecolor": "white"}
+            fig.savefig(fh, format="png", dpi=DPI, **style)
     finally:
         fig.clear()
     return path
 
 
-def _text_width_in(chars: int, fontsize: float) -> float:
-    """Rough width, in inches, of `chars` characters of DejaVu Sans at `fontsize` points."""
+def _text_width_in(chars: int, fontsize: float) -> float:  # roughly, in DejaVu Sans
     return chars * fontsize * 0.62 / 72.0
 
 
 def _float_series(values: Sequence[float] | None) -> np.ndarray:
-    if values is None:
-        return np.zeros(0, dtype=float)
-    return np.asarray(list(values), dtype=float).reshape(-1)
+    return np.asarray(list(values if values is not None else []), dtype=float).reshape(-1)
 
 
 def _hide_spines(ax: Axes, sides: Sequence[str] = ("top", "right")) -> None:
@@ -88,79 +78,61 @@ def _message(ax: Axes, text: str) -> None:
     _hide_spines(ax, list(ax.spines.keys()))
 
 
-# --------------------------------------------------------------------------------------------
-# learning curves
-
-
-def _batch_series(
-    batches: Mapping[str, Sequence[float]] | None, metric: str
+def _batch_curve(
+    batches: Series | None, metric: str, n_epochs: int, first_epoch: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of a per-batch series; steps numbered 0.. when missing or restarting."""
-    batch_y = _float_series((batches or {}).get(metric))
-    steps = np.zeros(0)
-    if len(batch_y):
-        raw_steps = (batches or {}).get("step")
-        steps = _float_series(raw_steps)[: len(batch_y)] if raw_steps is not None else np.zeros(0)
-        # no steps, or steps that restart each epoch (a per-epoch batch index): number them in order
-        if len(steps) != len(batch_y) or not np.all(np.diff(steps) > 0):
-            steps = np.arange(len(batch_y), dtype=float)
-        batch_y = batch_y[: len(steps)]
-    return steps, batch_y
+    """(x, y) of a per-batch series on the epoch axis: the last batch of epoch k lands on k, steps
+    per epoch inferred from the last step (counted from 0 or 1); steps that are missing or
+    restart each epoch are numbered in order. Without epochs x is the step."""
+    y = _float_series((batches or {}).get(metric))
+    steps = _float_series((batches or {}).get("step"))[: len(y)]
+    if len(steps) != len(y) or not np.all(np.diff(steps) > 0):
+        steps = np.arange(len(y), dtype=float)
+    if not n_epochs or not len(y):
+        return steps, y
+    pos = steps - steps.min() + 1 if steps.min() <= 0 else steps
+    steps_per_epoch = max(float(np.nanmax(pos)) / n_epochs, 1e-12)
+    return (first_epoch - 1.0) + pos / steps_per_epoch, y
 
 
-def _batch_positions(steps: np.ndarray, n_epochs: int, first_epoch: float) -> np.ndarray:
-    """Map global batch steps onto the epoch axis: the last batch of epoch k lands on epoch k.
-
-    Steps may count from 0 or 1; steps per epoch is inferred from the last step and the number of
-    epochs, so batches logged every k steps still land in the right place.
-    """
-    pos = steps - steps.min() + 1 if len(steps) and steps.min() <= 0 else steps.copy()
-    last = float(np.nanmax(pos)) if len(pos) else 1.0
-    steps_per_epoch = max(last / max(n_epochs, 1), 1e-12)
-    return (first_epoch - 1.0) + pos / steps_per_epoch
-
-
-def learning_curve_figure(
-    epochs: Mapping[str, Sequence[float]],
-    metric: str,
-    batches: Mapping[str, Sequence[float]] | None = None,
-) -> Figure:
-    """One metric ('loss' or 'accuracy'): train vs validation per epoch, batches faintly under;
-    the best epoch of the validation curve (of the training curve when there is none) starred."""
+def learning_curve_figure(history: Series, metric: str, batches: Series | None = None) -> Figure:
+    """One metric ('loss' or 'accuracy'): train vs validation per epoch (or per step when the x
+    series is keyed 'step'), batches faintly under; the best point of the validation curve (of
+    the training curve when there is none) starred."""
     label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
-    train = _float_series(epochs.get(metric))
-    val = _float_series(epochs.get(f"val_{metric}"))
+    train = _float_series(history.get(metric))
+    val = _float_series(history.get(f"val_{metric}"))
     n = max(len(train), len(val))
-    given = _float_series(epochs["epoch"]) if epochs.get("epoch") is not None else np.zeros(0)
+    unit = "step" if "step" in history else "epoch"
+    given = _float_series(history.get(unit))
     x = given[:n] if len(given) >= n else np.arange(1, n + 1, dtype=float)
-    steps, batch_y = _batch_series(batches, metric)
+    batch_x, batch_y = _batch_curve(batches, metric, n, float(x[0]) if n else 0.0)
 
     fig = _new_figure(7.0, 4.3)
     ax = fig.add_subplot()
-    ax.set_title(f"{label} per epoch", fontsize=12)
+    ax.set_title(f"{label} per {unit}", fontsize=12)
     if n == 0 and not len(batch_y):
         _message(ax, f"no {metric} recorded")
         return fig
     if len(batch_y):
-        bx = _batch_positions(steps, n, float(x[0])) if n else steps
         faint = {"color": TRAIN_COLOR, "alpha": 0.3, "linewidth": 0.8, "zorder": 1}
-        ax.plot(bx, batch_y, label="train (per batch)", **faint)
-    markers = n <= 30
+        ax.plot(batch_x, batch_y, label="train (per batch)", **faint)
     style = {"linewidth": 2, "zorder": 3, "markersize": 7 if n == 1 else 4}
     for y, color, line, marker, name in (
-        (train, TRAIN_COLOR, "-", "o" if markers else None, "train"),
-        (val, VAL_COLOR, "--", "s" if markers else None, "validation"),
+        (train, TRAIN_COLOR, "-", "o", "train"),
+        (val, VAL_COLOR, "--", "s", "validation"),
     ):
         if len(y):
+            marker = marker if n <= 30 else None
             ax.plot(x[: len(y)], y, color=color, linestyle=line, marker=marker, label=name, **style)
     ref, ref_name = (val, "validation") if len(val) else (train, "train")
     if len(ref) > 1 and np.isfinite(ref).any():
         i = int(np.nanargmin(ref) if best_mode == "min" else np.nanargmax(ref))
-        best = f"best {ref_name}: {ref[i]:.4g} (epoch {x[i]:g})"
         star = {"marker": "*", "markersize": 15, "zorder": 4, "color": "#d4a017"}
         edge = {"markeredgecolor": "black", "markeredgewidth": 0.6}
+        best = f"best {ref_name}: {ref[i]:.4g} ({unit} {x[i]:g})"
         ax.plot([x[i]], [ref[i]], linestyle="none", label=best, **star, **edge)
-    ax.set_xlabel("epoch" if n else "step")
+    ax.set_xlabel(unit if n else "step")
     ax.set_ylabel(label.lower())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
@@ -172,25 +144,21 @@ def learning_curve_figure(
 
 
 def save_learning_curves(
-    epochs: dict[str, list[float]], out_dir: PathLike, batches: dict[str, list[float]] | None = None
+    history: Series, out_dir: PathLike, batches: Series | None = None
 ) -> list[Path]:
     """Write out_dir/loss.png and out_dir/accuracy.png; return their paths in that order.
 
-    epochs: per-epoch series, keys among 'loss', 'accuracy', 'val_loss', 'val_accuracy' (any may be
-    missing; 'epoch' optional, else 1..n). batches: optional {'step', 'loss', 'accuracy'} per-batch
-    series, drawn faintly on the epoch axis (step / steps_per_epoch). A metric with no data at all
-    still gets its file, saying so.
+    history: per-epoch series among 'loss', 'accuracy', 'val_loss', 'val_accuracy' (any may be
+    missing), x under 'epoch' or, for other steps (e.g. L-BFGS iterations), 'step' (default
+    1..n). batches: optional per-batch {'step', 'loss', 'accuracy'}, drawn faintly on the epoch
+    axis. A metric without data still gets its file, saying so.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return [
-        _save(learning_curve_figure(epochs, metric, batches), out_dir / f"{metric}.png")
+        _save(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
         for metric in ("loss", "accuracy")
     ]
-
-
-# --------------------------------------------------------------------------------------------
-# confusion matrix
 
 
 def _format_count(value: float) -> str:
@@ -203,48 +171,39 @@ def confusion_figure(
     normalize: bool = False,
     title: str = "Confusion matrix",
 ) -> Figure:
-    """Heatmap of a (C, C) count matrix (rows true, columns predicted) for C class names: true
-    label on y, predicted on x; counts (and row %) in cells up to 20 classes.
-
-    Raises:
-        ValueError: the matrix is not square, has no class, or does not match `classes`.
-    """
+    """Heatmap of a (C, C) count matrix (rows true, columns predicted) for C class names; counts
+    (and row %) in the cells up to 20 classes. Raises ValueError for a matrix that is not square,
+    has no class or does not match `classes`."""
     counts = np.asarray(matrix, dtype=float)
     n = len(classes)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
         raise ValueError(f"confusion matrix must be square, got shape {counts.shape}")
-    if n == 0:
-        raise ValueError("a confusion matrix needs at least one class")
-    if counts.shape[0] != n:
-        raise ValueError(
-            f"confusion matrix is {counts.shape[0]}x{counts.shape[0]} but {n} class names were given"
-        )
+    if n == 0 or counts.shape[0] != n:
+        k = counts.shape[0]
+        raise ValueError(f"a {k}x{k} confusion matrix needs {k} class names (at least 1), got {n}")
     classes = [str(c) for c in classes]
     row_sums = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
     shown = fractions if normalize else counts
 
-    # a figure sized for n classes: cells, rotated labels, colour bar
+    # sized for n classes: cells, then y tick labels, axis label and colour bar across, the
+    # rotated x tick labels and the title down
     tick_fs = 10 if n <= 10 else 8 if n <= 20 else 7 if n <= 35 else 6
     cell_in = (
         (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
     )
     label_in = _text_width_in(max(len(c) for c in classes), tick_fs)
     grid_in = max(3.0, n * cell_in)
-    # width: y tick labels, axis label, colour bar; height: rotated x tick labels, title
     fig = _new_figure(grid_in + label_in + 1.6, grid_in + label_in * 0.75 + 1.3)
     ax = fig.add_subplot()
     vmax = 1.0 if normalize else max(float(counts.max()), 1.0)
-    image = ax.imshow(
-        shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal"
-    )
+    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, shrink=0.9)
     if normalize:
         bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     bar.set_label("share of the true class" if normalize else "images")
-    ax.set_xticks(
-        range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=tick_fs
-    )
+    rotated = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"}
+    ax.set_xticks(range(n), labels=classes, fontsize=tick_fs, **rotated)
     ax.set_yticks(range(n), labels=classes, fontsize=tick_fs)
     ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
@@ -253,19 +212,15 @@ def confusion_figure(
     ax.set_xlabel("predicted label", fontsize=11)
     ax.set_ylabel("true label", fontsize=11)
     total = counts.sum()
-    subtitle = (
-        f"accuracy {np.trace(counts) / total:.1%} on {_format_count(total)} images"
-        if total > 0
-        else "no images"
-    ) + (" · rows normalised" if normalize else "")
+    subtitle = f"accuracy {np.trace(counts) / total:.1%} on {_format_count(total)} images"
+    subtitle = (subtitle if total > 0 else "no images") + (" · rows normalised" * normalize)
     ax.set_title(f"{title}\n{subtitle}", fontsize=12)
     if n <= CELL_TEXT_MAX_CLASSES:  # each cell's count (and row share), white on dark cells
         cell_fs = 10 if n <= 6 else 9 if n <= 10 else 7 if n <= 15 else 6
-        pct_fmt = "{:.1f}%" if n <= 10 else "{:.0f}%"
         for i, j in np.ndindex(n, n):
             text = _format_count(counts[i, j])
             if normalize:
-                text += "\n" + pct_fmt.format(100 * fractions[i, j])
+                text += f"\n{100 * fractions[i, j]:.{1 if n <= 10 else 0}f}%"
             color = "white" if image.norm(shown[i, j]) > 0.55 else "#222222"
             alpha = 1.0 if counts[i, j] else 0.45
             ax.text(j, i, text, fontsize=cell_fs, color=color, alpha=alpha, **_CENTERED)
@@ -281,16 +236,12 @@ def save_confusion_matrix(
     normalize: bool = False,
     title: str = "Confusion matrix",
 ) -> Path:
-    """Write the confusion-matrix heatmap to `path` and return it (see `confusion_figure`)."""
+    """Write `confusion_figure` to `path`."""
     return _save(confusion_figure(matrix, classes, normalize=normalize, title=title), path)
 
 
-# --------------------------------------------------------------------------------------------
-# prediction gallery
-
-
 def gallery_title(predicted: str, true: str) -> str:
-    """'pred: <class> / true: <class>', broken after the slash when it is too long for a panel."""
+    """'pred: <class> / true: <class>', broken after the slash when too long for a panel."""
     text = f"pred: {predicted} / true: {true}"
     return text if len(text) <= 32 else f"pred: {predicted} /\ntrue: {true}"
 
@@ -318,8 +269,8 @@ def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs:
 def _draw_gallery_scores(
     ax: Axes, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
 ) -> None:
-    """Horizontal score bars: the predicted one filled in `color`, the true one outlined; with
-    many classes only the top scores (the true class included)."""
+    """Score bars: the predicted one filled in `color`, the true one outlined and its name bold;
+    with many classes only the top scores (the true class included)."""
     pred_k = int(probs_k.argmax())
     order = np.arange(len(probs_k))
     if len(probs_k) > GALLERY_ALL_CLASSES_MAX:
@@ -327,7 +278,7 @@ def _draw_gallery_scores(
         if true_k not in order:
             order[-1] = true_k
     scores = np.clip(probs_k[order], 0.0, 1.0)
-    bar_colors = [color if i == pred_k else NEUTRAL_BAR_COLOR for i in order]
+    bar_colors = [color if i == pred_k else "#b8c0cc" for i in order]
     edges = ["black" if i == true_k else "none" for i in order]
     ypos = np.arange(len(order))
     ax.barh(ypos, scores, color=bar_colors, edgecolor=edges, linewidth=1.4, height=0.7)
@@ -339,10 +290,8 @@ def _draw_gallery_scores(
         inside = p > 0.62
         tag, weight = (f"{p:.2f}  true", "bold") if i == true_k else (f"{p:.2f}", "normal")
         color = "white" if inside and i == pred_k else "#222222"
-        where = (p - 0.02, "right") if inside else (p + 0.02, "left")
-        ax.text(
-            where[0], y, tag, va="center", ha=where[1], fontsize=7, color=color, fontweight=weight
-        )
+        x, ha = (p - 0.02, "right") if inside else (p + 0.02, "left")
+        ax.text(x, y, tag, va="center", ha=ha, fontsize=7, color=color, fontweight=weight)
     ax.set_xlim(0, 1)
     ax.set_ylim(len(order) - 0.5, -0.5)  # first class on top
     ax.set_xticks([0, 0.5, 1], labels=["0", "0.5", "1"], fontsize=7)
@@ -363,13 +312,10 @@ def gallery_figure(
 ) -> Figure:
     """Image + class-score bar chart per test image, `columns` pairs per row.
 
-    images (N, H, W, 3) uint8 (or float, or grey); probabilities (N, C) in 0..1; true_labels (N,)
-    class indices. The image title is green when the prediction is right and red when wrong (the
-    image gets a frame of the same colour); in the bar chart the predicted bar is filled in that
-    colour and the true class is outlined in black, its name in bold and its value tagged 'true'.
-
-    Raises:
-        ValueError: probabilities or labels that do not match the images and classes.
+    images (N, H, W, 3) uint8 (or float, or grey; may be a memmap: only the shown ones are read);
+    probabilities (N, C) in 0..1; true_labels (N,) class indices. Right predictions are green,
+    wrong ones red (title, frame, predicted bar); the true class is outlined, its name bold and
+    its score tagged 'true'. Raises ValueError when scores or labels do not match.
     """
     classes = [str(c) for c in classes]
     n_total = 0 if images is None else len(images)
@@ -406,16 +352,12 @@ def gallery_figure(
     cells = np.asarray(fig.subfigures(rows, columns, wspace=0.02, hspace=0.02), dtype=object)
     cells = cells.reshape(rows, columns)
     first = f" (first {n} of {n_total} images)" if n < n_total else ""
-    fig.suptitle(
-        f"Test predictions: {int(correct.sum())} of {n} right{first}",
-        fontsize=13,
-        fontweight="bold",
-    )
+    heading = f"Test predictions: {int(correct.sum())} of {n} right{first}"
+    fig.suptitle(heading, fontsize=13, fontweight="bold")
     for k in range(n):
         color = CORRECT_COLOR if correct[k] else WRONG_COLOR
-        ax_img, ax_bar = cells[divmod(k, columns)].subplots(
-            1, 2, width_ratios=[_GALLERY_IMAGE_IN, _GALLERY_BARS_IN]
-        )
+        widths = [_GALLERY_IMAGE_IN, _GALLERY_BARS_IN]
+        ax_img, ax_bar = cells[divmod(k, columns)].subplots(1, 2, width_ratios=widths)
         _draw_gallery_image(ax_img, images[k], titles[k], color, title_fs)
         _draw_gallery_scores(ax_bar, probs[k], int(labels[k]), color, classes, label_fs)
     return fig
@@ -430,15 +372,9 @@ def save_gallery(
     columns: int = 3,
     max_images: int | None = None,
 ) -> Path:
-    """Write the prediction gallery to `path` and return it (see `gallery_figure`). `images` may
-    be a numpy memmap (only the shown images are read); N == 0 writes a small figure saying
-    'no test images'."""
+    """Write `gallery_figure` to `path` (N == 0: a small figure saying 'no test images')."""
     fig = gallery_figure(images, probabilities, true_labels, classes, columns, max_images)
     return _save(fig, path)
-
-
-# --------------------------------------------------------------------------------------------
-# reliability diagram
 
 
 class ReliabilityData(Protocol):
@@ -451,17 +387,15 @@ class ReliabilityData(Protocol):
 
 
 def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
-    """Save a reliability diagram (Guo et al. 2017) to `path` (PNG): per confidence bin, the
-    accuracy as a bar against the diagonal of perfect calibration, the gap to the mean confidence
-    shaded, the image counts written above; the title gives the ECE. Empty bins are left blank.
-    Returns `path`."""
+    """Write a reliability diagram (Guo et al. 2017) to `path`: per confidence bin, the accuracy
+    as a bar against the diagonal of perfect calibration, the gap to the mean confidence shaded,
+    the image count above; the ECE in the title; empty bins blank."""
     edges = np.asarray(bins.edges, dtype=float)
     count = np.asarray(bins.count)
     acc = np.nan_to_num(np.asarray(bins.accuracy, dtype=float))
     conf = np.nan_to_num(np.asarray(bins.confidence, dtype=float))
     width, left = np.diff(edges), edges[:-1]
-    n = max(int(count.sum()), 1)
-    ece = float(np.sum(count / n * np.abs(acc - conf)))
+    ece = float(np.sum(count / max(int(count.sum()), 1) * np.abs(acc - conf)))
     fig = _new_figure(5.5, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     used = count > 0
@@ -473,8 +407,7 @@ def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
     for xi, wi, c, ai in zip(x, w, count[used], a, strict=True):
         ax.text(xi + wi / 2, min(ai, 1.0) + 0.01, str(int(c)), ha="center", fontsize=7)
     ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (top-1 probability)", ylabel="accuracy")
-    ax.set_title(
-        f"Reliability diagram: ECE {ece:.4f} ({len(width)} bins, {int(count.sum())} images)"
-    )
+    bins_text = f"{len(width)} bins, {int(count.sum())} images"
+    ax.set_title(f"Reliability diagram: ECE {ece:.4f} ({bins_text})")
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)

@@ -1,18 +1,15 @@
 """The evaluation report: one self-contained HTML file (no network, no JavaScript) with the
-confusion matrix, whose cells open the images in them, the worst mistakes, and per-class metrics.
+confusion matrix, whose cells open their images, the worst mistakes and per-class metrics.
 
-Opening a cell needs no script: each cell is a `<label>` of a hidden radio button, and a CSS rule
-per cell shows that cell's image panel while its radio is checked. So the page works offline, in
-MLflow's artifact viewer (a sandboxed frame) and with scripts disabled. Thumbnails are JPEG data
-URIs. Within a panel the worst come first: a mistake by how sure the model was of the wrong class
-(descending), a right prediction by its score (ascending). The same inputs give the same bytes.
+A cell is the `<label>` of a hidden radio button; a CSS rule per cell shows its image panel while
+the radio is checked, so the page works offline, in MLflow's sandboxed artifact viewer and without
+scripts. Thumbnails are JPEG data URIs, worst first (`worst_first`). Same inputs, same bytes.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -70,14 +67,12 @@ def _thumbnail(image: np.ndarray) -> str:
 
 
 def worst_first(p: Predictions, members: np.ndarray) -> np.ndarray:
-    """`members` (indices into the split) ordered worst first: mistakes by the predicted
-    class's score descending, then right predictions by their score ascending; ties by index."""
+    """`members` (indices into the split) worst first: mistakes by the predicted class's score
+    descending, then right predictions by their score ascending; ties by index."""
     members = np.asarray(members, dtype=np.int64)
     score = p.probs[members, p.y_pred[members]] if len(members) else np.zeros(0)
     wrong = p.y_pred[members] != p.y_true[members]
-    key = np.where(wrong, -score, score)  # wrong ones: most confident first
-    order = np.lexsort((members, key, ~wrong))
-    return members[order]
+    return members[np.lexsort((members, np.where(wrong, -score, score), ~wrong))]
 
 
 def _item(p: Predictions, i: int, image: np.ndarray, path: str) -> str:
@@ -94,42 +89,39 @@ def _item(p: Predictions, i: int, image: np.ndarray, path: str) -> str:
     )
 
 
-def _panel(
-    view: str,
-    title: str,
-    p: Predictions,
-    chosen: np.ndarray,
-    images: Any,
-    paths: list[str],
-    cap: int,
-) -> str:
-    shown = chosen[:cap]
-    items = "".join(_item(p, int(i), images[int(i)], paths[int(i)]) for i in shown)
-    more = (
-        f"<p>… and {len(chosen) - len(shown)} more (evaluate.report_images_per_cell).</p>"
-        if len(chosen) > len(shown)
-        else ""
-    )
-    empty = "<p>No images.</p>" if not len(chosen) else ""
+def _panel(view: str, title: str, members: np.ndarray, shown: str, cap: int) -> str:
+    more = len(members) - min(len(members), cap)
     return (
         f'<div class="panel" id="p-{view}"><h2>{escape(title)}</h2>'
-        f'<ol class="thumbs">{items}</ol>{empty}{more}</div>'
+        f'<ol class="thumbs">{shown}</ol>{"" if len(members) else "<p>No images.</p>"}'
+        + (f"<p>… and {more} more (evaluate.report_images_per_cell).</p>" if more else "")
+        + "</div>"
     )
 
 
-def _cells(n: int) -> Iterator[tuple[int, int, str]]:
-    for i in range(n):
-        for j in range(n):
-            yield i, j, f"{i}-{j}"
+def _panels(p: Predictions, images: Any, paths: list[str], cap: int) -> tuple[list[str], str]:
+    """(views, panels): the worst mistakes, then one per confusion-matrix cell, row by row."""
+    n = len(p.classes)
+    wrong = p.y_pred != p.y_true
+    groups = [(MISTAKES_VIEW, f"Worst mistakes ({int(wrong.sum())})", wrong)]
+    for i, j in np.ndindex(n, n):
+        members = (p.y_true == i) & (p.y_pred == j)
+        title = f"True {p.classes[i]}, predicted {p.classes[j]}: {int(members.sum())} image(s)"
+        groups.append((f"{i}-{j}", title, members))
+    panels = []
+    for view, title, mask in groups:
+        members = worst_first(p, np.flatnonzero(mask))
+        shown = "".join(_item(p, int(k), images[int(k)], paths[int(k)]) for k in members[:cap])
+        panels.append(_panel(view, title, members, shown, cap))
+    return [view for view, _, _ in groups], "".join(panels)
 
 
 def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
     top = max(int(matrix.max()), 1) if matrix.size else 1
-    head = "".join(f'<th class="col" scope="col">{escape(c)}</th>' for c in p.classes)
     rows = []
     for i, name in enumerate(p.classes):
         cells = []
-        for j in range(len(p.classes)):
+        for j, predicted in enumerate(p.classes):
             count = int(matrix[i, j])
             alpha = 0.08 + 0.72 * count / top if count else 0.0
             color = "9,105,218" if i == j else "207,34,46"
@@ -137,10 +129,11 @@ def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
             cells.append(
                 f'<td><label for="v-{i}-{j}" class="cell {kind}" '
                 f'style="background:rgba({color},{alpha:.3f})" '
-                f'data-true="{escape(name)}" data-pred="{escape(p.classes[j])}" '
-                f'title="true {escape(name)}, predicted {escape(p.classes[j])}">{count}</label></td>'
+                f'data-true="{escape(name)}" data-pred="{escape(predicted)}" '
+                f'title="true {escape(name)}, predicted {escape(predicted)}">{count}</label></td>'
             )
         rows.append(f'<tr><th scope="row">{escape(name)}</th>{"".join(cells)}</tr>')
+    head = "".join(f'<th class="col" scope="col">{escape(c)}</th>' for c in p.classes)
     return (
         '<table class="confusion"><thead><tr><th>true \\ predicted</th>'
         f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -160,27 +153,6 @@ def _metrics_table(metrics: dict[str, Any], classes: list[str]) -> str:
     )
 
 
-def _view_css(views: list[str]) -> str:
-    """One rule per view: its panel shows, and its cell is outlined, while its radio is checked."""
-    return "".join(
-        f"#v-{v}:checked~main #p-{v}{{display:block}}"
-        f"#v-{v}:checked~main label[for=v-{v}]{{border-color:#1f2328}}"
-        for v in views
-    )
-
-
-def _panels(p: Predictions, images: Any, paths: list[str], cap: int) -> list[str]:
-    """The worst-mistakes panel, then one panel per confusion-matrix cell (row by row)."""
-    wrong = np.flatnonzero(p.y_pred != p.y_true)
-    title = f"Worst mistakes ({len(wrong)})"
-    panels = [_panel(MISTAKES_VIEW, title, p, worst_first(p, wrong), images, paths, cap)]
-    for i, j, view in _cells(len(p.classes)):
-        members = np.flatnonzero((p.y_true == i) & (p.y_pred == j))
-        title = f"True {p.classes[i]}, predicted {p.classes[j]}: {len(members)} image(s)"
-        panels.append(_panel(view, title, p, worst_first(p, members), images, paths, cap))
-    return panels
-
-
 def render_report(
     p: Predictions,
     images: Any,
@@ -189,38 +161,35 @@ def render_report(
     images_per_cell: int = 48,
     split: str = "test",
 ) -> str:
-    """The report as an HTML document.
-
-    Args:
-        p: the split's predictions (probabilities (N, C), true labels (N,), C classes).
-        images: uint8 (N, H, W, 3), may be memory-mapped (only the shown images are read).
-        paths: the N source paths, shown under each thumbnail.
-        metrics: `classification_metrics` of the predictions (accuracy, macro_f1, per class).
-        images_per_cell: the most thumbnails a panel shows (worst first).
-    """
-    n = len(p.classes)
-    wrong = np.flatnonzero(p.y_pred != p.y_true)
-    panels = _panels(p, images, paths, images_per_cell)
-    views = [MISTAKES_VIEW] + [v for _, _, v in _cells(n)]
+    """The report as an HTML document. `images`: uint8 (N, H, W, 3), may be a memmap (only the
+    shown ones are read); `paths`: the N source paths; `metrics`: `classification_metrics` of `p`
+    (accuracy, macro_f1, per class); `images_per_cell`: the most thumbnails a panel shows."""
+    views, panels = _panels(p, images, paths, images_per_cell)
     radios = "".join(
         f'<input type="radio" name="view" class="view" id="v-{v}"'
         f"{' checked' if v == MISTAKES_VIEW else ''}>"
         for v in views
     )
+    # per view: its panel shows, and its cell is outlined, while its radio is checked
+    view_css = "".join(
+        f"#v-{v}:checked~main #p-{v}{{display:block}}"
+        f"#v-{v}:checked~main label[for=v-{v}]{{border-color:#1f2328}}"
+        for v in views
+    )
     summary = (
         f"Accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on "
-        f"{len(p.y_true)} {escape(split)} images; {len(wrong)} mistake(s)."
+        f"{len(p.y_true)} {escape(split)} images; {int((p.y_pred != p.y_true).sum())} mistake(s)."
     )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>Evaluation report ({escape(split)} split)</title>"
-        f"<style>{CSS}{_view_css(views)}</style></head><body>{radios}<main>"
+        f"<style>{CSS}{view_css}</style></head><body>{radios}<main>"
         f'<h1>Evaluation report: {escape(split)} split</h1><p class="summary">{summary}</p>'
         "<h2>Confusion matrix</h2><p>Rows: true class; columns: predicted class. "
         "Click a cell to see its images, the worst first.</p>"
         f"{_matrix_table(p, confusion(p))}"
         f'<label for="v-{MISTAKES_VIEW}" class="button">Show the worst mistakes</label>'
-        f'<section class="images">{"".join(panels)}</section>'
+        f'<section class="images">{panels}</section>'
         f"<h2>Per-class metrics</h2>{_metrics_table(metrics, p.classes)}"
         "</main></body></html>\n"
     )

@@ -17,8 +17,8 @@ CONFIDENCE = 0.95
 
 @dataclass(frozen=True)
 class Predictions:
-    """A model's predictions on one split: `probs` float32 (N, C) class probabilities, `y_true`
-    int (N,) true label indices into `classes`, the C class names in label-index order."""
+    """One split's predictions: `probs` float32 (N, C), `y_true` int (N,) label indices, and the
+    C class names in label-index order."""
 
     probs: np.ndarray
     y_true: np.ndarray
@@ -26,21 +26,16 @@ class Predictions:
 
     @property
     def y_pred(self) -> np.ndarray:
-        """int64 (N,): the predicted label index (argmax of `probs`)."""
+        """int64 (N,): argmax of `probs`."""
         if not len(self.probs):
             return np.zeros(0, dtype=np.int64)
         return self.probs.argmax(axis=1).astype(np.int64)
 
-    @property
-    def labels(self) -> list[int]:
-        """0..C-1: every class, also those absent from the split."""
-        return list(range(len(self.classes)))
-
 
 @dataclass(frozen=True)
 class ReliabilityBins:
-    """A reliability diagram's data, per equal-width confidence bin: `count` int (bins,),
-    `confidence` and `accuracy` float64 (bins,) means (NaN for an empty bin), `edges` (bins + 1,)."""
+    """Per equal-width confidence bin: `count` int, mean `confidence` and `accuracy` float64
+    (NaN when empty), all (bins,); `edges` (bins + 1,)."""
 
     count: np.ndarray
     confidence: np.ndarray
@@ -50,8 +45,8 @@ class ReliabilityBins:
 
 @dataclass(frozen=True)
 class McNemar:
-    """McNemar's exact test on `n` paired images: `only_a` right in A only, `only_b` right in B
-    only, `p_value` two-sided exact binomial p of only_a of only_a + only_b at 1/2."""
+    """McNemar's exact test on `n` paired images: `only_a` right in A only, `only_b` in B only,
+    two-sided exact binomial `p_value` of only_a of only_a + only_b at 1/2."""
 
     n: int
     only_a: int
@@ -59,9 +54,7 @@ class McNemar:
     p_value: float
 
 
-def _top1(
-    probs: np.ndarray, y_true: np.ndarray, bins: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _top1(probs: np.ndarray, y_true: np.ndarray, bins: int) -> tuple[np.ndarray, ...]:
     """(top-1 confidence, whether it is right, its bin) per image; bin b holds confidences in
     (b/bins, (b+1)/bins], a confidence of 0 goes to bin 0."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -74,9 +67,8 @@ def _top1(
 def expected_calibration_error(
     probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
 ) -> float:
-    """ECE (Guo et al. 2017) of `probs` (N, C): sum over `bins` equal-width confidence bins of
-    |accuracy - mean confidence| weighted by the bin's share of the N images. 0 = calibrated;
-    0.0 for N = 0."""
+    """ECE (Guo et al. 2017) of `probs` (N, C): |accuracy - mean confidence| per equal-width
+    confidence bin, weighted by the bin's share of the images; 0 = calibrated, 0.0 for N = 0."""
     confidence, correct, index = _top1(probs, y_true, bins)
     ece = 0.0
     for b in range(bins):
@@ -99,8 +91,7 @@ def reliability_bins(
 
 
 def accuracy_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The Wilson score interval (no continuity correction) of an accuracy of `correct` out of
-    `n` (scipy.stats.binomtest(...).proportion_ci(method="wilson")); (0.0, 1.0) for n = 0."""
+    """Wilson score interval (no continuity correction) of `correct` out of `n`; (0, 1) for n=0."""
     from scipy.stats import binomtest
 
     if n <= 0:
@@ -110,9 +101,8 @@ def accuracy_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> t
 
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
-    """McNemar's exact test of two classifiers on the same images: `correct_a`, `correct_b`
-    bool (N,) paired per image; p = 1.0 without discordant pairs. Raises ValueError when the
-    lengths differ."""
+    """McNemar's exact test of two classifiers on the same images (`correct_*` bool (N,), paired);
+    p = 1.0 without discordant pairs. Raises ValueError when the lengths differ."""
     from scipy.stats import binomtest
 
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
@@ -124,34 +114,30 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
 
 
 def headline_metrics(p: Predictions) -> dict[str, float]:
-    """What `metrics.json` holds for a split, kept to what `dvc metrics show` fits in 120
-    columns: accuracy, its 95 % Wilson interval (`ci_low`, `ci_high`), macro F1 and ECE.
-    Weighted F1, per-class scores and the image count are in classification_report.json (and
-    on the MLflow run)."""
+    """A split's `metrics.json` section (kept to what `dvc metrics show` fits in 120 columns):
+    accuracy, its 95 % Wilson interval `ci_low`/`ci_high`, `macro_f1`, `ece`."""
     m = classification_metrics(p.y_true, p.y_pred, p.classes)
     n = len(p.y_true)
     low, high = accuracy_interval(int(round(m["accuracy"] * n)), n)
+    ece = expected_calibration_error(p.probs, p.y_true)
     return {
         "accuracy": m["accuracy"],
         "ci_low": low,
         "ci_high": high,
         "macro_f1": m["macro_f1"],
-        "ece": expected_calibration_error(p.probs, p.y_true),
+        "ece": ece,
     }
 
 
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]
 ) -> dict[str, Any]:
-    """Accuracy, macro F1, weighted F1 (floats in 0..1) and per-class precision/recall/F1/support
-    (dicts by class name). Classes absent from both count as 0."""
+    """`accuracy`, `macro_f1`, `weighted_f1` (floats) and `precision`, `recall`, `f1`, `support`
+    ({class name: value}); a class absent from both counts as 0."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-    labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
-    kwargs = {"labels": labels, "zero_division": 0}
+    kwargs = {"labels": list(range(len(classes))), "zero_division": 0}
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, **kwargs)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", **kwargs)),
@@ -167,7 +153,7 @@ def classification_reports(p: Predictions) -> tuple[str, dict[str, Any]]:
     """scikit-learn's classification report as text (4 digits) and as a dict."""
     from sklearn.metrics import classification_report
 
-    kwargs = {"labels": p.labels, "target_names": p.classes, "zero_division": 0}
+    kwargs = {"labels": range(len(p.classes)), "target_names": p.classes, "zero_division": 0}
     text = classification_report(p.y_true, p.y_pred, digits=4, **kwargs)
     return text, classification_report(p.y_true, p.y_pred, output_dict=True, **kwargs)
 
@@ -176,19 +162,19 @@ def confusion(p: Predictions) -> np.ndarray:
     """int64 (C, C) confusion matrix: rows true class, columns predicted class."""
     from sklearn.metrics import confusion_matrix
 
+    n = len(p.classes)
     if not len(p.y_true):
-        return np.zeros((len(p.classes), len(p.classes)), dtype=np.int64)
-    return confusion_matrix(p.y_true, p.y_pred, labels=p.labels).astype(np.int64)
+        return np.zeros((n, n), dtype=np.int64)
+    return confusion_matrix(p.y_true, p.y_pred, labels=range(n)).astype(np.int64)
 
 
 def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
-    """Which `n` images the gallery shows, as sorted int64 indices: up to n/2 mistakes first,
-    then a round-robin over classes so every class appears (dataset order within a class)."""
+    """The `n` images the gallery shows, sorted int64 indices: up to n/2 mistakes, then a
+    round-robin over classes so every class appears (dataset order within a class)."""
     wrong = [int(i) for i in np.flatnonzero(y_true != y_pred)]
     by_class = [list(np.flatnonzero(y_true == c)) for c in np.unique(y_true)]
     chosen = wrong[: max(n // 2, 1)] if n else []
-    rounds = max((len(b) for b in by_class), default=0)
-    for r in range(rounds):
+    for r in range(max((len(b) for b in by_class), default=0)):
         for members in by_class:
             if len(chosen) >= n:
                 return np.array(sorted(chosen), dtype=np.int64)
@@ -198,9 +184,9 @@ def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarra
 
 
 def paired_correct(csv_a: str, csv_b: str) -> tuple[np.ndarray, np.ndarray]:
-    """Two predictions.csv texts (columns `path`, `actual`, `predicted`) paired by image path:
-    bool (M,) arrays "A was right", "B was right" over the M paths both hold (sorted by path).
-    Raises ValueError when a text lacks a column."""
+    """Two predictions.csv texts (columns `path`, `actual`, `predicted`) paired by path: bool (M,)
+    "A was right", "B was right" over the M paths both hold, sorted by path. Raises ValueError
+    when a text lacks a column."""
     right = []
     for text in (csv_a, csv_b):
         reader = csv.DictReader(io.StringIO(text))
@@ -208,16 +194,14 @@ def paired_correct(csv_a: str, csv_b: str) -> tuple[np.ndarray, np.ndarray]:
         if missing:
             raise ValueError(f"predictions CSV lacks column(s) {sorted(missing)}")
         right.append({r["path"]: r["actual"] == r["predicted"] for r in reader})
-    a, b = right
-    common = sorted(set(a) & set(b))
-    return np.array([a[p] for p in common], dtype=bool), np.array(
-        [b[p] for p in common], dtype=bool
-    )
+    common = sorted(set(right[0]) & set(right[1]))
+    a, b = (np.array([side[path] for path in common], dtype=bool) for side in right)
+    return a, b
 
 
 def significance_text(result: McNemar, a: str = "base", b: str = "head") -> str:
-    """One sentence on `mcnemar_exact`'s `result`: discordant counts, p and whether the two
-    accuracies differ significantly at the 5 % level."""
+    """One sentence on `result`: discordant counts, p, and whether the accuracies differ
+    significantly at the 5 % level."""
     if not result.n:
         return "No test images in common: the two runs cannot be compared image by image."
     verdict = "differ significantly" if result.p_value < 0.05 else "do not differ significantly"

@@ -1,11 +1,7 @@
-"""An offline page for `dvc plots show`: a DVC HTML template with Vega bundled inline.
-
-DVC's default page loads Vega, Vega-Lite and Vega-Embed from a CDN, so without internet its
-interactive plots are blank. `vl-convert-python` (the Vega project's converter) ships those
-libraries; `javascript_bundle` returns them as one script that defines `vegaEmbed` globally,
-which is what the plot snippets DVC writes call. The template has DVC's `{plot_divs}` placeholder
-and no `{scripts}` one, so DVC's CDN tags are left out.
-"""
+"""An offline page for `dvc plots show`: a DVC HTML template with Vega bundled inline (DVC's own
+page loads Vega from a CDN, blank without internet). `vl-convert-python` ships Vega, Vega-Lite
+and Vega-Embed as one script defining the global `vegaEmbed` that DVC's plot snippets call; the
+template has DVC's `{plot_divs}` placeholder and no `{scripts}` one (no CDN tags)."""
 
 from __future__ import annotations
 
@@ -34,17 +30,12 @@ PAGE = """<!DOCTYPE html>
 """
 
 
-def template_html() -> str:
-    """The template's text (about 0.9 MB: Vega, Vega-Lite and Vega-Embed inline)."""
+def write_template(path: str | os.PathLike[str]) -> Path:
+    """Write the template (about 0.9 MB) to `path` (its folder created); return the path."""
     import vl_convert
 
     bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
-    return PAGE.format(bundle=bundle.replace("</script", "<\\/script"))
-
-
-def write_template(path: str | os.PathLike[str]) -> Path:
-    """Write the template to `path` (its folder created); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(template_html(), encoding="utf-8")
+    path.write_text(PAGE.format(bundle=bundle.replace("</script", "<\\/script")), encoding="utf-8")
     return path
