@@ -24,10 +24,11 @@ from pipeline.lib.model.features import (
     backbone_key,
     extractor_fingerprint,
     featurize_array,
+    load_cached_features,
     make_featurizer,
     tflite_cache_path,
 )
-from pipeline.lib.training.fit import fit
+from pipeline.lib.training import keras_fit
 from pipeline.prepare import prepare
 from tests.conftest import tiny_config
 
@@ -158,28 +159,36 @@ def test_featurize_streams_into_a_memory_map(extractor, images, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_on_cached_features_matches_end_to_end(tmp_path):
-    """Same head, same batches (no shuffle, no dropout): the cached-feature path must give the
-    model that end-to-end training through the frozen backbone gives. Plumbing, so a tiny random
-    backbone; the ImageNet backbone's learning is tested in test_transfer_learning."""
-    small = {"data.image_size": 64, "train.shuffle": "false", "train.epochs": 3}
-    cached_cfg = tiny_config(tmp_path, **small)
-    prepare(cached_cfg)
-    featurize(cached_cfg)
-    dataset = PreparedDataset(cached_cfg.paths.prepared)
-    md5 = dvc_md5(cached_cfg.paths.prepared)
-    cached = fit(cached_cfg, dataset, md5)
-    e2e = fit(tiny_config(tmp_path, **small, **{"train.use_feature_cache": "false"}), dataset, md5)
-    assert (cached["mode"], e2e["mode"]) == ("cached_features", "end_to_end")
-    assert cached["epochs"]["loss"][-1] < cached["epochs"]["loss"][0]  # it did learn something
+def test_training_on_cached_features_matches_end_to_end(tmp_path, monkeypatch):
+    """Same head, same batches (no shuffle, no dropout): the head Keras fits on the cached
+    (LiteRT) features must be the one that end-to-end training through the frozen Keras backbone
+    gives. Plumbing, so a tiny random backbone; the ImageNet backbone's learning is tested in
+    test_transfer_learning."""
+    small = {
+        "data.image_size": 64,
+        "train.solver": "keras",
+        "train.shuffle": "false",
+        "train.epochs": 3,
+    }
+    cfg = tiny_config(tmp_path, **small)
+    prepare(cfg)
+    featurize(cfg)
+    dataset = PreparedDataset(cfg.paths.prepared)
+    md5 = dvc_md5(cfg.paths.prepared)
+    features = load_cached_features(cfg, md5)
+    cached = keras_fit.fit_keras(cfg, dataset, features, md5)
+    monkeypatch.setattr(keras_fit, "phase1_on_images", lambda cfg: True)
+    e2e = keras_fit.fit_keras(cfg, dataset, features, md5)
+    modes = [f.runner.phases["phase1"]["mode"] for f in (cached, e2e)]
+    assert modes == ["cached_features", "end_to_end"]
+    assert e2e.extractor is None  # frozen: the saved model keeps featurize's backbone
+    history, reference = cached.runner.history, e2e.runner.history
+    assert history["loss"][-1] < history["loss"][0]  # it did learn something
     for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
-        np.testing.assert_allclose(
-            cached["epochs"][key], e2e["epochs"][key], atol=2e-3, err_msg=key
-        )
-    images = np.asarray(dataset.images("test"), dtype=np.float32)
+        np.testing.assert_allclose(history[key], reference[key], atol=2e-3, err_msg=key)
     np.testing.assert_allclose(
-        cached["model"].predict(images, verbose=0),
-        e2e["model"].predict(images, verbose=0),
+        cached.head.probabilities(features["test"]),
+        e2e.head.probabilities(features["test"]),
         atol=2e-3,
     )
 
