@@ -25,6 +25,7 @@ import tensorflow as tf
 from omegaconf import OmegaConf
 
 from pipeline.lib.config.schema import Config
+from pipeline.lib.config.step import in_multirun
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json, write_json
 from pipeline.lib.model.build import (
@@ -154,7 +155,7 @@ class PhaseRunner:
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped: list[int] = field(default_factory=list)
     extra_callbacks: Sequence[Any] = ()
-    #: Save the state every epoch; off for a head-only fit without resume (~70 % of its time)
+    #: Save the state every epoch; off for a head-only sweep job without resume (~70 % of its time)
     backup: bool = True
 
     @property
@@ -396,7 +397,7 @@ def fit_keras(
             targets,
             None if weights is None else dict(enumerate(weights.tolist())),
             extra_callbacks=tuple(callbacks),
-            backup=not head_only or t.resume,
+            backup=not head_only or t.resume or not in_multirun(),
         )
         set_kernel_l2(nets.head, l2_factor(t.C, len(targets["train"])))
         checkpoint = prepare_checkpoint(cfg, prepared_md5)
