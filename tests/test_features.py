@@ -169,6 +169,7 @@ def test_training_on_cached_features_matches_end_to_end(tmp_path, monkeypatch):
         "train.solver": "keras",
         "train.shuffle": "false",
         "train.epochs": 3,
+        "train.batch_size": 8,
     }
     cfg = tiny_config(tmp_path, **small)
     prepare(cfg)
