@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -14,8 +15,11 @@ import pytest
 from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import dvc_md5, read_json
+from pipeline.lib.model.classifier import BACKBONE_FILE, HEAD_FILE, Head
+from pipeline.lib.model.features import backbone_key, tflite_cache_path
+from pipeline.lib.training import keras_fit
 from pipeline.lib.training.batches import ArrayBatches
-from pipeline.lib.training.fit import checkpoint_folder
+from pipeline.lib.training.keras_fit import checkpoint_folder
 from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import tiny_config
@@ -51,17 +55,27 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     ones (a centre per class plus noise), so the head really learns and dropout matters, and an
     exact match after a resume says something.
     """
-    tmp = tmp_path_factory.mktemp("resume-data")
-    cfg = tiny_config(tmp, **{"train.checkpoint_dir": tmp / "checkpoints"})
-    prepare(cfg)
-    featurize(cfg)
-    dataset, folder = PreparedDataset(cfg.paths.prepared), Path(cfg.paths.features)
+    shared = prepared_data(tmp_path_factory.mktemp("resume-data"))
+    dataset, folder = PreparedDataset(shared["paths.prepared"]), Path(shared["paths.features"])
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(dataset.num_classes, np.load(folder / "train.npy").shape[1]))
     for split in ("train", "val"):
         labels = dataset.labels(split)
         noise = rng.normal(scale=2.0, size=(len(labels), centres.shape[1]))
         np.save(folder / f"{split}.npy", (centres[labels] + noise).astype(np.float32))
+    return shared
+
+
+def prepared_data(tmp: Path) -> dict[str, str]:
+    """Tiny data prepared and featurized under `tmp`: the overrides that point a config at it."""
+    cfg = tiny_config(tmp, **{"train.checkpoint_dir": tmp / "checkpoints"})
+    prepare(cfg)
+    featurize(cfg)
+    folder = Path(cfg.paths.features)
+    if not (folder / BACKBONE_FILE).is_file():  # stop-gap until featurize writes it itself
+        m = cfg.model
+        key = backbone_key(m.alpha, m.weights, cfg.data.image_size, m.init_seed)
+        shutil.copyfile(tflite_cache_path(key), folder / BACKBONE_FILE)
     return {
         "data.synthetic.dir": cfg.data.synthetic.dir,
         "paths.prepared": cfg.paths.prepared,
@@ -73,9 +87,10 @@ def config(tmp: Path, data: dict[str, str], **extra: object):
     values = {
         **data,
         "train.epochs": EPOCHS,
+        "train.batch_size": 8,
         "train.checkpoint_dir": tmp / "checkpoints",
         "tracking.log_model": False,
-        "train.backend": "keras",  # per-epoch checkpoints are Keras' (NumPy trains in ~0.1 s)
+        "train.solver": "keras",  # per-epoch checkpoints are Keras' (L-BFGS has no epochs)
         **extra,
     }
     return tiny_config(tmp, **values)
@@ -83,21 +98,19 @@ def config(tmp: Path, data: dict[str, str], **extra: object):
 
 def outcome(cfg) -> dict:
     """What a finished run left: metrics, per-epoch history, per-batch steps, head weights."""
-    from pipeline.lib.model.build import HEAD_NAME, load_model
-
     reports, models = Path(cfg.paths.reports), Path(cfg.paths.models)
+    head = Head.load(models / HEAD_FILE)
     with open(reports / "train_history.csv", newline="") as fh:
         history = list(csv.DictReader(fh))
     with open(reports / "train_batches.csv", newline="") as fh:
         steps = [int(row["step"]) for row in csv.DictReader(fh)]
-    model = load_model(models / "model.keras")
     return {
         "metrics": json.loads((reports / "train_metrics.json").read_text()),
         "history": {
-            int(r["epoch"]): {k: float(v) for k, v in r.items() if k != "epoch"} for r in history
+            int(r["step"]): {k: float(v) for k, v in r.items() if k != "step"} for r in history
         },
         "steps": steps,
-        "weights": [np.asarray(w) for w in model.get_layer(HEAD_NAME).get_weights()],
+        "weights": [head.kernel, head.bias],
     }
 
 
@@ -168,7 +181,9 @@ def test_interrupted_run_resumes_to_the_same_result(data, reference, tmp_path):
 
     (resumed,) = runs(cfg)  # the interrupted run, reopened (pipeline.lib.tracking.runs)
     assert resumed.info.status == "FINISHED"
-    assert resumed.data.tags["resumed_from_epoch"] == "2"
+    assert got["metrics"]["head"]["resumed_from_epoch"] == 2
+    assert resumed.data.metrics["head_resumed_from_epoch"] == 2
+    # the epochs that ran here are logged at their numbers in the whole run
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     assert [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")] == [3, 4]
     assert resumed.data.metrics["final_val_loss"] == pytest.approx(
@@ -185,7 +200,7 @@ def test_without_resume_an_earlier_checkpoint_is_ignored(data, reference, tmp_pa
     assert sorted(got["history"]) == [1, 2, 3, 4]
     assert_same_result(got, reference)
     assert not checkpoint.exists()
-    assert "resumed_from_epoch" not in runs(cfg)[-1].data.tags
+    assert runs(cfg)[-1].data.metrics["head_resumed_from_epoch"] == 0
 
 
 def test_resume_without_checkpoint_trains_from_the_start(data, reference, tmp_path):
@@ -208,32 +223,40 @@ def test_dropout_is_exact_across_a_resume(data, reference, tmp_path):
     assert_same_result(outcome(cfg), want)
 
 
-def test_end_to_end_training_resumes_to_the_same_result(data, tmp_path):
-    e2e = {"train.use_feature_cache": False, "train.epochs": 3}
+def test_end_to_end_training_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """The images flow through the frozen backbone (the cached features are not read). The
+    features are the real ones here: the train metrics are of the head on them."""
+    monkeypatch.setattr(keras_fit, "phase1_on_images", lambda cfg: True)
+    data = prepared_data(tmp_path / "data")
+    e2e = {"train.epochs": 3}
     whole = config(tmp_path / "whole", data, **e2e)
     train(whole)
     cfg = config(tmp_path / "stopped", data, **e2e)
     interrupt(cfg, 1)
     train(config(tmp_path / "stopped", data, **e2e, **{"train.resume": True}))
     got, want = outcome(cfg), outcome(whole)
-    assert got["metrics"]["mode"] == "end_to_end" and sorted(got["history"]) == [2, 3]
+    assert got["metrics"]["head"]["phases"]["phase1"]["mode"] == "end_to_end"
+    assert sorted(got["history"]) == [2, 3]
     assert_same_result(got, want)
 
 
 def test_checkpoint_folder_is_keyed_by_what_determines_the_run(tmp_path):
     md5 = "0" * 32 + ".dir"
-    base = tiny_config(tmp_path)
+    keras = {"train.solver": "keras"}
+    base = tiny_config(tmp_path, **keras)
     folder = checkpoint_folder(base, md5)
     assert folder.parent == Path(base.train.checkpoint_dir)
-    assert checkpoint_folder(tiny_config(tmp_path, **{"train.resume": True}), md5) == folder
+    resume = {"train.resume": True}
+    assert checkpoint_folder(tiny_config(tmp_path, **keras, **resume), md5) == folder
     for change in (
         {"train.learning_rate": 0.01},
         {"train.seed": 1},
+        {"train.C": 10},
         {"model.dropout": 0.2},
-        {"featurize.backend": "tflite"},
+        {"featurize.batch_size": 7},
         {"paths.models": tmp_path / "other"},
     ):
-        assert checkpoint_folder(tiny_config(tmp_path, **change), md5) != folder, change
+        assert checkpoint_folder(tiny_config(tmp_path, **keras, **change), md5) != folder, change
     assert checkpoint_folder(base, "1" * 32 + ".dir") != folder
 
 

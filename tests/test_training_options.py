@@ -22,19 +22,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.lib.training.fit as train_module
 from pipeline.featurize import featurize
 from pipeline.lib.config.schema import ConfigError, validate
 from pipeline.lib.data.prepared import PreparedDataset
-from pipeline.lib.files import dvc_md5
-from pipeline.lib.model.build import (
-    BACKBONE_NAME,
-    HEAD_NAME,
-    build_augmentation,
-    build_backbone,
-    load_model,
-)
-from pipeline.lib.training.fit import class_weights, fit
+from pipeline.lib.files import dvc_md5, read_json
+from pipeline.lib.model.build import BACKBONE_NAME, build_augmentation, build_backbone
+from pipeline.lib.model.classifier import BACKBONE_FILE, CARD_FILE
+from pipeline.lib.model.features import load_cached_features
+from pipeline.lib.training import keras_fit
+from pipeline.lib.training.head import class_weights
+from pipeline.lib.training.keras_fit import KerasFit, fit_keras
 from pipeline.prepare import prepare
 from pipeline.train import train
 from tests.conftest import compose, tiny_overrides
@@ -61,6 +58,7 @@ def write_folder_dataset(root: Path) -> None:
 
 def config(tmp: Path, data: dict[str, object], **extra: object):
     values = {
+        "train.solver": "keras",
         "train.batch_size": BATCH,
         "train.learning_rate": LR,
         "train.epochs": 4,
@@ -100,35 +98,32 @@ def dataset(data) -> PreparedDataset:
     return PreparedDataset(data["paths.prepared"])
 
 
-def run_fit(tmp: Path, data: dict[str, object], **extra: object) -> dict:
+class ReadsRecorded(dict):
+    """The cached features, recording which splits are read."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[str] = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return super().__getitem__(key)
+
+
+def run_fit(tmp: Path, data: dict[str, object], callbacks=(), **extra: object) -> KerasFit:
+    """`fit_keras` on the module's data, its cached features passed as a `ReadsRecorded`."""
     cfg = config(tmp, data, **extra)
-    return fit(cfg, PreparedDataset(cfg.paths.prepared), dvc_md5(cfg.paths.prepared))
-
-
-def spy_on_cache(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Record every read of the cached features by `fit`."""
-    calls: list = []
-    real = train_module.load_cached_features
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "load_cached_features", spy)
-    return calls
+    md5 = dvc_md5(cfg.paths.prepared)
+    features = ReadsRecorded(load_cached_features(cfg, md5))
+    fitted = fit_keras(cfg, PreparedDataset(cfg.paths.prepared), features, md5, callbacks)
+    fitted.cache_reads = features.reads  # type: ignore[attr-defined]
+    return fitted
 
 
 @pytest.fixture(scope="module")
-def baseline(data, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def baseline(data, tmp_path_factory: pytest.TempPathFactory) -> KerasFit:
     """Every option at its default: the head on the cached features."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        calls = spy_on_cache(monkeypatch)
-        result = run_fit(tmp_path_factory.mktemp("baseline"), data)
-    return {**result, "cache_reads": len(calls)}
-
-
-def head_probabilities(model, features: np.ndarray) -> np.ndarray:
-    return np.asarray(model.get_layer(HEAD_NAME)(features.astype(np.float32)))
+    return run_fit(tmp_path_factory.mktemp("baseline"), data)
 
 
 def cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -167,6 +162,7 @@ def test_bad_training_options_name_the_key(composed, key, value):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(composed)
+    cfg["train"]["solver"] = "keras"  # lbfgs would refuse any change to a Keras-only key
     node = cfg
     *parents, leaf = key.split(".")
     for name in parents:
@@ -202,12 +198,13 @@ def test_options_are_off_by_default(composed):
 @pytest.fixture(scope="module")
 def fine_tuned(data, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A whole train step: 2 epochs of the head on cached features, then 2 epochs with the top
-    12 backbone layers unfrozen, end to end on images."""
+    12 backbone layers unfrozen, end to end on images; with what `fit_keras` returned to it."""
     tmp = tmp_path_factory.mktemp("fine-tune")
     cfg = config(
         tmp,
         data,
         **{
+            "train.solver": "auto",  # fine-tuning implies keras
             "train.epochs": 2,
             "train.fine_tune.enabled": True,
             "train.fine_tune.unfreeze_top_n": 12,
@@ -215,8 +212,17 @@ def fine_tuned(data, tmp_path_factory: pytest.TempPathFactory) -> dict:
             "train.fine_tune.learning_rate": 1e-4,
         },
     )
-    train(cfg)
-    return {"cfg": cfg, "model": load_model(Path(cfg.paths.models) / "model.keras")}
+    fitted: list[KerasFit] = []
+    real = keras_fit.fit_keras
+
+    def recorded(*args, **kwargs):
+        fitted.append(real(*args, **kwargs))
+        return fitted[-1]
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(keras_fit, "fit_keras", recorded)
+        train(cfg)
+    return {"cfg": cfg, "fit": fitted[0]}
 
 
 def expected_phase2_params() -> tuple[int, list[str]]:
@@ -234,28 +240,40 @@ def expected_phase2_params() -> tuple[int, list[str]]:
 
 
 def test_fine_tuning_unfreezes_the_top_layers_but_batchnorm(fine_tuned):
-    cfg = fine_tuned["cfg"]
-    metrics = json.loads((Path(cfg.paths.reports) / "train_metrics.json").read_text())["params"]
+    cfg, fitted = fine_tuned["cfg"], fine_tuned["fit"]
+    metrics = json.loads((Path(cfg.paths.reports) / "train_metrics.json").read_text())
+    phases = metrics["head"]["phases"]
     want, names = expected_phase2_params()
-    assert metrics["trainable_params_phase1"] == HEAD_PARAMS == 3843
-    assert metrics["trainable_params_phase2"] == want > HEAD_PARAMS
     assert names == ["block_16_expand", "block_16_depthwise", "block_16_project", "Conv_1"]
-    run = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri).search_runs(
-        [
-            mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
-            .get_experiment_by_name(cfg.tracking.experiment)
-            .experiment_id
-        ]
-    )[0]
-    assert run.data.metrics["trainable_params_phase1"] == HEAD_PARAMS
-    assert run.data.metrics["trainable_params_phase2"] == want
+    assert phases["phase1"]["trainable_params"] == HEAD_PARAMS == 3843
+    assert phases["phase2"]["trainable_params"] == want > HEAD_PARAMS
+    assert phases["phase2"]["unfrozen_layers"] == names
+    assert (phases["phase1"]["mode"], phases["phase2"]["mode"]) == ("cached_features", "end_to_end")
+    assert phases["phase2"]["first_epoch"] == 3 and metrics["params"]["trainable"] == want
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id]
+    )
+    assert run.data.metrics["trainable_params"] == want
     assert run.data.params["train.fine_tune.enabled"] == "True"
-    assert run.data.tags["fine_tune_first_epoch"] == "3"
+    assert run.data.tags["train_solver"] == "keras"
+    logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/train_head.json")
+    assert logged["phases"]["phase2"]["first_epoch"] == 3
 
-    model = fine_tuned["model"]  # loaded with safe_mode=True
-    trainable = {w.path.split("/")[-2] for w in model.trainable_weights}
-    assert trainable == set(names) | {HEAD_NAME}
-    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == want
+    # the fine-tuned backbone: only the named layers trained; converted to LiteRT for the model
+    extractor = fitted.extractor
+    trainable = {w.path.split("/")[-2] for w in extractor.trainable_weights}
+    assert trainable == set(names)
+    count = sum(int(np.prod(w.shape)) for w in extractor.trainable_weights)
+    assert count + fitted.head.kernel.size + fitted.head.bias.size == want
+    models, features = Path(cfg.paths.models), Path(cfg.paths.features)
+    assert read_json(models / CARD_FILE)["backbone"]["fine_tuned"] is True
+    assert (models / BACKBONE_FILE).stat().st_size > 0
+    if (features / BACKBONE_FILE).is_file():  # written by featurize: the backbone before training
+        assert (models / BACKBONE_FILE).read_bytes() != (features / BACKBONE_FILE).read_bytes()
+    # the features of the fine-tuned extractor, which the saved head was calibrated on
+    images = np.asarray(PreparedDataset(cfg.paths.prepared).images("val"), np.float32)
+    np.testing.assert_allclose(fitted.features["val"], np.asarray(extractor(images)), atol=1e-5)
 
 
 def test_fine_tuning_keeps_batchnorm_in_inference_mode(fine_tuned):
@@ -264,7 +282,7 @@ def test_fine_tuning_keeps_batchnorm_in_inference_mode(fine_tuned):
     import keras
 
     fresh = build_backbone(0.35, None, 32)
-    trained = fine_tuned["model"].get_layer(BACKBONE_NAME)
+    trained = fine_tuned["fit"].extractor.get_layer(BACKBONE_NAME)
     norms = [
         layer for layer in trained.layers if isinstance(layer, keras.layers.BatchNormalization)
     ]
@@ -274,6 +292,9 @@ def test_fine_tuning_keeps_batchnorm_in_inference_mode(fine_tuned):
             layer.get_weights(), fresh.get_layer(layer.name).get_weights(), strict=True
         ):  # gamma, beta, moving mean, moving variance
             np.testing.assert_array_equal(got, want, err_msg=layer.name)
+    # while the unfrozen convolutions did move
+    changed = trained.get_layer("Conv_1").get_weights()[0]
+    assert not np.array_equal(changed, fresh.get_layer("Conv_1").get_weights()[0])
 
 
 def test_fine_tuning_continues_one_history(fine_tuned):
@@ -281,7 +302,7 @@ def test_fine_tuning_continues_one_history(fine_tuned):
     reports = Path(cfg.paths.reports)
     with open(reports / "train_history.csv", newline="") as fh:
         history = list(csv.DictReader(fh))
-    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
+    assert [int(r["step"]) for r in history] == [1, 2, 3, 4]
     rates = [float(r["learning_rate"]) for r in history]
     assert rates[:2] == pytest.approx([LR] * 2) and rates[2:] == pytest.approx([1e-4] * 2)
     with open(reports / "train_batches.csv", newline="") as fh:
@@ -332,23 +353,28 @@ def test_augmentation_layers_change_images_only_in_training():
         assert changed.shape == images.shape and not np.allclose(changed, images), layer.name
 
 
-def test_augmentation_bypasses_the_feature_cache(data, dataset, baseline, tmp_path, monkeypatch):
-    calls = spy_on_cache(monkeypatch)
+def test_augmentation_bypasses_the_feature_cache(data, dataset, baseline, tmp_path):
     result = run_fit(tmp_path, data, **{"train.augment.enabled": True, "train.epochs": 1})
-    assert calls == [] and result["mode"] == "end_to_end"
-    assert result["phases"]["phase1"]["trainable_params"] == HEAD_PARAMS
+    assert result.cache_reads == [] and result.runner.phases["phase1"]["mode"] == "end_to_end"
+    assert result.runner.phases["phase1"]["trainable_params"] == HEAD_PARAMS
     # augmentation off (the baseline): the features are read from the cache
-    assert baseline["cache_reads"] == 1 and baseline["mode"] == "cached_features"
+    assert "train" in baseline.cache_reads
+    assert baseline.runner.phases["phase1"]["mode"] == "cached_features"
 
-    # saved without the augmentation layers: raw 0..255 images -> probabilities, safe mode
-    model = result["model"]
-    assert not any(layer.name.startswith("augment_") for layer in model.layers)
-    model.save(tmp_path / "model.keras")
-    loaded = load_model(tmp_path / "model.keras")
-    images = np.asarray(dataset.images("val"), dtype=np.float32)
-    probabilities = np.asarray(loaded(images))  # called directly: predict() would trace it again
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(probabilities, np.asarray(model(images)), atol=1e-6)
+    # The backbone stayed frozen: the saved model is the featurize stage's backbone (no
+    # augmentation layers) and the head; no new extractor, no new features, and the parameter
+    # counts are those of backbone + head alone.
+    assert result.extractor is None and result.features is None
+    backbone = build_backbone(0.35, None, 32)
+    assert result.params == {
+        "trainable": HEAD_PARAMS,
+        "non_trainable": backbone.count_params(),
+        "total": HEAD_PARAMS + backbone.count_params(),
+    }
+    assert result.head.kernel.shape == (1280, CLASSES) and result.head.bias.shape == (CLASSES,)
+    assert np.abs(result.head.bias).max() > 0  # it trained
+    probabilities = result.head.probabilities(np.load(Path(data["paths.features"]) / "val.npy"))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,21 +384,24 @@ def test_augmentation_bypasses_the_feature_cache(data, dataset, baseline, tmp_pa
 def test_class_weight_auto_is_sklearn_balanced(data, dataset, baseline, tmp_path):
     n = sum(TRAIN_COUNTS)
     want = {c: n / (CLASSES * count) for c, count in enumerate(TRAIN_COUNTS)}  # 2/3, 4/3, 4/3
-    assert class_weights(dataset.labels("train"), CLASSES, "auto") == pytest.approx(want)
+    got = class_weights(dataset.labels("train"), CLASSES, "auto")
+    assert got.tolist() == pytest.approx(list(want.values()))
     assert class_weights(dataset.labels("train"), CLASSES, "none") is None
     assert class_weights(np.array([0, 0, 1]), 3, "auto")[2] == 1.0  # absent class: weight 1
 
     # batches of 5: the seeded first batch is imbalanced (of 8 it happens to hold 4 + 2 + 2)
     weighted = run_fit(tmp_path, data, **{"train.class_weight": "auto", "train.batch_size": 5})
-    assert weighted["class_weight"] == pytest.approx(want)
-    assert baseline["class_weight"] is None
+    assert weighted.runner.class_weight == pytest.approx(want)
+    assert baseline.runner.class_weight is None
     # The loss Keras minimises is weighted. The zero-initialised head predicts 1/3 for every
     # class at the first step, so each image's loss is ln 3 and the first batch's loss is ln 3 x
     # the mean weight of its images (the batch order is a function of seed and epoch).
     order = np.random.default_rng((42, 0)).permutation(sum(TRAIN_COUNTS))[:5]
     first = [want[label] for label in dataset.labels("train")[order]]
-    assert baseline["batches"]["loss"][0] == pytest.approx(math.log(3), rel=1e-5)
-    assert weighted["batches"]["loss"][0] == pytest.approx(math.log(3) * np.mean(first), rel=1e-5)
+    assert baseline.runner.batches["loss"][0] == pytest.approx(math.log(3), rel=1e-5)
+    assert weighted.runner.batches["loss"][0] == pytest.approx(
+        math.log(3) * np.mean(first), rel=1e-5
+    )
     assert abs(np.mean(first) - 1) > 0.1
 
 
@@ -383,10 +412,10 @@ def test_label_smoothing_keeps_the_loss_above_the_smoothed_targets_entropy(
     high = 1 - smoothing + smoothing / CLASSES  # smoothed target of the true class
     low = smoothing / CLASSES
     floor = -(high * math.log(high) + (CLASSES - 1) * low * math.log(low))
-    smoothed = run_fit(tmp_path, data, **{"train.label_smoothing": smoothing})
-    assert baseline["epochs"]["loss"][-1] < floor - 0.1  # unsmoothed: well below
-    assert min(smoothed["epochs"]["loss"]) >= floor - 1e-4
-    assert smoothed["epochs"]["loss"][-1] < smoothed["epochs"]["loss"][0]  # and it learns
+    smoothed = run_fit(tmp_path, data, **{"train.label_smoothing": smoothing}).runner.history
+    assert baseline.runner.history["loss"][-1] < floor - 0.1  # unsmoothed: well below
+    assert min(smoothed["loss"]) >= floor - 1e-4
+    assert smoothed["loss"][-1] < smoothed["loss"][0]  # and it learns
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,24 +439,24 @@ def test_early_stopping_and_reduce_on_plateau(data, dataset, tmp_path):
             "train.plateau.patience": 1,
             "train.plateau.min_delta": 100.0,
             # val_loss is then the plain cross-entropy of the restored weights (Keras adds the
-            # L2 penalty to the loss it reports; temperature scaling rescales the head after)
-            "train.l2": 0,
-            "train.calibrate": False,
+            # L2 penalty to the loss it reports)
+            "train.C": "null",
         },
     )
-    assert result["epochs"]["epoch"] == [1, 2, 3] and result["stopped_early_at"] == [3]
-    assert result["epochs"]["learning_rate"] == pytest.approx([LR, LR, LR / 2], rel=1e-6)
-    val_loss = result["epochs"]["val_loss"]
+    history = result.runner.history
+    assert history["epoch"] == [1, 2, 3] and result.runner.stopped == [3]
+    assert history["learning_rate"] == pytest.approx([LR, LR, LR / 2], rel=1e-6)
+    val_loss = history["val_loss"]
     assert min(abs(val_loss[0] - val_loss[1]), abs(val_loss[0] - val_loss[2])) > 1e-3
     features = np.load(Path(data["paths.features"]) / "val.npy")
-    got = cross_entropy(head_probabilities(result["model"], features), dataset.labels("val"))
+    got = cross_entropy(result.head.probabilities(features), dataset.labels("val"))
     assert got == pytest.approx(val_loss[0], abs=1e-4)  # epoch 1's weights restored
 
 
 def test_cosine_schedule_decays_the_learning_rate(data, tmp_path):
     epochs = 3
     result = run_fit(tmp_path, data, **{"train.epochs": epochs, "train.lr_schedule": "cosine"})
-    rates = result["epochs"]["learning_rate"]
+    rates = result.runner.history["learning_rate"]
     total = epochs * STEPS_PER_EPOCH
     want = [
         LR * 0.5 * (1 + math.cos(math.pi * (e * STEPS_PER_EPOCH - 1) / total))
@@ -442,17 +471,21 @@ def test_cosine_schedule_decays_the_learning_rate(data, tmp_path):
 
 
 def test_mirrored_strategy_trains_to_the_default_strategy_result(data, baseline, tmp_path):
+    import keras
     import tensorflow as tf
 
-    result = run_fit(tmp_path, data, **{"train.strategy": "mirrored"})
-    assert result["strategy"] == "mirrored" and result["replicas"] >= 1
-    assert isinstance(result["model"].distribute_strategy, tf.distribute.MirroredStrategy)
-    assert result["epochs"]["loss"][-1] < result["epochs"]["loss"][0] - 0.1  # it learns
+    strategies: list = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            strategies.append(self.model.distribute_strategy)
+
+    result = run_fit(tmp_path, data, callbacks=[Probe()], **{"train.strategy": "mirrored"})
+    assert result.replicas >= 1 and len(strategies) == 1
+    assert isinstance(strategies[0], tf.distribute.MirroredStrategy)
+    assert baseline.replicas == 1
+    history, reference = result.runner.history, baseline.runner.history
+    assert history["loss"][-1] < history["loss"][0] - 0.1  # it learns
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        np.testing.assert_allclose(
-            result["epochs"][key], baseline["epochs"][key], atol=1e-4, err_msg=key
-        )
-
-
-# ------------------------------------------------------------------------------------------------
-# DVC
+        np.testing.assert_allclose(history[key], reference[key], atol=1e-4, err_msg=key)
+    np.testing.assert_allclose(result.head.kernel, baseline.head.kernel, atol=1e-4)

@@ -1,12 +1,9 @@
 """Keras `fit` for what needs it (`train.solver=keras`): the study's Adam epochs, augmentation,
-fine-tuning, an unfrozen backbone. Seeds, batches, callbacks, checkpoints and the two phases.
+fine-tuning, an unfrozen backbone.
 
-The training state is saved after every epoch (Keras' `BackupAndRestore`) in a folder of
-`train.checkpoint_dir` keyed by the run's settings; with `train.resume=true` an interrupted run
-continues from its last saved epoch and ends with the same weights and metrics as an uninterrupted
-run: the batch order and dropout masks are pure functions of (seed, epoch), not of what ran before.
-
-Imports TensorFlow: `pipeline.train` imports this module only when Keras trains (~5 s saved).
+The training state is saved after every epoch in a folder keyed by the run's settings; with
+`train.resume=true` an interrupted run ends with the weights and metrics of an uninterrupted one:
+batch order and dropout masks are pure functions of (seed, epoch). Imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -28,9 +25,11 @@ import tensorflow as tf
 from omegaconf import OmegaConf
 
 from pipeline.lib.config.schema import Config
+from pipeline.lib.config.step import in_multirun
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json, write_json
 from pipeline.lib.model.build import (
+    HEAD_NAME,
     build_augmentation,
     build_feature_extractor,
     build_head,
@@ -55,17 +54,14 @@ log = logging.getLogger(__name__)
 
 
 def set_seeds(seed: int) -> None:
-    """Seed Python, NumPy and Keras/TensorFlow, and turn on TensorFlow's op determinism (same
-    seed, same data -> the same weights, bit for bit, on the same machine)."""
+    """Seed Python, NumPy and Keras/TensorFlow; turn on TensorFlow's op determinism."""
     keras.utils.set_random_seed(seed)
-    # older TF builds lack it; seeds still apply
     with contextlib.suppress(Exception):
         tf.config.experimental.enable_op_determinism()
 
 
 def distribution_strategy(name: str) -> Any:
-    """`train.strategy`: the default (one device) or a MirroredStrategy over every visible GPU
-    (the CPU when there is none)."""
+    """`train.strategy`: the default or a MirroredStrategy (every GPU, else the CPU)."""
     if name == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
         log.info("train.strategy=mirrored: %d replica(s)", strategy.num_replicas_in_sync)
@@ -74,11 +70,8 @@ def distribution_strategy(name: str) -> Any:
 
 
 def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
-    """Where `fit` saves the training state after every epoch: a folder of
-    `train.checkpoint_dir` keyed by what determines the run (the model, train and featurize
-    settings but `train.resume` / `train.checkpoint_dir`, the prepared data) and by where it writes
-    its model, so a resumed run only ever picks up its own checkpoint and two runs never share one.
-    """
+    """The run's checkpoint folder in `train.checkpoint_dir`, keyed by what determines the run
+    (settings but resume / checkpoint_dir, data, model folder): a resume finds only its own."""
     train_settings = OmegaConf.to_container(cfg.train, resolve=True)
     assert isinstance(train_settings, dict)
     for name in ("resume", "checkpoint_dir"):
@@ -94,8 +87,7 @@ def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     return Path(cfg.train.checkpoint_dir) / f"train-{digest}"
 
 
-#: In the checkpoint folder, once phase 1 of a fine-tuning run has finished: its weights and how
-#: many epochs it ran; phase 2 saves its state in the sub-folder FINE_TUNE_DIR.
+#: In the checkpoint folder after phase 1 of a fine-tuning run: its weights, its epochs; phase 2's.
 PHASE1_WEIGHTS = "phase1.weights.h5"
 PHASE1_DONE = "phase1.json"
 FINE_TUNE_DIR = "fine_tune"
@@ -103,18 +95,14 @@ FINE_TUNE_DIR = "fine_tune"
 
 @dataclass
 class Networks:
-    """The Keras models of one training run, sharing their weights.
-
-    `extractor`: images (B, H, W, 3) float32 0..255 -> features (B, D); `head`: features ->
-    class probabilities (B, C); `full`: images -> probabilities (what is saved);
-    `image_net`: `full` with the augmentation layers in front (`full` itself without them).
-    """
+    """The Keras models of one run, sharing their weights: `extractor` images (B, H, W, 3)
+    0..255 -> features (B, D) (None when only the head trains); `head` features -> probabilities;
+    `full` images -> probabilities; `image_net`: `full` behind the augmentation layers, if any."""
 
     extractor: Any
     head: Any
     full: Any
     image_net: Any
-    augmented: bool
 
 
 def build_networks(cfg: Config, num_classes: int, image_size: int) -> Networks:
@@ -130,31 +118,21 @@ def build_networks(cfg: Config, num_classes: int, image_size: int) -> Networks:
     augmentation = build_augmentation(t.augment, t.seed) if t.augment.enabled else []
     full = compose(extractor, head)
     image_net = compose_augmented(extractor, head, augmentation) if augmentation else full
-    return Networks(extractor, head, full, image_net, bool(augmentation))
+    return Networks(extractor, head, full, image_net)
 
 
-def phase1_inputs(
-    cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray], nets: Networks
-) -> tuple[Any, dict[str, np.ndarray]]:
-    """(network, {"train", "val": inputs}) of phase 1: the head on the cached features when the
-    backbone is frozen and nothing is augmented (augmented images differ every epoch, so their
-    features cannot be cached), else the image network on the prepared images."""
-    if cfg.model.freeze_backbone and not nets.augmented:
-        return nets.head, {s: features[s] for s in ("train", "val")}
-    return nets.image_net, {s: dataset.images(s) for s in ("train", "val")}
+def phase1_on_images(cfg: Config) -> bool:
+    """Whether phase 1 trains on the prepared images rather than on the cached features:
+    augmented images differ every epoch, an unfrozen backbone changes the features."""
+    return cfg.train.augment.enabled or not cfg.model.freeze_backbone
 
 
 def prepare_checkpoint(cfg: Config, prepared_md5: str) -> Path:
-    """The run's checkpoint folder (`checkpoint_folder`): kept with `train.resume=true`, removed
-    (an earlier run's state) otherwise."""
+    """`checkpoint_folder`: kept with `train.resume=true`, else removed (an earlier run's)."""
     checkpoint = checkpoint_folder(cfg, prepared_md5)
     if cfg.train.resume:
-        found = checkpoint.exists()
-        log.info(
-            "train.resume=true: %s %s",
-            "resuming from" if found else "no checkpoint to resume from, starting afresh:",
-            checkpoint,
-        )
+        state = "resuming from" if checkpoint.exists() else "no checkpoint, starting afresh:"
+        log.info("train.resume=true: %s %s", state, checkpoint)
     elif checkpoint.exists():
         log.info("train.resume=false: removing the earlier checkpoint %s", checkpoint)
         shutil.rmtree(checkpoint)
@@ -163,11 +141,9 @@ def prepare_checkpoint(cfg: Config, prepared_md5: str) -> Path:
 
 @dataclass
 class PhaseRunner:
-    """Runs the training phases of one run with Keras and gathers what they ran: the one-hot
-    `targets` {"train", "val": (N, C)}, one continuous per-epoch `history` ({"epoch": [1-based],
-    metric: [...]}), per-batch `batches`, `phases` (per phase: mode, trainable_params,
-    learning_rate, first_epoch, last_epoch) and the epochs at which early stopping ended a phase
-    (`stopped`); `extra_callbacks` are added to every phase's `fit`."""
+    """Runs the phases of one run and gathers, across them, the per-epoch `history`
+    ({"epoch": [1-based], metric: [...]}), per-batch `batches`, `phases` (mode, trainable_params,
+    learning_rate, first_epoch, last_epoch) and the epochs where early stopping ended one."""
 
     cfg: Config
     targets: dict[str, np.ndarray]
@@ -179,19 +155,13 @@ class PhaseRunner:
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped: list[int] = field(default_factory=list)
     extra_callbacks: Sequence[Any] = ()
-    #: Save the state after every epoch (BackupAndRestore); off for a head-only sweep job
-    #: without `train.resume`, where per-epoch saves cost ~70 % of the fit.
+    #: Save the state every epoch; off for a head-only sweep job without resume (~70 % of its time)
     backup: bool = True
-
-    @property
-    def has_val(self) -> bool:
-        """Whether there is a validation split."""
-        return len(self.targets["val"]) > 0
 
     @property
     def monitor(self) -> str:
         """What early stopping and ReduceLROnPlateau watch: val_loss, else loss."""
-        return "val_loss" if self.has_val else "loss"
+        return "val_loss" if len(self.targets["val"]) else "loss"
 
     def run(
         self,
@@ -202,14 +172,13 @@ class PhaseRunner:
         epochs: tuple[int, int],
         backup: Path,
     ) -> int:
-        """Compile `net` and train it on `x` from epoch `epochs[0]` to `epochs[1]` (0-based,
-        exclusive) at learning rate `rate`, saving the state in `backup` after every epoch;
-        append what ran; return the number of epochs done by its end."""
+        """Train `net` on `x` over epochs [epochs[0], epochs[1]) (0-based) at `rate`, its state
+        saved in `backup`; record what ran; return the epochs done by its end."""
         t, (first, last) = self.cfg.train, epochs
         y = self.targets
         train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
         val = (
-            ArrayBatches(x["val"], y["val"], t.batch_size, False, t.seed) if self.has_val else None
+            ArrayBatches(x["val"], y["val"], t.batch_size, False, t.seed) if len(y["val"]) else None
         )
         schedule = self._compile(net, rate, (last - first) * len(train_batches))
         callbacks, state, recorder, stopper = self._callbacks(
@@ -263,12 +232,8 @@ class PhaseRunner:
     def _callbacks(
         self, net: Any, train_batches: Any, schedule: Any, last: int, backup: Path
     ) -> tuple[list[Any], Any, Any, Any]:
-        """(callbacks in order, the EpochState, the BatchRecorder, the EarlyStopping or None).
-
-        The learning-rate logger comes before ReduceLROnPlateau and BackupAndRestore, so the
-        state saved holds a reduced rate; BackupAndRestore restores weights, optimizer state and
-        epoch at the start (if saved), saves every epoch and deletes its folder at the end. The
-        caller's callbacks come last."""
+        """(callbacks in order, the EpochState, the BatchRecorder, the EarlyStopping or None). The
+        rate logger precedes ReduceLROnPlateau and the backup (which then holds a reduced rate)."""
         t = self.cfg.train
         callbacks: list[Any] = [LearningRateLogger(schedule)]
         if t.lr_schedule == "reduce_on_plateau":
@@ -325,9 +290,8 @@ class PhaseRunner:
 def run_phase1(
     runner: PhaseRunner, net: Any, x: dict[str, Any], nets: Networks, checkpoint: Path
 ) -> int:
-    """Phase 1 (`train.epochs` at `train.learning_rate`); when fine-tuning, its end is saved
-    in the checkpoint folder, and a resumed run whose phase 1 had finished skips it. Returns
-    the epochs phase 1 ran."""
+    """Phase 1; when fine-tuning, its end is saved in the checkpoint folder, and a resumed run
+    whose phase 1 had finished skips it. Returns the epochs it ran."""
     t = runner.cfg.train
     done_file = checkpoint / PHASE1_DONE
     if t.fine_tune.enabled and t.resume and done_file.is_file():
@@ -347,18 +311,11 @@ def run_phase1(
 def run_phase2(
     runner: PhaseRunner, nets: Networks, images: dict[str, Any], done: int, checkpoint: Path
 ) -> None:
-    """Phase 2 (fine-tuning): the backbone's top `fine_tune.unfreeze_top_n` layers unfrozen
-    (BatchNorm kept frozen), end to end on images at `fine_tune.learning_rate`, its epochs
-    numbered after phase 1's; the checkpoint folder is removed at its end."""
+    """Fine-tuning: the backbone's top `unfreeze_top_n` layers (BatchNorm kept frozen), end to
+    end on images, epochs numbered after phase 1's; the checkpoint folder removed at its end."""
     ft = runner.cfg.train.fine_tune
     unfrozen = unfreeze_top(find_backbone(nets.extractor), ft.unfreeze_top_n)
-    log.info(
-        "Fine-tuning: %d backbone layers unfrozen (BatchNorm kept frozen), lr %g, epochs %d..%d",
-        len(unfrozen),
-        ft.learning_rate,
-        done + 1,
-        done + ft.epochs,
-    )
+    log.info("Fine-tuning %d layers (BatchNorm frozen), lr %g", len(unfrozen), ft.learning_rate)
     runner.run(
         "phase2",
         nets.image_net,
@@ -371,24 +328,9 @@ def run_phase2(
     shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def head_dense(model: keras.Model) -> keras.layers.Dense:
-    """The last Dense layer of `model` (searched in nested models, last first): the layer whose
-    kernel and bias give the logits. Raises ValueError when there is none."""
-    for layer in reversed(model.layers):
-        if isinstance(layer, keras.layers.Dense):
-            return layer
-        if isinstance(layer, keras.Model):
-            try:
-                return head_dense(layer)
-            except ValueError:
-                continue
-    raise ValueError(f"model {model.name!r} has no Dense layer")
-
-
 def set_kernel_l2(head: keras.Model, factor: float) -> None:
-    """Put an L2 penalty of `factor` (0 = none) on the kernel of `head`'s last Dense layer (on the
-    built variable, which Keras sums into the loss, and on the layer, for its config)."""
-    dense = head_dense(head)
+    """An L2 penalty of `factor` (0: none) on the head's Dense kernel (variable and layer)."""
+    dense = head.get_layer(HEAD_NAME)
     reg = keras.regularizers.L2(factor) if factor > 0 else None
     dense.kernel_regularizer = reg
     dense.kernel.regularizer = reg
@@ -404,11 +346,9 @@ def l2_factor(c: float | str | None, n_train: int) -> float:
 
 @dataclass
 class KerasFit:
-    """What Keras `fit` trained: the `head` (Dense weights, not yet calibrated); the Keras
-    `extractor` when its weights changed (fine-tuning, an unfrozen backbone: it must be converted
-    to LiteRT), else None; `features` {"train", "val": float32 (N, D)} of that extractor (None:
-    the cached ones hold); the per-epoch `history`, per-batch `batches`, `phases`, `stopped`, parameter
-    counts, `seconds` of training, the epochs restored from a checkpoint, the replicas."""
+    """What Keras `fit` trained: the `head` (not calibrated); the Keras `extractor` when its
+    weights changed (to convert to LiteRT), else None, and its `features` {"train", "val"}; the
+    `runner` (history, batches, phases...), parameter counts, seconds, epochs restored, replicas."""
 
     head: Head
     extractor: keras.Model | None
@@ -429,29 +369,27 @@ def fit_keras(
 ) -> KerasFit:
     """Train the head (and, with `train.fine_tune`, the backbone's top) with Keras `fit`.
 
-    Phase 1 trains the head on the cached `features` when the backbone is frozen and nothing is
-    augmented (MobileNetV2 is then not even built), else end to end on images. With
-    `train.fine_tune.enabled`, phase 2 unfreezes the backbone's top layers (BatchNorm stays
-    frozen) and trains on images at `fine_tune.learning_rate`, its epochs numbered after
-    phase 1's. The state is saved after every epoch; `train.resume` continues an interrupted run
-    (early stopping's and ReduceLROnPlateau's counters restart: they are not in the checkpoint).
-
-    Args:
-        features: {"train", "val": float32 (N, D)} cached backbone features.
-        callbacks: Keras callbacks added after the pipeline's own to every phase's `fit`.
+    Phase 1 trains the head on the cached `features` {"train", "val": float32 (N, D)} unless
+    `phase1_on_images` (MobileNetV2 is then not even built without fine-tuning), else end to end
+    on the images. Phase 2 (`train.fine_tune`) follows (`run_phase2`). The state is saved after
+    every epoch; `train.resume` continues an interrupted run (early stopping's and
+    ReduceLROnPlateau's counters restart: they are not in the checkpoint). `callbacks` are added
+    after the pipeline's own to every phase's `fit`.
     """
     t, c = cfg.train, dataset.num_classes
     strategy = distribution_strategy(t.strategy)
-    head_only = cfg.model.freeze_backbone and not t.augment.enabled and not t.fine_tune.enabled
+    on_images = phase1_on_images(cfg)
+    head_only = not on_images and not t.fine_tune.enabled
+    images = {s: dataset.images(s) for s in ("train", "val")}
     with strategy.scope():
         start = time.perf_counter()
         if head_only:
             set_seeds(t.seed)
             head = build_head(features["train"].shape[1], c, cfg.model.dropout, cfg.model.head_init)
-            nets = Networks(None, head, head, head, False)
+            nets = Networks(None, head, head, head)
         else:
             nets = build_networks(cfg, c, dataset.image_size)
-        net, x = phase1_inputs(cfg, dataset, features, nets)
+        net, x = (nets.image_net, images) if on_images else (nets.head, features)
         targets = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
         weights = class_weights(dataset.labels("train"), c, t.class_weight)
         runner = PhaseRunner(
@@ -459,25 +397,24 @@ def fit_keras(
             targets,
             None if weights is None else dict(enumerate(weights.tolist())),
             extra_callbacks=tuple(callbacks),
+            backup=not head_only or t.resume or not in_multirun(),
         )
-        runner.backup = not head_only or t.resume
         set_kernel_l2(nets.head, l2_factor(t.C, len(targets["train"])))
         checkpoint = prepare_checkpoint(cfg, prepared_md5)
-        done = run_phase1(runner, net, x, nets, checkpoint)
+        done = run_phase1(runner, net, {s: x[s] for s in ("train", "val")}, nets, checkpoint)
         if t.fine_tune.enabled:
-            images = {s: dataset.images(s) for s in ("train", "val")}
             run_phase2(runner, nets, images, done, checkpoint)
         seconds = time.perf_counter() - start
-    kernel, bias = head_dense(nets.head).get_weights()
+    kernel, bias = nets.head.get_layer(HEAD_NAME).get_weights()
     changed = t.fine_tune.enabled or not cfg.model.freeze_backbone
     extractor = nets.extractor if changed else None
     new_features = None
     if extractor is not None:
         new_features = {
-            s: np.asarray(extractor.predict(dataset.images(s), verbose=0), np.float32)
+            s: np.asarray(extractor.predict(images[s], verbose=0), np.float32)
             for s in ("train", "val")
         }
-    history = runner.history
+    epochs = runner.history["epoch"]
     total = t.epochs + (t.fine_tune.epochs if t.fine_tune.enabled else 0)
     return KerasFit(
         head=Head(np.asarray(kernel, np.float32), np.asarray(bias, np.float32)),
@@ -486,6 +423,6 @@ def fit_keras(
         runner=runner,
         params=count_params(nets.full),
         seconds=seconds,
-        resumed_from_epoch=history["epoch"][0] - 1 if history["epoch"] else total,
+        resumed_from_epoch=epochs[0] - 1 if epochs else total,
         replicas=int(strategy.num_replicas_in_sync),
     )
