@@ -276,6 +276,8 @@ def _log_training(result: TrainResult) -> None:
         }
     )
     mlflow.set_tag("train_solver", info["solver"])
+    if info.get("resumed_from_epoch"):  # the curves then hold the epochs run here, at their steps
+        mlflow.set_tag("resumed_from_epoch", str(info["resumed_from_epoch"]))
     numbers = {
         k: float(v)
         for k, v in info.items()
