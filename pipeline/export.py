@@ -59,7 +59,6 @@ from pipeline.lib.model.classifier import (
     trained_classifier,
 )
 from pipeline.lib.model.scoring import split_probabilities
-from pipeline.lib.tracking import runs
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,9 @@ def export(cfg: Config) -> dict[str, Any]:
 def _log_export(cfg: Config, results: dict[str, Any], model_ms: float, files: list[Path]) -> None:
     """Add the export's metrics (per format), the exported `files` and the reports to the
     pipeline's MLflow run (README: "How runs are recorded")."""
-    import mlflow  # ~1 s, and only when something is exported
+    import mlflow  # ~2 s with the tracking code, and only when something is exported
+
+    from pipeline.lib.tracking import runs
 
     reports = Path(cfg.paths.reports)
     with runs.stage_run(cfg, "export"):

@@ -266,7 +266,11 @@ def _log_training(result: TrainResult) -> None:
         m["params"]["non_trainable"],
     )
     runs.log_history(result.history, result.batches or {})
-    final = {f"{split}_{k}": v for split in ("train", "val") for k, v in m[split].items()}
+    final = {
+        ("val_" if split == "val" else "") + k: v
+        for split in ("train", "val")
+        for k, v in m[split].items()
+    }
     mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if v is not None})
     mlflow.log_metrics(
         {
@@ -288,19 +292,23 @@ def _log_training(result: TrainResult) -> None:
 
 
 def _write_reports(cfg: Config, result: TrainResult) -> None:
-    """train_metrics.json, train_history.csv and train_figures/ in `paths.reports`, each also
-    logged to the MLflow run (with Keras' per-batch train_batches.csv)."""
+    """train_metrics.json, train_history.csv, train_batches.csv and train_figures/ in
+    `paths.reports`, each also logged to the MLflow run."""
     reports = Path(cfg.paths.reports)
     write_json(reports / "train_metrics.json", result.metrics)
     write_csv(reports / "train_history.csv", result.history)
-    names = ["train_history.csv", "train_metrics.json"]
-    if result.batches is not None:  # Keras' per-batch rows: on the MLflow run only
-        with tempfile.TemporaryDirectory() as tmp:
-            write_csv(Path(tmp) / "train_batches.csv", result.batches)
-            runs.log_files([Path(tmp) / "train_batches.csv"], "reports")
-    curves = {("epoch" if k == "step" else k): v for k, v in result.history.items()}
-    batches = None
-    if result.batches is not None:
+    # per batch: Keras' batches; for lbfgs one full batch (the whole training split) per step
+    per_batch = result.batches or {
+        "step": result.history["step"],
+        "epoch": result.history["step"],
+        "loss": result.history["loss"],
+        "accuracy": result.history["accuracy"],
+    }
+    write_csv(reports / "train_batches.csv", per_batch)
+    names = ["train_history.csv", "train_batches.csv", "train_metrics.json"]
+    curves, batches = result.history, None  # lbfgs: x = solver step
+    if result.batches is not None:  # Keras: x = epoch, with the per-batch rows
+        curves = {("epoch" if k == "step" else k): v for k, v in result.history.items()}
         batches = {
             "step": list(range(1, len(result.batches["step"]) + 1)),
             "loss": result.batches["loss"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.lib.model.batch_predict import predict_batches
 from pipeline.lib.model.tflite import TFLiteRunner
 
 SIZE = 8
@@ -99,15 +98,3 @@ def test_not_a_model_is_a_value_error(tmp_path):
         TFLiteRunner(bad)
     with pytest.raises(ValueError, match="TensorFlow Lite"):
         TFLiteRunner(tmp_path / "missing.tflite")
-
-
-def test_predict_batches_stacks_batches_in_order(tiny):
-    runner = TFLiteRunner(tiny["float32"])
-    probs = predict_batches(runner, tiny["images"].astype(np.uint8), batch_size=4)
-    assert probs.shape == (10, 3) and probs.dtype == np.float32
-    np.testing.assert_allclose(probs, tiny["keras"], atol=1e-5)
-    seen: list[int] = []
-    predict_batches(lambda b: seen.append(len(b)) or np.zeros((len(b), 2)), np.zeros((9, 1)), 4)
-    assert seen == [4, 4, 1]
-    empty = predict_batches(runner, np.zeros((0, SIZE, SIZE, 3), np.uint8), num_outputs=3)
-    assert empty.shape == (0, 3) and empty.dtype == np.float32

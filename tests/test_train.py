@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 
+from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.errors import UserError
-from pipeline.lib.model.classifier import HEAD_FILE
+from pipeline.lib.model.classifier import HEAD_FILE, Head
 from pipeline.lib.model.saving import trained_run_id
 from pipeline.train import TrainingDivergedError, train
 from tests.conftest import ROOT, prepared_overrides, seeded_store, tiny_config, tiny_overrides
@@ -97,3 +100,21 @@ def test_a_diverged_keras_fit_is_one_error_and_a_sweep_goes_on(inputs, tmp_path)
     out = proc.stdout + proc.stderr
     assert "this job scores -inf, the sweep goes on" in out
     assert "Best job of 2: run job 1" in out
+
+
+def test_train_metrics_describe_the_saved_head(inputs, tmp_path):
+    """reports/train_metrics.json (and MLflow's final_*) are the numbers of the head that is saved
+    (calibrated, as scored later), not of some earlier iterate."""
+    cfg = tiny_config(tmp_path, **inputs)
+    train(cfg)
+    metrics = json.loads(Path(cfg.paths.reports, "train_metrics.json").read_text())
+    head = Head.load(Path(cfg.paths.models) / HEAD_FILE)
+    labels = PreparedDataset(cfg.paths.prepared)
+    for split in ("train", "val"):
+        p = head.probabilities(np.load(Path(cfg.paths.features) / f"{split}.npy"))
+        y = labels.labels(split)
+        assert metrics[split]["accuracy"] == pytest.approx(float((p.argmax(1) == y).mean()))
+        loss = float(-np.log(p[np.arange(len(y)), y]).mean())
+        assert metrics[split]["loss"] == pytest.approx(loss, rel=1e-6)
+    run = mlflow.MlflowClient(cfg.tracking.uri).get_run(trained_run_id(cfg))
+    assert run.data.metrics["final_val_loss"] == pytest.approx(metrics["val"]["loss"])
