@@ -24,6 +24,7 @@ from pipeline.lib.data.images import RejectedImage, load_rgb, sha256_file
 from pipeline.lib.data.prepared import SPLITS, ManifestRow, SplitWriter, shown_path, write_manifest
 from pipeline.lib.data.sources.folder import (
     HIDDEN_REASON,
+    OUTSIDE_REASON,
     Candidate,
     DataError,
     Discovery,
@@ -40,8 +41,9 @@ MAX_LISTED = 20
 #: A class with fewer training images than this gets a warning (and the tag data_small_classes).
 SMALL_CLASS = 5
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
-#: One decoded file: its candidate, and (uint8 array, sha256, None) or (None, None, reason).
-_Decoded = tuple[Candidate, np.ndarray | None, str | None, str | None]
+#: One decoded file: its candidate, (uint8 array, sha256, None) or (None, None, reason), and the
+#: decoder's notes (an ignored colour profile).
+_Decoded = tuple[Candidate, np.ndarray | None, str | None, str | None, list[str]]
 #: A group of identical files in report.json: sha256, files, and their split(s).
 _Group = dict[str, str | list[str]]
 
@@ -110,14 +112,15 @@ def ingest(
 
 
 def _decode_one(cand: Candidate, size: int, resize: str, max_pixels: int) -> _Decoded:
+    notes: list[str] = []
     try:
-        array = load_rgb(cand.path, size, resize=resize, max_pixels=max_pixels)
+        array = load_rgb(cand.path, size, resize=resize, max_pixels=max_pixels, notes=notes)
         sha = sha256_file(cand.path)
     except RejectedImage as exc:
-        return cand, None, None, exc.reason
+        return cand, None, None, exc.reason, []
     except OSError as exc:  # read error while hashing
-        return cand, None, None, f"cannot read file ({exc.strerror or exc})"
-    return cand, array, sha, None
+        return cand, None, None, f"cannot read file ({exc.strerror or exc})", []
+    return cand, array, sha, None, notes
 
 
 def _decode_all(
@@ -161,6 +164,7 @@ class _Tally:
         disc = self.disc
         label_index = {c: i for i, c in enumerate(disc.classes)}
         writers: dict[str, SplitWriter] = {}
+        noted: list[str] = []
         try:
             size = int(self.data.image_size)
             for s in SPLITS:
@@ -176,7 +180,7 @@ class _Tally:
                 mininterval=0.5,
             )
             with closing(results), bar:
-                for cand, array, sha, reason in results:
+                for cand, array, sha, reason, notes in results:
                     bar.update(1)
                     rel = display_path(cand.path, disc.root)
                     if array is None or sha is None:
@@ -184,6 +188,7 @@ class _Tally:
                         self.rejected_where[cand.split][cand.label] += 1
                         bar.set_postfix(rejected=len(self.rejected), refresh=False)
                         continue
+                    noted += [f"{rel}: {note}" for note in notes]
                     index = writers[cand.split].append(array)
                     self.counts[cand.split][cand.label] += 1
                     number = label_index[cand.label]
@@ -193,6 +198,14 @@ class _Tally:
             for writer in writers.values():
                 writer.close()
         self.rejected.sort(key=lambda r: r["file"])
+        if noted:
+            more = f"\n  ... and {len(noted) - MAX_LISTED} more" if len(noted) > MAX_LISTED else ""
+            self.warnings.append(
+                f"{len(noted)} image(s) used without their colour profile (decoded as sRGB); "
+                "re-export them as sRGB to be sure of their colours:\n  "
+                + "\n  ".join(sorted(noted)[:MAX_LISTED])
+                + more
+            )
 
     def duplicates(self) -> tuple[list[_Group], list[_Group]]:
         """(leakage groups, duplicate groups): identical files across splits / within one."""
@@ -317,7 +330,15 @@ class _Tally:
                         f"class '{label}' has no validation images ({self.where('val', label)}); "
                         "validation metrics do not cover it"
                     )
-        unexpected = [s for s in disc.skipped if s[1] != HIDDEN_REASON]
+        outside = [f for f, reason in disc.skipped if reason.startswith(OUTSIDE_REASON)]
+        if outside:
+            self.warnings.append(
+                f"{len(outside)} symbolic link(s) point outside the data folder and are left out "
+                "(DVC tracks the folder's content, not link targets; copy the photos in to use "
+                f"them): {', '.join(outside[:MAX_LISTED])}"
+                + (" ..." if len(outside) > MAX_LISTED else "")
+            )
+        unexpected = [s for s in disc.skipped if s[1] != HIDDEN_REASON and s[0] not in outside]
         if unexpected:
             self.warnings.append(
                 f"{len(unexpected)} files/folders skipped (non-image files, broken links, ...; "

@@ -2,7 +2,8 @@
 
 Layouts: **splits**, root/{training,validation (optional),test}/<class>/... (aliases in
 `SPLIT_ALIASES`), or **single**, root/<class>/..., each class split by `data.split` with a fixed
-seed. Nested folders belong to their class; hidden/system files are ignored; symlinks followed.
+seed. Nested folders belong to their class; hidden/system files are ignored; symbolic links are
+followed inside the folder, and those to outside it are skipped (DVC tracks the folder's content).
 What is seen but not used is returned in `Discovery.skipped`, with the reason.
 """
 
@@ -47,6 +48,7 @@ _SYSTEM = "__macosx thumbs.db ehthumbs.db desktop.ini @eadir $recycle.bin __pyca
 SYSTEM_NAMES = frozenset([*_SYSTEM.split(" "), "system volume information"])
 HIDDEN_REASON = "hidden/system file"
 NOT_IMAGE_REASON = "not an image file extension"
+OUTSIDE_REASON = "symbolic link to outside the data folder"
 
 
 class DataError(UserError, ValueError):
@@ -319,6 +321,7 @@ class _Walker:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.inside = os.path.join(os.path.realpath(root), "")
         self.skipped: list[tuple[str, str]] = []
 
     def skip(self, path: Path, reason: str) -> None:
@@ -350,6 +353,12 @@ class _Walker:
                     self.skip(path, "broken symbolic link (its target does not exist)")
                 else:
                     self.skip(path, f"unreadable ({exc.strerror or exc})")
+                continue
+            if entry.is_symlink() and not os.path.join(os.path.realpath(path), "").startswith(
+                self.inside
+            ):
+                target = os.path.realpath(path)
+                self.skip(path, f"{OUTSIDE_REASON} ({target}): copy it in to use it")
                 continue
             if stat.S_ISDIR(st.st_mode):
                 dirs.append(path)
