@@ -17,12 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
-with contextlib.suppress(
-    ImportError
-):  # HEIC/HEIF (the iPhone default); a model's slim env may lack it
-    from pillow_heif import register_heif_opener
-
-    register_heif_opener()
+# HEIC/HEIF (the iPhone default) through pillow-heif; a served model's slim env may lack it
+with contextlib.suppress(ImportError):
+    __import__("pillow_heif").register_heif_opener()
 
 RESIZE_POLICIES = ("stretch", "pad", "crop")
 #: The letterbox colour of `resize="pad"` (mid-grey: ~0 after [-1, 1] scaling).
@@ -136,8 +133,6 @@ def load_rgb(
             )
         try:
             return _decode(image, size, resize, [] if notes is None else notes)
-        except RejectedImage:
-            raise
         except MemoryError:
             raise RejectedImage(
                 f"out of memory decoding a {width}x{height} image (lower data.max_pixels)"
@@ -156,8 +151,6 @@ def _open(path: Path) -> Image.Image:
         if path.stat().st_size == 0:
             raise RejectedImage("empty file")
         return Image.open(path, formats=DECODE_FORMATS)
-    except RejectedImage:
-        raise
     except Image.DecompressionBombError as exc:
         raise RejectedImage(
             f"image too large: {exc} (Pillow's decompression-bomb guard); if it is a genuine "
@@ -165,13 +158,10 @@ def _open(path: Path) -> Image.Image:
         ) from None
     except UnidentifiedImageError:
         hint = _sniff(path) or UNSUPPORTED_IMAGE_EXTENSIONS.get(path.suffix.lower())
-        raise RejectedImage(
-            f"not an image (unidentified format): {hint}"
-            if hint
-            else "not an image (unidentified format): the content is none of "
-            f"{', '.join(DECODE_FORMATS)}, whatever the extension says; re-export it as JPEG or "
-            "PNG, or remove it"
-        ) from None
+        hint = hint or f"the content is none of {', '.join(DECODE_FORMATS)}, whatever the " + (
+            "extension says; re-export it as JPEG or PNG, or remove it"
+        )
+        raise RejectedImage(f"not an image (unidentified format): {hint}") from None
     except OSError as exc:
         if exc.errno is not None:  # the operating system could not read it
             raise RejectedImage(f"cannot read file ({exc.strerror or exc})") from None
@@ -187,7 +177,7 @@ def _sniff(path: Path) -> str | None:
             head = fh.read(256)
     except OSError:
         return None
-    brand = head[8:12] if head[4:8] == b"ftyp" else None
+    brand = head[8:12] if head[4:8] == b"ftyp" else b""
     if brand in _HEIF_BRANDS | {b"avif", b"avis"}:
         ext = ".avif" if brand.startswith(b"avi") else ".heic"
         return UNSUPPORTED_IMAGE_EXTENSIONS.get(ext, f"damaged {ext[1:].upper()} image")
@@ -303,9 +293,7 @@ def _resize(image: Image.Image, size: int, policy: str) -> Image.Image:
     return _resample(image, (size, size), box)
 
 
-def _resample(
-    image: Image.Image, target: tuple[int, int], box: tuple[int, int, int, int] | None = None
-) -> Image.Image:
+def _resample(image: Image.Image, target: tuple[int, int], box=None) -> Image.Image:
     if image.size == target and box is None:
         return image
     return image.resize(target, Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)

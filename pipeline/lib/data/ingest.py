@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 MAX_LISTED = 20
 #: A class with fewer training images than this gets a warning (and the tag data_small_classes).
 SMALL_CLASS = 5
+_BAR = {
+    "unit": "img",
+    "desc": "prepare: decoding images",
+    "mininterval": 0.5,
+    "dynamic_ncols": True,
+}
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
 #: One decoded file: its candidate, (uint8 array, sha256, None) or (None, None, reason), and the
 #: decoder's notes (an ignored colour profile).
@@ -170,15 +176,7 @@ class _Tally:
             for s in SPLITS:
                 writers[s] = SplitWriter(out, s, sum(self.found[s].values()), size)
             results = _decode_all(disc.candidates, self.data, workers)
-            bar = tqdm(
-                total=len(disc.candidates),
-                unit="img",
-                desc="prepare: decoding images",
-                file=sys.stderr,
-                disable=not progress,
-                dynamic_ncols=True,
-                mininterval=0.5,
-            )
+            bar = tqdm(total=len(disc.candidates), file=sys.stderr, disable=not progress, **_BAR)
             with closing(results), bar:
                 for cand, array, sha, reason, notes in results:
                     bar.update(1)
@@ -199,12 +197,9 @@ class _Tally:
                 writer.close()
         self.rejected.sort(key=lambda r: r["file"])
         if noted:
-            more = f"\n  ... and {len(noted) - MAX_LISTED} more" if len(noted) > MAX_LISTED else ""
             self.warnings.append(
-                f"{len(noted)} image(s) used without their colour profile (decoded as sRGB); "
-                "re-export them as sRGB to be sure of their colours:\n  "
-                + "\n  ".join(sorted(noted)[:MAX_LISTED])
-                + more
+                f"{len(noted)} image(s) used without their colour profile (decoded as sRGB; "
+                f"re-export them as sRGB to be sure of their colours): {_listed(sorted(noted))}"
             )
 
     def duplicates(self) -> tuple[list[_Group], list[_Group]]:
@@ -226,16 +221,13 @@ class _Tally:
                 leakage.append({"sha256": sha, "files": files, "splits": splits})
             else:
                 duplicates.append({"sha256": sha, "files": files, "split": splits[0]})
-        for dup in duplicates[:MAX_LISTED]:
-            self.warnings.append(
-                f"duplicate images within the {dup['split']} split (kept): "
-                + ", ".join(dup["files"])
-            )
+        self.warnings += [
+            f"duplicate images within the {dup['split']} split (kept): {', '.join(dup['files'])}"
+            for dup in duplicates[:MAX_LISTED]
+        ]
         if len(duplicates) > MAX_LISTED:
-            self.warnings.append(
-                f"... and {len(duplicates) - MAX_LISTED} more groups of duplicate images "
-                "within one split (see 'duplicates' in report.json)"
-            )
+            more = len(duplicates) - MAX_LISTED
+            self.warnings.append(f"... and {more} more groups of duplicate images (report.json)")
         if leakage:
             self._leakage(leakage)
         return leakage, duplicates
@@ -265,12 +257,10 @@ class _Tally:
         fraction = len(rejected) / n_candidates if n_candidates else 0.0
         limit = float(self.data.max_rejected_fraction)
         if rejected and fraction > limit:
-            listed = "\n".join(f"      {r['file']}: {r['reason']}" for r in rejected[:MAX_LISTED])
-            if len(rejected) > MAX_LISTED:
-                listed += f"\n      ... and {len(rejected) - MAX_LISTED} more (all in report.json)"
+            listed = _listed([f"{r['file']}: {r['reason']}" for r in rejected], "\n      ")
             self.problems.append(
                 f"{len(rejected)} of {n_candidates} image files ({fraction:.0%}) could not be "
-                f"used, more than data.max_rejected_fraction={limit:g}:\n{listed}\n"
+                f"used, more than data.max_rejected_fraction={limit:g}:\n      {listed}\n"
                 "    Fix or remove these files, or raise data.max_rejected_fraction."
             )
         for split in SPLITS:
@@ -302,26 +292,19 @@ class _Tally:
                 )
         if small:
             listed = ", ".join(f"'{c}' {n}" for c, n in small.items())
-            share = f"{split_ratios(self.data.split)[0]:.0%}"
+            train = split_ratios(self.data.split)[0]
+            share = f", or give training a larger share (data.split.train, now {train:.0%})"
             self.warnings.append(
                 f"{len(small)} class(es) have fewer than {SMALL_CLASS} training images ({listed}):"
                 " a model learns little from so few and its scores are unreliable; add photos"
-                + (
-                    f", or give training a larger share (data.split.train, now {share})"
-                    if disc.layout == "single"
-                    else ""
-                )
+                + (share if disc.layout == "single" else "")
             )
         if sum(counts["val"].values()) == 0:
+            why = "the validation split is empty (data.split.val is 0 or the classes are small)"
+            if disc.layout == "splits" and not disc.class_folders["val"]:
+                why = "there is no validation/ (or val/) folder"
             self.warnings.append(
-                "no validation images: "
-                + (
-                    "there is no validation/ (or val/) folder"
-                    if disc.layout == "splits" and not disc.class_folders["val"]
-                    else "the validation split is empty (data.split.val is 0 or the classes are "
-                    "small)"
-                )
-                + "; training runs without validation metrics"
+                f"no validation images: {why}; training runs without validation metrics"
             )
         else:
             for label in disc.classes:
@@ -335,8 +318,7 @@ class _Tally:
             self.warnings.append(
                 f"{len(outside)} symbolic link(s) point outside the data folder and are left out "
                 "(DVC tracks the folder's content, not link targets; copy the photos in to use "
-                f"them): {', '.join(outside[:MAX_LISTED])}"
-                + (" ..." if len(outside) > MAX_LISTED else "")
+                f"them): {_listed(outside)}"
             )
         unexpected = [s for s in disc.skipped if s[1] != HIDDEN_REASON and s[0] not in outside]
         if unexpected:
@@ -380,6 +362,12 @@ class _Tally:
             return f"Add images to {listed} (or fix its rejected files), or remove the class."
         split_folder = _split_folder_name(self.disc, split) or _SPLIT_WORD[split]
         return f"Create '{split_folder}/{label}/' with images, or remove the class elsewhere."
+
+
+def _listed(items: list[str], sep: str = ", ") -> str:
+    """The first `MAX_LISTED` items, then how many more."""
+    more = [f"... and {len(items) - MAX_LISTED} more"] if len(items) > MAX_LISTED else []
+    return sep.join(items[:MAX_LISTED] + more)
 
 
 def _split_folder_name(disc: Discovery, split: str) -> str | None:

@@ -120,18 +120,10 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
     for i in order[: n - sum(counts)]:
         counts[i] += 1
     train, val, test = counts
-    if test < 1:
-        test += 1
-        if val > 0 and val >= train:
-            val -= 1
-        else:
-            train -= 1
+    if test < 1:  # from validation when it is the larger, else from training
+        test, (val, train) = 1, (val - 1, train) if 0 < val >= train else (val, train - 1)
     if train < 1:
-        train += 1
-        if val > 0:
-            val -= 1
-        else:
-            test -= 1
+        train, (val, test) = 1, (val - 1, test) if val > 0 else (val, test - 1)
     return train, val, test
 
 
@@ -179,7 +171,7 @@ def _checked_root(root: str | os.PathLike[str]) -> Path:
     if not root.exists():
         raise DataError(f"Data path '{root}' is a broken symbolic link; fix data.path.")
     if not root.is_dir():
-        archive = root.suffix.lower() in (
+        archive = root.suffix.lower() in {
             ".zip",
             ".tar",
             ".gz",
@@ -188,7 +180,7 @@ def _checked_root(root: str | os.PathLike[str]) -> Path:
             ".rar",
             ".bz2",
             ".xz",
-        )
+        }
         raise DataError(
             f"Data path '{root}' is a file, not a folder: "
             + ("extract it and set data.path to " if archive else "set data.path to ")
@@ -354,10 +346,8 @@ class _Walker:
                 else:
                     self.skip(path, f"unreadable ({exc.strerror or exc})")
                 continue
-            if entry.is_symlink() and not os.path.join(os.path.realpath(path), "").startswith(
-                self.inside
-            ):
-                target = os.path.realpath(path)
+            target = os.path.realpath(path) if entry.is_symlink() else self.inside
+            if not os.path.join(target, "").startswith(self.inside):
                 self.skip(path, f"{OUTSIDE_REASON} ({target}): copy it in to use it")
                 continue
             if stat.S_ISDIR(st.st_mode):
@@ -377,14 +367,10 @@ class _Walker:
             folder, parent_real = stack.pop()
             real = os.path.realpath(folder)
             if real == parent_real or parent_real.startswith(real.rstrip(os.sep) + os.sep):
-                self.skip(
-                    folder, "symbolic link loop (the link points to a folder that contains it)"
-                )
+                self.skip(folder, "symbolic link loop (the link points to a folder containing it)")
                 continue
             if real in visited:
-                self.skip(
-                    folder, "second link to a folder already read for this class (not read again)"
-                )
+                self.skip(folder, "second link to a folder already read for this class (skipped)")
                 continue
             visited.add(real)
             dirs, files = self.list_dir(folder)
