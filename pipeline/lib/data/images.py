@@ -30,9 +30,9 @@ BACKGROUND = (255, 255, 255)
 DRAFT_FACTOR = 2
 REDUCING_GAP = 3.0  # Image.resize: box-reduce first, LANCZOS over the last factor of 3
 
-#: Colour profiles are converted to sRGB with relative colorimetric intent: in-gamut colours keep
-#: their measured colour, out-of-gamut ones are clipped. For the matrix profiles of phones and
-#: cameras (Display P3, Adobe RGB, ProPhoto) perceptual would give the same pixels.
+#: Embedded colour profiles are converted to sRGB, relative colorimetric: in-gamut colours keep
+#: their colour, others are clipped (for phones' and cameras' matrix profiles, P3, Adobe RGB or
+#: ProPhoto, perceptual gives the same pixels).
 RENDERING_INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 #: Image mode -> (the profile colour space it needs, the mode it is converted to).
@@ -152,10 +152,7 @@ def _open(path: Path) -> Image.Image:
             raise RejectedImage("empty file")
         return Image.open(path, formats=DECODE_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise RejectedImage(
-            f"image too large: {exc} (Pillow's decompression-bomb guard); if it is a genuine "
-            "photo, downscale it"
-        ) from None
+        raise RejectedImage(f"image too large: {exc} (Pillow's bomb guard): downscale it") from None
     except UnidentifiedImageError:
         hint = _sniff(path) or UNSUPPORTED_IMAGE_EXTENSIONS.get(path.suffix.lower())
         hint = hint or f"the content is none of {', '.join(DECODE_FORMATS)}, whatever the " + (
@@ -196,7 +193,12 @@ def _decode(image: Image.Image, size: int, resize: str, notes: list[str]) -> np.
     if image.format in ("JPEG", "MPO"):  # (an animation's first frame is current after open)
         image.draft(None, (size * DRAFT_FACTOR, size * DRAFT_FACTOR))
     image.load()  # raises on truncated/corrupt data (LOAD_TRUNCATED_IMAGES stays off)
-    upright = _to_srgb(_apply_orientation(image), notes)
+    upright = _apply_orientation(image)
+    try:  # the embedded colour profile (if any) to sRGB
+        transform = _profile_transform(upright.info.get("icc_profile") or b"", upright.mode)
+        upright = ImageCms.applyTransform(upright, transform) if transform else upright
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
+        notes.append(f"colour profile ignored, decoded as sRGB ({exc})")
     array = np.asarray(_resize(_to_rgb(upright), size, resize), dtype=np.uint8)
     if array.shape != (size, size, 3):  # defensive: never write a wrongly shaped row
         raise RejectedImage(f"decoded to an unexpected shape {array.shape}")
@@ -211,24 +213,12 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
     return image
 
 
-def _to_srgb(image: Image.Image, notes: list[str]) -> Image.Image:
-    """Pixels converted from the embedded ICC profile to sRGB; as they are without one."""
-    icc = image.info.get("icc_profile")
-    if not icc or not isinstance(icc, bytes):
-        return image
-    try:
-        transform = _profile_transform(icc, image.mode)
-        return image if transform is None else ImageCms.applyTransform(image, transform)
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
-        notes.append(f"colour profile ignored, decoded as sRGB ({exc})")
-        return image
-
-
 @functools.lru_cache(maxsize=16)
 def _profile_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform to sRGB, or None where nothing changes (sRGB-tagged files keep their bytes)."""
-    if mode not in _PROFILE_MODES:
-        return None  # P, LA, I;16, ...: rare with a profile; decoded as before
+    """The transform to sRGB, or None where nothing changes: no profile, an sRGB one (those
+    files keep their bytes), or a mode rarely tagged (P, LA, I;16: decoded as before)."""
+    if not icc or mode not in _PROFILE_MODES:
+        return None
     space, out_mode = _PROFILE_MODES[mode]
     profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
     found = profile.profile.xcolor_space.strip()

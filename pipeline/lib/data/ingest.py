@@ -40,12 +40,7 @@ log = logging.getLogger(__name__)
 MAX_LISTED = 20
 #: A class with fewer training images than this gets a warning (and the tag data_small_classes).
 SMALL_CLASS = 5
-_BAR = {
-    "unit": "img",
-    "desc": "prepare: decoding images",
-    "mininterval": 0.5,
-    "dynamic_ncols": True,
-}
+_BAR = dict(unit="img", desc="prepare: decoding images", mininterval=0.5, dynamic_ncols=True)
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
 #: One decoded file: its candidate, (uint8 array, sha256, None) or (None, None, reason), and the
 #: decoder's notes (an ignored colour profile).
@@ -68,13 +63,9 @@ def ingest(
     if data.leakage not in ("fail", "warn"):
         raise ValueError(f"data.leakage must be 'fail' or 'warn', not {data.leakage!r}")
     disc = discover(root, data.split, data.seed)
-    log.info(
-        "Found %d image files in %d classes under %s (%s)",
-        len(disc.candidates),
-        len(disc.classes),
-        disc.root,
-        "split folders" if disc.layout == "splits" else "class folders, split by data.split",
-    )
+    how = "split folders" if disc.layout == "splits" else "class folders, split by data.split"
+    n_files, n_classes = len(disc.candidates), len(disc.classes)
+    log.info("Found %d image files in %d classes under %s (%s)", n_files, n_classes, disc.root, how)
     if len(disc.classes) < 2:
         raise DataError(_single_class_message(disc))
     out = Path(out_dir)
@@ -239,10 +230,8 @@ class _Tally:
             for i, (a, sa, _) in enumerate(entries):
                 pairs += [f"{a} ({sa}) == {b} ({sb})" for b, sb, _ in entries[i + 1 :] if sb != sa]
         if self.data.leakage != "fail":
-            for p in pairs:
-                self.warnings.append(
-                    f"leakage (data.leakage=warn): identical files in two splits: {p}"
-                )
+            warn = "leakage (data.leakage=warn): identical files in two splits: "
+            self.warnings += [warn + p for p in pairs]
             return
         self.problems.append(
             f"{len(leakage)} image(s) appear in more than one split ({len(pairs)} pairs of "
@@ -371,10 +360,8 @@ def _listed(items: list[str], sep: str = ", ") -> str:
 
 
 def _split_folder_name(disc: Discovery, split: str) -> str | None:
-    for labels in disc.class_folders.get(split, {}).values():
-        if labels:
-            return labels[0].split("/")[0]
-    return None
+    folders = disc.class_folders.get(split, {}).values()
+    return next((labels[0].split("/")[0] for labels in folders if labels), None)
 
 
 def _case_hints(classes: list[str]) -> dict[str, str]:

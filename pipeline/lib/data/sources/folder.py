@@ -48,6 +48,7 @@ _SYSTEM = "__macosx thumbs.db ehthumbs.db desktop.ini @eadir $recycle.bin __pyca
 SYSTEM_NAMES = frozenset([*_SYSTEM.split(" "), "system volume information"])
 HIDDEN_REASON = "hidden/system file"
 NOT_IMAGE_REASON = "not an image file extension"
+_ARCHIVES = (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")
 OUTSIDE_REASON = "symbolic link to outside the data folder"
 
 
@@ -171,16 +172,7 @@ def _checked_root(root: str | os.PathLike[str]) -> Path:
     if not root.exists():
         raise DataError(f"Data path '{root}' is a broken symbolic link; fix data.path.")
     if not root.is_dir():
-        archive = root.suffix.lower() in {
-            ".zip",
-            ".tar",
-            ".gz",
-            ".tgz",
-            ".7z",
-            ".rar",
-            ".bz2",
-            ".xz",
-        }
+        archive = root.suffix.lower() in _ARCHIVES
         raise DataError(
             f"Data path '{root}' is a file, not a folder: "
             + ("extract it and set data.path to " if archive else "set data.path to ")
@@ -243,19 +235,13 @@ def _discover_splits(
     for split in (s for s in SPLITS if s in split_dirs):
         split_dir = split_dirs[split]
         class_dirs, loose = walker.list_dir(split_dir)
+        name = split_dir.name
         for f in loose:
             walker.skip(
-                f,
-                f"file directly in split folder '{split_dir.name}/', not inside a class folder "
-                f"(move it into {split_dir.name}/<class>/)",
+                f, f"file directly in split folder '{name}/' (move it into {name}/<class>/)"
             )
         if not class_dirs and split != "val":
-            images = sum(1 for f in loose if f.suffix.lower() in CANDIDATE_EXTENSIONS)
-            raise DataError(
-                f"Split folder '{split_dir}' has no class sub-folders"
-                + (f" ({images} image files lie directly in it)" if images else "")
-                + f". Put the images in one sub-folder per class: {split_dir.name}/<class>/<image>."
-            )
+            raise _no_class_folders(f"Split folder '{split_dir}'", loose, f"{name}/<class>/<image>")
         for class_dir, label in zip(class_dirs, _labels(split_dir, class_dirs), strict=True):
             classes.add(label)
             class_folders[split].setdefault(label, []).append(display_path(class_dir, root))
@@ -271,20 +257,12 @@ def _discover_single(
     ratios: tuple[float, float, float],
     seed: int,
 ) -> _Found:
+    loose_image = "image outside any class folder (move it into a class sub-folder)"
     for f in top_files:
-        reason = (
-            "image outside any class folder (move it into a class sub-folder)"
-            if f.suffix.lower() in CANDIDATE_EXTENSIONS
-            else "file outside the class folders"
-        )
-        walker.skip(f, reason)
+        image = f.suffix.lower() in CANDIDATE_EXTENSIONS
+        walker.skip(f, loose_image if image else "file outside the class folders")
     if not class_dirs:
-        images = sum(1 for f in top_files if f.suffix.lower() in CANDIDATE_EXTENSIONS)
-        raise DataError(
-            f"Data path '{root}' has no class sub-folders"
-            + (f" ({images} image files lie directly in it)" if images else "")
-            + ". Put the images in one sub-folder per class (root/<class>/<image>)."
-        )
+        raise _no_class_folders(f"Data path '{root}'", top_files, "root/<class>/<image>")
     class_folders: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
     per_class: dict[str, list[Path]] = {}
     for class_dir, label in zip(class_dirs, _labels(root, class_dirs), strict=True):
@@ -302,6 +280,15 @@ def _discover_single(
             split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
             candidates.append(Candidate(path=paths[i], label=label, split=split))
     return candidates, class_folders, set(per_class)
+
+
+def _no_class_folders(what: str, files: list[Path], layout: str) -> DataError:
+    images = sum(1 for f in files if f.suffix.lower() in CANDIDATE_EXTENSIONS)
+    lying = f" ({images} image files lie directly in it)" if images else ""
+    return DataError(
+        f"{what} has no class sub-folders{lying}. Put the images in one sub-folder per class: "
+        f"{layout}."
+    )
 
 
 def _names(paths: Iterable[Path]) -> str:
