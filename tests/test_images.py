@@ -115,6 +115,24 @@ def test_damaged_heic_is_rejected_not_crashing(tmp_path):
     assert reason.startswith(("corrupt", "not an image")), reason
 
 
+def test_without_pillow_heif_a_heic_is_rejected_with_what_to_do(tmp_path):
+    # a served model's environment may lack the plugin: HEIC files are then named, not decoded
+    (tmp_path / "IMG_0002.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    code = f"""
+import sys; sys.modules["pillow_heif"] = None
+from pipeline.lib.data.images import IMAGE_EXTENSIONS, RejectedImage, load_rgb
+assert ".heic" not in IMAGE_EXTENSIONS
+try:
+    load_rgb({str(tmp_path / "IMG_0002.heic")!r}, 32)
+except RejectedImage as exc:
+    print(exc)
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "HEIF image" in out.stdout and "install pillow-heif" in out.stdout
+
+
 @pytest.mark.parametrize(
     "content, says",
     [

@@ -30,9 +30,8 @@ BACKGROUND = (255, 255, 255)
 DRAFT_FACTOR = 2
 REDUCING_GAP = 3.0  # Image.resize: box-reduce first, LANCZOS over the last factor of 3
 
-#: Embedded colour profiles are converted to sRGB, relative colorimetric: in-gamut colours keep
-#: their colour, others are clipped (for phones' and cameras' matrix profiles, P3, Adobe RGB or
-#: ProPhoto, perceptual gives the same pixels).
+#: Embedded colour profiles to sRGB, relative colorimetric: in-gamut colours kept, others clipped
+#: (for phones' and cameras' matrix profiles, P3, Adobe RGB, ProPhoto, the same as perceptual).
 RENDERING_INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 #: Image mode -> (the profile colour space it needs, the mode it is converted to).
@@ -47,11 +46,10 @@ _OPTIONAL = {
     "avif": ("AVIF", ".avif .avifs"),
     "jpg_2000": ("JPEG 2000", ".jp2 .j2k .jpx .jpf .j2c"),
 }
-_HEIF = ("HEIF", ".heic .heif .hif")
 _SUPPORTED = [exts for feature, (_, exts) in _OPTIONAL.items() if features.check(feature)]
-_SUPPORTED += [_HEIF[1]] if "HEIF" in Image.OPEN else []
-_OPTIONAL["heif"] = _HEIF
-#: Lower-case extensions that are decoded (WebP/AVIF/JPEG 2000 when this Pillow supports them).
+_OPTIONAL["HEIF"] = ("HEIF", ".heic .heif .hif")  # pillow-heif's opener (when installed)
+_SUPPORTED += [_OPTIONAL["HEIF"][1]] if "HEIF" in Image.OPEN else []
+#: Lower-case extensions that are decoded (WebP/AVIF/JPEG 2000/HEIF when supported here).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(" ".join([_ALWAYS, *_SUPPORTED]).split())
 
 _SVG_HINT = "vector image (SVG), which is not decoded: export it to PNG first"
@@ -62,8 +60,7 @@ _RAW = (
 _RAW_HINT = "camera RAW file, which is not decoded: export it to JPEG or PNG first"
 #: Image extensions this Pillow cannot decode -> a hint; such files are rejected, not skipped.
 UNSUPPORTED_IMAGE_EXTENSIONS: dict[str, str] = {
-    ".svg": _SVG_HINT,
-    ".svgz": _SVG_HINT,
+    **dict.fromkeys((".svg", ".svgz"), _SVG_HINT),
     ".jxl": "JPEG XL image, which this Pillow cannot decode: convert it to JPEG or PNG first",
     **dict.fromkeys(_RAW.split(), _RAW_HINT),
     **{
@@ -221,8 +218,7 @@ def _profile_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
         return None
     space, out_mode = _PROFILE_MODES[mode]
     profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-    found = profile.profile.xcolor_space.strip()
-    if found != space:
+    if (found := profile.profile.xcolor_space.strip()) != space:
         raise ValueError(f"a {found} profile on a {mode} image")
     transform = ImageCms.buildTransform(profile, _SRGB, mode, out_mode, RENDERING_INTENT)
     if space == "RGB":  # a grid of colours that come back within one level: an sRGB profile

@@ -42,8 +42,7 @@ MAX_LISTED = 20
 SMALL_CLASS = 5
 _BAR = dict(unit="img", desc="prepare: decoding images", mininterval=0.5, dynamic_ncols=True)
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
-#: One decoded file: its candidate, (uint8 array, sha256, None) or (None, None, reason), and the
-#: decoder's notes (an ignored colour profile).
+#: A decoded file: candidate, (uint8 array, sha256, None) or (None, None, reason), decoder notes.
 _Decoded = tuple[Candidate, np.ndarray | None, str | None, str | None, list[str]]
 #: A group of identical files in report.json: sha256, files, and their split(s).
 _Group = dict[str, str | list[str]]

@@ -296,7 +296,8 @@ def _names(paths: Iterable[Path]) -> str:
 
 
 class _Walker:
-    """Directory listing that follows symlinks, detects loops and records what it skips."""
+    """Directory listing that follows symbolic links within the data folder (not those leading
+    out of it), detects loops and records what it skips."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
