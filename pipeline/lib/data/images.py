@@ -195,7 +195,7 @@ def _decode(image: Image.Image, size: int, resize: str, notes: list[str]) -> np.
         transform = _profile_transform(upright.info.get("icc_profile") or b"", upright.mode)
         upright = ImageCms.applyTransform(upright, transform) if transform else upright
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
-        notes.append(f"colour profile ignored, decoded as sRGB ({exc})")
+        notes.append(f"colour profile ignored ({exc})")
     array = np.asarray(_resize(_to_rgb(upright), size, resize), dtype=np.uint8)
     if array.shape != (size, size, 3):  # defensive: never write a wrongly shaped row
         raise RejectedImage(f"decoded to an unexpected shape {array.shape}")
