@@ -317,11 +317,10 @@ def test_undecodable_file_name_bytes_are_reported_readably(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
-def test_symlinks_followed_loops_and_broken_links_skipped(tmp_path):
-    elsewhere = tree(tmp_path / "elsewhere", {"more": 2})
-    root = tree(tmp_path / "ds", {"a": 2, "b": 2})
-    os.symlink(elsewhere / "more", root / "a" / "linked dir")  # a folder link: its 2 images count
-    os.symlink(elsewhere / "more" / "img0.png", root / "b" / "linked.png")  # a file link
+def test_links_inside_the_folder_are_followed_loops_and_broken_links_skipped(tmp_path):
+    root = tree(tmp_path / "ds", {"a": 2, "b": 2, ".pool/more": 2})
+    os.symlink(root / ".pool" / "more", root / "a" / "linked dir")  # a folder link: 2 images count
+    os.symlink(root / ".pool" / "more" / "img0.png", root / "b" / "linked.png")  # a file link
     os.symlink(root / "a", root / "a" / "loop")  # a folder that contains itself
     os.symlink(root, root / "b" / "up")  # a link to the data root (an ancestor)
     os.symlink(root / "b" / "self", root / "b" / "self")  # a link to itself
@@ -333,7 +332,54 @@ def test_symlinks_followed_loops_and_broken_links_skipped(tmp_path):
     assert report["accepted"] == 7  # 2 + 2 linked in a, 2 + 1 linked in b
     paths = {r.path for r in PreparedDataset(tmp_path / "out").manifest()}
     assert {"a/linked dir/img0.png", "a/linked dir/img1.png", "b/linked.png"} <= paths
+    assert any("b/linked.png" in w and "a/linked dir/img0.png" in w for w in report["warnings"])
     check_invariants(report, tmp_path / "out")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_a_link_to_another_photo_of_the_folder_is_that_photo_again(tmp_path):
+    root = tree(tmp_path / "ds", SPLIT_SPEC)
+    os.symlink(root / "training/cats/img0.png", root / "training/cats/again.png")
+    report = run(root, tmp_path)  # the same split: a duplicate, kept and reported
+    assert any("training/cats/again.png" in w for w in report["warnings"])
+    os.symlink(root / "training/dogs/img0.png", root / "test/dogs/copy.png")  # another split
+    assert "training/dogs/img0.png (train) == test/dogs/copy.png (test)" in fails(root, tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_links_to_outside_the_folder_are_left_out_and_reported(tmp_path):
+    elsewhere = tree(tmp_path / "elsewhere", {"more": 2, "cats": 3})
+    root = tree(tmp_path / "ds", {"a": 2, "b": 2})
+    os.symlink(elsewhere / "more", root / "a" / "linked dir")  # a folder link
+    os.symlink(elsewhere / "more" / "img0.png", root / "b" / "linked.png")  # a file link
+    os.symlink(elsewhere / "cats", root / "cats")  # a whole class folder
+    os.symlink(Path("..") / ".." / "elsewhere" / "more" / "img1.png", root / "b" / "rel.png")
+    report = run(root, tmp_path)
+    assert report["accepted"] == 4 and report["classes"] == ["a", "b"]
+    skipped = {s["file"]: s["reason"] for s in report["skipped"]}
+    outside = ["a/linked dir", "b/linked.png", "b/rel.png", "cats"]
+    for name in outside:
+        assert skipped[name].startswith("symbolic link to outside the data folder")
+    assert str(elsewhere / "cats") in skipped["cats"]
+    (warning,) = [w for w in report["warnings"] if "outside the data folder" in w]
+    assert warning.startswith("4 symbolic link(s)") and all(name in warning for name in outside)
+    paths = {r.path for r in PreparedDataset(tmp_path / "out").manifest()}
+    assert paths == {"a/img0.png", "a/img1.png", "b/img0.png", "b/img1.png"}
+    check_invariants(report, tmp_path / "out")
+    via_link = tmp_path / "link to ds"  # the data path itself may be a link
+    os.symlink(root, via_link)
+    assert run(via_link, tmp_path)["accepted"] == 4
+
+
+def test_a_broken_colour_profile_is_a_warning_and_the_photo_is_used(tmp_path):
+    root = tree(tmp_path / "ds", {"a": 2, "b": 2})
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(root / "a" / "p.png", icc_profile=b"broken")
+    report = run(root, tmp_path)
+    assert report["accepted"] == 5 and report["rejected"] == []
+    (warning,) = [w for w in report["warnings"] if "colour profile" in w]
+    assert (
+        warning.startswith("1 image(s) used without their colour profile") and "a/p.png" in warning
+    )
 
 
 # --- data errors --------------------------------------------------------------------------------
@@ -445,7 +491,7 @@ def test_rejected_files_are_listed_and_the_stage_goes_on(tmp_path):
     reasons = {r["file"]: r["reason"] for r in report["rejected"]}
     assert reasons["train/a/empty.jpg"] == "empty file"
     assert reasons["train/a/text.jpg"].startswith("not an image")
-    assert "pillow-heif" in reasons["test/b/IMG_1.heic"]
+    assert reasons["test/b/IMG_1.heic"].endswith("damaged HEIC image")
     assert "train/a: 2 of 10 files rejected" in " ".join(report["warnings"])
     assert "test/b: 1 of 3 files rejected" in " ".join(report["warnings"])
     assert report["accepted"] == 20 and report["files_found"] == 23

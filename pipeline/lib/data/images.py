@@ -1,18 +1,25 @@
-"""Decoding one image file into a square RGB uint8 array (`load_rgb`), or saying why not
-(`RejectedImage`). Thread-safe: Pillow's global settings are left alone.
+"""Decoding one image file into a square sRGB uint8 array (`load_rgb`), or saying why not
+(`RejectedImage`). Thread-safe: Pillow's global settings are left alone (registering the HEIF
+opener adds a format only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
 import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError, features
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
+
+# HEIC/HEIF (the iPhone default) through pillow-heif; a served model's slim env may lack it
+with contextlib.suppress(ImportError):
+    __import__("pillow_heif").register_heif_opener()
 
 RESIZE_POLICIES = ("stretch", "pad", "crop")
 #: The letterbox colour of `resize="pad"` (mid-grey: ~0 after [-1, 1] scaling).
@@ -23,6 +30,14 @@ BACKGROUND = (255, 255, 255)
 DRAFT_FACTOR = 2
 REDUCING_GAP = 3.0  # Image.resize: box-reduce first, LANCZOS over the last factor of 3
 
+#: Embedded colour profiles to sRGB, relative colorimetric: in-gamut colours kept, others clipped
+#: (for phones' and cameras' matrix profiles, P3, Adobe RGB, ProPhoto, the same as perceptual).
+RENDERING_INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+#: Image mode -> (the profile colour space it needs, the mode it is converted to).
+_PROFILE_MODES = {"RGB": ("RGB", "RGB"), "RGBA": ("RGB", "RGBA"), "CMYK": ("CMYK", "RGB")}
+_PROFILE_MODES["L"] = ("GRAY", "RGB")
+
 # JPEG (also camera MPO files named .jpg), PNG, BMP, GIF, TIFF, PNM, TGA; then the formats only
 # some Pillow builds decode
 _ALWAYS = ".jpg .jpeg .jpe .jfif .png .apng .bmp .dib .gif .tif .tiff .pbm .pgm .ppm .pnm .tga"
@@ -32,14 +47,11 @@ _OPTIONAL = {
     "jpg_2000": ("JPEG 2000", ".jp2 .j2k .jpx .jpf .j2c"),
 }
 _SUPPORTED = [exts for feature, (_, exts) in _OPTIONAL.items() if features.check(feature)]
-#: Lower-case extensions that are decoded (WebP/AVIF/JPEG 2000 when this Pillow supports them).
+_OPTIONAL["HEIF"] = ("HEIF", ".heic .heif .hif")  # pillow-heif's opener (when installed)
+_SUPPORTED += [_OPTIONAL["HEIF"][1]] if "HEIF" in Image.OPEN else []
+#: Lower-case extensions that are decoded (WebP/AVIF/JPEG 2000/HEIF when supported here).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(" ".join([_ALWAYS, *_SUPPORTED]).split())
 
-_HEIF_HINT = (
-    "HEIC/HEIF photo (the iPhone default), which Pillow cannot decode without the 'pillow-heif' "
-    "plugin: convert it to JPEG (e.g. `heif-convert`, macOS Preview/`sips -s format jpeg`, or set "
-    "the phone's camera to 'Most Compatible'), or install pillow-heif"
-)
 _SVG_HINT = "vector image (SVG), which is not decoded: export it to PNG first"
 _RAW = (
     ".cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .dng .orf .rw2 .raf .pef .srw .x3f .3fr .erf .kdc"
@@ -48,16 +60,12 @@ _RAW = (
 _RAW_HINT = "camera RAW file, which is not decoded: export it to JPEG or PNG first"
 #: Image extensions this Pillow cannot decode -> a hint; such files are rejected, not skipped.
 UNSUPPORTED_IMAGE_EXTENSIONS: dict[str, str] = {
-    ".heic": _HEIF_HINT,
-    ".heif": _HEIF_HINT,
-    ".hif": _HEIF_HINT,
-    ".svg": _SVG_HINT,
-    ".svgz": _SVG_HINT,
+    **dict.fromkeys((".svg", ".svgz"), _SVG_HINT),
     ".jxl": "JPEG XL image, which this Pillow cannot decode: convert it to JPEG or PNG first",
     **dict.fromkeys(_RAW.split(), _RAW_HINT),
     **{
         ext: f"{what} image, which this Pillow build cannot decode: convert it to JPEG or PNG, "
-        f"or install a Pillow built with {what} support"
+        f"or install {'pillow-heif' if what == 'HEIF' else f'a Pillow built with {what} support'}"
         for what, exts in _OPTIONAL.values()
         for ext in exts.split()
         if ext not in IMAGE_EXTENSIONS
@@ -68,7 +76,7 @@ CANDIDATE_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | frozenset(UNSUPPORTED_
 
 # Only plain raster decoders: a misnamed file never reaches EPS (Ghostscript), PSD or ICO.
 Image.init()
-_DECODERS = "JPEG MPO PNG GIF BMP DIB TIFF WEBP PPM TGA AVIF JPEG2000"
+_DECODERS = "JPEG MPO PNG GIF BMP DIB TIFF WEBP PPM TGA AVIF JPEG2000 HEIF"
 DECODE_FORMATS: tuple[str, ...] = tuple(f for f in _DECODERS.split() if f in Image.OPEN)
 _HEIF_BRANDS = set(b"heic heix hevc hevx heim heis hevm hevs mif1 msf1".split())
 _VIDEO_BRANDS = {b"qt  ", b"isom", b"iso2", b"mp41", b"mp42", b"avc1", b"M4V ", b"3gp4", b"3gp5"}
@@ -96,12 +104,17 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
 
 
 def load_rgb(
-    path: str | os.PathLike[str], size: int, resize: str = "stretch", max_pixels: int = 60_000_000
+    path: str | os.PathLike[str],
+    size: int,
+    resize: str = "stretch",
+    max_pixels: int = 60_000_000,
+    notes: list[str] | None = None,
 ) -> np.ndarray:
-    """Decode `path` (EXIF-rotated, first frame, any mode to RGB, transparency on white) into
-    uint8 (size, size, 3). `resize`: `stretch`, `pad` (letterbox on `PAD_COLOR`) or `crop`
-    (centre square). RejectedImage: not a usable image, or over `max_pixels` (checked from the
-    header); ValueError: bad `resize` or `size`."""
+    """Decode `path` (EXIF-rotated, first frame, embedded colour profile converted to sRGB, any
+    mode to RGB, transparency on white) into uint8 (size, size, 3). `resize`: `stretch`, `pad`
+    (letterbox on `PAD_COLOR`) or `crop` (centre square). A profile that cannot be used is
+    ignored, saying so in `notes`. RejectedImage: not a usable image, or over `max_pixels`
+    (checked from the header); ValueError: bad `resize` or `size`."""
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")
     if size < 1:
@@ -116,9 +129,7 @@ def load_rgb(
                 f"data.max_pixels={max_pixels} (downscale it, or raise data.max_pixels)"
             )
         try:
-            return _decode(image, size, resize)
-        except RejectedImage:
-            raise
+            return _decode(image, size, resize, [] if notes is None else notes)
         except MemoryError:
             raise RejectedImage(
                 f"out of memory decoding a {width}x{height} image (lower data.max_pixels)"
@@ -137,22 +148,14 @@ def _open(path: Path) -> Image.Image:
         if path.stat().st_size == 0:
             raise RejectedImage("empty file")
         return Image.open(path, formats=DECODE_FORMATS)
-    except RejectedImage:
-        raise
     except Image.DecompressionBombError as exc:
-        raise RejectedImage(
-            f"image too large: {exc} (Pillow's decompression-bomb guard); if it is a genuine "
-            "photo, downscale it"
-        ) from None
+        raise RejectedImage(f"image too large: {exc} (Pillow's bomb guard): downscale it") from None
     except UnidentifiedImageError:
         hint = _sniff(path) or UNSUPPORTED_IMAGE_EXTENSIONS.get(path.suffix.lower())
-        raise RejectedImage(
-            f"not an image (unidentified format): {hint}"
-            if hint
-            else "not an image (unidentified format): the content is none of "
-            f"{', '.join(DECODE_FORMATS)}, whatever the extension says; re-export it as JPEG or "
-            "PNG, or remove it"
-        ) from None
+        hint = hint or f"the content is none of {', '.join(DECODE_FORMATS)}, whatever the " + (
+            "extension says; re-export it as JPEG or PNG, or remove it"
+        )
+        raise RejectedImage(f"not an image (unidentified format): {hint}") from None
     except OSError as exc:
         if exc.errno is not None:  # the operating system could not read it
             raise RejectedImage(f"cannot read file ({exc.strerror or exc})") from None
@@ -168,11 +171,10 @@ def _sniff(path: Path) -> str | None:
             head = fh.read(256)
     except OSError:
         return None
-    brand = head[8:12] if head[4:8] == b"ftyp" else None
-    if brand in _HEIF_BRANDS:
-        return _HEIF_HINT
-    if brand in (b"avif", b"avis"):
-        return UNSUPPORTED_IMAGE_EXTENSIONS.get(".avif", "AVIF image that could not be decoded")
+    brand = head[8:12] if head[4:8] == b"ftyp" else b""
+    if brand in _HEIF_BRANDS | {b"avif", b"avis"}:
+        ext = ".avif" if brand.startswith(b"avi") else ".heic"
+        return UNSUPPORTED_IMAGE_EXTENSIONS.get(ext, f"damaged {ext[1:].upper()} image")
     if brand in _VIDEO_BRANDS:
         return "a video (MP4/MOV, e.g. a Live Photo clip), not a still image: remove it"
     if head.startswith(b"%PDF"):
@@ -184,11 +186,17 @@ def _sniff(path: Path) -> str | None:
     return _SVG_HINT if b"<svg" in head else None
 
 
-def _decode(image: Image.Image, size: int, resize: str) -> np.ndarray:
+def _decode(image: Image.Image, size: int, resize: str, notes: list[str]) -> np.ndarray:
     if image.format in ("JPEG", "MPO"):  # (an animation's first frame is current after open)
         image.draft(None, (size * DRAFT_FACTOR, size * DRAFT_FACTOR))
     image.load()  # raises on truncated/corrupt data (LOAD_TRUNCATED_IMAGES stays off)
-    array = np.asarray(_resize(_to_rgb(_apply_orientation(image)), size, resize), dtype=np.uint8)
+    upright = _apply_orientation(image)
+    try:  # the embedded colour profile (if any) to sRGB
+        transform = _profile_transform(upright.info.get("icc_profile") or b"", upright.mode)
+        upright = ImageCms.applyTransform(upright, transform) if transform else upright
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
+        notes.append(f"colour profile ignored ({exc})")
+    array = np.asarray(_resize(_to_rgb(upright), size, resize), dtype=np.uint8)
     if array.shape != (size, size, 3):  # defensive: never write a wrongly shaped row
         raise RejectedImage(f"decoded to an unexpected shape {array.shape}")
     return np.ascontiguousarray(array)
@@ -200,6 +208,26 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
         if image.getexif().get(0x0112, 1) in (2, 3, 4, 5, 6, 7, 8):
             return ImageOps.exif_transpose(image)
     return image
+
+
+@functools.lru_cache(maxsize=16)
+def _profile_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform to sRGB, or None where nothing changes: no profile, an sRGB one (those
+    files keep their bytes), or a mode rarely tagged (P, LA, I;16: decoded as before)."""
+    if not icc or mode not in _PROFILE_MODES:
+        return None
+    space, out_mode = _PROFILE_MODES[mode]
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    if (found := profile.profile.xcolor_space.strip()) != space:
+        raise ValueError(f"a {found} profile on a {mode} image")
+    transform = ImageCms.buildTransform(profile, _SRGB, mode, out_mode, RENDERING_INTENT)
+    if space == "RGB":  # a grid of colours that come back within one level: an sRGB profile
+        grid = np.stack(np.meshgrid(*[np.arange(0, 256, 15, dtype=np.uint8)] * 3), -1)
+        probe = Image.fromarray(grid.reshape(-1, 18, 3)).convert(mode)
+        back = np.asarray(ImageCms.applyTransform(probe, transform), dtype=np.int16)
+        if np.abs(back - np.asarray(probe, dtype=np.int16)).max() <= 1:
+            return None
+    return transform
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -251,9 +279,7 @@ def _resize(image: Image.Image, size: int, policy: str) -> Image.Image:
     return _resample(image, (size, size), box)
 
 
-def _resample(
-    image: Image.Image, target: tuple[int, int], box: tuple[int, int, int, int] | None = None
-) -> Image.Image:
+def _resample(image: Image.Image, target: tuple[int, int], box=None) -> Image.Image:
     if image.size == target and box is None:
         return image
     return image.resize(target, Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)

@@ -24,6 +24,7 @@ from pipeline.lib.data.images import RejectedImage, load_rgb, sha256_file
 from pipeline.lib.data.prepared import SPLITS, ManifestRow, SplitWriter, shown_path, write_manifest
 from pipeline.lib.data.sources.folder import (
     HIDDEN_REASON,
+    OUTSIDE_REASON,
     Candidate,
     DataError,
     Discovery,
@@ -39,9 +40,10 @@ log = logging.getLogger(__name__)
 MAX_LISTED = 20
 #: A class with fewer training images than this gets a warning (and the tag data_small_classes).
 SMALL_CLASS = 5
+_BAR = dict(unit="img", desc="prepare: decoding images", mininterval=0.5, dynamic_ncols=True)
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
-#: One decoded file: its candidate, and (uint8 array, sha256, None) or (None, None, reason).
-_Decoded = tuple[Candidate, np.ndarray | None, str | None, str | None]
+#: A decoded file: candidate, (uint8 array, sha256, None) or (None, None, reason), decoder notes.
+_Decoded = tuple[Candidate, np.ndarray | None, str | None, str | None, list[str]]
 #: A group of identical files in report.json: sha256, files, and their split(s).
 _Group = dict[str, str | list[str]]
 
@@ -60,13 +62,9 @@ def ingest(
     if data.leakage not in ("fail", "warn"):
         raise ValueError(f"data.leakage must be 'fail' or 'warn', not {data.leakage!r}")
     disc = discover(root, data.split, data.seed)
-    log.info(
-        "Found %d image files in %d classes under %s (%s)",
-        len(disc.candidates),
-        len(disc.classes),
-        disc.root,
-        "split folders" if disc.layout == "splits" else "class folders, split by data.split",
-    )
+    how = "split folders" if disc.layout == "splits" else "class folders, split by data.split"
+    n_files, n_classes = len(disc.candidates), len(disc.classes)
+    log.info("Found %d image files in %d classes under %s (%s)", n_files, n_classes, disc.root, how)
     if len(disc.classes) < 2:
         raise DataError(_single_class_message(disc))
     out = Path(out_dir)
@@ -110,14 +108,15 @@ def ingest(
 
 
 def _decode_one(cand: Candidate, size: int, resize: str, max_pixels: int) -> _Decoded:
+    notes: list[str] = []
     try:
-        array = load_rgb(cand.path, size, resize=resize, max_pixels=max_pixels)
+        array = load_rgb(cand.path, size, resize=resize, max_pixels=max_pixels, notes=notes)
         sha = sha256_file(cand.path)
     except RejectedImage as exc:
-        return cand, None, None, exc.reason
+        return cand, None, None, exc.reason, []
     except OSError as exc:  # read error while hashing
-        return cand, None, None, f"cannot read file ({exc.strerror or exc})"
-    return cand, array, sha, None
+        return cand, None, None, f"cannot read file ({exc.strerror or exc})", []
+    return cand, array, sha, None, notes
 
 
 def _decode_all(
@@ -161,22 +160,15 @@ class _Tally:
         disc = self.disc
         label_index = {c: i for i, c in enumerate(disc.classes)}
         writers: dict[str, SplitWriter] = {}
+        noted: list[str] = []
         try:
             size = int(self.data.image_size)
             for s in SPLITS:
                 writers[s] = SplitWriter(out, s, sum(self.found[s].values()), size)
             results = _decode_all(disc.candidates, self.data, workers)
-            bar = tqdm(
-                total=len(disc.candidates),
-                unit="img",
-                desc="prepare: decoding images",
-                file=sys.stderr,
-                disable=not progress,
-                dynamic_ncols=True,
-                mininterval=0.5,
-            )
+            bar = tqdm(total=len(disc.candidates), file=sys.stderr, disable=not progress, **_BAR)
             with closing(results), bar:
-                for cand, array, sha, reason in results:
+                for cand, array, sha, reason, notes in results:
                     bar.update(1)
                     rel = display_path(cand.path, disc.root)
                     if array is None or sha is None:
@@ -184,6 +176,7 @@ class _Tally:
                         self.rejected_where[cand.split][cand.label] += 1
                         bar.set_postfix(rejected=len(self.rejected), refresh=False)
                         continue
+                    noted += [f"{rel}: {note}" for note in notes]
                     index = writers[cand.split].append(array)
                     self.counts[cand.split][cand.label] += 1
                     number = label_index[cand.label]
@@ -193,6 +186,11 @@ class _Tally:
             for writer in writers.values():
                 writer.close()
         self.rejected.sort(key=lambda r: r["file"])
+        if noted:
+            self.warnings.append(
+                f"{len(noted)} image(s) used without their colour profile (decoded as sRGB; "
+                f"re-export them as sRGB to be sure of their colours): {_listed(sorted(noted))}"
+            )
 
     def duplicates(self) -> tuple[list[_Group], list[_Group]]:
         """(leakage groups, duplicate groups): identical files across splits / within one."""
@@ -213,16 +211,13 @@ class _Tally:
                 leakage.append({"sha256": sha, "files": files, "splits": splits})
             else:
                 duplicates.append({"sha256": sha, "files": files, "split": splits[0]})
-        for dup in duplicates[:MAX_LISTED]:
-            self.warnings.append(
-                f"duplicate images within the {dup['split']} split (kept): "
-                + ", ".join(dup["files"])
-            )
+        self.warnings += [
+            f"duplicate images within the {dup['split']} split (kept): {', '.join(dup['files'])}"
+            for dup in duplicates[:MAX_LISTED]
+        ]
         if len(duplicates) > MAX_LISTED:
-            self.warnings.append(
-                f"... and {len(duplicates) - MAX_LISTED} more groups of duplicate images "
-                "within one split (see 'duplicates' in report.json)"
-            )
+            more = len(duplicates) - MAX_LISTED
+            self.warnings.append(f"... and {more} more groups of duplicate images (report.json)")
         if leakage:
             self._leakage(leakage)
         return leakage, duplicates
@@ -234,10 +229,8 @@ class _Tally:
             for i, (a, sa, _) in enumerate(entries):
                 pairs += [f"{a} ({sa}) == {b} ({sb})" for b, sb, _ in entries[i + 1 :] if sb != sa]
         if self.data.leakage != "fail":
-            for p in pairs:
-                self.warnings.append(
-                    f"leakage (data.leakage=warn): identical files in two splits: {p}"
-                )
+            warn = "leakage (data.leakage=warn): identical files in two splits: "
+            self.warnings += [warn + p for p in pairs]
             return
         self.problems.append(
             f"{len(leakage)} image(s) appear in more than one split ({len(pairs)} pairs of "
@@ -252,12 +245,10 @@ class _Tally:
         fraction = len(rejected) / n_candidates if n_candidates else 0.0
         limit = float(self.data.max_rejected_fraction)
         if rejected and fraction > limit:
-            listed = "\n".join(f"      {r['file']}: {r['reason']}" for r in rejected[:MAX_LISTED])
-            if len(rejected) > MAX_LISTED:
-                listed += f"\n      ... and {len(rejected) - MAX_LISTED} more (all in report.json)"
+            listed = _listed([f"{r['file']}: {r['reason']}" for r in rejected], "\n      ")
             self.problems.append(
                 f"{len(rejected)} of {n_candidates} image files ({fraction:.0%}) could not be "
-                f"used, more than data.max_rejected_fraction={limit:g}:\n{listed}\n"
+                f"used, more than data.max_rejected_fraction={limit:g}:\n      {listed}\n"
                 "    Fix or remove these files, or raise data.max_rejected_fraction."
             )
         for split in SPLITS:
@@ -289,26 +280,19 @@ class _Tally:
                 )
         if small:
             listed = ", ".join(f"'{c}' {n}" for c, n in small.items())
-            share = f"{split_ratios(self.data.split)[0]:.0%}"
+            train = split_ratios(self.data.split)[0]
+            share = f", or give training a larger share (data.split.train, now {train:.0%})"
             self.warnings.append(
                 f"{len(small)} class(es) have fewer than {SMALL_CLASS} training images ({listed}):"
                 " a model learns little from so few and its scores are unreliable; add photos"
-                + (
-                    f", or give training a larger share (data.split.train, now {share})"
-                    if disc.layout == "single"
-                    else ""
-                )
+                + (share if disc.layout == "single" else "")
             )
         if sum(counts["val"].values()) == 0:
+            why = "the validation split is empty (data.split.val is 0 or the classes are small)"
+            if disc.layout == "splits" and not disc.class_folders["val"]:
+                why = "there is no validation/ (or val/) folder"
             self.warnings.append(
-                "no validation images: "
-                + (
-                    "there is no validation/ (or val/) folder"
-                    if disc.layout == "splits" and not disc.class_folders["val"]
-                    else "the validation split is empty (data.split.val is 0 or the classes are "
-                    "small)"
-                )
-                + "; training runs without validation metrics"
+                f"no validation images: {why}; training runs without validation metrics"
             )
         else:
             for label in disc.classes:
@@ -317,7 +301,14 @@ class _Tally:
                         f"class '{label}' has no validation images ({self.where('val', label)}); "
                         "validation metrics do not cover it"
                     )
-        unexpected = [s for s in disc.skipped if s[1] != HIDDEN_REASON]
+        outside = [f for f, reason in disc.skipped if reason.startswith(OUTSIDE_REASON)]
+        if outside:
+            self.warnings.append(
+                f"{len(outside)} symbolic link(s) point outside the data folder and are left out "
+                "(DVC tracks the folder's content, not link targets; copy the photos in to use "
+                f"them): {_listed(outside)}"
+            )
+        unexpected = [s for s in disc.skipped if s[1] != HIDDEN_REASON and s[0] not in outside]
         if unexpected:
             self.warnings.append(
                 f"{len(unexpected)} files/folders skipped (non-image files, broken links, ...; "
@@ -361,11 +352,15 @@ class _Tally:
         return f"Create '{split_folder}/{label}/' with images, or remove the class elsewhere."
 
 
+def _listed(items: list[str], sep: str = ", ") -> str:
+    """The first `MAX_LISTED` items, then how many more."""
+    more = [f"... and {len(items) - MAX_LISTED} more"] if len(items) > MAX_LISTED else []
+    return sep.join(items[:MAX_LISTED] + more)
+
+
 def _split_folder_name(disc: Discovery, split: str) -> str | None:
-    for labels in disc.class_folders.get(split, {}).values():
-        if labels:
-            return labels[0].split("/")[0]
-    return None
+    folders = disc.class_folders.get(split, {}).values()
+    return next((labels[0].split("/")[0] for labels in folders if labels), None)
 
 
 def _case_hints(classes: list[str]) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Layouts: **splits**, root/{training,validation (optional),test}/<class>/... (aliases in
 `SPLIT_ALIASES`), or **single**, root/<class>/..., each class split by `data.split` with a fixed
-seed. Nested folders belong to their class; hidden/system files are ignored; symlinks followed.
+seed. Nested folders belong to their class; hidden/system files are ignored; symbolic links are
+followed inside the folder, and those to outside it are skipped (DVC tracks the folder's content).
 What is seen but not used is returned in `Discovery.skipped`, with the reason.
 """
 
@@ -47,6 +48,8 @@ _SYSTEM = "__macosx thumbs.db ehthumbs.db desktop.ini @eadir $recycle.bin __pyca
 SYSTEM_NAMES = frozenset([*_SYSTEM.split(" "), "system volume information"])
 HIDDEN_REASON = "hidden/system file"
 NOT_IMAGE_REASON = "not an image file extension"
+_ARCHIVES = (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")
+OUTSIDE_REASON = "symbolic link to outside the data folder"
 
 
 class DataError(UserError, ValueError):
@@ -118,18 +121,10 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
     for i in order[: n - sum(counts)]:
         counts[i] += 1
     train, val, test = counts
-    if test < 1:
-        test += 1
-        if val > 0 and val >= train:
-            val -= 1
-        else:
-            train -= 1
+    if test < 1:  # from validation when it is the larger, else from training
+        test, (val, train) = 1, (val - 1, train) if 0 < val >= train else (val, train - 1)
     if train < 1:
-        train += 1
-        if val > 0:
-            val -= 1
-        else:
-            test -= 1
+        train, (val, test) = 1, (val - 1, test) if val > 0 else (val, test - 1)
     return train, val, test
 
 
@@ -177,16 +172,7 @@ def _checked_root(root: str | os.PathLike[str]) -> Path:
     if not root.exists():
         raise DataError(f"Data path '{root}' is a broken symbolic link; fix data.path.")
     if not root.is_dir():
-        archive = root.suffix.lower() in (
-            ".zip",
-            ".tar",
-            ".gz",
-            ".tgz",
-            ".7z",
-            ".rar",
-            ".bz2",
-            ".xz",
-        )
+        archive = root.suffix.lower() in _ARCHIVES
         raise DataError(
             f"Data path '{root}' is a file, not a folder: "
             + ("extract it and set data.path to " if archive else "set data.path to ")
@@ -249,19 +235,13 @@ def _discover_splits(
     for split in (s for s in SPLITS if s in split_dirs):
         split_dir = split_dirs[split]
         class_dirs, loose = walker.list_dir(split_dir)
+        name = split_dir.name
         for f in loose:
             walker.skip(
-                f,
-                f"file directly in split folder '{split_dir.name}/', not inside a class folder "
-                f"(move it into {split_dir.name}/<class>/)",
+                f, f"file directly in split folder '{name}/' (move it into {name}/<class>/)"
             )
         if not class_dirs and split != "val":
-            images = sum(1 for f in loose if f.suffix.lower() in CANDIDATE_EXTENSIONS)
-            raise DataError(
-                f"Split folder '{split_dir}' has no class sub-folders"
-                + (f" ({images} image files lie directly in it)" if images else "")
-                + f". Put the images in one sub-folder per class: {split_dir.name}/<class>/<image>."
-            )
+            raise _no_class_folders(f"Split folder '{split_dir}'", loose, f"{name}/<class>/<image>")
         for class_dir, label in zip(class_dirs, _labels(split_dir, class_dirs), strict=True):
             classes.add(label)
             class_folders[split].setdefault(label, []).append(display_path(class_dir, root))
@@ -277,20 +257,12 @@ def _discover_single(
     ratios: tuple[float, float, float],
     seed: int,
 ) -> _Found:
+    loose_image = "image outside any class folder (move it into a class sub-folder)"
     for f in top_files:
-        reason = (
-            "image outside any class folder (move it into a class sub-folder)"
-            if f.suffix.lower() in CANDIDATE_EXTENSIONS
-            else "file outside the class folders"
-        )
-        walker.skip(f, reason)
+        image = f.suffix.lower() in CANDIDATE_EXTENSIONS
+        walker.skip(f, loose_image if image else "file outside the class folders")
     if not class_dirs:
-        images = sum(1 for f in top_files if f.suffix.lower() in CANDIDATE_EXTENSIONS)
-        raise DataError(
-            f"Data path '{root}' has no class sub-folders"
-            + (f" ({images} image files lie directly in it)" if images else "")
-            + ". Put the images in one sub-folder per class (root/<class>/<image>)."
-        )
+        raise _no_class_folders(f"Data path '{root}'", top_files, "root/<class>/<image>")
     class_folders: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
     per_class: dict[str, list[Path]] = {}
     for class_dir, label in zip(class_dirs, _labels(root, class_dirs), strict=True):
@@ -310,15 +282,26 @@ def _discover_single(
     return candidates, class_folders, set(per_class)
 
 
+def _no_class_folders(what: str, files: list[Path], layout: str) -> DataError:
+    images = sum(1 for f in files if f.suffix.lower() in CANDIDATE_EXTENSIONS)
+    lying = f" ({images} image files lie directly in it)" if images else ""
+    return DataError(
+        f"{what} has no class sub-folders{lying}. Put the images in one sub-folder per class: "
+        f"{layout}."
+    )
+
+
 def _names(paths: Iterable[Path]) -> str:
     return ", ".join(f"'{p.name}/'" for p in sorted(paths, key=lambda p: p.name))
 
 
 class _Walker:
-    """Directory listing that follows symlinks, detects loops and records what it skips."""
+    """Directory listing that follows symbolic links within the data folder (not those leading
+    out of it), detects loops and records what it skips."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.inside = os.path.join(os.path.realpath(root), "")
         self.skipped: list[tuple[str, str]] = []
 
     def skip(self, path: Path, reason: str) -> None:
@@ -351,6 +334,10 @@ class _Walker:
                 else:
                     self.skip(path, f"unreadable ({exc.strerror or exc})")
                 continue
+            target = os.path.realpath(path) if entry.is_symlink() else self.inside
+            if not os.path.join(target, "").startswith(self.inside):
+                self.skip(path, f"{OUTSIDE_REASON} ({target}): copy it in to use it")
+                continue
             if stat.S_ISDIR(st.st_mode):
                 dirs.append(path)
             elif stat.S_ISREG(st.st_mode):
@@ -368,14 +355,10 @@ class _Walker:
             folder, parent_real = stack.pop()
             real = os.path.realpath(folder)
             if real == parent_real or parent_real.startswith(real.rstrip(os.sep) + os.sep):
-                self.skip(
-                    folder, "symbolic link loop (the link points to a folder that contains it)"
-                )
+                self.skip(folder, "symbolic link loop (the link points to a folder containing it)")
                 continue
             if real in visited:
-                self.skip(
-                    folder, "second link to a folder already read for this class (not read again)"
-                )
+                self.skip(folder, "second link to a folder already read for this class (skipped)")
                 continue
             visited.add(real)
             dirs, files = self.list_dir(folder)
