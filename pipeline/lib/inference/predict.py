@@ -17,7 +17,8 @@ used are reported (one warning line each, and a count) and skipped. One line per
 stdout; the full scores to a CSV or JSON file, by the `--output` extension, written atomically.
 
 Exit status: 0 when at least one image was predicted; 2 (one message, no stack trace) when the
-model cannot be loaded, the output has an unknown extension, or no image could be predicted.
+model cannot be loaded, the output has an unknown extension or cannot be written (checked before
+any work), or no image could be predicted.
 """
 
 from __future__ import annotations
@@ -264,13 +265,22 @@ def decoded_batches(
 
 
 def output_format(path: str) -> str:
-    """`csv` or `json`, from the --output path's extension; PredictError for any other."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in OUTPUT_FORMATS:
-        raise PredictError(
-            f"--output {path}: unknown extension {suffix or '(none)'!r}; use "
-            f"{' or '.join(OUTPUT_FORMATS)}"
-        )
+    """`csv` or `json`, by the --output extension, once `path`'s folder exists (created) and
+    takes a new file: checked before any work, a PredictError naming `path` otherwise."""
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in OUTPUT_FORMATS or target.is_dir():
+        what = "is a folder" if target.is_dir() else f"unknown extension {suffix or '(none)'!r}"
+        raise PredictError(f"--output {path}: {what}; name a {' or '.join(OUTPUT_FORMATS)} file")
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PredictError(f"--output {path}: cannot create {folder} ({_reason(exc)})") from None
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # what atomic_file will need
+    except OSError as exc:
+        raise PredictError(f"--output {path}: cannot write in {folder} ({_reason(exc)})") from None
     return OUTPUT_FORMATS[suffix]
 
 
@@ -393,7 +403,13 @@ def run(args: argparse.Namespace) -> int:
         found = f"{bad} file(s) could not be decoded" if bad else "no image files found"
         raise PredictError(f"no image was predicted from {what}: {found}")
     if args.output:
-        write_output(args.output, fmt, rows, predictor.classes)
+        try:
+            write_output(args.output, fmt, rows, predictor.classes)
+        except OSError as exc:
+            raise PredictError(
+                f"--output {args.output}: not written ({_reason(exc)}); the lines above are the "
+                "predictions"
+            ) from None
     problems = bad + sum(1 for _, why in skipped if why != "folder with no image files")
     print(
         f"Predicted {len(rows)} image(s) with {args.model} ({predictor.kind}, "
@@ -413,11 +429,14 @@ def _predict_files(
     any_folder: bool,
 ) -> tuple[list[dict[str, Any]], int]:
     """(records of the predicted images, number of undecodable files), printing each image's
-    top-`k` line as it goes (a progress bar when an input was a folder)."""
+    top-`k` line to stdout as it goes; a progress bar on stderr when an input was a folder and
+    stderr is a terminal (never mixed into redirected output)."""
     rows: list[dict[str, Any]] = []
     bad = 0
     size = predictor.image_size
-    with tqdm(total=len(files), unit="img", desc="predict", disable=not any_folder) as bar:
+    with tqdm(
+        total=len(files), unit="img", desc="predict", disable=None if any_folder else True
+    ) as bar:
         for batch in decoded_batches(files, size, resize, args.batch_size):
             good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
             for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
@@ -438,13 +457,16 @@ def _predict_files(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: predict, and return the exit status (0; 2 after a PredictError, printed as
-    one line; 130 when interrupted)."""
+    one line; 130 when interrupted; 141, quietly, when stdout is closed early, e.g. `| head`)."""
     args = parser().parse_args(argv)
     try:
         return run(args)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130
