@@ -77,3 +77,60 @@ def test_what_tensorflow_prints_on_import_besides_the_notices_is_passed_on(tmp_p
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == ["a real problem", "after"]
+
+
+def test_libraries_log_records_reach_the_log_file_not_the_console(tmp_path):
+    """Below ERROR, matplotlib's, TensorFlow's and absl's records go to the log file only (a
+    console and a file handler on the root logger, as Hydra sets them up); errors to both."""
+    code = (
+        "import logging, sys\n"
+        "import pipeline\n"
+        f"logging.basicConfig(level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout),"
+        f" logging.FileHandler({str(tmp_path / 'step.log')!r})])\n"
+        "logging.getLogger('matplotlib.font_manager').warning("
+        "'Matplotlib is building the font cache; this may take a moment.')\n"
+        "logging.getLogger('tensorflow').info('Assets written to: /tmp/x/assets')\n"
+        "logging.getLogger('absl').warning('Compiled the loaded model')\n"
+        "logging.getLogger('tensorflow').error('a real TensorFlow error')\n"
+        "logging.getLogger('pipeline.x').info('own line')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_VERBOSE"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "ERROR:tensorflow:a real TensorFlow error",
+        "INFO:pipeline.x:own line",
+    ]
+    assert proc.stderr == ""
+    logged = (tmp_path / "step.log").read_text()
+    for line in ("font cache", "Assets written", "Compiled the loaded", "real TensorFlow", "own"):
+        assert line in logged
+
+
+def test_a_stage_converting_the_backbone_leaks_no_library_lines(tmp_path):
+    """featurize with an empty conversion cache and no matplotlib font cache (a fresh home):
+    the console has the step's own lines only; the log file keeps the libraries' records."""
+    from pipeline.prepare import prepare
+    from tests.conftest import tiny_config, tiny_overrides
+
+    overrides = tiny_overrides(tmp_path)
+    prepare(tiny_config(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_VERBOSE"}
+    env.update(TRUCK_CACHE_DIR=str(tmp_path / "cache"), MPLCONFIGDIR=str(tmp_path / "mpl"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.featurize", *overrides, f"hydra.run.dir={tmp_path}/run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert "Converted the backbone to TFLite" in console  # a conversion did happen
+    for leak in ("fontManager", "font cache", "Assets written", "absl", "[tensorflow]", "W0000"):
+        assert leak not in console, console
+    logged = (tmp_path / "run" / "featurize.log").read_text()
+    assert "Assets written" in logged and "fontManager" in logged

@@ -379,10 +379,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
 def test_the_progress_bar_goes_to_a_terminal_only_never_into_the_results(world, tmp_path):
     """stderr a terminal (a pty), stdout a pipe: the bar is drawn on the terminal, stdout holds
     the result lines only."""
+    import fcntl
     import os
     import pty
+    import struct
+    import termios
 
     terminal, child_end = pty.openpty()
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.predict", str(world["photos"])]
         + ["--model", str(world["tflite"]), "--top-k", "1"],
