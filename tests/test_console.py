@@ -4,8 +4,10 @@ where they are made, real output is kept, and `PIPELINE_VERBOSE=1` shows everyth
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -134,3 +136,61 @@ def test_a_stage_converting_the_backbone_leaks_no_library_lines(tmp_path):
         assert leak not in console, console
     logged = (tmp_path / "run" / "featurize.log").read_text()
     assert "Assets written" in logged and "fontManager" in logged
+
+
+TOY_TESTS = """
+import subprocess, time
+def test_fails():
+    assert 1 == 2, "one is not two"
+def test_leaves_a_detached_process(tmp_path):
+    subprocess.Popen(["sleep", "300"], cwd=tmp_path, start_new_session=True)
+def test_hangs():
+    time.sleep(300)
+"""
+
+
+def _toy_run(tmp_path, name: str, timeout_s: str, *prefix: str) -> tuple[int, str]:
+    """This suite's conftest.py with three toy tests, run as `make test` runs (pytest-xdist)."""
+    suite = tmp_path / name / "tests"
+    suite.mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "conftest.py", suite)
+    (suite / "__init__.py").write_text("")
+    (suite / "test_toy.py").write_text(TOY_TESTS)
+    env = {**os.environ, "PYTEST_TEST_TIMEOUT_S": timeout_s}
+    cmd = [*prefix, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "tests"]
+    proc = subprocess.run(
+        cmd, cwd=suite.parent, env=env, capture_output=True, text=True, timeout=180
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _sleepers() -> list[str]:
+    return [
+        cmd for entry in Path("/proc").glob("[0-9]*") if (cmd := _cmdline(entry)) == "sleep 300"
+    ]
+
+
+def _cmdline(entry: Path) -> str:
+    try:
+        return entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def test_a_cut_short_test_run_names_its_failures_and_leaves_nothing_running(tmp_path):
+    """Case make-test-under-load-40min-2-failures: a failure is named when it happens, a hanging
+    test fails as timed out (the run ends with its summary), SIGTERM (`timeout`) still prints the
+    summary, and a detached process a test started is ended with the session."""
+    before = len(_sleepers())
+    rc, out = _toy_run(tmp_path, "timed", "3")
+    assert rc == 1, out
+    assert "FAILED tests/test_toy.py::test_fails - AssertionError: one is not two" in out
+    assert "test_hangs - Failed: timed out: the test ran over 3 s" in out
+    assert "short test summary info" in out and "2 failed, 1 passed" in out
+    assert len(_sleepers()) == before, out
+
+    rc, out = _toy_run(tmp_path, "terminated", "0", "timeout", "20")
+    assert rc == 124, out  # ended by `timeout`'s SIGTERM
+    summary = out[out.index("short test summary info") :]
+    assert "FAILED tests/test_toy.py::test_fails" in summary and "1 failed, 1 passed" in summary
+    assert len(_sleepers()) == before, out
