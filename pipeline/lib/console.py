@@ -42,9 +42,8 @@ def verbose() -> bool:
 
 def setup() -> None:
     """Run when `pipeline` is imported, before TensorFlow (idempotent): `TF_CPP_MIN_LOG_LEVEL=3`
-    and MLflow at WARNING unless set, absl at ERROR, `NOISE_WARNINGS` ignored, tqdm redrawn every
-    30 s at most off a terminal, `TF_NOTICES` dropped from what `import tensorflow` prints, and
-    `LOG_FILE_ONLY` loggers kept off the console below ERROR."""
+    and MLflow at WARNING unless set, `NOISE_WARNINGS` ignored, tqdm redrawn every 30 s at most
+    off a terminal, `TF_NOTICES` dropped from `import tensorflow`'s output, `LOG_FILE_ONLY`."""
     if verbose():
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -64,14 +63,10 @@ def setup() -> None:
 
 
 class _LogFilesOnly(logging.Handler):
-    """Hands a record to the root logger's file handlers; from ERROR up to all its handlers (or
-    to stderr when it has none)."""
+    """To the root logger's file handlers; from ERROR up to all (stderr when it has none)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        handlers = logging.getLogger().handlers
-        if record.levelno >= logging.ERROR and not handlers:
-            handlers = [logging.lastResort] if logging.lastResort else []
-        for handler in handlers:
+        for handler in filter(None, logging.getLogger().handlers or [logging.lastResort]):
             if record.levelno >= handler.level and (
                 record.levelno >= logging.ERROR or isinstance(handler, logging.FileHandler)
             ):
@@ -79,7 +74,7 @@ class _LogFilesOnly(logging.Handler):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` once, to import it inside `stderr_without(*TF_NOTICES)`."""
+    """Imports `tensorflow` (once) inside `stderr_without(*TF_NOTICES)`."""
 
     def find_spec(
         self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
