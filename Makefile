@@ -23,8 +23,8 @@ install: $(VENV)/.installed  ## the project and its dependencies, in .venv; the 
 
 # Reinstalled when pyproject.toml or the lock file changes; the lock pins every version.
 $(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
-	@echo "install: the pinned dependencies (requirements.lock) into $(VENV): a few minutes the first time"
-	$(BIN)/python -m pip install --progress-bar off --disable-pip-version-check -r requirements.lock
+	@echo "install: the pinned dependencies (requirements.lock) into $(VENV): a few minutes the first time (TensorFlow alone is hundreds of MB: pip shows a bar on a terminal)"
+	$(BIN)/python -m pip install --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pipeline.plots_template > /dev/null
 	@touch $@

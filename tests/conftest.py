@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,129 @@ WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+#: Seconds a test's call or teardown may run (its setup, which may build a whole project, twice
+#: that) before it fails as timed out, so that a hang still ends in pytest's summary; 0 = none.
+TEST_TIMEOUT_S = float(os.environ.get("PYTEST_TEST_TIMEOUT_S", "600"))
+
+
+# -- a run that names its failures, ends, and leaves nothing running ----------------------------
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (`timeout`, CI cancelling a job) ends the run as Ctrl-C does: finalizers run and
+    the summary names the failures so far."""
+    if _in_main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """A failure is named when it happens (and again in the summary), so a run that is cut
+    short still says what failed; under pytest-xdist the controller prints it."""
+    if not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)
+    why = f" - {crash.message.splitlines()[0][:200]}" if crash and crash.message else ""
+    print(
+        f"\n{'FAILED' if report.when == 'call' else 'ERROR'} {report.nodeid}{why}",
+        file=sys.__stderr__,
+        flush=True,
+    )
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, what: str):
+    if seconds <= 0 or not hasattr(signal, "SIGALRM") or not _in_main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        pytest.fail(f"timed out: {what} ran over {seconds:.0f} s (PYTEST_TEST_TIMEOUT_S)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with _time_limit(2 * TEST_TIMEOUT_S, "setup"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with _time_limit(TEST_TIMEOUT_S, "the test"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item):
+    with _time_limit(TEST_TIMEOUT_S, "teardown"):
+        return (yield)
+
+
+def stop_processes_under(folder: Path) -> list[str]:
+    """End every other process whose working folder or command line is under `folder` (SIGTERM,
+    SIGKILL 5 s later): what tests started there and left running, e.g. `dvc queue` workers
+    (detached, so not ended with their parent) or servers. Returns their command lines."""
+    prefix = str(folder)
+    found: dict[int, str] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid in (os.getpid(), os.getppid()):
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone, a zombie, or not ours
+            continue
+        if cwd == prefix or cwd.startswith(prefix + os.sep) or any(prefix in a for a in argv):
+            found[pid] = " ".join(argv).strip()
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+        alive = [pid for pid in found if Path(f"/proc/{pid}/cwd").exists()]
+        for pid in alive:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [pid for pid in alive if Path(f"/proc/{pid}/cwd").exists()]
+    return list(found.values())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist the controller ends what the workers' tests left (its temporary folder
+    holds theirs), also when the workers were stopped before their own session end."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _report_stopped(stop_processes_under(factory.getbasetemp()))
+
+
+def _report_stopped(left: list[str]) -> None:
+    if left:
+        print(f"\nstopped {len(left)} process(es) left running:", file=sys.__stderr__)
+        print("\n".join(f"  {cmd[:200]}" for cmd in left), file=sys.__stderr__, flush=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_left(tmp_path_factory: pytest.TempPathFactory):
+    """At the end of the session (also after failures, Ctrl-C or SIGTERM), end what the tests
+    started under their temporary folders and left running, and say so."""
+    root = tmp_path_factory.getbasetemp()
+    yield
+    _report_stopped(stop_processes_under(root))
 
 
 def compose(overrides: list[str] | None = None):

@@ -4,8 +4,10 @@ where they are made, real output is kept, and `PIPELINE_VERBOSE=1` shows everyth
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -77,3 +79,118 @@ def test_what_tensorflow_prints_on_import_besides_the_notices_is_passed_on(tmp_p
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == ["a real problem", "after"]
+
+
+def test_libraries_log_records_reach_the_log_file_not_the_console(tmp_path):
+    """Below ERROR, matplotlib's, TensorFlow's and absl's records go to the log file only (a
+    console and a file handler on the root logger, as Hydra sets them up); errors to both."""
+    code = (
+        "import logging, sys\n"
+        "import pipeline\n"
+        f"logging.basicConfig(level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout),"
+        f" logging.FileHandler({str(tmp_path / 'step.log')!r})])\n"
+        "logging.getLogger('matplotlib.font_manager').warning("
+        "'Matplotlib is building the font cache; this may take a moment.')\n"
+        "logging.getLogger('tensorflow').info('Assets written to: /tmp/x/assets')\n"
+        "logging.getLogger('absl').warning('Compiled the loaded model')\n"
+        "logging.getLogger('tensorflow').error('a real TensorFlow error')\n"
+        "logging.getLogger('pipeline.x').info('own line')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_VERBOSE"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "ERROR:tensorflow:a real TensorFlow error",
+        "INFO:pipeline.x:own line",
+    ]
+    assert proc.stderr == ""
+    logged = (tmp_path / "step.log").read_text()
+    for line in ("font cache", "Assets written", "Compiled the loaded", "real TensorFlow", "own"):
+        assert line in logged
+
+
+def test_a_stage_converting_the_backbone_leaks_no_library_lines(tmp_path):
+    """featurize with an empty conversion cache and no matplotlib font cache (a fresh home):
+    the console has the step's own lines only; the log file keeps the libraries' records."""
+    from pipeline.prepare import prepare
+    from tests.conftest import tiny_config, tiny_overrides
+
+    overrides = tiny_overrides(tmp_path)
+    prepare(tiny_config(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_VERBOSE"}
+    env.update(TRUCK_CACHE_DIR=str(tmp_path / "cache"), MPLCONFIGDIR=str(tmp_path / "mpl"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.featurize", *overrides, f"hydra.run.dir={tmp_path}/run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert "Converted the backbone to TFLite" in console  # a conversion did happen
+    for leak in ("fontManager", "font cache", "Assets written", "absl", "[tensorflow]", "W0000"):
+        assert leak not in console, console
+    logged = (tmp_path / "run" / "featurize.log").read_text()
+    assert "Assets written" in logged and "fontManager" in logged
+
+
+TOY_TESTS = """
+import subprocess, time
+def test_fails():
+    assert 1 == 2, "one is not two"
+def test_leaves_a_detached_process(tmp_path):
+    subprocess.Popen(["sleep", "300"], cwd=tmp_path, start_new_session=True)
+def test_hangs():
+    time.sleep(300)
+"""
+
+
+def _toy_run(tmp_path, name: str, timeout_s: str, *prefix: str) -> tuple[int, str]:
+    """This suite's conftest.py with three toy tests, run as `make test` runs (pytest-xdist)."""
+    suite = tmp_path / name / "tests"
+    suite.mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "conftest.py", suite)
+    (suite / "__init__.py").write_text("")
+    (suite / "test_toy.py").write_text(TOY_TESTS)
+    env = {**os.environ, "PYTEST_TEST_TIMEOUT_S": timeout_s}
+    cmd = [*prefix, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "tests"]
+    proc = subprocess.run(
+        cmd, cwd=suite.parent, env=env, capture_output=True, text=True, timeout=180
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _sleepers() -> list[str]:
+    return [
+        cmd for entry in Path("/proc").glob("[0-9]*") if (cmd := _cmdline(entry)) == "sleep 300"
+    ]
+
+
+def _cmdline(entry: Path) -> str:
+    try:
+        return entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def test_a_cut_short_test_run_names_its_failures_and_leaves_nothing_running(tmp_path):
+    """Case make-test-under-load-40min-2-failures: a failure is named when it happens, a hanging
+    test fails as timed out (the run ends with its summary), SIGTERM (`timeout`) still prints the
+    summary, and a detached process a test started is ended with the session."""
+    before = len(_sleepers())
+    rc, out = _toy_run(tmp_path, "timed", "3")
+    assert rc == 1, out
+    assert "FAILED tests/test_toy.py::test_fails - AssertionError: one is not two" in out
+    assert "test_hangs - Failed: timed out: the test ran over 3 s" in out
+    assert "short test summary info" in out and "2 failed, 1 passed" in out
+    assert len(_sleepers()) == before, out
+
+    rc, out = _toy_run(tmp_path, "terminated", "0", "timeout", "20")
+    assert rc == 124, out  # ended by `timeout`'s SIGTERM
+    summary = out[out.index("short test summary info") :]
+    assert "FAILED tests/test_toy.py::test_fails" in summary and "1 failed, 1 passed" in summary
+    assert len(_sleepers()) == before, out

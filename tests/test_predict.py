@@ -338,10 +338,79 @@ def test_module_runs_as_a_command_with_a_float_tflite_model(world, tmp_path):
     assert done.returncode == 0, done.stderr
     check_agreement(world, out)
     check_reports(done.stdout, done.stderr)
+    assert "\r" not in done.stderr and "img/s" not in done.stderr  # no bar off a terminal
     first = sorted(world["reference"])[0]
     expected = world["classes"][int(world["reference"][first].argmax())]
     [line] = [line for line in done.stdout.splitlines() if line.startswith(f"{first}: ")]
     assert re.fullmatch(rf"{re.escape(first)}: {expected} \d\.\d{{4}}", line)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    """Case predict-output-not-writable: one line naming the output and why, exit 2, before the
+    model is even looked at (here it does not exist); the same from the command line."""
+    missing_model = str(tmp_path / "no-model")
+    (tmp_path / "a-file").write_text("x\n")
+    (tmp_path / "taken.csv").mkdir()
+    cases = {
+        "/proc/nope/p.csv": "cannot create /proc/nope (",
+        str(tmp_path / "a-file" / "p.json"): f"cannot create {tmp_path / 'a-file'} (",
+        str(tmp_path / "taken.csv"): "is a folder",
+    }
+    for output, why in cases.items():
+        assert predict.main([str(tmp_path), "--model", missing_model, "--output", output]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"error: --output {output}: ")
+        assert len(captured.err.splitlines()) == 1
+        assert why in captured.err and missing_model not in captured.err
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", str(tmp_path), "--model", missing_model]
+        + ["--output", "/proc/nope/p.csv"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: --output /proc/nope/p.csv: cannot create /proc/nope (")
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_the_progress_bar_goes_to_a_terminal_only_never_into_the_results(world, tmp_path):
+    """stderr a terminal (a pty), stdout a pipe: the bar is drawn on the terminal, stdout holds
+    the result lines only."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    terminal, child_end = pty.openpty()
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.predict", str(world["photos"])]
+        + ["--model", str(world["tflite"]), "--top-k", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=child_end,
+        text=True,
+    )
+    os.close(child_end)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    stdout = proc.communicate(timeout=300)[0]
+    os.close(terminal)
+    assert proc.returncode == 0, shown.decode(errors="replace")
+    assert "predict: 100%" in shown.decode(errors="replace")
+    lines = stdout.splitlines()
+    assert len(lines) == 12 and all(re.fullmatch(r"\S+\.png: \S+ \d\.\d{4}", x) for x in lines)
 
 
 def test_console_script_is_declared():

@@ -31,6 +31,9 @@ NOISE_WARNINGS = (
     (r"Hint: Inferred schema contains integer column", r"mlflow\."),
     (r"Statistics for quantized inputs were expected", r"tensorflow\."),  # int8 conversion
 )
+#: Libraries whose log records below ERROR go to the log files only (Hydra's `<step>.log`), not
+#: the console: matplotlib's font cache, TensorFlow's "Assets written to", absl's warnings.
+LOG_FILE_ONLY = ("absl", "matplotlib", "tensorflow", "h5py")
 
 
 def verbose() -> bool:
@@ -39,8 +42,8 @@ def verbose() -> bool:
 
 def setup() -> None:
     """Run when `pipeline` is imported, before TensorFlow (idempotent): `TF_CPP_MIN_LOG_LEVEL=3`
-    and MLflow at WARNING unless set, absl at ERROR, `NOISE_WARNINGS` ignored, tqdm redrawn every
-    30 s at most off a terminal, and `TF_NOTICES` dropped from what `import tensorflow` prints."""
+    and MLflow at WARNING unless set, `NOISE_WARNINGS` ignored, tqdm redrawn every 30 s at most
+    off a terminal, `TF_NOTICES` dropped from `import tensorflow`'s output, `LOG_FILE_ONLY`."""
     if verbose():
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -48,15 +51,30 @@ def setup() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not (sys.stderr is not None and sys.stderr.isatty()):
         os.environ.setdefault("TQDM_MININTERVAL", "30")
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    for name in LOG_FILE_ONLY:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _LogFilesOnly) for h in logger.handlers):
+            logger.addHandler(_LogFilesOnly())
+            logger.propagate = False
     for message, module in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, module=module)
     if "tensorflow" not in sys.modules and not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
 
 
+class _LogFilesOnly(logging.Handler):
+    """To the root logger's file handlers; from ERROR up to all (stderr when it has none)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in filter(None, logging.getLogger().handlers or [logging.lastResort]):
+            if record.levelno >= handler.level and (
+                record.levelno >= logging.ERROR or isinstance(handler, logging.FileHandler)
+            ):
+                handler.handle(record)
+
+
 class _Finder(importlib.abc.MetaPathFinder):
-    """Finds `tensorflow` once, to import it inside `stderr_without(*TF_NOTICES)`."""
+    """Imports `tensorflow` (once) inside `stderr_without(*TF_NOTICES)`."""
 
     def find_spec(
         self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None

@@ -1,24 +1,16 @@
-"""Predict the class of new images with a trained model: a models/ folder, one from MLflow, or an
-exported file.
+"""Predict the classes of new images with a trained model:
 
     python -m pipeline.predict photos/ --model models --output predictions.csv
     python -m pipeline.predict photos/ --model models:/toy-truck-classifier@champion --output p.csv
-    python -m pipeline.predict photos/ --model runs:/<run_id>/model --output p.json --top-k 3
-    python -m pipeline.predict photos/ --model exports/model_int8.tflite --output p.csv
+    python -m pipeline.predict photos/ --model exports/model_int8.tflite --output p.json --top-k 3
 
-Plain argparse (no Hydra). A models/ folder or an MLflow model (its artifacts downloaded: the
-same three files) runs as the `Classifier` (LiteRT backbone + head) that evaluate and the served
-model run: no TensorFlow. An exported `.tflite` or `.keras` file (`pipeline.export`) runs as it is, its
-classes and resize mode read from the model.json beside it (or `--classes`). Every image is decoded
-as `prepare` decodes training images (`pipeline.lib.data.images.load_rgb`), in parallel threads
-while the backbone runs, resized with `--resize`, by default the model's own mode (`stretch`
-with a warning when it carries none). Folders are searched recursively; files that cannot be
-used are reported (one warning line each, and a count) and skipped. One line per image goes to
-stdout; the full scores to a CSV or JSON file, by the `--output` extension, written atomically.
-
-Exit status: 0 when at least one image was predicted; 2 (one message, no stack trace) when the
-model cannot be loaded, the output has an unknown extension, or no image could be predicted.
-"""
+A models/ folder or an MLflow model (runs:/, models:/) runs as the `Classifier` evaluate uses (no
+TensorFlow); an exported `.tflite`/`.keras` file as it is, its classes and resize mode from the
+model.json beside it (or `--classes`). Images are decoded as `prepare` decodes them, in threads
+while the model runs; folders are searched recursively; unusable files are skipped with a warning.
+One line per image goes to stdout, every score to the `--output` CSV or JSON (written atomically).
+Exit status 0; 2 (one line) when the model cannot be loaded, `--output` cannot be written
+(checked before any work) or no image was predicted; 130 when interrupted."""
 
 from __future__ import annotations
 
@@ -67,9 +59,6 @@ class Predictor:
     image_size: int
     predict: Callable[[np.ndarray], np.ndarray]
     resize: str | None = None
-
-
-# -- loading -----------------------------------------------------------------------------------
 
 
 def _reason(exc: BaseException) -> str:
@@ -196,9 +185,6 @@ def load_predictor(
     return predictor
 
 
-# -- inputs ------------------------------------------------------------------------------------
-
-
 def collect(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]], bool]:
     """(image files to predict, [(path, why skipped)], whether any input was a folder).
 
@@ -260,17 +246,27 @@ def decoded_batches(
             yield [(f, future.result()) for f, future in zip(chunk, current, strict=True)]
 
 
-# -- outputs -----------------------------------------------------------------------------------
-
-
 def output_format(path: str) -> str:
-    """`csv` or `json`, from the --output path's extension; PredictError for any other."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in OUTPUT_FORMATS:
+    """`csv` or `json`, by the --output extension, once `path`'s folder exists (created) and
+    takes a new file: checked before any work, a PredictError naming `path` otherwise."""
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in OUTPUT_FORMATS or target.is_dir():
+        what = "is a folder" if target.is_dir() else f"unknown extension {suffix or '(none)'!r}"
+        raise PredictError(f"--output {path}: {what}; name a {' or '.join(OUTPUT_FORMATS)} file")
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
         raise PredictError(
-            f"--output {path}: unknown extension {suffix or '(none)'!r}; use "
-            f"{' or '.join(OUTPUT_FORMATS)}"
-        )
+            f"--output {path}: cannot create {folder} ({exc.strerror or exc})"
+        ) from None
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # what atomic_file will need
+    except OSError as exc:
+        raise PredictError(
+            f"--output {path}: cannot write in {folder} ({exc.strerror or exc})"
+        ) from None
     return OUTPUT_FORMATS[suffix]
 
 
@@ -314,9 +310,6 @@ def format_line(row: dict[str, Any]) -> str:
     return f"{row['path']}: {shown}"
 
 
-# -- command -----------------------------------------------------------------------------------
-
-
 def _positive(text: str) -> int:
     """argparse type: `text` as an int >= 1."""
     value = int(text)
@@ -336,44 +329,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="the train stage's models/ folder, an MLflow URI (models:/NAME@ALIAS, "
-        "models:/NAME/VERSION, runs:/RUN_ID/model) or an exported .tflite/.keras file",
+        help="a models/ folder, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
+        "or an exported .tflite/.keras file",
     )
     p.add_argument("--output", help="also write every image's scores to a .csv or .json file")
     p.add_argument("--top-k", type=_positive, default=3, help="classes shown per image (3)")
     p.add_argument("--batch-size", type=_positive, default=32, help="images per batch (32)")
     p.add_argument(
-        "--resize",
-        choices=RESIZE_POLICIES,
-        default=None,
-        help="how images are made square, as data.resize in prepare (default: the model's own "
-        "mode, from its model.json; else stretch, with a warning)",
+        "--resize", choices=RESIZE_POLICIES, help="as data.resize (default: the model's)"
     )
-    p.add_argument(
-        "--classes",
-        default=None,
-        help="JSON list of class names in output order (default: the model's model.json)",
-    )
-    p.add_argument(
-        "--tta",
-        action="store_true",
-        help="average each image's scores with its horizontal flip's (two passes per image)",
-    )
+    p.add_argument("--classes", help="JSON list of class names (default: the model's model.json)")
+    p.add_argument("--tta", action="store_true", help="average with the horizontal flip's scores")
     p.add_argument(
         "--tracking-uri",
-        default=None,
-        help="MLflow store for models:/ and runs:/ URIs (default $MLFLOW_TRACKING_URI, "
-        f"else {DEFAULT_TRACKING_URI})",
+        help=f"for MLflow URIs ($MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
     )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """Predict every image in `args.inputs` with `args.model`; return the exit status (0).
-
-    Prints one line per image to stdout as it goes, writes every prediction to `args.output`
-    when given and a summary to stderr. Undecodable files and unusable paths are skipped with a
-    warning. Raises PredictError: a bad output path or model, or no image predicted at all."""
+    """Predict `args.inputs` with `args.model` (see the module); 0, or PredictError."""
     fmt = output_format(args.output) if args.output else None  # before any work
     predictor = load_predictor(args.model, args.tracking_uri, args.classes)
     resize = args.resize or predictor.resize or "stretch"
@@ -393,7 +368,13 @@ def run(args: argparse.Namespace) -> int:
         found = f"{bad} file(s) could not be decoded" if bad else "no image files found"
         raise PredictError(f"no image was predicted from {what}: {found}")
     if args.output:
-        write_output(args.output, fmt, rows, predictor.classes)
+        try:
+            write_output(args.output, fmt, rows, predictor.classes)
+        except OSError as exc:
+            raise PredictError(
+                f"--output {args.output}: not written ({_reason(exc)}); the lines above are the "
+                "predictions"
+            ) from None
     problems = bad + sum(1 for _, why in skipped if why != "folder with no image files")
     print(
         f"Predicted {len(rows)} image(s) with {args.model} ({predictor.kind}, "
@@ -412,12 +393,14 @@ def _predict_files(
     k: int,
     any_folder: bool,
 ) -> tuple[list[dict[str, Any]], int]:
-    """(records of the predicted images, number of undecodable files), printing each image's
-    top-`k` line as it goes (a progress bar when an input was a folder)."""
+    """(records, number of undecodable files); each image's line printed to stdout as it goes,
+    a bar on stderr if an input was a folder and stderr is a terminal (tqdm's `disable=None`)."""
     rows: list[dict[str, Any]] = []
     bad = 0
     size = predictor.image_size
-    with tqdm(total=len(files), unit="img", desc="predict", disable=not any_folder) as bar:
+    with tqdm(
+        total=len(files), unit="img", desc="predict", disable=None if any_folder else True
+    ) as bar:
         for batch in decoded_batches(files, size, resize, args.batch_size):
             good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
             for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
@@ -437,14 +420,16 @@ def _predict_files(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: predict, and return the exit status (0; 2 after a PredictError, printed as
-    one line; 130 when interrupted)."""
+    """Command line: the exit status (see the module; 141, quietly, when stdout closes early)."""
     args = parser().parse_args(argv)
     try:
         return run(args)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130

@@ -307,22 +307,18 @@ def featurize_array(
     read in a background thread.
 
     `out` may be a (memory-mapped) float32 array (N, feature_dim) to write into, so memory stays
-    flat however many images; it is returned. `progress` labels a tqdm bar (none when None).
-    """
+    flat however many images; it is returned. `progress` labels a tqdm bar, drawn on a terminal
+    only (None: no bar)."""
     if out is None:
         out = np.empty((len(images), feature_dim), dtype=np.float32)
     done = 0
-    bar = tqdm(total=len(images), desc=progress, unit="img", disable=progress is None, leave=False)
-    start = time.perf_counter()
-    for batch in prefetch(iter_batches(images, batch_size)):
-        feats = featurizer(batch)
-        out[done : done + len(feats)] = feats
-        done += len(feats)
-        bar.update(len(feats))
-        bar.set_postfix(
-            img_per_s=f"{done / max(time.perf_counter() - start, 1e-9):.0f}", refresh=False
-        )
-    bar.close()
+    off = None if progress else True  # None: tqdm draws only on a terminal
+    with tqdm(total=len(images), desc=progress, unit="img", disable=off, leave=False) as bar:
+        for batch in prefetch(iter_batches(images, batch_size)):
+            feats = featurizer(batch)
+            out[done : done + len(feats)] = feats
+            done += len(feats)
+            bar.update(len(feats))
     return out
 
 
