@@ -1,13 +1,10 @@
-"""Stage `featurize`: pooled MobileNetV2 features of every prepared image, computed once with
-the LiteRT backbone.
+"""Stage `featurize`: pooled MobileNetV2 features of every prepared image, computed once with the
+LiteRT backbone, so that training runs and sweeps over the head reuse them.
 
-DVC reruns this stage only when the prepared data or the backbone (`model.alpha`,
-`model.weights`, ...) change, so training runs and sweeps over head hyper-parameters reuse it.
-Its output `data/features` ({split}.npy, float32 (N, D); `backbone.tflite`, the exact flatbuffer
-that computed them, which train copies into the model folder; `meta.json`, what they were
-computed from) is a pure function of those inputs: byte-identical on every run, whatever the
-conversion cache holds. Timings go to the log only. With the backbone's conversion cached
-(`features.backbone_key`), the stage runs without importing TensorFlow.
+`data/features`: {split}.npy (float32 (N, D)), `backbone.tflite` (the flatbuffer that computed
+them, which train copies into the model folder) and `meta.json` (what they were computed from):
+byte-identical on every run, whatever the conversion cache holds; timings go to the log only.
+On a warm conversion cache the stage does not import TensorFlow.
 
     python -m pipeline.featurize featurize.num_threads=2
 """
@@ -40,9 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def featurize(cfg: Config) -> dict:
-    """Write `paths.features`: `{split}.npy` (float32 (N, D), D = 1280 for alpha <= 1) for
-    train, val and test, `backbone.tflite` and `meta.json` ({"key": `feature_key`,
-    "feature_dim": D}); return that meta dict.
+    """Write `paths.features` ({split}.npy float32 (N, D), D = 1280 for alpha <= 1;
+    backbone.tflite; meta.json {"key": `feature_key`, "feature_dim": D}); return the meta.
 
     Raises:
         WeightsNotFoundError: `model.weights` is not available offline.
@@ -60,19 +56,24 @@ def featurize(cfg: Config) -> dict:
         "feature_dim": featurizer.feature_dim,
     }
     with atomic_dir(cfg.paths.features) as tmp:
-        timings = {
-            split: _featurize_split(cfg, featurizer, dataset, split, tmp) for split in SPLITS
-        }
+        timings = [_featurize_split(cfg, featurizer, dataset, split, tmp) for split in SPLITS]
         (tmp / BACKBONE_FILE).write_bytes(flatbuffer)
         write_json(tmp / META_FILE, meta)
-    _log_timings(timings, cfg.paths.features)
+    images, seconds = (sum(column) for column in zip(*timings, strict=True))
+    per_split = ", ".join(
+        f"{s} {n} in {t:.1f} s" for s, (n, t) in zip(SPLITS, timings, strict=True)
+    )
+    rate = images / seconds if seconds else 0.0
+    log.info(
+        "Featurized %d images (%.0f img/s: %s) into %s", images, rate, per_split, cfg.paths.features
+    )
     return meta
 
 
 def _featurize_split(
     cfg: Config, featurizer: ShardedTFLite, dataset: PreparedDataset, split: str, folder: Path
 ) -> tuple[int, float]:
-    """Write `folder/<split>.npy`; return (images, seconds)."""
+    """Write `folder/<split>.npy` through a memory map; return (images, seconds)."""
     images = dataset.images(split)
     dim = featurizer.feature_dim
     out = np.lib.format.open_memmap(
@@ -83,17 +84,7 @@ def _featurize_split(
         featurizer, images, cfg.featurize.batch_size, dim, out, progress=f"featurize {split}"
     )
     out.flush()
-    del out
     return len(images), time.perf_counter() - start
-
-
-def _log_timings(timings: dict[str, tuple[int, float]], folder: str) -> None:
-    """Timings are logged, never written into the DVC output (same inputs -> same bytes)."""
-    images = sum(n for n, _ in timings.values())
-    seconds = sum(s for _, s in timings.values())
-    per_split = ", ".join(f"{split} {n} in {s:.1f} s" for split, (n, s) in timings.items())
-    rate = images / seconds if seconds else 0.0
-    log.info("Featurized %d images (%.0f img/s: %s) into %s", images, rate, per_split, folder)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -124,11 +124,8 @@ def build_feature_extractor(
 
 
 def build_head(feature_dim: int, num_classes: int, dropout: float, init: str = "zeros") -> Any:
-    """Features -> class probabilities: (dropout) + Dense(num_classes, softmax).
-
-    `init` is the Dense kernel's initializer (`model.head_init`); zeros makes a linear head start
-    from uniform class scores, as a logistic regression does.
-    """
+    """Features -> (dropout) -> Dense(num_classes, softmax), its kernel initialised by `init`
+    (`model.head_init`; zeros: uniform class scores at first, as a logistic regression)."""
     import keras
     from keras import layers
 
@@ -141,11 +138,7 @@ def build_head(feature_dim: int, num_classes: int, dropout: float, init: str = "
 
 
 def compose(extractor: Any, head: Any) -> Any:
-    """One Keras model (images -> probabilities) from a feature extractor and a head.
-
-    The head's layers are re-applied to the extractor's output, so weights are shared, not copied,
-    and the saved model is a single flat graph with the study's parameter counts.
-    """
+    """One flat Keras model (images -> probabilities), sharing the extractor's and head's weights."""
     import keras
 
     x = extractor.output
@@ -155,18 +148,13 @@ def compose(extractor: Any, head: Any) -> Any:
 
 
 def build_augmentation(augment: Any, seed: int) -> list[Any]:
-    """Keras preprocessing layers for `train.augment` (flip, rotation, zoom, translation,
-    contrast, brightness; a factor of 0 leaves that one out), seeded from `seed`.
-
-    They take raw 0..255 images (contrast and brightness with value_range (0, 255)), so they go
-    before the rescaling, and are active only in training: at inference they pass images through.
-    """
+    """Keras preprocessing layers for `train.augment` (a factor of 0 leaves one out), seeded
+    from `seed`, on raw 0..255 images (before the rescaling); identity at inference."""
     from keras import layers
 
     made: list[Any] = []
 
     def add(cls: Any, *args: Any, **kwargs: Any) -> None:
-        """Append a `cls` layer, seeded `seed` + its position and named after both, to `made`."""
         made.append(
             cls(*args, seed=seed + len(made), name=f"augment_{len(made)}_{cls.__name__}", **kwargs)
         )
@@ -187,9 +175,8 @@ def build_augmentation(augment: Any, seed: int) -> list[Any]:
 
 
 def compose_augmented(extractor: Any, head: Any, augmentation: list[Any]) -> Any:
-    """The training network with augmentation: images -> augmentation layers -> extractor ->
-    head. It shares every weight with `compose(extractor, head)`, which is what is saved (the
-    augmentation layers have no weights and do nothing at inference)."""
+    """images -> augmentation -> extractor -> head: `compose(extractor, head)` (what is saved,
+    sharing every weight) with the augmentation layers in front."""
     import keras
 
     inputs = keras.Input(shape=tuple(extractor.input.shape[1:]), name="image")
@@ -216,10 +203,9 @@ def find_backbone(model: Any) -> Any:
 
 
 def unfreeze_top(backbone: Any, n: int) -> list[str]:
-    """Make the backbone's last `n` layers trainable (all of them when `n` exceeds its depth),
-    except BatchNormalization layers, which stay frozen: with `trainable=False` (and the backbone
-    called with `training=False`) they keep using and never update their moving statistics, as
-    Keras' fine-tuning guide advises. Returns the names of the layers whose weights now train."""
+    """Make the backbone's last `n` layers trainable except BatchNormalization (frozen, so their
+    moving statistics never update, as Keras' fine-tuning guide advises); return the names of
+    the layers whose weights now train."""
     import keras
 
     backbone.trainable = True  # sets every sub-layer; then freeze all but the top n, BN kept frozen
@@ -235,21 +221,15 @@ def unfreeze_top(backbone: Any, n: int) -> list[str]:
 
 
 def make_optimizer(name: str, learning_rate: Any) -> Any:
-    """A Keras optimizer by `train.optimizer` name (adam, adamw, sgd, rmsprop); `learning_rate`
-    a float or a Keras schedule. Raises KeyError for another name (the schema refuses it first)."""
+    """A Keras optimizer by `train.optimizer` name; `learning_rate` a float or a schedule."""
     import keras
 
-    optimizers = {
-        "adam": keras.optimizers.Adam,
-        "adamw": keras.optimizers.AdamW,
-        "sgd": keras.optimizers.SGD,
-        "rmsprop": keras.optimizers.RMSprop,
-    }
-    return optimizers[name](learning_rate=learning_rate)
+    classes = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
+    return getattr(keras.optimizers, classes[name])(learning_rate=learning_rate)
 
 
 def count_params(model: Any) -> dict[str, int]:
-    """{"trainable", "non_trainable", "total"}: the model's parameter counts (scalars)."""
+    """{"trainable", "non_trainable", "total"} parameter counts."""
     import numpy as np
 
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))

@@ -1,17 +1,10 @@
-"""The trained model, one representation for every stage and runtime: a LiteRT backbone
-(`backbone.tflite`, images -> pooled features) and a Dense softmax head (`head.npy`), with the
-classes and the preprocessing they were trained with (`model.json`).
+"""The trained model, one representation for every stage and runtime: the model folder
+(`paths.models`, written by train; bytes depend only on the values):
 
-The model folder (`paths.models`, written by train, read by evaluate, export, predict and the
-served MLflow model):
-
-    backbone.tflite   the LiteRT flatbuffer that computed the training features (copied from
-                      `paths.features`), or the fine-tuned backbone converted after training
-    head.npy          float32 (D + 1, C): the kernel's D rows, then the bias row; the
-                      temperature is folded in (kernel / T, bias / T)
+    backbone.tflite   the LiteRT flatbuffer that computed the training features (or the
+                      fine-tuned backbone, converted after training): images -> pooled features
+    head.npy          float32 (D + 1, C): the kernel's D rows, then the bias; temperature folded in
     model.json        `ModelCard`: classes, image_size, resize, temperature, backbone identity
-
-Every file's bytes depend only on the values (no dates, no run ids).
 """
 
 from __future__ import annotations
@@ -38,43 +31,36 @@ CARD_FILE = "model.json"
 
 @dataclass(frozen=True)
 class Head:
-    """A Dense softmax layer: probabilities = softmax(features @ kernel + bias).
-
-    kernel: float32 (D, C); bias: float32 (C,).
-    """
+    """softmax(features @ kernel + bias); kernel float32 (D, C), bias float32 (C,)."""
 
     kernel: np.ndarray
     bias: np.ndarray
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        """float64 (N, C) logits of float (N, D) features."""
+        """float64 (N, C) of float (N, D) features."""
         x = np.asarray(features, dtype=np.float64)
         return x @ self.kernel.astype(np.float64) + self.bias.astype(np.float64)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """float64 (N, C) class probabilities (rows sum to 1) of float (N, D) features."""
+        """float64 (N, C), rows summing to 1, of float (N, D) features."""
         return softmax(self.logits(features), axis=1)
 
     def scaled(self, temperature: float) -> Head:
-        """This head with temperature T folded in: softmax((xW + b) / T) = softmax(x W/T + b/T)."""
+        """This head with temperature T folded in: W / T, b / T."""
         return Head(
             (self.kernel / temperature).astype(np.float32),
             (self.bias / temperature).astype(np.float32),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write `path` as one float32 (D + 1, C) `.npy` (`np.save`: bytes depend on values)."""
+        """Write `path` as one float32 (D + 1, C) `.npy`."""
         array = np.vstack([np.asarray(self.kernel, np.float32), np.asarray(self.bias, np.float32)])
         with open(path, "wb") as fh:
             np.save(fh, array, allow_pickle=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Head:
-        """The head saved at `path`.
-
-        Raises:
-            StageInputError: the file is missing or not a float (D + 1, C) array (naming it).
-        """
+        """The head saved at `path`. Raises StageInputError: missing or not float (D + 1, C)."""
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -92,13 +78,9 @@ class Head:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """`model.json`: what a model folder's head and backbone mean.
-
-    classes: the class names, in the head's column order; image_size: the backbone's input
-    (px, square); resize: how photos were brought to it (`data.resize`); temperature: the T
-    folded into the head (1.0: not calibrated); backbone: its identity
-    ({"name", "alpha", "weights", "weights_md5", "fine_tuned"}).
-    """
+    """`model.json`: the class names in the head's column order, the backbone's square input
+    side (px), `data.resize`, the temperature folded into the head (1.0: not calibrated), the
+    backbone's identity ({"name", "alpha", "weights", "weights_md5", "fine_tuned"})."""
 
     classes: list[str]
     image_size: int
@@ -107,15 +89,13 @@ class ModelCard:
     backbone: dict = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write it as sorted, indented JSON."""
         write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ModelCard:
         """The card at `path`. Raises StageInputError: missing or not the object train writes."""
         try:
-            data = read_json(path)
-            return cls(**data)
+            return cls(**read_json(path))
         except (OSError, ValueError, TypeError):
             raise StageInputError(
                 f"{path}: missing or not the model card train writes: rerun the train stage "
@@ -126,32 +106,15 @@ class ModelCard:
 def save_model_folder(
     folder: str | os.PathLike[str], head: Head, card: ModelCard, backbone: bytes
 ) -> None:
-    """Write `backbone` (a LiteRT flatbuffer), `head` and `card` into `folder` (which exists)."""
+    """Write the backbone's flatbuffer, `head` and `card` into the existing `folder`."""
     folder = Path(folder)
     (folder / BACKBONE_FILE).write_bytes(backbone)
     head.save(folder / HEAD_FILE)
     card.save(folder / CARD_FILE)
 
 
-def load_model_folder(folder: str | os.PathLike[str]) -> tuple[Head, ModelCard, Path]:
-    """(head, card, path of backbone.tflite) of a model folder.
-
-    Raises:
-        StageInputError: a file is missing or malformed (naming it and saying to rerun train).
-    """
-    folder = Path(folder)
-    backbone = folder / BACKBONE_FILE
-    if not backbone.is_file():
-        raise StageInputError(
-            f"No trained model at {folder} ({BACKBONE_FILE} missing): run the train stage "
-            "first (`dvc repro train` or `python -m pipeline.train`)."
-        )
-    return Head.load(folder / HEAD_FILE), ModelCard.load(folder / CARD_FILE), backbone
-
-
 def model_md5(folder: str | os.PathLike[str]) -> str | None:
-    """32 hex digits naming the model in `folder` (the md5 of its three files' md5s), None when
-    it holds no model. What the MLflow run that trained it is found by."""
+    """32 hex digits naming the model in `folder` (the md5 of its files' md5s); None: no model."""
     files = [Path(folder) / name for name in (BACKBONE_FILE, HEAD_FILE, CARD_FILE)]
     if not all(f.is_file() for f in files):
         return None
@@ -160,11 +123,8 @@ def model_md5(folder: str | os.PathLike[str]) -> str | None:
 
 
 def check_pixels(images: Any) -> np.ndarray:
-    """`images` (N, S, S, 3) as float32 when every value is a finite RGB value in 0..255.
-
-    Raises:
-        ValueError: NaN, infinite or out-of-range values (saying how many and which range).
-    """
+    """`images` (N, S, S, 3) as float32. Raises ValueError: values NaN, infinite or out of
+    0..255 (saying how many)."""
     array = np.asarray(images)
     if array.dtype.kind in "bu" or not array.size:  # bool / uint8 are in range by type
         return array.astype(np.float32)
@@ -180,19 +140,11 @@ def check_pixels(images: Any) -> np.ndarray:
 
 
 class Classifier:
-    """A model folder as a function on images: the LiteRT backbone (`ShardedTFLite`, built on
-    first use) then the head. The one runtime of evaluate, `pipeline.predict` and the served
-    MLflow model, so served probabilities come from the code that computed the training
-    features.
+    """A model folder as a function on images (the runtime of evaluate, predict and the served
+    model): the LiteRT backbone (`ShardedTFLite` on the backbone.tflite file or its bytes, with
+    `workers` interpreters, 0 = one per core; built on first use), then the head."""
 
-    Args:
-        head, card: the folder's `Head` and `ModelCard`.
-        backbone: the backbone.tflite file (or its bytes).
-        workers: interpreters (and threads); 0 = one per usable core.
-    """
-
-    #: Images per backbone call (bounds the memory of a large request).
-    BATCH = 32
+    BATCH = 32  # images per backbone call (bounds the memory of a large request)
 
     def __init__(
         self,
@@ -205,32 +157,34 @@ class Classifier:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], workers: int = 0) -> Classifier:
-        """The model in `folder` (see `load_model_folder` for the errors)."""
-        head, card, backbone = load_model_folder(folder)
+        """The model in `folder`. Raises StageInputError: a file missing, malformed or not of
+        the same model (saying to rerun train)."""
+        folder = Path(folder)
+        backbone = folder / BACKBONE_FILE
+        if not backbone.is_file():
+            raise StageInputError(
+                f"No trained model at {folder} ({BACKBONE_FILE} missing): run the train stage "
+                "first (`dvc repro train` or `python -m pipeline.train`)."
+            )
+        head, card = Head.load(folder / HEAD_FILE), ModelCard.load(folder / CARD_FILE)
         if head.kernel.shape[1] != len(card.classes):
             raise StageInputError(
-                f"{Path(folder) / HEAD_FILE} has {head.kernel.shape[1]} classes but "
-                f"{Path(folder) / CARD_FILE} names {len(card.classes)}: rerun the train stage."
+                f"{folder / HEAD_FILE} has {head.kernel.shape[1]} classes but "
+                f"{folder / CARD_FILE} names {len(card.classes)}: rerun the train stage."
             )
         return cls(head, card, backbone, workers)
 
     @property
     def classes(self) -> list[str]:
-        """The class names, in the probabilities' column order."""
         return list(self.card.classes)
 
     @property
     def image_size(self) -> int:
-        """The square input side S (px)."""
         return int(self.card.image_size)
 
     @cached_property
     def backbone(self) -> ShardedTFLite:
-        """The LiteRT backbone, loaded on first use (evaluate on cached features never needs it).
-
-        Raises:
-            StageInputError: it does not load, or does not give the head's feature width.
-        """
+        """Raises StageInputError: it does not load, or does not give the head's width."""
         try:
             backbone = ShardedTFLite(self.backbone_source, self.workers)
         except ValueError as exc:
@@ -243,8 +197,8 @@ class Classifier:
         return backbone
 
     def features(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
-        """float32 (N, D) backbone features of images (N, S, S, 3), RGB 0..255 (any real dtype;
-        memory-mapped arrays are read one batch at a time); of their mirror images with `flip`."""
+        """float32 (N, D) features of images (N, S, S, 3), RGB 0..255 (any real dtype; read one
+        batch at a time); of their mirror images with `flip`."""
         parts = [
             self.backbone(hflip(batch) if flip else batch)
             for batch in iter_batches(images, self.BATCH)
@@ -252,8 +206,8 @@ class Classifier:
         return np.concatenate(parts) if parts else np.zeros((0, self.head.kernel.shape[0]))
 
     def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
-        """float64 (N, C) class probabilities of images (N, S, S, 3), RGB 0..255; with `tta`,
-        averaged with those of the horizontally flipped images."""
+        """float64 (N, C) of images (N, S, S, 3), RGB 0..255; with `tta`, averaged with those of
+        the mirror images."""
         probs = self.head.probabilities(self.features(images))
         if tta:
             probs = (probs + self.head.probabilities(self.features(images, flip=True))) / 2
@@ -261,17 +215,12 @@ class Classifier:
 
 
 def hflip(images: np.ndarray) -> np.ndarray:
-    """`images` (N, H, W, C) mirrored left-right (a copy, same dtype): test-time augmentation
-    (`evaluate.tta`, `pipeline.predict --tta`)."""
+    """`images` (N, H, W, C) mirrored left-right (a copy, same dtype)."""
     return np.ascontiguousarray(np.asarray(images)[:, :, ::-1, :])
 
 
 def trained_classifier(models: str | os.PathLike[str], classes: list[str]) -> Classifier:
-    """The model in `models` once it was trained on `classes` (for evaluate and export).
-
-    Raises:
-        StageInputError: no model there, or one trained on other classes (say to rerun train).
-    """
+    """The model in `models`. Raises StageInputError: none, or trained on other classes."""
     classifier = Classifier.load(models)
     if classifier.classes != list(classes):
         raise StageInputError(

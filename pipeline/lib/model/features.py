@@ -1,18 +1,11 @@
-"""Backbone features, computed once with LiteRT: the expensive, unchanging part of frozen transfer
-learning, and the runtime every later stage and the served model run the backbone with.
+"""Backbone features, computed with LiteRT: the expensive, unchanging part of frozen transfer
+learning, and the backbone runtime (`ShardedTFLite`) of every later stage and the served model.
 
-The backbone (scaling + frozen MobileNetV2 + global pooling) runs as a LiteRT flatbuffer in
-`ShardedTFLite` (one single-threaded XNNPACK interpreter per core over shards of each batch):
-
-- converting the Keras graph takes tens of seconds, so the flatbuffer is cached on disk
-  (`tflite_cache_path`), keyed by a hash of what determines it, computed without TensorFlow
-  (`backbone_key`: the weights file's md5 or the init seed, alpha, image size, the TensorFlow and
-  Keras versions, the conversion settings, the source of `build.py` and of `convert_to_tflite`);
-  on a warm cache featurize imports neither TensorFlow nor Keras;
-- the conversion is deterministic (same extractor -> same flatbuffer bytes), and a cached file is
-  used only when its content hash (kept beside it) matches; so a warm cache only saves time;
-- the features do not depend on `featurize.batch_size` or `featurize.num_threads` either (checked
-  by tests/test_featurize.py), which is why these two are not DVC parameters.
+Converting the Keras extractor takes tens of seconds, so its deterministic flatbuffer is cached
+on disk (`tflite_cache_path`), keyed by `backbone_key`, computed without TensorFlow, and used only
+when its sha256 (kept beside it) matches: on a warm cache featurize imports neither TensorFlow nor
+Keras, and gives the same bytes. Features do not depend on `featurize.batch_size` or
+`featurize.num_threads` either (tests/test_featurize.py), so these are not DVC parameters.
 """
 
 from __future__ import annotations
@@ -48,41 +41,31 @@ log = logging.getLogger(__name__)
 CONVERSION = "tflite:float32:default-ops"
 #: The distributions whose versions are part of `backbone_key` (the converter and the model code).
 KEYED_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "keras")
-#: The file holding the features' identity (`feature_key`) in `paths.features`.
+#: In `paths.features`: the features' identity (`feature_key`), the flatbuffer that computed them.
 META_FILE = "meta.json"
-#: The exact flatbuffer the features were computed with, in `paths.features`.
 BACKBONE_FILE = "backbone.tflite"
 
 
-def default_cache_dir() -> Path:
-    """$TRUCK_CACHE_DIR, else $XDG_CACHE_HOME/truck-pipeline, else ~/.cache/truck-pipeline."""
-    base = os.environ.get("TRUCK_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "truck-pipeline"
-    )
-    return Path(base)
-
-
 def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> str:
-    """32 hex digits naming the converted feature extractor `build_feature_extractor(alpha,
-    weights, image_size, init_seed)` in the conversion cache, computed without importing
-    TensorFlow or Keras, from what determines it: the weights (the sha256 of the ImageNet file in
-    Keras' cache or of the user's file; the init seed when there are none), alpha, the image size,
-    the installed TensorFlow and Keras versions and Keras' dtype and layout settings,
-    `CONVERSION`, the source text of `pipeline/lib/model/build.py` and of `convert_to_tflite`
-    (a change to how the extractor is built or converted misses the old entries).
+    """32 hex digits naming the converted `build_feature_extractor(alpha, weights, image_size,
+    init_seed)`, computed without TensorFlow from what determines it: the weights file's md5 (or
+    the seed without weights), alpha, the size, the TensorFlow and Keras versions and Keras'
+    dtype/layout/backend settings, `CONVERSION`, build.py and `convert_to_tflite`'s source.
 
     Raises:
-        WeightsNotFoundError: `weights` is `imagenet` without the file in Keras' cache, or a
-            path that is not a file (`build.resolve_weights`).
+        WeightsNotFoundError: the weights file is not there (`build.resolve_weights`).
     """
     path = weights_file(weights, alpha, image_size)
     origin = "imagenet" if weights == "imagenet" else "file"
-    source = f"init_seed={int(init_seed)}" if path is None else f"{origin}:{md5_file(path)}"
+    versions = {}
+    for name in KEYED_DISTRIBUTIONS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
     parts = {
-        "weights": source,
+        "weights": f"init_seed={int(init_seed)}" if path is None else f"{origin}:{md5_file(path)}",
         "alpha": float(alpha),
         "image_size": int(image_size),
-        "versions": _distribution_versions(),
+        "versions": versions,
         "keras_settings": _keras_settings(build.keras_home()),
         "conversion": CONVERSION,
         "build_py": md5_file(build.__file__),
@@ -92,35 +75,17 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
 
 
 def weights_file(weights: str | None, alpha: float, image_size: int) -> Path | None:
-    """The backbone's weights file (the ImageNet file in Keras' cache, or the user's), None for
-    random weights.
-
-    Raises:
-        WeightsNotFoundError: the file is not there (`build.resolve_weights`).
-    """
+    """The backbone's weights file (ImageNet's in Keras' cache, or the user's); None: random.
+    Raises WeightsNotFoundError: the file is not there."""
     resolved = build.resolve_weights(weights, alpha, image_size)
-    if resolved is None:
-        return None
-    return (
-        build.imagenet_weights_path(alpha, image_size) if resolved == "imagenet" else Path(resolved)
-    )
-
-
-def _distribution_versions() -> dict[str, str | None]:
-    """{name: installed version or None} of `KEYED_DISTRIBUTIONS` (package metadata: no import)."""
-    versions: dict[str, str | None] = {}
-    for name in KEYED_DISTRIBUTIONS:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    if resolved == "imagenet":
+        return build.imagenet_weights_path(alpha, image_size)
+    return None if resolved is None else Path(resolved)
 
 
 def _keras_settings(home: Path) -> dict[str, str]:
-    """The Keras settings that change the built model (`floatx`, `image_data_format`, `backend`)
-    as Keras will read them: $KERAS_BACKEND, else `<home>/keras.json`, else Keras' defaults (which
-    it writes there on first import, so an absent and a default file give the same key)."""
+    """Keras' `floatx`, `image_data_format` and `backend` as it will read them: $KERAS_BACKEND,
+    else `<home>/keras.json`, else its defaults (which it writes there on first import)."""
     settings = {"floatx": "float32", "image_data_format": "channels_last", "backend": "tensorflow"}
     try:
         saved = json.loads((home / "keras.json").read_text())
@@ -134,43 +99,17 @@ def _keras_settings(home: Path) -> dict[str, str]:
 
 
 def tflite_cache_path(key: str, cache_dir: Path | None = None) -> Path:
-    """`<cache_dir>/tflite/<key>.tflite` (key: `backbone_key`; cache_dir: `default_cache_dir()`); its sha256 is kept in the same path with the suffix
-    `.sha256`."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    return cache_dir / "tflite" / f"{key}.tflite"
-
-
-def _cached_flatbuffer(path: Path) -> bytes | None:
-    """The cached flatbuffer at `path` if it is there and its content hash matches, else None."""
-    try:
-        flatbuffer = path.read_bytes()
-        expected = path.with_suffix(".sha256").read_text().strip()
-    except OSError:
-        return None
-    if hashlib.sha256(flatbuffer).hexdigest() != expected:
-        log.warning("Ignoring the cached TFLite backbone %s: its content hash does not match", path)
-        return None
-    return flatbuffer
-
-
-def _store_flatbuffer(path: Path, flatbuffer: bytes) -> None:
-    """Write `flatbuffer` and its sha256 atomically; a read-only cache only costs time."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for target, data in (
-            (path, flatbuffer),
-            (path.with_suffix(".sha256"), hashlib.sha256(flatbuffer).hexdigest().encode()),
-        ):
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-    except OSError as exc:
-        warnings.warn(f"could not cache the converted backbone at {path}: {exc}", stacklevel=3)
+    """`<cache_dir>/tflite/<key>.tflite` (its sha256 beside it, suffix `.sha256`); `cache_dir`
+    defaults to $TRUCK_CACHE_DIR, else $XDG_CACHE_HOME/truck-pipeline, else
+    ~/.cache/truck-pipeline."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    default = os.environ.get("TRUCK_CACHE_DIR") or os.path.join(xdg, "truck-pipeline")
+    return Path(cache_dir or default) / "tflite" / f"{key}.tflite"
 
 
 def convert_to_tflite(extractor: Any) -> bytes:
-    """The Keras model converted to a float32 TFLite flatbuffer (no optimizations). Deterministic:
-    the same model (config and weights) gives the same bytes, in any process."""
+    """The Keras model as a float32 TFLite flatbuffer (no optimizations); the same model gives
+    the same bytes in any process."""
     import tensorflow as tf  # only to convert: a warm cache never gets here
 
     converter = tf.lite.TFLiteConverter.from_keras_model(extractor)
@@ -186,20 +125,27 @@ def backbone_flatbuffer(
     cache_dir: Path | None = None,
 ) -> bytes:
     """The LiteRT flatbuffer of `build_feature_extractor(alpha, weights, image_size, init_seed)`:
-    from the conversion cache (`backbone_key`, no TensorFlow imported) when there and its content
-    hash matches; else the Keras extractor is built and converted now (tens of seconds) and cached.
-
-    Raises:
-        WeightsNotFoundError: the weights are not available offline or do not load.
-    """
+    the cached one (no TensorFlow) when its sha256 matches, else converted now and cached (a
+    read-only cache only costs time). Raises WeightsNotFoundError: the weights do not load."""
     path = tflite_cache_path(backbone_key(alpha, weights, image_size, init_seed), cache_dir)
-    flatbuffer = _cached_flatbuffer(path)
-    if flatbuffer is None:
-        extractor = build.build_feature_extractor(alpha, weights, image_size, init_seed)
-        start = time.perf_counter()
-        flatbuffer = convert_to_tflite(extractor)
-        log.info("Converted the backbone to TFLite in %.1f s", time.perf_counter() - start)
-        _store_flatbuffer(path, flatbuffer)
+    digest = path.with_suffix(".sha256")
+    with contextlib.suppress(OSError):
+        flatbuffer = path.read_bytes()
+        if hashlib.sha256(flatbuffer).hexdigest() == digest.read_text().strip():
+            return flatbuffer
+        log.warning("Ignoring the cached TFLite backbone %s: its content hash does not match", path)
+    extractor = build.build_feature_extractor(alpha, weights, image_size, init_seed)
+    start = time.perf_counter()
+    flatbuffer = convert_to_tflite(extractor)
+    log.info("Converted the backbone to TFLite in %.1f s", time.perf_counter() - start)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for target, data in ((path, flatbuffer), (digest, hashlib.sha256(flatbuffer).hexdigest())):
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
+            os.replace(tmp, target)
+    except OSError as exc:
+        warnings.warn(f"could not cache the converted backbone at {path}: {exc}", stacklevel=2)
     return flatbuffer
 
 
@@ -212,16 +158,10 @@ def usable_cores() -> int:
 
 
 class ShardedTFLite:
-    """The TFLite featurizer: `workers` single-threaded XNNPACK interpreters, each running one
-    image at a time over a contiguous shard of every batch, in threads (`invoke` releases the
-    GIL). Measured on 2 cores, MobileNetV2 224: batch 1 per single-threaded interpreter ran
-    1.5-2x the images per second of one 2-thread interpreter on batches of 32 (its activations
-    stay in cache), and the features are bit-identical in every layout (an image's output does
-    not depend on its batch or the interpreter's threads: tests/test_featurize.py).
-
-    Args:
-        flatbuffer: the converted extractor (`backbone_flatbuffer`), or its file's path.
-        workers: interpreters (and threads); None or 0 = `usable_cores()`.
+    """The backbone runtime: `workers` (0 or None: `usable_cores()`) single-threaded XNNPACK
+    interpreters over a flatbuffer (or its file), each running one image at a time over a
+    contiguous shard of every batch, in threads. On 2 cores that is 1.5-2x the images per second
+    of one 2-thread interpreter on batches of 32, and bit-identical to it in every layout.
 
     Calling it maps float32 (B, H, W, 3), 0..255 -> float32 (B, D); `feature_dim` is D.
     """
@@ -232,7 +172,8 @@ class ShardedTFLite:
         self.feature_dim = int(np.prod(self.runners[0].output["shape"][1:]))
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
-    def _run_shard(self, runner: TFLiteRunner, images: np.ndarray, out: np.ndarray) -> None:
+    @staticmethod
+    def _run_shard(runner: TFLiteRunner, images: np.ndarray, out: np.ndarray) -> None:
         for i in range(len(images)):
             out[i] = runner(images[i : i + 1])[0]
 
@@ -261,24 +202,19 @@ def backbone_featurizer(
     num_threads: int = 0,
     cache_dir: Path | None = None,
 ) -> tuple[ShardedTFLite, int]:
-    """(featurizer, D): `ShardedTFLite` (`num_threads` interpreters, 0 = one per core) over
-    `backbone_flatbuffer(...)`, and the features' width D (1280 for alpha <= 1)."""
-    sharded = ShardedTFLite(
-        backbone_flatbuffer(alpha, weights, image_size, init_seed, cache_dir), num_threads
-    )
+    """(`ShardedTFLite` of `num_threads` interpreters over `backbone_flatbuffer(...)`, its D)."""
+    flatbuffer = backbone_flatbuffer(alpha, weights, image_size, init_seed, cache_dir)
+    sharded = ShardedTFLite(flatbuffer, num_threads)
     return sharded, sharded.feature_dim
 
 
 def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Produce items in a background thread (reading the next batch while this one computes)."""
+    """The items of `iterator`, produced in a background thread (its exceptions re-raised here)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     errors: list[BaseException] = []
 
     def worker() -> None:
-        """Put every item of `iterator` on the queue, then the end marker; an exception is kept
-        for the consumer to re-raise.
-        """
         try:
             for item in iterator:
                 q.put(item)
@@ -323,45 +259,35 @@ def featurize_array(
 
 
 def feature_key(cfg: Any, prepared_md5: str) -> dict:
-    """What determines the features (kept in `meta.json` beside them): the prepared images (their
-    DVC md5), the backbone's configuration, the md5 of its weights file (a file changed in place
-    is another backbone: DVC only sees the `model.weights` string)."""
+    """What determines the features (in `meta.json`): the prepared images' DVC md5, the backbone's
+    settings and its weights file's md5 (None: no weights, or no file: then nothing matches; DVC
+    only sees the `model.weights` string, not a file changed in place)."""
+    try:
+        path = weights_file(cfg.model.weights, cfg.model.alpha, int(cfg.data.image_size))
+    except build.WeightsNotFoundError:
+        path = None
     return {
         "prepared_md5": prepared_md5,
         "model": cfg.model.name,
         "alpha": float(cfg.model.alpha),
         "weights": cfg.model.weights,
-        "weights_md5": _weights_md5(cfg),
+        "weights_md5": None if path is None else md5_file(path),
         "init_seed": cfg.model.init_seed if cfg.model.weights is None else None,
     }
 
 
-def _weights_md5(cfg: Any) -> str | None:
-    """The md5 of the backbone's weights file (None: no weights, or the file is not there, so
-    no cached features match and the model runs on the images)."""
-    try:
-        path = weights_file(cfg.model.weights, cfg.model.alpha, int(cfg.data.image_size))
-    except build.WeightsNotFoundError:
-        return None
-    return None if path is None else md5_file(path)
-
-
 def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] | None:
-    """{"train" | "val" | "test": float32 (N, D)} from `paths.features`, if `meta.json` there
-    says they were computed from these images with this backbone; else None (with a
-    warning when features of other inputs are there)."""
+    """{split: float32 (N, D)} from `paths.features` if its `meta.json` has this `feature_key`;
+    else None (with a warning when features of other inputs are there)."""
     folder = Path(cfg.paths.features)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
+    if not (folder / META_FILE).is_file():
         return None
-    meta = read_json(meta_path)
-    if meta.get("key") != feature_key(cfg, prepared_md5):
+    found, wanted = read_json(folder / META_FILE).get("key"), feature_key(cfg, prepared_md5)
+    if found != wanted:
         log.warning(
             "Cached features in %s were computed for %s, not for this run (%s); computing them "
             "in memory. Run the featurize stage to cache them.",
-            folder,
-            meta.get("key"),
-            feature_key(cfg, prepared_md5),
+            *(folder, found, wanted),
         )
         return None
     return {split: np.load(folder / f"{split}.npy") for split in SPLITS}

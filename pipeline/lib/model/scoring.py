@@ -1,11 +1,7 @@
-"""A split's probabilities by the trained model, computing each thing once, without TensorFlow.
-
-The model folder's backbone is `paths.features`/backbone.tflite itself when the backbone was
-frozen (train copies it): then featurize has already run it over the split's images, and the head
-on those cached features gives, bit for bit, what the `Classifier` would compute on the images.
-So the cached features are used when both flatbuffers have the same md5 and the features were
-computed from these prepared images (`meta.json`); otherwise (a fine-tuned backbone, stale or
-missing features) the model's backbone runs on the images.
+"""A split's probabilities by the trained model, computed once and without TensorFlow: the head on
+`paths.features` when the model's backbone.tflite is the featurized one (same md5: train copies it
+when the backbone is frozen) and the features come from these prepared images (`meta.json`); the
+model's backbone on the images otherwise (fine-tuned, stale or missing features).
 """
 
 from __future__ import annotations
@@ -26,9 +22,8 @@ log = logging.getLogger(__name__)
 def cached_features(
     features: str | Path, backbone: Path, prepared: str | Path, split: str
 ) -> np.ndarray | None:
-    """float32 (N, D) features of `split` in the folder `features` when its backbone.tflite is
-    the file `backbone` (same md5) and they were computed from the prepared images in
-    `prepared`; else None (with the reason in the log)."""
+    """float32 (N, D) features of `split` in `features` if computed by the file `backbone` from
+    the images in `prepared`; else None (the reason logged)."""
     folder = Path(features)
     cached = folder / BACKBONE_FILE
     if not cached.is_file() or md5_file(cached) != md5_file(backbone):
@@ -48,9 +43,8 @@ def split_probabilities(
     features_dir: str | Path,
     tta: bool = False,
 ) -> np.ndarray:
-    """float64 (N, C) probabilities of `split`'s images by `classifier` (see the module
-    docstring); with `tta`, averaged with those of the flipped images (which the backbone
-    computes: they have no cached features)."""
+    """float64 (N, C) probabilities of `split`'s images; with `tta`, averaged with those of the
+    flipped images (computed by the backbone: they have no cached features)."""
     images = dataset.images(split)
     backbone = classifier.backbone_source
     features = (
