@@ -29,7 +29,13 @@ from omegaconf import OmegaConf
 from sqlalchemy.engine import make_url
 
 from pipeline.lib.config.compose import load_params
-from pipeline.lib.config.schema import ConfigError, TrackingConfig, validate
+from pipeline.lib.config.schema import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_REGISTERED_MODEL,
+    ConfigError,
+    TrackingConfig,
+    validate,
+)
 from pipeline.lib.reporting.metrics import mcnemar_exact, paired_correct, significance_text
 from pipeline.lib.tracking import store
 from pipeline.lib.tracking.lineage import TAG_PARENT
@@ -67,9 +73,13 @@ def project_tracking(root: Path | None = None) -> TrackingConfig:
     """The `tracking` node of the project's params.yaml as the stages resolve it (`auto`: named
     after the data); the schema's (toy trucks) without the file. ConfigError when invalid."""
     path = (root or store.project_root()) / "params.yaml"
+    if not path.is_file():
+        defaults = TrackingConfig(
+            experiment=DEFAULT_EXPERIMENT, registered_model=DEFAULT_REGISTERED_MODEL
+        )
+        return OmegaConf.structured(defaults)  # type: ignore[return-value]
     try:
-        values = load_params(path)[0] if path.is_file() else {}
-        return validate(OmegaConf.create(values)).tracking
+        return validate(OmegaConf.create(load_params(path)[0])).tracking
     except ConfigError as exc:
         raise ConfigError(
             f"{path}: {exc} (or pass the store, experiment, model as options)"

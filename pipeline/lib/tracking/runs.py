@@ -113,8 +113,9 @@ def active_run(
     experiment_id: str | None = None,
 ) -> Iterator[Run]:
     """Start (or, with `run_id`, reopen) a run; end it FINISHED, FAILED or KILLED. SIGTERM (how
-    DVC and schedulers stop a job) raises KeyboardInterrupt while it is active (so: KILLED). A
-    store failure becomes a `TrackingError` naming `tracking.uri`."""
+    DVC and schedulers stop a job) raises KeyboardInterrupt while it is active (so: KILLED). The
+    run is tagged with this process (a run it leaves RUNNING is ended by the next step). A store
+    failure becomes a `TrackingError` naming `tracking.uri`."""
     if experiment_id is None:
         experiment_id = setup(tracking)
     previous = signal.getsignal(signal.SIGTERM)
@@ -128,7 +129,7 @@ def active_run(
                 run_id=run_id,
                 experiment_id=None if run_id else experiment_id,
                 run_name=run_name,
-                tags=tags,
+                tags=lineage.process_tags() | (tags or {}),
             )
         with _run_ends_on_error(tracking, f"during run {run.info.run_id}"):
             yield run
@@ -167,7 +168,7 @@ def stage_run(
         run_id, recovery = lineage.later_stage_run(client, experiment_id, cfg)
         name = lineage.run_name(cfg)
         if recovery is None:  # a reopened run keeps its own tags
-            run_tags = lineage.process_tags()
+            run_tags = {}
         else:
             run_tags = lineage.run_tags(cfg, stage) | recovery.tags(cfg)
             say = log.info if recovery.reused else log.warning
