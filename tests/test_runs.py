@@ -214,7 +214,7 @@ def test_the_same_model_bytes_are_registered_once_and_described(data, tmp_path, 
     first, second = sorted(runs_of(cfg.tracking.uri), key=lambda r: r.info.start_time)
     assert version.run_id == first.info.run_id and second.info.run_name == "again"
     said = [r.getMessage() for r in caplog.records if "not registered again" in r.getMessage()]
-    assert len(said) == 1 and f"version {version.version}" in said[0]
+    assert len(said) == 1 and f"version {version.version} (run {first.info.run_id})" in said[0]
     metrics = first.data.metrics
     assert version.description == (
         f"Data: synthetic toy trucks (prepared md5 {first.data.tags['dvc_prepared_md5']}). "

@@ -1,7 +1,7 @@
 """Compare runs: an experiment's runs (or a sweep's children) with key params and metrics, sorted
 by a metric. A reporting tool (plain argparse): nothing is written, a missing store is reported.
 
-    python -m pipeline.compare                # the project's experiment (params.yaml), by test_accuracy
+    python -m pipeline.compare                # params.yaml's experiment, by test_accuracy
     python -m pipeline.compare --parent <sweep run id> --sort final_val_accuracy
     python -m pipeline.compare --params train.C,train.label_smoothing --limit 5
     python -m pipeline.compare --format csv --output reports/runs.csv

@@ -101,8 +101,8 @@ def promote(
 ) -> ModelVersion:
     """Point `alias` at the READY version whose run has the best `metric` (highest, or lowest
     with `ascending`; ties: the alias' holder, else the newest) and return it. With `same_data`
-    only versions from the newest one's experiment and data (`DATA_TAG`) compete. `echo` (None: silent) gets what was
-    done and the alias' previous holder."""
+    only versions from the newest one's experiment and data (`DATA_TAG`) compete. `echo` (None:
+    silent) gets what was done and the alias' previous holder."""
     every = candidates(client, model_name, metric)
     ready = [c for c in every if c.version.status == "READY"]
     scored = [c for c in ready if c.value is not None]

@@ -41,7 +41,6 @@ from pipeline.lib.tracking.store import (
     apply_http_settings,
     as_tracking_error,
     check_reachable,
-    first_line,
     open_store,
 )
 from pipeline.lib.tracking.sweep import sweep_job
@@ -73,11 +72,9 @@ def _end_run(status: str) -> str:
         return ""
     try:
         mlflow.end_run(status)  # leaves no active run behind, even when it raises
-    except Exception as exc:  # noqa: BLE001
-        return (
-            f"run {run.info.run_id} could not be marked {status} ({first_line(exc)}): "
-            "the next step on this store ends it"
-        )
+    except Exception:  # noqa: BLE001  (the store's failure is what the caller reports)
+        run_id = run.info.run_id
+        return f"run {run_id} could not be marked {status}: the next step on this store ends it"
     return ""
 
 
@@ -219,12 +216,9 @@ def register_model(
     if md5 and (
         same := client.search_model_versions(query + f"tags.`{lineage.TAG_MODEL_MD5}` = '{md5}'")
     ):
+        version, other = same[0].version, same[0].run_id
         log.info(
-            "The model of run %s is %s version %s already (same bytes, run %s): not registered again",
-            run_id,
-            name,
-            same[0].version,
-            same[0].run_id,
+            "Same model bytes as %s version %s (run %s): not registered again", name, version, other
         )
         return None
     logged = client.search_logged_models(
