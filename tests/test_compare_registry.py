@@ -41,8 +41,14 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("compare")
     prepare(tiny_config(tmp))
     featurize(tiny_config(tmp))
+    # random-weight features are all alike, so every head would be the same bytes (registered
+    # once): each run trains on its own noise added to them, three different models
+    features = tmp / "data" / "features" / "train.npy"
+    alike = np.load(features)
     run_ids = []
     for i, (c, smoothing) in enumerate(SETTINGS):
+        noise = np.random.default_rng(i).normal(0, 1, alike.shape)
+        np.save(features, (alike + noise).astype(alike.dtype))
         cfg = tiny_config(
             tmp,
             **{"train.C": c, "train.label_smoothing": smoothing, "tracking.run_name": f"run-{i}"},

@@ -197,3 +197,28 @@ def test_queued_experiments_log_into_the_projects_store(tmp_path):
         assert {"final_val_accuracy", "test_accuracy"} <= set(run.data.metrics)
     assert {r.data.params["train.C"] for r in runs} == {"0.1", "1", "10"}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_the_same_model_bytes_are_registered_once_and_described(data, tmp_path, caplog):
+    """Two runs that train the same bytes (L-BFGS is deterministic): one version, said once;
+    the version says which data, test accuracy with its interval, and run."""
+    cfg = tiny_config(tmp_path, **data)
+    train(cfg)
+    evaluate(cfg)
+    again = tiny_config(tmp_path, **data, **{"tracking.run_name": "again"})
+    train(again)
+    with caplog.at_level("INFO"):
+        evaluate(again)
+    client = mlflow.MlflowClient(cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    [version] = client.search_model_versions()
+    first, second = sorted(runs_of(cfg.tracking.uri), key=lambda r: r.info.start_time)
+    assert version.run_id == first.info.run_id and second.info.run_name == "again"
+    said = [r.getMessage() for r in caplog.records if "not registered again" in r.getMessage()]
+    assert len(said) == 1 and f"version {version.version} (run {first.info.run_id})" in said[0]
+    metrics = first.data.metrics
+    assert version.description == (
+        f"Data: synthetic toy trucks (prepared md5 {first.data.tags['dvc_prepared_md5']}). "
+        f"Test accuracy {metrics['test_accuracy']:.4f} (95 % interval "
+        f"{metrics['test_ci_low']:.4f}-{metrics['test_ci_high']:.4f}). "
+        f"Run {first.info.run_name} ({first.info.run_id})."
+    )

@@ -1,7 +1,7 @@
 """Compare runs: an experiment's runs (or a sweep's children) with key params and metrics, sorted
 by a metric. A reporting tool (plain argparse): nothing is written, a missing store is reported.
 
-    python -m pipeline.compare                                   # toy-trucks, by test_accuracy
+    python -m pipeline.compare                # params.yaml's experiment, by test_accuracy
     python -m pipeline.compare --parent <sweep run id> --sort final_val_accuracy
     python -m pipeline.compare --params train.C,train.label_smoothing --limit 5
     python -m pipeline.compare --format csv --output reports/runs.csv
@@ -25,9 +25,17 @@ import pandas as pd
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
 from sqlalchemy.engine import make_url
 
-from pipeline.lib.config.schema import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from pipeline.lib.config.compose import load_params
+from pipeline.lib.config.schema import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_REGISTERED_MODEL,
+    ConfigError,
+    TrackingConfig,
+    validate,
+)
 from pipeline.lib.reporting.metrics import mcnemar_exact, paired_correct, significance_text
 from pipeline.lib.tracking import store
 from pipeline.lib.tracking.lineage import TAG_PARENT
@@ -54,6 +62,36 @@ _RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 
 class StoreError(RuntimeError):
     """The tracking store, experiment, run or model asked for does not exist or cannot be read."""
+
+
+#: Option -> the `tracking` key it defaults to in the project's params.yaml.
+TRACKING_KEYS = {"tracking_uri": "uri", "experiment": "experiment", "model": "registered_model"}
+FROM_PARAMS = "default: params.yaml's tracking.{}, as the stages resolve it"
+
+
+def project_tracking(root: Path | None = None) -> TrackingConfig:
+    """The `tracking` node of the project's params.yaml as the stages resolve it (`auto`: named
+    after the data); the schema's (toy trucks) without the file. ConfigError when invalid."""
+    path = (root or store.project_root()) / "params.yaml"
+    if not path.is_file():
+        defaults = TrackingConfig(
+            experiment=DEFAULT_EXPERIMENT, registered_model=DEFAULT_REGISTERED_MODEL
+        )
+        return OmegaConf.structured(defaults)  # type: ignore[return-value]
+    try:
+        return validate(OmegaConf.create(load_params(path)[0])).tracking
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{path}: {exc} (or pass the store, experiment, model as options)"
+        ) from None
+
+
+def fill_from_params(args: argparse.Namespace) -> None:
+    """The options of `TRACKING_KEYS` left out (None) from `project_tracking`."""
+    if missing := [o for o in TRACKING_KEYS if getattr(args, o, "") is None]:
+        tracking = project_tracking()
+        for option in missing:
+            setattr(args, option, tracking[TRACKING_KEYS[option]])
 
 
 def check_store(tracking_uri: str) -> None:
@@ -235,9 +273,9 @@ def parser() -> argparse.ArgumentParser:
         description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "
         "validation/test accuracy, macro F1 and duration, sorted by a metric.",
     )
-    uri, experiment, params = DEFAULT_TRACKING_URI, DEFAULT_EXPERIMENT, ",".join(DEFAULT_PARAMS)
-    p.add_argument("--tracking-uri", default=uri, help=f"MLflow store (default {uri})")
-    p.add_argument("--experiment", default=experiment, help=f"experiment (default {experiment})")
+    params = ",".join(DEFAULT_PARAMS)
+    p.add_argument("--tracking-uri", help="MLflow store (" + FROM_PARAMS.format("uri") + ")")
+    p.add_argument("--experiment", help="experiment (" + FROM_PARAMS.format("experiment") + ")")
     p.add_argument("--parent", metavar="RUN_ID", help="only this sweep run's children (id prefix)")
     p.add_argument("--params", default=params, help=f"comma-separated params (default: {params})")
     p.add_argument("--sort", default=DEFAULT_SORT, metavar="METRIC", help="best first by this")
@@ -259,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     params = [item.strip() for item in args.params.split(",") if item.strip()]
     try:
+        fill_from_params(args)
         client = open_client(args.tracking_uri)
         if args.mcnemar:
             print(mcnemar_runs(client, args.experiment, *args.mcnemar))
@@ -266,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         df = runs_table(
             client, args.experiment, args.parent, params, args.sort, args.ascending, args.limit
         )
-    except (StoreError, ValueError) as exc:
+    except (StoreError, ValueError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MlflowException as exc:

@@ -5,7 +5,8 @@
     python -m pipeline.registry promote --metric final_val_accuracy --alias challenger
     python -m pipeline.registry list
 
-Then `mlflow.pyfunc.load_model("models:/toy-truck-classifier@champion")` serves the champion.
+The model, store (and metric) default to the project's params.yaml (`tracking.registered_model`,
+as the stages resolve it); `mlflow.pyfunc.load_model("models:/<model>@champion")` serves it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipeline.lib.config.schema import DEFAULT_REGISTERED_MODEL, DEFAULT_TRACKING_URI
-from pipeline.lib.tracking.compare import FORMATS, StoreError, open_client, render
+from pipeline.lib.config.schema import ConfigError
+from pipeline.lib.tracking.compare import (
+    FORMATS,
+    FROM_PARAMS,
+    StoreError,
+    fill_from_params,
+    open_client,
+    render,
+)
 
 #: Run tag of the prepared data's DVC hash: versions compete only with the same data's.
 DATA_TAG = "dvc_prepared_md5"
@@ -92,9 +100,9 @@ def promote(
     same_data: bool = True,
 ) -> ModelVersion:
     """Point `alias` at the READY version whose run has the best `metric` (highest, or lowest
-    with `ascending`; ties: the newest) and return it. With `same_data` only versions from the
-    newest one's experiment and data (`DATA_TAG`) compete. `echo` (None: silent) gets what was
-    done and the alias' previous holder."""
+    with `ascending`; ties: the alias' holder, else the newest) and return it. With `same_data`
+    only versions from the newest one's experiment and data (`DATA_TAG`) compete. `echo` (None:
+    silent) gets what was done and the alias' previous holder."""
     every = candidates(client, model_name, metric)
     ready = [c for c in every if c.version.status == "READY"]
     scored = [c for c in ready if c.value is not None]
@@ -107,12 +115,14 @@ def promote(
     if same_data:  # newest first
         scored = [c for c in scored if c.origin() == scored[0].origin()]
     left_out = competing - len(scored)
-    sign = -1 if ascending else 1
-    best = max(scored, key=lambda c: (sign * (c.value or 0.0), c.number))
     try:
-        previous = client.get_model_version_by_alias(model_name, alias)
+        previous: int | None = int(client.get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
         previous = None
+    sign = -1 if ascending else 1
+    top = max(sign * (c.value or 0.0) for c in scored)
+    tied = [c for c in scored if sign * (c.value or 0.0) == top]  # newest first
+    best = next((c for c in tied if c.number == previous), tied[0])  # a tie keeps the holder
     client.set_registered_model_alias(model_name, alias, best.version.version)
     promoted = client.get_model_version(model_name, best.version.version)
     if echo is None:
@@ -127,14 +137,17 @@ def promote(
             f"{left_out} version(s) with {metric} left out: another experiment or other "
             f"data ({DATA_TAG}) than the newest version (--any-data to compare them all)."
         )
-    if previous is None or int(previous.version) == best.number:
-        echo(f"There was no @{alias} before." if previous is None else f"It already was @{alias}.")
+    if previous is None or previous == best.number:
+        ties = f" ({len(tied) - 1} other version(s) tie with it: kept)" if len(tied) > 1 else ""
+        echo(
+            f"There was no @{alias} before."
+            if previous is None
+            else f"It already was @{alias}{ties}."
+        )
         return promoted
-    before = next((c.value for c in every if c.number == int(previous.version)), None)
-    shown = "not recorded" if before is None else f"{before:.6g}"
-    echo(
-        f"Previous @{alias}: version {previous.version} (run {previous.run_id}, {metric}={shown})."
-    )
+    holder = next(c for c in every if c.number == previous)
+    shown = "not recorded" if holder.value is None else f"{holder.value:.6g}"
+    echo(f"Previous @{alias}: version {previous} (run {holder.version.run_id}, {metric}={shown}).")
     return promoted
 
 
@@ -159,9 +172,11 @@ def versions_table(
 def parser() -> argparse.ArgumentParser:
     """The command-line parser of `python -m pipeline.registry` (`promote`, `list`)."""
     common = argparse.ArgumentParser(add_help=False)
-    uri, model, metric = DEFAULT_TRACKING_URI, DEFAULT_REGISTERED_MODEL, DEFAULT_METRIC
-    common.add_argument("--tracking-uri", default=uri, help=f"MLflow store (default {uri})")
-    common.add_argument("--model", default=model, help=f"registered model (default {model})")
+    metric = DEFAULT_METRIC
+    common.add_argument("--tracking-uri", help="MLflow store (" + FROM_PARAMS.format("uri") + ")")
+    common.add_argument(
+        "--model", help="registered model (" + FROM_PARAMS.format("registered_model") + ")"
+    )
     common.add_argument("--metric", default=metric, help=f"run metric (default {metric})")
     p = argparse.ArgumentParser(
         prog="python -m pipeline.registry",
@@ -187,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Promote the best version or list them; exit status 0, or 2 after a one-line error."""
     args = parser().parse_args(argv)
     try:
+        fill_from_params(args)
+        if not args.model:
+            raise StoreError("tracking.registered_model is null in params.yaml: pass --model")
         client = open_client(args.tracking_uri)
         if args.command == "promote":
             promote(
@@ -199,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             sys.stdout.write(render(versions_table(client, args.model, args.metric), args.format))
-    except StoreError as exc:
+    except (StoreError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MlflowException as exc:

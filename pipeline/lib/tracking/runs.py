@@ -11,6 +11,7 @@ one-line `TrackingError`s (see `store`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -25,6 +26,7 @@ import mlflow
 import pandas as pd
 from mlflow.entities import Metric, Run
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, Map, Schema
 from omegaconf import OmegaConf
@@ -39,7 +41,6 @@ from pipeline.lib.tracking.store import (
     apply_http_settings,
     as_tracking_error,
     check_reachable,
-    first_line,
     open_store,
 )
 from pipeline.lib.tracking.sweep import sweep_job
@@ -64,14 +65,17 @@ def setup(tracking: TrackingConfig) -> str:
     return open_store(tracking)[1]
 
 
-def _end_run(status: str) -> None:
-    """End the active run (if any) with `status`; a store that cannot take it is only logged."""
-    if mlflow.active_run() is None:
-        return
+def _end_run(status: str) -> str:
+    """End the active run (if any) with `status`; '' or why it could not be (it stays RUNNING
+    until the next step on this store ends it: `lineage.end_dead_runs`)."""
+    if (run := mlflow.active_run()) is None:
+        return ""
     try:
         mlflow.end_run(status)  # leaves no active run behind, even when it raises
-    except Exception as exc:  # noqa: BLE001
-        log.warning("Could not mark the MLflow run %s: %s", status, first_line(exc))
+    except Exception:  # noqa: BLE001  (the store's failure is what the caller reports)
+        run_id = run.info.run_id
+        return f"run {run_id} could not be marked {status}: the next step on this store ends it"
+    return ""
 
 
 @contextmanager
@@ -81,12 +85,15 @@ def _run_ends_on_error(tracking: TrackingConfig, what: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        _end_run("KILLED")
+        if note := _end_run("KILLED"):
+            log.warning("%s", note)
         raise
     except BaseException as exc:
-        _end_run("FAILED")
+        note = _end_run("FAILED")
         if error := as_tracking_error(tracking, exc, what):
-            raise error from None
+            raise TrackingError(f"{error} ({note})" if note else str(error)) from None
+        if note:
+            log.warning("%s", note)
         raise
 
 
@@ -103,8 +110,9 @@ def active_run(
     experiment_id: str | None = None,
 ) -> Iterator[Run]:
     """Start (or, with `run_id`, reopen) a run; end it FINISHED, FAILED or KILLED. SIGTERM (how
-    DVC and schedulers stop a job) raises KeyboardInterrupt while it is active (so: KILLED). A
-    store failure becomes a `TrackingError` naming `tracking.uri`."""
+    DVC and schedulers stop a job) raises KeyboardInterrupt while it is active (so: KILLED). The
+    run is tagged with this process (a run it leaves RUNNING is ended by the next step). A store
+    failure becomes a `TrackingError` naming `tracking.uri`."""
     if experiment_id is None:
         experiment_id = setup(tracking)
     previous = signal.getsignal(signal.SIGTERM)
@@ -118,7 +126,7 @@ def active_run(
                 run_id=run_id,
                 experiment_id=None if run_id else experiment_id,
                 run_name=run_name,
-                tags=tags,
+                tags=lineage.process_tags() | (tags or {}),
             )
         with _run_ends_on_error(tracking, f"during run {run.info.run_id}"):
             yield run
@@ -157,7 +165,7 @@ def stage_run(
         run_id, recovery = lineage.later_stage_run(client, experiment_id, cfg)
         name = lineage.run_name(cfg)
         if recovery is None:  # a reopened run keeps its own tags
-            run_tags = lineage.process_tags()
+            run_tags = {}
         else:
             run_tags = lineage.run_tags(cfg, stage) | recovery.tags(cfg)
             say = log.info if recovery.reused else log.warning
@@ -171,7 +179,7 @@ def stage_run(
         if stage == "train" and (md5 := lineage.model_md5(cfg.paths.models)):
             mlflow.set_tag(lineage.TAG_MODEL_MD5, md5)  # how later stages find it without run_file
         elif stage == "evaluate":
-            register_model(client, cfg.tracking.registered_model, run.info.run_id, experiment_id)
+            register_model(client, cfg, run.info.run_id, experiment_id)
 
 
 def log_recovered(cfg: Config) -> None:
@@ -191,15 +199,27 @@ def log_recovered(cfg: Config) -> None:
 
 
 def register_model(
-    client: mlflow.MlflowClient, registered_model: str, run_id: str, experiment_id: str
+    client: mlflow.MlflowClient, cfg: Config, run_id: str, experiment_id: str
 ) -> ModelVersion | None:
-    """Register run `run_id`'s logged model as a new version of `registered_model` once the run
-    has `TEST_METRIC`, once per run; None when there is nothing (more) to register."""
-    name = registered_model
-    if not name or TEST_METRIC not in client.get_run(run_id).data.metrics:
+    """Register run `run_id`'s logged model as a version of `tracking.registered_model` once the
+    run has `TEST_METRIC`, tagged with its bytes' md5 and described (data, test accuracy and
+    interval, run). None when there is nothing new: no name, metric or model, the run already
+    registered, or the same bytes already a version (said once)."""
+    name, run = cfg.tracking.registered_model, client.get_run(run_id)
+    metrics, md5 = run.data.metrics, lineage.model_md5(cfg.paths.models)
+    if not name or TEST_METRIC not in metrics:
         return None
     quoted = name.replace("'", "\\'")
-    if client.search_model_versions(f"name = '{quoted}' and run_id = '{run_id}'"):
+    query = f"name = '{quoted}' and "
+    if client.search_model_versions(query + f"run_id = '{run_id}'"):
+        return None
+    if md5 and (
+        same := client.search_model_versions(query + f"tags.`{lineage.TAG_MODEL_MD5}` = '{md5}'")
+    ):
+        version, other = same[0].version, same[0].run_id
+        log.info(
+            "Same model bytes as %s version %s (run %s): not registered again", name, version, other
+        )
         return None
     logged = client.search_logged_models(
         experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
@@ -207,7 +227,22 @@ def register_model(
     if not logged:
         log.info("MLflow run %s logged no model: not registered as %r", run_id, name)
         return None
-    version = mlflow.register_model(f"models:/{logged[0].model_id}", name)
+    with suppress(MlflowException):
+        client.create_registered_model(name)  # it may exist
+    data = "synthetic toy trucks" if cfg.data.source == "synthetic" else f"photos {cfg.data.path}"
+    if prepared := run.data.tags.get("dvc_prepared_md5"):
+        data += f" (prepared md5 {prepared})"
+    low, high = metrics.get("test_ci_low", math.nan), metrics.get("test_ci_high", math.nan)
+    version = client.create_model_version(
+        name,
+        f"models:/{logged[0].model_id}",
+        run_id,
+        tags={lineage.TAG_MODEL_MD5: md5} if md5 else None,
+        description=f"Data: {data}. "
+        f"Test accuracy {metrics[TEST_METRIC]:.4f} (95 % interval {low:.4f}-{high:.4f}). "
+        f"Run {run.info.run_name} ({run_id}).",
+        model_id=logged[0].model_id,
+    )
     log.info("Registered the model of run %s as %s version %s", run_id, name, version.version)
     return version
 

@@ -44,6 +44,15 @@ class TrackingError(UserError, RuntimeError):
     """The MLflow store cannot be used (one line: the store, the cause, what to do)."""
 
 
+#: MLflow loggers that print a store failure's traceback before MLflow raises it, which the
+#: pipeline reports as one `TrackingError` line: silenced once a process opens a store.
+STORE_LOGGERS = ("mlflow.store.db.utils",)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
 def is_remote(uri: str) -> bool:
     """An MLflow tracking server (HTTP), not a local store."""
     return uri.startswith(("http://", "https://"))
@@ -209,6 +218,8 @@ def open_client(uri: str) -> MlflowClient:
     `TrackingError` when the store cannot be opened (read-only, not a database, a folder)."""
     import mlflow
 
+    for name in STORE_LOGGERS:  # the same filter is added once
+        logging.getLogger(name).addFilter(_below_error)
     resolved = resolve_uri(uri)
     client = _SWEEP_CLIENTS.get(resolved) if in_multirun() else None
     client = client or _opened_client(uri, resolved, store_file(uri))

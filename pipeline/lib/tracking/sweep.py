@@ -12,8 +12,9 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -30,7 +31,13 @@ from pipeline.lib.config.schema import (
 from pipeline.lib.tracking.lineage import TAG_PARENT, end_dead_runs, process_tags
 from pipeline.lib.tracking.store import TrackingError, first_line, open_client, open_store
 
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
 PARENT_FILE = "mlflow_parent.json"
+VAL_LOSS = "final_val_loss"
+#: The Optuna sweeper's logger: its "Best parameters/value" lines repeat the callback's one line.
+OPTUNA_LOGGER = "hydra_plugins.hydra_optuna_sweeper._impl"
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,21 @@ def tracking_config(config: DictConfig) -> TrackingConfig:
     return tracking  # type: ignore[return-value]  (a structured DictConfig of TrackingConfig)
 
 
+def best_run(runs: list[Run], metric: str, maximize: bool = True) -> Run | None:
+    """The run with the best `metric` (all have it); ties: the lowest `VAL_LOSS` (missing: last),
+    then the first. None for no runs."""
+    sign = 1 if maximize else -1
+    return max(
+        runs,
+        key=lambda r: (sign * r.data.metrics[metric], -r.data.metrics.get(VAL_LOSS, math.inf)),
+        default=None,
+    )
+
+
+def _not_best(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Best ")
+
+
 class MlflowSweepCallback(Callback):
     """Parent run per sweep; best child reported at the end."""
 
@@ -82,6 +104,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Open the store (once for all jobs), start the parent run, record it in the sweep
         folder: taken over when its recorded parent has ended, an error while it is RUNNING."""
+        logging.getLogger(OPTUNA_LOGGER).addFilter(_not_best)
         tracking = tracking_config(config)
         client, experiment_id = open_store(tracking)
         end_dead_runs(client, [experiment_id])
@@ -118,7 +141,7 @@ class MlflowSweepCallback(Callback):
         log.info("Sweep parent MLflow run %s (%s, %s)", run.info.run_id, tracking.experiment, uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Tag the best finished child (by `metric`) on the parent and end it (FAILED when a child
+        """Tag the best finished child (`best_run`) on the parent and end it (FAILED when a child
         did not finish or none has the metric)."""
         parent_id = read_parent_run_id(config.hydra.sweep.dir)
         if parent_id is None or self._open_parent is None or self._open_parent[0] != parent_id:
@@ -131,8 +154,7 @@ class MlflowSweepCallback(Callback):
         scored = [
             r for r in children if r.info.status == "FINISHED" and self.metric in r.data.metrics
         ]
-        sign = 1 if self.maximize else -1
-        best = max(scored, key=lambda r: sign * r.data.metrics[self.metric], default=None)
+        best = best_run(scored, self.metric, self.maximize)
         if best is not None:
             value = best.data.metrics[self.metric]
             run_id, name = best.info.run_id, best.info.run_name
