@@ -281,6 +281,9 @@ def test_gallery_titles_are_green_when_right_and_red_when_wrong():
         assert to_rgb(bars[true_index].get_edgecolor()) == (0, 0, 0)
         assert ax_bar.get_yticklabels()[true_index].get_fontweight() == "bold"
     assert "2 of 4 right" in fig._suptitle.get_text()
+    heading = "4 of 9 test images, 2 of them mistakes (mistakes chosen first: 3 in all)"
+    titled = figures.gallery_figure(images, probabilities, labels, CLASSES, heading=heading)
+    assert titled._suptitle.get_text() == heading
 
 
 def test_gallery_png_with_memmap_and_max_images(tmp_path):
