@@ -96,18 +96,11 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             "reports",
         )
     remote = is_remote(cfg.tracking.uri)
+    url = f"{cfg.tracking.uri.rstrip('/') if remote else LOCAL_UI}/#/experiments/"
     log.info(
-        "Test accuracy %.4f (95 %% interval %.4f-%.4f) on %d images; report: %s\n"
-        "MLflow run: %s/#/experiments/%s/runs/%s%s",
-        t["accuracy"],
-        t["ci_low"],
-        t["ci_high"],
-        len(probs),
-        report,
-        cfg.tracking.uri.rstrip("/") if remote else LOCAL_UI,
-        run.info.experiment_id,
-        run.info.run_id,
-        "" if remote else " (`make ui` serves it)",
+        f"Test accuracy {t['accuracy']:.4f} (95 % interval {t['ci_low']:.4f}-{t['ci_high']:.4f}) "
+        f"on {len(probs)} images; report: {report}\nMLflow run: {url}"
+        f"{run.info.experiment_id}/runs/{run.info.run_id}{'' if remote else ' (`make ui` serves it)'}"
     )
     return metrics
 

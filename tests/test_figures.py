@@ -347,3 +347,17 @@ def test_module_does_not_use_pyplot():
     source = Path(figures.__file__).read_text(encoding="utf-8")
     assert "import matplotlib.pyplot" not in source
     assert "from matplotlib import pyplot" not in source
+
+
+def test_reliability_diagram_has_every_colour_in_its_legend():
+    from matplotlib.colors import to_rgb
+
+    from pipeline.lib.reporting.metrics import reliability_bins
+
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
+    ax = figures.reliability_figure(reliability_bins(probs, np.array([0, 1, 1, 1]))).axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels == ["perfect calibration", "accuracy", "gap to mean confidence"]
+    legend = {to_rgb(h.patches[0].get_facecolor()) for h in handles[1:]}
+    drawn = {to_rgb(bar.get_facecolor()) for bar in ax.patches}
+    assert drawn == legend and len(drawn) == 2

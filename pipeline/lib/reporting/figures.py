@@ -390,9 +390,14 @@ class ReliabilityData(Protocol):
 
 
 def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
-    """Write a reliability diagram (Guo et al. 2017) to `path`: per confidence bin, the accuracy
-    as a bar against the diagonal of perfect calibration, the gap to the mean confidence shaded,
-    the image count above; the ECE in the title; empty bins blank."""
+    """Write `reliability_figure(bins)` to `path`."""
+    return _save(reliability_figure(bins), path)
+
+
+def reliability_figure(bins: ReliabilityData) -> Figure:
+    """A reliability diagram (Guo et al. 2017): per confidence bin, the accuracy as a bar against
+    the diagonal of perfect calibration, the gap to the mean confidence shaded, the image count
+    above; the ECE in the title; empty bins blank; every colour in the legend."""
     edges = np.asarray(bins.edges, dtype=float)
     count = np.asarray(bins.count)
     acc = np.nan_to_num(np.asarray(bins.accuracy, dtype=float))
@@ -413,4 +418,4 @@ def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
     bins_text = f"{len(width)} bins, {int(count.sum())} images"
     ax.set_title(f"Reliability diagram: ECE {ece:.4f} ({bins_text})")
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return fig
