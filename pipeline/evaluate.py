@@ -9,6 +9,7 @@ gallery; add them to the pipeline run's MLflow run (the one `train` started). No
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.class_names import class_key
 from pipeline.lib.data.prepared import open_prepared
-from pipeline.lib.model.classifier import trained_classifier
+from pipeline.lib.model.classifier import model_md5, trained_classifier
 from pipeline.lib.model.scoring import split_probabilities
 from pipeline.lib.reporting.evaluation import (
     FIGURES_DIR,
@@ -35,6 +36,11 @@ from pipeline.lib.reporting.evaluation import (
 )
 from pipeline.lib.reporting.metrics import Predictions
 from pipeline.lib.tracking import runs
+from pipeline.lib.tracking.lineage import git_commit
+from pipeline.lib.tracking.store import is_remote
+
+#: Where `make ui` serves the MLflow UI of a local store.
+LOCAL_UI = "http://127.0.0.1:5000"
 
 log = logging.getLogger(__name__)
 
@@ -62,41 +68,41 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     figures = write_figures(
         ev, reports / FIGURES_DIR, cfg.evaluate.gallery_size, cfg.evaluate.gallery_columns
     )
-    write_html_report(ev, reports, metrics, cfg.evaluate.report_images_per_cell)
-    log.info(
-        "Test accuracy %.4f, macro F1 %.4f on %d images\n%s",
-        metrics[SPLIT]["accuracy"],
-        metrics[SPLIT]["macro_f1"],
-        len(probs),
-        report_text,
+    # the DVC output stays reproducible: the run and commit go into the MLflow run's copy only
+    source = {"data": " ".join(filter(None, [cfg.data.source, cfg.data.path]))}
+    source["model"] = f"{cfg.paths.models} (md5 {model_md5(cfg.paths.models)})"
+    report = reports / REPORT_HTML
+    cells = cfg.evaluate.report_images_per_cell
+    write_html_report(
+        ev, report, metrics, cells, source | {"MLflow run, git commit": "see the run's copy"}
     )
+    log.info("Test split: %d images\n%s", len(probs), report_text)
 
-    with runs.stage_run(cfg, "evaluate"):  # README: "How runs are recorded"
+    with runs.stage_run(cfg, "evaluate") as run, tempfile.TemporaryDirectory() as tmp:
         t = metrics["test"]
         flat = {f"test_{k}": float(v) for k, v in t.items()}  # accuracy, ci_low/high, F1, ece
         per_class = per_class_metrics(ev)
         flat["test_weighted_f1"] = float(per_class["weighted_f1"])
         for kind in ("precision", "recall", "f1"):
-            flat |= {f"test_{kind}_{_metric_name(c)}": v for c, v in per_class[kind].items()}
+            flat |= {f"test_{kind}_{class_key(c)}": v for c, v in per_class[kind].items()}
         mlflow.set_tag("evaluate_tta", str(bool(cfg.evaluate.tta)).lower())
         mlflow.log_metrics(flat)
         runs.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
+        tables = ["metrics.json", "classification_report.json", "classification_report.txt"]
+        runs.log_files([reports / name for name in [*tables, "predictions.csv"]], "reports")
+        origin = {"MLflow run": run.info.run_id, "git commit": git_commit() or "unknown"}
         runs.log_files(
-            [
-                reports / "metrics.json",
-                reports / "classification_report.json",
-                reports / "classification_report.txt",
-                reports / "predictions.csv",
-                reports / REPORT_HTML,
-            ],
+            [write_html_report(ev, Path(tmp, REPORT_HTML), metrics, cells, origin | source)],
             "reports",
         )
+    remote = is_remote(cfg.tracking.uri)
+    url = f"{cfg.tracking.uri.rstrip('/') if remote else LOCAL_UI}/#/experiments/"
+    log.info(
+        f"Test accuracy {t['accuracy']:.4f} (95 % interval {t['ci_low']:.4f}-{t['ci_high']:.4f}) "
+        f"on {len(probs)} images; report: {report}\nMLflow run: {url}"
+        f"{run.info.experiment_id}/runs/{run.info.run_id}{'' if remote else ' (`make ui` serves it)'}"
+    )
     return metrics
-
-
-def _metric_name(name: str) -> str:
-    """The MLflow metric key part of class `name`: collision-free and bounded (class_names)."""
-    return class_key(name)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -74,6 +74,9 @@ def test_confusion_table_and_changes():
         Moved(actual="cat", predicted="dog", base=1, head=0),
     ]
     assert confusion_changes(base, base) == []
+    # a class name cannot open an HTML comment or tag, or a new cell, in the PR comment
+    hostile = confusion_table([[1]], ["<!--a|b&<img src=x>"])
+    assert "| &lt;!--a\\|b&amp;&lt;img src=x> | **1** |" in hostile and "<" not in hostile
 
 
 def _row(name: str, old, new, file: str = "reports/metrics.json") -> Change:

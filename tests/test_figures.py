@@ -281,6 +281,9 @@ def test_gallery_titles_are_green_when_right_and_red_when_wrong():
         assert to_rgb(bars[true_index].get_edgecolor()) == (0, 0, 0)
         assert ax_bar.get_yticklabels()[true_index].get_fontweight() == "bold"
     assert "2 of 4 right" in fig._suptitle.get_text()
+    heading = "4 of 9 test images, 2 of them mistakes (mistakes chosen first: 3 in all)"
+    titled = figures.gallery_figure(images, probabilities, labels, CLASSES, heading=heading)
+    assert titled._suptitle.get_text() == heading
 
 
 def test_gallery_png_with_memmap_and_max_images(tmp_path):
@@ -344,3 +347,17 @@ def test_module_does_not_use_pyplot():
     source = Path(figures.__file__).read_text(encoding="utf-8")
     assert "import matplotlib.pyplot" not in source
     assert "from matplotlib import pyplot" not in source
+
+
+def test_reliability_diagram_has_every_colour_in_its_legend():
+    from matplotlib.colors import to_rgb
+
+    from pipeline.lib.reporting.metrics import reliability_bins
+
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
+    ax = figures.reliability_figure(reliability_bins(probs, np.array([0, 1, 1, 1]))).axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels == ["perfect calibration", "accuracy", "gap to mean confidence"]
+    legend = {to_rgb(h.patches[0].get_facecolor()) for h in handles[1:]}
+    drawn = {to_rgb(bar.get_facecolor()) for bar in ax.patches}
+    assert drawn == legend and len(drawn) == 2

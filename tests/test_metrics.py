@@ -98,3 +98,21 @@ def test_paired_correct_pairs_by_path():
     b = "path,actual,predicted,confidence\ny.png,c2,c2,0.7\nx.png,c1,c1,0.8\nz.png,c1,c1,1\n"
     ra, rb = paired_correct(a, b)
     assert ra.tolist() == [True, False] and rb.tolist() == [True, True]
+
+
+def test_gallery_heading_says_mistakes_are_chosen_first():
+    """The case gallery-title-misleading: 12 of 153 shown, 6 of them mistakes, 95.4 %."""
+    from pipeline.lib.reporting.metrics import gallery_heading, gallery_indices
+
+    y_true = np.zeros(153, dtype=int)
+    y_pred = y_true.copy()
+    y_pred[10:150:20] = 1  # 7 mistakes
+    shown = gallery_indices(y_true, y_pred, 12)
+    assert gallery_heading(y_true, y_pred, shown) == (
+        "12 of 153 test images, 6 of them mistakes (mistakes chosen first: 7 in all); "
+        "test accuracy 95.4 %"
+    )
+    every = np.arange(4)
+    assert gallery_heading(y_true[8:12], y_pred[8:12], every) == (
+        "4 test images, 1 of them mistakes; test accuracy 75.0 %"
+    )

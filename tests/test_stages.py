@@ -104,7 +104,39 @@ def test_evaluate_metrics_and_reports(done):
     html = (reports / "eval_report.html").read_text(encoding="utf-8")
     for line in lines[1:]:  # every test image has its cell in the report
         assert f'data-path="{line.split(",")[0]}"' in html
-    assert "<script" not in html and html.count('class="cell ') == 36  # 6 x 6 classes
+    pairs = {tuple(line.split(",")[1:3]) for line in lines[1:]}
+    assert "<script" not in html and html.count('class="cell ') == len(pairs)  # non-empty cells
+    # what `dvc plots show` draws: the classes of predictions.csv, no paths
+    confusion = (reports / "confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted"
+    assert [tuple(row.split(",")) for row in confusion[1:]] == [
+        tuple(line.split(",")[1:3]) for line in lines[1:]
+    ]
+
+
+def test_evaluate_ends_with_a_summary_and_logs_its_report_with_provenance(done, caplog):
+    """The last line: accuracy with its interval, the report, the MLflow run's URL. The run's
+    copy of the report names the run and the data; the DVC output names no run (reproducible)."""
+    import logging
+    import re
+
+    cfg = done["cfg"]
+    with caplog.at_level(logging.INFO, logger="pipeline.evaluate"):
+        evaluate(cfg)
+    last = caplog.records[-1].getMessage()
+    run_id = read_json(Path(cfg.paths.run_file))["run_id"]
+    summary = r"Test accuracy \d\.\d{4} \(95 % interval \d\.\d{4}-\d\.\d{4}\) on 12 images"
+    assert re.match(summary + r"; report: \S*eval_report\.html\n", last), last
+    assert re.search(
+        rf"MLflow run: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id} ", last
+    )
+    local = (Path(cfg.paths.reports) / "eval_report.html").read_text(encoding="utf-8")
+    assert run_id not in local and "data: synthetic" in local
+    logged = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="reports/eval_report.html", tracking_uri=cfg.tracking.uri
+    )
+    html = Path(logged).read_text(encoding="utf-8")
+    assert f"MLflow run: {run_id}" in html and "data: synthetic" in html and "git commit: " in html
 
 
 def test_one_run_for_train_and_evaluate(done):

@@ -193,7 +193,8 @@ def confusion_changes(base: Confusion, head: Confusion) -> list[Moved]:
 
 
 def _md(value: object) -> str:
-    """A value as Markdown table cell text."""
+    """A value as Markdown table cell text; "<" and "&" as entities (a class named "<!--" would
+    hide the rest of a PR comment)."""
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -202,6 +203,7 @@ def _md(value: object) -> str:
         text = json.dumps(value)
     else:
         text = str(value)
+    text = text.replace("&", "&amp;").replace("<", "&lt;")
     return text.replace("|", "\\|").replace("\n", " ")
 
 

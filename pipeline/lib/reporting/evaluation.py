@@ -1,5 +1,6 @@
 """What the evaluate stage writes into `paths.reports` from the test split's predictions: the
-metrics file, scikit-learn's classification report, predictions CSV, figures, HTML report."""
+metrics file, scikit-learn's classification report, predictions CSV, the confusion CSV that
+`dvc plots show` draws, figures, HTML report."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pipeline.lib.reporting.metrics import (
     classification_metrics,
     classification_reports,
     confusion,
+    gallery_heading,
     gallery_indices,
     headline_metrics,
     reliability_bins,
@@ -30,6 +32,7 @@ METRICS_FILE = "metrics.json"
 REPORT_JSON = "classification_report.json"
 REPORT_TEXT = "classification_report.txt"
 PREDICTIONS_FILE = "predictions.csv"
+CONFUSION_FILE = "confusion.csv"
 FIGURES_DIR = "eval_figures"
 REPORT_HTML = "eval_report.html"
 #: The split evaluate measures ("test"), and the key of its section in the metrics file.
@@ -74,8 +77,13 @@ def per_class_metrics(ev: Evaluation) -> dict[str, Any]:
 
 
 def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
-    """Write the metrics file, the classification report (JSON, text) and the predictions CSV
-    (path, actual, predicted, confidence to 6 digits) into `reports`; return the text report."""
+    """Write the metrics file, the classification report (JSON, text), the predictions CSV
+    (path, actual, predicted, confidence to 6 digits) and `CONFUSION_FILE` into `reports`;
+    return the text report.
+
+    `CONFUSION_FILE` (actual, predicted) is what `dvc plots show` puts into its page: DVC embeds
+    every column of a plot's CSV unescaped in a `<script>` block, so it holds no paths, and its
+    class names have "<" as "﹤" (U+FE64): no name can end that block or start a comment in it."""
     p = ev.predictions
     text, as_dict = classification_reports(p)
     write_json(reports / METRICS_FILE, metrics)
@@ -89,6 +97,8 @@ def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
         "confidence": [round(float(row.max()), 6) for row in p.probs],
     }
     write_csv(reports / PREDICTIONS_FILE, rows)
+    safe = {k: [name.replace("<", "\ufe64") for name in rows[k]] for k in ("actual", "predicted")}
+    write_csv(reports / CONFUSION_FILE, safe)
     return text
 
 
@@ -106,15 +116,21 @@ def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int)
         bins = reliability_bins(p.probs, p.y_true)
         figures.save_reliability_diagram(bins, tmp / "reliability_diagram.png")
         gallery = (ev.images[shown], p.probs[shown], p.y_true[shown], p.classes)
-        figures.save_gallery(*gallery, tmp / "gallery.png", columns=columns)
+        heading = gallery_heading(p.y_true, p.y_pred, shown)
+        figures.save_gallery(*gallery, tmp / "gallery.png", columns=columns, heading=heading)
     names = ["confusion_matrix", "confusion_matrix_normalized", "reliability_diagram", "gallery"]
     return [folder / f"{name}.png" for name in names]
 
 
 def write_html_report(
-    ev: Evaluation, reports: Path, metrics: dict[str, Any], images_per_cell: int
+    ev: Evaluation,
+    path: Path,
+    metrics: dict[str, Any],
+    images_per_cell: int,
+    provenance: dict[str, str],
 ) -> Path:
-    """Write `reports/eval_report.html` (`html_report`); return its path."""
+    """Write the HTML report (`html_report`) to `path`; return it."""
     every = {**per_class_metrics(ev), **metrics[SPLIT]}
-    html = render_report(ev.predictions, ev.images, ev.paths, every, images_per_cell, SPLIT)
-    return write_report(reports / REPORT_HTML, html)
+    p = ev.predictions
+    html = render_report(p, ev.images, ev.paths, every, images_per_cell, SPLIT, provenance)
+    return write_report(path, html)

@@ -309,13 +309,15 @@ def gallery_figure(
     classes: Sequence[str],
     columns: int = 3,
     max_images: int | None = None,
+    heading: str | None = None,
 ) -> Figure:
     """Image + class-score bar chart per test image, `columns` pairs per row.
 
     images (N, H, W, 3) uint8 (or float, or grey; may be a memmap: only the shown ones are read);
     probabilities (N, C) in 0..1; true_labels (N,) class indices. Right predictions are green,
     wrong ones red (title, frame, predicted bar); the true class is outlined, its name bold and
-    its score tagged 'true'. Raises ValueError when scores or labels do not match.
+    its score tagged 'true'; `heading` replaces the title "Test predictions: k of n right". Raises
+    ValueError when scores or labels do not match.
     """
     classes = [str(c) for c in classes]
     n_total = 0 if images is None else len(images)
@@ -352,7 +354,7 @@ def gallery_figure(
     cells = np.asarray(fig.subfigures(rows, columns, wspace=0.02, hspace=0.02), dtype=object)
     cells = cells.reshape(rows, columns)
     first = f" (first {n} of {n_total} images)" if n < n_total else ""
-    heading = f"Test predictions: {int(correct.sum())} of {n} right{first}"
+    heading = heading or f"Test predictions: {int(correct.sum())} of {n} right{first}"
     fig.suptitle(heading, fontsize=13, fontweight="bold")
     for k in range(n):
         color = CORRECT_COLOR if correct[k] else WRONG_COLOR
@@ -371,9 +373,10 @@ def save_gallery(
     path: PathLike,
     columns: int = 3,
     max_images: int | None = None,
+    heading: str | None = None,
 ) -> Path:
     """Write `gallery_figure` to `path` (N == 0: a small figure saying 'no test images')."""
-    fig = gallery_figure(images, probabilities, true_labels, classes, columns, max_images)
+    fig = gallery_figure(images, probabilities, true_labels, classes, columns, max_images, heading)
     return _save(fig, path)
 
 
@@ -387,9 +390,14 @@ class ReliabilityData(Protocol):
 
 
 def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
-    """Write a reliability diagram (Guo et al. 2017) to `path`: per confidence bin, the accuracy
-    as a bar against the diagonal of perfect calibration, the gap to the mean confidence shaded,
-    the image count above; the ECE in the title; empty bins blank."""
+    """Write `reliability_figure(bins)` to `path`."""
+    return _save(reliability_figure(bins), path)
+
+
+def reliability_figure(bins: ReliabilityData) -> Figure:
+    """A reliability diagram (Guo et al. 2017): per confidence bin, the accuracy as a bar against
+    the diagonal of perfect calibration, the gap to the mean confidence shaded, the image count
+    above; the ECE in the title; empty bins blank; every colour in the legend."""
     edges = np.asarray(bins.edges, dtype=float)
     count = np.asarray(bins.count)
     acc = np.nan_to_num(np.asarray(bins.accuracy, dtype=float))
@@ -410,4 +418,4 @@ def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
     bins_text = f"{len(width)} bins, {int(count.sum())} images"
     ax.set_title(f"Reliability diagram: ECE {ece:.4f} ({bins_text})")
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return fig

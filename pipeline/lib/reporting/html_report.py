@@ -1,9 +1,11 @@
 """The evaluation report: one self-contained HTML file (no network, no JavaScript) with the
-confusion matrix, whose cells open their images, the worst mistakes and per-class metrics.
+confusion matrix, whose non-empty cells open their images, the worst mistakes and per-class metrics.
 
 A cell is the `<label>` of a hidden radio button; a CSS rule per cell shows its image panel while
 the radio is checked, so the page works offline, in MLflow's sandboxed artifact viewer and without
-scripts. Thumbnails are JPEG data URIs, worst first (`worst_first`). Same inputs, same bytes.
+scripts. Thumbnails are JPEG data URIs, worst first (`worst_first`), at most `images_per_cell` per
+panel and `MAX_THUMBNAILS` per report, so that 200 classes stay a few MB. Every name is escaped.
+Same inputs, same bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pipeline.lib.reporting.metrics import Predictions, confusion
 #: Longest side of a thumbnail, in pixels.
 THUMB_PX = 96
 JPEG_QUALITY = 85
+#: Thumbnails per report (each 2 to 5 kB), over all panels.
+MAX_THUMBNAILS = 400
 MISTAKES_VIEW = "mistakes"
 
 CSS = """
@@ -39,7 +43,7 @@ th{font-weight:600}
 border:2px solid transparent;border-radius:3px}
 .cell:hover{border-color:#0969da}
 .cell.diag{font-weight:700}
-.cell.empty{color:#8c959f}
+.confusion td:empty::after{content:"0";display:block;padding:8px 4px;color:#8c959f;text-align:center}
 .button{display:inline-block;margin:8px 0;padding:4px 10px;border:1px solid #d0d7de;
 border-radius:6px;cursor:pointer;background:#f6f8fa}
 .panel{display:none}
@@ -48,6 +52,7 @@ border-radius:6px;cursor:pointer;background:#f6f8fa}
 .item.wrong{border-color:#cf222e}
 .item img{display:block;margin:0 auto 4px}
 .path{color:#57606a;word-break:break-all}
+.provenance{color:#57606a;font-size:12px}
 .metrics td:first-child,.metrics th:first-child{text-align:left}
 """
 
@@ -94,42 +99,51 @@ def _panel(view: str, title: str, members: np.ndarray, shown: str, cap: int) -> 
     return (
         f'<div class="panel" id="p-{view}"><h2>{escape(title)}</h2>'
         f'<ol class="thumbs">{shown}</ol>{"" if len(members) else "<p>No images.</p>"}'
-        + (f"<p>… and {more} more (evaluate.report_images_per_cell).</p>" if more else "")
+        + (
+            f"<p>… and {more} more (shown: evaluate.report_images_per_cell, at most "
+            f"{MAX_THUMBNAILS} per report).</p>"
+            if more
+            else ""
+        )
         + "</div>"
     )
 
 
 def _panels(p: Predictions, images: Any, paths: list[str], cap: int) -> tuple[list[str], str]:
-    """(views, panels): the worst mistakes, then one per confusion-matrix cell, row by row."""
-    n = len(p.classes)
+    """(views, panels): the worst mistakes, then one per non-empty confusion-matrix cell, row by
+    row; each shows at most `cap` thumbnails, all together at most `MAX_THUMBNAILS`."""
     wrong = p.y_pred != p.y_true
-    groups = [(MISTAKES_VIEW, f"Worst mistakes ({int(wrong.sum())})", wrong)]
-    for i, j in np.ndindex(n, n):
-        members = (p.y_true == i) & (p.y_pred == j)
-        title = f"True {p.classes[i]}, predicted {p.classes[j]}: {int(members.sum())} image(s)"
+    groups = [(MISTAKES_VIEW, f"Worst mistakes ({int(wrong.sum())})", np.flatnonzero(wrong))]
+    for i, j in zip(*np.nonzero(confusion(p)), strict=True):
+        members = np.flatnonzero((p.y_true == i) & (p.y_pred == j))
+        title = f"True {p.classes[i]}, predicted {p.classes[j]}: {len(members)} image(s)"
         groups.append((f"{i}-{j}", title, members))
-    panels = []
-    for view, title, mask in groups:
-        members = worst_first(p, np.flatnonzero(mask))
-        shown = "".join(_item(p, int(k), images[int(k)], paths[int(k)]) for k in members[:cap])
-        panels.append(_panel(view, title, members, shown, cap))
+    cap = max(1, min(cap, MAX_THUMBNAILS // len(groups)))
+    panels, budget = [], MAX_THUMBNAILS
+    for view, title, members in groups:
+        ordered, take = worst_first(p, members), min(cap, budget)
+        shown = "".join(_item(p, int(k), images[int(k)], paths[int(k)]) for k in ordered[:take])
+        panels.append(_panel(view, title, ordered, shown, take))
+        budget -= min(take, len(ordered))
     return [view for view, _, _ in groups], "".join(panels)
 
 
 def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
+    """Rows true, columns predicted; a non-empty cell is the label of its view, an empty one an
+    empty `<td>` (CSS draws its 0), so that C x C cells cost little."""
     top = max(int(matrix.max()), 1) if matrix.size else 1
     rows = []
     for i, name in enumerate(p.classes):
         cells = []
         for j, predicted in enumerate(p.classes):
             count = int(matrix[i, j])
-            alpha = 0.08 + 0.72 * count / top if count else 0.0
+            if not count:
+                cells.append("<td></td>")
+                continue
             color = "9,105,218" if i == j else "207,34,46"
-            kind = ("diag" if i == j else "off") + ("" if count else " empty")
             cells.append(
-                f'<td><label for="v-{i}-{j}" class="cell {kind}" '
-                f'style="background:rgba({color},{alpha:.3f})" '
-                f'data-true="{escape(name)}" data-pred="{escape(predicted)}" '
+                f'<td><label for="v-{i}-{j}" class="cell {"diag" if i == j else "off"}" '
+                f'style="background:rgba({color},{0.08 + 0.72 * count / top:.3f})" '
                 f'title="true {escape(name)}, predicted {escape(predicted)}">{count}</label></td>'
             )
         rows.append(f'<tr><th scope="row">{escape(name)}</th>{"".join(cells)}</tr>')
@@ -160,10 +174,12 @@ def render_report(
     metrics: dict[str, Any],
     images_per_cell: int = 48,
     split: str = "test",
+    provenance: dict[str, str] | None = None,
 ) -> str:
     """The report as an HTML document. `images`: uint8 (N, H, W, 3), may be a memmap (only the
-    shown ones are read); `paths`: the N source paths; `metrics`: `classification_metrics` of `p`
-    (accuracy, macro_f1, per class); `images_per_cell`: the most thumbnails a panel shows."""
+    shown ones are read); `paths`: the N source paths; `metrics`: `classification_metrics` and
+    `headline_metrics` of `p` (accuracy, ci_low, ci_high, ece, per class); `images_per_cell`: the
+    most thumbnails a panel shows; `provenance`: {what: value} lines under the title."""
     views, panels = _panels(p, images, paths, images_per_cell)
     radios = "".join(
         f'<input type="radio" name="view" class="view" id="v-{v}"'
@@ -176,15 +192,19 @@ def render_report(
         f"#v-{v}:checked~main label[for=v-{v}]{{border-color:#1f2328}}"
         for v in views
     )
+    m = metrics
     summary = (
-        f"Accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on "
-        f"{len(p.y_true)} {escape(split)} images; {int((p.y_pred != p.y_true).sum())} mistake(s)."
+        f"Accuracy {m['accuracy']:.4f} (95 % interval {m['ci_low']:.4f}–{m['ci_high']:.4f}), "
+        f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} on {len(p.y_true)} {escape(split)} "
+        f"images; {int((p.y_pred != p.y_true).sum())} mistake(s)."
     )
+    origin = "".join(f"<div>{escape(k)}: {escape(v)}</div>" for k, v in (provenance or {}).items())
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>Evaluation report ({escape(split)} split)</title>"
         f"<style>{CSS}{view_css}</style></head><body>{radios}<main>"
         f'<h1>Evaluation report: {escape(split)} split</h1><p class="summary">{summary}</p>'
+        f'<div class="provenance">{origin}</div>'
         "<h2>Confusion matrix</h2><p>Rows: true class; columns: predicted class. "
         "Click a cell to see its images, the worst first.</p>"
         f"{_matrix_table(p, confusion(p))}"

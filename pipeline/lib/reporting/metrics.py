@@ -183,6 +183,17 @@ def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarra
     return np.array(sorted(chosen[:n]), dtype=np.int64)
 
 
+def gallery_heading(y_true: np.ndarray, y_pred: np.ndarray, shown: np.ndarray) -> str:
+    """The gallery's title: how many of the split's images it shows and how many of them are
+    mistakes (`gallery_indices` takes mistakes first, so not an accuracy), then the accuracy."""
+    wrong = np.asarray(y_true) != np.asarray(y_pred)
+    n, total = len(shown), len(wrong)
+    of = f"{n} of {total} test images" if n < total else f"{n} test images"
+    first = f" (mistakes chosen first: {int(wrong.sum())} in all)" if n < total else ""
+    accuracy = f"{1 - wrong.mean():.1%}".replace("%", " %") if total else "n/a"
+    return f"{of}, {int(wrong[shown].sum())} of them mistakes{first}; test accuracy {accuracy}"
+
+
 def paired_correct(csv_a: str, csv_b: str) -> tuple[np.ndarray, np.ndarray]:
     """Two predictions.csv texts (columns `path`, `actual`, `predicted`) paired by path: bool (M,)
     "A was right", "B was right" over the M paths both hold, sorted by path. Raises ValueError

@@ -11,23 +11,36 @@ from pathlib import Path
 #: Vega-Lite major.minor the bundle is made for: DVC's templates declare Vega-Lite v5 specs.
 VEGA_LITE_VERSION = "5.21"
 
+#: DVC pastes its plot snippets, data and revision names unescaped, over `{plot_divs}`: here that
+#: is inside `<plaintext>`, which nothing in them can end, so the browser reads them as text. The
+#: script then draws each Vega spec (`var spec = <one line of JSON>;`) with `JSON.parse`, and
+#: each image with its heading as text; no name in the data can run script or break the page.
 PAGE = """<!DOCTYPE html>
 <html>
 <head>
 <meta charset="utf-8">
 <title>DVC plots</title>
-<script>{bundle}</script>
+<script>BUNDLE</script>
+<script>
+addEventListener("DOMContentLoaded", () => {
+  const source = document.getElementById("dvc-plots");
+  const add = (tag) => document.body.insertBefore(document.createElement(tag), source);
+  const snippet = /^\\s*(?:var spec = (.*);|<p>(.*)<\\/p>|<img src="([^"]*)">)$/gm;
+  for (const [, spec, text, src] of source.textContent.matchAll(snippet)) {
+    if (spec) vegaEmbed(add("div"), JSON.parse(spec));
+    else if (src) add("img").src = src;
+    else add("p").textContent = text;
+  }
+  source.remove();
+});
+</script>
 <style>
-  body {{ font-family: sans-serif; margin: 16px; }}
-  img {{ max-width: 100%; height: auto; }}
-  table {{ border-spacing: 15px; }}
+  body { font-family: sans-serif; margin: 16px; }
+  img { max-width: 100%; height: auto; }
 </style>
 </head>
 <body>
-{{plot_divs}}
-</body>
-</html>
-"""
+<plaintext id="dvc-plots" hidden>{plot_divs}"""
 
 
 def write_template(path: str | os.PathLike[str]) -> Path:
@@ -37,5 +50,6 @@ def write_template(path: str | os.PathLike[str]) -> Path:
     bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(PAGE.format(bundle=bundle.replace("</script", "<\\/script")), encoding="utf-8")
+    page = PAGE.replace("BUNDLE", bundle.replace("</script", "<\\/script"), 1)
+    path.write_text(page, encoding="utf-8")
     return path
