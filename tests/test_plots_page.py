@@ -25,6 +25,7 @@ def test_plots_show_draws_each_plot_once(repo: Path, first_repro: str):
         [
             "Loss",
             "Accuracy",
+            "Per-batch loss",
             "Confusion matrix",
             "reports/eval_figures/confusion_matrix.png",
             "reports/eval_figures/gallery.png",
@@ -49,10 +50,10 @@ def test_the_plots_page_renders_offline(repo: Path, first_repro: str, tmp_path: 
     try:
         driver.get(page.as_uri())
         WebDriverWait(driver, 30).until(
-            lambda d: len(d.find_elements(By.CSS_SELECTOR, "div svg, div canvas")) >= 3
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "div svg, div canvas")) >= 4
         )
         drawn = driver.find_elements(By.CSS_SELECTOR, ".vega-embed")
-        assert len(drawn) == 3  # loss, accuracy, confusion matrix
+        assert len(drawn) == 4  # loss, accuracy, per-batch loss, confusion matrix
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         driver.quit()
@@ -104,7 +105,7 @@ def _opened(page: Path, plots: int) -> dict:
 def test_hostile_names_run_no_script_in_the_plots_page(repo: Path, first_repro: str, tmp_path):
     """Test predictions of photos with hostile paths and class names, written by evaluate's own
     `write_tables`, then the real `dvc plots show`: with the project's template no injected
-    script runs and all three plots draw; DVC's own page (which needs its CDN) runs none either."""
+    script runs and all four plots draw; DVC's own page (which needs its CDN) runs none either."""
     probs = np.eye(3, dtype=np.float32)[[1, 1, 2]]
     ev = Evaluation(Predictions(probs, np.array([0, 1, 2]), HOSTILE_CLASSES), None, HOSTILE_PATHS)
     write_tables(ev, repo / "reports", evaluation_metrics(ev))
@@ -113,9 +114,9 @@ def test_hostile_names_run_no_script_in_the_plots_page(repo: Path, first_repro: 
 
     template = write_template(tmp_path / "template.html")
     dvc(repo, "plots", "show", "--html-template", str(template), "-o", str(tmp_path / "ours"))
-    seen = _opened(tmp_path / "ours" / "index.html", plots=3)
+    seen = _opened(tmp_path / "ours" / "index.html", plots=4)
     assert seen["ran"] == [] and seen["alert"] is None and seen["injected"] == 0
-    assert seen["drawn"] == 3 and "reports/eval_figures/gallery.png" in seen["text"]
+    assert seen["drawn"] == 4 and "reports/eval_figures/gallery.png" in seen["text"]
 
     dvc(repo, "plots", "show", "-o", str(tmp_path / "dvc"))  # DVC's default page
     seen = _opened(tmp_path / "dvc" / "index.html", plots=0)

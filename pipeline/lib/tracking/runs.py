@@ -347,7 +347,7 @@ def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
 def model_requirements() -> list[str]:
     """The packages a logged model needs to be loaded back, pinned to what trained it."""
     pins = []
-    for dist in ("ai-edge-litert", "mlflow", "numpy", "scipy", "pandas", "pillow"):
+    for dist in ("ai-edge-litert", "mlflow", "numpy", "scipy", "pandas", "pillow", "pillow-heif"):
         with suppress(PackageNotFoundError):
             pins.append(f"{dist}=={version(dist)}")
     return pins
