@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.lib.config.compose import HEADER, check_params, compose, load_params, write_params
+from pipeline.lib.config.compose import (
+    HEADER,
+    check_params,
+    compose,
+    load_params,
+    warn_data_from_conf,
+    write_params,
+)
 from pipeline.lib.config.schema import ConfigError, literal
 from tests.conftest import ROOT
 
@@ -171,3 +178,25 @@ def test_compose_needs_no_hydra_app_and_leaves_none(project: Path):
     cfg = compose(project / "conf", ["train.C=5"])
     assert cfg.train.C == 5 and "hydra" not in cfg
     assert not GlobalHydra.instance().is_initialized()
+
+
+def test_data_taken_from_conf_by_dvc_exp_run_is_named_when_the_last_run_differs(
+    project: Path, capsys
+):
+    """After `dvc exp run -S data=folder -S data.path=P`, a plain `dvc exp run -S train.C=2`
+    reads conf/'s data again (DVC composes conf/ with only its own -S): a warning says so."""
+    lock = {"stages": {"prepare": {"params": {"params.yaml": {"data": {"source": "folder"}}}}}}
+    lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["path"] = "/my/photos"
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    values, _ = load_params(project / "params.yaml")
+    warn_data_from_conf(project, values, ["train.C=2"])
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("WARNING: this experiment reads data.source=synthetic")
+        and err.count("\n") == 1
+    )
+    assert "data.path=/my/photos" in err and "--use-folder" in err
+    warn_data_from_conf(project, values, ["data.source=synthetic", "train.C=2"])  # asked for
+    values["data"].update(source="folder", path="/my/photos")
+    warn_data_from_conf(project, values, ["train.C=2"])  # the same data
+    assert capsys.readouterr().err == ""

@@ -55,21 +55,16 @@ def write_params(
     root: Path, overrides: list[str] | None = None, output: Path | None = None
 ) -> Path:
     """Compose `root/conf` with `overrides`, validate it, write `output` (`root/params.yaml`)
-    atomically and return its path. Its values are literal, as DVC writes them (a `${` in a
-    value is not an interpolation: `pipeline.lib.config.step` escapes them). Raises
-    ConfigError, writing nothing."""
+    atomically, its values literal as DVC writes them, and return its path. Raises ConfigError,
+    writing nothing."""
     overrides = list(overrides or [])
     cfg = compose(Path(root) / "conf", overrides)
     validate_composed(Path(root) / "conf", cfg)
     output = Path(output or Path(root) / "params.yaml")
     with atomic_file(output) as fh:
-        fh.write(HEADER + json.dumps(overrides) + "\n" + _to_yaml(cfg))
+        values = OmegaConf.to_container(cfg, resolve=True)
+        fh.write(HEADER + json.dumps(overrides) + "\n" + OmegaConf.to_yaml(values))
     return output
-
-
-def _to_yaml(cfg: DictConfig) -> str:
-    """`cfg`'s resolved values as YAML, byte for byte what DVC's composition writes."""
-    return OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True))
 
 
 def load_params(path: Path) -> tuple[dict[str, Any], list[str] | None]:
@@ -133,8 +128,7 @@ def locate_key(conf_dir: Path, message: str) -> str | None:
 def check_params(root: Path) -> Config:
     """The `config` stage: `root/params.yaml`, validated, and equal to `conf/` composed with the
     overrides of its header, else ConfigError naming the keys and the fix. Inside `dvc exp run
-    -S ...` (no header: DVC composed it) the overrides that reproduce it are recorded instead
-    (`record_overrides`), so that `dvc exp apply` + `dvc repro` reproduce the experiment."""
+    -S` (no header: DVC composed it) those overrides are recorded instead, for `dvc exp apply`."""
     root = Path(root)
     values, overrides = load_params(root / "params.yaml")
     try:
@@ -164,8 +158,8 @@ def _shell(word: str) -> str:
 
 
 def record_overrides(root: Path, composed: dict[str, Any], values: dict[str, Any]) -> list[str]:
-    """The Hydra overrides that turn `composed` (conf/ alone) into `values` (params.yaml), written
-    as params.yaml's header when conf/ composed with them gives `values` exactly."""
+    """The overrides that turn `composed` (conf/ alone) into `values`, written as params.yaml's
+    header when they reproduce `values` exactly."""
     overrides = overrides_between(composed, values)
     again = OmegaConf.to_container(compose(root / "conf", overrides), resolve=True)
     if json.dumps(again, sort_keys=True) == json.dumps(values, sort_keys=True):
@@ -209,23 +203,20 @@ def hydra_value(value: Any) -> str:
 
 
 def warn_data_from_conf(root: Path, values: dict[str, Any], overrides: list[str]) -> None:
-    """Print a warning when `dvc exp run` took the data from conf/ (no `-S data...`) and it is not
-    the data of the last run in dvc.lock (`dvc exp run` composes conf/ with only its own -S)."""
-    if any(o.lstrip("+~").startswith("data.") for o in overrides):
-        return
+    """Warn when `dvc exp run` took the data from conf/ (no `-S data...`, as it composes conf/
+    with only its own -S) and it is not the last run's (dvc.lock)."""
     try:
-        stages = (yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8")) or {})["stages"]
-        last = stages["prepare"]["params"]["params.yaml"]["data"]
+        last = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+        last = last["prepare"]["params"]["params.yaml"]["data"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return
-    now = values.get("data") or {}
-    keys = ("source", "path")
-    if [last.get(k) for k in keys] != [now.get(k) for k in keys]:
+    was, now = (
+        f"data.source={d.get('source')} data.path={d.get('path')}" for d in (last, values["data"])
+    )
+    if was != now and not any(o.lstrip("+~").startswith("data.") for o in overrides):
         print(
-            f"WARNING: this experiment reads data.source={now.get('source')} "
-            f"data.path={now.get('path')} (conf/), the last run (dvc.lock) data.source="
-            f"{last.get('source')} data.path={last.get('path')}: `dvc exp run` composes conf/ "
-            "with only its own -S; to keep those photos, pass -S data=folder -S data.path=... "
-            "again or store them: `python -m pipeline.params --use-folder PATH`.",
+            f"WARNING: this experiment reads {now} (from conf/), the last run (dvc.lock) {was}: "
+            "`dvc exp run` composes conf/ with only its -S; keep photos with -S data=folder "
+            "-S data.path=... or `python -m pipeline.params --use-folder PATH`.",
             file=sys.stderr,
         )

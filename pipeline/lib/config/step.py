@@ -130,25 +130,20 @@ def run_step(step: Callable[[Config], Any], cfg: DictConfig) -> Any:
 
 
 def literal_file_values(cfg: DictConfig) -> DictConfig:
-    """`cfg` with every string that a `--config-name` file other than conf/config.yaml holds as
-    written (params.yaml: resolved already, by DVC or `pipeline.params`) made literal, so that a
-    `${` in it (a folder named `x${oc.env:HOME}`) is never interpolated; command-line overrides
-    keep Hydra's grammar."""
-    if not HydraConfig.initialized() or HydraConfig.get().job.config_name in (None, "config"):
+    """`cfg` with each string that its `--config-name` file (params.yaml: resolved already, by
+    DVC or `pipeline.params`) holds as written made literal: its `${` is never interpolated."""
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra is None or hydra.job.config_name in (None, "config"):
         return cfg
-    hydra = HydraConfig.get()
-    name = str(hydra.job.config_name).removesuffix(".yaml") + ".yaml"
-    folders = [s.path for s in hydra.runtime.config_sources if s.provider == "main"]
-    path = Path(folders[0].removeprefix("file://")) / name if folders else None
-    if path is None or not path.is_file():
-        return cfg
-    written = load_params(path)[0]
+    folder = [s.path for s in hydra.runtime.config_sources if s.provider == "main"][0]
+    path = Path(folder.removeprefix("file://")) / f"{Path(hydra.job.config_name).stem}.yaml"
 
     def keep(node: Any, file: Any) -> Any:
         if isinstance(node, dict) and isinstance(file, dict):
-            return {k: keep(v, file.get(k, None)) for k, v in node.items()}
+            return {k: keep(v, file.get(k)) for k, v in node.items()}
         return literal(node) if isinstance(node, str) and node == file else node
 
+    written = load_params(path)[0] if path.is_file() else {}
     return OmegaConf.create(keep(OmegaConf.to_container(cfg, resolve=False), written))
 
 
