@@ -3,6 +3,8 @@ validated before it is written, and checked against conf/ by the `config` stage.
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,8 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.lib.config.compose import HEADER, check_params, compose, load_params, write_params
-from pipeline.lib.config.schema import ConfigError
+from pipeline.lib.config.compose import (
+    HEADER,
+    check_params,
+    compose,
+    load_params,
+    warn_data_from_conf,
+    write_params,
+)
+from pipeline.lib.config.schema import ConfigError, literal
 from tests.conftest import ROOT
 
 
@@ -31,6 +40,7 @@ def params_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's package
     )
 
 
@@ -104,9 +114,54 @@ def test_an_uncomposed_conf_edit_stops_the_config_stage(project: Path, monkeypat
     assert proc.returncode == 2
     assert "params.yaml is out of date with conf/: train.max_iter" in proc.stderr
     assert "python -m pipeline.params" in proc.stderr
-    # inside `dvc exp run` DVC has just composed params.yaml itself (with its -S overrides)
+    # a plain `dvc exp run` (no -S) does not recompose params.yaml: refused there too
     monkeypatch.setenv("DVC_EXP_NAME", "some-exp")
-    check_params(project)
+    with pytest.raises(ConfigError, match=r"train\.max_iter"):
+        check_params(project)
+
+
+def test_a_dvc_experiments_params_yaml_is_recorded_then_checked(project: Path, monkeypatch):
+    """`dvc exp run -S` writes params.yaml without our header; the config stage records the
+    overrides that reproduce it, so that after `dvc exp apply` the check passes, a later conf/
+    edit is still caught, and the advised command keeps the experiment's values."""
+    from dvc.utils.hydra import compose_and_dump
+
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    dash_s = ["experiment=smoke", "train.C=0.01", "tracking.run_name='it\\'s \\${x}'"]
+    params = project / "params.yaml"
+    compose_and_dump(params, str(project / "conf"), None, "config", str(project), dash_s)
+    dvc_text = params.read_text()
+    monkeypatch.setenv("DVC_EXP_NAME", "some-exp")
+    check_params(project)  # inside `dvc exp run`: records
+    header, rest = params.read_text().split("\n", 1)
+    assert rest == dvc_text and header.startswith(HEADER)
+    assert "train.C=0.01" in header and "data.image_size=32" in header
+    monkeypatch.delenv("DVC_EXP_NAME")
+    check_params(project)  # `dvc exp apply` + `dvc repro`
+    assert yaml.safe_load(params.read_text())["tracking"]["run_name"] == "it's ${x}"
+    path = project / "conf/train/default.yaml"
+    path.write_text(path.read_text().replace("\nmax_iter: ", "\nmax_iter: 1"))
+    proc = params_cli(project, "--check")
+    assert proc.returncode == 2 and "train.max_iter" in proc.stderr
+    advice = proc.stderr.split("Recompose it with `", 1)[1].split("`", 1)[0]
+    assert advice.startswith("python -m pipeline.params ")
+    assert params_cli(project, *shlex.split(advice)[3:]).returncode == 0
+    values = yaml.safe_load(params.read_text())
+    assert values["train"]["C"] == 0.01 and values["data"]["image_size"] == 32
+    assert values["train"]["max_iter"] == 11000 and values["tracking"]["run_name"] == "it's ${x}"
+
+
+def test_a_dollar_brace_folder_is_literal_in_params_yaml(project: Path):
+    """conf/ escapes a folder's `${`; params.yaml holds it as written, as DVC writes it."""
+    folder = "/photos/x${oc.env:HOME}/a\\${b}"
+    (project / "conf/data/photos.yaml").write_text(
+        "defaults:\n  - folder\n  - _self_\n" + yaml.safe_dump({"path": literal(folder)})
+    )
+    write_params(project, ["data=photos"])
+    values, _ = load_params(project / "params.yaml")
+    assert values["data"]["path"] == folder and values["data"]["dependency"] == folder
+    assert compose(project / "conf", ["data=photos"]).data.path == folder
+    assert check_params(project).data.path == folder
 
 
 def test_check_validates_params_yaml_edited_by_hand(project: Path):
@@ -123,3 +178,25 @@ def test_compose_needs_no_hydra_app_and_leaves_none(project: Path):
     cfg = compose(project / "conf", ["train.C=5"])
     assert cfg.train.C == 5 and "hydra" not in cfg
     assert not GlobalHydra.instance().is_initialized()
+
+
+def test_data_taken_from_conf_by_dvc_exp_run_is_named_when_the_last_run_differs(
+    project: Path, capsys
+):
+    """After `dvc exp run -S data=folder -S data.path=P`, a plain `dvc exp run -S train.C=2`
+    reads conf/'s data again (DVC composes conf/ with only its own -S): a warning says so."""
+    lock = {"stages": {"prepare": {"params": {"params.yaml": {"data": {"source": "folder"}}}}}}
+    lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["path"] = "/my/photos"
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    values, _ = load_params(project / "params.yaml")
+    warn_data_from_conf(project, values, ["train.C=2"])
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("WARNING: this experiment reads data.source=synthetic")
+        and err.count("\n") == 1
+    )
+    assert "data.path=/my/photos" in err and "--use-folder" in err
+    warn_data_from_conf(project, values, ["data.source=synthetic", "train.C=2"])  # asked for
+    values["data"].update(source="folder", path="/my/photos")
+    warn_data_from_conf(project, values, ["train.C=2"])  # the same data
+    assert capsys.readouterr().err == ""

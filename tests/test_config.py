@@ -73,7 +73,10 @@ def test_folder_source_without_path_names_the_key():
         ("train.epochs=-1", "train.epochs"),
         ("train.learning_rate=0", "train.learning_rate"),
         ("model.alpha=0.6", "model.alpha"),
-        ("data.image_size=100", "data.image_size"),  # no ImageNet weights at 100 px
+        ("data.image_size=31", "data.image_size"),  # MobileNetV2 needs 32 px or more
+        ("tracking.registered_model=bad/name", "tracking.registered_model"),  # MLflow refuses
+        ("tracking.registered_model='a:b'", "tracking.registered_model"),
+        ("tracking.registered_model=' '", "tracking.registered_model"),
         ("train.optimizer=adamax", "train.optimizer"),
         ("data.leakage=ignore", "data.leakage"),
         ("model.dropout=1.5", "model.dropout"),
@@ -85,9 +88,22 @@ def test_bad_values_fail_with_the_key_named(override, key):
     assert key in str(info.value)
 
 
-def test_any_size_is_fine_without_imagenet_weights():
-    cfg = validate(compose(["data.image_size=100", "model.weights=null"]))
-    assert cfg.data.image_size == 100
+@pytest.mark.parametrize("weights", ["imagenet", "null"])
+@pytest.mark.parametrize("size", [32, 100, 200, 256])
+def test_any_size_from_32_px_is_fine_with_or_without_imagenet_weights(size, weights):
+    """Keras loads the 224 px ImageNet file for a size it has no file of (no top: any size)."""
+    cfg = validate(compose([f"data.image_size={size}", f"model.weights={weights}"]))
+    assert cfg.data.image_size == size
+
+
+@pytest.mark.parametrize("name", ["x${oc.env:HOME}", "x\\${oc.env:HOME}", "${a.b}\\", "${"])
+def test_a_dollar_brace_in_a_value_is_never_interpolated(name):
+    """Plain values (params.yaml as loaded) stay as written through validation and access."""
+    values = {"data": {"source": "folder", "path": f"/p/{name}"}, "tracking": {"run_name": name}}
+    cfg = validate(values)
+    assert cfg.data.path == f"/p/{name}" and cfg.tracking.run_name == name
+    flat = to_flat_dict(cfg)
+    assert flat["data.path"] == f"/p/{name}" and flat["tracking.run_name"] == name
 
 
 def test_validated_config_is_read_only():

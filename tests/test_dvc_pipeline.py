@@ -9,12 +9,13 @@ there, and MLflow's store must hold the run.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.project_repo import copy_reproduced, dvc, git, stages_run
+from tests.project_repo import attempt, copy_reproduced, dvc, git, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -208,3 +209,26 @@ def test_dvc_exp_run_recomposes_params_from_conf(
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
     assert '"C": 0.01' in json.dumps(shown), shown
     assert "up to date" in dvc(repo, "status")
+
+
+def test_an_applied_experiment_reproduces_and_a_conf_edit_is_still_caught(
+    smoke_history: tuple[Path, dict], tmp_path: Path
+):
+    """`dvc exp run -S` writes params.yaml without our header; the config stage records the
+    overrides in it, so `dvc exp apply <exp>` + `dvc repro` rerun nothing, and a conf/ edit made
+    afterwards stops the config stage with a command that keeps the experiment's values."""
+    repo = copy_reproduced(smoke_history[0], tmp_path / "repo")
+    header = (repo / "params.yaml").read_text().split("\n", 1)[0]
+    assert "train.C=0.01" in header and "train.label_smoothing=0.1" in header
+    dvc(repo, "exp", "run", "--name", "c-point-one", "-S", "experiment=smoke", "-S", "train.C=0.1")
+    git(repo, "reset", "-q", "--hard")
+    dvc(repo, "checkout", "--force")
+    dvc(repo, "exp", "apply", "c-point-one")
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["C"] == 0.1
+    assert "up to date" in dvc(repo, "status")
+    assert stages_run(dvc(repo, "repro")) == []
+    conf = repo / "conf/train/default.yaml"
+    conf.write_text(conf.read_text().replace("\nmax_iter: ", "\nmax_iter: 1"))
+    stopped = attempt([sys.executable, "-m", "dvc", "repro"], repo)
+    assert stopped.returncode != 0 and "train.max_iter" in stopped.stderr + stopped.stdout
+    assert "python -m pipeline.params" in stopped.stderr and "train.C=0.1" in stopped.stderr

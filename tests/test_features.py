@@ -130,6 +130,15 @@ def test_the_removed_backend_setting_is_refused_with_its_key(override):
         validate(compose([override]))
 
 
+def weights_h5(path: Path, version: str) -> None:
+    """A small whole HDF5 file (what `resolve_weights` checks), its bytes set by `version`."""
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("v", data=np.frombuffer(version.encode(), np.uint8), track_times=False)
+
+
 def test_the_backbone_key_follows_what_builds_the_extractor(tmp_path, monkeypatch):
     """Computed from files and settings (no Keras model): the same inputs give the same key;
     other weights bytes, alpha, size, seed (without weights), Keras version or settings, or a
@@ -138,10 +147,9 @@ def test_the_backbone_key_follows_what_builds_the_extractor(tmp_path, monkeypatc
     monkeypatch.setenv("KERAS_HOME", str(home))
     monkeypatch.delenv("KERAS_BACKEND", raising=False)
     for alpha, size in ((1.0, 224), (0.5, 224), (1.0, 160)):  # the same bytes in three files
-        imagenet_weights_path(alpha, size).parent.mkdir(parents=True, exist_ok=True)
-        imagenet_weights_path(alpha, size).write_bytes(b"weights v1")
+        weights_h5(home / "models" / build.WEIGHTS_FILE.format(alpha=alpha, size=size), "v1")
     mine = tmp_path / "mine.h5"
-    mine.write_bytes(b"weights v1")
+    weights_h5(mine, "v1")
     base = backbone_key(1.0, "imagenet", 224, init_seed=0)
     assert backbone_key(1.0, "imagenet", 224, init_seed=7) == base  # no seed with weights
     keys = {
@@ -153,11 +161,11 @@ def test_the_backbone_key_follows_what_builds_the_extractor(tmp_path, monkeypatc
         backbone_key(1.0, None, 224, init_seed=1),
     }
     assert len(keys) == 6 and all(len(k) == 32 for k in keys)
-    imagenet_weights_path(1.0, 224).write_bytes(b"weights v2")
+    weights_h5(imagenet_weights_path(1.0, 224), "v2")
     assert backbone_key(1.0, "imagenet", 224) not in keys
-    mine.write_bytes(b"weights v2")
+    weights_h5(mine, "v2")
     assert backbone_key(1.0, str(mine), 224) not in keys
-    imagenet_weights_path(1.0, 224).write_bytes(b"weights v1")
+    weights_h5(imagenet_weights_path(1.0, 224), "v1")
     assert backbone_key(1.0, "imagenet", 224) == base  # a key names bytes, not a file's history
     (home / "keras.json").write_text('{"floatx": "float32", "image_data_format": "channels_last"}')
     assert backbone_key(1.0, "imagenet", 224) == base  # what Keras writes on first import

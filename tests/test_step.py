@@ -4,11 +4,18 @@ the experiment: "Git user name and email must be configured")."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
-from pipeline.lib.config.step import GitIdentityError, check_git_identity
+from pipeline.lib.config.step import GitIdentityError, check_git_identity, overrides
+from tests.conftest import ROOT
 
 
 @pytest.fixture
@@ -48,3 +55,58 @@ def test_the_identity_variables_are_enough(no_identity):
         no_identity.setenv(f"GIT_{who}_NAME", "Ada")
         no_identity.setenv(f"GIT_{who}_EMAIL", "ada@example.com")
     check_git_identity()
+
+
+def stage(cwd, *args: str) -> subprocess.CompletedProcess:
+    """`python -m <args>` in `cwd` on this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [sys.executable, "-m", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--cfg", "job", "train.C=3"], ["train.C=3"]),
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "--cfg", "hydra"], []),
+        (["--info", "config", "a=1"], ["a=1"]),
+        (["--info", "a=1", "-cn", "params", "--config-path", "..", "b=2"], ["a=1", "b=2"]),
+        (["--cfg=job", "--package", "train", "+x=1"], ["+x=1"]),
+    ],
+)
+def test_hydras_flags_and_their_values_are_not_overrides(args, expected):
+    assert overrides(args) == expected
+
+
+def test_cfg_in_two_words_prints_the_config_and_params_has_a_help():
+    job = stage(ROOT, "pipeline.prepare", "--cfg", "job", "train.C=3")
+    assert job.returncode == 0 and "C: 3" in job.stdout, job.stderr
+    hydra = stage(ROOT, "pipeline.train", "hydra/launcher=joblib", "--cfg", "hydra")
+    assert hydra.returncode == 0 and "hydra:" in hydra.stdout, hydra.stderr
+    usage = stage(ROOT, "pipeline.params", "--help")
+    assert usage.returncode == 0 and "--use-folder PATH" in usage.stdout
+    wrong = stage(ROOT, "pipeline.params", "--chek")
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "--chek" in wrong.stderr
+
+
+@pytest.mark.parametrize("name", ["x${oc.env:HOME}", "y${oc.env:PATH,z}$"])
+def test_a_dollar_brace_folder_is_read_under_its_own_name_by_every_stage(tmp_path, name):
+    """--use-folder escapes it in conf/; params.yaml holds it as written (as DVC writes it); the
+    stages, which load params.yaml with Hydra, read the folder named so, not $HOME."""
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "conf", project / "conf")
+    photos = tmp_path / name
+    for k, c in enumerate(("car", "bus", "van")):
+        (photos / c).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.random.default_rng(10 * k + i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(photos / c / f"{i}.png")
+    assert stage(project, "pipeline.params", "--use-folder", str(photos)).returncode == 0
+    assert yaml.safe_load((project / "params.yaml").read_text())["data"]["path"] == str(photos)
+    assert stage(project, "pipeline.params", "--check").returncode == 0
+    prepared = stage(
+        project, "pipeline.prepare", "--config-path", str(project), "--config-name", "params",
+        "data.image_size=32", f"paths.prepared={tmp_path / 'prepared'}",
+    )  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr
+    assert f"your photo folder {photos} " in prepared.stdout + prepared.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.lib.config.schema import Config, ConfigError, validate
+from pipeline.lib.config.schema import Config, ConfigError, literal, validate
 from pipeline.lib.files import atomic_file
 
 #: The first line of a `params.yaml` written by `write_params`, followed by the overrides (JSON).
@@ -25,13 +26,14 @@ HEADER = "# composed from conf/ by `python -m pipeline.params`; overrides: "
 
 
 def compose(conf_dir: Path, overrides: list[str] | None = None) -> DictConfig:
-    """`conf_dir/config.yaml` composed with `overrides` and resolved, as DVC does; ConfigError
-    (one line) on a YAML error, an unknown group option or key."""
+    """`conf_dir/config.yaml` composed with `overrides` and resolved once, as DVC does (its
+    strings then literal: `literal`); ConfigError (one line) on a YAML error, an unknown group
+    option or key."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(Path(conf_dir).resolve()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-        OmegaConf.resolve(cfg)
+        cfg = OmegaConf.create(literal(OmegaConf.to_container(cfg, resolve=True)))
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
         text = " ".join(str(exc).split())
         cause = exc.__cause__ or exc.__context__
@@ -53,13 +55,15 @@ def write_params(
     root: Path, overrides: list[str] | None = None, output: Path | None = None
 ) -> Path:
     """Compose `root/conf` with `overrides`, validate it, write `output` (`root/params.yaml`)
-    atomically and return its path. Raises ConfigError, writing nothing."""
+    atomically, its values literal as DVC writes them, and return its path. Raises ConfigError,
+    writing nothing."""
     overrides = list(overrides or [])
     cfg = compose(Path(root) / "conf", overrides)
     validate_composed(Path(root) / "conf", cfg)
     output = Path(output or Path(root) / "params.yaml")
     with atomic_file(output) as fh:
-        fh.write(HEADER + json.dumps(overrides) + "\n" + OmegaConf.to_yaml(cfg))
+        values = OmegaConf.to_container(cfg, resolve=True)
+        fh.write(HEADER + json.dumps(overrides) + "\n" + OmegaConf.to_yaml(values))
     return output
 
 
@@ -122,25 +126,97 @@ def locate_key(conf_dir: Path, message: str) -> str | None:
 
 
 def check_params(root: Path) -> Config:
-    """The `config` stage: `root/params.yaml`, validated, and (outside `dvc exp run`) equal to
-    `conf/` composed with its overrides, else ConfigError naming the keys and the fix."""
+    """The `config` stage: `root/params.yaml`, validated, and equal to `conf/` composed with the
+    overrides of its header, else ConfigError naming the keys and the fix. Inside `dvc exp run
+    -S` (no header: DVC composed it) those overrides are recorded instead, for `dvc exp apply`."""
     root = Path(root)
     values, overrides = load_params(root / "params.yaml")
     try:
-        cfg = validate(OmegaConf.create(values))
+        cfg = validate(values)
     except ConfigError as exc:
         where = locate_key(root / "conf", str(exc))
         raise ConfigError(f"params.yaml{f' (from {where})' if where else ''}: {exc}") from None
-    if in_dvc_experiment():
-        return cfg
-    composed: Any = OmegaConf.to_container(compose(root / "conf", overrides or []))
+    composed: Any = OmegaConf.to_container(compose(root / "conf", overrides or []), resolve=True)
     validate_composed(root / "conf", composed)
+    if overrides is None and in_dvc_experiment():
+        overrides = record_overrides(root, composed, values)
+        warn_data_from_conf(root, values, overrides)
+        return cfg
     if diff := differences(composed, values):
         shown = ", ".join(f"{k} (conf/: {a!r}, params.yaml: {b!r})" for k, a, b in diff[:5])
         more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
-        again = " ".join(["python -m pipeline.params", *(overrides or [])])
+        again = " ".join(["python -m pipeline.params", *map(_shell, overrides or [])])
         raise ConfigError(
             f"params.yaml is out of date with conf/: {shown}{more}. Recompose it with "
-            f"`{again}` (or `make params`), or run `dvc exp run`, which recomposes it."
+            f"`{again}`, or `dvc exp run -S ...` (which recomposes it)."
         )
     return cfg
+
+
+def _shell(word: str) -> str:
+    return word if re.fullmatch(r"[\w.,+=~/:@-]+", word) else "'" + word.replace("'", "'\\''") + "'"
+
+
+def record_overrides(root: Path, composed: dict[str, Any], values: dict[str, Any]) -> list[str]:
+    """The overrides that turn `composed` (conf/ alone) into `values`, written as params.yaml's
+    header when they reproduce `values` exactly."""
+    overrides = overrides_between(composed, values)
+    again = OmegaConf.to_container(compose(root / "conf", overrides), resolve=True)
+    if json.dumps(again, sort_keys=True) == json.dumps(values, sort_keys=True):
+        path = root / "params.yaml"
+        text = path.read_text(encoding="utf-8")
+        with atomic_file(path) as fh:
+            fh.write(HEADER + json.dumps(overrides) + "\n" + text)
+    return overrides
+
+
+def overrides_between(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Hydra overrides (`key=value`, `+key=value`, `~key`) that make the dict `a` into `b`."""
+    found = []
+    for key in [*a, *(k for k in b if k not in a)]:
+        name = f"{prefix}{key}"
+        if key not in b:
+            found.append(f"~{name}")
+        elif key not in a:
+            found.append(f"+{name}={hydra_value(b[key])}")
+        elif isinstance(a[key], dict) and isinstance(b[key], dict):
+            found += overrides_between(a[key], b[key], f"{name}.")
+        elif json.dumps(a[key]) != json.dumps(b[key]):
+            found.append(f"{name}={hydra_value(b[key])}")
+    return found
+
+
+def hydra_value(value: Any) -> str:
+    """`value` in Hydra's override grammar, strings quoted and never interpolated."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(hydra_value, value)) + "]"
+    if isinstance(value, str):
+        quoted = re.sub(
+            r"(\\*)('|$)",
+            lambda m: m.group(1) * 2 + "\\" * len(m.group(2)) + m.group(2),
+            literal(value),
+        )
+        return f"'{quoted}'"
+    return json.dumps(value)
+
+
+def warn_data_from_conf(root: Path, values: dict[str, Any], overrides: list[str]) -> None:
+    """Warn when `dvc exp run` took the data from conf/ (no `-S data...`, as it composes conf/
+    with only its own -S) and it is not the last run's (dvc.lock)."""
+    try:
+        last = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+        last = last["prepare"]["params"]["params.yaml"]["data"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return
+    was, now = (
+        f"data.source={d.get('source')} data.path={d.get('path')}" for d in (last, values["data"])
+    )
+    if was != now and not any(o.lstrip("+~").startswith("data.") for o in overrides):
+        print(
+            f"WARNING: this experiment reads {now} (from conf/), the last run (dvc.lock) {was}: "
+            "`dvc exp run` composes conf/ with only its -S; keep photos with -S data=folder "
+            "-S data.path=... or `python -m pipeline.params --use-folder PATH`.",
+            file=sys.stderr,
+        )

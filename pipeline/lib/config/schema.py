@@ -264,9 +264,6 @@ def solver(c: Any) -> str:
     return c.train.solver
 
 
-IMAGENET_SIZES = (96, 128, 160, 192, 224)
-
-
 def _in_range(value: float, spec: str) -> bool:
     if spec.startswith(">"):
         op, bound = spec.split()
@@ -278,18 +275,20 @@ def _in_range(value: float, spec: str) -> bool:
 
 def validate(cfg: DictConfig | dict[str, Any]) -> Config:
     """`cfg` merged onto the schema, range-checked, `auto` tracking names resolved, read-only.
+    A DictConfig's interpolations are resolved once; a dict's values (and the result's) are
+    literal: a `${` in a value (a folder's name) is never interpolated.
 
     Raises `ConfigError` naming the key on any missing or unknown key, wrong type or bad value.
     """
-    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     try:
-        if missing := sorted(OmegaConf.missing_keys(raw)):
+        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        values = literal(values)
+        if missing := sorted(OmegaConf.missing_keys(values)):
             raise ConfigError(
                 f"Missing configuration value(s): {', '.join(missing)} (marked ???). Set it, "
                 f"e.g. `python -m pipeline.prepare {missing[0]}=...`."
             )
-        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
-        OmegaConf.resolve(merged)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), values)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         first_line = str(exc).strip().splitlines()[0]
@@ -301,6 +300,18 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
             merged.tracking[key] = name
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]  # a DictConfig typed as Config
+
+
+def literal(value: Any) -> Any:
+    """`value` (nested dicts, lists, strings) with every `${` escaped, so that OmegaConf reads
+    each string as written (`\\` runs before `${` doubled, as its grammar wants)."""
+    if isinstance(value, dict):
+        return {k: literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [literal(v) for v in value]
+    if isinstance(value, str) and "${" in value:
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    return value
 
 
 def _invalid(key: str, value: Any, msg: str) -> ConfigError:
@@ -324,8 +335,6 @@ def _check_values(c: Any) -> None:
     _check_fields(c, "")
     d, t, a, formats = c.data, c.train, c.train.augment, list(c.export.formats)
     synthetic, use = d.source == "synthetic", "`python -m pipeline.params --use-folder PATH`"
-    sized = d.image_size in IMAGENET_SIZES or c.model.weights != "imagenet"
-    no_weights = "or set model.weights=null"
     augments = a.flip != "none" or any(a[k] > 0 for k in AUGMENTS)
     c_ok = t.C in ("auto", None) or type(t.C) in (int, float) and t.C > 0
     keras, flow = solver(c) == "keras", ", ".join(images_must_flow(c))
@@ -335,12 +344,12 @@ def _check_values(c: Any) -> None:
         (synthetic or d.path, "data.path", f"data.source=folder needs your photos' folder: {use}"),
         (not (synthetic and d.path), "data.path", f"is for data.source=folder: unset it, or {use}"),
         (not synthetic or d.synthetic and d.synthetic.dir, "data.synthetic.dir", "must be set"),
-        (sized, "data.image_size", f"ImageNet weights exist at {IMAGENET_SIZES} ({no_weights})"),
         (not a.enabled or augments, "train.augment.enabled", "does nothing: flip none, factors 0"),
         (c_ok, "train.C", "must be `auto`, a number > 0 or null"),
         (set(formats) <= set(EXPORT_FORMATS), "export.formats", f"choose {EXPORT_FORMATS}"),
         (len(set(formats)) == len(formats), "export.formats", "lists a format twice"),
         (c.tracking.uri, "tracking.uri", "must not be empty"),
+        (_model_name_ok(c.tracking.registered_model), "tracking.registered_model", MODEL_NAME),
         # a setting the chosen solver does not read is refused, not ignored
         (not (keras and t.refit_on_train_val), "train.refit_on_train_val", "needs solver=lbfgs"),
         (keras or not flow, "train.solver", f"fits cached features; {flow} needs images (keras)"),
@@ -355,6 +364,13 @@ def _check_values(c: Any) -> None:
     for ok, key, msg in rules:
         if not ok:
             raise _invalid(key, OmegaConf.select(c, key), msg)
+
+
+MODEL_NAME = "MLflow refuses it (no '/' or ':', not empty, '.' or '..'): rename it, or null"
+
+
+def _model_name_ok(name: str | None) -> bool:
+    return name is None or name.strip() not in ("", ".", "..") and not {"/", ":"} & set(name)
 
 
 def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:

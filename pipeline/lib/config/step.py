@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.lib.config.compose import compose, in_dvc_experiment, load_params, validate_composed
-from pipeline.lib.config.schema import Config, ConfigError, validate
+from pipeline.lib.config.schema import Config, ConfigError, literal, validate
 from pipeline.lib.errors import StageInputError, UserError
 
 __all__ = ["CONF_DIR", "StageInputError", "entry_point", "preflight", "run_step"]
@@ -72,14 +72,30 @@ def preflight(argv: list[str] | None = None) -> None:
             if path.is_file():
                 load_params(path)
         elif not {"-m", "--multirun"} & set(args):
-            skip = ("-", "hydra.", "hydra/", "+hydra", "~hydra")
-            overrides = [a for a in args if not a.startswith(skip)]
             conf = Path(CONF_DIR)
-            validate_composed(conf, compose(conf, overrides))
+            validate_composed(conf, compose(conf, overrides(args)))
         if any(a.replace(" ", "").lower() == "hydra.job.chdir=true" for a in args):
             raise ConfigError(CHDIR_REFUSED)
     except UserError as exc:
         raise _fail(exc) from None
+
+
+#: Hydra's flags that take the next word as their value (`--info` only one of its choices).
+VALUED_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
+VALUED_FLAGS |= {"--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def overrides(args: list[str]) -> list[str]:
+    """The config overrides among a step's command-line `args`: not Hydra's flags (`--cfg job`,
+    `--info config`, ...), nor `hydra.*` settings."""
+    found, i = [], 0
+    while i < len(args):
+        arg, after = args[i], args[i + 1] if i + 1 < len(args) else ""
+        i += 1 + (arg in VALUED_FLAGS or arg in ("--info", "-i") and after in INFO_CHOICES)
+        if not arg.startswith(("-", "hydra.", "hydra/", "+hydra", "~hydra")):
+            found.append(arg)
+    return found
 
 
 def _option(args: list[str], name: str) -> str | None:
@@ -106,11 +122,29 @@ def run_step(step: Callable[[Config], Any], cfg: DictConfig) -> Any:
             out = Path(HydraConfig.get().runtime.output_dir)
             paths = {k: str(out / k) for k in ("models", "reports", "exports")}
             paths["run_file"] = str(out / "mlflow_run.json")
-            cfg = OmegaConf.merge(cfg, {"paths": paths})  # type: ignore[assignment]
-        return step(validate(cfg))
+            cfg = OmegaConf.merge(cfg, {"paths": literal(paths)})  # type: ignore[assignment]
+        return step(validate(literal_file_values(cfg)))
     except UserError as exc:
         log.debug("%s", exc)  # the job's log file; the console gets the one line
         raise _fail(exc) from None
+
+
+def literal_file_values(cfg: DictConfig) -> DictConfig:
+    """`cfg` with each string that its `--config-name` file (params.yaml: resolved already, by
+    DVC or `pipeline.params`) holds as written made literal: its `${` is never interpolated."""
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra is None or hydra.job.config_name in (None, "config"):
+        return cfg
+    folder = [s.path for s in hydra.runtime.config_sources if s.provider == "main"][0]
+    path = Path(folder.removeprefix("file://")) / f"{Path(hydra.job.config_name).stem}.yaml"
+
+    def keep(node: Any, file: Any) -> Any:
+        if isinstance(node, dict) and isinstance(file, dict):
+            return {k: keep(v, file.get(k)) for k, v in node.items()}
+        return literal(node) if isinstance(node, str) and node == file else node
+
+    written = load_params(path)[0] if path.is_file() else {}
+    return OmegaConf.create(keep(OmegaConf.to_container(cfg, resolve=False), written))
 
 
 class GitIdentityError(UserError):

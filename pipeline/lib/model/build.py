@@ -16,8 +16,8 @@ from pipeline.lib.errors import UserError
 
 #: The file Keras downloads for `weights="imagenet"`, per alpha and size (no top).
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5"
-#: Where this project keeps a copy of the 1.0/224 file for offline use (see shared/models/README.md).
-SHARED_WEIGHTS_HINT = "../shared/models/"
+#: The sizes Keras has ImageNet weights for; any other size loads the 224 px file, as Keras does.
+IMAGENET_SIZES = (96, 128, 160, 192, 224)
 
 BACKBONE_NAME = "backbone"
 FEATURES_NAME = "pooled_features"
@@ -25,7 +25,7 @@ HEAD_NAME = "classifier"
 
 
 class WeightsNotFoundError(UserError, FileNotFoundError):
-    """ImageNet weights were asked for, but no weights file is available offline."""
+    """ImageNet weights were asked for, but no usable weights file is available offline."""
 
 
 def keras_home() -> Path:
@@ -40,31 +40,37 @@ def keras_home() -> Path:
 
 
 def imagenet_weights_path(alpha: float, size: int) -> Path:
-    """Where Keras keeps the MobileNetV2 ImageNet weights file (no top) of `alpha` and `size` px."""
-    return keras_home() / "models" / WEIGHTS_FILE.format(alpha=float(alpha), size=size)
+    """The MobileNetV2 ImageNet weights file (no top) in Keras' cache that a `size` px backbone
+    loads: the file of that size where Keras has one and it is there, else the 224 px file (the
+    convolutions' weights fit any size)."""
+    folder = keras_home() / "models"
+    path = folder / WEIGHTS_FILE.format(alpha=float(alpha), size=size)
+    if size in IMAGENET_SIZES and (size == 224 or path.is_file()):
+        return path
+    return folder / WEIGHTS_FILE.format(alpha=float(alpha), size=224)
 
 
 def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
-    """What to pass to `keras.applications.MobileNetV2(weights=...)`, checked to work offline.
-
-    `imagenet` is only passed to Keras when its cache already holds the file, so Keras never tries
-    to download (which would hang or fail with a stack trace on a machine without network).
-    """
+    """What to pass to `keras.applications.MobileNetV2(weights=...)`: None, `imagenet` (its file
+    of this size is in Keras' cache) or a weights file, checked to be a whole HDF5 file, so that
+    nothing is downloaded or found damaged after minutes. WeightsNotFoundError (one line) else."""
     if weights is None or str(weights).lower() in ("null", "none", ""):
         return None
     if weights == "imagenet":
         path = imagenet_weights_path(alpha, size)
-        if path.is_file():
-            return "imagenet"
-        raise WeightsNotFoundError(
-            f"model.weights=imagenet: the MobileNetV2 ImageNet weights file (alpha {float(alpha)}, "
-            f"{size} px, no top) is not in Keras' cache: {path} is missing, and nothing is downloaded "
-            "at run time. Fix it with one of:\n"
-            f"  - copy or link the file there: mkdir -p {path.parent} && "
-            f'ln -s "$PWD/{SHARED_WEIGHTS_HINT}{path.name}" {path}   (or `make weights`);\n'
-            "  - point Keras elsewhere: export KERAS_HOME=/folder/with/models/subfolder;\n"
-            "  - pass a file: model.weights=/path/to/mobilenet_v2_..._no_top.h5;\n"
-            "  - train from scratch: model.weights=null."
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"model.weights=imagenet: {path} (MobileNetV2 ImageNet weights, alpha "
+                f"{float(alpha)}, no top) is missing and nothing is downloaded: run `make weights` "
+                "(or copy the file there, or export KERAS_HOME=/folder/with/models/subfolder), "
+                "pass a file (model.weights=/path/to/mobilenet_v2_..._no_top.h5), or set "
+                "model.weights=null."
+            )
+        _check_hdf5(path, "imagenet", "delete it and run `make weights`")
+        return (
+            "imagenet"
+            if path.name == WEIGHTS_FILE.format(alpha=float(alpha), size=size)
+            else str(path)
         )
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -72,7 +78,21 @@ def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
             f"model.weights={weights!r}: no such file. Pass an existing Keras weights file "
             "(.h5 / .weights.h5 of MobileNetV2 without top), `imagenet`, or null."
         )
+    _check_hdf5(path, weights, "replace it")
     return str(path)
+
+
+def _check_hdf5(path: Path, weights: str, fix: str) -> None:
+    import h5py
+
+    try:
+        h5py.File(path, "r").close()
+    except OSError as exc:
+        reason = str(exc).split("(", 1)[-1].rstrip(")") if "(" in str(exc) else str(exc)
+        raise WeightsNotFoundError(
+            f"model.weights={weights}: {path} is damaged ({reason}; {path.stat().st_size} "
+            f"bytes): {fix}"
+        ) from None
 
 
 def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> Any:
