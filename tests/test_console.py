@@ -185,7 +185,7 @@ def test_a_cut_short_test_run_names_its_failures_and_leaves_nothing_running(tmp_
     rc, out = _toy_run(tmp_path, "timed", "3")
     assert rc == 1, out
     assert "FAILED tests/test_toy.py::test_fails - AssertionError: one is not two" in out
-    assert "test_hangs - Failed: timed out: the test ran over 3 s" in out
+    assert "test_hangs - Failed: timed out" in out  # the summary line may be cut at 80 columns
     assert "short test summary info" in out and "2 failed, 1 passed" in out
     assert len(_sleepers()) == before, out
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.lib.config.compose import write_params
-from pipeline.lib.config.schema import SplitRatios
+from pipeline.lib.config.schema import SplitRatios, literal
 from pipeline.lib.data.sources.folder import discover
 from pipeline.lib.errors import UserError
 
@@ -80,7 +80,7 @@ def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, i
         )
     target = root / "conf" / "data" / f"{PHOTOS_OPTION}.yaml"
     settings = _own_settings(target)  # what the user added below the path is kept
-    settings["path"] = str(folder).replace("${", "\\${")
+    settings["path"] = literal(str(folder))
     body = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
     _write(target, _PHOTOS_HEADER + body)
     _set_default(root, PHOTOS_OPTION)
