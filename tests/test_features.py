@@ -262,11 +262,18 @@ def test_the_feature_key_follows_a_weights_file_changed_in_place(tmp_path):
     cached features another backbone's (train then recomputes them, evaluate runs the model)."""
     from pipeline.lib.model.features import feature_key
 
+    import h5py
+
     weights = tmp_path / "user.weights.h5"
-    weights.write_bytes(b"first weights")
+
+    def write(value: float) -> None:  # a real (tiny) HDF5 file: damaged files are refused
+        with h5py.File(weights, "w") as fh:
+            fh["w"] = [value]
+
+    write(1.0)
     cfg = compose([f"model.weights={weights}"])
     before = feature_key(cfg, "prepared.dir")
-    weights.write_bytes(b"other weights")
+    write(2.0)
     after = feature_key(cfg, "prepared.dir")
     assert before["weights"] == after["weights"] and before["weights_md5"] != after["weights_md5"]
     assert feature_key(compose(["model.weights=null"]), "prepared.dir")["weights_md5"] is None
