@@ -4,7 +4,7 @@ small datasets whose test split says little (see `pipeline.lib.training.crossval
     python -m pipeline.crossval                          # train.crossval_folds (5) folds
     python -m pipeline.crossval train.crossval_folds=3 train.class_weight=auto
 
-Needs the prepare and featurize stages' outputs (`dvc repro featurize`). Pools train + val, trains
+Needs the prepare and featurize stages' outputs (`dvc repro featurize`). Pools every photo (train, val, test), trains
 one head per fold exactly as `train` does, logs one MLflow parent run (mean ± std, pooled accuracy
 and its 95 % Wilson interval) with one child run per fold. Writes no DVC output.
 """

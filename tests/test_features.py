@@ -260,9 +260,9 @@ def test_the_cache_key_follows_the_conversion_code(monkeypatch):
 def test_the_feature_key_follows_a_weights_file_changed_in_place(tmp_path):
     """DVC sees only the `model.weights` string: a file rewritten in place must still make the
     cached features another backbone's (train then recomputes them, evaluate runs the model)."""
-    from pipeline.lib.model.features import feature_key
-
     import h5py
+
+    from pipeline.lib.model.features import feature_key
 
     weights = tmp_path / "user.weights.h5"
 

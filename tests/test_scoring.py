@@ -6,6 +6,7 @@ by evaluate, predict or the served model."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,34 @@ def test_evaluate_predict_and_the_served_model_import_no_tensorflow(world):
     proc, imported = _imported(["-c", served])
     assert proc.returncode == 0 and "(2, 3)" in proc.stdout, proc.stderr[-2000:]
     assert not imported & {"tensorflow", "keras"}
+
+
+def test_a_tampered_model_folder_is_one_error(world, tmp_path):
+    """Files mixed from two trainings, a head with NaN weights, a card that is not train's: each
+    is refused when the model is loaded (StageInputError: one line, exit 2), not a traceback or
+    NaN predictions."""
+    _, cfg = world
+    images = open_prepared(cfg.paths.prepared, cfg.data).images("test")[:2]
+
+    def tampered(edit) -> Path:
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(cfg.paths.models, folder)
+        edit(folder)
+        return folder
+
+    def card(folder: Path, **changes) -> None:
+        data = json.loads((folder / "model.json").read_text()) | changes
+        (folder / "model.json").write_text(json.dumps(data))
+
+    head = np.load(Path(cfg.paths.models) / "head.npy")
+    nan_head = head.copy()
+    nan_head[0, 0] = np.nan
+    cases = {
+        "NaN or infinite": lambda f: np.save(f / "head.npy", nan_head),
+        "takes 32 px images": lambda f: card(f, image_size=64),
+        "not the model card": lambda f: card(f, classes=["a", "a", "b", "c", "d", "e"]),
+        "model card": lambda f: card(f, resize="sideways"),
+    }
+    for message, edit in cases.items():
+        with pytest.raises(StageInputError, match=message):
+            Classifier.load(tampered(edit)).predict_proba(images)

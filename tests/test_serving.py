@@ -337,3 +337,23 @@ def test_mlflow_models_serve_refuses_nan_and_out_of_range_pixels_with_a_4xx(serv
     assert answer["label"] in answer["scores"] and sum(answer["scores"].values()) == (
         pytest.approx(1.0)
     )
+
+
+def test_raw_heic_bytes_are_taken_as_an_image_file_not_as_base64():
+    """iPhone photos (HEIC, an ISO BMFF file: `ftyp` at byte 4) sent as raw bytes are decoded
+    like the other formats, as `pipeline.predict` does."""
+    import io
+
+    import pillow_heif
+    from PIL import Image
+
+    from pipeline.lib.tracking.pyfunc_model import to_images
+
+    pillow_heif.register_heif_opener()
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buffer, format="HEIF")
+    raw = buffer.getvalue()
+    assert raw[4:8] == b"ftyp"
+    images = to_images([raw], 32, "stretch")
+    assert images.shape == (1, 32, 32, 3)
+    assert abs(float(images[0, 16, 16, 0]) - 200) < 12  # red survives the HEVC round trip

@@ -242,6 +242,8 @@ def tracking_names(data: Any) -> tuple[str, str]:
 KERAS_ONLY = (
     *(f"train.{k}" for k in ("epochs", "batch_size", "learning_rate", "optimizer", "shuffle")),
     *(f"train.{k}" for k in ("lr_schedule", "plateau", "early_stopping", "resume", "strategy")),
+    "train.augment",  # their sub-keys too: e.g. train.augment.rotation with augment off
+    "train.fine_tune",
     "model.dropout",
     "model.head_init",
 )
@@ -336,7 +338,7 @@ def _check_values(c: Any) -> None:
     d, t, a, formats = c.data, c.train, c.train.augment, list(c.export.formats)
     synthetic, use = d.source == "synthetic", "`python -m pipeline.params --use-folder PATH`"
     augments = a.flip != "none" or any(a[k] > 0 for k in AUGMENTS)
-    c_ok = t.C in ("auto", None) or type(t.C) in (int, float) and t.C > 0
+    c_ok = t.C in ("auto", None) or type(t.C) in (int, float) and 0 < t.C < 1e12
     keras, flow = solver(c) == "keras", ", ".join(images_must_flow(c))
     defaults = OmegaConf.structured(Config)
     changed = [k for k in KERAS_ONLY if OmegaConf.select(c, k) != OmegaConf.select(defaults, k)]
@@ -349,7 +351,7 @@ def _check_values(c: Any) -> None:
         ),
         (not synthetic or d.synthetic and d.synthetic.dir, "data.synthetic.dir", "must be set"),
         (not a.enabled or augments, "train.augment.enabled", "does nothing: flip none, factors 0"),
-        (c_ok, "train.C", "must be `auto`, a number > 0 or null"),
+        (c_ok, "train.C", "must be `auto`, a number in (0, 1e12) or null"),
         (set(formats) <= set(EXPORT_FORMATS), "export.formats", f"choose {EXPORT_FORMATS}"),
         (len(set(formats)) == len(formats), "export.formats", "lists a format twice"),
         (c.tracking.uri, "tracking.uri", "must not be empty"),

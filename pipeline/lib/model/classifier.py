@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
+from pipeline.lib.data.images import RESIZE_POLICIES
 from pipeline.lib.data.prepared import iter_batches
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import md5_file, read_json, write_json
@@ -73,6 +74,8 @@ class Head:
                 f"{path}: expected a float (D + 1, C) array, found {array.dtype} {array.shape}: "
                 "rerun the train stage (`dvc repro train`)."
             )
+        if not np.isfinite(array).all():
+            raise StageInputError(f"{path}: the head holds NaN or infinite weights: rerun train.")
         return cls(array[:-1].astype(np.float32), array[-1].astype(np.float32))
 
 
@@ -95,12 +98,23 @@ class ModelCard:
     def load(cls, path: str | os.PathLike[str]) -> ModelCard:
         """The card at `path`. Raises StageInputError: missing or not the object train writes."""
         try:
-            return cls(**read_json(path))
+            card = cls(**read_json(path))
+            ok = (
+                isinstance(card.classes, list)
+                and all(isinstance(c, str) and c for c in card.classes)
+                and len(set(card.classes)) == len(card.classes) >= 2
+                and card.resize in RESIZE_POLICIES
+                and isinstance(card.image_size, int)
+                and card.image_size >= 32
+            )
         except (OSError, ValueError, TypeError):
+            ok = False
+        if not ok:
             raise StageInputError(
-                f"{path}: missing or not the model card train writes: rerun the train stage "
-                "(`dvc repro train`)."
-            ) from None
+                f"{path}: missing or not the model card train writes (classes, image_size, "
+                "resize): rerun the train stage (`dvc repro train`)."
+            )
+        return card
 
 
 def save_model_folder(
@@ -189,6 +203,12 @@ class Classifier:
             backbone = ShardedTFLite(self.backbone_source, self.workers)
         except ValueError as exc:
             raise StageInputError(f"{BACKBONE_FILE}: {exc}: rerun the train stage.") from None
+        side = backbone.runners[0].input_shape[1:3]
+        if tuple(side) != (self.image_size, self.image_size):
+            raise StageInputError(
+                f"{BACKBONE_FILE} takes {side[0]} px images, {CARD_FILE} says {self.image_size}: "
+                "they are not from one training; rerun train."
+            )
         if backbone.feature_dim != self.head.kernel.shape[0]:
             raise StageInputError(
                 f"{BACKBONE_FILE} gives {backbone.feature_dim} features, the head takes "

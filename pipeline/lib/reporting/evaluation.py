@@ -61,7 +61,7 @@ def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
         log.warning(
             "The test split has %d images: test accuracy %.3f has a 95%% interval of "
             "[%.3f, %.3f], too wide to tell models apart. Use more test images or "
-            "`python -m pipeline.crossval` (k-fold over train + val).",
+            "`python -m pipeline.crossval` (k-fold over every photo).",
             len(ev.predictions.y_true),
             m["accuracy"],
             m["ci_low"],

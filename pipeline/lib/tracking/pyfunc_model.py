@@ -127,7 +127,7 @@ def _decode(items: Sequence[str | bytes], size: int, resize: str) -> np.ndarray:
 def _image_bytes(item: str | bytes, index: int) -> bytes:
     """An encoded image file's bytes from raw bytes or base64 text (a data: URL prefix is
     allowed)."""
-    if isinstance(item, bytes) and item.startswith(_MAGIC):
+    if isinstance(item, bytes) and (item.startswith(_MAGIC) or item[4:8] == b"ftyp"):
         return item
     text = item.decode("ascii", "replace") if isinstance(item, bytes) else str(item)
     if text.startswith("data:") and "," in text:

@@ -129,6 +129,10 @@ def crossval(cfg: Any) -> dict[str, Any]:
     with runs.active_run(cfg.tracking, None, name, parent_tags, experiment_id) as parent:
         runs.log_config(cfg)
         for i, fold in enumerate(folds):
+            absent = sorted(set(y[fold["test"]]) - set(y[fold["train"]]))
+            if absent:  # a class with too few photos: this fold cannot learn it
+                names = ", ".join(dataset.classes[a] for a in absent)
+                log.warning("Fold %d/%d trains on no photo of %s: add photos", i + 1, k, names)
             probs = train_fold(cfg, x, y, fold, c)
             m = headline_metrics(Predictions(probs, y[fold["test"]], dataset.classes))
             m["images"] = len(fold["test"])
