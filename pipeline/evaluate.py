@@ -69,7 +69,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         ev, reports / FIGURES_DIR, cfg.evaluate.gallery_size, cfg.evaluate.gallery_columns
     )
     # the DVC output stays reproducible: the run and commit go into the MLflow run's copy only
-    source = {"data": " ".join(filter(None, [cfg.data.source, cfg.data.path]))}
+    # ... and no absolute path: the photo folder by its name
+    folder = Path(cfg.data.path).name if cfg.data.path else None
+    source = {"data": " ".join(filter(None, [cfg.data.source, folder]))}
     source["model"] = f"{cfg.paths.models} (md5 {model_md5(cfg.paths.models)})"
     report = reports / REPORT_HTML
     cells = cfg.evaluate.report_images_per_cell

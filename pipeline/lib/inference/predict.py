@@ -106,7 +106,8 @@ def _from_mlflow(uri: str, tracking_uri: str | None, threads: int) -> Predictor:
     try:
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp()))
     except Exception as exc:  # noqa: BLE001 (any lookup failure is reported with its reason)
-        raise PredictError(f"model {uri}: not found in {store} ({_reason(exc)})") from None
+        hint = " (set it: `python -m pipeline.registry promote`)" if "@" in uri else ""
+        raise PredictError(f"model {uri}: not found in {store} ({_reason(exc)}){hint}") from None
     finally:
         if previous is not None:
             mlflow.set_tracking_uri(previous)
