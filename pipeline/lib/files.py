@@ -162,3 +162,10 @@ def dvc_md5(path: PathLike) -> str:
     listing.sort(key=lambda entry: entry["relpath"])
     raw = json.dumps(listing, sort_keys=True).encode()
     return hashlib.md5(raw).hexdigest() + ".dir"  # noqa: S324
+
+
+def cache_root() -> Path:
+    """The product's cache folder (conversions, C choices): $TRUCK_CACHE_DIR, else
+    $XDG_CACHE_HOME/truck-pipeline, else ~/.cache/truck-pipeline."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(os.environ.get("TRUCK_CACHE_DIR") or os.path.join(xdg, "truck-pipeline"))

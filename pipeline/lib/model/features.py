@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.lib.data.prepared import SPLITS, iter_batches
-from pipeline.lib.files import md5_file, read_json
+from pipeline.lib.files import cache_root, md5_file, read_json
 from pipeline.lib.model import build
 from pipeline.lib.model.tflite import TFLiteRunner
 
@@ -102,9 +102,7 @@ def tflite_cache_path(key: str, cache_dir: Path | None = None) -> Path:
     """`<cache_dir>/tflite/<key>.tflite` (its sha256 beside it, suffix `.sha256`); `cache_dir`
     defaults to $TRUCK_CACHE_DIR, else $XDG_CACHE_HOME/truck-pipeline, else
     ~/.cache/truck-pipeline."""
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    default = os.environ.get("TRUCK_CACHE_DIR") or os.path.join(xdg, "truck-pipeline")
-    return Path(cache_dir or default) / "tflite" / f"{key}.tflite"
+    return Path(cache_dir or cache_root()) / "tflite" / f"{key}.tflite"
 
 
 def convert_to_tflite(extractor: Any) -> bytes:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.lib.config.schema import TrainConfig
 from pipeline.lib.errors import UserError
-from pipeline.lib.files import write_json
+from pipeline.lib.files import cache_root, write_json
 from pipeline.lib.model.classifier import Head
 from pipeline.lib.training.calibration import calibrate
 
@@ -217,12 +216,8 @@ def _cv_scores(
 
 
 def cache_dir() -> Path:
-    """Where `choose_c` keeps its choices: $TRUCK_CACHE_DIR/head, else
-    $XDG_CACHE_HOME/truck-pipeline/head, else ~/.cache/truck-pipeline/head."""
-    base = os.environ.get("TRUCK_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "truck-pipeline"
-    )
-    return Path(base) / "head"
+    """Where `choose_c` keeps its choices: `files.cache_root()`/head."""
+    return cache_root() / "head"
 
 
 def choose_c(
