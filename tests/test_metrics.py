@@ -91,15 +91,6 @@ def test_mcnemar_against_a_hand_computed_table():
     assert mcnemar_exact(a, a).p_value == 1.0
 
 
-def test_paired_correct_pairs_by_path():
-    from pipeline.lib.reporting.metrics import paired_correct
-
-    a = "path,actual,predicted,confidence\nx.png,c1,c1,0.9\ny.png,c2,c1,0.6\n"
-    b = "path,actual,predicted,confidence\ny.png,c2,c2,0.7\nx.png,c1,c1,0.8\nz.png,c1,c1,1\n"
-    ra, rb = paired_correct(a, b)
-    assert ra.tolist() == [True, False] and rb.tolist() == [True, True]
-
-
 def test_gallery_heading_says_mistakes_are_chosen_first():
     """The case gallery-title-misleading: 12 of 153 shown, 6 of them mistakes, 95.4 %."""
     from pipeline.lib.reporting.metrics import gallery_heading, gallery_indices

@@ -1,7 +1,8 @@
 """What a pull request changes, as Markdown: `dvc metrics diff --all` and `dvc params diff` (the
 headline metric first, with a one-line verdict; unchanged metrics folded away), McNemar's test,
-and each revision's test confusion matrix from the git-tracked `reports/predictions.csv`, as PNGs
-(relative links) and as Markdown tables (PR comments may not render images).
+the photos that changed, and each revision's test confusion matrix from the git-tracked
+`reports/predictions.csv`, as PNGs (relative links) and Markdown tables (PR comments may not
+render images).
 
     python -m pipeline.ci_report --base origin/main [--head REV|workspace] --output report.md
 
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline.lib.reporting.figures import save_confusion_matrix
-from pipeline.lib.reporting.metrics import McNemar, mcnemar_exact, paired_correct, significance_text
+from pipeline.lib.reporting.metrics import significance_text
+from pipeline.lib.reporting.photo_changes import PhotoDiff, diff_predictions, markdown
 
 WORKSPACE = "workspace"
 DEFAULT_METRIC = "test.accuracy"
@@ -320,7 +322,7 @@ class Report:
     metric: str = DEFAULT_METRIC
     predictions: str = DEFAULT_PREDICTIONS
     warnings: list[str] = field(default_factory=list)
-    mcnemar: McNemar | None = None  # on the paired test predictions
+    photos: PhotoDiff | None = None  # the test predictions paired by photo
 
 
 def render_confusion(side: Side, label: str) -> str:
@@ -361,8 +363,9 @@ def render_report(report: Report) -> str:
         render_confusion(base, "Base"),
         render_confusion(head, "Head"),
     ]
-    if report.mcnemar is not None:
-        sections += ["#### Is the difference real?", significance_text(report.mcnemar)]
+    if report.photos is not None:
+        sections += ["#### Is the difference real?", significance_text(report.photos.mcnemar)]
+        sections += ["#### Photos that changed", markdown(report.photos)]
     if base.confusion and head.confusion:
         moved = [
             f"{_md(c.actual)} | {_md(c.predicted)} | {c.base} | {c.head}"
@@ -410,11 +413,11 @@ def build_report(
                 save_confusion_matrix(matrix, names, image, title=title)
                 side.image = Path(os.path.relpath(image, output.parent)).as_posix()
         sides.append(side)
-    mcnemar = None
-    with contextlib.suppress(ValueError):  # predictions paired by image path
+    photos = None
+    with contextlib.suppress(ValueError):  # predictions paired by photo
         if texts["Base"] and texts["Head"]:
-            mcnemar = mcnemar_exact(*paired_correct(texts["Base"], texts["Head"]))
-    return Report(*sides, metrics, params, metric, predictions, warnings, mcnemar)
+            photos = diff_predictions(texts["Base"], texts["Head"])
+    return Report(*sides, metrics, params, metric, predictions, warnings, photos)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

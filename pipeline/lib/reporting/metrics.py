@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,22 +190,6 @@ def gallery_heading(y_true: np.ndarray, y_pred: np.ndarray, shown: np.ndarray) -
     first = f" (mistakes chosen first: {int(wrong.sum())} in all)" if n < total else ""
     accuracy = f"{1 - wrong.mean():.1%}".replace("%", " %") if total else "n/a"
     return f"{of}, {int(wrong[shown].sum())} of them mistakes{first}; test accuracy {accuracy}"
-
-
-def paired_correct(csv_a: str, csv_b: str) -> tuple[np.ndarray, np.ndarray]:
-    """Two predictions.csv texts (columns `path`, `actual`, `predicted`) paired by path: bool (M,)
-    "A was right", "B was right" over the M paths both hold, sorted by path. Raises ValueError
-    when a text lacks a column."""
-    right = []
-    for text in (csv_a, csv_b):
-        reader = csv.DictReader(io.StringIO(text))
-        missing = {"path", "actual", "predicted"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"predictions CSV lacks column(s) {sorted(missing)}")
-        right.append({r["path"]: r["actual"] == r["predicted"] for r in reader})
-    common = sorted(set(right[0]) & set(right[1]))
-    a, b = (np.array([side[path] for path in common], dtype=bool) for side in right)
-    return a, b
 
 
 def significance_text(result: McNemar, a: str = "base", b: str = "head") -> str:

@@ -6,6 +6,7 @@ by a metric. A reporting tool (plain argparse): nothing is written, a missing st
     python -m pipeline.compare --params train.C,train.label_smoothing --limit 5
     python -m pipeline.compare --format csv --output reports/runs.csv
     python -m pipeline.compare --mcnemar RUN_A RUN_B      # do two runs really differ?
+    python -m pipeline.compare --photos A B   # which photos changed (runs, revisions, experiments)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -36,7 +38,9 @@ from pipeline.lib.config.schema import (
     TrackingConfig,
     validate,
 )
-from pipeline.lib.reporting.metrics import mcnemar_exact, paired_correct, significance_text
+from pipeline.lib.files import read_json
+from pipeline.lib.reporting.metrics import significance_text
+from pipeline.lib.reporting.photo_changes import diff_predictions, write_outputs
 from pipeline.lib.tracking import store
 from pipeline.lib.tracking.lineage import TAG_PARENT
 from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri
@@ -236,28 +240,59 @@ def render(df: pd.DataFrame, fmt: str = "markdown") -> str:
     return shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def mcnemar_runs(client: mlflow.MlflowClient, experiment: str, run_a: str, run_b: str) -> str:
-    """McNemar's exact test on two runs' test predictions (ids or unique prefixes), as one
-    sentence. Raises ValueError when a run has no `PREDICTIONS_ARTIFACT`."""
-    ids = [experiment_id(client, experiment)]
-    texts, names = [], []
-    for given in (run_a, run_b):
-        run_id = resolve_run_id(client, ids, given)
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                local = download_artifacts(
-                    run_id=run_id,
-                    artifact_path=PREDICTIONS_ARTIFACT,
-                    dst_path=tmp,
-                    tracking_uri=client.tracking_uri,
-                )
-            except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing file)
-                raise ValueError(
-                    f"run {run_id} has no {PREDICTIONS_ARTIFACT} (evaluated?)"
-                ) from None
-            texts.append(Path(local).read_text(encoding="utf-8"))
-        names.append(run_id[:SHORT_ID])
-    return significance_text(mcnemar_exact(*paired_correct(*texts)), *names)
+def run_predictions(client: mlflow.MlflowClient, experiment: str, given: str) -> tuple[str, str]:
+    """(run id, text of its `PREDICTIONS_ARTIFACT`) of a run id or unique prefix. Raises
+    ValueError when the run has none."""
+    run_id = resolve_run_id(client, [experiment_id(client, experiment)], given)
+    with tempfile.TemporaryDirectory() as tmp:
+        where = {"run_id": run_id, "dst_path": tmp, "tracking_uri": client.tracking_uri}
+        try:
+            local = download_artifacts(artifact_path=PREDICTIONS_ARTIFACT, **where)
+        except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing file)
+            raise ValueError(f"run {run_id} has no {PREDICTIONS_ARTIFACT} (evaluated?)") from None
+        return run_id, Path(local).read_text(encoding="utf-8")
+
+
+def _git_show(rev: str) -> str | None:
+    show = ["git", "show", "--end-of-options", f"{rev}:./{PREDICTIONS_ARTIFACT}"]
+    proc = subprocess.run(show, capture_output=True)
+    return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
+
+
+def predictions_at(given: str, args: argparse.Namespace) -> tuple[str, str]:
+    """(name, predictions.csv text) of 'workspace', a git revision, a DVC experiment (the newest
+    exp ref of that name) or an MLflow run id (prefix), tried in that order."""
+    if given == "workspace" and Path(PREDICTIONS_ARTIFACT).is_file():
+        return given, Path(PREDICTIONS_ARTIFACT).read_text(encoding="utf-8")
+    refs = ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps"]
+    listed = subprocess.run(refs, capture_output=True, text=True).stdout.split()
+    for rev in [given, *(r for r in listed if r.rsplit("/", 1)[-1] == given)]:
+        if (text := _git_show(rev)) is not None:
+            return given, text
+    fill_from_params(args)
+    try:
+        run_id, text = run_predictions(open_client(args.tracking_uri), args.experiment, given)
+    except StoreError as exc:
+        raise StoreError(f"{given!r}: no git revision or DVC experiment, and {exc}") from None
+    return run_id[:SHORT_ID], text
+
+
+def photo_changes(args: argparse.Namespace) -> str:
+    """McNemar's test on the two runs of `--mcnemar`, or `--photos` (also written as CSV + HTML)."""
+    (name_a, text_a), (name_b, text_b) = (
+        predictions_at(g, args) for g in args.photos or args.mcnemar
+    )
+    diff = diff_predictions(text_a, text_b)
+    result = significance_text(diff.mcnemar, name_a, name_b)
+    if args.mcnemar:
+        return result
+    output = Path(args.output or "photo_changes.csv")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report = Path("data/prepared/report.json")  # its root: the data folder, where paths start
+    root = args.photos_root or Path(read_json(report)["root"] if report.is_file() else ".")
+    page = write_outputs(diff, output, root, (name_a, name_b))
+    print(f"Wrote {output} and {page}", file=sys.stderr)
+    return f"A = {name_a}, B = {name_b}: {diff.counts()}.\n{result}"
 
 
 def _positive_int(text: str) -> int:
@@ -286,9 +321,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mcnemar",
         nargs=2,
-        metavar=("RUN_A", "RUN_B"),
-        help=f"instead: McNemar's exact test on two runs' {PREDICTIONS_ARTIFACT} (paired by image)",
+        metavar=("A", "B"),
+        help="instead: McNemar's exact test on two runs' test predictions (as --photos)",
     )
+    p.add_argument(
+        "--photos",
+        nargs=2,
+        metavar=("A", "B"),
+        help="instead: the photos whose prediction changed from A to B (each an MLflow run id, git "
+        "revision, DVC experiment or 'workspace'): --output CSV (default photo_changes.csv) and "
+        "an HTML page beside it",
+    )
+    p.add_argument("--photos-root", type=Path, help="where the CSV's paths are (default: the data)")
     return p
 
 
@@ -297,11 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     params = [item.strip() for item in args.params.split(",") if item.strip()]
     try:
+        if args.photos or args.mcnemar:
+            print(photo_changes(args))
+            return 0
         fill_from_params(args)
         client = open_client(args.tracking_uri)
-        if args.mcnemar:
-            print(mcnemar_runs(client, args.experiment, *args.mcnemar))
-            return 0
         df = runs_table(
             client, args.experiment, args.parent, params, args.sort, args.ascending, args.limit
         )
