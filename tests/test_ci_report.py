@@ -8,6 +8,8 @@ rerun). The report compares them the way CI compares a pull request with its bas
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 import sys
 from pathlib import Path
@@ -31,6 +33,7 @@ from tests.conftest import ROOT
 from tests.project_repo import copy_reproduced, dvc, git, run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PRED = "reports/predictions.csv"
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +262,16 @@ def test_report_between_two_commits(history: tuple[Path, str, str], tmp_path: Pa
     assert report.count("12 test images") == 2  # smoke: 6 classes x 2 test images
     assert "Container_Small_B" in report
     assert "#### What moved" in report
+
+    # the photos that changed: counted as the two commits' predictions.csv say
+    old, new = (
+        {r["path"]: r for r in csv.DictReader(io.StringIO(git(repo, "show", f"{rev}:{PRED}")))}
+        for rev in (first, second)
+    )
+    worse = sum(old[p]["actual"] == old[p]["predicted"] != new[p]["predicted"] for p in old)
+    better = sum(new[p]["actual"] == new[p]["predicted"] != old[p]["predicted"] for p in old)
+    photos = report.split("#### Photos that changed", 1)[1].split("####", 1)[0].strip()
+    assert photos.startswith(f"{worse} right -> wrong, {better} wrong -> right, ")
 
 
 @pytest.mark.slow
