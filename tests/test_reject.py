@@ -21,6 +21,7 @@ from pipeline import predict
 from pipeline.evaluate import evaluate
 from pipeline.featurize import featurize
 from pipeline.lib.config.schema import validate
+from pipeline.lib.data.images import load_rgb
 from pipeline.lib.model.classifier import CARD_FILE, Classifier
 from pipeline.lib.model.reject import UNKNOWN, RejectRule, coverage_curve, fit_rule
 from pipeline.lib.tracking.pyfunc_model import ARTIFACTS, ClassifierModel
@@ -137,7 +138,7 @@ def test_the_mlflow_model_answers_unknown_for_them(flowers, tmp_path):
     photos = flowers["unknown"][::8]
     frame = mlflow.pyfunc.load_model(str(saved)).predict([p.read_bytes() for p in photos])
     expected = Classifier.load(models)
-    images = np.stack([predict._decode(p, expected.image_size, "stretch") for p in photos])
+    images = np.stack([load_rgb(p, expected.image_size, resize="stretch") for p in photos])
     probs, accepted = expected.classify(images)
     assert (frame["label"] == UNKNOWN).to_numpy().tolist() == (~accepted).tolist()
     assert (frame["label"] == UNKNOWN).mean() >= 0.5
@@ -155,7 +156,7 @@ def test_target_none_changes_no_prediction(flowers):
         classifier.backbone_source,
     )
     images = np.stack(
-        [predict._decode(p, classifier.image_size, "stretch") for p in flowers["unknown"][:16]]
+        [load_rgb(p, classifier.image_size, resize="stretch") for p in flowers["unknown"][:16]]
     )
     probs, accepted = plain.classify(images)
     assert accepted.all()

@@ -316,9 +316,10 @@ def write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[
 
 
 def format_line(row: dict[str, Any]) -> str:
-    """`path: class p, class p, ...`: an image's top classes with 4-decimal probabilities."""
+    """`path: class p, class p, ...`: an image's top classes with 4-decimal probabilities (after
+    `unknown (rejected); ` when the reject rule refused it)."""
     shown = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in row["top_k"])
-    return f"{row['path']}: {shown}"
+    return f"{row['path']}: {'unknown (rejected); ' * (row['predicted'] == UNKNOWN)}{shown}"
 
 
 def _positive(text: str) -> int:
