@@ -22,7 +22,8 @@ from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.class_names import class_key
 from pipeline.lib.data.prepared import open_prepared
 from pipeline.lib.model.classifier import model_md5, trained_classifier
-from pipeline.lib.model.scoring import split_probabilities
+from pipeline.lib.model.reject import RejectRule, coverage_curve, coverage_figure, rule_metrics
+from pipeline.lib.model.scoring import split_scores
 from pipeline.lib.reporting.evaluation import (
     FIGURES_DIR,
     REPORT_HTML,
@@ -35,10 +36,13 @@ from pipeline.lib.reporting.evaluation import (
     write_tables,
 )
 from pipeline.lib.reporting.metrics import Predictions
+from pipeline.lib.reporting.tables import write_csv
 from pipeline.lib.tracking import runs
 from pipeline.lib.tracking.lineage import git_commit
 from pipeline.lib.tracking.store import is_remote
 
+#: Accuracy on the accepted test photos against coverage, accepting by energy score.
+COVERAGE_FILE = "coverage.csv"
 #: Where `make ui` serves the MLflow UI of a local store.
 LOCAL_UI = "http://127.0.0.1:5000"
 
@@ -54,7 +58,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     """
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     classifier = trained_classifier(cfg.paths.models, dataset.classes)
-    probs = split_probabilities(
+    probs, energies = split_scores(
         classifier, dataset, SPLIT, cfg.paths.features, tta=cfg.evaluate.tta
     )
     ev = Evaluation(
@@ -64,10 +68,17 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     )
     reports = Path(cfg.paths.reports)
     metrics = evaluation_metrics(ev)
+    rule = RejectRule.from_card(classifier.card.reject)
+    correct = ev.predictions.y_pred == ev.predictions.y_true
+    if rule is not None:  # the stored reject rule on the test split (accuracy of the accepted)
+        metrics["reject"] = rule_metrics(rule, energies, correct)
     report_text = write_tables(ev, reports, metrics)
+    write_csv(reports / COVERAGE_FILE, curve := coverage_curve(energies, correct))
     figures = write_figures(
         ev, reports / FIGURES_DIR, cfg.evaluate.gallery_size, cfg.evaluate.gallery_columns
     )
+    figures.append(reports / FIGURES_DIR / "coverage.png")
+    coverage_figure(curve, rule and metrics["reject"]["coverage"]).savefig(figures[-1], dpi=100)
     # the DVC output stays reproducible: the run and commit go into the MLflow run's copy only
     # ... and no absolute path: the photo folder by its name
     folder = Path(cfg.data.path).name if cfg.data.path else None
@@ -91,6 +102,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         mlflow.log_metrics(flat)
         runs.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
         tables = ["metrics.json", "classification_report.json", "classification_report.txt"]
+        tables.append(COVERAGE_FILE)
         runs.log_files([reports / name for name in [*tables, "predictions.csv"]], "reports")
         origin = {"MLflow run": run.info.run_id, "git commit": git_commit() or "unknown"}
         runs.log_files(

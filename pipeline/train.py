@@ -17,7 +17,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -25,13 +25,14 @@ import mlflow
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.lib.config.schema import Config, solver
+from pipeline.lib.config.schema import Config, RejectConfig, solver
 from pipeline.lib.config.step import CONF_DIR, entry_point, in_multirun, run_step
 from pipeline.lib.data.prepared import PreparedDataset, data_root, data_tags, open_prepared
 from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
 from pipeline.lib.model.classifier import BACKBONE_FILE, Head, ModelCard, save_model_folder
 from pipeline.lib.model.features import convert_to_tflite, load_cached_features
+from pipeline.lib.model.reject import energy, fit_rule
 from pipeline.lib.model.saving import write_run_record
 from pipeline.lib.reporting.figures import save_learning_curves
 from pipeline.lib.reporting.tables import write_csv
@@ -161,9 +162,8 @@ def _fit_lbfgs(cfg: Config, dataset: PreparedDataset, features: dict) -> TrainRe
         "val_nll_after": trained.val_nll_after,
         "refit_images": trained.refit_images,
     }
-    metrics = _metrics(
-        trained.head, x, y, head_info, trainable=trained.head.kernel.size + len(trained.head.bias)
-    )
+    size = trained.head.kernel.size + len(trained.head.bias)
+    metrics = _metrics(trained.head, x, y, head_info, cfg.train.reject, trainable=size)
     backbone = (Path(cfg.paths.features) / BACKBONE_FILE).read_bytes()
     return TrainResult(trained.head, backbone, trained.fit.history, None, metrics, seconds)
 
@@ -208,7 +208,7 @@ def _fit_keras(
         "resumed_from_epoch": fitted.resumed_from_epoch,
         "replicas": fitted.replicas,
     }
-    metrics = _metrics(head, x, y, info, **fitted.params)
+    metrics = _metrics(head, x, y, info, cfg.train.reject, **fitted.params)
     history = {
         "step": runner.history["epoch"],
         **{k: v for k, v in runner.history.items() if k != "epoch"},
@@ -221,13 +221,17 @@ def _metrics(
     x: dict,
     y: dict,
     info: dict,
+    reject: RejectConfig,
     trainable: int,
     non_trainable: int = 0,
     total: int | None = None,
 ) -> dict:
     """`train_metrics.json`: the saved head's loss and accuracy on train and val, parameter
-    counts, and how it was fitted (`info`). No timings."""
+    counts, how it was fitted (`info`), the reject rule chosen on val (None: none). No timings."""
+    right = head.probabilities(x["val"]).argmax(1) == y["val"]
+    rule = fit_rule(reject.target, reject.value, energy(head.logits(x["val"])), right)
     return {
+        "reject": None if rule is None else asdict(rule),
         "train": _scores(head, x["train"], y["train"]),
         "val": _scores(head, x["val"], y["val"]),
         "params": {
@@ -334,6 +338,7 @@ def _write_model_folder(cfg: Config, dataset: PreparedDataset, result: TrainResu
             "weights": m.weights,
             "fine_tuned": bool(cfg.train.fine_tune.enabled or not m.freeze_backbone),
         },
+        reject=result.metrics["reject"],
     )
     with atomic_dir(cfg.paths.models) as tmp:
         save_model_folder(tmp, result.head, card, result.backbone)

@@ -119,6 +119,12 @@ class PlateauConfig:
 
 
 @dataclass
+class RejectConfig:
+    target: str = _one_of("none", "accuracy", "coverage")  # pipeline/lib/model/reject.py
+    value: float = _in(0.99, "in (0, 1]")
+
+
+@dataclass
 class TrainConfig:
     solver: str = _one_of("auto", "lbfgs", "keras")
     C: Any = "auto"  # "auto", a number > 0, or None (keras only)
@@ -143,6 +149,7 @@ class TrainConfig:
     resume: bool = False
     checkpoint_dir: str = "outputs/checkpoints"
     strategy: str = _one_of("default", "mirrored")
+    reject: RejectConfig = field(default_factory=RejectConfig)
 
 
 @dataclass

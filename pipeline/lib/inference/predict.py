@@ -37,6 +37,7 @@ from pipeline.lib.files import atomic_file, write_json
 from pipeline.lib.model import build
 from pipeline.lib.model.classifier import CARD_FILE, Classifier, ModelCard, hflip
 from pipeline.lib.model.features import usable_cores
+from pipeline.lib.model.reject import UNKNOWN
 from pipeline.lib.model.tflite import TFLiteRunner
 from pipeline.lib.tracking.compare import StoreError, check_store
 
@@ -51,7 +52,8 @@ class PredictError(Exception):
 @dataclass
 class Predictor:
     """A loaded model: where it came from, what it is, its classes and input size, the resize
-    mode recorded with it (None: none), and images (N, S, S, 3) -> float64 probabilities (N, C)."""
+    mode recorded with it (None: none), images (N, S, S, 3) -> float64 probabilities (N, C), and
+    for a model folder (images, tta) -> (probabilities, accepted by its reject rule)."""
 
     source: str
     kind: str
@@ -59,6 +61,7 @@ class Predictor:
     image_size: int
     predict: Callable[[np.ndarray], np.ndarray]
     resize: str | None = None
+    classify: Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _reason(exc: BaseException) -> str:
@@ -89,7 +92,8 @@ def _classifier(folder: Path, source: str, kind: str, threads: int) -> Predictor
         c.backbone  # noqa: B018  (load the interpreters now: a bad file is a PredictError here)
     except StageInputError as exc:
         raise PredictError(f"model {source}: {_reason(exc)}") from None
-    return Predictor(source, kind, c.classes, c.image_size, c.predict_proba, c.card.resize)
+    size, resize = c.image_size, c.card.resize
+    return Predictor(source, kind, c.classes, size, c.predict_proba, resize, c.classify)
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None, threads: int) -> Predictor:
@@ -272,17 +276,23 @@ def output_format(path: str) -> str:
 
 
 def records(
-    paths: list[str], probs: np.ndarray, classes: list[str], k: int
+    paths: list[str],
+    probs: np.ndarray,
+    classes: list[str],
+    k: int,
+    accepted: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per image: `path`, `predicted` class, its `probability`, the best `k` as
-    `top_k` [{class, probability}] (ties: class order), and `scores` {class: probability}."""
+    """One record per image: `path`, `predicted` class (`unknown` where not `accepted`), its
+    `probability`, the best `k` as `top_k` [{class, probability}] (ties: class order), and
+    `scores` {class: probability}."""
     out = []
-    for path, p in zip(paths, probs, strict=True):
+    known = np.ones(len(paths), bool) if accepted is None else accepted
+    for path, p, ok in zip(paths, probs, known, strict=True):
         best = [(classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
         out.append(
             {
                 "path": path,
-                "predicted": best[0][0],
+                "predicted": best[0][0] if ok else UNKNOWN,
                 "probability": best[0][1],
                 "top_k": [{"class": c, "probability": v} for c, v in best],
                 "scores": {c: float(v) for c, v in zip(classes, p, strict=True)},
@@ -306,9 +316,10 @@ def write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[
 
 
 def format_line(row: dict[str, Any]) -> str:
-    """`path: class p, class p, ...`: an image's top classes with 4-decimal probabilities."""
+    """`path: class p, class p, ...`: an image's top classes with 4-decimal probabilities (after
+    `unknown (rejected); ` when the reject rule refused it)."""
     shown = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in row["top_k"])
-    return f"{row['path']}: {shown}"
+    return f"{row['path']}: {'unknown (rejected); ' * (row['predicted'] == UNKNOWN)}{shown}"
 
 
 def _positive(text: str) -> int:
@@ -409,10 +420,13 @@ def _predict_files(
                 bad += 1
             if good:
                 images = np.stack([image for _, image in good])
-                probs = predictor.predict(images)
-                if args.tta:
-                    probs = (probs + predictor.predict(hflip(images))) / 2
-                new = records([str(f) for f, _ in good], probs, predictor.classes, k)
+                if predictor.classify is not None:
+                    probs, accepted = predictor.classify(images, args.tta)
+                else:
+                    probs, accepted = predictor.predict(images), None
+                    if args.tta:
+                        probs = (probs + predictor.predict(hflip(images))) / 2
+                new = records([str(f) for f, _ in good], probs, predictor.classes, k, accepted)
                 for row in new:
                     tqdm.write(format_line(row), file=sys.stdout)
                 rows.extend(new)

@@ -4,7 +4,8 @@
     backbone.tflite   the LiteRT flatbuffer that computed the training features (or the
                       fine-tuned backbone, converted after training): images -> pooled features
     head.npy          float32 (D + 1, C): the kernel's D rows, then the bias; temperature folded in
-    model.json        `ModelCard`: classes, image_size, resize, temperature, backbone identity
+    model.json        `ModelCard`: classes, image_size, resize, temperature, backbone identity,
+                      the reject rule (`reject.RejectRule`, None: every photo gets a class)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipeline.lib.data.prepared import iter_batches
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import md5_file, read_json, write_json
 from pipeline.lib.model.features import ShardedTFLite
+from pipeline.lib.model.reject import RejectRule, energy
 
 BACKBONE_FILE = "backbone.tflite"
 HEAD_FILE = "head.npy"
@@ -90,6 +92,7 @@ class ModelCard:
     resize: str
     temperature: float = 1.0
     backbone: dict = field(default_factory=dict)
+    reject: dict | None = None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         write_json(path, asdict(self))
@@ -99,6 +102,7 @@ class ModelCard:
         """The card at `path`. Raises StageInputError: missing or not the object train writes."""
         try:
             card = cls(**read_json(path))
+            RejectRule.from_card(card.reject)  # ValueError, TypeError: malformed
             ok = (
                 isinstance(card.classes, list)
                 and all(isinstance(c, str) and c for c in card.classes)
@@ -112,7 +116,7 @@ class ModelCard:
         if not ok:
             raise StageInputError(
                 f"{path}: missing or not the model card train writes (classes, image_size, "
-                "resize): rerun the train stage (`dvc repro train`)."
+                "resize, reject): rerun the train stage (`dvc repro train`)."
             )
         return card
 
@@ -232,6 +236,23 @@ class Classifier:
         if tta:
             probs = (probs + self.head.probabilities(self.features(images, flip=True))) / 2
         return probs
+
+    def classify(self, images: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(`predict_proba`, bool (N,): accepted by the card's reject rule, all without one)."""
+        rule = RejectRule.from_card(self.card.reject)
+        if rule is None:
+            probs = self.predict_proba(images, tta)
+            return probs, np.ones(len(probs), dtype=bool)
+        views = [self.features(images)] + ([self.features(images, flip=True)] if tta else [])
+        probs, scores = self.scores(views)
+        return probs, rule.accepts(scores)
+
+    def scores(self, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(float64 (N, C) probabilities, float64 (N,) energies) of features (N, D), each the
+        mean over `views` (e.g. the images' and their mirror images' features)."""
+        logits = [self.head.logits(f) for f in views]
+        probs = sum(softmax(z, axis=1) for z in logits) / len(views)
+        return probs, sum(energy(z) for z in logits) / len(views)
 
 
 def hflip(images: np.ndarray) -> np.ndarray:

@@ -36,15 +36,16 @@ def cached_features(
     return np.load(folder / f"{split}.npy")
 
 
-def split_probabilities(
+def split_scores(
     classifier: Classifier,
     dataset: PreparedDataset,
     split: str,
     features_dir: str | Path,
     tta: bool = False,
-) -> np.ndarray:
-    """float64 (N, C) probabilities of `split`'s images; with `tta`, averaged with those of the
-    flipped images (computed by the backbone: they have no cached features)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 (N, C) probabilities, float64 (N,) energy scores (`reject.energy`)) of `split`'s
+    images; with `tta`, averaged with those of the flipped images (computed by the backbone:
+    they have no cached features)."""
     images = dataset.images(split)
     backbone = classifier.backbone_source
     features = (
@@ -54,12 +55,22 @@ def split_probabilities(
     )
     if features is None or len(features) != len(images):
         log.info("Scoring the %d %s images with the model's backbone", len(images), split)
-        probs = classifier.predict_proba(images)
+        features = classifier.features(images)
     else:
         log.info("Scoring the %d %s images: the head on the cached features", len(images), split)
-        probs = classifier.head.probabilities(features)
+    views = [features]
     if tta:
         log.info("TTA: averaging each %s image with its horizontal flip", split)
-        flipped = classifier.features(images, flip=True)
-        probs = (probs + classifier.head.probabilities(flipped)) / 2
-    return probs
+        views.append(classifier.features(images, flip=True))
+    return classifier.scores(views)
+
+
+def split_probabilities(
+    classifier: Classifier,
+    dataset: PreparedDataset,
+    split: str,
+    features_dir: str | Path,
+    tta: bool = False,
+) -> np.ndarray:
+    """The probabilities of `split_scores`."""
+    return split_scores(classifier, dataset, split, features_dir, tta)[0]

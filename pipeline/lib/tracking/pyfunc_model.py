@@ -17,7 +17,8 @@ images as users have them:
   or `{"inputs": ["<base64>", ...]}` over HTTP. Each file is decoded by
   `pipeline.lib.data.images.load_rgb`, exactly as `prepare` and `pipeline.predict` decode.
 
-It returns a DataFrame, one row per image: `label` (the most probable class, str),
+It returns a DataFrame, one row per image: `label` (the most probable class, str; `unknown`
+where the model's reject rule refuses the photo, `pipeline.lib.model.reject`),
 `probability` (its probability, float) and `scores` ({class: probability}, in the card's class
 order). Bad input raises `MlflowException` (HTTP 400 from `mlflow models serve`) saying what was
 expected. The model's code is logged with it (`code_paths`: the `pipeline` package), so a serving
@@ -49,6 +50,7 @@ from pipeline.lib.model.classifier import (
     ModelCard,
     check_pixels,
 )
+from pipeline.lib.model.reject import UNKNOWN
 
 #: Artifact keys of the logged model: the files of the model folder.
 ARTIFACTS = {"backbone": BACKBONE_FILE, "head": HEAD_FILE, "card": CARD_FILE}
@@ -141,12 +143,16 @@ def _image_bytes(item: str | bytes, index: int) -> bytes:
         ) from None
 
 
-def prediction_frame(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """A DataFrame: `label`, `probability`, `scores` ({class: probability}) per row of probs."""
+def prediction_frame(
+    probs: np.ndarray, classes: list[str], accepted: np.ndarray | None = None
+) -> pd.DataFrame:
+    """A DataFrame: `label` (`unknown` where not `accepted`), `probability`, `scores`
+    ({class: probability}) per row of probs."""
     best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+    known = np.ones(len(best), bool) if accepted is None else accepted
     return pd.DataFrame(
         {
-            "label": [classes[i] for i in best],
+            "label": [classes[i] if k else UNKNOWN for i, k in zip(best, known, strict=True)],
             "probability": [float(p[i]) for p, i in zip(probs, best, strict=True)],
             "scores": [{c: float(v) for c, v in zip(classes, p, strict=True)} for p in probs],
         }
@@ -174,4 +180,5 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         """Classify `model_input`: a DataFrame of label, probability and scores per image."""
         c = self.classifier
         images = to_images(model_input, c.image_size, c.card.resize)
-        return prediction_frame(c.predict_proba(images), c.classes)
+        probs, accepted = c.classify(images)
+        return prediction_frame(probs, c.classes, accepted)
