@@ -4,7 +4,6 @@ weights), computed once per test session under pytest's session temp folder."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -51,7 +51,7 @@ def rank_label_issues(
 ) -> list[LabelIssue]:
     """Every photo, most likely mislabelled first (ties by path), from out-of-fold `probs`."""
     scores = get_label_quality_scores(y, probs)
-    flagged = find_label_issues(y, probs)
+    flagged = find_label_issues(y, probs, n_jobs=1)
     order = sorted(range(len(y)), key=lambda i: (scores[i], paths[i]))
     return [
         LabelIssue(
