@@ -13,6 +13,7 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline.lib.files import atomic_file
 
@@ -63,20 +64,26 @@ def similar_pairs(
     x = normalised(features)
     if len(x) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    with threadpool_limits(1):  # OpenBLAS' threads spin on a loaded machine (see training.head)
+        return _similar_pairs(x, threshold)
+
+
+def _similar_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = _bounding_rows(x)
-    found_i, found_j = [], []
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for a in range(0, len(x), BLOCK):
         for b in range(a, len(x), BLOCK):
-            bound = rows[a : a + BLOCK] @ rows[b : b + BLOCK].T
-            i, j = np.nonzero(bound > threshold - SLACK)
+            i, j = np.nonzero(rows[a : a + BLOCK] @ rows[b : b + BLOCK].T > threshold - SLACK)
             keep = b + j > a + i
-            found_i.append(a + i[keep])
-            found_j.append(b + j[keep])
-    i, j = np.concatenate(found_i), np.concatenate(found_j)
-    exact = np.einsum("nd,nd->n", x[i], x[j]) if len(i) else np.zeros(0, np.float32)
-    keep = exact > threshold
-    order = np.lexsort((j[keep], i[keep]))
-    return i[keep][order], j[keep][order], exact[keep][order]
+            i, j = a + i[keep], b + j[keep]
+            if len(i) > BLOCK:  # alike photos: the exact block product costs less than gathers
+                exact = (x[a : a + BLOCK] @ x[b : b + BLOCK].T)[i - a, j - b]
+            else:
+                exact = np.einsum("nd,nd->n", x[i], x[j])
+            found.append((i[exact > threshold], j[exact > threshold], exact[exact > threshold]))
+    i, j, sim = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    order = np.lexsort((j, i))
+    return i[order], j[order], sim[order]
 
 
 def near_duplicates(
