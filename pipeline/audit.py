@@ -1,10 +1,7 @@
 """Stage `audit`: what may be wrong with the photos, for a person to act on (nothing is moved or
-relabelled). Each step writes a report into `paths.reports`; all go to the pipeline's MLflow run.
-
-1. near-duplicates: pairs of photos with almost the same backbone features (near_duplicates.csv);
-   pairs across splits stop the stage (`data.leakage=fail`) or are warned about (`warn`).
-2. label issues: train and val photos ranked by how likely their label is wrong, from
-   out-of-fold predictions (label_issues.csv); the console lists the first `audit.show`.
+relabelled); one step per report in `paths.reports`, all logged to the pipeline's MLflow run:
+1. near_duplicates.csv: pairs of near-identical photos; across splits as `data.leakage` says.
+2. label_issues.csv: train+val photos, the most likely mislabelled first (console: `audit.show`).
 
     python -m pipeline.audit
 """
@@ -24,13 +21,10 @@ from pipeline.lib.audit import (
     LABEL_ISSUES_CSV,
     NEAR_DUPLICATES_CSV,
     NearDuplicateLeakage,
+    write_rows,
 )
-from pipeline.lib.audit.label_issues import (
-    out_of_fold_probabilities,
-    rank_label_issues,
-    write_label_issues,
-)
-from pipeline.lib.audit.near_duplicates import near_duplicates, write_near_duplicates
+from pipeline.lib.audit.label_issues import LabelIssue, out_of_fold_probabilities, rank_label_issues
+from pipeline.lib.audit.near_duplicates import NearDuplicate, near_duplicates
 from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, StageInputError, entry_point, run_step
 from pipeline.lib.data.prepared import SPLITS, PreparedDataset, open_prepared
@@ -45,10 +39,7 @@ log = logging.getLogger(__name__)
 def audit(cfg: Config) -> dict[str, dict[str, float]]:
     """Run the audit steps (module docstring); return the summary written to audit.json.
 
-    Raises:
-        StageInputError: no prepared data or no cached features of it.
-        NearDuplicateLeakage: near-duplicates across splits with `data.leakage=fail`.
-    """
+    Raises StageInputError (no prepared data or features), NearDuplicateLeakage."""
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     features = load_cached_features(cfg, dvc_md5(cfg.paths.prepared))
     if features is None:
@@ -77,15 +68,14 @@ def check_near_duplicates(
     x = np.concatenate([features[s] for s in SPLITS])
     threshold = cfg.audit.near_duplicate_similarity
     pairs = near_duplicates(x, [r.path for r in rows], [r.split for r in rows], threshold)
-    write_near_duplicates(reports / NEAR_DUPLICATES_CSV, pairs)
+    write_rows(reports / NEAR_DUPLICATES_CSV, NearDuplicate, pairs)
     cross = sum(p.cross_split for p in pairs)
     if cross:
         what = (
             f"{cross} pair(s) of near-duplicate photos in two splits (feature similarity > "
             f"{threshold}), listed in {reports / NEAR_DUPLICATES_CSV}"
         )
-        # the toy trucks are renders of one model per class: distinct, yet as alike as copies
-        if cfg.data.leakage == "fail" and cfg.data.source != "synthetic":
+        if cfg.data.leakage == "fail" and cfg.data.source != "synthetic":  # toys: all alike
             raise NearDuplicateLeakage(
                 f"{what}: remove one photo of each pair, or set data.leakage=warn to go on anyway."
             )
@@ -110,13 +100,13 @@ def list_label_issues(
     folds = min(cfg.audit.folds, int(np.bincount(y, minlength=k).min()))
     if folds < 2:
         log.warning("Label issues: a class has fewer than 2 train+val photos; nothing ranked")
-        write_label_issues(reports / LABEL_ISSUES_CSV, [])
+        write_rows(reports / LABEL_ISSUES_CSV, LabelIssue, [])
         return {"photos": 0, "flagged": 0}
     probs = out_of_fold_probabilities(x, y, k, c, folds, t.seed, **fit_args)
     issues = rank_label_issues(
         probs, y, [r.path for r in rows], [r.split for r in rows], dataset.classes
     )
-    write_label_issues(reports / LABEL_ISSUES_CSV, issues)
+    write_rows(reports / LABEL_ISSUES_CSV, LabelIssue, issues)
     flagged = sum(i.flagged for i in issues)
     lines = [
         f"{i.rank:>4}. {i.path} ({i.split}): labelled {i.given_label}, looks like "

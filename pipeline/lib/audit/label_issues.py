@@ -5,9 +5,7 @@ likely mislabelled), `find_label_issues` flags the ones it thinks are wrong."""
 
 from __future__ import annotations
 
-import csv
-from dataclasses import astuple, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from cleanlab.filter import find_label_issues
@@ -15,7 +13,6 @@ from cleanlab.rank import get_label_quality_scores
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-from pipeline.lib.files import atomic_file
 from pipeline.lib.training.head import fit_head
 
 
@@ -53,22 +50,9 @@ def rank_label_issues(
     scores = get_label_quality_scores(y, probs)
     flagged = find_label_issues(y, probs, n_jobs=1)
     order = sorted(range(len(y)), key=lambda i: (scores[i], paths[i]))
+    given, suggested = [classes[k] for k in y], [classes[k] for k in probs.argmax(axis=1)]
+    score, flag = np.round(scores, 6).tolist(), np.asarray(flagged, bool).tolist()
     return [
-        LabelIssue(
-            rank + 1,
-            paths[i],
-            splits[i],
-            classes[y[i]],
-            classes[int(probs[i].argmax())],
-            round(float(scores[i]), 6),
-            bool(flagged[i]),
-        )
-        for rank, i in enumerate(order)
+        LabelIssue(n + 1, paths[i], splits[i], given[i], suggested[i], score[i], flag[i])
+        for n, i in enumerate(order)
     ]
-
-
-def write_label_issues(path: Path, issues: list[LabelIssue]) -> None:
-    with atomic_file(path) as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(f.name for f in fields(LabelIssue))
-        writer.writerows(astuple(issue) for issue in issues)

@@ -8,14 +8,10 @@ pairs whose bound passes the threshold are computed exactly on the full features
 
 from __future__ import annotations
 
-import csv
-from dataclasses import astuple, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
-
-from pipeline.lib.files import atomic_file
 
 #: Dimensions of the prefilter's projection; rows per block of the pairwise products.
 PROJECTED = 128
@@ -38,13 +34,6 @@ class NearDuplicate:
     cross_split: bool
 
 
-def normalised(features: np.ndarray) -> np.ndarray:
-    """float32 rows of unit L2 norm (an all-zero row stays zero)."""
-    x = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
 def _bounding_rows(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """float32 (N, k + 1): [p, |r|] of each unit row (module docstring); k <= PROJECTED."""
     rng = np.random.default_rng(seed)
@@ -61,7 +50,8 @@ def similar_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, similarity): every pair i < j of rows of `features` (N, D) whose cosine similarity
     is above `threshold`, int64, int64, float32, sorted by (i, j)."""
-    x = normalised(features)
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if len(x) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     with threadpool_limits(1):  # OpenBLAS' threads spin on a loaded machine (see training.head)
@@ -98,10 +88,3 @@ def near_duplicates(
         for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist(), strict=True)
     ]
     return sorted(pairs, key=lambda p: (-p.similarity, p.path_a, p.path_b))
-
-
-def write_near_duplicates(path: Path, pairs: list[NearDuplicate]) -> None:
-    with atomic_file(path) as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(f.name for f in fields(NearDuplicate))
-        writer.writerows(astuple(pair) for pair in pairs)
