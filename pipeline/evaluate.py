@@ -17,6 +17,7 @@ import hydra
 import mlflow
 from omegaconf import DictConfig
 
+from pipeline.lib.audit.report_sections import audit_sections
 from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.class_names import class_key
@@ -86,9 +87,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     source["model"] = f"{cfg.paths.models} (md5 {model_md5(cfg.paths.models)})"
     report = reports / REPORT_HTML
     cells = cfg.evaluate.report_images_per_cell
-    write_html_report(
-        ev, report, metrics, cells, source | {"MLflow run, git commit": "see the run's copy"}
-    )
+    audit = audit_sections(reports, dataset, cfg.audit.show)  # the audit stage's lists
+    origin = {"MLflow run, git commit": "see the run's copy"}
+    write_html_report(ev, report, metrics, cells, source | origin, audit)
     log.info("Test split: %d images\n%s", len(probs), report_text)
 
     with runs.stage_run(cfg, "evaluate") as run, tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +107,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         runs.log_files([reports / name for name in [*tables, "predictions.csv"]], "reports")
         origin = {"MLflow run": run.info.run_id, "git commit": git_commit() or "unknown"}
         runs.log_files(
-            [write_html_report(ev, Path(tmp, REPORT_HTML), metrics, cells, origin | source)],
+            [write_html_report(ev, Path(tmp, REPORT_HTML), metrics, cells, origin | source, audit)],
             "reports",
         )
     remote = is_remote(cfg.tracking.uri)

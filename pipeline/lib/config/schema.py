@@ -166,6 +166,13 @@ class EvaluateConfig:
     tta: bool = False
 
 
+@dataclass
+class AuditConfig:
+    folds: int = _in(5, ">= 2")
+    show: int = _in(10, ">= 0")
+    near_duplicate_similarity: float = _in(0.95, "in (0, 1]")
+
+
 EXPORT_FORMATS = ("keras", "float32", "float16", "int8")
 
 
@@ -229,6 +236,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)

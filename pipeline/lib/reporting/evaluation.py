@@ -128,9 +128,10 @@ def write_html_report(
     metrics: dict[str, Any],
     images_per_cell: int,
     provenance: dict[str, str],
+    extra: str = "",
 ) -> Path:
-    """Write the HTML report (`html_report`) to `path`; return it."""
+    """Write the HTML report (`html_report`, `extra` sections at the end) to `path`; return it."""
     every = {**per_class_metrics(ev), **metrics[SPLIT]}
     p = ev.predictions
-    html = render_report(p, ev.images, ev.paths, every, images_per_cell, SPLIT, provenance)
+    html = render_report(p, ev.images, ev.paths, every, images_per_cell, SPLIT, provenance, extra)
     return write_report(path, html)

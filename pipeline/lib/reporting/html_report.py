@@ -57,7 +57,7 @@ border-radius:6px;cursor:pointer;background:#f6f8fa}
 """
 
 
-def _thumbnail(image: np.ndarray) -> str:
+def thumbnail(image: np.ndarray) -> str:
     """A uint8 (H, W, 3) image as a JPEG data URI, longest side `THUMB_PX`."""
     from PIL import Image
 
@@ -86,7 +86,7 @@ def _item(p: Predictions, i: int, image: np.ndarray, path: str) -> str:
     return (
         f'<li class="item{"" if t == q else " wrong"}" data-index="{i}" data-path="{name}" '
         f'data-true="{escape(p.classes[t])}" data-pred="{escape(p.classes[q])}">'
-        f'<img src="{_thumbnail(image)}" alt="{name}">'
+        f'<img src="{thumbnail(image)}" alt="{name}">'
         f"<div>true: <b>{escape(p.classes[t])}</b></div>"
         f"<div>predicted: <b>{escape(p.classes[q])}</b> {p.probs[i, q]:.3f}</div>"
         + (f"<div>score of true: {p.probs[i, t]:.3f}</div>" if t != q else "")
@@ -175,11 +175,13 @@ def render_report(
     images_per_cell: int = 48,
     split: str = "test",
     provenance: dict[str, str] | None = None,
+    extra: str = "",
 ) -> str:
     """The report as an HTML document. `images`: uint8 (N, H, W, 3), may be a memmap (only the
     shown ones are read); `paths`: the N source paths; `metrics`: `classification_metrics` and
     `headline_metrics` of `p` (accuracy, ci_low, ci_high, ece, per class); `images_per_cell`: the
-    most thumbnails a panel shows; `provenance`: {what: value} lines under the title."""
+    most thumbnails a panel shows; `provenance`: {what: value} lines under the title; `extra`:
+    more sections (HTML) at the end."""
     views, panels = _panels(p, images, paths, images_per_cell)
     radios = "".join(
         f'<input type="radio" name="view" class="view" id="v-{v}"'
@@ -210,7 +212,7 @@ def render_report(
         f"{_matrix_table(p, confusion(p))}"
         f'<label for="v-{MISTAKES_VIEW}" class="button">Show the worst mistakes</label>'
         f'<section class="images">{panels}</section>'
-        f"<h2>Per-class metrics</h2>{_metrics_table(metrics, p.classes)}"
+        f"<h2>Per-class metrics</h2>{_metrics_table(metrics, p.classes)}{extra}"
         "</main></body></html>\n"
     )
 

@@ -1,0 +1,64 @@
+"""The audit's sections of the HTML report: the most likely mislabelled photos and the
+near-duplicate pairs, with thumbnails, read from the audit stage's CSVs (none there: no section)."""
+
+from __future__ import annotations
+
+import csv
+from html import escape
+from itertools import islice
+from pathlib import Path
+
+from pipeline.lib.audit import LABEL_ISSUES_CSV, NEAR_DUPLICATES_CSV
+from pipeline.lib.data.prepared import PreparedDataset
+from pipeline.lib.reporting.html_report import thumbnail
+
+
+def _rows(path: Path, count: int) -> list[dict[str, str]] | None:
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(islice(csv.DictReader(fh), count))
+
+
+def audit_sections(reports: Path, dataset: PreparedDataset, count: int) -> str:
+    """HTML: "Label issues" (the first `count` rows) and "Near-duplicates" (as many pairs)."""
+    where = {row.path: (row.split, row.index) for row in dataset.manifest()}
+
+    def photo(path: str, caption: str) -> str:
+        split, index = where[path]
+        image = thumbnail(dataset.images(split)[index])
+        return (
+            f'<li class="item"><img src="{image}" alt="{escape(path)}">{caption}'
+            f'<div class="path">{escape(path)}</div></li>'
+        )
+
+    html = ""
+    if (issues := _rows(reports / LABEL_ISSUES_CSV, count)) is not None:
+        items = "".join(
+            photo(
+                r["path"],
+                f"<div>given: <b>{escape(r['given_label'])}</b></div><div>suggested: "
+                f"<b>{escape(r['suggested_label'])}</b></div><div>score {float(r['score']):.3f}"
+                f"{' (flagged)' if r['flagged'] == 'True' else ''}</div>",
+            )
+            for r in issues
+            if r["path"] in where
+        )
+        html += (
+            "<h2>Label issues</h2><p>The train and val photos most likely mislabelled (lowest "
+            f"score first; all in {LABEL_ISSUES_CSV}). Check them; nothing was changed.</p>"
+            f'<ol class="thumbs">{items}</ol>'
+        )
+    if (pairs := _rows(reports / NEAR_DUPLICATES_CSV, count)) is not None:
+        items = "".join(
+            photo(r["path_a"], "")
+            + photo(r["path_b"], f"<div>similarity {float(r['similarity']):.4f}</div>")
+            for r in pairs
+            if r["path_a"] in where and r["path_b"] in where
+        )
+        html += (
+            f"<h2>Near-duplicates</h2><p>Pairs of almost identical photos, most similar first "
+            f"(all in {NEAR_DUPLICATES_CSV}).</p>"
+            + (f'<ol class="thumbs">{items}</ol>' if items else "<p>None.</p>")
+        )
+    return html
