@@ -71,63 +71,47 @@ def featurize(cfg: Config) -> dict:
             for s in SPLITS
         }
         start = time.perf_counter()
-        found, distinct, todo = _fill_from_store(dataset.manifest(), store, outs)
-        log.info("%d of %d distinct photos from the feature store %s", found, distinct, store.path)
-        computed = _compute(cfg, featurizer, dataset, store, outs, todo)
+        computed = _assemble(cfg, featurizer, dataset, store, outs)
         for out in outs.values():
             out.flush()
         (tmp / BACKBONE_FILE).write_bytes(flatbuffer)
         write_json(tmp / META_FILE, meta)
     store.close()
-    seconds = time.perf_counter() - start
+    seconds, total = time.perf_counter() - start, sum(len(o) for o in outs.values())
     log.info(
-        "Featurized %d images (%s) into %s: %d computed (%.0f img/s), in %.1f s",
-        *(sum(len(o) for o in outs.values()), ", ".join(f"{s} {len(outs[s])}" for s in SPLITS)),
-        *(cfg.paths.features, computed, computed / seconds if seconds else 0.0, seconds),
+        "Featurized %d images into %s: %d computed (%.0f img/s), the rest from %s; %.1f s",
+        *(total, cfg.paths.features, computed, computed / max(seconds, 1e-9), store.path, seconds),
     )
     return meta
 
 
-def _fill_from_store(
-    rows: list[ManifestRow], store: FeatureStore, outs: dict[str, np.ndarray]
-) -> tuple[int, int, dict[str, list[ManifestRow]]]:
-    """Copy the stored features into `outs`; return (found, distinct, {sha256: rows to compute})."""
-    by_sha: dict[str, list[ManifestRow]] = {}
-    for row in rows:
-        by_sha.setdefault(row.sha256, []).append(row)
-    shas, todo = list(by_sha), {}
-    for i in range(0, len(shas), 4096):  # bounded memory
-        found = store.get(shas[i : i + 4096])
-        for sha in shas[i : i + 4096]:
-            if sha not in found:
-                todo[sha] = by_sha[sha]
-            for row in by_sha[sha] if sha in found else ():
-                outs[row.split][row.index] = found[sha]
-    return len(shas) - len(todo), len(shas), todo
-
-
-def _compute(
+def _assemble(
     cfg: Config,
     featurizer: ShardedTFLite,
     dataset: PreparedDataset,
     store: FeatureStore,
     outs: dict[str, np.ndarray],
-    todo: dict[str, list[ManifestRow]],
 ) -> int:
-    """Decode, resize and featurize one photo per sha256 in `todo` (streaming), into `outs` and
-    the store; return how many were computed."""
-    first = [rows[0] for rows in todo.values()]
-    images = SourceImages(dataset.root, first, dataset.image_size, dataset.resize)
-    pending: list[tuple[str, np.ndarray]] = []
+    """Fill `outs` {split: (N, D)} from the store, then decode, resize and featurize one photo
+    per missing sha256 in a streaming pass, into `outs` and the store; return how many."""
+    by_sha: dict[str, list[ManifestRow]] = {}
+    for row in dataset.manifest():
+        by_sha.setdefault(row.sha256, []).append(row)
+    shas, todo = list(by_sha), []
+    for i in range(0, len(shas), 4096):  # bounded memory
+        found = store.get(shas[i : i + 4096])
+        todo += [by_sha[sha][0] for sha in shas[i : i + 4096] if sha not in found]
+        for sha, x in found.items():
+            for row in by_sha[sha]:
+                outs[row.split][row.index] = x
+    images = SourceImages(dataset.root, todo, dataset.image_size, dataset.resize)
     for start, feats in feature_batches(featurizer, images, cfg.featurize.batch_size, "featurize"):
-        for row, x in zip(first[start : start + len(feats)], feats, strict=True):
-            for same in todo[row.sha256]:
+        done = todo[start : start + len(feats)]
+        for row, x in zip(done, feats, strict=True):
+            for same in by_sha[row.sha256]:
                 outs[same.split][same.index] = x
-            pending.append((row.sha256, x))
-        if len(pending) >= 1024 or start + len(feats) == len(first):
-            store.put(pending)
-            pending = []
-    return len(first)
+        store.put(zip((row.sha256 for row in done), feats, strict=True))
+    return len(todo)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -52,22 +52,17 @@ def read_photo(
     whose sha256 is checked against the manifest: the one per-image step of every pixel reader.
     ChangedPhotoError: the file changed, is gone or no longer decodes."""
     path = _source_path(root, row.path)
+    again = "rerun prepare (`dvc repro`), or restore the file"
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ChangedPhotoError(
-            f"{path}: cannot read it ({exc.strerror or exc}) but prepare recorded it: restore it, "
-            "or rerun prepare (`dvc repro`)."
-        ) from None
+        raise ChangedPhotoError(f"{path}: cannot read it ({exc.strerror}): {again}.") from None
     if hashlib.sha256(data).hexdigest() != row.sha256:
-        raise ChangedPhotoError(
-            f"{path} changed after prepare (its sha256 is not the one in manifest.csv): rerun "
-            "prepare (`dvc repro`), or restore the file."
-        )
+        raise ChangedPhotoError(f"{path} changed after prepare (sha256 in manifest.csv): {again}.")
     try:
         return load_rgb(path, size, resize, max_pixels, data=data)
     except RejectedImage as exc:
-        raise ChangedPhotoError(f"{path}: {exc.reason}; rerun prepare (`dvc repro`).") from None
+        raise ChangedPhotoError(f"{path}: {exc.reason} since prepare: {again}.") from None
 
 
 def _source_path(root: Path, shown: str) -> Path:
@@ -94,16 +89,14 @@ class SourceImages:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def one(self, row: ManifestRow) -> np.ndarray:
-        return read_photo(self.root, row, self.size, self.resize)
-
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(key, int | np.integer):
-            return self.one(self.rows[key])
+            return read_photo(self.root, self.rows[key], self.size, self.resize)
         picked = self.rows[key] if isinstance(key, slice) else [self.rows[i] for i in key]
         out = np.empty((len(picked), self.size, self.size, 3), np.uint8)
         with ThreadPoolExecutor(min(len(picked), 8) or 1) as pool:
-            for i, image in enumerate(pool.map(self.one, picked)):
+            images = pool.map(lambda r: read_photo(self.root, r, self.size, self.resize), picked)
+            for i, image in enumerate(images):
                 out[i] = image
         return out
 
@@ -144,11 +137,10 @@ class PreparedDataset:
         """The data folder the manifest's paths are relative to."""
         return Path(self.report["root"])
 
-    def images(self, split: str, rows: Sequence[ManifestRow] | None = None) -> SourceImages:
-        """uint8 (N, size, size, 3) of the split's photos (or of `rows`), decoded when indexed
-        (`SourceImages`); index it in batches."""
-        rows = self.manifest(split) if rows is None else rows
-        return SourceImages(self.root, rows, self.image_size, self.resize)
+    def images(self, split: str) -> SourceImages:
+        """uint8 (N, size, size, 3) of the split's photos, decoded when indexed (`SourceImages`,
+        each photo checked against the manifest); index it in batches."""
+        return SourceImages(self.root, self.manifest(split), self.image_size, self.resize)
 
     def manifest(self, split: str | None = None) -> list[ManifestRow]:
         """The rows of manifest.csv (of `split`, or all), sorted by split and row index."""

@@ -38,19 +38,14 @@ class FeatureStore:
 
     def __init__(self, key: str, dim: int, path: Path | None = None) -> None:
         self.dim, self.path = int(dim), path or cache_root() / "features" / f"{key}.sqlite"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = self._connect(str(self.path))
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("Feature store %s unusable (%s): features kept in memory", self.path, exc)
-            self.db = self._connect(":memory:")
-
-    @staticmethod
-    def _connect(where: str) -> sqlite3.Connection:
-        db = sqlite3.connect(where, timeout=120, check_same_thread=False)
-        db.execute("CREATE TABLE IF NOT EXISTS f (sha TEXT PRIMARY KEY, crc INT, x BLOB)")
-        db.commit()
-        return db
+        for where in (self.path, ":memory:"):
+            try:
+                Path(where).parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(where, timeout=120)
+                self.db.execute("CREATE TABLE IF NOT EXISTS f (sha TEXT PRIMARY KEY, crc, x BLOB)")
+                break
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("Feature store %s unusable (%s): kept in memory", self.path, exc)
 
     def get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
         """{sha256: float32 (D,)} of the valid entries among `shas`; invalid ones are deleted."""
@@ -75,11 +70,9 @@ class FeatureStore:
 
     def put(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
         """Store (sha256, float32 (D,)) pairs, in one transaction."""
-        rows = []
-        for sha, x in items:
-            blob = np.ascontiguousarray(x, np.float32).tobytes()
-            rows.append((sha, zlib.crc32(blob), blob))
+        blobs = [(sha, np.ascontiguousarray(x, np.float32).tobytes()) for sha, x in items]
         try:
+            rows = [(sha, zlib.crc32(blob), blob) for sha, blob in blobs]
             self.db.executemany("INSERT OR REPLACE INTO f VALUES (?, ?, ?)", rows)
             self.db.commit()
         except sqlite3.Error as exc:  # a full or read-only disk: the stage goes on, uncached
