@@ -1,5 +1,7 @@
 """Stage `featurize`: pooled MobileNetV2 features of every prepared image, computed once with the
-LiteRT backbone, so that training runs and sweeps over the head reuse them.
+LiteRT backbone, so that training runs and sweeps over the head reuse them. The photos are
+decoded here (checked against the manifest), and each photo's features are kept in a
+content-addressed store (`pipeline.lib.model.feature_store`): a rerun computes only new photos.
 
 `data/features`: {split}.npy (float32 (N, D)), `backbone.tflite` (the flatbuffer that computed
 them, which train copies into the model folder) and `meta.json` (what they were computed from):
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import hydra
 import numpy as np
@@ -21,16 +22,23 @@ from omegaconf import DictConfig
 
 from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
-from pipeline.lib.data.prepared import SPLITS, PreparedDataset, open_prepared
+from pipeline.lib.data.prepared import (
+    SPLITS,
+    ManifestRow,
+    PreparedDataset,
+    SourceImages,
+    open_prepared,
+)
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
 from pipeline.lib.model.build import resolve_weights
+from pipeline.lib.model.feature_store import FeatureStore, store_key
 from pipeline.lib.model.features import (
     BACKBONE_FILE,
     META_FILE,
     ShardedTFLite,
     backbone_flatbuffer,
+    feature_batches,
     feature_key,
-    featurize_array,
 )
 
 log = logging.getLogger(__name__)
@@ -39,10 +47,13 @@ log = logging.getLogger(__name__)
 def featurize(cfg: Config) -> dict:
     """Write `paths.features` ({split}.npy float32 (N, D), D = 1280 for alpha <= 1;
     backbone.tflite; meta.json {"key": `feature_key`, "feature_dim": D}); return the meta.
+    Features come from the per-image store (`FeatureStore`) where it has them; the other photos
+    are decoded (checked against the manifest), resized and featurized in one streaming pass.
 
     Raises:
         WeightsNotFoundError: `model.weights` is not available offline.
-        StageInputError: the prepared data is missing or was prepared for another image size.
+        StageInputError: the prepared data is missing, was prepared for another image size, or a
+            photo changed since (ChangedPhotoError).
     """
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
@@ -51,40 +62,56 @@ def featurize(cfg: Config) -> dict:
     flatbuffer = backbone_flatbuffer(m.alpha, m.weights, dataset.image_size, m.init_seed)
     featurizer = ShardedTFLite(flatbuffer, cfg.featurize.num_threads)
     log.info("Backbone ready in %.1f s", time.perf_counter() - start)
-    meta = {
-        "key": feature_key(cfg, dvc_md5(cfg.paths.prepared)),
-        "feature_dim": featurizer.feature_dim,
-    }
+    dim = featurizer.feature_dim
+    meta = {"key": feature_key(cfg, dvc_md5(cfg.paths.prepared)), "feature_dim": dim}
+    store = FeatureStore(store_key(flatbuffer, dataset.image_size, dataset.resize), dim)
     with atomic_dir(cfg.paths.features) as tmp:
-        timings = [_featurize_split(cfg, featurizer, dataset, split, tmp) for split in SPLITS]
+        outs = {
+            s: np.lib.format.open_memmap(tmp / f"{s}.npy", "w+", np.float32, (dataset.size(s), dim))
+            for s in SPLITS
+        }
+        start = time.perf_counter()
+        computed = _assemble(cfg, featurizer, dataset, store, outs)
+        for out in outs.values():
+            out.flush()
         (tmp / BACKBONE_FILE).write_bytes(flatbuffer)
         write_json(tmp / META_FILE, meta)
-    images, seconds = (sum(column) for column in zip(*timings, strict=True))
-    per_split = ", ".join(
-        f"{s} {n} in {t:.1f} s" for s, (n, t) in zip(SPLITS, timings, strict=True)
-    )
-    rate = images / seconds if seconds else 0.0
+    store.close()
+    seconds, total = time.perf_counter() - start, sum(len(o) for o in outs.values())
     log.info(
-        "Featurized %d images (%.0f img/s: %s) into %s", images, rate, per_split, cfg.paths.features
+        "Featurized %d images into %s: %d computed (%.0f img/s), the rest from %s; %.1f s",
+        *(total, cfg.paths.features, computed, computed / max(seconds, 1e-9), store.path, seconds),
     )
     return meta
 
 
-def _featurize_split(
-    cfg: Config, featurizer: ShardedTFLite, dataset: PreparedDataset, split: str, folder: Path
-) -> tuple[int, float]:
-    """Write `folder/<split>.npy` through a memory map; return (images, seconds)."""
-    images = dataset.images(split)
-    dim = featurizer.feature_dim
-    out = np.lib.format.open_memmap(
-        folder / f"{split}.npy", mode="w+", dtype=np.float32, shape=(len(images), dim)
-    )
-    start = time.perf_counter()
-    featurize_array(
-        featurizer, images, cfg.featurize.batch_size, dim, out, progress=f"featurize {split}"
-    )
-    out.flush()
-    return len(images), time.perf_counter() - start
+def _assemble(
+    cfg: Config,
+    featurizer: ShardedTFLite,
+    dataset: PreparedDataset,
+    store: FeatureStore,
+    outs: dict[str, np.ndarray],
+) -> int:
+    """Fill `outs` {split: (N, D)} from the store, then decode, resize and featurize one photo
+    per missing sha256 in a streaming pass, into `outs` and the store; return how many."""
+    by_sha: dict[str, list[ManifestRow]] = {}
+    for row in dataset.manifest():
+        by_sha.setdefault(row.sha256, []).append(row)
+    shas, todo = list(by_sha), []
+    for i in range(0, len(shas), 4096):  # bounded memory
+        found = store.get(shas[i : i + 4096])
+        todo += [by_sha[sha][0] for sha in shas[i : i + 4096] if sha not in found]
+        for sha, x in found.items():
+            for row in by_sha[sha]:
+                outs[row.split][row.index] = x
+    images = SourceImages(dataset.root, todo, dataset.image_size, dataset.resize)
+    for start, feats in feature_batches(featurizer, images, cfg.featurize.batch_size, "featurize"):
+        done = todo[start : start + len(feats)]
+        for row, x in zip(done, feats, strict=True):
+            for same in by_sha[row.sha256]:
+                outs[same.split][same.index] = x
+        store.put(zip((row.sha256 for row in done), feats, strict=True))
+    return len(todo)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

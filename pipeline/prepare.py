@@ -1,5 +1,6 @@
-"""Stage `prepare`: decode, convert and resize every image of the data source once, into the
-prepared dataset (arrays, manifest, classes, data report).
+"""Stage `prepare`: check every image of the data source (it decodes) and record it in the
+prepared dataset (manifest with each file's sha256, classes, data report); no pixels are
+copied: featurize and every later reader decode the photos themselves.
 
     python -m pipeline.prepare                                  # the configured data (conf/)
     python -m pipeline.prepare data=folder data.path=/photos    # your photo folder, this once
@@ -51,7 +52,7 @@ def prepare(cfg: Config) -> dict:
             raise
         raise error from None
     log.info(
-        "Prepared %d images of %d classes from %s '%s' into %s (%s); rejected %d, skipped %d",
+        "Recorded %d images of %d classes from %s '%s' into %s (%s); rejected %d, skipped %d",
         report["accepted"],
         len(report["classes"]),
         report["source"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def test_features_are_the_same_bytes_with_an_empty_or_a_warm_conversion_cache(
     featurize(cold)
     converted = list((cache / "tflite").glob("*.tflite"))
     assert len(converted) == 1  # it was converted, once
+    shutil.rmtree(cache / "features")  # the per-image store: computed again, not reused
     warm = tiny_config(
         tmp_path / "warm",
         **prepared,
@@ -54,7 +56,8 @@ def test_features_are_the_same_bytes_with_an_empty_or_a_warm_conversion_cache(
     assert np.load(Path(cold.paths.features) / "train.npy").any()  # not trivially equal
     assert list((cache / "tflite").glob("*.tflite")) == converted  # found, not converted again
 
-    # the stage as DVC runs it, on the warm cache: the same bytes, TensorFlow never imported
+    # the stage as DVC runs it, on the warm cache (features from the per-image store): the same
+    # bytes, TensorFlow never imported
     imports = _featurize_process(tmp_path / "process", prepared, cache)
     assert file_bytes(tmp_path / "process" / "data/features") == want
     assert "ai_edge_litert" in imports  # the interpreter (and the -X importtime parsing works)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image, ImageCms, ImageFile, features
 
 from pipeline.lib.data import images
-from pipeline.lib.data.images import IMAGE_EXTENSIONS, RejectedImage, load_rgb, sha256_file
+from pipeline.lib.data.images import IMAGE_EXTENSIONS, RejectedImage, load_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -80,13 +79,6 @@ def test_image_extensions_are_lower_case_and_cover_the_common_formats():
     assert (".webp" in IMAGE_EXTENSIONS) == WEBP
     assert {".heic", ".heif", ".hif"} <= IMAGE_EXTENSIONS  # pillow-heif is a dependency
     assert ".svg" not in IMAGE_EXTENSIONS and ".svg" in images.CANDIDATE_EXTENSIONS
-
-
-def test_sha256_file_matches_hashlib(tmp_path):
-    data = os.urandom(3 * 1024 * 1024 + 17)  # several chunks
-    (tmp_path / "f.bin").write_bytes(data)
-    assert sha256_file(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
-    assert sha256_file(tmp_path / "f.bin", chunk_size=1000) == hashlib.sha256(data).hexdigest()
 
 
 def test_truncated_images_are_not_loaded_globally():

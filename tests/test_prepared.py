@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.lib.data.prepared import SplitWriter, open_prepared
+from pipeline.lib.data.prepared import open_prepared
 from pipeline.lib.errors import StageInputError, UserError
 from pipeline.prepare import prepare
 from tests.conftest import ROOT, compose, tiny_config, tiny_overrides
@@ -42,21 +42,28 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def test_split_writer_trims_to_the_rows_written(tmp_path):
-    writer = SplitWriter(tmp_path, "train", capacity=300, image_size=4)
-    for i in range(257):  # a rejected file leaves capacity unused inside the last 256 block
-        writer.append(np.full((4, 4, 3), i % 256, np.uint8))
-    writer.close()
-    array = np.load(tmp_path / "train.npy", mmap_mode="r")
-    assert array.shape == (257, 4, 4, 3) and array.dtype == np.uint8
-    assert list(array[[0, 255, 256], 0, 0, 0]) == [0, 255, 0]
-
-
-def test_split_writer_refuses_a_wrong_shape(tmp_path):
-    writer = SplitWriter(tmp_path, "val", capacity=2, image_size=4)
-    with pytest.raises(ValueError, match="expected"):
-        writer.append(np.zeros((5, 5, 3), np.uint8))
-    writer.close()
+def test_prepare_writes_no_pixels_and_readers_refuse_a_changed_photo(tmp_path):
+    """No decoded copy: the prepared folder is the manifest, classes and report (a few hundred
+    bytes per photo); a photo changed after prepare is one error naming it, not other pixels."""
+    photos = tmp_path / "photos"
+    write_photos(photos, {"a": 6, "b": 6})
+    cfg = folder_config(tmp_path, photos)
+    prepare(cfg)
+    out = Path(cfg.paths.prepared)
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "manifest.csv", "report.json"]
+    assert sum(p.stat().st_size for p in out.iterdir()) < 400 * 12
+    dataset = open_prepared(out, cfg.data)
+    first = dataset.manifest("train")[0]
+    assert dataset.images("train")[:2].shape == (2, 32, 32, 3)
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(photos / first.path)
+    with pytest.raises(StageInputError) as info:
+        dataset.images("train")[:2]
+    message = str(info.value)
+    assert "\n" not in message and str(photos / first.path) in message
+    assert "changed after prepare" in message and "rerun prepare" in message
+    (photos / first.path).unlink()
+    with pytest.raises(StageInputError, match="cannot read it .* rerun prepare"):
+        dataset.images("train")[0]
 
 
 DISK_FULL_SCRIPT = """
@@ -98,20 +105,21 @@ def check_disk_full(proc: subprocess.CompletedProcess, out: Path) -> None:
 
 def test_a_file_size_limit_during_prepare_is_one_message_and_leaves_nothing(tmp_path):
     """Case disk-full-prepare-sigbus, with a real limit any user can set: RLIMIT_FSIZE makes
-    writes past 1 MB fail with EFBIG, as a full disk fails them with ENOSPC."""
+    writes past 1 kB fail with EFBIG, as a full disk fails them with ENOSPC (prepare writes no
+    pixels: its largest file is the manifest, ~2.5 kB here)."""
     out = tmp_path / "data" / "prepared"
-    limit = "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))"
+    limit = "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))"
     check_disk_full(run_disk_full(tmp_path, out, limit), out)
 
 
 def test_a_full_tmpfs_during_prepare_is_one_message_and_leaves_nothing(tmp_path):
-    """Case disk-full-prepare-sigbus as reported: a 2 MB tmpfs (needs root)."""
+    """Case disk-full-prepare-sigbus as reported: a tmpfs too small, here 8 kB (needs root)."""
     mount = tmp_path / "small"
     mount.mkdir()
     if (
         os.geteuid() != 0
         or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+            ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], capture_output=True
         ).returncode
     ):
         pytest.skip("mounting a tmpfs needs root")

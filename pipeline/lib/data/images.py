@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import os
 import struct
@@ -94,32 +93,24 @@ class RejectedImage(Exception):
         self.reason = reason
 
 
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of the file's bytes, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_rgb(
     path: str | os.PathLike[str],
     size: int,
     resize: str = "stretch",
     max_pixels: int = 60_000_000,
     notes: list[str] | None = None,
+    data: bytes | None = None,
 ) -> np.ndarray:
     """Decode `path` (EXIF-rotated, first frame, embedded colour profile converted to sRGB, any
     mode to RGB, transparency on white) into uint8 (size, size, 3). `resize`: `stretch`, `pad`
     (letterbox on `PAD_COLOR`) or `crop` (centre square). A profile that cannot be used is
-    ignored, saying so in `notes`. RejectedImage: not a usable image, or over `max_pixels`
+    ignored, saying so in `notes`. `data`: the file's bytes, if already read. RejectedImage: not a usable image, or over `max_pixels`
     (checked from the header); ValueError: bad `resize` or `size`."""
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")
     if size < 1:
         raise ValueError(f"size must be >= 1, not {size}")
-    with _open(Path(path)) as image:
+    with _open(Path(path), data) as image:
         width, height = image.size
         if width < 1 or height < 1:
             raise RejectedImage(f"invalid image size {width}x{height}")
@@ -142,12 +133,12 @@ def load_rgb(
             ) from None
 
 
-def _open(path: Path) -> Image.Image:
-    """`path` opened (header read) by one of `DECODE_FORMATS`, else RejectedImage."""
+def _open(path: Path, data: bytes | None = None) -> Image.Image:
+    """`path` (or its bytes `data`) opened by one of `DECODE_FORMATS`, else RejectedImage."""
     try:
-        if path.stat().st_size == 0:
+        if (path.stat().st_size if data is None else len(data)) == 0:
             raise RejectedImage("empty file")
-        return Image.open(path, formats=DECODE_FORMATS)
+        return Image.open(path if data is None else io.BytesIO(data), formats=DECODE_FORMATS)
     except Image.DecompressionBombError as exc:
         raise RejectedImage(f"image too large: {exc} (Pillow's bomb guard): downscale it") from None
     except UnidentifiedImageError:

@@ -1,4 +1,5 @@
-"""Ingesting a folder of images into the prepared dataset (`pipeline.lib.data.prepared`).
+"""Ingesting a folder of images into the prepared dataset (`pipeline.lib.data.prepared`): every
+file is decoded once to check it (at `CHECK_SIZE`: JPEGs at 1/8 scale), hashed and recorded.
 Problems that make it unusable raise one `DataError` listing them all; the rest (rejected and
 skipped files, duplicates, ...) goes into the report and its `warnings`.
 """
@@ -6,6 +7,7 @@ skipped files, duplicates, ...) goes into the report and its `warnings`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -16,12 +18,11 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from pipeline.lib.config.schema import DataConfig
-from pipeline.lib.data.images import RejectedImage, load_rgb, sha256_file
-from pipeline.lib.data.prepared import SPLITS, ManifestRow, SplitWriter, shown_path, write_manifest
+from pipeline.lib.data.images import RejectedImage, load_rgb
+from pipeline.lib.data.prepared import SPLITS, ManifestRow, shown_path, write_manifest
 from pipeline.lib.data.sources.folder import (
     HIDDEN_REASON,
     OUTSIDE_REASON,
@@ -40,10 +41,12 @@ log = logging.getLogger(__name__)
 MAX_LISTED = 20
 #: A class with fewer training images than this gets a warning (and the tag data_small_classes).
 SMALL_CLASS = 5
-_BAR = dict(unit="img", desc="prepare: decoding images", mininterval=0.5, dynamic_ncols=True)
+#: The side prepare decodes to, to check a file (featurize decodes at `data.image_size`).
+CHECK_SIZE = 16
+_BAR = dict(unit="img", desc="prepare: checking images", mininterval=0.5, dynamic_ncols=True)
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
-#: A decoded file: candidate, (uint8 array, sha256, None) or (None, None, reason), decoder notes.
-_Decoded = tuple[Candidate, np.ndarray | None, str | None, str | None, list[str]]
+#: A checked file: candidate, (size in bytes, sha256, None) or (0, None, reason), decoder notes.
+_Checked = tuple[Candidate, int, str | None, str | None, list[str]]
 #: A group of identical files in report.json: sha256, files, and their split(s).
 _Group = dict[str, str | list[str]]
 
@@ -56,9 +59,10 @@ def ingest(
     workers: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Decode every image under `root` (read only) into the prepared dataset in `out_dir`; return
-    the report. `workers`: decoding threads (default: cores, at most 8). Raises DataError (with
-    the report as `.report`), ValueError (bad leakage or split settings), OSError (writing)."""
+    """Check every image under `root` (read only) and record them in the prepared dataset in
+    `out_dir`; return the report. `workers`: decoding threads (default: cores, at most 8).
+    Raises DataError (with the report as `.report`), ValueError (bad leakage or split settings),
+    OSError (writing)."""
     if data.leakage not in ("fail", "warn"):
         raise ValueError(f"data.leakage must be 'fail' or 'warn', not {data.leakage!r}")
     disc = discover(root, data.split, data.seed)
@@ -70,7 +74,7 @@ def ingest(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tally = _Tally(disc, data)
-    tally.decode(out, workers, progress)
+    tally.check(workers, progress)
     leakage, duplicates = tally.duplicates()
     tally.check_rejected()
     small = tally.coverage()
@@ -107,29 +111,29 @@ def ingest(
     return report
 
 
-def _decode_one(cand: Candidate, size: int, resize: str, max_pixels: int) -> _Decoded:
+def _check_one(cand: Candidate, resize: str, max_pixels: int) -> _Checked:
     notes: list[str] = []
     try:
-        array = load_rgb(cand.path, size, resize=resize, max_pixels=max_pixels, notes=notes)
-        sha = sha256_file(cand.path)
+        data = cand.path.read_bytes()
+        load_rgb(cand.path, CHECK_SIZE, resize, max_pixels, notes=notes, data=data)
     except RejectedImage as exc:
-        return cand, None, None, exc.reason, []
-    except OSError as exc:  # read error while hashing
-        return cand, None, None, f"cannot read file ({exc.strerror or exc})", []
-    return cand, array, sha, None, notes
+        return cand, 0, None, exc.reason, []
+    except OSError as exc:
+        return cand, 0, None, f"cannot read file ({exc.strerror or exc})", []
+    return cand, len(data), hashlib.sha256(data).hexdigest(), None, notes
 
 
-def _decode_all(
+def _check_all(
     candidates: list[Candidate], data: DataConfig, workers: int | None
-) -> Iterator[_Decoded]:
-    """Results in candidate order, a bounded number of decodes in flight (flat memory)."""
-    args = (int(data.image_size), str(data.resize), int(data.max_pixels))
+) -> Iterator[_Checked]:
+    """Results in candidate order, a bounded number of files in flight (flat memory)."""
+    args = (str(data.resize), int(data.max_pixels))
     workers = workers or min(8, os.cpu_count() or 1)
     window: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         try:
             for cand in candidates:
-                window.append(pool.submit(_decode_one, cand, *args))
+                window.append(pool.submit(_check_one, cand, *args))
                 if len(window) >= workers * 4:
                     yield window.popleft().result()
             while window:
@@ -140,7 +144,7 @@ def _decode_all(
 
 
 class _Tally:
-    """Decodes the discovered files and checks them, per split and class: files `found`, accepted
+    """Checks the discovered files, per split and class: files `found`, accepted
     (`counts`), rejected; the checks add `warnings` and `problems` (which make ingest fail)."""
 
     def __init__(self, disc: Discovery, data: DataConfig) -> None:
@@ -156,35 +160,30 @@ class _Tally:
         self.warnings: list[str] = []
         self.problems: list[str] = []
 
-    def decode(self, out: Path, workers: int | None, progress: bool) -> None:
+    def check(self, workers: int | None, progress: bool) -> None:
         disc = self.disc
         label_index = {c: i for i, c in enumerate(disc.classes)}
-        writers: dict[str, SplitWriter] = {}
+        index: Counter = Counter()
         noted: list[str] = []
-        try:
-            size = int(self.data.image_size)
-            for s in SPLITS:
-                writers[s] = SplitWriter(out, s, sum(self.found[s].values()), size)
-            results = _decode_all(disc.candidates, self.data, workers)
-            bar = tqdm(total=len(disc.candidates), file=sys.stderr, disable=not progress, **_BAR)
-            with closing(results), bar:
-                for cand, array, sha, reason, notes in results:
-                    bar.update(1)
-                    rel = display_path(cand.path, disc.root)
-                    if array is None or sha is None:
-                        self.rejected.append({"file": rel, "reason": str(reason)})
-                        self.rejected_where[cand.split][cand.label] += 1
-                        bar.set_postfix(rejected=len(self.rejected), refresh=False)
-                        continue
-                    noted += [f"{rel}: {note}" for note in notes]
-                    index = writers[cand.split].append(array)
-                    self.counts[cand.split][cand.label] += 1
-                    number = label_index[cand.label]
-                    self.rows.append(ManifestRow(cand.split, index, cand.label, number, rel, sha))
-                    self.by_hash[sha].append((rel, cand.split, cand.label))
-        finally:
-            for writer in writers.values():
-                writer.close()
+        results = _check_all(disc.candidates, self.data, workers)
+        bar = tqdm(total=len(disc.candidates), file=sys.stderr, disable=not progress, **_BAR)
+        with closing(results), bar:
+            for cand, size, sha, reason, notes in results:
+                bar.update(1)
+                rel = display_path(cand.path, disc.root)
+                if sha is None:
+                    self.rejected.append({"file": rel, "reason": str(reason)})
+                    self.rejected_where[cand.split][cand.label] += 1
+                    bar.set_postfix(rejected=len(self.rejected), refresh=False)
+                    continue
+                noted += [f"{rel}: {note}" for note in notes]
+                self.counts[cand.split][cand.label] += 1
+                number, index[cand.split] = label_index[cand.label], index[cand.split] + 1
+                row = ManifestRow(
+                    cand.split, index[cand.split] - 1, cand.label, number, rel, sha, size
+                )
+                self.rows.append(row)
+                self.by_hash[sha].append((rel, cand.split, cand.label))
         self.rejected.sort(key=lambda r: r["file"])
         if noted:
             self.warnings.append(

@@ -1,31 +1,36 @@
 """The prepared dataset that `prepare` writes (one DVC output): classes.json (names in label
 order), manifest.csv (one `ManifestRow` per image), report.json (counts, rejected files,
-leakage) and <split>.npy, uint8 (N, size, size, 3), read as memory maps.
+leakage). No pixels: `PreparedDataset.images(split)` decodes the photos themselves on demand,
+each checked against its recorded sha256 (`read_photo`).
 """
 
 from __future__ import annotations
 
 import csv
-import errno
+import hashlib
 import os
+import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.lib.config.schema import DataConfig
+from pipeline.lib.data.images import RejectedImage, load_rgb
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import read_json
 
 SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = ("split", "index", "label", "label_index", "path", "sha256")
+MANIFEST_FIELDS = ("split", "index", "label", "label_index", "path", "sha256", "bytes")
+_INTS = ("index", "label_index", "bytes")
 
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One image in manifest.csv: split, row `index` in <split>.npy, class name and index, path
-    (as in the report), sha256 of the file."""
+    """One image in manifest.csv: split, `index` in the split (the row of data/features/<split>.npy),
+    class name and index, path (relative to the data folder), the file's sha256 and size."""
 
     split: str
     index: int
@@ -33,70 +38,71 @@ class ManifestRow:
     label_index: int
     path: str
     sha256: str
+    bytes: int
 
 
-#: The .npy header's length, padded so that it can be rewritten in place with the final count.
-_NPY_HEADER_BYTES = 128
+class ChangedPhotoError(StageInputError):
+    """A photo differs from (or is gone since) what prepare recorded in manifest.csv."""
 
 
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}"
-    body = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
-    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+def read_photo(
+    root: Path, row: ManifestRow, size: int, resize: str = "stretch", max_pixels: int = 2**62
+) -> np.ndarray:
+    """uint8 (size, size, 3) of the photo `root/row.path`, decoded by `load_rgb` from the bytes
+    whose sha256 is checked against the manifest: the one per-image step of every pixel reader.
+    ChangedPhotoError: the file changed, is gone or no longer decodes."""
+    path = _source_path(root, row.path)
+    again = "rerun prepare (`dvc repro`), or restore the file"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ChangedPhotoError(f"{path}: cannot read it ({exc.strerror}): {again}.") from None
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        raise ChangedPhotoError(f"{path} changed after prepare (sha256 in manifest.csv): {again}.")
+    try:
+        return load_rgb(path, size, resize, max_pixels, data=data)
+    except RejectedImage as exc:
+        raise ChangedPhotoError(f"{path}: {exc.reason} since prepare: {again}.") from None
 
 
-class SplitWriter:
-    """Streams uint8 (size, size, 3) images of one split into `folder/<split>.npy` with plain
-    writes (a memory map dies of SIGBUS on a full disk); `capacity` rows are reserved up front,
-    so a full disk raises OSError at once. `close()` trims the file to the rows written."""
+def _source_path(root: Path, shown: str) -> Path:
+    """The file `display_path` showed as `shown` (undecodable bytes written as \\xNN)."""
+    path = root / shown
+    if "\\x" not in shown or path.exists():
+        return path
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), shown.encode())
+    return root / os.fsdecode(raw)
 
-    def __init__(self, folder: Path, split: str, capacity: int, image_size: int) -> None:
-        self.path = Path(folder) / f"{split}.npy"
-        self.image_size = image_size
-        self.capacity = max(int(capacity), 0)
-        self.count = 0
-        self._row_bytes = image_size * image_size * 3
-        self._fh = open(self.path, "wb")  # noqa: SIM115 (closed in close())
-        try:
-            self._fh.write(_npy_header((self.capacity, image_size, image_size, 3)))
-            self._fh.flush()
-            size = _NPY_HEADER_BYTES + self.capacity * self._row_bytes
-            if size > _NPY_HEADER_BYTES and hasattr(os, "posix_fallocate"):
-                try:
-                    os.posix_fallocate(self._fh.fileno(), 0, size)
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                        raise
-        except OSError as exc:
-            self._fh.close()
-            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
-        except BaseException:
-            self._fh.close()
-            raise
 
-    def append(self, image: np.ndarray) -> int:
-        """Write one image; return its row index. IndexError past capacity."""
-        if self.count >= self.capacity:
-            raise IndexError(f"{self.path}: more images than the capacity {self.capacity}")
-        array = np.ascontiguousarray(image, dtype=np.uint8)
-        if array.shape != (self.image_size, self.image_size, 3):
-            raise ValueError(
-                f"{self.path}: image of shape {array.shape}, expected "
-                f"{(self.image_size, self.image_size, 3)}"
-            )
-        self._fh.write(array.tobytes())
-        self.count += 1
-        return self.count - 1
+class SourceImages:
+    """Array-like uint8 (N, size, size, 3) view of manifest rows: indexing (an int, a slice, an
+    index array) decodes those photos with `read_photo`, in threads; `np.asarray` decodes all.
+    Index it in batches when N is large: nothing is kept in memory."""
 
-    def close(self) -> None:
-        if self._fh.closed:
-            return
-        try:
-            self._fh.truncate(_NPY_HEADER_BYTES + self.count * self._row_bytes)
-            self._fh.seek(0)
-            self._fh.write(_npy_header((self.count, self.image_size, self.image_size, 3)))
-        finally:
-            self._fh.close()
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, root: Path, rows: Sequence[ManifestRow], size: int, resize: str) -> None:
+        self.root, self.rows, self.size, self.resize = Path(root), list(rows), size, resize
+        self.shape = (len(self.rows), size, size, 3)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            return read_photo(self.root, self.rows[key], self.size, self.resize)
+        picked = self.rows[key] if isinstance(key, slice) else [self.rows[i] for i in key]
+        out = np.empty((len(picked), self.size, self.size, 3), np.uint8)
+        with ThreadPoolExecutor(min(len(picked), 8) or 1) as pool:
+            images = pool.map(lambda r: read_photo(self.root, r, self.size, self.resize), picked)
+            for i, image in enumerate(images):
+                out[i] = image
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self[:]
+        return array if dtype is None else array.astype(dtype)
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
@@ -107,7 +113,7 @@ def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
 
 
 class PreparedDataset:
-    """Read access to a prepared folder; arrays are memory-mapped."""
+    """Read access to a prepared folder; the images are read from the data folder."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
@@ -119,25 +125,33 @@ class PreparedDataset:
         self.classes: list[str] = list(read_json(self.folder / "classes.json"))
         self.report: dict = read_json(self.folder / "report.json")
         self.image_size: int = int(self.report["image_size"])
+        self.resize: str = str(self.report.get("resize", "stretch"))
+        self._rows: list[ManifestRow] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def images(self, split: str) -> np.ndarray:
-        """uint8 (N, size, size, 3), memory-mapped: index it in batches."""
-        return np.load(self.folder / f"{split}.npy", mmap_mode="r")
+    @property
+    def root(self) -> Path:
+        """The data folder the manifest's paths are relative to."""
+        return Path(self.report["root"])
+
+    def images(self, split: str) -> SourceImages:
+        """uint8 (N, size, size, 3) of the split's photos, decoded when indexed (`SourceImages`,
+        each photo checked against the manifest); index it in batches."""
+        return SourceImages(self.root, self.manifest(split), self.image_size, self.resize)
 
     def manifest(self, split: str | None = None) -> list[ManifestRow]:
         """The rows of manifest.csv (of `split`, or all), sorted by split and row index."""
-        with open(self.folder / "manifest.csv", newline="", encoding="utf-8") as fh:
-            ints = {"index", "label_index"}
-            rows = [
-                ManifestRow(**{k: int(v) if k in ints else v for k, v in r.items()})
-                for r in csv.DictReader(fh)
-            ]
-        rows = [r for r in rows if split is None or r.split == split]
-        return sorted(rows, key=lambda r: (SPLITS.index(r.split), r.index))
+        if self._rows is None:
+            with open(self.folder / "manifest.csv", newline="", encoding="utf-8") as fh:
+                rows = [
+                    ManifestRow(**{k: int(v) if k in _INTS else v for k, v in r.items()})
+                    for r in csv.DictReader(fh)
+                ]
+            self._rows = sorted(rows, key=lambda r: (SPLITS.index(r.split), r.index))
+        return [r for r in self._rows if split is None or r.split == split]
 
     def labels(self, split: str) -> np.ndarray:
         """int label indices of a split, aligned with `images(split)`."""
@@ -145,7 +159,7 @@ class PreparedDataset:
 
     def size(self, split: str) -> int:
         """The number of images in `split` (no pixels are read)."""
-        return int(self.images(split).shape[0])
+        return len(self.manifest(split))
 
 
 def iter_batches(array: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

@@ -228,31 +228,39 @@ def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         raise errors[0]
 
 
-def featurize_array(
+def feature_batches(
     featurizer: Callable[[np.ndarray], np.ndarray],
-    images: np.ndarray,
+    images: Any,
     batch_size: int,
-    feature_dim: int,
-    out: np.ndarray | None = None,
     progress: str | None = None,
-) -> np.ndarray:
-    """float32 features (N, feature_dim) of an image array (N, H, W, 3), any numeric dtype
-    (uint8 memory-mapped prepared images), computed `batch_size` images at a time, the next batch
-    read in a background thread.
-
-    `out` may be a (memory-mapped) float32 array (N, feature_dim) to write into, so memory stays
-    flat however many images; it is returned. `progress` labels a tqdm bar, drawn on a terminal
-    only (None: no bar)."""
-    if out is None:
-        out = np.empty((len(images), feature_dim), dtype=np.float32)
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float32 (B, D)) for consecutive batches of `images` (N, H, W, 3), any numeric
+    dtype: an array, a memory map or `SourceImages` (decoded as read); the next batch is read in a
+    background thread. `progress` labels a tqdm bar with ETA, drawn on a terminal only."""
     done = 0
     off = None if progress else True  # None: tqdm draws only on a terminal
     with tqdm(total=len(images), desc=progress, unit="img", disable=off, leave=False) as bar:
         for batch in prefetch(iter_batches(images, batch_size)):
             feats = featurizer(batch)
-            out[done : done + len(feats)] = feats
+            yield done, feats
             done += len(feats)
             bar.update(len(feats))
+
+
+def featurize_array(
+    featurizer: Callable[[np.ndarray], np.ndarray],
+    images: Any,
+    batch_size: int,
+    feature_dim: int,
+    out: np.ndarray | None = None,
+    progress: str | None = None,
+) -> np.ndarray:
+    """float32 features (N, feature_dim) of `images` (as `feature_batches`), into `out` if given
+    (e.g. a memory map: memory stays flat), which is returned."""
+    if out is None:
+        out = np.empty((len(images), feature_dim), dtype=np.float32)
+    for start, feats in feature_batches(featurizer, images, batch_size, progress):
+        out[start : start + len(feats)] = feats
     return out
 
 

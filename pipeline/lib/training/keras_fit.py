@@ -41,6 +41,7 @@ from pipeline.lib.model.build import (
     unfreeze_top,
 )
 from pipeline.lib.model.classifier import Head
+from pipeline.lib.model.features import featurize_array
 from pipeline.lib.training.batches import ArrayBatches
 from pipeline.lib.training.callbacks import (
     AtomicBackupAndRestore,
@@ -410,8 +411,9 @@ def fit_keras(
     extractor = nets.extractor if changed else None
     new_features = None
     if extractor is not None:
+        dim = int(extractor.output_shape[-1])  # the photos decoded batch by batch
         new_features = {
-            s: np.asarray(extractor.predict(images[s], verbose=0), np.float32)
+            s: featurize_array(extractor.predict_on_batch, images[s], 32, dim)
             for s in ("train", "val")
         }
     epochs = runner.history["epoch"]

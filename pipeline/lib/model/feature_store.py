@@ -1,0 +1,82 @@
+"""Per-image backbone features, content-addressed: one sqlite file per backbone key
+(`store_key`: the flatbuffer's sha256, image size, resize policy, decoder), rows keyed by the
+photo's sha256, float32 blobs with a CRC. So adding photos computes only those, relabelling or
+removing computes none, and the same photo in two folders or projects is computed once. An entry
+of the wrong size, CRC or with non-finite values is dropped and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import PIL
+
+from pipeline.lib.data import images
+from pipeline.lib.files import cache_root, md5_file
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 500  # sha256s per query (sqlite's variable limit is >= 999)
+
+
+def store_key(flatbuffer: bytes, image_size: int, resize: str) -> str:
+    """32 hex digits: what per-image features depend on besides the photo's bytes."""
+    decoder = f"{PIL.__version__}:{md5_file(images.__file__)}"
+    parts = f"{hashlib.sha256(flatbuffer).hexdigest()}|{int(image_size)}|{resize}|{decoder}"
+    return hashlib.sha256(parts.encode()).hexdigest()[:32]
+
+
+class FeatureStore:
+    """float32 (D,) features by photo sha256, in `<cache_root>/features/<key>.sqlite` (or `path`);
+    an unwritable cache falls back to memory, with a warning."""
+
+    def __init__(self, key: str, dim: int, path: Path | None = None) -> None:
+        self.dim, self.path = int(dim), path or cache_root() / "features" / f"{key}.sqlite"
+        for where in (self.path, ":memory:"):
+            try:
+                Path(where).parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(where, timeout=120)
+                self.db.execute("CREATE TABLE IF NOT EXISTS f (sha TEXT PRIMARY KEY, crc, x BLOB)")
+                break
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("Feature store %s unusable (%s): kept in memory", self.path, exc)
+
+    def get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
+        """{sha256: float32 (D,)} of the valid entries among `shas`; invalid ones are deleted."""
+        wanted, found, bad = list(dict.fromkeys(shas)), {}, []
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT sha, crc, x FROM f WHERE sha IN ({marks})"  # noqa: S608 (marks only)
+            for sha, crc, blob in self.db.execute(query, chunk):
+                x = np.frombuffer(blob, np.float32) if len(blob) == 4 * self.dim else None
+                if x is None or zlib.crc32(blob) != crc or not np.isfinite(x).all():
+                    bad.append(sha)
+                else:
+                    found[sha] = x
+        if bad:
+            log.warning(
+                "Feature store %s: %d damaged entries, recomputing them", self.path, len(bad)
+            )
+            self.db.executemany("DELETE FROM f WHERE sha = ?", [(s,) for s in bad])
+            self.db.commit()
+        return found
+
+    def put(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Store (sha256, float32 (D,)) pairs, in one transaction."""
+        blobs = [(sha, np.ascontiguousarray(x, np.float32).tobytes()) for sha, x in items]
+        try:
+            rows = [(sha, zlib.crc32(blob), blob) for sha, blob in blobs]
+            self.db.executemany("INSERT OR REPLACE INTO f VALUES (?, ?, ?)", rows)
+            self.db.commit()
+        except sqlite3.Error as exc:  # a full or read-only disk: the stage goes on, uncached
+            log.warning("Feature store %s: not saved (%s)", self.path, exc)
+
+    def close(self) -> None:
+        self.db.close()
