@@ -1,0 +1,1 @@
+"""Data audits on the cached features: label issues, near-duplicates, data sufficiency."""
