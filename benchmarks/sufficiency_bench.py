@@ -24,7 +24,7 @@ from pathlib import Path
 from accuracy_bench import features  # benchmarks/ is sys.path[0] when run as a script
 from threadpoolctl import threadpool_limits
 
-from pipeline.lib.audit.sufficiency import sufficiency_curve
+from pipeline.lib.audit.sufficiency import sentence, sufficiency_curve
 from pipeline.lib.training.head import choose_c
 
 TARGET_S = 60.0
@@ -55,7 +55,7 @@ def main() -> int:
     print("images per class  mean accuracy (5 seeds)")
     for n, row in zip(curve.sizes, curve.scores[:, :, 0], strict=True):
         print(f"{n:>16}  {row.mean():.4f}  (seeds {' '.join(f'{v:.3f}' for v in row)})")
-    print(curve.sentences["all"])
+    print(sentence("all", curve.fits["all"]))
     ok = wall <= TARGET_S
     print(
         f"{'PASS' if ok else 'FAIL'}  curve in {wall:.1f} s wall ({cpu:.1f} s CPU) <= {TARGET_S:g} s"

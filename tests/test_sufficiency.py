@@ -74,7 +74,8 @@ def test_the_flowers12_curve_rises_to_the_full_accuracy(flowers: Flowers, tmp_pa
         f"\nflowers12 curve in {seconds:.1f} s (C = {f.C:g}): "
         + ", ".join(f"{n}: {m:.4f}" for n, m in zip(curve.sizes, means, strict=True))
     )
-    print("\n".join(curve.sentences.values()))
+    summary = json.loads(json.dumps(curve.summary()))
+    print("\n".join(summary["sentences"].values()))
     assert curve.sizes == (1, 2, 5, 10, 20, 48)
     assert curve.scores.shape == (6, 5, 13) and np.isfinite(curve.scores).all()
     assert (np.diff(means) > -0.01).all() and means[-1] - means[0] > 0.2  # rises, roughly
@@ -82,11 +83,10 @@ def test_the_flowers12_curve_rises_to_the_full_accuracy(flowers: Flowers, tmp_pa
     assert means[-1] == pytest.approx(accuracy(f, np.arange(len(f.y["train"])), f.C))
     assert set(curve.fits) == {"all", *f.names} and curve.fits["all"] is not None
     assert curve.fits["all"].at_double[0] >= means[-1] - 0.01  # more photos do not hurt
-    assert "twice as many photos of every class (48 -> 96" in curve.sentences["all"] or (
-        "flat" in curve.sentences["all"]
+    assert "twice as many photos of every class (48 -> 96" in summary["sentences"]["all"] or (
+        "flat" in summary["sentences"]["all"]
     )
-    summary = json.loads(json.dumps(curve.summary()))
-    assert summary["sizes"] == list(curve.sizes) and summary["C"] == f.C
+    assert summary["sizes"] == list(curve.sizes) and summary["accuracy"] == means.tolist()
     assert summary["fits"]["all"]["n"] == 48 and len(summary["sentences"]) == 13
     png = tmp_path / "sufficiency.png"
     curve.figure(png)
@@ -148,7 +148,7 @@ def test_edge_cases_one_photo_two_classes_and_a_class_missing_from_eval(tmp_path
     x, y = blobs([30, 1], spread=1.5)
     curve = sufficiency_curve(x, y, *blobs([10, 10], 1.5, seed=1), 2, 1.0, ["a", "b"], seeds=2)
     assert curve.fits["b"] is None  # one photo: one size, no curve
-    assert curve.sentences["b"] == "class b: too few sizes to fit a curve; add photos."
+    assert sentence("b", curve.fits["b"]) == "class b: too few sizes to fit a curve; add photos."
     assert curve.scores.shape == (6, 2, 3)
 
 
@@ -157,7 +157,7 @@ def test_a_flat_curve_says_so_and_empty_splits_are_refused():
     curve = sufficiency_curve(x, y, *blobs([10, 10], 20.0, seed=1), 2, 1.0, ["a", "b"], seeds=2)
     assert (curve.scores == 1).all()
     assert curve.fits["all"].gain[2] < FLAT_GAIN
-    assert curve.sentences["all"].startswith("every class: flat")
+    assert sentence("all", curve.fits["all"]).startswith("every class: flat")
     assert sentence("all", None) == "every class: too few sizes to fit a curve; add photos."
     with pytest.raises(UserError, match="a split is empty"):
         sufficiency_curve(x, y, x[:0], y[:0], 2, 1.0, ["a", "b"])

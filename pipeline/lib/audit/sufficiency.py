@@ -1,15 +1,13 @@
 """Data sufficiency, "do I need more photos?": accuracy against training images per class.
 
-The head (`training.head.fit_head`) is refitted on nested class-stratified subsets of the training
-split (1, 2, 5, 10, 20, 50, ... images per class, then all), several seeds, at the full split's C
-(choosing C per subset costs 65 fits a point and fails below 3 images per class; the penalty
-||W||^2 / 2C is not divided by the image count, so one C regularises small subsets more). A point:
-mean over seeds, se^2 = var(seeds) / seeds + p(1-p) / m (m evaluation images, p Agresti-Coull).
-1 - accuracy (or 1 - a class's recall) is fitted by the power law a n^-b + c (Cortes et al. 1994,
-NIPS 6, "Learning curves: asymptotic values and rate of convergence"; Hestness et al. 2017,
-arXiv:1712.00409) with scipy's `curve_fit`, weights 1 / se; 95 % intervals at 2x the largest n by
-the delta method on its covariance (times the reduced chi-square if > 1), plus, for the accuracy,
-the largest point's se (the noise of one measurement).
+The head (`training.head.fit_head`) is refitted on nested class-stratified subsets (1, 2, 5, 10, 20,
+50, ... images per class, then all; several seeds) at the full split's C: choosing C per subset
+costs 65 fits a point and fails below 3 images per class, and the penalty ||W||^2 / 2C is not
+divided by the image count, so one C regularises small subsets more. Point: mean over seeds, se^2 =
+var(seeds) / seeds + p(1-p) / m (m evaluation images, p Agresti-Coull). 1 - accuracy (or recall) is
+fitted by the power law a n^-b + c (Cortes et al. 1994, NIPS 6; Hestness et al. 2017,
+arXiv:1712.00409) with `curve_fit`, weights 1 / se; 95 % intervals at 2x the largest n: delta method
+(covariance times the reduced chi-square if > 1), plus the largest point's se for the accuracy.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.optimize import curve_fit
 from threadpoolctl import threadpool_limits
@@ -29,7 +26,6 @@ from pipeline.lib.errors import UserError
 from pipeline.lib.files import atomic_file
 from pipeline.lib.training.head import fit_head
 
-Z95 = 1.96
 #: A gain (accuracy, 0..1) whose 95 % interval stays below this is reported as a flat curve.
 FLAT_GAIN = 0.01
 
@@ -67,15 +63,14 @@ def extrapolate(n: np.ndarray, acc: np.ndarray, se: np.ndarray) -> Extrapolation
     except (RuntimeError, ValueError):
         return None
     cov *= max(1.0, float((((_error(n, *p) - err) / se) ** 2).sum()) / max(len(n) - 3, 1))
-    top = n[-1]
-    x = np.array([top, 2 * top])
+    x = n[-1] * np.array([1.0, 2.0])
     jac = np.stack([x ** -p[1], -p[0] * x ** -p[1] * np.log(x), np.ones(2)], 1)  # d err / d a, b, c
     err_at, g, dg = _error(x, *p), jac[1], jac[0] - jac[1]
     at, gain = 1 - err_at[1], err_at[0] - err_at[1]
-    at_spread, gain_spread = Z95 * np.sqrt(g @ cov @ g + se[-1] ** 2), Z95 * np.sqrt(dg @ cov @ dg)
-    expected = (at, max(at - at_spread, 0), min(at + at_spread, 1))
-    gained = (gain, max(gain - gain_spread, 0), gain + gain_spread)
-    return Extrapolation(int(top), *(tuple(float(v) for v in t) for t in (p, expected, gained)))
+    spread = 1.96 * np.sqrt([g @ cov @ g + se[-1] ** 2, dg @ cov @ dg])  # accuracy, gain
+    expected = (at, max(at - spread[0], 0), min(at + spread[0], 1))
+    gained = (gain, max(gain - spread[1], 0), gain + spread[1])
+    return Extrapolation(int(x[0]), *(tuple(float(v) for v in t) for t in (p, expected, gained)))
 
 
 def sentence(name: str, fit: Extrapolation | None) -> str:
@@ -94,20 +89,14 @@ def sentence(name: str, fit: Extrapolation | None) -> str:
 @dataclass(frozen=True)
 class SufficiencyCurve:
     """`scores` float (sizes, seeds, curves) at `sizes` images per class: curve 0 the accuracy,
-    1 + k the recall of class k (NaN: none in the evaluation split); `names` ('all', classes) and
-    `eval_counts` per curve; `fits` by name of the curves with evaluation photos (None: no fit)."""
+    1 + k class k's recall (NaN: none in the evaluation split); `names` ('all', classes) and
+    `eval_counts` per curve; `fits` (None: no fit; words: `sentence`) of the evaluated curves."""
 
     sizes: tuple[int, ...]
     names: tuple[str, ...]
-    C: float
     scores: np.ndarray
     eval_counts: np.ndarray
     fits: dict[str, Extrapolation | None]
-
-    @property
-    def sentences(self) -> dict[str, str]:
-        """The plain answer (`sentence`) per curve name."""
-        return {name: sentence(name, fit) for name, fit in self.fits.items()}
 
     def write_csv(self, path: str | Path) -> None:
         """A long table for `dvc plots`: images_per_class, seed, class ('all' or a name), accuracy
@@ -120,28 +109,27 @@ class SufficiencyCurve:
                 out.writerow([n, s, self.names[j], f"{self.scores[i, s, j]:.6f}"])
 
     def summary(self) -> dict[str, object]:
-        """For JSON / MLflow: sizes, seeds, C, mean accuracy per size, fits and sentences."""
-        head = {"sizes": list(self.sizes), "seeds": self.scores.shape[1], "C": self.C}
-        fits = {k: f and asdict(f) for k, f in self.fits.items()}
+        """For JSON / MLflow: sizes, mean accuracy per size, and per curve name its `Extrapolation`
+        fields (None: no fit) and `sentence`."""
         means = self.scores[:, :, 0].mean(1).tolist()
-        return head | {"accuracy": means, "fits": fits, "sentences": self.sentences}
+        fits = {k: f and asdict(f) for k, f in self.fits.items()}
+        sentences = {k: sentence(k, f) for k, f in self.fits.items()}
+        return {"sizes": list(self.sizes), "accuracy": means, "fits": fits, "sentences": sentences}
 
     def figure(self, path: str | Path | None = None) -> Figure:
         """Mean accuracy (95 % intervals), its fit and 2x expectation, class recalls in grey, log
         x; a PNG at `path` (atomically) unless None."""
         fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
-        FigureCanvasAgg(fig)
-        ax, n = fig.add_subplot(), np.array(self.sizes, float)
+        ax, n = fig.add_subplot(ylabel="accuracy"), np.array(self.sizes, float)
         ax.plot(n, np.nanmean(self.scores[:, :, 1:], axis=1), color="0.85", lw=0.8)
         mean, se = _mean_se(self.scores[:, :, 0], int(self.eval_counts[0]))
-        ax.errorbar(n, mean, Z95 * se, fmt="o", capsize=3, label="measured (95 % interval)")
+        ax.errorbar(n, mean, 1.96 * se, fmt="o", capsize=3, label="measured (95 % interval)")
         if fit := self.fits["all"]:
             grid, (at, low, high) = np.geomspace(1, 2 * fit.n, 100), fit.at_double
             ax.plot(grid, 1 - _error(grid, *fit.params), "--", color="C1", label="power-law fit")
             bar, style = [[at - low], [high - at]], {"fmt": "s", "color": "C1", "capsize": 3}
             ax.errorbar([2 * fit.n], [at], bar, **style, label="expected at 2x")
         ax.set(xscale="log", xticks=n, xticklabels=self.sizes, xlabel="training images per class")
-        ax.set(ylabel="accuracy")
         ax.legend(loc="lower right")
         if path is not None:
             with atomic_file(path, "wb") as fh:
@@ -191,4 +179,4 @@ def sufficiency_curve(
         if eval_counts[j]:
             n, first = np.unique(np.minimum(sizes, top), return_index=True)
             fits[names[j]] = extrapolate(n, *_mean_se(scores[first, :, j], eval_counts[j]))
-    return SufficiencyCurve(sizes, names, float(C), scores, eval_counts, fits)
+    return SufficiencyCurve(sizes, names, scores, eval_counts, fits)
