@@ -7,8 +7,7 @@ divided by the image count, so one C regularises small subsets more. Point: mean
 var(seeds) / seeds + p(1-p) / m (m evaluation images, p Agresti-Coull). 1 - accuracy (or recall) is
 fitted by the power law a n^-b + c (Cortes et al. 1994, NIPS 6; Hestness et al. 2017,
 arXiv:1712.00409) with `curve_fit`, weights 1 / se; 95 % intervals at 2x the largest n: delta method
-(covariance times the reduced chi-square if > 1), plus the largest point's se for the accuracy.
-"""
+(covariance times the reduced chi-square if > 1), plus the largest point's se for the accuracy."""
 
 from __future__ import annotations
 
@@ -165,16 +164,14 @@ def sufficiency_curve(
     orders = [[rng.permutation(i) for i in by_class] for rng in rngs]
     scores, share = np.zeros((len(sizes), seeds, 1 + n_classes)), np.where(in_eval, in_eval, np.nan)
     with threadpool_limits(1):
-        for (i, n), s in itertools.product(enumerate(sizes), range(seeds)):
-            if s and n >= counts.max():  # every photo: the same fit for every seed
-                scores[i, s] = scores[i, 0]
-                continue
-            idx = np.sort(np.concatenate([order[:n] for order in orders[s]]))
-            head = fit_head(x_train[idx], y_train[idx], n_classes, C, track=False).head
-            hit = head.probabilities(x_eval).argmax(1) == y_eval
-            scores[i, s] = [hit.mean(), *np.bincount(y_eval[hit], minlength=n_classes) / share]
-    names, eval_counts = ("all", *class_names), np.array([len(y_eval), *in_eval])
-    fits = {}
+        for i, n in enumerate(sizes):
+            for s in range(1 if n >= counts.max() else seeds):  # all photos: one fit for every seed
+                idx = np.sort(np.concatenate([order[:n] for order in orders[s]]))
+                head = fit_head(x_train[idx], y_train[idx], n_classes, C, track=False).head
+                hit = head.probabilities(x_eval).argmax(1) == y_eval
+                scores[i, s] = [hit.mean(), *np.bincount(y_eval[hit], minlength=n_classes) / share]
+            scores[i, s + 1 :] = scores[i, s]
+    fits, names, eval_counts = {}, ("all", *class_names), np.array([len(y_eval), *in_eval])
     for j, top in enumerate([counts.max(), *counts]):  # a class's own count caps its sizes
         if eval_counts[j]:
             n, first = np.unique(np.minimum(sizes, top), return_index=True)
