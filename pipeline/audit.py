@@ -2,6 +2,8 @@
 relabelled); one step per report in `paths.reports`, all logged to the pipeline's MLflow run:
 1. near_duplicates.csv: pairs of near-identical photos; across splits as `data.leakage` says.
 2. label_issues.csv: train+val photos, the most likely mislabelled first (console: `audit.show`).
+3. sufficiency.csv, audit_figures/sufficiency.png: test accuracy against training photos per
+   class, with the gain expected from twice as many (console: one sentence per class).
 
     python -m pipeline.audit
 """
@@ -20,11 +22,14 @@ from pipeline.lib.audit import (
     AUDIT_JSON,
     LABEL_ISSUES_CSV,
     NEAR_DUPLICATES_CSV,
+    SUFFICIENCY_CSV,
+    SUFFICIENCY_PNG,
     NearDuplicateLeakage,
     write_rows,
 )
 from pipeline.lib.audit.label_issues import LabelIssue, out_of_fold_probabilities, rank_label_issues
 from pipeline.lib.audit.near_duplicates import NearDuplicate, near_duplicates
+from pipeline.lib.audit.sufficiency import sentence, sufficiency_curve
 from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, StageInputError, entry_point, run_step
 from pipeline.lib.data.prepared import SPLITS, PreparedDataset, open_prepared
@@ -47,15 +52,20 @@ def audit(cfg: Config) -> dict[str, dict[str, float]]:
             f"{cfg.paths.features} holds no features of {cfg.paths.prepared}: run the featurize "
             "stage first (`dvc repro featurize`)."
         )
-    reports = Path(cfg.paths.reports)
+    reports, c = Path(cfg.paths.reports), head_c(cfg, dataset, features)
     summary = {
         "near_duplicates": check_near_duplicates(cfg, dataset, features, reports),
-        "label_issues": list_label_issues(cfg, dataset, features, reports),
+        "label_issues": list_label_issues(cfg, dataset, features, reports, c),
     }
-    write_json(reports / AUDIT_JSON, summary)
+    summary["sufficiency"], sufficiency_sentences = data_sufficiency(
+        cfg, dataset, features, reports, c
+    )
+    write_json(reports / AUDIT_JSON, summary | {"sentences": sufficiency_sentences})
     with runs.stage_run(cfg, "audit"):
         mlflow.log_metrics({f"audit_{k}_{n}": v for k, s in summary.items() for n, v in s.items()})
-        names = [AUDIT_JSON, NEAR_DUPLICATES_CSV, LABEL_ISSUES_CSV]
+        names = [AUDIT_JSON, NEAR_DUPLICATES_CSV, LABEL_ISSUES_CSV, SUFFICIENCY_CSV]
+        if (reports / SUFFICIENCY_PNG).is_file():
+            runs.log_files([reports / SUFFICIENCY_PNG], "audit/audit_figures")
         runs.log_files([reports / name for name in names], "audit")
     return summary
 
@@ -84,8 +94,18 @@ def check_near_duplicates(
     return {"pairs": len(pairs), "cross_split": cross, "similarity": threshold}
 
 
+def head_c(cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray]) -> float:
+    """The head's C: `train.C`, or train's cross-validated choice (cached, so not paid again)."""
+    t = cfg.train
+    if isinstance(t.C, int | float):
+        return float(t.C)
+    fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
+    x, y, k = features["train"], dataset.labels("train"), dataset.num_classes
+    return choose_c(x, y, k, t.seed, **fit_args)[0]
+
+
 def list_label_issues(
-    cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray], reports: Path
+    cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray], reports: Path, c: float
 ) -> dict[str, float]:
     """Step 2: label_issues.csv, every train and val photo ranked; the first `audit.show` logged."""
     t, k = cfg.train, dataset.num_classes
@@ -93,10 +113,6 @@ def list_label_issues(
     x = np.concatenate([features["train"], features["val"]])
     y = np.array([r.label_index for r in rows])
     fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
-    if isinstance(t.C, int | float):
-        c = float(t.C)
-    else:  # train's choice, cached
-        c = choose_c(features["train"], dataset.labels("train"), k, t.seed, **fit_args)[0]
     folds = min(cfg.audit.folds, int(np.bincount(y, minlength=k).min()))
     if folds < 2:
         log.warning("Label issues: a class has fewer than 2 train+val photos; nothing ranked")
@@ -119,6 +135,32 @@ def list_label_issues(
         *(flagged, len(issues), folds, c, reports / LABEL_ISSUES_CSV, "\n".join(lines)),
     )
     return {"photos": len(issues), "flagged": flagged}
+
+
+def data_sufficiency(
+    cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray], reports: Path, c: float
+) -> tuple[dict[str, float], list[str]]:
+    """Step 3: sufficiency.csv and its figure: test accuracy of heads fitted at C = `c` on 1, 2,
+    5, ... training photos per class (`audit.sufficiency_seeds` draws each), a power law fitted;
+    returns (figures for audit.json and MLflow, one sentence per curve)."""
+    if not len(features["test"]):
+        log.warning("Data sufficiency: no test photos to score on; no curve")
+        return {}, []
+    y_train, y_test, k = dataset.labels("train"), dataset.labels("test"), dataset.num_classes
+    curve = sufficiency_curve(
+        *(features["train"], y_train, features["test"], y_test, k, c, dataset.classes),
+        seeds=cfg.audit.sufficiency_seeds,
+        seed=cfg.train.seed,
+    )
+    curve.write_csv(reports / SUFFICIENCY_CSV)
+    (reports / SUFFICIENCY_PNG).parent.mkdir(parents=True, exist_ok=True)
+    curve.figure(reports / SUFFICIENCY_PNG)
+    lines = [sentence(name, fit) for name, fit in curve.fits.items()]  # "all" first
+    log.info("Data sufficiency (test accuracy vs photos per class):\n%s", "\n".join(lines))
+    fit = curve.fits.get("all")
+    accuracy = float(curve.scores[-1, :, 0].mean())
+    gain = {"expected_gain_at_2x": fit.gain[0]} if fit else {}
+    return {"accuracy": accuracy} | gain, lines
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -1,4 +1,5 @@
-"""The audit stage's checks of the photos (label issues, near-duplicates) and its report files."""
+"""The audit stage's checks of the photos (label issues, near-duplicates, data sufficiency) and
+its report files."""
 
 import csv
 from dataclasses import astuple, fields
@@ -10,6 +11,8 @@ from pipeline.lib.files import atomic_file
 LABEL_ISSUES_CSV = "label_issues.csv"
 NEAR_DUPLICATES_CSV = "near_duplicates.csv"
 AUDIT_JSON = "audit.json"
+SUFFICIENCY_CSV = "sufficiency.csv"
+SUFFICIENCY_PNG = "audit_figures/sufficiency.png"
 
 
 class NearDuplicateLeakage(UserError):

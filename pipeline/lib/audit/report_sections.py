@@ -3,13 +3,21 @@ near-duplicate pairs, with thumbnails, read from the audit stage's CSVs (none th
 
 from __future__ import annotations
 
+import base64
 import csv
 from html import escape
 from itertools import islice
 from pathlib import Path
 
-from pipeline.lib.audit import LABEL_ISSUES_CSV, NEAR_DUPLICATES_CSV
+from pipeline.lib.audit import (
+    AUDIT_JSON,
+    LABEL_ISSUES_CSV,
+    NEAR_DUPLICATES_CSV,
+    SUFFICIENCY_CSV,
+    SUFFICIENCY_PNG,
+)
 from pipeline.lib.data.prepared import PreparedDataset
+from pipeline.lib.files import read_json
 from pipeline.lib.reporting.html_report import thumbnail
 
 
@@ -21,7 +29,8 @@ def _rows(path: Path, count: int) -> list[dict[str, str]] | None:
 
 
 def audit_sections(reports: Path, dataset: PreparedDataset, count: int) -> str:
-    """HTML: "Label issues" (the first `count` rows) and "Near-duplicates" (as many pairs)."""
+    """HTML: "Label issues" (the first `count` rows), "Near-duplicates" (as many pairs) and "Data
+    sufficiency" (the curve and its sentences)."""
     where = {row.path: (row.split, row.index) for row in dataset.manifest()}
 
     def photo(path: str, caption: str) -> str:
@@ -60,5 +69,16 @@ def audit_sections(reports: Path, dataset: PreparedDataset, count: int) -> str:
             f"<h2>Near-duplicates</h2><p>Pairs of almost identical photos, most similar first "
             f"(all in {NEAR_DUPLICATES_CSV}).</p>"
             + (f'<ol class="thumbs">{items}</ol>' if items else "<p>None.</p>")
+        )
+    png = reports / SUFFICIENCY_PNG
+    if png.is_file() and (reports / AUDIT_JSON).is_file():
+        sentences = "".join(
+            f"<li>{escape(s)}</li>" for s in read_json(reports / AUDIT_JSON)["sentences"]
+        )
+        image = base64.b64encode(png.read_bytes()).decode("ascii")
+        html += (
+            "<h2>Data sufficiency</h2><p>Test accuracy of the head trained on 1, 2, 5, ... photos "
+            f"per class (all in {SUFFICIENCY_CSV}), and what twice as many would bring:</p>"
+            f'<ul>{sentences}</ul><img src="data:image/png;base64,{image}" alt="sufficiency">'
         )
     return html
