@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from pipeline.audit import audit
 from pipeline.evaluate import evaluate
 from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import PreparedDataset
@@ -24,12 +25,13 @@ from tests.conftest import ROOT, tiny_config, tiny_overrides
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory: pytest.TempPathFactory):
-    """prepare -> featurize -> train -> evaluate once, on tiny data."""
+    """prepare -> featurize -> train -> audit -> evaluate once, on tiny data."""
     tmp = tmp_path_factory.mktemp("stages")
     cfg = tiny_config(tmp)
     report = prepare(cfg)
     meta = featurize(cfg)
     val_accuracy = train(cfg)
+    audited = audit(cfg)
     metrics = evaluate(cfg)
     return {
         "tmp": tmp,
@@ -38,6 +40,7 @@ def done(tmp_path_factory: pytest.TempPathFactory):
         "meta": meta,
         "val_accuracy": val_accuracy,
         "metrics": metrics,
+        "audit": audited,
     }
 
 
@@ -112,6 +115,30 @@ def test_evaluate_metrics_and_reports(done):
     assert [tuple(row.split(",")) for row in confusion[1:]] == [
         tuple(line.split(",")[1:3]) for line in lines[1:]
     ]
+
+
+def test_audit_reports_reach_the_html_report_and_the_run(done):
+    """Label issues for every train+val photo, near-duplicate pairs, the sufficiency curve (CSV,
+    figure, one sentence per curve): on disk, in audit.json, in the HTML report, on the run."""
+    cfg, reports = done["cfg"], Path(done["cfg"].paths.reports)
+    dataset = PreparedDataset(cfg.paths.prepared)
+    trainval = len(dataset.manifest("train")) + len(dataset.manifest("val"))
+    issues = (reports / "label_issues.csv").read_text().splitlines()
+    assert len(issues) == 1 + trainval == 1 + done["audit"]["label_issues"]["photos"]
+    summary = read_json(reports / "audit.json")
+    assert summary["sufficiency"] == done["audit"]["sufficiency"]
+    assert len(summary["sentences"]) == 1 + dataset.num_classes  # "all", then each class
+    curve = (reports / "sufficiency.csv").read_text().splitlines()
+    assert curve[0] == "images_per_class,seed,class,accuracy" and ",all," in curve[1]
+    assert (reports / "audit_figures" / "sufficiency.png").read_bytes()[:4] == b"\x89PNG"
+    html = (reports / "eval_report.html").read_text(encoding="utf-8")
+    for section in ("Label issues", "Near-duplicates", "Data sufficiency"):
+        assert f"<h2>{section}</h2>" in html
+    run_id = read_json(Path(cfg.paths.run_file))["run_id"]
+    run = client_for(cfg).get_run(run_id)
+    assert run.data.metrics["audit_label_issues_photos"] == trainval
+    logged = {a.path for a in client_for(cfg).list_artifacts(run_id, "audit")}
+    assert {"audit/label_issues.csv", "audit/sufficiency.csv", "audit/audit.json"} <= logged
 
 
 def test_evaluate_ends_with_a_summary_and_logs_its_report_with_provenance(done, caplog):
