@@ -238,6 +238,13 @@ def tracking_names(data: Any) -> tuple[str, str]:
     return slug, f"{slug}-classifier"
 
 
+def name_after_data(tracking: Any, data: Any) -> None:
+    """Set `tracking.experiment` / `.registered_model` that are `auto` to `tracking_names(data)`."""
+    for key, name in zip(("experiment", "registered_model"), tracking_names(data), strict=True):
+        if tracking[key] == AUTO:
+            tracking[key] = name
+
+
 #: The settings only Keras `fit` reads: with `train.solver=lbfgs` they must keep their defaults.
 KERAS_ONLY = (
     *(f"train.{k}" for k in ("epochs", "batch_size", "learning_rate", "optimizer", "shuffle")),
@@ -296,10 +303,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         first_line = str(exc).strip().splitlines()[0]
         raise ConfigError(f"Invalid configuration at key '{key}': {first_line}") from None
     _check_values(merged)
-    names = tracking_names(merged.data)
-    for key, name in zip(("experiment", "registered_model"), names, strict=True):
-        if merged.tracking[key] == AUTO:
-            merged.tracking[key] = name
+    name_after_data(merged.tracking, merged.data)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]  # a DictConfig typed as Config
 

@@ -81,9 +81,8 @@ def _message(ax: Axes, text: str) -> None:
 def _batch_curve(
     batches: Series | None, metric: str, n_epochs: int, first_epoch: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of a per-batch series on the epoch axis: the last batch of epoch k lands on k, steps
-    per epoch inferred from the last step (counted from 0 or 1); steps that are missing or
-    restart each epoch are numbered in order. Without epochs x is the step."""
+    """(x, y) of a per-batch series on the epoch axis: the last batch of epoch k lands on k
+    (steps counted from 0 or 1; missing or restarting steps numbered in order); else x = step."""
     y = _float_series((batches or {}).get(metric))
     steps = _float_series((batches or {}).get("step"))[: len(y)]
     if len(steps) != len(y) or not np.all(np.diff(steps) > 0):
@@ -96,9 +95,8 @@ def _batch_curve(
 
 
 def learning_curve_figure(history: Series, metric: str, batches: Series | None = None) -> Figure:
-    """One metric ('loss' or 'accuracy'): train vs validation per epoch (or per step when the x
-    series is keyed 'step'), batches faintly under; the best point of the validation curve (of
-    the training curve when there is none) starred."""
+    """One metric ('loss' or 'accuracy'): train vs validation per epoch (or 'step'), batches
+    faintly under; the best validation point (else train) starred."""
     label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
     train = _float_series(history.get(metric))
     val = _float_series(history.get(f"val_{metric}"))
@@ -146,13 +144,10 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
 def save_learning_curves(
     history: Series, out_dir: PathLike, batches: Series | None = None
 ) -> list[Path]:
-    """Write out_dir/loss.png and out_dir/accuracy.png; return their paths in that order.
-
-    history: per-epoch series among 'loss', 'accuracy', 'val_loss', 'val_accuracy' (any may be
-    missing), x under 'epoch' or, for other steps (e.g. L-BFGS iterations), 'step' (default
-    1..n). batches: optional per-batch {'step', 'loss', 'accuracy'}, drawn faintly on the epoch
-    axis. A metric without data still gets its file, saying so.
-    """
+    """Write out_dir/loss.png and out_dir/accuracy.png (a metric without data says so); return
+    their paths. history: series among 'loss', 'accuracy', 'val_loss', 'val_accuracy', x under
+    'epoch' or 'step' (e.g. L-BFGS iterations; default 1..n); batches: optional per-batch
+    {'step', 'loss', 'accuracy'}, drawn faintly on the epoch axis."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return [
@@ -172,8 +167,7 @@ def confusion_figure(
     title: str = "Confusion matrix",
 ) -> Figure:
     """Heatmap of a (C, C) count matrix (rows true, columns predicted) for C class names; counts
-    (and row %) in the cells up to 20 classes. Raises ValueError for a matrix that is not square,
-    has no class or does not match `classes`."""
+    (and row %) in the cells up to 20 classes. ValueError: not square, or not C classes (C >= 1)."""
     counts = np.asarray(matrix, dtype=float)
     n = len(classes)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
@@ -269,8 +263,8 @@ def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs:
 def _draw_gallery_scores(
     ax: Axes, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
 ) -> None:
-    """Score bars: the predicted one filled in `color`, the true one outlined and its name bold;
-    with many classes only the top scores (the true class included)."""
+    """Score bars: the predicted one in `color`, the true one outlined and bold; with many
+    classes only the top scores (the true class included)."""
     pred_k = int(probs_k.argmax())
     order = np.arange(len(probs_k))
     if len(probs_k) > GALLERY_ALL_CLASSES_MAX:
@@ -311,14 +305,11 @@ def gallery_figure(
     max_images: int | None = None,
     heading: str | None = None,
 ) -> Figure:
-    """Image + class-score bar chart per test image, `columns` pairs per row.
-
-    images (N, H, W, 3) uint8 (or float, or grey; may be a memmap: only the shown ones are read);
-    probabilities (N, C) in 0..1; true_labels (N,) class indices. Right predictions are green,
-    wrong ones red (title, frame, predicted bar); the true class is outlined, its name bold and
-    its score tagged 'true'; `heading` replaces the title "Test predictions: k of n right". Raises
-    ValueError when scores or labels do not match.
-    """
+    """Image + class-score bar chart per test image, `columns` pairs per row: right predictions
+    green, wrong ones red, the true class outlined, bold and tagged 'true'; `heading` replaces
+    the title "Test predictions: k of n right". images (N, H, W, 3) uint8 (or float, or grey; a
+    memmap: only the shown ones are read); probabilities (N, C) in 0..1; true_labels (N,) class
+    indices. ValueError when scores or labels do not match."""
     classes = [str(c) for c in classes]
     n_total = 0 if images is None else len(images)
     n = n_total if max_images is None else max(0, min(n_total, int(max_images)))
@@ -389,15 +380,9 @@ class ReliabilityData(Protocol):
     edges: np.ndarray
 
 
-def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
-    """Write `reliability_figure(bins)` to `path`."""
-    return _save(reliability_figure(bins), path)
-
-
 def reliability_figure(bins: ReliabilityData) -> Figure:
-    """A reliability diagram (Guo et al. 2017): per confidence bin, the accuracy as a bar against
-    the diagonal of perfect calibration, the gap to the mean confidence shaded, the image count
-    above; the ECE in the title; empty bins blank; every colour in the legend."""
+    """A reliability diagram (Guo et al. 2017): per confidence bin the accuracy as a bar against
+    the diagonal, the gap to the mean confidence shaded, the count above; the ECE in the title."""
     edges = np.asarray(bins.edges, dtype=float)
     count = np.asarray(bins.count)
     acc = np.nan_to_num(np.asarray(bins.accuracy, dtype=float))
@@ -419,3 +404,8 @@ def reliability_figure(bins: ReliabilityData) -> Figure:
     ax.set_title(f"Reliability diagram: ECE {ece:.4f} ({bins_text})")
     ax.legend(loc="upper left", fontsize=8)
     return fig
+
+
+def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
+    """Write `reliability_figure(bins)` to `path`."""
+    return _save(reliability_figure(bins), path)
