@@ -234,12 +234,6 @@ def save_confusion_matrix(
     return _save(confusion_figure(matrix, classes, normalize=normalize, title=title), path)
 
 
-def gallery_title(predicted: str, true: str) -> str:
-    """'pred: <class> / true: <class>', broken after the slash when too long for a panel."""
-    text = f"pred: {predicted} / true: {true}"
-    return text if len(text) <= 32 else f"pred: {predicted} /\ntrue: {true}"
-
-
 def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
     """The image (uint8, float in 0..1 or 0..255, RGB or grey) framed in `color`."""
     img = np.asarray(image)
@@ -329,7 +323,10 @@ def gallery_figure(
     predicted = probs.argmax(axis=1)
     correct = predicted == labels
     columns = max(1, min(int(columns), n))
-    titles = [gallery_title(classes[int(predicted[k])], classes[int(labels[k])]) for k in range(n)]
+    # 'pred: <class> / true: <class>', broken after the slash when too long for a panel
+    pairs = zip(predicted, labels, strict=True)
+    titles = [f"pred: {classes[p]} / true: {classes[t]}" for p, t in pairs]
+    titles = [t if len(t) <= 32 else t.replace(" / true: ", " /\ntrue: ") for t in titles]
 
     rows = math.ceil(n / columns)
     shown_classes = n_classes if n_classes <= GALLERY_ALL_CLASSES_MAX else GALLERY_TOP_K

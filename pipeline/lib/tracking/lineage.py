@@ -55,28 +55,23 @@ def git_commit() -> str | None:
     return os.environ.get(DVC_EXP_BASELINE_REV) or (_git("rev-parse", "HEAD") or "").strip() or None
 
 
-def dvc_outputs(dvc_yaml: Path) -> list[str]:
-    """The output, metric and plot paths of every stage in `dvc_yaml` ([] when unreadable)."""
-    try:
-        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return []
-    return [
-        str(path).rstrip("/")
-        for stage in stages.values()
-        for kind in ("outs", "metrics", "plots")
-        for entry in (stage or {}).get(kind) or []
-        for path in (entry.keys() if isinstance(entry, dict) else [entry])
-    ]
-
-
 def git_dirty() -> bool | None:
     """Whether tracked files other than `PIPELINE_WRITTEN` and the stages' outputs differ from
     the commit; None outside git."""
     out = _git("status", "--porcelain", "--untracked-files=no")
     if out is None:
         return None
-    ignored = [*PIPELINE_WRITTEN, *dvc_outputs(Path("dvc.yaml"))]
+    try:  # the stages' outputs, metrics and plots
+        stages = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        stages = {}
+    ignored = [*PIPELINE_WRITTEN] + [
+        str(path).rstrip("/")
+        for stage in stages.values()
+        for kind in ("outs", "metrics", "plots")
+        for entry in (stage or {}).get(kind) or []
+        for path in (entry.keys() if isinstance(entry, dict) else [entry])
+    ]
     paths = [line[3:].split(" -> ")[-1].strip('"') for line in out.splitlines()]
     return any(not any(p == i or p.startswith(i + "/") for i in ignored) for p in paths)
 
