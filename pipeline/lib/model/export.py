@@ -245,20 +245,17 @@ def export_formats(
             }
         if fmt == "int8" and representative is not None:
             record["representative_samples"] = len(representative)
-        records[fmt] = record
-        _log_record(fmt, record, len(check.y_true), seconds)
-    return files, records
-
-
-def _log_record(fmt: str, r: dict[str, Any], n: int, convert_seconds: float) -> None:
-    log.info(
-        "%s: %.2f MiB, agreement %.4f (%d of %d differ, target %.2f %s), accuracy %.4f, "
-        "%.2f ms/image (converted in %.1f s)",
-        *(fmt, r["size_mib"], r["agreement"], r["disagreements"], n, r["target_agreement"]),
-        *("met" if r["target_met"] else "NOT met", r["accuracy"], r["latency_ms"], convert_seconds),
-    )
-    if not r["target_met"]:
-        log.warning(
-            "export %s: top-1 agreement with the model %.4f is below the target %.2f",
-            *(fmt, r["agreement"], r["target_agreement"]),
+        records[fmt] = r = record
+        log.info(
+            "%s: %.2f MiB, agreement %.4f (%d of %d differ, target %.2f %s), accuracy %.4f, "
+            "%.2f ms/image (converted in %.1f s)",
+            *(fmt, r["size_mib"], r["agreement"], r["disagreements"], len(check.y_true)),
+            *(r["target_agreement"], "met" if r["target_met"] else "NOT met", r["accuracy"]),
+            *(r["latency_ms"], seconds),
         )
+        if not r["target_met"]:
+            log.warning(
+                "export %s: top-1 agreement with the model %.4f is below the target %.2f",
+                *(fmt, r["agreement"], r["target_agreement"]),
+            )
+    return files, records

@@ -179,9 +179,7 @@ def confusion_figure(
     row_sums = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
     shown = fractions if normalize else counts
-
-    # sized for n classes: cells, then y tick labels, axis label and colour bar across, the
-    # rotated x tick labels and the title down
+    # sized for n classes: cells, labels and colour bar across, rotated labels and title down
     tick_fs = 10 if n <= 10 else 8 if n <= 20 else 7 if n <= 35 else 6
     cell_in = (
         (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
@@ -299,11 +297,10 @@ def gallery_figure(
     max_images: int | None = None,
     heading: str | None = None,
 ) -> Figure:
-    """Image + class-score bar chart per test image, `columns` pairs per row: right predictions
-    green, wrong ones red, the true class outlined, bold and tagged 'true'; `heading` replaces
-    the title "Test predictions: k of n right". images (N, H, W, 3) uint8 (or float, or grey; a
-    memmap: only the shown ones are read); probabilities (N, C) in 0..1; true_labels (N,) class
-    indices. ValueError when scores or labels do not match."""
+    """Image + class-score bars per test image, `columns` per row: right green, wrong red, the
+    true class outlined, bold, tagged 'true'; `heading` replaces "Test predictions: k of n right".
+    images (N, H, W, 3) uint8 (or float, or grey; a memmap: only the shown ones are read);
+    probabilities (N, C) in 0..1; true_labels (N,) indices. ValueError: they do not match."""
     classes = [str(c) for c in classes]
     n_total = 0 if images is None else len(images)
     n = n_total if max_images is None else max(0, min(n_total, int(max_images)))
