@@ -239,10 +239,8 @@ def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs:
         img = img[..., 0]
     if img.dtype != np.uint8:
         img = img.astype(float)
-        if img.size and np.nanmax(img) > 1.0:
-            img = np.clip(img, 0, 255).astype(np.uint8)
-        else:
-            img = np.clip(img, 0.0, 1.0)
+        bytes_like = img.size and np.nanmax(img) > 1.0
+        img = np.clip(img, 0, 255).astype(np.uint8) if bytes_like else np.clip(img, 0.0, 1.0)
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
     ax.set_xticks([])
     ax.set_yticks([])

@@ -294,13 +294,9 @@ def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
     input example (MLflow would predict in a subprocess to check it). Returns its model URI."""
     folder = Path(models)
     card = ModelCard.load(folder / ARTIFACTS["card"])
-    outputs = Schema(
-        [
-            ColSpec(DataType.string, "label"),
-            ColSpec(DataType.double, "probability"),
-            ColSpec(Map(DataType.double), "scores"),
-        ]
-    )
+    columns = {"label": DataType.string, "probability": DataType.double}
+    columns["scores"] = Map(DataType.double)
+    outputs = Schema([ColSpec(kind, name) for name, kind in columns.items()])
 
     # the class is pickled by reference to the module code_paths carry: MLflow's CloudPickle
     # notice does not apply, nor its warning about the deliberately missing input example
