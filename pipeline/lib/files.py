@@ -35,13 +35,14 @@ def no_space_error(exc: OSError, target: PathLike, key: str) -> NoSpaceError | N
     )
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` (> 0) exists (another user's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
-        return True
+    except PermissionError:  # another user's
+        pass
     return True
 
 
@@ -57,7 +58,7 @@ def remove_stale_temps(target: PathLike) -> list[Path]:
     removed = []
     for name in names:
         match = pattern.fullmatch(name)
-        if not match or int(match[1]) == os.getpid() or _alive(int(match[1])):
+        if not match or int(match[1]) == os.getpid() or process_alive(int(match[1])):
             continue
         path = target.parent / name
         if path.is_dir() and not path.is_symlink():

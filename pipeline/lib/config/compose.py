@@ -26,9 +26,8 @@ HEADER = "# composed from conf/ by `python -m pipeline.params`; overrides: "
 
 
 def compose(conf_dir: Path, overrides: list[str] | None = None) -> DictConfig:
-    """`conf_dir/config.yaml` composed with `overrides` and resolved once, as DVC does (its
-    strings then literal: `literal`); ConfigError (one line) on a YAML error, an unknown group
-    option or key."""
+    """`conf_dir/config.yaml` composed with `overrides` and resolved once, as DVC does (strings
+    then `literal`); ConfigError (one line) on a YAML error, an unknown group option or key."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(Path(conf_dir).resolve()), version_base="1.3"):
@@ -55,21 +54,20 @@ def write_params(
     root: Path, overrides: list[str] | None = None, output: Path | None = None
 ) -> Path:
     """Compose `root/conf` with `overrides`, validate it, write `output` (`root/params.yaml`)
-    atomically, its values literal as DVC writes them, and return its path. Raises ConfigError,
-    writing nothing."""
-    overrides = list(overrides or [])
-    cfg = compose(Path(root) / "conf", overrides)
-    validate_composed(Path(root) / "conf", cfg)
+    atomically, its values literal as DVC writes them; return its path. ConfigError: nothing
+    written."""
+    overrides, conf = list(overrides or []), Path(root) / "conf"
+    cfg = compose(conf, overrides)
+    validate_composed(conf, cfg)
     output = Path(output or Path(root) / "params.yaml")
     with atomic_file(output) as fh:
-        values = OmegaConf.to_container(cfg, resolve=True)
-        fh.write(HEADER + json.dumps(overrides) + "\n" + OmegaConf.to_yaml(values))
+        fh.write(HEADER + json.dumps(overrides) + "\n" + OmegaConf.to_yaml(cfg, resolve=True))
     return output
 
 
 def load_params(path: Path) -> tuple[dict[str, Any], list[str] | None]:
-    """(values, the overrides its header records or None); ConfigError when `path` is missing or
-    not YAML (file and line named)."""
+    """(values, the overrides its header records or None); ConfigError naming the file (and
+    line) when it is missing or not YAML."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -126,9 +124,9 @@ def locate_key(conf_dir: Path, message: str) -> str | None:
 
 
 def check_params(root: Path) -> Config:
-    """The `config` stage: `root/params.yaml`, validated, and equal to `conf/` composed with the
-    overrides of its header, else ConfigError naming the keys and the fix. Inside `dvc exp run
-    -S` (no header: DVC composed it) those overrides are recorded instead, for `dvc exp apply`."""
+    """The `config` stage: `root/params.yaml` validated and equal to `conf/` composed with its
+    header's overrides, else ConfigError naming the keys and the fix. Inside `dvc exp run -S` (no
+    header: DVC composed it) the overrides are recorded instead, for `dvc exp apply`."""
     root = Path(root)
     values, overrides = load_params(root / "params.yaml")
     try:
@@ -159,7 +157,7 @@ def _shell(word: str) -> str:
 
 def record_overrides(root: Path, composed: dict[str, Any], values: dict[str, Any]) -> list[str]:
     """The overrides that turn `composed` (conf/ alone) into `values`, written as params.yaml's
-    header when they reproduce `values` exactly."""
+    header when they reproduce it exactly."""
     overrides = overrides_between(composed, values)
     again = OmegaConf.to_container(compose(root / "conf", overrides), resolve=True)
     if json.dumps(again, sort_keys=True) == json.dumps(values, sort_keys=True):
@@ -203,8 +201,8 @@ def hydra_value(value: Any) -> str:
 
 
 def warn_data_from_conf(root: Path, values: dict[str, Any], overrides: list[str]) -> None:
-    """Warn when `dvc exp run` took the data from conf/ (no `-S data...`, as it composes conf/
-    with only its own -S) and it is not the last run's (dvc.lock)."""
+    """Warn when `dvc exp run` (conf/ with only its own -S) took the data from conf/, not the
+    last run's (dvc.lock)."""
     try:
         last = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
         last = last["prepare"]["params"]["params.yaml"]["data"]

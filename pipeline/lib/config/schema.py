@@ -254,6 +254,13 @@ def tracking_names(data: Any) -> tuple[str, str]:
     return slug, f"{slug}-classifier"
 
 
+def name_after_data(tracking: Any, data: Any) -> None:
+    """Set `tracking.experiment` / `.registered_model` that are `auto` to `tracking_names(data)`."""
+    for key, name in zip(("experiment", "registered_model"), tracking_names(data), strict=True):
+        if tracking[key] == AUTO:
+            tracking[key] = name
+
+
 #: The settings only Keras `fit` reads: with `train.solver=lbfgs` they must keep their defaults.
 KERAS_ONLY = (
     *(f"train.{k}" for k in ("epochs", "batch_size", "learning_rate", "optimizer", "shuffle")),
@@ -312,10 +319,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         first_line = str(exc).strip().splitlines()[0]
         raise ConfigError(f"Invalid configuration at key '{key}': {first_line}") from None
     _check_values(merged)
-    names = tracking_names(merged.data)
-    for key, name in zip(("experiment", "registered_model"), names, strict=True):
-        if merged.tracking[key] == AUTO:
-            merged.tracking[key] = name
+    name_after_data(merged.tracking, merged.data)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]  # a DictConfig typed as Config
 
@@ -358,6 +362,7 @@ def _check_values(c: Any) -> None:
     keras, flow = solver(c) == "keras", ", ".join(images_must_flow(c))
     defaults = OmegaConf.structured(Config)
     changed = [k for k in KERAS_ONLY if OmegaConf.select(c, k) != OmegaConf.select(defaults, k)]
+    name = c.tracking.registered_model
     rules = [
         (synthetic or d.path, "data.path", f"data.source=folder needs your photos' folder: {use}"),
         (
@@ -371,7 +376,11 @@ def _check_values(c: Any) -> None:
         (set(formats) <= set(EXPORT_FORMATS), "export.formats", f"choose {EXPORT_FORMATS}"),
         (len(set(formats)) == len(formats), "export.formats", "lists a format twice"),
         (c.tracking.uri, "tracking.uri", "must not be empty"),
-        (_model_name_ok(c.tracking.registered_model), "tracking.registered_model", MODEL_NAME),
+        (
+            name is None or name.strip() not in ("", ".", "..") and not {"/", ":"} & set(name),
+            "tracking.registered_model",
+            "MLflow refuses it (no '/' or ':', not empty, '.' or '..'): rename it, or null",
+        ),
         # a setting the chosen solver does not read is refused, not ignored
         (not (keras and t.refit_on_train_val), "train.refit_on_train_val", "needs solver=lbfgs"),
         (keras or not flow, "train.solver", f"fits cached features; {flow} needs images (keras)"),
@@ -386,13 +395,6 @@ def _check_values(c: Any) -> None:
     for ok, key, msg in rules:
         if not ok:
             raise _invalid(key, OmegaConf.select(c, key), msg)
-
-
-MODEL_NAME = "MLflow refuses it (no '/' or ':', not empty, '.' or '..'): rename it, or null"
-
-
-def _model_name_ok(name: str | None) -> bool:
-    return name is None or name.strip() not in ("", ".", "..") and not {"/", ":"} & set(name)
 
 
 def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -61,8 +61,8 @@ def entry_point(
 
 
 def preflight(argv: list[str] | None = None) -> None:
-    """Exit 2 with one line (Hydra would print a stack trace) when the `--config-name` file is not
-    YAML, conf/ with the overrides does not validate, or `hydra.job.chdir=true`."""
+    """Exit 2 with one line (not Hydra's stack trace) when the `--config-name` file is not YAML,
+    conf/ with the overrides does not validate, or `hydra.job.chdir=true`."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         name = _option(args, "--config-name") or _option(args, "-cn")
@@ -87,8 +87,8 @@ INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "search
 
 
 def overrides(args: list[str]) -> list[str]:
-    """The config overrides among a step's command-line `args`: not Hydra's flags (`--cfg job`,
-    `--info config`, ...), nor `hydra.*` settings."""
+    """The config overrides among a step's command-line `args`: not Hydra's flags and their
+    values (`--cfg job`, `--info config`), nor `hydra.*` settings."""
     found, i = [], 0
     while i < len(args):
         arg, after = args[i], args[i + 1] if i + 1 < len(args) else ""
@@ -130,8 +130,8 @@ def run_step(step: Callable[[Config], Any], cfg: DictConfig) -> Any:
 
 
 def literal_file_values(cfg: DictConfig) -> DictConfig:
-    """`cfg` with each string that its `--config-name` file (params.yaml: resolved already, by
-    DVC or `pipeline.params`) holds as written made literal: its `${` is never interpolated."""
+    """`cfg` with each string its `--config-name` file (params.yaml, resolved already) holds as
+    written made literal: its `${` is never interpolated."""
     hydra = HydraConfig.get() if HydraConfig.initialized() else None
     if hydra is None or hydra.job.config_name in (None, "config"):
         return cfg
@@ -148,12 +148,12 @@ def literal_file_values(cfg: DictConfig) -> DictConfig:
 
 
 class GitIdentityError(UserError):
-    """`dvc exp run` will not be able to commit the experiment: git has no user name or email."""
+    """`dvc exp run` could not commit the experiment: git has no user name or email."""
 
 
 def check_git_identity() -> None:
-    """Inside `dvc exp run`, raise GitIdentityError before any work when git has no user.name or
-    user.email (config or GIT_AUTHOR_*/GIT_COMMITTER_*): DVC would fail only after the pipeline."""
+    """Inside `dvc exp run`, GitIdentityError before any work when git has no user.name or
+    user.email (config or GIT_AUTHOR_*/GIT_COMMITTER_*): DVC would fail after the pipeline."""
     if not in_dvc_experiment():
         return
     missing = []

@@ -1,9 +1,6 @@
-"""The network: a frozen MobileNetV2 backbone and a small classification head.
-
-Following Keras' transfer-learning guide: the model takes raw RGB pixels (0..255), scales them to
-[-1, 1] as MobileNetV2 expects, calls the frozen base with `training=False` (BatchNorm stays in
-inference mode), pools globally, applies optional dropout and one Dense layer of `num_classes`.
-"""
+"""The Keras network (images must flow: `train.solver=keras`, export): a frozen MobileNetV2
+backbone on raw RGB pixels 0..255 scaled to [-1, 1], run with `training=False` (BatchNorm in
+inference mode), global pooling, optional dropout and one Dense softmax layer."""
 
 from __future__ import annotations
 
@@ -29,30 +26,25 @@ class WeightsNotFoundError(UserError, FileNotFoundError):
 
 
 def keras_home() -> Path:
-    """Keras' cache folder: $KERAS_HOME, else ~/.keras (what keras.utils.get_file uses)."""
-    home = os.environ.get("KERAS_HOME")
-    if home:
+    """Keras' cache folder: $KERAS_HOME, else ~/.keras (a temporary folder's when ~ is read-only)."""
+    if home := os.environ.get("KERAS_HOME"):
         return Path(home).expanduser()
     base = Path("~").expanduser()
-    if not os.access(base, os.W_OK):
-        base = Path(tempfile.gettempdir())
-    return base / ".keras"
+    return (base if os.access(base, os.W_OK) else Path(tempfile.gettempdir())) / ".keras"
 
 
 def imagenet_weights_path(alpha: float, size: int) -> Path:
-    """The MobileNetV2 ImageNet weights file (no top) in Keras' cache that a `size` px backbone
-    loads: the file of that size where Keras has one and it is there, else the 224 px file (the
-    convolutions' weights fit any size)."""
-    folder = keras_home() / "models"
-    path = folder / WEIGHTS_FILE.format(alpha=float(alpha), size=size)
+    """The ImageNet weights file (no top) in Keras' cache that a `size` px backbone loads: that
+    size's where Keras has one and it is there, else the 224 px file (it fits any size)."""
+    path = keras_home() / "models" / WEIGHTS_FILE.format(alpha=float(alpha), size=size)
     if size in IMAGENET_SIZES and (size == 224 or path.is_file()):
         return path
-    return folder / WEIGHTS_FILE.format(alpha=float(alpha), size=224)
+    return path.with_name(WEIGHTS_FILE.format(alpha=float(alpha), size=224))
 
 
 def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
     """What to pass to `keras.applications.MobileNetV2(weights=...)`: None, `imagenet` (its file
-    of this size is in Keras' cache) or a weights file, checked to be a whole HDF5 file, so that
+    of this size is in Keras' cache) or a weights file checked to be a whole HDF5 file, so that
     nothing is downloaded or found damaged after minutes. WeightsNotFoundError (one line) else."""
     if weights is None or str(weights).lower() in ("null", "none", ""):
         return None
@@ -67,11 +59,8 @@ def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
                 "model.weights=null."
             )
         _check_hdf5(path, "imagenet", "delete it and run `make weights`")
-        return (
-            "imagenet"
-            if path.name == WEIGHTS_FILE.format(alpha=float(alpha), size=size)
-            else str(path)
-        )
+        own_file = path.name == WEIGHTS_FILE.format(alpha=float(alpha), size=size)
+        return "imagenet" if own_file else str(path)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(
@@ -88,32 +77,29 @@ def _check_hdf5(path: Path, weights: str, fix: str) -> None:
     try:
         h5py.File(path, "r").close()
     except OSError as exc:
-        reason = str(exc).split("(", 1)[-1].rstrip(")") if "(" in str(exc) else str(exc)
+        reason = str(exc).split("(", 1)[-1].rstrip(")")
+        size = path.stat().st_size
         raise WeightsNotFoundError(
-            f"model.weights={weights}: {path} is damaged ({reason}; {path.stat().st_size} "
-            f"bytes): {fix}"
+            f"model.weights={weights}: {path} is damaged ({reason}; {size} bytes): {fix}"
         ) from None
 
 
 def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> Any:
     """MobileNetV2 without top, frozen; `weights` as in the config (`imagenet` | path | None).
-
-    With no weights the random initialisation is seeded by `init_seed`, so every stage that
-    builds the backbone gets the same one.
-    """
+    Without weights the random initialisation is seeded by `init_seed` (the same in every stage)."""
     import keras
 
     resolved = resolve_weights(weights, alpha, image_size)
     if resolved is None:
         keras.utils.set_random_seed(init_seed)
+    shape = (image_size, image_size, 3)
     base = keras.applications.MobileNetV2(
-        # a named input: Keras would number an unnamed one per process (input_layer_1, ...),
-        # and the saved model's bytes would depend on what was built before
-        input_tensor=keras.Input(shape=(image_size, image_size, 3), name=f"{BACKBONE_NAME}_input"),
-        input_shape=(image_size, image_size, 3),
+        # named: Keras numbers an unnamed input per process, and the saved bytes would vary
+        input_tensor=keras.Input(shape=shape, name=f"{BACKBONE_NAME}_input"),
+        input_shape=shape,
         alpha=alpha,
         include_top=False,
-        weights=resolved if resolved == "imagenet" or resolved is None else None,
+        weights=resolved if resolved in ("imagenet", None) else None,
         name=BACKBONE_NAME,
     )
     if resolved not in (None, "imagenet"):
@@ -138,8 +124,7 @@ def build_feature_extractor(
     base = build_backbone(alpha, weights, image_size, init_seed)
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_minus1_1")(inputs)
-    x = base(x, training=False)
-    outputs = layers.GlobalAveragePooling2D(name=FEATURES_NAME)(x)
+    outputs = layers.GlobalAveragePooling2D(name=FEATURES_NAME)(base(x, training=False))
     return keras.Model(inputs, outputs, name="mobilenet_v2_features")
 
 
@@ -151,20 +136,30 @@ def build_head(feature_dim: int, num_classes: int, dropout: float, init: str = "
 
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = layers.Dropout(dropout, name="dropout")(inputs) if dropout > 0 else inputs
-    outputs = layers.Dense(
-        num_classes, activation="softmax", kernel_initializer=init, name=HEAD_NAME
-    )(x)
-    return keras.Model(inputs, outputs, name="head")
+    dense = layers.Dense(num_classes, activation="softmax", kernel_initializer=init, name=HEAD_NAME)
+    return keras.Model(inputs, dense(x), name="head")
 
 
-def compose(extractor: Any, head: Any) -> Any:
-    """One flat Keras model (images -> probabilities), sharing the extractor's and head's weights."""
+def compose(extractor: Any, head: Any, augmentation: list[Any] | None = None) -> Any:
+    """One Keras model images -> (augmentation ->) extractor -> head, sharing their weights."""
     import keras
 
-    x = extractor.output
+    if augmentation is None:
+        inputs, x = extractor.input, extractor.output
+    else:
+        inputs = x = keras.Input(shape=tuple(extractor.input.shape[1:]), name="image")
+        for layer in augmentation:
+            x = layer(x)
+        x = extractor(x)
     for layer in head.layers[1:]:
         x = layer(x)
-    return keras.Model(extractor.input, x, name="mobilenet_v2_classifier")
+    suffix = "" if augmentation is None else "_augmented"
+    return keras.Model(inputs, x, name=f"mobilenet_v2_classifier{suffix}")
+
+
+def compose_augmented(extractor: Any, head: Any, augmentation: list[Any]) -> Any:
+    """`compose(extractor, head)` (what is saved) with the augmentation layers in front."""
+    return compose(extractor, head, augmentation)
 
 
 def build_augmentation(augment: Any, seed: int) -> list[Any]:
@@ -172,41 +167,20 @@ def build_augmentation(augment: Any, seed: int) -> list[Any]:
     from `seed`, on raw 0..255 images (before the rescaling); identity at inference."""
     from keras import layers
 
-    made: list[Any] = []
-
-    def add(cls: Any, *args: Any, **kwargs: Any) -> None:
-        made.append(
-            cls(*args, seed=seed + len(made), name=f"augment_{len(made)}_{cls.__name__}", **kwargs)
-        )
-
-    if augment.flip != "none":
-        add(layers.RandomFlip, augment.flip)
-    if augment.rotation > 0:
-        add(layers.RandomRotation, augment.rotation, fill_mode="reflect")
-    if augment.zoom > 0:
-        add(layers.RandomZoom, augment.zoom, fill_mode="reflect")
-    if augment.translation > 0:
-        add(layers.RandomTranslation, augment.translation, augment.translation, fill_mode="reflect")
-    if augment.contrast > 0:
-        add(layers.RandomContrast, augment.contrast, value_range=(0, 255))
-    if augment.brightness > 0:
-        add(layers.RandomBrightness, augment.brightness, value_range=(0, 255))
-    return made
-
-
-def compose_augmented(extractor: Any, head: Any, augmentation: list[Any]) -> Any:
-    """images -> augmentation -> extractor -> head: `compose(extractor, head)` (what is saved,
-    sharing every weight) with the augmentation layers in front."""
-    import keras
-
-    inputs = keras.Input(shape=tuple(extractor.input.shape[1:]), name="image")
-    x = inputs
-    for layer in augmentation:
-        x = layer(x)
-    x = extractor(x)
-    for layer in head.layers[1:]:
-        x = layer(x)
-    return keras.Model(inputs, x, name="mobilenet_v2_classifier_augmented")
+    a, reflect, pixels = augment, {"fill_mode": "reflect"}, {"value_range": (0, 255)}
+    wanted = [
+        (a.flip != "none", layers.RandomFlip, (a.flip,), {}),
+        (a.rotation > 0, layers.RandomRotation, (a.rotation,), reflect),
+        (a.zoom > 0, layers.RandomZoom, (a.zoom,), reflect),
+        (a.translation > 0, layers.RandomTranslation, (a.translation, a.translation), reflect),
+        (a.contrast > 0, layers.RandomContrast, (a.contrast,), pixels),
+        (a.brightness > 0, layers.RandomBrightness, (a.brightness,), pixels),
+    ]
+    chosen = [(cls, args, kwargs) for on, cls, args, kwargs in wanted if on]
+    return [
+        cls(*args, seed=seed + i, name=f"augment_{i}_{cls.__name__}", **kwargs)
+        for i, (cls, args, kwargs) in enumerate(chosen)
+    ]
 
 
 def find_backbone(model: Any) -> Any:
@@ -223,21 +197,16 @@ def find_backbone(model: Any) -> Any:
 
 
 def unfreeze_top(backbone: Any, n: int) -> list[str]:
-    """Make the backbone's last `n` layers trainable except BatchNormalization (frozen, so their
-    moving statistics never update, as Keras' fine-tuning guide advises); return the names of
-    the layers whose weights now train."""
+    """Make the backbone's last `n` layers trainable except BatchNormalization (kept frozen, as
+    Keras' fine-tuning guide advises); return the names of the layers whose weights now train."""
     import keras
 
-    backbone.trainable = True  # sets every sub-layer; then freeze all but the top n, BN kept frozen
-    layers_ = backbone.layers
-    top = set(id(layer) for layer in layers_[max(len(layers_) - n, 0) :])
-    unfrozen = []
-    for layer in layers_:
-        train_it = id(layer) in top and not isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = train_it
-        if train_it and layer.weights:
-            unfrozen.append(layer.name)
-    return unfrozen
+    backbone.trainable = True  # sets every sub-layer; then freeze all but the top n
+    top = backbone.layers[max(len(backbone.layers) - n, 0) :]
+    for layer in backbone.layers:
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = not is_bn and any(layer is t for t in top)
+    return [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
 
 
 def make_optimizer(name: str, learning_rate: Any) -> Any:

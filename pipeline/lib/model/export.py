@@ -56,9 +56,8 @@ def representative_indices(n_train: int, n_samples: int) -> np.ndarray:
 
 
 def frozen_graph(model: Any) -> Any:
-    """The Keras model's inference graph (float32 input, free batch) with its weights as
-    constants (a ConcreteFunction): traced once for every format, which `from_keras_model`
-    would redo per conversion (about ten times the conversion's cost)."""
+    """The model's inference graph (float32 input, free batch) with its weights as constants:
+    traced once for every format (`from_keras_model` would trace per conversion, ~10x its cost)."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
@@ -72,15 +71,14 @@ def convert(
 ) -> bytes:
     """The frozen graph as a TFLite flatbuffer: `float32` as is, `float16` weights, or `int8`
     full-integer calibrated on `representative` (M, H, W, 3) images 0..255, its input and output
-    of type `int8_io` (uint8 | int8).
-
-    Raises:
-        StageInputError: int8 without calibration images. ValueError: an unknown `fmt`.
-    """
+    of type `int8_io` (uint8 | int8). StageInputError: int8 without calibration images;
+    ValueError: an unknown `fmt`."""
     import tensorflow as tf
 
+    if fmt not in ("float32", "float16", "int8"):
+        raise ValueError(f"export.formats: unknown format {fmt!r}")
     converter = tf.lite.TFLiteConverter.from_concrete_functions([graph])
-    if fmt in ("float16", "int8"):
+    if fmt != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if fmt == "float16":
         converter.target_spec.supported_types = [tf.float16]
@@ -91,16 +89,16 @@ def convert(
                 "images to calibrate it with."
             )
         images = representative
-        converter.representative_dataset = lambda: (
-            [np.asarray(x, np.float32)[None]] for x in images
-        )
+        converter.representative_dataset = lambda: ([np.float32(x)[None]] for x in images)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         io_type = {"uint8": tf.uint8, "int8": tf.int8}[int8_io]
         converter.inference_input_type = converter.inference_output_type = io_type
-    elif fmt != "float32":
-        raise ValueError(f"export.formats: unknown format {fmt!r}")
     with stderr_without("fully_quantize: "):  # the MLIR quantizer's bare settings dump
         return converter.convert()
+
+
+def _size(size_bytes: int) -> dict[str, Any]:
+    return {"size_bytes": int(size_bytes), "size_mib": round(size_bytes / 2**20, 4)}
 
 
 @dataclass(frozen=True)
@@ -141,9 +139,7 @@ class ParityCheck:
         pred, ref = probs.argmax(axis=1), self.reference.argmax(axis=1)
         diff = np.abs(probs - self.reference)
         agreement = float(np.mean(pred == ref))
-        return {
-            "size_bytes": int(size),
-            "size_mib": round(size / 2**20, 4),
+        return _size(size) | {
             "agreement": agreement,
             "disagreements": int(np.sum(pred != ref)),
             "accuracy": float(np.mean(pred == self.y_true)),
@@ -176,9 +172,7 @@ def _tensor(detail: dict[str, Any]) -> dict[str, Any]:
 
 def model_record(classifier: Classifier, size_bytes: int, check: ParityCheck) -> dict:
     """The model folder's line of the comparison: size, test accuracy, single-image latency."""
-    return {
-        "size_bytes": int(size_bytes),
-        "size_mib": round(size_bytes / 2**20, 4),
+    return _size(size_bytes) | {
         "accuracy": float(np.mean(check.reference.argmax(axis=1) == check.y_true)),
         "latency_ms": check.latency_ms(partial(classifier.predict_proba, check.one_image)),
     }
@@ -190,13 +184,11 @@ def split_timings(details: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     stable: dict[str, Any] = {}
     timings: dict[str, Any] = {}
     for name, record in details.items():
-        if name == "latency":
-            timings[name] = record
-        elif isinstance(record, dict):
+        if name == "latency" or not isinstance(record, dict):
+            (timings if name == "latency" else stable)[name] = record
+        else:
             stable[name] = {k: v for k, v in record.items() if k not in TIMING_KEYS}
             timings[name] = {k: record[k] for k in TIMING_KEYS if k in record}
-        else:
-            stable[name] = record
     return stable, timings
 
 
@@ -235,11 +227,12 @@ def export_formats(
         else:
             files[fmt] = convert(graph, fmt, representative, int8_io)
         seconds = time.perf_counter() - start
-        record = {"file": export_file(fmt)}
+        record: dict[str, Any] = {"file": export_file(fmt)}
         if fmt == "keras":
             record |= check.parity(model.predict_on_batch, len(files[fmt]), targets[fmt])
-            one_call = partial(model.predict_on_batch, check.one_image)
-            record["latency_ms"] = check.latency_ms(one_call)
+            record["latency_ms"] = check.latency_ms(
+                partial(model.predict_on_batch, check.one_image)
+            )
         else:
             runner = TFLiteRunner(files[fmt], check.threads)
             record |= check.parity(runner, len(files[fmt]), targets[fmt])
@@ -252,20 +245,17 @@ def export_formats(
             }
         if fmt == "int8" and representative is not None:
             record["representative_samples"] = len(representative)
-        records[fmt] = record
-        _log_record(fmt, record, len(check.y_true), seconds)
-    return files, records
-
-
-def _log_record(fmt: str, r: dict[str, Any], n: int, convert_seconds: float) -> None:
-    log.info(
-        "%s: %.2f MiB, agreement %.4f (%d of %d differ, target %.2f %s), accuracy %.4f, "
-        "%.2f ms/image (converted in %.1f s)",
-        *(fmt, r["size_mib"], r["agreement"], r["disagreements"], n, r["target_agreement"]),
-        *("met" if r["target_met"] else "NOT met", r["accuracy"], r["latency_ms"], convert_seconds),
-    )
-    if not r["target_met"]:
-        log.warning(
-            "export %s: top-1 agreement with the model %.4f is below the target %.2f",
-            *(fmt, r["agreement"], r["target_agreement"]),
+        records[fmt] = r = record
+        log.info(
+            "%s: %.2f MiB, agreement %.4f (%d of %d differ, target %.2f %s), accuracy %.4f, "
+            "%.2f ms/image (converted in %.1f s)",
+            *(fmt, r["size_mib"], r["agreement"], r["disagreements"], len(check.y_true)),
+            *(r["target_agreement"], "met" if r["target_met"] else "NOT met", r["accuracy"]),
+            *(r["latency_ms"], seconds),
         )
+        if not r["target_met"]:
+            log.warning(
+                "export %s: top-1 agreement with the model %.4f is below the target %.2f",
+                *(fmt, r["agreement"], r["target_agreement"]),
+            )
+    return files, records

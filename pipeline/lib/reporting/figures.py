@@ -81,9 +81,8 @@ def _message(ax: Axes, text: str) -> None:
 def _batch_curve(
     batches: Series | None, metric: str, n_epochs: int, first_epoch: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of a per-batch series on the epoch axis: the last batch of epoch k lands on k, steps
-    per epoch inferred from the last step (counted from 0 or 1); steps that are missing or
-    restart each epoch are numbered in order. Without epochs x is the step."""
+    """(x, y) of a per-batch series on the epoch axis: the last batch of epoch k lands on k
+    (steps counted from 0 or 1; missing or restarting steps numbered in order); else x = step."""
     y = _float_series((batches or {}).get(metric))
     steps = _float_series((batches or {}).get("step"))[: len(y)]
     if len(steps) != len(y) or not np.all(np.diff(steps) > 0):
@@ -96,9 +95,8 @@ def _batch_curve(
 
 
 def learning_curve_figure(history: Series, metric: str, batches: Series | None = None) -> Figure:
-    """One metric ('loss' or 'accuracy'): train vs validation per epoch (or per step when the x
-    series is keyed 'step'), batches faintly under; the best point of the validation curve (of
-    the training curve when there is none) starred."""
+    """One metric ('loss' or 'accuracy'): train vs validation per epoch (or 'step'), batches
+    faintly under; the best validation point (else train) starred."""
     label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
     train = _float_series(history.get(metric))
     val = _float_series(history.get(f"val_{metric}"))
@@ -146,13 +144,10 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
 def save_learning_curves(
     history: Series, out_dir: PathLike, batches: Series | None = None
 ) -> list[Path]:
-    """Write out_dir/loss.png and out_dir/accuracy.png; return their paths in that order.
-
-    history: per-epoch series among 'loss', 'accuracy', 'val_loss', 'val_accuracy' (any may be
-    missing), x under 'epoch' or, for other steps (e.g. L-BFGS iterations), 'step' (default
-    1..n). batches: optional per-batch {'step', 'loss', 'accuracy'}, drawn faintly on the epoch
-    axis. A metric without data still gets its file, saying so.
-    """
+    """Write out_dir/loss.png and out_dir/accuracy.png (a metric without data says so); return
+    their paths. history: series among 'loss', 'accuracy', 'val_loss', 'val_accuracy', x under
+    'epoch' or 'step' (e.g. L-BFGS iterations; default 1..n); batches: optional per-batch
+    {'step', 'loss', 'accuracy'}, drawn faintly on the epoch axis."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return [
@@ -172,8 +167,7 @@ def confusion_figure(
     title: str = "Confusion matrix",
 ) -> Figure:
     """Heatmap of a (C, C) count matrix (rows true, columns predicted) for C class names; counts
-    (and row %) in the cells up to 20 classes. Raises ValueError for a matrix that is not square,
-    has no class or does not match `classes`."""
+    (and row %) in the cells up to 20 classes. ValueError: not square, or not C classes (C >= 1)."""
     counts = np.asarray(matrix, dtype=float)
     n = len(classes)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
@@ -185,9 +179,7 @@ def confusion_figure(
     row_sums = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
     shown = fractions if normalize else counts
-
-    # sized for n classes: cells, then y tick labels, axis label and colour bar across, the
-    # rotated x tick labels and the title down
+    # sized for n classes: cells, labels and colour bar across, rotated labels and title down
     tick_fs = 10 if n <= 10 else 8 if n <= 20 else 7 if n <= 35 else 6
     cell_in = (
         (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
@@ -240,12 +232,6 @@ def save_confusion_matrix(
     return _save(confusion_figure(matrix, classes, normalize=normalize, title=title), path)
 
 
-def gallery_title(predicted: str, true: str) -> str:
-    """'pred: <class> / true: <class>', broken after the slash when too long for a panel."""
-    text = f"pred: {predicted} / true: {true}"
-    return text if len(text) <= 32 else f"pred: {predicted} /\ntrue: {true}"
-
-
 def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
     """The image (uint8, float in 0..1 or 0..255, RGB or grey) framed in `color`."""
     img = np.asarray(image)
@@ -253,10 +239,8 @@ def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs:
         img = img[..., 0]
     if img.dtype != np.uint8:
         img = img.astype(float)
-        if img.size and np.nanmax(img) > 1.0:
-            img = np.clip(img, 0, 255).astype(np.uint8)
-        else:
-            img = np.clip(img, 0.0, 1.0)
+        bytes_like = img.size and np.nanmax(img) > 1.0
+        img = np.clip(img, 0, 255).astype(np.uint8) if bytes_like else np.clip(img, 0.0, 1.0)
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -269,8 +253,8 @@ def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs:
 def _draw_gallery_scores(
     ax: Axes, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
 ) -> None:
-    """Score bars: the predicted one filled in `color`, the true one outlined and its name bold;
-    with many classes only the top scores (the true class included)."""
+    """Score bars: the predicted one in `color`, the true one outlined and bold; with many
+    classes only the top scores (the true class included)."""
     pred_k = int(probs_k.argmax())
     order = np.arange(len(probs_k))
     if len(probs_k) > GALLERY_ALL_CLASSES_MAX:
@@ -311,14 +295,10 @@ def gallery_figure(
     max_images: int | None = None,
     heading: str | None = None,
 ) -> Figure:
-    """Image + class-score bar chart per test image, `columns` pairs per row.
-
-    images (N, H, W, 3) uint8 (or float, or grey; may be a memmap: only the shown ones are read);
-    probabilities (N, C) in 0..1; true_labels (N,) class indices. Right predictions are green,
-    wrong ones red (title, frame, predicted bar); the true class is outlined, its name bold and
-    its score tagged 'true'; `heading` replaces the title "Test predictions: k of n right". Raises
-    ValueError when scores or labels do not match.
-    """
+    """Image + class-score bars per test image, `columns` per row: right green, wrong red, the
+    true class outlined, bold, tagged 'true'; `heading` replaces "Test predictions: k of n right".
+    images (N, H, W, 3) uint8 (or float, or grey; a memmap: only the shown ones are read);
+    probabilities (N, C) in 0..1; true_labels (N,) indices. ValueError: they do not match."""
     classes = [str(c) for c in classes]
     n_total = 0 if images is None else len(images)
     n = n_total if max_images is None else max(0, min(n_total, int(max_images)))
@@ -338,7 +318,10 @@ def gallery_figure(
     predicted = probs.argmax(axis=1)
     correct = predicted == labels
     columns = max(1, min(int(columns), n))
-    titles = [gallery_title(classes[int(predicted[k])], classes[int(labels[k])]) for k in range(n)]
+    # 'pred: <class> / true: <class>', broken after the slash when too long for a panel
+    pairs = zip(predicted, labels, strict=True)
+    titles = [f"pred: {classes[p]} / true: {classes[t]}" for p, t in pairs]
+    titles = [t if len(t) <= 32 else t.replace(" / true: ", " /\ntrue: ") for t in titles]
 
     rows = math.ceil(n / columns)
     shown_classes = n_classes if n_classes <= GALLERY_ALL_CLASSES_MAX else GALLERY_TOP_K
@@ -389,15 +372,9 @@ class ReliabilityData(Protocol):
     edges: np.ndarray
 
 
-def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
-    """Write `reliability_figure(bins)` to `path`."""
-    return _save(reliability_figure(bins), path)
-
-
 def reliability_figure(bins: ReliabilityData) -> Figure:
-    """A reliability diagram (Guo et al. 2017): per confidence bin, the accuracy as a bar against
-    the diagonal of perfect calibration, the gap to the mean confidence shaded, the image count
-    above; the ECE in the title; empty bins blank; every colour in the legend."""
+    """A reliability diagram (Guo et al. 2017): per confidence bin the accuracy as a bar against
+    the diagonal, the gap to the mean confidence shaded, the count above; the ECE in the title."""
     edges = np.asarray(bins.edges, dtype=float)
     count = np.asarray(bins.count)
     acc = np.nan_to_num(np.asarray(bins.accuracy, dtype=float))
@@ -419,3 +396,8 @@ def reliability_figure(bins: ReliabilityData) -> Figure:
     ax.set_title(f"Reliability diagram: ECE {ece:.4f} ({bins_text})")
     ax.legend(loc="upper left", fontsize=8)
     return fig
+
+
+def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
+    """Write `reliability_figure(bins)` to `path`."""
+    return _save(reliability_figure(bins), path)

@@ -67,13 +67,9 @@ def expected_calibration_error(
 ) -> float:
     """ECE (Guo et al. 2017) of `probs` (N, C): |accuracy - mean confidence| per equal-width
     confidence bin, weighted by the bin's share of the images; 0 = calibrated, 0.0 for N = 0."""
-    confidence, correct, index = _top1(probs, y_true, bins)
-    ece = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(ece)
+    r = reliability_bins(probs, y_true, bins)
+    gaps = np.abs(r.accuracy - r.confidence)[r.count > 0]
+    return float(np.sum(r.count[r.count > 0] * gaps) / max(int(r.count.sum()), 1))
 
 
 def reliability_bins(
@@ -115,15 +111,13 @@ def headline_metrics(p: Predictions) -> dict[str, float]:
     """A split's `metrics.json` section (kept to what `dvc metrics show` fits in 120 columns):
     accuracy, its 95 % Wilson interval `ci_low`/`ci_high`, `macro_f1`, `ece`."""
     m = classification_metrics(p.y_true, p.y_pred, p.classes)
-    n = len(p.y_true)
-    low, high = accuracy_interval(int(round(m["accuracy"] * n)), n)
-    ece = expected_calibration_error(p.probs, p.y_true)
+    low, high = accuracy_interval(int(np.sum(p.y_true == p.y_pred)), len(p.y_true))
     return {
         "accuracy": m["accuracy"],
         "ci_low": low,
         "ci_high": high,
         "macro_f1": m["macro_f1"],
-        "ece": ece,
+        "ece": expected_calibration_error(p.probs, p.y_true),
     }
 
 

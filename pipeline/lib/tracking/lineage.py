@@ -1,11 +1,6 @@
-"""Which MLflow run a stage belongs to, and what links it to git, DVC and its process.
-
-Names: the DVC experiment's (`dvc exp run`, tagged `dvc.exp_name`, `dvc.exp_baseline_rev`), else
-`repro-<commit>-<config hash>` under `dvc repro`, else `run-<commit>-<config hash>`. `git_dirty`
-ignores the files the pipeline rewrites (`dvc.lock`, `params.yaml`, git-tracked stage outputs).
-Runs are tagged with their process (`pipeline.pid`, `pipeline.pid_start`, `pipeline.host`): a
-RUNNING run of this host whose process is gone is ended KILLED (`end_dead_runs`).
-"""
+"""Which MLflow run a stage belongs to, and what links it to git, DVC and its process: runs are
+named after the DVC experiment, else `repro-`/`run-<commit>-<config hash>`, and tagged with their
+process, so that a RUNNING run of this host whose process is gone is ended KILLED."""
 
 from __future__ import annotations
 
@@ -22,6 +17,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from pipeline.lib.config.schema import Config, to_flat_dict
+from pipeline.lib.files import process_alive
 from pipeline.lib.model.classifier import model_md5
 from pipeline.lib.model.saving import trained_run_id
 from pipeline.lib.tracking.store import TrackingError
@@ -59,28 +55,23 @@ def git_commit() -> str | None:
     return os.environ.get(DVC_EXP_BASELINE_REV) or (_git("rev-parse", "HEAD") or "").strip() or None
 
 
-def dvc_outputs(dvc_yaml: Path) -> list[str]:
-    """The output, metric and plot paths of every stage in `dvc_yaml` ([] when unreadable)."""
-    try:
-        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+def git_dirty() -> bool | None:
+    """Whether tracked files other than `PIPELINE_WRITTEN` and the stages' outputs differ from
+    the commit; None outside git."""
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    if out is None:
+        return None
+    try:  # the stages' outputs, metrics and plots
+        stages = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError, AttributeError):
-        return []
-    return [
+        stages = {}
+    ignored = [*PIPELINE_WRITTEN] + [
         str(path).rstrip("/")
         for stage in stages.values()
         for kind in ("outs", "metrics", "plots")
         for entry in (stage or {}).get(kind) or []
         for path in (entry.keys() if isinstance(entry, dict) else [entry])
     ]
-
-
-def git_dirty() -> bool | None:
-    """Whether tracked files other than the pipeline's own outputs differ from the commit; None
-    outside git."""
-    out = _git("status", "--porcelain", "--untracked-files=no")
-    if out is None:
-        return None
-    ignored = [*PIPELINE_WRITTEN, *dvc_outputs(Path("dvc.yaml"))]
     paths = [line[3:].split(" -> ")[-1].strip('"') for line in out.splitlines()]
     return any(not any(p == i or p.startswith(i + "/") for i in ignored) for p in paths)
 
@@ -101,7 +92,7 @@ def run_name(cfg: Config) -> str:
 
 def process_start(pid: int) -> str | None:
     """When process `pid` started (ticks since boot, /proc; None where unknown): tells it from a
-    later process that reuses its pid."""
+    later one that reuses its pid."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
@@ -131,23 +122,16 @@ def run_tags(cfg: Config, stage: str) -> dict[str, str]:
     return tags
 
 
-def process_alive(pid: int, started: str | None) -> bool:
+def _still_running(pid: int, started: str | None) -> bool:
     """Whether process `pid` runs and is the one that started at `started` (None: unchecked)."""
-    if pid <= 0:
+    if pid <= 0 or not process_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        pass
     now = process_start(pid) if started is not None else None
     return now is None or now == started
 
 
 def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
-    """End KILLED (tagged `pipeline.ended_by`) the RUNNING runs of this host whose process is
-    gone; their ids."""
+    """End KILLED (tagged why) the RUNNING runs of this host whose process is gone; their ids."""
     host = socket.gethostname()
     quoted = host.replace("'", "")
     running = client.search_runs(
@@ -158,7 +142,7 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
     ended = []
     for run in running:
         pid = run.data.tags.get(TAG_PID, "")
-        if not pid.isdigit() or process_alive(int(pid), run.data.tags.get(TAG_PID_START)):
+        if not pid.isdigit() or _still_running(int(pid), run.data.tags.get(TAG_PID_START)):
             continue
         client.set_tag(run.info.run_id, TAG_ENDED_BY, f"its process {pid} on {host} is gone")
         client.set_terminated(run.info.run_id, "KILLED")

@@ -58,8 +58,8 @@ class Candidate:
 
 
 def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> list[Candidate]:
-    """Every version of a registered model (newest first), with its run and the run's `metric`.
-    A `StoreError` naming the registered models there when there is no such model."""
+    """Every version of a registered model (newest first), with its run and the run's `metric`;
+    StoreError naming the registered models there when there is no such model."""
     try:
         client.get_registered_model(model_name)
     except MlflowException:
@@ -100,9 +100,9 @@ def promote(
     same_data: bool = True,
 ) -> ModelVersion:
     """Point `alias` at the READY version whose run has the best `metric` (highest, or lowest
-    with `ascending`; ties: the alias' holder, else the newest) and return it. With `same_data`
-    only versions from the newest one's experiment and data (`DATA_TAG`) compete. `echo` (None:
-    silent) gets what was done and the alias' previous holder."""
+    with `ascending`; ties: the alias' holder, else the newest) and return it. `same_data`: only
+    versions of the newest one's experiment and data (`DATA_TAG`) compete. `echo` (None: silent)
+    gets what was done and the alias' previous holder."""
     every = candidates(client, model_name, metric)
     ready = [c for c in every if c.version.status == "READY"]
     scored = [c for c in ready if c.value is not None]
@@ -127,27 +127,27 @@ def promote(
     promoted = client.get_model_version(model_name, best.version.version)
     if echo is None:
         return promoted
-    run_id, run_name = best.version.run_id, best.run.info.run_name if best.run else None
+    run_name = best.run.info.run_name if best.run else None
     echo(
-        f"{model_name} version {best.number} (run {run_id} {run_name!r}, {metric}={best.value:.6g}"
-        f", best of {len(scored)}{', lowest' if ascending else ''}) is now @{alias}."
+        f"{model_name} version {best.number} (run {best.version.run_id} {run_name!r}, "
+        f"{metric}={best.value:.6g}, best of {len(scored)}{', lowest' * ascending}) is now @{alias}."
     )
     if left_out:
         echo(
             f"{left_out} version(s) with {metric} left out: another experiment or other "
             f"data ({DATA_TAG}) than the newest version (--any-data to compare them all)."
         )
-    if previous is None or previous == best.number:
+    if previous is None:
+        echo(f"There was no @{alias} before.")
+    elif previous == best.number:
         ties = f" ({len(tied) - 1} other version(s) tie with it: kept)" if len(tied) > 1 else ""
+        echo(f"It already was @{alias}{ties}.")
+    else:
+        holder = next(c for c in every if c.number == previous)
+        shown = "not recorded" if holder.value is None else f"{holder.value:.6g}"
         echo(
-            f"There was no @{alias} before."
-            if previous is None
-            else f"It already was @{alias}{ties}."
+            f"Previous @{alias}: version {previous} (run {holder.version.run_id}, {metric}={shown})."
         )
-        return promoted
-    holder = next(c for c in every if c.number == previous)
-    shown = "not recorded" if holder.value is None else f"{holder.value:.6g}"
-    echo(f"Previous @{alias}: version {previous} (run {holder.version.run_id}, {metric}={shown}).")
     return promoted
 
 

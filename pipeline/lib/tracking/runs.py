@@ -1,12 +1,7 @@
-"""MLflow: one pipeline run is one MLflow run (README, "How runs are recorded").
-
-`stage_run` opens the run of a DVC stage: train starts it (named and tagged by `lineage`; tagged
-`pipeline.model_md5` once the model is saved; `train.resume` reopens its checkpoint's run);
-evaluate and export reopen it or, when the store lacks it, start one tagged `recovered`
-(`lineage.later_stage_run`); evaluate registers the model once the run has test metrics. A step
-that fails or is stopped ends its run FAILED or KILLED, never RUNNING; store failures are
-one-line `TrackingError`s (see `store`).
-"""
+"""MLflow: one pipeline run is one MLflow run (docs/tracking.md). `stage_run`: train starts it
+(`train.resume` reopens its checkpoint's run), evaluate and export reopen it (`lineage`), and
+evaluate registers the model. A step that fails or is stopped ends its run FAILED or KILLED,
+never RUNNING; store failures are one-line `TrackingError`s (`store`)."""
 
 from __future__ import annotations
 
@@ -60,14 +55,9 @@ MODEL_INPUT = (
 )
 
 
-def setup(tracking: TrackingConfig) -> str:
-    """Open the configured store (see `store.open_store`) and return the experiment id."""
-    return open_store(tracking)[1]
-
-
 def _end_run(status: str) -> str:
-    """End the active run (if any) with `status`; '' or why it could not be (it stays RUNNING
-    until the next step on this store ends it: `lineage.end_dead_runs`)."""
+    """End the active run (if any) with `status`; '' or why it could not be (then the next step
+    on this store ends it: `lineage.end_dead_runs`)."""
     if (run := mlflow.active_run()) is None:
         return ""
     try:
@@ -109,17 +99,14 @@ def active_run(
     tags: dict[str, str] | None = None,
     experiment_id: str | None = None,
 ) -> Iterator[Run]:
-    """Start (or, with `run_id`, reopen) a run; end it FINISHED, FAILED or KILLED. SIGTERM (how
-    DVC and schedulers stop a job) raises KeyboardInterrupt while it is active (so: KILLED). The
-    run is tagged with this process (a run it leaves RUNNING is ended by the next step). A store
-    failure becomes a `TrackingError` naming `tracking.uri`."""
+    """Start (or, with `run_id`, reopen) a run tagged with this process; end it FINISHED, FAILED
+    or KILLED (SIGTERM, how DVC and schedulers stop a job, raises KeyboardInterrupt inside). A
+    store failure becomes a `TrackingError` naming `tracking.uri`."""
     if experiment_id is None:
-        experiment_id = setup(tracking)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    except ValueError:  # not the main thread
-        previous = None
+        experiment_id = open_store(tracking)[1]
+    previous = None
+    with suppress(ValueError):  # not the main thread
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         with _run_ends_on_error(tracking, "starting the run"):
             run = mlflow.start_run(
@@ -151,6 +138,7 @@ def stage_run(
     with _run_ends_on_error(cfg.tracking, "ending runs whose process died"):
         lineage.end_dead_runs(client, [experiment_id])
     recovery = None
+    run_tags: dict[str, str] = {}  # a reopened run keeps its own tags
     if stage == "train":
         parent_id, job_name = sweep_job()
         name = cfg.tracking.run_name or job_name or lineage.run_name(cfg)
@@ -161,17 +149,14 @@ def stage_run(
         if checkpoint is not None:
             run_tags[lineage.TAG_CHECKPOINT] = Path(checkpoint).name
             run_id = lineage.interrupted_run(client, experiment_id, cfg, Path(checkpoint))
+        run_tags |= tags or {}
     else:
         run_id, recovery = lineage.later_stage_run(client, experiment_id, cfg)
         name = lineage.run_name(cfg)
-        if recovery is None:  # a reopened run keeps its own tags
-            run_tags = {}
-        else:
-            run_tags = lineage.run_tags(cfg, stage) | recovery.tags(cfg)
+        if recovery is not None:
+            run_tags = lineage.run_tags(cfg, stage) | recovery.tags(cfg) | (tags or {})
             say = log.info if recovery.reused else log.warning
             say("MLflow: %s; logging into a new run %r (tagged recovered)", recovery.reason, name)
-    if stage == "train" or recovery is not None:
-        run_tags |= tags or {}
     with active_run(cfg.tracking, run_id, None if run_id else name, run_tags, experiment_id) as run:
         if recovery is not None:
             log_recovered(cfg)
@@ -183,8 +168,8 @@ def stage_run(
 
 
 def log_recovered(cfg: Config) -> None:
-    """Into a recovered run: the config, and train's metrics as it wrote them to disk
-    (`<paths.reports>/train_metrics.json`, restored by DVC with `models/`)."""
+    """Into a recovered run: the config, and train's metrics from `<paths.reports>/
+    train_metrics.json` (restored by DVC with `models/`)."""
     log_config(cfg)
     train_metrics = Path(cfg.paths.reports) / "train_metrics.json"
     try:
@@ -202,9 +187,8 @@ def register_model(
     client: mlflow.MlflowClient, cfg: Config, run_id: str, experiment_id: str
 ) -> ModelVersion | None:
     """Register run `run_id`'s logged model as a version of `tracking.registered_model` once the
-    run has `TEST_METRIC`, tagged with its bytes' md5 and described (data, test accuracy and
-    interval, run). None when there is nothing new: no name, metric or model, the run already
-    registered, or the same bytes already a version (said once)."""
+    run has `TEST_METRIC`, tagged with its md5 and described (data, test accuracy, run). None
+    when there is nothing new: no name, metric or model, or the run or bytes registered already."""
     name, run = cfg.tracking.registered_model, client.get_run(run_id)
     metrics, md5 = run.data.metrics, lineage.model_md5(cfg.paths.models)
     if not name or TEST_METRIC not in metrics:
@@ -267,8 +251,8 @@ def log_config(cfg: Config) -> None:
 
 
 def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]) -> None:
-    """Curves (`loss`, `val_accuracy`, ...; at the history's `step`, else 1, 2, ...) and Keras'
-    per-batch metrics (`batch_loss`, ...; step = global batch number), sent in bulk."""
+    """Curves (`loss`, ...; at the history's `step`, else 1, 2, ...) and Keras' per-batch metrics
+    (`batch_loss`, ...; step = global batch number), sent in bulk."""
     now, steps = int(time.time() * 1000), batches.get("step", [])
     at = history.get("step") or range(1, 1 + max(map(len, history.values()), default=0))
     metrics = [
@@ -305,19 +289,14 @@ def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
 
 
 def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
-    """The model folder as an MLflow pyfunc model that takes raw images (`pyfunc_model`): its
-    three files as artifacts, the `pipeline` package as code, a signature of the outputs (label,
-    probability, scores), pinned requirements; no input example (MLflow would run a validation
-    prediction in a subprocess). Returns its model URI."""
+    """The model folder as an MLflow pyfunc model on raw images (`pyfunc_model`): its files as
+    artifacts, the `pipeline` package as code, the outputs' signature, pinned requirements; no
+    input example (MLflow would predict in a subprocess to check it). Returns its model URI."""
     folder = Path(models)
     card = ModelCard.load(folder / ARTIFACTS["card"])
-    outputs = Schema(
-        [
-            ColSpec(DataType.string, "label"),
-            ColSpec(DataType.double, "probability"),
-            ColSpec(Map(DataType.double), "scores"),
-        ]
-    )
+    columns = {"label": DataType.string, "probability": DataType.double}
+    columns["scores"] = Map(DataType.double)
+    outputs = Schema([ColSpec(kind, name) for name, kind in columns.items()])
 
     # the class is pickled by reference to the module code_paths carry: MLflow's CloudPickle
     # notice does not apply, nor its warning about the deliberately missing input example

@@ -1,12 +1,9 @@
 """The MLflow store: where it is, opening it safely, and what its failures mean to a user.
 
-One store per project: a relative `sqlite:///mlflow.db` (or artifact folder) is resolved against
-`$DVC_ROOT`, the original repository DVC runs in (queued and `--temp` experiments run in copies
-under `.dvc/tmp/exps`), else the current directory. A SQLite store is created or migrated under a
-file lock (`<db>-lock`). Every store failure becomes a one-line `TrackingError` naming
-`tracking.uri` and what to do. MLflow is imported lazily: every stage's Hydra sweep callback
-loads this module, and `import mlflow` takes ~2 s.
-"""
+A relative SQLite file or artifact folder is resolved against `$DVC_ROOT` (queued and `--temp`
+experiments run in copies), else the current directory; a SQLite store is created or migrated
+under a file lock; every store failure becomes a one-line `TrackingError` naming `tracking.uri`
+and the fix. MLflow is imported lazily (~2 s): every stage's Hydra sweep callback loads this."""
 
 from __future__ import annotations
 
@@ -44,11 +41,6 @@ class TrackingError(UserError, RuntimeError):
     """The MLflow store cannot be used (one line: the store, the cause, what to do)."""
 
 
-#: MLflow loggers that print a store failure's traceback before MLflow raises it, which the
-#: pipeline reports as one `TrackingError` line: silenced once a process opens a store.
-STORE_LOGGERS = ("mlflow.store.db.utils",)
-
-
 def _below_error(record: logging.LogRecord) -> bool:
     return record.levelno < logging.ERROR
 
@@ -73,7 +65,7 @@ def resolve_uri(uri: str) -> str:
 
 
 def store_file(uri: str) -> Path | None:
-    """The database file of a SQLite URI (resolved), None for any other store."""
+    """The database file of a SQLite URI (resolved), None for any other store (or :memory:)."""
     resolved = resolve_uri(uri)
     path = resolved.removeprefix(SQLITE).partition("?")[0].removeprefix("file:")
     ok = resolved.startswith(SQLITE) and path and path != ":memory:"
@@ -93,8 +85,8 @@ def artifact_uri(location: str) -> str:
 
 
 def experiment_artifact_location(tracking: TrackingConfig) -> str | None:
-    """The artifact location of a new experiment; None leaves it to the store (and to a tracking
-    server when it is a local folder, a path on each client's disk). URIs are kept."""
+    """The artifact location of a new experiment (URIs kept); None leaves it to the store (a
+    server ignores a local folder: a path on each client's disk)."""
     location = tracking.artifact_location
     if not location or _is_uri(location) or not is_remote(tracking.uri):
         return artifact_uri(location) if location else None
@@ -103,8 +95,8 @@ def experiment_artifact_location(tracking: TrackingConfig) -> str | None:
 
 
 def apply_http_settings(tracking: TrackingConfig) -> dict[str, str]:
-    """Bound MLflow's HTTP retries (its defaults take minutes to report a dead server); the
-    config wins over the variables already set. Returns what was set."""
+    """Bound MLflow's HTTP retries (its defaults take minutes to report a dead server), over the
+    variables already set. Returns what was set."""
     settings = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(tracking.http_retries)),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(int(tracking.http_backoff_factor)),
@@ -214,12 +206,12 @@ _SWEEP_CLIENTS: dict[str, MlflowClient] = {}
 
 def open_client(uri: str) -> MlflowClient:
     """An MlflowClient (tracking and registry) on `uri` resolved, the store created/migrated
-    under a lock, MLflow's fluent API pointed at it; shared by a Hydra multirun's jobs. Raises
-    `TrackingError` when the store cannot be opened (read-only, not a database, a folder)."""
+    under a lock, MLflow's fluent API pointed at it; shared by a multirun's jobs. TrackingError
+    when the store cannot be opened (read-only, not a database, a folder)."""
     import mlflow
 
-    for name in STORE_LOGGERS:  # the same filter is added once
-        logging.getLogger(name).addFilter(_below_error)
+    # it logs a store failure's traceback before MLflow raises it (here: one TrackingError line)
+    logging.getLogger("mlflow.store.db.utils").addFilter(_below_error)
     resolved = resolve_uri(uri)
     client = _SWEEP_CLIENTS.get(resolved) if in_multirun() else None
     client = client or _opened_client(uri, resolved, store_file(uri))
@@ -292,8 +284,8 @@ def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
 
 
 def open_store(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
-    """(MlflowClient, experiment id): server checked, store opened, experiment found or created.
-    Raises `TrackingError`."""
+    """(MlflowClient, experiment id): server checked, store opened, experiment found or created;
+    TrackingError else."""
     if is_remote(tracking.uri):  # before the check: it bounds that too
         apply_http_settings(tracking)
     check_reachable(tracking.uri, tracking.timeout_s)

@@ -1,11 +1,9 @@
 """Hydra multirun sweeps as MLflow parent/child runs (the callback is wired in conf/config.yaml).
 
-Before the jobs start, the parent run is opened (the store and experiment created once, so
-parallel jobs never race) and its id written to the sweep folder, where each job (any process on
-the same file system, e.g. `hydra/launcher=joblib` against a tracking server) finds it. At the
-end the best child by a metric is printed and tagged on the parent; a sweep that stops early
-ends its parent FAILED at exit, never RUNNING.
-"""
+The parent run is opened before the jobs start (store and experiment created once: parallel jobs
+never race) and its id written to the sweep folder, where each job finds it (any process on the
+same file system). At the end the best child is printed and tagged on the parent; a sweep that
+stops early ends its parent FAILED at exit, never RUNNING."""
 
 from __future__ import annotations
 
@@ -21,13 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.lib.config.schema import (
-    AUTO,
-    DEFAULT_EXPERIMENT,
-    DEFAULT_REGISTERED_MODEL,
-    TrackingConfig,
-    tracking_names,
-)
+from pipeline.lib.config.schema import DataConfig, TrackingConfig, name_after_data
 from pipeline.lib.tracking.lineage import TAG_PARENT, end_dead_runs, process_tags
 from pipeline.lib.tracking.store import TrackingError, first_line, open_client, open_store
 
@@ -60,11 +52,7 @@ def sweep_job() -> tuple[str | None, str | None]:
 def tracking_config(config: DictConfig) -> TrackingConfig:
     """The sweep's `tracking` node over the schema's defaults, `auto` names resolved from `data`."""
     tracking = OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking)
-    experiment, registered = tracking_names(config.data) if "data" in config else (None, None)
-    if tracking.experiment == AUTO:
-        tracking.experiment = experiment or DEFAULT_EXPERIMENT
-    if tracking.registered_model == AUTO:
-        tracking.registered_model = registered or DEFAULT_REGISTERED_MODEL
+    name_after_data(tracking, config.data if "data" in config else DataConfig())
     return tracking  # type: ignore[return-value]  (a structured DictConfig of TrackingConfig)
 
 

@@ -1,13 +1,10 @@
 """The Keras callbacks of a training phase: per-batch records and progress, the per-epoch random
-state (batch order, dropout masks, augmentations) that makes a resumed run exact, and the learning
-rate in each epoch's logs.
-
-Imports Keras at import time: import it inside the functions that train.
-"""
+state that makes a resumed run exact, the learning rate in each epoch's logs. Imports Keras."""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -20,13 +17,10 @@ AUGMENT_DRAWS_PER_STEP = 16
 
 
 class BatchRecorder(keras.callbacks.Callback):
-    """Per-batch loss/accuracy (as Keras reports them, running means over the epoch) in
-    `batches` {"step", "epoch", "loss", "accuracy"}, and a tqdm progress bar in images per second.
-
-    Steps are global batch numbers (epoch e, batch b: (e-1) * batches per epoch + b + 1), so a
-    run resumed from a checkpoint numbers its batches as an uninterrupted run would. `epochs` is
-    the phase's last epoch (exclusive, 0-based), for the bar's total.
-    """
+    """Per-batch loss/accuracy (Keras' running means over the epoch) in `batches` {"step",
+    "epoch", "loss", "accuracy"}, and a tqdm bar in images/s. Steps are global batch numbers
+    ((e-1) * batches per epoch + b + 1): a resumed run numbers them as an uninterrupted one.
+    `epochs`: the phase's last epoch (exclusive, 0-based), for the bar's total."""
 
     def __init__(
         self, total_images: int, epochs: int, batch_size: int, progress: bool = True
@@ -41,14 +35,10 @@ class BatchRecorder(keras.callbacks.Callback):
         self.start = 0.0
 
     def on_train_begin(self, logs: Any = None) -> None:
-        """Reset the progress bar and start the images-per-second clock."""
         self.bar = None
         self.start = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        """Open the progress bar on the first epoch that runs (sized for the epochs left) and reset
-        the per-epoch image count.
-        """
         if self.bar is None:  # the first epoch that runs (later than 0 after a restore)
             from tqdm import tqdm
 
@@ -58,7 +48,6 @@ class BatchRecorder(keras.callbacks.Callback):
         self.in_epoch = 0
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        """Record the batch's global step, epoch, loss and accuracy; advance the progress bar."""
         logs = logs or {}
         self.batches["step"].append((self.epoch - 1) * self.steps_per_epoch + batch + 1)
         self.batches["epoch"].append(self.epoch)
@@ -77,23 +66,16 @@ class BatchRecorder(keras.callbacks.Callback):
         )
 
     def on_train_end(self, logs: Any = None) -> None:
-        """Close the progress bar."""
         if self.bar is not None:
             self.bar.close()
 
 
 class EpochState(keras.callbacks.Callback):
-    """At the start of each epoch, sets everything random that depends on the epoch: the batch
-    order of `datasets` (their `epoch`), the dropout masks and the augmentations of `model`'s
-    layers.
-
-    Dropout draws its masks from a `SeedGenerator` whose state Keras' checkpoints do not hold;
-    setting its counter to epoch x steps per epoch (what it reaches anyway when each step draws
-    once) makes the masks of a resumed run those of an uninterrupted one. Augmentation layers
-    (`train.augment`) are handled alike, with room for `AUGMENT_DRAWS_PER_STEP` draws per step.
-    `first_epoch` is the first epoch that ran (0-based; later than 0 when resumed from a
-    checkpoint), None until one runs.
-    """
+    """At each epoch start, sets what is random per epoch: the batch order of `datasets` (their
+    `epoch`) and the `SeedGenerator` counters of `model`'s dropout and augmentation layers, which
+    Keras' checkpoints do not hold (epoch x steps x draws per step: what an uninterrupted run
+    reaches), so a resumed run draws as an uninterrupted one. `first_epoch`: the first epoch
+    that ran (0-based), None until one runs."""
 
     def __init__(self, datasets: list[Any], model: Any, steps_per_epoch: int) -> None:
         super().__init__()
@@ -108,7 +90,6 @@ class EpochState(keras.callbacks.Callback):
                     self.generators.append((generator, base, stride))
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        """Set the datasets' epoch and rewind every seed generator to where this epoch starts."""
         if self.first_epoch is None:
             self.first_epoch = epoch
         for dataset in self.datasets:
@@ -119,16 +100,14 @@ class EpochState(keras.callbacks.Callback):
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds `learning_rate` to each epoch's logs: the rate of the epoch's last step (`schedule`
-    evaluated there, else the optimizer's current rate). Placed before ReduceLROnPlateau, it
-    records the rate the epoch trained with, before any reduction."""
+    """Adds `learning_rate` to each epoch's logs: the rate of its last step (`schedule` there, else
+    the optimizer's). Placed before ReduceLROnPlateau: the rate the epoch trained with."""
 
     def __init__(self, schedule: Any = None) -> None:
         super().__init__()
         self.schedule = schedule
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        """Add the epoch's learning rate (its last step's) to `logs` as `learning_rate`."""
         if logs is None:
             return
         optimizer = self.model.optimizer
@@ -141,22 +120,12 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' `BackupAndRestore` whose checkpoint is replaced atomically after every epoch.
-
-    Keras writes `latest.weights.h5` and `training_metadata.json` in place: a process killed
-    (SIGKILL, out of memory) while writing leaves a damaged HDF5 file that the next
-    `train.resume=true` cannot open. Here both are written under temporary names in the backup
-    folder and renamed over the previous ones (weights first, then the epoch count), so the
-    checkpoint on disk is always a complete one.
-
-    Args:
-        backup_dir: the run's checkpoint folder (`train.checkpoint_dir/<key>`).
-        **kwargs: as `keras.callbacks.BackupAndRestore` (`save_freq`, `delete_checkpoint`).
-    """
+    """Keras' `BackupAndRestore` (same arguments) whose checkpoint is replaced atomically: Keras
+    writes `latest.weights.h5` and `training_metadata.json` in place, and a process killed while
+    writing leaves a file `train.resume=true` cannot open. Both are written under temporary names
+    and renamed over the old ones (weights first, then the epoch count)."""
 
     def _save_model(self) -> None:
-        import os
-
         weights, metadata = self._weights_path, self._training_metadata_path
         self._weights_path = os.path.join(self.backup_dir, "writing.weights.h5")
         self._training_metadata_path = metadata + ".writing"

@@ -70,30 +70,22 @@ def claim(out: Path) -> set[str]:
     return owned
 
 
-def _settings(cfg: SyntheticConfig) -> tuple[dict[str, int], int, float, int, str]:
-    """(images per split, size, difficulty, seed, format) of `cfg`; ValueError if bad."""
-    counts = {s: int(getattr(cfg, f"{s}_per_class")) for s in SPLIT_DIRS}
-    size, difficulty, seed = int(cfg.size), float(cfg.difficulty), int(cfg.seed)
-    fmt = str(cfg.format).lower()
-    fmt = "jpg" if fmt == "jpeg" else fmt
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if min(counts.values()) < 0 or seed < 0:
-        raise ValueError(f"images per class and seed must be >= 0, got {counts}, seed {seed}")
-    check_size_and_difficulty(size, difficulty)
-    return counts, size, difficulty, seed, fmt
-
-
 def generate(
     out_dir: str | os.PathLike[str], cfg: SyntheticConfig, *, workers: int | None = None
 ) -> Path:
     """Write cfg.<split>_per_class images per class as out_dir/{training,validation,test}/<class>/
     <class>_<nnn>.<cfg.format> and the marker listing them; return out_dir. Removes the files of
     an earlier generation first, nothing else. `workers`: threads (default: cores, at most 4).
-    Raises ValueError for a bad cfg value, `SyntheticDirError` when out_dir holds other files.
-    """
+    Raises ValueError for a bad cfg value, `SyntheticDirError` when out_dir holds other files."""
+    counts = {s: int(getattr(cfg, f"{s}_per_class")) for s in SPLIT_DIRS}
+    size, difficulty, seed = int(cfg.size), float(cfg.difficulty), int(cfg.seed)
+    fmt = {"jpeg": "jpg"}.get(str(cfg.format).lower(), str(cfg.format).lower())
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if min(counts.values()) < 0 or seed < 0:
+        raise ValueError(f"images per class and seed must be >= 0, got {counts}, seed {seed}")
+    check_size_and_difficulty(size, difficulty)
     out = Path(out_dir)
-    counts, size, difficulty, seed, fmt = _settings(cfg)
     owned = claim(out)
     jobs: list[tuple[str, np.random.Generator, Path]] = []  # in split, class, index order
     for s_idx, (split, folder) in enumerate(SPLIT_DIRS.items()):
@@ -127,13 +119,9 @@ def generate(
 
     # Pillow and numpy release the GIL: threads scale (and are safe next to TensorFlow)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n_workers = int(workers) if workers else min(4, cores or 1)
-    if n_workers <= 1 or len(jobs) < 8:
-        for job in jobs:
-            make(job)
-    else:
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            list(pool.map(make, jobs))  # raises the first error
+    n_workers = (int(workers) if workers else min(4, cores or 1)) if len(jobs) >= 8 else 1
+    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
+        list(pool.map(make, jobs))  # raises the first error
     _write_marker(out, new)
     return out
 

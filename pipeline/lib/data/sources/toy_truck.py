@@ -50,14 +50,21 @@ _Pose = tuple[float, float, float, float, bool, float]
 
 class _Pen:
     """Draws in truck units (x: 0..1 rear to front, y down) onto pixels through the pose: x
-    mirrored when `flip`, scaled by `scale` px per unit, rotated by `angle` about (cx, cy)."""
+    mirrored when `flip`, scaled by `scale` px per unit, rotated by `angle` about (cx, cy). A
+    `part` (x0, y0, k, mirror_len) draws a part in its own units: at (x0, y0), scaled by k, x
+    mirrored about mirror_len unless None."""
 
-    def __init__(self, draw: ImageDraw.ImageDraw, pose: _Pose) -> None:
+    def __init__(self, draw: ImageDraw.ImageDraw, pose: _Pose, part: tuple = (0, 0, 1, None)):
         scale, self.cx, self.cy, angle, self.flip, _ = pose
-        self.d, self.s = draw, scale
+        self.d, self.s, self.pose, self.part = draw, scale, pose, part
         self.cos, self.sin = math.cos(angle), math.sin(angle)
 
+    def sub(self, x0: float, y0: float, k: float, mirror_len: float | None) -> _Pen:
+        return _Pen(self.d, self.pose, (x0, y0, k, mirror_len))
+
     def _p(self, x: float, y: float) -> tuple[float, float]:
+        x0, y0, k, mirror = self.part
+        x, y = x0 + (x if mirror is None else mirror - x) * k, y0 + y * k
         u = ((0.5 - x) if self.flip else (x - 0.5)) * self.s
         w = (y - _TRUCK_H / 2) * self.s
         return (self.cx + self.cos * u + self.sin * w, self.cy - self.sin * u + self.cos * w)
@@ -70,34 +77,11 @@ class _Pen:
 
     def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
         x, y = self._p(cx, cy)
-        rr = r * self.s
+        rr = r * self.s * self.part[2]
         self.d.ellipse((x - rr, y - rr, x + rr, y + rr), fill=fill)
 
     def line(self, pts: Sequence[tuple[float, float]], fill: RGB, width: float) -> None:
         self.d.line([self._p(x, y) for x, y in pts], fill=fill, width=max(1, round(width * self.s)))
-
-
-class _SubPen:
-    """A part drawn in its own units: at (x0, y0) of `pen`, scaled by k, mirrored by mirror_len."""
-
-    def __init__(self, pen: _Pen, x0: float, y0: float, k: float, mirror_len: float | None) -> None:
-        self.pen, self.x0, self.y0, self.k, self.m = pen, x0, y0, k, mirror_len
-
-    def _t(self, x: float, y: float) -> tuple[float, float]:
-        if self.m is not None:
-            x = self.m - x
-        return (self.x0 + x * self.k, self.y0 + y * self.k)
-
-    def rect(self, x0: float, y0: float, x1: float, y1: float, fill: RGB) -> None:
-        (a, b), (c, d) = self._t(x0, y0), self._t(x1, y1)
-        self.pen.rect(min(a, c), min(b, d), max(a, c), max(b, d), fill)
-
-    def poly(self, pts: Sequence[tuple[float, float]], fill: RGB) -> None:
-        self.pen.poly([self._t(x, y) for x, y in pts], fill)
-
-    def circle(self, cx: float, cy: float, r: float, fill: RGB) -> None:
-        x, y = self._t(cx, cy)
-        self.pen.circle(x, y, r * self.k, fill)
 
 
 def _jitter(base: RGB, rng: np.random.Generator, amount: float) -> RGB:
@@ -111,7 +95,7 @@ def _shade(c: RGB, f: float) -> RGB:
     return tuple(int(min(255, max(0, v * f))) for v in c)  # type: ignore[return-value]
 
 
-def _draw_wheel(p: _Pen | _SubPen, cx: float, cy: float, r: float, col: dict[str, RGB]) -> None:
+def _draw_wheel(p: _Pen, cx: float, cy: float, r: float, col: dict[str, RGB]) -> None:
     p.circle(cx, cy, r, col["tyre"])
     p.circle(cx, cy, r * 0.82, _shade(col["tyre"], 1.35))
     p.circle(cx, cy, r * 0.50, col["hub"])
@@ -176,7 +160,7 @@ def _loader_load(p: _Pen, bed: RGB, col: dict[str, RGB], accent: RGB, facing_rea
     p.rect(0.03, 0.325, 0.745, 0.335, _shade(bed, 1.1))
     p.line([(0.04, 0.352), (0.735, 0.352)], _shade(bed, 0.75), 0.004)
     body = col["yellow"]
-    q = _SubPen(p, 0.08, 0.325 - 0.30, 0.30, 1.92 if facing_rear else None)
+    q = p.sub(0.08, 0.325 - 0.30, 0.30, 1.92 if facing_rear else None)
     tyre = {"tyre": col["tyre"], "hub": _shade(body, 0.95)}
     q.rect(0.02, 0.36, 0.14, 0.74, _shade(body, 0.85))  # rear counterweight, engine hood, frame
     q.rect(0.06, 0.28, 0.66, 0.60, body)
