@@ -62,6 +62,10 @@ def served(tmp_path_factory: pytest.TempPathFactory):
             "model.alpha": 1.0,
             "model.weights": _weights(),
             "tracking.registered_model": MODEL,
+            # "none of these": the rule accepts the 60 % best-scored val photos, so the served
+            # model must answer `unknown` for some test PNGs and a class for others
+            "train.reject.target": "coverage",
+            "train.reject.value": 0.6,
         },
     )
     prepare(cfg)
@@ -74,8 +78,13 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     files = sorted((raw / "test").rglob("*.png"))
     classifier = Classifier.load(cfg.paths.models)
     pixels = np.stack([load_rgb(f, SIZE) for f in files])
-    probs = classifier.predict_proba(pixels)
+    probs, accepted = classifier.classify(pixels)
     assert len(set(probs.argmax(axis=1))) >= 2, "degenerate model: one class for every image"
+    assert 0 < accepted.sum() < len(accepted), "the reject rule should reject some, not all"
+    labels = [
+        classifier.classes[i] if a else "unknown"
+        for i, a in zip(probs.argmax(1), accepted, strict=True)
+    ]
     evaluated = pd.read_csv(Path(cfg.paths.reports) / "predictions.csv").set_index("path")
     evaluated = evaluated.loc[[f.relative_to(raw).as_posix() for f in files]]
     assert len(evaluated) == len(files) == 12
@@ -92,6 +101,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         "probs": probs,
         "evaluated": evaluated,
         "classes": classifier.classes,
+        "labels": labels,
         "pyfunc": pyfunc,
     }
 
@@ -99,7 +109,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
 def _check(served: dict, frame: pd.DataFrame, rows: slice = slice(None), atol: float = 1e-6):
     probs, classes = served["probs"][rows], served["classes"]
     assert list(frame.columns) == ["label", "probability", "scores"]
-    assert list(frame["label"]) == [classes[i] for i in probs.argmax(axis=1)]
+    assert list(frame["label"]) == served["labels"][rows]  # `unknown` where the rule rejects
     got = np.array([[s[c] for c in classes] for s in frame["scores"]])
     np.testing.assert_allclose(got, probs, rtol=0, atol=atol)
     np.testing.assert_allclose(frame["probability"], probs.max(axis=1), rtol=0, atol=atol)
@@ -288,7 +298,11 @@ def test_mlflow_models_serve_answers_what_evaluate_and_predict_computed(served, 
     assert response.status_code == 200, response.text[:500]
     answers = _strict_json(response.text)["predictions"]
     evaluated = served["evaluated"]
-    assert [a["label"] for a in answers] == list(evaluated["predicted"])
+    assert [a["label"] for a in answers] == served["labels"]  # some `unknown`: the fixture
+    known = [label != "unknown" for label in served["labels"]]  # evaluate's top class elsewhere
+    assert [a["label"] for a, k in zip(answers, known, strict=True) if k] == list(
+        evaluated["predicted"][known]
+    )
     np.testing.assert_allclose(
         [a["probability"] for a in answers], evaluated["confidence"], rtol=0, atol=1e-6
     )
@@ -334,7 +348,7 @@ def test_mlflow_models_serve_refuses_nan_and_out_of_range_pixels_with_a_4xx(serv
     response = requests.post(server, data=ok, headers=headers, timeout=120)
     assert response.status_code == 200, response.text[:300]
     [answer] = _strict_json(response.text)["predictions"]
-    assert answer["label"] in answer["scores"] and sum(answer["scores"].values()) == (
+    assert answer["label"] in [*answer["scores"], "unknown"] and sum(answer["scores"].values()) == (
         pytest.approx(1.0)
     )
 
