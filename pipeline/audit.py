@@ -32,7 +32,7 @@ from pipeline.lib.audit.near_duplicates import NearDuplicate, near_duplicates
 from pipeline.lib.audit.sufficiency import sentence, sufficiency_curve
 from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, StageInputError, entry_point, run_step
-from pipeline.lib.data.prepared import SPLITS, PreparedDataset, open_prepared
+from pipeline.lib.data.prepared import SPLITS, PreparedDataset, SourceImages, open_prepared
 from pipeline.lib.files import dvc_md5, write_json
 from pipeline.lib.model.features import load_cached_features
 from pipeline.lib.tracking import runs
@@ -77,19 +77,20 @@ def check_near_duplicates(
     rows = dataset.manifest()
     x = np.concatenate([features[s] for s in SPLITS])
     threshold = cfg.audit.near_duplicate_similarity
-    pairs = near_duplicates(x, [r.path for r in rows], [r.split for r in rows], threshold)
+    images = SourceImages(dataset.root, rows, dataset.image_size, dataset.resize)
+    pairs = near_duplicates(x, images, [r.path for r in rows], [r.split for r in rows], threshold)
     write_rows(reports / NEAR_DUPLICATES_CSV, NearDuplicate, pairs)
     cross = sum(p.cross_split for p in pairs)
     if cross:
         what = (
-            f"{cross} pair(s) of near-duplicate photos in two splits (feature similarity > "
+            f"{cross} pair(s) of near-duplicate photos in two splits (thumbnail similarity > "
             f"{threshold}), listed in {reports / NEAR_DUPLICATES_CSV}"
         )
-        if cfg.data.leakage == "fail" and cfg.data.source != "synthetic":  # toys: all alike
+        if cfg.data.leakage == "fail":
             raise NearDuplicateLeakage(
                 f"{what}: remove one photo of each pair, or set data.leakage=warn to go on anyway."
             )
-        log.warning("leakage (data.leakage=warn, or synthetic data): %s", what)
+        log.warning("leakage (data.leakage=warn): %s", what)
     log.info("Near-duplicates: %d pair(s), %d across splits", len(pairs), cross)
     return {"pairs": len(pairs), "cross_split": cross, "similarity": threshold}
 

@@ -1,16 +1,20 @@
-"""Near-duplicates: pairs of photos whose L2-normalised backbone features have a cosine
-similarity above `audit.near_duplicate_similarity` (a re-saved, resized or slightly cropped copy).
+"""Near-duplicates: pairs of photos one of which is a re-saved, resized or slightly cropped copy
+of the other. Candidates: pairs whose L2-normalised backbone features have a cosine similarity
+above `CANDIDATE_SIMILARITY`, each photo's `NEIGHBOURS` most similar only (<= NEIGHBOURS * N
+pairs, only their photos decoded). Kept: those whose grayscale thumbnails correlate above
+`audit.near_duplicate_similarity`, one photo cropped by up to 12 % (`_BOXES`).
 
-Exact and fast at 100k photos: each feature x = p + r, p its projection on the top `PROJECTED`
-principal directions (uncentred) and r the rest, so a.b = pa.pb + ra.rb <= pa.pb + |ra||rb|.
-Blockwise float32 products of [p, |r|] rows bound every pair's similarity from above; only the
-pairs whose bound passes the threshold are computed exactly on the full features."""
+Candidates, exact and fast at 100k photos: each feature x = p + r, p its projection on the top
+`PROJECTED` principal directions (uncentred) and r the rest, so a.b = pa.pb + ra.rb <= pa.pb +
+|ra||rb|. Blockwise float32 products of [p, |r|] rows bound every pair's similarity from above;
+only the pairs whose bound passes the threshold are computed exactly on the full features."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 from threadpoolctl import threadpool_limits
 
 #: Dimensions of the prefilter's projection; rows per block of the pairwise products.
@@ -20,17 +24,24 @@ BLOCK = 4096
 SAMPLE = 20_000
 #: The bound's allowance for float32 rounding.
 SLACK = 1e-3
+#: Candidates (module docstring): copies shrunk to half keep >= 0.75 on flowers12.
+CANDIDATE_SIMILARITY, NEIGHBOURS = 0.7, 5
+#: Thumbnails: THUMB px squares cut from BASE px grayscale photos, area-averaged; crop boxes of
+#: side SCALES (fraction of the photo) at OFFSETS x OFFSETS positions, the whole photo first.
+BASE, THUMB, SCALES, OFFSETS = 64, 32, np.linspace(0.98, 0.88, 6), 4
 
 
 @dataclass(frozen=True)
 class NearDuplicate:
-    """Two photos (a before b in the input order) and their features' cosine similarity."""
+    """Two photos (a before b in the input order), their thumbnails' best correlation
+    (`similarity`, module docstring) and their features' cosine similarity."""
 
     path_a: str
     split_a: str
     path_b: str
     split_b: str
     similarity: float
+    feature_similarity: float
     cross_split: bool
 
 
@@ -46,19 +57,31 @@ def _bounding_rows(x: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def similar_pairs(
-    features: np.ndarray, threshold: float
+    features: np.ndarray, threshold: float, neighbours: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, similarity): every pair i < j of rows of `features` (N, D) whose cosine similarity
-    is above `threshold`, int64, int64, float32, sorted by (i, j)."""
+    is above `threshold` (and, if `neighbours`, among the `neighbours` most similar of i or of j:
+    at most neighbours * N pairs), int64, int64, float32, sorted by (i, j)."""
     x = np.asarray(features, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if len(x) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     with threadpool_limits(1):  # OpenBLAS' threads spin on a loaded machine (see training.head)
-        return _similar_pairs(x, threshold)
+        return _similar_pairs(x, threshold, neighbours or len(x))
 
 
-def _similar_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _nearest(i: np.ndarray, j: np.ndarray, sim: np.ndarray, k: int) -> np.ndarray:
+    """bool mask of the pairs among the k most similar pairs of one of their photos."""
+    ends, sims = np.concatenate([i, j]), np.concatenate([sim, sim])
+    order = np.lexsort((-sims, ends))
+    rank = np.empty(len(ends), np.int64)
+    rank[order] = np.arange(len(ends)) - np.searchsorted(ends[order], ends[order])
+    return (rank < k).reshape(2, -1).any(axis=0)
+
+
+def _similar_pairs(
+    x: np.ndarray, threshold: float, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = _bounding_rows(x)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for a in range(0, len(x), BLOCK):
@@ -70,21 +93,72 @@ def _similar_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndar
                 exact = (x[a : a + BLOCK] @ x[b : b + BLOCK].T)[i - a, j - b]
             else:
                 exact = np.einsum("nd,nd->n", x[i], x[j])
-            found.append((i[exact > threshold], j[exact > threshold], exact[exact > threshold]))
+            i, j, exact = (v[exact > threshold] for v in (i, j, exact))
+            keep = _nearest(i, j, exact, k)  # holds each photo's k nearest of all the blocks
+            found.append((i[keep], j[keep], exact[keep]))
     i, j, sim = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    i, j, sim = (a[_nearest(i, j, sim, k)] for a in (i, j, sim))
     order = np.lexsort((j, i))
     return i[order], j[order], sim[order]
 
 
+def _area_weights(offset: float, side: float) -> np.ndarray:
+    """(THUMB, BASE): row t averages the base pixels in [offset + t * step, + step]."""
+    lo, x, step = offset + side * np.arange(THUMB)[:, None] / THUMB, np.arange(BASE), side / THUMB
+    return np.clip(np.minimum(lo + step, x + 1) - np.maximum(lo, x), 0, None) / step
+
+
+#: Per box: (weights of its rows, of its columns); the whole photo first.
+_BOXES = [(_area_weights(0, BASE),) * 2] + [
+    (_area_weights(oy, BASE * s), _area_weights(ox, BASE * s))
+    for s in SCALES
+    for oy in np.linspace(0, BASE * (1 - s), OFFSETS)
+    for ox in np.linspace(0, BASE * (1 - s), OFFSETS)
+]
+
+
+def _thumbnails(bases: np.ndarray, boxes: list) -> np.ndarray:
+    """float32 (N, len(boxes), THUMB**2) zero-mean unit thumbnails of (N, BASE, BASE) photos."""
+    t = np.stack([(wy @ bases @ wx.T).reshape(len(bases), -1) for wy, wx in boxes], axis=1)
+    t -= t.mean(axis=2, keepdims=True)
+    return (t / np.maximum(np.linalg.norm(t, axis=2, keepdims=True), 1e-6)).astype(np.float32)
+
+
+def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) -> np.ndarray:
+    """float32: for each pair (i, j) of `images` (uint8 (N, H, W, 3), indexable by an index
+    array; only the photos in pairs are read), the best correlation of one photo's thumbnail
+    with the other's after cropping the other (`_BOXES`), in either direction."""
+    photos, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
+    bases = np.empty((len(photos), BASE, BASE), np.float32)
+    for n in range(0, len(photos), batch):
+        bases[n : n + batch] = [
+            Image.fromarray(image).convert("L").resize((BASE, BASE), Image.Resampling.BOX)
+            for image in images[photos[n : n + batch]]
+        ]
+    whole, ends = _thumbnails(bases, _BOXES[:1])[:, 0], (inverse[: len(i)], inverse[len(i) :])
+    best = np.full(len(i), -1.0, np.float32)
+    for n in range(0, len(photos), batch):  # crops of a batch of photos against their partners
+        crops = _thumbnails(bases[n : n + batch], _BOXES)
+        for mine, other in (ends, ends[::-1]):
+            at = np.nonzero((mine >= n) & (mine < n + batch))[0]
+            score = np.einsum("pbd,pd->pb", crops[mine[at] - n], whole[other[at]]).max(axis=1)
+            best[at] = np.maximum(best[at], score)
+    return best
+
+
 def near_duplicates(
-    features: np.ndarray, paths: list[str], splits: list[str], threshold: float
+    features: np.ndarray, images, paths: list[str], splits: list[str], threshold: float
 ) -> list[NearDuplicate]:
-    """The `similar_pairs` of photos `paths` / `splits`, most similar first."""
-    i, j, sim = similar_pairs(features, threshold)
+    """Pairs of photos `paths` / `splits` (features (N, D), `images` as `thumbnail_similarity`
+    reads them) whose thumbnails match above `threshold` (module docstring), most similar first."""
+    with threadpool_limits(1):
+        i, j, cosine = similar_pairs(features, CANDIDATE_SIMILARITY, NEIGHBOURS)
+        match = thumbnail_similarity(images, i, j)
     pairs = [
-        NearDuplicate(
-            paths[a], splits[a], paths[b], splits[b], round(float(s), 6), splits[a] != splits[b]
+        NearDuplicate(paths[a], splits[a], paths[b], splits[b], m, c, splits[a] != splits[b])
+        for a, b, m, c in zip(
+            i.tolist(), j.tolist(), match.round(6).tolist(), cosine.round(6).tolist(), strict=True
         )
-        for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist(), strict=True)
+        if m > threshold
     ]
     return sorted(pairs, key=lambda p: (-p.similarity, p.path_a, p.path_b))
