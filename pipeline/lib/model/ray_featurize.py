@@ -43,7 +43,8 @@ def ray_feature_batches(
     actors = cfg.ray_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     items = [dict(zip(MANIFEST_FIELDS, astuple(row), strict=True)) for row in rows]
     args = (flatbuffer, str(Path(root).absolute()), size, resize)  # workers' cwd may differ
-    batches = ray.data.from_items(items).map_batches(
+    blocks = -(-len(items) // cfg.batch_size)  # one per batch: all actors get work
+    batches = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         _Backbone, fn_constructor_args=args, concurrency=actors, batch_size=cfg.batch_size
     )
     for batch in batches.iter_batches(batch_size=None, batch_format="numpy"):
