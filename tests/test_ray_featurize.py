@@ -15,7 +15,7 @@ import ray
 
 import pipeline.featurize
 from pipeline.featurize import featurize
-from pipeline.lib.data.prepared import PreparedDataset
+from pipeline.lib.data.prepared import ChangedPhotoError, PreparedDataset
 from pipeline.prepare import prepare
 from tests.conftest import tiny_config
 from tests.flowers12 import FLOWERS
@@ -68,3 +68,10 @@ def test_ray_features_are_the_local_bytes(ray_instance, tmp_path, monkeypatch):
     assert got == want
     assert np.load(Path(local.paths.features) / "train.npy").std(axis=0).max() > 0
     assert len(list((cache / "features").glob("*.sqlite"))) == 1  # Ray's results were stored
+
+    # a photo changed since prepare: the stage's one-line error, not a Ray traceback
+    shutil.rmtree(cache / "features")
+    victim = sorted(photos.glob("training/*/*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(ChangedPhotoError, match=f"{victim.name} changed after prepare"):
+        featurize(on_ray)

@@ -16,6 +16,7 @@ import ray.data
 
 from pipeline.lib.config.schema import FeaturizeConfig
 from pipeline.lib.data.prepared import MANIFEST_FIELDS, ManifestRow, read_photo
+from pipeline.lib.errors import StageInputError
 from pipeline.lib.model.features import ShardedTFLite
 
 
@@ -40,6 +41,7 @@ def ray_feature_batches(
     (0: one per CPU) on the Ray instance at `cfg.ray_address` (None: a local one, started here)."""
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().raise_original_map_exception = True  # ChangedPhotoError
     actors = cfg.ray_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     items = [dict(zip(MANIFEST_FIELDS, astuple(row), strict=True)) for row in rows]
     args = (flatbuffer, str(Path(root).absolute()), size, resize)  # workers' cwd may differ
@@ -47,5 +49,8 @@ def ray_feature_batches(
     batches = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         _Backbone, fn_constructor_args=args, concurrency=actors, batch_size=cfg.batch_size
     )
-    for batch in batches.iter_batches(batch_size=None, batch_format="numpy"):
-        yield [str(sha) for sha in batch["sha256"]], batch["features"]
+    try:
+        for batch in batches.iter_batches(batch_size=None, batch_format="numpy"):
+            yield [str(sha) for sha in batch["sha256"]], batch["features"]
+    except ray.exceptions.RayTaskError as exc:  # a changed photo: the stage's one-line error
+        raise exc.cause if isinstance(exc.cause, StageInputError) else exc from None
