@@ -7,6 +7,7 @@ content-addressed store (`pipeline.lib.model.feature_store`): a rerun computes o
 them, which train copies into the model folder) and `meta.json` (what they were computed from):
 byte-identical on every run, whatever the conversion cache holds; timings go to the log only.
 On a warm conversion cache the stage does not import TensorFlow.
+`featurize.engine=ray` computes the missing photos in Ray Data actors (`ray_featurize`).
 
     python -m pipeline.featurize featurize.num_threads=2
 """
@@ -60,7 +61,8 @@ def featurize(cfg: Config) -> dict:
     start = time.perf_counter()
     m = cfg.model
     flatbuffer = backbone_flatbuffer(m.alpha, m.weights, dataset.image_size, m.init_seed)
-    featurizer = ShardedTFLite(flatbuffer, cfg.featurize.num_threads)
+    ray = cfg.featurize.engine == "ray"  # the driver only needs feature_dim then
+    featurizer = ShardedTFLite(flatbuffer, 1 if ray else cfg.featurize.num_threads)
     log.info("Backbone ready in %.1f s", time.perf_counter() - start)
     dim = featurizer.feature_dim
     meta = {"key": feature_key(cfg, dvc_md5(cfg.paths.prepared)), "feature_dim": dim}
@@ -71,7 +73,7 @@ def featurize(cfg: Config) -> dict:
             for s in SPLITS
         }
         start = time.perf_counter()
-        computed = _assemble(cfg, featurizer, dataset, store, outs)
+        computed = _assemble(cfg, (featurizer, flatbuffer), dataset, store, outs)
         for out in outs.values():
             out.flush()
         (tmp / BACKBONE_FILE).write_bytes(flatbuffer)
@@ -87,13 +89,14 @@ def featurize(cfg: Config) -> dict:
 
 def _assemble(
     cfg: Config,
-    featurizer: ShardedTFLite,
+    backbone: tuple[ShardedTFLite, bytes],
     dataset: PreparedDataset,
     store: FeatureStore,
     outs: dict[str, np.ndarray],
 ) -> int:
     """Fill `outs` {split: (N, D)} from the store, then decode, resize and featurize one photo
-    per missing sha256 in a streaming pass, into `outs` and the store; return how many."""
+    per missing sha256 in a streaming pass (here, or in Ray with `featurize.engine=ray`), into
+    `outs` and the store; return how many."""
     by_sha: dict[str, list[ManifestRow]] = {}
     for row in dataset.manifest():
         by_sha.setdefault(row.sha256, []).append(row)
@@ -104,13 +107,25 @@ def _assemble(
         for sha, x in found.items():
             for row in by_sha[sha]:
                 outs[row.split][row.index] = x
-    images = SourceImages(dataset.root, todo, dataset.image_size, dataset.resize)
-    for start, feats in feature_batches(featurizer, images, cfg.featurize.batch_size, "featurize"):
-        done = todo[start : start + len(feats)]
-        for row, x in zip(done, feats, strict=True):
-            for same in by_sha[row.sha256]:
+    size, resize = dataset.image_size, dataset.resize
+    if cfg.featurize.engine == "ray" and todo:
+        # function-level import: Ray (the `ray` extra) is imported only when asked for
+        from pipeline.lib.model.ray_featurize import ray_feature_batches
+
+        batches = ray_feature_batches(cfg.featurize, backbone[1], dataset.root, todo, size, resize)
+    else:
+        images = SourceImages(dataset.root, todo, size, resize)
+        batches = (
+            ([row.sha256 for row in todo[start : start + len(feats)]], feats)
+            for start, feats in feature_batches(
+                backbone[0], images, cfg.featurize.batch_size, "featurize"
+            )
+        )
+    for done, feats in batches:
+        for sha, x in zip(done, feats, strict=True):
+            for same in by_sha[sha]:
                 outs[same.split][same.index] = x
-        store.put(zip((row.sha256 for row in done), feats, strict=True))
+        store.put(zip(done, feats, strict=True))
     return len(todo)
 
 

@@ -156,6 +156,9 @@ class TrainConfig:
 class FeaturizeConfig:
     batch_size: int = _in(32, ">= 1")
     num_threads: int = _in(0, ">= 0")
+    engine: str = _one_of("local", "ray")
+    ray_address: str | None = None
+    ray_actors: int = _in(0, ">= 0")
 
 
 @dataclass
