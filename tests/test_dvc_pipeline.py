@@ -23,12 +23,17 @@ pytestmark = pytest.mark.slow
 def test_repro_runs_every_stage_and_writes_outputs(repo: Path, first_repro: str):
     ran = stages_run(first_repro)
     assert ran[:4] == ["config", "prepare", "featurize", "train"] and sorted(ran[4:]) == [
+        "audit",
         "evaluate",
         "export",
     ]
+    assert ran.index("audit") < ran.index("evaluate")  # the report shows the audit's lists
     for path in [
-        "data/prepared/train.npy",
         "data/prepared/manifest.csv",
+        "reports/label_issues.csv",
+        "reports/near_duplicates.csv",
+        "reports/sufficiency.csv",
+        "reports/audit_figures/sufficiency.png",
         "data/features/train.npy",
         "models/backbone.tflite",
         "models/model.json",
@@ -147,15 +152,18 @@ def test_mlflow_run_holds_everything(repo: Path, first_repro: str):
     assert config["train"]["C"] == "auto" and config["train"]["solver"] == "auto"
 
 
-def test_logged_model_loads_back_with_its_signature(repo: Path, first_repro: str):
+def test_logged_model_loads_back_with_its_signature(repo: Path, first_repro: str, monkeypatch):
     import mlflow
-    import numpy as np
+
+    from pipeline.lib.data.prepared import PreparedDataset
+
+    monkeypatch.chdir(repo)  # the manifest's photo folder is relative to the project
 
     mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
     run_id = json.loads((repo / "outputs/mlflow_run.json").read_text())["run_id"]
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     assert model.metadata.signature is not None  # outputs; inputs: raw images of any kind
-    images = np.load(repo / "data/prepared/test.npy")[:3]  # uint8, as decoders give them
+    images = PreparedDataset(repo / "data/prepared").images("test")[:3]  # uint8, decoded photos
     out = model.predict(images)
     assert len(out) == 3 and list(out.columns) == ["label", "probability", "scores"]
     probs = np.array([list(s.values()) for s in out["scores"]])
@@ -164,8 +172,9 @@ def test_logged_model_loads_back_with_its_signature(repo: Path, first_repro: str
 
 
 def test_editing_train_params_invalidates_train_not_the_features(repo: Path, first_repro: str):
-    """A train parameter edited in params.yaml: DVC sees `train` changed (its downstream stages
-    rerun after it: see the `dvc exp run` test below), `prepare` and `featurize` unchanged."""
+    """A train parameter edited in params.yaml: DVC sees `train` (and `audit`, whose heads use
+    train.C) changed (the downstream stages rerun after train: see the `dvc exp run` test
+    below), `prepare` and `featurize` unchanged."""
     original = (repo / "params.yaml").read_text()
     params = yaml.safe_load(original)
     params["train"]["C"] = 0.01
@@ -174,7 +183,7 @@ def test_editing_train_params_invalidates_train_not_the_features(repo: Path, fir
         status = json.loads(dvc(repo, "status", "--json"))
     finally:
         (repo / "params.yaml").write_text(original)
-    assert set(status) == {"config", "train"}, status
+    assert set(status) == {"config", "train", "audit"}, status  # audit fits heads at train.C
     assert {"changed deps": {"params.yaml": {"train.C": "modified"}}} in status["train"], status
     assert json.loads(dvc(repo, "status", "--json")) == {}
 
@@ -190,13 +199,16 @@ def test_dvc_exp_run_recomposes_params_from_conf(
     repo = copy_reproduced(smoke_history[0], tmp_path / "repo")
     ran = stages_run(smoke_history[1]["output"])
 
-    def models_md5(folder: Path) -> str:
+    def outs(folder: Path, stage: str) -> dict[str, str]:
         lock = yaml.safe_load((folder / "dvc.lock").read_text())
-        return next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models")
+        return {o["path"]: o["md5"] for o in lock["stages"][stage]["outs"]}
 
-    changed = models_md5(repo) != models_md5(smoke_project[0])
+    changed = outs(repo, "train")["models"] != outs(smoke_project[0], "train")["models"]
+    audited = outs(repo, "audit") != outs(smoke_project[0], "audit")  # label issues fit at C
     assert ran[:2] == ["config", "train"]
-    assert sorted(ran[2:]) == (["evaluate", "export"] if changed else [])
+    # audit's params include train.C: it reruns; evaluate reads the model and the audit's lists
+    expected = {"audit"} | ({"evaluate"} if changed or audited else set())
+    assert set(ran[2:]) == expected | ({"export"} if changed else set())
     params = yaml.safe_load((repo / "params.yaml").read_text())
     before = yaml.safe_load((smoke_project[0] / "params.yaml").read_text())
     assert params["train"]["C"] == 0.01 and params["train"]["label_smoothing"] == 0.1

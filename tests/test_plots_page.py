@@ -27,7 +27,10 @@ def test_plots_show_draws_each_plot_once(repo: Path, first_repro: str):
             "Accuracy",
             "Per-batch loss",
             "Confusion matrix",
+            "Accuracy vs coverage (reject option)",
+            "reports/audit_figures/sufficiency.png",
             "reports/eval_figures/confusion_matrix.png",
+            "reports/eval_figures/coverage.png",
             "reports/eval_figures/gallery.png",
             "reports/train_figures/loss.png",
             "reports/train_figures/accuracy.png",
@@ -37,7 +40,7 @@ def test_plots_show_draws_each_plot_once(repo: Path, first_repro: str):
 
 def test_the_plots_page_renders_offline(repo: Path, first_repro: str, tmp_path: Path):
     """`dvc plots show` with the project's template (pipeline.plots_template): the page loads
-    nothing from the internet, and a real browser draws the four interactive plots."""
+    nothing from the internet, and a real browser draws the five interactive plots."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -50,10 +53,10 @@ def test_the_plots_page_renders_offline(repo: Path, first_repro: str, tmp_path: 
     try:
         driver.get(page.as_uri())
         WebDriverWait(driver, 30).until(
-            lambda d: len(d.find_elements(By.CSS_SELECTOR, "div svg, div canvas")) >= 4
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "div svg, div canvas")) >= 5
         )
         drawn = driver.find_elements(By.CSS_SELECTOR, ".vega-embed")
-        assert len(drawn) == 4  # loss, accuracy, per-batch loss, confusion matrix
+        assert len(drawn) == 5  # loss, accuracy, per-batch loss, confusion matrix, coverage
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         driver.quit()
@@ -105,7 +108,7 @@ def _opened(page: Path, plots: int) -> dict:
 def test_hostile_names_run_no_script_in_the_plots_page(repo: Path, first_repro: str, tmp_path):
     """Test predictions of photos with hostile paths and class names, written by evaluate's own
     `write_tables`, then the real `dvc plots show`: with the project's template no injected
-    script runs and all four plots draw; DVC's own page (which needs its CDN) runs none either."""
+    script runs and all five plots draw; DVC's own page (which needs its CDN) runs none either."""
     probs = np.eye(3, dtype=np.float32)[[1, 1, 2]]
     ev = Evaluation(Predictions(probs, np.array([0, 1, 2]), HOSTILE_CLASSES), None, HOSTILE_PATHS)
     write_tables(ev, repo / "reports", evaluation_metrics(ev))
@@ -114,9 +117,9 @@ def test_hostile_names_run_no_script_in_the_plots_page(repo: Path, first_repro: 
 
     template = write_template(tmp_path / "template.html")
     dvc(repo, "plots", "show", "--html-template", str(template), "-o", str(tmp_path / "ours"))
-    seen = _opened(tmp_path / "ours" / "index.html", plots=4)
+    seen = _opened(tmp_path / "ours" / "index.html", plots=5)
     assert seen["ran"] == [] and seen["alert"] is None and seen["injected"] == 0
-    assert seen["drawn"] == 4 and "reports/eval_figures/gallery.png" in seen["text"]
+    assert seen["drawn"] == 5 and "reports/eval_figures/gallery.png" in seen["text"]
 
     dvc(repo, "plots", "show", "-o", str(tmp_path / "dvc"))  # DVC's default page
     seen = _opened(tmp_path / "dvc" / "index.html", plots=0)

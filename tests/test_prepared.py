@@ -221,3 +221,18 @@ def test_a_photo_folder_hidden_behind_a_link_or_dotdot_is_still_refused(tmp_path
     with pytest.raises(UserError, match="overlap"):
         prepare(cfg)
     assert snapshot(photos) == before
+
+
+def test_missing_synthetic_photos_are_generated_again_with_the_same_bytes(tmp_path):
+    """The generated toy trucks are no DVC output: where DVC restored prepare's output without
+    running it (a queued `dvc exp run`), the pixel readers find no photos; `open_prepared`
+    writes them again, and each matches the manifest's sha256 (read_photo checks)."""
+    cfg = tiny_config(tmp_path)
+    prepare(cfg)
+    dataset = open_prepared(cfg.paths.prepared, cfg.data)
+    before = dataset.images("test")[:]
+    for row in dataset.manifest():
+        (dataset.root / row.path).unlink()
+    again = open_prepared(cfg.paths.prepared, cfg.data)
+    assert all((again.root / row.path).is_file() for row in again.manifest())
+    np.testing.assert_array_equal(again.images("test")[:], before)

@@ -207,7 +207,7 @@ def test_push_uploads_every_cached_output(pushed, s3):
     assert {"data/prepared", "data/features", "models"} <= set(outs)
     assert set(pushed["lock"]) == set(outs)
     assert {
-        "data/prepared/train.npy",
+        "data/prepared/manifest.csv",
         "data/features/train.npy",
         "models/head.npy",
         "reports/eval_figures/confusion_matrix.png",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -19,8 +20,11 @@ import numpy as np
 
 from pipeline.lib.config.schema import DataConfig
 from pipeline.lib.data.images import RejectedImage, load_rgb
+from pipeline.lib.data.sources import synthetic
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import read_json
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("split", "index", "label", "label_index", "path", "sha256", "bytes")
@@ -227,4 +231,9 @@ def open_prepared(
             f"{dataset.folder} was prepared with {'; and with '.join(problems)}: rerun prepare "
             "(`dvc repro`, or `python -m pipeline.prepare` with the same settings)."
         )
+    if data is not None and data.source == "synthetic":
+        root = dataset.root  # not a DVC output: a queued `dvc exp run` restores prepare's only
+        if not all((root / row.path).is_file() for row in dataset.manifest()):
+            log.info("Generating the synthetic photos again into %s (the same bytes)", root)
+            synthetic.generate(root, data.synthetic)  # read_photo checks them against sha256
     return dataset
