@@ -1,5 +1,6 @@
-"""Times the near-duplicate search (`similar_pairs`) on N random-ish 1280-d features: clustered,
-non-negative like pooled ReLU6 features, with a few planted copies.
+"""Times the near-duplicate candidate search (`similar_pairs` at CANDIDATE_SIMILARITY, each
+photo's NEIGHBOURS nearest, as the audit stage runs it) on N random-ish 1280-d features:
+clustered, non-negative like pooled ReLU6 features, with a few planted copies (all must be found).
 
     python benchmarks/near_duplicates_bench.py [N]     # default 100000
 """
@@ -12,7 +13,7 @@ import time
 
 import numpy as np
 
-from pipeline.lib.audit.near_duplicates import similar_pairs
+from pipeline.lib.audit.near_duplicates import CANDIDATE_SIMILARITY, NEIGHBOURS, similar_pairs
 
 
 def features(n: int, dim: int = 1280, seed: int = 0) -> tuple[np.ndarray, int]:
@@ -28,6 +29,9 @@ if __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     x, copies = features(n)
     start, load = time.perf_counter(), os.getloadavg()[0]
-    i, j, _ = similar_pairs(x, 0.95)
+    i, j, _ = similar_pairs(x, CANDIDATE_SIMILARITY, NEIGHBOURS)
     took = time.perf_counter() - start
-    print(f"{n} photos: {len(i)} pairs (planted {copies}) in {took:.1f} s; load {load:.1f}")
+    found = set(zip(i.tolist(), j.tolist(), strict=True))
+    hits = sum((c, n - copies + c) in found for c in range(copies))
+    print(f"{n} photos: {len(i)} candidate pairs, {hits} of {copies} planted copies found, in "
+          f"{took:.1f} s; load {load:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip

@@ -79,6 +79,30 @@ def _nearest(i: np.ndarray, j: np.ndarray, sim: np.ndarray, k: int) -> np.ndarra
     return (rank < k).reshape(2, -1).any(axis=0)
 
 
+def _dense_block(
+    s: np.ndarray, a: int, b: int, threshold: float, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, s[i - a, j - b]): the cells of block `s` (rows from a, columns from b) with i < j
+    and s > threshold among the k largest of their row or of their column (a photo's k nearest
+    of all blocks are among its k nearest of each block)."""
+    n, m = s.shape
+    s[(b + np.arange(m)) <= (a + np.arange(n))[:, None]] = -np.inf
+    s[s <= threshold] = -np.inf
+    if k < max(n, m):
+        r, c = min(k, m), min(k, n)
+        rows, cols = (
+            np.argpartition(-s, r - 1, axis=1)[:, :r],
+            np.argpartition(-s, c - 1, axis=0)[:c],
+        )
+        i = np.concatenate([np.repeat(np.arange(n), r), cols.ravel()])
+        cells = np.unique(i * m + np.concatenate([rows.ravel(), np.tile(np.arange(m), c)]))
+        i, j = cells // m, cells % m
+    else:
+        i, j = np.nonzero(s > threshold)
+    keep = np.isfinite(s[i, j])
+    return a + i[keep], b + j[keep], s[i[keep], j[keep]]
+
+
 def _similar_pairs(
     x: np.ndarray, threshold: float, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,8 +113,10 @@ def _similar_pairs(
             i, j = np.nonzero(rows[a : a + BLOCK] @ rows[b : b + BLOCK].T > threshold - SLACK)
             keep = b + j > a + i
             i, j = a + i[keep], b + j[keep]
-            if len(i) > BLOCK:  # alike photos: the exact block product costs less than gathers
-                exact = (x[a : a + BLOCK] @ x[b : b + BLOCK].T)[i - a, j - b]
+            if len(i) > BLOCK:  # alike photos: the dense block, each row's / column's k best
+                i, j, exact = _dense_block(
+                    x[a : a + BLOCK] @ x[b : b + BLOCK].T, a, b, threshold, k
+                )
             else:
                 exact = np.einsum("nd,nd->n", x[i], x[j])
             i, j, exact = (v[exact > threshold] for v in (i, j, exact))
