@@ -132,7 +132,7 @@ def test_different_seeds_differ(tmp_path):
 
 
 def test_no_two_images_identical_even_at_difficulty_zero(tmp_path):
-    # prepare refuses the same image in two splits (leakage: fail): a generation must not make one
+    # identical files in two splits are leakage for prepare: a generation must not make one
     files = files_of(generate(tmp_path / "raw", cfg(difficulty=0.0)))
     digests = {hashlib.sha256(v).hexdigest() for v in files.values()}
     assert len(digests) == len(files)
