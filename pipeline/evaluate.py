@@ -1,7 +1,9 @@
-"""Stage `evaluate`: predict the test split with the model folder (`Classifier`: the head on the
-cached test features when the model's backbone is the featurized one, else its LiteRT backbone on
-the images); write metrics, the classification report, the confusion matrix and the prediction
-gallery; add them to the pipeline run's MLflow run (the one `train` started). No TensorFlow.
+"""Stage `evaluate`: audit the photos (label issues, near-duplicates, data sufficiency, on the
+cached features: pipeline/lib/audit/steps.py); predict the test split with the model folder
+(`Classifier`: the head on the cached test features when the model's backbone is the featurized
+one, else its LiteRT backbone on the images); write metrics, the classification report, the
+confusion matrix, the prediction gallery and the HTML report with the audit's lists; add them to
+the pipeline run's MLflow run (the one `train` started). No TensorFlow.
 
     python -m pipeline.evaluate
 """
@@ -18,6 +20,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from pipeline.lib.audit.report_sections import audit_sections
+from pipeline.lib.audit.steps import log_audit, run_audit
 from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.class_names import class_key
@@ -56,9 +59,11 @@ def evaluate(cfg: Config) -> dict[str, Any]:
 
     Raises:
         StageInputError: no prepared data, or no trained model for its classes.
+        NearDuplicateLeakage: near-duplicate photos in two splits, with `data.leakage=fail`.
     """
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     classifier = trained_classifier(cfg.paths.models, dataset.classes)
+    audited = run_audit(cfg, dataset)
     probs, energies = split_scores(
         classifier, dataset, SPLIT, cfg.paths.features, tta=cfg.evaluate.tta
     )
@@ -87,7 +92,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     source["model"] = f"{cfg.paths.models} (md5 {model_md5(cfg.paths.models)})"
     report = reports / REPORT_HTML
     cells = cfg.evaluate.report_images_per_cell
-    audit = audit_sections(reports, dataset, cfg.audit.show)  # the audit stage's lists
+    audit = audit_sections(reports, dataset, cfg.audit.show)  # the audit's lists
     origin = {"MLflow run, git commit": "see the run's copy"}
     write_html_report(ev, report, metrics, cells, source | origin, audit)
     log.info("Test split: %d images\n%s", len(probs), report_text)
@@ -101,6 +106,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             flat |= {f"test_{kind}_{class_key(c)}": v for c, v in per_class[kind].items()}
         mlflow.set_tag("evaluate_tta", str(bool(cfg.evaluate.tta)).lower())
         mlflow.log_metrics(flat)
+        log_audit(reports, audited)
         runs.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
         tables = ["metrics.json", "classification_report.json", "classification_report.txt"]
         tables.append(COVERAGE_FILE)

@@ -58,7 +58,7 @@ def test_a_conf_edit_is_seen_by_dvc(repo: Path, first_repro: str, tmp_path: Path
     status = json.loads(dvc(work, "status", "--json"))
     # evaluate and export read train.fine_tune.enabled (whether the cached features still
     # describe the model), so conf/train feeds their params too; prepare and featurize: no
-    assert set(status) == {"config", "train", "audit", "evaluate", "export"}, status
+    assert set(status) == {"config", "train", "evaluate", "export"}, status
     proc = attempt([sys.executable, "-m", "dvc", "repro"], work)
     assert proc.returncode != 0
     assert "params.yaml is out of date with conf/: train.seed" in proc.stdout + proc.stderr
