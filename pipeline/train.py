@@ -32,7 +32,7 @@ from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
 from pipeline.lib.model.classifier import BACKBONE_FILE, Head, ModelCard, save_model_folder
 from pipeline.lib.model.features import convert_to_tflite, load_cached_features
-from pipeline.lib.model.reject import energy, fit_rule
+from pipeline.lib.model.reject import UNKNOWN, energy, fit_rule
 from pipeline.lib.model.saving import write_run_record
 from pipeline.lib.reporting.figures import save_learning_curves
 from pipeline.lib.reporting.tables import write_csv
@@ -74,6 +74,14 @@ def train(cfg: Config, callbacks: Sequence[object] = ()) -> float | None:
     """
     runs.check_reachable(cfg.tracking.uri, cfg.tracking.timeout_s)
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
+    if cfg.train.reject.target != "none" and UNKNOWN in [
+        c.strip().casefold() for c in dataset.classes
+    ]:
+        raise UserError(
+            f"a class is named {UNKNOWN!r} ({cfg.paths.prepared}/classes.json), the label "
+            "train.reject gives rejected photos: rename that class folder, or set "
+            "train.reject.target=none"
+        )
     prepared_md5 = dvc_md5(cfg.paths.prepared)
     features = load_cached_features(cfg, prepared_md5)
     if features is None:

@@ -194,3 +194,5 @@ def test_mcnemar_and_unknown_names(two_runs, monkeypatch, capsys):
     assert compare.main(["--photos", "HEAD", "no-such-thing", *store]) == 2
     err = capsys.readouterr().err
     assert "'no-such-thing': no git revision or DVC experiment" in err
+    assert compare.main(["--photos", "workspace", " ", *store]) == 2  # not git's staged copy
+    assert "an empty run reference" in capsys.readouterr().err

@@ -80,6 +80,9 @@ def test_folder_source_without_path_names_the_key():
         ("train.optimizer=adamax", "train.optimizer"),
         ("data.leakage=ignore", "data.leakage"),
         ("model.dropout=1.5", "model.dropout"),
+        ("audit.sufficiency_seeds=1000000", "audit.sufficiency_seeds"),  # hours, no progress
+        ("featurize.engine=spark", "featurize.engine"),
+        ("train.reject.value=1.5", "train.reject.value"),
     ],
 )
 def test_bad_values_fail_with_the_key_named(override, key):

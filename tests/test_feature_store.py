@@ -151,3 +151,24 @@ def test_the_store_file_itself_damaged_is_not_fatal(tmp_path, monkeypatch, damag
     assert store.get(["x"]) == {}
     store.put([("x", np.ones(4, np.float32))])
     assert store.get(["x"])["x"].tolist() == [1, 1, 1, 1]
+
+
+def test_a_store_damaged_inside_its_pages_is_set_aside_and_started_again(tmp_path, caplog):
+    """Pages overwritten inside the file (sqlite: "database disk image is malformed" on reading
+    rows, not on opening): the file is set aside, a fresh store takes over, nothing raises."""
+    from pipeline.lib.model.feature_store import FeatureStore
+
+    path = tmp_path / "s.sqlite"
+    store = FeatureStore("k", 256, path)
+    rng = np.random.default_rng(0)
+    shas = [f"{i:064x}" for i in range(400)]
+    store.put((sha, rng.normal(size=256).astype(np.float32)) for sha in shas)
+    store.close()
+    with open(path, "r+b") as fh:  # page 1 (the schema) intact, the next pages garbage
+        fh.seek(8192)
+        fh.write(b"\xff" * 8192)
+    store = FeatureStore("k", 256, path)
+    assert store.get(shas) == {}
+    assert "damaged" in caplog.text and (tmp_path / "s.sqlite.damaged").is_file()
+    store.put([(shas[0], np.ones(256, np.float32))])
+    assert FeatureStore("k", 256, path).get(shas[:1])[shas[0]].tolist() == [1.0] * 256

@@ -75,3 +75,17 @@ def test_ray_features_are_the_local_bytes(ray_instance, tmp_path, monkeypatch):
     victim.write_bytes(victim.read_bytes() + b"\0")
     with pytest.raises(ChangedPhotoError, match=f"{victim.name} changed after prepare"):
         featurize(on_ray)
+
+
+def test_a_bad_ray_address_is_one_line_naming_the_key():
+    """No cluster at featurize.ray_address: a UserError (exit 2) naming the key and what to do,
+    not Ray's traceback."""
+    from pipeline.lib.config.schema import FeaturizeConfig
+    from pipeline.lib.errors import UserError
+    from pipeline.lib.model.ray_featurize import ray_feature_batches
+
+    ray.shutdown()
+    cfg = FeaturizeConfig(engine="ray", ray_address="nonsense")
+    with pytest.raises(UserError, match=r"featurize.ray_address=nonsense: no Ray cluster") as info:
+        next(ray_feature_batches(cfg, b"", Path("."), [], 224, "stretch"))
+    assert "\n" not in str(info.value) and "featurize.engine=local" in str(info.value)

@@ -163,3 +163,21 @@ def test_target_none_changes_no_prediction(flowers):
     np.testing.assert_array_equal(probs, plain.predict_proba(images))
     with_rule, _ = classifier.classify(images)
     np.testing.assert_allclose(with_rule, probs, rtol=1e-12)  # the rule only adds the label
+
+
+def test_a_class_named_unknown_is_refused_with_the_reject_option(tmp_path):
+    """`unknown` is the label of rejected photos: a class of that name (any case) would be
+    indistinguishable, so train refuses it (one line naming classes.json) before fitting."""
+    from pipeline.featurize import featurize
+    from pipeline.lib.errors import UserError
+    from pipeline.prepare import prepare
+    from pipeline.train import train
+    from tests.test_prepared import folder_config, write_photos
+
+    write_photos(tmp_path / "photos", {"cat": 8, " Unknown": 8})
+    cfg = folder_config(tmp_path, tmp_path / "photos", **{"train.reject.target": "coverage"})
+    prepare(cfg)
+    featurize(cfg)
+    with pytest.raises(UserError, match=r"a class is named 'unknown' .*classes\.json"):
+        train(cfg)
+    assert not (tmp_path / "models").exists()

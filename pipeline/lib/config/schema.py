@@ -174,7 +174,7 @@ class AuditConfig:
     folds: int = _in(5, ">= 2")
     show: int = _in(10, ">= 0")
     near_duplicate_similarity: float = _in(0.95, "in (0, 1]")
-    sufficiency_seeds: int = _in(5, ">= 1")
+    sufficiency_seeds: int = _in(5, "in [1, 100]")
 
 
 EXPORT_FORMATS = ("keras", "float32", "float16", "int8")

@@ -7,8 +7,10 @@ of the wrong size, CRC or with non-finite values is dropped and recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import sqlite3
 import zlib
 from collections.abc import Iterable
@@ -38,6 +40,9 @@ class FeatureStore:
 
     def __init__(self, key: str, dim: int, path: Path | None = None) -> None:
         self.dim, self.path = int(dim), path or cache_root() / "features" / f"{key}.sqlite"
+        self._open()
+
+    def _open(self) -> None:
         for where in (self.path, ":memory:"):
             try:
                 Path(where).parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +53,21 @@ class FeatureStore:
                 log.warning("Feature store %s unusable (%s): kept in memory", self.path, exc)
 
     def get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
-        """{sha256: float32 (D,)} of the valid entries among `shas`; invalid ones are deleted."""
+        """{sha256: float32 (D,)} of the valid entries among `shas`; invalid ones are deleted. A
+        file damaged beyond its entries (sqlite: malformed) is set aside as `<name>.damaged` and
+        a fresh one started: {} then, every feature computed again."""
+        try:
+            return self._get(shas)
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            aside = self.path.with_name(self.path.name + ".damaged")
+            log.warning("Feature store %s damaged (%s): set aside as %s", self.path, exc, aside)
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            self._open()
+            return {}
+
+    def _get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
         wanted, found, bad = list(dict.fromkeys(shas)), {}, []
         for i in range(0, len(wanted), _CHUNK):
             chunk = wanted[i : i + _CHUNK]

@@ -16,7 +16,7 @@ import ray.data
 
 from pipeline.lib.config.schema import FeaturizeConfig
 from pipeline.lib.data.prepared import MANIFEST_FIELDS, ManifestRow, read_photo
-from pipeline.lib.errors import StageInputError
+from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.model.features import ShardedTFLite
 
 
@@ -40,7 +40,13 @@ def ray_feature_batches(
     """(sha256s, float32 (B, D)) of `rows`, in any order, computed by `cfg.ray_actors` actors
     (0: one per CPU) on the Ray instance at `cfg.ray_address` (None: a local one, started here)."""
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"featurize.ray_address={cfg.ray_address}: no Ray cluster there ({str(exc).splitlines()[0]}); start "
+                "one (`ray start --head`), fix the address, or use featurize.engine=local"
+            ) from None
     ray.data.DataContext.get_current().raise_original_map_exception = True  # ChangedPhotoError
     actors = cfg.ray_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
     items = [dict(zip(MANIFEST_FIELDS, astuple(row), strict=True)) for row in rows]

@@ -262,6 +262,10 @@ def _git_show(rev: str) -> str | None:
 def predictions_at(given: str, args: argparse.Namespace) -> tuple[str, str]:
     """(name, predictions.csv text) of 'workspace', a git revision, a DVC experiment (the newest
     exp ref of that name) or an MLflow run id (prefix), tried in that order."""
+    if not given.strip():
+        raise ValueError(
+            "an empty run reference: give 'workspace', a git revision, an experiment or a run id"
+        )
     if given == "workspace" and Path(PREDICTIONS_ARTIFACT).is_file():
         return given, Path(PREDICTIONS_ARTIFACT).read_text(encoding="utf-8")
     refs = ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps"]
