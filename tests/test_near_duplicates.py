@@ -98,3 +98,15 @@ def test_blockwise_prefilter_is_exact():
         zip(*np.nonzero(full > 0.99), strict=True)
     )
     assert np.allclose(sim, full[i, j], atol=1e-5)
+
+
+def test_photos_with_no_candidate_pair_give_no_pair_and_read_nothing():
+    """Orthogonal features: no pair reaches the candidate bound, so no photo is decoded (the
+    images argument would raise if indexed) and the list is empty."""
+
+    class Unreadable:
+        def __getitem__(self, index):
+            raise AssertionError("no photo should be read")
+
+    features = np.eye(4, 16, dtype=np.float32)
+    assert near_duplicates(features, Unreadable(), list("abcd"), ["train"] * 4, THRESHOLD) == []

@@ -154,6 +154,8 @@ def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) 
     """float32: for each pair (i, j) of `images` (uint8 (N, H, W, 3), indexable by an index
     array; only the photos in pairs are read), the best correlation of one photo's thumbnail
     with the other's after cropping the other (`_BOXES`), in either direction."""
+    if not len(i):  # no candidate pair: nothing to read
+        return np.zeros(0, np.float32)
     photos, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
     bases = np.empty((len(photos), BASE, BASE), np.float32)
     for n in range(0, len(photos), batch):
