@@ -10,6 +10,7 @@ the pipeline run's MLflow run (the one `train` started). No TensorFlow.
 
 from __future__ import annotations
 
+import base64
 import logging
 import tempfile
 from pathlib import Path
@@ -93,6 +94,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     report = reports / REPORT_HTML
     cells = cfg.evaluate.report_images_per_cell
     audit = audit_sections(reports, dataset, cfg.audit.show)  # the audit's lists
+    audit += coverage_section(figures[-1], metrics.get("reject"))
     origin = {"MLflow run, git commit": "see the run's copy"}
     write_html_report(ev, report, metrics, cells, source | origin, audit)
     log.info("Test split: %d images\n%s", len(probs), report_text)
@@ -124,6 +126,26 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         f"{run.info.experiment_id}/runs/{run.info.run_id}{'' if remote else ' (`make ui` serves it)'}"
     )
     return metrics
+
+
+def coverage_section(png: Path, rule: dict | None) -> str:
+    """HTML: the accuracy-vs-coverage figure (`png`) and the stored reject rule's test figures."""
+    image = base64.b64encode(png.read_bytes()).decode("ascii")
+    said = "No reject rule is stored (train.reject.target=none): every photo gets a class."
+    if rule:
+        right = (
+            "none is kept"
+            if rule["accuracy"] is None
+            else f"{rule['accuracy']:.1%} of the rest right"
+        )
+        said = (
+            f"The model's rule ({rule['target']} {rule['value']:g} on val) answers <b>unknown</b> "
+            f"for {1 - rule['coverage']:.1%} of the test photos; {right}."
+        )
+    return (
+        '<h2>Accuracy vs coverage ("none of these")</h2><p>Test photos accepted in order of the '
+        f'head\'s energy score. {said}</p><img src="data:image/png;base64,{image}" alt="coverage">'
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -110,6 +110,8 @@ def test_photos_of_classes_never_trained_on_are_rejected_by_predict(flowers, cap
     rejected = np.mean([r["predicted"] == UNKNOWN for r in rows])
     reject = json.loads((Path(cfg.paths.reports) / "metrics.json").read_text())["reject"]
     assert reject == metrics["reject"]
+    html = (Path(cfg.paths.reports) / "eval_report.html").read_text(encoding="utf-8")
+    assert f"answers <b>unknown</b> for {1 - reject['coverage']:.1%} of the test photos" in html
     with capsys.disabled():
         print(
             f"\nflowers12, trained on 10 classes, {LEFT_OUT} left out, target coverage "

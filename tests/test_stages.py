@@ -131,6 +131,8 @@ def test_audit_reports_reach_the_html_report_and_the_run(done):
     html = (reports / "eval_report.html").read_text(encoding="utf-8")
     for section in ("Label issues", "Near-duplicates", "Data sufficiency"):
         assert f"<h2>{section}</h2>" in html
+    assert '<h2>Accuracy vs coverage ("none of these")</h2>' in html  # the reject option
+    assert "No reject rule is stored (train.reject.target=none)" in html
     run_id = read_json(Path(cfg.paths.run_file))["run_id"]
     run = client_for(cfg).get_run(run_id)
     assert run.data.metrics["audit_label_issues_photos"] == trainval
