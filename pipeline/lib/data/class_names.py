@@ -9,7 +9,7 @@ import os
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 #: The longest key `class_key` returns (MLflow metric keys may have 250 characters).
 MAX_KEY_LENGTH = 64
@@ -20,44 +20,41 @@ _SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _LOOKS_HASHED = re.compile(rf".*-[0-9a-f]{{{_HASH_LENGTH}}}")
 
 
-def has_surrogates(text: str) -> bool:
-    """True when `text` holds lone surrogates (`os.fsdecode` of a file name that is not UTF-8)."""
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
+def printable(text: str) -> str:
+    """`text` with the lone surrogates of `os.fsdecode` (non-UTF-8 file names) as `\\xNN`."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def class_name(folder_name: str) -> str:
     """The class name of a folder: NFC-normalised (macOS writes NFD), trimmed (unless that leaves
     nothing), non-UTF-8 bytes as backslash escapes."""
-    if has_surrogates(folder_name):
-        folder_name = os.fsencode(folder_name).decode("utf-8", "backslashreplace")
+    folder_name = printable(folder_name)
     return unicodedata.normalize("NFC", folder_name).strip() or folder_name
+
+
+def _clashes(names: Iterable[str], key: Callable[[str], str]) -> list[list[str]]:
+    groups: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        groups[key(name)].add(name)
+    return [sorted(group) for _, group in sorted(groups.items()) if len(group) > 1]
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(map(repr, names))
 
 
 def name_collisions(folder_names: Iterable[str]) -> list[str]:
     """One sentence per group of folder names that become the same class name."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name in folder_names:
-        groups[class_name(name)].append(name)
     return [
-        f"class folders {', '.join(repr(n) for n in sorted(names))} all become the class {label!r}"
-        for label, names in sorted(groups.items())
-        if len(names) > 1
+        f"class folders {_quoted(names)} all become the class {class_name(names[0])!r}"
+        for names in _clashes(folder_names, class_name)
     ]
 
 
 def case_collisions(classes: Iterable[str]) -> list[str]:
     """One sentence per group of class names that differ only in case (`Car`, `car`)."""
-    groups: dict[str, set[str]] = defaultdict(set)
-    for label in classes:
-        groups[label.casefold()].add(label)
     return [
-        f"classes {', '.join(repr(n) for n in sorted(names))} differ only in case"
-        for _, names in sorted(groups.items())
-        if len(names) > 1
+        f"classes {_quoted(names)} differ only in case" for names in _clashes(classes, str.casefold)
     ]
 
 

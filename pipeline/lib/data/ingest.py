@@ -61,18 +61,13 @@ def ingest(
 ) -> dict[str, Any]:
     """Check every image under `root` (read only) and record them in the prepared dataset in
     `out_dir`; return the report. `workers`: decoding threads (default: cores, at most 8).
-    Raises DataError (with the report as `.report`), ValueError (bad leakage or split settings),
-    OSError (writing)."""
-    if data.leakage not in ("fail", "warn"):
-        raise ValueError(f"data.leakage must be 'fail' or 'warn', not {data.leakage!r}")
+    Raises DataError (with the report as `.report`), ValueError (bad split ratios), OSError."""
     disc = discover(root, data.split, data.seed)
     how = "split folders" if disc.layout == "splits" else "class folders, split by data.split"
-    n_files, n_classes = len(disc.candidates), len(disc.classes)
-    log.info("Found %d image files in %d classes under %s (%s)", n_files, n_classes, disc.root, how)
+    found = (len(disc.candidates), len(disc.classes), disc.root, how)
+    log.info("Found %d image files in %d classes under %s (%s)", *found)
     if len(disc.classes) < 2:
         raise DataError(_single_class_message(disc))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tally = _Tally(disc, data)
     tally.check(workers, progress)
     leakage, duplicates = tally.duplicates()
@@ -98,13 +93,12 @@ def ingest(
         "warnings": tally.warnings,
     }
     if tally.problems:
-        n = len(tally.problems)
-        listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(tally.problems, 1))
-        error = DataError(
-            f"Cannot prepare the dataset at '{disc.root}' ({n} problem(s)):\n{listed}"
-        )
+        head = f"Cannot prepare the dataset at '{disc.root}' ({len(tally.problems)} problem(s)):"
+        error = DataError(head + "".join(f"\n  {i}. {p}" for i, p in enumerate(tally.problems, 1)))
         error.report = report
         raise error
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "manifest.csv", tally.rows)
     write_json(out / "classes.json", list(disc.classes))
     write_json(out / "report.json", report)
@@ -195,20 +189,22 @@ class _Tally:
         """(leakage groups, duplicate groups): identical files across splits / within one."""
         leakage: list[_Group] = []
         duplicates: list[_Group] = []
+        pairs: list[str] = []
         for sha, entries in self.by_hash.items():
-            if len(entries) < 2:
-                continue
             files = [e[0] for e in entries]
             splits = [s for s in SPLITS if any(e[1] == s for e in entries)]
-            labels = sorted({e[2] for e in entries})
-            if len(labels) > 1:
+            if len(labels := sorted({e[2] for e in entries})) > 1:
                 self.warnings.append(
                     f"the same image is labelled with different classes {labels}: "
                     f"{', '.join(files)}; keep it in the one right class folder"
                 )
             if len(splits) > 1:
                 leakage.append({"sha256": sha, "files": files, "splits": splits})
-            else:
+                for i, (a, sa, _) in enumerate(entries):
+                    pairs += [
+                        f"{a} ({sa}) == {b} ({sb})" for b, sb, _ in entries[i + 1 :] if sb != sa
+                    ]
+            elif len(files) > 1:
                 duplicates.append({"sha256": sha, "files": files, "split": splits[0]})
         self.warnings += [
             f"duplicate images within the {dup['split']} split (kept): {', '.join(dup['files'])}"
@@ -217,27 +213,18 @@ class _Tally:
         if len(duplicates) > MAX_LISTED:
             more = len(duplicates) - MAX_LISTED
             self.warnings.append(f"... and {more} more groups of duplicate images (report.json)")
-        if leakage:
-            self._leakage(leakage)
-        return leakage, duplicates
-
-    def _leakage(self, leakage: list[_Group]) -> None:
-        pairs: list[str] = []
-        for group in leakage:
-            entries = self.by_hash[group["sha256"]]
-            for i, (a, sa, _) in enumerate(entries):
-                pairs += [f"{a} ({sa}) == {b} ({sb})" for b, sb, _ in entries[i + 1 :] if sb != sa]
-        if self.data.leakage != "fail":
+        if pairs and self.data.leakage != "fail":
             warn = "leakage (data.leakage=warn): identical files in two splits: "
             self.warnings += [warn + p for p in pairs]
-            return
-        self.problems.append(
-            f"{len(leakage)} image(s) appear in more than one split ({len(pairs)} pairs of "
-            "identical files):\n"
-            + "\n".join(f"      {p}" for p in pairs)
-            + "\n    This inflates test accuracy: remove the copies from all but one split, or set "
-            "data.leakage=warn (e.g. in conf/data/photos.yaml) to go on anyway."
-        )
+        elif pairs:
+            self.problems.append(
+                f"{len(leakage)} image(s) appear in more than one split ({len(pairs)} pairs of "
+                "identical files):\n"
+                + "\n".join(f"      {p}" for p in pairs)
+                + "\n    This inflates test accuracy: remove the copies from all but one split, or "
+                "set data.leakage=warn (e.g. in conf/data/photos.yaml) to go on anyway."
+            )
+        return leakage, duplicates
 
     def check_rejected(self) -> None:
         rejected, n_candidates = self.rejected, len(self.disc.candidates)
@@ -250,12 +237,12 @@ class _Tally:
                 f"used, more than data.max_rejected_fraction={limit:g}:\n      {listed}\n"
                 "    Fix or remove these files, or raise data.max_rejected_fraction."
             )
-        for split in SPLITS:
-            for label, n in sorted(self.rejected_where[split].items()):
-                self.warnings.append(
-                    f"{split}/{label}: {n} of {self.found[split][label]} files rejected and "
-                    "left out (see 'rejected' in report.json)"
-                )
+        self.warnings += [
+            f"{split}/{label}: {n} of {self.found[split][label]} files rejected and left out "
+            "(see 'rejected' in report.json)"
+            for split in SPLITS
+            for label, n in sorted(self.rejected_where[split].items())
+        ]
 
     def coverage(self) -> dict[str, int]:
         """Checks each class's images per split; returns {class: n} for the small classes."""
@@ -263,19 +250,19 @@ class _Tally:
         hints = _case_hints(disc.classes)
         small: dict[str, int] = {}
         for label in disc.classes:
-            n_train = counts["train"][label]
+            n_train, hint = counts["train"][label], hints.get(label, "")
             if n_train < min_train:
                 self.problems.append(
                     f"class '{label}' has {n_train} usable training image(s), fewer than "
                     f"data.min_images_per_class={min_train} ({self.where('train', label)}). "
-                    f"{self._add_advice('train', label)}{hints.get(label, '')}"
+                    f"{self.advice('train', label)}{hint}"
                 )
             elif n_train < SMALL_CLASS:
                 small[label] = n_train
             if counts["test"][label] == 0:
                 self.problems.append(
                     f"class '{label}' has no usable test images ({self.where('test', label)}). "
-                    f"{self._add_advice('test', label)}{hints.get(label, '')}"
+                    f"{self.advice('test', label)}{hint}"
                 )
         if small:
             listed = ", ".join(f"'{c}' {n}" for c, n in small.items())
@@ -294,12 +281,12 @@ class _Tally:
                 f"no validation images: {why}; training runs without validation metrics"
             )
         else:
-            for label in disc.classes:
-                if counts["val"][label] == 0:
-                    self.warnings.append(
-                        f"class '{label}' has no validation images ({self.where('val', label)}); "
-                        "validation metrics do not cover it"
-                    )
+            self.warnings += [
+                f"class '{label}' has no validation images ({self.where('val', label)}); "
+                "validation metrics do not cover it"
+                for label in disc.classes
+                if counts["val"][label] == 0
+            ]
         outside = [f for f, reason in disc.skipped if reason.startswith(OUTSIDE_REASON)]
         if outside:
             self.warnings.append(
@@ -307,7 +294,7 @@ class _Tally:
                 "(DVC tracks the folder's content, not link targets; copy the photos in to use "
                 f"them): {_listed(outside)}"
             )
-        unexpected = [s for s in disc.skipped if s[1] != HIDDEN_REASON and s[0] not in outside]
+        unexpected = [f for f, r in disc.skipped if r != HIDDEN_REASON and f not in outside]
         if unexpected:
             self.warnings.append(
                 f"{len(unexpected)} files/folders skipped (non-image files, broken links, ...; "
@@ -315,16 +302,18 @@ class _Tally:
             )
         return small
 
+    def split_folder(self, split: str) -> str | None:
+        folders = self.disc.class_folders.get(split, {}).values()
+        return next((labels[0].split("/")[0] for labels in folders if labels), None)
+
     def where(self, split: str, label: str) -> str:
         """Where a class's images of a split are (or why there are none), for messages."""
-        disc = self.disc
-        folders = disc.class_folders.get(split, {}).get(label, [])
+        folders = self.disc.class_folders.get(split, {}).get(label, [])
         found, rejected = self.found[split][label], self.rejected_where[split][label]
-        if disc.layout == "splits":
+        if self.disc.layout == "splits":
+            if not folders and (split_folder := self.split_folder(split)):
+                return f"there is no '{label}' folder in {split_folder}/"
             if not folders:
-                split_folder = _split_folder_name(disc, split)
-                if split_folder:
-                    return f"there is no '{label}' folder in {split_folder}/"
                 return f"there is no {_SPLIT_WORD[split]} folder"
             where = ", ".join(f"'{f}/'" for f in folders)
             if found == 0:
@@ -336,18 +325,16 @@ class _Tally:
         text = f"the class folder '{folders[0]}/' has {total} image file(s)"
         if total < 2:
             text += " (at least 2 are needed: one for training, one for test)"
-        all_rejected = sum(self.rejected_where[s][label] for s in SPLITS)
-        if all_rejected:
+        if all_rejected := sum(self.rejected_where[s][label] for s in SPLITS):
             usable = ", ".join(f"{s} {self.counts[s][label]}" for s in SPLITS)
             text += f", {all_rejected} rejected; usable images per split: {usable}"
         return text
 
-    def _add_advice(self, split: str, label: str) -> str:
-        folders = self.disc.class_folders.get(split, {}).get(label, [])
-        if folders:
+    def advice(self, split: str, label: str) -> str:
+        if folders := self.disc.class_folders.get(split, {}).get(label, []):
             listed = ", ".join(repr(f + "/") for f in folders)
             return f"Add images to {listed} (or fix its rejected files), or remove the class."
-        split_folder = _split_folder_name(self.disc, split) or _SPLIT_WORD[split]
+        split_folder = self.split_folder(split) or _SPLIT_WORD[split]
         return f"Create '{split_folder}/{label}/' with images, or remove the class elsewhere."
 
 
@@ -355,11 +342,6 @@ def _listed(items: list[str], sep: str = ", ") -> str:
     """The first `MAX_LISTED` items, then how many more."""
     more = [f"... and {len(items) - MAX_LISTED} more"] if len(items) > MAX_LISTED else []
     return sep.join(items[:MAX_LISTED] + more)
-
-
-def _split_folder_name(disc: Discovery, split: str) -> str | None:
-    folders = disc.class_folders.get(split, {}).values()
-    return next((labels[0].split("/")[0] for labels in folders if labels), None)
 
 
 def _case_hints(classes: list[str]) -> dict[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.lib.config.schema import DataConfig
+from pipeline.lib.data.class_names import printable
 from pipeline.lib.data.images import RejectedImage, load_rgb
 from pipeline.lib.data.sources import synthetic
 from pipeline.lib.errors import StageInputError
@@ -185,7 +186,7 @@ def shown_path(path: str | os.PathLike[str]) -> str:
         text = absolute.relative_to(Path.cwd().absolute()).as_posix()
     except ValueError:
         text = absolute.as_posix()
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return printable(text)
 
 
 def data_tags(report: dict) -> dict[str, str]:

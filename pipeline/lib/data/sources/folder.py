@@ -20,12 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.lib.config.schema import SplitRatios
-from pipeline.lib.data.class_names import (
-    case_collisions,
-    class_name,
-    has_surrogates,
-    name_collisions,
-)
+from pipeline.lib.data.class_names import case_collisions, class_name, name_collisions, printable
 from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, IMAGE_EXTENSIONS
 from pipeline.lib.data.prepared import SPLITS
 from pipeline.lib.errors import UserError
@@ -88,8 +83,7 @@ def display_path(path: Path, root: Path) -> str:
         rel = path.relative_to(root)
     except ValueError:
         rel = path
-    text = rel.as_posix()
-    return os.fsencode(text).decode("utf-8", "backslashreplace") if has_surrogates(text) else text
+    return printable(rel.as_posix())
 
 
 def is_ignored(name: str) -> bool:
