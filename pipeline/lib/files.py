@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,26 +69,21 @@ def remove_stale_temps(target: PathLike) -> list[Path]:
     return removed
 
 
-def _honour_umask(path: PathLike) -> None:
-    """0600/0700 from `tempfile` -> what `open`/`mkdir` give: 0666/0777 less the umask."""
-    try:  # from /proc, so that no other thread sees the umask changed
-        mask = int(re.findall(r"Umask:\s*(\d+)", Path("/proc/self/status").read_text())[0], 8)
-    except (OSError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+def _temp_beside(target: Path) -> Path:
+    """A new name beside `target` for a temporary; stale temporaries are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 @contextmanager
 def atomic_dir(target: PathLike) -> Iterator[Path]:
     """A fresh temporary folder beside `target` that replaces `target` whole if the block succeeds
-    (removed, `target` untouched, if it raises). Stale temporaries are removed first."""
+    (removed, `target` untouched, if it raises)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    tmp = _temp_beside(target)
+    tmp.mkdir()  # 0777 less the umask, as `mkdir` gives
     try:
-        _honour_umask(tmp)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,20 +100,16 @@ def atomic_dir(target: PathLike) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(target: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
-    """A temporary file beside `target`, open in `mode` (UTF-8 for text), that replaces `target`
-    only if the block succeeds."""
+    """A temporary file beside `target`, open in `mode` (`w` or `wb`; UTF-8 for text), that
+    replaces `target` only if the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
-    os.close(fd)
+    tmp = _temp_beside(target)
     try:
-        _honour_umask(tmp)
-        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
-            yield fh
+        with open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else "utf-8") as fh:
+            yield fh  # created exclusively, 0666 less the umask, as `open` gives
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -71,8 +71,7 @@ def read_photo(
 
 
 def _source_path(root: Path, shown: str) -> Path:
-    """The file `display_path` showed as `shown` (undecodable bytes written as \\xNN)."""
-    path = root / shown
+    path = root / shown  # undecodable bytes were shown as \xNN
     if "\\x" not in shown or path.exists():
         return path
     raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), shown.encode())
@@ -94,14 +93,16 @@ class SourceImages:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _read(self, row: ManifestRow) -> np.ndarray:
+        return read_photo(self.root, row, self.size, self.resize)
+
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(key, int | np.integer):
-            return read_photo(self.root, self.rows[key], self.size, self.resize)
+            return self._read(self.rows[key])
         picked = self.rows[key] if isinstance(key, slice) else [self.rows[i] for i in key]
         out = np.empty((len(picked), self.size, self.size, 3), np.uint8)
         with ThreadPoolExecutor(min(len(picked), 8) or 1) as pool:
-            images = pool.map(lambda r: read_photo(self.root, r, self.size, self.resize), picked)
-            for i, image in enumerate(images):
+            for i, image in enumerate(pool.map(self._read, picked)):
                 out[i] = image
         return out
 
@@ -200,19 +201,20 @@ def data_tags(report: dict) -> dict[str, str]:
 
 
 def _mismatches(dataset: PreparedDataset, data: DataConfig) -> list[str]:
-    report, found = dataset.report, []
-    for key, recorded, wanted in (
-        ("image_size", dataset.image_size, int(data.image_size)),
-        ("resize", report.get("resize", data.resize), data.resize),
-    ):
-        if recorded != wanted:
-            found.append(f"data.{key}={recorded}, but this step runs with data.{key}={wanted}")
-    recorded = (report.get("source", data.source), report.get("root"))
-    wanted = (str(data.source), shown_path(data_root(data)))
-    if recorded[1] is not None and recorded != wanted:
+    report, runs = dataset.report, "but this step runs with"
+    found = [
+        f"data.{key}={recorded}, {runs} data.{key}={wanted}"
+        for key, recorded, wanted in (
+            ("image_size", dataset.image_size, int(data.image_size)),
+            ("resize", report.get("resize", data.resize), data.resize),
+        )
+        if recorded != wanted
+    ]
+    source, root = report.get("source", data.source), report.get("root")
+    if root is not None and (source, root) != (data.source, shown_path(data_root(data))):
         found.append(
-            f"data.source={recorded[0]} from '{recorded[1]}', but this step runs with "
-            f"data.source={wanted[0]} from '{wanted[1]}'"
+            f"data.source={source} from '{root}', {runs} "
+            f"data.source={data.source} from '{shown_path(data_root(data))}'"
         )
     return found
 
@@ -226,8 +228,7 @@ def open_prepared(
         dataset = PreparedDataset(folder)
     except FileNotFoundError as exc:
         raise StageInputError(str(exc)) from None
-    problems = _mismatches(dataset, data) if data is not None else []
-    if problems:
+    if problems := _mismatches(dataset, data) if data is not None else []:
         raise StageInputError(
             f"{dataset.folder} was prepared with {'; and with '.join(problems)}: rerun prepare "
             "(`dvc repro`, or `python -m pipeline.prepare` with the same settings)."
