@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -143,16 +144,12 @@ def check_params(root: Path) -> Config:
     if diff := differences(composed, values):
         shown = ", ".join(f"{k} (conf/: {a!r}, params.yaml: {b!r})" for k, a, b in diff[:5])
         more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
-        again = " ".join(["python -m pipeline.params", *map(_shell, overrides or [])])
+        again = " ".join(["python -m pipeline.params", *map(shlex.quote, overrides or [])])
         raise ConfigError(
             f"params.yaml is out of date with conf/: {shown}{more}. Recompose it with "
             f"`{again}`, or `dvc exp run -S ...` (which recomposes it)."
         )
     return cfg
-
-
-def _shell(word: str) -> str:
-    return word if re.fullmatch(r"[\w.,+=~/:@-]+", word) else "'" + word.replace("'", "'\\''") + "'"
 
 
 def record_overrides(root: Path, composed: dict[str, Any], values: dict[str, Any]) -> list[str]:

@@ -246,20 +246,17 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
-def tracking_names(data: Any) -> tuple[str, str]:
-    """(experiment, registered model) named after `data`: the defaults for synthetic data, else
-    the photo folder's name as a slug (`../flowers12` -> `flowers12`, `flowers12-classifier`)."""
-    if data.source == "synthetic":
-        return DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
-    path = Path(str(data.path))
-    name = path.name if path.name not in ("", ".", "..") else path.resolve().name
-    slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "photos"
-    return slug, f"{slug}-classifier"
-
-
 def name_after_data(tracking: Any, data: Any) -> None:
-    """Set `tracking.experiment` / `.registered_model` that are `auto` to `tracking_names(data)`."""
-    for key, name in zip(("experiment", "registered_model"), tracking_names(data), strict=True):
+    """Set `tracking.experiment` / `.registered_model` that are `auto` after `data`: the defaults
+    for synthetic data, else the photo folder's name as a slug (`../flowers12` -> `flowers12`,
+    `flowers12-classifier`)."""
+    names = DEFAULT_EXPERIMENT, DEFAULT_REGISTERED_MODEL
+    if data.source != "synthetic":
+        path = Path(str(data.path))
+        name = path.name if path.name not in ("", ".", "..") else path.resolve().name
+        slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "photos"
+        names = slug, f"{slug}-classifier"
+    for key, name in zip(("experiment", "registered_model"), names, strict=True):
         if tracking[key] == AUTO:
             tracking[key] = name
 
