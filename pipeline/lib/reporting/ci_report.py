@@ -143,7 +143,7 @@ def read_at_revision(repo: Path | str, path: str, rev: str) -> str | None:
     if rev == WORKSPACE:
         file = repo / path
         return file.read_text(encoding="utf-8") if file.is_file() else None
-    proc = _git(repo, "show", f"{rev}:./{path}")
+    proc = _git(repo, "show", "--end-of-options", f"{rev}:./{path}")
     return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
 
 

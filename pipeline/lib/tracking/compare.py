@@ -39,6 +39,7 @@ from pipeline.lib.config.schema import (
     validate,
 )
 from pipeline.lib.files import read_json
+from pipeline.lib.reporting.ci_report import DEFAULT_PREDICTIONS, read_at_revision
 from pipeline.lib.reporting.metrics import significance_text
 from pipeline.lib.reporting.photo_changes import diff_predictions, write_outputs
 from pipeline.lib.tracking import store
@@ -58,13 +59,13 @@ METRICS = ("final_val_accuracy", "test_accuracy", "test_macro_f1")
 DEFAULT_SORT = "test_accuracy"
 FORMATS = ("markdown", "csv")
 SHORT_ID = 8
-#: The evaluate stage's per-image predictions in a run's artifacts.
-PREDICTIONS_ARTIFACT = "reports/predictions.csv"
+#: The evaluate stage's per-image predictions, in a run's artifacts and in git.
+PREDICTIONS_ARTIFACT = DEFAULT_PREDICTIONS
 _PAGE = 1000
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 
 
-class StoreError(RuntimeError):
+class StoreError(TrackingError):
     """The tracking store, experiment, run or model asked for does not exist or cannot be read."""
 
 
@@ -120,12 +121,9 @@ def check_store(tracking_uri: str) -> None:
 
 
 def open_client(tracking_uri: str) -> mlflow.MlflowClient:
-    """An MlflowClient on an existing store (read-only files are fine). Raises `StoreError`."""
+    """An MlflowClient on an existing store (read-only files are fine); TrackingError else."""
     check_store(resolve_uri(tracking_uri))
-    try:
-        return store.open_client(tracking_uri)
-    except TrackingError as exc:
-        raise StoreError(str(exc)) from None
+    return store.open_client(tracking_uri)
 
 
 def experiment_id(client: mlflow.MlflowClient, experiment: str) -> str:
@@ -148,7 +146,7 @@ def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_i
         return client.get_run(run_id).info.run_id
     except MlflowException:
         pass
-    runs = _search_all(client, experiment_ids, "", None, None)
+    runs = _search_all(client, experiment_ids)
     matches = [r.info.run_id for r in runs if r.info.run_id.startswith(run_id)]
     if len(matches) != 1:
         what = "ambiguous: " + ", ".join(matches) if matches else f"not in {client.tracking_uri}"
@@ -158,18 +156,16 @@ def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_i
 
 def _search_all(
     client: mlflow.MlflowClient,
-    experiment_ids: list[str],
-    filter_string: str,
-    order_by: list[str] | None,
-    limit: int | None,
+    ids: list[str],
+    where: str = "",
+    order_by: list[str] | None = None,
+    limit: int | None = None,
 ) -> list[Run]:
     runs: list[Run] = []
     token = None
     while limit is None or len(runs) < limit:
         size = _PAGE if limit is None else min(_PAGE, limit - len(runs))
-        page = client.search_runs(
-            experiment_ids, filter_string, max_results=size, order_by=order_by, page_token=token
-        )
+        page = client.search_runs(ids, where, max_results=size, order_by=order_by, page_token=token)
         runs.extend(page)
         if not (token := page.token):
             break
@@ -253,12 +249,6 @@ def run_predictions(client: mlflow.MlflowClient, experiment: str, given: str) ->
         return run_id, Path(local).read_text(encoding="utf-8")
 
 
-def _git_show(rev: str) -> str | None:
-    show = ["git", "show", "--end-of-options", f"{rev}:./{PREDICTIONS_ARTIFACT}"]
-    proc = subprocess.run(show, capture_output=True)
-    return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
-
-
 def predictions_at(given: str, args: argparse.Namespace) -> tuple[str, str]:
     """(name, predictions.csv text) of 'workspace', a git revision, a DVC experiment (the newest
     exp ref of that name) or an MLflow run id (prefix), tried in that order."""
@@ -266,17 +256,15 @@ def predictions_at(given: str, args: argparse.Namespace) -> tuple[str, str]:
         raise ValueError(
             "an empty run reference: give 'workspace', a git revision, an experiment or a run id"
         )
-    if given == "workspace" and Path(PREDICTIONS_ARTIFACT).is_file():
-        return given, Path(PREDICTIONS_ARTIFACT).read_text(encoding="utf-8")
     refs = ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps"]
     listed = subprocess.run(refs, capture_output=True, text=True).stdout.split()
     for rev in [given, *(r for r in listed if r.rsplit("/", 1)[-1] == given)]:
-        if (text := _git_show(rev)) is not None:
+        if (text := read_at_revision(".", PREDICTIONS_ARTIFACT, rev)) is not None:
             return given, text
     fill_from_params(args)
     try:
         run_id, text = run_predictions(open_client(args.tracking_uri), args.experiment, given)
-    except StoreError as exc:
+    except TrackingError as exc:
         raise StoreError(f"{given!r}: no git revision or DVC experiment, and {exc}") from None
     return run_id[:SHORT_ID], text
 
@@ -353,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         df = runs_table(
             client, args.experiment, args.parent, params, args.sort, args.ascending, args.limit
         )
-    except (StoreError, ValueError) as exc:  # ConfigError is a ValueError
+    except (TrackingError, ValueError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MlflowException as exc:
@@ -372,7 +360,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     Path(args.output).write_text(text, encoding="utf-8")
     print(f"Wrote {len(df)} runs to {args.output}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,5 @@
-"""Which MLflow run a stage belongs to, and what links it to git, DVC and its process: runs are
-named after the DVC experiment, else `repro-`/`run-<commit>-<config hash>`, and tagged with their
-process, so that a RUNNING run of this host whose process is gone is ended KILLED."""
+"""Which MLflow run a stage belongs to, and what links it to git, DVC and its process (a RUNNING
+run of this host whose process is gone is ended KILLED)."""
 
 from __future__ import annotations
 
@@ -37,7 +36,6 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_PID = "pipeline.pid"
 TAG_PID_START = "pipeline.pid_start"
 TAG_HOST = "pipeline.host"
-TAG_ENDED_BY = "pipeline.ended_by"
 TAG_MODEL_MD5 = "pipeline.model_md5"
 TAG_CHECKPOINT = "pipeline.checkpoint"
 
@@ -91,8 +89,7 @@ def run_name(cfg: Config) -> str:
 
 
 def process_start(pid: int) -> str | None:
-    """When process `pid` started (ticks since boot, /proc; None where unknown): tells it from a
-    later one that reuses its pid."""
+    """When process `pid` started (ticks since boot, /proc; None where unknown)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
@@ -123,7 +120,6 @@ def run_tags(cfg: Config, stage: str) -> dict[str, str]:
 
 
 def _still_running(pid: int, started: str | None) -> bool:
-    """Whether process `pid` runs and is the one that started at `started` (None: unchecked)."""
     if pid <= 0 or not process_alive(pid):
         return False
     now = process_start(pid) if started is not None else None
@@ -134,21 +130,15 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
     """End KILLED (tagged why) the RUNNING runs of this host whose process is gone; their ids."""
     host = socket.gethostname()
     quoted = host.replace("'", "")
-    running = client.search_runs(
-        experiment_ids,
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{quoted}'",
-        max_results=1000,
-    )
+    where = f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{quoted}'"
     ended = []
-    for run in running:
+    for run in client.search_runs(experiment_ids, filter_string=where, max_results=1000):
         pid = run.data.tags.get(TAG_PID, "")
         if not pid.isdigit() or _still_running(int(pid), run.data.tags.get(TAG_PID_START)):
             continue
-        client.set_tag(run.info.run_id, TAG_ENDED_BY, f"its process {pid} on {host} is gone")
+        client.set_tag(run.info.run_id, "pipeline.ended_by", f"its process {pid} on {host} is gone")
         client.set_terminated(run.info.run_id, "KILLED")
-        log.warning(
-            "MLflow run %s was left RUNNING by process %s: ended KILLED", run.info.run_id, pid
-        )
+        log.warning("MLflow run %s left RUNNING by process %s: ended KILLED", run.info.run_id, pid)
         ended.append(run.info.run_id)
     return ended
 
@@ -194,8 +184,8 @@ def later_stage_run(
     client: MlflowClient, experiment_id: str, cfg: Config
 ) -> tuple[str, None] | tuple[None, Recovery]:
     """(run id to reopen, None) or (None, why a recovered run is started) for evaluate/export:
-    the run `paths.run_file` names, else the newest run tagged with the model's md5 (inside a DVC
-    experiment: of that experiment). A recorded run in MLflow's trash is a `TrackingError`."""
+    the run `paths.run_file` names, else the newest run tagged with the model's md5 (in a DVC
+    experiment: of that experiment). TrackingError when the recorded run is deleted."""
     from mlflow.exceptions import MlflowException  # lazily: see `pipeline.lib.tracking.store`
 
     recorded, exp_name = trained_run_id(cfg), os.environ.get(DVC_EXP_NAME) or None
