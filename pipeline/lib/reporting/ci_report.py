@@ -1,13 +1,10 @@
-"""What a pull request changes, as Markdown: `dvc metrics diff --all` and `dvc params diff` (the
-headline metric first, with a one-line verdict; unchanged metrics folded away), McNemar's test,
-the photos that changed, and each revision's test confusion matrix from the git-tracked
-`reports/predictions.csv`, as PNGs (relative links) and Markdown tables (PR comments may not
-render images).
+"""What a pull request changes, as Markdown: `dvc metrics diff --all` and `dvc params diff`
+(headline metric first, with a verdict; unchanged metrics folded), McNemar's test, the photos that
+changed, and each revision's test confusion matrix from the git-tracked predictions.csv (PNG and
+Markdown table: PR comments may not render images). An unknown revision or a failing git/dvc
+command exits with status 2 and the message (dvc's stderr included).
 
     python -m pipeline.ci_report --base origin/main [--head REV|workspace] --output report.md
-
-DVC runs as `sys.executable -m dvc`; an unknown revision or a failing git/dvc command exits
-with status 2 and the message (dvc's stderr included).
 """
 
 from __future__ import annotations
@@ -82,10 +79,10 @@ class Moved(NamedTuple):  # a confusion-matrix cell whose count differs
 
 def _dvc(repo: Path, *args: str) -> tuple[str, list[str]]:
     """dvc's stdout, and the warnings it printed (it warns, and exits 0, on unreadable files)."""
-    cmd = [sys.executable, "-m", "dvc", *args]
-    env = dict(os.environ)
-    # dvc (and anything it spawns) from the same environment as this interpreter
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [sys.executable, "-m", "dvc", *args]  # dvc and what it spawns from this environment
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    }
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip() or "(no output)")[-4000:]
@@ -186,17 +183,12 @@ def confusion_changes(base: Confusion, head: Confusion) -> list[Moved]:
         for m, names in (base, head)
     )
     order = list(dict.fromkeys([*base[1], *head[1]]))
-    keys = sorted(set(b) | set(h), key=lambda k: (order.index(k[0]), order.index(k[1])))
-    return [
-        Moved(a, p, b.get((a, p), 0), h.get((a, p), 0))
-        for a, p in keys
-        if b.get((a, p), 0) != h.get((a, p), 0)
-    ]
+    cells = [(a, p, b.get((a, p), 0), h.get((a, p), 0)) for a in order for p in order]
+    return [Moved(*cell) for cell in cells if cell[2] != cell[3]]
 
 
 def _md(value: object) -> str:
-    """A value as Markdown table cell text; "<" and "&" as entities (a class named "<!--" would
-    hide the rest of a PR comment)."""
+    """A Markdown table cell; "<" and "&" as entities (a class "<!--" would hide the comment)."""
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -272,11 +264,9 @@ def render_metrics(rows: Sequence[Change], metric: str = DEFAULT_METRIC) -> str:
         hidden = [r for r in in_file if r not in shown]
         parts += [f"**`{path}`**\n", _metrics_table(shown) if shown else "_No metric changed._"]
         if hidden:
-            parts.append(
-                f"\n<details><summary>{len(hidden)} unchanged metric"
-                f"{'s' if len(hidden) != 1 else ''}</summary>\n\n"
-                f"{_metrics_table(hidden)}\n\n</details>"
-            )
+            summary = f"{len(hidden)} unchanged metric{'s' if len(hidden) != 1 else ''}"
+            parts.append(f"\n<details><summary>{summary}</summary>\n\n{_metrics_table(hidden)}")
+            parts.append("\n</details>")
         parts.append("")
     return "\n".join(parts).rstrip()
 
@@ -295,13 +285,14 @@ def render_params(rows: Sequence[Change]) -> str:
 
 @dataclass
 class Side:
-    """One revision in the report: as given, its short SHA, and its test confusion matrix."""
+    """One revision: as given, its short SHA, its test confusion matrix, the PNG's path relative
+    to the report, or the note why there is no matrix."""
 
     rev: str
     short: str
     confusion: Confusion | None = None
-    image: str | None = None  # relative to the report
-    note: str | None = None  # why there is no matrix
+    image: str | None = None
+    note: str | None = None
 
     @property
     def title(self) -> str:

@@ -1,11 +1,8 @@
-"""Which photos two runs disagree on, from their predictions.csv texts (columns read by name:
-`path`, `actual`, `predicted`, and `confidence` where present), paired by `path` (and `sha256`
-where both have it); photos only one run has are listed apart, not dropped.
-
-McNemar's test is `metrics.mcnemar_exact` on the paired photos: with b photos right only in A and
-c right only in B, p = min(1, 2 P(X <= min(b, c))), X ~ Binomial(b + c, 1/2) (McNemar 1947,
-Psychometrika 12:153; the exact form: Fagerland, Lydersen & Laake 2013, BMC Med. Res.
-Methodol. 13:91, eq. 2)."""
+"""Which photos two runs disagree on, from their predictions.csv texts (columns by name: `path`,
+`actual`, `predicted`, `confidence` where present), paired by `path` (and `sha256` where both have
+it); photos only one run has are listed apart. McNemar's exact test on the paired photos, with b
+right only in A and c only in B: p = min(1, 2 P(X <= min(b, c))), X ~ Binomial(b + c, 1/2)
+(McNemar 1947, Psychometrika 12:153; Fagerland et al. 2013, BMC Med Res Methodol 13:91, eq. 2)."""
 
 from __future__ import annotations
 
@@ -55,8 +52,7 @@ def _row(kind: str, a: dict[str, str], b: dict[str, str]) -> tuple[str, ...]:
 
 
 def diff_predictions(text_a: str, text_b: str) -> PhotoDiff:
-    """The photos whose prediction differs between two predictions.csv texts. ValueError when a
-    text lacks `path`, `actual` or `predicted`."""
+    """The photos whose prediction differs; ValueError when a text lacks a needed column."""
     hashed = all("sha256" in next(csv.reader(io.StringIO(t)), []) for t in (text_a, text_b))
     a, b = _by_photo(text_a, hashed), _by_photo(text_b, hashed)
     common = sorted(a.keys() & b.keys())
@@ -73,8 +69,7 @@ def diff_predictions(text_a: str, text_b: str) -> PhotoDiff:
 
 
 def markdown(diff: PhotoDiff, top: int = 10) -> str:
-    """Counts (A = base, B = head) and the first `top` paths that went right -> wrong and
-    wrong -> right, for the CI report."""
+    """For the CI report: counts and the first `top` paths right -> wrong and wrong -> right."""
     parts = [f"{diff.counts()} (A = base, B = head)."]
     for kind in KINDS[:2]:
         if paths := diff.paths(kind):
@@ -98,8 +93,8 @@ def _thumbnail(file: Path) -> str | None:
 def write_outputs(
     diff: PhotoDiff, csv_path: Path, photos_root: Path, names: tuple[str, str]
 ) -> Path:
-    """Write `csv_path` (COLUMNS) and beside it an offline HTML page (.html) with thumbnails read
-    from `photos_root` / path (the path alone where unreadable); return the page's path."""
+    """Write `csv_path` (COLUMNS) and beside it an offline .html page with thumbnails (from
+    `photos_root` / path, where readable); return the page's path."""
     write_csv(csv_path, {c: [row[i] for row in diff.rows] for i, c in enumerate(COLUMNS)})
     rows = "".join(
         f"<tr><td>{f'<img src={t!r}>' if (t := _thumbnail(photos_root / row[1])) else ''}</td>"

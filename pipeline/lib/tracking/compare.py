@@ -287,44 +287,32 @@ def photo_changes(args: argparse.Namespace) -> str:
     return f"A = {name_a}, B = {name_b}: {diff.counts()}.\n{result}"
 
 
-def _positive_int(text: str) -> int:
-    if (value := int(text)) < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     """The command-line parser of `python -m pipeline.compare`."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline.compare",
-        description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "
-        "validation/test accuracy, macro F1 and duration, sorted by a metric.",
+        description="An experiment's MLflow runs (or a sweep's children): key params, accuracy, "
+        "macro F1 and duration, sorted by a metric.",
     )
-    params = ",".join(DEFAULT_PARAMS)
-    p.add_argument("--tracking-uri", help="MLflow store (" + FROM_PARAMS.format("uri") + ")")
-    p.add_argument("--experiment", help="experiment (" + FROM_PARAMS.format("experiment") + ")")
-    p.add_argument("--parent", metavar="RUN_ID", help="only this sweep run's children (id prefix)")
-    p.add_argument("--params", default=params, help=f"comma-separated params (default: {params})")
-    p.add_argument("--sort", default=DEFAULT_SORT, metavar="METRIC", help="best first by this")
-    p.add_argument("--ascending", action="store_true", help="smallest first (e.g. for a loss)")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N runs")
-    p.add_argument("--format", choices=FORMATS, default="markdown")
-    p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    p.add_argument(
-        "--mcnemar",
-        nargs=2,
-        metavar=("A", "B"),
-        help="instead: McNemar's exact test on two runs' test predictions (as --photos)",
-    )
-    p.add_argument(
+    add, pair = p.add_argument, {"nargs": 2, "metavar": ("A", "B")}
+    add("--tracking-uri", help=f"MLflow store ({FROM_PARAMS.format('uri')})")
+    add("--experiment", help=f"experiment ({FROM_PARAMS.format('experiment')})")
+    add("--parent", metavar="RUN_ID", help="only this sweep run's children (id prefix)")
+    add("--params", default=",".join(DEFAULT_PARAMS), help="comma-separated (%(default)s)")
+    add("--sort", default=DEFAULT_SORT, metavar="METRIC", help="best first by this")
+    add("--ascending", action="store_true", help="smallest first (e.g. for a loss)")
+    add("--limit", type=int, metavar="N", help="at most N runs")
+    add("--format", choices=FORMATS, default="markdown")
+    add("--output", metavar="FILE", help="write the table here instead of stdout")
+    add("--mcnemar", **pair, help="instead: McNemar's exact test on two runs (as --photos)")
+    add(
         "--photos",
-        nargs=2,
-        metavar=("A", "B"),
-        help="instead: the photos whose prediction changed from A to B (each an MLflow run id, git "
-        "revision, DVC experiment or 'workspace'): --output CSV (default photo_changes.csv) and "
-        "an HTML page beside it",
+        **pair,
+        help="instead: the photos whose prediction changed from A to B (each a run id, git "
+        "revision, DVC experiment or 'workspace'), as --output CSV (default photo_changes.csv) "
+        "and an HTML page beside it",
     )
-    p.add_argument("--photos-root", type=Path, help="where the CSV's paths are (default: the data)")
+    add("--photos-root", type=Path, help="where the CSV's paths start (default: the data)")
     return p
 
 
