@@ -1,10 +1,7 @@
 """Compare runs: an experiment's runs (or a sweep's children) with key params and metrics, sorted
-by a metric. A reporting tool (plain argparse): nothing is written, a missing store is reported.
+by a metric; nothing is written to the store, a missing store is reported.
 
-    python -m pipeline.compare                # params.yaml's experiment, by test_accuracy
-    python -m pipeline.compare --parent <sweep run id> --sort final_val_accuracy
-    python -m pipeline.compare --params train.C,train.label_smoothing --limit 5
-    python -m pipeline.compare --format csv --output reports/runs.csv
+    python -m pipeline.compare --parent <sweep run id> --sort final_val_accuracy --limit 5
     python -m pipeline.compare --mcnemar RUN_A RUN_B      # do two runs really differ?
     python -m pipeline.compare --photos A B   # which photos changed (runs, revisions, experiments)
 """
@@ -74,10 +71,10 @@ TRACKING_KEYS = {"tracking_uri": "uri", "experiment": "experiment", "model": "re
 FROM_PARAMS = "default: params.yaml's tracking.{}, as the stages resolve it"
 
 
-def project_tracking(root: Path | None = None) -> TrackingConfig:
+def project_tracking() -> TrackingConfig:
     """The `tracking` node of the project's params.yaml as the stages resolve it (`auto`: named
     after the data); the schema's (toy trucks) without the file. ConfigError when invalid."""
-    path = (root or store.project_root()) / "params.yaml"
+    path = store.project_root() / "params.yaml"
     if not path.is_file():
         defaults = TrackingConfig(
             experiment=DEFAULT_EXPERIMENT, registered_model=DEFAULT_REGISTERED_MODEL

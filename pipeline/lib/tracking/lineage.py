@@ -23,6 +23,7 @@ from pipeline.lib.tracking.store import TrackingError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +144,20 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
     return ended
 
 
+def _newest_tagged(
+    client: MlflowClient, experiment_id: str, tag: str, value: str, limit: int
+) -> list[Run]:
+    where, newest = f"tags.`{tag}` = '{value}'", ["attributes.start_time DESC"]
+    return client.search_runs([experiment_id], where, order_by=newest, max_results=limit)
+
+
 def interrupted_run(
     client: MlflowClient, experiment_id: str, cfg: Config, checkpoint: Path
 ) -> str | None:
     """With `train.resume`: the newest KILLED or FAILED run tagged with this checkpoint folder."""
     if not (cfg.train.resume and checkpoint.exists()):
         return None
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_CHECKPOINT}` = '{checkpoint.name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=50,
-    )
+    runs = _newest_tagged(client, experiment_id, TAG_CHECKPOINT, checkpoint.name, 50)
     run_id = next((r.info.run_id for r in runs if r.info.status in ("KILLED", "FAILED")), None)
     if run_id:
         log.info("train.resume=true: continuing MLflow run %s", run_id)
@@ -203,12 +206,7 @@ def later_stage_run(
         )
     found = [run] if run is not None and run.info.experiment_id == experiment_id else []
     if md5 := model_md5(cfg.paths.models):
-        found += client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{TAG_MODEL_MD5}` = '{md5}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=100,
-        )
+        found += _newest_tagged(client, experiment_id, TAG_MODEL_MD5, md5, 100)
     for candidate in found:
         same_experiment = exp_name is None or candidate.data.tags.get(TAG_EXP_NAME) == exp_name
         if candidate.info.lifecycle_stage == "active" and same_experiment:

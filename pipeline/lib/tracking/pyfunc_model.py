@@ -62,8 +62,6 @@ def to_images(data: Any, size: int, resize: str) -> np.ndarray:
                 f"got columns {list(data.columns)}"
             )
         data = data.iloc[:, 0].tolist()
-    elif isinstance(data, pd.Series):
-        data = data.tolist()
     if isinstance(data, list | tuple) and data and isinstance(data[0], str | bytes):
         return _decode(data, size, resize)
     array = np.asarray(data)

@@ -42,15 +42,20 @@ DEFAULT_ALIAS = "champion"
 
 @dataclass(frozen=True)
 class Candidate:
-    """A registered version, the run that logged it (None when gone) and that run's metric."""
+    """A registered version, the run that logged it (None when gone) and the metric compared."""
 
     version: ModelVersion
     run: Run | None
-    value: float | None
+    metric: str
 
     @property
     def number(self) -> int:
         return int(self.version.version)
+
+    @property
+    def value(self) -> float | None:
+        value = self.run.data.metrics.get(self.metric, math.nan) if self.run else math.nan
+        return None if math.isnan(value) else float(value)
 
     def origin(self) -> tuple[str, str | None]:  # (experiment id, data tag) of its run
         run = self.run
@@ -74,12 +79,8 @@ def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> lis
         page = client.search_model_versions(query, max_results=1000, page_token=token)
         versions.extend(page)
         token = page.token or ""
-    runs = {run_id: _run_or_none(client, run_id) for run_id in {v.run_id for v in versions}}
-    found = []
-    for version in versions:
-        run = runs[version.run_id]
-        value = run.data.metrics.get(metric, math.nan) if run is not None else math.nan
-        found.append(Candidate(version, run, None if math.isnan(value) else float(value)))
+    runs = {v.run_id: _run_or_none(client, v.run_id) for v in versions}
+    found = [Candidate(v, runs[v.run_id], metric) for v in versions]
     return sorted(found, key=lambda c: c.number, reverse=True)
 
 
