@@ -25,11 +25,16 @@ from typing import NamedTuple
 
 from pipeline.lib.reporting.figures import save_confusion_matrix
 from pipeline.lib.reporting.metrics import significance_text
-from pipeline.lib.reporting.photo_changes import PhotoDiff, diff_predictions, markdown
+from pipeline.lib.reporting.photo_changes import (
+    DEFAULT_PREDICTIONS,
+    WORKSPACE,
+    PhotoDiff,
+    diff_predictions,
+    markdown,
+    read_at_revision,
+)
 
-WORKSPACE = "workspace"
 DEFAULT_METRIC = "test.accuracy"
-DEFAULT_PREDICTIONS = "reports/predictions.csv"
 METRICS_FILE = "reports/metrics.json"
 #: above this many classes the confusion matrix is not written out as a Markdown table
 TEXT_MATRIX_MAX_CLASSES = 12
@@ -132,16 +137,6 @@ def dvc_diff(
         for path, entries in (diff or {}).items()
         for name, entry in (entries or {}).items()
     ]
-
-
-def read_at_revision(repo: Path | str, path: str, rev: str) -> str | None:
-    """Git-tracked `path`'s text at `rev` (or in the workspace); None where it does not exist."""
-    repo = Path(repo)
-    if rev == WORKSPACE:
-        file = repo / path
-        return file.read_text(encoding="utf-8") if file.is_file() else None
-    proc = _git(repo, "show", "--end-of-options", f"{rev}:./{path}")
-    return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
 
 
 def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = None) -> Confusion:

@@ -10,6 +10,7 @@ import base64
 import csv
 import html
 import io
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from pipeline.lib.reporting.tables import write_csv
 KINDS = ("right -> wrong", "wrong -> right", "changed, both wrong", "only in A", "only in B")
 COLUMNS = ("change", "path", "actual", "predicted_a", "confidence_a", "predicted_b", "confidence_b")
 THUMB_PX = 96
+WORKSPACE = "workspace"
+DEFAULT_PREDICTIONS = "reports/predictions.csv"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,16 @@ class PhotoDiff:
 
     def counts(self) -> str:
         return ", ".join(f"{len(self.paths(kind))} {kind}" for kind in KINDS)
+
+
+def read_at_revision(repo: Path | str, path: str, rev: str) -> str | None:
+    """Git-tracked `path`'s text at `rev` (or in the workspace); None where it does not exist."""
+    if rev == WORKSPACE:
+        file = Path(repo) / path
+        return file.read_text(encoding="utf-8") if file.is_file() else None
+    show = ["git", "show", "--end-of-options", f"{rev}:./{path}"]
+    proc = subprocess.run(show, cwd=repo, capture_output=True)
+    return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
 
 
 def _by_photo(text: str, hashed: bool) -> dict[tuple[str, str], dict[str, str]]:

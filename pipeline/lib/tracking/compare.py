@@ -36,9 +36,13 @@ from pipeline.lib.config.schema import (
     validate,
 )
 from pipeline.lib.files import read_json
-from pipeline.lib.reporting.ci_report import DEFAULT_PREDICTIONS, read_at_revision
 from pipeline.lib.reporting.metrics import significance_text
-from pipeline.lib.reporting.photo_changes import diff_predictions, write_outputs
+from pipeline.lib.reporting.photo_changes import (
+    DEFAULT_PREDICTIONS,
+    diff_predictions,
+    read_at_revision,
+    write_outputs,
+)
 from pipeline.lib.tracking import store
 from pipeline.lib.tracking.lineage import TAG_PARENT
 from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri
