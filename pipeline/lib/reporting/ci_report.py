@@ -1,13 +1,10 @@
-"""What a pull request changes, as Markdown: `dvc metrics diff --all` and `dvc params diff` (the
-headline metric first, with a one-line verdict; unchanged metrics folded away), McNemar's test,
-the photos that changed, and each revision's test confusion matrix from the git-tracked
-`reports/predictions.csv`, as PNGs (relative links) and Markdown tables (PR comments may not
-render images).
+"""What a pull request changes, as Markdown: `dvc metrics diff --all` and `dvc params diff`
+(headline metric first, with a verdict; unchanged metrics folded), McNemar's test, the photos that
+changed, and each revision's test confusion matrix from the git-tracked predictions.csv (PNG and
+Markdown table: PR comments may not render images). An unknown revision or a failing git/dvc
+command exits with status 2 and the message (dvc's stderr included).
 
     python -m pipeline.ci_report --base origin/main [--head REV|workspace] --output report.md
-
-DVC runs as `sys.executable -m dvc`; an unknown revision or a failing git/dvc command exits
-with status 2 and the message (dvc's stderr included).
 """
 
 from __future__ import annotations
@@ -28,11 +25,16 @@ from typing import NamedTuple
 
 from pipeline.lib.reporting.figures import save_confusion_matrix
 from pipeline.lib.reporting.metrics import significance_text
-from pipeline.lib.reporting.photo_changes import PhotoDiff, diff_predictions, markdown
+from pipeline.lib.reporting.photo_changes import (
+    DEFAULT_PREDICTIONS,
+    WORKSPACE,
+    PhotoDiff,
+    diff_predictions,
+    markdown,
+    read_at_revision,
+)
 
-WORKSPACE = "workspace"
 DEFAULT_METRIC = "test.accuracy"
-DEFAULT_PREDICTIONS = "reports/predictions.csv"
 METRICS_FILE = "reports/metrics.json"
 #: above this many classes the confusion matrix is not written out as a Markdown table
 TEXT_MATRIX_MAX_CLASSES = 12
@@ -82,10 +84,10 @@ class Moved(NamedTuple):  # a confusion-matrix cell whose count differs
 
 def _dvc(repo: Path, *args: str) -> tuple[str, list[str]]:
     """dvc's stdout, and the warnings it printed (it warns, and exits 0, on unreadable files)."""
-    cmd = [sys.executable, "-m", "dvc", *args]
-    env = dict(os.environ)
-    # dvc (and anything it spawns) from the same environment as this interpreter
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [sys.executable, "-m", "dvc", *args]  # dvc and what it spawns from this environment
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    }
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip() or "(no output)")[-4000:]
@@ -137,16 +139,6 @@ def dvc_diff(
     ]
 
 
-def read_at_revision(repo: Path | str, path: str, rev: str) -> str | None:
-    """Git-tracked `path`'s text at `rev` (or in the workspace); None where it does not exist."""
-    repo = Path(repo)
-    if rev == WORKSPACE:
-        file = repo / path
-        return file.read_text(encoding="utf-8") if file.is_file() else None
-    proc = _git(repo, "show", f"{rev}:./{path}")
-    return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
-
-
 def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = None) -> Confusion:
     """The confusion matrix of a predictions.csv text (columns `actual`, `predicted`) in the
     order `classes` (default: sorted labels; labels not in it are appended, sorted). Raises
@@ -186,17 +178,12 @@ def confusion_changes(base: Confusion, head: Confusion) -> list[Moved]:
         for m, names in (base, head)
     )
     order = list(dict.fromkeys([*base[1], *head[1]]))
-    keys = sorted(set(b) | set(h), key=lambda k: (order.index(k[0]), order.index(k[1])))
-    return [
-        Moved(a, p, b.get((a, p), 0), h.get((a, p), 0))
-        for a, p in keys
-        if b.get((a, p), 0) != h.get((a, p), 0)
-    ]
+    cells = [(a, p, b.get((a, p), 0), h.get((a, p), 0)) for a in order for p in order]
+    return [Moved(*cell) for cell in cells if cell[2] != cell[3]]
 
 
 def _md(value: object) -> str:
-    """A value as Markdown table cell text; "<" and "&" as entities (a class named "<!--" would
-    hide the rest of a PR comment)."""
+    """A Markdown table cell; "<" and "&" as entities (a class "<!--" would hide the comment)."""
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -272,11 +259,9 @@ def render_metrics(rows: Sequence[Change], metric: str = DEFAULT_METRIC) -> str:
         hidden = [r for r in in_file if r not in shown]
         parts += [f"**`{path}`**\n", _metrics_table(shown) if shown else "_No metric changed._"]
         if hidden:
-            parts.append(
-                f"\n<details><summary>{len(hidden)} unchanged metric"
-                f"{'s' if len(hidden) != 1 else ''}</summary>\n\n"
-                f"{_metrics_table(hidden)}\n\n</details>"
-            )
+            summary = f"{len(hidden)} unchanged metric{'s' if len(hidden) != 1 else ''}"
+            parts.append(f"\n<details><summary>{summary}</summary>\n\n{_metrics_table(hidden)}")
+            parts.append("\n</details>")
         parts.append("")
     return "\n".join(parts).rstrip()
 
@@ -295,13 +280,14 @@ def render_params(rows: Sequence[Change]) -> str:
 
 @dataclass
 class Side:
-    """One revision in the report: as given, its short SHA, and its test confusion matrix."""
+    """One revision: as given, its short SHA, its test confusion matrix, the PNG's path relative
+    to the report, or the note why there is no matrix."""
 
     rev: str
     short: str
     confusion: Confusion | None = None
-    image: str | None = None  # relative to the report
-    note: str | None = None  # why there is no matrix
+    image: str | None = None
+    note: str | None = None
 
     @property
     def title(self) -> str:

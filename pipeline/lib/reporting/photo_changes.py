@@ -1,11 +1,8 @@
-"""Which photos two runs disagree on, from their predictions.csv texts (columns read by name:
-`path`, `actual`, `predicted`, and `confidence` where present), paired by `path` (and `sha256`
-where both have it); photos only one run has are listed apart, not dropped.
-
-McNemar's test is `metrics.mcnemar_exact` on the paired photos: with b photos right only in A and
-c right only in B, p = min(1, 2 P(X <= min(b, c))), X ~ Binomial(b + c, 1/2) (McNemar 1947,
-Psychometrika 12:153; the exact form: Fagerland, Lydersen & Laake 2013, BMC Med. Res.
-Methodol. 13:91, eq. 2)."""
+"""Which photos two runs disagree on, from their predictions.csv texts (columns by name: `path`,
+`actual`, `predicted`, `confidence` where present), paired by `path` (and `sha256` where both have
+it); photos only one run has are listed apart. McNemar's exact test on the paired photos, with b
+right only in A and c only in B: p = min(1, 2 P(X <= min(b, c))), X ~ Binomial(b + c, 1/2)
+(McNemar 1947, Psychometrika 12:153; Fagerland et al. 2013, BMC Med Res Methodol 13:91, eq. 2)."""
 
 from __future__ import annotations
 
@@ -13,6 +10,7 @@ import base64
 import csv
 import html
 import io
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,8 @@ from pipeline.lib.reporting.tables import write_csv
 KINDS = ("right -> wrong", "wrong -> right", "changed, both wrong", "only in A", "only in B")
 COLUMNS = ("change", "path", "actual", "predicted_a", "confidence_a", "predicted_b", "confidence_b")
 THUMB_PX = 96
+WORKSPACE = "workspace"
+DEFAULT_PREDICTIONS = "reports/predictions.csv"
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,16 @@ class PhotoDiff:
         return ", ".join(f"{len(self.paths(kind))} {kind}" for kind in KINDS)
 
 
+def read_at_revision(repo: Path | str, path: str, rev: str) -> str | None:
+    """Git-tracked `path`'s text at `rev` (or in the workspace); None where it does not exist."""
+    if rev == WORKSPACE:
+        file = Path(repo) / path
+        return file.read_text(encoding="utf-8") if file.is_file() else None
+    show = ["git", "show", "--end-of-options", f"{rev}:./{path}"]
+    proc = subprocess.run(show, cwd=repo, capture_output=True)
+    return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
+
+
 def _by_photo(text: str, hashed: bool) -> dict[tuple[str, str], dict[str, str]]:
     reader = csv.DictReader(io.StringIO(text))
     if missing := {"path", "actual", "predicted"} - set(reader.fieldnames or []):
@@ -55,8 +65,7 @@ def _row(kind: str, a: dict[str, str], b: dict[str, str]) -> tuple[str, ...]:
 
 
 def diff_predictions(text_a: str, text_b: str) -> PhotoDiff:
-    """The photos whose prediction differs between two predictions.csv texts. ValueError when a
-    text lacks `path`, `actual` or `predicted`."""
+    """The photos whose prediction differs; ValueError when a text lacks a needed column."""
     hashed = all("sha256" in next(csv.reader(io.StringIO(t)), []) for t in (text_a, text_b))
     a, b = _by_photo(text_a, hashed), _by_photo(text_b, hashed)
     common = sorted(a.keys() & b.keys())
@@ -73,8 +82,7 @@ def diff_predictions(text_a: str, text_b: str) -> PhotoDiff:
 
 
 def markdown(diff: PhotoDiff, top: int = 10) -> str:
-    """Counts (A = base, B = head) and the first `top` paths that went right -> wrong and
-    wrong -> right, for the CI report."""
+    """For the CI report: counts and the first `top` paths right -> wrong and wrong -> right."""
     parts = [f"{diff.counts()} (A = base, B = head)."]
     for kind in KINDS[:2]:
         if paths := diff.paths(kind):
@@ -98,8 +106,8 @@ def _thumbnail(file: Path) -> str | None:
 def write_outputs(
     diff: PhotoDiff, csv_path: Path, photos_root: Path, names: tuple[str, str]
 ) -> Path:
-    """Write `csv_path` (COLUMNS) and beside it an offline HTML page (.html) with thumbnails read
-    from `photos_root` / path (the path alone where unreadable); return the page's path."""
+    """Write `csv_path` (COLUMNS) and beside it an offline .html page with thumbnails (from
+    `photos_root` / path, where readable); return the page's path."""
     write_csv(csv_path, {c: [row[i] for row in diff.rows] for i, c in enumerate(COLUMNS)})
     rows = "".join(
         f"<tr><td>{f'<img src={t!r}>' if (t := _thumbnail(photos_root / row[1])) else ''}</td>"

@@ -1,10 +1,7 @@
 """Compare runs: an experiment's runs (or a sweep's children) with key params and metrics, sorted
-by a metric. A reporting tool (plain argparse): nothing is written, a missing store is reported.
+by a metric; nothing is written to the store, a missing store is reported.
 
-    python -m pipeline.compare                # params.yaml's experiment, by test_accuracy
-    python -m pipeline.compare --parent <sweep run id> --sort final_val_accuracy
-    python -m pipeline.compare --params train.C,train.label_smoothing --limit 5
-    python -m pipeline.compare --format csv --output reports/runs.csv
+    python -m pipeline.compare --parent <sweep run id> --sort final_val_accuracy --limit 5
     python -m pipeline.compare --mcnemar RUN_A RUN_B      # do two runs really differ?
     python -m pipeline.compare --photos A B   # which photos changed (runs, revisions, experiments)
 """
@@ -40,7 +37,12 @@ from pipeline.lib.config.schema import (
 )
 from pipeline.lib.files import read_json
 from pipeline.lib.reporting.metrics import significance_text
-from pipeline.lib.reporting.photo_changes import diff_predictions, write_outputs
+from pipeline.lib.reporting.photo_changes import (
+    DEFAULT_PREDICTIONS,
+    diff_predictions,
+    read_at_revision,
+    write_outputs,
+)
 from pipeline.lib.tracking import store
 from pipeline.lib.tracking.lineage import TAG_PARENT
 from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri
@@ -58,13 +60,13 @@ METRICS = ("final_val_accuracy", "test_accuracy", "test_macro_f1")
 DEFAULT_SORT = "test_accuracy"
 FORMATS = ("markdown", "csv")
 SHORT_ID = 8
-#: The evaluate stage's per-image predictions in a run's artifacts.
-PREDICTIONS_ARTIFACT = "reports/predictions.csv"
+#: The evaluate stage's per-image predictions, in a run's artifacts and in git.
+PREDICTIONS_ARTIFACT = DEFAULT_PREDICTIONS
 _PAGE = 1000
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 
 
-class StoreError(RuntimeError):
+class StoreError(TrackingError):
     """The tracking store, experiment, run or model asked for does not exist or cannot be read."""
 
 
@@ -73,10 +75,10 @@ TRACKING_KEYS = {"tracking_uri": "uri", "experiment": "experiment", "model": "re
 FROM_PARAMS = "default: params.yaml's tracking.{}, as the stages resolve it"
 
 
-def project_tracking(root: Path | None = None) -> TrackingConfig:
+def project_tracking() -> TrackingConfig:
     """The `tracking` node of the project's params.yaml as the stages resolve it (`auto`: named
     after the data); the schema's (toy trucks) without the file. ConfigError when invalid."""
-    path = (root or store.project_root()) / "params.yaml"
+    path = store.project_root() / "params.yaml"
     if not path.is_file():
         defaults = TrackingConfig(
             experiment=DEFAULT_EXPERIMENT, registered_model=DEFAULT_REGISTERED_MODEL
@@ -120,12 +122,9 @@ def check_store(tracking_uri: str) -> None:
 
 
 def open_client(tracking_uri: str) -> mlflow.MlflowClient:
-    """An MlflowClient on an existing store (read-only files are fine). Raises `StoreError`."""
+    """An MlflowClient on an existing store (read-only files are fine); TrackingError else."""
     check_store(resolve_uri(tracking_uri))
-    try:
-        return store.open_client(tracking_uri)
-    except TrackingError as exc:
-        raise StoreError(str(exc)) from None
+    return store.open_client(tracking_uri)
 
 
 def experiment_id(client: mlflow.MlflowClient, experiment: str) -> str:
@@ -148,7 +147,7 @@ def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_i
         return client.get_run(run_id).info.run_id
     except MlflowException:
         pass
-    runs = _search_all(client, experiment_ids, "", None, None)
+    runs = _search_all(client, experiment_ids)
     matches = [r.info.run_id for r in runs if r.info.run_id.startswith(run_id)]
     if len(matches) != 1:
         what = "ambiguous: " + ", ".join(matches) if matches else f"not in {client.tracking_uri}"
@@ -158,18 +157,16 @@ def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_i
 
 def _search_all(
     client: mlflow.MlflowClient,
-    experiment_ids: list[str],
-    filter_string: str,
-    order_by: list[str] | None,
-    limit: int | None,
+    ids: list[str],
+    where: str = "",
+    order_by: list[str] | None = None,
+    limit: int | None = None,
 ) -> list[Run]:
     runs: list[Run] = []
     token = None
     while limit is None or len(runs) < limit:
         size = _PAGE if limit is None else min(_PAGE, limit - len(runs))
-        page = client.search_runs(
-            experiment_ids, filter_string, max_results=size, order_by=order_by, page_token=token
-        )
+        page = client.search_runs(ids, where, max_results=size, order_by=order_by, page_token=token)
         runs.extend(page)
         if not (token := page.token):
             break
@@ -253,12 +250,6 @@ def run_predictions(client: mlflow.MlflowClient, experiment: str, given: str) ->
         return run_id, Path(local).read_text(encoding="utf-8")
 
 
-def _git_show(rev: str) -> str | None:
-    show = ["git", "show", "--end-of-options", f"{rev}:./{PREDICTIONS_ARTIFACT}"]
-    proc = subprocess.run(show, capture_output=True)
-    return proc.stdout.decode("utf-8") if proc.returncode == 0 else None
-
-
 def predictions_at(given: str, args: argparse.Namespace) -> tuple[str, str]:
     """(name, predictions.csv text) of 'workspace', a git revision, a DVC experiment (the newest
     exp ref of that name) or an MLflow run id (prefix), tried in that order."""
@@ -266,17 +257,15 @@ def predictions_at(given: str, args: argparse.Namespace) -> tuple[str, str]:
         raise ValueError(
             "an empty run reference: give 'workspace', a git revision, an experiment or a run id"
         )
-    if given == "workspace" and Path(PREDICTIONS_ARTIFACT).is_file():
-        return given, Path(PREDICTIONS_ARTIFACT).read_text(encoding="utf-8")
     refs = ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps"]
     listed = subprocess.run(refs, capture_output=True, text=True).stdout.split()
     for rev in [given, *(r for r in listed if r.rsplit("/", 1)[-1] == given)]:
-        if (text := _git_show(rev)) is not None:
+        if (text := read_at_revision(".", PREDICTIONS_ARTIFACT, rev)) is not None:
             return given, text
     fill_from_params(args)
     try:
         run_id, text = run_predictions(open_client(args.tracking_uri), args.experiment, given)
-    except StoreError as exc:
+    except TrackingError as exc:
         raise StoreError(f"{given!r}: no git revision or DVC experiment, and {exc}") from None
     return run_id[:SHORT_ID], text
 
@@ -299,44 +288,32 @@ def photo_changes(args: argparse.Namespace) -> str:
     return f"A = {name_a}, B = {name_b}: {diff.counts()}.\n{result}"
 
 
-def _positive_int(text: str) -> int:
-    if (value := int(text)) < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     """The command-line parser of `python -m pipeline.compare`."""
     p = argparse.ArgumentParser(
         prog="python -m pipeline.compare",
-        description="Table of an experiment's MLflow runs (or a sweep's child runs): key params, "
-        "validation/test accuracy, macro F1 and duration, sorted by a metric.",
+        description="An experiment's MLflow runs (or a sweep's children): key params, accuracy, "
+        "macro F1 and duration, sorted by a metric.",
     )
-    params = ",".join(DEFAULT_PARAMS)
-    p.add_argument("--tracking-uri", help="MLflow store (" + FROM_PARAMS.format("uri") + ")")
-    p.add_argument("--experiment", help="experiment (" + FROM_PARAMS.format("experiment") + ")")
-    p.add_argument("--parent", metavar="RUN_ID", help="only this sweep run's children (id prefix)")
-    p.add_argument("--params", default=params, help=f"comma-separated params (default: {params})")
-    p.add_argument("--sort", default=DEFAULT_SORT, metavar="METRIC", help="best first by this")
-    p.add_argument("--ascending", action="store_true", help="smallest first (e.g. for a loss)")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N runs")
-    p.add_argument("--format", choices=FORMATS, default="markdown")
-    p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    p.add_argument(
-        "--mcnemar",
-        nargs=2,
-        metavar=("A", "B"),
-        help="instead: McNemar's exact test on two runs' test predictions (as --photos)",
-    )
-    p.add_argument(
+    add, pair = p.add_argument, {"nargs": 2, "metavar": ("A", "B")}
+    add("--tracking-uri", help=f"MLflow store ({FROM_PARAMS.format('uri')})")
+    add("--experiment", help=f"experiment ({FROM_PARAMS.format('experiment')})")
+    add("--parent", metavar="RUN_ID", help="only this sweep run's children (id prefix)")
+    add("--params", default=",".join(DEFAULT_PARAMS), help="comma-separated (%(default)s)")
+    add("--sort", default=DEFAULT_SORT, metavar="METRIC", help="best first by this")
+    add("--ascending", action="store_true", help="smallest first (e.g. for a loss)")
+    add("--limit", type=int, metavar="N", help="at most N runs")
+    add("--format", choices=FORMATS, default="markdown")
+    add("--output", metavar="FILE", help="write the table here instead of stdout")
+    add("--mcnemar", **pair, help="instead: McNemar's exact test on two runs (as --photos)")
+    add(
         "--photos",
-        nargs=2,
-        metavar=("A", "B"),
-        help="instead: the photos whose prediction changed from A to B (each an MLflow run id, git "
-        "revision, DVC experiment or 'workspace'): --output CSV (default photo_changes.csv) and "
-        "an HTML page beside it",
+        **pair,
+        help="instead: the photos whose prediction changed from A to B (each a run id, git "
+        "revision, DVC experiment or 'workspace'), as --output CSV (default photo_changes.csv) "
+        "and an HTML page beside it",
     )
-    p.add_argument("--photos-root", type=Path, help="where the CSV's paths are (default: the data)")
+    add("--photos-root", type=Path, help="where the CSV's paths start (default: the data)")
     return p
 
 
@@ -353,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         df = runs_table(
             client, args.experiment, args.parent, params, args.sort, args.ascending, args.limit
         )
-    except (StoreError, ValueError) as exc:  # ConfigError is a ValueError
+    except (TrackingError, ValueError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MlflowException as exc:
@@ -372,7 +349,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     Path(args.output).write_text(text, encoding="utf-8")
     print(f"Wrote {len(df)} runs to {args.output}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,5 @@
-"""Which MLflow run a stage belongs to, and what links it to git, DVC and its process: runs are
-named after the DVC experiment, else `repro-`/`run-<commit>-<config hash>`, and tagged with their
-process, so that a RUNNING run of this host whose process is gone is ended KILLED."""
+"""Which MLflow run a stage belongs to, and what links it to git, DVC and its process (a RUNNING
+run of this host whose process is gone is ended KILLED)."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from pipeline.lib.tracking.store import TrackingError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_PID = "pipeline.pid"
 TAG_PID_START = "pipeline.pid_start"
 TAG_HOST = "pipeline.host"
-TAG_ENDED_BY = "pipeline.ended_by"
 TAG_MODEL_MD5 = "pipeline.model_md5"
 TAG_CHECKPOINT = "pipeline.checkpoint"
 
@@ -91,8 +90,7 @@ def run_name(cfg: Config) -> str:
 
 
 def process_start(pid: int) -> str | None:
-    """When process `pid` started (ticks since boot, /proc; None where unknown): tells it from a
-    later one that reuses its pid."""
+    """When process `pid` started (ticks since boot, /proc; None where unknown)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
@@ -123,7 +121,6 @@ def run_tags(cfg: Config, stage: str) -> dict[str, str]:
 
 
 def _still_running(pid: int, started: str | None) -> bool:
-    """Whether process `pid` runs and is the one that started at `started` (None: unchecked)."""
     if pid <= 0 or not process_alive(pid):
         return False
     now = process_start(pid) if started is not None else None
@@ -134,23 +131,24 @@ def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
     """End KILLED (tagged why) the RUNNING runs of this host whose process is gone; their ids."""
     host = socket.gethostname()
     quoted = host.replace("'", "")
-    running = client.search_runs(
-        experiment_ids,
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{quoted}'",
-        max_results=1000,
-    )
+    where = f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{quoted}'"
     ended = []
-    for run in running:
+    for run in client.search_runs(experiment_ids, filter_string=where, max_results=1000):
         pid = run.data.tags.get(TAG_PID, "")
         if not pid.isdigit() or _still_running(int(pid), run.data.tags.get(TAG_PID_START)):
             continue
-        client.set_tag(run.info.run_id, TAG_ENDED_BY, f"its process {pid} on {host} is gone")
+        client.set_tag(run.info.run_id, "pipeline.ended_by", f"its process {pid} on {host} is gone")
         client.set_terminated(run.info.run_id, "KILLED")
-        log.warning(
-            "MLflow run %s was left RUNNING by process %s: ended KILLED", run.info.run_id, pid
-        )
+        log.warning("MLflow run %s left RUNNING by process %s: ended KILLED", run.info.run_id, pid)
         ended.append(run.info.run_id)
     return ended
+
+
+def _newest_tagged(
+    client: MlflowClient, experiment_id: str, tag: str, value: str, limit: int
+) -> list[Run]:
+    where, newest = f"tags.`{tag}` = '{value}'", ["attributes.start_time DESC"]
+    return client.search_runs([experiment_id], where, order_by=newest, max_results=limit)
 
 
 def interrupted_run(
@@ -159,12 +157,7 @@ def interrupted_run(
     """With `train.resume`: the newest KILLED or FAILED run tagged with this checkpoint folder."""
     if not (cfg.train.resume and checkpoint.exists()):
         return None
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_CHECKPOINT}` = '{checkpoint.name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=50,
-    )
+    runs = _newest_tagged(client, experiment_id, TAG_CHECKPOINT, checkpoint.name, 50)
     run_id = next((r.info.run_id for r in runs if r.info.status in ("KILLED", "FAILED")), None)
     if run_id:
         log.info("train.resume=true: continuing MLflow run %s", run_id)
@@ -194,8 +187,8 @@ def later_stage_run(
     client: MlflowClient, experiment_id: str, cfg: Config
 ) -> tuple[str, None] | tuple[None, Recovery]:
     """(run id to reopen, None) or (None, why a recovered run is started) for evaluate/export:
-    the run `paths.run_file` names, else the newest run tagged with the model's md5 (inside a DVC
-    experiment: of that experiment). A recorded run in MLflow's trash is a `TrackingError`."""
+    the run `paths.run_file` names, else the newest run tagged with the model's md5 (in a DVC
+    experiment: of that experiment). TrackingError when the recorded run is deleted."""
     from mlflow.exceptions import MlflowException  # lazily: see `pipeline.lib.tracking.store`
 
     recorded, exp_name = trained_run_id(cfg), os.environ.get(DVC_EXP_NAME) or None
@@ -213,12 +206,7 @@ def later_stage_run(
         )
     found = [run] if run is not None and run.info.experiment_id == experiment_id else []
     if md5 := model_md5(cfg.paths.models):
-        found += client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{TAG_MODEL_MD5}` = '{md5}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=100,
-        )
+        found += _newest_tagged(client, experiment_id, TAG_MODEL_MD5, md5, 100)
     for candidate in found:
         same_experiment = exp_name is None or candidate.data.tags.get(TAG_EXP_NAME) == exp_name
         if candidate.info.lifecycle_stage == "active" and same_experiment:

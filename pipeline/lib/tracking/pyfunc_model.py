@@ -1,29 +1,17 @@
-"""The MLflow model users load and serve: raw images in, class probabilities and a label out.
+"""The MLflow model users load and serve (`ClassifierModel`): raw images in, a label out.
 
-`ClassifierModel` is an `mlflow.pyfunc.PythonModel` whose artifacts are the three files of the
-model folder (backbone.tflite, head.npy, model.json); it loads them as the same `Classifier`
-(`pipeline.lib.model.classifier`: LiteRT backbone + head) that evaluate and `pipeline.predict`
-run, so served probabilities are evaluate's. No TensorFlow is imported. Its `predict` takes
-images as users have them:
+Its artifacts are the model folder's files, loaded as the same `Classifier` (LiteRT backbone +
+head) that evaluate and `pipeline.predict` run; no TensorFlow. `predict` takes:
 
-- an array (N, H, W, 3) or (H, W, 3) of any real numeric dtype (uint8 from a decoder, float32,
-  float64, int64 from JSON), RGB values 0..255 (NaN, infinite or out-of-range values are refused
-  at every size); at the model's input size it is used as is, at any other size each image is
-  resized as training resized (the card's `resize`: the same Pillow LANCZOS `stretch`/`pad`/
-  `crop` as `prepare`);
-- encoded image files (JPEG, PNG, ... as `prepare` takes them), as bytes or base64 text: a
-  pandas DataFrame with one column (e.g. `image`, what `mlflow models serve` builds from
-  `{"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]}}`), a list, a 1-D array,
-  or `{"inputs": ["<base64>", ...]}` over HTTP. Each file is decoded by
-  `pipeline.lib.data.images.load_rgb`, exactly as `prepare` and `pipeline.predict` decode.
+- an array (N, H, W, 3) or (H, W, 3) of any real dtype, RGB 0..255 (NaN, infinite or out-of-range
+  values refused), resized as `prepare` resizes (the card's `resize`) when not at the input size;
+- encoded image files (JPEG, PNG, ...) as bytes or base64 text: a one-column DataFrame (what
+  `mlflow models serve` builds from `dataframe_split`), a list, a 1-D array or `{"inputs": [...]}`,
+  each decoded by `pipeline.lib.data.images.load_rgb` as `prepare` decodes.
 
-It returns a DataFrame, one row per image: `label` (the most probable class, str; `unknown`
-where the model's reject rule refuses the photo, `pipeline.lib.model.reject`),
-`probability` (its probability, float) and `scores` ({class: probability}, in the card's class
-order). Bad input raises `MlflowException` (HTTP 400 from `mlflow models serve`) saying what was
-expected. The model's code is logged with it (`code_paths`: the `pipeline` package), so a serving
-process needs only the logged artifacts and the pinned requirements.
-"""
+It returns one row per image: `label` (str; `unknown` where the reject rule refuses the photo),
+`probability` (float) and `scores` ({class: probability}). Bad input raises `MlflowException`
+(HTTP 400 when served). The `pipeline` package is logged with it (`code_paths`)."""
 
 from __future__ import annotations
 
@@ -63,11 +51,8 @@ def _input_error(message: str) -> MlflowException:
 
 
 def to_images(data: Any, size: int, resize: str) -> np.ndarray:
-    """`data` (see the module docstring) as float32 (N, size, size, 3), RGB 0..255.
-
-    Raises:
-        MlflowException: input of another kind, shape or range, or a file that is no image.
-    """
+    """`data` (see the module docstring) as float32 (N, size, size, 3), RGB 0..255; an
+    MlflowException for input of another kind, shape or range, or a file that is no image."""
     if isinstance(data, dict) and len(data) == 1:
         data = next(iter(data.values()))
     if isinstance(data, pd.DataFrame):
@@ -77,8 +62,6 @@ def to_images(data: Any, size: int, resize: str) -> np.ndarray:
                 f"got columns {list(data.columns)}"
             )
         data = data.iloc[:, 0].tolist()
-    elif isinstance(data, pd.Series):
-        data = data.tolist()
     if isinstance(data, list | tuple) and data and isinstance(data[0], str | bytes):
         return _decode(data, size, resize)
     array = np.asarray(data)
@@ -127,8 +110,6 @@ def _decode(items: Sequence[str | bytes], size: int, resize: str) -> np.ndarray:
 
 
 def _image_bytes(item: str | bytes, index: int) -> bytes:
-    """An encoded image file's bytes from raw bytes or base64 text (a data: URL prefix is
-    allowed)."""
     if isinstance(item, bytes) and (item.startswith(_MAGIC) or item[4:8] == b"ftyp"):
         return item
     text = item.decode("ascii", "replace") if isinstance(item, bytes) else str(item)
@@ -146,8 +127,7 @@ def _image_bytes(item: str | bytes, index: int) -> bytes:
 def prediction_frame(
     probs: np.ndarray, classes: list[str], accepted: np.ndarray | None = None
 ) -> pd.DataFrame:
-    """A DataFrame: `label` (`unknown` where not `accepted`), `probability`, `scores`
-    ({class: probability}) per row of probs."""
+    """Per row of probs: `label` (`unknown` where not `accepted`), `probability`, `scores`."""
     best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     known = np.ones(len(best), bool) if accepted is None else accepted
     return pd.DataFrame(
@@ -160,13 +140,10 @@ def prediction_frame(
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
-    """The logged model: raw images -> label, probability, scores (see the module docstring).
-    Its artifacts `backbone`, `head`, `card` are the model folder's files (`ARTIFACTS`)."""
+    """The logged model (see the module docstring); its artifacts are `ARTIFACTS`."""
 
-    # MLflow inspects `predict`'s type hints as the class is defined, to validate inputs against
-    # them, and warns (under its own "once" filter, which no user filter can silence) when there
-    # are none. This model takes any of several input kinds on purpose and states its signature
-    # at log time (`runs.log_model`): MLflow's own switch for subclasses that skip that check.
+    # MLflow would validate inputs against `predict`'s type hints (and warn without them): this
+    # model takes several input kinds on purpose; its signature is stated at log time.
     _skip_type_hint_validation = True
 
     def load_context(self, context):  # noqa: ANN001, ANN201

@@ -32,6 +32,7 @@ from pipeline.lib.tracking.compare import (
     open_client,
     render,
 )
+from pipeline.lib.tracking.store import TrackingError
 
 #: Run tag of the prepared data's DVC hash: versions compete only with the same data's.
 DATA_TAG = "dvc_prepared_md5"
@@ -41,18 +42,22 @@ DEFAULT_ALIAS = "champion"
 
 @dataclass(frozen=True)
 class Candidate:
-    """A registered version, the run that logged it (None when gone) and that run's metric."""
+    """A registered version, the run that logged it (None when gone) and the metric compared."""
 
     version: ModelVersion
     run: Run | None
-    value: float | None
+    metric: str
 
     @property
     def number(self) -> int:
         return int(self.version.version)
 
-    def origin(self) -> tuple[str, str | None]:
-        """(experiment id, data tag) of the run that logged the version."""
+    @property
+    def value(self) -> float | None:
+        value = self.run.data.metrics.get(self.metric, math.nan) if self.run else math.nan
+        return None if math.isnan(value) else float(value)
+
+    def origin(self) -> tuple[str, str | None]:  # (experiment id, data tag) of its run
         run = self.run
         return (run.info.experiment_id, run.data.tags.get(DATA_TAG)) if run else ("", None)
 
@@ -74,12 +79,8 @@ def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> lis
         page = client.search_model_versions(query, max_results=1000, page_token=token)
         versions.extend(page)
         token = page.token or ""
-    runs = {run_id: _run_or_none(client, run_id) for run_id in {v.run_id for v in versions}}
-    found = []
-    for version in versions:
-        run = runs[version.run_id]
-        value = run.data.metrics.get(metric, math.nan) if run is not None else math.nan
-        found.append(Candidate(version, run, None if math.isnan(value) else float(value)))
+    runs = {v.run_id: _run_or_none(client, v.run_id) for v in versions}
+    found = [Candidate(v, runs[v.run_id], metric) for v in versions]
     return sorted(found, key=lambda c: c.number, reverse=True)
 
 
@@ -172,27 +173,17 @@ def versions_table(
 def parser() -> argparse.ArgumentParser:
     """The command-line parser of `python -m pipeline.registry` (`promote`, `list`)."""
     common = argparse.ArgumentParser(add_help=False)
-    metric = DEFAULT_METRIC
-    common.add_argument("--tracking-uri", help="MLflow store (" + FROM_PARAMS.format("uri") + ")")
-    common.add_argument(
-        "--model", help="registered model (" + FROM_PARAMS.format("registered_model") + ")"
-    )
-    common.add_argument("--metric", default=metric, help=f"run metric (default {metric})")
+    common.add_argument("--tracking-uri", help=f"MLflow store ({FROM_PARAMS.format('uri')})")
+    common.add_argument("--model", help=f"model ({FROM_PARAMS.format('registered_model')})")
+    common.add_argument("--metric", default=DEFAULT_METRIC, help="run metric (%(default)s)")
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.registry",
-        description="Promote the best registered model version; list them.",
+        prog="python -m pipeline.registry", description="Promote the best model version; list them."
     )
     commands = p.add_subparsers(dest="command", required=True, metavar="{promote,list}")
-    promote_cmd = commands.add_parser(
-        "promote",
-        parents=[common],
-        help="set an alias on the version whose run has the best metric",
-    )
-    promote_cmd.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to set (champion)")
+    promote_cmd = commands.add_parser("promote", parents=[common], help="alias the best version")
+    promote_cmd.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to set (%(default)s)")
     promote_cmd.add_argument("--ascending", action="store_true", help="lowest metric is best")
-    promote_cmd.add_argument(
-        "--any-data", action="store_true", help="compare versions of other experiments and data"
-    )
+    promote_cmd.add_argument("--any-data", action="store_true", help="other experiments, data too")
     list_cmd = commands.add_parser("list", parents=[common], help="versions, metric and aliases")
     list_cmd.add_argument("--format", choices=FORMATS, default="markdown")
     return p
@@ -207,24 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise StoreError("tracking.registered_model is null in params.yaml: pass --model")
         client = open_client(args.tracking_uri)
         if args.command == "promote":
-            promote(
-                client,
-                args.model,
-                metric=args.metric,
-                alias=args.alias,
-                ascending=args.ascending,
-                same_data=not args.any_data,
-            )
+            any_data, ascending = args.any_data, args.ascending
+            promote(client, args.model, args.metric, args.alias, ascending, same_data=not any_data)
         else:
             sys.stdout.write(render(versions_table(client, args.model, args.metric), args.format))
-    except (StoreError, ConfigError) as exc:
+    except (TrackingError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MlflowException as exc:
         print(f"error: {args.tracking_uri}: {exc.message}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

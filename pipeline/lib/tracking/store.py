@@ -1,9 +1,7 @@
-"""The MLflow store: where it is, opening it safely, and what its failures mean to a user.
-
-A relative SQLite file or artifact folder is resolved against `$DVC_ROOT` (queued and `--temp`
-experiments run in copies), else the current directory; a SQLite store is created or migrated
-under a file lock; every store failure becomes a one-line `TrackingError` naming `tracking.uri`
-and the fix. MLflow is imported lazily (~2 s): every stage's Hydra sweep callback loads this."""
+"""The MLflow store: where it is (a relative SQLite file or artifact folder against `$DVC_ROOT`,
+where queued and `--temp` experiments run in copies), opening it (created or migrated under a file
+lock), and its failures as one-line `TrackingError`s naming `tracking.uri` and the fix. MLflow is
+imported lazily (~2 s): every stage's Hydra sweep callback loads this."""
 
 from __future__ import annotations
 
@@ -65,7 +63,7 @@ def resolve_uri(uri: str) -> str:
 
 
 def store_file(uri: str) -> Path | None:
-    """The database file of a SQLite URI (resolved), None for any other store (or :memory:)."""
+    """The database file of a SQLite URI (resolved); None for other stores and :memory:."""
     resolved = resolve_uri(uri)
     path = resolved.removeprefix(SQLITE).partition("?")[0].removeprefix("file:")
     ok = resolved.startswith(SQLITE) and path and path != ":memory:"
@@ -84,19 +82,9 @@ def artifact_uri(location: str) -> str:
     return (path if path.is_absolute() else project_root() / path).resolve().as_uri()
 
 
-def experiment_artifact_location(tracking: TrackingConfig) -> str | None:
-    """The artifact location of a new experiment (URIs kept); None leaves it to the store (a
-    server ignores a local folder: a path on each client's disk)."""
-    location = tracking.artifact_location
-    if not location or _is_uri(location) or not is_remote(tracking.uri):
-        return artifact_uri(location) if location else None
-    log.info("tracking.artifact_location=%s ignored: the server stores artifacts", location)
-    return None
-
-
 def apply_http_settings(tracking: TrackingConfig) -> dict[str, str]:
-    """Bound MLflow's HTTP retries (its defaults take minutes to report a dead server), over the
-    variables already set. Returns what was set."""
+    """Bound MLflow's HTTP retries (its defaults take minutes to report a dead server); returns
+    the environment variables set."""
     settings = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(tracking.http_retries)),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(int(tracking.http_backoff_factor)),
@@ -151,7 +139,7 @@ def is_store_error(exc: BaseException, os_errors: bool = True) -> bool:
 def as_tracking_error(
     tracking: TrackingConfig, exc: BaseException, what: str, os_errors: bool = False
 ) -> TrackingError | None:
-    """`exc` as one line when it is a failure of the store while `what`; None when it is not."""
+    """`exc` as one line when it is a failure of the store while `what`; else None."""
     if is_remote(tracking.uri) and tracking_failure(exc):
         return TrackingError(
             f"tracking.uri={tracking.uri}: the MLflow tracking server failed {what} "
@@ -186,8 +174,7 @@ def store_error(uri: str, exc: BaseException, what: str = "") -> TrackingError:
 
 
 def _store_lock(file: Path | None) -> AbstractContextManager[object]:
-    """A lock held while a SQLite store is created or migrated; a no-op without a file or where
-    its folder cannot hold one (a read-only store: nothing can migrate it)."""
+    """Held while a SQLite store is created or migrated; none where its folder is read-only."""
     if file is None:
         return nullcontext()
     lock_file = file.with_name(file.name + "-lock")
@@ -205,9 +192,8 @@ _SWEEP_CLIENTS: dict[str, MlflowClient] = {}
 
 
 def open_client(uri: str) -> MlflowClient:
-    """An MlflowClient (tracking and registry) on `uri` resolved, the store created/migrated
-    under a lock, MLflow's fluent API pointed at it; shared by a multirun's jobs. TrackingError
-    when the store cannot be opened (read-only, not a database, a folder)."""
+    """An MlflowClient (tracking and registry) on `uri` resolved, the store created/migrated,
+    the fluent API pointed at it; shared by a multirun's jobs. TrackingError if unusable."""
     import mlflow
 
     # it logs a store failure's traceback before MLflow raises it (here: one TrackingError line)
@@ -250,16 +236,19 @@ def _opened_client(uri: str, resolved: str, file: Path | None) -> MlflowClient:
 
 def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
     """The id of `tracking.experiment`, created when missing (even by a parallel job) and tagged
-    `EXPERIMENT_KIND` unless it has a kind. Raises `TrackingError` when it is deleted."""
+    `EXPERIMENT_KIND` unless it has a kind. TrackingError when it is deleted."""
     from mlflow.exceptions import MlflowException
 
-    name = tracking.experiment
+    name, location = tracking.experiment, tracking.artifact_location
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
+        if location and is_remote(tracking.uri) and not _is_uri(location):
+            log.info("tracking.artifact_location=%s ignored: the server stores artifacts", location)
+            location = None
         try:
             return client.create_experiment(
                 name,
-                artifact_location=experiment_artifact_location(tracking),
+                artifact_location=artifact_uri(location) if location else None,
                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         except MlflowException as exc:  # created meanwhile by a parallel job?
@@ -284,8 +273,7 @@ def experiment_id(client: MlflowClient, tracking: TrackingConfig) -> str:
 
 
 def open_store(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
-    """(MlflowClient, experiment id): server checked, store opened, experiment found or created;
-    TrackingError else."""
+    """(client, experiment id): server checked, store opened, experiment found or created."""
     if is_remote(tracking.uri):  # before the check: it bounds that too
         apply_http_settings(tracking)
     check_reachable(tracking.uri, tracking.timeout_s)

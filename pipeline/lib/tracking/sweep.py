@@ -1,9 +1,7 @@
-"""Hydra multirun sweeps as MLflow parent/child runs (the callback is wired in conf/config.yaml).
-
-The parent run is opened before the jobs start (store and experiment created once: parallel jobs
-never race) and its id written to the sweep folder, where each job finds it (any process on the
-same file system). At the end the best child is printed and tagged on the parent; a sweep that
-stops early ends its parent FAILED at exit, never RUNNING."""
+"""Hydra multirun sweeps as MLflow parent/child runs (callback wired in conf/config.yaml): the
+parent is opened before the jobs start (parallel jobs never race to create the store) and its id
+written to the sweep folder, where each job finds it. At the end the best child is tagged on the
+parent; a sweep that stops early ends its parent FAILED at exit, never RUNNING."""
 
 from __future__ import annotations
 
@@ -35,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def read_parent_run_id(sweep_dir: str | Path) -> str | None:
-    """The parent run id recorded in `sweep_dir`, None when there is none."""
+    """The parent run id recorded in `sweep_dir`, else None."""
     path = Path(sweep_dir) / PARENT_FILE
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
 
@@ -78,8 +76,7 @@ class MlflowSweepCallback(Callback):
         self.metric, self.maximize = metric, maximize
         self._open_parent: tuple[str, str] | None = None  # (run id, tracking URI)
 
-    def _close_if_open(self) -> None:
-        """At exit: a parent run the sweep did not close (it stopped on an error) ends FAILED."""
+    def _close_if_open(self) -> None:  # at exit: a sweep stopped by an error ends it FAILED
         if self._open_parent is None:
             return
         (parent_id, uri), self._open_parent = self._open_parent, None
@@ -109,11 +106,9 @@ class MlflowSweepCallback(Callback):
                 )
             (sweep_dir / PARENT_FILE).unlink()
         overrides = " ".join(OmegaConf.select(config, "hydra.overrides.task") or [])
-        tags = {"sweep": "parent", "sweep_dir": str(sweep_dir.resolve())}
+        tags = {"sweep": "parent", "sweep_dir": str(sweep_dir.resolve()), **process_tags()}
         tags |= {"sweep_overrides": overrides[:5000], "sweep_metric": self.metric}
-        run = client.create_run(
-            experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags | process_tags()
-        )
+        run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
         uri = tracking.uri
         self._open_parent = (run.info.run_id, uri)
         atexit.register(self._close_if_open)
@@ -139,9 +134,8 @@ class MlflowSweepCallback(Callback):
             [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'"
         )
         client.set_tag(parent_id, "children", str(len(children)))
-        scored = [
-            r for r in children if r.info.status == "FINISHED" and self.metric in r.data.metrics
-        ]
+        finished = [r for r in children if r.info.status == "FINISHED"]
+        scored = [r for r in finished if self.metric in r.data.metrics]
         best = best_run(scored, self.metric, self.maximize)
         if best is not None:
             value = best.data.metrics[self.metric]
@@ -150,6 +144,6 @@ class MlflowSweepCallback(Callback):
             client.set_tag(parent_id, "best_run_name", name)
             client.log_metric(parent_id, f"best_{self.metric}", value)
             print(f"Best job of {len(children)}: run {name} ({run_id}) {self.metric}={value:.4f}")
-        failed = any(r.info.status != "FINISHED" for r in children)
-        client.set_terminated(parent_id, "FAILED" if failed or best is None else "FINISHED")
+        failed = len(finished) < len(children) or best is None
+        client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
         self._open_parent = None
