@@ -25,8 +25,6 @@ class Predictions:
     @property
     def y_pred(self) -> np.ndarray:
         """int64 (N,): argmax of `probs`."""
-        if not len(self.probs):
-            return np.zeros(0, dtype=np.int64)
         return self.probs.argmax(axis=1).astype(np.int64)
 
 
@@ -52,16 +50,6 @@ class McNemar:
     p_value: float
 
 
-def _top1(probs: np.ndarray, y_true: np.ndarray, bins: int) -> tuple[np.ndarray, ...]:
-    """(top-1 confidence, whether it is right, its bin) per image; bin b holds confidences in
-    (b/bins, (b+1)/bins], a confidence of 0 goes to bin 0."""
-    probs = np.asarray(probs, dtype=np.float64)
-    confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
-    correct = probs.argmax(axis=1) == np.asarray(y_true) if len(probs) else np.zeros(0, bool)
-    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    return confidence, correct, index
-
-
 def expected_calibration_error(
     probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
 ) -> float:
@@ -75,8 +63,12 @@ def expected_calibration_error(
 def reliability_bins(
     probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
 ) -> ReliabilityBins:
-    """The bins of `expected_calibration_error`, for a reliability diagram."""
-    confidence, correct, index = _top1(probs, y_true, bins)
+    """The bins of `expected_calibration_error`, for a reliability diagram: bin b holds the top-1
+    confidences in (b/bins, (b+1)/bins], a confidence of 0 goes to bin 0."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1, initial=0.0)
+    correct = probs.argmax(axis=1) == np.asarray(y_true)
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
     count = np.bincount(index, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         conf = np.bincount(index, weights=confidence, minlength=bins) / count
@@ -152,12 +144,9 @@ def classification_reports(p: Predictions) -> tuple[str, dict[str, Any]]:
 
 def confusion(p: Predictions) -> np.ndarray:
     """int64 (C, C) confusion matrix: rows true class, columns predicted class."""
-    from sklearn.metrics import confusion_matrix
-
     n = len(p.classes)
-    if not len(p.y_true):
-        return np.zeros((n, n), dtype=np.int64)
-    return confusion_matrix(p.y_true, p.y_pred, labels=range(n)).astype(np.int64)
+    cells = n * np.asarray(p.y_true, dtype=np.int64) + p.y_pred
+    return np.bincount(cells, minlength=n * n).reshape(n, n).astype(np.int64)
 
 
 def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
