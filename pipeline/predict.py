@@ -51,17 +51,15 @@ class PredictError(Exception):
 
 @dataclass
 class Predictor:
-    """A loaded model: where it came from, what it is, its classes and input size, the resize
-    mode recorded with it (None: none), images (N, S, S, 3) -> float64 probabilities (N, C), and
-    for a model folder (images, tta) -> (probabilities, accepted by its reject rule)."""
+    """A loaded model: its kind, classes, input size, recorded resize mode (None: none), and
+    (images (N, S, S, 3), tta) -> (float64 probabilities (N, C), bool (N,) accepted by its reject
+    rule)."""
 
-    source: str
     kind: str
     classes: list[str]
     image_size: int
-    predict: Callable[[np.ndarray], np.ndarray]
-    resize: str | None = None
-    classify: Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray]] | None = None
+    classify: Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray]]
+    resize: str | None
 
 
 def _reason(exc: BaseException) -> str:
@@ -80,17 +78,16 @@ def _read_classes(path: Path) -> list[str]:
     return classes
 
 
-def _classifier(folder: Path, source: str, kind: str, threads: int) -> Predictor:
+def _classifier(folder: Path, source: str, kind: str) -> Predictor:
     try:
-        c = Classifier.load(folder, threads)
+        c = Classifier.load(folder)
         c.backbone  # noqa: B018  (load the interpreters now: a bad file is a PredictError here)
     except StageInputError as exc:
         raise PredictError(f"model {source}: {_reason(exc)}") from None
-    size, resize = c.image_size, c.card.resize
-    return Predictor(source, kind, c.classes, size, c.predict_proba, resize, c.classify)
+    return Predictor(kind, c.classes, c.image_size, c.classify, c.card.resize)
 
 
-def _from_mlflow(uri: str, tracking_uri: str | None, threads: int) -> Predictor:
+def _from_mlflow(uri: str, tracking_uri: str | None) -> Predictor:
     import mlflow  # ~1 s: only for MLflow URIs
 
     store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -111,12 +108,12 @@ def _from_mlflow(uri: str, tracking_uri: str | None, threads: int) -> Predictor:
     cards = sorted(local.rglob(CARD_FILE))
     if not cards:
         raise PredictError(f"model {uri}: not a model logged by the train stage (no {CARD_FILE})")
-    return _classifier(cards[0].parent, uri, "mlflow", threads)
+    return _classifier(cards[0].parent, uri, "mlflow")
 
 
-def _exported(path: Path, threads: int) -> tuple[Callable[[np.ndarray], np.ndarray], int, str]:
+def _exported(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], int, str]:
     if path.suffix.lower() == ".tflite":
-        runner = TFLiteRunner(path, threads)
+        runner = TFLiteRunner(path)
         return runner, runner.input_shape[1], "tflite"
     model = build.load_model(path)  # imports TensorFlow: only for .keras files
 
@@ -126,10 +123,11 @@ def _exported(path: Path, threads: int) -> tuple[Callable[[np.ndarray], np.ndarr
     return predict, int(model.input_shape[1]), "keras"
 
 
-def _from_file(path: Path, source: str, classes_file: str | None, threads: int) -> Predictor:
-    """An exported model; classes and resize from the model.json beside it (or `--classes`)."""
+def _from_file(path: Path, source: str, classes_file: str | None) -> Predictor:
+    """An exported model (no reject rule); classes and resize from the model.json beside it (or
+    beside `--classes`)."""
     try:
-        predict, size, kind = _exported(path, threads)
+        predict, size, kind = _exported(path)
     except Exception as exc:  # noqa: BLE001 (any load failure is reported with its reason)
         raise PredictError(f"model {source}: cannot load {path} ({_reason(exc)})") from None
     places = [path.parent] + ([Path(classes_file).parent] if classes_file else [])
@@ -144,26 +142,26 @@ def _from_file(path: Path, source: str, classes_file: str | None, threads: int) 
             f"model {source}: no {CARD_FILE} next to it; pass the class names with "
             "--classes classes.json"
         )
-    return Predictor(
-        source, kind, card.classes if card else [], size, predict, card and card.resize
-    )
+
+    def classify(images: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+        probs = predict(images)
+        probs = (probs + predict(hflip(images))) / 2 if tta else probs
+        return probs, np.ones(len(probs), dtype=bool)
+
+    resize = card.resize if card else None
+    return Predictor(kind, card.classes if card else [], size, classify, resize)
 
 
-def load_predictor(
-    model: str, tracking_uri: str | None = None, classes_file: str | None = None, threads: int = 0
-) -> Predictor:
-    """Load `model` (a models/ folder, an MLflow model URI, or an exported .tflite/.keras file)
-    with its classes (`classes_file` overrides them) and resize mode; PredictError names the
-    model and the reason when it cannot be used."""
+def _load_predictor(model: str, tracking_uri: str | None, classes_file: str | None) -> Predictor:
     path = Path(model).expanduser()
     if model.startswith(MLFLOW_SCHEMES):
-        predictor = _from_mlflow(model, tracking_uri, threads)
+        predictor = _from_mlflow(model, tracking_uri)
     elif not path.exists():
         raise PredictError(f"model {model}: no such file or folder")
     elif path.is_dir():
-        predictor = _classifier(path, model, "model folder", threads)
+        predictor = _classifier(path, model, "model folder")
     elif path.suffix.lower() in (".tflite", ".keras"):
-        predictor = _from_file(path, model, classes_file, threads)
+        predictor = _from_file(path, model, classes_file)
     else:
         raise PredictError(
             f"model {model}: unknown model type (expected a models/ folder, a .tflite or .keras "
@@ -172,7 +170,7 @@ def load_predictor(
     if classes_file:
         predictor.classes = _read_classes(Path(classes_file))
     size = predictor.image_size
-    width = predictor.predict(np.zeros((1, size, size, 3), dtype=np.uint8)).shape[-1]
+    width = predictor.classify(np.zeros((1, size, size, 3), dtype=np.uint8), False)[0].shape[-1]
     if width != len(predictor.classes):
         raise PredictError(
             f"model {model}: it has {width} outputs but {len(predictor.classes)} class names "
@@ -181,12 +179,10 @@ def load_predictor(
     return predictor
 
 
-def collect(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]], bool]:
-    """(image files to predict, [(path, why skipped)], whether any input was a folder).
-
-    Folders are searched recursively, in sorted order, for the extensions `prepare` takes
-    (hidden and system files are left out silently; other files are reported as skipped);
-    files named directly are always tried, whatever their extension."""
+def _collect(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(image files, [(path, why skipped)]): folders searched recursively, in sorted order, for
+    the extensions `prepare` takes (hidden and system files left out silently); files named
+    directly are always tried, whatever their extension."""
     files: list[Path] = []
     skipped: list[tuple[str, str]] = []
 
@@ -213,7 +209,7 @@ def collect(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]], bo
         if not found:
             skipped.append((str(path), "folder with no image files"))
         files.extend(sorted(found))
-    return files, skipped, any(Path(name).is_dir() for name in paths)
+    return files, skipped
 
 
 def _decode(file: Path, size: int, resize: str) -> np.ndarray | str:
@@ -225,56 +221,43 @@ def _decode(file: Path, size: int, resize: str) -> np.ndarray | str:
         return f"cannot read file ({exc.strerror or exc})"
 
 
-def decoded_batches(
+def _decoded_batches(
     files: list[Path], size: int, resize: str, batch_size: int
 ) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
-    """Batches of (file, image or why not), decoded by a thread per core, the next batch
-    decoding while the caller predicts this one."""
+    """Batches of (file, image or why not); the next batch decodes while the caller predicts."""
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     with ThreadPoolExecutor(usable_cores()) as pool:
         pending = [pool.submit(_decode, f, size, resize) for f in chunks[0]] if chunks else []
-        for chunk, following in zip(chunks, [*chunks[1:], []], strict=True):
+        for chunk, following in zip(chunks, [*chunks[1:], []], strict=False):
             current, pending = pending, [pool.submit(_decode, f, size, resize) for f in following]
             yield [(f, future.result()) for f, future in zip(chunk, current, strict=True)]
 
 
-def output_format(path: str) -> str:
-    """`csv` or `json`, by the --output extension, once `path`'s folder exists (created) and
-    takes a new file: checked before any work, a PredictError naming `path` otherwise."""
+def _output_format(path: str) -> str:
+    """`csv` or `json`, once `path`'s folder exists (created) and takes a new file."""
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix not in OUTPUT_FORMATS or target.is_dir():
         what = "is a folder" if target.is_dir() else f"unknown extension {suffix or '(none)'!r}"
         raise PredictError(f"--output {path}: {what}; name a {' or '.join(OUTPUT_FORMATS)} file")
-    folder = target.parent
+    folder, step = target.parent, "create"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PredictError(
-            f"--output {path}: cannot create {folder} ({exc.strerror or exc})"
-        ) from None
-    try:
+        step = "write in"
         tempfile.TemporaryFile(dir=folder).close()  # what atomic_file will need
     except OSError as exc:
-        raise PredictError(
-            f"--output {path}: cannot write in {folder} ({exc.strerror or exc})"
-        ) from None
+        why = exc.strerror or exc
+        raise PredictError(f"--output {path}: cannot {step} {folder} ({why})") from None
     return OUTPUT_FORMATS[suffix]
 
 
-def records(
-    paths: list[str],
-    probs: np.ndarray,
-    classes: list[str],
-    k: int,
-    accepted: np.ndarray | None = None,
+def _records(
+    paths: list[str], probs: np.ndarray, classes: list[str], k: int, accepted: np.ndarray
 ) -> list[dict[str, Any]]:
-    """One record per image: `path`, `predicted` class (`unknown` where not `accepted`), its
-    `probability`, the best `k` as `top_k` [{class, probability}] (ties: class order), and
-    `scores` {class: probability}."""
+    """Per image: `path`, `predicted` (`unknown` where not `accepted`), its `probability`, the
+    best `k` as `top_k` [{class, probability}] (ties: class order), `scores` {class: p}."""
     out = []
-    known = np.ones(len(paths), bool) if accepted is None else accepted
-    for path, p, ok in zip(paths, probs, known, strict=True):
+    for path, p, ok in zip(paths, probs, accepted, strict=True):
         best = [(classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
         out.append(
             {
@@ -288,9 +271,8 @@ def records(
     return out
 
 
-def write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
-    """Write `rows` to `path` atomically: JSON (the records as they are), or CSV with path,
-    predicted, probability and one column per class (6 decimals)."""
+def _write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
+    """JSON: the records as they are; CSV: path, predicted, probability, one column per class."""
     if fmt == "json":
         write_json(path, rows)
         return
@@ -302,9 +284,7 @@ def write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[
             writer.writerow([r["path"], r["predicted"], round(r["probability"], 6), *scores])
 
 
-def format_line(row: dict[str, Any]) -> str:
-    """`path: class p, class p, ...`: an image's top classes with 4-decimal probabilities (after
-    `unknown (rejected); ` when the reject rule refused it)."""
+def _format_line(row: dict[str, Any]) -> str:
     shown = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in row["top_k"])
     return f"{row['path']}: {'unknown (rejected); ' * (row['predicted'] == UNKNOWN)}{shown}"
 
@@ -316,8 +296,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def parser() -> argparse.ArgumentParser:
-    """The command-line parser of `python -m pipeline.predict`."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.predict",
         description="Predict the classes of images (files or folders, searched recursively) with "
@@ -345,10 +324,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Predict `args.inputs` with `args.model` (see the module); 0, or PredictError."""
-    fmt = output_format(args.output) if args.output else None  # before any work
-    predictor = load_predictor(args.model, args.tracking_uri, args.classes)
+def _run(args: argparse.Namespace) -> int:
+    fmt = _output_format(args.output) if args.output else None  # before any work
+    predictor = _load_predictor(args.model, args.tracking_uri, args.classes)
     resize = args.resize or predictor.resize or "stretch"
     if args.resize is None and predictor.resize is None:
         print(
@@ -356,18 +334,18 @@ def run(args: argparse.Namespace) -> int:
             "pass --resize as the model was trained (data.resize)",
             file=sys.stderr,
         )
-    files, skipped, any_folder = collect(args.inputs)
+    files, skipped = _collect(args.inputs)
     for path, why in skipped:
         tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
-    k = min(args.top_k, len(predictor.classes))
-    rows, bad = _predict_files(args, predictor, files, resize, k, any_folder)
+    show_bar = any(Path(name).is_dir() for name in args.inputs)
+    rows, bad = _predict_files(args, predictor, files, resize, show_bar)
     if not rows:
         what = ", ".join(args.inputs)
         found = f"{bad} file(s) could not be decoded" if bad else "no image files found"
         raise PredictError(f"no image was predicted from {what}: {found}")
     if args.output:
         try:
-            write_output(args.output, fmt, rows, predictor.classes)
+            _write_output(args.output, fmt, rows, predictor.classes)
         except OSError as exc:
             raise PredictError(
                 f"--output {args.output}: not written ({_reason(exc)}); the lines above are the "
@@ -384,35 +362,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _predict_files(
-    args: argparse.Namespace,
-    predictor: Predictor,
-    files: list[Path],
-    resize: str,
-    k: int,
-    any_folder: bool,
+    args: argparse.Namespace, predictor: Predictor, files: list[Path], resize: str, show_bar: bool
 ) -> tuple[list[dict[str, Any]], int]:
     """(records, number of undecodable files); each image's line printed to stdout as it goes,
     a bar on stderr if an input was a folder and stderr is a terminal (tqdm's `disable=None`)."""
     rows: list[dict[str, Any]] = []
     bad = 0
-    bar = tqdm(total=len(files), unit="img", desc="predict", disable=None if any_folder else True)
-    with bar:
-        for batch in decoded_batches(files, predictor.image_size, resize, args.batch_size):
+    k = min(args.top_k, len(predictor.classes))
+    with tqdm(
+        total=len(files), unit="img", desc="predict", disable=None if show_bar else True
+    ) as bar:
+        for batch in _decoded_batches(files, predictor.image_size, resize, args.batch_size):
             good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
             for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
                 tqdm.write(f"warning: skipped {f}: {why}", file=sys.stderr)
                 bad += 1
             if good:
                 images = np.stack([image for _, image in good])
-                if predictor.classify is not None:
-                    probs, accepted = predictor.classify(images, args.tta)
-                else:
-                    probs, accepted = predictor.predict(images), None
-                    if args.tta:
-                        probs = (probs + predictor.predict(hflip(images))) / 2
-                new = records([str(f) for f, _ in good], probs, predictor.classes, k, accepted)
+                probs, accepted = predictor.classify(images, args.tta)
+                new = _records([str(f) for f, _ in good], probs, predictor.classes, k, accepted)
                 for row in new:
-                    tqdm.write(format_line(row), file=sys.stdout)
+                    tqdm.write(_format_line(row), file=sys.stdout)
                 rows.extend(new)
             bar.update(len(batch))
     return rows, bad
@@ -420,9 +390,9 @@ def _predict_files(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: the exit status (see the module; 141, quietly, when stdout closes early)."""
-    args = parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
-        return run(args)
+        return _run(args)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,5 @@
-"""What the evaluate stage writes into `paths.reports` from the test split's predictions: the
-metrics file, scikit-learn's classification report, predictions CSV, the confusion CSV that
-`dvc plots show` draws, figures, HTML report."""
+"""What evaluate writes into `paths.reports` from the test split's predictions: metrics,
+classification report, predictions and confusion CSVs, figures, HTML report."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import numpy as np
 from pipeline.lib.data.prepared import SPLITS
 from pipeline.lib.files import atomic_dir, atomic_file, write_json
 from pipeline.lib.reporting import figures
-from pipeline.lib.reporting.html_report import render_report, write_report
+from pipeline.lib.reporting.html_report import render_report
 from pipeline.lib.reporting.metrics import (
     Predictions,
     classification_metrics,
@@ -59,13 +58,9 @@ def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
     m = headline_metrics(ev.predictions)
     if m["ci_high"] - m["ci_low"] > WIDE_INTERVAL:
         log.warning(
-            "The test split has %d images: test accuracy %.3f has a 95%% interval of "
-            "[%.3f, %.3f], too wide to tell models apart. Use more test images or "
-            "`python -m pipeline.crossval` (k-fold over every photo).",
-            len(ev.predictions.y_true),
-            m["accuracy"],
-            m["ci_low"],
-            m["ci_high"],
+            f"The test split has {len(ev.paths)} images: test accuracy {m['accuracy']:.3f} has a "
+            f"95% interval of [{m['ci_low']:.3f}, {m['ci_high']:.3f}], too wide to tell models "
+            "apart. Use more test images or `python -m pipeline.crossval` (k-fold over every photo)."
         )
     return {SPLIT: m}
 
@@ -88,8 +83,7 @@ def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
     text, as_dict = classification_reports(p)
     write_json(reports / METRICS_FILE, metrics)
     write_json(reports / REPORT_JSON, as_dict)
-    with atomic_file(reports / REPORT_TEXT) as fh:
-        fh.write(text)
+    _write_text(reports / REPORT_TEXT, text)
     rows = {
         "path": list(ev.paths),
         "actual": [p.classes[i] for i in p.y_true],
@@ -130,8 +124,15 @@ def write_html_report(
     provenance: dict[str, str],
     extra: str = "",
 ) -> Path:
-    """Write the HTML report (`html_report`, `extra` sections at the end) to `path`; return it."""
+    """Write the HTML report (`html_report`, `extra` sections at the end) atomically to `path`
+    (folders created); return it."""
     every = {**per_class_metrics(ev), **metrics[SPLIT]}
     p = ev.predictions
     html = render_report(p, ev.images, ev.paths, every, images_per_cell, SPLIT, provenance, extra)
-    return write_report(path, html)
+    return _write_text(path, html)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    with atomic_file(path) as fh:
+        fh.write(text)
+    return path
