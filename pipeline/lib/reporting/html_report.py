@@ -1,24 +1,20 @@
-"""The evaluation report: one self-contained HTML file (no network, no JavaScript) with the
+"""The evaluation report: one self-contained HTML page (no network, no JavaScript) with the
 confusion matrix, whose non-empty cells open their images, the worst mistakes and per-class metrics.
 
 A cell is the `<label>` of a hidden radio button; a CSS rule per cell shows its image panel while
-the radio is checked, so the page works offline, in MLflow's sandboxed artifact viewer and without
-scripts. Thumbnails are JPEG data URIs, worst first (`worst_first`), at most `images_per_cell` per
-panel and `MAX_THUMBNAILS` per report, so that 200 classes stay a few MB. Every name is escaped.
-Same inputs, same bytes.
-"""
+the radio is checked (works offline and in MLflow's sandboxed artifact viewer). Thumbnails are
+JPEG data URIs, worst first, at most `images_per_cell` per panel and `MAX_THUMBNAILS` per report
+(200 classes stay a few MB). Every name is escaped. Same inputs, same bytes."""
 
 from __future__ import annotations
 
 import base64
 import io
 from html import escape
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.lib.files import atomic_file
 from pipeline.lib.reporting.metrics import Predictions, confusion
 
 #: Longest side of a thumbnail, in pixels.
@@ -96,17 +92,12 @@ def _item(p: Predictions, i: int, image: np.ndarray, path: str) -> str:
 
 def _panel(view: str, title: str, members: np.ndarray, shown: str, cap: int) -> str:
     more = len(members) - min(len(members), cap)
-    return (
-        f'<div class="panel" id="p-{view}"><h2>{escape(title)}</h2>'
-        f'<ol class="thumbs">{shown}</ol>{"" if len(members) else "<p>No images.</p>"}'
-        + (
-            f"<p>… and {more} more (shown: evaluate.report_images_per_cell, at most "
-            f"{MAX_THUMBNAILS} per report).</p>"
-            if more
-            else ""
-        )
-        + "</div>"
-    )
+    note = "" if len(members) else "<p>No images.</p>"
+    if more:
+        note = f"<p>… and {more} more (shown: evaluate.report_images_per_cell, at most "
+        note += f"{MAX_THUMBNAILS} per report).</p>"
+    body = f'<h2>{escape(title)}</h2><ol class="thumbs">{shown}</ol>{note}'
+    return f'<div class="panel" id="p-{view}">{body}</div>'
 
 
 def _panels(p: Predictions, images: Any, paths: list[str], cap: int) -> tuple[list[str], str]:
@@ -156,9 +147,9 @@ def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
 
 def _metrics_table(metrics: dict[str, Any], classes: list[str]) -> str:
     rows = "".join(
-        f"<tr><td>{escape(c)}</td><td>{metrics['precision'][c]:.4f}</td>"
-        f"<td>{metrics['recall'][c]:.4f}</td><td>{metrics['f1'][c]:.4f}</td>"
-        f"<td>{metrics['support'][c]}</td></tr>"
+        f"<tr><td>{escape(c)}</td>"
+        + "".join(f"<td>{metrics[k][c]:.4f}</td>" for k in ("precision", "recall", "f1"))
+        + f"<td>{metrics['support'][c]}</td></tr>"
         for c in classes
     )
     return (
@@ -179,9 +170,8 @@ def render_report(
 ) -> str:
     """The report as an HTML document. `images`: uint8 (N, H, W, 3), may be a memmap (only the
     shown ones are read); `paths`: the N source paths; `metrics`: `classification_metrics` and
-    `headline_metrics` of `p` (accuracy, ci_low, ci_high, ece, per class); `images_per_cell`: the
-    most thumbnails a panel shows; `provenance`: {what: value} lines under the title; `extra`:
-    more sections (HTML) at the end."""
+    `headline_metrics` of `p`; `provenance`: {what: value} lines under the title; `extra`: more
+    sections (HTML) at the end."""
     views, panels = _panels(p, images, paths, images_per_cell)
     radios = "".join(
         f'<input type="radio" name="view" class="view" id="v-{v}"'
@@ -215,10 +205,3 @@ def render_report(
         f"<h2>Per-class metrics</h2>{_metrics_table(metrics, p.classes)}{extra}"
         "</main></body></html>\n"
     )
-
-
-def write_report(path: Path, html: str) -> Path:
-    """Write the report atomically (parent folders created); return `path`."""
-    with atomic_file(path) as fh:
-        fh.write(html)
-    return path
