@@ -28,10 +28,6 @@ from pipeline.lib.reporting.tables import write_csv
 
 #: Files evaluate writes in `paths.reports` (DVC outputs of the stage, see dvc.yaml).
 METRICS_FILE = "metrics.json"
-REPORT_JSON = "classification_report.json"
-REPORT_TEXT = "classification_report.txt"
-PREDICTIONS_FILE = "predictions.csv"
-CONFUSION_FILE = "confusion.csv"
 FIGURES_DIR = "eval_figures"
 REPORT_HTML = "eval_report.html"
 #: The split evaluate measures ("test"), and the key of its section in the metrics file.
@@ -72,27 +68,27 @@ def per_class_metrics(ev: Evaluation) -> dict[str, Any]:
 
 
 def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
-    """Write the metrics file, the classification report (JSON, text), the predictions CSV
-    (path, actual, predicted, confidence to 6 digits) and `CONFUSION_FILE` into `reports`;
-    return the text report.
+    """Write the metrics file, the classification report (JSON, text), predictions.csv (path,
+    actual, predicted, confidence to 6 digits) and confusion.csv into `reports`; return the text
+    report.
 
-    `CONFUSION_FILE` (actual, predicted) is what `dvc plots show` puts into its page: DVC embeds
+    confusion.csv (actual, predicted) is what `dvc plots show` puts into its page: DVC embeds
     every column of a plot's CSV unescaped in a `<script>` block, so it holds no paths, and its
     class names have "<" as "﹤" (U+FE64): no name can end that block or start a comment in it."""
     p = ev.predictions
     text, as_dict = classification_reports(p)
     write_json(reports / METRICS_FILE, metrics)
-    write_json(reports / REPORT_JSON, as_dict)
-    _write_text(reports / REPORT_TEXT, text)
+    write_json(reports / "classification_report.json", as_dict)
+    _write_text(reports / "classification_report.txt", text)
     rows = {
         "path": list(ev.paths),
         "actual": [p.classes[i] for i in p.y_true],
         "predicted": [p.classes[i] for i in p.y_pred],
         "confidence": [round(float(row.max()), 6) for row in p.probs],
     }
-    write_csv(reports / PREDICTIONS_FILE, rows)
+    write_csv(reports / "predictions.csv", rows)
     safe = {k: [name.replace("<", "\ufe64") for name in rows[k]] for k in ("actual", "predicted")}
-    write_csv(reports / CONFUSION_FILE, safe)
+    write_csv(reports / "confusion.csv", safe)
     return text
 
 

@@ -61,16 +61,13 @@ def _float_series(values: Sequence[float] | None) -> np.ndarray:
     return np.asarray(list(values if values is not None else []), dtype=float).reshape(-1)
 
 
-def _hide_spines(ax: Axes, sides: Sequence[str] = ("top", "right")) -> None:
-    for side in sides:
-        ax.spines[side].set_visible(False)
+def _hide_spines(ax: Axes) -> None:
+    ax.spines[["top", "right"]].set_visible(False)
 
 
 def _message(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, fontsize=12, color="#555555", transform=ax.transAxes, **_CENTERED)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    _hide_spines(ax, list(ax.spines.keys()))
+    ax.set_axis_off()
 
 
 def _batch_curve(
