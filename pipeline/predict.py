@@ -297,11 +297,9 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.predict",
-        description="Predict the classes of images (files or folders, searched recursively) with "
-        "a trained model; print the top classes per image and write CSV or JSON.",
-    )
+    about = "Predict the classes of images (files or folders, searched recursively) with a "
+    about += "trained model; print the top classes per image and write CSV or JSON."
+    p = argparse.ArgumentParser(prog="python -m pipeline.predict", description=about)
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files and/or folders")
     p.add_argument(
         "--model",

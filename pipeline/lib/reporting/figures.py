@@ -205,8 +205,7 @@ def confusion_figure(
             color = "white" if image.norm(shown[i, j]) > 0.55 else "#222222"
             alpha = 1.0 if counts[i, j] else 0.45
             ax.text(j, i, text, fontsize=cell_fs, color=color, alpha=alpha, **_CENTERED)
-    for spine in ax.spines.values():
-        spine.set_color("#888888")
+    ax.spines[:].set_color("#888888")
     return fig
 
 
@@ -230,10 +229,8 @@ def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs:
         bytes_like = img.size and np.nanmax(img) > 1.0
         img = np.clip(img, 0, 255).astype(np.uint8) if bytes_like else np.clip(img, 0.0, 1.0)
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set(color=color, linewidth=3)
+    ax.set(xticks=[], yticks=[])
+    ax.spines[:].set(color=color, linewidth=3)
     ax.set_title(title, color=color, fontsize=fs, fontweight="bold")
 
 

@@ -56,8 +56,7 @@ def expected_calibration_error(
     """ECE (Guo et al. 2017) of `probs` (N, C): |accuracy - mean confidence| per equal-width
     confidence bin, weighted by the bin's share of the images; 0 = calibrated, 0.0 for N = 0."""
     r = reliability_bins(probs, y_true, bins)
-    gaps = np.abs(r.accuracy - r.confidence)[r.count > 0]
-    return float(np.sum(r.count[r.count > 0] * gaps) / max(int(r.count.sum()), 1))
+    return float(np.nansum(r.count * np.abs(r.accuracy - r.confidence)) / max(r.count.sum(), 1))
 
 
 def reliability_bins(
@@ -104,13 +103,8 @@ def headline_metrics(p: Predictions) -> dict[str, float]:
     accuracy, its 95 % Wilson interval `ci_low`/`ci_high`, `macro_f1`, `ece`."""
     m = classification_metrics(p.y_true, p.y_pred, p.classes)
     low, high = accuracy_interval(int(np.sum(p.y_true == p.y_pred)), len(p.y_true))
-    return {
-        "accuracy": m["accuracy"],
-        "ci_low": low,
-        "ci_high": high,
-        "macro_f1": m["macro_f1"],
-        "ece": expected_calibration_error(p.probs, p.y_true),
-    }
+    ece = expected_calibration_error(p.probs, p.y_true)
+    return dict(accuracy=m["accuracy"], ci_low=low, ci_high=high, macro_f1=m["macro_f1"], ece=ece)
 
 
 def classification_metrics(
