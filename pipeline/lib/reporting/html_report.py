@@ -58,10 +58,7 @@ def thumbnail(image: np.ndarray) -> str:
     from PIL import Image
 
     img = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    scale = THUMB_PX / max(img.size)
-    if scale < 1:
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.LANCZOS)
+    img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS, reducing_gap=None)
     buffer = io.BytesIO()
     img.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -122,7 +119,7 @@ def _panels(p: Predictions, images: Any, paths: list[str], cap: int) -> tuple[li
 def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
     """Rows true, columns predicted; a non-empty cell is the label of its view, an empty one an
     empty `<td>` (CSS draws its 0), so that C x C cells cost little."""
-    top = max(int(matrix.max()), 1) if matrix.size else 1
+    top = max(int(matrix.max(initial=0)), 1)
     rows = []
     for i, name in enumerate(p.classes):
         cells = []
