@@ -146,16 +146,13 @@ def confusion(p: Predictions) -> np.ndarray:
 def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
     """The `n` images the gallery shows, sorted int64 indices: up to n/2 mistakes, then a
     round-robin over classes so every class appears (dataset order within a class)."""
-    wrong = [int(i) for i in np.flatnonzero(y_true != y_pred)]
-    by_class = [list(np.flatnonzero(y_true == c)) for c in np.unique(y_true)]
-    chosen = wrong[: max(n // 2, 1)] if n else []
-    for r in range(max((len(b) for b in by_class), default=0)):
-        for members in by_class:
-            if len(chosen) >= n:
-                return np.array(sorted(chosen), dtype=np.int64)
-            if r < len(members) and int(members[r]) not in chosen:
-                chosen.append(int(members[r]))
-    return np.array(sorted(chosen[:n]), dtype=np.int64)
+    y_true = np.asarray(y_true)
+    wrong = np.flatnonzero(y_true != y_pred)[: max(n // 2, 1) if n else 0]
+    rank = np.zeros(len(y_true), dtype=np.int64)  # each image's place within its class
+    for c in np.unique(y_true):
+        rank[y_true == c] = np.arange(np.sum(y_true == c))
+    rest = [i for i in np.lexsort((y_true, rank)) if i not in wrong]
+    return np.sort(np.concatenate([wrong, rest])[:n]).astype(np.int64)
 
 
 def gallery_heading(y_true: np.ndarray, y_pred: np.ndarray, shown: np.ndarray) -> str:
