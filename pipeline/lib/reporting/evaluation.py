@@ -104,10 +104,11 @@ def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int)
         normalized = tmp / "confusion_matrix_normalized.png"
         figures.save_confusion_matrix(matrix, p.classes, normalized, normalize=True, title=title)
         bins = reliability_bins(p.probs, p.y_true)
-        figures.save_reliability_diagram(bins, tmp / "reliability_diagram.png")
-        gallery = (ev.images[shown], p.probs[shown], p.y_true[shown], p.classes)
+        figures.save_figure(figures.reliability_figure(bins), tmp / "reliability_diagram.png")
         heading = gallery_heading(p.y_true, p.y_pred, shown)
-        figures.save_gallery(*gallery, tmp / "gallery.png", columns=columns, heading=heading)
+        shown_images = (ev.images[shown], p.probs[shown], p.y_true[shown], p.classes)
+        gallery = figures.gallery_figure(*shown_images, columns=columns, heading=heading)
+        figures.save_figure(gallery, tmp / "gallery.png")
     names = ["confusion_matrix", "confusion_matrix_normalized", "reliability_diagram", "gallery"]
     return [folder / f"{name}.png" for name in names]
 

@@ -1,6 +1,6 @@
 """Learning curves, confusion matrix, prediction gallery and reliability diagram on standalone
-Agg `Figure`s (never pyplot); each `save_*` writes its PNG atomically (folders created) and
-returns the path, each `*_figure` returns the figure unsaved."""
+Agg `Figure`s (never pyplot): each `*_figure` returns the figure unsaved, `save_figure` and the
+`save_*` shortcuts write PNGs atomically (folders created) and return the paths."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: PathLike) -> Path:
+def save_figure(fig: Figure, path: PathLike) -> Path:
+    """Write `fig` as a PNG to `path` atomically (folders created), then clear it; return `path`."""
     path = Path(path)
     try:
         with atomic_file(path, "wb") as fh:
@@ -140,7 +141,7 @@ def save_learning_curves(
     batches: optional per-batch {'step', 'loss', 'accuracy'}, drawn faintly on the epoch axis."""
     out_dir = Path(out_dir)
     return [
-        _save(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
+        save_figure(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
         for metric in ("loss", "accuracy")
     ]
 
@@ -217,7 +218,7 @@ def save_confusion_matrix(
     title: str = "Confusion matrix",
 ) -> Path:
     """Write `confusion_figure` to `path`."""
-    return _save(confusion_figure(matrix, classes, normalize, title), path)
+    return save_figure(confusion_figure(matrix, classes, normalize, title), path)
 
 
 def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
@@ -329,21 +330,6 @@ def gallery_figure(
     return fig
 
 
-def save_gallery(
-    images: np.ndarray | None,
-    probabilities: np.ndarray,
-    true_labels: np.ndarray,
-    classes: list[str],
-    path: PathLike,
-    columns: int = 3,
-    max_images: int | None = None,
-    heading: str | None = None,
-) -> Path:
-    """Write `gallery_figure` to `path` (N == 0: a small figure saying 'no test images')."""
-    args = (images, probabilities, true_labels, classes, columns, max_images, heading)
-    return _save(gallery_figure(*args), path)
-
-
 class ReliabilityData(Protocol):
     """`metrics.ReliabilityBins` (not imported: train draws figures without that module)."""
 
@@ -374,8 +360,3 @@ def reliability_figure(bins: ReliabilityData) -> Figure:
     ax.set_title(f"Reliability diagram: ECE {ece:.4f} ({bins_text})")
     ax.legend(loc="upper left", fontsize=8)
     return fig
-
-
-def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
-    """Write `reliability_figure(bins)` to `path`."""
-    return _save(reliability_figure(bins), path)
