@@ -222,14 +222,7 @@ def save_confusion_matrix(
 
 
 def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
-    """The image (uint8, float in 0..1 or 0..255, RGB or grey) framed in `color`."""
-    img = np.asarray(image)
-    img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
-    if img.dtype != np.uint8:
-        img = img.astype(float)
-        bytes_like = img.size and np.nanmax(img) > 1.0
-        img = np.clip(img, 0, 255).astype(np.uint8) if bytes_like else np.clip(img, 0.0, 1.0)
-    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
+    ax.imshow(np.asarray(image), interpolation="antialiased")
     ax.set(xticks=[], yticks=[])
     ax.spines[:].set(color=color, linewidth=3)
     ax.set_title(title, color=color, fontsize=fs, fontweight="bold")
@@ -270,7 +263,7 @@ def _draw_gallery_scores(
 
 
 def gallery_figure(
-    images: np.ndarray | None,
+    images: np.ndarray,
     probabilities: np.ndarray,
     true_labels: np.ndarray,
     classes: Sequence[str],
@@ -280,10 +273,10 @@ def gallery_figure(
 ) -> Figure:
     """Image + class-score bars per test image, `columns` per row: right green, wrong red, the
     true class outlined, bold, tagged 'true'; `heading` replaces "Test predictions: k of n right".
-    images (N, H, W, 3) uint8 (or float, or grey; a memmap: only the shown ones are read);
-    probabilities (N, C) in 0..1; true_labels (N,) indices. ValueError: they do not match."""
+    images uint8 (N, H, W, 3) (a memmap: only the shown ones are read); probabilities (N, C) in
+    0..1; true_labels (N,) indices. ValueError: they do not match."""
     classes = [str(c) for c in classes]
-    n_total = 0 if images is None else len(images)
+    n_total = len(images)
     n = n_total if max_images is None else max(0, min(n_total, int(max_images)))
     if n == 0:
         fig = _new_figure(4.0, 1.5)
@@ -292,7 +285,7 @@ def gallery_figure(
     n_classes = len(classes)
     probs = np.asarray(probabilities[:n], dtype=float)
     labels = np.asarray(true_labels[:n]).astype(int).reshape(-1)
-    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != n_classes:
+    if probs.shape != (n, n_classes):
         raise ValueError(f"probabilities must be ({n}, {n_classes}), got {probs.shape}")
     if len(labels) != n:
         raise ValueError(f"need {n} true labels, got {len(labels)}")
