@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline.lib.config.schema import DEFAULT_TRACKING_URI
 from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, RESIZE_POLICIES, RejectedImage, load_rgb
 from pipeline.lib.data.sources.folder import is_ignored
-from pipeline.lib.errors import StageInputError
+from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.files import atomic_file, write_json
 from pipeline.lib.model import build
 from pipeline.lib.model.classifier import CARD_FILE, Classifier, ModelCard, hflip
@@ -45,8 +45,8 @@ OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
 
-class PredictError(Exception):
-    """A user error: shown as one message, exit status 2."""
+class PredictError(UserError):
+    """A user error of this tool: shown as one message, exit status 2 (as any UserError)."""
 
 
 @dataclass
@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except PredictError as exc:
+    except UserError as exc:  # e.g. a malformed model.json beside an exported model
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
