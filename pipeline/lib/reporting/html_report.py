@@ -97,7 +97,9 @@ def _panel(view: str, title: str, members: np.ndarray, shown: str, cap: int) -> 
     return f'<div class="panel" id="p-{view}">{body}</div>'
 
 
-def _panels(p: Predictions, images: Any, paths: list[str], cap: int) -> tuple[list[str], str]:
+def _panels(
+    p: Predictions, images: np.ndarray, paths: list[str], cap: int
+) -> tuple[list[str], str]:
     """(views, panels): the worst mistakes, then one per non-empty confusion-matrix cell, row by
     row; each shows at most `cap` thumbnails, all together at most `MAX_THUMBNAILS`."""
     wrong = p.y_pred != p.y_true
@@ -157,7 +159,7 @@ def _metrics_table(metrics: dict[str, Any], classes: list[str]) -> str:
 
 def render_report(
     p: Predictions,
-    images: Any,
+    images: np.ndarray,
     paths: list[str],
     metrics: dict[str, Any],
     images_per_cell: int = 48,
