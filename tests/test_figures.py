@@ -291,15 +291,8 @@ def test_gallery_png_with_memmap_and_max_images(tmp_path):
     np.save(tmp_path / "test.npy", images)
     memmap = np.load(tmp_path / "test.npy", mmap_mode="r")
 
-    path = figures.save_gallery(
-        memmap,
-        probabilities,
-        labels,
-        CLASSES,
-        tmp_path / "reports" / "gallery.png",
-        columns=3,
-        max_images=5,
-    )
+    fig = figures.gallery_figure(memmap, probabilities, labels, CLASSES, columns=3, max_images=5)
+    path = figures.save_figure(fig, tmp_path / "reports" / "gallery.png")
     pixels = read_png(path, min_side=400)
     assert pixels.shape[1] > pixels.shape[0]  # 3 pairs side by side
     no_temp_files_left(path.parent)
@@ -328,19 +321,16 @@ def test_empty_gallery_says_so(tmp_path):
     empty = np.zeros((0, 224, 224, 3), dtype=np.uint8)
     fig = figures.gallery_figure(empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES)
     assert "no test images" in texts(fig)
-    path = figures.save_gallery(
-        empty, np.zeros((0, 6)), np.zeros(0, dtype=int), CLASSES, tmp_path / "new" / "gallery.png"
-    )
+    path = figures.save_figure(fig, tmp_path / "new" / "gallery.png")
     read_png(path, min_side=100)
 
 
-def test_gallery_rejects_mismatched_scores(tmp_path):
+def test_gallery_rejects_mismatched_scores():
     images, probabilities, labels = gallery_inputs()
-    with pytest.raises(ValueError):
-        figures.save_gallery(images, probabilities[:, :5], labels, CLASSES, tmp_path / "g.png")
-    with pytest.raises(ValueError):
-        figures.save_gallery(images, probabilities, labels[:3], CLASSES, tmp_path / "g.png")
-    assert not (tmp_path / "g.png").exists()
+    with pytest.raises(ValueError, match=r"probabilities must be \(4, 6\)"):
+        figures.gallery_figure(images, probabilities[:, :5], labels, CLASSES)
+    with pytest.raises(ValueError, match="need 4 true labels, got 3"):
+        figures.gallery_figure(images, probabilities, labels[:3], CLASSES)
 
 
 def test_module_does_not_use_pyplot():

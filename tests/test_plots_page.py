@@ -1,4 +1,4 @@
-"""`dvc plots show`: each plot once, and an offline page (`pipeline.lib.reporting.plots_page`)
+"""`dvc plots show`: each plot once, and an offline page (`pipeline.plots_template`)
 that a real browser draws without the internet."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.lib.reporting.evaluation import Evaluation, evaluation_metrics, write_tables
 from pipeline.lib.reporting.metrics import Predictions
-from pipeline.lib.reporting.plots_page import write_template
+from pipeline.plots_template import write_template
 from tests.browser import chromium
 from tests.project_repo import dvc
 

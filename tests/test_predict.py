@@ -1,4 +1,4 @@
-"""`pipeline.lib.inference.predict` on a model trained by the real stages (tiny synthetic data,
+"""`pipeline.predict` on a model trained by the real stages (tiny synthetic data,
 32 px), loaded from every source: the models/ folder, `runs:/` and `models:/...@champion` from the
 MLflow SQLite store (all three the LiteRT `Classifier`, which gives evaluate's probabilities), and
 the export stage's files (`model.keras`, float32 and full-int8 `.tflite`).

@@ -1,6 +1,5 @@
-"""What the evaluate stage writes into `paths.reports` from the test split's predictions: the
-metrics file, scikit-learn's classification report, predictions CSV, the confusion CSV that
-`dvc plots show` draws, figures, HTML report."""
+"""What evaluate writes into `paths.reports` from the test split's predictions: metrics,
+classification report, predictions and confusion CSVs, figures, HTML report."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import numpy as np
 from pipeline.lib.data.prepared import SPLITS
 from pipeline.lib.files import atomic_dir, atomic_file, write_json
 from pipeline.lib.reporting import figures
-from pipeline.lib.reporting.html_report import render_report, write_report
+from pipeline.lib.reporting.html_report import render_report
 from pipeline.lib.reporting.metrics import (
     Predictions,
     classification_metrics,
@@ -29,10 +28,6 @@ from pipeline.lib.reporting.tables import write_csv
 
 #: Files evaluate writes in `paths.reports` (DVC outputs of the stage, see dvc.yaml).
 METRICS_FILE = "metrics.json"
-REPORT_JSON = "classification_report.json"
-REPORT_TEXT = "classification_report.txt"
-PREDICTIONS_FILE = "predictions.csv"
-CONFUSION_FILE = "confusion.csv"
 FIGURES_DIR = "eval_figures"
 REPORT_HTML = "eval_report.html"
 #: The split evaluate measures ("test"), and the key of its section in the metrics file.
@@ -59,13 +54,9 @@ def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
     m = headline_metrics(ev.predictions)
     if m["ci_high"] - m["ci_low"] > WIDE_INTERVAL:
         log.warning(
-            "The test split has %d images: test accuracy %.3f has a 95%% interval of "
-            "[%.3f, %.3f], too wide to tell models apart. Use more test images or "
-            "`python -m pipeline.crossval` (k-fold over every photo).",
-            len(ev.predictions.y_true),
-            m["accuracy"],
-            m["ci_low"],
-            m["ci_high"],
+            f"The test split has {len(ev.paths)} images: test accuracy {m['accuracy']:.3f} has a "
+            f"95% interval of [{m['ci_low']:.3f}, {m['ci_high']:.3f}], too wide to tell models "
+            "apart. Use more test images or `python -m pipeline.crossval` (k-fold over every photo)."
         )
     return {SPLIT: m}
 
@@ -77,28 +68,27 @@ def per_class_metrics(ev: Evaluation) -> dict[str, Any]:
 
 
 def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
-    """Write the metrics file, the classification report (JSON, text), the predictions CSV
-    (path, actual, predicted, confidence to 6 digits) and `CONFUSION_FILE` into `reports`;
-    return the text report.
+    """Write the metrics file, the classification report (JSON, text), predictions.csv (path,
+    actual, predicted, confidence to 6 digits) and confusion.csv into `reports`; return the text
+    report.
 
-    `CONFUSION_FILE` (actual, predicted) is what `dvc plots show` puts into its page: DVC embeds
+    confusion.csv (actual, predicted) is what `dvc plots show` puts into its page: DVC embeds
     every column of a plot's CSV unescaped in a `<script>` block, so it holds no paths, and its
     class names have "<" as "﹤" (U+FE64): no name can end that block or start a comment in it."""
     p = ev.predictions
     text, as_dict = classification_reports(p)
     write_json(reports / METRICS_FILE, metrics)
-    write_json(reports / REPORT_JSON, as_dict)
-    with atomic_file(reports / REPORT_TEXT) as fh:
-        fh.write(text)
+    write_json(reports / "classification_report.json", as_dict)
+    _write_text(reports / "classification_report.txt", text)
     rows = {
         "path": list(ev.paths),
         "actual": [p.classes[i] for i in p.y_true],
         "predicted": [p.classes[i] for i in p.y_pred],
         "confidence": [round(float(row.max()), 6) for row in p.probs],
     }
-    write_csv(reports / PREDICTIONS_FILE, rows)
+    write_csv(reports / "predictions.csv", rows)
     safe = {k: [name.replace("<", "\ufe64") for name in rows[k]] for k in ("actual", "predicted")}
-    write_csv(reports / CONFUSION_FILE, safe)
+    write_csv(reports / "confusion.csv", safe)
     return text
 
 
@@ -114,10 +104,11 @@ def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int)
         normalized = tmp / "confusion_matrix_normalized.png"
         figures.save_confusion_matrix(matrix, p.classes, normalized, normalize=True, title=title)
         bins = reliability_bins(p.probs, p.y_true)
-        figures.save_reliability_diagram(bins, tmp / "reliability_diagram.png")
-        gallery = (ev.images[shown], p.probs[shown], p.y_true[shown], p.classes)
+        figures.save_figure(figures.reliability_figure(bins), tmp / "reliability_diagram.png")
         heading = gallery_heading(p.y_true, p.y_pred, shown)
-        figures.save_gallery(*gallery, tmp / "gallery.png", columns=columns, heading=heading)
+        shown_images = (ev.images[shown], p.probs[shown], p.y_true[shown], p.classes)
+        gallery = figures.gallery_figure(*shown_images, columns=columns, heading=heading)
+        figures.save_figure(gallery, tmp / "gallery.png")
     names = ["confusion_matrix", "confusion_matrix_normalized", "reliability_diagram", "gallery"]
     return [folder / f"{name}.png" for name in names]
 
@@ -130,8 +121,15 @@ def write_html_report(
     provenance: dict[str, str],
     extra: str = "",
 ) -> Path:
-    """Write the HTML report (`html_report`, `extra` sections at the end) to `path`; return it."""
+    """Write the HTML report (`html_report`, `extra` sections at the end) atomically to `path`
+    (folders created); return it."""
     every = {**per_class_metrics(ev), **metrics[SPLIT]}
     p = ev.predictions
     html = render_report(p, ev.images, ev.paths, every, images_per_cell, SPLIT, provenance, extra)
-    return write_report(path, html)
+    return _write_text(path, html)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    with atomic_file(path) as fh:
+        fh.write(text)
+    return path

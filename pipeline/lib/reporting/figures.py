@@ -1,7 +1,6 @@
-"""The pipeline's figures as PNGs: learning curves, confusion matrix, prediction gallery,
-reliability diagram. Drawn on standalone Agg `Figure`s (never pyplot: no global registry, no
-display); each `save_*` writes its PNG atomically (folders created) and returns the path, each
-`*_figure` returns the figure unsaved."""
+"""Learning curves, confusion matrix, prediction gallery and reliability diagram on standalone
+Agg `Figure`s (never pyplot): each `*_figure` returns the figure unsaved, `save_figure` and the
+`save_*` shortcuts write PNGs atomically (folders created) and return the paths."""
 
 from __future__ import annotations
 
@@ -23,19 +22,16 @@ PathLike = str | os.PathLike[str]
 Series = Mapping[str, Sequence[float]]
 
 DPI = 110
-CORRECT_COLOR = "#1a7f37"  # green: right prediction
-WRONG_COLOR = "#cf222e"  # red: wrong prediction
+CORRECT_COLOR = "#1a7f37"
+WRONG_COLOR = "#cf222e"
 TRAIN_COLOR = "#1f77b4"
 VAL_COLOR = "#ff7f0e"
-#: above this many classes the confusion matrix cells carry no text (it would be unreadable)
+#: above this many classes the confusion matrix cells carry no text
 CELL_TEXT_MAX_CLASSES = 20
 #: above this many classes a gallery bar chart shows only the top scores (and the true class)
 GALLERY_ALL_CLASSES_MAX = 12
 GALLERY_TOP_K = 10
-#: a gallery panel's image and score chart widths, in inches
-_GALLERY_IMAGE_IN = 2.4
-_GALLERY_BARS_IN = 1.9
-#: label and which end is best, per learning-curve metric
+_GALLERY_IMAGE_IN, _GALLERY_BARS_IN = 2.4, 1.9  # a gallery panel's image and bars widths
 _METRICS = {"loss": ("Loss", "min"), "accuracy": ("Accuracy", "max")}
 _CENTERED = {"ha": "center", "va": "center"}
 
@@ -46,7 +42,8 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: PathLike) -> Path:
+def save_figure(fig: Figure, path: PathLike) -> Path:
+    """Write `fig` as a PNG to `path` atomically (folders created), then clear it; return `path`."""
     path = Path(path)
     try:
         with atomic_file(path, "wb") as fh:
@@ -65,17 +62,13 @@ def _float_series(values: Sequence[float] | None) -> np.ndarray:
     return np.asarray(list(values if values is not None else []), dtype=float).reshape(-1)
 
 
-def _hide_spines(ax: Axes, sides: Sequence[str] = ("top", "right")) -> None:
-    for side in sides:
-        ax.spines[side].set_visible(False)
+def _hide_spines(ax: Axes) -> None:
+    ax.spines[["top", "right"]].set_visible(False)
 
 
 def _message(ax: Axes, text: str) -> None:
-    """`text` alone in the middle of an empty `ax`."""
     ax.text(0.5, 0.5, text, fontsize=12, color="#555555", transform=ax.transAxes, **_CENTERED)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    _hide_spines(ax, list(ax.spines.keys()))
+    ax.set_axis_off()
 
 
 def _batch_curve(
@@ -113,8 +106,8 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
         _message(ax, f"no {metric} recorded")
         return fig
     if len(batch_y):
-        faint = {"color": TRAIN_COLOR, "alpha": 0.3, "linewidth": 0.8, "zorder": 1}
-        ax.plot(batch_x, batch_y, label="train (per batch)", **faint)
+        faint = {"color": TRAIN_COLOR, "alpha": 0.3, "linewidth": 0.8}
+        ax.plot(batch_x, batch_y, label="train (per batch)", zorder=1, **faint)
     style = {"linewidth": 2, "zorder": 3, "markersize": 7 if n == 1 else 4}
     for y, color, line, marker, name in (
         (train, TRAIN_COLOR, "-", "o", "train"),
@@ -122,14 +115,13 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
     ):
         if len(y):
             marker = marker if n <= 30 else None
-            ax.plot(x[: len(y)], y, color=color, linestyle=line, marker=marker, label=name, **style)
+            ax.plot(x[: len(y)], y, color=color, ls=line, marker=marker, label=name, **style)
     ref, ref_name = (val, "validation") if len(val) else (train, "train")
     if len(ref) > 1 and np.isfinite(ref).any():
         i = int(np.nanargmin(ref) if best_mode == "min" else np.nanargmax(ref))
-        star = {"marker": "*", "markersize": 15, "zorder": 4, "color": "#d4a017"}
-        edge = {"markeredgecolor": "black", "markeredgewidth": 0.6}
+        star = {"marker": "*", "markersize": 15, "color": "#d4a017", "markeredgecolor": "black"}
         best = f"best {ref_name}: {ref[i]:.4g} ({unit} {x[i]:g})"
-        ax.plot([x[i]], [ref[i]], linestyle="none", label=best, **star, **edge)
+        ax.plot([x[i]], [ref[i]], ls="none", label=best, zorder=4, markeredgewidth=0.6, **star)
     ax.set_xlabel(unit if n else "step")
     ax.set_ylabel(label.lower())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -144,14 +136,12 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
 def save_learning_curves(
     history: Series, out_dir: PathLike, batches: Series | None = None
 ) -> list[Path]:
-    """Write out_dir/loss.png and out_dir/accuracy.png (a metric without data says so); return
-    their paths. history: series among 'loss', 'accuracy', 'val_loss', 'val_accuracy', x under
-    'epoch' or 'step' (e.g. L-BFGS iterations; default 1..n); batches: optional per-batch
-    {'step', 'loss', 'accuracy'}, drawn faintly on the epoch axis."""
+    """Write out_dir/loss.png and out_dir/accuracy.png; return their paths. history: series among
+    'loss', 'accuracy', 'val_loss', 'val_accuracy', x under 'epoch' or 'step' (default 1..n);
+    batches: optional per-batch {'step', 'loss', 'accuracy'}, drawn faintly on the epoch axis."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     return [
-        _save(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
+        save_figure(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
         for metric in ("loss", "accuracy")
     ]
 
@@ -216,8 +206,7 @@ def confusion_figure(
             color = "white" if image.norm(shown[i, j]) > 0.55 else "#222222"
             alpha = 1.0 if counts[i, j] else 0.45
             ax.text(j, i, text, fontsize=cell_fs, color=color, alpha=alpha, **_CENTERED)
-    for spine in ax.spines.values():
-        spine.set_color("#888888")
+    ax.spines[:].set_color("#888888")
     return fig
 
 
@@ -229,24 +218,13 @@ def save_confusion_matrix(
     title: str = "Confusion matrix",
 ) -> Path:
     """Write `confusion_figure` to `path`."""
-    return _save(confusion_figure(matrix, classes, normalize=normalize, title=title), path)
+    return save_figure(confusion_figure(matrix, classes, normalize, title), path)
 
 
 def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
-    """The image (uint8, float in 0..1 or 0..255, RGB or grey) framed in `color`."""
-    img = np.asarray(image)
-    if img.ndim == 3 and img.shape[-1] == 1:
-        img = img[..., 0]
-    if img.dtype != np.uint8:
-        img = img.astype(float)
-        bytes_like = img.size and np.nanmax(img) > 1.0
-        img = np.clip(img, 0, 255).astype(np.uint8) if bytes_like else np.clip(img, 0.0, 1.0)
-    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_color(color)
-        spine.set_linewidth(3)
+    ax.imshow(np.asarray(image), interpolation="antialiased")
+    ax.set(xticks=[], yticks=[])
+    ax.spines[:].set(color=color, linewidth=3)
     ax.set_title(title, color=color, fontsize=fs, fontweight="bold")
 
 
@@ -267,12 +245,10 @@ def _draw_gallery_scores(
     ypos = np.arange(len(order))
     ax.barh(ypos, scores, color=bar_colors, edgecolor=edges, linewidth=1.4, height=0.7)
     ax.set_yticks(ypos, labels=[classes[i] for i in order], fontsize=label_fs)
-    for tick, i in zip(ax.get_yticklabels(), order, strict=False):
-        if i == true_k:
-            tick.set_fontweight("bold")
-    for y, i, p in zip(ypos, order, scores, strict=False):
+    for tick, y, i, p in zip(ax.get_yticklabels(), ypos, order, scores, strict=True):
         inside = p > 0.62
         tag, weight = (f"{p:.2f}  true", "bold") if i == true_k else (f"{p:.2f}", "normal")
+        tick.set_fontweight(weight)
         color = "white" if inside and i == pred_k else "#222222"
         x, ha = (p - 0.02, "right") if inside else (p + 0.02, "left")
         ax.text(x, y, tag, va="center", ha=ha, fontsize=7, color=color, fontweight=weight)
@@ -287,7 +263,7 @@ def _draw_gallery_scores(
 
 
 def gallery_figure(
-    images: np.ndarray | None,
+    images: np.ndarray,
     probabilities: np.ndarray,
     true_labels: np.ndarray,
     classes: Sequence[str],
@@ -297,10 +273,10 @@ def gallery_figure(
 ) -> Figure:
     """Image + class-score bars per test image, `columns` per row: right green, wrong red, the
     true class outlined, bold, tagged 'true'; `heading` replaces "Test predictions: k of n right".
-    images (N, H, W, 3) uint8 (or float, or grey; a memmap: only the shown ones are read);
-    probabilities (N, C) in 0..1; true_labels (N,) indices. ValueError: they do not match."""
+    images uint8 (N, H, W, 3) (a memmap: only the shown ones are read); probabilities (N, C) in
+    0..1; true_labels (N,) indices. ValueError: they do not match."""
     classes = [str(c) for c in classes]
-    n_total = 0 if images is None else len(images)
+    n_total = len(images)
     n = n_total if max_images is None else max(0, min(n_total, int(max_images)))
     if n == 0:
         fig = _new_figure(4.0, 1.5)
@@ -309,7 +285,7 @@ def gallery_figure(
     n_classes = len(classes)
     probs = np.asarray(probabilities[:n], dtype=float)
     labels = np.asarray(true_labels[:n]).astype(int).reshape(-1)
-    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != n_classes:
+    if probs.shape != (n, n_classes):
         raise ValueError(f"probabilities must be ({n}, {n_classes}), got {probs.shape}")
     if len(labels) != n:
         raise ValueError(f"need {n} true labels, got {len(labels)}")
@@ -334,37 +310,21 @@ def gallery_figure(
     row_in = max(_GALLERY_IMAGE_IN + 1.1, 0.24 * shown_classes + 1.0)
     fig = _new_figure(columns * pair_in, rows * row_in + 0.5)
     # one subfigure per image+scores pair: each lays out on its own, nothing spills into the next
-    cells = np.asarray(fig.subfigures(rows, columns, wspace=0.02, hspace=0.02), dtype=object)
-    cells = cells.reshape(rows, columns)
+    cells = fig.subfigures(rows, columns, squeeze=False, wspace=0.02, hspace=0.02)
     first = f" (first {n} of {n_total} images)" if n < n_total else ""
     heading = heading or f"Test predictions: {int(correct.sum())} of {n} right{first}"
     fig.suptitle(heading, fontsize=13, fontweight="bold")
+    widths = [_GALLERY_IMAGE_IN, _GALLERY_BARS_IN]
     for k in range(n):
         color = CORRECT_COLOR if correct[k] else WRONG_COLOR
-        widths = [_GALLERY_IMAGE_IN, _GALLERY_BARS_IN]
         ax_img, ax_bar = cells[divmod(k, columns)].subplots(1, 2, width_ratios=widths)
         _draw_gallery_image(ax_img, images[k], titles[k], color, title_fs)
         _draw_gallery_scores(ax_bar, probs[k], int(labels[k]), color, classes, label_fs)
     return fig
 
 
-def save_gallery(
-    images: np.ndarray | None,
-    probabilities: np.ndarray,
-    true_labels: np.ndarray,
-    classes: list[str],
-    path: PathLike,
-    columns: int = 3,
-    max_images: int | None = None,
-    heading: str | None = None,
-) -> Path:
-    """Write `gallery_figure` to `path` (N == 0: a small figure saying 'no test images')."""
-    fig = gallery_figure(images, probabilities, true_labels, classes, columns, max_images, heading)
-    return _save(fig, path)
-
-
 class ReliabilityData(Protocol):
-    """`metrics.ReliabilityBins` (not imported: the train stage draws without that module)."""
+    """`metrics.ReliabilityBins` (not imported: train draws figures without that module)."""
 
     count: np.ndarray
     confidence: np.ndarray
@@ -375,16 +335,13 @@ class ReliabilityData(Protocol):
 def reliability_figure(bins: ReliabilityData) -> Figure:
     """A reliability diagram (Guo et al. 2017): per confidence bin the accuracy as a bar against
     the diagonal, the gap to the mean confidence shaded, the count above; the ECE in the title."""
-    edges = np.asarray(bins.edges, dtype=float)
-    count = np.asarray(bins.count)
-    acc = np.nan_to_num(np.asarray(bins.accuracy, dtype=float))
-    conf = np.nan_to_num(np.asarray(bins.confidence, dtype=float))
-    width, left = np.diff(edges), edges[:-1]
+    edges, count = np.asarray(bins.edges, dtype=float), np.asarray(bins.count)
+    acc, conf = np.nan_to_num(bins.accuracy), np.nan_to_num(bins.confidence)
     ece = float(np.sum(count / max(int(count.sum()), 1) * np.abs(acc - conf)))
     fig = _new_figure(5.5, 5.0)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot()
     used = count > 0
-    x, w, a = left[used], width[used], acc[used]
+    x, w, a = edges[:-1][used], np.diff(edges)[used], acc[used]
     ax.bar(x, a, w, align="edge", color="#4c72b0", label="accuracy")
     gap = {"bottom": a, "align": "edge", "color": "#dd8452", "alpha": 0.45}
     ax.bar(x, conf[used] - a, w, label="gap to mean confidence", **gap)
@@ -392,12 +349,7 @@ def reliability_figure(bins: ReliabilityData) -> Figure:
     for xi, wi, c, ai in zip(x, w, count[used], a, strict=True):
         ax.text(xi + wi / 2, min(ai, 1.0) + 0.01, str(int(c)), ha="center", fontsize=7)
     ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (top-1 probability)", ylabel="accuracy")
-    bins_text = f"{len(width)} bins, {int(count.sum())} images"
+    bins_text = f"{len(count)} bins, {int(count.sum())} images"
     ax.set_title(f"Reliability diagram: ECE {ece:.4f} ({bins_text})")
     ax.legend(loc="upper left", fontsize=8)
     return fig
-
-
-def save_reliability_diagram(bins: ReliabilityData, path: PathLike) -> Path:
-    """Write `reliability_figure(bins)` to `path`."""
-    return _save(reliability_figure(bins), path)

@@ -1,24 +1,20 @@
-"""The evaluation report: one self-contained HTML file (no network, no JavaScript) with the
+"""The evaluation report: one self-contained HTML page (no network, no JavaScript) with the
 confusion matrix, whose non-empty cells open their images, the worst mistakes and per-class metrics.
 
 A cell is the `<label>` of a hidden radio button; a CSS rule per cell shows its image panel while
-the radio is checked, so the page works offline, in MLflow's sandboxed artifact viewer and without
-scripts. Thumbnails are JPEG data URIs, worst first (`worst_first`), at most `images_per_cell` per
-panel and `MAX_THUMBNAILS` per report, so that 200 classes stay a few MB. Every name is escaped.
-Same inputs, same bytes.
-"""
+the radio is checked (works offline and in MLflow's sandboxed artifact viewer). Thumbnails are
+JPEG data URIs, worst first, at most `images_per_cell` per panel and `MAX_THUMBNAILS` per report
+(200 classes stay a few MB). Every name is escaped. Same inputs, same bytes."""
 
 from __future__ import annotations
 
 import base64
 import io
 from html import escape
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.lib.files import atomic_file
 from pipeline.lib.reporting.metrics import Predictions, confusion
 
 #: Longest side of a thumbnail, in pixels.
@@ -62,10 +58,7 @@ def thumbnail(image: np.ndarray) -> str:
     from PIL import Image
 
     img = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    scale = THUMB_PX / max(img.size)
-    if scale < 1:
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.LANCZOS)
+    img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS, reducing_gap=None)
     buffer = io.BytesIO()
     img.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -96,20 +89,17 @@ def _item(p: Predictions, i: int, image: np.ndarray, path: str) -> str:
 
 def _panel(view: str, title: str, members: np.ndarray, shown: str, cap: int) -> str:
     more = len(members) - min(len(members), cap)
-    return (
-        f'<div class="panel" id="p-{view}"><h2>{escape(title)}</h2>'
-        f'<ol class="thumbs">{shown}</ol>{"" if len(members) else "<p>No images.</p>"}'
-        + (
-            f"<p>… and {more} more (shown: evaluate.report_images_per_cell, at most "
-            f"{MAX_THUMBNAILS} per report).</p>"
-            if more
-            else ""
-        )
-        + "</div>"
-    )
+    note = "" if len(members) else "<p>No images.</p>"
+    if more:
+        note = f"<p>… and {more} more (shown: evaluate.report_images_per_cell, at most "
+        note += f"{MAX_THUMBNAILS} per report).</p>"
+    body = f'<h2>{escape(title)}</h2><ol class="thumbs">{shown}</ol>{note}'
+    return f'<div class="panel" id="p-{view}">{body}</div>'
 
 
-def _panels(p: Predictions, images: Any, paths: list[str], cap: int) -> tuple[list[str], str]:
+def _panels(
+    p: Predictions, images: np.ndarray, paths: list[str], cap: int
+) -> tuple[list[str], str]:
     """(views, panels): the worst mistakes, then one per non-empty confusion-matrix cell, row by
     row; each shows at most `cap` thumbnails, all together at most `MAX_THUMBNAILS`."""
     wrong = p.y_pred != p.y_true
@@ -131,7 +121,7 @@ def _panels(p: Predictions, images: Any, paths: list[str], cap: int) -> tuple[li
 def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
     """Rows true, columns predicted; a non-empty cell is the label of its view, an empty one an
     empty `<td>` (CSS draws its 0), so that C x C cells cost little."""
-    top = max(int(matrix.max()), 1) if matrix.size else 1
+    top = max(int(matrix.max(initial=0)), 1)
     rows = []
     for i, name in enumerate(p.classes):
         cells = []
@@ -156,9 +146,9 @@ def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
 
 def _metrics_table(metrics: dict[str, Any], classes: list[str]) -> str:
     rows = "".join(
-        f"<tr><td>{escape(c)}</td><td>{metrics['precision'][c]:.4f}</td>"
-        f"<td>{metrics['recall'][c]:.4f}</td><td>{metrics['f1'][c]:.4f}</td>"
-        f"<td>{metrics['support'][c]}</td></tr>"
+        f"<tr><td>{escape(c)}</td>"
+        + "".join(f"<td>{metrics[k][c]:.4f}</td>" for k in ("precision", "recall", "f1"))
+        + f"<td>{metrics['support'][c]}</td></tr>"
         for c in classes
     )
     return (
@@ -169,7 +159,7 @@ def _metrics_table(metrics: dict[str, Any], classes: list[str]) -> str:
 
 def render_report(
     p: Predictions,
-    images: Any,
+    images: np.ndarray,
     paths: list[str],
     metrics: dict[str, Any],
     images_per_cell: int = 48,
@@ -179,9 +169,8 @@ def render_report(
 ) -> str:
     """The report as an HTML document. `images`: uint8 (N, H, W, 3), may be a memmap (only the
     shown ones are read); `paths`: the N source paths; `metrics`: `classification_metrics` and
-    `headline_metrics` of `p` (accuracy, ci_low, ci_high, ece, per class); `images_per_cell`: the
-    most thumbnails a panel shows; `provenance`: {what: value} lines under the title; `extra`:
-    more sections (HTML) at the end."""
+    `headline_metrics` of `p`; `provenance`: {what: value} lines under the title; `extra`: more
+    sections (HTML) at the end."""
     views, panels = _panels(p, images, paths, images_per_cell)
     radios = "".join(
         f'<input type="radio" name="view" class="view" id="v-{v}"'
@@ -215,10 +204,3 @@ def render_report(
         f"<h2>Per-class metrics</h2>{_metrics_table(metrics, p.classes)}{extra}"
         "</main></body></html>\n"
     )
-
-
-def write_report(path: Path, html: str) -> Path:
-    """Write the report atomically (parent folders created); return `path`."""
-    with atomic_file(path) as fh:
-        fh.write(html)
-    return path

@@ -25,8 +25,6 @@ class Predictions:
     @property
     def y_pred(self) -> np.ndarray:
         """int64 (N,): argmax of `probs`."""
-        if not len(self.probs):
-            return np.zeros(0, dtype=np.int64)
         return self.probs.argmax(axis=1).astype(np.int64)
 
 
@@ -52,31 +50,24 @@ class McNemar:
     p_value: float
 
 
-def _top1(probs: np.ndarray, y_true: np.ndarray, bins: int) -> tuple[np.ndarray, ...]:
-    """(top-1 confidence, whether it is right, its bin) per image; bin b holds confidences in
-    (b/bins, (b+1)/bins], a confidence of 0 goes to bin 0."""
-    probs = np.asarray(probs, dtype=np.float64)
-    confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
-    correct = probs.argmax(axis=1) == np.asarray(y_true) if len(probs) else np.zeros(0, bool)
-    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    return confidence, correct, index
-
-
 def expected_calibration_error(
     probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
 ) -> float:
     """ECE (Guo et al. 2017) of `probs` (N, C): |accuracy - mean confidence| per equal-width
     confidence bin, weighted by the bin's share of the images; 0 = calibrated, 0.0 for N = 0."""
     r = reliability_bins(probs, y_true, bins)
-    gaps = np.abs(r.accuracy - r.confidence)[r.count > 0]
-    return float(np.sum(r.count[r.count > 0] * gaps) / max(int(r.count.sum()), 1))
+    return float(np.nansum(r.count * np.abs(r.accuracy - r.confidence)) / max(r.count.sum(), 1))
 
 
 def reliability_bins(
     probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
 ) -> ReliabilityBins:
-    """The bins of `expected_calibration_error`, for a reliability diagram."""
-    confidence, correct, index = _top1(probs, y_true, bins)
+    """The bins of `expected_calibration_error`, for a reliability diagram: bin b holds the top-1
+    confidences in (b/bins, (b+1)/bins], a confidence of 0 goes to bin 0."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1, initial=0.0)
+    correct = probs.argmax(axis=1) == np.asarray(y_true)
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
     count = np.bincount(index, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         conf = np.bincount(index, weights=confidence, minlength=bins) / count
@@ -112,13 +103,8 @@ def headline_metrics(p: Predictions) -> dict[str, float]:
     accuracy, its 95 % Wilson interval `ci_low`/`ci_high`, `macro_f1`, `ece`."""
     m = classification_metrics(p.y_true, p.y_pred, p.classes)
     low, high = accuracy_interval(int(np.sum(p.y_true == p.y_pred)), len(p.y_true))
-    return {
-        "accuracy": m["accuracy"],
-        "ci_low": low,
-        "ci_high": high,
-        "macro_f1": m["macro_f1"],
-        "ece": expected_calibration_error(p.probs, p.y_true),
-    }
+    ece = expected_calibration_error(p.probs, p.y_true)
+    return dict(accuracy=m["accuracy"], ci_low=low, ci_high=high, macro_f1=m["macro_f1"], ece=ece)
 
 
 def classification_metrics(
@@ -152,27 +138,21 @@ def classification_reports(p: Predictions) -> tuple[str, dict[str, Any]]:
 
 def confusion(p: Predictions) -> np.ndarray:
     """int64 (C, C) confusion matrix: rows true class, columns predicted class."""
-    from sklearn.metrics import confusion_matrix
-
     n = len(p.classes)
-    if not len(p.y_true):
-        return np.zeros((n, n), dtype=np.int64)
-    return confusion_matrix(p.y_true, p.y_pred, labels=range(n)).astype(np.int64)
+    cells = n * np.asarray(p.y_true, dtype=np.int64) + p.y_pred
+    return np.bincount(cells, minlength=n * n).reshape(n, n).astype(np.int64)
 
 
 def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
     """The `n` images the gallery shows, sorted int64 indices: up to n/2 mistakes, then a
     round-robin over classes so every class appears (dataset order within a class)."""
-    wrong = [int(i) for i in np.flatnonzero(y_true != y_pred)]
-    by_class = [list(np.flatnonzero(y_true == c)) for c in np.unique(y_true)]
-    chosen = wrong[: max(n // 2, 1)] if n else []
-    for r in range(max((len(b) for b in by_class), default=0)):
-        for members in by_class:
-            if len(chosen) >= n:
-                return np.array(sorted(chosen), dtype=np.int64)
-            if r < len(members) and int(members[r]) not in chosen:
-                chosen.append(int(members[r]))
-    return np.array(sorted(chosen[:n]), dtype=np.int64)
+    y_true = np.asarray(y_true)
+    wrong = np.flatnonzero(y_true != y_pred)[: max(n // 2, 1) if n else 0]
+    rank = np.zeros(len(y_true), dtype=np.int64)  # each image's place within its class
+    for c in np.unique(y_true):
+        rank[y_true == c] = np.arange(np.sum(y_true == c))
+    rest = [i for i in np.lexsort((y_true, rank)) if i not in wrong]
+    return np.sort(np.concatenate([wrong, rest])[:n]).astype(np.int64)
 
 
 def gallery_heading(y_true: np.ndarray, y_pred: np.ndarray, shown: np.ndarray) -> str:

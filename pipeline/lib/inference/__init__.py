@@ -1,1 +1,0 @@
-"""Predicting new images with a trained model (the predict tool)."""
