@@ -1,0 +1,1 @@
+"""Predicting new images with a trained model (the predict tool)."""
