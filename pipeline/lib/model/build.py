@@ -128,15 +128,21 @@ def build_feature_extractor(
     return keras.Model(inputs, outputs, name="mobilenet_v2_features")
 
 
-def build_head(feature_dim: int, num_classes: int, dropout: float, init: str = "zeros") -> Any:
+def build_head(
+    feature_dim: int, num_classes: int, dropout: float, init: str = "zeros", l2: float = 0.0
+) -> Any:
     """Features -> (dropout) -> Dense(num_classes, softmax), its kernel initialised by `init`
-    (`model.head_init`; zeros: uniform class scores at first, as a logistic regression)."""
+    (`model.head_init`; zeros: uniform class scores, as a logistic regression) and penalised by
+    `l2` (Keras' L2 factor; 0: none)."""
     import keras
     from keras import layers
 
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = layers.Dropout(dropout, name="dropout")(inputs) if dropout > 0 else inputs
-    dense = layers.Dense(num_classes, activation="softmax", kernel_initializer=init, name=HEAD_NAME)
+    penalty = keras.regularizers.L2(l2) if l2 > 0 else None
+    dense = layers.Dense(
+        num_classes, "softmax", kernel_initializer=init, kernel_regularizer=penalty, name=HEAD_NAME
+    )
     return keras.Model(inputs, dense(x), name="head")
 
 
@@ -155,11 +161,6 @@ def compose(extractor: Any, head: Any, augmentation: list[Any] | None = None) ->
         x = layer(x)
     suffix = "" if augmentation is None else "_augmented"
     return keras.Model(inputs, x, name=f"mobilenet_v2_classifier{suffix}")
-
-
-def compose_augmented(extractor: Any, head: Any, augmentation: list[Any]) -> Any:
-    """`compose(extractor, head)` (what is saved) with the augmentation layers in front."""
-    return compose(extractor, head, augmentation)
 
 
 def build_augmentation(augment: Any, seed: int) -> list[Any]:

@@ -1,5 +1,6 @@
-"""The Keras callbacks of a training phase: per-batch records and progress, the per-epoch random
-state that makes a resumed run exact, the learning rate in each epoch's logs. Imports Keras."""
+"""A Keras training phase's batches and callbacks: batches whose order is a function of (seed,
+epoch), per-batch records and progress, the per-epoch random state that makes a resumed run exact,
+the learning rate in each epoch's logs. Imports Keras."""
 
 from __future__ import annotations
 
@@ -135,3 +136,36 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             self._weights_path, self._training_metadata_path = weights, metadata
         os.replace(os.path.join(self.backup_dir, "writing.weights.h5"), weights)
         os.replace(metadata + ".writing", metadata)
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """Batches (float32 inputs, one-hot targets) of `x` (N, ...), e.g. features (N, D) or
+    memory-mapped images uint8 (N, H, W, 3), and `targets` (N, C), for `fit(..., shuffle=False)`.
+    With `shuffle`, epoch e's order is a permutation seeded by (seed, e), whatever ran before:
+    `EpochState` sets `epoch` at each epoch start, so a resumed run sees an uninterrupted one's."""
+
+    def __init__(
+        self, x: np.ndarray, targets: np.ndarray, batch_size: int, shuffle: bool, seed: int
+    ) -> None:
+        super().__init__()
+        self.x, self.targets = x, targets
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch = 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def order(self) -> np.ndarray:
+        """The current epoch's permutation (the identity without shuffling)."""
+        epoch, cached = self.epoch, self._order  # one read each: prefetch runs in a thread
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng((self.seed, epoch))
+            perm = rng.permutation(len(self.x)) if self.shuffle else np.arange(len(self.x))
+            cached = self._order = (epoch, perm)
+        return cached[1]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        # sorted: a memory map is read in order
+        idx = np.sort(self.order()[i * self.batch_size : (i + 1) * self.batch_size])
+        return np.asarray(self.x[idx], dtype=np.float32), self.targets[idx]

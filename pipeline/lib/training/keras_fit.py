@@ -1,9 +1,7 @@
-"""Keras `fit` for what needs it (`train.solver=keras`): the study's Adam epochs, augmentation,
-fine-tuning, an unfrozen backbone.
-
-The training state is saved after every epoch in a folder keyed by the run's settings; with
-`train.resume=true` an interrupted run ends with the weights and metrics of an uninterrupted one:
-batch order and dropout masks are pure functions of (seed, epoch). Imports TensorFlow.
+"""Keras `fit` where images must flow (`train.solver=keras`): the study's Adam epochs,
+augmentation, fine-tuning, an unfrozen backbone. The state is saved after every epoch in a folder
+keyed by the run's settings; with `train.resume=true` an interrupted run ends as an uninterrupted
+one (batch order and dropout masks are functions of (seed, epoch)). Imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ from pipeline.lib.model.build import (
     build_feature_extractor,
     build_head,
     compose,
-    compose_augmented,
     count_params,
     find_backbone,
     make_optimizer,
@@ -42,8 +39,8 @@ from pipeline.lib.model.build import (
 )
 from pipeline.lib.model.classifier import Head
 from pipeline.lib.model.features import featurize_array
-from pipeline.lib.training.batches import ArrayBatches
 from pipeline.lib.training.callbacks import (
+    ArrayBatches,
     AtomicBackupAndRestore,
     BatchRecorder,
     EpochState,
@@ -71,8 +68,8 @@ def distribution_strategy(name: str) -> Any:
 
 
 def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
-    """The run's checkpoint folder in `train.checkpoint_dir`, keyed by what determines the run
-    (settings but resume / checkpoint_dir, data, model folder): a resume finds only its own."""
+    """`train.checkpoint_dir/train-<digest>`, keyed by what determines the run (settings but
+    resume / checkpoint_dir, data, model folder): a resume finds only its own."""
     train_settings = OmegaConf.to_container(cfg.train, resolve=True)
     assert isinstance(train_settings, dict)
     for name in ("resume", "checkpoint_dir"):
@@ -88,7 +85,7 @@ def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     return Path(cfg.train.checkpoint_dir) / f"train-{digest}"
 
 
-#: In the checkpoint folder after phase 1 of a fine-tuning run: its weights, its epochs; phase 2's.
+#: In the checkpoint folder of a fine-tuning run: phase 1's weights and epochs; phase 2's folder.
 PHASE1_WEIGHTS = "phase1.weights.h5"
 PHASE1_DONE = "phase1.json"
 FINE_TUNE_DIR = "fine_tune"
@@ -96,9 +93,8 @@ FINE_TUNE_DIR = "fine_tune"
 
 @dataclass
 class Networks:
-    """The Keras models of one run, sharing their weights: `extractor` images (B, H, W, 3)
-    0..255 -> features (B, D) (None when only the head trains); `head` features -> probabilities;
-    `full` images -> probabilities; `image_net`: `full` behind the augmentation layers, if any."""
+    """One run's Keras models, sharing weights: `extractor` images 0..255 -> features (None when
+    only the head trains), `head`, `full` (both), `image_net` (`full` behind any augmentation)."""
 
     extractor: Any
     head: Any
@@ -106,25 +102,22 @@ class Networks:
     image_net: Any
 
 
-def build_networks(cfg: Config, num_classes: int, image_size: int) -> Networks:
-    """The extractor (seeded by `model.init_seed` when it has no weights), then, seeded by
-    `train.seed`, the head and the augmentation layers."""
-    t = cfg.train
-    extractor = build_feature_extractor(
-        cfg.model.alpha, cfg.model.weights, image_size, cfg.model.init_seed
-    )
+def build_networks(cfg: Config, num_classes: int, image_size: int, l2: float) -> Networks:
+    """The extractor (seeded by `model.init_seed` without weights), then, seeded by `train.seed`,
+    the head (`l2`: its kernel's penalty) and the augmentation layers."""
+    t, m = cfg.train, cfg.model
+    extractor = build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
     set_seeds(t.seed)
-    dim = int(extractor.output.shape[-1])
-    head = build_head(dim, num_classes, cfg.model.dropout, cfg.model.head_init)
-    augmentation = build_augmentation(t.augment, t.seed) if t.augment.enabled else []
+    head = build_head(int(extractor.output.shape[-1]), num_classes, m.dropout, m.head_init, l2)
     full = compose(extractor, head)
-    image_net = compose_augmented(extractor, head, augmentation) if augmentation else full
-    return Networks(extractor, head, full, image_net)
+    if not t.augment.enabled:
+        return Networks(extractor, head, full, full)
+    augmented = compose(extractor, head, build_augmentation(t.augment, t.seed))
+    return Networks(extractor, head, full, augmented)
 
 
 def phase1_on_images(cfg: Config) -> bool:
-    """Whether phase 1 trains on the prepared images rather than on the cached features:
-    augmented images differ every epoch, an unfrozen backbone changes the features."""
+    """Whether phase 1 trains on images (augmented, or an unfrozen backbone), not on features."""
     return cfg.train.augment.enabled or not cfg.model.freeze_backbone
 
 
@@ -142,9 +135,9 @@ def prepare_checkpoint(cfg: Config, prepared_md5: str) -> Path:
 
 @dataclass
 class PhaseRunner:
-    """Runs the phases of one run and gathers, across them, the per-epoch `history`
-    ({"epoch": [1-based], metric: [...]}), per-batch `batches`, `phases` (mode, trainable_params,
-    learning_rate, first_epoch, last_epoch) and the epochs where early stopping ended one."""
+    """Runs one run's phases, gathering the per-epoch `history` ({"epoch": [1-based], metric:
+    [...]}), per-batch `batches`, `phases` (mode, trainable_params, learning_rate, first_epoch,
+    last_epoch) and the epochs where early stopping ended one (`stopped`)."""
 
     cfg: Config
     targets: dict[str, np.ndarray]
@@ -161,7 +154,6 @@ class PhaseRunner:
 
     @property
     def monitor(self) -> str:
-        """What early stopping and ReduceLROnPlateau watch: val_loss, else loss."""
         return "val_loss" if len(self.targets["val"]) else "loss"
 
     def run(
@@ -173,8 +165,8 @@ class PhaseRunner:
         epochs: tuple[int, int],
         backup: Path,
     ) -> int:
-        """Train `net` on `x` over epochs [epochs[0], epochs[1]) (0-based) at `rate`, its state
-        saved in `backup`; record what ran; return the epochs done by its end."""
+        """Train `net` on `x` over epochs [first, last) (0-based) at `rate`, its state saved in
+        `backup`; record what ran; return the epochs done by its end."""
         t, (first, last) = self.cfg.train, epochs
         y = self.targets
         train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
@@ -212,29 +204,19 @@ class PhaseRunner:
         return done
 
     def _compile(self, net: Any, rate: float, steps: int) -> Any:
-        """Compile `net` (optimizer, loss with label smoothing, accuracy); return the cosine
-        schedule over `steps` when `train.lr_schedule=cosine`, else None."""
+        """Compile `net`; return the cosine schedule over `steps` (`train.lr_schedule=cosine`)."""
         t = self.cfg.train
-        schedule = (
-            keras.optimizers.schedules.CosineDecay(rate, steps)
-            if t.lr_schedule == "cosine"
-            else None
-        )
-        loss: Any = (
-            "categorical_crossentropy"
-            if t.label_smoothing == 0
-            else keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
-        )
-        net.compile(
-            optimizer=make_optimizer(t.optimizer, schedule or rate), loss=loss, metrics=["accuracy"]
-        )
+        cosine = t.lr_schedule == "cosine"
+        schedule = keras.optimizers.schedules.CosineDecay(rate, steps) if cosine else None
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
+        net.compile(make_optimizer(t.optimizer, schedule or rate), loss, metrics=["accuracy"])
         return schedule
 
     def _callbacks(
         self, net: Any, train_batches: Any, schedule: Any, last: int, backup: Path
     ) -> tuple[list[Any], Any, Any, Any]:
-        """(callbacks in order, the EpochState, the BatchRecorder, the EarlyStopping or None). The
-        rate logger precedes ReduceLROnPlateau and the backup (which then holds a reduced rate)."""
+        """(callbacks, EpochState, BatchRecorder, EarlyStopping or None). The rate logger precedes
+        ReduceLROnPlateau and the backup (which then holds a reduced rate)."""
         t = self.cfg.train
         callbacks: list[Any] = [LearningRateLogger(schedule)]
         if t.lr_schedule == "reduce_on_plateau":
@@ -329,14 +311,6 @@ def run_phase2(
     shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def set_kernel_l2(head: keras.Model, factor: float) -> None:
-    """An L2 penalty of `factor` (0: none) on the head's Dense kernel (variable and layer)."""
-    dense = head.get_layer(HEAD_NAME)
-    reg = keras.regularizers.L2(factor) if factor > 0 else None
-    dense.kernel_regularizer = reg
-    dense.kernel.regularizer = reg
-
-
 def l2_factor(c: float | str | None, n_train: int) -> float:
     """`train.C` as Keras' L2 factor on the batch-mean loss: 1 / (2 C n_train), the same objective
     per example as scikit-learn's C (`auto` -> C = 1; null -> 0, no penalty)."""
@@ -347,9 +321,9 @@ def l2_factor(c: float | str | None, n_train: int) -> float:
 
 @dataclass
 class KerasFit:
-    """What Keras `fit` trained: the `head` (not calibrated); the Keras `extractor` when its
-    weights changed (to convert to LiteRT), else None, and its `features` {"train", "val"}; the
-    `runner` (history, batches, phases...), parameter counts, seconds, epochs restored, replicas."""
+    """What Keras `fit` trained: the `head` (not calibrated); the `extractor` and its `features`
+    {"train", "val"} when its weights changed (else None); the `runner` (history, batches,
+    phases), parameter counts, seconds, epochs restored, replicas."""
 
     head: Head
     extractor: keras.Model | None
@@ -368,30 +342,30 @@ def fit_keras(
     prepared_md5: str,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> KerasFit:
-    """Train the head (and, with `train.fine_tune`, the backbone's top) with Keras `fit`.
+    """Train the head (with `train.fine_tune`, then the backbone's top) with Keras `fit`.
 
-    Phase 1 trains the head on the cached `features` {"train", "val": float32 (N, D)} unless
-    `phase1_on_images` (MobileNetV2 is then not even built without fine-tuning), else end to end
-    on the images. Phase 2 (`train.fine_tune`) follows (`run_phase2`). The state is saved after
-    every epoch; `train.resume` continues an interrupted run (early stopping's and
-    ReduceLROnPlateau's counters restart: they are not in the checkpoint). `callbacks` are added
-    after the pipeline's own to every phase's `fit`.
+    Phase 1 trains the head on the cached `features` {"train", "val": float32 (N, D)} (without
+    building MobileNetV2) unless `phase1_on_images`; phase 2 is `run_phase2`. `train.resume`
+    continues an interrupted run (early stopping's and ReduceLROnPlateau's counters restart).
+    `callbacks` follow the pipeline's own in every phase's `fit`.
     """
     t, c = cfg.train, dataset.num_classes
     strategy = distribution_strategy(t.strategy)
     on_images = phase1_on_images(cfg)
     head_only = not on_images and not t.fine_tune.enabled
     images = {s: dataset.images(s) for s in ("train", "val")}
+    targets = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
+    l2 = l2_factor(t.C, len(targets["train"]))
     with strategy.scope():
         start = time.perf_counter()
         if head_only:
             set_seeds(t.seed)
-            head = build_head(features["train"].shape[1], c, cfg.model.dropout, cfg.model.head_init)
+            dim = features["train"].shape[1]
+            head = build_head(dim, c, cfg.model.dropout, cfg.model.head_init, l2)
             nets = Networks(None, head, head, head)
         else:
-            nets = build_networks(cfg, c, dataset.image_size)
+            nets = build_networks(cfg, c, dataset.image_size, l2)
         net, x = (nets.image_net, images) if on_images else (nets.head, features)
-        targets = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
         weights = class_weights(dataset.labels("train"), c, t.class_weight)
         runner = PhaseRunner(
             cfg,
@@ -400,7 +374,6 @@ def fit_keras(
             extra_callbacks=tuple(callbacks),
             backup=not head_only or t.resume or not in_multirun(),
         )
-        set_kernel_l2(nets.head, l2_factor(t.C, len(targets["train"])))
         checkpoint = prepare_checkpoint(cfg, prepared_md5)
         done = run_phase1(runner, net, {s: x[s] for s in ("train", "val")}, nets, checkpoint)
         if t.fine_tune.enabled:
