@@ -1,26 +1,20 @@
-"""Stage `export`: the model folder as a Keras whole model and TensorFlow Lite files, each checked
-against the folder's `Classifier` on the test split (logic: `pipeline.lib.model.export`).
+"""Stage `export` (opt-in: `export.formats` is empty by default, and the stage then writes empty
+reports in about a second, without TensorFlow or MLflow): the model folder as a Keras whole model
+and TensorFlow Lite files, each checked against the folder's `Classifier` on the test split.
 
     python -m pipeline.export 'export.formats=[keras,float32,int8]'
 
-Opt-in: `export.formats` is empty by default, and the stage then writes only empty reports, in
-about a second, without TensorFlow or MLflow. Formats (the TFLite ones converted from the Keras
-model):
+- `keras`: `model.keras`, MobileNetV2 + a Dense layer holding the head's weights (the featurized
+  backbone: a fine-tuned one's agreement shows it), saved deterministically.
+- `float32`: the Keras graph as is; `float16`: float16 weights (half the file); `int8`: calibrated
+  on `export.representative_samples` train images, input/output of type `export.int8_io`.
 
-- `keras`: `model.keras`, MobileNetV2 + a Dense layer holding the head's weights, saved
-  deterministically; the backbone is the featurized one (a fine-tuned one's agreement shows it).
-- `float32`: the Keras graph as is. `float16`: float16 weights (half the file).
-- `int8`: full-integer, calibrated on `export.representative_samples` training images; input and
-  output of type `export.int8_io` (default uint8: camera RGB bytes go in as they are, the
-  probabilities come out with scale 1/256).
-
-Checks (also in the MLflow run): top-1 agreement with the model (`export.targets`: recorded, the
+Checks (also in MLflow): top-1 agreement with the model against `export.targets` (recorded, the
 stage does not fail), accuracy, file size, single-image latency (median of `export.latency_runs`
-calls after `export.latency_warmup`, `export.num_threads` threads). `paths.exports` also gets
-`model.json`, so that `pipeline.predict` can run an exported file. `reports/export_metrics.json`
-(DVC metrics) holds agreement, accuracy and size_mib per model, `reports/export_details.json`
-everything but the latencies, which depend on the machine: they go to MLflow and
-`outputs/export_latency.json`.
+calls after `export.latency_warmup`, on `export.num_threads` threads). `paths.exports` also gets
+`model.json` (for `pipeline.predict`). `reports/export_metrics.json` (DVC metrics): agreement,
+accuracy, size_mib per model; `reports/export_details.json`: all but the machine-dependent
+latencies, which go to MLflow and `outputs/export_latency.json`.
 """
 
 from __future__ import annotations
@@ -40,7 +34,7 @@ from pipeline.lib.data.prepared import SPLITS, open_prepared
 from pipeline.lib.files import atomic_dir, write_json
 from pipeline.lib.model import export as exporting
 from pipeline.lib.model.classifier import BACKBONE_FILE, CARD_FILE, HEAD_FILE, trained_classifier
-from pipeline.lib.model.scoring import split_probabilities
+from pipeline.lib.model.scoring import split_scores
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +53,8 @@ NOTHING_EXPORTED_TEXT = (
 
 
 def _write_outputs(cfg: Config, files: dict[str, bytes], details: dict[str, Any]) -> Path:
-    """Write `paths.exports` (atomically: one file per format and model.json, or
-    `NOTHING_EXPORTED`), the two reports and the latency file; return the exports folder."""
+    """Write `paths.exports` atomically (the `files` and model.json, or `NOTHING_EXPORTED`), the
+    two reports and the latency file; return the exports folder."""
     exports = Path(cfg.paths.exports)
     with atomic_dir(exports) as tmp:
         for fmt, content in files.items():
@@ -79,11 +73,8 @@ def _write_outputs(cfg: Config, files: dict[str, bytes], details: dict[str, Any]
 
 def export(cfg: Config) -> dict[str, Any]:
     """Export `paths.models` in `export.formats`, check each, write the reports; return the
-    details ({"model": {...}, "<format>": {...}, "test_images": N, "latency": {...}}).
-
-    Raises:
-        StageInputError: no prepared data, no trained model, an empty test or (int8) train split.
-    """
+    details ({"model": {...}, "<format>": {...}, "test_images": N, "latency": {...}}). Raises
+    StageInputError: no prepared data, no trained model, an empty test or (int8) train split."""
     e = cfg.export
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     classifier = trained_classifier(cfg.paths.models, dataset.classes)
@@ -96,7 +87,7 @@ def export(cfg: Config) -> dict[str, Any]:
     check = exporting.ParityCheck(
         dataset.images(TEST),
         dataset.labels(TEST),
-        split_probabilities(classifier, dataset, TEST, cfg.paths.features),
+        split_scores(classifier, dataset, TEST, cfg.paths.features)[0],
         e.latency_runs,
         e.latency_warmup,
         e.num_threads or os.cpu_count() or 1,
@@ -106,9 +97,8 @@ def export(cfg: Config) -> dict[str, Any]:
         train_images = dataset.images(TRAIN)
         chosen = exporting.representative_indices(len(train_images), e.representative_samples)
         calibration = np.asarray(train_images[chosen])
-    model = exporting.keras_model(
-        classifier, cfg.model.alpha, cfg.model.weights, cfg.model.init_seed
-    )
+    m = cfg.model
+    model = exporting.keras_model(classifier, m.alpha, m.weights, m.init_seed)
     targets = {fmt: float(target) for fmt, target in e.targets.items()}
     files, results = exporting.export_formats(
         model, list(e.formats), targets, check, calibration, e.int8_io

@@ -1,5 +1,5 @@
 """The trained model, one representation for every stage and runtime: the model folder
-(`paths.models`, written by train; bytes depend only on the values):
+(`paths.models`, written by train; its bytes depend only on the values):
 
     backbone.tflite   the LiteRT flatbuffer that computed the training features (or the
                       fine-tuned backbone, converted after training): images -> pooled features
@@ -176,7 +176,7 @@ class Classifier:
     @classmethod
     def load(cls, folder: str | os.PathLike[str], workers: int = 0) -> Classifier:
         """The model in `folder`. Raises StageInputError: a file missing, malformed or not of
-        the same model (saying to rerun train)."""
+        one model."""
         folder = Path(folder)
         backbone = folder / BACKBONE_FILE
         if not backbone.is_file():
@@ -229,23 +229,20 @@ class Classifier:
         ]
         return np.concatenate(parts) if parts else np.zeros((0, self.head.kernel.shape[0]))
 
+    def views(self, images: np.ndarray, tta: bool) -> list[np.ndarray]:
+        """The images' features, and with `tta` their mirror images' features."""
+        return [self.features(images)] + ([self.features(images, flip=True)] if tta else [])
+
     def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
-        """float64 (N, C) of images (N, S, S, 3), RGB 0..255; with `tta`, averaged with those of
-        the mirror images."""
-        probs = self.head.probabilities(self.features(images))
-        if tta:
-            probs = (probs + self.head.probabilities(self.features(images, flip=True))) / 2
-        return probs
+        """float64 (N, C) of images (N, S, S, 3), RGB 0..255 (with `tta`: averaged with their
+        mirror images')."""
+        return self.scores(self.views(images, tta))[0]
 
     def classify(self, images: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(`predict_proba`, bool (N,): accepted by the card's reject rule, all without one)."""
         rule = RejectRule.from_card(self.card.reject)
-        if rule is None:
-            probs = self.predict_proba(images, tta)
-            return probs, np.ones(len(probs), dtype=bool)
-        views = [self.features(images)] + ([self.features(images, flip=True)] if tta else [])
-        probs, scores = self.scores(views)
-        return probs, rule.accepts(scores)
+        probs, scores = self.scores(self.views(images, tta))
+        return probs, np.ones(len(probs), dtype=bool) if rule is None else rule.accepts(scores)
 
     def scores(self, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(float64 (N, C) probabilities, float64 (N,) energies) of features (N, D), each the

@@ -69,10 +69,9 @@ def frozen_graph(model: Any) -> Any:
 def convert(
     graph: Any, fmt: str, representative: np.ndarray | None = None, int8_io: str = "uint8"
 ) -> bytes:
-    """The frozen graph as a TFLite flatbuffer: `float32` as is, `float16` weights, or `int8`
-    full-integer calibrated on `representative` (M, H, W, 3) images 0..255, its input and output
-    of type `int8_io` (uint8 | int8). StageInputError: int8 without calibration images;
-    ValueError: an unknown `fmt`."""
+    """The frozen graph as a TFLite flatbuffer: `float32`, `float16` weights, or `int8` calibrated
+    on `representative` (M, H, W, 3) images 0..255, its input/output of type `int8_io` (uint8 |
+    int8). Raises StageInputError: int8 without images; ValueError: an unknown `fmt`."""
     import tensorflow as tf
 
     if fmt not in ("float32", "float16", "int8"):
@@ -103,10 +102,9 @@ def _size(size_bytes: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ParityCheck:
-    """What every export is checked against: the test split's uint8 (N, H, W, 3) `images` (N >= 1,
-    may be memory-mapped), int (N,) `y_true`, and the `Classifier`'s (N, C) `reference`
-    probabilities; latency: the median of `runs` single-image calls after `warmup`, on `threads`
-    CPU threads."""
+    """What every export is checked against: the test split's uint8 (N, H, W, 3) `images` (N >= 1),
+    int (N,) `y_true`, the `Classifier`'s (N, C) `reference` probabilities; latency: the median
+    of `runs` single-image calls after `warmup`, on `threads` CPU threads."""
 
     images: np.ndarray
     y_true: np.ndarray
@@ -131,9 +129,8 @@ class ParityCheck:
         return round(statistics.median(times) * 1000.0, 4)
 
     def parity(self, predict: Callable[[np.ndarray], Any], size: int, target: float) -> dict:
-        """File size (bytes, MiB); top-1 agreement (0..1), disagreements (count), accuracy and
-        max/mean absolute probability difference of `predict` (run in batches of 32) against
-        the reference; whether the agreement meets `target`."""
+        """Size; top-1 agreement (0..1), disagreements, accuracy and max/mean absolute probability
+        difference of `predict` (batches of 32) against the reference; whether it meets `target`."""
         batches = iter_batches(self.images, 32)
         probs = np.concatenate([np.asarray(predict(b), np.float32) for b in batches])
         pred, ref = probs.argmax(axis=1), self.reference.argmax(axis=1)
@@ -181,15 +178,13 @@ def model_record(classifier: Classifier, size_bytes: int, check: ParityCheck) ->
 def split_timings(details: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(details without timings, timings): each record's `TIMING_KEYS` and the "latency" settings
     go to the second, so that the first is the same bytes for the same inputs."""
-    stable: dict[str, Any] = {}
-    timings: dict[str, Any] = {}
-    for name, record in details.items():
-        if name == "latency" or not isinstance(record, dict):
-            (timings if name == "latency" else stable)[name] = record
-        else:
+    stable = {k: v for k, v in details.items() if k != "latency"}
+    timings = {}
+    for name, record in stable.items():
+        if isinstance(record, dict):
             stable[name] = {k: v for k, v in record.items() if k not in TIMING_KEYS}
             timings[name] = {k: record[k] for k in TIMING_KEYS if k in record}
-    return stable, timings
+    return stable, timings | ({"latency": details["latency"]} if "latency" in details else {})
 
 
 def headline_metrics(details: dict[str, Any]) -> dict[str, Any]:
@@ -210,11 +205,9 @@ def export_formats(
     int8_io: str = "uint8",
 ) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
     """Save the Keras `model` (`keras`) and convert it to the TFLite `formats`, each checked
-    (`check.parity`, latency; TFLite: input/output tensors and tensor dtypes) against the
-    `targets` agreement by format. `representative`: the int8 calibration images.
-
-    Returns ({format: file bytes}, {format: record}); a record also names its `file` and, for
-    int8, its `representative_samples`. Raises as `convert`.
+    (`check.parity` against `targets` by format, latency; TFLite: tensors and dtypes).
+    `representative`: the int8 calibration images. Returns ({format: file bytes}, {format:
+    record}); a record also names its `file` (int8: `representative_samples`). Raises as `convert`.
     """
     graph = frozen_graph(model) if set(formats) - {"keras"} else None
     files: dict[str, bytes] = {}
@@ -227,35 +220,29 @@ def export_formats(
         else:
             files[fmt] = convert(graph, fmt, representative, int8_io)
         seconds = time.perf_counter() - start
-        record: dict[str, Any] = {"file": export_file(fmt)}
+        r: dict[str, Any] = {"file": export_file(fmt)}
         if fmt == "keras":
-            record |= check.parity(model.predict_on_batch, len(files[fmt]), targets[fmt])
-            record["latency_ms"] = check.latency_ms(
-                partial(model.predict_on_batch, check.one_image)
-            )
+            r |= check.parity(model.predict_on_batch, len(files[fmt]), targets[fmt])
+            r["latency_ms"] = check.latency_ms(partial(model.predict_on_batch, check.one_image))
         else:
             runner = TFLiteRunner(files[fmt], check.threads)
-            record |= check.parity(runner, len(files[fmt]), targets[fmt])
+            r |= check.parity(runner, len(files[fmt]), targets[fmt])
             runner.set_input(check.one_image)
-            record |= {
+            r |= {
                 "latency_ms": check.latency_ms(runner.invoke),
                 "input": _tensor(runner.input),
                 "output": _tensor(runner.output),
                 "tensor_dtypes": runner.tensor_dtypes(),
             }
         if fmt == "int8" and representative is not None:
-            record["representative_samples"] = len(representative)
-        records[fmt] = r = record
-        log.info(
-            "%s: %.2f MiB, agreement %.4f (%d of %d differ, target %.2f %s), accuracy %.4f, "
-            "%.2f ms/image (converted in %.1f s)",
+            r["representative_samples"] = len(representative)
+        records[fmt] = r
+        log.log(
+            logging.INFO if r["target_met"] else logging.WARNING,
+            "%s: %.2f MiB, top-1 agreement with the model %.4f (%d of %d differ, target %.2f %s), "
+            "accuracy %.4f, %.2f ms/image (converted in %.1f s)",
             *(fmt, r["size_mib"], r["agreement"], r["disagreements"], len(check.y_true)),
             *(r["target_agreement"], "met" if r["target_met"] else "NOT met", r["accuracy"]),
             *(r["latency_ms"], seconds),
         )
-        if not r["target_met"]:
-            log.warning(
-                "export %s: top-1 agreement with the model %.4f is below the target %.2f",
-                *(fmt, r["agreement"], r["target_agreement"]),
-            )
     return files, records

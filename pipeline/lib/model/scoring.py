@@ -48,11 +48,9 @@ def split_scores(
     they have no cached features)."""
     images = dataset.images(split)
     backbone = classifier.backbone_source
-    features = (
-        cached_features(features_dir, Path(backbone), dataset.folder, split)
-        if isinstance(backbone, str | Path)
-        else None
-    )
+    features = None
+    if isinstance(backbone, str | Path):
+        features = cached_features(features_dir, Path(backbone), dataset.folder, split)
     if features is None or len(features) != len(images):
         log.info("Scoring the %d %s images with the model's backbone", len(images), split)
         features = classifier.features(images)
@@ -63,14 +61,3 @@ def split_scores(
         log.info("TTA: averaging each %s image with its horizontal flip", split)
         views.append(classifier.features(images, flip=True))
     return classifier.scores(views)
-
-
-def split_probabilities(
-    classifier: Classifier,
-    dataset: PreparedDataset,
-    split: str,
-    features_dir: str | Path,
-    tta: bool = False,
-) -> np.ndarray:
-    """The probabilities of `split_scores`."""
-    return split_scores(classifier, dataset, split, features_dir, tta)[0]

@@ -1,13 +1,10 @@
-"""Cross-validation of the head on the cached features, for datasets too small for one test split
-to say much (`python -m pipeline.crossval`).
-
-Every prepared photo (train, val and test pooled) goes into `train.crossval_folds` folds,
-stratified where the classes allow, shuffled with `train.seed` (k = the number of photos is
-leave-one-out). Fold i is tested, fold i + 1 (mod k) calibrates (temperature), the rest train,
-exactly as `train` fits its head (`train_head`); every photo is tested once. Logged into the
-project's experiment as one parent run (mean and standard deviation over folds, the pooled
-accuracy with its 95 % Wilson interval) with one child run per fold, tagged with this process
-so that a killed crossval is ended like any other step's run.
+"""Cross-validation of the head on the cached features (`python -m pipeline.crossval`), for
+datasets too small for one test split to say much. Every prepared photo goes into
+`train.crossval_folds` folds (stratified where the classes allow, shuffled with `train.seed`;
+k = N is leave-one-out): fold i is tested, fold i + 1 (mod k) calibrates, the rest train, as
+`train` fits its head. Logged as one parent run (mean and std over folds, the pooled accuracy with
+its 95 % Wilson interval) with one child run per fold, tagged with this process (a killed crossval
+is ended like any other step's run).
 """
 
 from __future__ import annotations
@@ -39,12 +36,8 @@ class CrossvalError(UserError):
 
 def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.ndarray]]:
     """k folds of `labels` (N,): per fold {"train", "val", "test": int64 index arrays}, test =
-    fold i, val = fold i+1 (mod k), train = the rest. Stratified (scikit-learn's StratifiedKFold)
-    when every class can be; else plain KFold (k up to N: leave-one-out).
-
-    Raises:
-        CrossvalError: fewer images than folds, or a fold left nothing to train on.
-    """
+    fold i, val = fold i+1 (mod k), train = the rest; stratified when a class can be, else KFold.
+    Raises CrossvalError: fewer images than folds, or a fold left nothing to train on."""
     if len(labels) < k:
         raise CrossvalError(
             f"{len(labels)} images cannot make {k} folds: set train.crossval_folds <= {len(labels)}"
@@ -71,9 +64,8 @@ def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.nda
 def train_fold(
     cfg: Config, x: np.ndarray, y: np.ndarray, fold: dict, num_classes: int
 ) -> np.ndarray:
-    """Fit a head on `fold`'s train indices of features `x` (N, D) / labels `y` (N,) as the train
-    stage does (`train_head`: C, the optimum, temperature scaling on the fold's val); return its
-    float64 (n_test, C) probabilities of the fold's test images."""
+    """float64 (n_test, C) probabilities of `fold`'s test images by a head fitted as train fits
+    it (`train_head`) on its train and val indices of features `x` (N, D), labels `y` (N,)."""
     split = {s: x[fold[s]] for s in ("train", "val")}
     labels = {s: y[fold[s]] for s in ("train", "val")}
     return train_head(cfg.train, split, labels, num_classes).head.probabilities(x[fold["test"]])
@@ -97,13 +89,9 @@ def summarize(folds: list[dict[str, Any]], correct: int, n: int) -> dict[str, An
 
 
 def crossval(cfg: Any) -> dict[str, Any]:
-    """Run the k-fold cross-validation (see the module docstring) and log it to MLflow; return
-    `summarize`'s dict plus "per_fold" (each fold's headline metrics).
-
-    Raises:
-        CrossvalError: `paths.features` holds no features of the prepared data.
-        StageInputError: the prepared data is missing or was prepared with other settings.
-    """
+    """Run the k-fold cross-validation and log it to MLflow; return `summarize`'s dict plus
+    "per_fold" (each fold's headline metrics). Raises CrossvalError: no cached features of the
+    prepared data; StageInputError: the prepared data is missing or of other settings."""
     if solver(cfg) != "lbfgs":
         raise ConfigError(
             "pipeline.crossval fits the default head (train.solver=lbfgs) on the cached "
@@ -146,16 +134,10 @@ def crossval(cfg: Any) -> dict[str, Any]:
         summary = summarize(per_fold, correct, len(y))
         mlflow.log_metrics({f"cv_{key}": float(v) for key, v in summary.items()})
         summary["run_id"] = parent.info.run_id
+    shown = "accuracy_mean accuracy_std accuracy_pooled accuracy_ci_low accuracy_ci_high ece_mean"
     log.info(
         "Cross-validation (%d folds, %d images): accuracy %.4f ± %.4f (pooled %.4f, 95%% "
         "interval [%.4f, %.4f]), ECE %.4f",
-        k,
-        len(y),
-        summary["accuracy_mean"],
-        summary["accuracy_std"],
-        summary["accuracy_pooled"],
-        summary["accuracy_ci_low"],
-        summary["accuracy_ci_high"],
-        summary["ece_mean"],
+        *(k, len(y), *(summary[key] for key in shown.split())),
     )
     return {**summary, "per_fold": per_fold}
