@@ -1,13 +1,11 @@
 """Stage `featurize`: pooled MobileNetV2 features of every prepared image, computed once with the
-LiteRT backbone, so that training runs and sweeps over the head reuse them. The photos are
-decoded here (checked against the manifest), and each photo's features are kept in a
-content-addressed store (`pipeline.lib.model.feature_store`): a rerun computes only new photos.
+LiteRT backbone for every training run and sweep to reuse. Photos are decoded here (checked
+against the manifest); each photo's features are kept in a content-addressed store
+(`feature_store`), so a rerun computes only new photos (`featurize.engine=ray`: in Ray actors).
 
 `data/features`: {split}.npy (float32 (N, D)), `backbone.tflite` (the flatbuffer that computed
-them, which train copies into the model folder) and `meta.json` (what they were computed from):
-byte-identical on every run, whatever the conversion cache holds; timings go to the log only.
-On a warm conversion cache the stage does not import TensorFlow.
-`featurize.engine=ray` computes the missing photos in Ray Data actors (`ray_featurize`).
+them; train copies it into the model folder) and `meta.json` (their inputs), byte-identical on
+every run. On a warm conversion cache the stage does not import TensorFlow.
 
     python -m pipeline.featurize featurize.num_threads=2
 """
@@ -48,14 +46,8 @@ log = logging.getLogger(__name__)
 def featurize(cfg: Config) -> dict:
     """Write `paths.features` ({split}.npy float32 (N, D), D = 1280 for alpha <= 1;
     backbone.tflite; meta.json {"key": `feature_key`, "feature_dim": D}); return the meta.
-    Features come from the per-image store (`FeatureStore`) where it has them; the other photos
-    are decoded (checked against the manifest), resized and featurized in one streaming pass.
-
-    Raises:
-        WeightsNotFoundError: `model.weights` is not available offline.
-        StageInputError: the prepared data is missing, was prepared for another image size, or a
-            photo changed since (ChangedPhotoError).
-    """
+    Raises WeightsNotFoundError: `model.weights` is not available offline; StageInputError: the
+    prepared data is missing, of another image size, or a photo changed since."""
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     start = time.perf_counter()
@@ -94,9 +86,8 @@ def _assemble(
     store: FeatureStore,
     outs: dict[str, np.ndarray],
 ) -> int:
-    """Fill `outs` {split: (N, D)} from the store, then decode, resize and featurize one photo
-    per missing sha256 in a streaming pass (here, or in Ray with `featurize.engine=ray`), into
-    `outs` and the store; return how many."""
+    """Fill `outs` {split: (N, D)} from the store, then featurize one photo per missing sha256
+    (here, or in Ray) into `outs` and the store; return how many."""
     by_sha: dict[str, list[ManifestRow]] = {}
     for row in dataset.manifest():
         by_sha.setdefault(row.sha256, []).append(row)

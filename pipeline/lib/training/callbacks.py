@@ -19,17 +19,13 @@ AUGMENT_DRAWS_PER_STEP = 16
 
 class BatchRecorder(keras.callbacks.Callback):
     """Per-batch loss/accuracy (Keras' running means over the epoch) in `batches` {"step",
-    "epoch", "loss", "accuracy"}, and a tqdm bar in images/s. Steps are global batch numbers
-    ((e-1) * batches per epoch + b + 1): a resumed run numbers them as an uninterrupted one.
-    `epochs`: the phase's last epoch (exclusive, 0-based), for the bar's total."""
+    "epoch", "loss", "accuracy"} (steps numbered across epochs, as an uninterrupted run), and a
+    tqdm bar in images/s. `epochs`: the phase's last epoch (exclusive, 0-based)."""
 
-    def __init__(
-        self, total_images: int, epochs: int, batch_size: int, progress: bool = True
-    ) -> None:
+    def __init__(self, total_images: int, epochs: int, batch_size: int) -> None:
         super().__init__()
         self.total_images, self.epochs, self.batch_size = total_images, epochs, batch_size
         self.steps_per_epoch = max(math.ceil(total_images / batch_size), 1)
-        self.progress = progress
         self.batches: dict[str, list[float]] = {"step": [], "epoch": [], "loss": [], "accuracy": []}
         self.bar: Any = None
         self.epoch = self.in_epoch = self.seen = 0
@@ -44,7 +40,7 @@ class BatchRecorder(keras.callbacks.Callback):
             from tqdm import tqdm
 
             total = self.total_images * (self.epochs - epoch)
-            self.bar = tqdm(total=total, unit="img", desc="train", disable=not self.progress)
+            self.bar = tqdm(total=total, unit="img", desc="train")
         self.epoch = epoch + 1
         self.in_epoch = 0
 
@@ -72,11 +68,10 @@ class BatchRecorder(keras.callbacks.Callback):
 
 
 class EpochState(keras.callbacks.Callback):
-    """At each epoch start, sets what is random per epoch: the batch order of `datasets` (their
-    `epoch`) and the `SeedGenerator` counters of `model`'s dropout and augmentation layers, which
-    Keras' checkpoints do not hold (epoch x steps x draws per step: what an uninterrupted run
-    reaches), so a resumed run draws as an uninterrupted one. `first_epoch`: the first epoch
-    that ran (0-based), None until one runs."""
+    """At each epoch start, sets what is random per epoch (not in Keras' checkpoints) as an
+    uninterrupted run has it: the batch order of `datasets` (their `epoch`) and the
+    `SeedGenerator` counters of `model`'s dropout and augmentation layers. `first_epoch`: the
+    first epoch that ran (0-based), None until one runs."""
 
     def __init__(self, datasets: list[Any], model: Any, steps_per_epoch: int) -> None:
         super().__init__()
@@ -101,8 +96,8 @@ class EpochState(keras.callbacks.Callback):
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds `learning_rate` to each epoch's logs: the rate of its last step (`schedule` there, else
-    the optimizer's). Placed before ReduceLROnPlateau: the rate the epoch trained with."""
+    """Adds `learning_rate` to each epoch's logs: its last step's (`schedule` there, else the
+    optimizer's); before ReduceLROnPlateau, the rate the epoch trained with."""
 
     def __init__(self, schedule: Any = None) -> None:
         super().__init__()
@@ -121,10 +116,9 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' `BackupAndRestore` (same arguments) whose checkpoint is replaced atomically: Keras
-    writes `latest.weights.h5` and `training_metadata.json` in place, and a process killed while
-    writing leaves a file `train.resume=true` cannot open. Both are written under temporary names
-    and renamed over the old ones (weights first, then the epoch count)."""
+    """Keras' `BackupAndRestore` whose files (written in place by Keras: a killed process would
+    leave one `train.resume` cannot open) are written under temporary names and renamed over the
+    old ones, weights first."""
 
     def _save_model(self) -> None:
         weights, metadata = self._weights_path, self._training_metadata_path

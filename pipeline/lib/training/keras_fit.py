@@ -167,12 +167,9 @@ class PhaseRunner:
     ) -> int:
         """Train `net` on `x` over epochs [first, last) (0-based) at `rate`, its state saved in
         `backup`; record what ran; return the epochs done by its end."""
-        t, (first, last) = self.cfg.train, epochs
-        y = self.targets
+        t, (first, last), y = self.cfg.train, epochs, self.targets
         train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
-        val = (
-            ArrayBatches(x["val"], y["val"], t.batch_size, False, t.seed) if len(y["val"]) else None
-        )
+        val = ArrayBatches(x["val"], y["val"], t.batch_size, False, 0) if len(y["val"]) else None
         schedule = self._compile(net, rate, (last - first) * len(train_batches))
         callbacks, state, recorder, stopper = self._callbacks(
             net, train_batches, schedule, last, backup
