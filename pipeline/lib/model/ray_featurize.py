@@ -34,17 +34,22 @@ class _Backbone:
 
 
 def ray_feature_batches(
-    cfg: FeaturizeConfig, flatbuffer: bytes, root: Path, rows: Sequence[ManifestRow], size: int,
+    cfg: FeaturizeConfig,
+    flatbuffer: bytes,
+    root: Path,
+    rows: Sequence[ManifestRow],
+    size: int,
     resize: str,
-) -> Iterator[tuple[list[str], np.ndarray]]:  # fmt: skip
+) -> Iterator[tuple[list[str], np.ndarray]]:
     """(sha256s, float32 (B, D)) of `rows`, in any order, computed by `cfg.ray_actors` actors
     (0: one per CPU) on the Ray instance at `cfg.ray_address` (None: a local one, started here)."""
     if not ray.is_initialized():
         try:
             ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
+            reason = str(exc).splitlines()[0]
             raise UserError(
-                f"featurize.ray_address={cfg.ray_address}: no Ray cluster there ({str(exc).splitlines()[0]}); start "
+                f"featurize.ray_address={cfg.ray_address}: no Ray cluster there ({reason}); start "
                 "one (`ray start --head`), fix the address, or use featurize.engine=local"
             ) from None
     ray.data.DataContext.get_current().raise_original_map_exception = True  # ChangedPhotoError

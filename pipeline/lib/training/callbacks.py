@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from typing import Any
 
 import keras
 import numpy as np
+from tqdm import tqdm
 
 #: Augmentation layers draw a few random tensors per step (RandomZoom: 2); their generator's
 #: counter is set to epoch x steps x this at each epoch start, so epochs never reuse draws.
@@ -28,21 +28,13 @@ class BatchRecorder(keras.callbacks.Callback):
         self.steps_per_epoch = max(math.ceil(total_images / batch_size), 1)
         self.batches: dict[str, list[float]] = {"step": [], "epoch": [], "loss": [], "accuracy": []}
         self.bar: Any = None
-        self.epoch = self.in_epoch = self.seen = 0
-        self.start = 0.0
-
-    def on_train_begin(self, logs: Any = None) -> None:
-        self.bar = None
-        self.start = time.perf_counter()
+        self.epoch = 0
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         if self.bar is None:  # the first epoch that runs (later than 0 after a restore)
-            from tqdm import tqdm
-
             total = self.total_images * (self.epochs - epoch)
             self.bar = tqdm(total=total, unit="img", desc="train")
         self.epoch = epoch + 1
-        self.in_epoch = 0
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         logs = logs or {}
@@ -50,16 +42,10 @@ class BatchRecorder(keras.callbacks.Callback):
         self.batches["epoch"].append(self.epoch)
         self.batches["loss"].append(float(logs.get("loss", math.nan)))
         self.batches["accuracy"].append(float(logs.get("accuracy", math.nan)))
-        size = min(self.batch_size, self.total_images - self.in_epoch)
-        self.in_epoch += size
-        self.seen += size
-        self.bar.update(size)
-        rate = self.seen / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(min(self.batch_size, self.total_images - batch * self.batch_size))
+        # drawn at tqdm's own pace (TQDM_MININTERVAL off a terminal)
         self.bar.set_postfix(
-            epoch=self.epoch,
-            loss=f"{logs.get('loss', math.nan):.3f}",
-            img_per_s=f"{rate:.0f}",
-            refresh=False,  # drawn at tqdm's own pace (TQDM_MININTERVAL off a terminal)
+            epoch=self.epoch, loss=f"{self.batches['loss'][-1]:.3f}", refresh=False
         )
 
     def on_train_end(self, logs: Any = None) -> None:
