@@ -83,9 +83,8 @@ class Head:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """`model.json`: the class names in the head's column order, the backbone's square input
-    side (px), `data.resize`, the temperature folded into the head (1.0: not calibrated), the
-    backbone's identity ({"name", "alpha", "weights", "weights_md5", "fine_tuned"})."""
+    """`model.json`: the classes in the head's column order, the input side (px), `data.resize`,
+    the temperature folded into the head (1.0: none), the backbone's identity, the reject rule."""
 
     classes: list[str]
     image_size: int
@@ -141,8 +140,7 @@ def model_md5(folder: str | os.PathLike[str]) -> str | None:
 
 
 def check_pixels(images: Any) -> np.ndarray:
-    """`images` (N, S, S, 3) as float32. Raises ValueError: values NaN, infinite or out of
-    0..255 (saying how many)."""
+    """`images` (N, S, S, 3) as float32. Raises ValueError: NaN, infinite or out of 0..255."""
     array = np.asarray(images)
     if array.dtype.kind in "bu" or not array.size:  # bool / uint8 are in range by type
         return array.astype(np.float32)
@@ -158,9 +156,9 @@ def check_pixels(images: Any) -> np.ndarray:
 
 
 class Classifier:
-    """A model folder as a function on images (the runtime of evaluate, predict and the served
-    model): the LiteRT backbone (`ShardedTFLite` on the backbone.tflite file or its bytes, with
-    `workers` interpreters, 0 = one per core; built on first use), then the head."""
+    """A model folder as a function on images (evaluate, predict, the served model): the LiteRT
+    backbone (file or bytes; `workers` interpreters, 0: one per core; built on first use), then
+    the head."""
 
     BATCH = 32  # images per backbone call (bounds the memory of a large request)
 
@@ -221,8 +219,8 @@ class Classifier:
         return backbone
 
     def features(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
-        """float32 (N, D) features of images (N, S, S, 3), RGB 0..255 (any real dtype; read one
-        batch at a time); of their mirror images with `flip`."""
+        """float32 (N, D) features of images (N, S, S, 3), RGB 0..255 (any real dtype), read one
+        batch at a time; with `flip`, of their mirror images."""
         parts = [
             self.backbone(hflip(batch) if flip else batch)
             for batch in iter_batches(images, self.BATCH)
@@ -245,8 +243,8 @@ class Classifier:
         return probs, np.ones(len(probs), dtype=bool) if rule is None else rule.accepts(scores)
 
     def scores(self, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(float64 (N, C) probabilities, float64 (N,) energies) of features (N, D), each the
-        mean over `views` (e.g. the images' and their mirror images' features)."""
+        """(float64 (N, C) probabilities, float64 (N,) energies), each the mean over `views`
+        (features (N, D) of the images, and of their mirror images)."""
         logits = [self.head.logits(f) for f in views]
         probs = sum(softmax(z, axis=1) for z in logits) / len(views)
         return probs, sum(energy(z) for z in logits) / len(views)

@@ -43,9 +43,8 @@ def split_scores(
     features_dir: str | Path,
     tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 (N, C) probabilities, float64 (N,) energy scores (`reject.energy`)) of `split`'s
-    images; with `tta`, averaged with those of the flipped images (computed by the backbone:
-    they have no cached features)."""
+    """(float64 (N, C) probabilities, float64 (N,) energies) of `split`'s images; with `tta`,
+    averaged with the flipped images' (by the backbone: they have no cached features)."""
     images = dataset.images(split)
     backbone = classifier.backbone_source
     features = None

@@ -72,11 +72,9 @@ def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     resume / checkpoint_dir, data, model folder): a resume finds only its own."""
     train_settings = OmegaConf.to_container(cfg.train, resolve=True)
     assert isinstance(train_settings, dict)
-    for name in ("resume", "checkpoint_dir"):
-        train_settings.pop(name, None)
     key = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "train": train_settings,
+        "train": {k: v for k, v in train_settings.items() if k not in ("resume", "checkpoint_dir")},
         "featurize": OmegaConf.to_container(cfg.featurize, resolve=True),
         "prepared_md5": prepared_md5,
         "models": str(Path(cfg.paths.models).resolve()),
@@ -270,8 +268,7 @@ class PhaseRunner:
 def run_phase1(
     runner: PhaseRunner, net: Any, x: dict[str, Any], nets: Networks, checkpoint: Path
 ) -> int:
-    """Phase 1; when fine-tuning, its end is saved in the checkpoint folder, and a resumed run
-    whose phase 1 had finished skips it. Returns the epochs it ran."""
+    """Phase 1 (when fine-tuning, saved at its end: a resumed run skips it); its epochs."""
     t = runner.cfg.train
     done_file = checkpoint / PHASE1_DONE
     if t.fine_tune.enabled and t.resume and done_file.is_file():
@@ -291,19 +288,13 @@ def run_phase1(
 def run_phase2(
     runner: PhaseRunner, nets: Networks, images: dict[str, Any], done: int, checkpoint: Path
 ) -> None:
-    """Fine-tuning: the backbone's top `unfreeze_top_n` layers (BatchNorm kept frozen), end to
-    end on images, epochs numbered after phase 1's; the checkpoint folder removed at its end."""
+    """Fine-tuning of the backbone's top `unfreeze_top_n` layers (BatchNorm frozen) on images,
+    epochs numbered after phase 1's; the checkpoint folder is removed at its end."""
     ft = runner.cfg.train.fine_tune
     unfrozen = unfreeze_top(find_backbone(nets.extractor), ft.unfreeze_top_n)
     log.info("Fine-tuning %d layers (BatchNorm frozen), lr %g", len(unfrozen), ft.learning_rate)
-    runner.run(
-        "phase2",
-        nets.image_net,
-        images,
-        ft.learning_rate,
-        (done, done + ft.epochs),
-        checkpoint / FINE_TUNE_DIR,
-    )
+    epochs, backup = (done, done + ft.epochs), checkpoint / FINE_TUNE_DIR
+    runner.run("phase2", nets.image_net, images, ft.learning_rate, epochs, backup)
     runner.phases["phase2"]["unfrozen_layers"] = unfrozen
     shutil.rmtree(checkpoint, ignore_errors=True)
 
@@ -319,8 +310,7 @@ def l2_factor(c: float | str | None, n_train: int) -> float:
 @dataclass
 class KerasFit:
     """What Keras `fit` trained: the `head` (not calibrated); the `extractor` and its `features`
-    {"train", "val"} when its weights changed (else None); the `runner` (history, batches,
-    phases), parameter counts, seconds, epochs restored, replicas."""
+    {"train", "val"} when its weights changed (else None); the `runner`'s records."""
 
     head: Head
     extractor: keras.Model | None
