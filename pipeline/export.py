@@ -25,6 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -161,11 +162,7 @@ class ParityCheck:
         """Median wall time of `call()` in ms (4 decimals)."""
         for _ in range(self.warmup):
             call()
-        times = []
-        for _ in range(self.runs):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
+        times = timeit.repeat(call, repeat=self.runs, number=1)
         return round(statistics.median(times) * 1000.0, 4)
 
     def parity(self, predict: Callable[[np.ndarray], Any], size: int, target: float) -> dict:
@@ -207,14 +204,6 @@ def _tensor(detail: dict[str, Any]) -> dict[str, Any]:
     return out | ({"scale": float(scale), "zero_point": int(zero_point)} if scale else {})
 
 
-def model_record(classifier: Classifier, size_bytes: int, check: ParityCheck) -> dict:
-    """The model folder's line of the comparison: size, test accuracy, single-image latency."""
-    return _size(size_bytes) | {
-        "accuracy": float(np.mean(check.reference.argmax(axis=1) == check.y_true)),
-        "latency_ms": check.latency_ms(partial(classifier.predict_proba, check.one_image)),
-    }
-
-
 def split_timings(details: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(details without timings, timings): each record's `TIMING_KEYS` and the "latency" settings
     go to the second, so that the first is the same bytes for the same inputs."""
@@ -245,10 +234,8 @@ def export_formats(
     int8_io: str = "uint8",
 ) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
     """Save the Keras `model` (`keras`) and convert it to the TFLite `formats`, each checked
-    (`check.parity` against `targets` by format, latency; TFLite: tensors and dtypes).
-    `representative`: the int8 calibration images. Returns ({format: file bytes}, {format:
-    record}); a record also names its `file` (int8: `representative_samples`). Raises as `convert`.
-    """
+    (`check.parity` against `targets` by format, latency; TFLite: tensors and dtypes); return
+    ({format: file bytes}, {format: record}). `representative`: the int8 calibration images."""
     graph = frozen_graph(model) if set(formats) - {"keras"} else None
     files: dict[str, bytes] = {}
     records: dict[str, dict[str, Any]] = {}
@@ -338,14 +325,12 @@ def export(cfg: Config) -> dict[str, Any]:
     targets = {fmt: float(target) for fmt, target in e.targets.items()}
     files, results = export_formats(model, list(e.formats), targets, check, calibration, e.int8_io)
     names = [BACKBONE_FILE, HEAD_FILE, CARD_FILE]
-    size = sum((Path(cfg.paths.models) / f).stat().st_size for f in names)
-    own = model_record(classifier, size, check)
-    details = {
-        "model": {"files": names, **own},
-        **results,
-        "test_images": len(check.y_true),
-        "latency": check.describe(),
+    own = _size(sum((Path(cfg.paths.models) / f).stat().st_size for f in names)) | {
+        "accuracy": float(np.mean(check.reference.argmax(axis=1) == check.y_true)),
+        "latency_ms": check.latency_ms(partial(classifier.predict_proba, check.one_image)),
     }
+    details = {"model": {"files": names, **own}, **results, "test_images": len(check.y_true)}
+    details["latency"] = check.describe()
     exports = _write_outputs(cfg, files, details)
     _log_export(cfg, results, own["latency_ms"], [exports / export_file(f) for f in files])
     return details
