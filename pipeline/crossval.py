@@ -87,12 +87,8 @@ def summarize(folds: list[dict[str, Any]], correct: int, n: int) -> dict[str, An
         values = np.array([f[key] for f in folds], dtype=float)
         out[f"{key}_mean"] = float(values.mean())
         out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    low, high = accuracy_interval(correct, n)
-    out |= {
-        "accuracy_pooled": correct / max(n, 1),
-        "accuracy_ci_low": low,
-        "accuracy_ci_high": high,
-    }
+    out["accuracy_pooled"] = correct / max(n, 1)
+    out["accuracy_ci_low"], out["accuracy_ci_high"] = accuracy_interval(correct, n)
     return out
 
 

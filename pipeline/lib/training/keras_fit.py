@@ -215,25 +215,15 @@ class PhaseRunner:
         t = self.cfg.train
         callbacks: list[Any] = [LearningRateLogger(schedule)]
         if t.lr_schedule == "reduce_on_plateau":
-            p = t.plateau
-            callbacks.append(
-                keras.callbacks.ReduceLROnPlateau(
-                    monitor=self.monitor,
-                    factor=p.factor,
-                    patience=p.patience,
-                    min_delta=p.min_delta,
-                    min_lr=p.min_lr,
-                    verbose=0,
-                )
-            )
+            plateau = {
+                k: getattr(t.plateau, k) for k in ("factor", "patience", "min_delta", "min_lr")
+            }
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=self.monitor, **plateau))
         stopper = None
         if t.early_stopping.enabled:
+            stopping = {k: getattr(t.early_stopping, k) for k in ("patience", "min_delta")}
             stopper = keras.callbacks.EarlyStopping(
-                monitor=self.monitor,
-                patience=t.early_stopping.patience,
-                min_delta=t.early_stopping.min_delta,
-                restore_best_weights=True,
-                verbose=0,
+                self.monitor, restore_best_weights=True, **stopping
             )
             callbacks.append(stopper)
         state = EpochState([train_batches], net, len(train_batches))
