@@ -1,8 +1,7 @@
 """The trained model, one representation for every stage and runtime: the model folder
 (`paths.models`, written by train; its bytes depend only on the values):
 
-    backbone.tflite   the LiteRT flatbuffer that computed the training features (or the
-                      fine-tuned backbone, converted after training): images -> pooled features
+    backbone.tflite   the LiteRT flatbuffer of the training features (or the fine-tuned backbone)
     head.npy          float32 (D + 1, C): the kernel's D rows, then the bias; temperature folded in
     model.json        `ModelCard`: classes, image_size, resize, temperature, backbone identity,
                       the reject rule (`reject.RejectRule`, None: every photo gets a class)
@@ -170,6 +169,7 @@ class Classifier:
         workers: int = 0,
     ):
         self.head, self.card, self.backbone_source, self.workers = head, card, backbone, workers
+        self.classes, self.image_size = list(card.classes), int(card.image_size)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], workers: int = 0) -> Classifier:
@@ -189,14 +189,6 @@ class Classifier:
                 f"{folder / CARD_FILE} names {len(card.classes)}: rerun the train stage."
             )
         return cls(head, card, backbone, workers)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.card.classes)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.card.image_size)
 
     @cached_property
     def backbone(self) -> ShardedTFLite:

@@ -1,7 +1,6 @@
-"""A split's probabilities by the trained model, computed once and without TensorFlow: the head on
-`paths.features` when the model's backbone.tflite is the featurized one (same md5: train copies it
-when the backbone is frozen) and the features come from these prepared images (`meta.json`); the
-model's backbone on the images otherwise (fine-tuned, stale or missing features).
+"""A split's probabilities by the trained model, without TensorFlow: the head on `paths.features`
+when the model's backbone.tflite is the featurized one and the features are of these prepared
+images, else the model's backbone on the images (fine-tuned, stale or missing features).
 """
 
 from __future__ import annotations
