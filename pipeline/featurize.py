@@ -29,16 +29,9 @@ from pipeline.lib.data.prepared import (
     open_prepared,
 )
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
+from pipeline.lib.model import features
 from pipeline.lib.model.build import resolve_weights
 from pipeline.lib.model.feature_store import FeatureStore, store_key
-from pipeline.lib.model.features import (
-    BACKBONE_FILE,
-    META_FILE,
-    ShardedTFLite,
-    backbone_flatbuffer,
-    feature_batches,
-    feature_key,
-)
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +45,12 @@ def featurize(cfg: Config) -> dict:
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     start = time.perf_counter()
     m = cfg.model
-    flatbuffer = backbone_flatbuffer(m.alpha, m.weights, dataset.image_size, m.init_seed)
+    flatbuffer = features.backbone_flatbuffer(m.alpha, m.weights, dataset.image_size, m.init_seed)
     ray = cfg.featurize.engine == "ray"  # the driver only needs feature_dim then
-    featurizer = ShardedTFLite(flatbuffer, 1 if ray else cfg.featurize.num_threads)
+    featurizer = features.ShardedTFLite(flatbuffer, 1 if ray else cfg.featurize.num_threads)
     log.info("Backbone ready in %.1f s", time.perf_counter() - start)
     dim = featurizer.feature_dim
-    meta = {"key": feature_key(cfg, dvc_md5(cfg.paths.prepared)), "feature_dim": dim}
+    meta = {"key": features.feature_key(cfg, dvc_md5(cfg.paths.prepared)), "feature_dim": dim}
     store = FeatureStore(store_key(flatbuffer, dataset.image_size, dataset.resize), dim)
     with atomic_dir(cfg.paths.features) as tmp:
         outs = {
@@ -68,8 +61,8 @@ def featurize(cfg: Config) -> dict:
         computed = _assemble(cfg, (featurizer, flatbuffer), dataset, store, outs)
         for out in outs.values():
             out.flush()
-        (tmp / BACKBONE_FILE).write_bytes(flatbuffer)
-        write_json(tmp / META_FILE, meta)
+        (tmp / features.BACKBONE_FILE).write_bytes(flatbuffer)
+        write_json(tmp / features.META_FILE, meta)
     store.close()
     seconds, total = time.perf_counter() - start, sum(len(o) for o in outs.values())
     log.info(
@@ -81,7 +74,7 @@ def featurize(cfg: Config) -> dict:
 
 def _assemble(
     cfg: Config,
-    backbone: tuple[ShardedTFLite, bytes],
+    backbone: tuple[features.ShardedTFLite, bytes],
     dataset: PreparedDataset,
     store: FeatureStore,
     outs: dict[str, np.ndarray],
@@ -108,7 +101,7 @@ def _assemble(
         images = SourceImages(dataset.root, todo, size, resize)
         batches = (
             ([row.sha256 for row in todo[start : start + len(feats)]], feats)
-            for start, feats in feature_batches(
+            for start, feats in features.feature_batches(
                 backbone[0], images, cfg.featurize.batch_size, "featurize"
             )
         )

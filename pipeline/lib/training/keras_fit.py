@@ -26,17 +26,7 @@ from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import in_multirun
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json, write_json
-from pipeline.lib.model.build import (
-    HEAD_NAME,
-    build_augmentation,
-    build_feature_extractor,
-    build_head,
-    compose,
-    count_params,
-    find_backbone,
-    make_optimizer,
-    unfreeze_top,
-)
+from pipeline.lib.model import build
 from pipeline.lib.model.classifier import Head
 from pipeline.lib.model.features import featurize_array
 from pipeline.lib.training.callbacks import (
@@ -104,13 +94,15 @@ def build_networks(cfg: Config, num_classes: int, image_size: int, l2: float) ->
     """The extractor (seeded by `model.init_seed` without weights), then, seeded by `train.seed`,
     the head (`l2`: its kernel's penalty) and the augmentation layers."""
     t, m = cfg.train, cfg.model
-    extractor = build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
+    extractor = build.build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
     set_seeds(t.seed)
-    head = build_head(int(extractor.output.shape[-1]), num_classes, m.dropout, m.head_init, l2)
-    full = compose(extractor, head)
+    head = build.build_head(
+        int(extractor.output.shape[-1]), num_classes, m.dropout, m.head_init, l2
+    )
+    full = build.compose(extractor, head)
     if not t.augment.enabled:
         return Networks(extractor, head, full, full)
-    augmented = compose(extractor, head, build_augmentation(t.augment, t.seed))
+    augmented = build.compose(extractor, head, build.build_augmentation(t.augment, t.seed))
     return Networks(extractor, head, full, augmented)
 
 
@@ -175,7 +167,7 @@ class PhaseRunner:
         self.phases[name] = {
             # the head takes features (B, D), the image networks images (B, H, W, 3)
             "mode": "cached_features" if len(net.input.shape) == 2 else "end_to_end",
-            "trainable_params": count_params(net)["trainable"],
+            "trainable_params": build.count_params(net)["trainable"],
             "learning_rate": float(rate),
             "first_epoch": first + 1,
         }
@@ -204,7 +196,7 @@ class PhaseRunner:
         cosine = t.lr_schedule == "cosine"
         schedule = keras.optimizers.schedules.CosineDecay(rate, steps) if cosine else None
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
-        net.compile(make_optimizer(t.optimizer, schedule or rate), loss, metrics=["accuracy"])
+        net.compile(build.make_optimizer(t.optimizer, schedule or rate), loss, metrics=["accuracy"])
         return schedule
 
     def _callbacks(
@@ -281,7 +273,7 @@ def run_phase2(
     """Fine-tuning of the backbone's top `unfreeze_top_n` layers (BatchNorm frozen) on images,
     epochs numbered after phase 1's; the checkpoint folder is removed at its end."""
     ft = runner.cfg.train.fine_tune
-    unfrozen = unfreeze_top(find_backbone(nets.extractor), ft.unfreeze_top_n)
+    unfrozen = build.unfreeze_top(build.find_backbone(nets.extractor), ft.unfreeze_top_n)
     log.info("Fine-tuning %d layers (BatchNorm frozen), lr %g", len(unfrozen), ft.learning_rate)
     epochs, backup = (done, done + ft.epochs), checkpoint / FINE_TUNE_DIR
     runner.run("phase2", nets.image_net, images, ft.learning_rate, epochs, backup)
@@ -338,7 +330,7 @@ def fit_keras(
         if head_only:
             set_seeds(t.seed)
             dim = features["train"].shape[1]
-            head = build_head(dim, c, cfg.model.dropout, cfg.model.head_init, l2)
+            head = build.build_head(dim, c, cfg.model.dropout, cfg.model.head_init, l2)
             nets = Networks(None, head, head, head)
         else:
             nets = build_networks(cfg, c, dataset.image_size, l2)
@@ -356,7 +348,7 @@ def fit_keras(
         if t.fine_tune.enabled:
             run_phase2(runner, nets, images, done, checkpoint)
         seconds = time.perf_counter() - start
-    kernel, bias = nets.head.get_layer(HEAD_NAME).get_weights()
+    kernel, bias = nets.head.get_layer(build.HEAD_NAME).get_weights()
     changed = t.fine_tune.enabled or not cfg.model.freeze_backbone
     extractor = nets.extractor if changed else None
     new_features = None
@@ -373,7 +365,7 @@ def fit_keras(
         extractor=extractor,
         features=new_features,
         runner=runner,
-        params=count_params(nets.full),
+        params=build.count_params(nets.full),
         seconds=seconds,
         resumed_from_epoch=epochs[0] - 1 if epochs else total,
         replicas=int(strategy.num_replicas_in_sync),
