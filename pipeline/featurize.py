@@ -91,14 +91,13 @@ def _assemble(
         for sha, x in found.items():
             for row in by_sha[sha]:
                 outs[row.split][row.index] = x
-    size, resize = dataset.image_size, dataset.resize
+    images = SourceImages(dataset.root, todo, dataset.image_size, dataset.resize)
     if cfg.featurize.engine == "ray" and todo:
         # function-level import: Ray (the `ray` extra) is imported only when asked for
         from pipeline.lib.model.ray_featurize import ray_feature_batches
 
-        batches = ray_feature_batches(cfg.featurize, backbone[1], dataset.root, todo, size, resize)
+        batches = ray_feature_batches(cfg.featurize, backbone[1], images)
     else:
-        images = SourceImages(dataset.root, todo, size, resize)
         batches = (
             ([row.sha256 for row in todo[start : start + len(feats)]], feats)
             for start, feats in features.feature_batches(

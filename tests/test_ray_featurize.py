@@ -81,11 +81,12 @@ def test_a_bad_ray_address_is_one_line_naming_the_key():
     """No cluster at featurize.ray_address: a UserError (exit 2) naming the key and what to do,
     not Ray's traceback."""
     from pipeline.lib.config.schema import FeaturizeConfig
+    from pipeline.lib.data.prepared import SourceImages
     from pipeline.lib.errors import UserError
     from pipeline.lib.model.ray_featurize import ray_feature_batches
 
     ray.shutdown()
     cfg = FeaturizeConfig(engine="ray", ray_address="nonsense")
     with pytest.raises(UserError, match=r"featurize.ray_address=nonsense: no Ray cluster") as info:
-        next(ray_feature_batches(cfg, b"", Path("."), [], 224, "stretch"))
+        next(ray_feature_batches(cfg, b"", SourceImages(Path("."), [], 224, "stretch")))
     assert "\n" not in str(info.value) and "featurize.engine=local" in str(info.value)

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.lib.data.prepared import SPLITS, iter_batches
-from pipeline.lib.files import cache_root, md5_file, read_json
+from pipeline.lib.files import atomic_file, cache_root, md5_file, read_json
 from pipeline.lib.model import build
 from pipeline.lib.model.tflite import TFLiteRunner
 
@@ -121,11 +121,10 @@ def backbone_flatbuffer(
     flatbuffer = convert_to_tflite(extractor)
     log.info("Converted the backbone to TFLite in %.1f s", time.perf_counter() - start)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for target, data in ((path, flatbuffer), (digest, hashlib.sha256(flatbuffer).hexdigest())):
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-            os.replace(tmp, target)
+        with atomic_file(path, "wb") as fh:
+            fh.write(flatbuffer)
+        with atomic_file(digest) as fh:
+            fh.write(hashlib.sha256(flatbuffer).hexdigest())
     except OSError as exc:
         warnings.warn(f"could not cache the converted backbone at {path}: {exc}", stacklevel=2)
     return flatbuffer

@@ -59,9 +59,8 @@ def write_run_record(cfg: Any, run: Any) -> Path:
     model in `paths.models` ({"run_id", "experiment_id", "tracking_uri", "model_md5"}); return it."""
     path = Path(cfg.paths.run_file)
     record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
-    write_json(
-        path, record | {"tracking_uri": cfg.tracking.uri, "model_md5": model_md5(cfg.paths.models)}
-    )
+    record |= {"tracking_uri": cfg.tracking.uri, "model_md5": model_md5(cfg.paths.models)}
+    write_json(path, record)
     return path
 
 

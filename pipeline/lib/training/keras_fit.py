@@ -147,17 +147,11 @@ class PhaseRunner:
         return "val_loss" if len(self.targets["val"]) else "loss"
 
     def run(
-        self,
-        name: str,
-        net: Any,
-        x: dict[str, Any],
-        rate: float,
-        epochs: tuple[int, int],
-        backup: Path,
+        self, name: str, net: Any, x: dict[str, Any], rate: float, epochs: range, backup: Path
     ) -> int:
-        """Train `net` on `x` over epochs [first, last) (0-based) at `rate`, its state saved in
-        `backup`; record what ran; return the epochs done by its end."""
-        t, (first, last), y = self.cfg.train, epochs, self.targets
+        """Train `net` on `x` over `epochs` (0-based) at `rate`, its state saved in `backup`;
+        record what ran; return the epochs done by its end."""
+        t, first, last, y = self.cfg.train, epochs.start, epochs.stop, self.targets
         train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
         val = ArrayBatches(x["val"], y["val"], t.batch_size, False, 0) if len(y["val"]) else None
         schedule = self._compile(net, rate, (last - first) * len(train_batches))
@@ -259,7 +253,7 @@ def run_phase1(
         runner.phases["phase1"] = read_json(done_file)["phase"]
         log.info("Phase 1 had finished (%d epochs): resuming with fine-tuning", done)
         return done
-    done = runner.run("phase1", net, x, t.learning_rate, (0, t.epochs), checkpoint)
+    done = runner.run("phase1", net, x, t.learning_rate, range(t.epochs), checkpoint)
     if t.fine_tune.enabled:
         checkpoint.mkdir(parents=True, exist_ok=True)
         nets.full.save_weights(checkpoint / PHASE1_WEIGHTS)
@@ -275,7 +269,7 @@ def run_phase2(
     ft = runner.cfg.train.fine_tune
     unfrozen = build.unfreeze_top(build.find_backbone(nets.extractor), ft.unfreeze_top_n)
     log.info("Fine-tuning %d layers (BatchNorm frozen), lr %g", len(unfrozen), ft.learning_rate)
-    epochs, backup = (done, done + ft.epochs), checkpoint / FINE_TUNE_DIR
+    epochs, backup = range(done, done + ft.epochs), checkpoint / FINE_TUNE_DIR
     runner.run("phase2", nets.image_net, images, ft.learning_rate, epochs, backup)
     runner.phases["phase2"]["unfrozen_layers"] = unfrozen
     shutil.rmtree(checkpoint, ignore_errors=True)
