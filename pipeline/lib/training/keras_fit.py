@@ -96,9 +96,8 @@ def build_networks(cfg: Config, num_classes: int, image_size: int, l2: float) ->
     t, m = cfg.train, cfg.model
     extractor = build.build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
     set_seeds(t.seed)
-    head = build.build_head(
-        int(extractor.output.shape[-1]), num_classes, m.dropout, m.head_init, l2
-    )
+    dim = int(extractor.output.shape[-1])
+    head = build.build_head(dim, num_classes, m.dropout, m.head_init, l2)
     full = build.compose(extractor, head)
     if not t.augment.enabled:
         return Networks(extractor, head, full, full)
