@@ -133,8 +133,7 @@ def build_head(
     feature_dim: int, num_classes: int, dropout: float, init: str = "zeros", l2: float = 0.0
 ) -> Any:
     """Features -> (dropout) -> Dense(num_classes, softmax), its kernel initialised by `init`
-    (`model.head_init`; zeros: uniform class scores, as a logistic regression) and penalised by
-    `l2` (Keras' L2 factor; 0: none)."""
+    (`model.head_init`; zeros: uniform scores, as a logistic regression), L2 factor `l2`."""
     import keras
     from keras import layers
 

@@ -51,9 +51,8 @@ class FeatureStore:
                 log.warning("Feature store %s unusable (%s): kept in memory", self.path, exc)
 
     def get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
-        """{sha256: float32 (D,)} of the valid entries among `shas`; invalid ones are deleted. A
-        file damaged beyond its entries (sqlite: malformed) is set aside as `<name>.damaged` and
-        a fresh one started: {} then, every feature computed again."""
+        """{sha256: float32 (D,)} of the valid entries among `shas` (invalid ones deleted); {} when
+        the file is damaged beyond its entries (set aside as `<name>.damaged`, a fresh one started)."""
         try:
             return self._get(shas)
         except sqlite3.DatabaseError as exc:

@@ -1,6 +1,5 @@
-"""A Keras training phase's batches and callbacks: batches whose order is a function of (seed,
-epoch), per-batch records and progress, the per-epoch random state that makes a resumed run exact,
-the learning rate in each epoch's logs. Imports Keras."""
+"""A Keras training phase's batches (ordered by (seed, epoch)) and callbacks: per-batch records,
+the per-epoch random state that makes a resumed run exact, each epoch's learning rate."""
 
 from __future__ import annotations
 
@@ -102,9 +101,8 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' `BackupAndRestore` whose files (written in place by Keras: a killed process would
-    leave one `train.resume` cannot open) are written under temporary names and renamed over the
-    old ones, weights first."""
+    """Keras' `BackupAndRestore` writing its files under temporary names, renamed over the old ones
+    (Keras writes in place: a killed process would leave one `train.resume` cannot open)."""
 
     def _save_model(self) -> None:
         weights, metadata = self._weights_path, self._training_metadata_path
