@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 from sklearn.model_selection import KFold, StratifiedKFold
 
-from pipeline.lib.config.schema import Config, ConfigError, solver
+from pipeline.lib.config.schema import ConfigError, solver
 from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.prepared import SPLITS, open_prepared
 from pipeline.lib.errors import UserError
@@ -67,16 +67,6 @@ def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.nda
             )
         folds.append({"train": rest, "val": val, "test": tests[i]})
     return folds
-
-
-def train_fold(
-    cfg: Config, x: np.ndarray, y: np.ndarray, fold: dict, num_classes: int
-) -> np.ndarray:
-    """float64 (n_test, C) probabilities of `fold`'s test images by a head fitted as train fits
-    it (`train_head`) on its train and val indices of features `x` (N, D), labels `y` (N,)."""
-    split = {s: x[fold[s]] for s in ("train", "val")}
-    labels = {s: y[fold[s]] for s in ("train", "val")}
-    return train_head(cfg.train, split, labels, num_classes).head.probabilities(x[fold["test"]])
 
 
 def summarize(folds: list[dict[str, Any]], correct: int, n: int) -> dict[str, Any]:
@@ -125,7 +115,10 @@ def crossval(cfg: Any) -> dict[str, Any]:
             if absent:  # a class with too few photos: this fold cannot learn it
                 names = ", ".join(dataset.classes[a] for a in absent)
                 log.warning("Fold %d/%d trains on no photo of %s: add photos", i + 1, k, names)
-            probs = train_fold(cfg, x, y, fold, c)
+            # a head fitted as train fits it, on the fold's train and val photos
+            split = {s: x[fold[s]] for s in ("train", "val")}
+            labels = {s: y[fold[s]] for s in ("train", "val")}
+            probs = train_head(cfg.train, split, labels, c).head.probabilities(x[fold["test"]])
             m = headline_metrics(Predictions(probs, y[fold["test"]], dataset.classes))
             m["images"] = len(fold["test"])
             correct += int(round(m["accuracy"] * m["images"]))
