@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import ray
 
-import pipeline.featurize
 from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import ChangedPhotoError, PreparedDataset
+from pipeline.lib.model import features
 from pipeline.prepare import prepare
 from tests.conftest import tiny_config
 from tests.flowers12 import FLOWERS
@@ -56,7 +56,7 @@ def test_ray_features_are_the_local_bytes(ray_instance, tmp_path, monkeypatch):
     def not_here(*args, **kwargs):
         raise AssertionError("engine=ray featurized in the driver")
 
-    monkeypatch.setattr(pipeline.featurize, "feature_batches", not_here)
+    monkeypatch.setattr(features, "feature_batches", not_here)
     settings = {"featurize.engine": "ray", "featurize.ray_actors": 2, "featurize.batch_size": 5}
     on_ray = tiny_config(
         tmp_path / "ray", **data, **settings, **{"paths.prepared": local.paths.prepared}
