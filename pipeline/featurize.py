@@ -1,13 +1,11 @@
 """Stage `featurize`: pooled MobileNetV2 features of every prepared image, computed once with the
-LiteRT backbone, so that training runs and sweeps over the head reuse them. The photos are
-decoded here (checked against the manifest), and each photo's features are kept in a
-content-addressed store (`pipeline.lib.model.feature_store`): a rerun computes only new photos.
+LiteRT backbone for every training run and sweep to reuse. Photos are decoded here (checked
+against the manifest); each photo's features are kept in a content-addressed store
+(`feature_store`), so a rerun computes only new photos (`featurize.engine=ray`: in Ray actors).
 
 `data/features`: {split}.npy (float32 (N, D)), `backbone.tflite` (the flatbuffer that computed
-them, which train copies into the model folder) and `meta.json` (what they were computed from):
-byte-identical on every run, whatever the conversion cache holds; timings go to the log only.
-On a warm conversion cache the stage does not import TensorFlow.
-`featurize.engine=ray` computes the missing photos in Ray Data actors (`ray_featurize`).
+them; train copies it into the model folder) and `meta.json` (their inputs), byte-identical on
+every run. On a warm conversion cache the stage does not import TensorFlow.
 
     python -m pipeline.featurize featurize.num_threads=2
 """
@@ -31,16 +29,9 @@ from pipeline.lib.data.prepared import (
     open_prepared,
 )
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
+from pipeline.lib.model import features
 from pipeline.lib.model.build import resolve_weights
 from pipeline.lib.model.feature_store import FeatureStore, store_key
-from pipeline.lib.model.features import (
-    BACKBONE_FILE,
-    META_FILE,
-    ShardedTFLite,
-    backbone_flatbuffer,
-    feature_batches,
-    feature_key,
-)
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +39,18 @@ log = logging.getLogger(__name__)
 def featurize(cfg: Config) -> dict:
     """Write `paths.features` ({split}.npy float32 (N, D), D = 1280 for alpha <= 1;
     backbone.tflite; meta.json {"key": `feature_key`, "feature_dim": D}); return the meta.
-    Features come from the per-image store (`FeatureStore`) where it has them; the other photos
-    are decoded (checked against the manifest), resized and featurized in one streaming pass.
-
-    Raises:
-        WeightsNotFoundError: `model.weights` is not available offline.
-        StageInputError: the prepared data is missing, was prepared for another image size, or a
-            photo changed since (ChangedPhotoError).
-    """
+    Raises WeightsNotFoundError: `model.weights` is not available offline; StageInputError: the
+    prepared data is missing, of another image size, or a photo changed since."""
     resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     start = time.perf_counter()
     m = cfg.model
-    flatbuffer = backbone_flatbuffer(m.alpha, m.weights, dataset.image_size, m.init_seed)
+    flatbuffer = features.backbone_flatbuffer(m.alpha, m.weights, dataset.image_size, m.init_seed)
     ray = cfg.featurize.engine == "ray"  # the driver only needs feature_dim then
-    featurizer = ShardedTFLite(flatbuffer, 1 if ray else cfg.featurize.num_threads)
+    featurizer = features.ShardedTFLite(flatbuffer, 1 if ray else cfg.featurize.num_threads)
     log.info("Backbone ready in %.1f s", time.perf_counter() - start)
     dim = featurizer.feature_dim
-    meta = {"key": feature_key(cfg, dvc_md5(cfg.paths.prepared)), "feature_dim": dim}
+    meta = {"key": features.feature_key(cfg, dvc_md5(cfg.paths.prepared)), "feature_dim": dim}
     store = FeatureStore(store_key(flatbuffer, dataset.image_size, dataset.resize), dim)
     with atomic_dir(cfg.paths.features) as tmp:
         outs = {
@@ -76,8 +61,8 @@ def featurize(cfg: Config) -> dict:
         computed = _assemble(cfg, (featurizer, flatbuffer), dataset, store, outs)
         for out in outs.values():
             out.flush()
-        (tmp / BACKBONE_FILE).write_bytes(flatbuffer)
-        write_json(tmp / META_FILE, meta)
+        (tmp / features.BACKBONE_FILE).write_bytes(flatbuffer)
+        write_json(tmp / features.META_FILE, meta)
     store.close()
     seconds, total = time.perf_counter() - start, sum(len(o) for o in outs.values())
     log.info(
@@ -89,14 +74,13 @@ def featurize(cfg: Config) -> dict:
 
 def _assemble(
     cfg: Config,
-    backbone: tuple[ShardedTFLite, bytes],
+    backbone: tuple[features.ShardedTFLite, bytes],
     dataset: PreparedDataset,
     store: FeatureStore,
     outs: dict[str, np.ndarray],
 ) -> int:
-    """Fill `outs` {split: (N, D)} from the store, then decode, resize and featurize one photo
-    per missing sha256 in a streaming pass (here, or in Ray with `featurize.engine=ray`), into
-    `outs` and the store; return how many."""
+    """Fill `outs` {split: (N, D)} from the store, then featurize one photo per missing sha256
+    (here, or in Ray) into `outs` and the store; return how many."""
     by_sha: dict[str, list[ManifestRow]] = {}
     for row in dataset.manifest():
         by_sha.setdefault(row.sha256, []).append(row)
@@ -107,17 +91,16 @@ def _assemble(
         for sha, x in found.items():
             for row in by_sha[sha]:
                 outs[row.split][row.index] = x
-    size, resize = dataset.image_size, dataset.resize
+    images = SourceImages(dataset.root, todo, dataset.image_size, dataset.resize)
     if cfg.featurize.engine == "ray" and todo:
         # function-level import: Ray (the `ray` extra) is imported only when asked for
         from pipeline.lib.model.ray_featurize import ray_feature_batches
 
-        batches = ray_feature_batches(cfg.featurize, backbone[1], dataset.root, todo, size, resize)
+        batches = ray_feature_batches(cfg.featurize, backbone[1], images)
     else:
-        images = SourceImages(dataset.root, todo, size, resize)
         batches = (
             ([row.sha256 for row in todo[start : start + len(feats)]], feats)
-            for start, feats in feature_batches(
+            for start, feats in features.feature_batches(
                 backbone[0], images, cfg.featurize.batch_size, "featurize"
             )
         )

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import ray
 
-import pipeline.featurize
 from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import ChangedPhotoError, PreparedDataset
+from pipeline.lib.model import features
 from pipeline.prepare import prepare
 from tests.conftest import tiny_config
 from tests.flowers12 import FLOWERS
@@ -56,7 +56,7 @@ def test_ray_features_are_the_local_bytes(ray_instance, tmp_path, monkeypatch):
     def not_here(*args, **kwargs):
         raise AssertionError("engine=ray featurized in the driver")
 
-    monkeypatch.setattr(pipeline.featurize, "feature_batches", not_here)
+    monkeypatch.setattr(features, "feature_batches", not_here)
     settings = {"featurize.engine": "ray", "featurize.ray_actors": 2, "featurize.batch_size": 5}
     on_ray = tiny_config(
         tmp_path / "ray", **data, **settings, **{"paths.prepared": local.paths.prepared}
@@ -81,11 +81,12 @@ def test_a_bad_ray_address_is_one_line_naming_the_key():
     """No cluster at featurize.ray_address: a UserError (exit 2) naming the key and what to do,
     not Ray's traceback."""
     from pipeline.lib.config.schema import FeaturizeConfig
+    from pipeline.lib.data.prepared import SourceImages
     from pipeline.lib.errors import UserError
     from pipeline.lib.model.ray_featurize import ray_feature_batches
 
     ray.shutdown()
     cfg = FeaturizeConfig(engine="ray", ray_address="nonsense")
     with pytest.raises(UserError, match=r"featurize.ray_address=nonsense: no Ray cluster") as info:
-        next(ray_feature_batches(cfg, b"", Path("."), [], 224, "stretch"))
+        next(ray_feature_batches(cfg, b"", SourceImages(Path("."), [], 224, "stretch")))
     assert "\n" not in str(info.value) and "featurize.engine=local" in str(info.value)

@@ -18,7 +18,7 @@ from pipeline.lib.files import dvc_md5, read_json
 from pipeline.lib.model.classifier import BACKBONE_FILE, HEAD_FILE, Head
 from pipeline.lib.model.features import backbone_key, tflite_cache_path
 from pipeline.lib.training import keras_fit
-from pipeline.lib.training.batches import ArrayBatches
+from pipeline.lib.training.callbacks import ArrayBatches
 from pipeline.lib.training.keras_fit import checkpoint_folder
 from pipeline.prepare import prepare
 from pipeline.train import train

@@ -1,4 +1,4 @@
-"""`scoring.split_probabilities` and the evaluate stage on a model folder: the head on the cached
+"""`scoring.split_scores` and the evaluate stage on a model folder: the head on the cached
 features when the model's backbone.tflite is the featurized one, its LiteRT backbone on the images
 otherwise (a fine-tuned backbone); both give the same probabilities, and no TensorFlow is imported
 by evaluate, predict or the served model."""
@@ -19,7 +19,7 @@ from pipeline.featurize import featurize
 from pipeline.lib.data.prepared import open_prepared
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.model.classifier import BACKBONE_FILE, Classifier, trained_classifier
-from pipeline.lib.model.scoring import split_probabilities
+from pipeline.lib.model.scoring import split_scores
 from pipeline.prepare import prepare
 from tests.conftest import ROOT, tiny_config, tiny_overrides
 from tests.model_folder import WEIGHTS, fit_model_folder
@@ -42,7 +42,7 @@ def test_cached_features_and_the_backbone_give_the_same_probabilities(world, tmp
     _, cfg = world
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     classifier = Classifier.load(cfg.paths.models)
-    cached = split_probabilities(classifier, dataset, "test", cfg.paths.features)
+    cached = split_scores(classifier, dataset, "test", cfg.paths.features)[0]
     on_images = classifier.predict_proba(dataset.images("test"))
     assert cached.dtype == np.float64 and cached.shape == (12, 6)
     assert np.allclose(cached, on_images, atol=1e-6)
@@ -51,9 +51,9 @@ def test_cached_features_and_the_backbone_give_the_same_probabilities(world, tmp
     other = tmp_path / "features"
     other.mkdir()
     (other / BACKBONE_FILE).write_bytes(b"another backbone")
-    assert np.allclose(split_probabilities(classifier, dataset, "test", other), on_images)
+    assert np.allclose(split_scores(classifier, dataset, "test", other)[0], on_images)
     # TTA: the mean with the flipped images' probabilities
-    tta = split_probabilities(classifier, dataset, "test", cfg.paths.features, tta=True)
+    tta = split_scores(classifier, dataset, "test", cfg.paths.features, tta=True)[0]
     flipped = classifier.predict_proba(np.asarray(dataset.images("test"))[:, :, ::-1])
     assert np.allclose(tta, (on_images + flipped) / 2, atol=1e-6)
     assert not np.allclose(tta, on_images, atol=1e-4)

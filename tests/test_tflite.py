@@ -18,7 +18,7 @@ def tiny():
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from pipeline.lib.model import export
+    from pipeline.export import convert as convert_graph
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((SIZE, SIZE, 3))
@@ -33,7 +33,7 @@ def tiny():
         spec = tf.TensorSpec([1 if fixed_batch else None, SIZE, SIZE, 3], tf.float32)
         fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
         graph = convert_variables_to_constants_v2(fn)
-        return export.convert(graph, "int8" if int8 else "float32", images, "uint8")
+        return convert_graph(graph, "int8" if int8 else "float32", images, "uint8")
 
     return {
         "images": images,

@@ -4,6 +4,7 @@ inference mode), global pooling, optional dropout and one Dense softmax layer.""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -34,8 +35,8 @@ def keras_home() -> Path:
 
 
 def imagenet_weights_path(alpha: float, size: int) -> Path:
-    """The ImageNet weights file (no top) in Keras' cache that a `size` px backbone loads: that
-    size's where Keras has one and it is there, else the 224 px file (it fits any size)."""
+    """The ImageNet weights file (no top) in Keras' cache for a `size` px backbone: that size's
+    if Keras has one and it is there, else the 224 px file (it fits any size)."""
     path = keras_home() / "models" / WEIGHTS_FILE.format(alpha=float(alpha), size=size)
     if size in IMAGENET_SIZES and (size == 224 or path.is_file()):
         return path
@@ -43,9 +44,9 @@ def imagenet_weights_path(alpha: float, size: int) -> Path:
 
 
 def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
-    """What to pass to `keras.applications.MobileNetV2(weights=...)`: None, `imagenet` (its file
-    of this size is in Keras' cache) or a weights file checked to be a whole HDF5 file, so that
-    nothing is downloaded or found damaged after minutes. WeightsNotFoundError (one line) else."""
+    """`MobileNetV2(weights=...)`: None, `imagenet` (its file is in Keras' cache) or a file checked
+    to be whole HDF5 (nothing downloaded or found damaged after minutes). Raises
+    WeightsNotFoundError (one line)."""
     if weights is None or str(weights).lower() in ("null", "none", ""):
         return None
     if weights == "imagenet":
@@ -85,8 +86,8 @@ def _check_hdf5(path: Path, weights: str, fix: str) -> None:
 
 
 def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> Any:
-    """MobileNetV2 without top, frozen; `weights` as in the config (`imagenet` | path | None).
-    Without weights the random initialisation is seeded by `init_seed` (the same in every stage)."""
+    """MobileNetV2 without top, frozen; `weights`: `imagenet` | path | None (then seeded by
+    `init_seed`, the same in every stage)."""
     import keras
 
     resolved = resolve_weights(weights, alpha, image_size)
@@ -117,7 +118,7 @@ def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed
 def build_feature_extractor(
     alpha: float, weights: str | None, image_size: int, init_seed: int = 0
 ) -> Any:
-    """Images (0..255) -> pooled backbone features: the part of the model that never changes."""
+    """Images (0..255) -> pooled backbone features."""
     import keras
     from keras import layers
 
@@ -128,15 +129,20 @@ def build_feature_extractor(
     return keras.Model(inputs, outputs, name="mobilenet_v2_features")
 
 
-def build_head(feature_dim: int, num_classes: int, dropout: float, init: str = "zeros") -> Any:
+def build_head(
+    feature_dim: int, num_classes: int, dropout: float, init: str = "zeros", l2: float = 0.0
+) -> Any:
     """Features -> (dropout) -> Dense(num_classes, softmax), its kernel initialised by `init`
-    (`model.head_init`; zeros: uniform class scores at first, as a logistic regression)."""
+    (`model.head_init`; zeros: uniform scores, as a logistic regression), L2 factor `l2`."""
     import keras
     from keras import layers
 
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = layers.Dropout(dropout, name="dropout")(inputs) if dropout > 0 else inputs
-    dense = layers.Dense(num_classes, activation="softmax", kernel_initializer=init, name=HEAD_NAME)
+    penalty = keras.regularizers.L2(l2) if l2 > 0 else None
+    dense = layers.Dense(
+        num_classes, "softmax", kernel_initializer=init, kernel_regularizer=penalty, name=HEAD_NAME
+    )
     return keras.Model(inputs, dense(x), name="head")
 
 
@@ -157,14 +163,9 @@ def compose(extractor: Any, head: Any, augmentation: list[Any] | None = None) ->
     return keras.Model(inputs, x, name=f"mobilenet_v2_classifier{suffix}")
 
 
-def compose_augmented(extractor: Any, head: Any, augmentation: list[Any]) -> Any:
-    """`compose(extractor, head)` (what is saved) with the augmentation layers in front."""
-    return compose(extractor, head, augmentation)
-
-
 def build_augmentation(augment: Any, seed: int) -> list[Any]:
-    """Keras preprocessing layers for `train.augment` (a factor of 0 leaves one out), seeded
-    from `seed`, on raw 0..255 images (before the rescaling); identity at inference."""
+    """Keras preprocessing layers for `train.augment` (a factor of 0 leaves one out), seeded from
+    `seed`, on 0..255 images; identity at inference."""
     from keras import layers
 
     a, reflect, pixels = augment, {"fill_mode": "reflect"}, {"value_range": (0, 255)}
@@ -184,20 +185,18 @@ def build_augmentation(augment: Any, seed: int) -> list[Any]:
 
 
 def find_backbone(model: Any) -> Any:
-    """The MobileNetV2 backbone inside a classifier or feature extractor (nested at any depth)."""
+    """The MobileNetV2 backbone nested at any depth in `model`; None if there is none."""
     for layer in model.layers:
-        if layer.name == BACKBONE_NAME:
-            return layer
-        if hasattr(layer, "layers"):
-            try:
-                return find_backbone(layer)
-            except ValueError:
-                pass
-    raise ValueError(f"no layer named {BACKBONE_NAME!r} in {model.name}")
+        found = layer if layer.name == BACKBONE_NAME else None
+        if found is None and hasattr(layer, "layers"):
+            found = find_backbone(layer)
+        if found is not None:
+            return found
+    return None
 
 
 def unfreeze_top(backbone: Any, n: int) -> list[str]:
-    """Make the backbone's last `n` layers trainable except BatchNormalization (kept frozen, as
+    """Make the backbone's last `n` layers trainable but BatchNormalization (kept frozen, as
     Keras' fine-tuning guide advises); return the names of the layers whose weights now train."""
     import keras
 
@@ -219,10 +218,8 @@ def make_optimizer(name: str, learning_rate: Any) -> Any:
 
 def count_params(model: Any) -> dict[str, int]:
     """{"trainable", "non_trainable", "total"} parameter counts."""
-    import numpy as np
-
-    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    frozen = int(sum(np.prod(w.shape) for w in model.non_trainable_weights))
+    trainable = int(sum(math.prod(w.shape) for w in model.trainable_weights))
+    frozen = int(sum(math.prod(w.shape) for w in model.non_trainable_weights))
     return {"trainable": trainable, "non_trainable": frozen, "total": trainable + frozen}
 
 

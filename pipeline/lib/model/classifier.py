@@ -1,8 +1,7 @@
 """The trained model, one representation for every stage and runtime: the model folder
-(`paths.models`, written by train; bytes depend only on the values):
+(`paths.models`, written by train; its bytes depend only on the values):
 
-    backbone.tflite   the LiteRT flatbuffer that computed the training features (or the
-                      fine-tuned backbone, converted after training): images -> pooled features
+    backbone.tflite   the LiteRT flatbuffer of the training features (or the fine-tuned backbone)
     head.npy          float32 (D + 1, C): the kernel's D rows, then the bias; temperature folded in
     model.json        `ModelCard`: classes, image_size, resize, temperature, backbone identity,
                       the reject rule (`reject.RejectRule`, None: every photo gets a class)
@@ -83,9 +82,8 @@ class Head:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """`model.json`: the class names in the head's column order, the backbone's square input
-    side (px), `data.resize`, the temperature folded into the head (1.0: not calibrated), the
-    backbone's identity ({"name", "alpha", "weights", "weights_md5", "fine_tuned"})."""
+    """`model.json`: the classes in the head's column order, the input side (px), `data.resize`,
+    the temperature folded into the head (1.0: none), the backbone's identity, the reject rule."""
 
     classes: list[str]
     image_size: int
@@ -141,8 +139,7 @@ def model_md5(folder: str | os.PathLike[str]) -> str | None:
 
 
 def check_pixels(images: Any) -> np.ndarray:
-    """`images` (N, S, S, 3) as float32. Raises ValueError: values NaN, infinite or out of
-    0..255 (saying how many)."""
+    """`images` (N, S, S, 3) as float32. Raises ValueError: NaN, infinite or out of 0..255."""
     array = np.asarray(images)
     if array.dtype.kind in "bu" or not array.size:  # bool / uint8 are in range by type
         return array.astype(np.float32)
@@ -158,9 +155,9 @@ def check_pixels(images: Any) -> np.ndarray:
 
 
 class Classifier:
-    """A model folder as a function on images (the runtime of evaluate, predict and the served
-    model): the LiteRT backbone (`ShardedTFLite` on the backbone.tflite file or its bytes, with
-    `workers` interpreters, 0 = one per core; built on first use), then the head."""
+    """A model folder as a function on images (evaluate, predict, the served model): the LiteRT
+    backbone (file or bytes; `workers` interpreters, 0: one per core; built on first use), then
+    the head."""
 
     BATCH = 32  # images per backbone call (bounds the memory of a large request)
 
@@ -172,11 +169,12 @@ class Classifier:
         workers: int = 0,
     ):
         self.head, self.card, self.backbone_source, self.workers = head, card, backbone, workers
+        self.classes, self.image_size = list(card.classes), int(card.image_size)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], workers: int = 0) -> Classifier:
         """The model in `folder`. Raises StageInputError: a file missing, malformed or not of
-        the same model (saying to rerun train)."""
+        one model."""
         folder = Path(folder)
         backbone = folder / BACKBONE_FILE
         if not backbone.is_file():
@@ -191,14 +189,6 @@ class Classifier:
                 f"{folder / CARD_FILE} names {len(card.classes)}: rerun the train stage."
             )
         return cls(head, card, backbone, workers)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.card.classes)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.card.image_size)
 
     @cached_property
     def backbone(self) -> ShardedTFLite:
@@ -221,35 +211,32 @@ class Classifier:
         return backbone
 
     def features(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
-        """float32 (N, D) features of images (N, S, S, 3), RGB 0..255 (any real dtype; read one
-        batch at a time); of their mirror images with `flip`."""
+        """float32 (N, D) features of images (N, S, S, 3), RGB 0..255 (any real dtype), read one
+        batch at a time; with `flip`, of their mirror images."""
         parts = [
             self.backbone(hflip(batch) if flip else batch)
             for batch in iter_batches(images, self.BATCH)
         ]
         return np.concatenate(parts) if parts else np.zeros((0, self.head.kernel.shape[0]))
 
+    def views(self, images: np.ndarray, tta: bool) -> list[np.ndarray]:
+        """The images' features, and with `tta` their mirror images' features."""
+        return [self.features(images)] + ([self.features(images, flip=True)] if tta else [])
+
     def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
-        """float64 (N, C) of images (N, S, S, 3), RGB 0..255; with `tta`, averaged with those of
-        the mirror images."""
-        probs = self.head.probabilities(self.features(images))
-        if tta:
-            probs = (probs + self.head.probabilities(self.features(images, flip=True))) / 2
-        return probs
+        """float64 (N, C) of images (N, S, S, 3), RGB 0..255 (with `tta`: averaged with their
+        mirror images')."""
+        return self.scores(self.views(images, tta))[0]
 
     def classify(self, images: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(`predict_proba`, bool (N,): accepted by the card's reject rule, all without one)."""
         rule = RejectRule.from_card(self.card.reject)
-        if rule is None:
-            probs = self.predict_proba(images, tta)
-            return probs, np.ones(len(probs), dtype=bool)
-        views = [self.features(images)] + ([self.features(images, flip=True)] if tta else [])
-        probs, scores = self.scores(views)
-        return probs, rule.accepts(scores)
+        probs, scores = self.scores(self.views(images, tta))
+        return probs, np.ones(len(probs), dtype=bool) if rule is None else rule.accepts(scores)
 
     def scores(self, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(float64 (N, C) probabilities, float64 (N,) energies) of features (N, D), each the
-        mean over `views` (e.g. the images' and their mirror images' features)."""
+        """(float64 (N, C) probabilities, float64 (N,) energies), each the mean over `views`
+        (features (N, D) of the images, and of their mirror images)."""
         logits = [self.head.logits(f) for f in views]
         probs = sum(softmax(z, axis=1) for z in logits) / len(views)
         return probs, sum(energy(z) for z in logits) / len(views)

@@ -1,8 +1,6 @@
-"""Per-image backbone features, content-addressed: one sqlite file per backbone key
-(`store_key`: the flatbuffer's sha256, image size, resize policy, decoder), rows keyed by the
-photo's sha256, float32 blobs with a CRC. So adding photos computes only those, relabelling or
-removing computes none, and the same photo in two folders or projects is computed once. An entry
-of the wrong size, CRC or with non-finite values is dropped and recomputed.
+"""Per-image backbone features, content-addressed: one sqlite file per `store_key` (flatbuffer,
+image size, resize policy, decoder), float32 blobs with a CRC keyed by the photo's sha256: new
+photos are computed, relabelled, moved or removed ones are not. A damaged entry is recomputed.
 """
 
 from __future__ import annotations
@@ -53,9 +51,8 @@ class FeatureStore:
                 log.warning("Feature store %s unusable (%s): kept in memory", self.path, exc)
 
     def get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
-        """{sha256: float32 (D,)} of the valid entries among `shas`; invalid ones are deleted. A
-        file damaged beyond its entries (sqlite: malformed) is set aside as `<name>.damaged` and
-        a fresh one started: {} then, every feature computed again."""
+        """{sha256: float32 (D,)} of the valid entries among `shas` (invalid ones deleted); {} when
+        the file is damaged beyond its entries (set aside as `<name>.damaged`, a fresh one started)."""
         try:
             return self._get(shas)
         except sqlite3.DatabaseError as exc:

@@ -1,11 +1,8 @@
-"""Backbone features, computed with LiteRT: the expensive, unchanging part of frozen transfer
-learning, and the backbone runtime (`ShardedTFLite`) of every later stage and the served model.
-
-Converting the Keras extractor takes tens of seconds, so its deterministic flatbuffer is cached
-on disk (`tflite_cache_path`), keyed by `backbone_key`, computed without TensorFlow, and used only
-when its sha256 (kept beside it) matches: on a warm cache featurize imports neither TensorFlow nor
-Keras, and gives the same bytes. Features do not depend on `featurize.batch_size` or
-`featurize.num_threads` either (tests/test_featurize.py), so these are not DVC parameters.
+"""Backbone features computed with LiteRT, and the backbone runtime (`ShardedTFLite`) of every
+later stage and the served model. The converted flatbuffer is cached (`tflite_cache_path`), keyed
+by `backbone_key` (computed without TensorFlow) and used when its sha256 matches: on a warm cache
+featurize imports neither TensorFlow nor Keras. Features do not depend on `featurize.batch_size`
+or `featurize.num_threads` (tests/test_featurize.py), so these are not DVC parameters.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ import io
 import json
 import logging
 import os
-import queue
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.lib.data.prepared import SPLITS, iter_batches
-from pipeline.lib.files import cache_root, md5_file, read_json
+from pipeline.lib.files import atomic_file, cache_root, md5_file, read_json
 from pipeline.lib.model import build
 from pipeline.lib.model.tflite import TFLiteRunner
 
@@ -47,14 +42,9 @@ BACKBONE_FILE = "backbone.tflite"
 
 
 def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> str:
-    """32 hex digits naming the converted `build_feature_extractor(alpha, weights, image_size,
-    init_seed)`, computed without TensorFlow from what determines it: the weights file's md5 (or
-    the seed without weights), alpha, the size, the TensorFlow and Keras versions and Keras'
-    dtype/layout/backend settings, `CONVERSION`, build.py and `convert_to_tflite`'s source.
-
-    Raises:
-        WeightsNotFoundError: the weights file is not there (`build.resolve_weights`).
-    """
+    """32 hex digits naming the converted `build_feature_extractor(...)`: the weights' md5 (or the
+    seed), alpha, size, TensorFlow/Keras versions and settings, `CONVERSION`, build.py and the
+    converter's source. Raises WeightsNotFoundError: the weights file is not there."""
     path = weights_file(weights, alpha, image_size)
     origin = "imagenet" if weights == "imagenet" else "file"
     versions = {}
@@ -75,8 +65,7 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
 
 
 def weights_file(weights: str | None, alpha: float, image_size: int) -> Path | None:
-    """The backbone's weights file (ImageNet's in Keras' cache, or the user's); None: random.
-    Raises WeightsNotFoundError: the file is not there."""
+    """The weights file (ImageNet's or the user's); None: random. Raises WeightsNotFoundError."""
     resolved = build.resolve_weights(weights, alpha, image_size)
     if resolved == "imagenet":
         return build.imagenet_weights_path(alpha, image_size)
@@ -84,8 +73,7 @@ def weights_file(weights: str | None, alpha: float, image_size: int) -> Path | N
 
 
 def _keras_settings(home: Path) -> dict[str, str]:
-    """Keras' `floatx`, `image_data_format` and `backend` as it will read them: $KERAS_BACKEND,
-    else `<home>/keras.json`, else its defaults (which it writes there on first import)."""
+    """Keras' floatx, image_data_format and backend: $KERAS_BACKEND, keras.json, its defaults."""
     settings = {"floatx": "float32", "image_data_format": "channels_last", "backend": "tensorflow"}
     try:
         saved = json.loads((home / "keras.json").read_text())
@@ -99,15 +87,12 @@ def _keras_settings(home: Path) -> dict[str, str]:
 
 
 def tflite_cache_path(key: str, cache_dir: Path | None = None) -> Path:
-    """`<cache_dir>/tflite/<key>.tflite` (its sha256 beside it, suffix `.sha256`); `cache_dir`
-    defaults to $TRUCK_CACHE_DIR, else $XDG_CACHE_HOME/truck-pipeline, else
-    ~/.cache/truck-pipeline."""
+    """`<cache_dir or cache_root()>/tflite/<key>.tflite`, its sha256 beside it (`.sha256`)."""
     return Path(cache_dir or cache_root()) / "tflite" / f"{key}.tflite"
 
 
 def convert_to_tflite(extractor: Any) -> bytes:
-    """The Keras model as a float32 TFLite flatbuffer (no optimizations); the same model gives
-    the same bytes in any process."""
+    """The Keras model as a float32 TFLite flatbuffer, the same bytes in any process."""
     import tensorflow as tf  # only to convert: a warm cache never gets here
 
     converter = tf.lite.TFLiteConverter.from_keras_model(extractor)
@@ -122,9 +107,8 @@ def backbone_flatbuffer(
     init_seed: int = 0,
     cache_dir: Path | None = None,
 ) -> bytes:
-    """The LiteRT flatbuffer of `build_feature_extractor(alpha, weights, image_size, init_seed)`:
-    the cached one (no TensorFlow) when its sha256 matches, else converted now and cached (a
-    read-only cache only costs time). Raises WeightsNotFoundError: the weights do not load."""
+    """The LiteRT flatbuffer of `build_feature_extractor(...)`: the cached one when its sha256
+    matches, else converted and cached. Raises WeightsNotFoundError: the weights do not load."""
     path = tflite_cache_path(backbone_key(alpha, weights, image_size, init_seed), cache_dir)
     digest = path.with_suffix(".sha256")
     with contextlib.suppress(OSError):
@@ -137,11 +121,10 @@ def backbone_flatbuffer(
     flatbuffer = convert_to_tflite(extractor)
     log.info("Converted the backbone to TFLite in %.1f s", time.perf_counter() - start)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for target, data in ((path, flatbuffer), (digest, hashlib.sha256(flatbuffer).hexdigest())):
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-            os.replace(tmp, target)
+        with atomic_file(path, "wb") as fh:
+            fh.write(flatbuffer)
+        with atomic_file(digest) as fh:
+            fh.write(hashlib.sha256(flatbuffer).hexdigest())
     except OSError as exc:
         warnings.warn(f"could not cache the converted backbone at {path}: {exc}", stacklevel=2)
     return flatbuffer
@@ -156,13 +139,10 @@ def usable_cores() -> int:
 
 
 class ShardedTFLite:
-    """The backbone runtime: `workers` (0 or None: `usable_cores()`) single-threaded XNNPACK
-    interpreters over a flatbuffer (or its file), each running one image at a time over a
-    contiguous shard of every batch, in threads. On 2 cores that is 1.5-2x the images per second
-    of one 2-thread interpreter on batches of 32, and bit-identical to it in every layout.
-
-    Calling it maps float32 (B, H, W, 3), 0..255 -> float32 (B, D); `feature_dim` is D.
-    """
+    """The backbone runtime: `workers` (0 or None: `usable_cores()`) single-threaded interpreters
+    over a flatbuffer (or its file), each running one image at a time over a shard of every batch,
+    in threads (on 2 cores 1.5-2x one 2-thread interpreter, bit-identical). Calling it maps float32
+    (B, H, W, 3), 0..255 -> float32 (B, D); `feature_dim` is D."""
 
     def __init__(self, flatbuffer: bytes | str | os.PathLike[str], workers: int | None = None):
         self.workers = int(workers or usable_cores())
@@ -170,25 +150,16 @@ class ShardedTFLite:
         self.feature_dim = int(np.prod(self.runners[0].output["shape"][1:]))
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
 
-    @staticmethod
-    def _run_shard(runner: TFLiteRunner, images: np.ndarray, out: np.ndarray) -> None:
-        for i in range(len(images)):
-            out[i] = runner(images[i : i + 1])[0]
-
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        n = len(images)
-        out = np.empty((n, self.feature_dim), dtype=np.float32)
-        bounds = np.linspace(0, n, min(self.workers, max(n, 1)) + 1).astype(int)
-        shards = [
-            (r, images[a:b], out[a:b])
-            for r, a, b in zip(self.runners, bounds, bounds[1:], strict=False)
-        ]
-        if self._pool is None or len(shards) == 1:
-            for shard in shards:
-                self._run_shard(*shard)
-        else:
-            for future in [self._pool.submit(self._run_shard, *shard) for shard in shards]:
-                future.result()
+        out = np.empty((len(images), self.feature_dim), dtype=np.float32)
+        bounds = np.linspace(0, len(images), self.workers + 1).astype(int)
+
+        def run_shard(runner: TFLiteRunner, start: int, end: int) -> None:
+            for i in range(start, end):
+                out[i] = runner(images[i : i + 1])[0]
+
+        run = map if self._pool is None else self._pool.map
+        list(run(run_shard, self.runners, bounds[:-1], bounds[1:]))
         return out
 
 
@@ -201,31 +172,20 @@ def backbone_featurizer(
     cache_dir: Path | None = None,
 ) -> tuple[ShardedTFLite, int]:
     """(`ShardedTFLite` of `num_threads` interpreters over `backbone_flatbuffer(...)`, its D)."""
-    flatbuffer = backbone_flatbuffer(alpha, weights, image_size, init_seed, cache_dir)
-    sharded = ShardedTFLite(flatbuffer, num_threads)
+    sharded = ShardedTFLite(
+        backbone_flatbuffer(alpha, weights, image_size, init_seed, cache_dir), num_threads
+    )
     return sharded, sharded.feature_dim
 
 
-def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """The items of `iterator`, produced in a background thread (its exceptions re-raised here)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
+def prefetch(iterator: Iterator[Any]) -> Iterator[Any]:
+    """The items of `iterator`, the next one read in a background thread (errors raised here)."""
     done = object()
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            for item in iterator:
-                q.put(item)
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer)
-            errors.append(exc)
-        finally:
-            q.put(done)
-
-    threading.Thread(target=worker, daemon=True).start()
-    while (item := q.get()) is not done:
-        yield item
-    if errors:
-        raise errors[0]
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(next, iterator, done)
+        while (item := ahead.result()) is not done:
+            ahead = reader.submit(next, iterator, done)
+            yield item
 
 
 def feature_batches(
@@ -235,8 +195,7 @@ def feature_batches(
     progress: str | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(start, float32 (B, D)) for consecutive batches of `images` (N, H, W, 3), any numeric
-    dtype: an array, a memory map or `SourceImages` (decoded as read); the next batch is read in a
-    background thread. `progress` labels a tqdm bar with ETA, drawn on a terminal only."""
+    dtype (an array, a memory map, `SourceImages`); `progress` labels a tqdm bar on a terminal."""
     done = 0
     off = None if progress else True  # None: tqdm draws only on a terminal
     with tqdm(total=len(images), desc=progress, unit="img", disable=off, leave=False) as bar:
@@ -255,8 +214,7 @@ def featurize_array(
     out: np.ndarray | None = None,
     progress: str | None = None,
 ) -> np.ndarray:
-    """float32 features (N, feature_dim) of `images` (as `feature_batches`), into `out` if given
-    (e.g. a memory map: memory stays flat), which is returned."""
+    """float32 (N, feature_dim) features of `images` (as `feature_batches`), into `out` if given."""
     if out is None:
         out = np.empty((len(images), feature_dim), dtype=np.float32)
     for start, feats in feature_batches(featurizer, images, batch_size, progress):
@@ -265,9 +223,8 @@ def featurize_array(
 
 
 def feature_key(cfg: Any, prepared_md5: str) -> dict:
-    """What determines the features (in `meta.json`): the prepared images' DVC md5, the backbone's
-    settings and its weights file's md5 (None: no weights, or no file: then nothing matches; DVC
-    only sees the `model.weights` string, not a file changed in place)."""
+    """What determines the features (`meta.json`): the prepared images' DVC md5, the backbone's
+    settings and its weights file's md5 (DVC sees only the `model.weights` string)."""
     try:
         path = weights_file(cfg.model.weights, cfg.model.alpha, int(cfg.data.image_size))
     except build.WeightsNotFoundError:
@@ -283,7 +240,7 @@ def feature_key(cfg: Any, prepared_md5: str) -> dict:
 
 
 def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] | None:
-    """{split: float32 (N, D)} from `paths.features` if its `meta.json` has this `feature_key`;
+    """{split: float32 (N, D)} from `paths.features` if its `meta.json` has this `feature_key`,
     else None (with a warning when features of other inputs are there)."""
     folder = Path(cfg.paths.features)
     if not (folder / META_FILE).is_file():

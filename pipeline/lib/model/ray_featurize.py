@@ -7,7 +7,7 @@ project installed (`pip install -e '.[ray]'`); s3:// URLs are not read by this p
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import astuple
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import numpy as np
 import ray.data
 
 from pipeline.lib.config.schema import FeaturizeConfig
-from pipeline.lib.data.prepared import MANIFEST_FIELDS, ManifestRow, read_photo
+from pipeline.lib.data.prepared import MANIFEST_FIELDS, ManifestRow, SourceImages, read_photo
 from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.model.features import ShardedTFLite
 
@@ -34,23 +34,24 @@ class _Backbone:
 
 
 def ray_feature_batches(
-    cfg: FeaturizeConfig, flatbuffer: bytes, root: Path, rows: Sequence[ManifestRow], size: int,
-    resize: str,
-) -> Iterator[tuple[list[str], np.ndarray]]:  # fmt: skip
-    """(sha256s, float32 (B, D)) of `rows`, in any order, computed by `cfg.ray_actors` actors
+    cfg: FeaturizeConfig, flatbuffer: bytes, photos: SourceImages
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(sha256s, float32 (B, D)) of `photos`, in any order, computed by `cfg.ray_actors` actors
     (0: one per CPU) on the Ray instance at `cfg.ray_address` (None: a local one, started here)."""
     if not ray.is_initialized():
         try:
             ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
+            reason = str(exc).splitlines()[0]
             raise UserError(
-                f"featurize.ray_address={cfg.ray_address}: no Ray cluster there ({str(exc).splitlines()[0]}); start "
+                f"featurize.ray_address={cfg.ray_address}: no Ray cluster there ({reason}); start "
                 "one (`ray start --head`), fix the address, or use featurize.engine=local"
             ) from None
     ray.data.DataContext.get_current().raise_original_map_exception = True  # ChangedPhotoError
     actors = cfg.ray_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    items = [dict(zip(MANIFEST_FIELDS, astuple(row), strict=True)) for row in rows]
-    args = (flatbuffer, str(Path(root).absolute()), size, resize)  # workers' cwd may differ
+    items = [dict(zip(MANIFEST_FIELDS, astuple(row), strict=True)) for row in photos.rows]
+    # the workers' cwd may differ
+    args = (flatbuffer, str(photos.root.absolute()), photos.size, photos.resize)
     blocks = -(-len(items) // cfg.batch_size)  # one per batch: all actors get work
     batches = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         _Backbone, fn_constructor_args=args, concurrency=actors, batch_size=cfg.batch_size

@@ -1,13 +1,8 @@
-"""The reject option ("none of these"): a photo whose energy score (logsumexp of the calibrated
-head's logits, Liu et al. 2020) is below a threshold gets the label `unknown`. The threshold is
-chosen on the validation split for the user's `train.reject` target and stored in model.json:
-
-- `accuracy`: accept the most photos whose validation accuracy stays >= `value` (never below the
-  lowest-scoring validation photo accepted);
-- `coverage`: accept the `value` fraction of the validation photos with the highest scores.
-
-Measured against max softmax probability and a Mahalanobis distance on the features (docs/
-inference.md), the energy score rejected unseen classes as well as any, from the head alone.
+"""The reject option: a photo whose energy score (logsumexp of the calibrated head's logits, Liu
+et al. 2020; as good as any score measured in docs/inference.md, from the head alone) is below a
+threshold gets the label `unknown`. The threshold, stored in model.json, is chosen on the
+validation split for `train.reject`: `accuracy` accepts the most photos whose accuracy stays >=
+`value`; `coverage` accepts the `value` fraction with the highest scores.
 """
 
 from __future__ import annotations
@@ -60,9 +55,8 @@ class RejectRule:
 def fit_rule(
     target: str, value: float, scores: np.ndarray, correct: np.ndarray
 ) -> RejectRule | None:
-    """The rule for `target` (none | accuracy | coverage) = `value` on validation energies
-    `scores` (N,) and whether each photo was classified right `correct` (N,); None for `none`
-    or without validation photos."""
+    """The rule for `target` = `value` on validation energies `scores` (N,) and bool `correct`
+    (N,); None for `none` or without validation photos."""
     if target == "none" or not len(scores):
         return None
     order = np.argsort(-np.asarray(scores), kind="stable")

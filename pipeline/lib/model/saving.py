@@ -19,10 +19,9 @@ FIXED_DATE = "1980-01-01@00:00:00"
 
 
 def save_model(model: Any, path: str | os.PathLike[str]) -> Path:
-    """Save `model` at `path` (atomically) as a `.keras` archive that loads as any other, its
-    bytes a function of the model alone: Keras' save time (metadata.json, zip entry dates) and
-    memory addresses (config.json's `shared_object_id`s, renumbered 1, 2, ...) are replaced,
-    entries sorted. Raises ValueError: `path` does not end with `.keras`."""
+    """Save `model` atomically as a `.keras` archive whose bytes depend on the model alone (save
+    times and config.json's `shared_object_id`s replaced, entries sorted); return `path`.
+    Raises ValueError: `path` does not end with `.keras`."""
     path = Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"{path}: a Keras archive must end with .keras")
@@ -60,16 +59,14 @@ def write_run_record(cfg: Any, run: Any) -> Path:
     model in `paths.models` ({"run_id", "experiment_id", "tracking_uri", "model_md5"}); return it."""
     path = Path(cfg.paths.run_file)
     record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
-    write_json(
-        path, record | {"tracking_uri": cfg.tracking.uri, "model_md5": model_md5(cfg.paths.models)}
-    )
+    record |= {"tracking_uri": cfg.tracking.uri, "model_md5": model_md5(cfg.paths.models)}
+    write_json(path, record)
     return path
 
 
 def trained_run_id(cfg: Any) -> str | None:
     """The id of the MLflow run that trained the model in `paths.models` (`paths.run_file`); None
-    when the file is missing or records another model (e.g. `models` from the DVC cache), so that
-    evaluate and export start a run of their own instead of logging into the wrong one."""
+    when the file is missing or records another model (evaluate and export then start their own)."""
     path = Path(cfg.paths.run_file)
     md5 = model_md5(cfg.paths.models)
     if not path.is_file() or md5 is None:

@@ -1,7 +1,6 @@
-"""A split's probabilities by the trained model, computed once and without TensorFlow: the head on
-`paths.features` when the model's backbone.tflite is the featurized one (same md5: train copies it
-when the backbone is frozen) and the features come from these prepared images (`meta.json`); the
-model's backbone on the images otherwise (fine-tuned, stale or missing features).
+"""A split's probabilities by the trained model, without TensorFlow: the head on `paths.features`
+when the model's backbone.tflite is the featurized one and the features are of these prepared
+images, else the model's backbone on the images (fine-tuned, stale or missing features).
 """
 
 from __future__ import annotations
@@ -43,16 +42,13 @@ def split_scores(
     features_dir: str | Path,
     tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 (N, C) probabilities, float64 (N,) energy scores (`reject.energy`)) of `split`'s
-    images; with `tta`, averaged with those of the flipped images (computed by the backbone:
-    they have no cached features)."""
+    """(float64 (N, C) probabilities, float64 (N,) energies) of `split`'s images; with `tta`,
+    averaged with the flipped images' (by the backbone: they have no cached features)."""
     images = dataset.images(split)
     backbone = classifier.backbone_source
-    features = (
-        cached_features(features_dir, Path(backbone), dataset.folder, split)
-        if isinstance(backbone, str | Path)
-        else None
-    )
+    features = None
+    if isinstance(backbone, str | Path):
+        features = cached_features(features_dir, Path(backbone), dataset.folder, split)
     if features is None or len(features) != len(images):
         log.info("Scoring the %d %s images with the model's backbone", len(images), split)
         features = classifier.features(images)
@@ -63,14 +59,3 @@ def split_scores(
         log.info("TTA: averaging each %s image with its horizontal flip", split)
         views.append(classifier.features(images, flip=True))
     return classifier.scores(views)
-
-
-def split_probabilities(
-    classifier: Classifier,
-    dataset: PreparedDataset,
-    split: str,
-    features_dir: str | Path,
-    tta: bool = False,
-) -> np.ndarray:
-    """The probabilities of `split_scores`."""
-    return split_scores(classifier, dataset, split, features_dir, tta)[0]

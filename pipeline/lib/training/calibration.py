@@ -1,14 +1,8 @@
-"""Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks").
-
-One scalar T > 0 is fitted on the validation split by minimising the negative log-likelihood of
-softmax(z / T), z the head's logits; it changes no prediction (argmax is unchanged), only the
-confidence. It is folded into the saved model by dividing the head's Dense kernel and bias by T:
-softmax((x W + b) / T) = softmax(x (W / T) + b / T), exactly, so `predict`, the MLflow model and
-every TensorFlow Lite export give calibrated probabilities with no extra layer.
-
-Logits are recovered from probabilities as log p: softmax is shift-invariant, so
-softmax(log p / T) = softmax(z / T) for any per-row constant, which lets T be fitted from what any
-model (head on features, or the whole image model) outputs.
+"""Temperature scaling (Guo et al. 2017): one T > 0 minimising the validation NLL of
+softmax(z / T), z the logits; no prediction changes, only the confidence. It is folded into the
+head (softmax((x W + b) / T) = softmax(x (W / T) + b / T)), so every runtime and export gives
+calibrated probabilities. Logits are recovered as log p (softmax is shift-invariant), so T fits
+any model's probabilities.
 """
 
 from __future__ import annotations
@@ -37,15 +31,8 @@ def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The T > 0 minimising `nll(logits, y, T)` (scipy's bounded Brent search over log T).
-
-    Args:
-        logits: float (N, C) logits (or log-probabilities) of the validation split, N >= 1.
-        y: int (N,) true labels.
-
-    Returns 1.0 when there is nothing to fit (N = 0). T < 1 sharpens (an under-confident
-    model), T > 1 softens (an over-confident one).
-    """
+    """The T > 0 minimising `nll(logits, y, T)` (bounded Brent search over log T) of float (N, C)
+    logits (or log-probabilities) and int (N,) labels; 1.0 when N = 0. T < 1 sharpens."""
     if not len(y):
         return 1.0
     result = minimize_scalar(
@@ -75,15 +62,10 @@ def calibrate(val_probs: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
             "Temperature scaling: T = %.4g is at the edge of the range searched (log T in "
             "[-%g, %g]): the validation probabilities carry almost no information (too few "
             "images, or a head that did not train); the probabilities are not calibrated",
-            temperature,
-            LOG_T_BOUND,
-            LOG_T_BOUND,
+            *(temperature, LOG_T_BOUND, LOG_T_BOUND),
         )
     log.info(
         "Temperature scaling: T = %.4g on %d validation images (NLL %.4f -> %.4f)",
-        temperature,
-        len(y_val),
-        before,
-        after,
+        *(temperature, len(y_val), before, after),
     )
     return {"temperature": temperature, "val_nll_before": before, "val_nll_after": after}

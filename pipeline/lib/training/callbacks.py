@@ -1,15 +1,15 @@
-"""The Keras callbacks of a training phase: per-batch records and progress, the per-epoch random
-state that makes a resumed run exact, the learning rate in each epoch's logs. Imports Keras."""
+"""A Keras training phase's batches (ordered by (seed, epoch)) and callbacks: per-batch records,
+the per-epoch random state that makes a resumed run exact, each epoch's learning rate."""
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from typing import Any
 
 import keras
 import numpy as np
+from tqdm import tqdm
 
 #: Augmentation layers draw a few random tensors per step (RandomZoom: 2); their generator's
 #: counter is set to epoch x steps x this at each epoch start, so epochs never reuse draws.
@@ -18,34 +18,22 @@ AUGMENT_DRAWS_PER_STEP = 16
 
 class BatchRecorder(keras.callbacks.Callback):
     """Per-batch loss/accuracy (Keras' running means over the epoch) in `batches` {"step",
-    "epoch", "loss", "accuracy"}, and a tqdm bar in images/s. Steps are global batch numbers
-    ((e-1) * batches per epoch + b + 1): a resumed run numbers them as an uninterrupted one.
-    `epochs`: the phase's last epoch (exclusive, 0-based), for the bar's total."""
+    "epoch", "loss", "accuracy"} (steps numbered across epochs, as an uninterrupted run), and a
+    tqdm bar in images/s. `epochs`: the phase's last epoch (exclusive, 0-based)."""
 
-    def __init__(
-        self, total_images: int, epochs: int, batch_size: int, progress: bool = True
-    ) -> None:
+    def __init__(self, total_images: int, epochs: int, batch_size: int) -> None:
         super().__init__()
         self.total_images, self.epochs, self.batch_size = total_images, epochs, batch_size
         self.steps_per_epoch = max(math.ceil(total_images / batch_size), 1)
-        self.progress = progress
         self.batches: dict[str, list[float]] = {"step": [], "epoch": [], "loss": [], "accuracy": []}
         self.bar: Any = None
-        self.epoch = self.in_epoch = self.seen = 0
-        self.start = 0.0
-
-    def on_train_begin(self, logs: Any = None) -> None:
-        self.bar = None
-        self.start = time.perf_counter()
+        self.epoch = 0
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         if self.bar is None:  # the first epoch that runs (later than 0 after a restore)
-            from tqdm import tqdm
-
             total = self.total_images * (self.epochs - epoch)
-            self.bar = tqdm(total=total, unit="img", desc="train", disable=not self.progress)
+            self.bar = tqdm(total=total, unit="img", desc="train")
         self.epoch = epoch + 1
-        self.in_epoch = 0
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         logs = logs or {}
@@ -53,16 +41,10 @@ class BatchRecorder(keras.callbacks.Callback):
         self.batches["epoch"].append(self.epoch)
         self.batches["loss"].append(float(logs.get("loss", math.nan)))
         self.batches["accuracy"].append(float(logs.get("accuracy", math.nan)))
-        size = min(self.batch_size, self.total_images - self.in_epoch)
-        self.in_epoch += size
-        self.seen += size
-        self.bar.update(size)
-        rate = self.seen / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(min(self.batch_size, self.total_images - batch * self.batch_size))
+        # drawn at tqdm's own pace (TQDM_MININTERVAL off a terminal)
         self.bar.set_postfix(
-            epoch=self.epoch,
-            loss=f"{logs.get('loss', math.nan):.3f}",
-            img_per_s=f"{rate:.0f}",
-            refresh=False,  # drawn at tqdm's own pace (TQDM_MININTERVAL off a terminal)
+            epoch=self.epoch, loss=f"{self.batches['loss'][-1]:.3f}", refresh=False
         )
 
     def on_train_end(self, logs: Any = None) -> None:
@@ -71,11 +53,10 @@ class BatchRecorder(keras.callbacks.Callback):
 
 
 class EpochState(keras.callbacks.Callback):
-    """At each epoch start, sets what is random per epoch: the batch order of `datasets` (their
-    `epoch`) and the `SeedGenerator` counters of `model`'s dropout and augmentation layers, which
-    Keras' checkpoints do not hold (epoch x steps x draws per step: what an uninterrupted run
-    reaches), so a resumed run draws as an uninterrupted one. `first_epoch`: the first epoch
-    that ran (0-based), None until one runs."""
+    """At each epoch start, sets what is random per epoch (not in Keras' checkpoints) as an
+    uninterrupted run has it: the batch order of `datasets` (their `epoch`) and the
+    `SeedGenerator` counters of `model`'s dropout and augmentation layers. `first_epoch`: the
+    first epoch that ran (0-based), None until one runs."""
 
     def __init__(self, datasets: list[Any], model: Any, steps_per_epoch: int) -> None:
         super().__init__()
@@ -100,8 +81,8 @@ class EpochState(keras.callbacks.Callback):
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds `learning_rate` to each epoch's logs: the rate of its last step (`schedule` there, else
-    the optimizer's). Placed before ReduceLROnPlateau: the rate the epoch trained with."""
+    """Adds `learning_rate` to each epoch's logs: its last step's (`schedule` there, else the
+    optimizer's); before ReduceLROnPlateau, the rate the epoch trained with."""
 
     def __init__(self, schedule: Any = None) -> None:
         super().__init__()
@@ -120,10 +101,8 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' `BackupAndRestore` (same arguments) whose checkpoint is replaced atomically: Keras
-    writes `latest.weights.h5` and `training_metadata.json` in place, and a process killed while
-    writing leaves a file `train.resume=true` cannot open. Both are written under temporary names
-    and renamed over the old ones (weights first, then the epoch count)."""
+    """Keras' `BackupAndRestore` writing its files under temporary names, renamed over the old ones
+    (Keras writes in place: a killed process would leave one `train.resume` cannot open)."""
 
     def _save_model(self) -> None:
         weights, metadata = self._weights_path, self._training_metadata_path
@@ -135,3 +114,36 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             self._weights_path, self._training_metadata_path = weights, metadata
         os.replace(os.path.join(self.backup_dir, "writing.weights.h5"), weights)
         os.replace(metadata + ".writing", metadata)
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """Batches (float32 inputs, one-hot targets) of `x` (N, ...), e.g. features (N, D) or
+    memory-mapped images uint8 (N, H, W, 3), and `targets` (N, C), for `fit(..., shuffle=False)`.
+    With `shuffle`, epoch e's order is a permutation seeded by (seed, e), whatever ran before:
+    `EpochState` sets `epoch` at each epoch start, so a resumed run sees an uninterrupted one's."""
+
+    def __init__(
+        self, x: np.ndarray, targets: np.ndarray, batch_size: int, shuffle: bool, seed: int
+    ) -> None:
+        super().__init__()
+        self.x, self.targets = x, targets
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch = 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def order(self) -> np.ndarray:
+        """The current epoch's permutation (the identity without shuffling)."""
+        epoch, cached = self.epoch, self._order  # one read each: prefetch runs in a thread
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng((self.seed, epoch))
+            perm = rng.permutation(len(self.x)) if self.shuffle else np.arange(len(self.x))
+            cached = self._order = (epoch, perm)
+        return cached[1]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        # sorted: a memory map is read in order
+        idx = np.sort(self.order()[i * self.batch_size : (i + 1) * self.batch_size])
+        return np.asarray(self.x[idx], dtype=np.float32), self.targets[idx]

@@ -1,9 +1,7 @@
-"""Keras `fit` for what needs it (`train.solver=keras`): the study's Adam epochs, augmentation,
-fine-tuning, an unfrozen backbone.
-
-The training state is saved after every epoch in a folder keyed by the run's settings; with
-`train.resume=true` an interrupted run ends with the weights and metrics of an uninterrupted one:
-batch order and dropout masks are pure functions of (seed, epoch). Imports TensorFlow.
+"""Keras `fit` where images must flow (`train.solver=keras`): the study's Adam epochs,
+augmentation, fine-tuning, an unfrozen backbone. The state is saved after every epoch in a folder
+keyed by the run's settings; with `train.resume=true` an interrupted run ends as an uninterrupted
+one (batch order and dropout masks are functions of (seed, epoch)). Imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -28,22 +26,11 @@ from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import in_multirun
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json, write_json
-from pipeline.lib.model.build import (
-    HEAD_NAME,
-    build_augmentation,
-    build_feature_extractor,
-    build_head,
-    compose,
-    compose_augmented,
-    count_params,
-    find_backbone,
-    make_optimizer,
-    unfreeze_top,
-)
+from pipeline.lib.model import build
 from pipeline.lib.model.classifier import Head
 from pipeline.lib.model.features import featurize_array
-from pipeline.lib.training.batches import ArrayBatches
 from pipeline.lib.training.callbacks import (
+    ArrayBatches,
     AtomicBackupAndRestore,
     BatchRecorder,
     EpochState,
@@ -71,15 +58,13 @@ def distribution_strategy(name: str) -> Any:
 
 
 def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
-    """The run's checkpoint folder in `train.checkpoint_dir`, keyed by what determines the run
-    (settings but resume / checkpoint_dir, data, model folder): a resume finds only its own."""
+    """`train.checkpoint_dir/train-<digest>`, keyed by what determines the run (settings but
+    resume / checkpoint_dir, data, model folder): a resume finds only its own."""
     train_settings = OmegaConf.to_container(cfg.train, resolve=True)
     assert isinstance(train_settings, dict)
-    for name in ("resume", "checkpoint_dir"):
-        train_settings.pop(name, None)
     key = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "train": train_settings,
+        "train": {k: v for k, v in train_settings.items() if k not in ("resume", "checkpoint_dir")},
         "featurize": OmegaConf.to_container(cfg.featurize, resolve=True),
         "prepared_md5": prepared_md5,
         "models": str(Path(cfg.paths.models).resolve()),
@@ -88,7 +73,7 @@ def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     return Path(cfg.train.checkpoint_dir) / f"train-{digest}"
 
 
-#: In the checkpoint folder after phase 1 of a fine-tuning run: its weights, its epochs; phase 2's.
+#: In the checkpoint folder of a fine-tuning run: phase 1's weights and epochs; phase 2's folder.
 PHASE1_WEIGHTS = "phase1.weights.h5"
 PHASE1_DONE = "phase1.json"
 FINE_TUNE_DIR = "fine_tune"
@@ -96,9 +81,8 @@ FINE_TUNE_DIR = "fine_tune"
 
 @dataclass
 class Networks:
-    """The Keras models of one run, sharing their weights: `extractor` images (B, H, W, 3)
-    0..255 -> features (B, D) (None when only the head trains); `head` features -> probabilities;
-    `full` images -> probabilities; `image_net`: `full` behind the augmentation layers, if any."""
+    """One run's Keras models, sharing weights: `extractor` images 0..255 -> features (None when
+    only the head trains), `head`, `full` (both), `image_net` (`full` behind any augmentation)."""
 
     extractor: Any
     head: Any
@@ -106,25 +90,23 @@ class Networks:
     image_net: Any
 
 
-def build_networks(cfg: Config, num_classes: int, image_size: int) -> Networks:
-    """The extractor (seeded by `model.init_seed` when it has no weights), then, seeded by
-    `train.seed`, the head and the augmentation layers."""
-    t = cfg.train
-    extractor = build_feature_extractor(
-        cfg.model.alpha, cfg.model.weights, image_size, cfg.model.init_seed
-    )
+def build_networks(cfg: Config, num_classes: int, image_size: int, l2: float) -> Networks:
+    """The extractor (seeded by `model.init_seed` without weights), then, seeded by `train.seed`,
+    the head (`l2`: its kernel's penalty) and the augmentation layers."""
+    t, m = cfg.train, cfg.model
+    extractor = build.build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
     set_seeds(t.seed)
     dim = int(extractor.output.shape[-1])
-    head = build_head(dim, num_classes, cfg.model.dropout, cfg.model.head_init)
-    augmentation = build_augmentation(t.augment, t.seed) if t.augment.enabled else []
-    full = compose(extractor, head)
-    image_net = compose_augmented(extractor, head, augmentation) if augmentation else full
-    return Networks(extractor, head, full, image_net)
+    head = build.build_head(dim, num_classes, m.dropout, m.head_init, l2)
+    full = build.compose(extractor, head)
+    if not t.augment.enabled:
+        return Networks(extractor, head, full, full)
+    augmented = build.compose(extractor, head, build.build_augmentation(t.augment, t.seed))
+    return Networks(extractor, head, full, augmented)
 
 
 def phase1_on_images(cfg: Config) -> bool:
-    """Whether phase 1 trains on the prepared images rather than on the cached features:
-    augmented images differ every epoch, an unfrozen backbone changes the features."""
+    """Whether phase 1 trains on images (augmented, or an unfrozen backbone), not on features."""
     return cfg.train.augment.enabled or not cfg.model.freeze_backbone
 
 
@@ -142,9 +124,9 @@ def prepare_checkpoint(cfg: Config, prepared_md5: str) -> Path:
 
 @dataclass
 class PhaseRunner:
-    """Runs the phases of one run and gathers, across them, the per-epoch `history`
-    ({"epoch": [1-based], metric: [...]}), per-batch `batches`, `phases` (mode, trainable_params,
-    learning_rate, first_epoch, last_epoch) and the epochs where early stopping ended one."""
+    """Runs one run's phases, gathering the per-epoch `history` ({"epoch": [1-based], metric:
+    [...]}), per-batch `batches`, `phases` (mode, trainable_params, learning_rate, first_epoch,
+    last_epoch) and the epochs where early stopping ended one (`stopped`)."""
 
     cfg: Config
     targets: dict[str, np.ndarray]
@@ -161,26 +143,16 @@ class PhaseRunner:
 
     @property
     def monitor(self) -> str:
-        """What early stopping and ReduceLROnPlateau watch: val_loss, else loss."""
         return "val_loss" if len(self.targets["val"]) else "loss"
 
     def run(
-        self,
-        name: str,
-        net: Any,
-        x: dict[str, Any],
-        rate: float,
-        epochs: tuple[int, int],
-        backup: Path,
+        self, name: str, net: Any, x: dict[str, Any], rate: float, epochs: range, backup: Path
     ) -> int:
-        """Train `net` on `x` over epochs [epochs[0], epochs[1]) (0-based) at `rate`, its state
-        saved in `backup`; record what ran; return the epochs done by its end."""
-        t, (first, last) = self.cfg.train, epochs
-        y = self.targets
+        """Train `net` on `x` over `epochs` (0-based) at `rate`, its state saved in `backup`;
+        record what ran; return the epochs done by its end."""
+        t, first, last, y = self.cfg.train, epochs.start, epochs.stop, self.targets
         train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
-        val = (
-            ArrayBatches(x["val"], y["val"], t.batch_size, False, t.seed) if len(y["val"]) else None
-        )
+        val = ArrayBatches(x["val"], y["val"], t.batch_size, False, 0) if len(y["val"]) else None
         schedule = self._compile(net, rate, (last - first) * len(train_batches))
         callbacks, state, recorder, stopper = self._callbacks(
             net, train_batches, schedule, last, backup
@@ -188,7 +160,7 @@ class PhaseRunner:
         self.phases[name] = {
             # the head takes features (B, D), the image networks images (B, H, W, 3)
             "mode": "cached_features" if len(net.input.shape) == 2 else "end_to_end",
-            "trainable_params": count_params(net)["trainable"],
+            "trainable_params": build.count_params(net)["trainable"],
             "learning_rate": float(rate),
             "first_epoch": first + 1,
         }
@@ -212,51 +184,31 @@ class PhaseRunner:
         return done
 
     def _compile(self, net: Any, rate: float, steps: int) -> Any:
-        """Compile `net` (optimizer, loss with label smoothing, accuracy); return the cosine
-        schedule over `steps` when `train.lr_schedule=cosine`, else None."""
+        """Compile `net`; return the cosine schedule over `steps` (`train.lr_schedule=cosine`)."""
         t = self.cfg.train
-        schedule = (
-            keras.optimizers.schedules.CosineDecay(rate, steps)
-            if t.lr_schedule == "cosine"
-            else None
-        )
-        loss: Any = (
-            "categorical_crossentropy"
-            if t.label_smoothing == 0
-            else keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
-        )
-        net.compile(
-            optimizer=make_optimizer(t.optimizer, schedule or rate), loss=loss, metrics=["accuracy"]
-        )
+        cosine = t.lr_schedule == "cosine"
+        schedule = keras.optimizers.schedules.CosineDecay(rate, steps) if cosine else None
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
+        net.compile(build.make_optimizer(t.optimizer, schedule or rate), loss, metrics=["accuracy"])
         return schedule
 
     def _callbacks(
         self, net: Any, train_batches: Any, schedule: Any, last: int, backup: Path
     ) -> tuple[list[Any], Any, Any, Any]:
-        """(callbacks in order, the EpochState, the BatchRecorder, the EarlyStopping or None). The
-        rate logger precedes ReduceLROnPlateau and the backup (which then holds a reduced rate)."""
+        """(callbacks, EpochState, BatchRecorder, EarlyStopping or None). The rate logger precedes
+        ReduceLROnPlateau and the backup (which then holds a reduced rate)."""
         t = self.cfg.train
         callbacks: list[Any] = [LearningRateLogger(schedule)]
         if t.lr_schedule == "reduce_on_plateau":
-            p = t.plateau
-            callbacks.append(
-                keras.callbacks.ReduceLROnPlateau(
-                    monitor=self.monitor,
-                    factor=p.factor,
-                    patience=p.patience,
-                    min_delta=p.min_delta,
-                    min_lr=p.min_lr,
-                    verbose=0,
-                )
-            )
+            plateau = {
+                k: getattr(t.plateau, k) for k in ("factor", "patience", "min_delta", "min_lr")
+            }
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=self.monitor, **plateau))
         stopper = None
         if t.early_stopping.enabled:
+            stopping = {k: getattr(t.early_stopping, k) for k in ("patience", "min_delta")}
             stopper = keras.callbacks.EarlyStopping(
-                monitor=self.monitor,
-                patience=t.early_stopping.patience,
-                min_delta=t.early_stopping.min_delta,
-                restore_best_weights=True,
-                verbose=0,
+                self.monitor, restore_best_weights=True, **stopping
             )
             callbacks.append(stopper)
         state = EpochState([train_batches], net, len(train_batches))
@@ -291,8 +243,7 @@ class PhaseRunner:
 def run_phase1(
     runner: PhaseRunner, net: Any, x: dict[str, Any], nets: Networks, checkpoint: Path
 ) -> int:
-    """Phase 1; when fine-tuning, its end is saved in the checkpoint folder, and a resumed run
-    whose phase 1 had finished skips it. Returns the epochs it ran."""
+    """Phase 1 (when fine-tuning, saved at its end: a resumed run skips it); its epochs."""
     t = runner.cfg.train
     done_file = checkpoint / PHASE1_DONE
     if t.fine_tune.enabled and t.resume and done_file.is_file():
@@ -301,7 +252,7 @@ def run_phase1(
         runner.phases["phase1"] = read_json(done_file)["phase"]
         log.info("Phase 1 had finished (%d epochs): resuming with fine-tuning", done)
         return done
-    done = runner.run("phase1", net, x, t.learning_rate, (0, t.epochs), checkpoint)
+    done = runner.run("phase1", net, x, t.learning_rate, range(t.epochs), checkpoint)
     if t.fine_tune.enabled:
         checkpoint.mkdir(parents=True, exist_ok=True)
         nets.full.save_weights(checkpoint / PHASE1_WEIGHTS)
@@ -312,29 +263,15 @@ def run_phase1(
 def run_phase2(
     runner: PhaseRunner, nets: Networks, images: dict[str, Any], done: int, checkpoint: Path
 ) -> None:
-    """Fine-tuning: the backbone's top `unfreeze_top_n` layers (BatchNorm kept frozen), end to
-    end on images, epochs numbered after phase 1's; the checkpoint folder removed at its end."""
+    """Fine-tuning of the backbone's top `unfreeze_top_n` layers (BatchNorm frozen) on images,
+    epochs numbered after phase 1's; the checkpoint folder is removed at its end."""
     ft = runner.cfg.train.fine_tune
-    unfrozen = unfreeze_top(find_backbone(nets.extractor), ft.unfreeze_top_n)
+    unfrozen = build.unfreeze_top(build.find_backbone(nets.extractor), ft.unfreeze_top_n)
     log.info("Fine-tuning %d layers (BatchNorm frozen), lr %g", len(unfrozen), ft.learning_rate)
-    runner.run(
-        "phase2",
-        nets.image_net,
-        images,
-        ft.learning_rate,
-        (done, done + ft.epochs),
-        checkpoint / FINE_TUNE_DIR,
-    )
+    epochs, backup = range(done, done + ft.epochs), checkpoint / FINE_TUNE_DIR
+    runner.run("phase2", nets.image_net, images, ft.learning_rate, epochs, backup)
     runner.phases["phase2"]["unfrozen_layers"] = unfrozen
     shutil.rmtree(checkpoint, ignore_errors=True)
-
-
-def set_kernel_l2(head: keras.Model, factor: float) -> None:
-    """An L2 penalty of `factor` (0: none) on the head's Dense kernel (variable and layer)."""
-    dense = head.get_layer(HEAD_NAME)
-    reg = keras.regularizers.L2(factor) if factor > 0 else None
-    dense.kernel_regularizer = reg
-    dense.kernel.regularizer = reg
 
 
 def l2_factor(c: float | str | None, n_train: int) -> float:
@@ -347,9 +284,8 @@ def l2_factor(c: float | str | None, n_train: int) -> float:
 
 @dataclass
 class KerasFit:
-    """What Keras `fit` trained: the `head` (not calibrated); the Keras `extractor` when its
-    weights changed (to convert to LiteRT), else None, and its `features` {"train", "val"}; the
-    `runner` (history, batches, phases...), parameter counts, seconds, epochs restored, replicas."""
+    """What Keras `fit` trained: the `head` (not calibrated); the `extractor` and its `features`
+    {"train", "val"} when its weights changed (else None); the `runner`'s records."""
 
     head: Head
     extractor: keras.Model | None
@@ -368,30 +304,30 @@ def fit_keras(
     prepared_md5: str,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> KerasFit:
-    """Train the head (and, with `train.fine_tune`, the backbone's top) with Keras `fit`.
+    """Train the head (with `train.fine_tune`, then the backbone's top) with Keras `fit`.
 
-    Phase 1 trains the head on the cached `features` {"train", "val": float32 (N, D)} unless
-    `phase1_on_images` (MobileNetV2 is then not even built without fine-tuning), else end to end
-    on the images. Phase 2 (`train.fine_tune`) follows (`run_phase2`). The state is saved after
-    every epoch; `train.resume` continues an interrupted run (early stopping's and
-    ReduceLROnPlateau's counters restart: they are not in the checkpoint). `callbacks` are added
-    after the pipeline's own to every phase's `fit`.
+    Phase 1 trains the head on the cached `features` {"train", "val": float32 (N, D)} (without
+    building MobileNetV2) unless `phase1_on_images`; phase 2 is `run_phase2`. `train.resume`
+    continues an interrupted run (early stopping's and ReduceLROnPlateau's counters restart).
+    `callbacks` follow the pipeline's own in every phase's `fit`.
     """
     t, c = cfg.train, dataset.num_classes
     strategy = distribution_strategy(t.strategy)
     on_images = phase1_on_images(cfg)
     head_only = not on_images and not t.fine_tune.enabled
     images = {s: dataset.images(s) for s in ("train", "val")}
+    targets = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
+    l2 = l2_factor(t.C, len(targets["train"]))
     with strategy.scope():
         start = time.perf_counter()
         if head_only:
             set_seeds(t.seed)
-            head = build_head(features["train"].shape[1], c, cfg.model.dropout, cfg.model.head_init)
+            dim = features["train"].shape[1]
+            head = build.build_head(dim, c, cfg.model.dropout, cfg.model.head_init, l2)
             nets = Networks(None, head, head, head)
         else:
-            nets = build_networks(cfg, c, dataset.image_size)
+            nets = build_networks(cfg, c, dataset.image_size, l2)
         net, x = (nets.image_net, images) if on_images else (nets.head, features)
-        targets = {s: keras.utils.to_categorical(dataset.labels(s), c) for s in ("train", "val")}
         weights = class_weights(dataset.labels("train"), c, t.class_weight)
         runner = PhaseRunner(
             cfg,
@@ -400,13 +336,12 @@ def fit_keras(
             extra_callbacks=tuple(callbacks),
             backup=not head_only or t.resume or not in_multirun(),
         )
-        set_kernel_l2(nets.head, l2_factor(t.C, len(targets["train"])))
         checkpoint = prepare_checkpoint(cfg, prepared_md5)
         done = run_phase1(runner, net, {s: x[s] for s in ("train", "val")}, nets, checkpoint)
         if t.fine_tune.enabled:
             run_phase2(runner, nets, images, done, checkpoint)
         seconds = time.perf_counter() - start
-    kernel, bias = nets.head.get_layer(HEAD_NAME).get_weights()
+    kernel, bias = nets.head.get_layer(build.HEAD_NAME).get_weights()
     changed = t.fine_tune.enabled or not cfg.model.freeze_backbone
     extractor = nets.extractor if changed else None
     new_features = None
@@ -423,7 +358,7 @@ def fit_keras(
         extractor=extractor,
         features=new_features,
         runner=runner,
-        params=count_params(nets.full),
+        params=build.count_params(nets.full),
         seconds=seconds,
         resumed_from_epoch=epochs[0] - 1 if epochs else total,
         replicas=int(strategy.num_replicas_in_sync),
