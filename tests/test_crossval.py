@@ -11,9 +11,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.crossval import CrossvalError, crossval, fold_indices
 from pipeline.featurize import featurize
 from pipeline.lib.tracking.lineage import TAG_HOST, TAG_PID
+from pipeline.lib.training.crossval import CrossvalError, crossval, fold_indices
 from pipeline.prepare import prepare
 from tests.conftest import tiny_config
 

@@ -14,13 +14,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.export import HEADLINE_KEYS, export, representative_indices, split_timings
+from pipeline.export import export
 from pipeline.featurize import featurize
 from pipeline.lib.config.schema import ConfigError
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json
 from pipeline.lib.model.build import load_model
 from pipeline.lib.model.classifier import CARD_FILE, Classifier
+from pipeline.lib.model.export import HEADLINE_KEYS, representative_indices, split_timings
 from pipeline.lib.model.tflite import TFLiteRunner
 from pipeline.prepare import prepare
 from pipeline.train import train

@@ -18,7 +18,7 @@ def tiny():
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from pipeline.export import convert as convert_graph
+    from pipeline.lib.model.export import convert as convert_graph
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((SIZE, SIZE, 3))
