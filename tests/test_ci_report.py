@@ -89,6 +89,10 @@ def _row(name: str, old, new, file: str = "reports/metrics.json") -> Change:
 def test_change_of_numbers_and_of_other_values():
     assert _row("a", 0.5, 0.75).change == 0.25 and _row("a", 0.5, 0.75).changed
     assert _row("a", 1, 1 + 1e-13).changed is False  # within TOLERANCE
+    # another CPU's ECE (the fresh-clone case): within REPRODUCED_WITHIN, so unchanged
+    assert _row("test.ece", 0.03327697833379107, 0.03327696243921914).changed is False
+    assert "unchanged" in verdict(_row("test.ece", 0.0332769783, 0.0332769624), "test.ece")
+    assert _row("test.ece", 0.0332, 0.0334).changed  # beyond it
     assert _row("a", None, 0.5).change is None and _row("a", None, 0.5).changed
     assert _row("a", True, 1).change is None  # a bool is not a number
     assert _row("a", "x", "x").changed is False and _row("a", [1], [2]).changed

@@ -120,6 +120,26 @@ def write_json(path: PathLike, obj: Any) -> None:
         fh.write("\n")
 
 
+#: Absolute: how closely another machine reproduces every metric. Other CPUs (XNNPACK, OpenBLAS
+#: kernels) change the features' low bits, so dvc.lock's hashes differ there; features x (1 +
+#: U(-e, e)), e = 1e-6 .. 1e-4, moved the default's metrics by <= 1.5e-5 (tests/test_dvc_lock.py).
+REPRODUCED_WITHIN = 1e-4
+#: The same for each test probability: <= 1.9e-3 measured, where L-BFGS stops (gtol 1e-6, C 1000).
+PROBABILITIES_WITHIN = 1e-2
+
+
+def metric_values(value: Any) -> Any:
+    """JSON-like `value` with its floats rounded to 6 decimals (REPRODUCED_WITHIN / 100), as
+    metrics files hold them: another CPU's drift changes them only across a rounding boundary."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {key: metric_values(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [metric_values(item) for item in value]
+    return value
+
+
 def read_json(path: PathLike) -> Any:
     """The JSON value in `path`; OSError if unreadable, ValueError if not JSON."""
     with open(path, encoding="utf-8") as fh:

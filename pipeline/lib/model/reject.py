@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.special import logsumexp
 
+from pipeline.lib.files import metric_values
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -91,10 +93,10 @@ def coverage_curve(scores: np.ndarray, correct: np.ndarray, points: int = 100) -
 
 def rule_metrics(rule: RejectRule, scores: np.ndarray, correct: np.ndarray) -> dict:
     """metrics.json's `reject`: the stored rule's coverage and accuracy on the accepted photos
-    of a split (accuracy None when none is accepted)."""
+    of a split (accuracy None when none is accepted), `metric_values`."""
     accepted = rule.accepts(scores)
     accuracy = float(np.asarray(correct)[accepted].mean()) if accepted.any() else None
-    return asdict(rule) | {"coverage": float(accepted.mean()), "accuracy": accuracy}
+    return metric_values(asdict(rule) | {"coverage": float(accepted.mean()), "accuracy": accuracy})
 
 
 def coverage_figure(curve: dict, rule_coverage: float | None) -> Figure:

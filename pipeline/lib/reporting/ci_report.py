@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from pipeline.lib.files import REPRODUCED_WITHIN
 from pipeline.lib.reporting.figures import save_confusion_matrix
 from pipeline.lib.reporting.metrics import significance_text
 from pipeline.lib.reporting.photo_changes import (
@@ -38,8 +39,8 @@ DEFAULT_METRIC = "test.accuracy"
 METRICS_FILE = "reports/metrics.json"
 #: above this many classes the confusion matrix is not written out as a Markdown table
 TEXT_MATRIX_MAX_CLASSES = 12
-#: two metric values closer than this are "unchanged"
-TOLERANCE = 1e-12
+#: two metric values this close are "unchanged": what another machine may differ by
+TOLERANCE = REPRODUCED_WITHIN
 
 #: counts[i][j] = images of true class i predicted as class j, and the class names in order
 Confusion = tuple[list[list[int]], list[str]]

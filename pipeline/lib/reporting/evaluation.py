@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.lib.data.prepared import SPLITS
-from pipeline.lib.files import atomic_dir, atomic_file, write_json
+from pipeline.lib.files import atomic_dir, atomic_file, metric_values, write_json
 from pipeline.lib.reporting import figures
 from pipeline.lib.reporting.html_report import render_report
 from pipeline.lib.reporting.metrics import (
@@ -49,8 +49,8 @@ class Evaluation:
 
 
 def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
-    """What `metrics.json` holds: {"test": `headline_metrics`}. Warns when the accuracy's
-    interval is too wide to mean much."""
+    """What `metrics.json` holds: {"test": `headline_metrics`} (`metric_values`). Warns when the
+    accuracy's interval is too wide to mean much."""
     m = headline_metrics(ev.predictions)
     if m["ci_high"] - m["ci_low"] > WIDE_INTERVAL:
         log.warning(
@@ -58,7 +58,7 @@ def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
             f"95% interval of [{m['ci_low']:.3f}, {m['ci_high']:.3f}], too wide to tell models "
             "apart. Use more test images or `python -m pipeline.crossval` (k-fold over every photo)."
         )
-    return {SPLIT: m}
+    return {SPLIT: metric_values(m)}
 
 
 def per_class_metrics(ev: Evaluation) -> dict[str, Any]:
