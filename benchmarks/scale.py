@@ -126,20 +126,16 @@ def project(work: Path, photos: Path, formats: str) -> tuple[Path, dict]:
     if user_tflite.is_dir() and not (cache / "tflite").exists():
         shutil.copytree(user_tflite, cache / "tflite")  # no conversion in the timings
     env = {**os.environ, "TRUCK_CACHE_DIR": str(cache), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "x"],
-        [str(BIN / "python"), "-m", "pipeline.params", "--use-folder", str(photos)],
-    ):
-        subprocess.run(cmd, cwd=proj, env=env, check=True, capture_output=True)  # fmt: skip
+    params = [str(BIN / "python"), "-m", "pipeline.params"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "x"],
+                [*params, "--use-folder", str(photos)]):  # fmt: skip
+        subprocess.run(cmd, cwd=proj, env=env, check=True, capture_output=True)
     # crops of one flowers12 photo land in several splits: near-duplicates by construction
     with (proj / "conf/data/photos.yaml").open("a") as f:
         f.write("leakage: warn\n")
     export = proj / "conf/export/default.yaml"  # the default exports nothing: measure one format
     export.write_text(export.read_text().replace("formats: []", f"formats: [{formats}]"))
-    subprocess.run([str(BIN / "python"), "-m", "pipeline.params"], cwd=proj, env=env, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(params, cwd=proj, env=env, check=True, capture_output=True)
     return proj, env
 
 
@@ -189,8 +185,7 @@ def scale(n: int, work: Path, first_rss: dict, formats: str) -> None:
 
 
 def draft_tolerance(work: Path) -> None:
-    """Features of flowers12 photos, upscaled, with DCT scaling (the decoder's default) and
-    without."""
+    """Features of upscaled flowers12 photos with DCT scaling (the default) and without."""
     sys.path.insert(0, str(ROOT))
     from pipeline.lib.data import images
     from pipeline.lib.model.features import ShardedTFLite, backbone_flatbuffer, featurize_array
