@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -14,9 +15,13 @@ from typing import Any
 import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.lib.config.schema import Config, ConfigError, literal, validate
@@ -26,22 +31,84 @@ from pipeline.lib.files import atomic_file
 HEADER = "# composed from conf/ by `python -m pipeline.params`; overrides: "
 
 
-def compose(conf_dir: Path, overrides: list[str] | None = None) -> DictConfig:
+def compose(conf_dir: Path, overrides: list[str] | None = None, raw: bool = False) -> DictConfig:
     """`conf_dir/config.yaml` composed with `overrides` and resolved once, as DVC does (strings
-    then `literal`); ConfigError (one line) on a YAML error, an unknown group option or key."""
+    then `literal`); ConfigError (one line) on a YAML error, an unknown group option or key.
+    `raw`: as Hydra composed it (unresolved), its `hydra` node (mode, sweeper) included."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(Path(conf_dir).resolve()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-        cfg = OmegaConf.create(literal(OmegaConf.to_container(cfg, resolve=True)))
+            cfg = hydra_compose("config", list(overrides or []), return_hydra_config=raw)
+        return cfg if raw else OmegaConf.create(literal(OmegaConf.to_container(cfg, resolve=True)))
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
-        text = " ".join(str(exc).split())
-        cause = exc.__cause__ or exc.__context__
-        if cause is not None and str(cause) and str(cause) not in text:
-            text += f" ({' '.join(str(cause).split())})"
-        raise ConfigError(f"{display(conf_dir)}/: {text}") from None
+        raise _one_line(conf_dir, exc) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _one_line(conf_dir: Path, exc: Exception) -> ConfigError:
+    text = " ".join(str(exc).split())
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({' '.join(str(cause).split())})"
+    return ConfigError(f"{display(conf_dir)}/: {text}")
+
+
+def validate_jobs(conf_dir: Path, overrides: list[str], multirun: bool) -> None:
+    """Validate the run of `overrides`, or with `multirun` (`-m`, or `hydra.mode` in conf/) every
+    job Hydra's sweeper would launch, before any runs: ConfigError naming the job."""
+    conf_dir, errors = Path(conf_dir), (HydraException, OmegaConfBaseException)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
+            parse = OverridesParser.create(GlobalHydra.instance().config_loader()).parse_overrides
+        parsed = parse(overrides)
+        base = [o.input_line for o in parsed if not (_plain(conf_dir, o) or o.is_sweep_override())]
+        composed = {tuple(base): compose(conf_dir, base, raw=True)}  # per set of group overrides
+        with open_dict(composed[tuple(base)]) as cfg:
+            hydra = cfg.pop("hydra")
+    except errors as exc:
+        raise _one_line(conf_dir, exc) from None
+    jobs, multirun = [overrides], multirun or hydra.mode == RunMode.MULTIRUN
+    if multirun:
+        params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items()]
+        # an interval is sampled (Optuna), not enumerable: run_step checks each sampled job
+        sweep = [o for o in parse(params + overrides) if not o.is_interval_sweep()]
+        jobs = BasicSweeper.split_arguments(sweep, None)[0]
+    for number, job in enumerate(jobs):
+        try:
+            cfg = _composed(conf_dir, parse(job), composed)
+            validate_composed(conf_dir, literal(OmegaConf.to_container(cfg, resolve=True)))
+        except (ConfigError, *errors) as exc:
+            error = exc if isinstance(exc, ConfigError) else _one_line(conf_dir, exc)
+            if not multirun:
+                raise error from None
+            raise ConfigError(
+                f"multirun job #{number} ({' '.join(job)}), none ran: {error}"
+            ) from None
+
+
+def _plain(conf_dir: Path, o: Override) -> bool:
+    """A key=value override (no config group, sweep, + or ~), which OmegaConf applies as Hydra."""
+    group = o.package or (conf_dir / o.key_or_group).is_dir()
+    return o.type == OverrideType.CHANGE and not (group or o.is_sweep_override())
+
+
+def _composed(conf_dir: Path, job: list[Override], composed: dict) -> DictConfig:
+    """`job`'s config: the `composed` one of its other overrides, with its plain ones applied."""
+    plain = [o for o in job if _plain(conf_dir, o)]
+    fixed = tuple(o.input_line for o in job if o not in plain)
+    if fixed not in composed:
+        composed[fixed] = compose(conf_dir, list(fixed), raw=True)
+        with open_dict(composed[fixed]) as cfg:
+            del cfg["hydra"]
+    cfg = copy.deepcopy(composed[fixed])
+    try:
+        for override in plain:
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+    except OmegaConfBaseException:
+        compose(conf_dir, [o.input_line for o in job])  # raises Hydra's own message
+        raise
     return cfg
 
 
