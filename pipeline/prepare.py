@@ -51,16 +51,12 @@ def prepare(cfg: Config) -> dict:
         if error is None:
             raise
         raise error from None
+    totals = ", ".join(f"{k} {v}" for k, v in report["totals"].items())
+    lost = sum(s["reason"] != HIDDEN_REASON for s in report["skipped"])  # .DS_Store is no photo
     log.info(
         "Recorded %d images of %d classes from %s '%s' into %s (%s); rejected %d, skipped %d",
-        report["accepted"],
-        len(report["classes"]),
-        report["source"],
-        report["root"],
-        cfg.paths.prepared,
-        ", ".join(f"{k} {v}" for k, v in report["totals"].items()),
-        len(report["rejected"]),
-        sum(s["reason"] != HIDDEN_REASON for s in report["skipped"]),  # .DS_Store is no photo
+        *(report["accepted"], len(report["classes"]), report["source"], report["root"]),
+        *(cfg.paths.prepared, totals, len(report["rejected"]), lost),
     )
     for warning in report.get("warnings", []):
         log.warning("%s", warning)

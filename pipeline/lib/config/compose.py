@@ -41,75 +41,61 @@ def compose(conf_dir: Path, overrides: list[str] | None = None, raw: bool = Fals
             cfg = hydra_compose("config", list(overrides or []), return_hydra_config=raw)
         return cfg if raw else OmegaConf.create(literal(OmegaConf.to_container(cfg, resolve=True)))
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
-        raise _one_line(conf_dir, exc) from None
+        text = " ".join(str(exc).split())
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and str(cause) and str(cause) not in text:
+            text += f" ({' '.join(str(cause).split())})"
+        raise ConfigError(f"{display(conf_dir)}/: {text}") from None
     finally:
         GlobalHydra.instance().clear()
-
-
-def _one_line(conf_dir: Path, exc: Exception) -> ConfigError:
-    text = " ".join(str(exc).split())
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text += f" ({' '.join(str(cause).split())})"
-    return ConfigError(f"{display(conf_dir)}/: {text}")
 
 
 def validate_jobs(conf_dir: Path, overrides: list[str], multirun: bool) -> None:
     """Validate the run of `overrides`, or with `multirun` (`-m`, or `hydra.mode` in conf/) every
     job Hydra's sweeper would launch, before any runs: ConfigError naming the job."""
-    conf_dir, errors = Path(conf_dir), (HydraException, OmegaConfBaseException)
-    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base="1.3"):
+        parser = OverridesParser.create(GlobalHydra.instance().config_loader())  # for glob()
+    conf_dir, composed, jobs, at = Path(conf_dir), {}, [overrides], ""
     try:
-        with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
-            parse = OverridesParser.create(GlobalHydra.instance().config_loader()).parse_overrides
-        parsed = parse(overrides)
-        base = [o.input_line for o in parsed if not (_plain(conf_dir, o) or o.is_sweep_override())]
-        composed = {tuple(base): compose(conf_dir, base, raw=True)}  # per set of group overrides
-        with open_dict(composed[tuple(base)]) as cfg:
-            hydra = cfg.pop("hydra")
-    except errors as exc:
-        raise _one_line(conf_dir, exc) from None
-    jobs, multirun = [overrides], multirun or hydra.mode == RunMode.MULTIRUN
-    if multirun:
-        params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items()]
-        # an interval is sampled (Optuna), not enumerable: run_step checks each sampled job
-        sweep = [o for o in parse(params + overrides) if not o.is_interval_sweep()]
-        jobs = BasicSweeper.split_arguments(sweep, None)[0]
-    for number, job in enumerate(jobs):
-        try:
-            cfg = _composed(conf_dir, parse(job), composed)
-            validate_composed(conf_dir, literal(OmegaConf.to_container(cfg, resolve=True)))
-        except (ConfigError, *errors) as exc:
-            error = exc if isinstance(exc, ConfigError) else _one_line(conf_dir, exc)
-            if not multirun:
-                raise error from None
-            raise ConfigError(
-                f"multirun job #{number} ({' '.join(job)}), none ran: {error}"
-            ) from None
+        _, hydra = _composed(conf_dir, overrides, parser, composed, base=True)
+        if multirun or hydra.mode == RunMode.MULTIRUN:
+            params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items()]
+            # an interval is sampled (Optuna), not enumerable: run_step checks each sampled job
+            sweep = parser.parse_overrides(params + overrides)
+            sweep = [o for o in sweep if not o.is_interval_sweep()]
+            jobs, at = BasicSweeper.split_arguments(sweep, None)[0], "multirun job #{} ({})"
+        for job in jobs:
+            validate_composed(conf_dir, _composed(conf_dir, job, parser, composed)[0])
+    except ConfigError as exc:
+        where = at and at.format(jobs.index(job), " ".join(job)) + ", none ran: "
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def _composed(
+    conf_dir: Path, job: list[str], parser: OverridesParser, composed: dict, base: bool = False
+) -> tuple[Any, DictConfig]:
+    """(`job`'s config, resolved unless `base` (sweeps left out); `hydra` node): Hydra composes its
+    group, + and ~ overrides (once per set: `composed`), OmegaConf applies its key=value ones."""
+    try:
+        parsed = [o for o in parser.parse_overrides(job) if not (base and o.is_sweep_override())]
+        job, plain = [o.input_line for o in parsed], [o for o in parsed if _plain(conf_dir, o)]
+        fixed = tuple(o.input_line for o in parsed if o not in plain)
+        if fixed not in composed:
+            with open_dict(compose(conf_dir, list(fixed), raw=True)) as cfg:
+                composed[fixed] = cfg, cfg.pop("hydra")
+        cfg, hydra = copy.deepcopy(composed[fixed][0]), composed[fixed][1]
+        for o in plain:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+        return cfg if base else literal(OmegaConf.to_container(cfg, resolve=True)), hydra
+    except (HydraException, OmegaConfBaseException):
+        compose(conf_dir, job)  # raises Hydra's own message
+        raise
 
 
 def _plain(conf_dir: Path, o: Override) -> bool:
-    """A key=value override (no config group, sweep, + or ~), which OmegaConf applies as Hydra."""
+    """A key=value override, not of a config group, nor a sweep, + or ~."""
     group = o.package or (conf_dir / o.key_or_group).is_dir()
     return o.type == OverrideType.CHANGE and not (group or o.is_sweep_override())
-
-
-def _composed(conf_dir: Path, job: list[Override], composed: dict) -> DictConfig:
-    """`job`'s config: the `composed` one of its other overrides, with its plain ones applied."""
-    plain = [o for o in job if _plain(conf_dir, o)]
-    fixed = tuple(o.input_line for o in job if o not in plain)
-    if fixed not in composed:
-        composed[fixed] = compose(conf_dir, list(fixed), raw=True)
-        with open_dict(composed[fixed]) as cfg:
-            del cfg["hydra"]
-    cfg = copy.deepcopy(composed[fixed])
-    try:
-        for override in plain:
-            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
-    except OmegaConfBaseException:
-        compose(conf_dir, [o.input_line for o in job])  # raises Hydra's own message
-        raise
-    return cfg
 
 
 def display(path: Path) -> str:

@@ -247,6 +247,10 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+#: The schema with its defaults, built once (40 ms; `validate` runs for each job of a sweep).
+_schema = functools.cache(lambda: OmegaConf.structured(Config))
+
+
 def name_after_data(tracking: Any, data: Any) -> None:
     """Set `tracking.experiment` / `.registered_model` that are `auto` after `data`: the defaults
     for synthetic data, else the photo folder's name as a slug (`../flowers12` -> `flowers12`,
@@ -323,11 +327,6 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
     name_after_data(merged.tracking, merged.data)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]  # a DictConfig typed as Config
-
-
-@functools.cache
-def _schema() -> DictConfig:
-    return OmegaConf.structured(Config)  # built once: 40 ms, per job of a sweep
 
 
 def literal(value: Any) -> Any:
