@@ -21,7 +21,7 @@ from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.ingest import ingest
 from pipeline.lib.data.prepared import data_root
 from pipeline.lib.data.sources import synthetic
-from pipeline.lib.data.sources.folder import DataError
+from pipeline.lib.data.sources.folder import HIDDEN_REASON, DataError
 from pipeline.lib.files import atomic_dir, no_space_error
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,12 @@ def prepare(cfg: Config) -> dict:
         if error is None:
             raise
         raise error from None
+    totals = ", ".join(f"{k} {v}" for k, v in report["totals"].items())
+    lost = sum(s["reason"] != HIDDEN_REASON for s in report["skipped"])  # .DS_Store is no photo
     log.info(
         "Recorded %d images of %d classes from %s '%s' into %s (%s); rejected %d, skipped %d",
-        report["accepted"],
-        len(report["classes"]),
-        report["source"],
-        report["root"],
-        cfg.paths.prepared,
-        ", ".join(f"{k} {v}" for k, v in report["totals"].items()),
-        len(report["rejected"]),
-        len(report["skipped"]),
+        *(report["accepted"], len(report["classes"]), report["source"], report["root"]),
+        *(cfg.paths.prepared, totals, len(report["rejected"]), lost),
     )
     for warning in report.get("warnings", []):
         log.warning("%s", warning)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -356,3 +357,36 @@ def test_unreachable_tracking_server_fails_before_training(done, tmp_path):
     with pytest.raises(TrackingError, match=f"127.0.0.1:{port}.*does not answer"):
         train(cfg)
     assert not Path(cfg.paths.models).exists() and not Path(cfg.paths.reports).exists()
+
+
+def test_prepare_counts_as_skipped_only_what_may_be_a_lost_photo(tmp_path, caplog):
+    """The generator's own marker (.synthetic.json), .DS_Store and Thumbs.db stay in the report
+    with their reason but are not "skipped" in the summary line; a non-image file among the
+    photos and a broken link are counted and named."""
+    import logging
+
+    from pipeline.lib.config.schema import validate
+    from tests.conftest import compose
+
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        report = prepare(tiny_config(tmp_path))
+    assert {"file": ".synthetic.json", "reason": "hidden/system file"} in report["skipped"]
+    assert "rejected 0, skipped 0" in caplog.text and "files/folders skipped" not in caplog.text
+    photos = tmp_path / "photos"
+    shutil.copytree(tmp_path / "raw", photos)  # the marker included
+    label = sorted((photos / "training").iterdir())[0]
+    (photos / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (label / "Thumbs.db").write_bytes(b"x")
+    (label / "notes.txt").write_text("not a photo")
+    (label / "lost.png").symlink_to(tmp_path / "nowhere.png")
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.synthetic")]
+    overrides += ["data=folder", f"data.path={photos}", f"paths.prepared={tmp_path / 'mine'}"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        report = prepare(validate(compose(overrides)))
+    reasons = {s["file"]: s["reason"] for s in report["skipped"]}
+    hidden = [".DS_Store", ".synthetic.json", f"training/{label.name}/Thumbs.db"]
+    assert all(reasons[f] == "hidden/system file" for f in hidden) and len(reasons) == 5
+    assert "rejected 0, skipped 2" in caplog.text
+    lost = f"training/{label.name}/lost.png, training/{label.name}/notes.txt"
+    assert "2 files/folders skipped" in caplog.text and lost in caplog.text

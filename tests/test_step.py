@@ -14,7 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.lib.config.step import GitIdentityError, check_git_identity, overrides
+from pipeline.lib.config import compose as compose_module
+from pipeline.lib.config.step import GitIdentityError, check_git_identity, overrides, preflight
 from tests.conftest import ROOT
 
 
@@ -110,3 +111,50 @@ def test_a_dollar_brace_folder_is_read_under_its_own_name_by_every_stage(tmp_pat
     )  # fmt: skip
     assert prepared.returncode == 0, prepared.stderr
     assert f"your photo folder {photos} " in prepared.stdout + prepared.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "job", "key"),
+    [
+        (["-m", "train.C=1,-5"], "#1 (train.C=-5)", "train.C"),
+        (["-m", "train.solver=lbfgs,keras", "train.epochs=3"], "#0 (train.solver=lbfgs train.epochs=3)", "train.epochs"),
+        (["hparams_search=head_grid", "train.solver=lbfgs", "train.epochs=4"], "#0 (train.C=0.01 train.label_smoothing=0.0 hparams_search", "train.epochs"),
+        (["--multirun", "data=synthetic,folder", "data.path=/photos"], "#0 (data=synthetic data.path=/photos)", "data.path"),
+        (["-m", "data=glob(*)", "train.C=2"], "#0 (data=folder train.C=2)", "data.path"),
+        (["-m", "hparams_search=optuna", "train.solver=lbfgs", "model.dropout=0.1,0.3"], "lbfgs model.dropout=0.1)", "model.dropout"),
+    ],
+)  # fmt: skip
+def test_every_job_of_a_sweep_is_validated_before_any_runs(argv, job, key, capsys):
+    with pytest.raises(SystemExit) as exc:
+        preflight(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert (
+        err.startswith("ERROR: multirun job #") and job in err and key in err and "none ran" in err
+    )
+
+
+def test_a_sweep_composes_once_per_set_of_group_overrides(monkeypatch):
+    """Key=value jobs are applied to one Hydra composition; a sampled interval (Optuna) is left to
+    each job's own check."""
+    calls, compose = [], compose_module.compose
+    monkeypatch.setattr(
+        compose_module, "compose", lambda *a, **k: calls.append(a) or compose(*a, **k)
+    )
+    preflight(["-m", "train.C=0.1,1,10,100,1000", "train.label_smoothing=0,0.1"])
+    assert len(calls) == 1
+    preflight(["-m", "experiment=smoke,study", "train.solver=keras", "train.C=2,3"])
+    assert len(calls) == 1 + 3
+    preflight(["hparams_search=optuna"])
+    preflight(["-m", "train.C=interval(0.1,5)", "train.solver=keras", "train.epochs=2,3"])
+
+
+def test_an_invalid_job_of_a_sweep_stops_it_before_the_first_job(tmp_path):
+    sweep = tmp_path / "multirun"
+    proc = stage(
+        ROOT, "pipeline.train", "-m", "train.C=1,-5", f"hydra.sweep.dir={sweep}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"paths.models={tmp_path}/models",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "multirun job #1 (train.C=-5 " in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and not sweep.exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "models").exists()

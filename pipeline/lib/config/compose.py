@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -14,9 +15,13 @@ from typing import Any
 import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.lib.config.schema import Config, ConfigError, literal, validate
@@ -26,14 +31,15 @@ from pipeline.lib.files import atomic_file
 HEADER = "# composed from conf/ by `python -m pipeline.params`; overrides: "
 
 
-def compose(conf_dir: Path, overrides: list[str] | None = None) -> DictConfig:
+def compose(conf_dir: Path, overrides: list[str] | None = None, raw: bool = False) -> DictConfig:
     """`conf_dir/config.yaml` composed with `overrides` and resolved once, as DVC does (strings
-    then `literal`); ConfigError (one line) on a YAML error, an unknown group option or key."""
+    then `literal`); ConfigError (one line) on a YAML error, an unknown group option or key.
+    `raw`: as Hydra composed it (unresolved), its `hydra` node (mode, sweeper) included."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(Path(conf_dir).resolve()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-        cfg = OmegaConf.create(literal(OmegaConf.to_container(cfg, resolve=True)))
+            cfg = hydra_compose("config", list(overrides or []), return_hydra_config=raw)
+        return cfg if raw else OmegaConf.create(literal(OmegaConf.to_container(cfg, resolve=True)))
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
         text = " ".join(str(exc).split())
         cause = exc.__cause__ or exc.__context__
@@ -42,7 +48,54 @@ def compose(conf_dir: Path, overrides: list[str] | None = None) -> DictConfig:
         raise ConfigError(f"{display(conf_dir)}/: {text}") from None
     finally:
         GlobalHydra.instance().clear()
-    return cfg
+
+
+def validate_jobs(conf_dir: Path, overrides: list[str], multirun: bool) -> None:
+    """Validate the run of `overrides`, or with `multirun` (`-m`, or `hydra.mode` in conf/) every
+    job Hydra's sweeper would launch, before any runs: ConfigError naming the job."""
+    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base="1.3"):
+        parser = OverridesParser.create(GlobalHydra.instance().config_loader())  # for glob()
+    conf_dir, composed, jobs, at = Path(conf_dir), {}, [overrides], ""
+    try:
+        _, hydra = _composed(conf_dir, overrides, parser, composed, base=True)
+        if multirun or hydra.mode == RunMode.MULTIRUN:
+            params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items()]
+            # an interval is sampled (Optuna), not enumerable: run_step checks each sampled job
+            sweep = parser.parse_overrides(params + overrides)
+            sweep = [o for o in sweep if not o.is_interval_sweep()]
+            jobs, at = BasicSweeper.split_arguments(sweep, None)[0], "multirun job #{} ({})"
+        for job in jobs:
+            validate_composed(conf_dir, _composed(conf_dir, job, parser, composed)[0])
+    except ConfigError as exc:
+        where = at and at.format(jobs.index(job), " ".join(job)) + ", none ran: "
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def _composed(
+    conf_dir: Path, job: list[str], parser: OverridesParser, composed: dict, base: bool = False
+) -> tuple[Any, DictConfig]:
+    """(`job`'s config, resolved unless `base` (sweeps left out); `hydra` node): Hydra composes its
+    group, + and ~ overrides (once per set: `composed`), OmegaConf applies its key=value ones."""
+    try:
+        parsed = [o for o in parser.parse_overrides(job) if not (base and o.is_sweep_override())]
+        job, plain = [o.input_line for o in parsed], [o for o in parsed if _plain(conf_dir, o)]
+        fixed = tuple(o.input_line for o in parsed if o not in plain)
+        if fixed not in composed:
+            with open_dict(compose(conf_dir, list(fixed), raw=True)) as cfg:
+                composed[fixed] = cfg, cfg.pop("hydra")
+        cfg, hydra = copy.deepcopy(composed[fixed][0]), composed[fixed][1]
+        for o in plain:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+        return cfg if base else literal(OmegaConf.to_container(cfg, resolve=True)), hydra
+    except (HydraException, OmegaConfBaseException):
+        compose(conf_dir, job)  # raises Hydra's own message
+        raise
+
+
+def _plain(conf_dir: Path, o: Override) -> bool:
+    """A key=value override, not of a config group, nor a sweep, + or ~."""
+    group = o.package or (conf_dir / o.key_or_group).is_dir()
+    return o.type == OverrideType.CHANGE and not (group or o.is_sweep_override())
 
 
 def display(path: Path) -> str:

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.lib.config.compose import compose, in_dvc_experiment, load_params, validate_composed
+from pipeline.lib.config.compose import compose, in_dvc_experiment, load_params, validate_jobs
 from pipeline.lib.config.schema import Config, ConfigError, literal, validate
 from pipeline.lib.errors import StageInputError, UserError
 
@@ -62,7 +62,7 @@ def entry_point(
 
 def preflight(argv: list[str] | None = None) -> None:
     """Exit 2 with one line (not Hydra's stack trace) when the `--config-name` file is not YAML,
-    conf/ with the overrides does not validate, or `hydra.job.chdir=true`."""
+    conf/ with the overrides (each job of a sweep) does not validate, or `hydra.job.chdir=true`."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         name = _option(args, "--config-name") or _option(args, "-cn")
@@ -71,9 +71,8 @@ def preflight(argv: list[str] | None = None) -> None:
             path = STAGES_DIR / folder / (name if name.endswith(".yaml") else f"{name}.yaml")
             if path.is_file():
                 load_params(path)
-        elif not {"-m", "--multirun"} & set(args):
-            conf = Path(CONF_DIR)
-            validate_composed(conf, compose(conf, overrides(args)))
+        else:
+            validate_jobs(Path(CONF_DIR), overrides(args), bool({"-m", "--multirun"} & set(args)))
         if any(a.replace(" ", "").lower() == "hydra.job.chdir=true" for a in args):
             raise ConfigError(CHDIR_REFUSED)
     except UserError as exc:

@@ -298,7 +298,7 @@ class _Tally:
         if unexpected:
             self.warnings.append(
                 f"{len(unexpected)} files/folders skipped (non-image files, broken links, ...; "
-                "see 'skipped' in report.json)"
+                f"why: 'skipped' in report.json): {_listed(unexpected)}"
             )
         return small
 

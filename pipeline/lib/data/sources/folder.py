@@ -144,8 +144,8 @@ def discover(
             "or merge those folders."
         )
     if not candidates:
-        examples = ", ".join(f"'{f}' ({r})" for f, r in walker.skipped[:5])
-        n = len(walker.skipped)
+        others = [f"'{f}' ({r})" for f, r in walker.skipped if r != HIDDEN_REASON]
+        examples, n = ", ".join(others[:5]), len(others)
         raise DataError(
             f"No image files found under '{root}'"
             + (f" ({n} other files skipped, e.g. {examples})" if examples else "")
