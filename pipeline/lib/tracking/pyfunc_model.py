@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,14 +97,11 @@ def _pixels(array: np.ndarray, size: int, resize: str) -> np.ndarray:
 
 def _decode(items: Sequence[str | bytes], size: int, resize: str) -> np.ndarray:
     out = []
-    with tempfile.TemporaryDirectory(prefix="pyfunc-images-") as tmp:
-        for i, item in enumerate(items):
-            file = Path(tmp) / f"image-{i}"
-            file.write_bytes(_image_bytes(item, i))
-            try:
-                out.append(load_rgb(file, size, resize=resize))
-            except RejectedImage as exc:
-                raise _input_error(f"image {i}: {exc.reason}") from None
+    for i, item in enumerate(items):
+        try:
+            out.append(load_rgb(f"image-{i}", size, resize=resize, data=_image_bytes(item, i)))
+        except RejectedImage as exc:
+            raise _input_error(f"image {i}: {exc.reason}") from None
     return np.stack(out).astype(np.float32)
 
 
