@@ -120,15 +120,12 @@ def _image_bytes(item: str | bytes, index: int) -> bytes:
         ) from None
 
 
-def prediction_frame(
-    probs: np.ndarray, classes: list[str], accepted: np.ndarray | None = None
-) -> pd.DataFrame:
+def prediction_frame(probs: np.ndarray, classes: list[str], accepted: np.ndarray) -> pd.DataFrame:
     """Per row of probs: `label` (`unknown` where not `accepted`), `probability`, `scores`."""
-    best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
-    known = np.ones(len(best), bool) if accepted is None else accepted
+    best = probs.argmax(axis=1)
     return pd.DataFrame(
         {
-            "label": [classes[i] if k else UNKNOWN for i, k in zip(best, known, strict=True)],
+            "label": [classes[i] if k else UNKNOWN for i, k in zip(best, accepted, strict=True)],
             "probability": [float(p[i]) for p, i in zip(probs, best, strict=True)],
             "scores": [{c: float(v) for c, v in zip(classes, p, strict=True)} for p in probs],
         }
