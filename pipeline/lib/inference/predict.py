@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -33,13 +32,14 @@ from pipeline.lib.config.schema import DEFAULT_TRACKING_URI
 from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, RESIZE_POLICIES, RejectedImage, load_rgb
 from pipeline.lib.data.sources.folder import is_ignored
 from pipeline.lib.errors import StageInputError, UserError
-from pipeline.lib.files import atomic_file, write_json
+from pipeline.lib.files import atomic_file, read_json, write_json
 from pipeline.lib.model import build
 from pipeline.lib.model.classifier import CARD_FILE, Classifier, ModelCard, hflip
 from pipeline.lib.model.features import usable_cores
 from pipeline.lib.model.reject import UNKNOWN
 from pipeline.lib.model.tflite import TFLiteRunner
-from pipeline.lib.tracking.compare import StoreError, check_store
+from pipeline.lib.tracking.compare import check_store
+from pipeline.lib.tracking.store import TrackingError, first_line
 
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
 MLFLOW_SCHEMES = ("models:/", "runs:/")
@@ -62,17 +62,11 @@ class Predictor:
     resize: str | None
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip() or type(exc).__name__
-    first = text.splitlines()[0]
-    return first if len(first) <= 400 else first[:397] + "..."
-
-
 def _read_classes(path: Path) -> list[str]:
     try:
-        classes = json.loads(path.read_text(encoding="utf-8"))
+        classes = read_json(path)
     except (OSError, ValueError) as exc:
-        raise PredictError(f"--classes: cannot read {path} ({_reason(exc)})") from None
+        raise PredictError(f"--classes: cannot read {path} ({first_line(exc)})") from None
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise PredictError(f"--classes: {path} must hold a JSON list of class names")
     return classes
@@ -83,7 +77,7 @@ def _classifier(folder: Path, source: str, kind: str) -> Predictor:
         c = Classifier.load(folder)
         c.backbone  # noqa: B018  (load the interpreters now: a bad file is a PredictError here)
     except StageInputError as exc:
-        raise PredictError(f"model {source}: {_reason(exc)}") from None
+        raise PredictError(f"model {source}: {first_line(exc)}") from None
     return Predictor(kind, c.classes, c.image_size, c.classify, c.card.resize)
 
 
@@ -93,18 +87,14 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> Predictor:
     store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     try:
         check_store(store)  # a missing store is reported, never created
-    except StoreError as exc:
+    except TrackingError as exc:
         raise PredictError(f"model {uri}: {exc}") from None
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(store)  # models:/ URIs resolve in the registry of this store
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp()))
+    try:  # models:/ URIs resolve in the registry of this store
+        where = {"dst_path": tempfile.mkdtemp(), "tracking_uri": store, "registry_uri": store}
+        local = Path(mlflow.artifacts.download_artifacts(uri, **where))
     except Exception as exc:  # noqa: BLE001 (any lookup failure is reported with its reason)
         hint = " (set it: `python -m pipeline.registry promote`)" if "@" in uri else ""
-        raise PredictError(f"model {uri}: not found in {store} ({_reason(exc)}){hint}") from None
-    finally:
-        if previous is not None:
-            mlflow.set_tracking_uri(previous)
+        raise PredictError(f"model {uri}: not found in {store} ({first_line(exc)}){hint}") from None
     cards = sorted(local.rglob(CARD_FILE))
     if not cards:
         raise PredictError(f"model {uri}: not a model logged by the train stage (no {CARD_FILE})")
@@ -129,7 +119,7 @@ def _from_file(path: Path, source: str, classes_file: str | None) -> Predictor:
     try:
         predict, size, kind = _exported(path)
     except Exception as exc:  # noqa: BLE001 (any load failure is reported with its reason)
-        raise PredictError(f"model {source}: cannot load {path} ({_reason(exc)})") from None
+        raise PredictError(f"model {source}: cannot load {path} ({first_line(exc)})") from None
     places = [path.parent] + ([Path(classes_file).parent] if classes_file else [])
     card = next((ModelCard.load(p / CARD_FILE) for p in places if (p / CARD_FILE).is_file()), None)
     if card is not None and card.image_size != size:
@@ -346,7 +336,7 @@ def _run(args: argparse.Namespace) -> int:
             _write_output(args.output, fmt, rows, predictor.classes)
         except OSError as exc:
             raise PredictError(
-                f"--output {args.output}: not written ({_reason(exc)}); the lines above are the "
+                f"--output {args.output}: not written ({first_line(exc)}); the lines above are the "
                 "predictions"
             ) from None
     problems = bad + sum(1 for _, why in skipped if why != "folder with no image files")

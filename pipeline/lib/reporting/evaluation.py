@@ -96,21 +96,22 @@ def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int)
     """Replace `folder` with the confusion matrix (counts and row-normalised), the reliability
     diagram and the gallery of `gallery_size` test images; return the PNG paths."""
     p = ev.predictions
-    matrix = confusion(p)
-    shown = gallery_indices(p.y_true, p.y_pred, gallery_size)
+    matrix, shown = confusion(p), gallery_indices(p.y_true, p.y_pred, gallery_size)
+    heading = gallery_heading(p.y_true, p.y_pred, shown)
+    drawn = {
+        "confusion_matrix": figures.confusion_figure(matrix, p.classes),
+        "confusion_matrix_normalized": figures.confusion_figure(
+            matrix, p.classes, normalize=True, title="Confusion matrix (row-normalised)"
+        ),
+        "reliability_diagram": figures.reliability_figure(reliability_bins(p.probs, p.y_true)),
+        "gallery": figures.gallery_figure(
+            ev.images[shown], p.probs[shown], p.y_true[shown], p.classes, columns, heading=heading
+        ),
+    }
     with atomic_dir(folder) as tmp:
-        figures.save_confusion_matrix(matrix, p.classes, tmp / "confusion_matrix.png")
-        title = "Confusion matrix (row-normalised)"
-        normalized = tmp / "confusion_matrix_normalized.png"
-        figures.save_confusion_matrix(matrix, p.classes, normalized, normalize=True, title=title)
-        bins = reliability_bins(p.probs, p.y_true)
-        figures.save_figure(figures.reliability_figure(bins), tmp / "reliability_diagram.png")
-        heading = gallery_heading(p.y_true, p.y_pred, shown)
-        shown_images = (ev.images[shown], p.probs[shown], p.y_true[shown], p.classes)
-        gallery = figures.gallery_figure(*shown_images, columns=columns, heading=heading)
-        figures.save_figure(gallery, tmp / "gallery.png")
-    names = ["confusion_matrix", "confusion_matrix_normalized", "reliability_diagram", "gallery"]
-    return [folder / f"{name}.png" for name in names]
+        for name, fig in drawn.items():
+            figures.save_figure(fig, tmp / f"{name}.png")
+    return [folder / f"{name}.png" for name in drawn]
 
 
 def write_html_report(

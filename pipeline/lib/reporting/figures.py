@@ -62,10 +62,6 @@ def _float_series(values: Sequence[float] | None) -> np.ndarray:
     return np.asarray(list(values if values is not None else []), dtype=float).reshape(-1)
 
 
-def _hide_spines(ax: Axes) -> None:
-    ax.spines[["top", "right"]].set_visible(False)
-
-
 def _message(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, fontsize=12, color="#555555", transform=ax.transAxes, **_CENTERED)
     ax.set_axis_off()
@@ -74,17 +70,11 @@ def _message(ax: Axes, text: str) -> None:
 def _batch_curve(
     batches: Series | None, metric: str, n_epochs: int, first_epoch: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of a per-batch series on the epoch axis: the last batch of epoch k lands on k
-    (steps counted from 0 or 1; missing or restarting steps numbered in order); else x = step."""
+    """(x, y) of a per-batch series (in order) spread over the epochs: the last batch of epoch k
+    lands on k; x = 1..m without epochs."""
     y = _float_series((batches or {}).get(metric))
-    steps = _float_series((batches or {}).get("step"))[: len(y)]
-    if len(steps) != len(y) or not np.all(np.diff(steps) > 0):
-        steps = np.arange(len(y), dtype=float)
-    if not n_epochs or not len(y):
-        return steps, y
-    pos = steps - steps.min() + 1 if steps.min() <= 0 else steps
-    steps_per_epoch = max(float(np.nanmax(pos)) / n_epochs, 1e-12)
-    return (first_epoch - 1.0) + pos / steps_per_epoch, y
+    x = np.arange(1, len(y) + 1, dtype=float)
+    return (first_epoch - 1.0 + x * n_epochs / len(y) if n_epochs and len(y) else x), y
 
 
 def learning_curve_figure(history: Series, metric: str, batches: Series | None = None) -> Figure:
@@ -126,7 +116,7 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
     ax.set_ylabel(label.lower())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
-    _hide_spines(ax)
+    ax.spines[["top", "right"]].set_visible(False)
     if n == 1 and not len(batch_y):
         ax.set_xlim(x[0] - 1, x[0] + 1)
     ax.legend(loc="best", fontsize=9, framealpha=0.9)
@@ -138,7 +128,7 @@ def save_learning_curves(
 ) -> list[Path]:
     """Write out_dir/loss.png and out_dir/accuracy.png; return their paths. history: series among
     'loss', 'accuracy', 'val_loss', 'val_accuracy', x under 'epoch' or 'step' (default 1..n);
-    batches: optional per-batch {'step', 'loss', 'accuracy'}, drawn faintly on the epoch axis."""
+    batches: optional per-batch {'loss', 'accuracy'} in order, drawn faintly on the epoch axis."""
     out_dir = Path(out_dir)
     return [
         save_figure(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
@@ -258,7 +248,7 @@ def _draw_gallery_scores(
     ax.tick_params(axis="y", length=0)
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    _hide_spines(ax)
+    ax.spines[["top", "right"]].set_visible(False)
     ax.set_xlabel("score", fontsize=7, labelpad=1)
 
 

@@ -14,6 +14,7 @@ from html import escape
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from pipeline.lib.reporting.metrics import Predictions, confusion
 
@@ -53,11 +54,10 @@ border-radius:6px;cursor:pointer;background:#f6f8fa}
 """
 
 
-def thumbnail(image: np.ndarray) -> str:
-    """A uint8 (H, W, 3) image as a JPEG data URI, longest side `THUMB_PX`."""
-    from PIL import Image
-
-    img = Image.fromarray(np.asarray(image, dtype=np.uint8))
+def thumbnail(image: np.ndarray | Image.Image) -> str:
+    """A uint8 (H, W, 3) image (or a PIL image) as a JPEG data URI, longest side `THUMB_PX`."""
+    is_pil = isinstance(image, Image.Image)
+    img = image if is_pil else Image.fromarray(np.asarray(image, dtype=np.uint8))
     img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS, reducing_gap=None)
     buffer = io.BytesIO()
     img.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)

@@ -6,7 +6,6 @@ right only in A and c only in B: p = min(1, 2 P(X <= min(b, c))), X ~ Binomial(b
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -17,12 +16,12 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.lib.files import atomic_file
+from pipeline.lib.reporting.html_report import thumbnail
 from pipeline.lib.reporting.metrics import McNemar, mcnemar_exact, significance_text
 from pipeline.lib.reporting.tables import write_csv
 
 KINDS = ("right -> wrong", "wrong -> right", "changed, both wrong", "only in A", "only in B")
 COLUMNS = ("change", "path", "actual", "predicted_a", "confidence_a", "predicted_b", "confidence_b")
-THUMB_PX = 96
 WORKSPACE = "workspace"
 DEFAULT_PREDICTIONS = "reports/predictions.csv"
 
@@ -95,12 +94,9 @@ def markdown(diff: PhotoDiff, top: int = 10) -> str:
 def _thumbnail(file: Path) -> str | None:
     try:
         with Image.open(file) as image:
-            image.thumbnail((THUMB_PX, THUMB_PX))
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="JPEG", quality=85)
+            return thumbnail(image)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def write_outputs(

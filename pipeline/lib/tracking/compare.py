@@ -60,8 +60,6 @@ METRICS = ("final_val_accuracy", "test_accuracy", "test_macro_f1")
 DEFAULT_SORT = "test_accuracy"
 FORMATS = ("markdown", "csv")
 SHORT_ID = 8
-#: The evaluate stage's per-image predictions, in a run's artifacts and in git.
-PREDICTIONS_ARTIFACT = DEFAULT_PREDICTIONS
 _PAGE = 1000
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 
@@ -102,6 +100,7 @@ def fill_from_params(args: argparse.Namespace) -> None:
 
 def check_store(tracking_uri: str) -> None:
     """Fail (creating nothing) when a local store does not exist; a dead server fails in seconds."""
+    check_reachable(tracking_uri, timeout_s=10.0)  # servers only
     if tracking_uri.startswith("sqlite:"):
         database = make_url(tracking_uri).database
         if database and database != ":memory:" and not Path(database).is_file():
@@ -109,11 +108,6 @@ def check_store(tracking_uri: str) -> None:
                 f"No MLflow store at {tracking_uri}: {Path(database).resolve()} does not exist. "
                 "Run the pipeline first (`dvc repro`) or point --tracking-uri at an existing store."
             )
-    elif store.is_remote(tracking_uri):
-        try:
-            check_reachable(tracking_uri, timeout_s=10.0)
-        except TrackingError as exc:
-            raise StoreError(str(exc)) from None
     elif "://" not in tracking_uri or tracking_uri.startswith("file:"):
         is_file_uri = tracking_uri.startswith("file:")
         path = Path(url2pathname(urlparse(tracking_uri).path) if is_file_uri else tracking_uri)
@@ -238,15 +232,15 @@ def render(df: pd.DataFrame, fmt: str = "markdown") -> str:
 
 
 def run_predictions(client: mlflow.MlflowClient, experiment: str, given: str) -> tuple[str, str]:
-    """(run id, text of its `PREDICTIONS_ARTIFACT`) of a run id or unique prefix. Raises
+    """(run id, text of its `DEFAULT_PREDICTIONS`) of a run id or unique prefix. Raises
     ValueError when the run has none."""
     run_id = resolve_run_id(client, [experiment_id(client, experiment)], given)
     with tempfile.TemporaryDirectory() as tmp:
         where = {"run_id": run_id, "dst_path": tmp, "tracking_uri": client.tracking_uri}
         try:
-            local = download_artifacts(artifact_path=PREDICTIONS_ARTIFACT, **where)
+            local = download_artifacts(artifact_path=DEFAULT_PREDICTIONS, **where)
         except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing file)
-            raise ValueError(f"run {run_id} has no {PREDICTIONS_ARTIFACT} (evaluated?)") from None
+            raise ValueError(f"run {run_id} has no {DEFAULT_PREDICTIONS} (evaluated?)") from None
         return run_id, Path(local).read_text(encoding="utf-8")
 
 
@@ -260,7 +254,7 @@ def predictions_at(given: str, args: argparse.Namespace) -> tuple[str, str]:
     refs = ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps"]
     listed = subprocess.run(refs, capture_output=True, text=True).stdout.split()
     for rev in [given, *(r for r in listed if r.rsplit("/", 1)[-1] == given)]:
-        if (text := read_at_revision(".", PREDICTIONS_ARTIFACT, rev)) is not None:
+        if (text := read_at_revision(".", DEFAULT_PREDICTIONS, rev)) is not None:
             return given, text
     fill_from_params(args)
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,14 +97,11 @@ def _pixels(array: np.ndarray, size: int, resize: str) -> np.ndarray:
 
 def _decode(items: Sequence[str | bytes], size: int, resize: str) -> np.ndarray:
     out = []
-    with tempfile.TemporaryDirectory(prefix="pyfunc-images-") as tmp:
-        for i, item in enumerate(items):
-            file = Path(tmp) / f"image-{i}"
-            file.write_bytes(_image_bytes(item, i))
-            try:
-                out.append(load_rgb(file, size, resize=resize))
-            except RejectedImage as exc:
-                raise _input_error(f"image {i}: {exc.reason}") from None
+    for i, item in enumerate(items):
+        try:
+            out.append(load_rgb(f"image-{i}", size, resize=resize, data=_image_bytes(item, i)))
+        except RejectedImage as exc:
+            raise _input_error(f"image {i}: {exc.reason}") from None
     return np.stack(out).astype(np.float32)
 
 
@@ -124,15 +120,12 @@ def _image_bytes(item: str | bytes, index: int) -> bytes:
         ) from None
 
 
-def prediction_frame(
-    probs: np.ndarray, classes: list[str], accepted: np.ndarray | None = None
-) -> pd.DataFrame:
+def prediction_frame(probs: np.ndarray, classes: list[str], accepted: np.ndarray) -> pd.DataFrame:
     """Per row of probs: `label` (`unknown` where not `accepted`), `probability`, `scores`."""
-    best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
-    known = np.ones(len(best), bool) if accepted is None else accepted
+    best = probs.argmax(axis=1)
     return pd.DataFrame(
         {
-            "label": [classes[i] if k else UNKNOWN for i, k in zip(best, known, strict=True)],
+            "label": [classes[i] if k else UNKNOWN for i, k in zip(best, accepted, strict=True)],
             "probability": [float(p[i]) for p, i in zip(probs, best, strict=True)],
             "scores": [{c: float(v) for c, v in zip(classes, p, strict=True)} for p in probs],
         }

@@ -280,9 +280,7 @@ def open_store(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
     try:
         client = open_client(tracking.uri)
         return client, experiment_id(client, tracking)
-    except TrackingError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # a TrackingError is no store error: raised as it is
         if error := as_tracking_error(tracking, exc, "opening the store", os_errors=True):
             raise error from None
         raise
