@@ -229,6 +229,22 @@ def test_confusion_matrix_thirty_classes_has_no_cell_text(tmp_path):
     )
 
 
+@pytest.mark.parametrize("n", [61, 200, 1000])
+def test_confusion_matrix_of_many_classes_stays_a_bounded_picture(tmp_path, n):
+    """Issue 25: 200 classes drew a ~6800 px PNG. Above LABELLED_MAX_CLASSES the matrix keeps a
+    fixed size (as at 60 classes, about 2200 px) with every few class numbers on the axes."""
+    classes = [f"a_rather_long_class_name_{i:04d}" for i in range(n)]
+    matrix = np.diag(np.arange(1, n + 1))
+    fig = figures.confusion_figure(matrix, classes)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[0] == "0" and 10 <= sum(bool(t) for t in labels) <= 21
+    assert f"classes numbered 0-{n - 1}" in fig.axes[0].get_title()
+    height, width = read_png(
+        figures.save_confusion_matrix(matrix, classes, tmp_path / "cm.png")
+    ).shape[:2]
+    assert max(width, height) <= 2600, (width, height)
+
+
 def test_confusion_matrix_rejects_mismatched_classes(tmp_path):
     with pytest.raises(ValueError):
         figures.save_confusion_matrix(np.eye(3), ["a", "b"], tmp_path / "x.png")

@@ -23,6 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline import predict
 from pipeline.evaluate import evaluate
@@ -498,3 +499,17 @@ def test_without_output_the_predictions_go_to_stdout_only(world, tmp_path, capsy
     assert rc == 0
     assert len(captured.out.strip().splitlines()) == 3
     assert "wrote" not in captured.err and not list(tmp_path.iterdir())
+
+
+def test_max_pixels_is_an_option_named_in_the_skip_warning(world, tmp_path, capsys):
+    """Issue 25: predict's decompression-bomb limit was fixed at 60 MP. `--max-pixels` sets it
+    (as `data.max_pixels` does in training), and a skipped image's warning names the option."""
+    images = sorted(world["photos"].rglob("*.png"))[:2]
+    with Image.open(images[0]) as im:
+        pixels = im.width * im.height
+    args = [*map(str, images), "--model", str(world["models"])]
+    assert predict.main([*args, "--max-pixels", str(pixels - 1)]) == 2  # nothing predicted
+    err = capsys.readouterr().err
+    assert err.count("--max-pixels=") == 2 and "data.max_pixels" not in err, err
+    assert predict.main([*args, "--max-pixels", str(pixels)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2

@@ -93,11 +93,15 @@ class RejectedImage(Exception):
         self.reason = reason
 
 
+#: The default limit on width x height (a decompression-bomb guard): `data.max_pixels`.
+MAX_PIXELS = 60_000_000
+
+
 def load_rgb(
     path: str | os.PathLike[str],
     size: int,
     resize: str = "stretch",
-    max_pixels: int = 60_000_000,
+    max_pixels: int = MAX_PIXELS,
     notes: list[str] | None = None,
     data: bytes | None = None,
 ) -> np.ndarray:

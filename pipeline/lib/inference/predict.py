@@ -29,7 +29,13 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.lib.config.schema import DEFAULT_TRACKING_URI
-from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, RESIZE_POLICIES, RejectedImage, load_rgb
+from pipeline.lib.data.images import (
+    CANDIDATE_EXTENSIONS,
+    MAX_PIXELS,
+    RESIZE_POLICIES,
+    RejectedImage,
+    load_rgb,
+)
 from pipeline.lib.data.sources.folder import is_ignored
 from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.files import atomic_file, read_json, write_json
@@ -202,24 +208,29 @@ def _collect(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, skipped
 
 
-def _decode(file: Path, size: int, resize: str) -> np.ndarray | str:
+def _decode(file: Path, size: int, resize: str, max_pixels: int) -> np.ndarray | str:
     try:
-        return load_rgb(file, size, resize=resize)
+        return load_rgb(file, size, resize, max_pixels)
     except RejectedImage as exc:
-        return exc.reason
+        return exc.reason.replace("data.max_pixels", "--max-pixels")
     except OSError as exc:
         return f"cannot read file ({exc.strerror or exc})"
 
 
 def _decoded_batches(
-    files: list[Path], size: int, resize: str, batch_size: int
+    files: list[Path], size: int, resize: str, batch_size: int, max_pixels: int
 ) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
     """Batches of (file, image or why not); the next batch decodes while the caller predicts."""
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     with ThreadPoolExecutor(usable_cores()) as pool:
-        pending = [pool.submit(_decode, f, size, resize) for f in chunks[0]] if chunks else []
+        pending = (
+            [pool.submit(_decode, f, size, resize, max_pixels) for f in chunks[0]] if chunks else []
+        )
         for chunk, following in zip(chunks, [*chunks[1:], []], strict=False):
-            current, pending = pending, [pool.submit(_decode, f, size, resize) for f in following]
+            current, pending = (
+                pending,
+                [pool.submit(_decode, f, size, resize, max_pixels) for f in following],
+            )
             yield [(f, future.result()) for f, future in zip(chunk, current, strict=True)]
 
 
@@ -306,6 +317,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="JSON list of class names (default: the model's model.json)")
     p.add_argument("--tta", action="store_true", help="average with the horizontal flip's scores")
     p.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=MAX_PIXELS,
+        help=f"larger images are skipped, as data.max_pixels in training ({MAX_PIXELS:,})",
+    )
+    p.add_argument(
         "--tracking-uri",
         help=f"for MLflow URIs ($MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
     )
@@ -360,7 +377,9 @@ def _predict_files(
     with tqdm(
         total=len(files), unit="img", desc="predict", disable=None if show_bar else True
     ) as bar:
-        for batch in _decoded_batches(files, predictor.image_size, resize, args.batch_size):
+        for batch in _decoded_batches(
+            files, predictor.image_size, resize, args.batch_size, args.max_pixels
+        ):
             good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
             for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
                 tqdm.write(f"warning: skipped {f}: {why}", file=sys.stderr)

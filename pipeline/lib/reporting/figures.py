@@ -140,6 +140,10 @@ def _format_count(value: float) -> str:
     return f"{int(round(value))}" if float(value).is_integer() else f"{value:.3g}"
 
 
+#: Above this many classes the confusion matrix is drawn at a fixed size (18 in) with class indices.
+LABELLED_MAX_CLASSES = 60
+
+
 def confusion_figure(
     matrix: Sequence[Sequence[float]] | np.ndarray,
     classes: Sequence[str],
@@ -164,6 +168,11 @@ def confusion_figure(
     cell_in = (
         (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
     )
+    if (
+        n > LABELLED_MAX_CLASSES
+    ):  # a bounded picture: class indices every few rows, names in the CSV
+        cell_in, step = LABELLED_MAX_CLASSES * 0.3 / n, int(np.ceil(n / 20))
+        classes = [str(i) if i % step == 0 else "" for i in range(n)]
     label_in = _text_width_in(max(len(c) for c in classes), tick_fs)
     grid_in = max(3.0, n * cell_in)
     fig = _new_figure(grid_in + label_in + 1.6, grid_in + label_in * 0.75 + 1.3)
@@ -186,6 +195,7 @@ def confusion_figure(
     total = counts.sum()
     subtitle = f"accuracy {np.trace(counts) / total:.1%} on {_format_count(total)} images"
     subtitle = (subtitle if total > 0 else "no images") + (" · rows normalised" * normalize)
+    subtitle += f" · classes numbered 0-{n - 1}, in the model's order" * (n > LABELLED_MAX_CLASSES)
     ax.set_title(f"{title}\n{subtitle}", fontsize=12)
     if n <= CELL_TEXT_MAX_CLASSES:  # each cell's count (and row share), white on dark cells
         cell_fs = 10 if n <= 6 else 9 if n <= 10 else 7 if n <= 15 else 6
