@@ -157,7 +157,6 @@ def data_sufficiency(
         seed=cfg.train.seed,
     )
     curve.write_csv(reports / SUFFICIENCY_CSV)
-    (reports / SUFFICIENCY_PNG).parent.mkdir(parents=True, exist_ok=True)
     curve.figure(reports / SUFFICIENCY_PNG)
     lines = [sentence(name, fit) for name, fit in curve.fits.items()]  # "all" first
     log.info("Data sufficiency (test accuracy vs photos per class):\n%s", "\n".join(lines))
