@@ -158,15 +158,14 @@ def _fit_lbfgs(cfg: Config, dataset: PreparedDataset, features: dict) -> TrainRe
     start = time.perf_counter()
     trained = train_head(cfg.train, x, y, dataset.num_classes)
     seconds = time.perf_counter() - start
-    fit, choice = trained.fit, trained.choice
-    head_info = {"solver": "lbfgs", "C": fit.C, "C_choice": choice, "iterations": fit.iterations}
-    head_info["converged"] = fit.converged
-    for key in ("temperature", "val_nll_before", "val_nll_after", "refit_images"):
-        head_info[key] = getattr(trained, key)
+    fit, keys = trained.fit, ("temperature", "val_nll_before", "val_nll_after", "refit_images")
+    head_info = {"solver": "lbfgs", "C": fit.C, "C_choice": trained.choice}
+    head_info |= {"iterations": fit.iterations, "converged": fit.converged}
+    head_info |= {key: getattr(trained, key) for key in keys}
     size = trained.head.kernel.size + len(trained.head.bias)
     metrics = _metrics(trained.head, x, y, head_info, cfg.train.reject, trainable=size)
     backbone = (Path(cfg.paths.features) / BACKBONE_FILE).read_bytes()
-    return TrainResult(trained.head, backbone, trained.fit.history, None, metrics, seconds)
+    return TrainResult(trained.head, backbone, fit.history, None, metrics, seconds)
 
 
 def _fit_keras(
