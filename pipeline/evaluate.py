@@ -87,8 +87,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     )
     figures.append(reports / FIGURES_DIR / "coverage.png")
     coverage_figure(curve, rule and metrics["reject"]["coverage"]).savefig(figures[-1], dpi=100)
-    # the DVC output stays reproducible: the run and commit go into the MLflow run's copy only
-    # ... and no absolute path: the photo folder by its name
+    # the DVC output stays reproducible (no run, commit or absolute path: `UNSAID`, folder name)
     folder = Path(cfg.data.path).name if cfg.data.path else None
     source = {"data": " ".join(filter(None, [cfg.data.source, folder]))}
     source["model"] = f"{cfg.paths.models} (md5 {model_md5(cfg.paths.models)})"
@@ -130,11 +129,8 @@ def coverage_section(png: Path, rule: dict | None) -> str:
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     said = "No reject rule is stored (train.reject.target=none): every photo gets a class."
     if rule:
-        right = (
-            "none is kept"
-            if rule["accuracy"] is None
-            else f"{rule['accuracy']:.1%} of the rest right"
-        )
+        kept = rule["accuracy"]
+        right = "none is kept" if kept is None else f"{kept:.1%} of the rest right"
         said = (
             f"The model's rule ({rule['target']} {rule['value']:g} on val) answers <b>unknown</b> "
             f"for {1 - rule['coverage']:.1%} of the test photos; {right}."

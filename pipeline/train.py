@@ -270,11 +270,8 @@ def _log_training(result: TrainResult) -> None:
         m["params"]["trainable"],
         m["params"]["non_trainable"],
     )
-    finals = runs.final_metrics(m) | {
-        "train_seconds": result.seconds,
-        "trainable_params": m["params"]["trainable"],
-        "non_trainable_params": m["params"]["non_trainable"],
-    }
+    finals = runs.final_metrics(m) | {"train_seconds": result.seconds}
+    finals |= {f"{k}_params": m["params"][k] for k in ("trainable", "non_trainable")}
     finals |= {
         f"head_{k}": float(v)
         for k, v in info.items()

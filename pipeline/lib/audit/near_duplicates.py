@@ -145,9 +145,8 @@ _BOXES = [(_area_weights(0, BASE),) * 2] + [
 
 def _thumbnails(bases: np.ndarray, boxes: list) -> np.ndarray:
     """float32 (N, len(boxes), THUMB**2) zero-mean unit thumbnails of (N, BASE, BASE) photos."""
-    wide, t = bases.astype(np.float64), np.empty((len(bases), len(boxes), THUMB * THUMB))
-    for k, (wy, wx) in enumerate(boxes):  # cast once, filled in place: 30 % faster, same bits
-        t[:, k] = (wy @ wide @ wx.T).reshape(len(bases), -1)
+    wide = bases.astype(np.float64)  # cast once, not per box: faster, the same bits
+    t = np.stack([(wy @ wide @ wx.T).reshape(len(bases), -1) for wy, wx in boxes], axis=1)
     t -= t.mean(axis=2, keepdims=True)
     t /= np.maximum(np.linalg.norm(t, axis=2, keepdims=True), 1e-6)
     return t.astype(np.float32)

@@ -247,11 +247,10 @@ def log_config(cfg: Config) -> None:
         text = "null" if value is None else str(value)
         cut = len(text) > MAX_PARAM_LENGTH
         params[key] = text[: MAX_PARAM_LENGTH - 3] + "..." if cut else text
-    logged = mlflow.active_run().data.params  # as start_run read it: a resumed run has them
+    logged = mlflow.active_run().data.params  # as start_run read it (MLflow keeps the first)
     changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
     tags = {"pipeline.params_changed_on_resume": ",".join(changed)[:5000]} if changed else {}
-    new = {k: v for k, v in params.items() if k not in logged}  # MLflow keeps a param's first
-    log_batch(params=new, tags=tags)
+    log_batch(params={k: v for k, v in params.items() if k not in logged}, tags=tags)
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 

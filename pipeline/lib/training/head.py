@@ -104,8 +104,7 @@ def _unpack(theta: np.ndarray, dim: int, num_classes: int) -> tuple[np.ndarray, 
 def _objective(
     theta: np.ndarray, x: np.ndarray, t: np.ndarray, s: np.ndarray, c: float, last: dict
 ) -> tuple[float, np.ndarray]:
-    """(value, gradient) of the module docstring's objective at `theta`; `last` keeps that
-    `theta` and its log-probabilities for the history (L-BFGS reports the point it evaluated)."""
+    """(value, gradient) of the objective at `theta`; `last`: theta and its log-probabilities."""
     kernel, bias = _unpack(theta, x.shape[1], t.shape[1])
     log_p = log_softmax(x @ kernel + bias, axis=1)
     last.update(theta=theta.copy(), log_p=log_p)
@@ -119,8 +118,7 @@ def _objective(
 def _scores(
     head_params: np.ndarray, x: np.ndarray, y: np.ndarray, k: int, log_p: np.ndarray | None = None
 ) -> tuple[float, float]:
-    """(mean cross-entropy in nats, accuracy) of flat parameters on features `x`, labels `y`
-    (`log_p`: their log-probabilities, already computed)."""
+    """(mean cross-entropy in nats, accuracy) of flat parameters (or `log_p`) on `x`, `y`."""
     if log_p is None:
         kernel, bias = _unpack(head_params, x.shape[1], k)
         log_p = log_softmax(x @ kernel + bias, axis=1)
@@ -165,11 +163,10 @@ def fit_head(
     t = _targets(y, num_classes, label_smoothing)
     theta0 = np.zeros(x.shape[1] * num_classes + num_classes) if init is None else init
     history: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+    last: dict[str, np.ndarray] = {}  # the objective's latest theta and log-probabilities
     if val is not None:
         history |= {"val_loss": [], "val_accuracy": []}
         xv, yv = np.asarray(val[0], np.float64), np.asarray(val[1], np.int64)
-
-    last: dict[str, np.ndarray] = {}
 
     def record(theta: np.ndarray) -> None:
         history["step"].append(len(history["step"]))
