@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -116,14 +117,8 @@ def sgemm_gflops() -> float:
 
     a, b = (np.random.default_rng(i).random((1024, 1024), dtype=np.float32) for i in (0, 1))
     with threadpool_limits(1):
-        best = min(_seconds(lambda: a @ b) for _ in range(5))
+        best = min(timeit.timeit(lambda: a @ b, number=1) for _ in range(5))
     return 2 * 1024**3 / best / 1e9
-
-
-def _seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def bench_featurize(project: Path, repeats: int) -> None:

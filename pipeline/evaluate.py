@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import mlflow
 from omegaconf import DictConfig
 
 from pipeline.lib.audit.report_sections import audit_sections
@@ -48,6 +47,8 @@ from pipeline.lib.tracking.store import is_remote
 
 #: Accuracy on the accepted test photos against coverage, accepting by energy score.
 COVERAGE_FILE = "coverage.csv"
+#: The DVC copy's origin line (reproducible): the MLflow run's copy names the run and commit.
+UNSAID = "MLflow run, git commit"
 #: Where `make ui` serves the MLflow UI of a local store.
 LOCAL_UI = "http://127.0.0.1:5000"
 
@@ -86,8 +87,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     )
     figures.append(reports / FIGURES_DIR / "coverage.png")
     coverage_figure(curve, rule and metrics["reject"]["coverage"]).savefig(figures[-1], dpi=100)
-    # the DVC output stays reproducible: the run and commit go into the MLflow run's copy only
-    # ... and no absolute path: the photo folder by its name
+    # the DVC output stays reproducible (no run, commit or absolute path: `UNSAID`, folder name)
     folder = Path(cfg.data.path).name if cfg.data.path else None
     source = {"data": " ".join(filter(None, [cfg.data.source, folder]))}
     source["model"] = f"{cfg.paths.models} (md5 {model_md5(cfg.paths.models)})"
@@ -95,8 +95,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     cells = cfg.evaluate.report_images_per_cell
     audit = audit_sections(reports, dataset, cfg.audit.show)  # the audit's lists
     audit += coverage_section(figures[-1], metrics.get("reject"))
-    origin = {"MLflow run, git commit": "see the run's copy"}
-    write_html_report(ev, report, metrics, cells, source | origin, audit)
+    write_html_report(ev, report, metrics, cells, source | {UNSAID: "see the run's copy"}, audit)
     log.info("Test split: %d images\n%s", len(probs), report_text)
 
     with runs.stage_run(cfg, "evaluate") as run, tempfile.TemporaryDirectory() as tmp:
@@ -106,18 +105,15 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         flat["test_weighted_f1"] = float(per_class["weighted_f1"])
         for kind in ("precision", "recall", "f1"):
             flat |= {f"test_{kind}_{class_key(c)}": v for c, v in per_class[kind].items()}
-        mlflow.set_tag("evaluate_tta", str(bool(cfg.evaluate.tta)).lower())
-        mlflow.log_metrics(flat)
-        log_audit(reports, audited)
+        log_audit(reports, audited, flat, {"evaluate_tta": str(bool(cfg.evaluate.tta)).lower()})
         runs.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
+        run_copy = Path(tmp, REPORT_HTML)  # the DVC copy, its origin filled in (not drawn again)
+        origin = f"MLflow run: {run.info.run_id}</div><div>git commit: {git_commit() or 'unknown'}"
+        html = report.read_text(encoding="utf-8")
+        run_copy.write_text(html.replace(f"{UNSAID}: see the run&#x27;s copy", origin, 1), "utf-8")
         tables = ["metrics.json", "classification_report.json", "classification_report.txt"]
-        tables.append(COVERAGE_FILE)
-        runs.log_files([reports / name for name in [*tables, "predictions.csv"]], "reports")
-        origin = {"MLflow run": run.info.run_id, "git commit": git_commit() or "unknown"}
-        runs.log_files(
-            [write_html_report(ev, Path(tmp, REPORT_HTML), metrics, cells, origin | source, audit)],
-            "reports",
-        )
+        tables += [COVERAGE_FILE, "predictions.csv"]
+        runs.log_files([*(reports / name for name in tables), run_copy], "reports")
     remote = is_remote(cfg.tracking.uri)
     url = f"{cfg.tracking.uri.rstrip('/') if remote else LOCAL_UI}/#/experiments/"
     log.info(
@@ -133,11 +129,8 @@ def coverage_section(png: Path, rule: dict | None) -> str:
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     said = "No reject rule is stored (train.reject.target=none): every photo gets a class."
     if rule:
-        right = (
-            "none is kept"
-            if rule["accuracy"] is None
-            else f"{rule['accuracy']:.1%} of the rest right"
-        )
+        kept = rule["accuracy"]
+        right = "none is kept" if kept is None else f"{kept:.1%} of the rest right"
         said = (
             f"The model's rule ({rule['target']} {rule['value']:g} on val) answers <b>unknown</b> "
             f"for {1 - rule['coverage']:.1%} of the test photos; {right}."

@@ -34,7 +34,6 @@ from pipeline.lib.model.classifier import BACKBONE_FILE, Head, ModelCard, save_m
 from pipeline.lib.model.features import convert_to_tflite, load_cached_features
 from pipeline.lib.model.reject import UNKNOWN, energy, fit_rule
 from pipeline.lib.model.saving import write_run_record
-from pipeline.lib.reporting.figures import save_learning_curves
 from pipeline.lib.reporting.tables import write_csv
 from pipeline.lib.tracking import runs
 from pipeline.lib.training.calibration import calibrate
@@ -159,21 +158,14 @@ def _fit_lbfgs(cfg: Config, dataset: PreparedDataset, features: dict) -> TrainRe
     start = time.perf_counter()
     trained = train_head(cfg.train, x, y, dataset.num_classes)
     seconds = time.perf_counter() - start
-    head_info = {
-        "solver": "lbfgs",
-        "C": trained.fit.C,
-        "C_choice": trained.choice,
-        "iterations": trained.fit.iterations,
-        "converged": trained.fit.converged,
-        "temperature": trained.temperature,
-        "val_nll_before": trained.val_nll_before,
-        "val_nll_after": trained.val_nll_after,
-        "refit_images": trained.refit_images,
-    }
+    fit, keys = trained.fit, ("temperature", "val_nll_before", "val_nll_after", "refit_images")
+    head_info = {"solver": "lbfgs", "C": fit.C, "C_choice": trained.choice}
+    head_info |= {"iterations": fit.iterations, "converged": fit.converged}
+    head_info |= {key: getattr(trained, key) for key in keys}
     size = trained.head.kernel.size + len(trained.head.bias)
     metrics = _metrics(trained.head, x, y, head_info, cfg.train.reject, trainable=size)
     backbone = (Path(cfg.paths.features) / BACKBONE_FILE).read_bytes()
-    return TrainResult(trained.head, backbone, trained.fit.history, None, metrics, seconds)
+    return TrainResult(trained.head, backbone, fit.history, None, metrics, seconds)
 
 
 def _fit_keras(
@@ -264,7 +256,8 @@ def _log_inputs(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> Non
 
 
 def _log_training(result: TrainResult) -> None:
-    """To the console and the MLflow run: the curves, the saved head's numbers, how it was fitted."""
+    """To the console and, in one request, the MLflow run: the curves, the saved head's numbers,
+    how it was fitted."""
     m, info = result.metrics, result.metrics["head"]
     log.info(
         "Trained (%s) in %.1f s: train accuracy %s, val accuracy %s, val loss %s; %d trainable, "
@@ -277,35 +270,23 @@ def _log_training(result: TrainResult) -> None:
         m["params"]["trainable"],
         m["params"]["non_trainable"],
     )
-    runs.log_history(result.history, result.batches or {})
-    final = {
-        ("val_" if split == "val" else "") + k: v
-        for split in ("train", "val")
-        for k, v in m[split].items()
-    }
-    mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if v is not None})
-    mlflow.log_metrics(
-        {
-            "train_seconds": result.seconds,
-            "trainable_params": m["params"]["trainable"],
-            "non_trainable_params": m["params"]["non_trainable"],
-        }
-    )
-    mlflow.set_tag("train_solver", info["solver"])
-    if info.get("resumed_from_epoch"):  # the curves then hold the epochs run here, at their steps
-        mlflow.set_tag("resumed_from_epoch", str(info["resumed_from_epoch"]))
-    numbers = {
-        k: float(v)
+    finals = runs.final_metrics(m) | {"train_seconds": result.seconds}
+    finals |= {f"{k}_params": m["params"][k] for k in ("trainable", "non_trainable")}
+    finals |= {
+        f"head_{k}": float(v)
         for k, v in info.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
-    mlflow.log_metrics({f"head_{k}": v for k, v in numbers.items()})
+    tags = {"train_solver": info["solver"]}
+    if info.get("resumed_from_epoch"):  # the curves then hold the epochs run here, at their steps
+        tags["resumed_from_epoch"] = str(info["resumed_from_epoch"])
+    runs.log_batch(result.history, result.batches, finals, tags=tags)
     mlflow.log_dict(info, "train_head.json")
 
 
 def _write_reports(cfg: Config, result: TrainResult) -> None:
-    """train_metrics.json, train_history.csv, train_batches.csv and train_figures/ in
-    `paths.reports`, each also logged to the MLflow run."""
+    """train_metrics.json, train_history.csv, train_batches.csv and (not in a sweep job)
+    train_figures/ in `paths.reports`, each also logged to the MLflow run."""
     reports = Path(cfg.paths.reports)
     write_json(reports / "train_metrics.json", result.metrics)
     write_csv(reports / "train_history.csv", result.history)
@@ -318,6 +299,11 @@ def _write_reports(cfg: Config, result: TrainResult) -> None:
     }
     write_csv(reports / "train_batches.csv", per_batch)
     names = ["train_history.csv", "train_batches.csv", "train_metrics.json"]
+    runs.log_files([reports / name for name in names], "reports")
+    if in_multirun():  # a sweep job's curves are its MLflow metric histories: no PNGs (0.5 s)
+        return
+    from pipeline.lib.reporting.figures import save_learning_curves  # matplotlib: 0.4 s
+
     curves, batches = result.history, None  # lbfgs: x = solver step
     if result.batches is not None:  # Keras: x = epoch, with the per-batch rows
         curves = {("epoch" if k == "step" else k): v for k, v in result.history.items()}
@@ -329,7 +315,6 @@ def _write_reports(cfg: Config, result: TrainResult) -> None:
     with atomic_dir(reports / "train_figures") as tmp:
         figures = save_learning_curves(curves, tmp, batches=batches)
     runs.log_files([reports / "train_figures" / p.name for p in figures], "figures")
-    runs.log_files([reports / name for name in names], "reports")
 
 
 def _write_model_folder(cfg: Config, dataset: PreparedDataset, result: TrainResult) -> None:

@@ -67,7 +67,8 @@ def check_best(parent, children) -> None:
 
 def test_parallel_grid_sweep_is_a_parent_with_a_child_per_job(tmp_path, data):
     """A 2 x 2 grid, two jobs at a time (joblib launcher) on one SQLite store: a parent run, a
-    child per job with all its metrics (nothing lost to concurrent writes), the best job tagged."""
+    child per job with all its metrics (nothing lost to concurrent writes), the best job tagged;
+    no learning-curve PNGs in the jobs (their curves are MLflow metric histories)."""
     proc = sweep(
         tmp_path,
         data,
@@ -87,6 +88,7 @@ def test_parallel_grid_sweep_is_a_parent_with_a_child_per_job(tmp_path, data):
     for job in range(4):  # sweep outputs stay in the sweep folder; jobs train the head only
         assert (tmp_path / "sweep" / str(job) / "reports" / "train_metrics.json").is_file()
         assert not (tmp_path / "sweep" / str(job) / "models").exists()
+        assert not (tmp_path / "sweep" / str(job) / "reports" / "train_figures").exists()
     assert not (tmp_path / "models").exists()
 
 

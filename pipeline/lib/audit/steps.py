@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import mlflow
 import numpy as np
 
 from pipeline.lib.audit import (
@@ -59,14 +58,19 @@ def run_audit(cfg: Config, dataset: PreparedDataset) -> dict[str, dict[str, floa
     return summary
 
 
-def log_audit(reports: Path, summary: dict[str, dict[str, float]]) -> None:
-    """Log `run_audit`'s figures (metrics audit_<step>_<name>) and reports (artifacts under
-    audit/) to the active MLflow run."""
-    mlflow.log_metrics({f"audit_{k}_{n}": v for k, s in summary.items() for n, v in s.items()})
-    if (reports / SUFFICIENCY_PNG).is_file():
-        runs.log_files([reports / SUFFICIENCY_PNG], "audit/audit_figures")
+def log_audit(
+    reports: Path,
+    summary: dict[str, dict[str, float]],
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+) -> None:
+    """Log `run_audit`'s figures (metrics audit_<step>_<name>, in one request with the caller's
+    `metrics` and `tags`) and reports (artifacts under audit/) to the active MLflow run."""
+    audit = {f"audit_{k}_{n}": v for k, s in summary.items() for n, v in s.items()}
+    runs.log_batch(metrics=(metrics or {}) | audit, tags=tags)
+    runs.log_files([reports / SUFFICIENCY_PNG], "audit/audit_figures")  # each only if written
     names = [AUDIT_JSON, NEAR_DUPLICATES_CSV, LABEL_ISSUES_CSV, SUFFICIENCY_CSV]
-    runs.log_files([reports / name for name in names if (reports / name).is_file()], "audit")
+    runs.log_files([reports / name for name in names], "audit")
 
 
 def check_near_duplicates(
@@ -153,7 +157,6 @@ def data_sufficiency(
         seed=cfg.train.seed,
     )
     curve.write_csv(reports / SUFFICIENCY_CSV)
-    (reports / SUFFICIENCY_PNG).parent.mkdir(parents=True, exist_ok=True)
     curve.figure(reports / SUFFICIENCY_PNG)
     lines = [sentence(name, fit) for name, fit in curve.fits.items()]  # "all" first
     log.info("Data sufficiency (test accuracy vs photos per class):\n%s", "\n".join(lines))

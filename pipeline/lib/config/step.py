@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -142,8 +143,13 @@ def literal_file_values(cfg: DictConfig) -> DictConfig:
             return {k: keep(v, file.get(k)) for k, v in node.items()}
         return literal(node) if isinstance(node, str) and node == file else node
 
-    written = load_params(path)[0] if path.is_file() else {}
+    written = _file_values(path, path.stat().st_mtime_ns) if path.is_file() else {}
     return OmegaConf.create(keep(OmegaConf.to_container(cfg, resolve=False), written))
+
+
+@functools.lru_cache(maxsize=4)  # read once per sweep, not per job (50 ms), again when it changes
+def _file_values(path: Path, mtime_ns: int) -> dict:
+    return load_params(path)[0]
 
 
 class GitIdentityError(UserError):

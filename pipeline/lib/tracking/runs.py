@@ -19,7 +19,7 @@ from types import FrameType
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Metric, Run
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -176,11 +176,19 @@ def log_recovered(cfg: Config) -> None:
         saved = read_json(train_metrics)
     except (OSError, ValueError):
         return
-    for split, prefix in (("train", ""), ("val", "val_")):
-        values = (saved.get(split) or {}).items()
-        finals = {f"final_{prefix}{k}": v for k, v in values if k in ("loss", "accuracy")}
-        mlflow.log_metrics({k: float(v) for k, v in finals.items() if isinstance(v, int | float)})
+    log_batch(metrics=final_metrics(saved))
     mlflow.log_artifact(str(train_metrics), artifact_path="reports")
+
+
+def final_metrics(train_metrics: dict) -> dict[str, float]:
+    """MLflow's `final_loss`, `final_accuracy`, `final_val_loss`, `final_val_accuracy` of a
+    `train_metrics.json` dict (None values left out)."""
+    return {
+        f"final_{'val_' if split == 'val' else ''}{k}": float(v)
+        for split in ("train", "val")
+        for k, v in (train_metrics.get(split) or {}).items()
+        if k in ("loss", "accuracy") and isinstance(v, int | float)
+    }
 
 
 def register_model(
@@ -239,23 +247,27 @@ def log_config(cfg: Config) -> None:
         text = "null" if value is None else str(value)
         cut = len(text) > MAX_PARAM_LENGTH
         params[key] = text[: MAX_PARAM_LENGTH - 3] + "..." if cut else text
-    run_id = mlflow.active_run().info.run_id
-    logged = mlflow.MlflowClient().get_run(run_id).data.params  # a resumed run has them
+    logged = mlflow.active_run().data.params  # as start_run read it (MLflow keeps the first)
     changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
-    if changed:  # MLflow keeps a param's first value (e.g. train.resume=false)
-        mlflow.set_tag("pipeline.params_changed_on_resume", ",".join(changed)[:5000])
-    items = [(k, v) for k, v in params.items() if k not in logged]
-    for start in range(0, len(items), 100):  # MLflow's per-request limit
-        mlflow.log_params(dict(items[start : start + 100]))
+    tags = {"pipeline.params_changed_on_resume": ",".join(changed)[:5000]} if changed else {}
+    log_batch(params={k: v for k, v in params.items() if k not in logged}, tags=tags)
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 
-def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]) -> None:
-    """Curves (`loss`, ...; at the history's `step`, else 1, 2, ...) and Keras' per-batch metrics
-    (`batch_loss`, ...; step = global batch number), sent in bulk."""
-    now, steps = int(time.time() * 1000), batches.get("step", [])
+def log_batch(
+    history: dict[str, list[float]] | None = None,
+    batches: dict[str, list[float]] | None = None,
+    metrics: dict[str, float] | None = None,
+    params: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> None:
+    """One `log_batch` into the active run (MLflow splits it at its per-request limits): curves
+    (`loss`, ...; at the history's `step`, else 1, 2, ...), Keras' per-batch metrics
+    (`batch_loss`, ...; step = global batch number), `metrics` (step 0), `params`, `tags`."""
+    history, batches, now = history or {}, batches or {}, int(time.time() * 1000)
     at = history.get("step") or range(1, 1 + max(map(len, history.values()), default=0))
-    metrics = [
+    steps = batches.get("step", [])
+    rows = [
         Metric(name, float(v), now, int(i))
         for name, values in history.items()
         if name not in ("step", "epoch")
@@ -266,10 +278,14 @@ def log_history(history: dict[str, list[float]], batches: dict[str, list[float]]
         if name not in ("step", "epoch")
         for step, v in zip(steps, values, strict=False)
     ]
-    client = mlflow.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
-    for start in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
+    rows += [Metric(name, float(v), now, 0) for name, v in (metrics or {}).items()]
+    mlflow.MlflowClient().log_batch(
+        mlflow.active_run().info.run_id,
+        metrics=rows,
+        params=[Param(k, v) for k, v in (params or {}).items()],
+        tags=[RunTag(k, v) for k, v in (tags or {}).items()],
+        synchronous=True,
+    )
 
 
 def log_dataset(manifest_csv: Path, digest: str, name: str, source: str) -> None:

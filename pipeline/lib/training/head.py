@@ -34,8 +34,6 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax
-from sklearn.model_selection import StratifiedKFold
-from sklearn.utils.class_weight import compute_class_weight
 from threadpoolctl import threadpool_limits
 
 from pipeline.lib.config.schema import TrainConfig
@@ -84,9 +82,10 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray
     `balanced` weights n / (k count) of the classes in `labels`, 1.0 for a class absent there."""
     if mode == "none":
         return None
-    present = np.unique(labels)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = counts > 0
     weights = np.ones(num_classes)
-    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    weights[present] = len(labels) / (present.sum() * counts[present])
     return weights
 
 
@@ -103,12 +102,12 @@ def _unpack(theta: np.ndarray, dim: int, num_classes: int) -> tuple[np.ndarray, 
 
 
 def _objective(
-    theta: np.ndarray, x: np.ndarray, t: np.ndarray, s: np.ndarray, c: float
+    theta: np.ndarray, x: np.ndarray, t: np.ndarray, s: np.ndarray, c: float, last: dict
 ) -> tuple[float, np.ndarray]:
-    """(value, gradient) of the module docstring's objective at `theta`."""
+    """(value, gradient) of the objective at `theta`; `last`: theta and its log-probabilities."""
     kernel, bias = _unpack(theta, x.shape[1], t.shape[1])
-    z = x @ kernel + bias
-    log_p = log_softmax(z, axis=1)
+    log_p = log_softmax(x @ kernel + bias, axis=1)
+    last.update(theta=theta.copy(), log_p=log_p)
     total = s.sum()
     value = float(-(s[:, None] * t * log_p).sum() + 0.5 * (kernel * kernel).sum() / c) / total
     g = (np.exp(log_p) - t) * (s[:, None] / total)
@@ -116,10 +115,13 @@ def _objective(
     return value, grad
 
 
-def _scores(head_params: np.ndarray, x: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float]:
-    """(mean cross-entropy in nats, accuracy) of flat parameters on features `x`, labels `y`."""
-    kernel, bias = _unpack(head_params, x.shape[1], k)
-    log_p = log_softmax(x @ kernel + bias, axis=1)
+def _scores(
+    head_params: np.ndarray, x: np.ndarray, y: np.ndarray, k: int, log_p: np.ndarray | None = None
+) -> tuple[float, float]:
+    """(mean cross-entropy in nats, accuracy) of flat parameters (or `log_p`) on `x`, `y`."""
+    if log_p is None:
+        kernel, bias = _unpack(head_params, x.shape[1], k)
+        log_p = log_softmax(x @ kernel + bias, axis=1)
     return float(-log_p[np.arange(len(y)), y].mean()), float((log_p.argmax(1) == y).mean())
 
 
@@ -161,13 +163,15 @@ def fit_head(
     t = _targets(y, num_classes, label_smoothing)
     theta0 = np.zeros(x.shape[1] * num_classes + num_classes) if init is None else init
     history: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": []}
+    last: dict[str, np.ndarray] = {}  # the objective's latest theta and log-probabilities
     if val is not None:
         history |= {"val_loss": [], "val_accuracy": []}
         xv, yv = np.asarray(val[0], np.float64), np.asarray(val[1], np.int64)
 
     def record(theta: np.ndarray) -> None:
         history["step"].append(len(history["step"]))
-        loss, acc = _scores(theta, x, y, num_classes)
+        same = "theta" in last and np.array_equal(last["theta"], theta)
+        loss, acc = _scores(theta, x, y, num_classes, last["log_p"] if same else None)
         history["loss"].append(loss)
         history["accuracy"].append(acc)
         if val is not None:
@@ -180,7 +184,7 @@ def fit_head(
     result = minimize(
         _objective,
         theta0,
-        args=(x, t, s, c),
+        args=(x, t, s, c, last),
         jac=True,
         method="L-BFGS-B",
         callback=record if track else None,
@@ -191,15 +195,12 @@ def fit_head(
     return HeadFit(head, c, int(result.nit), bool(result.success), history)
 
 
-def _flat(head: Head) -> np.ndarray:
-    """A head as the solver's flat float64 vector (kernel then bias)."""
-    return np.concatenate([head.kernel.astype(np.float64).ravel(), head.bias.astype(np.float64)])
-
-
 def _cv_scores(
     x: np.ndarray, y: np.ndarray, num_classes: int, folds: int, seed: int, **fit_args: object
 ) -> tuple[list[float], list[float]]:
     """(held-out log loss, held-out accuracy) of each C of `C_GRID`, means over `folds`."""
+    from sklearn.model_selection import StratifiedKFold  # 0.5 s to import, for a cache miss
+
     losses, accuracies = np.zeros(len(C_GRID)), np.zeros(len(C_GRID))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fit_idx, held_idx in splitter.split(x, y):
@@ -208,7 +209,7 @@ def _cv_scores(
             fitted = fit_head(
                 x[fit_idx], y[fit_idx], num_classes, c, init=start, track=False, **fit_args
             )
-            start = _flat(fitted.head)
+            start = np.concatenate([fitted.head.kernel.ravel(), fitted.head.bias]).astype(float)
             loss, accuracy = _scores(start, x[held_idx], y[held_idx], num_classes)
             losses[i] += loss / folds
             accuracies[i] += accuracy * len(held_idx) / len(y)
@@ -296,6 +297,7 @@ class TrainedHead:
     refit_images: int | None = None
 
 
+@threadpool_limits.wrap(limits=1)  # see the module docstring
 def train_head(
     t: TrainConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes: int
 ) -> TrainedHead:
@@ -303,13 +305,6 @@ def train_head(
     `x["train"]` (float (N, D)) / `y["train"]` (int (N,)), temperature scaling on the `val`
     split (`train.calibrate`), then optionally the same C on train + val.
     """
-    with threadpool_limits(1):
-        return _train_head(t, x, y, num_classes)
-
-
-def _train_head(
-    t: TrainConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes: int
-) -> TrainedHead:
     fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
     if t.C == "auto":
         c, choice = choose_c(x["train"], y["train"], num_classes, t.seed, **fit_args)
