@@ -214,7 +214,7 @@ def bench_repro(tmp: Path, raw: Path, repeats: int) -> None:
     ratio = statistics.median(repro) / statistics.median(study)
     better = min(accuracy["repro"]) >= max(accuracy["study"]) - 1e-9
     row("study-style Keras script", study, "s", note=f"test accuracy {accuracy['study']}")
-    row("dvc repro from clean", repro, "s", ratio, "<= 0.7x study, acc >=", ratio <= 0.7 and better,
+    row("dvc repro from clean", repro, "s", ratio, "<= 0.35x study, acc >=", ratio <= 0.35 and better,
         f"test accuracy {accuracy['repro']}")  # fmt: skip
 
 
