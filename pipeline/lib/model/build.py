@@ -18,7 +18,6 @@ WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_n
 IMAGENET_SIZES = (96, 128, 160, 192, 224)
 
 BACKBONE_NAME = "backbone"
-FEATURES_NAME = "pooled_features"
 HEAD_NAME = "classifier"
 
 
@@ -27,7 +26,7 @@ class WeightsNotFoundError(UserError, FileNotFoundError):
 
 
 def keras_home() -> Path:
-    """Keras' cache folder: $KERAS_HOME, else ~/.keras (a temporary folder's when ~ is read-only)."""
+    """$KERAS_HOME, else ~/.keras (in the temporary folder when ~ is read-only)."""
     if home := os.environ.get("KERAS_HOME"):
         return Path(home).expanduser()
     base = Path("~").expanduser()
@@ -125,7 +124,7 @@ def build_feature_extractor(
     base = build_backbone(alpha, weights, image_size, init_seed)
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_minus1_1")(inputs)
-    outputs = layers.GlobalAveragePooling2D(name=FEATURES_NAME)(base(x, training=False))
+    outputs = layers.GlobalAveragePooling2D(name="pooled_features")(base(x, training=False))
     return keras.Model(inputs, outputs, name="mobilenet_v2_features")
 
 
@@ -184,17 +183,6 @@ def build_augmentation(augment: Any, seed: int) -> list[Any]:
     ]
 
 
-def find_backbone(model: Any) -> Any:
-    """The MobileNetV2 backbone nested at any depth in `model`; None if there is none."""
-    for layer in model.layers:
-        found = layer if layer.name == BACKBONE_NAME else None
-        if found is None and hasattr(layer, "layers"):
-            found = find_backbone(layer)
-        if found is not None:
-            return found
-    return None
-
-
 def unfreeze_top(backbone: Any, n: int) -> list[str]:
     """Make the backbone's last `n` layers trainable but BatchNormalization (kept frozen, as
     Keras' fine-tuning guide advises); return the names of the layers whose weights now train."""
@@ -217,7 +205,6 @@ def make_optimizer(name: str, learning_rate: Any) -> Any:
 
 
 def count_params(model: Any) -> dict[str, int]:
-    """{"trainable", "non_trainable", "total"} parameter counts."""
     trainable = int(sum(math.prod(w.shape) for w in model.trainable_weights))
     frozen = int(sum(math.prod(w.shape) for w in model.non_trainable_weights))
     return {"trainable": trainable, "non_trainable": frozen, "total": trainable + frozen}

@@ -17,15 +17,17 @@ AUGMENT_DRAWS_PER_STEP = 16
 
 
 class BatchRecorder(keras.callbacks.Callback):
-    """Per-batch loss/accuracy (Keras' running means over the epoch) in `batches` {"step",
-    "epoch", "loss", "accuracy"} (steps numbered across epochs, as an uninterrupted run), and a
-    tqdm bar in images/s. `epochs`: the phase's last epoch (exclusive, 0-based)."""
+    """Appends per-batch loss/accuracy (Keras' running means over the epoch) to `batches`
+    {"step", "epoch", "loss", "accuracy"} (steps numbered across epochs, as an uninterrupted run);
+    a tqdm bar in images/s. `epochs`: the phase's last epoch (exclusive, 0-based)."""
 
-    def __init__(self, total_images: int, epochs: int, batch_size: int) -> None:
+    def __init__(
+        self, batches: dict[str, list[float]], total_images: int, epochs: int, batch_size: int
+    ) -> None:
         super().__init__()
-        self.total_images, self.epochs, self.batch_size = total_images, epochs, batch_size
+        self.batches, self.total_images, self.epochs = batches, total_images, epochs
+        self.batch_size = batch_size
         self.steps_per_epoch = max(math.ceil(total_images / batch_size), 1)
-        self.batches: dict[str, list[float]] = {"step": [], "epoch": [], "loss": [], "accuracy": []}
         self.bar: Any = None
         self.epoch = 0
 
