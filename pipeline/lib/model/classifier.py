@@ -219,19 +219,12 @@ class Classifier:
         ]
         return np.concatenate(parts) if parts else np.zeros((0, self.head.kernel.shape[0]))
 
-    def views(self, images: np.ndarray, tta: bool) -> list[np.ndarray]:
-        """The images' features, and with `tta` their mirror images' features."""
-        return [self.features(images)] + ([self.features(images, flip=True)] if tta else [])
-
-    def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
-        """float64 (N, C) of images (N, S, S, 3), RGB 0..255 (with `tta`: averaged with their
-        mirror images')."""
-        return self.scores(self.views(images, tta))[0]
-
     def classify(self, images: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(`predict_proba`, bool (N,): accepted by the card's reject rule, all without one)."""
+        """(float64 (N, C) probabilities of images (N, S, S, 3), RGB 0..255 (with `tta`: averaged
+        with their mirror images'), bool (N,): accepted by the card's reject rule, all without one)."""
+        views = [self.features(images)] + ([self.features(images, flip=True)] if tta else [])
+        probs, scores = self.scores(views)
         rule = RejectRule.from_card(self.card.reject)
-        probs, scores = self.scores(self.views(images, tta))
         return probs, np.ones(len(probs), dtype=bool) if rule is None else rule.accepts(scores)
 
     def scores(self, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -46,8 +46,6 @@ NOTHING_EXPORTED_TEXT = (
 
 #: The keys of each model's record that `headline_metrics` keeps (`dvc metrics show`).
 HEADLINE_KEYS = ("agreement", "accuracy", "size_mib")
-#: Machine-dependent keys, kept out of the DVC outputs (MLflow, `outputs/export_latency.json`).
-TIMING_KEYS = ("latency_ms",)
 
 
 def export_file(fmt: str) -> str:
@@ -180,15 +178,15 @@ def _tensor(detail: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_timings(details: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(details without timings, timings): each record's `TIMING_KEYS` and the "latency" settings
+    """(details without timings, timings): each record's `latency_ms` and the "latency" settings
     go to the second, so that the first is the same bytes for the same inputs."""
-    stable = {k: v for k, v in details.items() if k != "latency"}
-    timings = {}
-    for name, record in stable.items():
-        if isinstance(record, dict):
-            stable[name] = {k: v for k, v in record.items() if k not in TIMING_KEYS}
-            timings[name] = {k: record[k] for k in TIMING_KEYS if k in record}
-    return stable, timings | ({"latency": details["latency"]} if "latency" in details else {})
+    stable = dict(details)
+    timings = {"latency": stable.pop("latency")} if "latency" in stable else {}
+    for name, record in details.items():
+        if isinstance(record, dict) and "latency_ms" in record:
+            stable[name] = {k: v for k, v in record.items() if k != "latency_ms"}
+            timings[name] = {"latency_ms": record["latency_ms"]}
+    return stable, timings
 
 
 def headline_metrics(details: dict[str, Any]) -> dict[str, Any]:
@@ -216,22 +214,21 @@ def export_formats(
     records: dict[str, dict[str, Any]] = {}
     for fmt in formats:
         start = time.perf_counter()
+        r: dict[str, Any] = {"file": export_file(fmt)}
         if fmt == "keras":
             with tempfile.TemporaryDirectory(prefix="export-keras-") as tmp:
                 files[fmt] = save_model(model, Path(tmp) / "model.keras").read_bytes()
-        else:
-            files[fmt] = convert(graph, fmt, representative, int8_io)
-        seconds = time.perf_counter() - start
-        r: dict[str, Any] = {"file": export_file(fmt)}
-        if fmt == "keras":
+            seconds = time.perf_counter() - start
             r |= check.parity(model.predict_on_batch, len(files[fmt]), targets[fmt])
             r["latency_ms"] = check.latency_ms(partial(model.predict_on_batch, check.one_image))
         else:
+            files[fmt] = convert(graph, fmt, representative, int8_io)
+            seconds = time.perf_counter() - start
             runner = TFLiteRunner(files[fmt], check.threads)
             r |= check.parity(runner, len(files[fmt]), targets[fmt])
             runner.set_input(check.one_image)
             r |= {
-                "latency_ms": check.latency_ms(runner.invoke),
+                "latency_ms": check.latency_ms(runner.interpreter.invoke),
                 "input": _tensor(runner.input),
                 "output": _tensor(runner.output),
                 "tensor_dtypes": runner.tensor_dtypes(),

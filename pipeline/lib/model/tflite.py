@@ -59,7 +59,7 @@ class TFLiteRunner:
         return np.clip(q, info.min, info.max).astype(self.input_dtype)
 
     def set_input(self, images: np.ndarray) -> None:
-        """Set the (quantized) input for `invoke()`, resizing the batch if needed (RuntimeError /
+        """Set the (quantized) input for `interpreter.invoke()`, resizing the batch if needed (RuntimeError /
         ValueError when it cannot be)."""
         if len(images) != self._batch:
             self.interpreter.resize_tensor_input(
@@ -69,22 +69,11 @@ class TFLiteRunner:
             self._batch = len(images)
         self.interpreter.set_tensor(self.input["index"], self.quantize(images))
 
-    def invoke(self) -> None:
-        self.interpreter.invoke()
-
     def __call__(self, images: np.ndarray) -> np.ndarray:
         n = len(images)
-        try:
-            self.set_input(images)
-        except (RuntimeError, ValueError):  # a model converted with a fixed batch size
-            self.interpreter.resize_tensor_input(
-                self.input["index"], list(self.input_shape), strict=False
-            )
-            self.interpreter.allocate_tensors()
-            self._batch = self.input_shape[0]
-            if self._batch != 1 or n == 1:
-                raise
+        if self.input["shape_signature"][0] == 1 and n > 1:  # converted with a fixed batch of 1
             return np.concatenate([self(images[i : i + 1]) for i in range(n)])
+        self.set_input(images)
         self.interpreter.invoke()
         values = np.array(self.interpreter.get_tensor(self.output["index"]), np.float32)
         scale, zero_point = self.output_quantization
