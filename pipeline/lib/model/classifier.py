@@ -56,9 +56,8 @@ class Head:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write `path` as one float32 (D + 1, C) `.npy`."""
-        array = np.vstack([np.asarray(self.kernel, np.float32), np.asarray(self.bias, np.float32)])
-        with open(path, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
+        with open(path, "wb") as fh:  # a path without .npy keeps its name
+            np.save(fh, np.vstack([self.kernel, self.bias]).astype(np.float32), allow_pickle=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Head:

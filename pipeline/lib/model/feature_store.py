@@ -22,8 +22,6 @@ from pipeline.lib.files import cache_root, md5_file
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 500  # sha256s per query (sqlite's variable limit is >= 999)
-
 
 def store_key(flatbuffer: bytes, image_size: int, resize: str) -> str:
     """32 hex digits: what per-image features depend on besides the photo's bytes."""
@@ -65,17 +63,14 @@ class FeatureStore:
             return {}
 
     def _get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
-        wanted, found, bad = list(dict.fromkeys(shas)), {}, []
-        for i in range(0, len(wanted), _CHUNK):
-            chunk = wanted[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            query = f"SELECT sha, crc, x FROM f WHERE sha IN ({marks})"  # noqa: S608 (marks only)
-            for sha, crc, blob in self.db.execute(query, chunk):
-                x = np.frombuffer(blob, np.float32) if len(blob) == 4 * self.dim else None
-                if x is None or zlib.crc32(blob) != crc or not np.isfinite(x).all():
-                    bad.append(sha)
-                else:
-                    found[sha] = x
+        found, bad = {}, []
+        for sha in dict.fromkeys(shas):
+            row = self.db.execute("SELECT crc, x FROM f WHERE sha = ?", (sha,)).fetchone()
+            x = None if row is None or len(row[1]) != 4 * self.dim else np.frombuffer(row[1], "f4")
+            if x is not None and zlib.crc32(row[1]) == row[0] and np.isfinite(x).all():
+                found[sha] = x
+            elif row is not None:
+                bad.append(sha)
         if bad:
             log.warning(
                 "Feature store %s: %d damaged entries, recomputing them", self.path, len(bad)

@@ -26,16 +26,14 @@ class TFLiteRunner:
 
         in_memory = isinstance(model, bytes | bytearray)
         source = {"model_content": bytes(model)} if in_memory else {"model_path": str(Path(model))}
-        threads = num_threads or os.cpu_count() or 1
         try:
             # LiteRT's C++ "INFO: Created TensorFlow Lite XNNPACK delegate" on every interpreter
             with warnings.catch_warnings(), stderr_without("TensorFlow Lite XNNPACK delegate"):
                 warnings.simplefilter("ignore")
-                self.interpreter = Interpreter(**source, num_threads=threads)
+                self.interpreter = Interpreter(**source, num_threads=num_threads or os.cpu_count())
                 self.interpreter.allocate_tensors()
         except (RuntimeError, ValueError, OSError) as exc:
             raise ValueError(f"not a loadable TensorFlow Lite model: {exc}") from exc
-        self.num_threads = threads
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in self.input["shape"])
