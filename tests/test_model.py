@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from pipeline.lib.model.build import (
+    BACKBONE_NAME,
     WEIGHTS_FILE,
     WeightsNotFoundError,
-    build_backbone,
+    build_feature_extractor,
     build_head,
     imagenet_weights_path,
     resolve_weights,
@@ -109,7 +110,7 @@ def test_featurize_refuses_a_truncated_weights_file_at_once(tmp_path):
 
 @pytest.mark.skipif(not imagenet_weights_available(), reason="needs `make weights`")
 def test_a_200_px_backbone_has_the_224_px_imagenet_weights():
-    at_224 = build_backbone(1.0, "imagenet", 224).get_weights()
-    at_200 = build_backbone(1.0, "imagenet", 200).get_weights()
+    at_224 = build_feature_extractor(1.0, "imagenet", 224).get_layer(BACKBONE_NAME).get_weights()
+    at_200 = build_feature_extractor(1.0, "imagenet", 200).get_layer(BACKBONE_NAME).get_weights()
     assert len(at_200) == len(at_224)
     assert all(np.array_equal(a, b) for a, b in zip(at_200, at_224, strict=True))

@@ -84,10 +84,13 @@ def _check_hdf5(path: Path, weights: str, fix: str) -> None:
         ) from None
 
 
-def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> Any:
-    """MobileNetV2 without top, frozen; `weights`: `imagenet` | path | None (then seeded by
-    `init_seed`, the same in every stage)."""
+def build_feature_extractor(
+    alpha: float, weights: str | None, image_size: int, init_seed: int = 0
+) -> Any:
+    """Images (0..255) -> pooled features of a frozen MobileNetV2 without top (the layer
+    `BACKBONE_NAME`); `weights`: `imagenet` | path | None (then seeded by `init_seed`)."""
     import keras
+    from keras import layers
 
     resolved = resolve_weights(weights, alpha, image_size)
     if resolved is None:
@@ -111,18 +114,7 @@ def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed
                 f"(alpha {alpha}, {image_size} px, no top): {exc}"
             ) from exc
     base.trainable = False
-    return base
-
-
-def build_feature_extractor(
-    alpha: float, weights: str | None, image_size: int, init_seed: int = 0
-) -> Any:
-    """Images (0..255) -> pooled backbone features."""
-    import keras
-    from keras import layers
-
-    base = build_backbone(alpha, weights, image_size, init_seed)
-    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    inputs = keras.Input(shape=shape, name="image")
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_minus1_1")(inputs)
     outputs = layers.GlobalAveragePooling2D(name="pooled_features")(base(x, training=False))
     return keras.Model(inputs, outputs, name="mobilenet_v2_features")
