@@ -108,8 +108,7 @@ def export(cfg: Config) -> dict[str, Any]:
         calibration = np.asarray(train_images[chosen])
     m = cfg.model
     model = keras_model(classifier, m.alpha, m.weights, m.init_seed)
-    targets = {fmt: float(target) for fmt, target in e.targets.items()}
-    files, results = export_formats(model, list(e.formats), targets, check, calibration, e.int8_io)
+    files, results = export_formats(model, e, check, calibration)
     names = [BACKBONE_FILE, HEAD_FILE, CARD_FILE]
     own = size_record(sum((Path(cfg.paths.models) / f).stat().st_size for f in names)) | {
         "accuracy": float(np.mean(check.reference.argmax(axis=1) == check.y_true)),

@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lib.config.schema import ExportConfig
 from pipeline.lib.console import stderr_without
 from pipeline.lib.data.prepared import SPLITS, iter_batches
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.model import build
-from pipeline.lib.model.classifier import (
-    Classifier,
-)
+from pipeline.lib.model.classifier import Classifier
 from pipeline.lib.model.saving import save_model
 from pipeline.lib.model.tflite import TFLiteRunner
 
@@ -85,11 +84,9 @@ def convert(
 ) -> bytes:
     """The frozen graph as a TFLite flatbuffer: `float32`, `float16` weights, or `int8` calibrated
     on `representative` (M, H, W, 3) images 0..255, its input/output of type `int8_io` (uint8 |
-    int8). Raises StageInputError: int8 without images; ValueError: an unknown `fmt`."""
+    int8). Raises StageInputError: int8 without images."""
     import tensorflow as tf
 
-    if fmt not in ("float32", "float16", "int8"):
-        raise ValueError(f"export.formats: unknown format {fmt!r}")
     converter = tf.lite.TFLiteConverter.from_concrete_functions([graph])
     if fmt != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -199,33 +196,29 @@ def headline_metrics(details: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_formats(
-    model: Any,
-    formats: list[str],
-    targets: dict[str, float],
-    check: ParityCheck,
-    representative: np.ndarray | None = None,
-    int8_io: str = "uint8",
+    model: Any, settings: ExportConfig, check: ParityCheck, representative: np.ndarray | None
 ) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
-    """Save the Keras `model` (`keras`) and convert it to the TFLite `formats`, each checked
-    (`check.parity` against `targets` by format, latency; TFLite: tensors and dtypes); return
+    """Save the Keras `model` (`keras`) and convert it to the TFLite `export.formats`, each checked
+    (`check.parity` against `export.targets`, latency; TFLite: tensors and dtypes); return
     ({format: file bytes}, {format: record}). `representative`: the int8 calibration images."""
-    graph = frozen_graph(model) if set(formats) - {"keras"} else None
+    graph = frozen_graph(model) if set(settings.formats) - {"keras"} else None
     files: dict[str, bytes] = {}
     records: dict[str, dict[str, Any]] = {}
-    for fmt in formats:
+    for fmt in settings.formats:
+        target = float(getattr(settings.targets, fmt))
         start = time.perf_counter()
         r: dict[str, Any] = {"file": export_file(fmt)}
         if fmt == "keras":
             with tempfile.TemporaryDirectory(prefix="export-keras-") as tmp:
                 files[fmt] = save_model(model, Path(tmp) / "model.keras").read_bytes()
             seconds = time.perf_counter() - start
-            r |= check.parity(model.predict_on_batch, len(files[fmt]), targets[fmt])
+            r |= check.parity(model.predict_on_batch, len(files[fmt]), target)
             r["latency_ms"] = check.latency_ms(partial(model.predict_on_batch, check.one_image))
         else:
-            files[fmt] = convert(graph, fmt, representative, int8_io)
+            files[fmt] = convert(graph, fmt, representative, settings.int8_io)
             seconds = time.perf_counter() - start
             runner = TFLiteRunner(files[fmt], check.threads)
-            r |= check.parity(runner, len(files[fmt]), targets[fmt])
+            r |= check.parity(runner, len(files[fmt]), target)
             runner.set_input(check.one_image)
             r |= {
                 "latency_ms": check.latency_ms(runner.interpreter.invoke),
