@@ -56,13 +56,13 @@ class BatchRecorder(keras.callbacks.Callback):
 
 class EpochState(keras.callbacks.Callback):
     """At each epoch start, sets what is random per epoch (not in Keras' checkpoints) as an
-    uninterrupted run has it: the batch order of `datasets` (their `epoch`) and the
+    uninterrupted run has it: the batch order of `dataset` (its `epoch`) and the
     `SeedGenerator` counters of `model`'s dropout and augmentation layers. `first_epoch`: the
     first epoch that ran (0-based), None until one runs."""
 
-    def __init__(self, datasets: list[Any], model: Any, steps_per_epoch: int) -> None:
+    def __init__(self, dataset: Any, model: Any, steps_per_epoch: int) -> None:
         super().__init__()
-        self.datasets, self.steps_per_epoch = datasets, steps_per_epoch
+        self.dataset, self.steps_per_epoch = dataset, steps_per_epoch
         self.first_epoch: int | None = None
         self.generators = []
         for layer in model.layers:
@@ -75,8 +75,7 @@ class EpochState(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         if self.first_epoch is None:
             self.first_epoch = epoch
-        for dataset in self.datasets:
-            dataset.epoch = epoch
+        self.dataset.epoch = epoch
         for generator, base, stride in self.generators:
             counter = epoch * self.steps_per_epoch * stride
             generator.state.assign(np.array([base, counter], dtype=generator.state.dtype))

@@ -154,7 +154,7 @@ class PhaseRunner:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
         net.compile(build.make_optimizer(t.optimizer, schedule or rate), loss, metrics=["accuracy"])
         callbacks, stopper = self._callbacks(schedule, backup)
-        state = EpochState([train_batches], net, len(train_batches))
+        state = EpochState(train_batches, net, len(train_batches))
         recorder = BatchRecorder(self.batches, len(y["train"]), last, t.batch_size)
         self.phases[name] = {
             # the head takes features (B, D), the image networks images (B, H, W, 3)
