@@ -30,6 +30,7 @@ from pipeline.lib.data.prepared import (
 )
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
 from pipeline.lib.model import features
+from pipeline.lib.model.build import resolve_weights
 from pipeline.lib.model.feature_store import FeatureStore, store_key
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def featurize(cfg: Config) -> dict:
     backbone.tflite; meta.json {"key": `feature_key`, "feature_dim": D}); return the meta.
     Raises WeightsNotFoundError: `model.weights` is not available offline; StageInputError: the
     prepared data is missing, of another image size, or a photo changed since."""
+    resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)  # fail fast
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     start = time.perf_counter()
     m = cfg.model
