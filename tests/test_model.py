@@ -65,10 +65,11 @@ def test_a_size_keras_has_no_file_of_uses_the_224_file(keras_home, size):
     is not there) loads the 224 file, as Keras does: that is the file the feature key hashes."""
     the_224_file = keras_home / WEIGHTS_FILE.format(alpha=1.0, size=224)
     assert imagenet_weights_path(1.0, size) == the_224_file
-    assert resolve_weights("imagenet", 1.0, size) == str(the_224_file)
-    assert resolve_weights("imagenet", 1.0, 224) == "imagenet"
-    whole_h5(keras_home / WEIGHTS_FILE.format(alpha=1.0, size=160))
-    assert resolve_weights("imagenet", 1.0, 160) == "imagenet"  # its own file, when there
+    assert resolve_weights("imagenet", 1.0, size) == the_224_file
+    assert resolve_weights("imagenet", 1.0, 224) == the_224_file
+    the_160_file = keras_home / WEIGHTS_FILE.format(alpha=1.0, size=160)
+    whole_h5(the_160_file)
+    assert resolve_weights("imagenet", 1.0, 160) == the_160_file  # its own file, when there
 
 
 def test_a_missing_file_names_it_and_make_weights(keras_home):

@@ -42,10 +42,10 @@ def imagenet_weights_path(alpha: float, size: int) -> Path:
     return path.with_name(WEIGHTS_FILE.format(alpha=float(alpha), size=224))
 
 
-def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
-    """`MobileNetV2(weights=...)`: None, `imagenet` (its file is in Keras' cache) or a file checked
-    to be whole HDF5 (nothing downloaded or found damaged after minutes). Raises
-    WeightsNotFoundError (one line)."""
+def resolve_weights(weights: str | None, alpha: float, size: int) -> Path | None:
+    """The backbone's weights file for `model.weights`: None (random), `imagenet`
+    (`imagenet_weights_path`) or a path; checked to be whole HDF5 (nothing downloaded or found
+    damaged after minutes). Raises WeightsNotFoundError (one line)."""
     if weights is None or str(weights).lower() in ("null", "none", ""):
         return None
     if weights == "imagenet":
@@ -59,8 +59,7 @@ def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
                 "model.weights=null."
             )
         _check_hdf5(path, "imagenet", "delete it and run `make weights`")
-        own_file = path.name == WEIGHTS_FILE.format(alpha=float(alpha), size=size)
-        return "imagenet" if own_file else str(path)
+        return path
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(
@@ -68,7 +67,7 @@ def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
             "(.h5 / .weights.h5 of MobileNetV2 without top), `imagenet`, or null."
         )
     _check_hdf5(path, weights, "replace it")
-    return str(path)
+    return path
 
 
 def _check_hdf5(path: Path, weights: str, fix: str) -> None:
@@ -92,8 +91,8 @@ def build_feature_extractor(
     import keras
     from keras import layers
 
-    resolved = resolve_weights(weights, alpha, image_size)
-    if resolved is None:
+    path = resolve_weights(weights, alpha, image_size)
+    if path is None:
         keras.utils.set_random_seed(init_seed)
     shape = (image_size, image_size, 3)
     base = keras.applications.MobileNetV2(
@@ -102,12 +101,12 @@ def build_feature_extractor(
         input_shape=shape,
         alpha=alpha,
         include_top=False,
-        weights=resolved if resolved in ("imagenet", None) else None,
+        weights=None,  # loaded from `path`, as Keras loads its cached ImageNet file
         name=BACKBONE_NAME,
     )
-    if resolved not in (None, "imagenet"):
+    if path is not None:
         try:
-            base.load_weights(resolved)
+            base.load_weights(path)
         except Exception as exc:  # a file that is not MobileNetV2 weights of this alpha/size
             raise WeightsNotFoundError(
                 f"model.weights={weights!r}: could not load it into MobileNetV2 "

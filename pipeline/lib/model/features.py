@@ -45,7 +45,7 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
     """32 hex digits naming the converted `build_feature_extractor(...)`: the weights' md5 (or the
     seed), alpha, size, TensorFlow/Keras versions and settings, `CONVERSION`, build.py and the
     converter's source. Raises WeightsNotFoundError: the weights file is not there."""
-    path = weights_file(weights, alpha, image_size)
+    path = build.resolve_weights(weights, alpha, image_size)
     origin = "imagenet" if weights == "imagenet" else "file"
     versions = {}
     for name in KEYED_DISTRIBUTIONS:
@@ -62,14 +62,6 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
         "converter": hashlib.sha256(inspect.getsource(convert_to_tflite).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def weights_file(weights: str | None, alpha: float, image_size: int) -> Path | None:
-    """The weights file (ImageNet's or the user's); None: random. Raises WeightsNotFoundError."""
-    resolved = build.resolve_weights(weights, alpha, image_size)
-    if resolved == "imagenet":
-        return build.imagenet_weights_path(alpha, image_size)
-    return None if resolved is None else Path(resolved)
 
 
 def _keras_settings(home: Path) -> dict[str, str]:
@@ -226,7 +218,7 @@ def feature_key(cfg: Any, prepared_md5: str) -> dict:
     """What determines the features (`meta.json`): the prepared images' DVC md5, the backbone's
     settings and its weights file's md5 (DVC sees only the `model.weights` string)."""
     try:
-        path = weights_file(cfg.model.weights, cfg.model.alpha, int(cfg.data.image_size))
+        path = build.resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)
     except build.WeightsNotFoundError:
         path = None
     return {
