@@ -90,8 +90,6 @@ class LearningRateLogger(keras.callbacks.Callback):
         self.schedule = schedule
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        if logs is None:
-            return
         optimizer = self.model.optimizer
         if self.schedule is not None:
             step = max(int(np.asarray(optimizer.iterations.numpy())) - 1, 0)

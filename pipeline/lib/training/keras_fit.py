@@ -6,7 +6,6 @@ one (batch order and dropout masks are functions of (seed, epoch)). Imports Tens
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -44,8 +43,7 @@ log = logging.getLogger(__name__)
 def set_seeds(seed: int) -> None:
     """Seed Python, NumPy and Keras/TensorFlow; turn on TensorFlow's op determinism."""
     keras.utils.set_random_seed(seed)
-    with contextlib.suppress(Exception):
-        tf.config.experimental.enable_op_determinism()
+    tf.config.experimental.enable_op_determinism()
 
 
 def distribution_strategy(name: str) -> Any:
@@ -71,12 +69,6 @@ def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.train.checkpoint_dir) / f"train-{digest}"
-
-
-#: In the checkpoint folder of a fine-tuning run: phase 1's weights and epochs; phase 2's folder.
-PHASE1_WEIGHTS = "phase1.weights.h5"
-PHASE1_DONE = "phase1.json"
-FINE_TUNE_DIR = "fine_tune"
 
 
 @dataclass
@@ -219,19 +211,20 @@ class PhaseRunner:
 def run_phase1(
     runner: PhaseRunner, net: Any, x: dict[str, Any], nets: Networks, checkpoint: Path
 ) -> int:
-    """Phase 1 (when fine-tuning, saved at its end: a resumed run skips it); its epochs."""
+    """Phase 1 (when fine-tuning, its weights and epochs are saved in `checkpoint` at its end: a
+    resumed run skips it); its epochs."""
     t = runner.cfg.train
-    done_file = checkpoint / PHASE1_DONE
+    weights, done_file = checkpoint / "phase1.weights.h5", checkpoint / "phase1.json"
     if t.fine_tune.enabled and t.resume and done_file.is_file():
         done = int(read_json(done_file)["epochs"])
-        nets.full.load_weights(checkpoint / PHASE1_WEIGHTS)
+        nets.full.load_weights(weights)
         runner.phases["phase1"] = read_json(done_file)["phase"]
         log.info("Phase 1 had finished (%d epochs): resuming with fine-tuning", done)
         return done
     done = runner.run("phase1", net, x, t.learning_rate, range(t.epochs), checkpoint)
     if t.fine_tune.enabled:
         checkpoint.mkdir(parents=True, exist_ok=True)
-        nets.full.save_weights(checkpoint / PHASE1_WEIGHTS)
+        nets.full.save_weights(weights)
         write_json(done_file, {"epochs": done, "phase": runner.phases["phase1"]})
     return done
 
@@ -244,7 +237,7 @@ def run_phase2(
     ft = runner.cfg.train.fine_tune
     unfrozen = build.unfreeze_top(nets.extractor.get_layer(build.BACKBONE_NAME), ft.unfreeze_top_n)
     log.info("Fine-tuning %d layers (BatchNorm frozen), lr %g", len(unfrozen), ft.learning_rate)
-    epochs, backup = range(done, done + ft.epochs), checkpoint / FINE_TUNE_DIR
+    epochs, backup = range(done, done + ft.epochs), checkpoint / "fine_tune"
     runner.run("phase2", nets.image_net, images, ft.learning_rate, epochs, backup)
     runner.phases["phase2"]["unfrozen_layers"] = unfrozen
     shutil.rmtree(checkpoint, ignore_errors=True)
