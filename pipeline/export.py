@@ -51,7 +51,7 @@ from pipeline.lib.model.export import (
     export_formats,
     headline_metrics,
     keras_model,
-    representative_indices,
+    representative_images,
     size_record,
     split_timings,
 )
@@ -103,9 +103,7 @@ def export(cfg: Config) -> dict[str, Any]:
     )
     calibration = None
     if "int8" in e.formats:
-        train_images = dataset.images(TRAIN)
-        chosen = representative_indices(len(train_images), e.representative_samples)
-        calibration = np.asarray(train_images[chosen])
+        calibration = representative_images(dataset.images(TRAIN), e.representative_samples)
     m = cfg.model
     model = keras_model(classifier, m.alpha, m.weights, m.init_seed)
     files, results = export_formats(model, e, check, calibration)
@@ -129,14 +127,16 @@ def _log_export(cfg: Config, results: dict[str, Any], model_ms: float, files: li
 
     reports = Path(cfg.paths.reports)
     with runs.stage_run(cfg, "export"):
-        flat = {"export_model_latency_ms": model_ms}
-        for fmt, r in results.items():
-            flat |= {
-                f"export_{fmt}_{k}": float(r[k])
-                for k in ("agreement", "accuracy", "size_bytes", "latency_ms", "max_abs_prob_diff")
-            }
-            flat[f"export_{fmt}_target_met"] = float(r["target_met"])
-        mlflow.log_metrics(flat)
+        keys = (
+            "agreement",
+            "accuracy",
+            "size_bytes",
+            "latency_ms",
+            "max_abs_prob_diff",
+            "target_met",
+        )
+        flat = {f"export_{fmt}_{k}": float(r[k]) for fmt, r in results.items() for k in keys}
+        mlflow.log_metrics(flat | {"export_model_latency_ms": model_ms})
         runs.log_files(files, "exports")
         runs.log_files([reports / METRICS_FILE, reports / DETAILS_FILE], "reports")
 

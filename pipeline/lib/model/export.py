@@ -61,11 +61,12 @@ def keras_model(classifier: Classifier, alpha: float, weights: str | None, init_
     return build.compose(extractor, head)
 
 
-def representative_indices(n_train: int, n_samples: int) -> np.ndarray:
-    """int64 indices of the int8 calibration images: `n_samples` spread evenly over the
-    (class-ordered) train split, all of them when there are fewer."""
-    n = min(n_train, n_samples)
-    return np.unique(np.linspace(0, n_train - 1, num=n).round().astype(np.int64))
+def representative_images(train_images: Any, n_samples: int) -> np.ndarray:
+    """The int8 calibration images: `n_samples` spread evenly over the (class-ordered) train
+    split (N, H, W, 3), all of them when there are fewer."""
+    n = len(train_images)
+    chosen = np.unique(np.linspace(0, n - 1, num=min(n, n_samples)).round().astype(np.int64))
+    return np.asarray(train_images[chosen])
 
 
 def frozen_graph(model: Any) -> Any:
