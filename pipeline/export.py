@@ -127,7 +127,8 @@ def _log_export(cfg: Config, results: dict[str, Any], model_ms: float, files: li
 
     reports = Path(cfg.paths.reports)
     with runs.stage_run(cfg, "export"):
-        keys = "agreement accuracy size_bytes latency_ms max_abs_prob_diff target_met".split()
+        keys = ("agreement", "accuracy", "size_bytes", "latency_ms")
+        keys += ("max_abs_prob_diff", "target_met")
         flat = {f"export_{fmt}_{k}": float(r[k]) for fmt, r in results.items() for k in keys}
         mlflow.log_metrics(flat | {"export_model_latency_ms": model_ms})
         runs.log_files(files, "exports")
