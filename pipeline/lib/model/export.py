@@ -8,24 +8,22 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.lib.config.schema import ExportConfig
 from pipeline.lib.console import stderr_without
-from pipeline.lib.data.prepared import SPLITS, iter_batches
+from pipeline.lib.data.prepared import iter_batches
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.model import build
 from pipeline.lib.model.classifier import Classifier
-from pipeline.lib.model.saving import save_model
+from pipeline.lib.model.saving import keras_archive
 from pipeline.lib.model.tflite import TFLiteRunner
 
 log = logging.getLogger(__name__)
@@ -35,7 +33,6 @@ METRICS_FILE = "export_metrics.json"
 DETAILS_FILE = "export_details.json"
 #: Latencies and the machine's thread count, beside `paths.run_file` (not a DVC output).
 LATENCY_FILE = "export_latency.json"
-TRAIN, _, TEST = SPLITS
 #: What `paths.exports` holds when `export.formats` is empty (the default).
 NOTHING_EXPORTED = "NOTHING_EXPORTED.txt"
 NOTHING_EXPORTED_TEXT = (
@@ -210,8 +207,7 @@ def export_formats(
         start = time.perf_counter()
         r: dict[str, Any] = {"file": export_file(fmt)}
         if fmt == "keras":
-            with tempfile.TemporaryDirectory(prefix="export-keras-") as tmp:
-                files[fmt] = save_model(model, Path(tmp) / "model.keras").read_bytes()
+            files[fmt] = keras_archive(model)
             seconds = time.perf_counter() - start
             r |= check.parity(model.predict_on_batch, len(files[fmt]), target)
             r["latency_ms"] = check.latency_ms(partial(model.predict_on_batch, check.one_image))
