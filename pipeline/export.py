@@ -20,7 +20,6 @@ latencies, which go to MLflow and `outputs/export_latency.json`.
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -93,20 +92,12 @@ def export(cfg: Config) -> dict[str, Any]:
         return {"formats": []}
     if dataset.size(TEST) == 0:
         raise StageInputError(f"The {TEST} split of {dataset.folder} is empty: no parity check.")
-    check = ParityCheck(
-        dataset.images(TEST),
-        dataset.labels(TEST),
-        split_scores(classifier, dataset, TEST, cfg.paths.features)[0],
-        e.latency_runs,
-        e.latency_warmup,
-        e.num_threads or os.cpu_count() or 1,
-    )
+    reference = split_scores(classifier, dataset, TEST, cfg.paths.features)[0]
+    check = ParityCheck(dataset.images(TEST), dataset.labels(TEST), reference, e)
     calibration = None
     if "int8" in e.formats:
         calibration = representative_images(dataset.images(TRAIN), e.representative_samples)
-    m = cfg.model
-    model = keras_model(classifier, m.alpha, m.weights, m.init_seed)
-    files, results = export_formats(model, e, check, calibration)
+    files, results = export_formats(keras_model(classifier, cfg.model), check, calibration)
     names = [BACKBONE_FILE, HEAD_FILE, CARD_FILE]
     own = size_record(sum((Path(cfg.paths.models) / f).stat().st_size for f in names)) | {
         "accuracy": float(np.mean(check.reference.argmax(axis=1) == check.y_true)),

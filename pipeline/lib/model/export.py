@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.lib.config.schema import ExportConfig
+from pipeline.lib.config.schema import ExportConfig, ModelConfig
 from pipeline.lib.console import stderr_without
 from pipeline.lib.data.prepared import iter_batches
 from pipeline.lib.errors import StageInputError
@@ -49,10 +49,12 @@ def export_file(fmt: str) -> str:
     return "model.keras" if fmt == "keras" else f"model_{fmt}.tflite"
 
 
-def keras_model(classifier: Classifier, alpha: float, weights: str | None, init_seed: int) -> Any:
+def keras_model(classifier: Classifier, m: ModelConfig) -> Any:
     """The model folder as one Keras model (images 0..255 -> probabilities): the MobileNetV2
-    extractor + a Dense softmax layer holding the head's weights. Imports TensorFlow."""
-    extractor = build.build_feature_extractor(alpha, weights, classifier.image_size, init_seed)
+    extractor of `model.*` + a Dense softmax layer holding the head's weights. Imports TensorFlow."""
+    extractor = build.build_feature_extractor(
+        m.alpha, m.weights, classifier.image_size, m.init_seed
+    )
     head = build.build_head(classifier.head.kernel.shape[0], len(classifier.classes), 0.0)
     head.get_layer(build.HEAD_NAME).set_weights([classifier.head.kernel, classifier.head.bias])
     return build.compose(extractor, head)
@@ -113,14 +115,16 @@ def size_record(size_bytes: int) -> dict[str, Any]:
 class ParityCheck:
     """What every export is checked against: the test split's uint8 (N, H, W, 3) `images` (N >= 1),
     int (N,) `y_true`, the `Classifier`'s (N, C) `reference` probabilities; latency: the median
-    of `runs` single-image calls after `warmup`, on `threads` CPU threads."""
+    of `export.latency_runs` single-image calls after `export.latency_warmup`, on `threads`."""
 
     images: np.ndarray
     y_true: np.ndarray
     reference: np.ndarray
-    runs: int
-    warmup: int
-    threads: int
+    settings: ExportConfig
+
+    @property
+    def threads(self) -> int:
+        return self.settings.num_threads or os.cpu_count() or 1
 
     @property
     def one_image(self) -> np.ndarray:
@@ -128,9 +132,9 @@ class ParityCheck:
 
     def latency_ms(self, call: Callable[[], Any]) -> float:
         """Median wall time of `call()` in ms (4 decimals)."""
-        for _ in range(self.warmup):
+        for _ in range(self.settings.latency_warmup):
             call()
-        times = timeit.repeat(call, repeat=self.runs, number=1)
+        times = timeit.repeat(call, repeat=self.settings.latency_runs, number=1)
         return round(statistics.median(times) * 1000.0, 4)
 
     def parity(self, predict: Callable[[np.ndarray], Any], size: int, target: float) -> dict:
@@ -154,9 +158,9 @@ class ParityCheck:
     def describe(self) -> dict[str, Any]:
         """The latency settings and the machine, as recorded with the export details."""
         return {
-            "runs": int(self.runs),
-            "warmup": int(self.warmup),
-            "threads": int(self.threads),
+            "runs": self.settings.latency_runs,
+            "warmup": self.settings.latency_warmup,
+            "threads": self.threads,
             "tflite": "LiteRT Interpreter (ai_edge_litert), XNNPACK delegate, batch 1, invoke() only",
             "keras": "predict_on_batch, batch 1",
             "model": "Classifier (LiteRT backbone + head), batch 1",
@@ -194,11 +198,12 @@ def headline_metrics(details: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_formats(
-    model: Any, settings: ExportConfig, check: ParityCheck, representative: np.ndarray | None
+    model: Any, check: ParityCheck, representative: np.ndarray | None
 ) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
     """Save the Keras `model` (`keras`) and convert it to the TFLite `export.formats`, each checked
     (`check.parity` against `export.targets`, latency; TFLite: tensors and dtypes); return
     ({format: file bytes}, {format: record}). `representative`: the int8 calibration images."""
+    settings = check.settings
     graph = frozen_graph(model) if set(settings.formats) - {"keras"} else None
     files: dict[str, bytes] = {}
     records: dict[str, dict[str, Any]] = {}
