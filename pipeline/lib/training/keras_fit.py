@@ -46,15 +46,6 @@ def set_seeds(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def distribution_strategy(name: str) -> Any:
-    """`train.strategy`: the default or a MirroredStrategy (every GPU, else the CPU)."""
-    if name == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
-        log.info("train.strategy=mirrored: %d replica(s)", strategy.num_replicas_in_sync)
-        return strategy
-    return tf.distribute.get_strategy()
-
-
 def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     """`train.checkpoint_dir/train-<digest>`, keyed by what determines the run (settings but
     resume / checkpoint_dir, data, model folder): a resume finds only its own."""
@@ -82,10 +73,17 @@ class Networks:
     image_net: Any
 
 
-def build_networks(cfg: Config, num_classes: int, image_size: int, l2: float) -> Networks:
+def build_networks(
+    cfg: Config, num_classes: int, image_size: int, l2: float, feature_dim: int | None
+) -> Networks:
     """The extractor (seeded by `model.init_seed` without weights), then, seeded by `train.seed`,
-    the head (`l2`: its kernel's penalty) and the augmentation layers."""
+    the head (`l2`: its kernel's penalty) and the augmentation layers; only the head when
+    `feature_dim` is given (no MobileNetV2 built)."""
     t, m = cfg.train, cfg.model
+    if feature_dim is not None:
+        set_seeds(t.seed)
+        head = build.build_head(feature_dim, num_classes, m.dropout, m.head_init, l2)
+        return Networks(None, head, head, head)
     extractor = build.build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
     set_seeds(t.seed)
     dim = int(extractor.output.shape[-1])
@@ -281,7 +279,9 @@ def fit_keras(
     `callbacks` follow the pipeline's own in every phase's `fit`.
     """
     t, c = cfg.train, dataset.num_classes
-    strategy = distribution_strategy(t.strategy)
+    mirrored = t.strategy == "mirrored"  # every GPU, else the CPU
+    strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
+    log.info("train.strategy=%s: %d replica(s)", t.strategy, strategy.num_replicas_in_sync)
     on_images = phase1_on_images(cfg)
     head_only = not on_images and not t.fine_tune.enabled
     images = {s: dataset.images(s) for s in ("train", "val")}
@@ -289,13 +289,8 @@ def fit_keras(
     l2 = l2_factor(t.C, len(targets["train"]))
     with strategy.scope():
         start = time.perf_counter()
-        if head_only:
-            set_seeds(t.seed)
-            dim = features["train"].shape[1]
-            head = build.build_head(dim, c, cfg.model.dropout, cfg.model.head_init, l2)
-            nets = Networks(None, head, head, head)
-        else:
-            nets = build_networks(cfg, c, dataset.image_size, l2)
+        dim = features["train"].shape[1] if head_only else None
+        nets = build_networks(cfg, c, dataset.image_size, l2, dim)
         net, x = (nets.image_net, images) if on_images else (nets.head, features)
         weights = class_weights(dataset.labels("train"), c, t.class_weight)
         runner = PhaseRunner(
