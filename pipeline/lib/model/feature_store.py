@@ -51,8 +51,24 @@ class FeatureStore:
     def get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
         """{sha256: float32 (D,)} of the valid entries among `shas` (invalid ones deleted); {} when
         the file is damaged beyond its entries (set aside as `<name>.damaged`, a fresh one started)."""
+        found, bad = {}, []
         try:
-            return self._get(shas)
+            for sha in dict.fromkeys(shas):
+                row = self.db.execute("SELECT crc, x FROM f WHERE sha = ?", (sha,)).fetchone()
+                if row is None:
+                    continue
+                crc, blob = row
+                x = np.frombuffer(blob, "f4") if len(blob) == 4 * self.dim else None
+                if x is not None and zlib.crc32(blob) == crc and np.isfinite(x).all():
+                    found[sha] = x
+                else:
+                    bad.append(sha)
+            if bad:
+                log.warning(
+                    "Feature store %s: %d damaged entries, recomputing them", self.path, len(bad)
+                )
+                self.db.executemany("DELETE FROM f WHERE sha = ?", [(s,) for s in bad])
+                self.db.commit()
         except sqlite3.DatabaseError as exc:
             self.db.close()
             aside = self.path.with_name(self.path.name + ".damaged")
@@ -61,22 +77,6 @@ class FeatureStore:
                 os.replace(self.path, aside)
             self._open()
             return {}
-
-    def _get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
-        found, bad = {}, []
-        for sha in dict.fromkeys(shas):
-            row = self.db.execute("SELECT crc, x FROM f WHERE sha = ?", (sha,)).fetchone()
-            x = None if row is None or len(row[1]) != 4 * self.dim else np.frombuffer(row[1], "f4")
-            if x is not None and zlib.crc32(row[1]) == row[0] and np.isfinite(x).all():
-                found[sha] = x
-            elif row is not None:
-                bad.append(sha)
-        if bad:
-            log.warning(
-                "Feature store %s: %d damaged entries, recomputing them", self.path, len(bad)
-            )
-            self.db.executemany("DELETE FROM f WHERE sha = ?", [(s,) for s in bad])
-            self.db.commit()
         return found
 
     def put(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
