@@ -25,6 +25,7 @@ from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import md5_file, read_json, write_json
 from pipeline.lib.model.features import ShardedTFLite
 from pipeline.lib.model.reject import RejectRule, energy
+from pipeline.lib.model.tflite import ModelSource
 
 BACKBONE_FILE = "backbone.tflite"
 HEAD_FILE = "head.npy"
@@ -160,13 +161,7 @@ class Classifier:
 
     BATCH = 32  # images per backbone call (bounds the memory of a large request)
 
-    def __init__(
-        self,
-        head: Head,
-        card: ModelCard,
-        backbone: str | os.PathLike[str] | bytes,
-        workers: int = 0,
-    ):
+    def __init__(self, head: Head, card: ModelCard, backbone: ModelSource, workers: int = 0):
         self.head, self.card, self.backbone_source, self.workers = head, card, backbone, workers
         self.classes, self.image_size = list(card.classes), int(card.image_size)
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pipeline.lib.data.prepared import SPLITS, iter_batches
 from pipeline.lib.files import atomic_file, cache_root, md5_file, read_json
 from pipeline.lib.model import build
-from pipeline.lib.model.tflite import TFLiteRunner
+from pipeline.lib.model.tflite import ModelSource, TFLiteRunner
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class ShardedTFLite:
     in threads (on 2 cores 1.5-2x one 2-thread interpreter, bit-identical). Calling it maps float32
     (B, H, W, 3), 0..255 -> float32 (B, D); `feature_dim` is D."""
 
-    def __init__(self, flatbuffer: bytes | str | os.PathLike[str], workers: int | None = None):
+    def __init__(self, flatbuffer: ModelSource, workers: int | None = None):
         self.workers = int(workers or usable_cores())
         self.runners = [TFLiteRunner(flatbuffer, num_threads=1) for _ in range(self.workers)]
         self.feature_dim = int(np.prod(self.runners[0].output["shape"][1:]))

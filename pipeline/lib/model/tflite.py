@@ -12,6 +12,9 @@ import numpy as np
 
 from pipeline.lib.console import stderr_without
 
+#: A `.tflite` model: its bytes, or its file.
+ModelSource = bytes | str | os.PathLike[str]
+
 
 class TFLiteRunner:
     """A `.tflite` model (one input, one output), from its bytes or file, on `num_threads` CPU
@@ -21,7 +24,7 @@ class TFLiteRunner:
     `input_quantization` / `output_quantization`: (scale, zero_point), (0.0, 0) if not quantized.
     Raises ValueError: not a loadable TFLite model, or an integer input without quantization."""
 
-    def __init__(self, model: bytes | str | os.PathLike[str], num_threads: int | None = None):
+    def __init__(self, model: ModelSource, num_threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
         in_memory = isinstance(model, bytes | bytearray)
