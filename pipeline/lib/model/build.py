@@ -52,11 +52,9 @@ def resolve_weights(weights: str | None, alpha: float, size: int) -> Path | None
         path = imagenet_weights_path(alpha, size)
         if not path.is_file():
             raise WeightsNotFoundError(
-                f"model.weights=imagenet: {path} (MobileNetV2 ImageNet weights, alpha "
-                f"{float(alpha)}, no top) is missing and nothing is downloaded: run `make weights` "
-                "(or copy the file there, or export KERAS_HOME=/folder/with/models/subfolder), "
-                "pass a file (model.weights=/path/to/mobilenet_v2_..._no_top.h5), or set "
-                "model.weights=null."
+                f"model.weights=imagenet: {path} is missing (nothing is downloaded): run `make "
+                "weights` (or copy it there, or set KERAS_HOME), pass a MobileNetV2 weights file "
+                "without top (model.weights=/path/to/file.h5), or set model.weights=null."
             )
         _check_hdf5(path, "imagenet", "delete it and run `make weights`")
         return path
