@@ -213,6 +213,10 @@ class Classifier:
         ]
         return np.concatenate(parts) if parts else np.zeros((0, self.head.kernel.shape[0]))
 
+    def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        """The probabilities of `classify`."""
+        return self.classify(images, tta)[0]
+
     def classify(self, images: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(float64 (N, C) probabilities of images (N, S, S, 3), RGB 0..255 (with `tta`: averaged
         with their mirror images'), bool (N,): accepted by the card's reject rule, all without one)."""

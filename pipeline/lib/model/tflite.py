@@ -60,8 +60,8 @@ class TFLiteRunner:
         return np.clip(q, info.min, info.max).astype(self.input_dtype)
 
     def set_input(self, images: np.ndarray) -> None:
-        """Set the (quantized) input for `interpreter.invoke()`, resizing the batch if needed (RuntimeError /
-        ValueError when it cannot be)."""
+        """Set the (quantized) input for `interpreter.invoke()`, resizing the batch if needed
+        (RuntimeError / ValueError when it cannot be)."""
         if len(images) != self._batch:
             self.interpreter.resize_tensor_input(
                 self.input["index"], [len(images), *self.input_shape[1:]], strict=False
