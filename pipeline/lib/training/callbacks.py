@@ -38,11 +38,10 @@ class BatchRecorder(keras.callbacks.Callback):
         self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        logs = logs or {}
         self.batches["step"].append((self.epoch - 1) * self.steps_per_epoch + batch + 1)
         self.batches["epoch"].append(self.epoch)
-        self.batches["loss"].append(float(logs.get("loss", math.nan)))
-        self.batches["accuracy"].append(float(logs.get("accuracy", math.nan)))
+        self.batches["loss"].append(float(logs["loss"]))
+        self.batches["accuracy"].append(float(logs["accuracy"]))
         self.bar.update(min(self.batch_size, self.total_images - batch * self.batch_size))
         # drawn at tqdm's own pace (TQDM_MININTERVAL off a terminal)
         self.bar.set_postfix(

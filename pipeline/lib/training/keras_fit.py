@@ -190,10 +190,8 @@ class PhaseRunner:
         monitor = "val_loss" if len(self.targets["val"]) else "loss"
         callbacks: list[Any] = [LearningRateLogger(schedule)]
         if t.lr_schedule == "reduce_on_plateau":
-            plateau = {
-                k: getattr(t.plateau, k) for k in ("factor", "patience", "min_delta", "min_lr")
-            }
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, **plateau))
+            # factor, patience, min_delta, min_lr
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, **t.plateau))
         stopper = None
         if t.early_stopping.enabled:
             stopping = {k: getattr(t.early_stopping, k) for k in ("patience", "min_delta")}
@@ -271,13 +269,11 @@ def fit_keras(
     prepared_md5: str,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> KerasFit:
-    """Train the head (with `train.fine_tune`, then the backbone's top) with Keras `fit`.
-
-    Phase 1 trains the head on the cached `features` {"train", "val": float32 (N, D)} (without
-    building MobileNetV2) unless `phase1_on_images`; phase 2 is `run_phase2`. `train.resume`
-    continues an interrupted run (early stopping's and ReduceLROnPlateau's counters restart).
-    `callbacks` follow the pipeline's own in every phase's `fit`.
-    """
+    """Train the head (with `train.fine_tune`, then the backbone's top) with Keras `fit`. Phase 1
+    trains the head on the cached `features` {"train", "val": float32 (N, D)} (without building
+    MobileNetV2) unless `phase1_on_images`; phase 2 is `run_phase2`. `train.resume` continues an
+    interrupted run (early stopping's and ReduceLROnPlateau's counters restart). `callbacks`
+    follow the pipeline's own in every phase's `fit`."""
     t, c = cfg.train, dataset.num_classes
     mirrored = t.strategy == "mirrored"  # every GPU, else the CPU
     strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
