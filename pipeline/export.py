@@ -33,12 +33,7 @@ from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.prepared import SPLITS, open_prepared
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import atomic_dir, write_json
-from pipeline.lib.model.classifier import (
-    BACKBONE_FILE,
-    CARD_FILE,
-    HEAD_FILE,
-    trained_classifier,
-)
+from pipeline.lib.model.classifier import BACKBONE_FILE, CARD_FILE, HEAD_FILE, trained_classifier
 from pipeline.lib.model.export import (
     DETAILS_FILE,
     LATENCY_FILE,
