@@ -98,8 +98,7 @@ def convert(
                 "export.formats has int8, but the prepared train split is empty: there are no "
                 "images to calibrate it with."
             )
-        images = representative
-        converter.representative_dataset = lambda: ([np.float32(x)[None]] for x in images)
+        converter.representative_dataset = lambda: ([np.float32(x)[None]] for x in representative)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         io_type = {"uint8": tf.uint8, "int8": tf.int8}[int8_io]
         converter.inference_input_type = converter.inference_output_type = io_type

@@ -170,8 +170,7 @@ def backbone_featurizer(
     return sharded, sharded.feature_dim
 
 
-def prefetch(iterator: Iterator[Any]) -> Iterator[Any]:
-    """The items of `iterator`, the next one read in a background thread (errors raised here)."""
+def _read_ahead(iterator: Iterator[Any]) -> Iterator[Any]:
     done = object()
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(next, iterator, done)
@@ -191,7 +190,7 @@ def feature_batches(
     done = 0
     off = None if progress else True  # None: tqdm draws only on a terminal
     with tqdm(total=len(images), desc=progress, unit="img", disable=off, leave=False) as bar:
-        for batch in prefetch(iter_batches(images, batch_size)):
+        for batch in _read_ahead(iter_batches(images, batch_size)):  # next batch read in a thread
             feats = featurizer(batch)
             yield done, feats
             done += len(feats)

@@ -44,9 +44,7 @@ class BatchRecorder(keras.callbacks.Callback):
         self.batches["accuracy"].append(float(logs["accuracy"]))
         self.bar.update(min(self.batch_size, self.total_images - batch * self.batch_size))
         # drawn at tqdm's own pace (TQDM_MININTERVAL off a terminal)
-        self.bar.set_postfix(
-            epoch=self.epoch, loss=f"{self.batches['loss'][-1]:.3f}", refresh=False
-        )
+        self.bar.set_postfix(epoch=self.epoch, loss=f"{logs['loss']:.3f}", refresh=False)
 
     def on_train_end(self, logs: Any = None) -> None:
         if self.bar is not None:
