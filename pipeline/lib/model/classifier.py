@@ -56,9 +56,8 @@ class Head:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write `path` as one float32 (D + 1, C) `.npy`."""
-        with open(path, "wb") as fh:  # a path without .npy keeps its name
-            np.save(fh, np.vstack([self.kernel, self.bias]).astype(np.float32), allow_pickle=False)
+        """Write `path` (ending in .npy) as one float32 (D + 1, C) array."""
+        np.save(path, np.vstack([self.kernel, self.bias]).astype(np.float32), allow_pickle=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Head:
@@ -207,10 +206,8 @@ class Classifier:
     def features(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
         """float32 (N, D) features of images (N, S, S, 3), RGB 0..255 (any real dtype), read one
         batch at a time; with `flip`, of their mirror images."""
-        parts = [
-            self.backbone(hflip(batch) if flip else batch)
-            for batch in iter_batches(images, self.BATCH)
-        ]
+        batches = iter_batches(images, self.BATCH)
+        parts = [self.backbone(hflip(batch) if flip else batch) for batch in batches]
         return np.concatenate(parts) if parts else np.zeros((0, self.head.kernel.shape[0]))
 
     def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
