@@ -20,7 +20,6 @@ latencies, which go to MLflow and `outputs/export_latency.json`.
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,7 @@ from pipeline.lib.config.step import CONF_DIR, entry_point, run_step
 from pipeline.lib.data.prepared import SPLITS, open_prepared
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import atomic_dir, write_json
-from pipeline.lib.model.classifier import (
-    BACKBONE_FILE,
-    CARD_FILE,
-    HEAD_FILE,
-    trained_classifier,
-)
+from pipeline.lib.model.classifier import BACKBONE_FILE, CARD_FILE, HEAD_FILE, trained_classifier
 from pipeline.lib.model.export import (
     DETAILS_FILE,
     LATENCY_FILE,
@@ -51,7 +45,7 @@ from pipeline.lib.model.export import (
     export_formats,
     headline_metrics,
     keras_model,
-    representative_indices,
+    representative_images,
     size_record,
     split_timings,
 )
@@ -93,23 +87,12 @@ def export(cfg: Config) -> dict[str, Any]:
         return {"formats": []}
     if dataset.size(TEST) == 0:
         raise StageInputError(f"The {TEST} split of {dataset.folder} is empty: no parity check.")
-    check = ParityCheck(
-        dataset.images(TEST),
-        dataset.labels(TEST),
-        split_scores(classifier, dataset, TEST, cfg.paths.features)[0],
-        e.latency_runs,
-        e.latency_warmup,
-        e.num_threads or os.cpu_count() or 1,
-    )
+    reference = split_scores(classifier, dataset, TEST, cfg.paths.features)[0]
+    check = ParityCheck(dataset.images(TEST), dataset.labels(TEST), reference, e)
     calibration = None
     if "int8" in e.formats:
-        train_images = dataset.images(TRAIN)
-        chosen = representative_indices(len(train_images), e.representative_samples)
-        calibration = np.asarray(train_images[chosen])
-    m = cfg.model
-    model = keras_model(classifier, m.alpha, m.weights, m.init_seed)
-    targets = {fmt: float(target) for fmt, target in e.targets.items()}
-    files, results = export_formats(model, list(e.formats), targets, check, calibration, e.int8_io)
+        calibration = representative_images(dataset.images(TRAIN), e.representative_samples)
+    files, results = export_formats(keras_model(classifier, cfg.model), check, calibration)
     names = [BACKBONE_FILE, HEAD_FILE, CARD_FILE]
     own = size_record(sum((Path(cfg.paths.models) / f).stat().st_size for f in names)) | {
         "accuracy": float(np.mean(check.reference.argmax(axis=1) == check.y_true)),
@@ -130,14 +113,10 @@ def _log_export(cfg: Config, results: dict[str, Any], model_ms: float, files: li
 
     reports = Path(cfg.paths.reports)
     with runs.stage_run(cfg, "export"):
-        flat = {"export_model_latency_ms": model_ms}
-        for fmt, r in results.items():
-            flat |= {
-                f"export_{fmt}_{k}": float(r[k])
-                for k in ("agreement", "accuracy", "size_bytes", "latency_ms", "max_abs_prob_diff")
-            }
-            flat[f"export_{fmt}_target_met"] = float(r["target_met"])
-        mlflow.log_metrics(flat)
+        keys = ("agreement", "accuracy", "size_bytes", "latency_ms")
+        keys += ("max_abs_prob_diff", "target_met")
+        flat = {f"export_{fmt}_{k}": float(r[k]) for fmt, r in results.items() for k in keys}
+        mlflow.log_metrics(flat | {"export_model_latency_ms": model_ms})
         runs.log_files(files, "exports")
         runs.log_files([reports / METRICS_FILE, reports / DETAILS_FILE], "reports")
 

@@ -21,7 +21,7 @@ from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json
 from pipeline.lib.model.build import load_model
 from pipeline.lib.model.classifier import CARD_FILE, Classifier
-from pipeline.lib.model.export import HEADLINE_KEYS, representative_indices, split_timings
+from pipeline.lib.model.export import HEADLINE_KEYS, representative_images, split_timings
 from pipeline.lib.model.tflite import TFLiteRunner
 from pipeline.prepare import prepare
 from pipeline.train import train
@@ -181,8 +181,8 @@ def test_mlflow_run_has_export_artifacts_and_metrics(exported):
 
 
 def test_representative_samples_cover_the_split():
-    assert list(representative_indices(10, 4)) == [0, 3, 6, 9]
-    assert list(representative_indices(3, 100)) == [0, 1, 2]
+    assert list(representative_images(np.arange(10) * 10, 4)) == [0, 30, 60, 90]
+    assert list(representative_images(np.arange(3), 100)) == [0, 1, 2]
 
 
 @pytest.mark.parametrize(

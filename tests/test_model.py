@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from pipeline.lib.model.build import (
+    BACKBONE_NAME,
     WEIGHTS_FILE,
     WeightsNotFoundError,
-    build_backbone,
+    build_feature_extractor,
     build_head,
     imagenet_weights_path,
     resolve_weights,
@@ -64,10 +65,11 @@ def test_a_size_keras_has_no_file_of_uses_the_224_file(keras_home, size):
     is not there) loads the 224 file, as Keras does: that is the file the feature key hashes."""
     the_224_file = keras_home / WEIGHTS_FILE.format(alpha=1.0, size=224)
     assert imagenet_weights_path(1.0, size) == the_224_file
-    assert resolve_weights("imagenet", 1.0, size) == str(the_224_file)
-    assert resolve_weights("imagenet", 1.0, 224) == "imagenet"
-    whole_h5(keras_home / WEIGHTS_FILE.format(alpha=1.0, size=160))
-    assert resolve_weights("imagenet", 1.0, 160) == "imagenet"  # its own file, when there
+    assert resolve_weights("imagenet", 1.0, size) == the_224_file
+    assert resolve_weights("imagenet", 1.0, 224) == the_224_file
+    the_160_file = keras_home / WEIGHTS_FILE.format(alpha=1.0, size=160)
+    whole_h5(the_160_file)
+    assert resolve_weights("imagenet", 1.0, 160) == the_160_file  # its own file, when there
 
 
 def test_a_missing_file_names_it_and_make_weights(keras_home):
@@ -109,7 +111,7 @@ def test_featurize_refuses_a_truncated_weights_file_at_once(tmp_path):
 
 @pytest.mark.skipif(not imagenet_weights_available(), reason="needs `make weights`")
 def test_a_200_px_backbone_has_the_224_px_imagenet_weights():
-    at_224 = build_backbone(1.0, "imagenet", 224).get_weights()
-    at_200 = build_backbone(1.0, "imagenet", 200).get_weights()
+    at_224 = build_feature_extractor(1.0, "imagenet", 224).get_layer(BACKBONE_NAME).get_weights()
+    at_200 = build_feature_extractor(1.0, "imagenet", 200).get_layer(BACKBONE_NAME).get_weights()
     assert len(at_200) == len(at_224)
     assert all(np.array_equal(a, b) for a, b in zip(at_200, at_224, strict=True))

@@ -26,7 +26,11 @@ from pipeline.featurize import featurize
 from pipeline.lib.config.schema import ConfigError, validate
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import dvc_md5, read_json
-from pipeline.lib.model.build import BACKBONE_NAME, build_augmentation, build_backbone
+from pipeline.lib.model.build import (
+    BACKBONE_NAME,
+    build_augmentation,
+    build_feature_extractor,
+)
 from pipeline.lib.model.classifier import BACKBONE_FILE, CARD_FILE
 from pipeline.lib.model.features import load_cached_features
 from pipeline.lib.training import keras_fit
@@ -229,7 +233,7 @@ def expected_phase2_params() -> tuple[int, list[str]]:
     """Head + every weight of the backbone's top 12 layers but BatchNormalization's."""
     import keras
 
-    backbone = build_backbone(0.35, None, 32)
+    backbone = build_feature_extractor(0.35, None, 32).get_layer(BACKBONE_NAME)
     top = [
         layer
         for layer in backbone.layers[-12:]
@@ -281,7 +285,7 @@ def test_fine_tuning_keeps_batchnorm_in_inference_mode(fine_tuned):
     of the (seeded) initial backbone after two epochs of end-to-end training."""
     import keras
 
-    fresh = build_backbone(0.35, None, 32)
+    fresh = build_feature_extractor(0.35, None, 32).get_layer(BACKBONE_NAME)
     trained = fine_tuned["fit"].extractor.get_layer(BACKBONE_NAME)
     norms = [
         layer for layer in trained.layers if isinstance(layer, keras.layers.BatchNormalization)
@@ -365,7 +369,7 @@ def test_augmentation_bypasses_the_feature_cache(data, dataset, baseline, tmp_pa
     # augmentation layers) and the head; no new extractor, no new features, and the parameter
     # counts are those of backbone + head alone.
     assert result.extractor is None and result.features is None
-    backbone = build_backbone(0.35, None, 32)
+    backbone = build_feature_extractor(0.35, None, 32).get_layer(BACKBONE_NAME)
     assert result.params == {
         "trainable": HEAD_PARAMS,
         "non_trainable": backbone.count_params(),

@@ -18,7 +18,6 @@ WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_n
 IMAGENET_SIZES = (96, 128, 160, 192, 224)
 
 BACKBONE_NAME = "backbone"
-FEATURES_NAME = "pooled_features"
 HEAD_NAME = "classifier"
 
 
@@ -27,7 +26,7 @@ class WeightsNotFoundError(UserError, FileNotFoundError):
 
 
 def keras_home() -> Path:
-    """Keras' cache folder: $KERAS_HOME, else ~/.keras (a temporary folder's when ~ is read-only)."""
+    """$KERAS_HOME, else ~/.keras (in the temporary folder when ~ is read-only)."""
     if home := os.environ.get("KERAS_HOME"):
         return Path(home).expanduser()
     base = Path("~").expanduser()
@@ -43,25 +42,22 @@ def imagenet_weights_path(alpha: float, size: int) -> Path:
     return path.with_name(WEIGHTS_FILE.format(alpha=float(alpha), size=224))
 
 
-def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
-    """`MobileNetV2(weights=...)`: None, `imagenet` (its file is in Keras' cache) or a file checked
-    to be whole HDF5 (nothing downloaded or found damaged after minutes). Raises
-    WeightsNotFoundError (one line)."""
+def resolve_weights(weights: str | None, alpha: float, size: int) -> Path | None:
+    """The backbone's weights file for `model.weights`: None (random), `imagenet`
+    (`imagenet_weights_path`) or a path; checked to be whole HDF5 (nothing downloaded or found
+    damaged after minutes). Raises WeightsNotFoundError (one line)."""
     if weights is None or str(weights).lower() in ("null", "none", ""):
         return None
     if weights == "imagenet":
         path = imagenet_weights_path(alpha, size)
         if not path.is_file():
             raise WeightsNotFoundError(
-                f"model.weights=imagenet: {path} (MobileNetV2 ImageNet weights, alpha "
-                f"{float(alpha)}, no top) is missing and nothing is downloaded: run `make weights` "
-                "(or copy the file there, or export KERAS_HOME=/folder/with/models/subfolder), "
-                "pass a file (model.weights=/path/to/mobilenet_v2_..._no_top.h5), or set "
-                "model.weights=null."
+                f"model.weights=imagenet: {path} is missing (nothing is downloaded): run `make "
+                "weights` (or copy it there, or set KERAS_HOME), pass a MobileNetV2 weights file "
+                "without top (model.weights=/path/to/file.h5), or set model.weights=null."
             )
         _check_hdf5(path, "imagenet", "delete it and run `make weights`")
-        own_file = path.name == WEIGHTS_FILE.format(alpha=float(alpha), size=size)
-        return "imagenet" if own_file else str(path)
+        return path
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(
@@ -69,7 +65,7 @@ def resolve_weights(weights: str | None, alpha: float, size: int) -> str | None:
             "(.h5 / .weights.h5 of MobileNetV2 without top), `imagenet`, or null."
         )
     _check_hdf5(path, weights, "replace it")
-    return str(path)
+    return path
 
 
 def _check_hdf5(path: Path, weights: str, fix: str) -> None:
@@ -85,13 +81,16 @@ def _check_hdf5(path: Path, weights: str, fix: str) -> None:
         ) from None
 
 
-def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed: int = 0) -> Any:
-    """MobileNetV2 without top, frozen; `weights`: `imagenet` | path | None (then seeded by
-    `init_seed`, the same in every stage)."""
+def build_feature_extractor(
+    alpha: float, weights: str | None, image_size: int, init_seed: int = 0
+) -> Any:
+    """Images (0..255) -> pooled features of a frozen MobileNetV2 without top (the layer
+    `BACKBONE_NAME`); `weights`: `imagenet` | path | None (then seeded by `init_seed`)."""
     import keras
+    from keras import layers
 
-    resolved = resolve_weights(weights, alpha, image_size)
-    if resolved is None:
+    path = resolve_weights(weights, alpha, image_size)
+    if path is None:
         keras.utils.set_random_seed(init_seed)
     shape = (image_size, image_size, 3)
     base = keras.applications.MobileNetV2(
@@ -100,32 +99,21 @@ def build_backbone(alpha: float, weights: str | None, image_size: int, init_seed
         input_shape=shape,
         alpha=alpha,
         include_top=False,
-        weights=resolved if resolved in ("imagenet", None) else None,
+        weights=None,  # loaded from `path`, as Keras loads its cached ImageNet file
         name=BACKBONE_NAME,
     )
-    if resolved not in (None, "imagenet"):
+    if path is not None:
         try:
-            base.load_weights(resolved)
+            base.load_weights(path)
         except Exception as exc:  # a file that is not MobileNetV2 weights of this alpha/size
             raise WeightsNotFoundError(
                 f"model.weights={weights!r}: could not load it into MobileNetV2 "
                 f"(alpha {alpha}, {image_size} px, no top): {exc}"
             ) from exc
     base.trainable = False
-    return base
-
-
-def build_feature_extractor(
-    alpha: float, weights: str | None, image_size: int, init_seed: int = 0
-) -> Any:
-    """Images (0..255) -> pooled backbone features."""
-    import keras
-    from keras import layers
-
-    base = build_backbone(alpha, weights, image_size, init_seed)
-    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    inputs = keras.Input(shape=shape, name="image")
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_minus1_1")(inputs)
-    outputs = layers.GlobalAveragePooling2D(name=FEATURES_NAME)(base(x, training=False))
+    outputs = layers.GlobalAveragePooling2D(name="pooled_features")(base(x, training=False))
     return keras.Model(inputs, outputs, name="mobilenet_v2_features")
 
 
@@ -184,17 +172,6 @@ def build_augmentation(augment: Any, seed: int) -> list[Any]:
     ]
 
 
-def find_backbone(model: Any) -> Any:
-    """The MobileNetV2 backbone nested at any depth in `model`; None if there is none."""
-    for layer in model.layers:
-        found = layer if layer.name == BACKBONE_NAME else None
-        if found is None and hasattr(layer, "layers"):
-            found = find_backbone(layer)
-        if found is not None:
-            return found
-    return None
-
-
 def unfreeze_top(backbone: Any, n: int) -> list[str]:
     """Make the backbone's last `n` layers trainable but BatchNormalization (kept frozen, as
     Keras' fine-tuning guide advises); return the names of the layers whose weights now train."""
@@ -217,7 +194,6 @@ def make_optimizer(name: str, learning_rate: Any) -> Any:
 
 
 def count_params(model: Any) -> dict[str, int]:
-    """{"trainable", "non_trainable", "total"} parameter counts."""
     trainable = int(sum(math.prod(w.shape) for w in model.trainable_weights))
     frozen = int(sum(math.prod(w.shape) for w in model.non_trainable_weights))
     return {"trainable": trainable, "non_trainable": frozen, "total": trainable + frozen}

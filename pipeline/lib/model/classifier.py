@@ -25,6 +25,7 @@ from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import md5_file, read_json, write_json
 from pipeline.lib.model.features import ShardedTFLite
 from pipeline.lib.model.reject import RejectRule, energy
+from pipeline.lib.model.tflite import ModelSource
 
 BACKBONE_FILE = "backbone.tflite"
 HEAD_FILE = "head.npy"
@@ -55,10 +56,8 @@ class Head:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write `path` as one float32 (D + 1, C) `.npy`."""
-        array = np.vstack([np.asarray(self.kernel, np.float32), np.asarray(self.bias, np.float32)])
-        with open(path, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
+        """Write `path` (ending in .npy) as one float32 (D + 1, C) array."""
+        np.save(path, np.vstack([self.kernel, self.bias]).astype(np.float32), allow_pickle=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Head:
@@ -161,13 +160,7 @@ class Classifier:
 
     BATCH = 32  # images per backbone call (bounds the memory of a large request)
 
-    def __init__(
-        self,
-        head: Head,
-        card: ModelCard,
-        backbone: str | os.PathLike[str] | bytes,
-        workers: int = 0,
-    ):
+    def __init__(self, head: Head, card: ModelCard, backbone: ModelSource, workers: int = 0):
         self.head, self.card, self.backbone_source, self.workers = head, card, backbone, workers
         self.classes, self.image_size = list(card.classes), int(card.image_size)
 
@@ -213,25 +206,20 @@ class Classifier:
     def features(self, images: np.ndarray, flip: bool = False) -> np.ndarray:
         """float32 (N, D) features of images (N, S, S, 3), RGB 0..255 (any real dtype), read one
         batch at a time; with `flip`, of their mirror images."""
-        parts = [
-            self.backbone(hflip(batch) if flip else batch)
-            for batch in iter_batches(images, self.BATCH)
-        ]
+        batches = iter_batches(images, self.BATCH)
+        parts = [self.backbone(hflip(batch) if flip else batch) for batch in batches]
         return np.concatenate(parts) if parts else np.zeros((0, self.head.kernel.shape[0]))
 
-    def views(self, images: np.ndarray, tta: bool) -> list[np.ndarray]:
-        """The images' features, and with `tta` their mirror images' features."""
-        return [self.features(images)] + ([self.features(images, flip=True)] if tta else [])
-
     def predict_proba(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
-        """float64 (N, C) of images (N, S, S, 3), RGB 0..255 (with `tta`: averaged with their
-        mirror images')."""
-        return self.scores(self.views(images, tta))[0]
+        """The probabilities of `classify`."""
+        return self.classify(images, tta)[0]
 
     def classify(self, images: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(`predict_proba`, bool (N,): accepted by the card's reject rule, all without one)."""
+        """(float64 (N, C) probabilities of images (N, S, S, 3), RGB 0..255 (with `tta`: averaged
+        with their mirror images'), bool (N,): accepted by the card's reject rule, all without one)."""
+        views = [self.features(images)] + ([self.features(images, flip=True)] if tta else [])
+        probs, scores = self.scores(views)
         rule = RejectRule.from_card(self.card.reject)
-        probs, scores = self.scores(self.views(images, tta))
         return probs, np.ones(len(probs), dtype=bool) if rule is None else rule.accepts(scores)
 
     def scores(self, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -8,25 +8,22 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.lib.config.schema import ExportConfig, ModelConfig
 from pipeline.lib.console import stderr_without
-from pipeline.lib.data.prepared import SPLITS, iter_batches
+from pipeline.lib.data.prepared import iter_batches
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.model import build
-from pipeline.lib.model.classifier import (
-    Classifier,
-)
-from pipeline.lib.model.saving import save_model
+from pipeline.lib.model.classifier import Classifier
+from pipeline.lib.model.saving import keras_archive
 from pipeline.lib.model.tflite import TFLiteRunner
 
 log = logging.getLogger(__name__)
@@ -36,7 +33,6 @@ METRICS_FILE = "export_metrics.json"
 DETAILS_FILE = "export_details.json"
 #: Latencies and the machine's thread count, beside `paths.run_file` (not a DVC output).
 LATENCY_FILE = "export_latency.json"
-TRAIN, _, TEST = SPLITS
 #: What `paths.exports` holds when `export.formats` is empty (the default).
 NOTHING_EXPORTED = "NOTHING_EXPORTED.txt"
 NOTHING_EXPORTED_TEXT = (
@@ -46,8 +42,6 @@ NOTHING_EXPORTED_TEXT = (
 
 #: The keys of each model's record that `headline_metrics` keeps (`dvc metrics show`).
 HEADLINE_KEYS = ("agreement", "accuracy", "size_mib")
-#: Machine-dependent keys, kept out of the DVC outputs (MLflow, `outputs/export_latency.json`).
-TIMING_KEYS = ("latency_ms",)
 
 
 def export_file(fmt: str) -> str:
@@ -55,20 +49,23 @@ def export_file(fmt: str) -> str:
     return "model.keras" if fmt == "keras" else f"model_{fmt}.tflite"
 
 
-def keras_model(classifier: Classifier, alpha: float, weights: str | None, init_seed: int) -> Any:
+def keras_model(classifier: Classifier, m: ModelConfig) -> Any:
     """The model folder as one Keras model (images 0..255 -> probabilities): the MobileNetV2
-    extractor + a Dense softmax layer holding the head's weights. Imports TensorFlow."""
-    extractor = build.build_feature_extractor(alpha, weights, classifier.image_size, init_seed)
+    extractor of `model.*` + a Dense softmax layer holding the head's weights. Imports TensorFlow."""
+    extractor = build.build_feature_extractor(
+        m.alpha, m.weights, classifier.image_size, m.init_seed
+    )
     head = build.build_head(classifier.head.kernel.shape[0], len(classifier.classes), 0.0)
     head.get_layer(build.HEAD_NAME).set_weights([classifier.head.kernel, classifier.head.bias])
     return build.compose(extractor, head)
 
 
-def representative_indices(n_train: int, n_samples: int) -> np.ndarray:
-    """int64 indices of the int8 calibration images: `n_samples` spread evenly over the
-    (class-ordered) train split, all of them when there are fewer."""
-    n = min(n_train, n_samples)
-    return np.unique(np.linspace(0, n_train - 1, num=n).round().astype(np.int64))
+def representative_images(train_images: Any, n_samples: int) -> np.ndarray:
+    """The int8 calibration images: `n_samples` spread evenly over the (class-ordered) train
+    split (N, H, W, 3), all of them when there are fewer."""
+    n = len(train_images)
+    chosen = np.unique(np.linspace(0, n - 1, num=min(n, n_samples)).round().astype(np.int64))
+    return np.asarray(train_images[chosen])
 
 
 def frozen_graph(model: Any) -> Any:
@@ -87,11 +84,9 @@ def convert(
 ) -> bytes:
     """The frozen graph as a TFLite flatbuffer: `float32`, `float16` weights, or `int8` calibrated
     on `representative` (M, H, W, 3) images 0..255, its input/output of type `int8_io` (uint8 |
-    int8). Raises StageInputError: int8 without images; ValueError: an unknown `fmt`."""
+    int8). Raises StageInputError: int8 without images."""
     import tensorflow as tf
 
-    if fmt not in ("float32", "float16", "int8"):
-        raise ValueError(f"export.formats: unknown format {fmt!r}")
     converter = tf.lite.TFLiteConverter.from_concrete_functions([graph])
     if fmt != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -103,8 +98,7 @@ def convert(
                 "export.formats has int8, but the prepared train split is empty: there are no "
                 "images to calibrate it with."
             )
-        images = representative
-        converter.representative_dataset = lambda: ([np.float32(x)[None]] for x in images)
+        converter.representative_dataset = lambda: ([np.float32(x)[None]] for x in representative)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         io_type = {"uint8": tf.uint8, "int8": tf.int8}[int8_io]
         converter.inference_input_type = converter.inference_output_type = io_type
@@ -120,14 +114,16 @@ def size_record(size_bytes: int) -> dict[str, Any]:
 class ParityCheck:
     """What every export is checked against: the test split's uint8 (N, H, W, 3) `images` (N >= 1),
     int (N,) `y_true`, the `Classifier`'s (N, C) `reference` probabilities; latency: the median
-    of `runs` single-image calls after `warmup`, on `threads` CPU threads."""
+    of `export.latency_runs` single-image calls after `export.latency_warmup`, on `threads`."""
 
     images: np.ndarray
     y_true: np.ndarray
     reference: np.ndarray
-    runs: int
-    warmup: int
-    threads: int
+    settings: ExportConfig
+
+    @property
+    def threads(self) -> int:
+        return self.settings.num_threads or os.cpu_count() or 1
 
     @property
     def one_image(self) -> np.ndarray:
@@ -135,9 +131,9 @@ class ParityCheck:
 
     def latency_ms(self, call: Callable[[], Any]) -> float:
         """Median wall time of `call()` in ms (4 decimals)."""
-        for _ in range(self.warmup):
+        for _ in range(self.settings.latency_warmup):
             call()
-        times = timeit.repeat(call, repeat=self.runs, number=1)
+        times = timeit.repeat(call, repeat=self.settings.latency_runs, number=1)
         return round(statistics.median(times) * 1000.0, 4)
 
     def parity(self, predict: Callable[[np.ndarray], Any], size: int, target: float) -> dict:
@@ -161,9 +157,9 @@ class ParityCheck:
     def describe(self) -> dict[str, Any]:
         """The latency settings and the machine, as recorded with the export details."""
         return {
-            "runs": int(self.runs),
-            "warmup": int(self.warmup),
-            "threads": int(self.threads),
+            "runs": self.settings.latency_runs,
+            "warmup": self.settings.latency_warmup,
+            "threads": self.threads,
             "tflite": "LiteRT Interpreter (ai_edge_litert), XNNPACK delegate, batch 1, invoke() only",
             "keras": "predict_on_batch, batch 1",
             "model": "Classifier (LiteRT backbone + head), batch 1",
@@ -180,15 +176,15 @@ def _tensor(detail: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_timings(details: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(details without timings, timings): each record's `TIMING_KEYS` and the "latency" settings
+    """(details without timings, timings): each record's `latency_ms` and the "latency" settings
     go to the second, so that the first is the same bytes for the same inputs."""
-    stable = {k: v for k, v in details.items() if k != "latency"}
-    timings = {}
-    for name, record in stable.items():
-        if isinstance(record, dict):
-            stable[name] = {k: v for k, v in record.items() if k not in TIMING_KEYS}
-            timings[name] = {k: record[k] for k in TIMING_KEYS if k in record}
-    return stable, timings | ({"latency": details["latency"]} if "latency" in details else {})
+    stable = dict(details)
+    timings = {"latency": stable.pop("latency")} if "latency" in stable else {}
+    for name, record in details.items():
+        if isinstance(record, dict) and "latency_ms" in record:
+            stable[name] = {k: v for k, v in record.items() if k != "latency_ms"}
+            timings[name] = {"latency_ms": record["latency_ms"]}
+    return stable, timings
 
 
 def headline_metrics(details: dict[str, Any]) -> dict[str, Any]:
@@ -201,37 +197,32 @@ def headline_metrics(details: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_formats(
-    model: Any,
-    formats: list[str],
-    targets: dict[str, float],
-    check: ParityCheck,
-    representative: np.ndarray | None = None,
-    int8_io: str = "uint8",
+    model: Any, check: ParityCheck, representative: np.ndarray | None
 ) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
-    """Save the Keras `model` (`keras`) and convert it to the TFLite `formats`, each checked
-    (`check.parity` against `targets` by format, latency; TFLite: tensors and dtypes); return
+    """Save the Keras `model` (`keras`) and convert it to the TFLite `export.formats`, each checked
+    (`check.parity` against `export.targets`, latency; TFLite: tensors and dtypes); return
     ({format: file bytes}, {format: record}). `representative`: the int8 calibration images."""
-    graph = frozen_graph(model) if set(formats) - {"keras"} else None
+    settings = check.settings
+    graph = frozen_graph(model) if set(settings.formats) - {"keras"} else None
     files: dict[str, bytes] = {}
     records: dict[str, dict[str, Any]] = {}
-    for fmt in formats:
+    for fmt in settings.formats:
+        target = float(getattr(settings.targets, fmt))
         start = time.perf_counter()
-        if fmt == "keras":
-            with tempfile.TemporaryDirectory(prefix="export-keras-") as tmp:
-                files[fmt] = save_model(model, Path(tmp) / "model.keras").read_bytes()
-        else:
-            files[fmt] = convert(graph, fmt, representative, int8_io)
-        seconds = time.perf_counter() - start
         r: dict[str, Any] = {"file": export_file(fmt)}
         if fmt == "keras":
-            r |= check.parity(model.predict_on_batch, len(files[fmt]), targets[fmt])
+            files[fmt] = keras_archive(model)
+            seconds = time.perf_counter() - start
+            r |= check.parity(model.predict_on_batch, len(files[fmt]), target)
             r["latency_ms"] = check.latency_ms(partial(model.predict_on_batch, check.one_image))
         else:
+            files[fmt] = convert(graph, fmt, representative, settings.int8_io)
+            seconds = time.perf_counter() - start
             runner = TFLiteRunner(files[fmt], check.threads)
-            r |= check.parity(runner, len(files[fmt]), targets[fmt])
+            r |= check.parity(runner, len(files[fmt]), target)
             runner.set_input(check.one_image)
             r |= {
-                "latency_ms": check.latency_ms(runner.invoke),
+                "latency_ms": check.latency_ms(runner.interpreter.invoke),
                 "input": _tensor(runner.input),
                 "output": _tensor(runner.output),
                 "tensor_dtypes": runner.tensor_dtypes(),

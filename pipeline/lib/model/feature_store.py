@@ -22,8 +22,6 @@ from pipeline.lib.files import cache_root, md5_file
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 500  # sha256s per query (sqlite's variable limit is >= 999)
-
 
 def store_key(flatbuffer: bytes, image_size: int, resize: str) -> str:
     """32 hex digits: what per-image features depend on besides the photo's bytes."""
@@ -53,8 +51,24 @@ class FeatureStore:
     def get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
         """{sha256: float32 (D,)} of the valid entries among `shas` (invalid ones deleted); {} when
         the file is damaged beyond its entries (set aside as `<name>.damaged`, a fresh one started)."""
+        found, bad = {}, []
         try:
-            return self._get(shas)
+            for sha in dict.fromkeys(shas):
+                row = self.db.execute("SELECT crc, x FROM f WHERE sha = ?", (sha,)).fetchone()
+                if row is None:
+                    continue
+                crc, blob = row
+                x = np.frombuffer(blob, "f4") if len(blob) == 4 * self.dim else None
+                if x is not None and zlib.crc32(blob) == crc and np.isfinite(x).all():
+                    found[sha] = x
+                else:
+                    bad.append(sha)
+            if bad:
+                log.warning(
+                    "Feature store %s: %d damaged entries, recomputing them", self.path, len(bad)
+                )
+                self.db.executemany("DELETE FROM f WHERE sha = ?", [(s,) for s in bad])
+                self.db.commit()
         except sqlite3.DatabaseError as exc:
             self.db.close()
             aside = self.path.with_name(self.path.name + ".damaged")
@@ -63,25 +77,6 @@ class FeatureStore:
                 os.replace(self.path, aside)
             self._open()
             return {}
-
-    def _get(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
-        wanted, found, bad = list(dict.fromkeys(shas)), {}, []
-        for i in range(0, len(wanted), _CHUNK):
-            chunk = wanted[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            query = f"SELECT sha, crc, x FROM f WHERE sha IN ({marks})"  # noqa: S608 (marks only)
-            for sha, crc, blob in self.db.execute(query, chunk):
-                x = np.frombuffer(blob, np.float32) if len(blob) == 4 * self.dim else None
-                if x is None or zlib.crc32(blob) != crc or not np.isfinite(x).all():
-                    bad.append(sha)
-                else:
-                    found[sha] = x
-        if bad:
-            log.warning(
-                "Feature store %s: %d damaged entries, recomputing them", self.path, len(bad)
-            )
-            self.db.executemany("DELETE FROM f WHERE sha = ?", [(s,) for s in bad])
-            self.db.commit()
         return found
 
     def put(self, items: Iterable[tuple[str, np.ndarray]]) -> None:

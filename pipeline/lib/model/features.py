@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pipeline.lib.data.prepared import SPLITS, iter_batches
 from pipeline.lib.files import atomic_file, cache_root, md5_file, read_json
 from pipeline.lib.model import build
-from pipeline.lib.model.tflite import TFLiteRunner
+from pipeline.lib.model.tflite import ModelSource, TFLiteRunner
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
     """32 hex digits naming the converted `build_feature_extractor(...)`: the weights' md5 (or the
     seed), alpha, size, TensorFlow/Keras versions and settings, `CONVERSION`, build.py and the
     converter's source. Raises WeightsNotFoundError: the weights file is not there."""
-    path = weights_file(weights, alpha, image_size)
+    path = build.resolve_weights(weights, alpha, image_size)
     origin = "imagenet" if weights == "imagenet" else "file"
     versions = {}
     for name in KEYED_DISTRIBUTIONS:
@@ -62,14 +62,6 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
         "converter": hashlib.sha256(inspect.getsource(convert_to_tflite).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def weights_file(weights: str | None, alpha: float, image_size: int) -> Path | None:
-    """The weights file (ImageNet's or the user's); None: random. Raises WeightsNotFoundError."""
-    resolved = build.resolve_weights(weights, alpha, image_size)
-    if resolved == "imagenet":
-        return build.imagenet_weights_path(alpha, image_size)
-    return None if resolved is None else Path(resolved)
 
 
 def _keras_settings(home: Path) -> dict[str, str]:
@@ -144,7 +136,7 @@ class ShardedTFLite:
     in threads (on 2 cores 1.5-2x one 2-thread interpreter, bit-identical). Calling it maps float32
     (B, H, W, 3), 0..255 -> float32 (B, D); `feature_dim` is D."""
 
-    def __init__(self, flatbuffer: bytes | str | os.PathLike[str], workers: int | None = None):
+    def __init__(self, flatbuffer: ModelSource, workers: int | None = None):
         self.workers = int(workers or usable_cores())
         self.runners = [TFLiteRunner(flatbuffer, num_threads=1) for _ in range(self.workers)]
         self.feature_dim = int(np.prod(self.runners[0].output["shape"][1:]))
@@ -178,8 +170,7 @@ def backbone_featurizer(
     return sharded, sharded.feature_dim
 
 
-def prefetch(iterator: Iterator[Any]) -> Iterator[Any]:
-    """The items of `iterator`, the next one read in a background thread (errors raised here)."""
+def _read_ahead(iterator: Iterator[Any]) -> Iterator[Any]:
     done = object()
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(next, iterator, done)
@@ -199,7 +190,7 @@ def feature_batches(
     done = 0
     off = None if progress else True  # None: tqdm draws only on a terminal
     with tqdm(total=len(images), desc=progress, unit="img", disable=off, leave=False) as bar:
-        for batch in prefetch(iter_batches(images, batch_size)):
+        for batch in _read_ahead(iter_batches(images, batch_size)):  # next batch read in a thread
             feats = featurizer(batch)
             yield done, feats
             done += len(feats)
@@ -226,7 +217,7 @@ def feature_key(cfg: Any, prepared_md5: str) -> dict:
     """What determines the features (`meta.json`): the prepared images' DVC md5, the backbone's
     settings and its weights file's md5 (DVC sees only the `model.weights` string)."""
     try:
-        path = weights_file(cfg.model.weights, cfg.model.alpha, int(cfg.data.image_size))
+        path = build.resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.data.image_size)
     except build.WeightsNotFoundError:
         path = None
     return {

@@ -101,11 +101,9 @@ def rule_metrics(rule: RejectRule, scores: np.ndarray, correct: np.ndarray) -> d
 
 def coverage_figure(curve: dict, rule_coverage: float | None) -> Figure:
     """`coverage_curve` drawn, the stored rule's coverage (if any) marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # not for predict or serving
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # not for predict or serving
 
     fig = Figure(figsize=(5, 4))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot(curve["coverage"], curve["accuracy"], label="accepting by energy score")
     if rule_coverage is not None:

@@ -1,11 +1,10 @@
-"""`save_model`, a `.keras` archive whose bytes depend only on the model (the `keras` export), and
+"""`keras_archive`, a `.keras` archive whose bytes depend only on the model (the `keras` export), and
 the record of the MLflow run that trained the model folder (`paths.run_file`)."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tempfile
 import zipfile
 from pathlib import Path
@@ -18,18 +17,13 @@ from pipeline.lib.model.classifier import model_md5
 FIXED_DATE = "1980-01-01@00:00:00"
 
 
-def save_model(model: Any, path: str | os.PathLike[str]) -> Path:
-    """Save `model` atomically as a `.keras` archive whose bytes depend on the model alone (save
-    times and config.json's `shared_object_id`s replaced, entries sorted); return `path`.
-    Raises ValueError: `path` does not end with `.keras`."""
-    path = Path(path)
-    if path.suffix != ".keras":
-        raise ValueError(f"{path}: a Keras archive must end with .keras")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".save-", dir=path.parent) as tmp:
-        raw = Path(tmp) / path.name
+def keras_archive(model: Any) -> bytes:
+    """`model` as `.keras` archive bytes that depend on the model alone (save times and
+    config.json's `shared_object_id`s replaced, entries sorted)."""
+    out = io.BytesIO()
+    with tempfile.TemporaryDirectory(prefix="keras-archive-") as tmp:
+        raw = Path(tmp) / "model.keras"
         model.save(raw)
-        out = io.BytesIO()
         with zipfile.ZipFile(raw) as src, zipfile.ZipFile(out, "w") as dst:
             for name in sorted(src.namelist()):
                 data = src.read(name)
@@ -38,9 +32,7 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> Path:
                 elif name == "config.json":
                     data = json.dumps(_renumber_shared_objects(json.loads(data), {})).encode()
                 dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
-        raw.write_bytes(out.getvalue())
-        os.replace(raw, path)
-    return path
+    return out.getvalue()
 
 
 def _renumber_shared_objects(node: Any, numbers: dict[int, int]) -> Any:

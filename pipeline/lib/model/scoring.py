@@ -18,11 +18,9 @@ from pipeline.lib.model.features import META_FILE
 log = logging.getLogger(__name__)
 
 
-def cached_features(
+def _cached_features(
     features: str | Path, backbone: Path, prepared: str | Path, split: str
 ) -> np.ndarray | None:
-    """float32 (N, D) features of `split` in `features` if computed by the file `backbone` from
-    the images in `prepared`; else None (the reason logged)."""
     folder = Path(features)
     cached = folder / BACKBONE_FILE
     if not cached.is_file() or md5_file(cached) != md5_file(backbone):
@@ -48,7 +46,7 @@ def split_scores(
     backbone = classifier.backbone_source
     features = None
     if isinstance(backbone, str | Path):
-        features = cached_features(features_dir, Path(backbone), dataset.folder, split)
+        features = _cached_features(features_dir, Path(backbone), dataset.folder, split)
     if features is None or len(features) != len(images):
         log.info("Scoring the %d %s images with the model's backbone", len(images), split)
         features = classifier.features(images)

@@ -12,6 +12,9 @@ import numpy as np
 
 from pipeline.lib.console import stderr_without
 
+#: A `.tflite` model: its bytes, or its file.
+ModelSource = bytes | str | os.PathLike[str]
+
 
 class TFLiteRunner:
     """A `.tflite` model (one input, one output), from its bytes or file, on `num_threads` CPU
@@ -21,21 +24,19 @@ class TFLiteRunner:
     `input_quantization` / `output_quantization`: (scale, zero_point), (0.0, 0) if not quantized.
     Raises ValueError: not a loadable TFLite model, or an integer input without quantization."""
 
-    def __init__(self, model: bytes | str | os.PathLike[str], num_threads: int | None = None):
+    def __init__(self, model: ModelSource, num_threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
         in_memory = isinstance(model, bytes | bytearray)
         source = {"model_content": bytes(model)} if in_memory else {"model_path": str(Path(model))}
-        threads = num_threads or os.cpu_count() or 1
         try:
             # LiteRT's C++ "INFO: Created TensorFlow Lite XNNPACK delegate" on every interpreter
             with warnings.catch_warnings(), stderr_without("TensorFlow Lite XNNPACK delegate"):
                 warnings.simplefilter("ignore")
-                self.interpreter = Interpreter(**source, num_threads=threads)
+                self.interpreter = Interpreter(**source, num_threads=num_threads or os.cpu_count())
                 self.interpreter.allocate_tensors()
         except (RuntimeError, ValueError, OSError) as exc:
             raise ValueError(f"not a loadable TensorFlow Lite model: {exc}") from exc
-        self.num_threads = threads
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in self.input["shape"])
@@ -59,8 +60,8 @@ class TFLiteRunner:
         return np.clip(q, info.min, info.max).astype(self.input_dtype)
 
     def set_input(self, images: np.ndarray) -> None:
-        """Set the (quantized) input for `invoke()`, resizing the batch if needed (RuntimeError /
-        ValueError when it cannot be)."""
+        """Set the (quantized) input for `interpreter.invoke()`, resizing the batch if needed
+        (RuntimeError / ValueError when it cannot be)."""
         if len(images) != self._batch:
             self.interpreter.resize_tensor_input(
                 self.input["index"], [len(images), *self.input_shape[1:]], strict=False
@@ -69,22 +70,11 @@ class TFLiteRunner:
             self._batch = len(images)
         self.interpreter.set_tensor(self.input["index"], self.quantize(images))
 
-    def invoke(self) -> None:
-        self.interpreter.invoke()
-
     def __call__(self, images: np.ndarray) -> np.ndarray:
         n = len(images)
-        try:
-            self.set_input(images)
-        except (RuntimeError, ValueError):  # a model converted with a fixed batch size
-            self.interpreter.resize_tensor_input(
-                self.input["index"], list(self.input_shape), strict=False
-            )
-            self.interpreter.allocate_tensors()
-            self._batch = self.input_shape[0]
-            if self._batch != 1 or n == 1:
-                raise
+        if self.input["shape_signature"][0] == 1 and n > 1:  # converted with a fixed batch of 1
             return np.concatenate([self(images[i : i + 1]) for i in range(n)])
+        self.set_input(images)
         self.interpreter.invoke()
         values = np.array(self.interpreter.get_tensor(self.output["index"]), np.float32)
         scale, zero_point = self.output_quantization

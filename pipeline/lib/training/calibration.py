@@ -32,9 +32,7 @@ def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """The T > 0 minimising `nll(logits, y, T)` (bounded Brent search over log T) of float (N, C)
-    logits (or log-probabilities) and int (N,) labels; 1.0 when N = 0. T < 1 sharpens."""
-    if not len(y):
-        return 1.0
+    logits (or log-probabilities) and int (N,) labels, N >= 1. T < 1 sharpens."""
     result = minimize_scalar(
         lambda log_t: nll(logits, y, float(np.exp(log_t))),
         bounds=(-LOG_T_BOUND, LOG_T_BOUND),

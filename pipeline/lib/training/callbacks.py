@@ -17,15 +17,17 @@ AUGMENT_DRAWS_PER_STEP = 16
 
 
 class BatchRecorder(keras.callbacks.Callback):
-    """Per-batch loss/accuracy (Keras' running means over the epoch) in `batches` {"step",
-    "epoch", "loss", "accuracy"} (steps numbered across epochs, as an uninterrupted run), and a
-    tqdm bar in images/s. `epochs`: the phase's last epoch (exclusive, 0-based)."""
+    """Appends per-batch loss/accuracy (Keras' running means over the epoch) to `batches`
+    {"step", "epoch", "loss", "accuracy"} (steps numbered across epochs, as an uninterrupted run);
+    a tqdm bar in images/s. `epochs`: the phase's last epoch (exclusive, 0-based)."""
 
-    def __init__(self, total_images: int, epochs: int, batch_size: int) -> None:
+    def __init__(
+        self, batches: dict[str, list[float]], total_images: int, epochs: int, batch_size: int
+    ) -> None:
         super().__init__()
-        self.total_images, self.epochs, self.batch_size = total_images, epochs, batch_size
+        self.batches, self.total_images, self.epochs = batches, total_images, epochs
+        self.batch_size = batch_size
         self.steps_per_epoch = max(math.ceil(total_images / batch_size), 1)
-        self.batches: dict[str, list[float]] = {"step": [], "epoch": [], "loss": [], "accuracy": []}
         self.bar: Any = None
         self.epoch = 0
 
@@ -36,16 +38,13 @@ class BatchRecorder(keras.callbacks.Callback):
         self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        logs = logs or {}
         self.batches["step"].append((self.epoch - 1) * self.steps_per_epoch + batch + 1)
         self.batches["epoch"].append(self.epoch)
-        self.batches["loss"].append(float(logs.get("loss", math.nan)))
-        self.batches["accuracy"].append(float(logs.get("accuracy", math.nan)))
+        self.batches["loss"].append(float(logs["loss"]))
+        self.batches["accuracy"].append(float(logs["accuracy"]))
         self.bar.update(min(self.batch_size, self.total_images - batch * self.batch_size))
         # drawn at tqdm's own pace (TQDM_MININTERVAL off a terminal)
-        self.bar.set_postfix(
-            epoch=self.epoch, loss=f"{self.batches['loss'][-1]:.3f}", refresh=False
-        )
+        self.bar.set_postfix(epoch=self.epoch, loss=f"{logs['loss']:.3f}", refresh=False)
 
     def on_train_end(self, logs: Any = None) -> None:
         if self.bar is not None:
@@ -54,13 +53,13 @@ class BatchRecorder(keras.callbacks.Callback):
 
 class EpochState(keras.callbacks.Callback):
     """At each epoch start, sets what is random per epoch (not in Keras' checkpoints) as an
-    uninterrupted run has it: the batch order of `datasets` (their `epoch`) and the
+    uninterrupted run has it: the batch order of `dataset` (its `epoch`) and the
     `SeedGenerator` counters of `model`'s dropout and augmentation layers. `first_epoch`: the
     first epoch that ran (0-based), None until one runs."""
 
-    def __init__(self, datasets: list[Any], model: Any, steps_per_epoch: int) -> None:
+    def __init__(self, dataset: Any, model: Any, steps_per_epoch: int) -> None:
         super().__init__()
-        self.datasets, self.steps_per_epoch = datasets, steps_per_epoch
+        self.dataset, self.steps_per_epoch = dataset, steps_per_epoch
         self.first_epoch: int | None = None
         self.generators = []
         for layer in model.layers:
@@ -73,8 +72,7 @@ class EpochState(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         if self.first_epoch is None:
             self.first_epoch = epoch
-        for dataset in self.datasets:
-            dataset.epoch = epoch
+        self.dataset.epoch = epoch
         for generator, base, stride in self.generators:
             counter = epoch * self.steps_per_epoch * stride
             generator.state.assign(np.array([base, counter], dtype=generator.state.dtype))
@@ -89,8 +87,6 @@ class LearningRateLogger(keras.callbacks.Callback):
         self.schedule = schedule
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        if logs is None:
-            return
         optimizer = self.model.optimizer
         if self.schedule is not None:
             step = max(int(np.asarray(optimizer.iterations.numpy())) - 1, 0)

@@ -36,9 +36,8 @@ def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.nda
         raise CrossvalError(
             f"{len(labels)} images cannot make {k} folds: set train.crossval_folds <= {len(labels)}"
         )
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    if np.bincount(labels).max() < k:  # no class has k images: stratifying is impossible
-        splitter = KFold(n_splits=k, shuffle=True, random_state=seed)
+    stratifiable = np.bincount(labels).max() >= k  # else no class has k images
+    splitter = (StratifiedKFold if stratifiable else KFold)(k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # "least populated class has only n members": expected
         warnings.simplefilter("ignore", UserWarning)
         tests = [test for _, test in splitter.split(np.zeros(len(labels)), labels)]

@@ -6,7 +6,6 @@ one (batch order and dropout masks are functions of (seed, epoch)). Imports Tens
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -44,17 +43,7 @@ log = logging.getLogger(__name__)
 def set_seeds(seed: int) -> None:
     """Seed Python, NumPy and Keras/TensorFlow; turn on TensorFlow's op determinism."""
     keras.utils.set_random_seed(seed)
-    with contextlib.suppress(Exception):
-        tf.config.experimental.enable_op_determinism()
-
-
-def distribution_strategy(name: str) -> Any:
-    """`train.strategy`: the default or a MirroredStrategy (every GPU, else the CPU)."""
-    if name == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
-        log.info("train.strategy=mirrored: %d replica(s)", strategy.num_replicas_in_sync)
-        return strategy
-    return tf.distribute.get_strategy()
+    tf.config.experimental.enable_op_determinism()
 
 
 def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
@@ -73,12 +62,6 @@ def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     return Path(cfg.train.checkpoint_dir) / f"train-{digest}"
 
 
-#: In the checkpoint folder of a fine-tuning run: phase 1's weights and epochs; phase 2's folder.
-PHASE1_WEIGHTS = "phase1.weights.h5"
-PHASE1_DONE = "phase1.json"
-FINE_TUNE_DIR = "fine_tune"
-
-
 @dataclass
 class Networks:
     """One run's Keras models, sharing weights: `extractor` images 0..255 -> features (None when
@@ -90,19 +73,25 @@ class Networks:
     image_net: Any
 
 
-def build_networks(cfg: Config, num_classes: int, image_size: int, l2: float) -> Networks:
+def build_networks(
+    cfg: Config, num_classes: int, image_size: int, l2: float, feature_dim: int | None
+) -> Networks:
     """The extractor (seeded by `model.init_seed` without weights), then, seeded by `train.seed`,
-    the head (`l2`: its kernel's penalty) and the augmentation layers."""
+    the head (`l2`: its kernel's penalty) and the augmentation layers; only the head when
+    `feature_dim` is given (no MobileNetV2 built)."""
     t, m = cfg.train, cfg.model
+    if feature_dim is not None:
+        set_seeds(t.seed)
+        head = build.build_head(feature_dim, num_classes, m.dropout, m.head_init, l2)
+        return Networks(None, head, head, head)
     extractor = build.build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
     set_seeds(t.seed)
     dim = int(extractor.output.shape[-1])
     head = build.build_head(dim, num_classes, m.dropout, m.head_init, l2)
     full = build.compose(extractor, head)
-    if not t.augment.enabled:
-        return Networks(extractor, head, full, full)
-    augmented = build.compose(extractor, head, build.build_augmentation(t.augment, t.seed))
-    return Networks(extractor, head, full, augmented)
+    augmentation = build.build_augmentation(t.augment, t.seed) if t.augment.enabled else None
+    image_net = full if augmentation is None else build.compose(extractor, head, augmentation)
+    return Networks(extractor, head, full, image_net)
 
 
 def phase1_on_images(cfg: Config) -> bool:
@@ -141,10 +130,6 @@ class PhaseRunner:
     #: Save the state every epoch; off for a head-only sweep job without resume (~70 % of its time)
     backup: bool = True
 
-    @property
-    def monitor(self) -> str:
-        return "val_loss" if len(self.targets["val"]) else "loss"
-
     def run(
         self, name: str, net: Any, x: dict[str, Any], rate: float, epochs: range, backup: Path
     ) -> int:
@@ -153,10 +138,14 @@ class PhaseRunner:
         t, first, last, y = self.cfg.train, epochs.start, epochs.stop, self.targets
         train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
         val = ArrayBatches(x["val"], y["val"], t.batch_size, False, 0) if len(y["val"]) else None
-        schedule = self._compile(net, rate, (last - first) * len(train_batches))
-        callbacks, state, recorder, stopper = self._callbacks(
-            net, train_batches, schedule, last, backup
-        )
+        steps = (last - first) * len(train_batches)
+        cosine = t.lr_schedule == "cosine"
+        schedule = keras.optimizers.schedules.CosineDecay(rate, steps) if cosine else None
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
+        net.compile(build.make_optimizer(t.optimizer, schedule or rate), loss, metrics=["accuracy"])
+        callbacks, stopper = self._callbacks(schedule, backup)
+        state = EpochState(train_batches, net, len(train_batches))
+        recorder = BatchRecorder(self.batches, len(y["train"]), last, t.batch_size)
         self.phases[name] = {
             # the head takes features (B, D), the image networks images (B, H, W, 3)
             "mode": "cached_features" if len(net.input.shape) == 2 else "end_to_end",
@@ -166,7 +155,7 @@ class PhaseRunner:
         }
         net._initial_epoch = None  # a restored epoch of an earlier fit must not carry over
         # shuffle=False: the batches order themselves per (seed, epoch); Keras would reorder them
-        result = net.fit(
+        ran = net.fit(
             train_batches,
             initial_epoch=first,
             epochs=last,
@@ -174,88 +163,64 @@ class PhaseRunner:
             class_weight=self.class_weight,
             verbose=0,
             shuffle=False,
-            callbacks=callbacks,
-        )
-        done = self._record(name, result.history, state, recorder, last)
-        if stopper is not None and stopper.stopped_epoch > 0:
-            self.stopped.append(done)
-            log.info("Early stopping in %s after epoch %d (best weights restored)", name, done)
-        self.phases[name]["last_epoch"] = done
-        return done
-
-    def _compile(self, net: Any, rate: float, steps: int) -> Any:
-        """Compile `net`; return the cosine schedule over `steps` (`train.lr_schedule=cosine`)."""
-        t = self.cfg.train
-        cosine = t.lr_schedule == "cosine"
-        schedule = keras.optimizers.schedules.CosineDecay(rate, steps) if cosine else None
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=t.label_smoothing)
-        net.compile(build.make_optimizer(t.optimizer, schedule or rate), loss, metrics=["accuracy"])
-        return schedule
-
-    def _callbacks(
-        self, net: Any, train_batches: Any, schedule: Any, last: int, backup: Path
-    ) -> tuple[list[Any], Any, Any, Any]:
-        """(callbacks, EpochState, BatchRecorder, EarlyStopping or None). The rate logger precedes
-        ReduceLROnPlateau and the backup (which then holds a reduced rate)."""
-        t = self.cfg.train
-        callbacks: list[Any] = [LearningRateLogger(schedule)]
-        if t.lr_schedule == "reduce_on_plateau":
-            plateau = {
-                k: getattr(t.plateau, k) for k in ("factor", "patience", "min_delta", "min_lr")
-            }
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=self.monitor, **plateau))
-        stopper = None
-        if t.early_stopping.enabled:
-            stopping = {k: getattr(t.early_stopping, k) for k in ("patience", "min_delta")}
-            stopper = keras.callbacks.EarlyStopping(
-                self.monitor, restore_best_weights=True, **stopping
-            )
-            callbacks.append(stopper)
-        state = EpochState([train_batches], net, len(train_batches))
-        recorder = BatchRecorder(len(self.targets["train"]), last, t.batch_size)
-        # replaced atomically: a process killed while saving leaves the previous epoch's state
-        backup_cb = AtomicBackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True)
-        callbacks += [backup_cb] if self.backup else []
-        callbacks += [state, recorder, *self.extra_callbacks]
-        return callbacks, state, recorder, stopper
-
-    def _record(
-        self, name: str, ran: dict[str, list[Any]], state: Any, recorder: Any, last: int
-    ) -> int:
-        """Append the epochs and batches that ran; return the epochs done by the phase's end."""
-        count = len(ran.get("loss", []))
+            callbacks=[*callbacks, state, recorder, *self.extra_callbacks],
+        ).history
+        done = last
         if state.first_epoch is None:
             log.warning(
                 "The checkpoint already held all epochs of %s: nothing was trained "
                 "(run with train.resume=false to train again)",
                 name,
             )
-            return last
-        first = state.first_epoch
-        self.history["epoch"] += list(range(first + 1, first + count + 1))
-        for key, values in ran.items():
-            self.history.setdefault(key, []).extend(float(v) for v in values)
-        for key, values in recorder.batches.items():
-            self.batches[key].extend(values)
-        return first + count
+        else:
+            done = state.first_epoch + len(ran.get("loss", []))
+            self.history["epoch"] += list(range(state.first_epoch + 1, done + 1))
+            for key, values in ran.items():
+                self.history.setdefault(key, []).extend(float(v) for v in values)
+        if stopper is not None and stopper.stopped_epoch > 0:
+            self.stopped.append(done)
+            log.info("Early stopping in %s after epoch %d (best weights restored)", name, done)
+        self.phases[name]["last_epoch"] = done
+        return done
+
+    def _callbacks(self, schedule: Any, backup: Path) -> tuple[list[Any], Any]:
+        """(callbacks, EarlyStopping or None). The rate logger precedes ReduceLROnPlateau and the
+        backup (which then holds a reduced rate)."""
+        t = self.cfg.train
+        monitor = "val_loss" if len(self.targets["val"]) else "loss"
+        callbacks: list[Any] = [LearningRateLogger(schedule)]
+        if t.lr_schedule == "reduce_on_plateau":
+            # factor, patience, min_delta, min_lr
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, **t.plateau))
+        stopper = None
+        if t.early_stopping.enabled:
+            stopping = {k: getattr(t.early_stopping, k) for k in ("patience", "min_delta")}
+            stopper = keras.callbacks.EarlyStopping(monitor, restore_best_weights=True, **stopping)
+            callbacks.append(stopper)
+        if self.backup:  # replaced atomically: a killed process leaves the last epoch's state
+            callbacks.append(
+                AtomicBackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True)
+            )
+        return callbacks, stopper
 
 
 def run_phase1(
     runner: PhaseRunner, net: Any, x: dict[str, Any], nets: Networks, checkpoint: Path
 ) -> int:
-    """Phase 1 (when fine-tuning, saved at its end: a resumed run skips it); its epochs."""
+    """Phase 1 (when fine-tuning, its weights and epochs are saved in `checkpoint` at its end: a
+    resumed run skips it); its epochs."""
     t = runner.cfg.train
-    done_file = checkpoint / PHASE1_DONE
+    weights, done_file = checkpoint / "phase1.weights.h5", checkpoint / "phase1.json"
     if t.fine_tune.enabled and t.resume and done_file.is_file():
         done = int(read_json(done_file)["epochs"])
-        nets.full.load_weights(checkpoint / PHASE1_WEIGHTS)
+        nets.full.load_weights(weights)
         runner.phases["phase1"] = read_json(done_file)["phase"]
         log.info("Phase 1 had finished (%d epochs): resuming with fine-tuning", done)
         return done
     done = runner.run("phase1", net, x, t.learning_rate, range(t.epochs), checkpoint)
     if t.fine_tune.enabled:
         checkpoint.mkdir(parents=True, exist_ok=True)
-        nets.full.save_weights(checkpoint / PHASE1_WEIGHTS)
+        nets.full.save_weights(weights)
         write_json(done_file, {"epochs": done, "phase": runner.phases["phase1"]})
     return done
 
@@ -266,9 +231,9 @@ def run_phase2(
     """Fine-tuning of the backbone's top `unfreeze_top_n` layers (BatchNorm frozen) on images,
     epochs numbered after phase 1's; the checkpoint folder is removed at its end."""
     ft = runner.cfg.train.fine_tune
-    unfrozen = build.unfreeze_top(build.find_backbone(nets.extractor), ft.unfreeze_top_n)
+    unfrozen = build.unfreeze_top(nets.extractor.get_layer(build.BACKBONE_NAME), ft.unfreeze_top_n)
     log.info("Fine-tuning %d layers (BatchNorm frozen), lr %g", len(unfrozen), ft.learning_rate)
-    epochs, backup = range(done, done + ft.epochs), checkpoint / FINE_TUNE_DIR
+    epochs, backup = range(done, done + ft.epochs), checkpoint / "fine_tune"
     runner.run("phase2", nets.image_net, images, ft.learning_rate, epochs, backup)
     runner.phases["phase2"]["unfrozen_layers"] = unfrozen
     shutil.rmtree(checkpoint, ignore_errors=True)
@@ -304,15 +269,15 @@ def fit_keras(
     prepared_md5: str,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> KerasFit:
-    """Train the head (with `train.fine_tune`, then the backbone's top) with Keras `fit`.
-
-    Phase 1 trains the head on the cached `features` {"train", "val": float32 (N, D)} (without
-    building MobileNetV2) unless `phase1_on_images`; phase 2 is `run_phase2`. `train.resume`
-    continues an interrupted run (early stopping's and ReduceLROnPlateau's counters restart).
-    `callbacks` follow the pipeline's own in every phase's `fit`.
-    """
+    """Train the head (with `train.fine_tune`, then the backbone's top) with Keras `fit`. Phase 1
+    trains the head on the cached `features` {"train", "val": float32 (N, D)} (without building
+    MobileNetV2) unless `phase1_on_images`; phase 2 is `run_phase2`. `train.resume` continues an
+    interrupted run (early stopping's and ReduceLROnPlateau's counters restart). `callbacks`
+    follow the pipeline's own in every phase's `fit`."""
     t, c = cfg.train, dataset.num_classes
-    strategy = distribution_strategy(t.strategy)
+    mirrored = t.strategy == "mirrored"  # every GPU, else the CPU
+    strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
+    log.info("train.strategy=%s: %d replica(s)", t.strategy, strategy.num_replicas_in_sync)
     on_images = phase1_on_images(cfg)
     head_only = not on_images and not t.fine_tune.enabled
     images = {s: dataset.images(s) for s in ("train", "val")}
@@ -320,13 +285,8 @@ def fit_keras(
     l2 = l2_factor(t.C, len(targets["train"]))
     with strategy.scope():
         start = time.perf_counter()
-        if head_only:
-            set_seeds(t.seed)
-            dim = features["train"].shape[1]
-            head = build.build_head(dim, c, cfg.model.dropout, cfg.model.head_init, l2)
-            nets = Networks(None, head, head, head)
-        else:
-            nets = build_networks(cfg, c, dataset.image_size, l2)
+        dim = features["train"].shape[1] if head_only else None
+        nets = build_networks(cfg, c, dataset.image_size, l2, dim)
         net, x = (nets.image_net, images) if on_images else (nets.head, features)
         weights = class_weights(dataset.labels("train"), c, t.class_weight)
         runner = PhaseRunner(
@@ -344,12 +304,11 @@ def fit_keras(
     kernel, bias = nets.head.get_layer(build.HEAD_NAME).get_weights()
     changed = t.fine_tune.enabled or not cfg.model.freeze_backbone
     extractor = nets.extractor if changed else None
-    new_features = None
+    new_features = None  # the photos decoded batch by batch
     if extractor is not None:
-        dim = int(extractor.output_shape[-1])  # the photos decoded batch by batch
+        dim = int(extractor.output_shape[-1])
         new_features = {
-            s: featurize_array(extractor.predict_on_batch, images[s], 32, dim)
-            for s in ("train", "val")
+            s: featurize_array(extractor.predict_on_batch, images[s], 32, dim) for s in images
         }
     epochs = runner.history["epoch"]
     total = t.epochs + (t.fine_tune.epochs if t.fine_tune.enabled else 0)
