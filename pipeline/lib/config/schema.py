@@ -90,9 +90,6 @@ class FineTuneConfig:
     learning_rate: float = _in(1e-5, "> 0")
 
 
-AUGMENTS = ("rotation", "zoom", "translation", "contrast", "brightness")
-
-
 @dataclass
 class AugmentConfig:
     enabled: bool = False
@@ -306,10 +303,8 @@ def _in_range(value: float, spec: str) -> bool:
 def validate(cfg: DictConfig | dict[str, Any]) -> Config:
     """`cfg` merged onto the schema, range-checked, `auto` tracking names resolved, read-only.
     A DictConfig's interpolations are resolved once; a dict's values (and the result's) are
-    literal: a `${` in a value (a folder's name) is never interpolated.
-
-    Raises `ConfigError` naming the key on any missing or unknown key, wrong type or bad value.
-    """
+    literal: a `${` in a value (a folder's name) is never interpolated. Raises `ConfigError`
+    naming the key on any missing or unknown key, wrong type or bad value."""
     try:
         values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
         values = literal(values)
@@ -363,7 +358,7 @@ def _check_values(c: Any) -> None:
     _check_fields(c, "")
     d, t, a, formats = c.data, c.train, c.train.augment, list(c.export.formats)
     synthetic, use = d.source == "synthetic", "`python -m pipeline.params --use-folder PATH`"
-    augments = a.flip != "none" or any(a[k] > 0 for k in AUGMENTS)
+    augments = a.flip != "none" or any(v > 0 for k, v in a.items() if k not in ("enabled", "flip"))
     c_ok = t.C in ("auto", None) or type(t.C) in (int, float) and 0 < t.C < 1e12
     keras, flow = solver(c) == "keras", ", ".join(images_must_flow(c))
     changed = [k for k in KERAS_ONLY if OmegaConf.select(c, k) != OmegaConf.select(_schema(), k)]

@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 # set by DVC: for every command of a `dvc exp run`; for every stage command
 DVC_EXP_NAME, DVC_EXP_BASELINE_REV, DVC_STAGE = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"
-#: Files DVC or the pipeline rewrite in a clean checkout; never make the tree "dirty".
-PIPELINE_WRITTEN = ("dvc.lock", "params.yaml")
 
 TAG_EXP_NAME = "dvc.exp_name"
 TAG_PARENT = "mlflow.parentRunId"
@@ -55,8 +53,8 @@ def git_commit() -> str | None:
 
 
 def git_dirty() -> bool | None:
-    """Whether tracked files other than `PIPELINE_WRITTEN` and the stages' outputs differ from
-    the commit; None outside git."""
+    """Whether tracked files other than the stages' outputs and what DVC or the pipeline rewrite
+    in a clean checkout (dvc.lock, params.yaml) differ from the commit; None outside git."""
     out = _git("status", "--porcelain", "--untracked-files=no")
     if out is None:
         return None
@@ -66,7 +64,7 @@ def git_dirty() -> bool | None:
         stages = (document or {}).get("stages") or {}
     except (OSError, yaml.YAMLError, AttributeError):
         stages = {}
-    ignored = [*PIPELINE_WRITTEN] + [
+    ignored = ["dvc.lock", "params.yaml"] + [
         str(path).rstrip("/")
         for stage in stages.values()
         for kind in ("outs", "metrics", "plots")

@@ -219,8 +219,7 @@ def open_client(uri: str) -> MlflowClient:
 def _opened_client(uri: str, resolved: str) -> MlflowClient:
     import mlflow
 
-    file = store_file(uri)
-    if file is not None and file.is_dir():  # MLflow would retry for minutes, then say little
+    if (file := store_file(uri)) is not None and file.is_dir():  # MLflow would retry for minutes
         raise TrackingError(
             f"tracking.uri={uri}: {file} is a folder, not an SQLite file: move it away, or point "
             "tracking.uri at another file (sqlite:///path/to/mlflow.db)"

@@ -129,9 +129,8 @@ class MlflowSweepCallback(Callback):
         if parent_id is None or self._open_parent is None or self._open_parent[0] != parent_id:
             return  # not this sweep's parent
         client, experiment_id = open_store(tracking_config(config))
-        children = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'"
-        )
+        where = f"tags.`{TAG_PARENT}` = '{parent_id}'"
+        children = client.search_runs([experiment_id], filter_string=where)
         client.set_tag(parent_id, "children", str(len(children)))
         finished = [r for r in children if r.info.status == "FINISHED"]
         scored = [r for r in finished if self.metric in r.data.metrics]
