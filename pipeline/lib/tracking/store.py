@@ -11,11 +11,13 @@ import os
 import sqlite3
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from filelock import FileLock, Timeout
+from hydra.core.hydra_config import HydraConfig
 
 from pipeline.lib.config.schema import TrackingConfig
 from pipeline.lib.config.step import in_multirun
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DVC_ROOT = "DVC_ROOT"  # set by DVC for every stage command
 #: Seconds to wait for another process that is creating or migrating the same SQLite store.
@@ -187,8 +190,16 @@ def _store_lock(file: Path | None) -> AbstractContextManager[object]:
     return FileLock(str(lock_file), timeout=LOCK_TIMEOUT_S)
 
 
-#: The clients a Hydra multirun's jobs share (one process, one store): opened once per sweep.
-_SWEEP_CLIENTS: dict[str, MlflowClient] = {}
+#: What the jobs of a Hydra multirun (one process) share, by (sweep folder, *key).
+_SWEEP: dict[tuple[str, ...], Any] = {}
+
+
+def once_per_sweep(key: tuple[str, ...], compute: Callable[[], T]) -> T:
+    """`compute()`, kept under `key` for the later jobs of this multirun; else fresh."""
+    if not in_multirun():
+        return compute()
+    key = (str(HydraConfig.get().sweep.dir), *key)
+    return _SWEEP[key] if key in _SWEEP else _SWEEP.setdefault(key, compute())
 
 
 def open_client(uri: str) -> MlflowClient:
@@ -199,19 +210,16 @@ def open_client(uri: str) -> MlflowClient:
     # it logs a store failure's traceback before MLflow raises it (here: one TrackingError line)
     logging.getLogger("mlflow.store.db.utils").addFilter(_below_error)
     resolved = resolve_uri(uri)
-    client = _SWEEP_CLIENTS.get(resolved) if in_multirun() else None
-    client = client or _opened_client(uri, resolved, store_file(uri))
+    client = once_per_sweep(("client", resolved), lambda: _opened_client(uri, resolved))
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
-    if in_multirun():
-        _SWEEP_CLIENTS[resolved] = client
     return client
 
 
-def _opened_client(uri: str, resolved: str, file: Path | None) -> MlflowClient:
+def _opened_client(uri: str, resolved: str) -> MlflowClient:
     import mlflow
 
-    if file is not None and file.is_dir():  # MLflow would retry for minutes, then say little
+    if (file := store_file(uri)) is not None and file.is_dir():  # MLflow would retry for minutes
         raise TrackingError(
             f"tracking.uri={uri}: {file} is a folder, not an SQLite file: move it away, or point "
             "tracking.uri at another file (sqlite:///path/to/mlflow.db)"
@@ -278,8 +286,9 @@ def open_store(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
         apply_http_settings(tracking)
     check_reachable(tracking.uri, tracking.timeout_s)
     try:
-        client = open_client(tracking.uri)
-        return client, experiment_id(client, tracking)
+        client, uri = open_client(tracking.uri), resolve_uri(tracking.uri)
+        key = ("experiment", uri, tracking.experiment)
+        return client, once_per_sweep(key, lambda: experiment_id(client, tracking))
     except Exception as exc:  # a TrackingError is no store error: raised as it is
         if error := as_tracking_error(tracking, exc, "opening the store", os_errors=True):
             raise error from None

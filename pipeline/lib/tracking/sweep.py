@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.lib.config.schema import DataConfig, TrackingConfig, name_after_data
+from pipeline.lib.config.step import in_multirun
 from pipeline.lib.tracking.lineage import TAG_PARENT, end_dead_runs, process_tags
 from pipeline.lib.tracking.store import TrackingError, first_line, open_client, open_store
 
@@ -40,7 +40,7 @@ def read_parent_run_id(sweep_dir: str | Path) -> str | None:
 
 def sweep_job() -> tuple[str | None, str | None]:
     """In a Hydra multirun: (the parent run id, `job N: key=value ...`); else (None, None)."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not in_multirun():
         return None, None
     hydra_cfg = HydraConfig.get()
     name = f"job {hydra_cfg.job.num}: " + " ".join(hydra_cfg.overrides.task)
@@ -109,8 +109,7 @@ class MlflowSweepCallback(Callback):
         tags = {"sweep": "parent", "sweep_dir": str(sweep_dir.resolve()), **process_tags()}
         tags |= {"sweep_overrides": overrides[:5000], "sweep_metric": self.metric}
         run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
-        uri = tracking.uri
-        self._open_parent = (run.info.run_id, uri)
+        self._open_parent = (run.info.run_id, tracking.uri)
         atexit.register(self._close_if_open)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -121,7 +120,7 @@ class MlflowSweepCallback(Callback):
                 f"hydra.sweep.dir={sweep_dir} was taken by another sweep started at the same "
                 "time: give each sweep its own folder"
             ) from None
-        log.info("Sweep parent MLflow run %s (%s, %s)", run.info.run_id, tracking.experiment, uri)
+        log.info("Sweep parent MLflow run %s (%s, %s)", *self._open_parent, tracking.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Tag the best finished child (`best_run`) on the parent and end it (FAILED when a child
@@ -130,9 +129,8 @@ class MlflowSweepCallback(Callback):
         if parent_id is None or self._open_parent is None or self._open_parent[0] != parent_id:
             return  # not this sweep's parent
         client, experiment_id = open_store(tracking_config(config))
-        children = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'"
-        )
+        where = f"tags.`{TAG_PARENT}` = '{parent_id}'"
+        children = client.search_runs([experiment_id], filter_string=where)
         client.set_tag(parent_id, "children", str(len(children)))
         finished = [r for r in children if r.info.status == "FINISHED"]
         scored = [r for r in finished if self.metric in r.data.metrics]
