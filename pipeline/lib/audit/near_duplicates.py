@@ -90,9 +90,12 @@ def _dense_block(
     s[s <= threshold] = -np.inf
     if k < max(n, m):
         r, c = min(k, m), min(k, n)
-        rows, cols = (
-            np.argpartition(-s, r - 1, axis=1)[:, :r],
-            np.argpartition(-s, c - 1, axis=0)[:c],
+        # 64 rows / columns at a time, copied: no (n, m) int64 array kept alive (128 MB at 4096)
+        rows = np.vstack(
+            [np.argpartition(-s[q : q + 64], r - 1)[:, :r].copy() for q in range(0, n, 64)]
+        )
+        cols = np.hstack(
+            [np.argpartition(-s[:, q : q + 64], c - 1, 0)[:c].copy() for q in range(0, m, 64)]
         )
         i = np.concatenate([np.repeat(np.arange(n), r), cols.ravel()])
         cells = np.unique(i * m + np.concatenate([rows.ravel(), np.tile(np.arange(m), c)]))
@@ -159,13 +162,15 @@ def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) 
     if not len(i):  # no candidate pair: nothing to read
         return np.zeros(0, np.float32)
     photos, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
-    bases = np.empty((len(photos), BASE, BASE), np.float32)
+    bases = np.empty((len(photos), BASE, BASE), np.uint8)  # exact: PIL's resize is uint8
+    whole = np.empty((len(photos), THUMB * THUMB), np.float32)
     for n in range(0, len(photos), batch):
         bases[n : n + batch] = [
             Image.fromarray(image).convert("L").resize((BASE, BASE), Image.Resampling.BOX)
             for image in images[photos[n : n + batch]]
         ]
-    whole, ends = _thumbnails(bases, _BOXES[:1])[:, 0], (inverse[: len(i)], inverse[len(i) :])
+        whole[n : n + batch] = _thumbnails(bases[n : n + batch], _BOXES[:1])[:, 0]
+    ends = inverse[: len(i)], inverse[len(i) :]
     best = np.full(len(i), -1.0, np.float32)
     for n in range(0, len(photos), batch):  # crops of a batch of photos against their partners
         crops = _thumbnails(bases[n : n + batch], _BOXES)
