@@ -46,8 +46,8 @@ class NearDuplicate:
 
 
 def _bounding_rows(unit, n: int, seed: int = 0) -> np.ndarray:
-    """float32 (n, k + 1): [p, |r|] of each unit row `unit(rows)` (module docstring); k <=
-    PROJECTED. Built BLOCK rows at a time (no float64 or unit copy of all rows)."""
+    """float32 (n, k + 1): [p, |r|] of the unit rows `unit(rows)` (module docstring), k <=
+    PROJECTED, BLOCK rows at a time."""
     sample = np.random.default_rng(seed).choice(n, min(n, SAMPLE), replace=False)
     blocks = (unit(sample[q : q + BLOCK]).astype(np.float64) for q in range(0, len(sample), BLOCK))
     _, vectors = np.linalg.eigh(sum(block.T @ block for block in blocks))

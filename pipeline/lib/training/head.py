@@ -105,17 +105,13 @@ def _unpack(theta: np.ndarray, dim: int, num_classes: int) -> tuple[np.ndarray, 
     return theta[: dim * num_classes].reshape(dim, num_classes), theta[dim * num_classes :]
 
 
-def _blocks(n: int, width: int) -> zip:
-    """(start, stop) of blocks of `n` rows of `width` (module docstring; no 1-row tail: gemv)."""
+def _dot(x: np.ndarray, w: np.ndarray, rows: bool = True) -> np.ndarray:
+    """float64 x @ w (`rows`) or x.T @ w, `x` cast in blocks (module docstring)."""
+    n, width = x.shape if rows else x.shape[::-1]
     step = max(64, CAST_BLOCK // max(width, 1) // 64 * 64)
-    edges = [*range(0, max(n - step, 1), step), n]
-    return zip(edges[:-1], edges[1:], strict=True)
-
-
-def _logits(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """float64 x @ kernel + bias without a float64 copy of `x`."""
-    parts = [x[a:b].astype(np.float64) @ kernel for a, b in _blocks(len(x), x.shape[1])]
-    return np.concatenate(parts) + bias
+    edges = [*range(0, max(n - step, 1), step), n]  # no 1-row block: numpy's gemv
+    blocks = (x[a:b] if rows else x[:, a:b].T for a, b in zip(edges, edges[1:], strict=False))
+    return np.concatenate([block.astype(np.float64) @ w for block in blocks])
 
 
 def _objective(
@@ -123,15 +119,12 @@ def _objective(
 ) -> tuple[float, np.ndarray]:
     """(value, gradient) of the objective at `theta`; `last`: theta and its log-probabilities."""
     kernel, bias = _unpack(theta, x.shape[1], t.shape[1])
-    log_p = log_softmax(_logits(x, kernel, bias), axis=1)
+    log_p = log_softmax(_dot(x, kernel) + bias, axis=1)
     last.update(theta=theta.copy(), log_p=log_p)
     total = s.sum()
     value = float(-(s[:, None] * t * log_p).sum() + 0.5 * (kernel * kernel).sum() / c) / total
     g = (np.exp(log_p) - t) * (s[:, None] / total)
-    xg = np.concatenate(
-        [x[:, a:b].astype(np.float64).T @ g for a, b in _blocks(x.shape[1], len(x))]
-    )
-    grad = np.concatenate([(xg + kernel / (c * total)).ravel(), g.sum(axis=0)])
+    grad = np.concatenate([(_dot(x, g, rows=False) + kernel / (c * total)).ravel(), g.sum(0)])
     return value, grad
 
 
@@ -141,7 +134,7 @@ def _scores(
     """(mean cross-entropy in nats, accuracy) of flat parameters (or `log_p`) on `x`, `y`."""
     if log_p is None:
         kernel, bias = _unpack(head_params, x.shape[1], k)
-        log_p = log_softmax(_logits(x, kernel, bias), axis=1)
+        log_p = log_softmax(_dot(x, kernel) + bias, axis=1)
     return float(-log_p[np.arange(len(y)), y].mean()), float((log_p.argmax(1) == y).mean())
 
 
@@ -172,7 +165,7 @@ def fit_head(
         FeatureError: `x` holds NaN or infinite values.
     """
     x = np.asarray(x, dtype=np.float32 if np.asarray(x).dtype == np.float32 else np.float64)
-    if not np.isfinite(x).all():
+    if not np.isfinite(x.sum(dtype=np.float64)):  # no (N, D) mask; float32 sums cannot overflow
         raise FeatureError(
             "The cached features hold NaN or infinite values: rerun the featurize stage "
             "(`dvc repro -f featurize`); if they come back, a photo or the weights file is broken."
