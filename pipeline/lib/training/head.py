@@ -218,11 +218,12 @@ def _cv_scores(
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fit_idx, held_idx in splitter.split(x, y):
         start, x_fit, x_held = None, x[fit_idx], x[held_idx]  # copied once, not per C
-        y_fit, y_held = y[fit_idx], y[held_idx]
         for i, c in enumerate(C_GRID):
-            fitted = fit_head(x_fit, y_fit, num_classes, c, init=start, track=False, **fit_args)
+            fitted = fit_head(
+                x_fit, y[fit_idx], num_classes, c, init=start, track=False, **fit_args
+            )
             start = np.concatenate([fitted.head.kernel.ravel(), fitted.head.bias]).astype(float)
-            loss, accuracy = _scores(start, x_held, y_held, num_classes)
+            loss, accuracy = _scores(start, x_held, y[held_idx], num_classes)
             losses[i] += loss / folds
             accuracies[i] += accuracy * len(held_idx) / len(y)
     return losses.tolist(), accuracies.tolist()
