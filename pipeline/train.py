@@ -262,13 +262,9 @@ def _log_training(result: TrainResult) -> None:
     log.info(
         "Trained (%s) in %.1f s: train accuracy %s, val accuracy %s, val loss %s; %d trainable, "
         "%d frozen parameters",
-        info["solver"],
-        result.seconds,
-        m["train"]["accuracy"],
-        m["val"]["accuracy"],
+        *(info["solver"], result.seconds, m["train"]["accuracy"], m["val"]["accuracy"]),
         m["val"]["loss"] if m["val"]["loss"] is None else round(m["val"]["loss"], 4),
-        m["params"]["trainable"],
-        m["params"]["non_trainable"],
+        *(m["params"]["trainable"], m["params"]["non_trainable"]),
     )
     finals = runs.final_metrics(m) | {"train_seconds": result.seconds}
     finals |= {f"{k}_params": m["params"][k] for k in ("trainable", "non_trainable")}
@@ -291,11 +287,9 @@ def _write_reports(cfg: Config, result: TrainResult) -> None:
     write_json(reports / "train_metrics.json", result.metrics)
     write_csv(reports / "train_history.csv", result.history)
     # per batch: Keras' batches; for lbfgs one full batch (the whole training split) per step
-    per_batch = result.batches or {
-        "step": result.history["step"],
-        "epoch": result.history["step"],
-        "loss": result.history["loss"],
-        "accuracy": result.history["accuracy"],
+    h = result.history
+    per_batch = result.batches or {"step": h["step"], "epoch": h["step"]} | {
+        k: h[k] for k in ("loss", "accuracy")
     }
     write_csv(reports / "train_batches.csv", per_batch)
     names = ["train_history.csv", "train_batches.csv", "train_metrics.json"]

@@ -45,13 +45,14 @@ class NearDuplicate:
     cross_split: bool
 
 
-def _bounding_rows(x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """float32 (N, k + 1): [p, |r|] of each unit row (module docstring); k <= PROJECTED."""
-    rng = np.random.default_rng(seed)
-    sample = x[rng.choice(len(x), min(len(x), SAMPLE), replace=False)].astype(np.float64)
-    _, vectors = np.linalg.eigh(sample.T @ sample)
-    basis = vectors[:, ::-1][:, : min(PROJECTED, x.shape[1])].astype(np.float32)
-    p = x @ basis
+def _bounding_rows(unit, n: int, seed: int = 0) -> np.ndarray:
+    """float32 (n, k + 1): [p, |r|] of the unit rows `unit(rows)` (module docstring), k <=
+    PROJECTED, BLOCK rows at a time."""
+    sample = np.random.default_rng(seed).choice(n, min(n, SAMPLE), replace=False)
+    blocks = (unit(sample[q : q + BLOCK]).astype(np.float64) for q in range(0, len(sample), BLOCK))
+    _, vectors = np.linalg.eigh(sum(block.T @ block for block in blocks))
+    basis = vectors[:, ::-1][:, :PROJECTED].astype(np.float32)
+    p = np.concatenate([unit(slice(q, q + BLOCK)) @ basis for q in range(0, n, BLOCK)])
     rest = np.sqrt(np.maximum(0.0, 1.0 - (p * p).sum(axis=1, keepdims=True)))
     return np.hstack([p, rest]).astype(np.float32)
 
@@ -63,7 +64,6 @@ def similar_pairs(
     is above `threshold` (and, if `neighbours`, among the `neighbours` most similar of i or of j:
     at most neighbours * N pairs), int64, int64, float32, sorted by (i, j)."""
     x = np.asarray(features, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if len(x) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     with threadpool_limits(1):  # OpenBLAS' threads spin on a loaded machine (see training.head)
@@ -90,9 +90,12 @@ def _dense_block(
     s[s <= threshold] = -np.inf
     if k < max(n, m):
         r, c = min(k, m), min(k, n)
-        rows, cols = (
-            np.argpartition(-s, r - 1, axis=1)[:, :r],
-            np.argpartition(-s, c - 1, axis=0)[:c],
+        # 64 rows / columns at a time, copied: no (n, m) int64 array kept alive (128 MB at 4096)
+        rows = np.vstack(
+            [np.argpartition(-s[q : q + 64], r - 1)[:, :r].copy() for q in range(0, n, 64)]
+        )
+        cols = np.hstack(
+            [np.argpartition(-s[:, q : q + 64], c - 1, 0)[:c].copy() for q in range(0, m, 64)]
         )
         i = np.concatenate([np.repeat(np.arange(n), r), cols.ravel()])
         cells = np.unique(i * m + np.concatenate([rows.ravel(), np.tile(np.arange(m), c)]))
@@ -106,19 +109,25 @@ def _dense_block(
 def _similar_pairs(
     x: np.ndarray, threshold: float, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = _bounding_rows(x)
+    norms = [np.linalg.norm(x[q : q + BLOCK], axis=1) for q in range(0, len(x), BLOCK)]
+    norms = np.maximum(np.concatenate(norms), 1e-12)[:, None]
+
+    def unit(rows: slice | np.ndarray) -> np.ndarray:  # rows of x / |x|, never all at once
+        return x[rows] / norms[rows]
+
+    rows = _bounding_rows(unit, len(x))
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for a in range(0, len(x), BLOCK):
         for b in range(a, len(x), BLOCK):
-            i, j = np.nonzero(rows[a : a + BLOCK] @ rows[b : b + BLOCK].T > threshold - SLACK)
-            keep = b + j > a + i
-            i, j = a + i[keep], b + j[keep]
-            if len(i) > BLOCK:  # alike photos: the dense block, each row's / column's k best
-                i, j, exact = _dense_block(
-                    x[a : a + BLOCK] @ x[b : b + BLOCK].T, a, b, threshold, k
-                )
+            bound = rows[a : a + BLOCK] @ rows[b : b + BLOCK].T > threshold - SLACK
+            bound = np.triu(bound, 1) if a == b else bound  # pairs i < j
+            if np.count_nonzero(bound) > BLOCK:  # alike photos: the dense block, k best per line
+                left = unit(slice(a, a + BLOCK))  # a @ a.T when a == b: numpy's syrk, as before
+                right = left if a == b else unit(slice(b, b + BLOCK))
+                i, j, exact = _dense_block(left @ right.T, a, b, threshold, k)
             else:
-                exact = np.einsum("nd,nd->n", x[i], x[j])
+                i, j = np.array(np.nonzero(bound)) + [[a], [b]]
+                exact = np.einsum("nd,nd->n", unit(i), unit(j))
             i, j, exact = (v[exact > threshold] for v in (i, j, exact))
             keep = _nearest(i, j, exact, k)  # holds each photo's k nearest of all the blocks
             found.append((i[keep], j[keep], exact[keep]))
@@ -159,13 +168,15 @@ def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) 
     if not len(i):  # no candidate pair: nothing to read
         return np.zeros(0, np.float32)
     photos, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
-    bases = np.empty((len(photos), BASE, BASE), np.float32)
+    bases = np.empty((len(photos), BASE, BASE), np.uint8)  # exact: PIL's resize is uint8
+    whole = np.empty((len(photos), THUMB * THUMB), np.float32)
     for n in range(0, len(photos), batch):
         bases[n : n + batch] = [
             Image.fromarray(image).convert("L").resize((BASE, BASE), Image.Resampling.BOX)
             for image in images[photos[n : n + batch]]
         ]
-    whole, ends = _thumbnails(bases, _BOXES[:1])[:, 0], (inverse[: len(i)], inverse[len(i) :])
+        whole[n : n + batch] = _thumbnails(bases[n : n + batch], _BOXES[:1])[:, 0]
+    ends = inverse[: len(i)], inverse[len(i) :]
     best = np.full(len(i), -1.0, np.float32)
     for n in range(0, len(photos), batch):  # crops of a batch of photos against their partners
         crops = _thumbnails(bases[n : n + batch], _BOXES)

@@ -48,10 +48,13 @@ def run_audit(cfg: Config, dataset: PreparedDataset) -> dict[str, dict[str, floa
             f"{cfg.paths.features} holds no features of {cfg.paths.prepared}: run the featurize "
             "stage first (`dvc repro featurize`)."
         )
+    sizes = np.cumsum([len(features[s]) for s in SPLITS])[:-1]  # the splits: views of one array
+    every = np.concatenate([features.pop(s) for s in SPLITS])
+    features = dict(zip(SPLITS, np.split(every, sizes), strict=True))
     reports, c = Path(cfg.paths.reports), head_c(cfg, dataset, features)
     summary = {
-        "near_duplicates": check_near_duplicates(cfg, dataset, features, reports),
-        "label_issues": list_label_issues(cfg, dataset, features, reports, c),
+        "near_duplicates": check_near_duplicates(cfg, dataset, every, reports),
+        "label_issues": list_label_issues(cfg, dataset, every, reports, c),
     }
     summary["sufficiency"], sentences = data_sufficiency(cfg, dataset, features, reports, c)
     write_json(reports / AUDIT_JSON, summary | {"sentences": sentences})
@@ -74,11 +77,10 @@ def log_audit(
 
 
 def check_near_duplicates(
-    cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray], reports: Path
+    cfg: Config, dataset: PreparedDataset, x: np.ndarray, reports: Path
 ) -> dict[str, float]:
-    """Step 1: near_duplicates.csv over every split; across splits as `data.leakage` says."""
+    """Step 1: near_duplicates.csv over every split (`x`: all features); leakage as configured."""
     rows = dataset.manifest()
-    x = np.concatenate([features[s] for s in SPLITS])
     threshold = cfg.audit.near_duplicate_similarity
     images = SourceImages(dataset.root, rows, dataset.image_size, dataset.resize)
     pairs = near_duplicates(x, images, [r.path for r in rows], [r.split for r in rows], threshold)
@@ -109,12 +111,12 @@ def head_c(cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray
 
 
 def list_label_issues(
-    cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray], reports: Path, c: float
+    cfg: Config, dataset: PreparedDataset, every: np.ndarray, reports: Path, c: float
 ) -> dict[str, float]:
     """Step 2: label_issues.csv, every train and val photo ranked; the first `audit.show` logged."""
     t, k = cfg.train, dataset.num_classes
     rows = dataset.manifest("train") + dataset.manifest("val")
-    x = np.concatenate([features["train"], features["val"]])
+    x = every[: len(rows)]
     y = np.array([r.label_index for r in rows])
     fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
     folds = min(cfg.audit.folds, int(np.bincount(y, minlength=k).min()))

@@ -13,6 +13,8 @@ order or a learning rate: scipy's L-BFGS-B solves it with scikit-learn's `lbfgs`
 (ftol = 64 eps, maxls 50), with gtol 1e-6 instead of its 1e-4: the objective is a mean, so
 1e-4 leaves weakly penalised fits (large C) short of their optimum. BLAS runs on one thread:
 these problems are small, and OpenBLAS' threads made them 50-100x slower on a loaded machine.
+The features stay float32: the float64 products cast `CAST_BLOCK` elements at a time, in blocks
+of 64 rows / columns (the bits of one product: OpenBLAS' kernels tile by <= 16).
 
 `train.C=auto` chooses C by stratified k-fold cross-validation on the training split over
 `C_GRID`: the highest held-out accuracy (scikit-learn's LogisticRegressionCV scoring), ties
@@ -55,6 +57,8 @@ CV_FOLDS = 5
 UNDERFIT_TRAIN_ACCURACY = 0.9
 #: Bumped when the objective or the search changes: part of `choose_c`'s cache key.
 SEARCH_VERSION = 2
+#: float64 elements cast per block of a product of the features (8 MB).
+CAST_BLOCK = 1 << 20
 
 
 class FeatureError(UserError):
@@ -101,17 +105,26 @@ def _unpack(theta: np.ndarray, dim: int, num_classes: int) -> tuple[np.ndarray, 
     return theta[: dim * num_classes].reshape(dim, num_classes), theta[dim * num_classes :]
 
 
+def _dot(x: np.ndarray, w: np.ndarray, rows: bool = True) -> np.ndarray:
+    """float64 x @ w (`rows`) or x.T @ w, `x` cast in blocks (module docstring)."""
+    n, width = x.shape if rows else x.shape[::-1]
+    step = max(64, CAST_BLOCK // max(width, 1) // 64 * 64)
+    edges = [*range(0, max(n - step, 1), step), n]  # no 1-row block: numpy's gemv
+    blocks = (x[a:b] if rows else x[:, a:b].T for a, b in zip(edges, edges[1:], strict=False))
+    return np.concatenate([block.astype(np.float64) @ w for block in blocks])
+
+
 def _objective(
     theta: np.ndarray, x: np.ndarray, t: np.ndarray, s: np.ndarray, c: float, last: dict
 ) -> tuple[float, np.ndarray]:
     """(value, gradient) of the objective at `theta`; `last`: theta and its log-probabilities."""
     kernel, bias = _unpack(theta, x.shape[1], t.shape[1])
-    log_p = log_softmax(x @ kernel + bias, axis=1)
+    log_p = log_softmax(_dot(x, kernel) + bias, axis=1)
     last.update(theta=theta.copy(), log_p=log_p)
     total = s.sum()
     value = float(-(s[:, None] * t * log_p).sum() + 0.5 * (kernel * kernel).sum() / c) / total
     g = (np.exp(log_p) - t) * (s[:, None] / total)
-    grad = np.concatenate([(x.T @ g + kernel / (c * total)).ravel(), g.sum(axis=0)])
+    grad = np.concatenate([(_dot(x, g, rows=False) + kernel / (c * total)).ravel(), g.sum(0)])
     return value, grad
 
 
@@ -121,7 +134,7 @@ def _scores(
     """(mean cross-entropy in nats, accuracy) of flat parameters (or `log_p`) on `x`, `y`."""
     if log_p is None:
         kernel, bias = _unpack(head_params, x.shape[1], k)
-        log_p = log_softmax(x @ kernel + bias, axis=1)
+        log_p = log_softmax(_dot(x, kernel) + bias, axis=1)
     return float(-log_p[np.arange(len(y)), y].mean()), float((log_p.argmax(1) == y).mean())
 
 
@@ -151,8 +164,8 @@ def fit_head(
     Raises:
         FeatureError: `x` holds NaN or infinite values.
     """
-    x = np.asarray(x, dtype=np.float64)
-    if not np.isfinite(x).all():
+    x = np.asarray(x, dtype=np.float32 if np.asarray(x).dtype == np.float32 else np.float64)
+    if not np.isfinite(x.sum(dtype=np.float64)):  # no (N, D) mask; float32 sums cannot overflow
         raise FeatureError(
             "The cached features hold NaN or infinite values: rerun the featurize stage "
             "(`dvc repro -f featurize`); if they come back, a photo or the weights file is broken."
@@ -166,7 +179,7 @@ def fit_head(
     last: dict[str, np.ndarray] = {}  # the objective's latest theta and log-probabilities
     if val is not None:
         history |= {"val_loss": [], "val_accuracy": []}
-        xv, yv = np.asarray(val[0], np.float64), np.asarray(val[1], np.int64)
+        xv, yv = val[0], np.asarray(val[1], np.int64)
 
     def record(theta: np.ndarray) -> None:
         history["step"].append(len(history["step"]))
@@ -204,13 +217,13 @@ def _cv_scores(
     losses, accuracies = np.zeros(len(C_GRID)), np.zeros(len(C_GRID))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fit_idx, held_idx in splitter.split(x, y):
-        start = None
+        start, x_fit, x_held = None, x[fit_idx], x[held_idx]  # copied once, not per C
         for i, c in enumerate(C_GRID):
             fitted = fit_head(
-                x[fit_idx], y[fit_idx], num_classes, c, init=start, track=False, **fit_args
+                x_fit, y[fit_idx], num_classes, c, init=start, track=False, **fit_args
             )
             start = np.concatenate([fitted.head.kernel.ravel(), fitted.head.bias]).astype(float)
-            loss, accuracy = _scores(start, x[held_idx], y[held_idx], num_classes)
+            loss, accuracy = _scores(start, x_held, y[held_idx], num_classes)
             losses[i] += loss / folds
             accuracies[i] += accuracy * len(held_idx) / len(y)
     return losses.tolist(), accuracies.tolist()
@@ -237,8 +250,8 @@ def choose_c(
         }
     folds = min(CV_FOLDS, smallest)
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
-    digest.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(x, dtype=np.float32))
+    digest.update(np.ascontiguousarray(y, dtype=np.int64))
     settings = [SEARCH_VERSION, C_GRID, folds, seed, num_classes, sorted(fit_args.items())]
     digest.update(json.dumps(settings, default=str).encode())
     path = cache_dir() / f"{digest.hexdigest()[:32]}.json"
@@ -247,9 +260,7 @@ def choose_c(
         return float(found["C"]), found
     except (OSError, ValueError, KeyError):
         pass
-    losses, accuracies = _cv_scores(
-        np.asarray(x, np.float64), y, num_classes, folds, seed, **fit_args
-    )
+    losses, accuracies = _cv_scores(np.asarray(x), y, num_classes, folds, seed, **fit_args)
     top = np.isclose(accuracies, max(accuracies), rtol=0, atol=1e-9)
     best = int(np.argmin(np.where(top, losses, np.inf)))
     choice = {
