@@ -365,7 +365,11 @@ def _check_values(c: Any) -> None:
     name = c.tracking.registered_model
     rules = [
         (synthetic or d.path, "data.path", f"data.source=folder needs your photos' folder: {use}"),
-        (not (synthetic and d.path), "data.path", f"needs data.source=folder: unset it, or {use}"),
+        (
+            not (synthetic and d.path),
+            "data.path",
+            f"is for data.source=folder, not data.source=synthetic: unset it, or {use}",
+        ),
         (not synthetic or d.synthetic and d.synthetic.dir, "data.synthetic.dir", "must be set"),
         (not a.enabled or augments, "train.augment.enabled", "does nothing: flip none, factors 0"),
         (c_ok, "train.C", "must be `auto`, a number in (0, 1e12) or null"),
