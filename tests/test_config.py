@@ -139,3 +139,13 @@ def test_cli_reports_a_bad_key_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "data.colour" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_value_names_no_step_in_its_hint():
+    """`tracking=server` leaves tracking.uri ???: the hint fits whichever step was run."""
+    with pytest.raises(ConfigError) as exc:
+        validate(compose(["tracking=server"]))
+    assert "tracking.uri (marked ???)" in str(exc.value) and "pipeline.prepare" not in str(
+        exc.value
+    )
+    assert "`tracking.uri=...` on the command line" in str(exc.value)

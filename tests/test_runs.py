@@ -226,3 +226,24 @@ def test_the_same_model_bytes_are_registered_once_and_described(data, tmp_path, 
         f"{metrics['test_ci_low']:.4f}-{metrics['test_ci_high']:.4f}). "
         f"Run {first.info.run_name} ({first.info.run_id})."
     )
+
+
+def test_each_job_of_a_sweep_records_its_own_git_dirtiness(tmp_path, monkeypatch):
+    """A mid-sweep edit of a tracked file (conf/) shows in the later jobs' git_dirty tag."""
+    from types import SimpleNamespace
+
+    from pipeline.lib.tracking import lineage, store
+
+    cfg = tiny_config(tmp_path)
+    sweep = SimpleNamespace(sweep=SimpleNamespace(dir=str(tmp_path / "multirun")))
+    monkeypatch.setattr(store, "in_multirun", lambda: True)
+    monkeypatch.setattr(store.HydraConfig, "get", lambda: sweep)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    Path("config.yaml").write_text("a: 1\n")
+    for args in (["init", "-q"], ["add", "config.yaml"], ["commit", "-qm", "c"]):
+        subprocess.run([*git, *args], check=True)
+    assert lineage.run_tags(cfg, "train")["git_dirty"] == "False"
+    Path("config.yaml").write_text("a: 2\n")
+    assert lineage.run_tags(cfg, "train")["git_dirty"] == "True"

@@ -146,7 +146,42 @@ def test_a_sweep_composes_once_per_set_of_group_overrides(monkeypatch):
     preflight(["-m", "experiment=smoke,study", "train.solver=keras", "train.C=2,3"])
     assert len(calls) == 1 + 3
     preflight(["hparams_search=optuna"])
-    preflight(["-m", "train.C=interval(0.1,5)", "train.solver=keras", "train.epochs=2,3"])
+    preflight(["-m", "hparams_search=optuna", "train.C=interval(0.1,5)", "train.solver=keras", "train.epochs=2,3"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hydra.mode=MULTIRUN", "train.C=1,2"],  # Hydra's documented equivalent of -m
+        ["hydra.mode=multirun", "train.C=1,2"],
+        ["train.checkpoint_dir=${hydra:runtime.output_dir}/ckpt"],  # resolved in the job only
+        ["-m", "train.C=1,2", "paths.models=${hydra:runtime.output_dir}/models"],
+    ],
+)
+def test_valid_hydra_commands_pass_the_upfront_check(argv):
+    preflight(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "text"),
+    [
+        (["-m", "tracking.experiment=exA,exB"], "tracking.experiment=exA,exB: a sweep cannot vary"),
+        (["-m", "tracking.uri=sqlite:///a.db,sqlite:///b.db"], "run one sweep per tracking store / experiment"),
+        (["--multirun", "tracking=local,server"], "tracking=local,server: a sweep cannot vary"),
+        (["-m", "train.C=interval(1,2)"], "train.C=interval(1,2): interval() is sampled: add hparams_search=optuna"),
+        (["-m", "train.C=range(1,3,0)"], "train.C=range(1,3,0): Hydra cannot expand this override (range() arg 3"),
+        (["-m", "train.C=range(1,101),-1"], "train.C=range(1,101),-1: Hydra cannot expand this override"),
+        (["-m", "experiment=null,smoke"], "multirun job #0 (experiment=null), none ran: "),
+        (["experiment=null"], "experiment=null: Config group override must be a string"),
+        (["-m", "train.C=range(5,1)"], "train.C=range(5,1): the sweep has no jobs"),
+        (["-m", "train.C=1,2", "train.label_smoothing=range(5,1)"], "the sweep has no jobs"),
+    ],
+)  # fmt: skip
+def test_a_sweep_hydra_cannot_run_well_is_one_line_before_any_run(argv, text, capsys):
+    with pytest.raises(SystemExit) as exc:
+        preflight(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and text in err, err
 
 
 def test_an_invalid_job_of_a_sweep_stops_it_before_the_first_job(tmp_path):

@@ -50,25 +50,59 @@ def compose(conf_dir: Path, overrides: list[str] | None = None, raw: bool = Fals
         GlobalHydra.instance().clear()
 
 
+#: What a sweep cannot vary: its parent run and every child are in one store and experiment.
+TRACKING_AXES = ("tracking", "tracking.uri", "tracking.experiment")
+
+
 def validate_jobs(conf_dir: Path, overrides: list[str], multirun: bool) -> None:
     """Validate the run of `overrides`, or with `multirun` (`-m`, or `hydra.mode` in conf/) every
-    job Hydra's sweeper would launch, before any runs: ConfigError naming the job."""
+    job Hydra's sweeper would launch, before any runs: ConfigError naming the override or job."""
     with initialize_config_dir(str(Path(conf_dir).resolve()), version_base="1.3"):
         parser = OverridesParser.create(GlobalHydra.instance().config_loader())  # for glob()
-    conf_dir, composed, jobs, at = Path(conf_dir), {}, [overrides], ""
+    # `${hydra:...}` resolves only inside a running job: such overrides are left to its own check
+    overrides = [o for o in overrides if "${hydra:" not in o]
+    conf_dir, composed, jobs, at, job = Path(conf_dir), {}, [overrides], "", overrides
     try:
         _, hydra = _composed(conf_dir, overrides, parser, composed, base=True)
         if multirun or hydra.mode == RunMode.MULTIRUN:
             params = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items()]
-            # an interval is sampled (Optuna), not enumerable: run_step checks each sampled job
-            sweep = parser.parse_overrides(params + overrides)
-            sweep = [o for o in sweep if not o.is_interval_sweep()]
+            basic = str(hydra.sweeper.get("_target_")).endswith("BasicSweeper")
+            sweep = [_axis(parser, line, basic) for line in params + overrides]
+            sweep = [o for o in sweep if not o.is_interval_sweep()]  # sampled: run_step checks it
             jobs, at = BasicSweeper.split_arguments(sweep, None)[0], "multirun job #{} ({})"
         for job in jobs:
             validate_composed(conf_dir, _composed(conf_dir, job, parser, composed)[0])
-    except ConfigError as exc:
-        where = at and at.format(jobs.index(job), " ".join(job)) + ", none ran: "
-        raise ConfigError(f"{where}{exc}") from None
+    # Hydra raises plain ValueErrors too (`experiment=null,smoke`)
+    except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as exc:
+        text = str(exc) if isinstance(exc, ConfigError) else " ".join(str(exc).split())
+        if at:
+            text = f"{at.format(jobs.index(job), ' '.join(job))}, none ran: {text}"
+        elif not isinstance(exc, ConfigError):
+            text = f"{' '.join(job)}: {text}"
+        raise ConfigError(text) from None
+
+
+def _axis(parser: OverridesParser, line: str, basic: bool) -> Override:
+    """`line` parsed, checked as one axis of a sweep (`basic`: Hydra's basic sweeper)."""
+    try:
+        override = parser.parse_overrides([line])[0]
+        interval = override.is_interval_sweep()
+        values = interval or BasicSweeper.split_arguments([override], None)[0]
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # range(1,3,0)
+        text = " ".join(str(exc).split())
+        raise ConfigError(f"{line}: Hydra cannot expand this override ({text}): fix it") from None
+    if override.is_sweep_override() and override.key_or_group in TRACKING_AXES:
+        raise ConfigError(
+            f"{line}: a sweep cannot vary the tracking store or experiment (its parent run is in "
+            "one): run one sweep per tracking store / experiment"
+        )
+    if interval and basic:
+        raise ConfigError(
+            f"{line}: interval() is sampled: add hparams_search=optuna, or list values"
+        )
+    if not values:
+        raise ConfigError(f"{line}: the sweep has no jobs: give this override at least one value")
+    return override
 
 
 def _composed(

@@ -312,7 +312,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> Config:
         if missing := sorted(k for k, v in leaves if "???" in (v if isinstance(v, list) else [v])):
             raise ConfigError(
                 f"Missing configuration value(s): {', '.join(missing)} (marked ???). Set it, "
-                f"e.g. `python -m pipeline.prepare {missing[0]}=...`."
+                f"e.g. `{missing[0]}=...` on the command line."
             )
         merged = OmegaConf.merge(_schema(), values)  # merge copies it
     except OmegaConfBaseException as exc:

@@ -65,6 +65,7 @@ def preflight(argv: list[str] | None = None) -> None:
     """Exit 2 with one line (not Hydra's stack trace) when the `--config-name` file is not YAML,
     conf/ with the overrides (each job of a sweep) does not validate, or `hydra.job.chdir=true`."""
     args = list(sys.argv[1:] if argv is None else argv)
+    normalized = {a.replace(" ", "").lower() for a in args}
     try:
         name = _option(args, "--config-name") or _option(args, "-cn")
         if name:
@@ -73,8 +74,9 @@ def preflight(argv: list[str] | None = None) -> None:
             if path.is_file():
                 load_params(path)
         else:
-            validate_jobs(Path(CONF_DIR), overrides(args), bool({"-m", "--multirun"} & set(args)))
-        if any(a.replace(" ", "").lower() == "hydra.job.chdir=true" for a in args):
+            multirun = {"-m", "--multirun"} & set(args) or "hydra.mode=multirun" in normalized
+            validate_jobs(Path(CONF_DIR), overrides(args), bool(multirun))
+        if "hydra.job.chdir=true" in normalized:
             raise ConfigError(CHDIR_REFUSED)
     except UserError as exc:
         raise _fail(exc) from None

@@ -19,7 +19,7 @@ from pipeline.lib.config.schema import Config, to_flat_dict
 from pipeline.lib.files import process_alive
 from pipeline.lib.model.classifier import model_md5
 from pipeline.lib.model.saving import trained_run_id
-from pipeline.lib.tracking.store import TrackingError, once_per_sweep
+from pipeline.lib.tracking.store import TrackingError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -107,8 +107,7 @@ def process_tags() -> dict[str, str]:
 
 def run_tags(cfg: Config, stage: str) -> dict[str, str]:
     """Tags of a new run: git commit and dirtiness, DVC experiment, config hash, stage, process."""
-    # a sweep's jobs write only their own git-ignored folders: its first job's answer holds
-    commit, dirty = once_per_sweep(("git",), lambda: (git_commit(), git_dirty()))
+    commit, dirty = git_commit(), git_dirty()  # per job: conf/ may be edited mid-sweep
     tags = {
         "git_commit": commit or "unknown",
         "git_dirty": str(dirty),
