@@ -56,6 +56,10 @@ def _number(value: object) -> float | None:
     return float(value)
 
 
+def _is_nan(value: object) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 @dataclass(frozen=True)
 class Change:
     """One row of `dvc metrics/params diff`: its JSON value at each revision (None: absent)."""
@@ -66,14 +70,16 @@ class Change:
     head: object
 
     @property
-    def change(self) -> float | None:  # head - base, None unless both are numbers
+    def change(self) -> float | None:  # head - base, None unless both are numbers (not NaN)
         a, b = _number(self.base), _number(self.head)
-        return b - a if a is not None and b is not None else None
+        return b - a if a is not None and b is not None and not math.isnan(b - a) else None
 
     @property
-    def changed(self) -> bool:  # numbers: by more than TOLERANCE
+    def changed(self) -> bool:  # numbers: by more than TOLERANCE; NaN -> NaN is unchanged
         change = self.change
-        return abs(change) > TOLERANCE if change is not None else self.base != self.head
+        if change is not None:
+            return abs(change) > TOLERANCE
+        return self.base != self.head and not (_is_nan(self.base) and _is_nan(self.head))
 
 
 class Moved(NamedTuple):  # a confusion-matrix cell whose count differs
@@ -231,6 +237,12 @@ def verdict(row: Change | None, metric: str = DEFAULT_METRIC) -> str:
         return f"🆕 **{label}**: {_md(new)} (the base has none)."
     if new is None:
         return f"❔ **{label}**: missing at the head (was {_md(old)} at the base)."
+    if math.isnan(old) or math.isnan(new):
+        if not row.changed:
+            return f"➖ **{label} unchanged**: nan."
+        if math.isnan(new):
+            return f"⚠️ **{label} became NaN**: {_md(old)} → nan."
+        return f"🆕 **{label}**: {_md(new)} (was nan at the base)."
     change = new - old
     if abs(change) <= TOLERANCE:
         return f"➖ **{label} unchanged**: {_md(new)}."
