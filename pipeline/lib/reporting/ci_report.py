@@ -56,10 +56,6 @@ def _number(value: object) -> float | None:
     return float(value)
 
 
-def _is_nan(value: object) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
 @dataclass(frozen=True)
 class Change:
     """One row of `dvc metrics/params diff`: its JSON value at each revision (None: absent)."""
@@ -79,7 +75,8 @@ class Change:
         change = self.change
         if change is not None:
             return abs(change) > TOLERANCE
-        return self.base != self.head and not (_is_nan(self.base) and _is_nan(self.head))
+        both_nan = self.base != self.base and self.head != self.head  # NaN: unequal to itself
+        return self.base != self.head and not both_nan
 
 
 class Moved(NamedTuple):  # a confusion-matrix cell whose count differs
@@ -237,16 +234,13 @@ def verdict(row: Change | None, metric: str = DEFAULT_METRIC) -> str:
         return f"🆕 **{label}**: {_md(new)} (the base has none)."
     if new is None:
         return f"❔ **{label}**: missing at the head (was {_md(old)} at the base)."
-    if math.isnan(old) or math.isnan(new):
-        if not row.changed:
-            return f"➖ **{label} unchanged**: nan."
-        if math.isnan(new):
-            return f"⚠️ **{label} became NaN**: {_md(old)} → nan."
-        return f"🆕 **{label}**: {_md(new)} (was nan at the base)."
-    change = new - old
-    if abs(change) <= TOLERANCE:
+    if not row.changed:  # within TOLERANCE, or NaN -> NaN
         return f"➖ **{label} unchanged**: {_md(new)}."
-    word, icon = ("up", "✅") if change > 0 else ("down", "⚠️")
+    if math.isnan(new):  # a number becoming NaN is a regression
+        return f"⚠️ **{label} became NaN**: {_md(old)} → nan."
+    if math.isnan(old):
+        return f"🆕 **{label}**: {_md(new)} (was nan at the base)."
+    word, icon = ("up", "✅") if new > old else ("down", "⚠️")
     return f"{icon} **{label} {word}**: {_md(old)} → {_md(new)} ({_change_cell(row)})."
 
 

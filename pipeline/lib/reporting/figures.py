@@ -54,9 +54,7 @@ def save_figure(fig: Figure, path: PathLike) -> Path:
     return path
 
 
-def _shown_names(
-    classes: Sequence[object], most: int = 40
-) -> list[str]:  # drawn with parse_math off
+def _shown_names(classes: Sequence[object], most: int = 40) -> list[str]:  # shown without mathtext
     return [c if len(c) <= most else f"{c[: most - 1]}…" for c in map(str, classes)]
 
 
