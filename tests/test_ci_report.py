@@ -108,6 +108,17 @@ def test_verdict_up_down_unchanged_missing():
     assert "not found" in verdict(None)
 
 
+def test_a_number_becoming_nan_is_a_change_and_nan_to_nan_is_not():
+    nan = float("nan")
+    assert _row("test.ece", 0.02, nan).changed and _row("test.ece", nan, 0.02).changed
+    assert not _row("test.ece", nan, float("nan")).changed  # two NaN objects: unchanged
+    assert "⚠️ **Test accuracy became NaN**: 0.02 → nan" in verdict(_row("test.accuracy", 0.02, nan))
+    assert "(was nan at the base)" in verdict(_row("test.accuracy", nan, 0.5))
+    assert "Test accuracy unchanged" in verdict(_row("test.accuracy", nan, float("nan")))
+    text = render_metrics([_row("test.accuracy", 0.5, 0.5), _row("test.ece", 0.02, nan)])
+    assert "`test.ece` | 0.02 | nan | changed" in text and "+nan" not in text
+
+
 def test_render_metrics_shows_changed_and_headline_folds_the_rest():
     rows = [
         _row("test.accuracy", 0.5, 0.5),

@@ -245,6 +245,33 @@ def test_confusion_matrix_of_many_classes_stays_a_bounded_picture(tmp_path, n):
     assert max(width, height) <= 2600, (width, height)
 
 
+def test_class_names_are_shortened_and_drawn_as_plain_text(tmp_path):
+    """20 names of 2,000 characters drew a 16972x12644 px matrix, and `$x$` was drawn as math:
+    names are cut to 40 characters (with an ellipsis) and never parsed as math text."""
+    classes = ["$x$", *(f"{i:02d}" + "n" * 1998 for i in range(1, 20))]
+    matrix = np.diag(np.arange(1, 21))
+    fig = figures.confusion_figure(matrix, classes)
+    ticks = fig.axes[0].get_xticklabels()
+    assert ticks[0].get_text() == "$x$" and not ticks[0].get_parse_math()
+    assert ticks[1].get_text() == "01" + "n" * 37 + "…"
+    height, width = read_png(
+        figures.save_confusion_matrix(matrix, classes, tmp_path / "cm.png")
+    ).shape[:2]
+    assert max(width, height) <= 2600, (width, height)
+    probabilities = np.full((2, 20), 0.01)
+    probabilities[:, 0] = 0.81
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    fig = figures.gallery_figure(images, probabilities, np.array([0, 1]), classes, columns=2)
+    image_ax, bar_ax = gallery_pairs(fig)[1]
+    title = image_ax.title.get_text()
+    assert title.startswith("pred: $x$ /") and title.endswith("n" * 37 + "…") and len(title) < 99
+    assert not image_ax.title.get_parse_math()
+    assert [t.get_text() for t in bar_ax.get_yticklabels()][0] == "$x$"
+    assert not any(t.get_parse_math() for t in bar_ax.get_yticklabels())
+    height, width = read_png(figures.save_figure(fig, tmp_path / "gallery.png")).shape[:2]
+    assert max(width, height) <= 2600, (width, height)
+
+
 def test_confusion_matrix_rejects_mismatched_classes(tmp_path):
     with pytest.raises(ValueError):
         figures.save_confusion_matrix(np.eye(3), ["a", "b"], tmp_path / "x.png")

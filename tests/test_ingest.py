@@ -247,9 +247,22 @@ def test_hidden_and_system_files_are_skipped_and_listed(tmp_path):
     (root / "b" / "desktop.ini").write_text("[.ShellClassInfo]")
     img(root / "__MACOSX" / "a" / "._img0.png")
     img(root / "a" / ".ipynb_checkpoints" / "x.png")
-    img(root / "a" / ".hidden" / "y.png")
+    img(root / "a" / ".appledouble_only" / "._y.png")
+    (root / ".synthetic.json").write_text("{}")
+    # hidden folders holding photos (a class folder among them): counted, named, what to do
+    for name in ("h1.jpg", "h2.jpg", "h3.jpg", "._h1.jpg"):
+        img(root / "a" / ".hidden_album" / name)
+    img(root / ".secretclass" / "z.jpg")
     report = run(root, tmp_path)
     skipped = {s["file"]: s["reason"] for s in report["skipped"]}
+    fix = "rename it without the leading dot"
+    assert skipped.pop("a/.hidden_album") == f"hidden folder with image files (3): {fix}"
+    assert skipped.pop(".secretclass") == f"hidden folder with image files (1): {fix}"
+    assert (
+        "2 hidden folder(s) with image files skipped (rename them without the leading dot to use "
+        "them): .secretclass, a/.hidden_album"
+    ) in report["warnings"]
+    assert not any("files/folders skipped" in w for w in report["warnings"])  # junk: not counted
     assert skipped == {
         p: "hidden/system file"
         for p in (
@@ -259,7 +272,8 @@ def test_hidden_and_system_files_are_skipped_and_listed(tmp_path):
             "b/desktop.ini",
             "__MACOSX",
             "a/.ipynb_checkpoints",
-            "a/.hidden",
+            "a/.appledouble_only",
+            ".synthetic.json",
         )
     }
     assert report["classes"] == ["a", "b"] and report["accepted"] == 4

@@ -501,6 +501,24 @@ def test_without_output_the_predictions_go_to_stdout_only(world, tmp_path, capsy
     assert "wrote" not in captured.err and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--batch-size", "abc"], "argument --batch-size: invalid positive integer value: 'abc'"),
+        (["--top-k", "0"], "argument --top-k: must be >= 1, not 0"),
+        (  # Pillow refuses such images before our check: the limit could not take effect
+            ["--max-pixels", "178956971"],
+            "--max-pixels must be <= 178956970: Pillow refuses larger images",
+        ),
+    ],
+)
+def test_bad_options_exit_2_with_one_line_naming_them(option, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        predict.main(["x.png", "--model", "models", *option])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.strip().splitlines()[-1].endswith(f"error: {message}")
+
+
 def test_max_pixels_is_an_option_named_in_the_skip_warning(world, tmp_path, capsys):
     """Issue 25: predict's decompression-bomb limit was fixed at 60 MP. `--max-pixels` sets it
     (as `data.max_pixels` does in training), and a skipped image's warning names the option."""

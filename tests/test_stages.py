@@ -378,6 +378,7 @@ def test_prepare_counts_as_skipped_only_what_may_be_a_lost_photo(tmp_path, caplo
     (photos / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (label / "Thumbs.db").write_bytes(b"x")
     (label / "notes.txt").write_text("not a photo")
+    shutil.copytree(label, label / ".album")  # hidden photos: counted and named
     (label / "lost.png").symlink_to(tmp_path / "nowhere.png")
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.synthetic")]
     overrides += ["data=folder", f"data.path={photos}", f"paths.prepared={tmp_path / 'mine'}"]
@@ -386,7 +387,9 @@ def test_prepare_counts_as_skipped_only_what_may_be_a_lost_photo(tmp_path, caplo
         report = prepare(validate(compose(overrides)))
     reasons = {s["file"]: s["reason"] for s in report["skipped"]}
     hidden = [".DS_Store", ".synthetic.json", f"training/{label.name}/Thumbs.db"]
-    assert all(reasons[f] == "hidden/system file" for f in hidden) and len(reasons) == 5
-    assert "rejected 0, skipped 2" in caplog.text
+    assert all(reasons[f] == "hidden/system file" for f in hidden) and len(reasons) == 6
+    assert "rejected 0, skipped 3" in caplog.text
+    assert "1 hidden folder(s) with image files skipped (rename them" in caplog.text
+    assert f"leading dot to use them): training/{label.name}/.album" in caplog.text
     lost = f"training/{label.name}/lost.png, training/{label.name}/notes.txt"
     assert "2 files/folders skipped" in caplog.text and lost in caplog.text

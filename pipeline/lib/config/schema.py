@@ -64,7 +64,7 @@ class DataConfig:
     resize: str = _one_of("stretch", "pad", "crop")
     split: SplitRatios = field(default_factory=SplitRatios)
     seed: int = 42
-    max_pixels: int = _in(60_000_000, "> 0")
+    max_pixels: int = _in(60_000_000, "in [1, 178956970]")  # Pillow refuses larger images
     min_images_per_class: int = _in(1, ">= 1")
     leakage: str = _one_of("fail", "warn")
     max_rejected_fraction: float = _in(0.2, UNIT)

@@ -95,6 +95,8 @@ class RejectedImage(Exception):
 
 #: The default limit on width x height (a decompression-bomb guard): `data.max_pixels`.
 MAX_PIXELS = 60_000_000
+#: The highest usable max_pixels: Image.open refuses larger images (2 x Image.MAX_IMAGE_PIXELS)
+PILLOW_MAX_PIXELS = 178_956_970
 
 
 def load_rgb(

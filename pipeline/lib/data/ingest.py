@@ -24,6 +24,7 @@ from pipeline.lib.config.schema import DataConfig
 from pipeline.lib.data.images import RejectedImage, load_rgb
 from pipeline.lib.data.prepared import SPLITS, ManifestRow, shown_path, write_manifest
 from pipeline.lib.data.sources.folder import (
+    HIDDEN_PHOTOS_REASON,
     HIDDEN_REASON,
     OUTSIDE_REASON,
     Candidate,
@@ -294,7 +295,15 @@ class _Tally:
                 "(DVC tracks the folder's content, not link targets; copy the photos in to use "
                 f"them): {_listed(outside)}"
             )
-        unexpected = [f for f, r in disc.skipped if r != HIDDEN_REASON and f not in outside]
+        hidden = [f for f, reason in disc.skipped if reason.startswith(HIDDEN_PHOTOS_REASON)]
+        if hidden:
+            self.warnings.append(
+                f"{len(hidden)} hidden folder(s) with image files skipped (rename them without the "
+                f"leading dot to use them): {_listed(hidden)}"
+            )
+        unexpected = [
+            f for f, r in disc.skipped if r != HIDDEN_REASON and f not in outside + hidden
+        ]
         if unexpected:
             self.warnings.append(
                 f"{len(unexpected)} files/folders skipped (non-image files, broken links, ...; "

@@ -32,6 +32,7 @@ from pipeline.lib.config.schema import DEFAULT_TRACKING_URI
 from pipeline.lib.data.images import (
     CANDIDATE_EXTENSIONS,
     MAX_PIXELS,
+    PILLOW_MAX_PIXELS,
     RESIZE_POLICIES,
     RejectedImage,
     load_rgb,
@@ -297,6 +298,9 @@ def _positive(text: str) -> int:
     return value
 
 
+_positive.__name__ = "positive integer"  # argparse: "invalid positive integer value: 'abc'"
+
+
 def _parser() -> argparse.ArgumentParser:
     about = "Predict the classes of images (files or folders, searched recursively) with a "
     about += "trained model; print the top classes per image and write CSV or JSON."
@@ -397,7 +401,10 @@ def _predict_files(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: the exit status (see the module; 141, quietly, when stdout closes early)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.max_pixels > PILLOW_MAX_PIXELS:
+        parser.error(f"--max-pixels must be <= {PILLOW_MAX_PIXELS}: Pillow refuses larger images")
     try:
         return _run(args)
     except UserError as exc:  # e.g. a malformed model.json beside an exported model

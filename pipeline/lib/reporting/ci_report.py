@@ -66,14 +66,17 @@ class Change:
     head: object
 
     @property
-    def change(self) -> float | None:  # head - base, None unless both are numbers
+    def change(self) -> float | None:  # head - base, None unless both are numbers (not NaN)
         a, b = _number(self.base), _number(self.head)
-        return b - a if a is not None and b is not None else None
+        return b - a if a is not None and b is not None and not math.isnan(b - a) else None
 
     @property
-    def changed(self) -> bool:  # numbers: by more than TOLERANCE
+    def changed(self) -> bool:  # numbers: by more than TOLERANCE; NaN -> NaN is unchanged
         change = self.change
-        return abs(change) > TOLERANCE if change is not None else self.base != self.head
+        if change is not None:
+            return abs(change) > TOLERANCE
+        both_nan = self.base != self.base and self.head != self.head  # NaN: unequal to itself
+        return self.base != self.head and not both_nan
 
 
 class Moved(NamedTuple):  # a confusion-matrix cell whose count differs
@@ -231,10 +234,13 @@ def verdict(row: Change | None, metric: str = DEFAULT_METRIC) -> str:
         return f"🆕 **{label}**: {_md(new)} (the base has none)."
     if new is None:
         return f"❔ **{label}**: missing at the head (was {_md(old)} at the base)."
-    change = new - old
-    if abs(change) <= TOLERANCE:
+    if not row.changed:  # within TOLERANCE, or NaN -> NaN
         return f"➖ **{label} unchanged**: {_md(new)}."
-    word, icon = ("up", "✅") if change > 0 else ("down", "⚠️")
+    if math.isnan(new):  # a number becoming NaN is a regression
+        return f"⚠️ **{label} became NaN**: {_md(old)} → nan."
+    if math.isnan(old):
+        return f"🆕 **{label}**: {_md(new)} (was nan at the base)."
+    word, icon = ("up", "✅") if new > old else ("down", "⚠️")
     return f"{icon} **{label} {word}**: {_md(old)} → {_md(new)} ({_change_cell(row)})."
 
 

@@ -54,6 +54,10 @@ def save_figure(fig: Figure, path: PathLike) -> Path:
     return path
 
 
+def _shown_names(classes: Sequence[object], most: int = 40) -> list[str]:  # shown without mathtext
+    return [c if len(c) <= most else f"{c[: most - 1]}…" for c in map(str, classes)]
+
+
 def _text_width_in(chars: int, fontsize: float) -> float:  # roughly, in DejaVu Sans
     return chars * fontsize * 0.62 / 72.0
 
@@ -159,7 +163,7 @@ def confusion_figure(
     if n == 0 or counts.shape[0] != n:
         k = counts.shape[0]
         raise ValueError(f"a {k}x{k} confusion matrix needs {k} class names (at least 1), got {n}")
-    classes = [str(c) for c in classes]
+    classes = _shown_names(classes)
     row_sums = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
     shown = fractions if normalize else counts
@@ -184,8 +188,8 @@ def confusion_figure(
         bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     bar.set_label("share of the true class" if normalize else "images")
     rotated = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"}
-    ax.set_xticks(range(n), labels=classes, fontsize=tick_fs, **rotated)
-    ax.set_yticks(range(n), labels=classes, fontsize=tick_fs)
+    ax.set_xticks(range(n), labels=classes, fontsize=tick_fs, parse_math=False, **rotated)
+    ax.set_yticks(range(n), labels=classes, fontsize=tick_fs, parse_math=False)
     ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="white", linewidth=1.0 if n <= 20 else 0.5)
@@ -225,7 +229,7 @@ def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs:
     ax.imshow(np.asarray(image), interpolation="antialiased")
     ax.set(xticks=[], yticks=[])
     ax.spines[:].set(color=color, linewidth=3)
-    ax.set_title(title, color=color, fontsize=fs, fontweight="bold")
+    ax.set_title(title, color=color, fontsize=fs, fontweight="bold", parse_math=False)
 
 
 def _draw_gallery_scores(
@@ -244,7 +248,7 @@ def _draw_gallery_scores(
     edges = ["black" if i == true_k else "none" for i in order]
     ypos = np.arange(len(order))
     ax.barh(ypos, scores, color=bar_colors, edgecolor=edges, linewidth=1.4, height=0.7)
-    ax.set_yticks(ypos, labels=[classes[i] for i in order], fontsize=label_fs)
+    ax.set_yticks(ypos, labels=[classes[i] for i in order], fontsize=label_fs, parse_math=False)
     for tick, y, i, p in zip(ax.get_yticklabels(), ypos, order, scores, strict=True):
         inside = p > 0.62
         tag, weight = (f"{p:.2f}  true", "bold") if i == true_k else (f"{p:.2f}", "normal")
@@ -275,7 +279,7 @@ def gallery_figure(
     true class outlined, bold, tagged 'true'; `heading` replaces "Test predictions: k of n right".
     images uint8 (N, H, W, 3) (a memmap: only the shown ones are read); probabilities (N, C) in
     0..1; true_labels (N,) indices. ValueError: they do not match."""
-    classes = [str(c) for c in classes]
+    classes = _shown_names(classes)
     n_total = len(images)
     n = n_total if max_images is None else max(0, min(n_total, int(max_images)))
     if n == 0:

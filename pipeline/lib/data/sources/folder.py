@@ -40,8 +40,10 @@ _SPLIT_NAMES = {
 
 #: Names (lower-case) that operating systems leave behind (dot names are hidden anyway).
 _SYSTEM = "__macosx thumbs.db ehthumbs.db desktop.ini @eadir $recycle.bin __pycache__ icon\r"
-SYSTEM_NAMES = frozenset([*_SYSTEM.split(" "), "system volume information"])
+_DOT_TOOLS = ".ipynb_checkpoints .thumbnails .trashes .@__thumb"  # caches/copies, not photos
+SYSTEM_NAMES = frozenset([*f"{_SYSTEM} {_DOT_TOOLS}".split(" "), "system volume information"])
 HIDDEN_REASON = "hidden/system file"
+HIDDEN_PHOTOS_REASON = "hidden folder with image files"  # maybe lost photos: counted and warned
 NOT_IMAGE_REASON = "not an image file extension"
 _ARCHIVES = (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")
 OUTSIDE_REASON = "symbolic link to outside the data folder"
@@ -289,6 +291,16 @@ def _names(paths: Iterable[Path]) -> str:
     return ", ".join(f"'{p.name}/'" for p in sorted(paths, key=lambda p: p.name))
 
 
+def _hidden_reason(entry: os.DirEntry[str]) -> str:
+    if entry.name.lower() in SYSTEM_NAMES or not entry.is_dir(follow_symlinks=False):
+        return HIDDEN_REASON
+    files = Path(entry.path).rglob("*")
+    n = sum(f.suffix.lower() in CANDIDATE_EXTENSIONS and f.name[:2] != "._" for f in files)
+    return (
+        f"{HIDDEN_PHOTOS_REASON} ({n}): rename it without the leading dot" if n else HIDDEN_REASON
+    )
+
+
 class _Walker:
     """Directory listing that follows symbolic links within the data folder (not those leading
     out of it), detects loops and records what it skips."""
@@ -316,7 +328,7 @@ class _Walker:
         for entry in entries:
             path = Path(entry.path)
             if is_ignored(entry.name):
-                self.skip(path, HIDDEN_REASON)
+                self.skip(path, _hidden_reason(entry))
                 continue
             try:
                 st = os.stat(entry.path)  # follows symlinks
