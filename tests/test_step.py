@@ -184,6 +184,21 @@ def test_a_sweep_hydra_cannot_run_well_is_one_line_before_any_run(argv, text, ca
     assert exc.value.code == 2 and err.count("\n") == 1 and text in err, err
 
 
+def test_a_sweep_whose_jobs_would_log_to_two_experiments_is_refused(tmp_path, capsys):
+    """A `data.path` sweep with `tracking.experiment: auto` (named after each folder) would put
+    its jobs in two MLflow experiments, away from the sweep's parent run: refused before any
+    job, naming both; with one experiment set, the same sweep passes."""
+    a, b = tmp_path / "roses", tmp_path / "tulips"
+    a.mkdir(), b.mkdir()
+    sweep = ["-m", "data=folder", f"data.path={a},{b}"]
+    with pytest.raises(SystemExit) as exc:
+        preflight(sweep)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert "two MLflow experiments (roses in" in err and "; tulips in" in err, err
+    preflight([*sweep, "tracking.experiment=flowers"])
+
+
 def test_an_invalid_job_of_a_sweep_stops_it_before_the_first_job(tmp_path):
     sweep = tmp_path / "multirun"
     proc = stage(

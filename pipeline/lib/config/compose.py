@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.lib.config.schema import Config, ConfigError, literal, validate
+from pipeline.lib.config.schema import Config, ConfigError, literal, name_after_data, validate
 from pipeline.lib.files import atomic_file
 
 #: The first line of a `params.yaml` written by `write_params`, followed by the overrides (JSON).
@@ -62,6 +62,7 @@ def validate_jobs(conf_dir: Path, overrides: list[str], multirun: bool) -> None:
     # `${hydra:...}` resolves only inside a running job: such overrides are left to its own check
     overrides = [o for o in overrides if "${hydra:" not in o]
     conf_dir, composed, jobs, at, job = Path(conf_dir), {}, [overrides], "", overrides
+    stores: dict[str, list[str]] = {}  # MLflow experiment and store -> the first job logging there
     try:
         _, hydra = _composed(conf_dir, overrides, parser, composed, base=True)
         if multirun or hydra.mode == RunMode.MULTIRUN:
@@ -71,7 +72,11 @@ def validate_jobs(conf_dir: Path, overrides: list[str], multirun: bool) -> None:
             sweep = [o for o in sweep if not o.is_interval_sweep()]  # sampled: run_step checks it
             jobs, at = BasicSweeper.split_arguments(sweep, None)[0], "multirun job #{} ({})"
         for job in jobs:
-            validate_composed(conf_dir, _composed(conf_dir, job, parser, composed)[0])
+            cfg = _composed(conf_dir, job, parser, composed)[0]
+            validate_composed(conf_dir, cfg)
+            tracking = OmegaConf.create(cfg["tracking"])
+            name_after_data(tracking, OmegaConf.create(cfg["data"]))
+            stores.setdefault(f"{tracking.experiment} in {tracking.uri}", job)
     # Hydra raises plain ValueErrors too (`experiment=null,smoke`)
     except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as exc:
         text = str(exc) if isinstance(exc, ConfigError) else " ".join(str(exc).split())
@@ -80,6 +85,13 @@ def validate_jobs(conf_dir: Path, overrides: list[str], multirun: bool) -> None:
         elif not isinstance(exc, ConfigError):
             text = f"{' '.join(job)}: {text}"
         raise ConfigError(text) from None
+    if len(stores) > 1:  # e.g. `data=a,b` with tracking.experiment=auto (named after the data)
+        (a, a_job), (b, b_job) = list(stores.items())[:2]
+        raise ConfigError(
+            f"multirun jobs ({' '.join(a_job)}) and ({' '.join(b_job)}) would log to two MLflow "
+            f"experiments ({a}; {b}), a sweep's parent run to one: set tracking.experiment, or run "
+            "one sweep per data"
+        )
 
 
 def _axis(parser: OverridesParser, line: str, basic: bool) -> Override:
