@@ -337,7 +337,8 @@ def test_parallel_sweep_of_8_jobs_against_the_server(live, data, tmp_path):
 
 
 def test_server_killed_mid_sweep_then_restarted(live, data, tmp_path):
-    rates = ["0.1", "1", "10"]
+    # enough jobs (~1 s each) that the server is stopped while the sweep still runs, on any machine
+    rates = ["0.01", "0.03", "0.1", "0.3", "1", "3", "10", "30", "100", "300"]
     # one retry, short backoff: the test waits for the failure (defaults: 3 retries, ~30 s)
     cmd = sweep_cmd(
         tmp_path,
