@@ -16,7 +16,6 @@ import logging
 import time
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.lib.config.schema import Config
@@ -31,7 +30,7 @@ from pipeline.lib.data.prepared import (
 from pipeline.lib.files import atomic_dir, dvc_md5, write_json
 from pipeline.lib.model import features
 from pipeline.lib.model.build import resolve_weights
-from pipeline.lib.model.feature_store import FeatureStore, store_key
+from pipeline.lib.model.feature_store import FeatureStore, RowWriter, store_key
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,11 @@ def featurize(cfg: Config) -> dict:
     meta = {"key": features.feature_key(cfg, dvc_md5(cfg.paths.prepared)), "feature_dim": dim}
     store = FeatureStore(store_key(flatbuffer, dataset.image_size, dataset.resize), dim)
     with atomic_dir(cfg.paths.features) as tmp:
-        outs = {
-            s: np.lib.format.open_memmap(tmp / f"{s}.npy", "w+", np.float32, (dataset.size(s), dim))
-            for s in SPLITS
-        }
+        outs = {s: RowWriter(tmp / f"{s}.npy", dataset.size(s), dim) for s in SPLITS}
         start = time.perf_counter()
         computed = _assemble(cfg, (featurizer, flatbuffer), dataset, store, outs)
         for out in outs.values():
-            out.flush()
+            out.close()
         (tmp / features.BACKBONE_FILE).write_bytes(flatbuffer)
         write_json(tmp / features.META_FILE, meta)
     store.close()
@@ -77,7 +73,7 @@ def _assemble(
     backbone: tuple[features.ShardedTFLite, bytes],
     dataset: PreparedDataset,
     store: FeatureStore,
-    outs: dict[str, np.ndarray],
+    outs: dict[str, RowWriter],
 ) -> int:
     """Fill `outs` {split: (N, D)} from the store, then featurize one photo per missing sha256
     (here, or in Ray) into `outs` and the store; return how many."""
@@ -85,9 +81,9 @@ def _assemble(
     for row in dataset.manifest():
         by_sha.setdefault(row.sha256, []).append(row)
     shas, todo = list(by_sha), []
-    for i in range(0, len(shas), 4096):  # bounded memory
-        found = store.get(shas[i : i + 4096])
-        todo += [by_sha[sha][0] for sha in shas[i : i + 4096] if sha not in found]
+    for i in range(0, len(shas), 1024):  # bounded memory
+        found = store.get(shas[i : i + 1024])
+        todo += [by_sha[sha][0] for sha in shas[i : i + 1024] if sha not in found]
         for sha, x in found.items():
             for row in by_sha[sha]:
                 outs[row.split][row.index] = x

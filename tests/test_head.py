@@ -50,7 +50,7 @@ def test_label_smoothing_is_optimal_for_its_own_objective():
     fit = head.fit_head(x, y, 4, 1.0, label_smoothing=0.1, tol=1e-9, track=False)
     theta = np.concatenate([fit.head.kernel.ravel(), fit.head.bias]).astype(np.float64)
     targets = head._targets(y, 4, 0.1)
-    _, grad = head._objective(theta, x.astype(np.float64), targets, np.ones(len(y)), 1.0, {})
+    _, grad = head._objective(theta, x.astype(np.float64), None, targets, np.ones(len(y)), 1.0, {})
     assert np.abs(grad).max() < 1e-5  # a stationary point of a convex objective: the optimum
     plain = head.fit_head(x, y, 4, 1.0, tol=1e-9, track=False)
     # smoothing lowers the confidence

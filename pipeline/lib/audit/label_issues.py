@@ -38,8 +38,9 @@ def out_of_fold_probabilities(
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     with threadpool_limits(1):
         for fit_idx, held in splitter.split(x, y):
-            fitted = fit_head(x[fit_idx], y[fit_idx], num_classes, c, track=False, **fit_args)
-            probs[held] = fitted.head.probabilities(x[held])
+            fitted = fit_head(x, y[fit_idx], num_classes, c, track=False, rows=fit_idx, **fit_args)
+            for rows in np.array_split(held, -(-len(held) // 1024)):  # no copy of the fold
+                probs[rows] = fitted.head.probabilities(x[rows])
     return probs
 
 

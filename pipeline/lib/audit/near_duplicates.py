@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 #: Dimensions of the prefilter's projection; rows per block of the pairwise products.
 PROJECTED = 128
-BLOCK = 4096
+BLOCK = 1024
 #: Rows whose second moment chooses the projection.
 SAMPLE = 20_000
 #: The bound's allowance for float32 rounding.

@@ -27,10 +27,10 @@ from pipeline.lib.audit.label_issues import LabelIssue, out_of_fold_probabilitie
 from pipeline.lib.audit.near_duplicates import NearDuplicate, near_duplicates
 from pipeline.lib.audit.sufficiency import sentence, sufficiency_curve
 from pipeline.lib.config.schema import Config
-from pipeline.lib.data.prepared import SPLITS, PreparedDataset, SourceImages
+from pipeline.lib.data.prepared import PreparedDataset, SourceImages
 from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import dvc_md5, write_json
-from pipeline.lib.model.features import load_cached_features
+from pipeline.lib.model.features import load_cached_features, stacked
 from pipeline.lib.tracking import runs
 from pipeline.lib.training.head import choose_c
 
@@ -48,9 +48,7 @@ def run_audit(cfg: Config, dataset: PreparedDataset) -> dict[str, dict[str, floa
             f"{cfg.paths.features} holds no features of {cfg.paths.prepared}: run the featurize "
             "stage first (`dvc repro featurize`)."
         )
-    sizes = np.cumsum([len(features[s]) for s in SPLITS])[:-1]  # the splits: views of one array
-    every = np.concatenate([features.pop(s) for s in SPLITS])
-    features = dict(zip(SPLITS, np.split(every, sizes), strict=True))
+    every = stacked(features)
     reports, c = Path(cfg.paths.reports), head_c(cfg, dataset, features)
     summary = {
         "near_duplicates": check_near_duplicates(cfg, dataset, every, reports),

@@ -30,6 +30,27 @@ from pipeline.lib.model.tflite import ModelSource
 BACKBONE_FILE = "backbone.tflite"
 HEAD_FILE = "head.npy"
 CARD_FILE = "model.json"
+#: float64 elements cast per block of a product of the features (8 MB).
+CAST_BLOCK = 1 << 20
+
+
+def dot64(
+    x: np.ndarray, w: np.ndarray, transpose: bool = False, index: np.ndarray | None = None
+) -> np.ndarray:
+    """float64 x @ w, or x.T @ w (`transpose`), of features `x` (N, D) (or of its rows `index`,
+    without copying them), cast `CAST_BLOCK` elements at a time in blocks of 64 rows / columns:
+    memory does not grow with N, and on one BLAS thread the bits are those of one product
+    (OpenBLAS' kernels tile by <= 16)."""
+    m = len(x) if index is None else len(index)
+    n, width = (x.shape[1], m) if transpose else (m, x.shape[1])
+    step = max(64, CAST_BLOCK // max(width, 1) // 64 * 64)
+    edges = [*range(0, max(n - step, 1), step), n]  # no 1-row block: numpy's gemv
+    spans = zip(edges, edges[1:], strict=False)
+    if index is None:
+        blocks = (x[:, a:b].T if transpose else x[a:b] for a, b in spans)
+    else:
+        blocks = (x[index, a:b].T if transpose else x[index[a:b]] for a, b in spans)
+    return np.concatenate([block.astype(np.float64) @ w for block in blocks])
 
 
 @dataclass(frozen=True)
@@ -41,8 +62,9 @@ class Head:
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float64 (N, C) of float (N, D) features."""
-        x = np.asarray(features, dtype=np.float64)
-        return x @ self.kernel.astype(np.float64) + self.bias.astype(np.float64)
+        return dot64(np.asarray(features), self.kernel.astype(np.float64)) + self.bias.astype(
+            np.float64
+        )
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """float64 (N, C), rows summing to 1, of float (N, D) features."""

@@ -23,6 +23,27 @@ from pipeline.lib.files import cache_root, md5_file
 log = logging.getLogger(__name__)
 
 
+class RowWriter:
+    """A float32 (N, D) `.npy` file written row by row with positional writes (`os.pwrite`): the
+    rows go to the page cache, not to this process's memory (a memmap's written pages count in its
+    RSS), so featurizing N photos needs memory independent of N. Bytes as `np.save` writes."""
+
+    def __init__(self, path: Path, n: int, dim: int) -> None:
+        header = np.lib.format.open_memmap(path, "w+", np.float32, (n, dim))  # header, sparse rows
+        self.offset, self.row_bytes, self.n = header.offset, 4 * dim, n
+        del header
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __setitem__(self, index: int, x: np.ndarray) -> None:
+        os.pwrite(self.fd, np.asarray(x, "<f4").tobytes(), self.offset + index * self.row_bytes)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def store_key(flatbuffer: bytes, image_size: int, resize: str) -> str:
     """32 hex digits: what per-image features depend on besides the photo's bytes."""
     decoder = f"{PIL.__version__}:{md5_file(images.__file__)}"

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.lib.data.prepared import SPLITS, iter_batches
+from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import atomic_file, cache_root, md5_file, read_json
 from pipeline.lib.model import build
 from pipeline.lib.model.tflite import ModelSource, TFLiteRunner
@@ -232,7 +233,8 @@ def feature_key(cfg: Any, prepared_md5: str) -> dict:
 
 def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] | None:
     """{split: float32 (N, D)} from `paths.features` if its `meta.json` has this `feature_key`,
-    else None (with a warning when features of other inputs are there)."""
+    else None (with a warning when features of other inputs are there). The splits are
+    consecutive row views of one array (`stacked`), read from the files into it: no second copy."""
     folder = Path(cfg.paths.features)
     if not (folder / META_FILE).is_file():
         return None
@@ -244,4 +246,27 @@ def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] |
             *(folder, found, wanted),
         )
         return None
-    return {split: np.load(folder / f"{split}.npy") for split in SPLITS}
+    headers = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}  # shapes only
+    every = np.empty((sum(len(h) for h in headers.values()), headers["train"].shape[1]), "f4")
+    features, start = {}, 0
+    for split, header in headers.items():
+        features[split] = every[start : start + len(header)]
+        with open(header.filename, "rb") as f:
+            f.seek(header.offset)
+            read = f.readinto(memoryview(features[split].reshape(-1).view(np.uint8)))
+        if (
+            header.dtype != every.dtype
+            or header.shape[1:] != every.shape[1:]
+            or read != header.nbytes
+        ):
+            raise StageInputError(
+                f"{header.filename}: not the float32 (N, D) featurize writes: rerun featurize (`dvc repro -f featurize`)"
+            )
+        start += len(header)
+    return features
+
+
+def stacked(features: dict[str, np.ndarray]) -> np.ndarray:
+    """All rows of `load_cached_features`' splits (train, val, test order) as one (N, D) array,
+    without a copy."""
+    return features[SPLITS[0]].base

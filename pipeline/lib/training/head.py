@@ -13,8 +13,7 @@ order or a learning rate: scipy's L-BFGS-B solves it with scikit-learn's `lbfgs`
 (ftol = 64 eps, maxls 50), with gtol 1e-6 instead of its 1e-4: the objective is a mean, so
 1e-4 leaves weakly penalised fits (large C) short of their optimum. BLAS runs on one thread:
 these problems are small, and OpenBLAS' threads made them 50-100x slower on a loaded machine.
-The features stay float32: the float64 products cast `CAST_BLOCK` elements at a time, in blocks
-of 64 rows / columns (the bits of one product: OpenBLAS' kernels tile by <= 16).
+The features stay float32: the float64 products cast them in blocks (`classifier.dot64`).
 
 `train.C=auto` chooses C by stratified k-fold cross-validation on the training split over
 `C_GRID`: the highest held-out accuracy (scikit-learn's LogisticRegressionCV scoring), ties
@@ -41,7 +40,7 @@ from threadpoolctl import threadpool_limits
 from pipeline.lib.config.schema import TrainConfig
 from pipeline.lib.errors import UserError
 from pipeline.lib.files import cache_root, write_json
-from pipeline.lib.model.classifier import Head
+from pipeline.lib.model.classifier import Head, dot64
 from pipeline.lib.training.calibration import calibrate
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,6 @@ CV_FOLDS = 5
 UNDERFIT_TRAIN_ACCURACY = 0.9
 #: Bumped when the objective or the search changes: part of `choose_c`'s cache key.
 SEARCH_VERSION = 2
-#: float64 elements cast per block of a product of the features (8 MB).
-CAST_BLOCK = 1 << 20
 
 
 class FeatureError(UserError):
@@ -105,36 +102,41 @@ def _unpack(theta: np.ndarray, dim: int, num_classes: int) -> tuple[np.ndarray, 
     return theta[: dim * num_classes].reshape(dim, num_classes), theta[dim * num_classes :]
 
 
-def _dot(x: np.ndarray, w: np.ndarray, rows: bool = True) -> np.ndarray:
-    """float64 x @ w (`rows`) or x.T @ w, `x` cast in blocks (module docstring)."""
-    n, width = x.shape if rows else x.shape[::-1]
-    step = max(64, CAST_BLOCK // max(width, 1) // 64 * 64)
-    edges = [*range(0, max(n - step, 1), step), n]  # no 1-row block: numpy's gemv
-    blocks = (x[a:b] if rows else x[:, a:b].T for a, b in zip(edges, edges[1:], strict=False))
-    return np.concatenate([block.astype(np.float64) @ w for block in blocks])
-
-
 def _objective(
-    theta: np.ndarray, x: np.ndarray, t: np.ndarray, s: np.ndarray, c: float, last: dict
+    theta: np.ndarray,
+    x: np.ndarray,
+    rows: np.ndarray | None,
+    t: np.ndarray,
+    s: np.ndarray,
+    c: float,
+    last: dict,
 ) -> tuple[float, np.ndarray]:
-    """(value, gradient) of the objective at `theta`; `last`: theta and its log-probabilities."""
+    """(value, gradient) at `theta` on `x` (its `rows`); `last`: theta and its log-probabilities."""
     kernel, bias = _unpack(theta, x.shape[1], t.shape[1])
-    log_p = log_softmax(_dot(x, kernel) + bias, axis=1)
+    log_p = log_softmax(dot64(x, kernel, index=rows) + bias, axis=1)
     last.update(theta=theta.copy(), log_p=log_p)
     total = s.sum()
     value = float(-(s[:, None] * t * log_p).sum() + 0.5 * (kernel * kernel).sum() / c) / total
     g = (np.exp(log_p) - t) * (s[:, None] / total)
-    grad = np.concatenate([(_dot(x, g, rows=False) + kernel / (c * total)).ravel(), g.sum(0)])
+    grad = np.concatenate(
+        [(dot64(x, g, transpose=True, index=rows) + kernel / (c * total)).ravel(), g.sum(0)]
+    )
     return value, grad
 
 
 def _scores(
-    head_params: np.ndarray, x: np.ndarray, y: np.ndarray, k: int, log_p: np.ndarray | None = None
+    head_params: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    k: int,
+    log_p: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """(mean cross-entropy in nats, accuracy) of flat parameters (or `log_p`) on `x`, `y`."""
+    """(mean cross-entropy in nats, accuracy) of flat parameters (or `log_p`) on `x` (its
+    `rows`), labels `y`."""
     if log_p is None:
         kernel, bias = _unpack(head_params, x.shape[1], k)
-        log_p = log_softmax(_dot(x, kernel) + bias, axis=1)
+        log_p = log_softmax(dot64(x, kernel, index=rows) + bias, axis=1)
     return float(-log_p[np.arange(len(y)), y].mean()), float((log_p.argmax(1) == y).mean())
 
 
@@ -151,9 +153,11 @@ def fit_head(
     init: np.ndarray | None = None,
     val: tuple[np.ndarray, np.ndarray] | None = None,
     track: bool = True,
+    rows: np.ndarray | None = None,
 ) -> HeadFit:
-    """The optimum of the objective (module docstring) on features `x` float (N, D) and int labels
-    `y` (N,) in [0, num_classes).
+    """The optimum of the objective (module docstring) on features `x` float (N, D) (or its
+    `rows`, int (M,): a cross-validation fold, not copied) and int labels `y` (N,) (or (M,)) in
+    [0, num_classes).
 
     Args:
         c: inverse L2 strength C > 0.
@@ -184,7 +188,7 @@ def fit_head(
     def record(theta: np.ndarray) -> None:
         history["step"].append(len(history["step"]))
         same = "theta" in last and np.array_equal(last["theta"], theta)
-        loss, acc = _scores(theta, x, y, num_classes, last["log_p"] if same else None)
+        loss, acc = _scores(theta, x, y, num_classes, last["log_p"] if same else None, rows)
         history["loss"].append(loss)
         history["accuracy"].append(acc)
         if val is not None:
@@ -197,7 +201,7 @@ def fit_head(
     result = minimize(
         _objective,
         theta0,
-        args=(x, t, s, c, last),
+        args=(x, rows, t, s, c, last),
         jac=True,
         method="L-BFGS-B",
         callback=record if track else None,
@@ -217,13 +221,13 @@ def _cv_scores(
     losses, accuracies = np.zeros(len(C_GRID)), np.zeros(len(C_GRID))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fit_idx, held_idx in splitter.split(x, y):
-        start, x_fit, x_held = None, x[fit_idx], x[held_idx]  # copied once, not per C
+        start = None
         for i, c in enumerate(C_GRID):
             fitted = fit_head(
-                x_fit, y[fit_idx], num_classes, c, init=start, track=False, **fit_args
+                x, y[fit_idx], num_classes, c, init=start, track=False, rows=fit_idx, **fit_args
             )
             start = np.concatenate([fitted.head.kernel.ravel(), fitted.head.bias]).astype(float)
-            loss, accuracy = _scores(start, x_held, y[held_idx], num_classes)
+            loss, accuracy = _scores(start, x, y[held_idx], num_classes, rows=held_idx)
             losses[i] += loss / folds
             accuracies[i] += accuracy * len(held_idx) / len(y)
     return losses.tolist(), accuracies.tolist()
