@@ -123,8 +123,8 @@ def project(work: Path, photos: Path, formats: str) -> tuple[Path, dict]:
     for fresh in ("features", "head"):  # the feature store, train.C=auto's cached choices
         shutil.rmtree(cache / fresh, ignore_errors=True)
     user_tflite = Path(os.path.expanduser("~/.cache/truck-pipeline/tflite"))
-    if user_tflite.is_dir() and not (cache / "tflite").exists():
-        shutil.copytree(user_tflite, cache / "tflite")  # no conversion in the timings
+    if user_tflite.is_dir():  # no conversion in the timings (the user's may be newer)
+        shutil.copytree(user_tflite, cache / "tflite", dirs_exist_ok=True)
     env = {**os.environ, "TRUCK_CACHE_DIR": str(cache), "PATH": f"{BIN}:{os.environ['PATH']}"}
     params = [str(BIN / "python"), "-m", "pipeline.params"]
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "x"],
