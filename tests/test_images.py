@@ -203,10 +203,10 @@ def test_image_over_max_pixels_is_refused_from_the_header(tmp_path, monkeypatch)
 def test_max_pixels_above_pillows_own_limit_is_refused_up_front():
     """Pillow's Image.open refuses > 2 x MAX_IMAGE_PIXELS before our check: a larger
     data.max_pixels could not take effect, so validation refuses it, naming the key."""
-    from pipeline.lib.config.schema import ConfigError, validate
+    from pipeline.lib.config.schema import PILLOW_MAX_PIXELS, ConfigError, validate
     from tests.conftest import compose
 
-    limit = images.PILLOW_MAX_PIXELS
+    limit = PILLOW_MAX_PIXELS
     assert limit == 2 * Image.MAX_IMAGE_PIXELS == 178_956_970  # the schema's bound, literally
     assert validate(compose([f"data.max_pixels={limit}"])).data.max_pixels == limit
     with pytest.raises(ConfigError, match=r"data\.max_pixels=178956971: must be in \[1, 1789"):

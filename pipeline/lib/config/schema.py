@@ -30,6 +30,9 @@ def _one_of(*choices: Any) -> Any:
 
 
 UNIT = "in [0, 1]"
+#: `data.max_pixels`' default (a decompression-bomb guard), and its highest usable value: Pillow's
+#: Image.open refuses larger images (2 x Image.MAX_IMAGE_PIXELS).
+MAX_PIXELS, PILLOW_MAX_PIXELS = 60_000_000, 178_956_970
 
 
 @dataclass
@@ -64,7 +67,7 @@ class DataConfig:
     resize: str = _one_of("stretch", "pad", "crop")
     split: SplitRatios = field(default_factory=SplitRatios)
     seed: int = 42
-    max_pixels: int = _in(60_000_000, "in [1, 178956970]")  # Pillow refuses larger images
+    max_pixels: int = _in(MAX_PIXELS, f"in [1, {PILLOW_MAX_PIXELS}]")
     min_images_per_class: int = _in(1, ">= 1")
     leakage: str = _one_of("fail", "warn")
     max_rejected_fraction: float = _in(0.2, UNIT)

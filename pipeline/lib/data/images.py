@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
+from pipeline.lib.config.schema import MAX_PIXELS
+
 # HEIC/HEIF (the iPhone default) through pillow-heif; a served model's slim env may lack it
 with contextlib.suppress(ImportError):
     __import__("pillow_heif").register_heif_opener()
@@ -91,12 +93,6 @@ class RejectedImage(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-#: The default limit on width x height (a decompression-bomb guard): `data.max_pixels`.
-MAX_PIXELS = 60_000_000
-#: The highest usable max_pixels: Image.open refuses larger images (2 x Image.MAX_IMAGE_PIXELS)
-PILLOW_MAX_PIXELS = 178_956_970
 
 
 def load_rgb(

@@ -4,18 +4,17 @@
     python -m pipeline.predict photos/ --model models:/toy-truck-classifier@champion --output p.csv
     python -m pipeline.predict photos/ --model exports/model_int8.tflite --output p.json --top-k 3
 
-A models/ folder or an MLflow model (runs:/, models:/) runs as the `Classifier` evaluate uses (no
-TensorFlow); an exported `.tflite`/`.keras` file as it is, with the classes and resize mode of the
-model.json beside it (or `--classes`). Images are decoded as `prepare` decodes them, in threads;
-folders are searched recursively; unusable files are skipped with a warning. One line per image
-goes to stdout, every score to the `--output` CSV or JSON. Exit status 0; 2 (one line) when the
-model cannot be loaded, `--output` cannot be written (checked first) or no image was predicted;
-130 when interrupted."""
+A models/ folder or an MLflow model (runs:/, models:/) runs as the `Classifier` evaluate uses; an
+exported `.tflite`/`.keras` file with the classes and resize mode of the model.json beside it (or
+`--classes`). Images decode as in `prepare`, in threads; folders are searched recursively; unusable
+files are skipped with a warning. Exit status 0; 2 (one line) when the model cannot be loaded,
+`--output` cannot be written (checked first) or no image was predicted; 130 when interrupted."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import sys
 import tempfile
@@ -28,15 +27,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.lib.config.schema import DEFAULT_TRACKING_URI
-from pipeline.lib.data.images import (
-    CANDIDATE_EXTENSIONS,
-    MAX_PIXELS,
-    PILLOW_MAX_PIXELS,
-    RESIZE_POLICIES,
-    RejectedImage,
-    load_rgb,
-)
+from pipeline.lib.config.schema import DEFAULT_TRACKING_URI, MAX_PIXELS, PILLOW_MAX_PIXELS
+from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, RESIZE_POLICIES, RejectedImage, load_rgb
 from pipeline.lib.data.sources.folder import is_ignored
 from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.files import atomic_file, read_json, write_json
@@ -222,17 +214,13 @@ def _decoded_batches(
     files: list[Path], size: int, resize: str, batch_size: int, max_pixels: int
 ) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
     """Batches of (file, image or why not); the next batch decodes while the caller predicts."""
-    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    decode = functools.partial(_decode, size=size, resize=resize, max_pixels=max_pixels)
     with ThreadPoolExecutor(usable_cores()) as pool:
-        pending = (
-            [pool.submit(_decode, f, size, resize, max_pixels) for f in chunks[0]] if chunks else []
-        )
-        for chunk, following in zip(chunks, [*chunks[1:], []], strict=False):
-            current, pending = (
-                pending,
-                [pool.submit(_decode, f, size, resize, max_pixels) for f in following],
-            )
-            yield [(f, future.result()) for f, future in zip(chunk, current, strict=True)]
+        pending = pool.map(decode, files[:batch_size])  # map submits the whole batch at once
+        for start in range(0, len(files), batch_size):
+            chunk, current = files[start : start + batch_size], pending
+            pending = pool.map(decode, files[start + batch_size : start + 2 * batch_size])
+            yield list(zip(chunk, current, strict=True))
 
 
 def _output_format(path: str) -> str:
@@ -248,8 +236,9 @@ def _output_format(path: str) -> str:
         step = "write in"
         tempfile.TemporaryFile(dir=folder).close()  # what atomic_file will need
     except OSError as exc:
-        why = exc.strerror or exc
-        raise PredictError(f"--output {path}: cannot {step} {folder} ({why})") from None
+        raise PredictError(
+            f"--output {path}: cannot {step} {folder} ({exc.strerror or exc})"
+        ) from None
     return OUTPUT_FORMATS[suffix]
 
 
@@ -306,12 +295,8 @@ def _parser() -> argparse.ArgumentParser:
     about += "trained model; print the top classes per image and write CSV or JSON."
     p = argparse.ArgumentParser(prog="python -m pipeline.predict", description=about)
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files and/or folders")
-    p.add_argument(
-        "--model",
-        required=True,
-        help="a models/ folder, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
-        "or an exported .tflite/.keras file",
-    )
+    models = "a models/ folder, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
+    p.add_argument("--model", required=True, help=models + "or an exported .tflite/.keras file")
     p.add_argument("--output", help="also write every image's scores to a .csv or .json file")
     p.add_argument("--top-k", type=_positive, default=3, help="classes shown per image (3)")
     p.add_argument("--batch-size", type=_positive, default=32, help="images per batch (32)")
@@ -320,16 +305,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--classes", help="JSON list of class names (default: the model's model.json)")
     p.add_argument("--tta", action="store_true", help="average with the horizontal flip's scores")
-    p.add_argument(
-        "--max-pixels",
-        type=_positive,
-        default=MAX_PIXELS,
-        help=f"larger images are skipped, as data.max_pixels in training ({MAX_PIXELS:,})",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        help=f"for MLflow URIs ($MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
-    )
+    pixels = f"larger images are skipped, as data.max_pixels in training ({MAX_PIXELS:,})"
+    p.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, help=pixels)
+    uri = f"for MLflow URIs ($MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})"
+    p.add_argument("--tracking-uri", help=uri)
     return p
 
 
@@ -338,16 +317,12 @@ def _run(args: argparse.Namespace) -> int:
     predictor = _load_predictor(args.model, args.tracking_uri, args.classes)
     resize = args.resize or predictor.resize or "stretch"
     if args.resize is None and predictor.resize is None:
-        print(
-            f"warning: {args.model} carries no {CARD_FILE}: images are resized with stretch; "
-            "pass --resize as the model was trained (data.resize)",
-            file=sys.stderr,
-        )
+        warn = f"warning: {args.model} carries no {CARD_FILE}: images are resized with stretch; "
+        print(warn + "pass --resize as the model was trained (data.resize)", file=sys.stderr)
     files, skipped = _collect(args.inputs)
     for path, why in skipped:
         tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
-    show_bar = any(Path(name).is_dir() for name in args.inputs)
-    rows, bad = _predict_files(args, predictor, files, resize, show_bar)
+    rows, bad = _predict_files(args, predictor, files, resize)
     if not rows:
         what = ", ".join(args.inputs)
         found = f"{bad} file(s) could not be decoded" if bad else "no image files found"
@@ -361,36 +336,29 @@ def _run(args: argparse.Namespace) -> int:
                 "predictions"
             ) from None
     problems = bad + sum(1 for _, why in skipped if why != "folder with no image files")
-    print(
-        f"Predicted {len(rows)} image(s) with {args.model} ({predictor.kind}, "
-        f"{predictor.image_size} px, resize {resize}); {problems} file(s) skipped"
-        + (f"; wrote {args.output}" if args.output else ""),
-        file=sys.stderr,
-    )
+    done = f"Predicted {len(rows)} image(s) with {args.model} ({predictor.kind}, "
+    done += f"{predictor.image_size} px, resize {resize}); {problems} file(s) skipped"
+    print(done + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
     return 0
 
 
 def _predict_files(
-    args: argparse.Namespace, predictor: Predictor, files: list[Path], resize: str, show_bar: bool
+    args: argparse.Namespace, predictor: Predictor, files: list[Path], resize: str
 ) -> tuple[list[dict[str, Any]], int]:
     """(records, number of undecodable files); each image's line printed to stdout as it goes,
     a bar on stderr if an input was a folder and stderr is a terminal (tqdm's `disable=None`)."""
     rows: list[dict[str, Any]] = []
-    bad = 0
-    k = min(args.top_k, len(predictor.classes))
-    with tqdm(
-        total=len(files), unit="img", desc="predict", disable=None if show_bar else True
-    ) as bar:
-        for batch in _decoded_batches(
-            files, predictor.image_size, resize, args.batch_size, args.max_pixels
-        ):
+    bad, k = 0, min(args.top_k, len(predictor.classes))
+    size, batch_size = predictor.image_size, args.batch_size
+    disable = None if any(Path(name).is_dir() for name in args.inputs) else True
+    with tqdm(total=len(files), unit="img", desc="predict", disable=disable) as bar:
+        for batch in _decoded_batches(files, size, resize, batch_size, args.max_pixels):
             good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
             for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
                 tqdm.write(f"warning: skipped {f}: {why}", file=sys.stderr)
                 bad += 1
             if good:
-                images = np.stack([image for _, image in good])
-                probs, accepted = predictor.classify(images, args.tta)
+                probs, accepted = predictor.classify(np.stack([i for _, i in good]), args.tta)
                 new = _records([str(f) for f, _ in good], probs, predictor.classes, k, accepted)
                 for row in new:
                     tqdm.write(_format_line(row), file=sys.stdout)
