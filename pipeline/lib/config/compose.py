@@ -287,11 +287,8 @@ def hydra_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ",".join(map(hydra_value, value)) + "]"
     if isinstance(value, str):
-        quoted = re.sub(
-            r"(\\*)('|$)",
-            lambda m: m.group(1) * 2 + "\\" * len(m.group(2)) + m.group(2),
-            literal(value),
-        )
+        ends = r"(\\*)('|$)"  # a quote or the end, after n backslashes: 2n + 1 or 2n of them
+        quoted = re.sub(ends, lambda m: m[1] * 2 + "\\" * len(m[2]) + m[2], literal(value))
         return f"'{quoted}'"
     return json.dumps(value)
 

@@ -266,15 +266,11 @@ def name_after_data(tracking: Any, data: Any) -> None:
             tracking[key] = name
 
 
-#: The settings only Keras `fit` reads: with `train.solver=lbfgs` they must keep their defaults.
-KERAS_ONLY = (
-    *(f"train.{k}" for k in ("epochs", "batch_size", "learning_rate", "optimizer", "shuffle")),
-    *(f"train.{k}" for k in ("lr_schedule", "plateau", "early_stopping", "resume", "strategy")),
-    "train.augment",  # their sub-keys too: e.g. train.augment.rotation with augment off
-    "train.fine_tune",
-    "model.dropout",
-    "model.head_init",
-)
+#: The settings only Keras `fit` reads (sub-keys too: e.g. train.augment.rotation with augment
+#: off): with `train.solver=lbfgs` they must keep their defaults.
+_KERAS_TRAIN = "epochs batch_size learning_rate optimizer shuffle lr_schedule plateau"
+_KERAS_TRAIN += " early_stopping resume strategy augment fine_tune"
+KERAS_ONLY = (*(f"train.{k}" for k in _KERAS_TRAIN.split()), "model.dropout", "model.head_init")
 
 
 def images_must_flow(c: Any) -> list[str]:
@@ -361,39 +357,31 @@ def _check_values(c: Any) -> None:
     _check_fields(c, "")
     d, t, a, formats = c.data, c.train, c.train.augment, list(c.export.formats)
     synthetic, use = d.source == "synthetic", "`python -m pipeline.params --use-folder PATH`"
+    not_synthetic = f"is for data.source=folder, not data.source=synthetic: unset it, or {use}"
+    mlflow_refuses = "MLflow refuses it (no '/' or ':', not empty, '.' or '..'): rename it, or null"
     augments = a.flip != "none" or any(v > 0 for k, v in a.items() if k not in ("enabled", "flip"))
     c_ok = t.C in ("auto", None) or type(t.C) in (int, float) and 0 < t.C < 1e12
     keras, flow = solver(c) == "keras", ", ".join(images_must_flow(c))
     changed = [k for k in KERAS_ONLY if OmegaConf.select(c, k) != OmegaConf.select(_schema(), k)]
+    lbfgs_only = f"fits the head with lbfgs, to its exact optimum: {', '.join(changed)} only "
+    lbfgs_only += "matter(s) to Keras fit: drop the override(s), or set train.solver=keras"
     name = c.tracking.registered_model
+    name_ok = name is None or name.strip() not in ("", ".", "..") and not {"/", ":"} & set(name)
     rules = [
         (synthetic or d.path, "data.path", f"data.source=folder needs your photos' folder: {use}"),
-        (
-            not (synthetic and d.path),
-            "data.path",
-            f"is for data.source=folder, not data.source=synthetic: unset it, or {use}",
-        ),
+        (not (synthetic and d.path), "data.path", not_synthetic),
         (not synthetic or d.synthetic and d.synthetic.dir, "data.synthetic.dir", "must be set"),
         (not a.enabled or augments, "train.augment.enabled", "does nothing: flip none, factors 0"),
         (c_ok, "train.C", "must be `auto`, a number in (0, 1e12) or null"),
         (set(formats) <= set(EXPORT_FORMATS), "export.formats", f"choose {EXPORT_FORMATS}"),
         (len(set(formats)) == len(formats), "export.formats", "lists a format twice"),
         (c.tracking.uri, "tracking.uri", "must not be empty"),
-        (
-            name is None or name.strip() not in ("", ".", "..") and not {"/", ":"} & set(name),
-            "tracking.registered_model",
-            "MLflow refuses it (no '/' or ':', not empty, '.' or '..'): rename it, or null",
-        ),
+        (name_ok, "tracking.registered_model", mlflow_refuses),
         # a setting the chosen solver does not read is refused, not ignored
         (not (keras and t.refit_on_train_val), "train.refit_on_train_val", "needs solver=lbfgs"),
         (keras or not flow, "train.solver", f"fits cached features; {flow} needs images (keras)"),
         (keras or t.C is not None, "train.C", "has no lbfgs optimum: give a number > 0 or auto"),
-        (
-            keras or not changed,
-            "train.solver",
-            f"fits the head with lbfgs, to its exact optimum: {', '.join(changed)} only matter(s) "
-            "to Keras fit: drop the override(s), or set train.solver=keras",
-        ),
+        (keras or not changed, "train.solver", lbfgs_only),
     ]
     for ok, key, msg in rules:
         if not ok:

@@ -15,10 +15,11 @@ from pipeline.lib.config.compose import write_params
 from pipeline.lib.config.schema import SplitRatios, literal
 from pipeline.lib.data.sources.folder import discover
 from pipeline.lib.errors import UserError
+from pipeline.lib.files import atomic_file
 
 PHOTOS_OPTION = "photos"
 #: The `data` entry of conf/config.yaml's defaults list, e.g. `  - data: synthetic`.
-_DATA_DEFAULT = re.compile(r"^(?P<lead>\s*-\s*data\s*:\s*)(?P<option>[\w./-]+)(?P<rest>.*)$", re.M)
+_DATA_DEFAULT = re.compile(r"^\s*-\s*data\s*:\s*(?P<option>[\w./-]+)", re.M)
 
 _PHOTOS_HEADER = """\
 # Your photo folder (only read), chosen with `python -m pipeline.params --use-folder PATH`
@@ -36,10 +37,10 @@ class DataChoiceError(UserError, ValueError):
 
 def current_option(root: Path) -> str:
     """The `data` option conf/config.yaml selects (e.g. `synthetic`, `photos`)."""
-    return _data_default(root / "conf" / "config.yaml").group("option")
+    return _data_default(root / "conf" / "config.yaml")[1].group("option")
 
 
-def _data_default(config: Path) -> re.Match[str]:
+def _data_default(config: Path) -> tuple[str, re.Match[str]]:
     text = config.read_text(encoding="utf-8")
     matches = list(_DATA_DEFAULT.finditer(text))
     if len(matches) != 1:
@@ -47,21 +48,14 @@ def _data_default(config: Path) -> re.Match[str]:
             f"{config}: {len(matches)} `- data: <option>` lines in its defaults, expected one; "
             f"set it by hand (e.g. `- data: {PHOTOS_OPTION}`)."
         )
-    return matches[0]
+    return text, matches[0]
 
 
 def _set_default(root: Path, option: str) -> None:
     config = root / "conf" / "config.yaml"
-    match = _data_default(config)
-    text = config.read_text(encoding="utf-8")
-    line = f"{match.group('lead')}{option}{match.group('rest')}"
-    _write(config, text[: match.start()] + line + text[match.end() :])
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    text, match = _data_default(config)
+    with atomic_file(config) as fh:
+        fh.write(text[: match.start("option")] + option + text[match.end("option") :])
 
 
 def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, int]:
@@ -82,7 +76,8 @@ def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, i
     settings = _own_settings(target)  # what the user added below the path is kept
     settings["path"] = literal(str(folder))
     body = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
-    _write(target, _PHOTOS_HEADER + body)
+    with atomic_file(target) as fh:
+        fh.write(_PHOTOS_HEADER + body)
     _set_default(root, PHOTOS_OPTION)
     return folder, len(found.candidates), len(found.classes)
 

@@ -82,9 +82,8 @@ DECODE_FORMATS: tuple[str, ...] = tuple(f for f in _DECODERS.split() if f in Ima
 _HEIF_BRANDS = set(b"heic heix hevc hevx heim heis hevm hevs mif1 msf1".split())
 _VIDEO_BRANDS = {b"qt  ", b"isom", b"iso2", b"mp41", b"mp42", b"avc1", b"M4V ", b"3gp4", b"3gp5"}
 #: Exceptions Pillow's decoders raise on damaged data (besides OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
-_DECODE_ERRORS += (IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError)
-_DECODE_ERRORS += (OverflowError, RuntimeError)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, LookupError)
+_DECODE_ERRORS += (TypeError, AttributeError, ArithmeticError, RuntimeError)
 
 
 class RejectedImage(Exception):

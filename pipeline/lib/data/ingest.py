@@ -62,7 +62,7 @@ def ingest(
 ) -> dict[str, Any]:
     """Check every image under `root` (read only) and record them in the prepared dataset in
     `out_dir`; return the report. `workers`: decoding threads (default: cores, at most 8).
-    Raises DataError (with the report as `.report`), ValueError (bad split ratios), OSError."""
+    Raises DataError (with the report as `.report`), OSError."""
     disc = discover(root, data.split, data.seed)
     how = "split folders" if disc.layout == "splits" else "class folders, split by data.split"
     found = (len(disc.candidates), len(disc.classes), disc.root, how)
@@ -173,11 +173,9 @@ class _Tally:
                     continue
                 noted += [f"{rel}: {note}" for note in notes]
                 self.counts[cand.split][cand.label] += 1
-                number, index[cand.split] = label_index[cand.label], index[cand.split] + 1
-                row = ManifestRow(
-                    cand.split, index[cand.split] - 1, cand.label, number, rel, sha, size
-                )
-                self.rows.append(row)
+                i, index[cand.split] = index[cand.split], index[cand.split] + 1
+                number = label_index[cand.label]
+                self.rows.append(ManifestRow(cand.split, i, cand.label, number, rel, sha, size))
                 self.by_hash[sha].append((rel, cand.split, cand.label))
         self.rejected.sort(key=lambda r: r["file"])
         if noted:
@@ -327,9 +325,8 @@ class _Tally:
             where = ", ".join(f"'{f}/'" for f in folders)
             if found == 0:
                 return f"{where} has no image files"
-            return f"{found} image file(s) in {where}" + (
-                f", {rejected} rejected" if rejected else ""
-            )
+            rejected_text = f", {rejected} rejected" if rejected else ""
+            return f"{found} image file(s) in {where}{rejected_text}"
         total = sum(self.found[s][label] for s in SPLITS)
         text = f"the class folder '{folders[0]}/' has {total} image file(s)"
         if total < 2:

@@ -124,14 +124,14 @@ class PreparedDataset:
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         if not (self.folder / "classes.json").is_file():
-            raise FileNotFoundError(
+            raise StageInputError(
                 f"No prepared dataset at '{self.folder}' (classes.json missing). "
                 "Run the prepare stage first: `dvc repro prepare` or `python -m pipeline.prepare`."
             )
         self.classes: list[str] = list(read_json(self.folder / "classes.json"))
         self.report: dict = read_json(self.folder / "report.json")
         self.image_size: int = int(self.report["image_size"])
-        self.resize: str = str(self.report.get("resize", "stretch"))
+        self.resize: str = self.report["resize"]
         self._rows: list[ManifestRow] | None = None
 
     @property
@@ -192,29 +192,22 @@ def shown_path(path: str | os.PathLike[str]) -> str:
 
 def data_tags(report: dict) -> dict[str, str]:
     """MLflow run tags from report.json: data_path, data_images, data_small_classes."""
-    small = report.get("small_classes") or {}
-    return {
-        "data_path": str(report.get("root", "?")),
-        "data_images": str(report.get("accepted", "?")),
-        "data_small_classes": (", ".join(f"{c}={n}" for c, n in small.items()) or "none")[:4000],
-    }
+    small = ", ".join(f"{c}={n}" for c, n in report["small_classes"].items()) or "none"
+    tags = {"data_path": report["root"], "data_images": str(report["accepted"])}
+    return tags | {"data_small_classes": small[:4000]}
 
 
 def _mismatches(dataset: PreparedDataset, data: DataConfig) -> list[str]:
-    report, runs = dataset.report, "but this step runs with"
+    report, runs, root = dataset.report, "but this step runs with", shown_path(data_root(data))
     found = [
-        f"data.{key}={recorded}, {runs} data.{key}={wanted}"
-        for key, recorded, wanted in (
-            ("image_size", dataset.image_size, int(data.image_size)),
-            ("resize", report.get("resize", data.resize), data.resize),
-        )
-        if recorded != wanted
+        f"data.{key}={report[key]}, {runs} data.{key}={getattr(data, key)}"
+        for key in ("image_size", "resize")
+        if report[key] != getattr(data, key)
     ]
-    source, root = report.get("source", data.source), report.get("root")
-    if root is not None and (source, root) != (data.source, shown_path(data_root(data))):
+    if (report["source"], report["root"]) != (data.source, root):
         found.append(
-            f"data.source={source} from '{root}', {runs} "
-            f"data.source={data.source} from '{shown_path(data_root(data))}'"
+            f"data.source={report['source']} from '{report['root']}', {runs} "
+            f"data.source={data.source} from '{root}'"
         )
     return found
 
@@ -224,10 +217,7 @@ def open_prepared(
 ) -> PreparedDataset:
     """The prepared dataset in `folder`, checked against `data` (image size, resize, source and
     folder; None: no check). StageInputError: none there, or prepared with other settings."""
-    try:
-        dataset = PreparedDataset(folder)
-    except FileNotFoundError as exc:
-        raise StageInputError(str(exc)) from None
+    dataset = PreparedDataset(folder)
     if problems := _mismatches(dataset, data) if data is not None else []:
         raise StageInputError(
             f"{dataset.folder} was prepared with {'; and with '.join(problems)}: rerun prepare "

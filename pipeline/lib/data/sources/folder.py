@@ -94,14 +94,11 @@ def is_ignored(name: str) -> bool:
 
 
 def split_ratios(ratios: SplitRatios | Sequence[float]) -> tuple[float, float, float]:
-    """(train, val, test) fractions summing to 1 from `data.split` or a 3-sequence. ValueError
-    unless all are >= 0 with train and test > 0."""
+    """(train, val, test) fractions summing to 1 from `data.split` (its bounds checked by the
+    schema) or a 3-sequence."""
     values = [ratios.train, ratios.val, ratios.test] if hasattr(ratios, "train") else list(ratios)
-    train, val, test = (float(v or 0.0) for v in values)
-    if min(train, val, test) < 0 or train <= 0 or test <= 0:
-        raise ValueError(f"data.split must be >= 0 with train and test > 0, got {values}")
-    total = train + val + test
-    return train / total, val / total, test / total
+    train, val, test = (float(v) / sum(values) for v in values)
+    return train, val, test
 
 
 def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -128,8 +125,7 @@ def discover(
     root: str | os.PathLike[str], ratios: SplitRatios | Sequence[float], seed: int
 ) -> Discovery:
     """Find the image files under `root` (read only), each with a class and a split (`ratios` and
-    `seed` split the single layout). DataError: the folder cannot be used; ValueError: bad ratios.
-    """
+    `seed` split the single layout). DataError: the folder cannot be used."""
     root = _checked_root(root)
     walker = _Walker(root)
     top_dirs, top_files = walker.list_dir(root)
