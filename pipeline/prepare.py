@@ -46,11 +46,8 @@ def prepare(cfg: Config) -> dict:
     try:
         with atomic_dir(cfg.paths.prepared) as tmp:
             report = ingest(root, cfg.data, tmp)
-    except OSError as exc:
-        error = no_space_error(exc, cfg.paths.prepared, "paths.prepared")
-        if error is None:
-            raise
-        raise error from None
+    except OSError as exc:  # a full disk as a UserError, others as they are
+        raise no_space_error(exc, cfg.paths.prepared, "paths.prepared") or exc from None
     totals = ", ".join(f"{k} {v}" for k, v in report["totals"].items())
     lost = sum(s["reason"] != HIDDEN_REASON for s in report["skipped"])  # .DS_Store is no photo
     log.info(

@@ -18,9 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.lib.config.compose import compose, in_dvc_experiment, load_params, validate_jobs
 from pipeline.lib.config.schema import Config, ConfigError, literal, validate
-from pipeline.lib.errors import StageInputError, UserError
-
-__all__ = ["CONF_DIR", "StageInputError", "entry_point", "preflight", "run_step"]
+from pipeline.lib.errors import UserError
 
 log = logging.getLogger("pipeline")
 

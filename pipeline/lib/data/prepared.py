@@ -182,12 +182,9 @@ def data_root(data: DataConfig) -> str:
 def shown_path(path: str | os.PathLike[str]) -> str:
     """`path` as report.json records it: relative when inside the working directory (the DVC
     hash does not depend on where the project is cloned), else absolute."""
-    absolute = Path(os.path.abspath(os.fspath(path)))
-    try:
-        text = absolute.relative_to(Path.cwd().absolute()).as_posix()
-    except ValueError:
-        text = absolute.as_posix()
-    return printable(text)
+    absolute, cwd = Path(os.path.abspath(os.fspath(path))), Path.cwd().absolute()
+    shown = absolute.relative_to(cwd) if absolute.is_relative_to(cwd) else absolute
+    return printable(shown.as_posix())
 
 
 def data_tags(report: dict) -> dict[str, str]:

@@ -81,10 +81,7 @@ class Discovery:
 
 def display_path(path: Path, root: Path) -> str:
     """`path` relative to `root`, posix separators, always printable/encodable as UTF-8."""
-    try:
-        rel = path.relative_to(root)
-    except ValueError:
-        rel = path
+    rel = path.relative_to(root) if path.is_relative_to(root) else path
     return printable(rel.as_posix())
 
 
@@ -228,10 +225,9 @@ def _discover_splits(
         split_dir = split_dirs[split]
         class_dirs, loose = walker.list_dir(split_dir)
         name = split_dir.name
+        loose_file = f"file directly in split folder '{name}/' (move it into {name}/<class>/)"
         for f in loose:
-            walker.skip(
-                f, f"file directly in split folder '{name}/' (move it into {name}/<class>/)"
-            )
+            walker.skip(f, loose_file)
         if not class_dirs and split != "val":
             raise _no_class_folders(f"Split folder '{split_dir}'", loose, f"{name}/<class>/<image>")
         for class_dir, label in zip(class_dirs, _labels(split_dir, class_dirs), strict=True):
