@@ -105,12 +105,10 @@ def load_rgb(
     """Decode `path` (EXIF-rotated, first frame, embedded colour profile converted to sRGB, any
     mode to RGB, transparency on white) into uint8 (size, size, 3). `resize`: `stretch`, `pad`
     (letterbox on `PAD_COLOR`) or `crop` (centre square). A profile that cannot be used is
-    ignored, saying so in `notes`. `data`: the file's bytes, if already read. RejectedImage: not a usable image, or over `max_pixels`
-    (checked from the header); ValueError: bad `resize` or `size`."""
+    ignored, saying so in `notes`. `data`: the file's bytes, if already read. RejectedImage: not
+    a usable image, or over `max_pixels` (checked from the header); ValueError: bad `resize`."""
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, not {resize!r}")
-    if size < 1:
-        raise ValueError(f"size must be >= 1, not {size}")
     with _open(Path(path), data) as image:
         width, height = image.size
         if width < 1 or height < 1:
@@ -143,10 +141,9 @@ def _open(path: Path, data: bytes | None = None) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise RejectedImage(f"image too large: {exc} (Pillow's bomb guard): downscale it") from None
     except UnidentifiedImageError:
-        hint = _sniff(path) or UNSUPPORTED_IMAGE_EXTENSIONS.get(path.suffix.lower())
-        hint = hint or f"the content is none of {', '.join(DECODE_FORMATS)}, whatever the " + (
-            "extension says; re-export it as JPEG or PNG, or remove it"
-        )
+        unknown = f"the content is none of {', '.join(DECODE_FORMATS)}, whatever the extension "
+        unknown += "says; re-export it as JPEG or PNG, or remove it"
+        hint = _sniff(path) or UNSUPPORTED_IMAGE_EXTENSIONS.get(path.suffix.lower()) or unknown
         raise RejectedImage(f"not an image (unidentified format): {hint}") from None
     except OSError as exc:
         if exc.errno is not None:  # the operating system could not read it
@@ -188,10 +185,7 @@ def _decode(image: Image.Image, size: int, resize: str, notes: list[str]) -> np.
         upright = ImageCms.applyTransform(upright, transform) if transform else upright
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
         notes.append(f"colour profile ignored ({exc})")
-    array = np.asarray(_resize(_to_rgb(upright), size, resize), dtype=np.uint8)
-    if array.shape != (size, size, 3):  # defensive: never write a wrongly shaped row
-        raise RejectedImage(f"decoded to an unexpected shape {array.shape}")
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(_resize(_to_rgb(upright), size, resize), dtype=np.uint8)
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
