@@ -107,8 +107,7 @@ class SourceImages:
         return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self[:]
-        return array if dtype is None else array.astype(dtype)
+        return self[:].astype(np.uint8 if dtype is None else dtype, copy=False)
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
@@ -129,19 +128,12 @@ class PreparedDataset:
                 "Run the prepare stage first: `dvc repro prepare` or `python -m pipeline.prepare`."
             )
         self.classes: list[str] = list(read_json(self.folder / "classes.json"))
+        self.num_classes = len(self.classes)
         self.report: dict = read_json(self.folder / "report.json")
+        self.root = Path(self.report["root"])  # the data folder the manifest's paths start from
         self.image_size: int = int(self.report["image_size"])
         self.resize: str = self.report["resize"]
         self._rows: list[ManifestRow] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def root(self) -> Path:
-        """The data folder the manifest's paths are relative to."""
-        return Path(self.report["root"])
 
     def images(self, split: str) -> SourceImages:
         """uint8 (N, size, size, 3) of the split's photos, decoded when indexed (`SourceImages`,
