@@ -7,8 +7,7 @@ python -m pipeline.params --use-folder PATH    # your photos, for every later ru
 python -m pipeline.params --use-synthetic      # back to the generated toy trucks
 
 Inside `dvc exp run -S ...` (DVC composes params.yaml), `--check` records the overrides that
-reproduce it from conf/ in its first line, so `dvc exp apply` + `dvc repro` keep the experiment.
-"""
+reproduce it from conf/ in its first line, so `dvc exp apply` + `dvc repro` keep the experiment."""
 
 from __future__ import annotations
 

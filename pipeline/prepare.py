@@ -5,8 +5,7 @@ copied: featurize and every later reader decode the photos themselves.
     python -m pipeline.prepare                                  # the configured data (conf/)
     python -m pipeline.prepare data=folder data.path=/photos    # your photo folder, this once
 
-Point the project at your photos for good with `python -m pipeline.params --use-folder /photos`.
-"""
+Point the project at your photos for good with `python -m pipeline.params --use-folder /photos`."""
 
 from __future__ import annotations
 

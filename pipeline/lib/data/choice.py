@@ -1,7 +1,6 @@
 """The project's data choice, kept in conf/ so that it lasts (`dvc exp run` composes conf/ anew
 with only its own `-S` overrides): `--use-folder PATH` writes conf/data/photos.yaml and selects
-it in conf/config.yaml, `--use-synthetic` selects `synthetic` again; both rewrite params.yaml.
-"""
+it in conf/config.yaml, `--use-synthetic` selects `synthetic` again; both rewrite params.yaml."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """Class names: folder name -> class name (`class_name`), class name -> a key safe in MLflow
-metric, file and DVC plot names (`class_key`), and the collisions the folder source refuses.
-"""
+metric, file and DVC plot names (`class_key`), and the collisions the folder source refuses."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Decoding one image file into a square sRGB uint8 array (`load_rgb`), or saying why not
 (`RejectedImage`). Thread-safe: Pillow's global settings are left alone (registering the HEIF
-opener adds a format only).
-"""
+opener adds a format only)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Ingesting a folder of images into the prepared dataset (`pipeline.lib.data.prepared`): every
 file is decoded once to check it (at `CHECK_SIZE`: JPEGs at 1/8 scale), hashed and recorded.
 Problems that make it unusable raise one `DataError` listing them all; the rest (rejected and
-skipped files, duplicates, ...) goes into the report and its `warnings`.
-"""
+skipped files, duplicates, ...) goes into the report and its `warnings`."""
 
 from __future__ import annotations
 

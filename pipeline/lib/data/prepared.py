@@ -1,8 +1,7 @@
 """The prepared dataset that `prepare` writes (one DVC output): classes.json (names in label
 order), manifest.csv (one `ManifestRow` per image), report.json (counts, rejected files,
 leakage). No pixels: `PreparedDataset.images(split)` decodes the photos themselves on demand,
-each checked against its recorded sha256 (`read_photo`).
-"""
+each checked against its recorded sha256 (`read_photo`)."""
 
 from __future__ import annotations
 

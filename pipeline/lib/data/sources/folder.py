@@ -4,8 +4,7 @@ Layouts: **splits**, root/{training,validation (optional),test}/<class>/... (ali
 `SPLIT_ALIASES`), or **single**, root/<class>/..., each class split by `data.split` with a fixed
 seed. Nested folders belong to their class; hidden/system files are ignored; symbolic links are
 followed inside the folder, and those to outside it are skipped (DVC tracks the folder's content).
-What is seen but not used is returned in `Discovery.skipped`, with the reason.
-"""
+What is seen but not used is returned in `Discovery.skipped`, with the reason."""
 
 from __future__ import annotations
 

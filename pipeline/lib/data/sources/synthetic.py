@@ -2,8 +2,7 @@
 classes, written as image files into the generator's own folder; each image is seeded from
 (seed, split, class, index), so a configuration always writes byte-identical files.
 
-    python -m pipeline.lib.data.sources.synthetic OUT_DIR [--per-class-train N ...] (see --help)
-"""
+    python -m pipeline.lib.data.sources.synthetic OUT_DIR [--per-class-train N ...] (see --help)"""
 
 from __future__ import annotations
 
