@@ -39,24 +39,21 @@ _PROFILE_MODES = {"RGB": ("RGB", "RGB"), "RGBA": ("RGB", "RGBA"), "CMYK": ("CMYK
 _PROFILE_MODES["L"] = ("GRAY", "RGB")
 
 # JPEG (also camera MPO files named .jpg), PNG, BMP, GIF, TIFF, PNM, TGA; then the formats only
-# some Pillow builds decode
+# some Pillow builds decode: name -> (decoded here, extensions); HEIF by pillow-heif's opener
 _ALWAYS = ".jpg .jpeg .jpe .jfif .png .apng .bmp .dib .gif .tif .tiff .pbm .pgm .ppm .pnm .tga"
 _OPTIONAL = {
-    "webp": ("WebP", ".webp"),
-    "avif": ("AVIF", ".avif .avifs"),
-    "jpg_2000": ("JPEG 2000", ".jp2 .j2k .jpx .jpf .j2c"),
+    "WebP": (features.check("webp"), ".webp"),
+    "AVIF": (features.check("avif"), ".avif .avifs"),
+    "JPEG 2000": (features.check("jpg_2000"), ".jp2 .j2k .jpx .jpf .j2c"),
+    "HEIF": ("HEIF" in Image.OPEN, ".heic .heif .hif"),
 }
-_SUPPORTED = [exts for feature, (_, exts) in _OPTIONAL.items() if features.check(feature)]
-_OPTIONAL["HEIF"] = ("HEIF", ".heic .heif .hif")  # pillow-heif's opener (when installed)
-_SUPPORTED += [_OPTIONAL["HEIF"][1]] if "HEIF" in Image.OPEN else []
+_SUPPORTED = [exts for decoded, exts in _OPTIONAL.values() if decoded]
 #: Lower-case extensions that are decoded (WebP/AVIF/JPEG 2000/HEIF when supported here).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(" ".join([_ALWAYS, *_SUPPORTED]).split())
 
 _SVG_HINT = "vector image (SVG), which is not decoded: export it to PNG first"
-_RAW = (
-    ".cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .dng .orf .rw2 .raf .pef .srw .x3f .3fr .erf .kdc"
-    " .mrw .raw"
-)
+_RAW = ".cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .dng .orf .rw2 .raf .pef .srw .x3f .3fr .erf .kdc"
+_RAW += " .mrw .raw"
 _RAW_HINT = "camera RAW file, which is not decoded: export it to JPEG or PNG first"
 #: Image extensions this Pillow cannot decode -> a hint; such files are rejected, not skipped.
 UNSUPPORTED_IMAGE_EXTENSIONS: dict[str, str] = {
@@ -66,9 +63,9 @@ UNSUPPORTED_IMAGE_EXTENSIONS: dict[str, str] = {
     **{
         ext: f"{what} image, which this Pillow build cannot decode: convert it to JPEG or PNG, "
         f"or install {'pillow-heif' if what == 'HEIF' else f'a Pillow built with {what} support'}"
-        for what, exts in _OPTIONAL.values()
+        for what, (decoded, exts) in _OPTIONAL.items()
+        if not decoded
         for ext in exts.split()
-        if ext not in IMAGE_EXTENSIONS
     },
 }
 #: Everything discovery treats as an image file (decodable or not).
