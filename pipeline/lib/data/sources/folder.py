@@ -250,12 +250,9 @@ def _discover_single(
         walker.skip(f, loose_image if image else "file outside the class folders")
     if not class_dirs:
         raise _no_class_folders(f"Data path '{root}'", top_files, "root/<class>/<image>")
-    class_folders: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
-    per_class: dict[str, list[Path]] = {}
-    for class_dir, label in zip(class_dirs, _labels(root, class_dirs), strict=True):
-        for split in SPLITS:
-            class_folders[split].setdefault(label, []).append(display_path(class_dir, root))
-        per_class.setdefault(label, []).extend(walker.walk_class(class_dir))
+    labels = dict(zip(class_dirs, _labels(root, class_dirs), strict=True))  # distinct labels
+    shown = {label: [display_path(d, root)] for d, label in labels.items()}
+    per_class = {label: walker.walk_class(d) for d, label in labels.items()}
     candidates: list[Candidate] = []
     for label in sorted(per_class):
         paths = sorted(per_class[label], key=lambda p: display_path(p, root))
@@ -266,7 +263,7 @@ def _discover_single(
         for rank, i in enumerate(order):
             split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
             candidates.append(Candidate(path=paths[i], label=label, split=split))
-    return candidates, class_folders, set(per_class)
+    return candidates, {s: dict(shown) for s in SPLITS}, set(per_class)
 
 
 def _no_class_folders(what: str, files: list[Path], layout: str) -> DataError:
