@@ -54,7 +54,6 @@ def entry_point(
             "`--cfg job` prints the whole composed config, `--help-hydra` Hydra's own options. "
             "The DVC stages run the step on params.yaml (`--config-path .. --config-name params`)."
         )
-        return None
 
     return main
 

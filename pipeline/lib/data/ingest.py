@@ -121,13 +121,12 @@ def _check_all(
     candidates: list[Candidate], data: DataConfig, workers: int | None
 ) -> Iterator[_Checked]:
     """Results in candidate order, a bounded number of files in flight (flat memory)."""
-    args = (str(data.resize), int(data.max_pixels))
     workers = workers or min(8, os.cpu_count() or 1)
     window: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         try:
             for cand in candidates:
-                window.append(pool.submit(_check_one, cand, *args))
+                window.append(pool.submit(_check_one, cand, data.resize, data.max_pixels))
                 if len(window) >= workers * 4:
                     yield window.popleft().result()
             while window:
@@ -143,9 +142,7 @@ class _Tally:
 
     def __init__(self, disc: Discovery, data: DataConfig) -> None:
         self.disc, self.data = disc, data
-        self.found: dict[str, Counter] = {s: Counter() for s in SPLITS}
-        for c in disc.candidates:
-            self.found[c.split][c.label] += 1
+        self.found = {s: Counter(c.label for c in disc.candidates if c.split == s) for s in SPLITS}
         self.counts = {s: dict.fromkeys(disc.classes, 0) for s in SPLITS}
         self.rejected: list[dict[str, str]] = []
         self.rejected_where: dict[str, Counter] = defaultdict(Counter)

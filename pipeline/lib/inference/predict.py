@@ -100,23 +100,15 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> Predictor:
     return _classifier(cards[0].parent, uri, "mlflow")
 
 
-def _exported(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], int, str]:
-    if path.suffix.lower() == ".tflite":
-        runner = TFLiteRunner(path)
-        return runner, runner.input_shape[1], "tflite"
-    model = build.load_model(path)  # imports TensorFlow: only for .keras files
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return np.asarray(model(images.astype(np.float32), training=False), dtype=np.float64)
-
-    return predict, int(model.input_shape[1]), "keras"
-
-
 def _from_file(path: Path, source: str, classes_file: str | None) -> Predictor:
     """An exported model (no reject rule); classes and resize from the model.json beside it (or
     beside `--classes`)."""
     try:
-        predict, size, kind = _exported(path)
+        if path.suffix.lower() == ".tflite":
+            model, kind = TFLiteRunner(path), "tflite"
+        else:  # imports TensorFlow: only for .keras files
+            model, kind = build.load_model(path), "keras"
+        size = int(model.input_shape[1])
     except Exception as exc:  # noqa: BLE001 (any load failure is reported with its reason)
         raise PredictError(f"model {source}: cannot load {path} ({first_line(exc)})") from None
     places = [path.parent] + ([Path(classes_file).parent] if classes_file else [])
@@ -131,6 +123,11 @@ def _from_file(path: Path, source: str, classes_file: str | None) -> Predictor:
             f"model {source}: no {CARD_FILE} next to it; pass the class names with "
             "--classes classes.json"
         )
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        if kind == "tflite":
+            return model(images)
+        return np.asarray(model(images.astype(np.float32), training=False), dtype=np.float64)
 
     def classify(images: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
         probs = predict(images)
