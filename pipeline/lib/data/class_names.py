@@ -38,14 +38,10 @@ def _clashes(names: Iterable[str], key: Callable[[str], str]) -> list[list[str]]
     return [sorted(group) for _, group in sorted(groups.items()) if len(group) > 1]
 
 
-def _quoted(names: list[str]) -> str:
-    return ", ".join(map(repr, names))
-
-
 def name_collisions(folder_names: Iterable[str]) -> list[str]:
     """One sentence per group of folder names that become the same class name."""
     return [
-        f"class folders {_quoted(names)} all become the class {class_name(names[0])!r}"
+        f"class folders {', '.join(map(repr, names))} all become the class {class_name(names[0])!r}"
         for names in _clashes(folder_names, class_name)
     ]
 
@@ -53,7 +49,8 @@ def name_collisions(folder_names: Iterable[str]) -> list[str]:
 def case_collisions(classes: Iterable[str]) -> list[str]:
     """One sentence per group of class names that differ only in case (`Car`, `car`)."""
     return [
-        f"classes {_quoted(names)} differ only in case" for names in _clashes(classes, str.casefold)
+        f"classes {', '.join(map(repr, names))} differ only in case"
+        for names in _clashes(classes, str.casefold)
     ]
 
 

@@ -41,7 +41,6 @@ from pipeline.lib.tracking.compare import check_store
 from pipeline.lib.tracking.store import TrackingError, first_line
 
 OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
-MLFLOW_SCHEMES = ("models:/", "runs:/")
 
 
 class PredictError(UserError):
@@ -140,7 +139,7 @@ def _from_file(path: Path, source: str, classes_file: str | None) -> Predictor:
 
 def _load_predictor(model: str, tracking_uri: str | None, classes_file: str | None) -> Predictor:
     path = Path(model).expanduser()
-    if model.startswith(MLFLOW_SCHEMES):
+    if model.startswith(("models:/", "runs:/")):
         predictor = _from_mlflow(model, tracking_uri)
     elif not path.exists():
         raise PredictError(f"model {model}: no such file or folder")
