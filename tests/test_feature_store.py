@@ -19,7 +19,15 @@ from PIL import Image
 from pipeline.featurize import featurize
 from pipeline.lib.data.images import load_rgb
 from pipeline.lib.data.prepared import SPLITS, PreparedDataset
-from pipeline.lib.model.features import ShardedTFLite, featurize_array
+from pipeline.lib.errors import StageInputError
+from pipeline.lib.files import dvc_md5
+from pipeline.lib.model.feature_store import RowWriter
+from pipeline.lib.model.features import (
+    ShardedTFLite,
+    featurize_array,
+    load_cached_features,
+    stacked,
+)
 from pipeline.prepare import prepare
 from tests.conftest import ROOT, tiny_config, tiny_overrides
 from tests.test_prepared import folder_config, write_photos
@@ -172,3 +180,39 @@ def test_a_store_damaged_inside_its_pages_is_set_aside_and_started_again(tmp_pat
     assert "damaged" in caplog.text and (tmp_path / "s.sqlite.damaged").is_file()
     store.put([(shas[0], np.ones(256, np.float32))])
     assert FeatureStore("k", 256, path).get(shas[:1])[shas[0]].tolist() == [1.0] * 256
+
+
+def test_rows_written_one_by_one_are_the_bytes_numpy_saves(tmp_path):
+    """`RowWriter` (featurize's output: positional writes, no memory map held): any row order,
+    the file `np.save` writes; an empty split too."""
+    x = np.random.default_rng(0).normal(size=(37, 1280)).astype(np.float32)
+    for n in (37, 0):
+        out = RowWriter(tmp_path / "rows.npy", n, 1280)
+        for i in np.random.default_rng(1).permutation(n):
+            out[int(i)] = x[i]
+        out.close()
+        np.save(tmp_path / "saved.npy", x[:n])
+        assert (tmp_path / "rows.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+
+
+def test_cached_features_are_read_into_one_array_and_a_short_file_is_one_error(tmp_path):
+    """The splits are views of one array (the audit uses all rows without a second copy); a
+    truncated split file names itself and featurize."""
+    cfg = tiny_config(tmp_path)
+    prepare(cfg)
+    featurize(cfg)
+    md5 = dvc_md5(cfg.paths.prepared)
+    loaded = load_cached_features(cfg, md5)
+    every = stacked(loaded)
+    assert every.shape == (sum(len(loaded[s]) for s in SPLITS), loaded["train"].shape[1])
+    for split in SPLITS:
+        assert np.shares_memory(loaded[split], every)
+        np.testing.assert_array_equal(
+            loaded[split], np.load(Path(cfg.paths.features) / f"{split}.npy")
+        )
+    test_file = Path(cfg.paths.features) / "test.npy"
+    test_file.write_bytes(test_file.read_bytes()[:-4])
+    with pytest.raises(
+        StageInputError, match=r"test\.npy: not the float32 \(N, D\) array featurize writes"
+    ):
+        load_cached_features(cfg, md5)

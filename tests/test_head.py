@@ -9,8 +9,10 @@ import logging
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from pipeline.lib.config.schema import ConfigError, solver, validate
+from pipeline.lib.model.classifier import dot64
 from pipeline.lib.training import head
 from tests.conftest import compose
 
@@ -146,3 +148,30 @@ def test_lbfgs_refuses_what_needs_images_and_keras_refuses_the_refit():
     for bad in ("-1", "0", "inf", "1e30", "abc"):
         with pytest.raises(ConfigError, match="train.C"):
             validate(compose([f"train.C={bad}"]))
+
+
+def test_a_fold_fitted_on_row_indices_is_the_fit_on_its_copied_rows():
+    """Cross-validation folds are fitted without copying their rows (`rows=`): the same bits."""
+    x, y = blobs(n=300, d=700)
+    rows = np.sort(np.random.default_rng(1).choice(len(x), 211, replace=False))
+    by_index = head.fit_head(x, y[rows], 4, 3.0, rows=rows)
+    copied = head.fit_head(x[rows], y[rows], 4, 3.0)
+    np.testing.assert_array_equal(by_index.head.kernel, copied.head.kernel)
+    assert by_index.history == copied.history
+
+
+def test_products_in_blocks_are_one_product():
+    """`dot64` casts the float32 features block by block (memory independent of N), with the
+    bits of one float64 product on one BLAS thread, for rows, columns and row subsets."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3000, 700)).astype(np.float32)
+    w, g = rng.normal(size=(700, 5)), rng.normal(size=(3000, 5))
+    rows = rng.choice(3000, 2500, replace=False)
+    with threadpool_limits(1):
+        np.testing.assert_array_equal(dot64(x, w), x.astype(np.float64) @ w)
+        np.testing.assert_array_equal(dot64(x, g, transpose=True), x.astype(np.float64).T @ g)
+        np.testing.assert_array_equal(dot64(x, w, index=rows), x[rows].astype(np.float64) @ w)
+        np.testing.assert_array_equal(
+            dot64(x, g[rows], transpose=True, index=rows),
+            x[rows].astype(np.float64).T @ g[rows],
+        )

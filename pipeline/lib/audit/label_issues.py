@@ -39,7 +39,7 @@ def out_of_fold_probabilities(
     with threadpool_limits(1):
         for fit_idx, held in splitter.split(x, y):
             fitted = fit_head(x, y[fit_idx], num_classes, c, track=False, rows=fit_idx, **fit_args)
-            for rows in np.array_split(held, -(-len(held) // 1024)):  # no copy of the fold
+            for rows in (held[q : q + 1024] for q in range(0, len(held), 1024)):  # bounded memory
                 probs[rows] = fitted.head.probabilities(x[rows])
     return probs
 

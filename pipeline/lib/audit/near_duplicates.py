@@ -169,21 +169,21 @@ def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) 
         return np.zeros(0, np.float32)
     photos, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
     bases = np.empty((len(photos), BASE, BASE), np.uint8)  # exact: PIL's resize is uint8
-    whole = np.empty((len(photos), THUMB * THUMB), np.float32)
     for n in range(0, len(photos), batch):
         bases[n : n + batch] = [
             Image.fromarray(image).convert("L").resize((BASE, BASE), Image.Resampling.BOX)
             for image in images[photos[n : n + batch]]
         ]
-        whole[n : n + batch] = _thumbnails(bases[n : n + batch], _BOXES[:1])[:, 0]
     ends = inverse[: len(i)], inverse[len(i) :]
     best = np.full(len(i), -1.0, np.float32)
     for n in range(0, len(photos), batch):  # crops of a batch of photos against their partners
         crops = _thumbnails(bases[n : n + batch], _BOXES)
         for mine, other in (ends, ends[::-1]):
-            at = np.nonzero((mine >= n) & (mine < n + batch))[0]
-            score = np.einsum("pbd,pd->pb", crops[mine[at] - n], whole[other[at]]).max(axis=1)
-            best[at] = np.maximum(best[at], score)
+            pairs = np.nonzero((mine >= n) & (mine < n + batch))[0]
+            for at in (pairs[q : q + 256] for q in range(0, len(pairs), 256)):  # bounded memory
+                whole = _thumbnails(bases[other[at]], _BOXES[:1])[:, 0]
+                score = np.einsum("pbd,pd->pb", crops[mine[at] - n], whole).max(axis=1)
+                best[at] = np.maximum(best[at], score)
     return best
 
 

@@ -246,22 +246,26 @@ def load_cached_features(cfg: Any, prepared_md5: str) -> dict[str, np.ndarray] |
             *(folder, found, wanted),
         )
         return None
-    headers = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}  # shapes only
+    headers = {}
+    for split in SPLITS:
+        path = folder / f"{split}.npy"
+        try:
+            h = headers[split] = np.load(path, mmap_mode="r")  # the shape: rows are read below
+            ok = h.dtype == np.float32 and h.ndim == 2 and h.shape[1] == headers["train"].shape[1]
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise StageInputError(
+                f"{path}: not the float32 (N, D) array featurize writes: rerun featurize "
+                "(`dvc repro -f featurize`)"
+            )
     every = np.empty((sum(len(h) for h in headers.values()), headers["train"].shape[1]), "f4")
     features, start = {}, 0
     for split, header in headers.items():
         features[split] = every[start : start + len(header)]
         with open(header.filename, "rb") as f:
             f.seek(header.offset)
-            read = f.readinto(memoryview(features[split].reshape(-1).view(np.uint8)))
-        if (
-            header.dtype != every.dtype
-            or header.shape[1:] != every.shape[1:]
-            or read != header.nbytes
-        ):
-            raise StageInputError(
-                f"{header.filename}: not the float32 (N, D) featurize writes: rerun featurize (`dvc repro -f featurize`)"
-            )
+            f.readinto(memoryview(features[split].reshape(-1).view(np.uint8)))
         start += len(header)
     return features
 
