@@ -14,18 +14,19 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import mlflow
 import pandas as pd
 from mlflow.artifacts import download_artifacts
-from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+from mlflow.store.entities.paged_list import PagedList
+from mlflow.utils import get_results_from_paginated_fn
 from omegaconf import OmegaConf
-from sqlalchemy.engine import make_url
 
 from pipeline.lib.config.compose import load_params
 from pipeline.lib.config.schema import (
@@ -45,7 +46,7 @@ from pipeline.lib.reporting.photo_changes import (
 )
 from pipeline.lib.tracking import store
 from pipeline.lib.tracking.lineage import TAG_PARENT
-from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri
+from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri, store_file
 
 DEFAULT_PARAMS = (
     "model.alpha",
@@ -60,7 +61,7 @@ METRICS = ("final_val_accuracy", "test_accuracy", "test_macro_f1")
 DEFAULT_SORT = "test_accuracy"
 FORMATS = ("markdown", "csv")
 SHORT_ID = 8
-_PAGE = 1000
+T = TypeVar("T")
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 
 
@@ -101,11 +102,10 @@ def fill_from_params(args: argparse.Namespace) -> None:
 def check_store(tracking_uri: str) -> None:
     """Fail (creating nothing) when a local store does not exist; a dead server fails in seconds."""
     check_reachable(tracking_uri, timeout_s=10.0)  # servers only
-    if tracking_uri.startswith("sqlite:"):
-        database = make_url(tracking_uri).database
-        if database and database != ":memory:" and not Path(database).is_file():
+    if (database := store_file(tracking_uri)) is not None:
+        if not database.is_file():
             raise StoreError(
-                f"No MLflow store at {tracking_uri}: {Path(database).resolve()} does not exist. "
+                f"No MLflow store at {tracking_uri}: {database} does not exist. "
                 "Run the pipeline first (`dvc repro`) or point --tracking-uri at an existing store."
             )
     elif "://" not in tracking_uri or tracking_uri.startswith("file:"):
@@ -141,7 +141,7 @@ def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_i
         return client.get_run(run_id).info.run_id
     except MlflowException:
         pass
-    runs = _search_all(client, experiment_ids)
+    runs = all_pages(client.search_runs, experiment_ids=experiment_ids)
     matches = [r.info.run_id for r in runs if r.info.run_id.startswith(run_id)]
     if len(matches) != 1:
         what = "ambiguous: " + ", ".join(matches) if matches else f"not in {client.tracking_uri}"
@@ -149,22 +149,13 @@ def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_i
     return matches[0]
 
 
-def _search_all(
-    client: mlflow.MlflowClient,
-    ids: list[str],
-    where: str = "",
-    order_by: list[str] | None = None,
-    limit: int | None = None,
-) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while limit is None or len(runs) < limit:
-        size = _PAGE if limit is None else min(_PAGE, limit - len(runs))
-        page = client.search_runs(ids, where, max_results=size, order_by=order_by, page_token=token)
-        runs.extend(page)
-        if not (token := page.token):
-            break
-    return runs
+def all_pages(
+    search: Callable[..., PagedList[T]], limit: int | None = None, **query: Any
+) -> list[T]:
+    """Every result (at most `limit`) of an MlflowClient `search_*` method, page by page."""
+    return get_results_from_paginated_fn(
+        lambda size, token: search(max_results=size, page_token=token, **query), 1000, limit
+    )
 
 
 def runs_table(
@@ -190,7 +181,8 @@ def runs_table(
         raise ValueError(f"limit must be at least 1, not {limit}")
     metrics = list(METRICS) + ([sort] if sort and sort not in METRICS else [])
     rows = []
-    for run in _search_all(client, exp_ids, where, order_by, limit):
+    query = {"experiment_ids": exp_ids, "filter_string": where, "order_by": order_by}
+    for run in all_pages(client.search_runs, limit, **query):
         info, data = run.info, run.data
         ended = info.end_time and info.start_time
         rows.append(

@@ -28,6 +28,7 @@ from pipeline.lib.tracking.compare import (
     FORMATS,
     FROM_PARAMS,
     StoreError,
+    all_pages,
     fill_from_params,
     open_client,
     render,
@@ -74,11 +75,7 @@ def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> lis
             f"models there: {names})."
         ) from None
     quoted = model_name.replace("'", "\\'")
-    query, versions, token = f"name = '{quoted}'", [], None
-    while token != "":
-        page = client.search_model_versions(query, max_results=1000, page_token=token)
-        versions.extend(page)
-        token = page.token or ""
+    versions = all_pages(client.search_model_versions, filter_string=f"name = '{quoted}'")
     runs = {v.run_id: _run_or_none(client, v.run_id) for v in versions}
     found = [Candidate(v, runs[v.run_id], metric) for v in versions]
     return sorted(found, key=lambda c: c.number, reverse=True)
