@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline.lib.files import REPRODUCED_WITHIN
-from pipeline.lib.reporting.figures import save_confusion_matrix
+from pipeline.lib.reporting.figures import confusion_figure, save_figure
 from pipeline.lib.reporting.metrics import significance_text
 from pipeline.lib.reporting.photo_changes import (
     DEFAULT_PREDICTIONS,
@@ -403,7 +403,7 @@ def build_report(
             side.confusion = matrix, names = confusion_from_predictions(text, classes)
             if names:
                 title = f"Confusion matrix, {label.lower()} {side.short}"
-                save_confusion_matrix(matrix, names, image, title=title)
+                save_figure(confusion_figure(matrix, names, title=title), image)
                 side.image = Path(os.path.relpath(image, output.parent)).as_posix()
         sides.append(side)
     photos = None

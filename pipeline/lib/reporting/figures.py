@@ -1,6 +1,6 @@
 """Learning curves, confusion matrix, prediction gallery and reliability diagram on standalone
-Agg `Figure`s (never pyplot): each `*_figure` returns the figure unsaved, `save_figure` and the
-`save_*` shortcuts write PNGs atomically (folders created) and return the paths."""
+Agg `Figure`s (never pyplot): each `*_figure` returns the figure unsaved, `save_figure` and
+`save_learning_curves` write PNGs atomically (folders created) and return the paths."""
 
 from __future__ import annotations
 
@@ -172,9 +172,7 @@ def confusion_figure(
     cell_in = (
         (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
     )
-    if (
-        n > LABELLED_MAX_CLASSES
-    ):  # a bounded picture: class indices every few rows, names in the CSV
+    if n > LABELLED_MAX_CLASSES:  # a bounded picture: class indices every few rows, names in CSV
         cell_in, step = LABELLED_MAX_CLASSES * 0.3 / n, int(np.ceil(n / 20))
         classes = [str(i) if i % step == 0 else "" for i in range(n)]
     label_in = _text_width_in(max(len(c) for c in classes), tick_fs)
@@ -212,17 +210,6 @@ def confusion_figure(
             ax.text(j, i, text, fontsize=cell_fs, color=color, alpha=alpha, **_CENTERED)
     ax.spines[:].set_color("#888888")
     return fig
-
-
-def save_confusion_matrix(
-    matrix: Sequence[Sequence[float]] | np.ndarray,
-    classes: list[str],
-    path: PathLike,
-    normalize: bool = False,
-    title: str = "Confusion matrix",
-) -> Path:
-    """Write `confusion_figure` to `path`."""
-    return save_figure(confusion_figure(matrix, classes, normalize, title), path)
 
 
 def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
