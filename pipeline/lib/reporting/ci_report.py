@@ -51,9 +51,7 @@ class CIReportError(RuntimeError):
 
 
 def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)
@@ -122,16 +120,13 @@ def resolve_revision(repo: Path, rev: str) -> str:
     )
 
 
-def dvc_diff(
-    repo: Path | str, kind: str, base: str, head: str = WORKSPACE, warnings: list[str] | None = None
-) -> list[Change]:
+def dvc_diff(repo: Path, kind: str, base: str, head: str, warnings: list[str]) -> list[Change]:
     """`dvc metrics diff --all` (every metric) or `dvc params diff` (the changed params); dvc's
     warnings (files it could not read) are appended to `warnings`."""
     revs = [base] if head == WORKSPACE else [base, head]
     extra = ["--all"] if kind == "metrics" else []
-    out, warned = _dvc(Path(repo), kind, "diff", *revs, "--json", *extra)
-    if warnings is not None:
-        warnings.extend(w for w in warned if w not in warnings)
+    out, warned = _dvc(repo, kind, "diff", *revs, "--json", *extra)
+    warnings.extend(w for w in warned if w not in warnings)
     try:
         diff = json.loads(out or "{}")
     except json.JSONDecodeError as exc:
@@ -287,8 +282,7 @@ def render_params(rows: Sequence[Change]) -> str:
 
 @dataclass
 class Side:
-    """One revision: as given, its short SHA, its test confusion matrix, the PNG's path relative
-    to the report, or the note why there is no matrix."""
+    """A revision as given, its short SHA, its test matrix and PNG (relative), or why none."""
 
     rev: str
     short: str

@@ -29,13 +29,7 @@ from mlflow.utils import get_results_from_paginated_fn
 from omegaconf import OmegaConf
 
 from pipeline.lib.config.compose import load_params
-from pipeline.lib.config.schema import (
-    DEFAULT_EXPERIMENT,
-    DEFAULT_REGISTERED_MODEL,
-    ConfigError,
-    TrackingConfig,
-    validate,
-)
+from pipeline.lib.config.schema import ConfigError, TrackingConfig, validate
 from pipeline.lib.files import read_json
 from pipeline.lib.reporting.metrics import significance_text
 from pipeline.lib.reporting.photo_changes import (
@@ -47,6 +41,7 @@ from pipeline.lib.reporting.photo_changes import (
 from pipeline.lib.tracking import store
 from pipeline.lib.tracking.lineage import TAG_PARENT
 from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri, store_file
+from pipeline.lib.tracking.sweep import tracking_config
 
 DEFAULT_PARAMS = (
     "model.alpha",
@@ -79,10 +74,7 @@ def project_tracking() -> TrackingConfig:
     after the data); the schema's (toy trucks) without the file. ConfigError when invalid."""
     path = store.project_root() / "params.yaml"
     if not path.is_file():
-        defaults = TrackingConfig(
-            experiment=DEFAULT_EXPERIMENT, registered_model=DEFAULT_REGISTERED_MODEL
-        )
-        return OmegaConf.structured(defaults)  # type: ignore[return-value]
+        return tracking_config(OmegaConf.create({"tracking": {}}))
     try:
         return validate(OmegaConf.create(load_params(path)[0])).tracking
     except ConfigError as exc:

@@ -266,15 +266,11 @@ def log_batch(
     (`batch_loss`, ...; step = global batch number), `metrics` (step 0), `params`, `tags`."""
     history, batches, now = history or {}, batches or {}, int(time.time() * 1000)
     at = history.get("step") or range(1, 1 + max(map(len, history.values()), default=0))
-    steps = batches.get("step", [])
+    batch_at = batches.get("step", [])
     rows = [
-        Metric(name, float(v), now, int(i))
-        for name, values in history.items()
-        if name not in ("step", "epoch")
-        for i, v in zip(at, values, strict=False)
-    ] + [
-        Metric(f"batch_{name}", float(v), now, int(step))
-        for name, values in batches.items()
+        Metric(prefix + name, float(v), now, int(step))
+        for prefix, series, steps in (("", history, at), ("batch_", batches, batch_at))
+        for name, values in series.items()
         if name not in ("step", "epoch")
         for step, v in zip(steps, values, strict=False)
     ]
@@ -316,27 +312,24 @@ def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
 
     # the class is pickled by reference to the module code_paths carry: MLflow's CloudPickle
     # notice does not apply, nor its warning about the deliberately missing input example
-    def notice(record: logging.LogRecord) -> bool:
-        return "serialized using CloudPickle" not in record.getMessage()
-
-    pyfunc_log = logging.getLogger("mlflow.pyfunc")
-    pyfunc_log.addFilter(notice)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*An input example was not provided")
-            info = mlflow.pyfunc.log_model(
-                name=name,
-                python_model=ClassifierModel(),
-                artifacts={key: str(folder / file) for key, file in ARTIFACTS.items()},
-                code_paths=[str(Path(__file__).resolve().parents[2])],  # the pipeline package
-                signature=ModelSignature(inputs=None, outputs=outputs),
-                pip_requirements=model_requirements(),  # stated: inferring re-imports the model
-                metadata={"input": MODEL_INPUT, "classes": card.classes}
-                | {"image_size": card.image_size, "resize": card.resize},
-            )
-    finally:
-        pyfunc_log.removeFilter(notice)
+    logging.getLogger("mlflow.pyfunc").addFilter(_not_cloudpickle_notice)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=ClassifierModel(),
+            artifacts={key: str(folder / file) for key, file in ARTIFACTS.items()},
+            code_paths=[str(Path(__file__).resolve().parents[2])],  # the pipeline package
+            signature=ModelSignature(inputs=None, outputs=outputs),
+            pip_requirements=model_requirements(),  # stated: inferring re-imports the model
+            metadata={"input": MODEL_INPUT, "classes": card.classes}
+            | {"image_size": card.image_size, "resize": card.resize},
+        )
     return info.model_uri
+
+
+def _not_cloudpickle_notice(record: logging.LogRecord) -> bool:
+    return "serialized using CloudPickle" not in record.getMessage()
 
 
 def model_requirements() -> list[str]:
