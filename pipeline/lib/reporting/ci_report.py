@@ -139,9 +139,8 @@ def dvc_diff(repo: Path, kind: str, base: str, head: str, warnings: list[str]) -
 
 
 def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = None) -> Confusion:
-    """The confusion matrix of a predictions.csv text (columns `actual`, `predicted`) in the
-    order `classes` (default: sorted labels; labels not in it are appended, sorted). Raises
-    CIReportError when a column is missing."""
+    """The confusion matrix of a predictions.csv text, in the order `classes` (others appended,
+    sorted). CIReportError when it lacks the column `actual` or `predicted`."""
     reader = csv.DictReader(io.StringIO(csv_text))
     missing = {"actual", "predicted"} - set(reader.fieldnames or [])
     if missing:
@@ -372,8 +371,7 @@ def build_report(
     metric: str = DEFAULT_METRIC,
     predictions: str = DEFAULT_PREDICTIONS,
 ) -> Report:
-    """Run the diffs, draw both confusion matrices into `images_dir` (default: next to `output`),
-    return the Report."""
+    """Run the diffs; draw both confusion matrices into `images_dir` (default: by `output`)."""
     repo, output = Path(repo).resolve(), Path(output).resolve()
     images = Path(images_dir).resolve() if images_dir else output.parent
     revs = {"Base": base, "Head": head}

@@ -74,8 +74,7 @@ def _message(ax: Axes, text: str) -> None:
 def _batch_curve(
     batches: Series | None, metric: str, n_epochs: int, first_epoch: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of a per-batch series (in order) spread over the epochs: the last batch of epoch k
-    lands on k; x = 1..m without epochs."""
+    """(x, y): the last batch of epoch k lands on k; x = 1..m without epochs."""
     y = _float_series((batches or {}).get(metric))
     x = np.arange(1, len(y) + 1, dtype=float)
     return (first_epoch - 1.0 + x * n_epochs / len(y) if n_epochs and len(y) else x), y
@@ -130,9 +129,8 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
 def save_learning_curves(
     history: Series, out_dir: PathLike, batches: Series | None = None
 ) -> list[Path]:
-    """Write out_dir/loss.png and out_dir/accuracy.png; return their paths. history: series among
-    'loss', 'accuracy', 'val_loss', 'val_accuracy', x under 'epoch' or 'step' (default 1..n);
-    batches: optional per-batch {'loss', 'accuracy'} in order, drawn faintly on the epoch axis."""
+    """Write out_dir/loss.png and out_dir/accuracy.png (`learning_curve_figure`); return them.
+    history: 'loss', 'accuracy', 'val_*', x under 'epoch' or 'step'; batches: per-batch series."""
     out_dir = Path(out_dir)
     return [
         save_figure(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
@@ -222,8 +220,7 @@ def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs:
 def _draw_gallery_scores(
     ax: Axes, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
 ) -> None:
-    """Score bars: the predicted one in `color`, the true one outlined and bold; with many
-    classes only the top scores (the true class included)."""
+    """Predicted bar in `color`, the true one outlined; with many classes the top ones only."""
     pred_k = int(probs_k.argmax())
     order = np.arange(len(probs_k))
     if len(probs_k) > GALLERY_ALL_CLASSES_MAX:

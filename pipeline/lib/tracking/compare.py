@@ -199,8 +199,7 @@ def _cell(value: object, number_format: str | None) -> str:
 
 
 def render(df: pd.DataFrame, fmt: str = "markdown") -> str:
-    """The table as GitHub markdown (short run ids, metrics to 4 decimals, empty where missing)
-    or CSV (full run ids and precision, empty where missing)."""
+    """GitHub markdown (short run ids, metrics to 4 decimals) or CSV; empty where missing."""
     if fmt == "csv":
         return df.to_csv(index=False, na_rep="", lineterminator="\n")
     if fmt != "markdown":
@@ -216,8 +215,7 @@ def render(df: pd.DataFrame, fmt: str = "markdown") -> str:
 
 
 def run_predictions(client: mlflow.MlflowClient, experiment: str, given: str) -> tuple[str, str]:
-    """(run id, text of its `DEFAULT_PREDICTIONS`) of a run id or unique prefix. Raises
-    ValueError when the run has none."""
+    """(run id, its `DEFAULT_PREDICTIONS` text) of an id (prefix); ValueError if it has none."""
     run_id = resolve_run_id(client, [experiment_id(client, experiment)], given)
     with tempfile.TemporaryDirectory() as tmp:
         where = {"run_id": run_id, "dst_path": tmp, "tracking_uri": client.tracking_uri}

@@ -56,8 +56,7 @@ MODEL_INPUT = (
 
 
 def _end_run(status: str) -> str:
-    """End the active run (if any) with `status`; '' or why it could not be (then the next step
-    on this store ends it: `lineage.end_dead_runs`)."""
+    """End the active run (if any) with `status`; '' or why it could not be."""
     if (run := mlflow.active_run()) is None:
         return ""
     try:
@@ -70,8 +69,7 @@ def _end_run(status: str) -> str:
 
 @contextmanager
 def _run_ends_on_error(tracking: TrackingConfig, what: str) -> Iterator[None]:
-    """An error inside ends the active run KILLED (an interrupt) or FAILED; a store failure
-    while `what` becomes a one-line `TrackingError`."""
+    """An error ends the run KILLED or FAILED; a store failure becomes a `TrackingError`."""
     try:
         yield
     except KeyboardInterrupt:
@@ -168,8 +166,7 @@ def stage_run(
 
 
 def log_recovered(cfg: Config) -> None:
-    """Into a recovered run: the config, and train's metrics from `<paths.reports>/
-    train_metrics.json` (restored by DVC with `models/`)."""
+    """Into a recovered run: the config and train's metrics (`paths.reports`, restored by DVC)."""
     log_config(cfg)
     train_metrics = Path(cfg.paths.reports) / "train_metrics.json"
     try:
@@ -181,8 +178,7 @@ def log_recovered(cfg: Config) -> None:
 
 
 def final_metrics(train_metrics: dict) -> dict[str, float]:
-    """MLflow's `final_loss`, `final_accuracy`, `final_val_loss`, `final_val_accuracy` of a
-    `train_metrics.json` dict (None values left out)."""
+    """`final_[val_]loss`/`accuracy` of a `train_metrics.json` dict (None values left out)."""
     return {
         f"final_{'val_' if split == 'val' else ''}{k}": float(v)
         for split in ("train", "val")
@@ -261,9 +257,8 @@ def log_batch(
     params: dict[str, str] | None = None,
     tags: dict[str, str] | None = None,
 ) -> None:
-    """One `log_batch` into the active run (MLflow splits it at its per-request limits): curves
-    (`loss`, ...; at the history's `step`, else 1, 2, ...), Keras' per-batch metrics
-    (`batch_loss`, ...; step = global batch number), `metrics` (step 0), `params`, `tags`."""
+    """One `log_batch` into the active run: curves (at the history's `step`, else 1, 2, ...),
+    per-batch ones as `batch_<name>` (at the batches' `step`), `metrics` (step 0), params, tags."""
     history, batches, now = history or {}, batches or {}, int(time.time() * 1000)
     at = history.get("step") or range(1, 1 + max(map(len, history.values()), default=0))
     batch_at = batches.get("step", [])

@@ -86,8 +86,7 @@ def artifact_uri(location: str) -> str:
 
 
 def apply_http_settings(tracking: TrackingConfig) -> dict[str, str]:
-    """Bound MLflow's HTTP retries (its defaults take minutes to report a dead server); returns
-    the environment variables set."""
+    """Bound MLflow's HTTP retries (its defaults take minutes); return the variables set."""
     settings = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(tracking.http_retries)),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(int(tracking.http_backoff_factor)),
