@@ -375,20 +375,17 @@ def build_report(
     repo, output = Path(repo).resolve(), Path(output).resolve()
     images = Path(images_dir).resolve() if images_dir else output.parent
     revs = {"Base": base, "Head": head}
-    shorts = {label: resolve_revision(repo, rev) for label, rev in revs.items()}
+    sides = {label: Side(rev, resolve_revision(repo, rev)) for label, rev in revs.items()}
     warnings: list[str] = []
     metrics = dvc_diff(repo, "metrics", base, head, warnings)
     params = dvc_diff(repo, "params", base, head, warnings)
-    texts = {label: read_at_revision(repo, predictions, rev) for label, rev in revs.items()}
+    texts = {label: read_at_revision(repo, predictions, s.rev) for label, s in sides.items()}
     # one class order for both sides (so the two matrices line up)
     classes = sorted({c for t in texts.values() if t for c in confusion_from_predictions(t)[1]})
-    images.mkdir(parents=True, exist_ok=True)
-    sides = []
-    for label, rev in revs.items():
-        side, text = Side(rev, shorts[label]), texts[label]
-        image = images / f"confusion_{label.lower()}.png"
+    for label, side in sides.items():
+        text, image = texts[label], images / f"confusion_{label.lower()}.png"
         if text is None:
-            where = "in the workspace" if rev == WORKSPACE else f"at {side.short}"
+            where = "in the workspace" if side.rev == WORKSPACE else f"at {side.short}"
             side.note = f"No `{predictions}` {where}."
             image.unlink(missing_ok=True)  # not a stale one from an earlier report
         else:
@@ -397,12 +394,11 @@ def build_report(
                 title = f"Confusion matrix, {label.lower()} {side.short}"
                 save_figure(confusion_figure(matrix, names, title=title), image)
                 side.image = Path(os.path.relpath(image, output.parent)).as_posix()
-        sides.append(side)
     photos = None
     with contextlib.suppress(ValueError):  # predictions paired by photo
         if texts["Base"] and texts["Head"]:
             photos = diff_predictions(texts["Base"], texts["Head"])
-    return Report(*sides, metrics, params, metric, predictions, warnings, photos)
+    return Report(*sides.values(), metrics, params, metric, predictions, warnings, photos)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -248,15 +248,13 @@ def predictions_at(given: str, args: argparse.Namespace) -> tuple[str, str]:
 
 def photo_changes(args: argparse.Namespace) -> str:
     """McNemar's test on the two runs of `--mcnemar`, or `--photos` (also written as CSV + HTML)."""
-    (name_a, text_a), (name_b, text_b) = (
-        predictions_at(g, args) for g in args.photos or args.mcnemar
-    )
+    pair = [predictions_at(given, args) for given in args.photos or args.mcnemar]
+    (name_a, text_a), (name_b, text_b) = pair
     diff = diff_predictions(text_a, text_b)
     result = significance_text(diff.mcnemar, name_a, name_b)
     if args.mcnemar:
         return result
     output = Path(args.output or "photo_changes.csv")
-    output.parent.mkdir(parents=True, exist_ok=True)
     report = Path("data/prepared/report.json")  # its root: the data folder, where paths start
     root = args.photos_root or Path(read_json(report)["root"] if report.is_file() else ".")
     page = write_outputs(diff, output, root, (name_a, name_b))
@@ -306,11 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         df = runs_table(
             client, args.experiment, args.parent, params, args.sort, args.ascending, args.limit
         )
-    except (TrackingError, ValueError) as exc:  # ConfigError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MlflowException as exc:
-        print(f"error: {args.tracking_uri}: {exc.message}", file=sys.stderr)
+    except (TrackingError, ValueError, MlflowException) as exc:  # ConfigError is a ValueError
+        shown = f"{args.tracking_uri}: {exc.message}" if isinstance(exc, MlflowException) else exc
+        print(f"error: {shown}", file=sys.stderr)
         return 2
     if df.empty:
         scope = f"child runs of {args.parent}" if args.parent else "runs"

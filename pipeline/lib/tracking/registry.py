@@ -199,10 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             promote(client, args.model, args.metric, args.alias, ascending, same_data=not any_data)
         else:
             sys.stdout.write(render(versions_table(client, args.model, args.metric), args.format))
-    except (TrackingError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MlflowException as exc:
-        print(f"error: {args.tracking_uri}: {exc.message}", file=sys.stderr)
+    except (TrackingError, ConfigError, MlflowException) as exc:
+        shown = f"{args.tracking_uri}: {exc.message}" if isinstance(exc, MlflowException) else exc
+        print(f"error: {shown}", file=sys.stderr)
         return 2
     return 0
