@@ -87,9 +87,8 @@ class Moved(NamedTuple):  # a confusion-matrix cell whose count differs
 def _dvc(repo: Path, *args: str) -> tuple[str, list[str]]:
     """dvc's stdout, and the warnings it printed (it warns, and exits 0, on unreadable files)."""
     cmd = [sys.executable, "-m", "dvc", *args]  # dvc and what it spawns from this environment
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    }
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = os.environ | {"PATH": path}
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip() or "(no output)")[-4000:]
@@ -253,9 +252,8 @@ def render_metrics(rows: Sequence[Change], metric: str = DEFAULT_METRIC) -> str:
         return "_No metrics in either revision._"
     parts = []
     for path in sorted({r.file for r in rows}):
-        in_file = sorted(
-            (r for r in rows if r.file == path), key=lambda r: (r.name != metric, r.name)
-        )
+        in_file = [r for r in rows if r.file == path]
+        in_file.sort(key=lambda r: (r.name != metric, r.name))
         shown = [r for r in in_file if r.changed or r.name == metric]
         hidden = [r for r in in_file if r not in shown]
         parts += [f"**`{path}`**\n", _metrics_table(shown) if shown else "_No metric changed._"]

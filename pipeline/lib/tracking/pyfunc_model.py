@@ -135,9 +135,8 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):  # noqa: ANN001, ANN201
         """Load the `Classifier` from the logged artifacts."""
         a = context.artifacts
-        self.classifier = Classifier(
-            Head.load(a["head"]), ModelCard.load(a["card"]), Path(a["backbone"])
-        )
+        head, card = Head.load(a["head"]), ModelCard.load(a["card"])
+        self.classifier = Classifier(head, card, Path(a["backbone"]))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         """Classify `model_input`: a DataFrame of label, probability and scores per image."""

@@ -63,11 +63,13 @@ class Candidate:
         return (run.info.experiment_id, run.data.tags.get(DATA_TAG)) if run else ("", None)
 
 
-def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> list[Candidate]:
-    """Every version of a registered model (newest first), with its run and the run's `metric`;
-    StoreError naming the registered models there when there is no such model."""
-    try:
-        client.get_registered_model(model_name)
+def candidates(
+    client: mlflow.MlflowClient, model_name: str, metric: str
+) -> tuple[dict[str, str], list[Candidate]]:
+    """A registered model's aliases ({alias: version}) and every version (newest first) with its
+    run and the run's `metric`; StoreError naming the registered models there if none."""
+    try:  # search results carry no aliases (MLflow 3.17); the registered model has them all
+        aliases = client.get_registered_model(model_name).aliases
     except MlflowException:
         names = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
         raise StoreError(
@@ -78,7 +80,7 @@ def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> lis
     versions = all_pages(client.search_model_versions, filter_string=f"name = '{quoted}'")
     runs = {v.run_id: _run_or_none(client, v.run_id) for v in versions}
     found = [Candidate(v, runs[v.run_id], metric) for v in versions]
-    return sorted(found, key=lambda c: c.number, reverse=True)
+    return aliases, sorted(found, key=lambda c: c.number, reverse=True)
 
 
 def _run_or_none(client: mlflow.MlflowClient, run_id: str | None) -> Run | None:
@@ -101,7 +103,7 @@ def promote(
     with `ascending`; ties: the alias' holder, else the newest) and return it. `same_data`: only
     versions of the newest one's experiment and data (`DATA_TAG`) compete. `echo` (None: silent)
     gets what was done and the alias' previous holder."""
-    every = candidates(client, model_name, metric)
+    aliases, every = candidates(client, model_name, metric)
     ready = [c for c in every if c.version.status == "READY"]
     scored = [c for c in ready if c.value is not None]
     if not scored:
@@ -113,10 +115,7 @@ def promote(
     if same_data:  # newest first
         scored = [c for c in scored if c.origin() == scored[0].origin()]
     left_out = competing - len(scored)
-    try:
-        previous: int | None = int(client.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        previous = None
+    previous = int(aliases[alias]) if alias in aliases else None
     sign = -1 if ascending else 1
     top = max(sign * (c.value or 0.0) for c in scored)
     tied = [c for c in scored if sign * (c.value or 0.0) == top]  # newest first
@@ -153,11 +152,10 @@ def versions_table(
     client: mlflow.MlflowClient, model_name: str, metric: str = DEFAULT_METRIC
 ) -> pd.DataFrame:
     """A registered model's versions (newest first): aliases, source run, its `metric` (or NaN)."""
-    found = candidates(client, model_name, metric)
-    # search results carry no aliases (MLflow 3.17); the registered model has them all
-    aliases = client.get_registered_model(model_name).aliases.items()
+    aliases, found = candidates(client, model_name, metric)
     rows = [
-        [c.number, ",".join(sorted(a for a, v in aliases if int(v) == c.number)), c.version.status]
+        [c.number, ",".join(sorted(a for a, v in aliases.items() if int(v) == c.number))]
+        + [c.version.status]
         + [c.run.info.run_name if c.run else None, c.version.run_id]
         + [math.nan if c.value is None else c.value]
         + [pd.Timestamp(c.version.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M:%S")]

@@ -138,11 +138,9 @@ def stage_run(
     recovery = None
     run_tags: dict[str, str] = {}  # a reopened run keeps its own tags
     if stage == "train":
-        parent_id, job_name = sweep_job()
+        parent, job_name = sweep_job()
         name = cfg.tracking.run_name or job_name or lineage.run_name(cfg)
-        run_tags = lineage.run_tags(cfg, stage) | (
-            {lineage.TAG_PARENT: parent_id} if parent_id else {}
-        )
+        run_tags = lineage.run_tags(cfg, stage) | ({lineage.TAG_PARENT: parent} if parent else {})
         run_id = None
         if checkpoint is not None:
             run_tags[lineage.TAG_CHECKPOINT] = Path(checkpoint).name
@@ -282,9 +280,7 @@ def log_batch(
 def log_dataset(manifest_csv: Path, digest: str, name: str, source: str) -> None:
     """The prepared dataset as an MLflow input (context `training`), its DVC hash as digest."""
     frame = pd.read_csv(manifest_csv)
-    dataset = mlflow.data.from_pandas(
-        frame, source=source, name=name, targets="label", digest=digest
-    )
+    dataset = mlflow.data.from_pandas(frame, source, targets="label", name=name, digest=digest)
     mlflow.log_input(dataset, context="training")
 
 
