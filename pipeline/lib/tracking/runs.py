@@ -33,14 +33,13 @@ from pipeline.lib.tracking import lineage
 from pipeline.lib.tracking.pyfunc_model import ARTIFACTS, ClassifierModel
 from pipeline.lib.tracking.store import (
     TrackingError,
-    apply_http_settings,
     as_tracking_error,
     check_reachable,
     open_store,
 )
 from pipeline.lib.tracking.sweep import sweep_job
 
-__all__ = ["TrackingError", "active_run", "apply_http_settings", "check_reachable", "stage_run"]
+__all__ = ["TrackingError", "active_run", "check_reachable", "stage_run"]
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
