@@ -70,8 +70,7 @@ class Change:
 
     @property
     def changed(self) -> bool:  # numbers: by more than TOLERANCE; NaN -> NaN is unchanged
-        change = self.change
-        if change is not None:
+        if (change := self.change) is not None:
             return abs(change) > TOLERANCE
         both_nan = self.base != self.base and self.head != self.head  # NaN: unequal to itself
         return self.base != self.head and not both_nan
@@ -198,8 +197,7 @@ def _change_cell(row: Change) -> str:
         return "new"
     if row.head is None and row.base is not None:
         return "removed"
-    change = row.change
-    if change is None:
+    if (change := row.change) is None:
         return "changed" if row.changed else ""
     text = "0" if abs(change) <= TOLERANCE else f"{change:+.4g}"
     base = _number(row.base)

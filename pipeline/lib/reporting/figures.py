@@ -84,8 +84,7 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
     """One metric ('loss' or 'accuracy'): train vs validation per epoch (or 'step'), batches
     faintly under; the best validation point (else train) starred."""
     label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
-    train = _float_series(history.get(metric))
-    val = _float_series(history.get(f"val_{metric}"))
+    train, val = (_float_series(history.get(key)) for key in (metric, f"val_{metric}"))
     n = max(len(train), len(val))
     unit = "step" if "step" in history else "epoch"
     given = _float_series(history.get(unit))
@@ -115,8 +114,7 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
         star = {"marker": "*", "markersize": 15, "color": "#d4a017", "markeredgecolor": "black"}
         best = f"best {ref_name}: {ref[i]:.4g} ({unit} {x[i]:g})"
         ax.plot([x[i]], [ref[i]], ls="none", label=best, zorder=4, markeredgewidth=0.6, **star)
-    ax.set_xlabel(unit if n else "step")
-    ax.set_ylabel(label.lower())
+    ax.set(xlabel=unit if n else "step", ylabel=label.lower())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)

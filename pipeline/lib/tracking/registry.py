@@ -5,9 +5,8 @@
     python -m pipeline.registry promote --metric final_val_accuracy --alias challenger
     python -m pipeline.registry list
 
-The model, store (and metric) default to the project's params.yaml (`tracking.registered_model`,
-as the stages resolve it); `mlflow.pyfunc.load_model("models:/<model>@champion")` serves it.
-"""
+The model and store default to params.yaml's `tracking` (as the stages resolve it);
+`mlflow.pyfunc.load_model("models:/<model>@champion")` serves the champion."""
 
 from __future__ import annotations
 

@@ -198,9 +198,8 @@ def register_model(
     query = f"name = '{quoted}' and "
     if client.search_model_versions(query + f"run_id = '{run_id}'"):
         return None
-    if md5 and (
-        same := client.search_model_versions(query + f"tags.`{lineage.TAG_MODEL_MD5}` = '{md5}'")
-    ):
+    same_bytes = f"tags.`{lineage.TAG_MODEL_MD5}` = '{md5}'"
+    if md5 and (same := client.search_model_versions(query + same_bytes)):
         version, other = same[0].version, same[0].run_id
         log.info(
             "Same model bytes as %s version %s (run %s): not registered again", name, version, other
