@@ -97,7 +97,7 @@ def check_store(tracking_uri: str) -> None:
     if (database := store_file(tracking_uri)) is not None:
         if not database.is_file():
             raise StoreError(
-                f"No MLflow store at {tracking_uri}: {database} does not exist. "
+                f"No MLflow store at {tracking_uri}: {database.resolve()} does not exist. "
                 "Run the pipeline first (`dvc repro`) or point --tracking-uri at an existing store."
             )
     elif "://" not in tracking_uri or tracking_uri.startswith("file:"):
