@@ -182,7 +182,9 @@ def test_confusion_matrix_six_classes(tmp_path):
             [0, 0, 0, 0, 0, 10],
         ]
     )
-    path = figures.save_confusion_matrix(matrix, CLASSES, tmp_path / "eval" / "cm.png")
+    path = figures.save_figure(
+        figures.confusion_figure(matrix, CLASSES), tmp_path / "eval" / "cm.png"
+    )
     assert path == tmp_path / "eval" / "cm.png"
     read_png(path, min_side=400)
 
@@ -213,7 +215,11 @@ def test_confusion_matrix_six_classes(tmp_path):
 def test_confusion_matrix_two_classes_counts(tmp_path):
     fig = figures.confusion_figure([[5, 1], [2, 7]], ["cat", "dog"])
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["1", "2", "5", "7"]
-    read_png(figures.save_confusion_matrix([[5, 1], [2, 7]], ["cat", "dog"], tmp_path / "cm2.png"))
+    read_png(
+        figures.save_figure(
+            figures.confusion_figure([[5, 1], [2, 7]], ["cat", "dog"]), tmp_path / "cm2.png"
+        )
+    )
 
 
 def test_confusion_matrix_thirty_classes_has_no_cell_text(tmp_path):
@@ -224,7 +230,9 @@ def test_confusion_matrix_thirty_classes_has_no_cell_text(tmp_path):
     assert len(fig.axes[0].texts) == 0
     assert len(fig.axes[0].get_xticklabels()) == 30
     read_png(
-        figures.save_confusion_matrix(matrix, classes, tmp_path / "cm30.png", normalize=True),
+        figures.save_figure(
+            figures.confusion_figure(matrix, classes, normalize=True), tmp_path / "cm30.png"
+        ),
         min_side=600,
     )
 
@@ -240,7 +248,7 @@ def test_confusion_matrix_of_many_classes_stays_a_bounded_picture(tmp_path, n):
     assert labels[0] == "0" and 10 <= sum(bool(t) for t in labels) <= 21
     assert f"classes numbered 0-{n - 1}" in fig.axes[0].get_title()
     height, width = read_png(
-        figures.save_confusion_matrix(matrix, classes, tmp_path / "cm.png")
+        figures.save_figure(figures.confusion_figure(matrix, classes), tmp_path / "cm.png")
     ).shape[:2]
     assert max(width, height) <= 2600, (width, height)
 
@@ -255,7 +263,7 @@ def test_class_names_are_shortened_and_drawn_as_plain_text(tmp_path):
     assert ticks[0].get_text() == "$x$" and not ticks[0].get_parse_math()
     assert ticks[1].get_text() == "01" + "n" * 37 + "…"
     height, width = read_png(
-        figures.save_confusion_matrix(matrix, classes, tmp_path / "cm.png")
+        figures.save_figure(figures.confusion_figure(matrix, classes), tmp_path / "cm.png")
     ).shape[:2]
     assert max(width, height) <= 2600, (width, height)
     probabilities = np.full((2, 20), 0.01)
@@ -274,9 +282,11 @@ def test_class_names_are_shortened_and_drawn_as_plain_text(tmp_path):
 
 def test_confusion_matrix_rejects_mismatched_classes(tmp_path):
     with pytest.raises(ValueError):
-        figures.save_confusion_matrix(np.eye(3), ["a", "b"], tmp_path / "x.png")
+        figures.save_figure(figures.confusion_figure(np.eye(3), ["a", "b"]), tmp_path / "x.png")
     with pytest.raises(ValueError):
-        figures.save_confusion_matrix(np.ones((2, 3)), ["a", "b"], tmp_path / "x.png")
+        figures.save_figure(
+            figures.confusion_figure(np.ones((2, 3)), ["a", "b"]), tmp_path / "x.png"
+        )
     assert not (tmp_path / "x.png").exists()
 
 

@@ -194,7 +194,7 @@ def check_complete_child(client: mlflow.MlflowClient, run) -> int:
 
 def test_server_config_needs_a_uri_and_bounds_retries():
     from pipeline.lib.config.schema import ConfigError, validate
-    from pipeline.lib.tracking.runs import apply_http_settings
+    from pipeline.lib.tracking.store import apply_http_settings
     from tests.conftest import compose
 
     with pytest.raises(ConfigError, match="tracking.uri"):

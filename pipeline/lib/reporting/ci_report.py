@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline.lib.files import REPRODUCED_WITHIN
-from pipeline.lib.reporting.figures import save_confusion_matrix
+from pipeline.lib.reporting.figures import confusion_figure, save_figure
 from pipeline.lib.reporting.metrics import significance_text
 from pipeline.lib.reporting.photo_changes import (
     DEFAULT_PREDICTIONS,
@@ -51,9 +51,7 @@ class CIReportError(RuntimeError):
 
 
 def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)
@@ -72,8 +70,7 @@ class Change:
 
     @property
     def changed(self) -> bool:  # numbers: by more than TOLERANCE; NaN -> NaN is unchanged
-        change = self.change
-        if change is not None:
+        if (change := self.change) is not None:
             return abs(change) > TOLERANCE
         both_nan = self.base != self.base and self.head != self.head  # NaN: unequal to itself
         return self.base != self.head and not both_nan
@@ -89,9 +86,8 @@ class Moved(NamedTuple):  # a confusion-matrix cell whose count differs
 def _dvc(repo: Path, *args: str) -> tuple[str, list[str]]:
     """dvc's stdout, and the warnings it printed (it warns, and exits 0, on unreadable files)."""
     cmd = [sys.executable, "-m", "dvc", *args]  # dvc and what it spawns from this environment
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    }
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = os.environ | {"PATH": path}
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip() or "(no output)")[-4000:]
@@ -122,16 +118,13 @@ def resolve_revision(repo: Path, rev: str) -> str:
     )
 
 
-def dvc_diff(
-    repo: Path | str, kind: str, base: str, head: str = WORKSPACE, warnings: list[str] | None = None
-) -> list[Change]:
+def dvc_diff(repo: Path, kind: str, base: str, head: str, warnings: list[str]) -> list[Change]:
     """`dvc metrics diff --all` (every metric) or `dvc params diff` (the changed params); dvc's
     warnings (files it could not read) are appended to `warnings`."""
     revs = [base] if head == WORKSPACE else [base, head]
     extra = ["--all"] if kind == "metrics" else []
-    out, warned = _dvc(Path(repo), kind, "diff", *revs, "--json", *extra)
-    if warnings is not None:
-        warnings.extend(w for w in warned if w not in warnings)
+    out, warned = _dvc(repo, kind, "diff", *revs, "--json", *extra)
+    warnings.extend(w for w in warned if w not in warnings)
     try:
         diff = json.loads(out or "{}")
     except json.JSONDecodeError as exc:
@@ -144,9 +137,8 @@ def dvc_diff(
 
 
 def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = None) -> Confusion:
-    """The confusion matrix of a predictions.csv text (columns `actual`, `predicted`) in the
-    order `classes` (default: sorted labels; labels not in it are appended, sorted). Raises
-    CIReportError when a column is missing."""
+    """The confusion matrix of a predictions.csv text, in the order `classes` (others appended,
+    sorted). CIReportError when it lacks the column `actual` or `predicted`."""
     reader = csv.DictReader(io.StringIO(csv_text))
     missing = {"actual", "predicted"} - set(reader.fieldnames or [])
     if missing:
@@ -205,8 +197,7 @@ def _change_cell(row: Change) -> str:
         return "new"
     if row.head is None and row.base is not None:
         return "removed"
-    change = row.change
-    if change is None:
+    if (change := row.change) is None:
         return "changed" if row.changed else ""
     text = "0" if abs(change) <= TOLERANCE else f"{change:+.4g}"
     base = _number(row.base)
@@ -259,9 +250,8 @@ def render_metrics(rows: Sequence[Change], metric: str = DEFAULT_METRIC) -> str:
         return "_No metrics in either revision._"
     parts = []
     for path in sorted({r.file for r in rows}):
-        in_file = sorted(
-            (r for r in rows if r.file == path), key=lambda r: (r.name != metric, r.name)
-        )
+        in_file = [r for r in rows if r.file == path]
+        in_file.sort(key=lambda r: (r.name != metric, r.name))
         shown = [r for r in in_file if r.changed or r.name == metric]
         hidden = [r for r in in_file if r not in shown]
         parts += [f"**`{path}`**\n", _metrics_table(shown) if shown else "_No metric changed._"]
@@ -287,8 +277,7 @@ def render_params(rows: Sequence[Change]) -> str:
 
 @dataclass
 class Side:
-    """One revision: as given, its short SHA, its test confusion matrix, the PNG's path relative
-    to the report, or the note why there is no matrix."""
+    """A revision as given, its short SHA, its test matrix and PNG (relative), or why none."""
 
     rev: str
     short: str
@@ -378,39 +367,34 @@ def build_report(
     metric: str = DEFAULT_METRIC,
     predictions: str = DEFAULT_PREDICTIONS,
 ) -> Report:
-    """Run the diffs, draw both confusion matrices into `images_dir` (default: next to `output`),
-    return the Report."""
+    """Run the diffs; draw both confusion matrices into `images_dir` (default: by `output`)."""
     repo, output = Path(repo).resolve(), Path(output).resolve()
     images = Path(images_dir).resolve() if images_dir else output.parent
     revs = {"Base": base, "Head": head}
-    shorts = {label: resolve_revision(repo, rev) for label, rev in revs.items()}
+    sides = {label: Side(rev, resolve_revision(repo, rev)) for label, rev in revs.items()}
     warnings: list[str] = []
     metrics = dvc_diff(repo, "metrics", base, head, warnings)
     params = dvc_diff(repo, "params", base, head, warnings)
-    texts = {label: read_at_revision(repo, predictions, rev) for label, rev in revs.items()}
+    texts = {label: read_at_revision(repo, predictions, s.rev) for label, s in sides.items()}
     # one class order for both sides (so the two matrices line up)
     classes = sorted({c for t in texts.values() if t for c in confusion_from_predictions(t)[1]})
-    images.mkdir(parents=True, exist_ok=True)
-    sides = []
-    for label, rev in revs.items():
-        side, text = Side(rev, shorts[label]), texts[label]
-        image = images / f"confusion_{label.lower()}.png"
+    for label, side in sides.items():
+        text, image = texts[label], images / f"confusion_{label.lower()}.png"
         if text is None:
-            where = "in the workspace" if rev == WORKSPACE else f"at {side.short}"
+            where = "in the workspace" if side.rev == WORKSPACE else f"at {side.short}"
             side.note = f"No `{predictions}` {where}."
             image.unlink(missing_ok=True)  # not a stale one from an earlier report
         else:
             side.confusion = matrix, names = confusion_from_predictions(text, classes)
             if names:
                 title = f"Confusion matrix, {label.lower()} {side.short}"
-                save_confusion_matrix(matrix, names, image, title=title)
+                save_figure(confusion_figure(matrix, names, title=title), image)
                 side.image = Path(os.path.relpath(image, output.parent)).as_posix()
-        sides.append(side)
     photos = None
     with contextlib.suppress(ValueError):  # predictions paired by photo
         if texts["Base"] and texts["Head"]:
             photos = diff_predictions(texts["Base"], texts["Head"])
-    return Report(*sides, metrics, params, metric, predictions, warnings, photos)
+    return Report(*sides.values(), metrics, params, metric, predictions, warnings, photos)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,8 +49,7 @@ class Evaluation:
 
 
 def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
-    """What `metrics.json` holds: {"test": `headline_metrics`} (`metric_values`). Warns when the
-    accuracy's interval is too wide to mean much."""
+    """`metrics.json`: {"test": `headline_metrics`}; warns when the interval is too wide."""
     m = headline_metrics(ev.predictions)
     if m["ci_high"] - m["ci_low"] > WIDE_INTERVAL:
         log.warning(
@@ -70,11 +69,8 @@ def per_class_metrics(ev: Evaluation) -> dict[str, Any]:
 def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
     """Write the metrics file, the classification report (JSON, text), predictions.csv (path,
     actual, predicted, confidence to 6 digits) and confusion.csv into `reports`; return the text
-    report.
-
-    confusion.csv (actual, predicted) is what `dvc plots show` puts into its page: DVC embeds
-    every column of a plot's CSV unescaped in a `<script>` block, so it holds no paths, and its
-    class names have "<" as "﹤" (U+FE64): no name can end that block or start a comment in it."""
+    report. confusion.csv has no paths and "<" as "﹤" (U+FE64) in class names: `dvc plots show`
+    embeds its columns unescaped in a `<script>` block, which no name may end or comment out."""
     p = ev.predictions
     text, as_dict = classification_reports(p)
     write_json(reports / METRICS_FILE, metrics)
@@ -122,8 +118,7 @@ def write_html_report(
     provenance: dict[str, str],
     extra: str = "",
 ) -> Path:
-    """Write the HTML report (`html_report`, `extra` sections at the end) atomically to `path`
-    (folders created); return it."""
+    """Write the HTML report (`html_report`, `extra` sections at the end) to `path`; return it."""
     every = {**per_class_metrics(ev), **metrics[SPLIT]}
     p = ev.predictions
     html = render_report(p, ev.images, ev.paths, every, images_per_cell, SPLIT, provenance, extra)

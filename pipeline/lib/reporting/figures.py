@@ -1,6 +1,6 @@
 """Learning curves, confusion matrix, prediction gallery and reliability diagram on standalone
-Agg `Figure`s (never pyplot): each `*_figure` returns the figure unsaved, `save_figure` and the
-`save_*` shortcuts write PNGs atomically (folders created) and return the paths."""
+Agg `Figure`s (never pyplot): each `*_figure` returns the figure unsaved, `save_figure` and
+`save_learning_curves` write PNGs atomically (folders created) and return the paths."""
 
 from __future__ import annotations
 
@@ -74,8 +74,7 @@ def _message(ax: Axes, text: str) -> None:
 def _batch_curve(
     batches: Series | None, metric: str, n_epochs: int, first_epoch: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of a per-batch series (in order) spread over the epochs: the last batch of epoch k
-    lands on k; x = 1..m without epochs."""
+    """(x, y): the last batch of epoch k lands on k; x = 1..m without epochs."""
     y = _float_series((batches or {}).get(metric))
     x = np.arange(1, len(y) + 1, dtype=float)
     return (first_epoch - 1.0 + x * n_epochs / len(y) if n_epochs and len(y) else x), y
@@ -85,8 +84,7 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
     """One metric ('loss' or 'accuracy'): train vs validation per epoch (or 'step'), batches
     faintly under; the best validation point (else train) starred."""
     label, best_mode = _METRICS.get(metric, (metric.replace("_", " ").capitalize(), "min"))
-    train = _float_series(history.get(metric))
-    val = _float_series(history.get(f"val_{metric}"))
+    train, val = (_float_series(history.get(key)) for key in (metric, f"val_{metric}"))
     n = max(len(train), len(val))
     unit = "step" if "step" in history else "epoch"
     given = _float_series(history.get(unit))
@@ -116,8 +114,7 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
         star = {"marker": "*", "markersize": 15, "color": "#d4a017", "markeredgecolor": "black"}
         best = f"best {ref_name}: {ref[i]:.4g} ({unit} {x[i]:g})"
         ax.plot([x[i]], [ref[i]], ls="none", label=best, zorder=4, markeredgewidth=0.6, **star)
-    ax.set_xlabel(unit if n else "step")
-    ax.set_ylabel(label.lower())
+    ax.set(xlabel=unit if n else "step", ylabel=label.lower())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
@@ -130,9 +127,8 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
 def save_learning_curves(
     history: Series, out_dir: PathLike, batches: Series | None = None
 ) -> list[Path]:
-    """Write out_dir/loss.png and out_dir/accuracy.png; return their paths. history: series among
-    'loss', 'accuracy', 'val_loss', 'val_accuracy', x under 'epoch' or 'step' (default 1..n);
-    batches: optional per-batch {'loss', 'accuracy'} in order, drawn faintly on the epoch axis."""
+    """Write out_dir/loss.png and out_dir/accuracy.png (`learning_curve_figure`); return them.
+    history: 'loss', 'accuracy', 'val_*', x under 'epoch' or 'step'; batches: per-batch series."""
     out_dir = Path(out_dir)
     return [
         save_figure(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
@@ -172,9 +168,7 @@ def confusion_figure(
     cell_in = (
         (0.95 if normalize else 0.8) if n <= 6 else 0.7 if n <= 10 else 0.5 if n <= 20 else 0.3
     )
-    if (
-        n > LABELLED_MAX_CLASSES
-    ):  # a bounded picture: class indices every few rows, names in the CSV
+    if n > LABELLED_MAX_CLASSES:  # a bounded picture: class indices every few rows, names in CSV
         cell_in, step = LABELLED_MAX_CLASSES * 0.3 / n, int(np.ceil(n / 20))
         classes = [str(i) if i % step == 0 else "" for i in range(n)]
     label_in = _text_width_in(max(len(c) for c in classes), tick_fs)
@@ -214,17 +208,6 @@ def confusion_figure(
     return fig
 
 
-def save_confusion_matrix(
-    matrix: Sequence[Sequence[float]] | np.ndarray,
-    classes: list[str],
-    path: PathLike,
-    normalize: bool = False,
-    title: str = "Confusion matrix",
-) -> Path:
-    """Write `confusion_figure` to `path`."""
-    return save_figure(confusion_figure(matrix, classes, normalize, title), path)
-
-
 def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
     ax.imshow(np.asarray(image), interpolation="antialiased")
     ax.set(xticks=[], yticks=[])
@@ -235,8 +218,7 @@ def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs:
 def _draw_gallery_scores(
     ax: Axes, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
 ) -> None:
-    """Score bars: the predicted one in `color`, the true one outlined and bold; with many
-    classes only the top scores (the true class included)."""
+    """Predicted bar in `color`, the true one outlined; with many classes the top ones only."""
     pred_k = int(probs_k.argmax())
     order = np.arange(len(probs_k))
     if len(probs_k) > GALLERY_ALL_CLASSES_MAX:

@@ -100,8 +100,7 @@ def _panel(view: str, title: str, members: np.ndarray, shown: str, cap: int) -> 
 def _panels(
     p: Predictions, images: np.ndarray, paths: list[str], cap: int
 ) -> tuple[list[str], str]:
-    """(views, panels): the worst mistakes, then one per non-empty confusion-matrix cell, row by
-    row; each shows at most `cap` thumbnails, all together at most `MAX_THUMBNAILS`."""
+    """(views, panels): the worst mistakes, then one per non-empty cell, at most `cap` images."""
     wrong = p.y_pred != p.y_true
     groups = [(MISTAKES_VIEW, f"Worst mistakes ({int(wrong.sum())})", np.flatnonzero(wrong))]
     for i, j in zip(*np.nonzero(confusion(p)), strict=True):
@@ -119,8 +118,7 @@ def _panels(
 
 
 def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
-    """Rows true, columns predicted; a non-empty cell is the label of its view, an empty one an
-    empty `<td>` (CSS draws its 0), so that C x C cells cost little."""
+    """Rows true, columns predicted; an empty cell is an empty `<td>` (CSS draws its 0)."""
     top = max(int(matrix.max(initial=0)), 1)
     rows = []
     for i, name in enumerate(p.classes):

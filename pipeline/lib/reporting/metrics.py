@@ -167,8 +167,7 @@ def gallery_heading(y_true: np.ndarray, y_pred: np.ndarray, shown: np.ndarray) -
 
 
 def significance_text(result: McNemar, a: str = "base", b: str = "head") -> str:
-    """One sentence on `result`: discordant counts, p, and whether the accuracies differ
-    significantly at the 5 % level."""
+    """One sentence on `result`: discordant counts, p, significant at the 5 % level or not."""
     if not result.n:
         return "No test images in common: the two runs cannot be compared image by image."
     verdict = "differ significantly" if result.p_value < 0.05 else "do not differ significantly"

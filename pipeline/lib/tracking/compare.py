@@ -14,27 +14,22 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import mlflow
 import pandas as pd
 from mlflow.artifacts import download_artifacts
-from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+from mlflow.store.entities.paged_list import PagedList
+from mlflow.utils import get_results_from_paginated_fn
 from omegaconf import OmegaConf
-from sqlalchemy.engine import make_url
 
 from pipeline.lib.config.compose import load_params
-from pipeline.lib.config.schema import (
-    DEFAULT_EXPERIMENT,
-    DEFAULT_REGISTERED_MODEL,
-    ConfigError,
-    TrackingConfig,
-    validate,
-)
+from pipeline.lib.config.schema import ConfigError, TrackingConfig, validate
 from pipeline.lib.files import read_json
 from pipeline.lib.reporting.metrics import significance_text
 from pipeline.lib.reporting.photo_changes import (
@@ -45,7 +40,8 @@ from pipeline.lib.reporting.photo_changes import (
 )
 from pipeline.lib.tracking import store
 from pipeline.lib.tracking.lineage import TAG_PARENT
-from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri
+from pipeline.lib.tracking.store import TrackingError, check_reachable, resolve_uri, store_file
+from pipeline.lib.tracking.sweep import tracking_config
 
 DEFAULT_PARAMS = (
     "model.alpha",
@@ -60,7 +56,7 @@ METRICS = ("final_val_accuracy", "test_accuracy", "test_macro_f1")
 DEFAULT_SORT = "test_accuracy"
 FORMATS = ("markdown", "csv")
 SHORT_ID = 8
-_PAGE = 1000
+T = TypeVar("T")
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 
 
@@ -78,10 +74,7 @@ def project_tracking() -> TrackingConfig:
     after the data); the schema's (toy trucks) without the file. ConfigError when invalid."""
     path = store.project_root() / "params.yaml"
     if not path.is_file():
-        defaults = TrackingConfig(
-            experiment=DEFAULT_EXPERIMENT, registered_model=DEFAULT_REGISTERED_MODEL
-        )
-        return OmegaConf.structured(defaults)  # type: ignore[return-value]
+        return tracking_config(OmegaConf.create({"tracking": {}}))
     try:
         return validate(OmegaConf.create(load_params(path)[0])).tracking
     except ConfigError as exc:
@@ -101,11 +94,10 @@ def fill_from_params(args: argparse.Namespace) -> None:
 def check_store(tracking_uri: str) -> None:
     """Fail (creating nothing) when a local store does not exist; a dead server fails in seconds."""
     check_reachable(tracking_uri, timeout_s=10.0)  # servers only
-    if tracking_uri.startswith("sqlite:"):
-        database = make_url(tracking_uri).database
-        if database and database != ":memory:" and not Path(database).is_file():
+    if (database := store_file(tracking_uri)) is not None:
+        if not database.is_file():
             raise StoreError(
-                f"No MLflow store at {tracking_uri}: {Path(database).resolve()} does not exist. "
+                f"No MLflow store at {tracking_uri}: {database.resolve()} does not exist. "
                 "Run the pipeline first (`dvc repro`) or point --tracking-uri at an existing store."
             )
     elif "://" not in tracking_uri or tracking_uri.startswith("file:"):
@@ -141,7 +133,7 @@ def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_i
         return client.get_run(run_id).info.run_id
     except MlflowException:
         pass
-    runs = _search_all(client, experiment_ids)
+    runs = all_pages(client.search_runs, experiment_ids=experiment_ids)
     matches = [r.info.run_id for r in runs if r.info.run_id.startswith(run_id)]
     if len(matches) != 1:
         what = "ambiguous: " + ", ".join(matches) if matches else f"not in {client.tracking_uri}"
@@ -149,22 +141,13 @@ def resolve_run_id(client: mlflow.MlflowClient, experiment_ids: list[str], run_i
     return matches[0]
 
 
-def _search_all(
-    client: mlflow.MlflowClient,
-    ids: list[str],
-    where: str = "",
-    order_by: list[str] | None = None,
-    limit: int | None = None,
-) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while limit is None or len(runs) < limit:
-        size = _PAGE if limit is None else min(_PAGE, limit - len(runs))
-        page = client.search_runs(ids, where, max_results=size, order_by=order_by, page_token=token)
-        runs.extend(page)
-        if not (token := page.token):
-            break
-    return runs
+def all_pages(
+    search: Callable[..., PagedList[T]], limit: int | None = None, **query: Any
+) -> list[T]:
+    """Every result (at most `limit`) of an MlflowClient `search_*` method, page by page."""
+    return get_results_from_paginated_fn(
+        lambda size, token: search(max_results=size, page_token=token, **query), 1000, limit
+    )
 
 
 def runs_table(
@@ -190,7 +173,8 @@ def runs_table(
         raise ValueError(f"limit must be at least 1, not {limit}")
     metrics = list(METRICS) + ([sort] if sort and sort not in METRICS else [])
     rows = []
-    for run in _search_all(client, exp_ids, where, order_by, limit):
+    query = {"experiment_ids": exp_ids, "filter_string": where, "order_by": order_by}
+    for run in all_pages(client.search_runs, limit, **query):
         info, data = run.info, run.data
         ended = info.end_time and info.start_time
         rows.append(
@@ -215,8 +199,7 @@ def _cell(value: object, number_format: str | None) -> str:
 
 
 def render(df: pd.DataFrame, fmt: str = "markdown") -> str:
-    """The table as GitHub markdown (short run ids, metrics to 4 decimals, empty where missing)
-    or CSV (full run ids and precision, empty where missing)."""
+    """GitHub markdown (short run ids, metrics to 4 decimals) or CSV; empty where missing."""
     if fmt == "csv":
         return df.to_csv(index=False, na_rep="", lineterminator="\n")
     if fmt != "markdown":
@@ -232,8 +215,7 @@ def render(df: pd.DataFrame, fmt: str = "markdown") -> str:
 
 
 def run_predictions(client: mlflow.MlflowClient, experiment: str, given: str) -> tuple[str, str]:
-    """(run id, text of its `DEFAULT_PREDICTIONS`) of a run id or unique prefix. Raises
-    ValueError when the run has none."""
+    """(run id, its `DEFAULT_PREDICTIONS` text) of an id (prefix); ValueError if it has none."""
     run_id = resolve_run_id(client, [experiment_id(client, experiment)], given)
     with tempfile.TemporaryDirectory() as tmp:
         where = {"run_id": run_id, "dst_path": tmp, "tracking_uri": client.tracking_uri}
@@ -266,15 +248,13 @@ def predictions_at(given: str, args: argparse.Namespace) -> tuple[str, str]:
 
 def photo_changes(args: argparse.Namespace) -> str:
     """McNemar's test on the two runs of `--mcnemar`, or `--photos` (also written as CSV + HTML)."""
-    (name_a, text_a), (name_b, text_b) = (
-        predictions_at(g, args) for g in args.photos or args.mcnemar
-    )
+    pair = [predictions_at(given, args) for given in args.photos or args.mcnemar]
+    (name_a, text_a), (name_b, text_b) = pair
     diff = diff_predictions(text_a, text_b)
     result = significance_text(diff.mcnemar, name_a, name_b)
     if args.mcnemar:
         return result
     output = Path(args.output or "photo_changes.csv")
-    output.parent.mkdir(parents=True, exist_ok=True)
     report = Path("data/prepared/report.json")  # its root: the data folder, where paths start
     root = args.photos_root or Path(read_json(report)["root"] if report.is_file() else ".")
     page = write_outputs(diff, output, root, (name_a, name_b))
@@ -324,11 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         df = runs_table(
             client, args.experiment, args.parent, params, args.sort, args.ascending, args.limit
         )
-    except (TrackingError, ValueError) as exc:  # ConfigError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MlflowException as exc:
-        print(f"error: {args.tracking_uri}: {exc.message}", file=sys.stderr)
+    except (TrackingError, ValueError, MlflowException) as exc:  # ConfigError is a ValueError
+        shown = f"{args.tracking_uri}: {exc.message}" if isinstance(exc, MlflowException) else exc
+        print(f"error: {shown}", file=sys.stderr)
         return 2
     if df.empty:
         scope = f"child runs of {args.parent}" if args.parent else "runs"

@@ -1,17 +1,10 @@
-"""The MLflow model users load and serve (`ClassifierModel`): raw images in, a label out.
-
-Its artifacts are the model folder's files, loaded as the same `Classifier` (LiteRT backbone +
-head) that evaluate and `pipeline.predict` run; no TensorFlow. `predict` takes:
-
-- an array (N, H, W, 3) or (H, W, 3) of any real dtype, RGB 0..255 (NaN, infinite or out-of-range
-  values refused), resized as `prepare` resizes (the card's `resize`) when not at the input size;
-- encoded image files (JPEG, PNG, ...) as bytes or base64 text: a one-column DataFrame (what
-  `mlflow models serve` builds from `dataframe_split`), a list, a 1-D array or `{"inputs": [...]}`,
-  each decoded by `pipeline.lib.data.images.load_rgb` as `prepare` decodes.
-
-It returns one row per image: `label` (str; `unknown` where the reject rule refuses the photo),
-`probability` (float) and `scores` ({class: probability}). Bad input raises `MlflowException`
-(HTTP 400 when served). The `pipeline` package is logged with it (`code_paths`)."""
+"""The MLflow model users load and serve (`ClassifierModel`): the model folder's `Classifier`
+(LiteRT, no TensorFlow) on raw images. `predict` takes an array (N, H, W, 3) or (H, W, 3) of any
+real dtype, RGB 0..255 (resized as `prepare` resizes when not at the input size), or encoded image
+files as bytes or base64 text (a one-column DataFrame as `mlflow models serve` builds, a list, a 1-D
+array or `{"inputs": [...]}`), decoded as `prepare` decodes. It returns per image `label` (str;
+`unknown` where the reject rule refuses it), `probability` (float), `scores` ({class: probability});
+bad input raises `MlflowException` (HTTP 400 when served)."""
 
 from __future__ import annotations
 
@@ -142,9 +135,8 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):  # noqa: ANN001, ANN201
         """Load the `Classifier` from the logged artifacts."""
         a = context.artifacts
-        self.classifier = Classifier(
-            Head.load(a["head"]), ModelCard.load(a["card"]), Path(a["backbone"])
-        )
+        head, card = Head.load(a["head"]), ModelCard.load(a["card"])
+        self.classifier = Classifier(head, card, Path(a["backbone"]))
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         """Classify `model_input`: a DataFrame of label, probability and scores per image."""

@@ -5,9 +5,8 @@
     python -m pipeline.registry promote --metric final_val_accuracy --alias challenger
     python -m pipeline.registry list
 
-The model, store (and metric) default to the project's params.yaml (`tracking.registered_model`,
-as the stages resolve it); `mlflow.pyfunc.load_model("models:/<model>@champion")` serves it.
-"""
+The model and store default to params.yaml's `tracking` (as the stages resolve it);
+`mlflow.pyfunc.load_model("models:/<model>@champion")` serves the champion."""
 
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from pipeline.lib.tracking.compare import (
     FORMATS,
     FROM_PARAMS,
     StoreError,
+    all_pages,
     fill_from_params,
     open_client,
     render,
@@ -62,11 +62,13 @@ class Candidate:
         return (run.info.experiment_id, run.data.tags.get(DATA_TAG)) if run else ("", None)
 
 
-def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> list[Candidate]:
-    """Every version of a registered model (newest first), with its run and the run's `metric`;
-    StoreError naming the registered models there when there is no such model."""
-    try:
-        client.get_registered_model(model_name)
+def candidates(
+    client: mlflow.MlflowClient, model_name: str, metric: str
+) -> tuple[dict[str, str], list[Candidate]]:
+    """A registered model's aliases ({alias: version}) and every version (newest first) with its
+    run and the run's `metric`; StoreError naming the registered models there if none."""
+    try:  # search results carry no aliases (MLflow 3.17); the registered model has them all
+        aliases = client.get_registered_model(model_name).aliases
     except MlflowException:
         names = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
         raise StoreError(
@@ -74,14 +76,10 @@ def candidates(client: mlflow.MlflowClient, model_name: str, metric: str) -> lis
             f"models there: {names})."
         ) from None
     quoted = model_name.replace("'", "\\'")
-    query, versions, token = f"name = '{quoted}'", [], None
-    while token != "":
-        page = client.search_model_versions(query, max_results=1000, page_token=token)
-        versions.extend(page)
-        token = page.token or ""
+    versions = all_pages(client.search_model_versions, filter_string=f"name = '{quoted}'")
     runs = {v.run_id: _run_or_none(client, v.run_id) for v in versions}
     found = [Candidate(v, runs[v.run_id], metric) for v in versions]
-    return sorted(found, key=lambda c: c.number, reverse=True)
+    return aliases, sorted(found, key=lambda c: c.number, reverse=True)
 
 
 def _run_or_none(client: mlflow.MlflowClient, run_id: str | None) -> Run | None:
@@ -104,7 +102,7 @@ def promote(
     with `ascending`; ties: the alias' holder, else the newest) and return it. `same_data`: only
     versions of the newest one's experiment and data (`DATA_TAG`) compete. `echo` (None: silent)
     gets what was done and the alias' previous holder."""
-    every = candidates(client, model_name, metric)
+    aliases, every = candidates(client, model_name, metric)
     ready = [c for c in every if c.version.status == "READY"]
     scored = [c for c in ready if c.value is not None]
     if not scored:
@@ -116,10 +114,7 @@ def promote(
     if same_data:  # newest first
         scored = [c for c in scored if c.origin() == scored[0].origin()]
     left_out = competing - len(scored)
-    try:
-        previous: int | None = int(client.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        previous = None
+    previous = int(aliases[alias]) if alias in aliases else None
     sign = -1 if ascending else 1
     top = max(sign * (c.value or 0.0) for c in scored)
     tied = [c for c in scored if sign * (c.value or 0.0) == top]  # newest first
@@ -156,11 +151,10 @@ def versions_table(
     client: mlflow.MlflowClient, model_name: str, metric: str = DEFAULT_METRIC
 ) -> pd.DataFrame:
     """A registered model's versions (newest first): aliases, source run, its `metric` (or NaN)."""
-    found = candidates(client, model_name, metric)
-    # search results carry no aliases (MLflow 3.17); the registered model has them all
-    aliases = client.get_registered_model(model_name).aliases.items()
+    aliases, found = candidates(client, model_name, metric)
     rows = [
-        [c.number, ",".join(sorted(a for a, v in aliases if int(v) == c.number)), c.version.status]
+        [c.number, ",".join(sorted(a for a, v in aliases.items() if int(v) == c.number))]
+        + [c.version.status]
         + [c.run.info.run_name if c.run else None, c.version.run_id]
         + [math.nan if c.value is None else c.value]
         + [pd.Timestamp(c.version.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M:%S")]
@@ -202,10 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             promote(client, args.model, args.metric, args.alias, ascending, same_data=not any_data)
         else:
             sys.stdout.write(render(versions_table(client, args.model, args.metric), args.format))
-    except (TrackingError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MlflowException as exc:
-        print(f"error: {args.tracking_uri}: {exc.message}", file=sys.stderr)
+    except (TrackingError, ConfigError, MlflowException) as exc:
+        shown = f"{args.tracking_uri}: {exc.message}" if isinstance(exc, MlflowException) else exc
+        print(f"error: {shown}", file=sys.stderr)
         return 2
     return 0

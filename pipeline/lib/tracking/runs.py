@@ -33,14 +33,13 @@ from pipeline.lib.tracking import lineage
 from pipeline.lib.tracking.pyfunc_model import ARTIFACTS, ClassifierModel
 from pipeline.lib.tracking.store import (
     TrackingError,
-    apply_http_settings,
     as_tracking_error,
     check_reachable,
     open_store,
 )
 from pipeline.lib.tracking.sweep import sweep_job
 
-__all__ = ["TrackingError", "active_run", "apply_http_settings", "check_reachable", "stage_run"]
+__all__ = ["TrackingError", "active_run", "check_reachable", "stage_run"]
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
@@ -56,8 +55,7 @@ MODEL_INPUT = (
 
 
 def _end_run(status: str) -> str:
-    """End the active run (if any) with `status`; '' or why it could not be (then the next step
-    on this store ends it: `lineage.end_dead_runs`)."""
+    """End the active run (if any) with `status`; '' or why it could not be."""
     if (run := mlflow.active_run()) is None:
         return ""
     try:
@@ -70,8 +68,7 @@ def _end_run(status: str) -> str:
 
 @contextmanager
 def _run_ends_on_error(tracking: TrackingConfig, what: str) -> Iterator[None]:
-    """An error inside ends the active run KILLED (an interrupt) or FAILED; a store failure
-    while `what` becomes a one-line `TrackingError`."""
+    """An error ends the run KILLED or FAILED; a store failure becomes a `TrackingError`."""
     try:
         yield
     except KeyboardInterrupt:
@@ -140,11 +137,9 @@ def stage_run(
     recovery = None
     run_tags: dict[str, str] = {}  # a reopened run keeps its own tags
     if stage == "train":
-        parent_id, job_name = sweep_job()
+        parent, job_name = sweep_job()
         name = cfg.tracking.run_name or job_name or lineage.run_name(cfg)
-        run_tags = lineage.run_tags(cfg, stage) | (
-            {lineage.TAG_PARENT: parent_id} if parent_id else {}
-        )
+        run_tags = lineage.run_tags(cfg, stage) | ({lineage.TAG_PARENT: parent} if parent else {})
         run_id = None
         if checkpoint is not None:
             run_tags[lineage.TAG_CHECKPOINT] = Path(checkpoint).name
@@ -168,8 +163,7 @@ def stage_run(
 
 
 def log_recovered(cfg: Config) -> None:
-    """Into a recovered run: the config, and train's metrics from `<paths.reports>/
-    train_metrics.json` (restored by DVC with `models/`)."""
+    """Into a recovered run: the config and train's metrics (`paths.reports`, restored by DVC)."""
     log_config(cfg)
     train_metrics = Path(cfg.paths.reports) / "train_metrics.json"
     try:
@@ -181,8 +175,7 @@ def log_recovered(cfg: Config) -> None:
 
 
 def final_metrics(train_metrics: dict) -> dict[str, float]:
-    """MLflow's `final_loss`, `final_accuracy`, `final_val_loss`, `final_val_accuracy` of a
-    `train_metrics.json` dict (None values left out)."""
+    """`final_[val_]loss`/`accuracy` of a `train_metrics.json` dict (None values left out)."""
     return {
         f"final_{'val_' if split == 'val' else ''}{k}": float(v)
         for split in ("train", "val")
@@ -205,9 +198,8 @@ def register_model(
     query = f"name = '{quoted}' and "
     if client.search_model_versions(query + f"run_id = '{run_id}'"):
         return None
-    if md5 and (
-        same := client.search_model_versions(query + f"tags.`{lineage.TAG_MODEL_MD5}` = '{md5}'")
-    ):
+    same_bytes = f"tags.`{lineage.TAG_MODEL_MD5}` = '{md5}'"
+    if md5 and (same := client.search_model_versions(query + same_bytes)):
         version, other = same[0].version, same[0].run_id
         log.info(
             "Same model bytes as %s version %s (run %s): not registered again", name, version, other
@@ -261,20 +253,15 @@ def log_batch(
     params: dict[str, str] | None = None,
     tags: dict[str, str] | None = None,
 ) -> None:
-    """One `log_batch` into the active run (MLflow splits it at its per-request limits): curves
-    (`loss`, ...; at the history's `step`, else 1, 2, ...), Keras' per-batch metrics
-    (`batch_loss`, ...; step = global batch number), `metrics` (step 0), `params`, `tags`."""
+    """One `log_batch` into the active run: curves (at the history's `step`, else 1, 2, ...),
+    per-batch ones as `batch_<name>` (at the batches' `step`), `metrics` (step 0), params, tags."""
     history, batches, now = history or {}, batches or {}, int(time.time() * 1000)
     at = history.get("step") or range(1, 1 + max(map(len, history.values()), default=0))
-    steps = batches.get("step", [])
+    batch_at = batches.get("step", [])
     rows = [
-        Metric(name, float(v), now, int(i))
-        for name, values in history.items()
-        if name not in ("step", "epoch")
-        for i, v in zip(at, values, strict=False)
-    ] + [
-        Metric(f"batch_{name}", float(v), now, int(step))
-        for name, values in batches.items()
+        Metric(prefix + name, float(v), now, int(step))
+        for prefix, series, steps in (("", history, at), ("batch_", batches, batch_at))
+        for name, values in series.items()
         if name not in ("step", "epoch")
         for step, v in zip(steps, values, strict=False)
     ]
@@ -291,9 +278,7 @@ def log_batch(
 def log_dataset(manifest_csv: Path, digest: str, name: str, source: str) -> None:
     """The prepared dataset as an MLflow input (context `training`), its DVC hash as digest."""
     frame = pd.read_csv(manifest_csv)
-    dataset = mlflow.data.from_pandas(
-        frame, source=source, name=name, targets="label", digest=digest
-    )
+    dataset = mlflow.data.from_pandas(frame, source, targets="label", name=name, digest=digest)
     mlflow.log_input(dataset, context="training")
 
 
@@ -316,27 +301,24 @@ def log_model(models: str | os.PathLike[str], name: str = "model") -> str:
 
     # the class is pickled by reference to the module code_paths carry: MLflow's CloudPickle
     # notice does not apply, nor its warning about the deliberately missing input example
-    def notice(record: logging.LogRecord) -> bool:
-        return "serialized using CloudPickle" not in record.getMessage()
-
-    pyfunc_log = logging.getLogger("mlflow.pyfunc")
-    pyfunc_log.addFilter(notice)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*An input example was not provided")
-            info = mlflow.pyfunc.log_model(
-                name=name,
-                python_model=ClassifierModel(),
-                artifacts={key: str(folder / file) for key, file in ARTIFACTS.items()},
-                code_paths=[str(Path(__file__).resolve().parents[2])],  # the pipeline package
-                signature=ModelSignature(inputs=None, outputs=outputs),
-                pip_requirements=model_requirements(),  # stated: inferring re-imports the model
-                metadata={"input": MODEL_INPUT, "classes": card.classes}
-                | {"image_size": card.image_size, "resize": card.resize},
-            )
-    finally:
-        pyfunc_log.removeFilter(notice)
+    logging.getLogger("mlflow.pyfunc").addFilter(_not_cloudpickle_notice)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=ClassifierModel(),
+            artifacts={key: str(folder / file) for key, file in ARTIFACTS.items()},
+            code_paths=[str(Path(__file__).resolve().parents[2])],  # the pipeline package
+            signature=ModelSignature(inputs=None, outputs=outputs),
+            pip_requirements=model_requirements(),  # stated: inferring re-imports the model
+            metadata={"input": MODEL_INPUT, "classes": card.classes}
+            | {"image_size": card.image_size, "resize": card.resize},
+        )
     return info.model_uri
+
+
+def _not_cloudpickle_notice(record: logging.LogRecord) -> bool:
+    return "serialized using CloudPickle" not in record.getMessage()
 
 
 def model_requirements() -> list[str]:

@@ -55,8 +55,7 @@ def tracking_config(config: DictConfig) -> TrackingConfig:
 
 
 def best_run(runs: list[Run], metric: str, maximize: bool = True) -> Run | None:
-    """The run with the best `metric` (all have it); ties: the lowest `VAL_LOSS` (missing: last),
-    then the first. None for no runs."""
+    """The best run by `metric` (all have it), ties by lowest `VAL_LOSS`, then first; or None."""
     sign = 1 if maximize else -1
     return max(
         runs,
