@@ -11,6 +11,8 @@ only the pairs whose bound passes the threshold are computed exactly on the full
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,6 +163,12 @@ def _thumbnails(bases: np.ndarray, boxes: list) -> np.ndarray:
     return t.astype(np.float32)
 
 
+def _base(image: np.ndarray) -> bytes:
+    """The BASE x BASE grayscale of a uint8 (H, W, 3) photo, area-averaged (exact: uint8)."""
+    gray = Image.fromarray(image).convert("L")
+    return gray.resize((BASE, BASE), Image.Resampling.BOX).tobytes()
+
+
 def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) -> np.ndarray:
     """float32: for each pair (i, j) of `images` (uint8 (N, H, W, 3), indexable by an index
     array; only the photos in pairs are read), the best correlation of one photo's thumbnail
@@ -168,22 +176,25 @@ def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) 
     if not len(i):  # no candidate pair: nothing to read
         return np.zeros(0, np.float32)
     photos, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
-    bases = np.empty((len(photos), BASE, BASE), np.uint8)  # exact: PIL's resize is uint8
-    for n in range(0, len(photos), batch):
-        bases[n : n + batch] = [
-            Image.fromarray(image).convert("L").resize((BASE, BASE), Image.Resampling.BOX)
-            for image in images[photos[n : n + batch]]
-        ]
     ends = inverse[: len(i)], inverse[len(i) :]
     best = np.full(len(i), -1.0, np.float32)
-    for n in range(0, len(photos), batch):  # crops of a batch of photos against their partners
-        crops = _thumbnails(bases[n : n + batch], _BOXES)
-        for mine, other in (ends, ends[::-1]):
-            pairs = np.nonzero((mine >= n) & (mine < n + batch))[0]
-            for at in (pairs[q : q + 256] for q in range(0, len(pairs), 256)):  # bounded memory
-                whole = _thumbnails(bases[other[at]], _BOXES[:1])[:, 0]
-                score = np.einsum("pbd,pd->pb", crops[mine[at] - n], whole).max(axis=1)
-                best[at] = np.maximum(best[at], score)
+    with tempfile.TemporaryFile() as store:  # the uint8 bases on disk: memory flat in N
+
+        def bases(rows: range | np.ndarray) -> np.ndarray:
+            read = [os.pread(store.fileno(), BASE * BASE, int(r) * BASE * BASE) for r in rows]
+            return np.frombuffer(b"".join(read), np.uint8).reshape(-1, BASE, BASE)
+
+        for n in range(0, len(photos), batch):
+            store.write(b"".join(_base(image) for image in images[photos[n : n + batch]]))
+        store.flush()
+        for n in range(0, len(photos), batch):  # crops of a batch of photos against their partners
+            crops = _thumbnails(bases(range(n, min(n + batch, len(photos)))), _BOXES)
+            for mine, other in (ends, ends[::-1]):
+                pairs = np.nonzero((mine >= n) & (mine < n + batch))[0]
+                for at in (pairs[q : q + 256] for q in range(0, len(pairs), 256)):
+                    whole = _thumbnails(bases(other[at]), _BOXES[:1])[:, 0]
+                    score = np.einsum("pbd,pd->pb", crops[mine[at] - n], whole).max(axis=1)
+                    best[at] = np.maximum(best[at], score)
     return best
 
 
