@@ -74,16 +74,17 @@ class FeatureStore:
         the file is damaged beyond its entries (set aside as `<name>.damaged`, a fresh one started)."""
         found, bad = {}, []
         try:
-            for sha in dict.fromkeys(shas):
-                row = self.db.execute("SELECT crc, x FROM f WHERE sha = ?", (sha,)).fetchone()
-                if row is None:
-                    continue
-                crc, blob = row
-                x = np.frombuffer(blob, "f4") if len(blob) == 4 * self.dim else None
-                if x is not None and zlib.crc32(blob) == crc and np.isfinite(x).all():
-                    found[sha] = x
-                else:
-                    bad.append(sha)
+            wanted = list(dict.fromkeys(shas))
+            for q in range(0, len(wanted), 500):  # one query per 500 (SQLite's variable limit)
+                part = wanted[q : q + 500]
+                marks = ",".join("?" * len(part))  # placeholders only: the values are bound
+                query = f"SELECT sha, crc, x FROM f WHERE sha IN ({marks})"  # noqa: S608
+                for sha, crc, blob in self.db.execute(query, part):
+                    x = np.frombuffer(blob, "f4") if len(blob) == 4 * self.dim else None
+                    if x is not None and zlib.crc32(blob) == crc and np.isfinite(x).all():
+                        found[sha] = x
+                    else:
+                        bad.append(sha)
             if bad:
                 log.warning(
                     "Feature store %s: %d damaged entries, recomputing them", self.path, len(bad)
