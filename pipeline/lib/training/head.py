@@ -238,6 +238,7 @@ def cache_dir() -> Path:
     return cache_root() / "head"
 
 
+@threadpool_limits.wrap(limits=1)  # see the module docstring
 def choose_c(
     x: np.ndarray, y: np.ndarray, num_classes: int, seed: int, **fit_args: object
 ) -> tuple[float, dict[str, object]]:
