@@ -62,9 +62,7 @@ class Head:
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float64 (N, C) of float (N, D) features."""
-        return dot64(np.asarray(features), self.kernel.astype(np.float64)) + self.bias.astype(
-            np.float64
-        )
+        return dot64(np.asarray(features), self.kernel.astype(np.float64)) + self.bias
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """float64 (N, C), rows summing to 1, of float (N, D) features."""
