@@ -7,7 +7,7 @@ LogisticRegressionCV on the same cached features.
 
 Datasets: `default` (the synthetic toy trucks), `flowers12` (../shared/data/flowers12 through
 `data=folder`, `data.leakage=warn`: one photo is in both training/ and validation/) and
-`flowers12-5` (a folder of symbolic links in the work folder: `PER_CLASS` training photos per
+`flowers12-5` (a copy in the work folder: `PER_CLASS` training photos per
 class, chosen with a fixed seed, and flowers12's validation/ and test/ as they are). Each is
 prepared and featurized once by the pipeline's own steps into the work folder (a fresh temporary
 one unless --work; nothing is written into the repository or the data folder). Then, on those
@@ -130,19 +130,18 @@ def quiet() -> Iterator[None]:
 
 
 def few_shot_folder(source: Path, target: Path) -> Path:
-    """`target` as `source` with `PER_CLASS` training photos per class (symbolic links, seeded
-    choice); its other split folders are links to `source`'s."""
+    """`target` as a copy of `source` with `PER_CLASS` training photos per class (seeded choice).
+    Copies, not links: prepare skips links that lead out of the photo folder."""
     rng = np.random.default_rng(SUBSET_SEED)
     for split in sorted(p for p in source.iterdir() if not is_ignored(p.name)):
         if SPLIT_ALIASES.get(split.name.lower()) != "train":
-            (target / split.name).parent.mkdir(parents=True, exist_ok=True)
-            (target / split.name).symlink_to(split.resolve(), target_is_directory=True)
+            shutil.copytree(split, target / split.name)
             continue
         for folder in sorted(p for p in split.iterdir() if p.is_dir() and not is_ignored(p.name)):
             photos = sorted(p for p in folder.iterdir() if p.is_file() and not is_ignored(p.name))
             (target / split.name / folder.name).mkdir(parents=True)
             for i in sorted(rng.choice(len(photos), min(PER_CLASS, len(photos)), replace=False)):
-                (target / split.name / folder.name / photos[i].name).symlink_to(photos[i].resolve())
+                shutil.copy2(photos[i], target / split.name / folder.name / photos[i].name)
     return target
 
 
