@@ -197,3 +197,15 @@ def test_a_cut_short_test_run_names_its_failures_and_leaves_nothing_running(tmp_
     summary = out[out.index("short test summary info") :]
     assert "FAILED tests/test_toy.py::test_fails" in summary and "1 failed, 1 passed" in summary
     assert len(_sleepers()) == before, out
+
+
+def test_the_readme_answers_the_push_hint_dvc_prints_itself():
+    """DVC's `repro` ends with a `dvc push` hint even with no remote (it writes it whenever a stage
+    ran; no setting turns it off): the README's troubleshooting row quotes it as DVC writes it."""
+    import inspect
+
+    from dvc.commands.repro import CmdRepro
+
+    hint = "Use `dvc push` to send your updates to remote storage."
+    assert hint in inspect.getsource(CmdRepro.run)
+    assert f"``{hint}`` at the end of `dvc repro`" in (ROOT / "README.md").read_text()
