@@ -54,11 +54,15 @@ def test_temperature_folded_into_the_head_is_exact():
     )
 
 
-def test_calibrate_keeps_t_1_when_validation_has_no_mistake():
+def test_calibrate_keeps_t_1_when_validation_has_no_mistake(caplog):
     probs = np.array([[0.9, 0.1], [0.2, 0.8]])
-    info = calibrate(probs, np.array([0, 1]))
+    with caplog.at_level("INFO", logger="pipeline.lib.training.calibration"):
+        info = calibrate(probs, np.array([0, 1]))
     assert info["temperature"] == 1.0
     assert info["val_nll_before"] == info["val_nll_after"]
+    # one console line says T and why (issue 25: "T = 1" was said twice)
+    (line,) = [r.getMessage() for r in caplog.records if "Temperature" in r.getMessage()]
+    assert "T = 1 on 2 validation images" in line and "no validation mistake" in line
 
 
 def test_calibrate_softens_an_over_confident_model():

@@ -149,8 +149,9 @@ def test_hangs():
 """
 
 
-def _toy_run(tmp_path, name: str, timeout_s: str, *prefix: str) -> tuple[int, str]:
-    """This suite's conftest.py with three toy tests, run as `make test` runs (pytest-xdist)."""
+def _toy_run(tmp_path, name: str, timeout_s: str, *prefix: str) -> tuple[int, str, str]:
+    """This suite's conftest.py with three toy tests, run as `make test` runs (pytest-xdist):
+    (exit status, stdout + stderr, stderr)."""
     suite = tmp_path / name / "tests"
     suite.mkdir(parents=True)
     shutil.copy(ROOT / "tests" / "conftest.py", suite)
@@ -161,7 +162,7 @@ def _toy_run(tmp_path, name: str, timeout_s: str, *prefix: str) -> tuple[int, st
     proc = subprocess.run(
         cmd, cwd=suite.parent, env=env, capture_output=True, text=True, timeout=180
     )
-    return proc.returncode, proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout + proc.stderr, proc.stderr
 
 
 def _sleepers() -> list[str]:
@@ -182,15 +183,29 @@ def test_a_cut_short_test_run_names_its_failures_and_leaves_nothing_running(tmp_
     test fails as timed out (the run ends with its summary), SIGTERM (`timeout`) still prints the
     summary, and a detached process a test started is ended with the session."""
     before = len(_sleepers())
-    rc, out = _toy_run(tmp_path, "timed", "3")
+    rc, out, err = _toy_run(tmp_path, "timed", "3")
     assert rc == 1, out
-    assert "FAILED tests/test_toy.py::test_fails - AssertionError: one is not two" in out
+    # named on stderr when it fails (pytest's own summary is on stdout, at the end)
+    assert "FAILED tests/test_toy.py::test_fails - AssertionError: one is not two" in err
     assert "test_hangs - Failed: timed out" in out  # the summary line may be cut at 80 columns
     assert "short test summary info" in out and "2 failed, 1 passed" in out
     assert len(_sleepers()) == before, out
 
-    rc, out = _toy_run(tmp_path, "terminated", "0", "timeout", "20")
+    rc, out, err = _toy_run(tmp_path, "terminated", "0", "timeout", "20")
+    assert "FAILED tests/test_toy.py::test_fails" in err, out
     assert rc == 124, out  # ended by `timeout`'s SIGTERM
     summary = out[out.index("short test summary info") :]
     assert "FAILED tests/test_toy.py::test_fails" in summary and "1 failed, 1 passed" in summary
     assert len(_sleepers()) == before, out
+
+
+def test_the_readme_answers_the_push_hint_dvc_prints_itself():
+    """DVC's `repro` ends with a `dvc push` hint even with no remote (it writes it whenever a stage
+    ran; no setting turns it off): the README's troubleshooting row quotes it as DVC writes it."""
+    import inspect
+
+    from dvc.commands.repro import CmdRepro
+
+    hint = "Use `dvc push` to send your updates to remote storage."
+    assert hint in inspect.getsource(CmdRepro.run)
+    assert f"``{hint}`` at the end of `dvc repro`" in (ROOT / "README.md").read_text()

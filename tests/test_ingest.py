@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -626,6 +628,16 @@ def test_progress_bar_on_stderr(tmp_path, capsys):
     ingest(root, cfg(), out)
     captured = capsys.readouterr()
     assert "img/s" in captured.err and captured.out == ""
+
+
+def test_the_bar_redraws_every_30_s_off_a_terminal():
+    """Off a terminal (a CI log, `dvc repro > log`) the console's 30 s redraw interval holds for
+    prepare's bar too: an explicit 0.5 s interval wrote a bar twice a second into logs."""
+    code = "import pipeline, tqdm; from pipeline.lib.data import ingest as m;"
+    code += "print(tqdm.tqdm(total=1, **m._BAR).mininterval)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "PIPELINE_VERBOSE"))}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert float(run.stdout) == 30, run.stderr
 
 
 def test_same_result_with_one_or_many_workers(tmp_path):

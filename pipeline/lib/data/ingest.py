@@ -43,7 +43,7 @@ MAX_LISTED = 20
 SMALL_CLASS = 5
 #: The side prepare decodes to, to check a file (featurize decodes at `data.image_size`).
 CHECK_SIZE = 16
-_BAR = dict(unit="img", desc="prepare: checking images", mininterval=0.5, dynamic_ncols=True)
+_BAR = dict(unit="img", desc="prepare: checking images", dynamic_ncols=True)
 _SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
 #: A checked file: candidate, (size in bytes, sha256, None) or (0, None, reason), decoder notes.
 _Checked = tuple[Candidate, int, str | None, str | None, list[str]]

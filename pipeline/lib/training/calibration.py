@@ -47,13 +47,10 @@ def calibrate(val_probs: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
     (N,); return {"temperature", "val_nll_before", "val_nll_after"} (nats per image). The caller
     folds T into its head (`Head.scaled`)."""
     logits = log_probabilities(val_probs)
-    if (logits.argmax(axis=1) == np.asarray(y_val)).all():
-        # no validation mistake: the NLL falls as T -> 0, so T has no finite optimum; a T < 1
-        # would make every future mistake near-certain. Keep the model's own probabilities.
-        log.info("Temperature scaling: no validation mistake, T is not identifiable: T = 1")
-        temperature = 1.0
-    else:
-        temperature = fit_temperature(logits, y_val)
+    # no validation mistake: the NLL falls as T -> 0, so T has no finite optimum; a T < 1 would
+    # make every future mistake near-certain. Keep the model's own probabilities.
+    no_mistake = bool((logits.argmax(axis=1) == np.asarray(y_val)).all())
+    temperature = 1.0 if no_mistake else fit_temperature(logits, y_val)
     before, after = nll(logits, y_val), nll(logits, y_val, temperature)
     if abs(np.log(temperature)) >= LOG_T_BOUND - 1e-3:
         log.warning(
@@ -63,7 +60,8 @@ def calibrate(val_probs: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
             *(temperature, LOG_T_BOUND, LOG_T_BOUND),
         )
     log.info(
-        "Temperature scaling: T = %.4g on %d validation images (NLL %.4f -> %.4f)",
+        "Temperature scaling: T = %.4g on %d validation images (NLL %.4f -> %.4f)%s",
         *(temperature, len(y_val), before, after),
+        " (no validation mistake: T is not identifiable, kept at 1)" if no_mistake else "",
     )
     return {"temperature": temperature, "val_nll_before": before, "val_nll_after": after}
