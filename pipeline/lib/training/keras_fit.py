@@ -40,12 +40,6 @@ from pipeline.lib.training.head import class_weights
 log = logging.getLogger(__name__)
 
 
-def set_seeds(seed: int) -> None:
-    """Seed Python, NumPy and Keras/TensorFlow; turn on TensorFlow's op determinism."""
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-
-
 def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     """`train.checkpoint_dir/train-<digest>`, keyed by what determines the run (settings but
     resume / checkpoint_dir, data, model folder): a resume finds only its own."""
@@ -80,14 +74,15 @@ def build_networks(
     the head (`l2`: its kernel's penalty) and the augmentation layers; only the head when
     `feature_dim` is given (no MobileNetV2 built)."""
     t, m = cfg.train, cfg.model
-    if feature_dim is not None:
-        set_seeds(t.seed)
-        head = build.build_head(feature_dim, num_classes, m.dropout, m.head_init, l2)
+    extractor = None
+    if feature_dim is None:
+        extractor = build.build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
+        feature_dim = int(extractor.output.shape[-1])
+    keras.utils.set_random_seed(t.seed)  # Python, NumPy, TensorFlow
+    tf.config.experimental.enable_op_determinism()
+    head = build.build_head(feature_dim, num_classes, m.dropout, m.head_init, l2)
+    if extractor is None:
         return Networks(None, head, head, head)
-    extractor = build.build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
-    set_seeds(t.seed)
-    dim = int(extractor.output.shape[-1])
-    head = build.build_head(dim, num_classes, m.dropout, m.head_init, l2)
     full = build.compose(extractor, head)
     augmentation = build.build_augmentation(t.augment, t.seed) if t.augment.enabled else None
     image_net = full if augmentation is None else build.compose(extractor, head, augmentation)
