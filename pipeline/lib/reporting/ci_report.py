@@ -98,18 +98,15 @@ def _dvc(repo: Path, *args: str) -> tuple[str, list[str]]:
     return proc.stdout, [s.strip() for s in proc.stderr.splitlines() if s.startswith(prefixes)]
 
 
-def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True)
-
-
 def resolve_revision(repo: Path, rev: str) -> str:
     """The short SHA of `rev` (any git revision); WORKSPACE stays 'workspace'."""
     if rev == WORKSPACE:
         return WORKSPACE
-    short = _git(repo, "rev-parse", "--verify", "--quiet", "--short", f"{rev}^{{commit}}")
+    git = ["git", "rev-parse", "--verify", "--quiet", "--short", f"{rev}^{{commit}}"]
+    short = subprocess.run(git, cwd=repo, capture_output=True, text=True)
     if short.returncode == 0 and short.stdout.strip():
-        return short.stdout.decode().strip()
-    inside = _git(repo, "rev-parse", "--git-dir")
+        return short.stdout.strip()
+    inside = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=repo, capture_output=True)
     if inside.returncode != 0:
         raise CIReportError(f"{repo} is not a git repository: {inside.stderr.decode().strip()}")
     raise CIReportError(
@@ -122,8 +119,7 @@ def dvc_diff(repo: Path, kind: str, base: str, head: str, warnings: list[str]) -
     """`dvc metrics diff --all` (every metric) or `dvc params diff` (the changed params); dvc's
     warnings (files it could not read) are appended to `warnings`."""
     revs = [base] if head == WORKSPACE else [base, head]
-    extra = ["--all"] if kind == "metrics" else []
-    out, warned = _dvc(repo, kind, "diff", *revs, "--json", *extra)
+    out, warned = _dvc(repo, kind, "diff", *revs, "--json", *(["--all"] * (kind == "metrics")))
     warnings.extend(w for w in warned if w not in warnings)
     try:
         diff = json.loads(out or "{}")
