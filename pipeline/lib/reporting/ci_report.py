@@ -37,10 +37,8 @@ from pipeline.lib.reporting.photo_changes import (
 
 DEFAULT_METRIC = "test.accuracy"
 METRICS_FILE = "reports/metrics.json"
-#: above this many classes the confusion matrix is not written out as a Markdown table
-TEXT_MATRIX_MAX_CLASSES = 12
-#: two metric values this close are "unchanged": what another machine may differ by
-TOLERANCE = REPRODUCED_WITHIN
+TEXT_MATRIX_MAX_CLASSES = 12  # above: no Markdown table of the confusion matrix
+TOLERANCE = REPRODUCED_WITHIN  # metric values this close are "unchanged"
 
 #: counts[i][j] = images of true class i predicted as class j, and the class names in order
 Confusion = tuple[list[list[int]], list[str]]
@@ -133,8 +131,8 @@ def dvc_diff(repo: Path, kind: str, base: str, head: str, warnings: list[str]) -
 
 
 def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = None) -> Confusion:
-    """The confusion matrix of a predictions.csv text, in the order `classes` (others appended,
-    sorted). CIReportError when it lacks the column `actual` or `predicted`."""
+    """The confusion matrix of a predictions.csv text, classes in the order `classes`, others
+    appended sorted. CIReportError: no column `actual` or `predicted`."""
     reader = csv.DictReader(io.StringIO(csv_text))
     missing = {"actual", "predicted"} - set(reader.fieldnames or [])
     if missing:
@@ -152,7 +150,6 @@ def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = No
 
 
 def confusion_table(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
-    """Markdown table: one row per true class, one column per predicted class."""
     rows = [
         " | ".join(
             [_md(name), *(f"**{v}**" if i == j and v else str(v) for j, v in enumerate(row))]
@@ -260,7 +257,6 @@ def render_metrics(rows: Sequence[Change], metric: str = DEFAULT_METRIC) -> str:
 
 
 def render_params(rows: Sequence[Change]) -> str:
-    """The changed params as a Markdown table: param, base, head."""
     if not rows:
         return "_No params changed._"
     several = len({r.file for r in rows}) > 1
@@ -304,7 +300,6 @@ class Report:
 
 
 def render_confusion(side: Side, label: str) -> str:
-    """One side's test confusion matrix as a Markdown section (or the note why there is none)."""
     heading = f"#### {label}: {side.title}\n\n"
     if side.confusion is None:
         return f"{heading}_{side.note or 'No predictions.'}_"
@@ -321,7 +316,6 @@ def render_confusion(side: Side, label: str) -> str:
 
 
 def render_report(report: Report) -> str:
-    """The whole Markdown report."""
     base, head = report.base, report.head
     head_named = head.named if head.short != WORKSPACE else " (the pipeline's current outputs)"
     sections = [
