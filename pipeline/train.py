@@ -206,7 +206,7 @@ def _metrics(head: Head, x: dict, y: dict, info: dict, reject: RejectConfig, par
         "reject": None if rule is None else asdict(rule),
         "train": _scores(head, x["train"], y["train"]),
         "val": _scores(head, x["val"], y["val"]),
-        "params": {k: int(params[k]) for k in ("trainable", "non_trainable", "total")},
+        "params": params,
         "head": info,
     }
 

@@ -12,10 +12,9 @@ from typing import Any
 
 from pipeline.lib.errors import UserError
 
-#: The file Keras downloads for `weights="imagenet"`, per alpha and size (no top).
+#: Keras' ImageNet weights file (no top) per alpha and size.
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5"
-#: The sizes Keras has ImageNet weights for; any other size loads the 224 px file, as Keras does.
-IMAGENET_SIZES = (96, 128, 160, 192, 224)
+IMAGENET_SIZES = (96, 128, 160, 192, 224)  # Keras loads the 224 px file for any other size
 
 BACKBONE_NAME = "backbone"
 HEAD_NAME = "classifier"

@@ -27,19 +27,15 @@ from pipeline.lib.model.tflite import TFLiteRunner
 
 log = logging.getLogger(__name__)
 
-#: The DVC metrics file (headline numbers) and the full record (a plain output), in paths.reports.
-METRICS_FILE = "export_metrics.json"
-DETAILS_FILE = "export_details.json"
-#: Latencies and the machine's thread count, beside `paths.run_file` (not a DVC output).
-LATENCY_FILE = "export_latency.json"
-#: What `paths.exports` holds when `export.formats` is empty (the default).
-NOTHING_EXPORTED = "NOTHING_EXPORTED.txt"
+METRICS_FILE = "export_metrics.json"  # in paths.reports: DVC metrics (`HEADLINE_KEYS`)
+DETAILS_FILE = "export_details.json"  # in paths.reports: the full record but the timings
+LATENCY_FILE = "export_latency.json"  # beside `paths.run_file` (not a DVC output): the timings
+NOTHING_EXPORTED = "NOTHING_EXPORTED.txt"  # `paths.exports` when `export.formats` is empty
 NOTHING_EXPORTED_TEXT = (
     "export.formats is empty (the default): no model was exported.\n"
     "Opt in: dvc exp run -S 'export.formats=[keras,float32,int8]'  (README: Export)\n"
 )
 
-#: The keys of each model's record that `headline_metrics` keeps (`dvc metrics show`).
 HEADLINE_KEYS = ("agreement", "accuracy", "size_mib")
 
 

@@ -12,8 +12,7 @@ from scipy.special import log_softmax
 
 log = logging.getLogger(__name__)
 
-#: log T is searched in [-LOG_T_BOUND, LOG_T_BOUND] (T in about [0.007, 148]).
-LOG_T_BOUND = 5.0
+LOG_T_BOUND = 5.0  # log T in [-5, 5]: T in about [0.007, 148]
 
 
 def log_probabilities(probs: np.ndarray) -> np.ndarray:

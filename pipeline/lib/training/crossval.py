@@ -62,9 +62,8 @@ def summarize(folds: list[dict[str, Any]], correct: int, n: int) -> dict[str, An
 
 
 def crossval(cfg: Any) -> dict[str, Any]:
-    """Run the k-fold cross-validation and log it to MLflow; return `summarize`'s dict plus
-    "per_fold" (each fold's headline metrics). Raises CrossvalError: no cached features of the
-    prepared data; StageInputError: the prepared data is missing or of other settings."""
+    """Cross-validate, logged to MLflow; `summarize`'s dict + "per_fold" headline metrics.
+    Raises CrossvalError (no cached features) or StageInputError (no usable prepared data)."""
     if solver(cfg) != "lbfgs":
         raise ConfigError(
             "pipeline.crossval fits the default head (train.solver=lbfgs) on the cached "

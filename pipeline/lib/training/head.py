@@ -40,17 +40,12 @@ from pipeline.lib.training.calibration import calibrate
 
 log = logging.getLogger(__name__)
 
-#: The values of C cross-validated by `train.C=auto` (scikit-learn's LogisticRegressionCV grid
-#: spans 1e-4..1e4; pooled ImageNet features need neither end).
+#: The C values `train.C=auto` cross-validates (scikit-learn's grid without 1e-4 and 1e4).
 C_GRID = tuple(float(c) for c in np.round(10.0 ** np.arange(-3, 3.25, 0.5), 6))
-#: Cross-validation needs at least this many training images in every class (one per fold).
-MIN_PER_CLASS_FOR_CV = 3
-#: The most folds `choose_c` uses.
-CV_FOLDS = 5
-#: A head whose training accuracy at the optimum is below this gets a warning.
-UNDERFIT_TRAIN_ACCURACY = 0.9
-#: Bumped when the objective or the search changes: part of `choose_c`'s cache key.
-SEARCH_VERSION = 2
+MIN_PER_CLASS_FOR_CV = 3  # training images in every class (one per fold)
+CV_FOLDS = 5  # at most
+UNDERFIT_TRAIN_ACCURACY = 0.9  # a head below it at its optimum gets a warning
+SEARCH_VERSION = 2  # part of `choose_c`'s cache key: bump it when the objective or search change
 
 
 class FeatureError(UserError):
@@ -263,8 +258,7 @@ def choose_c(
 
 
 def warn_if_underfit(accuracy: float, n_train: int) -> bool:
-    """Warn (and return True) when the training accuracy at the optimum is below
-    `UNDERFIT_TRAIN_ACCURACY`: the features do not separate the classes at this penalty."""
+    """Warn (and return True) when the training accuracy is below `UNDERFIT_TRAIN_ACCURACY`."""
     if accuracy >= UNDERFIT_TRAIN_ACCURACY:
         return False
     log.warning(
@@ -278,10 +272,8 @@ def warn_if_underfit(accuracy: float, n_train: int) -> bool:
 
 @dataclass
 class TrainedHead:
-    """The head `train_head` saves and how it came to be: `fit` on the training split (its
-    per-iteration `history` scored on val), `choice` (how C was chosen), the `temperature` folded
-    into `head` (1.0: not calibrated) with the validation NLL before/after, and `refit_images`
-    (train + val, when `train.refit_on_train_val` fitted it again)."""
+    """The saved `head` (`temperature` folded in), its `fit` on train, how C was chosen, the
+    validation NLL before/after calibration, the images of a refit on train + val."""
 
     head: Head
     fit: HeadFit
@@ -296,10 +288,8 @@ class TrainedHead:
 def train_head(
     t: TrainConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes: int
 ) -> TrainedHead:
-    """Fit the default head as `train.*` says: C (`train.C`, `choose_c` for auto), the optimum on
-    `x["train"]` (float (N, D)) / `y["train"]` (int (N,)), temperature scaling on the `val`
-    split (`train.calibrate`), then optionally the same C on train + val.
-    """
+    """The head `train.*` asks for: C (`choose_c` for auto), its optimum on `x["train"]` float
+    (N, D) / `y["train"]` int (N,), temperature scaling on `val`, an optional refit on both."""
     fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
     if t.C == "auto":
         c, choice = choose_c(x["train"], y["train"], num_classes, t.seed, **fit_args)

@@ -44,7 +44,6 @@ def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     """`train.checkpoint_dir/train-<digest>`, keyed by what determines the run (settings but
     resume / checkpoint_dir, data, model folder): a resume finds only its own."""
     train_settings = OmegaConf.to_container(cfg.train, resolve=True)
-    assert isinstance(train_settings, dict)
     key = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "train": {k: v for k, v in train_settings.items() if k not in ("resume", "checkpoint_dir")},
