@@ -117,7 +117,8 @@ def _check_writable(folder: str) -> None:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
         raise UserError(
-            f"train.checkpoint_dir={folder} cannot be written ({exc.strerror or exc}): choose a writable folder"
+            f"train.checkpoint_dir={folder} cannot be written ({exc.strerror or exc}): choose "
+            "a writable folder"
         ) from None
 
 

@@ -18,7 +18,7 @@ AUGMENT_DRAWS_PER_STEP = 16
 
 class BatchRecorder(keras.callbacks.Callback):
     """Appends each batch's step (numbered as in an uninterrupted run), epoch, loss and accuracy
-    (Keras' running means) to `batches`; a tqdm bar in images/s up to `epochs` (0-based, exclusive)."""
+    (Keras' running means) to `batches`; a tqdm bar in images/s up to `epochs` (exclusive)."""
 
     def __init__(
         self, batches: dict[str, list[float]], total_images: int, epochs: int, batch_size: int
@@ -111,7 +111,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 class ArrayBatches(keras.utils.PyDataset):
     """Batches (float32 inputs, (N, C) one-hot `targets`) of `x` (N, ...): features (N, D) or
     memory-mapped uint8 images (N, H, W, 3). With `shuffle`, epoch e's order is a permutation
-    seeded by (seed, e) (`EpochState` sets `epoch`), so a resumed run sees an uninterrupted one's."""
+    seeded by (seed, e) (`EpochState` sets `epoch`): a resumed run sees an uninterrupted one's."""
 
     def __init__(
         self, x: np.ndarray, targets: np.ndarray, batch_size: int, shuffle: bool, seed: int

@@ -1,8 +1,5 @@
-"""The default head: multinomial logistic regression on the cached backbone features, solved to
-its optimum (`train.solver=lbfgs`).
-
-The objective is scikit-learn's `LogisticRegression` (multinomial, L2 on the kernel, none on the
-bias), with Keras' label smoothing and class weights:
+"""The default head (`train.solver=lbfgs`): scikit-learn's multinomial `LogisticRegression` (L2
+on the kernel, none on the bias) with Keras' label smoothing and class weights, at its optimum:
 
     minimise  ( sum_i s_i CE(softmax(x_i W + b), t_i) + ||W||^2 / (2 C) ) / sum_i s_i
 

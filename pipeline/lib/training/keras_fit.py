@@ -296,15 +296,8 @@ def fit_keras(
         featurize = extractor.predict_on_batch
         dim = int(extractor.output_shape[-1])
         new_features = {s: featurize_array(featurize, images[s], 32, dim) for s in images}
-    epochs = runner.history["epoch"]
-    total = t.epochs + (t.fine_tune.epochs if t.fine_tune.enabled else 0)
-    return KerasFit(
-        head=Head(np.asarray(kernel, np.float32), np.asarray(bias, np.float32)),
-        extractor=extractor,
-        features=new_features,
-        runner=runner,
-        params=build.count_params(nets.full),
-        seconds=seconds,
-        resumed_from_epoch=epochs[0] - 1 if epochs else total,
-        replicas=int(strategy.num_replicas_in_sync),
-    )
+    epochs = runner.history["epoch"]  # none ran: the checkpoint held them all
+    resumed = epochs[0] - 1 if epochs else t.epochs + t.fine_tune.enabled * t.fine_tune.epochs
+    head = Head(np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
+    params, replicas = build.count_params(nets.full), int(strategy.num_replicas_in_sync)
+    return KerasFit(head, extractor, new_features, runner, params, seconds, resumed, replicas)
