@@ -1,8 +1,7 @@
-"""What a pull request changes, as Markdown: `dvc metrics diff --all` and `dvc params diff`
-(headline metric first, with a verdict; unchanged metrics folded), McNemar's test, the photos that
-changed, and each revision's test confusion matrix from the git-tracked predictions.csv (PNG and
-Markdown table: PR comments may not render images). An unknown revision or a failing git/dvc
-command exits with status 2 and the message (dvc's stderr included).
+"""What a pull request changes, as Markdown: `dvc metrics diff --all` (headline metric first,
+with a verdict; unchanged ones folded) and `dvc params diff`, McNemar's test, the photos that
+changed, each revision's test confusion matrix (PNG and Markdown table) from the git-tracked
+predictions.csv. An unknown revision or a failing git/dvc command exits 2 with its message.
 
     python -m pipeline.ci_report --base origin/main [--head REV|workspace] --output report.md
 """

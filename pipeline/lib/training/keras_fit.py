@@ -1,8 +1,6 @@
-"""Keras `fit` where images must flow (`train.solver=keras`): the study's Adam epochs,
-augmentation, fine-tuning, an unfrozen backbone. The state is saved after every epoch in a folder
-keyed by the run's settings; with `train.resume=true` an interrupted run ends as an uninterrupted
-one (batch order and dropout masks are functions of (seed, epoch)). Imports TensorFlow.
-"""
+"""Keras `fit` where images must flow (`train.solver=keras`): the study's epochs, augmentation,
+fine-tuning, an unfrozen backbone. The state is saved every epoch in a folder keyed by the run's
+settings: with `train.resume=true` an interrupted run ends as an uninterrupted one would."""
 
 from __future__ import annotations
 
