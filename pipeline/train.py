@@ -123,7 +123,6 @@ def _check_writable(folder: str) -> None:
 
 
 def _save(cfg: Config, dataset: PreparedDataset, result: TrainResult) -> None:
-    """Log the training, write the reports and (unless a sweep job) the model folder."""
     _log_training(result)
     _write_reports(cfg, result)
     if cfg.train.save_model == "always" or (cfg.train.save_model == "auto" and not in_multirun()):
@@ -225,8 +224,6 @@ def _log_inputs(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> Non
 
 
 def _log_training(result: TrainResult) -> None:
-    """To the console and, in one request, the MLflow run: the curves, the saved head's numbers,
-    how it was fitted."""
     m, info = result.metrics, result.metrics["head"]
     log.info(
         "Trained (%s) in %.1f s: train accuracy %s, val accuracy %s, val loss %s; %d trainable, "
@@ -250,8 +247,6 @@ def _log_training(result: TrainResult) -> None:
 
 
 def _write_reports(cfg: Config, result: TrainResult) -> None:
-    """train_metrics.json, train_history.csv, train_batches.csv and (not in a sweep job)
-    train_figures/ in `paths.reports`, each also logged to the MLflow run."""
     reports = Path(cfg.paths.reports)
     write_json(reports / "train_metrics.json", result.metrics)
     write_csv(reports / "train_history.csv", result.history)
