@@ -23,7 +23,6 @@ from pipeline.lib.training.crossval import crossval
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    """Hydra entry point: run `crossval` on conf/ composed with the command-line overrides."""
     run_step(crossval, cfg)
 
 

@@ -1,20 +1,18 @@
-"""Stage `export` (opt-in: `export.formats` is empty by default, and the stage then writes empty
-reports in about a second, without TensorFlow or MLflow): the model folder as a Keras whole model
-and TensorFlow Lite files, each checked against the folder's `Classifier` on the test split.
+"""Stage `export` (opt-in: with `export.formats` empty, the default, it writes empty reports in
+a second, without TensorFlow or MLflow): the model folder as a Keras whole model and TFLite files,
+each checked against the folder's `Classifier` on the test split.
 
     python -m pipeline.export 'export.formats=[keras,float32,int8]'
 
-- `keras`: `model.keras`, MobileNetV2 + a Dense layer holding the head's weights (the featurized
-  backbone: a fine-tuned one's agreement shows it), saved deterministically.
-- `float32`: the Keras graph as is; `float16`: float16 weights (half the file); `int8`: calibrated
-  on `export.representative_samples` train images, input/output of type `export.int8_io`.
+- `keras`: `model.keras`, MobileNetV2 + a Dense layer holding the head's weights, saved
+  deterministically; `float32`: its graph as is; `float16`: float16 weights (half the file);
+  `int8`: calibrated on `export.representative_samples` train images, I/O `export.int8_io`.
 
 Checks (also in MLflow): top-1 agreement with the model against `export.targets` (recorded, the
 stage does not fail), accuracy, file size, single-image latency (median of `export.latency_runs`
 calls after `export.latency_warmup`, on `export.num_threads` threads). `paths.exports` also gets
-`model.json` (for `pipeline.predict`). `reports/export_metrics.json` (DVC metrics): agreement,
-accuracy, size_mib per model; `reports/export_details.json`: all but the machine-dependent
-latencies, which go to MLflow and `outputs/export_latency.json`.
+`model.json`. `reports/export_metrics.json` (DVC metrics): agreement, accuracy, size_mib per
+model; `reports/export_details.json`: all but the latencies (MLflow, `outputs/export_latency.json`).
 """
 
 from __future__ import annotations
@@ -56,8 +54,8 @@ TRAIN, _, TEST = SPLITS
 
 
 def _write_outputs(cfg: Config, files: dict[str, bytes], details: dict[str, Any]) -> Path:
-    """Write `paths.exports` atomically (the `files` and model.json, or `NOTHING_EXPORTED`), the
-    two reports and the latency file; return the exports folder."""
+    """Write `paths.exports` (the `files` and model.json, or `NOTHING_EXPORTED`), the reports and
+    the latency file; return the exports folder."""
     exports = Path(cfg.paths.exports)
     with atomic_dir(exports) as tmp:
         for fmt, content in files.items():
@@ -106,7 +104,6 @@ def export(cfg: Config) -> dict[str, Any]:
 
 
 def _log_export(cfg: Config, results: dict[str, Any], model_ms: float, files: list[Path]) -> None:
-    """Log the metrics per format, the exported `files` and the reports to the pipeline's run."""
     import mlflow  # ~2 s with the tracking code, and only when something is exported
 
     from pipeline.lib.tracking import runs
@@ -123,7 +120,6 @@ def _log_export(cfg: Config, results: dict[str, Any], model_ms: float, files: li
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    """Hydra entry point: run `export` on conf/ composed with the command-line overrides."""
     run_step(export, cfg)
 
 

@@ -44,14 +44,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What a train run produced, whatever fitted it.
-
-    head: the saved head (temperature folded in); backbone: the LiteRT flatbuffer it goes with;
-    history: per step (L-BFGS iteration or Keras epoch) {"step", "loss", "accuracy",
-    "val_loss", "val_accuracy"}; batches: Keras' per-batch {"step", "epoch", "loss",
-    "accuracy"} (None for lbfgs); metrics: `train_metrics.json` (the saved head's numbers);
-    seconds: the fit's wall-clock time.
-    """
+    """A fit by either solver: the saved `head` (temperature folded in), its LiteRT `backbone`;
+    `history` per L-BFGS iteration or Keras epoch (step, loss, accuracy, val_loss, val_accuracy);
+    Keras' per-batch `batches` (step, epoch, loss, accuracy; None for lbfgs); `metrics`
+    (train_metrics.json); the fit's wall-clock `seconds`."""
 
     head: Head
     backbone: bytes
@@ -64,13 +60,8 @@ class TrainResult:
 def train(cfg: Config, callbacks: Sequence[object] = ()) -> float | None:
     """Fit the head on `paths.features`, write `paths.models` and the train reports, log it all
     to one MLflow run; return the saved head's validation accuracy (the training accuracy without
-    a validation split), the value sweeps optimise.
-
-    `callbacks`: Keras callbacks added to every Keras training phase (solver=keras).
-
-    Raises:
-        StageInputError: the prepared data or its features are missing or stale.
-    """
+    a validation split), the value sweeps optimise. `callbacks`: Keras callbacks added to every
+    Keras phase. Raises StageInputError: the prepared data or its features are missing or stale."""
     runs.check_reachable(cfg.tracking.uri, cfg.tracking.timeout_s)
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     if cfg.train.reject.target != "none" and UNKNOWN in [
@@ -89,20 +80,22 @@ def train(cfg: Config, callbacks: Sequence[object] = ()) -> float | None:
             "run the featurize stage first (`dvc repro featurize`)."
         )
     tags = {"dvc_prepared_md5": prepared_md5, "data_source": cfg.data.source}
+    x = {s: features[s] for s in ("train", "val")}
+    y = {s: dataset.labels(s) for s in ("train", "val")}
     keras = solver(cfg) == "keras"
     checkpoint = None
     if keras:  # TensorFlow is imported only when Keras trains (~5 s)
         from pipeline.lib.training import keras_fit
 
         checkpoint = keras_fit.checkpoint_folder(cfg, prepared_md5)
-        _check_writable(cfg.train.checkpoint_dir, "train.checkpoint_dir")
+        _check_writable(cfg.train.checkpoint_dir)
     try:
         with runs.stage_run(cfg, "train", checkpoint, tags | data_tags(dataset.report)):
             _log_inputs(cfg, dataset, prepared_md5)
             if keras:
-                result = _fit_keras(cfg, dataset, features, prepared_md5, callbacks)
+                result = _fit_keras(cfg, dataset, x, y, prepared_md5, callbacks)
             else:
-                result = _fit_lbfgs(cfg, dataset, features)
+                result = _fit_lbfgs(cfg, x, y, dataset.num_classes)
             _save(cfg, dataset, result)
     except TrainingDivergedError as exc:
         if not in_multirun():
@@ -118,19 +111,18 @@ class TrainingDivergedError(UserError):
     """Keras' loss or the head's weights stopped being finite numbers."""
 
 
-def _check_writable(folder: str, key: str) -> None:
-    """Refuse, before any training, a folder that cannot be created or written (naming `key`)."""
+def _check_writable(folder: str) -> None:
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
         raise UserError(
-            f"{key}={folder} cannot be written ({exc.strerror or exc}): choose a writable folder"
+            f"train.checkpoint_dir={folder} cannot be written ({exc.strerror or exc}): choose "
+            "a writable folder"
         ) from None
 
 
 def _save(cfg: Config, dataset: PreparedDataset, result: TrainResult) -> None:
-    """Log the training, write the reports and (unless a sweep job) the model folder."""
     _log_training(result)
     _write_reports(cfg, result)
     if cfg.train.save_model == "always" or (cfg.train.save_model == "auto" and not in_multirun()):
@@ -151,81 +143,61 @@ def _scores(head: Head, x: np.ndarray, y: np.ndarray) -> dict[str, float | None]
     return {"loss": float(loss), "accuracy": float((p.argmax(1) == y).mean())}
 
 
-def _fit_lbfgs(cfg: Config, dataset: PreparedDataset, features: dict) -> TrainResult:
-    """The default head (`train_head`) on the cached features."""
-    x = {s: features[s] for s in ("train", "val")}
-    y = {s: dataset.labels(s) for s in ("train", "val")}
+def _fit_lbfgs(cfg: Config, x: dict, y: dict, num_classes: int) -> TrainResult:
     start = time.perf_counter()
-    trained = train_head(cfg.train, x, y, dataset.num_classes)
+    trained = train_head(cfg.train, x, y, num_classes)
     seconds = time.perf_counter() - start
     fit, keys = trained.fit, ("temperature", "val_nll_before", "val_nll_after", "refit_images")
     head_info = {"solver": "lbfgs", "C": fit.C, "C_choice": trained.choice}
     head_info |= {"iterations": fit.iterations, "converged": fit.converged}
     head_info |= {key: getattr(trained, key) for key in keys}
     size = trained.head.kernel.size + len(trained.head.bias)
-    metrics = _metrics(trained.head, x, y, head_info, cfg.train.reject, trainable=size)
+    params = {"trainable": size, "non_trainable": 0, "total": size}
+    metrics = _metrics(trained.head, x, y, head_info, cfg.train.reject, params)
     backbone = (Path(cfg.paths.features) / BACKBONE_FILE).read_bytes()
     return TrainResult(trained.head, backbone, fit.history, None, metrics, seconds)
 
 
 def _fit_keras(
-    cfg: Config,
-    dataset: PreparedDataset,
-    features: dict,
-    prepared_md5: str,
-    callbacks: Sequence[object],
+    cfg: Config, dataset: PreparedDataset, x: dict, y: dict, md5: str, callbacks: Sequence[object]
 ) -> TrainResult:
     """Keras `fit` (keras_fit), then temperature scaling of its head on the validation split and,
     for a changed backbone, its conversion to LiteRT."""
     from pipeline.lib.training import keras_fit
 
-    fitted = keras_fit.fit_keras(cfg, dataset, features, prepared_md5, callbacks)
+    fitted = keras_fit.fit_keras(cfg, dataset, x, md5, callbacks)
     losses = np.asarray(fitted.runner.history.get("loss", []), dtype=float)
     if not (np.isfinite(fitted.head.kernel).all() and np.isfinite(losses).all()):
         raise TrainingDivergedError(
             f"Keras training diverged (loss {losses[-1] if len(losses) else 'nan'}): lower "
             f"train.learning_rate (now {cfg.train.learning_rate})"
         )
-    x = fitted.features or {s: features[s] for s in ("train", "val")}
-    y = {s: dataset.labels(s) for s in ("train", "val")}
-    head, temperature, nll = fitted.head, 1.0, {}
+    x = fitted.features or x
+    calibration = {"temperature": 1.0}
     if cfg.train.calibrate and len(y["val"]):
-        nll = calibrate(head.probabilities(x["val"]), y["val"])
-        temperature = nll.pop("temperature")
-        head = head.scaled(temperature)
+        calibration = calibrate(fitted.head.probabilities(x["val"]), y["val"])
+    head = fitted.head.scaled(calibration["temperature"])
     runner = fitted.runner
-    if fitted.extractor is not None:
-        backbone = convert_to_tflite(fitted.extractor)
-    else:
+    if fitted.extractor is None:
         backbone = (Path(cfg.paths.features) / BACKBONE_FILE).read_bytes()
+    else:
+        backbone = convert_to_tflite(fitted.extractor)
     info = {
         "solver": "keras",
-        "temperature": temperature,
-        **nll,
+        **calibration,
         "epochs": len(runner.history["epoch"]),
         "stopped_early_at": runner.stopped,
         "phases": runner.phases,
         "resumed_from_epoch": fitted.resumed_from_epoch,
         "replicas": fitted.replicas,
     }
-    metrics = _metrics(head, x, y, info, cfg.train.reject, **fitted.params)
-    history = {
-        "step": runner.history["epoch"],
-        **{k: v for k, v in runner.history.items() if k != "epoch"},
-    }
+    metrics = _metrics(head, x, y, info, cfg.train.reject, fitted.params)
+    history = {"step": runner.history["epoch"]} | runner.history
+    del history["epoch"]
     return TrainResult(head, backbone, history, runner.batches, metrics, fitted.seconds)
 
 
-def _metrics(
-    head: Head,
-    x: dict,
-    y: dict,
-    info: dict,
-    reject: RejectConfig,
-    trainable: int,
-    non_trainable: int = 0,
-    total: int | None = None,
-) -> dict:
+def _metrics(head: Head, x: dict, y: dict, info: dict, reject: RejectConfig, params: dict) -> dict:
     """`train_metrics.json`: the saved head's loss and accuracy on train and val, parameter
     counts, how it was fitted (`info`), the reject rule chosen on val (None: none). No timings."""
     right = head.probabilities(x["val"]).argmax(1) == y["val"]
@@ -234,11 +206,7 @@ def _metrics(
         "reject": None if rule is None else asdict(rule),
         "train": _scores(head, x["train"], y["train"]),
         "val": _scores(head, x["val"], y["val"]),
-        "params": {
-            "trainable": int(trainable),
-            "non_trainable": int(non_trainable),
-            "total": int(total if total is not None else trainable + non_trainable),
-        },
+        "params": params,
         "head": info,
     }
 
@@ -256,8 +224,6 @@ def _log_inputs(cfg: Config, dataset: PreparedDataset, prepared_md5: str) -> Non
 
 
 def _log_training(result: TrainResult) -> None:
-    """To the console and, in one request, the MLflow run: the curves, the saved head's numbers,
-    how it was fitted."""
     m, info = result.metrics, result.metrics["head"]
     log.info(
         "Trained (%s) in %.1f s: train accuracy %s, val accuracy %s, val loss %s; %d trainable, "
@@ -281,8 +247,6 @@ def _log_training(result: TrainResult) -> None:
 
 
 def _write_reports(cfg: Config, result: TrainResult) -> None:
-    """train_metrics.json, train_history.csv, train_batches.csv and (not in a sweep job)
-    train_figures/ in `paths.reports`, each also logged to the MLflow run."""
     reports = Path(cfg.paths.reports)
     write_json(reports / "train_metrics.json", result.metrics)
     write_csv(reports / "train_history.csv", result.history)
@@ -298,14 +262,9 @@ def _write_reports(cfg: Config, result: TrainResult) -> None:
         return
     from pipeline.lib.reporting.figures import save_learning_curves  # matplotlib: 0.4 s
 
-    curves, batches = result.history, None  # lbfgs: x = solver step
-    if result.batches is not None:  # Keras: x = epoch, with the per-batch rows
+    curves, batches = result.history, result.batches  # lbfgs: x = solver step, no batches
+    if batches is not None:  # Keras: x = epoch, with the per-batch curves
         curves = {("epoch" if k == "step" else k): v for k, v in result.history.items()}
-        batches = {
-            "step": list(range(1, len(result.batches["step"]) + 1)),
-            "loss": result.batches["loss"],
-            "accuracy": result.batches["accuracy"],
-        }
     with atomic_dir(reports / "train_figures") as tmp:
         figures = save_learning_curves(curves, tmp, batches=batches)
     runs.log_files([reports / "train_figures" / p.name for p in figures], "figures")
@@ -333,7 +292,6 @@ def _write_model_folder(cfg: Config, dataset: PreparedDataset, result: TrainResu
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    """Hydra entry point: run `train` on conf/ + overrides; return the value sweeps optimise."""
     return run_step(train, cfg)
 
 

@@ -12,10 +12,9 @@ from typing import Any
 
 from pipeline.lib.errors import UserError
 
-#: The file Keras downloads for `weights="imagenet"`, per alpha and size (no top).
+#: Keras' ImageNet weights file (no top) per alpha and size.
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5"
-#: The sizes Keras has ImageNet weights for; any other size loads the 224 px file, as Keras does.
-IMAGENET_SIZES = (96, 128, 160, 192, 224)
+IMAGENET_SIZES = (96, 128, 160, 192, 224)  # Keras loads the 224 px file for any other size
 
 BACKBONE_NAME = "backbone"
 HEAD_NAME = "classifier"
@@ -34,8 +33,8 @@ def keras_home() -> Path:
 
 
 def imagenet_weights_path(alpha: float, size: int) -> Path:
-    """The ImageNet weights file (no top) in Keras' cache for a `size` px backbone: that size's
-    if Keras has one and it is there, else the 224 px file (it fits any size)."""
+    """Keras' cached ImageNet weights file (no top) for `size` px: that size's if present, else
+    the 224 px one (it fits any size)."""
     path = keras_home() / "models" / WEIGHTS_FILE.format(alpha=float(alpha), size=size)
     if size in IMAGENET_SIZES and (size == 224 or path.is_file()):
         return path
@@ -43,9 +42,8 @@ def imagenet_weights_path(alpha: float, size: int) -> Path:
 
 
 def resolve_weights(weights: str | None, alpha: float, size: int) -> Path | None:
-    """The backbone's weights file for `model.weights`: None (random), `imagenet`
-    (`imagenet_weights_path`) or a path; checked to be whole HDF5 (nothing downloaded or found
-    damaged after minutes). Raises WeightsNotFoundError (one line)."""
+    """The weights file of `model.weights` (None: random, `imagenet`, or a path), checked to be
+    whole HDF5 (nothing is downloaded). Raises WeightsNotFoundError (one line)."""
     if weights is None or str(weights).lower() in ("null", "none", ""):
         return None
     if weights == "imagenet":
@@ -120,8 +118,8 @@ def build_feature_extractor(
 def build_head(
     feature_dim: int, num_classes: int, dropout: float, init: str = "zeros", l2: float = 0.0
 ) -> Any:
-    """Features -> (dropout) -> Dense(num_classes, softmax), its kernel initialised by `init`
-    (`model.head_init`; zeros: uniform scores, as a logistic regression), L2 factor `l2`."""
+    """Features -> (dropout) -> Dense(num_classes, softmax), kernel initialiser `init`
+    (`model.head_init`), L2 factor `l2`."""
     import keras
     from keras import layers
 
@@ -152,8 +150,8 @@ def compose(extractor: Any, head: Any, augmentation: list[Any] | None = None) ->
 
 
 def build_augmentation(augment: Any, seed: int) -> list[Any]:
-    """Keras preprocessing layers for `train.augment` (a factor of 0 leaves one out), seeded from
-    `seed`, on 0..255 images; identity at inference."""
+    """Keras' random layers for `train.augment` (factor 0: left out) on 0..255 images, seeded
+    from `seed`."""
     from keras import layers
 
     a, reflect, pixels = augment, {"fill_mode": "reflect"}, {"value_range": (0, 255)}
@@ -173,8 +171,8 @@ def build_augmentation(augment: Any, seed: int) -> list[Any]:
 
 
 def unfreeze_top(backbone: Any, n: int) -> list[str]:
-    """Make the backbone's last `n` layers trainable but BatchNormalization (kept frozen, as
-    Keras' fine-tuning guide advises); return the names of the layers whose weights now train."""
+    """Make the backbone's last `n` layers but BatchNormalization trainable (Keras' fine-tuning
+    guide); return the names of those with weights."""
     import keras
 
     backbone.trainable = True  # sets every sub-layer; then freeze all but the top n

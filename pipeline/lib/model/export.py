@@ -1,6 +1,5 @@
-"""The export formats of a trained model folder: a Keras whole model and TensorFlow Lite files
-(float32, float16, int8), each converted and checked against the folder's `Classifier` on the test
-split (agreement, accuracy, size, latency). Used by the `export` stage (`pipeline/export.py`)."""
+"""The `export` stage's formats (`pipeline/export.py`): a Keras whole model and TFLite files,
+each checked against the model folder's `Classifier` on the test split."""
 
 from __future__ import annotations
 
@@ -28,19 +27,15 @@ from pipeline.lib.model.tflite import TFLiteRunner
 
 log = logging.getLogger(__name__)
 
-#: The DVC metrics file (headline numbers) and the full record (a plain output), in paths.reports.
-METRICS_FILE = "export_metrics.json"
-DETAILS_FILE = "export_details.json"
-#: Latencies and the machine's thread count, beside `paths.run_file` (not a DVC output).
-LATENCY_FILE = "export_latency.json"
-#: What `paths.exports` holds when `export.formats` is empty (the default).
-NOTHING_EXPORTED = "NOTHING_EXPORTED.txt"
+METRICS_FILE = "export_metrics.json"  # in paths.reports: DVC metrics (`HEADLINE_KEYS`)
+DETAILS_FILE = "export_details.json"  # in paths.reports: the full record but the timings
+LATENCY_FILE = "export_latency.json"  # beside `paths.run_file` (not a DVC output): the timings
+NOTHING_EXPORTED = "NOTHING_EXPORTED.txt"  # `paths.exports` when `export.formats` is empty
 NOTHING_EXPORTED_TEXT = (
     "export.formats is empty (the default): no model was exported.\n"
     "Opt in: dvc exp run -S 'export.formats=[keras,float32,int8]'  (README: Export)\n"
 )
 
-#: The keys of each model's record that `headline_metrics` keeps (`dvc metrics show`).
 HEADLINE_KEYS = ("agreement", "accuracy", "size_mib")
 
 
@@ -50,8 +45,8 @@ def export_file(fmt: str) -> str:
 
 
 def keras_model(classifier: Classifier, m: ModelConfig) -> Any:
-    """The model folder as one Keras model (images 0..255 -> probabilities): the MobileNetV2
-    extractor of `model.*` + a Dense softmax layer holding the head's weights. Imports TensorFlow."""
+    """The model folder as one Keras model, images 0..255 -> probabilities: `model.*`'s
+    MobileNetV2 extractor + a Dense layer holding the head's weights."""
     extractor = build.build_feature_extractor(
         m.alpha, m.weights, classifier.image_size, m.init_seed
     )
@@ -61,8 +56,7 @@ def keras_model(classifier: Classifier, m: ModelConfig) -> Any:
 
 
 def representative_images(train_images: Any, n_samples: int) -> np.ndarray:
-    """The int8 calibration images: `n_samples` spread evenly over the (class-ordered) train
-    split (N, H, W, 3), all of them when there are fewer."""
+    """`n_samples` images (all when fewer) spread evenly over the class-ordered train split."""
     n = len(train_images)
     chosen = np.unique(np.linspace(0, n - 1, num=min(n, n_samples)).round().astype(np.int64))
     return np.asarray(train_images[chosen])
@@ -82,9 +76,8 @@ def frozen_graph(model: Any) -> Any:
 def convert(
     graph: Any, fmt: str, representative: np.ndarray | None = None, int8_io: str = "uint8"
 ) -> bytes:
-    """The frozen graph as a TFLite flatbuffer: `float32`, `float16` weights, or `int8` calibrated
-    on `representative` (M, H, W, 3) images 0..255, its input/output of type `int8_io` (uint8 |
-    int8). Raises StageInputError: int8 without images."""
+    """The TFLite flatbuffer: `float32`, `float16` weights, or `int8` calibrated on
+    `representative` (M, H, W, 3) 0..255, input/output `int8_io`. StageInputError: no images."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([graph])
@@ -112,9 +105,8 @@ def size_record(size_bytes: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ParityCheck:
-    """What every export is checked against: the test split's uint8 (N, H, W, 3) `images` (N >= 1),
-    int (N,) `y_true`, the `Classifier`'s (N, C) `reference` probabilities; latency: the median
-    of `export.latency_runs` single-image calls after `export.latency_warmup`, on `threads`."""
+    """The test split's uint8 (N, H, W, 3) `images` (N >= 1), int (N,) `y_true` and the
+    `Classifier`'s (N, C) `reference` probabilities, against which every export is checked."""
 
     images: np.ndarray
     y_true: np.ndarray
@@ -130,15 +122,15 @@ class ParityCheck:
         return np.asarray(self.images[:1], dtype=np.float32)
 
     def latency_ms(self, call: Callable[[], Any]) -> float:
-        """Median wall time of `call()` in ms (4 decimals)."""
+        """Median ms of `export.latency_runs` calls after `export.latency_warmup`."""
         for _ in range(self.settings.latency_warmup):
             call()
         times = timeit.repeat(call, repeat=self.settings.latency_runs, number=1)
         return round(statistics.median(times) * 1000.0, 4)
 
     def parity(self, predict: Callable[[np.ndarray], Any], size: int, target: float) -> dict:
-        """Size; top-1 agreement (0..1), disagreements, accuracy and max/mean absolute probability
-        difference of `predict` (batches of 32) against the reference; whether it meets `target`."""
+        """Size, top-1 agreement with the reference, accuracy, probability differences of
+        `predict`; whether the agreement meets `target`."""
         batches = iter_batches(self.images, 32)
         probs = np.concatenate([np.asarray(predict(b), np.float32) for b in batches])
         pred, ref = probs.argmax(axis=1), self.reference.argmax(axis=1)
@@ -155,7 +147,6 @@ class ParityCheck:
         }
 
     def describe(self) -> dict[str, Any]:
-        """The latency settings and the machine, as recorded with the export details."""
         return {
             "runs": self.settings.latency_runs,
             "warmup": self.settings.latency_warmup,
@@ -169,15 +160,13 @@ class ParityCheck:
 
 
 def _tensor(detail: dict[str, Any]) -> dict[str, Any]:
-    """A TFLite tensor as {"dtype", "shape"} (+ {"scale", "zero_point"} when quantized)."""
     scale, zero_point = detail["quantization"]
     out = {"dtype": np.dtype(detail["dtype"]).name, "shape": [int(s) for s in detail["shape"]]}
     return out | ({"scale": float(scale), "zero_point": int(zero_point)} if scale else {})
 
 
 def split_timings(details: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(details without timings, timings): each record's `latency_ms` and the "latency" settings
-    go to the second, so that the first is the same bytes for the same inputs."""
+    """(details without timings, timings): the first is the same bytes for the same inputs."""
     stable = dict(details)
     timings = {"latency": stable.pop("latency")} if "latency" in stable else {}
     for name, record in details.items():
@@ -199,9 +188,8 @@ def headline_metrics(details: dict[str, Any]) -> dict[str, Any]:
 def export_formats(
     model: Any, check: ParityCheck, representative: np.ndarray | None
 ) -> tuple[dict[str, bytes], dict[str, dict[str, Any]]]:
-    """Save the Keras `model` (`keras`) and convert it to the TFLite `export.formats`, each checked
-    (`check.parity` against `export.targets`, latency; TFLite: tensors and dtypes); return
-    ({format: file bytes}, {format: record}). `representative`: the int8 calibration images."""
+    """({format: file bytes}, {format: record}) of `export.formats`, each checked (`parity`,
+    latency; TFLite: tensors); `representative`: the int8 calibration images."""
     settings = check.settings
     graph = frozen_graph(model) if set(settings.formats) - {"keras"} else None
     files: dict[str, bytes] = {}
@@ -227,7 +215,7 @@ def export_formats(
                 "output": _tensor(runner.output),
                 "tensor_dtypes": runner.tensor_dtypes(),
             }
-        if fmt == "int8" and representative is not None:
+        if fmt == "int8":
             r["representative_samples"] = len(representative)
         records[fmt] = r
         log.log(

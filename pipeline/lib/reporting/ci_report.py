@@ -1,8 +1,7 @@
-"""What a pull request changes, as Markdown: `dvc metrics diff --all` and `dvc params diff`
-(headline metric first, with a verdict; unchanged metrics folded), McNemar's test, the photos that
-changed, and each revision's test confusion matrix from the git-tracked predictions.csv (PNG and
-Markdown table: PR comments may not render images). An unknown revision or a failing git/dvc
-command exits with status 2 and the message (dvc's stderr included).
+"""What a pull request changes, as Markdown: `dvc metrics diff --all` (headline metric first,
+with a verdict; unchanged ones folded) and `dvc params diff`, McNemar's test, the photos that
+changed, each revision's test confusion matrix (PNG and Markdown table) from the git-tracked
+predictions.csv. An unknown revision or a failing git/dvc command exits 2 with its message.
 
     python -m pipeline.ci_report --base origin/main [--head REV|workspace] --output report.md
 """
@@ -37,10 +36,8 @@ from pipeline.lib.reporting.photo_changes import (
 
 DEFAULT_METRIC = "test.accuracy"
 METRICS_FILE = "reports/metrics.json"
-#: above this many classes the confusion matrix is not written out as a Markdown table
-TEXT_MATRIX_MAX_CLASSES = 12
-#: two metric values this close are "unchanged": what another machine may differ by
-TOLERANCE = REPRODUCED_WITHIN
+TEXT_MATRIX_MAX_CLASSES = 12  # above: no Markdown table of the confusion matrix
+TOLERANCE = REPRODUCED_WITHIN  # metric values this close are "unchanged"
 
 #: counts[i][j] = images of true class i predicted as class j, and the class names in order
 Confusion = tuple[list[list[int]], list[str]]
@@ -98,18 +95,15 @@ def _dvc(repo: Path, *args: str) -> tuple[str, list[str]]:
     return proc.stdout, [s.strip() for s in proc.stderr.splitlines() if s.startswith(prefixes)]
 
 
-def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True)
-
-
 def resolve_revision(repo: Path, rev: str) -> str:
     """The short SHA of `rev` (any git revision); WORKSPACE stays 'workspace'."""
     if rev == WORKSPACE:
         return WORKSPACE
-    short = _git(repo, "rev-parse", "--verify", "--quiet", "--short", f"{rev}^{{commit}}")
+    git = ["git", "rev-parse", "--verify", "--quiet", "--short", f"{rev}^{{commit}}"]
+    short = subprocess.run(git, cwd=repo, capture_output=True, text=True)
     if short.returncode == 0 and short.stdout.strip():
-        return short.stdout.decode().strip()
-    inside = _git(repo, "rev-parse", "--git-dir")
+        return short.stdout.strip()
+    inside = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=repo, capture_output=True)
     if inside.returncode != 0:
         raise CIReportError(f"{repo} is not a git repository: {inside.stderr.decode().strip()}")
     raise CIReportError(
@@ -122,8 +116,7 @@ def dvc_diff(repo: Path, kind: str, base: str, head: str, warnings: list[str]) -
     """`dvc metrics diff --all` (every metric) or `dvc params diff` (the changed params); dvc's
     warnings (files it could not read) are appended to `warnings`."""
     revs = [base] if head == WORKSPACE else [base, head]
-    extra = ["--all"] if kind == "metrics" else []
-    out, warned = _dvc(repo, kind, "diff", *revs, "--json", *extra)
+    out, warned = _dvc(repo, kind, "diff", *revs, "--json", *(["--all"] * (kind == "metrics")))
     warnings.extend(w for w in warned if w not in warnings)
     try:
         diff = json.loads(out or "{}")
@@ -137,8 +130,8 @@ def dvc_diff(repo: Path, kind: str, base: str, head: str, warnings: list[str]) -
 
 
 def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = None) -> Confusion:
-    """The confusion matrix of a predictions.csv text, in the order `classes` (others appended,
-    sorted). CIReportError when it lacks the column `actual` or `predicted`."""
+    """The confusion matrix of a predictions.csv text, classes in the order `classes`, others
+    appended sorted. CIReportError: no column `actual` or `predicted`."""
     reader = csv.DictReader(io.StringIO(csv_text))
     missing = {"actual", "predicted"} - set(reader.fieldnames or [])
     if missing:
@@ -156,7 +149,6 @@ def confusion_from_predictions(csv_text: str, classes: Sequence[str] | None = No
 
 
 def confusion_table(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
-    """Markdown table: one row per true class, one column per predicted class."""
     rows = [
         " | ".join(
             [_md(name), *(f"**{v}**" if i == j and v else str(v) for j, v in enumerate(row))]
@@ -264,7 +256,6 @@ def render_metrics(rows: Sequence[Change], metric: str = DEFAULT_METRIC) -> str:
 
 
 def render_params(rows: Sequence[Change]) -> str:
-    """The changed params as a Markdown table: param, base, head."""
     if not rows:
         return "_No params changed._"
     several = len({r.file for r in rows}) > 1
@@ -308,7 +299,6 @@ class Report:
 
 
 def render_confusion(side: Side, label: str) -> str:
-    """One side's test confusion matrix as a Markdown section (or the note why there is none)."""
     heading = f"#### {label}: {side.title}\n\n"
     if side.confusion is None:
         return f"{heading}_{side.note or 'No predictions.'}_"
@@ -325,7 +315,6 @@ def render_confusion(side: Side, label: str) -> str:
 
 
 def render_report(report: Report) -> str:
-    """The whole Markdown report."""
     base, head = report.base, report.head
     head_named = head.named if head.short != WORKSPACE else " (the pipeline's current outputs)"
     sections = [

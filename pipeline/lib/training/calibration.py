@@ -1,9 +1,6 @@
-"""Temperature scaling (Guo et al. 2017): one T > 0 minimising the validation NLL of
-softmax(z / T), z the logits; no prediction changes, only the confidence. It is folded into the
-head (softmax((x W + b) / T) = softmax(x (W / T) + b / T)), so every runtime and export gives
-calibrated probabilities. Logits are recovered as log p (softmax is shift-invariant), so T fits
-any model's probabilities.
-"""
+"""Temperature scaling (Guo et al. 2017): the T > 0 minimising the validation NLL of
+softmax(z / T), z = log p (softmax is shift-invariant); only the confidence changes. Folded into
+the head (W / T, b / T), so every runtime and export gives calibrated probabilities."""
 
 from __future__ import annotations
 
@@ -15,8 +12,7 @@ from scipy.special import log_softmax
 
 log = logging.getLogger(__name__)
 
-#: log T is searched in [-LOG_T_BOUND, LOG_T_BOUND] (T in about [0.007, 148]).
-LOG_T_BOUND = 5.0
+LOG_T_BOUND = 5.0  # log T in [-5, 5]: T in about [0.007, 148]
 
 
 def log_probabilities(probs: np.ndarray) -> np.ndarray:
@@ -43,9 +39,8 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def calibrate(val_probs: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
-    """Fit T on the validation probabilities `val_probs` (N, C) of a model and labels `y_val`
-    (N,); return {"temperature", "val_nll_before", "val_nll_after"} (nats per image). The caller
-    folds T into its head (`Head.scaled`)."""
+    """T for a model's validation probabilities `val_probs` (N, C) and labels `y_val` (N,):
+    {"temperature", "val_nll_before", "val_nll_after"} (nats per image)."""
     logits = log_probabilities(val_probs)
     # no validation mistake: the NLL falls as T -> 0, so T has no finite optimum; a T < 1 would
     # make every future mistake near-certain. Keep the model's own probabilities.

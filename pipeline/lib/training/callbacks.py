@@ -17,19 +17,16 @@ AUGMENT_DRAWS_PER_STEP = 16
 
 
 class BatchRecorder(keras.callbacks.Callback):
-    """Appends per-batch loss/accuracy (Keras' running means over the epoch) to `batches`
-    {"step", "epoch", "loss", "accuracy"} (steps numbered across epochs, as an uninterrupted run);
-    a tqdm bar in images/s. `epochs`: the phase's last epoch (exclusive, 0-based)."""
+    """Appends each batch's step (numbered as in an uninterrupted run), epoch, loss and accuracy
+    (Keras' running means) to `batches`; a tqdm bar in images/s up to `epochs` (exclusive)."""
 
     def __init__(
         self, batches: dict[str, list[float]], total_images: int, epochs: int, batch_size: int
     ) -> None:
         super().__init__()
         self.batches, self.total_images, self.epochs = batches, total_images, epochs
-        self.batch_size = batch_size
+        self.batch_size, self.bar, self.epoch = batch_size, None, 0
         self.steps_per_epoch = max(math.ceil(total_images / batch_size), 1)
-        self.bar: Any = None
-        self.epoch = 0
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         if self.bar is None:  # the first epoch that runs (later than 0 after a restore)
@@ -52,10 +49,9 @@ class BatchRecorder(keras.callbacks.Callback):
 
 
 class EpochState(keras.callbacks.Callback):
-    """At each epoch start, sets what is random per epoch (not in Keras' checkpoints) as an
-    uninterrupted run has it: the batch order of `dataset` (its `epoch`) and the
-    `SeedGenerator` counters of `model`'s dropout and augmentation layers. `first_epoch`: the
-    first epoch that ran (0-based), None until one runs."""
+    """At each epoch start, sets what Keras' checkpoints lack as an uninterrupted run has it:
+    `dataset`'s batch order and the `SeedGenerator` counters of `model`'s dropout and augmentation
+    layers. `first_epoch`: the first epoch that ran (0-based), None until one runs."""
 
     def __init__(self, dataset: Any, model: Any, steps_per_epoch: int) -> None:
         super().__init__()
@@ -79,8 +75,8 @@ class EpochState(keras.callbacks.Callback):
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds `learning_rate` to each epoch's logs: its last step's (`schedule` there, else the
-    optimizer's); before ReduceLROnPlateau, the rate the epoch trained with."""
+    """Adds to each epoch's logs its last step's `learning_rate` (`schedule`'s, else the
+    optimizer's)."""
 
     def __init__(self, schedule: Any = None) -> None:
         super().__init__()
@@ -97,8 +93,8 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' `BackupAndRestore` writing its files under temporary names, renamed over the old ones
-    (Keras writes in place: a killed process would leave one `train.resume` cannot open)."""
+    """Keras' `BackupAndRestore` writing under temporary names renamed over the old files (Keras
+    writes in place: a killed process would leave files `train.resume` cannot open)."""
 
     def _save_model(self) -> None:
         weights, metadata = self._weights_path, self._training_metadata_path
@@ -113,10 +109,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
 
 class ArrayBatches(keras.utils.PyDataset):
-    """Batches (float32 inputs, one-hot targets) of `x` (N, ...), e.g. features (N, D) or
-    memory-mapped images uint8 (N, H, W, 3), and `targets` (N, C), for `fit(..., shuffle=False)`.
-    With `shuffle`, epoch e's order is a permutation seeded by (seed, e), whatever ran before:
-    `EpochState` sets `epoch` at each epoch start, so a resumed run sees an uninterrupted one's."""
+    """Batches (float32 inputs, (N, C) one-hot `targets`) of `x` (N, ...): features (N, D) or
+    memory-mapped uint8 images (N, H, W, 3). With `shuffle`, epoch e's order is a permutation
+    seeded by (seed, e) (`EpochState` sets `epoch`): a resumed run sees an uninterrupted one's."""
 
     def __init__(
         self, x: np.ndarray, targets: np.ndarray, batch_size: int, shuffle: bool, seed: int
@@ -131,7 +126,6 @@ class ArrayBatches(keras.utils.PyDataset):
         return math.ceil(len(self.x) / self.batch_size)
 
     def order(self) -> np.ndarray:
-        """The current epoch's permutation (the identity without shuffling)."""
         epoch, cached = self.epoch, self._order  # one read each: prefetch runs in a thread
         if cached is None or cached[0] != epoch:
             rng = np.random.default_rng((self.seed, epoch))

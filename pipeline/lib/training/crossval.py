@@ -29,9 +29,9 @@ class CrossvalError(UserError):
 
 
 def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """k folds of `labels` (N,): per fold {"train", "val", "test": int64 index arrays}, test =
-    fold i, val = fold i+1 (mod k), train = the rest; stratified when a class can be, else KFold.
-    Raises CrossvalError: fewer images than folds, or a fold left nothing to train on."""
+    """k >= 3 (the schema's bound) folds of `labels` (N,): per fold {"train", "val", "test": int64
+    indices}, test = fold i, val = fold i+1 (mod k), train = the rest; stratified when a class can
+    be, else KFold. Raises CrossvalError: fewer images than folds."""
     if len(labels) < k:
         raise CrossvalError(
             f"{len(labels)} images cannot make {k} folds: set train.crossval_folds <= {len(labels)}"
@@ -41,17 +41,11 @@ def fold_indices(labels: np.ndarray, k: int, seed: int) -> list[dict[str, np.nda
     with warnings.catch_warnings():  # "least populated class has only n members": expected
         warnings.simplefilter("ignore", UserWarning)
         tests = [test for _, test in splitter.split(np.zeros(len(labels)), labels)]
-    folds = []
-    for i in range(k):
-        val = tests[(i + 1) % k]
-        rest = np.setdiff1d(np.arange(len(labels)), np.concatenate([tests[i], val]))
-        if not len(rest):
-            raise CrossvalError(
-                f"{len(labels)} images in {k} folds leave fold {i + 1} nothing to train on: "
-                "raise train.crossval_folds or add images"
-            )
-        folds.append({"train": rest, "val": val, "test": tests[i]})
-    return folds
+    every = np.arange(len(labels))
+    return [
+        {"train": np.setdiff1d(every, np.concatenate([test, val])), "val": val, "test": test}
+        for test, val in zip(tests, tests[1:] + tests[:1], strict=True)
+    ]
 
 
 def summarize(folds: list[dict[str, Any]], correct: int, n: int) -> dict[str, Any]:
@@ -61,16 +55,15 @@ def summarize(folds: list[dict[str, Any]], correct: int, n: int) -> dict[str, An
     for key in ("accuracy", "macro_f1", "ece"):
         values = np.array([f[key] for f in folds], dtype=float)
         out[f"{key}_mean"] = float(values.mean())
-        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    out["accuracy_pooled"] = correct / max(n, 1)
+        out[f"{key}_std"] = float(values.std(ddof=1))
+    out["accuracy_pooled"] = correct / n
     out["accuracy_ci_low"], out["accuracy_ci_high"] = accuracy_interval(correct, n)
     return out
 
 
 def crossval(cfg: Any) -> dict[str, Any]:
-    """Run the k-fold cross-validation and log it to MLflow; return `summarize`'s dict plus
-    "per_fold" (each fold's headline metrics). Raises CrossvalError: no cached features of the
-    prepared data; StageInputError: the prepared data is missing or of other settings."""
+    """Cross-validate, logged to MLflow; `summarize`'s dict + "per_fold" headline metrics.
+    Raises CrossvalError (no cached features) or StageInputError (no usable prepared data)."""
     if solver(cfg) != "lbfgs":
         raise ConfigError(
             "pipeline.crossval fits the default head (train.solver=lbfgs) on the cached "

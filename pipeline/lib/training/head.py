@@ -1,27 +1,19 @@
-"""The default head: multinomial logistic regression on the cached backbone features, solved to
-its optimum (`train.solver=lbfgs`).
-
-The objective is scikit-learn's `LogisticRegression` (multinomial, L2 on the kernel, none on the
-bias), with Keras' label smoothing and class weights:
+"""The default head (`train.solver=lbfgs`): scikit-learn's multinomial `LogisticRegression` (L2
+on the kernel, none on the bias) with Keras' label smoothing and class weights, at its optimum:
 
     minimise  ( sum_i s_i CE(softmax(x_i W + b), t_i) + ||W||^2 / (2 C) ) / sum_i s_i
 
 t_i = (1 - eps) onehot(y_i) + eps / K (`train.label_smoothing`), s_i the class weight of y_i
-(`train.class_weight`), C the inverse regularisation strength (`train.C`). Dividing by sum s_i
-only rescales it (same optimum). It is convex, so its optimum does not depend on a start, a batch
-order or a learning rate: scipy's L-BFGS-B solves it with scikit-learn's `lbfgs` settings
-(ftol = 64 eps, maxls 50), with gtol 1e-6 instead of its 1e-4: the objective is a mean, so
-1e-4 leaves weakly penalised fits (large C) short of their optimum. BLAS runs on one thread:
-these problems are small, and OpenBLAS' threads made them 50-100x slower on a loaded machine.
-The features stay float32: the float64 products cast them in blocks (`classifier.dot64`).
+(`train.class_weight`), C the inverse regularisation strength (`train.C`). It is convex: scipy's
+L-BFGS-B solves it with scikit-learn's `lbfgs` settings (ftol = 64 eps, maxls 50) but gtol 1e-6
+(1e-4 leaves weakly penalised fits short of their optimum), BLAS on one thread (OpenBLAS' threads
+made these small problems 50-100x slower on a loaded machine), the float32 features cast to
+float64 in blocks (`classifier.dot64`).
 
-`train.C=auto` chooses C by stratified k-fold cross-validation on the training split over
-`C_GRID`: the highest held-out accuracy (scikit-learn's LogisticRegressionCV scoring), ties
-broken by the lowest held-out log loss; each fold's fits are warm-started along the path from
-strong to weak regularisation, and the choice is cached per feature set so a sweep pays it once
-(`choose_c`). With fewer than
-`MIN_PER_CLASS_FOR_CV` training images in a class there is nothing to cross-validate and C = 1,
-scikit-learn's default.
+`train.C=auto` (`choose_c`): stratified k-fold cross-validation on the training split over
+`C_GRID`, warm-started from strong to weak regularisation; the highest held-out accuracy wins,
+ties broken by the lowest held-out log loss; cached per feature set, so a sweep pays it once.
+With fewer than `MIN_PER_CLASS_FOR_CV` training images in a class: C = 1 (scikit-learn's).
 """
 
 from __future__ import annotations
@@ -45,17 +37,12 @@ from pipeline.lib.training.calibration import calibrate
 
 log = logging.getLogger(__name__)
 
-#: The values of C cross-validated by `train.C=auto` (scikit-learn's LogisticRegressionCV grid
-#: spans 1e-4..1e4; pooled ImageNet features need neither end).
+#: The C values `train.C=auto` cross-validates (scikit-learn's grid without 1e-4 and 1e4).
 C_GRID = tuple(float(c) for c in np.round(10.0 ** np.arange(-3, 3.25, 0.5), 6))
-#: Cross-validation needs at least this many training images in every class (one per fold).
-MIN_PER_CLASS_FOR_CV = 3
-#: The most folds `choose_c` uses.
-CV_FOLDS = 5
-#: A head whose training accuracy at the optimum is below this gets a warning.
-UNDERFIT_TRAIN_ACCURACY = 0.9
-#: Bumped when the objective or the search changes: part of `choose_c`'s cache key.
-SEARCH_VERSION = 2
+MIN_PER_CLASS_FOR_CV = 3  # training images in every class (one per fold)
+CV_FOLDS = 5  # at most
+UNDERFIT_TRAIN_ACCURACY = 0.9  # a head below it at its optimum gets a warning
+SEARCH_VERSION = 2  # part of `choose_c`'s cache key: bump it when the objective or search change
 
 
 class FeatureError(UserError):
@@ -64,12 +51,9 @@ class FeatureError(UserError):
 
 @dataclass
 class HeadFit:
-    """A fitted head and how the solver got there.
-
-    history: at the start (`step` 0) and after each solver iteration, the mean cross-entropy (nats, true labels,
-    no penalty) and accuracy on train and, when given, val: {"step", "loss", "accuracy",
-    "val_loss", "val_accuracy"}.
-    """
+    """A fitted head; `history`: at the start (step 0) and after each iteration, the mean
+    cross-entropy (nats, no penalty) and accuracy on train and val: step, loss, accuracy,
+    val_loss, val_accuracy."""
 
     head: Head
     C: float
@@ -155,19 +139,10 @@ def fit_head(
     track: bool = True,
     rows: np.ndarray | None = None,
 ) -> HeadFit:
-    """The optimum of the objective (module docstring) on features `x` float (N, D) (or its
-    `rows`, int (M,): a cross-validation fold, not copied) and int labels `y` (N,) (or (M,)) in
-    [0, num_classes).
-
-    Args:
-        c: inverse L2 strength C > 0.
-        init: flat float64 start (a neighbouring C's solution, `HeadFit.head` raveled); zeros else.
-        val: (features, labels) scored at every iteration into `history` (None: train only).
-        track: record `history` (off for the cross-validation fits: it costs a pass a step).
-
-    Raises:
-        FeatureError: `x` holds NaN or infinite values.
-    """
+    """The optimum of the objective (module docstring) at C = `c` > 0 on features `x` float
+    (N, D) (or its `rows` int (M,), not copied) and int labels `y` (N,) (or (M,)). `init`: flat
+    float64 start (zeros: None); `val`: (features, labels) scored into `history` at each step;
+    `track`: record `history` (a pass per step). Raises FeatureError: `x` is not finite."""
     x = np.asarray(x, dtype=np.float32 if np.asarray(x).dtype == np.float32 else np.float64)
     if not np.isfinite(x.sum(dtype=np.float64)):  # no (N, D) mask; float32 sums cannot overflow
         raise FeatureError(
@@ -234,7 +209,6 @@ def _cv_scores(
 
 
 def cache_dir() -> Path:
-    """Where `choose_c` keeps its choices: `files.cache_root()`/head."""
     return cache_root() / "head"
 
 
@@ -242,11 +216,8 @@ def cache_dir() -> Path:
 def choose_c(
     x: np.ndarray, y: np.ndarray, num_classes: int, seed: int, **fit_args: object
 ) -> tuple[float, dict[str, object]]:
-    """(C, how it was chosen) for `train.C=auto` (module docstring).
-
-    The choice is a pure function of the features, labels, seed and fit settings; it is cached
-    on disk (`cache_dir()`) under their hash, so a sweep over other settings pays it once.
-    """
+    """(C, how it was chosen) for `train.C=auto` (module docstring), cached in `cache_dir()`
+    under the hash of the features, labels, seed and fit settings."""
     counts = np.bincount(np.asarray(y, np.int64), minlength=num_classes)
     smallest = int(counts[counts > 0].min()) if counts.any() else 0
     if smallest < MIN_PER_CLASS_FOR_CV:
@@ -284,8 +255,7 @@ def choose_c(
 
 
 def warn_if_underfit(accuracy: float, n_train: int) -> bool:
-    """Warn (and return True) when the training accuracy at the optimum is below
-    `UNDERFIT_TRAIN_ACCURACY`: the features do not separate the classes at this penalty."""
+    """Warn (and return True) when the training accuracy is below `UNDERFIT_TRAIN_ACCURACY`."""
     if accuracy >= UNDERFIT_TRAIN_ACCURACY:
         return False
     log.warning(
@@ -299,10 +269,8 @@ def warn_if_underfit(accuracy: float, n_train: int) -> bool:
 
 @dataclass
 class TrainedHead:
-    """The head `train_head` saves and how it came to be: `fit` on the training split (its
-    per-iteration `history` scored on val), `choice` (how C was chosen), the `temperature` folded
-    into `head` (1.0: not calibrated) with the validation NLL before/after, and `refit_images`
-    (train + val, when `train.refit_on_train_val` fitted it again)."""
+    """The saved `head` (`temperature` folded in), its `fit` on train, how C was chosen, the
+    validation NLL before/after calibration, the images of a refit on train + val."""
 
     head: Head
     fit: HeadFit
@@ -317,10 +285,8 @@ class TrainedHead:
 def train_head(
     t: TrainConfig, x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes: int
 ) -> TrainedHead:
-    """Fit the default head as `train.*` says: C (`train.C`, `choose_c` for auto), the optimum on
-    `x["train"]` (float (N, D)) / `y["train"]` (int (N,)), temperature scaling on the `val`
-    split (`train.calibrate`), then optionally the same C on train + val.
-    """
+    """The head `train.*` asks for: C (`choose_c` for auto), its optimum on `x["train"]` float
+    (N, D) / `y["train"]` int (N,), temperature scaling on `val`, an optional refit on both."""
     fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
     if t.C == "auto":
         c, choice = choose_c(x["train"], y["train"], num_classes, t.seed, **fit_args)
@@ -332,24 +298,19 @@ def train_head(
     fit = fit_head(x["train"], y["train"], num_classes, c, max_iter=t.max_iter, val=val, **fit_args)
     if not fit.converged:
         log.warning("L-BFGS stopped after %d iterations (train.max_iter)", fit.iterations)
-    warn_if_underfit(
-        fit.history["accuracy"][-1] if fit.history["accuracy"] else 1.0, len(y["train"])
-    )
-    result = TrainedHead(fit.head, fit, choice)
+    warn_if_underfit(fit.history["accuracy"][-1], len(y["train"]))
+    calibration: dict[str, float] = {}
     if t.calibrate and has_val:
         calibration = calibrate(fit.head.probabilities(x["val"]), y["val"])
-        result.temperature = calibration["temperature"]
-        result.val_nll_before = calibration["val_nll_before"]
-        result.val_nll_after = calibration["val_nll_after"]
     elif t.calibrate:
         log.warning("train.calibrate: no validation split, so no temperature scaling (T = 1)")
-    head = fit.head
+    result = TrainedHead(fit.head, fit, choice, **calibration)
     if t.refit_on_train_val and has_val:
         xy = np.concatenate([x["train"], x["val"]]), np.concatenate([y["train"], y["val"]])
         refit = fit_head(*xy, num_classes, c, max_iter=t.max_iter, track=False, **fit_args)
-        head, result.refit_images = refit.head, len(xy[1])
+        result.head, result.refit_images = refit.head, len(xy[1])
         log.info("Refit on train + val: %d images at C = %g", len(xy[1]), c)
     elif t.refit_on_train_val:
         log.warning("train.refit_on_train_val: no validation split, nothing to add")
-    result.head = head.scaled(result.temperature)
+    result.head = result.head.scaled(result.temperature)
     return result

@@ -1,8 +1,6 @@
-"""Keras `fit` where images must flow (`train.solver=keras`): the study's Adam epochs,
-augmentation, fine-tuning, an unfrozen backbone. The state is saved after every epoch in a folder
-keyed by the run's settings; with `train.resume=true` an interrupted run ends as an uninterrupted
-one (batch order and dropout masks are functions of (seed, epoch)). Imports TensorFlow.
-"""
+"""Keras `fit` where images must flow (`train.solver=keras`): the study's epochs, augmentation,
+fine-tuning, an unfrozen backbone. The state is saved every epoch in a folder keyed by the run's
+settings: with `train.resume=true` an interrupted run ends as an uninterrupted one would."""
 
 from __future__ import annotations
 
@@ -40,17 +38,10 @@ from pipeline.lib.training.head import class_weights
 log = logging.getLogger(__name__)
 
 
-def set_seeds(seed: int) -> None:
-    """Seed Python, NumPy and Keras/TensorFlow; turn on TensorFlow's op determinism."""
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-
-
 def checkpoint_folder(cfg: Config, prepared_md5: str) -> Path:
     """`train.checkpoint_dir/train-<digest>`, keyed by what determines the run (settings but
     resume / checkpoint_dir, data, model folder): a resume finds only its own."""
     train_settings = OmegaConf.to_container(cfg.train, resolve=True)
-    assert isinstance(train_settings, dict)
     key = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "train": {k: v for k, v in train_settings.items() if k not in ("resume", "checkpoint_dir")},
@@ -76,18 +67,18 @@ class Networks:
 def build_networks(
     cfg: Config, num_classes: int, image_size: int, l2: float, feature_dim: int | None
 ) -> Networks:
-    """The extractor (seeded by `model.init_seed` without weights), then, seeded by `train.seed`,
-    the head (`l2`: its kernel's penalty) and the augmentation layers; only the head when
-    `feature_dim` is given (no MobileNetV2 built)."""
+    """The extractor (none when `feature_dim` is given), then, seeded by `train.seed`, the head
+    (`l2`: its kernel's penalty) and the augmentation layers."""
     t, m = cfg.train, cfg.model
-    if feature_dim is not None:
-        set_seeds(t.seed)
-        head = build.build_head(feature_dim, num_classes, m.dropout, m.head_init, l2)
+    extractor = None
+    if feature_dim is None:
+        extractor = build.build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
+        feature_dim = int(extractor.output.shape[-1])
+    keras.utils.set_random_seed(t.seed)  # Python, NumPy, TensorFlow
+    tf.config.experimental.enable_op_determinism()
+    head = build.build_head(feature_dim, num_classes, m.dropout, m.head_init, l2)
+    if extractor is None:
         return Networks(None, head, head, head)
-    extractor = build.build_feature_extractor(m.alpha, m.weights, image_size, m.init_seed)
-    set_seeds(t.seed)
-    dim = int(extractor.output.shape[-1])
-    head = build.build_head(dim, num_classes, m.dropout, m.head_init, l2)
     full = build.compose(extractor, head)
     augmentation = build.build_augmentation(t.augment, t.seed) if t.augment.enabled else None
     image_net = full if augmentation is None else build.compose(extractor, head, augmentation)
@@ -113,9 +104,8 @@ def prepare_checkpoint(cfg: Config, prepared_md5: str) -> Path:
 
 @dataclass
 class PhaseRunner:
-    """Runs one run's phases, gathering the per-epoch `history` ({"epoch": [1-based], metric:
-    [...]}), per-batch `batches`, `phases` (mode, trainable_params, learning_rate, first_epoch,
-    last_epoch) and the epochs where early stopping ended one (`stopped`)."""
+    """Runs a fit's phases, recording per-epoch `history` (epoch 1-based, metrics), per-batch
+    `batches`, each phase's settings (`phases`) and where early stopping ended one (`stopped`)."""
 
     cfg: Config
     targets: dict[str, np.ndarray]
@@ -127,14 +117,13 @@ class PhaseRunner:
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped: list[int] = field(default_factory=list)
     extra_callbacks: Sequence[Any] = ()
-    #: Save the state every epoch; off for a head-only sweep job without resume (~70 % of its time)
-    backup: bool = True
+    backup: bool = True  # the state saved every epoch (~70 % of a head-only sweep job's time)
 
     def run(
         self, name: str, net: Any, x: dict[str, Any], rate: float, epochs: range, backup: Path
     ) -> int:
-        """Train `net` on `x` over `epochs` (0-based) at `rate`, its state saved in `backup`;
-        record what ran; return the epochs done by its end."""
+        """Train `net` on `x` over `epochs` (0-based) at `rate`, its state in `backup`; return the
+        epochs done."""
         t, first, last, y = self.cfg.train, epochs.start, epochs.stop, self.targets
         train_batches = ArrayBatches(x["train"], y["train"], t.batch_size, t.shuffle, t.seed)
         val = ArrayBatches(x["val"], y["val"], t.batch_size, False, 0) if len(y["val"]) else None
@@ -184,8 +173,7 @@ class PhaseRunner:
         return done
 
     def _callbacks(self, schedule: Any, backup: Path) -> tuple[list[Any], Any]:
-        """(callbacks, EarlyStopping or None). The rate logger precedes ReduceLROnPlateau and the
-        backup (which then holds a reduced rate)."""
+        """(callbacks, EarlyStopping or None); the rate logger runs before ReduceLROnPlateau."""
         t = self.cfg.train
         monitor = "val_loss" if len(self.targets["val"]) else "loss"
         callbacks: list[Any] = [LearningRateLogger(schedule)]
@@ -207,8 +195,7 @@ class PhaseRunner:
 def run_phase1(
     runner: PhaseRunner, net: Any, x: dict[str, Any], nets: Networks, checkpoint: Path
 ) -> int:
-    """Phase 1 (when fine-tuning, its weights and epochs are saved in `checkpoint` at its end: a
-    resumed run skips it); its epochs."""
+    """Phase 1; its epochs (saved in `checkpoint` when fine-tuning: a resumed run skips it)."""
     t = runner.cfg.train
     weights, done_file = checkpoint / "phase1.weights.h5", checkpoint / "phase1.json"
     if t.fine_tune.enabled and t.resume and done_file.is_file():
@@ -228,8 +215,8 @@ def run_phase1(
 def run_phase2(
     runner: PhaseRunner, nets: Networks, images: dict[str, Any], done: int, checkpoint: Path
 ) -> None:
-    """Fine-tuning of the backbone's top `unfreeze_top_n` layers (BatchNorm frozen) on images,
-    epochs numbered after phase 1's; the checkpoint folder is removed at its end."""
+    """Fine-tune the backbone's top `unfreeze_top_n` layers (BatchNorm frozen) on images, after
+    phase 1's epochs; then remove the checkpoint folder."""
     ft = runner.cfg.train.fine_tune
     unfrozen = build.unfreeze_top(nets.extractor.get_layer(build.BACKBONE_NAME), ft.unfreeze_top_n)
     log.info("Fine-tuning %d layers (BatchNorm frozen), lr %g", len(unfrozen), ft.learning_rate)
@@ -240,8 +227,8 @@ def run_phase2(
 
 
 def l2_factor(c: float | str | None, n_train: int) -> float:
-    """`train.C` as Keras' L2 factor on the batch-mean loss: 1 / (2 C n_train), the same objective
-    per example as scikit-learn's C (`auto` -> C = 1; null -> 0, no penalty)."""
+    """`train.C` as Keras' L2 factor on the batch-mean loss: 1 / (2 C n_train), scikit-learn's
+    objective (`auto`: C = 1; null: no penalty)."""
     if c is None:
         return 0.0
     return 1.0 / (2.0 * (1.0 if c == "auto" else float(c)) * max(int(n_train), 1))
@@ -249,8 +236,8 @@ def l2_factor(c: float | str | None, n_train: int) -> float:
 
 @dataclass
 class KerasFit:
-    """What Keras `fit` trained: the `head` (not calibrated); the `extractor` and its `features`
-    {"train", "val"} when its weights changed (else None); the `runner`'s records."""
+    """The `head` (not calibrated); the `extractor` and its `features` when its weights changed
+    (else None); the `runner`'s records."""
 
     head: Head
     extractor: keras.Model | None
@@ -269,11 +256,9 @@ def fit_keras(
     prepared_md5: str,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> KerasFit:
-    """Train the head (with `train.fine_tune`, then the backbone's top) with Keras `fit`. Phase 1
-    trains the head on the cached `features` {"train", "val": float32 (N, D)} (without building
-    MobileNetV2) unless `phase1_on_images`; phase 2 is `run_phase2`. `train.resume` continues an
-    interrupted run (early stopping's and ReduceLROnPlateau's counters restart). `callbacks`
-    follow the pipeline's own in every phase's `fit`."""
+    """Keras `fit`: phase 1 trains the head on the cached `features` {"train", "val": float32
+    (N, D)} unless `phase1_on_images`; phase 2 (`train.fine_tune`) the backbone's top too.
+    `callbacks` follow the pipeline's own in every phase."""
     t, c = cfg.train, dataset.num_classes
     mirrored = t.strategy == "mirrored"  # every GPU, else the CPU
     strategy = tf.distribute.MirroredStrategy() if mirrored else tf.distribute.get_strategy()
@@ -304,21 +289,13 @@ def fit_keras(
     kernel, bias = nets.head.get_layer(build.HEAD_NAME).get_weights()
     changed = t.fine_tune.enabled or not cfg.model.freeze_backbone
     extractor = nets.extractor if changed else None
-    new_features = None  # the photos decoded batch by batch
-    if extractor is not None:
+    new_features = None
+    if extractor is not None:  # the photos decoded batch by batch
+        featurize = extractor.predict_on_batch
         dim = int(extractor.output_shape[-1])
-        new_features = {
-            s: featurize_array(extractor.predict_on_batch, images[s], 32, dim) for s in images
-        }
-    epochs = runner.history["epoch"]
-    total = t.epochs + (t.fine_tune.epochs if t.fine_tune.enabled else 0)
-    return KerasFit(
-        head=Head(np.asarray(kernel, np.float32), np.asarray(bias, np.float32)),
-        extractor=extractor,
-        features=new_features,
-        runner=runner,
-        params=build.count_params(nets.full),
-        seconds=seconds,
-        resumed_from_epoch=epochs[0] - 1 if epochs else total,
-        replicas=int(strategy.num_replicas_in_sync),
-    )
+        new_features = {s: featurize_array(featurize, images[s], 32, dim) for s in images}
+    epochs = runner.history["epoch"]  # none ran: the checkpoint held them all
+    resumed = epochs[0] - 1 if epochs else t.epochs + t.fine_tune.enabled * t.fine_tune.epochs
+    head = Head(np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
+    params, replicas = build.count_params(nets.full), int(strategy.num_replicas_in_sync)
+    return KerasFit(head, extractor, new_features, runner, params, seconds, resumed, replicas)
