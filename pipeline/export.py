@@ -57,7 +57,7 @@ def _write_outputs(cfg: Config, files: dict[str, bytes], details: dict[str, Any]
     """Write `paths.exports` (the `files` and model.json, or `NOTHING_EXPORTED`), the reports and
     the latency file; return the exports folder."""
     exports = Path(cfg.paths.exports)
-    with atomic_dir(exports) as tmp:
+    with atomic_dir(exports, "paths.exports") as tmp:
         for fmt, content in files.items():
             (tmp / export_file(fmt)).write_bytes(content)
         if files:

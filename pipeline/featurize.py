@@ -51,7 +51,7 @@ def featurize(cfg: Config) -> dict:
     dim = featurizer.feature_dim
     meta = {"key": features.feature_key(cfg, dvc_md5(cfg.paths.prepared)), "feature_dim": dim}
     store = FeatureStore(store_key(flatbuffer, dataset.image_size, dataset.resize), dim)
-    with atomic_dir(cfg.paths.features) as tmp:
+    with atomic_dir(cfg.paths.features, "paths.features") as tmp:
         outs = {s: RowWriter(tmp / f"{s}.npy", dataset.size(s), dim) for s in SPLITS}
         start = time.perf_counter()
         computed = _assemble(cfg, (featurizer, flatbuffer), dataset, store, outs)

@@ -21,7 +21,7 @@ from pipeline.lib.data.ingest import ingest
 from pipeline.lib.data.prepared import data_root
 from pipeline.lib.data.sources import synthetic
 from pipeline.lib.data.sources.folder import HIDDEN_REASON, DataError
-from pipeline.lib.files import atomic_dir, no_space_error
+from pipeline.lib.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,8 @@ def prepare(cfg: Config) -> dict:
         synthetic.generate(root, cfg.data.synthetic)
     else:
         log.info("Data source: your photo folder %s (read only)", root)
-    try:
-        with atomic_dir(cfg.paths.prepared) as tmp:
-            report = ingest(root, cfg.data, tmp)
-    except OSError as exc:  # a full disk as a UserError, others as they are
-        raise no_space_error(exc, cfg.paths.prepared, "paths.prepared") or exc from None
+    with atomic_dir(cfg.paths.prepared, "paths.prepared") as tmp:  # a full disk: one line
+        report = ingest(root, cfg.data, tmp)
     totals = ", ".join(f"{k} {v}" for k, v in report["totals"].items())
     lost = sum(s["reason"] != HIDDEN_REASON for s in report["skipped"])  # .DS_Store is no photo
     log.info(

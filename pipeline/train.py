@@ -192,8 +192,7 @@ def _fit_keras(
         "replicas": fitted.replicas,
     }
     metrics = _metrics(head, x, y, info, cfg.train.reject, fitted.params)
-    history = {"step": runner.history["epoch"]} | runner.history
-    del history["epoch"]
+    history = {("step" if k == "epoch" else k): v for k, v in runner.history.items()}  # epoch 1st
     return TrainResult(head, backbone, history, runner.batches, metrics, fitted.seconds)
 
 
@@ -286,7 +285,7 @@ def _write_model_folder(cfg: Config, dataset: PreparedDataset, result: TrainResu
         },
         reject=result.metrics["reject"],
     )
-    with atomic_dir(cfg.paths.models) as tmp:
+    with atomic_dir(cfg.paths.models, "paths.models") as tmp:
         save_model_folder(tmp, result.head, card, result.backbone)
 
 

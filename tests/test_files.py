@@ -82,3 +82,23 @@ def test_outputs_honour_the_umask(tmp_path):
         assert mode["metrics.json"] == file_mode, oct(mode["metrics.json"])
         assert mode["models"] == dir_mode, oct(mode["models"])
         assert mode["classes.json"] == file_mode and mode["sub"] == dir_mode
+
+
+FULL_FILE = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from pipeline.lib.files import atomic_file
+resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000))  # EFBIG past 100 kB, as a full disk
+with atomic_file({target!r}, "wb") as fh:
+    fh.write(b"x" * 200000)
+"""
+
+
+def test_a_full_disk_while_writing_a_file_is_one_line_naming_it(tmp_path):
+    target = tmp_path / "reports" / "metrics.json"
+    code = FULL_FILE.format(root=str(ROOT), target=str(target))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pipeline.lib.files.NoSpaceError: No space left to write {target} ")
+    assert "During handling" not in proc.stderr  # the OSError is not chained under it
+    assert list(target.parent.iterdir()) == []  # no temporary left, no half file

@@ -5,6 +5,7 @@ differs on every run, is kept outside them (`paths.run_file`)."""
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,32 @@ def test_an_unwritable_checkpoint_dir_is_refused_before_training(inputs, tmp_pat
     with pytest.raises(UserError, match="train.checkpoint_dir=.*cannot be written"):
         train(cfg)
     assert not Path(cfg.paths.reports, "train_metrics.json").exists()  # nothing trained
+
+
+def _file_size_limit() -> None:  # writes past 1 MB fail with EFBIG, as a full disk's ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+
+def test_a_full_disk_under_paths_models_is_one_line_and_leaves_nothing(inputs, tmp_path):
+    """Case disk-full-mlflow-store, part 2: the model folder (its backbone.tflite is 1.6 MB) cannot
+    be written: one line naming it and paths.models, exit 2, no half-written folder."""
+    values = inputs | {"tracking.uri": seeded_store(tmp_path)}  # an empty store: < 1 MB
+    cfg = tiny_config(tmp_path, **values)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *tiny_overrides(tmp_path, **values)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_file_size_limit,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ERROR: No space left to write {cfg.paths.models} ("), last
+    assert "set paths.models to a folder on another one" in last
+    models = Path(cfg.paths.models)
+    assert not models.exists() and not list(models.parent.glob(f".{models.name}.*"))
 
 
 def test_a_diverged_keras_fit_is_one_error_and_a_sweep_goes_on(inputs, tmp_path):

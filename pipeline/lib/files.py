@@ -23,10 +23,12 @@ class NoSpaceError(UserError, OSError):
     """Writing an output ran out of disk space (or hit a quota or file-size limit)."""
 
 
-def no_space_error(exc: OSError, target: PathLike, key: str) -> NoSpaceError | None:
+def no_space_error(exc: BaseException, target: PathLike, key: str) -> NoSpaceError | None:
     """A one-line NoSpaceError naming `target` and the config `key` that sets it when `exc` is a
-    full disk, quota or file-size limit; None for any other OSError."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    full disk, quota or file-size limit; None for any other exception."""
+    if isinstance(exc, NoSpaceError):  # a file inside the folder `target`: name the folder
+        exc = exc.__context__  # type: ignore[assignment]  (the OSError it was raised for)
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return None
     where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc.strerror or exc
     return NoSpaceError(
@@ -77,16 +79,18 @@ def _temp_beside(target: Path) -> Path:
 
 
 @contextmanager
-def atomic_dir(target: PathLike) -> Iterator[Path]:
+def atomic_dir(target: PathLike, key: str = "its paths.* key") -> Iterator[Path]:
     """A fresh temporary folder beside `target` that replaces `target` whole if the block succeeds
-    (removed, `target` untouched, if it raises)."""
+    (removed, `target` untouched, if it raises; a full disk as `no_space_error` naming `key`)."""
     target = Path(target)
     tmp = _temp_beside(target)
     tmp.mkdir()  # 0777 less the umask, as `mkdir` gives
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if error := no_space_error(exc, target, key):
+            raise error from None
         raise
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
@@ -101,15 +105,17 @@ def atomic_dir(target: PathLike) -> Iterator[Path]:
 @contextmanager
 def atomic_file(target: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """A temporary file beside `target`, open in `mode` (`w` or `wb`; UTF-8 for text), that
-    replaces `target` only if the block succeeds."""
+    replaces `target` only if the block succeeds (a full disk: `no_space_error`)."""
     target = Path(target)
     tmp = _temp_beside(target)
     try:
         with open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else "utf-8") as fh:
             yield fh  # created exclusively, 0666 less the umask, as `open` gives
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if error := no_space_error(exc, target, "its paths.* key"):
+            raise error from None
         raise
 
 
