@@ -7,6 +7,7 @@ Case exp-run-overrides-revert-to-synthetic: DVC's Hydra integration composes con
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,16 @@ def test_the_project_or_a_folder_above_it_is_refused(tmp_path, monkeypatch):
             choose(root, ["--use-folder", str(folder)])
     assert (root / "conf" / "config.yaml").read_text() == before
     assert not (root / "conf" / "data" / "photos.yaml").exists()
+
+
+def test_the_new_photos_yaml_is_known_to_git_so_queued_experiments_get_it(tmp_path, monkeypatch):
+    """Case exp-apply-then-repro-refused: `dvc exp run --queue` copies only the files git knows;
+    an untracked conf/data/photos.yaml failed every queued job ("Could not find 'data/photos'")."""
+    root = project(tmp_path)
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    monkeypatch.chdir(root)
+    choose(root, ["--use-folder", str(photos(tmp_path))])
+    known = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout
+    assert known.split() == ["conf/data/photos.yaml"]  # intent to add: its content is not staged
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True)
+    assert " A conf/data/photos.yaml" in status.stdout.decode()

@@ -181,22 +181,29 @@ def test_compose_needs_no_hydra_app_and_leaves_none(project: Path):
 
 
 def test_data_taken_from_conf_by_dvc_exp_run_is_named_when_the_last_run_differs(
-    project: Path, capsys
+    project: Path, capsys, monkeypatch
 ):
     """After `dvc exp run -S data=folder -S data.path=P`, a plain `dvc exp run -S train.C=2`
-    reads conf/'s data again (DVC composes conf/ with only its own -S): a warning says so."""
+    reads conf/'s data again (DVC composes conf/ with only its own -S): the config stage says so,
+    also when an -S (here experiment=smoke: data.image_size=32) sets other data keys."""
+    from dvc.utils.hydra import compose_and_dump
+
     lock = {"stages": {"prepare": {"params": {"params.yaml": {"data": {"source": "folder"}}}}}}
     lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["path"] = "/my/photos"
     (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    monkeypatch.setenv("DVC_EXP_NAME", "some-exp")
+    for dash_s in (["train.C=2"], ["experiment=smoke", "train.C=2"]):
+        conf = str(project / "conf")
+        compose_and_dump(project / "params.yaml", conf, None, "config", str(project), dash_s)
+        check_params(project)  # the config stage inside `dvc exp run`
+        err = capsys.readouterr().err
+        assert (
+            err.startswith("WARNING: this experiment reads data.source=synthetic")
+            and err.count("\n") == 1
+        ), dash_s
+        assert "data.path=/my/photos" in err and "--use-folder" in err
     values, _ = load_params(project / "params.yaml")
-    warn_data_from_conf(project, values, ["train.C=2"])
-    err = capsys.readouterr().err
-    assert (
-        err.startswith("WARNING: this experiment reads data.source=synthetic")
-        and err.count("\n") == 1
-    )
-    assert "data.path=/my/photos" in err and "--use-folder" in err
     warn_data_from_conf(project, values, ["data.source=synthetic", "train.C=2"])  # asked for
     values["data"].update(source="folder", path="/my/photos")
-    warn_data_from_conf(project, values, ["train.C=2"])  # the same data
+    warn_data_from_conf(project, values, ["data.image_size=32", "train.C=2"])  # the same data
     assert capsys.readouterr().err == ""

@@ -294,8 +294,7 @@ def hydra_value(value: Any) -> str:
 
 
 def warn_data_from_conf(root: Path, values: dict[str, Any], overrides: list[str]) -> None:
-    """Warn when `dvc exp run` (conf/ with only its own -S) took the data from conf/, not the
-    last run's (dvc.lock)."""
+    """Warn when `dvc exp run` (conf/ and its -S) took other data than the last run (dvc.lock)."""
     try:
         last = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
         last = last["prepare"]["params"]["params.yaml"]["data"]
@@ -304,7 +303,8 @@ def warn_data_from_conf(root: Path, values: dict[str, Any], overrides: list[str]
     was, now = (
         f"data.source={d.get('source')} data.path={d.get('path')}" for d in (last, values["data"])
     )
-    if was != now and not any(o.lstrip("+~").startswith("data.") for o in overrides):
+    asked = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    if was != now and not asked & {"data.source", "data.path"}:
         print(
             f"WARNING: this experiment reads {now} (from conf/), the last run (dvc.lock) {was}: "
             "`dvc exp run` composes conf/ with only its -S; keep photos with -S data=folder "

@@ -4,8 +4,10 @@ it in conf/config.yaml, `--use-synthetic` selects `synthetic` again; both rewrit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -51,8 +53,7 @@ def _data_default(config: Path) -> tuple[str, re.Match[str]]:
 
 
 def _set_default(root: Path, option: str) -> None:
-    config = root / "conf" / "config.yaml"
-    text, match = _data_default(config)
+    text, match = _data_default(config := root / "conf" / "config.yaml")
     with atomic_file(config) as fh:
         fh.write(text[: match.start("option")] + option + text[match.end("option") :])
 
@@ -77,16 +78,16 @@ def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, i
     body = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
     with atomic_file(target) as fh:
         fh.write(_PHOTOS_HEADER + body)
+    with contextlib.suppress(OSError):  # queued `dvc exp run`s get only the files git knows
+        subprocess.run(["git", "add", "-N", target.name], cwd=target.parent, capture_output=True)
     _set_default(root, PHOTOS_OPTION)
     return folder, len(found.candidates), len(found.classes)
 
 
 def _own_settings(path: Path) -> dict:
     """The keys an existing photos.yaml sets besides its defaults (`path` first)."""
-    if not path.is_file():
-        return {}
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     except yaml.YAMLError as exc:
         raise DataChoiceError(f"{path}: invalid YAML ({exc}); fix or delete it") from None
     values = dict(values) if isinstance(values, dict) else {}
@@ -105,11 +106,10 @@ def choose(root: Path, args: list[str]) -> str:
         params = write_params(root, [])
         return (
             f"Data: your photo folder {folder} ({images} image files in {classes} classes), in "
-            f"conf/data/{PHOTOS_OPTION}.yaml and selected in conf/config.yaml; wrote {params}. "
-            "`python -m pipeline.params --use-synthetic` switches back."
+            f"conf/data/{PHOTOS_OPTION}.yaml (git add -N) and selected in conf/config.yaml; "
+            f"wrote {params}. `python -m pipeline.params --use-synthetic` switches back."
         )
     if args == ["--use-synthetic"]:
         _set_default(root, "synthetic")
-        params = write_params(root, [])
-        return f"Data: the generated toy trucks (conf/config.yaml); wrote {params}"
+        return f"Data: the generated toy trucks (conf/config.yaml); wrote {write_params(root, [])}"
     raise DataChoiceError(f"usage: {USAGE}")
