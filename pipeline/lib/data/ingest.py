@@ -283,26 +283,18 @@ class _Tally:
                 if counts["val"][label] == 0
             ]
         outside = [f for f, reason in disc.skipped if reason.startswith(OUTSIDE_REASON)]
-        if outside:
-            self.warnings.append(
-                f"{len(outside)} symbolic link(s) point outside the data folder and are left out "
-                "(DVC tracks the folder's content, not link targets; copy the photos in to use "
-                f"them): {_listed(outside)}"
-            )
         hidden = [f for f, reason in disc.skipped if reason.startswith(HIDDEN_PHOTOS_REASON)]
-        if hidden:
-            self.warnings.append(
-                f"{len(hidden)} hidden folder(s) with image files skipped (rename them without the "
-                f"leading dot to use them): {_listed(hidden)}"
-            )
-        unexpected = [
-            f for f, r in disc.skipped if r != HIDDEN_REASON and f not in outside + hidden
-        ]
-        if unexpected:
-            self.warnings.append(
-                f"{len(unexpected)} files/folders skipped (non-image files, broken links, ...; "
-                f"why: 'skipped' in report.json): {_listed(unexpected)}"
-            )
+        skipped = {
+            "symbolic link(s) point outside the data folder and are left out (DVC tracks the "
+            "folder's content, not link targets; copy the photos in to use them)": outside,
+            "hidden folder(s) with image files skipped (rename them without the leading dot to "
+            "use them)": hidden,
+            "files/folders skipped (non-image files, broken links, ...; why: 'skipped' in "
+            "report.json)": [
+                f for f, r in disc.skipped if r != HIDDEN_REASON and f not in outside + hidden
+            ],
+        }
+        self.warnings += [f"{len(fs)} {what}: {_listed(fs)}" for what, fs in skipped.items() if fs]
         return small
 
     def split_folder(self, split: str) -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.files import atomic_file, read_json, write_json
 from pipeline.lib.model import build
 from pipeline.lib.model.classifier import CARD_FILE, Classifier, ModelCard, hflip
-from pipeline.lib.model.features import usable_cores
+from pipeline.lib.model.features import read_ahead, usable_cores
 from pipeline.lib.model.reject import UNKNOWN
 from pipeline.lib.model.tflite import TFLiteRunner
 from pipeline.lib.tracking.compare import check_store
@@ -197,26 +196,22 @@ def _collect(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, skipped
 
 
-def _decode(file: Path, size: int, resize: str, max_pixels: int) -> np.ndarray | str:
-    try:
-        return load_rgb(file, size, resize, max_pixels)
-    except RejectedImage as exc:
-        return exc.reason.replace("data.max_pixels", "--max-pixels")
-    except OSError as exc:
-        return f"cannot read file ({exc.strerror or exc})"
-
-
 def _decoded_batches(
     files: list[Path], size: int, resize: str, batch_size: int, max_pixels: int
 ) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
     """Batches of (file, image or why not); the next batch decodes while the caller predicts."""
-    decode = functools.partial(_decode, size=size, resize=resize, max_pixels=max_pixels)
+
+    def decode(file: Path) -> np.ndarray | str:
+        try:
+            return load_rgb(file, size, resize, max_pixels)
+        except RejectedImage as exc:
+            return exc.reason.replace("data.max_pixels", "--max-pixels")
+        except OSError as exc:
+            return f"cannot read file ({exc.strerror or exc})"
+
     with ThreadPoolExecutor(usable_cores()) as pool:
-        pending = pool.map(decode, files[:batch_size])  # map submits the whole batch at once
-        for start in range(0, len(files), batch_size):
-            chunk, current = files[start : start + batch_size], pending
-            pending = pool.map(decode, files[start + batch_size : start + 2 * batch_size])
-            yield list(zip(chunk, current, strict=True))
+        chunks = (files[i : i + batch_size] for i in range(0, len(files), batch_size))
+        yield from read_ahead(list(zip(c, pool.map(decode, c), strict=True)) for c in chunks)
 
 
 def _output_format(path: str) -> str:

@@ -68,14 +68,10 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
 def _keras_settings(home: Path) -> dict[str, str]:
     """Keras' floatx, image_data_format and backend: $KERAS_BACKEND, keras.json, its defaults."""
     settings = {"floatx": "float32", "image_data_format": "channels_last", "backend": "tensorflow"}
-    try:
+    with contextlib.suppress(OSError, ValueError, TypeError):
         saved = json.loads((home / "keras.json").read_text())
-    except (OSError, ValueError):
-        saved = {}
-    if isinstance(saved, dict):
         settings.update({k: str(saved[k]) for k in settings if k in saved})
-    if os.environ.get("KERAS_BACKEND"):
-        settings["backend"] = os.environ["KERAS_BACKEND"]
+    settings["backend"] = os.environ.get("KERAS_BACKEND") or settings["backend"]
     return settings
 
 
@@ -171,7 +167,8 @@ def backbone_featurizer(
     return sharded, sharded.feature_dim
 
 
-def _read_ahead(iterator: Iterator[Any]) -> Iterator[Any]:
+def read_ahead(iterator: Iterator[Any]) -> Iterator[Any]:
+    """The items of `iterator`, the next one computed in a thread while the caller works."""
     done = object()
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(next, iterator, done)
@@ -191,7 +188,7 @@ def feature_batches(
     done = 0
     off = None if progress else True  # None: tqdm draws only on a terminal
     with tqdm(total=len(images), desc=progress, unit="img", disable=off, leave=False) as bar:
-        for batch in _read_ahead(iter_batches(images, batch_size)):  # next batch read in a thread
+        for batch in read_ahead(iter_batches(images, batch_size)):  # next batch read in a thread
             feats = featurizer(batch)
             yield done, feats
             done += len(feats)
