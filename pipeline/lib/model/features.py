@@ -152,21 +152,6 @@ class ShardedTFLite:
         return out
 
 
-def backbone_featurizer(
-    alpha: float,
-    weights: str | None,
-    image_size: int,
-    init_seed: int = 0,
-    num_threads: int = 0,
-    cache_dir: Path | None = None,
-) -> tuple[ShardedTFLite, int]:
-    """(`ShardedTFLite` of `num_threads` interpreters over `backbone_flatbuffer(...)`, its D)."""
-    sharded = ShardedTFLite(
-        backbone_flatbuffer(alpha, weights, image_size, init_seed, cache_dir), num_threads
-    )
-    return sharded, sharded.feature_dim
-
-
 def read_ahead(iterator: Iterator[Any]) -> Iterator[Any]:
     """The items of `iterator`, the next one computed in a thread while the caller works."""
     done = object()

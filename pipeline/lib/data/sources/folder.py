@@ -12,8 +12,8 @@ import errno
 import os
 import stat
 import zlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +74,8 @@ class Discovery:
     candidates: list[Candidate]
     skipped: list[tuple[str, str]]
     layout: str
-    root: Path = Path(".")
-    class_folders: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    root: Path
+    class_folders: dict[str, dict[str, list[str]]]
 
 
 def display_path(path: Path, root: Path) -> str:
@@ -89,12 +89,10 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def split_ratios(ratios: SplitRatios | Sequence[float]) -> tuple[float, float, float]:
-    """(train, val, test) fractions summing to 1 from `data.split` (its bounds checked by the
-    schema) or a 3-sequence."""
-    values = [ratios.train, ratios.val, ratios.test] if hasattr(ratios, "train") else list(ratios)
-    train, val, test = (float(v) / sum(values) for v in values)
-    return train, val, test
+def split_ratios(ratios: SplitRatios) -> tuple[float, float, float]:
+    """(train, val, test) fractions of `data.split` (bounds checked by the schema), summing to 1."""
+    total = ratios.train + ratios.val + ratios.test
+    return ratios.train / total, ratios.val / total, ratios.test / total
 
 
 def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -117,9 +115,7 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
     return train, val, test
 
 
-def discover(
-    root: str | os.PathLike[str], ratios: SplitRatios | Sequence[float], seed: int
-) -> Discovery:
+def discover(root: str | os.PathLike[str], ratios: SplitRatios, seed: int) -> Discovery:
     """Find the image files under `root` (read only), each with a class and a split (`ratios` and
     `seed` split the single layout). DataError: the folder cannot be used."""
     root = _checked_root(root)
