@@ -39,7 +39,7 @@ from pipeline.lib.model.tflite import TFLiteRunner
 from pipeline.lib.tracking.compare import check_store
 from pipeline.lib.tracking.store import TrackingError, first_line
 
-OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
+OUTPUT_FORMATS = (".csv", ".json")
 
 
 class PredictError(UserError):
@@ -48,9 +48,8 @@ class PredictError(UserError):
 
 @dataclass
 class Predictor:
-    """A loaded model: its kind, classes, input size, recorded resize mode (None: none), and
-    (images (N, S, S, 3), tta) -> (float64 probabilities (N, C), bool (N,) accepted by its reject
-    rule)."""
+    """A loaded model: kind, classes, input side, resize mode (None: not recorded), and (images
+    (N, S, S, 3), tta) -> (float64 probabilities (N, C), bool (N,) accepted by its reject rule)."""
 
     kind: str
     classes: list[str]
@@ -132,8 +131,7 @@ def _from_file(path: Path, source: str, classes_file: str | None) -> Predictor:
         probs = (probs + predict(hflip(images))) / 2 if tta else probs
         return probs, np.ones(len(probs), dtype=bool)
 
-    resize = card.resize if card else None
-    return Predictor(kind, card.classes if card else [], size, classify, resize)
+    return Predictor(kind, card.classes if card else [], size, classify, card and card.resize)
 
 
 def _load_predictor(model: str, tracking_uri: str | None, classes_file: str | None) -> Predictor:
@@ -214,8 +212,9 @@ def _decoded_batches(
         yield from read_ahead(list(zip(c, pool.map(decode, c), strict=True)) for c in chunks)
 
 
-def _output_format(path: str) -> str:
-    """`csv` or `json`, once `path`'s folder exists (created) and takes a new file."""
+def _check_output(path: str) -> None:
+    """PredictError unless `path` is a .csv/.json name whose folder exists (created) and takes a
+    new file."""
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix not in OUTPUT_FORMATS or target.is_dir():
@@ -230,7 +229,6 @@ def _output_format(path: str) -> str:
         raise PredictError(
             f"--output {path}: cannot {step} {folder} ({exc.strerror or exc})"
         ) from None
-    return OUTPUT_FORMATS[suffix]
 
 
 def _records(
@@ -253,9 +251,9 @@ def _records(
     return out
 
 
-def _write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
+def _write_output(path: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
     """JSON: the records as they are; CSV: path, predicted, probability, one column per class."""
-    if fmt == "json":
+    if path.lower().endswith(".json"):
         write_json(path, rows)
         return
     with atomic_file(path) as fh:
@@ -304,7 +302,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    fmt = _output_format(args.output) if args.output else None  # before any work
+    if args.output:
+        _check_output(args.output)  # before any work
     predictor = _load_predictor(args.model, args.tracking_uri, args.classes)
     resize = args.resize or predictor.resize or "stretch"
     if args.resize is None and predictor.resize is None:
@@ -320,7 +319,7 @@ def _run(args: argparse.Namespace) -> int:
         raise PredictError(f"no image was predicted from {what}: {found}")
     if args.output:
         try:
-            _write_output(args.output, fmt, rows, predictor.classes)
+            _write_output(args.output, rows, predictor.classes)
         except OSError as exc:
             raise PredictError(
                 f"--output {args.output}: not written ({first_line(exc)}); the lines above are the "

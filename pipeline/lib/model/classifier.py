@@ -25,7 +25,6 @@ from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import md5_file, read_json, write_json
 from pipeline.lib.model.features import ShardedTFLite
 from pipeline.lib.model.reject import RejectRule, energy
-from pipeline.lib.model.tflite import ModelSource
 
 BACKBONE_FILE = "backbone.tflite"
 HEAD_FILE = "head.npy"
@@ -175,12 +174,11 @@ def check_pixels(images: Any) -> np.ndarray:
 
 class Classifier:
     """A model folder as a function on images (evaluate, predict, the served model): the LiteRT
-    backbone (file or bytes; `workers` interpreters, 0: one per core; built on first use), then
-    the head."""
+    backbone file (`workers` interpreters, 0: one per core; built on first use), then the head."""
 
     BATCH = 32  # images per backbone call (bounds the memory of a large request)
 
-    def __init__(self, head: Head, card: ModelCard, backbone: ModelSource, workers: int = 0):
+    def __init__(self, head: Head, card: ModelCard, backbone: Path, workers: int = 0):
         self.head, self.card, self.backbone_source, self.workers = head, card, backbone, workers
         self.classes, self.image_size = list(card.classes), int(card.image_size)
 
