@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.lib.config.schema import DataConfig
 from pipeline.lib.data.images import RejectedImage, load_rgb
-from pipeline.lib.data.prepared import SPLITS, ManifestRow, shown_path, write_manifest
+from pipeline.lib.data.prepared import SPLITS, ManifestRow, display_path, shown_path, write_manifest
 from pipeline.lib.data.sources.folder import (
     HIDDEN_PHOTOS_REASON,
     HIDDEN_REASON,
@@ -30,9 +30,9 @@ from pipeline.lib.data.sources.folder import (
     DataError,
     Discovery,
     discover,
-    display_path,
     split_ratios,
 )
+from pipeline.lib.data.sources.synthetic import SPLIT_DIRS
 from pipeline.lib.files import write_json
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ SMALL_CLASS = 5
 #: The side prepare decodes to, to check a file (featurize decodes at `data.image_size`).
 CHECK_SIZE = 16
 _BAR = dict(unit="img", desc="prepare: checking images", mininterval=0.5, dynamic_ncols=True)
-_SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
 #: A checked file: candidate, (size in bytes, sha256, None) or (0, None, reason), decoder notes.
 _Checked = tuple[Candidate, int, str | None, str | None, list[str]]
 #: A group of identical files in report.json: sha256, files, and their split(s).
@@ -309,7 +308,7 @@ class _Tally:
             if not folders and (split_folder := self.split_folder(split)):
                 return f"there is no '{label}' folder in {split_folder}/"
             if not folders:
-                return f"there is no {_SPLIT_WORD[split]} folder"
+                return f"there is no {SPLIT_DIRS[split]} folder"
             where = ", ".join(f"'{f}/'" for f in folders)
             if found == 0:
                 return f"{where} has no image files"
@@ -328,7 +327,7 @@ class _Tally:
         if folders := self.disc.class_folders.get(split, {}).get(label, []):
             listed = ", ".join(repr(f + "/") for f in folders)
             return f"Add images to {listed} (or fix its rejected files), or remove the class."
-        split_folder = self.split_folder(split) or _SPLIT_WORD[split]
+        split_folder = self.split_folder(split) or SPLIT_DIRS[split]
         return f"Create '{split_folder}/{label}/' with images, or remove the class elsewhere."
 
 

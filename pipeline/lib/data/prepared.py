@@ -170,12 +170,15 @@ def data_root(data: DataConfig) -> str:
     return str(data.synthetic.dir if data.source == "synthetic" else data.path)
 
 
+def display_path(path: Path, root: Path) -> str:
+    """`path` relative to `root` (when inside), posix separators, printable/encodable as UTF-8."""
+    return printable((path.relative_to(root) if path.is_relative_to(root) else path).as_posix())
+
+
 def shown_path(path: str | os.PathLike[str]) -> str:
     """`path` as report.json records it: relative when inside the working directory (the DVC
     hash does not depend on where the project is cloned), else absolute."""
-    absolute, cwd = Path(os.path.abspath(os.fspath(path))), Path.cwd().absolute()
-    shown = absolute.relative_to(cwd) if absolute.is_relative_to(cwd) else absolute
-    return printable(shown.as_posix())
+    return display_path(Path(os.path.abspath(os.fspath(path))), Path.cwd().absolute())
 
 
 def data_tags(report: dict) -> dict[str, str]:

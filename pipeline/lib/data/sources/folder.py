@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.lib.config.schema import SplitRatios
-from pipeline.lib.data.class_names import case_collisions, class_name, name_collisions, printable
+from pipeline.lib.data.class_names import case_collisions, class_name, name_collisions
 from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, IMAGE_EXTENSIONS
-from pipeline.lib.data.prepared import SPLITS
+from pipeline.lib.data.prepared import SPLITS, display_path
 from pipeline.lib.errors import UserError
 
 #: Top-level folder names (case-insensitive) that mark the split layout.
@@ -76,12 +76,6 @@ class Discovery:
     layout: str
     root: Path
     class_folders: dict[str, dict[str, list[str]]]
-
-
-def display_path(path: Path, root: Path) -> str:
-    """`path` relative to `root`, posix separators, always printable/encodable as UTF-8."""
-    rel = path.relative_to(root) if path.is_relative_to(root) else path
-    return printable(rel.as_posix())
 
 
 def is_ignored(name: str) -> bool:
