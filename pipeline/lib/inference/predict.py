@@ -289,9 +289,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write every image's scores to a .csv or .json file")
     p.add_argument("--top-k", type=_positive, default=3, help="classes shown per image (3)")
     p.add_argument("--batch-size", type=_positive, default=32, help="images per batch (32)")
-    p.add_argument(
-        "--resize", choices=RESIZE_POLICIES, help="as data.resize (default: the model's)"
-    )
+    p.add_argument("--resize", choices=RESIZE_POLICIES, help="as data.resize (default: model's)")
     p.add_argument("--classes", help="JSON list of class names (default: the model's model.json)")
     p.add_argument("--tta", action="store_true", help="average with the horizontal flip's scores")
     pixels = f"larger images are skipped, as data.max_pixels in training ({MAX_PIXELS:,})"

@@ -117,10 +117,11 @@ def discover(root: str | os.PathLike[str], ratios: SplitRatios, seed: int) -> Di
     top_dirs, top_files = walker.list_dir(root)
     split_dirs, other_dirs = _top_level(root, top_dirs)
     if split_dirs:
-        found = _discover_splits(root, walker, split_dirs, top_files)
+        candidates, class_folders, classes = _discover_splits(walker, split_dirs, top_files)
     else:
-        found = _discover_single(root, walker, other_dirs, top_files, split_ratios(ratios), seed)
-    candidates, class_folders, classes = found
+        candidates, class_folders, classes = _discover_single(
+            walker, other_dirs, top_files, ratios, seed
+        )
     clashes = case_collisions(classes)
     if clashes:
         raise DataError(
@@ -195,9 +196,8 @@ def _labels(parent: Path, class_dirs: list[Path]) -> list[str]:
 _Found = tuple[list[Candidate], dict[str, dict[str, list[str]]], set[str]]
 
 
-def _discover_splits(
-    root: Path, walker: _Walker, split_dirs: dict[str, Path], top_files: list[Path]
-) -> _Found:
+def _discover_splits(walker: _Walker, split_dirs: dict[str, Path], top_files: list[Path]) -> _Found:
+    root = walker.root
     for f in top_files:
         walker.skip(f, "file outside the split folders (not inside a class folder)")
     missing = [s for s in ("train", "test") if s not in split_dirs]
@@ -227,13 +227,9 @@ def _discover_splits(
 
 
 def _discover_single(
-    root: Path,
-    walker: _Walker,
-    class_dirs: list[Path],
-    top_files: list[Path],
-    ratios: tuple[float, float, float],
-    seed: int,
+    walker: _Walker, class_dirs: list[Path], top_files: list[Path], ratios: SplitRatios, seed: int
 ) -> _Found:
+    root = walker.root
     loose_image = "image outside any class folder (move it into a class sub-folder)"
     for f in top_files:
         image = f.suffix.lower() in CANDIDATE_EXTENSIONS
@@ -249,7 +245,7 @@ def _discover_single(
         # a fixed permutation per (seed, class): adding a class does not reshuffle the others
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(label.encode("utf-8"))])
         order = rng.permutation(len(paths))
-        n_train, n_val, _ = split_counts(len(paths), ratios)
+        n_train, n_val, _ = split_counts(len(paths), split_ratios(ratios))
         for rank, i in enumerate(order):
             split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
             candidates.append(Candidate(path=paths[i], label=label, split=split))
