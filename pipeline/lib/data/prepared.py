@@ -188,33 +188,27 @@ def data_tags(report: dict) -> dict[str, str]:
     return tags | {"data_small_classes": small[:4000]}
 
 
-def _mismatches(dataset: PreparedDataset, data: DataConfig) -> list[str]:
+def open_prepared(folder: str | os.PathLike[str], data: DataConfig) -> PreparedDataset:
+    """The prepared dataset in `folder`, checked against `data` (image size, resize, source and
+    folder). StageInputError: none there, or prepared with other settings."""
+    dataset = PreparedDataset(folder)
     report, runs, root = dataset.report, "but this step runs with", shown_path(data_root(data))
-    found = [
+    problems = [
         f"data.{key}={report[key]}, {runs} data.{key}={getattr(data, key)}"
         for key in ("image_size", "resize")
         if report[key] != getattr(data, key)
     ]
     if (report["source"], report["root"]) != (data.source, root):
-        found.append(
+        problems.append(
             f"data.source={report['source']} from '{report['root']}', {runs} "
             f"data.source={data.source} from '{root}'"
         )
-    return found
-
-
-def open_prepared(
-    folder: str | os.PathLike[str], data: DataConfig | None = None
-) -> PreparedDataset:
-    """The prepared dataset in `folder`, checked against `data` (image size, resize, source and
-    folder; None: no check). StageInputError: none there, or prepared with other settings."""
-    dataset = PreparedDataset(folder)
-    if problems := _mismatches(dataset, data) if data is not None else []:
+    if problems:
         raise StageInputError(
             f"{dataset.folder} was prepared with {'; and with '.join(problems)}: rerun prepare "
             "(`dvc repro`, or `python -m pipeline.prepare` with the same settings)."
         )
-    if data is not None and data.source == "synthetic":
+    if data.source == "synthetic":
         root = dataset.root  # not a DVC output: a queued `dvc exp run` restores prepare's only
         if not all((root / row.path).is_file() for row in dataset.manifest()):
             log.info("Generating the synthetic photos again into %s (the same bytes)", root)

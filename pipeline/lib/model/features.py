@@ -52,27 +52,23 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
     for name in KEYED_DISTRIBUTIONS:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
+    # Keras' settings: its defaults, those in keras.json, $KERAS_BACKEND
+    keras = {"floatx": "float32", "image_data_format": "channels_last", "backend": "tensorflow"}
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        saved = json.loads((build.keras_home() / "keras.json").read_text())
+        keras.update({k: str(saved[k]) for k in keras if k in saved})
+    keras["backend"] = os.environ.get("KERAS_BACKEND") or keras["backend"]
     parts = {
         "weights": f"init_seed={int(init_seed)}" if path is None else f"{origin}:{md5_file(path)}",
         "alpha": float(alpha),
         "image_size": int(image_size),
         "versions": versions,
-        "keras_settings": _keras_settings(build.keras_home()),
+        "keras_settings": keras,
         "conversion": CONVERSION,
         "build_py": md5_file(build.__file__),
         "converter": hashlib.sha256(inspect.getsource(convert_to_tflite).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _keras_settings(home: Path) -> dict[str, str]:
-    """Keras' floatx, image_data_format and backend: $KERAS_BACKEND, keras.json, its defaults."""
-    settings = {"floatx": "float32", "image_data_format": "channels_last", "backend": "tensorflow"}
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        saved = json.loads((home / "keras.json").read_text())
-        settings.update({k: str(saved[k]) for k in settings if k in saved})
-    settings["backend"] = os.environ.get("KERAS_BACKEND") or settings["backend"]
-    return settings
 
 
 def tflite_cache_path(key: str, cache_dir: Path | None = None) -> Path:
