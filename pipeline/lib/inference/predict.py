@@ -310,7 +310,23 @@ def _run(args: argparse.Namespace) -> int:
     files, skipped = _collect(args.inputs)
     for path, why in skipped:
         tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
-    rows, bad = _predict_files(args, predictor, files, resize)
+    rows: list[dict[str, Any]] = []
+    bad, k, size = 0, min(args.top_k, len(predictor.classes)), predictor.image_size
+    # a bar on stderr if an input was a folder and stderr is a terminal (tqdm's `disable=None`)
+    disable = None if any(Path(name).is_dir() for name in args.inputs) else True
+    with tqdm(total=len(files), unit="img", desc="predict", disable=disable) as bar:
+        for batch in _decoded_batches(files, size, resize, args.batch_size, args.max_pixels):
+            good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
+            for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
+                tqdm.write(f"warning: skipped {f}: {why}", file=sys.stderr)
+                bad += 1
+            if good:
+                probs, accepted = predictor.classify(np.stack([i for _, i in good]), args.tta)
+                new = _records([str(f) for f, _ in good], probs, predictor.classes, k, accepted)
+                for row in new:  # each image's line as it goes
+                    tqdm.write(_format_line(row), file=sys.stdout)
+                rows.extend(new)
+            bar.update(len(batch))
     if not rows:
         what = ", ".join(args.inputs)
         found = f"{bad} file(s) could not be decoded" if bad else "no image files found"
@@ -328,31 +344,6 @@ def _run(args: argparse.Namespace) -> int:
     done += f"{predictor.image_size} px, resize {resize}); {problems} file(s) skipped"
     print(done + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
     return 0
-
-
-def _predict_files(
-    args: argparse.Namespace, predictor: Predictor, files: list[Path], resize: str
-) -> tuple[list[dict[str, Any]], int]:
-    """(records, number of undecodable files); each image's line printed to stdout as it goes,
-    a bar on stderr if an input was a folder and stderr is a terminal (tqdm's `disable=None`)."""
-    rows: list[dict[str, Any]] = []
-    bad, k = 0, min(args.top_k, len(predictor.classes))
-    size, batch_size = predictor.image_size, args.batch_size
-    disable = None if any(Path(name).is_dir() for name in args.inputs) else True
-    with tqdm(total=len(files), unit="img", desc="predict", disable=disable) as bar:
-        for batch in _decoded_batches(files, size, resize, batch_size, args.max_pixels):
-            good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
-            for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
-                tqdm.write(f"warning: skipped {f}: {why}", file=sys.stderr)
-                bad += 1
-            if good:
-                probs, accepted = predictor.classify(np.stack([i for _, i in good]), args.tta)
-                new = _records([str(f) for f, _ in good], probs, predictor.classes, k, accepted)
-                for row in new:
-                    tqdm.write(_format_line(row), file=sys.stdout)
-                rows.extend(new)
-            bar.update(len(batch))
-    return rows, bad
 
 
 def main(argv: Sequence[str] | None = None) -> int:
