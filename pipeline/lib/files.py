@@ -73,7 +73,6 @@ def _remove(path: Path) -> None:
 
 
 def _temp_beside(target: Path) -> Path:
-    """A new name beside `target` for a temporary; stale temporaries are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")

@@ -59,7 +59,7 @@ def ingest(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Check every image under `root` (read only) and record them in the prepared dataset in
-    `out_dir`; return the report. `workers`: decoding threads (default: cores, at most 8).
+    the folder `out_dir`; return the report. `workers`: decoding threads (default: cores, at most 8).
     Raises DataError (with the report as `.report`), OSError."""
     disc = discover(root, data.split, data.seed)
     how = "split folders" if disc.layout == "splits" else "class folders, split by data.split"
@@ -97,7 +97,6 @@ def ingest(
         error.report = report
         raise error
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "manifest.csv", tally.rows)
     write_json(out / "classes.json", list(disc.classes))
     write_json(out / "report.json", report)
@@ -332,7 +331,6 @@ class _Tally:
 
 
 def _listed(items: list[str], sep: str = ", ") -> str:
-    """The first `MAX_LISTED` items, then how many more."""
     more = [f"... and {len(items) - MAX_LISTED} more"] if len(items) > MAX_LISTED else []
     return sep.join(items[:MAX_LISTED] + more)
 

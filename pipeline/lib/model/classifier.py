@@ -74,10 +74,6 @@ class Head:
             (self.bias / temperature).astype(np.float32),
         )
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write `path` (ending in .npy) as one float32 (D + 1, C) array."""
-        np.save(path, np.vstack([self.kernel, self.bias]).astype(np.float32), allow_pickle=False)
-
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Head:
         """The head saved at `path`. Raises StageInputError: missing or not float (D + 1, C)."""
@@ -110,9 +106,6 @@ class ModelCard:
     backbone: dict = field(default_factory=dict)
     reject: dict | None = None
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        write_json(path, asdict(self))
-
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ModelCard:
         """The card at `path`. Raises StageInputError: missing or not the object train writes."""
@@ -140,11 +133,13 @@ class ModelCard:
 def save_model_folder(
     folder: str | os.PathLike[str], head: Head, card: ModelCard, backbone: bytes
 ) -> None:
-    """Write the backbone's flatbuffer, `head` and `card` into the existing `folder`."""
+    """Write the backbone's flatbuffer, `head` (one float32 (D + 1, C) array: the kernel's rows,
+    then the bias) and `card` into the existing `folder`."""
     folder = Path(folder)
     (folder / BACKBONE_FILE).write_bytes(backbone)
-    head.save(folder / HEAD_FILE)
-    card.save(folder / CARD_FILE)
+    kernel_and_bias = np.vstack([head.kernel, head.bias]).astype(np.float32)
+    np.save(folder / HEAD_FILE, kernel_and_bias, allow_pickle=False)
+    write_json(folder / CARD_FILE, asdict(card))
 
 
 def model_md5(folder: str | os.PathLike[str]) -> str | None:
