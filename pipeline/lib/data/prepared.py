@@ -49,9 +49,7 @@ class ChangedPhotoError(StageInputError):
     """A photo differs from (or is gone since) what prepare recorded in manifest.csv."""
 
 
-def read_photo(
-    root: Path, row: ManifestRow, size: int, resize: str = "stretch", max_pixels: int = 2**62
-) -> np.ndarray:
+def read_photo(root: Path, row: ManifestRow, size: int, resize: str) -> np.ndarray:
     """uint8 (size, size, 3) of the photo `root/row.path`, decoded by `load_rgb` from the bytes
     whose sha256 is checked against the manifest: the one per-image step of every pixel reader.
     ChangedPhotoError: the file changed, is gone or no longer decodes."""
@@ -64,7 +62,7 @@ def read_photo(
     if hashlib.sha256(data).hexdigest() != row.sha256:
         raise ChangedPhotoError(f"{path} changed after prepare (sha256 in manifest.csv): {again}.")
     try:
-        return load_rgb(path, size, resize, max_pixels, data=data)
+        return load_rgb(path, size, resize, 2**62, data=data)  # prepare checked data.max_pixels
     except RejectedImage as exc:
         raise ChangedPhotoError(f"{path}: {exc.reason} since prepare: {again}.") from None
 

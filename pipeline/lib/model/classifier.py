@@ -169,16 +169,16 @@ def check_pixels(images: Any) -> np.ndarray:
 
 class Classifier:
     """A model folder as a function on images (evaluate, predict, the served model): the LiteRT
-    backbone file (`workers` interpreters, 0: one per core; built on first use), then the head."""
+    backbone file (one interpreter per core, built on first use), then the head."""
 
     BATCH = 32  # images per backbone call (bounds the memory of a large request)
 
-    def __init__(self, head: Head, card: ModelCard, backbone: Path, workers: int = 0):
-        self.head, self.card, self.backbone_source, self.workers = head, card, backbone, workers
+    def __init__(self, head: Head, card: ModelCard, backbone: Path):
+        self.head, self.card, self.backbone_source = head, card, backbone
         self.classes, self.image_size = list(card.classes), int(card.image_size)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], workers: int = 0) -> Classifier:
+    def load(cls, folder: str | os.PathLike[str]) -> Classifier:
         """The model in `folder`. Raises StageInputError: a file missing, malformed or not of
         one model."""
         folder = Path(folder)
@@ -194,13 +194,13 @@ class Classifier:
                 f"{folder / HEAD_FILE} has {head.kernel.shape[1]} classes but "
                 f"{folder / CARD_FILE} names {len(card.classes)}: rerun the train stage."
             )
-        return cls(head, card, backbone, workers)
+        return cls(head, card, backbone)
 
     @cached_property
     def backbone(self) -> ShardedTFLite:
         """Raises StageInputError: it does not load, or does not give the head's width."""
         try:
-            backbone = ShardedTFLite(self.backbone_source, self.workers)
+            backbone = ShardedTFLite(self.backbone_source)
         except ValueError as exc:
             raise StageInputError(f"{BACKBONE_FILE}: {exc}: rerun the train stage.") from None
         side = backbone.runners[0].input_shape[1:3]
