@@ -58,16 +58,6 @@ class Predictor:
     resize: str | None
 
 
-def _read_classes(path: Path) -> list[str]:
-    try:
-        classes = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise PredictError(f"--classes: cannot read {path} ({first_line(exc)})") from None
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise PredictError(f"--classes: {path} must hold a JSON list of class names")
-    return classes
-
-
 def _classifier(folder: Path, source: str, kind: str) -> Predictor:
     try:
         c = Classifier.load(folder)
@@ -150,7 +140,14 @@ def _load_predictor(model: str, tracking_uri: str | None, classes_file: str | No
             "export, or a models:/... or runs:/... URI)"
         )
     if classes_file:
-        predictor.classes = _read_classes(Path(classes_file))
+        try:
+            classes = predictor.classes = read_json(classes_file)
+        except (OSError, ValueError) as exc:
+            raise PredictError(
+                f"--classes: cannot read {classes_file} ({first_line(exc)})"
+            ) from None
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+            raise PredictError(f"--classes: {classes_file} must hold a JSON list of class names")
     size = predictor.image_size
     width = predictor.classify(np.zeros((1, size, size, 3), dtype=np.uint8), False)[0].shape[-1]
     if width != len(predictor.classes):
