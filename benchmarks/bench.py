@@ -123,12 +123,17 @@ def sgemm_gflops() -> float:
 
 def bench_featurize(project: Path, repeats: int) -> None:
     from pipeline.lib.model.build import build_feature_extractor
-    from pipeline.lib.model.features import backbone_featurizer, featurize_array, usable_cores
+    from pipeline.lib.model.features import (
+        ShardedTFLite,
+        backbone_flatbuffer,
+        featurize_array,
+        usable_cores,
+    )
 
     folder = project / "data" / "prepared"
     images = decoded(folder)
     extractor = build_feature_extractor(1.0, "imagenet", 224, 0)
-    featurizer, _ = backbone_featurizer(1.0, "imagenet", 224, 0, 0)
+    featurizer = ShardedTFLite(backbone_flatbuffer(1.0, "imagenet", 224, 0))
     floats = images.astype(np.float32)
     extractor.predict(floats[:32], batch_size=32, verbose=0)  # trace once, outside the timing
     keras_rates, tflite_rates, outputs = [], [], []
@@ -233,14 +238,15 @@ def heap_child(prepared: Path, factor: int, tmp: Path) -> None:
     memmap) into a float32 .npy memmap; print {"peak_heap", "vm_hwm"} in bytes."""
     import tracemalloc
 
-    from pipeline.lib.model.features import backbone_featurizer, featurize_array
+    from pipeline.lib.model.features import ShardedTFLite, backbone_flatbuffer, featurize_array
 
     base = decoded(prepared)
     images = np.lib.format.open_memmap(tmp / "in.npy", "w+", np.uint8, (factor * len(base), *base.shape[1:]))  # fmt: skip
     for i in range(factor):
         images[i * len(base) : (i + 1) * len(base)] = base
     del base
-    featurizer, dim = backbone_featurizer(1.0, "imagenet", 224, 0, 0)
+    featurizer = ShardedTFLite(backbone_flatbuffer(1.0, "imagenet", 224, 0))
+    dim = featurizer.feature_dim
     out = np.lib.format.open_memmap(tmp / "out.npy", "w+", np.float32, (len(images), dim))
     tracemalloc.start()
     featurize_array(featurizer, images, 32, dim, out)

@@ -110,7 +110,6 @@ def _assemble(
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    """Hydra entry point: run `featurize` on conf/ composed with the command-line overrides."""
     run_step(featurize, cfg)
 
 

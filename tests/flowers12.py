@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.lib.data.images import load_rgb
-from pipeline.lib.model.features import backbone_featurizer, featurize_array
+from pipeline.lib.model.features import ShardedTFLite, backbone_flatbuffer, featurize_array
 from tests.model_folder import WEIGHTS
 
 FLOWERS = WEIGHTS.parents[2] / "shared" / "data" / "flowers12"
@@ -36,8 +36,8 @@ def featurize_files(files: list[Path]) -> np.ndarray:
     if not WEIGHTS.is_file():
         pytest.fail(f"the ImageNet weights file {WEIGHTS} is needed (`make weights`)")
     images = np.stack([load_rgb(f, SIZE) for f in files])
-    featurizer, dim = backbone_featurizer(1.0, str(WEIGHTS), SIZE, num_threads=2)
-    return featurize_array(featurizer, images, 32, dim)
+    featurizer = ShardedTFLite(backbone_flatbuffer(1.0, str(WEIGHTS), SIZE), 2)
+    return featurize_array(featurizer, images, 32, featurizer.feature_dim)
 
 
 def flowers12_photos(base: Path) -> Photos:

@@ -7,6 +7,7 @@ import unicodedata
 import pytest
 from mlflow.utils.validation import _validate_metric_name
 
+from pipeline.lib.config.schema import SplitRatios
 from pipeline.lib.data.class_names import (
     MAX_KEY_LENGTH,
     case_collisions,
@@ -35,7 +36,7 @@ def test_folders_that_become_one_class_are_refused(tmp_path):
     """Case class-folder-trailing-space-merged: 'car' and 'car ' were merged silently."""
     root = folders(tmp_path / "ds", ["bus", "car", "car "])
     with pytest.raises(DataError) as info:
-        discover(root, (0.7, 0.15, 0.15), 42)
+        discover(root, SplitRatios(), 42)
     message = str(info.value)
     assert "class folders 'car', 'car ' all become the class 'car'" in message
     assert "\n" not in message and "rename one of them" in message
@@ -52,7 +53,7 @@ def test_nfc_and_nfd_spellings_are_one_class_and_refused(tmp_path):
 def test_names_differing_in_case_are_refused(tmp_path):
     root = folders(tmp_path / "ds", ["Car", "car", "bus"])
     with pytest.raises(DataError, match="classes 'Car', 'car' differ only in case"):
-        discover(root, (0.7, 0.15, 0.15), 42)
+        discover(root, SplitRatios(), 42)
     assert case_collisions(["a", "b"]) == []
 
 

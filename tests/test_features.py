@@ -27,7 +27,6 @@ from pipeline.lib.model.build import (
 )
 from pipeline.lib.model.features import (
     ShardedTFLite,
-    backbone_featurizer,
     backbone_flatbuffer,
     backbone_key,
     featurize_array,
@@ -61,11 +60,12 @@ def imagenet_weights() -> str:
 WARM_CACHE_PROBE = textwrap.dedent(
     """
     import json, sys
+    from pathlib import Path
     import numpy as np
-    from pipeline.lib.model.features import backbone_featurizer, featurize_array
+    from pipeline.lib.model.features import ShardedTFLite, backbone_flatbuffer, featurize_array
     images = np.load(sys.argv[1])
-    featurizer, dim = backbone_featurizer(1.0, sys.argv[4], 32, 0, 3, sys.argv[2])
-    np.save(sys.argv[3], featurize_array(featurizer, images, 7, dim))
+    featurizer = ShardedTFLite(backbone_flatbuffer(1.0, sys.argv[4], 32, 0, Path(sys.argv[2])), 3)
+    np.save(sys.argv[3], featurize_array(featurizer, images, 7, featurizer.feature_dim))
     print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
     """
 )
@@ -79,7 +79,8 @@ def test_tflite_features_match_keras_and_the_conversion_is_cached(images, tmp_pa
     cache = tmp_path / "cache"
     path = tflite_cache_path(backbone_key(1.0, weights, 32, 0), cache)
     assert not path.exists()
-    featurizer, dim = backbone_featurizer(1.0, weights, 32, 0, 2, cache)
+    featurizer = ShardedTFLite(backbone_flatbuffer(1.0, weights, 32, 0, cache), 2)
+    dim = featurizer.feature_dim
     fresh = featurize_array(featurizer, images, 8, dim)
     assert path.is_file() and dim == 1280
     assert fresh.shape == keras_out.shape == (37, 1280)
@@ -109,8 +110,8 @@ def test_a_corrupt_cached_conversion_is_converted_again(images, tmp_path):
     cache = tmp_path / "cache"
 
     def features() -> np.ndarray:
-        featurizer, dim = backbone_featurizer(0.35, None, 32, 0, 0, cache)
-        return featurize_array(featurizer, images, 8, dim)
+        featurizer = ShardedTFLite(backbone_flatbuffer(0.35, None, 32, 0, cache))
+        return featurize_array(featurizer, images, 8, featurizer.feature_dim)
 
     fresh = features()
     path = tflite_cache_path(backbone_key(0.35, None, 32, 0), cache)

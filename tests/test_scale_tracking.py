@@ -259,7 +259,9 @@ def test_pipeline_run_is_read_back_through_the_server(live, data, tmp_path):
     # the model, loaded through the server, predicts probabilities for the test images
     mlflow.set_tracking_uri(live.uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    images = np.asarray(open_prepared(cfg.paths.prepared).images("test"), dtype=np.float32)
+    images = np.asarray(
+        open_prepared(cfg.paths.prepared, cfg.data).images("test"), dtype=np.float32
+    )
     out = model.predict(images)  # the serving model: label, probability, scores
     probs = np.array([list(s.values()) for s in out["scores"]])
     assert probs.shape == (len(images), 6)

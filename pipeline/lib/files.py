@@ -62,17 +62,19 @@ def remove_stale_temps(target: PathLike) -> list[Path]:
         match = pattern.fullmatch(name)
         if not match or int(match[1]) == os.getpid() or process_alive(int(match[1])):
             continue
-        path = target.parent / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
+        removed.append(target.parent / name)
+        _remove(removed[-1])
     return removed
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _temp_beside(target: Path) -> Path:
-    """A new name beside `target` for a temporary; stale temporaries are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
@@ -96,10 +98,7 @@ def atomic_dir(target: PathLike, key: str = "its paths.* key") -> Iterator[Path]
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old.exists():
-        old.unlink()
+    _remove(old)
 
 
 @contextmanager
@@ -130,8 +129,6 @@ def write_json(path: PathLike, obj: Any) -> None:
 #: kernels) change the features' low bits, so dvc.lock's hashes differ there; features x (1 +
 #: U(-e, e)), e = 1e-6 .. 1e-4, moved the default's metrics by <= 1.5e-5 (tests/test_dvc_lock.py).
 REPRODUCED_WITHIN = 1e-4
-#: The same for each test probability: <= 1.9e-3 measured, where L-BFGS stops (gtol 1e-6, C 1000).
-PROBABILITIES_WITHIN = 1e-2
 
 
 def metric_values(value: Any) -> Any:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.lib.config.schema import DataConfig
 from pipeline.lib.data.images import RejectedImage, load_rgb
-from pipeline.lib.data.prepared import SPLITS, ManifestRow, shown_path, write_manifest
+from pipeline.lib.data.prepared import SPLITS, ManifestRow, display_path, shown_path, write_manifest
 from pipeline.lib.data.sources.folder import (
     HIDDEN_PHOTOS_REASON,
     HIDDEN_REASON,
@@ -30,9 +30,9 @@ from pipeline.lib.data.sources.folder import (
     DataError,
     Discovery,
     discover,
-    display_path,
     split_ratios,
 )
+from pipeline.lib.data.sources.synthetic import SPLIT_DIRS
 from pipeline.lib.files import write_json
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ SMALL_CLASS = 5
 #: The side prepare decodes to, to check a file (featurize decodes at `data.image_size`).
 CHECK_SIZE = 16
 _BAR = dict(unit="img", desc="prepare: checking images", dynamic_ncols=True)
-_SPLIT_WORD = {"train": "training", "val": "validation", "test": "test"}
 #: A checked file: candidate, (size in bytes, sha256, None) or (0, None, reason), decoder notes.
 _Checked = tuple[Candidate, int, str | None, str | None, list[str]]
 #: A group of identical files in report.json: sha256, files, and their split(s).
@@ -60,7 +59,7 @@ def ingest(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Check every image under `root` (read only) and record them in the prepared dataset in
-    `out_dir`; return the report. `workers`: decoding threads (default: cores, at most 8).
+    the folder `out_dir`; return the report. `workers`: decoding threads (default: cores, at most 8).
     Raises DataError (with the report as `.report`), OSError."""
     disc = discover(root, data.split, data.seed)
     how = "split folders" if disc.layout == "splits" else "class folders, split by data.split"
@@ -98,7 +97,6 @@ def ingest(
         error.report = report
         raise error
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "manifest.csv", tally.rows)
     write_json(out / "classes.json", list(disc.classes))
     write_json(out / "report.json", report)
@@ -283,26 +281,18 @@ class _Tally:
                 if counts["val"][label] == 0
             ]
         outside = [f for f, reason in disc.skipped if reason.startswith(OUTSIDE_REASON)]
-        if outside:
-            self.warnings.append(
-                f"{len(outside)} symbolic link(s) point outside the data folder and are left out "
-                "(DVC tracks the folder's content, not link targets; copy the photos in to use "
-                f"them): {_listed(outside)}"
-            )
         hidden = [f for f, reason in disc.skipped if reason.startswith(HIDDEN_PHOTOS_REASON)]
-        if hidden:
-            self.warnings.append(
-                f"{len(hidden)} hidden folder(s) with image files skipped (rename them without the "
-                f"leading dot to use them): {_listed(hidden)}"
-            )
-        unexpected = [
-            f for f, r in disc.skipped if r != HIDDEN_REASON and f not in outside + hidden
-        ]
-        if unexpected:
-            self.warnings.append(
-                f"{len(unexpected)} files/folders skipped (non-image files, broken links, ...; "
-                f"why: 'skipped' in report.json): {_listed(unexpected)}"
-            )
+        skipped = {
+            "symbolic link(s) point outside the data folder and are left out (DVC tracks the "
+            "folder's content, not link targets; copy the photos in to use them)": outside,
+            "hidden folder(s) with image files skipped (rename them without the leading dot to "
+            "use them)": hidden,
+            "files/folders skipped (non-image files, broken links, ...; why: 'skipped' in "
+            "report.json)": [
+                f for f, r in disc.skipped if r != HIDDEN_REASON and f not in outside + hidden
+            ],
+        }
+        self.warnings += [f"{len(fs)} {what}: {_listed(fs)}" for what, fs in skipped.items() if fs]
         return small
 
     def split_folder(self, split: str) -> str | None:
@@ -317,7 +307,7 @@ class _Tally:
             if not folders and (split_folder := self.split_folder(split)):
                 return f"there is no '{label}' folder in {split_folder}/"
             if not folders:
-                return f"there is no {_SPLIT_WORD[split]} folder"
+                return f"there is no {SPLIT_DIRS[split]} folder"
             where = ", ".join(f"'{f}/'" for f in folders)
             if found == 0:
                 return f"{where} has no image files"
@@ -336,12 +326,11 @@ class _Tally:
         if folders := self.disc.class_folders.get(split, {}).get(label, []):
             listed = ", ".join(repr(f + "/") for f in folders)
             return f"Add images to {listed} (or fix its rejected files), or remove the class."
-        split_folder = self.split_folder(split) or _SPLIT_WORD[split]
+        split_folder = self.split_folder(split) or SPLIT_DIRS[split]
         return f"Create '{split_folder}/{label}/' with images, or remove the class elsewhere."
 
 
 def _listed(items: list[str], sep: str = ", ") -> str:
-    """The first `MAX_LISTED` items, then how many more."""
     more = [f"... and {len(items) - MAX_LISTED} more"] if len(items) > MAX_LISTED else []
     return sep.join(items[:MAX_LISTED] + more)
 

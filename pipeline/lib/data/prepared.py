@@ -49,9 +49,7 @@ class ChangedPhotoError(StageInputError):
     """A photo differs from (or is gone since) what prepare recorded in manifest.csv."""
 
 
-def read_photo(
-    root: Path, row: ManifestRow, size: int, resize: str = "stretch", max_pixels: int = 2**62
-) -> np.ndarray:
+def read_photo(root: Path, row: ManifestRow, size: int, resize: str) -> np.ndarray:
     """uint8 (size, size, 3) of the photo `root/row.path`, decoded by `load_rgb` from the bytes
     whose sha256 is checked against the manifest: the one per-image step of every pixel reader.
     ChangedPhotoError: the file changed, is gone or no longer decodes."""
@@ -64,7 +62,7 @@ def read_photo(
     if hashlib.sha256(data).hexdigest() != row.sha256:
         raise ChangedPhotoError(f"{path} changed after prepare (sha256 in manifest.csv): {again}.")
     try:
-        return load_rgb(path, size, resize, max_pixels, data=data)
+        return load_rgb(path, size, resize, 2**62, data=data)  # prepare checked data.max_pixels
     except RejectedImage as exc:
         raise ChangedPhotoError(f"{path}: {exc.reason} since prepare: {again}.") from None
 
@@ -170,12 +168,15 @@ def data_root(data: DataConfig) -> str:
     return str(data.synthetic.dir if data.source == "synthetic" else data.path)
 
 
+def display_path(path: Path, root: Path) -> str:
+    """`path` relative to `root` (when inside), posix separators, printable/encodable as UTF-8."""
+    return printable((path.relative_to(root) if path.is_relative_to(root) else path).as_posix())
+
+
 def shown_path(path: str | os.PathLike[str]) -> str:
     """`path` as report.json records it: relative when inside the working directory (the DVC
     hash does not depend on where the project is cloned), else absolute."""
-    absolute, cwd = Path(os.path.abspath(os.fspath(path))), Path.cwd().absolute()
-    shown = absolute.relative_to(cwd) if absolute.is_relative_to(cwd) else absolute
-    return printable(shown.as_posix())
+    return display_path(Path(os.path.abspath(os.fspath(path))), Path.cwd().absolute())
 
 
 def data_tags(report: dict) -> dict[str, str]:
@@ -185,33 +186,27 @@ def data_tags(report: dict) -> dict[str, str]:
     return tags | {"data_small_classes": small[:4000]}
 
 
-def _mismatches(dataset: PreparedDataset, data: DataConfig) -> list[str]:
+def open_prepared(folder: str | os.PathLike[str], data: DataConfig) -> PreparedDataset:
+    """The prepared dataset in `folder`, checked against `data` (image size, resize, source and
+    folder). StageInputError: none there, or prepared with other settings."""
+    dataset = PreparedDataset(folder)
     report, runs, root = dataset.report, "but this step runs with", shown_path(data_root(data))
-    found = [
+    problems = [
         f"data.{key}={report[key]}, {runs} data.{key}={getattr(data, key)}"
         for key in ("image_size", "resize")
         if report[key] != getattr(data, key)
     ]
     if (report["source"], report["root"]) != (data.source, root):
-        found.append(
+        problems.append(
             f"data.source={report['source']} from '{report['root']}', {runs} "
             f"data.source={data.source} from '{root}'"
         )
-    return found
-
-
-def open_prepared(
-    folder: str | os.PathLike[str], data: DataConfig | None = None
-) -> PreparedDataset:
-    """The prepared dataset in `folder`, checked against `data` (image size, resize, source and
-    folder; None: no check). StageInputError: none there, or prepared with other settings."""
-    dataset = PreparedDataset(folder)
-    if problems := _mismatches(dataset, data) if data is not None else []:
+    if problems:
         raise StageInputError(
             f"{dataset.folder} was prepared with {'; and with '.join(problems)}: rerun prepare "
             "(`dvc repro`, or `python -m pipeline.prepare` with the same settings)."
         )
-    if data is not None and data.source == "synthetic":
+    if data.source == "synthetic":
         root = dataset.root  # not a DVC output: a queued `dvc exp run` restores prepare's only
         if not all((root / row.path).is_file() for row in dataset.manifest()):
             log.info("Generating the synthetic photos again into %s (the same bytes)", root)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import os
 import sys
 import tempfile
@@ -34,13 +33,13 @@ from pipeline.lib.errors import StageInputError, UserError
 from pipeline.lib.files import atomic_file, read_json, write_json
 from pipeline.lib.model import build
 from pipeline.lib.model.classifier import CARD_FILE, Classifier, ModelCard, hflip
-from pipeline.lib.model.features import usable_cores
+from pipeline.lib.model.features import read_ahead, usable_cores
 from pipeline.lib.model.reject import UNKNOWN
 from pipeline.lib.model.tflite import TFLiteRunner
 from pipeline.lib.tracking.compare import check_store
 from pipeline.lib.tracking.store import TrackingError, first_line
 
-OUTPUT_FORMATS = {".csv": "csv", ".json": "json"}
+OUTPUT_FORMATS = (".csv", ".json")
 
 
 class PredictError(UserError):
@@ -49,25 +48,14 @@ class PredictError(UserError):
 
 @dataclass
 class Predictor:
-    """A loaded model: its kind, classes, input size, recorded resize mode (None: none), and
-    (images (N, S, S, 3), tta) -> (float64 probabilities (N, C), bool (N,) accepted by its reject
-    rule)."""
+    """A loaded model: kind, classes, input side, resize mode (None: not recorded), and (images
+    (N, S, S, 3), tta) -> (float64 probabilities (N, C), bool (N,) accepted by its reject rule)."""
 
     kind: str
     classes: list[str]
     image_size: int
     classify: Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray]]
     resize: str | None
-
-
-def _read_classes(path: Path) -> list[str]:
-    try:
-        classes = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise PredictError(f"--classes: cannot read {path} ({first_line(exc)})") from None
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise PredictError(f"--classes: {path} must hold a JSON list of class names")
-    return classes
 
 
 def _classifier(folder: Path, source: str, kind: str) -> Predictor:
@@ -133,8 +121,7 @@ def _from_file(path: Path, source: str, classes_file: str | None) -> Predictor:
         probs = (probs + predict(hflip(images))) / 2 if tta else probs
         return probs, np.ones(len(probs), dtype=bool)
 
-    resize = card.resize if card else None
-    return Predictor(kind, card.classes if card else [], size, classify, resize)
+    return Predictor(kind, card.classes if card else [], size, classify, card and card.resize)
 
 
 def _load_predictor(model: str, tracking_uri: str | None, classes_file: str | None) -> Predictor:
@@ -153,7 +140,14 @@ def _load_predictor(model: str, tracking_uri: str | None, classes_file: str | No
             "export, or a models:/... or runs:/... URI)"
         )
     if classes_file:
-        predictor.classes = _read_classes(Path(classes_file))
+        try:
+            classes = predictor.classes = read_json(classes_file)
+        except (OSError, ValueError) as exc:
+            raise PredictError(
+                f"--classes: cannot read {classes_file} ({first_line(exc)})"
+            ) from None
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+            raise PredictError(f"--classes: {classes_file} must hold a JSON list of class names")
     size = predictor.image_size
     width = predictor.classify(np.zeros((1, size, size, 3), dtype=np.uint8), False)[0].shape[-1]
     if width != len(predictor.classes):
@@ -197,30 +191,27 @@ def _collect(paths: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, skipped
 
 
-def _decode(file: Path, size: int, resize: str, max_pixels: int) -> np.ndarray | str:
-    try:
-        return load_rgb(file, size, resize, max_pixels)
-    except RejectedImage as exc:
-        return exc.reason.replace("data.max_pixels", "--max-pixels")
-    except OSError as exc:
-        return f"cannot read file ({exc.strerror or exc})"
-
-
 def _decoded_batches(
     files: list[Path], size: int, resize: str, batch_size: int, max_pixels: int
 ) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
     """Batches of (file, image or why not); the next batch decodes while the caller predicts."""
-    decode = functools.partial(_decode, size=size, resize=resize, max_pixels=max_pixels)
+
+    def decode(file: Path) -> np.ndarray | str:
+        try:
+            return load_rgb(file, size, resize, max_pixels)
+        except RejectedImage as exc:
+            return exc.reason.replace("data.max_pixels", "--max-pixels")
+        except OSError as exc:
+            return f"cannot read file ({exc.strerror or exc})"
+
     with ThreadPoolExecutor(usable_cores()) as pool:
-        pending = pool.map(decode, files[:batch_size])  # map submits the whole batch at once
-        for start in range(0, len(files), batch_size):
-            chunk, current = files[start : start + batch_size], pending
-            pending = pool.map(decode, files[start + batch_size : start + 2 * batch_size])
-            yield list(zip(chunk, current, strict=True))
+        chunks = (files[i : i + batch_size] for i in range(0, len(files), batch_size))
+        yield from read_ahead(list(zip(c, pool.map(decode, c), strict=True)) for c in chunks)
 
 
-def _output_format(path: str) -> str:
-    """`csv` or `json`, once `path`'s folder exists (created) and takes a new file."""
+def _check_output(path: str) -> None:
+    """PredictError unless `path` is a .csv/.json name whose folder exists (created) and takes a
+    new file."""
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix not in OUTPUT_FORMATS or target.is_dir():
@@ -235,7 +226,6 @@ def _output_format(path: str) -> str:
         raise PredictError(
             f"--output {path}: cannot {step} {folder} ({exc.strerror or exc})"
         ) from None
-    return OUTPUT_FORMATS[suffix]
 
 
 def _records(
@@ -258,9 +248,9 @@ def _records(
     return out
 
 
-def _write_output(path: str, fmt: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
+def _write_output(path: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
     """JSON: the records as they are; CSV: path, predicted, probability, one column per class."""
-    if fmt == "json":
+    if path.lower().endswith(".json"):
         write_json(path, rows)
         return
     with atomic_file(path) as fh:
@@ -296,9 +286,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write every image's scores to a .csv or .json file")
     p.add_argument("--top-k", type=_positive, default=3, help="classes shown per image (3)")
     p.add_argument("--batch-size", type=_positive, default=32, help="images per batch (32)")
-    p.add_argument(
-        "--resize", choices=RESIZE_POLICIES, help="as data.resize (default: the model's)"
-    )
+    p.add_argument("--resize", choices=RESIZE_POLICIES, help="as data.resize (default: model's)")
     p.add_argument("--classes", help="JSON list of class names (default: the model's model.json)")
     p.add_argument("--tta", action="store_true", help="average with the horizontal flip's scores")
     pixels = f"larger images are skipped, as data.max_pixels in training ({MAX_PIXELS:,})"
@@ -309,7 +297,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    fmt = _output_format(args.output) if args.output else None  # before any work
+    if args.output:
+        _check_output(args.output)  # before any work
     predictor = _load_predictor(args.model, args.tracking_uri, args.classes)
     resize = args.resize or predictor.resize or "stretch"
     if args.resize is None and predictor.resize is None:
@@ -318,14 +307,30 @@ def _run(args: argparse.Namespace) -> int:
     files, skipped = _collect(args.inputs)
     for path, why in skipped:
         tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
-    rows, bad = _predict_files(args, predictor, files, resize)
+    rows: list[dict[str, Any]] = []
+    bad, k, size = 0, min(args.top_k, len(predictor.classes)), predictor.image_size
+    # a bar on stderr if an input was a folder and stderr is a terminal (tqdm's `disable=None`)
+    disable = None if any(Path(name).is_dir() for name in args.inputs) else True
+    with tqdm(total=len(files), unit="img", desc="predict", disable=disable) as bar:
+        for batch in _decoded_batches(files, size, resize, args.batch_size, args.max_pixels):
+            good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
+            for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
+                tqdm.write(f"warning: skipped {f}: {why}", file=sys.stderr)
+                bad += 1
+            if good:
+                probs, accepted = predictor.classify(np.stack([i for _, i in good]), args.tta)
+                new = _records([str(f) for f, _ in good], probs, predictor.classes, k, accepted)
+                for row in new:  # each image's line as it goes
+                    tqdm.write(_format_line(row), file=sys.stdout)
+                rows.extend(new)
+            bar.update(len(batch))
     if not rows:
         what = ", ".join(args.inputs)
         found = f"{bad} file(s) could not be decoded" if bad else "no image files found"
         raise PredictError(f"no image was predicted from {what}: {found}")
     if args.output:
         try:
-            _write_output(args.output, fmt, rows, predictor.classes)
+            _write_output(args.output, rows, predictor.classes)
         except OSError as exc:
             raise PredictError(
                 f"--output {args.output}: not written ({first_line(exc)}); the lines above are the "
@@ -336,31 +341,6 @@ def _run(args: argparse.Namespace) -> int:
     done += f"{predictor.image_size} px, resize {resize}); {problems} file(s) skipped"
     print(done + (f"; wrote {args.output}" if args.output else ""), file=sys.stderr)
     return 0
-
-
-def _predict_files(
-    args: argparse.Namespace, predictor: Predictor, files: list[Path], resize: str
-) -> tuple[list[dict[str, Any]], int]:
-    """(records, number of undecodable files); each image's line printed to stdout as it goes,
-    a bar on stderr if an input was a folder and stderr is a terminal (tqdm's `disable=None`)."""
-    rows: list[dict[str, Any]] = []
-    bad, k = 0, min(args.top_k, len(predictor.classes))
-    size, batch_size = predictor.image_size, args.batch_size
-    disable = None if any(Path(name).is_dir() for name in args.inputs) else True
-    with tqdm(total=len(files), unit="img", desc="predict", disable=disable) as bar:
-        for batch in _decoded_batches(files, size, resize, batch_size, args.max_pixels):
-            good = [(f, image) for f, image in batch if isinstance(image, np.ndarray)]
-            for f, why in ((f, x) for f, x in batch if isinstance(x, str)):
-                tqdm.write(f"warning: skipped {f}: {why}", file=sys.stderr)
-                bad += 1
-            if good:
-                probs, accepted = predictor.classify(np.stack([i for _, i in good]), args.tta)
-                new = _records([str(f) for f, _ in good], probs, predictor.classes, k, accepted)
-                for row in new:
-                    tqdm.write(_format_line(row), file=sys.stdout)
-                rows.extend(new)
-            bar.update(len(batch))
-    return rows, bad
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,6 @@ from pipeline.lib.errors import StageInputError
 from pipeline.lib.files import md5_file, read_json, write_json
 from pipeline.lib.model.features import ShardedTFLite
 from pipeline.lib.model.reject import RejectRule, energy
-from pipeline.lib.model.tflite import ModelSource
 
 BACKBONE_FILE = "backbone.tflite"
 HEAD_FILE = "head.npy"
@@ -75,10 +74,6 @@ class Head:
             (self.bias / temperature).astype(np.float32),
         )
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write `path` (ending in .npy) as one float32 (D + 1, C) array."""
-        np.save(path, np.vstack([self.kernel, self.bias]).astype(np.float32), allow_pickle=False)
-
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Head:
         """The head saved at `path`. Raises StageInputError: missing or not float (D + 1, C)."""
@@ -111,9 +106,6 @@ class ModelCard:
     backbone: dict = field(default_factory=dict)
     reject: dict | None = None
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        write_json(path, asdict(self))
-
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ModelCard:
         """The card at `path`. Raises StageInputError: missing or not the object train writes."""
@@ -141,11 +133,13 @@ class ModelCard:
 def save_model_folder(
     folder: str | os.PathLike[str], head: Head, card: ModelCard, backbone: bytes
 ) -> None:
-    """Write the backbone's flatbuffer, `head` and `card` into the existing `folder`."""
+    """Write the backbone's flatbuffer, `head` (one float32 (D + 1, C) array: the kernel's rows,
+    then the bias) and `card` into the existing `folder`."""
     folder = Path(folder)
     (folder / BACKBONE_FILE).write_bytes(backbone)
-    head.save(folder / HEAD_FILE)
-    card.save(folder / CARD_FILE)
+    kernel_and_bias = np.vstack([head.kernel, head.bias]).astype(np.float32)
+    np.save(folder / HEAD_FILE, kernel_and_bias, allow_pickle=False)
+    write_json(folder / CARD_FILE, asdict(card))
 
 
 def model_md5(folder: str | os.PathLike[str]) -> str | None:
@@ -160,8 +154,6 @@ def model_md5(folder: str | os.PathLike[str]) -> str | None:
 def check_pixels(images: Any) -> np.ndarray:
     """`images` (N, S, S, 3) as float32. Raises ValueError: NaN, infinite or out of 0..255."""
     array = np.asarray(images)
-    if array.dtype.kind in "bu" or not array.size:  # bool / uint8 are in range by type
-        return array.astype(np.float32)
     bad = ~np.isfinite(array) | (array < 0) | (array > 255)
     if bad.any():
         values = array[bad]
@@ -175,17 +167,16 @@ def check_pixels(images: Any) -> np.ndarray:
 
 class Classifier:
     """A model folder as a function on images (evaluate, predict, the served model): the LiteRT
-    backbone (file or bytes; `workers` interpreters, 0: one per core; built on first use), then
-    the head."""
+    backbone file (one interpreter per core, built on first use), then the head."""
 
     BATCH = 32  # images per backbone call (bounds the memory of a large request)
 
-    def __init__(self, head: Head, card: ModelCard, backbone: ModelSource, workers: int = 0):
-        self.head, self.card, self.backbone_source, self.workers = head, card, backbone, workers
+    def __init__(self, head: Head, card: ModelCard, backbone: Path):
+        self.head, self.card, self.backbone_source = head, card, backbone
         self.classes, self.image_size = list(card.classes), int(card.image_size)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], workers: int = 0) -> Classifier:
+    def load(cls, folder: str | os.PathLike[str]) -> Classifier:
         """The model in `folder`. Raises StageInputError: a file missing, malformed or not of
         one model."""
         folder = Path(folder)
@@ -201,13 +192,13 @@ class Classifier:
                 f"{folder / HEAD_FILE} has {head.kernel.shape[1]} classes but "
                 f"{folder / CARD_FILE} names {len(card.classes)}: rerun the train stage."
             )
-        return cls(head, card, backbone, workers)
+        return cls(head, card, backbone)
 
     @cached_property
     def backbone(self) -> ShardedTFLite:
         """Raises StageInputError: it does not load, or does not give the head's width."""
         try:
-            backbone = ShardedTFLite(self.backbone_source, self.workers)
+            backbone = ShardedTFLite(self.backbone_source)
         except ValueError as exc:
             raise StageInputError(f"{BACKBONE_FILE}: {exc}: rerun the train stage.") from None
         side = backbone.runners[0].input_shape[1:3]

@@ -52,31 +52,23 @@ def backbone_key(alpha: float, weights: str | None, image_size: int, init_seed: 
     for name in KEYED_DISTRIBUTIONS:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
+    # Keras' settings: its defaults, those in keras.json, $KERAS_BACKEND
+    keras = {"floatx": "float32", "image_data_format": "channels_last", "backend": "tensorflow"}
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        saved = json.loads((build.keras_home() / "keras.json").read_text())
+        keras.update({k: str(saved[k]) for k in keras if k in saved})
+    keras["backend"] = os.environ.get("KERAS_BACKEND") or keras["backend"]
     parts = {
         "weights": f"init_seed={int(init_seed)}" if path is None else f"{origin}:{md5_file(path)}",
         "alpha": float(alpha),
         "image_size": int(image_size),
         "versions": versions,
-        "keras_settings": _keras_settings(build.keras_home()),
+        "keras_settings": keras,
         "conversion": CONVERSION,
         "build_py": md5_file(build.__file__),
         "converter": hashlib.sha256(inspect.getsource(convert_to_tflite).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _keras_settings(home: Path) -> dict[str, str]:
-    """Keras' floatx, image_data_format and backend: $KERAS_BACKEND, keras.json, its defaults."""
-    settings = {"floatx": "float32", "image_data_format": "channels_last", "backend": "tensorflow"}
-    try:
-        saved = json.loads((home / "keras.json").read_text())
-    except (OSError, ValueError):
-        saved = {}
-    if isinstance(saved, dict):
-        settings.update({k: str(saved[k]) for k in settings if k in saved})
-    if os.environ.get("KERAS_BACKEND"):
-        settings["backend"] = os.environ["KERAS_BACKEND"]
-    return settings
 
 
 def tflite_cache_path(key: str, cache_dir: Path | None = None) -> Path:
@@ -156,22 +148,8 @@ class ShardedTFLite:
         return out
 
 
-def backbone_featurizer(
-    alpha: float,
-    weights: str | None,
-    image_size: int,
-    init_seed: int = 0,
-    num_threads: int = 0,
-    cache_dir: Path | None = None,
-) -> tuple[ShardedTFLite, int]:
-    """(`ShardedTFLite` of `num_threads` interpreters over `backbone_flatbuffer(...)`, its D)."""
-    sharded = ShardedTFLite(
-        backbone_flatbuffer(alpha, weights, image_size, init_seed, cache_dir), num_threads
-    )
-    return sharded, sharded.feature_dim
-
-
-def _read_ahead(iterator: Iterator[Any]) -> Iterator[Any]:
+def read_ahead(iterator: Iterator[Any]) -> Iterator[Any]:
+    """The items of `iterator`, the next one computed in a thread while the caller works."""
     done = object()
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(next, iterator, done)
@@ -191,7 +169,7 @@ def feature_batches(
     done = 0
     off = None if progress else True  # None: tqdm draws only on a terminal
     with tqdm(total=len(images), desc=progress, unit="img", disable=off, leave=False) as bar:
-        for batch in _read_ahead(iter_batches(images, batch_size)):  # next batch read in a thread
+        for batch in read_ahead(iter_batches(images, batch_size)):  # next batch read in a thread
             feats = featurizer(batch)
             yield done, feats
             done += len(feats)

@@ -26,8 +26,7 @@ def _cached_features(
     if not cached.is_file() or md5_file(cached) != md5_file(backbone):
         log.info("The model's backbone is not the featurized one (fine-tuned, or no features)")
         return None
-    meta = read_json(folder / META_FILE)
-    if meta.get("key", {}).get("prepared_md5") != dvc_md5(prepared):
+    if read_json(folder / META_FILE).get("key", {}).get("prepared_md5") != dvc_md5(prepared):
         log.info("%s was computed from other prepared images", folder)
         return None
     return np.load(folder / f"{split}.npy")
@@ -43,10 +42,7 @@ def split_scores(
     """(float64 (N, C) probabilities, float64 (N,) energies) of `split`'s images; with `tta`,
     averaged with the flipped images' (by the backbone: they have no cached features)."""
     images = dataset.images(split)
-    backbone = classifier.backbone_source
-    features = None
-    if isinstance(backbone, str | Path):
-        features = _cached_features(features_dir, Path(backbone), dataset.folder, split)
+    features = _cached_features(features_dir, classifier.backbone_source, dataset.folder, split)
     if features is None or len(features) != len(images):
         log.info("Scoring the %d %s images with the model's backbone", len(images), split)
         features = classifier.features(images)

@@ -12,16 +12,16 @@ import errno
 import os
 import stat
 import zlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.lib.config.schema import SplitRatios
-from pipeline.lib.data.class_names import case_collisions, class_name, name_collisions, printable
+from pipeline.lib.data.class_names import case_collisions, class_name, name_collisions
 from pipeline.lib.data.images import CANDIDATE_EXTENSIONS, IMAGE_EXTENSIONS
-from pipeline.lib.data.prepared import SPLITS
+from pipeline.lib.data.prepared import SPLITS, display_path
 from pipeline.lib.errors import UserError
 
 #: Top-level folder names (case-insensitive) that mark the split layout.
@@ -74,14 +74,8 @@ class Discovery:
     candidates: list[Candidate]
     skipped: list[tuple[str, str]]
     layout: str
-    root: Path = Path(".")
-    class_folders: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-
-
-def display_path(path: Path, root: Path) -> str:
-    """`path` relative to `root`, posix separators, always printable/encodable as UTF-8."""
-    rel = path.relative_to(root) if path.is_relative_to(root) else path
-    return printable(rel.as_posix())
+    root: Path
+    class_folders: dict[str, dict[str, list[str]]]
 
 
 def is_ignored(name: str) -> bool:
@@ -89,12 +83,10 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def split_ratios(ratios: SplitRatios | Sequence[float]) -> tuple[float, float, float]:
-    """(train, val, test) fractions summing to 1 from `data.split` (its bounds checked by the
-    schema) or a 3-sequence."""
-    values = [ratios.train, ratios.val, ratios.test] if hasattr(ratios, "train") else list(ratios)
-    train, val, test = (float(v) / sum(values) for v in values)
-    return train, val, test
+def split_ratios(ratios: SplitRatios) -> tuple[float, float, float]:
+    """(train, val, test) fractions of `data.split` (bounds checked by the schema), summing to 1."""
+    total = ratios.train + ratios.val + ratios.test
+    return ratios.train / total, ratios.val / total, ratios.test / total
 
 
 def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -117,9 +109,7 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
     return train, val, test
 
 
-def discover(
-    root: str | os.PathLike[str], ratios: SplitRatios | Sequence[float], seed: int
-) -> Discovery:
+def discover(root: str | os.PathLike[str], ratios: SplitRatios, seed: int) -> Discovery:
     """Find the image files under `root` (read only), each with a class and a split (`ratios` and
     `seed` split the single layout). DataError: the folder cannot be used."""
     root = _checked_root(root)
@@ -127,10 +117,11 @@ def discover(
     top_dirs, top_files = walker.list_dir(root)
     split_dirs, other_dirs = _top_level(root, top_dirs)
     if split_dirs:
-        found = _discover_splits(root, walker, split_dirs, top_files)
+        candidates, class_folders, classes = _discover_splits(walker, split_dirs, top_files)
     else:
-        found = _discover_single(root, walker, other_dirs, top_files, split_ratios(ratios), seed)
-    candidates, class_folders, classes = found
+        candidates, class_folders, classes = _discover_single(
+            walker, other_dirs, top_files, ratios, seed
+        )
     clashes = case_collisions(classes)
     if clashes:
         raise DataError(
@@ -205,9 +196,8 @@ def _labels(parent: Path, class_dirs: list[Path]) -> list[str]:
 _Found = tuple[list[Candidate], dict[str, dict[str, list[str]]], set[str]]
 
 
-def _discover_splits(
-    root: Path, walker: _Walker, split_dirs: dict[str, Path], top_files: list[Path]
-) -> _Found:
+def _discover_splits(walker: _Walker, split_dirs: dict[str, Path], top_files: list[Path]) -> _Found:
+    root = walker.root
     for f in top_files:
         walker.skip(f, "file outside the split folders (not inside a class folder)")
     missing = [s for s in ("train", "test") if s not in split_dirs]
@@ -237,13 +227,9 @@ def _discover_splits(
 
 
 def _discover_single(
-    root: Path,
-    walker: _Walker,
-    class_dirs: list[Path],
-    top_files: list[Path],
-    ratios: tuple[float, float, float],
-    seed: int,
+    walker: _Walker, class_dirs: list[Path], top_files: list[Path], ratios: SplitRatios, seed: int
 ) -> _Found:
+    root = walker.root
     loose_image = "image outside any class folder (move it into a class sub-folder)"
     for f in top_files:
         image = f.suffix.lower() in CANDIDATE_EXTENSIONS
@@ -259,7 +245,7 @@ def _discover_single(
         # a fixed permutation per (seed, class): adding a class does not reshuffle the others
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(label.encode("utf-8"))])
         order = rng.permutation(len(paths))
-        n_train, n_val, _ = split_counts(len(paths), ratios)
+        n_train, n_val, _ = split_counts(len(paths), split_ratios(ratios))
         for rank, i in enumerate(order):
             split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
             candidates.append(Candidate(path=paths[i], label=label, split=split))

@@ -78,8 +78,7 @@ def generate(
     Raises ValueError for a bad cfg value, `SyntheticDirError` when out_dir holds other files."""
     counts = {s: int(getattr(cfg, f"{s}_per_class")) for s in SPLIT_DIRS}
     size, difficulty, seed = int(cfg.size), float(cfg.difficulty), int(cfg.seed)
-    fmt = {"jpeg": "jpg"}.get(str(cfg.format).lower(), str(cfg.format).lower())
-    if fmt not in FORMATS:
+    if (fmt := cfg.format) not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if min(counts.values()) < 0 or seed < 0:
         raise ValueError(f"images per class and seed must be >= 0, got {counts}, seed {seed}")
