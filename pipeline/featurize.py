@@ -61,9 +61,10 @@ def featurize(cfg: Config) -> dict:
         write_json(tmp / features.META_FILE, meta)
     store.close()
     seconds, total = time.perf_counter() - start, sum(len(o) for o in outs.values())
+    rate = f" ({computed / max(seconds, 1e-9):.0f} img/s)" if computed else ""
     log.info(
-        "Featurized %d images into %s: %d computed (%.0f img/s), the rest from %s; %.1f s",
-        *(total, cfg.paths.features, computed, computed / max(seconds, 1e-9), store.path, seconds),
+        "Featurized %d images into %s: %d computed%s, %d from the feature store %s; %.1f s",
+        *(total, cfg.paths.features, computed, rate, total - computed, store.path, seconds),
     )
     return meta
 
