@@ -59,19 +59,6 @@ def _bounding_rows(unit, n: int, seed: int = 0) -> np.ndarray:
     return np.hstack([p, rest]).astype(np.float32)
 
 
-def similar_pairs(
-    features: np.ndarray, threshold: float, neighbours: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, similarity): every pair i < j of rows of `features` (N, D) whose cosine similarity
-    is above `threshold` (and, if `neighbours`, among the `neighbours` most similar of i or of j:
-    at most neighbours * N pairs), int64, int64, float32, sorted by (i, j)."""
-    x = np.asarray(features, dtype=np.float32)
-    if len(x) < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    with threadpool_limits(1):  # OpenBLAS' threads spin on a loaded machine (see training.head)
-        return _similar_pairs(x, threshold, neighbours or len(x))
-
-
 def _nearest(i: np.ndarray, j: np.ndarray, sim: np.ndarray, k: int) -> np.ndarray:
     """bool mask of the pairs among the k most similar pairs of one of their photos."""
     ends, sims = np.concatenate([i, j]), np.concatenate([sim, sim])
@@ -108,9 +95,17 @@ def _dense_block(
     return a + i[keep], b + j[keep], s[i[keep], j[keep]]
 
 
-def _similar_pairs(
-    x: np.ndarray, threshold: float, k: int
+@threadpool_limits.wrap(limits=1)  # OpenBLAS' threads spin on a loaded machine (training.head)
+def similar_pairs(
+    features: np.ndarray, threshold: float, neighbours: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity): every pair i < j of rows of `features` (N, D) whose cosine similarity
+    is above `threshold` (and, if `neighbours`, among the `neighbours` most similar of i or of j:
+    at most neighbours * N pairs), int64, int64, float32, sorted by (i, j)."""
+    x = np.asarray(features, dtype=np.float32)
+    if len(x) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    k = neighbours or len(x)
     norms = [np.linalg.norm(x[q : q + BLOCK], axis=1) for q in range(0, len(x), BLOCK)]
     norms = np.maximum(np.concatenate(norms), 1e-12)[:, None]
 
@@ -169,6 +164,7 @@ def _base(image: np.ndarray) -> bytes:
     return gray.resize((BASE, BASE), Image.Resampling.BOX).tobytes()
 
 
+@threadpool_limits.wrap(limits=1)
 def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) -> np.ndarray:
     """float32: for each pair (i, j) of `images` (uint8 (N, H, W, 3), indexable by an index
     array; only the photos in pairs are read), the best correlation of one photo's thumbnail
@@ -203,9 +199,8 @@ def near_duplicates(
 ) -> list[NearDuplicate]:
     """Pairs of photos `paths` / `splits` (features (N, D), `images` as `thumbnail_similarity`
     reads them) whose thumbnails match above `threshold` (module docstring), most similar first."""
-    with threadpool_limits(1):
-        i, j, cosine = similar_pairs(features, CANDIDATE_SIMILARITY, NEIGHBOURS)
-        match = thumbnail_similarity(images, i, j)
+    i, j, cosine = similar_pairs(features, CANDIDATE_SIMILARITY, NEIGHBOURS)
+    match = thumbnail_similarity(images, i, j)
     pairs = [
         NearDuplicate(paths[a], splits[a], paths[b], splits[b], m, c, splits[a] != splits[b])
         for a, b, m, c in zip(

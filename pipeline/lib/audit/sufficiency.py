@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,17 +107,9 @@ class SufficiencyCurve:
             for (i, n), s, j in itertools.product(enumerate(self.sizes), seeds, present):
                 out.writerow([n, s, self.names[j], f"{self.scores[i, s, j]:.6f}"])
 
-    def summary(self) -> dict[str, object]:
-        """For JSON / MLflow: sizes, mean accuracy per size, and per curve name its `Extrapolation`
-        fields (None: no fit) and `sentence`."""
-        means = self.scores[:, :, 0].mean(1).tolist()
-        fits = {k: f and asdict(f) for k, f in self.fits.items()}
-        sentences = {k: sentence(k, f) for k, f in self.fits.items()}
-        return {"sizes": list(self.sizes), "accuracy": means, "fits": fits, "sentences": sentences}
-
-    def figure(self, path: str | Path | None = None) -> Figure:
-        """Mean accuracy (95 % intervals), its fit and 2x expectation, class recalls in grey, log
-        x; a PNG at `path` (atomically) unless None."""
+    def figure(self, path: str | Path) -> None:
+        """PNG at `path` (atomically): mean accuracy (95 % intervals), its fit and 2x expectation,
+        class recalls in grey, log x."""
         fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
         ax, n = fig.add_subplot(ylabel="accuracy"), np.array(self.sizes, float)
         ax.plot(n, np.nanmean(self.scores[:, :, 1:], axis=1), color="0.85", lw=0.8)
@@ -130,10 +122,8 @@ class SufficiencyCurve:
             ax.errorbar([2 * fit.n], [at], bar, **style, label="expected at 2x")
         ax.set(xscale="log", xticks=n, xticklabels=self.sizes, xlabel="training images per class")
         ax.legend(loc="lower right")
-        if path is not None:
-            with atomic_file(path, "wb") as fh:
-                fig.savefig(fh, format="png", facecolor="white")
-        return fig
+        with atomic_file(path, "wb") as fh:
+            fig.savefig(fh, format="png", facecolor="white")
 
 
 def sufficiency_curve(
