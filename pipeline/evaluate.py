@@ -30,16 +30,17 @@ from pipeline.lib.model.reject import RejectRule, coverage_curve, coverage_figur
 from pipeline.lib.model.scoring import split_scores
 from pipeline.lib.reporting.evaluation import (
     FIGURES_DIR,
+    METRICS_FILE,
     REPORT_HTML,
     SPLIT,
     Evaluation,
     evaluation_metrics,
-    per_class_metrics,
     write_figures,
-    write_html_report,
     write_tables,
+    write_text,
 )
-from pipeline.lib.reporting.metrics import Predictions
+from pipeline.lib.reporting.html_report import render_report
+from pipeline.lib.reporting.metrics import Predictions, classification_metrics
 from pipeline.lib.reporting.tables import write_csv
 from pipeline.lib.tracking import runs
 from pipeline.lib.tracking.lineage import git_commit
@@ -59,25 +60,20 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     """Predict the test split with `paths.models`, write the reports into `paths.reports` and
     log them to the pipeline's MLflow run; return the metrics ({"test": {...}}).
 
-    Raises:
-        StageInputError: no prepared data, or no trained model for its classes.
-        NearDuplicateLeakage: near-duplicate photos in two splits, with `data.leakage=fail`.
-    """
+    Raises StageInputError (no prepared data, or no trained model for its classes),
+    NearDuplicateLeakage (near-duplicate photos in two splits, with `data.leakage=fail`)."""
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     classifier = trained_classifier(cfg.paths.models, dataset.classes)
     audited = run_audit(cfg, dataset)
     probs, energies = split_scores(
         classifier, dataset, SPLIT, cfg.paths.features, tta=cfg.evaluate.tta
     )
-    ev = Evaluation(
-        Predictions(probs, dataset.labels(SPLIT), classifier.classes),
-        dataset.images(SPLIT),
-        [row.path for row in dataset.manifest(SPLIT)],
-    )
+    p = Predictions(probs, dataset.labels(SPLIT), classifier.classes)
+    ev = Evaluation(p, dataset.images(SPLIT), [row.path for row in dataset.manifest(SPLIT)])
     reports = Path(cfg.paths.reports)
     metrics = evaluation_metrics(ev)
     rule = RejectRule.from_card(classifier.card.reject)
-    correct = ev.predictions.y_pred == ev.predictions.y_true
+    correct = p.y_pred == p.y_true
     if rule is not None:  # the stored reject rule on the test split (accuracy of the accepted)
         metrics["reject"] = rule_metrics(rule, energies, correct)
     report_text = write_tables(ev, reports, metrics)
@@ -91,27 +87,26 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     folder = Path(cfg.data.path).name if cfg.data.path else None
     source = {"data": " ".join(filter(None, [cfg.data.source, folder]))}
     source["model"] = f"{cfg.paths.models} (md5 {model_md5(cfg.paths.models)})"
-    report = reports / REPORT_HTML
-    cells = cfg.evaluate.report_images_per_cell
+    source[UNSAID] = "see the run's copy"
     audit = audit_sections(reports, dataset, cfg.audit.show)  # the audit's lists
     audit += coverage_section(figures[-1], metrics.get("reject"))
-    write_html_report(ev, report, metrics, cells, source | {UNSAID: "see the run's copy"}, audit)
+    per_class, t = classification_metrics(p.y_true, p.y_pred, p.classes), metrics[SPLIT]
+    cells = cfg.evaluate.report_images_per_cell
+    html = render_report(p, ev.images, ev.paths, per_class | t, cells, SPLIT, source, audit)
+    report = write_text(reports / REPORT_HTML, html)
     log.info("Test split: %d images\n%s", len(probs), report_text)
 
     with runs.stage_run(cfg, "evaluate") as run, tempfile.TemporaryDirectory() as tmp:
-        t = metrics["test"]
         flat = {f"test_{k}": float(v) for k, v in t.items()}  # accuracy, ci_low/high, F1, ece
-        per_class = per_class_metrics(ev)
-        flat["test_weighted_f1"] = float(per_class["weighted_f1"])
+        flat["test_weighted_f1"] = per_class["weighted_f1"]
         for kind in ("precision", "recall", "f1"):
             flat |= {f"test_{kind}_{class_key(c)}": v for c, v in per_class[kind].items()}
         log_audit(reports, audited, flat, {"evaluate_tta": str(bool(cfg.evaluate.tta)).lower()})
-        runs.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
+        runs.log_files(figures, "figures")
         run_copy = Path(tmp, REPORT_HTML)  # the DVC copy, its origin filled in (not drawn again)
         origin = f"MLflow run: {run.info.run_id}</div><div>git commit: {git_commit() or 'unknown'}"
-        html = report.read_text(encoding="utf-8")
         run_copy.write_text(html.replace(f"{UNSAID}: see the run&#x27;s copy", origin, 1), "utf-8")
-        tables = ["metrics.json", "classification_report.json", "classification_report.txt"]
+        tables = [METRICS_FILE, "classification_report.json", "classification_report.txt"]
         tables += [COVERAGE_FILE, "predictions.csv"]
         runs.log_files([*(reports / name for name in tables), run_copy], "reports")
     remote = is_remote(cfg.tracking.uri)

@@ -1,5 +1,5 @@
 """What evaluate writes into `paths.reports` from the test split's predictions: metrics,
-classification report, predictions and confusion CSVs, figures, HTML report."""
+classification report, predictions and confusion CSVs, figures."""
 
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ import numpy as np
 from pipeline.lib.data.prepared import SPLITS
 from pipeline.lib.files import atomic_dir, atomic_file, metric_values, write_json
 from pipeline.lib.reporting import figures
-from pipeline.lib.reporting.html_report import render_report
 from pipeline.lib.reporting.metrics import (
     Predictions,
-    classification_metrics,
     classification_reports,
     confusion,
     gallery_heading,
@@ -60,12 +58,6 @@ def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
     return {SPLIT: metric_values(m)}
 
 
-def per_class_metrics(ev: Evaluation) -> dict[str, Any]:
-    """`classification_metrics` of the split (for MLflow and the HTML report)."""
-    p = ev.predictions
-    return classification_metrics(p.y_true, p.y_pred, p.classes)
-
-
 def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
     """Write the metrics file, the classification report (JSON, text), predictions.csv (path,
     actual, predicted, confidence to 6 digits) and confusion.csv into `reports`; return the text
@@ -75,7 +67,7 @@ def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
     text, as_dict = classification_reports(p)
     write_json(reports / METRICS_FILE, metrics)
     write_json(reports / "classification_report.json", as_dict)
-    _write_text(reports / "classification_report.txt", text)
+    write_text(reports / "classification_report.txt", text)
     rows = {
         "path": list(ev.paths),
         "actual": [p.classes[i] for i in p.y_true],
@@ -110,22 +102,8 @@ def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int)
     return [folder / f"{name}.png" for name in drawn]
 
 
-def write_html_report(
-    ev: Evaluation,
-    path: Path,
-    metrics: dict[str, Any],
-    images_per_cell: int,
-    provenance: dict[str, str],
-    extra: str = "",
-) -> Path:
-    """Write the HTML report (`html_report`, `extra` sections at the end) to `path`; return it."""
-    every = {**per_class_metrics(ev), **metrics[SPLIT]}
-    p = ev.predictions
-    html = render_report(p, ev.images, ev.paths, every, images_per_cell, SPLIT, provenance, extra)
-    return _write_text(path, html)
-
-
-def _write_text(path: Path, text: str) -> Path:
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` atomically (UTF-8); return `path`."""
     with atomic_file(path) as fh:
         fh.write(text)
     return path
