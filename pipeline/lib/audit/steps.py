@@ -48,8 +48,11 @@ def run_audit(cfg: Config, dataset: PreparedDataset) -> dict[str, dict[str, floa
             f"{cfg.paths.features} holds no features of {cfg.paths.prepared}: run the featurize "
             "stage first (`dvc repro featurize`)."
         )
-    every = stacked(features)
-    reports, c = Path(cfg.paths.reports), head_c(cfg, dataset, features)
+    every, reports, t = stacked(features), Path(cfg.paths.reports), cfg.train
+    fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
+    x, y, k = features["train"], dataset.labels("train"), dataset.num_classes
+    auto = not isinstance(t.C, int | float)  # train's cross-validated choice (cached: paid once)
+    c = choose_c(x, y, k, t.seed, **fit_args)[0] if auto else float(t.C)
     summary = {
         "near_duplicates": check_near_duplicates(cfg, dataset, every, reports),
         "label_issues": list_label_issues(cfg, dataset, every, reports, c),
@@ -98,25 +101,14 @@ def check_near_duplicates(
     return {"pairs": len(pairs), "cross_split": cross, "similarity": threshold}
 
 
-def head_c(cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray]) -> float:
-    """The head's C: `train.C`, or train's cross-validated choice (cached, so not paid again)."""
-    t = cfg.train
-    if isinstance(t.C, int | float):
-        return float(t.C)
-    fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
-    x, y, k = features["train"], dataset.labels("train"), dataset.num_classes
-    return choose_c(x, y, k, t.seed, **fit_args)[0]
-
-
 def list_label_issues(
     cfg: Config, dataset: PreparedDataset, every: np.ndarray, reports: Path, c: float
 ) -> dict[str, float]:
     """Step 2: label_issues.csv, every train and val photo ranked; the first `audit.show` logged."""
     t, k = cfg.train, dataset.num_classes
-    rows = dataset.manifest("train") + dataset.manifest("val")
-    x = every[: len(rows)]
-    y = np.array([r.label_index for r in rows])
     fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
+    rows = dataset.manifest("train") + dataset.manifest("val")
+    x, y = every[: len(rows)], np.array([r.label_index for r in rows])
     folds = min(cfg.audit.folds, int(np.bincount(y, minlength=k).min()))
     if folds < 2:
         log.warning("Label issues: a class has fewer than 2 train+val photos; nothing ranked")
