@@ -71,15 +71,6 @@ def _message(ax: Axes, text: str) -> None:
     ax.set_axis_off()
 
 
-def _batch_curve(
-    batches: Series | None, metric: str, n_epochs: int, first_epoch: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y): the last batch of epoch k lands on k; x = 1..m without epochs."""
-    y = _float_series((batches or {}).get(metric))
-    x = np.arange(1, len(y) + 1, dtype=float)
-    return (first_epoch - 1.0 + x * n_epochs / len(y) if n_epochs and len(y) else x), y
-
-
 def learning_curve_figure(history: Series, metric: str, batches: Series | None = None) -> Figure:
     """One metric ('loss' or 'accuracy'): train vs validation per epoch (or 'step'), batches
     faintly under; the best validation point (else train) starred."""
@@ -89,7 +80,10 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
     unit = "step" if "step" in history else "epoch"
     given = _float_series(history.get(unit))
     x = given[:n] if len(given) >= n else np.arange(1, n + 1, dtype=float)
-    batch_x, batch_y = _batch_curve(batches, metric, n, float(x[0]) if n else 0.0)
+    batch_y = _float_series((batches or {}).get(metric))  # batch k of m ends at epoch k * n / m
+    batch_x = np.arange(1, len(batch_y) + 1, dtype=float)
+    if n and len(batch_y):
+        batch_x = x[0] - 1.0 + batch_x * n / len(batch_y)
 
     fig = _new_figure(7.0, 4.3)
     ax = fig.add_subplot()

@@ -87,16 +87,6 @@ def _item(p: Predictions, i: int, image: np.ndarray, path: str) -> str:
     )
 
 
-def _panel(view: str, title: str, members: np.ndarray, shown: str, cap: int) -> str:
-    more = len(members) - min(len(members), cap)
-    note = "" if len(members) else "<p>No images.</p>"
-    if more:
-        note = f"<p>… and {more} more (shown: evaluate.report_images_per_cell, at most "
-        note += f"{MAX_THUMBNAILS} per report).</p>"
-    body = f'<h2>{escape(title)}</h2><ol class="thumbs">{shown}</ol>{note}'
-    return f'<div class="panel" id="p-{view}">{body}</div>'
-
-
 def _panels(
     p: Predictions, images: np.ndarray, paths: list[str], cap: int
 ) -> tuple[list[str], str]:
@@ -112,7 +102,12 @@ def _panels(
     for view, title, members in groups:
         ordered, take = worst_first(p, members), min(cap, budget)
         shown = "".join(_item(p, int(k), images[int(k)], paths[int(k)]) for k in ordered[:take])
-        panels.append(_panel(view, title, ordered, shown, take))
+        note = "" if len(ordered) else "<p>No images.</p>"
+        if more := len(ordered) - min(len(ordered), take):
+            note = f"<p>… and {more} more (shown: evaluate.report_images_per_cell, at most "
+            note += f"{MAX_THUMBNAILS} per report).</p>"
+        body = f'<h2>{escape(title)}</h2><ol class="thumbs">{shown}</ol>{note}'
+        panels.append(f'<div class="panel" id="p-{view}">{body}</div>')
         budget -= min(take, len(ordered))
     return [view for view, _, _ in groups], "".join(panels)
 
