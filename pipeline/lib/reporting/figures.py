@@ -26,8 +26,9 @@ CORRECT_COLOR = "#1a7f37"
 WRONG_COLOR = "#cf222e"
 TRAIN_COLOR = "#1f77b4"
 VAL_COLOR = "#ff7f0e"
-#: above this many classes the confusion matrix cells carry no text
-CELL_TEXT_MAX_CLASSES = 20
+CELL_TEXT_MAX_CLASSES = 20  # above this many classes the confusion matrix cells carry no text
+#: Above this many classes the confusion matrix is drawn at a fixed size (18 in) with class indices.
+LABELLED_MAX_CLASSES = 60
 #: above this many classes a gallery bar chart shows only the top scores (and the true class)
 GALLERY_ALL_CLASSES_MAX = 12
 GALLERY_TOP_K = 10
@@ -123,19 +124,12 @@ def save_learning_curves(
 ) -> list[Path]:
     """Write out_dir/loss.png and out_dir/accuracy.png (`learning_curve_figure`); return them.
     history: 'loss', 'accuracy', 'val_*', x under 'epoch' or 'step'; batches: per-batch series."""
-    out_dir = Path(out_dir)
-    return [
-        save_figure(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
-        for metric in ("loss", "accuracy")
-    ]
+    drawn = ((metric, learning_curve_figure(history, metric, batches)) for metric in _METRICS)
+    return [save_figure(fig, Path(out_dir, f"{metric}.png")) for metric, fig in drawn]
 
 
 def _format_count(value: float) -> str:
     return f"{int(round(value))}" if float(value).is_integer() else f"{value:.3g}"
-
-
-#: Above this many classes the confusion matrix is drawn at a fixed size (18 in) with class indices.
-LABELLED_MAX_CLASSES = 60
 
 
 def confusion_figure(
