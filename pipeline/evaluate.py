@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import base64
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import hydra
+import mlflow
 from omegaconf import DictConfig
 
 from pipeline.lib.audit.report_sections import audit_sections
@@ -96,19 +96,19 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     report = write_text(reports / REPORT_HTML, html)
     log.info("Test split: %d images\n%s", len(probs), report_text)
 
-    with runs.stage_run(cfg, "evaluate") as run, tempfile.TemporaryDirectory() as tmp:
+    with runs.stage_run(cfg, "evaluate") as run:
         flat = {f"test_{k}": float(v) for k, v in t.items()}  # accuracy, ci_low/high, F1, ece
         flat["test_weighted_f1"] = per_class["weighted_f1"]
         for kind in ("precision", "recall", "f1"):
             flat |= {f"test_{kind}_{class_key(c)}": v for c, v in per_class[kind].items()}
         log_audit(reports, audited, flat, {"evaluate_tta": str(bool(cfg.evaluate.tta)).lower()})
         runs.log_files(figures, "figures")
-        run_copy = Path(tmp, REPORT_HTML)  # the DVC copy, its origin filled in (not drawn again)
-        origin = f"MLflow run: {run.info.run_id}</div><div>git commit: {git_commit() or 'unknown'}"
-        run_copy.write_text(html.replace(f"{UNSAID}: see the run&#x27;s copy", origin, 1), "utf-8")
         tables = [METRICS_FILE, "classification_report.json", "classification_report.txt"]
         tables += [COVERAGE_FILE, "predictions.csv"]
-        runs.log_files([*(reports / name for name in tables), run_copy], "reports")
+        runs.log_files([reports / name for name in tables], "reports")
+        origin = f"MLflow run: {run.info.run_id}</div><div>git commit: {git_commit() or 'unknown'}"
+        html = html.replace(f"{UNSAID}: see the run&#x27;s copy", origin, 1)  # not drawn again
+        mlflow.log_text(html, f"reports/{REPORT_HTML}")
     remote = is_remote(cfg.tracking.uri)
     url = f"{cfg.tracking.uri.rstrip('/') if remote else LOCAL_UI}/#/experiments/"
     log.info(
