@@ -9,8 +9,6 @@ import numpy as np
 
 #: Bins of the expected calibration error (equal width over [0, 1], as in Guo et al. 2017).
 ECE_BINS = 15
-#: Confidence level of the accuracy interval (Wilson score interval).
-CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -50,38 +48,34 @@ class McNemar:
     p_value: float
 
 
-def expected_calibration_error(
-    probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
-) -> float:
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray) -> float:
     """ECE (Guo et al. 2017) of `probs` (N, C): |accuracy - mean confidence| per equal-width
     confidence bin, weighted by the bin's share of the images; 0 = calibrated, 0.0 for N = 0."""
-    r = reliability_bins(probs, y_true, bins)
+    r = reliability_bins(probs, y_true)
     return float(np.nansum(r.count * np.abs(r.accuracy - r.confidence)) / max(r.count.sum(), 1))
 
 
-def reliability_bins(
-    probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
-) -> ReliabilityBins:
+def reliability_bins(probs: np.ndarray, y_true: np.ndarray) -> ReliabilityBins:
     """The bins of `expected_calibration_error`, for a reliability diagram: bin b holds the top-1
-    confidences in (b/bins, (b+1)/bins], a confidence of 0 goes to bin 0."""
+    confidences in (b/ECE_BINS, (b+1)/ECE_BINS], a confidence of 0 goes to bin 0."""
     probs = np.asarray(probs, dtype=np.float64)
     confidence = probs.max(axis=1, initial=0.0)
     correct = probs.argmax(axis=1) == np.asarray(y_true)
-    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    count = np.bincount(index, minlength=bins)
+    index = np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
+    count = np.bincount(index, minlength=ECE_BINS)
     with np.errstate(invalid="ignore", divide="ignore"):
-        conf = np.bincount(index, weights=confidence, minlength=bins) / count
-        acc = np.bincount(index, weights=correct.astype(float), minlength=bins) / count
-    return ReliabilityBins(count, conf, acc, np.linspace(0, 1, bins + 1))
+        conf = np.bincount(index, weights=confidence, minlength=ECE_BINS) / count
+        acc = np.bincount(index, weights=correct.astype(float), minlength=ECE_BINS) / count
+    return ReliabilityBins(count, conf, acc, np.linspace(0, 1, ECE_BINS + 1))
 
 
-def accuracy_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval (no continuity correction) of `correct` out of `n`; (0, 1) for n=0."""
+def accuracy_interval(correct: int, n: int) -> tuple[float, float]:
+    """95 % Wilson interval (no continuity correction) of `correct` out of `n`; (0, 1) for n=0."""
     from scipy.stats import binomtest
 
     if n <= 0:
         return 0.0, 1.0
-    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
     return float(ci.low), float(ci.high)
 
 
