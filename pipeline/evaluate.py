@@ -50,8 +50,6 @@ from pipeline.lib.tracking.store import is_remote
 COVERAGE_FILE = "coverage.csv"
 #: The DVC copy's origin line (reproducible): the MLflow run's copy names the run and commit.
 UNSAID = "MLflow run, git commit"
-#: Where `make ui` serves the MLflow UI of a local store.
-LOCAL_UI = "http://127.0.0.1:5000"
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +108,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         html = html.replace(f"{UNSAID}: see the run&#x27;s copy", origin, 1)  # not drawn again
         mlflow.log_text(html, f"reports/{REPORT_HTML}")
     remote = is_remote(cfg.tracking.uri)
-    url = f"{cfg.tracking.uri.rstrip('/') if remote else LOCAL_UI}/#/experiments/"
+    url = f"{cfg.tracking.uri.rstrip('/') if remote else 'http://127.0.0.1:5000'}/#/experiments/"
     log.info(
         f"Test accuracy {t['accuracy']:.4f} (95 % interval {t['ci_low']:.4f}-{t['ci_high']:.4f}) "
         f"on {len(probs)} images; report: {report}\nMLflow run: {url}"

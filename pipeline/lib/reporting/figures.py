@@ -196,13 +196,6 @@ def confusion_figure(
     return fig
 
 
-def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
-    ax.imshow(np.asarray(image), interpolation="antialiased")
-    ax.set(xticks=[], yticks=[])
-    ax.spines[:].set(color=color, linewidth=3)
-    ax.set_title(title, color=color, fontsize=fs, fontweight="bold", parse_math=False)
-
-
 def _draw_gallery_scores(
     ax: Axes, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
 ) -> None:
@@ -289,10 +282,14 @@ def gallery_figure(
     heading = heading or f"Test predictions: {int(correct.sum())} of {n} right{first}"
     fig.suptitle(heading, fontsize=13, fontweight="bold")
     widths = [_GALLERY_IMAGE_IN, _GALLERY_BARS_IN]
+    plain_bold = {"fontweight": "bold", "parse_math": False}
     for k in range(n):
         color = CORRECT_COLOR if correct[k] else WRONG_COLOR
         ax_img, ax_bar = cells[divmod(k, columns)].subplots(1, 2, width_ratios=widths)
-        _draw_gallery_image(ax_img, images[k], titles[k], color, title_fs)
+        ax_img.imshow(np.asarray(images[k]), interpolation="antialiased")
+        ax_img.set(xticks=[], yticks=[])
+        ax_img.spines[:].set(color=color, linewidth=3)
+        ax_img.set_title(titles[k], color=color, fontsize=title_fs, **plain_bold)
         _draw_gallery_scores(ax_bar, probs[k], int(labels[k]), color, classes, label_fs)
     return fig
 

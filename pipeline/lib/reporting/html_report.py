@@ -56,8 +56,7 @@ border-radius:6px;cursor:pointer;background:#f6f8fa}
 
 def thumbnail(image: np.ndarray | Image.Image) -> str:
     """A uint8 (H, W, 3) image (or a PIL image) as a JPEG data URI, longest side `THUMB_PX`."""
-    is_pil = isinstance(image, Image.Image)
-    img = image if is_pil else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
     img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS, reducing_gap=None)
     buffer = io.BytesIO()
     img.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
