@@ -33,7 +33,6 @@ from pipeline.lib.reporting.evaluation import (
     METRICS_FILE,
     REPORT_HTML,
     SPLIT,
-    Evaluation,
     evaluation_metrics,
     write_figures,
     write_tables,
@@ -67,18 +66,17 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         classifier, dataset, SPLIT, cfg.paths.features, tta=cfg.evaluate.tta
     )
     p = Predictions(probs, dataset.labels(SPLIT), classifier.classes)
-    ev = Evaluation(p, dataset.images(SPLIT), [row.path for row in dataset.manifest(SPLIT)])
+    images, paths = dataset.images(SPLIT), [row.path for row in dataset.manifest(SPLIT)]
     reports = Path(cfg.paths.reports)
-    metrics = evaluation_metrics(ev)
+    metrics = evaluation_metrics(p)
     rule = RejectRule.from_card(classifier.card.reject)
     correct = p.y_pred == p.y_true
     if rule is not None:  # the stored reject rule on the test split (accuracy of the accepted)
         metrics["reject"] = rule_metrics(rule, energies, correct)
-    report_text = write_tables(ev, reports, metrics)
+    report_text = write_tables(p, paths, reports, metrics)
     write_csv(reports / COVERAGE_FILE, curve := coverage_curve(energies, correct))
-    figures = write_figures(
-        ev, reports / FIGURES_DIR, cfg.evaluate.gallery_size, cfg.evaluate.gallery_columns
-    )
+    gallery = cfg.evaluate.gallery_size, cfg.evaluate.gallery_columns
+    figures = write_figures(p, images, reports / FIGURES_DIR, *gallery)
     figures.append(reports / FIGURES_DIR / "coverage.png")
     coverage_figure(curve, rule and metrics["reject"]["coverage"]).savefig(figures[-1], dpi=100)
     # the DVC output stays reproducible (no run, commit or absolute path: `UNSAID`, folder name)
@@ -90,7 +88,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     audit += coverage_section(figures[-1], metrics.get("reject"))
     per_class, t = classification_metrics(p.y_true, p.y_pred, p.classes), metrics[SPLIT]
     cells = cfg.evaluate.report_images_per_cell
-    html = render_report(p, ev.images, ev.paths, per_class | t, cells, SPLIT, source, audit)
+    html = render_report(p, images, paths, per_class | t, cells, SPLIT, source, audit)
     report = write_text(reports / REPORT_HTML, html)
     log.info("Test split: %d images\n%s", len(probs), report_text)
 

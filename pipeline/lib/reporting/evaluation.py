@@ -4,7 +4,6 @@ classification report, predictions and confusion CSVs, figures."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,40 +35,29 @@ WIDE_INTERVAL = 0.2
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """A split's predictions, its uint8 (N, S, S, 3) prepared images (may be memory-mapped) and
-    their N source paths (the prepared manifest's `path` column)."""
-
-    predictions: Predictions
-    images: np.ndarray
-    paths: list[str]
-
-
-def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
+def evaluation_metrics(p: Predictions) -> dict[str, Any]:
     """`metrics.json`: {"test": `headline_metrics`}; warns when the interval is too wide."""
-    m = headline_metrics(ev.predictions)
+    m = headline_metrics(p)
     if m["ci_high"] - m["ci_low"] > WIDE_INTERVAL:
         log.warning(
-            f"The test split has {len(ev.paths)} images: test accuracy {m['accuracy']:.3f} has a "
+            f"The test split has {len(p.y_true)} images: test accuracy {m['accuracy']:.3f} has a "
             f"95% interval of [{m['ci_low']:.3f}, {m['ci_high']:.3f}], too wide to tell models "
             "apart. Use more test images or `python -m pipeline.crossval` (k-fold over every photo)."
         )
     return {SPLIT: metric_values(m)}
 
 
-def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
-    """Write the metrics file, the classification report (JSON, text), predictions.csv (path,
+def write_tables(p: Predictions, paths: list[str], reports: Path, metrics: dict[str, Any]) -> str:
+    """Write the metrics file, the classification report (JSON, text), predictions.csv (`paths`,
     actual, predicted, confidence to 6 digits) and confusion.csv into `reports`; return the text
     report. confusion.csv has no paths and "<" as "﹤" (U+FE64) in class names: `dvc plots show`
     embeds its columns unescaped in a `<script>` block, which no name may end or comment out."""
-    p = ev.predictions
     text, as_dict = classification_reports(p)
     write_json(reports / METRICS_FILE, metrics)
     write_json(reports / "classification_report.json", as_dict)
     write_text(reports / "classification_report.txt", text)
     rows = {
-        "path": list(ev.paths),
+        "path": list(paths),
         "actual": [p.classes[i] for i in p.y_true],
         "predicted": [p.classes[i] for i in p.y_pred],
         "confidence": [round(float(row.max()), 6) for row in p.probs],
@@ -80,10 +68,12 @@ def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
     return text
 
 
-def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int) -> list[Path]:
+def write_figures(
+    p: Predictions, images: np.ndarray, folder: Path, gallery_size: int, columns: int
+) -> list[Path]:
     """Replace `folder` with the confusion matrix (counts and row-normalised), the reliability
-    diagram and the gallery of `gallery_size` test images; return the PNG paths."""
-    p = ev.predictions
+    diagram and the gallery of `gallery_size` of `images` (uint8 (N, S, S, 3), may be a memmap);
+    return the PNG paths."""
     matrix, shown = confusion(p), gallery_indices(p.y_true, p.y_pred, gallery_size)
     heading = gallery_heading(p.y_true, p.y_pred, shown)
     drawn = {
@@ -93,7 +83,7 @@ def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int)
         ),
         "reliability_diagram": figures.reliability_figure(reliability_bins(p.probs, p.y_true)),
         "gallery": figures.gallery_figure(
-            ev.images[shown], p.probs[shown], p.y_true[shown], p.classes, columns, heading=heading
+            images[shown], p.probs[shown], p.y_true[shown], p.classes, columns, heading=heading
         ),
     }
     with atomic_dir(folder) as tmp:
