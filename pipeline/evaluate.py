@@ -86,7 +86,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     source[UNSAID] = "see the run's copy"
     audit = audit_sections(reports, dataset, cfg.audit.show)  # the audit's lists
     audit += coverage_section(figures[-1], metrics.get("reject"))
-    per_class, t = classification_metrics(p.y_true, p.y_pred, p.classes), metrics[SPLIT]
+    per_class, t = classification_metrics(p), metrics[SPLIT]
     cells = cfg.evaluate.report_images_per_cell
     html = render_report(p, images, paths, per_class | t, cells, SPLIT, source, audit)
     report = write_text(reports / REPORT_HTML, html)

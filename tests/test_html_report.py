@@ -39,7 +39,7 @@ def predictions() -> tuple[Predictions, np.ndarray, list[str]]:
 
 
 def all_metrics(p: Predictions) -> dict:
-    return {**classification_metrics(p.y_true, p.y_pred, p.classes), **headline_metrics(p)}
+    return {**classification_metrics(p), **headline_metrics(p)}
 
 
 def report(images_per_cell: int = 48, provenance: dict[str, str] | None = None) -> str:

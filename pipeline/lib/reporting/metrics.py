@@ -95,19 +95,18 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
 def headline_metrics(p: Predictions) -> dict[str, float]:
     """A split's `metrics.json` section (kept to what `dvc metrics show` fits in 120 columns):
     accuracy, its 95 % Wilson interval `ci_low`/`ci_high`, `macro_f1`, `ece`."""
-    m = classification_metrics(p.y_true, p.y_pred, p.classes)
+    m = classification_metrics(p)
     low, high = accuracy_interval(int(np.sum(p.y_true == p.y_pred)), len(p.y_true))
     ece = expected_calibration_error(p.probs, p.y_true)
     return dict(accuracy=m["accuracy"], ci_low=low, ci_high=high, macro_f1=m["macro_f1"], ece=ece)
 
 
-def classification_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]
-) -> dict[str, Any]:
+def classification_metrics(p: Predictions) -> dict[str, Any]:
     """`accuracy`, `macro_f1`, `weighted_f1` (floats) and `precision`, `recall`, `f1`, `support`
     ({class name: value}); a class absent from both counts as 0."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
+    y_true, y_pred, classes = p.y_true, p.y_pred, p.classes
     kwargs = {"labels": list(range(len(classes))), "zero_division": 0}
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, **kwargs)
     return {
