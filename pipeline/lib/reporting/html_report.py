@@ -1,10 +1,8 @@
-"""The evaluation report: one self-contained HTML page (no network, no JavaScript) with the
-confusion matrix, whose non-empty cells open their images, the worst mistakes and per-class metrics.
-
-A cell is the `<label>` of a hidden radio button; a CSS rule per cell shows its image panel while
-the radio is checked (works offline and in MLflow's sandboxed artifact viewer). Thumbnails are
-JPEG data URIs, worst first, at most `images_per_cell` per panel and `MAX_THUMBNAILS` per report
-(200 classes stay a few MB). Every name is escaped. Same inputs, same bytes."""
+"""The evaluation report: one self-contained HTML page (no network, no JavaScript): the confusion
+matrix, each non-empty cell the `<label>` of a hidden radio button whose CSS rule shows the cell's
+images (works in MLflow's sandboxed artifact viewer), the worst mistakes, per-class metrics.
+Thumbnails: JPEG data URIs, worst first, `MAX_THUMBNAILS` per report (200 classes stay a few MB).
+Every name is escaped. Same inputs, same bytes."""
 
 from __future__ import annotations
 
@@ -113,26 +111,26 @@ def _panels(
 
 def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
     """Rows true, columns predicted; an empty cell is an empty `<td>` (CSS draws its 0)."""
-    top = max(int(matrix.max(initial=0)), 1)
-    rows = []
-    for i, name in enumerate(p.classes):
-        cells = []
-        for j, predicted in enumerate(p.classes):
-            count = int(matrix[i, j])
-            if not count:
-                cells.append("<td></td>")
-                continue
-            color = "9,105,218" if i == j else "207,34,46"
-            cells.append(
-                f'<td><label for="v-{i}-{j}" class="cell {"diag" if i == j else "off"}" '
-                f'style="background:rgba({color},{0.08 + 0.72 * count / top:.3f})" '
-                f'title="true {escape(name)}, predicted {escape(predicted)}">{count}</label></td>'
-            )
-        rows.append(f'<tr><th scope="row">{escape(name)}</th>{"".join(cells)}</tr>')
-    head = "".join(f'<th class="col" scope="col">{escape(c)}</th>' for c in p.classes)
+    top, names = max(int(matrix.max(initial=0)), 1), [escape(c) for c in p.classes]
+
+    def cell(i: int, j: int, count: int) -> str:
+        color, kind = ("9,105,218", "diag") if i == j else ("207,34,46", "off")
+        return (
+            f'<td><label for="v-{i}-{j}" class="cell {kind}" '
+            f'style="background:rgba({color},{0.08 + 0.72 * count / top:.3f})" '
+            f'title="true {names[i]}, predicted {names[j]}">{count}</label></td>'
+        )
+
+    rows = "".join(
+        f'<tr><th scope="row">{names[i]}</th>'
+        + "".join(cell(i, j, int(n)) if n else "<td></td>" for j, n in enumerate(row))
+        + "</tr>"
+        for i, row in enumerate(matrix)
+    )
+    head = "".join(f'<th class="col" scope="col">{name}</th>' for name in names)
     return (
         '<table class="confusion"><thead><tr><th>true \\ predicted</th>'
-        f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"{head}</tr></thead><tbody>{rows}</tbody></table>"
     )
 
 
