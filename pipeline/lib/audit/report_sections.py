@@ -9,13 +9,7 @@ from html import escape
 from itertools import islice
 from pathlib import Path
 
-from pipeline.lib.audit import (
-    AUDIT_JSON,
-    LABEL_ISSUES_CSV,
-    NEAR_DUPLICATES_CSV,
-    SUFFICIENCY_CSV,
-    SUFFICIENCY_PNG,
-)
+from pipeline.lib import audit
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.files import read_json
 from pipeline.lib.reporting.html_report import thumbnail
@@ -42,7 +36,7 @@ def audit_sections(reports: Path, dataset: PreparedDataset, count: int) -> str:
         )
 
     html = ""
-    if (issues := _rows(reports / LABEL_ISSUES_CSV, count)) is not None:
+    if (issues := _rows(reports / audit.LABEL_ISSUES_CSV, count)) is not None:
         items = "".join(
             photo(
                 r["path"],
@@ -55,10 +49,10 @@ def audit_sections(reports: Path, dataset: PreparedDataset, count: int) -> str:
         )
         html += (
             "<h2>Label issues</h2><p>The train and val photos most likely mislabelled (lowest "
-            f"score first; all in {LABEL_ISSUES_CSV}). Check them; nothing was changed.</p>"
+            f"score first; all in {audit.LABEL_ISSUES_CSV}). Check them; nothing was changed.</p>"
             f'<ol class="thumbs">{items}</ol>'
         )
-    if (pairs := _rows(reports / NEAR_DUPLICATES_CSV, count)) is not None:
+    if (pairs := _rows(reports / audit.NEAR_DUPLICATES_CSV, count)) is not None:
         items = "".join(
             photo(r["path_a"], "")
             + photo(r["path_b"], f"<div>similarity {float(r['similarity']):.4f}</div>")
@@ -67,18 +61,18 @@ def audit_sections(reports: Path, dataset: PreparedDataset, count: int) -> str:
         )
         html += (
             f"<h2>Near-duplicates</h2><p>Pairs of almost identical photos, most similar first "
-            f"(all in {NEAR_DUPLICATES_CSV}).</p>"
+            f"(all in {audit.NEAR_DUPLICATES_CSV}).</p>"
             + (f'<ol class="thumbs">{items}</ol>' if items else "<p>None.</p>")
         )
-    png = reports / SUFFICIENCY_PNG
-    if png.is_file() and (reports / AUDIT_JSON).is_file():
+    png = reports / audit.SUFFICIENCY_PNG
+    if png.is_file() and (reports / audit.AUDIT_JSON).is_file():
         sentences = "".join(
-            f"<li>{escape(s)}</li>" for s in read_json(reports / AUDIT_JSON)["sentences"]
+            f"<li>{escape(s)}</li>" for s in read_json(reports / audit.AUDIT_JSON)["sentences"]
         )
         image = base64.b64encode(png.read_bytes()).decode("ascii")
         html += (
             "<h2>Data sufficiency</h2><p>Test accuracy of the head trained on 1, 2, 5, ... photos "
-            f"per class (all in {SUFFICIENCY_CSV}), and what twice as many would bring:</p>"
+            f"per class (all in {audit.SUFFICIENCY_CSV}), and what twice as many would bring:</p>"
             f'<ul>{sentences}</ul><img src="data:image/png;base64,{image}" alt="sufficiency">'
         )
     return html

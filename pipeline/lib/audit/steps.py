@@ -14,15 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.lib.audit import (
-    AUDIT_JSON,
-    LABEL_ISSUES_CSV,
-    NEAR_DUPLICATES_CSV,
-    SUFFICIENCY_CSV,
-    SUFFICIENCY_PNG,
-    NearDuplicateLeakage,
-    write_rows,
-)
+from pipeline.lib import audit
 from pipeline.lib.audit.label_issues import LabelIssue, out_of_fold_probabilities, rank_label_issues
 from pipeline.lib.audit.near_duplicates import NearDuplicate, near_duplicates
 from pipeline.lib.audit.sufficiency import sentence, sufficiency_curve
@@ -58,7 +50,7 @@ def run_audit(cfg: Config, dataset: PreparedDataset) -> dict[str, dict[str, floa
         "label_issues": list_label_issues(cfg, dataset, every, reports, c),
     }
     summary["sufficiency"], sentences = data_sufficiency(cfg, dataset, features, reports, c)
-    write_json(reports / AUDIT_JSON, summary | {"sentences": sentences})
+    write_json(reports / audit.AUDIT_JSON, summary | {"sentences": sentences})
     return summary
 
 
@@ -70,11 +62,11 @@ def log_audit(
 ) -> None:
     """Log `run_audit`'s figures (metrics audit_<step>_<name>, in one request with the caller's
     `metrics` and `tags`) and reports (artifacts under audit/) to the active MLflow run."""
-    audit = {f"audit_{k}_{n}": v for k, s in summary.items() for n, v in s.items()}
-    runs.log_batch(metrics=(metrics or {}) | audit, tags=tags)
-    runs.log_files([reports / SUFFICIENCY_PNG], "audit/audit_figures")  # each only if written
-    names = [AUDIT_JSON, NEAR_DUPLICATES_CSV, LABEL_ISSUES_CSV, SUFFICIENCY_CSV]
-    runs.log_files([reports / name for name in names], "audit")
+    figures = {f"audit_{k}_{n}": v for k, s in summary.items() for n, v in s.items()}
+    runs.log_batch(metrics=(metrics or {}) | figures, tags=tags)
+    runs.log_files([reports / audit.SUFFICIENCY_PNG], "audit/audit_figures")  # each only if written
+    names = [audit.AUDIT_JSON, audit.NEAR_DUPLICATES_CSV, audit.LABEL_ISSUES_CSV]
+    runs.log_files([reports / name for name in [*names, audit.SUFFICIENCY_CSV]], "audit")
 
 
 def check_near_duplicates(
@@ -85,15 +77,15 @@ def check_near_duplicates(
     threshold = cfg.audit.near_duplicate_similarity
     images = SourceImages(dataset.root, rows, dataset.image_size, dataset.resize)
     pairs = near_duplicates(x, images, [r.path for r in rows], [r.split for r in rows], threshold)
-    write_rows(reports / NEAR_DUPLICATES_CSV, NearDuplicate, pairs)
+    audit.write_rows(reports / audit.NEAR_DUPLICATES_CSV, NearDuplicate, pairs)
     cross = sum(p.cross_split for p in pairs)
     if cross:
         what = (
             f"{cross} pair(s) of near-duplicate photos in two splits (thumbnail similarity > "
-            f"{threshold}), listed in {reports / NEAR_DUPLICATES_CSV}"
+            f"{threshold}), listed in {reports / audit.NEAR_DUPLICATES_CSV}"
         )
         if cfg.data.leakage == "fail":
-            raise NearDuplicateLeakage(
+            raise audit.NearDuplicateLeakage(
                 f"{what}: remove one photo of each pair, or set data.leakage=warn to go on anyway."
             )
         log.warning("leakage (data.leakage=warn): %s", what)
@@ -112,13 +104,13 @@ def list_label_issues(
     folds = min(cfg.audit.folds, int(np.bincount(y, minlength=k).min()))
     if folds < 2:
         log.warning("Label issues: a class has fewer than 2 train+val photos; nothing ranked")
-        write_rows(reports / LABEL_ISSUES_CSV, LabelIssue, [])
+        audit.write_rows(reports / audit.LABEL_ISSUES_CSV, LabelIssue, [])
         return {"photos": 0, "flagged": 0}
     probs = out_of_fold_probabilities(x, y, k, c, folds, t.seed, **fit_args)
     issues = rank_label_issues(
         probs, y, [r.path for r in rows], [r.split for r in rows], dataset.classes
     )
-    write_rows(reports / LABEL_ISSUES_CSV, LabelIssue, issues)
+    audit.write_rows(reports / audit.LABEL_ISSUES_CSV, LabelIssue, issues)
     flagged = sum(i.flagged for i in issues)
     lines = [
         f"{i.rank:>4}. {i.path} ({i.split}): labelled {i.given_label}, looks like "
@@ -128,7 +120,7 @@ def list_label_issues(
     log.info(
         "Label issues: %d of %d train+val photos flagged (%d-fold, C = %g); the most likely "
         "mislabelled first (all in %s):\n%s",
-        *(flagged, len(issues), folds, c, reports / LABEL_ISSUES_CSV, "\n".join(lines)),
+        *(flagged, len(issues), folds, c, reports / audit.LABEL_ISSUES_CSV, "\n".join(lines)),
     )
     return {"photos": len(issues), "flagged": flagged}
 
@@ -148,8 +140,8 @@ def data_sufficiency(
         seeds=cfg.audit.sufficiency_seeds,
         seed=cfg.train.seed,
     )
-    curve.write_csv(reports / SUFFICIENCY_CSV)
-    curve.figure(reports / SUFFICIENCY_PNG)
+    curve.write_csv(reports / audit.SUFFICIENCY_CSV)
+    curve.figure(reports / audit.SUFFICIENCY_PNG)
     lines = [sentence(name, fit) for name, fit in curve.fits.items()]  # "all" first
     log.info("Data sufficiency (test accuracy vs photos per class):\n%s", "\n".join(lines))
     fit = curve.fits.get("all")
