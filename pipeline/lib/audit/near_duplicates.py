@@ -1,13 +1,11 @@
 """Near-duplicates: pairs of photos one of which is a re-saved, resized or slightly cropped copy
 of the other. Candidates: pairs whose L2-normalised backbone features have a cosine similarity
 above `CANDIDATE_SIMILARITY`, each photo's `NEIGHBOURS` most similar only (<= NEIGHBOURS * N
-pairs, only their photos decoded). Kept: those whose grayscale thumbnails correlate above
-`audit.near_duplicate_similarity`, one photo cropped by up to 12 % (`_BOXES`).
-
-Candidates, exact and fast at 100k photos: each feature x = p + r, p its projection on the top
-`PROJECTED` principal directions (uncentred) and r the rest, so a.b = pa.pb + ra.rb <= pa.pb +
-|ra||rb|. Blockwise float32 products of [p, |r|] rows bound every pair's similarity from above;
-only the pairs whose bound passes the threshold are computed exactly on the full features."""
+pairs, only their photos decoded), found exactly and fast at 100k photos: with x = p + r, p its
+projection on the top `PROJECTED` principal directions (uncentred), a.b <= pa.pb + |ra||rb|, so
+blockwise float32 products of [p, |r|] rows bound every pair's similarity from above; only pairs
+whose bound passes the threshold are computed on the full features. Kept: those whose grayscale
+thumbnails correlate above `audit.near_duplicate_similarity`, one cropped by <= 12 % (`_BOXES`)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,7 @@ pipeline.audit`); one step per report in `paths.reports`, all logged to the pipe
 1. near_duplicates.csv: pairs of near-identical photos; across splits as `data.leakage` says.
 2. label_issues.csv: train+val photos, the most likely mislabelled first (console: `audit.show`).
 3. sufficiency.csv, audit_figures/sufficiency.png: test accuracy against training photos per
-   class, with the gain expected from twice as many (console: one sentence per class).
-"""
+   class, with the gain expected from twice as many (console: one sentence per class)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,12 @@
-"""Data sufficiency, "do I need more photos?": accuracy against training images per class.
-
-The head (`training.head.fit_head`) is refitted on nested class-stratified subsets (1, 2, 5, 10, 20,
+"""Data sufficiency, "do I need more photos?": accuracy against training images per class. The
+head (`training.head.fit_head`) is refitted on nested class-stratified subsets (1, 2, 5, 10, 20,
 50, ... images per class, then all; several seeds) at the full split's C: choosing C per subset
 costs 65 fits a point and fails below 3 images per class, and the penalty ||W||^2 / 2C is not
-divided by the image count, so one C regularises small subsets more. Point: mean over seeds, se^2 =
-var(seeds) / seeds + p(1-p) / m (m evaluation images, p Agresti-Coull). 1 - accuracy (or recall) is
-fitted by the power law a n^-b + c (Cortes et al. 1994, NIPS 6; Hestness et al. 2017,
-arXiv:1712.00409) with `curve_fit`, weights 1 / se; 95 % intervals at 2x the largest n: delta method
-(covariance times the reduced chi-square if > 1), plus the largest point's se for the accuracy."""
+divided by the image count, so one C regularises small subsets more. Point: mean over seeds, se^2
+= var(seeds) / seeds + p(1-p) / m (m evaluation images, p Agresti-Coull). 1 - accuracy (or recall)
+is fitted by the power law a n^-b + c (Cortes et al. 1994, NIPS 6; Hestness et al. 2017,
+arXiv:1712.00409) with `curve_fit`, weights 1 / se; 95 % intervals at 2x the largest n: delta
+method (covariance times the reduced chi-square if > 1), plus the largest point's se (accuracy)."""
 
 from __future__ import annotations
 
@@ -138,8 +137,9 @@ def sufficiency_curve(
     seed: int = 0,
 ) -> SufficiencyCurve:
     """The curve (module docstring) from features float32 (N, D) and int labels (N,) in
-    [0, n_classes) of the training and evaluation splits at inverse L2 strength `C`, at 1, 2,
-    5, ... all images per class; draw s of `seeds` orders each class by `default_rng(seed + s)`. Raises UserError: a split is empty, or x, y, names differ in length."""
+    [0, n_classes) of the training and evaluation splits at inverse L2 strength `C`; draw s of
+    `seeds` orders each class by `default_rng(seed + s)`. Raises UserError: a split is empty, or
+    x, y, names differ in length."""
     y_train, y_eval = np.asarray(y_train, np.int64), np.asarray(y_eval, np.int64)
     lengths = (len(x_train), len(x_eval), len(class_names))
     if not len(y_train) or not len(y_eval) or lengths != (len(y_train), len(y_eval), n_classes):
