@@ -219,12 +219,10 @@ def _draw_gallery_scores(
         color = "white" if inside and i == pred_k else "#222222"
         x, ha = (p - 0.02, "right") if inside else (p + 0.02, "left")
         ax.text(x, y, tag, va="center", ha=ha, fontsize=7, color=color, fontweight=weight)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(len(order) - 0.5, -0.5)  # first class on top
+    ax.set(xlim=(0, 1), ylim=(len(order) - 0.5, -0.5), axisbelow=True)  # first class on top
     ax.set_xticks([0, 0.5, 1], labels=["0", "0.5", "1"], fontsize=7)
     ax.tick_params(axis="y", length=0)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_xlabel("score", fontsize=7, labelpad=1)
 
