@@ -55,10 +55,9 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Predict the test split with `paths.models`, write the reports into `paths.reports` and
-    log them to the pipeline's MLflow run; return the metrics ({"test": {...}}).
-
-    Raises StageInputError (no prepared data, or no trained model for its classes),
-    NearDuplicateLeakage (near-duplicate photos in two splits, with `data.leakage=fail`)."""
+    log them to the pipeline's MLflow run; return the metrics ({"test": {...}}). Raises
+    StageInputError (no prepared data, or no trained model for its classes), NearDuplicateLeakage
+    (near-duplicate photos in two splits, with `data.leakage=fail`)."""
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     classifier = trained_classifier(cfg.paths.models, dataset.classes)
     audited = run_audit(cfg, dataset)

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 def run_audit(cfg: Config, dataset: PreparedDataset) -> dict[str, dict[str, float]]:
     """Run the audit steps (module docstring) on the cached features of `dataset`; write their
     reports and audit.json into `paths.reports`; return the figures (for MLflow: `log_audit`).
-
     Raises StageInputError (no features of these photos), NearDuplicateLeakage."""
     features = load_cached_features(cfg, dvc_md5(cfg.paths.prepared))
     if features is None:
