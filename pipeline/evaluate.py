@@ -45,8 +45,7 @@ from pipeline.lib.tracking import runs
 from pipeline.lib.tracking.lineage import git_commit
 from pipeline.lib.tracking.store import is_remote
 
-#: Accuracy on the accepted test photos against coverage, accepting by energy score.
-COVERAGE_FILE = "coverage.csv"
+COVERAGE_FILE = "coverage.csv"  # accuracy of the test photos accepted by energy vs coverage
 #: The DVC copy's origin line (reproducible): the MLflow run's copy names the run and commit.
 UNSAID = "MLflow run, git commit"
 

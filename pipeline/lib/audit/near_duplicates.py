@@ -20,10 +20,8 @@ from threadpoolctl import threadpool_limits
 #: Dimensions of the prefilter's projection; rows per block of the pairwise products.
 PROJECTED = 128
 BLOCK = 1024
-#: Rows whose second moment chooses the projection.
-SAMPLE = 20_000
-#: The bound's allowance for float32 rounding.
-SLACK = 1e-3
+SAMPLE = 20_000  # rows whose second moment chooses the projection
+SLACK = 1e-3  # the bound's allowance for float32 rounding
 #: Candidates (module docstring): copies shrunk to half keep >= 0.75 on flowers12.
 CANDIDATE_SIMILARITY, NEIGHBOURS = 0.7, 5
 #: Thumbnails: THUMB px squares cut from BASE px grayscale photos, area-averaged; crop boxes of

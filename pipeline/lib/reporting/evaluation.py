@@ -29,8 +29,7 @@ FIGURES_DIR = "eval_figures"
 REPORT_HTML = "eval_report.html"
 #: The split evaluate measures ("test"), and the key of its section in the metrics file.
 SPLIT = SPLITS[-1]
-#: A test split whose 95 % accuracy interval is wider than this gets a warning.
-WIDE_INTERVAL = 0.2
+WIDE_INTERVAL = 0.2  # a test split whose 95 % accuracy interval is wider gets a warning
 
 log = logging.getLogger(__name__)
 

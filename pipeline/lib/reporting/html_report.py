@@ -16,11 +16,9 @@ from PIL import Image
 
 from pipeline.lib.reporting.metrics import Predictions, confusion
 
-#: Longest side of a thumbnail, in pixels.
-THUMB_PX = 96
+THUMB_PX = 96  # a thumbnail's longest side
 JPEG_QUALITY = 85
-#: Thumbnails per report (each 2 to 5 kB), over all panels.
-MAX_THUMBNAILS = 400
+MAX_THUMBNAILS = 400  # thumbnails per report (each 2 to 5 kB), over all panels
 MISTAKES_VIEW = "mistakes"
 
 CSS = """

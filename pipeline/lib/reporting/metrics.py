@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-#: Bins of the expected calibration error (equal width over [0, 1], as in Guo et al. 2017).
-ECE_BINS = 15
+ECE_BINS = 15  # of the expected calibration error: equal width over [0, 1] (Guo et al. 2017)
 
 
 @dataclass(frozen=True)
