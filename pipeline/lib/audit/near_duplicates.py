@@ -154,19 +154,11 @@ def _thumbnails(bases: np.ndarray, boxes: list) -> np.ndarray:
     return t.astype(np.float32)
 
 
-def _base(image: np.ndarray) -> bytes:
-    """The BASE x BASE grayscale of a uint8 (H, W, 3) photo, area-averaged (exact: uint8)."""
-    gray = Image.fromarray(image).convert("L")
-    return gray.resize((BASE, BASE), Image.Resampling.BOX).tobytes()
-
-
 @threadpool_limits.wrap(limits=1)
 def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) -> np.ndarray:
     """float32: for each pair (i, j) of `images` (uint8 (N, H, W, 3), indexable by an index
     array; only the photos in pairs are read), the best correlation of one photo's thumbnail
     with the other's after cropping the other (`_BOXES`), in either direction."""
-    if not len(i):  # no candidate pair: nothing to read
-        return np.zeros(0, np.float32)
     photos, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
     ends = inverse[: len(i)], inverse[len(i) :]
     best = np.full(len(i), -1.0, np.float32)
@@ -176,8 +168,10 @@ def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) 
             read = [os.pread(store.fileno(), BASE * BASE, int(r) * BASE * BASE) for r in rows]
             return np.frombuffer(b"".join(read), np.uint8).reshape(-1, BASE, BASE)
 
-        for n in range(0, len(photos), batch):
-            store.write(b"".join(_base(image) for image in images[photos[n : n + batch]]))
+        box = Image.Resampling.BOX
+        for n in range(0, len(photos), batch):  # BASE x BASE grayscale, area-averaged (exact)
+            gray = (Image.fromarray(im).convert("L") for im in images[photos[n : n + batch]])
+            store.write(b"".join(g.resize((BASE, BASE), box).tobytes() for g in gray))
         store.flush()
         for n in range(0, len(photos), batch):  # crops of a batch of photos against their partners
             crops = _thumbnails(bases(range(n, min(n + batch, len(photos)))), _BOXES)
