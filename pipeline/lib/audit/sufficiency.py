@@ -136,10 +136,9 @@ def sufficiency_curve(
     seeds: int = 5,
     seed: int = 0,
 ) -> SufficiencyCurve:
-    """The curve (module docstring) from features float32 (N, D) and int labels (N,) in
-    [0, n_classes) of the training and evaluation splits at inverse L2 strength `C`; draw s of
-    `seeds` orders each class by `default_rng(seed + s)`. Raises UserError: a split is empty, or
-    x, y, names differ in length."""
+    """The curve (module docstring) of features float32 (N, D), int labels (N,) in [0, n_classes)
+    of the training and evaluation splits at inverse L2 strength `C`; draw s of `seeds` orders each
+    class by `default_rng(seed + s)`. UserError: a split is empty, or x, y, names differ in size."""
     y_train, y_eval = np.asarray(y_train, np.int64), np.asarray(y_eval, np.int64)
     lengths = (len(x_train), len(x_eval), len(class_names))
     if not len(y_train) or not len(y_eval) or lengths != (len(y_train), len(y_eval), n_classes):

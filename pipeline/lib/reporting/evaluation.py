@@ -70,9 +70,8 @@ def write_tables(p: Predictions, paths: list[str], reports: Path, metrics: dict[
 def write_figures(
     p: Predictions, images: np.ndarray, folder: Path, gallery_size: int, columns: int
 ) -> list[Path]:
-    """Replace `folder` with the confusion matrix (counts and row-normalised), the reliability
-    diagram and the gallery of `gallery_size` of `images` (uint8 (N, S, S, 3), may be a memmap);
-    return the PNG paths."""
+    """Replace `folder` with the confusion matrices (counts, row-normalised), the reliability
+    diagram and the gallery of `gallery_size` of `images` (uint8 (N, S, S, 3), a memmap too)."""
     matrix, shown = confusion(p), gallery_indices(p.y_true, p.y_pred, gallery_size)
     heading = gallery_heading(p.y_true, p.y_pred, shown)
     drawn = {

@@ -298,13 +298,13 @@ class ReliabilityData(Protocol):
     count: np.ndarray
     confidence: np.ndarray
     accuracy: np.ndarray
-    edges: np.ndarray
 
 
 def reliability_figure(bins: ReliabilityData) -> Figure:
     """A reliability diagram (Guo et al. 2017): per confidence bin the accuracy as a bar against
     the diagonal, the gap to the mean confidence shaded, the count above; the ECE in the title."""
-    edges, count = np.asarray(bins.edges, dtype=float), np.asarray(bins.count)
+    count = np.asarray(bins.count)
+    edges = np.linspace(0, 1, len(count) + 1)  # equal width
     acc, conf = np.nan_to_num(bins.accuracy), np.nan_to_num(bins.confidence)
     ece = float(np.sum(count / max(int(count.sum()), 1) * np.abs(acc - conf)))
     fig = _new_figure(5.5, 5.0)

@@ -155,10 +155,9 @@ def render_report(
     provenance: dict[str, str] | None = None,
     extra: str = "",
 ) -> str:
-    """The report as an HTML document. `images`: uint8 (N, H, W, 3), may be a memmap (only the
-    shown ones are read); `paths`: the N source paths; `metrics`: `classification_metrics` and
-    `headline_metrics` of `p`; `provenance`: {what: value} lines under the title; `extra`: more
-    sections (HTML) at the end."""
+    """The report as HTML. `images`: uint8 (N, H, W, 3), a memmap too (only the shown are read);
+    `paths`: the N source paths; `metrics`: `classification_metrics` | `headline_metrics` of `p`;
+    `provenance`: {what: value} lines under the title; `extra`: HTML sections at the end."""
     views, panels = _panels(p, images, paths, images_per_cell)
     radios = "".join(
         f'<input type="radio" name="view" class="view" id="v-{v}"'

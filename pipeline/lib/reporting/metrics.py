@@ -27,13 +27,12 @@ class Predictions:
 
 @dataclass(frozen=True)
 class ReliabilityBins:
-    """Per equal-width confidence bin: `count` int, mean `confidence` and `accuracy` float64
-    (NaN when empty), all (bins,); `edges` (bins + 1,)."""
+    """Per equal-width confidence bin over [0, 1]: `count` int, mean `confidence` and `accuracy`
+    float64 (NaN when empty), all (bins,)."""
 
     count: np.ndarray
     confidence: np.ndarray
     accuracy: np.ndarray
-    edges: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def reliability_bins(probs: np.ndarray, y_true: np.ndarray) -> ReliabilityBins:
     with np.errstate(invalid="ignore", divide="ignore"):
         conf = np.bincount(index, weights=confidence, minlength=ECE_BINS) / count
         acc = np.bincount(index, weights=correct.astype(float), minlength=ECE_BINS) / count
-    return ReliabilityBins(count, conf, acc, np.linspace(0, 1, ECE_BINS + 1))
+    return ReliabilityBins(count, conf, acc)
 
 
 def accuracy_interval(correct: int, n: int) -> tuple[float, float]:
