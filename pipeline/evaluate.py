@@ -46,8 +46,7 @@ from pipeline.lib.tracking.lineage import git_commit
 from pipeline.lib.tracking.store import is_remote
 
 COVERAGE_FILE = "coverage.csv"  # accuracy of the test photos accepted by energy vs coverage
-#: The DVC copy's origin line (reproducible): the MLflow run's copy names the run and commit.
-UNSAID = "MLflow run, git commit"
+UNSAID = "MLflow run, git commit"  # in the DVC copy (reproducible); the run's copy names them
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from PIL import Image
 from pipeline.lib.reporting.metrics import Predictions, confusion
 
 THUMB_PX = 96  # a thumbnail's longest side
-JPEG_QUALITY = 85
 MAX_THUMBNAILS = 400  # thumbnails per report (each 2 to 5 kB), over all panels
 MISTAKES_VIEW = "mistakes"
 
@@ -55,7 +54,7 @@ def thumbnail(image: np.ndarray | Image.Image) -> str:
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
     img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS, reducing_gap=None)
     buffer = io.BytesIO()
-    img.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    img.convert("RGB").save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -137,7 +137,6 @@ def confusion(p: Predictions) -> np.ndarray:
 def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
     """The `n` images the gallery shows, sorted int64 indices: up to n/2 mistakes, then a
     round-robin over classes so every class appears (dataset order within a class)."""
-    y_true = np.asarray(y_true)
     wrong = np.flatnonzero(y_true != y_pred)[: max(n // 2, 1) if n else 0]
     rank = np.zeros(len(y_true), dtype=np.int64)  # each image's place within its class
     for c in np.unique(y_true):
