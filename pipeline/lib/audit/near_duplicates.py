@@ -191,11 +191,10 @@ def near_duplicates(
     reads them) whose thumbnails match above `threshold` (module docstring), most similar first."""
     i, j, cosine = similar_pairs(features, CANDIDATE_SIMILARITY, NEIGHBOURS)
     match = thumbnail_similarity(images, i, j)
+    thumbs, feats = match.round(6).tolist(), cosine.round(6).tolist()
     pairs = [
         NearDuplicate(paths[a], splits[a], paths[b], splits[b], m, c, splits[a] != splits[b])
-        for a, b, m, c in zip(
-            i.tolist(), j.tolist(), match.round(6).tolist(), cosine.round(6).tolist(), strict=True
-        )
+        for a, b, m, c in zip(i.tolist(), j.tolist(), thumbs, feats, strict=True)
         if m > threshold
     ]
     return sorted(pairs, key=lambda p: (-p.similarity, p.path_a, p.path_b))

@@ -1,5 +1,4 @@
-"""The audit's sections of the HTML report: the most likely mislabelled photos and the
-near-duplicate pairs, with thumbnails, read from the audit's CSVs."""
+"""The audit's sections of the HTML report, with thumbnails, from the audit's report files."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""What evaluate writes into `paths.reports` from the test split's predictions: metrics,
-classification report, predictions and confusion CSVs, figures."""
+"""From the test split's predictions: metrics, classification report, CSVs and figures."""
 
 from __future__ import annotations
 
