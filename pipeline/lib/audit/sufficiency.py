@@ -133,19 +133,21 @@ def sufficiency_curve(
     n_classes: int,
     C: float,
     class_names: list[str] | tuple[str, ...],
+    sizes: tuple[int, ...] | None = None,
     seeds: int = 5,
     seed: int = 0,
 ) -> SufficiencyCurve:
     """The curve (module docstring) of features float32 (N, D), int labels (N,) in [0, n_classes)
-    of the training and evaluation splits at inverse L2 strength `C`; draw s of `seeds` orders each
-    class by `default_rng(seed + s)`. UserError: a split is empty, or x, y, names differ in size."""
+    of the training and evaluation splits at inverse L2 strength `C`, at `sizes` ascending images
+    per class (default 1, 2, 5, ... all); draw s of `seeds` orders each class by
+    `default_rng(seed + s)`. UserError: a split is empty, or x, y, names differ in size."""
     y_train, y_eval = np.asarray(y_train, np.int64), np.asarray(y_eval, np.int64)
     lengths = (len(x_train), len(x_eval), len(class_names))
     if not len(y_train) or not len(y_eval) or lengths != (len(y_train), len(y_eval), n_classes):
         raise UserError(f"sufficiency curve: a split is empty or lengths differ: {lengths}")
     counts, in_eval = (np.bincount(y, minlength=n_classes) for y in (y_train, y_eval))
     ladder = (m * 10**e for e in range(7) for m in (1, 2, 5) if m * 10**e < counts.max())
-    sizes = (*ladder, int(counts.max()))
+    sizes = tuple(sizes or (*ladder, int(counts.max())))
     by_class = [np.flatnonzero(y_train == k) for k in range(n_classes)]
     rngs = [np.random.default_rng(seed + s) for s in range(seeds)]
     orders = [[rng.permutation(i) for i in by_class] for rng in rngs]
