@@ -1,6 +1,5 @@
-"""The audit: what may be wrong with the photos, for a person to act on (nothing is moved or
-relabelled), computed on the cached features by the evaluate stage (and `python -m
-pipeline.audit`); one step per report in `paths.reports`, all logged to the pipeline's MLflow run:
+"""The audit (evaluate, `python -m pipeline.audit`) of the photos, on the cached features, for a
+person to act on (nothing is changed); one report per step in `paths.reports`, logged to MLflow:
 1. near_duplicates.csv: pairs of near-identical photos; across splits as `data.leakage` says.
 2. label_issues.csv: train+val photos, the most likely mislabelled first (console: `audit.show`).
 3. sufficiency.csv, audit_figures/sufficiency.png: test accuracy against training photos per

@@ -131,19 +131,6 @@ def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
     )
 
 
-def _metrics_table(metrics: dict[str, Any], classes: list[str]) -> str:
-    rows = "".join(
-        f"<tr><td>{escape(c)}</td>"
-        + "".join(f"<td>{metrics[k][c]:.4f}</td>" for k in ("precision", "recall", "f1"))
-        + f"<td>{metrics['support'][c]}</td></tr>"
-        for c in classes
-    )
-    return (
-        '<table class="metrics"><thead><tr><th>class</th><th>precision</th><th>recall</th>'
-        f"<th>F1</th><th>support</th></tr></thead><tbody>{rows}</tbody></table>"
-    )
-
-
 def render_report(
     p: Predictions,
     images: np.ndarray,
@@ -169,13 +156,18 @@ def render_report(
         f"#v-{v}:checked~main label[for=v-{v}]{{border-color:#1f2328}}"
         for v in views
     )
-    m = metrics
     summary = (
-        f"Accuracy {m['accuracy']:.4f} (95 % interval {m['ci_low']:.4f}–{m['ci_high']:.4f}), "
-        f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} on {len(p.y_true)} {escape(split)} "
-        f"images; {int((p.y_pred != p.y_true).sum())} mistake(s)."
+        f"Accuracy {metrics['accuracy']:.4f} (95 % interval {metrics['ci_low']:.4f}–"
+        f"{metrics['ci_high']:.4f}), macro F1 {metrics['macro_f1']:.4f}, ECE {metrics['ece']:.4f} "
+        f"on {len(p.y_true)} {escape(split)} images; {(p.y_pred != p.y_true).sum()} mistake(s)."
     )
     origin = "".join(f"<div>{escape(k)}: {escape(v)}</div>" for k, v in (provenance or {}).items())
+    rows = "".join(
+        f"<tr><td>{escape(c)}</td>"
+        + "".join(f"<td>{metrics[k][c]:.4f}</td>" for k in ("precision", "recall", "f1"))
+        + f"<td>{metrics['support'][c]}</td></tr>"
+        for c in p.classes
+    )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>Evaluation report ({escape(split)} split)</title>"
@@ -187,6 +179,8 @@ def render_report(
         f"{_matrix_table(p, confusion(p))}"
         f'<label for="v-{MISTAKES_VIEW}" class="button">Show the worst mistakes</label>'
         f'<section class="images">{panels}</section>'
-        f"<h2>Per-class metrics</h2>{_metrics_table(metrics, p.classes)}{extra}"
+        '<h2>Per-class metrics</h2><table class="metrics"><thead><tr><th>class</th>'
+        "<th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>{extra}"
         "</main></body></html>\n"
     )
