@@ -20,9 +20,8 @@ from pipeline.lib.tracking import runs
 
 
 def audit(cfg: Config) -> dict[str, dict[str, float]]:
-    """Run the audit on the prepared photos' cached features; return its figures.
-
-    Raises StageInputError (no prepared data or features), NearDuplicateLeakage."""
+    """Run the audit on the prepared photos' cached features; return its figures. Raises
+    StageInputError (no prepared data or features), NearDuplicateLeakage."""
     summary = run_audit(cfg, open_prepared(cfg.paths.prepared, cfg.data))
     with runs.stage_run(cfg, "audit"):
         log_audit(Path(cfg.paths.reports), summary)

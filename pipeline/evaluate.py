@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import base64
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import hydra
+import mlflow
 from omegaconf import DictConfig
 
 from pipeline.lib.audit.report_sections import audit_sections
@@ -30,92 +30,80 @@ from pipeline.lib.model.reject import RejectRule, coverage_curve, coverage_figur
 from pipeline.lib.model.scoring import split_scores
 from pipeline.lib.reporting.evaluation import (
     FIGURES_DIR,
+    METRICS_FILE,
     REPORT_HTML,
     SPLIT,
-    Evaluation,
     evaluation_metrics,
-    per_class_metrics,
     write_figures,
-    write_html_report,
     write_tables,
+    write_text,
 )
-from pipeline.lib.reporting.metrics import Predictions
+from pipeline.lib.reporting.html_report import render_report
+from pipeline.lib.reporting.metrics import Predictions, classification_metrics
 from pipeline.lib.reporting.tables import write_csv
 from pipeline.lib.tracking import runs
 from pipeline.lib.tracking.lineage import git_commit
 from pipeline.lib.tracking.store import is_remote
 
-#: Accuracy on the accepted test photos against coverage, accepting by energy score.
-COVERAGE_FILE = "coverage.csv"
-#: The DVC copy's origin line (reproducible): the MLflow run's copy names the run and commit.
-UNSAID = "MLflow run, git commit"
-#: Where `make ui` serves the MLflow UI of a local store.
-LOCAL_UI = "http://127.0.0.1:5000"
+COVERAGE_FILE = "coverage.csv"  # accuracy of the test photos accepted by energy vs coverage
+UNSAID = "MLflow run, git commit"  # in the DVC copy (reproducible); the run's copy names them
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Predict the test split with `paths.models`, write the reports into `paths.reports` and
-    log them to the pipeline's MLflow run; return the metrics ({"test": {...}}).
-
-    Raises:
-        StageInputError: no prepared data, or no trained model for its classes.
-        NearDuplicateLeakage: near-duplicate photos in two splits, with `data.leakage=fail`.
-    """
+    log them to the pipeline's MLflow run; return the metrics ({"test": {...}}). Raises
+    StageInputError (no prepared data, or no trained model for its classes), NearDuplicateLeakage
+    (near-duplicate photos in two splits, with `data.leakage=fail`)."""
     dataset = open_prepared(cfg.paths.prepared, cfg.data)
     classifier = trained_classifier(cfg.paths.models, dataset.classes)
     audited = run_audit(cfg, dataset)
     probs, energies = split_scores(
         classifier, dataset, SPLIT, cfg.paths.features, tta=cfg.evaluate.tta
     )
-    ev = Evaluation(
-        Predictions(probs, dataset.labels(SPLIT), classifier.classes),
-        dataset.images(SPLIT),
-        [row.path for row in dataset.manifest(SPLIT)],
-    )
+    p = Predictions(probs, dataset.labels(SPLIT), classifier.classes)
+    images, paths = dataset.images(SPLIT), [row.path for row in dataset.manifest(SPLIT)]
     reports = Path(cfg.paths.reports)
-    metrics = evaluation_metrics(ev)
+    metrics = evaluation_metrics(p)
     rule = RejectRule.from_card(classifier.card.reject)
-    correct = ev.predictions.y_pred == ev.predictions.y_true
+    correct = p.y_pred == p.y_true
     if rule is not None:  # the stored reject rule on the test split (accuracy of the accepted)
         metrics["reject"] = rule_metrics(rule, energies, correct)
-    report_text = write_tables(ev, reports, metrics)
+    report_text = write_tables(p, paths, reports, metrics)
     write_csv(reports / COVERAGE_FILE, curve := coverage_curve(energies, correct))
-    figures = write_figures(
-        ev, reports / FIGURES_DIR, cfg.evaluate.gallery_size, cfg.evaluate.gallery_columns
-    )
+    gallery = cfg.evaluate.gallery_size, cfg.evaluate.gallery_columns
+    figures = write_figures(p, images, reports / FIGURES_DIR, *gallery)
     figures.append(reports / FIGURES_DIR / "coverage.png")
     coverage_figure(curve, rule and metrics["reject"]["coverage"]).savefig(figures[-1], dpi=100)
     # the DVC output stays reproducible (no run, commit or absolute path: `UNSAID`, folder name)
     folder = Path(cfg.data.path).name if cfg.data.path else None
     source = {"data": " ".join(filter(None, [cfg.data.source, folder]))}
     source["model"] = f"{cfg.paths.models} (md5 {model_md5(cfg.paths.models)})"
-    report = reports / REPORT_HTML
-    cells = cfg.evaluate.report_images_per_cell
+    source[UNSAID] = "see the run's copy"
     audit = audit_sections(reports, dataset, cfg.audit.show)  # the audit's lists
     audit += coverage_section(figures[-1], metrics.get("reject"))
-    write_html_report(ev, report, metrics, cells, source | {UNSAID: "see the run's copy"}, audit)
+    per_class, t = classification_metrics(p), metrics[SPLIT]
+    cells = cfg.evaluate.report_images_per_cell
+    html = render_report(p, images, paths, per_class | t, cells, SPLIT, source, audit)
+    report = write_text(reports / REPORT_HTML, html)
     log.info("Test split: %d images\n%s", len(probs), report_text)
 
-    with runs.stage_run(cfg, "evaluate") as run, tempfile.TemporaryDirectory() as tmp:
-        t = metrics["test"]
+    with runs.stage_run(cfg, "evaluate") as run:
         flat = {f"test_{k}": float(v) for k, v in t.items()}  # accuracy, ci_low/high, F1, ece
-        per_class = per_class_metrics(ev)
-        flat["test_weighted_f1"] = float(per_class["weighted_f1"])
+        flat["test_weighted_f1"] = per_class["weighted_f1"]
         for kind in ("precision", "recall", "f1"):
             flat |= {f"test_{kind}_{class_key(c)}": v for c, v in per_class[kind].items()}
         log_audit(reports, audited, flat, {"evaluate_tta": str(bool(cfg.evaluate.tta)).lower()})
-        runs.log_files([reports / "eval_figures" / f.name for f in figures], "figures")
-        run_copy = Path(tmp, REPORT_HTML)  # the DVC copy, its origin filled in (not drawn again)
-        origin = f"MLflow run: {run.info.run_id}</div><div>git commit: {git_commit() or 'unknown'}"
-        html = report.read_text(encoding="utf-8")
-        run_copy.write_text(html.replace(f"{UNSAID}: see the run&#x27;s copy", origin, 1), "utf-8")
-        tables = ["metrics.json", "classification_report.json", "classification_report.txt"]
+        runs.log_files(figures, "figures")
+        tables = [METRICS_FILE, "classification_report.json", "classification_report.txt"]
         tables += [COVERAGE_FILE, "predictions.csv"]
-        runs.log_files([*(reports / name for name in tables), run_copy], "reports")
+        runs.log_files([reports / name for name in tables], "reports")
+        origin = f"MLflow run: {run.info.run_id}</div><div>git commit: {git_commit() or 'unknown'}"
+        html = html.replace(f"{UNSAID}: see the run&#x27;s copy", origin, 1)  # not drawn again
+        mlflow.log_text(html, f"reports/{REPORT_HTML}")
     remote = is_remote(cfg.tracking.uri)
-    url = f"{cfg.tracking.uri.rstrip('/') if remote else LOCAL_UI}/#/experiments/"
+    url = f"{cfg.tracking.uri.rstrip('/') if remote else 'http://127.0.0.1:5000'}/#/experiments/"
     log.info(
         f"Test accuracy {t['accuracy']:.4f} (95 % interval {t['ci_low']:.4f}-{t['ci_high']:.4f}) "
         f"on {len(probs)} images; report: {report}\nMLflow run: {url}"

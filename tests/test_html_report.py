@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 
-from pipeline.lib.reporting.evaluation import Evaluation, write_html_report
+from pipeline.lib.reporting.evaluation import write_text
 from pipeline.lib.reporting.html_report import MAX_THUMBNAILS, render_report, worst_first
 from pipeline.lib.reporting.metrics import Predictions, classification_metrics, headline_metrics
 from tests.browser import chromium
@@ -39,7 +39,7 @@ def predictions() -> tuple[Predictions, np.ndarray, list[str]]:
 
 
 def all_metrics(p: Predictions) -> dict:
-    return {**classification_metrics(p.y_true, p.y_pred, p.classes), **headline_metrics(p)}
+    return {**classification_metrics(p), **headline_metrics(p)}
 
 
 def report(images_per_cell: int = 48, provenance: dict[str, str] | None = None) -> str:
@@ -101,12 +101,10 @@ def test_panels_cap_their_thumbnails():
     assert "and 2 more" in html
 
 
-def test_write_html_report(tmp_path):
-    """evaluate's writer: the report of the test split's metrics, in a new folder."""
-    p, images, paths = predictions()
+def test_write_text(tmp_path):
+    """evaluate's writer of the report: into a new folder, atomically."""
     target = tmp_path / "reports" / "eval_report.html"
-    metrics = {"test": headline_metrics(p)}
-    path = write_html_report(Evaluation(p, images, paths), target, metrics, 48, {"run": "r1"})
+    path = write_text(target, report(48, {"run": "r1"}))
     assert path == target and path.read_text(encoding="utf-8") == report(48, {"run": "r1"})
     assert [f.name for f in path.parent.iterdir()] == ["eval_report.html"]  # no temporary left
 

@@ -28,7 +28,7 @@ def test_gallery_shows_mistakes_first_and_every_class():
 def test_metrics_count_absent_classes_as_zero():
     y_true = np.array([0, 0, 1, 1])
     y_pred = np.array([0, 1, 1, 1])
-    m = classification_metrics(y_true, y_pred, CLASSES)
+    m = classification_metrics(Predictions(np.eye(3, dtype=np.float32)[y_pred], y_true, CLASSES))
     assert m["accuracy"] == pytest.approx(0.75)
     assert m["precision"] == pytest.approx({"a": 1.0, "b": 2 / 3, "c": 0.0})
     assert m["recall"] == pytest.approx({"a": 0.5, "b": 1.0, "c": 0.0})

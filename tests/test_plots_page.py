@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.lib.reporting.evaluation import Evaluation, evaluation_metrics, write_tables
+from pipeline.lib.reporting.evaluation import evaluation_metrics, write_tables
 from pipeline.lib.reporting.metrics import Predictions
 from pipeline.plots_template import write_template
 from tests.browser import chromium
@@ -110,8 +110,8 @@ def test_hostile_names_run_no_script_in_the_plots_page(repo: Path, first_repro: 
     `write_tables`, then the real `dvc plots show`: with the project's template no injected
     script runs and all five plots draw; DVC's own page (which needs its CDN) runs none either."""
     probs = np.eye(3, dtype=np.float32)[[1, 1, 2]]
-    ev = Evaluation(Predictions(probs, np.array([0, 1, 2]), HOSTILE_CLASSES), None, HOSTILE_PATHS)
-    write_tables(ev, repo / "reports", evaluation_metrics(ev))
+    p = Predictions(probs, np.array([0, 1, 2]), HOSTILE_CLASSES)
+    write_tables(p, HOSTILE_PATHS, repo / "reports", evaluation_metrics(p))
     confusion = (repo / "reports" / "confusion.csv").read_text(encoding="utf-8")
     assert "<" not in confusion and "/" not in confusion and "x\ufe64!--\ufe64script>" in confusion
 

@@ -1,5 +1,4 @@
-"""The audit stage's checks of the photos (label issues, near-duplicates, data sufficiency) and
-its report files."""
+"""The audit of the photos (label issues, near-duplicates, data sufficiency): its report files."""
 
 import csv
 from dataclasses import astuple, fields

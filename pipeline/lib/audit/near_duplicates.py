@@ -1,13 +1,11 @@
 """Near-duplicates: pairs of photos one of which is a re-saved, resized or slightly cropped copy
 of the other. Candidates: pairs whose L2-normalised backbone features have a cosine similarity
 above `CANDIDATE_SIMILARITY`, each photo's `NEIGHBOURS` most similar only (<= NEIGHBOURS * N
-pairs, only their photos decoded). Kept: those whose grayscale thumbnails correlate above
-`audit.near_duplicate_similarity`, one photo cropped by up to 12 % (`_BOXES`).
-
-Candidates, exact and fast at 100k photos: each feature x = p + r, p its projection on the top
-`PROJECTED` principal directions (uncentred) and r the rest, so a.b = pa.pb + ra.rb <= pa.pb +
-|ra||rb|. Blockwise float32 products of [p, |r|] rows bound every pair's similarity from above;
-only the pairs whose bound passes the threshold are computed exactly on the full features."""
+pairs, only their photos decoded), found exactly and fast at 100k photos: with x = p + r, p its
+projection on the top `PROJECTED` principal directions (uncentred), a.b <= pa.pb + |ra||rb|, so
+blockwise float32 products of [p, |r|] rows bound every pair's similarity from above; only pairs
+whose bound passes the threshold are computed on the full features. Kept: those whose grayscale
+thumbnails correlate above `audit.near_duplicate_similarity`, one cropped by <= 12 % (`_BOXES`)."""
 
 from __future__ import annotations
 
@@ -22,10 +20,8 @@ from threadpoolctl import threadpool_limits
 #: Dimensions of the prefilter's projection; rows per block of the pairwise products.
 PROJECTED = 128
 BLOCK = 1024
-#: Rows whose second moment chooses the projection.
-SAMPLE = 20_000
-#: The bound's allowance for float32 rounding.
-SLACK = 1e-3
+SAMPLE = 20_000  # rows whose second moment chooses the projection
+SLACK = 1e-3  # the bound's allowance for float32 rounding
 #: Candidates (module docstring): copies shrunk to half keep >= 0.75 on flowers12.
 CANDIDATE_SIMILARITY, NEIGHBOURS = 0.7, 5
 #: Thumbnails: THUMB px squares cut from BASE px grayscale photos, area-averaged; crop boxes of
@@ -57,19 +53,6 @@ def _bounding_rows(unit, n: int, seed: int = 0) -> np.ndarray:
     p = np.concatenate([unit(slice(q, q + BLOCK)) @ basis for q in range(0, n, BLOCK)])
     rest = np.sqrt(np.maximum(0.0, 1.0 - (p * p).sum(axis=1, keepdims=True)))
     return np.hstack([p, rest]).astype(np.float32)
-
-
-def similar_pairs(
-    features: np.ndarray, threshold: float, neighbours: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, similarity): every pair i < j of rows of `features` (N, D) whose cosine similarity
-    is above `threshold` (and, if `neighbours`, among the `neighbours` most similar of i or of j:
-    at most neighbours * N pairs), int64, int64, float32, sorted by (i, j)."""
-    x = np.asarray(features, dtype=np.float32)
-    if len(x) < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    with threadpool_limits(1):  # OpenBLAS' threads spin on a loaded machine (see training.head)
-        return _similar_pairs(x, threshold, neighbours or len(x))
 
 
 def _nearest(i: np.ndarray, j: np.ndarray, sim: np.ndarray, k: int) -> np.ndarray:
@@ -108,9 +91,17 @@ def _dense_block(
     return a + i[keep], b + j[keep], s[i[keep], j[keep]]
 
 
-def _similar_pairs(
-    x: np.ndarray, threshold: float, k: int
+@threadpool_limits.wrap(limits=1)  # OpenBLAS' threads spin on a loaded machine (training.head)
+def similar_pairs(
+    features: np.ndarray, threshold: float, neighbours: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity): every pair i < j of rows of `features` (N, D) whose cosine similarity
+    is above `threshold` (and, if `neighbours`, among the `neighbours` most similar of i or of j:
+    at most neighbours * N pairs), int64, int64, float32, sorted by (i, j)."""
+    x = np.asarray(features, dtype=np.float32)
+    if len(x) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    k = neighbours or len(x)
     norms = [np.linalg.norm(x[q : q + BLOCK], axis=1) for q in range(0, len(x), BLOCK)]
     norms = np.maximum(np.concatenate(norms), 1e-12)[:, None]
 
@@ -163,18 +154,11 @@ def _thumbnails(bases: np.ndarray, boxes: list) -> np.ndarray:
     return t.astype(np.float32)
 
 
-def _base(image: np.ndarray) -> bytes:
-    """The BASE x BASE grayscale of a uint8 (H, W, 3) photo, area-averaged (exact: uint8)."""
-    gray = Image.fromarray(image).convert("L")
-    return gray.resize((BASE, BASE), Image.Resampling.BOX).tobytes()
-
-
+@threadpool_limits.wrap(limits=1)
 def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) -> np.ndarray:
     """float32: for each pair (i, j) of `images` (uint8 (N, H, W, 3), indexable by an index
     array; only the photos in pairs are read), the best correlation of one photo's thumbnail
     with the other's after cropping the other (`_BOXES`), in either direction."""
-    if not len(i):  # no candidate pair: nothing to read
-        return np.zeros(0, np.float32)
     photos, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
     ends = inverse[: len(i)], inverse[len(i) :]
     best = np.full(len(i), -1.0, np.float32)
@@ -184,8 +168,10 @@ def thumbnail_similarity(images, i: np.ndarray, j: np.ndarray, batch: int = 64) 
             read = [os.pread(store.fileno(), BASE * BASE, int(r) * BASE * BASE) for r in rows]
             return np.frombuffer(b"".join(read), np.uint8).reshape(-1, BASE, BASE)
 
-        for n in range(0, len(photos), batch):
-            store.write(b"".join(_base(image) for image in images[photos[n : n + batch]]))
+        box = Image.Resampling.BOX
+        for n in range(0, len(photos), batch):  # BASE x BASE grayscale, area-averaged (exact)
+            gray = (Image.fromarray(im).convert("L") for im in images[photos[n : n + batch]])
+            store.write(b"".join(g.resize((BASE, BASE), box).tobytes() for g in gray))
         store.flush()
         for n in range(0, len(photos), batch):  # crops of a batch of photos against their partners
             crops = _thumbnails(bases(range(n, min(n + batch, len(photos)))), _BOXES)
@@ -203,14 +189,12 @@ def near_duplicates(
 ) -> list[NearDuplicate]:
     """Pairs of photos `paths` / `splits` (features (N, D), `images` as `thumbnail_similarity`
     reads them) whose thumbnails match above `threshold` (module docstring), most similar first."""
-    with threadpool_limits(1):
-        i, j, cosine = similar_pairs(features, CANDIDATE_SIMILARITY, NEIGHBOURS)
-        match = thumbnail_similarity(images, i, j)
+    i, j, cosine = similar_pairs(features, CANDIDATE_SIMILARITY, NEIGHBOURS)
+    match = thumbnail_similarity(images, i, j)
+    thumbs, feats = match.round(6).tolist(), cosine.round(6).tolist()
     pairs = [
         NearDuplicate(paths[a], splits[a], paths[b], splits[b], m, c, splits[a] != splits[b])
-        for a, b, m, c in zip(
-            i.tolist(), j.tolist(), match.round(6).tolist(), cosine.round(6).tolist(), strict=True
-        )
+        for a, b, m, c in zip(i.tolist(), j.tolist(), thumbs, feats, strict=True)
         if m > threshold
     ]
     return sorted(pairs, key=lambda p: (-p.similarity, p.path_a, p.path_b))

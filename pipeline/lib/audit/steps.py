@@ -1,11 +1,9 @@
-"""The audit: what may be wrong with the photos, for a person to act on (nothing is moved or
-relabelled), computed on the cached features by the evaluate stage (and `python -m
-pipeline.audit`); one step per report in `paths.reports`, all logged to the pipeline's MLflow run:
+"""The audit (evaluate, `python -m pipeline.audit`) of the photos, on the cached features, for a
+person to act on (nothing is changed); one report per step in `paths.reports`, logged to MLflow:
 1. near_duplicates.csv: pairs of near-identical photos; across splits as `data.leakage` says.
 2. label_issues.csv: train+val photos, the most likely mislabelled first (console: `audit.show`).
 3. sufficiency.csv, audit_figures/sufficiency.png: test accuracy against training photos per
-   class, with the gain expected from twice as many (console: one sentence per class).
-"""
+   class, with the gain expected from twice as many (console: one sentence per class)."""
 
 from __future__ import annotations
 
@@ -14,15 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.lib.audit import (
-    AUDIT_JSON,
-    LABEL_ISSUES_CSV,
-    NEAR_DUPLICATES_CSV,
-    SUFFICIENCY_CSV,
-    SUFFICIENCY_PNG,
-    NearDuplicateLeakage,
-    write_rows,
-)
+from pipeline.lib import audit
 from pipeline.lib.audit.label_issues import LabelIssue, out_of_fold_probabilities, rank_label_issues
 from pipeline.lib.audit.near_duplicates import NearDuplicate, near_duplicates
 from pipeline.lib.audit.sufficiency import sentence, sufficiency_curve
@@ -40,7 +30,6 @@ log = logging.getLogger(__name__)
 def run_audit(cfg: Config, dataset: PreparedDataset) -> dict[str, dict[str, float]]:
     """Run the audit steps (module docstring) on the cached features of `dataset`; write their
     reports and audit.json into `paths.reports`; return the figures (for MLflow: `log_audit`).
-
     Raises StageInputError (no features of these photos), NearDuplicateLeakage."""
     features = load_cached_features(cfg, dvc_md5(cfg.paths.prepared))
     if features is None:
@@ -48,14 +37,17 @@ def run_audit(cfg: Config, dataset: PreparedDataset) -> dict[str, dict[str, floa
             f"{cfg.paths.features} holds no features of {cfg.paths.prepared}: run the featurize "
             "stage first (`dvc repro featurize`)."
         )
-    every = stacked(features)
-    reports, c = Path(cfg.paths.reports), head_c(cfg, dataset, features)
+    every, reports, t = stacked(features), Path(cfg.paths.reports), cfg.train
+    fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
+    x, y, k = features["train"], dataset.labels("train"), dataset.num_classes
+    auto = not isinstance(t.C, int | float)  # train's cross-validated choice (cached: paid once)
+    c = choose_c(x, y, k, t.seed, **fit_args)[0] if auto else float(t.C)
     summary = {
         "near_duplicates": check_near_duplicates(cfg, dataset, every, reports),
         "label_issues": list_label_issues(cfg, dataset, every, reports, c),
     }
     summary["sufficiency"], sentences = data_sufficiency(cfg, dataset, features, reports, c)
-    write_json(reports / AUDIT_JSON, summary | {"sentences": sentences})
+    write_json(reports / audit.AUDIT_JSON, summary | {"sentences": sentences})
     return summary
 
 
@@ -67,11 +59,11 @@ def log_audit(
 ) -> None:
     """Log `run_audit`'s figures (metrics audit_<step>_<name>, in one request with the caller's
     `metrics` and `tags`) and reports (artifacts under audit/) to the active MLflow run."""
-    audit = {f"audit_{k}_{n}": v for k, s in summary.items() for n, v in s.items()}
-    runs.log_batch(metrics=(metrics or {}) | audit, tags=tags)
-    runs.log_files([reports / SUFFICIENCY_PNG], "audit/audit_figures")  # each only if written
-    names = [AUDIT_JSON, NEAR_DUPLICATES_CSV, LABEL_ISSUES_CSV, SUFFICIENCY_CSV]
-    runs.log_files([reports / name for name in names], "audit")
+    figures = {f"audit_{k}_{n}": v for k, s in summary.items() for n, v in s.items()}
+    runs.log_batch(metrics=(metrics or {}) | figures, tags=tags)
+    runs.log_files([reports / audit.SUFFICIENCY_PNG], "audit/audit_figures")  # each only if written
+    names = [audit.AUDIT_JSON, audit.NEAR_DUPLICATES_CSV, audit.LABEL_ISSUES_CSV]
+    runs.log_files([reports / name for name in [*names, audit.SUFFICIENCY_CSV]], "audit")
 
 
 def check_near_duplicates(
@@ -82,15 +74,15 @@ def check_near_duplicates(
     threshold = cfg.audit.near_duplicate_similarity
     images = SourceImages(dataset.root, rows, dataset.image_size, dataset.resize)
     pairs = near_duplicates(x, images, [r.path for r in rows], [r.split for r in rows], threshold)
-    write_rows(reports / NEAR_DUPLICATES_CSV, NearDuplicate, pairs)
+    audit.write_rows(reports / audit.NEAR_DUPLICATES_CSV, NearDuplicate, pairs)
     cross = sum(p.cross_split for p in pairs)
     if cross:
         what = (
             f"{cross} pair(s) of near-duplicate photos in two splits (thumbnail similarity > "
-            f"{threshold}), listed in {reports / NEAR_DUPLICATES_CSV}"
+            f"{threshold}), listed in {reports / audit.NEAR_DUPLICATES_CSV}"
         )
         if cfg.data.leakage == "fail":
-            raise NearDuplicateLeakage(
+            raise audit.NearDuplicateLeakage(
                 f"{what}: remove one photo of each pair, or set data.leakage=warn to go on anyway."
             )
         log.warning("leakage (data.leakage=warn): %s", what)
@@ -98,35 +90,24 @@ def check_near_duplicates(
     return {"pairs": len(pairs), "cross_split": cross, "similarity": threshold}
 
 
-def head_c(cfg: Config, dataset: PreparedDataset, features: dict[str, np.ndarray]) -> float:
-    """The head's C: `train.C`, or train's cross-validated choice (cached, so not paid again)."""
-    t = cfg.train
-    if isinstance(t.C, int | float):
-        return float(t.C)
-    fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
-    x, y, k = features["train"], dataset.labels("train"), dataset.num_classes
-    return choose_c(x, y, k, t.seed, **fit_args)[0]
-
-
 def list_label_issues(
     cfg: Config, dataset: PreparedDataset, every: np.ndarray, reports: Path, c: float
 ) -> dict[str, float]:
     """Step 2: label_issues.csv, every train and val photo ranked; the first `audit.show` logged."""
     t, k = cfg.train, dataset.num_classes
-    rows = dataset.manifest("train") + dataset.manifest("val")
-    x = every[: len(rows)]
-    y = np.array([r.label_index for r in rows])
     fit_args = {"class_weight": t.class_weight, "label_smoothing": t.label_smoothing}
+    rows = dataset.manifest("train") + dataset.manifest("val")
+    x, y = every[: len(rows)], np.array([r.label_index for r in rows])
     folds = min(cfg.audit.folds, int(np.bincount(y, minlength=k).min()))
     if folds < 2:
         log.warning("Label issues: a class has fewer than 2 train+val photos; nothing ranked")
-        write_rows(reports / LABEL_ISSUES_CSV, LabelIssue, [])
+        audit.write_rows(reports / audit.LABEL_ISSUES_CSV, LabelIssue, [])
         return {"photos": 0, "flagged": 0}
     probs = out_of_fold_probabilities(x, y, k, c, folds, t.seed, **fit_args)
     issues = rank_label_issues(
         probs, y, [r.path for r in rows], [r.split for r in rows], dataset.classes
     )
-    write_rows(reports / LABEL_ISSUES_CSV, LabelIssue, issues)
+    audit.write_rows(reports / audit.LABEL_ISSUES_CSV, LabelIssue, issues)
     flagged = sum(i.flagged for i in issues)
     lines = [
         f"{i.rank:>4}. {i.path} ({i.split}): labelled {i.given_label}, looks like "
@@ -136,7 +117,7 @@ def list_label_issues(
     log.info(
         "Label issues: %d of %d train+val photos flagged (%d-fold, C = %g); the most likely "
         "mislabelled first (all in %s):\n%s",
-        *(flagged, len(issues), folds, c, reports / LABEL_ISSUES_CSV, "\n".join(lines)),
+        *(flagged, len(issues), folds, c, reports / audit.LABEL_ISSUES_CSV, "\n".join(lines)),
     )
     return {"photos": len(issues), "flagged": flagged}
 
@@ -156,8 +137,8 @@ def data_sufficiency(
         seeds=cfg.audit.sufficiency_seeds,
         seed=cfg.train.seed,
     )
-    curve.write_csv(reports / SUFFICIENCY_CSV)
-    curve.figure(reports / SUFFICIENCY_PNG)
+    curve.write_csv(reports / audit.SUFFICIENCY_CSV)
+    curve.figure(reports / audit.SUFFICIENCY_PNG)
     lines = [sentence(name, fit) for name, fit in curve.fits.items()]  # "all" first
     log.info("Data sufficiency (test accuracy vs photos per class):\n%s", "\n".join(lines))
     fit = curve.fits.get("all")

@@ -1,19 +1,18 @@
-"""Data sufficiency, "do I need more photos?": accuracy against training images per class.
-
-The head (`training.head.fit_head`) is refitted on nested class-stratified subsets (1, 2, 5, 10, 20,
+"""Data sufficiency, "do I need more photos?": accuracy against training images per class. The
+head (`training.head.fit_head`) is refitted on nested class-stratified subsets (1, 2, 5, 10, 20,
 50, ... images per class, then all; several seeds) at the full split's C: choosing C per subset
 costs 65 fits a point and fails below 3 images per class, and the penalty ||W||^2 / 2C is not
-divided by the image count, so one C regularises small subsets more. Point: mean over seeds, se^2 =
-var(seeds) / seeds + p(1-p) / m (m evaluation images, p Agresti-Coull). 1 - accuracy (or recall) is
-fitted by the power law a n^-b + c (Cortes et al. 1994, NIPS 6; Hestness et al. 2017,
-arXiv:1712.00409) with `curve_fit`, weights 1 / se; 95 % intervals at 2x the largest n: delta method
-(covariance times the reduced chi-square if > 1), plus the largest point's se for the accuracy."""
+divided by the image count, so one C regularises small subsets more. Point: mean over seeds, se^2
+= var(seeds) / seeds + p(1-p) / m (m evaluation images, p Agresti-Coull). 1 - accuracy (or recall)
+is fitted by the power law a n^-b + c (Cortes et al. 1994, NIPS 6; Hestness et al. 2017,
+arXiv:1712.00409) with `curve_fit`, weights 1 / se; 95 % intervals at 2x the largest n: delta
+method (covariance times the reduced chi-square if > 1), plus the largest point's se (accuracy)."""
 
 from __future__ import annotations
 
 import csv
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,17 +106,9 @@ class SufficiencyCurve:
             for (i, n), s, j in itertools.product(enumerate(self.sizes), seeds, present):
                 out.writerow([n, s, self.names[j], f"{self.scores[i, s, j]:.6f}"])
 
-    def summary(self) -> dict[str, object]:
-        """For JSON / MLflow: sizes, mean accuracy per size, and per curve name its `Extrapolation`
-        fields (None: no fit) and `sentence`."""
-        means = self.scores[:, :, 0].mean(1).tolist()
-        fits = {k: f and asdict(f) for k, f in self.fits.items()}
-        sentences = {k: sentence(k, f) for k, f in self.fits.items()}
-        return {"sizes": list(self.sizes), "accuracy": means, "fits": fits, "sentences": sentences}
-
-    def figure(self, path: str | Path | None = None) -> Figure:
-        """Mean accuracy (95 % intervals), its fit and 2x expectation, class recalls in grey, log
-        x; a PNG at `path` (atomically) unless None."""
+    def figure(self, path: str | Path) -> None:
+        """PNG at `path` (atomically): mean accuracy (95 % intervals), its fit and 2x expectation,
+        class recalls in grey, log x."""
         fig = Figure(figsize=(6.4, 4.2), dpi=110, layout="constrained")
         ax, n = fig.add_subplot(ylabel="accuracy"), np.array(self.sizes, float)
         ax.plot(n, np.nanmean(self.scores[:, :, 1:], axis=1), color="0.85", lw=0.8)
@@ -130,10 +121,8 @@ class SufficiencyCurve:
             ax.errorbar([2 * fit.n], [at], bar, **style, label="expected at 2x")
         ax.set(xscale="log", xticks=n, xticklabels=self.sizes, xlabel="training images per class")
         ax.legend(loc="lower right")
-        if path is not None:
-            with atomic_file(path, "wb") as fh:
-                fig.savefig(fh, format="png", facecolor="white")
-        return fig
+        with atomic_file(path, "wb") as fh:
+            fig.savefig(fh, format="png", facecolor="white")
 
 
 def sufficiency_curve(
@@ -148,10 +137,10 @@ def sufficiency_curve(
     seeds: int = 5,
     seed: int = 0,
 ) -> SufficiencyCurve:
-    """The curve (module docstring) from features float32 (N, D) and int labels (N,) in
-    [0, n_classes) of the training and evaluation splits at inverse L2 strength `C`; `sizes`
-    ascending images per class (default 1, 2, 5, ... all); draw s of `seeds` orders each class by
-    `default_rng(seed + s)`. Raises UserError: a split is empty, or x, y, names differ in length."""
+    """The curve (module docstring) of features float32 (N, D), int labels (N,) in [0, n_classes)
+    of the training and evaluation splits at inverse L2 strength `C`, at `sizes` ascending images
+    per class (default 1, 2, 5, ... all); draw s of `seeds` orders each class by
+    `default_rng(seed + s)`. UserError: a split is empty, or x, y, names differ in size."""
     y_train, y_eval = np.asarray(y_train, np.int64), np.asarray(y_eval, np.int64)
     lengths = (len(x_train), len(x_eval), len(class_names))
     if not len(y_train) or not len(y_eval) or lengths != (len(y_train), len(y_eval), n_classes):

@@ -1,10 +1,8 @@
-"""What evaluate writes into `paths.reports` from the test split's predictions: metrics,
-classification report, predictions and confusion CSVs, figures, HTML report."""
+"""From the test split's predictions: metrics, classification report, CSVs and figures."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +11,8 @@ import numpy as np
 from pipeline.lib.data.prepared import SPLITS
 from pipeline.lib.files import atomic_dir, atomic_file, metric_values, write_json
 from pipeline.lib.reporting import figures
-from pipeline.lib.reporting.html_report import render_report
 from pipeline.lib.reporting.metrics import (
     Predictions,
-    classification_metrics,
     classification_reports,
     confusion,
     gallery_heading,
@@ -32,52 +28,34 @@ FIGURES_DIR = "eval_figures"
 REPORT_HTML = "eval_report.html"
 #: The split evaluate measures ("test"), and the key of its section in the metrics file.
 SPLIT = SPLITS[-1]
-#: A test split whose 95 % accuracy interval is wider than this gets a warning.
-WIDE_INTERVAL = 0.2
+WIDE_INTERVAL = 0.2  # a test split whose 95 % accuracy interval is wider gets a warning
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """A split's predictions, its uint8 (N, S, S, 3) prepared images (may be memory-mapped) and
-    their N source paths (the prepared manifest's `path` column)."""
-
-    predictions: Predictions
-    images: np.ndarray
-    paths: list[str]
-
-
-def evaluation_metrics(ev: Evaluation) -> dict[str, Any]:
+def evaluation_metrics(p: Predictions) -> dict[str, Any]:
     """`metrics.json`: {"test": `headline_metrics`}; warns when the interval is too wide."""
-    m = headline_metrics(ev.predictions)
+    m = headline_metrics(p)
     if m["ci_high"] - m["ci_low"] > WIDE_INTERVAL:
         log.warning(
-            f"The test split has {len(ev.paths)} images: test accuracy {m['accuracy']:.3f} has a "
+            f"The test split has {len(p.y_true)} images: test accuracy {m['accuracy']:.3f} has a "
             f"95% interval of [{m['ci_low']:.3f}, {m['ci_high']:.3f}], too wide to tell models "
             "apart. Use more test images or `python -m pipeline.crossval` (k-fold over every photo)."
         )
     return {SPLIT: metric_values(m)}
 
 
-def per_class_metrics(ev: Evaluation) -> dict[str, Any]:
-    """`classification_metrics` of the split (for MLflow and the HTML report)."""
-    p = ev.predictions
-    return classification_metrics(p.y_true, p.y_pred, p.classes)
-
-
-def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
-    """Write the metrics file, the classification report (JSON, text), predictions.csv (path,
+def write_tables(p: Predictions, paths: list[str], reports: Path, metrics: dict[str, Any]) -> str:
+    """Write the metrics file, the classification report (JSON, text), predictions.csv (`paths`,
     actual, predicted, confidence to 6 digits) and confusion.csv into `reports`; return the text
     report. confusion.csv has no paths and "<" as "﹤" (U+FE64) in class names: `dvc plots show`
     embeds its columns unescaped in a `<script>` block, which no name may end or comment out."""
-    p = ev.predictions
     text, as_dict = classification_reports(p)
     write_json(reports / METRICS_FILE, metrics)
     write_json(reports / "classification_report.json", as_dict)
-    _write_text(reports / "classification_report.txt", text)
+    write_text(reports / "classification_report.txt", text)
     rows = {
-        "path": list(ev.paths),
+        "path": list(paths),
         "actual": [p.classes[i] for i in p.y_true],
         "predicted": [p.classes[i] for i in p.y_pred],
         "confidence": [round(float(row.max()), 6) for row in p.probs],
@@ -88,10 +66,11 @@ def write_tables(ev: Evaluation, reports: Path, metrics: dict[str, Any]) -> str:
     return text
 
 
-def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int) -> list[Path]:
-    """Replace `folder` with the confusion matrix (counts and row-normalised), the reliability
-    diagram and the gallery of `gallery_size` test images; return the PNG paths."""
-    p = ev.predictions
+def write_figures(
+    p: Predictions, images: np.ndarray, folder: Path, gallery_size: int, columns: int
+) -> list[Path]:
+    """Replace `folder` with the confusion matrices (counts, row-normalised), the reliability
+    diagram and the gallery of `gallery_size` of `images` (uint8 (N, S, S, 3), a memmap too)."""
     matrix, shown = confusion(p), gallery_indices(p.y_true, p.y_pred, gallery_size)
     heading = gallery_heading(p.y_true, p.y_pred, shown)
     drawn = {
@@ -101,7 +80,7 @@ def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int)
         ),
         "reliability_diagram": figures.reliability_figure(reliability_bins(p.probs, p.y_true)),
         "gallery": figures.gallery_figure(
-            ev.images[shown], p.probs[shown], p.y_true[shown], p.classes, columns, heading=heading
+            images[shown], p.probs[shown], p.y_true[shown], p.classes, columns, heading=heading
         ),
     }
     with atomic_dir(folder) as tmp:
@@ -110,22 +89,8 @@ def write_figures(ev: Evaluation, folder: Path, gallery_size: int, columns: int)
     return [folder / f"{name}.png" for name in drawn]
 
 
-def write_html_report(
-    ev: Evaluation,
-    path: Path,
-    metrics: dict[str, Any],
-    images_per_cell: int,
-    provenance: dict[str, str],
-    extra: str = "",
-) -> Path:
-    """Write the HTML report (`html_report`, `extra` sections at the end) to `path`; return it."""
-    every = {**per_class_metrics(ev), **metrics[SPLIT]}
-    p = ev.predictions
-    html = render_report(p, ev.images, ev.paths, every, images_per_cell, SPLIT, provenance, extra)
-    return _write_text(path, html)
-
-
-def _write_text(path: Path, text: str) -> Path:
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` atomically (UTF-8); return `path`."""
     with atomic_file(path) as fh:
         fh.write(text)
     return path

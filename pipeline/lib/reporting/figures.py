@@ -26,8 +26,9 @@ CORRECT_COLOR = "#1a7f37"
 WRONG_COLOR = "#cf222e"
 TRAIN_COLOR = "#1f77b4"
 VAL_COLOR = "#ff7f0e"
-#: above this many classes the confusion matrix cells carry no text
-CELL_TEXT_MAX_CLASSES = 20
+CELL_TEXT_MAX_CLASSES = 20  # above this many classes the confusion matrix cells carry no text
+#: Above this many classes the confusion matrix is drawn at a fixed size (18 in) with class indices.
+LABELLED_MAX_CLASSES = 60
 #: above this many classes a gallery bar chart shows only the top scores (and the true class)
 GALLERY_ALL_CLASSES_MAX = 12
 GALLERY_TOP_K = 10
@@ -71,15 +72,6 @@ def _message(ax: Axes, text: str) -> None:
     ax.set_axis_off()
 
 
-def _batch_curve(
-    batches: Series | None, metric: str, n_epochs: int, first_epoch: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y): the last batch of epoch k lands on k; x = 1..m without epochs."""
-    y = _float_series((batches or {}).get(metric))
-    x = np.arange(1, len(y) + 1, dtype=float)
-    return (first_epoch - 1.0 + x * n_epochs / len(y) if n_epochs and len(y) else x), y
-
-
 def learning_curve_figure(history: Series, metric: str, batches: Series | None = None) -> Figure:
     """One metric ('loss' or 'accuracy'): train vs validation per epoch (or 'step'), batches
     faintly under; the best validation point (else train) starred."""
@@ -89,7 +81,10 @@ def learning_curve_figure(history: Series, metric: str, batches: Series | None =
     unit = "step" if "step" in history else "epoch"
     given = _float_series(history.get(unit))
     x = given[:n] if len(given) >= n else np.arange(1, n + 1, dtype=float)
-    batch_x, batch_y = _batch_curve(batches, metric, n, float(x[0]) if n else 0.0)
+    batch_y = _float_series((batches or {}).get(metric))  # batch k of m ends at epoch k * n / m
+    batch_x = np.arange(1, len(batch_y) + 1, dtype=float)
+    if n and len(batch_y):
+        batch_x = x[0] - 1.0 + batch_x * n / len(batch_y)
 
     fig = _new_figure(7.0, 4.3)
     ax = fig.add_subplot()
@@ -129,19 +124,12 @@ def save_learning_curves(
 ) -> list[Path]:
     """Write out_dir/loss.png and out_dir/accuracy.png (`learning_curve_figure`); return them.
     history: 'loss', 'accuracy', 'val_*', x under 'epoch' or 'step'; batches: per-batch series."""
-    out_dir = Path(out_dir)
-    return [
-        save_figure(learning_curve_figure(history, metric, batches), out_dir / f"{metric}.png")
-        for metric in ("loss", "accuracy")
-    ]
+    drawn = ((metric, learning_curve_figure(history, metric, batches)) for metric in _METRICS)
+    return [save_figure(fig, Path(out_dir, f"{metric}.png")) for metric, fig in drawn]
 
 
 def _format_count(value: float) -> str:
     return f"{int(round(value))}" if float(value).is_integer() else f"{value:.3g}"
-
-
-#: Above this many classes the confusion matrix is drawn at a fixed size (18 in) with class indices.
-LABELLED_MAX_CLASSES = 60
 
 
 def confusion_figure(
@@ -208,13 +196,6 @@ def confusion_figure(
     return fig
 
 
-def _draw_gallery_image(ax: Axes, image: np.ndarray, title: str, color: str, fs: float) -> None:
-    ax.imshow(np.asarray(image), interpolation="antialiased")
-    ax.set(xticks=[], yticks=[])
-    ax.spines[:].set(color=color, linewidth=3)
-    ax.set_title(title, color=color, fontsize=fs, fontweight="bold", parse_math=False)
-
-
 def _draw_gallery_scores(
     ax: Axes, probs_k: np.ndarray, true_k: int, color: str, classes: list[str], label_fs: float
 ) -> None:
@@ -238,12 +219,10 @@ def _draw_gallery_scores(
         color = "white" if inside and i == pred_k else "#222222"
         x, ha = (p - 0.02, "right") if inside else (p + 0.02, "left")
         ax.text(x, y, tag, va="center", ha=ha, fontsize=7, color=color, fontweight=weight)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(len(order) - 0.5, -0.5)  # first class on top
+    ax.set(xlim=(0, 1), ylim=(len(order) - 0.5, -0.5), axisbelow=True)  # first class on top
     ax.set_xticks([0, 0.5, 1], labels=["0", "0.5", "1"], fontsize=7)
     ax.tick_params(axis="y", length=0)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_xlabel("score", fontsize=7, labelpad=1)
 
@@ -301,10 +280,14 @@ def gallery_figure(
     heading = heading or f"Test predictions: {int(correct.sum())} of {n} right{first}"
     fig.suptitle(heading, fontsize=13, fontweight="bold")
     widths = [_GALLERY_IMAGE_IN, _GALLERY_BARS_IN]
+    plain_bold = {"fontweight": "bold", "parse_math": False}
     for k in range(n):
         color = CORRECT_COLOR if correct[k] else WRONG_COLOR
         ax_img, ax_bar = cells[divmod(k, columns)].subplots(1, 2, width_ratios=widths)
-        _draw_gallery_image(ax_img, images[k], titles[k], color, title_fs)
+        ax_img.imshow(np.asarray(images[k]), interpolation="antialiased")
+        ax_img.set(xticks=[], yticks=[])
+        ax_img.spines[:].set(color=color, linewidth=3)
+        ax_img.set_title(titles[k], color=color, fontsize=title_fs, **plain_bold)
         _draw_gallery_scores(ax_bar, probs[k], int(labels[k]), color, classes, label_fs)
     return fig
 
@@ -315,13 +298,13 @@ class ReliabilityData(Protocol):
     count: np.ndarray
     confidence: np.ndarray
     accuracy: np.ndarray
-    edges: np.ndarray
 
 
 def reliability_figure(bins: ReliabilityData) -> Figure:
     """A reliability diagram (Guo et al. 2017): per confidence bin the accuracy as a bar against
     the diagonal, the gap to the mean confidence shaded, the count above; the ECE in the title."""
-    edges, count = np.asarray(bins.edges, dtype=float), np.asarray(bins.count)
+    count = np.asarray(bins.count)
+    edges = np.linspace(0, 1, len(count) + 1)  # equal width
     acc, conf = np.nan_to_num(bins.accuracy), np.nan_to_num(bins.confidence)
     ece = float(np.sum(count / max(int(count.sum()), 1) * np.abs(acc - conf)))
     fig = _new_figure(5.5, 5.0)

@@ -1,10 +1,8 @@
-"""The evaluation report: one self-contained HTML page (no network, no JavaScript) with the
-confusion matrix, whose non-empty cells open their images, the worst mistakes and per-class metrics.
-
-A cell is the `<label>` of a hidden radio button; a CSS rule per cell shows its image panel while
-the radio is checked (works offline and in MLflow's sandboxed artifact viewer). Thumbnails are
-JPEG data URIs, worst first, at most `images_per_cell` per panel and `MAX_THUMBNAILS` per report
-(200 classes stay a few MB). Every name is escaped. Same inputs, same bytes."""
+"""The evaluation report: one self-contained HTML page (no network, no JavaScript): the confusion
+matrix, each non-empty cell the `<label>` of a hidden radio button whose CSS rule shows the cell's
+images (works in MLflow's sandboxed artifact viewer), the worst mistakes, per-class metrics.
+Thumbnails: JPEG data URIs, worst first, `MAX_THUMBNAILS` per report (200 classes stay a few MB).
+Every name is escaped. Same inputs, same bytes."""
 
 from __future__ import annotations
 
@@ -18,11 +16,8 @@ from PIL import Image
 
 from pipeline.lib.reporting.metrics import Predictions, confusion
 
-#: Longest side of a thumbnail, in pixels.
-THUMB_PX = 96
-JPEG_QUALITY = 85
-#: Thumbnails per report (each 2 to 5 kB), over all panels.
-MAX_THUMBNAILS = 400
+THUMB_PX = 96  # a thumbnail's longest side
+MAX_THUMBNAILS = 400  # thumbnails per report (each 2 to 5 kB), over all panels
 MISTAKES_VIEW = "mistakes"
 
 CSS = """
@@ -56,11 +51,10 @@ border-radius:6px;cursor:pointer;background:#f6f8fa}
 
 def thumbnail(image: np.ndarray | Image.Image) -> str:
     """A uint8 (H, W, 3) image (or a PIL image) as a JPEG data URI, longest side `THUMB_PX`."""
-    is_pil = isinstance(image, Image.Image)
-    img = image if is_pil else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
     img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS, reducing_gap=None)
     buffer = io.BytesIO()
-    img.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    img.convert("RGB").save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -87,16 +81,6 @@ def _item(p: Predictions, i: int, image: np.ndarray, path: str) -> str:
     )
 
 
-def _panel(view: str, title: str, members: np.ndarray, shown: str, cap: int) -> str:
-    more = len(members) - min(len(members), cap)
-    note = "" if len(members) else "<p>No images.</p>"
-    if more:
-        note = f"<p>… and {more} more (shown: evaluate.report_images_per_cell, at most "
-        note += f"{MAX_THUMBNAILS} per report).</p>"
-    body = f'<h2>{escape(title)}</h2><ol class="thumbs">{shown}</ol>{note}'
-    return f'<div class="panel" id="p-{view}">{body}</div>'
-
-
 def _panels(
     p: Predictions, images: np.ndarray, paths: list[str], cap: int
 ) -> tuple[list[str], str]:
@@ -112,46 +96,38 @@ def _panels(
     for view, title, members in groups:
         ordered, take = worst_first(p, members), min(cap, budget)
         shown = "".join(_item(p, int(k), images[int(k)], paths[int(k)]) for k in ordered[:take])
-        panels.append(_panel(view, title, ordered, shown, take))
+        note = "" if len(ordered) else "<p>No images.</p>"
+        if more := len(ordered) - min(len(ordered), take):
+            note = f"<p>… and {more} more (shown: evaluate.report_images_per_cell, at most "
+            note += f"{MAX_THUMBNAILS} per report).</p>"
+        body = f'<h2>{escape(title)}</h2><ol class="thumbs">{shown}</ol>{note}'
+        panels.append(f'<div class="panel" id="p-{view}">{body}</div>')
         budget -= min(take, len(ordered))
     return [view for view, _, _ in groups], "".join(panels)
 
 
 def _matrix_table(p: Predictions, matrix: np.ndarray) -> str:
     """Rows true, columns predicted; an empty cell is an empty `<td>` (CSS draws its 0)."""
-    top = max(int(matrix.max(initial=0)), 1)
-    rows = []
-    for i, name in enumerate(p.classes):
-        cells = []
-        for j, predicted in enumerate(p.classes):
-            count = int(matrix[i, j])
-            if not count:
-                cells.append("<td></td>")
-                continue
-            color = "9,105,218" if i == j else "207,34,46"
-            cells.append(
-                f'<td><label for="v-{i}-{j}" class="cell {"diag" if i == j else "off"}" '
-                f'style="background:rgba({color},{0.08 + 0.72 * count / top:.3f})" '
-                f'title="true {escape(name)}, predicted {escape(predicted)}">{count}</label></td>'
-            )
-        rows.append(f'<tr><th scope="row">{escape(name)}</th>{"".join(cells)}</tr>')
-    head = "".join(f'<th class="col" scope="col">{escape(c)}</th>' for c in p.classes)
+    top, names = max(int(matrix.max(initial=0)), 1), [escape(c) for c in p.classes]
+
+    def cell(i: int, j: int, count: int) -> str:
+        color, kind = ("9,105,218", "diag") if i == j else ("207,34,46", "off")
+        return (
+            f'<td><label for="v-{i}-{j}" class="cell {kind}" '
+            f'style="background:rgba({color},{0.08 + 0.72 * count / top:.3f})" '
+            f'title="true {names[i]}, predicted {names[j]}">{count}</label></td>'
+        )
+
+    rows = "".join(
+        f'<tr><th scope="row">{names[i]}</th>'
+        + "".join(cell(i, j, int(n)) if n else "<td></td>" for j, n in enumerate(row))
+        + "</tr>"
+        for i, row in enumerate(matrix)
+    )
+    head = "".join(f'<th class="col" scope="col">{name}</th>' for name in names)
     return (
         '<table class="confusion"><thead><tr><th>true \\ predicted</th>'
-        f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
-
-
-def _metrics_table(metrics: dict[str, Any], classes: list[str]) -> str:
-    rows = "".join(
-        f"<tr><td>{escape(c)}</td>"
-        + "".join(f"<td>{metrics[k][c]:.4f}</td>" for k in ("precision", "recall", "f1"))
-        + f"<td>{metrics['support'][c]}</td></tr>"
-        for c in classes
-    )
-    return (
-        '<table class="metrics"><thead><tr><th>class</th><th>precision</th><th>recall</th>'
-        f"<th>F1</th><th>support</th></tr></thead><tbody>{rows}</tbody></table>"
+        f"{head}</tr></thead><tbody>{rows}</tbody></table>"
     )
 
 
@@ -165,10 +141,9 @@ def render_report(
     provenance: dict[str, str] | None = None,
     extra: str = "",
 ) -> str:
-    """The report as an HTML document. `images`: uint8 (N, H, W, 3), may be a memmap (only the
-    shown ones are read); `paths`: the N source paths; `metrics`: `classification_metrics` and
-    `headline_metrics` of `p`; `provenance`: {what: value} lines under the title; `extra`: more
-    sections (HTML) at the end."""
+    """The report as HTML. `images`: uint8 (N, H, W, 3), a memmap too (only the shown are read);
+    `paths`: the N source paths; `metrics`: `classification_metrics` | `headline_metrics` of `p`;
+    `provenance`: {what: value} lines under the title; `extra`: HTML sections at the end."""
     views, panels = _panels(p, images, paths, images_per_cell)
     radios = "".join(
         f'<input type="radio" name="view" class="view" id="v-{v}"'
@@ -181,13 +156,18 @@ def render_report(
         f"#v-{v}:checked~main label[for=v-{v}]{{border-color:#1f2328}}"
         for v in views
     )
-    m = metrics
     summary = (
-        f"Accuracy {m['accuracy']:.4f} (95 % interval {m['ci_low']:.4f}–{m['ci_high']:.4f}), "
-        f"macro F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} on {len(p.y_true)} {escape(split)} "
-        f"images; {int((p.y_pred != p.y_true).sum())} mistake(s)."
+        f"Accuracy {metrics['accuracy']:.4f} (95 % interval {metrics['ci_low']:.4f}–"
+        f"{metrics['ci_high']:.4f}), macro F1 {metrics['macro_f1']:.4f}, ECE {metrics['ece']:.4f} "
+        f"on {len(p.y_true)} {escape(split)} images; {(p.y_pred != p.y_true).sum()} mistake(s)."
     )
     origin = "".join(f"<div>{escape(k)}: {escape(v)}</div>" for k, v in (provenance or {}).items())
+    rows = "".join(
+        f"<tr><td>{escape(c)}</td>"
+        + "".join(f"<td>{metrics[k][c]:.4f}</td>" for k in ("precision", "recall", "f1"))
+        + f"<td>{metrics['support'][c]}</td></tr>"
+        for c in p.classes
+    )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>Evaluation report ({escape(split)} split)</title>"
@@ -199,6 +179,8 @@ def render_report(
         f"{_matrix_table(p, confusion(p))}"
         f'<label for="v-{MISTAKES_VIEW}" class="button">Show the worst mistakes</label>'
         f'<section class="images">{panels}</section>'
-        f"<h2>Per-class metrics</h2>{_metrics_table(metrics, p.classes)}{extra}"
+        '<h2>Per-class metrics</h2><table class="metrics"><thead><tr><th>class</th>'
+        "<th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>{extra}"
         "</main></body></html>\n"
     )

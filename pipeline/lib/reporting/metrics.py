@@ -7,10 +7,7 @@ from typing import Any
 
 import numpy as np
 
-#: Bins of the expected calibration error (equal width over [0, 1], as in Guo et al. 2017).
-ECE_BINS = 15
-#: Confidence level of the accuracy interval (Wilson score interval).
-CONFIDENCE = 0.95
+ECE_BINS = 15  # of the expected calibration error: equal width over [0, 1] (Guo et al. 2017)
 
 
 @dataclass(frozen=True)
@@ -30,13 +27,12 @@ class Predictions:
 
 @dataclass(frozen=True)
 class ReliabilityBins:
-    """Per equal-width confidence bin: `count` int, mean `confidence` and `accuracy` float64
-    (NaN when empty), all (bins,); `edges` (bins + 1,)."""
+    """Per equal-width confidence bin over [0, 1]: `count` int, mean `confidence` and `accuracy`
+    float64 (NaN when empty), all (bins,)."""
 
     count: np.ndarray
     confidence: np.ndarray
     accuracy: np.ndarray
-    edges: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -50,38 +46,34 @@ class McNemar:
     p_value: float
 
 
-def expected_calibration_error(
-    probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
-) -> float:
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray) -> float:
     """ECE (Guo et al. 2017) of `probs` (N, C): |accuracy - mean confidence| per equal-width
     confidence bin, weighted by the bin's share of the images; 0 = calibrated, 0.0 for N = 0."""
-    r = reliability_bins(probs, y_true, bins)
+    r = reliability_bins(probs, y_true)
     return float(np.nansum(r.count * np.abs(r.accuracy - r.confidence)) / max(r.count.sum(), 1))
 
 
-def reliability_bins(
-    probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
-) -> ReliabilityBins:
+def reliability_bins(probs: np.ndarray, y_true: np.ndarray) -> ReliabilityBins:
     """The bins of `expected_calibration_error`, for a reliability diagram: bin b holds the top-1
-    confidences in (b/bins, (b+1)/bins], a confidence of 0 goes to bin 0."""
+    confidences in (b/ECE_BINS, (b+1)/ECE_BINS], a confidence of 0 goes to bin 0."""
     probs = np.asarray(probs, dtype=np.float64)
     confidence = probs.max(axis=1, initial=0.0)
     correct = probs.argmax(axis=1) == np.asarray(y_true)
-    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    count = np.bincount(index, minlength=bins)
+    index = np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
+    count = np.bincount(index, minlength=ECE_BINS)
     with np.errstate(invalid="ignore", divide="ignore"):
-        conf = np.bincount(index, weights=confidence, minlength=bins) / count
-        acc = np.bincount(index, weights=correct.astype(float), minlength=bins) / count
-    return ReliabilityBins(count, conf, acc, np.linspace(0, 1, bins + 1))
+        conf = np.bincount(index, weights=confidence, minlength=ECE_BINS) / count
+        acc = np.bincount(index, weights=correct.astype(float), minlength=ECE_BINS) / count
+    return ReliabilityBins(count, conf, acc)
 
 
-def accuracy_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval (no continuity correction) of `correct` out of `n`; (0, 1) for n=0."""
+def accuracy_interval(correct: int, n: int) -> tuple[float, float]:
+    """95 % Wilson interval (no continuity correction) of `correct` out of `n`; (0, 1) for n=0."""
     from scipy.stats import binomtest
 
     if n <= 0:
         return 0.0, 1.0
-    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
     return float(ci.low), float(ci.high)
 
 
@@ -101,19 +93,18 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
 def headline_metrics(p: Predictions) -> dict[str, float]:
     """A split's `metrics.json` section (kept to what `dvc metrics show` fits in 120 columns):
     accuracy, its 95 % Wilson interval `ci_low`/`ci_high`, `macro_f1`, `ece`."""
-    m = classification_metrics(p.y_true, p.y_pred, p.classes)
+    m = classification_metrics(p)
     low, high = accuracy_interval(int(np.sum(p.y_true == p.y_pred)), len(p.y_true))
     ece = expected_calibration_error(p.probs, p.y_true)
     return dict(accuracy=m["accuracy"], ci_low=low, ci_high=high, macro_f1=m["macro_f1"], ece=ece)
 
 
-def classification_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]
-) -> dict[str, Any]:
+def classification_metrics(p: Predictions) -> dict[str, Any]:
     """`accuracy`, `macro_f1`, `weighted_f1` (floats) and `precision`, `recall`, `f1`, `support`
     ({class name: value}); a class absent from both counts as 0."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
+    y_true, y_pred, classes = p.y_true, p.y_pred, p.classes
     kwargs = {"labels": list(range(len(classes))), "zero_division": 0}
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, **kwargs)
     return {
@@ -146,7 +137,6 @@ def confusion(p: Predictions) -> np.ndarray:
 def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
     """The `n` images the gallery shows, sorted int64 indices: up to n/2 mistakes, then a
     round-robin over classes so every class appears (dataset order within a class)."""
-    y_true = np.asarray(y_true)
     wrong = np.flatnonzero(y_true != y_pred)[: max(n // 2, 1) if n else 0]
     rank = np.zeros(len(y_true), dtype=np.int64)  # each image's place within its class
     for c in np.unique(y_true):
