@@ -154,6 +154,26 @@ def test_the_audit_alone_writes_the_same_reports(done):
     }
 
 
+def test_the_console_lists_only_photos_another_class_fits_better(done, caplog):
+    """The label-issue lines name photos whose out-of-fold class differs from their label (or
+    that cleanlab flags), never 'labelled X, looks like X'; their count is in the header."""
+    import csv
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="pipeline.lib.audit.steps"):
+        audit(done["cfg"])
+    text = next(r.getMessage() for r in caplog.records if "Label issues:" in r.getMessage())
+    with open(Path(done["cfg"].paths.reports) / "label_issues.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    other = [r for r in rows if r["flagged"] == "True" or r["suggested_label"] != r["given_label"]]
+    assert f"; {len(other)} look like another class out of fold" in text, text
+    listed = re.findall(r"labelled (\S+), looks like (\S+) \(", text)
+    assert len(listed) == min(len(other), done["cfg"].audit.show)
+    shown = [(r["given_label"], r["suggested_label"]) for r in other][: len(listed)]
+    assert listed == shown
+
+
 def test_evaluate_ends_with_a_summary_and_logs_its_report_with_provenance(done, caplog):
     """The last line: accuracy with its interval, the report, the MLflow run's URL. The run's
     copy of the report names the run and the data; the DVC output names no run (reproducible)."""

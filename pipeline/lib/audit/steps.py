@@ -109,15 +109,18 @@ def list_label_issues(
     )
     audit.write_rows(reports / audit.LABEL_ISSUES_CSV, LabelIssue, issues)
     flagged = sum(i.flagged for i in issues)
+    # listed: the photos another class fits better out of fold (a "looks like itself" is no issue)
+    other = [i for i in issues if i.flagged or i.suggested_label != i.given_label]
     lines = [
         f"{i.rank:>4}. {i.path} ({i.split}): labelled {i.given_label}, looks like "
         f"{i.suggested_label} (score {i.score:.3f}{', flagged' if i.flagged else ''})"
-        for i in issues[: cfg.audit.show]
+        for i in other[: cfg.audit.show]
     ]
     log.info(
-        "Label issues: %d of %d train+val photos flagged (%d-fold, C = %g); the most likely "
-        "mislabelled first (all in %s):\n%s",
-        *(flagged, len(issues), folds, c, reports / audit.LABEL_ISSUES_CSV, "\n".join(lines)),
+        "Label issues: %d of %d train+val photos flagged (%d-fold, C = %g); %d look like another "
+        "class out of fold, the most likely mislabelled first (every photo ranked in %s)%s",
+        *(flagged, len(issues), folds, c, len(other), reports / audit.LABEL_ISSUES_CSV),
+        "".join(f"\n{line}" for line in lines),
     )
     return {"photos": len(issues), "flagged": flagged}
 
