@@ -36,9 +36,16 @@ def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+#: This process is a pytest-xdist worker (from its config: a pytest run started by a test
+#: inherits PYTEST_XDIST_WORKER from the worker that runs that test, yet is no worker).
+_WORKER = False
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """SIGTERM (`timeout`, CI cancelling a job) ends the run as Ctrl-C does: finalizers run and
     the summary names the failures so far."""
+    global _WORKER
+    _WORKER = hasattr(config, "workerinput")
     if _in_main_thread():
         signal.signal(signal.SIGTERM, _interrupted)
 
@@ -46,7 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """A failure is named when it happens (and again in the summary), so a run that is cut
     short still says what failed; under pytest-xdist the controller prints it."""
-    if not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+    if not report.failed or _WORKER:
         return
     crash = getattr(report.longrepr, "reprcrash", None)
     why = f" - {crash.message.splitlines()[0][:200]}" if crash and crash.message else ""
@@ -126,7 +133,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """Under pytest-xdist the controller ends what the workers' tests left (its temporary folder
     holds theirs), also when the workers were stopped before their own session end."""
     factory = getattr(session.config, "_tmp_path_factory", None)
-    if factory is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+    if factory is not None and not _WORKER:
         _report_stopped(stop_processes_under(factory.getbasetemp()))
 
 
@@ -240,7 +247,7 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> tu
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if _WORKER:
         root = root.parent  # the workers' common folder
     folder, output = root / name, root / f"{name}.out"
     with FileLock(str(root / f"{name}.lock")):
