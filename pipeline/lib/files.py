@@ -30,7 +30,8 @@ def no_space_error(exc: BaseException, target: PathLike, key: str | None) -> NoS
         exc = exc.__context__  # type: ignore[assignment]  (the OSError it was raised for)
     if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return None
-    where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc.strerror or exc
+    why = os.strerror(exc.errno)  # h5py's strerror spans lines
+    where = f"{why}: {exc.filename}" if exc.filename else why
     elsewhere = f" or set {key} to a folder on another one" if key else ""
     return NoSpaceError(
         f"No space left to write {target} ({where}): free some space on that disk{elsewhere}. "
