@@ -304,7 +304,7 @@ def warn_data_from_conf(root: Path, values: dict[str, Any], overrides: list[str]
         f"data.source={d.get('source')} data.path={d.get('path')}" for d in (last, values["data"])
     )
     asked = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    if was != now and not asked & {"data.source", "data.path"}:
+    if was != now and not asked & {"data", "data.source", "data.path"}:
         print(
             f"WARNING: this experiment reads {now} (from conf/), the last run (dvc.lock) {was}: "
             "`dvc exp run` composes conf/ with only its -S; keep photos with -S data=folder "
