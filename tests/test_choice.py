@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,26 @@ def test_the_new_photos_yaml_is_known_to_git_so_queued_experiments_get_it(tmp_pa
     assert known.split() == ["conf/data/photos.yaml"]  # intent to add: its content is not staged
     status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True)
     assert " A conf/data/photos.yaml" in status.stdout.decode()
+
+
+FULL_CONF = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from pipeline.lib.data.choice import choose
+resource.setrlimit(resource.RLIMIT_FSIZE, (40, 40))  # EFBIG past 40 bytes, as a full disk
+choose(Path({project!r}), ["--use-folder", {photos!r}])
+"""
+
+
+def test_a_full_disk_under_conf_is_one_line_without_a_paths_key(tmp_path):
+    """conf/ cannot move to another disk: the advice is to free space (no paths.* key to set);
+    conf/config.yaml is left as it was."""
+    root, folder = project(tmp_path), photos(tmp_path)
+    before = (root / "conf" / "config.yaml").read_text()
+    code = FULL_CONF.format(root=str(ROOT), project=str(root), photos=str(folder))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("pipeline.lib.files.NoSpaceError: No space left to write "), last
+    assert "free some space on that disk. The partly" in last and "paths." not in last
+    assert (root / "conf" / "config.yaml").read_text() == before

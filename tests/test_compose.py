@@ -204,6 +204,7 @@ def test_data_taken_from_conf_by_dvc_exp_run_is_named_when_the_last_run_differs(
         assert "data.path=/my/photos" in err and "--use-folder" in err
     values, _ = load_params(project / "params.yaml")
     warn_data_from_conf(project, values, ["data.source=synthetic", "train.C=2"])  # asked for
+    warn_data_from_conf(project, values, ["data=synthetic"])  # the data group chosen by name
     values["data"].update(source="folder", path="/my/photos")
     warn_data_from_conf(project, values, ["data.image_size=32", "train.C=2"])  # the same data
     assert capsys.readouterr().err == ""

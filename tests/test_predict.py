@@ -531,3 +531,27 @@ def test_max_pixels_is_an_option_named_in_the_skip_warning(world, tmp_path, caps
     assert err.count("--max-pixels=") == 2 and "data.max_pixels" not in err, err
     assert predict.main([*args, "--max-pixels", str(pixels)]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+FULL_OUTPUT = """
+import resource, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from pipeline.lib.inference.predict import _records, _write_output
+rows = _records([f"p{{i}}.png" for i in range(2000)], np.ones((2000, 2)) / 2, ["a", "b"], 2,
+                np.ones(2000, bool))
+resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))  # EFBIG past 10 kB, as a full disk
+_write_output({target!r}, rows, ["a", "b"])
+"""
+
+
+@pytest.mark.parametrize("name", ["out.csv", "OUT.Json"])
+def test_a_full_disk_under_output_names_the_option_not_a_config_key(tmp_path, name):
+    """--output on a full disk: the advice names --output (predict has no paths.* key), no half
+    file is left."""
+    code = FULL_OUTPUT.format(root=str(ROOT), target=str(tmp_path / name))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pipeline.lib.files.NoSpaceError: No space left to write {tmp_path}")
+    assert "or set --output to a folder on another one" in last and "paths." not in last
+    assert list(tmp_path.iterdir()) == []

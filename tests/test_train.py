@@ -4,6 +4,7 @@ differs on every run, is kept outside them (`paths.run_file`)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import resource
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from pipeline.lib.data.prepared import PreparedDataset
 from pipeline.lib.errors import UserError
+from pipeline.lib.files import NoSpaceError
 from pipeline.lib.model.classifier import HEAD_FILE, Head
 from pipeline.lib.model.saving import trained_run_id
 from pipeline.train import TrainingDivergedError, train
@@ -81,6 +83,28 @@ def test_an_unwritable_checkpoint_dir_is_refused_before_training(inputs, tmp_pat
     with pytest.raises(UserError, match="train.checkpoint_dir=.*cannot be written"):
         train(cfg)
     assert not Path(cfg.paths.reports, "train_metrics.json").exists()  # nothing trained
+
+
+def test_a_full_disk_under_the_keras_checkpoint_is_one_line_and_no_half_file(
+    inputs, tmp_path, monkeypatch
+):
+    """The per-epoch backup (train.checkpoint_dir) hits a full disk half-way through its weights
+    file (h5py: a strerror over several lines): one line naming the folder and its key."""
+    import keras
+
+    def full(model, filepath, *args, **kwargs):
+        Path(filepath).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "Unable to create file (errno = 28,\n error message = ...)")
+
+    monkeypatch.setattr(keras.Model, "save_weights", full)
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny_config(tmp_path, **inputs, **{"train.solver": "keras", "train.checkpoint_dir": ckpt})
+    with pytest.raises(NoSpaceError) as caught:
+        train(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"No space left to write {ckpt} (No space left on device)")
+    assert "set train.checkpoint_dir to a folder on another one" in message
+    assert "\n" not in message and not list(ckpt.rglob("*.h5"))
 
 
 def _file_size_limit() -> None:  # writes past 1 MB fail with EFBIG, as a full disk's ENOSPC

@@ -23,17 +23,19 @@ class NoSpaceError(UserError, OSError):
     """Writing an output ran out of disk space (or hit a quota or file-size limit)."""
 
 
-def no_space_error(exc: BaseException, target: PathLike, key: str) -> NoSpaceError | None:
-    """A one-line NoSpaceError naming `target` and the config `key` that sets it when `exc` is a
-    full disk, quota or file-size limit; None for any other exception."""
+def no_space_error(exc: BaseException, target: PathLike, key: str | None) -> NoSpaceError | None:
+    """A one-line NoSpaceError naming `target` and the config `key` (or option) that sets it (None:
+    nothing does) when `exc` is a full disk, quota or file-size limit; None for any other."""
     if isinstance(exc, NoSpaceError):  # a file inside the folder `target`: name the folder
         exc = exc.__context__  # type: ignore[assignment]  (the OSError it was raised for)
     if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return None
-    where = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else exc.strerror or exc
+    why = os.strerror(exc.errno)  # h5py's strerror spans lines
+    where = f"{why}: {exc.filename}" if exc.filename else why
+    elsewhere = f" or set {key} to a folder on another one" if key else ""
     return NoSpaceError(
-        f"No space left to write {target} ({where}): free some space on that disk or set {key} "
-        "to a folder on another one. The partly written output was removed."
+        f"No space left to write {target} ({where}): free some space on that disk{elsewhere}. "
+        "The partly written output was removed."
     )
 
 
@@ -102,7 +104,9 @@ def atomic_dir(target: PathLike, key: str = "its paths.* key") -> Iterator[Path]
 
 
 @contextmanager
-def atomic_file(target: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+def atomic_file(
+    target: PathLike, mode: str = "w", key: str | None = "its paths.* key"
+) -> Iterator[IO[Any]]:
     """A temporary file beside `target`, open in `mode` (`w` or `wb`; UTF-8 for text), that
     replaces `target` only if the block succeeds (a full disk: `no_space_error`)."""
     target = Path(target)
@@ -113,14 +117,14 @@ def atomic_file(target: PathLike, mode: str = "w") -> Iterator[IO[Any]]:
         os.replace(tmp, target)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if error := no_space_error(exc, target, "its paths.* key"):
+        if error := no_space_error(exc, target, key):
             raise error from None
         raise
 
 
-def write_json(path: PathLike, obj: Any) -> None:
-    """`obj` as UTF-8 JSON (indent 2, trailing newline), written atomically."""
-    with atomic_file(path) as fh:
+def write_json(path: PathLike, obj: Any, key: str | None = "its paths.* key") -> None:
+    """`obj` as UTF-8 JSON (indent 2, trailing newline), written atomically (`key`: `atomic_file`)."""
+    with atomic_file(path, key=key) as fh:
         json.dump(obj, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
 

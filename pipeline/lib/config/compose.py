@@ -160,7 +160,7 @@ def write_params(
     cfg = compose(conf, overrides)
     validate_composed(conf, cfg)
     output = Path(output or Path(root) / "params.yaml")
-    with atomic_file(output) as fh:
+    with atomic_file(output, key=None) as fh:
         fh.write(HEADER + json.dumps(overrides) + "\n" + OmegaConf.to_yaml(cfg, resolve=True))
     return output
 
@@ -259,7 +259,7 @@ def record_overrides(root: Path, composed: dict[str, Any], values: dict[str, Any
     if json.dumps(again, sort_keys=True) == json.dumps(values, sort_keys=True):
         path = root / "params.yaml"
         text = path.read_text(encoding="utf-8")
-        with atomic_file(path) as fh:
+        with atomic_file(path, key=None) as fh:
             fh.write(HEADER + json.dumps(overrides) + "\n" + text)
     return overrides
 
@@ -304,7 +304,7 @@ def warn_data_from_conf(root: Path, values: dict[str, Any], overrides: list[str]
         f"data.source={d.get('source')} data.path={d.get('path')}" for d in (last, values["data"])
     )
     asked = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    if was != now and not asked & {"data.source", "data.path"}:
+    if was != now and not asked & {"data", "data.source", "data.path"}:
         print(
             f"WARNING: this experiment reads {now} (from conf/), the last run (dvc.lock) {was}: "
             "`dvc exp run` composes conf/ with only its -S; keep photos with -S data=folder "

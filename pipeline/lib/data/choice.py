@@ -54,7 +54,7 @@ def _data_default(config: Path) -> tuple[str, re.Match[str]]:
 
 def _set_default(root: Path, option: str) -> None:
     text, match = _data_default(config := root / "conf" / "config.yaml")
-    with atomic_file(config) as fh:
+    with atomic_file(config, key=None) as fh:
         fh.write(text[: match.start("option")] + option + text[match.end("option") :])
 
 
@@ -76,7 +76,7 @@ def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, i
     settings = _own_settings(target)  # what the user added below the path is kept
     settings["path"] = literal(str(folder))
     body = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
-    with atomic_file(target) as fh:
+    with atomic_file(target, key=None) as fh:
         fh.write(_PHOTOS_HEADER + body)
     with contextlib.suppress(OSError):  # queued `dvc exp run`s get only the files git knows
         subprocess.run(["git", "add", "-N", target.name], cwd=target.parent, capture_output=True)

@@ -251,9 +251,9 @@ def _records(
 def _write_output(path: str, rows: list[dict[str, Any]], classes: list[str]) -> None:
     """JSON: the records as they are; CSV: path, predicted, probability, one column per class."""
     if path.lower().endswith(".json"):
-        write_json(path, rows)
+        write_json(path, rows, key="--output")
         return
-    with atomic_file(path) as fh:
+    with atomic_file(path, key="--output") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "predicted", "probability", *classes])
         for r in rows:

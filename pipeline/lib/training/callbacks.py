@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -102,6 +103,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._training_metadata_path = metadata + ".writing"
         try:
             super()._save_model()
+        except OSError:  # a full disk: no half file (the last epoch's files stay)
+            Path(self._weights_path).unlink(missing_ok=True)
+            raise
         finally:
             self._weights_path, self._training_metadata_path = weights, metadata
         os.replace(os.path.join(self.backup_dir, "writing.weights.h5"), weights)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from pipeline.lib.config.schema import Config
 from pipeline.lib.config.step import in_multirun
 from pipeline.lib.data.prepared import PreparedDataset
-from pipeline.lib.files import read_json, write_json
+from pipeline.lib.files import no_space_error, read_json, write_json
 from pipeline.lib.model import build
 from pipeline.lib.model.classifier import Head
 from pipeline.lib.model.features import featurize_array
@@ -281,10 +281,13 @@ def fit_keras(
             extra_callbacks=tuple(callbacks),
             backup=not head_only or t.resume or not in_multirun(),
         )
-        checkpoint = prepare_checkpoint(cfg, prepared_md5)
-        done = run_phase1(runner, net, {s: x[s] for s in ("train", "val")}, nets, checkpoint)
-        if t.fine_tune.enabled:
-            run_phase2(runner, nets, images, done, checkpoint)
+        try:  # a full disk under the checkpoint: one line (the last epoch's state stays)
+            checkpoint = prepare_checkpoint(cfg, prepared_md5)
+            done = run_phase1(runner, net, {s: x[s] for s in ("train", "val")}, nets, checkpoint)
+            if t.fine_tune.enabled:
+                run_phase2(runner, nets, images, done, checkpoint)
+        except OSError as exc:
+            raise no_space_error(exc, t.checkpoint_dir, "train.checkpoint_dir") or exc from None
         seconds = time.perf_counter() - start
     kernel, bias = nets.head.get_layer(build.HEAD_NAME).get_weights()
     changed = t.fine_tune.enabled or not cfg.model.freeze_backbone
