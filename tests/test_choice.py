@@ -127,6 +127,23 @@ def test_the_new_photos_yaml_is_known_to_git_so_queued_experiments_get_it(tmp_pa
     assert " A conf/data/photos.yaml" in status.stdout.decode()
 
 
+def test_no_git_mark_outside_git_or_under_dvc_no_scm(tmp_path, monkeypatch):
+    """Not a git repository: nothing marked and the message does not say so. A project with DVC's
+    `no_scm` inside another repository (a home folder kept in git): that index is left alone."""
+    root = project(tmp_path / "plain")
+    monkeypatch.chdir(root)
+    said = choose(root, ["--use-folder", str(photos(tmp_path))])
+    assert "git add" not in said and (root / "conf" / "data" / "photos.yaml").is_file()
+    outer = tmp_path / "home"
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    root = project(outer)
+    (root / ".dvc").mkdir()
+    (root / ".dvc" / "config").write_text("[core]\n    no_scm = True\n")
+    said = choose(root, ["--use-folder", str(photos(tmp_path))])
+    known = subprocess.run(["git", "ls-files"], cwd=outer, capture_output=True, text=True)
+    assert known.stdout == "" and "git add" not in said
+
+
 FULL_CONF = """
 import resource, sys
 sys.path.insert(0, {root!r})

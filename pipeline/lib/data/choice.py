@@ -4,7 +4,6 @@ it in conf/config.yaml, `--use-synthetic` selects `synthetic` again; both rewrit
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -58,9 +57,10 @@ def _set_default(root: Path, option: str) -> None:
         fh.write(text[: match.start("option")] + option + text[match.end("option") :])
 
 
-def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, int]:
+def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, int, bool]:
     """Make the folder `photos` (checked, only read) the project's data in `root`/conf; return
-    (its absolute path, image files, classes). DataChoiceError or DataError: conf/ unchanged."""
+    (its absolute path, image files, classes, marked for git). DataChoiceError or DataError:
+    conf/ unchanged."""
     folder = Path(os.path.abspath(os.path.expanduser(os.fspath(photos))))
     project = Path(root).resolve()
     if folder.resolve() == project or folder.resolve() in project.parents:
@@ -78,10 +78,25 @@ def use_folder(root: Path, photos: str | os.PathLike[str]) -> tuple[Path, int, i
     body = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
     with atomic_file(target, key=None) as fh:
         fh.write(_PHOTOS_HEADER + body)
-    with contextlib.suppress(OSError):  # queued `dvc exp run`s get only the files git knows
-        subprocess.run(["git", "add", "-N", target.name], cwd=target.parent, capture_output=True)
+    marked = _mark_for_git(root, target)
     _set_default(root, PHOTOS_OPTION)
-    return folder, len(found.candidates), len(found.classes)
+    return folder, len(found.candidates), len(found.classes), marked
+
+
+def _mark_for_git(root: Path, target: Path) -> bool:
+    """`git add -N target` (queued `dvc exp run`s copy only the files git knows), unless DVC runs
+    without git (`no_scm`: DVC refuses a project inside another repository without it or `dvc
+    init --subdir`, so an enclosing repository is left alone). True when marked."""
+    config = root / ".dvc" / "config"
+    if config.is_file() and re.search(r"^\s*no_scm\s*=\s*true", config.read_text(), re.I | re.M):
+        return False
+    try:
+        done = subprocess.run(
+            ["git", "add", "-N", target.name], cwd=target.parent, capture_output=True
+        )
+    except OSError:
+        return False
+    return done.returncode == 0
 
 
 def _own_settings(path: Path) -> dict:
@@ -102,11 +117,12 @@ def choose(root: Path, args: list[str]) -> str:
     """Run `--use-folder PATH` or `--use-synthetic` in project `root`; return what to tell the
     user. DataChoiceError for other arguments, and the errors of `use_folder`, `write_params`."""
     if args[:1] == ["--use-folder"] and len(args) == 2:
-        folder, images, classes = use_folder(root, args[1])
+        folder, images, classes, marked = use_folder(root, args[1])
         params = write_params(root, [])
         return (
             f"Data: your photo folder {folder} ({images} image files in {classes} classes), in "
-            f"conf/data/{PHOTOS_OPTION}.yaml (git add -N) and selected in conf/config.yaml; "
+            f"conf/data/{PHOTOS_OPTION}.yaml{' (git add -N)' if marked else ''} and selected in "
+            f"conf/config.yaml; "
             f"wrote {params}. `python -m pipeline.params --use-synthetic` switches back."
         )
     if args == ["--use-synthetic"]:
