@@ -16,7 +16,7 @@ def test_the_gallery_png_says_its_mistakes_are_chosen_first(tmp_path, monkeypatc
     y_pred[5:145:20] = 1 - y_pred[5:145:20]  # 7 mistakes
     probs = np.eye(2, dtype=np.float32)[y_pred] * 0.8 + 0.1
     images = np.zeros((153, 8, 8, 3), np.uint8)
-    ev = evaluation.Evaluation(Predictions(probs, y_true, ["bus", "car"]), images, ["p.png"] * 153)
+    predictions = Predictions(probs, y_true, ["bus", "car"])
     titles, save = {}, figures.save_figure
 
     def recording(fig, path):
@@ -24,7 +24,9 @@ def test_the_gallery_png_says_its_mistakes_are_chosen_first(tmp_path, monkeypatc
         return save(fig, path)
 
     monkeypatch.setattr(figures, "save_figure", recording)
-    written = evaluation.write_figures(ev, tmp_path / "figures", gallery_size=12, columns=4)
+    written = evaluation.write_figures(
+        predictions, images, tmp_path / "figures", gallery_size=12, columns=4
+    )
     assert all(p.is_file() for p in written) and written[-1].name == "gallery.png"
     assert titles["gallery"] == (
         "12 of 153 test images, 6 of them mistakes (mistakes chosen first: 7 in all); "
