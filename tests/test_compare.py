@@ -8,6 +8,7 @@ import csv
 import io
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ from pipeline.lib.reporting.ci_report import Report, Side, render_report
 from pipeline.lib.reporting.photo_changes import COLUMNS, KINDS, diff_predictions, markdown
 from pipeline.prepare import prepare
 from pipeline.train import train
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 
 # the columns in another order, and one more (as a reject option may add)
 A = """path,actual,predicted,confidence,unknown
@@ -180,6 +181,12 @@ def test_photos_listed_are_exactly_those_whose_prediction_changed(two_runs, tmp_
     assert compare.main(argv) == 0
     page = out.with_suffix(".html").read_text()
     assert page.count("<img ") == len(changed) - 1 and f"<td>{changed[0]}</td>" in page
+    # no --output: into outputs/ (ignored by the project's .gitignore), not beside tracked files
+    shutil.copy(ROOT / ".gitignore", two_runs["repo"])
+    assert compare.main(["--photos", "HEAD~1", "HEAD", "--photos-root", str(photos)]) == 0
+    assert listed(Path("outputs/photo_changes.csv")) == expected
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored=no"], capture_output=True)
+    assert b"photo_changes" not in status.stdout
 
 
 @pytest.mark.slow

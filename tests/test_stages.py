@@ -167,7 +167,7 @@ def test_the_console_lists_only_photos_another_class_fits_better(done, caplog):
     with open(Path(done["cfg"].paths.reports) / "label_issues.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     other = [r for r in rows if r["flagged"] == "True" or r["suggested_label"] != r["given_label"]]
-    assert f"; {len(other)} look like another class out of fold" in text, text
+    assert f"; {len(other)} flagged or closer to another class out of fold" in text, text
     listed = re.findall(r"labelled (\S+), looks like (\S+) \(", text)
     assert len(listed) == min(len(other), done["cfg"].audit.show)
     shown = [(r["given_label"], r["suggested_label"]) for r in other][: len(listed)]

@@ -117,8 +117,8 @@ def list_label_issues(
         for i in other[: cfg.audit.show]
     ]
     log.info(
-        "Label issues: %d of %d train+val photos flagged (%d-fold, C = %g); %d look like another "
-        "class out of fold, the most likely mislabelled first (every photo ranked in %s)%s",
+        "Label issues: %d of %d train+val photos flagged (%d-fold, C = %g); %d flagged or closer to "
+        "another class out of fold, the most likely mislabelled first (all ranked in %s)%s",
         *(flagged, len(issues), folds, c, len(other), reports / audit.LABEL_ISSUES_CSV),
         "".join(f"\n{line}" for line in lines),
     )

@@ -79,7 +79,11 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> Predictor:
         where = {"dst_path": tempfile.mkdtemp(), "tracking_uri": store, "registry_uri": store}
         local = Path(mlflow.artifacts.download_artifacts(uri, **where))
     except Exception as exc:  # noqa: BLE001 (any lookup failure is reported with its reason)
-        hint = " (set it: `python -m pipeline.registry promote`)" if "@" in uri else ""
+        hint = (
+            " (`python -m pipeline.registry list` names this project's model; `promote` sets @champion)"
+            if "@" in uri
+            else ""
+        )
         raise PredictError(f"model {uri}: not found in {store} ({first_line(exc)}){hint}") from None
     cards = sorted(local.rglob(CARD_FILE))
     if not cards:

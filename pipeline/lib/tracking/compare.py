@@ -254,7 +254,8 @@ def photo_changes(args: argparse.Namespace) -> str:
     result = significance_text(diff.mcnemar, name_a, name_b)
     if args.mcnemar:
         return result
-    output = Path(args.output or "photo_changes.csv")
+    output = Path(args.output or "outputs/photo_changes.csv")  # outputs/: ignored by git
+    output.parent.mkdir(parents=True, exist_ok=True)
     report = Path("data/prepared/report.json")  # its root: the data folder, where paths start
     root = args.photos_root or Path(read_json(report)["root"] if report.is_file() else ".")
     page = write_outputs(diff, output, root, (name_a, name_b))
@@ -284,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
         "--photos",
         **pair,
         help="instead: the photos whose prediction changed from A to B (each a run id, git "
-        "revision, DVC experiment or 'workspace'), as --output CSV (default photo_changes.csv) "
+        "revision, DVC experiment or 'workspace'), as --output CSV (default outputs/photo_changes.csv) "
         "and an HTML page beside it",
     )
     add("--photos-root", type=Path, help="where the CSV's paths start (default: the data)")
