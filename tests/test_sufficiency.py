@@ -85,6 +85,11 @@ def test_the_flowers12_curve_rises_to_the_full_accuracy(flowers: Flowers, tmp_pa
     assert sentences["all"].startswith("about +")  # flowers12 is not saturated yet
     assert sentences["all"].endswith("every class (48 -> 96 per class).")
     assert curve.fits["all"].n == 48 and len(sentences) == 13
+    gains = [n for n, said in sentences.items() if n != "all" and "expected from" in said]
+    assert gains  # some classes still gain; their recall grew with every class's photos
+    for name in gains:
+        said = sentences[name]
+        assert said.startswith(f"class {name}: its recall about ") and "of every class (" in said
     png = tmp_path / "sufficiency.png"
     curve.figure(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -80,8 +80,9 @@ def sentence(name: str, fit: Extrapolation | None) -> str:
     interval = f"95 % interval {low:+.1f} to {high:+.1f}"
     if fit.gain[2] < FLAT_GAIN:
         return f"{whose}: flat, 2x the photos should not add 1 point ({gain:+.1f}, {interval})."
-    more = f"twice as many photos of {whose} ({fit.n} -> {2 * fit.n} per class)"
-    return f"about {gain:+.1f} points ({interval}) expected from {more}."
+    more = f"twice as many photos of every class ({fit.n} -> {2 * fit.n} per class)"
+    what = "" if name == "all" else f"{whose}: its recall "  # class curves: all classes grew
+    return f"{what}about {gain:+.1f} points ({interval}) expected from {more}."
 
 
 @dataclass(frozen=True)
