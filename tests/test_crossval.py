@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.featurize import featurize
+from pipeline.lib.tracking.compare import runs_table
 from pipeline.lib.tracking.lineage import TAG_HOST, TAG_PID
 from pipeline.lib.training.crossval import CrossvalError, crossval, fold_indices
 from pipeline.prepare import prepare
@@ -63,6 +64,10 @@ def test_kfold_logs_k_children(tmp_path):
     assert client.get_experiment(parent.info.experiment_id).name == "toy-trucks"
     for run in [parent, *children]:
         assert run.data.tags[TAG_PID] and run.data.tags[TAG_HOST] == socket.gethostname()
+    # `pipeline.compare` lists the crossval run, not its folds (--parent lists those)
+    for limit in (None, 1):  # a fold would sort first: it has test_accuracy, the parent cv_*
+        assert list(runs_table(client, "toy-trucks", limit=limit).run_id) == [result["run_id"]]
+    assert len(runs_table(client, "toy-trucks", parent=result["run_id"])) == 3
 
 
 def test_a_killed_crossvals_runs_are_ended_by_the_next(tmp_path):

@@ -159,9 +159,10 @@ def runs_table(
     ascending: bool = False,
     limit: int | None = None,
 ) -> pd.DataFrame:
-    """One row per active run of `experiment` (with `parent`: its child runs), best `sort` first
-    (missing last; ties: newest first), at most `limit`. Columns: run, run_id, status, the
-    `params`, METRICS (and `sort`), duration_s; missing values NaN/None."""
+    """One row per active run of `experiment` (with `parent`: its child runs; without, no
+    crossval folds, parts of their crossval run), best `sort` first (missing last; ties: newest
+    first), at most `limit`. Columns: run, run_id, status, the `params`, METRICS (and `sort`),
+    duration_s; missing values NaN/None."""
     exp_ids = [experiment_id(client, experiment)]
     where = f"tags.`{TAG_PARENT}` = '{resolve_run_id(client, exp_ids, parent)}'" if parent else ""
     order_by = ["attributes.start_time DESC"]
@@ -174,7 +175,9 @@ def runs_table(
     metrics = list(METRICS) + ([sort] if sort and sort not in METRICS else [])
     rows = []
     query = {"experiment_ids": exp_ids, "filter_string": where, "order_by": order_by}
-    for run in all_pages(client.search_runs, limit, **query):
+    found = all_pages(client.search_runs, limit if parent else None, **query)
+    kept = [r for r in found if parent or r.data.tags.get("crossval") != "fold"][:limit]
+    for run in kept:
         info, data = run.info, run.data
         ended = info.end_time and info.start_time
         rows.append(
